@@ -1,0 +1,555 @@
+"""VioletClient: lifecycle, options and the endpoint coroutines."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+import attrs
+
+from ._auth import Auth, Credentials, is_token_expired_error
+from ._converter import decode, encode_request, structure
+from ._reconcile import KnownRefunds, Reconciler
+from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
+from ._transport import USER_AGENT, RawResponse, Timeouts, Transport
+from .exceptions import (
+    APITimeoutError,
+    AuthenticationError,
+    CancellationFailedError,
+    RefundFailedError,
+    RequestValidationError,
+    ResponseFormatError,
+    api_error_from_response,
+)
+from .models import (
+    BagStatus,
+    CancelBagRequest,
+    CancelStatus,
+    OrderCancellation,
+    OrderRefund,
+    ReasonCode,
+    RefundBagRequest,
+    RefundStatus,
+    ShippingRefund,
+    SkuRefund,
+)
+from .models._validators import check_id
+
+__all__ = ["Environment", "VioletClient"]
+
+T = TypeVar("T")
+
+
+class Environment(enum.Enum):
+    """Violet's hosts. App secrets differ between the two."""
+
+    SANDBOX = "https://sandbox-api.violet.io/v1"
+    PRODUCTION = "https://api.violet.io/v1"
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+UNSET = _Unset.UNSET
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestValidationError("base_url", f"must be an http(s) URL, got {base_url!r}")
+    if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
+        raise RequestValidationError(
+            "base_url",
+            "plain http sends the app secret in clear text; use https, a loopback "
+            "address, or pass allow_insecure_http=True",
+        )
+    return base_url.rstrip("/")
+
+
+@attrs.define
+class _Shared:
+    """State shared by a client and the clients ``with_options`` derives from it."""
+
+    base_url: str
+    transport: Transport
+    auth: Auth
+    credentials: Credentials
+    headers: dict[str, str]
+    known_refunds: KnownRefunds
+    clock: Clock
+
+
+class VioletClient:
+    """Async client for Violet's bag refund and cancel endpoints.
+
+    Use it as an async context manager (or call :meth:`aclose`). A caller-supplied
+    ``aiohttp.ClientSession`` is never closed by the client.
+    """
+
+    def __init__(
+        self,
+        app_id: int,
+        app_secret: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        refresh_token: str | None = None,
+        environment: Environment = Environment.SANDBOX,
+        base_url: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeouts: Timeouts | None = None,
+        session: aiohttp.ClientSession | None = None,
+        on_retry: RetryHook | None = None,
+        allow_insecure_http: bool = False,
+        refresh_margin: float = 300.0,
+        clock: Clock | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        check_id("app_id", app_id)
+        if not isinstance(app_secret, str) or not app_secret:
+            raise RequestValidationError("app_secret", "must be a non-empty str")
+        if token is None and not (username and password) and refresh_token is None:
+            raise RequestValidationError(
+                "token", "pass token=..., refresh_token=..., or username= and password="
+            )
+        if not isinstance(environment, Environment):
+            raise RequestValidationError("environment", "must be an Environment")
+        url = _check_base_url(
+            base_url if base_url is not None else environment.value,
+            allow_insecure_http=allow_insecure_http,
+        )
+        credentials = Credentials(
+            app_id=app_id,
+            app_secret=app_secret,
+            username=username,
+            password=password,
+            token=token,
+            refresh_token=refresh_token,
+        )
+        transport = Transport(session, connector_limit=max_connections)
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._timeouts = timeouts if timeouts is not None else Timeouts()
+        self._on_retry = on_retry
+        self._shared = _Shared(
+            base_url=url,
+            transport=transport,
+            auth=Auth(credentials, self._auth_send, refresh_margin=refresh_margin),
+            credentials=credentials,
+            headers={
+                "X-Violet-App-Id": str(app_id),
+                "X-Violet-App-Secret": app_secret,
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+            },
+            known_refunds=KnownRefunds(),
+            clock=clock if clock is not None else SYSTEM_CLOCK,
+        )
+
+    # -- construction helpers ---------------------------------------------------
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> VioletClient:
+        """Build a client from ``VIOLET_*`` environment variables.
+
+        ``VIOLET_APP_ID``, ``VIOLET_APP_SECRET`` (required), ``VIOLET_USERNAME``,
+        ``VIOLET_PASSWORD``, ``VIOLET_TOKEN``, ``VIOLET_REFRESH_TOKEN``, ``VIOLET_ENV``
+        (sandbox | production), ``VIOLET_BASE_URL``. Keyword arguments win.
+        """
+        env = os.environ if environ is None else environ
+
+        def required(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise RequestValidationError(name, "is not set")
+            return value
+
+        raw_id = required("VIOLET_APP_ID")
+        if not raw_id.isdigit():
+            raise RequestValidationError("VIOLET_APP_ID", "must be a positive integer")
+        kwargs: dict[str, Any] = {
+            "username": env.get("VIOLET_USERNAME") or None,
+            "password": env.get("VIOLET_PASSWORD") or None,
+            "token": env.get("VIOLET_TOKEN") or None,
+            "refresh_token": env.get("VIOLET_REFRESH_TOKEN") or None,
+            "base_url": env.get("VIOLET_BASE_URL") or None,
+        }
+        env_name = (env.get("VIOLET_ENV") or "sandbox").strip().lower()
+        if env_name not in ("sandbox", "production"):
+            raise RequestValidationError("VIOLET_ENV", "must be 'sandbox' or 'production'")
+        kwargs["environment"] = Environment[env_name.upper()]
+        kwargs.update(overrides)
+        return cls(int(raw_id), required("VIOLET_APP_SECRET"), **kwargs)
+
+    def with_options(
+        self,
+        *,
+        retry: RetryPolicy | _Unset = UNSET,
+        timeouts: Timeouts | _Unset = UNSET,
+        on_retry: RetryHook | None | _Unset = UNSET,
+    ) -> VioletClient:
+        """A client sharing this one's connection pool, token and lifecycle, with other
+        retry or timeout settings. Closing the original closes it too."""
+        clone = object.__new__(VioletClient)
+        clone._shared = self._shared
+        clone._retry = self._retry if isinstance(retry, _Unset) else retry
+        clone._timeouts = self._timeouts if isinstance(timeouts, _Unset) else timeouts
+        clone._on_retry = self._on_retry if isinstance(on_retry, _Unset) else on_retry
+        return clone
+
+    def __repr__(self) -> str:
+        state = "closed" if self._shared.transport.closed else "open"
+        return (
+            f"<VioletClient app_id={self._shared.credentials.app_id} "
+            f"base_url={self._shared.base_url!r} {state}>"
+        )
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> VioletClient:
+        await self._shared.transport.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client (and its session, if the client made it). Idempotent."""
+        await self._shared.transport.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._shared.transport.closed
+
+    @property
+    def base_url(self) -> str:
+        return self._shared.base_url
+
+    # -- endpoints --------------------------------------------------------------
+
+    async def refund_bag(
+        self,
+        order_id: int,
+        bag_id: int,
+        request: RefundBagRequest | None = None,
+        /,
+        *,
+        amount_refunded: int | None | _Unset = UNSET,
+        shipping: ShippingRefund | None | _Unset = UNSET,
+        skus: Sequence[SkuRefund] | None | _Unset = UNSET,
+        reason: str | None | _Unset = UNSET,
+        restock_items: bool | None | _Unset = UNSET,
+        notify_customer: bool | None | _Unset = UNSET,
+    ) -> OrderRefund:
+        """Refund a bag, fully (no amount) or partly. Never sends it twice.
+
+        Returns the refund; ``refund.errors`` may be non-empty. Raises
+        ``RefundFailedError`` when Violet reports the refund FAILED, and
+        ``AmbiguousOutcomeError`` when a failure in flight cannot be resolved.
+        """
+        fields = {
+            "amount_refunded": amount_refunded,
+            "shipping": shipping,
+            "skus": skus,
+            "reason": reason,
+            "restock_items": restock_items,
+            "notify_customer": notify_customer,
+        }
+        req = _request_from(RefundBagRequest, request, fields)
+        path = self._bag_path(order_id, bag_id, "refunds")
+        refund = await self._post(path, req, bag_id, order_id, self._parse_refund)
+        if refund.status is RefundStatus.FAILED:
+            raise RefundFailedError(
+                f"refund {refund.id} on bag {bag_id} failed: "
+                + ("; ".join(e.error_message or "" for e in refund.errors) or "no reason given"),
+                refund=refund,
+            )
+        return refund
+
+    async def cancel_bag(
+        self,
+        order_id: int,
+        bag_id: int,
+        request: CancelBagRequest | None = None,
+        /,
+        *,
+        reason_code: ReasonCode | str | _Unset = UNSET,
+        reason: str | None | _Unset = UNSET,
+        restock_items: bool | _Unset = UNSET,
+        notify_customer: bool | _Unset = UNSET,
+    ) -> OrderRefund:
+        """Cancel a bag; the shopper is refunded its total. Returns that refund.
+
+        Raises ``CancellationFailedError`` when Violet reports the cancel failed."""
+        fields = {
+            "reason_code": reason_code,
+            "reason": reason,
+            "restock_items": restock_items,
+            "notify_customer": notify_customer,
+        }
+        req = _request_from(CancelBagRequest, request, fields)
+        path = self._bag_path(order_id, bag_id, "cancel")
+
+        def parse(resp: RawResponse, p: str) -> OrderRefund:
+            return self._parse_cancel(resp, p, bag_id)
+
+        return await self._post(path, req, bag_id, order_id, parse)
+
+    async def list_bag_refunds(self, order_id: int, bag_id: int) -> list[OrderRefund]:
+        """Every refund on a bag (a bare list or a ``{"content": [...]}`` page)."""
+        path = self._bag_path(order_id, bag_id, "refunds")
+        return await self._get(path, self._parse_refund_list)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _bag_path(self, order_id: int, bag_id: int, action: str) -> str:
+        check_id("order_id", order_id)
+        check_id("bag_id", bag_id)
+        return f"/orders/{order_id}/bags/{bag_id}/{action}"
+
+    def _retrier(self) -> Retrier:
+        return Retrier(self._retry, self._shared.clock, self._on_retry)
+
+    async def _get(self, path: str, parse: Any) -> Any:
+        async def send(remaining: float | None) -> Any:
+            resp = await self._send("GET", path, None, remaining)
+            return parse(resp, path)
+
+        return await self._retrier().run(send, idempotent=True, method="GET", path=path)
+
+    async def _post(
+        self,
+        path: str,
+        request: RefundBagRequest | CancelBagRequest,
+        bag_id: int,
+        order_id: int,
+        parse: Any,
+    ) -> OrderRefund:
+        body = encode_request(request)
+
+        async def send(remaining: float | None) -> OrderRefund:
+            resp = await self._send("POST", path, body, remaining)
+            refund: OrderRefund = parse(resp, path)
+            return refund
+
+        shared = self._shared
+        reconcile = Reconciler(
+            bag_id=bag_id,
+            request=request,
+            read_refunds=lambda: self.list_bag_refunds(order_id, bag_id),
+            known=shared.known_refunds,
+            policy=self._retry,
+            clock=shared.clock,
+            read_bag_status=lambda: self._read_bag_status(order_id, bag_id),
+        )
+        refund: OrderRefund = await self._retrier().run(
+            send, idempotent=False, method="POST", path=path, reconcile=reconcile
+        )
+        shared.known_refunds.add(refund.id)
+        return refund
+
+    async def _send(
+        self, method: str, path: str, body: bytes | None, remaining: float | None
+    ) -> RawResponse:
+        """One attempt: token, send, one renewal on an expired token, status check."""
+        shared = self._shared
+        if remaining is not None and remaining <= 0:
+            raise APITimeoutError(
+                f"{method} {path}: the call's deadline passed before sending",
+                method=method,
+                path=path,
+                request_sent=False,
+            )
+        token = await shared.auth.token()
+        url = shared.base_url + path
+        resp = await shared.transport.send(
+            method,
+            url,
+            headers={**shared.headers, "X-Violet-Token": token},
+            body=body,
+            timeouts=self._timeouts,
+            deadline=remaining,
+        )
+        if resp.status == 401:
+            error = api_error_from_response(
+                resp.status, resp.body, resp.headers, method=method, path=path
+            )
+            if not is_token_expired_error(error):
+                raise error
+            # Violet rejected the token before doing anything: renewing and sending
+            # again cannot apply the request twice.
+            token = await shared.auth.expired(token)
+            resp = await shared.transport.send(
+                method,
+                url,
+                headers={**shared.headers, "X-Violet-Token": token},
+                body=body,
+                timeouts=self._timeouts,
+                deadline=remaining,
+            )
+        if not 200 <= resp.status < 300:
+            raise api_error_from_response(
+                resp.status, resp.body, resp.headers, method=method, path=path
+            )
+        return resp
+
+    async def _auth_send(
+        self, method: str, path: str, body: bytes | None, token: str | None
+    ) -> tuple[int, bytes]:
+        shared = self._shared
+        headers = dict(shared.headers)
+        if token is not None:
+            headers["X-Violet-Token"] = token
+
+        async def send(remaining: float | None) -> tuple[int, bytes]:
+            resp = await shared.transport.send(
+                method,
+                shared.base_url + path,
+                headers=headers,
+                body=body,
+                timeouts=self._timeouts,
+                deadline=remaining,
+            )
+            if not 200 <= resp.status < 300:
+                error = api_error_from_response(
+                    resp.status, resp.body, resp.headers, method=method, path=path
+                )
+                if error.status in (400, 401, 403):
+                    raise AuthenticationError(
+                        f"{method} {path} was refused: {error.message}",
+                        status=error.status,
+                        error_code=error.error_code,
+                        body=b"",  # a login answer is not kept: it may echo the user
+                        headers=error.headers,
+                        method=method,
+                        path=path,
+                    )
+                raise error
+            return resp.status, resp.body
+
+        # Logging in or refreshing twice is harmless, so every transient failure retries.
+        result: tuple[int, bytes] = await self._retrier().run(
+            send, idempotent=True, method=method, path=path
+        )
+        return result
+
+    def _parse_refund(self, resp: RawResponse, path: str) -> OrderRefund:
+        data = decode(resp.body, status=resp.status, method="POST", path=path)
+        return structure(
+            data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
+        )
+
+    def _parse_refund_list(self, resp: RawResponse, path: str) -> list[OrderRefund]:
+        data = decode(resp.body, status=resp.status, method="GET", path=path)
+        if isinstance(data, dict) and "content" in data:
+            data = data["content"]
+        if not isinstance(data, list):
+            raise ResponseFormatError(
+                f"GET {path}: expected a list of refunds, got {type(data).__name__}",
+                body=resp.body,
+                status=resp.status,
+                field="$",
+                method="GET",
+                path=path,
+            )
+        return structure(
+            data, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
+        )
+
+    def _parse_cancel(self, resp: RawResponse, path: str, bag_id: int) -> OrderRefund:
+        data = decode(resp.body, status=resp.status, method="POST", path=path)
+        if not (isinstance(data, dict) and "cancelled_bags" in data or _is_cancel_status(data)):
+            return structure(
+                data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
+            )
+        result = structure(
+            data, OrderCancellation, body=resp.body, status=resp.status, method="POST", path=path
+        )
+        if result.status is CancelStatus.CANCELLATION_FAILURE:
+            raise CancellationFailedError(
+                f"bag {bag_id} was not cancelled: {result.message or 'CANCELLATION_FAILURE'}",
+                status=str(result.status),
+                body=resp.body,
+            )
+        for bag in result.cancelled_bags:
+            if bag.bag_id == bag_id:
+                if bag.refund is None:
+                    raise ResponseFormatError(
+                        f"POST {path}: bag {bag_id} is cancelled but no refund was returned",
+                        body=resp.body,
+                        status=resp.status,
+                        field="$.cancelled_bags.refund",
+                        method="POST",
+                        path=path,
+                    )
+                return bag.refund
+        raise CancellationFailedError(
+            f"bag {bag_id} is not among the cancelled bags ({result.status})",
+            status=str(result.status),
+            body=resp.body,
+        )
+
+    async def _read_bag_status(self, order_id: int, bag_id: int) -> BagStatus | None:
+        """Bag status from ``GET /orders/{id}``, read leniently (used by reconciliation)."""
+        path = f"/orders/{order_id}"
+
+        def parse(resp: RawResponse, p: str) -> BagStatus | None:
+            data = decode(resp.body, status=resp.status, method="GET", path=p)
+            bags = data.get("bags") if isinstance(data, dict) else None
+            for bag in bags if isinstance(bags, list) else ():
+                if isinstance(bag, dict) and bag.get("id") == bag_id:
+                    status = bag.get("status")
+                    return BagStatus(status) if isinstance(status, str) else None
+            return None
+
+        result: BagStatus | None = await self._get(path, parse)
+        return result
+
+
+def _is_cancel_status(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and "amount" not in data
+        and isinstance(data.get("status"), str)
+        and CancelStatus(data["status"]).is_known
+    )
+
+
+R = TypeVar("R", RefundBagRequest, CancelBagRequest)
+
+
+def _request_from(cls: type[R], request: R | None, fields: dict[str, Any]) -> R:
+    given = {k: v for k, v in fields.items() if v is not UNSET}
+    if request is None:
+        return cls(**given)
+    if not isinstance(request, cls):
+        raise RequestValidationError(
+            "request", f"must be a {cls.__name__}, got {type(request).__name__}"
+        )
+    if given:
+        raise RequestValidationError(
+            "request",
+            f"pass a {cls.__name__} or keyword fields, not both (got {sorted(given)})",
+        )
+    return request
+

@@ -1,0 +1,237 @@
+"""The one cattrs converter, built by one function; every hook is registered here.
+
+Reading is strict about types and lenient about shape: an amount that arrives as
+``"10"`` or ``10.5`` is an error (never silently ``int()``-ed, this is money), while
+unknown keys are ignored and unknown enum values are kept.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import attrs
+import orjson
+from cattrs import ClassValidationError, Converter, IterableValidationError, transform_error
+from cattrs.errors import IterableValidationNote
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from .exceptions import ResponseFormatError
+from .models import (
+    CancelBagRequest,
+    OrderRefund,
+    RefundBagRequest,
+    ShippingRefund,
+    SkuRefund,
+)
+from .models.enums import _OpenEnum
+
+__all__ = ["converter", "decode", "encode_request", "parse_datetime"]
+
+T = TypeVar("T")
+
+_REQUEST_TYPES = (RefundBagRequest, CancelBagRequest, SkuRefund, ShippingRefund)
+# "+0000" -> "+00:00" so Python 3.10's fromisoformat reads it too.
+_COMPACT_OFFSET = re.compile(r"([+-]\d\d)(\d\d)$")
+
+
+def parse_datetime(value: str) -> datetime:
+    """Read Violet's three date shapes (``...Z``, ``...+0000``, ``....000Z``) into an
+    aware datetime. A date without an offset is taken as UTC."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    else:
+        text = _COMPACT_OFFSET.sub(r"\1:\2", text)
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def _strict(kind: type[Any]) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _type: Any) -> Any:
+        # type() rather than isinstance(): bool is an int, and True is not one cent.
+        if type(value) is not kind:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return structure
+
+
+def _structure_datetime(value: Any, _type: Any) -> datetime:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a date string, got {type(value).__name__}")
+    return parse_datetime(value)
+
+
+def _structure_open_enum(value: Any, cls: type[_OpenEnum]) -> _OpenEnum:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a {cls.__name__} string, got {type(value).__name__}")
+    return cls(value)
+
+
+def _structure_none_as_empty_tuple(type_: Any, conv: Converter) -> Callable[[Any, Any], Any]:
+    (item_type, _) = type_.__args__
+    item_hook = conv.get_structure_hook(item_type)
+
+    def structure(value: Any, _type: Any) -> tuple[Any, ...]:
+        if value is None:  # Violet sends null for "no skus" / "no errors"
+            return ()
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        try:
+            return tuple([item_hook(item, item_type) for item in value])
+        except Exception:  # noqa: BLE001 - re-raised below with the failing index
+            pass
+        errors = []
+        for index, item in enumerate(value):
+            try:
+                item_hook(item, item_type)
+            except Exception as exc:  # noqa: BLE001 - collected for the path report
+                exc.__notes__ = [
+                    *getattr(exc, "__notes__", []),
+                    IterableValidationNote(f"Structuring @ index {index}", index, item_type),
+                ]
+                errors.append(exc)
+        raise IterableValidationError(f"While structuring {type_!r}", errors, type_)
+
+    return structure
+
+
+def _is_optional(type_: Any) -> bool:
+    args = typing.get_args(type_)
+    return (
+        typing.get_origin(type_) in (typing.Union, types.UnionType)
+        and len(args) == 2
+        and type(None) in args
+    )
+
+
+def _structure_optional(type_: Any, conv: Converter) -> Callable[[Any, Any], Any]:
+    # cattrs' generic Optional handling dispatches on every call; resolving the inner
+    # hook once here halves the cost of structuring an OrderRefund.
+    (inner,) = (arg for arg in typing.get_args(type_) if arg is not type(None))
+    inner_hook = conv.get_structure_hook(inner)
+
+    def structure(value: Any, _type: Any) -> Any:
+        return None if value is None else inner_hook(value, inner)
+
+    return structure
+
+
+def _unstructure_omitting_none(cls: type[Any], conv: Converter) -> Callable[[Any], Any]:
+    base = make_dict_unstructure_fn(cls, conv)
+
+    def unstructure(instance: Any) -> dict[str, Any]:
+        return {k: v for k, v in base(instance).items() if v is not None}
+
+    return unstructure
+
+
+def configure_converter(conv: Converter) -> None:
+    """Register every hook the SDK needs on ``conv``."""
+    for kind in (int, str, bool):
+        conv.register_structure_hook(kind, _strict(kind))
+    conv.register_structure_hook(datetime, _structure_datetime)
+    conv.register_structure_hook_func(
+        lambda t: isinstance(t, type) and issubclass(t, _OpenEnum), _structure_open_enum
+    )
+    conv.register_structure_hook_factory(_is_optional, _structure_optional)
+    conv.register_structure_hook_factory(
+        lambda t: getattr(t, "__origin__", None) is tuple
+        and len(getattr(t, "__args__", ())) == 2
+        and t.__args__[1] is Ellipsis,
+        _structure_none_as_empty_tuple,
+    )
+    # `reconciled` is the SDK's own verdict; a body must never be able to set it.
+    conv.register_structure_hook(
+        OrderRefund,
+        make_dict_structure_fn(
+            OrderRefund, conv, reconciled=override(omit=True), _cattrs_detailed_validation=True
+        ),
+    )
+    for cls in _REQUEST_TYPES:
+        conv.register_unstructure_hook(cls, _unstructure_omitting_none(cls, conv))
+    conv.register_unstructure_hook(tuple, lambda t: [conv.unstructure(i) for i in t])
+
+
+def make_converter() -> Converter:
+    conv = Converter(detailed_validation=True, forbid_extra_keys=False)
+    configure_converter(conv)
+    return conv
+
+
+converter = make_converter()
+
+
+def encode_request(request: Any) -> bytes:
+    """Serialize a request model to JSON bytes; unset fields are left out."""
+    return orjson.dumps(converter.unstructure(request))
+
+
+def _first_error_path(exc: BaseException) -> tuple[str, str]:
+    messages = transform_error(exc, path="$")  # type: ignore[arg-type]
+    first = messages[0] if messages else str(exc)
+    path, _, _rest = first.partition(" @ ")
+    if " @ " in first:
+        location = first.rsplit(" @ ", 1)[1]
+        return location, first
+    return path, first
+
+
+def structure(
+    data: Any, cls: type[T], *, body: bytes, status: int, method: str, path: str
+) -> T:
+    """Structure decoded JSON into ``cls``; any failure is a ResponseFormatError naming
+    the field and carrying the raw body."""
+    if attrs.has(cls) and not isinstance(data, dict):
+        raise ResponseFormatError(
+            f"{method} {path}: expected a JSON object for {cls.__name__}, "
+            f"got {type(data).__name__}",
+            body=body,
+            status=status,
+            field="$",
+            method=method,
+            path=path,
+        )
+    try:
+        return converter.structure(data, cls)
+    except (ClassValidationError, IterableValidationError) as exc:
+        field, detail = _first_error_path(exc)
+        raise ResponseFormatError(
+            f"{method} {path}: response does not match {cls.__name__}: {detail}",
+            body=body,
+            status=status,
+            field=field,
+            method=method,
+            path=path,
+        ) from exc
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ResponseFormatError(
+            f"{method} {path}: response does not match {cls.__name__}: {exc}",
+            body=body,
+            status=status,
+            method=method,
+            path=path,
+        ) from exc
+
+
+def decode(body: bytes, *, status: int, method: str, path: str) -> Any:
+    """Parse JSON bytes; invalid JSON is a ResponseFormatError with the raw body."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        preview = body[:80].decode("utf-8", "replace")
+        raise ResponseFormatError(
+            f"{method} {path}: response is not JSON (status {status}): {preview!r}",
+            body=body,
+            status=status,
+            method=method,
+            path=path,
+        ) from exc
+

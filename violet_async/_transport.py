@@ -1,0 +1,157 @@
+"""The only module that imports aiohttp's client: send one request, return the raw
+response, and turn every aiohttp failure into an SDK error that says whether the
+request may have reached the server (the fact retry safety rests on)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+import attrs
+
+from ._version import __version__
+from .exceptions import APIConnectionError, APITimeoutError, ClientClosedError
+
+__all__ = ["RawResponse", "Timeouts", "Transport", "USER_AGENT"]
+
+USER_AGENT = f"violet-async/{__version__}"
+
+
+@attrs.frozen
+class Timeouts:
+    """Per-attempt timeouts, in seconds. The per-call deadline lives on RetryPolicy.
+
+    ``connect`` covers waiting for a pooled connection and the TCP/TLS handshake; a
+    request that times out there never reached Violet and is safe to retry. ``read``
+    bounds the wait for each chunk of the response once the request is sent.
+    """
+
+    connect: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    """Time to obtain a connection. Default 5 s."""
+    read: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    """Time to wait for response data. Default 30 s (refunds call the merchant's
+    platform, which can be slow)."""
+
+
+@attrs.frozen
+class RawResponse:
+    """What came back: status, headers, and the whole body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+# Raised before any byte of the request could reach the server.
+_NEVER_SENT: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake
+    aiohttp.ConnectionTimeoutError,  # pool wait or connect timeout
+    aiohttp.InvalidURL,
+)
+
+
+class Transport:
+    """Owns (or borrows) one aiohttp session; sends requests with redirects off."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession | None,
+        *,
+        connector_limit: int = 100,
+    ) -> None:
+        self._session = session
+        self._owns_session = session is None
+        self._connector_limit = connector_limit
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ClientClosedError("this VioletClient is closed; create a new one")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connector_limit),
+                # Never read proxy settings or .netrc from the environment: credentials
+                # must only go where the caller pointed the client.
+                trust_env=False,
+                json_serialize=None,  # type: ignore[arg-type]
+            )
+        return self._session
+
+    async def open(self) -> None:
+        self._open_session()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeouts: Timeouts,
+        deadline: float | None = None,
+    ) -> RawResponse:
+        """Send one request. ``deadline`` (seconds left in the call) caps the attempt."""
+        session = self._open_session()
+        timeout = aiohttp.ClientTimeout(
+            total=deadline, connect=timeouts.connect, sock_read=timeouts.read
+        )
+        try:
+            async with session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                payload = await response.read()
+                return RawResponse(response.status, response.headers, payload)
+        except _NEVER_SENT as exc:
+            cls = APITimeoutError if isinstance(exc, asyncio.TimeoutError) else APIConnectionError
+            raise cls(
+                f"{method} {_path_of(url)}: could not connect ({type(exc).__name__})",
+                method=method,
+                path=_path_of(url),
+                request_sent=False,
+            ) from exc
+        except asyncio.TimeoutError as exc:
+            # A read timeout or the call deadline: the request may well have arrived.
+            raise APITimeoutError(
+                f"{method} {_path_of(url)}: timed out waiting for the response",
+                method=method,
+                path=_path_of(url),
+                request_sent=True,
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise APIConnectionError(
+                f"{method} {_path_of(url)}: connection failed after sending "
+                f"({type(exc).__name__})",
+                method=method,
+                path=_path_of(url),
+                request_sent=True,
+            ) from exc
+        except RuntimeError as exc:
+            # aiohttp raises RuntimeError("Session is closed") for a caller's session
+            # closed under us.
+            raise ClientClosedError(
+                f"{method} {_path_of(url)}: the aiohttp session is closed"
+            ) from exc
+
+
+def _path_of(url: str) -> str:
+    # Errors name the path only: the host is configuration, not request context.
+    scheme_end = url.find("://")
+    slash = url.find("/", scheme_end + 3 if scheme_end >= 0 else 0)
+    return url[slash:] if slash >= 0 else "/"

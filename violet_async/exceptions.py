@@ -1,0 +1,287 @@
+"""Every error violet_async raises.
+
+No aiohttp, cattrs or tenacity exception ever reaches a caller: each is turned into one
+of these, with the original kept as ``__cause__``.
+
+::
+
+    VioletError
+    ├── RequestValidationError (also ValueError)   bad input; nothing was sent
+    ├── ClientClosedError                          the client was used after close
+    ├── APIConnectionError                         no HTTP answer was read
+    │   └── APITimeoutError                        ... because a timeout expired
+    ├── ResponseFormatError                        a 2xx body we could not read
+    ├── AmbiguousOutcomeError                      a POST may or may not have applied
+    ├── RefundFailedError                          2xx, but the refund status is FAILED
+    ├── CancellationFailedError                    2xx, but the cancel did not happen
+    └── APIError                                   an HTTP error status
+        ├── BadRequestError                        400
+        │   └── UnprocessableEntityError           422
+        ├── AuthenticationError                    401
+        ├── PermissionDeniedError                  403
+        ├── NotFoundError                          404
+        ├── ConflictError                          409
+        ├── RateLimitError                         429
+        └── ServerError                            5xx
+
+Secrets (app secret, password, tokens) are never part of any message or attribute:
+errors carry the method and path of the request, never its headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from .models import OrderRefund
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APITimeoutError",
+    "AmbiguousOutcomeError",
+    "AuthenticationError",
+    "BadRequestError",
+    "CancellationFailedError",
+    "ClientClosedError",
+    "ConflictError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RefundFailedError",
+    "RequestValidationError",
+    "ResponseFormatError",
+    "ServerError",
+    "UnprocessableEntityError",
+    "VioletError",
+]
+
+_BODY_PREVIEW = 200
+
+
+class VioletError(Exception):
+    """Base class of every error raised by violet_async."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RequestValidationError(VioletError, ValueError):
+    """A request argument is invalid; nothing was sent.
+
+    ``field`` names the offending argument (``skus[0].quantity_refunded`` style).
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ClientClosedError(VioletError):
+    """The client was used after it was closed."""
+
+
+class APIConnectionError(VioletError):
+    """No HTTP response could be read.
+
+    ``request_sent`` is False when the connection was never established, so the
+    server cannot have seen the request; True when it may have.
+    """
+
+    def __init__(
+        self, message: str, *, method: str = "", path: str = "", request_sent: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.method = method
+        self.path = path
+        self.request_sent = request_sent
+
+
+class APITimeoutError(APIConnectionError):
+    """A connect or read timeout, or the per-call deadline, expired."""
+
+
+class ResponseFormatError(VioletError):
+    """A response body could not be read into the expected shape.
+
+    ``body`` is the raw body, ``field`` the path of the offending field when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        body: bytes,
+        status: int,
+        field: str | None = None,
+        method: str = "",
+        path: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.body = body
+        self.status = status
+        self.field = field
+        self.method = method
+        self.path = path
+
+
+class AmbiguousOutcomeError(VioletError):
+    """A refund or cancel was sent, failed in flight, and the read-back could not tell
+    whether it took effect. Check the bag before trying again.
+
+    ``request`` is what was asked, ``attempts`` how many times it was sent,
+    ``observed`` the refunds read back from the bag, ``candidates`` the ones that
+    matched the request (more than one means we will not guess).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: object,
+        attempts: int,
+        observed: Sequence[OrderRefund] = (),
+        candidates: Sequence[OrderRefund] = (),
+    ) -> None:
+        super().__init__(message)
+        self.request = request
+        self.attempts = attempts
+        self.observed = tuple(observed)
+        self.candidates = tuple(candidates)
+
+
+class RefundFailedError(VioletError):
+    """Violet answered 2xx but the refund's status is FAILED. ``refund`` has the details."""
+
+    def __init__(self, message: str, *, refund: OrderRefund) -> None:
+        super().__init__(message)
+        self.refund = refund
+
+
+class CancellationFailedError(VioletError):
+    """Violet answered 2xx but the bag was not cancelled (CANCELLATION_FAILURE).
+
+    ``status`` is the cancel status read, ``body`` the raw response.
+    """
+
+    def __init__(self, message: str, *, status: str, body: bytes) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class APIError(VioletError):
+    """Violet answered with an HTTP error status.
+
+    Carries ``status``, ``error_code`` and ``message`` (parsed leniently from the body),
+    the raw ``body``, the response ``headers``, and the request ``method`` and ``path``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        error_code: int | str | None,
+        body: bytes,
+        headers: Mapping[str, str],
+        method: str,
+        path: str,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.body = body
+        self.headers = dict(headers)
+        self.method = method
+        self.path = path
+
+    def __str__(self) -> str:
+        code = f" (error_code {self.error_code})" if self.error_code is not None else ""
+        return f"{self.method} {self.path} -> {self.status}{code}: {self.message}"
+
+
+class BadRequestError(APIError):
+    """400: Violet rejected the request (state or values)."""
+
+
+class UnprocessableEntityError(BadRequestError):
+    """422: Violet understood the request but will not process it."""
+
+
+class AuthenticationError(APIError):
+    """401: missing, wrong or expired credentials."""
+
+
+class PermissionDeniedError(APIError):
+    """403: the app may not act on this order."""
+
+
+class NotFoundError(APIError):
+    """404: unknown order or bag."""
+
+
+class ConflictError(APIError):
+    """409: the bag's state does not allow this now."""
+
+
+class RateLimitError(APIError):
+    """429: too many requests (often passed through from the merchant's platform)."""
+
+
+class ServerError(APIError):
+    """5xx: Violet or the merchant's platform failed."""
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def _lenient_fields(body: bytes) -> tuple[int | str | None, str | None]:
+    """Read ``error_code`` and ``message`` from whatever error shape Violet sent."""
+    try:
+        data: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    code = data.get("error_code", data.get("code"))
+    if not isinstance(code, (int, str)) or isinstance(code, bool):
+        code = None
+    message = data.get("message", data.get("error"))
+    return code, message if isinstance(message, str) else None
+
+
+def api_error_from_response(
+    status: int, body: bytes, headers: Mapping[str, str], *, method: str, path: str
+) -> APIError:
+    """The one place an HTTP error status becomes a typed error."""
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else APIError)
+    error_code, message = _lenient_fields(body)
+    if message is None:
+        preview = body[:_BODY_PREVIEW].decode("utf-8", "replace").strip()
+        message = preview or f"HTTP {status} with an empty body"
+    return cls(
+        message,
+        status=status,
+        error_code=error_code,
+        body=body,
+        headers=headers,
+        method=method,
+        path=path,
+    )

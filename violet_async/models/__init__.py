@@ -1,0 +1,23 @@
+"""attrs models for requests, responses and enums."""
+
+from .cancel import BagCancellation, OrderCancellation
+from .enums import BagStatus, CancelStatus, ReasonCode, RefundStatus
+from .refund import OrderRefund, RefundedSku, RefundError, RefundShipping
+from .requests import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
+
+__all__ = [
+    "BagCancellation",
+    "BagStatus",
+    "CancelBagRequest",
+    "CancelStatus",
+    "OrderCancellation",
+    "OrderRefund",
+    "ReasonCode",
+    "RefundBagRequest",
+    "RefundError",
+    "RefundShipping",
+    "RefundStatus",
+    "RefundedSku",
+    "ShippingRefund",
+    "SkuRefund",
+]
