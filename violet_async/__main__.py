@@ -1,0 +1,89 @@
+"""``violet-async demo | fake-server``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from ._demo import run_demo
+from .testing import FakeViolet, FaultPlan
+
+__all__ = ["main"]
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    plan = FaultPlan.chaos(args.seed) if args.faults == "chaos" else None
+    if args.faults == "moderate":
+        plan = FaultPlan.moderate(args.seed)
+    fake = FakeViolet(
+        orders=args.orders,
+        seed=args.seed,
+        faults=plan,
+        host="127.0.0.1",
+        port=args.port,
+        token_lifetime=args.token_lifetime,
+        cancel_response=args.cancel_response,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with fake:
+        # Printing the credentials is the point of this command: it is a fake server.
+        print(f"base_url={fake.base_url}", flush=True)
+        print(f"app_id={fake.app_id}", flush=True)
+        print(f"app_secret={fake.app_secret}", flush=True)
+        print(f"username={fake.username}", flush=True)
+        print(f"password={fake.password}", flush=True)
+        print(f"orders={len(fake.seeded)} first={fake.seeded[:1]}", flush=True)
+        await stop.wait()
+    print("fake-server stopped", flush=True)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="violet-async", description="Violet bag refunds and cancels, safely."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="refund and cancel a few hundred bags on an embedded FakeViolet"
+    )
+    demo.add_argument("--bags", type=int, default=300)
+    demo.add_argument("--concurrency", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--faults", choices=("none", "moderate", "chaos"), default="moderate"
+    )
+
+    serve = sub.add_parser("fake-server", help="run FakeViolet on 127.0.0.1 until Ctrl-C")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--orders", type=int, default=1000)
+    serve.add_argument("--seed", type=int, default=1)
+    serve.add_argument("--faults", choices=("none", "moderate", "chaos"), default="none")
+    serve.add_argument("--token-lifetime", type=float, default=24 * 3600.0)
+    serve.add_argument(
+        "--cancel-response", choices=("refund", "cancellation"), default="refund"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        if args.bags < 1 or args.concurrency < 1:
+            print("violet-async: --bags and --concurrency must be >= 1", file=sys.stderr)
+            return 2
+        return asyncio.run(run_demo(args.bags, args.concurrency, args.seed, args.faults))
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_serve(args))
+    return 130  # pragma: no cover - only when the signal lands before the handler
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""FakeViolet's data: orders, bags, SKUs, refunds, and the ledger tests assert on.
+
+The rules are Violet's as the spec pages state them: refundable and cancellable
+states, amounts and quantities that never go below zero, shipping bounded by what
+was paid, bag status moving to PARTIALLY_REFUNDED / REFUNDED / CANCELED.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+
+__all__ = ["FakeBag", "FakeOrder", "FakeSku", "Ledger", "RuleViolation", "Store"]
+
+REFUNDABLE_BLOCKED = frozenset({"IN_PROGRESS", "REFUNDED", "CANCELED"})
+CANCELLABLE = frozenset({"ACCEPTED", "SUBMITTED", "COMPLETED", "PARTIALLY_REFUNDED"})
+# Violet sends dates in all three shapes; the fake rotates through them.
+_DATE_FORMATS = ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S+0000", "%Y-%m-%dT%H:%M:%S.000Z")
+
+
+class RuleViolation(Exception):
+    """A request Violet would refuse: becomes a Violet-shaped 4xx."""
+
+    def __init__(
+        self, status: int, message: str, error_code: int, *, retry_after: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_code = error_code
+        self.retry_after = retry_after
+
+
+def _date(when: datetime, variant: int) -> str:
+    return when.strftime(_DATE_FORMATS[variant % len(_DATE_FORMATS)])
+
+
+@attrs.define
+class FakeSku:
+    order_sku_id: int
+    quantity: int
+    price: int
+    """Unit price in cents."""
+    refunded_quantity: int = 0
+
+
+@attrs.define
+class FakeBag:
+    id: int
+    order_id: int
+    merchant_id: int
+    status: str = "COMPLETED"
+    currency: str = "USD"
+    skus: list[FakeSku] = attrs.Factory(list)
+    shipping: int = 0
+    tax: int = 0
+    fulfilled: bool = False
+    refunded_amount: int = 0
+    refunded_shipping: int = 0
+    refunds: list[dict[str, Any]] = attrs.Factory(list)
+
+    @property
+    def total(self) -> int:
+        return sum(s.price * s.quantity for s in self.skus) + self.shipping + self.tax
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.refunded_amount
+
+    def to_json(self) -> dict[str, Any]:
+        financial = {
+            "REFUNDED": "REFUNDED",
+            "PARTIALLY_REFUNDED": "PARTIALLY_REFUNDED",
+            "CANCELED": "REFUNDED",
+        }.get(self.status, "PAID")
+        return {
+            "id": self.id,
+            "order_id": self.order_id,
+            "merchant_id": self.merchant_id,
+            "status": self.status,
+            "financial_status": financial,
+            "fulfillment_status": "FULFILLED" if self.fulfilled else "PROCESSING",
+            "currency": self.currency,
+            "total": self.total,
+            "shipping_total": self.shipping,
+            "tax_total": self.tax,
+            "sub_total": self.total - self.shipping - self.tax,
+            "skus": [
+                {
+                    "id": s.order_sku_id,
+                    "quantity": s.quantity,
+                    "price": s.price,
+                    "refunded_quantity": s.refunded_quantity,
+                }
+                for s in self.skus
+            ],
+        }
+
+
+@attrs.define
+class FakeOrder:
+    id: int
+    app_id: int
+    bags: dict[int, FakeBag] = attrs.Factory(dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "app_id": self.app_id,
+            "bags": [b.to_json() for b in self.bags.values()],
+        }
+
+
+@attrs.define
+class Ledger:
+    """What the fake did, for assertions such as "exactly one refund per bag"."""
+
+    refunds_per_bag: Counter[int] = attrs.Factory(Counter)
+    amount_per_bag: Counter[int] = attrs.Factory(Counter)
+    requests: Counter[str] = attrs.Factory(Counter)
+    faults: Counter[str] = attrs.Factory(Counter)
+    logins: int = 0
+    refreshes: int = 0
+
+    def double_refunds(self) -> dict[int, int]:
+        """Bags refunded more than once, with their refund counts."""
+        return {bag: n for bag, n in self.refunds_per_bag.items() if n > 1}
+
+    @property
+    def total_refunds(self) -> int:
+        return sum(self.refunds_per_bag.values())
+
+
+class Store:
+    """All orders and the ids handed out, with Violet's refund and cancel rules."""
+
+    def __init__(self, app_id: int, merchant_id: int = 20001) -> None:
+        self.app_id = app_id
+        self.merchant_id = merchant_id
+        self.orders: dict[int, FakeOrder] = {}
+        self.ledger = Ledger()
+        self._next_order = 100_000
+        self._next_bag = 200_000
+        self._next_sku = 300_000
+        self._next_refund = 400_000
+        self._next_refund_sku = 500_000
+
+    # -- seeding ----------------------------------------------------------------
+
+    def add_order(self, bags: list[dict[str, Any]]) -> FakeOrder:
+        """Seed an order. Each bag dict may give status, currency, shipping, tax,
+        fulfilled, and skus as [{"quantity": q, "price": cents, "order_sku_id": id?}]."""
+        self._next_order += 1
+        order = FakeOrder(id=self._next_order, app_id=self.app_id)
+        for spec in bags:
+            self._next_bag += 1
+            skus = []
+            for sku in spec.get("skus") or [{"quantity": 1, "price": 1000}]:
+                self._next_sku += 1
+                skus.append(
+                    FakeSku(
+                        order_sku_id=sku.get("order_sku_id", self._next_sku),
+                        quantity=sku["quantity"],
+                        price=sku["price"],
+                    )
+                )
+            bag = FakeBag(
+                id=self._next_bag,
+                order_id=order.id,
+                merchant_id=self.merchant_id,
+                status=spec.get("status", "COMPLETED"),
+                currency=spec.get("currency", "USD"),
+                skus=skus,
+                shipping=spec.get("shipping", 0),
+                tax=spec.get("tax", 0),
+                fulfilled=spec.get("fulfilled", False),
+            )
+            order.bags[bag.id] = bag
+        self.orders[order.id] = order
+        return order
+
+    def generate(self, count: int, seed: int) -> list[tuple[int, int]]:
+        """Seed ``count`` single-bag orders deterministically; returns (order, bag) ids."""
+        rng = random.Random(seed)
+        pairs = []
+        for _ in range(count):
+            skus = [
+                {"quantity": rng.randint(1, 3), "price": rng.choice((500, 1000, 2500, 4999))}
+                for _ in range(rng.randint(1, 3))
+            ]
+            order = self.add_order(
+                [
+                    {
+                        "status": rng.choice(("COMPLETED", "ACCEPTED", "SUBMITTED")),
+                        "skus": skus,
+                        "shipping": rng.choice((0, 500, 995)),
+                        "tax": rng.choice((0, 120, 340)),
+                    }
+                ]
+            )
+            pairs.append((order.id, next(iter(order.bags))))
+        return pairs
+
+    # -- lookups ----------------------------------------------------------------
+
+    def order(self, order_id: int) -> FakeOrder:
+        order = self.orders.get(order_id)
+        if order is None:
+            raise RuleViolation(404, f"Order {order_id} not found", 4040)
+        return order
+
+    def bag(self, order_id: int, bag_id: int) -> FakeBag:
+        bag = self.order(order_id).bags.get(bag_id)
+        if bag is None:
+            raise RuleViolation(404, f"Bag {bag_id} not found on order {order_id}", 4041)
+        return bag
+
+    # -- rules ------------------------------------------------------------------
+
+    def check_refund(self, bag: FakeBag, body: dict[str, Any]) -> tuple[int, int, list[Any]]:
+        """Validate a refund body against the bag; returns (amount, shipping, lines)."""
+        if bag.status in REFUNDABLE_BLOCKED:
+            raise RuleViolation(400, f"Bag {bag.id} is {bag.status} and cannot be refunded", 4001)
+        shipping_body = body.get("shipping")
+        shipping = 0
+        if shipping_body is not None:
+            shipping = _nonneg_int(
+                shipping_body.get("amount") if isinstance(shipping_body, dict) else None,
+                "shipping.amount",
+            )
+            if shipping > bag.shipping - bag.refunded_shipping:
+                raise RuleViolation(400, "Shipping refund exceeds shipping paid", 4002)
+        lines: list[tuple[FakeSku, int, int | None]] = []
+        raw_skus = body.get("skus")
+        if raw_skus is not None:
+            if not isinstance(raw_skus, list):
+                raise RuleViolation(400, "skus must be a list", 4003)
+            by_id = {s.order_sku_id: s for s in bag.skus}
+            for raw in raw_skus:
+                if not isinstance(raw, dict):
+                    raise RuleViolation(400, "skus entries must be objects", 4003)
+                sku = by_id.get(raw.get("order_sku_id"))  # type: ignore[arg-type]
+                if sku is None:
+                    raise RuleViolation(400, f"Unknown order sku {raw.get('order_sku_id')}", 4004)
+                qty = _nonneg_int(raw.get("quantity_refunded"), "quantity_refunded")
+                if qty < 1 or qty > sku.quantity - sku.refunded_quantity:
+                    raise RuleViolation(400, "quantity_refunded exceeds refundable quantity", 4005)
+                line_amount = raw.get("amount_refunded")
+                if line_amount is not None:
+                    line_amount = _nonneg_int(line_amount, "amount_refunded")
+                lines.append((sku, qty, line_amount))
+        amount = body.get("amount_refunded")
+        if amount is None:
+            if lines:
+                amount = sum(
+                    la if la is not None else sku.price * qty for sku, qty, la in lines
+                ) + shipping
+            else:
+                amount = bag.remaining
+        else:
+            amount = _nonneg_int(amount, "amount_refunded")
+        if amount > bag.remaining:
+            raise RuleViolation(
+                400, f"Refund of {amount} exceeds the {bag.remaining} left on bag {bag.id}", 4006
+            )
+        return amount, shipping, lines
+
+    def commit_refund(
+        self,
+        bag: FakeBag,
+        body: dict[str, Any],
+        checked: tuple[int, int, list[Any]] | None = None,
+        *,
+        status: str = "COMPLETED",
+    ) -> dict[str, Any]:
+        """Apply a refund; ``checked`` is the result of :meth:`check_refund` on the bag
+        as it is now (None re-checks, for commits that land late)."""
+        amount, shipping, lines = self.check_refund(bag, body) if checked is None else checked
+        self._next_refund += 1
+        refund_id = self._next_refund
+        now = datetime.now(timezone.utc)
+        sku_records = []
+        for sku, qty, _ in lines:
+            sku.refunded_quantity += qty
+            self._next_refund_sku += 1
+            sku_records.append(
+                {
+                    "id": self._next_refund_sku,
+                    "refund_id": refund_id,
+                    "bag_id": bag.id,
+                    "order_sku_id": sku.order_sku_id,
+                    "quantity_refunded": qty,
+                    "external_id": f"ext-sku-{self._next_refund_sku}",
+                }
+            )
+        bag.refunded_amount += amount
+        bag.refunded_shipping += shipping
+        if body.get("_cancel"):
+            bag.status = "CANCELED"
+        else:
+            bag.status = "REFUNDED" if bag.remaining == 0 else "PARTIALLY_REFUNDED"
+        record: dict[str, Any] = {
+            "id": refund_id,
+            "order_id": bag.order_id,
+            "bag_id": bag.id,
+            "merchant_id": bag.merchant_id,
+            "app_id": self.app_id,
+            "transaction_id": 600_000 + bag.id,
+            "gateway_transaction_id": f"pi_fake_{bag.id}",
+            "amount": amount,
+            "merchant_transfer_reversal_amount_usd": amount * 9 // 10,
+            "developer_transfer_reversal_amount_usd": amount - amount * 9 // 10,
+            "merchant_transfer_reversal_amount_platform_currency": amount * 9 // 10,
+            "developer_transfer_reversal_amount_platform_currency": amount - amount * 9 // 10,
+            "reason_code": body.get("reason_code", "OTHER"),
+            "refund_currency": bag.currency,
+            "platform_currency": "USD",
+            "status": status,
+            "skus": sku_records,
+            "date_created": _date(now, refund_id),
+            "date_last_modified": _date(now, refund_id + 1),
+            "external_id": f"ext-refund-{refund_id}",
+            "errors": [],
+            "shipping": {
+                "amount": shipping,
+                "tax_amount": 0,
+                "full_refund": shipping == bag.shipping,
+            }
+            if shipping
+            else None,
+            "tax_amount": None,
+        }
+        if body.get("reason") is not None:
+            record["reason"] = body["reason"]
+        bag.refunds.append(record)
+        self.ledger.refunds_per_bag[bag.id] += 1
+        self.ledger.amount_per_bag[bag.id] += amount
+        return record
+
+    def check_cancel(self, bag: FakeBag) -> None:
+        if bag.status not in CANCELLABLE:
+            raise RuleViolation(400, f"Bag {bag.id} is {bag.status} and cannot be cancelled", 4010)
+        if bag.fulfilled:
+            raise RuleViolation(400, f"Bag {bag.id} is fulfilled and cannot be cancelled", 4011)
+        if bag.remaining <= 0:
+            raise RuleViolation(400, f"Bag {bag.id} has nothing left to refund", 4012)
+
+    def commit_cancel(self, bag: FakeBag, body: dict[str, Any]) -> dict[str, Any]:
+        self.check_cancel(bag)
+        cancel_body = {
+            "_cancel": True,
+            "reason": body.get("reason"),
+            "reason_code": body.get("reason_code", "OTHER"),
+        }
+        return self.commit_refund(bag, cancel_body, (bag.remaining, 0, []))
+
+
+def _nonneg_int(value: object, field: str) -> int:
+    if type(value) is not int or value < 0:
+        raise RuleViolation(400, f"{field} must be a non-negative integer", 4007)
+    return value
