@@ -57,9 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--bags", type=int, default=300)
     demo.add_argument("--concurrency", type=int, default=16)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument(
-        "--faults", choices=("none", "moderate", "chaos"), default="moderate"
-    )
+    demo.add_argument("--faults", choices=("none", "moderate", "chaos"), default="moderate")
 
     serve = sub.add_parser("fake-server", help="run FakeViolet on 127.0.0.1 until Ctrl-C")
     serve.add_argument("--port", type=int, default=8080)
@@ -67,9 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=1)
     serve.add_argument("--faults", choices=("none", "moderate", "chaos"), default="none")
     serve.add_argument("--token-lifetime", type=float, default=24 * 3600.0)
-    serve.add_argument(
-        "--cancel-response", choices=("refund", "cancellation"), default="refund"
-    )
+    serve.add_argument("--cancel-response", choices=("refund", "cancellation"), default="refund")
     return parser
 
 

@@ -159,7 +159,11 @@ class Auth:
         if not (self._creds.username and self._creds.password):
             raise AuthenticationError(
                 "no token and no username/password to log in with",
-                status=401, error_code=None, body=b"", headers={}, method="POST",
+                status=401,
+                error_code=None,
+                body=b"",
+                headers={},
+                method="POST",
                 path="/login",
             )
         body = orjson.dumps({"username": self._creds.username, "password": self._creds.password})
@@ -167,8 +171,13 @@ class Auth:
         token, refresh = data.get("token"), data.get("refresh_token")
         if not isinstance(token, str) or not token:
             raise AuthenticationError(
-                "login answered without a token", status=200, error_code=None, body=b"",
-                headers={}, method="POST", path="/login",
+                "login answered without a token",
+                status=200,
+                error_code=None,
+                body=b"",
+                headers={},
+                method="POST",
+                path="/login",
             )
         self.logins += 1
         self._set_token(token)
@@ -181,8 +190,13 @@ class Auth:
         token = data.get("token")
         if not isinstance(token, str) or not token:
             raise AuthenticationError(
-                "token refresh answered without a token", status=200, error_code=None,
-                body=b"", headers={}, method="GET", path="/auth/token",
+                "token refresh answered without a token",
+                status=200,
+                error_code=None,
+                body=b"",
+                headers={},
+                method="GET",
+                path="/auth/token",
             )
         self.refreshes += 1
         self._set_token(token)
@@ -204,8 +218,11 @@ class Auth:
         if not isinstance(data, dict):
             raise AuthenticationError(
                 f"{method} {path}: unreadable answer (status {status})",
-                status=status, error_code=None, body=b"", headers={}, method=method,
+                status=status,
+                error_code=None,
+                body=b"",
+                headers={},
+                method=method,
                 path=path,
             )
         return data
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -167,9 +167,7 @@ class VioletClient:
     # -- construction helpers ---------------------------------------------------
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> VioletClient:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> VioletClient:
         """Build a client from ``VIOLET_*`` environment variables.
 
         ``VIOLET_APP_ID``, ``VIOLET_APP_SECRET`` (required), ``VIOLET_USERNAME``,
@@ -206,7 +204,7 @@ class VioletClient:
         *,
         retry: RetryPolicy | _Unset = UNSET,
         timeouts: Timeouts | _Unset = UNSET,
-        on_retry: RetryHook | None | _Unset = UNSET,
+        on_retry: RetryHook | _Unset | None = UNSET,
     ) -> VioletClient:
         """A client sharing this one's connection pool, token and lifecycle, with other
         retry or timeout settings. Closing the original closes it too."""
@@ -254,12 +252,12 @@ class VioletClient:
         request: RefundBagRequest | None = None,
         /,
         *,
-        amount_refunded: int | None | _Unset = UNSET,
-        shipping: ShippingRefund | None | _Unset = UNSET,
-        skus: Sequence[SkuRefund] | None | _Unset = UNSET,
-        reason: str | None | _Unset = UNSET,
-        restock_items: bool | None | _Unset = UNSET,
-        notify_customer: bool | None | _Unset = UNSET,
+        amount_refunded: int | _Unset | None = UNSET,
+        shipping: ShippingRefund | _Unset | None = UNSET,
+        skus: Sequence[SkuRefund] | _Unset | None = UNSET,
+        reason: str | _Unset | None = UNSET,
+        restock_items: bool | _Unset | None = UNSET,
+        notify_customer: bool | _Unset | None = UNSET,
     ) -> OrderRefund:
         """Refund a bag, fully (no amount) or partly. Never sends it twice.
 
@@ -294,7 +292,7 @@ class VioletClient:
         /,
         *,
         reason_code: ReasonCode | str | _Unset = UNSET,
-        reason: str | None | _Unset = UNSET,
+        reason: str | _Unset | None = UNSET,
         restock_items: bool | _Unset = UNSET,
         notify_customer: bool | _Unset = UNSET,
     ) -> OrderRefund:
@@ -330,8 +328,8 @@ class VioletClient:
     def _retrier(self) -> Retrier:
         return Retrier(self._retry, self._shared.clock, self._on_retry)
 
-    async def _get(self, path: str, parse: Any) -> Any:
-        async def send(remaining: float | None) -> Any:
+    async def _get(self, path: str, parse: Callable[[RawResponse, str], T]) -> T:
+        async def send(remaining: float | None) -> T:
             resp = await self._send("GET", path, None, remaining)
             return parse(resp, path)
 
@@ -343,7 +341,7 @@ class VioletClient:
         request: RefundBagRequest | CancelBagRequest,
         bag_id: int,
         order_id: int,
-        parse: Any,
+        parse: Callable[[RawResponse, str], OrderRefund],
     ) -> OrderRefund:
         body = encode_request(request)
 
@@ -472,13 +470,14 @@ class VioletClient:
                 method="GET",
                 path=path,
             )
-        return structure(
+        refunds: list[OrderRefund] = structure(
             data, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
         )
+        return refunds
 
     def _parse_cancel(self, resp: RawResponse, path: str, bag_id: int) -> OrderRefund:
         data = decode(resp.body, status=resp.status, method="POST", path=path)
-        if not (isinstance(data, dict) and "cancelled_bags" in data or _is_cancel_status(data)):
+        if not ((isinstance(data, dict) and "cancelled_bags" in data) or _is_cancel_status(data)):
             return structure(
                 data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
             )
@@ -552,4 +551,3 @@ def _request_from(cls: type[R], request: R | None, fields: dict[str, Any]) -> R:
             f"pass a {cls.__name__} or keyword fields, not both (got {sorted(given)})",
         )
     return request
-

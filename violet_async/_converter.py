@@ -86,19 +86,17 @@ def _structure_none_as_empty_tuple(type_: Any, conv: Converter) -> Callable[[Any
             raise TypeError(f"expected a list, got {type(value).__name__}")
         try:
             return tuple([item_hook(item, item_type) for item in value])
-        except Exception:  # noqa: BLE001 - re-raised below with the failing index
-            pass
-        errors = []
-        for index, item in enumerate(value):
-            try:
-                item_hook(item, item_type)
-            except Exception as exc:  # noqa: BLE001 - collected for the path report
-                exc.__notes__ = [
-                    *getattr(exc, "__notes__", []),
-                    IterableValidationNote(f"Structuring @ index {index}", index, item_type),
-                ]
-                errors.append(exc)
-        raise IterableValidationError(f"While structuring {type_!r}", errors, type_)
+        except Exception as first:
+            errors: list[Exception] = []
+            for index, item in enumerate(value):
+                try:
+                    item_hook(item, item_type)
+                except Exception as exc:  # noqa: BLE001 - collected for the path report
+                    note = IterableValidationNote(f"Structuring @ index {index}", index, item_type)
+                    # __notes__ by hand, as cattrs does: add_note() is 3.11+.
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+                    errors.append(exc)
+            raise IterableValidationError(f"While structuring {type_!r}", errors, type_) from first
 
     return structure
 
@@ -143,9 +141,11 @@ def configure_converter(conv: Converter) -> None:
     )
     conv.register_structure_hook_factory(_is_optional, _structure_optional)
     conv.register_structure_hook_factory(
-        lambda t: getattr(t, "__origin__", None) is tuple
-        and len(getattr(t, "__args__", ())) == 2
-        and t.__args__[1] is Ellipsis,
+        lambda t: (
+            getattr(t, "__origin__", None) is tuple
+            and len(getattr(t, "__args__", ())) == 2
+            and t.__args__[1] is Ellipsis
+        ),
         _structure_none_as_empty_tuple,
     )
     # `reconciled` is the SDK's own verdict; a body must never be able to set it.
@@ -175,7 +175,7 @@ def encode_request(request: Any) -> bytes:
 
 
 def _first_error_path(exc: BaseException) -> tuple[str, str]:
-    messages = transform_error(exc, path="$")  # type: ignore[arg-type]
+    messages = transform_error(exc, path="$")
     first = messages[0] if messages else str(exc)
     path, _, _rest = first.partition(" @ ")
     if " @ " in first:
@@ -184,9 +184,7 @@ def _first_error_path(exc: BaseException) -> tuple[str, str]:
     return path, first
 
 
-def structure(
-    data: Any, cls: type[T], *, body: bytes, status: int, method: str, path: str
-) -> T:
+def structure(data: Any, cls: type[T], *, body: bytes, status: int, method: str, path: str) -> T:
     """Structure decoded JSON into ``cls``; any failure is a ResponseFormatError naming
     the field and carrying the raw body."""
     if attrs.has(cls) and not isinstance(data, dict):
@@ -234,4 +232,3 @@ def decode(body: bytes, *, status: int, method: str, path: str) -> Any:
             method=method,
             path=path,
         ) from exc
-

@@ -79,9 +79,7 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
                     outcomes[f"{kind} ok"] += 1
                     reconciled += refund.reconciled
 
-            await asyncio.gather(
-                *(one(i, o, b) for i, (o, b) in enumerate(fake.seeded))
-            )
+            await asyncio.gather(*(one(i, o, b) for i, (o, b) in enumerate(fake.seeded)))
         fake.settle()
         ledger = fake.ledger
         doubles = ledger.double_refunds()

@@ -64,7 +64,9 @@ class KnownRefunds:
         return refund_id in self._ids
 
 
-def _sku_lines(lines: Iterable[tuple[int | None, int | None]]) -> Counter[tuple[int | None, int | None]]:
+def _sku_lines(
+    lines: Iterable[tuple[int | None, int | None]],
+) -> Counter[tuple[int | None, int | None]]:
     return Counter(lines)
 
 

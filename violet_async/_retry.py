@@ -27,8 +27,8 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
-from typing import Any, Protocol, TypeVar
+from datetime import timezone
+from typing import Any, Protocol, TypeVar, cast
 
 import attrs
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
@@ -163,10 +163,11 @@ class RetryPolicy:
         if self.jitter:
             strategy = wait_random_exponential(multiplier=self.initial_delay, max=self.max_delay)
         else:
-            return min(self.max_delay, self.initial_delay * 2 ** (retry_number - 1))
+            return min(self.max_delay, self.initial_delay * 2.0 ** (retry_number - 1))
         state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
         state.attempt_number = retry_number
-        return float(strategy(state))
+        delay: float = strategy(state)
+        return delay
 
 
 @attrs.frozen
@@ -227,9 +228,7 @@ class Retrier:
             return None
         return state.deadline - self.clock.monotonic()
 
-    async def _send(
-        self, send: Callable[[float | None], Awaitable[T]], state: CallState
-    ) -> T:
+    async def _send(self, send: Callable[[float | None], Awaitable[T]], state: CallState) -> T:
         remaining = self._remaining(state)
         state.attempts += 1
         if state.attempts == 1:
@@ -254,13 +253,22 @@ class Retrier:
             return await self._send(send, state)
         except VioletError as exc:
             failure = exc
-        return await self._recover(failure, send, state, idempotent, method, path, reconcile)
+        return await self._recover(
+            failure,
+            send,
+            state,
+            idempotent=idempotent,
+            method=method,
+            path=path,
+            reconcile=reconcile,
+        )
 
     async def _recover(
         self,
         failure: VioletError,
         send: Callable[[float | None], Awaitable[T]],
         state: CallState,
+        *,
         idempotent: bool,
         method: str,
         path: str,
@@ -280,7 +288,13 @@ class Retrier:
                 read_back = True
             try:
                 return await self._retry_loop(
-                    failure, send, state, idempotent, method, path, read_back=read_back
+                    failure,
+                    send,
+                    state,
+                    idempotent=idempotent,
+                    method=method,
+                    path=path,
+                    read_back=read_back,
                 )
             except _Again as again:
                 raise again.cause from again.cause.__cause__
@@ -302,8 +316,14 @@ class Retrier:
         return remaining is not None and delay >= remaining
 
     async def _announce(
-        self, state: CallState, delay: float, cause: VioletError, method: str, path: str,
-        *, read_back: bool,
+        self,
+        state: CallState,
+        delay: float,
+        cause: VioletError,
+        method: str,
+        path: str,
+        *,
+        read_back: bool,
     ) -> None:
         log.info(
             "violet_async retry: %s %s attempt %d failed (%s); retrying in %.2fs%s",
@@ -326,10 +346,10 @@ class Retrier:
         failure: VioletError,
         send: Callable[[float | None], Awaitable[T]],
         state: CallState,
+        *,
         idempotent: bool,
         method: str,
         path: str,
-        *,
         read_back: bool,
     ) -> T:
         """Attempts 2..N. Raises ``_Again`` when the budget runs out on a retryable
@@ -343,18 +363,19 @@ class Retrier:
             await self.clock.sleep(first_delay)
 
         def wait(retry_state: RetryCallState) -> float:
-            cause = retry_state.outcome.exception()  # type: ignore[union-attr]
-            assert isinstance(cause, _Again)
-            return self._delay(state.attempts, cause.cause)
+            return self._delay(state.attempts, _cause_of(retry_state))
 
         def stop(retry_state: RetryCallState) -> bool:
             return self._out_of_budget(state, retry_state.upcoming_sleep)
 
         async def before_sleep(retry_state: RetryCallState) -> None:
-            cause = retry_state.outcome.exception()  # type: ignore[union-attr]
-            assert isinstance(cause, _Again)
             await self._announce(
-                state, retry_state.upcoming_sleep, cause.cause, method, path, read_back=False
+                state,
+                retry_state.upcoming_sleep,
+                _cause_of(retry_state),
+                method,
+                path,
+                read_back=False,
             )
 
         retrying = AsyncRetrying(
@@ -376,5 +397,7 @@ class Retrier:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
 
-def utc_from_timestamp(value: float) -> datetime:
-    return datetime.fromtimestamp(value, tz=timezone.utc)
+def _cause_of(retry_state: RetryCallState) -> VioletError:
+    """The SDK error behind the ``_Again`` tenacity saw (only retryable ones reach it)."""
+    again = cast("_Again", retry_state.outcome.exception())  # type: ignore[union-attr]
+    return again.cause

@@ -13,7 +13,7 @@ import attrs
 from ._version import __version__
 from .exceptions import APIConnectionError, APITimeoutError, ClientClosedError
 
-__all__ = ["RawResponse", "Timeouts", "Transport", "USER_AGENT"]
+__all__ = ["USER_AGENT", "RawResponse", "Timeouts", "Transport"]
 
 USER_AGENT = f"violet-async/{__version__}"
 
@@ -136,8 +136,7 @@ class Transport:
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise APIConnectionError(
-                f"{method} {_path_of(url)}: connection failed after sending "
-                f"({type(exc).__name__})",
+                f"{method} {_path_of(url)}: connection failed after sending ({type(exc).__name__})",
                 method=method,
                 path=_path_of(url),
                 request_sent=True,

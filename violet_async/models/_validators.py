@@ -42,7 +42,7 @@ def amount(optional: bool) -> Validator:
                 attribute.name,
                 f"must be an int amount in cents, got {type(value).__name__}",
             )
-        if not 0 <= value <= MAX_AMOUNT:
+        if not 0 <= value <= MAX_AMOUNT:  # type: ignore[operator]
             raise RequestValidationError(
                 attribute.name, f"must be between 0 and {MAX_AMOUNT} cents, got {value}"
             )
@@ -56,7 +56,7 @@ def positive_int(minimum: int, maximum: int) -> Validator:
             raise RequestValidationError(
                 attribute.name, f"must be an int, got {type(value).__name__}"
             )
-        if not minimum <= value <= maximum:
+        if not minimum <= value <= maximum:  # type: ignore[operator]
             raise RequestValidationError(
                 attribute.name, f"must be between {minimum} and {maximum}, got {value}"
             )
@@ -69,9 +69,7 @@ def reason(_inst: object, attribute: attrs.Attribute[Any], value: object) -> Non
     if value is None:
         return
     if not isinstance(value, str):
-        raise RequestValidationError(
-            attribute.name, f"must be a str, got {type(value).__name__}"
-        )
+        raise RequestValidationError(attribute.name, f"must be a str, got {type(value).__name__}")
     if len(value) > MAX_REASON_LENGTH:
         raise RequestValidationError(
             attribute.name, f"must be at most {MAX_REASON_LENGTH} characters, got {len(value)}"
@@ -114,21 +112,6 @@ def known_member(enum_cls: type[Any]) -> Validator:
     def validate(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not (isinstance(value, enum_cls) and value.is_known):
             allowed = ", ".join(m.value for m in enum_cls)
-            raise RequestValidationError(
-                attribute.name, f"must be one of {allowed}, got {value!r}"
-            )
+            raise RequestValidationError(attribute.name, f"must be one of {allowed}, got {value!r}")
 
     return validate
-
-
-def to_enum(enum_cls: type[Any]) -> Callable[[Any], Any]:
-    """Converter: accept the member or its exact string value; leave the rest to the
-    validator, which names the field."""
-
-    def convert(value: Any) -> Any:
-        if isinstance(value, str) and not isinstance(value, enum_cls):
-            member = enum_cls._member_map_.get(value)
-            return member if member is not None else value
-        return value
-
-    return convert

@@ -94,13 +94,21 @@ class RefundBagRequest:
     field so the merchant's own configuration applies."""
 
 
+def _reason_code(value: object) -> object:
+    # Accept the exact string value too; anything else is left for the validator,
+    # which names the field.
+    if isinstance(value, str) and not isinstance(value, ReasonCode):
+        return ReasonCode._member_map_.get(value, value)
+    return value
+
+
 @attrs.frozen
 class CancelBagRequest:
     """Body of ``POST /orders/{order_id}/bags/{bag_id}/cancel``."""
 
     reason_code: ReasonCode = attrs.field(
         default=ReasonCode.OTHER,
-        converter=v.to_enum(ReasonCode),
+        converter=_reason_code,
         validator=v.known_member(ReasonCode),
     )
     """Code that best represents the reason. Default OTHER."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -101,8 +102,8 @@ class FakeViolet:
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
         server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        assert isinstance(server, asyncio.Server)
+        port: int = server.sockets[0].getsockname()[1]
         self._port = port
         self.base_url = f"http://{self._host}:{port}/v1"
         return self
@@ -160,9 +161,7 @@ class FakeViolet:
         self._token_serial += 1
         header = _b64(b'{"alg":"HS256","typ":"JWT"}')
         exp = time.time() + lifetime
-        payload = _b64(
-            orjson.dumps({"sub": self.username, "exp": exp, "jti": self._token_serial})
-        )
+        payload = _b64(orjson.dumps({"sub": self.username, "exp": exp, "jti": self._token_serial}))
         signature = _b64(
             hmac.new(self._signing_key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
         )
@@ -297,7 +296,9 @@ class FakeViolet:
                 content_type="text/html",
             )
         if fault is Fault.RATE_LIMIT:
-            raise RuleViolation(429, "Too Many Requests", 4290, retry_after=self.faults.plan.retry_after)
+            raise RuleViolation(
+                429, "Too Many Requests", 4290, retry_after=self.faults.plan.retry_after
+            )
         if fault is Fault.RATE_LIMIT_NO_HEADER:
             raise RuleViolation(429, "Too Many Requests", 4290)
         status = {
@@ -329,10 +330,9 @@ class FakeViolet:
             if done:
                 return
             done = True
-            try:
+            # The bag may have moved on meanwhile; Violet would fail the late refund too.
+            with contextlib.suppress(RuleViolation):
                 commit()
-            except RuleViolation:
-                pass  # the bag moved on meanwhile; Violet would fail the late refund too
 
         self._late.setdefault(bag_id, []).append(land)
         asyncio.get_running_loop().call_later(self.faults.plan.late_commit_delay, land)

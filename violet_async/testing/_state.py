@@ -256,9 +256,10 @@ class Store:
         amount = body.get("amount_refunded")
         if amount is None:
             if lines:
-                amount = sum(
-                    la if la is not None else sku.price * qty for sku, qty, la in lines
-                ) + shipping
+                amount = (
+                    sum(la if la is not None else sku.price * qty for sku, qty, la in lines)
+                    + shipping
+                )
             else:
                 amount = bag.remaining
         else:
