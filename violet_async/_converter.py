@@ -22,9 +22,13 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 from .exceptions import ResponseFormatError
 from .models import (
+    BagStatus,
     CancelBagRequest,
+    CancelStatus,
     OrderRefund,
+    ReasonCode,
     RefundBagRequest,
+    RefundStatus,
     ShippingRefund,
     SkuRefund,
 )
@@ -136,9 +140,10 @@ def configure_converter(conv: Converter) -> None:
     for kind in (int, str, bool):
         conv.register_structure_hook(kind, _strict(kind))
     conv.register_structure_hook(datetime, _structure_datetime)
-    conv.register_structure_hook_func(
-        lambda t: isinstance(t, type) and issubclass(t, _OpenEnum), _structure_open_enum
-    )
+    # Per class, not by predicate: the strict `str` hook above would otherwise win,
+    # since these enums subclass str.
+    for enum_cls in (BagStatus, CancelStatus, ReasonCode, RefundStatus):
+        conv.register_structure_hook(enum_cls, _structure_open_enum)
     conv.register_structure_hook_factory(_is_optional, _structure_optional)
     conv.register_structure_hook_factory(
         lambda t: (

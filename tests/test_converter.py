@@ -1,0 +1,180 @@
+"""The converter: every spec field typed, strict types, tolerant shape."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from violet_async import OrderRefund, ReasonCode, RefundStatus, ResponseFormatError
+from violet_async._converter import converter, parse_datetime, structure
+from violet_async.models import OrderCancellation
+
+from .samples import refund_body
+
+UTC = timezone.utc
+
+
+def read(data: Any) -> OrderRefund:
+    return structure(data, OrderRefund, body=b"raw", status=200, method="POST", path="/p")
+
+
+def test_every_spec_field_is_structured() -> None:
+    """All fields of both spec pages land typed, platform-currency amounts included."""
+    refund = read(refund_body())
+    assert refund.id == 123
+    assert refund.merchant_transfer_reversal_amount_platform_currency == 880
+    assert refund.developer_transfer_reversal_amount_platform_currency == 98
+    assert refund.platform_currency == "EUR"
+    assert refund.status is RefundStatus.PROCESSING
+    assert refund.reason_code is ReasonCode.OTHER
+    assert refund.skus[0].order_sku_id == 10000
+    assert refund.errors[0].error_message == "merchant platform slow"
+    assert refund.errors[0].date_resolved == datetime(2023, 11, 7, 5, 31, 56, tzinfo=UTC)
+    assert refund.shipping is not None
+    assert refund.shipping.full_refund is True
+    assert refund.tax_amount == 80
+    assert refund.reconciled is False
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2023-11-07T05:31:56Z", "2023-11-07T05:31:56+0000", "2023-11-07T05:31:56.000Z",
+     "2023-11-07T05:31:56"],
+)
+def test_three_date_shapes_become_aware_utc(text: str) -> None:
+    """Z, +0000 and .000Z all parse to the same aware datetime (naive taken as UTC)."""
+    assert parse_datetime(text) == datetime(2023, 11, 7, 5, 31, 56, tzinfo=UTC)
+
+
+def test_offset_dates_keep_their_offset() -> None:
+    """A non-UTC offset is honoured."""
+    parsed = parse_datetime("2023-11-07T07:31:56+0200")
+    assert parsed.utcoffset() == timedelta(hours=2)
+
+
+def test_unknown_keys_are_ignored_and_the_body_cannot_claim_reconciled() -> None:
+    """Extra keys are dropped; `reconciled` is the SDK's verdict, never the server's."""
+    refund = read(refund_body(brand_new_field={"x": 1}, reconciled=True))
+    assert refund.reconciled is False
+
+
+def test_unknown_enum_values_are_kept() -> None:
+    """An unknown status or reason code is kept, flagged as not known."""
+    refund = read(refund_body(status="REVERSED", reason_code="WHIM"))
+    assert refund.status == "REVERSED"
+    assert refund.status is not None
+    assert not refund.status.is_known
+    assert refund.reason_code is not None
+    assert not refund.reason_code.is_known
+
+
+def test_nulls_for_lists_mean_empty() -> None:
+    """skus: null and errors: null read as empty tuples."""
+    refund = read(refund_body(skus=None, errors=None, shipping=None))
+    assert refund.skus == ()
+    assert refund.errors == ()
+
+
+def test_minimal_body_with_only_required_fields() -> None:
+    """Only the six required fields are needed."""
+    body = {k: refund_body()[k] for k in (
+        "order_id", "merchant_id", "app_id", "transaction_id", "gateway_transaction_id", "amount")}
+    refund = read(body)
+    assert refund.id is None
+    assert refund.status is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"amount": "1000"}, "$.amount"),
+        ({"amount": 10.5}, "$.amount"),
+        ({"amount": True}, "$.amount"),
+        ({"order_id": None}, "$.order_id"),
+        ({"status": 5}, "$.status"),
+        ({"date_created": "yesterday"}, "$.date_created"),
+        ({"date_created": 1699335116}, "$.date_created"),
+        ({"skus": [{"quantity_refunded": "1"}]}, "$.skus[0].quantity_refunded"),
+        ({"skus": {"a": 1}}, "$.skus"),
+        ({"shipping": {"amount": "5"}}, "$.shipping.amount"),
+        ({"errors": [{}, {"resolved": "yes"}]}, "$.errors[1].resolved"),
+    ],
+)
+def test_wrong_types_raise_response_format_error_with_the_field_path(
+    overrides: dict[str, Any], field: str
+) -> None:
+    """A wrong type names the field path and carries the raw body."""
+    with pytest.raises(ResponseFormatError) as info:
+        read(refund_body(**overrides))
+    assert info.value.field == field
+    assert info.value.body == b"raw"
+    assert field in str(info.value)
+
+
+def test_missing_required_field_is_named() -> None:
+    """A missing required field is a ResponseFormatError naming it."""
+    body = refund_body()
+    del body["gateway_transaction_id"]
+    with pytest.raises(ResponseFormatError) as info:
+        read(body)
+    assert info.value.field == "$.gateway_transaction_id"
+
+
+@pytest.mark.parametrize("data", [[1, 2], "text", 7, None])
+def test_non_object_bodies_are_rejected(data: Any) -> None:
+    """A JSON value that is not an object cannot be a refund."""
+    with pytest.raises(ResponseFormatError) as info:
+        read(data)
+    assert info.value.field == "$"
+
+
+def test_cancellation_body_structures() -> None:
+    """The 202 cancellation body reads with its bags and refund."""
+    data = {
+        "order_id": 11,
+        "app_id": 44,
+        "status": "CANCELED",
+        "cancelled_bags": [
+            {"bag_id": 22, "status": "CANCELED", "date_cancelled": "2023-11-07T05:31:56Z",
+             "refund": refund_body()}
+        ],
+    }
+    result = converter.structure(data, OrderCancellation)
+    assert result.cancelled_bags[0].refund is not None
+    assert result.cancelled_bags[0].refund.amount == 1000
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    field=st.sampled_from(sorted(refund_body())),
+    value=json_values,
+)
+def test_any_field_value_gives_a_refund_or_a_format_error(field: str, value: Any) -> None:
+    """Whatever JSON value lands in any field, the result is an OrderRefund or a
+    ResponseFormatError, never a raw TypeError, KeyError or cattrs error."""
+    try:
+        refund = read(refund_body(**{field: value}))
+    except ResponseFormatError as exc:
+        assert exc.body == b"raw"
+    else:
+        assert isinstance(refund, OrderRefund)
+
+
+@given(body=st.dictionaries(st.text(max_size=10), json_values, max_size=8))
+def test_arbitrary_objects_never_escape_as_raw_errors(body: dict[str, Any]) -> None:
+    """Random JSON objects never raise anything but ResponseFormatError."""
+    try:
+        read(body)
+    except ResponseFormatError:
+        pass

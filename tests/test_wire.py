@@ -1,0 +1,314 @@
+"""Wire-level behaviour, with aioresponses standing in for the network."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aioresponses import aioresponses
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from yarl import URL
+
+import violet_async
+from violet_async import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    CancelBagRequest,
+    CancellationFailedError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ReasonCode,
+    RefundBagRequest,
+    RefundFailedError,
+    RefundStatus,
+    RequestValidationError,
+    ResponseFormatError,
+    RetryPolicy,
+    ServerError,
+    ShippingRefund,
+    SkuRefund,
+    UnprocessableEntityError,
+    VioletClient,
+)
+
+from .samples import refund_body, refund_bytes
+
+BASE = "https://api.test.violet/v1"
+REFUNDS = f"{BASE}/orders/11/bags/22/refunds"
+CANCEL = f"{BASE}/orders/11/bags/22/cancel"
+SECRET = "s3cr3t-app-secret"
+TOKEN = "tok-abc"
+
+
+@pytest.fixture
+def wire() -> Any:
+    with aioresponses() as mocked:
+        yield mocked
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[VioletClient]:
+    async with VioletClient(
+        11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled()
+    ) as c:
+        yield c
+
+
+def sent(wire: Any, method: str, url: str) -> list[Any]:
+    return list(wire.requests.get((method, URL(url)), []))
+
+
+async def test_refund_sends_exact_url_headers_and_body(wire: Any, client: VioletClient) -> None:
+    """POST to the spec path with the three Violet headers, a User-Agent and the JSON body."""
+    wire.post(REFUNDS, status=200, body=refund_bytes())
+    refund = await client.refund_bag(
+        11,
+        22,
+        amount_refunded=1000,
+        shipping=ShippingRefund(amount=500),
+        skus=[SkuRefund(order_sku_id=10000, quantity_refunded=1, amount_refunded=500)],
+    )
+    assert refund.amount == 1000
+    (call,) = sent(wire, "POST", REFUNDS)
+    headers = call.kwargs["headers"]
+    assert headers["X-Violet-App-Id"] == "11"
+    assert headers["X-Violet-App-Secret"] == SECRET
+    assert headers["X-Violet-Token"] == TOKEN
+    assert headers["User-Agent"] == f"violet-async/{violet_async.__version__}"
+    assert headers["Content-Type"] == "application/json"
+    assert call.kwargs["allow_redirects"] is False
+    assert orjson.loads(call.kwargs["data"]) == {
+        "amount_refunded": 1000,
+        "shipping": {"amount": 500},
+        "skus": [{"order_sku_id": 10000, "quantity_refunded": 1, "amount_refunded": 500}],
+        "restock_items": False,
+        "notify_customer": False,
+    }
+
+
+async def test_request_object_form_is_the_same_call(wire: Any, client: VioletClient) -> None:
+    """refund_bag(o, b, RefundBagRequest(...)) sends the same body as the keyword form."""
+    wire.post(REFUNDS, status=200, body=refund_bytes())
+    await client.refund_bag(11, 22, RefundBagRequest(amount_refunded=5, reason="r"))
+    (call,) = sent(wire, "POST", REFUNDS)
+    assert orjson.loads(call.kwargs["data"]) == {
+        "amount_refunded": 5, "reason": "r", "restock_items": False, "notify_customer": False,
+    }
+
+
+async def test_both_forms_at_once_are_refused(wire: Any, client: VioletClient) -> None:
+    """A request object plus keyword fields is ambiguous: refused before sending."""
+    with pytest.raises(RequestValidationError, match="request"):
+        await client.refund_bag(11, 22, RefundBagRequest(), amount_refunded=5)
+    with pytest.raises(RequestValidationError, match="request"):
+        await client.cancel_bag(11, 22, RefundBagRequest())  # type: ignore[arg-type]
+    assert wire.requests == {}
+
+
+async def test_cancel_sends_spec_defaults(wire: Any, client: VioletClient) -> None:
+    """cancel_bag sends reason_code OTHER, restock true, notify false by default."""
+    wire.post(CANCEL, status=200, body=refund_bytes())
+    refund = await client.cancel_bag(11, 22, reason_code=ReasonCode.CUSTOMER, reason="x")
+    assert refund.id == 123
+    (call,) = sent(wire, "POST", CANCEL)
+    assert orjson.loads(call.kwargs["data"]) == {
+        "reason_code": "CUSTOMER", "reason": "x", "restock_items": True, "notify_customer": False,
+    }
+
+
+async def test_cancel_202_cancellation_body_returns_the_bags_refund(
+    wire: Any, client: VioletClient
+) -> None:
+    """The later-documented 202 body: the matching bag's refund is returned."""
+    body = {
+        "order_id": 11, "app_id": 44, "status": "CANCELED", "message": None,
+        "cancelled_bags": [
+            {"bag_id": 21, "status": "CANCELED", "refund": refund_body(id=1, bag_id=21)},
+            {"bag_id": 22, "status": "CANCELED", "external_order_id": "x",
+             "originated_by": "APP", "date_cancelled": "2023-11-07T05:31:56Z",
+             "refund": refund_body(id=2)},
+        ],
+    }
+    wire.post(CANCEL, status=202, body=orjson.dumps(body))
+    refund = await client.cancel_bag(11, 22, CancelBagRequest())
+    assert refund.id == 2
+
+
+async def test_cancel_failure_raises_typed_error(wire: Any, client: VioletClient) -> None:
+    """CANCELLATION_FAILURE is a CancellationFailedError carrying the body."""
+    body = {"order_id": 11, "app_id": 44, "status": "CANCELLATION_FAILURE",
+            "cancelled_bags": [], "message": "merchant refused"}
+    wire.post(CANCEL, status=202, body=orjson.dumps(body))
+    with pytest.raises(CancellationFailedError, match="merchant refused") as info:
+        await client.cancel_bag(11, 22)
+    assert info.value.status == "CANCELLATION_FAILURE"
+    assert b"merchant refused" in info.value.body
+
+
+async def test_cancel_of_another_bag_only_is_a_failure(wire: Any, client: VioletClient) -> None:
+    """PARTIALLY_CANCELED without our bag means our bag was not cancelled."""
+    body = {"status": "PARTIALLY_CANCELED",
+            "cancelled_bags": [{"bag_id": 21, "refund": refund_body(bag_id=21)}]}
+    wire.post(CANCEL, status=202, body=orjson.dumps(body))
+    with pytest.raises(CancellationFailedError, match="not among"):
+        await client.cancel_bag(11, 22)
+
+
+async def test_cancel_without_refund_object_is_a_format_error(
+    wire: Any, client: VioletClient
+) -> None:
+    """A cancelled bag with no refund cannot be returned as an OrderRefund."""
+    body = {"status": "CANCELED", "cancelled_bags": [{"bag_id": 22}]}
+    wire.post(CANCEL, status=202, body=orjson.dumps(body))
+    wire.get(REFUNDS, status=200, body=b"[]")
+    wire.get(f"{BASE}/orders/11", status=200, body=b'{"bags": [{"id": 22, "status": "CANCELED"}]}',
+             repeat=True)
+    wire.get(REFUNDS, status=200, body=b"[]", repeat=True)
+    with pytest.raises(violet_async.AmbiguousOutcomeError):
+        await client.cancel_bag(11, 22)
+
+
+async def test_refund_with_errors_is_returned_typed(wire: Any, client: VioletClient) -> None:
+    """A 2xx refund carrying errors[] is returned, the errors typed."""
+    wire.post(REFUNDS, status=200, body=refund_bytes(status="PARTIALLY_COMPLETED"))
+    refund = await client.refund_bag(11, 22)
+    assert refund.status is RefundStatus.PARTIALLY_COMPLETED
+    assert refund.errors[0].error_code == 77
+
+
+async def test_failed_refund_raises_with_the_refund(wire: Any, client: VioletClient) -> None:
+    """A FAILED refund raises RefundFailedError carrying the OrderRefund."""
+    wire.post(REFUNDS, status=200, body=refund_bytes(status="FAILED"))
+    with pytest.raises(RefundFailedError, match="merchant platform slow") as info:
+        await client.refund_bag(11, 22)
+    assert info.value.refund.status is RefundStatus.FAILED
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, BadRequestError),
+        (401, AuthenticationError),
+        (403, PermissionDeniedError),
+        (404, NotFoundError),
+        (409, ConflictError),
+        (422, UnprocessableEntityError),
+        (429, RateLimitError),
+        (500, ServerError),
+        (502, ServerError),
+        (503, ServerError),
+        (504, ServerError),
+        (418, APIError),
+    ],
+)
+async def test_every_status_maps_to_its_class(
+    wire: Any, client: VioletClient, status: int, cls: type[APIError]
+) -> None:
+    """Status -> class, with status, error_code, message, raw body and headers."""
+    body = {"status": status, "message": "nope", "error_code": 4242, "timestamp": 1}
+    wire.get(REFUNDS, status=status, body=orjson.dumps(body), headers={"X-Trace": "t1"})
+    with pytest.raises(cls) as info:
+        await client.list_bag_refunds(11, 22)
+    error = info.value
+    assert type(error) is cls
+    assert (error.status, error.error_code, error.message) == (status, 4242, "nope")
+    assert error.body == orjson.dumps(body)
+    assert error.headers["X-Trace"] == "t1"
+    assert SECRET not in str(error)
+    assert TOKEN not in repr(error)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"<html><h1>502 Bad Gateway</h1></html>", "<html><h1>502 Bad Gateway</h1></html>"),
+        (b"", "HTTP 400 with an empty body"),
+        (b'{"code": 7, "error": "swift-shaped"}', "swift-shaped"),
+        (b"[1,2]", "[1,2]"),
+    ],
+)
+async def test_error_bodies_are_read_leniently(
+    wire: Any, client: VioletClient, body: bytes, message: str
+) -> None:
+    """HTML, empty, alternative and non-object error bodies still give a message."""
+    wire.get(REFUNDS, status=400, body=body)
+    with pytest.raises(BadRequestError) as info:
+        await client.list_bag_refunds(11, 22)
+    assert info.value.message == message
+    assert info.value.body == body
+
+
+async def test_list_accepts_bare_list_and_content_wrapper(wire: Any, client: VioletClient) -> None:
+    """GET refunds reads a bare list and a {"content": [...]} page."""
+    wire.get(REFUNDS, status=200, body=orjson.dumps([refund_body(id=1)]))
+    wire.get(REFUNDS, status=200, body=orjson.dumps({"content": [refund_body(id=2)]}))
+    assert [r.id for r in await client.list_bag_refunds(11, 22)] == [1]
+    assert [r.id for r in await client.list_bag_refunds(11, 22)] == [2]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>ok</html>", b'{"truncated": ', b'{"content": 5}', b'"just a string"',
+     b'[{"amount": "x"}]', b"\xff\xfe\x00garbage"],
+)
+async def test_malformed_success_bodies_raise_format_error(
+    wire: Any, client: VioletClient, body: bytes
+) -> None:
+    """A 200 that is not a list of refunds is a ResponseFormatError with the raw body."""
+    wire.get(REFUNDS, status=200, body=body, repeat=True)
+    with pytest.raises(ResponseFormatError) as info:
+        await client.list_bag_refunds(11, 22)
+    assert info.value.body == body
+
+
+async def test_redirect_is_not_followed(wire: Any, client: VioletClient) -> None:
+    """A 302 to another host is an error; the secret is never sent there."""
+    wire.get(REFUNDS, status=302, headers={"Location": "https://evil.example/steal"})
+    wire.get("https://evil.example/steal", status=200, body=b"[]")
+    with pytest.raises(APIError) as info:
+        await client.list_bag_refunds(11, 22)
+    assert info.value.status == 302
+    assert sent(wire, "GET", "https://evil.example/steal") == []
+
+
+bad_ids = st.one_of(
+    st.integers(max_value=0), st.floats(), st.text(max_size=4), st.booleans(), st.none(),
+    st.integers(min_value=2**63),
+)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(order_id=bad_ids, field=st.sampled_from(["amount_refunded", "reason", "skus"]),
+       value=st.one_of(st.floats(), st.text(min_size=256, max_size=300), st.just([]),
+                       st.integers(max_value=-1)))
+async def test_invalid_input_never_reaches_the_wire(
+    order_id: Any, field: str, value: Any
+) -> None:
+    """Bad ids or fields raise RequestValidationError and nothing is sent."""
+    with aioresponses() as mocked:
+        async with VioletClient(11, SECRET, token=TOKEN, base_url=BASE) as c:
+            with pytest.raises(RequestValidationError):
+                await c.refund_bag(order_id, 22)
+            with pytest.raises(RequestValidationError):
+                await c.cancel_bag(11, order_id)
+            with pytest.raises(RequestValidationError):
+                await c.list_bag_refunds(order_id, order_id)
+            with pytest.raises(RequestValidationError) as info:
+                await c.refund_bag(11, 22, **{field: value})
+            assert info.value.field == field
+        assert mocked.requests == {}
+
+
+def test_all_status_classes_are_api_errors() -> None:
+    """Every mapped class is an APIError and a VioletError."""
+    for cls in (BadRequestError, UnprocessableEntityError, RateLimitError, ServerError):
+        assert issubclass(cls, APIError)
+    assert issubclass(UnprocessableEntityError, BadRequestError)
+    assert re.match(r"\d+\.\d+\.\d+", violet_async.__version__)
