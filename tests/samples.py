@@ -50,8 +50,12 @@ def refund_body(**overrides: Any) -> dict[str, Any]:
                 "refund_id": 123,
             }
         ],
-        "shipping": {"amount": 500, "tax_amount": 40, "full_refund": True,
-                     "discrepancy_reason": "none"},
+        "shipping": {
+            "amount": 500,
+            "tax_amount": 40,
+            "full_refund": True,
+            "discrepancy_reason": "none",
+        },
         "tax_amount": 80,
     }
     body.update(overrides)

@@ -72,9 +72,7 @@ async def test_callers_session_is_never_closed(fake: FakeViolet, clock: FakeCloc
             assert response.status == 401
 
 
-async def test_callers_closed_session_is_a_clear_error(
-    fake: FakeViolet, clock: FakeClock
-) -> None:
+async def test_callers_closed_session_is_a_clear_error(fake: FakeViolet, clock: FakeClock) -> None:
     """A caller session closed under the client raises ClientClosedError."""
     session = aiohttp.ClientSession()
     await session.close()
@@ -162,8 +160,12 @@ def test_from_env_reads_every_variable() -> None:
     assert client.base_url == Environment.PRODUCTION.value
     assert client._shared.credentials.app_id == 42
     local = VioletClient.from_env(
-        {"VIOLET_APP_ID": "42", "VIOLET_APP_SECRET": "sec", "VIOLET_TOKEN": "t",
-         "VIOLET_BASE_URL": "http://127.0.0.1:9/v1"}
+        {
+            "VIOLET_APP_ID": "42",
+            "VIOLET_APP_SECRET": "sec",
+            "VIOLET_TOKEN": "t",
+            "VIOLET_BASE_URL": "http://127.0.0.1:9/v1",
+        }
     )
     assert local.base_url == "http://127.0.0.1:9/v1"
 
@@ -174,8 +176,15 @@ def test_from_env_reads_every_variable() -> None:
         ({}, "VIOLET_APP_ID"),
         ({"VIOLET_APP_ID": "x1", "VIOLET_APP_SECRET": "s"}, "VIOLET_APP_ID"),
         ({"VIOLET_APP_ID": "1"}, "VIOLET_APP_SECRET"),
-        ({"VIOLET_APP_ID": "1", "VIOLET_APP_SECRET": "s", "VIOLET_TOKEN": "t",
-          "VIOLET_ENV": "staging"}, "VIOLET_ENV"),
+        (
+            {
+                "VIOLET_APP_ID": "1",
+                "VIOLET_APP_SECRET": "s",
+                "VIOLET_TOKEN": "t",
+                "VIOLET_ENV": "staging",
+            },
+            "VIOLET_ENV",
+        ),
     ],
 )
 def test_from_env_names_the_bad_variable(env: dict[str, str], name: str) -> None:
@@ -188,11 +197,14 @@ def test_from_env_names_the_bad_variable(env: dict[str, str], name: str) -> None
 def test_repr_never_shows_secrets() -> None:
     """Client, credentials and auth reprs hold no secret."""
     client = VioletClient(
-        7, "APP-SECRET-X", username="u", password="PASSWORD-X", token="TOKEN-X",
+        7,
+        "APP-SECRET-X",
+        username="u",
+        password="PASSWORD-X",
+        token="TOKEN-X",
         refresh_token="REFRESH-X",
     )
-    texts = [repr(client), str(client), repr(client._shared.credentials),
-             repr(client._shared.auth)]
+    texts = [repr(client), str(client), repr(client._shared.credentials), repr(client._shared.auth)]
     for text in texts:
         for secret in ("APP-SECRET-X", "PASSWORD-X", "TOKEN-X", "REFRESH-X"):
             assert secret not in text

@@ -4,16 +4,39 @@ from __future__ import annotations
 
 import violet_async
 
-DESIGN_NAMES = """
-VioletClient Environment RetryPolicy Timeouts
-CancelBagRequest RefundBagRequest SkuRefund ShippingRefund
-OrderRefund RefundedSku RefundError RefundShipping
-RefundStatus ReasonCode BagStatus
-VioletError APIError BadRequestError AuthenticationError PermissionDeniedError
-NotFoundError ConflictError RateLimitError ServerError
-APIConnectionError APITimeoutError RequestValidationError ResponseFormatError
-AmbiguousOutcomeError RefundFailedError CancellationFailedError
-""".split()
+DESIGN_NAMES = [
+    "VioletClient",
+    "Environment",
+    "RetryPolicy",
+    "Timeouts",
+    "CancelBagRequest",
+    "RefundBagRequest",
+    "SkuRefund",
+    "ShippingRefund",
+    "OrderRefund",
+    "RefundedSku",
+    "RefundError",
+    "RefundShipping",
+    "RefundStatus",
+    "ReasonCode",
+    "BagStatus",
+    "VioletError",
+    "APIError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "RateLimitError",
+    "ServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "RequestValidationError",
+    "ResponseFormatError",
+    "AmbiguousOutcomeError",
+    "RefundFailedError",
+    "CancellationFailedError",
+]
 
 
 def test_all_is_sorted() -> None:

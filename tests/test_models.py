@@ -87,14 +87,15 @@ def test_cancel_accepts_the_reason_code_string() -> None:
         (lambda: RefundBagRequest(skus="abc"), "skus"),
         (lambda: RefundBagRequest(skus=[{"order_sku_id": 1}]), "skus[0]"),
         (
-            lambda: RefundBagRequest(
-                skus=[SkuRefund(order_sku_id=1, quantity_refunded=1)] * 2
-            ),
+            lambda: RefundBagRequest(skus=[SkuRefund(order_sku_id=1, quantity_refunded=1)] * 2),
             "skus[1].order_sku_id",
         ),
         (lambda: SkuRefund(order_sku_id=1, quantity_refunded=0), "quantity_refunded"),
         (lambda: SkuRefund(order_sku_id=0, quantity_refunded=1), "order_sku_id"),
-        (lambda: SkuRefund(order_sku_id=1, quantity_refunded=1, amount_refunded=-5), "amount_refunded"),
+        (
+            lambda: SkuRefund(order_sku_id=1, quantity_refunded=1, amount_refunded=-5),
+            "amount_refunded",
+        ),
         (lambda: ShippingRefund(amount=1.5), "amount"),
         (lambda: CancelBagRequest(reason_code="NOPE"), "reason_code"),
         (lambda: CancelBagRequest(reason_code=ReasonCode("WEIRD")), "reason_code"),
@@ -203,8 +204,10 @@ def test_any_refund_input_validates_or_raises_request_validation_error(
 
 @given(
     amount=st.one_of(st.none(), st.integers(0, 2**53 - 1)),
-    reason=st.one_of(st.none(), st.text(max_size=255).filter(lambda s: not any(
-        0xD800 <= ord(c) <= 0xDFFF for c in s))),
+    reason=st.one_of(
+        st.none(),
+        st.text(max_size=255).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
+    ),
 )
 def test_valid_requests_round_trip_through_json(amount: int | None, reason: str | None) -> None:
     """A valid request's JSON carries exactly its set fields."""

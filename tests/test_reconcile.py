@@ -7,16 +7,20 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from violet_async import AmbiguousOutcomeError, RetryPolicy, ServerError, VioletClient
-from violet_async._reconcile import KnownRefunds, matches_refund_request
 from violet_async._converter import converter
+from violet_async._reconcile import KnownRefunds, matches_refund_request
 from violet_async.models import OrderRefund, RefundBagRequest, SkuRefund
 from violet_async.testing import FakeClock, FakeViolet, Fault
 
 from .conftest import make_client
 from .samples import refund_body
 
-AFTER_COMMIT = [Fault.DROP_AFTER_COMMIT, Fault.HTTP_500_AFTER_COMMIT, Fault.TRUNCATED_JSON,
-                Fault.WRONG_TYPES]
+AFTER_COMMIT = [
+    Fault.DROP_AFTER_COMMIT,
+    Fault.HTTP_500_AFTER_COMMIT,
+    Fault.TRUNCATED_JSON,
+    Fault.WRONG_TYPES,
+]
 
 
 @pytest.mark.parametrize("fault", AFTER_COMMIT)
@@ -33,8 +37,10 @@ async def test_failure_after_commit_returns_the_existing_refund(
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-@pytest.mark.parametrize("fault", [Fault.DROP_BEFORE_COMMIT, Fault.HTTP_500, Fault.HTTP_502,
-                                   Fault.HTTP_504, Fault.HTML_502])
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.DROP_BEFORE_COMMIT, Fault.HTTP_500, Fault.HTTP_502, Fault.HTTP_504, Fault.HTML_502],
+)
 async def test_ambiguous_failure_before_commit_is_read_back_then_re_sent(
     client: VioletClient, fake: FakeViolet, fault: Fault
 ) -> None:
@@ -82,9 +88,9 @@ async def test_pre_existing_refund_from_elsewhere_outside_window_is_ignored(
     order_id, bag_id = fake.seeded[0]
     bag = fake.bag(order_id, bag_id)
     fake.store.commit_refund(bag, {"amount_refunded": 100})
-    bag.refunds[-1]["date_created"] = (
-        datetime.now(timezone.utc) - timedelta(hours=1)
-    ).strftime("%Y-%m-%dT%H:%M:%SZ")
+    bag.refunds[-1]["date_created"] = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
     async with make_client(fake, clock) as client:
         fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
         refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
@@ -148,9 +154,7 @@ async def test_cancel_after_commit_is_reconciled(
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-async def test_cancel_before_commit_is_re_sent_once(
-    client: VioletClient, fake: FakeViolet
-) -> None:
+async def test_cancel_before_commit_is_re_sent_once(client: VioletClient, fake: FakeViolet) -> None:
     """A cancel dropped before commit is proven absent and sent again once."""
     order_id, bag_id = fake.seeded[1]
     fake.script("cancel", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
@@ -178,8 +182,7 @@ def _refund(**overrides: object) -> OrderRefund:
 
 def test_matching_rule_fields() -> None:
     """Amount, SKU lines and reason must agree where both sides carry them."""
-    refund = _refund(amount=500, reason="r",
-                     skus=[{"order_sku_id": 1, "quantity_refunded": 2}])
+    refund = _refund(amount=500, reason="r", skus=[{"order_sku_id": 1, "quantity_refunded": 2}])
     assert matches_refund_request(refund, RefundBagRequest())
     assert matches_refund_request(refund, RefundBagRequest(amount_refunded=500, reason="r"))
     assert not matches_refund_request(refund, RefundBagRequest(amount_refunded=501))

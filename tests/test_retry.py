@@ -103,8 +103,15 @@ async def test_happy_path_never_builds_a_tenacity_loop(
 
 @pytest.mark.parametrize(
     "fault",
-    [Fault.HTTP_503, Fault.RATE_LIMIT, Fault.RATE_LIMIT_NO_HEADER, Fault.DROP_BEFORE_COMMIT,
-     Fault.HTML_502, Fault.HTTP_500, Fault.HTTP_504],
+    [
+        Fault.HTTP_503,
+        Fault.RATE_LIMIT,
+        Fault.RATE_LIMIT_NO_HEADER,
+        Fault.DROP_BEFORE_COMMIT,
+        Fault.HTML_502,
+        Fault.HTTP_500,
+        Fault.HTTP_504,
+    ],
 )
 async def test_get_retries_every_transient_failure(
     client: VioletClient, fake: FakeViolet, clock: FakeClock, fault: Fault
@@ -139,7 +146,11 @@ async def test_connection_refused_is_retried(clock: FakeClock) -> None:
     async with FakeViolet() as fake:
         url = fake.base_url
     client = VioletClient(
-        1, "s", token="t", base_url=url, clock=clock,
+        1,
+        "s",
+        token="t",
+        base_url=url,
+        clock=clock,
         retry=RetryPolicy(max_attempts=3, initial_delay=0.1),
     )
     async with client:
@@ -191,8 +202,9 @@ async def test_attempts_are_bounded(fake: FakeViolet, clock: FakeClock) -> None:
 async def test_deadline_is_respected(fake: FakeViolet, clock: FakeClock) -> None:
     """No wait is started that would end past the call's deadline."""
     order_id, bag_id = fake.seeded[0]
-    policy = RetryPolicy(max_attempts=50, initial_delay=1.0, max_delay=1.0, jitter=False,
-                         deadline=3.5)
+    policy = RetryPolicy(
+        max_attempts=50, initial_delay=1.0, max_delay=1.0, jitter=False, deadline=3.5
+    )
     async with make_client(fake, clock, retry=policy) as client:
         fake.script("list_refunds", *[Fault.RATE_LIMIT_NO_HEADER] * 50, bag_id=bag_id)
         with pytest.raises(RateLimitError):
@@ -206,13 +218,18 @@ async def test_deadline_shrinks_the_attempt_timeout(fake: FakeViolet) -> None:
     from violet_async.testing import FaultPlan
 
     slow = FakeViolet(orders=1, faults=FaultPlan(latency=(2.0, 2.0)))
-    async with slow:
-        async with VioletClient(
-            slow.app_id, slow.app_secret, token=slow.issue_token(), base_url=slow.base_url,
+    async with (
+        slow,
+        VioletClient(
+            slow.app_id,
+            slow.app_secret,
+            token=slow.issue_token(),
+            base_url=slow.base_url,
             retry=RetryPolicy(deadline=0.3, max_attempts=1),
-        ) as client:
-            with pytest.raises(APITimeoutError):
-                await client.list_bag_refunds(*slow.seeded[0])
+        ) as client,
+    ):
+        with pytest.raises(APITimeoutError):
+            await client.list_bag_refunds(*slow.seeded[0])
 
 
 async def test_on_retry_hook_and_log(

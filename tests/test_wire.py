@@ -99,7 +99,10 @@ async def test_request_object_form_is_the_same_call(wire: Any, client: VioletCli
     await client.refund_bag(11, 22, RefundBagRequest(amount_refunded=5, reason="r"))
     (call,) = sent(wire, "POST", REFUNDS)
     assert orjson.loads(call.kwargs["data"]) == {
-        "amount_refunded": 5, "reason": "r", "restock_items": False, "notify_customer": False,
+        "amount_refunded": 5,
+        "reason": "r",
+        "restock_items": False,
+        "notify_customer": False,
     }
 
 
@@ -119,7 +122,10 @@ async def test_cancel_sends_spec_defaults(wire: Any, client: VioletClient) -> No
     assert refund.id == 123
     (call,) = sent(wire, "POST", CANCEL)
     assert orjson.loads(call.kwargs["data"]) == {
-        "reason_code": "CUSTOMER", "reason": "x", "restock_items": True, "notify_customer": False,
+        "reason_code": "CUSTOMER",
+        "reason": "x",
+        "restock_items": True,
+        "notify_customer": False,
     }
 
 
@@ -128,12 +134,20 @@ async def test_cancel_202_cancellation_body_returns_the_bags_refund(
 ) -> None:
     """The later-documented 202 body: the matching bag's refund is returned."""
     body = {
-        "order_id": 11, "app_id": 44, "status": "CANCELED", "message": None,
+        "order_id": 11,
+        "app_id": 44,
+        "status": "CANCELED",
+        "message": None,
         "cancelled_bags": [
             {"bag_id": 21, "status": "CANCELED", "refund": refund_body(id=1, bag_id=21)},
-            {"bag_id": 22, "status": "CANCELED", "external_order_id": "x",
-             "originated_by": "APP", "date_cancelled": "2023-11-07T05:31:56Z",
-             "refund": refund_body(id=2)},
+            {
+                "bag_id": 22,
+                "status": "CANCELED",
+                "external_order_id": "x",
+                "originated_by": "APP",
+                "date_cancelled": "2023-11-07T05:31:56Z",
+                "refund": refund_body(id=2),
+            },
         ],
     }
     wire.post(CANCEL, status=202, body=orjson.dumps(body))
@@ -143,8 +157,13 @@ async def test_cancel_202_cancellation_body_returns_the_bags_refund(
 
 async def test_cancel_failure_raises_typed_error(wire: Any, client: VioletClient) -> None:
     """CANCELLATION_FAILURE is a CancellationFailedError carrying the body."""
-    body = {"order_id": 11, "app_id": 44, "status": "CANCELLATION_FAILURE",
-            "cancelled_bags": [], "message": "merchant refused"}
+    body = {
+        "order_id": 11,
+        "app_id": 44,
+        "status": "CANCELLATION_FAILURE",
+        "cancelled_bags": [],
+        "message": "merchant refused",
+    }
     wire.post(CANCEL, status=202, body=orjson.dumps(body))
     with pytest.raises(CancellationFailedError, match="merchant refused") as info:
         await client.cancel_bag(11, 22)
@@ -154,8 +173,10 @@ async def test_cancel_failure_raises_typed_error(wire: Any, client: VioletClient
 
 async def test_cancel_of_another_bag_only_is_a_failure(wire: Any, client: VioletClient) -> None:
     """PARTIALLY_CANCELED without our bag means our bag was not cancelled."""
-    body = {"status": "PARTIALLY_CANCELED",
-            "cancelled_bags": [{"bag_id": 21, "refund": refund_body(bag_id=21)}]}
+    body = {
+        "status": "PARTIALLY_CANCELED",
+        "cancelled_bags": [{"bag_id": 21, "refund": refund_body(bag_id=21)}],
+    }
     wire.post(CANCEL, status=202, body=orjson.dumps(body))
     with pytest.raises(CancellationFailedError, match="not among"):
         await client.cancel_bag(11, 22)
@@ -168,8 +189,12 @@ async def test_cancel_without_refund_object_is_a_format_error(
     body = {"status": "CANCELED", "cancelled_bags": [{"bag_id": 22}]}
     wire.post(CANCEL, status=202, body=orjson.dumps(body))
     wire.get(REFUNDS, status=200, body=b"[]")
-    wire.get(f"{BASE}/orders/11", status=200, body=b'{"bags": [{"id": 22, "status": "CANCELED"}]}',
-             repeat=True)
+    wire.get(
+        f"{BASE}/orders/11",
+        status=200,
+        body=b'{"bags": [{"id": 22, "status": "CANCELED"}]}',
+        repeat=True,
+    )
     wire.get(REFUNDS, status=200, body=b"[]", repeat=True)
     with pytest.raises(violet_async.AmbiguousOutcomeError):
         await client.cancel_bag(11, 22)
@@ -255,8 +280,14 @@ async def test_list_accepts_bare_list_and_content_wrapper(wire: Any, client: Vio
 
 @pytest.mark.parametrize(
     "body",
-    [b"<html>ok</html>", b'{"truncated": ', b'{"content": 5}', b'"just a string"',
-     b'[{"amount": "x"}]', b"\xff\xfe\x00garbage"],
+    [
+        b"<html>ok</html>",
+        b'{"truncated": ',
+        b'{"content": 5}',
+        b'"just a string"',
+        b'[{"amount": "x"}]',
+        b"\xff\xfe\x00garbage",
+    ],
 )
 async def test_malformed_success_bodies_raise_format_error(
     wire: Any, client: VioletClient, body: bytes
@@ -279,18 +310,24 @@ async def test_redirect_is_not_followed(wire: Any, client: VioletClient) -> None
 
 
 bad_ids = st.one_of(
-    st.integers(max_value=0), st.floats(), st.text(max_size=4), st.booleans(), st.none(),
+    st.integers(max_value=0),
+    st.floats(),
+    st.text(max_size=4),
+    st.booleans(),
+    st.none(),
     st.integers(min_value=2**63),
 )
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
-@given(order_id=bad_ids, field=st.sampled_from(["amount_refunded", "reason", "skus"]),
-       value=st.one_of(st.floats(), st.text(min_size=256, max_size=300), st.just([]),
-                       st.integers(max_value=-1)))
-async def test_invalid_input_never_reaches_the_wire(
-    order_id: Any, field: str, value: Any
-) -> None:
+@given(
+    order_id=bad_ids,
+    field=st.sampled_from(["amount_refunded", "reason", "skus"]),
+    value=st.one_of(
+        st.floats(), st.text(min_size=256, max_size=300), st.just([]), st.integers(max_value=-1)
+    ),
+)
+async def test_invalid_input_never_reaches_the_wire(order_id: Any, field: str, value: Any) -> None:
     """Bad ids or fields raise RequestValidationError and nothing is sent."""
     with aioresponses() as mocked:
         async with VioletClient(11, SECRET, token=TOKEN, base_url=BASE) as c:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -24,6 +24,7 @@ from .exceptions import (
     RefundFailedError,
     RequestValidationError,
     ResponseFormatError,
+    VioletError,
     api_error_from_response,
 )
 from .models import (
@@ -378,7 +379,7 @@ class VioletClient:
                 path=path,
                 request_sent=False,
             )
-        token = await shared.auth.token()
+        token = await self._token(shared.auth.token())
         url = shared.base_url + path
         resp = await shared.transport.send(
             method,
@@ -396,7 +397,7 @@ class VioletClient:
                 raise error
             # Violet rejected the token before doing anything: renewing and sending
             # again cannot apply the request twice.
-            token = await shared.auth.expired(token)
+            token = await self._token(shared.auth.expired(token))
             resp = await shared.transport.send(
                 method,
                 url,
@@ -410,6 +411,15 @@ class VioletClient:
                 resp.status, resp.body, resp.headers, method=method, path=path
             )
         return resp
+
+    @staticmethod
+    async def _token(renewal: Awaitable[str]) -> str:
+        """Await a token; a failure to get one was already retried by the auth step."""
+        try:
+            return await renewal
+        except VioletError as exc:
+            exc._retries_spent = True
+            raise
 
     async def _auth_send(
         self, method: str, path: str, body: bytes | None, token: str | None

@@ -68,6 +68,8 @@ class Verdict(enum.Enum):
 
 def classify(exc: BaseException, *, idempotent: bool) -> Verdict:
     """Decide what a failure allows. The table in this module's docstring, as code."""
+    if isinstance(exc, VioletError) and exc._retries_spent:
+        return Verdict.RAISE
     if isinstance(exc, APIConnectionError):
         if not exc.request_sent:
             return Verdict.RETRY

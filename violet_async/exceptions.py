@@ -65,6 +65,10 @@ _BODY_PREVIEW = 200
 class VioletError(Exception):
     """Base class of every error raised by violet_async."""
 
+    #: Set when the failure already went through its own retries (a login inside a
+    #: call): the call around it must not retry it again and multiply the attempts.
+    _retries_spent: bool = False
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

@@ -145,6 +145,12 @@ class FakeViolet:
         """A valid access token, for clients built with ``token=``."""
         return self._mint(lifetime if lifetime is not None else self.token_lifetime)
 
+    def expire_tokens(self) -> None:
+        """Make every access token issued so far expired, server side (the next call
+        with one gets Violet's 401 "Token has expired")."""
+        past = time.time() - 1
+        self._tokens = {token: (past, user) for token, (_, user) in self._tokens.items()}
+
     def issue_refresh_token(self) -> str:
         token = f"rt-{secrets.token_hex(16)}"
         self._refresh_tokens.add(token)
