@@ -92,7 +92,10 @@ class Auth:
         self._now = now
         self._lock = asyncio.Lock()
         self._token = credentials.token
-        self._expires_at = self._expiry_of(credentials.token) if credentials.token else 0.0
+        self._expires_at = 0.0
+        self._renew_at = 0.0
+        if credentials.token:
+            self._schedule(credentials.token)
         self.logins = 0
         self.refreshes = 0
 
@@ -112,8 +115,7 @@ class Auth:
             return False
         if not self.can_renew:
             return True  # a static token is used until Violet says it expired
-        remaining = self._expires_at - self._now()
-        return remaining > self._margin
+        return self._now() < self._renew_at
 
     async def token(self) -> str:
         """A token that is not about to expire; logs in or refreshes when needed."""
@@ -205,7 +207,15 @@ class Auth:
     def _set_token(self, token: str) -> None:
         self._token = token
         self._creds.token = token
+        self._schedule(token)
+
+    def _schedule(self, token: str) -> None:
+        """Renew ``refresh_margin`` before expiry, or at half the remaining life when
+        the token is shorter-lived than twice the margin (tests, short sessions)."""
+        now = self._now()
         self._expires_at = self._expiry_of(token)
+        life = self._expires_at - now
+        self._renew_at = self._expires_at - min(self._margin, max(life, 0.0) / 2)
 
     async def _call(
         self, method: str, path: str, body: bytes | None, token: str | None
