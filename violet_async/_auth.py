@@ -68,6 +68,21 @@ class Credentials:
 AuthSend = Callable[[str, str, bytes | None, str | None], Awaitable[tuple[int, bytes]]]
 
 
+def _auth_error(
+    message: str, *, status: int, method: str, path: str, error_code: int | None = None
+) -> AuthenticationError:
+    # No body or headers: a login answer may echo what was sent.
+    return AuthenticationError(
+        message,
+        status=status,
+        error_code=error_code,
+        body=b"",
+        headers={},
+        method=method,
+        path=path,
+    )
+
+
 def is_token_expired_error(exc: BaseException) -> bool:
     """Violet's 401 for an expired token (``error_code`` 11, "Token has expired")."""
     if not isinstance(exc, AuthenticationError):
@@ -132,15 +147,13 @@ class Auth:
         async with self._lock:
             if self._token == stale:
                 if not self.can_renew:
-                    raise AuthenticationError(
+                    raise _auth_error(
                         "the token has expired and this client cannot renew it: pass "
                         "refresh_token=... or username=/password= (or a new token)",
                         status=401,
-                        error_code=11,
-                        body=b"",
-                        headers={},
                         method="",
                         path="",
+                        error_code=11,
                     )
                 await self._renew()
         return self._token  # type: ignore[return-value]
@@ -159,12 +172,9 @@ class Auth:
 
     async def _login(self) -> None:
         if not (self._creds.username and self._creds.password):
-            raise AuthenticationError(
+            raise _auth_error(
                 "no token and no username/password to log in with",
                 status=401,
-                error_code=None,
-                body=b"",
-                headers={},
                 method="POST",
                 path="/login",
             )
@@ -172,14 +182,8 @@ class Auth:
         data = await self._call("POST", "/login", body, None)
         token, refresh = data.get("token"), data.get("refresh_token")
         if not isinstance(token, str) or not token:
-            raise AuthenticationError(
-                "login answered without a token",
-                status=200,
-                error_code=None,
-                body=b"",
-                headers={},
-                method="POST",
-                path="/login",
+            raise _auth_error(
+                "login answered without a token", status=200, method="POST", path="/login"
             )
         self.logins += 1
         self._set_token(token)
@@ -191,12 +195,9 @@ class Auth:
         data = await self._call("GET", "/auth/token", None, self._creds.refresh_token)
         token = data.get("token")
         if not isinstance(token, str) or not token:
-            raise AuthenticationError(
+            raise _auth_error(
                 "token refresh answered without a token",
                 status=200,
-                error_code=None,
-                body=b"",
-                headers={},
                 method="GET",
                 path="/auth/token",
             )
@@ -226,12 +227,9 @@ class Auth:
         except orjson.JSONDecodeError:
             data = None
         if not isinstance(data, dict):
-            raise AuthenticationError(
+            raise _auth_error(
                 f"{method} {path}: unreadable answer (status {status})",
                 status=status,
-                error_code=None,
-                body=b"",
-                headers={},
                 method=method,
                 path=path,
             )
