@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import subprocess
@@ -67,10 +66,21 @@ class PydRefund(pydantic.BaseModel):
 
 
 def start_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "violet_async", "fake-server", "--port", "0",
-         "--orders", str(ORDERS), "--seed", "1"],
-        stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [
+            sys.executable,
+            "-m",
+            "violet_async",
+            "fake-server",
+            "--port",
+            "0",
+            "--orders",
+            str(ORDERS),
+            "--seed",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     info: dict[str, str] = {}
@@ -92,8 +102,9 @@ class Bags:
         return FIRST_ORDER + k, FIRST_BAG + k
 
 
-async def run_round(call: Callable[[int, int], Awaitable[Any]], bags: Bags, calls: int,
-                    concurrency: int) -> tuple[float, float]:
+async def run_round(
+    call: Callable[[int, int], Awaitable[Any]], bags: Bags, calls: int, concurrency: int
+) -> tuple[float, float]:
     """Returns (wall seconds, client CPU seconds) for ``calls`` calls."""
     remaining = calls
 
@@ -111,22 +122,30 @@ async def run_round(call: Callable[[int, int], Awaitable[Any]], bags: Bags, call
 async def end_to_end(info: dict[str, str], calls: int, rounds: int) -> dict[str, Any]:
     base, app_id, secret = info["base_url"], int(info["app_id"]), info["app_secret"]
     body = orjson.dumps({"amount_refunded": 1})
-    async with aiohttp.ClientSession() as s, s.post(
-        base + "/login",
-        headers={"X-Violet-App-Id": str(app_id), "X-Violet-App-Secret": secret},
-        data=orjson.dumps({"username": info["username"], "password": info["password"]}),
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            base + "/login",
+            headers={"X-Violet-App-Id": str(app_id), "X-Violet-App-Secret": secret},
+            data=orjson.dumps({"username": info["username"], "password": info["password"]}),
+        ) as r,
+    ):
         token = (await r.json())["token"]
-    headers = {"X-Violet-App-Id": str(app_id), "X-Violet-App-Secret": secret,
-               "X-Violet-Token": token, "Content-Type": "application/json"}
+    headers = {
+        "X-Violet-App-Id": str(app_id),
+        "X-Violet-App-Secret": secret,
+        "X-Violet-Token": token,
+        "Content-Type": "application/json",
+    }
     results: dict[str, Any] = {}
     bags = Bags()
     for concurrency in (1, 16, 64):
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-        async with VioletClient(app_id, secret, token=token, base_url=base,
-                                retry=RetryPolicy()) as sdk, \
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as raw, \
-                httpx.AsyncClient(base_url=base, headers=headers, limits=limits) as hx:
+        async with (
+            VioletClient(app_id, secret, token=token, base_url=base, retry=RetryPolicy()) as sdk,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as raw,
+            httpx.AsyncClient(base_url=base, headers=headers, limits=limits) as hx,
+        ):
 
             async def sdk_call(o: int, b: int) -> OrderRefund:
                 return await sdk.refund_bag(o, b, amount_refunded=1)
@@ -150,8 +169,10 @@ async def end_to_end(info: dict[str, str], calls: int, rounds: int) -> dict[str,
                     totals[name][0] += wall
                     totals[name][1] += cpu
         n = calls * rounds
-        row = {name: {"calls_per_s": n / wall, "cpu_us_per_call": cpu / n * 1e6}
-               for name, (wall, cpu) in totals.items()}
+        row = {
+            name: {"calls_per_s": n / wall, "cpu_us_per_call": cpu / n * 1e6}
+            for name, (wall, cpu) in totals.items()
+        }
         row["ratio_sdk_raw"] = row["sdk"]["calls_per_s"] / row["raw"]["calls_per_s"]
         row["ratio_sdk_httpx"] = row["sdk"]["calls_per_s"] / row["httpx"]["calls_per_s"]
         row["cpu_overhead_us"] = row["sdk"]["cpu_us_per_call"] - row["raw"]["cpu_us_per_call"]
@@ -160,18 +181,36 @@ async def end_to_end(info: dict[str, str], calls: int, rounds: int) -> dict[str,
 
 
 def micro() -> dict[str, float]:
-    raw = orjson.dumps({
-        "id": 1, "order_id": 2, "bag_id": 3, "merchant_id": 4, "app_id": 5,
-        "transaction_id": 6, "gateway_transaction_id": "g", "amount": 100,
-        "merchant_transfer_reversal_amount_usd": 90, "developer_transfer_reversal_amount_usd": 10,
-        "merchant_transfer_reversal_amount_platform_currency": 90,
-        "developer_transfer_reversal_amount_platform_currency": 10, "reason": "r",
-        "reason_code": "OTHER", "refund_currency": "USD", "platform_currency": "USD",
-        "status": "COMPLETED", "skus": [{"id": 1, "refund_id": 1, "bag_id": 3,
-                                          "order_sku_id": 9, "quantity_refunded": 1}],
-        "date_created": "2023-11-07T05:31:56Z", "date_last_modified": "2023-11-07T05:31:56Z",
-        "external_id": "e", "errors": [], "shipping": None, "tax_amount": None,
-    })
+    raw = orjson.dumps(
+        {
+            "id": 1,
+            "order_id": 2,
+            "bag_id": 3,
+            "merchant_id": 4,
+            "app_id": 5,
+            "transaction_id": 6,
+            "gateway_transaction_id": "g",
+            "amount": 100,
+            "merchant_transfer_reversal_amount_usd": 90,
+            "developer_transfer_reversal_amount_usd": 10,
+            "merchant_transfer_reversal_amount_platform_currency": 90,
+            "developer_transfer_reversal_amount_platform_currency": 10,
+            "reason": "r",
+            "reason_code": "OTHER",
+            "refund_currency": "USD",
+            "platform_currency": "USD",
+            "status": "COMPLETED",
+            "skus": [
+                {"id": 1, "refund_id": 1, "bag_id": 3, "order_sku_id": 9, "quantity_refunded": 1}
+            ],
+            "date_created": "2023-11-07T05:31:56Z",
+            "date_last_modified": "2023-11-07T05:31:56Z",
+            "external_id": "e",
+            "errors": [],
+            "shipping": None,
+            "tax_amount": None,
+        }
+    )
     n = 20_000
 
     def per_call(fn: Callable[[], object]) -> float:
@@ -218,22 +257,32 @@ def main() -> None:
         proc.terminate()
         proc.wait()
     figures = micro()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-              f"Python {platform.python_version()}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
     print(f"machine: {machine}")
-    print(f"{'conc':>5} {'sdk/s':>9} {'raw/s':>9} {'httpx/s':>9} {'sdk/raw':>8} "
-          f"{'sdk/httpx':>9} {'cpu sdk':>8} {'cpu raw':>8} {'cpu httpx':>9} {'overhead':>9}")
+    print(
+        f"{'conc':>5} {'sdk/s':>9} {'raw/s':>9} {'httpx/s':>9} {'sdk/raw':>8} "
+        f"{'sdk/httpx':>9} {'cpu sdk':>8} {'cpu raw':>8} {'cpu httpx':>9} {'overhead':>9}"
+    )
     for key, row in e2e.items():
-        print(f"{key[1:]:>5} {row['sdk']['calls_per_s']:>9.0f} {row['raw']['calls_per_s']:>9.0f} "
-              f"{row['httpx']['calls_per_s']:>9.0f} {row['ratio_sdk_raw']:>7.2f}x "
-              f"{row['ratio_sdk_httpx']:>8.2f}x {row['sdk']['cpu_us_per_call']:>7.0f}µ "
-              f"{row['raw']['cpu_us_per_call']:>7.0f}µ {row['httpx']['cpu_us_per_call']:>8.0f}µ "
-              f"{row['cpu_overhead_us']:>8.1f}µ")
+        print(
+            f"{key[1:]:>5} {row['sdk']['calls_per_s']:>9.0f} {row['raw']['calls_per_s']:>9.0f} "
+            f"{row['httpx']['calls_per_s']:>9.0f} {row['ratio_sdk_raw']:>7.2f}x "
+            f"{row['ratio_sdk_httpx']:>8.2f}x {row['sdk']['cpu_us_per_call']:>7.0f}µ "
+            f"{row['raw']['cpu_us_per_call']:>7.0f}µ {row['httpx']['cpu_us_per_call']:>8.0f}µ "
+            f"{row['cpu_overhead_us']:>8.1f}µ"
+        )
     for name, value in figures.items():
         print(f"{name:<40} {value:8.2f} µs")
     with open(args.json, "wb") as out:
-        out.write(orjson.dumps({"machine": machine, "end_to_end": e2e, "micro": figures},
-                               option=orjson.OPT_INDENT_2))
+        out.write(
+            orjson.dumps(
+                {"machine": machine, "end_to_end": e2e, "micro": figures},
+                option=orjson.OPT_INDENT_2,
+            )
+        )
 
 
 if __name__ == "__main__":

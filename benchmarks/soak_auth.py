@@ -22,7 +22,10 @@ async def soak(seconds: float, lifetime: float, concurrency: int) -> int:
     calls = 0
     async with FakeViolet(orders=200, seed=2, token_lifetime=lifetime) as fake:
         async with VioletClient(
-            fake.app_id, fake.app_secret, username=fake.username, password=fake.password,
+            fake.app_id,
+            fake.app_secret,
+            username=fake.username,
+            password=fake.password,
             base_url=fake.base_url,
         ) as client:
             stop = time.monotonic() + seconds
@@ -51,9 +54,11 @@ async def soak(seconds: float, lifetime: float, concurrency: int) -> int:
         expected = seconds / (lifetime / 2)
         print(f"{seconds:.0f}s, token lifetime {lifetime}s, concurrency {concurrency}")
         print(f"calls {calls}, failed {sum(failures.values())} {dict(failures)}")
-        print(f"logins {ledger.logins}, refreshes {ledger.refreshes} "
-              f"(client counted {auth.logins} / {auth.refreshes}); about {expected:.0f} "
-              f"renewals expected at half-life; tokens minted {tokens_minted}")
+        print(
+            f"logins {ledger.logins}, refreshes {ledger.refreshes} "
+            f"(client counted {auth.logins} / {auth.refreshes}); about {expected:.0f} "
+            f"renewals expected at half-life; tokens minted {tokens_minted}"
+        )
         ok = not failures and ledger.logins == 1 and ledger.refreshes <= expected * 1.05 + 2
         print("OK" if ok else "FAILED")
         return 0 if ok else 1

@@ -17,8 +17,11 @@ def test_demo_runs_and_reports_no_double_refunds(capsys: pytest.CaptureFixture[s
     assert main(["demo", "--bags", "60", "--concurrency", "8", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "bags refunded twice (ledger)" in out
-    assert "refund ok" in out
-    assert "cancel ok" in out
+    assert "refund succeeded" in out
+    assert "cancel succeeded" in out
+    assert "journal lines (fsynced)" in out
+    retries = next(line for line in out.splitlines() if line.strip().startswith("retries"))
+    assert int(retries.split()[1]) > 0  # the caller's on_retry hook saw the retries
     twice = next(line for line in out.splitlines() if "refunded twice" in line)
     assert twice.split()[-1] == "0"
 

@@ -47,6 +47,7 @@ def test_all_is_sorted() -> None:
 def test_all_is_complete_and_importable() -> None:
     """Every public name of the module is in __all__ and every entry exists."""
     public = {n for n in dir(violet_async) if not n.startswith("_")} - {
+        "batch",
         "exceptions",
         "models",
         "testing",

@@ -1,4 +1,4 @@
-"""``violet-async demo | fake-server``."""
+"""``violet-async demo | refund FILE | cancel FILE | fake-server``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import contextlib
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from . import _batch_cli
 from ._demo import run_demo
 from .testing import FakeViolet, FaultPlan
 
@@ -59,6 +61,36 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--faults", choices=("none", "moderate", "chaos"), default="moderate")
 
+    for kind in ("refund", "cancel"):
+        batch = sub.add_parser(
+            kind,
+            help=f"{kind} every bag listed in FILE (CSV with a header, or JSON lines)",
+            description=_batch_cli.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        batch.add_argument("file", type=Path)
+        batch.add_argument("--concurrency", type=int, default=16)
+        batch.add_argument("--rate", type=float, default=None, help="max requests per second")
+        batch.add_argument(
+            "--journal",
+            type=Path,
+            default=None,
+            help="journal path (default: FILE.<command>.journal.jsonl)",
+        )
+        batch.add_argument("--output", type=Path, default=None, help="results as JSON lines")
+        batch.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="validate every row and print the plan; send nothing",
+        )
+        batch.add_argument(
+            "--retry-failed",
+            action="store_true",
+            help="send again the items a previous run recorded as failed",
+        )
+        batch.add_argument("--env", choices=("sandbox", "production"), default=None)
+        batch.add_argument("--base-url", default=None)
+
     serve = sub.add_parser("fake-server", help="run FakeViolet on 127.0.0.1 until Ctrl-C")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--orders", type=int, default=1000)
@@ -70,12 +102,40 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         if args.bags < 1 or args.concurrency < 1:
             print("violet-async: --bags and --concurrency must be >= 1", file=sys.stderr)
             return 2
         return asyncio.run(run_demo(args.bags, args.concurrency, args.seed, args.faults))
+    if args.command in ("refund", "cancel"):
+        if args.concurrency < 1 or (args.rate is not None and args.rate <= 0):
+            print("violet-async: --concurrency and --rate must be positive", file=sys.stderr)
+            return 2
+        return asyncio.run(
+            _batch_cli.run_file(
+                args.command,
+                args.file,
+                _batch_cli.BatchOptions(
+                    concurrency=args.concurrency,
+                    rate=args.rate,
+                    journal=args.journal,
+                    output=args.output,
+                    dry_run=args.dry_run,
+                    retry_failed=args.retry_failed,
+                    environment=args.env,
+                    base_url=args.base_url,
+                ),
+            )
+        )
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_serve(args))
     return 130  # pragma: no cover - only when the signal lands before the handler

@@ -275,8 +275,20 @@ class VioletClient:
             "notify_customer": notify_customer,
         }
         req = _request_from(RefundBagRequest, request, fields)
+        return await self._refund(order_id, bag_id, req)
+
+    async def _refund(
+        self,
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest,
+        *,
+        resume_sent_at: float | None = None,
+    ) -> OrderRefund:
         path = self._bag_path(order_id, bag_id, "refunds")
-        refund = await self._post(path, req, bag_id, order_id, self._parse_refund)
+        refund = await self._post(
+            path, req, bag_id, order_id, self._parse_refund, resume_sent_at=resume_sent_at
+        )
         if refund.status is RefundStatus.FAILED:
             raise RefundFailedError(
                 f"refund {refund.id} on bag {bag_id} failed: "
@@ -307,12 +319,22 @@ class VioletClient:
             "notify_customer": notify_customer,
         }
         req = _request_from(CancelBagRequest, request, fields)
+        return await self._cancel(order_id, bag_id, req)
+
+    async def _cancel(
+        self,
+        order_id: int,
+        bag_id: int,
+        req: CancelBagRequest,
+        *,
+        resume_sent_at: float | None = None,
+    ) -> OrderRefund:
         path = self._bag_path(order_id, bag_id, "cancel")
 
         def parse(resp: RawResponse, p: str) -> OrderRefund:
             return self._parse_cancel(resp, p, bag_id)
 
-        return await self._post(path, req, bag_id, order_id, parse)
+        return await self._post(path, req, bag_id, order_id, parse, resume_sent_at=resume_sent_at)
 
     async def list_bag_refunds(self, order_id: int, bag_id: int) -> list[OrderRefund]:
         """Every refund on a bag (a bare list or a ``{"content": [...]}`` page)."""
@@ -343,6 +365,8 @@ class VioletClient:
         bag_id: int,
         order_id: int,
         parse: Callable[[RawResponse, str], OrderRefund],
+        *,
+        resume_sent_at: float | None = None,
     ) -> OrderRefund:
         body = encode_request(request)
 
@@ -362,7 +386,12 @@ class VioletClient:
             read_bag_status=lambda: self._read_bag_status(order_id, bag_id),
         )
         refund: OrderRefund = await self._retrier().run(
-            send, idempotent=False, method="POST", path=path, reconcile=reconcile
+            send,
+            idempotent=False,
+            method="POST",
+            path=path,
+            reconcile=reconcile,
+            resume_sent_at=resume_sent_at,
         )
         shared.known_refunds.add(refund.id)
         return refund

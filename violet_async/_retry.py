@@ -233,7 +233,7 @@ class Retrier:
     async def _send(self, send: Callable[[float | None], Awaitable[T]], state: CallState) -> T:
         remaining = self._remaining(state)
         state.attempts += 1
-        if state.attempts == 1:
+        if not state.sent_at_wall:
             state.sent_at_wall = time.time()
         return await send(remaining)
 
@@ -245,12 +245,23 @@ class Retrier:
         method: str,
         path: str,
         reconcile: ReconcileFn | None = None,
+        resume_sent_at: float | None = None,
     ) -> T:
+        """Run one call. ``resume_sent_at`` (wall time) says an earlier process may have
+        sent this request then: the bag is read back before anything is sent."""
         policy = self.policy
         now = self.clock.monotonic()
         state = CallState(
             started=now, deadline=None if policy.deadline is None else now + policy.deadline
         )
+        if resume_sent_at is not None and reconcile is not None:
+            state.sent_at_wall = resume_sent_at
+            outcome = await reconcile(
+                VioletError("an earlier run sent this request and stopped before its answer"),
+                state,
+            )
+            if outcome is not RESEND:
+                return outcome  # type: ignore[no-any-return]
         try:
             return await self._send(send, state)
         except VioletError as exc:
