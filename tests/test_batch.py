@@ -250,3 +250,12 @@ async def test_chaos_batch_one_refund_per_item(tmp_path: Path) -> None:
     assert len(last) == 1000
     assert set(last.values()) <= {"done", "failed", "unknown"}
     assert outcomes.count("succeeded") > 900
+
+
+async def test_lines_must_increase(client: VioletClient, fake: FakeViolet) -> None:
+    """A repeated line number is refused before it can be sent twice."""
+    (o, b) = fake.seeded[0]
+    items = [BatchItem.refund(1, o, b), BatchItem.refund(1, o, b)]
+    with pytest.raises(ValueError, match="must increase"):
+        _ = [r async for r in run_batch(client, items)]
+    assert fake.ledger.total_refunds <= 1

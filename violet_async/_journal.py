@@ -54,6 +54,7 @@ class Journal:
     def __init__(self, path: Path, entries: dict[int, JournalEntry], fd: int) -> None:
         self.path = path
         self._entries = entries
+        self._in_flight: dict[int, float] = {}
         self._fd = fd
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -95,22 +96,22 @@ class Journal:
     async def record(self, line: int, key: str, state: str, **fields: Any) -> None:
         """Append a state change and return once it is on disk."""
         now = time.time()
-        previous = self._entries.get(line)
-        first_sent = previous.first_sent if previous is not None else None
+        first_sent = self._in_flight.get(line)
+        if first_sent is None:
+            previous = self._entries.get(line)
+            first_sent = previous.first_sent if previous is not None else None
         if state == "sent" and first_sent is None:
             first_sent = now
         record = {"key": key, "line": line, "state": state, "ts": now, **fields}
         if first_sent is not None:
             record["first_sent"] = first_sent
         await self._append(record)
-        self._entries[line] = JournalEntry(
-            key=key,
-            state=state,
-            ts=now,
-            first_sent=first_sent,
-            refund_id=fields.get("refund_id"),
-            error=fields.get("error"),
-        )
+        # Only what resume needs stays in memory: entries read from disk at open, and
+        # the first send time of items in flight. A long run's memory stays flat.
+        if state == "sent":
+            self._in_flight[line] = first_sent  # type: ignore[assignment]
+        else:
+            self._in_flight.pop(line, None)
 
     async def _append(self, record: dict[str, Any]) -> None:
         if self._closed:

@@ -42,8 +42,9 @@ Outcome = Literal["succeeded", "failed", "unknown", "already_done", "already_fai
 
 @attrs.frozen
 class BatchItem:
-    """One refund or cancel of a batch. ``line`` numbers the item in its input; with
-    the order, bag and amount it makes the ``key`` the journal resumes by."""
+    """One refund or cancel of a batch. ``line`` numbers the item in its input (lines
+    must increase through a batch); with the order, bag and amount it makes the ``key``
+    the journal resumes by."""
 
     line: int
     kind: Kind
@@ -242,10 +243,17 @@ class _Runner:
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
+        last_line = None
         try:
             async for item in _aiter(items):
                 if self._stopping():
                     break
+                # Lines key the journal: a repeated line could send the same item twice.
+                if last_line is not None and item.line <= last_line:
+                    raise ValueError(
+                        f"batch item lines must increase: line {item.line} after {last_line}"
+                    )
+                last_line = item.line
                 prior = self.log.entry(item.line, item.key) if self.log is not None else None
                 skipped = _skip(item, prior, retry_failed=self.retry_failed)
                 if skipped is not None:
