@@ -15,7 +15,7 @@ import attrs
 from ._auth import Auth, Credentials, is_token_expired_error
 from ._converter import decode, encode_request, structure
 from ._reconcile import KnownRefunds, Reconciler
-from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
+from ._retry import SYSTEM_CLOCK, CallState, Clock, Retrier, RetryHook, RetryPolicy
 from ._transport import USER_AGENT, RawResponse, Timeouts, Transport
 from .exceptions import (
     APITimeoutError,
@@ -95,6 +95,14 @@ class _Shared:
     headers: dict[str, str]
     known_refunds: KnownRefunds
     clock: Clock
+    _token_headers: tuple[str, dict[str, str]] | None = None
+
+    def headers_for(self, token: str) -> dict[str, str]:
+        """The request headers with ``token``, built once per token."""
+        cached = self._token_headers
+        if cached is None or cached[0] != token:
+            cached = self._token_headers = (token, {**self.headers, "X-Violet-Token": token})
+        return cached[1]
 
 
 class VioletClient:
@@ -149,6 +157,7 @@ class VioletClient:
         self._retry = retry if retry is not None else RetryPolicy()
         self._timeouts = timeouts if timeouts is not None else Timeouts()
         self._on_retry = on_retry
+        self._retrier_cache: Retrier | None = None
         self._shared = _Shared(
             base_url=url,
             transport=transport,
@@ -214,6 +223,7 @@ class VioletClient:
         clone._retry = self._retry if isinstance(retry, _Unset) else retry
         clone._timeouts = self._timeouts if isinstance(timeouts, _Unset) else timeouts
         clone._on_retry = self._on_retry if isinstance(on_retry, _Unset) else on_retry
+        clone._retrier_cache = None
         return clone
 
     def __repr__(self) -> str:
@@ -349,7 +359,11 @@ class VioletClient:
         return f"/orders/{order_id}/bags/{bag_id}/{action}"
 
     def _retrier(self) -> Retrier:
-        return Retrier(self._retry, self._shared.clock, self._on_retry)
+        # One per client (its settings are fixed), built on first use.
+        retrier = self._retrier_cache
+        if retrier is None:
+            retrier = self._retrier_cache = Retrier(self._retry, self._shared.clock, self._on_retry)
+        return retrier
 
     async def _get(self, path: str, parse: Callable[[RawResponse, str], T]) -> T:
         async def send(remaining: float | None) -> T:
@@ -376,15 +390,23 @@ class VioletClient:
             return refund
 
         shared = self._shared
-        reconcile = Reconciler(
-            bag_id=bag_id,
-            request=request,
-            read_refunds=lambda: self.list_bag_refunds(order_id, bag_id),
-            known=shared.known_refunds,
-            policy=self._retry,
-            clock=shared.clock,
-            read_bag_status=lambda: self._read_bag_status(order_id, bag_id),
-        )
+        reconciler: Reconciler | None = None
+
+        async def reconcile(failure: VioletError, state: CallState) -> object:
+            # Built on the first ambiguous failure only: the happy path never pays.
+            nonlocal reconciler
+            if reconciler is None:
+                reconciler = Reconciler(
+                    bag_id=bag_id,
+                    request=request,
+                    read_refunds=lambda: self.list_bag_refunds(order_id, bag_id),
+                    known=shared.known_refunds,
+                    policy=self._retry,
+                    clock=shared.clock,
+                    read_bag_status=lambda: self._read_bag_status(order_id, bag_id),
+                )
+            return await reconciler(failure, state)
+
         refund: OrderRefund = await self._retrier().run(
             send,
             idempotent=False,
@@ -413,7 +435,7 @@ class VioletClient:
         resp = await shared.transport.send(
             method,
             url,
-            headers={**shared.headers, "X-Violet-Token": token},
+            headers=shared.headers_for(token),
             body=body,
             timeouts=self._timeouts,
             deadline=remaining,
@@ -430,7 +452,7 @@ class VioletClient:
             resp = await shared.transport.send(
                 method,
                 url,
-                headers={**shared.headers, "X-Violet-Token": token},
+                headers=shared.headers_for(token),
                 body=body,
                 timeouts=self._timeouts,
                 deadline=remaining,

@@ -5,6 +5,7 @@ request may have reached the server (the fact retry safety rests on)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 
 import aiohttp
@@ -34,13 +35,16 @@ class Timeouts:
     platform, which can be slow)."""
 
 
-@attrs.frozen
 class RawResponse:
-    """What came back: status, headers, and the whole body."""
+    """What came back: status, headers, and the whole body. (A slotted class rather
+    than attrs: one is built per request, on the hot path.)"""
 
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
 
 
 # Raised before any byte of the request could reach the server.
@@ -104,9 +108,7 @@ class Transport:
     ) -> RawResponse:
         """Send one request. ``deadline`` (seconds left in the call) caps the attempt."""
         session = self._open_session()
-        timeout = aiohttp.ClientTimeout(
-            total=deadline, connect=timeouts.connect, sock_read=timeouts.read
-        )
+        timeout = _client_timeout(timeouts, deadline)
         try:
             async with session.request(
                 method,
@@ -147,6 +149,13 @@ class Transport:
             raise ClientClosedError(
                 f"{method} {_path_of(url)}: the aiohttp session is closed"
             ) from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(timeouts: Timeouts, deadline: float | None) -> aiohttp.ClientTimeout:
+    # Cached: a first attempt's deadline is the policy's whole deadline, the same
+    # number every call, so the common case builds nothing.
+    return aiohttp.ClientTimeout(total=deadline, connect=timeouts.connect, sock_read=timeouts.read)
 
 
 def _path_of(url: str) -> str:

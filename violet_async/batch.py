@@ -248,12 +248,7 @@ class _Runner:
             async for item in _aiter(items):
                 if self._stopping():
                     break
-                # Lines key the journal: a repeated line could send the same item twice.
-                if last_line is not None and item.line <= last_line:
-                    raise ValueError(
-                        f"batch item lines must increase: line {item.line} after {last_line}"
-                    )
-                last_line = item.line
+                last_line = _check_increasing(last_line, item.line)
                 prior = self.log.entry(item.line, item.key) if self.log is not None else None
                 skipped = _skip(item, prior, retry_failed=self.retry_failed)
                 if skipped is not None:
@@ -275,6 +270,13 @@ class _Runner:
             await self.results.put(exc)
             return
         await self.results.put(_END)
+
+
+def _check_increasing(last: int | None, line: int) -> int:
+    # Lines key the journal: a repeated line could send the same item twice.
+    if last is not None and line <= last:
+        raise ValueError(f"batch item lines must increase: line {line} after {last}")
+    return line
 
 
 def _skip(item: BatchItem, prior: JournalEntry | None, *, retry_failed: bool) -> BatchResult | None:
