@@ -198,15 +198,17 @@ class RESEND:
 ReconcileFn = Callable[[VioletError, "CallState"], Awaitable[Any]]
 
 
-@attrs.define
 class CallState:
-    """Book-keeping of one call across its attempts."""
+    """Book-keeping of one call across its attempts (slotted: one per call)."""
 
-    started: float
-    deadline: float | None
-    attempts: int = 0
-    read_backs: int = 0
-    sent_at_wall: float = 0.0
+    __slots__ = ("attempts", "deadline", "read_backs", "sent_at_wall", "started")
+
+    def __init__(self, started: float, deadline: float | None) -> None:
+        self.started = started
+        self.deadline = deadline
+        self.attempts = 0
+        self.read_backs = 0
+        self.sent_at_wall = 0.0
 
 
 class _Again(Exception):
@@ -262,8 +264,12 @@ class Retrier:
             )
             if outcome is not RESEND:
                 return outcome  # type: ignore[no-any-return]
+        # The first attempt, inline: no tenacity, no extra coroutine frame.
+        state.attempts = 1
+        if not state.sent_at_wall:
+            state.sent_at_wall = time.time()
         try:
-            return await self._send(send, state)
+            return await send(state.deadline - now if state.deadline is not None else None)
         except VioletError as exc:
             failure = exc
         return await self._recover(
