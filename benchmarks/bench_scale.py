@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_refund import FIRST_BAG, FIRST_ORDER, ORDERS, start_server  # noqa: E402
+from bench_refund import FIRST_BAG, FIRST_ORDER, ORDERS, start_server
 
-from violet_async import RefundBagRequest, VioletClient  # noqa: E402
-from violet_async.batch import BatchItem, run_batch  # noqa: E402
-from violet_async.testing import FakeViolet  # noqa: E402
+from violet_async import RefundBagRequest, VioletClient
+from violet_async.batch import BatchItem, run_batch
+from violet_async.testing import FakeViolet
 
 
 def peak_rss_mb() -> float:
