@@ -42,34 +42,50 @@ async def batch(info: dict[str, str], count: int, concurrency: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         journal = Path(scratch) / "scale.jsonl"
         async with VioletClient(
-            int(info["app_id"]), info["app_secret"], username=info["username"],
-            password=info["password"], base_url=info["base_url"],
+            int(info["app_id"]),
+            info["app_secret"],
+            username=info["username"],
+            password=info["password"],
+            base_url=info["base_url"],
         ) as client:
             started = time.perf_counter()
-            async for result in run_batch(client, items(count), concurrency=concurrency,
-                                          journal=journal):
+            async for result in run_batch(
+                client, items(count), concurrency=concurrency, journal=journal
+            ):
                 outcomes[result.outcome] += 1
             elapsed = time.perf_counter() - started
         journal_mb = journal.stat().st_size / 1e6
-    print(f"batch: {count} items, concurrency {concurrency}: {elapsed:.1f}s, "
-          f"{count / elapsed:.0f} items/s, outcomes {dict(outcomes)}")
-    print(f"batch: peak RSS {peak_rss_mb():.0f} MB (before the batch {before:.0f} MB), "
-          f"journal {journal_mb:.1f} MB")
+    print(
+        f"batch: {count} items, concurrency {concurrency}: {elapsed:.1f}s, "
+        f"{count / elapsed:.0f} items/s, outcomes {dict(outcomes)}"
+    )
+    print(
+        f"batch: peak RSS {peak_rss_mb():.0f} MB (before the batch {before:.0f} MB), "
+        f"journal {journal_mb:.1f} MB"
+    )
 
 
 async def refresh_storm() -> None:
     async with FakeViolet(orders=10, token_lifetime=2.0) as fake:
-        async with VioletClient(fake.app_id, fake.app_secret, username=fake.username,
-                                password=fake.password, base_url=fake.base_url) as client:
+        async with VioletClient(
+            fake.app_id,
+            fake.app_secret,
+            username=fake.username,
+            password=fake.password,
+            base_url=fake.base_url,
+        ) as client:
             await client.list_bag_refunds(*fake.seeded[0])
             await asyncio.sleep(1.05)  # past half-life: the next call renews
             fake.token_lifetime = 3600.0
             started = time.perf_counter()
-            await asyncio.gather(*(client.list_bag_refunds(*fake.seeded[i % 10])
-                                   for i in range(1000)))
+            await asyncio.gather(
+                *(client.list_bag_refunds(*fake.seeded[i % 10]) for i in range(1000))
+            )
             elapsed = time.perf_counter() - started
-        print(f"refresh: 1,000 concurrent calls over an expiring token: {elapsed:.2f}s, "
-              f"logins {fake.ledger.logins}, refreshes {fake.ledger.refreshes}")
+        print(
+            f"refresh: 1,000 concurrent calls over an expiring token: {elapsed:.2f}s, "
+            f"logins {fake.ledger.logins}, refreshes {fake.ledger.refreshes}"
+        )
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ def test_all_is_complete_and_importable() -> None:
         "exceptions",
         "models",
         "testing",
+        "webhooks",
     }
     assert public <= set(violet_async.__all__)
     for name in violet_async.__all__:

@@ -13,25 +13,24 @@ import aiohttp
 import attrs
 
 from ._auth import Auth, Credentials, is_token_expired_error
-from ._converter import decode, encode_request, structure
+from ._converter import encode_request
 from ._reconcile import KnownRefunds, Reconciler
+from ._responses import parse_cancel, parse_order, parse_refund, parse_refund_list
 from ._retry import SYSTEM_CLOCK, CallState, Clock, Retrier, RetryHook, RetryPolicy
 from ._transport import USER_AGENT, RawResponse, Timeouts, Transport
 from .exceptions import (
     APITimeoutError,
     AuthenticationError,
-    CancellationFailedError,
     RefundFailedError,
+    RefundWaitTimeoutError,
     RequestValidationError,
-    ResponseFormatError,
     VioletError,
     api_error_from_response,
 )
 from .models import (
     BagStatus,
     CancelBagRequest,
-    CancelStatus,
-    OrderCancellation,
+    Order,
     OrderRefund,
     ReasonCode,
     RefundBagRequest,
@@ -297,7 +296,7 @@ class VioletClient:
     ) -> OrderRefund:
         path = self._bag_path(order_id, bag_id, "refunds")
         refund = await self._post(
-            path, req, bag_id, order_id, self._parse_refund, resume_sent_at=resume_sent_at
+            path, req, bag_id, order_id, parse_refund, resume_sent_at=resume_sent_at
         )
         if refund.status is RefundStatus.FAILED:
             raise RefundFailedError(
@@ -342,14 +341,57 @@ class VioletClient:
         path = self._bag_path(order_id, bag_id, "cancel")
 
         def parse(resp: RawResponse, p: str) -> OrderRefund:
-            return self._parse_cancel(resp, p, bag_id)
+            return parse_cancel(resp, p, bag_id)
 
         return await self._post(path, req, bag_id, order_id, parse, resume_sent_at=resume_sent_at)
 
     async def list_bag_refunds(self, order_id: int, bag_id: int) -> list[OrderRefund]:
         """Every refund on a bag (a bare list or a ``{"content": [...]}`` page)."""
         path = self._bag_path(order_id, bag_id, "refunds")
-        return await self._get(path, self._parse_refund_list)
+        return await self._get(path, parse_refund_list)
+
+    async def get_order(self, order_id: int) -> Order:
+        """The order with its bags (``GET /orders/{order_id}``)."""
+        check_id("order_id", order_id)
+        return await self._get(f"/orders/{order_id}", parse_order)
+
+    async def wait_for_refund(
+        self,
+        order_id: int,
+        bag_id: int,
+        refund_id: int,
+        *,
+        timeout: float = 300.0,
+        poll_interval: float = 1.0,
+        max_interval: float = 15.0,
+    ) -> OrderRefund:
+        """Poll the bag's refunds until ``refund_id`` reaches a terminal status.
+
+        Waits ``poll_interval`` seconds, doubling up to ``max_interval``. Returns the
+        final refund (a FAILED one is returned, not raised: check ``status``). Raises
+        ``RefundWaitTimeoutError`` carrying the last state seen after ``timeout``.
+        """
+        check_id("refund_id", refund_id)
+        if timeout <= 0 or poll_interval <= 0:
+            raise RequestValidationError("timeout", "timeout and poll_interval must be > 0")
+        clock = self._shared.clock
+        deadline = clock.monotonic() + timeout
+        interval = poll_interval
+        last: OrderRefund | None = None
+        while True:
+            refunds = await self.list_bag_refunds(order_id, bag_id)
+            last = next((r for r in refunds if r.id == refund_id), last)
+            if last is not None and last.status is not None and last.status.is_terminal:
+                return last
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                state = "not found" if last is None else f"still {last.status}"
+                raise RefundWaitTimeoutError(
+                    f"refund {refund_id} on bag {bag_id} is {state} after {timeout:g}s",
+                    refund=last,
+                )
+            await clock.sleep(min(interval, remaining))
+            interval = min(interval * 2, max_interval)
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -512,87 +554,10 @@ class VioletClient:
         )
         return result
 
-    def _parse_refund(self, resp: RawResponse, path: str) -> OrderRefund:
-        data = decode(resp.body, status=resp.status, method="POST", path=path)
-        return structure(
-            data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
-        )
-
-    def _parse_refund_list(self, resp: RawResponse, path: str) -> list[OrderRefund]:
-        data = decode(resp.body, status=resp.status, method="GET", path=path)
-        if isinstance(data, dict) and "content" in data:
-            data = data["content"]
-        if not isinstance(data, list):
-            raise ResponseFormatError(
-                f"GET {path}: expected a list of refunds, got {type(data).__name__}",
-                body=resp.body,
-                status=resp.status,
-                field="$",
-                method="GET",
-                path=path,
-            )
-        refunds: list[OrderRefund] = structure(
-            data, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
-        )
-        return refunds
-
-    def _parse_cancel(self, resp: RawResponse, path: str, bag_id: int) -> OrderRefund:
-        data = decode(resp.body, status=resp.status, method="POST", path=path)
-        if not ((isinstance(data, dict) and "cancelled_bags" in data) or _is_cancel_status(data)):
-            return structure(
-                data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
-            )
-        result = structure(
-            data, OrderCancellation, body=resp.body, status=resp.status, method="POST", path=path
-        )
-        if result.status is CancelStatus.CANCELLATION_FAILURE:
-            raise CancellationFailedError(
-                f"bag {bag_id} was not cancelled: {result.message or 'CANCELLATION_FAILURE'}",
-                status=str(result.status),
-                body=resp.body,
-            )
-        for bag in result.cancelled_bags:
-            if bag.bag_id == bag_id:
-                if bag.refund is None:
-                    raise ResponseFormatError(
-                        f"POST {path}: bag {bag_id} is cancelled but no refund was returned",
-                        body=resp.body,
-                        status=resp.status,
-                        field="$.cancelled_bags.refund",
-                        method="POST",
-                        path=path,
-                    )
-                return bag.refund
-        raise CancellationFailedError(
-            f"bag {bag_id} is not among the cancelled bags ({result.status})",
-            status=str(result.status),
-            body=resp.body,
-        )
-
     async def _read_bag_status(self, order_id: int, bag_id: int) -> BagStatus | None:
-        """Bag status from ``GET /orders/{id}``, read leniently (used by reconciliation)."""
-        path = f"/orders/{order_id}"
-
-        def parse(resp: RawResponse, p: str) -> BagStatus | None:
-            data = decode(resp.body, status=resp.status, method="GET", path=p)
-            bags = data.get("bags") if isinstance(data, dict) else None
-            for bag in bags if isinstance(bags, list) else ():
-                if isinstance(bag, dict) and bag.get("id") == bag_id:
-                    status = bag.get("status")
-                    return BagStatus(status) if isinstance(status, str) else None
-            return None
-
-        result: BagStatus | None = await self._get(path, parse)
-        return result
-
-
-def _is_cancel_status(data: Any) -> bool:
-    return (
-        isinstance(data, dict)
-        and "amount" not in data
-        and isinstance(data.get("status"), str)
-        and CancelStatus(data["status"]).is_known
-    )
+        """The bag's status, for cancel reconciliation."""
+        bag = (await self.get_order(order_id)).bag(bag_id)
+        return bag.status if bag is not None else None
 
 
 R = TypeVar("R", RefundBagRequest, CancelBagRequest)

@@ -26,8 +26,11 @@ from .models import (
     BagStatus,
     CancelBagRequest,
     CancelStatus,
+    Order,
+    OrderBag,
     OrderCancellation,
     OrderRefund,
+    OrderSku,
     ReasonCode,
     RefundBagRequest,
     RefundedSku,
@@ -52,6 +55,9 @@ _RESPONSE_TYPES = frozenset(
         RefundShipping,
         BagCancellation,
         OrderCancellation,
+        Order,
+        OrderBag,
+        OrderSku,
     }
 )
 NoneType = type(None)

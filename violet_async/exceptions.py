@@ -13,6 +13,7 @@ of these, with the original kept as ``__cause__``.
     ├── ResponseFormatError                        a 2xx body we could not read
     ├── AmbiguousOutcomeError                      a POST may or may not have applied
     ├── RefundFailedError                          2xx, but the refund status is FAILED
+    ├── RefundWaitTimeoutError                     wait_for_refund ran out of time
     ├── CancellationFailedError                    2xx, but the cancel did not happen
     └── APIError                                   an HTTP error status
         ├── BadRequestError                        400
@@ -52,6 +53,7 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RefundFailedError",
+    "RefundWaitTimeoutError",
     "RequestValidationError",
     "ResponseFormatError",
     "ServerError",
@@ -166,6 +168,15 @@ class RefundFailedError(VioletError):
     """Violet answered 2xx but the refund's status is FAILED. ``refund`` has the details."""
 
     def __init__(self, message: str, *, refund: OrderRefund) -> None:
+        super().__init__(message)
+        self.refund = refund
+
+
+class RefundWaitTimeoutError(VioletError):
+    """``wait_for_refund`` timed out. ``refund`` is the last state seen (None when the
+    refund was never listed)."""
+
+    def __init__(self, message: str, *, refund: OrderRefund | None) -> None:
         super().__init__(message)
         self.refund = refund
 

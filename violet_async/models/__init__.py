@@ -2,6 +2,7 @@
 
 from .cancel import BagCancellation, OrderCancellation
 from .enums import BagStatus, CancelStatus, ReasonCode, RefundStatus
+from .order import Order, OrderBag, OrderSku
 from .refund import OrderRefund, RefundedSku, RefundError, RefundShipping
 from .requests import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
 
@@ -10,8 +11,11 @@ __all__ = [
     "BagStatus",
     "CancelBagRequest",
     "CancelStatus",
+    "Order",
+    "OrderBag",
     "OrderCancellation",
     "OrderRefund",
+    "OrderSku",
     "ReasonCode",
     "RefundBagRequest",
     "RefundError",

@@ -15,12 +15,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .._transport import Timeouts, Transport
+from ..exceptions import VioletError
+from ..webhooks import sign
 from ._faults import COMMIT_FAULTS, Fault, FaultDrawer, FaultPlan, FaultScript
 from ._state import FakeBag, FakeOrder, Ledger, RuleViolation, Store
 
 __all__ = ["FakeViolet"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_WEBHOOK_TIMEOUTS = Timeouts(connect=2.0, read=10.0)
 
 
 def _b64(data: bytes) -> str:
@@ -61,6 +65,9 @@ class FakeViolet:
         app_secret: str | None = None,
         username: str = "ops@fake-violet.test",
         password: str | None = None,
+        processing_reads: int = 0,
+        webhook_retry_delay: float = 0.05,
+        webhook_attempts: int = 10,
     ) -> None:
         if cancel_response not in ("refund", "cancellation"):
             raise ValueError("cancel_response must be 'refund' or 'cancellation'")
@@ -71,6 +78,15 @@ class FakeViolet:
         self.token_lifetime = token_lifetime
         self.cancel_response = cancel_response
         self.store = Store(app_id)
+        self.store.processing_reads = processing_reads
+        self.store.on_commit = self._on_commit
+        self.webhook_retry_delay = webhook_retry_delay
+        self.webhook_attempts = webhook_attempts
+        self.webhook_deliveries: list[dict[str, Any]] = []
+        self._webhook_urls: list[str] = []
+        self._webhook_tasks: set[asyncio.Task[None]] = set()
+        self._webhook_transport: Transport | None = None
+        self._event_serial = 0
         self.seeded = self.store.generate(orders, seed) if orders else []
         self.faults = FaultDrawer(faults or FaultPlan.none())
         self._script = FaultScript()
@@ -109,6 +125,12 @@ class FakeViolet:
         return self
 
     async def stop(self) -> None:
+        for task in list(self._webhook_tasks):
+            task.cancel()
+        await asyncio.gather(*self._webhook_tasks, return_exceptions=True)
+        if self._webhook_transport is not None:
+            await self._webhook_transport.aclose()
+            self._webhook_transport = None
         for pending in self._late.values():
             for commit in pending:
                 commit()
@@ -144,6 +166,62 @@ class FakeViolet:
     def issue_token(self, lifetime: float | None = None) -> str:
         """A valid access token, for clients built with ``token=``."""
         return self._mint(lifetime if lifetime is not None else self.token_lifetime)
+
+    # -- webhooks ---------------------------------------------------------------
+
+    def register_webhook(self, url: str) -> None:
+        """POST a signed ORDER_REFUNDED / ORDER_CANCELLED to ``url`` on every commit,
+        retrying non-2xx answers like Violet does (10 attempts, compressed timing)."""
+        self._webhook_urls.append(url)
+
+    async def drain_webhooks(self) -> None:
+        """Wait until every webhook delivery has succeeded or given up."""
+        while self._webhook_tasks:
+            await asyncio.gather(*list(self._webhook_tasks), return_exceptions=True)
+
+    def _on_commit(self, bag: FakeBag, record: dict[str, Any]) -> None:
+        if not self._webhook_urls:
+            return
+        topic = "ORDER_CANCELLED" if bag.status == "CANCELED" else "ORDER_REFUNDED"
+        body = orjson.dumps(self.store.order(bag.order_id).to_json())
+        for url in self._webhook_urls:
+            self._event_serial += 1
+            headers = {
+                "Content-Type": "application/json",
+                "X-Violet-Hmac": sign(body, self.app_secret),
+                "X-Violet-Event-Id": f"evt-{self._event_serial}",
+                "X-Violet-Order-Id": str(bag.order_id),
+                "X-Violet-Bag-Id": str(bag.id),
+                "X-Violet-Topic": topic,
+            }
+            task = asyncio.get_running_loop().create_task(self._deliver(url, headers, body))
+            self._webhook_tasks.add(task)
+            task.add_done_callback(self._webhook_tasks.discard)
+
+    async def _deliver(self, url: str, headers: dict[str, str], body: bytes) -> None:
+        if self._webhook_transport is None:
+            self._webhook_transport = Transport(None)
+        delivery: dict[str, Any] = {
+            "event_id": headers["X-Violet-Event-Id"],
+            "topic": headers["X-Violet-Topic"],
+            "order_id": int(headers["X-Violet-Order-Id"]),
+            "bag_id": int(headers["X-Violet-Bag-Id"]),
+            "attempts": 0,
+            "status": None,
+        }
+        self.webhook_deliveries.append(delivery)
+        for attempt in range(self.webhook_attempts):
+            delivery["attempts"] = attempt + 1
+            try:
+                response = await self._webhook_transport.send(
+                    "POST", url, headers=headers, body=body, timeouts=_WEBHOOK_TIMEOUTS
+                )
+                delivery["status"] = response.status
+                if 200 <= response.status < 300:
+                    return
+            except VioletError as exc:
+                delivery["status"] = type(exc).__name__
+            await asyncio.sleep(self.webhook_retry_delay * 2**attempt)
 
     def expire_tokens(self) -> None:
         """Make every access token issued so far expired, server side (the next call
@@ -271,8 +349,10 @@ class FakeViolet:
         self._check_token(request)
         bag = self.store.bag(order_id, bag_id)
         response = self._ok(list(bag.refunds))
-        # A late commit lands after this read: the next read will see it.
+        # A late commit lands after this read: the next read will see it. Refunds
+        # still PROCESSING move one read closer to COMPLETED.
         self._apply_late(bag_id)
+        self.store.tick_processing(bag)
         return response
 
     async def _get_order(self, request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -148,6 +149,12 @@ class Store:
         self._next_sku = 300_000
         self._next_refund = 400_000
         self._next_refund_sku = 500_000
+        #: Called after every commit with (bag, refund record); FakeViolet sends
+        #: webhooks from it.
+        self.on_commit: Callable[[FakeBag, dict[str, Any]], None] | None = None
+        #: New refunds stay PROCESSING for this many reads of their bag's refunds.
+        self.processing_reads = 0
+        self._processing: dict[int, int] = {}
 
     # -- seeding ----------------------------------------------------------------
 
@@ -337,10 +344,28 @@ class Store:
         }
         if body.get("reason") is not None:
             record["reason"] = body["reason"]
+        if self.processing_reads:
+            record["status"] = "PROCESSING"
+            self._processing[refund_id] = self.processing_reads
         bag.refunds.append(record)
         self.ledger.refunds_per_bag[bag.id] += 1
         self.ledger.amount_per_bag[bag.id] += amount
+        if self.on_commit is not None:
+            self.on_commit(bag, record)
         return record
+
+    def tick_processing(self, bag: FakeBag) -> None:
+        """One read of the bag's refunds: PROCESSING refunds move toward COMPLETED."""
+        for record in bag.refunds:
+            left = self._processing.get(record["id"])
+            if left is None:
+                continue
+            if left <= 1:
+                del self._processing[record["id"]]
+                record["status"] = "COMPLETED"
+                record["date_last_modified"] = _date(datetime.now(timezone.utc), 0)
+            else:
+                self._processing[record["id"]] = left - 1
 
     def check_cancel(self, bag: FakeBag) -> None:
         if bag.status not in CANCELLABLE:
