@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from violet_async import RetryPolicy, VioletClient
 from violet_async.testing import FakeClock, FakeViolet
@@ -11,6 +12,11 @@ from violet_async.testing import FakeClock, FakeViolet
 from . import _aioresponses_compat
 
 _aioresponses_compat.install()
+
+# Deterministic examples (the same on every run and in CI), no per-example deadline:
+# a loaded 2-core CI machine must not turn slowness into a failure.
+settings.register_profile("violet", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("violet")
 
 # Fast, deterministic retries: the clock is virtual, so these waits cost no real time.
 TEST_POLICY = RetryPolicy(initial_delay=0.5, max_delay=4.0, settle_delay=1.0, deadline=60.0)
@@ -27,7 +33,8 @@ async def fake() -> AsyncIterator[FakeViolet]:
         yield server
 
 
-def make_client(fake: FakeViolet, clock: FakeClock, **kwargs: Any) -> VioletClient:
+def make_client(fake: FakeViolet, clock: FakeClock | None, **kwargs: Any) -> VioletClient:
+    """A client on ``fake``; ``clock=None`` uses the real clock."""
     options: dict[str, Any] = {
         "username": fake.username,
         "password": fake.password,

@@ -121,7 +121,7 @@ async def test_read_back_failing_raises_ambiguous_with_context(
     order_id, bag_id = fake.seeded[0]
     async with make_client(fake, clock, retry=RetryPolicy(max_attempts=2)) as client:
         fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
-        fake.script("list_refunds", *[Fault.HTTP_503] * 4, bag_id=bag_id)
+        fake.script("list_refunds", *[Fault.HTTP_503] * 12, bag_id=bag_id)  # every read
         with pytest.raises(AmbiguousOutcomeError, match="reading the bag back failed") as info:
             await client.refund_bag(order_id, bag_id, amount_refunded=100)
     assert info.value.request == RefundBagRequest(amount_refunded=100)
@@ -203,3 +203,28 @@ def test_known_refunds_is_bounded() -> None:
     assert 1 not in known
     assert 2 in known
     assert 3 in known
+
+
+async def test_a_failed_read_back_is_tried_again(client: VioletClient, fake: FakeViolet) -> None:
+    """One read-back failing after its retries does not make the outcome unknown:
+    the next read finds the refund."""
+    order_id, bag_id = fake.seeded[0]
+    fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
+    fake.script("list_refunds", *[Fault.HTTP_503] * 4, bag_id=bag_id)  # one whole read
+    refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+    assert refund.reconciled
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+
+
+async def test_reconciliation_stays_inside_the_deadline(fake: FakeViolet,
+                                                        clock: FakeClock) -> None:
+    """Settle waits never run past the call's deadline; the outcome is then unknown."""
+    order_id, bag_id = fake.seeded[0]
+    policy = RetryPolicy(deadline=2.5, settle_delay=1.0, max_attempts=1)
+    async with make_client(fake, clock, retry=policy) as client:
+        fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
+        fake.script("list_refunds", *[Fault.HTTP_503] * 20, bag_id=bag_id)
+        with pytest.raises(AmbiguousOutcomeError):
+            await client.refund_bag(order_id, bag_id, amount_refunded=100)
+    assert clock.slept <= 2.5
+    assert fake.ledger.requests["refund"] == 1

@@ -15,9 +15,10 @@ Matching rule: a refund read back is *this call's* when all of these hold:
    lists them, the same ``reason`` when both sides carry one.
 
 Exactly one candidate: it is returned with ``reconciled=True``. More than one: we will
-not guess, ``AmbiguousOutcomeError``. None: read again after ``settle_delay``, up to
-``settle_reads`` times; still none, the refund is taken as absent and re-sent (that
-re-send counts as an attempt).
+not guess, ``AmbiguousOutcomeError``. None: read again after ``settle_delay``; after
+``settle_reads`` successful reads that all miss, the refund is taken as absent and
+re-sent (that re-send counts as an attempt). A read that fails is tried again, up to
+``settle_reads`` more times; without enough successful reads, ``AmbiguousOutcomeError``.
 
 Residual risk, stated plainly: (a) an identical refund made by someone else on the same
 bag inside the clock-skew window, while this call's own POST did not apply, would be
@@ -128,20 +129,27 @@ class Reconciler:
         refunds: Sequence[OrderRefund] = ()
         candidates: list[OrderRefund] = []
         bag_status: BagStatus | None = None
-        for read in range(self.policy.settle_reads):
+        # Absence is only concluded from `settle_reads` reads that all succeeded; a read
+        # that fails (after its own retries) is tried again, up to as many times more.
+        misses, read_error = 0, None
+        for read in range(self.policy.settle_reads * 2):
+            if misses >= self.policy.settle_reads:
+                break
             if read:
+                # The call's deadline bounds reconciliation too.
+                if state.deadline is not None and (
+                    self.clock.monotonic() + self.policy.settle_delay >= state.deadline
+                ):
+                    break
                 await self.clock.sleep(self.policy.settle_delay)
             try:
                 refunds = await self.read_refunds()
                 if is_cancel and self.read_bag_status is not None:
                     bag_status = await self.read_bag_status()
             except VioletError as exc:
-                raise AmbiguousOutcomeError(
-                    f"{failure}; reading the bag back failed too ({exc}). It may or may "
-                    "not have been applied: check the bag before trying again.",
-                    request=self.request,
-                    attempts=state.attempts,
-                ) from exc
+                read_error = exc
+                continue
+            misses += 1
             state.read_backs += 1
             candidates = self._candidates(refunds, state)
             if len(candidates) > 1:
@@ -156,6 +164,19 @@ class Reconciler:
             if candidates and (not is_cancel or bag_status is BagStatus.CANCELED):
                 self.known.add(candidates[0].id)
                 return attrs.evolve(candidates[0], reconciled=True)
+        if misses < self.policy.settle_reads:
+            why = (
+                f"reading the bag back failed too ({read_error})"
+                if read_error
+                else ("the call's deadline ended the read-back")
+            )
+            raise AmbiguousOutcomeError(
+                f"{failure}; {why}. It may or may not have been applied: check the bag "
+                "before trying again.",
+                request=self.request,
+                attempts=state.attempts,
+                observed=refunds,
+            ) from read_error
         if candidates or bag_status is BagStatus.CANCELED:
             raise AmbiguousOutcomeError(
                 f"{failure}; the bag read back as {bag_status} with "

@@ -38,6 +38,13 @@ class Fault(enum.Enum):
     LATE_COMMIT = "late_commit"
     """504 now; the refund lands later (after ``late_commit_delay`` or the next
     read of the bag's refunds, whichever comes first)."""
+    SLOW_BODY = "slow_body"
+    """Committed; the 200 answer trickles out (a slow-loris), ``slow_body_delay``
+    seconds between its first bytes and the rest."""
+    RESET_MID_BODY = "reset_mid_body"
+    """Committed; headers and half the body are sent, then the connection is reset."""
+    REDIRECT = "redirect"
+    """A 307 to ``redirect_to`` (another host); nothing applied."""
 
 
 #: Faults that only make sense on a request that changes state.
@@ -48,8 +55,13 @@ COMMIT_FAULTS = frozenset(
         Fault.TRUNCATED_JSON,
         Fault.WRONG_TYPES,
         Fault.LATE_COMMIT,
+        Fault.SLOW_BODY,
+        Fault.RESET_MID_BODY,
     }
 )
+#: Left out of the chaos plan: a slow body costs real seconds, a redirect is a hard
+#: (non-retryable) failure by design. Script them for exact tests.
+_NOT_IN_CHAOS = frozenset({Fault.SLOW_BODY, Fault.REDIRECT})
 
 
 @attrs.frozen
@@ -66,6 +78,8 @@ class FaultPlan:
     retry_after: str = "1"
     """The Retry-After value sent with RATE_LIMIT."""
     late_commit_delay: float = 0.2
+    slow_body_delay: float = 2.0
+    redirect_to: str = "http://127.0.0.1:9/elsewhere"
     routes: frozenset[str] = frozenset({"refund", "cancel", "list_refunds", "get_order"})
     """Routes the plan applies to (login and refresh are spared by default)."""
 
@@ -99,9 +113,10 @@ class FaultPlan:
     @classmethod
     def chaos(cls, seed: int = 0) -> FaultPlan:
         """Every fault, often: about 40% of requests misbehave."""
-        each = 0.4 / len(Fault)
+        faults = [f for f in Fault if f not in _NOT_IN_CHAOS]
+        each = 0.4 / len(faults)
         return cls(
-            rates=dict.fromkeys(Fault, each),
+            rates=dict.fromkeys(faults, each),
             latency=(0.0, 0.01),
             seed=seed,
             retry_after="0",

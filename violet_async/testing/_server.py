@@ -337,7 +337,7 @@ class FakeViolet:
         if route == "cancel":
             record = commit()
         if fault is not None and fault in COMMIT_FAULTS:
-            return self._after_commit_fault(fault, request, record)
+            return await self._after_commit_fault(fault, request, record)
         if route == "cancel" and self.cancel_response == "cancellation":
             return self._ok(_cancellation(order_id, self.app_id, bag, record), status=202)
         return self._ok(record)
@@ -381,6 +381,8 @@ class FakeViolet:
                 text="<html><body><h1>502 Bad Gateway</h1></body></html>",
                 content_type="text/html",
             )
+        if fault is Fault.REDIRECT:
+            raise web.HTTPTemporaryRedirect(self.faults.plan.redirect_to)
         if fault is Fault.RATE_LIMIT:
             raise RuleViolation(
                 429, "Too Many Requests", 4290, retry_after=self.faults.plan.retry_after
@@ -395,11 +397,25 @@ class FakeViolet:
         }[fault]
         raise RuleViolation(status, "Upstream failure", status * 10)
 
-    def _after_commit_fault(
+    async def _after_commit_fault(
         self, fault: Fault, request: web.Request, record: dict[str, Any]
     ) -> web.StreamResponse:
         if fault is Fault.DROP_AFTER_COMMIT:
             raise _Dropped
+        if fault in (Fault.SLOW_BODY, Fault.RESET_MID_BODY):
+            raw = orjson.dumps(record)
+            response = web.StreamResponse(
+                status=200,
+                headers={"Content-Type": "application/json", "Content-Length": str(len(raw))},
+            )
+            await response.prepare(request)
+            await response.write(raw[: len(raw) // 2])
+            if fault is Fault.RESET_MID_BODY:
+                raise _Dropped
+            await asyncio.sleep(self.faults.plan.slow_body_delay)
+            await response.write(raw[len(raw) // 2 :])
+            await response.write_eof()
+            return response
         if fault is Fault.HTTP_500_AFTER_COMMIT:
             return self._error(500, "Internal Server Error", 5000)
         if fault is Fault.TRUNCATED_JSON:
@@ -441,6 +457,9 @@ class FakeViolet:
         except _Dropped:
             assert request.transport is not None
             request.transport.close()
+            raise asyncio.CancelledError from None
+        except ConnectionResetError:
+            # The client went away mid-answer (a cancelled caller): nothing to report.
             raise asyncio.CancelledError from None
 
     def _ok(self, data: Any, status: int = 200) -> web.Response:
