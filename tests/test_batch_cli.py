@@ -205,3 +205,68 @@ async def test_kill_9_mid_run_then_resume_refunds_each_bag_once(tmp_path: Path) 
         assert ledger.double_refunds() == {}
         assert ledger.total_refunds == count
         assert all(ledger.refunds_per_bag[b] == 1 for _, b in fake.seeded)
+
+
+async def test_ctrl_c_stops_cleanly_with_130_then_resume_finishes(tmp_path: Path) -> None:
+    """SIGINT stops feeding, lets in-flight calls finish, prints the summary and exits
+    130; the same command then finishes the rest, each bag refunded once."""
+    count = 200
+    async with FakeViolet(
+        orders=count, seed=9, faults=FaultPlan(latency=(0.005, 0.02), seed=9)
+    ) as fake:
+        path = write_csv(tmp_path / "in.csv", fake, count)
+        journal = tmp_path / "in.csv.refund.journal.jsonl"
+        command = [sys.executable, "-m", "violet_async", "refund", str(path), "--concurrency", "4"]
+        env = {**os.environ, **env_for(fake)}
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            if journal.exists() and journal.read_bytes().count(b'"done"') >= 30:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 130
+        assert b"interrupted" in out
+        assert b"summary" in out
+        text = journal.read_bytes()
+        # In-flight calls finished: nothing is left "sent" without an outcome.
+        assert text.count(b'"state":"sent"') == text.count(b'"state":"done"')
+        assert text.count(b'"state":"done"') < count
+        again = await asyncio.create_subprocess_exec(
+            *command,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await again.wait() == 0
+        assert fake.ledger.double_refunds() == {}
+        assert fake.ledger.total_refunds == count
+
+
+def test_progress_bar_on_a_terminal_and_lines_otherwise() -> None:
+    """A TTY gets a redrawn bar ending in a newline; a pipe gets plain lines."""
+    from violet_async._batch_cli import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
+    bar = _Progress(3, tty)
+    for _ in range(3):
+        bar.tick()
+    assert "\r[" in tty.getvalue()
+    assert "3/3" in tty.getvalue()
+    assert tty.getvalue().endswith("\n")
+    pipe = io.StringIO()
+    lines = _Progress(2, pipe)
+    lines.tick()
+    lines.tick()
+    first, second = pipe.getvalue().splitlines()
+    assert first.startswith("progress 1/2 (")
+    assert second.startswith("progress 2/2 (")

@@ -216,8 +216,7 @@ async def test_a_failed_read_back_is_tried_again(client: VioletClient, fake: Fak
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-async def test_reconciliation_stays_inside_the_deadline(fake: FakeViolet,
-                                                        clock: FakeClock) -> None:
+async def test_reconciliation_stays_inside_the_deadline(fake: FakeViolet, clock: FakeClock) -> None:
     """Settle waits never run past the call's deadline; the outcome is then unknown."""
     order_id, bag_id = fake.seeded[0]
     policy = RetryPolicy(deadline=2.5, settle_delay=1.0, max_attempts=1)
