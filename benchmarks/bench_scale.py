@@ -67,13 +67,7 @@ async def batch(info: dict[str, str], count: int, concurrency: int) -> None:
 
 async def refresh_storm() -> None:
     async with FakeViolet(orders=10, token_lifetime=2.0) as fake:
-        async with VioletClient(
-            fake.app_id,
-            fake.app_secret,
-            username=fake.username,
-            password=fake.password,
-            base_url=fake.base_url,
-        ) as client:
+        async with fake.client() as client:
             await client.list_bag_refunds(*fake.seeded[0])
             await asyncio.sleep(1.05)  # past half-life: the next call renews
             fake.token_lifetime = 3600.0

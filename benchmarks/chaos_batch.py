@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from violet_async import CancelBagRequest, RefundBagRequest, RetryPolicy, VioletClient
+from violet_async import CancelBagRequest, RefundBagRequest, RetryPolicy
 from violet_async.batch import BatchItem, run_batch
 from violet_async.testing import FakeViolet, FaultPlan
 
@@ -36,12 +36,7 @@ async def chaos(refunds: int, cancels: int, seed: int, concurrency: int) -> int:
                 else BatchItem.refund(n, o, b, RefundBagRequest(amount_refunded=100))
                 for n, (o, b) in enumerate(fake.seeded, start=1)
             ]
-            async with VioletClient(
-                fake.app_id,
-                fake.app_secret,
-                username=fake.username,
-                password=fake.password,
-                base_url=fake.base_url,
+            async with fake.client(
                 retry=policy,
             ) as client:
                 async for result in run_batch(

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import Counter
 
-from violet_async import VioletClient, VioletError
+from violet_async import VioletError
 from violet_async.testing import FakeViolet
 
 
@@ -21,13 +21,7 @@ async def soak(seconds: float, lifetime: float, concurrency: int) -> int:
     failures: Counter[str] = Counter()
     calls = 0
     async with FakeViolet(orders=200, seed=2, token_lifetime=lifetime) as fake:
-        async with VioletClient(
-            fake.app_id,
-            fake.app_secret,
-            username=fake.username,
-            password=fake.password,
-            base_url=fake.base_url,
-        ) as client:
+        async with fake.client() as client:
             stop = time.monotonic() + seconds
 
             async def worker(n: int) -> None:

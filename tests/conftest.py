@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from hypothesis import settings
 
 from violet_async import RetryPolicy, VioletClient
@@ -34,19 +36,25 @@ async def fake() -> AsyncIterator[FakeViolet]:
 
 
 def make_client(fake: FakeViolet, clock: FakeClock | None, **kwargs: Any) -> VioletClient:
-    """A client on ``fake``; ``clock=None`` uses the real clock."""
-    options: dict[str, Any] = {
-        "username": fake.username,
-        "password": fake.password,
-        "base_url": fake.base_url,
-        "retry": TEST_POLICY,
-        "clock": clock,
-    }
-    options.update(kwargs)
-    return VioletClient(fake.app_id, fake.app_secret, **options)
+    """A client on ``fake`` with the test retry policy; ``clock=None`` is the real clock."""
+    return fake.client(**{"retry": TEST_POLICY, "clock": clock, **kwargs})
 
 
 @pytest.fixture
 async def client(fake: FakeViolet, clock: FakeClock) -> AsyncIterator[VioletClient]:
     async with make_client(fake, clock) as c:
         yield c
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Run ``app`` on 127.0.0.1 on a free port; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -31,7 +31,7 @@ from violet_async.webhooks import (
     webhook_handler,
 )
 
-from .conftest import make_client
+from .conftest import make_client, serve
 
 SECRET = "webhook-app-secret"
 
@@ -225,15 +225,10 @@ async def receiver_app() -> AsyncIterator[tuple[str, list[WebhookEvent], Any]]:
     handler = webhook_handler(WebhookReceiver(SECRET, max_body=4096), slow_callback)
     app = web.Application()
     app.router.add_post("/violet", handler.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/violet", events, (handler, gate)
-    gate.set()
-    await handler.drain()
-    await runner.cleanup()
+    async with serve(app) as base:
+        yield f"{base}/violet", events, (handler, gate)
+        gate.set()
+        await handler.drain()
 
 
 async def test_handler_answers_fast_and_refuses_bad_requests(
@@ -299,20 +294,12 @@ async def test_fake_retries_webhooks_until_2xx() -> None:
 
     app = web.Application()
     app.router.add_post("/hook", flaky)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with FakeViolet(orders=1, webhook_retry_delay=0.001) as fake:
-            fake.register_webhook(f"http://127.0.0.1:{port}/hook")
-            fake.register_webhook("http://127.0.0.1:1/nothing-listens")
-            fake.store.commit_refund(fake.bag(*fake.seeded[0]), {"amount_refunded": 1})
-            await fake.drain_webhooks()
-            ok, dead = fake.webhook_deliveries
-    finally:
-        await runner.cleanup()
+    async with serve(app) as base, FakeViolet(orders=1, webhook_retry_delay=0.001) as fake:
+        fake.register_webhook(f"{base}/hook")
+        fake.register_webhook("http://127.0.0.1:1/nothing-listens")
+        fake.store.commit_refund(fake.bag(*fake.seeded[0]), {"amount_refunded": 1})
+        await fake.drain_webhooks()
+        ok, dead = fake.webhook_deliveries
     assert (ok["attempts"], ok["status"]) == (3, 200)
     assert dead["attempts"] == 10
     assert dead["status"] == "APIConnectionError"

@@ -34,7 +34,7 @@ from violet_async import (
 from violet_async._batch_cli import BatchOptions, run_file
 from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
 
-from .conftest import make_client
+from .conftest import make_client, serve
 
 BASE = "https://fuzz.test/v1"
 TYPED = (
@@ -190,13 +190,8 @@ async def test_redirect_to_another_host_is_not_followed() -> None:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", elsewhere)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        plan = FaultPlan(redirect_to=f"http://127.0.0.1:{port}/steal")
+    async with serve(app) as base:
+        plan = FaultPlan(redirect_to=f"{base}/steal")
         async with FakeViolet(orders=1, faults=plan) as fake:
             order_id, bag_id = fake.seeded[0]
             fake.script("list_refunds", Fault.REDIRECT, bag_id=bag_id)
@@ -204,8 +199,6 @@ async def test_redirect_to_another_host_is_not_followed() -> None:
                 with pytest.raises(APIError) as info:
                     await client.list_bag_refunds(order_id, bag_id)
             assert info.value.status == 307
-    finally:
-        await runner.cleanup()
     assert seen == []
 
 

@@ -8,7 +8,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ._client import VioletClient
 from ._retry import RetryEvent, RetryPolicy
 from .batch import BatchItem, run_batch
 from .models import CancelBagRequest, RefundBagRequest
@@ -68,12 +67,7 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
                         RefundBagRequest(amount_refunded=amount, reason="Demo refund"),
                     )
                 )
-            async with VioletClient(
-                fake.app_id,
-                fake.app_secret,
-                username=fake.username,
-                password=fake.password,
-                base_url=fake.base_url,
+            async with fake.client(
                 retry=policy,
                 on_retry=on_retry,
             ) as client:

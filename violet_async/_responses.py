@@ -12,6 +12,19 @@ from .models import CancelStatus, Order, OrderCancellation, OrderRefund
 __all__ = ["parse_cancel", "parse_order", "parse_refund", "parse_refund_list"]
 
 
+def _format_error(
+    resp: RawResponse, method: str, path: str, problem: str, field: str
+) -> ResponseFormatError:
+    return ResponseFormatError(
+        f"{method} {path}: {problem}",
+        body=resp.body,
+        status=resp.status,
+        field=field,
+        method=method,
+        path=path,
+    )
+
+
 def parse_order(resp: RawResponse, path: str) -> Order:
     data = decode(resp.body, status=resp.status, method="GET", path=path)
     return structure(data, Order, body=resp.body, status=resp.status, method="GET", path=path)
@@ -29,13 +42,8 @@ def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
     if isinstance(data, dict) and "content" in data:
         data = data["content"]
     if not isinstance(data, list):
-        raise ResponseFormatError(
-            f"GET {path}: expected a list of refunds, got {type(data).__name__}",
-            body=resp.body,
-            status=resp.status,
-            field="$",
-            method="GET",
-            path=path,
+        raise _format_error(
+            resp, "GET", path, f"expected a list of refunds, got {type(data).__name__}", "$"
         )
     refunds: list[OrderRefund] = structure(
         data, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
@@ -61,13 +69,12 @@ def parse_cancel(resp: RawResponse, path: str, bag_id: int) -> OrderRefund:
     for bag in result.cancelled_bags:
         if bag.bag_id == bag_id:
             if bag.refund is None:
-                raise ResponseFormatError(
-                    f"POST {path}: bag {bag_id} is cancelled but no refund was returned",
-                    body=resp.body,
-                    status=resp.status,
-                    field="$.cancelled_bags.refund",
-                    method="POST",
-                    path=path,
+                raise _format_error(
+                    resp,
+                    "POST",
+                    path,
+                    f"bag {bag_id} is cancelled but no refund was returned",
+                    "$.cancelled_bags.refund",
                 )
             return bag.refund
     raise CancellationFailedError(

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .._client import VioletClient
 from .._transport import Timeouts, Transport
 from ..exceptions import VioletError
 from ..webhooks import sign
@@ -144,6 +145,17 @@ class FakeViolet:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    def client(self, **options: Any) -> VioletClient:
+        """A VioletClient pointed at this server with its app id, secret and user
+        credentials; ``options`` are VioletClient's other keyword arguments."""
+        settings: dict[str, Any] = {
+            "username": self.username,
+            "password": self.password,
+            "base_url": self.base_url,
+            **options,
+        }
+        return VioletClient(self.app_id, self.app_secret, **settings)
 
     # -- seeding and scripting ---------------------------------------------------
 
