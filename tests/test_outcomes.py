@@ -303,3 +303,35 @@ async def test_fake_retries_webhooks_until_2xx() -> None:
     assert (ok["attempts"], ok["status"]) == (3, 200)
     assert dead["attempts"] == 10
     assert dead["status"] == "APIConnectionError"
+
+
+async def test_stop_with_late_commit_and_webhooks_leaves_no_task() -> None:
+    """A late commit still pending at stop lands then, and the delivery it starts is
+    ended cleanly: the ledger is final and no task is left."""
+    import aiohttp
+
+    from violet_async.testing import Fault, FaultPlan
+
+    before = asyncio.all_tasks()
+    async with FakeViolet(orders=1, faults=FaultPlan(late_commit_delay=60)) as fake:
+        fake.register_webhook("http://127.0.0.1:9/nobody")
+        order_id, bag_id = fake.seeded[0]
+        fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
+        headers = {
+            "X-Violet-App-Id": str(fake.app_id),
+            "X-Violet-App-Secret": fake.app_secret,
+            "X-Violet-Token": fake.issue_token(),
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{fake.base_url}/orders/{order_id}/bags/{bag_id}/refunds",
+                headers=headers,
+                data=b'{"amount_refunded": 1}',
+            ) as response,
+        ):
+            assert response.status == 504
+        assert fake.ledger.total_refunds == 0  # still pending
+    assert fake.ledger.total_refunds == 1
+    assert len(fake.webhook_deliveries) == 1
+    assert {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()} == set()

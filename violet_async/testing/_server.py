@@ -126,19 +126,19 @@ class FakeViolet:
         return self
 
     async def stop(self) -> None:
-        for task in list(self._webhook_tasks):
-            task.cancel()
-        await asyncio.gather(*self._webhook_tasks, return_exceptions=True)
-        if self._webhook_transport is not None:
-            await self._webhook_transport.aclose()
-            self._webhook_transport = None
-        for pending in self._late.values():
-            for commit in pending:
-                commit()
-        self._late.clear()
+        """Land late commits (so the ledger is final), stop the server, then cancel
+        webhook deliveries still retrying (late commits may have started some)."""
+        self.settle()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        tasks = list(self._webhook_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._webhook_transport is not None:
+            await self._webhook_transport.aclose()
+            self._webhook_transport = None
 
     async def __aenter__(self) -> FakeViolet:
         return await self.start()
