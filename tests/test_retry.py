@@ -255,3 +255,20 @@ async def test_on_retry_hook_and_log(
     assert second.read_back is True  # the drop was ambiguous: read back, then re-sent
     assert "retrying" in caplog.text
     assert fake.ledger.refunds_per_bag[bag_id] == 1
+
+
+async def test_a_failing_on_retry_hook_does_not_change_the_outcome(
+    fake: FakeViolet, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that raises is logged; the refund still completes exactly once."""
+
+    def broken(event: RetryEvent) -> None:
+        raise RuntimeError("hook bug")
+
+    order_id, bag_id = fake.seeded[0]
+    async with make_client(fake, clock, on_retry=broken) as client:
+        fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+        refund = await client.refund_bag(order_id, bag_id, amount_refunded=10)
+    assert refund.amount == 10
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+    assert "on_retry hook raised" in caplog.text

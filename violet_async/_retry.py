@@ -353,12 +353,18 @@ class Retrier:
             delay,
             " after read-back" if read_back else "",
         )
-        if self.on_retry is not None:
+        if self.on_retry is None:
+            return
+        # An observability hook must never change a refund's outcome: its failure is
+        # logged, and the call carries on.
+        try:
             result = self.on_retry(
                 RetryEvent(state.attempts, delay, cause, method, path, read_back)
             )
             if asyncio.iscoroutine(result):
                 await result
+        except Exception:
+            log.exception("violet_async: the on_retry hook raised; the call continues")
 
     async def _retry_loop(
         self,
