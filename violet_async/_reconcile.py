@@ -23,9 +23,9 @@ re-sent (that re-send counts as an attempt). A read that fails is tried again, u
 Residual risk, stated plainly: (a) an identical refund made by someone else on the same
 bag inside the clock-skew window, while this call's own POST did not apply, would be
 taken as ours: the shopper is then refunded once, not twice, but by the other actor;
-(b) a commit that lands later than ``settle_delay * (settle_reads - 1)`` after the last
-read could be followed by our re-send, giving two refunds. Raise ``settle_delay`` for
-merchants whose platforms commit slowly.
+(b) a commit that lands more than about ``settle_delay * (settle_reads - 1)`` seconds
+after the failed send, so that every read-back missed it, is followed by our re-send:
+two refunds. Raise ``settle_delay`` for merchants whose platforms commit slowly.
 """
 
 from __future__ import annotations
