@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -16,7 +18,7 @@ from ._auth import Auth, Credentials, is_token_expired_error
 from ._converter import encode_request
 from ._reconcile import KnownRefunds, Reconciler
 from ._responses import parse_cancel, parse_order, parse_refund, parse_refund_list
-from ._retry import SYSTEM_CLOCK, CallState, Clock, Retrier, RetryHook, RetryPolicy
+from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
 from ._transport import USER_AGENT, RawResponse, Timeouts, Transport
 from .exceptions import (
     APITimeoutError,
@@ -166,7 +168,6 @@ class VioletClient:
                 "X-Violet-App-Id": str(app_id),
                 "X-Violet-App-Secret": app_secret,
                 "User-Agent": USER_AGENT,
-                "Accept": "application/json",
                 "Content-Type": "application/json",
             },
             known_refunds=KnownRefunds(),
@@ -284,7 +285,8 @@ class VioletClient:
             "notify_customer": notify_customer,
         }
         req = _request_from(RefundBagRequest, request, fields)
-        return await self._refund(order_id, bag_id, req)
+        path = self._bag_path(order_id, bag_id, "refunds")
+        return _unless_failed(await self._post(path, req, bag_id, order_id, parse_refund))
 
     async def _refund(
         self,
@@ -294,17 +296,12 @@ class VioletClient:
         *,
         resume_sent_at: float | None = None,
     ) -> OrderRefund:
+        """refund_bag for the batch runner, which may resume an earlier run's send."""
         path = self._bag_path(order_id, bag_id, "refunds")
         refund = await self._post(
             path, req, bag_id, order_id, parse_refund, resume_sent_at=resume_sent_at
         )
-        if refund.status is RefundStatus.FAILED:
-            raise RefundFailedError(
-                f"refund {refund.id} on bag {bag_id} failed: "
-                + ("; ".join(e.error_message or "" for e in refund.errors) or "no reason given"),
-                refund=refund,
-            )
-        return refund
+        return _unless_failed(refund)
 
     async def cancel_bag(
         self,
@@ -328,7 +325,8 @@ class VioletClient:
             "notify_customer": notify_customer,
         }
         req = _request_from(CancelBagRequest, request, fields)
-        return await self._cancel(order_id, bag_id, req)
+        path = self._bag_path(order_id, bag_id, "cancel")
+        return await self._post(path, req, bag_id, order_id, partial(parse_cancel, bag_id=bag_id))
 
     async def _cancel(
         self,
@@ -338,11 +336,9 @@ class VioletClient:
         *,
         resume_sent_at: float | None = None,
     ) -> OrderRefund:
+        """cancel_bag for the batch runner, which may resume an earlier run's send."""
         path = self._bag_path(order_id, bag_id, "cancel")
-
-        def parse(resp: RawResponse, p: str) -> OrderRefund:
-            return parse_cancel(resp, p, bag_id)
-
+        parse = partial(parse_cancel, bag_id=bag_id)
         return await self._post(path, req, bag_id, order_id, parse, resume_sent_at=resume_sent_at)
 
     async def list_bag_refunds(self, order_id: int, bag_id: int) -> list[OrderRefund]:
@@ -408,11 +404,20 @@ class VioletClient:
         return retrier
 
     async def _get(self, path: str, parse: Callable[[RawResponse, str], T]) -> T:
-        async def send(remaining: float | None) -> T:
-            resp = await self._send("GET", path, None, remaining)
-            return parse(resp, path)
-
-        return await self._retrier().run(send, idempotent=True, method="GET", path=path)
+        # First attempt inline; the retrier is only involved after a failure.
+        started = self._shared.clock.monotonic()
+        try:
+            return await self._attempt("GET", path, None, parse, self._retry.deadline)
+        except VioletError as exc:
+            return await self._retrier().after_first_failure(
+                exc,
+                partial(self._attempt, "GET", path, None, parse),
+                started=started,
+                sent_at_wall=0.0,
+                idempotent=True,
+                method="GET",
+                path=path,
+            )
 
     async def _post(
         self,
@@ -425,45 +430,62 @@ class VioletClient:
         resume_sent_at: float | None = None,
     ) -> OrderRefund:
         body = encode_request(request)
-
-        async def send(remaining: float | None) -> OrderRefund:
-            resp = await self._send("POST", path, body, remaining)
-            refund: OrderRefund = parse(resp, path)
-            return refund
-
-        shared = self._shared
-        reconciler: Reconciler | None = None
-
-        async def reconcile(failure: VioletError, state: CallState) -> object:
-            # Built on the first ambiguous failure only: the happy path never pays.
-            nonlocal reconciler
-            if reconciler is None:
-                reconciler = Reconciler(
-                    bag_id=bag_id,
-                    request=request,
-                    read_refunds=lambda: self.list_bag_refunds(order_id, bag_id),
-                    known=shared.known_refunds,
-                    policy=self._retry,
-                    clock=shared.clock,
-                    read_bag_status=lambda: self._read_bag_status(order_id, bag_id),
+        send = partial(self._attempt, "POST", path, body, parse)
+        if resume_sent_at is not None:
+            refund: OrderRefund = await self._retrier().run(
+                send,
+                idempotent=False,
+                method="POST",
+                path=path,
+                reconcile=self._reconciler(request, order_id, bag_id),
+                resume_sent_at=resume_sent_at,
+            )
+        else:
+            # First attempt inline: a refund that succeeds first time builds no retry
+            # state, no reconciler and no tenacity loop.
+            started = self._shared.clock.monotonic()
+            sent_at_wall = time.time()
+            try:
+                refund = await self._attempt("POST", path, body, parse, self._retry.deadline)
+            except VioletError as exc:
+                refund = await self._retrier().after_first_failure(
+                    exc,
+                    send,
+                    started=started,
+                    sent_at_wall=sent_at_wall,
+                    idempotent=False,
+                    method="POST",
+                    path=path,
+                    reconcile=self._reconciler(request, order_id, bag_id),
                 )
-            return await reconciler(failure, state)
-
-        refund: OrderRefund = await self._retrier().run(
-            send,
-            idempotent=False,
-            method="POST",
-            path=path,
-            reconcile=reconcile,
-            resume_sent_at=resume_sent_at,
-        )
-        shared.known_refunds.add(refund.id)
+        self._shared.known_refunds.add(refund.id)
         return refund
 
-    async def _send(
-        self, method: str, path: str, body: bytes | None, remaining: float | None
-    ) -> RawResponse:
-        """One attempt: token, send, one renewal on an expired token, status check."""
+    def _reconciler(
+        self, request: RefundBagRequest | CancelBagRequest, order_id: int, bag_id: int
+    ) -> Reconciler:
+        """The read-back for one call's ambiguous failures (built only when needed)."""
+        shared = self._shared
+        return Reconciler(
+            bag_id=bag_id,
+            request=request,
+            read_refunds=partial(self.list_bag_refunds, order_id, bag_id),
+            known=shared.known_refunds,
+            policy=self._retry,
+            clock=shared.clock,
+            read_bag_status=partial(self._read_bag_status, order_id, bag_id),
+        )
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        parse: Callable[[RawResponse, str], T],
+        remaining: float | None,
+    ) -> T:
+        """One attempt: token, send, one renewal on an expired token, status check,
+        parse. ``remaining`` is what is left of the call's deadline."""
         shared = self._shared
         if remaining is not None and remaining <= 0:
             raise APITimeoutError(
@@ -503,7 +525,7 @@ class VioletClient:
             raise api_error_from_response(
                 resp.status, resp.body, resp.headers, method=method, path=path
             )
-        return resp
+        return parse(resp, path)
 
     @staticmethod
     async def _token(renewal: Awaitable[str]) -> str:
@@ -558,6 +580,17 @@ class VioletClient:
         """The bag's status, for cancel reconciliation."""
         bag = (await self.get_order(order_id)).bag(bag_id)
         return bag.status if bag is not None else None
+
+
+def _unless_failed(refund: OrderRefund) -> OrderRefund:
+    """A 2xx refund whose status is FAILED is an error carrying the refund."""
+    if refund.status is RefundStatus.FAILED:
+        reasons = "; ".join(e.error_message or "" for e in refund.errors)
+        raise RefundFailedError(
+            f"refund {refund.id} on bag {refund.bag_id} failed: {reasons or 'no reason given'}",
+            refund=refund,
+        )
+    return refund
 
 
 R = TypeVar("R", RefundBagRequest, CancelBagRequest)

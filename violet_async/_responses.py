@@ -51,7 +51,7 @@ def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
     return refunds
 
 
-def parse_cancel(resp: RawResponse, path: str, bag_id: int) -> OrderRefund:
+def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
     data = decode(resp.body, status=resp.status, method="POST", path=path)
     if not ((isinstance(data, dict) and "cancelled_bags" in data) or _is_cancel_status(data)):
         return structure(

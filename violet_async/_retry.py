@@ -282,6 +282,35 @@ class Retrier:
             reconcile=reconcile,
         )
 
+    async def after_first_failure(
+        self,
+        failure: VioletError,
+        send: Callable[[float | None], Awaitable[T]],
+        *,
+        started: float,
+        sent_at_wall: float,
+        idempotent: bool,
+        method: str,
+        path: str,
+        reconcile: ReconcileFn | None = None,
+    ) -> T:
+        """Take over a call whose first attempt the caller made itself (at monotonic
+        ``started``, wall ``sent_at_wall``) and which failed with ``failure``. This is
+        how the client keeps the retry machinery off the happy path entirely."""
+        deadline = None if self.policy.deadline is None else started + self.policy.deadline
+        state = CallState(started=started, deadline=deadline)
+        state.attempts = 1
+        state.sent_at_wall = sent_at_wall
+        return await self._recover(
+            failure,
+            send,
+            state,
+            idempotent=idempotent,
+            method=method,
+            path=path,
+            reconcile=reconcile,
+        )
+
     async def _recover(
         self,
         failure: VioletError,
