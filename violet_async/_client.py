@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import enum
-import ipaddress
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import attrs
 
 from ._auth import Auth, Credentials, is_token_expired_error
+from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
 from ._converter import encode_request
 from ._reconcile import KnownRefunds, Reconciler
 from ._responses import parse_cancel, parse_order, parse_refund, parse_refund_list
@@ -42,47 +39,13 @@ from .models import (
 )
 from .models._validators import check_id
 
+if TYPE_CHECKING:
+    # Only _transport.py uses aiohttp's client; here it is a type in a signature.
+    import aiohttp
+
 __all__ = ["Environment", "VioletClient"]
 
 T = TypeVar("T")
-
-
-class Environment(enum.Enum):
-    """Violet's hosts. App secrets differ between the two."""
-
-    SANDBOX = "https://sandbox-api.violet.io/v1"
-    PRODUCTION = "https://api.violet.io/v1"
-
-
-class _Unset(enum.Enum):
-    UNSET = enum.auto()
-
-
-UNSET = _Unset.UNSET
-
-
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RequestValidationError("base_url", f"must be an http(s) URL, got {base_url!r}")
-    if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
-        raise RequestValidationError(
-            "base_url",
-            "plain http sends the app secret in clear text; use https, a loopback "
-            "address, or pass allow_insecure_http=True",
-        )
-    return base_url.rstrip("/")
 
 
 @attrs.define
@@ -142,7 +105,7 @@ class VioletClient:
             )
         if not isinstance(environment, Environment):
             raise RequestValidationError("environment", "must be an Environment")
-        url = _check_base_url(
+        url = check_base_url(
             base_url if base_url is not None else environment.value,
             allow_insecure_http=allow_insecure_http,
         )
@@ -184,30 +147,8 @@ class VioletClient:
         ``VIOLET_PASSWORD``, ``VIOLET_TOKEN``, ``VIOLET_REFRESH_TOKEN``, ``VIOLET_ENV``
         (sandbox | production), ``VIOLET_BASE_URL``. Keyword arguments win.
         """
-        env = os.environ if environ is None else environ
-
-        def required(name: str) -> str:
-            value = env.get(name, "").strip()
-            if not value:
-                raise RequestValidationError(name, "is not set")
-            return value
-
-        raw_id = required("VIOLET_APP_ID")
-        if not raw_id.isdigit():
-            raise RequestValidationError("VIOLET_APP_ID", "must be a positive integer")
-        kwargs: dict[str, Any] = {
-            "username": env.get("VIOLET_USERNAME") or None,
-            "password": env.get("VIOLET_PASSWORD") or None,
-            "token": env.get("VIOLET_TOKEN") or None,
-            "refresh_token": env.get("VIOLET_REFRESH_TOKEN") or None,
-            "base_url": env.get("VIOLET_BASE_URL") or None,
-        }
-        env_name = (env.get("VIOLET_ENV") or "sandbox").strip().lower()
-        if env_name not in ("sandbox", "production"):
-            raise RequestValidationError("VIOLET_ENV", "must be 'sandbox' or 'production'")
-        kwargs["environment"] = Environment[env_name.upper()]
-        kwargs.update(overrides)
-        return cls(int(raw_id), required("VIOLET_APP_SECRET"), **kwargs)
+        app_id, app_secret, settings = settings_from_env(os.environ if environ is None else environ)
+        return cls(app_id, app_secret, **{**settings, **overrides})
 
     def with_options(
         self,

@@ -1,0 +1,78 @@
+"""Client configuration: Violet's hosts, the base-URL rules, and ``VIOLET_*`` variables."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from .exceptions import RequestValidationError
+
+__all__ = ["UNSET", "Environment", "check_base_url", "settings_from_env"]
+
+
+class Environment(enum.Enum):
+    """Violet's hosts. App secrets differ between the two."""
+
+    SANDBOX = "https://sandbox-api.violet.io/v1"
+    PRODUCTION = "https://api.violet.io/v1"
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+UNSET = _Unset.UNSET
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestValidationError("base_url", f"must be an http(s) URL, got {base_url!r}")
+    if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
+        raise RequestValidationError(
+            "base_url",
+            "plain http sends the app secret in clear text; use https, a loopback "
+            "address, or pass allow_insecure_http=True",
+        )
+    return base_url.rstrip("/")
+
+
+def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]:
+    """``(app_id, app_secret, keyword arguments)`` from ``VIOLET_*`` variables; a missing
+    or malformed variable raises RequestValidationError naming it."""
+
+    def required(name: str) -> str:
+        value = env.get(name, "").strip()
+        if not value:
+            raise RequestValidationError(name, "is not set")
+        return value
+
+    raw_id = required("VIOLET_APP_ID")
+    if not raw_id.isdigit():
+        raise RequestValidationError("VIOLET_APP_ID", "must be a positive integer")
+    kwargs: dict[str, Any] = {
+        "username": env.get("VIOLET_USERNAME") or None,
+        "password": env.get("VIOLET_PASSWORD") or None,
+        "token": env.get("VIOLET_TOKEN") or None,
+        "refresh_token": env.get("VIOLET_REFRESH_TOKEN") or None,
+        "base_url": env.get("VIOLET_BASE_URL") or None,
+    }
+    env_name = (env.get("VIOLET_ENV") or "sandbox").strip().lower()
+    if env_name not in ("sandbox", "production"):
+        raise RequestValidationError("VIOLET_ENV", "must be 'sandbox' or 'production'")
+    kwargs["environment"] = Environment[env_name.upper()]
+    return int(raw_id), required("VIOLET_APP_SECRET"), kwargs
