@@ -16,16 +16,13 @@ import orjson
 from aiohttp import web
 
 from .._client import VioletClient
-from .._transport import Timeouts, Transport
-from ..exceptions import VioletError
-from ..webhooks import sign
 from ._faults import COMMIT_FAULTS, Fault, FaultDrawer, FaultPlan, FaultScript
 from ._state import FakeBag, FakeOrder, Ledger, RuleViolation, Store
+from ._webhook_sender import WebhookSender
 
 __all__ = ["FakeViolet"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_WEBHOOK_TIMEOUTS = Timeouts(connect=2.0, read=10.0)
 
 
 def _b64(data: bytes) -> str:
@@ -81,13 +78,9 @@ class FakeViolet:
         self.store = Store(app_id)
         self.store.processing_reads = processing_reads
         self.store.on_commit = self._on_commit
-        self.webhook_retry_delay = webhook_retry_delay
-        self.webhook_attempts = webhook_attempts
-        self.webhook_deliveries: list[dict[str, Any]] = []
-        self._webhook_urls: list[str] = []
-        self._webhook_tasks: set[asyncio.Task[None]] = set()
-        self._webhook_transport: Transport | None = None
-        self._event_serial = 0
+        self.webhooks = WebhookSender(
+            self.app_secret, retry_delay=webhook_retry_delay, attempts=webhook_attempts
+        )
         self.seeded = self.store.generate(orders, seed) if orders else []
         self.faults = FaultDrawer(faults or FaultPlan.none())
         self._script = FaultScript()
@@ -132,13 +125,7 @@ class FakeViolet:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        tasks = list(self._webhook_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._webhook_transport is not None:
-            await self._webhook_transport.aclose()
-            self._webhook_transport = None
+        await self.webhooks.aclose()
 
     async def __aenter__(self) -> FakeViolet:
         return await self.start()
@@ -184,56 +171,22 @@ class FakeViolet:
     def register_webhook(self, url: str) -> None:
         """POST a signed ORDER_REFUNDED / ORDER_CANCELLED to ``url`` on every commit,
         retrying non-2xx answers like Violet does (10 attempts, compressed timing)."""
-        self._webhook_urls.append(url)
+        self.webhooks.urls.append(url)
 
     async def drain_webhooks(self) -> None:
         """Wait until every webhook delivery has succeeded or given up."""
-        while self._webhook_tasks:
-            await asyncio.gather(*list(self._webhook_tasks), return_exceptions=True)
+        await self.webhooks.drain()
+
+    @property
+    def webhook_deliveries(self) -> list[dict[str, Any]]:
+        """One record per event: event_id, topic, order_id, bag_id, attempts, status."""
+        return self.webhooks.deliveries
 
     def _on_commit(self, bag: FakeBag, record: dict[str, Any]) -> None:
-        if not self._webhook_urls:
-            return
-        topic = "ORDER_CANCELLED" if bag.status == "CANCELED" else "ORDER_REFUNDED"
-        body = orjson.dumps(self.store.order(bag.order_id).to_json())
-        for url in self._webhook_urls:
-            self._event_serial += 1
-            headers = {
-                "Content-Type": "application/json",
-                "X-Violet-Hmac": sign(body, self.app_secret),
-                "X-Violet-Event-Id": f"evt-{self._event_serial}",
-                "X-Violet-Order-Id": str(bag.order_id),
-                "X-Violet-Bag-Id": str(bag.id),
-                "X-Violet-Topic": topic,
-            }
-            task = asyncio.get_running_loop().create_task(self._deliver(url, headers, body))
-            self._webhook_tasks.add(task)
-            task.add_done_callback(self._webhook_tasks.discard)
-
-    async def _deliver(self, url: str, headers: dict[str, str], body: bytes) -> None:
-        if self._webhook_transport is None:
-            self._webhook_transport = Transport(None)
-        delivery: dict[str, Any] = {
-            "event_id": headers["X-Violet-Event-Id"],
-            "topic": headers["X-Violet-Topic"],
-            "order_id": int(headers["X-Violet-Order-Id"]),
-            "bag_id": int(headers["X-Violet-Bag-Id"]),
-            "attempts": 0,
-            "status": None,
-        }
-        self.webhook_deliveries.append(delivery)
-        for attempt in range(self.webhook_attempts):
-            delivery["attempts"] = attempt + 1
-            try:
-                response = await self._webhook_transport.send(
-                    "POST", url, headers=headers, body=body, timeouts=_WEBHOOK_TIMEOUTS
-                )
-                delivery["status"] = response.status
-                if 200 <= response.status < 300:
-                    return
-            except VioletError as exc:
-                delivery["status"] = type(exc).__name__
-            await asyncio.sleep(self.webhook_retry_delay * 2**attempt)
+        if self.webhooks.urls:
+            topic = "ORDER_CANCELLED" if bag.status == "CANCELED" else "ORDER_REFUNDED"
+            order = self.store.order(bag.order_id).to_json()
+            self.webhooks.send(topic, bag.order_id, bag.id, orjson.dumps(order))
 
     def expire_tokens(self) -> None:
         """Make every access token issued so far expired, server side (the next call
