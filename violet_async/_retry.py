@@ -227,6 +227,12 @@ class Retrier:
         self.clock = clock
         self.on_retry = on_retry
 
+    def _state(self, started: float, *, sent_at_wall: float) -> CallState:
+        deadline = None if self.policy.deadline is None else started + self.policy.deadline
+        state = CallState(started=started, deadline=deadline)
+        state.sent_at_wall = sent_at_wall
+        return state
+
     def _remaining(self, state: CallState) -> float | None:
         if state.deadline is None:
             return None
@@ -251,11 +257,8 @@ class Retrier:
     ) -> T:
         """Run one call. ``resume_sent_at`` (wall time) says an earlier process may have
         sent this request then: the bag is read back before anything is sent."""
-        policy = self.policy
         now = self.clock.monotonic()
-        state = CallState(
-            started=now, deadline=None if policy.deadline is None else now + policy.deadline
-        )
+        state = self._state(now, sent_at_wall=0.0)
         if resume_sent_at is not None and reconcile is not None:
             state.sent_at_wall = resume_sent_at
             outcome = await reconcile(
@@ -297,10 +300,8 @@ class Retrier:
         """Take over a call whose first attempt the caller made itself (at monotonic
         ``started``, wall ``sent_at_wall``) and which failed with ``failure``. This is
         how the client keeps the retry machinery off the happy path entirely."""
-        deadline = None if self.policy.deadline is None else started + self.policy.deadline
-        state = CallState(started=started, deadline=deadline)
+        state = self._state(started, sent_at_wall=sent_at_wall)
         state.attempts = 1
-        state.sent_at_wall = sent_at_wall
         return await self._recover(
             failure,
             send,
