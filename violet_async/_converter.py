@@ -98,9 +98,13 @@ def _strict(kind: type[Any]) -> Callable[[Any, Any], Any]:
 
 
 def _structure_datetime(value: Any, _type: Any) -> datetime:
-    if not isinstance(value, str):
+    if type(value) is not str:
         raise TypeError(f"expected a date string, got {type(value).__name__}")
-    return parse_datetime(value)
+    try:
+        parsed = datetime.fromisoformat(value)  # the common case, without another call
+    except ValueError:
+        return parse_datetime(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
 def _structure_open_enum(value: Any, cls: type[_OpenEnum]) -> _OpenEnum:
@@ -173,42 +177,51 @@ def _fast_structure_fn(cls: type[Any], conv: Converter) -> Callable[[Any, Any], 
         "def structure(o, _t):",
         "    if type(o) is not dict:",
         "        return slow(o, _t)",
-        "    kw = {}",
         "    try:",
     ]
+    args = []
     for index, field in enumerate(attrs.fields(cls)):
         if field.name in overrides:
             continue
         hint = hints[field.name]
         optional = _is_optional(hint)
         inner = next(a for a in typing.get_args(hint) if a is not NoneType) if optional else hint
-        key = repr(field.name)
+        key, var = repr(field.name), f"x{index}"
+        args.append(var)
         if inner in (int, str, bool):
             namespace[f"T{index}"] = inner
-            allow_none = " and v is not None" if optional else ""
+            allow_none = f" and {var} is not None" if optional else ""
             body = [
-                f"v = o[{key}]",
-                f"if type(v) is not T{index}{allow_none}:",
+                f"{var} = o[{key}]",
+                f"if type({var}) is not T{index}{allow_none}:",
                 "    raise TypeError",
-                f"kw[{key}] = v",
             ]
         elif optional:
             namespace[f"h{index}"] = conv.get_structure_hook(inner)
             namespace[f"t{index}"] = inner
-            body = [f"v = o[{key}]", f"kw[{key}] = None if v is None else h{index}(v, t{index})"]
+            body = [
+                f"{var} = o[{key}]",
+                f"if {var} is not None:",
+                f"    {var} = h{index}({var}, t{index})",
+            ]
         else:
             namespace[f"h{index}"] = conv.get_structure_hook(hint)
             namespace[f"t{index}"] = hint
-            body = [f"kw[{key}] = h{index}(o[{key}], t{index})"]
+            body = [f"{var} = h{index}(o[{key}], t{index})"]
         if field.default is attrs.NOTHING:
             lines += [f"        {line}" for line in body]
         else:
+            # A missing key takes the field's default (a factory is called each time).
+            factory = isinstance(field.default, attrs.Factory)  # type: ignore[arg-type]
+            namespace[f"d{index}"] = field.default.factory if factory else field.default
             lines.append(f"        if {key} in o:")
             lines += [f"            {line}" for line in body]
+            lines += ["        else:", f"            {var} = d{index}{'()' if factory else ''}"]
     lines += [
         "    except Exception:",
         "        return slow(o, _t)",
-        "    return cls(**kw)",
+        # Positional, in field order: no kwargs dict to build and unpack.
+        f"    return cls({', '.join(args)})",
     ]
     exec(compile("\n".join(lines), f"<violet_async structure {cls.__name__}>", "exec"), namespace)  # noqa: S102 - generated from our own attrs fields, as cattrs does
     fast: Callable[[Any, Any], Any] = namespace["structure"]
