@@ -255,6 +255,14 @@ async def test_handler_answers_fast_and_refuses_bad_requests(
         big = b"x" * 5000
         async with http.post(url, data=big, headers=signed_headers(big, "evt-z")) as r:
             assert r.status == 413
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(5):
+                yield b"x" * 1000
+
+        # An async generator body goes out chunked, with no Content-Length.
+        async with http.post(url, data=chunks(), headers=signed_headers(big, "evt-c")) as r:
+            assert r.status == 413
     gate.set()
     await handler.drain()
     assert [e.event_id for e in events] == ["evt-1"]

@@ -244,6 +244,8 @@ class WebhookHandler:
         if request.content_length is not None and request.content_length > self.receiver.max_body:
             return web.json_response({"error": "body too large"}, status=413)
         raw = await request.content.read(self.receiver.max_body + 1)
+        if len(raw) > self.receiver.max_body:  # chunked, so no Content-Length to check
+            return web.json_response({"error": "body too large"}, status=413)
         try:
             event = await self.receiver.receive(request.headers, raw)
         except WebhookSignatureError:
