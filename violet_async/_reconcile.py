@@ -31,7 +31,7 @@ two refunds. Raise ``settle_delay`` for merchants whose platforms commit slowly.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 
 import attrs
@@ -65,19 +65,13 @@ class KnownRefunds:
         return refund_id in self._ids
 
 
-def _sku_lines(
-    lines: Iterable[tuple[int | None, int | None]],
-) -> Counter[tuple[int | None, int | None]]:
-    return Counter(lines)
-
-
 def matches_refund_request(refund: OrderRefund, request: RefundBagRequest) -> bool:
     """Point 4 of the matching rule."""
     if request.amount_refunded is not None and refund.amount != request.amount_refunded:
         return False
     if request.skus and refund.skus:
-        asked = _sku_lines((s.order_sku_id, s.quantity_refunded) for s in request.skus)
-        got = _sku_lines((s.order_sku_id, s.quantity_refunded) for s in refund.skus)
+        asked = Counter((s.order_sku_id, s.quantity_refunded) for s in request.skus)
+        got = Counter((s.order_sku_id, s.quantity_refunded) for s in refund.skus)
         if asked != got:
             return False
     return not (
@@ -150,7 +144,6 @@ class Reconciler:
                 read_error = exc
                 continue
             misses += 1
-            state.read_backs += 1
             candidates = self._candidates(refunds, state)
             if len(candidates) > 1:
                 raise AmbiguousOutcomeError(

@@ -201,13 +201,11 @@ ReconcileFn = Callable[[VioletError, "CallState"], Awaitable[Any]]
 class CallState:
     """Book-keeping of one call across its attempts (slotted: one per call)."""
 
-    __slots__ = ("attempts", "deadline", "read_backs", "sent_at_wall", "started")
+    __slots__ = ("attempts", "deadline", "sent_at_wall")
 
-    def __init__(self, started: float, deadline: float | None) -> None:
-        self.started = started
+    def __init__(self, deadline: float | None) -> None:
         self.deadline = deadline
         self.attempts = 0
-        self.read_backs = 0
         self.sent_at_wall = 0.0
 
 
@@ -229,7 +227,7 @@ class Retrier:
 
     def _state(self, started: float, *, sent_at_wall: float) -> CallState:
         deadline = None if self.policy.deadline is None else started + self.policy.deadline
-        state = CallState(started=started, deadline=deadline)
+        state = CallState(deadline)
         state.sent_at_wall = sent_at_wall
         return state
 
