@@ -273,3 +273,12 @@ async def test_stop_applies_pending_late_commits() -> None:
             )
         assert fake.ledger.total_refunds == 0
     assert fake.ledger.total_refunds == 1
+
+
+def test_named_plans() -> None:
+    """The CLI's --faults names map to the plans; an unknown name is refused."""
+    assert FaultPlan.named("none") == FaultPlan.none()
+    assert FaultPlan.named("moderate", 3) == FaultPlan.moderate(3)
+    assert FaultPlan.named("chaos", 3) == FaultPlan.chaos(3)
+    with pytest.raises(ValueError, match="unknown fault plan"):
+        FaultPlan.named("mayhem")

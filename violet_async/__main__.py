@@ -13,18 +13,16 @@ from pathlib import Path
 from . import _batch_cli
 from ._demo import run_demo
 from .testing import FakeViolet, FaultPlan
+from .testing._faults import PLAN_NAMES
 
 __all__ = ["main"]
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    plan = FaultPlan.chaos(args.seed) if args.faults == "chaos" else None
-    if args.faults == "moderate":
-        plan = FaultPlan.moderate(args.seed)
     fake = FakeViolet(
         orders=args.orders,
         seed=args.seed,
-        faults=plan,
+        faults=FaultPlan.named(args.faults, args.seed),
         host="127.0.0.1",
         port=args.port,
         token_lifetime=args.token_lifetime,
@@ -59,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--bags", type=int, default=300)
     demo.add_argument("--concurrency", type=int, default=16)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--faults", choices=("none", "moderate", "chaos"), default="moderate")
+    demo.add_argument("--faults", choices=PLAN_NAMES, default="moderate")
 
     for kind in ("refund", "cancel"):
         batch = sub.add_parser(
@@ -95,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--orders", type=int, default=1000)
     serve.add_argument("--seed", type=int, default=1)
-    serve.add_argument("--faults", choices=("none", "moderate", "chaos"), default="none")
+    serve.add_argument("--faults", choices=PLAN_NAMES, default="none")
     serve.add_argument("--token-lifetime", type=float, default=24 * 3600.0)
     serve.add_argument("--cancel-response", choices=("refund", "cancellation"), default="refund")
     return parser

@@ -16,14 +16,6 @@ from .testing import FakeViolet, FaultPlan
 __all__ = ["run_demo"]
 
 
-def _plan(name: str, seed: int) -> FaultPlan:
-    if name == "chaos":
-        return FaultPlan.chaos(seed)
-    if name == "moderate":
-        return FaultPlan.moderate(seed)
-    return FaultPlan.none()
-
-
 async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
     """Refund two thirds of ``bags`` (half of them partly) and cancel the rest through
     the batch runner with a journal, then print what happened and what the server's
@@ -43,7 +35,7 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         journal = Path(scratch) / "demo.journal.jsonl"
-        async with FakeViolet(orders=bags, seed=seed, faults=_plan(faults, seed)) as fake:
+        async with FakeViolet(orders=bags, seed=seed, faults=FaultPlan.named(faults, seed)) as fake:
             print(f"FakeViolet on {fake.base_url}: {bags} bags, faults={faults}")
             items = []
             for line, (order_id, bag_id) in enumerate(fake.seeded, start=1):

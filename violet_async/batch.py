@@ -316,18 +316,14 @@ async def _process(
             refund = await client._cancel(
                 item.order_id, item.bag_id, item.request, resume_sent_at=resume_at
             )
-    except AmbiguousOutcomeError as exc:
-        if log is not None:
-            await log.record(
-                item.line, item.key, "unknown", error=type(exc).__name__, message=str(exc)
-            )
-        return _result(item, "unknown", stats, error=exc)
     except VioletError as exc:
+        # An ambiguous outcome is "unknown": a resume reads it back, never skips it.
+        outcome: Outcome = "unknown" if isinstance(exc, AmbiguousOutcomeError) else "failed"
         if log is not None:
             await log.record(
-                item.line, item.key, "failed", error=type(exc).__name__, message=str(exc)
+                item.line, item.key, outcome, error=type(exc).__name__, message=str(exc)
             )
-        return _result(item, "failed", stats, error=exc)
+        return _result(item, outcome, stats, error=exc)
     if limiter is not None:
         limiter.speed_up()
     if log is not None:

@@ -93,6 +93,18 @@ class FaultPlan:
         return cls()
 
     @classmethod
+    def named(cls, name: str, seed: int = 0) -> FaultPlan:
+        """The plan called ``name`` in :data:`PLAN_NAMES` (what the CLI's ``--faults``
+        takes)."""
+        if name == "chaos":
+            return cls.chaos(seed)
+        if name == "moderate":
+            return cls.moderate(seed)
+        if name == "none":
+            return cls.none()
+        raise ValueError(f"unknown fault plan {name!r}; choose from {', '.join(PLAN_NAMES)}")
+
+    @classmethod
     def moderate(cls, seed: int = 0) -> FaultPlan:
         """A few percent of everything: what the demo runs."""
         return cls(
@@ -122,6 +134,10 @@ class FaultPlan:
             retry_after="0",
             late_commit_delay=0.05,
         )
+
+
+#: Names accepted by :meth:`FaultPlan.named`.
+PLAN_NAMES = ("none", "moderate", "chaos")
 
 
 class FaultScript:
