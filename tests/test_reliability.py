@@ -135,8 +135,9 @@ async def test_wrong_content_type_is_still_read() -> None:
 
 
 async def test_slow_loris_answer_respects_timeouts_and_reconciles() -> None:
-    """The answer stalls after half its body: the read timeout fires, the bag is read
-    back, and the committed refund is returned; one refund in the ledger."""
+    """The answer stalls after half its body: the attempt's timeout (connect + read)
+    fires, the bag is read back, and the committed refund is returned; one refund in
+    the ledger."""
     plan = FaultPlan(slow_body_delay=1.2)
     async with FakeViolet(orders=1, faults=plan) as fake:
         order_id, bag_id = fake.seeded[0]
@@ -144,15 +145,52 @@ async def test_slow_loris_answer_respects_timeouts_and_reconciles() -> None:
         async with make_client(
             fake,
             None,
-            timeouts=Timeouts(read=0.3),
+            timeouts=Timeouts(connect=0.2, read=0.3),
             retry=RetryPolicy(deadline=3.0, settle_delay=0.05),
         ) as client:
             started = time.perf_counter()
             refund = await client.refund_bag(order_id, bag_id, amount_refunded=7)
             elapsed = time.perf_counter() - started
         assert refund.reconciled
-        assert elapsed < 1.0  # the read timeout (0.3 s), not the 1.2 s stall
+        assert elapsed < 1.0  # the attempt's 0.5 s, not the 1.2 s stall
         assert fake.ledger.refunds_per_bag[bag_id] == 1
+
+
+async def test_a_trickled_body_cannot_outlast_the_attempt() -> None:
+    """A body sent a byte every 50 ms never leaves the socket idle for long, yet the
+    attempt still ends at connect + read: a per-read timer would wait for the deadline."""
+    stop = asyncio.Event()
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for byte in b"[" + b" " * 200 + b"]":
+            if stop.is_set():
+                break
+            await response.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/orders/1/bags/2/refunds", trickle)
+    async with serve(app) as base:
+        client = VioletClient(
+            1,
+            "s",
+            token="t",
+            base_url=base,
+            allow_insecure_http=True,
+            timeouts=Timeouts(connect=0.1, read=0.3),
+            retry=RetryPolicy.disabled(),
+        )
+        async with client:
+            started = time.perf_counter()
+            with pytest.raises(APITimeoutError) as info:
+                await client.list_bag_refunds(1, 2)
+            elapsed = time.perf_counter() - started
+        stop.set()
+    assert info.value.request_sent
+    assert 0.3 <= elapsed < 1.5  # 0.4 s attempt; the trickle alone would take 10 s
 
 
 async def test_deadline_cuts_a_slow_answer() -> None:
