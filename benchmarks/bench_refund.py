@@ -1,19 +1,23 @@
 """refund_bag throughput and client CPU: the SDK vs raw aiohttp + orjson (the limit) vs
 a plain httpx + pydantic v2 client (what a user would otherwise write).
 
-FakeViolet runs in its own process (faults off) on 127.0.0.1. Short rounds are
-interleaved (SDK, raw, httpx, SDK, ...) so machine drift cancels out, and medians
-are reported. Prints calls/s, client CPU
-microseconds per call and the ratios, and writes the same to JSON.
+FakeViolet runs in its own process (faults off) on 127.0.0.1, and so does each client:
+one worker process per client, so that no client's objects, timers or garbage weigh on
+another's measurements. A coordinator runs short rounds in turn (SDK, raw, httpx, then
+rotated), so machine drift cancels out, and reports medians. Ratios are the median of
+each round against its neighbouring rounds of the other client. Prints calls/s, client
+CPU microseconds per call (the worker's own process time) and the ratios, and writes
+the same to JSON.
 
     pip install -e '.[bench]'
-    python benchmarks/bench_refund.py [--calls 500] [--rounds 12] [--json results.json]
+    python benchmarks/bench_refund.py [--calls 500] [--rounds 15] [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import platform
 import statistics
@@ -22,6 +26,7 @@ import sys
 import time
 import timeit
 from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import aiohttp
@@ -30,8 +35,10 @@ import orjson
 import pydantic
 
 from violet_async import OrderRefund, RefundBagRequest, RetryPolicy, VioletClient
-from violet_async._converter import converter, encode_request
+from violet_async._converter import encode_request
+from violet_async._responses import parse_refund
 from violet_async._retry import SYSTEM_CLOCK, Retrier
+from violet_async._transport import RawResponse
 
 ORDERS = 2000
 FIRST_ORDER, FIRST_BAG = 100_001, 200_001  # FakeViolet's deterministic seeding
@@ -121,67 +128,119 @@ async def run_round(
     return time.perf_counter() - wall0, time.process_time() - cpu0
 
 
-async def end_to_end(info: dict[str, str], calls: int, rounds: int) -> dict[str, Any]:
+def login(info: dict[str, str]) -> str:
+    async def go() -> str:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                info["base_url"] + "/login",
+                headers={
+                    "X-Violet-App-Id": info["app_id"],
+                    "X-Violet-App-Secret": info["app_secret"],
+                },
+                data=orjson.dumps({"username": info["username"], "password": info["password"]}),
+            ) as r,
+        ):
+            token: str = (await r.json())["token"]
+            return token
+
+    return asyncio.run(go())
+
+
+async def open_client(
+    kind: str, info: dict[str, str], token: str
+) -> tuple[Callable[[int, int], Awaitable[Any]], Callable[[], Awaitable[None]]]:
+    """The call under test for ``kind`` and a coroutine that closes its client."""
     base, app_id, secret = info["base_url"], int(info["app_id"]), info["app_secret"]
     body = orjson.dumps({"amount_refunded": 1})
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            base + "/login",
-            headers={"X-Violet-App-Id": str(app_id), "X-Violet-App-Secret": secret},
-            data=orjson.dumps({"username": info["username"], "password": info["password"]}),
-        ) as r,
-    ):
-        token = (await r.json())["token"]
     headers = {
         "X-Violet-App-Id": str(app_id),
         "X-Violet-App-Secret": secret,
         "X-Violet-Token": token,
         "Content-Type": "application/json",
     }
-    results: dict[str, Any] = {}
+    if kind == "sdk":
+        sdk = VioletClient(app_id, secret, token=token, base_url=base, retry=RetryPolicy())
+        await sdk.__aenter__()
+
+        async def sdk_call(o: int, b: int) -> OrderRefund:
+            return await sdk.refund_bag(o, b, amount_refunded=1)
+
+        return sdk_call, sdk.aclose
+    if kind == "raw":
+        raw = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+
+        async def raw_call(o: int, b: int) -> Any:
+            url = f"{base}/orders/{o}/bags/{b}/refunds"
+            async with raw.post(url, data=body, headers=headers) as resp:
+                return orjson.loads(await resp.read())
+
+        return raw_call, raw.close
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    hx = httpx.AsyncClient(base_url=base, headers=headers, limits=limits)
+
+    async def httpx_call(o: int, b: int) -> PydRefund:
+        resp = await hx.post(f"/orders/{o}/bags/{b}/refunds", content=body)
+        return PydRefund.model_validate_json(resp.content)
+
+    return httpx_call, hx.aclose
+
+
+def client_worker(
+    kind: str, info: dict[str, str], token: str, concurrency: int, conn: Connection
+) -> None:
+    """One client in its own process: runs a round each time the coordinator asks."""
+    loop = asyncio.new_event_loop()
+    call, close = loop.run_until_complete(open_client(kind, info, token))
     bags = Bags()
+    loop.run_until_complete(run_round(call, bags, 200, concurrency))  # warm up
+    conn.send("ready")
+    while (calls := conn.recv()) is not None:
+        conn.send(loop.run_until_complete(run_round(call, bags, calls, concurrency)))
+    loop.run_until_complete(close())
+    loop.close()
+    conn.close()
+
+
+def end_to_end(info: dict[str, str], kinds: list[str], calls: int, rounds: int) -> dict[str, Any]:
+    token = login(info)
+    ctx = multiprocessing.get_context("spawn")
+    results: dict[str, Any] = {}
     for concurrency in (1, 16, 64):
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-        async with (
-            VioletClient(app_id, secret, token=token, base_url=base, retry=RetryPolicy()) as sdk,
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as raw,
-            httpx.AsyncClient(base_url=base, headers=headers, limits=limits) as hx,
-        ):
-
-            async def sdk_call(o: int, b: int) -> OrderRefund:
-                return await sdk.refund_bag(o, b, amount_refunded=1)
-
-            async def raw_call(o: int, b: int) -> Any:
-                url = f"{base}/orders/{o}/bags/{b}/refunds"
-                async with raw.post(url, data=body, headers=headers) as resp:
-                    return orjson.loads(await resp.read())
-
-            async def httpx_call(o: int, b: int) -> PydRefund:
-                resp = await hx.post(f"/orders/{o}/bags/{b}/refunds", content=body)
-                return PydRefund.model_validate_json(resp.content)
-
-            clients = {"sdk": sdk_call, "raw": raw_call, "httpx": httpx_call}
-            if os.environ.get("BENCH_NO_HTTPX"):
-                clients.pop("httpx")
-            for call in clients.values():  # warm up connections and code paths
-                await run_round(call, bags, 200, concurrency)
-            per_round: dict[str, list[tuple[float, float]]] = {name: [] for name in clients}
-            for _ in range(rounds):
-                for name, call in clients.items():
-                    per_round[name].append(await run_round(call, bags, calls, concurrency))
-        # Medians of short interleaved rounds: steadier than totals on a shared machine.
+        workers = {}
+        for kind in kinds:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=client_worker, args=(kind, info, token, concurrency, child))
+            proc.start()
+            workers[kind] = (proc, parent)
+        for _, conn in workers.values():
+            assert conn.recv() == "ready"
+        per_round: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
+        for index in range(rounds):
+            # Rotate who goes first, so no client always follows the same neighbour.
+            for kind in kinds[index % len(kinds) :] + kinds[: index % len(kinds)]:
+                conn = workers[kind][1]
+                conn.send(calls)
+                per_round[kind].append(conn.recv())
+        for proc, conn in workers.values():
+            conn.send(None)
+            proc.join()
         row: dict[str, Any] = {
-            name: {
+            kind: {
                 "calls_per_s": calls / statistics.median(w for w, _ in rounds_),
                 "cpu_us_per_call": statistics.median(c for _, c in rounds_) / calls * 1e6,
             }
-            for name, rounds_ in per_round.items()
+            for kind, rounds_ in per_round.items()
         }
-        row["ratio_sdk_raw"] = row["sdk"]["calls_per_s"] / row["raw"]["calls_per_s"]
-        if "httpx" in row:
-            row["ratio_sdk_httpx"] = row["sdk"]["calls_per_s"] / row["httpx"]["calls_per_s"]
-        row["cpu_overhead_us"] = row["sdk"]["cpu_us_per_call"] - row["raw"]["cpu_us_per_call"]
+        sdk = per_round["sdk"]
+        for other in kinds[1:]:
+            # Throughput ratio round by round (same calls, so wall times invert).
+            row[f"ratio_sdk_{other}"] = statistics.median(
+                o[0] / s[0] for s, o in zip(sdk, per_round[other], strict=True)
+            )
+        row["cpu_overhead_us"] = statistics.median(
+            (s[1] - r[1]) / calls * 1e6 for s, r in zip(sdk, per_round["raw"], strict=True)
+        )
         results[f"c{concurrency}"] = row
     return results
 
@@ -217,6 +276,7 @@ def micro() -> dict[str, float]:
             "tax_amount": None,
         }
     )
+    response = RawResponse(200, {}, raw)
     n = 20_000
 
     def per_call(fn: Callable[[], object]) -> float:
@@ -241,7 +301,8 @@ def micro() -> dict[str, float]:
         return (time.perf_counter() - start) / n * 1e6
 
     return {
-        "structure_sdk_us": per_call(lambda: converter.structure(orjson.loads(raw), OrderRefund)),
+        # What the client runs on a response's bytes: decode, check, build the model.
+        "structure_sdk_us": per_call(lambda: parse_refund(response, "/p")),
         "structure_pydantic_us": per_call(lambda: PydRefund.model_validate_json(raw)),
         "request_build_validate_serialize_us": per_call(
             lambda: encode_request(RefundBagRequest(amount_refunded=1000, reason="r"))
@@ -253,33 +314,44 @@ def micro() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=500, help="calls per round")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--skip-httpx", action="store_true", help="SDK and raw aiohttp only")
     parser.add_argument("--json", default="benchmarks/results.json")
     args = parser.parse_args()
+    kinds = ["sdk", "raw"] if args.skip_httpx else ["sdk", "raw", "httpx"]
     proc, info = start_server()
     try:
-        e2e = asyncio.run(end_to_end(info, args.calls, args.rounds))
+        e2e = end_to_end(info, kinds, args.calls, args.rounds)
     finally:
         proc.terminate()
         proc.wait()
     figures = micro()
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}"
     )
     print(f"machine: {machine}")
-    print(
-        f"{'conc':>5} {'sdk/s':>9} {'raw/s':>9} {'httpx/s':>9} {'sdk/raw':>8} "
-        f"{'sdk/httpx':>9} {'cpu sdk':>8} {'cpu raw':>8} {'cpu httpx':>9} {'overhead':>9}"
-    )
+    columns = ["conc", "sdk/s", "raw/s", "sdk/raw", "cpu sdk", "cpu raw", "overhead"]
+    if "httpx" in kinds:
+        columns[3:3] = ["httpx/s"]
+        columns[5:5] = ["sdk/httpx"]
+        columns.append("cpu httpx")
+    print(" ".join(f"{c:>9}" for c in columns))
     for key, row in e2e.items():
-        print(
-            f"{key[1:]:>5} {row['sdk']['calls_per_s']:>9.0f} {row['raw']['calls_per_s']:>9.0f} "
-            f"{row['httpx']['calls_per_s']:>9.0f} {row['ratio_sdk_raw']:>7.2f}x "
-            f"{row['ratio_sdk_httpx']:>8.2f}x {row['sdk']['cpu_us_per_call']:>7.0f}µ "
-            f"{row['raw']['cpu_us_per_call']:>7.0f}µ {row['httpx']['cpu_us_per_call']:>8.0f}µ "
-            f"{row['cpu_overhead_us']:>8.1f}µ"
-        )
+        cells = {
+            "conc": key[1:],
+            "sdk/s": f"{row['sdk']['calls_per_s']:.0f}",
+            "raw/s": f"{row['raw']['calls_per_s']:.0f}",
+            "sdk/raw": f"{row['ratio_sdk_raw']:.2f}x",
+            "cpu sdk": f"{row['sdk']['cpu_us_per_call']:.0f}µs",
+            "cpu raw": f"{row['raw']['cpu_us_per_call']:.0f}µs",
+            "overhead": f"{row['cpu_overhead_us']:.1f}µs",
+        }
+        if "httpx" in row:
+            cells["httpx/s"] = f"{row['httpx']['calls_per_s']:.0f}"
+            cells["sdk/httpx"] = f"{row['ratio_sdk_httpx']:.2f}x"
+            cells["cpu httpx"] = f"{row['httpx']['cpu_us_per_call']:.0f}µs"
+        print(" ".join(f"{cells[c]:>9}" for c in columns))
     for name, value in figures.items():
         print(f"{name:<40} {value:8.2f} µs")
     with open(args.json, "wb") as out:
