@@ -203,6 +203,9 @@ def test_known_refunds_is_bounded() -> None:
     assert 1 not in known
     assert 2 in known
     assert 3 in known
+    known.add(3)  # already known: neither stored twice nor evicting anything
+    assert len(known) == 2
+    assert 2 in known
 
 
 async def test_a_failed_read_back_is_tried_again(client: VioletClient, fake: FakeViolet) -> None:

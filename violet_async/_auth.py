@@ -125,19 +125,22 @@ class Auth:
         exp = jwt_expiry(token)
         return exp if exp is not None else self._now() + DEFAULT_TOKEN_LIFETIME
 
-    def _fresh(self) -> bool:
-        if self._token is None:
-            return False
-        if not self.can_renew:
-            return True  # a static token is used until Violet says it expired
-        return self._now() < self._renew_at
+    def current(self) -> str | None:
+        """The token when it needs no renewal, else None (then await :meth:`token`).
+        Synchronous, so the common case costs no coroutine."""
+        token = self._token
+        # A static token is used until Violet says it expired.
+        if token is not None and (self._now() < self._renew_at or not self.can_renew):
+            return token
+        return None
 
     async def token(self) -> str:
         """A token that is not about to expire; logs in or refreshes when needed."""
-        if self._fresh():
-            return self._token  # type: ignore[return-value]
+        token = self.current()
+        if token is not None:
+            return token
         async with self._lock:
-            if not self._fresh():  # another call may have renewed while we waited
+            if self.current() is None:  # another call may have renewed while we waited
                 await self._renew()
         return self._token  # type: ignore[return-value]
 

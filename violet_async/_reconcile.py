@@ -30,7 +30,7 @@ two refunds. Raise ``settle_delay`` for merchants whose platforms commit slowly.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 
@@ -50,19 +50,24 @@ class KnownRefunds:
     """Refund ids this client already returned to a caller (bounded, oldest evicted)."""
 
     def __init__(self, capacity: int = 10_000) -> None:
-        self._ids: OrderedDict[int, None] = OrderedDict()
+        # A set to look up, a deque for the order: add is three C calls on the hot path.
+        self._ids: set[int] = set()
+        self._order: deque[int] = deque()
         self._capacity = capacity
 
     def add(self, refund_id: int | None) -> None:
-        if refund_id is None:
+        if refund_id is None or refund_id in self._ids:
             return
-        self._ids[refund_id] = None
-        self._ids.move_to_end(refund_id)
-        if len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
+        self._ids.add(refund_id)
+        self._order.append(refund_id)
+        if len(self._order) > self._capacity:
+            self._ids.discard(self._order.popleft())
 
     def __contains__(self, refund_id: object) -> bool:
         return refund_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def matches_refund_request(refund: OrderRefund, request: RefundBagRequest) -> bool:
