@@ -114,6 +114,9 @@ def test_constructor_validates_its_arguments() -> None:
         VioletClient(1, "s")
     with pytest.raises(RequestValidationError, match="base_url"):
         VioletClient(1, "s", token="t", base_url="ftp://x")
+    for url in ("https://api.violet.io/v1?debug=1", "https://api.violet.io/v1#x"):
+        with pytest.raises(RequestValidationError, match=r"base_url.*query or fragment"):
+            VioletClient(1, "s", token="t", base_url=url)
     with pytest.raises(RequestValidationError, match="environment"):
         VioletClient(1, "s", token="t", environment="sandbox")  # type: ignore[arg-type]
 

@@ -16,7 +16,7 @@ from ._converter import encode_request
 from ._reconcile import KnownRefunds, Reconciler
 from ._responses import parse_cancel, parse_order, parse_refund, parse_refund_list
 from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
-from ._transport import USER_AGENT, RawResponse, Timeouts, Transport
+from ._transport import USER_AGENT, BaseURL, RawResponse, Timeouts, Transport
 from .exceptions import (
     APITimeoutError,
     AuthenticationError,
@@ -37,7 +37,7 @@ from .models import (
     ShippingRefund,
     SkuRefund,
 )
-from .models._validators import check_id
+from .models._validators import MAX_ID, check_id
 
 if TYPE_CHECKING:
     # Only _transport.py uses aiohttp's client; here it is a type in a signature.
@@ -53,6 +53,7 @@ class _Shared:
     """State shared by a client and the clients ``with_options`` derives from it."""
 
     base_url: str
+    endpoint: BaseURL
     transport: Transport
     auth: Auth
     credentials: Credentials
@@ -124,6 +125,7 @@ class VioletClient:
         self._retrier_cache: Retrier | None = None
         self._shared = _Shared(
             base_url=url,
+            endpoint=BaseURL(url),
             transport=transport,
             auth=Auth(credentials, self._auth_send, refresh_margin=refresh_margin),
             credentials=credentials,
@@ -217,15 +219,22 @@ class VioletClient:
         ``RefundFailedError`` when Violet reports the refund FAILED, and
         ``AmbiguousOutcomeError`` when a failure in flight cannot be resolved.
         """
-        fields = {
-            "amount_refunded": amount_refunded,
-            "shipping": shipping,
-            "skus": skus,
-            "reason": reason,
-            "restock_items": restock_items,
-            "notify_customer": notify_customer,
-        }
-        req = _request_from(RefundBagRequest, request, fields)
+        # Only the keywords given, so the model's defaults apply to the rest and a
+        # request object plus keywords can be refused.
+        given: dict[str, Any] = {}
+        if amount_refunded is not UNSET:
+            given["amount_refunded"] = amount_refunded
+        if shipping is not UNSET:
+            given["shipping"] = shipping
+        if skus is not UNSET:
+            given["skus"] = skus
+        if reason is not UNSET:
+            given["reason"] = reason
+        if restock_items is not UNSET:
+            given["restock_items"] = restock_items
+        if notify_customer is not UNSET:
+            given["notify_customer"] = notify_customer
+        req = _request_from(RefundBagRequest, request, given)
         path = self._bag_path(order_id, bag_id, "refunds")
         return _unless_failed(await self._post(path, req, bag_id, order_id, parse_refund))
 
@@ -259,13 +268,16 @@ class VioletClient:
         """Cancel a bag; the shopper is refunded its total. Returns that refund.
 
         Raises ``CancellationFailedError`` when Violet reports the cancel failed."""
-        fields = {
-            "reason_code": reason_code,
-            "reason": reason,
-            "restock_items": restock_items,
-            "notify_customer": notify_customer,
-        }
-        req = _request_from(CancelBagRequest, request, fields)
+        given: dict[str, Any] = {}
+        if reason_code is not UNSET:
+            given["reason_code"] = reason_code
+        if reason is not UNSET:
+            given["reason"] = reason
+        if restock_items is not UNSET:
+            given["restock_items"] = restock_items
+        if notify_customer is not UNSET:
+            given["notify_customer"] = notify_customer
+        req = _request_from(CancelBagRequest, request, given)
         path = self._bag_path(order_id, bag_id, "cancel")
         return await self._post(path, req, bag_id, order_id, partial(parse_cancel, bag_id=bag_id))
 
@@ -333,8 +345,11 @@ class VioletClient:
     # -- plumbing ---------------------------------------------------------------
 
     def _bag_path(self, order_id: int, bag_id: int, action: str) -> str:
-        check_id("order_id", order_id)
-        check_id("bag_id", bag_id)
+        # The common case inline; check_id explains anything else.
+        if type(order_id) is not int or not 0 < order_id <= MAX_ID:
+            check_id("order_id", order_id)
+        if type(bag_id) is not int or not 0 < bag_id <= MAX_ID:
+            check_id("bag_id", bag_id)
         return f"/orders/{order_id}/bags/{bag_id}/{action}"
 
     def _retrier(self) -> Retrier:
@@ -371,10 +386,9 @@ class VioletClient:
         resume_sent_at: float | None = None,
     ) -> OrderRefund:
         body = encode_request(request)
-        send = partial(self._attempt, "POST", path, body, parse)
         if resume_sent_at is not None:
             refund: OrderRefund = await self._retrier().run(
-                send,
+                partial(self._attempt, "POST", path, body, parse),
                 idempotent=False,
                 method="POST",
                 path=path,
@@ -391,7 +405,7 @@ class VioletClient:
             except VioletError as exc:
                 refund = await self._retrier().after_first_failure(
                     exc,
-                    send,
+                    partial(self._attempt, "POST", path, body, parse),
                     started=started,
                     sent_at_wall=sent_at_wall,
                     idempotent=False,
@@ -435,8 +449,10 @@ class VioletClient:
                 path=path,
                 request_sent=False,
             )
-        token = await self._token(shared.auth.token())
-        url = shared.base_url + path
+        token = shared.auth.current()
+        if token is None:
+            token = await self._token(shared.auth.token())
+        url = shared.endpoint.join(path)
         resp = await shared.transport.send(
             method,
             url,
@@ -488,7 +504,7 @@ class VioletClient:
         async def send(remaining: float | None) -> tuple[int, bytes]:
             resp = await shared.transport.send(
                 method,
-                shared.base_url + path,
+                shared.endpoint.join(path),
                 headers=headers,
                 body=body,
                 timeouts=self._timeouts,
@@ -537,8 +553,7 @@ def _unless_failed(refund: OrderRefund) -> OrderRefund:
 R = TypeVar("R", RefundBagRequest, CancelBagRequest)
 
 
-def _request_from(cls: type[R], request: R | None, fields: dict[str, Any]) -> R:
-    given = {k: v for k, v in fields.items() if v is not UNSET}
+def _request_from(cls: type[R], request: R | None, given: dict[str, Any]) -> R:
     if request is None:
         return cls(**given)
     if not isinstance(request, cls):

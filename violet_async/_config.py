@@ -42,6 +42,9 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RequestValidationError("base_url", f"must be an http(s) URL, got {base_url!r}")
+    if parts.query or parts.fragment or base_url.endswith(("?", "#")):
+        # Request paths are appended to the base URL's path; a query would be lost.
+        raise RequestValidationError("base_url", "must not carry a query or fragment")
     if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
         raise RequestValidationError(
             "base_url",
