@@ -19,20 +19,29 @@ __all__ = ["CancelBagRequest", "RefundBagRequest", "ShippingRefund", "SkuRefund"
 class SkuRefund:
     """Refund of one SKU line of the bag."""
 
-    order_sku_id: int = attrs.field(validator=v.positive_int(1, v.MAX_ID))
+    order_sku_id: int
     """ID of the order SKU (the bag line) to refund."""
-    quantity_refunded: int = attrs.field(validator=v.positive_int(1, v.MAX_AMOUNT))
+    quantity_refunded: int
     """How many units to refund; at least 1."""
-    amount_refunded: int | None = attrs.field(default=None, validator=v.amount(optional=True))
+    amount_refunded: int | None = None
     """Amount to refund for this line, in cents; None lets Violet compute it."""
+
+    def __attrs_post_init__(self) -> None:
+        v.check_int("order_sku_id", self.order_sku_id, 1, v.MAX_ID)
+        v.check_int("quantity_refunded", self.quantity_refunded, 1, v.MAX_AMOUNT)
+        if self.amount_refunded is not None:
+            v.check_amount("amount_refunded", self.amount_refunded)
 
 
 @attrs.frozen
 class ShippingRefund:
     """Refund of shipping paid on the bag."""
 
-    amount: int = attrs.field(validator=v.amount(optional=False))
+    amount: int
     """Shipping amount to refund, in cents."""
+
+    def __attrs_post_init__(self) -> None:
+        v.check_amount("amount", self.amount)
 
 
 def _skus_tuple(value: Any) -> Any:
@@ -42,16 +51,14 @@ def _skus_tuple(value: Any) -> Any:
     return value
 
 
-def _validate_skus(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
+def _check_skus(value: object) -> None:
     if not isinstance(value, tuple):
         raise RequestValidationError(
-            attribute.name, f"must be a list of SkuRefund, got {type(value).__name__}"
+            "skus", f"must be a list of SkuRefund, got {type(value).__name__}"
         )
     if not value:
         raise RequestValidationError(
-            attribute.name, "must not be empty (leave it unset to refund every SKU)"
+            "skus", "must not be empty (leave it unset to refund every SKU)"
         )
     seen: set[int] = set()
     for index, item in enumerate(value):
@@ -75,23 +82,34 @@ class RefundBagRequest:
     ``notify_customer=None`` the merchant's own setting.
     """
 
-    amount_refunded: int | None = attrs.field(default=None, validator=v.amount(optional=True))
+    amount_refunded: int | None = None
     """Amount to refund in cents; None refunds the full bag."""
-    shipping: ShippingRefund | None = attrs.field(
-        default=None, validator=v.instance_of(ShippingRefund, optional=True)
-    )
+    shipping: ShippingRefund | None = None
     """Shipping to refund."""
-    skus: Sequence[SkuRefund] | None = attrs.field(
-        default=None, converter=_skus_tuple, validator=_validate_skus
-    )
+    skus: Sequence[SkuRefund] | None = attrs.field(default=None, converter=_skus_tuple)
     """SKU-level refunds; None refunds every SKU."""
-    reason: str | None = attrs.field(default=None, validator=v.reason)
+    reason: str | None = None
     """Custom reason message, at most 255 characters."""
-    restock_items: bool | None = attrs.field(default=False, validator=v.flag(optional=True))
+    restock_items: bool | None = False
     """Restock the items (set True when the order is being returned). Default False."""
-    notify_customer: bool | None = attrs.field(default=False, validator=v.flag(optional=True))
+    notify_customer: bool | None = False
     """Have the merchant's system notify the shopper. Default False; None omits the
     field so the merchant's own configuration applies."""
+
+    def __attrs_post_init__(self) -> None:
+        # Every field in one pass; each check names its field.
+        if self.amount_refunded is not None:
+            v.check_amount("amount_refunded", self.amount_refunded)
+        if self.shipping is not None:
+            v.check_instance("shipping", self.shipping, ShippingRefund)
+        if self.skus is not None:
+            _check_skus(self.skus)
+        if self.reason is not None:
+            v.check_reason("reason", self.reason)
+        if self.restock_items is not None and type(self.restock_items) is not bool:
+            v.check_flag("restock_items", self.restock_items)
+        if self.notify_customer is not None and type(self.notify_customer) is not bool:
+            v.check_flag("notify_customer", self.notify_customer)
 
 
 def _reason_code(value: object) -> object:
@@ -106,15 +124,18 @@ def _reason_code(value: object) -> object:
 class CancelBagRequest:
     """Body of ``POST /orders/{order_id}/bags/{bag_id}/cancel``."""
 
-    reason_code: ReasonCode = attrs.field(
-        default=ReasonCode.OTHER,
-        converter=_reason_code,
-        validator=v.known_member(ReasonCode),
-    )
+    reason_code: ReasonCode = attrs.field(default=ReasonCode.OTHER, converter=_reason_code)
     """Code that best represents the reason. Default OTHER."""
-    reason: str | None = attrs.field(default=None, validator=v.reason)
+    reason: str | None = None
     """Custom message, at most 255 characters."""
-    restock_items: bool = attrs.field(default=True, validator=v.flag(optional=False))
+    restock_items: bool = True
     """Restock the items. Default True (only unfulfilled bags can be cancelled)."""
-    notify_customer: bool = attrs.field(default=False, validator=v.flag(optional=False))
+    notify_customer: bool = False
     """Have the merchant's system notify the shopper. Default False."""
+
+    def __attrs_post_init__(self) -> None:
+        v.check_known_member("reason_code", self.reason_code, ReasonCode)
+        if self.reason is not None:
+            v.check_reason("reason", self.reason)
+        v.check_flag("restock_items", self.restock_items)
+        v.check_flag("notify_customer", self.notify_customer)
