@@ -82,6 +82,8 @@ def test_cancel_accepts_the_reason_code_string() -> None:
         (lambda: RefundBagRequest(reason="\ud800"), "reason"),
         (lambda: RefundBagRequest(reason=5), "reason"),
         (lambda: RefundBagRequest(restock_items=1), "restock_items"),
+        (lambda: RefundBagRequest(notify_customer="yes"), "notify_customer"),
+        (lambda: RefundBagRequest(reason="café \ud800"), "reason"),
         (lambda: RefundBagRequest(shipping={"amount": 1}), "shipping"),
         (lambda: RefundBagRequest(skus=[]), "skus"),
         (lambda: RefundBagRequest(skus="abc"), "skus"),
