@@ -16,7 +16,7 @@ from ._converter import encode_request
 from ._reconcile import KnownRefunds, Reconciler
 from ._responses import parse_cancel, parse_order, parse_refund, parse_refund_list
 from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
-from ._transport import USER_AGENT, BaseURL, RawResponse, Timeouts, Transport
+from ._transport import USER_AGENT, BaseURL, RawResponse, Timeouts, Transport, frozen_headers
 from .exceptions import (
     APITimeoutError,
     AuthenticationError,
@@ -60,13 +60,14 @@ class _Shared:
     headers: dict[str, str]
     known_refunds: KnownRefunds
     clock: Clock
-    _token_headers: tuple[str, dict[str, str]] | None = None
+    _token_headers: tuple[str, Mapping[str, str]] | None = None
 
-    def headers_for(self, token: str) -> dict[str, str]:
+    def headers_for(self, token: str) -> Mapping[str, str]:
         """The request headers with ``token``, built once per token."""
         cached = self._token_headers
         if cached is None or cached[0] != token:
-            cached = self._token_headers = (token, {**self.headers, "X-Violet-Token": token})
+            headers = frozen_headers({**self.headers, "X-Violet-Token": token})
+            cached = self._token_headers = (token, headers)
         return cached[1]
 
 
