@@ -149,16 +149,22 @@ class Transport:
             timeout = _client_timeout(timeouts, deadline)
             self._last_timeout = (timeouts, deadline, timeout)
         try:
-            async with session.request(
+            # Awaited rather than entered: aiohttp's context managers add four coroutines
+            # per request; release() below is what their exit does, bar waiting for a
+            # body writer that finished before the answer came.
+            response = await session.request(
                 method,
                 url,
                 data=body,
                 headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
-            ) as response:
+            )
+            try:
                 payload = await response.read()
-                return RawResponse(response.status, response.headers, payload)
+            finally:
+                response.release()
+            return RawResponse(response.status, response.headers, payload)
         except _NEVER_SENT as exc:
             cls = APITimeoutError if isinstance(exc, asyncio.TimeoutError) else APIConnectionError
             raise cls(
