@@ -245,6 +245,7 @@ def end_to_end(info: dict[str, str], kinds: list[str], calls: int, rounds: int) 
         row["cpu_overhead_us"] = statistics.median(
             s[1] - r[1] for s, r in zip(sdk, per_round["raw"], strict=True)
         )
+        row["rounds"] = per_round  # (calls/s, CPU µs per call) of every round, in order
         results[f"c{concurrency}"] = row
     return results
 
