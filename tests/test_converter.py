@@ -8,11 +8,12 @@ from typing import Any
 
 import attrs
 import pytest
+from cattrs import ClassValidationError
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from violet_async import OrderRefund, ReasonCode, RefundStatus, ResponseFormatError
-from violet_async._converter import converter, parse_datetime, structure
+from violet_async._converter import _fast_structure_fn, converter, parse_datetime, structure
 from violet_async.models import OrderCancellation
 
 from .samples import refund_body
@@ -248,3 +249,28 @@ def test_the_fast_path_builds_what_cattrs_builds(field: str, value: Any, drop: b
         type(getattr(expected, f)) for f in attrs_fields
     ]
     assert got.reconciled is False
+
+
+@attrs.frozen
+class _Tally:
+    """A model unlike Violet's: plain defaults, a factory, a validator, a kw-only field."""
+
+    name: str
+    count: int = 7
+    tags: list[str] = attrs.field(factory=list)
+    score: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    note: str | None = attrs.field(default=None, kw_only=True)
+
+
+def test_the_generated_function_handles_defaults_factories_and_validators() -> None:
+    """Defaults other than null, factories (a new object each time) and a validator
+    (so the model's own __init__ builds it, and a refusal goes to cattrs)."""
+    fast = _fast_structure_fn(_Tally, converter)
+    first = fast({"name": "a"}, _Tally)
+    assert first == _Tally("a")
+    assert fast({"name": "a"}, _Tally).tags is not first.tags
+    assert fast({"name": "b", "count": 2, "tags": ["x"], "score": 3, "note": "n"}, _Tally) == (
+        _Tally("b", 2, ["x"], 3, note="n")
+    )
+    with pytest.raises(ClassValidationError):
+        fast({"name": "c", "score": -1}, _Tally)
