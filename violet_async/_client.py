@@ -37,7 +37,7 @@ from .models import (
     ShippingRefund,
     SkuRefund,
 )
-from .models._validators import MAX_ID, check_id
+from .models._validators import check_id
 
 if TYPE_CHECKING:
     # Only _transport.py uses aiohttp's client; here it is a type in a signature.
@@ -220,22 +220,15 @@ class VioletClient:
         ``RefundFailedError`` when Violet reports the refund FAILED, and
         ``AmbiguousOutcomeError`` when a failure in flight cannot be resolved.
         """
-        # Only the keywords given, so the model's defaults apply to the rest and a
-        # request object plus keywords can be refused.
-        given: dict[str, Any] = {}
-        if amount_refunded is not UNSET:
-            given["amount_refunded"] = amount_refunded
-        if shipping is not UNSET:
-            given["shipping"] = shipping
-        if skus is not UNSET:
-            given["skus"] = skus
-        if reason is not UNSET:
-            given["reason"] = reason
-        if restock_items is not UNSET:
-            given["restock_items"] = restock_items
-        if notify_customer is not UNSET:
-            given["notify_customer"] = notify_customer
-        req = _request_from(RefundBagRequest, request, given)
+        fields = {
+            "amount_refunded": amount_refunded,
+            "shipping": shipping,
+            "skus": skus,
+            "reason": reason,
+            "restock_items": restock_items,
+            "notify_customer": notify_customer,
+        }
+        req = _request_from(RefundBagRequest, request, fields)
         path = self._bag_path(order_id, bag_id, "refunds")
         return _unless_failed(await self._post(path, req, bag_id, order_id, parse_refund))
 
@@ -269,16 +262,13 @@ class VioletClient:
         """Cancel a bag; the shopper is refunded its total. Returns that refund.
 
         Raises ``CancellationFailedError`` when Violet reports the cancel failed."""
-        given: dict[str, Any] = {}
-        if reason_code is not UNSET:
-            given["reason_code"] = reason_code
-        if reason is not UNSET:
-            given["reason"] = reason
-        if restock_items is not UNSET:
-            given["restock_items"] = restock_items
-        if notify_customer is not UNSET:
-            given["notify_customer"] = notify_customer
-        req = _request_from(CancelBagRequest, request, given)
+        fields = {
+            "reason_code": reason_code,
+            "reason": reason,
+            "restock_items": restock_items,
+            "notify_customer": notify_customer,
+        }
+        req = _request_from(CancelBagRequest, request, fields)
         path = self._bag_path(order_id, bag_id, "cancel")
         return await self._post(path, req, bag_id, order_id, partial(parse_cancel, bag_id=bag_id))
 
@@ -346,11 +336,8 @@ class VioletClient:
     # -- plumbing ---------------------------------------------------------------
 
     def _bag_path(self, order_id: int, bag_id: int, action: str) -> str:
-        # The common case inline; check_id explains anything else.
-        if type(order_id) is not int or not 0 < order_id <= MAX_ID:
-            check_id("order_id", order_id)
-        if type(bag_id) is not int or not 0 < bag_id <= MAX_ID:
-            check_id("bag_id", bag_id)
+        check_id("order_id", order_id)
+        check_id("bag_id", bag_id)
         return f"/orders/{order_id}/bags/{bag_id}/{action}"
 
     def _retrier(self) -> Retrier:
@@ -554,7 +541,10 @@ def _unless_failed(refund: OrderRefund) -> OrderRefund:
 R = TypeVar("R", RefundBagRequest, CancelBagRequest)
 
 
-def _request_from(cls: type[R], request: R | None, given: dict[str, Any]) -> R:
+def _request_from(cls: type[R], request: R | None, fields: dict[str, Any]) -> R:
+    # Only the keywords given, so the model's defaults apply to the rest and a request
+    # object plus keywords can be refused.
+    given = {k: v for k, v in fields.items() if v is not UNSET}
     if request is None:
         return cls(**given)
     if not isinstance(request, cls):

@@ -106,9 +106,9 @@ class RefundBagRequest:
             _check_skus(self.skus)
         if self.reason is not None:
             v.check_reason("reason", self.reason)
-        if self.restock_items is not None and type(self.restock_items) is not bool:
+        if self.restock_items is not None:
             v.check_flag("restock_items", self.restock_items)
-        if self.notify_customer is not None and type(self.notify_customer) is not bool:
+        if self.notify_customer is not None:
             v.check_flag("notify_customer", self.notify_customer)
 
 
