@@ -51,12 +51,19 @@ def test_every_spec_field_is_structured() -> None:
         "2023-11-07T05:31:56Z",
         "2023-11-07T05:31:56+0000",
         "2023-11-07T05:31:56.000Z",
-        "2023-11-07T05:31:56",
     ],
 )
 def test_three_date_shapes_become_aware_utc(text: str) -> None:
-    """Z, +0000 and .000Z all parse to the same aware datetime (naive taken as UTC)."""
+    """Z, +0000 and .000Z all parse to the same aware datetime."""
     assert parse_datetime(text) == datetime(2023, 11, 7, 5, 31, 56, tzinfo=UTC)
+
+
+def test_a_date_without_offset_stays_naive() -> None:
+    """A date without an offset is server-local time nobody named: never guessed as UTC."""
+    assert parse_datetime("2023-11-07T05:31:56").tzinfo is None
+    refund = read(refund_body(date_created="2023-11-07T05:31:56"))
+    assert refund.date_created == datetime(2023, 11, 7, 5, 31, 56)
+    assert refund.date_created is not None and refund.date_created.tzinfo is None
 
 
 def test_offset_dates_keep_their_offset() -> None:

@@ -18,7 +18,9 @@ from violet_async import (
     RetryPolicy,
     ServerError,
     VioletClient,
+    VioletError,
 )
+from violet_async._protocol import Cause, classify_send_failure
 from violet_async._retry import Verdict, classify, parse_retry_after
 from violet_async.exceptions import ResponseFormatError, api_error_from_response
 from violet_async.testing import FakeClock, FakeViolet, Fault
@@ -26,37 +28,49 @@ from violet_async.testing import FakeClock, FakeViolet, Fault
 from .conftest import make_client
 
 
-def _api(status: int, headers: dict[str, str] | None = None) -> Exception:
-    return api_error_from_response(status, b"{}", headers or {}, method="POST", path="/p")
+def _api(status: int, body: bytes = b"{}", headers: dict[str, str] | None = None) -> Exception:
+    return api_error_from_response(status, body, headers or {}, method="POST", path="/p")
+
+
+VIOLET_JSON = b'{"status": 500, "message": "Internal error", "error_code": 5000}'
+ENVOY_503 = b"upstream connect error or disconnect/reset before headers"
 
 
 @pytest.mark.parametrize(
     ("exc", "get", "post"),
     [
-        (APIConnectionError("x", request_sent=False), Verdict.RETRY, Verdict.RETRY),
-        (APITimeoutError("x", request_sent=False), Verdict.RETRY, Verdict.RETRY),
-        (_api(408), Verdict.RETRY, Verdict.RETRY),
-        (_api(429), Verdict.RETRY, Verdict.RETRY),
-        (_api(503), Verdict.RETRY, Verdict.RETRY),
-        (_api(400), Verdict.RAISE, Verdict.RAISE),
-        (_api(401), Verdict.RAISE, Verdict.RAISE),
-        (_api(404), Verdict.RAISE, Verdict.RAISE),
-        (_api(409), Verdict.RAISE, Verdict.RAISE),
-        (_api(422), Verdict.RAISE, Verdict.RAISE),
-        (APITimeoutError("x", request_sent=True), Verdict.RETRY, Verdict.AMBIGUOUS),
-        (APIConnectionError("x", request_sent=True), Verdict.RETRY, Verdict.AMBIGUOUS),
-        (_api(500), Verdict.RETRY, Verdict.AMBIGUOUS),
-        (_api(502), Verdict.RETRY, Verdict.AMBIGUOUS),
-        (_api(504), Verdict.RETRY, Verdict.AMBIGUOUS),
-        (ResponseFormatError("x", body=b"{", status=200), Verdict.RETRY, Verdict.AMBIGUOUS),
-        (ResponseFormatError("x", body=b"{", status=400), Verdict.RAISE, Verdict.RAISE),
-        (ValueError("not ours"), Verdict.RAISE, Verdict.RAISE),
+        (APIConnectionError("x", request_sent=False), Verdict.RETRY, Cause.NEVER_LEFT),
+        (APITimeoutError("x", request_sent=False), Verdict.RETRY, Cause.NEVER_LEFT),
+        (_api(429), Verdict.RETRY, Cause.RATE_LIMITED),
+        (_api(408), Verdict.RETRY, Cause.REFUSED),
+        (_api(400), Verdict.RAISE, Cause.REFUSED),
+        (_api(401), Verdict.RAISE, Cause.REFUSED),
+        (_api(404), Verdict.RAISE, Cause.REFUSED),
+        (_api(409), Verdict.RAISE, Cause.REFUSED),
+        (_api(422), Verdict.RAISE, Cause.REFUSED),
+        (APITimeoutError("x", request_sent=True), Verdict.RETRY, Cause.NO_ANSWER),
+        (APIConnectionError("x", request_sent=True), Verdict.RETRY, Cause.NO_ANSWER),
+        (_api(500, VIOLET_JSON), Verdict.RETRY, Cause.ANSWERED),
+        (_api(500, b"<html>oops</html>"), Verdict.RETRY, Cause.ANSWERED),
+        (_api(502, b"<html>Bad Gateway</html>"), Verdict.RETRY, Cause.NO_ANSWER),
+        (_api(503, ENVOY_503), Verdict.RETRY, Cause.NO_ANSWER),
+        (_api(503, VIOLET_JSON), Verdict.RETRY, Cause.ANSWERED),
+        (_api(504, b""), Verdict.RETRY, Cause.NO_ANSWER),
+        (_api(524, b"<html>A timeout occurred</html>"), Verdict.RETRY, Cause.NO_ANSWER),
+        (_api(504, VIOLET_JSON), Verdict.RETRY, Cause.ANSWERED),
+        (ResponseFormatError("x", body=b"{", status=200), Verdict.RETRY, Cause.ANSWERED),
+        (ResponseFormatError("x", body=b"{", status=400), Verdict.RAISE, Cause.NO_ANSWER),
     ],
 )
-def test_classification_table(exc: Exception, get: Verdict, post: Verdict) -> None:
-    """The table in _retry's docstring and README, row by row."""
-    assert classify(exc, idempotent=True) is get
-    assert classify(exc, idempotent=False) is post
+def test_classification_table(exc: VioletError, get: Verdict, post: Cause) -> None:
+    """The tables in _retry's and _protocol's docstrings and README, row by row."""
+    assert classify(exc) is get
+    assert classify_send_failure(exc) is post
+
+
+def test_only_sdk_errors_are_retried() -> None:
+    """Anything that is not an SDK error is raised, never retried."""
+    assert classify(ValueError("not ours")) is Verdict.RAISE
 
 
 def test_retry_after_parses_seconds_and_http_dates() -> None:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
+from . import _protocol as protocol
 from ._auth import Auth, Credentials, is_token_expired_error
 from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
 from ._converter import encode_request
-from ._reconcile import KnownRefunds, Reconciler
-from ._responses import parse_cancel, parse_order, parse_refund, parse_refund_list
-from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
+from ._protocol import Observation, PendingRefund, Phase
+from ._reconcile import BagLocks, KnownRefunds, ReadBack, drive
+from ._responses import (
+    RefundPage,
+    http_date,
+    parse_cancel,
+    parse_order,
+    parse_refund,
+    parse_refund_page,
+)
+from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryEvent, RetryHook, RetryPolicy, announce
 from ._transport import USER_AGENT, BaseURL, RawResponse, Timeouts, Transport, frozen_headers
 from .exceptions import (
     APITimeoutError,
@@ -27,7 +36,6 @@ from .exceptions import (
     api_error_from_response,
 )
 from .models import (
-    BagStatus,
     CancelBagRequest,
     Order,
     OrderRefund,
@@ -60,6 +68,7 @@ class _Shared:
     headers: dict[str, str]
     known_refunds: KnownRefunds
     clock: Clock
+    bag_locks: BagLocks = attrs.Factory(BagLocks)
     _token_headers: tuple[str, Mapping[str, str]] | None = None
 
     def headers_for(self, token: str) -> Mapping[str, str]:
@@ -218,7 +227,9 @@ class VioletClient:
 
         Returns the refund; ``refund.errors`` may be non-empty. Raises
         ``RefundFailedError`` when Violet reports the refund FAILED, and
-        ``AmbiguousOutcomeError`` when a failure in flight cannot be resolved.
+        ``AmbiguousOutcomeError`` (with ``.pending`` to :meth:`resume`) when a failure in
+        flight could not be resolved within the call's deadline. Any other error means
+        the refund did not apply.
         """
         fields = {
             "amount_refunded": amount_refunded,
@@ -229,23 +240,7 @@ class VioletClient:
             "notify_customer": notify_customer,
         }
         req = _request_from(RefundBagRequest, request, fields)
-        path = self._bag_path(order_id, bag_id, "refunds")
-        return _unless_failed(await self._post(path, req, bag_id, order_id, parse_refund))
-
-    async def _refund(
-        self,
-        order_id: int,
-        bag_id: int,
-        req: RefundBagRequest,
-        *,
-        resume_sent_at: float | None = None,
-    ) -> OrderRefund:
-        """refund_bag for the batch runner, which may resume an earlier run's send."""
-        path = self._bag_path(order_id, bag_id, "refunds")
-        refund = await self._post(
-            path, req, bag_id, order_id, parse_refund, resume_sent_at=resume_sent_at
-        )
-        return _unless_failed(refund)
+        return _unless_failed(await self._ask("refund", order_id, bag_id, req))
 
     async def cancel_bag(
         self,
@@ -261,7 +256,8 @@ class VioletClient:
     ) -> OrderRefund:
         """Cancel a bag; the shopper is refunded its total. Returns that refund.
 
-        Raises ``CancellationFailedError`` when Violet reports the cancel failed."""
+        Raises ``CancellationFailedError`` when Violet reports the cancel failed, and
+        ``AmbiguousOutcomeError`` like :meth:`refund_bag`."""
         fields = {
             "reason_code": reason_code,
             "reason": reason,
@@ -269,26 +265,37 @@ class VioletClient:
             "notify_customer": notify_customer,
         }
         req = _request_from(CancelBagRequest, request, fields)
-        path = self._bag_path(order_id, bag_id, "cancel")
-        return await self._post(path, req, bag_id, order_id, partial(parse_cancel, bag_id=bag_id))
+        return await self._ask("cancel", order_id, bag_id, req)
 
-    async def _cancel(
-        self,
-        order_id: int,
-        bag_id: int,
-        req: CancelBagRequest,
-        *,
-        resume_sent_at: float | None = None,
-    ) -> OrderRefund:
-        """cancel_bag for the batch runner, which may resume an earlier run's send."""
-        path = self._bag_path(order_id, bag_id, "cancel")
-        parse = partial(parse_cancel, bag_id=bag_id)
-        return await self._post(path, req, bag_id, order_id, parse, resume_sent_at=resume_sent_at)
+    async def resume(self, pending: PendingRefund) -> OrderRefund:
+        """Settle a refund or cancel that an earlier call left pending
+        (``AmbiguousOutcomeError.pending``, possibly stored as JSON and read back with
+        ``PendingRefund.from_json``), by the same rule as the call itself.
+
+        Reads the bag back: returns the refund when it is there (``reconciled``);
+        re-sends once absence is proven (the settle window has passed and the bag still
+        does not show it); raises ``AmbiguousOutcomeError`` with a fresher ``pending``
+        when that cannot be told yet, or ever (``pending.needs_review``).
+        """
+        if not isinstance(pending, PendingRefund):
+            raise RequestValidationError(
+                "pending", f"must be a PendingRefund, got {type(pending).__name__}"
+            )
+        if pending.phase not in (Phase.SENT, Phase.PENDING):
+            raise RequestValidationError(
+                "pending", f"is {pending.phase.value}: there is nothing to resume"
+            )
+        check_id("order_id", pending.order_id)
+        check_id("bag_id", pending.bag_id)
+        refund = await self._ask(
+            pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
+        )
+        return _unless_failed(refund) if pending.kind == "refund" else refund
 
     async def list_bag_refunds(self, order_id: int, bag_id: int) -> list[OrderRefund]:
-        """Every refund on a bag (a bare list or a ``{"content": [...]}`` page)."""
+        """Every refund on a bag: a bare list, or every page of a paged answer."""
         path = self._bag_path(order_id, bag_id, "refunds")
-        return await self._get(path, parse_refund_list)
+        return list((await self._read_refunds(path, self._deadline())).refunds)
 
     async def get_order(self, order_id: int) -> Order:
         """The order with its bags (``GET /orders/{order_id}``)."""
@@ -333,12 +340,119 @@ class VioletClient:
             await clock.sleep(min(interval, remaining))
             interval = min(interval * 2, max_interval)
 
+    # -- the refund protocol ----------------------------------------------------
+
+    async def _ask(
+        self,
+        kind: Literal["refund", "cancel"],
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+        *,
+        resume: PendingRefund | None = None,
+        save: Callable[[PendingRefund], Awaitable[None]] | None = None,
+        patience: float | None = None,
+    ) -> OrderRefund:
+        """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
+        at a time, a first send made inline (the happy path builds no record and enters
+        no retry machinery), and the driver for everything after a failure."""
+        path = self._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
+        shared = self._shared
+        clock = shared.clock
+        policy = self._retry
+        deadline = self._deadline()
+        locks = shared.bag_locks
+        waited = not locks.try_acquire(bag_id)
+        if waited:
+            await locks.acquire(bag_id, None if deadline is None else deadline - clock.monotonic())
+        try:
+            body = encode_request(req)
+            parse = parse_refund if kind == "refund" else partial(parse_cancel, bag_id=bag_id)
+            send = partial(self._attempt, "POST", path, body, parse)
+            if resume is None and save is None and not policy.read_before_send:
+                sent_at = clock.time()
+                try:
+                    # Unless it waited for the bag, a first send has the policy's whole
+                    # deadline: the same value every call, so its timeout is cached.
+                    refund = await send(
+                        deadline - clock.monotonic()
+                        if waited and deadline is not None
+                        else policy.deadline
+                    )
+                except VioletError as exc:
+                    ask = PendingRefund(
+                        kind,
+                        order_id,
+                        bag_id,
+                        req,
+                        Phase.SENT,
+                        sends=1,
+                        first_sent_at=sent_at,
+                        last_sent_at=sent_at,
+                    )
+                    io = _BagIO(self, order_id, bag_id, path, send)
+                    obs = Observation.send_failed(
+                        sent_at,
+                        exc,
+                        backoff=io.send_backoff(1, exc),
+                        server_time=io.server_time(exc),
+                        received_at=clock.time(),
+                    )
+                    remaining = None if deadline is None else deadline - clock.monotonic()
+                    settings = policy.protocol_settings()
+                    ask, action = protocol.step(
+                        ask, obs, settings, clock.time(), remaining, shared.known_refunds
+                    )
+                    refund = await drive(
+                        ask,
+                        action,
+                        io=io,
+                        settings=settings,
+                        clock=clock,
+                        deadline=deadline,
+                        known=shared.known_refunds,
+                        last_error=exc,
+                        announce=io.announce,
+                    )
+            else:
+                settings = policy.protocol_settings()
+                ask = resume or PendingRefund(kind, order_id, bag_id, req)
+                ask, action = protocol.start(
+                    ask,
+                    settings,
+                    clock.time(),
+                    attempt_timeout=self._timeouts.connect + self._timeouts.read,
+                )
+                io = _BagIO(self, order_id, bag_id, path, send)
+                refund = await drive(
+                    ask,
+                    action,
+                    io=io,
+                    settings=settings,
+                    clock=clock,
+                    deadline=deadline,
+                    known=shared.known_refunds,
+                    save=save,
+                    announce=io.announce,
+                    patience=patience,
+                )
+        finally:
+            locks.release(bag_id)
+        shared.known_refunds.add(refund.id)
+        return refund
+
     # -- plumbing ---------------------------------------------------------------
 
     def _bag_path(self, order_id: int, bag_id: int, action: str) -> str:
         check_id("order_id", order_id)
         check_id("bag_id", bag_id)
         return f"/orders/{order_id}/bags/{bag_id}/{action}"
+
+    def _deadline(self) -> float | None:
+        """This call's deadline on the monotonic clock."""
+        if self._retry.deadline is None:
+            return None
+        return self._shared.clock.monotonic() + self._retry.deadline
 
     def _retrier(self) -> Retrier:
         # One per client (its settings are fixed), built on first use.
@@ -347,77 +461,42 @@ class VioletClient:
             retrier = self._retrier_cache = Retrier(self._retry, self._shared.clock, self._on_retry)
         return retrier
 
-    async def _get(self, path: str, parse: Callable[[RawResponse, str], T]) -> T:
-        # First attempt inline; the retrier is only involved after a failure.
-        started = self._shared.clock.monotonic()
-        try:
-            return await self._attempt("GET", path, None, parse, self._retry.deadline)
-        except VioletError as exc:
-            return await self._retrier().after_first_failure(
-                exc,
-                partial(self._attempt, "GET", path, None, parse),
-                started=started,
-                sent_at_wall=0.0,
-                idempotent=True,
-                method="GET",
-                path=path,
-            )
-
-    async def _post(
+    async def _get(
         self,
         path: str,
-        request: RefundBagRequest | CancelBagRequest,
-        bag_id: int,
-        order_id: int,
-        parse: Callable[[RawResponse, str], OrderRefund],
+        parse: Callable[[RawResponse, str], T],
         *,
-        resume_sent_at: float | None = None,
-    ) -> OrderRefund:
-        body = encode_request(request)
-        if resume_sent_at is not None:
-            refund: OrderRefund = await self._retrier().run(
-                partial(self._attempt, "POST", path, body, parse),
-                idempotent=False,
-                method="POST",
-                path=path,
-                reconcile=self._reconciler(request, order_id, bag_id),
-                resume_sent_at=resume_sent_at,
+        deadline: float | None = None,
+        query: Mapping[str, str] | None = None,
+    ) -> T:
+        """A read, retried on every transient failure until ``deadline`` (monotonic;
+        default: the policy's from now). First attempt inline."""
+        clock = self._shared.clock
+        if deadline is None:
+            deadline = self._deadline()
+        send = partial(self._attempt, "GET", path, None, parse, query=query)
+        remaining = None if deadline is None else deadline - clock.monotonic()
+        try:
+            return await send(remaining)
+        except VioletError as exc:
+            return await self._retrier().after_first_failure(
+                exc, send, deadline=deadline, method="GET", path=path
             )
-        else:
-            # First attempt inline: a refund that succeeds first time builds no retry
-            # state, no reconciler and no tenacity loop.
-            started = self._shared.clock.monotonic()
-            sent_at_wall = time.time()
-            try:
-                refund = await self._attempt("POST", path, body, parse, self._retry.deadline)
-            except VioletError as exc:
-                refund = await self._retrier().after_first_failure(
-                    exc,
-                    partial(self._attempt, "POST", path, body, parse),
-                    started=started,
-                    sent_at_wall=sent_at_wall,
-                    idempotent=False,
-                    method="POST",
-                    path=path,
-                    reconcile=self._reconciler(request, order_id, bag_id),
-                )
-        self._shared.known_refunds.add(refund.id)
-        return refund
 
-    def _reconciler(
-        self, request: RefundBagRequest | CancelBagRequest, order_id: int, bag_id: int
-    ) -> Reconciler:
-        """The read-back for one call's ambiguous failures (built only when needed)."""
-        shared = self._shared
-        return Reconciler(
-            bag_id=bag_id,
-            request=request,
-            read_refunds=partial(self.list_bag_refunds, order_id, bag_id),
-            known=shared.known_refunds,
-            policy=self._retry,
-            clock=shared.clock,
-            read_bag_status=partial(self._read_bag_status, order_id, bag_id),
-        )
+    async def _read_refunds(self, path: str, deadline: float | None) -> RefundPage:
+        """Every page of a bag's refunds, as one page. A page that cannot be followed
+        fails the whole read: part of a list is never taken for all of it."""
+        page = await self._get(path, parse_refund_page, deadline=deadline)
+        refunds = page.refunds
+        seen = 1
+        while page.next_page is not None:
+            query = {"page": str(page.next_page)}
+            if page.size is not None:
+                query["size"] = str(page.size)
+            page = await self._get(path, parse_refund_page, deadline=deadline, query=query)
+            refunds = refunds + page.refunds
+            seen += 1
+        return RefundPage(refunds, None, None, page.server_time)
 
     async def _attempt(
         self,
@@ -426,6 +505,8 @@ class VioletClient:
         body: bytes | None,
         parse: Callable[[RawResponse, str], T],
         remaining: float | None,
+        *,
+        query: Mapping[str, str] | None = None,
     ) -> T:
         """One attempt: token, send, one renewal on an expired token, status check,
         parse. ``remaining`` is what is left of the call's deadline."""
@@ -439,8 +520,10 @@ class VioletClient:
             )
         token = shared.auth.current()
         if token is None:
-            token = await self._token(shared.auth.token())
+            token = await self._token(shared.auth.token(), remaining)
         url = shared.endpoint.join(path)
+        if query:
+            url = url.with_query(query)
         resp = await shared.transport.send(
             method,
             url,
@@ -457,7 +540,7 @@ class VioletClient:
                 raise error
             # Violet rejected the token before doing anything: renewing and sending
             # again cannot apply the request twice.
-            token = await self._token(shared.auth.expired(token))
+            token = await self._token(shared.auth.expired(token), remaining)
             resp = await shared.transport.send(
                 method,
                 url,
@@ -473,10 +556,18 @@ class VioletClient:
         return parse(resp, path)
 
     @staticmethod
-    async def _token(renewal: Awaitable[str]) -> str:
-        """Await a token; a failure to get one was already retried by the auth step."""
+    async def _token(renewal: Awaitable[str], remaining: float | None) -> str:
+        """Await a token within what is left of the call's deadline; a failure to get
+        one was already retried by the auth step."""
         try:
-            return await renewal
+            if remaining is None:
+                return await renewal
+            return await asyncio.wait_for(renewal, max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            raise APITimeoutError(
+                "the call's deadline passed while logging in; nothing was sent",
+                request_sent=False,
+            ) from None
         except VioletError as exc:
             exc._retries_spent = True
             raise
@@ -516,15 +607,53 @@ class VioletClient:
             return resp.status, resp.body
 
         # Logging in or refreshing twice is harmless, so every transient failure retries.
-        result: tuple[int, bytes] = await self._retrier().run(
-            send, idempotent=True, method=method, path=path
-        )
+        result: tuple[int, bytes] = await self._retrier().run(send, method=method, path=path)
         return result
 
-    async def _read_bag_status(self, order_id: int, bag_id: int) -> BagStatus | None:
-        """The bag's status, for cancel reconciliation."""
-        bag = (await self.get_order(order_id)).bag(bag_id)
-        return bag.status if bag is not None else None
+
+class _BagIO:
+    """The refund protocol's I/O for one ask on one bag (see ``_reconcile.AskIO``)."""
+
+    __slots__ = ("_bag_id", "_client", "_order_id", "_path", "_send")
+
+    def __init__(
+        self,
+        client: VioletClient,
+        order_id: int,
+        bag_id: int,
+        path: str,
+        send: Callable[[float | None], Awaitable[OrderRefund]],
+    ) -> None:
+        self._client = client
+        self._order_id = order_id
+        self._bag_id = bag_id
+        self._path = path
+        self._send = send
+
+    async def send(self, remaining: float | None) -> OrderRefund:
+        return await self._send(remaining)
+
+    async def read(self, read_bag: bool, deadline: float | None) -> ReadBack:
+        client = self._client
+        page = await client._read_refunds(
+            client._bag_path(self._order_id, self._bag_id, "refunds"), deadline
+        )
+        bag = None
+        if read_bag:
+            order = await client._get(f"/orders/{self._order_id}", parse_order, deadline=deadline)
+            bag = order.bag(self._bag_id)
+        return ReadBack(tuple(page.refunds), bag, page.server_time)
+
+    def send_backoff(self, sends: int, error: VioletError) -> float:
+        return self._client._retry.delay_after(sends, error)
+
+    def server_time(self, error: VioletError) -> float | None:
+        headers = getattr(error, "headers", None)
+        return http_date(headers.get("Date")) if isinstance(headers, Mapping) else None
+
+    async def announce(self, ask: PendingRefund, cause: VioletError, delay: float) -> None:
+        event = RetryEvent(ask.sends - 1, delay, cause, "POST", self._path, ask.reads > 0)
+        await announce(self._client._on_retry, event)
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:

@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, TypeVar
 
 import attrs
@@ -20,7 +20,7 @@ from cattrs import ClassValidationError, Converter, IterableValidationError, tra
 from cattrs.errors import IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
-from .exceptions import ResponseFormatError
+from .exceptions import RequestValidationError, ResponseFormatError
 from .models import (
     BagCancellation,
     BagStatus,
@@ -42,7 +42,7 @@ from .models import (
 )
 from .models.enums import _OpenEnum
 
-__all__ = ["converter", "decode", "encode_request", "parse_datetime"]
+__all__ = ["converter", "decode", "encode_request", "parse_datetime", "request_from_dict"]
 
 T = TypeVar("T")
 
@@ -67,15 +67,14 @@ _COMPACT_OFFSET = re.compile(r"([+-]\d\d)(\d\d)$")
 
 def parse_datetime(value: str) -> datetime:
     """Read Violet's three date shapes (``...Z``, ``...+0000``, ``....000Z``) into an
-    aware datetime. A date without an offset is taken as UTC."""
+    aware datetime. A date without an offset stays naive: it is in the server's local
+    time, which nobody told us, so it is never guessed to be UTC (reconciliation treats
+    such a date as unknown)."""
     try:
         # Python 3.11+ reads all three shapes directly; the rewrite below is for 3.10.
-        parsed = datetime.fromisoformat(value)
+        return datetime.fromisoformat(value)
     except ValueError:
-        parsed = _parse_datetime_compat(value)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed
+        return _parse_datetime_compat(value)
 
 
 def _parse_datetime_compat(value: str) -> datetime:
@@ -101,10 +100,9 @@ def _structure_datetime(value: Any, _type: Any) -> datetime:
     if type(value) is not str:
         raise TypeError(f"expected a date string, got {type(value).__name__}")
     try:
-        parsed = datetime.fromisoformat(value)  # the common case, without another call
+        return datetime.fromisoformat(value)  # the common case, without another call
     except ValueError:
         return parse_datetime(value)
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
 def _structure_open_enum(value: Any, cls: type[_OpenEnum]) -> _OpenEnum:
@@ -184,15 +182,13 @@ def _field_lines(var: str, n: int, hint: Any, conv: Converter, ns: dict[str, Any
     elif inner is datetime:
         # fromisoformat reads Violet's shapes on 3.11+; anything else goes to the hook,
         # which also knows 3.10's limits and refuses non-strings.
-        ns["fromiso"], ns["UTC"] = datetime.fromisoformat, timezone.utc
+        ns["fromiso"] = datetime.fromisoformat
         return [
             f"if {var} is not None:",
             "    try:",
             f"        {var} = fromiso({var})",
             "    except Exception:",
             f"        {var} = h{n}({var}, t{n})",
-            f"    if {var}.tzinfo is None:",
-            f"        {var} = {var}.replace(tzinfo=UTC)",
         ]
     elif _is_tuple_of(inner):
         # Violet's usual "none": an empty list (or null), without a call.
@@ -402,3 +398,34 @@ def decode(body: bytes, *, status: int, method: str, path: str) -> Any:
             method=method,
             path=path,
         ) from exc
+
+
+def request_from_dict(cls: type[T], data: Any, *, field: str = "request") -> T:
+    """Build a request model from the dict :func:`encode_request` wrote (a stored
+    pending refund, a batch row). Strict: an unknown key is an error naming it, never
+    ignored, because a misspelt field could change what is refunded."""
+    if not isinstance(data, dict):
+        raise RequestValidationError(field, "must be a JSON object")
+    names = {a.name for a in attrs.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RequestValidationError(field, f"unknown field(s) {', '.join(unknown)}")
+    values = dict(data)
+    if cls is RefundBagRequest:
+        shipping = values.get("shipping")
+        if shipping is not None:
+            values["shipping"] = request_from_dict(
+                ShippingRefund, shipping, field=f"{field}.shipping"
+            )
+        skus = values.get("skus")
+        if isinstance(skus, list):
+            values["skus"] = [
+                request_from_dict(SkuRefund, sku, field=f"{field}.skus[{index}]")
+                for index, sku in enumerate(skus)
+            ]
+    try:
+        return cls(**values)
+    except RequestValidationError as exc:
+        raise RequestValidationError(f"{field}.{exc.field}", exc.problem) from None
+    except TypeError as exc:  # a required field missing
+        raise RequestValidationError(field, str(exc)) from None

@@ -3,14 +3,18 @@
 Line shapes::
 
     {"type": "header", "v": 1, "input": "<sha256 of the input, or null>", "ts": ...}
-    {"key": "3:100001:200001:500", "line": 3, "state": "sent", "ts": ...}
+    {"key": "3:100001:200001:500", "line": 3, "state": "sent", "ask": {...}, "ts": ...}
+    {"key": ..., "line": 3, "state": "pending", "ask": {...}, ...}
     {"key": ..., "line": 3, "state": "done", "refund_id": 400001, "reconciled": false, ...}
     {"key": ..., "line": 3, "state": "failed", "error": "BadRequestError", "message": ...}
     {"key": ..., "line": 3, "state": "unknown", "error": "AmbiguousOutcomeError", ...}
 
-An item with no line is pending. "sent" is written, and fsynced, *before* the request
-leaves: a crash can never leave a sent request out of the journal. "sent" and
-"unknown" items are read back before anything is re-sent on resume.
+``ask`` is the refund protocol's record of the item (``PendingRefund.to_dict()``): its
+sends, settle window and baseline. An item with no line was never started. "sent" is
+written, and fsynced, *before* every send leaves: a crash can never leave a sent
+request out of the journal. "sent", "pending" and "unknown" items are read back by the
+protocol's rule (``client.resume``) before anything is re-sent on resume; "failed"
+means the request definitely did not apply.
 
 Writes are group-committed: every state change waits until its line is on disk, but
 concurrent changes share one fsync.
@@ -46,6 +50,8 @@ class JournalEntry:
     first_sent: float | None = None
     refund_id: int | None = None
     error: str | None = None
+    ask: dict[str, Any] | None = None
+    """The protocol record written with "sent" / "pending" / "unknown"."""
 
 
 class Journal:
@@ -81,6 +87,11 @@ class Journal:
         if header is None:
             await journal._append({"type": "header", "v": 1, "input": input_id, "ts": time.time()})
         return journal
+
+    def refund_ids(self) -> list[int]:
+        """Refunds that items of earlier runs ended with: a resumed run must never take
+        one of them for another item's."""
+        return [e.refund_id for e in self._entries.values() if isinstance(e.refund_id, int)]
 
     def entry(self, line: int, key: str) -> JournalEntry | None:
         """The recorded state of the item on ``line``; a different key for the same line
@@ -189,5 +200,6 @@ def _load(path: Path) -> tuple[dict[str, Any] | None, dict[int, JournalEntry]]:
                 first_sent=record.get("first_sent"),
                 refund_id=record.get("refund_id"),
                 error=record.get("error"),
+                ask=record.get("ask") if isinstance(record.get("ask"), dict) else None,
             )
     return header, entries

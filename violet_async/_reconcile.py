@@ -1,49 +1,26 @@
-"""Resolving a refund or cancel whose outcome is unknown, without ever re-sending blindly.
+"""The async driver of the refund protocol, and the client-wide memory it needs.
 
-Violet has no idempotency key. When a refund POST fails after it was sent, we read
-the bag's refunds back and look for the one this call asked for.
-
-Matching rule: a refund read back is *this call's* when all of these hold:
-
-1. it is on the same bag;
-2. this client has not already handed it to a caller (the client remembers the ids of
-   the last 10,000 refunds it returned) and it was not present at an earlier read-back
-   of this same call;
-3. it was created no earlier than this call's first send, less ``RetryPolicy.clock_skew``;
-4. it matches the request: same ``amount_refunded`` when one was given, the same
-   ``(order_sku_id, quantity_refunded)`` lines when SKUs were given and the server
-   lists them, the same ``reason`` when both sides carry one.
-
-Exactly one candidate: it is returned with ``reconciled=True``. More than one: we will
-not guess, ``AmbiguousOutcomeError``. None: read again after ``settle_delay``; after
-``settle_reads`` successful reads that all miss, the refund is taken as absent and
-re-sent (that re-send counts as an attempt). A read that fails is tried again, up to
-``settle_reads`` more times; without enough successful reads, ``AmbiguousOutcomeError``.
-
-Residual risk, stated plainly: (a) an identical refund made by someone else on the same
-bag inside the clock-skew window, while this call's own POST did not apply, would be
-taken as ours: the shopper is then refunded once, not twice, but by the other actor;
-(b) a commit that lands more than about ``settle_delay * (settle_reads - 1)`` seconds
-after the failed send, so that every read-back missed it, is followed by our re-send:
-two refunds. Raise ``settle_delay`` for merchants whose platforms commit slowly.
+``_protocol.py`` decides; this module performs: it sends, reads the bag back, waits,
+and feeds what it saw to :func:`_protocol.step` until the ask is applied, proven not
+applied, or pending. It is the only place that awaits on an ask's behalf, and every
+wait and read is bounded by the call's one deadline.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timezone
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Container
+from typing import Protocol
 
 import attrs
 
-from ._retry import RESEND, CallState, Clock, RetryPolicy
-from .exceptions import AmbiguousOutcomeError, VioletError
-from .models import BagStatus, CancelBagRequest, OrderRefund, RefundBagRequest
+from . import _protocol as protocol
+from ._protocol import Action, Do, Observation, PendingRefund, Settings
+from .exceptions import AmbiguousOutcomeError, APITimeoutError, VioletError
+from .models import OrderBag, OrderRefund
 
-__all__ = ["KnownRefunds", "Reconciler"]
-
-ReadRefunds = Callable[[], Awaitable[Sequence[OrderRefund]]]
-ReadBagStatus = Callable[[], Awaitable[BagStatus | None]]
+__all__ = ["BagLocks", "KnownRefunds", "ReadBack", "drive"]
 
 
 class KnownRefunds:
@@ -70,121 +47,189 @@ class KnownRefunds:
         return len(self._ids)
 
 
-def matches_refund_request(refund: OrderRefund, request: RefundBagRequest) -> bool:
-    """Point 4 of the matching rule."""
-    if request.amount_refunded is not None and refund.amount != request.amount_refunded:
-        return False
-    if request.skus and refund.skus:
-        asked = Counter((s.order_sku_id, s.quantity_refunded) for s in request.skus)
-        got = Counter((s.order_sku_id, s.quantity_refunded) for s in refund.skus)
-        if asked != got:
+class BagLocks:
+    """One ask per bag at a time, in a client and the clients derived from it, so two
+    calls on one bag can never claim each other's refund. Different bags never wait.
+
+    Uncontended, taking and giving back a bag costs two dict operations.
+    """
+
+    def __init__(self) -> None:
+        # bag id -> the asks waiting for it, in arrival order (None: held, none waiting).
+        self._held: dict[int, deque[asyncio.Future[None]] | None] = {}
+
+    def try_acquire(self, bag_id: int) -> bool:
+        if bag_id in self._held:
             return False
-    return not (
-        request.reason is not None and refund.reason is not None and refund.reason != request.reason
-    )
+        self._held[bag_id] = None
+        return True
+
+    async def acquire(self, bag_id: int, timeout: float | None) -> None:
+        """Wait for the bag; APITimeoutError (nothing was sent) when ``timeout`` passes."""
+        if self.try_acquire(bag_id):
+            return
+        waiters = self._held[bag_id]
+        if waiters is None:
+            waiters = self._held[bag_id] = deque()
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(turn)
+        try:
+            await asyncio.wait_for(turn, timeout)
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():
+                # The bag was handed to us as we gave up: hand it on.
+                self.release(bag_id)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise APITimeoutError(
+                    f"another refund or cancel of bag {bag_id} held it past this call's "
+                    "deadline; nothing was sent",
+                    request_sent=False,
+                ) from None
+            raise
+
+    def release(self, bag_id: int) -> None:
+        waiters = self._held.get(bag_id)
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # ownership passes to this waiter
+                return
+        self._held.pop(bag_id, None)
+
+    def held(self, bag_id: int) -> bool:
+        return bag_id in self._held
 
 
-@attrs.define
-class Reconciler:
-    """One call's reconciliation; remembers what earlier read-backs of the call saw."""
+@attrs.frozen
+class ReadBack:
+    """One complete read of a bag: every page of its refunds, and its status if asked."""
 
-    bag_id: int
-    request: RefundBagRequest | CancelBagRequest
-    read_refunds: ReadRefunds
-    known: KnownRefunds
-    policy: RetryPolicy
-    clock: Clock
-    read_bag_status: ReadBagStatus | None = None
-    _baseline: set[int] | None = None
+    refunds: tuple[OrderRefund, ...]
+    bag: OrderBag | None
+    server_time: float | None
 
-    def _candidates(self, refunds: Sequence[OrderRefund], state: CallState) -> list[OrderRefund]:
-        earliest = datetime.fromtimestamp(
-            state.sent_at_wall - self.policy.clock_skew, tz=timezone.utc
-        )
-        found = []
-        for refund in refunds:
-            if refund.bag_id is not None and refund.bag_id != self.bag_id:
-                continue
-            if refund.id in self.known:
-                continue
-            if self._baseline is not None and refund.id in self._baseline:
-                continue
-            if refund.date_created is not None and refund.date_created < earliest:
-                continue
-            if isinstance(self.request, RefundBagRequest) and not matches_refund_request(
-                refund, self.request
-            ):
-                continue
-            found.append(refund)
-        return found
 
-    async def __call__(self, failure: VioletError, state: CallState) -> object:
-        """Return the refund this call made, RESEND, or raise AmbiguousOutcomeError.
+class AskIO(Protocol):
+    """What the driver needs from a client."""
 
-        For a cancel, the bag must also read back as CANCELED before a refund is
-        claimed; a bag that is CANCELED with no matching refund is never re-sent.
-        """
-        is_cancel = isinstance(self.request, CancelBagRequest)
-        refunds: Sequence[OrderRefund] = ()
-        candidates: list[OrderRefund] = []
-        bag_status: BagStatus | None = None
-        # Absence is only concluded from `settle_reads` reads that all succeeded; a read
-        # that fails (after its own retries) is tried again, up to as many times more.
-        misses, read_error = 0, None
-        for read in range(self.policy.settle_reads * 2):
-            if misses >= self.policy.settle_reads:
-                break
-            if read:
-                # The call's deadline bounds reconciliation too.
-                if state.deadline is not None and (
-                    self.clock.monotonic() + self.policy.settle_delay >= state.deadline
-                ):
-                    break
-                await self.clock.sleep(self.policy.settle_delay)
+    async def send(self, remaining: float | None) -> OrderRefund:
+        """POST the request once."""
+        ...
+
+    async def read(self, read_bag: bool, deadline: float | None) -> ReadBack:
+        """Read the bag back (retrying transient failures) within ``deadline``."""
+        ...
+
+    def send_backoff(self, sends: int, error: VioletError) -> float:
+        """Seconds to wait before the next send after a safe failure."""
+        ...
+
+    def server_time(self, error: VioletError) -> float | None:
+        """The Date of the answer behind ``error``, if it had one."""
+        ...
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+Announce = Callable[[PendingRefund, VioletError, float], Awaitable[None]]
+Save = Callable[[PendingRefund], Awaitable[None]]
+
+
+async def drive(
+    ask: PendingRefund,
+    action: Action,
+    *,
+    io: AskIO,
+    settings: Settings,
+    clock: Clock,
+    deadline: float | None,
+    known: Container[int],
+    last_error: VioletError | None = None,
+    save: Save | None = None,
+    announce: Announce | None = None,
+    patience: float | None = None,
+) -> OrderRefund:
+    """Perform ``action`` and every one that follows until the ask ends.
+
+    Returns the refund; raises the last failure when the ask definitely did not apply,
+    and AmbiguousOutcomeError carrying the record when it is pending. ``save`` sees the
+    record before every send and at the end (the batch journal); ``announce`` is told
+    of every re-send (the ``on_retry`` hook).
+    """
+    while True:
+        if save is not None and (action.final or action.do is Do.SEND):
+            await save(ask)
+        if action.do is Do.RETURN and action.refund is not None:
+            return action.refund
+        if action.do is Do.FAIL and last_error is not None:
+            raise last_error
+        if action.do is Do.PARK:
+            raise _ambiguous(ask, action, last_error)
+        if action.final:
+            raise protocol.ProtocolError(f"{action.do.value} without its result")
+        if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
+            await announce(ask, last_error, action.delay)
+        if action.delay > 0:
+            await clock.sleep(action.delay)
+        remaining = None if deadline is None else deadline - clock.monotonic()
+        at = clock.time()
+        obs: Observation
+        if action.do is Do.SEND:
             try:
-                refunds = await self.read_refunds()
-                if is_cancel and self.read_bag_status is not None:
-                    bag_status = await self.read_bag_status()
+                refund = await io.send(remaining)
             except VioletError as exc:
-                read_error = exc
-                continue
-            misses += 1
-            candidates = self._candidates(refunds, state)
-            if len(candidates) > 1:
-                raise AmbiguousOutcomeError(
-                    f"{failure}; {len(candidates)} refunds on bag {self.bag_id} match this "
-                    "request, so which one it made cannot be told. Nothing was re-sent.",
-                    request=self.request,
-                    attempts=state.attempts,
-                    observed=refunds,
-                    candidates=candidates,
-                ) from failure
-            if candidates and (not is_cancel or bag_status is BagStatus.CANCELED):
-                self.known.add(candidates[0].id)
-                return attrs.evolve(candidates[0], reconciled=True)
-        if misses < self.policy.settle_reads:
-            why = (
-                f"reading the bag back failed too ({read_error})"
-                if read_error
-                else ("the call's deadline ended the read-back")
-            )
-            raise AmbiguousOutcomeError(
-                f"{failure}; {why}. It may or may not have been applied: check the bag "
-                "before trying again.",
-                request=self.request,
-                attempts=state.attempts,
-                observed=refunds,
-            ) from read_error
-        if candidates or bag_status is BagStatus.CANCELED:
-            raise AmbiguousOutcomeError(
-                f"{failure}; the bag read back as {bag_status} with "
-                f"{len(candidates)} matching refund(s): not re-sent.",
-                request=self.request,
-                attempts=state.attempts,
-                observed=refunds,
-                candidates=candidates,
-            ) from failure
-        # Absent after settling. Remember what was there, so a read-back after the
-        # re-send only considers refunds that appeared since.
-        self._baseline = {r.id for r in refunds if r.id is not None}
-        return RESEND
+                last_error = exc
+                obs = Observation.send_failed(
+                    at,
+                    exc,
+                    backoff=io.send_backoff(ask.sends, exc),
+                    server_time=io.server_time(exc),
+                    received_at=clock.time(),
+                )
+            else:
+                obs = Observation.answered(at, refund)
+        else:
+            try:
+                found = await io.read(action.read_bag, deadline)
+            except VioletError as exc:
+                last_error = last_error or exc
+                obs = Observation.read_failed(at, exc, backoff=settings.settle_delay)
+            else:
+                obs = Observation.read(
+                    at,
+                    found.refunds,
+                    found.bag,
+                    server_time=found.server_time,
+                    received_at=clock.time(),
+                )
+        remaining = None if deadline is None else deadline - clock.monotonic()
+        ask, action = protocol.step(
+            ask, obs, settings, clock.time(), remaining, known, patience=patience
+        )
+
+
+def _ambiguous(
+    ask: PendingRefund, action: Action, cause: VioletError | None
+) -> AmbiguousOutcomeError:
+    what = f"{ask.kind} of bag {ask.bag_id} (order {ask.order_id})"
+    first = f"{cause}; " if cause is not None else ""
+    hint = (
+        "check the bag before doing anything else"
+        if ask.needs_review
+        else "nothing was re-sent; resume it later with client.resume(error.pending)"
+    )
+    error = AmbiguousOutcomeError(
+        f"{first}the {what} may or may not have applied: {ask.note}. {hint}",
+        request=ask.request,
+        attempts=ask.sends,
+        candidates=action.candidates,
+        pending=ask,
+    )
+    error.__cause__ = cause
+    return error

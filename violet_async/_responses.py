@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import email.utils
+import math
 from typing import Any
+
+import attrs
 
 from ._converter import decode, structure
 from ._transport import RawResponse
 from .exceptions import CancellationFailedError, ResponseFormatError
 from .models import CancelStatus, Order, OrderCancellation, OrderRefund
 
-__all__ = ["parse_cancel", "parse_order", "parse_refund", "parse_refund_list"]
+__all__ = [
+    "RefundPage",
+    "http_date",
+    "parse_cancel",
+    "parse_order",
+    "parse_refund",
+    "parse_refund_list",
+    "parse_refund_page",
+]
+
+#: No bag has this many pages of refunds; a server that says so is looping.
+MAX_PAGES = 1_000
 
 
 def _format_error(
@@ -37,9 +52,62 @@ def parse_refund(resp: RawResponse, path: str) -> OrderRefund:
     )
 
 
-def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
+def http_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` header as Unix time (None when absent or unreadable)."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    stamp = when.timestamp()
+    return stamp if math.isfinite(stamp) else None
+
+
+@attrs.frozen
+class RefundPage:
+    """One page of a bag's refunds; ``next_page`` is None on the last (or only) page."""
+
+    refunds: list[OrderRefund]
+    next_page: int | None
+    size: int | None
+    server_time: float | None
+
+
+def _page_int(data: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = data.get(name)
+        if type(value) is int:
+            return value
+    return None
+
+
+def parse_refund_page(resp: RawResponse, path: str) -> RefundPage:
+    """A bare list (Violet's documented shape) or a Spring page (``content`` with
+    ``last`` / ``number`` / ``total_pages``, snake or camel case). A page that says
+    more exist but not which comes next is unreadable: a partial list must never be
+    taken for the whole."""
     data = decode(resp.body, status=resp.status, method="GET", path=path)
+    next_page = size = None
     if isinstance(data, dict) and "content" in data:
+        number = _page_int(data, "number")
+        size = _page_int(data, "size")
+        total = _page_int(data, "total_pages", "totalPages")
+        last = data.get("last")
+        if isinstance(last, bool):
+            more = not last
+        elif total is not None and number is not None:
+            more = number + 1 < total
+        else:
+            more = False
+        if more:
+            if number is None or number < 0 or number + 1 >= MAX_PAGES:
+                raise _format_error(
+                    resp, "GET", path, "a page says more refunds exist but not where", "$.number"
+                )
+            next_page = number + 1
         data = data["content"]
     if not isinstance(data, list):
         raise _format_error(
@@ -48,7 +116,12 @@ def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
     refunds: list[OrderRefund] = structure(
         data, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
     )
-    return refunds
+    return RefundPage(refunds, next_page, size, http_date(resp.headers.get("Date")))
+
+
+def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
+    """One response's refunds (pages are followed by the client)."""
+    return parse_refund_page(resp, path).refunds
 
 
 def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:

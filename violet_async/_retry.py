@@ -1,18 +1,10 @@
-"""Retry policy, failure classification and backoff. The only tenacity importer.
+"""Retry policy, backoff and ``Retry-After``; repeating reads and logins. The only
+tenacity importer.
 
-Classification (also in README):
-
-=====================================================  ==========  ===================
-failure                                                GET         refund / cancel POST
-=====================================================  ==========  ===================
-connection never established (refused, DNS, pool or    retry       retry
-connect timeout)
-408, 429, 503 (``Retry-After`` honoured up to a cap)   retry       retry
-other 4xx                                              raise       raise
-read timeout, dropped connection, 500 / 502 / 504,     retry       **ambiguous**: read
-unreadable 2xx body                                                back, never re-send
-                                                                   blindly
-=====================================================  ==========  ===================
+Reads (GET) and logins are repeated on every transient failure: a connection error or
+timeout, 408, 429, any 5xx, an unreadable 2xx body. Other 4xx are raised. Refund and
+cancel POSTs are never repeated here: whether one may be sent again is the refund
+protocol's decision (``_protocol.py``, and README's "Never refund twice").
 
 The first attempt of every call runs outside tenacity: a call that succeeds first
 time pays for one try/except and nothing else.
@@ -34,6 +26,7 @@ import attrs
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.wait import wait_random_exponential
 
+from ._protocol import Settings
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -50,39 +43,31 @@ __all__ = [
     "parse_retry_after",
 ]
 
-log = logging.getLogger("violet_async")
+log = logging.getLogger("violet_async.retry")
 
 T = TypeVar("T")
 
-#: Statuses Violet answers before doing anything: the request can be sent again.
-SAFE_STATUSES = frozenset({408, 429, 503})
-#: Statuses that may come after the refund was committed.
-AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
+#: 4xx statuses worth repeating a read for.
+SAFE_STATUSES = frozenset({408, 429})
 
 
 class Verdict(enum.Enum):
     RETRY = "retry"
-    AMBIGUOUS = "ambiguous"
     RAISE = "raise"
 
 
-def classify(exc: BaseException, *, idempotent: bool) -> Verdict:
-    """Decide what a failure allows. The table in this module's docstring, as code."""
+def classify(exc: BaseException) -> Verdict:
+    """Whether a failed read (GET) or login may simply be repeated: every transient
+    failure may. (Refund and cancel POSTs never come here: ``_protocol`` decides.)"""
     if isinstance(exc, VioletError) and exc._retries_spent:
         return Verdict.RAISE
     if isinstance(exc, APIConnectionError):
-        if not exc.request_sent:
-            return Verdict.RETRY
-        return Verdict.RETRY if idempotent else Verdict.AMBIGUOUS
+        return Verdict.RETRY
     if isinstance(exc, APIError):
-        if exc.status in SAFE_STATUSES:
-            return Verdict.RETRY
-        if exc.status in AMBIGUOUS_STATUSES:
-            return Verdict.RETRY if idempotent else Verdict.AMBIGUOUS
-        return Verdict.RAISE
-    if isinstance(exc, ResponseFormatError) and exc.status < 300:
-        # A truncated or garbled success body: the server did act.
-        return Verdict.RETRY if idempotent else Verdict.AMBIGUOUS
+        return Verdict.RETRY if exc.status in SAFE_STATUSES or exc.status >= 500 else Verdict.RAISE
+    if isinstance(exc, ResponseFormatError) and 200 <= exc.status < 300:
+        # A truncated or garbled success body: reading again is harmless.
+        return Verdict.RETRY
     return Verdict.RAISE
 
 
@@ -108,9 +93,16 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 class Clock(Protocol):
-    """Time source for backoff and deadlines; tests pass a fake one."""
+    """Time source for backoff, deadlines and the refund protocol; tests pass a fake
+    one (``violet_async.testing.FakeClock``)."""
 
-    def monotonic(self) -> float: ...
+    def monotonic(self) -> float:
+        """Seconds on a clock that never jumps (deadlines, waits)."""
+        ...
+
+    def time(self) -> float:
+        """Wall-clock Unix time (when a refund was sent)."""
+        ...
 
     async def sleep(self, seconds: float) -> None: ...
 
@@ -118,6 +110,9 @@ class Clock(Protocol):
 class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -128,10 +123,21 @@ SYSTEM_CLOCK = SystemClock()
 
 @attrs.frozen
 class RetryPolicy:
-    """How a call is retried. Every default is named and documented here.
+    """How a call is retried, and how long a refund's outcome is waited for. Every
+    default is named and documented here.
 
-    Attempts are sends of the request; a read-back after an ambiguous failure is not
-    an attempt, but a re-send after it is.
+    Attempts are sends of the request; a read-back after a failure is not an attempt,
+    a re-send after it is.
+
+    The settle windows decide when a refund that failed in flight may be called absent
+    and sent again (see README, "Never refund twice"): only a read-back that starts
+    after the window and still misses it proves absence. ``settle_running`` covers a
+    request that may still be running at Violet (no answer from Violet: a timeout, a
+    dropped connection, a gateway's 502/503/504/524): Violet's own request to the
+    merchant's platform can take tens of seconds, and a gateway gives up on it long
+    before Violet does. ``settle_lag`` covers an error Violet itself answered (a 500
+    with its JSON body), where the request is over and only the refund list's
+    replication lag is left to wait out.
     """
 
     max_attempts: int = attrs.field(default=4, validator=attrs.validators.ge(1))
@@ -143,21 +149,34 @@ class RetryPolicy:
     jitter: bool = True
     """Full jitter: wait a uniform random time up to the backoff. Default on."""
     deadline: float | None = attrs.field(default=60.0)
-    """Total seconds for one call, waits and retries included; each attempt's timeout
-    shrinks to what is left. None: no deadline. Default 60."""
+    """Total seconds for one call: sends, waits, read-backs, settle waits and logins
+    included; each attempt's timeout shrinks to what is left. When a refund's settle
+    window outlasts it, the call raises AmbiguousOutcomeError with a ``pending``
+    record to resume. None: no deadline. Default 60."""
     max_retry_after: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     """Longest ``Retry-After`` honoured, in seconds; longer values are capped."""
-    settle_delay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
-    """Seconds between read-backs when reconciling an ambiguous refund or cancel."""
-    settle_reads: int = attrs.field(default=3, validator=attrs.validators.ge(1))
-    """Read-backs that must all miss the refund before it is called absent and re-sent."""
+    settle_running: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
+    """Seconds after a send that got no answer from Violet during which the refund may
+    still appear. Default 60."""
+    settle_lag: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    """Seconds after an error Violet answered itself during which the refund may still
+    be missing from the bag's refund list (replication lag). Default 5."""
+    settle_delay: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    """First wait between read-backs, doubling up to 8 s; the last read-back is at the
+    window's end. Default 1."""
     clock_skew: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
-    """Seconds of clock difference tolerated between this machine and Violet when
-    deciding whether a refund read back was created by this call."""
+    """Without a baseline, a refund created up to this many seconds before the first
+    send still counts as possibly this call's, when Violet's clock could not be
+    estimated from ``Date`` headers (with an estimate, 5 s). Default 60."""
+    read_before_send: bool = False
+    """Read the bag's refunds before the first send, so that after a failure only
+    refunds new since then are candidates (exact, no clock involved). Costs one GET
+    per call. Default off for direct calls; the batch runner turns it on."""
 
     @classmethod
     def disabled(cls) -> RetryPolicy:
-        """One send per call. Ambiguous refunds are still read back before raising."""
+        """One send per call. A refund that fails in flight is still read back (a
+        re-send needs a second attempt, so it raises instead)."""
         return cls(max_attempts=1)
 
     def backoff(self, retry_number: int) -> float:
@@ -171,13 +190,34 @@ class RetryPolicy:
         delay: float = strategy(state)
         return delay
 
+    def delay_after(self, retry_number: int, cause: VioletError) -> float:
+        """The wait before retry ``retry_number`` after ``cause``: its ``Retry-After``
+        (capped) when it has one, else the backoff."""
+        retry_after = None
+        if isinstance(cause, APIError):
+            retry_after = parse_retry_after(cause.headers.get("Retry-After"))
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        return self.backoff(retry_number)
+
+    def protocol_settings(self) -> Settings:
+        """What the refund protocol reads of this policy."""
+        return Settings(
+            max_attempts=self.max_attempts,
+            settle_running=self.settle_running,
+            settle_lag=self.settle_lag,
+            settle_delay=self.settle_delay,
+            clock_skew=self.clock_skew,
+            read_before_send=self.read_before_send,
+        )
+
 
 @attrs.frozen
 class RetryEvent:
     """What the ``on_retry`` hook receives before each wait."""
 
     attempt: int
-    """Sends made so far in this call."""
+    """Sends (or reads) made so far in this call."""
     delay: float
     """Seconds about to be waited."""
     cause: VioletError
@@ -191,24 +231,6 @@ class RetryEvent:
 RetryHook = Callable[[RetryEvent], Any]
 
 
-class RESEND:
-    """Reconciliation's answer when the request provably did not apply."""
-
-
-ReconcileFn = Callable[[VioletError, "CallState"], Awaitable[Any]]
-
-
-class CallState:
-    """Book-keeping of one call across its attempts (slotted: one per call)."""
-
-    __slots__ = ("attempts", "deadline", "sent_at_wall")
-
-    def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline
-        self.attempts = 0
-        self.sent_at_wall = 0.0
-
-
 class _Again(Exception):
     """Internal: the last attempt failed in a retryable way."""
 
@@ -217,70 +239,55 @@ class _Again(Exception):
         self.cause = cause
 
 
+async def announce(hook: RetryHook | None, event: RetryEvent) -> None:
+    """Log a retry and tell the ``on_retry`` hook. A hook must never change a refund's
+    outcome: its failure is logged, and the call carries on."""
+    log.info(
+        "retry: %s %s attempt %d failed (%s); retrying in %.2fs%s",
+        event.method,
+        event.path,
+        event.attempt,
+        type(event.cause).__name__,
+        event.delay,
+        " after read-back" if event.read_back else "",
+    )
+    if hook is None:
+        return
+    try:
+        result = hook(event)
+        if asyncio.iscoroutine(result):
+            await result
+    except Exception:
+        log.exception("the on_retry hook raised; the call continues")
+
+
 class Retrier:
-    """Runs one call under a policy: fast first attempt, then tenacity."""
+    """Repeats a read (GET) or a login on transient failures under a policy. The
+    caller makes the first attempt itself; tenacity only runs after a failure."""
 
     def __init__(self, policy: RetryPolicy, clock: Clock, on_retry: RetryHook | None) -> None:
         self.policy = policy
         self.clock = clock
         self.on_retry = on_retry
 
-    def _state(self, started: float, *, sent_at_wall: float) -> CallState:
-        deadline = None if self.policy.deadline is None else started + self.policy.deadline
-        state = CallState(deadline)
-        state.sent_at_wall = sent_at_wall
-        return state
-
-    def _remaining(self, state: CallState) -> float | None:
-        if state.deadline is None:
-            return None
-        return state.deadline - self.clock.monotonic()
-
-    async def _send(self, send: Callable[[float | None], Awaitable[T]], state: CallState) -> T:
-        remaining = self._remaining(state)
-        state.attempts += 1
-        if not state.sent_at_wall:
-            state.sent_at_wall = time.time()
-        return await send(remaining)
-
     async def run(
         self,
         send: Callable[[float | None], Awaitable[T]],
         *,
-        idempotent: bool,
         method: str,
         path: str,
-        reconcile: ReconcileFn | None = None,
-        resume_sent_at: float | None = None,
+        deadline: float | None = None,
     ) -> T:
-        """Run one call. ``resume_sent_at`` (wall time) says an earlier process may have
-        sent this request then: the bag is read back before anything is sent."""
+        """Run one call. ``deadline`` (monotonic) defaults to the policy's from now."""
         now = self.clock.monotonic()
-        state = self._state(now, sent_at_wall=0.0)
-        if resume_sent_at is not None and reconcile is not None:
-            state.sent_at_wall = resume_sent_at
-            outcome = await reconcile(
-                VioletError("an earlier run sent this request and stopped before its answer"),
-                state,
-            )
-            if outcome is not RESEND:
-                return outcome  # type: ignore[no-any-return]
-        # The first attempt, inline: no tenacity, no extra coroutine frame.
-        state.attempts = 1
-        if not state.sent_at_wall:
-            state.sent_at_wall = time.time()
+        if deadline is None and self.policy.deadline is not None:
+            deadline = now + self.policy.deadline
         try:
-            return await send(state.deadline - now if state.deadline is not None else None)
+            return await send(deadline - now if deadline is not None else None)
         except VioletError as exc:
             failure = exc
-        return await self._recover(
-            failure,
-            send,
-            state,
-            idempotent=idempotent,
-            method=method,
-            path=path,
-            reconcile=reconcile,
+        return await self.after_first_failure(
+            failure, send, deadline=deadline, method=method, path=path
         )
 
     async def after_first_failure(
@@ -288,149 +295,42 @@ class Retrier:
         failure: VioletError,
         send: Callable[[float | None], Awaitable[T]],
         *,
-        started: float,
-        sent_at_wall: float,
-        idempotent: bool,
+        deadline: float | None,
         method: str,
         path: str,
-        reconcile: ReconcileFn | None = None,
     ) -> T:
-        """Take over a call whose first attempt the caller made itself (at monotonic
-        ``started``, wall ``sent_at_wall``) and which failed with ``failure``. This is
-        how the client keeps the retry machinery off the happy path entirely."""
-        state = self._state(started, sent_at_wall=sent_at_wall)
-        state.attempts = 1
-        return await self._recover(
-            failure,
-            send,
-            state,
-            idempotent=idempotent,
-            method=method,
-            path=path,
-            reconcile=reconcile,
-        )
+        """Take over a call whose first attempt failed with ``failure``."""
+        if classify(failure) is Verdict.RAISE:
+            raise failure
+        attempts = 1
 
-    async def _recover(
-        self,
-        failure: VioletError,
-        send: Callable[[float | None], Awaitable[T]],
-        state: CallState,
-        *,
-        idempotent: bool,
-        method: str,
-        path: str,
-        reconcile: ReconcileFn | None,
-    ) -> T:
-        while True:
-            verdict = classify(failure, idempotent=idempotent)
-            if verdict is Verdict.RAISE:
-                raise failure
-            read_back = False
-            if verdict is Verdict.AMBIGUOUS:
-                if reconcile is None:
-                    raise failure
-                outcome = await reconcile(failure, state)
-                if outcome is not RESEND:
-                    return outcome  # type: ignore[no-any-return]
-                read_back = True
-            try:
-                return await self._retry_loop(
-                    failure,
-                    send,
-                    state,
-                    idempotent=idempotent,
-                    method=method,
-                    path=path,
-                    read_back=read_back,
-                )
-            except _Again as again:
-                raise again.cause from again.cause.__cause__
-            except VioletError as exc:
-                failure = exc
+        def remaining() -> float | None:
+            return None if deadline is None else deadline - self.clock.monotonic()
 
-    def _delay(self, retry_number: int, cause: VioletError) -> float:
-        retry_after = None
-        if isinstance(cause, APIError):
-            retry_after = parse_retry_after(cause.headers.get("Retry-After"))
-        if retry_after is not None:
-            return min(retry_after, self.policy.max_retry_after)
-        return self.policy.backoff(retry_number)
-
-    def _out_of_budget(self, state: CallState, delay: float) -> bool:
-        if state.attempts >= self.policy.max_attempts:
-            return True
-        remaining = self._remaining(state)
-        return remaining is not None and delay >= remaining
-
-    async def _announce(
-        self,
-        state: CallState,
-        delay: float,
-        cause: VioletError,
-        method: str,
-        path: str,
-        *,
-        read_back: bool,
-    ) -> None:
-        log.info(
-            "violet_async retry: %s %s attempt %d failed (%s); retrying in %.2fs%s",
-            method,
-            path,
-            state.attempts,
-            type(cause).__name__,
-            delay,
-            " after read-back" if read_back else "",
-        )
-        if self.on_retry is None:
-            return
-        # An observability hook must never change a refund's outcome: its failure is
-        # logged, and the call carries on.
-        try:
-            result = self.on_retry(
-                RetryEvent(state.attempts, delay, cause, method, path, read_back)
-            )
-            if asyncio.iscoroutine(result):
-                await result
-        except Exception:
-            log.exception("violet_async: the on_retry hook raised; the call continues")
-
-    async def _retry_loop(
-        self,
-        failure: VioletError,
-        send: Callable[[float | None], Awaitable[T]],
-        state: CallState,
-        *,
-        idempotent: bool,
-        method: str,
-        path: str,
-        read_back: bool,
-    ) -> T:
-        """Attempts 2..N. Raises ``_Again`` when the budget runs out on a retryable
-        failure, the failure itself when it is not retryable (or ambiguous)."""
-        # After a read-back proved the refund absent, the settle time was the wait.
-        first_delay = 0.0 if read_back else self._delay(state.attempts, failure)
-        if self._out_of_budget(state, first_delay):
-            raise _Again(failure)
-        await self._announce(state, first_delay, failure, method, path, read_back=read_back)
-        if first_delay:
-            await self.clock.sleep(first_delay)
+        def out_of_budget(delay: float) -> bool:
+            left = remaining()
+            return attempts >= self.policy.max_attempts or (left is not None and delay >= left)
 
         def wait(retry_state: RetryCallState) -> float:
-            return self._delay(state.attempts, _cause_of(retry_state))
+            return self.policy.delay_after(attempts, _cause_of(retry_state))
 
         def stop(retry_state: RetryCallState) -> bool:
-            return self._out_of_budget(state, retry_state.upcoming_sleep)
+            return out_of_budget(retry_state.upcoming_sleep)
 
         async def before_sleep(retry_state: RetryCallState) -> None:
-            await self._announce(
-                state,
-                retry_state.upcoming_sleep,
-                _cause_of(retry_state),
-                method,
-                path,
-                read_back=False,
+            cause = _cause_of(retry_state)
+            event = RetryEvent(
+                attempts, retry_state.upcoming_sleep, cause, method, path, read_back=False
             )
+            await announce(self.on_retry, event)
 
+        first_delay = self.policy.delay_after(attempts, failure)
+        if out_of_budget(first_delay):
+            raise failure
+        first = RetryEvent(attempts, first_delay, failure, method, path, read_back=False)
+        await announce(self.on_retry, first)
+        if first_delay:
+            await self.clock.sleep(first_delay)
         retrying = AsyncRetrying(
             sleep=self.clock.sleep,
             stop=stop,
@@ -439,14 +339,18 @@ class Retrier:
             before_sleep=before_sleep,
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                try:
-                    return await self._send(send, state)
-                except VioletError as exc:
-                    if classify(exc, idempotent=idempotent) is Verdict.RETRY:
-                        raise _Again(exc) from exc
-                    raise
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    try:
+                        return await send(remaining())
+                    except VioletError as exc:
+                        if classify(exc) is Verdict.RETRY:
+                            raise _Again(exc) from exc
+                        raise
+        except _Again as again:
+            raise again.cause from again.cause.__cause__
         raise AssertionError("unreachable: tenacity either returns or raises")
 
 

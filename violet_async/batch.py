@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
+import itertools
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -22,10 +24,11 @@ from typing import Any, Literal
 
 import attrs
 
-from ._client import VioletClient
+from ._client import VioletClient, _unless_failed
 from ._journal import Journal, JournalEntry, JournalMismatchError
+from ._protocol import PendingRefund, Phase
 from ._retry import RetryEvent
-from .exceptions import AmbiguousOutcomeError, RateLimitError, VioletError
+from .exceptions import AmbiguousOutcomeError, RateLimitError, RequestValidationError, VioletError
 from .models import CancelBagRequest, OrderRefund, RefundBagRequest
 
 __all__ = [
@@ -145,6 +148,14 @@ async def _aiter(items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> Async
 _END = object()
 
 
+#: Seconds a batch item may wait in its slot for a settle window; longer, and it is
+#: parked and revisited when the window has passed, while other items go through.
+DEFAULT_PATIENCE = 1.0
+#: Times a parked item is revisited before it is reported unknown (its journal entry
+#: stays resumable).
+MAX_REVISITS = 8
+
+
 async def run_batch(
     client: VioletClient,
     items: Iterable[BatchItem] | AsyncIterable[BatchItem],
@@ -155,14 +166,25 @@ async def run_batch(
     input_id: str | None = None,
     retry_failed: bool = False,
     stop: asyncio.Event | None = None,
+    read_before_send: bool = True,
+    patience: float = DEFAULT_PATIENCE,
 ) -> AsyncIterator[BatchResult]:
     """Run refunds and cancels, yielding one :class:`BatchResult` per item as it ends.
 
-    One item's failure never stops the batch. With a ``journal`` (a path or an open
-    :class:`Journal`), items already done are skipped, items an earlier run left
-    "sent" are read back before anything is re-sent, and failed items are skipped
-    unless ``retry_failed``. Setting ``stop`` stops feeding new items; those in flight
-    finish. ``input_id`` identifies the input (a file hash) in a new journal.
+    One item's failure never stops the batch. Each item follows the refund protocol
+    with ``read_before_send`` (the bag's refunds are read before the first send, so a
+    failure in flight is matched exactly). An item whose outcome needs a settle window
+    longer than ``patience`` seconds is parked and revisited after the window while
+    other items go through, so a batch under transient faults ends with every item
+    succeeded or failed; only conflicting evidence (or a server that stays down) ends
+    one "unknown".
+
+    With a ``journal`` (a path or an open :class:`Journal`), items already done are
+    skipped, items an earlier run left sent or pending are read back before anything
+    is re-sent, and failed items (definitely not applied) are skipped unless
+    ``retry_failed``. Setting ``stop`` stops feeding new items; those in flight finish
+    and parked ones are reported unknown (resumable). ``input_id`` identifies the
+    input (a file hash) in a new journal.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
@@ -172,6 +194,9 @@ async def run_batch(
         if journal is not None and not isinstance(journal, Journal)
         else journal
     )
+    if log is not None:
+        for refund_id in log.refund_ids():
+            client._shared.known_refunds.add(refund_id)
     runner = _Runner(
         client,
         log,
@@ -179,6 +204,8 @@ async def run_batch(
         AdaptiveRate(rate) if rate else None,
         retry_failed=retry_failed,
         stop=stop,
+        read_before_send=read_before_send,
+        patience=patience,
     )
     feeder = asyncio.create_task(runner.feed(items))
     try:
@@ -197,8 +224,17 @@ async def run_batch(
             await log.aclose()
 
 
+@attrs.frozen
+class _Parked:
+    item: BatchItem
+    pending: PendingRefund
+    revisits: int
+    error: AmbiguousOutcomeError
+
+
 class _Runner:
-    """Feeds items to at most ``concurrency`` tasks; results go to a bounded queue."""
+    """Feeds items to at most ``concurrency`` tasks; results go to a bounded queue;
+    parked items wait in a heap ordered by when their settle window ends."""
 
     def __init__(
         self,
@@ -209,15 +245,23 @@ class _Runner:
         *,
         retry_failed: bool,
         stop: asyncio.Event | None,
+        read_before_send: bool,
+        patience: float,
     ) -> None:
         self._caller_hook = client._on_retry
-        self.client = client.with_options(on_retry=self._on_retry)
+        policy = attrs.evolve(client._retry, read_before_send=read_before_send)
+        self.client = client.with_options(on_retry=self._on_retry, retry=policy)
+        self.clock = client._shared.clock
         self.log = log
         self.limiter = limiter
         self.retry_failed = retry_failed
         self.stop = stop
+        self.patience = patience
         self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency * 2)
         self.slots = asyncio.Semaphore(concurrency)
+        self.parked: list[tuple[float, int, _Parked]] = []
+        self._order = itertools.count()
+        self._parked_changed = asyncio.Event()
 
     def _on_retry(self, event: RetryEvent) -> Any:
         stats = _current.get()
@@ -234,16 +278,32 @@ class _Runner:
     def _stopping(self) -> bool:
         return self.stop is not None and self.stop.is_set()
 
-    async def _one(self, item: BatchItem, prior: JournalEntry | None) -> None:
+    async def _one(self, item: BatchItem, resume: PendingRefund | None, revisits: int) -> None:
         try:
-            result = await _process(self.client, item, prior, self.log, self.limiter)
+            result = await _process(
+                self.client, item, resume, self.log, self.limiter, patience=self.patience
+            )
         finally:
             self.slots.release()
+        if isinstance(result, _Parked):
+            parked = attrs.evolve(result, revisits=revisits)
+            if revisits < MAX_REVISITS and not parked.pending.needs_review:
+                due = parked.pending.settle_until or self.clock.time()
+                heapq.heappush(self.parked, (due, next(self._order), parked))
+                self._parked_changed.set()
+                return
+            result = await _unknown(item, parked, self.log)
         await self.results.put(result)
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
         last_line = None
+
+        def start(item: BatchItem, resume: PendingRefund | None, revisits: int) -> None:
+            task = asyncio.create_task(self._one(item, resume, revisits))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         try:
             async for item in _aiter(items):
                 if self._stopping():
@@ -254,15 +314,14 @@ class _Runner:
                 if skipped is not None:
                     await self.results.put(skipped)
                     continue
+                resume = _resumable(item, prior)
                 await self.slots.acquire()
                 if self._stopping():
                     self.slots.release()
                     break
-                task = asyncio.create_task(self._one(item, prior))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
+                start(item, resume, 0)
+                await self._revisit_due(start)
+            await self._drain(tasks, start)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             for task in tasks:
                 task.cancel()
@@ -270,6 +329,45 @@ class _Runner:
             await self.results.put(exc)
             return
         await self.results.put(_END)
+
+    async def _revisit_due(self, start: Any) -> None:
+        """Start parked items whose settle window has passed (each takes a slot)."""
+        while self.parked and self.parked[0][0] <= self.clock.time() and not self._stopping():
+            _, _, parked = heapq.heappop(self.parked)
+            await self.slots.acquire()
+            start(parked.item, parked.pending, parked.revisits + 1)
+
+    async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
+        """After the input: finish what runs, and revisit parked items as they fall due."""
+        while tasks or self.parked:
+            if self._stopping():
+                if tasks:
+                    await asyncio.gather(*tasks)
+                while self.parked:
+                    _, _, parked = heapq.heappop(self.parked)
+                    await self.results.put(await _unknown(parked.item, parked, self.log))
+                return
+            await self._revisit_due(start)
+            if not self.parked:
+                if tasks:
+                    await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            wait = max(self.parked[0][0] - self.clock.time(), 0.0)
+            if tasks:
+                # Wake for whichever comes first: an item ending (it may park, with an
+                # earlier window) or the first parked window passing.
+                self._parked_changed.clear()
+                changed = asyncio.ensure_future(self._parked_changed.wait())
+                sleeper = asyncio.ensure_future(self.clock.sleep(min(wait, 1.0)))
+                done, _ = await asyncio.wait(
+                    {*tasks, changed, sleeper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in (changed, sleeper):
+                    if waiter not in done:
+                        waiter.cancel()
+                await asyncio.gather(changed, sleeper, return_exceptions=True)
+            elif wait > 0:
+                await self.clock.sleep(wait)
 
 
 def _check_increasing(last: int | None, line: int) -> int:
@@ -289,41 +387,70 @@ def _skip(item: BatchItem, prior: JournalEntry | None, *, retry_failed: bool) ->
     return None
 
 
+def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | None:
+    """The record to resume an item an earlier run may have sent (None: send anew)."""
+    if prior is None or prior.state not in ("sent", "pending", "unknown"):
+        return None
+    if prior.ask is not None:
+        try:
+            pending = PendingRefund.from_dict(prior.ask)
+        except RequestValidationError:
+            pending = None
+        if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
+            return pending
+        if pending is not None and pending.phase is Phase.NEW:
+            return None  # journaled before its first send: never sent
+    # An older journal line, or a torn record: assume it was sent, by the first send
+    # time the journal has.
+    return PendingRefund(
+        item.kind,
+        item.order_id,
+        item.bag_id,
+        item.request,
+        Phase.SENT,
+        sends=1,
+        first_sent_at=prior.first_sent,
+        last_sent_at=prior.first_sent,
+    )
+
+
 async def _process(
     client: VioletClient,
     item: BatchItem,
-    prior: JournalEntry | None,
+    resume: PendingRefund | None,
     log: Journal | None,
     limiter: AdaptiveRate | None,
-) -> BatchResult:
+    *,
+    patience: float,
+) -> BatchResult | _Parked:
     stats = _Stats()
     _current.set(stats)
-    # An earlier run may have sent it ("sent", or "unknown" after an ambiguous
-    # failure): read the bag back first, from the time it was first sent.
-    resume_at = (
-        prior.first_sent if prior is not None and prior.state in ("sent", "unknown") else None
-    )
     if limiter is not None:
         await limiter.wait()
+
+    async def save(ask: PendingRefund) -> None:
+        if log is not None and ask.phase in (Phase.SENT, Phase.PENDING):
+            await log.record(item.line, item.key, ask.phase.value, ask=ask.to_dict())
+
     try:
-        if log is not None:
-            await log.record(item.line, item.key, "sent")
-        if isinstance(item.request, RefundBagRequest):
-            refund = await client._refund(
-                item.order_id, item.bag_id, item.request, resume_sent_at=resume_at
-            )
-        else:
-            refund = await client._cancel(
-                item.order_id, item.bag_id, item.request, resume_sent_at=resume_at
-            )
+        refund = await client._ask(
+            item.kind,
+            item.order_id,
+            item.bag_id,
+            item.request,
+            resume=resume,
+            save=save,
+            patience=patience,
+        )
+        if item.kind == "refund":
+            refund = _unless_failed(refund)
+    except AmbiguousOutcomeError as exc:
+        if exc.pending is not None:
+            return _Parked(item, exc.pending, 0, exc)
+        return await _ended(item, "unknown", stats, log, exc)
     except VioletError as exc:
-        # An ambiguous outcome is "unknown": a resume reads it back, never skips it.
-        outcome: Outcome = "unknown" if isinstance(exc, AmbiguousOutcomeError) else "failed"
-        if log is not None:
-            await log.record(
-                item.line, item.key, outcome, error=type(exc).__name__, message=str(exc)
-            )
-        return _result(item, outcome, stats, error=exc)
+        # Any other error: the request did not apply.
+        return await _ended(item, "failed", stats, log, exc)
     if limiter is not None:
         limiter.speed_up()
     if log is not None:
@@ -331,6 +458,22 @@ async def _process(
             item.line, item.key, "done", refund_id=refund.id, reconciled=refund.reconciled
         )
     return _result(item, "succeeded", stats, refund=refund)
+
+
+async def _ended(
+    item: BatchItem, outcome: Outcome, stats: _Stats, log: Journal | None, exc: VioletError
+) -> BatchResult:
+    if log is not None:
+        fields: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+        pending = getattr(exc, "pending", None)
+        if isinstance(pending, PendingRefund):
+            fields["ask"] = pending.to_dict()
+        await log.record(item.line, item.key, outcome, **fields)
+    return _result(item, outcome, stats, error=exc)
+
+
+async def _unknown(item: BatchItem, parked: _Parked, log: Journal | None) -> BatchResult:
+    return await _ended(item, "unknown", _Stats(), log, parked.error)
 
 
 def _result(

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
+    from ._protocol import PendingRefund
     from .models import OrderRefund
 
 __all__ = [
@@ -140,12 +141,19 @@ class ResponseFormatError(VioletError):
 
 
 class AmbiguousOutcomeError(VioletError):
-    """A refund or cancel was sent, failed in flight, and the read-back could not tell
-    whether it took effect. Check the bag before trying again.
+    """A refund or cancel was sent, failed in flight, and whether it took effect is not
+    proven yet. Nothing was re-sent.
 
-    ``request`` is what was asked, ``attempts`` how many times it was sent,
-    ``observed`` the refunds read back from the bag, ``candidates`` the ones that
-    matched the request (more than one means we will not guess).
+    ``pending`` is the ask's record (a :class:`~violet_async.PendingRefund`, JSON
+    round-trippable): store it and ``await client.resume(pending)`` later, which reads
+    the bag back by the same rule and returns the refund, re-sends once absence is
+    proven, or raises this again with a fresher record. ``pending.needs_review`` is
+    True when waiting cannot settle it (several refunds match, or one almost does):
+    look at the bag. ``request`` is what was asked, ``attempts`` how many times it was
+    sent, ``candidates`` the refunds that could be this request's.
+
+    Every other error from ``refund_bag`` / ``cancel_bag`` means the request did not
+    apply.
     """
 
     def __init__(
@@ -156,12 +164,14 @@ class AmbiguousOutcomeError(VioletError):
         attempts: int,
         observed: Sequence[OrderRefund] = (),
         candidates: Sequence[OrderRefund] = (),
+        pending: PendingRefund | None = None,
     ) -> None:
         super().__init__(message)
         self.request = request
         self.attempts = attempts
         self.observed = tuple(observed)
         self.candidates = tuple(candidates)
+        self.pending = pending
 
 
 class RefundFailedError(VioletError):
