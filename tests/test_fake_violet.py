@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from violet_async.testing import FakeViolet, Fault, FaultPlan
+from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
 
 
 @pytest.fixture
@@ -41,6 +41,8 @@ async def call(
         data=None if body is None else orjson.dumps(body),
     ) as response:
         raw = await response.read()
+        if response.content_type != "application/json":
+            return response.status, raw.decode()
         return response.status, orjson.loads(raw) if raw else None
 
 
@@ -162,16 +164,31 @@ async def test_drop_after_commit_commits_and_closes(
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-async def test_late_commit_lands_after_a_read(
-    fake: FakeViolet, http: aiohttp.ClientSession
+async def test_late_commit_lands_only_when_the_clock_passes_the_delay(
+    http: aiohttp.ClientSession,
 ) -> None:
-    """504 now; the refund appears on the read after the next one."""
-    order_id, bag_id = fake.seeded[0]
-    path = f"/orders/{order_id}/bags/{bag_id}/refunds"
-    fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
-    assert (await call(http, fake, "POST", path, {"amount_refunded": 1}))[0] == 504
-    assert (await call(http, fake, "GET", path))[1] == []
-    assert len((await call(http, fake, "GET", path))[1]) == 1
+    """LATE_COMMIT: a gateway 504 now; reads see nothing until the fake's clock passes
+    late_commit_delay, however many reads happen before."""
+    clock = FakeClock()
+    plan = FaultPlan(late_commit_delay=2.5)
+    async with FakeViolet(orders=1, faults=plan, clock=clock) as fake:
+        order_id, bag_id = fake.seeded[0]
+        path = f"/orders/{order_id}/bags/{bag_id}/refunds"
+        fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
+        status, body = await call(http, fake, "POST", path, {"amount_refunded": 1})
+        assert (status, body) == (504, "upstream request timeout")
+        for _ in range(3):
+            assert (await call(http, fake, "GET", path))[1] == []
+        clock.advance(2.4)
+        assert (await call(http, fake, "GET", path))[1] == []
+        assert fake.ledger.refunds_per_bag[bag_id] == 0
+        clock.advance(0.1)
+        refunds = (await call(http, fake, "GET", path))[1]
+        assert len(refunds) == 1
+        [post] = fake.ledger.posts_per_bag[bag_id]
+        assert (post.fault, post.refund_id) == ("late_commit", refunds[0]["id"])
+        [commit] = fake.ledger.commits_per_bag[bag_id]
+        assert commit.at == pytest.approx(1_002.5)
 
 
 @pytest.mark.parametrize(
@@ -183,20 +200,52 @@ async def test_late_commit_lands_after_a_read(
         (Fault.HTTP_504, 504),
         (Fault.RATE_LIMIT_NO_HEADER, 429),
         (Fault.HTTP_500_AFTER_COMMIT, 500),
+        (Fault.HTTP_502_AFTER_COMMIT, 502),
+        (Fault.HTTP_503_AFTER_COMMIT, 503),
+        (Fault.HTTP_504_AFTER_COMMIT, 504),
+        (Fault.HTTP_524_AFTER_COMMIT, 524),
     ],
 )
 async def test_status_faults(
     fake: FakeViolet, http: aiohttp.ClientSession, fault: Fault, status: int
 ) -> None:
-    """Scripted status faults answer with that status."""
+    """Scripted status faults answer with that status; only Violet's own (500, 429)
+    carry its JSON error body, gateways' are text; *_AFTER_COMMIT ones committed."""
     order_id, bag_id = fake.seeded[0]
     fake.script("refund", fault, bag_id=bag_id)
-    got, _ = await call(
+    got, body = await call(
         http, fake, "POST", f"/orders/{order_id}/bags/{bag_id}/refunds", {"amount_refunded": 1}
     )
     assert got == status
-    committed = 1 if fault is Fault.HTTP_500_AFTER_COMMIT else 0
+    if status in (500, 429):
+        assert set(body) == {"status", "message", "error_code", "timestamp"}
+    else:
+        assert isinstance(body, str)
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(body)
+    committed = 1 if fault.value.endswith("_after_commit") else 0
     assert fake.ledger.refunds_per_bag[bag_id] == committed
+    [post] = fake.ledger.posts_per_bag[bag_id]
+    assert post.fault == fault.value
+    if committed:
+        assert post.refund_id == fake.bag(order_id, bag_id).refunds[0]["id"]
+
+
+async def test_gateway_bodies_look_like_the_real_gateways(
+    fake: FakeViolet, http: aiohttp.ClientSession
+) -> None:
+    """Envoy's 503 and Cloudflare's 524 pages, after the commit."""
+    order_id, bag_id = fake.seeded[0]
+    path = f"/orders/{order_id}/bags/{bag_id}/refunds"
+    fake.script("refund", Fault.HTTP_503_AFTER_COMMIT, Fault.HTTP_524_AFTER_COMMIT)
+    status, envoy = await call(http, fake, "POST", path, {"amount_refunded": 1})
+    assert envoy.startswith("upstream connect error or disconnect/reset before headers")
+    status, cloudflare = await call(http, fake, "POST", path, {"amount_refunded": 1})
+    assert status == 524
+    assert "<html>" in cloudflare
+    assert "524" in cloudflare
+    assert "A timeout occurred" in cloudflare
+    assert fake.ledger.refunds_per_bag[bag_id] == 2
 
 
 async def test_malformed_and_rate_limit_faults(
@@ -280,5 +329,6 @@ def test_named_plans() -> None:
     assert FaultPlan.named("none") == FaultPlan.none()
     assert FaultPlan.named("moderate", 3) == FaultPlan.moderate(3)
     assert FaultPlan.named("chaos", 3) == FaultPlan.chaos(3)
+    assert FaultPlan.named("hostile", 3) == FaultPlan.hostile(3)
     with pytest.raises(ValueError, match="unknown fault plan"):
         FaultPlan.named("mayhem")

@@ -54,13 +54,16 @@ async def test_ambiguous_failure_before_commit_is_read_back_then_re_sent(
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-async def test_late_commit_after_first_read_back_is_one_refund(
-    client: VioletClient, fake: FakeViolet
-) -> None:
-    """The commit lands after the first read-back: the second read finds it."""
-    order_id, bag_id = fake.seeded[0]
-    fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
-    refund = await client.refund_bag(order_id, bag_id, amount_refunded=150)
+async def test_late_commit_after_first_read_back_is_one_refund(clock: FakeClock) -> None:
+    """The commit lands (0.2 s on the shared clock) after the first read-back: the
+    second read, after a settle wait, finds it."""
+    async with (
+        FakeViolet(orders=20, seed=3, clock=clock) as fake,
+        make_client(fake, clock) as client,
+    ):
+        order_id, bag_id = fake.seeded[0]
+        fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
+        refund = await client.refund_bag(order_id, bag_id, amount_refunded=150)
     assert refund.reconciled
     assert fake.ledger.requests["list_refunds"] == 2
     assert fake.ledger.refunds_per_bag[bag_id] == 1
@@ -142,13 +145,16 @@ async def test_retries_disabled_still_reconciles(fake: FakeViolet, clock: FakeCl
 
 
 @pytest.mark.parametrize("fault", [Fault.DROP_AFTER_COMMIT, Fault.LATE_COMMIT])
-async def test_cancel_after_commit_is_reconciled(
-    client: VioletClient, fake: FakeViolet, fault: Fault
-) -> None:
-    """A cancel that committed is found through the bag state and its refund."""
-    order_id, bag_id = fake.seeded[1]
-    fake.script("cancel", fault, bag_id=bag_id)
-    refund = await client.cancel_bag(order_id, bag_id)
+async def test_cancel_after_commit_is_reconciled(clock: FakeClock, fault: Fault) -> None:
+    """A cancel that committed (a late one on the shared clock) is found through the
+    bag state and its refund."""
+    async with (
+        FakeViolet(orders=20, seed=3, clock=clock) as fake,
+        make_client(fake, clock) as client,
+    ):
+        order_id, bag_id = fake.seeded[1]
+        fake.script("cancel", fault, bag_id=bag_id)
+        refund = await client.cancel_bag(order_id, bag_id)
     assert refund.reconciled
     assert fake.ledger.requests["cancel"] == 1
     assert fake.ledger.refunds_per_bag[bag_id] == 1

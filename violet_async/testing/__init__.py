@@ -1,13 +1,15 @@
 """Test helpers users get with the SDK: FakeViolet (an embedded Violet server with a
-bag state machine, a ledger and fault injection) and FakeClock (retries without real
-sleeping)."""
+bag state machine, a ledger, fault injection and hostile-server quirks) and FakeClock
+(virtual time shared by the client and FakeViolet: retries and late commits without
+real sleeping)."""
 
 from ._clock import FakeClock
-from ._faults import Fault, FaultPlan
+from ._faults import Fault, FaultPlan, ServerQuirks
 from ._server import FakeViolet
-from ._state import FakeBag, FakeOrder, FakeSku, Ledger
+from ._state import Commit, FakeBag, FakeOrder, FakeSku, Ledger, Post
 
 __all__ = [
+    "Commit",
     "FakeBag",
     "FakeClock",
     "FakeOrder",
@@ -16,4 +18,6 @@ __all__ = [
     "Fault",
     "FaultPlan",
     "Ledger",
+    "Post",
+    "ServerQuirks",
 ]

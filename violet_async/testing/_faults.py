@@ -1,5 +1,14 @@
-"""Fault injection for FakeViolet: a seeded random plan, and scripted faults for exact
-tests ("the next 2 refund POSTs on this bag drop after commit")."""
+"""Fault injection for FakeViolet: a seeded random plan, scripted faults for exact
+tests ("the next 2 refund POSTs on this bag drop after commit"), and the server's
+standing quirks (list lag, paging, skewed or naive dates, trimmed reasons).
+
+Which answers carry Violet's own JSON error body (``{"status", "message",
+"error_code", "timestamp"}``, "Violet's app answered"): HTTP_500,
+HTTP_500_AFTER_COMMIT, RATE_LIMIT, RATE_LIMIT_NO_HEADER and every rule violation
+(4xx). Every other error status is a gateway's (plain text or HTML, never JSON):
+HTTP_502, HTTP_503, HTTP_504, HTML_502, LATE_COMMIT, TIMEOUT_THEN_COMMIT and the
+HTTP_50x_AFTER_COMMIT / HTTP_524_AFTER_COMMIT faults.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,7 @@ from collections import deque
 
 import attrs
 
-__all__ = ["Fault", "FaultPlan", "FaultScript"]
+__all__ = ["Fault", "FaultPlan", "FaultScript", "ServerQuirks"]
 
 
 class Fault(enum.Enum):
@@ -17,9 +26,14 @@ class Fault(enum.Enum):
 
     # Answered before anything is applied:
     HTTP_500 = "http_500"
+    """Violet's app fails: 500 with Violet's JSON error body."""
     HTTP_502 = "http_502"
+    """A gateway's 502, plain text ``Bad Gateway``."""
     HTTP_503 = "http_503"
+    """Envoy's 503, plain text ``upstream connect error or disconnect/reset before
+    headers...``."""
     HTTP_504 = "http_504"
+    """A gateway's 504, plain text ``upstream request timeout``."""
     HTML_502 = "html_502"
     """A gateway's HTML error page."""
     RATE_LIMIT = "rate_limit"
@@ -31,13 +45,29 @@ class Fault(enum.Enum):
     DROP_AFTER_COMMIT = "drop_after_commit"
     """The refund is committed, then the connection is closed without an answer."""
     HTTP_500_AFTER_COMMIT = "http_500_after_commit"
+    """Committed; Violet's app then answers 500 with its JSON error body."""
+    HTTP_502_AFTER_COMMIT = "http_502_after_commit"
+    """Committed; a gateway answers 502 (plain text)."""
+    HTTP_503_AFTER_COMMIT = "http_503_after_commit"
+    """Committed; Envoy answers 503 (plain text ``upstream connect error...``)."""
+    HTTP_504_AFTER_COMMIT = "http_504_after_commit"
+    """Committed; a gateway answers 504 (plain text ``upstream request timeout``)."""
+    HTTP_524_AFTER_COMMIT = "http_524_after_commit"
+    """Committed; Cloudflare answers 524 with its HTML "A timeout occurred" page."""
     TRUNCATED_JSON = "truncated_json"
     """Committed; the 200 body is cut in half."""
     WRONG_TYPES = "wrong_types"
     """Committed; the 200 body has an amount as a string."""
     LATE_COMMIT = "late_commit"
-    """504 now; the refund lands later (after ``late_commit_delay`` or the next
-    read of the bag's refunds, whichever comes first)."""
+    """A gateway's 504 now (plain text); the refund or cancel commits
+    ``late_commit_delay`` seconds later on the fake's clock, and only then (reads in
+    between do not see it; :meth:`FakeViolet.settle` lands it at once)."""
+    TIMEOUT_THEN_COMMIT = "timeout_then_commit"
+    """No answer: the request is held open until the fake's clock passes
+    ``hang_seconds`` after it arrived (then a gateway's 504), the client disconnects
+    (its read timeout) or the server stops. The commit lands ``late_commit_delay``
+    after arrival on the fake's clock, whatever happened to the connection. Costs
+    real time unless the client gives up or the fake's clock is advanced."""
     SLOW_BODY = "slow_body"
     """Committed; the 200 answer trickles out (a slow-loris), ``slow_body_delay``
     seconds between its first bytes and the rest."""
@@ -52,16 +82,61 @@ COMMIT_FAULTS = frozenset(
     {
         Fault.DROP_AFTER_COMMIT,
         Fault.HTTP_500_AFTER_COMMIT,
+        Fault.HTTP_502_AFTER_COMMIT,
+        Fault.HTTP_503_AFTER_COMMIT,
+        Fault.HTTP_504_AFTER_COMMIT,
+        Fault.HTTP_524_AFTER_COMMIT,
         Fault.TRUNCATED_JSON,
         Fault.WRONG_TYPES,
         Fault.LATE_COMMIT,
+        Fault.TIMEOUT_THEN_COMMIT,
         Fault.SLOW_BODY,
         Fault.RESET_MID_BODY,
     }
 )
-#: Left out of the chaos plan: a slow body costs real seconds, a redirect is a hard
-#: (non-retryable) failure by design. Script them for exact tests.
-_NOT_IN_CHAOS = frozenset({Fault.SLOW_BODY, Fault.REDIRECT})
+#: Left out of the chaos plan: a slow body and a held request cost real seconds, a
+#: redirect is a hard (non-retryable) failure by design. Script them for exact tests.
+_NOT_IN_CHAOS = frozenset({Fault.SLOW_BODY, Fault.REDIRECT, Fault.TIMEOUT_THEN_COMMIT})
+#: Left out of the hostile plan: a redirect is a configuration error, not weather.
+_NOT_IN_HOSTILE = frozenset({Fault.REDIRECT})
+
+
+@attrs.frozen
+class ServerQuirks:
+    """Standing behaviours of the server (not per-request faults). They live on the
+    :class:`FaultPlan` (``FaultPlan(quirks=ServerQuirks(list_lag=0.5))``) so named
+    plans can turn them on; FakeViolet's keywords of the same names override the
+    plan's values one by one."""
+
+    list_lag: float = 0.0
+    """A committed refund shows in the bag's refund list (and the single-refund GET)
+    only this many seconds (fake's clock) after its commit. The order's bag status
+    and amounts change at commit time: only the list is a lagging replica."""
+    list_lag_rate: float = 1.0
+    """The share of commits that lag (drawn with the plan's seed); the rest show at
+    once."""
+    naive_dates: bool = False
+    """Dates in the server's local time (``server_utc_offset_hours``) without an
+    offset, e.g. ``2023-11-07T05:31:56``."""
+    server_utc_offset_hours: float = -5.0
+    missing_dates: bool = False
+    """``date_created`` is null on refunds."""
+    server_clock_skew: float = 0.0
+    """Seconds the server's clock is ahead of the fake's clock (negative: behind);
+    refund dates and the ``Date`` header use it."""
+    trim_reasons: bool = False
+    """The server stores (and answers with) ``reason.strip()``."""
+    page_size: int | None = None
+    """The bag's refund list is a Spring page of at most this many items, honouring
+    the ``page`` (0-based) and ``size`` (capped here) query parameters. None: a bare
+    JSON array."""
+    page_keys: str = attrs.field(default="snake")
+    """``"snake"`` (``total_pages``...) or ``"camel"`` (``totalPages``...)."""
+
+    @page_keys.validator
+    def _check_page_keys(self, _: object, value: str) -> None:
+        if value not in ("snake", "camel"):
+            raise ValueError("page_keys must be 'snake' or 'camel'")
 
 
 @attrs.frozen
@@ -78,10 +153,18 @@ class FaultPlan:
     retry_after: str = "1"
     """The Retry-After value sent with RATE_LIMIT."""
     late_commit_delay: float = 0.2
+    """Seconds (fake's clock) from a LATE_COMMIT / TIMEOUT_THEN_COMMIT request to its
+    commit."""
+    hang_seconds: float = 30.0
+    """How long TIMEOUT_THEN_COMMIT holds a request (fake's clock) at most."""
     slow_body_delay: float = 2.0
     redirect_to: str = "http://127.0.0.1:9/elsewhere"
-    routes: frozenset[str] = frozenset({"refund", "cancel", "list_refunds", "get_order"})
+    routes: frozenset[str] = frozenset(
+        {"refund", "cancel", "list_refunds", "get_refund", "get_order"}
+    )
     """Routes the plan applies to (login and refresh are spared by default)."""
+    quirks: ServerQuirks = ServerQuirks()
+    """The server's standing behaviours; see :class:`ServerQuirks`."""
 
     def __attrs_post_init__(self) -> None:
         total = sum(self.rates.values())
@@ -100,6 +183,8 @@ class FaultPlan:
             return cls.chaos(seed)
         if name == "moderate":
             return cls.moderate(seed)
+        if name == "hostile":
+            return cls.hostile(seed)
         if name == "none":
             return cls.none()
         raise ValueError(f"unknown fault plan {name!r}; choose from {', '.join(PLAN_NAMES)}")
@@ -120,11 +205,15 @@ class FaultPlan:
             latency=(0.0, 0.005),
             seed=seed,
             retry_after="0",
+            late_commit_delay=0.05,
+            quirks=ServerQuirks(list_lag=0.05),
         )
 
     @classmethod
     def chaos(cls, seed: int = 0) -> FaultPlan:
-        """Every fault, often: about 40% of requests misbehave."""
+        """Every fault that costs no real time, often (about 40% of requests
+        misbehave), on a server with moderate list lag on half the commits, pages of
+        5, a 2 s clock skew, trimmed reasons and naive UTC-5 dates."""
         faults = [f for f in Fault if f not in _NOT_IN_CHAOS]
         each = 0.4 / len(faults)
         return cls(
@@ -133,11 +222,47 @@ class FaultPlan:
             seed=seed,
             retry_after="0",
             late_commit_delay=0.05,
+            quirks=ServerQuirks(
+                list_lag=0.1,
+                list_lag_rate=0.5,
+                naive_dates=True,
+                server_clock_skew=2.0,
+                trim_reasons=True,
+                page_size=5,
+            ),
+        )
+
+    @classmethod
+    def hostile(cls, seed: int = 0) -> FaultPlan:
+        """Everything the real world does: every fault (held requests and slow bodies
+        included, so it costs real seconds unless the client's read timeout is short),
+        commits landing seconds after the gateway gave up, a lagging refund list in
+        pages of 2 with camelCase keys, naive dates, a clock 90 s behind, trimmed
+        reasons."""
+        faults = [f for f in Fault if f not in _NOT_IN_HOSTILE]
+        each = 0.45 / len(faults)
+        return cls(
+            rates=dict.fromkeys(faults, each),
+            latency=(0.0, 0.02),
+            seed=seed,
+            retry_after="1",
+            late_commit_delay=2.5,
+            hang_seconds=5.0,
+            slow_body_delay=1.0,
+            quirks=ServerQuirks(
+                list_lag=1.5,
+                list_lag_rate=0.7,
+                naive_dates=True,
+                server_clock_skew=-90.0,
+                trim_reasons=True,
+                page_size=2,
+                page_keys="camel",
+            ),
         )
 
 
 #: Names accepted by :meth:`FaultPlan.named`.
-PLAN_NAMES = ("none", "moderate", "chaos")
+PLAN_NAMES = ("none", "moderate", "chaos", "hostile")
 
 
 class FaultScript:
@@ -157,13 +282,29 @@ class FaultScript:
         return None
 
 
+#: What a commit fault drawn for a read becomes (a read commits nothing).
+_READ_SUBSTITUTES = {
+    Fault.LATE_COMMIT: Fault.HTTP_503,
+    Fault.TIMEOUT_THEN_COMMIT: Fault.HTTP_504,
+    Fault.HTTP_500_AFTER_COMMIT: Fault.HTTP_500,
+    Fault.HTTP_503_AFTER_COMMIT: Fault.HTTP_503,
+    Fault.HTTP_504_AFTER_COMMIT: Fault.HTTP_504,
+}
+
+
 class FaultDrawer:
     """Draws from a plan with its own seeded generator."""
 
     def __init__(self, plan: FaultPlan) -> None:
         self.plan = plan
         self._rng = random.Random(plan.seed)
+        self._lag_rng = random.Random(plan.seed + 1)
         self._choices = list(plan.rates.items())
+
+    def lags(self) -> bool:
+        """Whether the next commit's list entry lags (``quirks.list_lag_rate``)."""
+        rate = self.plan.quirks.list_lag_rate
+        return rate >= 1 or self._lag_rng.random() < rate
 
     def latency(self) -> float:
         low, high = self.plan.latency
@@ -176,7 +317,7 @@ class FaultDrawer:
         for fault, rate in self._choices:
             if roll < rate:
                 if fault in COMMIT_FAULTS and not mutating:
-                    return Fault.HTTP_503 if fault is Fault.LATE_COMMIT else Fault.HTTP_502
+                    return _READ_SUBSTITUTES.get(fault, Fault.HTTP_502)
                 return fault
             roll -= rate
         return None

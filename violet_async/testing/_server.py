@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import enum
 import hashlib
 import hmac
 import secrets
@@ -12,13 +13,24 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import orjson
 from aiohttp import web
 
 from .._client import VioletClient
-from ._faults import COMMIT_FAULTS, Fault, FaultDrawer, FaultPlan, FaultScript
-from ._state import FakeBag, FakeOrder, Ledger, RuleViolation, Store
+from ._clock import RealClock, ServerClock
+from ._faults import COMMIT_FAULTS, Fault, FaultDrawer, FaultPlan, FaultScript, ServerQuirks
+from ._state import FakeBag, FakeOrder, Ledger, Post, RuleViolation, Store
 from ._webhook_sender import WebhookSender
+from ._wire import (
+    GATEWAY_FAULTS,
+    client_host,
+    gateway_response,
+    http_date,
+    json_response,
+    page,
+    violet_error,
+)
 
 __all__ = ["FakeViolet"]
 
@@ -31,6 +43,20 @@ def _b64(data: bytes) -> str:
 
 class _Dropped(Exception):
     """The handler closed the connection on purpose."""
+
+
+class _Answer(Exception):
+    """Answer with this response now (a gateway's page before anything applies)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class _Now(enum.Enum):
+    """``another_actor_refund``'s default date: the commit time (less its age)."""
+
+    NOW = "now"
 
 
 class FakeViolet:
@@ -47,6 +73,20 @@ class FakeViolet:
 
     It listens on 127.0.0.1 (port 0 by default). ``faults`` is a seeded
     :class:`FaultPlan`; :meth:`script` queues exact faults for one route and bag.
+
+    ``clock`` (a :class:`FakeClock`; None: real time) drives everything timed:
+    late commits, held requests, list lag, refund dates and the ``Date`` header
+    (token expiry stays on real time). Give the client the same clock.
+
+    The server's standing quirks come from ``faults.quirks`` (:class:`ServerQuirks`);
+    the keywords ``list_lag``, ``list_lag_rate``, ``naive_dates``,
+    ``server_utc_offset_hours``, ``missing_dates``, ``server_clock_skew``,
+    ``trim_reasons``, ``page_size`` and ``page_keys`` override it one by one (None:
+    the plan's value).
+
+    ``host`` may be an IPv6 literal (``"::1"`` gives ``http://[::1]:PORT/v1``); a
+    wildcard bind (``"0.0.0.0"``, ``"::"``) gets a loopback ``base_url``, since the SDK
+    refuses plain http to other hosts.
     """
 
     def __init__(
@@ -66,6 +106,16 @@ class FakeViolet:
         processing_reads: int = 0,
         webhook_retry_delay: float = 0.05,
         webhook_attempts: int = 10,
+        clock: ServerClock | None = None,
+        list_lag: float | None = None,
+        list_lag_rate: float | None = None,
+        naive_dates: bool | None = None,
+        server_utc_offset_hours: float | None = None,
+        missing_dates: bool | None = None,
+        server_clock_skew: float | None = None,
+        trim_reasons: bool | None = None,
+        page_size: int | None = None,
+        page_keys: str | None = None,
     ) -> None:
         if cancel_response not in ("refund", "cancellation"):
             raise ValueError("cancel_response must be 'refund' or 'cancellation'")
@@ -75,14 +125,33 @@ class FakeViolet:
         self.password = password or f"fake-password-{secrets.token_hex(8)}"
         self.token_lifetime = token_lifetime
         self.cancel_response = cancel_response
-        self.store = Store(app_id)
+        plan = faults or FaultPlan.none()
+        overrides: dict[str, Any] = {
+            name: value
+            for name, value in {
+                "list_lag": list_lag,
+                "list_lag_rate": list_lag_rate,
+                "naive_dates": naive_dates,
+                "server_utc_offset_hours": server_utc_offset_hours,
+                "missing_dates": missing_dates,
+                "server_clock_skew": server_clock_skew,
+                "trim_reasons": trim_reasons,
+                "page_size": page_size,
+                "page_keys": page_keys,
+            }.items()
+            if value is not None
+        }
+        self.quirks: ServerQuirks = attrs.evolve(plan.quirks, **overrides)
+        self.clock: ServerClock = clock if clock is not None else RealClock()
+        self.store = Store(app_id, clock=self.clock, quirks=self.quirks)
+        self.store.lag_for = self._lag_for
         self.store.processing_reads = processing_reads
         self.store.on_commit = self._on_commit
         self.webhooks = WebhookSender(
             self.app_secret, retry_delay=webhook_retry_delay, attempts=webhook_attempts
         )
         self.seeded = self.store.generate(orders, seed) if orders else []
-        self.faults = FaultDrawer(faults or FaultPlan.none())
+        self.faults = FaultDrawer(attrs.evolve(plan, quirks=self.quirks))
         self._script = FaultScript()
         self._host = host
         self._port = port
@@ -91,6 +160,9 @@ class FakeViolet:
         self._refresh_tokens: set[str] = set()
         self._token_serial = 0
         self._late: dict[int, list[Callable[[], None]]] = {}
+        self._bag_lag: dict[int, float] = {}
+        self._holds: set[asyncio.Event] = set()
+        self._held_changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -98,12 +170,14 @@ class FakeViolet:
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
+        app.on_response_prepare.append(self._stamp_date)
         app.router.add_post("/v1/login", self._login)
         app.router.add_get("/v1/auth/token", self._refresh)
         app.router.add_post("/v1/orders/{order_id}/bags/{bag_id}/refunds", self._refund)
         app.router.add_get("/v1/orders/{order_id}/bags/{bag_id}/refunds", self._list_refunds)
         app.router.add_post("/v1/orders/{order_id}/bags/{bag_id}/cancel", self._cancel)
         app.router.add_get("/v1/orders/{order_id}", self._get_order)
+        app.router.add_get("/v1/orders/{order_id}/refunds/{refund_id}", self._get_refund)
         return app
 
     async def start(self) -> FakeViolet:
@@ -115,12 +189,15 @@ class FakeViolet:
         assert isinstance(server, asyncio.Server)
         port: int = server.sockets[0].getsockname()[1]
         self._port = port
-        self.base_url = f"http://{self._host}:{port}/v1"
+        self.base_url = f"http://{client_host(self._host)}:{port}/v1"
         return self
 
     async def stop(self) -> None:
         """Land late commits (so the ledger is final), stop the server, then cancel
-        webhook deliveries still retrying (late commits may have started some)."""
+        webhook deliveries still retrying (late commits may have started some). Held
+        requests are let go first, or the server's shutdown would wait for them."""
+        for hold in self._holds:
+            hold.set()
         self.settle()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -200,9 +277,62 @@ class FakeViolet:
         return token
 
     def settle(self) -> None:
-        """Apply every late commit still pending (tests call it before the ledger)."""
+        """Apply every late commit still pending and end list lag for everything
+        committed (tests call it before the ledger)."""
         for bag_id in list(self._late):
             self._apply_late(bag_id)
+        self.store.reveal_all()
+
+    def lag_list(self, seconds: float, *, bag_id: int) -> None:
+        """From now on, refunds committed on ``bag_id`` show in its list ``seconds``
+        after their commit (overrides ``list_lag`` and ``list_lag_rate``)."""
+        self._bag_lag[bag_id] = seconds
+
+    def _lag_for(self, bag_id: int) -> float:
+        if bag_id in self._bag_lag:
+            return self._bag_lag[bag_id]
+        if self.quirks.list_lag and self.faults.lags():
+            return self.quirks.list_lag
+        return 0.0
+
+    def another_actor_refund(
+        self,
+        order_id: int,
+        bag_id: int,
+        amount: int,
+        *,
+        reason: str | None = None,
+        age_seconds: float = 0.0,
+        date: str | _Now | None = _Now.NOW,
+        status: str = "COMPLETED",
+    ) -> dict[str, Any]:
+        """Commit a refund as another system would (a merchant's dashboard, another
+        worker), ``age_seconds`` ago. ``date`` overrides ``date_created`` (None makes
+        it null). Counted in ``ledger.external_refunds_per_bag``, not
+        ``refunds_per_bag``. Returns the record."""
+        body: dict[str, Any] = {"amount_refunded": amount, "reason": reason}
+        record = self.store.commit_refund(
+            self.bag(order_id, bag_id),
+            body,
+            status=status,
+            route="external",
+            age_seconds=age_seconds,
+        )
+        if date is not _Now.NOW:
+            record["date_created"] = date
+        return record
+
+    @property
+    def held(self) -> int:
+        """Requests held open by TIMEOUT_THEN_COMMIT right now."""
+        return len(self._holds)
+
+    async def wait_held(self, count: int = 1) -> None:
+        """Wait until exactly ``count`` requests are held (no real-time polling in
+        the caller: it wakes on each change)."""
+        while len(self._holds) != count:
+            self._held_changed.clear()
+            await self._held_changed.wait()
 
     # -- auth -------------------------------------------------------------------
 
@@ -274,17 +404,22 @@ class FakeViolet:
     async def _mutate(self, request: web.Request, route: str) -> web.StreamResponse:
         self.ledger.requests[route] += 1
         order_id, bag_id = _ids(request)
-        fault = await self._maybe_fault(route, bag_id, mutating=True)
+        post = Post(route, self.clock.monotonic(), None)
+        self.ledger.posts_per_bag.setdefault(bag_id, []).append(post)
+        fault = await self._draw(route, bag_id)
+        post.fault = fault.value if fault is not None else None
+        self._answer_early(fault)
         self._check_token(request)
         body = await self._json(request)
         bag = self.store.bag(order_id, bag_id)
+        late = fault in (Fault.LATE_COMMIT, Fault.TIMEOUT_THEN_COMMIT)
         if route == "refund":
             checked = self.store.check_refund(bag, body)
-            if fault is not Fault.LATE_COMMIT:
-                record = self.store.commit_refund(bag, body, checked)
 
-            def commit() -> dict[str, Any]:
-                return self.store.commit_refund(bag, body)
+            def commit(recheck: bool) -> dict[str, Any]:
+                record = self.store.commit_refund(bag, body, None if recheck else checked)
+                post.refund_id = record["id"]
+                return record
         else:
             try:
                 self.store.check_cancel(bag)
@@ -293,14 +428,18 @@ class FakeViolet:
                     return self._cancellation_failure(order_id, violation.message)
                 raise
 
-            def commit() -> dict[str, Any]:
-                return self.store.commit_cancel(bag, body)
+            def commit(recheck: bool) -> dict[str, Any]:
+                record = self.store.commit_cancel(bag, body)
+                post.refund_id = record["id"]
+                return record
 
-        if fault is Fault.LATE_COMMIT:
-            self._schedule_late(bag_id, commit)
-            return self._error(504, "Gateway Timeout", 5040)
-        if route == "cancel":
-            record = commit()
+        if late:
+            assert fault is not None
+            self._schedule_late(bag_id, lambda: commit(recheck=True))
+            if fault is Fault.TIMEOUT_THEN_COMMIT:
+                await self._hold(request)
+            return gateway_response(fault)
+        record = commit(recheck=False)
         if fault is not None and fault in COMMIT_FAULTS:
             return await self._after_commit_fault(fault, request, record)
         if route == "cancel" and self.cancel_response == "cancellation":
@@ -313,12 +452,26 @@ class FakeViolet:
         await self._maybe_fault("list_refunds", bag_id, mutating=False)
         self._check_token(request)
         bag = self.store.bag(order_id, bag_id)
-        response = self._ok(list(bag.refunds))
-        # A late commit lands after this read: the next read will see it. Refunds
-        # still PROCESSING move one read closer to COMPLETED.
-        self._apply_late(bag_id)
+        shown = [record for record in bag.refunds if self.store.visible(record)]
+        if self.quirks.page_size is None:
+            response = self._ok(shown)
+        else:
+            response = self._ok(page(shown, request, self.quirks))
+        # Refunds still PROCESSING move one read closer to COMPLETED.
         self.store.tick_processing(bag)
         return response
+
+    async def _get_refund(self, request: web.Request) -> web.Response:
+        self.ledger.requests["get_refund"] += 1
+        order_id = _int(request.match_info["order_id"])
+        refund_id = _int(request.match_info["refund_id"])
+        await self._maybe_fault("get_refund", None, mutating=False)
+        self._check_token(request)
+        for bag in self.store.order(order_id).bags.values():
+            for record in bag.refunds:
+                if record["id"] == refund_id and self.store.visible(record):
+                    return self._ok(record)
+        raise RuleViolation(404, f"Refund {refund_id} not found on order {order_id}", 4042)
 
     async def _get_order(self, request: web.Request) -> web.Response:
         self.ledger.requests["get_order"] += 1
@@ -329,23 +482,27 @@ class FakeViolet:
 
     # -- faults -----------------------------------------------------------------
 
-    async def _maybe_fault(self, route: str, bag_id: int | None, *, mutating: bool) -> Fault | None:
-        fault = self._script.take(route, bag_id) or self.faults.draw(route, mutating=mutating)
+    async def _draw(self, route: str, bag_id: int | None) -> Fault | None:
+        """The fault for this request (script first, then the plan), after the
+        plan's latency; counted in the ledger."""
+        fault = self._script.take(route, bag_id) or self.faults.draw(
+            route, mutating=route in ("refund", "cancel")
+        )
         delay = self.faults.latency() if route in self.faults.plan.routes else 0.0
         if delay:
             await asyncio.sleep(delay)
-        if fault is None:
-            return None
-        self.ledger.faults[fault.value] += 1
-        if fault in COMMIT_FAULTS:
-            return fault
+        if fault is not None:
+            self.ledger.faults[fault.value] += 1
+        return fault
+
+    def _answer_early(self, fault: Fault | None) -> None:
+        """Raise the answer of a fault that strikes before anything is applied."""
+        if fault is None or fault in COMMIT_FAULTS:
+            return
         if fault is Fault.DROP_BEFORE_COMMIT:
             raise _Dropped
-        if fault is Fault.HTML_502:
-            raise web.HTTPBadGateway(
-                text="<html><body><h1>502 Bad Gateway</h1></body></html>",
-                content_type="text/html",
-            )
+        if fault in GATEWAY_FAULTS:
+            raise _Answer(gateway_response(fault))
         if fault is Fault.REDIRECT:
             raise web.HTTPTemporaryRedirect(self.faults.plan.redirect_to)
         if fault is Fault.RATE_LIMIT:
@@ -354,19 +511,47 @@ class FakeViolet:
             )
         if fault is Fault.RATE_LIMIT_NO_HEADER:
             raise RuleViolation(429, "Too Many Requests", 4290)
-        status = {
-            Fault.HTTP_500: 500,
-            Fault.HTTP_502: 502,
-            Fault.HTTP_503: 503,
-            Fault.HTTP_504: 504,
-        }[fault]
-        raise RuleViolation(status, "Upstream failure", status * 10)
+        # HTTP_500: Violet's app itself fails.
+        raise RuleViolation(500, "Internal Server Error", 5000)
+
+    async def _maybe_fault(self, route: str, bag_id: int | None, *, mutating: bool) -> Fault | None:
+        fault = self._script.take(route, bag_id) or self.faults.draw(route, mutating=mutating)
+        if fault is not None and fault in COMMIT_FAULTS and not mutating:
+            fault = Fault.HTTP_502  # a scripted commit fault on a read: nothing to commit
+        delay = self.faults.latency() if route in self.faults.plan.routes else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        if fault is not None:
+            self.ledger.faults[fault.value] += 1
+        self._answer_early(fault)
+        return fault
+
+    async def _hold(self, request: web.Request) -> None:
+        """Hold the request open until the fake's clock passes ``hang_seconds``, the
+        server stops, or the client hangs up (checked every 20 ms of real time: aiohttp
+        tells a handler nothing when its connection closes)."""
+        released = asyncio.Event()
+        timer = self.clock.call_later(self.faults.plan.hang_seconds, released.set)
+        self._holds.add(released)
+        self._held_changed.set()
+        try:
+            while not released.is_set():
+                if request.transport is None or request.transport.is_closing():
+                    raise _Dropped
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(released.wait(), 0.02)
+        finally:
+            timer.cancel()
+            self._holds.discard(released)
+            self._held_changed.set()
 
     async def _after_commit_fault(
         self, fault: Fault, request: web.Request, record: dict[str, Any]
     ) -> web.StreamResponse:
         if fault is Fault.DROP_AFTER_COMMIT:
             raise _Dropped
+        if fault in GATEWAY_FAULTS:
+            return gateway_response(fault)
         if fault in (Fault.SLOW_BODY, Fault.RESET_MID_BODY):
             raw = orjson.dumps(record)
             response = web.StreamResponse(
@@ -389,7 +574,7 @@ class FakeViolet:
         # WRONG_TYPES
         return self._ok({**record, "amount": str(record["amount"])})
 
-    def _schedule_late(self, bag_id: int, commit: Callable[[], dict[str, Any]]) -> None:
+    def _schedule_late(self, bag_id: int, commit: Callable[[], object]) -> None:
         done = False
 
         def land() -> None:
@@ -402,7 +587,7 @@ class FakeViolet:
                 commit()
 
         self._late.setdefault(bag_id, []).append(land)
-        asyncio.get_running_loop().call_later(self.faults.plan.late_commit_delay, land)
+        self.clock.call_later(self.faults.plan.late_commit_delay, land)
 
     def _apply_late(self, bag_id: int) -> None:
         for land in self._late.pop(bag_id, ()):
@@ -419,25 +604,26 @@ class FakeViolet:
             if violation.retry_after is not None:
                 response.headers["Retry-After"] = violation.retry_after
             return response
+        except _Answer as answer:
+            return answer.response
         except _Dropped:
-            assert request.transport is not None
-            request.transport.close()
+            # The client may have hung up first (its own timeout): nothing to close.
+            if request.transport is not None:
+                request.transport.close()
             raise asyncio.CancelledError from None
         except ConnectionResetError:
             # The client went away mid-answer (a cancelled caller): nothing to report.
             raise asyncio.CancelledError from None
 
+    async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer carries the server's own time (skew included) in ``Date``."""
+        response.headers["Date"] = http_date(self.store.server_time())
+
     def _ok(self, data: Any, status: int = 200) -> web.Response:
-        return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+        return json_response(data, status=status)
 
     def _error(self, status: int, message: str, error_code: int) -> web.Response:
-        body = {
-            "status": status,
-            "message": message,
-            "error_code": error_code,
-            "timestamp": int(time.time() * 1000),
-        }
-        return self._ok(body, status=status)
+        return violet_error(status, message, error_code, self.store.server_time())
 
     def _cancellation_failure(self, order_id: int, message: str) -> web.Response:
         body = {

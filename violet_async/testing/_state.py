@@ -7,15 +7,19 @@ was paid, bag status moving to PARTIALLY_REFUNDED / REFUNDED / CANCELED.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
 
-__all__ = ["FakeBag", "FakeOrder", "FakeSku", "Ledger", "RuleViolation", "Store"]
+from ._clock import RealClock, ServerClock
+from ._faults import ServerQuirks
+
+__all__ = ["Commit", "FakeBag", "FakeOrder", "FakeSku", "Ledger", "Post", "RuleViolation", "Store"]
 
 REFUNDABLE_BLOCKED = frozenset({"IN_PROGRESS", "REFUNDED", "CANCELED"})
 CANCELLABLE = frozenset({"ACCEPTED", "SUBMITTED", "COMPLETED", "PARTIALLY_REFUNDED"})
@@ -36,8 +40,14 @@ class RuleViolation(Exception):
         self.retry_after = retry_after
 
 
-def _date(when: datetime, variant: int) -> str:
-    return when.strftime(_DATE_FORMATS[variant % len(_DATE_FORMATS)])
+def render_date(when: float, variant: int, quirks: ServerQuirks) -> str:
+    """Unix time ``when`` as Violet writes it: one of its three UTC shapes, or (with
+    ``quirks.naive_dates``) server local time with no offset at all."""
+    if quirks.naive_dates:
+        zone = timezone(timedelta(hours=quirks.server_utc_offset_hours))
+        return datetime.fromtimestamp(when, tz=zone).strftime("%Y-%m-%dT%H:%M:%S")
+    moment = datetime.fromtimestamp(when, tz=timezone.utc)
+    return moment.strftime(_DATE_FORMATS[variant % len(_DATE_FORMATS)])
 
 
 @attrs.define
@@ -117,11 +127,47 @@ class FakeOrder:
 
 
 @attrs.define
+class Post:
+    """One refund or cancel POST the server received."""
+
+    route: str
+    """"refund" or "cancel"."""
+    at: float
+    """When it arrived (the fake's monotonic clock)."""
+    fault: str | None
+    """The fault it drew (its value), if any."""
+    refund_id: int | None = None
+    """The refund it committed, once it has (a late commit fills it in later)."""
+
+
+@attrs.frozen
+class Commit:
+    """One refund record the server committed."""
+
+    refund_id: int
+    route: str
+    """"refund", "cancel" or "external" (:meth:`FakeViolet.another_actor_refund`)."""
+    at: float
+    """The fake's monotonic clock at commit time."""
+    visible_at: float
+    """When it shows in the refund list (``at`` plus any list lag)."""
+
+
+@attrs.define
 class Ledger:
-    """What the fake did, for assertions such as "exactly one refund per bag"."""
+    """What the fake did, for assertions such as "exactly one refund per bag".
+
+    ``refunds_per_bag`` counts refunds made through the API (and by direct
+    ``Store.commit_refund`` calls); ``external_refunds_per_bag`` those made by
+    :meth:`FakeViolet.another_actor_refund`. ``posts_per_bag`` and
+    ``commits_per_bag`` list, in order, every POST received and every commit.
+    """
 
     refunds_per_bag: Counter[int] = attrs.Factory(Counter)
     amount_per_bag: Counter[int] = attrs.Factory(Counter)
+    external_refunds_per_bag: Counter[int] = attrs.Factory(Counter)
+    posts_per_bag: dict[int, list[Post]] = attrs.Factory(dict)
+    commits_per_bag: dict[int, list[Commit]] = attrs.Factory(dict)
     requests: Counter[str] = attrs.Factory(Counter)
     faults: Counter[str] = attrs.Factory(Counter)
     logins: int = 0
@@ -139,8 +185,19 @@ class Ledger:
 class Store:
     """All orders and the ids handed out, with Violet's refund and cancel rules."""
 
-    def __init__(self, app_id: int, merchant_id: int = 20001) -> None:
+    def __init__(
+        self,
+        app_id: int,
+        merchant_id: int = 20001,
+        *,
+        clock: ServerClock | None = None,
+        quirks: ServerQuirks | None = None,
+    ) -> None:
         self.app_id = app_id
+        self.clock: ServerClock = clock or RealClock()
+        self.quirks = quirks or ServerQuirks()
+        #: Seconds a new commit's list entry lags; FakeViolet sets it per bag.
+        self.lag_for: Callable[[int], float] = lambda bag_id: self.quirks.list_lag
         self.merchant_id = merchant_id
         self.orders: dict[int, FakeOrder] = {}
         self.ledger = Ledger()
@@ -155,6 +212,19 @@ class Store:
         #: New refunds stay PROCESSING for this many reads of their bag's refunds.
         self.processing_reads = 0
         self._processing: dict[int, int] = {}
+        self._visible_at: dict[int, float] = {}
+
+    def server_time(self) -> float:
+        """The server's wall clock: the fake's clock plus ``server_clock_skew``."""
+        return self.clock.time() + self.quirks.server_clock_skew
+
+    def visible(self, record: dict[str, Any]) -> bool:
+        """Whether the (lagging) refund list shows this record yet."""
+        return self._visible_at.get(record["id"], -math.inf) <= self.clock.monotonic()
+
+    def reveal_all(self) -> None:
+        """End list lag for every refund committed so far."""
+        self._visible_at.clear()
 
     # -- seeding ----------------------------------------------------------------
 
@@ -284,13 +354,16 @@ class Store:
         checked: tuple[int, int, list[Any]] | None = None,
         *,
         status: str = "COMPLETED",
+        route: str = "refund",
+        age_seconds: float = 0.0,
     ) -> dict[str, Any]:
         """Apply a refund; ``checked`` is the result of :meth:`check_refund` on the bag
-        as it is now (None re-checks, for commits that land late)."""
+        as it is now (None re-checks, for commits that land late). ``route``
+        "external" counts it as another system's; ``age_seconds`` back-dates it."""
         amount, shipping, lines = self.check_refund(bag, body) if checked is None else checked
         self._next_refund += 1
         refund_id = self._next_refund
-        now = datetime.now(timezone.utc)
+        now = self.server_time() - age_seconds
         sku_records = []
         for sku, qty, _ in lines:
             sku.refunded_quantity += qty
@@ -329,8 +402,10 @@ class Store:
             "platform_currency": "USD",
             "status": status,
             "skus": sku_records,
-            "date_created": _date(now, refund_id),
-            "date_last_modified": _date(now, refund_id + 1),
+            "date_created": None
+            if self.quirks.missing_dates
+            else render_date(now, refund_id, self.quirks),
+            "date_last_modified": render_date(now, refund_id + 1, self.quirks),
             "external_id": f"ext-refund-{refund_id}",
             "errors": [],
             "shipping": {
@@ -342,13 +417,24 @@ class Store:
             else None,
             "tax_amount": None,
         }
-        if body.get("reason") is not None:
-            record["reason"] = body["reason"]
+        reason = body.get("reason")
+        if isinstance(reason, str):
+            record["reason"] = reason.strip() if self.quirks.trim_reasons else reason
         if self.processing_reads:
             record["status"] = "PROCESSING"
             self._processing[refund_id] = self.processing_reads
         bag.refunds.append(record)
-        self.ledger.refunds_per_bag[bag.id] += 1
+        committed_at = self.clock.monotonic() - age_seconds
+        visible_at = committed_at + self.lag_for(bag.id)
+        if visible_at > self.clock.monotonic():
+            self._visible_at[refund_id] = visible_at
+        self.ledger.commits_per_bag.setdefault(bag.id, []).append(
+            Commit(refund_id, route, committed_at, visible_at)
+        )
+        if route == "external":
+            self.ledger.external_refunds_per_bag[bag.id] += 1
+        else:
+            self.ledger.refunds_per_bag[bag.id] += 1
         self.ledger.amount_per_bag[bag.id] += amount
         if self.on_commit is not None:
             self.on_commit(bag, record)
@@ -363,7 +449,7 @@ class Store:
             if left <= 1:
                 del self._processing[record["id"]]
                 record["status"] = "COMPLETED"
-                record["date_last_modified"] = _date(datetime.now(timezone.utc), 0)
+                record["date_last_modified"] = render_date(self.server_time(), 0, self.quirks)
             else:
                 self._processing[record["id"]] = left - 1
 
@@ -382,7 +468,7 @@ class Store:
             "reason": body.get("reason"),
             "reason_code": body.get("reason_code", "OTHER"),
         }
-        return self.commit_refund(bag, cancel_body, (bag.remaining, 0, []))
+        return self.commit_refund(bag, cancel_body, (bag.remaining, 0, []), route="cancel")
 
 
 def _nonneg_int(value: object, field: str) -> int:
