@@ -28,14 +28,17 @@ def body(request: Any) -> dict[str, Any]:
     return decoded
 
 
-def test_refund_defaults_follow_the_spec_and_omit_unset_fields() -> None:
-    """An empty refund sends only the spec's false defaults, never nulls."""
-    assert body(RefundBagRequest()) == {"restock_items": False, "notify_customer": False}
+def test_empty_requests_send_an_empty_body() -> None:
+    """RefundBagRequest() and CancelBagRequest() send {}: Violet applies its defaults."""
+    assert body(RefundBagRequest()) == {}
+    assert body(CancelBagRequest()) == {}
 
 
-def test_refund_notify_none_lets_the_merchant_default_apply() -> None:
-    """notify_customer=None omits the field (the merchant's own setting applies)."""
+def test_refund_notify_unset_lets_the_merchant_default_apply() -> None:
+    """notify_customer is omitted unless given; a given False is sent as false."""
+    assert "notify_customer" not in body(RefundBagRequest(amount_refunded=1000))
     assert "notify_customer" not in body(RefundBagRequest(notify_customer=None))
+    assert body(RefundBagRequest(notify_customer=False)) == {"notify_customer": False}
 
 
 def test_refund_full_body_matches_the_spec_example() -> None:
@@ -51,14 +54,15 @@ def test_refund_full_body_matches_the_spec_example() -> None:
         "shipping": {"amount": 500},
         "skus": [{"order_sku_id": 10000, "quantity_refunded": 1, "amount_refunded": 500}],
         "reason": "Customer requested refund.",
-        "restock_items": False,
-        "notify_customer": False,
     }
 
 
-def test_cancel_defaults_follow_the_spec() -> None:
-    """Cancel defaults: reason_code OTHER, restock true, notify false."""
-    assert body(CancelBagRequest()) == {
+def test_cancel_sends_given_fields_even_when_they_equal_the_server_default() -> None:
+    """A cancel field the caller passes is sent as given, defaults included."""
+    request = CancelBagRequest(
+        reason_code=ReasonCode.OTHER, restock_items=True, notify_customer=False
+    )
+    assert body(request) == {
         "reason_code": "OTHER",
         "restock_items": True,
         "notify_customer": False,
@@ -101,7 +105,9 @@ def test_cancel_accepts_the_reason_code_string() -> None:
         (lambda: ShippingRefund(amount=1.5), "amount"),
         (lambda: CancelBagRequest(reason_code="NOPE"), "reason_code"),
         (lambda: CancelBagRequest(reason_code=ReasonCode("WEIRD")), "reason_code"),
-        (lambda: CancelBagRequest(notify_customer=None), "notify_customer"),
+        (lambda: CancelBagRequest(notify_customer="no"), "notify_customer"),
+        (lambda: CancelBagRequest(restock_items=0), "restock_items"),
+        (lambda: CancelBagRequest(reason="x" * 256), "reason"),
     ],
 )
 def test_invalid_fields_raise_a_typed_error_naming_the_field(build: Any, field: str) -> None:
@@ -217,3 +223,51 @@ def test_valid_requests_round_trip_through_json(amount: int | None, reason: str 
     assert decoded.get("amount_refunded") == amount
     assert decoded.get("reason") == reason
     assert None not in decoded.values()
+
+
+refund_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "amount_refunded": st.integers(0, 2**53 - 1),
+        "shipping": st.builds(ShippingRefund, amount=st.integers(0, 10_000)),
+        "skus": st.lists(
+            st.builds(SkuRefund, order_sku_id=st.integers(1, 10**6), quantity_refunded=st.just(1)),
+            min_size=1,
+            max_size=3,
+            unique_by=lambda sku: sku.order_sku_id,
+        ),
+        "reason": st.text(st.characters(codec="utf-8"), max_size=255),
+        "restock_items": st.booleans(),
+        "notify_customer": st.booleans(),
+    },
+)
+cancel_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "reason_code": st.sampled_from([*ReasonCode, *(code.value for code in ReasonCode)]),
+        "reason": st.text(st.characters(codec="utf-8"), max_size=255),
+        "restock_items": st.booleans(),
+        "notify_customer": st.booleans(),
+    },
+)
+
+
+@given(fields=refund_fields)
+def test_refund_body_keys_are_exactly_the_fields_given(fields: dict[str, Any]) -> None:
+    """A refund body's keys are exactly the fields passed: no defaults, no nulls."""
+    assert set(body(RefundBagRequest(**fields))) == set(fields)
+
+
+@given(fields=cancel_fields)
+def test_cancel_body_keys_are_exactly_the_fields_given(fields: dict[str, Any]) -> None:
+    """A cancel body's keys are exactly the fields passed: no defaults, no nulls."""
+    decoded = body(CancelBagRequest(**fields))
+    assert set(decoded) == set(fields)
+    if "reason_code" in fields:
+        assert decoded["reason_code"] == ReasonCode(fields["reason_code"]).value
+
+
+def test_sku_amount_left_unset_is_omitted_not_null() -> None:
+    """A SKU line without amount_refunded is sent without the key, never as null."""
+    request = RefundBagRequest(skus=[SkuRefund(order_sku_id=5, quantity_refunded=2)])
+    assert body(request) == {"skus": [{"order_sku_id": 5, "quantity_refunded": 2}]}

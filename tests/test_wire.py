@@ -88,8 +88,6 @@ async def test_refund_sends_exact_url_headers_and_body(wire: Any, client: Violet
         "amount_refunded": 1000,
         "shipping": {"amount": 500},
         "skus": [{"order_sku_id": 10000, "quantity_refunded": 1, "amount_refunded": 500}],
-        "restock_items": False,
-        "notify_customer": False,
     }
 
 
@@ -101,8 +99,6 @@ async def test_request_object_form_is_the_same_call(wire: Any, client: VioletCli
     assert orjson.loads(call.kwargs["data"]) == {
         "amount_refunded": 5,
         "reason": "r",
-        "restock_items": False,
-        "notify_customer": False,
     }
 
 
@@ -115,18 +111,122 @@ async def test_both_forms_at_once_are_refused(wire: Any, client: VioletClient) -
     assert wire.requests == {}
 
 
-async def test_cancel_sends_spec_defaults(wire: Any, client: VioletClient) -> None:
-    """cancel_bag sends reason_code OTHER, restock true, notify false by default."""
+async def test_cancel_sends_only_the_fields_given(wire: Any, client: VioletClient) -> None:
+    """cancel_bag sends the fields passed and none of the spec's defaults."""
     wire.post(CANCEL, status=200, body=refund_bytes())
     refund = await client.cancel_bag(11, 22, reason_code=ReasonCode.CUSTOMER, reason="x")
     assert refund.id == 123
     (call,) = sent(wire, "POST", CANCEL)
-    assert orjson.loads(call.kwargs["data"]) == {
-        "reason_code": "CUSTOMER",
-        "reason": "x",
-        "restock_items": True,
-        "notify_customer": False,
-    }
+    assert orjson.loads(call.kwargs["data"]) == {"reason_code": "CUSTOMER", "reason": "x"}
+
+
+async def test_calls_with_no_fields_send_an_empty_body(wire: Any, client: VioletClient) -> None:
+    """refund_bag(o, b) and cancel_bag(o, b) send {}, and so do empty request objects."""
+    wire.post(REFUNDS, status=200, body=refund_bytes(), repeat=True)
+    wire.post(CANCEL, status=200, body=refund_bytes(), repeat=True)
+    await client.refund_bag(11, 22)
+    await client.refund_bag(11, 22, RefundBagRequest())
+    await client.cancel_bag(11, 22)
+    await client.cancel_bag(11, 22, CancelBagRequest())
+    for url in (REFUNDS, CANCEL):
+        assert [orjson.loads(c.kwargs["data"]) for c in sent(wire, "POST", url)] == [{}, {}]
+
+
+async def test_refund_with_only_an_amount_leaves_notification_to_the_merchant(
+    wire: Any, client: VioletClient
+) -> None:
+    """refund_bag(o, b, amount_refunded=1000) sends no restock_items or notify_customer."""
+    wire.post(REFUNDS, status=200, body=refund_bytes())
+    await client.refund_bag(11, 22, amount_refunded=1000)
+    (call,) = sent(wire, "POST", REFUNDS)
+    assert orjson.loads(call.kwargs["data"]) == {"amount_refunded": 1000}
+
+
+async def test_keyword_none_means_not_given(wire: Any, client: VioletClient) -> None:
+    """A keyword passed as None is omitted, the same as not passing it."""
+    wire.post(REFUNDS, status=200, body=refund_bytes())
+    await client.refund_bag(11, 22, amount_refunded=5, notify_customer=None, restock_items=None)
+    (call,) = sent(wire, "POST", REFUNDS)
+    assert orjson.loads(call.kwargs["data"]) == {"amount_refunded": 5}
+
+
+refund_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "amount_refunded": st.integers(0, 10**9),
+        "shipping": st.builds(ShippingRefund, amount=st.integers(0, 10_000)),
+        "skus": st.lists(
+            st.builds(
+                SkuRefund,
+                order_sku_id=st.integers(1, 10**6),
+                quantity_refunded=st.integers(1, 5),
+                amount_refunded=st.one_of(st.none(), st.integers(0, 10**6)),
+            ),
+            min_size=1,
+            max_size=3,
+            unique_by=lambda sku: sku.order_sku_id,
+        ),
+        "reason": st.text(st.characters(codec="utf-8"), max_size=40),
+        "restock_items": st.booleans(),
+        "notify_customer": st.booleans(),
+    },
+)
+cancel_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "reason_code": st.sampled_from([*ReasonCode, *(code.value for code in ReasonCode)]),
+        "reason": st.text(st.characters(codec="utf-8"), max_size=40),
+        "restock_items": st.booleans(),
+        "notify_customer": st.booleans(),
+    },
+)
+
+
+def expected_body(fields: dict[str, Any]) -> dict[str, Any]:
+    """The JSON a caller should see on the wire for these fields, by hand."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if isinstance(value, ShippingRefund):
+            out[name] = {"amount": value.amount}
+        elif name == "skus":
+            out[name] = [
+                {
+                    "order_sku_id": sku.order_sku_id,
+                    "quantity_refunded": sku.quantity_refunded,
+                    **(
+                        {}
+                        if sku.amount_refunded is None
+                        else {"amount_refunded": sku.amount_refunded}
+                    ),
+                }
+                for sku in value
+            ]
+        elif name == "reason_code":
+            out[name] = ReasonCode(value).value
+        else:
+            out[name] = value
+    return out
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=40)
+@given(refund=refund_fields, cancel=cancel_fields)
+async def test_wire_body_holds_exactly_the_fields_passed(
+    refund: dict[str, Any], cancel: dict[str, Any]
+) -> None:
+    """The body sent holds exactly the fields passed, in keyword and request-object form."""
+    with aioresponses() as mocked:
+        mocked.post(REFUNDS, status=200, body=refund_bytes(), repeat=True)
+        mocked.post(CANCEL, status=200, body=refund_bytes(), repeat=True)
+        async with VioletClient(
+            11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled()
+        ) as c:
+            await c.refund_bag(11, 22, **refund)
+            await c.refund_bag(11, 22, RefundBagRequest(**refund))
+            await c.cancel_bag(11, 22, **cancel)
+            await c.cancel_bag(11, 22, CancelBagRequest(**cancel))
+        for url, fields in ((REFUNDS, refund), (CANCEL, cancel)):
+            bodies = [orjson.loads(call.kwargs["data"]) for call in sent(mocked, "POST", url)]
+            assert bodies == [expected_body(fields)] * 2
 
 
 async def test_cancel_202_cancellation_body_returns_the_bags_refund(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import signal
 import sys
 from collections.abc import Sequence
@@ -32,7 +33,20 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with fake:
+    try:
+        await fake.start()
+    except OSError as exc:
+        await fake.stop()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # The usual first-run mistake (a second fake-server, or anything else on 8080)
+        # gets one line, not the event loop's traceback.
+        print(
+            f"violet-async fake-server: port {args.port} is in use; pick another with --port",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         # Printing the credentials is the point of this command: it is a fake server.
         print(f"base_url={fake.base_url}", flush=True)
         print(f"app_id={fake.app_id}", flush=True)
@@ -41,6 +55,8 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"password={fake.password}", flush=True)
         print(f"orders={len(fake.seeded)} first={fake.seeded[:1]}", flush=True)
         await stop.wait()
+    finally:
+        await fake.stop()
     print("fake-server stopped", flush=True)
     return 0
 

@@ -101,6 +101,8 @@ def _skus(row: dict[str, Any]) -> Any:
 
 
 def _item(kind: Kind, line: int, row: dict[str, Any]) -> BatchItem:
+    # An empty CSV cell and a JSON null both read as None, which the request models take
+    # as "not given": the field is left out of the body and Violet applies its default.
     order_id = _int_field(row, "order_id", required=True)
     bag_id = _int_field(row, "bag_id", required=True)
     if kind == "cancel":
@@ -110,8 +112,7 @@ def _item(kind: Kind, line: int, row: dict[str, Any]) -> BatchItem:
             "restock_items": _bool_field(row, "restock_items"),
             "notify_customer": _bool_field(row, "notify_customer"),
         }
-        given = {k: v for k, v in fields.items() if v is not None}
-        return BatchItem(line, kind, order_id, bag_id, CancelBagRequest(**given))
+        return BatchItem(line, kind, order_id, bag_id, CancelBagRequest(**fields))
     shipping = row.get("shipping")
     if isinstance(shipping, dict):
         shipping = ShippingRefund(**shipping)
@@ -125,8 +126,7 @@ def _item(kind: Kind, line: int, row: dict[str, Any]) -> BatchItem:
         "shipping": shipping,
         "skus": _skus(row),
     }
-    given = {k: v for k, v in fields.items() if v is not None}
-    return BatchItem(line, kind, order_id, bag_id, RefundBagRequest(**given))
+    return BatchItem(line, kind, order_id, bag_id, RefundBagRequest(**fields))
 
 
 def _rows(handle: IO[str], path: Path) -> Iterator[tuple[int, Any]]:
@@ -137,7 +137,10 @@ def _rows(handle: IO[str], path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, orjson.loads(text)
             except orjson.JSONDecodeError as exc:
-                yield number, RowError(number, f"not JSON ({exc})")
+                # exc.msg without the parser's position: it counts lines and columns
+                # inside this one row ("line 2 column 1" for a row cut short), which
+                # reads like a line of the file and is not one.
+                yield number, RowError(number, f"not valid JSON ({exc.msg})")
         return
     reader = csv.DictReader(handle)
     for row in reader:

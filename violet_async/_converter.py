@@ -46,7 +46,9 @@ __all__ = ["converter", "decode", "encode_request", "parse_datetime", "request_f
 
 T = TypeVar("T")
 
-_REQUEST_TYPES = (RefundBagRequest, CancelBagRequest, SkuRefund, ShippingRefund)
+# Nested models first: a request's generated encoder looks its fields' hooks up once, when
+# it is built, so SkuRefund's None-omitting hook must exist before RefundBagRequest's.
+_REQUEST_TYPES = (SkuRefund, ShippingRefund, RefundBagRequest, CancelBagRequest)
 _RESPONSE_TYPES = frozenset(
     {
         OrderRefund,

@@ -77,27 +77,40 @@ def _check_skus(value: object) -> None:
 class RefundBagRequest:
     """Body of ``POST /orders/{order_id}/bags/{bag_id}/refunds``.
 
-    Fields left as None are omitted from the JSON body (never sent as null), so Violet
-    applies its own default: the full bag amount, every SKU, and for
-    ``notify_customer=None`` the merchant's own setting.
+    The body holds exactly the fields you pass. A field left as None is not given: it is
+    omitted from the JSON body (never sent as null) and Violet applies its own default,
+    documented on each field. ``RefundBagRequest()`` sends ``{}``, a full refund of the
+    bag with the merchant's own notification setting.
     """
 
     amount_refunded: int | None = None
-    """Amount to refund in cents; None refunds the full bag."""
+    """Amount to refund in cents (an int >= 0).
+
+    Violet's default when omitted: the full bag amount."""
     shipping: ShippingRefund | None = None
-    """Shipping to refund."""
+    """Shipping to refund.
+
+    Violet's default when omitted: no separate shipping refund."""
     skus: Sequence[SkuRefund] | None = attrs.field(default=None, converter=_skus_tuple)
-    """SKU-level refunds; None refunds every SKU."""
+    """SKU-level refunds (a non-empty list; each ``order_sku_id`` once).
+
+    Violet's default when omitted: every SKU of the bag is refunded."""
     reason: str | None = None
-    """Custom reason message, at most 255 characters."""
-    restock_items: bool | None = False
-    """Restock the items (set True when the order is being returned). Default False."""
-    notify_customer: bool | None = False
-    """Have the merchant's system notify the shopper. Default False; None omits the
-    field so the merchant's own configuration applies."""
+    """Custom reason message, at most 255 characters.
+
+    Violet's default when omitted: no reason."""
+    restock_items: bool | None = None
+    """Restock the items; set True when the order is being returned.
+
+    Violet's default when omitted: ``False``."""
+    notify_customer: bool | None = None
+    """Have the merchant's system notify the shopper of the refund.
+
+    Violet's default when omitted: the merchant's own configuration for this feature
+    (pass ``False`` to make sure the shopper is not notified)."""
 
     def __attrs_post_init__(self) -> None:
-        # Every field in one pass; each check names its field.
+        # Every given field in one pass; each check names its field.
         if self.amount_refunded is not None:
             v.check_amount("amount_refunded", self.amount_refunded)
         if self.shipping is not None:
@@ -122,20 +135,38 @@ def _reason_code(value: object) -> object:
 
 @attrs.frozen
 class CancelBagRequest:
-    """Body of ``POST /orders/{order_id}/bags/{bag_id}/cancel``."""
+    """Body of ``POST /orders/{order_id}/bags/{bag_id}/cancel``.
 
-    reason_code: ReasonCode = attrs.field(default=ReasonCode.OTHER, converter=_reason_code)
-    """Code that best represents the reason. Default OTHER."""
+    The body holds exactly the fields you pass. A field left as None is not given: it is
+    omitted from the JSON body (never sent as null) and Violet applies its own default,
+    documented on each field. ``CancelBagRequest()`` sends ``{}``.
+    """
+
+    reason_code: ReasonCode | None = attrs.field(default=None, converter=_reason_code)
+    """Code that best represents the reason: a `ReasonCode` or its exact string value
+    (``"CUSTOMER"``).
+
+    Violet's default when omitted: ``OTHER``."""
     reason: str | None = None
-    """Custom message, at most 255 characters."""
-    restock_items: bool = True
-    """Restock the items. Default True (only unfulfilled bags can be cancelled)."""
-    notify_customer: bool = False
-    """Have the merchant's system notify the shopper. Default False."""
+    """Custom message describing the reason, at most 255 characters.
+
+    Violet's default when omitted: no reason."""
+    restock_items: bool | None = None
+    """Restock the items.
+
+    Violet's default when omitted: ``True`` (only unfulfilled bags can be cancelled)."""
+    notify_customer: bool | None = None
+    """Have the merchant's system notify the shopper of the cancellation.
+
+    Violet's default when omitted: ``False``."""
 
     def __attrs_post_init__(self) -> None:
-        v.check_known_member("reason_code", self.reason_code, ReasonCode)
+        # Every given field in one pass; each check names its field.
+        if self.reason_code is not None:
+            v.check_known_member("reason_code", self.reason_code, ReasonCode)
         if self.reason is not None:
             v.check_reason("reason", self.reason)
-        v.check_flag("restock_items", self.restock_items)
-        v.check_flag("notify_customer", self.notify_customer)
+        if self.restock_items is not None:
+            v.check_flag("restock_items", self.restock_items)
+        if self.notify_customer is not None:
+            v.check_flag("notify_customer", self.notify_customer)
