@@ -318,6 +318,10 @@ class Recorder:
         self.gate: asyncio.Event | None = None
         self._changed = asyncio.Condition()
 
+    async def wait_done(self, count: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.events) >= count)
+
     async def wait_running(self, count: int) -> None:
         async with self._changed:
             await self._changed.wait_for(lambda: self.running >= count)
@@ -339,6 +343,8 @@ class Recorder:
             self.events.append(event)
         finally:
             self.running -= 1
+            async with self._changed:
+                self._changed.notify_all()
 
 
 async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
