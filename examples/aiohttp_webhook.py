@@ -20,7 +20,7 @@ async def main() -> None:
     received: asyncio.Queue[str] = asyncio.Queue()
 
     async def on_event(event: WebhookEvent) -> None:
-        # Your work goes here (it runs after Violet has had its 200).
+        # Your work goes here; Violet gets its 200 once it returned.
         await received.put(f"webhook {event.event_id}: order {event.order_id}")
 
     async with FakeViolet(orders=3, seed=1) as fake:

@@ -1,10 +1,16 @@
 """FakeViolet's webhook sender: signed ORDER_REFUNDED / ORDER_CANCELLED events, retried
-on non-2xx like Violet (compressed timing), sent through the SDK's own transport."""
+on non-2xx like Violet (10 attempts, doubling delays, compressed timing), sent through
+the SDK's own transport. The body is the full order stamped with
+``date_last_modified`` (as Violet's is), so two commits never sign identical bodies."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from typing import Any
+
+import orjson
 
 from .._transport import Timeouts, Transport
 from ..exceptions import VioletError
@@ -16,20 +22,34 @@ _TIMEOUTS = Timeouts(connect=2.0, read=10.0)
 
 
 class WebhookSender:
-    """Delivers each event to every registered URL in the background."""
+    """Delivers each event to every registered URL in the background. Each record in
+    ``deliveries`` counts ``attempts`` and keeps every answer in ``statuses``; delivery
+    stops at the first 2xx. ``sleep`` is injectable (tests pass a fake one)."""
 
-    def __init__(self, app_secret: str, *, retry_delay: float, attempts: int) -> None:
+    def __init__(
+        self,
+        app_secret: str,
+        *,
+        retry_delay: float,
+        attempts: int,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.urls: list[str] = []
         self.deliveries: list[dict[str, Any]] = []
         self._secret = app_secret
         self._retry_delay = retry_delay
         self._attempts = attempts
+        self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
         self._transport: Transport | None = None
         self._serial = 0
 
     def send(self, topic: str, order_id: int, bag_id: int, body: bytes) -> None:
         """Start delivering one event (the body is the order) to every URL."""
+        order = orjson.loads(body)
+        if isinstance(order, dict) and "date_last_modified" not in order:
+            order["date_last_modified"] = datetime.now(timezone.utc).isoformat()
+            body = orjson.dumps(order)
         for url in self.urls:
             self._serial += 1
             headers = {
@@ -54,6 +74,7 @@ class WebhookSender:
             "bag_id": int(headers["X-Violet-Bag-Id"]),
             "attempts": 0,
             "status": None,
+            "statuses": [],
         }
         self.deliveries.append(delivery)
         for attempt in range(self._attempts):
@@ -63,11 +84,14 @@ class WebhookSender:
                     "POST", url, headers=headers, body=body, timeouts=_TIMEOUTS
                 )
                 delivery["status"] = response.status
+                delivery["statuses"].append(response.status)
                 if 200 <= response.status < 300:
                     return
             except VioletError as exc:
                 delivery["status"] = type(exc).__name__
-            await asyncio.sleep(self._retry_delay * 2**attempt)
+                delivery["statuses"].append(delivery["status"])
+            if attempt + 1 < self._attempts:  # no pointless wait after the last try
+                await self._sleep(self._retry_delay * 2**attempt)
 
     async def drain(self) -> None:
         """Wait until every delivery has succeeded or given up."""
