@@ -23,6 +23,8 @@ settings.load_profile("violet")
 
 # Fast, deterministic retries: the clock is virtual, so these waits cost no real time.
 TEST_POLICY = RetryPolicy(initial_delay=0.5, max_delay=4.0, settle_delay=1.0, deadline=60.0)
+#: Long enough for every settle window (virtual time costs nothing).
+ROOMY_POLICY = RetryPolicy(initial_delay=0.5, max_delay=4.0, settle_delay=1.0, deadline=300.0)
 
 
 @pytest.fixture
@@ -31,24 +33,15 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeViolet]:
-    async with FakeViolet(orders=20, seed=3) as server:
+async def fake(clock: FakeClock) -> AsyncIterator[FakeViolet]:
+    """A FakeViolet on the same virtual clock as ``client``."""
+    async with FakeViolet(orders=20, seed=3, clock=clock) as server:
         yield server
 
 
 def make_client(fake: FakeViolet, clock: FakeClock | None, **kwargs: Any) -> VioletClient:
     """A client on ``fake`` with the test retry policy; ``clock=None`` is the real clock."""
     return fake.client(**{"retry": TEST_POLICY, "clock": clock, **kwargs})
-
-
-def chaos_without_known_client_bugs(seed: int) -> FaultPlan:
-    """``FaultPlan.chaos(seed)`` minus the two things today's client still refunds twice
-    on (the retry/reconcile rewrite fixes them; then use ``FaultPlan.chaos`` itself):
-    a 503 after the commit is re-sent without a read-back, and naive local dates are
-    read as UTC, so the call's own refund looks hours older than the call."""
-    chaos = FaultPlan.chaos(seed)
-    rates = {f: r for f, r in chaos.rates.items() if f is not Fault.HTTP_503_AFTER_COMMIT}
-    return attrs.evolve(chaos, rates=rates, quirks=attrs.evolve(chaos.quirks, naive_dates=False))
 
 
 @pytest.fixture

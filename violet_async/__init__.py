@@ -1,6 +1,7 @@
 """violet_async: an asyncio SDK for Violet's bag refund and bag cancel endpoints."""
 
 from ._client import Environment, VioletClient
+from ._protocol import PendingRefund
 from ._retry import RetryEvent, RetryPolicy
 from ._transport import Timeouts
 from ._version import __version__
@@ -62,6 +63,7 @@ __all__ = [
     "OrderBag",
     "OrderRefund",
     "OrderSku",
+    "PendingRefund",
     "PermissionDeniedError",
     "RateLimitError",
     "ReasonCode",

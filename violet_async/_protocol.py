@@ -143,6 +143,10 @@ def is_violet_error_body(body: bytes) -> bool:
 
 def classify_send_failure(exc: VioletError) -> Cause:
     """The classification table of this module's docstring, as code."""
+    if exc._retries_spent:
+        # Getting a token failed (after the auth step's own retries) before the
+        # request could leave: not applied, and not worth more logins.
+        return Cause.REFUSED
     if isinstance(exc, APIConnectionError):
         return Cause.NO_ANSWER if exc.request_sent else Cause.NEVER_LEFT
     if isinstance(exc, RateLimitError):

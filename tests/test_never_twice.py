@@ -1,0 +1,247 @@
+"""Never twice, for real: every scenario that refunded shoppers twice (or reported a
+false outcome) in the first release, against our own hostile server, asserting the
+server's count and what the caller saw."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    APITimeoutError,
+    PendingRefund,
+    RetryPolicy,
+    Timeouts,
+)
+from violet_async.testing import FakeClock
+
+from .hostile import (
+    BAG_ID,
+    CLOUDFLARE_524,
+    ENVOY_503,
+    GATEWAY_502,
+    GATEWAY_504,
+    ORDER_ID,
+    VIOLET_500,
+    Hostile,
+    Step,
+    hostile_client,
+)
+
+#: Virtual time costs nothing: a deadline long enough for every settle window.
+ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
+
+
+async def test_row1_gateway_504_commit_lands_2_5s_later() -> None:
+    """504 from a gateway, the refund commits 2.5 s later: found, never re-sent."""
+    server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504, commit_after=2.5)])
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.reconciled and refund.amount == 300
+    assert server.posts == 1 and len(server.ours) == 1
+    assert refund.id == server.ours[0]
+
+
+async def test_row1_commit_later_than_the_deadline_is_pending_not_resent() -> None:
+    """The commit lands after the call's deadline: pending, never a second POST; the
+    pending record resumes (through JSON) to the one refund."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=50.0)])
+    policy = RetryPolicy(deadline=20.0)
+    async with hostile_client(server, retry=policy) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        assert server.posts == 1 and server.ours == []
+        pending = info.value.pending
+        assert pending is not None and not pending.needs_review
+        stored = PendingRefund.from_json(pending.to_json())
+        assert stored == pending
+        clock.advance(40.0)
+        refund = await client.resume(stored)
+    assert refund.reconciled and refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+@pytest.mark.parametrize("kind", ["partial", "full", "cancel"])
+async def test_row2_500_with_a_lagging_list(kind: str) -> None:
+    """Violet's own 500, the refund list shows new refunds 3 s late: found, one refund,
+    and never a definite failure (partial, full and cancel)."""
+    server = Hostile(FakeClock(), script=[Step(500, VIOLET_500)], list_lag=3.0)
+    async with hostile_client(server, retry=ROOMY) as client:
+        if kind == "partial":
+            refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        elif kind == "full":
+            refund = await client.refund_bag(ORDER_ID, BAG_ID)
+        else:
+            refund = await client.cancel_bag(ORDER_ID, BAG_ID)
+    assert refund.reconciled
+    assert len(server.ours) == 1 and refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+async def test_row2_lag_longer_than_the_window_is_never_a_definite_failure() -> None:
+    """Full refund, 500, list lag (20 s) longer than settle_lag: the re-send is refused
+    ("exceeds remaining"); that is read back, never reported as a failure."""
+    server = Hostile(FakeClock(), script=[Step(500, VIOLET_500)], list_lag=20.0)
+    async with hostile_client(server, retry=ROOMY) as client:
+        try:
+            refund = await client.refund_bag(ORDER_ID, BAG_ID)
+        except AmbiguousOutcomeError as exc:
+            assert exc.pending is not None
+        else:
+            assert refund.reconciled and refund.id == server.ours[0]
+    assert len(server.ours) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body"), [(524, CLOUDFLARE_524), (503, ENVOY_503), (502, GATEWAY_502)]
+)
+async def test_row3_gateway_error_after_the_commit(status: int, body: bytes) -> None:
+    """Applied, then a proxy answers 524 / 503 / 502: read back and found."""
+    server = Hostile(FakeClock(), script=[Step(status, body)])
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=250)
+    assert refund.reconciled and refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+async def test_row4_naive_dates_are_pending_without_a_baseline() -> None:
+    """Dates in server-local time without an offset: our own refund can be neither
+    ruled in nor out by date, so the outcome is pending, never a re-send."""
+    server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504)], naive_dates=True)
+    async with hostile_client(server, retry=ROOMY) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None and info.value.pending.needs_review
+    assert server.posts == 1 and len(server.ours) == 1
+
+
+async def test_row4_naive_dates_with_a_baseline_match_exactly() -> None:
+    """With read_before_send, matching needs no clock: naive dates cannot hurt."""
+    server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504)], naive_dates=True)
+    server.add_refund(300, age=3600)  # an older identical refund
+    policy = RetryPolicy(deadline=300.0, read_before_send=True)
+    async with hostile_client(server, retry=policy) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.reconciled and refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+@pytest.mark.parametrize("skew", [-120.0, 120.0])
+async def test_row4_clock_skew_is_estimated_from_date_headers(skew: float) -> None:
+    """The server's clock 2 minutes behind or ahead of ours: its Date header sets the
+    comparison straight, and our refund is found."""
+    server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504)], server_skew=skew)
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.reconciled and refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+async def test_row5_trimmed_reason_still_matches() -> None:
+    """The server stores reason.strip(): compared trimmed, our refund is found."""
+    server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504)], trim_reasons=True)
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, reason="Damaged item. "
+        )
+    assert refund.reconciled and refund.reason == "Damaged item."
+    assert server.posts == 1
+
+
+async def test_row5_a_different_reason_is_a_near_match_not_absence() -> None:
+    """Same amount, another reason, just created: ambiguous (pending), never re-sent."""
+    server = Hostile(FakeClock(), script=[Step(502, GATEWAY_502, commit_after=None)])
+    server.add_refund(300, reason="something else")
+    async with hostile_client(server, retry=ROOMY) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, reason="ours")
+    assert info.value.pending is not None and info.value.pending.needs_review
+    assert server.posts == 1
+
+
+async def test_row6_paged_list_is_read_to_the_end() -> None:
+    """The refund list is paged and our refund is on page 3: every page is read."""
+    server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504)], page_size=2)
+    for _ in range(4):
+        server.add_refund(10, age=3600)
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        listed = await client.list_bag_refunds(ORDER_ID, BAG_ID)
+    assert refund.reconciled and refund.id == server.ours[0]
+    assert server.posts == 1
+    assert len(listed) == 5
+
+
+async def test_row7_full_refund_does_not_claim_another_actors_partial() -> None:
+    """Whole-bag refund, 502 before applying; someone refunded 300 of 1000 a moment
+    before: that refund is not taken as ours; after the window the bag gets exactly
+    one full refund of what was left."""
+    server = Hostile(FakeClock(), script=[Step(502, GATEWAY_502, commit_after=None)])
+    other = server.add_refund(300, age=1.0)
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID)
+    assert refund.id != other["id"] and not refund.reconciled
+    assert refund.amount == 700
+    assert server.posts == 2 and len(server.ours) == 1
+    assert server.refunded == server.total
+
+
+async def test_row8_undated_old_refund_is_never_claimed() -> None:
+    """An old same-amount refund with date_created null, our POST got 502 before
+    applying: it is not claimed as ours (pending), and nothing is re-sent."""
+    server = Hostile(FakeClock(), script=[Step(502, GATEWAY_502, commit_after=None)])
+    server.null_dates = True
+    server.add_refund(300, age=3600)
+    async with hostile_client(server, retry=ROOMY) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.candidates[0].id == server.refunds[0]["id"]
+    assert server.posts == 1 and server.ours == []
+
+
+async def test_row8_with_a_baseline_the_old_refund_is_excluded_and_ours_sent_once() -> None:
+    """The same, with read_before_send: the old refund is in the baseline, absence is
+    proven after the window, and exactly one refund is made."""
+    server = Hostile(FakeClock(), script=[Step(502, GATEWAY_502, commit_after=None)])
+    server.null_dates = True
+    old = server.add_refund(300, age=3600)
+    policy = RetryPolicy(deadline=300.0, read_before_send=True)
+    async with hostile_client(server, retry=policy) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.id != old["id"] and refund.id == server.ours[0]
+    assert server.posts == 2 and len(server.ours) == 1
+
+
+async def test_row9_two_calls_on_one_bag_never_share_a_refund() -> None:
+    """Two concurrent refund_bag calls, same bag and amount; the first gets a 500 (not
+    applied), the second is slow: one ask at a time per bag, two refunds, two ids."""
+    server = Hostile(FakeClock(), script=[Step(500, VIOLET_500, commit_after=None)])
+    async with hostile_client(server, retry=ROOMY) as client:
+        first, second = await asyncio.gather(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=100),
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=100),
+        )
+    assert first.id != second.id
+    assert sorted([first.id, second.id]) == sorted(server.ours)
+    assert len(server.ours) == 2
+
+
+async def test_row10_a_hung_server_cannot_outlast_the_deadline() -> None:
+    """The server never answers the POST nor the read-backs: the call ends within its
+    deadline (plus a little), pending, with one POST."""
+    server = Hostile(FakeClock(), script=[Step(504, hang=True, commit_after=None)])
+    server.hang_reads = True
+    policy = RetryPolicy(deadline=1.0)
+    timeouts = Timeouts(connect=0.2, read=0.3)
+    async with hostile_client(server, retry=policy, timeouts=timeouts, clock=None) as client:
+        started = time.monotonic()
+        with pytest.raises((AmbiguousOutcomeError, APITimeoutError)) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        elapsed = time.monotonic() - started
+    assert isinstance(info.value, AmbiguousOutcomeError)
+    assert elapsed < 1.0 + 0.3, elapsed
+    assert server.posts == 1

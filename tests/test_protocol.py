@@ -1,0 +1,312 @@
+"""The refund protocol's decisions, table by table: pure ``step`` calls, no server, no
+clock, no waiting."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from violet_async import (
+    APIConnectionError,
+    CancelBagRequest,
+    PendingRefund,
+    RefundBagRequest,
+    RequestValidationError,
+    ShippingRefund,
+    SkuRefund,
+)
+from violet_async._converter import converter
+from violet_async._protocol import (
+    Do,
+    Observation,
+    Phase,
+    ProtocolError,
+    Settings,
+    match,
+    start,
+    step,
+)
+from violet_async.exceptions import api_error_from_response
+from violet_async.models import OrderBag, OrderRefund
+
+from .samples import refund_body
+
+T0 = 1_800_000_000.0
+SETTINGS = Settings(max_attempts=3, settle_running=60.0, settle_lag=5.0, settle_delay=1.0)
+BAG = 7
+
+
+def refund(id: int, amount: int = 300, *, age: float = 0.0, **extra: Any) -> OrderRefund:
+    created = datetime.fromtimestamp(T0 - age, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    fields = {"id": id, "bag_id": BAG, "amount": amount, "date_created": created, **extra}
+    return converter.structure(refund_body(**fields), OrderRefund)
+
+
+def sent(request: Any = None, **changes: Any) -> PendingRefund:
+    ask = PendingRefund(
+        "refund",
+        1,
+        BAG,
+        request or RefundBagRequest(amount_refunded=300),
+        Phase.SENT,
+        sends=1,
+        first_sent_at=T0,
+        last_sent_at=T0,
+    )
+    return attrs.evolve(ask, **changes)
+
+
+def failed_with(status: int, body: bytes = b"") -> Observation:
+    error = api_error_from_response(status, body, {}, method="POST", path="/p")
+    return Observation.send_failed(T0, error, received_at=T0 + 1)
+
+
+def test_a_gateway_timeout_opens_the_long_window_and_reads_at_once() -> None:
+    """A gateway 504: may still be running; read now, absence only after 60 s."""
+    ask, action = step(sent(), failed_with(504, b"<html>"), SETTINGS, T0 + 1, 100.0)
+    assert action.do is Do.READ and action.delay == 0
+    assert ask.settle_until == T0 + 1 + 60.0 and ask.doubted
+
+
+def test_violets_own_500_opens_the_short_window() -> None:
+    """Violet's JSON 500: only list lag to wait out (5 s)."""
+    body = b'{"status": 500, "message": "boom", "error_code": 1}'
+    ask, action = step(sent(), failed_with(500, body), SETTINGS, T0 + 1, 100.0)
+    assert action.do is Do.READ and ask.settle_until == T0 + 1 + 5.0
+
+
+def test_a_miss_inside_the_window_reads_again_never_sends() -> None:
+    """Quick reads that miss are not evidence: the next action is another read."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    for n in range(5):
+        now = T0 + 2 + n
+        ask, action = step(ask, Observation.read(now, []), SETTINGS, now, 100.0)
+        assert action.do is Do.READ
+        assert now + action.delay <= ask.settle_until + 1e-9  # (settle_until is set)
+
+
+def test_a_miss_started_after_the_window_proves_absence_and_re_sends() -> None:
+    """Only a read started after the window proves absence: then one re-send."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    end = ask.settle_until
+    assert end is not None
+    ask, action = step(ask, Observation.read(end - 0.1, [refund(1, age=999)]), SETTINGS, end, 9.0)
+    assert action.do is Do.READ  # started a hair too early
+    ask, action = step(ask, Observation.read(end, [refund(1, age=999)]), SETTINGS, end, 9.0)
+    assert action.do is Do.SEND and ask.sends == 2
+    assert ask.baseline == frozenset({1})
+
+
+def test_the_deadline_ending_first_parks_the_ask() -> None:
+    """A settle wait the deadline cannot hold: PENDING, not absent, not failed."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 3.0)
+    ask, action = step(ask, Observation.read(T0 + 1, []), SETTINGS, T0 + 1, 0.5)
+    assert action.do is Do.PARK and ask.phase is Phase.PENDING and not ask.needs_review
+
+
+def test_patience_parks_instead_of_waiting() -> None:
+    """A batch's patience: a long settle wait parks the ask right away."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    ask, action = step(ask, Observation.read(T0 + 1, []), SETTINGS, T0 + 1, 100.0, patience=0.5)
+    assert action.do is Do.PARK and ask.settle_until == T0 + 61
+
+
+def test_one_match_returns_it_reconciled() -> None:
+    """Exactly one new matching refund: returned, reconciled."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    ask, action = step(ask, Observation.read(T0 + 2, [refund(5)]), SETTINGS, T0 + 2, 100.0)
+    assert action.do is Do.RETURN and action.refund is not None
+    assert action.refund.reconciled and ask.phase is Phase.APPLIED and ask.refund_id == 5
+
+
+@pytest.mark.parametrize(
+    ("refunds", "why"),
+    [
+        ([refund(5, reason="ours"), refund(6, reason="ours ")], "match this request"),
+        ([refund(5, reason="other")], "almost matches"),
+        ([refund(5, date_created="2026-01-01T10:00:00")], "no offset"),
+        ([refund(5, date_created=None)], "no offset"),
+    ],
+)
+def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: str) -> None:
+    """Several matches, a near match, an undated match: pending for a person."""
+    asked = sent(RefundBagRequest(amount_refunded=300, reason="ours"))
+    ask, _ = step(asked, failed_with(504), SETTINGS, T0 + 1, 100.0)
+    ask, action = step(ask, Observation.read(T0 + 2, refunds), SETTINGS, T0 + 2, 100.0)
+    assert action.do is Do.PARK and ask.needs_review and why in ask.note
+
+
+def test_known_and_old_refunds_are_not_candidates() -> None:
+    """A refund handed to a caller before, or made before the first send: not ours."""
+    ask = sent()
+    found = [refund(5), refund(6, age=3600)]
+    verdict, _ = match(ask, found, None, {5}, SETTINGS)
+    assert verdict.value == "miss"
+
+
+def test_a_server_clock_behind_ours_is_corrected() -> None:
+    """Violet's clock 2 minutes behind: the Date-header estimate keeps our refund in."""
+    ask = sent()
+    late = refund(5, age=120)  # created "before" our send by our clock
+    obs = Observation.read(T0 + 2, [late], server_time=T0 + 2 - 120, received_at=T0 + 2)
+    ask2, action = step(ask, obs, SETTINGS, T0 + 2, 100.0)
+    assert action.do is Do.RETURN and ask2.server_offset == pytest.approx(-119.5)
+
+
+def test_whole_bag_refund_needs_the_bag_refunded_and_the_rest_amount() -> None:
+    """A full refund claims only a refund of what was left, on a REFUNDED bag."""
+    ask = sent(RefundBagRequest())
+    before, ours = refund(1, 300, age=999), refund(2, 700)
+    refunded = converter.structure({"id": BAG, "status": "REFUNDED", "total": 1000}, OrderBag)
+    partly = converter.structure(
+        {"id": BAG, "status": "PARTIALLY_REFUNDED", "total": 1000}, OrderBag
+    )
+    assert match(ask, [before, ours], refunded, (), SETTINGS)[0].value == "match"
+    assert match(ask, [before, ours], partly, (), SETTINGS)[0].value == "miss"
+    other_actor = refund(3, 300, age=1)
+    assert match(ask, [other_actor], partly, (), SETTINGS)[0].value == "miss"
+
+
+def test_sku_and_shipping_details_must_agree() -> None:
+    """SKU lines and shipping are compared; a mismatch is near, not a match."""
+    request = RefundBagRequest(
+        amount_refunded=300,
+        skus=[SkuRefund(order_sku_id=1, quantity_refunded=2)],
+        shipping=ShippingRefund(amount=50),
+    )
+    ask = sent(request)
+    same = refund(5, skus=[{"order_sku_id": 1, "quantity_refunded": 2}], shipping={"amount": 50})
+    other = refund(6, skus=[{"order_sku_id": 1, "quantity_refunded": 1}])
+    no_lines = refund(7, skus=[])
+    assert match(ask, [same], None, (), SETTINGS)[0].value == "match"
+    assert match(ask, [other], None, (), SETTINGS)[0].value == "near"
+    assert match(ask, [no_lines], None, (), SETTINGS)[0].value == "near"
+
+
+def test_a_cancel_needs_the_bag_cancelled() -> None:
+    """A cancel's refund counts only while the bag reads CANCELED; a CANCELED bag with
+    no refund after the window is pending, never re-sent."""
+    ask = sent(CancelBagRequest(), kind="cancel")
+    cancelled = converter.structure({"id": BAG, "status": "CANCELED"}, OrderBag)
+    open_bag = converter.structure({"id": BAG, "status": "COMPLETED"}, OrderBag)
+    assert match(ask, [refund(5)], cancelled, (), SETTINGS)[0].value == "match"
+    assert match(ask, [refund(5)], open_bag, (), SETTINGS)[0].value == "miss"
+    ask, _ = step(ask, failed_with(504), SETTINGS, T0 + 1, 100.0)
+    end = ask.settle_until or 0
+    ask, action = step(ask, Observation.read(end, [], cancelled), SETTINGS, end, 100.0)
+    assert action.do is Do.PARK
+
+
+def test_a_refusal_after_a_doubted_send_is_never_a_definite_failure() -> None:
+    """Re-sent after a 500, refused 400: read back, and pending if still unseen."""
+    ask, _ = step(sent(), failed_with(500, b'{"message": "x", "status": 500}'), SETTINGS, T0, 100.0)
+    end = ask.settle_until or 0
+    ask, action = step(ask, Observation.read(end, []), SETTINGS, end, 100.0)
+    assert action.do is Do.SEND
+    ask, action = step(ask, failed_with(400, b'{"message": "exceeds"}'), SETTINGS, end + 1, 90.0)
+    assert action.do is Do.READ and ask.refused_after_doubt
+    later = (ask.settle_until or 0) + 1
+    ask, action = step(ask, Observation.read(later, []), SETTINGS, later, 80.0)
+    assert action.do is Do.PARK
+
+
+def test_a_first_refusal_is_a_definite_failure() -> None:
+    """A 4xx to a send nothing doubts: not applied, FAIL."""
+    ask, action = step(sent(), failed_with(400), SETTINGS, T0, 100.0)
+    assert action.do is Do.FAIL and ask.phase is Phase.FAILED
+
+
+def test_never_left_and_429_re_send_after_backoff_within_budget() -> None:
+    """Provably not sent: re-send after the drawn backoff; out of budget: FAIL."""
+    never = APIConnectionError("refused", request_sent=False)
+    obs = Observation.send_failed(T0, never, backoff=2.0)
+    ask, action = step(sent(), obs, SETTINGS, T0, 100.0)
+    assert action.do is Do.SEND and action.delay == 2.0 and ask.sends == 2
+    ask, action = step(sent(sends=3), obs, SETTINGS, T0, 100.0)
+    assert action.do is Do.FAIL
+    ask, action = step(sent(), obs, SETTINGS, T0, 1.0)
+    assert action.do is Do.FAIL
+
+
+def test_read_before_send_reads_a_baseline_first() -> None:
+    """NEW with read_before_send: read, then send with that baseline."""
+    settings = attrs.evolve(SETTINGS, read_before_send=True)
+    new = PendingRefund("refund", 1, BAG, RefundBagRequest(amount_refunded=1))
+    ask, action = start(new, settings, T0, attempt_timeout=35)
+    assert action.do is Do.READ
+    ask, action = step(ask, Observation.read(T0, [refund(1)]), settings, T0, 100.0)
+    assert action.do is Do.SEND and ask.baseline == frozenset({1}) and ask.sends == 1
+
+
+def test_resuming_a_send_that_crashed_waits_out_the_longest_window() -> None:
+    """A record journaled as sent, with no outcome: read back, absence only after the
+    longest the send could have run plus the running window."""
+    crashed = attrs.evolve(sent(), settle_until=None)
+    ask, action = start(crashed, SETTINGS, T0 + 5, attempt_timeout=35)
+    assert action.do is Do.READ and ask.settle_until == T0 + 35 + 60
+
+
+def test_impossible_moves_fail_loudly() -> None:
+    """An answer to an ask that was never sent is a bug, not a branch."""
+    new = PendingRefund("refund", 1, BAG, RefundBagRequest())
+    with pytest.raises(ProtocolError):
+        step(new, Observation.answered(T0, refund(1)), SETTINGS, T0, 1.0)
+    with pytest.raises(ProtocolError):
+        start(attrs.evolve(new, phase=Phase.APPLIED), SETTINGS, T0, attempt_timeout=1)
+
+
+@given(
+    sends=st.integers(0, 10),
+    baseline=st.none() | st.frozensets(st.integers(1, 10**9), max_size=5),
+    offset=st.none() | st.floats(-1e5, 1e5),
+    reason=st.none() | st.text(max_size=20),
+)
+def test_pending_round_trips_through_json(
+    sends: int, baseline: frozenset[int] | None, offset: float | None, reason: str | None
+) -> None:
+    """Any record survives to_json / from_json unchanged."""
+    ask = sent(
+        RefundBagRequest(amount_refunded=5, reason=reason),
+        sends=sends,
+        baseline=baseline,
+        server_offset=offset,
+        phase=Phase.PENDING,
+        settle_until=T0 + 60,
+        note="why",
+    )
+    assert PendingRefund.from_json(ask.to_json()) == ask
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ("[]", "pending"),
+        ('{"kind": "refund"}', "pending.request"),
+        ('{"kind": "x", "request": {}}', "pending.kind"),
+        (
+            '{"kind": "refund", "order_id": 1, "bag_id": 2, "sends": 1, "request": {"amount": 5}}',
+            "request",
+        ),
+        ("not json", "pending"),
+    ],
+)
+def test_a_malformed_record_is_a_typed_error(data: str, field: str) -> None:
+    """A stored record that does not read back is refused naming the field; a
+    misspelt request field is never ignored."""
+    with pytest.raises(RequestValidationError) as info:
+        PendingRefund.from_json(data)
+    assert info.value.field.startswith(field)
+
+
+def test_old_refunds_by_the_date_tolerance() -> None:
+    """Without a Date estimate, a refund up to clock_skew older than the send counts."""
+    ask = sent()
+    assert match(ask, [refund(5, age=30)], None, (), SETTINGS)[0].value == "match"
+    assert match(ask, [refund(5, age=90)], None, (), SETTINGS)[0].value == "miss"
+    with_estimate = attrs.evolve(ask, server_offset=0.0)
+    assert match(with_estimate, [refund(5, age=30)], None, (), SETTINGS)[0].value == "miss"
