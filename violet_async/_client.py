@@ -14,9 +14,18 @@ from ._auth import Auth, Credentials, is_token_expired_error
 from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
 from ._converter import encode_request
 from ._reconcile import KnownRefunds, Reconciler
+from ._redact import Redactor
 from ._responses import parse_cancel, parse_order, parse_refund, parse_refund_list
 from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
-from ._transport import USER_AGENT, BaseURL, RawResponse, Timeouts, Transport, frozen_headers
+from ._transport import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    USER_AGENT,
+    BaseURL,
+    RawResponse,
+    Timeouts,
+    Transport,
+    frozen_headers,
+)
 from .exceptions import (
     APITimeoutError,
     AuthenticationError,
@@ -48,7 +57,7 @@ __all__ = ["Environment", "VioletClient"]
 T = TypeVar("T")
 
 
-@attrs.define
+@attrs.define(repr=False)  # its headers hold the app secret and the token
 class _Shared:
     """State shared by a client and the clients ``with_options`` derives from it."""
 
@@ -97,6 +106,7 @@ class VioletClient:
         refresh_margin: float = 300.0,
         clock: Clock | None = None,
         max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         check_id("app_id", app_id)
         if not isinstance(app_secret, str) or not app_secret:
@@ -119,7 +129,13 @@ class VioletClient:
             token=token,
             refresh_token=refresh_token,
         )
-        transport = Transport(session, connector_limit=max_connections)
+        transport = Transport(
+            session,
+            connector_limit=max_connections,
+            max_response_bytes=max_response_bytes,
+            base_url=url,
+            redactor=Redactor(credentials.secrets),
+        )
         self._retry = retry if retry is not None else RetryPolicy()
         self._timeouts = timeouts if timeouts is not None else Timeouts()
         self._on_retry = on_retry
@@ -483,13 +499,13 @@ class VioletClient:
 
     async def _auth_send(
         self, method: str, path: str, body: bytes | None, token: str | None
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         shared = self._shared
         headers = dict(shared.headers)
         if token is not None:
             headers["X-Violet-Token"] = token
 
-        async def send(remaining: float | None) -> tuple[int, bytes]:
+        async def send(remaining: float | None) -> tuple[int, bytes, Mapping[str, str]]:
             resp = await shared.transport.send(
                 method,
                 shared.endpoint.join(path),
@@ -500,11 +516,16 @@ class VioletClient:
             )
             if not 200 <= resp.status < 300:
                 error = api_error_from_response(
-                    resp.status, resp.body, resp.headers, method=method, path=path
+                    resp.status,
+                    resp.body,
+                    resp.headers,
+                    method=method,
+                    path=path,
+                    redact=shared.auth.redactor,
                 )
                 if error.status in (400, 401, 403):
                     raise AuthenticationError(
-                        f"{method} {path} was refused: {error.message}",
+                        error.message,
                         status=error.status,
                         error_code=error.error_code,
                         body=b"",  # a login answer is not kept: it may echo the user
@@ -513,10 +534,10 @@ class VioletClient:
                         path=path,
                     )
                 raise error
-            return resp.status, resp.body
+            return resp.status, resp.body, resp.headers
 
         # Logging in or refreshing twice is harmless, so every transient failure retries.
-        result: tuple[int, bytes] = await self._retrier().run(
+        result: tuple[int, bytes, Mapping[str, str]] = await self._retrier().run(
             send, idempotent=True, method=method, path=path
         )
         return result
