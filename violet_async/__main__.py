@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import _batch_cli
 from ._demo import run_demo
+from .exceptions import RequestValidationError, VioletError
 from .testing import FakeViolet, FaultPlan
 from .testing._faults import PLAN_NAMES
 
@@ -105,6 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    # One line, never a traceback: SDK messages are already redacted.
+    except RequestValidationError as exc:
+        print(f"violet-async: configuration: {exc}", file=sys.stderr)
+        return 2
+    except VioletError as exc:
+        print(f"violet-async: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _main(argv: Sequence[str] | None) -> int:

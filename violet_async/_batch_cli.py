@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ import orjson
 from ._client import Environment, VioletClient
 from ._converter import converter
 from ._journal import JournalMismatchError
+from ._redact import Redactor
 from .batch import BatchItem, BatchResult, Kind, run_batch
 from .exceptions import RequestValidationError
 from .models import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
@@ -314,7 +316,10 @@ async def _execute(
     tally = _Tally()
     progress = _Progress(total, out)
     started = time.monotonic()
-    sink = options.output.open("ab") if options.output else None
+    sink = _open_private(options.output) if options.output else None
+    # Errors are redacted where they are built; this is the second line of defence
+    # for a file that outlives the run.
+    redactor = Redactor(client._shared.credentials.secrets)
     try:
         async with client:
             items = (i for i in read_items(path, kind) if isinstance(i, BatchItem))
@@ -330,7 +335,7 @@ async def _execute(
             ):
                 tally.add(result)
                 if sink is not None:
-                    sink.write(orjson.dumps(_row_out(result)) + b"\n")
+                    sink.write(orjson.dumps(_row_out(result, redactor)) + b"\n")
                 progress.tick()
     except JournalMismatchError as exc:
         err.write(f"violet-async: {exc}\n")
@@ -348,7 +353,16 @@ async def _execute(
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _row_out(result: BatchResult) -> dict[str, Any]:
+def _open_private(path: Path) -> IO[bytes]:
+    """Open ``path`` for appending, readable by its owner only (0600): the results
+    name orders and carry Violet's messages."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # a file left by an older version may be wider
+    return os.fdopen(fd, "ab")
+
+
+def _row_out(result: BatchResult, redactor: Redactor) -> dict[str, Any]:
+    message = str(result.error) if result.error is not None else None
     return {
         "line": result.item.line,
         "order_id": result.item.order_id,
@@ -359,5 +373,5 @@ def _row_out(result: BatchResult) -> dict[str, Any]:
         "reconciled": result.reconciled,
         "attempts": result.attempts,
         "error": result.error_class,
-        "message": str(result.error) if result.error is not None else None,
+        "message": redactor.text(message) if message is not None else None,
     }
