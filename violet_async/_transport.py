@@ -487,7 +487,8 @@ def _reason_of(exc: BaseException) -> tuple[str, int | None]:
         text = "timed out"
     else:
         text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300], None
+    # Parser complaints span lines; a message is one line.
+    return " ".join(f"{type(exc).__name__}: {text}".split())[:300], None
 
 
 def _client_timeout(timeouts: Timeouts, deadline: float | None) -> aiohttp.ClientTimeout:
