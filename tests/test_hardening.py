@@ -682,9 +682,30 @@ async def test_fresh_tokens_refused_as_expired_stop_renewals() -> None:
         with pytest.raises(AuthenticationError, match="just issued"):
             await auth.expired(second)
     assert send.logins == 2
-    now[0] += 61  # after the cool-down an expiry is an ordinary one again
+    now[0] += 60  # once the token is a minute old, an expiry is an ordinary one again
     assert await auth.expired(second) != second
     assert send.logins == 3
+
+
+async def test_unreadable_auth_answers_are_typed_and_bad_dates_ignored() -> None:
+    """Row 10: a login answer that is not a JSON object is an AuthenticationError
+    saying so once; an unreadable Date header is ignored, not trusted."""
+    answers: list[Any] = [
+        (200, b"<html>", {}),
+        (200, orjson.dumps({"token": jwt(10_000.0)}), {"Date": "yesterday-ish"}),
+    ]
+
+    async def send(method: str, path: str, body: bytes | None, token: str | None) -> Any:
+        return answers.pop(0)
+
+    auth = Auth(
+        Credentials(app_id=1, app_secret="s", username="u", password="p"), send, now=lambda: 0.0
+    )
+    with pytest.raises(AuthenticationError) as info:
+        await auth.token()
+    assert str(info.value) == "POST /login -> 200: unreadable answer (not a JSON object)"
+    await auth.token()
+    assert auth.current() is not None  # 10,000 s of life by our own clock
 
 
 # -- row 12: private state hides secrets -------------------------------------------

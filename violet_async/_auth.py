@@ -11,7 +11,8 @@ by more than a few seconds), and a token this client was just given is never ren
 ahead of time before :data:`MIN_TOKEN_AGE` (or half its life, when shorter) has passed:
 a client clock hours ahead cannot turn every call into a login. A token Violet refuses
 as expired is renewed; if two fresh tokens in a row are refused that way, renewals stop
-for :data:`RENEWAL_COOLDOWN` seconds and the call fails with ``AuthenticationError``.
+until the last one is :data:`MIN_TOKEN_AGE` old, and calls fail with
+``AuthenticationError`` meanwhile.
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ MIN_RENEW_INTERVAL = 0.5
 #: A ``Date`` header within this many seconds of our clock is taken as agreeing (its
 #: resolution is one second).
 CLOCK_TOLERANCE = 5.0
-#: How long renewals stop after two fresh tokens in a row were refused as expired.
-RENEWAL_COOLDOWN = 60.0
 #: How many replaced tokens stay known to the redactor.
 _RETIRED_TOKENS = 4
 
@@ -173,7 +172,6 @@ class Auth:
         # token the caller passed in, whose age is unknown.
         self._obtained_at: float | None = None
         self._fresh_refusals = 0
-        self._blocked_until = 0.0
         #: Hides this client's secrets (tokens as they change included) in errors.
         self.redactor = Redactor(credentials.secrets)
         if credentials.token:
@@ -233,16 +231,11 @@ class Auth:
         if obtained is None or now - obtained >= MIN_TOKEN_AGE:
             self._fresh_refusals = 0  # an ordinary expiry
             return
-        if now >= self._blocked_until > 0:
-            self._blocked_until = 0.0
-            self._fresh_refusals = 0
         self._fresh_refusals += 1
         if self._fresh_refusals >= 2:
-            if not self._blocked_until:
-                self._blocked_until = now + RENEWAL_COOLDOWN
             raise _auth_error(
                 f"Violet refused tokens it had just issued as expired; not renewing again "
-                f"for {self._blocked_until - now:.0f}s (is a server clock wrong?)",
+                f"for {obtained + MIN_TOKEN_AGE - now:.0f}s (is a server clock wrong?)",
                 status=401,
                 method="",
                 path="",
