@@ -294,7 +294,7 @@ def micro() -> dict[str, float]:
 
     async def wrapped() -> None:
         for _ in range(n):
-            await retrier.run(ok, idempotent=False, method="POST", path="/p")
+            await retrier.run(ok, method="POST", path="/p")
 
     async def bare() -> None:
         for _ in range(n):

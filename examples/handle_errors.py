@@ -18,6 +18,7 @@ from violet_async import (
     APIError,
     BadRequestError,
     NotFoundError,
+    PendingRefund,
     RefundFailedError,
     RequestValidationError,
     VioletClient,
@@ -50,9 +51,9 @@ async def refund(client: VioletClient, order_id: int, bag_id: int, amount: Any) 
         # Violet refused it (already refunded, amount too large, ...): nothing applied.
         print(f"refused by Violet ({exc.status}, error_code {exc.error_code}): {exc.message}")
     except AmbiguousOutcomeError as exc:
-        # Sent, failed in flight, and the read-back could not tell: do NOT send again
-        # blindly; look at the bag (client.list_bag_refunds) first.
-        print(f"outcome unknown, check the bag before retrying: {exc}")
+        # Sent, failed in flight, not proven either way yet: never send it again
+        # blindly. exc.pending resumes it later (see refund_or_park below).
+        print(f"outcome pending, resume exc.pending later: {exc}")
     except RefundFailedError as exc:
         print(f"Violet recorded the refund as FAILED: {exc.refund.errors}")
     except APIError as exc:  # 401, 403, 409, 429, 5xx after retries
@@ -61,12 +62,24 @@ async def refund(client: VioletClient, order_id: int, bag_id: int, amount: Any) 
         print(f"{type(exc).__name__}: {exc}")
 
 
+async def refund_or_park(client: VioletClient, order_id: int, bag_id: int) -> str:
+    try:
+        refund = await client.refund_bag(order_id, bag_id, amount_refunded=500)
+    except AmbiguousOutcomeError as exc:
+        if exc.pending is None or exc.pending.needs_review:
+            return "look at the bag: its refunds do not tell"
+        stored = exc.pending.to_json()  # keep it anywhere: a row, a queue message
+        refund = await client.resume(PendingRefund.from_json(stored))
+    return f"refund {refund.id} ({'found by read-back' if refund.reconciled else 'answered'})"
+
+
 async def main(order_id: int, bag_id: int) -> None:
     async with violet() as client:
         await refund(client, order_id, bag_id, 10.5)  # a float is never money
         await refund(client, order_id, bag_id + 999_999, 100)  # a bag that does not exist
         await refund(client, order_id, bag_id, 10**9)  # more than the bag holds
         await refund(client, order_id, bag_id, 100)  # fine
+        print(await refund_or_park(client, order_id, bag_id))
 
 
 if __name__ == "__main__":

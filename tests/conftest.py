@@ -4,13 +4,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import attrs
 import pytest
 from aiohttp import web
 from hypothesis import settings
 
 from violet_async import RetryPolicy, VioletClient
-from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
+from violet_async.testing import FakeClock, FakeViolet
 
 from . import _aioresponses_compat
 
@@ -62,3 +61,27 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def ours(fake: FakeViolet, bag_id: int) -> list[int]:
+    """Refund ids the fake committed on ``bag_id`` from API requests (not other actors)."""
+    return [
+        c.refund_id for c in fake.ledger.commits_per_bag.get(bag_id, []) if c.route != "external"
+    ]
+
+
+def wrong_reports(fake: FakeViolet, seen: dict[int, object]) -> list[str]:
+    """Outcomes a caller saw that the ledger contradicts (one ask per bag): a refund
+    returned that is not the bag's one refund, or a definite failure on a bag that was
+    refunded. Pending outcomes (AmbiguousOutcomeError) contradict nothing."""
+    from violet_async import AmbiguousOutcomeError, OrderRefund
+
+    wrong = []
+    for bag_id, outcome in seen.items():
+        made = ours(fake, bag_id)
+        if isinstance(outcome, OrderRefund):
+            if made != [outcome.id]:
+                wrong.append(f"bag {bag_id}: returned {outcome.id}, ledger {made}")
+        elif not isinstance(outcome, AmbiguousOutcomeError) and made:
+            wrong.append(f"bag {bag_id}: {type(outcome).__name__} but ledger {made}")
+    return wrong

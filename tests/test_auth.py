@@ -186,7 +186,7 @@ async def test_secrets_never_reach_logs_at_debug(
             order_id, bag_id = fake.seeded[0]
             await client.refund_bag(order_id, bag_id, amount_refunded=10)
             await asyncio.sleep(0.4)
-            fake.script("refund", Fault.DROP_AFTER_COMMIT, Fault.HTTP_503)
+            fake.script("refund", Fault.DROP_AFTER_COMMIT, Fault.RATE_LIMIT)
             await client.refund_bag(order_id, bag_id, amount_refunded=11)
             with pytest.raises(BadRequestError) as info:
                 await client.refund_bag(order_id, bag_id, amount_refunded=10**9)

@@ -174,6 +174,9 @@ async def test_kill_9_mid_run_then_resume_refunds_each_bag_once(tmp_path: Path) 
         path = write_csv(tmp_path / "in.csv", fake, count)
         journal = tmp_path / "in.csv.refund.journal.jsonl"
         command = [sys.executable, "-m", "violet_async", "refund", str(path), "--concurrency", "8"]
+        # Items the kill caught between journaling and sending wait out a settle window
+        # on resume: keep it short here (real seconds).
+        command += ["--settle", "0.5", "--timeout", "0.5"]
         env = {**os.environ, **env_for(fake)}
         proc = await asyncio.create_subprocess_exec(
             *command,

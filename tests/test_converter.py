@@ -63,7 +63,8 @@ def test_a_date_without_offset_stays_naive() -> None:
     assert parse_datetime("2023-11-07T05:31:56").tzinfo is None
     refund = read(refund_body(date_created="2023-11-07T05:31:56"))
     assert refund.date_created == datetime(2023, 11, 7, 5, 31, 56)
-    assert refund.date_created is not None and refund.date_created.tzinfo is None
+    assert refund.date_created is not None
+    assert refund.date_created.tzinfo is None
 
 
 def test_offset_dates_keep_their_offset() -> None:

@@ -25,9 +25,10 @@ EXPECTED = {
     "batch_from_python.py": r"^first run: \{'succeeded': 5\}; second run: \{'already_done': 5\}$",
     "fakeviolet_in_your_tests.py": r"^3 passed",
     "aiohttp_webhook.py": r"^webhook \S+: order 100001$",
+    "webhook_any_framework.py": r"^bag 200001: PARTIALLY_REFUNDED$",
 }
 # These always play Violet with an embedded FakeViolet (a pytest file; a webhook sender).
-EMBEDDED_ONLY = {"fakeviolet_in_your_tests.py", "aiohttp_webhook.py"}
+EMBEDDED_ONLY = {"fakeviolet_in_your_tests.py", "aiohttp_webhook.py", "webhook_any_framework.py"}
 
 
 def clean_env(extra: Mapping[str, str] = {}) -> dict[str, str]:

@@ -40,8 +40,10 @@ async def test_row1_gateway_504_commit_lands_2_5s_later() -> None:
     server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504, commit_after=2.5)])
     async with hostile_client(server, retry=ROOMY) as client:
         refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert refund.reconciled and refund.amount == 300
-    assert server.posts == 1 and len(server.ours) == 1
+    assert refund.reconciled
+    assert refund.amount == 300
+    assert server.posts == 1
+    assert len(server.ours) == 1
     assert refund.id == server.ours[0]
 
 
@@ -54,14 +56,17 @@ async def test_row1_commit_later_than_the_deadline_is_pending_not_resent() -> No
     async with hostile_client(server, retry=policy) as client:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-        assert server.posts == 1 and server.ours == []
+        assert server.posts == 1
+        assert server.ours == []
         pending = info.value.pending
-        assert pending is not None and not pending.needs_review
+        assert pending is not None
+        assert not pending.needs_review
         stored = PendingRefund.from_json(pending.to_json())
         assert stored == pending
         clock.advance(40.0)
         refund = await client.resume(stored)
-    assert refund.reconciled and refund.id == server.ours[0]
+    assert refund.reconciled
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -78,21 +83,40 @@ async def test_row2_500_with_a_lagging_list(kind: str) -> None:
         else:
             refund = await client.cancel_bag(ORDER_ID, BAG_ID)
     assert refund.reconciled
-    assert len(server.ours) == 1 and refund.id == server.ours[0]
+    assert len(server.ours) == 1
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
 async def test_row2_lag_longer_than_the_window_is_never_a_definite_failure() -> None:
-    """Full refund, 500, list lag (20 s) longer than settle_lag: the re-send is refused
-    ("exceeds remaining"); that is read back, never reported as a failure."""
+    """Full refund, Violet's 500, list lag (20 s) longer than settle_lag: the bag reads
+    REFUNDED but shows no refund yet, so the ask is pending: never re-sent, never a
+    definite failure; resumed after the lag, it is found."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(500, VIOLET_500)], list_lag=20.0)
+    async with hostile_client(server, retry=ROOMY) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID)
+        assert server.posts == 1
+        pending = info.value.pending
+        assert pending is not None
+        clock.advance(20.0)
+        refund = await client.resume(pending)
+    assert refund.id == server.ours[0]
+    assert len(server.ours) == 1
+
+
+async def test_row2_a_refused_re_send_after_a_doubted_one_is_pending_not_failed() -> None:
+    """Partial refund of 600 of 1000, Violet's 500, list lag longer than settle_lag:
+    absence looks proven, the re-send is refused ("exceeds the 400 left"), and that
+    refusal is read back and reported pending, never as a failure."""
     server = Hostile(FakeClock(), script=[Step(500, VIOLET_500)], list_lag=20.0)
     async with hostile_client(server, retry=ROOMY) as client:
-        try:
-            refund = await client.refund_bag(ORDER_ID, BAG_ID)
-        except AmbiguousOutcomeError as exc:
-            assert exc.pending is not None
-        else:
-            assert refund.reconciled and refund.id == server.ours[0]
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=600)
+    assert info.value.pending is not None
+    assert info.value.pending.refused_after_doubt
+    assert server.posts == 2
     assert len(server.ours) == 1
 
 
@@ -104,7 +128,8 @@ async def test_row3_gateway_error_after_the_commit(status: int, body: bytes) -> 
     server = Hostile(FakeClock(), script=[Step(status, body)])
     async with hostile_client(server, retry=ROOMY) as client:
         refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=250)
-    assert refund.reconciled and refund.id == server.ours[0]
+    assert refund.reconciled
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -115,8 +140,10 @@ async def test_row4_naive_dates_are_pending_without_a_baseline() -> None:
     async with hostile_client(server, retry=ROOMY) as client:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert info.value.pending is not None and info.value.pending.needs_review
-    assert server.posts == 1 and len(server.ours) == 1
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert server.posts == 1
+    assert len(server.ours) == 1
 
 
 async def test_row4_naive_dates_with_a_baseline_match_exactly() -> None:
@@ -126,7 +153,8 @@ async def test_row4_naive_dates_with_a_baseline_match_exactly() -> None:
     policy = RetryPolicy(deadline=300.0, read_before_send=True)
     async with hostile_client(server, retry=policy) as client:
         refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert refund.reconciled and refund.id == server.ours[0]
+    assert refund.reconciled
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -137,7 +165,8 @@ async def test_row4_clock_skew_is_estimated_from_date_headers(skew: float) -> No
     server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504)], server_skew=skew)
     async with hostile_client(server, retry=ROOMY) as client:
         refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert refund.reconciled and refund.id == server.ours[0]
+    assert refund.reconciled
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -148,7 +177,8 @@ async def test_row5_trimmed_reason_still_matches() -> None:
         refund = await client.refund_bag(
             ORDER_ID, BAG_ID, amount_refunded=300, reason="Damaged item. "
         )
-    assert refund.reconciled and refund.reason == "Damaged item."
+    assert refund.reconciled
+    assert refund.reason == "Damaged item."
     assert server.posts == 1
 
 
@@ -159,7 +189,8 @@ async def test_row5_a_different_reason_is_a_near_match_not_absence() -> None:
     async with hostile_client(server, retry=ROOMY) as client:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, reason="ours")
-    assert info.value.pending is not None and info.value.pending.needs_review
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
     assert server.posts == 1
 
 
@@ -171,7 +202,8 @@ async def test_row6_paged_list_is_read_to_the_end() -> None:
     async with hostile_client(server, retry=ROOMY) as client:
         refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
         listed = await client.list_bag_refunds(ORDER_ID, BAG_ID)
-    assert refund.reconciled and refund.id == server.ours[0]
+    assert refund.reconciled
+    assert refund.id == server.ours[0]
     assert server.posts == 1
     assert len(listed) == 5
 
@@ -184,9 +216,11 @@ async def test_row7_full_refund_does_not_claim_another_actors_partial() -> None:
     other = server.add_refund(300, age=1.0)
     async with hostile_client(server, retry=ROOMY) as client:
         refund = await client.refund_bag(ORDER_ID, BAG_ID)
-    assert refund.id != other["id"] and not refund.reconciled
+    assert refund.id != other["id"]
+    assert not refund.reconciled
     assert refund.amount == 700
-    assert server.posts == 2 and len(server.ours) == 1
+    assert server.posts == 2
+    assert len(server.ours) == 1
     assert server.refunded == server.total
 
 
@@ -200,7 +234,8 @@ async def test_row8_undated_old_refund_is_never_claimed() -> None:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
     assert info.value.candidates[0].id == server.refunds[0]["id"]
-    assert server.posts == 1 and server.ours == []
+    assert server.posts == 1
+    assert server.ours == []
 
 
 async def test_row8_with_a_baseline_the_old_refund_is_excluded_and_ours_sent_once() -> None:
@@ -212,8 +247,10 @@ async def test_row8_with_a_baseline_the_old_refund_is_excluded_and_ours_sent_onc
     policy = RetryPolicy(deadline=300.0, read_before_send=True)
     async with hostile_client(server, retry=policy) as client:
         refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert refund.id != old["id"] and refund.id == server.ours[0]
-    assert server.posts == 2 and len(server.ours) == 1
+    assert refund.id != old["id"]
+    assert refund.id == server.ours[0]
+    assert server.posts == 2
+    assert len(server.ours) == 1
 
 
 async def test_row9_two_calls_on_one_bag_never_share_a_refund() -> None:

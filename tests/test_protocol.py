@@ -69,15 +69,18 @@ def failed_with(status: int, body: bytes = b"") -> Observation:
 def test_a_gateway_timeout_opens_the_long_window_and_reads_at_once() -> None:
     """A gateway 504: may still be running; read now, absence only after 60 s."""
     ask, action = step(sent(), failed_with(504, b"<html>"), SETTINGS, T0 + 1, 100.0)
-    assert action.do is Do.READ and action.delay == 0
-    assert ask.settle_until == T0 + 1 + 60.0 and ask.doubted
+    assert action.do is Do.READ
+    assert action.delay == 0
+    assert ask.settle_until == T0 + 1 + 60.0
+    assert ask.doubted
 
 
 def test_violets_own_500_opens_the_short_window() -> None:
     """Violet's JSON 500: only list lag to wait out (5 s)."""
     body = b'{"status": 500, "message": "boom", "error_code": 1}'
     ask, action = step(sent(), failed_with(500, body), SETTINGS, T0 + 1, 100.0)
-    assert action.do is Do.READ and ask.settle_until == T0 + 1 + 5.0
+    assert action.do is Do.READ
+    assert ask.settle_until == T0 + 1 + 5.0
 
 
 def test_a_miss_inside_the_window_reads_again_never_sends() -> None:
@@ -98,7 +101,8 @@ def test_a_miss_started_after_the_window_proves_absence_and_re_sends() -> None:
     ask, action = step(ask, Observation.read(end - 0.1, [refund(1, age=999)]), SETTINGS, end, 9.0)
     assert action.do is Do.READ  # started a hair too early
     ask, action = step(ask, Observation.read(end, [refund(1, age=999)]), SETTINGS, end, 9.0)
-    assert action.do is Do.SEND and ask.sends == 2
+    assert action.do is Do.SEND
+    assert ask.sends == 2
     assert ask.baseline == frozenset({1})
 
 
@@ -106,22 +110,28 @@ def test_the_deadline_ending_first_parks_the_ask() -> None:
     """A settle wait the deadline cannot hold: PENDING, not absent, not failed."""
     ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 3.0)
     ask, action = step(ask, Observation.read(T0 + 1, []), SETTINGS, T0 + 1, 0.5)
-    assert action.do is Do.PARK and ask.phase is Phase.PENDING and not ask.needs_review
+    assert action.do is Do.PARK
+    assert ask.phase is Phase.PENDING
+    assert not ask.needs_review
 
 
 def test_patience_parks_instead_of_waiting() -> None:
     """A batch's patience: a long settle wait parks the ask right away."""
     ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
     ask, action = step(ask, Observation.read(T0 + 1, []), SETTINGS, T0 + 1, 100.0, patience=0.5)
-    assert action.do is Do.PARK and ask.settle_until == T0 + 61
+    assert action.do is Do.PARK
+    assert ask.settle_until == T0 + 61
 
 
 def test_one_match_returns_it_reconciled() -> None:
     """Exactly one new matching refund: returned, reconciled."""
     ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
     ask, action = step(ask, Observation.read(T0 + 2, [refund(5)]), SETTINGS, T0 + 2, 100.0)
-    assert action.do is Do.RETURN and action.refund is not None
-    assert action.refund.reconciled and ask.phase is Phase.APPLIED and ask.refund_id == 5
+    assert action.do is Do.RETURN
+    assert action.refund is not None
+    assert action.refund.reconciled
+    assert ask.phase is Phase.APPLIED
+    assert ask.refund_id == 5
 
 
 @pytest.mark.parametrize(
@@ -138,7 +148,9 @@ def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: 
     asked = sent(RefundBagRequest(amount_refunded=300, reason="ours"))
     ask, _ = step(asked, failed_with(504), SETTINGS, T0 + 1, 100.0)
     ask, action = step(ask, Observation.read(T0 + 2, refunds), SETTINGS, T0 + 2, 100.0)
-    assert action.do is Do.PARK and ask.needs_review and why in ask.note
+    assert action.do is Do.PARK
+    assert ask.needs_review
+    assert why in ask.note
 
 
 def test_known_and_old_refunds_are_not_candidates() -> None:
@@ -155,7 +167,8 @@ def test_a_server_clock_behind_ours_is_corrected() -> None:
     late = refund(5, age=120)  # created "before" our send by our clock
     obs = Observation.read(T0 + 2, [late], server_time=T0 + 2 - 120, received_at=T0 + 2)
     ask2, action = step(ask, obs, SETTINGS, T0 + 2, 100.0)
-    assert action.do is Do.RETURN and ask2.server_offset == pytest.approx(-119.5)
+    assert action.do is Do.RETURN
+    assert ask2.server_offset == pytest.approx(-119.5)
 
 
 def test_whole_bag_refund_needs_the_bag_refunded_and_the_rest_amount() -> None:
@@ -209,7 +222,8 @@ def test_a_refusal_after_a_doubted_send_is_never_a_definite_failure() -> None:
     ask, action = step(ask, Observation.read(end, []), SETTINGS, end, 100.0)
     assert action.do is Do.SEND
     ask, action = step(ask, failed_with(400, b'{"message": "exceeds"}'), SETTINGS, end + 1, 90.0)
-    assert action.do is Do.READ and ask.refused_after_doubt
+    assert action.do is Do.READ
+    assert ask.refused_after_doubt
     later = (ask.settle_until or 0) + 1
     ask, action = step(ask, Observation.read(later, []), SETTINGS, later, 80.0)
     assert action.do is Do.PARK
@@ -218,7 +232,8 @@ def test_a_refusal_after_a_doubted_send_is_never_a_definite_failure() -> None:
 def test_a_first_refusal_is_a_definite_failure() -> None:
     """A 4xx to a send nothing doubts: not applied, FAIL."""
     ask, action = step(sent(), failed_with(400), SETTINGS, T0, 100.0)
-    assert action.do is Do.FAIL and ask.phase is Phase.FAILED
+    assert action.do is Do.FAIL
+    assert ask.phase is Phase.FAILED
 
 
 def test_never_left_and_429_re_send_after_backoff_within_budget() -> None:
@@ -226,7 +241,9 @@ def test_never_left_and_429_re_send_after_backoff_within_budget() -> None:
     never = APIConnectionError("refused", request_sent=False)
     obs = Observation.send_failed(T0, never, backoff=2.0)
     ask, action = step(sent(), obs, SETTINGS, T0, 100.0)
-    assert action.do is Do.SEND and action.delay == 2.0 and ask.sends == 2
+    assert action.do is Do.SEND
+    assert action.delay == 2.0
+    assert ask.sends == 2
     ask, action = step(sent(sends=3), obs, SETTINGS, T0, 100.0)
     assert action.do is Do.FAIL
     ask, action = step(sent(), obs, SETTINGS, T0, 1.0)
@@ -240,7 +257,9 @@ def test_read_before_send_reads_a_baseline_first() -> None:
     ask, action = start(new, settings, T0, attempt_timeout=35)
     assert action.do is Do.READ
     ask, action = step(ask, Observation.read(T0, [refund(1)]), settings, T0, 100.0)
-    assert action.do is Do.SEND and ask.baseline == frozenset({1}) and ask.sends == 1
+    assert action.do is Do.SEND
+    assert ask.baseline == frozenset({1})
+    assert ask.sends == 1
 
 
 def test_resuming_a_send_that_crashed_waits_out_the_longest_window() -> None:
@@ -248,7 +267,8 @@ def test_resuming_a_send_that_crashed_waits_out_the_longest_window() -> None:
     longest the send could have run plus the running window."""
     crashed = attrs.evolve(sent(), settle_until=None)
     ask, action = start(crashed, SETTINGS, T0 + 5, attempt_timeout=35)
-    assert action.do is Do.READ and ask.settle_until == T0 + 35 + 60
+    assert action.do is Do.READ
+    assert ask.settle_until == T0 + 35 + 60
 
 
 def test_impossible_moves_fail_loudly() -> None:

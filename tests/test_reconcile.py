@@ -1,23 +1,33 @@
-"""Never refund twice: ambiguous refunds and cancels are read back, never blindly re-sent."""
+"""Never refund twice, on FakeViolet's faults (the shared virtual clock makes late
+commits, lag and settle windows cost no real time)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+import asyncio
 
 import pytest
 
-from violet_async import AmbiguousOutcomeError, RetryPolicy, ServerError, VioletClient
-from violet_async._converter import converter
-from violet_async._reconcile import KnownRefunds, matches_refund_request
-from violet_async.models import OrderRefund, RefundBagRequest, SkuRefund
-from violet_async.testing import FakeClock, FakeViolet, Fault
+from violet_async import (
+    AmbiguousOutcomeError,
+    RefundBagRequest,
+    RetryEvent,
+    RetryPolicy,
+    ServerError,
+    VioletClient,
+)
+from violet_async._reconcile import BagLocks, KnownRefunds
+from violet_async.exceptions import APITimeoutError
+from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
 
-from .conftest import make_client
-from .samples import refund_body
+from .conftest import ROOMY_POLICY, make_client
 
 AFTER_COMMIT = [
     Fault.DROP_AFTER_COMMIT,
     Fault.HTTP_500_AFTER_COMMIT,
+    Fault.HTTP_502_AFTER_COMMIT,
+    Fault.HTTP_503_AFTER_COMMIT,
+    Fault.HTTP_504_AFTER_COMMIT,
+    Fault.HTTP_524_AFTER_COMMIT,
     Fault.TRUNCATED_JSON,
     Fault.WRONG_TYPES,
 ]
@@ -27,7 +37,7 @@ AFTER_COMMIT = [
 async def test_failure_after_commit_returns_the_existing_refund(
     client: VioletClient, fake: FakeViolet, fault: Fault
 ) -> None:
-    """Drop / 500 / truncated / garbled after commit: the refund is found, not re-sent."""
+    """Drop / 5xx / gateway page / garbled body after commit: found, not re-sent."""
     order_id, bag_id = fake.seeded[0]
     fake.script("refund", fault, bag_id=bag_id)
     refund = await client.refund_bag(order_id, bag_id, amount_refunded=150, reason="dup?")
@@ -38,121 +48,147 @@ async def test_failure_after_commit_returns_the_existing_refund(
 
 
 @pytest.mark.parametrize(
-    "fault",
-    [Fault.DROP_BEFORE_COMMIT, Fault.HTTP_500, Fault.HTTP_502, Fault.HTTP_504, Fault.HTML_502],
+    ("fault", "window"),
+    [
+        (Fault.DROP_BEFORE_COMMIT, 60.0),
+        (Fault.HTTP_502, 60.0),
+        (Fault.HTTP_504, 60.0),
+        (Fault.HTML_502, 60.0),
+        (Fault.HTTP_500, 5.0),
+    ],
 )
-async def test_ambiguous_failure_before_commit_is_read_back_then_re_sent(
-    client: VioletClient, fake: FakeViolet, fault: Fault
+async def test_failure_before_commit_is_re_sent_only_after_the_window(
+    fake: FakeViolet, clock: FakeClock, fault: Fault, window: float
 ) -> None:
-    """Nothing applied: the read-backs prove absence, then exactly one re-send."""
+    """Nothing applied: re-sent once, and only after the settle window for its cause
+    (60 s when Violet did not answer, 5 s after Violet's own 500)."""
     order_id, bag_id = fake.seeded[0]
-    fake.script("refund", fault, bag_id=bag_id)
-    refund = await client.refund_bag(order_id, bag_id, amount_refunded=150)
+    sends: list[float] = []
+
+    def on_retry(event: RetryEvent) -> None:
+        sends.append(clock.monotonic())
+
+    async with make_client(fake, clock, retry=ROOMY_POLICY, on_retry=on_retry) as client:
+        fake.script("refund", fault, bag_id=bag_id)
+        started = clock.monotonic()
+        refund = await client.refund_bag(order_id, bag_id, amount_refunded=150)
     assert not refund.reconciled
     assert fake.ledger.requests["refund"] == 2
-    assert fake.ledger.requests["list_refunds"] == 3  # settle_reads
     assert fake.ledger.refunds_per_bag[bag_id] == 1
+    assert sends
+    assert sends[0] - started >= window
+    assert fake.ledger.requests["list_refunds"] >= 2
 
 
-async def test_late_commit_after_first_read_back_is_one_refund(clock: FakeClock) -> None:
-    """The commit lands (0.2 s on the shared clock) after the first read-back: the
-    second read, after a settle wait, finds it."""
-    async with (
-        FakeViolet(orders=20, seed=3, clock=clock) as fake,
-        make_client(fake, clock) as client,
-    ):
+async def test_late_commit_is_found_not_re_sent(clock: FakeClock) -> None:
+    """A 504 whose refund commits 30 s later (fake clock): found inside the window."""
+    plan = FaultPlan(late_commit_delay=30.0)
+    async with FakeViolet(orders=2, seed=3, clock=clock, faults=plan) as fake:
         order_id, bag_id = fake.seeded[0]
-        fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
-        refund = await client.refund_bag(order_id, bag_id, amount_refunded=150)
-    assert refund.reconciled
-    assert fake.ledger.requests["list_refunds"] == 2
-    assert fake.ledger.refunds_per_bag[bag_id] == 1
+        async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+            fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
+            refund = await client.refund_bag(order_id, bag_id, amount_refunded=150)
+        assert refund.reconciled
+        assert fake.ledger.requests["refund"] == 1
+        assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
 async def test_pre_existing_identical_refund_is_not_taken_as_ours(
-    client: VioletClient, fake: FakeViolet
+    fake: FakeViolet, clock: FakeClock
 ) -> None:
-    """An identical partial refund made earlier by this client is excluded; the
-    dropped request is then proven absent and re-sent once."""
+    """An identical partial refund this client returned earlier is excluded; the
+    dropped request is proven absent after the window and re-sent once."""
     order_id, bag_id = fake.seeded[0]
-    first = await client.refund_bag(order_id, bag_id, amount_refunded=100)
-    fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
-    second = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+    async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+        first = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+        fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+        second = await client.refund_bag(order_id, bag_id, amount_refunded=100)
     assert second.id != first.id
     assert not second.reconciled
     assert fake.ledger.refunds_per_bag[bag_id] == 2  # two calls, two refunds: correct
 
 
-async def test_pre_existing_refund_from_elsewhere_outside_window_is_ignored(
+async def test_an_older_refund_from_elsewhere_is_ignored(
     fake: FakeViolet, clock: FakeClock
 ) -> None:
-    """An identical refund created before the call (older than the skew window) by
-    another process is not ours."""
+    """An identical refund another system made an hour ago is not ours."""
     order_id, bag_id = fake.seeded[0]
-    bag = fake.bag(order_id, bag_id)
-    fake.store.commit_refund(bag, {"amount_refunded": 100})
-    bag.refunds[-1]["date_created"] = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime(
-        "%Y-%m-%dT%H:%M:%SZ"
-    )
-    async with make_client(fake, clock) as client:
+    fake.another_actor_refund(order_id, bag_id, 100, age_seconds=3600)
+    async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
         fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
         refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
     assert not refund.reconciled
-    assert fake.ledger.refunds_per_bag[bag_id] == 2
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
 async def test_two_matching_candidates_raise_rather_than_guess(
     fake: FakeViolet, clock: FakeClock
 ) -> None:
-    """Two fresh identical refunds from elsewhere: AmbiguousOutcomeError, nothing re-sent."""
+    """Another system's fresh identical refund plus ours: pending for review."""
     order_id, bag_id = fake.seeded[0]
-    bag = fake.bag(order_id, bag_id)
     async with make_client(fake, clock) as client:
-        fake.store.commit_refund(bag, {"amount_refunded": 100})  # by another process
+        fake.another_actor_refund(order_id, bag_id, 100)
         fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(order_id, bag_id, amount_refunded=100)
     assert len(info.value.candidates) == 2
-    assert info.value.attempts == 1
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
     assert fake.ledger.requests["refund"] == 1
 
 
-async def test_read_back_failing_raises_ambiguous_with_context(
-    fake: FakeViolet, clock: FakeClock
-) -> None:
-    """If the read-back itself fails, the caller gets AmbiguousOutcomeError."""
+async def test_read_before_send_tells_them_apart(fake: FakeViolet, clock: FakeClock) -> None:
+    """The same, with read_before_send: the baseline excludes the other refund."""
     order_id, bag_id = fake.seeded[0]
-    async with make_client(fake, clock, retry=RetryPolicy(max_attempts=2)) as client:
+    policy = RetryPolicy(deadline=60.0, read_before_send=True)
+    async with make_client(fake, clock, retry=policy) as client:
+        fake.another_actor_refund(order_id, bag_id, 100)
         fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
-        fake.script("list_refunds", *[Fault.HTTP_503] * 12, bag_id=bag_id)  # every read
-        with pytest.raises(AmbiguousOutcomeError, match="reading the bag back failed") as info:
-            await client.refund_bag(order_id, bag_id, amount_refunded=100)
-    assert info.value.request == RefundBagRequest(amount_refunded=100)
+        refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+    assert refund.reconciled
+    assert fake.ledger.requests["refund"] == 1
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-async def test_retries_disabled_still_reconciles(fake: FakeViolet, clock: FakeClock) -> None:
-    """With retries off, an ambiguous refund is still read back (never lost)."""
+async def test_read_back_failing_ends_pending_with_context(
+    fake: FakeViolet, clock: FakeClock
+) -> None:
+    """If every read-back fails, the caller gets AmbiguousOutcomeError with a record."""
     order_id, bag_id = fake.seeded[0]
-    async with make_client(fake, clock, retry=RetryPolicy.disabled()) as client:
+    async with make_client(fake, clock, retry=RetryPolicy(max_attempts=2, deadline=20)) as client:
+        fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
+        fake.script("list_refunds", *[Fault.HTTP_503] * 200, bag_id=bag_id)
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(order_id, bag_id, amount_refunded=100)
+    assert info.value.request == RefundBagRequest(amount_refunded=100)
+    assert info.value.pending is not None
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+    assert fake.ledger.requests["refund"] == 1
+
+
+async def test_retries_disabled_still_reconciles(fake: FakeViolet, clock: FakeClock) -> None:
+    """With retries off, a refund that failed in flight is still read back; one that
+    is proven absent ends as a definite failure (no attempt left to re-send)."""
+    order_id, bag_id = fake.seeded[0]
+    policy = RetryPolicy(max_attempts=1, deadline=120)
+    async with make_client(fake, clock, retry=policy) as client:
         fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
         refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
         assert refund.reconciled
         fake.script("refund", Fault.HTTP_500, bag_id=bag_id)
-        with pytest.raises(ServerError):  # proven absent, but no attempt left to re-send
+        with pytest.raises(ServerError):
             await client.refund_bag(order_id, bag_id, amount_refunded=100)
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
 @pytest.mark.parametrize("fault", [Fault.DROP_AFTER_COMMIT, Fault.LATE_COMMIT])
-async def test_cancel_after_commit_is_reconciled(clock: FakeClock, fault: Fault) -> None:
+async def test_cancel_after_commit_is_reconciled(
+    fake: FakeViolet, clock: FakeClock, fault: Fault
+) -> None:
     """A cancel that committed (a late one on the shared clock) is found through the
     bag state and its refund."""
-    async with (
-        FakeViolet(orders=20, seed=3, clock=clock) as fake,
-        make_client(fake, clock) as client,
-    ):
-        order_id, bag_id = fake.seeded[1]
+    order_id, bag_id = fake.seeded[1]
+    async with make_client(fake, clock) as client:
         fake.script("cancel", fault, bag_id=bag_id)
         refund = await client.cancel_bag(order_id, bag_id)
     assert refund.reconciled
@@ -160,45 +196,28 @@ async def test_cancel_after_commit_is_reconciled(clock: FakeClock, fault: Fault)
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-async def test_cancel_before_commit_is_re_sent_once(client: VioletClient, fake: FakeViolet) -> None:
-    """A cancel dropped before commit is proven absent and sent again once."""
+async def test_cancel_before_commit_is_re_sent_once(fake: FakeViolet, clock: FakeClock) -> None:
+    """A cancel dropped before commit is proven absent after the window, sent again."""
     order_id, bag_id = fake.seeded[1]
-    fake.script("cancel", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
-    refund = await client.cancel_bag(order_id, bag_id)
+    async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+        fake.script("cancel", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+        refund = await client.cancel_bag(order_id, bag_id)
     assert not refund.reconciled
     assert fake.ledger.requests["cancel"] == 2
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 
-async def test_bag_cancelled_elsewhere_without_refund_is_ambiguous(
-    client: VioletClient, fake: FakeViolet
+async def test_bag_cancelled_elsewhere_without_refund_is_pending(
+    fake: FakeViolet, clock: FakeClock
 ) -> None:
-    """Bag reads CANCELED but no refund of ours: never re-sent, typed error."""
+    """Bag reads CANCELED but no refund of ours: never re-sent, pending."""
     order_id, bag_id = fake.seeded[1]
-    fake.script("cancel", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
-    fake.bag(order_id, bag_id).status = "CANCELED"
-    with pytest.raises(AmbiguousOutcomeError):
-        await client.cancel_bag(order_id, bag_id)
+    async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+        fake.script("cancel", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+        fake.bag(order_id, bag_id).status = "CANCELED"
+        with pytest.raises(AmbiguousOutcomeError):
+            await client.cancel_bag(order_id, bag_id)
     assert fake.ledger.requests["cancel"] == 1
-
-
-def _refund(**overrides: object) -> OrderRefund:
-    return converter.structure(refund_body(**overrides), OrderRefund)
-
-
-def test_matching_rule_fields() -> None:
-    """Amount, SKU lines and reason must agree where both sides carry them."""
-    refund = _refund(amount=500, reason="r", skus=[{"order_sku_id": 1, "quantity_refunded": 2}])
-    assert matches_refund_request(refund, RefundBagRequest())
-    assert matches_refund_request(refund, RefundBagRequest(amount_refunded=500, reason="r"))
-    assert not matches_refund_request(refund, RefundBagRequest(amount_refunded=501))
-    assert not matches_refund_request(refund, RefundBagRequest(reason="other"))
-    assert matches_refund_request(
-        refund, RefundBagRequest(skus=[SkuRefund(order_sku_id=1, quantity_refunded=2)])
-    )
-    assert not matches_refund_request(
-        refund, RefundBagRequest(skus=[SkuRefund(order_sku_id=1, quantity_refunded=1)])
-    )
 
 
 def test_known_refunds_is_bounded() -> None:
@@ -226,13 +245,55 @@ async def test_a_failed_read_back_is_tried_again(client: VioletClient, fake: Fak
 
 
 async def test_reconciliation_stays_inside_the_deadline(fake: FakeViolet, clock: FakeClock) -> None:
-    """Settle waits never run past the call's deadline; the outcome is then unknown."""
+    """Settle waits and read-backs never run past the call's deadline."""
     order_id, bag_id = fake.seeded[0]
     policy = RetryPolicy(deadline=2.5, settle_delay=1.0, max_attempts=1)
     async with make_client(fake, clock, retry=policy) as client:
         fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=bag_id)
-        fake.script("list_refunds", *[Fault.HTTP_503] * 20, bag_id=bag_id)
+        fake.script("list_refunds", *[Fault.HTTP_503] * 50, bag_id=bag_id)
+        started = clock.monotonic()
         with pytest.raises(AmbiguousOutcomeError):
             await client.refund_bag(order_id, bag_id, amount_refunded=100)
-    assert clock.slept <= 2.5
+    assert clock.monotonic() - started <= 2.5
     assert fake.ledger.requests["refund"] == 1
+
+
+async def test_one_ask_per_bag_at_a_time(fake: FakeViolet, clock: FakeClock) -> None:
+    """Calls on one bag are serialized (the second waits for the first's read-back);
+    calls on another bag are not held up."""
+    (o1, b1), (o2, b2) = fake.seeded[0], fake.seeded[1]
+    order: list[str] = []
+    async with make_client(fake, clock) as client:
+        fake.script("refund", Fault.DROP_AFTER_COMMIT, bag_id=b1)
+
+        async def call(name: str, order_id: int, bag_id: int) -> int | None:
+            refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+            order.append(name)
+            return refund.id
+
+        ids = await asyncio.gather(call("a", o1, b1), call("b", o1, b1), call("c", o2, b2))
+    assert len(set(ids)) == 3
+    assert order.index("a") < order.index("b")
+    assert fake.ledger.refunds_per_bag[b1] == 2
+
+
+async def test_bag_locks_time_out_and_hand_over_in_order() -> None:
+    """A waiter past its deadline gets APITimeoutError (nothing sent); the others get
+    the bag in arrival order."""
+    locks = BagLocks()
+    assert locks.try_acquire(1)
+    with pytest.raises(APITimeoutError):
+        await locks.acquire(1, 0.01)
+    got: list[int] = []
+
+    async def waiter(n: int) -> None:
+        await locks.acquire(1, None)
+        got.append(n)
+        locks.release(1)
+
+    tasks = [asyncio.create_task(waiter(n)) for n in range(3)]
+    await asyncio.sleep(0)
+    locks.release(1)
+    await asyncio.gather(*tasks)
+    assert got == [0, 1, 2]
+    assert not locks.held(1)

@@ -104,7 +104,7 @@ async def test_any_body_on_any_endpoint_is_typed(body: bytes, status: int, endpo
     """Whatever comes back, every endpoint returns a model or raises a typed error:
     never KeyError, TypeError, an aiohttp or a cattrs exception."""
     refunds = f"{BASE}/orders/1/bags/2/refunds"
-    policy = RetryPolicy(max_attempts=1, settle_reads=1)
+    policy = RetryPolicy(max_attempts=1)
     with aioresponses() as wire:
         for method, url in (
             ("POST", refunds),
@@ -200,7 +200,7 @@ async def test_deadline_cuts_a_slow_answer() -> None:
         order_id, bag_id = fake.seeded[0]
         fake.script("refund", Fault.SLOW_BODY, bag_id=bag_id)
         fake.script("list_refunds", *[Fault.HTTP_503] * 10, bag_id=bag_id)
-        policy = RetryPolicy(deadline=0.5, max_attempts=1, settle_reads=1)
+        policy = RetryPolicy(deadline=0.5, max_attempts=1)
         async with make_client(fake, None, retry=policy) as client:
             started = time.perf_counter()
             with pytest.raises(AmbiguousOutcomeError) as info:

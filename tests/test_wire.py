@@ -37,6 +37,7 @@ from violet_async import (
     UnprocessableEntityError,
     VioletClient,
 )
+from violet_async.testing import FakeClock
 
 from .samples import refund_body, refund_bytes
 
@@ -56,7 +57,7 @@ def wire() -> Any:
 @pytest.fixture
 async def client() -> AsyncIterator[VioletClient]:
     async with VioletClient(
-        11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled()
+        11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled(), clock=FakeClock()
     ) as c:
         yield c
 
@@ -218,7 +219,7 @@ async def test_wire_body_holds_exactly_the_fields_passed(
         mocked.post(REFUNDS, status=200, body=refund_bytes(), repeat=True)
         mocked.post(CANCEL, status=200, body=refund_bytes(), repeat=True)
         async with VioletClient(
-            11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled()
+            11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled(), clock=FakeClock()
         ) as c:
             await c.refund_bag(11, 22, **refund)
             await c.refund_bag(11, 22, RefundBagRequest(**refund))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import _batch_cli
 from ._demo import run_demo
+from .exceptions import RequestValidationError, VioletError
 from .testing import FakeViolet, FaultPlan
 from .testing._faults import PLAN_NAMES
 
@@ -104,6 +105,25 @@ def _parser() -> argparse.ArgumentParser:
         )
         batch.add_argument("--env", choices=("sandbox", "production"), default=None)
         batch.add_argument("--base-url", default=None)
+        batch.add_argument(
+            "--settle",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help=(
+                "how long a refund whose request got no answer may still appear at "
+                "Violet before it counts as not applied and may be sent again "
+                "(default: %(default)s). Lower it only for platforms you know to "
+                "commit faster: a refund that appears later than this can be sent twice"
+            ),
+        )
+        batch.add_argument(
+            "--timeout",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="longest wait for one answer from Violet (default: %(default)s)",
+        )
 
     serve = sub.add_parser("fake-server", help="run FakeViolet on 127.0.0.1 until Ctrl-C")
     serve.add_argument("--port", type=int, default=8080)
@@ -121,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    # One line, never a traceback: SDK messages are already redacted.
+    except RequestValidationError as exc:
+        print(f"violet-async: configuration: {exc}", file=sys.stderr)
+        return 2
+    except VioletError as exc:
+        print(f"violet-async: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -133,6 +160,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command in ("refund", "cancel"):
         if args.concurrency < 1 or (args.rate is not None and args.rate <= 0):
             print("violet-async: --concurrency and --rate must be positive", file=sys.stderr)
+            return 2
+        if args.settle < 0 or args.timeout <= 0:
+            print("violet-async: --settle must be >= 0 and --timeout > 0", file=sys.stderr)
             return 2
         return asyncio.run(
             _batch_cli.run_file(
@@ -147,6 +177,8 @@ def _main(argv: Sequence[str] | None) -> int:
                     retry_failed=args.retry_failed,
                     environment=args.env,
                     base_url=args.base_url,
+                    settle_running=args.settle,
+                    timeout=args.timeout,
                 ),
             )
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,9 @@ import orjson
 from ._client import Environment, VioletClient
 from ._converter import converter
 from ._journal import JournalMismatchError
+from ._redact import Redactor
+from ._retry import RetryPolicy
+from ._transport import Timeouts
 from .batch import BatchItem, BatchResult, Kind, run_batch
 from .exceptions import RequestValidationError
 from .models import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
@@ -53,7 +57,7 @@ def _int_field(row: dict[str, Any], name: str, *, required: bool) -> Any:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise RequestValidationError(name, f"must be a whole number, got {value!r}")
         return int(text)
     return value  # JSON values go to the model's own validation (floats are refused)
@@ -212,6 +216,8 @@ class BatchOptions:
     retry_failed: bool = False
     environment: str | None = None
     base_url: str | None = None
+    settle_running: float = 60.0
+    timeout: float = 30.0
 
 
 @attrs.define
@@ -287,7 +293,10 @@ async def run_file(
     if options.dry_run:
         _print_plan(kind, path, total, out)
         return EXIT_OK
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {
+        "retry": RetryPolicy(settle_running=options.settle_running),
+        "timeouts": Timeouts(connect=min(5.0, options.timeout), read=options.timeout),
+    }
     if options.base_url:
         overrides["base_url"] = options.base_url
     if options.environment:
@@ -317,7 +326,10 @@ async def _execute(
     tally = _Tally()
     progress = _Progress(total, out)
     started = time.monotonic()
-    sink = options.output.open("ab") if options.output else None
+    sink = _open_private(options.output) if options.output else None
+    # Errors are redacted where they are built; this is the second line of defence
+    # for a file that outlives the run.
+    redactor = Redactor(client._shared.credentials.secrets)
     try:
         async with client:
             items = (i for i in read_items(path, kind) if isinstance(i, BatchItem))
@@ -333,7 +345,7 @@ async def _execute(
             ):
                 tally.add(result)
                 if sink is not None:
-                    sink.write(orjson.dumps(_row_out(result)) + b"\n")
+                    sink.write(orjson.dumps(_row_out(result, redactor)) + b"\n")
                 progress.tick()
     except JournalMismatchError as exc:
         err.write(f"violet-async: {exc}\n")
@@ -351,7 +363,16 @@ async def _execute(
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _row_out(result: BatchResult) -> dict[str, Any]:
+def _open_private(path: Path) -> IO[bytes]:
+    """Open ``path`` for appending, readable by its owner only (0600): the results
+    name orders and carry Violet's messages."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # a file left by an older version may be wider
+    return os.fdopen(fd, "ab")
+
+
+def _row_out(result: BatchResult, redactor: Redactor) -> dict[str, Any]:
+    message = str(result.error) if result.error is not None else None
     return {
         "line": result.item.line,
         "order_id": result.item.order_id,
@@ -362,5 +383,5 @@ def _row_out(result: BatchResult) -> dict[str, Any]:
         "reconciled": result.reconciled,
         "attempts": result.attempts,
         "error": result.error_class,
-        "message": str(result.error) if result.error is not None else None,
+        "message": redactor.text(message) if message is not None else None,
     }

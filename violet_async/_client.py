@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
@@ -16,19 +17,30 @@ from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_e
 from ._converter import encode_request
 from ._protocol import Observation, PendingRefund, Phase
 from ._reconcile import BagLocks, KnownRefunds, ReadBack, drive
+from ._redact import Redactor
 from ._responses import (
     RefundPage,
     http_date,
     parse_cancel,
     parse_order,
     parse_refund,
+    parse_refund_get,
     parse_refund_page,
 )
 from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryEvent, RetryHook, RetryPolicy, announce
-from ._transport import USER_AGENT, BaseURL, RawResponse, Timeouts, Transport, frozen_headers
+from ._transport import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    USER_AGENT,
+    BaseURL,
+    RawResponse,
+    Timeouts,
+    Transport,
+    frozen_headers,
+)
 from .exceptions import (
     APITimeoutError,
     AuthenticationError,
+    NotFoundError,
     RefundFailedError,
     RefundWaitTimeoutError,
     RequestValidationError,
@@ -56,7 +68,7 @@ __all__ = ["Environment", "VioletClient"]
 T = TypeVar("T")
 
 
-@attrs.define
+@attrs.define(repr=False)  # its headers hold the app secret and the token
 class _Shared:
     """State shared by a client and the clients ``with_options`` derives from it."""
 
@@ -106,6 +118,7 @@ class VioletClient:
         refresh_margin: float = 300.0,
         clock: Clock | None = None,
         max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         check_id("app_id", app_id)
         if not isinstance(app_secret, str) or not app_secret:
@@ -128,7 +141,13 @@ class VioletClient:
             token=token,
             refresh_token=refresh_token,
         )
-        transport = Transport(session, connector_limit=max_connections)
+        transport = Transport(
+            session,
+            connector_limit=max_connections,
+            max_response_bytes=max_response_bytes,
+            base_url=url,
+            redactor=Redactor(credentials.secrets),
+        )
         self._retry = retry if retry is not None else RetryPolicy()
         self._timeouts = timeouts if timeouts is not None else Timeouts()
         self._on_retry = on_retry
@@ -312,12 +331,15 @@ class VioletClient:
         poll_interval: float = 1.0,
         max_interval: float = 15.0,
     ) -> OrderRefund:
-        """Poll the bag's refunds until ``refund_id`` reaches a terminal status.
+        """Poll ``GET /orders/{order_id}/refunds/{refund_id}`` until the refund reaches a
+        terminal status (a 404 counts as "not listed yet": refund lists can lag).
 
         Waits ``poll_interval`` seconds, doubling up to ``max_interval``. Returns the
         final refund (a FAILED one is returned, not raised: check ``status``). Raises
         ``RefundWaitTimeoutError`` carrying the last state seen after ``timeout``.
         """
+        check_id("order_id", order_id)
+        check_id("bag_id", bag_id)
         check_id("refund_id", refund_id)
         if timeout <= 0 or poll_interval <= 0:
             raise RequestValidationError("timeout", "timeout and poll_interval must be > 0")
@@ -325,9 +347,10 @@ class VioletClient:
         deadline = clock.monotonic() + timeout
         interval = poll_interval
         last: OrderRefund | None = None
+        path = f"/orders/{order_id}/refunds/{refund_id}"
         while True:
-            refunds = await self.list_bag_refunds(order_id, bag_id)
-            last = next((r for r in refunds if r.id == refund_id), last)
+            with contextlib.suppress(NotFoundError):
+                last = await self._get(path, parse_refund_get)
             if last is not None and last.status is not None and last.status.is_terminal:
                 return last
             remaining = deadline - clock.monotonic()
@@ -534,7 +557,12 @@ class VioletClient:
         )
         if resp.status == 401:
             error = api_error_from_response(
-                resp.status, resp.body, resp.headers, method=method, path=path
+                resp.status,
+                resp.body,
+                resp.headers,
+                method=method,
+                path=path,
+                redact=shared.auth.redactor,
             )
             if not is_token_expired_error(error):
                 raise error
@@ -551,7 +579,12 @@ class VioletClient:
             )
         if not 200 <= resp.status < 300:
             raise api_error_from_response(
-                resp.status, resp.body, resp.headers, method=method, path=path
+                resp.status,
+                resp.body,
+                resp.headers,
+                method=method,
+                path=path,
+                redact=shared.auth.redactor,
             )
         return parse(resp, path)
 
@@ -574,13 +607,13 @@ class VioletClient:
 
     async def _auth_send(
         self, method: str, path: str, body: bytes | None, token: str | None
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         shared = self._shared
         headers = dict(shared.headers)
         if token is not None:
             headers["X-Violet-Token"] = token
 
-        async def send(remaining: float | None) -> tuple[int, bytes]:
+        async def send(remaining: float | None) -> tuple[int, bytes, Mapping[str, str]]:
             resp = await shared.transport.send(
                 method,
                 shared.endpoint.join(path),
@@ -591,11 +624,16 @@ class VioletClient:
             )
             if not 200 <= resp.status < 300:
                 error = api_error_from_response(
-                    resp.status, resp.body, resp.headers, method=method, path=path
+                    resp.status,
+                    resp.body,
+                    resp.headers,
+                    method=method,
+                    path=path,
+                    redact=shared.auth.redactor,
                 )
                 if error.status in (400, 401, 403):
                     raise AuthenticationError(
-                        f"{method} {path} was refused: {error.message}",
+                        error.message,
                         status=error.status,
                         error_code=error.error_code,
                         body=b"",  # a login answer is not kept: it may echo the user
@@ -604,10 +642,12 @@ class VioletClient:
                         path=path,
                     )
                 raise error
-            return resp.status, resp.body
+            return resp.status, resp.body, resp.headers
 
         # Logging in or refreshing twice is harmless, so every transient failure retries.
-        result: tuple[int, bytes] = await self._retrier().run(send, method=method, path=path)
+        result: tuple[int, bytes, Mapping[str, str]] = await self._retrier().run(
+            send, method=method, path=path
+        )
         return result
 
 
@@ -652,7 +692,7 @@ class _BagIO:
         return http_date(headers.get("Date")) if isinstance(headers, Mapping) else None
 
     async def announce(self, ask: PendingRefund, cause: VioletError, delay: float) -> None:
-        event = RetryEvent(ask.sends - 1, delay, cause, "POST", self._path, ask.reads > 0)
+        event = RetryEvent(ask.sends - 1, delay, cause, "POST", self._path, ask.doubted)
         await announce(self._client._on_retry, event)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._redact import has_control_character
 from .exceptions import RequestValidationError
 
 __all__ = ["UNSET", "Environment", "check_base_url", "settings_from_env"]
@@ -54,9 +55,36 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
     return base_url.rstrip("/")
 
 
+#: Every variable :func:`settings_from_env` reads.
+ENV_VARIABLES = (
+    "VIOLET_APP_ID",
+    "VIOLET_APP_SECRET",
+    "VIOLET_USERNAME",
+    "VIOLET_PASSWORD",
+    "VIOLET_TOKEN",
+    "VIOLET_REFRESH_TOKEN",
+    "VIOLET_ENV",
+    "VIOLET_BASE_URL",
+)
+
+
 def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]:
     """``(app_id, app_secret, keyword arguments)`` from ``VIOLET_*`` variables; a missing
-    or malformed variable raises RequestValidationError naming it."""
+    or malformed variable raises RequestValidationError naming it (never its value).
+
+    No value may hold a control character: a newline pasted into a secret would split
+    the header it is sent in. Numbers are ASCII digits only (``str.isdigit`` would
+    accept ``²`` and ``١٢``).
+    """
+    for name in ENV_VARIABLES:
+        value = env.get(name, "")
+        # Only these three are stripped before use; the others are taken as they are.
+        if name in ("VIOLET_APP_ID", "VIOLET_APP_SECRET", "VIOLET_ENV"):
+            value = value.strip()
+        if has_control_character(value):
+            raise RequestValidationError(
+                name, "contains a control character (newline, tab, NUL...); check how it was set"
+            )
 
     def required(name: str) -> str:
         value = env.get(name, "").strip()
@@ -65,8 +93,8 @@ def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]
         return value
 
     raw_id = required("VIOLET_APP_ID")
-    if not raw_id.isdigit():
-        raise RequestValidationError("VIOLET_APP_ID", "must be a positive integer")
+    if not (raw_id.isascii() and raw_id.isdigit()) or int(raw_id) == 0:
+        raise RequestValidationError("VIOLET_APP_ID", "must be a positive integer (ASCII digits)")
     kwargs: dict[str, Any] = {
         "username": env.get("VIOLET_USERNAME") or None,
         "password": env.get("VIOLET_PASSWORD") or None,

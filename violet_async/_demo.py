@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from ._retry import RetryEvent, RetryPolicy
+from ._transport import Timeouts
 from .batch import BatchItem, run_batch
 from .models import CancelBagRequest, RefundBagRequest
 from .testing import FakeViolet, FaultPlan
@@ -29,13 +30,23 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
     def on_retry(event: RetryEvent) -> None:
         retries[type(event.cause).__name__] += 1
 
-    # Short waits keep the demo quick; the settle delay stays above the fake's
-    # late-commit delay, as it must against a real server's commit latency.
-    policy = RetryPolicy(initial_delay=0.02, max_delay=0.5, settle_delay=0.3, deadline=30)
+    # Short waits keep the demo quick. The settle windows are cut down to what this
+    # FakeViolet is known to do (its late commits and list lag are bounded), the one
+    # thing they must always outlast; against Violet keep RetryPolicy's defaults.
+    plan = FaultPlan.named(faults, seed)
+    lag = plan.quirks.list_lag or 0.0
+    policy = RetryPolicy(
+        initial_delay=0.02,
+        max_delay=0.5,
+        settle_delay=0.2,
+        settle_running=plan.late_commit_delay + lag + 1.0,
+        settle_lag=lag + 0.5,
+        deadline=30,
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         journal = Path(scratch) / "demo.journal.jsonl"
-        async with FakeViolet(orders=bags, seed=seed, faults=FaultPlan.named(faults, seed)) as fake:
+        async with FakeViolet(orders=bags, seed=seed, faults=plan) as fake:
             print(f"FakeViolet on {fake.base_url}: {bags} bags, faults={faults}")
             items = []
             for line, (order_id, bag_id) in enumerate(fake.seeded, start=1):
@@ -61,6 +72,7 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
                 )
             async with fake.client(
                 retry=policy,
+                timeouts=Timeouts(connect=2.0, read=3.0),
                 on_retry=on_retry,
             ) as client:
                 async for result in run_batch(

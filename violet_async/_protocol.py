@@ -209,6 +209,8 @@ class PendingRefund:
     """Violet's clock minus ours, in seconds, estimated from ``Date`` headers."""
     reads: int = 0
     """Read-backs since the last send."""
+    budget_from: int = 0
+    """Sends made before the current call (a resume gets a fresh attempt budget)."""
     refund_id: int | None = None
     """The refund, once applied."""
     note: str = ""
@@ -235,6 +237,7 @@ class PendingRefund:
             "baseline": sorted(self.baseline) if self.baseline is not None else None,
             "server_offset": self.server_offset,
             "reads": self.reads,
+            "budget_from": self.budget_from,
             "refund_id": self.refund_id,
             "note": self.note,
         }
@@ -273,6 +276,7 @@ class PendingRefund:
                 ),
                 server_offset=_opt_float(data, "server_offset"),
                 reads=_int(data, "reads", minimum=0) if "reads" in data else 0,
+                budget_from=_int(data, "budget_from", minimum=0) if "budget_from" in data else 0,
                 refund_id=data.get("refund_id") if isinstance(data.get("refund_id"), int) else None,
                 note=str(data.get("note", "")),
             )
@@ -608,7 +612,14 @@ def start(
             # have run as long as an attempt can, and then still be running at Violet.
             sent = ask.last_sent_at if ask.last_sent_at is not None else now
             settle = sent + attempt_timeout + settings.settle_running
-        ask = attrs.evolve(ask, phase=Phase.SENT, settle_until=settle, doubted=True, reads=0)
+        ask = attrs.evolve(
+            ask,
+            phase=Phase.SENT,
+            settle_until=settle,
+            doubted=True,
+            reads=0,
+            budget_from=ask.sends,
+        )
         return ask, Action(Do.READ, read_bag=needs_bag(ask))
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
@@ -678,17 +689,13 @@ def step(
     if obs.kind is ObsKind.READ_FAILED:
         if ask.phase not in (Phase.NEW, Phase.SENT):
             raise ProtocolError(f"a read failure in phase {ask.phase.value}")
-        delay = obs.backoff
-        if remaining is not None and delay >= remaining:
-            if ask.phase is Phase.NEW:
-                return attrs.evolve(ask, phase=Phase.FAILED, note="baseline read failed"), Action(
-                    Do.FAIL
-                )
-            return _park(
-                ask, f"reading the bag back failed ({obs.error}) and the call's deadline ended"
-            )
-        read_bag = ask.phase is Phase.SENT and needs_bag(ask)
-        return ask, Action(Do.READ, delay=delay, read_bag=read_bag)
+        if ask.phase is Phase.NEW:
+            # The baseline read failed after its own retries: nothing was sent.
+            failed = attrs.evolve(ask, phase=Phase.FAILED, note="the baseline read failed")
+            return failed, Action(Do.FAIL)
+        if remaining is not None and obs.backoff >= remaining:
+            return _park(ask, f"reading the bag back failed ({obs.error}) before the deadline")
+        return ask, Action(Do.READ, delay=obs.backoff, read_bag=needs_bag(ask))
     # A read-back.
     if ask.phase is Phase.NEW:
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
@@ -728,7 +735,7 @@ def step(
             baseline=frozenset(r.id for r in obs.refunds if r.id is not None),
             note="proven absent after the settle window",
         )
-        if absent.sends >= settings.max_attempts:
+        if absent.sends - absent.budget_from >= settings.max_attempts:
             return attrs.evolve(
                 absent, phase=Phase.FAILED, note="not applied; out of attempts"
             ), Action(Do.FAIL)
@@ -761,7 +768,7 @@ def _after_send_failure(
     cause = classify_send_failure(error)
     note = f"{type(error).__name__}: {error}"
     if cause in (Cause.NEVER_LEFT, Cause.RATE_LIMITED):
-        out_of_budget = ask.sends >= settings.max_attempts or (
+        out_of_budget = ask.sends - ask.budget_from >= settings.max_attempts or (
             remaining is not None and obs.backoff >= remaining
         )
         if out_of_budget:

@@ -167,12 +167,15 @@ async def drive(
             await save(ask)
         if action.do is Do.RETURN and action.refund is not None:
             return action.refund
-        if action.do is Do.FAIL and last_error is not None:
-            raise last_error
+        if action.do is Do.FAIL:
+            raise last_error or VioletError(
+                f"the {ask.kind} of bag {ask.bag_id} did not apply ({ask.note}); nothing "
+                "more was sent"
+            )
         if action.do is Do.PARK:
             raise _ambiguous(ask, action, last_error)
-        if action.final:
-            raise protocol.ProtocolError(f"{action.do.value} without its result")
+        if action.do is Do.RETURN:
+            raise protocol.ProtocolError("a return without its refund")
         if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
             await announce(ask, last_error, action.delay)
         if action.delay > 0:

@@ -19,6 +19,7 @@ __all__ = [
     "parse_cancel",
     "parse_order",
     "parse_refund",
+    "parse_refund_get",
     "parse_refund_list",
     "parse_refund_page",
 ]
@@ -43,6 +44,12 @@ def _format_error(
 def parse_order(resp: RawResponse, path: str) -> Order:
     data = decode(resp.body, status=resp.status, method="GET", path=path)
     return structure(data, Order, body=resp.body, status=resp.status, method="GET", path=path)
+
+
+def parse_refund_get(resp: RawResponse, path: str) -> OrderRefund:
+    """One refund read with ``GET /orders/{order_id}/refunds/{refund_id}``."""
+    data = decode(resp.body, status=resp.status, method="GET", path=path)
+    return structure(data, OrderRefund, body=resp.body, status=resp.status, method="GET", path=path)
 
 
 def parse_refund(resp: RawResponse, path: str) -> OrderRefund:

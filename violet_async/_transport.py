@@ -1,10 +1,20 @@
 """The only module that imports aiohttp's client: send one request, return the raw
 response, and turn every aiohttp failure into an SDK error that says whether the
-request may have reached the server (the fact retry safety rests on)."""
+request may have reached the server (the fact retry safety rests on).
+
+Hostile answers are bounded here: a body is read in chunks and decompressed by this
+module (never by aiohttp, whose older releases inflate a whole received chunk at once),
+and reading stops at ``max_response_bytes`` of *decoded* body. aiohttp exceptions are
+never chained onto the SDK's (their ``request_info`` holds the request headers, app
+secret and token included): their facts are copied into the error instead, redacted.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import zlib
 from collections.abc import Mapping
 
 import aiohttp
@@ -12,12 +22,40 @@ import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ._redact import Redactor
 from ._version import __version__
-from .exceptions import APIConnectionError, APITimeoutError, ClientClosedError
+from .exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    ClientClosedError,
+    RequestValidationError,
+    ResponseFormatError,
+    ResponseTooLargeError,
+    VioletError,
+)
 
-__all__ = ["USER_AGENT", "BaseURL", "RawResponse", "Timeouts", "Transport", "frozen_headers"]
+__all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "USER_AGENT",
+    "BaseURL",
+    "RawResponse",
+    "Timeouts",
+    "Transport",
+    "frozen_headers",
+]
 
 USER_AGENT = f"violet-async/{__version__}"
+
+#: The largest response body read, counted after decompression: 4 MiB. A refund, a
+#: cancel or an order with its bags is a few KiB; a list of refunds stays far below.
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+#: How much of an over-large body an error keeps (``ResponseTooLargeError.body``).
+BODY_PREFIX_BYTES = 1024
+#: Only the encodings this module decodes itself are asked for.
+ACCEPT_ENCODING = "gzip, deflate"
+_CHUNK = 64 * 1024
+#: Request headers whose values are secrets, redacted from any error about the request.
+_SECRET_HEADERS = ("X-Violet-App-Secret", "X-Violet-Token", "Authorization")
 
 
 @attrs.frozen
@@ -57,8 +95,15 @@ class BaseURL:
 
 def frozen_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     """``headers`` as a read-only multidict: aiohttp takes that as it is, where a plain
-    dict is first copied into a new multidict on every request (about 0.6 µs)."""
-    return CIMultiDictProxy(CIMultiDict(headers))
+    dict is first copied into a new multidict on every request (about 0.6 µs).
+
+    ``Accept-Encoding`` is set to the encodings the transport decodes itself unless the
+    caller chose one: aiohttp would otherwise advertise brotli or zstd when installed.
+    """
+    merged = CIMultiDict(headers)
+    if "Accept-Encoding" not in merged:
+        merged["Accept-Encoding"] = ACCEPT_ENCODING
+    return CIMultiDictProxy(merged)
 
 
 class RawResponse:
@@ -82,17 +127,39 @@ _NEVER_SENT: tuple[type[BaseException], ...] = (
 
 
 class Transport:
-    """Owns (or borrows) one aiohttp session; sends requests with redirects off."""
+    """Owns (or borrows) one aiohttp session; sends requests with redirects off.
+
+    ``max_response_bytes`` caps every response body, decompressed size included
+    (default :data:`DEFAULT_MAX_RESPONSE_BYTES`, 4 MiB); a larger one raises
+    :class:`ResponseTooLargeError` after reading no more than the cap. ``base_url``
+    makes error paths relative to it (``/orders/1``, not ``/v1/orders/1``).
+    ``redactor`` hides the client's secrets in anything an error keeps; the secret
+    request headers of the failed request are always hidden.
+    """
 
     def __init__(
         self,
         session: aiohttp.ClientSession | None,
         *,
         connector_limit: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        base_url: str | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
+        if (
+            not isinstance(max_response_bytes, int)
+            or isinstance(max_response_bytes, bool)
+            or max_response_bytes < BODY_PREFIX_BYTES
+        ):
+            raise RequestValidationError(
+                "max_response_bytes", f"must be an int >= {BODY_PREFIX_BYTES}"
+            )
         self._session = session
         self._owns_session = session is None
         self._connector_limit = connector_limit
+        self._max_response_bytes = max_response_bytes
+        self._base_path = URL(base_url).raw_path.rstrip("/") if base_url else ""
+        self._redactor = redactor if redactor is not None else Redactor()
         self._closed = False
         # (timeouts, deadline, the aiohttp timeout for them); the placeholder never matches.
         self._last_timeout: tuple[object, float | None, aiohttp.ClientTimeout] = (
@@ -101,9 +168,17 @@ class Transport:
             aiohttp.ClientTimeout(),
         )
 
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Transport {state} max_response_bytes={self._max_response_bytes}>"
+
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def max_response_bytes(self) -> int:
+        return self._max_response_bytes
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -148,6 +223,11 @@ class Transport:
         else:
             timeout = _client_timeout(timeouts, deadline)
             self._last_timeout = (timeouts, deadline, timeout)
+        if "Accept-Encoding" not in headers:
+            headers = frozen_headers(headers)
+        # Built inside the handlers, raised after them: an exception raised inside an
+        # ``except`` block would keep aiohttp's as ``__context__``, headers and all.
+        failure: VioletError
         try:
             # Awaited rather than entered: aiohttp's context managers add four coroutines
             # per request; release() below is what their exit does, bar waiting for a
@@ -159,41 +239,256 @@ class Transport:
                 headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
+                auto_decompress=False,
             )
             try:
-                payload = await response.read()
-            finally:
-                response.release()
+                if (
+                    "Content-Encoding" not in response.headers
+                    and (length := response.content_length) is not None
+                    and length <= self._max_response_bytes
+                ):
+                    # The common case: aiohttp stops reading at Content-Length.
+                    payload = await response.read()
+                else:
+                    payload = await self._read_bounded(response, method, url, headers)
+            except BaseException:
+                response.close()  # never hand a half-read connection back to the pool
+                raise
+            response.release()
             return RawResponse(response.status, response.headers, payload)
+        except VioletError:
+            raise
         except _NEVER_SENT as exc:
-            cls = APITimeoutError if isinstance(exc, asyncio.TimeoutError) else APIConnectionError
-            raise cls(
-                f"{method} {_path_of(url)}: could not connect ({type(exc).__name__})",
-                method=method,
-                path=_path_of(url),
-                request_sent=False,
-            ) from exc
-        except asyncio.TimeoutError as exc:
+            failure = self._connection_error(exc, method, url, headers, sent=False)
+        except asyncio.TimeoutError:
             # A read timeout or the call deadline: the request may well have arrived.
-            raise APITimeoutError(
-                f"{method} {_path_of(url)}: timed out waiting for the response",
+            host, port = _host_port(url)
+            path = self._path_of(url)
+            failure = APITimeoutError(
+                f"{method} {path}: timed out waiting for the response from {host}:{port}",
                 method=method,
-                path=_path_of(url),
+                path=path,
                 request_sent=True,
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise APIConnectionError(
-                f"{method} {_path_of(url)}: connection failed after sending ({type(exc).__name__})",
-                method=method,
-                path=_path_of(url),
-                request_sent=True,
-            ) from exc
-        except RuntimeError as exc:
+                host=host,
+                port=port,
+                reason="timed out",
+                error_type="TimeoutError",
+            )
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # ValueError: aiohttp refused a header value (a newline) or choked on the
+            # answer. Which one cannot be told apart here, so it counts as sent: the
+            # safe reading for a refund.
+            failure = self._connection_error(exc, method, url, headers, sent=True)
+        except RuntimeError:
             # aiohttp raises RuntimeError("Session is closed") for a caller's session
             # closed under us.
-            raise ClientClosedError(
-                f"{method} {_path_of(url)}: the aiohttp session is closed"
-            ) from exc
+            failure = ClientClosedError(
+                f"{method} {self._path_of(url)}: the aiohttp session is closed"
+            )
+        raise failure
+
+    def _path_of(self, url: str | URL) -> str:
+        """The path relative to the base URL, as the client names it (``/login``)."""
+        path = _path_of(url)
+        prefix = self._base_path
+        if prefix and path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] in ("/", ""):
+            path = path[len(prefix) :] or "/"
+        return path
+
+    def _redactor_for(self, headers: Mapping[str, str]) -> Redactor:
+        return self._redactor.with_secrets(*(headers.get(name) for name in _SECRET_HEADERS))
+
+    def _connection_error(
+        self,
+        exc: BaseException,
+        method: str,
+        url: str | URL,
+        headers: Mapping[str, str],
+        *,
+        sent: bool,
+    ) -> APIConnectionError:
+        host, port = _host_port(url)
+        reason, errno = _reason_of(exc)
+        reason = self._redactor_for(headers).text(reason)
+        path = self._path_of(url)
+        where = f"{host}:{port}" if host else "the server"
+        if sent:
+            message = f"{method} {path}: connection to {where} failed after sending ({reason})"
+        else:
+            message = f"{method} {path}: cannot connect to {where} ({reason})"
+        cls = APITimeoutError if isinstance(exc, asyncio.TimeoutError) else APIConnectionError
+        return cls(
+            message,
+            method=method,
+            path=path,
+            request_sent=sent,
+            host=host,
+            port=port,
+            reason=reason,
+            errno=errno,
+            error_type=type(exc).__name__,
+        )
+
+    async def _read_bounded(
+        self,
+        response: aiohttp.ClientResponse,
+        method: str,
+        url: str | URL,
+        headers: Mapping[str, str],
+    ) -> bytes:
+        """The body, decoded, read in chunks and never past ``max_response_bytes``."""
+        limit = self._max_response_bytes
+        status = response.status
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        decoder: _Decoder | None = None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            decoder = _Decoder(encoding)
+        elif encoding not in ("", "identity"):
+            problem = (
+                f"unsupported Content-Encoding {encoding[:40]!r} (asked for {ACCEPT_ENCODING})"
+            )
+            raise self._format_error(self._redactor_for(headers).text(problem), status, method, url)
+        length = response.content_length
+        content = response.content
+        buffer = bytearray()
+        if decoder is None and length is not None and length > limit:
+            # Declared too large: keep a prefix for the error and read nothing more.
+            while len(buffer) < BODY_PREFIX_BYTES:
+                chunk = await content.read(BODY_PREFIX_BYTES - len(buffer))
+                if not chunk:
+                    break
+                buffer += chunk
+            raise self._too_large(
+                buffer, status, method, url, headers=headers, detail=f"Content-Length {length}"
+            )
+        # Compressed input is allowed a little more than the cap (incompressible data
+        # grows slightly); beyond that, empty gzip members could stream forever.
+        raw_limit = limit + limit // 16 + _CHUNK
+        raw_total = 0
+        while True:
+            chunk = await content.read(_CHUNK)
+            if not chunk:
+                break
+            raw_total += len(chunk)
+            if decoder is not None:
+                if raw_total > raw_limit:
+                    raise self._too_large(
+                        buffer,
+                        status,
+                        method,
+                        url,
+                        headers=headers,
+                        detail="compressed body too long",
+                    )
+                decoded = decoder.feed(chunk, limit - len(buffer) + 1)
+                if decoded is None:
+                    raise self._format_error(
+                        f"the {encoding} body cannot be decoded", status, method, url
+                    )
+                chunk = decoded
+            buffer += chunk
+            if len(buffer) > limit:
+                detail = f"more than {limit} bytes" + (
+                    f" after {encoding} decompression" if decoder is not None else ""
+                )
+                raise self._too_large(buffer, status, method, url, headers=headers, detail=detail)
+        if decoder is not None and not decoder.complete:
+            raise self._format_error(f"the {encoding} body ended early", status, method, url)
+        return bytes(buffer)
+
+    def _format_error(
+        self, problem: str, status: int, method: str, url: str | URL
+    ) -> ResponseFormatError:
+        path = self._path_of(url)
+        return ResponseFormatError(
+            f"{method} {path}: {problem}", body=b"", status=status, method=method, path=path
+        )
+
+    def _too_large(
+        self,
+        buffer: bytearray,
+        status: int,
+        method: str,
+        url: str | URL,
+        *,
+        headers: Mapping[str, str],
+        detail: str,
+    ) -> ResponseTooLargeError:
+        path = self._path_of(url)
+        limit = self._max_response_bytes
+        return ResponseTooLargeError(
+            f"{method} {path}: response too large (HTTP {status}, {detail}; "
+            f"max_response_bytes={limit})",
+            body=self._redactor_for(headers).bytes(bytes(buffer[:BODY_PREFIX_BYTES])),
+            status=status,
+            limit=limit,
+            method=method,
+            path=path,
+        )
+
+
+class _Decoder:
+    """gzip (several members allowed) or deflate (zlib-wrapped or raw), decoded with a
+    bound on the output of every call, so a bomb never inflates past the cap."""
+
+    __slots__ = ("_deflate", "_obj", "complete")
+
+    def __init__(self, encoding: str) -> None:
+        self._deflate = encoding == "deflate"
+        self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS) if not self._deflate else None
+        self.complete = False
+
+    def feed(self, data: bytes, max_out: int) -> bytes | None:
+        """Decode ``data``, returning at most ``max_out`` bytes (None when it is not
+        valid). Output beyond ``max_out`` is left undecoded: the caller stops anyway,
+        as ``max_out`` is one past its cap."""
+        try:
+            if self._obj is None:
+                # RFC 1950 header (CM = 8) or a bare RFC 1951 stream, as servers send both.
+                wbits = zlib.MAX_WBITS if data[0] & 0x0F == 8 else -zlib.MAX_WBITS
+                self._obj = zlib.decompressobj(wbits)
+            out = self._obj.decompress(data, max_out)
+            while self._obj.eof and not self._deflate:
+                rest = self._obj.unused_data
+                if not rest or len(out) >= max_out:
+                    break
+                self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)  # the next gzip member
+                out += self._obj.decompress(rest, max_out - len(out))
+        except zlib.error:
+            return None
+        self.complete = self._obj.eof
+        return out
+
+
+def _host_port(url: str | URL) -> tuple[str | None, int | None]:
+    parsed = url if isinstance(url, URL) else URL(url)
+    return parsed.raw_host, parsed.port
+
+
+def _reason_of(exc: BaseException) -> tuple[str, int | None]:
+    """What went wrong, in words, and the OS error number when there is one."""
+    os_error = getattr(exc, "os_error", None)
+    error = os_error if isinstance(os_error, OSError) else exc
+    if isinstance(error, OSError) and not isinstance(error, asyncio.TimeoutError):
+        errno = error.errno
+        if isinstance(error, socket.gaierror) or isinstance(
+            exc, getattr(aiohttp, "ClientConnectorDNSError", ())
+        ):
+            text = error.strerror or str(error)
+            return f"DNS lookup failed: {text}", errno
+        if errno is not None and errno > 0:
+            return os.strerror(errno).lower(), errno
+        if error.strerror:
+            return error.strerror, errno
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # Its str() names the URL; the message is the parser's complaint.
+        text = f"invalid response: {exc.message}"
+    elif isinstance(exc, asyncio.TimeoutError):
+        text = "timed out"
+    else:
+        text = str(exc) or type(exc).__name__
+    # Parser complaints span lines; a message is one line.
+    return " ".join(f"{type(exc).__name__}: {text}".split())[:300], None
 
 
 def _client_timeout(timeouts: Timeouts, deadline: float | None) -> aiohttp.ClientTimeout:
@@ -206,7 +501,6 @@ def _client_timeout(timeouts: Timeouts, deadline: float | None) -> aiohttp.Clien
 
 
 def _path_of(url: str | URL) -> str:
-    # Errors name the path only: the host is configuration, not request context.
     if isinstance(url, URL):
         return url.raw_path
     scheme_end = url.find("://")

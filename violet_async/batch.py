@@ -230,6 +230,7 @@ class _Parked:
     pending: PendingRefund
     revisits: int
     error: AmbiguousOutcomeError
+    stats: _Stats
 
 
 class _Runner:
@@ -278,11 +279,26 @@ class _Runner:
     def _stopping(self) -> bool:
         return self.stop is not None and self.stop.is_set()
 
-    async def _one(self, item: BatchItem, resume: PendingRefund | None, revisits: int) -> None:
+    async def _one(
+        self,
+        item: BatchItem,
+        resume: PendingRefund | None,
+        revisits: int,
+        stats: _Stats | None = None,
+    ) -> None:
         try:
             result = await _process(
-                self.client, item, resume, self.log, self.limiter, patience=self.patience
+                self.client,
+                item,
+                resume,
+                self.log,
+                self.limiter,
+                patience=self.patience,
+                stats=stats or _Stats(),
             )
+        except Exception as exc:  # noqa: BLE001 - a bug: the consumer must see it
+            await self.results.put(exc)
+            return
         finally:
             self.slots.release()
         if isinstance(result, _Parked):
@@ -292,15 +308,20 @@ class _Runner:
                 heapq.heappush(self.parked, (due, next(self._order), parked))
                 self._parked_changed.set()
                 return
-            result = await _unknown(item, parked, self.log)
+            result = await _ended(item, "unknown", parked.stats, self.log, parked.error)
         await self.results.put(result)
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
         last_line = None
 
-        def start(item: BatchItem, resume: PendingRefund | None, revisits: int) -> None:
-            task = asyncio.create_task(self._one(item, resume, revisits))
+        def start(
+            item: BatchItem,
+            resume: PendingRefund | None,
+            revisits: int,
+            stats: _Stats | None = None,
+        ) -> None:
+            task = asyncio.create_task(self._one(item, resume, revisits, stats))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -335,7 +356,7 @@ class _Runner:
         while self.parked and self.parked[0][0] <= self.clock.time() and not self._stopping():
             _, _, parked = heapq.heappop(self.parked)
             await self.slots.acquire()
-            start(parked.item, parked.pending, parked.revisits + 1)
+            start(parked.item, parked.pending, parked.revisits + 1, parked.stats)
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
         """After the input: finish what runs, and revisit parked items as they fall due."""
@@ -345,7 +366,9 @@ class _Runner:
                     await asyncio.gather(*tasks)
                 while self.parked:
                     _, _, parked = heapq.heappop(self.parked)
-                    await self.results.put(await _unknown(parked.item, parked, self.log))
+                    await self.results.put(
+                        await _ended(parked.item, "unknown", parked.stats, self.log, parked.error)
+                    )
                 return
             await self._revisit_due(start)
             if not self.parked:
@@ -422,8 +445,8 @@ async def _process(
     limiter: AdaptiveRate | None,
     *,
     patience: float,
+    stats: _Stats,
 ) -> BatchResult | _Parked:
-    stats = _Stats()
     _current.set(stats)
     if limiter is not None:
         await limiter.wait()
@@ -446,7 +469,7 @@ async def _process(
             refund = _unless_failed(refund)
     except AmbiguousOutcomeError as exc:
         if exc.pending is not None:
-            return _Parked(item, exc.pending, 0, exc)
+            return _Parked(item, exc.pending, 0, exc, stats)
         return await _ended(item, "unknown", stats, log, exc)
     except VioletError as exc:
         # Any other error: the request did not apply.
@@ -470,10 +493,6 @@ async def _ended(
             fields["ask"] = pending.to_dict()
         await log.record(item.line, item.key, outcome, **fields)
     return _result(item, outcome, stats, error=exc)
-
-
-async def _unknown(item: BatchItem, parked: _Parked, log: Journal | None) -> BatchResult:
-    return await _ended(item, "unknown", _Stats(), log, parked.error)
 
 
 def _result(

@@ -1,7 +1,9 @@
 """Every error violet_async raises.
 
 No aiohttp, cattrs or tenacity exception ever reaches a caller: each is turned into one
-of these, with the original kept as ``__cause__``.
+of these. An aiohttp exception is never kept as ``__cause__`` or ``__context__`` (it
+holds the request's headers, app secret and token included): its useful facts (class
+name, host and port, the operating system's reason) are copied into the SDK error.
 
 ::
 
@@ -10,7 +12,8 @@ of these, with the original kept as ``__cause__``.
     ├── ClientClosedError                          the client was used after close
     ├── APIConnectionError                         no HTTP answer was read
     │   └── APITimeoutError                        ... because a timeout expired
-    ├── ResponseFormatError                        a 2xx body we could not read
+    ├── ResponseFormatError                        a body we could not read
+    │   └── ResponseTooLargeError                  ... because it exceeds max_response_bytes
     ├── AmbiguousOutcomeError                      a POST may or may not have applied
     ├── RefundFailedError                          2xx, but the refund status is FAILED
     ├── RefundWaitTimeoutError                     wait_for_refund ran out of time
@@ -26,7 +29,10 @@ of these, with the original kept as ``__cause__``.
         └── ServerError                            5xx
 
 Secrets (app secret, password, tokens) are never part of any message or attribute:
-errors carry the method and path of the request, never its headers.
+errors carry the method and path of the request (relative to the base URL, such as
+``/orders/1/bags/2/refunds``), never its headers, and whatever they keep from a response
+(message, body, headers) passed through the client's redaction first, so a server that
+echoes the request cannot put a secret into an error.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import orjson
 
 if TYPE_CHECKING:
     from ._protocol import PendingRefund
+    from ._redact import Redactor
     from .models import OrderRefund
 
 __all__ = [
@@ -57,6 +64,7 @@ __all__ = [
     "RefundWaitTimeoutError",
     "RequestValidationError",
     "ResponseFormatError",
+    "ResponseTooLargeError",
     "ServerError",
     "UnprocessableEntityError",
     "VioletError",
@@ -100,16 +108,35 @@ class APIConnectionError(VioletError):
     """No HTTP response could be read.
 
     ``request_sent`` is False when the connection was never established, so the
-    server cannot have seen the request; True when it may have.
+    server cannot have seen the request; True when it may have. ``host`` and ``port``
+    name the server, ``reason`` says what went wrong in words (``connection refused``,
+    the resolver's text for a DNS failure), ``errno`` is the operating system's error
+    number when there was one, and ``error_type`` the name of the underlying aiohttp
+    or OS exception (which is not chained: it holds the request's headers).
     """
 
     def __init__(
-        self, message: str, *, method: str = "", path: str = "", request_sent: bool = True
+        self,
+        message: str,
+        *,
+        method: str = "",
+        path: str = "",
+        request_sent: bool = True,
+        host: str | None = None,
+        port: int | None = None,
+        reason: str = "",
+        errno: int | None = None,
+        error_type: str = "",
     ) -> None:
         super().__init__(message)
         self.method = method
         self.path = path
         self.request_sent = request_sent
+        self.host = host
+        self.port = port
+        self.reason = reason
+        self.errno = errno
+        self.error_type = error_type
 
 
 class APITimeoutError(APIConnectionError):
@@ -138,6 +165,29 @@ class ResponseFormatError(VioletError):
         self.field = field
         self.method = method
         self.path = path
+
+
+class ResponseTooLargeError(ResponseFormatError):
+    """The response body (after decompression) exceeds the client's
+    ``max_response_bytes``; reading stopped there.
+
+    ``status`` is the HTTP status of the answer, ``body`` only its first bytes (at most
+    1 KiB, redacted), ``limit`` the cap. For a refund or cancel POST this means the
+    answer was unreadable, so the request may have been applied.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        body: bytes,
+        status: int,
+        limit: int,
+        method: str = "",
+        path: str = "",
+    ) -> None:
+        super().__init__(message, body=body, status=status, method=method, path=path)
+        self.limit = limit
 
 
 class AmbiguousOutcomeError(VioletError):
@@ -231,7 +281,8 @@ class APIError(VioletError):
 
     def __str__(self) -> str:
         code = f" (error_code {self.error_code})" if self.error_code is not None else ""
-        return f"{self.method} {self.path} -> {self.status}{code}: {self.message}"
+        request = f"{self.method} {self.path} -> " if self.method or self.path else ""
+        return f"{request}{self.status}{code}: {self.message}"
 
 
 class BadRequestError(APIError):
@@ -293,14 +344,31 @@ def _lenient_fields(body: bytes) -> tuple[int | str | None, str | None]:
 
 
 def api_error_from_response(
-    status: int, body: bytes, headers: Mapping[str, str], *, method: str, path: str
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    method: str,
+    path: str,
+    redact: Redactor | None = None,
 ) -> APIError:
-    """The one place an HTTP error status becomes a typed error."""
+    """The one place an HTTP error status becomes a typed error.
+
+    ``redact`` (the client's :class:`~violet_async._redact.Redactor`) is applied to the
+    message, the body and the headers before the error holds them: a server may echo
+    the request it refused. None leaves them as they are.
+    """
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else APIError)
     error_code, message = _lenient_fields(body)
     if message is None:
         preview = body[:_BODY_PREVIEW].decode("utf-8", "replace").strip()
         message = preview or f"HTTP {status} with an empty body"
+    if redact is not None:
+        message = redact.text(message)
+        body = redact.bytes(body)
+        headers = redact.headers(headers)
+        if isinstance(error_code, str):
+            error_code = redact.text(error_code)
     return cls(
         message,
         status=status,

@@ -234,6 +234,11 @@ class FakeViolet:
     def bag(self, order_id: int, bag_id: int) -> FakeBag:
         return self.store.bag(order_id, bag_id)
 
+    def stop_faults(self) -> None:
+        """No more drawn faults from now on (scripted ones and quirks stay): for tests
+        that check every pending outcome resolves once the weather clears."""
+        self.faults = FaultDrawer(attrs.evolve(FaultPlan.none(), quirks=self.quirks))
+
     def script(self, route: str, *faults: Fault, bag_id: int | None = None) -> None:
         """Queue faults for the next requests on ``route`` ("refund", "cancel",
         "list_refunds", "get_order", "login", "refresh"), optionally one bag only."""
@@ -470,7 +475,10 @@ class FakeViolet:
         for bag in self.store.order(order_id).bags.values():
             for record in bag.refunds:
                 if record["id"] == refund_id and self.store.visible(record):
-                    return self._ok(record)
+                    response = self._ok(record)
+                    # A read of the refund moves it toward COMPLETED, as a list read does.
+                    self.store.tick_processing(bag)
+                    return response
         raise RuleViolation(404, f"Refund {refund_id} not found on order {order_id}", 4042)
 
     async def _get_order(self, request: web.Request) -> web.Response:
