@@ -330,3 +330,19 @@ def test_old_refunds_by_the_date_tolerance() -> None:
     assert match(ask, [refund(5, age=90)], None, (), SETTINGS)[0].value == "miss"
     with_estimate = attrs.evolve(ask, server_offset=0.0)
     assert match(with_estimate, [refund(5, age=30)], None, (), SETTINGS)[0].value == "miss"
+
+
+def test_hold_if_present_keeps_a_row_already_refunded_from_being_sent() -> None:
+    """With hold_if_present, a baseline holding exactly this refund (not handed to a
+    caller) means HOLD, not send; a different amount or a known refund does not."""
+    settings = attrs.evolve(SETTINGS, read_before_send=True, hold_if_present=True)
+    new = PendingRefund("refund", 1, BAG, RefundBagRequest(amount_refunded=300))
+    ask, _ = start(new, settings, T0, attempt_timeout=35)
+    held, action = step(ask, Observation.read(T0, [refund(5, age=999)]), settings, T0, 100.0)
+    assert action.do is Do.HOLD
+    assert held.phase is Phase.FAILED
+    assert [r.id for r in action.candidates] == [5]
+    _, action = step(ask, Observation.read(T0, [refund(5, 200)]), settings, T0, 100.0)
+    assert action.do is Do.SEND
+    _, action = step(ask, Observation.read(T0, [refund(5)]), settings, T0, 100.0, known={5})
+    assert action.do is Do.SEND

@@ -375,6 +375,7 @@ class VioletClient:
         resume: PendingRefund | None = None,
         save: Callable[[PendingRefund], Awaitable[None]] | None = None,
         patience: float | None = None,
+        hold_if_present: bool = False,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -439,6 +440,8 @@ class VioletClient:
                     )
             else:
                 settings = policy.protocol_settings()
+                if hold_if_present:
+                    settings = attrs.evolve(settings, hold_if_present=True)
                 ask = resume or PendingRefund(kind, order_id, bag_id, req)
                 ask, action = protocol.start(
                     ask,

@@ -339,6 +339,10 @@ class Settings:
     clock_skew: float = 60.0
     date_tolerance: float = 5.0
     read_before_send: bool = False
+    hold_if_present: bool = False
+    """With read_before_send: when the bag already holds a refund that carries exactly
+    what this ask asks for (and no caller was handed it), do not send: HOLD. The batch
+    runner's guard against a row refunded by an earlier run whose journal is gone."""
 
 
 class ObsKind(enum.Enum):
@@ -421,6 +425,8 @@ class Do(enum.Enum):
     RETURN = "return"
     FAIL = "fail"
     PARK = "park"
+    HOLD = "hold"
+    """Not sent: the bag already holds this refund (``Settings.hold_if_present``)."""
 
 
 @attrs.frozen
@@ -438,7 +444,7 @@ class Action:
 
     @property
     def final(self) -> bool:
-        return self.do in (Do.RETURN, Do.FAIL, Do.PARK)
+        return self.do in (Do.RETURN, Do.FAIL, Do.PARK, Do.HOLD)
 
 
 class ProtocolError(AssertionError):
@@ -698,6 +704,18 @@ def step(
         return ask, Action(Do.READ, delay=obs.backoff, read_bag=needs_bag(ask))
     # A read-back.
     if ask.phase is Phase.NEW:
+        if settings.hold_if_present:
+            present = tuple(
+                r
+                for r in obs.refunds
+                if (r.bag_id is None or r.bag_id == ask.bag_id)
+                and (r.id is None or r.id not in known)
+                and _content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH
+            )
+            if present:
+                note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
+                held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
+                return held, Action(Do.HOLD, candidates=present)
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
         return _send(attrs.evolve(ask, baseline=baseline), now)
     if ask.phase is not Phase.SENT:

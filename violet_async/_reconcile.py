@@ -17,7 +17,12 @@ import attrs
 
 from . import _protocol as protocol
 from ._protocol import Action, Do, Observation, PendingRefund, Settings
-from .exceptions import AmbiguousOutcomeError, APITimeoutError, VioletError
+from .exceptions import (
+    AmbiguousOutcomeError,
+    APITimeoutError,
+    RefundAlreadyPresentError,
+    VioletError,
+)
 from .models import OrderBag, OrderRefund
 
 __all__ = ["BagLocks", "KnownRefunds", "ReadBack", "drive"]
@@ -174,6 +179,8 @@ async def drive(
             )
         if action.do is Do.PARK:
             raise _ambiguous(ask, action, last_error)
+        if action.do is Do.HOLD:
+            raise RefundAlreadyPresentError(ask.note, refunds=action.candidates)
         if action.do is Do.RETURN:
             raise protocol.ProtocolError("a return without its refund")
         if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:

@@ -15,6 +15,7 @@ name, host and port, the operating system's reason) are copied into the SDK erro
     ├── ResponseFormatError                        a body we could not read
     │   └── ResponseTooLargeError                  ... because it exceeds max_response_bytes
     ├── AmbiguousOutcomeError                      a POST may or may not have applied
+    ├── RefundAlreadyPresentError                  not sent: the bag already holds it
     ├── RefundFailedError                          2xx, but the refund status is FAILED
     ├── RefundWaitTimeoutError                     wait_for_refund ran out of time
     ├── CancellationFailedError                    2xx, but the cancel did not happen
@@ -60,6 +61,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RefundAlreadyPresentError",
     "RefundFailedError",
     "RefundWaitTimeoutError",
     "RequestValidationError",
@@ -222,6 +224,16 @@ class AmbiguousOutcomeError(VioletError):
         self.observed = tuple(observed)
         self.candidates = tuple(candidates)
         self.pending = pending
+
+
+class RefundAlreadyPresentError(VioletError):
+    """Not sent: the bag already holds a refund that carries exactly what this request
+    asks for, and nothing accounts for it (the batch runner's guard, when an earlier
+    run's journal is lost or replaced). ``refunds`` are the ones found."""
+
+    def __init__(self, message: str, *, refunds: Sequence[OrderRefund]) -> None:
+        super().__init__(message)
+        self.refunds = tuple(refunds)
 
 
 class RefundFailedError(VioletError):
