@@ -1,7 +1,7 @@
 """violet_async: an asyncio SDK for Violet's bag refund and bag cancel endpoints."""
 
+from ._ask import PendingRefund
 from ._client import Environment, VioletClient
-from ._protocol import PendingRefund
 from ._retry import RetryEvent, RetryPolicy
 from ._transport import Timeouts
 from ._version import __version__

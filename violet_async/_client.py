@@ -11,23 +11,21 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
-from . import _protocol as protocol
 from ._auth import Auth, Credentials, is_token_expired_error
 from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
 from ._converter import encode_request
-from ._protocol import Observation, PendingRefund, Phase
-from ._reconcile import BagLocks, KnownRefunds, ReadBack, drive
+from ._protocol import PendingRefund, Phase
+from ._reconcile import BagIO, BagLocks, KnownRefunds, after_failed_send, run_ask
 from ._redact import Redactor
 from ._responses import (
     RefundPage,
-    http_date,
     parse_cancel,
     parse_order,
     parse_refund,
     parse_refund_get,
     parse_refund_page,
 )
-from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryEvent, RetryHook, RetryPolicy, announce
+from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
 from ._transport import (
     DEFAULT_MAX_RESPONSE_BYTES,
     USER_AGENT,
@@ -392,74 +390,45 @@ class VioletClient:
         try:
             body = encode_request(req)
             parse = parse_refund if kind == "refund" else partial(parse_cancel, bag_id=bag_id)
-            send = partial(self._attempt, "POST", path, body, parse)
+            settings = policy.protocol_settings()
             if resume is None and save is None and not policy.read_before_send:
                 sent_at = clock.time()
                 try:
                     # Unless it waited for the bag, a first send has the policy's whole
                     # deadline: the same value every call, so its timeout is cached.
-                    refund = await send(
+                    refund = await self._attempt(
+                        "POST",
+                        path,
+                        body,
+                        parse,
                         deadline - clock.monotonic()
                         if waited and deadline is not None
-                        else policy.deadline
+                        else policy.deadline,
                     )
                 except VioletError as exc:
-                    ask = PendingRefund(
-                        kind,
-                        order_id,
-                        bag_id,
-                        req,
-                        Phase.SENT,
-                        sends=1,
-                        first_sent_at=sent_at,
-                        last_sent_at=sent_at,
-                    )
-                    io = _BagIO(self, order_id, bag_id, path, send)
-                    obs = Observation.send_failed(
-                        sent_at,
-                        exc,
-                        backoff=io.send_backoff(1, exc),
-                        server_time=io.server_time(exc),
-                        received_at=clock.time(),
-                    )
-                    remaining = None if deadline is None else deadline - clock.monotonic()
-                    settings = policy.protocol_settings()
-                    ask, action = protocol.step(
-                        ask, obs, settings, clock.time(), remaining, shared.known_refunds
-                    )
-                    refund = await drive(
+                    ask = PendingRefund(kind, order_id, bag_id, req, Phase.SENT, sends=1)
+                    ask = attrs.evolve(ask, first_sent_at=sent_at, last_sent_at=sent_at)
+                    refund = await after_failed_send(
                         ask,
-                        action,
-                        io=io,
+                        exc,
+                        io=self._bag_io(order_id, bag_id, path, body, parse),
                         settings=settings,
                         clock=clock,
                         deadline=deadline,
                         known=shared.known_refunds,
-                        last_error=exc,
-                        announce=io.announce,
                     )
             else:
-                settings = policy.protocol_settings()
                 if hold_if_present:
                     settings = attrs.evolve(settings, hold_if_present=True)
-                ask = resume or PendingRefund(kind, order_id, bag_id, req)
-                ask, action = protocol.start(
-                    ask,
-                    settings,
-                    clock.time(),
-                    attempt_timeout=self._timeouts.connect + self._timeouts.read,
-                )
-                io = _BagIO(self, order_id, bag_id, path, send)
-                refund = await drive(
-                    ask,
-                    action,
-                    io=io,
+                refund = await run_ask(
+                    resume or PendingRefund(kind, order_id, bag_id, req),
+                    io=self._bag_io(order_id, bag_id, path, body, parse),
                     settings=settings,
                     clock=clock,
                     deadline=deadline,
                     known=shared.known_refunds,
+                    attempt_timeout=self._timeouts.connect + self._timeouts.read,
                     save=save,
-                    announce=io.announce,
                     patience=patience,
                 )
         finally:
@@ -468,6 +437,29 @@ class VioletClient:
         return refund
 
     # -- plumbing ---------------------------------------------------------------
+
+    def _bag_io(
+        self,
+        order_id: int,
+        bag_id: int,
+        path: str,
+        body: bytes,
+        parse: Callable[[RawResponse, str], OrderRefund],
+    ) -> BagIO:
+        """What the refund protocol's driver needs for one ask (built after a failure,
+        or for an ask that reads before sending)."""
+        return BagIO(
+            send_once=partial(self._attempt, "POST", path, body, parse),
+            read_refunds=partial(self._read_refunds, self._bag_path(order_id, bag_id, "refunds")),
+            read_order=partial(self._read_order, order_id),
+            bag_id=bag_id,
+            path=path,
+            policy=self._retry,
+            on_retry=self._on_retry,
+        )
+
+    async def _read_order(self, order_id: int, deadline: float | None) -> Order:
+        return await self._get(f"/orders/{order_id}", parse_order, deadline=deadline)
 
     def _bag_path(self, order_id: int, bag_id: int, action: str) -> str:
         check_id("order_id", order_id)
@@ -652,51 +644,6 @@ class VioletClient:
             send, method=method, path=path
         )
         return result
-
-
-class _BagIO:
-    """The refund protocol's I/O for one ask on one bag (see ``_reconcile.AskIO``)."""
-
-    __slots__ = ("_bag_id", "_client", "_order_id", "_path", "_send")
-
-    def __init__(
-        self,
-        client: VioletClient,
-        order_id: int,
-        bag_id: int,
-        path: str,
-        send: Callable[[float | None], Awaitable[OrderRefund]],
-    ) -> None:
-        self._client = client
-        self._order_id = order_id
-        self._bag_id = bag_id
-        self._path = path
-        self._send = send
-
-    async def send(self, remaining: float | None) -> OrderRefund:
-        return await self._send(remaining)
-
-    async def read(self, read_bag: bool, deadline: float | None) -> ReadBack:
-        client = self._client
-        page = await client._read_refunds(
-            client._bag_path(self._order_id, self._bag_id, "refunds"), deadline
-        )
-        bag = None
-        if read_bag:
-            order = await client._get(f"/orders/{self._order_id}", parse_order, deadline=deadline)
-            bag = order.bag(self._bag_id)
-        return ReadBack(tuple(page.refunds), bag, page.server_time)
-
-    def send_backoff(self, sends: int, error: VioletError) -> float:
-        return self._client._retry.delay_after(sends, error)
-
-    def server_time(self, error: VioletError) -> float | None:
-        headers = getattr(error, "headers", None)
-        return http_date(headers.get("Date")) if isinstance(headers, Mapping) else None
-
-    async def announce(self, ask: PendingRefund, cause: VioletError, delay: float) -> None:
-        event = RetryEvent(ask.sends - 1, delay, cause, "POST", self._path, ask.doubted)
-        await announce(self._client._on_retry, event)
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:

@@ -10,11 +10,13 @@ established); a 429; or read-backs of the bag that all miss it over a *settle wi
 long enough for a request still running at Violet to finish and for its refund list to
 show it. A few quick reads that miss are not evidence.
 
-Everything here is a decision, never I/O: the record of an ask (:class:`PendingRefund`,
-also what ``AmbiguousOutcomeError.pending`` carries and what the batch journal stores),
-the observations the driver reports, and :func:`step`, a pure function from (record,
-observation, time) to (next record, next action). The driver in ``_reconcile.py``
-performs the actions; a simulator can drive the same ``step``.
+Everything here is a decision, never I/O: the observations the driver reports, the
+actions it performs, and :func:`step`, a pure function from (record, observation, time)
+to (next record, next action). The record of an ask (:class:`PendingRefund`, also what
+``AmbiguousOutcomeError.pending`` carries and what the batch journal stores) and its
+phases are in ``_ask.py``; the matching rule (which refund on a bag is this ask's) in
+``_matching.py``; the driver that performs the actions in ``_reconcile.py``. A
+simulator can drive the same ``step``.
 
 Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
 
@@ -53,58 +55,38 @@ any other 4xx                                              did not apply; but af
 from __future__ import annotations
 
 import enum
-import math
-from collections import Counter
 from collections.abc import Container, Sequence
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import orjson
 
-from ._converter import converter, request_from_dict
+from ._ask import PendingRefund, Phase, ProtocolError, Settings
+from ._matching import Verdict, content, match, needs_bag
 from .exceptions import (
     APIConnectionError,
     APIError,
     CancellationFailedError,
     RateLimitError,
-    RequestValidationError,
     ResponseFormatError,
     VioletError,
 )
-from .models import BagStatus, CancelBagRequest, OrderBag, OrderRefund, RefundBagRequest
+from .models import OrderBag, OrderRefund
 
 __all__ = [
     "Action",
     "Cause",
+    "Do",
     "Observation",
     "PendingRefund",
     "Phase",
     "ProtocolError",
     "Settings",
     "classify_send_failure",
+    "match",
     "start",
     "step",
 ]
-
-Kind = Literal["refund", "cancel"]
-
-
-class Phase(enum.Enum):
-    """Where one ask stands."""
-
-    NEW = "new"
-    """Not sent yet."""
-    SENT = "sent"
-    """Sent at least once; its outcome is being established."""
-    APPLIED = "applied"
-    """Violet has the refund (answered, or found by reading the bag back)."""
-    ABSENT = "absent"
-    """Proven not applied: the only state a re-send leaves from."""
-    PENDING = "pending"
-    """Not proven either way yet (deadline) or not provable (conflicting refunds)."""
-    FAILED = "failed"
-    """Definitely not applied."""
 
 
 class Cause(enum.Enum):
@@ -166,183 +148,7 @@ def classify_send_failure(exc: VioletError) -> Cause:
     return Cause.NO_ANSWER
 
 
-# -- the record ------------------------------------------------------------------
-
-
-@attrs.frozen
-class PendingRefund:
-    """The record of one refund or cancel ask, everything the protocol knows about it.
-
-    ``AmbiguousOutcomeError.pending`` carries one (phase PENDING): store it anywhere
-    (:meth:`to_json` / :meth:`from_json`) and ``await client.resume(pending)`` later,
-    in this process or another. The batch journal stores the same record.
-
-    Times are Unix seconds by the client's clock.
-    """
-
-    kind: Kind
-    """``"refund"`` or ``"cancel"``."""
-    order_id: int
-    bag_id: int
-    request: RefundBagRequest | CancelBagRequest
-    """Exactly what was (or will be) sent."""
-    phase: Phase = Phase.NEW
-    sends: int = 0
-    """How many times the request was sent, in every process that worked on it."""
-    first_sent_at: float | None = None
-    """When it was first sent."""
-    last_sent_at: float | None = None
-    """When it was last sent."""
-    settle_until: float | None = None
-    """Absence can only be concluded by a read-back started at or after this time."""
-    doubted: bool = False
-    """Some send of this request may have applied (so a later refusal proves nothing)."""
-    refused_after_doubt: bool = False
-    """A re-send was refused after a doubted send: the outcome can only be read."""
-    needs_review: bool = False
-    """Parked on conflicting evidence (several or near matches, an undated match):
-    waiting will not settle it, a person has to look at the bag."""
-    baseline: frozenset[int] | None = None
-    """Refund ids on the bag before the last send (read_before_send, or the read that
-    proved the earlier send absent). With a baseline, matching needs no clock."""
-    server_offset: float | None = None
-    """Violet's clock minus ours, in seconds, estimated from ``Date`` headers."""
-    reads: int = 0
-    """Read-backs since the last send."""
-    budget_from: int = 0
-    """Sends made before the current call (a resume gets a fresh attempt budget)."""
-    refund_id: int | None = None
-    """The refund, once applied."""
-    note: str = ""
-    """Why the ask stands where it does, for people."""
-
-    # -- persistence ---------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (what :meth:`from_dict` reads back)."""
-        return {
-            "v": 1,
-            "kind": self.kind,
-            "order_id": self.order_id,
-            "bag_id": self.bag_id,
-            "request": converter.unstructure(self.request),
-            "phase": self.phase.value,
-            "sends": self.sends,
-            "first_sent_at": self.first_sent_at,
-            "last_sent_at": self.last_sent_at,
-            "settle_until": self.settle_until,
-            "doubted": self.doubted,
-            "refused_after_doubt": self.refused_after_doubt,
-            "needs_review": self.needs_review,
-            "baseline": sorted(self.baseline) if self.baseline is not None else None,
-            "server_offset": self.server_offset,
-            "reads": self.reads,
-            "budget_from": self.budget_from,
-            "refund_id": self.refund_id,
-            "note": self.note,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any) -> PendingRefund:
-        """Read a record written by :meth:`to_dict`; a malformed one raises
-        ``RequestValidationError`` naming the field (nothing is sent from it)."""
-        if not isinstance(data, dict):
-            raise RequestValidationError("pending", "must be a JSON object")
-        try:
-            kind = data["kind"]
-            if kind not in ("refund", "cancel"):
-                raise RequestValidationError("pending.kind", "must be 'refund' or 'cancel'")
-            request: RefundBagRequest | CancelBagRequest
-            if kind == "refund":
-                request = request_from_dict(RefundBagRequest, data["request"])
-            else:
-                request = request_from_dict(CancelBagRequest, data["request"])
-            baseline = data.get("baseline")
-            return cls(
-                kind=kind,
-                order_id=_int(data, "order_id"),
-                bag_id=_int(data, "bag_id"),
-                request=request,
-                phase=Phase(data.get("phase", "pending")),
-                sends=_int(data, "sends", minimum=0),
-                first_sent_at=_opt_float(data, "first_sent_at"),
-                last_sent_at=_opt_float(data, "last_sent_at"),
-                settle_until=_opt_float(data, "settle_until"),
-                doubted=bool(data.get("doubted", True)),
-                refused_after_doubt=bool(data.get("refused_after_doubt", False)),
-                needs_review=bool(data.get("needs_review", False)),
-                baseline=(
-                    frozenset(_ids(baseline, "pending.baseline")) if baseline is not None else None
-                ),
-                server_offset=_opt_float(data, "server_offset"),
-                reads=_int(data, "reads", minimum=0) if "reads" in data else 0,
-                budget_from=_int(data, "budget_from", minimum=0) if "budget_from" in data else 0,
-                refund_id=data.get("refund_id") if isinstance(data.get("refund_id"), int) else None,
-                note=str(data.get("note", "")),
-            )
-        except KeyError as exc:
-            raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
-        except ValueError as exc:
-            if isinstance(exc, RequestValidationError):
-                raise
-            raise RequestValidationError("pending", str(exc)) from None
-
-    def to_json(self) -> str:
-        """The record as a JSON string."""
-        return orjson.dumps(self.to_dict()).decode()
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> PendingRefund:
-        """Read a record written by :meth:`to_json`."""
-        try:
-            data = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise RequestValidationError("pending", f"not JSON ({exc.msg})") from None
-        return cls.from_dict(data)
-
-
-def _int(data: dict[str, Any], key: str, *, minimum: int = 1) -> int:
-    value = data[key]
-    if type(value) is not int or value < minimum:
-        raise ValueError(f"pending.{key} must be an integer >= {minimum}")
-    return value
-
-
-def _opt_float(data: dict[str, Any], key: str) -> float | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"pending.{key} must be a number")
-    return float(value)
-
-
-def _ids(values: Any, field: str) -> list[int]:
-    if not isinstance(values, list) or not all(type(v) is int for v in values):
-        raise ValueError(f"{field} must be a list of refund ids")
-    return values
-
-
 # -- observations and actions -------------------------------------------------------
-
-
-@attrs.frozen
-class Settings:
-    """The parts of RetryPolicy the protocol reads (kept apart so a simulator or a
-    worker can drive it without a client)."""
-
-    max_attempts: int = 4
-    settle_running: float = 60.0
-    settle_lag: float = 5.0
-    settle_delay: float = 1.0
-    max_settle_delay: float = 8.0
-    clock_skew: float = 60.0
-    date_tolerance: float = 5.0
-    read_before_send: bool = False
-    hold_if_present: bool = False
-    """With read_before_send: when the bag already holds a refund that carries exactly
-    what this ask asks for (and no caller was handed it), do not send: HOLD. The batch
-    runner's guard against a row refunded by an earlier run whose journal is gone."""
 
 
 class ObsKind(enum.Enum):
@@ -445,158 +251,6 @@ class Action:
     @property
     def final(self) -> bool:
         return self.do in (Do.RETURN, Do.FAIL, Do.PARK, Do.HOLD)
-
-
-class ProtocolError(AssertionError):
-    """An impossible move (a bug in the SDK, never a server's doing)."""
-
-
-# -- matching -----------------------------------------------------------------------
-
-
-class Verdict(enum.Enum):
-    MATCH = "match"
-    MISS = "miss"
-    MANY = "many"
-    NEAR = "near"
-    UNDATED = "undated"
-    EFFECT_WITHOUT_REFUND = "effect_without_refund"
-
-
-def needs_bag(ask: PendingRefund) -> bool:
-    """A cancel, or a whole-bag refund, can only be matched with the bag's status."""
-    if ask.kind == "cancel":
-        return True
-    request = ask.request
-    return (
-        isinstance(request, RefundBagRequest)
-        and request.amount_refunded is None
-        and request.skus is None
-    )
-
-
-def _strip(text: str | None) -> str | None:
-    return text.strip() if text is not None else None
-
-
-def _content(
-    ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag | None
-) -> Verdict:
-    """Does ``refund`` carry what was asked? MATCH, NEAR (close, not the same) or MISS."""
-    request = ask.request
-    near = False
-    if (
-        _strip(request.reason)
-        and refund.reason is not None
-        and _strip(refund.reason) != _strip(request.reason)
-    ):
-        near = True
-    if isinstance(request, CancelBagRequest):
-        if bag is None or bag.status is not BagStatus.CANCELED:
-            return Verdict.MISS
-        return Verdict.NEAR if near else Verdict.MATCH
-    if request.amount_refunded is not None:
-        if refund.amount != request.amount_refunded:
-            return Verdict.MISS
-    elif request.skus is None:
-        # A whole-bag refund: the bag must read REFUNDED, and this refund must be what
-        # was left on it before it.
-        if bag is None or bag.status is not BagStatus.REFUNDED:
-            return Verdict.MISS
-        others = sum(r.amount for r in refunds if r is not refund and r.id != refund.id)
-        if bag.total is None or refund.amount != bag.total - others:
-            near = True
-    if request.skus is not None:
-        if not refund.skus:
-            near = True
-        else:
-            asked = Counter((s.order_sku_id, s.quantity_refunded) for s in request.skus)
-            got = Counter((s.order_sku_id, s.quantity_refunded) for s in refund.skus)
-            if asked != got:
-                if request.amount_refunded is None:
-                    return Verdict.MISS
-                near = True
-    shipped = refund.shipping.amount if refund.shipping is not None else None
-    if request.shipping is not None and shipped is not None and shipped != request.shipping.amount:
-        near = True
-    return Verdict.NEAR if near else Verdict.MATCH
-
-
-def _timestamp(when: datetime) -> float | None:
-    """Unix time of an aware datetime; None for a naive one (server local, unknown)."""
-    if when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
-        return None
-    return when.timestamp()
-
-
-def match(
-    ask: PendingRefund,
-    refunds: Sequence[OrderRefund],
-    bag: OrderBag | None,
-    known: Container[int],
-    settings: Settings,
-) -> tuple[Verdict, tuple[OrderRefund, ...]]:
-    """Which refund on the bag, if any, this ask made.
-
-    A refund is a candidate when it is on this bag, was not already handed to a caller
-    (``known``), and is new: not in the baseline when there is one; otherwise created no
-    earlier than the first send (by Violet's clock, estimated from ``Date`` headers,
-    less a tolerance). A date without an offset, or none, can neither rule a refund in
-    nor out: if only such a date separates a refund from ours, the verdict is UNDATED.
-    """
-    sent = ask.first_sent_at if ask.baseline is None else None
-    tolerance = settings.date_tolerance if ask.server_offset is not None else settings.clock_skew
-    earliest = None if sent is None else sent + (ask.server_offset or 0.0) - tolerance
-    exact: list[OrderRefund] = []
-    near: list[OrderRefund] = []
-    undated: list[OrderRefund] = []
-    for refund in refunds:
-        if refund.bag_id is not None and refund.bag_id != ask.bag_id:
-            continue
-        if refund.id is not None and refund.id in known:
-            continue
-        if ask.baseline is not None:
-            if refund.id is not None and refund.id in ask.baseline:
-                continue
-            dated: bool | None = True
-        elif refund.date_created is None or refund.id is None:
-            dated = None
-        else:
-            created = _timestamp(refund.date_created)
-            if created is None:
-                dated = None
-            elif earliest is not None and created < earliest:
-                continue  # made before this ask was first sent
-            else:
-                dated = True
-        verdict = _content(ask, refund, refunds, bag)
-        if verdict is Verdict.MISS:
-            continue
-        if dated is None:
-            undated.append(refund)
-        elif verdict is Verdict.MATCH:
-            exact.append(refund)
-        else:
-            near.append(refund)
-    if len(exact) > 1:
-        return Verdict.MANY, tuple(exact)
-    if undated:
-        return Verdict.UNDATED, tuple(exact + undated)
-    if exact:
-        return Verdict.MATCH, tuple(exact)
-    if near:
-        return Verdict.NEAR, tuple(near)
-    if bag is not None and _effect_visible(ask, bag):
-        return Verdict.EFFECT_WITHOUT_REFUND, ()
-    return Verdict.MISS, ()
-
-
-def _effect_visible(ask: PendingRefund, bag: OrderBag) -> bool:
-    """The bag's state already shows what this ask would do (a re-send would be refused
-    or, worse, apply): CANCELED for a cancel, REFUNDED for a whole-bag refund."""
-    if ask.kind == "cancel":
-        return bag.status is BagStatus.CANCELED
-    return needs_bag(ask) and bag.status is BagStatus.REFUNDED
 
 
 # -- transitions --------------------------------------------------------------------
@@ -710,7 +364,7 @@ def step(
                 for r in obs.refunds
                 if (r.bag_id is None or r.bag_id == ask.bag_id)
                 and (r.id is None or r.id not in known)
-                and _content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH
+                and content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH
             )
             if present:
                 note = f"bag {ask.bag_id} already holds a refund like this one; not sent"

@@ -10,22 +10,32 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Container, Mapping
 from typing import Protocol
 
 import attrs
 
 from . import _protocol as protocol
 from ._protocol import Action, Do, Observation, PendingRefund, Settings
+from ._responses import RefundPage, http_date
+from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
 from .exceptions import (
     AmbiguousOutcomeError,
     APITimeoutError,
     RefundAlreadyPresentError,
     VioletError,
 )
-from .models import OrderBag, OrderRefund
+from .models import Order, OrderBag, OrderRefund
 
-__all__ = ["BagLocks", "KnownRefunds", "ReadBack", "drive"]
+__all__ = [
+    "BagIO",
+    "BagLocks",
+    "KnownRefunds",
+    "ReadBack",
+    "after_failed_send",
+    "drive",
+    "run_ask",
+]
 
 
 class KnownRefunds:
@@ -114,24 +124,40 @@ class ReadBack:
     server_time: float | None
 
 
-class AskIO(Protocol):
-    """What the driver needs from a client."""
+@attrs.frozen
+class BagIO:
+    """The I/O of one ask on one bag, as the client provides it: one send, a complete
+    read of the bag's refunds (every page) and of the order, within a deadline."""
+
+    send_once: Callable[[float | None], Awaitable[OrderRefund]]
+    """POST the request once, given the seconds left."""
+    read_refunds: Callable[[float | None], Awaitable[RefundPage]]
+    """Every page of the bag's refunds, retried on transient failures, by a deadline."""
+    read_order: Callable[[float | None], Awaitable[Order]]
+    """The order (for the bag's status), likewise."""
+    bag_id: int
+    path: str
+    policy: RetryPolicy
+    on_retry: RetryHook | None
 
     async def send(self, remaining: float | None) -> OrderRefund:
-        """POST the request once."""
-        ...
+        return await self.send_once(remaining)
 
     async def read(self, read_bag: bool, deadline: float | None) -> ReadBack:
-        """Read the bag back (retrying transient failures) within ``deadline``."""
-        ...
+        page = await self.read_refunds(deadline)
+        bag = (await self.read_order(deadline)).bag(self.bag_id) if read_bag else None
+        return ReadBack(tuple(page.refunds), bag, page.server_time)
 
     def send_backoff(self, sends: int, error: VioletError) -> float:
-        """Seconds to wait before the next send after a safe failure."""
-        ...
+        return self.policy.delay_after(sends, error)
 
     def server_time(self, error: VioletError) -> float | None:
-        """The Date of the answer behind ``error``, if it had one."""
-        ...
+        headers = getattr(error, "headers", None)
+        return http_date(headers.get("Date")) if isinstance(headers, Mapping) else None
+
+    async def announce(self, ask: PendingRefund, cause: VioletError, delay: float) -> None:
+        event = RetryEvent(ask.sends - 1, delay, cause, "POST", self.path, ask.doubted)
+        await announce(self.on_retry, event)
 
 
 class Clock(Protocol):
@@ -150,7 +176,7 @@ async def drive(
     ask: PendingRefund,
     action: Action,
     *,
-    io: AskIO,
+    io: BagIO,
     settings: Settings,
     clock: Clock,
     deadline: float | None,
@@ -222,6 +248,69 @@ async def drive(
         ask, action = protocol.step(
             ask, obs, settings, clock.time(), remaining, known, patience=patience
         )
+
+
+async def after_failed_send(
+    ask: PendingRefund,
+    error: VioletError,
+    *,
+    io: BagIO,
+    settings: Settings,
+    clock: Clock,
+    deadline: float | None,
+    known: Container[int],
+) -> OrderRefund:
+    """Take over an ask whose first send (made inline by the client, so the happy path
+    builds no record) failed with ``error``."""
+    obs = Observation.send_failed(
+        ask.last_sent_at or clock.time(),
+        error,
+        backoff=io.send_backoff(ask.sends, error),
+        server_time=io.server_time(error),
+        received_at=clock.time(),
+    )
+    remaining = None if deadline is None else deadline - clock.monotonic()
+    ask, action = protocol.step(ask, obs, settings, clock.time(), remaining, known)
+    return await drive(
+        ask,
+        action,
+        io=io,
+        settings=settings,
+        clock=clock,
+        deadline=deadline,
+        known=known,
+        last_error=error,
+        announce=io.announce,
+    )
+
+
+async def run_ask(
+    ask: PendingRefund,
+    *,
+    io: BagIO,
+    settings: Settings,
+    clock: Clock,
+    deadline: float | None,
+    known: Container[int],
+    attempt_timeout: float,
+    save: Save | None = None,
+    patience: float | None = None,
+) -> OrderRefund:
+    """An ask from its start: a new one (after a baseline read when asked), or one an
+    earlier call or process left sent or pending (read back first)."""
+    ask, action = protocol.start(ask, settings, clock.time(), attempt_timeout=attempt_timeout)
+    return await drive(
+        ask,
+        action,
+        io=io,
+        settings=settings,
+        clock=clock,
+        deadline=deadline,
+        known=known,
+        save=save,
+        announce=io.announce,
+        patience=patience,
+    )
 
 
 def _ambiguous(

@@ -1,0 +1,216 @@
+"""The record of one ask (a refund or a cancel of one bag): its phase and everything the
+refund protocol knows about it, JSON round-trippable so that it can be stored anywhere
+(``AmbiguousOutcomeError.pending``, the batch journal, a worker ledger) and resumed in
+another process. The transitions between phases live in ``_protocol.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Literal
+
+import attrs
+import orjson
+
+from ._converter import converter, request_from_dict
+from .exceptions import RequestValidationError
+from .models import CancelBagRequest, RefundBagRequest
+
+__all__ = ["Kind", "PendingRefund", "Phase", "ProtocolError", "Settings"]
+
+Kind = Literal["refund", "cancel"]
+
+
+class Phase(enum.Enum):
+    """Where one ask stands."""
+
+    NEW = "new"
+    """Not sent yet."""
+    SENT = "sent"
+    """Sent at least once; its outcome is being established."""
+    APPLIED = "applied"
+    """Violet has the refund (answered, or found by reading the bag back)."""
+    ABSENT = "absent"
+    """Proven not applied: the only state a re-send leaves from."""
+    PENDING = "pending"
+    """Not proven either way yet (deadline) or not provable (conflicting refunds)."""
+    FAILED = "failed"
+    """Definitely not applied."""
+
+
+@attrs.frozen
+class PendingRefund:
+    """The record of one refund or cancel ask, everything the protocol knows about it.
+
+    ``AmbiguousOutcomeError.pending`` carries one (phase PENDING): store it anywhere
+    (:meth:`to_json` / :meth:`from_json`) and ``await client.resume(pending)`` later,
+    in this process or another. The batch journal stores the same record.
+
+    Times are Unix seconds by the client's clock.
+    """
+
+    kind: Kind
+    """``"refund"`` or ``"cancel"``."""
+    order_id: int
+    bag_id: int
+    request: RefundBagRequest | CancelBagRequest
+    """Exactly what was (or will be) sent."""
+    phase: Phase = Phase.NEW
+    sends: int = 0
+    """How many times the request was sent, in every process that worked on it."""
+    first_sent_at: float | None = None
+    """When it was first sent."""
+    last_sent_at: float | None = None
+    """When it was last sent."""
+    settle_until: float | None = None
+    """Absence can only be concluded by a read-back started at or after this time."""
+    doubted: bool = False
+    """Some send of this request may have applied (so a later refusal proves nothing)."""
+    refused_after_doubt: bool = False
+    """A re-send was refused after a doubted send: the outcome can only be read."""
+    needs_review: bool = False
+    """Parked on conflicting evidence (several or near matches, an undated match):
+    waiting will not settle it, a person has to look at the bag."""
+    baseline: frozenset[int] | None = None
+    """Refund ids on the bag before the last send (read_before_send, or the read that
+    proved the earlier send absent). With a baseline, matching needs no clock."""
+    server_offset: float | None = None
+    """Violet's clock minus ours, in seconds, estimated from ``Date`` headers."""
+    reads: int = 0
+    """Read-backs since the last send."""
+    budget_from: int = 0
+    """Sends made before the current call (a resume gets a fresh attempt budget)."""
+    refund_id: int | None = None
+    """The refund, once applied."""
+    note: str = ""
+    """Why the ask stands where it does, for people."""
+
+    # -- persistence ---------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what :meth:`from_dict` reads back)."""
+        return {
+            "v": 1,
+            "kind": self.kind,
+            "order_id": self.order_id,
+            "bag_id": self.bag_id,
+            "request": converter.unstructure(self.request),
+            "phase": self.phase.value,
+            "sends": self.sends,
+            "first_sent_at": self.first_sent_at,
+            "last_sent_at": self.last_sent_at,
+            "settle_until": self.settle_until,
+            "doubted": self.doubted,
+            "refused_after_doubt": self.refused_after_doubt,
+            "needs_review": self.needs_review,
+            "baseline": sorted(self.baseline) if self.baseline is not None else None,
+            "server_offset": self.server_offset,
+            "reads": self.reads,
+            "budget_from": self.budget_from,
+            "refund_id": self.refund_id,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PendingRefund:
+        """Read a record written by :meth:`to_dict`; a malformed one raises
+        ``RequestValidationError`` naming the field (nothing is sent from it)."""
+        if not isinstance(data, dict):
+            raise RequestValidationError("pending", "must be a JSON object")
+        try:
+            kind = data["kind"]
+            if kind not in ("refund", "cancel"):
+                raise RequestValidationError("pending.kind", "must be 'refund' or 'cancel'")
+            request: RefundBagRequest | CancelBagRequest
+            if kind == "refund":
+                request = request_from_dict(RefundBagRequest, data["request"])
+            else:
+                request = request_from_dict(CancelBagRequest, data["request"])
+            baseline = data.get("baseline")
+            return cls(
+                kind=kind,
+                order_id=_int(data, "order_id"),
+                bag_id=_int(data, "bag_id"),
+                request=request,
+                phase=Phase(data.get("phase", "pending")),
+                sends=_int(data, "sends", minimum=0),
+                first_sent_at=_opt_float(data, "first_sent_at"),
+                last_sent_at=_opt_float(data, "last_sent_at"),
+                settle_until=_opt_float(data, "settle_until"),
+                doubted=bool(data.get("doubted", True)),
+                refused_after_doubt=bool(data.get("refused_after_doubt", False)),
+                needs_review=bool(data.get("needs_review", False)),
+                baseline=(
+                    frozenset(_ids(baseline, "pending.baseline")) if baseline is not None else None
+                ),
+                server_offset=_opt_float(data, "server_offset"),
+                reads=_int(data, "reads", minimum=0) if "reads" in data else 0,
+                budget_from=_int(data, "budget_from", minimum=0) if "budget_from" in data else 0,
+                refund_id=data.get("refund_id") if isinstance(data.get("refund_id"), int) else None,
+                note=str(data.get("note", "")),
+            )
+        except KeyError as exc:
+            raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
+        except ValueError as exc:
+            if isinstance(exc, RequestValidationError):
+                raise
+            raise RequestValidationError("pending", str(exc)) from None
+
+    def to_json(self) -> str:
+        """The record as a JSON string."""
+        return orjson.dumps(self.to_dict()).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PendingRefund:
+        """Read a record written by :meth:`to_json`."""
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise RequestValidationError("pending", f"not JSON ({exc.msg})") from None
+        return cls.from_dict(data)
+
+
+def _int(data: dict[str, Any], key: str, *, minimum: int = 1) -> int:
+    value = data[key]
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"pending.{key} must be an integer >= {minimum}")
+    return value
+
+
+def _opt_float(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"pending.{key} must be a number")
+    return float(value)
+
+
+def _ids(values: Any, field: str) -> list[int]:
+    if not isinstance(values, list) or not all(type(v) is int for v in values):
+        raise ValueError(f"{field} must be a list of refund ids")
+    return values
+
+
+@attrs.frozen
+class Settings:
+    """The parts of RetryPolicy the protocol reads (kept apart so a simulator or a
+    worker can drive it without a client)."""
+
+    max_attempts: int = 4
+    settle_running: float = 60.0
+    settle_lag: float = 5.0
+    settle_delay: float = 1.0
+    max_settle_delay: float = 8.0
+    clock_skew: float = 60.0
+    date_tolerance: float = 5.0
+    read_before_send: bool = False
+    hold_if_present: bool = False
+    """With read_before_send: when the bag already holds a refund that carries exactly
+    what this ask asks for (and no caller was handed it), do not send: HOLD. The batch
+    runner's guard against a row refunded by an earlier run whose journal is gone."""
+
+
+class ProtocolError(AssertionError):
+    """An impossible move (a bug in the SDK, never a server's doing)."""
