@@ -133,6 +133,7 @@ class Hostile:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._date_header])
         app.router.add_post("/v1/login", self._login)
+        app.router.add_get("/v1/auth/token", self._refresh)
         app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._refund)
         app.router.add_post("/v1/orders/{o}/bags/{b}/cancel", self._cancel)
         app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
@@ -146,7 +147,16 @@ class Hostile:
         return response
 
     async def _login(self, request: web.Request) -> web.Response:
-        return web.json_response({"token": "t", "refresh_token": "r"})
+        # Realistic token lengths: the client redacts its tokens from every error.
+        return web.json_response(
+            {
+                "token": "hostile-access-token-0123456789",
+                "refresh_token": "hostile-refresh-0123456789",
+            }
+        )
+
+    async def _refresh(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "hostile-access-token-9876543210"})
 
     async def _refund(self, request: web.Request) -> web.StreamResponse:
         return await self._post(request, cancel=False)
@@ -217,8 +227,8 @@ async def hostile_client(server: Hostile, **options: Any) -> AsyncIterator[Viole
         async with VioletClient(
             APP_ID,
             SECRET,
-            username="u",
-            password="p",
+            username="hostile-user",
+            password="hostile-password-0123",
             base_url=f"http://127.0.0.1:{port}/v1",
             **{"clock": server.clock, **options},
         ) as client:

@@ -751,7 +751,9 @@ async def test_login_refusal_message_does_not_repeat_itself() -> None:
         async with client:
             with pytest.raises(AuthenticationError) as info:
                 await client.get_order(fake.seeded[0][0])
-    assert str(info.value) == "POST /login -> 401 (error_code 13): Invalid username or password"
+    assert str(info.value) == (
+        "POST /login -> 401 (error_code 13): Invalid username or password [request id req_fake_1]"
+    )
 
 
 async def test_connection_refused_names_host_port_and_reason() -> None:

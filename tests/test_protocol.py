@@ -98,9 +98,10 @@ def test_a_miss_started_after_the_window_proves_absence_and_re_sends() -> None:
     ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
     end = ask.settle_until
     assert end is not None
-    ask, action = step(ask, Observation.read(end - 0.1, [refund(1, age=999)]), SETTINGS, end, 9.0)
+    old = refund(1, age=100_000)  # an identical refund from the day before
+    ask, action = step(ask, Observation.read(end - 0.1, [old]), SETTINGS, end, 9.0)
     assert action.do is Do.READ  # started a hair too early
-    ask, action = step(ask, Observation.read(end, [refund(1, age=999)]), SETTINGS, end, 9.0)
+    ask, action = step(ask, Observation.read(end, [old]), SETTINGS, end, 9.0)
     assert action.do is Do.SEND
     assert ask.sends == 2
     assert ask.baseline == frozenset({1})
@@ -139,8 +140,9 @@ def test_one_match_returns_it_reconciled() -> None:
     [
         ([refund(5, reason="ours"), refund(6, reason="ours ")], "match this request"),
         ([refund(5, reason="other")], "almost matches"),
-        ([refund(5, date_created="2026-01-01T10:00:00")], "no offset"),
-        ([refund(5, date_created=None)], "no offset"),
+        ([refund(5, reason="ours", date_created="2026-01-01T10:00:00")], "no offset"),
+        ([refund(5, reason="ours", date_created=None)], "no offset"),
+        ([refund(5, reason="ours", age=3 * 3600)], "no offset"),
     ],
 )
 def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: str) -> None:
@@ -154,9 +156,10 @@ def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: 
 
 
 def test_known_and_old_refunds_are_not_candidates() -> None:
-    """A refund handed to a caller before, or made before the first send: not ours."""
+    """A refund handed to a caller before, or made a day before the first send: not
+    ours."""
     ask = sent()
-    found = [refund(5), refund(6, age=3600)]
+    found = [refund(5), refund(6, age=100_000)]
     verdict, _ = match(ask, found, None, {5}, SETTINGS)
     assert verdict.value == "miss"
 
@@ -174,7 +177,7 @@ def test_a_server_clock_behind_ours_is_corrected() -> None:
 def test_whole_bag_refund_needs_the_bag_refunded_and_the_rest_amount() -> None:
     """A full refund claims only a refund of what was left, on a REFUNDED bag."""
     ask = sent(RefundBagRequest())
-    before, ours = refund(1, 300, age=999), refund(2, 700)
+    before, ours = refund(1, 300, age=100_000), refund(2, 700)
     refunded = converter.structure({"id": BAG, "status": "REFUNDED", "total": 1000}, OrderBag)
     partly = converter.structure(
         {"id": BAG, "status": "PARTIALLY_REFUNDED", "total": 1000}, OrderBag
@@ -324,12 +327,68 @@ def test_a_malformed_record_is_a_typed_error(data: str, field: str) -> None:
 
 
 def test_old_refunds_by_the_date_tolerance() -> None:
-    """Without a Date estimate, a refund up to clock_skew older than the send counts."""
+    """Without a Date estimate, a refund up to clock_skew older than the send counts;
+    older by less than a day's worth of time zones (a date under a wrong offset could
+    be ours) it is for a person to confirm; older still, it is not ours."""
     ask = sent()
     assert match(ask, [refund(5, age=30)], None, (), SETTINGS)[0].value == "match"
-    assert match(ask, [refund(5, age=90)], None, (), SETTINGS)[0].value == "miss"
+    assert match(ask, [refund(5, age=90)], None, (), SETTINGS)[0].value == "undated"
     with_estimate = attrs.evolve(ask, server_offset=0.0)
-    assert match(with_estimate, [refund(5, age=30)], None, (), SETTINGS)[0].value == "miss"
+    assert match(with_estimate, [refund(5, age=30)], None, (), SETTINGS)[0].value == "undated"
+    assert match(with_estimate, [refund(5, age=100_000)], None, (), SETTINGS)[0].value == "miss"
+
+
+def test_a_failed_refund_is_never_this_asks_outcome() -> None:
+    """A FAILED refund that matches (another attempt's) is for a person, never returned
+    as this ask's refund."""
+    ask = sent()
+    verdict, found = match(ask, [refund(5, status="FAILED")], None, (), SETTINGS)
+    assert verdict.value == "near"
+    assert found[0].id == 5
+
+
+def test_sku_lines_are_compared_by_units_per_sku() -> None:
+    """Two 1-unit lines of a SKU are the 2 units asked for; overlapping SKUs with other
+    units are near, never another refund."""
+    ask = sent(RefundBagRequest(skus=[SkuRefund(order_sku_id=10, quantity_refunded=2)]))
+    split = refund(5, 400, skus=[{"order_sku_id": 10, "quantity_refunded": 1}] * 2)
+    fewer = refund(6, 200, skus=[{"order_sku_id": 10, "quantity_refunded": 1}])
+    other = refund(7, 200, skus=[{"order_sku_id": 11, "quantity_refunded": 2}])
+    assert match(ask, [split], None, (), SETTINGS)[0].value == "match"
+    assert match(ask, [fewer], None, (), SETTINGS)[0].value == "near"
+    assert match(ask, [other], None, (), SETTINGS)[0].value == "miss"
+
+
+def test_a_record_resumed_on_another_clock_keeps_its_instants() -> None:
+    """Times written by another process (its clock 30 s ahead, offset known) are moved
+    onto this clock when this process learns its own offset."""
+    foreign = attrs.evolve(sent(), clock="another-process", server_offset=-30.0)
+    foreign = attrs.evolve(foreign, first_sent_at=T0 + 30, settle_until=T0 + 90)
+    obs = Observation.read(T0 + 5, [refund(5)], server_time=T0 + 5, received_at=T0 + 5)
+    ask, action = step(foreign, obs, SETTINGS, T0 + 5, 100.0)
+    assert action.do is Do.RETURN
+    assert ask.first_sent_at == pytest.approx(T0 - 0.5)
+    assert ask.settle_until == pytest.approx(T0 + 59.5)
+
+
+def test_a_record_from_a_clock_never_measured_is_compared_widely() -> None:
+    """A record whose writer never learned Violet's offset resumes with the wide
+    clock_skew tolerance and a settle window stretched by it."""
+    foreign = attrs.evolve(sent(), clock="another-process", settle_until=T0 + 60)
+    ask, action = start(foreign, SETTINGS, T0 + 1, attempt_timeout=35)
+    assert ask.clock_unsure
+    assert ask.settle_until == T0 + 60 + SETTINGS.clock_skew
+    assert action.do is Do.READ
+
+
+def test_another_pending_ask_on_the_bag_turns_a_match_into_review() -> None:
+    """While another ask on the bag is pending, a matching refund could be that one's:
+    a person confirms, the SDK never claims it."""
+    settings = attrs.evolve(SETTINGS, others_pending=True)
+    ask, _ = step(sent(), failed_with(504), settings, T0 + 1, 100.0)
+    ask, action = step(ask, Observation.read(T0 + 2, [refund(5)]), settings, T0 + 2, 100.0)
+    assert action.do is Do.PARK
+    assert ask.needs_review
 
 
 def test_hold_if_present_keeps_a_row_already_refunded_from_being_sent() -> None:

@@ -111,14 +111,30 @@ async def test_pre_existing_identical_refund_is_not_taken_as_ours(
 async def test_an_older_refund_from_elsewhere_is_ignored(
     fake: FakeViolet, clock: FakeClock
 ) -> None:
-    """An identical refund another system made an hour ago is not ours."""
+    """An identical refund another system made the day before is not ours."""
     order_id, bag_id = fake.seeded[0]
-    fake.another_actor_refund(order_id, bag_id, 100, age_seconds=3600)
+    fake.another_actor_refund(order_id, bag_id, 100, age_seconds=100_000)
     async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
         fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
         refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
     assert not refund.reconciled
     assert fake.ledger.refunds_per_bag[bag_id] == 1
+
+
+async def test_an_identical_refund_hours_old_is_for_review(
+    fake: FakeViolet, clock: FakeClock
+) -> None:
+    """An identical refund dated three hours before the send could be ours under a
+    wrongly labelled offset: pending for review, never claimed, never re-sent."""
+    order_id, bag_id = fake.seeded[0]
+    fake.another_actor_refund(order_id, bag_id, 100, age_seconds=3 * 3600)
+    async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+        fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(order_id, bag_id, amount_refunded=100)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert fake.ledger.requests["refund"] == 1
 
 
 async def test_two_matching_candidates_raise_rather_than_guess(

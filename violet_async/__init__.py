@@ -3,6 +3,7 @@
 from ._ask import PendingRefund
 from ._client import Environment, VioletClient
 from ._retry import RetryEvent, RetryPolicy
+from ._telemetry import setup_logging_from_env as _setup_logging_from_env
 from ._transport import Timeouts
 from ._version import __version__
 from .exceptions import (
@@ -45,6 +46,9 @@ from .models import (
     ShippingRefund,
     SkuRefund,
 )
+
+# VIOLET_LOG=debug|info sends the SDK's logs to stderr, like OPENAI_LOG.
+_setup_logging_from_env()
 
 __all__ = [
     "APIConnectionError",

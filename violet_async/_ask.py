@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import secrets
 from typing import Any, Literal
 
 import attrs
@@ -17,9 +18,12 @@ from ._converter import converter, request_from_dict
 from .exceptions import RequestValidationError
 from .models import CancelBagRequest, RefundBagRequest
 
-__all__ = ["Kind", "PendingRefund", "Phase", "ProtocolError", "Settings"]
+__all__ = ["PROCESS_CLOCK", "Kind", "PendingRefund", "Phase", "ProtocolError", "Settings"]
 
 Kind = Literal["refund", "cancel"]
+
+#: This process's clock, as records name it: times recorded here are in this clock.
+PROCESS_CLOCK = secrets.token_hex(8)
 
 
 class Phase(enum.Enum):
@@ -76,7 +80,15 @@ class PendingRefund:
     """Refund ids on the bag before the last send (read_before_send, or the read that
     proved the earlier send absent). With a baseline, matching needs no clock."""
     server_offset: float | None = None
-    """Violet's clock minus ours, in seconds, estimated from ``Date`` headers."""
+    """Violet's clock minus the clock of the process that recorded the times above, in
+    seconds, estimated from ``Date`` headers (a process with another clock shifts the
+    times when it learns its own offset)."""
+    clock_unsure: bool = False
+    """The times above came from a process whose clock offset was never learned: dates
+    are compared with the wide ``clock_skew`` tolerance."""
+    clock: str = attrs.field(factory=lambda: PROCESS_CLOCK)
+    """Which process's clock the times above are in (a record resumed elsewhere has its
+    times moved onto the new clock once that process learns Violet's offset)."""
     reads: int = 0
     """Read-backs since the last send."""
     budget_from: int = 0
@@ -106,6 +118,8 @@ class PendingRefund:
             "needs_review": self.needs_review,
             "baseline": sorted(self.baseline) if self.baseline is not None else None,
             "server_offset": self.server_offset,
+            "clock_unsure": self.clock_unsure,
+            "clock": self.clock,
             "reads": self.reads,
             "budget_from": self.budget_from,
             "refund_id": self.refund_id,
@@ -145,6 +159,8 @@ class PendingRefund:
                     frozenset(_ids(baseline, "pending.baseline")) if baseline is not None else None
                 ),
                 server_offset=_opt_float(data, "server_offset"),
+                clock_unsure=bool(data.get("clock_unsure", False)),
+                clock=str(data.get("clock", "")),
                 reads=_int(data, "reads", minimum=0) if "reads" in data else 0,
                 budget_from=_int(data, "budget_from", minimum=0) if "budget_from" in data else 0,
                 refund_id=data.get("refund_id") if isinstance(data.get("refund_id"), int) else None,
@@ -206,6 +222,12 @@ class Settings:
     clock_skew: float = 60.0
     date_tolerance: float = 5.0
     read_before_send: bool = False
+    clock_id: str = ""
+    """The clock this process reads times from (empty: this process's system clock):
+    a record whose times came from another clock has them moved onto this one."""
+    others_pending: bool = False
+    """Another ask on this bag, from this client, is still pending: a refund read back
+    could be that one's, so a match is for a person to confirm, never claimed."""
     hold_if_present: bool = False
     """With read_before_send: when the bag already holds a refund that carries exactly
     what this ask asks for (and no caller was handed it), do not send: HOLD. The batch

@@ -34,7 +34,7 @@ from .exceptions import AuthenticationError, RequestValidationError
 
 __all__ = ["Auth", "Credentials", "jwt_expiry"]
 
-log = logging.getLogger("violet_async")
+log = logging.getLogger("violet_async.auth")
 
 DEFAULT_TOKEN_LIFETIME = 24 * 3600.0
 #: Refresh this long before the token expires (or at half its life if shorter).
@@ -249,7 +249,7 @@ class Auth:
             except AuthenticationError:
                 if not self._creds.password:
                     raise
-                log.info("violet_async: refresh token rejected; logging in again")
+                log.info("refresh token rejected; logging in again")
             else:
                 return
         await self._login()
@@ -283,7 +283,7 @@ class Auth:
         self._set_token(token, server_time)  # type: ignore[arg-type]
         if isinstance(refresh, str) and refresh:
             self._creds.refresh_token = refresh
-        log.info("violet_async: logged in (app %s)", self._creds.app_id)
+        log.info("logged in (app %s)", self._creds.app_id)
 
     async def _refresh(self) -> None:
         data, server_time = await self._call("GET", "/auth/token", None, self._creds.refresh_token)
@@ -297,7 +297,7 @@ class Auth:
             )
         self.refreshes += 1
         self._set_token(token, server_time)  # type: ignore[arg-type]
-        log.info("violet_async: token refreshed (app %s)", self._creds.app_id)
+        log.info("token refreshed (app %s)", self._creds.app_id)
 
     def _set_token(self, token: str, server_time: float | None) -> None:
         self._token = token

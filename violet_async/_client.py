@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
+from ._ask import PROCESS_CLOCK, Settings
 from ._auth import Auth, Credentials
 from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
 from ._converter import encode_request
@@ -26,6 +27,7 @@ from ._responses import (
     parse_refund_get,
 )
 from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
+from ._telemetry import STATE, traced_call
 from ._transport import (
     DEFAULT_MAX_RESPONSE_BYTES,
     USER_AGENT,
@@ -34,6 +36,7 @@ from ._transport import (
     Transport,
 )
 from .exceptions import (
+    AmbiguousOutcomeError,
     NotFoundError,
     RefundFailedError,
     RefundWaitTimeoutError,
@@ -228,6 +231,15 @@ class VioletClient(RequestPlumbing):
             "notify_customer": notify_customer,
         }
         req = _request_from(RefundBagRequest, request, fields)
+        if STATE.on:
+            return await traced_call(
+                "violet.refund_bag",
+                self._refund(order_id, bag_id, req),
+                {"violet.order_id": order_id, "violet.bag_id": bag_id},
+            )
+        return _unless_failed(await self._ask("refund", order_id, bag_id, req))
+
+    async def _refund(self, order_id: int, bag_id: int, req: RefundBagRequest) -> OrderRefund:
         return _unless_failed(await self._ask("refund", order_id, bag_id, req))
 
     async def cancel_bag(
@@ -253,6 +265,12 @@ class VioletClient(RequestPlumbing):
             "notify_customer": notify_customer,
         }
         req = _request_from(CancelBagRequest, request, fields)
+        if STATE.on:
+            return await traced_call(
+                "violet.cancel_bag",
+                self._ask("cancel", order_id, bag_id, req),
+                {"violet.order_id": order_id, "violet.bag_id": bag_id},
+            )
         return await self._ask("cancel", order_id, bag_id, req)
 
     async def resume(self, pending: PendingRefund) -> OrderRefund:
@@ -275,6 +293,17 @@ class VioletClient(RequestPlumbing):
             )
         check_id("order_id", pending.order_id)
         check_id("bag_id", pending.bag_id)
+        call = self._resume(pending)
+        if STATE.on:
+            attributes = {
+                "violet.order_id": pending.order_id,
+                "violet.bag_id": pending.bag_id,
+                "violet.kind": pending.kind,
+            }
+            return await traced_call("violet.resume", call, attributes)
+        return await call
+
+    async def _resume(self, pending: PendingRefund) -> OrderRefund:
         refund = await self._ask(
             pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
         )
@@ -283,12 +312,19 @@ class VioletClient(RequestPlumbing):
     async def list_bag_refunds(self, order_id: int, bag_id: int) -> list[OrderRefund]:
         """Every refund on a bag: a bare list, or every page of a paged answer."""
         path = self._bag_path(order_id, bag_id, "refunds")
-        return list((await self._read_refunds(path, self._deadline())).refunds)
+        call = self._read_refunds(path, self._deadline())
+        if STATE.on:
+            attributes = {"violet.order_id": order_id, "violet.bag_id": bag_id}
+            call = traced_call("violet.list_bag_refunds", call, attributes)
+        return list((await call).refunds)
 
     async def get_order(self, order_id: int) -> Order:
         """The order with its bags (``GET /orders/{order_id}``)."""
         check_id("order_id", order_id)
-        return await self._get(f"/orders/{order_id}", parse_order)
+        call = self._get(f"/orders/{order_id}", parse_order)
+        if STATE.on:
+            return await traced_call("violet.get_order", call, {"violet.order_id": order_id})
+        return await call
 
     async def wait_for_refund(
         self,
@@ -334,6 +370,17 @@ class VioletClient(RequestPlumbing):
 
     # -- the refund protocol ----------------------------------------------------
 
+    def _protocol_settings(self, bag_id: int, *, hold_if_present: bool = False) -> Settings:
+        """The protocol's settings for one ask on ``bag_id`` from this client (built
+        only off the happy path)."""
+        clock = self._shared.clock
+        return attrs.evolve(
+            self._retry.protocol_settings(),
+            clock_id=PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}",
+            others_pending=self._shared.unsettled[bag_id] > 0,
+            hold_if_present=hold_if_present,
+        )
+
     async def _ask(
         self,
         kind: Literal["refund", "cancel"],
@@ -358,10 +405,12 @@ class VioletClient(RequestPlumbing):
         waited = not locks.try_acquire(bag_id)
         if waited:
             await locks.acquire(bag_id, None if deadline is None else deadline - clock.monotonic())
+        unsettled = shared.unsettled
+        if resume is not None and unsettled[bag_id] > 0:
+            unsettled[bag_id] -= 1
         try:
             body = encode_request(req)
             parse = parse_refund if kind == "refund" else partial(parse_cancel, bag_id=bag_id)
-            settings = policy.protocol_settings()
             if resume is None and save is None and not policy.read_before_send:
                 sent_at = clock.time()
                 try:
@@ -377,8 +426,18 @@ class VioletClient(RequestPlumbing):
                         else policy.deadline,
                     )
                 except VioletError as exc:
-                    ask = PendingRefund(kind, order_id, bag_id, req, Phase.SENT, sends=1)
-                    ask = attrs.evolve(ask, first_sent_at=sent_at, last_sent_at=sent_at)
+                    settings = self._protocol_settings(bag_id)
+                    ask = PendingRefund(
+                        kind,
+                        order_id,
+                        bag_id,
+                        req,
+                        Phase.SENT,
+                        sends=1,
+                        first_sent_at=sent_at,
+                        last_sent_at=sent_at,
+                        clock=settings.clock_id,
+                    )
                     refund = await after_failed_send(
                         ask,
                         exc,
@@ -389,10 +448,9 @@ class VioletClient(RequestPlumbing):
                         known=shared.known_refunds,
                     )
             else:
-                if hold_if_present:
-                    settings = attrs.evolve(settings, hold_if_present=True)
+                settings = self._protocol_settings(bag_id, hold_if_present=hold_if_present)
                 refund = await run_ask(
-                    resume or PendingRefund(kind, order_id, bag_id, req),
+                    resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id),
                     io=self._bag_io(order_id, bag_id, path, body, parse),
                     settings=settings,
                     clock=clock,
@@ -402,6 +460,9 @@ class VioletClient(RequestPlumbing):
                     save=save,
                     patience=patience,
                 )
+        except AmbiguousOutcomeError:
+            unsettled[bag_id] += 1
+            raise
         finally:
             locks.release(bag_id)
         shared.known_refunds.add(refund.id)

@@ -209,7 +209,11 @@ def _fast_structure_fn(cls: type[Any], conv: Converter) -> Callable[[Any, Any], 
     failure it hands the body to cattrs' detailed-validation function, so error paths
     and messages are exactly cattrs'.
     """
-    overrides: dict[str, Any] = {"reconciled": override(omit=True)} if cls is OrderRefund else {}
+    overrides: dict[str, Any] = (
+        {"reconciled": override(omit=True), "request_id": override(omit=True)}
+        if cls is OrderRefund
+        else {}
+    )
     slow = make_dict_structure_fn(cls, conv, _cattrs_detailed_validation=True, **overrides)
     hints = typing.get_type_hints(cls)
     fields = attrs.fields(cls)

@@ -9,7 +9,16 @@ from collections.abc import Container, Sequence
 from datetime import datetime
 
 from ._ask import PendingRefund, Settings
-from .models import BagStatus, CancelBagRequest, OrderBag, OrderRefund, RefundBagRequest
+from .models import (
+    BagStatus,
+    CancelBagRequest,
+    OrderBag,
+    OrderRefund,
+    RefundBagRequest,
+    RefundedSku,
+    RefundStatus,
+    SkuRefund,
+)
 
 __all__ = ["Verdict", "content", "effect_visible", "match", "needs_bag"]
 
@@ -21,6 +30,10 @@ class Verdict(enum.Enum):
     NEAR = "near"
     UNDATED = "undated"
     EFFECT_WITHOUT_REFUND = "effect_without_refund"
+
+
+#: Statuses of a refund that moved no money (another attempt's failure).
+_DEAD = frozenset({RefundStatus.FAILED, RefundStatus.CANCELED})
 
 
 def needs_bag(ask: PendingRefund) -> bool:
@@ -39,17 +52,26 @@ def _strip(text: str | None) -> str | None:
     return text.strip() if text is not None else None
 
 
+def _sku_totals(lines: Sequence[SkuRefund] | Sequence[RefundedSku]) -> Counter[int | None]:
+    # Units per order SKU: a platform may list 2 units of a SKU as two 1-unit lines.
+    totals: Counter[int | None] = Counter()
+    for line in lines:
+        totals[line.order_sku_id] += line.quantity_refunded or 0
+    return totals
+
+
 def content(
     ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag | None
 ) -> Verdict:
-    """Does ``refund`` carry what was asked? MATCH, NEAR (close, not the same) or MISS."""
+    """Does ``refund`` carry what was asked? MATCH, NEAR (close, not the same: a person
+    should look) or MISS (another refund). Reasons are compared trimmed (Violet may store
+    ``reason.strip()``); a FAILED or CANCELED refund that matches is only NEAR: another
+    attempt's failure must never be reported as this ask's outcome."""
     request = ask.request
-    near = False
-    if (
-        _strip(request.reason)
-        and refund.reason is not None
-        and _strip(refund.reason) != _strip(request.reason)
-    ):
+    near = bool(_strip(request.reason)) and (
+        refund.reason is not None and _strip(refund.reason) != _strip(request.reason)
+    )
+    if refund.status in _DEAD:
         near = True
     if isinstance(request, CancelBagRequest):
         if bag is None or bag.status is not BagStatus.CANCELED:
@@ -67,15 +89,11 @@ def content(
         if bag.total is None or refund.amount != bag.total - others:
             near = True
     if request.skus is not None:
-        if not refund.skus:
+        asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
+        if asked != got:
+            if request.amount_refunded is None and not set(asked) & set(got):
+                return Verdict.MISS  # other SKUs, and no amount to tie it to ours
             near = True
-        else:
-            asked = Counter((s.order_sku_id, s.quantity_refunded) for s in request.skus)
-            got = Counter((s.order_sku_id, s.quantity_refunded) for s in refund.skus)
-            if asked != got:
-                if request.amount_refunded is None:
-                    return Verdict.MISS
-                near = True
     shipped = refund.shipping.amount if refund.shipping is not None else None
     if request.shipping is not None and shipped is not None and shipped != request.shipping.amount:
         near = True
@@ -89,6 +107,11 @@ def _timestamp(when: datetime) -> float | None:
     return when.timestamp()
 
 
+#: The widest a wrongly labelled offset can shift a date (UTC-12 to UTC+14): a refund
+#: dated earlier than this send by less than that may be this send's own.
+WRONG_OFFSET_SPAN = 14 * 3600.0
+
+
 def match(
     ask: PendingRefund,
     refunds: Sequence[OrderRefund],
@@ -99,13 +122,16 @@ def match(
     """Which refund on the bag, if any, this ask made.
 
     A refund is a candidate when it is on this bag, was not already handed to a caller
-    (``known``), and is new: not in the baseline when there is one; otherwise created no
-    earlier than the first send (by Violet's clock, estimated from ``Date`` headers,
-    less a tolerance). A date without an offset, or none, can neither rule a refund in
-    nor out: if only such a date separates a refund from ours, the verdict is UNDATED.
+    (``known``), is not in the baseline when there is one, and was created no earlier
+    than the first send by Violet's clock (estimated from ``Date`` headers), less a
+    tolerance. A date that rules a matching refund out by less than a day's worth of
+    time zones (a wrongly labelled offset), a date without an offset, or no date, can
+    rule it neither in nor out: without a baseline the verdict is then UNDATED (a
+    person looks); with one, such a refund new since the baseline is a candidate.
     """
-    sent = ask.first_sent_at if ask.baseline is None else None
-    tolerance = settings.date_tolerance if ask.server_offset is not None else settings.clock_skew
+    offset_known = ask.server_offset is not None and not ask.clock_unsure
+    tolerance = settings.date_tolerance if offset_known else settings.clock_skew
+    sent = ask.first_sent_at
     earliest = None if sent is None else sent + (ask.server_offset or 0.0) - tolerance
     exact: list[OrderRefund] = []
     near: list[OrderRefund] = []
@@ -115,25 +141,22 @@ def match(
             continue
         if refund.id is not None and refund.id in known:
             continue
-        if ask.baseline is not None:
-            if refund.id is not None and refund.id in ask.baseline:
-                continue
-            dated: bool | None = True
-        elif refund.date_created is None or refund.id is None:
-            dated = None
+        if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
+            continue
+        created = None if refund.date_created is None else _timestamp(refund.date_created)
+        if created is not None and earliest is not None and created < earliest:
+            if created < earliest - WRONG_OFFSET_SPAN:
+                continue  # made long before this ask was first sent
+            dated = False  # earlier than the send, or ours under a wrong offset
+        elif created is None or refund.id is None:
+            dated = ask.baseline is not None  # new since the baseline: a candidate
         else:
-            created = _timestamp(refund.date_created)
-            if created is None:
-                dated = None
-            elif earliest is not None and created < earliest:
-                continue  # made before this ask was first sent
-            else:
-                dated = True
+            dated = True
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             continue
-        if dated is None:
-            undated.append(refund)
+        if not dated:
+            (undated if verdict is Verdict.MATCH else near).append(refund)
         elif verdict is Verdict.MATCH:
             exact.append(refund)
         else:

@@ -41,11 +41,11 @@ failure                                                    what it proves
 =========================================================  ==============================
 connection never established (refused, DNS, connect or     did not apply: re-send with
 pool timeout); 429                                         backoff
-Violet's application answered: 500, or any 5xx whose       may have applied; only list
-body is Violet's own error JSON; an unreadable 2xx         lag to wait out (``settle_lag``)
+Violet's application answered: any 5xx whose body is       may have applied; only list
+Violet's own error JSON; an unreadable 2xx                 lag to wait out (``settle_lag``)
 no answer from Violet's application: read timeout,         may have applied and may still
-dropped connection, a gateway's 502 / 503 / 504 / 524      be running there
-without Violet's error JSON                                (``settle_running``)
+dropped connection, any other 5xx (a gateway's 502 /       be running there
+503 / 504 / 524, a proxy's 598 / 599, an HTML 500)         (``settle_running``)
 any other 4xx                                              did not apply; but after an
                                                            earlier "may have applied"
                                                            send: read back, then pending
@@ -61,7 +61,7 @@ from typing import Any
 import attrs
 import orjson
 
-from ._ask import PendingRefund, Phase, ProtocolError, Settings
+from ._ask import PROCESS_CLOCK, PendingRefund, Phase, ProtocolError, Settings
 from ._matching import Verdict, content, match, needs_bag
 from .exceptions import (
     APIConnectionError,
@@ -77,6 +77,7 @@ __all__ = [
     "Action",
     "Cause",
     "Do",
+    "ObsKind",
     "Observation",
     "PendingRefund",
     "Phase",
@@ -102,9 +103,6 @@ class Cause(enum.Enum):
     """Violet's application answered with an error: may have applied; list lag only."""
     NO_ANSWER = "no_answer"
     """No answer from Violet's application: may have applied, may still be running."""
-
-
-_GATEWAY_STATUSES = frozenset({502, 503, 504, 520, 521, 522, 523, 524, 525, 526, 527, 529})
 
 
 def is_violet_error_body(body: bytes) -> bool:
@@ -135,9 +133,10 @@ def classify_send_failure(exc: VioletError) -> Cause:
         return Cause.RATE_LIMITED
     if isinstance(exc, APIError):
         if exc.status >= 500:
-            if exc.status in _GATEWAY_STATUSES and not is_violet_error_body(exc.body):
-                return Cause.NO_ANSWER
-            return Cause.ANSWERED
+            # Only Violet's own error body proves its application answered: any other
+            # 5xx (a gateway's 502/503/504/524, a proxy's 598/599, an HTML 500) may have
+            # come while Violet was still working.
+            return Cause.ANSWERED if is_violet_error_body(exc.body) else Cause.NO_ANSWER
         return Cause.REFUSED
     if isinstance(exc, CancellationFailedError):
         return Cause.REFUSED
@@ -272,6 +271,13 @@ def start(
             # have run as long as an attempt can, and then still be running at Violet.
             sent = ask.last_sent_at if ask.last_sent_at is not None else now
             settle = sent + attempt_timeout + settings.settle_running
+        here = settings.clock_id or PROCESS_CLOCK
+        newly_unsure = not ask.clock_unsure and ask.clock != here and ask.server_offset is None
+        unsure = ask.clock_unsure or newly_unsure
+        if newly_unsure and ask.settle_until is not None:
+            # Its times are another process's clock, offset never learned: allow for
+            # that clock being off by as much as the skew tolerance.
+            settle += settings.clock_skew
         ask = attrs.evolve(
             ask,
             phase=Phase.SENT,
@@ -279,6 +285,7 @@ def start(
             doubted=True,
             reads=0,
             budget_from=ask.sends,
+            clock_unsure=unsure,
         )
         return ask, Action(Do.READ, read_bag=needs_bag(ask))
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
@@ -299,11 +306,27 @@ def _send(ask: PendingRefund, now: float, delay: float = 0.0) -> tuple[PendingRe
     )
 
 
-def _offset(ask: PendingRefund, obs: Observation) -> float | None:
+def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefund:
+    """The record with Violet's clock offset learned from ``obs`` (if it had a Date).
+
+    A record whose times were written by another process (resumed elsewhere) has them
+    moved onto this process's clock first: the instants Violet's clock gives them stay
+    the same."""
     if obs.server_time is None or obs.received_at is None:
-        return ask.server_offset
+        return ask
     # The Date header has whole seconds; its half-second middle is the best estimate.
-    return obs.server_time + 0.5 - obs.received_at
+    offset = obs.server_time + 0.5 - obs.received_at
+    if ask.clock == here or ask.server_offset is None:
+        return attrs.evolve(ask, server_offset=offset, clock=here)
+    shift = ask.server_offset - offset
+    return attrs.evolve(
+        ask,
+        server_offset=offset,
+        clock=here,
+        first_sent_at=None if ask.first_sent_at is None else ask.first_sent_at + shift,
+        last_sent_at=None if ask.last_sent_at is None else ask.last_sent_at + shift,
+        settle_until=None if ask.settle_until is None else ask.settle_until + shift,
+    )
 
 
 def _park(
@@ -334,7 +357,7 @@ def step(
     ``patience`` caps a settle wait: longer, and the ask is parked rather than waited
     for (a batch revisits it later and lets other items through meanwhile).
     """
-    ask = attrs.evolve(ask, server_offset=_offset(ask, obs))
+    ask = _with_offset(ask, obs, settings.clock_id or PROCESS_CLOCK)
     if obs.kind is ObsKind.ANSWERED:
         if ask.phase is not Phase.SENT or obs.refund is None:
             raise ProtocolError(f"an answer in phase {ask.phase.value}")
@@ -376,6 +399,12 @@ def step(
         raise ProtocolError(f"a read-back in phase {ask.phase.value}")
     ask = attrs.evolve(ask, reads=ask.reads + 1)
     verdict, found = match(ask, obs.refunds, obs.bag, known, settings)
+    if verdict is Verdict.MATCH and settings.others_pending:
+        note = (
+            f"refund {found[0].id} on bag {ask.bag_id} matches this request, but another "
+            "ask on this bag is still pending and it could be that one's"
+        )
+        return _park(ask, note, found, review=True)
     if verdict is Verdict.MATCH:
         refund = attrs.evolve(found[0], reconciled=True)
         return (

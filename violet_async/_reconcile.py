@@ -16,9 +16,10 @@ from typing import Protocol
 import attrs
 
 from . import _protocol as protocol
-from ._protocol import Action, Do, Observation, PendingRefund, Settings
+from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
+from ._telemetry import ATTEMPT, count_readback, read_span, reconcile_log
 from .exceptions import (
     AmbiguousOutcomeError,
     APITimeoutError,
@@ -193,6 +194,38 @@ async def drive(
     record before every send and at the end (the batch journal); ``announce`` is told
     of every re-send (the ``on_retry`` hook).
     """
+    try:
+        return await _drive(
+            ask,
+            action,
+            io=io,
+            settings=settings,
+            clock=clock,
+            deadline=deadline,
+            known=known,
+            last_error=last_error,
+            save=save,
+            announce=announce,
+            patience=patience,
+        )
+    finally:
+        ATTEMPT.set(1)
+
+
+async def _drive(
+    ask: PendingRefund,
+    action: Action,
+    *,
+    io: BagIO,
+    settings: Settings,
+    clock: Clock,
+    deadline: float | None,
+    known: Container[int],
+    last_error: VioletError | None,
+    save: Save | None,
+    announce: Announce | None,
+    patience: float | None,
+) -> OrderRefund:
     while True:
         if save is not None and (action.final or action.do is Do.SEND):
             await save(ask)
@@ -217,6 +250,7 @@ async def drive(
         at = clock.time()
         obs: Observation
         if action.do is Do.SEND:
+            ATTEMPT.set(ask.sends)
             try:
                 refund = await io.send(remaining)
             except VioletError as exc:
@@ -232,7 +266,8 @@ async def drive(
                 obs = Observation.answered(at, refund)
         else:
             try:
-                found = await io.read(action.read_bag, deadline)
+                with read_span(ask):
+                    found = await io.read(action.read_bag, deadline)
             except VioletError as exc:
                 last_error = last_error or exc
                 obs = Observation.read_failed(at, exc, backoff=settings.settle_delay)
@@ -248,6 +283,8 @@ async def drive(
         ask, action = protocol.step(
             ask, obs, settings, clock.time(), remaining, known, patience=patience
         )
+        if obs.kind is not ObsKind.ANSWERED:
+            _report(ask, obs, action)
 
 
 async def after_failed_send(
@@ -310,6 +347,40 @@ async def run_ask(
         save=save,
         announce=io.announce,
         patience=patience,
+    )
+
+
+#: What the next action says about the read-back (or send failure) just observed.
+_VERDICTS = {
+    Do.RETURN: "found",
+    Do.SEND: "absent",
+    Do.READ: "not yet",
+    Do.PARK: "pending",
+    Do.HOLD: "already present",
+    Do.FAIL: "not applied",
+}
+
+
+def _report(ask: PendingRefund, obs: Observation, action: Action) -> None:
+    """One INFO line (and a metric) per read-back or failed send: what the protocol
+    concluded from it. Ids, counts and times only."""
+    verdict = _VERDICTS[action.do]
+    if obs.kind is ObsKind.READ:
+        count_readback(verdict)
+        what = f"read back {len(obs.refunds)} refund(s)"
+    elif obs.kind is ObsKind.READ_FAILED:
+        count_readback("read failed")
+        what = f"read-back failed ({type(obs.error).__name__})"
+    else:
+        what = f"send {ask.sends} failed ({type(obs.error).__name__})"
+    reconcile_log.info(
+        "%s of bag %d (order %d): %s: %s%s",
+        ask.kind,
+        ask.bag_id,
+        ask.order_id,
+        what,
+        verdict,
+        f", next in {action.delay:.1f}s" if action.delay else "",
     )
 
 

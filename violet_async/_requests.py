@@ -7,20 +7,27 @@ followed; and the I/O the refund protocol's driver needs. ``VioletClient`` inher
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
 from functools import partial
+from logging import DEBUG
 from typing import TypeVar
 
 import attrs
+from yarl import URL
 
 from ._auth import Auth, Credentials, is_token_expired_error
 from ._reconcile import BagIO, BagLocks, KnownRefunds
-from ._responses import RefundPage, parse_order, parse_refund_page
+from ._responses import PagingError, RefundPage, next_page, parse_order, parse_refund_page
 from ._retry import Clock, Retrier, RetryHook, RetryPolicy
+from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, http_log, request_id_of
 from ._transport import BaseURL, RawResponse, Timeouts, Transport, frozen_headers
 from .exceptions import (
     APITimeoutError,
     AuthenticationError,
+    ResponseFormatError,
     VioletError,
     api_error_from_response,
 )
@@ -45,6 +52,8 @@ class Shared:
     known_refunds: KnownRefunds
     clock: Clock
     bag_locks: BagLocks = attrs.Factory(BagLocks)
+    unsettled: Counter[int] = attrs.Factory(Counter)
+    """Bags with asks this client left pending (AmbiguousOutcomeError), by count."""
     _token_headers: tuple[str, Mapping[str, str]] | None = None
 
     def headers_for(self, token: str) -> Mapping[str, str]:
@@ -130,19 +139,44 @@ class RequestPlumbing:
             )
 
     async def _read_refunds(self, path: str, deadline: float | None) -> RefundPage:
-        """Every page of a bag's refunds, as one page. A page that cannot be followed
-        fails the whole read: part of a list is never taken for all of it."""
-        page = await self._get(path, parse_refund_page, deadline=deadline)
-        refunds = page.refunds
-        seen = 1
-        while page.next_page is not None:
-            query = {"page": str(page.next_page)}
-            if page.size is not None:
-                query["size"] = str(page.size)
+        """Every page of a bag's refunds, as one page, each refund once. A page that
+        cannot be followed, or a server that answers another page than the one asked
+        for, fails the whole read: part of a list is never taken for all of it."""
+        first = page = await self._get(path, parse_refund_page, deadline=deadline)
+        refunds: dict[int | None, OrderRefund] = {}
+        unnamed: list[OrderRefund] = []
+        pages_read = 1
+        while True:
+            for refund in page.refunds:
+                if refund.id is None:
+                    unnamed.append(refund)
+                else:
+                    refunds.setdefault(refund.id, refund)
+            try:
+                wanted = next_page(first, page, pages_read, len(refunds) + len(unnamed))
+            except PagingError as exc:
+                raise self._paging_error(path, str(exc)) from None
+            if wanted is None:
+                break
+            query = {"page": str(wanted)}
+            if first.size is not None:
+                query["size"] = str(first.size)
             page = await self._get(path, parse_refund_page, deadline=deadline, query=query)
-            refunds = refunds + page.refunds
-            seen += 1
-        return RefundPage(refunds, None, None, page.server_time)
+            pages_read += 1
+            if page.number is not None and page.number != wanted:
+                raise self._paging_error(path, f"asked for page {wanted}, got {page.number}")
+        return RefundPage([*refunds.values(), *unnamed], page.server_time)
+
+    @staticmethod
+    def _paging_error(path: str, problem: str) -> ResponseFormatError:
+        return ResponseFormatError(
+            f"GET {path}: {problem}",
+            body=b"",
+            status=200,
+            field="$.number",
+            method="GET",
+            path=path,
+        )
 
     async def _attempt(
         self,
@@ -166,11 +200,15 @@ class RequestPlumbing:
             )
         token = shared.auth.current()
         if token is None:
-            token = await self._token(shared.auth.token(), remaining)
+            token, remaining = await self._token_within(shared.auth.token(), remaining)
         url = shared.endpoint.join(path)
         if query:
             url = url.with_query(query)
-        resp = await shared.transport.send(
+        # Observability costs three cheap checks when nobody listens.
+        send = shared.transport.send
+        if STATE.tracer is not None or CAPTURE.get() is not None or http_log.isEnabledFor(DEBUG):
+            send = partial(self._observed_send, path)
+        resp = await send(
             method,
             url,
             headers=shared.headers_for(token),
@@ -191,8 +229,8 @@ class RequestPlumbing:
                 raise error
             # Violet rejected the token before doing anything: renewing and sending
             # again cannot apply the request twice.
-            token = await self._token(shared.auth.expired(token), remaining)
-            resp = await shared.transport.send(
+            token, remaining = await self._token_within(shared.auth.expired(token), remaining)
+            resp = await send(
                 method,
                 url,
                 headers=shared.headers_for(token),
@@ -210,6 +248,77 @@ class RequestPlumbing:
                 redact=shared.auth.redactor,
             )
         return parse(resp, path)
+
+    async def _observed_send(
+        self,
+        path: str,
+        method: str,
+        url: URL,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeouts: Timeouts,
+        deadline: float | None,
+    ) -> RawResponse:
+        """One exchange with its DEBUG line, span and capture (when any is on)."""
+        attempt = ATTEMPT.get()
+        scope = attempt_span(method, str(url), path, attempt) if STATE.on else nullcontext()
+        started = time.perf_counter()
+        with scope as span:
+            try:
+                resp = await self._shared.transport.send(
+                    method, url, headers=headers, body=body, timeouts=timeouts, deadline=deadline
+                )
+            except VioletError as exc:
+                elapsed = (time.perf_counter() - started) * 1000
+                http_log.debug(
+                    "%s %s -> %s after %.1f ms (attempt %d)",
+                    method,
+                    path,
+                    type(exc).__name__,
+                    elapsed,
+                    attempt,
+                )
+                if span is not None:
+                    span.set_attribute("error.type", type(exc).__name__)
+                raise
+            elapsed = (time.perf_counter() - started) * 1000
+            request_id = request_id_of(resp.headers)
+            if span is not None:
+                span.set_attribute("http.response.status_code", resp.status)
+                if request_id:
+                    span.set_attribute("violet.request_id", request_id)
+        http_log.debug(
+            "%s %s -> %d in %.1f ms (attempt %d%s)",
+            method,
+            path,
+            resp.status,
+            elapsed,
+            attempt,
+            f", request id {request_id}" if request_id else "",
+        )
+        sink = CAPTURE.get()
+        if sink is not None:
+            sink.append(resp)
+        return resp
+
+    async def _token_within(
+        self, renewal: Awaitable[str], remaining: float | None
+    ) -> tuple[str, float | None]:
+        """A token, and what is left of the call's deadline after waiting for it (a
+        login is charged to the call, and a send never starts with nothing left)."""
+        if remaining is None:
+            return await self._token(renewal, None), None
+        clock = self._shared.clock
+        started = clock.monotonic()
+        token = await self._token(renewal, remaining)
+        left = remaining - (clock.monotonic() - started)
+        if left <= 0:
+            raise APITimeoutError(
+                "the call's deadline passed while getting a token; nothing was sent",
+                request_sent=False,
+            )
+        return token, left
 
     @staticmethod
     async def _token(renewal: Awaitable[str], remaining: float | None) -> str:

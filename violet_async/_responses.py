@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import email.utils
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from ._converter import decode, structure
+from ._telemetry import request_id_of
 from ._transport import RawResponse
 from .exceptions import CancellationFailedError, ResponseFormatError
 from .models import CancelStatus, Order, OrderCancellation, OrderRefund
 
 __all__ = [
+    "PagingError",
     "RefundPage",
     "http_date",
+    "next_page",
     "parse_cancel",
     "parse_order",
     "parse_refund",
@@ -49,14 +53,26 @@ def parse_order(resp: RawResponse, path: str) -> Order:
 def parse_refund_get(resp: RawResponse, path: str) -> OrderRefund:
     """One refund read with ``GET /orders/{order_id}/refunds/{refund_id}``."""
     data = decode(resp.body, status=resp.status, method="GET", path=path)
-    return structure(data, OrderRefund, body=resp.body, status=resp.status, method="GET", path=path)
+    refund = structure(
+        data, OrderRefund, body=resp.body, status=resp.status, method="GET", path=path
+    )
+    return with_request_id(refund, resp.headers)
+
+
+def with_request_id(refund: OrderRefund, headers: Mapping[str, str]) -> OrderRefund:
+    """Stamp Violet's request id (when the answer had one) on a refund just built."""
+    request_id = request_id_of(headers)
+    if request_id is not None:
+        object.__setattr__(refund, "request_id", request_id)
+    return refund
 
 
 def parse_refund(resp: RawResponse, path: str) -> OrderRefund:
     data = decode(resp.body, status=resp.status, method="POST", path=path)
-    return structure(
+    refund = structure(
         data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
     )
+    return with_request_id(refund, resp.headers)
 
 
 def http_date(value: str | None) -> float | None:
@@ -75,12 +91,48 @@ def http_date(value: str | None) -> float | None:
 
 @attrs.frozen
 class RefundPage:
-    """One page of a bag's refunds; ``next_page`` is None on the last (or only) page."""
+    """One answer of a bag's refunds: a bare list, or a page of a Spring page."""
 
     refunds: list[OrderRefund]
-    next_page: int | None
-    size: int | None
     server_time: float | None
+    paged: bool = False
+    number: int | None = None
+    size: int | None = None
+    total_pages: int | None = None
+    total_elements: int | None = None
+    last: bool | None = None
+
+
+class PagingError(ValueError):
+    """Pages that cannot be followed to the end (a partial list is never the whole)."""
+
+
+def next_page(first: RefundPage, page: RefundPage, pages_read: int, collected: int) -> int | None:
+    """The page to ask for after ``page`` (None: that was the last). ``first`` tells how
+    the server numbers pages (from 0 or 1); ``collected`` is how many distinct refunds
+    were read so far. Raises PagingError when more exist but cannot be followed."""
+    if not page.paged:
+        return None
+    base = first.number if first.number is not None else 0
+    if page.last is not None:
+        more = not page.last
+    elif page.total_pages is not None and page.number is not None:
+        more = page.number - base + 1 < page.total_pages
+    elif page.total_elements is not None:
+        more = collected < page.total_elements
+    else:
+        more = False
+    if not more:
+        if page.total_elements is not None and collected < page.total_elements:
+            raise PagingError(
+                f"the pages hold {collected} refunds, the server counts {page.total_elements}"
+            )
+        return None
+    if page.number is None:
+        raise PagingError("a page says more refunds exist but not its own number")
+    if pages_read >= MAX_PAGES:
+        raise PagingError(f"more than {MAX_PAGES} pages of refunds")
+    return page.number + 1
 
 
 def _page_int(data: dict[str, Any], *names: str) -> int | None:
@@ -93,28 +145,20 @@ def _page_int(data: dict[str, Any], *names: str) -> int | None:
 
 def parse_refund_page(resp: RawResponse, path: str) -> RefundPage:
     """A bare list (Violet's documented shape) or a Spring page (``content`` with
-    ``last`` / ``number`` / ``total_pages``, snake or camel case). A page that says
-    more exist but not which comes next is unreadable: a partial list must never be
-    taken for the whole."""
+    ``last`` / ``number`` / ``size`` / ``total_pages`` / ``total_elements``, snake or
+    camel case); :func:`next_page` says how to go on."""
     data = decode(resp.body, status=resp.status, method="GET", path=path)
-    next_page = size = None
+    meta: dict[str, Any] = {}
     if isinstance(data, dict) and "content" in data:
-        number = _page_int(data, "number")
-        size = _page_int(data, "size")
-        total = _page_int(data, "total_pages", "totalPages")
         last = data.get("last")
-        if isinstance(last, bool):
-            more = not last
-        elif total is not None and number is not None:
-            more = number + 1 < total
-        else:
-            more = False
-        if more:
-            if number is None or number < 0 or number + 1 >= MAX_PAGES:
-                raise _format_error(
-                    resp, "GET", path, "a page says more refunds exist but not where", "$.number"
-                )
-            next_page = number + 1
+        meta = {
+            "paged": True,
+            "number": _page_int(data, "number"),
+            "size": _page_int(data, "size"),
+            "total_pages": _page_int(data, "total_pages", "totalPages"),
+            "total_elements": _page_int(data, "total_elements", "totalElements"),
+            "last": last if isinstance(last, bool) else None,
+        }
         data = data["content"]
     if not isinstance(data, list):
         raise _format_error(
@@ -123,7 +167,7 @@ def parse_refund_page(resp: RawResponse, path: str) -> RefundPage:
     refunds: list[OrderRefund] = structure(
         data, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
     )
-    return RefundPage(refunds, next_page, size, http_date(resp.headers.get("Date")))
+    return RefundPage(refunds, http_date(resp.headers.get("Date")), **meta)
 
 
 def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
@@ -134,9 +178,10 @@ def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
 def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
     data = decode(resp.body, status=resp.status, method="POST", path=path)
     if not ((isinstance(data, dict) and "cancelled_bags" in data) or _is_cancel_status(data)):
-        return structure(
+        refund = structure(
             data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
         )
+        return with_request_id(refund, resp.headers)
     result = structure(
         data, OrderCancellation, body=resp.body, status=resp.status, method="POST", path=path
     )
@@ -156,7 +201,7 @@ def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
                     f"bag {bag_id} is cancelled but no refund was returned",
                     "$.cancelled_bags.refund",
                 )
-            return bag.refund
+            return with_request_id(bag.refund, resp.headers)
     raise CancellationFailedError(
         f"bag {bag_id} is not among the cancelled bags ({result.status})",
         status=str(result.status),

@@ -27,6 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.wait import wait_random_exponential
 
 from ._protocol import Settings
+from ._telemetry import ATTEMPT, count_retry
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -242,8 +243,9 @@ class _Again(Exception):
 async def announce(hook: RetryHook | None, event: RetryEvent) -> None:
     """Log a retry and tell the ``on_retry`` hook. A hook must never change a refund's
     outcome: its failure is logged, and the call carries on."""
+    count_retry(type(event.cause).__name__, event.method)
     log.info(
-        "retry: %s %s attempt %d failed (%s); retrying in %.2fs%s",
+        "%s %s attempt %d failed (%s); retrying in %.2fs%s",
         event.method,
         event.path,
         event.attempt,
@@ -343,6 +345,7 @@ class Retrier:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
+                    ATTEMPT.set(attempts)
                     try:
                         return await send(remaining())
                     except VioletError as exc:
@@ -351,6 +354,8 @@ class Retrier:
                         raise
         except _Again as again:
             raise again.cause from again.cause.__cause__
+        finally:
+            ATTEMPT.set(1)
         raise AssertionError("unreachable: tenacity either returns or raises")
 
 

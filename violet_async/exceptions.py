@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ._telemetry import REQUEST_ID_HEADERS
+
 if TYPE_CHECKING:
     from ._protocol import PendingRefund
     from ._redact import Redactor
@@ -269,7 +271,8 @@ class APIError(VioletError):
     """Violet answered with an HTTP error status.
 
     Carries ``status``, ``error_code`` and ``message`` (parsed leniently from the body),
-    the raw ``body``, the response ``headers``, and the request ``method`` and ``path``.
+    the raw ``body``, the response ``headers``, Violet's ``request_id`` when the answer
+    had one, and the request ``method`` and ``path``.
     """
 
     def __init__(
@@ -291,10 +294,23 @@ class APIError(VioletError):
         self.method = method
         self.path = path
 
+    @property
+    def request_id(self) -> str | None:
+        """Violet's request id for this answer, when its headers carry one (quote it to
+        Violet's support)."""
+        lowered = {k.lower(): v for k, v in self.headers.items()}
+        for name in REQUEST_ID_HEADERS:
+            value = lowered.get(name.lower())
+            if value:
+                return value[:200]
+        return None
+
     def __str__(self) -> str:
         code = f" (error_code {self.error_code})" if self.error_code is not None else ""
         request = f"{self.method} {self.path} -> " if self.method or self.path else ""
-        return f"{request}{self.status}{code}: {self.message}"
+        request_id = self.request_id
+        tail = f" [request id {request_id}]" if request_id else ""
+        return f"{request}{self.status}{code}: {self.message}{tail}"
 
 
 class BadRequestError(APIError):

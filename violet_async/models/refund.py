@@ -118,3 +118,6 @@ class OrderRefund:
     reconciled: bool = attrs.field(default=False, kw_only=True)
     """Set by the SDK, never read from the wire: True when this refund was found by
     reading the bag back after an ambiguous failure, rather than from the POST answer."""
+    request_id: str | None = attrs.field(default=None, kw_only=True)
+    """Set by the SDK, never read from the body: Violet's request id of the answer that
+    returned this refund, when its headers carried one."""

@@ -153,6 +153,7 @@ class FakeViolet:
         self.seeded = self.store.generate(orders, seed) if orders else []
         self.faults = FaultDrawer(attrs.evolve(plan, quirks=self.quirks))
         self._script = FaultScript()
+        self._request_serial = 0
         self._host = host
         self._port = port
         self._signing_key = secrets.token_bytes(32)
@@ -624,8 +625,11 @@ class FakeViolet:
             raise asyncio.CancelledError from None
 
     async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Every answer carries the server's own time (skew included) in ``Date``."""
+        """Every answer carries the server's own time (skew included) in ``Date``, and a
+        request id in ``X-Request-Id``, as real APIs do."""
         response.headers["Date"] = http_date(self.store.server_time())
+        self._request_serial += 1
+        response.headers["X-Request-Id"] = f"req_fake_{self._request_serial}"
 
     def _ok(self, data: Any, status: int = 200) -> web.Response:
         return json_response(data, status=status)

@@ -1,0 +1,353 @@
+"""The adversarial review's findings, each reproduced against a hostile server of our
+own and each asserting the true outcome now: one refund, and what the caller sees
+agrees with the server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    PendingRefund,
+    RefundBagRequest,
+    RequestValidationError,
+    ResponseFormatError,
+    RetryPolicy,
+    SkuRefund,
+    Timeouts,
+    VioletError,
+)
+from violet_async.testing import FakeClock
+
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
+
+ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
+
+
+class Skewed:
+    """One machine's view of a shared FakeClock: its wall clock is ``ahead`` s ahead."""
+
+    def __init__(self, clock: FakeClock, ahead: float) -> None:
+        self.clock, self.ahead = clock, ahead
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
+
+    def time(self) -> float:
+        return self.clock.time() + self.ahead
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+
+
+@pytest.mark.parametrize("ahead", [30.0, -30.0])
+async def test_resume_on_a_machine_with_another_clock_finds_the_refund(ahead: float) -> None:
+    """A pending record made on a machine whose clock is 30 s off, resumed on one with
+    the right clock: its times are moved onto the new clock, the refund is found, and
+    nothing is re-sent."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=2.5)])
+    policy = RetryPolicy(deadline=2.0)
+    async with hostile_client(server, retry=policy, clock=Skewed(clock, ahead)) as first:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None
+    stored = info.value.pending.to_json()
+    clock.advance(5.0)
+    server._stopping = asyncio.Event()
+    async with hostile_client(server, retry=ROOMY) as second:
+        refund = await second.resume(PendingRefund.from_json(stored))
+    assert refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+async def test_another_attempts_failed_refund_is_never_this_calls_outcome() -> None:
+    """A FAILED refund of the same amount made a second earlier (another attempt):
+    never reported as this call's outcome; ours, landing later, is."""
+    server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504, commit_after=2.5)])
+    failed = server.add_refund(300, age=1.0)
+    failed["status"] = "FAILED"
+    async with hostile_client(server, retry=ROOMY) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert server.posts == 1
+
+
+class MislabelledDates(Hostile):
+    """date_created in US server-local time, labelled 'Z' (a LocalDateTime plus 'Z')."""
+
+    def _date(self, when: float | None) -> str | None:
+        if when is None:
+            return None
+        local = datetime.fromtimestamp(when, timezone(timedelta(hours=-5)))
+        return local.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+async def test_dates_with_a_wrong_offset_never_refund_twice(baseline: bool) -> None:
+    """Our own refund dated five hours 'before' the send by a wrong offset: pending for
+    review, never re-sent (with or without a baseline)."""
+    server = MislabelledDates(FakeClock(), script=[Step(504, GATEWAY_504, commit_after=2.5)])
+    policy = RetryPolicy(deadline=300.0, read_before_send=baseline)
+    async with hostile_client(server, retry=policy) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert len(server.ours) == 1
+    assert server.posts == 1
+
+
+class IgnoresPage(Hostile):
+    """A paged list whose server ignores ?page= (always page 0 of 2)."""
+
+    async def _list(self, request: web.Request) -> web.Response:
+        self.reads += 1
+        data = {"content": [], "number": 0, "size": 2, "total_pages": 2, "last": False}
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+async def test_a_server_that_ignores_page_fails_the_read() -> None:
+    """A server answering page 0 whatever page is asked: the read fails at once (a
+    partial list is never the whole), no endless following."""
+    server = IgnoresPage(FakeClock())
+    async with hostile_client(server, retry=RetryPolicy(deadline=None)) as client:
+        with pytest.raises(ResponseFormatError, match="asked for page 1, got 0"):
+            await client.list_bag_refunds(ORDER_ID, BAG_ID)
+    assert server.reads == 2
+
+
+class SlowLogin(Hostile):
+    async def _login(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(0.4)
+        return await super()._login(request)
+
+
+async def test_login_time_is_charged_to_the_call() -> None:
+    """A slow login, then a POST that hangs and read-backs that hang: the call still
+    ends within its deadline (real clock)."""
+    server = SlowLogin(FakeClock(), script=[Step(504, hang=True, commit_after=None)])
+    server.hang_reads = True
+    timeouts = Timeouts(connect=5, read=5)
+    policy = RetryPolicy(deadline=0.8)
+    async with hostile_client(server, retry=policy, timeouts=timeouts, clock=None) as client:
+        started = time.monotonic()
+        with pytest.raises(VioletError):
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        elapsed = time.monotonic() - started
+    assert elapsed < 0.8 + 0.3, elapsed
+
+
+@pytest.mark.parametrize("status", [599, 598, 530, 500])
+async def test_a_5xx_without_violets_body_gets_the_long_window(status: int) -> None:
+    """A proxy's 599 / 598, a 530 or an HTML 500: not Violet's error JSON, so the
+    request may still be running: the refund committing 10 s later is found."""
+    page = b"<html>network read timeout</html>"
+    server = Hostile(FakeClock(), script=[Step(status, page, commit_after=10.0)])
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+class SplitsSkuLines(Hostile):
+    """The platform records a 2-unit SKU refund as two 1-unit lines."""
+
+    def _commit(self, body: dict[str, Any], *, cancel: bool) -> dict[str, Any] | str:
+        record = super()._commit(body, cancel=cancel)
+        if isinstance(record, dict) and body.get("skus"):
+            record["skus"] = [
+                {"order_sku_id": s["order_sku_id"], "quantity_refunded": 1}
+                for s in body["skus"]
+                for _ in range(s["quantity_refunded"])
+            ]
+        return record
+
+
+async def test_sku_refund_listed_as_single_units_is_found() -> None:
+    """SKU-only refund of 2 units, listed by the platform as two 1-unit lines: it is
+    the same refund, found, never sent again."""
+    server = SplitsSkuLines(FakeClock(), script=[Step(504, GATEWAY_504)])
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(
+            ORDER_ID, BAG_ID, skus=[SkuRefund(order_sku_id=10, quantity_refunded=2)]
+        )
+    assert refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+class DupAcrossPages(Hostile):
+    """Newest first; refunds land between page reads, so a refund shows on two pages."""
+
+    async def _list(self, request: web.Request) -> web.Response:
+        page = int(request.query.get("page", "0"))
+        if page == 0 and not getattr(self, "_first", False):
+            self._first = True
+            self.add_refund(50, reason="other actor")
+        if page == 1 and not getattr(self, "_shifted", False):
+            self._shifted = True
+            self.add_refund(60, reason="other actor")
+        self.reads += 1
+        now = self.clock.monotonic()
+        visible = list(reversed([r for r in self.refunds if r["_visible_at"] <= now]))
+        size = 2
+        pages = max(1, -(-len(visible) // size))
+        data = {
+            "content": [
+                {k: v for k, v in r.items() if not k.startswith("_")}
+                for r in visible[page * size : (page + 1) * size]
+            ],
+            "number": page,
+            "size": size,
+            "total_pages": pages,
+            "last": page + 1 >= pages,
+        }
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+async def test_a_refund_shown_on_two_pages_counts_once() -> None:
+    """A refund repeated across pages (the list shifted between reads) is one refund:
+    ours is found, not taken for two matches."""
+    server = DupAcrossPages(FakeClock(), script=[Step(504, GATEWAY_504)])
+    server.add_refund(10, age=100_000)
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.id == server.ours[0]
+
+
+class OneBasedNoLast(Hostile):
+    """Pages numbered from 1 ('number' echoes the page asked), no 'last'."""
+
+    async def _list(self, request: web.Request) -> web.Response:
+        self.reads += 1
+        page = int(request.query.get("page", "1"))
+        now = self.clock.monotonic()
+        visible = [r for r in self.refunds if r["_visible_at"] <= now]
+        size = 2
+        pages = max(1, -(-len(visible) // size))
+        data = {
+            "content": [
+                {k: v for k, v in r.items() if not k.startswith("_")}
+                for r in visible[(page - 1) * size : page * size]
+            ],
+            "number": page,
+            "size": size,
+            "total_pages": pages,
+        }
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+async def test_pages_numbered_from_one_are_read_to_the_end() -> None:
+    """Pages numbered from 1 without 'last': the count of pages is read from where the
+    server starts, and the refund on the last page is found."""
+    server = OneBasedNoLast(FakeClock(), script=[Step(504, GATEWAY_504)])
+    for _ in range(4):
+        server.add_refund(10, age=100_000)
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+async def test_a_lagging_foreign_refund_older_than_the_send_is_not_claimed() -> None:
+    """read_before_send: another system refunded 300 ten seconds before our send and
+    the list shows it late, after the baseline. Ours never applied: the foreign refund
+    is never returned as ours (it goes to review)."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    other = server.add_refund(300, age=10.0)
+    other["_visible_at"] = clock.monotonic() + 12.0
+    policy = RetryPolicy(deadline=300.0, read_before_send=True)
+    async with hostile_client(server, retry=policy) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert server.ours == []
+
+
+async def test_a_pending_ask_keeps_a_later_ask_on_the_bag_from_claiming_its_refund() -> None:
+    """Call 1 ends pending (its commit lands after its deadline); call 2 on the same bag
+    and amount fails in flight too and never applies. The refund that shows up could
+    be either call's: neither claims it (review), nothing is re-sent."""
+    clock = FakeClock()
+    late, lost = (
+        Step(504, GATEWAY_504, commit_after=30.0),
+        Step(504, GATEWAY_504, commit_after=None),
+    )
+    server = Hostile(clock, script=[late, lost])
+    async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        with pytest.raises(AmbiguousOutcomeError) as first:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        with pytest.raises(AmbiguousOutcomeError) as second:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        assert first.value.pending is not None
+        assert second.value.pending is not None
+        clock.advance(60.0)
+        with pytest.raises(AmbiguousOutcomeError) as again:
+            await client.resume(first.value.pending)
+    assert again.value.pending is not None
+    assert again.value.pending.needs_review
+    assert server.posts == 2
+    assert len(server.ours) == 1
+
+
+async def test_a_cancelled_waiter_for_the_bag_lets_the_next_one_through() -> None:
+    """An ask cancelled while it waits for the bag: the next ask still gets it, and
+    the two asks that ran made two refunds with two ids."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=1.5)])
+    async with hostile_client(server, retry=ROOMY) as client:
+        a = asyncio.create_task(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=100))
+        await asyncio.sleep(0)
+        b = asyncio.create_task(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=100))
+        await asyncio.sleep(0)
+        b.cancel()
+        c = asyncio.create_task(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=100))
+        first, third = await asyncio.wait_for(asyncio.gather(a, c), 10)
+        assert b.cancelled()
+    assert first.id != third.id
+    assert sorted([first.id, third.id]) == sorted(server.ours)
+
+
+async def test_token_expired_mid_ask_is_one_refund() -> None:
+    """401 "Token has expired" on the POST (refresh, repeat), then a 504 after the
+    commit: one refund, found by read-back."""
+    body = orjson.dumps({"status": 401, "message": "Token has expired", "error_code": 11})
+    server = Hostile(
+        FakeClock(), script=[Step(401, body, commit_after=None), Step(504, GATEWAY_504)]
+    )
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert refund.reconciled
+    assert server.ours == [refund.id]
+    assert server.posts == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("phase", "bogus"),
+        ("sends", -1),
+        ("baseline", ["x"]),
+        ("first_sent_at", "nan"),
+        ("settle_until", float("inf")),
+        ("order_id", True),
+    ],
+)
+def test_tampered_records_are_refused(key: str, value: object) -> None:
+    """A stored record with a bad field is refused, never resumed."""
+    good = PendingRefund(
+        "refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=1), sends=1, first_sent_at=1.0
+    ).to_dict()
+    with pytest.raises(RequestValidationError):
+        PendingRefund.from_dict({**good, key: value})

@@ -1,0 +1,231 @@
+"""Logs, traces and metrics: what happened to every refund, at no cost when nobody
+listens.
+
+Loggers (all under ``violet_async``; nothing is configured unless ``VIOLET_LOG`` is set)::
+
+    violet_async.http        DEBUG: one line per attempt: method, path, status or error,
+                             duration, attempt number, Violet's request id
+    violet_async.retry       INFO: every retry and re-send, with its cause and wait
+    violet_async.reconcile   INFO: read-backs after a failure and their verdict, pending
+    violet_async.auth        INFO: logins and token refreshes
+    violet_async.batch       INFO: batch items parked, revisited, ended unknown
+    violet_async.webhooks    WARNING: refused webhooks, failed callbacks
+
+No line carries a header, a request body, a token, the app secret or the password.
+
+Tracing and metrics go through OpenTelemetry's API (``pip install 'violet-async[otel]'``)
+and are off until :func:`instrument` is called: one span per SDK call
+(``violet.refund_bag``, ``violet.cancel_bag``, ``violet.resume``, ...) with child spans per
+HTTP attempt (semantic-convention attributes) and per read-back; counters of calls by
+outcome, retries by cause, read-backs by verdict, ambiguous outcomes; a histogram of
+call duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Any, TypeVar
+
+__all__ = [
+    "ATTEMPT",
+    "CAPTURE",
+    "REQUEST_ID_HEADERS",
+    "STATE",
+    "capture_responses",
+    "instrument",
+    "request_id_of",
+    "setup_logging_from_env",
+    "traced_call",
+    "uninstrument",
+]
+
+T = TypeVar("T")
+
+http_log = logging.getLogger("violet_async.http")
+reconcile_log = logging.getLogger("violet_async.reconcile")
+
+#: Response headers that may carry Violet's (or its gateway's) request id, in order of
+#: preference. Violet does not document one; these are the common names.
+REQUEST_ID_HEADERS = ("X-Request-Id", "X-Violet-Request-Id")
+
+#: The attempt number of the request being made (set only on retries and re-sends).
+ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("violet_attempt", default=1)
+#: Where :func:`capture_responses` collects raw responses (None: nowhere).
+CAPTURE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "violet_capture", default=None
+)
+
+
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    """Violet's request id from response headers, when it sent one."""
+    for name in REQUEST_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value[:200]
+    return None
+
+
+def setup_logging_from_env(environ: Mapping[str, str] | None = None) -> None:
+    """``VIOLET_LOG=debug|info`` sends the SDK's logs to stderr without any code (like
+    ``OPENAI_LOG``). Anything else leaves logging to the application."""
+    value = (os.environ if environ is None else environ).get("VIOLET_LOG", "").strip().lower()
+    level = {"debug": logging.DEBUG, "info": logging.INFO}.get(value)
+    if level is None:
+        return
+    logger = logging.getLogger("violet_async")
+    if not any(getattr(h, "_violet_env", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler._violet_env = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def capture_responses() -> Iterator[list[Any]]:
+    """Collect the raw responses (``.status``, ``.headers``, ``.body``) of every request
+    the SDK makes in this task (and tasks it starts) inside the block, for debugging::
+
+        with capture_responses() as seen:
+            refund = await client.refund_bag(order_id, bag_id, amount_refunded=500)
+        print(seen[-1].status, seen[-1].headers.get("X-Request-Id"), seen[-1].body)
+    """
+    seen: list[Any] = []
+    token = CAPTURE.set(seen)
+    try:
+        yield seen
+    finally:
+        CAPTURE.reset(token)
+
+
+class _State:
+    """The instruments, once :func:`instrument` is called (None: off)."""
+
+    __slots__ = ("ambiguous", "calls", "duration", "readbacks", "retries", "tracer")
+
+    def __init__(self) -> None:
+        self.tracer: Any = None
+        self.calls: Any = None
+        self.retries: Any = None
+        self.readbacks: Any = None
+        self.ambiguous: Any = None
+        self.duration: Any = None
+
+    @property
+    def on(self) -> bool:
+        return self.tracer is not None
+
+
+STATE = _State()
+
+
+def instrument(*, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+    """Turn on spans and metrics through OpenTelemetry (the global providers unless
+    given). Requires ``opentelemetry-api`` (the ``otel`` extra)."""
+    try:
+        from opentelemetry import metrics, trace  # noqa: PLC0415 - optional extra
+    except ImportError:  # pragma: no cover - the extra is installed in the test run
+        raise ImportError(
+            "tracing and metrics need opentelemetry-api: pip install 'violet-async[otel]'"
+        ) from None
+    from ._version import __version__  # noqa: PLC0415 - no import cycle at module load
+
+    tracer_provider = tracer_provider or trace.get_tracer_provider()
+    meter = (meter_provider or metrics.get_meter_provider()).get_meter("violet_async", __version__)
+    STATE.tracer = tracer_provider.get_tracer("violet_async", __version__)
+    STATE.calls = meter.create_counter(
+        "violet.calls", unit="{call}", description="SDK calls by operation and outcome"
+    )
+    STATE.retries = meter.create_counter(
+        "violet.retries", unit="{retry}", description="Retries and re-sends by cause"
+    )
+    STATE.readbacks = meter.create_counter(
+        "violet.readbacks", unit="{read}", description="Read-backs after a failure by verdict"
+    )
+    STATE.ambiguous = meter.create_counter(
+        "violet.ambiguous", unit="{call}", description="Calls that ended pending"
+    )
+    STATE.duration = meter.create_histogram(
+        "violet.call.duration", unit="s", description="Duration of SDK calls"
+    )
+
+
+def uninstrument() -> None:
+    """Turn spans and metrics off again."""
+    STATE.__init__()  # type: ignore[misc]
+
+
+async def traced_call(name: str, call: Awaitable[T], attributes: dict[str, Any]) -> T:
+    """Await ``call`` inside a span named ``name``, recording its outcome (the caller
+    checks :attr:`STATE.on` first, so this costs nothing when off)."""
+    started = time.perf_counter()
+    outcome = "error"
+    with STATE.tracer.start_as_current_span(name, attributes=attributes) as span:
+        try:
+            result = await call
+        except BaseException as exc:
+            outcome = "pending" if type(exc).__name__ == "AmbiguousOutcomeError" else "error"
+            span.set_attribute("error.type", type(exc).__name__)
+            span.set_attribute("violet.outcome", outcome)
+            if outcome == "pending":
+                STATE.ambiguous.add(1, {"violet.operation": name})
+            raise
+        else:
+            reconciled = bool(getattr(result, "reconciled", False))
+            outcome = "reconciled" if reconciled else "ok"
+            span.set_attribute("violet.outcome", outcome)
+            span.set_attribute("violet.reconciled", reconciled)
+            refund_id = getattr(result, "id", None)
+            if isinstance(refund_id, int):
+                span.set_attribute("violet.refund_id", refund_id)
+            return result
+        finally:
+            labels = {"violet.operation": name, "violet.outcome": outcome}
+            STATE.calls.add(1, labels)
+            STATE.duration.record(time.perf_counter() - started, labels)
+
+
+def attempt_span(method: str, url: str, path: str, attempt: int) -> Any:
+    """A client span for one HTTP attempt (only called when :attr:`STATE.on`)."""
+    return STATE.tracer.start_as_current_span(
+        f"{method} {path}",
+        kind=_client_kind(),
+        attributes={
+            "http.request.method": method,
+            "url.full": url,
+            "url.path": path,
+            "http.request.resend_count": attempt - 1,
+        },
+    )
+
+
+def read_span(ask: Any) -> Any:
+    """A span around one read-back of a bag (a no-op context when off)."""
+    if not STATE.on:
+        return contextlib.nullcontext()
+    return STATE.tracer.start_as_current_span(
+        "violet.read_back",
+        attributes={"violet.bag_id": ask.bag_id, "violet.order_id": ask.order_id},
+    )
+
+
+def _client_kind() -> Any:
+    from opentelemetry.trace import SpanKind  # noqa: PLC0415 - only when instrumented
+
+    return SpanKind.CLIENT
+
+
+def count_retry(cause: str, method: str) -> None:
+    if STATE.on:
+        STATE.retries.add(1, {"violet.cause": cause, "http.request.method": method})
+
+
+def count_readback(verdict: str) -> None:
+    if STATE.on:
+        STATE.readbacks.add(1, {"violet.verdict": verdict})
