@@ -16,7 +16,7 @@ from typing import Protocol
 import attrs
 
 from . import _protocol as protocol
-from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Settings
+from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
 from ._telemetry import ATTEMPT, count_readback, read_span, reconcile_log
@@ -280,11 +280,12 @@ async def _drive(
                     received_at=clock.time(),
                 )
         remaining = None if deadline is None else deadline - clock.monotonic()
+        baseline = ask.phase is Phase.NEW
         ask, action = protocol.step(
             ask, obs, settings, clock.time(), remaining, known, patience=patience
         )
         if obs.kind is not ObsKind.ANSWERED:
-            _report(ask, obs, action)
+            _report(ask, obs, action, baseline=baseline)
 
 
 async def after_failed_send(
@@ -361,10 +362,10 @@ _VERDICTS = {
 }
 
 
-def _report(ask: PendingRefund, obs: Observation, action: Action) -> None:
+def _report(ask: PendingRefund, obs: Observation, action: Action, *, baseline: bool) -> None:
     """One INFO line (and a metric) per read-back or failed send: what the protocol
     concluded from it. Ids, counts and times only."""
-    verdict = _VERDICTS[action.do]
+    verdict = "baseline" if baseline and action.do is Do.SEND else _VERDICTS[action.do]
     if obs.kind is ObsKind.READ:
         count_readback(verdict)
         what = f"read back {len(obs.refunds)} refund(s)"
