@@ -256,6 +256,10 @@ class RedisLedger:
             await self.redis.sadd(self.bag_refunds_key(bag_id), refund_id)
         await self._set(key, "applied", **fields)
 
+    async def mark_new(self, key: str) -> None:
+        """Back to ``new``: the ask definitely did not apply and may start over."""
+        await self._set(key, "new", ask="", needs_review=0)
+
     async def mark_failed(self, key: str, error: str, message: str, *, outcome: str) -> None:
         await self._set(key, "failed", error=error, message=message, outcome=outcome)
 

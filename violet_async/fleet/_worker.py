@@ -21,9 +21,12 @@ from .._retry import RetryEvent
 from ..batch import BatchItem
 from ..exceptions import (
     AmbiguousOutcomeError,
+    APIConnectionError,
+    APIError,
     RateLimitError,
     RefundAlreadyPresentError,
     RequestValidationError,
+    ResponseFormatError,
     VioletError,
 )
 from ._ledger import LedgerRecord, LockLostError, RedisLedger
@@ -176,7 +179,12 @@ class FleetWorker:
                     wait = (pending.settle_until or time.time()) - time.time()
                     raise RetryLaterError(str(exc), defer=max(wait, 0.2)) from exc
         except VioletError as exc:
-            # Any other error: the request did not apply.
+            # Any other error: the request did not apply. When that was weather (a
+            # connection, a 5xx, a 429 out of budget, a failed baseline read), the item
+            # starts over later; a refusal (4xx) is final.
+            if _transient(exc):
+                await ledger.mark_new(key)
+                raise RetryLaterError(str(exc), defer=1.0) from exc
             await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="failed")
         else:
             await ledger.mark_applied(
@@ -210,6 +218,12 @@ def _resumable(record: LedgerRecord) -> PendingRefund | None:
         item.kind, item.order_id, item.bag_id, item.request, Phase.SENT,
         sends=1, first_sent_at=now, last_sent_at=now,
     )
+
+
+def _transient(exc: VioletError) -> bool:
+    if isinstance(exc, (APIConnectionError, RateLimitError, ResponseFormatError)):
+        return True
+    return isinstance(exc, APIError) and exc.status >= 500
 
 
 def _quiet(task: asyncio.Future[Any]) -> None:
