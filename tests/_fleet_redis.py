@@ -39,15 +39,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = redis_binary()
     directory: Path = tmp_path_factory.mktemp("redis")
     port = _free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
         [
             binary,
-            "--save", "",
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--dir", str(directory),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(directory),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -49,6 +49,7 @@ def test_all_is_complete_and_importable() -> None:
     public = {n for n in dir(violet_async) if not n.startswith("_")} - {
         "batch",
         "exceptions",
+        "fleet",
         "models",
         "testing",
         "webhooks",

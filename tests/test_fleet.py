@@ -16,7 +16,7 @@ if not os.environ.get("CI"):
 
 from redis.asyncio import Redis
 
-from tests._fleet_redis import redis_url  # noqa: F401 - the fixture
+from tests import _fleet_redis
 from violet_async import RefundBagRequest, RetryPolicy
 from violet_async._protocol import PendingRefund, Phase
 from violet_async.batch import BatchItem
@@ -33,9 +33,11 @@ from violet_async.fleet import (
 )
 from violet_async.testing import FakeViolet
 
+redis_url = _fleet_redis.redis_url  # the session's redis-server
+
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:  # noqa: F811
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     await client.flushall()
     try:
@@ -45,7 +47,8 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:  # noqa: F811
 
 
 def _item(line: int, order_id: int, amount: int = 500) -> BatchItem:
-    return BatchItem.refund(line, order_id, order_id + 100_000, RefundBagRequest(amount_refunded=amount))
+    request = RefundBagRequest(amount_refunded=amount)
+    return BatchItem.refund(line, order_id, order_id + 100_000, request)
 
 
 def test_keys_are_content_and_occurrence() -> None:
@@ -70,14 +73,23 @@ async def test_ledger_states_and_terminal(redis: Redis) -> None:
     assert (record.state, record.item, record.source) == ("new", item, "f.csv")
     locks = BagLocks(redis)
     held = await locks.acquire(item.bag_id)
-    ask = PendingRefund("refund", item.order_id, item.bag_id, item.request, Phase.SENT, sends=1,
-                        first_sent_at=time.time(), last_sent_at=time.time())
+    ask = PendingRefund(
+        "refund",
+        item.order_id,
+        item.bag_id,
+        item.request,
+        Phase.SENT,
+        sends=1,
+        first_sent_at=time.time(),
+        last_sent_at=time.time(),
+    )
     with pytest.raises(LockLostError):
         await ledger.mark_sent(key, ask, lock_key=held.key, token="not-mine")
     assert (await ledger.get(key)).state == "new"  # type: ignore[union-attr]
     await ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
     record = await ledger.get(key)
-    assert record is not None and record.state == "sent"
+    assert record is not None
+    assert record.state == "sent"
     assert record.pending() == ask
     await ledger.mark_applied(key, item.bag_id, 77, reconciled=True, outcome="reconciled")
     # Terminal: nothing moves it again, and no send can be recorded.
@@ -158,7 +170,8 @@ async def test_worker_runs_once_and_reruns_are_free(redis: Redis) -> None:
             item = _item(1, 100001)
             key = item_key(item)
             first = await worker.run(key, item)
-            assert first["state"] == "applied" and first["refund_id"] is not None
+            assert first["state"] == "applied"
+            assert first["refund_id"] is not None
             again = await worker.run(key, item)  # at-least-once delivery: a re-run
             assert again == first
             assert fake.ledger.refunds_per_bag[item.bag_id] == 1
@@ -187,9 +200,17 @@ async def test_sent_record_is_resumed_by_read_back(redis: Redis) -> None:
             await ledger.register(key, item)
             refunds = await client.list_bag_refunds(item.order_id, item.bag_id)  # type: ignore[attr-defined]
             now = time.time()
-            ask = PendingRefund("refund", item.order_id, item.bag_id, item.request, Phase.SENT,
-                                sends=1, first_sent_at=now, last_sent_at=now,
-                                baseline=frozenset(r.id for r in refunds))
+            ask = PendingRefund(
+                "refund",
+                item.order_id,
+                item.bag_id,
+                item.request,
+                Phase.SENT,
+                sends=1,
+                first_sent_at=now,
+                last_sent_at=now,
+                baseline=frozenset(r.id for r in refunds),
+            )
             held = await worker.locks.acquire(item.bag_id)
             await ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
             # ... the POST left and applied, then the worker was killed:
@@ -198,7 +219,8 @@ async def test_sent_record_is_resumed_by_read_back(redis: Redis) -> None:
             await worker.locks.release(held)
             posts = len(fake.ledger.posts_per_bag[item.bag_id])
             result = await worker.run(key, item)
-            assert result["state"] == "applied" and result["reconciled"]
+            assert result["state"] == "applied"
+            assert result["reconciled"]
             assert len(fake.ledger.posts_per_bag[item.bag_id]) == posts  # nothing re-sent
             assert fake.ledger.refunds_per_bag[item.bag_id] == 1
         finally:
@@ -245,7 +267,8 @@ async def test_lost_lock_stops_before_sending(redis: Redis) -> None:
                 await worker.run(key, item)
             assert item.bag_id not in fake.ledger.posts_per_bag
             record = await worker.ledger.get(key)
-            assert record is not None and record.state == "new"
+            assert record is not None
+            assert record.state == "new"
         finally:
             await client.aclose()  # type: ignore[attr-defined]
 
@@ -261,3 +284,23 @@ async def test_busy_bag_is_retried_later(redis: Redis) -> None:
             assert caught.value.defer == 0.05
         finally:
             await client.aclose()  # type: ignore[attr-defined]
+
+
+async def test_redis_dedup_store(redis: Redis) -> None:
+    from violet_async.webhooks import ClaimResult
+    from violet_async.webhooks._redis import RedisDedupStore
+
+    store = RedisDedupStore(redis)
+    other = RedisDedupStore(redis)  # another host's receiver
+    claims = await asyncio.gather(*(s.claim("evt-1", 5) for s in (store, other, store)))
+    assert sorted(c.value for c in claims) == ["new", "running", "running"]
+    await store.release("evt-1")
+    assert await other.claim("evt-1", 5) is ClaimResult.NEW
+    await other.done("evt-1")
+    await store.release("evt-1")  # a done key stays done
+    assert await store.claim("evt-1", 5) is ClaimResult.DONE
+    assert await store.claim("evt-2", 0.05) is ClaimResult.NEW
+    await asyncio.sleep(0.1)  # a crashed claimant's claim expires
+    assert await other.claim("evt-2", 5) is ClaimResult.NEW
+    with pytest.raises(ValueError, match="retention"):
+        RedisDedupStore(redis, retention=0)

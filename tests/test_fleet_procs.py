@@ -23,16 +23,18 @@ if not os.environ.get("CI"):
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
-from tests._fleet_redis import redis_url  # noqa: F401 - the fixture
+from tests import _fleet_redis
 from violet_async import _batch_cli
 from violet_async.batch import BatchItem
 from violet_async.fleet import RedisLedger, enqueue
 from violet_async.fleet import _cli as fleet_cli
 from violet_async.testing import FakeViolet, FaultPlan
 
+redis_url = _fleet_redis.redis_url  # the session's redis-server
+
 
 @pytest.fixture
-async def pool(redis_url: str) -> AsyncIterator[ArqRedis]:  # noqa: F811
+async def pool(redis_url: str) -> AsyncIterator[ArqRedis]:
     arq = await create_pool(RedisSettings.from_dsn(redis_url))
     await arq.flushall()
     try:
@@ -63,8 +65,15 @@ async def _start_worker(fake: FakeViolet, url: str, *extra: str) -> asyncio.subp
     for name in ("VIOLET_TOKEN", "VIOLET_REFRESH_TOKEN", "VIOLET_ENV"):
         env.pop(name, None)
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "violet_async", "worker", "--redis", url,
-        "--base-url", fake.base_url, *extra,
+        sys.executable,
+        "-m",
+        "violet_async",
+        "worker",
+        "--redis",
+        url,
+        "--base-url",
+        fake.base_url,
+        *extra,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
@@ -96,19 +105,37 @@ def _items(path: Path) -> list[BatchItem]:
 
 
 async def test_three_workers_one_killed_every_bag_once(
-    pool: ArqRedis, redis_url: str, tmp_path: Path  # noqa: F811
+    pool: ArqRedis,
+    redis_url: str,
+    tmp_path: Path,
 ) -> None:
     bags = 240
     async with FakeViolet(orders=bags, seed=3, faults=FaultPlan.chaos(3)) as fake:
         rows = _write_rows(tmp_path / "refunds.csv", 100001, bags)
-        options = ("--settle", "1", "--timeout", "2", "--lock-ttl", "3",
-                   "--job-timeout", "4", "--concurrency", "16")
+        options = (
+            "--settle",
+            "1",
+            "--timeout",
+            "2",
+            "--lock-ttl",
+            "3",
+            "--job-timeout",
+            "4",
+            "--concurrency",
+            "16",
+        )
         workers = [await _start_worker(fake, redis_url, *options) for _ in range(3)]
         try:
             # Two producers at once (the CLI and this process), then the file again.
             cli = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "violet_async", "enqueue", str(rows),
-                "--redis", redis_url, stdout=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "violet_async",
+                "enqueue",
+                str(rows),
+                "--redis",
+                redis_url,
+                stdout=asyncio.subprocess.PIPE,
             )
             here = await enqueue(pool, _items(rows), source=str(rows))
             out, _ = await cli.communicate()
@@ -153,7 +180,9 @@ async def test_three_workers_one_killed_every_bag_once(
 
 
 async def test_fleet_rate_limit_is_shared(
-    pool: ArqRedis, redis_url: str, tmp_path: Path  # noqa: F811
+    pool: ArqRedis,
+    redis_url: str,
+    tmp_path: Path,
 ) -> None:
     rate, bags = 40.0, 160
     async with FakeViolet(orders=bags, seed=4, rate_limit=rate) as fake:

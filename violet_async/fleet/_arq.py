@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from arq import func
@@ -21,9 +21,11 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from .._client import VioletClient
 from .. import RetryPolicy, Timeouts
+from .._client import VioletClient
+from .._converter import converter, request_from_dict
 from ..batch import BatchItem
+from ..models import CancelBagRequest, RefundBagRequest
 from ._ledger import DEFAULT_PREFIX, DurabilityError, RedisLedger, keyed_items
 from ._lock import BagLocks
 from ._ratelimit import FleetRateLimit
@@ -124,8 +126,6 @@ async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None 
 
 
 def _item_dict(item: BatchItem) -> dict[str, Any]:
-    from .._converter import converter
-
     return {
         "line": item.line,
         "kind": item.kind,
@@ -136,12 +136,12 @@ def _item_dict(item: BatchItem) -> dict[str, Any]:
 
 
 def _item_from(data: dict[str, Any]) -> BatchItem:
-    from .._converter import request_from_dict
-    from ..models import CancelBagRequest, RefundBagRequest
-
     kind = data["kind"]
-    cls = CancelBagRequest if kind == "cancel" else RefundBagRequest
-    request = request_from_dict(cls, data["request"])  # type: ignore[type-var]
+    request: RefundBagRequest | CancelBagRequest
+    if kind == "cancel":
+        request = request_from_dict(CancelBagRequest, data["request"])
+    else:
+        request = request_from_dict(RefundBagRequest, data["request"])
     return BatchItem(int(data["line"]), kind, int(data["order_id"]), int(data["bag_id"]), request)
 
 
@@ -160,9 +160,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     await client.__aenter__()
     ctx["violet_client"] = client
     limiter = (
-        FleetRateLimit(
-            redis, client._shared.credentials.app_id, config.rate, prefix=config.prefix
-        )
+        FleetRateLimit(redis, client._shared.credentials.app_id, config.rate, prefix=config.prefix)
         if config.rate
         else None
     )
@@ -189,9 +187,7 @@ def worker_settings(config: FleetConfig) -> dict[str, Any]:
         await startup(ctx)
 
     return {
-        "functions": [
-            func(refund_job, name=JOB_NAME, keep_result=0, max_tries=config.max_tries)
-        ],
+        "functions": [func(refund_job, name=JOB_NAME, keep_result=0, max_tries=config.max_tries)],
         "queue_name": QUEUE_NAME,
         "on_startup": on_startup,
         "on_shutdown": shutdown,
@@ -207,7 +203,9 @@ class WorkerSettings:
     """``arq violet_async.fleet.WorkerSettings``: settings from the environment."""
 
     _config = FleetConfig.from_env()
-    functions = [func(refund_job, name=JOB_NAME, keep_result=0, max_tries=_config.max_tries)]
+    functions: ClassVar[list[Any]] = [
+        func(refund_job, name=JOB_NAME, keep_result=0, max_tries=_config.max_tries)
+    ]
     queue_name = QUEUE_NAME
     on_startup = startup
     on_shutdown = shutdown

@@ -12,6 +12,7 @@ from typing import IO, Any
 import orjson
 from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
+from redis.asyncio import Redis
 
 from .. import _batch_cli
 from ..batch import BatchItem
@@ -39,15 +40,22 @@ def add_commands(subparsers: Any) -> None:
             cmd.add_argument("--kind", choices=("refund", "cancel"), default="refund")
         if name == "worker":
             cmd.add_argument("--concurrency", type=int, default=16)
-            cmd.add_argument("--rate", type=float, default=None,
-                             help="refund/cancel sends per second for the whole fleet")
+            cmd.add_argument(
+                "--rate",
+                type=float,
+                default=None,
+                help="refund/cancel sends per second for the whole fleet",
+            )
             cmd.add_argument("--settle", type=float, default=60.0, metavar="SECONDS")
             cmd.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
             cmd.add_argument("--lock-ttl", type=float, default=30.0, metavar="SECONDS")
             cmd.add_argument("--job-timeout", type=float, default=300.0, metavar="SECONDS")
             cmd.add_argument("--base-url", default=None)
-            cmd.add_argument("--burst", action="store_true",
-                             help="exit when the queue is empty (for scripts and tests)")
+            cmd.add_argument(
+                "--burst",
+                action="store_true",
+                help="exit when the queue is empty (for scripts and tests)",
+            )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="one JSON object")
 
@@ -120,8 +128,6 @@ async def _worker(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace, out: IO[str]) -> int:
-    from redis.asyncio import Redis
-
     redis = Redis.from_url(args.redis)
     try:
         ledger = RedisLedger(redis, prefix=args.prefix)
@@ -134,12 +140,17 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
     finished = counts["applied"] + counts["failed"]
     problems.sort(key=lambda r: (r.source, r.item.line))
     if args.json:
-        out.write(orjson.dumps({
-            "total": total,
-            "counts": {s: counts[s] for s in STATES},
-            "finished": finished,
-            "problems": [r.to_dict() for r in problems],
-        }).decode() + "\n")
+        out.write(
+            orjson.dumps(
+                {
+                    "total": total,
+                    "counts": {s: counts[s] for s in STATES},
+                    "finished": finished,
+                    "problems": [r.to_dict() for r in problems],
+                }
+            ).decode()
+            + "\n"
+        )
     else:
         states = ", ".join(f"{s} {counts[s]}" for s in STATES)
         share = f"{100 * finished / total:.1f}%" if total else "-"
@@ -150,6 +161,7 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
             out.write(
                 f"  {record.source or '?'}:line {record.item.line}: {what}{review}: "
                 f"order {record.item.order_id} bag {record.item.bag_id}: "
-                f"{record.error or ''} {record.message or ''}".rstrip() + "\n"
+                f"{record.error or ''} {record.message or ''}".rstrip()
+                + "\n"
             )
     return EXIT_FAILED if counts["failed"] else EXIT_OK

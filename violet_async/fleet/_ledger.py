@@ -25,10 +25,11 @@ is acknowledged by replicas or their AOF before the send.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections import Counter
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 import orjson
@@ -156,6 +157,23 @@ return false
 """
 
 
+T = TypeVar("T")
+
+
+async def resolve(value: Awaitable[T] | T) -> T:
+    """redis-py types its commands as sync-or-async; the asyncio client's are awaitable."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _state(text: str | None) -> State | None:
+    for state in STATES:
+        if text == state:
+            return state
+    return None
+
+
 def _text(value: Any) -> str | None:
     if value is None:
         return None
@@ -209,12 +227,11 @@ class RedisLedger:
         for name, value in fields.items():
             args += [name, value]
         found = await self._register(keys=[self.record_key(key), self.states_key], args=args)
-        state = _text(found)
-        return state if state in STATES else None  # type: ignore[return-value]
+        return _state(_text(found))
 
     async def get(self, key: str) -> LedgerRecord | None:
         """The record of ``key`` (None: not in the ledger)."""
-        raw = await self.redis.hgetall(self.record_key(key))
+        raw = await resolve(self.redis.hgetall(self.record_key(key)))
         return _parse(key, raw) if raw else None
 
     async def get_many(self, keys: list[str]) -> list[LedgerRecord | None]:
@@ -222,7 +239,7 @@ class RedisLedger:
             for key in keys:
                 pipe.hgetall(self.record_key(key))
             raws = await pipe.execute()
-        return [_parse(key, raw) if raw else None for key, raw in zip(keys, raws)]
+        return [_parse(key, raw) if raw else None for key, raw in zip(keys, raws, strict=True)]
 
     async def mark_sent(self, key: str, ask: PendingRefund, *, lock_key: str, token: str) -> None:
         """Write the ``sent`` record, only while ``token`` holds ``lock_key``, durably:
@@ -253,7 +270,7 @@ class RedisLedger:
         fields: dict[str, Any] = {"reconciled": int(reconciled), "outcome": outcome}
         if refund_id is not None:
             fields["refund_id"] = refund_id
-            await self.redis.sadd(self.bag_refunds_key(bag_id), refund_id)
+            await resolve(self.redis.sadd(self.bag_refunds_key(bag_id), refund_id))
         await self._set(key, "applied", **fields)
 
     async def mark_new(self, key: str) -> None:
@@ -265,19 +282,17 @@ class RedisLedger:
 
     async def bag_refunds(self, bag_id: int) -> set[int]:
         """Refund ids the ledger recorded on ``bag_id`` (other items' refunds)."""
-        return {int(v) for v in await self.redis.smembers(self.bag_refunds_key(bag_id))}
+        return {int(v) for v in await resolve(self.redis.smembers(self.bag_refunds_key(bag_id)))}
 
     async def counts(self) -> Counter[str]:
         """Items by state."""
-        states = await self.redis.hvals(self.states_key)
+        states = await resolve(self.redis.hvals(self.states_key))
         return Counter(_text(s) or "" for s in states)
 
     async def keys_in(self, *states: State) -> list[str]:
         wanted = set(states)
-        found = await self.redis.hgetall(self.states_key)
-        return sorted(
-            str(_text(k)) for k, v in found.items() if _text(v) in wanted
-        )
+        found = await resolve(self.redis.hgetall(self.states_key))
+        return sorted(str(_text(k)) for k, v in found.items() if _text(v) in wanted)
 
     async def check_durability(self) -> list[str]:
         """What in the server's configuration makes a ``sent`` record less than durable
@@ -304,18 +319,19 @@ class RedisLedger:
         for name, value in fields.items():
             args += [name, value]
         args += self._stamp()
-        await self._write(keys=[self.record_key(key), self.states_key, self.record_key(key)],
-                          args=args)
+        await self._write(
+            keys=[self.record_key(key), self.states_key, self.record_key(key)], args=args
+        )
 
     async def _durable(self) -> None:
         if self.wait_aof:
-            local, _replicas = await self.redis.execute_command(
+            local, _replicas = await self.redis.execute_command(  # type: ignore[no-untyped-call]
                 "WAITAOF", 1, self.wait_replicas, self.wait_timeout_ms
             )
             if int(local) < 1:
                 raise DurabilityError("WAITAOF: the local AOF did not confirm the write")
         elif self.wait_replicas:
-            acked = await self.redis.execute_command(
+            acked = await self.redis.execute_command(  # type: ignore[no-untyped-call]
                 "WAIT", self.wait_replicas, self.wait_timeout_ms
             )
             if int(acked) < self.wait_replicas:
@@ -343,7 +359,7 @@ def _parse(key: str, raw: dict[Any, Any]) -> LedgerRecord:
     state = data.get("state") or "new"
     return LedgerRecord(
         key=key,
-        state=state if state in STATES else "new",  # type: ignore[arg-type]
+        state=_state(state) or "new",
         item=item,
         source=data.get("source") or "",
         ask=orjson.loads(ask) if ask else None,

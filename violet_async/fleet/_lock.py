@@ -143,4 +143,3 @@ class BagLocks:
                 if on_lost is not None:
                     on_lost()
                 return
-

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from ._ledger import DEFAULT_PREFIX
+from ._ledger import DEFAULT_PREFIX, resolve
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -88,9 +88,12 @@ class FleetRateLimit:
         """Reserve the next send slot no sooner than ``earliest`` seconds from now and
         sleep until ``earliest`` before it; returns the seconds slept. (The caller
         waits the ``earliest`` part itself, as the refund driver does for a backoff.)"""
-        waited = float(
-            await self._reserve(keys=[self.key], args=[self.ceiling, max(earliest, 0.0) * 1000])
-        ) / 1000
+        waited = (
+            float(
+                await self._reserve(keys=[self.key], args=[self.ceiling, max(earliest, 0.0) * 1000])
+            )
+            / 1000
+        )
         if waited > 0:
             await asyncio.sleep(waited)
         return waited
@@ -104,5 +107,5 @@ class FleetRateLimit:
         return float(await self._adjust(keys=[self.key], args=[self.ceiling, "up"]))
 
     async def current(self) -> float:
-        raw = await self.redis.hget(self.key, "rate")
+        raw = await resolve(self.redis.hget(self.key, "rate"))
         return min(float(raw), self.ceiling) if raw is not None else self.ceiling

@@ -94,8 +94,7 @@ class FleetWorker:
             # The ledger lost it (or it was never registered): start it as new.
             # read_before_send + hold_if_present keep a refund it already made.
             await self.ledger.register(key, item)
-            record = await self.ledger.get(key)
-            assert record is not None
+            record = await self._record(key)
         if record.state in ("applied", "failed"):
             return record.to_dict()
         if record.state == "pending" and record.needs_review:
@@ -108,8 +107,7 @@ class FleetWorker:
 
     async def _under_lock(self, key: str, held: Any) -> dict[str, Any]:
         # Read again under the lock: another worker may have moved it on meanwhile.
-        record = await self.ledger.get(key)
-        assert record is not None
+        record = await self._record(key)
         if record.state in ("applied", "failed") or record.needs_review:
             return record.to_dict()
         resume = _resumable(record)
@@ -166,9 +164,7 @@ class FleetWorker:
         except LockLostError as exc:
             raise RetryLaterError(str(exc), defer=0.5) from exc
         except RefundAlreadyPresentError as exc:
-            await ledger.mark_failed(
-                key, type(exc).__name__, str(exc), outcome="already_present"
-            )
+            await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="already_present")
         except AmbiguousOutcomeError as exc:
             pending = exc.pending
             if pending is None:
@@ -196,9 +192,13 @@ class FleetWorker:
             )
             if self.limiter is not None:
                 await self.limiter.speed_up()
-        record = await ledger.get(key)
-        assert record is not None
-        return record.to_dict()
+        return (await self._record(key)).to_dict()
+
+    async def _record(self, key: str) -> LedgerRecord:
+        record = await self.ledger.get(key)
+        if record is None:
+            raise LookupError(f"item {key} vanished from the ledger")
+        return record
 
 
 def _resumable(record: LedgerRecord) -> PendingRefund | None:
@@ -215,8 +215,14 @@ def _resumable(record: LedgerRecord) -> PendingRefund | None:
     item = record.item
     now = record.updated_at or time.time()
     return PendingRefund(
-        item.kind, item.order_id, item.bag_id, item.request, Phase.SENT,
-        sends=1, first_sent_at=now, last_sent_at=now,
+        item.kind,
+        item.order_id,
+        item.bag_id,
+        item.request,
+        Phase.SENT,
+        sends=1,
+        first_sent_at=now,
+        last_sent_at=now,
     )
 
 
