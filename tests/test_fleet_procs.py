@@ -213,3 +213,80 @@ async def test_fleet_rate_limit_is_shared(
         # ... and close to it: the sends took about bags / rate seconds.
         span = limiter.allowed_at[-1] - limiter.allowed_at[0]
         assert bags / span >= 0.7 * rate, bags / span
+
+
+async def test_arq_worker_in_process_and_cli(
+    pool: ArqRedis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same job function and settings in this process (burst mode), the CLI's
+    strict input, and ``status --json`` with a failure and its line."""
+    from arq.worker import Worker
+
+    from violet_async.fleet._arq import FleetConfig, close_worker, worker_settings
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("order_id,bag_id,amount_refunded\n100001,200001,-5\nx,1,1\n")
+    err = io.StringIO()
+    args = argparse.Namespace(redis=redis_url, prefix="{violet}", file=bad, kind="refund")
+    assert await fleet_cli._enqueue(args, io.StringIO(), err) == 2
+    assert f"{bad}:line 2:" in err.getvalue()
+    assert "nothing was queued" in err.getvalue()
+    args.file = tmp_path / "missing.csv"
+    assert await fleet_cli._enqueue(args, io.StringIO(), io.StringIO()) == 2
+
+    async with FakeViolet(orders=6, seed=5) as fake:
+        rows = tmp_path / "few.jsonl"
+        rows.write_text(
+            "".join(
+                f'{{"order_id": {o}, "bag_id": {o + 100_000}, "amount_refunded": 500}}\n'
+                for o in range(100001, 100006)
+            )
+            # More than the bag holds: Violet refuses it, a definite failure.
+            + '{"order_id": 100006, "bag_id": 200006, "amount_refunded": 99999999}\n'
+        )
+        args.file = rows
+        out = io.StringIO()
+        assert await fleet_cli._enqueue(args, out, io.StringIO()) == 0
+        assert "6 item(s): 6 queued" in out.getvalue()
+        for name, value in (
+            ("VIOLET_APP_ID", str(fake.app_id)),
+            ("VIOLET_APP_SECRET", fake.app_secret),
+            ("VIOLET_USERNAME", fake.username),
+            ("VIOLET_PASSWORD", fake.password),
+            ("VIOLET_FLEET_RATE", "200"),
+            ("VIOLET_FLEET_CONCURRENCY", "4"),
+        ):
+            monkeypatch.setenv(name, value)
+        config = FleetConfig.from_env(redis_url=redis_url, base_url=fake.base_url)
+        assert (config.rate, config.concurrency) == (200.0, 4)
+        worker = Worker(**worker_settings(config), burst=True, handle_signals=False)
+        try:
+            await worker.main()
+        finally:
+            await close_worker(worker)
+        assert fake.ledger.total_refunds == 5
+    status = io.StringIO()
+    args = argparse.Namespace(redis=redis_url, prefix="{violet}", json=True)
+    assert await fleet_cli._status(args, status) == 1  # one failed item
+    import orjson
+
+    report = orjson.loads(status.getvalue())
+    assert report["counts"]["applied"] == 5
+    assert report["finished"] == report["total"] == 6
+    (failure,) = report["problems"]
+    assert (failure["line"], failure["outcome"], failure["source"]) == (6, "failed", str(rows))
+    text = io.StringIO()
+    args.json = False
+    assert await fleet_cli._status(args, text) == 1
+    assert f"{rows}:line 6: failed: order 100006 bag 200006" in text.getvalue()
+
+
+def test_cli_reports_redis_down_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from violet_async.__main__ import main
+
+    assert main(["status", "--redis", "redis://127.0.0.1:1/0"]) == 1
+    assert capsys.readouterr().err.startswith("violet-async: redis: ")
+    assert main(["worker", "--redis", "redis://127.0.0.1:1/0", "--rate", "0"]) == 2

@@ -10,15 +10,17 @@ each item once; its result is the ledger's record (arq keeps none: ``keep_result
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import attrs
 from arq import func
 from arq.connections import ArqRedis, RedisSettings
-from arq.worker import Retry
+from arq.worker import Retry, Worker
 from redis.exceptions import RedisError
 
 from .. import RetryPolicy, Timeouts
@@ -37,6 +39,7 @@ __all__ = [
     "EnqueueReport",
     "FleetConfig",
     "WorkerSettings",
+    "close_worker",
     "enqueue",
     "job_id",
     "refund_job",
@@ -197,6 +200,25 @@ def worker_settings(config: FleetConfig) -> dict[str, Any]:
         "keep_result": 0,
         "poll_delay": 0.1,
     }
+
+
+async def close_worker(worker: Worker) -> None:
+    """Stop an arq ``Worker`` run with ``handle_signals=False``: cancel its jobs (arq
+    runs them again; the ledger makes that safe) and close its pool.
+
+    The steps of arq's ``Worker.close`` with redis-py's ``aclose`` (arq still calls the
+    deprecated ``close``, a warning this project treats as an error).
+    """
+    worker.handle_sig(signal.SIGUSR1)  # cancels the jobs still running
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    pool = worker._pool
+    if pool is None:
+        return
+    await pool.delete(worker.health_check_key)
+    if worker.on_shutdown:
+        await worker.on_shutdown(worker.ctx)
+    await pool.aclose(close_connection_pool=True)
+    worker._pool = None
 
 
 class WorkerSettings:

@@ -13,10 +13,11 @@ import orjson
 from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .. import _batch_cli
 from ..batch import BatchItem
-from ._arq import FleetConfig, enqueue, worker_settings
+from ._arq import FleetConfig, close_worker, enqueue, worker_settings
 from ._ledger import DEFAULT_PREFIX, STATES, RedisLedger
 
 __all__ = ["add_commands", "run"]
@@ -62,14 +63,20 @@ def add_commands(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the fleet command ``args.command``; returns the exit code."""
-    if args.command == "enqueue":
-        return asyncio.run(_enqueue(args, sys.stdout, sys.stderr))
-    if args.command == "worker":
-        if args.concurrency < 1 or (args.rate is not None and args.rate <= 0):
-            print("violet-async: --concurrency and --rate must be positive", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        return asyncio.run(_worker(args))
-    return asyncio.run(_status(args, sys.stdout))
+    if args.command == "worker" and (
+        args.concurrency < 1 or (args.rate is not None and args.rate <= 0)
+    ):
+        print("violet-async: --concurrency and --rate must be positive", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if args.command == "enqueue":
+            return asyncio.run(_enqueue(args, sys.stdout, sys.stderr))
+        if args.command == "worker":
+            return asyncio.run(_worker(args))
+        return asyncio.run(_status(args, sys.stdout))
+    except (RedisError, OSError) as exc:
+        print(f"violet-async: redis: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 async def _enqueue(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
@@ -123,7 +130,7 @@ async def _worker(args: argparse.Namespace) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await worker.close()
+        await close_worker(worker)
     return EXIT_OK
 
 
