@@ -26,9 +26,15 @@ EXPECTED = {
     "fakeviolet_in_your_tests.py": r"^3 passed",
     "aiohttp_webhook.py": r"^webhook \S+: order 100001$",
     "webhook_any_framework.py": r"^bag 200001: PARTIALLY_REFUNDED$",
+    "fleet_plain_loop.py": r"^fleet: \{'applied': 5\}; refunds at Violet: 5$",
 }
 # These always play Violet with an embedded FakeViolet (a pytest file; a webhook sender).
-EMBEDDED_ONLY = {"fakeviolet_in_your_tests.py", "aiohttp_webhook.py", "webhook_any_framework.py"}
+EMBEDDED_ONLY = {
+    "fakeviolet_in_your_tests.py",
+    "aiohttp_webhook.py",
+    "webhook_any_framework.py",
+    "fleet_plain_loop.py",  # also starts its own redis-server (needs it installed)
+}
 
 
 def clean_env(extra: Mapping[str, str] = {}) -> dict[str, str]:

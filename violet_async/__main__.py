@@ -17,6 +17,11 @@ from .exceptions import RequestValidationError, VioletError
 from .testing import FakeViolet, FaultPlan
 from .testing._faults import PLAN_NAMES
 
+try:  # the fleet commands need the 'fleet' extra (redis, arq)
+    from .fleet import _cli as _fleet_cli
+except ImportError:  # pragma: no cover - without the extra
+    _fleet_cli = None  # type: ignore[assignment]
+
 __all__ = ["main"]
 
 
@@ -132,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--faults", choices=PLAN_NAMES, default="none")
     serve.add_argument("--token-lifetime", type=float, default=24 * 3600.0)
     serve.add_argument("--cancel-response", choices=("refund", "cancellation"), default="refund")
+    if _fleet_cli is not None:
+        _fleet_cli.add_commands(sub)
     return parser
 
 
@@ -182,6 +189,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 ),
             )
         )
+    if _fleet_cli is not None and args.command in _fleet_cli.COMMANDS:
+        return _fleet_cli.run(args)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_serve(args))
     return 130  # pragma: no cover - only when the signal lands before the handler

@@ -20,6 +20,7 @@ from aiohttp import web
 from .._client import VioletClient
 from ._clock import RealClock, ServerClock
 from ._faults import COMMIT_FAULTS, Fault, FaultDrawer, FaultPlan, FaultScript, ServerQuirks
+from ._ratelimit import AppRateLimit
 from ._state import FakeBag, FakeOrder, Ledger, Post, RuleViolation, Store
 from ._webhook_sender import WebhookSender
 from ._wire import (
@@ -116,6 +117,7 @@ class FakeViolet:
         trim_reasons: bool | None = None,
         page_size: int | None = None,
         page_keys: str | None = None,
+        rate_limit: float | None = None,
     ) -> None:
         if cancel_response not in ("refund", "cancellation"):
             raise ValueError("cancel_response must be 'refund' or 'cancellation'")
@@ -166,11 +168,14 @@ class FakeViolet:
         self._held_changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.rate_limit = AppRateLimit(rate_limit) if rate_limit else None
 
     # -- lifecycle --------------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
+        if self.rate_limit is not None:  # refund / cancel POSTs over the app's rate: 429
+            app.middlewares.append(self.rate_limit.middleware)
         app.on_response_prepare.append(self._stamp_date)
         app.router.add_post("/v1/login", self._login)
         app.router.add_get("/v1/auth/token", self._refresh)

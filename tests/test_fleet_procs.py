@@ -1,0 +1,292 @@
+"""Exactly once across processes: three ``violet-async worker`` subprocesses (arq) on a
+real redis-server, FakeViolet in this process (its ledger counts every refund), two
+producers at once, the same file enqueued again, and one worker killed with SIGKILL in
+the middle of the run. Then the shared rate limit against FakeViolet's own limit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+if not os.environ.get("CI"):
+    pytest.importorskip("arq")
+    pytest.importorskip("redis")
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from tests import _fleet_redis
+from violet_async import _batch_cli
+from violet_async.batch import BatchItem
+from violet_async.fleet import RedisLedger, enqueue
+from violet_async.fleet import _cli as fleet_cli
+from violet_async.testing import FakeViolet, FaultPlan
+
+redis_url = _fleet_redis.redis_url  # the session's redis-server
+
+
+@pytest.fixture
+async def pool(redis_url: str) -> AsyncIterator[ArqRedis]:
+    arq = await create_pool(RedisSettings.from_dsn(redis_url))
+    await arq.flushall()
+    try:
+        yield arq
+    finally:
+        await arq.aclose()
+
+
+def _write_rows(path: Path, first_order: int, count: int) -> Path:
+    lines = ["order_id,bag_id,amount_refunded,reason"]
+    lines += [
+        f"{order},{order + 100_000},500,fleet test"
+        for order in range(first_order, first_order + count)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _start_worker(fake: FakeViolet, url: str, *extra: str) -> asyncio.subprocess.Process:
+    env = {
+        **os.environ,
+        "VIOLET_APP_ID": str(fake.app_id),
+        "VIOLET_APP_SECRET": fake.app_secret,
+        "VIOLET_USERNAME": fake.username,
+        "VIOLET_PASSWORD": fake.password,
+        "VIOLET_BASE_URL": fake.base_url,
+    }
+    for name in ("VIOLET_TOKEN", "VIOLET_REFRESH_TOKEN", "VIOLET_ENV"):
+        env.pop(name, None)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "violet_async",
+        "worker",
+        "--redis",
+        url,
+        "--base-url",
+        fake.base_url,
+        *extra,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _until(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def _items(path: Path) -> list[BatchItem]:
+    return [i for i in _batch_cli.read_items(path, "refund") if isinstance(i, BatchItem)]
+
+
+async def test_three_workers_one_killed_every_bag_once(
+    pool: ArqRedis,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    bags = 240
+    async with FakeViolet(orders=bags, seed=3, faults=FaultPlan.chaos(3)) as fake:
+        rows = _write_rows(tmp_path / "refunds.csv", 100001, bags)
+        options = (
+            "--settle",
+            "1",
+            "--timeout",
+            "2",
+            "--lock-ttl",
+            "3",
+            "--job-timeout",
+            "4",
+            "--concurrency",
+            "16",
+        )
+        workers = [await _start_worker(fake, redis_url, *options) for _ in range(3)]
+        try:
+            # Two producers at once (the CLI and this process), then the file again.
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "violet_async",
+                "enqueue",
+                str(rows),
+                "--redis",
+                redis_url,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            here = await enqueue(pool, _items(rows), source=str(rows))
+            out, _ = await cli.communicate()
+            assert cli.returncode == 0
+            assert f"{bags} item(s)" in out.decode()
+            assert here.total == bags
+            again = await enqueue(pool, _items(rows), source=str(rows))
+            assert again.queued + here.queued <= bags  # never more jobs than items
+            ledger = RedisLedger(pool)
+
+            async def some_done() -> bool:
+                return fake.ledger.total_refunds >= bags // 4
+
+            await _until(some_done, 30, "the first refunds")
+            workers[0].kill()  # SIGKILL: its jobs in flight are re-run by arq elsewhere
+            await workers[0].wait()
+
+            async def all_finished() -> bool:
+                counts = await ledger.counts()
+                return counts["applied"] + counts["failed"] >= bags
+
+            await _until(all_finished, 45, "every item to finish")
+        finally:
+            await _stop(workers)
+        counts = await ledger.counts()
+        assert counts["applied"] == bags, counts
+        assert sum(counts.values()) == bags
+        fake.settle()
+        assert fake.ledger.double_refunds() == {}
+        for order in range(100001, 100001 + bags):
+            assert fake.ledger.refunds_per_bag[order + 100_000] == 1, order
+        # The producer reads results from the ledger: status, by state and progress.
+        out_text = io.StringIO()
+        args = argparse.Namespace(redis=redis_url, prefix="{violet}", json=False)
+        assert await fleet_cli._status(args, out_text) == 0
+        assert f"{bags} item(s): new 0, sent 0, pending 0, applied {bags}, failed 0" in (
+            out_text.getvalue()
+        )
+        # Enqueued once more after the end: every item is already finished.
+        late = await enqueue(pool, _items(rows))
+        assert (late.queued, late.already_finished) == (0, bags)
+
+
+async def test_fleet_rate_limit_is_shared(
+    pool: ArqRedis,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    rate, bags = 40.0, 160
+    async with FakeViolet(orders=bags, seed=4, rate_limit=rate) as fake:
+        rows = _write_rows(tmp_path / "rate.csv", 100001, bags)
+        report = await enqueue(pool, _items(rows))
+        assert report.queued == bags
+        workers = [
+            await _start_worker(fake, redis_url, "--rate", str(rate), "--concurrency", "16")
+            for _ in range(3)
+        ]
+        ledger = RedisLedger(pool)
+        try:
+
+            async def all_finished() -> bool:
+                return (await ledger.counts())["applied"] >= bags
+
+            await _until(all_finished, 40, "every item to finish")
+        finally:
+            await _stop(workers)
+        limiter = fake.rate_limit
+        assert limiter is not None
+        assert fake.ledger.double_refunds() == {}
+        assert limiter.allowed == bags
+        # Together under the app's limit: no 429 worth the name, and no second with
+        # more sends than the rate (plus the fake's burst allowance).
+        assert limiter.limited <= 2, limiter.limited
+        assert limiter.max_in_window(1.0) <= rate + limiter.burst
+        # ... and close to it: the sends took about bags / rate seconds.
+        span = limiter.allowed_at[-1] - limiter.allowed_at[0]
+        assert bags / span >= 0.7 * rate, bags / span
+
+
+async def test_arq_worker_in_process_and_cli(
+    pool: ArqRedis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same job function and settings in this process (burst mode), the CLI's
+    strict input, and ``status --json`` with a failure and its line."""
+    from arq.worker import Worker
+
+    from violet_async.fleet._arq import FleetConfig, close_worker, worker_settings
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("order_id,bag_id,amount_refunded\n100001,200001,-5\nx,1,1\n")
+    err = io.StringIO()
+    args = argparse.Namespace(redis=redis_url, prefix="{violet}", file=bad, kind="refund")
+    assert await fleet_cli._enqueue(args, io.StringIO(), err) == 2
+    assert f"{bad}:line 2:" in err.getvalue()
+    assert "nothing was queued" in err.getvalue()
+    args.file = tmp_path / "missing.csv"
+    assert await fleet_cli._enqueue(args, io.StringIO(), io.StringIO()) == 2
+
+    async with FakeViolet(orders=6, seed=5) as fake:
+        rows = tmp_path / "few.jsonl"
+        rows.write_text(
+            "".join(
+                f'{{"order_id": {o}, "bag_id": {o + 100_000}, "amount_refunded": 500}}\n'
+                for o in range(100001, 100006)
+            )
+            # More than the bag holds: Violet refuses it, a definite failure.
+            + '{"order_id": 100006, "bag_id": 200006, "amount_refunded": 99999999}\n'
+        )
+        args.file = rows
+        out = io.StringIO()
+        assert await fleet_cli._enqueue(args, out, io.StringIO()) == 0
+        assert "6 item(s): 6 queued" in out.getvalue()
+        for name, value in (
+            ("VIOLET_APP_ID", str(fake.app_id)),
+            ("VIOLET_APP_SECRET", fake.app_secret),
+            ("VIOLET_USERNAME", fake.username),
+            ("VIOLET_PASSWORD", fake.password),
+            ("VIOLET_FLEET_RATE", "200"),
+            ("VIOLET_FLEET_CONCURRENCY", "4"),
+        ):
+            monkeypatch.setenv(name, value)
+        config = FleetConfig.from_env(redis_url=redis_url, base_url=fake.base_url)
+        assert (config.rate, config.concurrency) == (200.0, 4)
+        worker = Worker(**worker_settings(config), burst=True, handle_signals=False)
+        try:
+            await worker.main()
+        finally:
+            await close_worker(worker)
+        assert fake.ledger.total_refunds == 5
+    status = io.StringIO()
+    args = argparse.Namespace(redis=redis_url, prefix="{violet}", json=True)
+    assert await fleet_cli._status(args, status) == 1  # one failed item
+    import orjson
+
+    report = orjson.loads(status.getvalue())
+    assert report["counts"]["applied"] == 5
+    assert report["finished"] == report["total"] == 6
+    (failure,) = report["problems"]
+    assert (failure["line"], failure["outcome"], failure["source"]) == (6, "failed", str(rows))
+    text = io.StringIO()
+    args.json = False
+    assert await fleet_cli._status(args, text) == 1
+    assert f"{rows}:line 6: failed: order 100006 bag 200006" in text.getvalue()
+
+
+def test_cli_reports_redis_down_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from violet_async.__main__ import main
+
+    assert main(["status", "--redis", "redis://127.0.0.1:1/0"]) == 1
+    assert capsys.readouterr().err.startswith("violet-async: redis: ")
+    assert main(["worker", "--redis", "redis://127.0.0.1:1/0", "--rate", "0"]) == 2

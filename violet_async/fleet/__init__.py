@@ -1,0 +1,70 @@
+"""Refunds on a fleet of asyncio workers, exactly once across hosts (extra: ``fleet``).
+
+``pip install 'violet-async[fleet]'`` adds redis-py and arq. The pieces, each usable
+from any asyncio worker:
+
+- :class:`RedisLedger`: each refund item's state (new, sent, applied, pending, failed),
+  keyed by its content; the ``sent`` record is written durably before a POST leaves.
+- :class:`BagLocks`: one lock per bag across the fleet, renewed while an ask runs.
+- :class:`FleetRateLimit`: one adaptive send budget per Violet app, shared in Redis.
+- :class:`FleetWorker`: runs one item with all three (what a job calls).
+- arq: :class:`WorkerSettings` (``arq violet_async.fleet.WorkerSettings``),
+  :func:`enqueue`, :func:`refund_job`.
+"""
+
+from __future__ import annotations
+
+try:
+    import arq as _arq  # noqa: F401
+    import redis as _redis  # noqa: F401
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError(
+        "violet_async.fleet needs the 'fleet' extra: pip install 'violet-async[fleet]'"
+    ) from exc
+
+from ._arq import (
+    JOB_NAME,
+    QUEUE_NAME,
+    EnqueueReport,
+    FleetConfig,
+    WorkerSettings,
+    enqueue,
+    job_id,
+    refund_job,
+    worker_settings,
+)
+from ._ledger import (
+    DurabilityError,
+    LedgerRecord,
+    LockLostError,
+    RedisLedger,
+    item_key,
+    keyed_items,
+)
+from ._lock import BagLocks, HeldLock, LockBusyError
+from ._ratelimit import FleetRateLimit
+from ._worker import FleetWorker, RetryLaterError
+
+__all__ = [
+    "JOB_NAME",
+    "QUEUE_NAME",
+    "BagLocks",
+    "DurabilityError",
+    "EnqueueReport",
+    "FleetConfig",
+    "FleetRateLimit",
+    "FleetWorker",
+    "HeldLock",
+    "LedgerRecord",
+    "LockBusyError",
+    "LockLostError",
+    "RedisLedger",
+    "RetryLaterError",
+    "WorkerSettings",
+    "enqueue",
+    "item_key",
+    "job_id",
+    "keyed_items",
+    "refund_job",
+    "worker_settings",
+]

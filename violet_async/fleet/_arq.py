@@ -1,0 +1,279 @@
+"""arq integration: the job function, ``WorkerSettings``, and the producer's ``enqueue``.
+
+Run workers with ``arq violet_async.fleet.WorkerSettings`` (or ``violet-async worker
+--redis URL``); they read Violet's credentials like ``VioletClient.from_env`` and the
+fleet's settings from ``VIOLET_REDIS_URL`` and ``VIOLET_FLEET_*`` (see
+:class:`FleetConfig`). Every item is one job whose id is derived from the item's
+content key, so enqueuing the same input twice (or from two producers at once) queues
+each item once; its result is the ledger's record (arq keeps none: ``keep_result=0``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import attrs
+from arq import func
+from arq.connections import ArqRedis, RedisSettings
+from arq.worker import Retry, Worker
+from redis.exceptions import RedisError
+
+from .. import RetryPolicy, Timeouts
+from .._client import VioletClient
+from .._converter import converter, request_from_dict
+from ..batch import BatchItem
+from ..models import CancelBagRequest, RefundBagRequest
+from ._ledger import DEFAULT_PREFIX, DurabilityError, RedisLedger, keyed_items
+from ._lock import BagLocks
+from ._ratelimit import FleetRateLimit
+from ._worker import FleetWorker, RetryLaterError
+
+__all__ = [
+    "JOB_NAME",
+    "QUEUE_NAME",
+    "EnqueueReport",
+    "FleetConfig",
+    "WorkerSettings",
+    "close_worker",
+    "enqueue",
+    "job_id",
+    "refund_job",
+    "worker_settings",
+]
+
+log = logging.getLogger("violet_async.fleet")
+
+QUEUE_NAME = "violet_async:queue"
+JOB_NAME = "violet_async.refund"
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else default
+
+
+@attrs.frozen
+class FleetConfig:
+    """A worker's settings; :meth:`from_env` reads ``VIOLET_REDIS_URL`` and
+    ``VIOLET_FLEET_{PREFIX,RATE,SETTLE,TIMEOUT,PATIENCE,LOCK_TTL,CONCURRENCY,JOB_TIMEOUT,
+    MAX_TRIES}``."""
+
+    redis_url: str = "redis://localhost:6379"
+    prefix: str = DEFAULT_PREFIX
+    rate: float | None = None
+    """Sends per second for the whole fleet (per Violet app); None: no limit."""
+    settle_running: float = 60.0
+    timeout: float = 30.0
+    patience: float = 1.0
+    lock_ttl: float = 30.0
+    concurrency: int = 16
+    job_timeout: float = 300.0
+    max_tries: int = 100
+    base_url: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> FleetConfig:
+        defaults = {f.name: f.default for f in attrs.fields(cls)}
+        found: dict[str, Any] = {
+            "redis_url": os.environ.get("VIOLET_REDIS_URL") or defaults["redis_url"],
+            "prefix": os.environ.get("VIOLET_FLEET_PREFIX") or DEFAULT_PREFIX,
+            "rate": _env_float("VIOLET_FLEET_RATE", None),
+            "settle_running": _env_float("VIOLET_FLEET_SETTLE", defaults["settle_running"]),
+        }
+        for name in ("timeout", "patience", "lock_ttl", "job_timeout"):
+            found[name] = _env_float(f"VIOLET_FLEET_{name.upper()}", defaults[name])
+        for name in ("concurrency", "max_tries"):
+            raw = os.environ.get(f"VIOLET_FLEET_{name.upper()}")
+            found[name] = int(raw) if raw else defaults[name]
+        found.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**found)
+
+    def client(self) -> VioletClient:
+        """A client from ``VIOLET_*`` credentials, with this fleet's windows."""
+        options: dict[str, Any] = {
+            "retry": RetryPolicy(
+                settle_running=self.settle_running,
+                read_before_send=True,
+                # One job stays well inside arq's job timeout.
+                deadline=max(min(self.job_timeout / 2, 120.0), 1.0),
+            ),
+            "timeouts": Timeouts(connect=min(5.0, self.timeout), read=self.timeout),
+        }
+        if self.base_url:
+            options["base_url"] = self.base_url
+        return VioletClient.from_env(**options)
+
+
+def job_id(key: str) -> str:
+    """The arq job id of an item: the same item always gets the same one."""
+    return f"violet_async:{key}"
+
+
+async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None = None) -> Any:
+    """The arq job: run one item through the fleet (a re-run is safe)."""
+    worker: FleetWorker = ctx["violet_fleet"]
+    fallback = _item_from(item) if item is not None else None
+    try:
+        return await worker.run(key, fallback)
+    except RetryLaterError as exc:
+        raise Retry(defer=exc.defer) from exc
+    except (RedisError, DurabilityError, OSError) as exc:
+        # Redis hiccup: the ledger still tells where the item stands; run it again.
+        log.warning("item %s: %s; retrying", key, exc)
+        raise Retry(defer=1.0) from exc
+
+
+def _item_dict(item: BatchItem) -> dict[str, Any]:
+    return {
+        "line": item.line,
+        "kind": item.kind,
+        "order_id": item.order_id,
+        "bag_id": item.bag_id,
+        "request": converter.unstructure(item.request),
+    }
+
+
+def _item_from(data: dict[str, Any]) -> BatchItem:
+    kind = data["kind"]
+    request: RefundBagRequest | CancelBagRequest
+    if kind == "cancel":
+        request = request_from_dict(CancelBagRequest, data["request"])
+    else:
+        request = request_from_dict(RefundBagRequest, data["request"])
+    return BatchItem(int(data["line"]), kind, int(data["order_id"]), int(data["bag_id"]), request)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    config: FleetConfig = ctx.get("violet_config") or FleetConfig.from_env()
+    redis = ctx["redis"]
+    ledger = RedisLedger(redis, prefix=config.prefix)
+    problems = await ledger.check_durability()
+    if problems:
+        log.warning(
+            "Redis is not durable enough for refunds (%s): a crash of Redis could lose a "
+            "'sent' record; run it with appendonly yes + appendfsync always",
+            ", ".join(problems),
+        )
+    client = config.client()
+    await client.__aenter__()
+    ctx["violet_client"] = client
+    limiter = (
+        FleetRateLimit(redis, client._shared.credentials.app_id, config.rate, prefix=config.prefix)
+        if config.rate
+        else None
+    )
+    ctx["violet_fleet"] = FleetWorker(
+        client,
+        ledger,
+        BagLocks(redis, prefix=config.prefix, ttl=config.lock_ttl),
+        limiter,
+        patience=config.patience,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    client = ctx.get("violet_client")
+    if client is not None:
+        await client.aclose()
+
+
+def worker_settings(config: FleetConfig) -> dict[str, Any]:
+    """arq ``Worker`` keyword arguments for ``config``."""
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx["violet_config"] = config
+        await startup(ctx)
+
+    return {
+        "functions": [func(refund_job, name=JOB_NAME, keep_result=0, max_tries=config.max_tries)],
+        "queue_name": QUEUE_NAME,
+        "on_startup": on_startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(config.redis_url),
+        "max_jobs": config.concurrency,
+        "job_timeout": config.job_timeout,
+        "keep_result": 0,
+        "poll_delay": 0.1,
+    }
+
+
+async def close_worker(worker: Worker) -> None:
+    """Stop an arq ``Worker`` run with ``handle_signals=False``: cancel its jobs (arq
+    runs them again; the ledger makes that safe) and close its pool.
+
+    The steps of arq's ``Worker.close`` with redis-py's ``aclose`` (arq still calls the
+    deprecated ``close``, a warning this project treats as an error).
+    """
+    worker.handle_sig(signal.SIGUSR1)  # cancels the jobs still running
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    pool = worker._pool
+    if pool is None:
+        return
+    await pool.delete(worker.health_check_key)
+    if worker.on_shutdown:
+        await worker.on_shutdown(worker.ctx)
+    await pool.aclose(close_connection_pool=True)
+    worker._pool = None
+
+
+class WorkerSettings:
+    """``arq violet_async.fleet.WorkerSettings``: settings from the environment."""
+
+    _config = FleetConfig.from_env()
+    functions: ClassVar[list[Any]] = [
+        func(refund_job, name=JOB_NAME, keep_result=0, max_tries=_config.max_tries)
+    ]
+    queue_name = QUEUE_NAME
+    on_startup = startup
+    on_shutdown = shutdown
+    redis_settings = RedisSettings.from_dsn(_config.redis_url)
+    max_jobs = _config.concurrency
+    job_timeout = _config.job_timeout
+    keep_result = 0
+    poll_delay = 0.1
+
+
+@attrs.define
+class EnqueueReport:
+    """What :func:`enqueue` did: items queued now, already queued (a job with the same
+    id exists), already finished in the ledger (applied or failed), and in total."""
+
+    queued: int = 0
+    already_queued: int = 0
+    already_finished: int = 0
+    total: int = 0
+
+
+async def enqueue(
+    redis: ArqRedis,
+    items: Iterable[BatchItem],
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    source: str = "",
+) -> EnqueueReport:
+    """Register every item in the ledger (as ``new``) and queue one job per item whose
+    id is derived from its content key (:func:`~violet_async.fleet.item_key`, identical
+    items numbered by occurrence). Safe to repeat and to run from several producers at
+    once: an item is queued at most once while its job exists, and an item the ledger
+    has finished is not queued again."""
+    ledger = RedisLedger(redis, prefix=prefix)
+    report = EnqueueReport()
+    for key, item in keyed_items(items):
+        report.total += 1
+        had = await ledger.register(key, item, source=source)
+        if had in ("applied", "failed"):
+            report.already_finished += 1
+            continue
+        job = await redis.enqueue_job(
+            JOB_NAME, key, _item_dict(item), _job_id=job_id(key), _queue_name=QUEUE_NAME
+        )
+        if job is None:
+            report.already_queued += 1
+        else:
+            report.queued += 1
+    return report

@@ -1,0 +1,373 @@
+"""The fleet ledger: one Redis hash per refund item, the batch journal's states.
+
+Keys (``P`` is the ledger's prefix, ``{violet}`` by default: one hash tag, so every key
+of a fleet lives in one Redis Cluster slot and the Lua scripts may touch them together)::
+
+    P:item:<item key>          hash: state, kind, order_id, bag_id, request, line, source,
+                               ask (the protocol record, JSON), refund_id, reconciled,
+                               error, message, outcome, needs_review, updated_at
+    P:states                   hash: <item key> -> state (counts for ``status``)
+    P:bag:<bag_id>:refunds     set: refund ids this ledger recorded as applied on the bag
+                               (another item's refund is never taken for this one's)
+
+States: ``new`` (enqueued, never sent), ``sent`` (the protocol record, written and
+fsynced *before* the POST leaves), ``pending`` (may have applied; resumed by read-back),
+``applied`` and ``failed`` (terminal: definitely applied / definitely not applied by this
+ledger's asks). A terminal state is never overwritten.
+
+Durability: a ``sent`` record must survive a Redis crash, or a re-run could send blind
+(``hold_if_present`` is then the last guard). Run Redis with ``appendonly yes`` and
+``appendfsync always`` (Redis answers a write only after it is fsynced), or give the
+ledger ``wait_replicas`` (``WAIT``) / ``wait_aof`` (``WAITAOF``, Redis >= 7.2) so the write
+is acknowledged by replicas or their AOF before the send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from collections import Counter
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import attrs
+import orjson
+
+from .._converter import encode_request, request_from_dict
+from .._protocol import PendingRefund
+from ..batch import BatchItem
+from ..models import CancelBagRequest, RefundBagRequest
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "DurabilityError",
+    "LedgerRecord",
+    "LockLostError",
+    "RedisLedger",
+    "State",
+    "item_key",
+    "keyed_items",
+]
+
+State = Literal["new", "sent", "pending", "applied", "failed"]
+STATES: tuple[State, ...] = ("new", "sent", "pending", "applied", "failed")
+TERMINAL = frozenset({"applied", "failed"})
+DEFAULT_PREFIX = "{violet}"
+
+
+class LockLostError(Exception):
+    """This worker no longer holds the bag's lock: nothing more may be sent."""
+
+
+class DurabilityError(Exception):
+    """Redis did not confirm the ledger write as durable (WAIT / WAITAOF): not sent."""
+
+
+def item_key(item: BatchItem, occurrence: int = 0) -> str:
+    """The content key of a refund item: kind, order, bag, a digest of the canonical
+    request body, and ``occurrence`` (the n-th identical item of one input, from 0).
+
+    The line number is not part of it: the same refund enqueued from two files, or twice
+    from one, is one item.
+    """
+    body = encode_request(item.request)
+    digest = hashlib.blake2b(body, digest_size=10).hexdigest()
+    return f"{item.kind}:{item.order_id}:{item.bag_id}:{digest}:{occurrence}"
+
+
+def keyed_items(items: Iterable[BatchItem]) -> Iterable[tuple[str, BatchItem]]:
+    """Each item with its key, identical items numbered by occurrence in input order."""
+    seen: Counter[str] = Counter()
+    for item in items:
+        base = item_key(item)
+        occurrence = seen[base]
+        seen[base] += 1
+        yield (base if occurrence == 0 else base[: base.rfind(":") + 1] + str(occurrence)), item
+
+
+@attrs.frozen
+class LedgerRecord:
+    """One item as the ledger holds it."""
+
+    key: str
+    state: State
+    item: BatchItem
+    source: str = ""
+    ask: dict[str, Any] | None = None
+    refund_id: int | None = None
+    reconciled: bool = False
+    error: str | None = None
+    message: str | None = None
+    outcome: str | None = None
+    needs_review: bool = False
+    updated_at: float | None = None
+
+    def pending(self) -> PendingRefund | None:
+        """The protocol record to resume from (None: never sent, or unreadable)."""
+        if self.ask is None:
+            return None
+        return PendingRefund.from_dict(self.ask)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what a job returns, what ``status`` prints)."""
+        return {
+            "key": self.key,
+            "state": self.state,
+            "outcome": self.outcome or self.state,
+            "line": self.item.line,
+            "source": self.source,
+            "order_id": self.item.order_id,
+            "bag_id": self.item.bag_id,
+            "refund_id": self.refund_id,
+            "reconciled": self.reconciled,
+            "error": self.error,
+            "message": self.message,
+            "needs_review": self.needs_review,
+        }
+
+
+# KEYS: record, states, lock (or the record again when no lock is checked)
+# ARGV: item key, new state, lock token ("" = no check), then field, value pairs
+_WRITE = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[3] then
+  return -1
+end
+local current = redis.call('HGET', KEYS[1], 'state')
+if current == 'applied' or current == 'failed' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: record, states   ARGV: item key, then field, value pairs of a new record
+# Returns the state the item had (nothing: it is new now).
+_REGISTER = """
+local current = redis.call('HGET', KEYS[1], 'state')
+if current then
+  return current
+end
+redis.call('HSET', KEYS[1], 'state', 'new', unpack(ARGV, 2))
+redis.call('HSET', KEYS[2], ARGV[1], 'new')
+return false
+"""
+
+
+T = TypeVar("T")
+
+
+async def resolve(value: Awaitable[T] | T) -> T:
+    """redis-py types its commands as sync-or-async; the asyncio client's are awaitable."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _state(text: str | None) -> State | None:
+    for state in STATES:
+        if text == state:
+            return state
+    return None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisLedger:
+    """Where a fleet keeps each refund item's state (see the module docstring).
+
+    ``redis`` is a ``redis.asyncio.Redis`` (an arq pool is one). Every method is one
+    round trip; the state changes are Lua scripts, atomic across the fleet.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        wait_replicas: int = 0,
+        wait_aof: bool = False,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.wait_replicas = wait_replicas
+        self.wait_aof = wait_aof
+        self.wait_timeout_ms = wait_timeout_ms
+        self._write = redis.register_script(_WRITE)
+        self._register = redis.register_script(_REGISTER)
+        self.states_key = f"{prefix}:states"
+
+    def record_key(self, key: str) -> str:
+        return f"{self.prefix}:item:{key}"
+
+    def bag_refunds_key(self, bag_id: int) -> str:
+        return f"{self.prefix}:bag:{bag_id}:refunds"
+
+    async def register(self, key: str, item: BatchItem, *, source: str = "") -> State | None:
+        """Add ``item`` as ``new`` unless the ledger has it; returns the state it had
+        (None: it was added)."""
+        fields = {
+            "kind": item.kind,
+            "order_id": item.order_id,
+            "bag_id": item.bag_id,
+            "request": encode_request(item.request),
+            "line": item.line,
+            "source": source,
+            "updated_at": repr(time.time()),
+        }
+        args: list[Any] = [key]
+        for name, value in fields.items():
+            args += [name, value]
+        found = await self._register(keys=[self.record_key(key), self.states_key], args=args)
+        return _state(_text(found))
+
+    async def get(self, key: str) -> LedgerRecord | None:
+        """The record of ``key`` (None: not in the ledger)."""
+        raw = await resolve(self.redis.hgetall(self.record_key(key)))
+        return _parse(key, raw) if raw else None
+
+    async def get_many(self, keys: list[str]) -> list[LedgerRecord | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(self.record_key(key))
+            raws = await pipe.execute()
+        return [_parse(key, raw) if raw else None for key, raw in zip(keys, raws, strict=True)]
+
+    async def mark_sent(self, key: str, ask: PendingRefund, *, lock_key: str, token: str) -> None:
+        """Write the ``sent`` record, only while ``token`` holds ``lock_key``, durably:
+        raises LockLostError or DurabilityError, and then the caller must not send."""
+        written = await self._write(
+            keys=[self.record_key(key), self.states_key, lock_key],
+            args=[key, "sent", token, "ask", orjson.dumps(ask.to_dict()), *self._stamp()],
+        )
+        if written == -1:
+            raise LockLostError(f"the lock of bag {ask.bag_id} was lost before a send")
+        if written == 0:
+            # Terminal already (another worker finished it): sending would be a second.
+            raise LockLostError(f"item {key} was finished by another worker")
+        await self._durable()
+
+    async def mark_pending(self, key: str, ask: PendingRefund) -> None:
+        await self._set(
+            key,
+            "pending",
+            ask=orjson.dumps(ask.to_dict()),
+            needs_review=int(ask.needs_review),
+            message=ask.note or "",
+        )
+
+    async def mark_applied(
+        self, key: str, bag_id: int, refund_id: int | None, *, reconciled: bool, outcome: str
+    ) -> None:
+        fields: dict[str, Any] = {"reconciled": int(reconciled), "outcome": outcome}
+        if refund_id is not None:
+            fields["refund_id"] = refund_id
+            await resolve(self.redis.sadd(self.bag_refunds_key(bag_id), refund_id))
+        await self._set(key, "applied", **fields)
+
+    async def mark_new(self, key: str) -> None:
+        """Back to ``new``: the ask definitely did not apply and may start over."""
+        await self._set(key, "new", ask="", needs_review=0)
+
+    async def mark_failed(self, key: str, error: str, message: str, *, outcome: str) -> None:
+        await self._set(key, "failed", error=error, message=message, outcome=outcome)
+
+    async def bag_refunds(self, bag_id: int) -> set[int]:
+        """Refund ids the ledger recorded on ``bag_id`` (other items' refunds)."""
+        return {int(v) for v in await resolve(self.redis.smembers(self.bag_refunds_key(bag_id)))}
+
+    async def counts(self) -> Counter[str]:
+        """Items by state."""
+        states = await resolve(self.redis.hvals(self.states_key))
+        return Counter(_text(s) or "" for s in states)
+
+    async def keys_in(self, *states: State) -> list[str]:
+        wanted = set(states)
+        found = await resolve(self.redis.hgetall(self.states_key))
+        return sorted(str(_text(k)) for k, v in found.items() if _text(v) in wanted)
+
+    async def check_durability(self) -> list[str]:
+        """What in the server's configuration makes a ``sent`` record less than durable
+        (empty: fine, or CONFIG is not allowed, as on many managed Redis)."""
+        if self.wait_replicas or self.wait_aof:
+            return []
+        try:
+            config = await self.redis.config_get("appendonly")
+            config.update(await self.redis.config_get("appendfsync"))
+        except Exception:  # noqa: BLE001 - CONFIG disabled: nothing to tell
+            return []
+        problems = []
+        if _text(config.get("appendonly")) != "yes":
+            problems.append("appendonly is not yes")
+        if _text(config.get("appendfsync")) != "always":
+            problems.append("appendfsync is not always")
+        return problems
+
+    def _stamp(self) -> list[Any]:
+        return ["updated_at", repr(time.time())]
+
+    async def _set(self, key: str, state: State, **fields: Any) -> None:
+        args: list[Any] = [key, state, ""]
+        for name, value in fields.items():
+            args += [name, value]
+        args += self._stamp()
+        await self._write(
+            keys=[self.record_key(key), self.states_key, self.record_key(key)], args=args
+        )
+
+    async def _durable(self) -> None:
+        if self.wait_aof:
+            local, _replicas = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "WAITAOF", 1, self.wait_replicas, self.wait_timeout_ms
+            )
+            if int(local) < 1:
+                raise DurabilityError("WAITAOF: the local AOF did not confirm the write")
+        elif self.wait_replicas:
+            acked = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "WAIT", self.wait_replicas, self.wait_timeout_ms
+            )
+            if int(acked) < self.wait_replicas:
+                raise DurabilityError(
+                    f"WAIT: {acked} of {self.wait_replicas} replicas confirmed the write"
+                )
+
+
+def _parse(key: str, raw: dict[Any, Any]) -> LedgerRecord:
+    data = {_text(k): _text(v) for k, v in raw.items()}
+    kind = data.get("kind")
+    request_json = orjson.loads(data.get("request") or "{}")
+    order_id = int(data.get("order_id") or 0)
+    bag_id = int(data.get("bag_id") or 0)
+    line = int(data.get("line") or 0)
+    if kind == "cancel":
+        cancel = request_from_dict(CancelBagRequest, request_json)
+        item = BatchItem(line, "cancel", order_id, bag_id, cancel)
+    else:
+        refund = request_from_dict(RefundBagRequest, request_json)
+        item = BatchItem(line, "refund", order_id, bag_id, refund)
+    ask = data.get("ask")
+    refund_id = data.get("refund_id")
+    updated = data.get("updated_at")
+    state = data.get("state") or "new"
+    return LedgerRecord(
+        key=key,
+        state=_state(state) or "new",
+        item=item,
+        source=data.get("source") or "",
+        ask=orjson.loads(ask) if ask else None,
+        refund_id=int(refund_id) if refund_id else None,
+        reconciled=data.get("reconciled") == "1",
+        error=data.get("error") or None,
+        message=data.get("message") or None,
+        outcome=data.get("outcome") or None,
+        needs_review=data.get("needs_review") == "1",
+        updated_at=float(updated) if updated else None,
+    )

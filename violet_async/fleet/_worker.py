@@ -1,0 +1,237 @@
+"""Run one refund item exactly once across a fleet: ledger, bag lock, shared rate limit.
+
+Framework-neutral: :meth:`FleetWorker.run` is a coroutine any asyncio worker can call
+with an item's key (arq's job function is three lines around it). At-least-once
+delivery is fine: a second run of an item that applied returns the ledger's answer, and
+a run that finds the item ``sent`` or ``pending`` reads the bag back
+(``client.resume``'s rule), never re-sending blind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import attrs
+
+from .._client import VioletClient, _unless_failed
+from .._protocol import PendingRefund, Phase
+from .._retry import RetryEvent
+from ..batch import BatchItem
+from ..exceptions import (
+    AmbiguousOutcomeError,
+    APIConnectionError,
+    APIError,
+    RateLimitError,
+    RefundAlreadyPresentError,
+    RequestValidationError,
+    ResponseFormatError,
+    VioletError,
+)
+from ._ledger import LedgerRecord, LockLostError, RedisLedger
+from ._lock import BagLocks, LockBusyError
+from ._ratelimit import FleetRateLimit
+
+__all__ = ["FleetWorker", "RetryLaterError"]
+
+
+class RetryLaterError(Exception):
+    """Run this item again after ``defer`` seconds (a settle window, a busy bag, a lost
+    lock). Nothing was sent that the ledger does not know about."""
+
+    def __init__(self, message: str, defer: float) -> None:
+        super().__init__(message)
+        self.defer = defer
+
+
+class FleetWorker:
+    """What every worker of a fleet needs to run refund items exactly once.
+
+    ``client`` is used with ``read_before_send`` on (the bag's refunds are read before
+    the first send, so a failure in flight is matched exactly and a refund the ledger
+    lost is held back); ``patience`` is how long one run waits for a settle window
+    before it hands the item back (:class:`RetryLaterError`) for a later run.
+    """
+
+    def __init__(
+        self,
+        client: VioletClient,
+        ledger: RedisLedger,
+        locks: BagLocks,
+        limiter: FleetRateLimit | None = None,
+        *,
+        patience: float = 1.0,
+        lock_wait: float = 5.0,
+    ) -> None:
+        self._caller_hook = client._on_retry
+        policy = client._retry
+        if not policy.read_before_send:
+            policy = attrs.evolve(policy, read_before_send=True)
+        self.client = client.with_options(retry=policy, on_retry=self._on_retry)
+        self.ledger = ledger
+        self.locks = locks
+        self.limiter = limiter
+        self.patience = patience
+        self.lock_wait = lock_wait
+
+    def _on_retry(self, event: RetryEvent) -> Any:
+        if isinstance(event.cause, RateLimitError) and self.limiter is not None:
+            # Told once per 429 by whichever worker saw it; the Lua script halves the
+            # fleet's rate at most once per burst.
+            task = asyncio.ensure_future(self.limiter.slow_down())
+            task.add_done_callback(_quiet)
+        return self._caller_hook(event) if self._caller_hook is not None else None
+
+    async def run(self, key: str, item: BatchItem | None = None) -> dict[str, Any]:
+        """Run the item ``key`` (the ledger's record, or ``item`` when the ledger has
+        lost it) to an end state; returns the ledger's summary of it. Raises
+        :class:`RetryLaterError` when it must run again later."""
+        record = await self.ledger.get(key)
+        if record is None:
+            if item is None:
+                raise LookupError(f"item {key} is not in the ledger")
+            # The ledger lost it (or it was never registered): start it as new.
+            # read_before_send + hold_if_present keep a refund it already made.
+            await self.ledger.register(key, item)
+            record = await self._record(key)
+        if record.state in ("applied", "failed"):
+            return record.to_dict()
+        if record.state == "pending" and record.needs_review:
+            return record.to_dict()
+        try:
+            async with self.locks.hold(record.item.bag_id, wait=self.lock_wait) as held:
+                return await self._under_lock(key, held)
+        except LockBusyError as exc:
+            raise RetryLaterError(str(exc), defer=self.lock_wait) from exc
+
+    async def _under_lock(self, key: str, held: Any) -> dict[str, Any]:
+        # Read again under the lock: another worker may have moved it on meanwhile.
+        record = await self._record(key)
+        if record.state in ("applied", "failed") or record.needs_review:
+            return record.to_dict()
+        resume = _resumable(record)
+        item = record.item
+        known = self.client._shared.known_refunds
+        for refund_id in await self.ledger.bag_refunds(item.bag_id):
+            known.add(refund_id)
+
+        async def save(ask: PendingRefund) -> None:
+            if ask.phase is Phase.SENT:
+                # The last moment before a send: take a slot of the fleet's budget, then
+                # record the send durably, in one script with the lock check.
+                if self.limiter is not None:
+                    planned = (ask.last_sent_at or 0.0) - time.time()
+                    await self.limiter.wait(planned)
+                await self.ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
+            elif ask.phase is Phase.PENDING:
+                await self.ledger.mark_pending(key, ask)
+
+        ask_task = asyncio.ensure_future(
+            self.client._ask(
+                item.kind,
+                item.order_id,
+                item.bag_id,
+                item.request,
+                resume=resume,
+                save=save,
+                patience=self.patience,
+                hold_if_present=True,
+            )
+        )
+        lost = asyncio.ensure_future(held.lost.wait())
+        try:
+            await asyncio.wait({ask_task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not ask_task.done():
+                # The lock is gone (or this run is cancelled): stop now. If a send was in
+                # flight, the ledger says sent and the next run reads the bag back.
+                ask_task.cancel()
+            await asyncio.gather(ask_task, lost, return_exceptions=True)
+        if ask_task.cancelled():
+            raise RetryLaterError(f"lost the lock of bag {item.bag_id}", defer=0.5)
+        return await self._settle(key, item, ask_task)
+
+    async def _settle(
+        self, key: str, item: BatchItem, ask_task: asyncio.Future[Any]
+    ) -> dict[str, Any]:
+        ledger = self.ledger
+        try:
+            refund = ask_task.result()
+            if item.kind == "refund":
+                refund = _unless_failed(refund)
+        except LockLostError as exc:
+            raise RetryLaterError(str(exc), defer=0.5) from exc
+        except RefundAlreadyPresentError as exc:
+            await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="already_present")
+        except AmbiguousOutcomeError as exc:
+            pending = exc.pending
+            if pending is None:
+                await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="unknown")
+            else:
+                await ledger.mark_pending(key, pending)
+                if not pending.needs_review:
+                    wait = (pending.settle_until or time.time()) - time.time()
+                    raise RetryLaterError(str(exc), defer=max(wait, 0.2)) from exc
+        except VioletError as exc:
+            # Any other error: the request did not apply. When that was weather (a
+            # connection, a 5xx, a 429 out of budget, a failed baseline read), the item
+            # starts over later; a refusal (4xx) is final.
+            if _transient(exc):
+                await ledger.mark_new(key)
+                raise RetryLaterError(str(exc), defer=1.0) from exc
+            await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="failed")
+        else:
+            await ledger.mark_applied(
+                key,
+                item.bag_id,
+                refund.id,
+                reconciled=refund.reconciled,
+                outcome="reconciled" if refund.reconciled else "applied",
+            )
+            if self.limiter is not None:
+                await self.limiter.speed_up()
+        return (await self._record(key)).to_dict()
+
+    async def _record(self, key: str) -> LedgerRecord:
+        record = await self.ledger.get(key)
+        if record is None:
+            raise LookupError(f"item {key} vanished from the ledger")
+        return record
+
+
+def _resumable(record: LedgerRecord) -> PendingRefund | None:
+    """The record to resume from (None: never sent, send anew)."""
+    if record.state not in ("sent", "pending"):
+        return None
+    try:
+        pending = record.pending()
+    except RequestValidationError:
+        pending = None
+    if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
+        return pending
+    # A torn record: assume it was sent just now, so the whole settle window applies.
+    item = record.item
+    now = record.updated_at or time.time()
+    return PendingRefund(
+        item.kind,
+        item.order_id,
+        item.bag_id,
+        item.request,
+        Phase.SENT,
+        sends=1,
+        first_sent_at=now,
+        last_sent_at=now,
+    )
+
+
+def _transient(exc: VioletError) -> bool:
+    if isinstance(exc, (APIConnectionError, RateLimitError, ResponseFormatError)):
+        return True
+    return isinstance(exc, APIError) and exc.status >= 500
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
