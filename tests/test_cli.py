@@ -32,20 +32,80 @@ def test_demo_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--bags" in capsys.readouterr().err
 
 
-def test_fake_server_prints_credentials_and_stops_on_sigterm() -> None:
-    """fake-server prints base URL and credentials, and stops cleanly on SIGTERM."""
+def test_fake_server_prints_export_lines_and_bags_then_stops_on_sigterm() -> None:
+    """fake-server prints the export lines for VIOLET_*, bags to try, and stops on SIGTERM."""
     with subprocess.Popen(
         [sys.executable, "-m", "violet_async", "fake-server", "--port", "0", "--orders", "3"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "error"},
     ) as proc:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        assert first.startswith("base_url=http://127.0.0.1:")
-        lines = [proc.stdout.readline() for _ in range(5)]
-        assert lines[0].startswith("app_id=")
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=20) == 0
-        assert "fake-server stopped" in rest
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline() for _ in range(12)]
+            exports = dict(
+                line.removeprefix("export ").strip().split("=", 1)
+                for line in lines
+                if line.startswith("export ")
+            )
+            assert set(exports) == {
+                "VIOLET_BASE_URL",
+                "VIOLET_APP_ID",
+                "VIOLET_APP_SECRET",
+                "VIOLET_USERNAME",
+                "VIOLET_PASSWORD",
+            }
+            assert exports["VIOLET_BASE_URL"].startswith("http://127.0.0.1:")
+            assert "#   100001,200001,500,goodwill\n" in lines
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.stdout.read()
+            assert proc.wait(timeout=20) == 0
+            assert "fake-server stopped" in rest
+        finally:
+            proc.kill()
+
+
+def test_version_and_help_name_every_option_default_and_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--version prints the version; refund --help explains every option, shows defaults,
+    the VIOLET_* variables and exit codes, with no raw double backticks."""
+    from violet_async import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"violet-async {__version__}"
+    with pytest.raises(SystemExit):
+        main(["refund", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # as read, not as wrapped
+    assert "``" not in text
+    for needle in (
+        "(default: 16)",
+        "(default: 60.0)",
+        "(default: 30.0)",
+        "VIOLET_APP_ID",
+        "VIOLET_BASE_URL",
+        "exit codes",
+        "130",
+        "--allow-repeat",
+        "--full-refunds",
+    ):
+        assert needle in text, needle
+    options = [w for w in text.split() if w.startswith("--")]
+    assert options, text
+
+
+def test_a_module_can_add_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    """add_command_hook lets another module (fleet) add a subcommand with its handler."""
+    from violet_async import __main__ as cli
+
+    def hook(sub: object) -> None:
+        extra = sub.add_parser("extra", help="a test command")  # type: ignore[attr-defined]
+        extra.set_defaults(handler=lambda args: 7)
+
+    cli.add_command_hook(hook)
+    try:
+        assert main(["extra"]) == 7
+    finally:
+        cli.COMMAND_HOOKS.remove(hook)

@@ -29,7 +29,7 @@ def test_empty_csv_cells_are_not_given(tmp_path: Path) -> None:
     path = tmp_path / "refunds.csv"
     path.write_text(
         "order_id,bag_id,amount_refunded,reason,restock_items,notify_customer,shipping_amount,skus\n"
-        "1,2,,,,,,\n"
+        "1,2,full,,,,,\n"
         "1,3,500,,,false,,\n"
         '1,4,,why,true,,100,"[{""order_sku_id"": 9, ""quantity_refunded"": 1}]"\n'
     )
@@ -72,7 +72,7 @@ async def test_bad_json_line_is_reported_by_file_line_without_parser_position(
 ) -> None:
     """A row cut short reports FILE:line N: not valid JSON, not the parser's 'line 2 column 1'."""
     path = tmp_path / "in.jsonl"
-    path.write_text('{"order_id": 1, "bag_id": 2}\n{"order_id": 1,\n\nnope\n')
+    path.write_text('{"order_id": 1, "bag_id": 2, "amount_refunded": 5}\n{"order_id": 1,\n\nnope\n')
     err = io.StringIO()
     code = await run_file("refund", path, BatchOptions(), out=io.StringIO(), err=err)
     assert code == 2

@@ -543,7 +543,7 @@ async def test_cli_prints_one_line_for_bad_configuration(
     import os
 
     source = tmp_path / "in.csv"
-    source.write_text("order_id,bag_id\n1,2\n")
+    source.write_text("order_id,bag_id,amount_refunded\n1,2,100\n")
     env = {
         **os.environ,
         "VIOLET_APP_ID": "12",

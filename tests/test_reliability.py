@@ -272,7 +272,10 @@ async def test_no_secret_anywhere_through_a_full_cycle(
         }.items():
             monkeypatch.setenv(key, value)
         rows = tmp_path / "in.csv"
-        rows.write_text("order_id,bag_id\n" + "".join(f"{o},{b}\n" for o, b in fake.seeded[1:]))
+        rows.write_text(
+            "order_id,bag_id,amount_refunded\n"
+            + "".join(f"{o},{b},full\n" for o, b in fake.seeded[1:])
+        )
         out, err = io.StringIO(), io.StringIO()
         code = await run_file(
             "refund", rows, BatchOptions(output=tmp_path / "out.jsonl"), out=out, err=err

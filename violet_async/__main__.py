@@ -1,4 +1,5 @@
-"""``violet-async demo | refund FILE | cancel FILE | fake-server``."""
+"""`violet-async demo | refund FILE | cancel FILE | fake-server` (and commands that
+modules add with :func:`add_command_hook`)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,18 @@ import contextlib
 import errno
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import _batch_cli
 from ._demo import run_demo
+from ._version import __version__
 from .exceptions import RequestValidationError, VioletError
 from .testing import FakeViolet, FaultPlan
 from .testing._faults import PLAN_NAMES
 
-try:  # the fleet commands need the 'fleet' extra (redis, arq)
-    from .fleet import _cli as _fleet_cli
-except ImportError:  # pragma: no cover - without the extra
-    _fleet_cli = None  # type: ignore[assignment]
-
-__all__ = ["main"]
+__all__ = ["COMMAND_HOOKS", "add_command_hook", "main"]
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -54,12 +52,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         # Printing the credentials is the point of this command: it is a fake server.
-        print(f"base_url={fake.base_url}", flush=True)
-        print(f"app_id={fake.app_id}", flush=True)
-        print(f"app_secret={fake.app_secret}", flush=True)
-        print(f"username={fake.username}", flush=True)
-        print(f"password={fake.password}", flush=True)
-        print(f"orders={len(fake.seeded)} first={fake.seeded[:1]}", flush=True)
+        print(_fake_server_banner(fake), end="", flush=True)
         await stop.wait()
     finally:
         await fake.stop()
@@ -67,49 +60,151 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Functions that add subcommands to the parser (``hook(subparsers)``). A command sets
+#: ``handler=`` (``args -> exit code``) with ``set_defaults``; the fleet module uses this.
+COMMAND_HOOKS: list[Callable[[Any], None]] = []
+
+
+def add_command_hook(hook: Callable[[Any], None]) -> None:
+    """Register ``hook(subparsers)`` to add subcommands to ``violet-async``."""
+    if hook not in COMMAND_HOOKS:
+        COMMAND_HOOKS.append(hook)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's default shown (an option
+    whose help already says its default, or a flag that is off, is left as it is)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        quiet = default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        if quiet or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _fake_server_banner(fake: FakeViolet) -> str:
+    """Lines to paste into another terminal, then bags to try."""
+    lines = [
+        f"# FakeViolet is listening on {fake.base_url} (Ctrl-C stops it).",
+        "# In another terminal, paste these lines, then run violet-async refund FILE:",
+        f"export VIOLET_BASE_URL={fake.base_url}",
+        f"export VIOLET_APP_ID={fake.app_id}",
+        f"export VIOLET_APP_SECRET={fake.app_secret}",
+        f"export VIOLET_USERNAME={fake.username}",
+        f"export VIOLET_PASSWORD={fake.password}",
+    ]
+    if fake.seeded:
+        last_order, last_bag = fake.seeded[-1]
+        lines.append(
+            f"# {len(fake.seeded)} orders with one bag each, order_id,bag_id from "
+            f"{fake.seeded[0][0]},{fake.seeded[0][1]} to {last_order},{last_bag}; "
+            "a file to try:"
+        )
+        lines.append("#   order_id,bag_id,amount_refunded,reason")
+        for order_id, bag_id in fake.seeded[:3]:
+            lines.append(f"#   {order_id},{bag_id},500,goodwill")
+    return "\n".join(lines) + "\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="violet-async", description="Violet bag refunds and cancels, safely."
+        prog="violet-async",
+        description="Violet bag refunds and cancels, safely.",
+        formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_batch(sub)
+    _add_fake_server(sub)
+    for hook in COMMAND_HOOKS:
+        hook(sub)
+    return parser
 
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
-        "demo", help="refund and cancel a few hundred bags on an embedded FakeViolet"
+        "demo",
+        help="refund and cancel a few hundred bags on an embedded FakeViolet",
+        formatter_class=_HelpFormatter,
     )
-    demo.add_argument("--bags", type=int, default=300)
-    demo.add_argument("--concurrency", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--faults", choices=PLAN_NAMES, default="moderate")
+    demo.add_argument("--bags", type=int, default=300, help="bags to refund or cancel")
+    demo.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the fake data and faults")
+    demo.add_argument(
+        "--faults", choices=PLAN_NAMES, default="moderate", help="how hostile the server is"
+    )
+    demo.set_defaults(handler=_run_demo)
 
+
+def _add_batch(sub: Any) -> None:
     for kind in ("refund", "cancel"):
         batch = sub.add_parser(
             kind,
             help=f"{kind} every bag listed in FILE (CSV with a header, or JSON lines)",
-            description=_batch_cli.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=f"{kind.capitalize()} every bag listed in FILE, each at most once.",
+            epilog=_batch_cli.HELP,
+            formatter_class=_HelpFormatter,
         )
-        batch.add_argument("file", type=Path)
-        batch.add_argument("--concurrency", type=int, default=16)
-        batch.add_argument("--rate", type=float, default=None, help="max requests per second")
+        batch.add_argument("file", type=Path, metavar="FILE", help="the rows to send")
+        batch.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check every row, print the plan and its totals; send nothing",
+        )
         batch.add_argument(
             "--journal",
             type=Path,
             default=None,
-            help="journal path (default: FILE.<command>.journal.jsonl)",
+            help="where the run records each row (locked while a run uses it; "
+            f"default: FILE.{kind}.journal.jsonl)",
         )
-        batch.add_argument("--output", type=Path, default=None, help="results as JSON lines")
         batch.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="validate every row and print the plan; send nothing",
+            "--output",
+            type=Path,
+            default=None,
+            help="append one JSON line per row with its outcome (default: none)",
         )
+        if kind == "refund":
+            batch.add_argument(
+                "--full-refunds",
+                action="store_true",
+                help="a row with an empty amount_refunded refunds its whole bag "
+                "(without it such a row is refused; write full in the cell instead)",
+            )
         batch.add_argument(
             "--retry-failed",
             action="store_true",
-            help="send again the items a previous run recorded as failed",
+            help="send again rows an earlier run recorded as refused by Violet "
+            "(each bag is read first)",
         )
-        batch.add_argument("--env", choices=("sandbox", "production"), default=None)
-        batch.add_argument("--base-url", default=None)
+        batch.add_argument(
+            "--allow-repeat",
+            action="store_true",
+            help="send a row even when its bag already shows an identical refund that no "
+            "journal accounts for (without it: reported already_present, not sent). "
+            "This makes a second identical refund",
+        )
+        batch.add_argument("--concurrency", type=int, default=16, help="rows in flight")
+        batch.add_argument(
+            "--rate",
+            type=float,
+            default=None,
+            help="at most this many rows started per second, halved on a 429 (default: no limit)",
+        )
+        batch.add_argument(
+            "--env",
+            choices=("sandbox", "production"),
+            default=None,
+            help="Violet environment (default: VIOLET_ENV, else sandbox)",
+        )
+        batch.add_argument(
+            "--base-url",
+            default=None,
+            help="another Violet, such as fake-server's (default: VIOLET_BASE_URL)",
+        )
         batch.add_argument(
             "--settle",
             type=float,
@@ -117,9 +212,9 @@ def _parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help=(
                 "how long a refund whose request got no answer may still appear at "
-                "Violet before it counts as not applied and may be sent again "
-                "(default: %(default)s). Lower it only for platforms you know to "
-                "commit faster: a refund that appears later than this can be sent twice"
+                "Violet before it counts as not applied and may be sent again. Lower "
+                "it only for platforms you know to commit faster: a refund that "
+                "appears later than this can be sent twice"
             ),
         )
         batch.add_argument(
@@ -127,19 +222,33 @@ def _parser() -> argparse.ArgumentParser:
             type=float,
             default=30.0,
             metavar="SECONDS",
-            help="longest wait for one answer from Violet (default: %(default)s)",
+            help="longest wait for one answer from Violet",
         )
+        batch.set_defaults(handler=_run_batch)
 
-    serve = sub.add_parser("fake-server", help="run FakeViolet on 127.0.0.1 until Ctrl-C")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--orders", type=int, default=1000)
-    serve.add_argument("--seed", type=int, default=1)
-    serve.add_argument("--faults", choices=PLAN_NAMES, default="none")
-    serve.add_argument("--token-lifetime", type=float, default=24 * 3600.0)
-    serve.add_argument("--cancel-response", choices=("refund", "cancellation"), default="refund")
-    if _fleet_cli is not None:
-        _fleet_cli.add_commands(sub)
-    return parser
+
+def _add_fake_server(sub: Any) -> None:
+    serve = sub.add_parser(
+        "fake-server",
+        help="run FakeViolet on 127.0.0.1 until Ctrl-C",
+        description="Run FakeViolet on 127.0.0.1 and print the export lines that point "
+        "violet-async and VioletClient.from_env() at it.",
+        formatter_class=_HelpFormatter,
+    )
+    serve.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
+    serve.add_argument("--orders", type=int, default=1000, help="orders (one bag each) to seed")
+    serve.add_argument("--seed", type=int, default=1, help="seed of the data and faults")
+    serve.add_argument("--faults", choices=PLAN_NAMES, default="none", help="fault plan")
+    serve.add_argument(
+        "--token-lifetime", type=float, default=24 * 3600.0, help="seconds a login token lives"
+    )
+    serve.add_argument(
+        "--cancel-response",
+        choices=("refund", "cancellation"),
+        default="refund",
+        help="the shape of a cancel's answer",
+    )
+    serve.set_defaults(handler=_run_fake_server)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,41 +268,64 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        if args.bags < 1 or args.concurrency < 1:
-            print("violet-async: --bags and --concurrency must be >= 1", file=sys.stderr)
-            return 2
-        return asyncio.run(run_demo(args.bags, args.concurrency, args.seed, args.faults))
-    if args.command in ("refund", "cancel"):
-        if args.concurrency < 1 or (args.rate is not None and args.rate <= 0):
-            print("violet-async: --concurrency and --rate must be positive", file=sys.stderr)
-            return 2
-        if args.settle < 0 or args.timeout <= 0:
-            print("violet-async: --settle must be >= 0 and --timeout > 0", file=sys.stderr)
-            return 2
-        return asyncio.run(
-            _batch_cli.run_file(
-                args.command,
-                args.file,
-                _batch_cli.BatchOptions(
-                    concurrency=args.concurrency,
-                    rate=args.rate,
-                    journal=args.journal,
-                    output=args.output,
-                    dry_run=args.dry_run,
-                    retry_failed=args.retry_failed,
-                    environment=args.env,
-                    base_url=args.base_url,
-                    settle_running=args.settle,
-                    timeout=args.timeout,
-                ),
-            )
-        )
-    if _fleet_cli is not None and args.command in _fleet_cli.COMMANDS:
-        return _fleet_cli.run(args)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.bags < 1 or args.concurrency < 1:
+        print("violet-async: --bags and --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    return asyncio.run(run_demo(args.bags, args.concurrency, args.seed, args.faults))
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    if args.concurrency < 1 or (args.rate is not None and args.rate <= 0):
+        print("violet-async: --concurrency and --rate must be positive", file=sys.stderr)
+        return 2
+    if args.settle < 0 or args.timeout <= 0:
+        print("violet-async: --settle must be >= 0 and --timeout > 0", file=sys.stderr)
+        return 2
+    options = _batch_cli.BatchOptions(
+        concurrency=args.concurrency,
+        rate=args.rate,
+        journal=args.journal,
+        output=args.output,
+        dry_run=args.dry_run,
+        retry_failed=args.retry_failed,
+        allow_repeat=args.allow_repeat,
+        full_refunds=getattr(args, "full_refunds", False),
+        environment=args.env,
+        base_url=args.base_url,
+        settle_running=args.settle,
+        timeout=args.timeout,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_batch_cli.run_file(args.command, args.file, options))
+    return 130  # pragma: no cover - only when the signal lands before the handler
+
+
+def _run_fake_server(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_serve(args))
     return 130  # pragma: no cover - only when the signal lands before the handler
+
+
+def _add_fleet_commands(sub: Any) -> None:
+    """``enqueue``, ``worker`` and ``status`` (the ``fleet`` extra)."""
+    from .fleet import _cli as fleet_cli  # noqa: PLC0415 - present: the hook is registered
+
+    fleet_cli.add_commands(sub)
+    for name in fleet_cli.COMMANDS:
+        sub.choices[name].set_defaults(handler=fleet_cli.run)
+
+
+try:  # the fleet commands need the 'fleet' extra (redis, arq)
+    from .fleet import _cli as _fleet_cli  # noqa: F401 - imported to know it is there
+except ImportError:  # pragma: no cover - without the extra
+    pass
+else:
+    add_command_hook(_add_fleet_commands)
 
 
 if __name__ == "__main__":  # pragma: no cover

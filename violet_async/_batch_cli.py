@@ -1,19 +1,14 @@
-"""``violet-async refund FILE`` and ``violet-async cancel FILE``.
+"""`violet-async refund FILE` and `violet-async cancel FILE`: the batch command line.
 
-FILE is CSV with a header row, or JSON lines (``.jsonl`` / ``.ndjson``), one request a
-row: ``order_id``, ``bag_id`` and the request model's fields (refund:
-``amount_refunded``, ``reason``, ``restock_items``, ``notify_customer``,
-``shipping_amount`` in CSV or ``shipping: {"amount": ...}`` in JSON, ``skus`` as a JSON
-list; cancel: ``reason_code``, ``reason``, ``restock_items``, ``notify_customer``).
-Every row is validated before anything is sent.
-
-Exit codes: 0 all done, 1 some failed, 2 bad input or configuration, 130 interrupted.
+Input, output and exit codes are described in `HELP` (shown by `--help`); README's
+"Batch refunds and cancels" walks through a whole run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import difflib
 import hashlib
 import os
 import signal
@@ -28,19 +23,65 @@ import attrs
 import orjson
 
 from ._client import Environment, VioletClient
-from ._converter import converter
-from ._journal import JournalMismatchError
+from ._converter import converter, encode_request
+from ._journal import Journal, JournalLockedError, JournalMismatchError
 from ._redact import Redactor
 from ._retry import RetryPolicy
 from ._transport import Timeouts
-from .batch import BatchItem, BatchResult, Kind, run_batch
-from .exceptions import RequestValidationError
+from .batch import CLEAN_OUTCOMES, BatchItem, BatchResult, Kind, never_reached, run_batch
+from .exceptions import AuthenticationError, RequestValidationError, VioletError
 from .models import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
+from .models._validators import check_id
 
-__all__ = ["run_file"]
+__all__ = ["HELP", "BatchOptions", "RowError", "read_items", "run_file"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _TRUE, _FALSE = {"true", "1", "yes", "y"}, {"false", "0", "no", "n"}
+#: Rows of the plan a dry run prints, and problem rows the summary names.
+PLAN_ROWS, PROBLEM_ROWS = 20, 10
+
+_COMMON = ("order_id", "bag_id", "reason", "restock_items", "notify_customer")
+COLUMNS: dict[str, frozenset[str]] = {
+    "refund": frozenset((*_COMMON, "amount_refunded", "shipping_amount", "skus")),
+    "cancel": frozenset((*_COMMON, "reason_code")),
+}
+#: JSON lines may also give shipping as an object.
+_JSON_ONLY = {"refund": frozenset({"shipping"}), "cancel": frozenset()}
+
+HELP = """\
+FILE is CSV with a header row, or JSON lines (.jsonl / .ndjson / .json), one request a row.
+
+columns (anything else is refused, naming the column; nothing is sent):
+  refund   order_id, bag_id, amount_refunded (cents, or "full" for the whole bag),
+           reason, restock_items, notify_customer, shipping_amount (JSON: shipping
+           {"amount": N} too), skus (a JSON list of {order_sku_id, quantity_refunded,
+           amount_refunded})
+  cancel   order_id, bag_id, reason_code (OTHER CUSTOMER INVENTORY FRAUD DECLINED),
+           reason, restock_items, notify_customer
+  An empty cell or JSON null is "not given": Violet's default applies. An empty
+  amount_refunded is refused (unless skus are given or --full-refunds): a whole-bag
+  refund must say "full".
+
+Every row is checked (ids, amounts, enums, lengths) before anything is sent; --dry-run
+lists every problem with its line, then the plan's totals. Each bag's refunds are read
+before its send: a row the bag already shows, that no journal entry accounts for, is
+reported already_present and not sent. The journal knows rows by content: after
+fixing a row, run the same command again; only the fixed row is new.
+
+environment:
+  VIOLET_APP_ID, VIOLET_APP_SECRET   your app (required)
+  VIOLET_USERNAME, VIOLET_PASSWORD   log in (or VIOLET_TOKEN, VIOLET_REFRESH_TOKEN)
+  VIOLET_ENV                         sandbox (default) or production
+  VIOLET_BASE_URL                    another Violet, e.g. `violet-async fake-server`
+
+exit codes:
+  0    every row succeeded or was already done
+  1    some row failed, is unknown (may have applied: run again to resolve it),
+       already_failed, already_present or not_sent
+  2    bad input or configuration, journal in use, credentials refused, Violet
+       unreachable (nothing marked failed that never reached Violet)
+  130  interrupted (Ctrl-C): run the same command again to finish
+"""
 
 
 class RowError(Exception):
@@ -49,16 +90,29 @@ class RowError(Exception):
         self.line = line
 
 
-def _int_field(row: dict[str, Any], name: str, *, required: bool) -> Any:
+# -- reading and checking rows ------------------------------------------------
+
+
+def _id_field(row: dict[str, Any], name: str) -> int:
     value = row.get(name)
     if value is None or value == "":
-        if required:
-            raise RequestValidationError(name, "is required")
+        raise RequestValidationError(name, "is required")
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise RequestValidationError(name, f"must be a positive whole number, got {value!r}")
+        value = int(text)
+    return check_id(name, value)
+
+
+def _int_field(row: dict[str, Any], name: str) -> Any:
+    value = row.get(name)
+    if value is None or value == "":
         return None
     if isinstance(value, str):
         text = value.strip()
         if not (text.isascii() and text.isdigit()):
-            raise RequestValidationError(name, f"must be a whole number, got {value!r}")
+            raise RequestValidationError(name, f"must be a whole number of cents, got {value!r}")
         return int(text)
     return value  # JSON values go to the model's own validation (floats are refused)
 
@@ -104,58 +158,134 @@ def _skus(row: dict[str, Any]) -> Any:
     return skus
 
 
-def _item(kind: Kind, line: int, row: dict[str, Any]) -> BatchItem:
+def _amount(row: dict[str, Any], skus: Any, *, full_refunds: bool) -> int | None:
+    """The row's amount_refunded; None only for a whole-bag refund the row (or the
+    --full-refunds flag) asks for, or a refund of SKU lines."""
+    value = row.get("amount_refunded")
+    if isinstance(value, str) and value.strip().lower() == "full":
+        if skus is not None:
+            raise RequestValidationError(
+                "amount_refunded", "is full, but skus are given: refund the lines or the bag"
+            )
+        return None
+    amount = _int_field(row, "amount_refunded")
+    if amount is None and skus is None and not full_refunds:
+        raise RequestValidationError(
+            "amount_refunded",
+            "is empty: give the cents to refund, or full to refund the whole bag "
+            "(--full-refunds makes every empty amount a whole-bag refund)",
+        )
+    return amount  # type: ignore[no-any-return]
+
+
+def _unknown(names: set[str], kind: Kind) -> str:
+    """Name unknown columns, with what they probably meant."""
+    known = COLUMNS[kind] | _JSON_ONLY[kind]
+    other: Kind = "cancel" if kind == "refund" else "refund"
+    hints = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6) or sorted(
+            k for k in known if name and (k.startswith(name) or name in k.split("_"))
+        )
+        if name in COLUMNS[other] | _JSON_ONLY[other]:
+            hints.append(f"{name!r} is a {other} column: is this a file for `{other}`?")
+        elif close:
+            hints.append(f"{name!r} (did you mean {close[0]!r}?)")
+        else:
+            hints.append(repr(name))
+    return f"unknown column(s) for `{kind}`: {', '.join(hints)}"
+
+
+def _item(kind: Kind, line: int, row: dict[str, Any], *, full_refunds: bool) -> BatchItem:
     # An empty CSV cell and a JSON null both read as None, which the request models take
     # as "not given": the field is left out of the body and Violet applies its default.
-    order_id = _int_field(row, "order_id", required=True)
-    bag_id = _int_field(row, "bag_id", required=True)
+    order_id = _id_field(row, "order_id")
+    bag_id = _id_field(row, "bag_id")
+    request: RefundBagRequest | CancelBagRequest
     if kind == "cancel":
-        fields: dict[str, Any] = {
-            "reason_code": _text_field(row, "reason_code"),
-            "reason": _text_field(row, "reason"),
-            "restock_items": _bool_field(row, "restock_items"),
-            "notify_customer": _bool_field(row, "notify_customer"),
-        }
-        return BatchItem(line, kind, order_id, bag_id, CancelBagRequest(**fields))
-    shipping = row.get("shipping")
-    if isinstance(shipping, dict):
-        shipping = ShippingRefund(**shipping)
-    elif row.get("shipping_amount") not in (None, ""):
-        shipping = ShippingRefund(amount=_int_field(row, "shipping_amount", required=True))
-    fields = {
-        "amount_refunded": _int_field(row, "amount_refunded", required=False),
-        "reason": _text_field(row, "reason"),
-        "restock_items": _bool_field(row, "restock_items"),
-        "notify_customer": _bool_field(row, "notify_customer"),
-        "shipping": shipping,
-        "skus": _skus(row),
-    }
-    return BatchItem(line, kind, order_id, bag_id, RefundBagRequest(**fields))
+        request = CancelBagRequest(
+            reason_code=_text_field(row, "reason_code"),
+            reason=_text_field(row, "reason"),
+            restock_items=_bool_field(row, "restock_items"),
+            notify_customer=_bool_field(row, "notify_customer"),
+        )
+    else:
+        shipping = row.get("shipping")
+        if isinstance(shipping, dict):
+            shipping = ShippingRefund(**shipping)
+        elif shipping is not None:
+            raise RequestValidationError("shipping", 'must be an object like {"amount": 500}')
+        if row.get("shipping_amount") not in (None, ""):
+            if shipping is not None:
+                raise RequestValidationError("shipping_amount", "and shipping are both given")
+            shipping = ShippingRefund(amount=_int_field(row, "shipping_amount"))
+        skus = _skus(row)
+        request = RefundBagRequest(
+            amount_refunded=_amount(row, skus, full_refunds=full_refunds),
+            reason=_text_field(row, "reason"),
+            restock_items=_bool_field(row, "restock_items"),
+            notify_customer=_bool_field(row, "notify_customer"),
+            shipping=shipping,
+            skus=skus,
+        )
+    encode_request(request)  # every check a send makes, here, before anything is sent
+    return BatchItem(line, kind, order_id, bag_id, request)
 
 
-def _rows(handle: IO[str], path: Path) -> Iterator[tuple[int, Any]]:
+def _rows(handle: IO[str], path: Path, kind: Kind) -> Iterator[tuple[int, Any]]:
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        known = COLUMNS[kind] | _JSON_ONLY[kind]
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
             try:
-                yield number, orjson.loads(text)
+                row = orjson.loads(text)
             except orjson.JSONDecodeError as exc:
                 # exc.msg without the parser's position: it counts lines and columns
                 # inside this one row ("line 2 column 1" for a row cut short), which
                 # reads like a line of the file and is not one.
                 yield number, RowError(number, f"not valid JSON ({exc.msg})")
+                continue
+            if isinstance(row, dict) and set(row) - known:
+                yield number, RowError(number, _unknown(set(row) - known, kind))
+                continue
+            yield number, row
         return
+    yield from _csv_rows(handle, kind)
+
+
+def _csv_rows(handle: IO[str], kind: Kind) -> Iterator[tuple[int, Any]]:
     reader = csv.DictReader(handle)
+    header = reader.fieldnames or []
+    problems = []
+    unknown = set(header) - COLUMNS[kind]
+    if unknown:
+        problems.append(_unknown(unknown, kind))
+    repeated = sorted(name for name, n in Counter(header).items() if n > 1)
+    if repeated:
+        problems.append(f"column(s) named twice: {', '.join(map(repr, repeated))}")
+    missing = [name for name in ("order_id", "bag_id") if name not in header]
+    if missing:
+        problems.append(f"missing column(s): {', '.join(missing)}")
+    if problems:
+        yield 1, RowError(1, "; ".join(problems))
+        return
     for row in reader:
         # The header is line 1, so data rows are numbered as a spreadsheet shows them.
-        yield reader.line_num, row
+        if None in row:
+            yield reader.line_num, RowError(reader.line_num, "more cells than the header")
+        elif None in row.values():
+            yield reader.line_num, RowError(reader.line_num, "fewer cells than the header")
+        else:
+            yield reader.line_num, row
 
 
-def read_items(path: Path, kind: Kind) -> Iterator[BatchItem | RowError]:
-    """Lazily parse and validate every row; bad rows come back as RowError."""
+def read_items(
+    path: Path, kind: Kind, *, full_refunds: bool = False
+) -> Iterator[BatchItem | RowError]:
+    """Lazily parse and check every row; bad rows come back as RowError."""
     with path.open(newline="", encoding="utf-8") as handle:
-        for line, row in _rows(handle, path):
+        for line, row in _rows(handle, path, kind):
             if isinstance(row, RowError):
                 yield row
                 continue
@@ -163,7 +293,7 @@ def read_items(path: Path, kind: Kind) -> Iterator[BatchItem | RowError]:
                 yield RowError(line, "must be an object")
                 continue
             try:
-                yield _item(kind, line, row)
+                yield _item(kind, line, row, full_refunds=full_refunds)
             except (RequestValidationError, TypeError) as exc:
                 yield RowError(line, str(exc))
 
@@ -174,6 +304,96 @@ def _file_id(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# -- the plan -------------------------------------------------------------------
+
+
+@attrs.define
+class _Plan:
+    """What a file asks for, in the totals an operator signs off."""
+
+    rows: int = 0
+    full: int = 0
+    sku_only: int = 0
+    amount: int = 0
+    shipping: int = 0
+    keys: Counter[str] = attrs.Factory(Counter)
+
+    def add(self, item: BatchItem) -> str:
+        request = item.request
+        if isinstance(request, RefundBagRequest):
+            if request.amount_refunded is not None:
+                self.amount += request.amount_refunded
+            elif request.skus is not None:
+                self.sku_only += 1
+            else:
+                self.full += 1
+            if request.shipping is not None:
+                self.shipping += request.shipping.amount
+        self.rows += 1
+        content = item.key
+        key = f"{content}#{self.keys[content]}"
+        self.keys[content] += 1
+        return key
+
+    def write(self, kind: Kind, path: Path, out: IO[str]) -> None:
+        out.write(f"plan for {path}:\n")
+        out.write(f"  {kind + 's':<22} {self.rows:>10}\n")
+        if kind == "refund":
+            out.write(f"  {'whole-bag refunds':<22} {self.full:>10}\n")
+            out.write(f"  {'refunds of SKU lines':<22} {self.sku_only:>10}\n")
+            out.write(f"  {'sum of amounts':<22} {_money(self.amount):>10}\n")
+            if self.shipping:
+                out.write(f"  {'sum of shipping':<22} {_money(self.shipping):>10}\n")
+
+
+def _money(cents: int) -> str:
+    return f"{cents // 100:,}.{cents % 100:02d}"
+
+
+def _check(kind: Kind, path: Path, err: IO[str], *, full_refunds: bool) -> _Plan | None:
+    """The plan's totals, or report every bad row (with its line) and return None."""
+    plan = _Plan()
+    bad = 0
+    for parsed in read_items(path, kind, full_refunds=full_refunds):
+        if isinstance(parsed, RowError):
+            err.write(f"{path}:{parsed}\n")
+            bad += 1
+        else:
+            plan.add(parsed)
+    if bad:
+        err.write(f"violet-async: {bad} problem(s) in {path}; nothing was sent\n")
+        return None
+    return plan
+
+
+def _print_plan(
+    kind: Kind, path: Path, plan: _Plan, journal: Path, out: IO[str], *, full_refunds: bool
+) -> None:
+    out.write(f"dry run: every row of {path} is valid; nothing was sent\n")
+    shown = 0
+    for item in read_items(path, kind, full_refunds=full_refunds):
+        if isinstance(item, BatchItem) and shown < PLAN_ROWS:
+            body = orjson.dumps(converter.unstructure(item.request)).decode()
+            where = f"line {item.line}: {kind} order {item.order_id} bag {item.bag_id}"
+            out.write(f"  {where} {body}\n")
+            shown += 1
+    if plan.rows > shown:
+        out.write(f"  ... and {plan.rows - shown} more row(s)\n")
+    plan.write(kind, path, out)
+    entries = Journal.peek(journal)
+    if entries:
+        states: Counter[str] = Counter()
+        for content, count in plan.keys.items():
+            for n in range(count):
+                entry = entries.get(f"{content}#{n}")
+                states[entry.state if entry is not None else "new"] += 1
+        summary = ", ".join(f"{states[s]} {s}" for s in sorted(states))
+        out.write(f"journal {journal}: {summary} (done rows are skipped)\n")
+
+
+# -- progress and summary ---------------------------------------------------------
 
 
 class _Progress:
@@ -214,31 +434,76 @@ class BatchOptions:
     output: Path | None = None
     dry_run: bool = False
     retry_failed: bool = False
+    allow_repeat: bool = False
+    full_refunds: bool = False
     environment: str | None = None
     base_url: str | None = None
     settle_running: float = 60.0
     timeout: float = 30.0
 
 
+_ORDER = (
+    "succeeded",
+    "already_done",
+    "failed",
+    "unknown",
+    "not_sent",
+    "already_failed",
+    "already_present",
+)
+_ADVICE = {
+    "failed": "Violet refused these (definitely not applied): fix the rows and run the "
+    "same command again; rows you leave unchanged are skipped (--retry-failed re-checks "
+    "each bag, then sends them again)",
+    "unknown": "these may have applied: run the same command again; they are read back "
+    "from the bag before anything is sent, never sent blind",
+    "not_sent": "these never reached Violet: run the same command again",
+    "already_present": "not sent: the bag already shows exactly this refund and no "
+    "journal entry accounts for it (an earlier run with another journal, or another "
+    "system); check the bag before doing anything else with these rows",
+    "already_failed": "skipped: an earlier run recorded Violet refusing these",
+}
+
+
 @attrs.define
 class _Tally:
     results: Counter[str] = attrs.Factory(Counter)
     errors: Counter[str] = attrs.Factory(Counter)
+    problems: list[str] = attrs.Factory(list)
+    problem_file: IO[str] | None = None
     reconciled: int = 0
     retries: int = 0
+    sent: int = 0
 
-    def add(self, result: BatchResult) -> None:
+    def add(self, result: BatchResult, redactor: Redactor) -> None:
         self.results[result.outcome] += 1
-        if result.error_class and result.outcome in ("failed", "unknown"):
-            self.errors[result.error_class] += 1
         self.reconciled += result.reconciled
         self.retries += result.retries
+        self.sent += result.sent
+        if result.outcome in CLEAN_OUTCOMES:
+            return
+        if result.error_class:
+            self.errors[result.error_class] += 1
+        item = result.item
+        message = redactor.text(str(result.error)) if result.error is not None else ""
+        refund = f" (refund {result.refund_id} on the bag)" if result.refund_id else ""
+        text = (
+            f"line {item.line}: order {item.order_id} bag {item.bag_id}: {result.outcome}"
+            f"{refund}: {result.error_class or ''}{': ' if message else ''}{message}"
+        )
+        if len(self.problems) < PROBLEM_ROWS:
+            self.problems.append(text)
+        if self.problem_file is not None:
+            self.problem_file.write(text + "\n")
 
-    def write(self, elapsed: float, out: IO[str]) -> None:
+    @property
+    def clean(self) -> bool:
+        return all(outcome in CLEAN_OUTCOMES for outcome in self.results)
+
+    def write(self, elapsed: float, out: IO[str], problems_path: Path) -> None:
         results = self.results
-        sent = results["succeeded"] + results["failed"] + results["unknown"]
         out.write("\nsummary\n")
-        for key in ("succeeded", "already_done", "failed", "unknown", "already_failed"):
+        for key in _ORDER:
             out.write(f"  {key:<16} {results[key]:>8}\n")
         for name, count in sorted(self.errors.items()):
             out.write(f"    {name:<26} {count:>6}\n")
@@ -246,34 +511,20 @@ class _Tally:
         out.write(f"  {'retries':<16} {self.retries:>8}\n")
         out.write(f"  {'elapsed':<16} {elapsed:>7.1f}s\n")
         rate = results["succeeded"] / max(elapsed, 1e-9)
-        out.write(f"  {'refunds/s':<16} {rate:>8.1f}  ({sent} sent this run)\n")
+        out.write(f"  {'refunds/s':<16} {rate:>8.1f}  ({self.sent} sent this run)\n")
+        bad = sum(results[k] for k in _ORDER if k not in CLEAN_OUTCOMES)
+        if not bad:
+            return
+        out.write(f"\n{bad} row(s) need attention")
+        out.write(f" (all of them in {problems_path}):\n" if bad > len(self.problems) else ":\n")
+        for text in self.problems:
+            out.write(f"  {text}\n")
+        for key in _ORDER:
+            if results[key] and key in _ADVICE:
+                out.write(f"  {key}: {_ADVICE[key]}\n")
 
 
-def _validate(kind: Kind, path: Path, err: IO[str]) -> int | None:
-    """Count the rows, or report every bad one (with its line) and return None."""
-    total = 0
-    bad: list[RowError] = []
-    for parsed in read_items(path, kind):
-        if isinstance(parsed, RowError):
-            bad.append(parsed)
-        else:
-            total += 1
-    for error in bad:
-        err.write(f"{path}:{error}\n")
-    if bad:
-        err.write(f"violet-async: {len(bad)} bad row(s); nothing was sent\n")
-        return None
-    return total
-
-
-def _print_plan(kind: Kind, path: Path, total: int, out: IO[str]) -> None:
-    out.write(f"dry run: {total} {kind}(s) in {path} are valid; nothing was sent\n")
-    for item in read_items(path, kind):
-        if isinstance(item, BatchItem):
-            plan = orjson.dumps(converter.unstructure(item.request)).decode()
-            out.write(
-                f"  line {item.line}: {kind} order {item.order_id} bag {item.bag_id} {plan}\n"
-            )
+# -- running ----------------------------------------------------------------------
 
 
 async def run_file(
@@ -283,15 +534,20 @@ async def run_file(
     out: IO[str] = sys.stdout,
     err: IO[str] = sys.stderr,
 ) -> int:
-    """The whole command: validate, then dry-run or run, then summarize."""
+    """The whole command: check every row, then dry-run or run, then summarize."""
     if not path.is_file():  # noqa: ASYNC240 - one stat before any I/O starts
         err.write(f"violet-async: {path}: no such file\n")
         return EXIT_BAD_INPUT
-    total = _validate(kind, path, err)
-    if total is None:
+    try:
+        plan = _check(kind, path, err, full_refunds=options.full_refunds)
+    except UnicodeDecodeError as exc:
+        err.write(f"violet-async: {path}: not UTF-8 text ({exc.reason} at byte {exc.start})\n")
         return EXIT_BAD_INPUT
+    if plan is None:
+        return EXIT_BAD_INPUT
+    journal = options.journal or path.with_name(path.name + f".{kind}.journal.jsonl")
     if options.dry_run:
-        _print_plan(kind, path, total, out)
+        _print_plan(kind, path, plan, journal, out, full_refunds=options.full_refunds)
         return EXIT_OK
     overrides: dict[str, Any] = {
         "retry": RetryPolicy(settle_running=options.settle_running),
@@ -306,69 +562,146 @@ async def run_file(
     except RequestValidationError as exc:
         err.write(f"violet-async: configuration: {exc}\n")
         return EXIT_BAD_INPUT
-    return await _execute(kind, path, total, client, options, out=out, err=err)
+    try:
+        log = await Journal.open(journal, input_id=f"{kind}:{_file_id(path)}")
+    except (JournalLockedError, JournalMismatchError) as exc:
+        err.write(f"violet-async: {exc}\n")
+        return EXIT_BAD_INPUT
+    try:
+        if log.repaired:
+            out.write(f"journal {journal}: cut a torn last line ({log.repaired} bytes)\n")
+        if log.input_changed:
+            out.write(
+                f"journal {journal}: {path} changed since this journal began; rows are "
+                "matched by content: unchanged rows stay done, edited rows are new\n"
+            )
+        return await _execute(kind, path, plan.rows, client, log, options, out=out, err=err)
+    finally:
+        await log.aclose()
 
 
-async def _execute(
+async def _preflight(
+    client: VioletClient, path: Path, kind: Kind, err: IO[str], *, full_refunds: bool
+) -> bool:
+    """One cheap authenticated read before any send: refused credentials or no route to
+    Violet stop the run here, with nothing sent and nothing marked failed."""
+    rows = read_items(path, kind, full_refunds=full_refunds)
+    first = next((i for i in rows if isinstance(i, BatchItem)), None)
+    rows.close()  # type: ignore[attr-defined]
+    if first is None:
+        return True
+    probe = client.with_options(retry=RetryPolicy(max_attempts=2, deadline=15.0))
+    try:
+        await probe.get_order(first.order_id)
+    except VioletError as exc:
+        if never_reached(exc):
+            err.write(f"violet-async: {_stop_reason(exc)}; nothing was sent\n")
+            return False
+    return True
+
+
+def _fatal(result: BatchResult, tally: _Tally) -> bool:
+    """A row that never reached Violet because of the credentials, or because no
+    connection could be made while no row has got through yet, stops the run. (A
+    connection lost later, after the client's retries, is that row's outcome.)"""
+    if result.outcome != "not_sent":
+        return False
+    return isinstance(result.error, AuthenticationError) or not tally.results["succeeded"]
+
+
+def _stop_reason(exc: BaseException | None) -> str:
+    if isinstance(exc, AuthenticationError):
+        return (
+            f"Violet refused the credentials ({exc}); check VIOLET_APP_ID, "
+            "VIOLET_APP_SECRET, VIOLET_USERNAME / VIOLET_PASSWORD or VIOLET_TOKEN"
+        )
+    return f"cannot reach Violet ({exc}); check VIOLET_BASE_URL / VIOLET_ENV and the network"
+
+
+async def _execute(  # noqa: PLR0917 - one call site
     kind: Kind,
     path: Path,
     total: int,
     client: VioletClient,
+    log: Journal,
     options: BatchOptions,
     *,
     out: IO[str],
     err: IO[str],
 ) -> int:
-    journal = options.journal or path.with_name(path.name + f".{kind}.journal.jsonl")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    interrupted = False
+    stopped: BatchResult | None = None
     tally = _Tally()
     progress = _Progress(total, out)
     started = time.monotonic()
+    problems_path = log.path.with_name(log.path.name + ".problems.txt")
     sink = _open_private(options.output) if options.output else None
+    tally.problem_file = _open_private(problems_path, append=False)
     # Errors are redacted where they are built; this is the second line of defence
     # for a file that outlives the run.
     redactor = Redactor(client._shared.credentials.secrets)
     try:
         async with client:
-            items = (i for i in read_items(path, kind) if isinstance(i, BatchItem))
+            if not await _preflight(client, path, kind, err, full_refunds=options.full_refunds):
+                return EXIT_BAD_INPUT
+            items = (
+                i
+                for i in read_items(path, kind, full_refunds=options.full_refunds)
+                if isinstance(i, BatchItem)
+            )
             async for result in run_batch(
                 client,
                 items,
                 concurrency=options.concurrency,
                 rate=options.rate,
-                journal=journal,
-                input_id=f"{kind}:{_file_id(path)}",
+                journal=log,
                 retry_failed=options.retry_failed,
+                allow_repeat=options.allow_repeat,
                 stop=stop,
             ):
-                tally.add(result)
+                tally.add(result, redactor)
+                if stopped is None and _fatal(result, tally):
+                    # Refused credentials, or no connection before anything got through:
+                    # every other row would end the same way. Stop feeding; rows in
+                    # flight finish.
+                    stopped = result
+                    stop.set()
                 if sink is not None:
                     sink.write(orjson.dumps(_row_out(result, redactor)) + b"\n")
                 progress.tick()
-    except JournalMismatchError as exc:
-        err.write(f"violet-async: {exc}\n")
-        return EXIT_BAD_INPUT
+            interrupted = stop.is_set() and stopped is None
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         if sink is not None:
             sink.close()
-    tally.write(time.monotonic() - started, out)
-    out.write(f"journal: {journal}\n")
-    if stop.is_set():
+        tally.problem_file.close()
+        if not tally.problems:
+            problems_path.unlink(missing_ok=True)
+    tally.write(time.monotonic() - started, out, problems_path)
+    out.write(f"journal: {log.path}\n")
+    if stopped is not None:
+        err.write(
+            f"violet-async: stopped at line {stopped.item.line}: {_stop_reason(stopped.error)};"
+            " rows that never reached Violet are not marked failed: run the same command"
+            " again once this is fixed\n"
+        )
+        return EXIT_BAD_INPUT
+    if interrupted:
         out.write("interrupted: run the same command again to finish\n")
         return EXIT_INTERRUPTED
-    failed = tally.results["failed"] or tally.results["unknown"]
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_OK if tally.clean else EXIT_FAILED
 
 
-def _open_private(path: Path) -> IO[bytes]:
-    """Open ``path`` for appending, readable by its owner only (0600): the results
-    name orders and carry Violet's messages."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _open_private(path: Path, *, append: bool = True) -> Any:
+    """Open ``path`` for appending (bytes) or anew (text), readable by its owner only
+    (0600): results name orders and carry Violet's messages."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
     os.fchmod(fd, 0o600)  # a file left by an older version may be wider
-    return os.fdopen(fd, "ab")
+    return os.fdopen(fd, "ab") if append else os.fdopen(fd, "w", encoding="utf-8")
 
 
 def _row_out(result: BatchResult, redactor: Redactor) -> dict[str, Any]:
@@ -382,6 +715,7 @@ def _row_out(result: BatchResult, redactor: Redactor) -> dict[str, Any]:
         "amount": result.refund.amount if result.refund is not None else None,
         "reconciled": result.reconciled,
         "attempts": result.attempts,
+        "sent": result.sent,
         "error": result.error_class,
         "message": redactor.text(message) if message is not None else None,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import heapq
 import itertools
 import os
@@ -23,31 +24,52 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, Literal
 
 import attrs
+import orjson
 
 from ._client import VioletClient, _unless_failed
-from ._journal import Journal, JournalEntry, JournalMismatchError
+from ._converter import converter
+from ._journal import Journal, JournalEntry, JournalLockedError, JournalMismatchError
 from ._protocol import PendingRefund, Phase
 from ._retry import RetryEvent
-from .exceptions import AmbiguousOutcomeError, RateLimitError, RequestValidationError, VioletError
+from .exceptions import (
+    AmbiguousOutcomeError,
+    APIConnectionError,
+    AuthenticationError,
+    RateLimitError,
+    RefundAlreadyPresentError,
+    RequestValidationError,
+    VioletError,
+)
 from .models import CancelBagRequest, OrderRefund, RefundBagRequest
 
 __all__ = [
     "BatchItem",
     "BatchResult",
     "Journal",
+    "JournalLockedError",
     "JournalMismatchError",
     "run_batch",
 ]
 
 Kind = Literal["refund", "cancel"]
-Outcome = Literal["succeeded", "failed", "unknown", "already_done", "already_failed"]
+Outcome = Literal[
+    "succeeded",
+    "failed",
+    "unknown",
+    "not_sent",
+    "already_done",
+    "already_failed",
+    "already_present",
+]
+#: Outcomes that leave nothing for anyone to do; any other makes the batch not clean.
+CLEAN_OUTCOMES = frozenset({"succeeded", "already_done"})
 
 
 @attrs.frozen
 class BatchItem:
-    """One refund or cancel of a batch. ``line`` numbers the item in its input (lines
-    must increase through a batch); with the order, bag and amount it makes the ``key``
-    the journal resumes by."""
+    """One refund or cancel of a batch. ``line`` numbers the item in its input, for
+    people; the journal knows an item by its content (:attr:`key`), so an edited row is
+    a new item and moving rows changes nothing."""
 
     line: int
     kind: Kind
@@ -69,21 +91,26 @@ class BatchItem:
 
     @property
     def key(self) -> str:
-        amount: object = "cancel"
-        if isinstance(self.request, RefundBagRequest):
-            amount = (
-                self.request.amount_refunded if self.request.amount_refunded is not None else "full"
-            )
-        return f"{self.line}:{self.order_id}:{self.bag_id}:{amount}"
+        """What the item asks, as a digest: kind, order, bag and the canonical request.
+        Identical rows share it; the batch numbers their repeats (``KEY#0``, ``KEY#1``)."""
+        body = orjson.dumps(
+            [self.kind, self.order_id, self.bag_id, converter.unstructure(self.request)],
+            option=orjson.OPT_SORT_KEYS,
+        )
+        return f"{self.kind}:{hashlib.sha256(body).hexdigest()[:32]}"
 
 
 @attrs.frozen
 class BatchResult:
     """What happened to one item.
 
-    ``outcome``: succeeded; failed (``error`` says why); unknown (the refund may or may
-    not have applied: ``AmbiguousOutcomeError``, read back again on resume);
-    already_done / already_failed (skipped, from the journal of an earlier run).
+    ``outcome``: succeeded; failed (definitely not applied: ``error`` says why); unknown
+    (the refund may or may not have applied: ``AmbiguousOutcomeError``, read back again
+    on resume); not_sent (never reached Violet: refused credentials, or no connection
+    could be made; sent anew next run); already_present (not sent: the bag already holds
+    a refund exactly like it that no journal entry accounts for; ``refund_id`` is that
+    refund); already_done / already_failed (skipped, from the journal of an earlier
+    run). ``sent`` is True when a request for it left during this run.
     """
 
     item: BatchItem
@@ -96,12 +123,14 @@ class BatchResult:
     retries: int = 0
     reconciled: bool = False
     rate_limited: int = 0
+    sent: bool = False
 
 
 @attrs.define
 class _Stats:
     retries: int = 0
     rate_limited: int = 0
+    sent: bool = False
 
 
 _current: contextvars.ContextVar[_Stats | None] = contextvars.ContextVar(
@@ -168,6 +197,7 @@ async def run_batch(
     stop: asyncio.Event | None = None,
     read_before_send: bool = True,
     patience: float = DEFAULT_PATIENCE,
+    allow_repeat: bool = False,
 ) -> AsyncIterator[BatchResult]:
     """Run refunds and cancels, yielding one :class:`BatchResult` per item as it ends.
 
@@ -182,9 +212,16 @@ async def run_batch(
     With a ``journal`` (a path or an open :class:`Journal`), items already done are
     skipped, items an earlier run left sent or pending are read back before anything
     is re-sent, and failed items (definitely not applied) are skipped unless
-    ``retry_failed``. Setting ``stop`` stops feeding new items; those in flight finish
-    and parked ones are reported unknown (resumable). ``input_id`` identifies the
-    input (a file hash) in a new journal.
+    ``retry_failed``. Items are known by content (:attr:`BatchItem.key` plus the
+    repeat number of identical items), so an edited item is a new one. Setting
+    ``stop`` stops feeding new items; those in flight finish and parked ones are
+    reported unknown (resumable). ``input_id`` names the input in a new journal's
+    header (informational).
+
+    The server is the last guard: with ``read_before_send``, an item whose bag already
+    holds a refund carrying exactly its request, which neither this run nor the journal
+    accounts for, is not sent and ends ``already_present`` (each such refund accounts
+    for one item). ``allow_repeat=True`` sends it anyway (a second identical refund).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
@@ -206,6 +243,7 @@ async def run_batch(
         stop=stop,
         read_before_send=read_before_send,
         patience=patience,
+        allow_repeat=allow_repeat,
     )
     feeder = asyncio.create_task(runner.feed(items))
     try:
@@ -227,6 +265,7 @@ async def run_batch(
 @attrs.frozen
 class _Parked:
     item: BatchItem
+    key: str
     pending: PendingRefund
     revisits: int
     error: AmbiguousOutcomeError
@@ -248,6 +287,7 @@ class _Runner:
         stop: asyncio.Event | None,
         read_before_send: bool,
         patience: float,
+        allow_repeat: bool = False,
     ) -> None:
         self._caller_hook = client._on_retry
         policy = attrs.evolve(client._retry, read_before_send=read_before_send)
@@ -258,6 +298,8 @@ class _Runner:
         self.retry_failed = retry_failed
         self.stop = stop
         self.patience = patience
+        self.allow_repeat = allow_repeat
+        self.hold = read_before_send and not allow_repeat
         self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency * 2)
         self.slots = asyncio.Semaphore(concurrency)
         self.parked: list[tuple[float, int, _Parked]] = []
@@ -282,6 +324,7 @@ class _Runner:
     async def _one(
         self,
         item: BatchItem,
+        key: str,
         resume: PendingRefund | None,
         revisits: int,
         stats: _Stats | None = None,
@@ -290,11 +333,13 @@ class _Runner:
             result = await _process(
                 self.client,
                 item,
+                key,
                 resume,
                 self.log,
                 self.limiter,
                 patience=self.patience,
                 stats=stats or _Stats(),
+                hold=self.hold,
             )
         except Exception as exc:  # noqa: BLE001 - a bug: the consumer must see it
             await self.results.put(exc)
@@ -308,20 +353,22 @@ class _Runner:
                 heapq.heappush(self.parked, (due, next(self._order), parked))
                 self._parked_changed.set()
                 return
-            result = await _ended(item, "unknown", parked.stats, self.log, parked.error)
+            result = await _ended(item, key, "unknown", parked.stats, self.log, parked.error)
         await self.results.put(result)
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
-        last_line = None
+        # Repeats of an identical item are distinct items: KEY#0, KEY#1, ...
+        repeats: dict[str, int] = {}
 
         def start(
             item: BatchItem,
+            key: str,
             resume: PendingRefund | None,
             revisits: int,
             stats: _Stats | None = None,
         ) -> None:
-            task = asyncio.create_task(self._one(item, resume, revisits, stats))
+            task = asyncio.create_task(self._one(item, key, resume, revisits, stats))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -329,9 +376,14 @@ class _Runner:
             async for item in _aiter(items):
                 if self._stopping():
                     break
-                last_line = _check_increasing(last_line, item.line)
-                prior = self.log.entry(item.line, item.key) if self.log is not None else None
-                skipped = _skip(item, prior, retry_failed=self.retry_failed)
+                content = item.key
+                seen = repeats.get(content, 0)
+                repeats[content] = seen + 1
+                key = f"{content}#{seen}"
+                prior = self.log.entry(key) if self.log is not None else None
+                skipped = _skip(
+                    item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat
+                )
                 if skipped is not None:
                     await self.results.put(skipped)
                     continue
@@ -340,7 +392,7 @@ class _Runner:
                 if self._stopping():
                     self.slots.release()
                     break
-                start(item, resume, 0)
+                start(item, key, resume, 0)
                 await self._revisit_due(start)
             await self._drain(tasks, start)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -356,7 +408,7 @@ class _Runner:
         while self.parked and self.parked[0][0] <= self.clock.time() and not self._stopping():
             _, _, parked = heapq.heappop(self.parked)
             await self.slots.acquire()
-            start(parked.item, parked.pending, parked.revisits + 1, parked.stats)
+            start(parked.item, parked.key, parked.pending, parked.revisits + 1, parked.stats)
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
         """After the input: finish what runs, and revisit parked items as they fall due."""
@@ -367,7 +419,14 @@ class _Runner:
                 while self.parked:
                     _, _, parked = heapq.heappop(self.parked)
                     await self.results.put(
-                        await _ended(parked.item, "unknown", parked.stats, self.log, parked.error)
+                        await _ended(
+                            parked.item,
+                            parked.key,
+                            "unknown",
+                            parked.stats,
+                            self.log,
+                            parked.error,
+                        )
                     )
                 return
             await self._revisit_due(start)
@@ -393,27 +452,37 @@ class _Runner:
                 await self.clock.sleep(wait)
 
 
-def _check_increasing(last: int | None, line: int) -> int:
-    # Lines key the journal: a repeated line could send the same item twice.
-    if last is not None and line <= last:
-        raise ValueError(f"batch item lines must increase: line {line} after {last}")
-    return line
-
-
-def _skip(item: BatchItem, prior: JournalEntry | None, *, retry_failed: bool) -> BatchResult | None:
+def _skip(
+    item: BatchItem, prior: JournalEntry | None, *, retry_failed: bool, allow_repeat: bool
+) -> BatchResult | None:
     if prior is None:
         return None
     if prior.state == "done":
         return BatchResult(item, "already_done", refund_id=prior.refund_id)
     if prior.state == "failed" and not retry_failed:
-        return BatchResult(item, "already_failed", error_class=prior.error)
+        # Sent again (with --retry-failed) only after the bag is read: hold_if_present.
+        return BatchResult(
+            item, "already_failed", error=_Recorded(prior.message or ""), error_class=prior.error
+        )
+    if prior.state == "present" and not allow_repeat:
+        return BatchResult(
+            item,
+            "already_present",
+            refund_id=prior.refund_id,
+            error=_Recorded(prior.message or ""),
+            error_class=prior.error,
+        )
     return None
+
+
+class _Recorded(VioletError):
+    """The message an earlier run journaled for an item it skipped now."""
 
 
 def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | None:
     """The record to resume an item an earlier run may have sent (None: send anew)."""
     if prior is None or prior.state not in ("sent", "pending", "unknown"):
-        return None
+        return None  # never sent, or proven not applied ("failed", "unsent", "present")
     if prior.ask is not None:
         try:
             pending = PendingRefund.from_dict(prior.ask)
@@ -437,23 +506,35 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
     )
 
 
-async def _process(
+def never_reached(exc: BaseException) -> bool:
+    """The error proves Violet never took the request: credentials refused (401) or no
+    connection could be made (refused, DNS). Nothing about the item is "failed"."""
+    if isinstance(exc, AuthenticationError):
+        return True
+    return isinstance(exc, APIConnectionError) and not exc.request_sent
+
+
+async def _process(  # noqa: PLR0917 - internal, one call site
     client: VioletClient,
     item: BatchItem,
+    key: str,
     resume: PendingRefund | None,
     log: Journal | None,
     limiter: AdaptiveRate | None,
     *,
     patience: float,
     stats: _Stats,
+    hold: bool = False,
 ) -> BatchResult | _Parked:
     _current.set(stats)
     if limiter is not None:
         await limiter.wait()
 
     async def save(ask: PendingRefund) -> None:
+        if ask.phase is Phase.SENT:
+            stats.sent = True
         if log is not None and ask.phase in (Phase.SENT, Phase.PENDING):
-            await log.record(item.line, item.key, ask.phase.value, ask=ask.to_dict())
+            await log.record(key, item.line, ask.phase.value, ask=ask.to_dict())
 
     try:
         refund = await client._ask(
@@ -464,34 +545,75 @@ async def _process(
             resume=resume,
             save=save,
             patience=patience,
+            hold_if_present=hold,
         )
         if item.kind == "refund":
             refund = _unless_failed(refund)
     except AmbiguousOutcomeError as exc:
         if exc.pending is not None:
-            return _Parked(item, exc.pending, 0, exc, stats)
-        return await _ended(item, "unknown", stats, log, exc)
+            return _Parked(item, key, exc.pending, 0, exc, stats)
+        return await _ended(item, key, "unknown", stats, log, exc)
+    except RefundAlreadyPresentError as exc:
+        return await _present(client, item, key, stats=stats, log=log, exc=exc)
     except VioletError as exc:
         # Any other error: the request did not apply.
-        return await _ended(item, "failed", stats, log, exc)
+        if never_reached(exc):
+            return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
+        return await _ended(item, key, "failed", stats, log, exc)
     if limiter is not None:
         limiter.speed_up()
     if log is not None:
-        await log.record(
-            item.line, item.key, "done", refund_id=refund.id, reconciled=refund.reconciled
-        )
+        await log.record(key, item.line, "done", refund_id=refund.id, reconciled=refund.reconciled)
     return _result(item, "succeeded", stats, refund=refund)
 
 
-async def _ended(
-    item: BatchItem, outcome: Outcome, stats: _Stats, log: Journal | None, exc: VioletError
+async def _present(
+    client: VioletClient,
+    item: BatchItem,
+    key: str,
+    *,
+    stats: _Stats,
+    log: Journal | None,
+    exc: RefundAlreadyPresentError,
+) -> BatchResult:
+    """Not sent: the bag already holds this refund. The lowest such refund becomes
+    known, so it accounts for this item only: a repeat of an identical item in the
+    same input checks again, and is sent if no other unaccounted refund is there."""
+    known = client._shared.known_refunds
+    ids = sorted(r.id for r in exc.refunds if r.id is not None)
+    claimed = next((i for i in ids if i not in known), None)
+    if claimed is not None:
+        known.add(claimed)
+    if log is not None:
+        await log.record(
+            key,
+            item.line,
+            "present",
+            refund_id=claimed,
+            refunds=ids,
+            error=type(exc).__name__,
+            message=str(exc),
+        )
+    result = _result(item, "already_present", stats, error=exc)
+    return attrs.evolve(result, refund_id=claimed)
+
+
+async def _ended(  # noqa: PLR0917 - internal
+    item: BatchItem,
+    key: str,
+    outcome: Outcome,
+    stats: _Stats,
+    log: Journal | None,
+    exc: VioletError,
+    *,
+    state: str | None = None,
 ) -> BatchResult:
     if log is not None:
         fields: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
         pending = getattr(exc, "pending", None)
         if isinstance(pending, PendingRefund):
             fields["ask"] = pending.to_dict()
-        await log.record(item.line, item.key, outcome, **fields)
+        await log.record(key, item.line, state or outcome, **fields)
     return _result(item, outcome, stats, error=exc)
 
 
@@ -514,4 +636,5 @@ def _result(
         retries=stats.retries,
         reconciled=refund.reconciled if refund is not None else False,
         rate_limited=stats.rate_limited,
+        sent=stats.sent,
     )
