@@ -88,6 +88,7 @@ class VioletClient(RequestPlumbing):
         clock: Clock | None = None,
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        _transport: Any = None,
     ) -> None:
         check_id("app_id", app_id)
         if not isinstance(app_secret, str) or not app_secret:
@@ -110,7 +111,9 @@ class VioletClient(RequestPlumbing):
             token=token,
             refresh_token=refresh_token,
         )
-        transport = Transport(
+        # ``_transport``: private seam for violet_async.testing.sim (anything with the
+        # Transport's open / aclose / closed / send); never an aiohttp object.
+        transport = _transport or Transport(
             session,
             connector_limit=max_connections,
             max_response_bytes=max_response_bytes,
@@ -125,7 +128,12 @@ class VioletClient(RequestPlumbing):
             base_url=url,
             endpoint=BaseURL(url),
             transport=transport,
-            auth=Auth(credentials, self._auth_send, refresh_margin=refresh_margin),
+            auth=Auth(
+                credentials,
+                self._auth_send,
+                refresh_margin=refresh_margin,
+                now=(clock or SYSTEM_CLOCK).time,  # one time seam for the whole client
+            ),
             credentials=credentials,
             headers={
                 "X-Violet-App-Id": str(app_id),
