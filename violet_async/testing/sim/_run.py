@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from ... import _journal
 from ..._ask import PendingRefund, Phase
 from ..._client import VioletClient
 from ..._retry import RetryPolicy
@@ -270,6 +271,11 @@ class SimResult:
     def ok(self) -> bool:
         return not self.violations
 
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of violation found ("double", "attribution", "deadline", ...)."""
+        return {v[1 : v.index("]")] for v in self.violations if v.startswith("[")}
+
     def report(self) -> str:
         lines = [f"SIMULATION VIOLATION, seed {self.schedule.seed}:"]
         lines += [f"  ! {v}" for v in self.violations]
@@ -278,9 +284,9 @@ class SimResult:
         lines.append("trace:")
         lines += [f"  {line}" for line in self.trace]
         lines.append(
-            f"replay: violet_async.testing.sim.simulate({self.schedule.seed}) "
-            "or python benchmarks/simulate.py --seed "
-            f"{self.schedule.seed}"
+            f"replay: simulate({self.schedule.seed}, mode={self.schedule.mode!r}) or "
+            f"python benchmarks/simulate.py --seed {self.schedule.seed} "
+            f"--mode {self.schedule.mode}"
         )
         return "\n".join(lines)
 
@@ -323,17 +329,22 @@ def simulate(seed_or_schedule: int | Schedule, *, mode: str | None = None) -> Si
     random.seed(schedule.seed)  # the client's backoff jitter
     loop = VirtualTimeLoop()
     world = _World(schedule, loop)
+    # The journal stamps lines with time.time(): on virtual time, a torn line tears at
+    # the same byte on every replay.
+    real_time = _journal.time
+    _journal.time = _WallTime(world.clock)  # type: ignore[assignment]
     try:
         with _captured_logs() as logs, tempfile.TemporaryDirectory() as tmp:
             world.journal = Path(tmp) / "sim.journal.jsonl"
             try:
                 loop.run_until_complete(world.main())
             except SimDeadlock as exc:
-                world.violations.append(f"deadlock: {exc}")
+                world.violations.append(f"[deadlock] {exc}")
             except BaseException as exc:  # noqa: BLE001 - a bug the simulation found
-                world.violations.append(f"unexpected {type(exc).__name__}: {exc}")
+                world.violations.append(f"[error] unexpected {type(exc).__name__}: {exc}")
             world.check_secrets(logs.lines)
     finally:
+        _journal.time = real_time
         _close(loop)
         random.setstate(state)
     return SimResult(
@@ -344,6 +355,11 @@ def simulate(seed_or_schedule: int | Schedule, *, mode: str | None = None) -> Si
         Counter(s.what for s in world.final.values()),
         loop.time() - 1000.0,
     )
+
+
+class _WallTime:
+    def __init__(self, clock: SimClock) -> None:
+        self.time = clock.time
 
 
 def _close(loop: VirtualTimeLoop) -> None:
@@ -467,8 +483,12 @@ class _World:
             return
         took = self.loop.time() - started
         if took > self.s.deadline + DEADLINE_SLACK:
+            # Known: an attempt that logs in or renews its token keeps the time left from
+            # before (RequestPlumbing._attempt), so it can end past the deadline.
+            since = started - self.s.connect - self.s.read  # a login it waited for
+            authed = any(since <= at <= self.loop.time() for at, _ in self.violet.auth_calls)
             self.violations.append(
-                f"{label}: the call took {took:.3f}s of virtual time, past its "
+                f"[{'deadline-auth' if authed else 'deadline'}] {label}: the call took {took:.3f}s of virtual time, past its "
                 f"{self.s.deadline:g}s deadline"
             )
 
@@ -709,7 +729,7 @@ class _World:
                     self.final[label] = Seen(label, "crashed")
         elif task.exception() is not None:
             exc = task.exception()
-            self.violations.append(f"{name}: run_batch raised {type(exc).__name__}: {exc}")
+            self.violations.append(f"[error] {name}: run_batch raised {type(exc).__name__}: {exc}")
         self.loop.executor_hook = None
 
     # -- invariants ---------------------------------------------------------
@@ -721,25 +741,56 @@ class _World:
             maker[commit.refund_id] = commit.label
             if commit.label is not None:
                 commits.setdefault(commit.label, []).append(commit.refund_id)
+        # Known: while an ask is pending (its lock released), another ask on the same bag
+        # whose request carries everything the first asked for can claim its refund, or
+        # have its own claimed by the first's resume; then one of them sends again (or
+        # both report one refund).
+        pended = {s.label for s in self.seen if s.what == "pending"}
+        overlap: set[str] = set()
+        for seen in self.seen:
+            maker_label = maker.get(seen.refund_id or -1)
+            if (
+                seen.what == "refund"
+                and maker_label not in (None, seen.label)
+                and (seen.label in pended or maker_label in pended)
+            ):
+                overlap.update({seen.label, maker_label})  # type: ignore[arg-type]
+        torn = self.s.mode == "batch" and any(c.write is not None for c in self.s.crashes)
         for label, ids in commits.items():
-            if len(ids) > 1:
-                self.violations.append(f"{label}: {len(ids)} refunds for one ask: {ids}")
+            if len(ids) > 1 and label in overlap:
+                self.violations.append(
+                    f"[overlap-after-pending] {label}: {len(ids)} refunds for one ask: {ids}"
+                )
+            elif len(ids) > 1 and torn:
+                self.violations.append(
+                    f"[torn-journal] {label}: {len(ids)} refunds for one ask: {ids}"
+                )
+            elif len(ids) > 1:
+                self.violations.append(f"[double] {label}: {len(ids)} refunds for one ask: {ids}")
         for seen in self.seen:
             mine = commits.get(seen.label, [])
-            if seen.what == "refund" and seen.refund_id not in mine:
+            if seen.what == "refund" and seen.refund_id not in mine and seen.label in overlap:
+                self.violations.append(
+                    f"[overlap-after-pending] {seen.label} resumed and was handed refund "
+                    f"{seen.refund_id}, made by {maker.get(seen.refund_id or -1)}"
+                )
+            elif seen.what == "refund" and seen.refund_id not in mine:
                 who = maker.get(seen.refund_id or -1, "nobody")
                 self.violations.append(
-                    f"{seen.label} was handed refund {seen.refund_id}, made by {who or 'another actor'}"
+                    f"[attribution] {seen.label} was handed refund {seen.refund_id}, made by {who or 'another actor'}"
                 )
             if seen.what == "failed" and mine:
                 self.violations.append(
-                    f"{seen.label} was told it failed ({seen.error[:120]}) but refund(s) {mine} "
+                    f"[{'torn-journal' if torn else 'failed-but-applied'}] {seen.label} was told it failed ({seen.error[:120]}) but refund(s) {mine} "
                     "were made for it"
                 )
         for label, seen in self.final.items():
             if seen.what in ("pending", "crashed"):
+                refused = seen.pending is not None and "re-send was refused" in seen.pending.note
+                kind = "liveness-refused" if refused else "liveness"
                 self.violations.append(
-                    f"{label} still {seen.what} after faults stopped and resumes ran"
+                    f"[{kind}] {label} still {seen.what} after faults stopped and resumes ran"
+                    + (f": {seen.pending.note}" if seen.pending is not None else "")
                 )
 
     def check_secrets(self, lines: list[str]) -> None:
@@ -747,15 +798,18 @@ class _World:
         for text in [*lines, *self.errors]:
             for secret in secrets:
                 if secret in text:
-                    self.violations.append(f"a secret leaked into a log line or error: {text[:200]}")
+                    self.violations.append(f"[secret] a secret leaked into a log line or error: {text[:200]}")
                     return
 
 
 def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
-    """The schedule with the fewest faults (and quirks) that still fails: greedily
+    """The schedule with the fewest faults (and quirks) that still fails the same way
+    (its first violation's kind): greedily
     drop one fault, actor, crash, ask or quirk at a time while the run still fails."""
     best = result
     runs = 0
+    # Keep failing the same way: the first violation's kind must stay.
+    wanted = {result.violations[0][1 : result.violations[0].index("]")]} if result.violations else set()
 
     def candidates(s: Schedule) -> Iterator[Schedule]:
         for name in ("post_faults", "read_faults", "auth_faults"):
@@ -788,7 +842,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
         for candidate in candidates(best.schedule):
             runs += 1
             attempt = simulate(candidate)
-            if not attempt.ok:
+            if attempt.kinds & wanted:
                 best = attempt
                 changed = True
                 break

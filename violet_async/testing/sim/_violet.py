@@ -143,6 +143,8 @@ class SimViolet:
         self.commits: list[SimCommit] = []
         #: bag id -> the ask sending to it, when no ASK_LABEL is set (batch items).
         self.bag_labels: dict[int, str] = {}
+        #: (virtual time, ask) of every login / refresh.
+        self.auth_calls: list[tuple[float, str | None]] = []
         self.trace: list[str] = []
         self.injected: dict[str, int] = {}
         self.counts = {"post": 0, "read": 0, "auth": 0}
@@ -253,6 +255,8 @@ class SimViolet:
         else:
             route = "read"
         fault = self._take(route)
+        if route == "auth":
+            self.auth_calls.append((self.clock.monotonic(), label))
         what = f"{who} {method} {path}{'?' + url.query_string if url.query_string else ''}"
         tag = f" [{label}]" if label else ""
         if fault is not None and fault.kind == "refused":
