@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     took = time.perf_counter() - began
     rate = ran / took
-    print(f"{ran} schedules in {took:.1f}s: {rate:.0f} schedules/s "
-          f"({virtual / 3600:.0f} h of virtual Violet time)")
+    print(
+        f"{ran} schedules in {took:.1f}s: {rate:.0f} schedules/s "
+        f"({virtual / 3600:.0f} h of virtual Violet time)"
+    )
     print(f"a million schedules: ~{1_000_000 / rate / 60:.0f} min on this machine (one core)")
     print("modes:", dict(modes))
     print(f"faults injected: {sum(injected.values())}")
@@ -82,7 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:28} {count}")
     print("outcomes:", dict(outcomes))
     unexpected = {k: v for k, v in kinds.items() if k not in known}
-    print(f"violations: {sum(unexpected.values())}" + (f" (+ known: {dict((k, v) for k, v in kinds.items() if k in known)})" if known & set(kinds) else ""))
+    print(
+        f"violations: {sum(unexpected.values())}"
+        + (
+            f" (+ known: { {k: v for k, v in kinds.items() if k in known} })"
+            if known & set(kinds)
+            else ""
+        )
+    )
     for kind, count in sorted(kinds.items()):
         print(f"  {kind:20} {count:6}  first seed {first[kind]}")
     return 1 if unexpected else 0

@@ -122,7 +122,7 @@ class SimViolet:
         date_header: bool = True,
     ) -> None:
         self.clock = clock
-        self.store = Store(app_id, clock=clock, quirks=quirks)  # type: ignore[arg-type]
+        self.store = Store(app_id, clock=clock, quirks=quirks)
         self.app_id = app_id
         self.app_secret = app_secret
         self.username = username
@@ -143,8 +143,9 @@ class SimViolet:
         self.commits: list[SimCommit] = []
         #: bag id -> the ask sending to it, when no ASK_LABEL is set (batch items).
         self.bag_labels: dict[int, str] = {}
-        #: (virtual time, ask) of every login / refresh.
-        self.auth_calls: list[tuple[float, str | None]] = []
+        #: [start, end] (virtual time) of every login / refresh request, and of every
+        #: request answered 401 (the SDK renews and sends again).
+        self.auth_calls: list[list[float]] = []
         self.trace: list[str] = []
         self.injected: dict[str, int] = {}
         self.counts = {"post": 0, "read": 0, "auth": 0}
@@ -195,9 +196,7 @@ class SimViolet:
     def _committed(self, label: str | None, bag: FakeBag, record: dict[str, Any]) -> None:
         commit = self.store.ledger.commits_per_bag[bag.id][-1]
         self.commits.append(
-            SimCommit(
-                record["id"], label, bag.id, record["amount"], commit.at, commit.visible_at
-            )
+            SimCommit(record["id"], label, bag.id, record["amount"], commit.at, commit.visible_at)
         )
         who = label or "another actor"
         self.note(
@@ -234,7 +233,7 @@ class SimViolet:
 
     # -- requests -----------------------------------------------------------
 
-    async def handle(
+    async def handle(  # noqa: PLR0917 - Transport.send's arguments, passed on
         self,
         who: str,
         method: str,
@@ -248,23 +247,60 @@ class SimViolet:
         label = ASK_LABEL.get()
         if label is None and method == "POST" and len(parts) == 5:
             label = self.bag_labels.get(int(parts[3]))
-        if path == "/login" or path == "/auth/token":
+        if path in {"/login", "/auth/token"}:
             route = "auth"
         elif method == "POST":
             route = "post"
         else:
             route = "read"
         fault = self._take(route)
-        if route == "auth":
-            self.auth_calls.append((self.clock.monotonic(), label))
+        began = self.clock.monotonic()
+        answer = None
+        try:
+            answer = await self._handle(
+                who,
+                method,
+                url,
+                headers,
+                body,
+                timeout,
+                label=label,
+                parts=parts,
+                path=path,
+                route=route,
+                fault=fault,
+            )
+            return answer
+        finally:
+            if route == "auth" or (answer is not None and answer.status == 401):
+                self.auth_calls.append([began, self.clock.monotonic()])
+
+    async def _handle(  # noqa: PLR0917 - handle's arguments, passed on
+        self,
+        who: str,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: float,
+        *,
+        label: str | None,
+        parts: list[str],
+        path: str,
+        route: str,
+        fault: SimFault | None,
+    ) -> RawResponse:
         what = f"{who} {method} {path}{'?' + url.query_string if url.query_string else ''}"
         tag = f" [{label}]" if label else ""
         if fault is not None and fault.kind == "refused":
             await asyncio.sleep(min(0.01, timeout))
             self.note(f"{what}{tag}: connection refused (never sent)")
             raise APIConnectionError(
-                f"{method} {path}: connection refused", method=method, path=path,
-                request_sent=False, reason="connection refused",
+                f"{method} {path}: connection refused",
+                method=method,
+                path=path,
+                request_sent=False,
+                reason="connection refused",
             )
         latency = self.latency()
         up = latency / 2
@@ -277,7 +313,7 @@ class SimViolet:
         late: Callable[[], None] | None = None
         try:
             answer, late = self._answer(
-                route, parts, dict(url.query), headers, body, fault, label
+                route, parts, dict(url.query), headers, body, fault=fault, label=label
             )
         except RuleViolation as exc:
             retry_after = {"Retry-After": exc.retry_after} if exc.retry_after else {}
@@ -295,8 +331,11 @@ class SimViolet:
         if fault is not None and fault.kind.startswith("drop"):
             await asyncio.sleep(min(up, left))
             raise APIConnectionError(
-                f"{method} {path}: server disconnected", method=method, path=path,
-                request_sent=True, reason="server disconnected",
+                f"{method} {path}: server disconnected",
+                method=method,
+                path=path,
+                request_sent=True,
+                reason="server disconnected",
             )
         if latency - up >= left:
             await asyncio.sleep(left)
@@ -313,6 +352,7 @@ class SimViolet:
         query: Mapping[str, str],
         headers: Mapping[str, str],
         body: bytes | None,
+        *,
         fault: SimFault | None,
         label: str | None,
     ) -> tuple[RawResponse | None, Callable[[], None] | None]:
@@ -326,9 +366,10 @@ class SimViolet:
             return self._gateway(fault.status if fault else 502), None
         if kind == "violet_before":
             return self._error(fault.status if fault else 500, "Internal error", 5000), None
-        if headers.get("X-Violet-App-Id") != str(self.app_id) or headers.get(
-            "X-Violet-App-Secret"
-        ) != self.app_secret:
+        if (
+            headers.get("X-Violet-App-Id") != str(self.app_id)
+            or headers.get("X-Violet-App-Secret") != self.app_secret
+        ):
             raise RuleViolation(401, "Invalid app id or app secret", 10)
         if route == "auth":
             return self._auth(parts, headers, body), None
@@ -358,8 +399,15 @@ class SimViolet:
             refresh = self._mint("sim-refresh")
             self.tokens[token] = True
             self.refresh_tokens.add(refresh)
-            return self._json({"id": 1, "email": self.username, "token": token,
-                               "refresh_token": refresh, "type": "DEVELOPER"})
+            return self._json(
+                {
+                    "id": 1,
+                    "email": self.username,
+                    "token": token,
+                    "refresh_token": refresh,
+                    "type": "DEVELOPER",
+                }
+            )
         if headers.get("X-Violet-Token", "") not in self.refresh_tokens:
             raise RuleViolation(401, "Invalid refresh token", 14)
         token = self._mint("sim-token")
@@ -456,8 +504,12 @@ def _summary(answer: RawResponse) -> str:
 
 def _timeout(method: str, path: str) -> APITimeoutError:
     return APITimeoutError(
-        f"{method} {path}: timed out waiting for the response", method=method, path=path,
-        request_sent=True, reason="timed out", error_type="TimeoutError",
+        f"{method} {path}: timed out waiting for the response",
+        method=method,
+        path=path,
+        request_sent=True,
+        reason="timed out",
+        error_type="TimeoutError",
     )
 
 

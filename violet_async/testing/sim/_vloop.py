@@ -11,6 +11,7 @@ sockets, and work the SDK hands to a thread (the batch journal's fsync) runs inl
 from __future__ import annotations
 
 import asyncio
+import functools
 import selectors
 from collections.abc import Callable
 from typing import Any
@@ -79,10 +80,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         if self._vt - self._start > self.horizon:
             raise SimDeadlock(f"livelock: still running after {self.horizon:g} virtual seconds")
 
-    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
         # Inline, so the interleaving never depends on a thread's timing.
         future: asyncio.Future[Any] = self.create_future()
-        call = func if not args else (lambda: func(*args))
+        call: Callable[[], Any] = func if not args else functools.partial(func, *args)
         if self.executor_hook is not None and self.executor_hook(call, future):
             return future
         try:
