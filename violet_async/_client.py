@@ -128,12 +128,7 @@ class VioletClient(RequestPlumbing):
             base_url=url,
             endpoint=BaseURL(url),
             transport=transport,
-            auth=Auth(
-                credentials,
-                self._auth_send,
-                refresh_margin=refresh_margin,
-                now=(clock or SYSTEM_CLOCK).time,  # one time seam for the whole client
-            ),
+            auth=Auth(credentials, self._auth_send, refresh_margin=refresh_margin),
             credentials=credentials,
             headers={
                 "X-Violet-App-Id": str(app_id),
