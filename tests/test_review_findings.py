@@ -15,6 +15,7 @@ from aiohttp import web
 
 from violet_async import (
     AmbiguousOutcomeError,
+    BagPendingError,
     PendingRefund,
     RefundBagRequest,
     RequestValidationError,
@@ -24,9 +25,11 @@ from violet_async import (
     Timeouts,
     VioletError,
 )
-from violet_async.testing import FakeClock
+from violet_async._journal import JournalWriteError
+from violet_async.batch import BatchItem, Journal, run_batch
+from violet_async.testing import FakeClock, FakeViolet
 
-from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, VIOLET_500, Hostile, Step, hostile_client
 
 ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
 
@@ -276,29 +279,21 @@ async def test_a_lagging_foreign_refund_older_than_the_send_is_not_claimed() -> 
 
 
 async def test_a_pending_ask_keeps_a_later_ask_on_the_bag_from_claiming_its_refund() -> None:
-    """Call 1 ends pending (its commit lands after its deadline); call 2 on the same bag
-    and amount fails in flight too and never applies. The refund that shows up could
-    be either call's: neither claims it (review), nothing is re-sent."""
+    """Call 1 ends pending (its commit lands after its deadline). Call 2 on the same bag
+    and amount is refused before sending (it could claim call 1's refund); call 1's
+    resume then finds its refund. One refund, each outcome true."""
     clock = FakeClock()
-    late, lost = (
-        Step(504, GATEWAY_504, commit_after=30.0),
-        Step(504, GATEWAY_504, commit_after=None),
-    )
-    server = Hostile(clock, script=[late, lost])
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=30.0)])
     async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
         with pytest.raises(AmbiguousOutcomeError) as first:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-        with pytest.raises(AmbiguousOutcomeError) as second:
+        with pytest.raises(BagPendingError):
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
         assert first.value.pending is not None
-        assert second.value.pending is not None
         clock.advance(60.0)
-        with pytest.raises(AmbiguousOutcomeError) as again:
-            await client.resume(first.value.pending)
-    assert again.value.pending is not None
-    assert again.value.pending.needs_review
-    assert server.posts == 2
-    assert len(server.ours) == 1
+        refund = await client.resume(first.value.pending)
+    assert refund.id == server.ours[0]
+    assert server.posts == 1
 
 
 async def test_a_cancelled_waiter_for_the_bag_lets_the_next_one_through() -> None:
@@ -351,3 +346,103 @@ def test_tampered_records_are_refused(key: str, value: object) -> None:
     ).to_dict()
     with pytest.raises(RequestValidationError):
         PendingRefund.from_dict({**good, key: value})
+
+
+async def test_closing_run_batch_early_does_not_hang() -> None:
+    """A consumer that stops reading and closes the iterator while results are queued:
+    the close returns, the tasks are cancelled."""
+    clock = FakeClock()
+    async with FakeViolet(orders=10, seed=3, clock=clock) as fake:
+        async with fake.client(retry=ROOMY, clock=clock) as client:
+            items = [
+                BatchItem.refund(n, o, b, RefundBagRequest(amount_refunded=100))
+                for n, (o, b) in enumerate(fake.seeded, start=1)
+            ]
+            results = run_batch(client, items, concurrency=1)
+            async for _ in results:
+                break
+            await asyncio.sleep(0.2)  # the bounded result queue fills up
+            await asyncio.wait_for(results.aclose(), 5.0)
+
+
+async def test_a_parked_item_keeps_its_bag_from_the_next_item() -> None:
+    """Two batch lines on one bag; the first parks (504, its refund commits 2.5 s
+    later). The second waits for the bag: each line ends with its own refund, one each."""
+    clock = FakeClock()
+    script = [Step(504, GATEWAY_504, commit_after=2.5), Step(504, GATEWAY_504, commit_after=None)]
+    server = Hostile(clock, script=script)
+    async with hostile_client(server, retry=ROOMY) as client:
+        items = [
+            BatchItem.refund(n, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+            for n in (1, 2)
+        ]
+        results = {r.item.line: r async for r in run_batch(client, items, concurrency=2)}
+    assert results[1].outcome == "succeeded"
+    assert results[2].outcome == "succeeded"
+    assert results[1].refund_id == server.ours[0]
+    assert results[2].refund_id == server.ours[1]
+    assert len(server.ours) == 2
+
+
+async def test_a_failed_journal_write_stops_the_batch(tmp_path: Any) -> None:
+    """A journal write that fails (a full disk) stops the batch with the error; the
+    item is never journaled "failed" although its refund applied."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=2.5)])
+    path = tmp_path / "j.jsonl"
+    log = await Journal.open(path, input_id=None)
+    real, failed_once = log.record, []
+
+    async def flaky(*args: Any, **fields: Any) -> None:
+        if "pending" in args and not failed_once:
+            failed_once.append(1)
+            raise JournalWriteError("could not write the journal: [Errno 28] No space left")
+        await real(*args, **fields)
+
+    log.record = flaky  # type: ignore[method-assign]
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+    async with hostile_client(server, retry=ROOMY) as client:
+        with pytest.raises(JournalWriteError):
+            _ = [r async for r in run_batch(client, [item], journal=log)]
+    await log.aclose()
+    states = [orjson.loads(line).get("state") for line in path.read_bytes().splitlines()]
+    assert "failed" not in states
+    assert "sent" in states
+
+
+async def test_a_list_lagging_past_the_window_ends_for_review_never_twice() -> None:
+    """Whole-bag refund, Violet's 500, a list lagging 20 s (past settle_lag): the bag
+    reads REFUNDED but shows no refund after the window, so the item ends unknown for a
+    person (its record resumes later), never re-sent and never reported failed."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(500, VIOLET_500)], list_lag=20.0)
+    async with hostile_client(server, retry=ROOMY) as client:
+        items = [BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest())]
+        results = [r async for r in run_batch(client, items)]
+        assert results[0].outcome == "unknown"
+        error = results[0].error
+        assert isinstance(error, AmbiguousOutcomeError)
+        assert error.pending is not None
+        assert error.pending.needs_review
+        clock.advance(30.0)
+        refund = await client.resume(error.pending)
+    assert refund.id == server.ours[0]
+    assert server.posts == 1
+
+
+async def test_a_new_call_on_a_bag_with_a_pending_one_is_refused() -> None:
+    """A client that left a refund pending on a bag refuses a new ask on it (nothing
+    sent, BagPendingError) until the pending one is resumed."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=30.0)])
+    async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        with pytest.raises(AmbiguousOutcomeError) as pending:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        with pytest.raises(BagPendingError) as refused:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        assert refused.value.pending == (pending.value.pending,)
+        assert server.posts == 1
+        clock.advance(60.0)
+        first = await client.resume(PendingRefund.from_json(pending.value.pending.to_json()))
+        second = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert [first.id, second.id] == server.ours

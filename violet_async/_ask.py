@@ -79,6 +79,9 @@ class PendingRefund:
     baseline: frozenset[int] | None = None
     """Refund ids on the bag before the last send (read_before_send, or the read that
     proved the earlier send absent). With a baseline, matching needs no clock."""
+    others: frozenset[int] = frozenset()
+    """Refunds on the bag this ask saw handed to other callers: never its own, in any
+    process that resumes it."""
     server_offset: float | None = None
     """Violet's clock minus the clock of the process that recorded the times above, in
     seconds, estimated from ``Date`` headers (a process with another clock shifts the
@@ -117,6 +120,7 @@ class PendingRefund:
             "refused_after_doubt": self.refused_after_doubt,
             "needs_review": self.needs_review,
             "baseline": sorted(self.baseline) if self.baseline is not None else None,
+            "others": sorted(self.others),
             "server_offset": self.server_offset,
             "clock_unsure": self.clock_unsure,
             "clock": self.clock,
@@ -158,6 +162,7 @@ class PendingRefund:
                 baseline=(
                     frozenset(_ids(baseline, "pending.baseline")) if baseline is not None else None
                 ),
+                others=frozenset(_ids(data.get("others", []), "pending.others")),
                 server_offset=_opt_float(data, "server_offset"),
                 clock_unsure=bool(data.get("clock_unsure", False)),
                 clock=str(data.get("clock", "")),

@@ -37,6 +37,7 @@ from ._transport import (
 )
 from .exceptions import (
     AmbiguousOutcomeError,
+    BagPendingError,
     NotFoundError,
     RefundFailedError,
     RefundWaitTimeoutError,
@@ -91,6 +92,7 @@ class VioletClient(RequestPlumbing):
         clock: Clock | None = None,
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        _transport: Any = None,
     ) -> None:
         check_id("app_id", app_id)
         if not isinstance(app_secret, str) or not app_secret:
@@ -113,7 +115,9 @@ class VioletClient(RequestPlumbing):
             token=token,
             refresh_token=refresh_token,
         )
-        transport = Transport(
+        # ``_transport``: private seam for violet_async.testing.sim (anything with the
+        # Transport's open / aclose / closed / send); never an aiohttp object.
+        transport = _transport or Transport(
             session,
             connector_limit=max_connections,
             max_response_bytes=max_response_bytes,
@@ -377,7 +381,7 @@ class VioletClient(RequestPlumbing):
         return attrs.evolve(
             self._retry.protocol_settings(),
             clock_id=PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}",
-            others_pending=self._shared.unsettled[bag_id] > 0,
+            others_pending=bool(self._shared.unsettled.get(bag_id)),
             hold_if_present=hold_if_present,
         )
 
@@ -406,9 +410,9 @@ class VioletClient(RequestPlumbing):
         if waited:
             await locks.acquire(bag_id, None if deadline is None else deadline - clock.monotonic())
         unsettled = shared.unsettled
-        if resume is not None and unsettled[bag_id] > 0:
-            unsettled[bag_id] -= 1
         try:
+            if unsettled and bag_id in unsettled:
+                _settle_pending(unsettled, bag_id, resume)
             body = encode_request(req)
             parse = parse_refund if kind == "refund" else partial(parse_cancel, bag_id=bag_id)
             if resume is None and save is None and not policy.read_before_send:
@@ -437,6 +441,7 @@ class VioletClient(RequestPlumbing):
                         first_sent_at=sent_at,
                         last_sent_at=sent_at,
                         clock=settings.clock_id,
+                        others=shared.known_refunds.on_bag(bag_id),
                     )
                     refund = await after_failed_send(
                         ask,
@@ -449,8 +454,10 @@ class VioletClient(RequestPlumbing):
                     )
             else:
                 settings = self._protocol_settings(bag_id, hold_if_present=hold_if_present)
+                others = shared.known_refunds.on_bag(bag_id)
+                ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
                 refund = await run_ask(
-                    resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id),
+                    attrs.evolve(ask, others=ask.others | others),
                     io=self._bag_io(order_id, bag_id, path, body, parse),
                     settings=settings,
                     clock=clock,
@@ -460,13 +467,47 @@ class VioletClient(RequestPlumbing):
                     save=save,
                     patience=patience,
                 )
-        except AmbiguousOutcomeError:
-            unsettled[bag_id] += 1
+        except AmbiguousOutcomeError as exc:
+            if exc.pending is not None:
+                unsettled.setdefault(bag_id, []).append(exc.pending)
             raise
         finally:
             locks.release(bag_id)
-        shared.known_refunds.add(refund.id)
+        shared.known_refunds.add(refund.id, bag_id)
         return refund
+
+
+def _settle_pending(
+    unsettled: dict[int, list[PendingRefund]], bag_id: int, resume: PendingRefund | None
+) -> None:
+    """A resume takes its own record off the bag's pending list; a new ask on a bag
+    with a pending one is refused (it could claim, or be claimed by, that one's
+    refund)."""
+    records = unsettled[bag_id]
+    if resume is not None:
+        for index, record in enumerate(records):
+            if _same_ask(record, resume):
+                del records[index]
+                break
+        if not records:
+            del unsettled[bag_id]
+        return
+    raise BagPendingError(
+        f"bag {bag_id} has a refund or cancel from this client still pending; resume it "
+        "(client.resume(error.pending[0])) before asking again: a new request now could "
+        "claim its refund, or be claimed by it. Nothing was sent.",
+        pending=records,
+    )
+
+
+def _same_ask(one: PendingRefund, other: PendingRefund) -> bool:
+    return (
+        one.kind == other.kind
+        and one.order_id == other.order_id
+        and one.request == other.request
+        and one.first_sent_at is not None
+        and abs((one.first_sent_at or 0.0) - (other.first_sent_at or 0.0)) < 1e-6
+    )
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:

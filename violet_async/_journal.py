@@ -49,13 +49,24 @@ import orjson
 
 from .exceptions import VioletError
 
-__all__ = ["Journal", "JournalEntry", "JournalLockedError", "JournalMismatchError"]
+__all__ = [
+    "Journal",
+    "JournalEntry",
+    "JournalLockedError",
+    "JournalMismatchError",
+    "JournalWriteError",
+]
 
 VERSION = 2
 
 
 class JournalMismatchError(VioletError):
     """The journal cannot be used for this run (written by another journal version)."""
+
+
+class JournalWriteError(VioletError):
+    """The journal could not be written (a full disk, a closed journal): the batch stops,
+    since a send it cannot record first must not happen."""
 
 
 class JournalLockedError(VioletError):
@@ -175,7 +186,7 @@ class Journal:
 
     async def _append(self, record: dict[str, Any]) -> None:
         if self._closed:
-            raise VioletError("the journal is closed")
+            raise JournalWriteError("the journal is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((orjson.dumps(record) + b"\n", future))
         self._wake.set()
@@ -192,7 +203,7 @@ class Journal:
             try:
                 await asyncio.to_thread(self._write_durably, data)
             except OSError as exc:
-                error = VioletError(f"could not write the journal {self.path}: {exc}")
+                error = JournalWriteError(f"could not write the journal {self.path}: {exc}")
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)

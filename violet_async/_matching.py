@@ -139,7 +139,7 @@ def match(
     for refund in refunds:
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
-        if refund.id is not None and refund.id in known:
+        if refund.id is not None and (refund.id in known or refund.id in ask.others):
             continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue

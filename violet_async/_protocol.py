@@ -397,7 +397,10 @@ def step(
         return _send(attrs.evolve(ask, baseline=baseline), now)
     if ask.phase is not Phase.SENT:
         raise ProtocolError(f"a read-back in phase {ask.phase.value}")
-    ask = attrs.evolve(ask, reads=ask.reads + 1)
+    # Refunds handed to other callers are remembered in the record, so that a resume in
+    # another process (which does not know them) never claims one.
+    others = frozenset(r.id for r in obs.refunds if r.id is not None and r.id in known)
+    ask = attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others)
     verdict, found = match(ask, obs.refunds, obs.bag, known, settings)
     if verdict is Verdict.MATCH and settings.others_pending:
         note = (
@@ -426,8 +429,9 @@ def step(
     settle = ask.settle_until if ask.settle_until is not None else now
     if verdict is Verdict.MISS and obs.at >= settle:
         if ask.refused_after_doubt:
+            # Waiting longer cannot tell which send, if any, applied: a person looks.
             note = "a re-send was refused after an earlier send may have applied; no refund shows"
-            return _park(ask, note)
+            return _park(ask, note, review=True)
         # Proven absent: every read missed it, the last one after the settle window.
         absent = attrs.evolve(
             ask,
@@ -442,8 +446,11 @@ def step(
             ), Action(Do.FAIL)
         return _send(absent, now)
     if verdict is Verdict.EFFECT_WITHOUT_REFUND and obs.at >= settle:
-        note = f"bag {ask.bag_id} shows this request's effect, but no refund for it shows yet"
-        return _park(ask, note)
+        # The bag moved (REFUNDED / CANCELED) but no refund of ours shows after the
+        # window: someone else's doing, or a list lagging beyond it. A person looks
+        # (resume still reads again).
+        note = f"bag {ask.bag_id} shows this request's effect, but no refund for it shows"
+        return _park(ask, note, review=True)
     # Inside the window: read again, backing off, the last read at the window's end.
     delay = min(settings.settle_delay * 2 ** max(ask.reads - 1, 0), settings.max_settle_delay)
     delay = min(delay, max(settle - now, 0.0))

@@ -40,21 +40,28 @@ __all__ = [
 
 
 class KnownRefunds:
-    """Refund ids this client already returned to a caller (bounded, oldest evicted)."""
+    """Refund ids this client already returned to a caller, with their bag (bounded,
+    oldest evicted)."""
 
     def __init__(self, capacity: int = 10_000) -> None:
-        # A set to look up, a deque for the order: add is three C calls on the hot path.
-        self._ids: set[int] = set()
+        # A dict to look up (and keep each refund's bag), a deque for the order: add is
+        # a few C calls on the hot path.
+        self._ids: dict[int, int | None] = {}
         self._order: deque[int] = deque()
         self._capacity = capacity
 
-    def add(self, refund_id: int | None) -> None:
+    def add(self, refund_id: int | None, bag_id: int | None = None) -> None:
         if refund_id is None or refund_id in self._ids:
             return
-        self._ids.add(refund_id)
+        self._ids[refund_id] = bag_id
         self._order.append(refund_id)
         if len(self._order) > self._capacity:
-            self._ids.discard(self._order.popleft())
+            self._ids.pop(self._order.popleft(), None)
+
+    def on_bag(self, bag_id: int) -> frozenset[int]:
+        """The refunds returned for ``bag_id`` (for an ask's record, so that a resume in
+        another process never claims one of them; a failure path, so a scan is fine)."""
+        return frozenset(r for r, bag in self._ids.items() if bag == bag_id)
 
     def __contains__(self, refund_id: object) -> bool:
         return refund_id in self._ids

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from functools import partial
@@ -18,6 +17,7 @@ from typing import TypeVar
 import attrs
 from yarl import URL
 
+from ._ask import PendingRefund
 from ._auth import Auth, Credentials, is_token_expired_error
 from ._reconcile import BagIO, BagLocks, KnownRefunds
 from ._responses import PagingError, RefundPage, next_page, parse_order, parse_refund_page
@@ -52,8 +52,9 @@ class Shared:
     known_refunds: KnownRefunds
     clock: Clock
     bag_locks: BagLocks = attrs.Factory(BagLocks)
-    unsettled: Counter[int] = attrs.Factory(Counter)
-    """Bags with asks this client left pending (AmbiguousOutcomeError), by count."""
+    unsettled: dict[int, list[PendingRefund]] = attrs.Factory(dict)
+    """Asks this client left pending (AmbiguousOutcomeError), by bag: until they are
+    resumed, no new ask is sent on their bag."""
     _token_headers: tuple[str, Mapping[str, str]] | None = None
 
     def headers_for(self, token: str) -> Mapping[str, str]:
@@ -191,6 +192,7 @@ class RequestPlumbing:
         """One attempt: token, send, one renewal on an expired token, status check,
         parse. ``remaining`` is what is left of the call's deadline."""
         shared = self._shared
+        started = shared.clock.monotonic() if remaining is not None else 0.0
         if remaining is not None and remaining <= 0:
             raise APITimeoutError(
                 f"{method} {path}: the call's deadline passed before sending",
@@ -229,6 +231,8 @@ class RequestPlumbing:
                 raise error
             # Violet rejected the token before doing anything: renewing and sending
             # again cannot apply the request twice.
+            if remaining is not None:
+                remaining -= shared.clock.monotonic() - started  # the refused send's time
             token, remaining = await self._token_within(shared.auth.expired(token), remaining)
             resp = await send(
                 method,

@@ -14,6 +14,7 @@ results wait for the consumer, so memory stays flat however long the input is.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import hashlib
 import heapq
@@ -28,7 +29,13 @@ import orjson
 
 from ._client import VioletClient, _unless_failed
 from ._converter import converter
-from ._journal import Journal, JournalEntry, JournalLockedError, JournalMismatchError
+from ._journal import (
+    Journal,
+    JournalEntry,
+    JournalLockedError,
+    JournalMismatchError,
+    JournalWriteError,
+)
 from ._protocol import PendingRefund, Phase
 from ._retry import RetryEvent
 from .exceptions import (
@@ -183,6 +190,10 @@ DEFAULT_PATIENCE = 1.0
 #: Times a parked item is revisited before it is reported unknown (its journal entry
 #: stays resumable).
 MAX_REVISITS = 8
+#: Seconds before the first revisit of an item whose settle window already passed,
+#: doubling with each revisit up to MAX_REVISIT_WAIT.
+REVISIT_BACKOFF = 1.0
+MAX_REVISIT_WAIT = 60.0
 
 
 async def run_batch(
@@ -305,6 +316,13 @@ class _Runner:
         self.parked: list[tuple[float, int, _Parked]] = []
         self._order = itertools.count()
         self._parked_changed = asyncio.Event()
+        # One item per bag at a time, parked ones included: a later item on the bag
+        # could otherwise claim a parked item's refund (or have its own claimed).
+        self.busy: set[int] = set()
+        self.waiting: dict[int, collections.deque[tuple[BatchItem, str, PendingRefund | None]]] = {}
+        self.ready: collections.deque[tuple[BatchItem, str, PendingRefund | None]] = (
+            collections.deque()
+        )
 
     def _on_retry(self, event: RetryEvent) -> Any:
         stats = _current.get()
@@ -349,12 +367,34 @@ class _Runner:
         if isinstance(result, _Parked):
             parked = attrs.evolve(result, revisits=revisits)
             if revisits < MAX_REVISITS and not parked.pending.needs_review:
-                due = parked.pending.settle_until or self.clock.time()
+                # Not before its window ends, and backing off when the window has passed
+                # already (a list lagging beyond it): revisits are not spent at once.
+                backoff = min(REVISIT_BACKOFF * 2**revisits, MAX_REVISIT_WAIT)
+                due = max(parked.pending.settle_until or 0.0, self.clock.time() + backoff)
                 heapq.heappush(self.parked, (due, next(self._order), parked))
                 self._parked_changed.set()
-                return
+                return  # its bag stays taken while it is parked
             result = await _ended(item, key, "unknown", parked.stats, self.log, parked.error)
+        self._bag_done(item.bag_id)
         await self.results.put(result)
+
+    def _bag_done(self, bag_id: int) -> None:
+        """The item holding ``bag_id`` ended: the next item waiting for the bag is ready."""
+        waiting = self.waiting.get(bag_id)
+        if waiting:
+            self.ready.append(waiting.popleft())
+            if not waiting:
+                del self.waiting[bag_id]
+            self._parked_changed.set()
+        else:
+            self.busy.discard(bag_id)
+
+    async def _start_ready(self, start: Any) -> None:
+        """Start the items whose bag became free (each takes a slot)."""
+        while self.ready and not self._stopping():
+            item, key, resume = self.ready.popleft()
+            await self.slots.acquire()
+            start(item, key, resume, 0)
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
@@ -388,13 +428,26 @@ class _Runner:
                     await self.results.put(skipped)
                     continue
                 resume = _resumable(item, prior)
+                if item.bag_id in self.busy:
+                    self.waiting.setdefault(item.bag_id, collections.deque()).append(
+                        (item, key, resume)
+                    )
+                    continue
+                self.busy.add(item.bag_id)
                 await self.slots.acquire()
                 if self._stopping():
                     self.slots.release()
                     break
                 start(item, key, resume, 0)
+                await self._start_ready(start)
                 await self._revisit_due(start)
             await self._drain(tasks, start)
+        except asyncio.CancelledError:
+            # The consumer went away (closed the iterator): nobody reads results now.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             for task in tasks:
                 task.cancel()
@@ -412,7 +465,7 @@ class _Runner:
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
         """After the input: finish what runs, and revisit parked items as they fall due."""
-        while tasks or self.parked:
+        while tasks or self.parked or self.ready:
             if self._stopping():
                 if tasks:
                     await asyncio.gather(*tasks)
@@ -429,6 +482,7 @@ class _Runner:
                         )
                     )
                 return
+            await self._start_ready(start)
             await self._revisit_due(start)
             if not self.parked:
                 if tasks:
@@ -555,6 +609,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         return await _ended(item, key, "unknown", stats, log, exc)
     except RefundAlreadyPresentError as exc:
         return await _present(client, item, key, stats=stats, log=log, exc=exc)
+    except JournalWriteError:
+        raise  # the batch stops: what the journal could not record must not go on
     except VioletError as exc:
         # Any other error: the request did not apply.
         if never_reached(exc):

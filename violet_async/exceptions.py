@@ -15,6 +15,7 @@ name, host and port, the operating system's reason) are copied into the SDK erro
     ├── ResponseFormatError                        a body we could not read
     │   └── ResponseTooLargeError                  ... because it exceeds max_response_bytes
     ├── AmbiguousOutcomeError                      a POST may or may not have applied
+    ├── BagPendingError                            not sent: an ask on the bag is pending
     ├── RefundAlreadyPresentError                  not sent: the bag already holds it
     ├── RefundFailedError                          2xx, but the refund status is FAILED
     ├── RefundWaitTimeoutError                     wait_for_refund ran out of time
@@ -57,6 +58,7 @@ __all__ = [
     "AmbiguousOutcomeError",
     "AuthenticationError",
     "BadRequestError",
+    "BagPendingError",
     "CancellationFailedError",
     "ClientClosedError",
     "ConflictError",
@@ -226,6 +228,17 @@ class AmbiguousOutcomeError(VioletError):
         self.observed = tuple(observed)
         self.candidates = tuple(candidates)
         self.pending = pending
+
+
+class BagPendingError(VioletError):
+    """Not sent: this client left a refund or cancel of the bag pending
+    (``AmbiguousOutcomeError``) and it has not been resumed. A new request on the bag
+    could claim that one's refund, or have its own claimed by it; resume the pending
+    one first (``client.resume(error.pending[0])``). ``pending`` are the records."""
+
+    def __init__(self, message: str, *, pending: Sequence[PendingRefund]) -> None:
+        super().__init__(message)
+        self.pending = tuple(pending)
 
 
 class RefundAlreadyPresentError(VioletError):

@@ -114,7 +114,7 @@ class FleetWorker:
         item = record.item
         known = self.client._shared.known_refunds
         for refund_id in await self.ledger.bag_refunds(item.bag_id):
-            known.add(refund_id)
+            known.add(refund_id, item.bag_id)
 
         async def save(ask: PendingRefund) -> None:
             if ask.phase is Phase.SENT:

@@ -1,0 +1,88 @@
+"""The refund protocol under seeded fault schedules (violet_async.testing.sim): the real
+client, batch runner and journal against a simulated Violet in virtual time.
+
+A failure prints the seed, the schedule and its trace; replay it with
+``python benchmarks/simulate.py --seed N [--shrink]``.
+"""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from violet_async import RetryPolicy
+from violet_async._ask import Settings
+from violet_async.testing.sim import shrink, simulate
+
+#: Seeds every CI run explores (all three modes: direct calls, batch with crashes and
+#: torn journal lines, redelivered worker jobs).
+CI_SEEDS = range(1500)
+
+
+def test_ci_seeds_hold_every_invariant() -> None:
+    """Every CI seed (all three modes) keeps every invariant: at most one refund per
+    ask, outcomes that agree with the ledger, pendings that resolve, deadlines kept,
+    batches that end, no secret in a log line."""
+    unexpected = []
+    for seed in CI_SEEDS:
+        result = simulate(seed)
+        if result.kinds:
+            unexpected.append(result)
+    if unexpected:
+        pytest.fail(shrink(unexpected[0]).report() + f"\n({len(unexpected)} seeds failed)")
+
+
+def test_a_seed_replays_exactly() -> None:
+    """Rerunning a seed replays its schedule, trace and outcome exactly."""
+    first, again = simulate(184), simulate(184)
+    assert first.trace == again.trace
+    assert first.violations == again.violations
+    assert first.injected == again.injected
+    assert first.injected
+    assert "CRASHED during journal write" in "\n".join(first.trace)
+
+
+@pytest.mark.parametrize(
+    ("seed", "mode", "was"),
+    [
+        (21, "direct", "an attempt that renewed its token kept the time left from before"),
+        (26, "direct", "a pending whose re-send was refused never resolved by resume"),
+        (361, "direct", "a pending whose bag showed the effect but no refund never resolved"),
+        (282, "direct", "a second ask on a bag with a pending one claimed its refund"),
+        (529, "direct", "a resume in another process claimed a refund handed to another call"),
+        (1052, "direct", "the same, when the deadline left no read-back to note it"),
+        (776, "batch", "a journal appended onto a torn last line lost a record: 2 refunds"),
+    ],
+)
+def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> None:
+    """Seeds on which the simulator found a real bug in the code (``was``) keep every
+    invariant now: each is a regression test replayed exactly."""
+    result = simulate(seed, mode=mode)
+    assert not result.kinds, result.report()
+
+
+def test_the_simulator_finds_quick_read_backs_and_shrinks_the_schedule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-introduce the first release's bug (a few quick read-backs, then a re-send):
+    the CI seeds find it within a few seeds, and shrink() cuts the schedule down to the
+    faults that still make a second refund."""
+    quick = attrs.evolve(Settings(), settle_running=0.5, settle_lag=0.5)
+
+    def buggy(policy: RetryPolicy) -> Settings:
+        return attrs.evolve(quick, max_attempts=policy.max_attempts)
+
+    monkeypatch.setattr(RetryPolicy, "protocol_settings", buggy)
+    failing = next(
+        (
+            r
+            for r in map(simulate, CI_SEEDS[:100])
+            if any("refunds for one ask" in v for v in r.violations)
+        ),
+        None,
+    )
+    assert failing is not None, "the simulator missed quick read-backs"
+    small = shrink(failing)
+    assert small.kinds
+    assert small.schedule.fault_count() <= failing.schedule.fault_count()
+    assert f"seed {failing.schedule.seed}" in small.report()

@@ -1,0 +1,896 @@
+"""Schedules: what the simulated world does (drawn from one seed), running one through
+the real client, batch runner and journal, the invariants checked on every schedule,
+and shrinking a failing one to the fewest faults that still fail."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ... import _journal
+from ..._ask import PendingRefund, Phase
+from ..._client import VioletClient
+from ..._retry import RetryPolicy
+from ..._transport import Timeouts
+from ...batch import BatchItem, run_batch
+from ...exceptions import AmbiguousOutcomeError, VioletError
+from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
+from .._faults import ServerQuirks
+from ._violet import (
+    ASK_LABEL,
+    AUTH_KINDS,
+    POST_KINDS,
+    READ_KINDS,
+    SimFault,
+    SimTransport,
+    SimViolet,
+)
+from ._vloop import SimClock, SimDeadlock, VirtualTimeLoop
+
+__all__ = ["Schedule", "SimResult", "generate", "shrink", "simulate"]
+
+APP_ID = 11
+#: The deadline tolerance, in virtual seconds.
+DEADLINE_SLACK = 1e-6
+
+
+@attrs.frozen
+class BagSpec:
+    price: int
+    quantity: int
+    shipping: int
+
+
+@attrs.frozen
+class AskSpec:
+    label: str
+    bag: int
+    kind: str
+    amount: int | None
+    """None: the whole bag (refund)."""
+    skus: bool
+    reason: str | None
+    start: float
+
+
+@attrs.frozen
+class Actor:
+    at: float
+    bag: int
+    amount: int
+
+
+@attrs.frozen
+class Crash:
+    at: float | None = None
+    """Virtual seconds into the run."""
+    write: int | None = None
+    """Or: during the run's n-th journal write (1-based), torn at ``cut`` of it."""
+    cut: float = 0.5
+
+
+@attrs.frozen
+class Schedule:
+    """Everything a simulated run does, drawn from ``seed`` by :func:`generate`;
+    replaying the same Schedule replays the run exactly."""
+
+    seed: int
+    mode: str
+    """"direct" (concurrent calls in one client), "batch" (run_batch with a journal,
+    crashes and resumes) or "worker" (jobs redelivered to a second worker)."""
+    bags: tuple[BagSpec, ...]
+    asks: tuple[AskSpec, ...]
+    max_attempts: int = 4
+    deadline: float | None = 60.0
+    settle_running: float = 60.0
+    settle_lag: float = 5.0
+    jitter: bool = False
+    read_before_send: bool = False
+    connect: float = 5.0
+    read: float = 30.0
+    concurrency: int = 4
+    max_latency: float = 0.2
+    naive_dates: bool = False
+    skew: float = 0.0
+    date_header: bool = True
+    trim_reasons: bool = False
+    page_size: int | None = None
+    lags: tuple[float, ...] = (0.0,)
+    post_faults: tuple[SimFault | None, ...] = ()
+    read_faults: tuple[SimFault | None, ...] = ()
+    auth_faults: tuple[SimFault | None, ...] = ()
+    actors: tuple[Actor, ...] = ()
+    crashes: tuple[Crash, ...] = ()
+
+    def fault_count(self) -> int:
+        return (
+            sum(f is not None for f in (*self.post_faults, *self.read_faults, *self.auth_faults))
+            + len(self.actors)
+            + len(self.crashes)
+        )
+
+    def describe(self) -> str:
+        def faults(name: str, items: tuple[SimFault | None, ...]) -> str:
+            shown = [f"#{i}:{f}" for i, f in enumerate(items) if f is not None]
+            return f"{name}: {', '.join(shown) or '-'}"
+
+        asks = "; ".join(
+            f"{a.label}={a.kind} bag{a.bag} amount={a.amount} skus={a.skus} "
+            f"reason={a.reason!r} at+{a.start:g}"
+            for a in self.asks
+        )
+        return "\n".join(
+            [
+                f"seed {self.seed} mode={self.mode} asks: {asks}",
+                f"policy: attempts={self.max_attempts} deadline={self.deadline} "
+                f"settle_running={self.settle_running} settle_lag={self.settle_lag} "
+                f"jitter={self.jitter} read_before_send={self.read_before_send} "
+                f"timeouts={self.connect}+{self.read} concurrency={self.concurrency}",
+                f"server: naive_dates={self.naive_dates} skew={self.skew:g} "
+                f"date_header={self.date_header} trim={self.trim_reasons} "
+                f"page_size={self.page_size} lags={self.lags} max_latency={self.max_latency}",
+                faults("post faults", self.post_faults),
+                faults("read faults", self.read_faults),
+                faults("auth faults", self.auth_faults),
+                f"actors: {list(self.actors) or '-'}",
+                f"crashes: {list(self.crashes) or '-'}",
+            ]
+        )
+
+
+def _fault(rng: random.Random, kinds: tuple[str, ...], late_max: float) -> SimFault:
+    kind = rng.choice(kinds)
+    if kind == "rate_limit":
+        return SimFault(kind, delay=rng.choice((0.0, 1.0, 3.0)))
+    if kind.startswith("gateway"):
+        return SimFault(kind, status=rng.choice((502, 503, 504, 524)))
+    if kind.startswith("violet"):
+        return SimFault(kind, status=rng.choice((500, 503)))
+    if kind.endswith("_late"):
+        # Commit "before / after / long after" the answer: anything Violet may still
+        # be running within the settle window (less the list lag that follows it).
+        tricky = (0.5, 2.5, 7.0, late_max / 2, late_max)
+        delay = rng.choice(tricky) if rng.random() < 0.6 else rng.uniform(0.0, late_max)
+        return SimFault(kind, delay=round(min(delay, late_max), 3))
+    return SimFault(kind)
+
+
+def generate(seed: int, *, mode: str | None = None) -> Schedule:
+    """The schedule of ``seed``: every choice from ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    mode = mode or rng.choice(("direct", "direct", "batch", "worker"))
+    settle_running = rng.choice((20.0, 60.0))
+    settle_lag = rng.choice((2.0, 5.0))
+    lag_max = rng.choice((0.0, settle_lag / 2, settle_lag))
+    late_max = max(settle_running - lag_max - 0.01, 0.0)
+    nbags = rng.randint(1, 4)
+    bags = tuple(
+        BagSpec(rng.choice((500, 1000, 2500)), rng.randint(1, 3), rng.choice((0, 500)))
+        for _ in range(nbags)
+    )
+    asks: list[AskSpec] = []
+    nasks = rng.randint(1, 5)
+    for i in range(nasks):
+        bag = i if mode != "direct" else rng.randrange(nbags)
+        if mode != "direct" and i >= nbags:
+            break
+        spec = bags[bag]
+        kind = "cancel" if rng.random() < 0.15 else "refund"
+        shape = rng.random()
+        amount: int | None
+        skus = False
+        if kind == "cancel" or shape < 0.2:
+            amount = None
+        elif shape < 0.4:
+            amount, skus = spec.price, True
+        else:
+            amount = rng.choice((100, 250, spec.price // 2, spec.price))
+        reason = rng.choice((None, "Customer requested refund.", "Damaged in transit  "))
+        asks.append(
+            AskSpec(f"A{i}", bag, kind, amount, skus, reason, rng.choice((0.0, 0.0, 0.3, 2.0)))
+        )
+    rate = rng.choice((0.1, 0.3, 0.6))
+
+    def faults(kinds: tuple[str, ...], n: int, p: float) -> tuple[SimFault | None, ...]:
+        return tuple(_fault(rng, kinds, late_max) if rng.random() < p else None for _ in range(n))
+
+    post = faults(POST_KINDS, 14, rate)
+    reads = faults(READ_KINDS, 40, rate / 2)
+    auth = faults(AUTH_KINDS, 4, rate / 2)
+    naive = rng.random() < 0.15
+    date_header = rng.random() < 0.85
+    skew = rng.choice((0.0, 0.0, rng.uniform(-300, 300)))
+    if not date_header:
+        skew = max(min(skew, 50.0), -50.0)  # beyond clock_skew without a Date is risk (a)
+    actors = tuple(
+        Actor(rng.uniform(0, 40), rng.randrange(nbags), rng.choice((50, 75, 130)))
+        for _ in range(rng.choice((0, 0, 0, 1, 2)))
+    )
+    crashes: tuple[Crash, ...] = ()
+    if mode == "batch":
+        crashes = tuple(
+            Crash(at=round(rng.uniform(0, 30), 3))
+            if rng.random() < 0.4
+            else Crash(write=rng.randint(1, 3 * len(asks) + 2), cut=rng.random())
+            for _ in range(rng.choice((0, 1, 2, 2, 3)))
+        )
+    elif mode == "worker" and rng.random() < 0.7:
+        crashes = (Crash(at=round(rng.uniform(0, 40), 3)),)
+    deadline = rng.choice((15.0, 30.0, 60.0, 120.0, None))
+    return Schedule(
+        seed=seed,
+        mode=mode,
+        bags=bags,
+        asks=tuple(asks),
+        max_attempts=rng.choice((1, 2, 4)),
+        deadline=deadline,
+        settle_running=settle_running,
+        settle_lag=settle_lag,
+        jitter=rng.random() < 0.5,
+        read_before_send=rng.random() < 0.5,
+        connect=rng.choice((1.0, 5.0)),
+        read=rng.choice((3.0, 10.0, 30.0)),
+        concurrency=rng.randint(1, 4),
+        max_latency=rng.choice((0.05, 0.5, 2.0)),
+        naive_dates=naive,
+        skew=round(skew, 3),
+        date_header=date_header,
+        trim_reasons=rng.random() < 0.3,
+        page_size=rng.choice((None, None, 1, 2)),
+        lags=tuple(round(rng.uniform(0, lag_max), 3) for _ in range(5)),
+        post_faults=post,
+        read_faults=reads,
+        auth_faults=auth,
+        actors=actors,
+        crashes=crashes,
+    )
+
+
+@attrs.define
+class Seen:
+    """One outcome a caller saw."""
+
+    label: str
+    what: str
+    """"refund", "failed", "pending", "review" or "crashed"."""
+    refund_id: int | None = None
+    error: str = ""
+    pending: PendingRefund | None = None
+
+
+@attrs.define
+class SimResult:
+    schedule: Schedule
+    violations: list[str]
+    trace: list[str]
+    injected: Counter[str]
+    outcomes: Counter[str]
+    virtual_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of violation found ("double", "attribution", "deadline", ...)."""
+        return {v[1 : v.index("]")] for v in self.violations if v.startswith("[")}
+
+    def report(self) -> str:
+        lines = [f"SIMULATION VIOLATION, seed {self.schedule.seed}:"]
+        lines += [f"  ! {v}" for v in self.violations]
+        lines.append("schedule:")
+        lines += [f"  {line}" for line in self.schedule.describe().splitlines()]
+        lines.append("trace:")
+        lines += [f"  {line}" for line in self.trace]
+        lines.append(
+            f"replay: simulate({self.schedule.seed}, mode={self.schedule.mode!r}) or "
+            f"python benchmarks/simulate.py --seed {self.schedule.seed} "
+            f"--mode {self.schedule.mode}"
+        )
+        return "\n".join(lines)
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        self.lines.append(text)
+
+
+@contextlib.contextmanager
+def _captured_logs() -> Iterator[_Capture]:
+    handler = _Capture()
+    root = logging.getLogger()
+    sdk = logging.getLogger("violet_async")
+    old = sdk.level
+    sdk.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        sdk.setLevel(old)
+
+
+def simulate(seed_or_schedule: int | Schedule, *, mode: str | None = None) -> SimResult:
+    """Run one schedule (a seed, or a Schedule) and check every invariant."""
+    schedule = (
+        generate(seed_or_schedule, mode=mode)
+        if isinstance(seed_or_schedule, int)
+        else seed_or_schedule
+    )
+    state = random.getstate()
+    random.seed(schedule.seed)  # the client's backoff jitter
+    loop = VirtualTimeLoop()
+    world = _World(schedule, loop)
+    # The journal stamps lines with time.time(): on virtual time, a torn line tears at
+    # the same byte on every replay.
+    real_time = getattr(_journal, "time")  # noqa: B009
+    setattr(_journal, "time", _WallTime(world.clock))  # noqa: B010
+    try:
+        with _captured_logs() as logs, tempfile.TemporaryDirectory() as tmp:
+            world.journal = Path(tmp) / "sim.journal.jsonl"
+            try:
+                loop.run_until_complete(world.main())
+            except SimDeadlock as exc:
+                world.violations.append(f"[deadlock] {exc}")
+            except BaseException as exc:  # noqa: BLE001 - a bug the simulation found
+                world.violations.append(f"[error] unexpected {type(exc).__name__}: {exc}")
+            world.check_secrets(logs.lines)
+    finally:
+        setattr(_journal, "time", real_time)  # noqa: B010
+        _close(loop)
+        random.setstate(state)
+    return SimResult(
+        schedule,
+        world.violations,
+        world.violet.trace,
+        Counter(world.violet.injected),
+        Counter(s.what for s in world.final.values()),
+        loop.time() - 1000.0,
+    )
+
+
+class _WallTime:
+    def __init__(self, clock: SimClock) -> None:
+        self.time = clock.time
+
+
+def _close(loop: VirtualTimeLoop) -> None:
+    try:
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+class _World:
+    def __init__(self, schedule: Schedule, loop: VirtualTimeLoop) -> None:
+        self.s = schedule
+        self.loop = loop
+        self.clock = SimClock(loop)
+        latency = random.Random(schedule.seed * 7 + 1)
+        quirks = ServerQuirks(
+            naive_dates=schedule.naive_dates,
+            server_clock_skew=schedule.skew,
+            trim_reasons=schedule.trim_reasons,
+            page_size=schedule.page_size,
+        )
+        self.secret = f"sim-app-secret-{schedule.seed}"
+        self.password = f"sim-password-{schedule.seed}"
+        self.violet = SimViolet(
+            self.clock,
+            app_id=APP_ID,
+            app_secret=self.secret,
+            username="sim@example.com",
+            password=self.password,
+            quirks=quirks,
+            post_faults=schedule.post_faults,
+            read_faults=schedule.read_faults,
+            auth_faults=schedule.auth_faults,
+            lags=schedule.lags,
+            latencies=lambda: latency.uniform(0.005, schedule.max_latency),
+            date_header=schedule.date_header,
+        )
+        self.ids: list[tuple[int, int]] = []
+        for bag in schedule.bags:
+            order = self.violet.store.add_order(
+                [
+                    {
+                        "skus": [{"quantity": bag.quantity, "price": bag.price}],
+                        "shipping": bag.shipping,
+                    }
+                ]
+            )
+            self.ids.append((order.id, next(iter(order.bags))))
+        self.violations: list[str] = []
+        self.seen: list[Seen] = []
+        self.final: dict[str, Seen] = {}
+        self.errors: list[str] = []
+        self.journal: Path | None = None
+        self.clients = 0
+        self.policy = RetryPolicy(
+            max_attempts=schedule.max_attempts,
+            deadline=schedule.deadline,
+            settle_running=schedule.settle_running,
+            settle_lag=schedule.settle_lag,
+            jitter=schedule.jitter,
+            read_before_send=schedule.read_before_send,
+        )
+        self.timeouts = Timeouts(connect=schedule.connect, read=schedule.read)
+
+    # -- helpers ------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        self.violet.note(f"   client: {text}")
+
+    def client(self, name: str) -> tuple[VioletClient, SimTransport]:
+        transport = SimTransport(self.violet, name)
+        client = VioletClient(
+            APP_ID,
+            self.secret,
+            username="sim@example.com",
+            password=self.password,
+            base_url="https://sim.violet.invalid/v1",
+            retry=self.policy,
+            timeouts=self.timeouts,
+            clock=self.clock,
+            _transport=transport,
+        )
+        # Auth times renewals by time.time(), not by clock= (see the report of the run
+        # that built this): on virtual time its "refused fresh tokens, wait 60 s" rule
+        # would never end.
+        client._shared.auth._now = self.clock.time
+        return client, transport
+
+    def request(self, ask: AskSpec) -> RefundBagRequest | CancelBagRequest:
+        if ask.kind == "cancel":
+            return CancelBagRequest(reason=ask.reason)
+        bag = self.s.bags[ask.bag]
+        skus = None
+        if ask.skus:
+            order_id, bag_id = self.ids[ask.bag]
+            sku_id = self.violet.store.bag(order_id, bag_id).skus[0].order_sku_id
+            skus = [SkuRefund(order_sku_id=sku_id, quantity_refunded=1, amount_refunded=bag.price)]
+        return RefundBagRequest(amount_refunded=ask.amount, skus=skus, reason=ask.reason)
+
+    def saw(self, seen: Seen) -> None:
+        self.seen.append(seen)
+        self.final[seen.label] = seen
+        self.errors.append(seen.error)
+        self.note(
+            f"{seen.label} saw {seen.what}"
+            + (f" refund {seen.refund_id}" if seen.refund_id else "")
+            + (f" ({seen.error[:160]})" if seen.error else "")
+        )
+
+    def outcome_of(self, label: str, exc: BaseException) -> Seen:
+        if isinstance(exc, AmbiguousOutcomeError):
+            pending = exc.pending
+            what = "review" if pending is None or pending.needs_review else "pending"
+            return Seen(label, what, error=f"{type(exc).__name__}: {exc}", pending=pending)
+        return Seen(label, "failed", error=f"{type(exc).__name__}: {exc}")
+
+    def check_deadline(self, label: str, started: float) -> None:
+        if self.s.deadline is None:
+            return
+        took = self.loop.time() - started
+        if took > self.s.deadline + DEADLINE_SLACK:
+            # Known: an attempt that logs in or renews its token keeps the time left from
+            # before (RequestPlumbing._attempt), so it can end past the deadline.
+            # ... by at most the time logins / renewals took inside the call.
+            now = self.loop.time()
+            spans = [(max(a, started), min(b, now)) for a, b in self.violet.auth_calls]
+            spans = [(a, b) for a, b in spans if a < b]
+            authed = bool(spans) and took - self.s.deadline <= (
+                max(b for _, b in spans) - min(a for a, _ in spans) + DEADLINE_SLACK
+            )
+            self.violations.append(
+                f"[{'deadline-auth' if authed else 'deadline'}] {label}: the call took "
+                f"{took:.3f}s of virtual time, past its "
+                f"{self.s.deadline:g}s deadline"
+            )
+
+    async def quiesce(self) -> None:
+        """Faults stop; every request still running at Violet lands."""
+        self.violet.stop_faults()
+        await asyncio.sleep(
+            self.s.settle_running + self.s.settle_lag + self.s.connect + self.s.read
+        )
+        self.note("faults stopped; every late commit has landed")
+
+    # -- the run ------------------------------------------------------------
+
+    async def main(self) -> None:
+        store = self.violet.store
+        for actor in self.s.actors:
+            order_id, bag_id = self.ids[actor.bag]
+            bag = store.bag(order_id, bag_id)
+            self.loop.call_later(
+                actor.at,
+                self.violet.other_actor_refund,
+                bag,
+                actor.amount,
+                "Refunded by another system",
+            )
+        if self.s.mode == "batch":
+            await self.run_batch()
+        elif self.s.mode == "worker":
+            await self.run_workers()
+        else:
+            await self.run_direct()
+        self.check()
+
+    async def call(self, client: VioletClient, ask: AskSpec, resume: PendingRefund | None) -> None:
+        ASK_LABEL.set(ask.label)
+        order_id, bag_id = self.ids[ask.bag]
+        started = self.loop.time()
+        self.note(f"{ask.label}: {'resume' if resume else ask.kind} bag {bag_id}")
+        try:
+            if resume is not None:
+                refund = await client.resume(resume)
+            elif ask.kind == "cancel":
+                refund = await client.cancel_bag(order_id, bag_id, self.request(ask))  # type: ignore[arg-type]
+            else:
+                refund = await client.refund_bag(order_id, bag_id, self.request(ask))  # type: ignore[arg-type]
+        except VioletError as exc:
+            self.saw(self.outcome_of(ask.label, exc))
+        else:
+            self.saw(Seen(ask.label, "refund", refund.id))
+        self.check_deadline(ask.label, started)
+
+    async def run_direct(self) -> None:
+        client, _ = self.client("app")
+        async with client:
+
+            async def later(ask: AskSpec) -> None:
+                await asyncio.sleep(ask.start)
+                await self.call(client, ask, None)
+
+            await asyncio.gather(*(later(ask) for ask in self.s.asks))
+        await self.resolve_pendings()
+
+    async def resolve_pendings(self) -> None:
+        await self.quiesce()
+        for round_ in range(3):
+            todo = [s for s in self.final.values() if s.what == "pending"]
+            if not todo:
+                return
+            client, _ = self.client(f"resume{round_}")
+            async with client:
+                for seen in todo:
+                    assert seen.pending is not None
+                    ask = next(a for a in self.s.asks if a.label == seen.label)
+                    wait = (seen.pending.settle_until or 0.0) - self.clock.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    await self.call(client, ask, seen.pending)
+
+    # -- workers: jobs redelivered, resumed from a shared ledger ----------------
+
+    async def run_workers(self) -> None:
+        ledger: dict[str, str] = {}
+        crash = self.s.crashes[0] if self.s.crashes else None
+        await self.worker("w1", ledger, crash)
+        await self.worker("w2", ledger, None)  # every job is delivered again
+        await self.quiesce()
+        for n in range(3):
+            if not any(s.what == "pending" for s in self.final.values()):
+                break
+            await self.worker(f"w{n + 3}", ledger, None, only_pending=True)
+
+    async def worker(
+        self, name: str, ledger: dict[str, str], crash: Crash | None, only_pending: bool = False
+    ) -> None:
+        client, transport = self.client(name)
+        async with client:
+
+            async def job(ask: AskSpec) -> None:
+                ASK_LABEL.set(ask.label)
+                record = ledger.get(ask.label)
+                resume = None
+                if record is not None:
+                    pending = PendingRefund.from_json(record)
+                    if pending.phase is Phase.APPLIED:
+                        self.saw(Seen(ask.label, "refund", pending.refund_id))
+                        return
+                    if pending.phase is Phase.FAILED:
+                        return
+                    if pending.phase is Phase.PENDING and pending.needs_review:
+                        return
+                    if pending.phase in (Phase.SENT, Phase.PENDING):
+                        resume = pending
+                        wait = (pending.settle_until or 0.0) - self.clock.time()
+                        if only_pending and wait > 0:
+                            await asyncio.sleep(wait)
+
+                async def save(ask_record: PendingRefund) -> None:
+                    ledger[ask.label] = ask_record.to_json()
+
+                order_id, bag_id = self.ids[ask.bag]
+                started = self.loop.time()
+                self.note(f"{name} {ask.label}: {'resume' if resume else ask.kind} bag {bag_id}")
+                try:
+                    refund = await client._ask(
+                        "cancel" if ask.kind == "cancel" else "refund",
+                        order_id,
+                        bag_id,
+                        self.request(ask),
+                        resume=resume,
+                        save=save,
+                    )
+                except VioletError as exc:
+                    self.saw(self.outcome_of(ask.label, exc))
+                else:
+                    self.saw(Seen(ask.label, "refund", refund.id))
+                self.check_deadline(f"{name} {ask.label}", started)
+
+            asks = [
+                a
+                for a in self.s.asks
+                if not only_pending or self.final.get(a.label, Seen("", "")).what == "pending"
+            ]
+            tasks = [asyncio.ensure_future(job(a)) for a in asks]
+            if crash is not None and crash.at is not None:
+                done, _ = await asyncio.wait(tasks, timeout=crash.at)
+                if len(done) < len(tasks):
+                    self.note(f"{name} CRASHED at +{crash.at:g}s")
+                    transport.dead = True
+                    for task in tasks:
+                        task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- batch: run_batch + journal, crashes, torn lines, resume -----------------
+
+    async def run_batch(self) -> None:
+        items = [
+            BatchItem(
+                n + 1,
+                "cancel" if a.kind == "cancel" else "refund",
+                *self.ids[a.bag],
+                self.request(a),
+            )
+            for n, a in enumerate(self.s.asks)
+        ]
+        labels = {item.line: ask.label for item, ask in zip(items, self.s.asks, strict=True)}
+        for item in items:
+            self.violet.bag_labels[item.bag_id] = labels[item.line]
+        runs = [*self.s.crashes, None, None, None]
+        for n, crash in enumerate(runs):
+            if crash is None and n == len(self.s.crashes):
+                await self.quiesce()
+            if crash is None and n > len(self.s.crashes):
+                if not any(s.what in ("pending", "crashed") for s in self.final.values()):
+                    break
+                await asyncio.sleep(self.s.settle_running)
+            await self.batch_run(f"run{n}", items, labels, crash)
+
+    async def batch_run(  # noqa: PLR0915 - one run, its crash and its journal hook
+        self, name: str, items: list[BatchItem], labels: dict[int, str], crash: Crash | None
+    ) -> None:
+        assert self.journal is not None
+        client, transport = self.client(name)
+        writes = 0
+        dead = False
+        task: asyncio.Task[None] | None = None
+        opened: list[Any] = []  # the run's Journal, once it has written
+
+        def die(why: str) -> None:
+            nonlocal dead
+            dead = True
+            transport.dead = True
+            self.note(f"{name} CRASHED {why}")
+            # A dead process holds no lock: the OS releases its flock on the journal.
+            for journal in opened:
+                if journal._lock_fd is not None:
+                    fcntl.flock(journal._lock_fd, fcntl.LOCK_UN)
+            if task is not None:
+                task.cancel()
+
+        def hook(call: Callable[..., Any], future: asyncio.Future[Any]) -> bool:
+            nonlocal writes
+            target: tuple[Any, ...] = getattr(call, "args", ())
+            fn = target[0] if target else None
+            if getattr(fn, "__name__", "") != "_write_durably":
+                return False
+            if dead:
+                future.set_result(None)  # a dead process writes nothing more
+                return True
+            if not opened:
+                opened.append(fn.__self__)  # type: ignore[union-attr]
+            writes += 1
+            if crash is not None and crash.write == writes:
+                journal = fn.__self__  # type: ignore[union-attr]
+                data: bytes = target[1]
+                cut = int(len(data) * crash.cut)
+                os.write(journal._fd, data[:cut])
+                die(f"during journal write {writes} ({cut} of {len(data)} bytes written)")
+                future.set_result(None)
+                return True
+            return False
+
+        async def consume() -> None:
+            async with client:
+                async for result in run_batch(
+                    client, items, concurrency=self.s.concurrency, journal=self.journal
+                ):
+                    label = labels[result.item.line]
+                    if result.outcome in ("succeeded", "already_done"):
+                        self.saw(Seen(label, "refund", result.refund_id))
+                    elif result.outcome in ("failed", "already_failed"):
+                        self.saw(Seen(label, "failed", error=str(result.error_class)))
+                    elif result.outcome == "not_sent":
+                        # Never reached Violet this run: the next run sends it (like an
+                        # item a crash cut short).
+                        self.saw(Seen(label, "crashed", error=str(result.error_class)))
+                    else:
+                        error = result.error
+                        if isinstance(error, BaseException):
+                            self.saw(self.outcome_of(label, error))
+                        else:
+                            self.saw(Seen(label, "pending"))
+
+        self.loop.executor_hook = hook
+        self.note(f"{name}: run_batch starts")
+        task = asyncio.ensure_future(consume())
+        if crash is not None and crash.at is not None:
+            self.loop.call_later(
+                crash.at, lambda: None if task.done() else die(f"at +{crash.at:g}s")
+            )
+        await asyncio.gather(task, return_exceptions=True)
+        if dead:
+            for label in labels.values():
+                if self.final.get(label, Seen("", "")).what not in ("refund", "failed"):
+                    self.final[label] = Seen(label, "crashed")
+        elif task.exception() is not None:
+            exc = task.exception()
+            self.violations.append(f"[error] {name}: run_batch raised {type(exc).__name__}: {exc}")
+        self.loop.executor_hook = None
+
+    # -- invariants ---------------------------------------------------------
+
+    def check(self) -> None:
+        commits: dict[str, list[int]] = {}
+        maker: dict[int, str | None] = {}
+        for commit in self.violet.commits:
+            maker[commit.refund_id] = commit.label
+            if commit.label is not None:
+                commits.setdefault(commit.label, []).append(commit.refund_id)
+        # Known: while an ask is pending (its lock released), another ask on the same bag
+        # whose request carries everything the first asked for can claim its refund, or
+        # have its own claimed by the first's resume; then one of them sends again (or
+        # both report one refund).
+        pended = {s.label for s in self.seen if s.what == "pending"}
+        overlap: set[str] = set()
+        for seen in self.seen:
+            maker_label = maker.get(seen.refund_id or -1)
+            if (
+                seen.what == "refund"
+                and maker_label not in (None, seen.label)
+                and (seen.label in pended or maker_label in pended)
+            ):
+                overlap.update({seen.label, maker_label})
+        torn = self.s.mode == "batch" and any(c.write is not None for c in self.s.crashes)
+        for label, ids in commits.items():
+            if len(ids) > 1 and label in overlap:
+                self.violations.append(
+                    f"[overlap-after-pending] {label}: {len(ids)} refunds for one ask: {ids}"
+                )
+            elif len(ids) > 1 and torn:
+                self.violations.append(
+                    f"[torn-journal] {label}: {len(ids)} refunds for one ask: {ids}"
+                )
+            elif len(ids) > 1:
+                self.violations.append(f"[double] {label}: {len(ids)} refunds for one ask: {ids}")
+        for seen in self.seen:
+            mine = commits.get(seen.label, [])
+            if seen.what == "refund" and seen.refund_id not in mine and seen.label in overlap:
+                self.violations.append(
+                    f"[overlap-after-pending] {seen.label} resumed and was handed refund "
+                    f"{seen.refund_id}, made by {maker.get(seen.refund_id or -1)}"
+                )
+            elif seen.what == "refund" and seen.refund_id not in mine:
+                who = maker.get(seen.refund_id or -1, "nobody")
+                self.violations.append(
+                    f"[attribution] {seen.label} was handed refund {seen.refund_id}, "
+                    f"made by {who or 'another actor'}"
+                )
+            if seen.what == "failed" and mine:
+                self.violations.append(
+                    f"[{'torn-journal' if torn else 'failed-but-applied'}] {seen.label} was "
+                    f"told it failed ({seen.error[:120]}) but refund(s) {mine} were made for it"
+                )
+        for label, seen in self.final.items():
+            if seen.what in ("pending", "crashed"):
+                refused = seen.pending is not None and "re-send was refused" in seen.pending.note
+                kind = "liveness-refused" if refused else "liveness"
+                self.violations.append(
+                    f"[{kind}] {label} still {seen.what} after faults stopped and resumes ran"
+                    + (f": {seen.pending.note}" if seen.pending is not None else "")
+                )
+
+    def check_secrets(self, lines: list[str]) -> None:
+        secrets = [s for s in self.violet.secrets if s]
+        for text in [*lines, *self.errors]:
+            for secret in secrets:
+                if secret in text:
+                    self.violations.append(
+                        f"[secret] a secret leaked into a log line or error: {text[:200]}"
+                    )
+                    return
+
+
+def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
+    """The schedule with the fewest faults (and quirks) that still fails the same way
+    (its first violation's kind): greedily
+    drop one fault, actor, crash, ask or quirk at a time while the run still fails."""
+    best = result
+    runs = 0
+    # Keep failing the same way: the first violation's kind must stay.
+    wanted = (
+        {result.violations[0][1 : result.violations[0].index("]")]} if result.violations else set()
+    )
+
+    def candidates(s: Schedule) -> Iterator[Schedule]:
+        for name in ("post_faults", "read_faults", "auth_faults"):
+            items: tuple[SimFault | None, ...] = getattr(s, name)
+            for i, fault in enumerate(items):
+                if fault is not None:
+                    changes: dict[str, Any] = {name: (*items[:i], None, *items[i + 1 :])}
+                    yield attrs.evolve(s, **changes)
+        for name in ("actors", "crashes", "asks"):
+            items2: tuple[Any, ...] = getattr(s, name)
+            for i in range(len(items2)):
+                if name == "asks" and len(items2) == 1:
+                    continue
+                cut: dict[str, Any] = {name: items2[:i] + items2[i + 1 :]}
+                yield attrs.evolve(s, **cut)
+        quirks: dict[str, Any] = {
+            "naive_dates": False,
+            "skew": 0.0,
+            "date_header": True,
+            "trim_reasons": False,
+            "page_size": None,
+            "lags": (0.0,),
+            "jitter": False,
+        }
+        for name, plain in quirks.items():
+            if getattr(s, name) != plain:
+                plainer: dict[str, Any] = {name: plain}
+                yield attrs.evolve(s, **plainer)
+
+    changed = True
+    while changed and runs < budget:
+        changed = False
+        for candidate in candidates(best.schedule):
+            runs += 1
+            attempt = simulate(candidate)
+            if attempt.kinds & wanted:
+                best = attempt
+                changed = True
+                break
+            if runs >= budget:
+                break
+    return best

@@ -1,0 +1,548 @@
+"""The simulated Violet: FakeViolet's ledger and rules (``testing._state.Store``) behind
+an in-process transport, every hostile behaviour a choice the schedule made up front.
+
+``SimTransport.send`` is the SDK's only network seam (``Transport.send``): it returns a
+``RawResponse`` or raises ``APIConnectionError`` / ``APITimeoutError`` exactly where the
+real transport would, and a request that "hangs" holds the caller for the attempt's
+timeout (``min(deadline, connect + read)``) in virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import math
+from collections.abc import Callable, Mapping
+from email.utils import formatdate
+from typing import Any
+
+import attrs
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from ..._transport import RawResponse, Timeouts
+from ...exceptions import APIConnectionError, APITimeoutError
+from .._faults import ServerQuirks
+from .._state import FakeBag, RuleViolation, Store
+from ._vloop import SimClock
+
+__all__ = ["ASK_LABEL", "SimCommit", "SimFault", "SimTransport", "SimViolet"]
+
+#: The ask a request belongs to (set by the simulator around each call), so every
+#: commit is attributed to exactly one ask.
+ASK_LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("sim_ask", default=None)
+
+GATEWAY_PAGES: dict[int, tuple[str, bytes]] = {
+    502: ("text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    503: (
+        "text/plain",
+        b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    ),
+    504: ("text/plain", b"upstream request timeout"),
+    524: ("text/html", b"<html><body>Error 524: A timeout occurred</body></html>"),
+}
+
+
+@attrs.frozen
+class SimFault:
+    """One request's fault. ``kind`` is one of the module's kinds; ``delay`` a late
+    commit's delay after arrival (or a Retry-After); ``status`` the 5xx variant."""
+
+    kind: str
+    delay: float = 0.0
+    status: int = 0
+
+    def __str__(self) -> str:
+        extra = f" d={self.delay:g}" if self.delay else ""
+        return f"{self.kind}{f'/{self.status}' if self.status else ''}{extra}"
+
+
+#: Faults of a refund/cancel POST; "late" ones commit ``delay`` after arrival.
+POST_KINDS = (
+    "refused",  # connection never established: nothing sent
+    "rate_limit",  # 429 (Retry-After = delay, 0: none)
+    "token_expired",  # 401 error_code 11 before anything applies
+    "drop_before",  # connection reset after sending, not applied
+    "drop_after",  # committed, then reset
+    "drop_late",  # reset; still running at Violet, commits later
+    "hang_before",  # no answer until the attempt times out; not applied
+    "hang_after",  # committed, no answer
+    "hang_late",  # no answer, commits later
+    "gateway_before",  # gateway page (502/503/504/524), not applied
+    "gateway_after",  # committed, gateway page
+    "gateway_late",  # gateway page now, commits later
+    "violet_before",  # Violet's own JSON 500/503, not applied
+    "violet_after",  # committed, then Violet's JSON 500/503
+    "garbled_after",  # committed, 200 with a truncated body
+)
+READ_KINDS = (
+    "refused",
+    "rate_limit",
+    "token_expired",
+    "drop_before",
+    "hang_before",
+    "gateway_before",
+    "violet_before",
+    "garbled_after",
+)
+AUTH_KINDS = ("refused", "drop_before", "gateway_before", "violet_before")
+
+
+@attrs.frozen
+class SimCommit:
+    refund_id: int
+    label: str | None
+    """The ask that made it (None: another actor)."""
+    bag_id: int
+    amount: int
+    at: float
+    visible_at: float
+
+
+class SimViolet:
+    """Violet in process: ``Store`` holds orders, bags and the refund rules; faults come
+    from per-route fault lists (the n-th POST takes ``post_faults[n]``, and so on), and
+    every request and commit goes to ``trace``."""
+
+    def __init__(
+        self,
+        clock: SimClock,
+        *,
+        app_id: int,
+        app_secret: str,
+        username: str,
+        password: str,
+        quirks: ServerQuirks,
+        post_faults: tuple[SimFault | None, ...] = (),
+        read_faults: tuple[SimFault | None, ...] = (),
+        auth_faults: tuple[SimFault | None, ...] = (),
+        lags: tuple[float, ...] = (0.0,),
+        latencies: Callable[[], float] = lambda: 0.05,
+        date_header: bool = True,
+    ) -> None:
+        self.clock = clock
+        self.store = Store(app_id, clock=clock, quirks=quirks)
+        self.app_id = app_id
+        self.app_secret = app_secret
+        self.username = username
+        self.password = password
+        self.post_faults = list(post_faults)
+        self.read_faults = list(read_faults)
+        self.auth_faults = list(auth_faults)
+        self.faults_on = True
+        self._lags = lags or (0.0,)
+        self._commits_seen = 0
+        self.store.lag_for = self._next_lag
+        self.latency = latencies
+        self.date_header = date_header
+        self.tokens: dict[str, bool] = {}  # token -> still valid
+        self.refresh_tokens: set[str] = set()
+        self.secrets: set[str] = {app_secret, password}
+        self._serial = 0
+        self.commits: list[SimCommit] = []
+        #: bag id -> the ask sending to it, when no ASK_LABEL is set (batch items).
+        self.bag_labels: dict[int, str] = {}
+        #: [start, end] (virtual time) of every login / refresh request, and of every
+        #: request answered 401 (the SDK renews and sends again).
+        self.auth_calls: list[list[float]] = []
+        self.trace: list[str] = []
+        self.injected: dict[str, int] = {}
+        self.counts = {"post": 0, "read": 0, "auth": 0}
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def _next_lag(self, bag_id: int) -> float:
+        lag = self._lags[self._commits_seen % len(self._lags)]
+        self._commits_seen += 1
+        return lag
+
+    def note(self, text: str) -> None:
+        self.trace.append(f"t={self.clock.monotonic() - 1000.0:9.3f} {text}")
+
+    def _take(self, route: str) -> SimFault | None:
+        index = self.counts[route]
+        self.counts[route] += 1
+        faults = {"post": self.post_faults, "read": self.read_faults, "auth": self.auth_faults}[
+            route
+        ]
+        if not self.faults_on or index >= len(faults):
+            return None
+        fault = faults[index]
+        if fault is not None:
+            key = f"{route}:{fault.kind}"
+            self.injected[key] = self.injected.get(key, 0) + 1
+        return fault
+
+    def _mint(self, prefix: str) -> str:
+        self._serial += 1
+        token = f"{prefix}-{self._serial}-{self._serial * 7919 % 100_003:05d}"
+        self.secrets.add(token)
+        return token
+
+    def stop_faults(self) -> None:
+        self.faults_on = False
+
+    def other_actor_refund(self, bag: FakeBag, amount: int, reason: str) -> None:
+        try:
+            record = self.store.commit_refund(
+                bag, {"amount_refunded": amount, "reason": reason}, route="external"
+            )
+        except RuleViolation as exc:
+            self.note(f"ACTOR refund {amount} on bag {bag.id} refused: {exc.message}")
+            return
+        self._committed(None, bag, record)
+
+    def _committed(self, label: str | None, bag: FakeBag, record: dict[str, Any]) -> None:
+        commit = self.store.ledger.commits_per_bag[bag.id][-1]
+        self.commits.append(
+            SimCommit(record["id"], label, bag.id, record["amount"], commit.at, commit.visible_at)
+        )
+        who = label or "another actor"
+        self.note(
+            f"COMMIT refund {record['id']} bag {bag.id} amount {record['amount']} for {who}"
+            f" (bag {bag.status}, listed at t={commit.visible_at - 1000.0:.3f})"
+        )
+
+    # -- answers ------------------------------------------------------------
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> CIMultiDictProxy[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        if self.date_header:
+            headers["Date"] = formatdate(self.store.server_time(), usegmt=True)
+        headers["Content-Type"] = "application/json"
+        if extra:
+            headers.update(extra)
+        return CIMultiDictProxy(headers)
+
+    def _json(self, data: Any, status: int = 200) -> RawResponse:
+        return RawResponse(status, self._headers(), orjson.dumps(data))
+
+    def _error(self, status: int, message: str, code: int, **headers: str) -> RawResponse:
+        body = {
+            "status": status,
+            "message": message,
+            "error_code": code,
+            "timestamp": int(self.store.server_time() * 1000),
+        }
+        return RawResponse(status, self._headers(headers), orjson.dumps(body))
+
+    def _gateway(self, status: int) -> RawResponse:
+        content_type, body = GATEWAY_PAGES[status]
+        return RawResponse(status, self._headers({"Content-Type": content_type}), body)
+
+    # -- requests -----------------------------------------------------------
+
+    async def handle(  # noqa: PLR0917 - Transport.send's arguments, passed on
+        self,
+        who: str,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: float,
+    ) -> RawResponse:
+        path = url.path.split("/v1", 1)[-1]
+        parts = path.strip("/").split("/")
+        label = ASK_LABEL.get()
+        if label is None and method == "POST" and len(parts) == 5:
+            label = self.bag_labels.get(int(parts[3]))
+        if path in {"/login", "/auth/token"}:
+            route = "auth"
+        elif method == "POST":
+            route = "post"
+        else:
+            route = "read"
+        fault = self._take(route)
+        began = self.clock.monotonic()
+        answer = None
+        try:
+            answer = await self._handle(
+                who,
+                method,
+                url,
+                headers,
+                body,
+                timeout,
+                label=label,
+                parts=parts,
+                path=path,
+                route=route,
+                fault=fault,
+            )
+            return answer
+        finally:
+            if route == "auth" or (answer is not None and answer.status == 401):
+                self.auth_calls.append([began, self.clock.monotonic()])
+
+    async def _handle(  # noqa: PLR0917 - handle's arguments, passed on
+        self,
+        who: str,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: float,
+        *,
+        label: str | None,
+        parts: list[str],
+        path: str,
+        route: str,
+        fault: SimFault | None,
+    ) -> RawResponse:
+        what = f"{who} {method} {path}{'?' + url.query_string if url.query_string else ''}"
+        tag = f" [{label}]" if label else ""
+        if fault is not None and fault.kind == "refused":
+            await asyncio.sleep(min(0.01, timeout))
+            self.note(f"{what}{tag}: connection refused (never sent)")
+            raise APIConnectionError(
+                f"{method} {path}: connection refused",
+                method=method,
+                path=path,
+                request_sent=False,
+                reason="connection refused",
+            )
+        latency = self.latency()
+        up = latency / 2
+        if up >= timeout:
+            await asyncio.sleep(timeout)
+            self.note(f"{what}{tag}: slow link, timed out before arriving")
+            raise _timeout(method, path)
+        await asyncio.sleep(up)
+        # The request is at Violet now.
+        late: Callable[[], None] | None = None
+        try:
+            answer, late = self._answer(
+                route, parts, dict(url.query), headers, body, fault=fault, label=label
+            )
+        except RuleViolation as exc:
+            retry_after = {"Retry-After": exc.retry_after} if exc.retry_after else {}
+            answer = self._error(exc.status, exc.message, exc.error_code, **retry_after)
+        if late is not None and fault is not None:
+            self.clock.call_later(fault.delay, late)
+        shown = f"{answer.status}" if answer is not None else "no answer"
+        kind = f" fault={fault}" if fault is not None else ""
+        summary = _summary(answer) if answer is not None and route == "read" else ""
+        self.note(f"{what}{tag}:{kind} -> {shown}{summary}")
+        left = timeout - up
+        if fault is not None and fault.kind.startswith("hang"):
+            await asyncio.sleep(left)
+            raise _timeout(method, path)
+        if fault is not None and fault.kind.startswith("drop"):
+            await asyncio.sleep(min(up, left))
+            raise APIConnectionError(
+                f"{method} {path}: server disconnected",
+                method=method,
+                path=path,
+                request_sent=True,
+                reason="server disconnected",
+            )
+        if latency - up >= left:
+            await asyncio.sleep(left)
+            self.note(f"{what}{tag}: answer arrived after the attempt timed out")
+            raise _timeout(method, path)
+        await asyncio.sleep(latency - up)
+        assert answer is not None
+        return answer
+
+    def _answer(
+        self,
+        route: str,
+        parts: list[str],
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        fault: SimFault | None,
+        label: str | None,
+    ) -> tuple[RawResponse | None, Callable[[], None] | None]:
+        kind = fault.kind if fault is not None else None
+        if kind == "rate_limit":
+            extra = {"Retry-After": f"{fault.delay:g}"} if fault and fault.delay else {}
+            return self._error(429, "Too many requests", 429, **extra), None
+        if kind in ("drop_before", "hang_before"):
+            return None, None
+        if kind == "gateway_before":
+            return self._gateway(fault.status if fault else 502), None
+        if kind == "violet_before":
+            return self._error(fault.status if fault else 500, "Internal error", 5000), None
+        if (
+            headers.get("X-Violet-App-Id") != str(self.app_id)
+            or headers.get("X-Violet-App-Secret") != self.app_secret
+        ):
+            raise RuleViolation(401, "Invalid app id or app secret", 10)
+        if route == "auth":
+            return self._auth(parts, headers, body), None
+        token = headers.get("X-Violet-Token", "")
+        if kind == "token_expired" and token in self.tokens:
+            self.tokens[token] = False
+        valid = self.tokens.get(token)
+        if valid is None:
+            raise RuleViolation(401, "Invalid token", 12)
+        if not valid:
+            raise RuleViolation(401, "Token has expired", 11)
+        if route == "read":
+            answer = self._read(parts, query)
+            if kind == "garbled_after":
+                answer = RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2])
+            return answer, None
+        return self._mutate(parts, body, fault, label)
+
+    def _auth(
+        self, parts: list[str], headers: Mapping[str, str], body: bytes | None
+    ) -> RawResponse:
+        if parts == ["login"]:
+            data = orjson.loads(body or b"{}")
+            if data.get("username") != self.username or data.get("password") != self.password:
+                raise RuleViolation(401, "Invalid username or password", 13)
+            token = self._mint("sim-token")
+            refresh = self._mint("sim-refresh")
+            self.tokens[token] = True
+            self.refresh_tokens.add(refresh)
+            return self._json(
+                {
+                    "id": 1,
+                    "email": self.username,
+                    "token": token,
+                    "refresh_token": refresh,
+                    "type": "DEVELOPER",
+                }
+            )
+        if headers.get("X-Violet-Token", "") not in self.refresh_tokens:
+            raise RuleViolation(401, "Invalid refresh token", 14)
+        token = self._mint("sim-token")
+        self.tokens[token] = True
+        return self._json({"token": token})
+
+    def _read(self, parts: list[str], query: Mapping[str, str]) -> RawResponse:
+        order = self.store.order(int(parts[1]))
+        if len(parts) == 2:
+            return self._json(order.to_json())
+        bag = self.store.bag(order.id, int(parts[3]))
+        shown = [r for r in bag.refunds if self.store.visible(r)]
+        cap = self.store.quirks.page_size
+        if cap is None:
+            return self._json(shown)
+        number = int(query.get("page", "0"))
+        size = min(int(query.get("size", str(cap))), cap)
+        content = shown[number * size : (number + 1) * size]
+        total_pages = max(math.ceil(len(shown) / size), 1)
+        return self._json(
+            {
+                "content": content,
+                "number": number,
+                "size": size,
+                "total_pages": total_pages,
+                "total_elements": len(shown),
+                "number_of_elements": len(content),
+                "first": number == 0,
+                "last": number >= total_pages - 1,
+                "empty": not content,
+            }
+        )
+
+    def _mutate(
+        self, parts: list[str], body: bytes | None, fault: SimFault | None, label: str | None
+    ) -> tuple[RawResponse | None, Callable[[], None] | None]:
+        kind = fault.kind if fault is not None else None
+        order_id, bag_id, action = int(parts[1]), int(parts[3]), parts[4]
+        bag = self.store.bag(order_id, bag_id)
+        data = orjson.loads(body or b"{}")
+
+        def commit(recheck: bool) -> dict[str, Any]:
+            if action == "cancel":
+                record = self.store.commit_cancel(bag, data)
+            else:
+                record = self.store.commit_refund(bag, data, None if recheck else checked)
+            self._committed(label, bag, record)
+            return record
+
+        if action == "cancel":
+            self.store.check_cancel(bag)
+            checked = None
+        else:
+            checked = self.store.check_refund(bag, data)
+        if kind in ("drop_late", "hang_late", "gateway_late"):
+
+            def land() -> None:
+                try:
+                    commit(recheck=True)
+                except RuleViolation as exc:
+                    self.note(f"LATE COMMIT on bag {bag_id} for {label} refused: {exc.message}")
+
+            if kind == "gateway_late":
+                return self._gateway(fault.status if fault else 504), land
+            return None, land
+        record = commit(recheck=False)
+        if kind in ("drop_after", "hang_after"):
+            return None, None
+        if kind == "gateway_after":
+            return self._gateway(fault.status if fault else 502), None
+        if kind == "violet_after":
+            return self._error(fault.status if fault else 500, "Internal error", 5000), None
+        answer = self._json(record)
+        if kind == "garbled_after":
+            return RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2]), None
+        return answer, None
+
+
+def _summary(answer: RawResponse) -> str:
+    if answer.status != 200:
+        return ""
+    try:
+        data = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        return " (garbled)"
+    if isinstance(data, dict) and "content" in data:
+        data = data["content"]
+    if isinstance(data, list):
+        return f" saw refunds {[r.get('id') for r in data]}"
+    if isinstance(data, dict) and "bags" in data:
+        return f" saw bags {[(b.get('id'), b.get('status')) for b in data['bags']]}"
+    return ""
+
+
+def _timeout(method: str, path: str) -> APITimeoutError:
+    return APITimeoutError(
+        f"{method} {path}: timed out waiting for the response",
+        method=method,
+        path=path,
+        request_sent=True,
+        reason="timed out",
+        error_type="TimeoutError",
+    )
+
+
+class SimTransport:
+    """What ``VioletClient(_transport=...)`` sends through: one per client (process),
+    named in the trace."""
+
+    def __init__(self, violet: SimViolet, name: str) -> None:
+        self.violet = violet
+        self.name = name
+        self.closed = False
+        #: The process this transport belongs to crashed: nothing it sends arrives.
+        self.dead = False
+
+    async def open(self) -> None:
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def send(
+        self,
+        method: str,
+        url: str | URL,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeouts: Timeouts,
+        deadline: float | None = None,
+    ) -> RawResponse:
+        if self.dead:
+            raise asyncio.CancelledError
+        target = URL(url) if isinstance(url, str) else url
+        attempt = timeouts.connect + timeouts.read
+        timeout = attempt if deadline is None else max(min(deadline, attempt), 0.0)
+        return await self.violet.handle(self.name, method, target, headers, body, timeout)
