@@ -25,6 +25,7 @@ from arq.connections import RedisSettings, create_pool
 from violet_async.batch import BatchItem
 from violet_async.fleet import RedisLedger, enqueue
 from violet_async.models import RefundBagRequest
+from violet_async.testing import read_banner
 
 
 def _port() -> int:
@@ -80,15 +81,8 @@ def _fake_server(orders: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    info: dict[str, str] = {}
     assert proc.stdout is not None
-    while "orders" not in info:
-        line = proc.stdout.readline()
-        if not line:
-            sys.exit("fake-server did not start")
-        name, _, value = line.strip().partition("=")
-        info[name] = value
-    return proc, info
+    return proc, read_banner(iter(proc.stdout.readline, ""))
 
 
 async def _run(n: int, workers: int, concurrency: int) -> tuple[float, float]:

@@ -39,6 +39,7 @@ from violet_async._converter import encode_request
 from violet_async._responses import parse_refund
 from violet_async._retry import SYSTEM_CLOCK, Retrier
 from violet_async._transport import RawResponse
+from violet_async.testing import read_banner
 
 ORDERS = 2000
 FIRST_ORDER, FIRST_BAG = 100_001, 200_001  # FakeViolet's deterministic seeding
@@ -92,11 +93,7 @@ def start_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
         text=True,
     )
     assert proc.stdout is not None
-    info: dict[str, str] = {}
-    while len(info) < 5:
-        key, _, value = proc.stdout.readline().strip().partition("=")
-        info[key] = value
-    return proc, info
+    return proc, read_banner(iter(proc.stdout.readline, ""))
 
 
 class Bags:

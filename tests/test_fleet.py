@@ -304,3 +304,43 @@ async def test_redis_dedup_store(redis: Redis) -> None:
     assert await other.claim("evt-2", 5) is ClaimResult.NEW
     with pytest.raises(ValueError, match="retention"):
         RedisDedupStore(redis, retention=0)
+
+
+async def test_an_item_waits_while_another_on_its_bag_is_unsettled(redis: Redis) -> None:
+    """Item A on a bag is sent and unsettled (its worker died mid-send); item B on the
+    same bag is handed back for later (it could claim A's refund), and runs once A has
+    settled."""
+    async with FakeViolet(orders=3, seed=1) as fake:
+        worker, client = await _worker(fake, redis)
+        try:
+            first, second = _item(1, 100002, 300), _item(2, 100002, 400)
+            ledger = worker.ledger
+            for item in (first, second):
+                await ledger.register(item_key(item), item)
+            now = time.time()
+            ask = PendingRefund(
+                "refund",
+                first.order_id,
+                first.bag_id,
+                first.request,
+                Phase.SENT,
+                sends=1,
+                first_sent_at=now,
+                last_sent_at=now,
+                baseline=frozenset(),
+            )
+            held = await worker.locks.acquire(first.bag_id)
+            await ledger.mark_sent(item_key(first), ask, lock_key=held.key, token=held.token)
+            await worker.locks.release(held)
+            assert await ledger.open_on_bag(first.bag_id) == {item_key(first)}
+            with pytest.raises(RetryLaterError, match="unsettled item"):
+                await worker.run(item_key(second), second)
+            assert fake.ledger.posts_per_bag.get(second.bag_id, []) == []
+            await ledger.mark_failed(
+                item_key(first), "X", "settled by hand", outcome="failed", bag_id=first.bag_id
+            )
+            result = await worker.run(item_key(second), second)
+            assert result["state"] == "applied"
+            assert fake.ledger.refunds_per_bag[second.bag_id] == 1
+        finally:
+            await client.aclose()  # type: ignore[attr-defined]

@@ -211,6 +211,19 @@ class RedisLedger:
     def bag_refunds_key(self, bag_id: int) -> str:
         return f"{self.prefix}:bag:{bag_id}:refunds"
 
+    def bag_open_key(self, bag_id: int) -> str:
+        return f"{self.prefix}:bag:{bag_id}:open"
+
+    async def open_on_bag(self, bag_id: int) -> set[str]:
+        """Items on ``bag_id`` that were sent and not yet settled (sent or pending): while
+        one is, no other item on the bag may send (it could claim that one's refund)."""
+        members = await resolve(self.redis.smembers(self.bag_open_key(bag_id)))
+        return {str(_text(m)) for m in members}
+
+    async def _close(self, bag_id: int | None, key: str) -> None:
+        if bag_id is not None:
+            await resolve(self.redis.srem(self.bag_open_key(bag_id), key))
+
     async def register(self, key: str, item: BatchItem, *, source: str = "") -> State | None:
         """Add ``item`` as ``new`` unless the ledger has it; returns the state it had
         (None: it was added)."""
@@ -253,9 +266,11 @@ class RedisLedger:
         if written == 0:
             # Terminal already (another worker finished it): sending would be a second.
             raise LockLostError(f"item {key} was finished by another worker")
+        await resolve(self.redis.sadd(self.bag_open_key(ask.bag_id), key))
         await self._durable()
 
     async def mark_pending(self, key: str, ask: PendingRefund) -> None:
+        await resolve(self.redis.sadd(self.bag_open_key(ask.bag_id), key))
         await self._set(
             key,
             "pending",
@@ -272,13 +287,18 @@ class RedisLedger:
             fields["refund_id"] = refund_id
             await resolve(self.redis.sadd(self.bag_refunds_key(bag_id), refund_id))
         await self._set(key, "applied", **fields)
+        await self._close(bag_id, key)
 
-    async def mark_new(self, key: str) -> None:
+    async def mark_new(self, key: str, bag_id: int | None = None) -> None:
         """Back to ``new``: the ask definitely did not apply and may start over."""
         await self._set(key, "new", ask="", needs_review=0)
+        await self._close(bag_id, key)
 
-    async def mark_failed(self, key: str, error: str, message: str, *, outcome: str) -> None:
+    async def mark_failed(
+        self, key: str, error: str, message: str, *, outcome: str, bag_id: int | None = None
+    ) -> None:
         await self._set(key, "failed", error=error, message=message, outcome=outcome)
+        await self._close(bag_id, key)
 
     async def bag_refunds(self, bag_id: int) -> set[int]:
         """Refund ids the ledger recorded on ``bag_id`` (other items' refunds)."""

@@ -23,6 +23,7 @@ from ..exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
     APIError,
+    BagPendingError,
     RateLimitError,
     RefundAlreadyPresentError,
     RequestValidationError,
@@ -112,6 +113,15 @@ class FleetWorker:
             return record.to_dict()
         resume = _resumable(record)
         item = record.item
+        if resume is None:
+            # Another item on this bag sent and not settled (pending, or a worker died
+            # mid-send): a send now could claim its refund, or have its own claimed.
+            unsettled = await self.ledger.open_on_bag(item.bag_id) - {key}
+            if unsettled:
+                raise RetryLaterError(
+                    f"bag {item.bag_id} has an unsettled item ({sorted(unsettled)[0]})",
+                    defer=max(self.patience, 1.0),
+                )
         known = self.client._shared.known_refunds
         for refund_id in await self.ledger.bag_refunds(item.bag_id):
             known.add(refund_id, item.bag_id)
@@ -163,12 +173,22 @@ class FleetWorker:
                 refund = _unless_failed(refund)
         except LockLostError as exc:
             raise RetryLaterError(str(exc), defer=0.5) from exc
+        except BagPendingError as exc:
+            # This worker's client holds another item of the bag pending: later.
+            raise RetryLaterError(str(exc), defer=max(self.patience, 1.0)) from exc
         except RefundAlreadyPresentError as exc:
-            await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="already_present")
+            await ledger.mark_failed(
+                key, type(exc).__name__, str(exc), outcome="already_present", bag_id=item.bag_id
+            )
         except AmbiguousOutcomeError as exc:
+            # The ledger, not this worker's client, keeps the fleet's pending asks (the
+            # item may be resumed by any worker; its bag is guarded by open_on_bag).
+            self.client._shared.unsettled.pop(item.bag_id, None)
             pending = exc.pending
             if pending is None:
-                await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="unknown")
+                await ledger.mark_failed(
+                    key, type(exc).__name__, str(exc), outcome="unknown", bag_id=item.bag_id
+                )
             else:
                 await ledger.mark_pending(key, pending)
                 if not pending.needs_review:
@@ -179,9 +199,11 @@ class FleetWorker:
             # connection, a 5xx, a 429 out of budget, a failed baseline read), the item
             # starts over later; a refusal (4xx) is final.
             if _transient(exc):
-                await ledger.mark_new(key)
+                await ledger.mark_new(key, item.bag_id)
                 raise RetryLaterError(str(exc), defer=1.0) from exc
-            await ledger.mark_failed(key, type(exc).__name__, str(exc), outcome="failed")
+            await ledger.mark_failed(
+                key, type(exc).__name__, str(exc), outcome="failed", bag_id=item.bag_id
+            )
         else:
             await ledger.mark_applied(
                 key,

@@ -5,7 +5,7 @@ real sleeping)."""
 
 from ._clock import FakeClock
 from ._faults import Fault, FaultPlan, ServerQuirks
-from ._server import FakeViolet
+from ._server import FakeViolet, read_banner
 from ._state import Commit, FakeBag, FakeOrder, FakeSku, Ledger, Post
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "Ledger",
     "Post",
     "ServerQuirks",
+    "read_banner",
 ]

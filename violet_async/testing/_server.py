@@ -693,3 +693,27 @@ def _cancellation(
         ],
         "message": None,
     }
+
+
+#: ``export VIOLET_...=`` names that ``violet-async fake-server`` prints, and the keys
+#: :func:`read_banner` gives them.
+BANNER_NAMES = {
+    "VIOLET_BASE_URL": "base_url",
+    "VIOLET_APP_ID": "app_id",
+    "VIOLET_APP_SECRET": "app_secret",
+    "VIOLET_USERNAME": "username",
+    "VIOLET_PASSWORD": "password",
+}
+
+
+def read_banner(lines: Any) -> dict[str, str]:
+    """The connection settings from ``violet-async fake-server``'s output (an iterable of
+    lines, e.g. a subprocess's stdout), read up to the last one it prints."""
+    found: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.strip().removeprefix("export ").partition("=")
+        if name in BANNER_NAMES:
+            found[BANNER_NAMES[name]] = value
+        if len(found) == len(BANNER_NAMES):
+            return found
+    raise RuntimeError(f"fake-server stopped before printing its settings (got {sorted(found)})")
