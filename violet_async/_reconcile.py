@@ -201,38 +201,6 @@ async def drive(
     record before every send and at the end (the batch journal); ``announce`` is told
     of every re-send (the ``on_retry`` hook).
     """
-    try:
-        return await _drive(
-            ask,
-            action,
-            io=io,
-            settings=settings,
-            clock=clock,
-            deadline=deadline,
-            known=known,
-            last_error=last_error,
-            save=save,
-            announce=announce,
-            patience=patience,
-        )
-    finally:
-        ATTEMPT.set(1)
-
-
-async def _drive(
-    ask: PendingRefund,
-    action: Action,
-    *,
-    io: BagIO,
-    settings: Settings,
-    clock: Clock,
-    deadline: float | None,
-    known: Container[int],
-    last_error: VioletError | None,
-    save: Save | None,
-    announce: Announce | None,
-    patience: float | None,
-) -> OrderRefund:
     while True:
         if save is not None and (action.final or action.do is Do.SEND):
             await save(ask)
@@ -316,17 +284,20 @@ async def after_failed_send(
     )
     remaining = None if deadline is None else deadline - clock.monotonic()
     ask, action = protocol.step(ask, obs, settings, clock.time(), remaining, known)
-    return await drive(
-        ask,
-        action,
-        io=io,
-        settings=settings,
-        clock=clock,
-        deadline=deadline,
-        known=known,
-        last_error=error,
-        announce=io.announce,
-    )
+    try:
+        return await drive(
+            ask,
+            action,
+            io=io,
+            settings=settings,
+            clock=clock,
+            deadline=deadline,
+            known=known,
+            last_error=error,
+            announce=io.announce,
+        )
+    finally:
+        ATTEMPT.set(1)
 
 
 async def run_ask(
@@ -344,18 +315,21 @@ async def run_ask(
     """An ask from its start: a new one (after a baseline read when asked), or one an
     earlier call or process left sent or pending (read back first)."""
     ask, action = protocol.start(ask, settings, clock.time(), attempt_timeout=attempt_timeout)
-    return await drive(
-        ask,
-        action,
-        io=io,
-        settings=settings,
-        clock=clock,
-        deadline=deadline,
-        known=known,
-        save=save,
-        announce=io.announce,
-        patience=patience,
-    )
+    try:
+        return await drive(
+            ask,
+            action,
+            io=io,
+            settings=settings,
+            clock=clock,
+            deadline=deadline,
+            known=known,
+            save=save,
+            announce=io.announce,
+            patience=patience,
+        )
+    finally:
+        ATTEMPT.set(1)
 
 
 #: What the next action says about the read-back (or send failure) just observed.

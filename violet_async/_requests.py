@@ -25,6 +25,7 @@ from ._retry import Clock, Retrier, RetryHook, RetryPolicy
 from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, http_log, request_id_of
 from ._transport import BaseURL, RawResponse, Timeouts, Transport, frozen_headers
 from .exceptions import (
+    APIError,
     APITimeoutError,
     AuthenticationError,
     ResponseFormatError,
@@ -219,14 +220,7 @@ class RequestPlumbing:
             deadline=remaining,
         )
         if resp.status == 401:
-            error = api_error_from_response(
-                resp.status,
-                resp.body,
-                resp.headers,
-                method=method,
-                path=path,
-                redact=shared.auth.redactor,
-            )
+            error = self._api_error(resp, method, path)
             if not is_token_expired_error(error):
                 raise error
             # Violet rejected the token before doing anything: renewing and sending
@@ -243,15 +237,19 @@ class RequestPlumbing:
                 deadline=remaining,
             )
         if not 200 <= resp.status < 300:
-            raise api_error_from_response(
-                resp.status,
-                resp.body,
-                resp.headers,
-                method=method,
-                path=path,
-                redact=shared.auth.redactor,
-            )
+            raise self._api_error(resp, method, path)
         return parse(resp, path)
+
+    def _api_error(self, resp: RawResponse, method: str, path: str) -> APIError:
+        """The typed error for an error status, with the client's secrets redacted."""
+        return api_error_from_response(
+            resp.status,
+            resp.body,
+            resp.headers,
+            method=method,
+            path=path,
+            redact=self._shared.auth.redactor,
+        )
 
     async def _observed_send(
         self,
