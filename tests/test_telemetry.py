@@ -275,3 +275,26 @@ def test_unknown_violet_log_values_leave_logging_alone() -> None:
         for handler in added:
             logger.removeHandler(handler)
         logger.setLevel(before[1])
+
+
+async def test_batch_items_are_counted(
+    fake: FakeViolet,
+    clock: FakeClock,
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    """The batch runner reports each item's end through the same metrics."""
+    from violet_async.batch import BatchItem, run_batch
+    from violet_async.models import RefundBagRequest
+
+    _, reader = otel
+    items = [
+        BatchItem.refund(n, o, b, RefundBagRequest(amount_refunded=10))
+        for n, (o, b) in enumerate(fake.seeded[:3], start=1)
+    ]
+    async with make_client(fake, clock) as client:
+        results = [r async for r in run_batch(client, items)]
+    assert [r.outcome for r in results] == ["succeeded"] * 3
+    points = metric_points(reader)["violet.items"]
+    assert [
+        (p.attributes["violet.source"], p.attributes["violet.outcome"], p.value) for p in points
+    ] == [("batch", "succeeded", 3)]

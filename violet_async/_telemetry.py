@@ -8,7 +8,6 @@ Loggers (all under ``violet_async``; nothing is configured unless ``VIOLET_LOG``
     violet_async.retry       INFO: every retry and re-send, with its cause and wait
     violet_async.reconcile   INFO: read-backs after a failure and their verdict, pending
     violet_async.auth        INFO: logins and token refreshes
-    violet_async.batch       INFO: batch items parked, revisited, ended unknown
     violet_async.webhooks    WARNING: refused webhooks, failed callbacks
 
 No line carries a header, a request body, a token, the app secret or the password.
@@ -17,8 +16,8 @@ Tracing and metrics go through OpenTelemetry's API (``pip install 'violet-async[
 and are off until :func:`instrument` is called: one span per SDK call
 (``violet.refund_bag``, ``violet.cancel_bag``, ``violet.resume``, ...) with child spans per
 HTTP attempt (semantic-convention attributes) and per read-back; counters of calls by
-outcome, retries by cause, read-backs by verdict, ambiguous outcomes; a histogram of
-call duration.
+outcome, retries by cause, read-backs by verdict, ambiguous outcomes, batch and fleet
+items by how they ended; a histogram of call duration.
 """
 
 from __future__ import annotations
@@ -107,7 +106,7 @@ def capture_responses() -> Iterator[list[Any]]:
 class _State:
     """The instruments, once :func:`instrument` is called (None: off)."""
 
-    __slots__ = ("ambiguous", "calls", "duration", "readbacks", "retries", "tracer")
+    __slots__ = ("ambiguous", "calls", "duration", "items", "readbacks", "retries", "tracer")
 
     def __init__(self) -> None:
         self.tracer: Any = None
@@ -116,6 +115,7 @@ class _State:
         self.readbacks: Any = None
         self.ambiguous: Any = None
         self.duration: Any = None
+        self.items: Any = None
 
     @property
     def on(self) -> bool:
@@ -153,6 +153,9 @@ def instrument(*, tracer_provider: Any = None, meter_provider: Any = None) -> No
     )
     STATE.duration = meter.create_histogram(
         "violet.call.duration", unit="s", description="Duration of SDK calls"
+    )
+    STATE.items = meter.create_counter(
+        "violet.items", unit="{item}", description="Batch and fleet items by how they ended"
     )
 
 
@@ -224,6 +227,14 @@ def _client_kind() -> Any:
 def count_retry(cause: str, method: str) -> None:
     if STATE.on:
         STATE.retries.add(1, {"violet.cause": cause, "http.request.method": method})
+
+
+def count_item(source: str, kind: str, outcome: str) -> None:
+    """One batch item (``source="batch"``) or fleet item (``"fleet"``) ended."""
+    if STATE.on:
+        STATE.items.add(
+            1, {"violet.source": source, "violet.kind": kind, "violet.outcome": outcome}
+        )
 
 
 def count_readback(verdict: str) -> None:

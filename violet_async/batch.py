@@ -38,6 +38,7 @@ from ._journal import (
 )
 from ._protocol import PendingRefund, Phase
 from ._retry import RetryEvent
+from ._telemetry import count_item
 from .exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
@@ -681,6 +682,7 @@ def _result(
     refund: OrderRefund | None = None,
     error: BaseException | None = None,
 ) -> BatchResult:
+    count_item("batch", item.kind, outcome)
     return BatchResult(
         item,
         outcome,

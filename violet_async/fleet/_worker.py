@@ -18,6 +18,7 @@ import attrs
 from .._client import VioletClient, _unless_failed
 from .._protocol import PendingRefund, Phase
 from .._retry import RetryEvent
+from .._telemetry import count_item
 from ..batch import BatchItem
 from ..exceptions import (
     AmbiguousOutcomeError,
@@ -214,7 +215,9 @@ class FleetWorker:
             )
             if self.limiter is not None:
                 await self.limiter.speed_up()
-        return (await self._record(key)).to_dict()
+        summary = (await self._record(key)).to_dict()
+        count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
+        return summary
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
