@@ -37,7 +37,6 @@ from ._transport import (
 )
 from .exceptions import (
     AmbiguousOutcomeError,
-    BagPendingError,
     NotFoundError,
     RefundFailedError,
     RefundWaitTimeoutError,
@@ -381,7 +380,7 @@ class VioletClient(RequestPlumbing):
         return attrs.evolve(
             self._retry.protocol_settings(),
             clock_id=PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}",
-            others_pending=bool(self._shared.unsettled.get(bag_id)),
+            others_pending=self._shared.unsettled.on_bag(bag_id),
             hold_if_present=hold_if_present,
         )
 
@@ -411,8 +410,8 @@ class VioletClient(RequestPlumbing):
             await locks.acquire(bag_id, None if deadline is None else deadline - clock.monotonic())
         unsettled = shared.unsettled
         try:
-            if unsettled and bag_id in unsettled:
-                _settle_pending(unsettled, bag_id, resume)
+            if unsettled:
+                unsettled.check(bag_id, resume)
             body = encode_request(req)
             parse = parse_refund if kind == "refund" else partial(parse_cancel, bag_id=bag_id)
             if resume is None and save is None and not policy.read_before_send:
@@ -469,45 +468,12 @@ class VioletClient(RequestPlumbing):
                 )
         except AmbiguousOutcomeError as exc:
             if exc.pending is not None:
-                unsettled.setdefault(bag_id, []).append(exc.pending)
+                unsettled.add(exc.pending)
             raise
         finally:
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id)
         return refund
-
-
-def _settle_pending(
-    unsettled: dict[int, list[PendingRefund]], bag_id: int, resume: PendingRefund | None
-) -> None:
-    """A resume takes its own record off the bag's pending list; a new ask on a bag
-    with a pending one is refused (it could claim, or be claimed by, that one's
-    refund)."""
-    records = unsettled[bag_id]
-    if resume is not None:
-        for index, record in enumerate(records):
-            if _same_ask(record, resume):
-                del records[index]
-                break
-        if not records:
-            del unsettled[bag_id]
-        return
-    raise BagPendingError(
-        f"bag {bag_id} has a refund or cancel from this client still pending; resume it "
-        "(client.resume(error.pending[0])) before asking again: a new request now could "
-        "claim its refund, or be claimed by it. Nothing was sent.",
-        pending=records,
-    )
-
-
-def _same_ask(one: PendingRefund, other: PendingRefund) -> bool:
-    return (
-        one.kind == other.kind
-        and one.order_id == other.order_id
-        and one.request == other.request
-        and one.first_sent_at is not None
-        and abs((one.first_sent_at or 0.0) - (other.first_sent_at or 0.0)) < 1e-6
-    )
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:

@@ -23,6 +23,7 @@ from ._telemetry import ATTEMPT, count_readback, read_span, reconcile_log
 from .exceptions import (
     AmbiguousOutcomeError,
     APITimeoutError,
+    BagPendingError,
     RefundAlreadyPresentError,
     VioletError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "BagIO",
     "BagLocks",
     "KnownRefunds",
+    "PendingAsks",
     "ReadBack",
     "after_failed_send",
     "drive",
@@ -68,6 +70,59 @@ class KnownRefunds:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+
+class PendingAsks:
+    """Asks this client left pending (AmbiguousOutcomeError), by bag. Until one is
+    resumed, no new ask is sent on its bag: it could claim the pending one's refund, or
+    have its own claimed by it."""
+
+    def __init__(self) -> None:
+        self._by_bag: dict[int, list[PendingRefund]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_bag)
+
+    def on_bag(self, bag_id: int) -> bool:
+        return bag_id in self._by_bag
+
+    def add(self, pending: PendingRefund) -> None:
+        self._by_bag.setdefault(pending.bag_id, []).append(pending)
+
+    def forget(self, bag_id: int) -> None:
+        """Drop the bag's records (their owner, e.g. a fleet ledger, keeps them)."""
+        self._by_bag.pop(bag_id, None)
+
+    def check(self, bag_id: int, resume: PendingRefund | None) -> None:
+        """A resume takes its own record off the bag; a new ask on a bag with a pending
+        one raises BagPendingError (nothing was sent)."""
+        records = self._by_bag.get(bag_id)
+        if not records:
+            return
+        if resume is None:
+            raise BagPendingError(
+                f"bag {bag_id} has a refund or cancel from this client still pending; "
+                "resume it (client.resume(error.pending[0])) before asking again: a new "
+                "request now could claim its refund, or be claimed by it. Nothing was sent.",
+                pending=records,
+            )
+        for index, record in enumerate(records):
+            if _same_ask(record, resume):
+                del records[index]
+                break
+        if not records:
+            del self._by_bag[bag_id]
+
+
+def _same_ask(one: PendingRefund, other: PendingRefund) -> bool:
+    return (
+        one.kind == other.kind
+        and one.order_id == other.order_id
+        and one.request == other.request
+        and one.first_sent_at is not None
+        and other.first_sent_at is not None
+        and abs(one.first_sent_at - other.first_sent_at) < 1e-6
+    )
 
 
 class BagLocks:

@@ -17,9 +17,8 @@ from typing import TypeVar
 import attrs
 from yarl import URL
 
-from ._ask import PendingRefund
 from ._auth import Auth, Credentials, is_token_expired_error
-from ._reconcile import BagIO, BagLocks, KnownRefunds
+from ._reconcile import BagIO, BagLocks, KnownRefunds, PendingAsks
 from ._responses import PagingError, RefundPage, next_page, parse_order, parse_refund_page
 from ._retry import Clock, Retrier, RetryHook, RetryPolicy
 from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, http_log, request_id_of
@@ -53,7 +52,7 @@ class Shared:
     known_refunds: KnownRefunds
     clock: Clock
     bag_locks: BagLocks = attrs.Factory(BagLocks)
-    unsettled: dict[int, list[PendingRefund]] = attrs.Factory(dict)
+    unsettled: PendingAsks = attrs.Factory(PendingAsks)
     """Asks this client left pending (AmbiguousOutcomeError), by bag: until they are
     resumed, no new ask is sent on their bag."""
     _token_headers: tuple[str, Mapping[str, str]] | None = None

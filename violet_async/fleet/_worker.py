@@ -184,7 +184,7 @@ class FleetWorker:
         except AmbiguousOutcomeError as exc:
             # The ledger, not this worker's client, keeps the fleet's pending asks (the
             # item may be resumed by any worker; its bag is guarded by open_on_bag).
-            self.client._shared.unsettled.pop(item.bag_id, None)
+            self.client._shared.unsettled.forget(item.bag_id)
             pending = exc.pending
             if pending is None:
                 await ledger.mark_failed(
