@@ -302,6 +302,10 @@ async def test_redis_dedup_store(redis: Redis) -> None:
     assert await store.claim("evt-2", 0.05) is ClaimResult.NEW
     await asyncio.sleep(0.1)  # a crashed claimant's claim expires
     assert await other.claim("evt-2", 5) is ClaimResult.NEW
+    # The first claimant's callback ends late and fails: its release must not drop the
+    # second claimant's live claim (a third delivery would run the callback alongside).
+    await store.release("evt-2")
+    assert await RedisDedupStore(redis).claim("evt-2", 5) is ClaimResult.RUNNING
     with pytest.raises(ValueError, match="retention"):
         RedisDedupStore(redis, retention=0)
 

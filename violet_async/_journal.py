@@ -121,6 +121,7 @@ class Journal:
         self.input_changed = input_changed
         #: Bytes of a torn last line cut off at open.
         self.repaired = repaired
+        self._broken: JournalWriteError | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, input_id: str | None) -> Journal:
@@ -187,6 +188,10 @@ class Journal:
     async def _append(self, record: dict[str, Any]) -> None:
         if self._closed:
             raise JournalWriteError("the journal is closed")
+        if self._broken is not None:
+            # A failed write may have left part of a line: anything appended after it
+            # would be glued onto that fragment and lost. Nothing more is written.
+            raise self._broken
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((orjson.dumps(record) + b"\n", future))
         self._wake.set()
@@ -204,9 +209,11 @@ class Journal:
                 await asyncio.to_thread(self._write_durably, data)
             except OSError as exc:
                 error = JournalWriteError(f"could not write the journal {self.path}: {exc}")
-                for _, future in batch:
+                self._broken = error
+                for _, future in (*batch, *self._pending):
                     if not future.done():
                         future.set_exception(error)
+                self._pending = []
                 continue
             for _, future in batch:
                 if not future.done():

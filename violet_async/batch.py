@@ -375,7 +375,11 @@ class _Runner:
                 heapq.heappush(self.parked, (due, next(self._order), parked))
                 self._parked_changed.set()
                 return  # its bag stays taken while it is parked
-            result = await _ended(item, key, "unknown", parked.stats, self.log, parked.error)
+            try:
+                result = await _ended(item, key, "unknown", parked.stats, self.log, parked.error)
+            except Exception as exc:  # noqa: BLE001 - a journal failure: the consumer sees it
+                await self.results.put(exc)
+                return
         self._bag_done(item.bag_id)
         await self.results.put(result)
 
@@ -466,7 +470,7 @@ class _Runner:
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
         """After the input: finish what runs, and revisit parked items as they fall due."""
-        while tasks or self.parked or self.ready:
+        while tasks or self.parked or self.ready or self.waiting:
             if self._stopping():
                 if tasks:
                     await asyncio.gather(*tasks)
@@ -485,6 +489,11 @@ class _Runner:
                 return
             await self._start_ready(start)
             await self._revisit_due(start)
+            if not (tasks or self.parked or self.ready):
+                # Items wait for a bag no item holds: never end quietly without them.
+                raise RuntimeError(
+                    f"batch items wait for bags nobody holds: {sorted(self.waiting)}"
+                )
             if not self.parked:
                 if tasks:
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)

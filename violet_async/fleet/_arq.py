@@ -73,7 +73,9 @@ class FleetConfig:
     lock_ttl: float = 30.0
     concurrency: int = 16
     job_timeout: float = 300.0
-    max_tries: int = 100
+    # Each hand-back for later (a settle window, a busy or unsettled bag) uses one of
+    # arq's tries: enough for hours of waiting, so an item is never dropped unsent.
+    max_tries: int = 100_000
     base_url: str | None = None
 
     @classmethod

@@ -302,8 +302,16 @@ class WebhookWorker:
             batch = await self.store.due(self._clock(), self.concurrency)
             if not batch:
                 return ran
-            await asyncio.gather(*(self._run(record) for record in batch))
+            # Every callback of the batch ends before the next poll: one failing to be
+            # recorded (a locked database) must not let the others be started again
+            # while they still run.
+            outcomes = await asyncio.gather(
+                *(self._run(record) for record in batch), return_exceptions=True
+            )
+            failures = [o for o in outcomes if isinstance(o, BaseException)]
             ran += len(batch)
+            if failures:
+                raise failures[0]
 
     async def _run(self, record: StoredEvent) -> None:
         try:
