@@ -692,6 +692,11 @@ async def _execute(  # noqa: PLR0917 - one call site
     if interrupted:
         out.write("interrupted: run the same command again to finish\n")
         return EXIT_INTERRUPTED
+    ended = sum(tally.results.values())
+    if ended != total:
+        # Never a clean exit for a run that did not account for every row.
+        err.write(f"violet-async: {total - ended} row(s) ended without a result; run again\n")
+        return EXIT_FAILED
     return EXIT_OK if tally.clean else EXIT_FAILED
 
 
