@@ -761,6 +761,8 @@ class _World:
             )
         await asyncio.gather(task, return_exceptions=True)
         if dead:
+            for journal in opened:
+                await _bury(journal)
             for label in labels.values():
                 if self.final.get(label, Seen("", "")).what not in ("refund", "failed"):
                     self.final[label] = Seen(label, "crashed")
@@ -894,3 +896,16 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             if runs >= budget:
                 break
     return best
+
+
+async def _bury(journal: Any) -> None:
+    """What the OS does for a process that died: its journal's file descriptors close
+    (and its lock goes). The abandoned journal must not close them again later."""
+    journal._closed = True
+    journal._flusher.cancel()
+    await asyncio.gather(journal._flusher, return_exceptions=True)
+    for fd in (journal._fd, journal._lock_fd):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    journal._lock_fd = None
