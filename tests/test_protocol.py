@@ -204,14 +204,17 @@ def test_sku_and_shipping_details_must_agree() -> None:
     assert match(ask, [no_lines], None, (), SETTINGS)[0].value == "near"
 
 
-def test_a_cancel_needs_the_bag_cancelled() -> None:
-    """A cancel's refund counts only while the bag reads CANCELED; a CANCELED bag with
-    no refund after the window is pending, never re-sent."""
+def test_a_cancel_needs_the_bag_cancelled_and_the_rest_refunded() -> None:
+    """A cancel's refund counts only while the bag reads CANCELED and it refunds what
+    was left (another amount is for review); a CANCELED bag with no refund after the
+    window is pending, never re-sent."""
     ask = sent(CancelBagRequest(), kind="cancel")
-    cancelled = converter.structure({"id": BAG, "status": "CANCELED"}, OrderBag)
-    open_bag = converter.structure({"id": BAG, "status": "COMPLETED"}, OrderBag)
+    cancelled = converter.structure({"id": BAG, "status": "CANCELED", "total": 300}, OrderBag)
+    open_bag = converter.structure({"id": BAG, "status": "COMPLETED", "total": 300}, OrderBag)
     assert match(ask, [refund(5)], cancelled, (), SETTINGS)[0].value == "match"
     assert match(ask, [refund(5)], open_bag, (), SETTINGS)[0].value == "miss"
+    foreign = refund(6, 75)  # another system's partial refund, listed before ours
+    assert match(ask, [foreign], cancelled, (), SETTINGS)[0].value == "near"
     ask, _ = step(ask, failed_with(504), SETTINGS, T0 + 1, 100.0)
     end = ask.settle_until or 0
     ask, action = step(ask, Observation.read(end, [], cancelled), SETTINGS, end, 100.0)

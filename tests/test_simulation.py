@@ -52,6 +52,8 @@ def test_a_seed_replays_exactly() -> None:
         (529, "direct", "a resume in another process claimed a refund handed to another call"),
         (1052, "direct", "the same, when the deadline left no read-back to note it"),
         (776, "batch", "a journal appended onto a torn last line lost a record: 2 refunds"),
+        (39032, "direct", "a cancel paired a bag read after its list: another's refund taken"),
+        (503007, "direct", "the same, found in the second half of the million"),
     ],
 )
 def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> None:

@@ -76,6 +76,10 @@ def content(
     if isinstance(request, CancelBagRequest):
         if bag is None or bag.status is not BagStatus.CANCELED:
             return Verdict.MISS
+        # A cancel refunds what was left on the bag: another amount is some other
+        # refund (or a rule we do not know), for a person to look at.
+        if not _is_the_rest(refund, refunds, bag):
+            near = True
         return Verdict.NEAR if near else Verdict.MATCH
     if request.amount_refunded is not None:
         if refund.amount != request.amount_refunded:
@@ -85,8 +89,7 @@ def content(
         # was left on it before it.
         if bag is None or bag.status is not BagStatus.REFUNDED:
             return Verdict.MISS
-        others = sum(r.amount for r in refunds if r is not refund and r.id != refund.id)
-        if bag.total is None or refund.amount != bag.total - others:
+        if not _is_the_rest(refund, refunds, bag):
             near = True
     if request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
@@ -98,6 +101,12 @@ def content(
     if request.shipping is not None and shipped is not None and shipped != request.shipping.amount:
         near = True
     return Verdict.NEAR if near else Verdict.MATCH
+
+
+def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag) -> bool:
+    """``refund`` is what was left on the bag before it (a whole-bag refund, a cancel)."""
+    others = sum(r.amount for r in refunds if r is not refund and r.id != refund.id)
+    return bag.total is not None and refund.amount == bag.total - others
 
 
 def _timestamp(when: datetime) -> float | None:

@@ -207,8 +207,11 @@ class BagIO:
         return await self.send_once(remaining)
 
     async def read(self, read_bag: bool, deadline: float | None) -> ReadBack:
-        page = await self.read_refunds(deadline)
+        # The bag's status first, then its refunds: the list is then at least as new as
+        # the status, so a status that shows the effect is never paired with a list
+        # from before it (where another system's refund could pass for ours).
         bag = (await self.read_order(deadline)).bag(self.bag_id) if read_bag else None
+        page = await self.read_refunds(deadline)
         return ReadBack(tuple(page.refunds), bag, page.server_time)
 
     def send_backoff(self, sends: int, error: VioletError) -> float:
