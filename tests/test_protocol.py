@@ -215,6 +215,10 @@ def test_a_cancel_needs_the_bag_cancelled_and_the_rest_refunded() -> None:
     assert match(ask, [refund(5)], open_bag, (), SETTINGS)[0].value == "miss"
     foreign = refund(6, 75)  # another system's partial refund, listed before ours
     assert match(ask, [foreign], cancelled, (), SETTINGS)[0].value == "near"
+    # On a closed bag every refund "is what the others left": only the last one closed it.
+    full = converter.structure({"id": BAG, "status": "CANCELED", "total": 375}, OrderBag)
+    ours = refund(7, 300)
+    assert match(ask, [foreign, ours], full, {7}, SETTINGS)[0].value == "near"
     ask, _ = step(ask, failed_with(504), SETTINGS, T0 + 1, 100.0)
     end = ask.settle_until or 0
     ask, action = step(ask, Observation.read(end, [], cancelled), SETTINGS, end, 100.0)

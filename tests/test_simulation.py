@@ -54,6 +54,8 @@ def test_a_seed_replays_exactly() -> None:
         (776, "batch", "a journal appended onto a torn last line lost a record: 2 refunds"),
         (39032, "direct", "a cancel paired a bag read after its list: another's refund taken"),
         (503007, "direct", "the same, found in the second half of the million"),
+        (131099, "direct", "a cancel took another's refund: 'what was left' held for any"),
+        (605302, "direct", "the same, found in the second half of the second million"),
     ],
 )
 def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> None:

@@ -104,9 +104,15 @@ def content(
 
 
 def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag) -> bool:
-    """``refund`` is what was left on the bag before it (a whole-bag refund, a cancel)."""
-    others = sum(r.amount for r in refunds if r is not refund and r.id != refund.id)
-    return bag.total is not None and refund.amount == bag.total - others
+    """``refund`` closed the bag (a whole-bag refund, a cancel): nothing was refunded
+    after it, and it refunded what the refunds before it left. Refund ids are taken to
+    grow with time; where they do not, this says no, and a person looks."""
+    if refund.id is None or bag.total is None:
+        return False
+    if any(r.id is not None and r.id > refund.id for r in refunds):
+        return False  # refunded again after it: it did not close the bag
+    before = sum(r.amount for r in refunds if r.id is not None and r.id < refund.id)
+    return refund.amount == bag.total - before
 
 
 def _timestamp(when: datetime) -> float | None:
