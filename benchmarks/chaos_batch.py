@@ -78,7 +78,8 @@ async def chaos(refunds: int, cancels: int, seed: int, concurrency: int, faults:
                 last[record["line"]] = record["state"]
             final_states.update(last.values())
             doubles = ledger.double_refunds()
-            without_final = total - sum(final_states[s] for s in ("done", "failed", "unknown"))
+            finals = ("done", "failed", "unknown", "unsent", "present")
+            without_final = total - sum(final_states[s] for s in finals)
     elapsed = time.perf_counter() - started
     print(f"chaos ({faults}): {refunds} refunds + {cancels} cancels, seed {seed}")
     print(f"  wall time {elapsed:.1f}s, virtual time {clock.monotonic() - 1000.0:.0f}s")
