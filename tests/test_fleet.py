@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from tests import _fleet_redis
 from violet_async import RefundBagRequest, RetryPolicy
-from violet_async._protocol import PendingRefund, Phase
+from violet_async._ask import sent_once
 from violet_async.batch import BatchItem
 from violet_async.fleet import (
     BagLocks,
@@ -73,15 +73,12 @@ async def test_ledger_states_and_terminal(redis: Redis) -> None:
     assert (record.state, record.item, record.source) == ("new", item, "f.csv")
     locks = BagLocks(redis)
     held = await locks.acquire(item.bag_id)
-    ask = PendingRefund(
+    ask = sent_once(
         "refund",
         item.order_id,
         item.bag_id,
         item.request,
-        Phase.SENT,
-        sends=1,
-        first_sent_at=time.time(),
-        last_sent_at=time.time(),
+        time.time(),
     )
     with pytest.raises(LockLostError):
         await ledger.mark_sent(key, ask, lock_key=held.key, token="not-mine")
@@ -200,15 +197,12 @@ async def test_sent_record_is_resumed_by_read_back(redis: Redis) -> None:
             await ledger.register(key, item)
             refunds = await client.list_bag_refunds(item.order_id, item.bag_id)  # type: ignore[attr-defined]
             now = time.time()
-            ask = PendingRefund(
+            ask = sent_once(
                 "refund",
                 item.order_id,
                 item.bag_id,
                 item.request,
-                Phase.SENT,
-                sends=1,
-                first_sent_at=now,
-                last_sent_at=now,
+                now,
                 baseline=frozenset(r.id for r in refunds),
             )
             held = await worker.locks.acquire(item.bag_id)
@@ -322,15 +316,12 @@ async def test_an_item_waits_while_another_on_its_bag_is_unsettled(redis: Redis)
             for item in (first, second):
                 await ledger.register(item_key(item), item)
             now = time.time()
-            ask = PendingRefund(
+            ask = sent_once(
                 "refund",
                 first.order_id,
                 first.bag_id,
                 first.request,
-                Phase.SENT,
-                sends=1,
-                first_sent_at=now,
-                last_sent_at=now,
+                now,
                 baseline=frozenset(),
             )
             held = await worker.locks.acquire(first.bag_id)

@@ -18,7 +18,15 @@ from ._converter import converter, request_from_dict
 from .exceptions import RequestValidationError
 from .models import CancelBagRequest, RefundBagRequest
 
-__all__ = ["PROCESS_CLOCK", "Kind", "PendingRefund", "Phase", "ProtocolError", "Settings"]
+__all__ = [
+    "PROCESS_CLOCK",
+    "Kind",
+    "PendingRefund",
+    "Phase",
+    "ProtocolError",
+    "Settings",
+    "sent_once",
+]
 
 Kind = Literal["refund", "cancel"]
 
@@ -190,6 +198,35 @@ class PendingRefund:
         except orjson.JSONDecodeError as exc:
             raise RequestValidationError("pending", f"not JSON ({exc.msg})") from None
         return cls.from_dict(data)
+
+
+def sent_once(
+    kind: Kind,
+    order_id: int,
+    bag_id: int,
+    request: RefundBagRequest | CancelBagRequest,
+    at: float | None,
+    *,
+    baseline: frozenset[int] | None = None,
+    others: frozenset[int] = frozenset(),
+    clock: str | None = None,
+) -> PendingRefund:
+    """The record of an ask sent once, at ``at`` (``None``: when is not known), whose
+    outcome is not known: what a failed send, a torn journal line or a dead worker's
+    ledger entry leaves."""
+    return PendingRefund(
+        kind,
+        order_id,
+        bag_id,
+        request,
+        Phase.SENT,
+        sends=1,
+        first_sent_at=at,
+        last_sent_at=at,
+        baseline=baseline,
+        others=others,
+        clock=clock or PROCESS_CLOCK,
+    )
 
 
 def _int(data: dict[str, Any], key: str, *, minimum: int = 1) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
-from ._ask import PROCESS_CLOCK, Settings
+from ._ask import PROCESS_CLOCK, Settings, sent_once
 from ._auth import Auth, Credentials
 from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
 from ._converter import encode_request
@@ -430,15 +430,12 @@ class VioletClient(RequestPlumbing):
                     )
                 except VioletError as exc:
                     settings = self._protocol_settings(bag_id)
-                    ask = PendingRefund(
+                    ask = sent_once(
                         kind,
                         order_id,
                         bag_id,
                         req,
-                        Phase.SENT,
-                        sends=1,
-                        first_sent_at=sent_at,
-                        last_sent_at=sent_at,
+                        sent_at,
                         clock=settings.clock_id,
                         others=shared.known_refunds.on_bag(bag_id),
                     )

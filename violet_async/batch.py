@@ -27,6 +27,7 @@ from typing import Any, Literal
 import attrs
 import orjson
 
+from ._ask import sent_once
 from ._client import VioletClient, _unless_failed
 from ._converter import converter
 from ._journal import (
@@ -558,16 +559,7 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
             return None  # journaled before its first send: never sent
     # An older journal line, or a torn record: assume it was sent, by the first send
     # time the journal has.
-    return PendingRefund(
-        item.kind,
-        item.order_id,
-        item.bag_id,
-        item.request,
-        Phase.SENT,
-        sends=1,
-        first_sent_at=prior.first_sent,
-        last_sent_at=prior.first_sent,
-    )
+    return sent_once(item.kind, item.order_id, item.bag_id, item.request, prior.first_sent)
 
 
 def never_reached(exc: BaseException) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from .._ask import sent_once
 from .._client import VioletClient, _unless_failed
 from .._protocol import PendingRefund, Phase
 from .._retry import RetryEvent
@@ -239,16 +240,7 @@ def _resumable(record: LedgerRecord) -> PendingRefund | None:
     # A torn record: assume it was sent just now, so the whole settle window applies.
     item = record.item
     now = record.updated_at or time.time()
-    return PendingRefund(
-        item.kind,
-        item.order_id,
-        item.bag_id,
-        item.request,
-        Phase.SENT,
-        sends=1,
-        first_sent_at=now,
-        last_sent_at=now,
-    )
+    return sent_once(item.kind, item.order_id, item.bag_id, item.request, now)
 
 
 def _transient(exc: VioletError) -> bool:
