@@ -56,6 +56,8 @@ def test_a_seed_replays_exactly() -> None:
         (503007, "direct", "the same, found in the second half of the million"),
         (131099, "direct", "a cancel took another's refund: 'what was left' held for any"),
         (605302, "direct", "the same, found in the second half of the second million"),
+        (2428831, "batch", "a run crashed at +0 s kept its journal locked: no run went on"),
+        (2678037, "batch", "the same, found in the second half of the third million"),
     ],
 )
 def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> None:

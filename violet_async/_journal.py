@@ -114,6 +114,7 @@ class Journal:
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closed = False
+        self._writing: asyncio.Future[None] | None = None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self.fsyncs = 0
         #: The header names another input than this run's (informational: items are
@@ -133,7 +134,14 @@ class Journal:
         target = Path(path)
         lock_fd = _lock(target)
         try:
-            header, entries, repaired = await asyncio.to_thread(_load_and_repair, target)
+            loading = asyncio.ensure_future(asyncio.to_thread(_load_and_repair, target))
+            try:
+                header, entries, repaired = await asyncio.shield(loading)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped and this one may still cut a torn tail:
+                # the lock is held until it has finished.
+                await _settled(loading)
+                raise
             _check_version(target, header)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except BaseException:
@@ -142,9 +150,13 @@ class Journal:
         changed = header is not None and header.get("input") != input_id
         journal = cls(target, entries, fd, lock_fd, input_changed=changed, repaired=repaired)
         if header is None:
-            await journal._append(
-                {"type": "header", "v": VERSION, "input": input_id, "ts": time.time()}
-            )
+            try:
+                await journal._append(
+                    {"type": "header", "v": VERSION, "input": input_id, "ts": time.time()}
+                )
+            except BaseException:
+                await journal.aclose()  # a cancelled or failed open lets the file go
+                raise
         return journal
 
     @staticmethod
@@ -205,19 +217,36 @@ class Journal:
             if not batch:
                 continue
             data = b"".join(line for line, _ in batch)
+            writing = asyncio.ensure_future(asyncio.to_thread(self._write_durably, data))
+            self._writing = writing
             try:
-                await asyncio.to_thread(self._write_durably, data)
-            except OSError as exc:
-                error = JournalWriteError(f"could not write the journal {self.path}: {exc}")
-                self._broken = error
-                for _, future in (*batch, *self._pending):
-                    if not future.done():
-                        future.set_exception(error)
-                self._pending = []
-                continue
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                # Cancelling cannot stop the thread: the write ends first, so that its
+                # lines' waiters learn the truth and the file is never closed under it.
+                await _settled(writing)
+                self._ended(batch, writing)
+                raise
+            except Exception:  # noqa: BLE001, S110 - _ended reports it to every waiter
+                pass
+            self._ended(batch, writing)
+
+    def _ended(
+        self, batch: list[tuple[bytes, asyncio.Future[None]]], writing: asyncio.Future[None]
+    ) -> None:
+        """Tell the waiters of a written batch how its write ended."""
+        error = asyncio.CancelledError() if writing.cancelled() else writing.exception()
+        if error is None:
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+            return
+        broken = JournalWriteError(f"could not write the journal {self.path}: {error}")
+        self._broken = broken
+        for _, future in (*batch, *self._pending):
+            if not future.done():
+                future.set_exception(broken)
+        self._pending = []
 
     def _write_durably(self, data: bytes) -> None:
         view = memoryview(data)
@@ -236,13 +265,27 @@ class Journal:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((b"", future))
         self._wake.set()
-        await asyncio.gather(future, return_exceptions=True)
-        self._closed = True
-        self._flusher.cancel()
-        await asyncio.gather(self._flusher, return_exceptions=True)
-        os.close(self._fd)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+        try:
+            await asyncio.gather(future, return_exceptions=True)
+        finally:
+            # Even when the close is cancelled, the file and its lock go; but only once
+            # no write runs in a thread (a closed descriptor's number can be reused).
+            self._closed = True
+            self._flusher.cancel()
+            await _settled(self._flusher)
+            if self._writing is not None:
+                await _settled(self._writing)
+            os.close(self._fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+
+
+async def _settled(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, without cancelling it if this wait is cancelled,
+    and take its outcome (what it raised is dealt with by whoever awaited it first)."""
+    await asyncio.wait({future})
+    if not future.cancelled():
+        future.exception()
 
 
 def _check_version(target: Path, header: dict[str, Any] | None) -> None:

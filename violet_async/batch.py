@@ -238,28 +238,30 @@ async def run_batch(
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
+    limiter = AdaptiveRate(rate) if rate else None  # a bad rate raises before any open
     own_journal = journal is not None and not isinstance(journal, Journal)
     log = (
         await Journal.open(journal, input_id=input_id)
         if journal is not None and not isinstance(journal, Journal)
         else journal
     )
-    if log is not None:
-        for refund_id in log.refund_ids():
-            client._shared.known_refunds.add(refund_id)
-    runner = _Runner(
-        client,
-        log,
-        concurrency,
-        AdaptiveRate(rate) if rate else None,
-        retry_failed=retry_failed,
-        stop=stop,
-        read_before_send=read_before_send,
-        patience=patience,
-        allow_repeat=allow_repeat,
-    )
-    feeder = asyncio.create_task(runner.feed(items))
+    feeder: asyncio.Task[None] | None = None
     try:
+        if log is not None:
+            for refund_id in log.refund_ids():
+                client._shared.known_refunds.add(refund_id)
+        runner = _Runner(
+            client,
+            log,
+            concurrency,
+            limiter,
+            retry_failed=retry_failed,
+            stop=stop,
+            read_before_send=read_before_send,
+            patience=patience,
+            allow_repeat=allow_repeat,
+        )
+        feeder = asyncio.create_task(runner.feed(items))
         while True:
             got = await runner.results.get()
             if got is _END:
@@ -268,11 +270,13 @@ async def run_batch(
                 raise got
             yield got
     finally:
-        if not feeder.done():
-            feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
-        if own_journal and log is not None:
-            await log.aclose()
+        try:
+            if feeder is not None and not feeder.done():
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+        finally:
+            if own_journal and log is not None:
+                await log.aclose()
 
 
 @attrs.frozen
