@@ -26,6 +26,7 @@ from violet_async.batch import (
     Journal,
     JournalLockedError,
     JournalMismatchError,
+    JournalWriteError,
     run_batch,
 )
 from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
@@ -307,6 +308,9 @@ async def test_a_cancelled_close_still_closes_once_the_write_ends(
     closing = asyncio.ensure_future(journal.aclose())
     for _ in range(3):
         await asyncio.sleep(0)
+    late = asyncio.ensure_future(journal.record("k#1", 2, "sent"))
+    for _ in range(3):
+        await asyncio.sleep(0)
     closing.cancel()
     for _ in range(5):
         await asyncio.sleep(0)
@@ -315,11 +319,14 @@ async def test_a_cancelled_close_still_closes_once_the_write_ends(
     with pytest.raises(asyncio.CancelledError):
         await closing
     await recording  # the line is durable, and its waiter was told so
+    with pytest.raises(JournalWriteError, match="closed"):
+        await asyncio.wait_for(late, 5)  # queued behind the close: told it was never written
     monkeypatch.undo()
     reopened = await Journal.open(path, input_id="x")
     entry = reopened.entry("k#0")
     assert entry is not None
     assert entry.state == "sent"
+    assert reopened.entry("k#1") is None
     await reopened.aclose()
 
 

@@ -275,6 +275,10 @@ class Journal:
             await _settled(self._flusher)
             if self._writing is not None:
                 await _settled(self._writing)
+            for _, waiter in self._pending:  # queued after a cancelled close: never written
+                if not waiter.done():
+                    waiter.set_exception(JournalWriteError("the journal is closed"))
+            self._pending = []
             os.close(self._fd)
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
