@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -18,7 +16,6 @@ from violet_async import (
     RefundBagRequest,
     RetryPolicy,
     VioletClient,
-    _journal,
 )
 from violet_async.batch import (
     AdaptiveRate,
@@ -26,7 +23,6 @@ from violet_async.batch import (
     Journal,
     JournalLockedError,
     JournalMismatchError,
-    JournalWriteError,
     run_batch,
 )
 from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
@@ -218,150 +214,6 @@ async def test_a_second_run_on_a_held_journal_is_refused(tmp_path: Path) -> None
     await held.aclose()
     again = await Journal.open(tmp_path / "j.jsonl", input_id="x")
     await again.aclose()
-
-
-class _Gate:
-    """Holds a journal's thread work (a write or the load) until released, so that a
-    test can cancel while the thread runs, as a crash or a timeout would."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def wrap(self, real: Callable[..., Any]) -> Callable[..., Any]:
-        def held(*args: Any) -> Any:
-            self.entered.set()
-            assert self.release.wait(10)
-            return real(*args)
-
-        return held
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, 10)
-
-
-async def _still_locked(path: Path) -> bool:
-    try:
-        await (await Journal.open(path, input_id="x")).aclose()
-    except JournalLockedError:
-        return True
-    return False
-
-
-async def test_a_cancelled_open_lets_the_journal_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A run cancelled while its journal's header is being written (the simulator's
-    seeds 2428831 and 2678037: a crash at +0 s) releases the journal: the next run in the
-    same process opens it instead of being refused by its own pid."""
-    path = tmp_path / "j.jsonl"
-    gate = _Gate()
-    monkeypatch.setattr(Journal, "_write_durably", gate.wrap(Journal._write_durably))
-    opening = asyncio.ensure_future(Journal.open(path, input_id="x"))
-    await gate.wait_entered()
-    opening.cancel()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert await _still_locked(path)  # the header's write still runs in its thread
-    gate.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await opening
-    journal = await Journal.open(path, input_id="x")
-    assert journal.repaired == 0
-    await journal.aclose()
-
-
-async def test_a_cancelled_load_holds_the_lock_until_its_thread_ends(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The load may cut a torn tail in its thread: a cancelled open keeps the lock until
-    that thread has finished, so another run never appends while it cuts."""
-    path = tmp_path / "j.jsonl"
-    await (await Journal.open(path, input_id="x")).aclose()
-    gate = _Gate()
-    monkeypatch.setattr(_journal, "_load_and_repair", gate.wrap(_journal._load_and_repair))
-    opening = asyncio.ensure_future(Journal.open(path, input_id="x"))
-    await gate.wait_entered()
-    opening.cancel()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert not opening.done()
-    monkeypatch.undo()
-    assert await _still_locked(path)
-    gate.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await opening
-    assert not await _still_locked(path)
-
-
-async def test_a_cancelled_close_still_closes_once_the_write_ends(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Cancelling aclose while a write runs in its thread: the write ends, its waiter
-    learns it is durable, and then the file closes and the lock goes."""
-    path = tmp_path / "j.jsonl"
-    journal = await Journal.open(path, input_id="x")
-    gate = _Gate()
-    monkeypatch.setattr(Journal, "_write_durably", gate.wrap(Journal._write_durably))
-    recording = asyncio.ensure_future(journal.record("k#0", 1, "sent"))
-    await gate.wait_entered()
-    closing = asyncio.ensure_future(journal.aclose())
-    for _ in range(3):
-        await asyncio.sleep(0)
-    late = asyncio.ensure_future(journal.record("k#1", 2, "sent"))
-    for _ in range(3):
-        await asyncio.sleep(0)
-    closing.cancel()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert not closing.done()  # waits for the thread: its descriptor must stay open
-    gate.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await closing
-    await recording  # the line is durable, and its waiter was told so
-    with pytest.raises(JournalWriteError, match="closed"):
-        await asyncio.wait_for(late, 5)  # queued behind the close: told it was never written
-    monkeypatch.undo()
-    reopened = await Journal.open(path, input_id="x")
-    entry = reopened.entry("k#0")
-    assert entry is not None
-    assert entry.state == "sent"
-    assert reopened.entry("k#1") is None
-    await reopened.aclose()
-
-
-async def test_a_bad_rate_leaves_no_journal_open(tmp_path: Path, client: VioletClient) -> None:
-    """A run refused for its arguments opens nothing: the journal is free afterwards."""
-    path = tmp_path / "j.jsonl"
-    with pytest.raises(ValueError, match="rate"):
-        async for _ in run_batch(client, [], rate=-1.0, journal=path):
-            pass  # pragma: no cover - nothing is yielded
-    assert not path.exists()
-    assert not await _still_locked(path)
-
-
-async def test_a_cancelled_run_lets_its_journal_go(
-    tmp_path: Path, fake: FakeViolet, client: VioletClient
-) -> None:
-    """A run cancelled mid-batch (a timeout around it) closes its journal: a second run
-    in the same process resumes from it and refunds each bag once."""
-    path = tmp_path / "j.jsonl"
-    items = items_for(fake, 6)
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        async for _ in run_batch(client, items, concurrency=2, journal=path):
-            started.set()
-
-    run = asyncio.ensure_future(consume())
-    await started.wait()
-    run.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await run
-    second = [r async for r in run_batch(client, items, concurrency=2, journal=path)]
-    assert len(second) == len(items)
-    assert any(r.outcome == "already_done" for r in second)
-    assert all(fake.ledger.refunds_per_bag[i.bag_id] == 1 for i in items)
 
 
 async def test_journal_of_another_version_is_refused(tmp_path: Path) -> None:

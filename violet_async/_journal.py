@@ -41,8 +41,9 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import orjson
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 VERSION = 2
+_T = TypeVar("_T")
 
 
 class JournalMismatchError(VioletError):
@@ -114,7 +116,7 @@ class Journal:
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closed = False
-        self._writing: asyncio.Future[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self.fsyncs = 0
         #: The header names another input than this run's (informational: items are
@@ -134,14 +136,11 @@ class Journal:
         target = Path(path)
         lock_fd = _lock(target)
         try:
-            loading = asyncio.ensure_future(asyncio.to_thread(_load_and_repair, target))
-            try:
-                header, entries, repaired = await asyncio.shield(loading)
-            except asyncio.CancelledError:
-                # A thread cannot be stopped and this one may still cut a torn tail:
-                # the lock is held until it has finished.
-                await _settled(loading)
-                raise
+            loading = _in_thread(_load_and_repair, target)
+            # A cancelled open keeps the lock until the load has ended: its thread
+            # cannot be stopped, and it may be cutting a torn tail.
+            await _until_done(loading)
+            header, entries, repaired = loading.result()
             _check_version(target, header)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except BaseException:
@@ -210,26 +209,29 @@ class Journal:
         await future
 
     async def _flush_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            if not batch:
-                continue
-            data = b"".join(line for line, _ in batch)
-            writing = asyncio.ensure_future(asyncio.to_thread(self._write_durably, data))
-            self._writing = writing
-            try:
-                await asyncio.shield(writing)
-            except asyncio.CancelledError:
-                # Cancelling cannot stop the thread: the write ends first, so that its
-                # lines' waiters learn the truth and the file is never closed under it.
-                await _settled(writing)
-                self._ended(batch, writing)
-                raise
-            except Exception:  # noqa: BLE001, S110 - _ended reports it to every waiter
-                pass
-            self._ended(batch, writing)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._pending = self._pending, []
+                if not batch:
+                    continue
+                data = b"".join(line for line, _ in batch)
+                writing = _in_thread(self._write_durably, data)
+                try:
+                    # Even when the flusher is cancelled, the write ends first: its
+                    # lines' waiters learn the truth, and the file is never closed
+                    # under a running write (its descriptor number could be reused).
+                    await _until_done(writing)
+                finally:
+                    self._ended(batch, writing)
+        finally:
+            # However the flusher ends (closed, or cancelled with every task of a
+            # shutting-down program), nothing queued now will be written: its waiters
+            # are told, and nothing more is taken.
+            if self._broken is None:
+                self._broken = JournalWriteError(f"the journal {self.path} stopped writing")
+            self._fail_pending(self._broken)
 
     def _ended(
         self, batch: list[tuple[bytes, asyncio.Future[None]]], writing: asyncio.Future[None]
@@ -241,12 +243,18 @@ class Journal:
                 if not future.done():
                     future.set_result(None)
             return
-        broken = JournalWriteError(f"could not write the journal {self.path}: {error}")
-        self._broken = broken
-        for _, future in (*batch, *self._pending):
+        # A failed write may have left part of a line: nothing more is written.
+        self._broken = JournalWriteError(f"could not write the journal {self.path}: {error}")
+        for _, future in batch:
             if not future.done():
-                future.set_exception(broken)
-        self._pending = []
+                future.set_exception(self._broken)
+        self._fail_pending(self._broken)
+
+    def _fail_pending(self, error: JournalWriteError) -> None:
+        pending, self._pending = self._pending, []
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(error)
 
     def _write_durably(self, data: bytes) -> None:
         view = memoryview(data)
@@ -257,39 +265,59 @@ class Journal:
         self.fsyncs += 1
 
     async def aclose(self) -> None:
-        """Flush what is pending, close the file and release the lock."""
-        if self._closed:
-            return
+        """Flush what is pending, close the file and release the lock.
+
+        Closes once, however often it is called; a cancelled ``aclose`` still closes,
+        as soon as a write running in its thread has ended."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        # The close task runs to its end even when cancelled (with every task of a
+        # program that is shutting down): the file and its lock go once no thread works
+        # on them, and every aclose, retried or concurrent, sees this one close.
+        self._closed = True  # nothing more is taken
         # Batches are flushed in order: once this empty write is durable, so is
         # everything queued before it.
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((b"", future))
+        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((b"", marker))
         self._wake.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({marker, self._flusher}, return_when=asyncio.FIRST_COMPLETED)
+        if marker.done() and not marker.cancelled():
+            marker.exception()  # a failed write: its waiters were told
+        marker.cancel()  # not written: nobody waits for it any more
+        self._flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await _until_done(self._flusher)  # which waits for a write in its thread
+        os.close(self._fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+
+
+def _in_thread(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    """Run ``fn`` in the default executor. The future is no task: cancelling every task
+    of a program never reaches it, so it is done exactly when the thread is."""
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _until_done(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` (a thread's work) is done, never cancelling it: a thread
+    cannot be stopped, and what it works on must not be let go under it. A
+    cancellation of this wait is raised once the work has ended. What the work raised
+    stays in ``future`` for the caller (marked retrieved: a caller that was cancelled
+    never reads it)."""
+    interrupted: asyncio.CancelledError | None = None
+    while not future.done():
         try:
-            await asyncio.gather(future, return_exceptions=True)
-        finally:
-            # Even when the close is cancelled, the file and its lock go; but only once
-            # no write runs in a thread (a closed descriptor's number can be reused).
-            self._closed = True
-            self._flusher.cancel()
-            await _settled(self._flusher)
-            if self._writing is not None:
-                await _settled(self._writing)
-            for _, waiter in self._pending:  # queued after a cancelled close: never written
-                if not waiter.done():
-                    waiter.set_exception(JournalWriteError("the journal is closed"))
-            self._pending = []
-            os.close(self._fd)
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the flock
-
-
-async def _settled(future: asyncio.Future[Any]) -> None:
-    """Wait until ``future`` is done, without cancelling it if this wait is cancelled,
-    and take its outcome (what it raised is dealt with by whoever awaited it first)."""
-    await asyncio.wait({future})
+            await asyncio.wait({future})
+        except asyncio.CancelledError as exc:
+            interrupted = exc
     if not future.cancelled():
         future.exception()
+    if interrupted is not None:
+        raise interrupted
 
 
 def _check_version(target: Path, header: dict[str, Any] | None) -> None:

@@ -711,8 +711,9 @@ class _World:
 
         def hook(call: Callable[..., Any], future: asyncio.Future[Any]) -> bool:
             nonlocal writes
+            # The journal hands its writes to the executor as (Journal._write_durably, data).
+            fn = getattr(call, "func", None)
             target: tuple[Any, ...] = getattr(call, "args", ())
-            fn = target[0] if target else None
             if getattr(fn, "__name__", "") != "_write_durably":
                 return False
             if dead:
@@ -723,7 +724,7 @@ class _World:
             writes += 1
             if crash is not None and crash.write == writes:
                 journal = fn.__self__  # type: ignore[union-attr]
-                data: bytes = target[1]
+                data: bytes = target[0]
                 cut = int(len(data) * crash.cut)
                 os.write(journal._fd, data[:cut])
                 die(f"during journal write {writes} ({cut} of {len(data)} bytes written)")
@@ -900,7 +901,11 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
 
 async def _bury(journal: Any) -> None:
     """What the OS does for a process that died: its journal's file descriptors close
-    (and its lock goes). The abandoned journal must not close them again later."""
+    (and its lock goes). A journal the dying run closed itself is left as it is; an
+    abandoned one must not close them again later."""
+    if journal._closing is not None:
+        await asyncio.gather(journal._closing, return_exceptions=True)
+        return
     journal._closed = True
     journal._flusher.cancel()
     await asyncio.gather(journal._flusher, return_exceptions=True)
@@ -909,3 +914,5 @@ async def _bury(journal: Any) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
     journal._lock_fd = None
+    journal._closing = asyncio.get_running_loop().create_future()
+    journal._closing.set_result(None)
