@@ -56,6 +56,21 @@ async def _still_locked(path: Path) -> bool:
     return False
 
 
+async def _closing_during_a_write(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Journal, _Gate, asyncio.Future[None], asyncio.Future[None]]:
+    """A journal closing while the write of record "k#0" is held in its thread."""
+    journal = await Journal.open(path, input_id="x")
+    gate = _Gate()
+    monkeypatch.setattr(Journal, "_write_durably", gate.wrap(Journal._write_durably))
+    recording = asyncio.ensure_future(journal.record("k#0", 1, "sent"))
+    await gate.wait_entered()
+    closing = asyncio.ensure_future(journal.aclose())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    return journal, gate, recording, closing
+
+
 async def test_a_cancelled_open_lets_the_journal_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,14 +123,7 @@ async def test_a_cancelled_close_still_closes_once_the_write_ends(
     """Cancelling aclose while a write runs in its thread: the write ends, its waiter
     learns it is durable, and then the file closes and the lock goes."""
     path = tmp_path / "j.jsonl"
-    journal = await Journal.open(path, input_id="x")
-    gate = _Gate()
-    monkeypatch.setattr(Journal, "_write_durably", gate.wrap(Journal._write_durably))
-    recording = asyncio.ensure_future(journal.record("k#0", 1, "sent"))
-    await gate.wait_entered()
-    closing = asyncio.ensure_future(journal.aclose())
-    for _ in range(3):
-        await asyncio.sleep(0)
+    journal, gate, recording, closing = await _closing_during_a_write(path, monkeypatch)
     late = asyncio.ensure_future(journal.record("k#1", 2, "sent"))
     for _ in range(3):
         await asyncio.sleep(0)
@@ -149,30 +157,6 @@ async def test_a_bad_rate_leaves_no_journal_open(tmp_path: Path, client: VioletC
             pass  # pragma: no cover - nothing is yielded
     assert not path.exists()
     assert not await _still_locked(path)
-
-
-async def test_a_cancelled_run_lets_its_journal_go(
-    tmp_path: Path, fake: FakeViolet, client: VioletClient
-) -> None:
-    """A run cancelled mid-batch (a timeout around it) closes its journal: a second run
-    in the same process resumes from it and refunds each bag once."""
-    path = tmp_path / "j.jsonl"
-    items = items_for(fake, 6)
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        async for _ in run_batch(client, items, concurrency=2, journal=path):
-            started.set()
-
-    run = asyncio.ensure_future(consume())
-    await started.wait()
-    run.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await run
-    second = [r async for r in run_batch(client, items, concurrency=2, journal=path)]
-    assert len(second) == len(items)
-    assert any(r.outcome == "already_done" for r in second)
-    assert all(fake.ledger.refunds_per_bag[i.bag_id] == 1 for i in items)
 
 
 async def _cancel_every_other_task() -> None:
@@ -242,14 +226,7 @@ async def test_cancelling_every_task_never_frees_the_file_under_a_running_write(
     and the lock held until the write has ended, so the line never lands in another
     file that reused the descriptor's number."""
     path = tmp_path / "j.jsonl"
-    journal = await Journal.open(path, input_id="x")
-    gate = _Gate()
-    monkeypatch.setattr(Journal, "_write_durably", gate.wrap(Journal._write_durably))
-    recording = asyncio.ensure_future(journal.record("k#0", 1, "sent"))
-    await gate.wait_entered()
-    closing = asyncio.ensure_future(journal.aclose())
-    for _ in range(3):
-        await asyncio.sleep(0)
+    journal, gate, recording, closing = await _closing_during_a_write(path, monkeypatch)
     await _cancel_every_other_task()
     await asyncio.gather(closing, recording, return_exceptions=True)
     assert not gate.left.is_set()
@@ -297,14 +274,7 @@ async def test_a_twice_cancelled_close_still_lets_the_journal_go(
     for a write: the close still ends once the write has, and a retried aclose waits
     for that same close."""
     path = tmp_path / "j.jsonl"
-    journal = await Journal.open(path, input_id="x")
-    gate = _Gate()
-    monkeypatch.setattr(Journal, "_write_durably", gate.wrap(Journal._write_durably))
-    recording = asyncio.ensure_future(journal.record("k#0", 1, "sent"))
-    await gate.wait_entered()
-    closing = asyncio.ensure_future(journal.aclose())
-    for _ in range(3):
-        await asyncio.sleep(0)
+    journal, gate, recording, closing = await _closing_during_a_write(path, monkeypatch)
     closing.cancel()
     for _ in range(3):
         await asyncio.sleep(0)
@@ -325,19 +295,19 @@ async def test_concurrent_closes_close_each_descriptor_once(tmp_path: Path) -> N
     """Two aclose() at once are one close: no descriptor is closed twice (a second
     close could shut a file that reused the number)."""
     journal = await Journal.open(tmp_path / "j.jsonl", input_id="x")
-    assert await asyncio.gather(journal.aclose(), journal.aclose(), journal.aclose()) == [
-        None,
-        None,
-        None,
-    ]
+    closes = await asyncio.gather(journal.aclose(), journal.aclose(), journal.aclose())
+    assert list(closes) == [None, None, None]
     assert not await _still_locked(tmp_path / "j.jsonl")
 
 
-async def test_a_run_cancelled_with_every_task_ends_and_lets_its_journal_go(
-    tmp_path: Path, fake: FakeViolet, client: VioletClient
+@pytest.mark.parametrize("every_task", [False, True], ids=["the-run", "every-task"])
+async def test_a_cancelled_run_ends_and_lets_its_journal_go(
+    tmp_path: Path, fake: FakeViolet, client: VioletClient, every_task: bool
 ) -> None:
-    """A shutdown that cancels every task once (the run, its feeder and workers, the
-    journal's writer) ends the run, and the journal is free for the next one."""
+    """A run cancelled mid-batch (a timeout around it), or a shutdown that cancels every
+    task once (the run, its feeder and workers, the journal's writer): the run ends,
+    and a second run in the same process resumes from its journal and refunds each bag
+    once."""
     path = tmp_path / "j.jsonl"
     items = items_for(fake, 6)
     started = asyncio.Event()
@@ -349,7 +319,7 @@ async def test_a_run_cancelled_with_every_task_ends_and_lets_its_journal_go(
     run = asyncio.ensure_future(consume())
     await started.wait()
     me = asyncio.current_task()
-    for task in asyncio.all_tasks():
+    for task in asyncio.all_tasks() if every_task else {run}:
         if task is not me and "RequestHandler" not in repr(task):  # spare the server
             task.cancel()
     done, _ = await asyncio.wait({run}, timeout=10)
@@ -358,4 +328,5 @@ async def test_a_run_cancelled_with_every_task_ends_and_lets_its_journal_go(
     assert not await _still_locked(path)
     second = [r async for r in run_batch(client, items, concurrency=2, journal=path)]
     assert len(second) == len(items)
+    assert any(r.outcome == "already_done" for r in second)
     assert all(fake.ledger.refunds_per_bag[i.bag_id] == 1 for i in items)

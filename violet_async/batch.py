@@ -57,6 +57,7 @@ __all__ = [
     "Journal",
     "JournalLockedError",
     "JournalMismatchError",
+    "JournalWriteError",
     "run_batch",
 ]
 
