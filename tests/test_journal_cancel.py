@@ -6,12 +6,14 @@ under it; and however it is cancelled, it closes once and nobody waits forever."
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +332,118 @@ async def test_a_cancelled_run_ends_and_lets_its_journal_go(
     assert len(second) == len(items)
     assert any(r.outcome == "already_done" for r in second)
     assert all(fake.ledger.refunds_per_bag[i.bag_id] == 1 for i in items)
+
+
+async def test_every_task_cancelled_before_the_close_took_a_step_still_lets_go(
+    tmp_path: Path,
+) -> None:
+    """A shutdown cancelling every task in the very iteration aclose() began (the close
+    task never ran a line): the journal still lets go, and a retried aclose returns."""
+    path = tmp_path / "j.jsonl"
+    journal = await Journal.open(path, input_id="x")
+    closing = asyncio.ensure_future(journal.aclose())
+    await asyncio.sleep(0)  # aclose ran; its close task is only scheduled
+    me = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is not me:
+            task.cancel()
+    await asyncio.gather(closing, journal._flusher, return_exceptions=True)
+    await asyncio.wait_for(journal.aclose(), 5)
+    assert not await _still_locked(path)
+
+
+async def test_a_writer_cancelled_before_its_first_step_refuses_records(tmp_path: Path) -> None:
+    """Opening a journal that has its header takes no await after the writer task is
+    created; a cancel-every-task then cancels the writer before its first step: a
+    record is refused (not left waiting forever) and the journal lets go."""
+    path = tmp_path / "j.jsonl"
+    await (await Journal.open(path, input_id="x")).aclose()
+    journal = await Journal.open(path, input_id="x")
+    journal._flusher.cancel()
+    await asyncio.sleep(0)
+    assert journal._flusher.cancelled()
+    with pytest.raises(JournalWriteError, match="stopped writing"):
+        await asyncio.wait_for(journal.record("k#0", 1, "sent"), 5)
+    await asyncio.wait_for(journal.aclose(), 5)
+    assert not await _still_locked(path)
+
+
+async def test_a_write_no_thread_takes_fails_its_waiters(tmp_path: Path) -> None:
+    """The executor refuses the write (shut down with the loop, or no thread can start):
+    the waiting records get JournalWriteError instead of waiting forever."""
+    journal = await Journal.open(tmp_path / "j.jsonl", input_id="x")
+    loop = asyncio.get_running_loop()
+    dead = ThreadPoolExecutor(1)
+    dead.shutdown()
+    loop.set_default_executor(dead)
+    try:
+        with pytest.raises(JournalWriteError, match="could not write"):
+            await asyncio.wait_for(journal.record("k#0", 1, "sent"), 5)
+    finally:
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        await asyncio.wait_for(journal.aclose(), 5)
+    assert not await _still_locked(tmp_path / "j.jsonl")
+
+
+async def test_a_full_disk_at_open_lets_the_lock_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the holder's pid into the lock file fails (a full disk): the open fails
+    and the lock goes with it, so the next open in this process is not refused."""
+    path = tmp_path / "j.jsonl"
+    real = os.pwrite
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space"):
+        await Journal.open(path, input_id="x")
+    monkeypatch.setattr(os, "pwrite", real)
+    await (await Journal.open(path, input_id="x")).aclose()
+
+
+def test_a_close_begun_as_the_program_ends_lets_the_next_run_open(tmp_path: Path) -> None:
+    """A worker starts aclose() in the iteration main returns in: asyncio.run cancels the
+    close before its first step. A second asyncio.run in the same process (a service, a
+    test suite) still opens the journal."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from violet_async.batch import Journal, JournalLockedError
+
+        PATH = {str(tmp_path / "j.jsonl")!r}
+
+        async def main():
+            journal = await Journal.open(PATH, input_id="x")
+            done = asyncio.Event()
+
+            async def worker():
+                await done.wait()
+                await journal.aclose()
+
+            asyncio.create_task(worker())
+            await asyncio.sleep(0.01)
+            done.set()
+
+        asyncio.run(main())
+
+        async def again():
+            await (await Journal.open(PATH, input_id="x")).aclose()
+
+        try:
+            asyncio.run(again())
+            print("reopened")
+        except JournalLockedError as exc:
+            print("locked:", exc)
+        """
+    )
+    done = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-W", "error", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.strip() == "reopened", (done.stdout, done.stderr)
+    assert done.stderr == ""

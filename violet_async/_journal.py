@@ -116,8 +116,15 @@ class Journal:
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closed = False
+        loop = asyncio.get_running_loop()
+        #: Done once the file and its lock are let go (no task: nothing cancels it).
+        self._released: asyncio.Future[None] = loop.create_future()
         self._closing: asyncio.Future[None] | None = None
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        self._flusher = loop.create_task(self._flush_forever())
+        # However the writer task ends (closed, or cancelled with every task of a
+        # program on its way out, even before its first step), this runs: it is what
+        # lets the file and the lock go, once no write runs in a thread.
+        self._flusher.add_done_callback(self._release)
         self.fsyncs = 0
         #: The header names another input than this run's (informational: items are
         #: matched by content).
@@ -199,6 +206,8 @@ class Journal:
     async def _append(self, record: dict[str, Any]) -> None:
         if self._closed:
             raise JournalWriteError("the journal is closed")
+        if self._flusher.done():
+            raise self._broken or JournalWriteError(f"the journal {self.path} stopped writing")
         if self._broken is not None:
             # A failed write may have left part of a line: anything appended after it
             # would be glued onto that fragment and lost. Nothing more is written.
@@ -209,35 +218,35 @@ class Journal:
         await future
 
     async def _flush_forever(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                batch, self._pending = self._pending, []
-                if not batch:
-                    continue
-                data = b"".join(line for line, _ in batch)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            data = b"".join(line for line, _ in batch)
+            writing: asyncio.Future[None] | None = None
+            try:
                 writing = _in_thread(self._write_durably, data)
-                try:
-                    # Even when the flusher is cancelled, the write ends first: its
-                    # lines' waiters learn the truth, and the file is never closed
-                    # under a running write (its descriptor number could be reused).
-                    await _until_done(writing)
-                finally:
-                    self._ended(batch, writing)
-        finally:
-            # However the flusher ends (closed, or cancelled with every task of a
-            # shutting-down program), nothing queued now will be written: its waiters
-            # are told, and nothing more is taken.
-            if self._broken is None:
-                self._broken = JournalWriteError(f"the journal {self.path} stopped writing")
-            self._fail_pending(self._broken)
+                # Even when the writer is cancelled, the write ends first: its lines'
+                # waiters learn the truth, and the file is never closed under a
+                # running write (its descriptor number could be reused).
+                await _until_done(writing)
+            finally:
+                self._ended(batch, writing)
 
     def _ended(
-        self, batch: list[tuple[bytes, asyncio.Future[None]]], writing: asyncio.Future[None]
+        self,
+        batch: list[tuple[bytes, asyncio.Future[None]]],
+        writing: asyncio.Future[None] | None,
     ) -> None:
-        """Tell the waiters of a written batch how its write ended."""
-        error = asyncio.CancelledError() if writing.cancelled() else writing.exception()
+        """Tell the waiters of a batch how its write ended (``None``: it never started)."""
+        if writing is None:
+            error: BaseException | None = RuntimeError("no thread took the write")
+        elif writing.cancelled():
+            error = asyncio.CancelledError()
+        else:
+            error = writing.exception()
         if error is None:
             for _, future in batch:
                 if not future.done():
@@ -245,16 +254,29 @@ class Journal:
             return
         # A failed write may have left part of a line: nothing more is written.
         self._broken = JournalWriteError(f"could not write the journal {self.path}: {error}")
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(self._broken)
+        _fail(batch, self._broken)
         self._fail_pending(self._broken)
 
     def _fail_pending(self, error: JournalWriteError) -> None:
         pending, self._pending = self._pending, []
-        for _, future in pending:
-            if not future.done():
-                future.set_exception(error)
+        _fail(pending, error)
+
+    def _release(self, flusher: asyncio.Future[None]) -> None:
+        """The writer has ended, and with it any write in a thread: nothing queued will
+        be written, and the file and its lock go."""
+        if not flusher.cancelled():
+            flusher.exception()  # what stopped it: its waiters were told
+        if self._broken is None:
+            self._broken = JournalWriteError(f"the journal {self.path} stopped writing")
+        self._fail_pending(self._broken)
+        try:
+            os.close(self._fd)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+            if not self._released.done():
+                self._released.set_result(None)
 
     def _write_durably(self, data: bytes) -> None:
         view = memoryview(data)
@@ -269,31 +291,34 @@ class Journal:
 
         Closes once, however often it is called; a cancelled ``aclose`` still closes,
         as soon as a write running in its thread has ended."""
-        if self._closing is None:
-            self._closing = asyncio.ensure_future(self._close())
-        await asyncio.shield(self._closing)
+        if not self._closed:
+            self._closed = True  # nothing more is taken
+            # Batches are flushed in order: once this empty write is durable, so is
+            # everything queued before it.
+            marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._pending.append((b"", marker))
+            self._wake.set()
+            self._closing = asyncio.ensure_future(self._flushed(marker))
+            # Whatever happens to that task (cancelled before it ran, even), the writer
+            # is stopped, and its end lets the file go.
+            self._closing.add_done_callback(lambda _: self._flusher.cancel())
+        await asyncio.shield(self._released)
 
-    async def _close(self) -> None:
-        # The close task runs to its end even when cancelled (with every task of a
-        # program that is shutting down): the file and its lock go once no thread works
-        # on them, and every aclose, retried or concurrent, sees this one close.
-        self._closed = True  # nothing more is taken
-        # Batches are flushed in order: once this empty write is durable, so is
-        # everything queued before it.
-        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((b"", marker))
-        self._wake.set()
+    async def _flushed(self, marker: asyncio.Future[None]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({marker, self._flusher}, return_when=asyncio.FIRST_COMPLETED)
-        if marker.done() and not marker.cancelled():
-            marker.exception()  # a failed write: its waiters were told
-        marker.cancel()  # not written: nobody waits for it any more
-        self._flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await _until_done(self._flusher)  # which waits for a write in its thread
-        os.close(self._fd)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+
+
+def _fail(waiters: list[tuple[bytes, asyncio.Future[None]]], error: JournalWriteError) -> None:
+    """Tell the waiters of lines that were not written; a close's marker (no line) is
+    cancelled instead, as its close may never have run to read an error."""
+    for line, future in waiters:
+        if future.done():
+            continue
+        if line:
+            future.set_exception(error)
+        else:
+            future.cancel()
 
 
 def _in_thread(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
@@ -354,8 +379,12 @@ def _lock(path: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)  # a full disk: the lock goes with the refusal
+        raise
     return fd
 
 

@@ -901,18 +901,8 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
 
 async def _bury(journal: Any) -> None:
     """What the OS does for a process that died: its journal's file descriptors close
-    (and its lock goes). A journal the dying run closed itself is left as it is; an
-    abandoned one must not close them again later."""
-    if journal._closing is not None:
-        await asyncio.gather(journal._closing, return_exceptions=True)
-        return
+    (and its lock goes), with no last flush. A journal the dying run closed itself is
+    already let go."""
     journal._closed = True
-    journal._flusher.cancel()
-    await asyncio.gather(journal._flusher, return_exceptions=True)
-    for fd in (journal._fd, journal._lock_fd):
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    journal._lock_fd = None
-    journal._closing = asyncio.get_running_loop().create_future()
-    journal._closing.set_result(None)
+    journal._flusher.cancel()  # its end closes the descriptors
+    await asyncio.shield(journal._released)
