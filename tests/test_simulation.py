@@ -58,6 +58,8 @@ def test_a_seed_replays_exactly() -> None:
         (605302, "direct", "the same, found in the second half of the second million"),
         (2428831, "batch", "a run crashed at +0 s kept its journal locked: no run went on"),
         (2678037, "batch", "the same, found in the second half of the third million"),
+        (4059635, "worker", "a login before the POST: the saved send time was 4 s early, and a"),
+        (4729296, "worker", "resume after a crash settled early and sent again: 2 refunds"),
     ],
 )
 def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> None:

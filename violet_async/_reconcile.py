@@ -192,8 +192,9 @@ class BagIO:
     """The I/O of one ask on one bag, as the client provides it: one send, a complete
     read of the bag's refunds (every page) and of the order, within a deadline."""
 
-    send_once: Callable[[float | None], Awaitable[OrderRefund]]
-    """POST the request once, given the seconds left."""
+    send_once: Callable[..., Awaitable[OrderRefund]]
+    """POST the request once, given the seconds left (and ``before_send=``, run right
+    before it leaves, after any login)."""
     read_refunds: Callable[[float | None], Awaitable[RefundPage]]
     """Every page of the bag's refunds, retried on transient failures, by a deadline."""
     read_order: Callable[[float | None], Awaitable[Order]]
@@ -203,8 +204,10 @@ class BagIO:
     policy: RetryPolicy
     on_retry: RetryHook | None
 
-    async def send(self, remaining: float | None) -> OrderRefund:
-        return await self.send_once(remaining)
+    async def send(
+        self, remaining: float | None, before_send: Callable[[], Awaitable[None]] | None = None
+    ) -> OrderRefund:
+        return await self.send_once(remaining, before_send=before_send)
 
     async def read(self, read_bag: bool, deadline: float | None) -> ReadBack:
         # The bag's status first, then its refunds: the list is then at least as new as
@@ -233,6 +236,10 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+
+#: Seconds by which a send may leave after the time its saved record gives before the
+#: record is saved again (a resume allows one attempt's timeout on top of the time).
+RESTAMP_AFTER = 0.25
 
 Announce = Callable[[PendingRefund, VioletError, float], Awaitable[None]]
 Save = Callable[[PendingRefund], Awaitable[None]]
@@ -284,8 +291,20 @@ async def drive(
         obs: Observation
         if action.do is Do.SEND:
             ATTEMPT.set(ask.sends)
+
+            async def stamp() -> None:
+                # The request leaves now, later than the saved record says when a login,
+                # a token renewal or a rate wait came between: the record must say so,
+                # or a resume elsewhere (after a crash) would settle too early and send
+                # again while this send can still commit.
+                nonlocal ask
+                now = clock.time()
+                if save is not None and now - (ask.last_sent_at or now) > RESTAMP_AFTER:
+                    ask = attrs.evolve(ask, last_sent_at=now)
+                    await save(ask)
+
             try:
-                refund = await io.send(remaining)
+                refund = await io.send(remaining, stamp if save is not None else None)
             except VioletError as exc:
                 last_error = exc
                 obs = Observation.send_failed(

@@ -188,9 +188,11 @@ class RequestPlumbing:
         remaining: float | None,
         *,
         query: Mapping[str, str] | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """One attempt: token, send, one renewal on an expired token, status check,
-        parse. ``remaining`` is what is left of the call's deadline."""
+        parse. ``remaining`` is what is left of the call's deadline; ``before_send`` runs
+        right before the request leaves, each time it does (after any login)."""
         shared = self._shared
         started = shared.clock.monotonic() if remaining is not None else 0.0
         if remaining is not None and remaining <= 0:
@@ -210,6 +212,8 @@ class RequestPlumbing:
         send = shared.transport.send
         if STATE.tracer is not None or CAPTURE.get() is not None or http_log.isEnabledFor(DEBUG):
             send = partial(self._observed_send, path)
+        if before_send is not None:
+            remaining = await self._before_send(before_send, remaining, method, path)
         resp = await send(
             method,
             url,
@@ -227,6 +231,8 @@ class RequestPlumbing:
             if remaining is not None:
                 remaining -= shared.clock.monotonic() - started  # the refused send's time
             token, remaining = await self._token_within(shared.auth.expired(token), remaining)
+            if before_send is not None:
+                remaining = await self._before_send(before_send, remaining, method, path)
             resp = await send(
                 method,
                 url,
@@ -238,6 +244,29 @@ class RequestPlumbing:
         if not 200 <= resp.status < 300:
             raise self._api_error(resp, method, path)
         return parse(resp, path)
+
+    async def _before_send(
+        self,
+        hook: Callable[[], Awaitable[None]],
+        remaining: float | None,
+        method: str,
+        path: str,
+    ) -> float | None:
+        """Run ``hook`` and charge its time to the call's deadline."""
+        clock = self._shared.clock
+        began = clock.monotonic()
+        await hook()
+        if remaining is None:
+            return None
+        remaining -= clock.monotonic() - began
+        if remaining <= 0:
+            raise APITimeoutError(
+                f"{method} {path}: the call's deadline passed before sending",
+                method=method,
+                path=path,
+                request_sent=False,
+            )
+        return remaining
 
     def _api_error(self, resp: RawResponse, method: str, path: str) -> APIError:
         """The typed error for an error status, with the client's secrets redacted."""

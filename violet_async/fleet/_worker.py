@@ -128,11 +128,15 @@ class FleetWorker:
         for refund_id in await self.ledger.bag_refunds(item.bag_id):
             known.add(refund_id, item.bag_id)
 
+        budgeted: set[int] = set()
+
         async def save(ask: PendingRefund) -> None:
             if ask.phase is Phase.SENT:
-                # The last moment before a send: take a slot of the fleet's budget, then
-                # record the send durably, in one script with the lock check.
-                if self.limiter is not None:
+                # The last moment before a send: take a slot of the fleet's budget (once
+                # a send: the record is saved again when the send leaves later than it
+                # says), then record the send durably, in one script with the lock check.
+                if self.limiter is not None and ask.sends not in budgeted:
+                    budgeted.add(ask.sends)
                     planned = (ask.last_sent_at or 0.0) - time.time()
                     await self.limiter.wait(planned)
                 await self.ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
