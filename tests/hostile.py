@@ -62,6 +62,10 @@ class Hostile:
     status: str = "COMPLETED"
     hang_reads: bool = False
     """Read-backs never answer either."""
+    login_delay: float = 0.0
+    """Seconds (shared clock) a login takes, as a slow or retried login would."""
+    post_arrived: asyncio.Event = attrs.Factory(asyncio.Event)
+    """Set when a POST reaches the server."""
     refunds: list[dict[str, Any]] = attrs.Factory(list)
     ours: list[int] = attrs.Factory(list)
     """Ids of refunds committed from POSTs (not seeded by another actor)."""
@@ -147,6 +151,7 @@ class Hostile:
         return response
 
     async def _login(self, request: web.Request) -> web.Response:
+        await self.clock.sleep(self.login_delay)
         # Realistic token lengths: the client redacts its tokens from every error.
         return web.json_response(
             {
@@ -166,6 +171,7 @@ class Hostile:
 
     async def _post(self, request: web.Request, *, cancel: bool) -> web.StreamResponse:
         self.posts += 1
+        self.post_arrived.set()
         body = await request.json()
         step = self.script.pop(0) if self.script else Step()
         result: dict[str, Any] | str | None = None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +15,12 @@ from violet_async import (
     AmbiguousOutcomeError,
     APITimeoutError,
     PendingRefund,
+    RefundBagRequest,
     RetryPolicy,
     Timeouts,
 )
+from violet_async._reconcile import RESTAMP_AFTER
+from violet_async.batch import BatchItem, BatchResult, Journal, run_batch
 from violet_async.testing import FakeClock
 
 from .hostile import (
@@ -282,3 +287,39 @@ async def test_row10_a_hung_server_cannot_outlast_the_deadline() -> None:
     assert isinstance(info.value, AmbiguousOutcomeError)
     assert elapsed < 1.0 + 0.3, elapsed
     assert server.posts == 1
+
+
+async def test_row11_a_slow_login_before_the_post_then_a_crash(tmp_path: Path) -> None:
+    """A batch's first POST (no read before it) waits 10 s for a login, then hangs,
+    and its refund commits 59 s after it arrived (inside the 60 s settle window); the
+    run is killed while the POST is in flight. The journal must say when the POST
+    left, not when its "sent" line was first written, or the next run settles 10 s
+    early and sends again (two POSTs without the fix)."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, hang=True, commit_after=59.0)], login_delay=10.0)
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+    journal = tmp_path / "run.jsonl"
+    timeouts = Timeouts(connect=1.0, read=2.0)
+    async with hostile_client(server, retry=ROOMY, timeouts=timeouts) as client:
+        started = clock.time()
+        first = asyncio.ensure_future(
+            _drain(run_batch(client, [item], journal=journal, read_before_send=False))
+        )
+        await server.post_arrived.wait()
+        posted = clock.time()
+        assert posted >= started + 10.0
+        first.cancel()  # the process dies with its POST in flight
+        await asyncio.gather(first, return_exceptions=True)
+        entry = Journal.peek(journal)[next(iter(Journal.peek(journal)))]
+        assert entry.state == "sent"
+        assert entry.ask is not None
+        assert entry.ask["last_sent_at"] >= posted - RESTAMP_AFTER
+        results = await _drain(run_batch(client, [item], journal=journal, read_before_send=False))
+    assert [r.outcome for r in results] == ["succeeded"]
+    assert results[0].refund_id == server.ours[0]
+    assert server.posts == 1
+    assert len(server.ours) == 1
+
+
+async def _drain(results: AsyncIterator[BatchResult]) -> list[BatchResult]:
+    return [r async for r in results]
