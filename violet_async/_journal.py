@@ -206,12 +206,12 @@ class Journal:
     async def _append(self, record: dict[str, Any]) -> None:
         if self._closed:
             raise JournalWriteError("the journal is closed")
-        if self._flusher.done():
-            raise self._broken or JournalWriteError(f"the journal {self.path} stopped writing")
         if self._broken is not None:
             # A failed write may have left part of a line: anything appended after it
             # would be glued onto that fragment and lost. Nothing more is written.
             raise self._broken
+        if self._flusher.done():  # and its done-callback has not run yet
+            raise JournalWriteError(f"the journal {self.path} stopped writing")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((orjson.dumps(record) + b"\n", future))
         self._wake.set()

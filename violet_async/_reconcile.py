@@ -266,78 +266,99 @@ async def drive(
     record before every send and at the end (the batch journal); ``announce`` is told
     of every re-send (the ``on_retry`` hook).
     """
-    while True:
-        if save is not None and (action.final or action.do is Do.SEND):
+
+    async def stamp() -> None:
+        # The request leaves now, later than the saved record says when a login, a
+        # token renewal or a rate wait came between: the record must say so, or a
+        # resume elsewhere (after a crash) would settle too early and send again while
+        # this send can still commit.
+        nonlocal ask
+        now = clock.time()
+        if save is not None and now - (ask.last_sent_at or now) > RESTAMP_AFTER:
+            ask = attrs.evolve(ask, last_sent_at=now)
             await save(ask)
-        if action.do is Do.RETURN and action.refund is not None:
-            return action.refund
-        if action.do is Do.FAIL:
-            raise last_error or VioletError(
-                f"the {ask.kind} of bag {ask.bag_id} did not apply ({ask.note}); nothing "
-                "more was sent"
+
+    try:
+        while True:
+            if save is not None and (action.final or action.do is Do.SEND):
+                await save(ask)
+            if action.do is Do.RETURN and action.refund is not None:
+                return action.refund
+            if action.do is Do.FAIL:
+                raise last_error or VioletError(
+                    f"the {ask.kind} of bag {ask.bag_id} did not apply ({ask.note}); nothing "
+                    "more was sent"
+                )
+            if action.do is Do.PARK:
+                raise _ambiguous(ask, action, last_error)
+            if action.do is Do.HOLD:
+                raise RefundAlreadyPresentError(ask.note, refunds=action.candidates)
+            if action.do is Do.RETURN:
+                raise protocol.ProtocolError("a return without its refund")
+            if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
+                await announce(ask, last_error, action.delay)
+            if action.delay > 0:
+                await clock.sleep(action.delay)
+            remaining = None if deadline is None else deadline - clock.monotonic()
+            at = clock.time()
+            obs: Observation
+            if action.do is Do.SEND:
+                ATTEMPT.set(ask.sends)
+                try:
+                    refund = await io.send(remaining, stamp if save is not None else None)
+                except VioletError as exc:
+                    last_error = exc
+                    obs = Observation.send_failed(
+                        at,
+                        exc,
+                        backoff=io.send_backoff(ask.sends, exc),
+                        server_time=io.server_time(exc),
+                        received_at=clock.time(),
+                    )
+                else:
+                    obs = Observation.answered(at, refund)
+            else:
+                obs, failed = await _read_back(
+                    ask, action, at, io=io, deadline=deadline, settings=settings, clock=clock
+                )
+                last_error = last_error or failed
+            remaining = None if deadline is None else deadline - clock.monotonic()
+            baseline = ask.phase is Phase.NEW
+            ask, action = protocol.step(
+                ask, obs, settings, clock.time(), remaining, known, patience=patience
             )
-        if action.do is Do.PARK:
-            raise _ambiguous(ask, action, last_error)
-        if action.do is Do.HOLD:
-            raise RefundAlreadyPresentError(ask.note, refunds=action.candidates)
-        if action.do is Do.RETURN:
-            raise protocol.ProtocolError("a return without its refund")
-        if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
-            await announce(ask, last_error, action.delay)
-        if action.delay > 0:
-            await clock.sleep(action.delay)
-        remaining = None if deadline is None else deadline - clock.monotonic()
-        at = clock.time()
-        obs: Observation
-        if action.do is Do.SEND:
-            ATTEMPT.set(ask.sends)
+            if obs.kind is not ObsKind.ANSWERED:
+                _report(ask, obs, action, baseline=baseline)
+    finally:
+        ATTEMPT.set(1)
 
-            async def stamp() -> None:
-                # The request leaves now, later than the saved record says when a login,
-                # a token renewal or a rate wait came between: the record must say so,
-                # or a resume elsewhere (after a crash) would settle too early and send
-                # again while this send can still commit.
-                nonlocal ask
-                now = clock.time()
-                if save is not None and now - (ask.last_sent_at or now) > RESTAMP_AFTER:
-                    ask = attrs.evolve(ask, last_sent_at=now)
-                    await save(ask)
 
-            try:
-                refund = await io.send(remaining, stamp if save is not None else None)
-            except VioletError as exc:
-                last_error = exc
-                obs = Observation.send_failed(
-                    at,
-                    exc,
-                    backoff=io.send_backoff(ask.sends, exc),
-                    server_time=io.server_time(exc),
-                    received_at=clock.time(),
-                )
-            else:
-                obs = Observation.answered(at, refund)
-        else:
-            try:
-                with read_span(ask):
-                    found = await io.read(action.read_bag, deadline)
-            except VioletError as exc:
-                last_error = last_error or exc
-                obs = Observation.read_failed(at, exc, backoff=settings.settle_delay)
-            else:
-                obs = Observation.read(
-                    at,
-                    found.refunds,
-                    found.bag,
-                    server_time=found.server_time,
-                    received_at=clock.time(),
-                )
-        remaining = None if deadline is None else deadline - clock.monotonic()
-        baseline = ask.phase is Phase.NEW
-        ask, action = protocol.step(
-            ask, obs, settings, clock.time(), remaining, known, patience=patience
-        )
-        if obs.kind is not ObsKind.ANSWERED:
-            _report(ask, obs, action, baseline=baseline)
+async def _read_back(
+    ask: PendingRefund,
+    action: Action,
+    at: float,
+    *,
+    io: BagIO,
+    deadline: float | None,
+    settings: Settings,
+    clock: Clock,
+) -> tuple[Observation, VioletError | None]:
+    """One read-back, as the protocol observes it (and the failure, if it failed)."""
+    try:
+        with read_span(ask):
+            found = await io.read(action.read_bag, deadline)
+    except VioletError as exc:
+        return Observation.read_failed(at, exc, backoff=settings.settle_delay), exc
+    return (
+        Observation.read(
+            at,
+            found.refunds,
+            found.bag,
+            server_time=found.server_time,
+            received_at=clock.time(),
+        ),
+        None,
+    )
 
 
 async def after_failed_send(
@@ -361,20 +382,17 @@ async def after_failed_send(
     )
     remaining = None if deadline is None else deadline - clock.monotonic()
     ask, action = protocol.step(ask, obs, settings, clock.time(), remaining, known)
-    try:
-        return await drive(
-            ask,
-            action,
-            io=io,
-            settings=settings,
-            clock=clock,
-            deadline=deadline,
-            known=known,
-            last_error=error,
-            announce=io.announce,
-        )
-    finally:
-        ATTEMPT.set(1)
+    return await drive(
+        ask,
+        action,
+        io=io,
+        settings=settings,
+        clock=clock,
+        deadline=deadline,
+        known=known,
+        last_error=error,
+        announce=io.announce,
+    )
 
 
 async def run_ask(
@@ -392,21 +410,18 @@ async def run_ask(
     """An ask from its start: a new one (after a baseline read when asked), or one an
     earlier call or process left sent or pending (read back first)."""
     ask, action = protocol.start(ask, settings, clock.time(), attempt_timeout=attempt_timeout)
-    try:
-        return await drive(
-            ask,
-            action,
-            io=io,
-            settings=settings,
-            clock=clock,
-            deadline=deadline,
-            known=known,
-            save=save,
-            announce=io.announce,
-            patience=patience,
-        )
-    finally:
-        ATTEMPT.set(1)
+    return await drive(
+        ask,
+        action,
+        io=io,
+        settings=settings,
+        clock=clock,
+        deadline=deadline,
+        known=known,
+        save=save,
+        announce=io.announce,
+        patience=patience,
+    )
 
 
 #: What the next action says about the read-back (or send failure) just observed.

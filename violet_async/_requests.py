@@ -196,12 +196,7 @@ class RequestPlumbing:
         shared = self._shared
         started = shared.clock.monotonic() if remaining is not None else 0.0
         if remaining is not None and remaining <= 0:
-            raise APITimeoutError(
-                f"{method} {path}: the call's deadline passed before sending",
-                method=method,
-                path=path,
-                request_sent=False,
-            )
+            raise _too_late(method, path)
         token = shared.auth.current()
         if token is None:
             token, remaining = await self._token_within(shared.auth.token(), remaining)
@@ -260,12 +255,7 @@ class RequestPlumbing:
             return None
         remaining -= clock.monotonic() - began
         if remaining <= 0:
-            raise APITimeoutError(
-                f"{method} {path}: the call's deadline passed before sending",
-                method=method,
-                path=path,
-                request_sent=False,
-            )
+            raise _too_late(method, path)
         return remaining
 
     def _api_error(self, resp: RawResponse, method: str, path: str) -> APIError:
@@ -411,3 +401,13 @@ class RequestPlumbing:
             send, method=method, path=path
         )
         return result
+
+
+def _too_late(method: str, path: str) -> APITimeoutError:
+    """The call's deadline passed before the request left (nothing was sent)."""
+    return APITimeoutError(
+        f"{method} {path}: the call's deadline passed before sending",
+        method=method,
+        path=path,
+        request_sent=False,
+    )
