@@ -272,14 +272,34 @@ async def test_cancel_failure_raises_typed_error(wire: Any, client: VioletClient
     assert b"merchant refused" in info.value.body
 
 
-async def test_cancel_of_another_bag_only_is_a_failure(wire: Any, client: VioletClient) -> None:
-    """PARTIALLY_CANCELED without our bag means our bag was not cancelled."""
+async def test_cancel_of_another_bag_only_is_read_back(wire: Any, client: VioletClient) -> None:
+    """PARTIALLY_CANCELED without our bag is not a definite failure (only Violet's
+    CANCELLATION_FAILURE is): the bag is read back, and the cancel is never sent again."""
     body = {
         "status": "PARTIALLY_CANCELED",
         "cancelled_bags": [{"bag_id": 21, "refund": refund_body(bag_id=21)}],
     }
     wire.post(CANCEL, status=202, body=orjson.dumps(body))
-    with pytest.raises(CancellationFailedError, match="not among"):
+    wire.get(
+        f"{BASE}/orders/11",
+        status=200,
+        body=b'{"id": 11, "bags": [{"id": 22, "status": "CANCELED"}]}',
+        repeat=True,
+    )
+    wire.get(REFUNDS, status=200, body=b"[]", repeat=True)
+    with pytest.raises(violet_async.AmbiguousOutcomeError):
+        await client.cancel_bag(11, 22)
+    assert len(sent(wire, "POST", CANCEL)) == 1
+
+
+async def test_cancel_of_another_bag_with_failure_status_is_a_failure(
+    wire: Any, client: VioletClient
+) -> None:
+    """An overall CANCELLATION_FAILURE that does not list our bag is Violet's definite
+    failure: CancellationFailedError, nothing read back."""
+    body = {"status": "CANCELLATION_FAILURE", "cancelled_bags": [], "message": "Shopify said no"}
+    wire.post(CANCEL, status=202, body=orjson.dumps(body))
+    with pytest.raises(CancellationFailedError, match="Shopify said no"):
         await client.cancel_bag(11, 22)
 
 
@@ -386,7 +406,6 @@ async def test_list_accepts_bare_list_and_content_wrapper(wire: Any, client: Vio
         b'{"truncated": ',
         b'{"content": 5}',
         b'"just a string"',
-        b'[{"amount": "x"}]',
         b"\xff\xfe\x00garbage",
     ],
 )
@@ -398,6 +417,19 @@ async def test_malformed_success_bodies_raise_format_error(
     with pytest.raises(ResponseFormatError) as info:
         await client.list_bag_refunds(11, 22)
     assert info.value.body == body
+
+
+async def test_an_unreadable_record_is_skipped_not_fatal(
+    wire: Any, client: VioletClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One record that cannot be read (an amount as a string) is skipped and logged; the
+    readable records are returned, and the read is made once (a 2xx is not weather)."""
+    body = orjson.dumps([{"amount": "x"}, refund_body(id=7)])
+    wire.get(REFUNDS, status=200, body=body, repeat=True)
+    refunds = await client.list_bag_refunds(11, 22)
+    assert [r.id for r in refunds] == [7]
+    assert "1 of 2 refund records could not be read" in caplog.text
+    assert len(sent(wire, "GET", REFUNDS)) == 1
 
 
 async def test_redirect_is_not_followed(wire: Any, client: VioletClient) -> None:

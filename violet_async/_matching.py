@@ -82,7 +82,9 @@ def content(
             near = True
         return Verdict.NEAR if near else Verdict.MATCH
     if request.amount_refunded is not None:
-        if refund.amount != request.amount_refunded:
+        if refund.amount is None:
+            near = True  # a record without its amount may be ours: never a miss
+        elif refund.amount != request.amount_refunded:
             return Verdict.MISS
     elif request.skus is None:
         # A whole-bag refund: the bag must read REFUNDED, and this refund must be what
@@ -107,12 +109,14 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     """``refund`` closed the bag (a whole-bag refund, a cancel): nothing was refunded
     after it, and it refunded what the refunds before it left. Refund ids are taken to
     grow with time; where they do not, this says no, and a person looks."""
-    if refund.id is None or bag.total is None:
+    if refund.id is None or refund.amount is None or bag.total is None:
         return False
     if any(r.id is not None and r.id > refund.id for r in refunds):
         return False  # refunded again after it: it did not close the bag
-    before = sum(r.amount for r in refunds if r.id is not None and r.id < refund.id)
-    return refund.amount == bag.total - before
+    earlier = [r.amount for r in refunds if r.id is not None and r.id < refund.id]
+    if any(amount is None for amount in earlier):
+        return False  # an earlier record without its amount: the rest is unknown
+    return refund.amount == bag.total - sum(a for a in earlier if a is not None)
 
 
 def _timestamp(when: datetime) -> float | None:

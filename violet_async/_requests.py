@@ -146,15 +146,19 @@ class RequestPlumbing:
         first = page = await self._get(path, parse_refund_page, deadline=deadline)
         refunds: dict[int | None, OrderRefund] = {}
         unnamed: list[OrderRefund] = []
+        unreadable = 0
         pages_read = 1
         while True:
+            unreadable += page.unreadable
             for refund in page.refunds:
                 if refund.id is None:
                     unnamed.append(refund)
                 else:
                     refunds.setdefault(refund.id, refund)
             try:
-                wanted = next_page(first, page, pages_read, len(refunds) + len(unnamed))
+                # Skipped records count as read: the server's total counts them too.
+                collected = len(refunds) + len(unnamed) + unreadable
+                wanted = next_page(first, page, pages_read, collected)
             except PagingError as exc:
                 raise self._paging_error(path, str(exc)) from None
             if wanted is None:
@@ -166,7 +170,7 @@ class RequestPlumbing:
             pages_read += 1
             if page.number is not None and page.number != wanted:
                 raise self._paging_error(path, f"asked for page {wanted}, got {page.number}")
-        return RefundPage([*refunds.values(), *unnamed], page.server_time)
+        return RefundPage([*refunds.values(), *unnamed], page.server_time, unreadable=unreadable)
 
     @staticmethod
     def _paging_error(path: str, problem: str) -> ResponseFormatError:

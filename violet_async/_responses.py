@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +28,8 @@ __all__ = [
     "parse_refund_list",
     "parse_refund_page",
 ]
+
+log = logging.getLogger("violet_async.responses")
 
 #: No bag has this many pages of refunds; a server that says so is looping.
 MAX_PAGES = 1_000
@@ -68,11 +71,20 @@ def with_request_id(refund: OrderRefund, headers: Mapping[str, str]) -> OrderRef
 
 
 def parse_refund(resp: RawResponse, path: str) -> OrderRefund:
+    """A refund POST's answer. Its amount is required: a 2xx is only returned as the
+    refund made when it says what was refunded (anything less is an unreadable 2xx,
+    which is read back, never sent again)."""
     data = decode(resp.body, status=resp.status, method="POST", path=path)
     refund = structure(
         data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
     )
+    _require_amount(refund, resp, path, "$.amount")
     return with_request_id(refund, resp.headers)
+
+
+def _require_amount(refund: OrderRefund, resp: RawResponse, path: str, field: str) -> None:
+    if refund.amount is None:
+        raise _format_error(resp, "POST", path, "the refund in the answer has no amount", field)
 
 
 def http_date(value: str | None) -> float | None:
@@ -91,7 +103,11 @@ def http_date(value: str | None) -> float | None:
 
 @attrs.frozen
 class RefundPage:
-    """One answer of a bag's refunds: a bare list, or a page of a Spring page."""
+    """One answer of a bag's refunds: a bare list, or a page of a Spring page.
+
+    ``unreadable`` counts records that were skipped because they could not be read
+    (not an object, a wrong type): such a record may be anyone's refund, so a read with
+    one can never prove a refund absent, nor claim one."""
 
     refunds: list[OrderRefund]
     server_time: float | None
@@ -101,6 +117,7 @@ class RefundPage:
     total_pages: int | None = None
     total_elements: int | None = None
     last: bool | None = None
+    unreadable: int = 0
 
 
 class PagingError(ValueError):
@@ -164,10 +181,43 @@ def parse_refund_page(resp: RawResponse, path: str) -> RefundPage:
         raise _format_error(
             resp, "GET", path, f"expected a list of refunds, got {type(data).__name__}", "$"
         )
-    refunds: list[OrderRefund] = structure(
-        data, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
-    )
-    return RefundPage(refunds, http_date(resp.headers.get("Date")), **meta)
+    refunds, unreadable = _tolerant_refunds(data, resp, path)
+    return RefundPage(refunds, http_date(resp.headers.get("Date")), **meta, unreadable=unreadable)
+
+
+def _tolerant_refunds(
+    items: list[Any], resp: RawResponse, path: str
+) -> tuple[list[OrderRefund], int]:
+    """The records of a list that can be read, and how many could not. One bad record
+    (an older shape, a platform's own refund with a field of another type) must not hide
+    the others: a read-back needs every readable record, and a count of the rest."""
+    try:
+        refunds: list[OrderRefund] = structure(
+            items, list[OrderRefund], body=resp.body, status=resp.status, method="GET", path=path
+        )
+    except ResponseFormatError:
+        pass  # at least one record cannot be read: sort them one by one
+    else:
+        return refunds, 0
+    refunds = []
+    unreadable = 0
+    for item in items:
+        try:
+            refunds.append(
+                structure(
+                    item, OrderRefund, body=resp.body, status=resp.status, method="GET", path=path
+                )
+            )
+        except ResponseFormatError:
+            unreadable += 1
+    if unreadable:
+        log.warning(
+            "GET %s: %d of %d refund records could not be read and were skipped",
+            path,
+            unreadable,
+            len(items),
+        )
+    return refunds, unreadable
 
 
 def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
@@ -176,43 +226,70 @@ def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
 
 
 def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
+    """A cancel's answer: Violet's cancellation body (202, the orders-and-checkout
+    pages) or a bare refund (200, the older order-service page).
+
+    In a cancellation body, this bag's own entry decides: ``CANCELLATION_FAILURE`` is a
+    definite failure (:class:`CancellationFailedError`), a refund is the cancel's
+    refund. Without an entry for this bag, only an overall ``CANCELLATION_FAILURE`` is a
+    failure; any other answer (``{"status": "CANCELED", "cancelled_bags": []}``, a
+    cancelled bag without its refund) is a 2xx that says too little: a
+    :class:`ResponseFormatError`, after which the bag is read back, never cancelled
+    again."""
     data = decode(resp.body, status=resp.status, method="POST", path=path)
-    if not ((isinstance(data, dict) and "cancelled_bags" in data) or _is_cancel_status(data)):
+    if not _is_cancellation(data):
         refund = structure(
             data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
         )
+        _require_amount(refund, resp, path, "$.amount")
         return with_request_id(refund, resp.headers)
     result = structure(
         data, OrderCancellation, body=resp.body, status=resp.status, method="POST", path=path
     )
+    ours = [bag for bag in result.cancelled_bags if bag.bag_id == bag_id]
+    if len(ours) > 1:
+        raise _format_error(
+            resp, "POST", path, f"bag {bag_id} is listed {len(ours)} times", "$.cancelled_bags"
+        )
+    if ours:
+        (bag,) = ours
+        if bag.status is CancelStatus.CANCELLATION_FAILURE:
+            raise CancellationFailedError(
+                f"bag {bag_id} was not cancelled: {result.message or 'CANCELLATION_FAILURE'}",
+                status=str(bag.status),
+                body=resp.body,
+            )
+        if bag.refund is None:
+            raise _format_error(
+                resp,
+                "POST",
+                path,
+                f"bag {bag_id} is {bag.status or 'listed'} but no refund was returned",
+                "$.cancelled_bags.refund",
+            )
+        _require_amount(bag.refund, resp, path, "$.cancelled_bags.refund.amount")
+        return with_request_id(bag.refund, resp.headers)
     if result.status is CancelStatus.CANCELLATION_FAILURE:
         raise CancellationFailedError(
             f"bag {bag_id} was not cancelled: {result.message or 'CANCELLATION_FAILURE'}",
             status=str(result.status),
             body=resp.body,
         )
-    for bag in result.cancelled_bags:
-        if bag.bag_id == bag_id:
-            if bag.refund is None:
-                raise _format_error(
-                    resp,
-                    "POST",
-                    path,
-                    f"bag {bag_id} is cancelled but no refund was returned",
-                    "$.cancelled_bags.refund",
-                )
-            return with_request_id(bag.refund, resp.headers)
-    raise CancellationFailedError(
-        f"bag {bag_id} is not among the cancelled bags ({result.status})",
-        status=str(result.status),
-        body=resp.body,
+    raise _format_error(
+        resp,
+        "POST",
+        path,
+        f"the cancellation ({result.status}) does not list bag {bag_id}",
+        "$.cancelled_bags",
     )
 
 
-def _is_cancel_status(data: Any) -> bool:
-    return (
-        isinstance(data, dict)
-        and "amount" not in data
-        and isinstance(data.get("status"), str)
-        and CancelStatus(data["status"]).is_known
-    )
+def _is_cancellation(data: Any) -> bool:
+    """A cancellation body rather than a bare refund: it lists cancelled bags, or it has
+    no amount and its status is one only a cancellation has."""
+    if not isinstance(data, dict):
+        return False
+    if "cancelled_bags" in data:
+        return True
+    status = data.get("status")
+    return "amount" not in data and isinstance(status, str) and CancelStatus(status).is_known

@@ -2,7 +2,9 @@
 tenacity importer.
 
 Reads (GET) and logins are repeated on every transient failure: a connection error or
-timeout, 408, 429, any 5xx, an unreadable 2xx body. Other 4xx are raised. Refund and
+timeout, 408, 429, any 5xx. Other 4xx are raised, and so is a 2xx whose body cannot be
+read: the server answered, and asking again gets the same body (a body cut short in
+transit is a connection error, and is repeated). Refund and
 cancel POSTs are never repeated here: whether one may be sent again is the refund
 protocol's decision (``_protocol.py``, and README's "Never refund twice").
 
@@ -31,7 +33,6 @@ from ._telemetry import ATTEMPT, count_retry
 from .exceptions import (
     APIConnectionError,
     APIError,
-    ResponseFormatError,
     VioletError,
 )
 
@@ -66,9 +67,9 @@ def classify(exc: BaseException) -> Verdict:
         return Verdict.RETRY
     if isinstance(exc, APIError):
         return Verdict.RETRY if exc.status in SAFE_STATUSES or exc.status >= 500 else Verdict.RAISE
-    if isinstance(exc, ResponseFormatError) and 200 <= exc.status < 300:
-        # A truncated or garbled success body: reading again is harmless.
-        return Verdict.RETRY
+    # Anything else, including a 2xx body that cannot be parsed: the server answered,
+    # and the same request gets the same answer. It is not weather; the caller decides
+    # (a read-back counts it as a failed read, never as absence).
     return Verdict.RAISE
 
 

@@ -1,7 +1,9 @@
 """An order with its bags, as ``GET /orders/{order_id}`` and webhooks carry it.
 
-Read tolerantly: only ids are required; unknown keys are ignored and unknown bag
-statuses kept.
+Read tolerantly: only the order's and bags' ids are required (a bag is found by its
+id); unknown keys are ignored and unknown bag statuses kept. There is no refunded
+quantity on a SKU: Violet does not send one (its lines carry ``quantity_fulfilled``
+and ``status``); what was refunded is in the bag's refund records.
 """
 
 from __future__ import annotations
@@ -19,16 +21,22 @@ __all__ = ["Order", "OrderBag", "OrderSku"]
 class OrderSku:
     """One line of a bag."""
 
-    id: int
+    id: int | None = None
     """ID of the order SKU (what ``SkuRefund.order_sku_id`` refers to)."""
     quantity: int | None = None
     """Units ordered."""
     price: int | None = None
     """Unit price, in cents."""
-    refunded_quantity: int | None = None
-    """Units refunded so far, where Violet reports it."""
     name: str | None = None
     """Product name."""
+    quantity_fulfilled: int | None = None
+    """Units fulfilled (shipped) so far."""
+    status: str | None = None
+    """The line's status, e.g. PROCESSING, SHIPPED, CANCELED, REFUNDED (kept as sent)."""
+    sku_id: int | None = None
+    """ID of the SKU in Violet's catalog."""
+    external_id: str | None = None
+    """ID of the SKU on the merchant's platform."""
 
 
 @attrs.frozen

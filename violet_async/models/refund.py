@@ -65,20 +65,29 @@ class RefundShipping:
 
 @attrs.frozen
 class OrderRefund:
-    """A refund on an order's bag (Violet's "Order Refund")."""
+    """A refund on an order's bag (Violet's "Order Refund").
 
-    order_id: int
+    Every field read from the wire is optional, as in Violet's own OpenAPI (its
+    generated violet-swift SDK makes every property optional): refunds made on the
+    merchant's platform (``EXTERNAL``) and older records leave ids and amounts out, and
+    the spec pages' "required" badges are not a promise a record keeps. What a decision
+    needs (an amount to match a request) is checked where that decision is made.
+    """
+
+    order_id: int | None = None
     """ID of the order being refunded."""
-    merchant_id: int
+    merchant_id: int | None = None
     """ID of the merchant making the refund."""
-    app_id: int
+    app_id: int | None = None
     """ID of the app that created the order."""
-    transaction_id: int
+    transaction_id: int | None = None
     """ID of the transaction being refunded."""
-    gateway_transaction_id: str
-    """ID of the transaction in the payment gateway."""
-    amount: int
-    """Amount refunded, in cents."""
+    gateway_transaction_id: str | None = None
+    """ID of the transaction in the payment gateway (Violet's own examples leave it out,
+    and refunds made on the merchant's platform have none)."""
+    amount: int | None = None
+    """Amount refunded, in cents. None only on a record that did not carry it: such a
+    record is never claimed as a request's refund (a person looks)."""
     id: int | None = None
     """ID of the refund."""
     bag_id: int | None = None
@@ -115,6 +124,8 @@ class OrderRefund:
     """Refunded shipping amounts."""
     tax_amount: int | None = None
     """Tax refunded, in cents."""
+    payment_transaction_id: int | None = None
+    """ID of the payment transaction in Violet (the orders-and-checkout pages)."""
     reconciled: bool = attrs.field(default=False, kw_only=True)
     """Set by the SDK, never read from the wire: True when this refund was found by
     reading the bag back after an ambiguous failure, rather than from the POST answer."""
