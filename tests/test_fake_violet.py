@@ -122,19 +122,43 @@ async def test_unrefundable_states(
 
 
 async def test_cancel_rules(fake: FakeViolet, http: aiohttp.ClientSession) -> None:
-    """Fulfilled bags cannot be cancelled; a cancel refunds what is left."""
+    """Fulfilled bags cannot be cancelled (the platform's refusal: 202 with the bag's
+    CANCELLATION_FAILURE); a cancel refunds what is left, answered with Violet's 202
+    cancellation body."""
     fulfilled = fake.add_order([{"fulfilled": True}])
     bag_id = next(iter(fulfilled.bags))
     status, body = await call(http, fake, "POST", f"/orders/{fulfilled.id}/bags/{bag_id}/cancel")
-    assert (status, body["error_code"]) == (400, 4011)
+    assert (status, body["status"]) == (202, "CANCELLATION_FAILURE")
+    assert [(b["bag_id"], b["status"]) for b in body["cancelled_bags"]] == [
+        (bag_id, "CANCELLATION_FAILURE")
+    ]
+    assert fake.ledger.total_refunds == 0
     order_id, bag_id = fake.seeded[0]
     status, body = await call(
         http, fake, "POST", f"/orders/{order_id}/bags/{bag_id}/cancel", {"reason_code": "FRAUD"}
     )
-    assert status == 200
-    assert body["reason_code"] == "FRAUD"
+    assert (status, body["status"]) == (202, "CANCELED")
+    (entry,) = body["cancelled_bags"]
+    assert entry["bag_id"] == bag_id
+    assert entry["refund"]["amount"] == fake.bag(order_id, bag_id).total
     status, order = await call(http, fake, "GET", f"/orders/{order_id}")
     assert order["bags"][0]["status"] == "CANCELED"
+
+
+async def test_cancel_rules_on_the_older_page(http: aiohttp.ClientSession) -> None:
+    """With ``cancel_response="refund"`` (the older order-service page) a fulfilled bag is
+    a 400 and a cancel answers the bare refund on 200, its reason code kept when the
+    records carry every field."""
+    async with FakeViolet(orders=1, cancel_response="refund", full_records=True) as fake:
+        fulfilled = fake.add_order([{"fulfilled": True}])
+        bag_id = next(iter(fulfilled.bags))
+        path = f"/orders/{fulfilled.id}/bags/{bag_id}/cancel"
+        status, body = await call(http, fake, "POST", path)
+        assert (status, body["error_code"]) == (400, 4011)
+        order_id, bag_id = fake.seeded[0]
+        path = f"/orders/{order_id}/bags/{bag_id}/cancel"
+        status, body = await call(http, fake, "POST", path, {"reason_code": "FRAUD"})
+        assert (status, body["reason_code"]) == (200, "FRAUD")
 
 
 async def test_unknown_resources_are_404(fake: FakeViolet, http: aiohttp.ClientSession) -> None:

@@ -19,6 +19,7 @@ from violet_async import BagStatus
 from violet_async.testing import FakeClock, FakeViolet
 from violet_async.testing._webhook_sender import WebhookSender
 from violet_async.webhooks import (
+    DEFAULT_MAX_AGE,
     ClaimResult,
     InMemoryDedupStore,
     WebhookBusyError,
@@ -224,21 +225,25 @@ async def test_bag_id_defaults_to_the_only_bag() -> None:
     assert WebhookReceiver(SECRET).parse(headers, body).bag_id == 22
 
 
-async def test_old_event_is_refused_by_age() -> None:
-    """An order last modified over max_age ago is refused; a fresh one or max_age=None
-    passes; max_age may not outlast the in-memory store's ttl."""
+async def test_old_event_is_refused_by_age_only_when_asked() -> None:
+    """By default no real event is refused for its age (Violet does not document that an
+    order's date_last_modified moves on a bag refund): a refund event on a month-old
+    order is accepted. With max_age set, an order last modified over it ago is refused;
+    max_age may not outlast the in-memory store's ttl."""
     modified = "2024-01-01T00:00:00Z"
     then = 1_704_067_200.0
     body = order_body(date_last_modified=modified)
-    receiver = WebhookReceiver(SECRET, clock=lambda: then + 47 * 3600)
+    default = WebhookReceiver(SECRET, clock=lambda: then + 30 * 24 * 3600)
+    assert default.max_age is None
+    assert default.parse(signed_headers(body), body).order_id == 11
+    receiver = WebhookReceiver(SECRET, max_age=DEFAULT_MAX_AGE, clock=lambda: then + 47 * 3600)
     assert receiver.parse(signed_headers(body), body).order_id == 11
-    late = WebhookReceiver(SECRET, clock=lambda: then + 49 * 3600)
+    late = WebhookReceiver(SECRET, max_age=DEFAULT_MAX_AGE, clock=lambda: then + 49 * 3600)
     with pytest.raises(WebhookPayloadError, match="max_age"):
         late.parse(signed_headers(body), body)
-    off = WebhookReceiver(SECRET, max_age=None, clock=lambda: then + 1e9)
-    assert off.parse(signed_headers(body), body).order_id == 11
     with pytest.raises(ValueError, match="max_age"):
-        WebhookReceiver(SECRET, dedup=InMemoryDedupStore(ttl=3600))
+        WebhookReceiver(SECRET, max_age=DEFAULT_MAX_AGE, dedup=InMemoryDedupStore(ttl=3600))
+    assert WebhookReceiver(SECRET, dedup=InMemoryDedupStore(ttl=3600)).max_age is None
     with pytest.raises(ValueError, match="app_secret"):
         WebhookReceiver("")
 

@@ -245,8 +245,9 @@ def _add_fake_server(sub: Any) -> None:
     serve.add_argument(
         "--cancel-response",
         choices=("refund", "cancellation"),
-        default="refund",
-        help="the shape of a cancel's answer",
+        default="cancellation",
+        help="the shape of a cancel's answer: Violet's 202 cancellation body (default) "
+        "or the bare refund on 200 of the older page",
     )
     serve.set_defaults(handler=_run_fake_server)
 

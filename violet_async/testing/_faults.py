@@ -132,6 +132,15 @@ class ServerQuirks:
     JSON array."""
     page_keys: str = attrs.field(default="snake")
     """``"snake"`` (``total_pages``...) or ``"camel"`` (``totalPages``...)."""
+    bag_status_lag: float = 0.0
+    """After a refund or cancel, ``GET /orders/{id}`` (and webhook payloads) keep
+    showing the bag's earlier status for this many seconds (fake's clock): after
+    submission a bag's status is the merchant platform's to report, and Shopify can take
+    about ten minutes. The refund list is not affected."""
+    full_records: bool = False
+    """Refund records carry every field of the spec page (``gateway_transaction_id``,
+    transfer reversal amounts, ``reason_code``, ``platform_currency``, ``tax_amount``).
+    Off: the fields of Violet's own get-bag-refunds example only."""
 
     @page_keys.validator
     def _check_page_keys(self, _: object, value: str) -> None:

@@ -21,7 +21,16 @@ from .._client import VioletClient
 from ._clock import RealClock, ServerClock
 from ._faults import COMMIT_FAULTS, Fault, FaultDrawer, FaultPlan, FaultScript, ServerQuirks
 from ._ratelimit import AppRateLimit
-from ._state import FakeBag, FakeOrder, Ledger, Post, RuleViolation, Store
+from ._state import (
+    FakeBag,
+    FakeOrder,
+    Ledger,
+    Post,
+    RuleViolation,
+    Store,
+    cancellation_body,
+    cancellation_failure_body,
+)
 from ._webhook_sender import WebhookSender
 from ._wire import (
     GATEWAY_FAULTS,
@@ -82,8 +91,15 @@ class FakeViolet:
     The server's standing quirks come from ``faults.quirks`` (:class:`ServerQuirks`);
     the keywords ``list_lag``, ``list_lag_rate``, ``naive_dates``,
     ``server_utc_offset_hours``, ``missing_dates``, ``server_clock_skew``,
-    ``trim_reasons``, ``page_size`` and ``page_keys`` override it one by one (None:
-    the plan's value).
+    ``trim_reasons``, ``page_size``, ``page_keys``, ``bag_status_lag`` and
+    ``full_records`` override it one by one (None: the plan's value).
+
+    It answers in Violet's documented shapes by default: a cancel answers **202** with
+    the cancellation body (``cancel_response="refund"``: the bare refund on 200 of the
+    older order-service page), refund records carry the fields of Violet's own
+    examples only, and :meth:`another_actor_refund` makes an ``EXTERNAL`` refund, as
+    one made on the merchant's platform shows. docs/testing.md lists what it models
+    and what it cannot know.
 
     ``host`` may be an IPv6 literal (``"::1"`` gives ``http://[::1]:PORT/v1``); a
     wildcard bind (``"0.0.0.0"``, ``"::"``) gets a loopback ``base_url``, since the SDK
@@ -97,7 +113,7 @@ class FakeViolet:
         seed: int = 0,
         faults: FaultPlan | None = None,
         token_lifetime: float = 24 * 3600.0,
-        cancel_response: str = "refund",
+        cancel_response: str = "cancellation",
         host: str = "127.0.0.1",
         port: int = 0,
         app_id: int = 10_001,
@@ -118,6 +134,8 @@ class FakeViolet:
         page_size: int | None = None,
         page_keys: str | None = None,
         rate_limit: float | None = None,
+        bag_status_lag: float | None = None,
+        full_records: bool | None = None,
     ) -> None:
         if cancel_response not in ("refund", "cancellation"):
             raise ValueError("cancel_response must be 'refund' or 'cancellation'")
@@ -140,6 +158,8 @@ class FakeViolet:
                 "trim_reasons": trim_reasons,
                 "page_size": page_size,
                 "page_keys": page_keys,
+                "bag_status_lag": bag_status_lag,
+                "full_records": full_records,
             }.items()
             if value is not None
         }
@@ -273,7 +293,7 @@ class FakeViolet:
     def _on_commit(self, bag: FakeBag, record: dict[str, Any]) -> None:
         if self.webhooks.urls:
             topic = "ORDER_CANCELLED" if bag.status == "CANCELED" else "ORDER_REFUNDED"
-            order = self.store.order(bag.order_id).to_json()
+            order = self.store.order(bag.order_id).to_json(self.clock.monotonic())
             self.webhooks.send(topic, bag.order_id, bag.id, orjson.dumps(order))
 
     def expire_tokens(self) -> None:
@@ -315,12 +335,14 @@ class FakeViolet:
         reason: str | None = None,
         age_seconds: float = 0.0,
         date: str | _Now | None = _Now.NOW,
-        status: str = "COMPLETED",
+        status: str = "EXTERNAL",
     ) -> dict[str, Any]:
-        """Commit a refund as another system would (a merchant's dashboard, another
-        worker), ``age_seconds`` ago. ``date`` overrides ``date_created`` (None makes
-        it null). Counted in ``ledger.external_refunds_per_bag``, not
-        ``refunds_per_bag``. Returns the record."""
+        """Commit a refund as another system would, ``age_seconds`` ago. By default it
+        is one made on the merchant's platform (its dashboard): status ``EXTERNAL``, no
+        transaction ids. ``status="COMPLETED"`` makes it another Violet client's.
+        ``date`` overrides ``date_created`` (None makes it null). Counted in
+        ``ledger.external_refunds_per_bag``, not ``refunds_per_bag``. Returns the
+        record."""
         body: dict[str, Any] = {"amount_refunded": amount, "reason": reason}
         record = self.store.commit_refund(
             self.bag(order_id, bag_id),
@@ -435,8 +457,10 @@ class FakeViolet:
             try:
                 self.store.check_cancel(bag)
             except RuleViolation as violation:
-                if self.cancel_response == "cancellation":
-                    return self._cancellation_failure(order_id, violation.message)
+                # A state Violet checks itself is its 400; a fulfilled order is the
+                # platform's refusal, which the cancellation body reports per bag.
+                if self.cancel_response == "cancellation" and violation.error_code == 4011:
+                    return self._cancellation_failure(order_id, bag, violation.message)
                 raise
 
             def commit(recheck: bool) -> dict[str, Any]:
@@ -454,7 +478,7 @@ class FakeViolet:
         if fault is not None and fault in COMMIT_FAULTS:
             return await self._after_commit_fault(fault, request, record)
         if route == "cancel" and self.cancel_response == "cancellation":
-            return self._ok(_cancellation(order_id, self.app_id, bag, record), status=202)
+            return self._ok(cancellation_body(self.app_id, bag, record), status=202)
         return self._ok(record)
 
     async def _list_refunds(self, request: web.Request) -> web.Response:
@@ -492,7 +516,7 @@ class FakeViolet:
         order_id = _int(request.match_info["order_id"])
         await self._maybe_fault("get_order", None, mutating=False)
         self._check_token(request)
-        return self._ok(self.store.order(order_id).to_json())
+        return self._ok(self.store.order(order_id).to_json(self.clock.monotonic()))
 
     # -- faults -----------------------------------------------------------------
 
@@ -642,15 +666,8 @@ class FakeViolet:
     def _error(self, status: int, message: str, error_code: int) -> web.Response:
         return violet_error(status, message, error_code, self.store.server_time())
 
-    def _cancellation_failure(self, order_id: int, message: str) -> web.Response:
-        body = {
-            "order_id": order_id,
-            "app_id": self.app_id,
-            "status": "CANCELLATION_FAILURE",
-            "cancelled_bags": [],
-            "message": message,
-        }
-        return self._ok(body, status=202)
+    def _cancellation_failure(self, order_id: int, bag: FakeBag, message: str) -> web.Response:
+        return self._ok(cancellation_failure_body(self.app_id, bag, message), status=202)
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -672,27 +689,6 @@ def _int(text: str) -> int:
 
 def _ids(request: web.Request) -> tuple[int, int]:
     return _int(request.match_info["order_id"]), _int(request.match_info["bag_id"])
-
-
-def _cancellation(
-    order_id: int, app_id: int, bag: FakeBag, record: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "order_id": order_id,
-        "app_id": app_id,
-        "status": "CANCELED",
-        "cancelled_bags": [
-            {
-                "bag_id": bag.id,
-                "external_order_id": f"ext-order-{bag.id}",
-                "status": "CANCELED",
-                "originated_by": "APP",
-                "date_cancelled": record["date_created"],
-                "refund": record,
-            }
-        ],
-        "message": None,
-    }
 
 
 #: ``export VIOLET_...=`` names that ``violet-async fake-server`` prints, and the keys

@@ -3,6 +3,12 @@
 The rules are Violet's as the spec pages state them: refundable and cancellable
 states, amounts and quantities that never go below zero, shipping bounded by what
 was paid, bag status moving to PARTIALLY_REFUNDED / REFUNDED / CANCELED.
+
+The shapes are Violet's documented examples: refund records carry what the
+get-bag-refunds example carries (no ``gateway_transaction_id``, no transfer reversal
+amounts; ``ServerQuirks.full_records`` adds every field of the spec page), refunds made
+on the merchant's platform are ``EXTERNAL`` without transaction ids, and order SKUs
+carry ``quantity_fulfilled`` and ``status`` (Violet sends no refunded quantity).
 """
 
 from __future__ import annotations
@@ -19,7 +25,18 @@ import attrs
 from ._clock import RealClock, ServerClock
 from ._faults import ServerQuirks
 
-__all__ = ["Commit", "FakeBag", "FakeOrder", "FakeSku", "Ledger", "Post", "RuleViolation", "Store"]
+__all__ = [
+    "Commit",
+    "FakeBag",
+    "FakeOrder",
+    "FakeSku",
+    "Ledger",
+    "Post",
+    "RuleViolation",
+    "Store",
+    "cancellation_body",
+    "cancellation_failure_body",
+]
 
 REFUNDABLE_BLOCKED = frozenset({"IN_PROGRESS", "REFUNDED", "CANCELED"})
 CANCELLABLE = frozenset({"ACCEPTED", "SUBMITTED", "COMPLETED", "PARTIALLY_REFUNDED"})
@@ -57,6 +74,7 @@ class FakeSku:
     price: int
     """Unit price in cents."""
     refunded_quantity: int = 0
+    """The fake's own count, for its rules; never sent (Violet sends none)."""
 
 
 @attrs.define
@@ -73,6 +91,18 @@ class FakeBag:
     refunded_amount: int = 0
     refunded_shipping: int = 0
     refunds: list[dict[str, Any]] = attrs.Factory(list)
+    shown_status: str | None = None
+    """The status the order still shows while ``bag_status_lag`` runs (None: the real
+    one)."""
+    status_shown_until: float = 0.0
+    """The fake's monotonic clock time the lagging status ends."""
+
+    def visible_status(self, now: float) -> str:
+        """What ``GET /orders/{id}`` shows at ``now``: the platform reports a change
+        minutes after it (``ServerQuirks.bag_status_lag``)."""
+        if self.shown_status is not None and now < self.status_shown_until:
+            return self.shown_status
+        return self.status
 
     @property
     def total(self) -> int:
@@ -82,17 +112,18 @@ class FakeBag:
     def remaining(self) -> int:
         return self.total - self.refunded_amount
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, now: float = math.inf) -> dict[str, Any]:
+        status = self.visible_status(now)
         financial = {
             "REFUNDED": "REFUNDED",
             "PARTIALLY_REFUNDED": "PARTIALLY_REFUNDED",
             "CANCELED": "REFUNDED",
-        }.get(self.status, "PAID")
+        }.get(status, "PAID")
         return {
             "id": self.id,
             "order_id": self.order_id,
             "merchant_id": self.merchant_id,
-            "status": self.status,
+            "status": status,
             "financial_status": financial,
             "fulfillment_status": "FULFILLED" if self.fulfilled else "PROCESSING",
             "currency": self.currency,
@@ -105,7 +136,8 @@ class FakeBag:
                     "id": s.order_sku_id,
                     "quantity": s.quantity,
                     "price": s.price,
-                    "refunded_quantity": s.refunded_quantity,
+                    "quantity_fulfilled": s.quantity if self.fulfilled else 0,
+                    "status": _sku_status(status, self.fulfilled),
                 }
                 for s in self.skus
             ],
@@ -118,12 +150,20 @@ class FakeOrder:
     app_id: int
     bags: dict[int, FakeBag] = attrs.Factory(dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, now: float = math.inf) -> dict[str, Any]:
+        """The order as Violet shows it at ``now`` (the fake's monotonic clock; the
+        default shows every bag's real status)."""
         return {
             "id": self.id,
             "app_id": self.app_id,
-            "bags": [b.to_json() for b in self.bags.values()],
+            "bags": [b.to_json(now) for b in self.bags.values()],
         }
+
+
+def _sku_status(bag_status: str, fulfilled: bool) -> str:
+    if bag_status in ("CANCELED", "REFUNDED"):
+        return bag_status
+    return "SHIPPED" if fulfilled else "PROCESSING"
 
 
 @attrs.define
@@ -380,26 +420,28 @@ class Store:
             )
         bag.refunded_amount += amount
         bag.refunded_shipping += shipping
+        lag = self.quirks.bag_status_lag
+        if lag > 0:
+            # The platform reports the change minutes later: until then the order shows
+            # the status from before this refund (or from before an earlier one, still
+            # lagging).
+            monotonic = self.clock.monotonic()
+            bag.shown_status = bag.visible_status(monotonic)
+            bag.status_shown_until = monotonic + lag
         if body.get("_cancel"):
             bag.status = "CANCELED"
         else:
             bag.status = "REFUNDED" if bag.remaining == 0 else "PARTIALLY_REFUNDED"
+        platform = status == "EXTERNAL"
         record: dict[str, Any] = {
             "id": refund_id,
             "order_id": bag.order_id,
             "bag_id": bag.id,
             "merchant_id": bag.merchant_id,
             "app_id": self.app_id,
-            "transaction_id": 600_000 + bag.id,
-            "gateway_transaction_id": f"pi_fake_{bag.id}",
+            "transaction_id": None if platform else 600_000 + bag.id,
             "amount": amount,
-            "merchant_transfer_reversal_amount_usd": amount * 9 // 10,
-            "developer_transfer_reversal_amount_usd": amount - amount * 9 // 10,
-            "merchant_transfer_reversal_amount_platform_currency": amount * 9 // 10,
-            "developer_transfer_reversal_amount_platform_currency": amount - amount * 9 // 10,
-            "reason_code": body.get("reason_code", "OTHER"),
             "refund_currency": bag.currency,
-            "platform_currency": "USD",
             "status": status,
             "skus": sku_records,
             "date_created": None
@@ -408,15 +450,31 @@ class Store:
             "date_last_modified": render_date(now, refund_id + 1, self.quirks),
             "external_id": f"ext-refund-{refund_id}",
             "errors": [],
-            "shipping": {
+        }
+        if platform:
+            del record["transaction_id"]  # made on the platform: no Violet transaction
+        if shipping:
+            record["shipping"] = {
                 "amount": shipping,
                 "tax_amount": 0,
                 "full_refund": shipping == bag.shipping,
             }
-            if shipping
-            else None,
-            "tax_amount": None,
-        }
+        if self.quirks.full_records:
+            # Every field of the spec page, as the refund-bag example shows them.
+            record.update(
+                {
+                    "gateway_transaction_id": None if platform else f"pi_fake_{bag.id}",
+                    "merchant_transfer_reversal_amount_usd": amount * 9 // 10,
+                    "developer_transfer_reversal_amount_usd": amount - amount * 9 // 10,
+                    "merchant_transfer_reversal_amount_platform_currency": amount * 9 // 10,
+                    "developer_transfer_reversal_amount_platform_currency": amount
+                    - amount * 9 // 10,
+                    "reason_code": body.get("reason_code", "OTHER"),
+                    "platform_currency": "USD",
+                    "shipping": record.get("shipping"),
+                    "tax_amount": None,
+                }
+            )
         reason = body.get("reason")
         if isinstance(reason, str):
             record["reason"] = reason.strip() if self.quirks.trim_reasons else reason
@@ -469,6 +527,50 @@ class Store:
             "reason_code": body.get("reason_code", "OTHER"),
         }
         return self.commit_refund(bag, cancel_body, (bag.remaining, 0, []), route="cancel")
+
+
+def cancellation_body(app_id: int, bag: FakeBag, record: dict[str, Any]) -> dict[str, Any]:
+    """Violet's 202 answer to a bag cancel that applied (the orders-and-checkout page's
+    example, with this bag and its refund)."""
+    return {
+        "order_id": bag.order_id,
+        "app_id": app_id,
+        "status": "CANCELED",
+        "cancelled_bags": [
+            {
+                "order_id": bag.order_id,
+                "bag_id": bag.id,
+                "merchant_id": bag.merchant_id,
+                "external_order_id": f"ext-order-{bag.id}",
+                "status": "CANCELED",
+                "originated_by": "VIOLET",
+                "date_cancelled": record["date_created"],
+                "refund": record,
+            }
+        ],
+        "message": "All external orders were cancelled.",
+    }
+
+
+def cancellation_failure_body(app_id: int, bag: FakeBag, message: str) -> dict[str, Any]:
+    """Violet's 202 answer to a bag cancel the merchant's platform refused: the bag's
+    own status is CANCELLATION_FAILURE, and nothing was refunded."""
+    return {
+        "order_id": bag.order_id,
+        "app_id": app_id,
+        "status": "CANCELLATION_FAILURE",
+        "cancelled_bags": [
+            {
+                "order_id": bag.order_id,
+                "bag_id": bag.id,
+                "merchant_id": bag.merchant_id,
+                "external_order_id": f"ext-order-{bag.id}",
+                "status": "CANCELLATION_FAILURE",
+                "originated_by": "VIOLET",
+            }
+        ],
+        "message": message,
+    }
 
 
 def _nonneg_int(value: object, field: str) -> int:

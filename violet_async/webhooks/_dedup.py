@@ -48,7 +48,8 @@ class DedupStore(Protocol):
         ...
 
     async def done(self, key: str) -> None:
-        """Mark ``key`` handled (kept for the store's retention, at least 48 h)."""
+        """Mark ``key`` handled (kept for the store's retention, well past Violet's
+        24 h of retries: this is what keeps replays out)."""
         ...
 
     async def release(self, key: str) -> None:
@@ -62,9 +63,9 @@ class InMemoryDedupStore:
 
     Each key is kept as a 16-byte BLAKE2b digest with a float expiry, whatever the key's
     length: at most ``max_entries`` handled keys (oldest dropped first) for ``ttl``
-    seconds, and at most ``max_entries`` claims. ``ttl`` must outlast the receiver's
-    ``max_age`` (48 h by default) so an old replay is refused by age once it is
-    forgotten here; the default is 72 h.
+    seconds, and at most ``max_entries`` claims. The retention is what keeps a replay
+    out (the receiver refuses nothing by age unless given ``max_age``, which must not
+    exceed it); the default, 72 h, outlasts Violet's 24 h of retries three times.
     """
 
     digest_size = 16

@@ -116,9 +116,10 @@ CREATE INDEX IF NOT EXISTS done_at ON done (done_at);
 class SQLiteEventStore:
     """The default :class:`EventStore`: one SQLite file (WAL, fsync on commit).
 
-    Handled keys are remembered for ``done_ttl`` seconds (72 h by default, longer than
-    the receiver's 48 h ``max_age``), so a redelivery after a restart is still a
-    duplicate. Rows hold fixed-size key digests; bodies only while queued.
+    Handled keys are remembered for ``done_ttl`` seconds (72 h by default, three times
+    Violet's 24 h of retries, and no shorter than a receiver's ``max_age`` if one is
+    set), so a redelivery after a restart is still a duplicate. Rows hold fixed-size
+    key digests; bodies only while queued.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, done_ttl: float = 72 * 3600.0) -> None:

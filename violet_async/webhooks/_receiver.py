@@ -56,7 +56,12 @@ BAG_ID_HEADER = "X-Violet-Bag-Id"
 TOPIC_HEADER = "X-Violet-Topic"
 #: Violet's payload is one order; anything this large is not one.
 DEFAULT_MAX_BODY = 1 << 20
-#: Violet retries for 24 h; a signed body older than this is a replay, not a retry.
+#: An age limit callers may opt into (``max_age=DEFAULT_MAX_AGE``); off by default.
+#: Violet retries for 24 h, but it does not document that an order's
+#: ``date_last_modified`` moves when one of its bags is refunded or cancelled (order
+#: events fire on bag changes), so a real event can carry an old date: refusing it
+#: would fail every retry and count against the webhook's failure rate (Violet disables
+#: endpoints that keep failing). Replays are kept out by the dedup store's retention.
 DEFAULT_MAX_AGE = 48 * 3600.0
 #: A claim outlives the longest a handler lets a callback run (60 s by default).
 DEFAULT_CLAIM_TTL = 120.0
@@ -75,15 +80,20 @@ def sign(raw_body: bytes, app_secret: str) -> str:
 
 
 class WebhookEventType(_OpenEnum):
-    """Webhook topics (unknown ones are kept, ``is_known == False``)."""
+    """Violet's order webhook topics, from its Webhook Events page (unknown ones are
+    kept, ``is_known == False``). Order events fire on changes to a bag, and Violet
+    sends ORDER_UPDATED alongside each specific one: act on the order's state."""
 
-    ORDER_REFUNDED = "ORDER_REFUNDED"
-    ORDER_CANCELLED = "ORDER_CANCELLED"  # double L, as Violet spells it
+    ORDER_ACCEPTED = "ORDER_ACCEPTED"
     ORDER_UPDATED = "ORDER_UPDATED"
     ORDER_COMPLETED = "ORDER_COMPLETED"
     ORDER_SHIPPED = "ORDER_SHIPPED"
     ORDER_DELIVERED = "ORDER_DELIVERED"
-    ORDER_FAILED = "ORDER_FAILED"
+    ORDER_REFUNDED = "ORDER_REFUNDED"
+    ORDER_RETURNED = "ORDER_RETURNED"
+    ORDER_CANCELLED = "ORDER_CANCELLED"  # double L, as the Webhook Events page spells it
+    ORDER_CANCELED = "ORDER_CANCELED"
+    """One L, as the Webhook Event resource's ``event_type`` enum spells it."""
 
 
 class WebhookError(VioletError):
@@ -97,8 +107,8 @@ class WebhookSignatureError(WebhookError):
 
 class WebhookPayloadError(WebhookError):
     """A signed body that is not a readable order, a malformed ``X-Violet-*`` header,
-    a header that disagrees with the body, or an event older than ``max_age``
-    (HTTP 400)."""
+    a header that disagrees with the body, or (only with ``max_age`` set) an order older
+    than ``max_age`` (HTTP 400)."""
 
 
 class WebhookTooLargeError(WebhookPayloadError):
@@ -171,9 +181,13 @@ class WebhookReceiver:
     """Framework-neutral: :meth:`parse` verifies and reads one webhook; :meth:`receive`
     also claims it; after handling call :meth:`done`, or :meth:`release` on failure.
 
-    ``max_age`` (seconds, None = off): an order whose ``date_last_modified`` is older
-    is refused (400). It must not exceed the dedup store's retention, so a replay is
-    caught either by the store or by its age. ``clock`` is wall time.
+    ``max_age`` (seconds; None, the default, is off): an order whose
+    ``date_last_modified`` is older is refused (400). Off by default because Violet does
+    not document that the order's date moves when a bag is refunded or cancelled: a
+    real event may carry an old date. Replays are kept out by the dedup store, for its
+    retention (72 h by default, three times Violet's 24 h of retries). Set ``max_age``
+    only if your orders' dates are known to move; it must not exceed the store's
+    retention. ``clock`` is wall time.
     """
 
     def __init__(
@@ -182,7 +196,7 @@ class WebhookReceiver:
         *,
         dedup: DedupStore | None = None,
         max_body: int = DEFAULT_MAX_BODY,
-        max_age: float | None = DEFAULT_MAX_AGE,
+        max_age: float | None = None,
         claim_ttl: float = DEFAULT_CLAIM_TTL,
         clock: Callable[[], float] = time.time,
     ) -> None:

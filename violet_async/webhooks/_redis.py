@@ -47,8 +47,9 @@ return 0
 class RedisDedupStore:
     """Claims and handled keys in Redis, shared by every receiver that uses it.
 
-    ``retention`` (seconds a handled key is remembered) must outlast the receiver's
-    ``max_age`` (48 h by default); the default is 72 h.
+    ``retention`` (seconds a handled key is remembered) is what keeps replays out (the
+    receiver refuses nothing by age unless given ``max_age``, which it must outlast);
+    the default, 72 h, is three times Violet's 24 h of retries.
     """
 
     def __init__(

@@ -24,7 +24,7 @@ from yarl import URL
 from ..._transport import RawResponse, Timeouts
 from ...exceptions import APIConnectionError, APITimeoutError
 from .._faults import ServerQuirks
-from .._state import FakeBag, RuleViolation, Store
+from .._state import FakeBag, RuleViolation, Store, cancellation_body, cancellation_failure_body
 from ._vloop import SimClock
 
 __all__ = ["ASK_LABEL", "SimCommit", "SimFault", "SimTransport", "SimViolet"]
@@ -185,8 +185,12 @@ class SimViolet:
 
     def other_actor_refund(self, bag: FakeBag, amount: int, reason: str) -> None:
         try:
+            # Made on the merchant's platform: Violet lists it as EXTERNAL.
             record = self.store.commit_refund(
-                bag, {"amount_refunded": amount, "reason": reason}, route="external"
+                bag,
+                {"amount_refunded": amount, "reason": reason},
+                status="EXTERNAL",
+                route="external",
             )
         except RuleViolation as exc:
             self.note(f"ACTOR refund {amount} on bag {bag.id} refused: {exc.message}")
@@ -417,7 +421,7 @@ class SimViolet:
     def _read(self, parts: list[str], query: Mapping[str, str]) -> RawResponse:
         order = self.store.order(int(parts[1]))
         if len(parts) == 2:
-            return self._json(order.to_json())
+            return self._json(order.to_json(self.clock.monotonic()))
         bag = self.store.bag(order.id, int(parts[3]))
         shown = [r for r in bag.refunds if self.store.visible(r)]
         cap = self.store.quirks.page_size
@@ -458,7 +462,15 @@ class SimViolet:
             return record
 
         if action == "cancel":
-            self.store.check_cancel(bag)
+            try:
+                self.store.check_cancel(bag)
+            except RuleViolation as violation:
+                if violation.error_code != 4011:
+                    raise
+                # The platform's refusal (a fulfilled order): 202, the bag's own status
+                # CANCELLATION_FAILURE, as Violet's cancellation body reports it.
+                refused = cancellation_failure_body(self.app_id, bag, violation.message)
+                return self._json(refused, status=202), None
             checked = None
         else:
             checked = self.store.check_refund(bag, data)
@@ -480,7 +492,11 @@ class SimViolet:
             return self._gateway(fault.status if fault else 502), None
         if kind == "violet_after":
             return self._error(fault.status if fault else 500, "Internal error", 5000), None
-        answer = self._json(record)
+        if action == "cancel":
+            # Violet's cancellation body, 202 (the orders-and-checkout pages).
+            answer = self._json(cancellation_body(self.app_id, bag, record), status=202)
+        else:
+            answer = self._json(record)
         if kind == "garbled_after":
             return RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2]), None
         return answer, None
