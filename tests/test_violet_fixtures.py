@@ -290,6 +290,57 @@ async def test_a_list_with_an_unreadable_record_still_reads() -> None:
     assert server.requests == ["GET refunds"]
 
 
+async def test_an_unreadable_record_keeps_a_read_back_from_claiming_or_resending() -> None:
+    """A dropped answer on a bag whose list holds a record that cannot be read (it may be
+    this ask's own): the read-back never claims the readable look-alike and never proves
+    absence; the ask ends pending after one POST."""
+    clock = FakeClock()
+
+    def ours() -> dict[str, Any]:
+        record = copy.deepcopy(fixture("order-service-get-bag-refunds.json")[0])
+        record.update(order_id=11111, bag_id=22222, date_created=violet_date(clock.time()))
+        return record
+
+    violet_500 = {"status": 500, "message": "Internal error", "error_code": 5000}
+    server = Scripted(
+        clock,
+        post=(500, violet_500),
+        commit=ours,
+        refunds=[{"id": 1, "amount": "25.00"}, platform_refund(clock, 700)],
+    )
+    async with scripted_client(server) as client:
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(
+                11111, 22222, amount_refunded=2500, reason="Item is out of stock."
+            )
+    assert info.value.pending is not None
+    assert server.requests.count("POST refunds") == 1
+
+
+async def test_a_failed_bag_entry_with_a_refund_is_read_back() -> None:
+    """A bag entry saying CANCELLATION_FAILURE beside a refund is contradictory: money may
+    have moved, so it is never a definite failure; the bag is read back (one POST)."""
+    clock = FakeClock()
+    body = fixture("order-service-cancel-bag.json")
+    body["cancelled_bags"][0]["status"] = "CANCELLATION_FAILURE"
+
+    def cancel_refund() -> dict[str, Any]:
+        refund: dict[str, Any] = copy.deepcopy(body["cancelled_bags"][0]["refund"])
+        refund["date_created"] = violet_date(clock.time())
+        return refund
+
+    server = Scripted(
+        clock,
+        post=(202, body),
+        commit=cancel_refund,
+        order={"id": 10000, "bags": [{"id": 11111, "status": "CANCELED", "total": 9900}]},
+    )
+    async with scripted_client(server) as client:
+        refund = await client.cancel_bag(10000, 11111)
+    assert (refund.id, refund.reconciled) == (99999, True)
+    assert server.requests.count("POST cancel") == 1
+
+
 async def test_cancel_answered_canceled_without_bags_is_read_back_not_a_failure() -> None:
     """Issue 24 row 4: ``{"status": "CANCELED", "cancelled_bags": []}`` (it applied) is
     not a definite CancellationFailedError: the bag is read back, and the cancel's

@@ -88,7 +88,7 @@ class RequestPlumbing:
         or for an ask that reads before sending)."""
         return BagIO(
             send_once=partial(self._attempt, "POST", path, body, parse),
-            read_refunds=partial(self._read_refunds, self._bag_path(order_id, bag_id, "refunds")),
+            read_refunds=partial(self._read_back, self._bag_path(order_id, bag_id, "refunds")),
             read_order=partial(self._read_order, order_id),
             bag_id=bag_id,
             path=path,
@@ -171,6 +171,24 @@ class RequestPlumbing:
             if page.number is not None and page.number != wanted:
                 raise self._paging_error(path, f"asked for page {wanted}, got {page.number}")
         return RefundPage([*refunds.values(), *unnamed], page.server_time, unreadable=unreadable)
+
+    async def _read_back(self, path: str, deadline: float | None) -> RefundPage:
+        """A read-back of the bag's refunds for the protocol. A record that could not be
+        read may be anyone's refund, this ask's included: until the protocol weighs
+        ``RefundPage.unreadable`` itself, such a read counts as a failed read (the ask
+        reads again, then stays pending), never as absence and never as a claim."""
+        page = await self._read_refunds(path, deadline)
+        if page.unreadable:
+            raise ResponseFormatError(
+                f"GET {path}: {page.unreadable} refund record(s) could not be read; a "
+                "read-back cannot rule them out",
+                body=b"",
+                status=200,
+                field="$[*]",
+                method="GET",
+                path=path,
+            )
+        return page
 
     @staticmethod
     def _paging_error(path: str, problem: str) -> ResponseFormatError:

@@ -254,6 +254,16 @@ def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
     if ours:
         (bag,) = ours
         if bag.status is CancelStatus.CANCELLATION_FAILURE:
+            if bag.refund is not None:
+                # "Not cancelled" beside a refund: money may have moved. Never a
+                # definite failure (a caller would refund again): read back.
+                raise _format_error(
+                    resp,
+                    "POST",
+                    path,
+                    f"bag {bag_id} is CANCELLATION_FAILURE but carries a refund",
+                    "$.cancelled_bags.refund",
+                )
             raise CancellationFailedError(
                 f"bag {bag_id} was not cancelled: {result.message or 'CANCELLATION_FAILURE'}",
                 status=str(bag.status),
