@@ -7,13 +7,17 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
+import orjson
 import pytest
 from cattrs import ClassValidationError
 from hypothesis import example, given
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from violet_async import OrderRefund, ReasonCode, RefundStatus, ResponseFormatError
 from violet_async._converter import _fast_structure_fn, converter, parse_datetime, structure
+from violet_async._responses import parse_refund_page
+from violet_async._transport import RawResponse
 from violet_async.models import OrderCancellation
 
 from .samples import refund_body
@@ -279,3 +283,26 @@ def test_the_generated_function_handles_defaults_factories_and_validators() -> N
     )
     with pytest.raises(ClassValidationError):
         fast({"name": "c", "score": -1}, _Tally)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"), [({"skus": [[]]}, "$.skus[0]"), ({"shipping": []}, "$.shipping")]
+)
+def test_a_nested_value_that_is_not_an_object_is_never_an_empty_record(
+    overrides: dict[str, Any], field: str
+) -> None:
+    """With every field optional, a list or null where an object belongs must still be
+    an error naming it, never a record with nothing in it."""
+    with pytest.raises(ResponseFormatError) as info:
+        read(refund_body(**overrides))
+    assert info.value.field == field
+
+
+def test_a_refund_list_counts_every_record_it_cannot_read() -> None:
+    """Records that are not objects, or carry a wrong type, are skipped and counted;
+    the rest are read."""
+    items = [None, [], "refund", {"amount": "1"}, refund_body(id=5), {"id": 6}]
+    headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+    page = parse_refund_page(RawResponse(200, headers, orjson.dumps(items)), "/x")
+    assert [r.id for r in page.refunds] == [5, 6]
+    assert page.unreadable == 4

@@ -432,6 +432,38 @@ async def test_an_unreadable_record_is_skipped_not_fatal(
     assert len(sent(wire, "GET", REFUNDS)) == 1
 
 
+async def test_a_paged_list_counts_skipped_records_toward_its_total(
+    wire: Any, client: VioletClient
+) -> None:
+    """A Spring page whose total counts a record that cannot be read is still whole:
+    the skipped record is counted, not taken for a missing page."""
+    page = {"content": [[], refund_body(id=7)], "total_elements": 2, "number": 0, "last": True}
+    wire.get(REFUNDS, status=200, body=orjson.dumps(page), repeat=True)
+    assert [r.id for r in await client.list_bag_refunds(11, 22)] == [7]
+
+
+async def test_a_cancelled_bags_refund_of_another_bag_is_read_back(
+    wire: Any, client: VioletClient
+) -> None:
+    """Our bag's entry carrying a refund that names another bag is not returned as our
+    cancel's refund: the bag is read back."""
+    body = {
+        "status": "CANCELED",
+        "cancelled_bags": [{"bag_id": 22, "refund": refund_body(bag_id=21)}],
+    }
+    wire.post(CANCEL, status=202, body=orjson.dumps(body))
+    wire.get(
+        f"{BASE}/orders/11",
+        status=200,
+        body=b'{"id": 11, "bags": [{"id": 22, "status": "CANCELED"}]}',
+        repeat=True,
+    )
+    wire.get(REFUNDS, status=200, body=b"[]", repeat=True)
+    with pytest.raises(violet_async.AmbiguousOutcomeError):
+        await client.cancel_bag(11, 22)
+    assert len(sent(wire, "POST", CANCEL)) == 1
+
+
 async def test_redirect_is_not_followed(wire: Any, client: VioletClient) -> None:
     """A 302 to another host is an error; the secret is never sent there."""
     wire.get(REFUNDS, status=302, headers={"Location": "https://evil.example/steal"})

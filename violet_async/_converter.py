@@ -217,11 +217,19 @@ def _fast_structure_fn(cls: type[Any], conv: Converter) -> Callable[[Any, Any], 
     slow = make_dict_structure_fn(cls, conv, _cattrs_detailed_validation=True, **overrides)
     hints = typing.get_type_hints(cls)
     fields = attrs.fields(cls)
-    ns: dict[str, Any] = {"slow": slow, "cls": cls, "new": object.__new__}
+    ns: dict[str, Any] = {
+        "slow": slow,
+        "cls": cls,
+        "new": object.__new__,
+        "not_object": f"expected a JSON object for {cls.__name__}",
+    }
     lines = [
         "def structure(o, _t):",
         "    if type(o) is not dict:",
-        "        return slow(o, _t)",
+        # Not an object: never a record. (cattrs' own function would read a list or
+        # None as an object with no keys, which now that every field is optional would
+        # make an empty record out of it.)
+        "        raise TypeError(f'{not_object}, got {type(o).__name__}')",
         "    get = o.get",
         "    try:",
     ]

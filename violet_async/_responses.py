@@ -277,6 +277,14 @@ def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
                 f"bag {bag_id} is {bag.status or 'listed'} but no refund was returned",
                 "$.cancelled_bags.refund",
             )
+        if bag.refund.bag_id is not None and bag.refund.bag_id != bag_id:
+            raise _format_error(
+                resp,
+                "POST",
+                path,
+                f"bag {bag_id}'s entry carries a refund of bag {bag.refund.bag_id}",
+                "$.cancelled_bags.refund.bag_id",
+            )
         _require_amount(bag.refund, resp, path, "$.cancelled_bags.refund.amount")
         return with_request_id(bag.refund, resp.headers)
     if result.status is CancelStatus.CANCELLATION_FAILURE:
