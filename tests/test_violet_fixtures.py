@@ -143,6 +143,8 @@ class Scripted:
     refunds: list[Any] = attrs.Factory(list)
     order: dict[str, Any] | None = None
     requests: list[str] = attrs.Factory(list)
+    first: list[tuple[int, Any]] = attrs.Factory(list)
+    """Answers for the first POSTs, before ``post`` (nothing is committed for them)."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -157,6 +159,9 @@ class Scripted:
 
     async def _post(self, request: web.Request) -> web.Response:
         self.requests.append(f"POST {request.match_info['action']}")
+        if self.first:
+            status, early = self.first.pop(0)
+            return web.json_response(early, status=status, headers={"Retry-After": "1"})
         if self.commit is not None:
             self.refunds.append(self.commit())
         status, body = self.post
@@ -222,6 +227,23 @@ async def test_client_refunds_on_the_documented_answer(name: str) -> None:
         refund = await client.refund_bag(123, 123, amount_refunded=123)
     assert (refund.id, refund.amount) == (123, 123)
     assert server.requests == ["POST refunds"]
+
+
+async def test_a_429_is_sent_again_without_a_read_back() -> None:
+    """Row 4, as decided (docs/violet-behaviours.md): Violet documents a platform's 429
+    as passed through and advises backing off and retrying; nothing it publishes says a
+    429 can follow an applied refund. So a 429 is "not applied": sent again after its
+    Retry-After, no read-back, one refund returned."""
+    rate_limited = {"status": 429, "message": "Too Many Requests", "error_code": 429}
+    server = Scripted(
+        FakeClock(),
+        post=(200, fixture("order-service-refund-bag.json")),
+        first=[(429, rate_limited)],
+    )
+    async with scripted_client(server) as client:
+        refund = await client.refund_bag(123, 123, amount_refunded=123)
+    assert (refund.id, refund.reconciled) == (123, False)
+    assert server.requests == ["POST refunds", "POST refunds"]
 
 
 @pytest.mark.parametrize("name", by_kind("refund_list"))
