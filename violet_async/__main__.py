@@ -1,5 +1,5 @@
-"""`violet-async demo | refund FILE | cancel FILE | fake-server` (and commands that
-modules add with :func:`add_command_hook`)."""
+"""`violet-async demo | refund FILE | cancel FILE | audit FILE | fake-server` (and
+commands that modules add with :func:`add_command_hook`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _batch_cli
+from . import _audit_cli, _batch_cli
 from ._demo import run_demo
 from ._version import __version__
 from .exceptions import RequestValidationError, VioletError
@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_batch(sub)
+    _add_audit(sub)
     _add_fake_server(sub)
     for hook in COMMAND_HOOKS:
         hook(sub)
@@ -225,6 +226,99 @@ def _add_batch(sub: Any) -> None:
             help="longest wait for one answer from Violet",
         )
         batch.set_defaults(handler=_run_batch)
+
+
+def _add_audit(sub: Any) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="check every row of FILE against Violet's own records of each bag",
+        description="Did every bag get exactly the refund its row asked for, once? "
+        "Read from Violet's records; the journal or fleet ledger second.",
+        epilog=_audit_cli.HELP,
+        formatter_class=_HelpFormatter,
+    )
+    audit.add_argument("file", type=Path, metavar="FILE", help="the rows a batch ran")
+    audit.add_argument(
+        "--kind", choices=("refund", "cancel"), default="refund", help="what FILE asks for"
+    )
+    audit.add_argument(
+        "--full-refunds",
+        action="store_true",
+        help="read an empty amount_refunded as a whole-bag refund (as the batch did)",
+    )
+    audit.add_argument(
+        "--journal",
+        type=Path,
+        default=None,
+        help="the batch journal to compare with (default: FILE.KIND.journal.jsonl if it exists)",
+    )
+    audit.add_argument(
+        "--redis",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URL",
+        help="compare with a fleet's ledger instead; a bare --redis reads VIOLET_REDIS_URL "
+        "(keeps the password out of the process list)",
+    )
+    audit.add_argument("--prefix", default=None, help="the fleet ledger's key prefix")
+    audit.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="write one line per row (created 0600; never through a symlink)",
+    )
+    audit.add_argument(
+        "--format", choices=("jsonl", "csv"), default="jsonl", help="the --output format"
+    )
+    audit.add_argument("--concurrency", type=int, default=8, help="orders read at once")
+    audit.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="at most this many reads per second, halved on a 429 (default: no limit)",
+    )
+    audit.add_argument(
+        "--env",
+        choices=("sandbox", "production"),
+        default=None,
+        help="Violet environment (default: VIOLET_ENV, else sandbox)",
+    )
+    audit.add_argument("--base-url", default=None, help="another Violet (default: VIOLET_BASE_URL)")
+    audit.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="longest wait for one answer"
+    )
+    audit.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        help="where the rows are spooled while grouped by bag (default: the system's temp dir)",
+    )
+    audit.set_defaults(handler=_run_audit)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    if args.concurrency < 1 or (args.rate is not None and args.rate <= 0) or args.timeout <= 0:
+        print("violet-async: --concurrency, --rate and --timeout must be positive", file=sys.stderr)
+        return 2
+    options = _audit_cli.AuditOptions(
+        kind=args.kind,
+        journal=args.journal,
+        redis=args.redis,
+        prefix=args.prefix,
+        output=args.output,
+        format=args.format,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        full_refunds=args.full_refunds,
+        environment=args.env,
+        base_url=args.base_url,
+        timeout=args.timeout,
+        spool_dir=args.spool_dir,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_audit_cli.run_audit(args.file, options))
+    return 130  # pragma: no cover - only when the signal lands before the handler
 
 
 def _add_fake_server(sub: Any) -> None:

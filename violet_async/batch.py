@@ -28,6 +28,7 @@ import attrs
 import orjson
 
 from ._ask import sent_once
+from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient, _unless_failed
 from ._converter import converter
 from ._journal import (
@@ -52,12 +53,15 @@ from .exceptions import (
 from .models import CancelBagRequest, OrderRefund, RefundBagRequest
 
 __all__ = [
+    "AuditRow",
+    "AuditStats",
     "BatchItem",
     "BatchResult",
     "Journal",
     "JournalLockedError",
     "JournalMismatchError",
     "JournalWriteError",
+    "audit",
     "run_batch",
 ]
 

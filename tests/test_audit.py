@@ -1,0 +1,369 @@
+"""`violet-async audit` and `violet_async.batch.audit` against a Violet scripted here:
+one bag per case (a correct refund, a double, a missing one, an almost-matching one, an
+EXTERNAL refund on an asked bag, an unreadable bag), each row's verdict and the exit code,
+in process and through the console script."""
+# The files read here are small inputs and outputs of a test: blocking reads are fine.
+# ruff: noqa: ASYNC230, ASYNC240
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import VioletClient
+from violet_async._audit_cli import AuditOptions, escape, run_audit
+from violet_async._batch_cli import read_items
+from violet_async.batch import AuditRow, AuditStats, BatchItem, audit
+from violet_async.testing import FakeClock, FakeViolet
+
+from .conftest import TEST_POLICY, serve
+
+APP_ID, SECRET, USER, PASSWORD = 11, "audit-app-secret-0123", "audit-user", "audit-pass-0123"
+ESC = "\x1b"
+
+
+def refund(
+    refund_id: int, order_id: int, bag_id: int, amount: int, reason: str | None, **more: Any
+) -> dict[str, Any]:
+    """A refund record with every field Violet's spec page marks required."""
+    return {
+        "id": refund_id,
+        "order_id": order_id,
+        "bag_id": bag_id,
+        "merchant_id": 1,
+        "app_id": APP_ID,
+        "transaction_id": 77,
+        "gateway_transaction_id": "pi_77",
+        "amount": amount,
+        "reason": reason,
+        "status": "COMPLETED",
+        "refund_currency": "USD",
+        "date_created": "2026-12-05T10:00:00Z",
+        **more,
+    }
+
+
+@attrs.define
+class Scripted:
+    """Orders 1001-1007, one bag each (2001-2007), total 5000 USD cents, COMPLETED."""
+
+    refunds: dict[int, list[dict[str, Any]]] = attrs.Factory(dict)
+    forbidden: set[int] = attrs.Factory(set)
+    page_size: dict[int, int] = attrs.Factory(dict)
+    bag_status: dict[int, str] = attrs.Factory(dict)
+    gets: int = 0
+    posts: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/login", self._login)
+        app.router.add_get("/v1/orders/{o}", self._order)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/{action}", self._post)
+        return app
+
+    async def _login(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "audit-token-0123456789", "refresh_token": "r-0123"})
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.posts += 1  # an audit never sends: the test checks this stays 0
+        return web.json_response({"message": "no"}, status=500)
+
+    async def _order(self, request: web.Request) -> web.Response:
+        self.gets += 1
+        order_id = int(request.match_info["o"])
+        bag_id = order_id + 1000
+        bag = {
+            "id": bag_id,
+            "status": self.bag_status.get(bag_id, "COMPLETED"),
+            "currency": "USD",
+            "total": 5000,
+        }
+        return web.json_response({"id": order_id, "currency": "USD", "bags": [bag]})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        self.gets += 1
+        bag_id = int(request.match_info["b"])
+        if bag_id in self.forbidden:
+            message = f"{ESC}[2J{ESC}]52;c;cHduZWQ={chr(7)}bag belongs to another app"
+            return web.json_response({"message": message, "error_code": 4030}, status=403)
+        records = self.refunds.get(bag_id, [])
+        size = self.page_size.get(bag_id)
+        if size is None:
+            return web.json_response(records)
+        page = int(request.query.get("page", "0"))
+        chunk = records[page * size : (page + 1) * size]
+        last = (page + 1) * size >= len(records)
+        return web.json_response(
+            {"content": chunk, "number": page, "size": size, "last": last,
+             "total_elements": len(records)}
+        )
+
+
+def six_cases() -> Scripted:
+    server = Scripted()
+    server.refunds = {
+        2001: [refund(9001, 1001, 2001, 500, "damaged")],
+        2002: [refund(9002, 1002, 2002, 700, "late"), refund(9003, 1002, 2002, 700, "late")],
+        2003: [],
+        2004: [refund(9004, 1004, 2004, 350, "wrong size")],
+        2005: [
+            refund(9005, 1005, 2005, 250, "gift"),
+            refund(9006, 1005, 2005, 1200, None, status="EXTERNAL",
+                   date_created="2026-12-04T08:30:00Z"),
+        ],
+    }
+    server.page_size = {2002: 1}  # the double is on the second page
+    server.forbidden = {2006}
+    return server
+
+
+ROWS = [
+    (1001, 2001, 500, "damaged"),
+    (1002, 2002, 700, "late"),
+    (1003, 2003, 300, "lost"),
+    (1004, 2004, 400, "wrong size"),
+    (1005, 2005, 250, "gift"),
+    (1006, 2006, 100, "forbidden"),
+]
+EXPECTED = {
+    2: ("as_asked", [9001]),
+    3: ("extra", [9002, 9003]),
+    4: ("missing", []),
+    5: ("mismatch", [9004]),
+    6: ("extra", [9005, 9006]),
+    7: ("unreadable", []),
+}
+
+
+def write_rows(path: Path, rows: list[tuple[int, int, int, str]]) -> Path:
+    lines = ["order_id,bag_id,amount_refunded,reason"]
+    lines += [f"{o},{b},{a},{r}" for o, b, a, r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_journal(path: Path, rows: Path, states: dict[int, tuple[str, int | None]]) -> Path:
+    """A batch journal (v2) saying, for the rows at the given lines, state and refund."""
+    items = {i.line: i for i in read_items(rows, "refund") if isinstance(i, BatchItem)}
+    lines = [orjson.dumps({"type": "header", "v": 2, "input": "x", "ts": 1.0})]
+    for line, (state, refund_id) in states.items():
+        record = {"key": f"{items[line].key}#0", "line": line, "state": state, "ts": 2.0}
+        if refund_id is not None:
+            record["refund_id"] = refund_id
+        lines.append(orjson.dumps(record))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def env_for(base_url: str) -> dict[str, str]:
+    return {
+        "VIOLET_APP_ID": str(APP_ID),
+        "VIOLET_APP_SECRET": SECRET,
+        "VIOLET_USERNAME": USER,
+        "VIOLET_PASSWORD": PASSWORD,
+        "VIOLET_BASE_URL": base_url,
+    }
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
+    server = six_cases()
+    async with serve(server.app()) as url:
+        yield server, f"{url}/v1"
+
+
+def client_for(base_url: str, clock: FakeClock | None = None) -> VioletClient:
+    return VioletClient(
+        APP_ID, SECRET, username=USER, password=PASSWORD, base_url=base_url, retry=TEST_POLICY,
+        clock=clock,
+    )
+
+
+async def run_rows(base_url: str, path: Path, **kwargs: Any) -> dict[int, AuditRow]:
+    items = [i for i in read_items(path, "refund") if isinstance(i, BatchItem)]
+    async with client_for(base_url, kwargs.pop("clock", None)) as client:
+        return {row.item.line: row async for row in audit(client, items, **kwargs)}
+
+
+async def test_every_case_gets_its_verdict_in_process(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    """One bag per case: as_asked, a double (its second refund on page 2), missing,
+    an almost-matching amount, an EXTERNAL refund nobody asked for, an unreadable bag;
+    nothing is sent."""
+    server, base_url = scripted
+    rows = write_rows(tmp_path / "rows.csv", ROWS)
+    journal = write_journal(
+        tmp_path / "j.jsonl", rows, {2: ("done", 9001), 4: ("done", 9999), 5: ("failed", None)}
+    )
+    got = await run_rows(base_url, rows, journal=journal, concurrency=3)
+    assert {line: (r.audit, list(r.refund_ids)) for line, r in got.items()} == EXPECTED
+    assert got[2].ours is True
+    assert got[3].money == 700
+    assert got[4].loud and "THE JOURNAL SAYS SUCCEEDED (refund 9999)" in got[4].detail
+    assert got[4].money == 300
+    assert "amount: asked 400, refunded 350" in got[5].detail
+    assert "Violet refused it" in got[5].detail
+    assert got[6].money == 1200 and "EXTERNAL" in got[6].detail and "2026-12-04" in got[6].detail
+    assert "PermissionDeniedError" in got[7].detail and got[7].money is None
+    assert server.posts == 0
+
+
+async def test_an_unreadable_refund_record_makes_the_bag_unreadable_never_as_asked(
+    tmp_path: Path,
+) -> None:
+    """A record Violet sends that cannot be read (no amount) beside the row's exact
+    refund: the bag's rows are unreadable, never as_asked nor missing."""
+    server = Scripted()
+    broken = refund(9101, 1001, 2001, 0, None)
+    del broken["amount"]
+    server.refunds = {2001: [refund(9001, 1001, 2001, 500, "damaged"), broken]}
+    rows = write_rows(tmp_path / "rows.csv", [ROWS[0]])
+    async with serve(server.app()) as url:
+        got = await run_rows(f"{url}/v1", rows, clock=FakeClock())
+    assert got[2].audit == "unreadable"
+    assert "ResponseFormatError" in got[2].detail
+
+
+def test_escape_shows_every_control_character() -> None:
+    """ESC, BEL, C1 CSI and a bidi override come out as escapes; plain text unchanged."""
+    assert escape(f"a{ESC}[2Jb\x07c\x9bd\u202ee") == "a\\x1b[2Jb\\x07c\\x9bd\\u202ee"
+    assert escape("refund 9001 5.00 USD 'déjà vu'") == "refund 9001 5.00 USD 'déjà vu'"
+
+
+async def test_the_cli_in_process_writes_jsonl_privately_and_exits_1(
+    scripted: tuple[Scripted, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_audit: the summary counts rows and money per verdict, the loud row is
+    named with !!!, server text is escaped, --output is 0600 JSON lines; exit 1."""
+    server, base_url = scripted
+    for name, value in env_for(base_url).items():
+        monkeypatch.setenv(name, value)
+    rows = write_rows(tmp_path / "rows.csv", ROWS)
+    journal = write_journal(tmp_path / "j.jsonl", rows, {2: ("done", 9001), 4: ("done", 9999)})
+    output = tmp_path / "audit.jsonl"
+    out, err = io.StringIO(), io.StringIO()
+    options = AuditOptions(journal=journal, output=output)
+    code = await run_audit(rows, options, out, err)
+    assert code == 1, err.getvalue()
+    text = out.getvalue()
+    assert ESC not in text and "\\x1b[2J" in text
+    assert "!!! 1 row(s) the journal says SUCCEEDED" in text
+    assert "as_asked            1  USD 5.00" in text
+    assert "extra               2  USD 19.00" in text
+    assert "missing             1  USD 3.00" in text
+    assert "mismatch            1  USD 3.50" in text
+    assert "unreadable          1  (not a verdict about money)" in text
+    assert "made 1 of the as_asked refunds" in text
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+    lines = [orjson.loads(x) for x in output.read_bytes().splitlines()]
+    assert {x["line"]: (x["audit"], x["refund_ids"]) for x in lines} == EXPECTED
+    assert set(lines[0]) >= {"line", "order_id", "bag_id", "audit", "refund_ids", "detail"}
+    assert all(ESC not in x["detail"] for x in lines)
+    assert server.posts == 0
+
+
+async def test_exit_0_only_when_every_row_is_as_asked_and_csv_output(
+    scripted: tuple[Scripted, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the correct row: exit 0; --format csv writes a header and one row."""
+    _, base_url = scripted
+    for name, value in env_for(base_url).items():
+        monkeypatch.setenv(name, value)
+    rows = write_rows(tmp_path / "rows.csv", [ROWS[0]])
+    output = tmp_path / "audit.csv"
+    code = await run_audit(
+        rows, AuditOptions(output=output, format="csv"), io.StringIO(), io.StringIO()
+    )
+    assert code == 0
+    header, row = output.read_text().splitlines()
+    assert header.startswith("line,order_id,bag_id,audit,refund_ids")
+    assert row.startswith("2,1001,2001,as_asked,9001,500,USD")
+
+
+async def test_bad_input_and_a_planted_output_link_exit_2_reading_nothing(
+    scripted: tuple[Scripted, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad row, a missing journal, or --output a symlink: exit 2, no request made,
+    and the link's target untouched."""
+    server, base_url = scripted
+    for name, value in env_for(base_url).items():
+        monkeypatch.setenv(name, value)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("order_id,bag_id,amount_refunded\n1001,x,500\n")
+    err = io.StringIO()
+    assert await run_audit(bad, AuditOptions(), io.StringIO(), err) == 2
+    assert "bag_id" in err.getvalue()
+    rows = write_rows(tmp_path / "rows.csv", [ROWS[0]])
+    err = io.StringIO()
+    missing = AuditOptions(journal=tmp_path / "nope.jsonl")
+    assert await run_audit(rows, missing, io.StringIO(), err) == 2
+    assert "no such file" in err.getvalue()
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    err = io.StringIO()
+    assert await run_audit(rows, AuditOptions(output=link), io.StringIO(), err) == 2
+    assert "nothing was read" in err.getvalue()
+    assert target.read_text() == "keep me"
+    assert server.gets == 0
+
+
+async def test_the_console_script_gives_every_verdict_and_exit_1(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    """`violet-async audit FILE --journal J --output OUT` as a subprocess of the
+    installed console script: exit 1, every row's verdict in OUT, the loud row on
+    stderr; the batch's default journal is picked up when --journal is not given."""
+    _, base_url = scripted
+    rows = write_rows(tmp_path / "rows.csv", ROWS)
+    write_journal(tmp_path / "rows.csv.refund.journal.jsonl", rows, {4: ("done", 9999)})
+    output = tmp_path / "out.jsonl"
+    script = Path(sys.executable).with_name("violet-async")
+    proc = await asyncio.create_subprocess_exec(
+        str(script), "audit", str(rows), "--output", str(output),
+        env={**os.environ, **env_for(base_url)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 1, err.decode()
+    lines = [orjson.loads(x) for x in output.read_bytes().splitlines()]
+    assert {x["line"]: (x["audit"], x["refund_ids"]) for x in lines} == EXPECTED
+    assert "journal: " in out.decode() and ESC.encode() not in out
+    assert b"1 row(s) the journal says succeeded have no such refund" in err
+
+
+async def test_memory_holds_a_few_orders_not_the_input(tmp_path: Path) -> None:
+    """3,000 rows on FakeViolet, concurrency 4: every row as_asked, and at most a few
+    orders' rows were held at once (the rest waited on disk)."""
+    async with FakeViolet(orders=3_000, seed=5) as fake:
+        items = []
+        for line, (order_id, bag_id) in enumerate(fake.seeded, start=2):
+            fake.another_actor_refund(order_id, bag_id, 100, reason="batch")
+            items.append(BatchItem.refund(line, order_id, bag_id, _request(100, "batch")))
+        stats = AuditStats()
+        async with fake.client(retry=TEST_POLICY) as client:
+            verdicts = [r.audit async for r in audit(client, iter(items), concurrency=4,
+                                                     stats=stats)]
+    assert verdicts == ["as_asked"] * 3_000
+    assert stats.rows == 3_000 and stats.orders == 3_000
+    assert stats.max_held_rows <= 4 * 2 + 1
+
+
+def _request(amount: int, reason: str) -> Any:
+    from violet_async import RefundBagRequest
+
+    return RefundBagRequest(amount_refunded=amount, reason=reason)
