@@ -24,7 +24,8 @@ import attrs
 import orjson
 
 from ._audit import AUDITS, MONEY_OFF, AuditRow, AuditStats, audit
-from ._batch_cli import _check, _preflight, _Progress, read_items
+from ._audit_judge import format_money
+from ._batch_cli import RowError, _preflight, _Progress, read_items
 from ._client import Environment, VioletClient
 from ._journal import JournalMismatchError, _check_version, _parse
 from ._redact import Redactor
@@ -63,7 +64,6 @@ exit codes:
   130  interrupted (Ctrl-C)
 """
 
-_ZERO_DECIMAL = frozenset("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split())
 #: Bidi overrides and isolates, and line / paragraph separators: they reorder or
 #: break what a terminal or spreadsheet shows, without being C0 or C1 controls.
 _INVISIBLE = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -82,15 +82,6 @@ def escape(text: str) -> str:
         else:
             out.append(char)
     return "".join(out)
-
-
-def money(cents: int, currency: str) -> str:
-    """Minor units as the currency writes them: ``USD 1,234.50``, ``JPY 1,500``."""
-    if currency in _ZERO_DECIMAL:
-        return f"{currency} {cents:,}"
-    sign = "-" if cents < 0 else ""
-    cents = abs(cents)
-    return f"{currency} {sign}{cents // 100:,}.{cents % 100:02d}"
 
 
 @attrs.frozen
@@ -172,7 +163,7 @@ class _Summary:
         out.write(f"  {'verdict':<12} {'rows':>8}  money\n")
         for verdict in AUDITS:
             amounts = ", ".join(
-                money(cents, currency) for currency, cents in sorted(self.money[verdict].items())
+                format_money(cents, currency) for currency, cents in sorted(self.money[verdict].items())
             )
             if self.unknown_money[verdict]:
                 amounts += f"{', ' if amounts else ''}+{self.unknown_money[verdict]} row(s) of unknown amount"
@@ -245,6 +236,22 @@ async def run_audit(
         return EXIT_BAD_INPUT
 
 
+def _count_valid(path: Path, options: AuditOptions, err: IO[str]) -> int | None:
+    """Rows of ``path`` (every one checked as the batch checks it), or None after naming
+    every bad row. Nothing but a count is kept: the file may have millions of rows."""
+    rows = bad = 0
+    for parsed in read_items(path, options.kind, full_refunds=options.full_refunds):
+        if isinstance(parsed, RowError):
+            err.write(f"{escape(str(path))}:{escape(str(parsed))}\n")
+            bad += 1
+        else:
+            rows += 1
+    if bad:
+        err.write(f"violet-async audit: {bad} problem(s) in {escape(str(path))}; nothing was read\n")
+        return None
+    return rows
+
+
 async def _ledger(options: AuditOptions) -> Any:
     """The fleet ledger named by --redis (URL, or VIOLET_REDIS_URL for a bare --redis)."""
     url = options.redis or os.environ.get("VIOLET_REDIS_URL")
@@ -272,10 +279,10 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
     if not path.is_file():  # noqa: ASYNC240 - one stat before any I/O starts
         raise _BadInput(f"{path}: no such file")
     try:
-        plan = _check(options.kind, path, err, full_refunds=options.full_refunds)
+        total = _count_valid(path, options, err)
     except UnicodeDecodeError as exc:
         raise _BadInput(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if plan is None:
+    if total is None:
         return EXIT_BAD_INPUT
     journal = options.journal
     if journal is not None and options.redis is not None:
@@ -319,7 +326,7 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
                 return EXIT_BAD_INPUT
             if journal is not None:
                 out.write(f"journal: {journal}\n")
-            progress = _Progress(plan.rows, out)
+            progress = _Progress(total, out)
             items = (
                 i
                 for i in read_items(path, options.kind, full_refunds=options.full_refunds)
@@ -367,8 +374,8 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
         out.write("interrupted: the verdicts above cover the rows read so far\n")
         return EXIT_INTERRUPTED
     done = sum(summary.rows.values())
-    if done != plan.rows:
-        err.write(f"violet-async audit: {plan.rows - done} row(s) got no verdict\n")
+    if done != total:
+        err.write(f"violet-async audit: {total - done} row(s) got no verdict\n")
         return EXIT_OFF
     return EXIT_OK if summary.rows["as_asked"] == done else EXIT_OFF
 

@@ -119,17 +119,26 @@ def unreadable(rows: Sequence[Asked], why: str) -> list[AuditRow]:
     ]
 
 
-def _money(cents: int | None, currency: str | None) -> str:
-    if cents is None:
-        return "?"
-    return f"{cents / 100:,.2f} {currency or ''}".rstrip()
+_ZERO_DECIMAL = frozenset(
+    "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split()
+)
+
+
+def format_money(cents: int, currency: str | None) -> str:
+    """Minor units as the currency writes them: ``USD 1,234.50``, ``JPY 1,500``."""
+    code = currency or "?"
+    if code in _ZERO_DECIMAL:
+        return f"{code} {cents:,}"
+    sign = "-" if cents < 0 else ""
+    cents = abs(cents)
+    return f"{code} {sign}{cents // 100:,}.{cents % 100:02d}"
 
 
 def describe_refund(refund: OrderRefund, currency: str | None = None) -> str:
-    """``refund 9001 5.00 USD EXTERNAL 2026-12-05T10:00:00+00:00 "reason"``: id,
+    """``refund 9001 USD 5.00 EXTERNAL 2026-12-05T10:00:00+00:00 'reason'``: id,
     amount, status, date and reason (server text; the CLI escapes what it prints)."""
     parts = [f"refund {refund.id if refund.id is not None else '(no id)'}"]
-    parts.append(_money(refund.amount, refund.refund_currency or currency))
+    parts.append(format_money(refund.amount, refund.refund_currency or currency))
     if refund.status is not None:
         parts.append(str(refund.status))
     parts.append(refund.date_created.isoformat() if refund.date_created else "undated")
@@ -388,14 +397,14 @@ def judge_bag(  # noqa: PLR0912, PLR0914, PLR0915 - one pass per verdict, in ord
                 )
             )
         else:
-            loud = view is not None and view.succeeded
             failed = [j for j in dead if verdicts[i][j] is not Verdict.MISS]
             note = f"; on the bag, no money moved: {told(failed)}" if failed else ""
             detail = "no such refund on the bag" + note + said
-            if loud:
+            loud = view is not None and view.succeeded
+            if view is not None and loud:
                 detail = (
-                    f"THE {view.source.upper()} SAYS SUCCEEDED (refund {view.refund_id}) BUT "  # type: ignore[union-attr]
-                    f"VIOLET SHOWS NO SUCH REFUND: {detail}"
+                    f"THE {view.source.upper()} SAYS SUCCEEDED (refund {view.refund_id}) BUT "
+                    f"VIOLET SHOWS NO SUCH REFUND ON THE BAG{note}"
                 )
             results.append(
                 AuditRow(

@@ -62,8 +62,10 @@ class Spool:
             self._db.execute(f"PRAGMA {pragma}")
         self._db.execute(
             "CREATE TABLE rows (seq INTEGER PRIMARY KEY, line INTEGER, kind TEXT,"
-            " order_id INTEGER, bag_id INTEGER, request BLOB, content TEXT, ledger TEXT)"
+            " order_id INTEGER, bag_id INTEGER, request BLOB, key TEXT, ledger TEXT)"
         )
+        # Identical rows seen so far, per content key: the n of KEY#n, counted on disk.
+        self._db.execute("CREATE TABLE seen (content TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID")
         self._db.execute(
             "CREATE TABLE journal (key TEXT PRIMARY KEY, state TEXT, refund_id INTEGER, error TEXT)"
         )
@@ -76,15 +78,30 @@ class Spool:
         self._dir.cleanup()
 
     def _insert(self, batch: list[tuple[Any, ...]]) -> None:
-        self._db.execute("BEGIN")
-        self._db.executemany(
-            "INSERT INTO rows (line, kind, order_id, bag_id, request, content, ledger)"
+        db = self._db
+        db.execute("BEGIN")
+        rows = []
+        for line, kind, order_id, bag_id, request, content, base in batch:
+            key = f"{content}#{self._next(content)}"
+            ledger_key = None if base is None else f"{base}{self._next(base)}"
+            rows.append((line, kind, order_id, bag_id, request, key, ledger_key))
+        db.executemany(
+            "INSERT INTO rows (line, kind, order_id, bag_id, request, key, ledger)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            batch,
+            rows,
         )
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
         self.count += len(batch)
         batch.clear()
+
+    def _next(self, content: str) -> int:
+        """How many identical rows came before this one (0 for the first)."""
+        (n,) = self._db.execute(
+            "INSERT INTO seen VALUES (?, 0) ON CONFLICT (content) DO UPDATE SET n = n + 1"
+            " RETURNING n",
+            (content,),
+        ).fetchone()
+        return int(n)
 
     def _row(self, item: BatchItem, ledger: bool) -> tuple[Any, ...]:
         base = None
@@ -92,7 +109,7 @@ class Spool:
             from .fleet._ledger import item_key  # noqa: PLC0415 - the fleet extra, when asked
 
             key = item_key(item)
-            base = key[: key.rfind(":") + 1]
+            base = "ledger:" + key[: key.rfind(":") + 1]
         request = encode_request(item.request)
         return (item.line, item.kind, item.order_id, item.bag_id, request, item.key, base)
 
@@ -144,18 +161,13 @@ class Spool:
     def orders(self) -> Iterator[OrderRows]:
         """Every spooled row, one order at a time (orders by id, bags by id, rows in
         input order), each with what the journal says of it."""
+        # An index walked in order: no sort of the whole input, in memory or on disk.
+        self._db.execute("CREATE INDEX IF NOT EXISTS by_bag ON rows (order_id, bag_id, seq)")
         cursor = self._db.execute(
-            """
-            WITH numbered AS (
-              SELECT *,
-                ROW_NUMBER() OVER (PARTITION BY content ORDER BY seq) - 1 AS n,
-                ROW_NUMBER() OVER (PARTITION BY ledger ORDER BY seq) - 1 AS ln
-              FROM rows)
-            SELECT r.line, r.kind, r.order_id, r.bag_id, r.request, r.ledger, r.ln,
-                   j.key IS NOT NULL, j.state, j.refund_id, j.error
-            FROM numbered r LEFT JOIN journal j ON j.key = r.content || '#' || r.n
-            ORDER BY r.order_id, r.bag_id, r.seq
-            """
+            "SELECT r.line, r.kind, r.order_id, r.bag_id, r.request, r.ledger,"
+            " j.key IS NOT NULL, j.state, j.refund_id, j.error"
+            " FROM rows r INDEXED BY by_bag LEFT JOIN journal j ON j.key = r.key"
+            " ORDER BY r.order_id, r.bag_id, r.seq"
         )
         from .batch import BatchItem  # noqa: PLC0415 - batch imports this module
 
@@ -164,7 +176,7 @@ class Spool:
             fetched = cursor.fetchmany(1_000)
             if not fetched:
                 break
-            for line, kind, order_id, bag_id, body, base, ln, known, state, rid, err in fetched:
+            for line, kind, order_id, bag_id, body, ledger_key, known, state, rid, err in fetched:
                 cls = CancelBagRequest if kind == "cancel" else RefundBagRequest
                 request: Any = request_from_dict(cls, orjson.loads(body))
                 item = BatchItem(line, kind, order_id, bag_id, request)
@@ -179,6 +191,6 @@ class Spool:
                     current.bags.append((bag_id, []))
                 current.bags[-1][1].append(Asked(item, view))
                 if self._ledger:
-                    current.ledger_keys.append(f"{base}{ln}")
+                    current.ledger_keys.append(ledger_key[len("ledger:") :])
         if current is not None:
             yield current
