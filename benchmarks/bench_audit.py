@@ -64,7 +64,9 @@ def audit(info: dict[str, object], path: Path, concurrency: int) -> None:
     argv = [str(script), "audit", str(path), "--output", str(output)]
     argv += ["--concurrency", str(concurrency)]
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -89,7 +91,7 @@ def main() -> None:
     if args.serve is not None:
         asyncio.run(serve(args.serve))
         return
-    server = subprocess.Popen(
+    server = subprocess.Popen(  # noqa: S603 - our own argv, no shell
         [sys.executable, __file__, "--serve", str(args.rows)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

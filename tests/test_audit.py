@@ -3,7 +3,6 @@ one bag per case (a correct refund, a double, a missing one, an almost-matching 
 EXTERNAL refund on an asked bag, an unreadable bag), each row's verdict and the exit code,
 in process and through the console script."""
 # The files read here are small inputs and outputs of a test: blocking reads are fine.
-# ruff: noqa: ASYNC230, ASYNC240
 
 from __future__ import annotations
 
@@ -106,8 +105,13 @@ class Scripted:
         chunk = records[page * size : (page + 1) * size]
         last = (page + 1) * size >= len(records)
         return web.json_response(
-            {"content": chunk, "number": page, "size": size, "last": last,
-             "total_elements": len(records)}
+            {
+                "content": chunk,
+                "number": page,
+                "size": size,
+                "last": last,
+                "total_elements": len(records),
+            }
         )
 
 
@@ -120,8 +124,9 @@ def six_cases() -> Scripted:
         2004: [refund(9004, 1004, 2004, 350, "wrong size")],
         2005: [
             refund(9005, 1005, 2005, 250, "gift"),
-            refund(9006, 1005, 2005, 1200, None, status="EXTERNAL",
-                   date_created="2026-12-04T08:30:00Z"),
+            refund(
+                9006, 1005, 2005, 1200, None, status="EXTERNAL", date_created="2026-12-04T08:30:00Z"
+            ),
         ],
     }
     server.page_size = {2002: 1}  # the double is on the second page
@@ -186,7 +191,12 @@ async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
 
 def client_for(base_url: str, clock: FakeClock | None = None) -> VioletClient:
     return VioletClient(
-        APP_ID, SECRET, username=USER, password=PASSWORD, base_url=base_url, retry=TEST_POLICY,
+        APP_ID,
+        SECRET,
+        username=USER,
+        password=PASSWORD,
+        base_url=base_url,
+        retry=TEST_POLICY,
         clock=clock,
     )
 
@@ -212,12 +222,16 @@ async def test_every_case_gets_its_verdict_in_process(
     assert {line: (r.audit, list(r.refund_ids)) for line, r in got.items()} == EXPECTED
     assert got[2].ours is True
     assert got[3].money == 700
-    assert got[4].loud and "THE JOURNAL SAYS SUCCEEDED (refund 9999)" in got[4].detail
+    assert got[4].loud
+    assert "THE JOURNAL SAYS SUCCEEDED (refund 9999)" in got[4].detail
     assert got[4].money == 300
     assert "amount: asked 400, refunded 350" in got[5].detail
     assert "Violet refused it" in got[5].detail
-    assert got[6].money == 1200 and "EXTERNAL" in got[6].detail and "2026-12-04" in got[6].detail
-    assert "PermissionDeniedError" in got[7].detail and got[7].money is None
+    assert got[6].money == 1200
+    assert "EXTERNAL" in got[6].detail
+    assert "2026-12-04" in got[6].detail
+    assert "PermissionDeniedError" in got[7].detail
+    assert got[7].money is None
     assert server.posts == 0
 
 
@@ -259,7 +273,8 @@ async def test_the_cli_in_process_writes_jsonl_privately_and_exits_1(
     code = await run_audit(rows, options, out, err)
     assert code == 1, err.getvalue()
     text = out.getvalue()
-    assert ESC not in text and "\\x1b[2J" in text
+    assert ESC not in text
+    assert "\\x1b[2J" in text
     assert "!!! 1 row(s) the journal says SUCCEEDED" in text
     assert "as_asked            1  USD 5.00" in text
     assert "extra               2  USD 19.00" in text
@@ -334,15 +349,21 @@ async def test_the_console_script_gives_every_verdict_and_exit_1(
     output = tmp_path / "out.jsonl"
     script = Path(sys.executable).with_name("violet-async")
     proc = await asyncio.create_subprocess_exec(
-        str(script), "audit", str(rows), "--output", str(output),
+        str(script),
+        "audit",
+        str(rows),
+        "--output",
+        str(output),
         env={**os.environ, **env_for(base_url)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 1, err.decode()
     lines = [orjson.loads(x) for x in output.read_bytes().splitlines()]
     assert {x["line"]: (x["audit"], x["refund_ids"]) for x in lines} == EXPECTED
-    assert "journal: " in out.decode() and ESC.encode() not in out
+    assert "journal: " in out.decode()
+    assert ESC.encode() not in out
     assert b"1 row(s) the journal says succeeded have no such refund" in err
 
 
@@ -356,10 +377,12 @@ async def test_memory_holds_a_few_orders_not_the_input(tmp_path: Path) -> None:
             items.append(BatchItem.refund(line, order_id, bag_id, _request(100, "batch")))
         stats = AuditStats()
         async with fake.client(retry=TEST_POLICY) as client:
-            verdicts = [r.audit async for r in audit(client, iter(items), concurrency=4,
-                                                     stats=stats)]
+            verdicts = [
+                r.audit async for r in audit(client, iter(items), concurrency=4, stats=stats)
+            ]
     assert verdicts == ["as_asked"] * 3_000
-    assert stats.rows == 3_000 and stats.orders == 3_000
+    assert stats.rows == 3_000
+    assert stats.orders == 3_000
     assert stats.max_held_rows <= 4 * 2 + 1
 
 

@@ -57,8 +57,10 @@ async def test_after_a_batch_every_row_is_as_asked_and_made_by_its_journal(
             rows = [r async for r in audit(client, [*items, never], journal=journal)]
         judged = {r.item.line: r for r in rows}
         assert judged[3].audit == "extra"
-        assert judged[3].refund_ids[1:] == (external["id"],) and judged[3].money == 700
-        assert judged[6].audit == "missing" and "the journal never sent it" in judged[6].detail
+        assert judged[3].refund_ids[1:] == (external["id"],)
+        assert judged[3].money == 700
+        assert judged[6].audit == "missing"
+        assert "the journal never sent it" in judged[6].detail
         assert judged[6].money == 10
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +113,7 @@ async def _with_ledger(ledger: RedisLedger, group: OrderRows) -> OrderRows:
     return attrs.evolve(group, bags=bags)
 
 
-async def audit(  # noqa: PLR0915 - the feeder, the workers and the consumer, together
+async def audit(
     client: VioletClient,
     items: Iterable[BatchItem] | AsyncIterable[BatchItem],
     *,
@@ -170,14 +170,14 @@ async def audit(  # noqa: PLR0915 - the feeder, the workers and the consumer, to
         spool.close()
 
 
-async def _run(  # noqa: PLR0917 - internal, one call site
+async def _run(  # noqa: PLR0917, PLR0915 - one call site; feeder, workers and consumer
     client: VioletClient,
     spool: Spool,
     ledger: RedisLedger | None,
     concurrency: int,
     limiter: AdaptiveRate | None,
     stats: AuditStats,
-) -> AsyncIterator[AuditRow]:
+) -> AsyncGenerator[AuditRow, None]:
     results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency)
     slots = asyncio.Semaphore(concurrency)
 

@@ -114,11 +114,7 @@ def _open_output(path: Path) -> IO[str]:
     except OSError as exc:
         raise _BadInput(f"--output {path}: cannot open it ({exc.strerror})") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _BadInput(f"--output {path}: not a regular file")
-        if info.st_uid != os.geteuid():
-            raise _BadInput(f"--output {path}: owned by another user")
+        _own_regular_file(fd, path)
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, 0)
         os.set_blocking(fd, True)
@@ -126,6 +122,14 @@ def _open_output(path: Path) -> IO[str]:
         os.close(fd)
         raise
     return os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+
+def _own_regular_file(fd: int, path: Path) -> None:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise _BadInput(f"--output {path}: not a regular file")
+    if info.st_uid != os.geteuid():
+        raise _BadInput(f"--output {path}: owned by another user")
 
 
 @attrs.define
@@ -163,10 +167,12 @@ class _Summary:
         out.write(f"  {'verdict':<12} {'rows':>8}  money\n")
         for verdict in AUDITS:
             amounts = ", ".join(
-                format_money(cents, currency) for currency, cents in sorted(self.money[verdict].items())
+                format_money(cents, currency)
+                for currency, cents in sorted(self.money[verdict].items())
             )
-            if self.unknown_money[verdict]:
-                amounts += f"{', ' if amounts else ''}+{self.unknown_money[verdict]} row(s) of unknown amount"
+            unknown = self.unknown_money[verdict]
+            if unknown:
+                amounts += f"{', ' if amounts else ''}+{unknown} row(s) of unknown amount"
             if verdict == "unreadable":
                 amounts = "(not a verdict about money)"
             out.write(f"  {verdict:<12} {self.rows[verdict]:>8}  {amounts}\n".rstrip() + "\n")
@@ -247,7 +253,9 @@ def _count_valid(path: Path, options: AuditOptions, err: IO[str]) -> int | None:
         else:
             rows += 1
     if bad:
-        err.write(f"violet-async audit: {bad} problem(s) in {escape(str(path))}; nothing was read\n")
+        err.write(
+            f"violet-async audit: {bad} problem(s) in {escape(str(path))}; nothing was read\n"
+        )
         return None
     return rows
 
@@ -289,8 +297,8 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
         raise _BadInput("give --journal or --redis, not both")
     if journal is None and options.redis is None:
         default = path.with_name(path.name + f".{options.kind}.journal.jsonl")
-        journal = default if default.is_file() else None  # noqa: ASYNC240
-    if journal is not None and not journal.is_file():  # noqa: ASYNC240
+        journal = default if default.is_file() else None
+    if journal is not None and not journal.is_file():
         raise _BadInput(f"--journal {journal}: no such file")
     if journal is not None:
         _check_journal(journal)

@@ -9,8 +9,8 @@ ties (the refund it recorded is tried first) and tells what our side believed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
@@ -120,7 +120,24 @@ def unreadable(rows: Sequence[Asked], why: str) -> list[AuditRow]:
 
 
 _ZERO_DECIMAL = frozenset(
-    "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split()
+    [
+        "BIF",
+        "CLP",
+        "DJF",
+        "GNF",
+        "ISK",
+        "JPY",
+        "KMF",
+        "KRW",
+        "PYG",
+        "RWF",
+        "UGX",
+        "VND",
+        "VUV",
+        "XAF",
+        "XOF",
+        "XPF",
+    ]
 )
 
 
@@ -185,30 +202,38 @@ def _corroborated(item: BatchItem) -> bool:
     return bool(_strip(request.reason)) or request.skus is not None
 
 
+def _size_difference(
+    request: RefundBagRequest | CancelBagRequest, refund: OrderRefund, bag: OrderBag
+) -> str | None:
+    """How the refund's size differs from what the row asked: another amount, or a
+    bag that does not (yet) read as the whole-bag refund or cancel left it."""
+    if isinstance(request, CancelBagRequest):
+        if bag.status is not BagStatus.CANCELED:
+            return f"a cancel was asked, the bag reads {bag.status}"
+    elif request.amount_refunded is not None:
+        if refund.amount != request.amount_refunded:
+            return f"amount: asked {request.amount_refunded}, refunded {refund.amount}"
+    elif request.skus is None and bag.status is not BagStatus.REFUNDED:
+        return f"the whole bag was asked, the bag reads {bag.status}"
+    return None
+
+
 def differences(item: BatchItem, refund: OrderRefund, bag: OrderBag) -> list[str]:
     """What differs between a row and a refund that almost matches it, in words."""
     request = item.request
-    found = []
-    if isinstance(request, CancelBagRequest):
-        if bag.status is not BagStatus.CANCELED:
-            found.append(f"a cancel was asked, the bag reads {bag.status}")
-    elif request.amount_refunded is not None:
-        if refund.amount != request.amount_refunded:
-            found.append(f"amount: asked {request.amount_refunded}, refunded {refund.amount}")
-    elif request.skus is None:
-        if bag.status is not BagStatus.REFUNDED:
-            found.append(f"the whole bag was asked, the bag reads {bag.status}")
+    size = _size_difference(request, refund, bag)
+    found = [size] if size is not None else []
     if isinstance(request, RefundBagRequest) and request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
         if asked != got:
             found.append(f"lines: asked {dict(asked)}, refunded {dict(got)}")
-    if _strip(request.reason) and refund.reason is not None:
-        if _strip(refund.reason) != _strip(request.reason):
-            found.append(f"reason: asked {request.reason!r}, refund says {refund.reason!r}")
-    if isinstance(request, RefundBagRequest) and request.shipping is not None:
-        shipped = refund.shipping.amount if refund.shipping is not None else None
-        if shipped is not None and shipped != request.shipping.amount:
-            found.append(f"shipping: asked {request.shipping.amount}, refunded {shipped}")
+    reason = _strip(request.reason)
+    if reason and refund.reason is not None and _strip(refund.reason) != reason:
+        found.append(f"reason: asked {request.reason!r}, refund says {refund.reason!r}")
+    shipping = request.shipping if isinstance(request, RefundBagRequest) else None
+    shipped = refund.shipping.amount if refund.shipping is not None else None
+    if shipping is not None and shipped is not None and shipped != shipping.amount:
+        found.append(f"shipping: asked {shipping.amount}, refunded {shipped}")
     if refund.status in _DEAD:
         found.append(f"status {refund.status}: no money moved")
     return found or ["it is not what was left on the bag when it was made"]
@@ -246,7 +271,7 @@ def _assign(preferences: list[list[int]]) -> dict[int, int]:
     return chosen
 
 
-def judge_bag(  # noqa: PLR0912, PLR0914, PLR0915 - one pass per verdict, in order
+def judge_bag(
     rows: Sequence[Asked],
     refunds: Sequence[OrderRefund],
     bag: OrderBag,
@@ -262,192 +287,220 @@ def judge_bag(  # noqa: PLR0912, PLR0914, PLR0915 - one pass per verdict, in ord
        (NEAR, or the same but for the amount with a reason or lines agreeing):
        ``mismatch``; otherwise it is ``missing``.
     4. Refunds no row asked for (an EXTERNAL one, another system's) make the first
-       as_asked row of the bag ``extra``; with no such row, the first row reports
-       them and keeps its verdict. FAILED or CANCELED refunds moved no money: never
-       counted, named on a missing row they would match.
+       as_asked row of the bag ``extra``; with no such row, they join the first extra
+       row, or else the first row reports them and keeps its verdict. FAILED or
+       CANCELED refunds moved no money: never counted, named on a missing row they
+       would match.
     """
-    bag_id = bag.id
-    on_bag = [r for r in refunds if r.bag_id is None or r.bag_id == bag_id]
-    asks = [
-        sent_once(row.item.kind, row.item.order_id, bag_id, row.item.request, None) for row in rows
-    ]
-    verdicts = [[content(ask, refund, on_bag, bag) for refund in on_bag] for ask in asks]
-    index_of = {r.id: j for j, r in enumerate(on_bag) if r.id is not None}
+    return _Bag(rows, refunds, bag, currency).judge()
 
-    def pinned(i: int) -> int | None:
-        view = rows[i].journal
+
+class _Bag:
+    """One bag's rows and refunds, and the matching rule's verdict for every pair."""
+
+    def __init__(
+        self,
+        rows: Sequence[Asked],
+        refunds: Sequence[OrderRefund],
+        bag: OrderBag,
+        currency: str | None,
+    ) -> None:
+        self.rows = rows
+        self.bag = bag
+        self.currency = currency
+        self.on_bag = [r for r in refunds if r.bag_id is None or r.bag_id == bag.id]
+        self.verdicts = [
+            [
+                content(self._ask(row.item, row.item.request), r, self.on_bag, bag)
+                for r in self.on_bag
+            ]
+            for row in rows
+        ]
+        self._index = {r.id: j for j, r in enumerate(self.on_bag) if r.id is not None}
+
+    def _ask(self, item: BatchItem, request: RefundBagRequest | CancelBagRequest) -> Any:
+        if isinstance(request, CancelBagRequest):
+            return sent_once("cancel", item.order_id, self.bag.id, request, None)
+        return sent_once("refund", item.order_id, self.bag.id, request, None)
+
+    def _pinned(self, i: int) -> int | None:
+        """The refund (index) the row's journal says it made, when it is on the bag."""
+        view = self.rows[i].journal
         if view is None or view.refund_id is None:
             return None
-        return index_of.get(view.refund_id)
+        return self._index.get(view.refund_id)
 
-    def order_for(i: int, wanted: Verdict) -> list[int]:
-        hits = [j for j, v in enumerate(verdicts[i]) if v is wanted]
-        first = pinned(i)
-        return sorted(hits, key=lambda j: (j != first, on_bag[j].id or 0))
+    def _preferred(self, i: int, candidates: Iterable[int]) -> list[int]:
+        first = self._pinned(i)
+        return sorted(candidates, key=lambda j: (j != first, self.on_bag[j].id or 0))
 
-    # Rows whose journal names a refund go first, so they get the one it names.
-    sequence = sorted(range(len(rows)), key=lambda i: (pinned(i) is None, i))
-    chosen_in_sequence = _assign([order_for(i, Verdict.MATCH) for i in sequence])
-    own: dict[int, int] = {sequence[k]: j for k, j in chosen_in_sequence.items()}
-    taken = set(own.values())
+    def _exact(self) -> dict[int, int]:
+        # Rows whose journal names a refund go first, so they get the one it names.
+        sequence = sorted(range(len(self.rows)), key=lambda i: (self._pinned(i) is None, i))
+        prefs = [
+            self._preferred(i, (j for j, v in enumerate(self.verdicts[i]) if v is Verdict.MATCH))
+            for i in sequence
+        ]
+        return {sequence[k]: j for k, j in _assign(prefs).items()}
 
-    extras: dict[int, list[int]] = {}
-    unasked: list[int] = []
-    dead: list[int] = []
-    for j, refund in enumerate(on_bag):
-        if j in taken:
-            continue
-        if not _live(refund):
-            dead.append(j)
-            continue
-        doubles = [i for i in range(len(rows)) if verdicts[i][j] is Verdict.MATCH and i in own]
-        if doubles:
-            extras.setdefault(doubles[0], []).append(j)
-        else:
-            unasked.append(j)
-
-    near: dict[int, int] = {}
-    for i in range(len(rows)):
-        if i in own:
-            continue
-        candidates = [j for j in unasked if verdicts[i][j] is Verdict.NEAR]
-        if not candidates and _corroborated(rows[i].item):
+    def _almost(self, i: int, unasked: list[int]) -> int | None:
+        """A refund no row took that almost matches row ``i``, or None."""
+        item = self.rows[i].item
+        candidates = [j for j in unasked if self.verdicts[i][j] is Verdict.NEAR]
+        if not candidates and _corroborated(item):
             for j in unasked:
-                probe = _probe(rows[i].item, on_bag[j])
+                probe = _probe(item, self.on_bag[j])
                 if probe is None:
                     break
-                probe_ask = sent_once("refund", rows[i].item.order_id, bag_id, probe, None)
-                if content(probe_ask, on_bag[j], on_bag, bag) is not Verdict.MISS:
+                verdict = content(self._ask(item, probe), self.on_bag[j], self.on_bag, self.bag)
+                if verdict is not Verdict.MISS:
                     candidates.append(j)
-        if candidates:
-            first = pinned(i)
-            pick = min(candidates, key=lambda j: (j != first, on_bag[j].id or 0))
-            near[i] = pick
-            unasked.remove(pick)
+        return self._preferred(i, candidates)[0] if candidates else None
 
-    def ids(js: Sequence[int]) -> tuple[int, ...]:
-        return tuple(on_bag[j].id for j in js if on_bag[j].id is not None)  # type: ignore[misc]
+    def ids(self, js: Iterable[int]) -> tuple[int, ...]:
+        return tuple(i for i in (self.on_bag[j].id for j in js) if i is not None)
 
-    def told(js: Sequence[int]) -> str:
-        return "; ".join(describe_refund(on_bag[j], currency) for j in js)
+    def told(self, js: Iterable[int]) -> str:
+        return "; ".join(describe_refund(self.on_bag[j], self.currency) for j in js)
 
-    results: list[AuditRow] = []
-    for i, row in enumerate(rows):
+    def _leftovers(self, own: dict[int, int]) -> tuple[dict[int, list[int]], list[int], list[int]]:
+        """Refunds no row took: doubles (by the row they match), asked by no row, and
+        FAILED or CANCELED ones."""
+        extras: dict[int, list[int]] = {}
+        unasked: list[int] = []
+        dead: list[int] = []
+        taken = set(own.values())
+        for j, refund in enumerate(self.on_bag):
+            if j in taken:
+                continue
+            if not _live(refund):
+                dead.append(j)
+                continue
+            doubles = [i for i in own if self.verdicts[i][j] is Verdict.MATCH]
+            if doubles:
+                extras.setdefault(min(doubles), []).append(j)
+            else:
+                unasked.append(j)
+        return extras, unasked, dead
+
+    def judge(self) -> list[AuditRow]:
+        own = self._exact()
+        extras, unasked, dead = self._leftovers(own)
+        near: dict[int, int] = {}
+        for i in range(len(self.rows)):
+            if i not in own:
+                pick = self._almost(i, unasked)
+                if pick is not None:
+                    near[i] = pick
+                    unasked.remove(pick)
+        results = []
+        for i in range(len(self.rows)):
+            if i in own:
+                results.append(self._found(i, own[i], extras.get(i, [])))
+            elif i in near:
+                results.append(self._mismatch(i, near[i]))
+            else:
+                failed = [j for j in dead if self.verdicts[i][j] is not Verdict.MISS]
+                results.append(self._missing(i, failed))
+        if unasked:
+            self._report_unasked(results, unasked)
+        return results
+
+    def _found(self, i: int, j: int, more: list[int]) -> AuditRow:
+        row, refund = self.rows[i], self.on_bag[j]
+        view = row.journal
+        ours = None if view is None else (view.succeeded and view.refund_id == refund.id)
+        said = "" if view is None or ours else f"; {view.describe()}"
+        if view is not None and view.refund_id not in (None, refund.id):
+            said += f" (Violet shows refund {view.refund_id} nowhere as asked)"
+        if more:
+            return AuditRow(
+                row.item,
+                "extra",
+                refund_ids=self.ids([j, *more]),
+                detail=f"{len(more) + 1} refunds on the bag match this row, one was asked: "
+                f"{self.told([j])} as asked; extra: {self.told(more)}{said}",
+                refunds=tuple(self.on_bag[k] for k in (j, *more)),
+                journal=view,
+                ours=ours,
+                currency=self.currency,
+                money=sum(self.on_bag[k].amount for k in more),
+            )
+        status = ""
+        if refund.status is not None and not refund.status.is_terminal:
+            status = f" (status {refund.status}: not final yet)"
+        made = ""
+        if ours is not None:
+            made = "; made by this tool's run" if ours else "; not made by this tool's run"
+        return AuditRow(
+            row.item,
+            "as_asked",
+            refund_ids=self.ids([j]),
+            detail=f"{self.told([j])}{status}{made}{said}",
+            refunds=(refund,),
+            journal=view,
+            ours=ours,
+            currency=self.currency,
+            money=refund.amount,
+        )
+
+    def _mismatch(self, i: int, j: int) -> AuditRow:
+        row, refund = self.rows[i], self.on_bag[j]
         view = row.journal
         said = f"; {view.describe()}" if view is not None else ""
-        if i in own:
-            j = own[i]
-            refund = on_bag[j]
-            ours = None if view is None else (view.succeeded and view.refund_id == refund.id)
-            if view is not None and view.refund_id not in (None, refund.id):
-                said += f" (Violet shows refund {view.refund_id} nowhere as asked)"
-            if i in extras:
-                more = extras[i]
-                results.append(
-                    AuditRow(
-                        row.item,
-                        "extra",
-                        refund_ids=ids([j, *more]),
-                        detail=f"{len(more) + 1} refunds on the bag match this row, one was "
-                        f"asked: {told([j])} as asked; extra: {told(more)}{said}",
-                        refunds=tuple(on_bag[k] for k in (j, *more)),
-                        journal=view,
-                        ours=ours,
-                        currency=currency,
-                        money=sum(on_bag[k].amount for k in more),
-                    )
-                )
-                continue
-            status = (
-                ""
-                if refund.status is None or refund.status.is_terminal
-                else (f" (status {refund.status}: not final yet)")
-            )
-            made = (
-                ""
-                if ours is None
-                else ("; made by this journal" if ours else "; not made by this journal")
-            )
-            results.append(
-                AuditRow(
-                    row.item,
-                    "as_asked",
-                    refund_ids=ids([j]),
-                    detail=f"{told([j])}{status}{made}{said if not ours else ''}",
-                    refunds=(refund,),
-                    journal=view,
-                    ours=ours,
-                    currency=currency,
-                    money=refund.amount,
-                )
-            )
-        elif i in near:
-            j = near[i]
-            results.append(
-                AuditRow(
-                    row.item,
-                    "mismatch",
-                    refund_ids=ids([j]),
-                    detail=f"{told([j])} almost matches: "
-                    f"{'; '.join(differences(row.item, on_bag[j], bag))}{said}",
-                    refunds=(on_bag[j],),
-                    journal=view,
-                    currency=currency,
-                    money=on_bag[j].amount,
-                )
+        return AuditRow(
+            row.item,
+            "mismatch",
+            refund_ids=self.ids([j]),
+            detail=f"{self.told([j])} almost matches: "
+            f"{'; '.join(differences(row.item, refund, self.bag))}{said}",
+            refunds=(refund,),
+            journal=view,
+            currency=self.currency,
+            money=refund.amount,
+        )
+
+    def _missing(self, i: int, failed: list[int]) -> AuditRow:
+        row = self.rows[i]
+        view = row.journal
+        note = f"; on the bag, no money moved: {self.told(failed)}" if failed else ""
+        loud = view is not None and view.succeeded
+        if view is not None and loud:
+            detail = (
+                f"THE {view.source.upper()} SAYS SUCCEEDED (refund {view.refund_id}) BUT "
+                f"VIOLET SHOWS NO SUCH REFUND ON THE BAG{note}"
             )
         else:
-            failed = [j for j in dead if verdicts[i][j] is not Verdict.MISS]
-            note = f"; on the bag, no money moved: {told(failed)}" if failed else ""
-            detail = "no such refund on the bag" + note + said
-            loud = view is not None and view.succeeded
-            if view is not None and loud:
-                detail = (
-                    f"THE {view.source.upper()} SAYS SUCCEEDED (refund {view.refund_id}) BUT "
-                    f"VIOLET SHOWS NO SUCH REFUND ON THE BAG{note}"
-                )
-            results.append(
-                AuditRow(
-                    row.item,
-                    "missing",
-                    detail=detail,
-                    refunds=tuple(on_bag[j] for j in failed),
-                    journal=view,
-                    currency=currency,
-                    money=_asked_amount(row.item, on_bag, bag),
-                    loud=loud,
-                )
-            )
-    if unasked and results:
+            said = f"; {view.describe()}" if view is not None else ""
+            detail = f"no such refund on the bag{note}{said}"
+        return AuditRow(
+            row.item,
+            "missing",
+            detail=detail,
+            refunds=tuple(self.on_bag[j] for j in failed),
+            journal=view,
+            currency=self.currency,
+            money=_asked_amount(row.item, self.on_bag, self.bag),
+            loud=loud,
+        )
+
+    def _report_unasked(self, results: list[AuditRow], unasked: list[int]) -> None:
+        """Refunds no row asked for go on one row of the bag (see :func:`judge_bag`)."""
+        money = sum(self.on_bag[j].amount for j in unasked)
+        records = tuple(self.on_bag[j] for j in unasked)
+        text = f"on the bag, asked by no row: {self.told(unasked)}"
         at = next((k for k, r in enumerate(results) if r.audit == "as_asked"), None)
-        money = sum(on_bag[j].amount for j in unasked)
-        text = f"on the bag, asked by no row: {told(unasked)}"
-        if at is not None:
-            row = results[at]
-            results[at] = attrs.evolve(
-                row,
-                audit="extra",
-                refund_ids=row.refund_ids + ids(unasked),
-                detail=f"{row.detail}; {text}",
-                refunds=row.refunds + tuple(on_bag[j] for j in unasked),
-                money=money,
-            )
-        else:
+        if at is None:
             at = next((k for k, r in enumerate(results) if r.audit == "extra"), 0)
-            row = results[at]
-            if row.audit == "extra":
-                results[at] = attrs.evolve(
-                    row,
-                    refund_ids=row.refund_ids + ids(unasked),
-                    detail=f"{row.detail}; {text}",
-                    refunds=row.refunds + tuple(on_bag[j] for j in unasked),
-                    money=(row.money or 0) + money,
-                )
-            else:
-                results[at] = attrs.evolve(
-                    row,
-                    detail=f"{row.detail}; {text}",
-                    refunds=row.refunds + tuple(on_bag[j] for j in unasked),
-                    unasked_money=money,
-                )
-    return results
+        row = results[at]
+        changes: dict[str, Any] = {
+            "detail": f"{row.detail}; {text}",
+            "refunds": row.refunds + records,
+        }
+        if row.audit in ("as_asked", "extra"):
+            changes["audit"] = "extra"
+            changes["refund_ids"] = row.refund_ids + self.ids(unasked)
+            changes["money"] = (row.money or 0 if row.audit == "extra" else 0) + money
+        else:
+            changes["unasked_money"] = money
+        results[at] = attrs.evolve(row, **changes)

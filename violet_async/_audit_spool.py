@@ -145,8 +145,7 @@ class Spool:
                 header, entries = _parse(raw)
                 if header is not None:
                     _check_version(path, header)
-                for entry in entries.values():
-                    batch.append((entry.key, entry.state, entry.refund_id, entry.error))
+                batch.extend((e.key, e.state, e.refund_id, e.error) for e in entries.values())
                 if len(batch) >= _CHUNK:
                     self._journal_insert(batch)
         if batch:
