@@ -281,7 +281,7 @@ async def test_the_cli_in_process_writes_jsonl_privately_and_exits_1(
     assert "missing             1  USD 3.00" in text
     assert "mismatch            1  USD 3.50" in text
     assert "unreadable          1  (not a verdict about money)" in text
-    assert "made 1 of the as_asked refunds" in text
+    assert "recorded making the refund found for 1 row(s)" in text
     assert stat.S_IMODE(output.stat().st_mode) == 0o600
     lines = [orjson.loads(x) for x in output.read_bytes().splitlines()]
     assert {x["line"]: (x["audit"], x["refund_ids"]) for x in lines} == EXPECTED

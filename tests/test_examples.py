@@ -27,6 +27,7 @@ EXPECTED = {
     "aiohttp_webhook.py": r"^webhook \S+: order 100001$",
     "webhook_any_framework.py": r"^bag 200001: PARTIALLY_REFUNDED$",
     "fleet_plain_loop.py": r"^fleet: \{'applied': 5\}; refunds at Violet: 5$",
+    "audit_from_python.py": r"^audit: \{'as_asked': 3\}$",
 }
 # These always play Violet with an embedded FakeViolet (a pytest file; a webhook sender).
 EMBEDDED_ONLY = {

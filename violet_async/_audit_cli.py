@@ -177,7 +177,7 @@ class _Summary:
                 amounts = "(not a verdict about money)"
             out.write(f"  {verdict:<12} {self.rows[verdict]:>8}  {amounts}\n".rstrip() + "\n")
         if journal is not None:
-            out.write(f"  {journal}: made {self.ours} of the as_asked refunds\n")
+            out.write(f"  {journal}: recorded making the refund found for {self.ours} row(s)\n")
         out.write(
             f"  read {stats.orders} orders, {stats.bags} bags in {elapsed:.1f}s"
             f" ({stats.rate_limited} rate-limited reads retried)\n"
