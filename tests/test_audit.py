@@ -7,6 +7,7 @@ in process and through the console script."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import stat
@@ -390,3 +391,79 @@ def _request(amount: int, reason: str) -> Any:
     from violet_async import RefundBagRequest
 
     return RefundBagRequest(amount_refunded=amount, reason=reason)
+
+
+async def test_a_list_that_is_not_the_bag_s_own_is_unreadable(tmp_path: Path) -> None:
+    """A bag's list holding a refund of another bag, or of another order, or a record
+    without an id: the bag is unreadable (a list we cannot fully trust proves nothing),
+    never missing and never as_asked."""
+    server = Scripted()
+    exact = refund(9001, 1001, 2001, 500, "damaged")
+    unnamed = refund(0, 1003, 2003, 500, "damaged")
+    del unnamed["id"]
+    server.refunds = {
+        2001: [exact, refund(9002, 1001, 2099, 700, None)],
+        2002: [refund(9003, 1099, 2002, 700, "late")],
+        2003: [refund(9004, 1003, 2003, 300, "lost"), unnamed],
+    }
+    rows = write_rows(tmp_path / "rows.csv", ROWS[:3])
+    async with serve(server.app()) as url:
+        got = await run_rows(f"{url}/v1", rows)
+    assert {line: r.audit for line, r in got.items()} == {
+        2: "unreadable",
+        3: "unreadable",
+        4: "unreadable",
+    }
+    assert "holds refund 9002 of bag 2099" in got[2].detail
+    assert "holds refund 9003 of order 1099" in got[3].detail
+    assert "no id or no amount" in got[4].detail
+
+
+async def test_leaving_early_ends_every_read_and_removes_the_spool(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    """Breaking out after the first row: no task is left running, no warning, and the
+    scratch directory is gone."""
+    _, base_url = scripted
+    rows = write_rows(tmp_path / "rows.csv", ROWS)
+    items = [i for i in read_items(rows, "refund") if isinstance(i, BatchItem)]
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    async with client_for(base_url) as client:
+        async with contextlib.aclosing(
+            audit(client, items, concurrency=2, spool_dir=spool)
+        ) as rows_out:
+            async for _ in rows_out:
+                break
+        assert list(spool.iterdir()) == []
+    ours = [
+        t
+        for t in asyncio.all_tasks()
+        if "violet_async" in getattr(t.get_coro(), "cr_code", t).co_filename  # type: ignore[union-attr]
+    ]
+    assert ours == []
+
+
+async def test_refused_credentials_exit_2_and_leave_the_output_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight read is refused (401): exit 2, nothing else read, and an earlier
+    --output file is left untouched (it is emptied only once Violet has answered)."""
+    app = web.Application()
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"message": "bad credentials"}, status=401)
+
+    app.router.add_post("/v1/login", refuse)
+    rows = write_rows(tmp_path / "rows.csv", [ROWS[0]])
+    output = tmp_path / "audit.jsonl"
+    output.write_text("yesterday's audit\n")
+    output.chmod(0o600)
+    async with serve(app) as url:
+        for name, value in env_for(f"{url}/v1").items():
+            monkeypatch.setenv(name, value)
+        err = io.StringIO()
+        code = await run_audit(rows, AuditOptions(output=output), io.StringIO(), err)
+    assert code == 2
+    assert "nothing was sent" in err.getvalue() or "credentials" in err.getvalue()
+    assert output.read_text() == "yesterday's audit\n"

@@ -112,3 +112,55 @@ async def test_after_a_fleet_run_the_ledger_says_who_made_each_refund(redis: Red
     }
     missing = next(r for r in rows if r.item.line == 6)
     assert "the ledger never sent it" in missing.detail
+
+
+async def test_a_ledger_that_cannot_be_read_leaves_violet_s_verdicts_standing() -> None:
+    """Redis refusing connections while rows are read: each row keeps Violet's verdict,
+    its ledger view says the ledger could not be read; the CLI's --redis at a dead
+    Redis exits 2 having read nothing."""
+    async with FakeViolet(orders=2, seed=2) as fake:
+        (order_id, bag_id), _ = fake.seeded
+        fake.another_actor_refund(order_id, bag_id, 100, reason="incident")
+        item = BatchItem.refund(
+            2, order_id, bag_id, RefundBagRequest(amount_refunded=100, reason="incident")
+        )
+        dead = Redis.from_url("redis://127.0.0.1:1/0")
+        try:
+            async with fake.client(retry=TEST_POLICY) as client:
+                [row] = [r async for r in audit(client, [item], ledger=RedisLedger(dead))]
+        finally:
+            await dead.aclose()
+        assert row.audit == "as_asked"
+        assert row.journal is not None
+        assert row.journal.state == "unreadable"
+        assert "the ledger could not be read (ConnectionError)" in row.detail
+
+
+async def test_the_cli_refuses_a_dead_redis_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--redis pointing nowhere, and a bare --redis without VIOLET_REDIS_URL: exit 2."""
+    import io
+
+    from violet_async._audit_cli import AuditOptions, run_audit
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("order_id,bag_id,amount_refunded\n100001,200001,100\n")
+    async with FakeViolet(orders=1, seed=2) as fake:
+        for name, value in {
+            "VIOLET_APP_ID": str(fake.app_id),
+            "VIOLET_APP_SECRET": fake.app_secret,
+            "VIOLET_USERNAME": fake.username,
+            "VIOLET_PASSWORD": fake.password,
+            "VIOLET_BASE_URL": fake.base_url,
+        }.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("VIOLET_REDIS_URL", raising=False)
+        err = io.StringIO()
+        options = AuditOptions(redis="redis://127.0.0.1:1/0")
+        assert await run_audit(rows, options, io.StringIO(), err) == 2
+        assert "cannot reach the fleet's Redis" in err.getvalue()
+        err = io.StringIO()
+        assert await run_audit(rows, AuditOptions(redis=""), io.StringIO(), err) == 2
+        assert "VIOLET_REDIS_URL" in err.getvalue()
+        assert fake.ledger.requests["login"] == 0

@@ -26,6 +26,7 @@ from ._audit_judge import AUDITS, MONEY_OFF, Audit, AuditRow, JournalView, judge
 from ._audit_spool import OrderRows, Spool
 from ._retry import RetryEvent
 from .exceptions import RateLimitError, VioletError
+from .models import OrderRefund
 
 if TYPE_CHECKING:
     from ._client import VioletClient
@@ -58,6 +59,22 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _unusable(refunds: list[OrderRefund], order_id: int, bag_id: int) -> str | None:
+    """Why this list of a bag's refunds cannot be judged (None: it can). A refund of
+    another bag or order means the answer is not this bag's list; a refund without an id
+    or amount cannot be named or counted. Any of them makes the bag unreadable: a list
+    we cannot fully read never proves a refund missing, nor one as asked."""
+    for refund in refunds:
+        held = f"the list of bag {bag_id}'s refunds holds refund {refund.id}"
+        if refund.bag_id is not None and refund.bag_id != bag_id:
+            return f"{held} of bag {refund.bag_id}"
+        if refund.order_id not in (None, order_id):
+            return f"{held} of order {refund.order_id}"
+        if refund.id is None or refund.amount is None:
+            return "a refund record on the bag has no id or no amount"
+    return None
+
+
 async def _judge_order(
     client: VioletClient,
     group: OrderRows,
@@ -74,6 +91,9 @@ async def _judge_order(
         order = await client.get_order(group.order_id)
     except VioletError as exc:
         return [r for _, rows in group.bags for r in unreadable(rows, _why(exc))]
+    if order.id != group.order_id:
+        why = f"Violet answered order {order.id} for order {group.order_id}"
+        return [r for _, rows in group.bags for r in unreadable(rows, why)]
     results: list[AuditRow] = []
     for bag_id, rows in group.bags:
         stats.bags += 1
@@ -89,13 +109,24 @@ async def _judge_order(
             continue
         if limiter is not None:
             limiter.speed_up()
+        problem = _unusable(refunds, group.order_id, bag_id)
+        if problem is not None:
+            results += unreadable(rows, problem)
+            continue
         results += judge_bag(rows, refunds, bag, bag.currency or order.currency)
     return results
 
 
 async def _with_ledger(ledger: RedisLedger, group: OrderRows) -> OrderRows:
     """The fleet ledger's records for a group's rows, in place of a journal's."""
-    records = await ledger.get_many(group.ledger_keys)
+    try:
+        records = await ledger.get_many(group.ledger_keys)
+    except Exception as exc:  # noqa: BLE001 - Redis failing: the verdicts still stand
+        failed = JournalView("ledger", "unreadable", error=type(exc).__name__)
+        bags = [
+            (bag_id, [attrs.evolve(r, journal=failed) for r in rows]) for bag_id, rows in group.bags
+        ]
+        return attrs.evolve(group, bags=bags)
     found = iter(records)
     bags = []
     for bag_id, rows in group.bags:

@@ -106,8 +106,9 @@ class _BadInput(Exception):
 
 
 def _open_output(path: Path) -> IO[str]:
-    """``path`` for writing anew, private (0600), never through a symlink, and only a
-    regular file this user owns: a planted file or link is refused, not followed."""
+    """``path`` for writing, private (0600), never through a symlink, and only a regular
+    file this user owns: a planted file or link is refused, not followed. It is emptied
+    only once Violet has answered (a run refused at the start leaves it as it was)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o600)
@@ -116,7 +117,6 @@ def _open_output(path: Path) -> IO[str]:
     try:
         _own_regular_file(fd, path)
         os.fchmod(fd, 0o600)
-        os.ftruncate(fd, 0)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -317,8 +317,6 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
     sink = _open_output(options.output) if options.output is not None else None
     ledger = await _ledger(options) if options.redis is not None else None
     writer = csv.writer(sink) if sink is not None and options.format == "csv" else None
-    if writer is not None:
-        writer.writerow(_CSV_COLUMNS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -332,6 +330,10 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
                 client, path, options.kind, err, full_refunds=options.full_refunds
             ):
                 return EXIT_BAD_INPUT
+            if sink is not None:
+                sink.truncate(0)
+            if writer is not None:
+                writer.writerow(_CSV_COLUMNS)
             if journal is not None:
                 out.write(f"journal: {journal}\n")
             progress = _Progress(total, out)

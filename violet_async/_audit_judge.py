@@ -58,6 +58,8 @@ class JournalView:
         state, refund = self.state, self.refund_id
         if state is None or state == "new":
             return f"the {self.source} never sent it"
+        if state == "unreadable":
+            return f"the {self.source} could not be read ({self.error})"
         if self.succeeded:
             return f"the {self.source} says succeeded (refund {refund})"
         if state == "failed":
