@@ -467,3 +467,36 @@ async def test_refused_credentials_exit_2_and_leave_the_output_as_it_was(
     assert code == 2
     assert "nothing was sent" in err.getvalue() or "credentials" in err.getvalue()
     assert output.read_text() == "yesterday's audit\n"
+
+
+async def test_server_text_in_currency_cannot_run_in_a_spreadsheet_or_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bag whose currency is a formula with an escape code: the CSV cell is quoted,
+    the terminal summary shows it escaped and cut to a code's length."""
+    server = Scripted()
+    server.refunds = {2001: [refund(9001, 1001, 2001, 500, "damaged")]}
+    app = server.app()
+
+    @web.middleware
+    async def hostile_currency(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if request.path == "/v1/orders/1001" and isinstance(response, web.Response):
+            data = orjson.loads(response.body)  # type: ignore[arg-type]
+            data["bags"][0]["currency"] = f"=HYPERLINK({ESC}[31m)"
+            return web.json_response(data)
+        return response
+
+    app.middlewares.append(hostile_currency)
+    rows = write_rows(tmp_path / "rows.csv", [ROWS[0]])
+    output = tmp_path / "audit.csv"
+    out = io.StringIO()
+    async with serve(app) as url:
+        for name, value in env_for(f"{url}/v1").items():
+            monkeypatch.setenv(name, value)
+        options = AuditOptions(output=output, format="csv")
+        assert await run_audit(rows, options, out, io.StringIO()) == 0
+    row = output.read_text().splitlines()[1]
+    assert ",'=HYPERLINK(\\x1b," in row  # cut to 12 characters, then escaped
+    assert ESC not in out.getvalue()
+    assert "=HYPERLINK(\\x1b" in out.getvalue()

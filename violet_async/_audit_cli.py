@@ -146,7 +146,7 @@ class _Summary:
     def add(self, row: AuditRow, text: str) -> None:
         verdict = row.audit
         self.rows[verdict] += 1
-        currency = row.currency or "?"
+        currency = _currency(row.currency) or "?"
         if verdict in MONEY_OFF or verdict == "as_asked":
             if row.money is None:
                 self.unknown_money[verdict] += 1
@@ -198,6 +198,18 @@ class _Summary:
                 out.write(f"  {text}\n")
 
 
+def _currency(code: str | None) -> str | None:
+    """A currency code as printed: escaped, and never longer than a code can be."""
+    return escape(code[:12]) if code else None
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting like a formula is quoted."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _row_json(row: AuditRow, detail: str) -> dict[str, Any]:
     view = row.journal
     return {
@@ -208,7 +220,7 @@ def _row_json(row: AuditRow, detail: str) -> dict[str, Any]:
         "refund_ids": list(row.refund_ids),
         "detail": detail,
         "money": row.money,
-        "currency": escape(row.currency) if row.currency else None,
+        "currency": _currency(row.currency),
         "ours": row.ours,
         "journal": escape(view.state) if view is not None and view.state else None,
     }
@@ -360,7 +372,7 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
                     if writer is not None:
                         record = _row_json(row, detail)
                         record["refund_ids"] = " ".join(map(str, row.refund_ids))
-                        writer.writerow([record[c] for c in _CSV_COLUMNS])
+                        writer.writerow([_cell(record[c]) for c in _CSV_COLUMNS])
                     elif sink is not None:
                         sink.write(orjson.dumps(_row_json(row, detail)).decode() + "\n")
                     progress.tick()

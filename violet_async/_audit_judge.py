@@ -61,7 +61,8 @@ class JournalView:
         if state == "unreadable":
             return f"the {self.source} could not be read ({self.error})"
         if self.succeeded:
-            return f"the {self.source} says succeeded (refund {refund})"
+            which = "no refund id recorded" if refund is None else f"refund {refund}"
+            return f"the {self.source} says succeeded ({which})"
         if state == "failed":
             return f"the {self.source} says Violet refused it ({self.error or 'failed'})"
         if state == "unsent":
@@ -86,8 +87,11 @@ class AuditRow:
     when the row does not name an amount and the bag's total is not known).
     ``unasked_money`` is money of refunds no row asked for that this row reports
     without being ``extra`` itself. ``ours`` (as_asked) says whether the journal
-    recorded making that refund (None: no journal given). ``loud``: missing, although
-    the journal says it succeeded.
+    recorded making that refund (None: no journal given, or it recorded no refund id).
+    ``loud``: missing, although the journal says it succeeded.
+
+    ``detail`` quotes server text (reasons, statuses, error messages) as it came:
+    escape control characters before printing it (the CLI does).
     """
 
     item: BatchItem
@@ -411,7 +415,9 @@ class _Bag:
     def _found(self, i: int, j: int, more: list[int]) -> AuditRow:
         row, refund = self.rows[i], self.on_bag[j]
         view = row.journal
-        ours = None if view is None else (view.succeeded and view.refund_id == refund.id)
+        ours = None
+        if view is not None and not (view.succeeded and view.refund_id is None):
+            ours = view.succeeded and view.refund_id == refund.id
         said = "" if view is None or ours else f"; {view.describe()}"
         if view is not None and view.refund_id not in (None, refund.id):
             said += f" (Violet shows refund {view.refund_id} nowhere as asked)"
@@ -468,8 +474,9 @@ class _Bag:
         note = f"; on the bag, no money moved: {self.told(failed)}" if failed else ""
         loud = view is not None and view.succeeded
         if view is not None and loud:
+            which = "" if view.refund_id is None else f" (refund {view.refund_id})"
             detail = (
-                f"THE {view.source.upper()} SAYS SUCCEEDED (refund {view.refund_id}) BUT "
+                f"THE {view.source.upper()} SAYS SUCCEEDED{which} BUT "
                 f"VIOLET SHOWS NO SUCH REFUND ON THE BAG{note}"
             )
         else:
