@@ -79,21 +79,21 @@ def test_the_journal_refund_is_taken_first() -> None:
 
 
 def test_whole_bag_and_cancel_rows_match_by_the_bag_and_what_was_left() -> None:
-    """A whole-bag refund is as_asked on a REFUNDED bag; on a bag still reading
-    PARTIALLY_REFUNDED it is a mismatch naming the status; a cancel likewise."""
+    """A whole-bag refund of what was left is as_asked on a REFUNDED bag (an earlier
+    refund no row asked for is extra); a cancel likewise on a CANCELED bag; a refund of
+    part of the bag under a whole-bag or cancel row is a mismatch saying so."""
     whole = [row(2, None)]
     assert verdicts(whole, [rec(2, 5000)], bag("REFUNDED")) == [("as_asked", (2,))]
-    # What was left after an earlier refund; that one was asked by no row of the file.
     refunds = [rec(1, 1000), rec(2, 4000)]
     assert verdicts(whole, refunds, bag("REFUNDED")) == [("extra", (2, 1))]
-    lagging = judge_bag(whole, [rec(2, 5000)], bag("COMPLETED"), "USD")
-    assert lagging[0].audit == "mismatch"
-    assert "the whole bag was asked, the bag reads COMPLETED" in lagging[0].detail
+    partial = judge_bag(whole, [rec(2, 2000)], bag("COMPLETED"), "USD")
+    assert partial[0].audit == "mismatch"
+    assert "the whole bag was asked: refunded 2000 of a bag of 5000" in partial[0].detail
     cancel = Asked(BatchItem.cancel(2, ORDER, BAG, CancelBagRequest(reason="gone")))
     assert verdicts([cancel], [rec(7, 5000, "gone")], bag("CANCELED")) == [("as_asked", (7,))]
-    judged = judge_bag([cancel], [rec(7, 5000, "gone")], bag("COMPLETED"), "USD")
+    judged = judge_bag([cancel], [rec(7, 2000, "gone")], bag("COMPLETED"), "USD")
     assert judged[0].audit == "mismatch"
-    assert "the bag reads COMPLETED" in judged[0].detail
+    assert "a cancel was asked: refunded 2000 of a bag of 5000" in judged[0].detail
 
 
 def test_refunds_that_moved_no_money_are_named_never_counted() -> None:

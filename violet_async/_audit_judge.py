@@ -17,7 +17,6 @@ import attrs
 from ._ask import sent_once
 from ._matching import Verdict, _sku_totals, _strip, content
 from .models import (
-    BagStatus,
     CancelBagRequest,
     OrderBag,
     OrderRefund,
@@ -214,13 +213,18 @@ def _size_difference(
     """How the refund's size differs from what the row asked: another amount, or a
     bag that does not (yet) read as the whole-bag refund or cancel left it."""
     if isinstance(request, CancelBagRequest):
-        if bag.status is not BagStatus.CANCELED:
-            return f"a cancel was asked, the bag reads {bag.status}"
-    elif request.amount_refunded is not None:
+        return (
+            f"a cancel was asked: refunded {refund.amount} of a bag of {bag.total}, "
+            f"the bag reads {bag.status}"
+        )
+    if request.amount_refunded is not None:
         if refund.amount != request.amount_refunded:
             return f"amount: asked {request.amount_refunded}, refunded {refund.amount}"
-    elif request.skus is None and bag.status is not BagStatus.REFUNDED:
-        return f"the whole bag was asked, the bag reads {bag.status}"
+    elif request.skus is None:
+        return (
+            f"the whole bag was asked: refunded {refund.amount} of a bag of {bag.total}, "
+            f"the bag reads {bag.status}"
+        )
     return None
 
 
