@@ -139,7 +139,7 @@ async def test_a_ledger_that_cannot_be_read_leaves_violet_s_verdicts_standing() 
 async def test_the_cli_refuses_a_dead_redis_before_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--redis pointing nowhere, and a bare --redis without VIOLET_REDIS_URL: exit 2."""
+    """--redis pointing nowhere, and --ledger without VIOLET_REDIS_URL: exit 2."""
     import io
 
     from violet_async._audit_cli import AuditOptions, run_audit
@@ -164,3 +164,68 @@ async def test_the_cli_refuses_a_dead_redis_before_reading(
         assert await run_audit(rows, AuditOptions(redis=""), io.StringIO(), err) == 2
         assert "VIOLET_REDIS_URL" in err.getvalue()
         assert fake.ledger.requests["login"] == 0
+
+
+async def test_the_console_script_reads_the_ledger_from_the_environment(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """`violet-async audit FILE --ledger` with VIOLET_REDIS_URL (no URL on the command
+    line): the fleet-made refunds are as asked and made by the ledger; exit 0."""
+    import asyncio
+    import sys
+
+    import orjson
+
+    async with FakeViolet(orders=4, seed=2) as fake:
+        items = _items(fake)
+        policy = RetryPolicy(settle_running=0.5, settle_lag=0.2, settle_delay=0.05)
+        async with fake.client(retry=policy) as client:
+            ledger = RedisLedger(redis)
+            worker = FleetWorker(client, ledger, BagLocks(redis), None)
+            for key, item in keyed_items(items):
+                await ledger.register(key, item)
+                await worker.run(key, item)
+        rows = tmp_path / "rows.jsonl"
+        rows.write_bytes(
+            b"".join(
+                orjson.dumps({"order_id": i.order_id, "bag_id": i.bag_id, **_body(i)}) + b"\n"
+                for i in items
+            )
+        )
+        output = tmp_path / "out.jsonl"
+        env = {
+            **os.environ,
+            "VIOLET_APP_ID": str(fake.app_id),
+            "VIOLET_APP_SECRET": fake.app_secret,
+            "VIOLET_USERNAME": fake.username,
+            "VIOLET_PASSWORD": fake.password,
+            "VIOLET_BASE_URL": fake.base_url,
+            "VIOLET_REDIS_URL": redis_url,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("violet-async")),
+            "audit",
+            str(rows),
+            "--ledger",
+            "--output",
+            str(output),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, (out + err).decode()
+    lines = [orjson.loads(x) for x in output.read_bytes().splitlines()]
+    assert sorted((x["line"], x["audit"], x["ours"], x["journal"]) for x in lines) == [
+        (1, "as_asked", True, "applied"),
+        (2, "as_asked", True, "applied"),
+        (3, "as_asked", True, "applied"),
+        (4, "as_asked", True, "applied"),
+    ]
+
+
+def _body(item: BatchItem) -> dict[str, object]:
+    from violet_async._converter import converter
+
+    body: dict[str, object] = converter.unstructure(item.request)
+    return body

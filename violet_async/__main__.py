@@ -253,13 +253,13 @@ def _add_audit(sub: Any) -> None:
         help="the batch journal to compare with (default: FILE.KIND.journal.jsonl if it exists)",
     )
     audit.add_argument(
-        "--redis",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="URL",
-        help="compare with a fleet's ledger instead; a bare --redis reads VIOLET_REDIS_URL "
-        "(keeps the password out of the process list)",
+        "--ledger",
+        action="store_true",
+        help="compare with a fleet's Redis ledger instead of a journal "
+        "(its URL from --redis, else VIOLET_REDIS_URL: keeps the password out of ps)",
+    )
+    audit.add_argument(
+        "--redis", default=None, metavar="URL", help="the fleet's Redis (implies --ledger)"
     )
     audit.add_argument("--prefix", default=None, help="the fleet ledger's key prefix")
     audit.add_argument(
@@ -304,7 +304,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     options = _audit_cli.AuditOptions(
         kind=args.kind,
         journal=args.journal,
-        redis=args.redis,
+        redis=args.redis if args.redis is not None else ("" if args.ledger else None),
         prefix=args.prefix,
         output=args.output,
         format=args.format,

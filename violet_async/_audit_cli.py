@@ -55,7 +55,7 @@ order, then every page of its refunds), and every row gets one verdict:
   unreadable  the bag could not be read (why is given): not a verdict about money
 
 Violet's records decide; the journal (--journal, default FILE.KIND.journal.jsonl when
-it exists) or the fleet ledger (--redis) only says what our side recorded.
+it exists) or the fleet ledger (--ledger, --redis) only says what our side recorded.
 
 exit codes:
   0    every row is as_asked
@@ -273,10 +273,10 @@ def _count_valid(path: Path, options: AuditOptions, err: IO[str]) -> int | None:
 
 
 async def _ledger(options: AuditOptions) -> Any:
-    """The fleet ledger named by --redis (URL, or VIOLET_REDIS_URL for a bare --redis)."""
+    """The fleet ledger at --redis URL, else at VIOLET_REDIS_URL."""
     url = options.redis or os.environ.get("VIOLET_REDIS_URL")
     if not url:
-        raise _BadInput("--redis without a URL needs VIOLET_REDIS_URL")
+        raise _BadInput("--ledger needs --redis URL or VIOLET_REDIS_URL")
     try:
         from redis.asyncio import Redis  # noqa: PLC0415 - the fleet extra
 
@@ -306,7 +306,7 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
         return EXIT_BAD_INPUT
     journal = options.journal
     if journal is not None and options.redis is not None:
-        raise _BadInput("give --journal or --redis, not both")
+        raise _BadInput("give --journal or --ledger / --redis, not both")
     if journal is None and options.redis is None:
         default = path.with_name(path.name + f".{options.kind}.journal.jsonl")
         journal = default if default.is_file() else None
