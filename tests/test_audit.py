@@ -500,3 +500,26 @@ async def test_server_text_in_currency_cannot_run_in_a_spreadsheet_or_a_terminal
     assert ",'=HYPERLINK(\\x1b," in row  # cut to 12 characters, then escaped
     assert ESC not in out.getvalue()
     assert "=HYPERLINK(\\x1b" in out.getvalue()
+
+
+async def test_a_journal_others_may_write_or_a_linked_one_is_refused(
+    scripted: tuple[Scripted, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal anyone may write (it could say "succeeded" falsely), or a symlink to
+    one: exit 2, nothing read."""
+    server, base_url = scripted
+    for name, value in env_for(base_url).items():
+        monkeypatch.setenv(name, value)
+    rows = write_rows(tmp_path / "rows.csv", [ROWS[0]])
+    journal = write_journal(tmp_path / "j.jsonl", rows, {2: ("done", 9001)})
+    journal.chmod(0o666)
+    err = io.StringIO()
+    assert await run_audit(rows, AuditOptions(journal=journal), io.StringIO(), err) == 2
+    assert "others may write it" in err.getvalue()
+    journal.chmod(0o600)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(journal)
+    err = io.StringIO()
+    assert await run_audit(rows, AuditOptions(journal=link), io.StringIO(), err) == 2
+    assert "cannot read it" in err.getvalue()
+    assert server.gets == 0

@@ -412,12 +412,20 @@ async def _until(rows: Any, stop: asyncio.Event) -> Any:
 
 
 def _check_journal(journal: Path) -> None:
-    """The journal's header (its first line) is of a version this one reads."""
+    """The journal is a regular file of this user that no one else may write (a planted
+    journal could make the audit say "the journal says succeeded", or "ours", falsely),
+    and its header is of a version this one reads."""
     try:
-        with journal.open("rb") as handle:
-            header, _ = _parse(handle.readline())
+        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise _BadInput(f"--journal {journal}: cannot read it ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise _BadInput(f"--journal {journal}: not a regular file of this user")
+        if info.st_mode & stat.S_IWOTH:
+            raise _BadInput(f"--journal {journal}: others may write it")
+        header, _ = _parse(handle.readline())
     try:
         _check_version(journal, header)
     except JournalMismatchError as exc:
