@@ -239,17 +239,25 @@ async def test_every_case_gets_its_verdict_in_process(
 async def test_an_unreadable_refund_record_makes_the_bag_unreadable_never_as_asked(
     tmp_path: Path,
 ) -> None:
-    """A record Violet sends that cannot be read (no amount) beside the row's exact
-    refund: the bag's rows are unreadable, never as_asked nor missing."""
+    """Beside the row's exact refund, a record Violet sends that cannot be read (an
+    amount of the wrong type: skipped and counted by the page reader) or that lacks its
+    amount: the bag's rows are unreadable, never as_asked nor missing."""
     server = Scripted()
-    broken = refund(9101, 1001, 2001, 0, None)
-    del broken["amount"]
-    server.refunds = {2001: [refund(9001, 1001, 2001, 500, "damaged"), broken]}
-    rows = write_rows(tmp_path / "rows.csv", [ROWS[0]])
+    wrong_type = refund(9101, 1001, 2001, 0, None)
+    wrong_type["amount"] = "lots"
+    no_amount = refund(9102, 1002, 2002, 0, None)
+    del no_amount["amount"]
+    server.refunds = {
+        2001: [refund(9001, 1001, 2001, 500, "damaged"), wrong_type],
+        2002: [refund(9002, 1002, 2002, 700, "late"), no_amount],
+    }
+    rows = write_rows(tmp_path / "rows.csv", ROWS[:2])
     async with serve(server.app()) as url:
         got = await run_rows(f"{url}/v1", rows, clock=FakeClock())
     assert got[2].audit == "unreadable"
-    assert "ResponseFormatError" in got[2].detail
+    assert "1 refund record(s) on the bag could not be read" in got[2].detail
+    assert got[3].audit == "unreadable"
+    assert "no id or no amount" in got[3].detail
 
 
 def test_escape_shows_every_control_character() -> None:

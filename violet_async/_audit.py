@@ -109,11 +109,11 @@ async def _judge_order(
         except VioletError as exc:
             results += unreadable(rows, _why(exc))
             continue
-        # Records a tolerant parser skipped (where the page counts them): a list we could
-        # not read whole proves neither a refund missing nor one as asked.
-        skipped = getattr(page, "unreadable", 0)
-        if skipped:
-            results += unreadable(rows, f"{skipped} refund record(s) on the bag could not be read")
+        # Records the page reader skipped: a list we could not read whole proves
+        # neither a refund missing nor one as asked.
+        if page.unreadable:
+            why = f"{page.unreadable} refund record(s) on the bag could not be read"
+            results += unreadable(rows, why)
             continue
         refunds = list(page.refunds)
         if limiter is not None:

@@ -160,13 +160,23 @@ def describe_refund(refund: OrderRefund, currency: str | None = None) -> str:
     """``refund 9001 USD 5.00 EXTERNAL 2026-12-05T10:00:00+00:00 'reason'``: id,
     amount, status, date and reason (server text; the CLI escapes what it prints)."""
     parts = [f"refund {refund.id if refund.id is not None else '(no id)'}"]
-    parts.append(format_money(refund.amount, refund.refund_currency or currency))
+    if refund.amount is None:
+        parts.append("(amount not given)")
+    else:
+        parts.append(format_money(refund.amount, refund.refund_currency or currency))
     if refund.status is not None:
         parts.append(str(refund.status))
     parts.append(refund.date_created.isoformat() if refund.date_created else "undated")
     if refund.reason:
         parts.append(repr(refund.reason))
     return " ".join(parts)
+
+
+def _cents(refund: OrderRefund) -> int:
+    """A refund's amount for a sum. The audit judges only lists whose every record
+    carries its amount (a record without one makes the bag unreadable), so the 0 is
+    never counted there."""
+    return refund.amount or 0
 
 
 def _live(refund: OrderRefund) -> bool:
@@ -182,13 +192,15 @@ def _asked_amount(item: BatchItem, refunds: Sequence[OrderRefund], bag: OrderBag
         return None  # lines without an amount: the platform prices them
     if bag.total is None:
         return None
-    return bag.total - sum(r.amount for r in refunds if _live(r))  # what is left
+    return bag.total - sum(_cents(r) for r in refunds if _live(r))  # what is left
 
 
 def _probe(item: BatchItem, refund: OrderRefund) -> RefundBagRequest | None:
     """The row's request with the refund's amount in place of its own, to ask the
     matching rule whether anything *but* the amount (or the bag's status) differs."""
     request = item.request
+    if refund.amount is None:
+        return None  # no amount to put in: nothing but the amount could be compared
     if isinstance(request, CancelBagRequest):
         return RefundBagRequest(amount_refunded=refund.amount, reason=request.reason)
     if request.amount_refunded is None and request.skus is not None:
@@ -361,7 +373,7 @@ class _Bag:
             for j in unasked:
                 probe = _probe(item, self.on_bag[j])
                 if probe is None:
-                    break
+                    continue
                 verdict = content(self._ask(item, probe), self.on_bag[j], self.on_bag, self.bag)
                 if verdict is not Verdict.MISS:
                     candidates.append(j)
@@ -436,7 +448,7 @@ class _Bag:
                 journal=view,
                 ours=ours,
                 currency=self.currency,
-                money=sum(self.on_bag[k].amount for k in more),
+                money=sum(_cents(self.on_bag[k]) for k in more),
             )
         status = ""
         if refund.status is not None and not refund.status.is_terminal:
@@ -499,7 +511,7 @@ class _Bag:
 
     def _report_unasked(self, results: list[AuditRow], unasked: list[int]) -> None:
         """Refunds no row asked for go on one row of the bag (see :func:`judge_bag`)."""
-        money = sum(self.on_bag[j].amount for j in unasked)
+        money = sum(_cents(self.on_bag[j]) for j in unasked)
         records = tuple(self.on_bag[j] for j in unasked)
         text = f"on the bag, asked by no row: {self.told(unasked)}"
         at = next((k for k, r in enumerate(results) if r.audit == "as_asked"), None)
