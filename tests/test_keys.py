@@ -283,7 +283,6 @@ class Failing:
     fail: set[str] = attrs.Factory(set)
     lost: bool = False
     saves: list[KeyEntry] = attrs.Factory(list)
-    shared: bool = False
 
     @property
     def lease(self) -> float:
@@ -442,3 +441,46 @@ def test_from_env_reads_violet_store(tmp_path: Path) -> None:
     with pytest.raises(RequestValidationError) as info:
         VioletClient.from_env({**env, "VIOLET_STORE": "postgres://x"})
     assert info.value.field == "VIOLET_STORE"
+
+
+@pytest.mark.parametrize("how", ["cancelled", "pending"])
+async def test_a_keyed_ask_resumed_outside_its_key_is_not_sent_again(
+    store: RecordStore, how: str
+) -> None:
+    """A keyed call left its ask pending (cancelled, or AmbiguousOutcomeError); the
+    caller resumes the pending record with client.resume (as the errors say), then
+    repeats the keyed call: the same refund, no second POST (a resume under the key
+    could not claim a refund this client already handed out)."""
+    clock = FakeClock()
+    if how == "cancelled":
+        server = Hostile(clock, script=[Step(hang=True, commit_after=2.0)])
+        policy = ROOMY
+    else:
+        server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=50.0)])
+        policy = RetryPolicy(deadline=20.0)
+    async with hostile_client(server, retry=policy, store=store) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="x")
+        )
+        if how == "cancelled":
+            await server.post_arrived.wait()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            with pytest.raises(BagPendingError) as refused:
+                await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+            pending = refused.value.pending[0]
+        else:
+            with pytest.raises(AmbiguousOutcomeError) as info:
+                await call
+            assert info.value.pending is not None
+            pending = info.value.pending
+        clock.advance(ROOMY.settle_running)
+        resumed = await client.with_options(retry=ROOMY).resume(pending)
+        clock.advance(600.0)
+        again = await client.with_options(retry=ROOMY).refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="x"
+        )
+    assert again == resumed
+    assert server.posts == 1
+    assert len(server.ours) == 1

@@ -550,6 +550,8 @@ class VioletClient(RequestPlumbing):
         finally:
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id)
+        if resume is not None and save is None and self._keys is not None:
+            self._keys.settled(resume, refund)
         return refund
 
     def _cancelled(  # noqa: PLR0917 - internal, one call site

@@ -197,6 +197,7 @@ class KeyedAsks:
         # the store's last write (which may have failed or been cut by a cancel): a
         # resume here would not claim a refund this process already handed out.
         self._returned: OrderedDict[str, tuple[PendingRefund, OrderRefund]] = OrderedDict()
+        self._settled: OrderedDict[tuple[Any, ...], OrderRefund] = OrderedDict()
         self._remember = remember
 
     async def run(  # noqa: PLR0917 - internal, one call site
@@ -338,8 +339,15 @@ class KeyedAsks:
                     key=key,
                 )
 
-        heartbeat = asyncio.create_task(self._renew(key)) if store.shared else None
+        heartbeat = asyncio.create_task(self._renew(key))
         resume = entry.ask if entry.ask.phase in (Phase.SENT, Phase.PENDING) else None
+        settled = None if resume is None else self._settled.get(_identity(resume))
+        if resume is not None and settled is not None:
+            # This process already resumed the ask outside the key (client.resume of
+            # the pending record) and handed its refund out: a resume here could not
+            # claim it again and would, after the settle window, send a second one.
+            heartbeat.cancel()
+            return await self._finish(key, resume, settled)
         try:
             refund = await ask_fn(
                 entry.ask.kind,
@@ -355,21 +363,26 @@ class KeyedAsks:
                 await self._release(key, latest)
             raise
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
-        applied = latest
-        if applied.phase is not Phase.APPLIED:
-            applied = attrs.evolve(applied, phase=Phase.APPLIED, refund_id=refund.id)
-        self._returned[key] = (applied, refund)
-        if len(self._returned) > self._remember:
-            self._returned.popitem(last=False)
-        done = KeyEntry(key, applied, refund=refund, finished_at=clock.time())
+            heartbeat.cancel()
+        return await self._finish(key, latest, refund)
+
+    async def _finish(self, key: str, ask: PendingRefund, refund: OrderRefund) -> OrderRefund:
+        """Record the refund under the key: here first (no await), then in the store."""
+        if ask.phase is not Phase.APPLIED:
+            ask = attrs.evolve(ask, phase=Phase.APPLIED, refund_id=refund.id)
+        _bounded_put(self._returned, key, (ask, refund), self._remember)
+        done = KeyEntry(key, ask, refund=refund, finished_at=self._clock.time())
         try:
             # Shielded: a cancel now must not cut the write that ends the key.
-            await asyncio.shield(store.save(done, owner))
+            await asyncio.shield(self.store.save(done, self.owner))
         except Exception as exc:  # noqa: BLE001 - the refund applied: return it anyway
             log.warning("could not record the refund of key %r: %s", key, exc)
         return refund
+
+    def settled(self, ask: PendingRefund, refund: OrderRefund) -> None:
+        """``ask`` (a record resumed by ``client.resume``) ended with ``refund``: if a
+        key holds the same ask, its next call returns this refund."""
+        _bounded_put(self._settled, _identity(ask), refund, self._remember)
 
     async def _release(self, key: str, latest: PendingRefund) -> None:
         """Give the key back (nobody owns it; the next call resumes or starts it)."""
@@ -389,6 +402,17 @@ class KeyedAsks:
                     return
             except Exception as exc:  # noqa: BLE001 - tried again next time
                 log.warning("could not renew the lease of key %r: %s", key, exc)
+
+
+def _identity(ask: PendingRefund) -> tuple[Any, ...]:
+    """One ask, whichever record of it: what it asked for and when it was first sent."""
+    return (ask.kind, ask.order_id, ask.bag_id, ask.request, ask.first_sent_at)
+
+
+def _bounded_put(mapping: OrderedDict[Any, Any], key: Any, value: Any, bound: int) -> None:
+    mapping[key] = value
+    if len(mapping) > bound:
+        mapping.popitem(last=False)
 
 
 def _reused(key: str, first: PendingRefund) -> IdempotencyKeyReusedError:

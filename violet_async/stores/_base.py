@@ -202,9 +202,6 @@ class RecordStore(Protocol):
     """Seconds an owner holds a key without renewing it."""
     retention: float
     """Seconds a finished key is kept."""
-    shared: bool
-    """True when other processes may use the same records (then the owner renews its
-    lease while it works, and a waiting caller polls)."""
 
     async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
         """Apply :func:`decide` to what is stored under ``fresh.key`` and write what it

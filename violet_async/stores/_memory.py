@@ -22,8 +22,6 @@ class MemoryStore:
     keys are never dropped.
     """
 
-    shared = False
-
     def __init__(
         self,
         *,

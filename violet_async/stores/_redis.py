@@ -32,8 +32,6 @@ class RedisStore:
     :meth:`aclose` leaves it open).
     """
 
-    shared = True
-
     def __init__(
         self,
         url: str | None = None,

@@ -50,8 +50,6 @@ class SQLiteStore:
     Close it with :meth:`aclose` (or ``async with``) when done.
     """
 
-    shared = True
-
     def __init__(
         self,
         path: str | os.PathLike[str],
