@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -118,8 +119,18 @@ class SQLiteStore:
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
-            with self._lock:
-                return work(self._connection())
+            # busy_timeout covers most waits for another process; a few (turning on
+            # WAL, creating the table, recovering a WAL a killed process left) answer
+            # "locked" at once: each unit of work is one transaction, so run it again.
+            give_up = time.monotonic() + self._timeout
+            while True:
+                try:
+                    with self._lock:
+                        return work(self._connection())
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > give_up:
+                        raise
+                time.sleep(0.005)
 
         return await asyncio.to_thread(locked)
 
