@@ -18,7 +18,9 @@ from violet_async import (
     BadRequestError,
     BagPendingError,
     IdempotencyKeyReusedError,
+    PendingRefund,
     RecordStoreError,
+    RefundBagRequest,
     RequestValidationError,
     RetryPolicy,
     VioletClient,
@@ -484,3 +486,121 @@ async def test_a_keyed_ask_resumed_outside_its_key_is_not_sent_again(
     assert again == resumed
     assert server.posts == 1
     assert len(server.ours) == 1
+
+
+# -- cancelled at each await of the key path ---------------------------------------------
+
+
+@attrs.define
+class Slow(Failing):
+    """A store whose chosen operation ('claim', 'sent', 'finished') waits for a gate."""
+
+    gate: asyncio.Event = attrs.Factory(asyncio.Event)
+    slow: str = ""
+    waiting: bool = False
+
+    async def _maybe_wait(self, what: str) -> None:
+        if what == self.slow and not self.gate.is_set():
+            self.waiting = True
+            await self.gate.wait()
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        await self._maybe_wait("claim")
+        return await super().claim(fresh, now)
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        await self._maybe_wait(entry.ask.phase.value if entry.refund is None else "finished")
+        return await super().save(entry, owner)
+
+
+@pytest.mark.parametrize("where", ["claim", "sent", "finished"])
+async def test_a_keyed_call_cancelled_at_each_store_await_never_refunds_twice(
+    where: str,
+) -> None:
+    """Cancelled while the store claims the key, records the send, or records the end:
+    the repeat with the key ends with one refund, and gets it."""
+    clock = FakeClock()
+    store = Slow(slow=where)
+    server = Hostile(clock)
+    async with hostile_client(server, retry=ROOMY, store=store) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="z")
+        )
+        await _until(lambda: store.waiting)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        store.gate.set()
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="z")
+        again = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="z")
+    assert again == refund
+    assert len(server.ours) == 1
+    assert server.posts == 1
+
+
+async def test_a_cancelled_joiner_leaves_the_owner_alone() -> None:
+    """A joined caller that gives up does not disturb the call it joined."""
+    gate = asyncio.Event()
+    server = Gated(FakeClock(), post_gate=gate)
+    async with hostile_client(server, retry=ROOMY) as client:
+        owner = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="g")
+        )
+        await server.post_arrived.wait()
+        joiner = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="g")
+        )
+        await asyncio.sleep(0)
+        joiner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joiner
+        gate.set()
+        refund = await owner
+    assert not refund.reconciled
+    assert server.posts == 1
+
+
+async def test_two_clients_on_one_store_wait_for_each_other() -> None:
+    """Two clients (two owners, as two processes would be) on one store and one key:
+    the second waits for the first's outcome and returns the same refund, one POST."""
+    gate = asyncio.Event()
+    store = MemoryStore()
+    server = Gated(FakeClock(), post_gate=gate)
+    async with (
+        hostile_client(server, retry=ROOMY, store=store) as first,
+        hostile_client(server, retry=ROOMY, store=store) as second,
+    ):
+        one = asyncio.ensure_future(
+            first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="two")
+        )
+        await server.post_arrived.wait()
+        two = asyncio.ensure_future(
+            second.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="two")
+        )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not two.done()
+        gate.set()
+        assert await one == await two
+    assert server.posts == 1
+
+
+async def test_waiting_on_another_owner_ends_at_the_deadline_sending_nothing() -> None:
+    """The other owner holds the key past this call's deadline: AmbiguousOutcomeError
+    saying to call again with the key; this call sent nothing."""
+    clock = FakeClock()
+    store = MemoryStore()
+    now = clock.time()
+    wanted = KeyEntry(
+        "busy",
+        PendingRefund("refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300)),
+        owner="another-process",
+        lease_until=now + 10_000,
+    )
+    await store.claim(wanted, now)
+    server = Hostile(clock)
+    async with hostile_client(server, retry=RetryPolicy(deadline=5.0), store=store) as client:
+        with pytest.raises(AmbiguousOutcomeError, match="same key") as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="busy")
+    assert info.value.pending is None
+    assert server.posts == 0

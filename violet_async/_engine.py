@@ -276,9 +276,7 @@ class KeyedAsks:
             fresh = KeyEntry(key, wanted, owner=self.owner, lease_until=now + store.lease)
             try:
                 claim, entry = await store.claim(fresh, now)
-            except (Exception, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _store_error(key, "claiming", exc) from None
             if claim is Claim.REUSED:
                 raise _reused(key, entry.ask)
