@@ -33,8 +33,10 @@ FIRST_ORDER, FIRST_BAG = 100_001, 200_001
 
 def start_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "violet_async", "fake-server", "--port", "0"]
-        + ["--orders", str(ORDERS), "--seed", "1"],
+        [
+            *(sys.executable, "-m", "violet_async", "fake-server"),
+            *("--port", "0", "--orders", str(ORDERS), "--seed", "1"),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
