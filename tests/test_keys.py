@@ -604,3 +604,11 @@ async def test_waiting_on_another_owner_ends_at_the_deadline_sending_nothing() -
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="busy")
     assert info.value.pending is None
     assert server.posts == 0
+
+
+@pytest.mark.parametrize("store", ["refunds.db", object()])
+def test_a_store_that_is_not_one_is_refused(store: Any) -> None:
+    """store= takes a record store; a path or anything else is refused at once."""
+    with pytest.raises(RequestValidationError) as info:
+        VioletClient(1, "s", token="t", store=store)
+    assert info.value.field == "store"

@@ -106,6 +106,14 @@ class VioletClient(RequestPlumbing):
             )
         if not isinstance(environment, Environment):
             raise RequestValidationError("environment", "must be an Environment")
+        if store is not None and not all(
+            callable(getattr(store, name, None))
+            for name in ("claim", "save", "renew", "load", "aclose")
+        ):
+            raise RequestValidationError(
+                "store",
+                "must be a record store: MemoryStore(), SQLiteStore(path) or RedisStore(url)",
+            )
         url = check_base_url(
             base_url if base_url is not None else environment.value,
             allow_insecure_http=allow_insecure_http,
