@@ -283,6 +283,9 @@ class Failing:
 
     inner: MemoryStore = attrs.Factory(MemoryStore)
     fail: set[str] = attrs.Factory(set)
+    fail_sent_save: int = 0
+    """Fail the N-th save of a SENT record (0: none)."""
+    sent_saves: int = 0
     lost: bool = False
     saves: list[KeyEntry] = attrs.Factory(list)
 
@@ -303,6 +306,10 @@ class Failing:
         phase = entry.ask.phase.value if entry.refund is None else "finished"
         if phase in self.fail:
             raise OSError("disk full")
+        if phase == "sent":
+            self.sent_saves += 1
+            if self.sent_saves == self.fail_sent_save:
+                raise OSError("disk full")
         if self.lost:
             return False
         self.saves.append(entry)
@@ -612,3 +619,18 @@ def test_a_store_that_is_not_one_is_refused(store: Any) -> None:
     with pytest.raises(RequestValidationError) as info:
         VioletClient(1, "s", token="t", store=store)
     assert info.value.field == "store"
+
+
+async def test_a_failed_restamp_before_the_send_sends_nothing_and_reads_nothing() -> None:
+    """A slow login moves the send past its saved time, so the record is saved again
+    right before the POST; that save fails: RecordStoreError at once, no POST, and no
+    read-back (the send never left, so there is nothing to settle)."""
+    store = Failing(fail_sent_save=2)
+    server = Hostile(FakeClock(), login_delay=10.0)
+    async with hostile_client(server, retry=ROOMY, store=store) as client:
+        with pytest.raises(RecordStoreError, match="nothing was sent"):
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="r")
+        assert (server.posts, server.reads) == (0, 0)
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="r")
+    assert refund.amount == 300
+    assert server.posts == 1

@@ -93,6 +93,15 @@ def cancelled_first_send(
     return _cancelled(record, now, settle_running)
 
 
+class NotSent(Exception):
+    """Carries a ``RecordStoreError`` raised right before a send past the driver, which
+    would otherwise take it for a send that may have applied."""
+
+    def __init__(self, error: RecordStoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class SendTracker:
     """What one call knows of its ask at any ``await``: the latest record (saved before
     every send, or the one being resumed) and whether a request of this call may have
@@ -121,7 +130,13 @@ class SendTracker:
         async def send_once(remaining: float | None, before_send: Any = None) -> OrderRefund:
             async def leaving() -> None:
                 if before_send is not None:
-                    await before_send()
+                    try:
+                        await before_send()
+                    except RecordStoreError as exc:
+                        # The key's record could not be brought up to date before
+                        # this send: it does not leave. Not a send failure (that
+                        # would be read back as "may have applied"): the call ends.
+                        raise NotSent(exc) from None
                 self.left = True
 
             return await inner(remaining, before_send=leaving)
@@ -356,6 +371,9 @@ class KeyedAsks:
                 save=persist,
                 keep_cancelled=True,
             )
+        except NotSent as stopped:
+            await self._release(key, latest)
+            raise stopped.error from None
         except Exception:
             if not released:
                 await self._release(key, latest)
