@@ -28,6 +28,8 @@ EXPECTED = {
     "webhook_any_framework.py": r"^bag 200001: PARTIALLY_REFUNDED$",
     "fleet_plain_loop.py": r"^fleet: \{'applied': 5\}; refunds at Violet: 5$",
     "audit_from_python.py": r"^audit: \{'as_asked': 3\}$",
+    "web_app_refund.py": r"^4 clicks, 1 refund: \{'state': 'refunded', 'refund_id': \d+, .*\}$",
+    "arq_refund_job.py": r"^job delivered twice: refund (\d+), then refund \1$",
 }
 # These always play Violet with an embedded FakeViolet (a pytest file; a webhook sender).
 EMBEDDED_ONLY = {

@@ -36,6 +36,8 @@ DESIGN_NAMES = [
     "AmbiguousOutcomeError",
     "RefundFailedError",
     "CancellationFailedError",
+    "PendingRefund",
+    "IdempotencyKeyReusedError",
 ]
 
 
@@ -51,6 +53,7 @@ def test_all_is_complete_and_importable() -> None:
         "exceptions",
         "fleet",
         "models",
+        "stores",
         "telemetry",
         "testing",
         "webhooks",
@@ -69,3 +72,10 @@ def test_design_contract_names_are_exported() -> None:
 def test_version_is_exposed() -> None:
     """__version__ is a dotted version string."""
     assert violet_async.__version__.count(".") == 2
+
+
+def test_stores_module_exports_the_three_stores() -> None:
+    """DESIGN.md's `from violet_async.stores import MemoryStore, SQLiteStore, RedisStore`."""
+    from violet_async import stores
+
+    assert {"MemoryStore", "SQLiteStore", "RedisStore"} <= set(stores.__all__)

@@ -55,3 +55,14 @@ def test_only_retry_imports_tenacity() -> None:
 def test_only_converter_builds_a_cattrs_converter() -> None:
     """One cattrs converter, built in _converter.py."""
     assert importers("cattrs") == {"_converter.py"}
+
+
+def test_exceptions_imports_nothing_of_the_package_at_run_time() -> None:
+    """The error module sits below everything: no import circle can run through it."""
+    tree = ast.parse((PACKAGE / "exceptions.py").read_text())
+    relative = [
+        ast.unparse(node)
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or node.module == "violet_async")
+    ]
+    assert relative == []

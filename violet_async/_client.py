@@ -4,6 +4,7 @@ made, read or retried is in ``_requests.py``; when a refund may be sent again, i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -16,6 +17,7 @@ from ._ask import PROCESS_CLOCK, Settings, sent_once
 from ._auth import Auth, Credentials
 from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
 from ._converter import encode_request
+from ._engine import KeyedAsks, SendTracker, cancelled_first_send
 from ._protocol import PendingRefund, Phase
 from ._reconcile import KnownRefunds, after_failed_send, run_ask
 from ._redact import Redactor
@@ -54,6 +56,7 @@ from .models import (
     SkuRefund,
 )
 from .models._validators import check_id
+from .stores import MemoryStore, RecordStore, store_from_url
 
 if TYPE_CHECKING:
     # Only _transport.py uses aiohttp's client; here it is a type in a signature.
@@ -91,6 +94,7 @@ class VioletClient(RequestPlumbing):
         clock: Clock | None = None,
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        store: RecordStore | None = None,
         _transport: Any = None,
     ) -> None:
         check_id("app_id", app_id)
@@ -102,6 +106,14 @@ class VioletClient(RequestPlumbing):
             )
         if not isinstance(environment, Environment):
             raise RequestValidationError("environment", "must be an Environment")
+        if store is not None and not all(
+            callable(getattr(store, name, None))
+            for name in ("claim", "save", "renew", "load", "aclose")
+        ):
+            raise RequestValidationError(
+                "store",
+                "must be a record store: MemoryStore(), SQLiteStore(path) or RedisStore(url)",
+            )
         url = check_base_url(
             base_url if base_url is not None else environment.value,
             allow_insecure_http=allow_insecure_http,
@@ -142,6 +154,10 @@ class VioletClient(RequestPlumbing):
             known_refunds=KnownRefunds(),
             clock=clock if clock is not None else SYSTEM_CLOCK,
         )
+        # Built on the first keyed call: a call without a key never touches it.
+        self._store = store
+        self._keys: KeyedAsks | None = None
+        self._owns_store = False
 
     # -- construction helpers ---------------------------------------------------
 
@@ -151,10 +167,18 @@ class VioletClient(RequestPlumbing):
 
         ``VIOLET_APP_ID``, ``VIOLET_APP_SECRET`` (required), ``VIOLET_USERNAME``,
         ``VIOLET_PASSWORD``, ``VIOLET_TOKEN``, ``VIOLET_REFRESH_TOKEN``, ``VIOLET_ENV``
-        (sandbox | production), ``VIOLET_BASE_URL``. Keyword arguments win.
+        (sandbox | production), ``VIOLET_BASE_URL``, ``VIOLET_STORE`` (where keyed calls
+        are kept: ``sqlite:///path``, ``redis://...``; the client closes a store it
+        made this way). Keyword arguments win.
         """
-        app_id, app_secret, settings = settings_from_env(os.environ if environ is None else environ)
-        return cls(app_id, app_secret, **{**settings, **overrides})
+        env = os.environ if environ is None else environ
+        app_id, app_secret, settings = settings_from_env(env)
+        made = "store" not in overrides and bool(env.get("VIOLET_STORE"))
+        if made:
+            settings["store"] = store_from_url(env["VIOLET_STORE"].strip())
+        client = cls(app_id, app_secret, **{**settings, **overrides})
+        client._owns_store = made
+        return client
 
     def with_options(
         self,
@@ -171,6 +195,9 @@ class VioletClient(RequestPlumbing):
         clone._timeouts = self._timeouts if isinstance(timeouts, _Unset) else timeouts
         clone._on_retry = self._on_retry if isinstance(on_retry, _Unset) else on_retry
         clone._retrier_cache = None
+        clone._store = self._store
+        clone._keys = self._key_path()  # one key path for the client and its clones
+        clone._owns_store = False
         return clone
 
     def __repr__(self) -> str:
@@ -190,8 +217,12 @@ class VioletClient(RequestPlumbing):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the client (and its session, if the client made it). Idempotent."""
+        """Close the client (and its session and store, if the client made them).
+        Idempotent."""
         await self._shared.transport.aclose()
+        if self._owns_store and self._store is not None:
+            self._owns_store = False
+            await self._store.aclose()
 
     @property
     def closed(self) -> bool:
@@ -216,8 +247,15 @@ class VioletClient(RequestPlumbing):
         reason: str | _Unset | None = UNSET,
         restock_items: bool | _Unset | None = UNSET,
         notify_customer: bool | _Unset | None = UNSET,
+        idempotency_key: str | None = None,
     ) -> OrderRefund:
         """Refund a bag, fully (no amount) or partly. Never sends it twice.
+
+        ``idempotency_key``: at most once per key, across calls and (with a shared
+        ``store``) processes. A repeat with the same key and request gets the same
+        outcome: the refund again with no request to Violet, the pending ask resumed,
+        or a running call joined. The same key with another request raises
+        ``IdempotencyKeyReusedError`` (nothing sent).
 
         Returns the refund; ``refund.errors`` may be non-empty. Raises
         ``RefundFailedError`` when Violet reports the refund FAILED, and
@@ -234,6 +272,8 @@ class VioletClient(RequestPlumbing):
             "notify_customer": notify_customer,
         }
         req = _request_from(RefundBagRequest, request, fields)
+        if idempotency_key is not None:
+            return await self._keyed("refund", order_id, bag_id, req, idempotency_key)
         if STATE.on:
             return await traced_call(
                 "violet.refund_bag",
@@ -256,11 +296,13 @@ class VioletClient(RequestPlumbing):
         reason: str | _Unset | None = UNSET,
         restock_items: bool | _Unset = UNSET,
         notify_customer: bool | _Unset = UNSET,
+        idempotency_key: str | None = None,
     ) -> OrderRefund:
         """Cancel a bag; the shopper is refunded its total. Returns that refund.
 
         Raises ``CancellationFailedError`` when Violet reports the cancel failed, and
-        ``AmbiguousOutcomeError`` like :meth:`refund_bag`."""
+        ``AmbiguousOutcomeError`` like :meth:`refund_bag`; ``idempotency_key`` as
+        there."""
         fields = {
             "reason_code": reason_code,
             "reason": reason,
@@ -268,6 +310,8 @@ class VioletClient(RequestPlumbing):
             "notify_customer": notify_customer,
         }
         req = _request_from(CancelBagRequest, request, fields)
+        if idempotency_key is not None:
+            return await self._keyed("cancel", order_id, bag_id, req, idempotency_key)
         if STATE.on:
             return await traced_call(
                 "violet.cancel_bag",
@@ -275,6 +319,31 @@ class VioletClient(RequestPlumbing):
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
         return await self._ask("cancel", order_id, bag_id, req)
+
+    def _key_path(self) -> KeyedAsks:
+        keys = self._keys
+        if keys is None:
+            store = self._store if self._store is not None else MemoryStore()
+            self._store = store
+            keys = self._keys = KeyedAsks(store, self._shared.clock)
+        return keys
+
+    async def _keyed(
+        self,
+        kind: Literal["refund", "cancel"],
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+        key: str,
+    ) -> OrderRefund:
+        """A refund or cancel under an idempotency key (``_engine.KeyedAsks``)."""
+        call = self._key_path().run(self._ask, kind, order_id, bag_id, req, key, self._deadline())
+        if STATE.on:
+            attributes = {"violet.order_id": order_id, "violet.bag_id": bag_id}
+            refund = await traced_call(f"violet.{kind}_bag", call, attributes)
+        else:
+            refund = await call
+        return _unless_failed(refund) if kind == "refund" else refund
 
     async def resume(self, pending: PendingRefund) -> OrderRefund:
         """Settle a refund or cancel that an earlier call left pending
@@ -395,10 +464,15 @@ class VioletClient(RequestPlumbing):
         save: Callable[[PendingRefund], Awaitable[None]] | None = None,
         patience: float | None = None,
         hold_if_present: bool = False,
+        keep_cancelled: bool | None = None,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
-        no retry machinery), and the driver for everything after a failure."""
+        no retry machinery), and the driver for everything after a failure.
+
+        ``keep_cancelled``: when the caller cancels the call after its request may
+        have left, keep the ask pending in this client (default: unless ``save`` is
+        given; a batch journal or fleet ledger keeps its own)."""
         path = self._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
         shared = self._shared
         clock = shared.clock
@@ -409,6 +483,8 @@ class VioletClient(RequestPlumbing):
         if waited:
             await locks.acquire(bag_id, None if deadline is None else deadline - clock.monotonic())
         unsettled = shared.unsettled
+        sent_at: float | None = None
+        tracker: SendTracker | None = None
         try:
             if unsettled:
                 unsettled.check(bag_id, resume)
@@ -439,38 +515,84 @@ class VioletClient(RequestPlumbing):
                         clock=settings.clock_id,
                         others=shared.known_refunds.on_bag(bag_id),
                     )
+                    tracker = SendTracker(ask, left=True)
                     refund = await after_failed_send(
                         ask,
                         exc,
-                        io=self._bag_io(order_id, bag_id, path, body, parse),
+                        io=tracker.watch(self._bag_io(order_id, bag_id, path, body, parse)),
                         settings=settings,
                         clock=clock,
                         deadline=deadline,
                         known=shared.known_refunds,
+                        save=tracker.save,
                     )
             else:
                 settings = self._protocol_settings(bag_id, hold_if_present=hold_if_present)
                 others = shared.known_refunds.on_bag(bag_id)
                 ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
+                tracker = SendTracker(resume, persist=save)
                 refund = await run_ask(
                     attrs.evolve(ask, others=ask.others | others),
-                    io=self._bag_io(order_id, bag_id, path, body, parse),
+                    io=tracker.watch(self._bag_io(order_id, bag_id, path, body, parse)),
                     settings=settings,
                     clock=clock,
                     deadline=deadline,
                     known=shared.known_refunds,
                     attempt_timeout=self._timeouts.connect + self._timeouts.read,
-                    save=save,
+                    save=tracker.save,
                     patience=patience,
                 )
         except AmbiguousOutcomeError as exc:
             if exc.pending is not None:
                 unsettled.add(exc.pending)
             raise
+        except asyncio.CancelledError:
+            # The caller cancelled (or timed out) this call: if its request may have
+            # left, the bag is pending before the cancellation goes on, so the next
+            # call here gets BagPendingError (or, with the key, resumes it), never a
+            # blind second POST.
+            pending = self._cancelled(kind, order_id, bag_id, req, sent_at, tracker)
+            if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
+                unsettled.add(pending)
+            raise
         finally:
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id)
+        if resume is not None and save is None and self._keys is not None:
+            self._keys.settled(resume, refund)
         return refund
+
+    def _cancelled(  # noqa: PLR0917 - internal, one call site
+        self,
+        kind: Literal["refund", "cancel"],
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+        sent_at: float | None,
+        tracker: SendTracker | None,
+    ) -> PendingRefund | None:
+        """The record a cancelled call leaves pending (None: nothing of it can have
+        reached Violet)."""
+        shared = self._shared
+        settings = self._protocol_settings(bag_id)
+        now = shared.clock.time()
+        if tracker is not None:
+            return tracker.on_cancel(now, settings.settle_running)
+        if sent_at is None or shared.auth.current() is None:
+            # Cancelled waiting for the bag, or while still getting a token (a login
+            # or a renewal after Violet refused the token): nothing left.
+            return None
+        return cancelled_first_send(
+            kind,
+            order_id,
+            bag_id,
+            req,
+            sent_at,
+            now=now,
+            settle_running=settings.settle_running,
+            clock=settings.clock_id,
+            others=shared.known_refunds.on_bag(bag_id),
+        )
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:

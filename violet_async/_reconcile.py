@@ -370,9 +370,10 @@ async def after_failed_send(
     clock: Clock,
     deadline: float | None,
     known: Container[int],
+    save: Save | None = None,
 ) -> OrderRefund:
     """Take over an ask whose first send (made inline by the client, so the happy path
-    builds no record) failed with ``error``."""
+    builds no record) failed with ``error``. ``save`` as for :func:`drive`."""
     obs = Observation.send_failed(
         ask.last_sent_at or clock.time(),
         error,
@@ -391,6 +392,7 @@ async def after_failed_send(
         deadline=deadline,
         known=known,
         last_error=error,
+        save=save,
         announce=io.announce,
     )
 

@@ -31,6 +31,8 @@ import time
 from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from .exceptions import REQUEST_ID_HEADERS
+
 __all__ = [
     "ATTEMPT",
     "CAPTURE",
@@ -48,10 +50,6 @@ T = TypeVar("T")
 
 http_log = logging.getLogger("violet_async.http")
 reconcile_log = logging.getLogger("violet_async.reconcile")
-
-#: Response headers that may carry Violet's (or its gateway's) request id, in order of
-#: preference. Violet does not document one; these are the common names.
-REQUEST_ID_HEADERS = ("X-Request-Id", "X-Violet-Request-Id")
 
 #: The attempt number of the request being made (set only on retries and re-sends).
 ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("violet_attempt", default=1)

@@ -17,6 +17,8 @@ name, host and port, the operating system's reason) are copied into the SDK erro
     ├── AmbiguousOutcomeError                      a POST may or may not have applied
     ├── BagPendingError                            not sent: an ask on the bag is pending
     ├── RefundAlreadyPresentError                  not sent: the bag already holds it
+    ├── IdempotencyKeyReusedError                  not sent: the key was used for another request
+    ├── RecordStoreError                           the record store failed; nothing was sent
     ├── RefundFailedError                          2xx, but the refund status is FAILED
     ├── RefundWaitTimeoutError                     wait_for_refund ran out of time
     ├── CancellationFailedError                    2xx, but the cancel did not happen
@@ -44,8 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ._telemetry import REQUEST_ID_HEADERS
-
+# Nothing of the package is imported here at run time (only types, below): every other
+# module imports this one, so it must never need them.
 if TYPE_CHECKING:
     from ._protocol import PendingRefund
     from ._redact import Redactor
@@ -62,9 +64,11 @@ __all__ = [
     "CancellationFailedError",
     "ClientClosedError",
     "ConflictError",
+    "IdempotencyKeyReusedError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RecordStoreError",
     "RefundAlreadyPresentError",
     "RefundFailedError",
     "RefundWaitTimeoutError",
@@ -77,6 +81,11 @@ __all__ = [
 ]
 
 _BODY_PREVIEW = 200
+
+#: Response headers that may carry Violet's (or its gateway's) request id, in order of
+#: preference. Violet does not document one; these are the common names. (Here, so that
+#: this module imports nothing of the package; ``violet_async.telemetry`` exports it.)
+REQUEST_ID_HEADERS = ("X-Request-Id", "X-Violet-Request-Id")
 
 
 class VioletError(Exception):
@@ -239,6 +248,26 @@ class BagPendingError(VioletError):
     def __init__(self, message: str, *, pending: Sequence[PendingRefund]) -> None:
         super().__init__(message)
         self.pending = tuple(pending)
+
+
+class IdempotencyKeyReusedError(VioletError):
+    """Not sent: the ``idempotency_key`` was already used for another request (another
+    kind, order, bag, amount, reason...). A key stands for one request, at most once;
+    use a new key for a new request. ``key`` is the key."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class RecordStoreError(VioletError):
+    """The record store (``VioletClient(store=...)``) could not load or save the record
+    of a call made with an ``idempotency_key``. Raised before a send: nothing was sent.
+    ``key`` is the key."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class RefundAlreadyPresentError(VioletError):

@@ -9,6 +9,7 @@ from violet_async import (
     APIError,
     CancelBagRequest,
     Environment,
+    IdempotencyKeyReusedError,
     OrderRefund,
     ReasonCode,
     RefundBagRequest,
@@ -20,6 +21,7 @@ from violet_async import (
     Timeouts,
     VioletClient,
 )
+from violet_async.stores import MemoryStore, RecordStore, SQLiteStore
 
 
 async def refund_flow(session: aiohttp.ClientSession) -> list[OrderRefund]:
@@ -69,3 +71,15 @@ async def refund_flow(session: aiohttp.ClientSession) -> list[OrderRefund]:
 
 def from_environment() -> VioletClient:
     return VioletClient.from_env()
+
+
+async def keyed_refunds() -> OrderRefund:
+    stores: list[RecordStore] = [MemoryStore(), SQLiteStore("refunds.db", retention=3600.0)]
+    async with VioletClient(11, "secret", token="t", store=stores[1]) as client:
+        try:
+            return await client.refund_bag(1, 2, amount_refunded=5, idempotency_key="rma-4711")
+        except IdempotencyKeyReusedError as exc:
+            print(exc.key)
+            raise
+        finally:
+            await client.cancel_bag(1, 3, idempotency_key="rma-4712")

@@ -1,0 +1,206 @@
+"""SQLiteStore: keys in one SQLite file, shared by the processes of one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+
+from ._base import DEFAULT_LEASE, DEFAULT_RETENTION, Claim, KeyEntry, check_seconds, decide
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS violet_keys (
+    key TEXT PRIMARY KEY,
+    entry BLOB NOT NULL,
+    owner TEXT,
+    lease_until REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS violet_keys_finished ON violet_keys (finished_at)
+    WHERE finished_at IS NOT NULL;
+"""
+
+#: Seconds between two sweeps of finished keys past retention.
+_SWEEP_EVERY = 60.0
+
+
+class SQLiteStore:
+    """Idempotency keys in a SQLite file: every process on the machine that opens the
+    same file shares them (a web app's workers, a cron job and its retry).
+
+    The file is created readable by its owner only (0600). It runs in WAL mode with
+    ``synchronous=FULL``: the record of a send is on disk before the request leaves,
+    so a process killed with its POST in flight leaves a record that the next call
+    with the same key resumes (reading the bag back, never sending blind). Calls run
+    ``sqlite3`` in a worker thread, one statement at a time per store.
+
+    ``retention``: seconds a finished key is kept (default 24 h). ``lease``: seconds a
+    process owns a key it stopped renewing (default 30; a live call renews it every
+    third of that). ``timeout``: seconds to wait for another process's write lock.
+    Close it with :meth:`aclose` (or ``async with``) when done.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        retention: float = DEFAULT_RETENTION,
+        lease: float = DEFAULT_LEASE,
+        timeout: float = 10.0,
+    ) -> None:
+        check_seconds("retention", retention)
+        check_seconds("lease", lease)
+        check_seconds("timeout", timeout)
+        self.path = Path(path)
+        self.retention = retention
+        self.lease = lease
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._swept_at = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {str(self.path)!r}>"
+
+    async def __aenter__(self) -> SQLiteStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- the store protocol ---------------------------------------------------------
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        return await self._run(lambda conn: self._claim(conn, fresh, now))
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        return await self._run(lambda conn: self._save(conn, entry, owner))
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        def renew(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE violet_keys SET lease_until = ? WHERE key = ? AND owner = ?",
+                (lease_until, key, owner),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(renew)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        def load(conn: sqlite3.Connection) -> KeyEntry | None:
+            return _read(conn, key)
+
+        return await self._run(load)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Close the file (idempotent); the store cannot be used after."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # -- in the worker thread -------------------------------------------------------
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            # busy_timeout covers most waits for another process; a few (turning on
+            # WAL, creating the table, recovering a WAL a killed process left) answer
+            # "locked" at once: each unit of work is one transaction, so run it again.
+            give_up = time.monotonic() + self._timeout
+            while True:
+                try:
+                    with self._lock:
+                        return work(self._connection())
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > give_up:
+                        raise
+                time.sleep(0.005)
+
+        return await asyncio.to_thread(locked)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise sqlite3.ProgrammingError(f"{self!r} is closed")
+        if self._conn is None:
+            # Created by us: owner only (SQLite gives its -wal and -shm files the
+            # same mode). An existing file keeps the mode it has.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _claim(
+        self, conn: sqlite3.Connection, fresh: KeyEntry, now: float
+    ) -> tuple[Claim, KeyEntry]:
+        # BEGIN IMMEDIATE takes the write lock before reading: two processes claiming
+        # one key run one after the other, the second sees the first's entry.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if now - self._swept_at >= _SWEEP_EVERY:
+                conn.execute(
+                    "DELETE FROM violet_keys WHERE finished_at IS NOT NULL AND finished_at <= ?",
+                    (now - self.retention,),
+                )
+                self._swept_at = now
+            current = _read(conn, fresh.key)
+            claim, entry, write = decide(current, fresh, now=now, retention=self.retention)
+            if write is not None:
+                _upsert(conn, write)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return claim, entry
+
+    @staticmethod
+    def _save(conn: sqlite3.Connection, entry: KeyEntry, owner: str) -> bool:
+        cursor = conn.execute(
+            "UPDATE violet_keys SET entry = ?, owner = ?, lease_until = ?, finished_at = ? "
+            "WHERE key = ? AND owner = ?",
+            (entry.to_json(), entry.owner, entry.lease_until, entry.finished_at, entry.key, owner),
+        )
+        return cursor.rowcount == 1
+
+
+def _read(conn: sqlite3.Connection, key: str) -> KeyEntry | None:
+    row = conn.execute(
+        "SELECT entry, owner, lease_until FROM violet_keys WHERE key = ?", (key,)
+    ).fetchone()
+    if row is None:
+        return None
+    # The lease lives in its columns (renewals touch only them).
+    return attrs.evolve(KeyEntry.from_json(row[0]), owner=row[1], lease_until=row[2])
+
+
+def _upsert(conn: sqlite3.Connection, entry: KeyEntry) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO violet_keys (key, entry, owner, lease_until, finished_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (entry.key, entry.to_json(), entry.owner, entry.lease_until, entry.finished_at),
+    )
