@@ -1,0 +1,106 @@
+"""Never twice in the batch runner, against our own hostile server: an edited row
+whose earlier version may have applied, a Ctrl-C with only parked rows left, and an
+attempt budget that a revisit of a parked row must not start again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+
+from violet_async import RefundBagRequest, RetryPolicy, Timeouts
+from violet_async.batch import BatchItem, BatchResult, Journal, run_batch
+from violet_async.testing import FakeClock
+
+from .hostile import APP_ID, BAG_ID, GATEWAY_504, ORDER_ID, SECRET, Hostile, Step, hostile_client
+
+ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
+
+
+async def _drain(results: AsyncIterator[BatchResult]) -> list[BatchResult]:
+    return [r async for r in results]
+
+
+def _refund(line: int, reason: str, amount: int = 300) -> BatchItem:
+    return BatchItem.refund(
+        line, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=amount, reason=reason)
+    )
+
+
+async def _killed_mid_post(client: object, item: BatchItem, server: Hostile, journal: Path) -> None:
+    """Run ``item`` and kill the run while its POST is in flight (it commits)."""
+    first = asyncio.ensure_future(_drain(run_batch(client, [item], journal=journal)))  # type: ignore[arg-type]
+    await server.post_arrived.wait()
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    (entry,) = Journal.peek(journal).values()
+    assert entry.state == "sent"
+
+
+async def test_row10_an_edited_row_waits_for_its_earlier_version(tmp_path: Path) -> None:
+    """A run is killed while a row's POST is in flight (it applied); the operator fixes a
+    typo in the row's reason and runs again. The edited row is a new item, but the
+    earlier one is read back first: it applied, so the edited row is not sent (one
+    refund, not two) and says so; a third run changes nothing."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, commit_after=0.0, hang=True)])
+    journal = tmp_path / "run.jsonl"
+    timeouts = Timeouts(connect=1.0, read=2.0)
+    async with hostile_client(server, retry=ROOMY, timeouts=timeouts) as client:
+        await _killed_mid_post(client, _refund(1, "Customer requsted"), server, journal)
+        edited = _refund(1, "Customer requested")
+        results = await _drain(run_batch(client, [edited], journal=journal))
+        assert server.posts == 1
+        assert [r.outcome for r in results] == ["already_present"]
+        assert results[0].refund_id == server.ours[0]
+        assert "--allow-repeat" in str(results[0].error)
+        again = await _drain(run_batch(client, [edited], journal=journal))
+    assert [r.outcome for r in again] == ["already_present"]
+    assert server.posts == 1
+    assert len(server.ours) == 1
+    states = {e.state for e in Journal.peek(journal).values()}
+    assert states == {"done", "present"}
+
+
+async def test_row10_an_earlier_row_that_never_applied_frees_its_bag(tmp_path: Path) -> None:
+    """The killed row's POST never committed: read back over its settle window it is
+    proven absent, it is not sent again (its row is gone), and the edited row is sent:
+    one refund, the edited one."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, body=GATEWAY_504, commit_after=None, hang=True)])
+    journal = tmp_path / "run.jsonl"
+    timeouts = Timeouts(connect=1.0, read=2.0)
+    async with hostile_client(server, retry=ROOMY, timeouts=timeouts) as client:
+        await _killed_mid_post(client, _refund(1, "typo"), server, journal)
+        results = await _drain(run_batch(client, [_refund(1, "fixed")], journal=journal))
+    assert [r.outcome for r in results] == ["succeeded"]
+    assert server.posts == 2
+    assert len(server.ours) == 1
+    assert server.refunds[0]["reason"] == "fixed"
+    states = sorted(e.state for e in Journal.peek(journal).values())
+    assert states == ["done", "unsent"]
+
+
+async def test_row10_the_earlier_row_itself_later_in_the_input_is_done(tmp_path: Path) -> None:
+    """The earlier row is still in the input, after a new row on its bag: it is resolved
+    for the new row, found applied, and reported already_done when its turn comes (not
+    resumed a second time, where its refund would count as someone else's)."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, commit_after=0.0, hang=True)])
+    journal = tmp_path / "run.jsonl"
+    timeouts = Timeouts(connect=1.0, read=2.0)
+    original = _refund(2, "first")
+    async with hostile_client(server, retry=ROOMY, timeouts=timeouts) as client:
+        await _killed_mid_post(client, original, server, journal)
+        new = _refund(1, "second", amount=200)
+        results = await _drain(run_batch(client, [new, original], journal=journal))
+    outcomes = {r.item.line: r.outcome for r in results}
+    assert outcomes == {1: "already_present", 2: "already_done"}
+    assert server.posts == 1
+    assert len(server.ours) == 1
