@@ -242,3 +242,19 @@ async def hostile_client(server: Hostile, **options: Any) -> AsyncIterator[Viole
     finally:
         server._stopping.set()
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serve(server: Hostile) -> AsyncIterator[str]:
+    """Serve ``server`` on 127.0.0.1 (port 0) and yield its base URL (for a client in
+    another process, on the real clock)."""
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server._stopping.set()
+        await runner.cleanup()

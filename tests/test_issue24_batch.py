@@ -18,7 +18,18 @@ from violet_async import RefundBagRequest, RetryPolicy, Timeouts
 from violet_async.batch import BatchItem, BatchResult, Journal, run_batch
 from violet_async.testing import FakeClock
 
-from .hostile import APP_ID, BAG_ID, GATEWAY_504, ORDER_ID, SECRET, Hostile, Step, hostile_client
+from .hostile import (
+    APP_ID,
+    BAG_ID,
+    GATEWAY_504,
+    ORDER_ID,
+    SECRET,
+    VIOLET_500,
+    Hostile,
+    Step,
+    hostile_client,
+    serve,
+)
 
 ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
 
@@ -104,3 +115,67 @@ async def test_row10_the_earlier_row_itself_later_in_the_input_is_done(tmp_path:
     assert outcomes == {1: "already_present", 2: "already_done"}
     assert server.posts == 1
     assert len(server.ours) == 1
+
+
+async def test_row15_revisits_of_a_parked_row_share_one_attempt_budget(tmp_path: Path) -> None:
+    """Every POST gets Violet's own 500 and never applies: each is proven absent after
+    its settle window (longer than the batch's patience, so the row parks each time),
+    and re-sent on the next revisit. The run's sends stop at the policy's attempt
+    budget (they restarted it at every revisit: one POST per revisit), and the row ends
+    failed, which is true: nothing applied."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(500, body=VIOLET_500, commit_after=None)] * 20)
+    policy = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0, max_attempts=3)
+    async with hostile_client(server, retry=policy) as client:
+        results = await _drain(run_batch(client, [_refund(1, "r")], journal=tmp_path / "run.jsonl"))
+    assert server.posts == 3
+    assert [r.outcome for r in results] == ["failed"]
+    assert "attempt" in str(results[0].error)
+    assert server.refunds == []
+
+
+async def test_row14_ctrl_c_with_only_parked_rows_exits_130_at_once(tmp_path: Path) -> None:
+    """The console script with ``--settle 120``: the one row's POST gets a gateway 504
+    and parks for the settle window. Ctrl-C then stops the run within a second or two,
+    exit 130, the row journaled unknown with its record (resumable); it used to wait
+    out the window."""
+    server = Hostile(FakeClock(), script=[Step(504, body=GATEWAY_504, commit_after=None)])
+    async with serve(server) as base_url:
+        source = tmp_path / "in.csv"
+        source.write_text(f"order_id,bag_id,amount_refunded,reason\n{ORDER_ID},{BAG_ID},300,r\n")
+        journal = tmp_path / "in.csv.refund.journal.jsonl"
+        env = {
+            **os.environ,
+            "VIOLET_APP_ID": str(APP_ID),
+            "VIOLET_APP_SECRET": SECRET,
+            "VIOLET_USERNAME": "hostile-user",
+            "VIOLET_PASSWORD": "hostile-password-0123",
+            "VIOLET_BASE_URL": base_url,
+        }
+        command = [sys.executable, "-m", "violet_async", "refund", str(source)]
+        proc = await asyncio.create_subprocess_exec(
+            *command, "--settle", "120", env=env, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            for _ in range(400):  # up to 20 s for the row to park
+                await asyncio.sleep(0.05)
+                if journal.exists() and b'"state":"pending"' in journal.read_bytes():
+                    break
+            assert b'"state":"pending"' in journal.read_bytes()
+            await asyncio.sleep(0.3)  # parked: only the settle window is left
+            asked = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 10.0)
+            took = time.monotonic() - asked
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 130, out
+    assert took < 2.5, took
+    assert b"interrupted" in out
+    assert server.posts == 1
+    (entry,) = Journal.peek(journal).values()
+    assert entry.state == "unknown"
+    assert entry.ask is not None
+    assert orjson.loads(orjson.dumps(entry.ask))["phase"] == "pending"
