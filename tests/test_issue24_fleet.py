@@ -208,3 +208,29 @@ async def test_row13_a_redis_without_persistence_is_refused(
     finally:
         await redis.config_set("appendfsync", "always")
         await redis.aclose()
+
+
+async def test_row13_the_answer_arrives_after_redis_lost_the_ledger(flaky: FlakyRedis) -> None:
+    """Redis restarts empty while a worker's POST is in flight; the POST's 504 arrives
+    before the file is enqueued again, so the worker's "pending" write finds no record.
+    The worker holds the fleet's sends, and the rerun (re-registered from the job's own
+    copy of the item) finds the refund by its baseline read after the hold: one refund,
+    reported already_present, never a second POST."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, body=GATEWAY_504, commit_after=20.0)])
+
+    async def lost() -> None:
+        await flaky.flushall()
+
+    server.on_answer = lost
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, flaky)
+        await worker.ledger.register(KEY, ITEM)
+        with pytest.raises(RetryLaterError) as held:
+            await worker.run(KEY, ITEM)
+        assert held.value.defer >= ROOMY.settle_running
+        server.on_answer = None
+        result = await _until_done(worker, clock)
+    assert (result["state"], result["outcome"]) == ("failed", "already_present")
+    assert server.posts == 1
+    assert len(server.ours) == 1

@@ -177,11 +177,15 @@ class LedgerRecord:
 
 # KEYS: record, states, lock (or the record again when no lock is checked)
 # ARGV: item key, new state, lock token ("" = no check), then field, value pairs
+# -2: the record is gone (Redis lost the ledger): nothing is written
 _WRITE = """
 if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[3] then
   return -1
 end
 local current = redis.call('HGET', KEYS[1], 'state')
+if not current then
+  return -2
+end
 if current == 'applied' or current == 'failed' then
   return 0
 end
@@ -232,6 +236,9 @@ return 1
 # One script: the refund, its owner and the item's state change together or not at all.
 _APPLIED = """
 local current = redis.call('HGET', KEYS[1], 'state')
+if not current then
+  return -2
+end
 if current == 'applied' or current == 'failed' then
   return 0
 end
@@ -485,6 +492,8 @@ class RedisLedger:
                 *self._stamp(),
             ],
         )
+        if done == -2:
+            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
         if done == -1:
             raise RefundOwnedError(
                 f"refund {refund_id} on bag {bag_id} is recorded as another item's"
@@ -549,9 +558,11 @@ class RedisLedger:
         for name, value in fields.items():
             args += [name, value]
         args += self._stamp()
-        await self._write(
+        done = await self._write(
             keys=[self.record_key(key), self.states_key, self.record_key(key)], args=args
         )
+        if done == -2:
+            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
 
     async def _durable(self) -> None:
         if self.wait_aof:

@@ -133,6 +133,14 @@ class FleetWorker:
         if record.state in ("applied", "failed"):
             self._won.pop(key, None)
             return record.to_dict()
+        try:
+            return await self._run(key, record)
+        except LedgerLostError as exc:
+            # The item's record vanished under this run: Redis lost the ledger. The job
+            # runs again (re-registered from its own copy of the item) after the hold.
+            raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+
+    async def _run(self, key: str, record: LedgerRecord) -> dict[str, Any]:
         won = self._won.get(key)
         if won is not None:
             # This worker got the item's refund; only the ledger write failed.
