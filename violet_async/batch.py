@@ -121,9 +121,11 @@ class BatchResult:
     ``outcome``: succeeded; failed (definitely not applied: ``error`` says why); unknown
     (the refund may or may not have applied: ``AmbiguousOutcomeError``, read back again
     on resume); not_sent (never reached Violet: refused credentials, or no connection
-    could be made; sent anew next run); already_present (not sent: the bag already holds
-    a refund exactly like it that no journal entry accounts for; ``refund_id`` is that
-    refund); already_done / already_failed (skipped, from the journal of an earlier
+    could be made, or another item on its bag may have applied and could not be
+    resolved; sent anew next run); already_present (not sent: the bag already holds a
+    refund exactly like it that no journal entry accounts for, or one an earlier run's
+    item on the bag made, whose row this input no longer holds as it was; ``refund_id``
+    is that refund); already_done / already_failed (skipped, from the journal of an earlier
     run). ``sent`` is True when a request for it left during this run.
     """
 
@@ -231,9 +233,13 @@ async def run_batch(
     skipped, items an earlier run left sent or pending are read back before anything
     is re-sent, and failed items (definitely not applied) are skipped unless
     ``retry_failed``. Items are known by content (:attr:`BatchItem.key` plus the
-    repeat number of identical items), so an edited item is a new one. Setting
-    ``stop`` stops feeding new items; those in flight finish and parked ones are
-    reported unknown (resumable). ``input_id`` names the input in a new journal's
+    repeat number of identical items), so an edited item is a new one; but before any
+    item on a bag is sent, the journal's sent, pending or unknown entries on that bag
+    are read back (never re-sent): where one applied, a new item on the bag is not sent
+    (already_present; ``allow_repeat`` sends it), and where one stays unresolved, it is
+    not_sent. A parked item's revisits share one attempt budget. Setting ``stop`` stops
+    feeding new items, and wakes the run from any wait; those in flight finish and
+    parked ones are reported unknown (resumable). ``input_id`` names the input in a new journal's
     header (informational).
 
     The server is the last guard: with ``read_before_send``, an item whose bag already
