@@ -179,3 +179,30 @@ async def test_row14_ctrl_c_with_only_parked_rows_exits_130_at_once(tmp_path: Pa
     assert entry.state == "unknown"
     assert entry.ask is not None
     assert orjson.loads(orjson.dumps(entry.ask))["phase"] == "pending"
+
+
+async def test_row10_two_killed_rows_on_a_bag_then_both_edited(tmp_path: Path) -> None:
+    """Two rows on one bag were each killed with their POST in flight (both applied),
+    over two runs; both rows are edited, and a third row on the bag added. Every
+    earlier entry is read back first: two refunds, one per POST, and no row of the
+    edited input is sent."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, commit_after=0.0, hang=True)] * 2)
+    journal = tmp_path / "run.jsonl"
+    a, b = _refund(1, "typo", 300), _refund(2, "typo", 200)
+    async with hostile_client(
+        server, retry=ROOMY, timeouts=Timeouts(connect=1.0, read=2.0)
+    ) as client:
+        for items in ([a], [a, b]):
+            server.post_arrived.clear()
+            first = asyncio.ensure_future(_drain(run_batch(client, items, journal=journal)))
+            await asyncio.wait_for(server.post_arrived.wait(), 5)
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        edited = [_refund(1, "fixed", 300), _refund(2, "fixed", 200), _refund(3, "other", 100)]
+        results = await _drain(run_batch(client, edited, journal=journal))
+    assert [r.outcome for r in results] == ["already_present"] * 3
+    assert server.posts == 2
+    assert len(server.ours) == 2
+    states = sorted(e.state for e in Journal.peek(journal).values())
+    assert states == ["done", "done", "present", "present", "present"]

@@ -234,3 +234,34 @@ async def test_row13_the_answer_arrives_after_redis_lost_the_ledger(flaky: Flaky
     assert (result["state"], result["outcome"]) == ("failed", "already_present")
     assert server.posts == 1
     assert len(server.ours) == 1
+
+
+async def test_row11_the_job_delivered_again_to_two_workers_at_once(
+    flaky: FlakyRedis, redis_url: str
+) -> None:
+    """Row 11, and then the job is delivered twice at once: again to this worker and
+    to another. One POST, and both runs report the one refund."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, commit_after=0.0)])
+
+    async def away() -> None:
+        flaky.down = True
+
+    server.on_answer = away
+    healthy = Redis.from_url(redis_url)
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        w1 = _worker(client, flaky)
+        await w1.ledger.register(KEY, ITEM)
+        with pytest.raises(RedisError):
+            await w1.run(KEY, ITEM)
+        server.on_answer = None
+        flaky.down = False
+        async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as other:
+            w2 = _worker(other, healthy)
+            both = await asyncio.gather(
+                _until_done(w2, clock), _until_done(w1, clock), return_exceptions=True
+            )
+    await healthy.aclose()
+    assert server.posts == 1
+    assert len(server.ours) == 1
+    assert all(isinstance(r, dict) and r["refund_id"] == server.ours[0] for r in both)
