@@ -389,22 +389,32 @@ class _Runner:
         budget_from: int | None = None,
     ) -> None:
         orphan = key in self.orphans
+        if orphan and resume is None and self.log is not None:
+            resume = _resumable(item, self.log.entry(key))
         if budget_from is None:
             budget_from = resume.sends if resume is not None else 0
+        result: BatchResult | _Parked
         try:
-            result = await _process(
-                self.client,
-                item,
-                key,
-                resume,
-                self.log,
-                self.limiter,
-                patience=self.patience,
-                stats=stats or _Stats(),
-                hold=self.hold,
-                resend=not orphan,
-                sends_left=(budget_from, self.max_attempts),
-            )
+            if orphan and resume is None:  # journaled before its first send: never left
+                note = "an earlier run's item that was never sent; not sent now"
+                why = _NotApplied(note)
+                result = await _ended(
+                    item, key, "not_sent", _Stats(), self.log, why, state="unsent"
+                )
+            else:
+                result = await _process(
+                    self.client,
+                    item,
+                    key,
+                    resume,
+                    self.log,
+                    self.limiter,
+                    patience=self.patience,
+                    stats=stats or _Stats(),
+                    hold=self.hold,
+                    resend=not orphan,
+                    sends_left=(budget_from, self.max_attempts),
+                )
         except Exception as exc:  # noqa: BLE001 - a bug: the consumer must see it
             await self.results.put(exc)
             return
@@ -754,8 +764,6 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         if log is not None and ask.phase in (Phase.SENT, Phase.PENDING):
             await log.record(key, item.line, ask.phase.value, ask=ask.to_dict())
 
-    if resume is None and not resend and log is not None:
-        resume = _resumable(item, log.entry(key))
     try:
         refund = await client._ask(
             item.kind,
