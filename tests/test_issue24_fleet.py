@@ -265,3 +265,35 @@ async def test_row11_the_job_delivered_again_to_two_workers_at_once(
     assert server.posts == 1
     assert len(server.ours) == 1
     assert all(isinstance(r, dict) and r["refund_id"] == server.ours[0] for r in both)
+
+
+async def test_row12_a_refund_half_recorded_by_an_older_worker(
+    flaky: FlakyRedis, redis_url: str
+) -> None:
+    """A ledger written before owners were kept: the bag's refund set holds the item's
+    refund, its state still says sent (an older worker died between its two writes).
+    With no owner recorded, the record's baseline tells whether the refund is older
+    than the send; here it is not, so another worker claims it: one POST."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, commit_after=0.0)])
+
+    async def away() -> None:
+        flaky.down = True
+
+    server.on_answer = away
+    healthy = Redis.from_url(redis_url)
+    try:
+        async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+            dying = _worker(client, flaky)
+            await dying.ledger.register(KEY, ITEM)
+            with pytest.raises(RedisError):
+                await dying.run(KEY, ITEM)
+        ledger = RedisLedger(healthy)
+        await healthy.sadd(ledger.bag_refunds_key(BAG_ID), server.ours[0])  # the old first write
+        async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as other:
+            result = await _until_done(_worker(other, healthy), clock)
+    finally:
+        await healthy.aclose()
+    assert (result["state"], result["refund_id"]) == ("applied", server.ours[0])
+    assert server.posts == 1
+    assert len(server.ours) == 1

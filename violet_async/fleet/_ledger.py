@@ -519,9 +519,15 @@ class RedisLedger:
         refund is never "another item's" to the item it belongs to."""
         ids = {int(v) for v in await resolve(self.redis.smembers(self.bag_refunds_key(bag_id)))}
         if owner is not None and ids:
-            owners = await resolve(self.redis.hgetall(self.bag_owners_key(bag_id)))
-            ids -= {int(r) for r, k in owners.items() if _text(k) == owner}
+            owners = await self.bag_owners(bag_id)
+            ids -= {r for r, k in owners.items() if k == owner}
         return ids
+
+    async def bag_owners(self, bag_id: int) -> dict[int, str]:
+        """Refund id -> the item it is the refund of, for refunds recorded on ``bag_id``
+        (a ledger written before owners were kept may hold refunds with none)."""
+        owners = await resolve(self.redis.hgetall(self.bag_owners_key(bag_id)))
+        return {int(r): str(_text(k)) for r, k in owners.items()}
 
     async def counts(self) -> Counter[str]:
         """Items by state."""

@@ -181,7 +181,16 @@ class FleetWorker:
                     defer=max(self.patience, 1.0),
                 )
         known = self.client._shared.known_refunds
-        for refund_id in await self.ledger.bag_refunds(item.bag_id, owner=key):
+        recorded = await self.ledger.bag_refunds(item.bag_id)
+        owners = await self.ledger.bag_owners(item.bag_id) if recorded else {}
+        for refund_id in recorded:
+            owner = owners.get(refund_id)
+            if owner == key:
+                continue  # the item's own refund is never another's
+            if owner is None and resume is not None and resume.baseline is not None:
+                # No owner recorded (a ledger from before owners were kept): it may be
+                # this item's own; the record's baseline tells an older one apart.
+                continue
             known.add(refund_id, item.bag_id)
 
         budgeted: set[int] = set()
