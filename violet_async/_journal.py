@@ -196,11 +196,11 @@ class Journal:
         """The recorded state of the item with this content key."""
         return self._entries.get(key)
 
-    def open_on_bag(self, bag_id: int) -> list[JournalEntry]:
-        """Entries of ``bag_id`` an earlier run left sent, pending or unknown (and this
-        run has not settled yet), by key: they may have applied."""
-        keys = self._open.get(bag_id)
-        return [self._entries[k] for k in sorted(keys)] if keys else []
+    def open_on_bag(self, bag_id: int) -> frozenset[str]:
+        """Keys of items on ``bag_id`` an earlier run left open (sent, pending or
+        unknown) and this run has not settled yet: read back before anything else on
+        the bag is sent."""
+        return frozenset(self._open.get(bag_id, ()))
 
     async def record(self, key: str, line: int, state: str, **fields: Any) -> None:
         """Append a state change and return once it is on disk."""

@@ -486,7 +486,10 @@ class _Runner:
             self._bag_done(item.bag_id)
             await self.results.put(skipped)
             return True
-        entries = self.log.open_on_bag(item.bag_id) if self.log is not None else ()
+        log = self.log
+        entries = (
+            [log.entry(k) for k in sorted(log.open_on_bag(item.bag_id))] if log is not None else []
+        )
         earlier = [
             job
             for job in map(_orphan, entries)
@@ -693,9 +696,11 @@ class _NotApplied(VioletError):
     """Proven not applied by read-back, and not sent again (see the message)."""
 
 
-def _orphan(entry: JournalEntry) -> tuple[BatchItem, str, PendingRefund | None] | None:
+def _orphan(entry: JournalEntry | None) -> tuple[BatchItem, str, PendingRefund | None] | None:
     """An earlier run's open entry as an item to resolve (its record comes from the
     journal entry when it starts); None when its record cannot be read."""
+    if entry is None:
+        return None
     try:
         ask = PendingRefund.from_dict(entry.ask or {})
     except RequestValidationError:
