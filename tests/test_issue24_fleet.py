@@ -180,10 +180,13 @@ async def test_row13_redis_restarts_empty_with_a_post_in_flight(
 
 
 async def test_row13_a_redis_without_persistence_is_refused(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A worker does not start on a Redis that does not fsync every write, unless the
     operator passes the flag that names the risk."""
+    import argparse
+
+    from violet_async.fleet import _cli as fleet_cli
     from violet_async.fleet._arq import FleetConfig, startup
 
     for name, value in (
@@ -203,6 +206,21 @@ async def test_row13_a_redis_without_persistence_is_refused(
         ctx: dict[str, Any] = {"redis": redis, "violet_config": risky}
         await startup(ctx)
         await ctx["violet_client"].aclose()
+        args = argparse.Namespace(
+            redis=redis_url,
+            prefix="{violet}",
+            rate=None,
+            settle=1.0,
+            timeout=1.0,
+            lock_ttl=3.0,
+            concurrency=1,
+            job_timeout=5.0,
+            base_url=None,
+            burst=True,
+            accept_double_refunds_if_redis_loses_data=False,
+        )
+        assert await fleet_cli._worker(args) == 2  # the console script's refusal
+        assert "appendfsync" in capsys.readouterr().err
         monkeypatch.setenv("VIOLET_FLEET_ACCEPT_DOUBLE_REFUNDS_IF_REDIS_LOSES_DATA", "1")
         assert FleetConfig.from_env().accept_double_refunds_if_redis_loses_data
     finally:
@@ -297,3 +315,35 @@ async def test_row12_a_refund_half_recorded_by_an_older_worker(
     assert (result["state"], result["refund_id"]) == ("applied", server.ours[0])
     assert server.posts == 1
     assert len(server.ours) == 1
+
+
+async def test_enqueue_new_ledger_starts_without_the_hold(redis_url: str, tmp_path: Any) -> None:
+    """`enqueue --new-ledger` on an empty Redis: the epoch says no hold. Without it, the
+    first worker makes an epoch that holds sends for its settle window; a later
+    `--new-ledger` leaves that one alone."""
+    import argparse
+    import io
+
+    from violet_async.fleet import _cli as fleet_cli
+
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.flushall()
+        rows = tmp_path / "rows.csv"
+        rows.write_text("order_id,bag_id,amount_refunded\n100001,200001,500\n")
+        args = argparse.Namespace(
+            redis=redis_url, prefix="{violet}", file=rows, kind="refund", new_ledger=True
+        )
+        assert await fleet_cli._enqueue(args, io.StringIO(), io.StringIO()) == 0
+        ledger = RedisLedger(redis)
+        assert (await ledger.epoch(hold=60.0)).hold_until == 0.0
+        await redis.flushall()
+        held = await ledger.epoch(hold=60.0, now=1000.0)
+        assert held.hold_until == 1060.0
+        assert not await ledger.new_fleet()
+        assert (await ledger.epoch(hold=1.0)).hold_until == 1060.0
+        assert await ledger.hold_sends(1200.0) == 1200.0
+        assert await ledger.hold_sends(1100.0) == 1200.0  # never shortened
+    finally:
+        await redis.flushall()
+        await redis.aclose()
