@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from violet_async import RefundBagRequest, RetryPolicy, Timeouts
+from violet_async import PendingRefund, RefundBagRequest, RetryPolicy, Timeouts
 from violet_async.batch import BatchItem, BatchResult, Journal, run_batch
 from violet_async.testing import FakeClock
 
@@ -206,3 +206,49 @@ async def test_row10_two_killed_rows_on_a_bag_then_both_edited(tmp_path: Path) -
     assert len(server.ours) == 2
     states = sorted(e.state for e in Journal.peek(journal).values())
     assert states == ["done", "done", "present", "present", "present"]
+
+
+async def test_an_unresolved_row_keeps_later_rows_on_its_bag_from_sending(
+    tmp_path: Path,
+) -> None:
+    """In one run, a row's POST gets a gateway 504 and another actor's refund of the same
+    amount (another reason) shows up: a near match, parked for review, the row ends
+    unknown. The next row on the bag is not sent (not_sent, naming the row), and the
+    journal lets the next run resolve the first one before it."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, body=GATEWAY_504, commit_after=None)])
+
+    async def other_actor() -> None:
+        server.add_refund(300, reason="someone else")
+
+    server.on_answer = other_actor
+    rows = [_refund(1, "mine"), _refund(2, "second", amount=100)]
+    async with hostile_client(server, retry=ROOMY, timeouts=Timeouts(connect=1.0, read=2.0)) as c:
+        results = await _drain(run_batch(c, rows, journal=tmp_path / "run.jsonl"))
+    outcomes = {r.item.line: r.outcome for r in results}
+    assert outcomes == {1: "unknown", 2: "not_sent"}
+    assert "line 1" in str(results[1].error)
+    assert server.posts == 1
+
+
+async def test_an_earlier_entry_journaled_before_its_first_send_is_never_sent(
+    tmp_path: Path,
+) -> None:
+    """A journal whose open entry on the bag holds a record that never left (phase new):
+    it is recorded unsent, and the new row on the bag goes out once."""
+    clock = FakeClock()
+    server = Hostile(clock)
+    journal = tmp_path / "run.jsonl"
+    old = _refund(1, "typo")
+    ask = PendingRefund("refund", ORDER_ID, BAG_ID, old.request).to_dict()
+    journal.write_bytes(
+        orjson.dumps({"type": "header", "v": 2, "input": None, "ts": 1.0})
+        + b"\n"
+        + orjson.dumps({"key": f"{old.key}#0", "line": 1, "state": "sent", "ts": 2.0, "ask": ask})
+        + b"\n"
+    )
+    async with hostile_client(server, retry=ROOMY) as client:
+        results = await _drain(run_batch(client, [_refund(1, "fixed")], journal=journal))
+    assert [r.outcome for r in results] == ["succeeded"]
+    assert server.posts == 1
+    assert Journal.peek(journal)[f"{old.key}#0"].state == "unsent"
