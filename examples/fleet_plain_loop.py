@@ -48,6 +48,7 @@ async def main(url: str) -> None:
     redis = Redis.from_url(url)
     async with FakeViolet(orders=5, seed=1) as fake, fake.client() as client:
         ledger = RedisLedger(redis)
+        await ledger.new_fleet()  # a new ledger: no refund of it can be in flight
         request = RefundBagRequest(amount_refunded=500)
         items = [BatchItem.refund(n, 100000 + n, 200000 + n, request) for n in range(1, 6)]
         for key, item in keyed_items(items):

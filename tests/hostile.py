@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from typing import Any
@@ -66,6 +66,9 @@ class Hostile:
     """Seconds (shared clock) a login takes, as a slow or retried login would."""
     post_arrived: asyncio.Event = attrs.Factory(asyncio.Event)
     """Set when a POST reaches the server."""
+    on_answer: Callable[[], Awaitable[None]] | None = None
+    """Awaited after a POST's step ran (its commit, if any, done) and before its answer
+    leaves: a fault elsewhere (Redis going away) timed with the answer."""
     refunds: list[dict[str, Any]] = attrs.Factory(list)
     ours: list[int] = attrs.Factory(list)
     """Ids of refunds committed from POSTs (not seeded by another actor)."""
@@ -181,6 +184,8 @@ class Hostile:
             self.clock.call_later(step.commit_after, lambda: self._commit(body, cancel=cancel))
         if step.hang:
             await self._stopping.wait()  # long after the client gave up
+        if self.on_answer is not None:
+            await self.on_answer()
         if step.status == 200:
             if isinstance(result, str):
                 return web.json_response(
@@ -239,6 +244,22 @@ async def hostile_client(server: Hostile, **options: Any) -> AsyncIterator[Viole
             **{"clock": server.clock, **options},
         ) as client:
             yield client
+    finally:
+        server._stopping.set()
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serve(server: Hostile) -> AsyncIterator[str]:
+    """Serve ``server`` on 127.0.0.1 (port 0) and yield its base URL (for a client in
+    another process, on the real clock)."""
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         server._stopping.set()
         await runner.cleanup()

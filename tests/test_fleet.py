@@ -40,6 +40,7 @@ redis_url = _fleet_redis.redis_url  # the session's redis-server
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     await client.flushall()
+    await RedisLedger(client).new_fleet()  # nothing of this ledger can be in flight
     try:
         yield client
     finally:

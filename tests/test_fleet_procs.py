@@ -37,6 +37,7 @@ redis_url = _fleet_redis.redis_url  # the session's redis-server
 async def pool(redis_url: str) -> AsyncIterator[ArqRedis]:
     arq = await create_pool(RedisSettings.from_dsn(redis_url))
     await arq.flushall()
+    await RedisLedger(arq).new_fleet()  # nothing of this ledger can be in flight
     try:
         yield arq
     finally:

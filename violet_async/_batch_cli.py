@@ -460,7 +460,8 @@ _ADVICE = {
     "not_sent": "these never reached Violet: run the same command again",
     "already_present": "not sent: the bag already shows exactly this refund and no "
     "journal entry accounts for it (an earlier run with another journal, or another "
-    "system); check the bag before doing anything else with these rows",
+    "system), or an earlier run's row on the bag, edited since, did apply; check the "
+    "bag before doing anything else with these rows",
     "already_failed": "skipped: an earlier run recorded Violet refusing these",
 }
 

@@ -93,6 +93,13 @@ class JournalEntry:
     message: str | None = None
     ask: dict[str, Any] | None = None
     """The protocol record written with "sent" / "pending" / "unknown"."""
+    bag_id: int | None = None
+    """The bag its protocol record names (None: no record was written)."""
+
+
+#: States of an item that may have applied and is not settled: read back before
+#: anything else is sent on its bag.
+OPEN_STATES = frozenset({"sent", "pending", "unknown"})
 
 
 class Journal:
@@ -110,6 +117,12 @@ class Journal:
     ) -> None:
         self.path = path
         self._entries = entries
+        # Items an earlier run left sent, pending or unknown, by bag: a new item on the
+        # bag waits until they are resolved (read back), or it could be a second refund.
+        self._open: dict[int, set[str]] = {}
+        for entry in entries.values():
+            if entry.state in OPEN_STATES and entry.bag_id is not None:
+                self._open.setdefault(entry.bag_id, set()).add(entry.key)
         self._in_flight: dict[str, float] = {}
         self._fd = fd
         self._lock_fd = lock_fd
@@ -183,6 +196,12 @@ class Journal:
         """The recorded state of the item with this content key."""
         return self._entries.get(key)
 
+    def open_on_bag(self, bag_id: int) -> frozenset[str]:
+        """Keys of items on ``bag_id`` an earlier run left open (sent, pending or
+        unknown) and this run has not settled yet: read back before anything else on
+        the bag is sent."""
+        return frozenset(self._open.get(bag_id, ()))
+
     async def record(self, key: str, line: int, state: str, **fields: Any) -> None:
         """Append a state change and return once it is on disk."""
         now = time.time()
@@ -202,6 +221,17 @@ class Journal:
             self._in_flight[key] = first_sent  # type: ignore[assignment]
         else:
             self._in_flight.pop(key, None)
+        previous = self._entries.get(key)
+        if previous is not None:
+            # An entry loaded at open moved on: what it says now is what counts (an item
+            # resolved on another item's behalf is then skipped, never resumed again).
+            self._entries[key] = _entry(record, previous)
+            if state not in OPEN_STATES and previous.bag_id is not None:
+                keys = self._open.get(previous.bag_id)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._open[previous.bag_id]
 
     async def _append(self, record: dict[str, Any]) -> None:
         if self._closed:
@@ -424,17 +454,30 @@ def _parse(data: bytes) -> tuple[dict[str, Any] | None, dict[str, JournalEntry]]
         key, state = record.get("key"), record.get("state")
         if not (isinstance(key, str) and isinstance(state, str)):
             continue
-        line = record.get("line")
-        refund_id = record.get("refund_id")
-        entries[key] = JournalEntry(
-            key=key,
-            state=state,
-            ts=float(record.get("ts", 0.0)),
-            line=line if isinstance(line, int) else None,
-            first_sent=record.get("first_sent"),
-            refund_id=refund_id if isinstance(refund_id, int) else None,
-            error=record.get("error"),
-            message=record.get("message") if isinstance(record.get("message"), str) else None,
-            ask=record.get("ask") if isinstance(record.get("ask"), dict) else None,
-        )
+        entries[key] = _entry(record, entries.get(key))
     return header, entries
+
+
+def _entry(record: dict[str, Any], previous: JournalEntry | None) -> JournalEntry:
+    """The entry a journal line makes. A line of an open state without a protocol
+    record (an "unknown" whose error carried none) keeps the last one written, so the
+    item can still be read back and its bag is known."""
+    line = record.get("line")
+    refund_id = record.get("refund_id")
+    ask = record.get("ask") if isinstance(record.get("ask"), dict) else None
+    state = record["state"]
+    if ask is None and state in OPEN_STATES and previous is not None:
+        ask = previous.ask
+    bag_id = ask.get("bag_id") if ask is not None else None
+    return JournalEntry(
+        key=record["key"],
+        state=state,
+        ts=float(record.get("ts", 0.0)),
+        line=line if isinstance(line, int) else None,
+        first_sent=record.get("first_sent"),
+        refund_id=refund_id if isinstance(refund_id, int) else None,
+        error=record.get("error"),
+        message=record.get("message") if isinstance(record.get("message"), str) else None,
+        ask=ask,
+        bag_id=bag_id if isinstance(bag_id, int) and not isinstance(bag_id, bool) else None,
+    )

@@ -121,9 +121,11 @@ class BatchResult:
     ``outcome``: succeeded; failed (definitely not applied: ``error`` says why); unknown
     (the refund may or may not have applied: ``AmbiguousOutcomeError``, read back again
     on resume); not_sent (never reached Violet: refused credentials, or no connection
-    could be made; sent anew next run); already_present (not sent: the bag already holds
-    a refund exactly like it that no journal entry accounts for; ``refund_id`` is that
-    refund); already_done / already_failed (skipped, from the journal of an earlier
+    could be made, or another item on its bag may have applied and could not be
+    resolved; sent anew next run); already_present (not sent: the bag already holds a
+    refund exactly like it that no journal entry accounts for, or one an earlier run's
+    item on the bag made, whose row this input no longer holds as it was; ``refund_id``
+    is that refund); already_done / already_failed (skipped, from the journal of an earlier
     run). ``sent`` is True when a request for it left during this run.
     """
 
@@ -231,9 +233,13 @@ async def run_batch(
     skipped, items an earlier run left sent or pending are read back before anything
     is re-sent, and failed items (definitely not applied) are skipped unless
     ``retry_failed``. Items are known by content (:attr:`BatchItem.key` plus the
-    repeat number of identical items), so an edited item is a new one. Setting
-    ``stop`` stops feeding new items; those in flight finish and parked ones are
-    reported unknown (resumable). ``input_id`` names the input in a new journal's
+    repeat number of identical items), so an edited item is a new one; but before any
+    item on a bag is sent, the journal's sent, pending or unknown entries on that bag
+    are read back (never re-sent): where one applied, a new item on the bag is not sent
+    (already_present; ``allow_repeat`` sends it), and where one stays unresolved, it is
+    not_sent. A parked item's revisits share one attempt budget. Setting ``stop`` stops
+    feeding new items, and wakes the run from any wait; those in flight finish and
+    parked ones are reported unknown (resumable). ``input_id`` names the input in a new journal's
     header (informational).
 
     The server is the last guard: with ``read_before_send``, an item whose bag already
@@ -292,6 +298,19 @@ class _Parked:
     revisits: int
     error: AmbiguousOutcomeError
     stats: _Stats
+    budget_from: int = 0
+    """The item's send count when this run first took it: its revisits share one
+    attempt budget (a revisit must not start the budget again)."""
+
+
+class _NoResend(Exception):
+    """Raised by the batch's save hook before a send the batch does not allow (an
+    earlier run's item resolved by read-back only, or an attempt budget spent): the
+    protocol proved the earlier sends did not apply, and nothing more leaves."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(note)
+        self.note = note
 
 
 class _Runner:
@@ -334,6 +353,16 @@ class _Runner:
         self.ready: collections.deque[tuple[BatchItem, str, PendingRefund | None]] = (
             collections.deque()
         )
+        # Items an earlier run left open on a bag whose input row is not (or not yet)
+        # here: read back, never re-sent, before any other item on the bag goes.
+        self.orphans: set[str] = set()
+        # Bags where such an item turned out applied: (its refund, its line). A new item
+        # on the bag is not sent (it could be that row, edited): already_present.
+        self.held: dict[int, tuple[int | None, int | None]] = {}
+        # Bags where an item may have applied and could not be resolved: a new item on
+        # the bag is not sent (not_sent), and the next run resolves it first.
+        self.blocked: dict[int, str] = {}
+        self.max_attempts = self.client._retry.max_attempts
 
     def _on_retry(self, event: RetryEvent) -> Any:
         stats = _current.get()
@@ -350,33 +379,49 @@ class _Runner:
     def _stopping(self) -> bool:
         return self.stop is not None and self.stop.is_set()
 
-    async def _one(
+    async def _one(  # noqa: PLR0917 - internal
         self,
         item: BatchItem,
         key: str,
         resume: PendingRefund | None,
         revisits: int,
         stats: _Stats | None = None,
+        budget_from: int | None = None,
     ) -> None:
+        orphan = key in self.orphans
+        if orphan and resume is None and self.log is not None:
+            resume = _resumable(item, self.log.entry(key))
+        if budget_from is None:
+            budget_from = resume.sends if resume is not None else 0
+        result: BatchResult | _Parked
         try:
-            result = await _process(
-                self.client,
-                item,
-                key,
-                resume,
-                self.log,
-                self.limiter,
-                patience=self.patience,
-                stats=stats or _Stats(),
-                hold=self.hold,
-            )
+            if orphan and resume is None:  # journaled before its first send: never left
+                note = "an earlier run's item that was never sent; not sent now"
+                why = _NotApplied(note)
+                result = await _ended(
+                    item, key, "not_sent", _Stats(), self.log, why, state="unsent"
+                )
+            else:
+                result = await _process(
+                    self.client,
+                    item,
+                    key,
+                    resume,
+                    self.log,
+                    self.limiter,
+                    patience=self.patience,
+                    stats=stats or _Stats(),
+                    hold=self.hold,
+                    resend=not orphan,
+                    sends_left=(budget_from, self.max_attempts),
+                )
         except Exception as exc:  # noqa: BLE001 - a bug: the consumer must see it
             await self.results.put(exc)
             return
         finally:
             self.slots.release()
         if isinstance(result, _Parked):
-            parked = attrs.evolve(result, revisits=revisits)
+            parked = attrs.evolve(result, revisits=revisits, budget_from=budget_from)
             if revisits < MAX_REVISITS and not parked.pending.needs_review:
                 # Not before its window ends, and backing off when the window has passed
                 # already (a list lagging beyond it): revisits are not spent at once.
@@ -390,6 +435,19 @@ class _Runner:
             except Exception as exc:  # noqa: BLE001 - a journal failure: the consumer sees it
                 await self.results.put(exc)
                 return
+        if result.outcome == "unknown":
+            self.blocked.setdefault(
+                item.bag_id,
+                f"bag {item.bag_id} has a refund or cancel that may have applied (line "
+                f"{item.line}, {'an earlier run' if orphan else 'this run'}) and could not "
+                "be resolved; not sent: run the same command again to read it back first",
+            )
+        if orphan:
+            self.orphans.discard(key)
+            if result.outcome == "succeeded":
+                self.held[item.bag_id] = (result.refund_id, item.line)
+            self._bag_done(item.bag_id)
+            return  # not an item of this input: no result of its own
         self._bag_done(item.bag_id)
         await self.results.put(result)
 
@@ -408,22 +466,81 @@ class _Runner:
         """Start the items whose bag became free (each takes a slot)."""
         while self.ready and not self._stopping():
             item, key, resume = self.ready.popleft()
-            await self.slots.acquire()
-            start(item, key, resume, 0)
+            if key in self.orphans:
+                await self.slots.acquire()
+                start(item, key, resume, 0)
+            else:
+                await self._admit(item, key, start)
+
+    async def _admit(self, item: BatchItem, key: str, start: Any) -> bool:
+        """Start ``item``, whose bag it now holds, unless its journal entry says to skip
+        it, or an earlier run's item on the bag may have applied: that one is read back
+        first (never re-sent), and a new item on a bag where it did is not sent.
+        Returns False when the feed must stop."""
+        prior = self.log.entry(key) if self.log is not None else None
+        skipped = _skip(item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat)
+        resume = _resumable(item, prior) if skipped is None else None
+        if skipped is None and resume is None:
+            skipped = await self._not_now(item, key)
+        if skipped is not None:
+            self._bag_done(item.bag_id)
+            await self.results.put(skipped)
+            return True
+        log = self.log
+        entries = (
+            [log.entry(k) for k in sorted(log.open_on_bag(item.bag_id))] if log is not None else []
+        )
+        earlier = [
+            job
+            for job in map(_orphan, entries)
+            if job is not None and job[1] != key and job[1] not in self.orphans
+        ]
+        if earlier:
+            waiting = self.waiting.setdefault(item.bag_id, collections.deque())
+            waiting.appendleft((item, key, None))
+            waiting.extendleft(reversed(earlier[1:]))
+            self.orphans.update(job[1] for job in earlier)
+            item, key, resume = earlier[0]
+        await self.slots.acquire()
+        if self._stopping():
+            self.slots.release()
+            return False
+        start(item, key, resume, 0)
+        return True
+
+    async def _not_now(self, item: BatchItem, key: str) -> BatchResult | None:
+        """The result of a new item that must not be sent on its bag now (None: send)."""
+        held = self.held.get(item.bag_id)
+        if held is not None and not self.allow_repeat:
+            refund_id, line = held
+            exc = _BagHeld(
+                f"bag {item.bag_id} already holds refund {refund_id}, made by an earlier "
+                f"run's row (line {line}) that this input no longer has as it was (an "
+                "edited row?); not sent. Check the bag; --allow-repeat sends it anyway",
+                refund_id,
+            )
+            return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
+        why = self.blocked.get(item.bag_id)
+        if why is not None:
+            return await _ended(
+                item, key, "not_sent", _Stats(), self.log, _BagUnresolved(why), state="unsent"
+            )
+        return None
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
         # Repeats of an identical item are distinct items: KEY#0, KEY#1, ...
         repeats: dict[str, int] = {}
 
-        def start(
+        def start(  # noqa: PLR0917 - internal
             item: BatchItem,
             key: str,
             resume: PendingRefund | None,
             revisits: int,
             stats: _Stats | None = None,
+            budget_from: int | None = None,
         ) -> None:
-            task = asyncio.create_task(self._one(item, key, resume, revisits, stats))
+            task = asyncio.create_task(self._one(item, key, resume, revisits, stats, budget_from))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -442,18 +559,16 @@ class _Runner:
                 if skipped is not None:
                     await self.results.put(skipped)
                     continue
-                resume = _resumable(item, prior)
                 if item.bag_id in self.busy:
+                    # Its journal entry is read again when it starts: an earlier item on
+                    # the bag may have resolved it meanwhile.
                     self.waiting.setdefault(item.bag_id, collections.deque()).append(
-                        (item, key, resume)
+                        (item, key, None)
                     )
                     continue
                 self.busy.add(item.bag_id)
-                await self.slots.acquire()
-                if self._stopping():
-                    self.slots.release()
+                if not await self._admit(item, key, start):
                     break
-                start(item, key, resume, 0)
                 await self._start_ready(start)
                 await self._revisit_due(start)
             await self._drain(tasks, start)
@@ -476,7 +591,14 @@ class _Runner:
         while self.parked and self.parked[0][0] <= self.clock.time() and not self._stopping():
             _, _, parked = heapq.heappop(self.parked)
             await self.slots.acquire()
-            start(parked.item, parked.key, parked.pending, parked.revisits + 1, parked.stats)
+            start(
+                parked.item,
+                parked.key,
+                parked.pending,
+                parked.revisits + 1,
+                parked.stats,
+                parked.budget_from,
+            )
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
         """After the input: finish what runs, and revisit parked items as they fall due."""
@@ -486,20 +608,17 @@ class _Runner:
                     await asyncio.gather(*tasks)
                 while self.parked:
                     _, _, parked = heapq.heappop(self.parked)
-                    await self.results.put(
-                        await _ended(
-                            parked.item,
-                            parked.key,
-                            "unknown",
-                            parked.stats,
-                            self.log,
-                            parked.error,
-                        )
+                    ended = await _ended(
+                        parked.item, parked.key, "unknown", parked.stats, self.log, parked.error
                     )
+                    if parked.key not in self.orphans:  # an earlier run's: no row here
+                        await self.results.put(ended)
                 return
             await self._start_ready(start)
             await self._revisit_due(start)
             if not (tasks or self.parked or self.ready):
+                if not self.waiting:
+                    continue  # the last items ended meanwhile
                 # Items wait for a bag no item holds: never end quietly without them.
                 raise RuntimeError(
                     f"batch items wait for bags nobody holds: {sorted(self.waiting)}"
@@ -513,17 +632,24 @@ class _Runner:
                 # Wake for whichever comes first: an item ending (it may park, with an
                 # earlier window) or the first parked window passing.
                 self._parked_changed.clear()
-                changed = asyncio.ensure_future(self._parked_changed.wait())
-                sleeper = asyncio.ensure_future(self.clock.sleep(min(wait, 1.0)))
-                done, _ = await asyncio.wait(
-                    {*tasks, changed, sleeper}, return_when=asyncio.FIRST_COMPLETED
-                )
-                for waiter in (changed, sleeper):
-                    if waiter not in done:
-                        waiter.cancel()
-                await asyncio.gather(changed, sleeper, return_exceptions=True)
+                await self._nap(min(wait, 1.0), tasks, self._parked_changed)
             elif wait > 0:
-                await self.clock.sleep(wait)
+                await self._nap(wait)
+
+    async def _nap(
+        self,
+        seconds: float,
+        tasks: set[asyncio.Task[None]] | None = None,
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        """Sleep ``seconds``, or less: until a task ends, ``wake`` is set, or the run is
+        told to stop (Ctrl-C must not wait out a parked item's settle window)."""
+        own: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.clock.sleep(seconds))]
+        own += [asyncio.ensure_future(e.wait()) for e in (wake, self.stop) if e is not None]
+        await asyncio.wait({*own, *(tasks or ())}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in own:
+            waiter.cancel()
+        await asyncio.gather(*own, return_exceptions=True)
 
 
 def _skip(
@@ -551,6 +677,36 @@ def _skip(
 
 class _Recorded(VioletError):
     """The message an earlier run journaled for an item it skipped now."""
+
+
+class _BagHeld(RefundAlreadyPresentError):
+    """Not sent: an earlier run's item on the bag, no longer in the input as it was,
+    turned out applied."""
+
+    def __init__(self, message: str, refund_id: int | None) -> None:
+        super().__init__(message, refunds=())
+        self.refund_id = refund_id
+
+
+class _BagUnresolved(VioletError):
+    """Not sent: a refund or cancel on the bag may have applied and is unresolved."""
+
+
+class _NotApplied(VioletError):
+    """Proven not applied by read-back, and not sent again (see the message)."""
+
+
+def _orphan(entry: JournalEntry | None) -> tuple[BatchItem, str, PendingRefund | None] | None:
+    """An earlier run's open entry as an item to resolve (its record comes from the
+    journal entry when it starts); None when its record cannot be read."""
+    if entry is None:
+        return None
+    try:
+        ask = PendingRefund.from_dict(entry.ask or {})
+    except RequestValidationError:
+        return None
+    item = BatchItem(entry.line or 0, ask.kind, ask.order_id, ask.bag_id, ask.request)
+    return item, entry.key, None
 
 
 def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | None:
@@ -590,6 +746,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     patience: float,
     stats: _Stats,
     hold: bool = False,
+    resend: bool = True,
+    sends_left: tuple[int, int] | None = None,
 ) -> BatchResult | _Parked:
     _current.set(stats)
     if limiter is not None:
@@ -597,6 +755,16 @@ async def _process(  # noqa: PLR0917 - internal, one call site
 
     async def save(ask: PendingRefund) -> None:
         if ask.phase is Phase.SENT:
+            if not resend:
+                raise _NoResend(
+                    "an earlier run's send, proven not applied by read-back; not sent "
+                    "again, as this run's input does not hold its row (as it was)"
+                )
+            if sends_left is not None and ask.sends - sends_left[0] > sends_left[1]:
+                raise _NoResend(
+                    f"not applied (proven by read-back), and this run's {sends_left[1]} "
+                    "attempt(s) for it are spent; not sent again"
+                )
             stats.sent = True
         if log is not None and ask.phase in (Phase.SENT, Phase.PENDING):
             await log.record(key, item.line, ask.phase.value, ask=ask.to_dict())
@@ -614,6 +782,12 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         )
         if item.kind == "refund":
             refund = _unless_failed(refund)
+    except _NoResend as exc:
+        # Proven not applied: an earlier run's item is free to be sent anew by a later
+        # input that holds it; an item out of attempts failed.
+        state = "unsent" if not resend else None
+        outcome: Outcome = "not_sent" if not resend else "failed"
+        return await _ended(item, key, outcome, stats, log, _NotApplied(exc.note), state=state)
     except AmbiguousOutcomeError as exc:
         if exc.pending is not None:
             return _Parked(item, key, exc.pending, 0, exc, stats)
@@ -646,11 +820,16 @@ async def _present(
     """Not sent: the bag already holds this refund. The lowest such refund becomes
     known, so it accounts for this item only: a repeat of an identical item in the
     same input checks again, and is sent if no other unaccounted refund is there."""
-    known = client._shared.known_refunds
-    ids = sorted(r.id for r in exc.refunds if r.id is not None)
-    claimed = next((i for i in ids if i not in known), None)
-    if claimed is not None:
-        known.add(claimed)
+    if isinstance(exc, _BagHeld):
+        # Held back by the batch itself: the refund is an earlier item's, accounted for.
+        claimed = exc.refund_id
+        ids = [claimed] if claimed is not None else []
+    else:
+        known = client._shared.known_refunds
+        ids = sorted(r.id for r in exc.refunds if r.id is not None)
+        claimed = next((i for i in ids if i not in known), None)
+        if claimed is not None:
+            known.add(claimed)
     if log is not None:
         await log.record(
             key,

@@ -28,7 +28,13 @@ from .._client import VioletClient
 from .._converter import converter, request_from_dict
 from ..batch import BatchItem
 from ..models import CancelBagRequest, RefundBagRequest
-from ._ledger import DEFAULT_PREFIX, DurabilityError, RedisLedger, keyed_items
+from ._ledger import (
+    DEFAULT_PREFIX,
+    DurabilityError,
+    NonDurableRedisError,
+    RedisLedger,
+    keyed_items,
+)
 from ._lock import BagLocks
 from ._ratelimit import FleetRateLimit
 from ._worker import FleetWorker, RetryLaterError
@@ -61,7 +67,7 @@ def _env_float(name: str, default: float | None) -> float | None:
 class FleetConfig:
     """A worker's settings; :meth:`from_env` reads ``VIOLET_REDIS_URL`` and
     ``VIOLET_FLEET_{PREFIX,RATE,SETTLE,TIMEOUT,PATIENCE,LOCK_TTL,CONCURRENCY,JOB_TIMEOUT,
-    MAX_TRIES}``."""
+    MAX_TRIES,ACCEPT_DOUBLE_REFUNDS_IF_REDIS_LOSES_DATA}``."""
 
     redis_url: str = "redis://localhost:6379"
     prefix: str = DEFAULT_PREFIX
@@ -77,6 +83,10 @@ class FleetConfig:
     # arq's tries: enough for hours of waiting, so an item is never dropped unsent.
     max_tries: int = 100_000
     base_url: str | None = None
+    accept_double_refunds_if_redis_loses_data: bool = False
+    """Run on a Redis whose configuration does not make every write durable (no AOF
+    fsynced on every write). A worker refuses such a Redis unless this is set: a Redis
+    that restarts empty forgets which refunds were sent."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> FleetConfig:
@@ -92,6 +102,8 @@ class FleetConfig:
         for name in ("concurrency", "max_tries"):
             raw = os.environ.get(f"VIOLET_FLEET_{name.upper()}")
             found[name] = int(raw) if raw else defaults[name]
+        risky = os.environ.get("VIOLET_FLEET_ACCEPT_DOUBLE_REFUNDS_IF_REDIS_LOSES_DATA", "")
+        found["accept_double_refunds_if_redis_loses_data"] = risky.lower() in ("1", "true", "yes")
         found.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**found)
 
@@ -155,10 +167,18 @@ async def startup(ctx: dict[str, Any]) -> None:
     redis = ctx["redis"]
     ledger = RedisLedger(redis, prefix=config.prefix)
     problems = await ledger.check_durability()
+    if problems and not config.accept_double_refunds_if_redis_loses_data:
+        raise NonDurableRedisError(
+            f"Redis is not durable enough for refunds ({', '.join(problems)}): a Redis that "
+            "restarts empty forgets which refunds were sent, and a re-run could send them "
+            "again. Run it with appendonly yes + appendfsync always (or set "
+            "VIOLET_FLEET_ACCEPT_DOUBLE_REFUNDS_IF_REDIS_LOSES_DATA=1 / "
+            "--accept-double-refunds-if-redis-loses-data to run anyway)"
+        )
     if problems:
         log.warning(
-            "Redis is not durable enough for refunds (%s): a crash of Redis could lose a "
-            "'sent' record; run it with appendonly yes + appendfsync always",
+            "Redis is not durable enough for refunds (%s), accepted by the operator: a "
+            "crash of Redis could lose a 'sent' record",
             ", ".join(problems),
         )
     client = config.client()

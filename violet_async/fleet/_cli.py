@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from .. import _batch_cli
 from ..batch import BatchItem
 from ._arq import FleetConfig, close_worker, enqueue, worker_settings
-from ._ledger import DEFAULT_PREFIX, STATES, RedisLedger
+from ._ledger import DEFAULT_PREFIX, STATES, NonDurableRedisError, RedisLedger
 
 __all__ = ["add_commands", "run"]
 
@@ -39,6 +39,12 @@ def add_commands(subparsers: Any) -> None:
         if name == "enqueue":
             cmd.add_argument("file", type=Path)
             cmd.add_argument("--kind", choices=("refund", "cancel"), default="refund")
+            cmd.add_argument(
+                "--new-ledger",
+                action="store_true",
+                help="this Redis has never held this fleet's ledger (no refund of it can "
+                "be in flight): the first sends need not wait a settle window",
+            )
         if name == "worker":
             cmd.add_argument("--concurrency", type=int, default=16)
             cmd.add_argument(
@@ -52,6 +58,12 @@ def add_commands(subparsers: Any) -> None:
             cmd.add_argument("--lock-ttl", type=float, default=30.0, metavar="SECONDS")
             cmd.add_argument("--job-timeout", type=float, default=300.0, metavar="SECONDS")
             cmd.add_argument("--base-url", default=None)
+            cmd.add_argument(
+                "--accept-double-refunds-if-redis-loses-data",
+                action="store_true",
+                help="run on a Redis without appendonly yes + appendfsync always (refused "
+                "otherwise): if it restarts empty, refunds in flight can be sent again",
+            )
             cmd.add_argument(
                 "--burst",
                 action="store_true",
@@ -95,6 +107,8 @@ async def _enqueue(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         return EXIT_BAD_INPUT
     pool = await create_pool(RedisSettings.from_dsn(args.redis))
     try:
+        if getattr(args, "new_ledger", False):
+            await RedisLedger(pool, prefix=args.prefix).new_fleet()
         items = (i for i in _batch_cli.read_items(path, args.kind) if isinstance(i, BatchItem))
         report = await enqueue(pool, items, prefix=args.prefix, source=str(path))
     finally:
@@ -117,6 +131,8 @@ async def _worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         job_timeout=args.job_timeout,
         base_url=args.base_url,
+        accept_double_refunds_if_redis_loses_data=args.accept_double_refunds_if_redis_loses_data
+        or None,
     )
     worker = Worker(**worker_settings(config), burst=args.burst, handle_signals=False)
     loop = asyncio.get_running_loop()
@@ -127,6 +143,9 @@ async def _worker(args: argparse.Namespace) -> int:
         await main
     except asyncio.CancelledError:
         pass
+    except NonDurableRedisError as exc:
+        print(f"violet-async: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

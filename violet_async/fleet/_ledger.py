@@ -9,6 +9,10 @@ of a fleet lives in one Redis Cluster slot and the Lua scripts may touch them to
     P:states                   hash: <item key> -> state (counts for ``status``)
     P:bag:<bag_id>:refunds     set: refund ids this ledger recorded as applied on the bag
                                (another item's refund is never taken for this one's)
+    P:bag:<bag_id>:owners      hash: refund id -> the item key it is the refund of
+    P:epoch                    hash: id, created, hold_until: the ledger's life. Written at
+                               first use; a worker that finds it gone or replaced knows
+                               Redis lost the ledger, and no send leaves before hold_until
 
 States: ``new`` (enqueued, never sent), ``sent`` (the protocol record, written and
 fsynced *before* the POST leaves), ``pending`` (may have applied; resumed by read-back),
@@ -16,7 +20,11 @@ fsynced *before* the POST leaves), ``pending`` (may have applied; resumed by rea
 ledger's asks). A terminal state is never overwritten.
 
 Durability: a ``sent`` record must survive a Redis crash, or a re-run could send blind
-(``hold_if_present`` is then the last guard). Run Redis with ``appendonly yes`` and
+(``hold_if_present`` is then the last guard, and it cannot see a POST still in flight).
+An epoch created at first use (or after a loss) holds every send back for a full settle
+window, so a POST in flight when Redis lost the ledger has landed, and shows, before
+its item is read again; :meth:`RedisLedger.new_fleet` starts a ledger known to be new
+(nothing of it can be in flight) without that wait. Run Redis with ``appendonly yes`` and
 ``appendfsync always`` (Redis answers a write only after it is fsynced), or give the
 ledger ``wait_replicas`` (``WAIT``) / ``wait_aof`` (``WAITAOF``, Redis >= 7.2) so the write
 is acknowledged by replicas or their AOF before the send.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
@@ -44,9 +53,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DurabilityError",
+    "Epoch",
+    "LedgerHeldError",
+    "LedgerLostError",
     "LedgerRecord",
     "LockLostError",
+    "NonDurableRedisError",
     "RedisLedger",
+    "RefundOwnedError",
     "State",
     "item_key",
     "keyed_items",
@@ -64,6 +78,38 @@ class LockLostError(Exception):
 
 class DurabilityError(Exception):
     """Redis did not confirm the ledger write as durable (WAIT / WAITAOF): not sent."""
+
+
+class NonDurableRedisError(Exception):
+    """Redis's configuration does not make every ledger write durable, and the operator
+    did not accept the risk: no worker starts."""
+
+
+class LedgerLostError(LockLostError):
+    """The ledger's epoch is gone or replaced: Redis lost its data since this worker
+    last looked. Nothing was sent."""
+
+
+class LedgerHeldError(LockLostError):
+    """The ledger is new (or was lost): no send leaves before ``until`` (Unix time), when
+    a POST in flight from before has surely landed. Nothing was sent."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class RefundOwnedError(Exception):
+    """The refund an item would be marked applied with is another item's already."""
+
+
+@attrs.frozen
+class Epoch:
+    """The life of a ledger: ``id`` changes when Redis loses it; no send before
+    ``hold_until``."""
+
+    id: str
+    hold_until: float
 
 
 def item_key(item: BatchItem, occurrence: int = 0) -> str:
@@ -131,11 +177,15 @@ class LedgerRecord:
 
 # KEYS: record, states, lock (or the record again when no lock is checked)
 # ARGV: item key, new state, lock token ("" = no check), then field, value pairs
+# -2: the record is gone (Redis lost the ledger): nothing is written
 _WRITE = """
 if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[3] then
   return -1
 end
 local current = redis.call('HGET', KEYS[1], 'state')
+if not current then
+  return -2
+end
 if current == 'applied' or current == 'failed' then
   return 0
 end
@@ -154,6 +204,76 @@ end
 redis.call('HSET', KEYS[1], 'state', 'new', unpack(ARGV, 2))
 redis.call('HSET', KEYS[2], ARGV[1], 'new')
 return false
+"""
+
+# KEYS: record, states, lock, epoch, bag open   ARGV: item key, "sent", lock token, epoch id, now,
+# then field, value pairs. -1: lock lost; 0: terminal; -2: epoch lost; {-3, until}: held
+_SEND = """
+if ARGV[4] ~= '' then
+  local epoch = redis.call('HMGET', KEYS[4], 'id', 'hold_until')
+  if epoch[1] ~= ARGV[4] then
+    return -2
+  end
+  if tonumber(epoch[2] or '0') > tonumber(ARGV[5]) then
+    return {-3, epoch[2]}
+  end
+end
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then
+  return -1
+end
+local current = redis.call('HGET', KEYS[1], 'state')
+if current == 'applied' or current == 'failed' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[5], ARGV[1])
+return 1
+"""
+
+# KEYS: record, states, bag refunds, bag owners, bag open
+# ARGV: item key, refund id ('' = none), then field, value pairs
+# One script: the refund, its owner and the item's state change together or not at all.
+_APPLIED = """
+local current = redis.call('HGET', KEYS[1], 'state')
+if not current then
+  return -2
+end
+if current == 'applied' or current == 'failed' then
+  return 0
+end
+if ARGV[2] ~= '' then
+  local owner = redis.call('HGET', KEYS[4], ARGV[2])
+  if owner and owner ~= ARGV[1] then
+    return -1
+  end
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[1])
+  redis.call('SADD', KEYS[3], ARGV[2])
+  redis.call('HSET', KEYS[1], 'refund_id', ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'state', 'applied', unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], ARGV[1], 'applied')
+redis.call('SREM', KEYS[5], ARGV[1])
+return 1
+"""
+
+# KEYS: epoch   ARGV: new id, now, hold_until for a new epoch
+# The epoch, created when missing. Returns {id, hold_until}.
+_EPOCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'id', ARGV[1], 'created', ARGV[2], 'hold_until', ARGV[3])
+end
+return redis.call('HMGET', KEYS[1], 'id', 'hold_until')
+"""
+
+# KEYS: epoch   ARGV: until. Moves hold_until later, never earlier; returns it.
+_HOLD = """
+local held = tonumber(redis.call('HGET', KEYS[1], 'hold_until') or '0')
+if tonumber(ARGV[1]) > held then
+  redis.call('HSET', KEYS[1], 'hold_until', ARGV[1])
+  return ARGV[1]
+end
+return tostring(held)
 """
 
 
@@ -203,7 +323,12 @@ class RedisLedger:
         self.wait_timeout_ms = wait_timeout_ms
         self._write = redis.register_script(_WRITE)
         self._register = redis.register_script(_REGISTER)
+        self._send = redis.register_script(_SEND)
+        self._applied = redis.register_script(_APPLIED)
+        self._epoch = redis.register_script(_EPOCH)
+        self._hold = redis.register_script(_HOLD)
         self.states_key = f"{prefix}:states"
+        self.epoch_key = f"{prefix}:epoch"
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:item:{key}"
@@ -213,6 +338,33 @@ class RedisLedger:
 
     def bag_open_key(self, bag_id: int) -> str:
         return f"{self.prefix}:bag:{bag_id}:open"
+
+    def bag_owners_key(self, bag_id: int) -> str:
+        return f"{self.prefix}:bag:{bag_id}:owners"
+
+    async def epoch(self, *, hold: float, now: float | None = None) -> Epoch:
+        """The ledger's epoch, created when missing (first use, or Redis lost the
+        ledger) with no send before ``now + hold``: a POST in flight from before has
+        landed by then, and shows in the read-back before a send."""
+        now = time.time() if now is None else now
+        found = await self._epoch(
+            keys=[self.epoch_key], args=[secrets.token_hex(8), repr(now), repr(now + hold)]
+        )
+        return Epoch(str(_text(found[0])), float(_text(found[1]) or 0.0))
+
+    async def new_fleet(self, now: float | None = None) -> bool:
+        """Start a ledger known to be new, with no send of it in flight anywhere: its
+        first sends need not wait. Does nothing (False) when the ledger has an epoch."""
+        now = time.time() if now is None else now
+        created = await self._epoch(
+            keys=[self.epoch_key], args=[secrets.token_hex(8), repr(now), "0"]
+        )
+        return float(_text(created[1]) or 0.0) == 0.0
+
+    async def hold_sends(self, until: float) -> float:
+        """No send of the fleet before ``until`` (never shortens a hold); returns the
+        hold in force."""
+        return float(_text(await self._hold(keys=[self.epoch_key], args=[repr(until)])) or 0)
 
     async def open_on_bag(self, bag_id: int) -> set[str]:
         """Items on ``bag_id`` that were sent and not yet settled (sent or pending): while
@@ -254,19 +406,56 @@ class RedisLedger:
             raws = await pipe.execute()
         return [_parse(key, raw) if raw else None for key, raw in zip(keys, raws, strict=True)]
 
-    async def mark_sent(self, key: str, ask: PendingRefund, *, lock_key: str, token: str) -> None:
-        """Write the ``sent`` record, only while ``token`` holds ``lock_key``, durably:
-        raises LockLostError or DurabilityError, and then the caller must not send."""
-        written = await self._write(
-            keys=[self.record_key(key), self.states_key, lock_key],
-            args=[key, "sent", token, "ask", orjson.dumps(ask.to_dict()), *self._stamp()],
+    async def mark_sent(
+        self,
+        key: str,
+        ask: PendingRefund,
+        *,
+        lock_key: str,
+        token: str,
+        epoch: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Write the ``sent`` record, only while ``token`` holds ``lock_key`` (and, given
+        an ``epoch``, while the ledger is that epoch and not held at ``now``), durably:
+        raises LockLostError (LedgerLostError, LedgerHeldError) or DurabilityError, and
+        then the caller must not send."""
+        stamp = time.time() if now is None else now
+        written = await self._send(
+            keys=[
+                self.record_key(key),
+                self.states_key,
+                lock_key,
+                self.epoch_key,
+                self.bag_open_key(ask.bag_id),
+            ],
+            args=[
+                key,
+                "sent",
+                token,
+                epoch or "",
+                repr(stamp),
+                "ask",
+                orjson.dumps(ask.to_dict()),
+                *self._stamp(),
+            ],
         )
+        if isinstance(written, list):
+            until = float(_text(written[1]) or 0.0)
+            raise LedgerHeldError(
+                f"the ledger holds every send until {until:.0f} (it is new, or Redis lost "
+                "it): a request in flight from before must land first",
+                until,
+            )
+        if written == -2:
+            raise LedgerLostError(
+                "the ledger's epoch is gone or replaced: Redis lost its data; nothing sent"
+            )
         if written == -1:
             raise LockLostError(f"the lock of bag {ask.bag_id} was lost before a send")
         if written == 0:
             # Terminal already (another worker finished it): sending would be a second.
             raise LockLostError(f"item {key} was finished by another worker")
-        await resolve(self.redis.sadd(self.bag_open_key(ask.bag_id), key))
         await self._durable()
 
     async def mark_pending(self, key: str, ask: PendingRefund) -> None:
@@ -282,12 +471,37 @@ class RedisLedger:
     async def mark_applied(
         self, key: str, bag_id: int, refund_id: int | None, *, reconciled: bool, outcome: str
     ) -> None:
-        fields: dict[str, Any] = {"reconciled": int(reconciled), "outcome": outcome}
-        if refund_id is not None:
-            fields["refund_id"] = refund_id
-            await resolve(self.redis.sadd(self.bag_refunds_key(bag_id), refund_id))
-        await self._set(key, "applied", **fields)
-        await self._close(bag_id, key)
+        """Applied, with ``refund_id`` recorded on the bag as this item's, in one script:
+        a worker dying mid-way leaves all of it or none. Raises RefundOwnedError when
+        the refund is another item's already (nothing written)."""
+        done = await self._applied(
+            keys=[
+                self.record_key(key),
+                self.states_key,
+                self.bag_refunds_key(bag_id),
+                self.bag_owners_key(bag_id),
+                self.bag_open_key(bag_id),
+            ],
+            args=[
+                key,
+                "" if refund_id is None else refund_id,
+                "reconciled",
+                int(reconciled),
+                "outcome",
+                outcome,
+                *self._stamp(),
+            ],
+        )
+        if done == -2:
+            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
+        if done == -1:
+            raise RefundOwnedError(
+                f"refund {refund_id} on bag {bag_id} is recorded as another item's"
+            )
+
+    async def mark_review(self, key: str, message: str) -> None:
+        """Pending, for a person to look at (nothing more is sent for it)."""
+        await self._set(key, "pending", needs_review=1, message=message)
 
     async def mark_new(self, key: str, bag_id: int | None = None) -> None:
         """Back to ``new``: the ask definitely did not apply and may start over."""
@@ -300,9 +514,20 @@ class RedisLedger:
         await self._set(key, "failed", error=error, message=message, outcome=outcome)
         await self._close(bag_id, key)
 
-    async def bag_refunds(self, bag_id: int) -> set[int]:
-        """Refund ids the ledger recorded on ``bag_id`` (other items' refunds)."""
-        return {int(v) for v in await resolve(self.redis.smembers(self.bag_refunds_key(bag_id)))}
+    async def bag_refunds(self, bag_id: int, *, owner: str | None = None) -> set[int]:
+        """Refund ids the ledger recorded on ``bag_id``, but those of item ``owner``: a
+        refund is never "another item's" to the item it belongs to."""
+        ids = {int(v) for v in await resolve(self.redis.smembers(self.bag_refunds_key(bag_id)))}
+        if owner is not None and ids:
+            owners = await self.bag_owners(bag_id)
+            ids -= {r for r, k in owners.items() if k == owner}
+        return ids
+
+    async def bag_owners(self, bag_id: int) -> dict[int, str]:
+        """Refund id -> the item it is the refund of, for refunds recorded on ``bag_id``
+        (a ledger written before owners were kept may hold refunds with none)."""
+        owners = await resolve(self.redis.hgetall(self.bag_owners_key(bag_id)))
+        return {int(r): str(_text(k)) for r, k in owners.items()}
 
     async def counts(self) -> Counter[str]:
         """Items by state."""
@@ -339,9 +564,11 @@ class RedisLedger:
         for name, value in fields.items():
             args += [name, value]
         args += self._stamp()
-        await self._write(
+        done = await self._write(
             keys=[self.record_key(key), self.states_key, self.record_key(key)], args=args
         )
+        if done == -2:
+            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
 
     async def _durable(self) -> None:
         if self.wait_aof:

@@ -10,7 +10,9 @@ a run that finds the item ``sent`` or ``pending`` reads the bag back
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import attrs
@@ -32,11 +34,24 @@ from ..exceptions import (
     ResponseFormatError,
     VioletError,
 )
-from ._ledger import LedgerRecord, LockLostError, RedisLedger
+from ..models import OrderRefund
+from ._ledger import (
+    LedgerHeldError,
+    LedgerLostError,
+    LedgerRecord,
+    LockLostError,
+    RedisLedger,
+    RefundOwnedError,
+)
 from ._lock import BagLocks, LockBusyError
 from ._ratelimit import FleetRateLimit
 
 __all__ = ["FleetWorker", "RetryLaterError"]
+
+log = logging.getLogger("violet_async.fleet")
+
+#: Items whose refund this worker got but could not record yet (Redis was away).
+_WON_CAPACITY = 10_000
 
 
 class RetryLaterError(Exception):
@@ -55,6 +70,9 @@ class FleetWorker:
     the first send, so a failure in flight is matched exactly and a refund the ledger
     lost is held back); ``patience`` is how long one run waits for a settle window
     before it hands the item back (:class:`RetryLaterError`) for a later run.
+    ``fresh_hold`` is how long a ledger that is new, or that Redis lost, holds every
+    send back (default: the client's ``settle_running`` plus one attempt's timeouts,
+    so a POST in flight from before has landed and shows in the read-back).
     """
 
     def __init__(
@@ -66,6 +84,7 @@ class FleetWorker:
         *,
         patience: float = 1.0,
         lock_wait: float = 5.0,
+        fresh_hold: float | None = None,
     ) -> None:
         self._caller_hook = client._on_retry
         policy = client._retry
@@ -77,6 +96,19 @@ class FleetWorker:
         self.limiter = limiter
         self.patience = patience
         self.lock_wait = lock_wait
+        timeouts = client._timeouts
+        self.fresh_hold = (
+            fresh_hold
+            if fresh_hold is not None
+            else policy.settle_running + timeouts.connect + timeouts.read
+        )
+        self.clock = client._shared.clock
+        # The ledger's epoch as this worker knows it (None: not read yet).
+        self._epoch: str | None = None
+        # Refunds this worker got for an item (a 2xx, or claimed by read-back) whose
+        # ledger write has not succeeded yet: a re-run here records them, never asks
+        # again (this client knows the refund, and would take it for another's).
+        self._won: OrderedDict[str, OrderRefund] = OrderedDict()
 
     def _on_retry(self, event: RetryEvent) -> Any:
         if isinstance(event.cause, RateLimitError) and self.limiter is not None:
@@ -99,9 +131,33 @@ class FleetWorker:
             await self.ledger.register(key, item)
             record = await self._record(key)
         if record.state in ("applied", "failed"):
+            self._won.pop(key, None)
             return record.to_dict()
+        try:
+            return await self._run(key, record)
+        except LedgerLostError as exc:
+            # The item's record vanished under this run: Redis lost the ledger. The job
+            # runs again (re-registered from its own copy of the item) after the hold.
+            raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+
+    async def _run(self, key: str, record: LedgerRecord) -> dict[str, Any]:
+        won = self._won.get(key)
+        if won is not None:
+            # This worker got the item's refund; only the ledger write failed.
+            return await self._applied(key, record.item, won)
         if record.state == "pending" and record.needs_review:
             return record.to_dict()
+        if self._epoch is None:
+            now = self.clock.time()
+            epoch = await self.ledger.epoch(hold=self.fresh_hold, now=now)
+            self._epoch = epoch.id
+            if epoch.hold_until > now:
+                log.warning(
+                    "the fleet ledger is new, or its Redis lost it: no send for %.0f s, so "
+                    "that a request in flight from before lands first (a new fleet: "
+                    "`enqueue --new-ledger` starts it without the wait)",
+                    epoch.hold_until - now,
+                )
         try:
             async with self.locks.hold(record.item.bag_id, wait=self.lock_wait) as held:
                 return await self._under_lock(key, held)
@@ -125,7 +181,16 @@ class FleetWorker:
                     defer=max(self.patience, 1.0),
                 )
         known = self.client._shared.known_refunds
-        for refund_id in await self.ledger.bag_refunds(item.bag_id):
+        recorded = await self.ledger.bag_refunds(item.bag_id)
+        owners = await self.ledger.bag_owners(item.bag_id) if recorded else {}
+        for refund_id in recorded:
+            owner = owners.get(refund_id)
+            if owner == key:
+                continue  # the item's own refund is never another's
+            if owner is None and resume is not None and resume.baseline is not None:
+                # No owner recorded (a ledger from before owners were kept): it may be
+                # this item's own; the record's baseline tells an older one apart.
+                continue
             known.add(refund_id, item.bag_id)
 
         budgeted: set[int] = set()
@@ -139,7 +204,14 @@ class FleetWorker:
                     budgeted.add(ask.sends)
                     planned = (ask.last_sent_at or 0.0) - time.time()
                     await self.limiter.wait(planned)
-                await self.ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
+                await self.ledger.mark_sent(
+                    key,
+                    ask,
+                    lock_key=held.key,
+                    token=held.token,
+                    epoch=self._epoch,
+                    now=self.clock.time(),
+                )
             elif ask.phase is Phase.PENDING:
                 await self.ledger.mark_pending(key, ask)
 
@@ -178,7 +250,8 @@ class FleetWorker:
             if item.kind == "refund":
                 refund = _unless_failed(refund)
         except LockLostError as exc:
-            raise RetryLaterError(str(exc), defer=0.5) from exc
+            # Nothing was sent: the lock, or the ledger itself, is not what it was.
+            raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
         except BagPendingError as exc:
             # This worker's client holds another item of the bag pending: later.
             raise RetryLaterError(str(exc), defer=max(self.patience, 1.0)) from exc
@@ -211,18 +284,60 @@ class FleetWorker:
                 key, type(exc).__name__, str(exc), outcome="failed", bag_id=item.bag_id
             )
         else:
-            await ledger.mark_applied(
+            return await self._applied(key, item, refund)
+        summary = (await self._record(key)).to_dict()
+        count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
+        return summary
+
+    async def _applied(self, key: str, item: BatchItem, refund: OrderRefund) -> dict[str, Any]:
+        """Record the item's refund. Kept here until the ledger has it: Redis away now
+        (the job runs again) must not turn the item's own refund into another's."""
+        self._won[key] = refund
+        self._won.move_to_end(key)
+        while len(self._won) > _WON_CAPACITY:
+            self._won.popitem(last=False)
+        try:
+            await self.ledger.mark_applied(
                 key,
                 item.bag_id,
                 refund.id,
                 reconciled=refund.reconciled,
                 outcome="reconciled" if refund.reconciled else "applied",
             )
-            if self.limiter is not None:
-                await self.limiter.speed_up()
+        except RefundOwnedError as exc:
+            # Two items cannot have one refund: a person looks (nothing more is sent).
+            await self.ledger.mark_review(key, str(exc))
+        self._won.pop(key, None)
+        if self.limiter is not None:
+            await self.limiter.speed_up()
         summary = (await self._record(key)).to_dict()
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
+
+    async def _defer(self, exc: LockLostError) -> float:
+        if isinstance(exc, LedgerLostError):
+            return await self._after_loss()
+        if isinstance(exc, LedgerHeldError):
+            return max(exc.until - self.clock.time(), 0.2)
+        return 0.5
+
+    async def _after_loss(self) -> float:
+        """Redis lost the ledger since this worker last looked: take the epoch now in
+        force (made now if missing) and hold every send of the fleet for a full settle
+        window from now. Returns the seconds to wait."""
+        now = self.clock.time()
+        epoch = await self.ledger.epoch(hold=self.fresh_hold, now=now)
+        until = await self.ledger.hold_sends(now + self.fresh_hold)
+        log.error(
+            "the fleet ledger's Redis lost its data (epoch %s, now %s): every send waits "
+            "%.0f s, so that a request in flight from before lands first; items enqueued "
+            "again are read back before any send",
+            self._epoch,
+            epoch.id,
+            until - now,
+        )
+        self._epoch = epoch.id
+        return max(until - now, 0.2)
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
