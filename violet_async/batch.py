@@ -38,9 +38,11 @@ from ._journal import (
     JournalMismatchError,
     JournalWriteError,
 )
+from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
+from ._reconcile import RateLimitDeferred
 from ._retry import RetryEvent
-from ._telemetry import count_item
+from ._telemetry import CAPTURE, count_item
 from .exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
@@ -90,18 +92,33 @@ class BatchItem:
     order_id: int
     bag_id: int
     request: RefundBagRequest | CancelBagRequest
+    merchant_id: int | None = None
+    """The bag's merchant, when the input says (optional): its rows are paced by their
+    merchant's lane from the start. Not part of what the item asks (:attr:`key`)."""
 
     @classmethod
     def refund(
-        cls, line: int, order_id: int, bag_id: int, request: RefundBagRequest | None = None
+        cls,
+        line: int,
+        order_id: int,
+        bag_id: int,
+        request: RefundBagRequest | None = None,
+        *,
+        merchant_id: int | None = None,
     ) -> BatchItem:
-        return cls(line, "refund", order_id, bag_id, request or RefundBagRequest())
+        return cls(line, "refund", order_id, bag_id, request or RefundBagRequest(), merchant_id)
 
     @classmethod
     def cancel(
-        cls, line: int, order_id: int, bag_id: int, request: CancelBagRequest | None = None
+        cls,
+        line: int,
+        order_id: int,
+        bag_id: int,
+        request: CancelBagRequest | None = None,
+        *,
+        merchant_id: int | None = None,
     ) -> BatchItem:
-        return cls(line, "cancel", order_id, bag_id, request or CancelBagRequest())
+        return cls(line, "cancel", order_id, bag_id, request or CancelBagRequest(), merchant_id)
 
     @property
     def key(self) -> str:
@@ -124,7 +141,8 @@ class BatchResult:
     could be made; sent anew next run); already_present (not sent: the bag already holds
     a refund exactly like it that no journal entry accounts for; ``refund_id`` is that
     refund); already_done / already_failed (skipped, from the journal of an earlier
-    run). ``sent`` is True when a request for it left during this run.
+    run). ``sent`` is True when a request for it left during this run; ``requests``
+    counts the HTTP requests answered for it and ``rate_limited`` the 429s among them.
     """
 
     item: BatchItem
@@ -138,13 +156,27 @@ class BatchResult:
     reconciled: bool = False
     rate_limited: int = 0
     sent: bool = False
+    requests: int = 0
+    """HTTP requests answered for this item (baseline and read-backs included)."""
 
 
 @attrs.define
 class _Stats:
     retries: int = 0
     rate_limited: int = 0
+    """429s answered to this item's requests."""
     sent: bool = False
+    requests: int = 0
+    deferrals: int = 0
+    outer: list[Any] | None = None
+    """A caller's ``capture_responses`` list, still fed."""
+
+    def append(self, response: Any) -> None:
+        """Counts each answered request (the item's ``capture_responses`` sink)."""
+        self.requests += 1
+        self.rate_limited += response.status == 429
+        if self.outer is not None:
+            self.outer.append(response)
 
 
 _current: contextvars.ContextVar[_Stats | None] = contextvars.ContextVar(
@@ -201,6 +233,9 @@ MAX_REVISITS = 8
 #: doubling with each revisit up to MAX_REVISIT_WAIT.
 REVISIT_BACKOFF = 1.0
 MAX_REVISIT_WAIT = 60.0
+#: Times one item is sent back to wait for its merchant's pace after a 429 before it
+#: ends not_sent (nothing applied; the next run sends it).
+MAX_DEFERRALS = 32
 
 
 async def run_batch(
@@ -285,6 +320,23 @@ async def run_batch(
 
 
 @attrs.frozen
+class _Paced:
+    """An item waiting for its merchant's turn (no slot held; its bag stays taken).
+    ``resume`` is None (never sent) or an ABSENT record (answered 429: not applied)."""
+
+    item: BatchItem
+    key: str
+    resume: PendingRefund | None
+    stats: _Stats
+    due: float
+    slot: tuple[float, int] | None
+    """The lane's slot it holds (time, lane epoch); None: reserve one when due."""
+    error: VioletError | None = None
+    merchant: int | None = None
+    """Its merchant's lane, where it waits (None: it waits ``due`` out in the heap)."""
+
+
+@attrs.frozen
 class _Parked:
     item: BatchItem
     key: str
@@ -325,6 +377,8 @@ class _Runner:
         self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency * 2)
         self.slots = asyncio.Semaphore(concurrency)
         self.parked: list[tuple[float, int, _Parked]] = []
+        self.pace = MerchantPace(max_rate=limiter.ceiling if limiter is not None else None)
+        self.paced: list[tuple[float, int, _Paced]] = []
         self._order = itertools.count()
         self._parked_changed = asyncio.Event()
         # One item per bag at a time, parked ones included: a later item on the bag
@@ -340,7 +394,6 @@ class _Runner:
         limited = isinstance(event.cause, RateLimitError)
         if stats is not None:
             stats.retries += 1
-            stats.rate_limited += limited
         if limited and self.limiter is not None:
             self.limiter.slow_down()
         # The caller's own hook still runs (its coroutine, if any, is awaited by the
@@ -357,6 +410,8 @@ class _Runner:
         resume: PendingRefund | None,
         revisits: int,
         stats: _Stats | None = None,
+        *,
+        slot: tuple[float, int] | None = None,
     ) -> None:
         try:
             result = await _process(
@@ -369,12 +424,21 @@ class _Runner:
                 patience=self.patience,
                 stats=stats or _Stats(),
                 hold=self.hold,
+                pace=self.pace,
+                slot=slot,
             )
         except Exception as exc:  # noqa: BLE001 - a bug: the consumer must see it
             await self.results.put(exc)
             return
         finally:
             self.slots.release()
+        if isinstance(result, _Paced):
+            if result.merchant is not None:
+                self.pace.wait_in_lane(result.merchant, result, first=result.resume is not None)
+            else:
+                heapq.heappush(self.paced, (result.due, next(self._order), result))
+            self._parked_changed.set()
+            return  # its bag stays taken while it waits
         if isinstance(result, _Parked):
             parked = attrs.evolve(result, revisits=revisits)
             if revisits < MAX_REVISITS and not parked.pending.needs_review:
@@ -422,8 +486,10 @@ class _Runner:
             resume: PendingRefund | None,
             revisits: int,
             stats: _Stats | None = None,
+            *,
+            slot: tuple[float, int] | None = None,
         ) -> None:
-            task = asyncio.create_task(self._one(item, key, resume, revisits, stats))
+            task = asyncio.create_task(self._one(item, key, resume, revisits, stats, slot=slot))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -477,10 +543,19 @@ class _Runner:
             _, _, parked = heapq.heappop(self.parked)
             await self.slots.acquire()
             start(parked.item, parked.key, parked.pending, parked.revisits + 1, parked.stats)
+        while self.paced and self.paced[0][0] <= self.clock.time() and not self._stopping():
+            _, _, paced = heapq.heappop(self.paced)
+            await self.slots.acquire()
+            start(paced.item, paced.key, paced.resume, 0, paced.stats, slot=paced.slot)
+        if self._stopping():
+            return
+        for paced, slot in self.pace.release(self.clock.time()):
+            await self.slots.acquire()
+            start(paced.item, paced.key, paced.resume, 0, paced.stats, slot=slot)
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
         """After the input: finish what runs, and revisit parked items as they fall due."""
-        while tasks or self.parked or self.ready or self.waiting:
+        while tasks or self.parked or self.paced or self.pace.waiting or self.ready or self.waiting:
             if self._stopping():
                 if tasks:
                     await asyncio.gather(*tasks)
@@ -496,19 +571,40 @@ class _Runner:
                             parked.error,
                         )
                     )
+                waited = [entry for _, _, entry in self.paced] + self.pace.take_all()
+                self.paced.clear()
+                for paced in waited:
+                    # Never sent, or answered 429: nothing applied; the next run sends it.
+                    error = paced.error or VioletError(
+                        "not sent: the run stopped while this row waited for its merchant's pace"
+                    )
+                    await self.results.put(
+                        await _ended(
+                            paced.item,
+                            paced.key,
+                            "not_sent",
+                            paced.stats,
+                            self.log,
+                            error,
+                            state="unsent",
+                        )
+                    )
                 return
             await self._start_ready(start)
             await self._revisit_due(start)
-            if not (tasks or self.parked or self.ready):
+            if not (tasks or self.parked or self.paced or self.pace.waiting or self.ready):
                 # Items wait for a bag no item holds: never end quietly without them.
                 raise RuntimeError(
                     f"batch items wait for bags nobody holds: {sorted(self.waiting)}"
                 )
-            if not self.parked:
+            lane_due = self.pace.next_due()
+            if not (self.parked or self.paced or lane_due is not None):
                 if tasks:
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            wait = max(self.parked[0][0] - self.clock.time(), 0.0)
+            dues = [heap[0][0] for heap in (self.parked, self.paced) if heap]
+            first = min([*dues, lane_due] if lane_due is not None else dues)
+            wait = max(first - self.clock.time(), 0.0)
             if tasks:
                 # Wake for whichever comes first: an item ending (it may park, with an
                 # earlier window) or the first parked window passing.
@@ -589,9 +685,16 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     *,
     patience: float,
     stats: _Stats,
+    pace: MerchantPace,
     hold: bool = False,
-) -> BatchResult | _Parked:
+    slot: tuple[float, int] | None = None,
+) -> BatchResult | _Parked | _Paced:
     _current.set(stats)
+    _count_requests(stats)
+    if resume is None or resume.phase is Phase.ABSENT:
+        waiting = await _merchant_turn(client, item, key, resume, pace, slot, stats, patience)
+        if waiting is not None:
+            return waiting
     if limiter is not None:
         await limiter.wait()
 
@@ -611,9 +714,12 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             save=save,
             patience=patience,
             hold_if_present=hold,
+            defer_rate_limited=True,
         )
         if item.kind == "refund":
             refund = _unless_failed(refund)
+    except RateLimitDeferred as exc:
+        return await _deferred(client, item, key, exc, pace, stats, log)
     except AmbiguousOutcomeError as exc:
         if exc.pending is not None:
             return _Parked(item, key, exc.pending, 0, exc, stats)
@@ -627,11 +733,111 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         if never_reached(exc):
             return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
         return await _ended(item, key, "failed", stats, log, exc)
-    if limiter is not None:
-        limiter.speed_up()
+    _paced_success(client, item, refund, pace, limiter)
     if log is not None:
         await log.record(key, item.line, "done", refund_id=refund.id, reconciled=refund.reconciled)
     return _result(item, "succeeded", stats, refund=refund)
+
+
+def client_time(client: VioletClient) -> float:
+    return float(client._shared.clock.time())
+
+
+def _count_requests(stats: _Stats) -> None:
+    """Count this item's answered requests (and 429s) from here on, in its own task."""
+    if stats.outer is None:
+        stats.outer = CAPTURE.get()
+    CAPTURE.set(stats)  # type: ignore[arg-type] # a list-like sink: append only
+
+
+def _paced_success(
+    client: VioletClient,
+    item: BatchItem,
+    refund: OrderRefund,
+    pace: MerchantPace,
+    limiter: AdaptiveRate | None,
+) -> None:
+    """A refund carries its merchant: learned for free on the happy path."""
+    if limiter is not None:
+        limiter.speed_up()
+    merchant = getattr(refund, "merchant_id", None)
+    pace.learn(item.order_id, merchant)
+    pace.succeeded(merchant if merchant is not None else item.merchant_id, client_time(client))
+
+
+async def _look_up_merchant(
+    client: VioletClient, item: BatchItem, pace: MerchantPace
+) -> int | None:
+    """The item's merchant, from the order (one read; None when it cannot be read)."""
+    try:
+        order = await client.get_order(item.order_id)
+    except VioletError:
+        return None
+    for bag in order.bags:
+        pace.learn(order.id if order.id is not None else item.order_id, bag.merchant_id)
+        if bag.id == item.bag_id:
+            return bag.merchant_id
+    return None
+
+
+async def _merchant_turn(  # noqa: PLR0917 - internal, one call site
+    client: VioletClient,
+    item: BatchItem,
+    key: str,
+    resume: PendingRefund | None,
+    pace: MerchantPace,
+    slot: tuple[float, int] | None,
+    stats: _Stats,
+    patience: float,
+) -> _Paced | None:
+    """Wait for the item's merchant's next send slot when it is near (in this slot), or
+    hand the item back to wait without one (None: go now)."""
+    merchant = pace.merchant_of(item.order_id, item.merchant_id)
+    if merchant is None and pace.learning:
+        merchant = await _look_up_merchant(client, item, pace)
+    if merchant is None:
+        return None
+    clock = client._shared.clock
+    now = clock.time()
+    lane = pace.lane(merchant)
+    if lane is None:
+        return None
+    if slot is None or not pace.current(merchant, slot[1]):
+        if lane.waiting or lane.next_at - now > patience:
+            # Others wait ahead of it, or its turn is far: it waits without a slot.
+            return _Paced(item, key, resume, stats, lane.next_at, None, merchant=merchant)
+        slot = pace.reserve(merchant, now)
+        assert slot is not None  # noqa: S101 - the lane exists
+    due = slot[0]
+    if due > now:
+        await clock.sleep(due - now)
+    return None
+
+
+async def _deferred(  # noqa: PLR0917 - internal, one call site
+    client: VioletClient,
+    item: BatchItem,
+    key: str,
+    exc: RateLimitDeferred,
+    pace: MerchantPace,
+    stats: _Stats,
+    log: Journal | None,
+) -> BatchResult | _Paced:
+    """A send answered 429 (nothing applied): slow its merchant's lane and wait for its
+    turn, until the run's limit of such waits for one item; then it ends not_sent."""
+    stats.deferrals += 1
+    merchant = pace.merchant_of(item.order_id, item.merchant_id)
+    if merchant is None:
+        merchant = await _look_up_merchant(client, item, pace)
+    now = client_time(client)
+    if merchant is not None:
+        pace.limited(merchant, now, exc.delay)
+    else:
+        pace.learning = True
+    if stats.deferrals > MAX_DEFERRALS:
+        return await _ended(item, key, "not_sent", stats, log, exc.cause, state="unsent")
+    stats.retries += 1  # it is sent again in its turn
+    return _Paced(item, key, exc.pending, stats, now + exc.delay, None, exc.cause, merchant)
 
 
 async def _present(
@@ -705,4 +911,5 @@ def _result(
         reconciled=refund.reconciled if refund is not None else False,
         rate_limited=stats.rate_limited,
         sent=stats.sent,
+        requests=stats.requests,
     )
