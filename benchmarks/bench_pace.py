@@ -66,7 +66,7 @@ async def _batch(fake: FakeViolet, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _fleet(fake: FakeViolet, args: argparse.Namespace) -> dict[str, Any]:
-    from bench_fleet_pace import run_fleet  # noqa: PLC0415 - optional: needs redis
+    from bench_fleet_pace import run_fleet
 
     return await run_fleet(fake, _items(fake, merchant_column=args.merchant_column), args)
 

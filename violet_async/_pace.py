@@ -68,7 +68,7 @@ class MerchantPace:
         self.lanes: dict[int, Lane] = {}
         self.learning = False
         """A 429 was seen: rows of unknown merchant are looked up before they are sent."""
-        self._orders: OrderedDict[int, int] = OrderedDict()
+        self._orders: OrderedDict[int, int | None] = OrderedDict()
         self._capacity = capacity
         self._recent: dict[int, deque[float]] = {}
         self._queued: set[int] = set()
@@ -80,8 +80,14 @@ class MerchantPace:
             return given
         return self._orders.get(order_id)
 
-    def learn(self, order_id: int, merchant_id: int | None) -> None:
-        if merchant_id is None:
+    def looked_up(self, order_id: int) -> bool:
+        """Whether the order's merchant was learned, or looked for and not found."""
+        return order_id in self._orders
+
+    def learn(self, order_id: int, merchant_id: int | None, *, final: bool = False) -> None:
+        """Note the order's merchant; ``final``: what a look-up found, even nothing
+        (the order is not looked up again)."""
+        if merchant_id is None and not final:
             return
         orders = self._orders
         orders[order_id] = merchant_id

@@ -769,15 +769,18 @@ async def _look_up_merchant(
     client: VioletClient, item: BatchItem, pace: MerchantPace
 ) -> int | None:
     """The item's merchant, from the order (one read; None when it cannot be read)."""
+    if pace.looked_up(item.order_id):
+        return None
     try:
         order = await client.get_order(item.order_id)
     except VioletError:
         return None
+    found = None
     for bag in order.bags:
-        pace.learn(order.id if order.id is not None else item.order_id, bag.merchant_id)
         if bag.id == item.bag_id:
-            return bag.merchant_id
-    return None
+            found = bag.merchant_id
+    pace.learn(item.order_id, found, final=True)
+    return found
 
 
 async def _merchant_turn(  # noqa: PLR0917 - internal, one call site
