@@ -80,13 +80,19 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--merchant-column", action="store_true")
     parser.add_argument("--workers", type=int, default=0, help="a fleet of N workers")
+    parser.add_argument(
+        "--no-limits", action="store_true", help="the same rows with no limit: this machine's floor"
+    )
     args = parser.parse_args(argv)
+    limits: dict[str, Any] = {
+        "merchant_limits": {STRICT: args.strict_rate},
+        "merchant_limit": args.rate_others,
+    }
     async with FakeViolet(
         orders=args.rows,
         seed=26,
         merchants=args.merchants,
-        merchant_limits={STRICT: args.strict_rate},
-        merchant_limit=args.rate_others,
+        **({"merchant_limit": 1e9} if args.no_limits else limits),
     ) as fake:
         run = _fleet if args.workers else _batch
         got = await run(fake, args)

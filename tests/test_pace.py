@@ -78,7 +78,8 @@ def test_a_merchant_has_no_lane_until_its_first_429() -> None:
     assert lane.rate == pytest.approx(2.0)  # four successes in the last two seconds
     first = pace.reserve(STRICT, 1.6)
     second = pace.reserve(STRICT, 1.6)
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert first[0] == pytest.approx(2.0)  # not before Retry-After
     assert second[0] - first[0] == pytest.approx(1 / lane.rate)
     assert pace.reserve(STRICT + 1, 1.6) is None
