@@ -18,6 +18,7 @@ import attrs
 from .._ask import sent_once
 from .._client import VioletClient, _unless_failed
 from .._protocol import PendingRefund, Phase
+from .._reconcile import RateLimitDeferred
 from .._retry import RetryEvent
 from .._telemetry import count_item
 from ..batch import BatchItem
@@ -34,6 +35,7 @@ from ..exceptions import (
 )
 from ._ledger import LedgerRecord, LockLostError, RedisLedger
 from ._lock import BagLocks, LockBusyError
+from ._pace import FleetPace
 from ._ratelimit import FleetRateLimit
 
 __all__ = ["FleetWorker", "RetryLaterError"]
@@ -55,6 +57,11 @@ class FleetWorker:
     the first send, so a failure in flight is matched exactly and a refund the ledger
     lost is held back); ``patience`` is how long one run waits for a settle window
     before it hands the item back (:class:`RetryLaterError`) for a later run.
+
+    Sends are paced per merchant across the fleet (:class:`FleetPace`, in the ledger's
+    Redis): a 429 hands the item back (nothing applied) and slows only its merchant's
+    lane; an item whose merchant's next slot is further than ``patience`` is handed back
+    until then. ``merchant_pace=False`` turns this off (a 429 is then retried in place).
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class FleetWorker:
         *,
         patience: float = 1.0,
         lock_wait: float = 5.0,
+        merchant_pace: bool = True,
     ) -> None:
         self._caller_hook = client._on_retry
         policy = client._retry
@@ -77,6 +85,16 @@ class FleetWorker:
         self.limiter = limiter
         self.patience = patience
         self.lock_wait = lock_wait
+        self.pace = (
+            FleetPace(
+                ledger.redis,
+                client._shared.credentials.app_id,
+                prefix=ledger.prefix,
+                ceiling=limiter.ceiling if limiter is not None else None,
+            )
+            if merchant_pace
+            else None
+        )
 
     def _on_retry(self, event: RetryEvent) -> Any:
         if isinstance(event.cause, RateLimitError) and self.limiter is not None:
@@ -128,6 +146,7 @@ class FleetWorker:
         for refund_id in await self.ledger.bag_refunds(item.bag_id):
             known.add(refund_id, item.bag_id)
 
+        merchant = await self._merchant_turn(item) if resume is None else None
         budgeted: set[int] = set()
 
         async def save(ask: PendingRefund) -> None:
@@ -153,6 +172,7 @@ class FleetWorker:
                 save=save,
                 patience=self.patience,
                 hold_if_present=True,
+                defer_rate_limited=self.pace is not None,
             )
         )
         lost = asyncio.ensure_future(held.lost.wait())
@@ -167,16 +187,57 @@ class FleetWorker:
             await asyncio.gather(ask_task, lost, return_exceptions=True)
         if ask_task.cancelled():
             raise RetryLaterError(f"lost the lock of bag {item.bag_id}", defer=0.5)
-        return await self._settle(key, item, ask_task)
+        return await self._settle(key, item, ask_task, merchant)
+
+    async def _merchant_of(self, item: BatchItem, *, look_up: bool) -> int | None:
+        """The item's merchant: its own, the fleet's memory, or (``look_up``) its order."""
+        pace = self.pace
+        if pace is None:
+            return None
+        merchant = item.merchant_id or await pace.merchant_of(item.order_id)
+        if merchant is not None or not look_up:
+            return merchant
+        try:
+            order = await self.client.get_order(item.order_id)
+        except VioletError:
+            return None
+        merchant = next((b.merchant_id for b in order.bags if b.id == item.bag_id), None)
+        await pace.learn(item.order_id, merchant)
+        return merchant
+
+    async def _merchant_turn(self, item: BatchItem) -> int | None:
+        """Wait for the merchant's next send slot when it is near; hand the item back
+        when it is not (:class:`RetryLaterError`). Returns the merchant (None: unpaced)."""
+        pace = self.pace
+        if pace is None:
+            return None
+        merchant = await self._merchant_of(item, look_up=await pace.learning())
+        if merchant is None:
+            return None
+        wait = await pace.reserve(merchant, self.patience)
+        if wait is not None and wait < 0:
+            raise RetryLaterError(
+                f"merchant {merchant}'s pace: its next send slot is in {-wait:.1f}s",
+                defer=-wait,
+            )
+        if wait:
+            await asyncio.sleep(wait)
+        return merchant
 
     async def _settle(
-        self, key: str, item: BatchItem, ask_task: asyncio.Future[Any]
+        self,
+        key: str,
+        item: BatchItem,
+        ask_task: asyncio.Future[Any],
+        merchant: int | None = None,
     ) -> dict[str, Any]:
         ledger = self.ledger
         try:
             refund = ask_task.result()
             if item.kind == "refund":
                 refund = _unless_failed(refund)
+        except RateLimitDeferred as exc:
+            await self._deferred(key, item, exc, merchant)
         except LockLostError as exc:
             raise RetryLaterError(str(exc), defer=0.5) from exc
         except BagPendingError as exc:
@@ -218,11 +279,31 @@ class FleetWorker:
                 reconciled=refund.reconciled,
                 outcome="reconciled" if refund.reconciled else "applied",
             )
-            if self.limiter is not None:
-                await self.limiter.speed_up()
+            await self._paced_success(item, refund, merchant)
         summary = (await self._record(key)).to_dict()
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
+
+    async def _deferred(
+        self, key: str, item: BatchItem, exc: RateLimitDeferred, merchant: int | None
+    ) -> None:
+        """Nothing applied (a 429, every earlier send proven absent): slow the merchant's
+        lane for the whole fleet and start the item over in its turn."""
+        merchant = merchant or await self._merchant_of(item, look_up=True)
+        if self.pace is not None and merchant is not None:
+            await self.pace.limited(merchant, exc.delay)
+        await self.ledger.mark_new(key, item.bag_id)
+        raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
+
+    async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
+        if self.limiter is not None:
+            await self.limiter.speed_up()
+        if self.pace is None:
+            return
+        paid_by = getattr(refund, "merchant_id", None) or merchant
+        if paid_by is not None:
+            await self.pace.learn(item.order_id, paid_by)
+            await self.pace.succeeded(paid_by)
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
