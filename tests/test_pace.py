@@ -10,7 +10,7 @@ import pytest
 
 from violet_async import RateLimitError, RetryPolicy
 from violet_async._ask import PendingRefund, Phase, Settings
-from violet_async._pace import DECREASE, MerchantPace
+from violet_async._pace import DECREASE, RECOVER, MerchantPace
 from violet_async._protocol import Do, Observation, start, step
 from violet_async.batch import MAX_DEFERRALS, BatchItem, run_batch
 from violet_async.models import RefundBagRequest
@@ -99,6 +99,12 @@ def test_a_wave_of_429s_slows_a_lane_once() -> None:
     assert lane.rate == pytest.approx(rate * DECREASE)
     assert not lane.probing
     assert not pace.current(STRICT, slot[1])
+    # A success climbs quickly back toward the rate the 429 came at, then slowly past it.
+    pace.succeeded(STRICT, 1.5)
+    assert lane.rate == pytest.approx(rate * DECREASE + (rate - rate * DECREASE) * RECOVER)
+    for _ in range(20):
+        pace.succeeded(STRICT, 2.0)
+    assert 0.95 * rate <= lane.rate < 1.1 * rate
 
 
 def test_successes_probe_a_lane_up() -> None:

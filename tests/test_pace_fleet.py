@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from tests import _fleet_redis
 from violet_async import RefundBagRequest, RetryPolicy
-from violet_async._pace import DECREASE
+from violet_async._pace import DECREASE, RECOVER
 from violet_async.batch import BatchItem
 from violet_async.fleet import (
     BagLocks,
@@ -66,8 +66,8 @@ async def test_a_lane_starts_at_a_429_and_spaces_the_fleets_sends(redis: Redis) 
     slowed = await pace.limited(STRICT, 0.0)
     assert slowed == pytest.approx(2.0 * DECREASE)
     assert await pace.limited(STRICT, 0.0) == pytest.approx(slowed)  # once per burst
-    await pace.succeeded(STRICT)
-    assert await pace.rate(STRICT) == pytest.approx(slowed * 1.02)
+    await pace.succeeded(STRICT)  # climbs back toward the rate its 429 came at
+    assert await pace.rate(STRICT) == pytest.approx(slowed + (2.0 - slowed) * RECOVER)
 
 
 async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redis) -> None:

@@ -11,8 +11,8 @@ Lanes are learned, never configured, and cost nothing on the happy path:
   Then its lane starts at the rate its sends succeeded at just before (at least
   ``MIN_RATE``), waits out the ``Retry-After``, and probes upward (x1.25 a success)
   until its next 429; from then on it backs off by ``DECREASE`` on a 429 (once per
-  ``1 / rate``, so a wave of 429s from sends already in flight counts once) and creeps
-  up by ``INCREASE`` a success.
+  ``1 / rate``, so a wave of 429s from sends already in flight counts once), climbs
+  back quickly to near the rate that 429 came at, and probes past it slowly.
 - Which merchant a row belongs to comes from the row (an optional ``merchant_id``),
   from a refund Violet returned for its order (``merchant_id`` is in every refund), or,
   once any 429 has been seen in the run, from ``GET /orders/{id}`` before its first send
@@ -29,14 +29,17 @@ from typing import Any
 
 import attrs
 
-__all__ = ["DECREASE", "INCREASE", "MIN_RATE", "Lane", "MerchantPace"]
+__all__ = ["DECREASE", "INCREASE", "MIN_RATE", "PROBE_INCREASE", "RECOVER", "Lane", "MerchantPace"]
 
 #: Slowest a lane goes, in sends per second.
 MIN_RATE = 0.05
 #: A lane's rate after a 429 (once per ``1 / rate``), as a fraction of what it was.
 DECREASE = 0.8
-#: A lane's rate grows by this fraction with each success (after its second 429).
-INCREASE = 0.02
+#: After its second 429, a lane below 95% of the rate its last 429 came at (its peak)
+#: closes this fraction of the gap with each success; near or past the peak it grows by
+#: INCREASE a success, so it probes past the peak only slowly.
+RECOVER = 0.3
+INCREASE = 0.005
 #: ...and by this fraction while it is still probing (before its second 429).
 PROBE_INCREASE = 0.25
 #: Seconds of recent successes a new lane's first rate is estimated from.
@@ -56,6 +59,8 @@ class Lane:
     """Bumped when the lane slows down: a slot reserved before is taken again."""
     limited: int = 0
     """429s this lane has seen."""
+    peak: float = 0.0
+    """The rate its last slowdown came at."""
     waiting: deque[Any] = attrs.Factory(deque)
     """What waits for this lane's turn, in order (the caller's entries)."""
 
@@ -167,7 +172,12 @@ class MerchantPace:
             while recent and recent[0] < now - ESTIMATE_WINDOW:
                 recent.popleft()
             return
-        grown = lane.rate * (1 + (PROBE_INCREASE if lane.probing else INCREASE))
+        if lane.probing:
+            grown = lane.rate * (1 + PROBE_INCREASE)
+        elif lane.rate < 0.95 * lane.peak:
+            grown = lane.rate + (lane.peak - lane.rate) * RECOVER
+        else:
+            grown = lane.rate * (1 + INCREASE)
         lane.rate = min(grown, self.max_rate) if self.max_rate is not None else grown
 
     def limited(self, merchant_id: int, now: float, retry_after: float) -> Lane:
@@ -187,6 +197,7 @@ class MerchantPace:
             lane = self.lanes[merchant_id] = Lane(rate=rate, next_at=now, slowed_at=now)
         elif now - lane.slowed_at >= 1.0 / lane.rate:
             lane.probing = False
+            lane.peak = lane.rate
             lane.rate = max(MIN_RATE, lane.rate * DECREASE)
             lane.slowed_at = now
             # Every slot reserved before is void (its row reserves again when it comes

@@ -7,7 +7,8 @@ as :class:`FleetRateLimit` is: workers on skewed hosts share one schedule. The r
 the batch's (``violet_async._pace``): no lane until the merchant's first 429; then the
 rate its sends got through at in the last two seconds (at least half a send per
 ``Retry-After``), probing up x1.25 a success until its second
-429, then -20% on a 429 (once per ``1 / rate``) and +2% a success.
+429, then -20% on a 429 (once per ``1 / rate``), a quick climb back to near the rate
+that 429 came at, and a slow probe past it.
 
 Which merchant an order belongs to is kept in ``P:merchants:<app_id>`` (order id ->
 merchant id), learned from the refunds workers get back and, once any 429 has been
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._pace import DECREASE, INCREASE, MIN_RATE, PROBE_INCREASE
+from .._pace import DECREASE, INCREASE, MIN_RATE, PROBE_INCREASE, RECOVER
 from ._ledger import DEFAULT_PREFIX, resolve
 
 if TYPE_CHECKING:
@@ -72,9 +73,10 @@ if rate <= 0 then
 else
   local last = tonumber(redis.call('HGET', KEYS[1], 'slowed_at') or 0)
   if now - last >= 1000 / rate then
+    local peak = rate
     rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[3]))
     redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '0', 'slowed_at',
-               tostring(now), 'tat', tostring(now + 1000 / rate))
+               tostring(now), 'tat', tostring(now + 1000 / rate), 'peak', tostring(peak))
   end
 end
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
@@ -84,7 +86,8 @@ return tostring(rate)
 """
 )
 
-# ARGV: probe increase, increase, ceiling (0: none). Returns the rate ("none": no lane).
+# ARGV: probe increase, increase, ceiling (0: none), recover. Returns the rate ("none":
+# no lane).
 _SUCCEEDED = (
     _NOW
     + """
@@ -101,8 +104,14 @@ if rate <= 0 then
   redis.call('PEXPIRE', KEYS[1], 86400000)
   return 'none'
 end
-local up = redis.call('HGET', KEYS[1], 'probing') == '1' and ARGV[1] or ARGV[2]
-rate = rate * (1 + tonumber(up))
+local peak = tonumber(redis.call('HGET', KEYS[1], 'peak') or 0)
+if redis.call('HGET', KEYS[1], 'probing') == '1' then
+  rate = rate * (1 + tonumber(ARGV[1]))
+elseif rate < 0.95 * peak then
+  rate = rate + (peak - rate) * tonumber(ARGV[4])
+else
+  rate = rate * (1 + tonumber(ARGV[2]))
+end
 local ceiling = tonumber(ARGV[3])
 if ceiling > 0 then rate = math.min(rate, ceiling) end
 redis.call('HSET', KEYS[1], 'rate', tostring(rate))
@@ -161,7 +170,8 @@ class FleetPace:
 
     async def succeeded(self, merchant_id: int) -> None:
         await self._succeeded(
-            keys=[self._lane + str(merchant_id)], args=[PROBE_INCREASE, INCREASE, self.ceiling]
+            keys=[self._lane + str(merchant_id)],
+            args=[PROBE_INCREASE, INCREASE, self.ceiling, RECOVER],
         )
 
     async def rate(self, merchant_id: int) -> float | None:
