@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
-from violet_async import RateLimitError, RetryPolicy
+from violet_async import RateLimitError, RetryPolicy, batch
 from violet_async._ask import PendingRefund, Phase, Settings
 from violet_async._pace import DECREASE, RECOVER, MerchantPace
 from violet_async._protocol import Do, Observation, start, step
@@ -219,3 +220,34 @@ async def test_a_row_out_of_waits_ends_not_sent_and_the_next_run_sends_it(
         second = [r async for r in run_batch(client, [item], journal=journal)]
     assert [r.outcome for r in second] == ["succeeded"]
     assert server.refunded == 100
+
+
+async def test_rows_waiting_for_a_strict_merchant_hold_the_input_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory stays bounded: once a few rows wait for their merchant's turn, no more
+    input is read until some have gone."""
+    monkeypatch.setattr(batch, "WAITING_PER_SLOT", 1)
+    monkeypatch.setattr(batch, "MIN_WAITING", 4)
+    clock = FakeClock()
+    async with FakeViolet(
+        orders=30, seed=6, clock=clock, merchants=1, merchant_limits={STRICT: 2.0}
+    ) as fake:
+        read = 0
+
+        def rows() -> Iterator[BatchItem]:
+            nonlocal read
+            for item in _interleaved(fake, merchant_column=True):
+                read += 1
+                yield item
+
+        ended = 0
+        most_ahead = 0
+        async with make_client(fake, clock) as client:
+            async for result in run_batch(client, rows(), concurrency=2):
+                assert result.outcome == "succeeded"
+                ended += 1
+                most_ahead = max(most_ahead, read - ended)
+        assert ended == 30
+        assert fake.ledger.double_refunds() == {}
+    assert most_ahead <= 4 + 2 + 2  # waiting, in flight, and the row being placed

@@ -233,6 +233,10 @@ MAX_REVISITS = 8
 #: doubling with each revisit up to MAX_REVISIT_WAIT.
 REVISIT_BACKOFF = 1.0
 MAX_REVISIT_WAIT = 60.0
+#: Items that may wait for their merchant's turn (per slot of concurrency, and at
+#: least MIN_WAITING) before the input is held back.
+WAITING_PER_SLOT = 64
+MIN_WAITING = 4096
 #: Times one item is sent back to wait for its merchant's pace after a 429 before it
 #: ends not_sent (nothing applied; the next run sends it).
 MAX_DEFERRALS = 32
@@ -379,6 +383,8 @@ class _Runner:
         self.parked: list[tuple[float, int, _Parked]] = []
         self.pace = MerchantPace(max_rate=limiter.ceiling if limiter is not None else None)
         self.paced: list[tuple[float, int, _Paced]] = []
+        #: Items waiting for their merchant's turn before the input is held back.
+        self.max_waiting = max(WAITING_PER_SLOT * concurrency, MIN_WAITING)
         self._order = itertools.count()
         self._parked_changed = asyncio.Event()
         # One item per bag at a time, parked ones included: a later item on the bag
@@ -515,6 +521,7 @@ class _Runner:
                     )
                     continue
                 self.busy.add(item.bag_id)
+                await self._make_room(start)
                 await self.slots.acquire()
                 if self._stopping():
                     self.slots.release()
@@ -536,6 +543,16 @@ class _Runner:
             await self.results.put(exc)
             return
         await self.results.put(_END)
+
+    async def _make_room(self, start: Any) -> None:
+        """Hold the input back while too many items wait for their merchant's turn:
+        memory stays bounded however much of a long input one strict merchant has."""
+        while self.pace.waiting + len(self.paced) >= self.max_waiting and not self._stopping():
+            await self._revisit_due(start)
+            lane_due = self.pace.next_due()
+            dues = [self.paced[0][0]] if self.paced else []
+            first = min([*dues, lane_due] if lane_due is not None else dues)
+            await self.clock.sleep(min(max(first - self.clock.time(), 0.0), 1.0))
 
     async def _revisit_due(self, start: Any) -> None:
         """Start parked items whose settle window has passed (each takes a slot)."""
