@@ -74,14 +74,16 @@ def test_a_merchant_has_no_lane_until_its_first_429() -> None:
     assert pace.reserve(STRICT, 0.0) is None
     for at in (0.0, 0.5, 1.0, 1.5):
         pace.succeeded(STRICT, at)
-    lane = pace.limited(STRICT, 1.6, retry_after=0.4)
+    lane = pace.limited(STRICT, 1.6, retry_after=0.5)
     assert pace.learning
-    assert lane.rate == pytest.approx(2.0)  # four successes in the last two seconds
+    # Four successes in the last 1.6 s, but never more than one send per Retry-After.
+    assert lane.rate == pytest.approx(2.0)
+    assert MerchantPace().limited(STRICT, 0.0, retry_after=0.01).rate == 1.0  # none seen
     first = pace.reserve(STRICT, 1.6)
     second = pace.reserve(STRICT, 1.6)
     assert first is not None
     assert second is not None
-    assert first[0] == pytest.approx(2.0)  # not before Retry-After
+    assert first[0] == pytest.approx(2.1)  # not before Retry-After
     assert second[0] - first[0] == pytest.approx(1 / lane.rate)
     assert pace.reserve(STRICT + 1, 1.6) is None
 
@@ -151,12 +153,12 @@ def _interleaved(fake: FakeViolet, *, merchant_column: bool = False) -> list[Bat
 
 @pytest.mark.parametrize("merchant_column", [False, True])
 async def test_one_strict_merchant_among_four(merchant_column: bool) -> None:
-    """4 merchants x 8 rows, interleaved; merchant 20001's platform lets 2 refunds/s
+    """4 merchants x 16 rows, interleaved; merchant 20001's platform lets 2 refunds/s
     through, the others 25/s. Every row succeeds, once; the strict merchant's 429s stay
     few, and the other merchants' rows are not held behind it."""
     clock = FakeClock()
     async with FakeViolet(
-        orders=32,
+        orders=64,
         seed=5,
         clock=clock,
         merchants=4,
@@ -176,8 +178,11 @@ async def test_one_strict_merchant_among_four(merchant_column: bool) -> None:
         assert limits is not None
         assert fake.ledger.double_refunds() == {}
         strict_429s = limits.buckets[STRICT].limited
-    assert [r.outcome for r in results] == ["succeeded"] * 32
-    assert strict_429s <= 8 // 2
+    assert [r.outcome for r in results] == ["succeeded"] * 64
+    # Unpaced, nearly every strict row would be refused at least once. (The virtual
+    # clock moves with every row's sleep, so the lane's timing is coarser than in real
+    # time: benchmarks/bench_pace.py measures the real-time goal of a quarter.)
+    assert strict_429s <= 16 // 2, strict_429s
     assert sum(r.rate_limited for r in results) >= strict_429s
     assert all(r.requests >= 2 for r in results)  # a baseline read and the POST
     # Nobody else waited for the strict merchant: their last rows ended before its.

@@ -8,11 +8,12 @@ every other merchant for nothing.
 Lanes are learned, never configured, and cost nothing on the happy path:
 
 - A merchant has no lane (its rows go at full speed) until one of its sends gets a 429.
-  Then its lane starts at the rate its sends succeeded at just before (at least
-  ``MIN_RATE``), waits out the ``Retry-After``, and probes upward (x1.25 a success)
-  until its next 429; from then on it backs off by ``DECREASE`` on a 429 (once per
-  ``1 / rate``, so a wave of 429s from sends already in flight counts once), climbs
-  back quickly to near the rate that 429 came at, and probes past it slowly.
+  Then its lane starts at the rate its sends succeeded at just before (at most one
+  send per ``Retry-After``, at least ``MIN_RATE``), waits out the ``Retry-After``,
+  and probes upward (x1.25 a success) until its next 429; from then on it backs off by
+  ``DECREASE`` on a 429 (once per ``1 / rate``, so a wave of 429s from sends already in
+  flight counts once), climbs back quickly to near the rate that 429 came at, and
+  probes past it slowly.
 - Which merchant a row belongs to comes from the row (an optional ``merchant_id``),
   from a refund Violet returned for its order (``merchant_id`` is in every refund), or,
   once any 429 has been seen in the run, from ``GET /orders/{id}`` before its first send
@@ -185,13 +186,15 @@ class MerchantPace:
         self.learning = True
         lane = self.lanes.get(merchant_id)
         if lane is None:
-            recent = self._recent.pop(merchant_id, deque())
-            seen = sum(1 for at in recent if at >= now - ESTIMATE_WINDOW)
-            # Two guesses, the higher kept (probing finds the rest): the rate its sends
-            # got through at lately, and half of one send per Retry-After (the wait for
-            # the platform's next token is at most its spacing, often less).
-            told = 0.5 / retry_after if retry_after > 0 else 0.0
-            rate = max(seen / ESTIMATE_WINDOW, told, MIN_RATE)
+            recent = [at for at in self._recent.pop(merchant_id, ()) if at >= now - ESTIMATE_WINDOW]
+            # The rate its sends got through at lately (over at least half a second), but
+            # never more than one send per Retry-After: a platform that names a short
+            # wait may only mean its next token, never that its rate is high. Probing
+            # finds the rest.
+            window = min(max(now - recent[0], 0.5), ESTIMATE_WINDOW) if recent else 1.0
+            seen = len(recent) / window if recent else 1.0
+            told = 1.0 / retry_after if retry_after > 0 else math.inf
+            rate = max(min(seen, told), MIN_RATE)
             if self.max_rate is not None:
                 rate = min(rate, self.max_rate)
             lane = self.lanes[merchant_id] = Lane(rate=rate, next_at=now, slowed_at=now)

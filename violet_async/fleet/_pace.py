@@ -5,7 +5,7 @@ merchant in a hash ``P:pace:<app_id>:<merchant_id>`` (its rate, its next free se
 ``tat``, whether it is still probing, when it last slowed), all on Redis's own ``TIME``
 as :class:`FleetRateLimit` is: workers on skewed hosts share one schedule. The rules are
 the batch's (``violet_async._pace``): no lane until the merchant's first 429; then the
-rate its sends got through at in the last two seconds (at least half a send per
+rate its sends got through at in the last two seconds (at most one send per
 ``Retry-After``), probing up x1.25 a success until its second
 429, then -20% on a 429 (once per ``1 / rate``), a quick climb back to near the rate
 that 429 came at, and a slow probe past it.
@@ -57,8 +57,8 @@ local ceiling = tonumber(ARGV[4])
 local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
 local wait = tonumber(ARGV[1])
 if rate <= 0 then
-  -- The sends that got through in the last two whole seconds, or half a send per
-  -- Retry-After, whichever is higher.
+  -- The sends that got through in the last two whole seconds (one a second when none
+  -- did), at most one send per Retry-After (a short one may only name the next token).
   local sec = math.floor(now / 1000)
   local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
   local seen = 0
@@ -66,7 +66,9 @@ if rate <= 0 then
     seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
     if ok_sec == sec then seen = seen + tonumber(redis.call('HGET', KEYS[1], 'ok_prev') or 0) end
   end
-  rate = math.max(tonumber(ARGV[2]), wait > 0 and 500 / wait or 0, seen / 2)
+  local estimate = seen > 0 and seen / 2 or 1
+  if wait > 0 then estimate = math.min(estimate, 1000 / wait) end
+  rate = math.max(tonumber(ARGV[2]), estimate)
   if ceiling > 0 then rate = math.min(rate, ceiling) end
   redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '1', 'slowed_at',
              tostring(now), 'tat', tostring(now))
