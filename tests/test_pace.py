@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from violet_async.models import RefundBagRequest
 from violet_async.testing import FakeClock, FakeViolet
 
 from .conftest import make_client
-from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
 
 STRICT = 20001
 TOO_MANY = orjson.dumps({"status": 429, "message": "Too Many Requests", "error_code": 4290})
@@ -256,3 +257,43 @@ async def test_rows_waiting_for_a_strict_merchant_hold_the_input_back(
         assert ended == 30
         assert fake.ledger.double_refunds() == {}
     assert most_ahead <= 4 + 2 + 2  # waiting, in flight, and the row being placed
+
+
+async def test_a_run_stopped_while_a_row_waits_ends_it_not_sent(tmp_path: Path) -> None:
+    """Ctrl-C while a row waits for its turn after a 429: it ends not_sent (nothing was
+    applied), its journal entry says so, and the next run sends it once."""
+    clock = FakeClock()
+    server = Hostile(clock)
+    server.script = [Step(429, TOO_MANY, commit_after=None)]
+    journal = tmp_path / "run.jsonl"
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=100))
+    stop = asyncio.Event()
+
+    async def ctrl_c() -> None:
+        await server.post_arrived.wait()
+        stop.set()
+
+    async with hostile_client(server, retry=RetryPolicy(jitter=False)) as client:
+        pressing = asyncio.create_task(ctrl_c())
+        first = [r async for r in run_batch(client, [item], journal=journal, stop=stop)]
+        await pressing
+        assert [r.outcome for r in first] == ["not_sent"]
+        assert (server.posts, server.refunded) == (1, 0)
+        lines = [orjson.loads(line) for line in journal.read_bytes().splitlines()]
+        assert lines[-1]["state"] == "unsent"
+        second = [r async for r in run_batch(client, [item], journal=journal)]
+    assert [r.outcome for r in second] == ["succeeded"]
+    assert (server.posts, server.refunded) == (2, 100)
+
+
+async def test_a_send_after_a_429_that_may_have_applied_is_read_back_not_resent() -> None:
+    """After a 429 and its wait, the next send times out at a gateway while Violet
+    commits it 2 s later: the row is read back and found, never sent a third time."""
+    clock = FakeClock()
+    server = Hostile(clock)
+    server.script = [Step(429, TOO_MANY, commit_after=None), Step(504, GATEWAY_504, 2.0)]
+    async with hostile_client(server, retry=RetryPolicy(jitter=False)) as client:
+        item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=100))
+        results = [r async for r in run_batch(client, [item], patience=120.0)]
+    assert [(r.outcome, r.reconciled) for r in results] == [("succeeded", True)]
+    assert (server.posts, server.refunded) == (2, 100)
