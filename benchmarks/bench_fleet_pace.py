@@ -40,6 +40,7 @@ async def run_fleet(
                 "VIOLET_APP_SECRET": fake.app_secret,
                 "VIOLET_USERNAME": fake.username,
                 "VIOLET_PASSWORD": fake.password,
+                "VIOLET_FLEET_MERCHANT_PACE": "0" if args.no_merchant_pace else "1",
             }
             command = [sys.executable, "-m", "violet_async", "worker", "--redis", url]
             command += ["--base-url", fake.base_url, "--concurrency", str(args.concurrency)]

@@ -81,6 +81,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merchant-column", action="store_true")
     parser.add_argument("--workers", type=int, default=0, help="a fleet of N workers")
     parser.add_argument(
+        "--no-merchant-pace", action="store_true", help="fleet workers without per-merchant pace"
+    )
+    parser.add_argument(
         "--no-limits", action="store_true", help="the same rows with no limit: this machine's floor"
     )
     args = parser.parse_args(argv)

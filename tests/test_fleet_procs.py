@@ -206,11 +206,9 @@ async def test_fleet_rate_limit_is_shared(
         assert limiter is not None
         assert fake.ledger.double_refunds() == {}
         assert limiter.allowed == bags
-        # Together under the app's limit: few 429s (the budget runs at exactly the
-        # app's limit and is no longer halved by a 429, which may be one merchant's; the
-        # merchant's lane in Redis slows instead), and no second with more sends than
-        # the rate (plus the fake's burst allowance).
-        assert limiter.limited <= bags // 16, limiter.limited
+        # Together under the app's limit: no 429 worth the name, and no second with
+        # more sends than the rate (plus the fake's burst allowance).
+        assert limiter.limited <= 2, limiter.limited
         assert limiter.max_in_window(1.0) <= rate + limiter.burst
         # ... and close to it: the sends took about bags / rate seconds.
         span = limiter.allowed_at[-1] - limiter.allowed_at[0]

@@ -80,7 +80,9 @@ async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redi
         fake.script("refund", Fault.RATE_LIMIT, bag_id=b1)
         client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
         async with client:
-            worker = FleetWorker(client, RedisLedger(redis), BagLocks(redis), patience=0.0)
+            worker = FleetWorker(
+                client, RedisLedger(redis), BagLocks(redis), patience=0.0, merchant_pace=True
+            )
             strict = BatchItem.refund(1, o1, b1, RefundBagRequest(amount_refunded=100))
             other = BatchItem.refund(2, o2, b2, RefundBagRequest(amount_refunded=100))
             with pytest.raises(RetryLaterError) as raised:

@@ -188,12 +188,12 @@ class MerchantPace:
         if lane is None:
             recent = [at for at in self._recent.pop(merchant_id, ()) if at >= now - ESTIMATE_WINDOW]
             # The rate its sends got through at lately (over at least half a second), but
-            # never more than one send per Retry-After: a platform that names a short
-            # wait may only mean its next token, never that its rate is high. Probing
-            # finds the rest.
+            # never more than one send per Retry-After when that is under a second: a
+            # platform that names so short a wait means its next token, never that its
+            # rate is high. (Whole seconds say little about a rate.) Probing finds the rest.
             window = min(max(now - recent[0], 0.5), ESTIMATE_WINDOW) if recent else 1.0
             seen = len(recent) / window if recent else 1.0
-            told = 1.0 / retry_after if retry_after > 0 else math.inf
+            told = 1.0 / retry_after if 0 < retry_after < 1 else math.inf
             rate = max(min(seen, told), MIN_RATE)
             if self.max_rate is not None:
                 rate = min(rate, self.max_rate)

@@ -58,16 +58,21 @@ local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
 local wait = tonumber(ARGV[1])
 if rate <= 0 then
   -- The sends that got through in the last two whole seconds (one a second when none
-  -- did), at most one send per Retry-After (a short one may only name the next token).
+  -- did), at most one send per Retry-After when that is under a second (so short a
+  -- wait names the next token, never a high rate).
   local sec = math.floor(now / 1000)
   local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
-  local seen = 0
-  if ok_sec == sec or ok_sec == sec - 1 then
+  local seen, window = 0, 1
+  if ok_sec == sec then
+    -- this second so far, and the one before it
     seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
-    if ok_sec == sec then seen = seen + tonumber(redis.call('HGET', KEYS[1], 'ok_prev') or 0) end
+      + tonumber(redis.call('HGET', KEYS[1], 'ok_prev') or 0)
+    window = 1 + math.max(now - sec * 1000, 100) / 1000
+  elseif ok_sec == sec - 1 then
+    seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
   end
-  local estimate = seen > 0 and seen / 2 or 1
-  if wait > 0 then estimate = math.min(estimate, 1000 / wait) end
+  local estimate = seen > 0 and seen / window or 1
+  if wait > 0 and wait < 1000 then estimate = math.min(estimate, 1000 / wait) end
   rate = math.max(tonumber(ARGV[2]), estimate)
   if ceiling > 0 then rate = math.min(rate, ceiling) end
   redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '1', 'slowed_at',

@@ -10,6 +10,7 @@ a run that finds the item ``sent`` or ``pending`` reads the bag back
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -58,10 +59,12 @@ class FleetWorker:
     lost is held back); ``patience`` is how long one run waits for a settle window
     before it hands the item back (:class:`RetryLaterError`) for a later run.
 
-    Sends are paced per merchant across the fleet (:class:`FleetPace`, in the ledger's
-    Redis): a 429 hands the item back (nothing applied) and slows only its merchant's
-    lane; an item whose merchant's next slot is further than ``patience`` is handed back
-    until then. ``merchant_pace=False`` turns this off (a 429 is then retried in place).
+    With ``merchant_pace`` (default: the environment's ``VIOLET_FLEET_MERCHANT_PACE=1``;
+    off otherwise, for now) sends are paced per merchant across the fleet
+    (:class:`FleetPace`, in the ledger's Redis): a 429 hands the item back (nothing
+    applied) and slows only its merchant's lane; an item whose merchant's next slot is
+    further than ``patience`` is handed back until then. Off, a 429 is retried in place
+    and halves the fleet's :class:`FleetRateLimit`.
     """
 
     def __init__(
@@ -73,7 +76,7 @@ class FleetWorker:
         *,
         patience: float = 1.0,
         lock_wait: float = 5.0,
-        merchant_pace: bool = True,
+        merchant_pace: bool | None = None,
     ) -> None:
         self._caller_hook = client._on_retry
         policy = client._retry
@@ -92,7 +95,11 @@ class FleetWorker:
                 prefix=ledger.prefix,
                 ceiling=limiter.ceiling if limiter is not None else None,
             )
-            if merchant_pace
+            if (
+                merchant_pace
+                if merchant_pace is not None
+                else os.environ.get("VIOLET_FLEET_MERCHANT_PACE", "") in ("1", "true", "yes")
+            )
             else None
         )
 
