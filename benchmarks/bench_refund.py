@@ -1,7 +1,16 @@
 """refund_bag throughput and client CPU: the SDK vs raw aiohttp + orjson (the limit) vs
 a plain httpx + pydantic v2 client (what a user would otherwise write).
 
-FakeViolet runs in its own process (faults off) on 127.0.0.1, and so does each client:
+The server runs in its own process on 127.0.0.1: ``--server lean`` (the default) is a
+bare aiohttp.web handler answering every refund POST with a Violet-shaped body (a refund
+with three SKU lines, shipping, a resolved error and every documented field, its ids
+those of the request), so the client is what is measured; each call is on its own bag.
+``--server fake`` is FakeViolet (faults off), 2,000 bags round-robin. ``--baseline DIR``
+adds the SDK imported from another checkout (``git worktree add DIR <commit>``) as a
+fourth client in the same rounds: before / after in one run. ``--profile FILE`` writes
+a cProfile of the SDK worker's rounds at concurrency 64.
+
+Each client runs in its own process:
 one worker process per client, so that no client's objects, timers or garbage weigh on
 another's measurements. A coordinator runs short rounds in turn (SDK, raw, httpx, then
 rotated), so machine drift cancels out, and reports medians. Ratios are the median of
@@ -11,12 +20,14 @@ the same to JSON.
 
     pip install -e '.[bench]'
     python benchmarks/bench_refund.py [--calls 1000] [--rounds 25] [--json results.json]
+    python benchmarks/bench_refund.py --baseline /work/wt/base --rounds 9 --profile sdk.prof
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import multiprocessing
 import os
 import platform
@@ -26,8 +37,13 @@ import sys
 import time
 import timeit
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any
+
+# A --baseline worker (spawned with BENCH_SDK_PATH) imports the SDK from that checkout.
+if os.environ.get("BENCH_SDK_PATH"):
+    sys.path.insert(0, os.environ["BENCH_SDK_PATH"])
 
 import aiohttp
 import httpx
@@ -43,6 +59,35 @@ from violet_async.testing import read_banner
 
 ORDERS = 2000
 FIRST_ORDER, FIRST_BAG = 100_001, 200_001  # FakeViolet's deterministic seeding
+
+
+class PydSku(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore")
+    id: int | None = None
+    refund_id: int | None = None
+    bag_id: int | None = None
+    quantity_refunded: int | None = None
+    external_id: str | None = None
+    order_sku_id: int | None = None
+
+
+class PydError(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore")
+    id: int | None = None
+    error_code: int | None = None
+    error_message: str | None = None
+    resolved: bool | None = None
+    date_resolved: datetime | None = None
+    date_created: datetime | None = None
+    refund_id: int | None = None
+
+
+class PydShipping(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore")
+    amount: int | None = None
+    tax_amount: int | None = None
+    full_refund: bool | None = None
+    discrepancy_reason: str | None = None
 
 
 class PydRefund(pydantic.BaseModel):
@@ -66,13 +111,82 @@ class PydRefund(pydantic.BaseModel):
     refund_currency: str | None = None
     platform_currency: str | None = None
     status: str | None = None
-    skus: list[dict[str, Any]] = []
-    date_created: Any = None
-    date_last_modified: Any = None
+    skus: list[PydSku] = []
+    date_created: datetime | None = None
+    date_last_modified: datetime | None = None
     external_id: str | None = None
-    errors: list[dict[str, Any]] = []
-    shipping: dict[str, Any] | None = None
+    errors: list[PydError] = []
+    shipping: PydShipping | None = None
     tax_amount: int | None = None
+
+
+#: Violet's refund as its spec page documents it: every field, three SKU lines, a
+#: resolved error and shipping; %(order)d / %(bag)d are the request's.
+VIOLET_REFUND = (
+    b'{"id": 4000%(bag)d, "order_id": %(order)d, "bag_id": %(bag)d, "merchant_id": 20001,'
+    b' "app_id": 10001, "transaction_id": 7000%(bag)d,'
+    b' "gateway_transaction_id": "re_3OJ8d2KZ0dZRqLEX1cV0abcd",'
+    b' "amount": 1, "merchant_transfer_reversal_amount_usd": 1,'
+    b' "developer_transfer_reversal_amount_usd": 0,'
+    b' "merchant_transfer_reversal_amount_platform_currency": 1,'
+    b' "developer_transfer_reversal_amount_platform_currency": 0,'
+    b' "reason": "Customer requested refund.", "reason_code": "OTHER",'
+    b' "refund_currency": "USD", "platform_currency": "USD", "status": "COMPLETED",'
+    b' "skus": ['
+    b'{"id": 1%(bag)d, "refund_id": 4000%(bag)d, "bag_id": %(bag)d, "quantity_refunded": 1,'
+    b' "external_id": "gid://shopify/RefundLineItem/1", "order_sku_id": 300001},'
+    b'{"id": 2%(bag)d, "refund_id": 4000%(bag)d, "bag_id": %(bag)d, "quantity_refunded": 2,'
+    b' "external_id": "gid://shopify/RefundLineItem/2", "order_sku_id": 300002},'
+    b'{"id": 3%(bag)d, "refund_id": 4000%(bag)d, "bag_id": %(bag)d, "quantity_refunded": 1,'
+    b' "external_id": "gid://shopify/RefundLineItem/3", "order_sku_id": 300003}],'
+    b' "date_created": "2023-11-07T05:31:56Z", "date_last_modified": "2023-11-07T05:31:57Z",'
+    b' "external_id": "gid://shopify/Refund/998877",'
+    b' "errors": [{"id": 9%(bag)d, "error_code": 2402, "error_message": "Retried once",'
+    b' "resolved": true, "date_resolved": "2023-11-07T05:31:57Z",'
+    b' "date_created": "2023-11-07T05:31:56Z", "refund_id": 4000%(bag)d}],'
+    b' "shipping": {"amount": 0, "tax_amount": 0, "full_refund": false,'
+    b' "discrepancy_reason": "none"},'
+    b' "tax_amount": 0}'
+)
+
+
+def lean_server() -> None:
+    """A bare aiohttp.web handler on 127.0.0.1 (port 0), printing its port: what a
+    server that costs nothing would answer."""
+    from aiohttp import web
+
+    async def refund(request: web.Request) -> web.Response:
+        await request.read()
+        ids = {b"order": int(request.match_info["o"]), b"bag": int(request.match_info["b"])}
+        return web.Response(body=VIOLET_REFUND % ids, content_type="application/json")
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", refund)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        print(port, flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+def start_lean() -> tuple[subprocess.Popen[str], dict[str, str]]:
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and file
+        [sys.executable, __file__, "--lean-server"], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    return proc, {
+        "base_url": f"http://127.0.0.1:{port}/v1",
+        "app_id": "10001",
+        "app_secret": "lean-secret",
+        "token": "lean-token",
+        "lean": "1",
+    }
 
 
 def start_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -97,14 +211,16 @@ def start_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
 
 
 class Bags:
-    """Hands out (order, bag) pairs round-robin; each refund takes 1 cent."""
+    """Hands out (order, bag) pairs: round-robin over FakeViolet's seeded bags (each
+    refund takes 1 cent), or a new bag every call on the lean server."""
 
-    def __init__(self) -> None:
-        self.i = 0
+    def __init__(self, *, fresh: bool = False, start: int = 0) -> None:
+        self.i = start
+        self.fresh = fresh
 
     def next(self) -> tuple[int, int]:
         self.i += 1
-        k = self.i % ORDERS
+        k = self.i if self.fresh else self.i % ORDERS
         return FIRST_ORDER + k, FIRST_BAG + k
 
 
@@ -126,6 +242,9 @@ async def run_round(
 
 
 def login(info: dict[str, str]) -> str:
+    if "token" in info:
+        return info["token"]
+
     async def go() -> str:
         async with (
             aiohttp.ClientSession() as s,
@@ -156,7 +275,7 @@ async def open_client(
         "X-Violet-Token": token,
         "Content-Type": "application/json",
     }
-    if kind == "sdk":
+    if kind in ("sdk", "base"):
         sdk = VioletClient(app_id, secret, token=token, base_url=base, retry=RetryPolicy())
         await sdk.__aenter__()
 
@@ -183,23 +302,48 @@ async def open_client(
     return httpx_call, hx.aclose
 
 
-def client_worker(
-    kind: str, info: dict[str, str], token: str, concurrency: int, conn: Connection
+def client_worker(  # noqa: PLR0917 - one call site
+    kind: str,
+    info: dict[str, str],
+    token: str,
+    concurrency: int,
+    conn: Connection,
+    profile: str | None = None,
 ) -> None:
     """One client in its own process: runs a round each time the coordinator asks."""
+    import violet_async
+
     loop = asyncio.new_event_loop()
     call, close = loop.run_until_complete(open_client(kind, info, token))
-    bags = Bags()
+    # Each client its own range of bags: no two calls of a run share one.
+    bags = Bags(fresh="lean" in info, start=KINDS.index(kind) * 10_000_000)
     loop.run_until_complete(run_round(call, bags, 200, concurrency))  # warm up
-    conn.send("ready")
+    conn.send(("ready", violet_async.__file__))
+    profiler = cProfile.Profile() if profile else None
     while (calls := conn.recv()) is not None:
+        if profiler is not None:
+            profiler.enable()
         conn.send(loop.run_until_complete(run_round(call, bags, calls, concurrency)))
+        if profiler is not None:
+            profiler.disable()
+    if profiler is not None and profile:
+        profiler.dump_stats(profile)
     loop.run_until_complete(close())
     loop.close()
     conn.close()
 
 
-def end_to_end(info: dict[str, str], kinds: list[str], calls: int, rounds: int) -> dict[str, Any]:
+KINDS = ("sdk", "raw", "httpx", "base")
+
+
+def end_to_end(  # noqa: PLR0917 - one call site
+    info: dict[str, str],
+    kinds: list[str],
+    calls: int,
+    rounds: int,
+    baseline: str | None = None,
+    profile: str | None = None,
+) -> dict[str, Any]:
     token = login(info)
     ctx = multiprocessing.get_context("spawn")
     # httpx + pydantic is an order of magnitude slower: shorter rounds keep the run short.
@@ -209,11 +353,21 @@ def end_to_end(info: dict[str, str], kinds: list[str], calls: int, rounds: int) 
         workers = {}
         for kind in kinds:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=client_worker, args=(kind, info, token, concurrency, child))
-            proc.start()
+            profiled = profile if kind == "sdk" and concurrency == 64 else None
+            proc = ctx.Process(
+                target=client_worker, args=(kind, info, token, concurrency, child, profiled)
+            )
+            if kind == "base" and baseline:
+                os.environ["BENCH_SDK_PATH"] = baseline  # the spawned process imports from it
+            try:
+                proc.start()
+            finally:
+                os.environ.pop("BENCH_SDK_PATH", None)
             workers[kind] = (proc, parent)
-        for _, conn in workers.values():
-            assert conn.recv() == "ready"
+        for kind, (_, conn) in workers.items():
+            ready, where = conn.recv()
+            assert ready == "ready"
+            results.setdefault("imports", {})[kind] = where
         # Per round: (calls/s, client CPU µs per call).
         per_round: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
         for index in range(rounds):
@@ -234,7 +388,7 @@ def end_to_end(info: dict[str, str], kinds: list[str], calls: int, rounds: int) 
             for kind, rounds_ in per_round.items()
         }
         sdk = per_round["sdk"]
-        for other in kinds[1:]:
+        for other in [k for k in kinds if k != "sdk"]:
             # Each SDK round against the same-numbered round of the other client.
             row[f"ratio_sdk_{other}"] = statistics.median(
                 s[0] / o[0] for s, o in zip(sdk, per_round[other], strict=True)
@@ -242,42 +396,21 @@ def end_to_end(info: dict[str, str], kinds: list[str], calls: int, rounds: int) 
         row["cpu_overhead_us"] = statistics.median(
             s[1] - r[1] for s, r in zip(sdk, per_round["raw"], strict=True)
         )
+        if "base" in per_round:
+            base = per_round["base"]
+            row["ratio_base_raw"] = statistics.median(
+                b[0] / r[0] for b, r in zip(base, per_round["raw"], strict=True)
+            )
+            row["base_cpu_overhead_us"] = statistics.median(
+                b[1] - r[1] for b, r in zip(base, per_round["raw"], strict=True)
+            )
         row["rounds"] = per_round  # (calls/s, CPU µs per call) of every round, in order
         results[f"c{concurrency}"] = row
     return results
 
 
 def micro() -> dict[str, float]:
-    raw = orjson.dumps(
-        {
-            "id": 1,
-            "order_id": 2,
-            "bag_id": 3,
-            "merchant_id": 4,
-            "app_id": 5,
-            "transaction_id": 6,
-            "gateway_transaction_id": "g",
-            "amount": 100,
-            "merchant_transfer_reversal_amount_usd": 90,
-            "developer_transfer_reversal_amount_usd": 10,
-            "merchant_transfer_reversal_amount_platform_currency": 90,
-            "developer_transfer_reversal_amount_platform_currency": 10,
-            "reason": "r",
-            "reason_code": "OTHER",
-            "refund_currency": "USD",
-            "platform_currency": "USD",
-            "status": "COMPLETED",
-            "skus": [
-                {"id": 1, "refund_id": 1, "bag_id": 3, "order_sku_id": 9, "quantity_refunded": 1}
-            ],
-            "date_created": "2023-11-07T05:31:56Z",
-            "date_last_modified": "2023-11-07T05:31:56Z",
-            "external_id": "e",
-            "errors": [],
-            "shipping": None,
-            "tax_amount": None,
-        }
-    )
+    raw = VIOLET_REFUND % {b"order": 100001, b"bag": 200001}
     response = RawResponse(200, {}, raw)
     n = 20_000
 
@@ -319,25 +452,39 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--skip-httpx", action="store_true", help="SDK and raw aiohttp only")
     parser.add_argument("--json", default="benchmarks/results.json")
+    parser.add_argument("--server", choices=("lean", "fake"), default="lean")
+    parser.add_argument("--baseline", help="a checkout whose SDK runs as a fourth client")
+    parser.add_argument("--profile", help="cProfile of the SDK worker at concurrency 64")
+    parser.add_argument("--lean-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lean_server:
+        lean_server()
+        return
     kinds = ["sdk", "raw"] if args.skip_httpx else ["sdk", "raw", "httpx"]
-    proc, info = start_server()
+    if args.baseline:
+        kinds.append("base")
+    proc, info = start_lean() if args.server == "lean" else start_server()
     try:
-        e2e = end_to_end(info, kinds, args.calls, args.rounds)
+        e2e = end_to_end(info, kinds, args.calls, args.rounds, args.baseline, args.profile)
     finally:
         proc.terminate()
         proc.wait()
+    imports = e2e.pop("imports")
+    for kind, where in imports.items():
+        print(f"{kind}: violet_async from {where}")
     figures = micro()
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}"
     )
-    print(f"machine: {machine}")
+    print(f"machine: {machine}; server: {args.server}")
     columns = ["conc", "sdk/s", "raw/s", "sdk/raw", "cpu sdk", "cpu raw", "overhead"]
     if "httpx" in kinds:
         columns[3:3] = ["httpx/s"]
         columns[5:5] = ["sdk/httpx"]
         columns.append("cpu httpx")
+    if "base" in kinds:
+        columns += ["base/raw", "base ovh"]
     print(" ".join(f"{c:>9}" for c in columns))
     for key, row in e2e.items():
         cells = {
@@ -353,6 +500,9 @@ def main() -> None:
             cells["httpx/s"] = f"{row['httpx']['calls_per_s']:.0f}"
             cells["sdk/httpx"] = f"{row['ratio_sdk_httpx']:.2f}x"
             cells["cpu httpx"] = f"{row['httpx']['cpu_us_per_call']:.0f}µs"
+        if "base" in row:
+            cells["base/raw"] = f"{row['ratio_base_raw']:.2f}x"
+            cells["base ovh"] = f"{row['base_cpu_overhead_us']:.1f}µs"
         print(" ".join(f"{cells[c]:>9}" for c in columns))
     for name, value in figures.items():
         print(f"{name:<40} {value:8.2f} µs")

@@ -193,7 +193,8 @@ def _add_batch(sub: Any) -> None:
             "--rate",
             type=float,
             default=None,
-            help="at most this many rows started per second, halved on a 429 (default: no limit)",
+            help="at most this many rows started per second over every merchant (a global "
+            "cap; each merchant's own pace is learned from its 429s) (default: no cap)",
         )
         batch.add_argument(
             "--env",

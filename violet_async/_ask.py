@@ -274,6 +274,10 @@ class Settings:
     """With read_before_send: when the bag already holds a refund that carries exactly
     what this ask asks for (and no caller was handed it), do not send: HOLD. The batch
     runner's guard against a row refunded by an earlier run whose journal is gone."""
+    defer_rate_limited: bool = False
+    """A 429 to a send ends the ask ABSENT with DEFER (proven not applied; send again
+    after the delay) instead of waiting in place: a batch or a fleet paces the merchant
+    and sends it again in its turn, while other asks go through."""
 
 
 class ProtocolError(AssertionError):

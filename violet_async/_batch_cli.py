@@ -29,7 +29,7 @@ from ._redact import Redactor
 from ._retry import RetryPolicy
 from ._transport import Timeouts
 from .batch import CLEAN_OUTCOMES, BatchItem, BatchResult, Kind, never_reached, run_batch
-from .exceptions import AuthenticationError, RequestValidationError, VioletError
+from .exceptions import AuthenticationError, RateLimitError, RequestValidationError, VioletError
 from .models import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
 from .models._validators import check_id
 
@@ -40,7 +40,7 @@ _TRUE, _FALSE = {"true", "1", "yes", "y"}, {"false", "0", "no", "n"}
 #: Rows of the plan a dry run prints, and problem rows the summary names.
 PLAN_ROWS, PROBLEM_ROWS = 20, 10
 
-_COMMON = ("order_id", "bag_id", "reason", "restock_items", "notify_customer")
+_COMMON = ("order_id", "bag_id", "merchant_id", "reason", "restock_items", "notify_customer")
 COLUMNS: dict[str, frozenset[str]] = {
     "refund": frozenset((*_COMMON, "amount_refunded", "shipping_amount", "skus")),
     "cancel": frozenset((*_COMMON, "reason_code")),
@@ -58,6 +58,9 @@ columns (anything else is refused, naming the column; nothing is sent):
            amount_refunded})
   cancel   order_id, bag_id, reason_code (OTHER CUSTOMER INVENTORY FRAUD DECLINED),
            reason, restock_items, notify_customer
+  merchant_id (optional, either kind): the bag's merchant, so its rows are paced by
+  that merchant's limit from the first 429 on (without it, the merchant is read from
+  the order once a 429 has been seen). Not sent; not part of a row's identity.
   An empty cell or JSON null is "not given": Violet's default applies. An empty
   amount_refunded is refused (unless skus are given or --full-refunds): a whole-bag
   refund must say "full".
@@ -229,7 +232,9 @@ def _item(kind: Kind, line: int, row: dict[str, Any], *, full_refunds: bool) -> 
             skus=skus,
         )
     encode_request(request)  # every check a send makes, here, before anything is sent
-    return BatchItem(line, kind, order_id, bag_id, request)
+    merchant = row.get("merchant_id")
+    merchant_id = None if merchant is None or merchant == "" else _id_field(row, "merchant_id")
+    return BatchItem(line, kind, order_id, bag_id, request, merchant_id)
 
 
 def _rows(handle: IO[str], path: Path, kind: Kind) -> Iterator[tuple[int, Any]]:
@@ -457,7 +462,9 @@ _ADVICE = {
     "each bag, then sends them again)",
     "unknown": "these may have applied: run the same command again; they are read back "
     "from the bag before anything is sent, never sent blind",
-    "not_sent": "these never reached Violet: run the same command again",
+    "not_sent": "these were not applied (they never reached Violet, or the merchant's "
+    "platform kept answering 429 until the run's limit): nothing is wrong with the rows; "
+    "run the same command again",
     "already_present": "not sent: the bag already shows exactly this refund and no "
     "journal entry accounts for it (an earlier run with another journal, or another "
     "system), or an earlier run's row on the bag, edited since, did apply; check the "
@@ -475,12 +482,16 @@ class _Tally:
     reconciled: int = 0
     retries: int = 0
     sent: int = 0
+    requests: int = 0
+    rate_limited: int = 0
 
     def add(self, result: BatchResult, redactor: Redactor) -> None:
         self.results[result.outcome] += 1
         self.reconciled += result.reconciled
         self.retries += result.retries
         self.sent += result.sent
+        self.requests += result.requests
+        self.rate_limited += result.rate_limited
         if result.outcome in CLEAN_OUTCOMES:
             return
         if result.error_class:
@@ -510,6 +521,11 @@ class _Tally:
             out.write(f"    {name:<26} {count:>6}\n")
         out.write(f"  {'reconciled':<16} {self.reconciled:>8}\n")
         out.write(f"  {'retries':<16} {self.retries:>8}\n")
+        rows = max(sum(results.values()), 1)
+        out.write(
+            f"  {'requests':<16} {self.requests:>8}  ({self.requests / rows:.2f} a row; "
+            f"429s {self.rate_limited}, {self.rate_limited / rows:.2f} a row)\n"
+        )
         out.write(f"  {'elapsed':<16} {elapsed:>7.1f}s\n")
         rate = results["succeeded"] / max(elapsed, 1e-9)
         out.write(f"  {'refunds/s':<16} {rate:>8.1f}  ({self.sent} sent this run)\n")
@@ -605,7 +621,7 @@ def _fatal(result: BatchResult, tally: _Tally) -> bool:
     """A row that never reached Violet because of the credentials, or because no
     connection could be made while no row has got through yet, stops the run. (A
     connection lost later, after the client's retries, is that row's outcome.)"""
-    if result.outcome != "not_sent":
+    if result.outcome != "not_sent" or isinstance(result.error, RateLimitError):
         return False
     return isinstance(result.error, AuthenticationError) or not tally.results["succeeded"]
 
@@ -722,6 +738,8 @@ def _row_out(result: BatchResult, redactor: Redactor) -> dict[str, Any]:
         "reconciled": result.reconciled,
         "attempts": result.attempts,
         "sent": result.sent,
+        "requests": result.requests,
+        "rate_limited": result.rate_limited,
         "error": result.error_class,
         "message": redactor.text(message) if message is not None else None,
     }

@@ -442,7 +442,9 @@ class VioletClient(RequestPlumbing):
 
     # -- the refund protocol ----------------------------------------------------
 
-    def _protocol_settings(self, bag_id: int, *, hold_if_present: bool = False) -> Settings:
+    def _protocol_settings(
+        self, bag_id: int, *, hold_if_present: bool = False, defer_rate_limited: bool = False
+    ) -> Settings:
         """The protocol's settings for one ask on ``bag_id`` from this client (built
         only off the happy path)."""
         clock = self._shared.clock
@@ -451,6 +453,7 @@ class VioletClient(RequestPlumbing):
             clock_id=PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}",
             others_pending=self._shared.unsettled.on_bag(bag_id),
             hold_if_present=hold_if_present,
+            defer_rate_limited=defer_rate_limited,
         )
 
     async def _ask(
@@ -465,6 +468,7 @@ class VioletClient(RequestPlumbing):
         patience: float | None = None,
         hold_if_present: bool = False,
         keep_cancelled: bool | None = None,
+        defer_rate_limited: bool = False,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -490,7 +494,12 @@ class VioletClient(RequestPlumbing):
                 unsettled.check(bag_id, resume)
             body = encode_request(req)
             parse = parse_refund if kind == "refund" else partial(parse_cancel, bag_id=bag_id)
-            if resume is None and save is None and not policy.read_before_send:
+            if (
+                resume is None
+                and save is None
+                and not policy.read_before_send
+                and not defer_rate_limited
+            ):
                 sent_at = clock.time()
                 try:
                     # Unless it waited for the bag, a first send has the policy's whole
@@ -527,7 +536,9 @@ class VioletClient(RequestPlumbing):
                         save=tracker.save,
                     )
             else:
-                settings = self._protocol_settings(bag_id, hold_if_present=hold_if_present)
+                settings = self._protocol_settings(
+                    bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
+                )
                 others = shared.known_refunds.on_bag(bag_id)
                 ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
                 tracker = SendTracker(resume, persist=save)

@@ -24,6 +24,8 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
     NEW     --send-->           SENT
     SENT    --2xx-->            APPLIED  (the refund came back)
     SENT    --never left/429--> SENT     (re-send after backoff) | FAILED (out of budget)
+    SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
+    ABSENT  --resume-->         SENT     (a deferred ask sent again, a fresh budget)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
                                           have: read back, never a definite failure)
     SENT    --may have applied, read back:
@@ -232,6 +234,9 @@ class Do(enum.Enum):
     PARK = "park"
     HOLD = "hold"
     """Not sent: the bag already holds this refund (``Settings.hold_if_present``)."""
+    DEFER = "defer"
+    """Not applied (a 429): send again after ``delay``, in the caller's own time
+    (``Settings.defer_rate_limited``)."""
 
 
 @attrs.frozen
@@ -249,7 +254,7 @@ class Action:
 
     @property
     def final(self) -> bool:
-        return self.do in (Do.RETURN, Do.FAIL, Do.PARK, Do.HOLD)
+        return self.do in (Do.RETURN, Do.FAIL, Do.PARK, Do.HOLD, Do.DEFER)
 
 
 # -- transitions --------------------------------------------------------------------
@@ -288,6 +293,10 @@ def start(
             clock_unsure=unsure,
         )
         return ask, Action(Do.READ, read_bag=needs_bag(ask))
+    if ask.phase is Phase.ABSENT:
+        # Deferred after a 429: every earlier send is proven not applied, so it is sent
+        # again, with a fresh attempt budget (the caller's pacing bounds the rest).
+        return _send(attrs.evolve(ask, budget_from=ask.sends), now)
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
 
@@ -475,6 +484,11 @@ def _after_send_failure(
 ) -> tuple[PendingRefund, Action]:
     cause = classify_send_failure(error)
     note = f"{type(error).__name__}: {error}"
+    if cause is Cause.RATE_LIMITED and settings.defer_rate_limited:
+        # Nothing applied (every earlier send was proven absent before this one left):
+        # the caller sends it again after the merchant's pace allows.
+        deferred = attrs.evolve(ask, phase=Phase.ABSENT, settle_until=None, note=note)
+        return deferred, Action(Do.DEFER, delay=obs.backoff)
     if cause in (Cause.NEVER_LEFT, Cause.RATE_LIMITED):
         out_of_budget = ask.sends - ask.budget_from >= settings.max_attempts or (
             remaining is not None and obs.backoff >= remaining

@@ -34,11 +34,24 @@ __all__ = [
     "BagLocks",
     "KnownRefunds",
     "PendingAsks",
+    "RateLimitDeferred",
     "ReadBack",
     "after_failed_send",
     "drive",
     "run_ask",
 ]
+
+
+class RateLimitDeferred(Exception):
+    """A send was answered 429 and the ask asked to defer (``Settings.defer_rate_limited``):
+    nothing applied; ``pending`` (phase ABSENT) is sent again by resuming it after
+    ``delay`` seconds (the ``Retry-After``, capped, or the backoff). ``cause`` is the 429."""
+
+    def __init__(self, pending: PendingRefund, delay: float, cause: VioletError) -> None:
+        super().__init__(str(cause))
+        self.pending = pending
+        self.delay = delay
+        self.cause = cause
 
 
 class KnownRefunds:
@@ -293,6 +306,8 @@ async def drive(
                 raise _ambiguous(ask, action, last_error)
             if action.do is Do.HOLD:
                 raise RefundAlreadyPresentError(ask.note, refunds=action.candidates)
+            if action.do is Do.DEFER and last_error is not None:
+                raise RateLimitDeferred(ask, action.delay, last_error)
             if action.do is Do.RETURN:
                 raise protocol.ProtocolError("a return without its refund")
             if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
@@ -434,6 +449,7 @@ _VERDICTS = {
     Do.PARK: "pending",
     Do.HOLD: "already present",
     Do.FAIL: "not applied",
+    Do.DEFER: "rate limited, deferred",
 }
 
 

@@ -38,9 +38,11 @@ from ._journal import (
     JournalMismatchError,
     JournalWriteError,
 )
+from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
+from ._reconcile import RateLimitDeferred
 from ._retry import RetryEvent
-from ._telemetry import count_item
+from ._telemetry import CAPTURE, count_item
 from .exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
@@ -90,18 +92,33 @@ class BatchItem:
     order_id: int
     bag_id: int
     request: RefundBagRequest | CancelBagRequest
+    merchant_id: int | None = None
+    """The bag's merchant, when the input says (optional): its rows are paced by their
+    merchant's lane from the start. Not part of what the item asks (:attr:`key`)."""
 
     @classmethod
     def refund(
-        cls, line: int, order_id: int, bag_id: int, request: RefundBagRequest | None = None
+        cls,
+        line: int,
+        order_id: int,
+        bag_id: int,
+        request: RefundBagRequest | None = None,
+        *,
+        merchant_id: int | None = None,
     ) -> BatchItem:
-        return cls(line, "refund", order_id, bag_id, request or RefundBagRequest())
+        return cls(line, "refund", order_id, bag_id, request or RefundBagRequest(), merchant_id)
 
     @classmethod
     def cancel(
-        cls, line: int, order_id: int, bag_id: int, request: CancelBagRequest | None = None
+        cls,
+        line: int,
+        order_id: int,
+        bag_id: int,
+        request: CancelBagRequest | None = None,
+        *,
+        merchant_id: int | None = None,
     ) -> BatchItem:
-        return cls(line, "cancel", order_id, bag_id, request or CancelBagRequest())
+        return cls(line, "cancel", order_id, bag_id, request or CancelBagRequest(), merchant_id)
 
     @property
     def key(self) -> str:
@@ -126,7 +143,8 @@ class BatchResult:
     refund exactly like it that no journal entry accounts for, or one an earlier run's
     item on the bag made, whose row this input no longer holds as it was; ``refund_id``
     is that refund); already_done / already_failed (skipped, from the journal of an earlier
-    run). ``sent`` is True when a request for it left during this run.
+    run). ``sent`` is True when a request for it left during this run; ``requests``
+    counts the HTTP requests answered for it and ``rate_limited`` the 429s among them.
     """
 
     item: BatchItem
@@ -140,13 +158,27 @@ class BatchResult:
     reconciled: bool = False
     rate_limited: int = 0
     sent: bool = False
+    requests: int = 0
+    """HTTP requests answered for this item (baseline and read-backs included)."""
 
 
 @attrs.define
 class _Stats:
     retries: int = 0
     rate_limited: int = 0
+    """429s answered to this item's requests."""
     sent: bool = False
+    requests: int = 0
+    deferrals: int = 0
+    outer: list[Any] | None = None
+    """A caller's ``capture_responses`` list, still fed."""
+
+    def append(self, response: Any) -> None:
+        """Counts each answered request (the item's ``capture_responses`` sink)."""
+        self.requests += 1
+        self.rate_limited += response.status == 429
+        if self.outer is not None:
+            self.outer.append(response)
 
 
 _current: contextvars.ContextVar[_Stats | None] = contextvars.ContextVar(
@@ -203,6 +235,13 @@ MAX_REVISITS = 8
 #: doubling with each revisit up to MAX_REVISIT_WAIT.
 REVISIT_BACKOFF = 1.0
 MAX_REVISIT_WAIT = 60.0
+#: Items that may wait for their merchant's turn (per slot of concurrency, and at
+#: least MIN_WAITING) before the input is held back.
+WAITING_PER_SLOT = 64
+MIN_WAITING = 4096
+#: Times one item is sent back to wait for its merchant's pace after a 429 before it
+#: ends not_sent (nothing applied; the next run sends it).
+MAX_DEFERRALS = 32
 
 
 async def run_batch(
@@ -291,6 +330,23 @@ async def run_batch(
 
 
 @attrs.frozen
+class _Paced:
+    """An item waiting for its merchant's turn (no slot held; its bag stays taken).
+    ``resume`` is None (never sent) or an ABSENT record (answered 429: not applied)."""
+
+    item: BatchItem
+    key: str
+    resume: PendingRefund | None
+    stats: _Stats
+    due: float
+    slot: tuple[float, int] | None
+    """The lane's slot it holds (time, lane epoch); None: reserve one when due."""
+    error: VioletError | None = None
+    merchant: int | None = None
+    """Its merchant's lane, where it waits (None: it waits ``due`` out in the heap)."""
+
+
+@attrs.frozen
 class _Parked:
     item: BatchItem
     key: str
@@ -344,6 +400,10 @@ class _Runner:
         self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency * 2)
         self.slots = asyncio.Semaphore(concurrency)
         self.parked: list[tuple[float, int, _Parked]] = []
+        self.pace = MerchantPace(max_rate=limiter.ceiling if limiter is not None else None)
+        self.paced: list[tuple[float, int, _Paced]] = []
+        #: Items waiting for their merchant's turn before the input is held back.
+        self.max_waiting = max(WAITING_PER_SLOT * concurrency, MIN_WAITING)
         self._order = itertools.count()
         self._parked_changed = asyncio.Event()
         # One item per bag at a time, parked ones included: a later item on the bag
@@ -369,7 +429,6 @@ class _Runner:
         limited = isinstance(event.cause, RateLimitError)
         if stats is not None:
             stats.retries += 1
-            stats.rate_limited += limited
         if limited and self.limiter is not None:
             self.limiter.slow_down()
         # The caller's own hook still runs (its coroutine, if any, is awaited by the
@@ -387,13 +446,15 @@ class _Runner:
         revisits: int,
         stats: _Stats | None = None,
         budget_from: int | None = None,
+        *,
+        slot: tuple[float, int] | None = None,
     ) -> None:
         orphan = key in self.orphans
         if orphan and resume is None and self.log is not None:
             resume = _resumable(item, self.log.entry(key))
         if budget_from is None:
             budget_from = resume.sends if resume is not None else 0
-        result: BatchResult | _Parked
+        result: BatchResult | _Parked | _Paced
         try:
             if orphan and resume is None:  # journaled before its first send: never left
                 note = "an earlier run's item that was never sent; not sent now"
@@ -414,21 +475,20 @@ class _Runner:
                     hold=self.hold,
                     resend=not orphan,
                     sends_left=(budget_from, self.max_attempts),
+                    pace=self.pace,
+                    slot=slot,
                 )
         except Exception as exc:  # noqa: BLE001 - a bug: the consumer must see it
             await self.results.put(exc)
             return
         finally:
             self.slots.release()
+        if isinstance(result, _Paced):
+            self._wait_for_pace(result)
+            return  # its bag stays taken while it waits
         if isinstance(result, _Parked):
             parked = attrs.evolve(result, revisits=revisits, budget_from=budget_from)
-            if revisits < MAX_REVISITS and not parked.pending.needs_review:
-                # Not before its window ends, and backing off when the window has passed
-                # already (a list lagging beyond it): revisits are not spent at once.
-                backoff = min(REVISIT_BACKOFF * 2**revisits, MAX_REVISIT_WAIT)
-                due = max(parked.pending.settle_until or 0.0, self.clock.time() + backoff)
-                heapq.heappush(self.parked, (due, next(self._order), parked))
-                self._parked_changed.set()
+            if self._park(parked, revisits):
                 return  # its bag stays taken while it is parked
             try:
                 result = await _ended(item, key, "unknown", parked.stats, self.log, parked.error)
@@ -443,13 +503,38 @@ class _Runner:
                 "be resolved; not sent: run the same command again to read it back first",
             )
         if orphan:
-            self.orphans.discard(key)
-            if result.outcome == "succeeded":
-                self.held[item.bag_id] = (result.refund_id, item.line)
-            self._bag_done(item.bag_id)
+            self._orphan_ended(item, key, result)
             return  # not an item of this input: no result of its own
         self._bag_done(item.bag_id)
         await self.results.put(result)
+
+    def _orphan_ended(self, item: BatchItem, key: str, result: BatchResult) -> None:
+        """An earlier run's item on the bag ended: a refund it made holds the bag."""
+        self.orphans.discard(key)
+        if result.outcome == "succeeded":
+            self.held[item.bag_id] = (result.refund_id, item.line)
+        self._bag_done(item.bag_id)
+
+    def _wait_for_pace(self, paced: _Paced) -> None:
+        """A row answered 429 (nothing applied) waits for its merchant's turn."""
+        if paced.merchant is not None:
+            self.pace.wait_in_lane(paced.merchant, paced, first=paced.resume is not None)
+        else:
+            heapq.heappush(self.paced, (paced.due, next(self._order), paced))
+        self._parked_changed.set()
+
+    def _park(self, parked: _Parked, revisits: int) -> bool:
+        """Park an item whose outcome is pending until its window ends (False: it has
+        been revisited enough, or needs a person: it ends unknown)."""
+        if revisits >= MAX_REVISITS or parked.pending.needs_review:
+            return False
+        # Not before its window ends, and backing off when the window has passed
+        # already (a list lagging beyond it): revisits are not spent at once.
+        backoff = min(REVISIT_BACKOFF * 2**revisits, MAX_REVISIT_WAIT)
+        due = max(parked.pending.settle_until or 0.0, self.clock.time() + backoff)
+        heapq.heappush(self.parked, (due, next(self._order), parked))
+        self._parked_changed.set()
+        return True
 
     def _bag_done(self, bag_id: int) -> None:
         """The item holding ``bag_id`` ended: the next item waiting for the bag is ready."""
@@ -539,8 +624,12 @@ class _Runner:
             revisits: int,
             stats: _Stats | None = None,
             budget_from: int | None = None,
+            *,
+            slot: tuple[float, int] | None = None,
         ) -> None:
-            task = asyncio.create_task(self._one(item, key, resume, revisits, stats, budget_from))
+            task = asyncio.create_task(
+                self._one(item, key, resume, revisits, stats, budget_from, slot=slot)
+            )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -567,6 +656,7 @@ class _Runner:
                     )
                     continue
                 self.busy.add(item.bag_id)
+                await self._make_room(start)
                 if not await self._admit(item, key, start):
                     break
                 await self._start_ready(start)
@@ -586,6 +676,16 @@ class _Runner:
             return
         await self.results.put(_END)
 
+    async def _make_room(self, start: Any) -> None:
+        """Hold the input back while too many items wait for their merchant's turn:
+        memory stays bounded however much of a long input one strict merchant has."""
+        while self.pace.waiting + len(self.paced) >= self.max_waiting and not self._stopping():
+            await self._revisit_due(start)
+            lane_due = self.pace.next_due()
+            dues = [self.paced[0][0]] if self.paced else []
+            first = min([*dues, lane_due] if lane_due is not None else dues)
+            await self.clock.sleep(min(max(first - self.clock.time(), 0.0), 1.0))
+
     async def _revisit_due(self, start: Any) -> None:
         """Start parked items whose settle window has passed (each takes a slot)."""
         while self.parked and self.parked[0][0] <= self.clock.time() and not self._stopping():
@@ -599,35 +699,70 @@ class _Runner:
                 parked.stats,
                 parked.budget_from,
             )
+        while self.paced and self.paced[0][0] <= self.clock.time() and not self._stopping():
+            _, _, paced = heapq.heappop(self.paced)
+            await self.slots.acquire()
+            start(paced.item, paced.key, paced.resume, 0, paced.stats, slot=paced.slot)
+        if self._stopping():
+            return
+        for paced, slot in self.pace.release(self.clock.time()):
+            await self.slots.acquire()
+            start(paced.item, paced.key, paced.resume, 0, paced.stats, slot=slot)
+
+    async def _stop_draining(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Stopped: finish what runs; parked items end unknown (resumable by read-back),
+        rows waiting for their merchant's pace end not_sent (nothing applied)."""
+        if tasks:
+            await asyncio.gather(*tasks)
+        while self.parked:
+            _, _, parked = heapq.heappop(self.parked)
+            ended = await _ended(
+                parked.item, parked.key, "unknown", parked.stats, self.log, parked.error
+            )
+            if parked.key not in self.orphans:  # an earlier run's: no row here
+                await self.results.put(ended)
+        waited = [entry for _, _, entry in self.paced] + self.pace.take_all()
+        self.paced.clear()
+        for paced in waited:
+            # Never sent, or answered 429: nothing applied; the next run sends it.
+            error = paced.error or VioletError(
+                "not sent: the run stopped while this row waited for its merchant's pace"
+            )
+            ended = await _ended(
+                paced.item,
+                paced.key,
+                "not_sent",
+                paced.stats,
+                self.log,
+                error,
+                state="unsent",
+            )
+            if paced.key not in self.orphans:  # an earlier run's: no row here
+                await self.results.put(ended)
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
         """After the input: finish what runs, and revisit parked items as they fall due."""
-        while tasks or self.parked or self.ready or self.waiting:
+        while tasks or self.parked or self.paced or self.pace.waiting or self.ready or self.waiting:
             if self._stopping():
-                if tasks:
-                    await asyncio.gather(*tasks)
-                while self.parked:
-                    _, _, parked = heapq.heappop(self.parked)
-                    ended = await _ended(
-                        parked.item, parked.key, "unknown", parked.stats, self.log, parked.error
-                    )
-                    if parked.key not in self.orphans:  # an earlier run's: no row here
-                        await self.results.put(ended)
+                await self._stop_draining(tasks)
                 return
             await self._start_ready(start)
             await self._revisit_due(start)
-            if not (tasks or self.parked or self.ready):
+            if not (tasks or self.parked or self.paced or self.pace.waiting or self.ready):
                 if not self.waiting:
                     continue  # the last items ended meanwhile
                 # Items wait for a bag no item holds: never end quietly without them.
                 raise RuntimeError(
                     f"batch items wait for bags nobody holds: {sorted(self.waiting)}"
                 )
-            if not self.parked:
+            lane_due = self.pace.next_due()
+            if not (self.parked or self.paced or lane_due is not None):
                 if tasks:
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            wait = max(self.parked[0][0] - self.clock.time(), 0.0)
+            dues = [heap[0][0] for heap in (self.parked, self.paced) if heap]
+            first = min([*dues, lane_due] if lane_due is not None else dues)
+            wait = max(first - self.clock.time(), 0.0)
             if tasks:
                 # Wake for whichever comes first: an item ending (it may park, with an
                 # earlier window) or the first parked window passing.
@@ -745,11 +880,22 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     *,
     patience: float,
     stats: _Stats,
+    pace: MerchantPace,
     hold: bool = False,
     resend: bool = True,
     sends_left: tuple[int, int] | None = None,
-) -> BatchResult | _Parked:
+    slot: tuple[float, int] | None = None,
+) -> BatchResult | _Parked | _Paced:
     _current.set(stats)
+    _count_requests(stats)
+    fresh = resume is None or resume.phase is Phase.ABSENT
+    waiting = (
+        await _merchant_turn(client, item, key, resume, pace, slot, stats, patience)
+        if fresh
+        else None
+    )
+    if waiting is not None:
+        return waiting
     if limiter is not None:
         await limiter.wait()
 
@@ -779,6 +925,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             save=save,
             patience=patience,
             hold_if_present=hold,
+            defer_rate_limited=True,
         )
         if item.kind == "refund":
             refund = _unless_failed(refund)
@@ -788,6 +935,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         state = "unsent" if not resend else None
         outcome: Outcome = "not_sent" if not resend else "failed"
         return await _ended(item, key, outcome, stats, log, _NotApplied(exc.note), state=state)
+    except RateLimitDeferred as exc:
+        return await _deferred(client, item, key, exc, pace, stats, log)
     except AmbiguousOutcomeError as exc:
         if exc.pending is not None:
             return _Parked(item, key, exc.pending, 0, exc, stats)
@@ -801,11 +950,114 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         if never_reached(exc):
             return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
         return await _ended(item, key, "failed", stats, log, exc)
-    if limiter is not None:
-        limiter.speed_up()
+    _paced_success(client, item, refund, pace, limiter)
     if log is not None:
         await log.record(key, item.line, "done", refund_id=refund.id, reconciled=refund.reconciled)
     return _result(item, "succeeded", stats, refund=refund)
+
+
+def client_time(client: VioletClient) -> float:
+    return float(client._shared.clock.time())
+
+
+def _count_requests(stats: _Stats) -> None:
+    """Count this item's answered requests (and 429s) from here on, in its own task."""
+    if stats.outer is None:
+        stats.outer = CAPTURE.get()
+    CAPTURE.set(stats)  # type: ignore[arg-type] # a list-like sink: append only
+
+
+def _paced_success(
+    client: VioletClient,
+    item: BatchItem,
+    refund: OrderRefund,
+    pace: MerchantPace,
+    limiter: AdaptiveRate | None,
+) -> None:
+    """A refund carries its merchant: learned for free on the happy path."""
+    if limiter is not None:
+        limiter.speed_up()
+    merchant = getattr(refund, "merchant_id", None)
+    pace.learn(item.order_id, merchant)
+    pace.succeeded(merchant if merchant is not None else item.merchant_id, client_time(client))
+
+
+async def _look_up_merchant(
+    client: VioletClient, item: BatchItem, pace: MerchantPace
+) -> int | None:
+    """The item's merchant, from the order (one read; None when it cannot be read)."""
+    if pace.looked_up(item.order_id):
+        return None
+    try:
+        order = await client.get_order(item.order_id)
+    except VioletError:
+        return None
+    found = None
+    for bag in order.bags:
+        if bag.id == item.bag_id:
+            found = bag.merchant_id
+    pace.learn(item.order_id, found, final=True)
+    return found
+
+
+async def _merchant_turn(  # noqa: PLR0917 - internal, one call site
+    client: VioletClient,
+    item: BatchItem,
+    key: str,
+    resume: PendingRefund | None,
+    pace: MerchantPace,
+    slot: tuple[float, int] | None,
+    stats: _Stats,
+    patience: float,
+) -> _Paced | None:
+    """Wait for the item's merchant's next send slot when it is near (in this slot), or
+    hand the item back to wait without one (None: go now)."""
+    merchant = pace.merchant_of(item.order_id, item.merchant_id)
+    if merchant is None and pace.learning:
+        merchant = await _look_up_merchant(client, item, pace)
+    if merchant is None:
+        return None
+    clock = client._shared.clock
+    now = clock.time()
+    lane = pace.lane(merchant)
+    if lane is None:
+        return None
+    if slot is None or not pace.current(merchant, slot[1]):
+        if lane.waiting or lane.next_at - now > patience:
+            # Others wait ahead of it, or its turn is far: it waits without a slot.
+            return _Paced(item, key, resume, stats, lane.next_at, None, merchant=merchant)
+        slot = pace.reserve(merchant, now)
+        assert slot is not None  # noqa: S101 - the lane exists
+    due = slot[0]
+    if due > now:
+        await clock.sleep(due - now)
+    return None
+
+
+async def _deferred(  # noqa: PLR0917 - internal, one call site
+    client: VioletClient,
+    item: BatchItem,
+    key: str,
+    exc: RateLimitDeferred,
+    pace: MerchantPace,
+    stats: _Stats,
+    log: Journal | None,
+) -> BatchResult | _Paced:
+    """A send answered 429 (nothing applied): slow its merchant's lane and wait for its
+    turn, until the run's limit of such waits for one item; then it ends not_sent."""
+    stats.deferrals += 1
+    merchant = pace.merchant_of(item.order_id, item.merchant_id)
+    if merchant is None:
+        merchant = await _look_up_merchant(client, item, pace)
+    now = client_time(client)
+    if merchant is not None:
+        pace.limited(merchant, now, exc.delay)
+    else:
+        pace.learning = True
+    if stats.deferrals > MAX_DEFERRALS:
+        return await _ended(item, key, "not_sent", stats, log, exc.cause, state="unsent")
+    stats.retries += 1  # it is sent again in its turn
+    return _Paced(item, key, exc.pending, stats, now + exc.delay, None, exc.cause, merchant)
 
 
 async def _present(
@@ -884,4 +1136,5 @@ def _result(
         reconciled=refund.reconciled if refund is not None else False,
         rate_limited=stats.rate_limited,
         sent=stats.sent,
+        requests=stats.requests,
     )

@@ -7,6 +7,8 @@ from any asyncio worker:
   keyed by its content; the ``sent`` record is written durably before a POST leaves.
 - :class:`BagLocks`: one lock per bag across the fleet, renewed while an ask runs.
 - :class:`FleetRateLimit`: one adaptive send budget per Violet app, shared in Redis.
+- :class:`FleetPace`: each merchant's own adaptive pace, learned from its 429s, shared
+  in Redis (a strict merchant slows only its own items).
 - :class:`FleetWorker`: runs one item with all three (what a job calls).
 - arq: :class:`WorkerSettings` (``arq violet_async.fleet.WorkerSettings``),
   :func:`enqueue`, :func:`refund_job`.
@@ -47,6 +49,7 @@ from ._ledger import (
     keyed_items,
 )
 from ._lock import BagLocks, HeldLock, LockBusyError
+from ._pace import FleetPace
 from ._ratelimit import FleetRateLimit
 from ._worker import FleetWorker, RetryLaterError
 
@@ -58,6 +61,7 @@ __all__ = [
     "EnqueueReport",
     "Epoch",
     "FleetConfig",
+    "FleetPace",
     "FleetRateLimit",
     "FleetWorker",
     "HeldLock",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import Any
@@ -20,6 +21,7 @@ import attrs
 from .._ask import sent_once
 from .._client import VioletClient, _unless_failed
 from .._protocol import PendingRefund, Phase
+from .._reconcile import RateLimitDeferred
 from .._retry import RetryEvent
 from .._telemetry import count_item
 from ..batch import BatchItem
@@ -44,6 +46,7 @@ from ._ledger import (
     RefundOwnedError,
 )
 from ._lock import BagLocks, LockBusyError
+from ._pace import FleetPace
 from ._ratelimit import FleetRateLimit
 
 __all__ = ["FleetWorker", "RetryLaterError"]
@@ -73,6 +76,13 @@ class FleetWorker:
     ``fresh_hold`` is how long a ledger that is new, or that Redis lost, holds every
     send back (default: the client's ``settle_running`` plus one attempt's timeouts,
     so a POST in flight from before has landed and shows in the read-back).
+
+    With ``merchant_pace`` (default: the environment's ``VIOLET_FLEET_MERCHANT_PACE=1``;
+    off otherwise, for now) sends are paced per merchant across the fleet
+    (:class:`FleetPace`, in the ledger's Redis): a 429 hands the item back (nothing
+    applied) and slows only its merchant's lane; an item whose merchant's next slot is
+    further than ``patience`` is handed back until then. Off, a 429 is retried in place
+    and halves the fleet's :class:`FleetRateLimit`.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class FleetWorker:
         patience: float = 1.0,
         lock_wait: float = 5.0,
         fresh_hold: float | None = None,
+        merchant_pace: bool | None = None,
     ) -> None:
         self._caller_hook = client._on_retry
         policy = client._retry
@@ -109,6 +120,20 @@ class FleetWorker:
         # ledger write has not succeeded yet: a re-run here records them, never asks
         # again (this client knows the refund, and would take it for another's).
         self._won: OrderedDict[str, OrderRefund] = OrderedDict()
+        self.pace = (
+            FleetPace(
+                ledger.redis,
+                client._shared.credentials.app_id,
+                prefix=ledger.prefix,
+                ceiling=limiter.ceiling if limiter is not None else None,
+            )
+            if (
+                merchant_pace
+                if merchant_pace is not None
+                else os.environ.get("VIOLET_FLEET_MERCHANT_PACE", "") in ("1", "true", "yes")
+            )
+            else None
+        )
 
     def _on_retry(self, event: RetryEvent) -> Any:
         if isinstance(event.cause, RateLimitError) and self.limiter is not None:
@@ -193,6 +218,7 @@ class FleetWorker:
                 continue
             known.add(refund_id, item.bag_id)
 
+        merchant = await self._merchant_turn(item) if resume is None else None
         budgeted: set[int] = set()
 
         async def save(ask: PendingRefund) -> None:
@@ -225,6 +251,7 @@ class FleetWorker:
                 save=save,
                 patience=self.patience,
                 hold_if_present=True,
+                defer_rate_limited=self.pace is not None,
             )
         )
         lost = asyncio.ensure_future(held.lost.wait())
@@ -239,16 +266,57 @@ class FleetWorker:
             await asyncio.gather(ask_task, lost, return_exceptions=True)
         if ask_task.cancelled():
             raise RetryLaterError(f"lost the lock of bag {item.bag_id}", defer=0.5)
-        return await self._settle(key, item, ask_task)
+        return await self._settle(key, item, ask_task, merchant)
+
+    async def _merchant_of(self, item: BatchItem, *, look_up: bool) -> int | None:
+        """The item's merchant: its own, the fleet's memory, or (``look_up``) its order."""
+        pace = self.pace
+        if pace is None:
+            return None
+        merchant = item.merchant_id or await pace.merchant_of(item.order_id)
+        if merchant is not None or not look_up:
+            return merchant
+        try:
+            order = await self.client.get_order(item.order_id)
+        except VioletError:
+            return None
+        merchant = next((b.merchant_id for b in order.bags if b.id == item.bag_id), None)
+        await pace.learn(item.order_id, merchant)
+        return merchant
+
+    async def _merchant_turn(self, item: BatchItem) -> int | None:
+        """Wait for the merchant's next send slot when it is near; hand the item back
+        when it is not (:class:`RetryLaterError`). Returns the merchant (None: unpaced)."""
+        pace = self.pace
+        if pace is None:
+            return None
+        merchant = await self._merchant_of(item, look_up=await pace.learning())
+        if merchant is None:
+            return None
+        wait = await pace.reserve(merchant, self.patience)
+        if wait is not None and wait < 0:
+            raise RetryLaterError(
+                f"merchant {merchant}'s pace: its next send slot is in {-wait:.1f}s",
+                defer=-wait,
+            )
+        if wait:
+            await asyncio.sleep(wait)
+        return merchant
 
     async def _settle(
-        self, key: str, item: BatchItem, ask_task: asyncio.Future[Any]
+        self,
+        key: str,
+        item: BatchItem,
+        ask_task: asyncio.Future[Any],
+        merchant: int | None = None,
     ) -> dict[str, Any]:
         ledger = self.ledger
         try:
             refund = ask_task.result()
             if item.kind == "refund":
                 refund = _unless_failed(refund)
+        except RateLimitDeferred as exc:
+            await self._deferred(key, item, exc, merchant)
         except LockLostError as exc:
             # Nothing was sent: the lock, or the ledger itself, is not what it was.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
@@ -284,12 +352,14 @@ class FleetWorker:
                 key, type(exc).__name__, str(exc), outcome="failed", bag_id=item.bag_id
             )
         else:
-            return await self._applied(key, item, refund)
+            return await self._applied(key, item, refund, merchant)
         summary = (await self._record(key)).to_dict()
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
 
-    async def _applied(self, key: str, item: BatchItem, refund: OrderRefund) -> dict[str, Any]:
+    async def _applied(
+        self, key: str, item: BatchItem, refund: OrderRefund, merchant: int | None = None
+    ) -> dict[str, Any]:
         """Record the item's refund. Kept here until the ledger has it: Redis away now
         (the job runs again) must not turn the item's own refund into another's."""
         self._won[key] = refund
@@ -308,8 +378,7 @@ class FleetWorker:
             # Two items cannot have one refund: a person looks (nothing more is sent).
             await self.ledger.mark_review(key, str(exc))
         self._won.pop(key, None)
-        if self.limiter is not None:
-            await self.limiter.speed_up()
+        await self._paced_success(item, refund, merchant)
         summary = (await self._record(key)).to_dict()
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -338,6 +407,27 @@ class FleetWorker:
         )
         self._epoch = epoch.id
         return max(until - now, 0.2)
+
+    async def _deferred(
+        self, key: str, item: BatchItem, exc: RateLimitDeferred, merchant: int | None
+    ) -> None:
+        """Nothing applied (a 429, every earlier send proven absent): slow the merchant's
+        lane for the whole fleet and start the item over in its turn."""
+        merchant = merchant or await self._merchant_of(item, look_up=True)
+        if self.pace is not None and merchant is not None:
+            await self.pace.limited(merchant, exc.delay)
+        await self.ledger.mark_new(key, item.bag_id)
+        raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
+
+    async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
+        if self.limiter is not None:
+            await self.limiter.speed_up()
+        if self.pace is None:
+            return
+        paid_by = getattr(refund, "merchant_id", None) or merchant
+        if paid_by is not None:
+            await self.pace.learn(item.order_id, paid_by)
+            await self.pace.succeeded(paid_by)
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)

@@ -20,7 +20,7 @@ from aiohttp import web
 from .._client import VioletClient
 from ._clock import RealClock, ServerClock
 from ._faults import COMMIT_FAULTS, Fault, FaultDrawer, FaultPlan, FaultScript, ServerQuirks
-from ._ratelimit import AppRateLimit
+from ._ratelimit import AppRateLimit, MerchantRateLimits
 from ._state import (
     FakeBag,
     FakeOrder,
@@ -101,6 +101,13 @@ class FakeViolet:
     one made on the merchant's platform shows. docs/testing.md lists what it models
     and what it cannot know.
 
+    Merchant platforms' own limits (Violet passes their 429s through): seeded bags take
+    turns among ``merchants`` merchants (ids 20001 up); ``merchant_limits`` maps a
+    merchant id to the refund and cancel POSTs per second its platform lets through,
+    ``merchant_limit`` is every other merchant's (None: none), each a token bucket of
+    ``merchant_burst`` tokens (:class:`MerchantRateLimits`). ``rate_limit`` is the
+    app's own limit, over every merchant.
+
     ``host`` may be an IPv6 literal (``"::1"`` gives ``http://[::1]:PORT/v1``); a
     wildcard bind (``"0.0.0.0"``, ``"::"``) gets a loopback ``base_url``, since the SDK
     refuses plain http to other hosts.
@@ -136,6 +143,10 @@ class FakeViolet:
         rate_limit: float | None = None,
         bag_status_lag: float | None = None,
         full_records: bool | None = None,
+        merchants: int = 1,
+        merchant_limits: dict[int, float] | None = None,
+        merchant_limit: float | None = None,
+        merchant_burst: float = 1.0,
     ) -> None:
         if cancel_response not in ("refund", "cancellation"):
             raise ValueError("cancel_response must be 'refund' or 'cancellation'")
@@ -172,7 +183,7 @@ class FakeViolet:
         self.webhooks = WebhookSender(
             self.app_secret, retry_delay=webhook_retry_delay, attempts=webhook_attempts
         )
-        self.seeded = self.store.generate(orders, seed) if orders else []
+        self.seeded = self.store.generate(orders, seed, merchants=merchants) if orders else []
         self.faults = FaultDrawer(attrs.evolve(plan, quirks=self.quirks))
         self._script = FaultScript()
         self._request_serial = 0
@@ -189,6 +200,22 @@ class FakeViolet:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self.rate_limit = AppRateLimit(rate_limit) if rate_limit else None
+        self.merchant_limits = (
+            MerchantRateLimits(
+                merchant_limits or {},
+                self._merchant_of,
+                default=merchant_limit,
+                burst=merchant_burst,
+                clock=self.clock.monotonic,
+            )
+            if merchant_limits or merchant_limit
+            else None
+        )
+
+    def _merchant_of(self, order_id: int, bag_id: int) -> int | None:
+        order = self.store.orders.get(order_id)
+        bag = order.bags.get(bag_id) if order is not None else None
+        return bag.merchant_id if bag is not None else None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -196,6 +223,8 @@ class FakeViolet:
         app = web.Application(middlewares=[self._errors])
         if self.rate_limit is not None:  # refund / cancel POSTs over the app's rate: 429
             app.middlewares.append(self.rate_limit.middleware)
+        if self.merchant_limits is not None:  # over a merchant platform's rate: 429
+            app.middlewares.append(self.merchant_limits.middleware)
         app.on_response_prepare.append(self._stamp_date)
         app.router.add_post("/v1/login", self._login)
         app.router.add_get("/v1/auth/token", self._refresh)

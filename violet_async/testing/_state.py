@@ -269,8 +269,8 @@ class Store:
     # -- seeding ----------------------------------------------------------------
 
     def add_order(self, bags: list[dict[str, Any]]) -> FakeOrder:
-        """Seed an order. Each bag dict may give status, currency, shipping, tax,
-        fulfilled, and skus as [{"quantity": q, "price": cents, "order_sku_id": id?}]."""
+        """Seed an order. Each bag dict may give merchant_id, status, currency, shipping,
+        tax, fulfilled, and skus as [{"quantity": q, "price": cents, "order_sku_id": id?}]."""
         self._next_order += 1
         order = FakeOrder(id=self._next_order, app_id=self.app_id)
         for spec in bags:
@@ -288,7 +288,7 @@ class Store:
             bag = FakeBag(
                 id=self._next_bag,
                 order_id=order.id,
-                merchant_id=self.merchant_id,
+                merchant_id=spec.get("merchant_id", self.merchant_id),
                 status=spec.get("status", "COMPLETED"),
                 currency=spec.get("currency", "USD"),
                 skus=skus,
@@ -300,11 +300,13 @@ class Store:
         self.orders[order.id] = order
         return order
 
-    def generate(self, count: int, seed: int) -> list[tuple[int, int]]:
-        """Seed ``count`` single-bag orders deterministically; returns (order, bag) ids."""
+    def generate(self, count: int, seed: int, *, merchants: int = 1) -> list[tuple[int, int]]:
+        """Seed ``count`` single-bag orders deterministically; returns (order, bag) ids.
+        With ``merchants`` > 1 the bags take turns among that many merchants (ids from
+        the store's ``merchant_id`` up), as an export sorted by date would mix them."""
         rng = random.Random(seed)
         pairs = []
-        for _ in range(count):
+        for index in range(count):
             skus = [
                 {"quantity": rng.randint(1, 3), "price": rng.choice((500, 1000, 2500, 4999))}
                 for _ in range(rng.randint(1, 3))
@@ -316,6 +318,7 @@ class Store:
                         "skus": skus,
                         "shipping": rng.choice((0, 500, 995)),
                         "tax": rng.choice((0, 120, 340)),
+                        "merchant_id": self.merchant_id + index % merchants,
                     }
                 ]
             )

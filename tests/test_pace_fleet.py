@@ -1,0 +1,110 @@
+"""Pace per merchant across a fleet: lanes in Redis, a 429 hands the item back (nothing
+applied) and slows only its merchant."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+if not os.environ.get("CI"):
+    pytest.importorskip("arq")
+    pytest.importorskip("redis")
+
+from redis.asyncio import Redis
+
+from tests import _fleet_redis
+from violet_async import RefundBagRequest, RetryPolicy
+from violet_async._pace import DECREASE, RECOVER
+from violet_async.batch import BatchItem
+from violet_async.fleet import (
+    BagLocks,
+    FleetPace,
+    FleetWorker,
+    RedisLedger,
+    RetryLaterError,
+    item_key,
+)
+from violet_async.testing import FakeViolet, Fault
+
+redis_url = _fleet_redis.redis_url  # the session's redis-server
+
+STRICT, OTHER = 20001, 20002
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.flushall()
+    await RedisLedger(client).new_fleet()  # nothing of this ledger can be in flight
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_a_lane_starts_at_a_429_and_spaces_the_fleets_sends(redis: Redis) -> None:
+    """No lane before a 429; after it, slots are Retry-After away and spaced by the
+    rate; a slot beyond patience is not taken; a burst of 429s slows it once."""
+    pace = FleetPace(redis, 11)
+    assert await pace.reserve(STRICT, 1.0) is None
+    assert not await pace.learning()
+    rate = await pace.limited(STRICT, 0.25)
+    assert rate == pytest.approx(1.0)  # none got through lately: one a second
+    assert await pace.learning()
+    first = await pace.reserve(STRICT, 2.0)
+    assert first is not None
+    assert 0.2 < first <= 0.25
+    second = await pace.reserve(STRICT, 2.0)
+    assert second is not None
+    assert second - first == pytest.approx(1.0, abs=0.05)
+    far = await pace.reserve(STRICT, 0.1)
+    assert far is not None
+    assert far < -1.0  # nothing taken: come back then
+    assert await pace.reserve(OTHER, 1.0) is None  # another merchant is not paced
+    await redis.hset(f"{{violet}}:pace:11:{STRICT}", "slowed_at", 0)
+    slowed = await pace.limited(STRICT, 0.0)
+    assert slowed == pytest.approx(1.0 * DECREASE)
+    assert await pace.limited(STRICT, 0.0) == pytest.approx(slowed)  # once per burst
+    await pace.succeeded(STRICT)  # climbs back toward the rate its 429 came at
+    assert await pace.rate(STRICT) == pytest.approx(slowed + (1.0 - slowed) * RECOVER)
+
+
+async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redis) -> None:
+    """A strict merchant's 429: the item goes back to new (nothing applied) with a
+    defer, its merchant is learned from the order, and its next run waits for the
+    lane; another merchant's item runs at once; each bag is refunded once."""
+    async with FakeViolet(orders=2, seed=1, merchants=2) as fake:
+        (o1, b1), (o2, b2) = fake.seeded
+        assert fake.bag(o1, b1).merchant_id == STRICT
+        fake.script("refund", Fault.RATE_LIMIT, bag_id=b1)
+        client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
+        async with client:
+            worker = FleetWorker(
+                client, RedisLedger(redis), BagLocks(redis), patience=0.0, merchant_pace=True
+            )
+            strict = BatchItem.refund(1, o1, b1, RefundBagRequest(amount_refunded=100))
+            other = BatchItem.refund(2, o2, b2, RefundBagRequest(amount_refunded=100))
+            with pytest.raises(RetryLaterError) as raised:
+                await worker.run(item_key(strict), strict)
+            assert raised.value.defer > 0
+            record = await worker.ledger.get(item_key(strict))
+            assert record is not None
+            assert record.state == "new"
+            assert fake.ledger.refunds_per_bag.get(b1, 0) == 0
+            assert worker.pace is not None
+            assert await worker.pace.merchant_of(o1) == STRICT
+            assert await worker.pace.rate(STRICT) is not None
+            # The other merchant has no lane: its item goes now.
+            done = await worker.run(item_key(other), other)
+            assert done["state"] == "applied"
+            assert await worker.pace.rate(OTHER) is None
+            # The strict one waits for its lane's slot (handed back, not slept on).
+            with pytest.raises(RetryLaterError, match="pace"):
+                await worker.run(item_key(strict), strict)
+            await redis.hset(f"{{violet}}:pace:{fake.app_id}:{STRICT}", "tat", 0)  # its turn
+            again = await worker.run(item_key(strict), strict)
+            assert again["state"] == "applied"
+    assert fake.ledger.double_refunds() == {}
+    assert fake.ledger.refunds_per_bag[b1] == 1

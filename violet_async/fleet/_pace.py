@@ -1,0 +1,186 @@
+"""Each merchant's pace, shared by every worker of a fleet (the batch's lanes, in Redis).
+
+Violet passes each merchant platform's 429s through, so the fleet keeps one lane per
+merchant in a hash ``P:pace:<app_id>:<merchant_id>`` (its rate, its next free send slot
+``tat``, whether it is still probing, when it last slowed), all on Redis's own ``TIME``
+as :class:`FleetRateLimit` is: workers on skewed hosts share one schedule. The rules are
+the batch's (``violet_async._pace``): no lane until the merchant's first 429; then the
+rate its sends got through at in the last two seconds (at most one send per
+``Retry-After``), probing up x1.25 a success until its second
+429, then -20% on a 429 (once per ``1 / rate``), a quick climb back to near the rate
+that 429 came at, and a slow probe past it.
+
+Which merchant an order belongs to is kept in ``P:merchants:<app_id>`` (order id ->
+merchant id), learned from the refunds workers get back and, once any 429 has been
+seen (``P:pace:<app_id>:learning``), from ``GET /orders/{id}`` before a send.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._pace import DECREASE, INCREASE, MIN_RATE, PROBE_INCREASE, RECOVER
+from ._ledger import DEFAULT_PREFIX, resolve
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["FleetPace"]
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+"""
+
+# ARGV: patience (ms). Returns ms to wait for the slot taken, or -ms when the slot is
+# further than patience (nothing taken), or "none" when the merchant has no lane.
+_RESERVE = (
+    _NOW
+    + """
+local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
+if rate <= 0 then return 'none' end
+local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
+local slot = math.max(tat, now)
+if slot - now > tonumber(ARGV[1]) then return tostring(-(slot - now)) end
+redis.call('HSET', KEYS[1], 'tat', tostring(slot + 1000 / rate))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return tostring(slot - now)
+"""
+)
+
+# KEYS: lane, learning flag. ARGV: retry-after (ms), min rate, decrease, ceiling (0: none)
+_LIMITED = (
+    _NOW
+    + """
+redis.call('SET', KEYS[2], '1', 'PX', 86400000)
+local ceiling = tonumber(ARGV[4])
+local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
+local wait = tonumber(ARGV[1])
+if rate <= 0 then
+  -- The sends that got through in the last two whole seconds (one a second when none
+  -- did), at most one send per Retry-After when that is under a second (so short a
+  -- wait names the next token, never a high rate).
+  local sec = math.floor(now / 1000)
+  local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
+  local seen, window = 0, 1
+  if ok_sec == sec then
+    -- this second so far, and the one before it
+    seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
+      + tonumber(redis.call('HGET', KEYS[1], 'ok_prev') or 0)
+    window = 1 + math.max(now - sec * 1000, 100) / 1000
+  elseif ok_sec == sec - 1 then
+    seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
+  end
+  local estimate = seen > 0 and seen / window or 1
+  if wait > 0 and wait < 1000 then estimate = math.min(estimate, 1000 / wait) end
+  rate = math.max(tonumber(ARGV[2]), estimate)
+  if ceiling > 0 then rate = math.min(rate, ceiling) end
+  redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '1', 'slowed_at',
+             tostring(now), 'tat', tostring(now))
+else
+  local last = tonumber(redis.call('HGET', KEYS[1], 'slowed_at') or 0)
+  if now - last >= 1000 / rate then
+    local peak = rate
+    rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[3]))
+    redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '0', 'slowed_at',
+               tostring(now), 'tat', tostring(now + 1000 / rate), 'peak', tostring(peak))
+  end
+end
+local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
+redis.call('HSET', KEYS[1], 'tat', tostring(math.max(tat, now + wait)))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return tostring(rate)
+"""
+)
+
+# ARGV: probe increase, increase, ceiling (0: none), recover. Returns the rate ("none":
+# no lane).
+_SUCCEEDED = (
+    _NOW
+    + """
+local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
+if rate <= 0 then
+  -- No lane yet: count the merchant's successes per second (the first 429 reads them).
+  local sec = math.floor(now / 1000)
+  local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
+  if ok_sec ~= sec then
+    local cur = ok_sec == sec - 1 and (redis.call('HGET', KEYS[1], 'ok_cur') or '0') or '0'
+    redis.call('HSET', KEYS[1], 'ok_sec', tostring(sec), 'ok_prev', cur, 'ok_cur', '0')
+  end
+  redis.call('HINCRBY', KEYS[1], 'ok_cur', 1)
+  redis.call('PEXPIRE', KEYS[1], 86400000)
+  return 'none'
+end
+local peak = tonumber(redis.call('HGET', KEYS[1], 'peak') or 0)
+if redis.call('HGET', KEYS[1], 'probing') == '1' then
+  rate = rate * (1 + tonumber(ARGV[1]))
+elseif rate < 0.95 * peak then
+  rate = rate + (peak - rate) * tonumber(ARGV[4])
+else
+  rate = rate * (1 + tonumber(ARGV[2]))
+end
+local ceiling = tonumber(ARGV[3])
+if ceiling > 0 then rate = math.min(rate, ceiling) end
+redis.call('HSET', KEYS[1], 'rate', tostring(rate))
+return tostring(rate)
+"""
+)
+
+
+class FleetPace:
+    """Every merchant's lane for app ``app_id``, across the workers sharing this Redis
+    and prefix (see the module docstring). ``ceiling`` caps every lane (None: none)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        app_id: int,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        ceiling: float | None = None,
+    ) -> None:
+        self.redis = redis
+        self.ceiling = ceiling or 0.0
+        self._lane = f"{prefix}:pace:{app_id}:"
+        self._learning = f"{prefix}:pace:{app_id}:learning"
+        self._merchants = f"{prefix}:merchants:{app_id}"
+        self._reserve = redis.register_script(_RESERVE)
+        self._limited = redis.register_script(_LIMITED)
+        self._succeeded = redis.register_script(_SUCCEEDED)
+
+    async def merchant_of(self, order_id: int) -> int | None:
+        raw = await resolve(self.redis.hget(self._merchants, str(order_id)))
+        return int(raw) if raw is not None else None
+
+    async def learn(self, order_id: int, merchant_id: int | None) -> None:
+        if merchant_id is not None:
+            await resolve(self.redis.hset(self._merchants, str(order_id), str(merchant_id)))
+
+    async def learning(self) -> bool:
+        return bool(await resolve(self.redis.exists(self._learning)))
+
+    async def reserve(self, merchant_id: int, patience: float) -> float | None:
+        """Take the merchant's next send slot if it is within ``patience`` seconds:
+        the seconds to wait for it. A negative value: the slot is that far away and
+        nothing was taken (come back then). None: the merchant has no lane."""
+        raw = await self._reserve(keys=[self._lane + str(merchant_id)], args=[patience * 1000])
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return None if text == "none" else float(text) / 1000
+
+    async def limited(self, merchant_id: int, retry_after: float) -> float:
+        """A send for the merchant got a 429; returns the lane's new rate."""
+        raw = await self._limited(
+            keys=[self._lane + str(merchant_id), self._learning],
+            args=[max(retry_after, 0.0) * 1000, MIN_RATE, DECREASE, self.ceiling],
+        )
+        return float(raw)
+
+    async def succeeded(self, merchant_id: int) -> None:
+        await self._succeeded(
+            keys=[self._lane + str(merchant_id)],
+            args=[PROBE_INCREASE, INCREASE, self.ceiling, RECOVER],
+        )
+
+    async def rate(self, merchant_id: int) -> float | None:
+        raw = await resolve(self.redis.hget(self._lane + str(merchant_id), "rate"))
+        return float(raw) if raw is not None else None
