@@ -1,0 +1,285 @@
+"""Adversarial review of the key path (issues 25 and 27): each test is a finding,
+against a small Violet scripted here (127.0.0.1, port 0, a FakeClock for time)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import BagPendingError, RecordStoreError, RetryPolicy, VioletClient
+from violet_async.stores import Claim, KeyEntry, MemoryStore, RecordStore, SQLiteStore
+from violet_async.testing import FakeClock
+
+ORDER, BAG = 6001, 8001
+ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
+
+
+@attrs.define
+class Violet:
+    """One bag of 1000 cents; every POST commits a refund and answers it."""
+
+    clock: FakeClock
+    refunds: list[dict[str, Any]] = attrs.Factory(list)
+    posts: int = 0
+    next_id: int = 700
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/login", self._login)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._post)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        app.router.add_get("/v1/orders/{o}", self._order)
+        return app
+
+    def _date(self) -> str:
+        return formatdate(self.clock.time(), usegmt=True)
+
+    async def _login(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "tok-0123456789abcdef", "refresh_token": "r-0123456789"})
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.json()
+        self.next_id += 1
+        record = {
+            "id": self.next_id,
+            "order_id": ORDER,
+            "bag_id": BAG,
+            "amount": body.get("amount_refunded") or 1000,
+            "status": "COMPLETED",
+            "reason": body.get("reason"),
+            "date_created": self._date_iso(),
+        }
+        self.refunds.append(record)
+        return web.json_response(record, headers={"Date": self._date()})
+
+    def _date_iso(self) -> str:
+        from datetime import datetime, timezone  # noqa: PLC0415
+
+        return datetime.fromtimestamp(self.clock.time(), tz=timezone.utc).isoformat()
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(self.refunds),
+            content_type="application/json",
+            headers={"Date": self._date()},
+        )
+
+    async def _order(self, request: web.Request) -> web.Response:
+        refunded = sum(r["amount"] for r in self.refunds)
+        status = "REFUNDED" if refunded >= 1000 else "COMPLETED"
+        bag = {"id": BAG, "status": status, "total": 1000}
+        return web.json_response({"id": ORDER, "bags": [bag]}, headers={"Date": self._date()})
+
+
+@contextlib.asynccontextmanager
+async def serve(server: Violet, **options: Any) -> AsyncIterator[VioletClient]:
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with VioletClient(
+            1,
+            "review-app-secret",
+            username="review-user",
+            password="review-password-0123",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            **{"clock": server.clock, "retry": ROOMY, **options},
+        ) as client:
+            yield client
+    finally:
+        await runner.cleanup()
+
+
+@attrs.define
+class SlowEnd:
+    """A MemoryStore whose write of a key's end (the refund) waits for a gate."""
+
+    inner: MemoryStore = attrs.Factory(MemoryStore)
+    gate: asyncio.Event = attrs.Factory(asyncio.Event)
+    waiting: bool = False
+
+    @property
+    def lease(self) -> float:
+        return self.inner.lease
+
+    @property
+    def retention(self) -> float:
+        return self.inner.retention
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        return await self.inner.claim(fresh, now)
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        if entry.refund is not None and not self.gate.is_set():
+            self.waiting = True
+            await self.gate.wait()
+        return await self.inner.save(entry, owner)
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        return await self.inner.renew(key, owner, lease_until)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        return await self.inner.load(key)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _until(predicate: Any) -> None:
+    for _ in range(10_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never happened")
+
+
+async def test_cancelled_while_the_end_is_recorded_a_repeat_without_key_never_refunds_twice() -> (
+    None
+):
+    """The POST applied; the caller cancels while the store records the key's end (a
+    slow disk, a wait_for running out). The caller either gets its refund, or the next
+    call on the bag is refused: never a second refund for a caller who was told
+    nothing."""
+    server = Violet(FakeClock())
+    store = SlowEnd()
+    async with serve(server, store=store) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="end")
+        )
+        await _until(lambda: store.waiting)
+        call.cancel()
+        try:
+            first = await call
+        except asyncio.CancelledError:
+            first = None
+        store.gate.set()
+        with contextlib.suppress(BagPendingError):
+            await client.refund_bag(ORDER, BAG, amount_refunded=300)
+        again = await client.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="end")
+    assert first is not None or server.posts == 1, "a second refund for a cancelled caller"
+    if first is not None:
+        assert first == again
+        assert first.id == server.refunds[0]["id"]
+
+
+def _plant(path: Path, key: str, entry: dict[str, Any]) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(
+            "INSERT OR REPLACE INTO violet_keys (key, entry, owner, lease_until, finished_at) "
+            "VALUES (?, ?, NULL, NULL, ?)",
+            (key, orjson.dumps(entry), entry.get("finished_at")),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _ask(phase: str, **more: Any) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "kind": "refund",
+        "order_id": ORDER,
+        "bag_id": BAG,
+        "request": {"amount_refunded": 300},
+        "phase": phase,
+        "sends": 1,
+        "first_sent_at": 1_000.0,
+        "last_sent_at": 1_000.0,
+        **more,
+    }
+
+
+async def _made(path: Path) -> SQLiteStore:
+    store = SQLiteStore(path)
+    await store.load("nothing")  # creates the file and its table
+    return store
+
+
+async def test_a_planted_finished_key_with_another_bags_refund_is_not_returned(
+    tmp_path: Path,
+) -> None:
+    """Someone wrote the key's row: the same request, 'applied', with a refund of
+    another bag and order. Returning it would tell the caller a refund was made that
+    never was: the row is refused (RecordStoreError), nothing sent."""
+    path = tmp_path / "keys.db"
+    store = await _made(path)
+    foreign = {"id": 4242, "order_id": 1, "bag_id": 2, "amount": 300, "status": "COMPLETED"}
+    clock = FakeClock()
+    _plant(
+        path,
+        "planted",
+        {
+            "v": 1,
+            "key": "planted",
+            "ask": _ask("applied", refund_id=4242),
+            "refund": foreign,
+            "owner": None,
+            "lease_until": None,
+            "finished_at": clock.time(),
+        },
+    )
+    server = Violet(clock)
+    try:
+        async with serve(server, store=store) as client:
+            with pytest.raises(RecordStoreError) as info:
+                await client.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="planted")
+    finally:
+        await store.aclose()
+    assert "nothing was sent" in str(info.value)
+    assert server.posts == 0
+
+
+async def test_an_applied_key_without_its_refund_is_read_back_never_sent_blind(
+    tmp_path: Path,
+) -> None:
+    """A row that says the ask applied but lost its refund (edited, or written by an
+    older or foreign writer): the ask was sent, so it is read back, never sent again
+    blind. Violet holds the refund: it is found, one refund."""
+    path = tmp_path / "keys.db"
+    store: RecordStore = await _made(path)
+    clock = FakeClock()
+    server = Violet(clock)
+    server.refunds.append(
+        {
+            "id": 4243,
+            "order_id": ORDER,
+            "bag_id": BAG,
+            "amount": 300,
+            "status": "COMPLETED",
+            "date_created": "1970-01-01T00:16:40+00:00",
+        }
+    )
+    _plant(
+        path,
+        "lost",
+        {
+            "v": 1,
+            "key": "lost",
+            "ask": _ask("applied"),
+            "refund": None,
+            "owner": None,
+            "lease_until": None,
+            "finished_at": None,
+        },
+    )
+    try:
+        async with serve(server, store=store) as client:
+            with contextlib.suppress(Exception):
+                await client.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="lost")
+    finally:
+        await store.aclose()
+    assert server.posts == 0, "an applied ask was sent again blind"
