@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,6 @@ class Violet:
         return web.json_response(record, headers={"Date": self._date()})
 
     def _date_iso(self) -> str:
-        from datetime import datetime, timezone  # noqa: PLC0415
-
         return datetime.fromtimestamp(self.clock.time(), tz=timezone.utc).isoformat()
 
     async def _list(self, request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -296,6 +297,12 @@ class KeyedAsks:
             if claim is Claim.REUSED:
                 raise _reused(key, entry.ask)
             if claim is Claim.FINISHED and entry.refund is not None:
+                if not _refund_of(entry.refund, wanted):
+                    # Not this ask's refund (a row written by someone else): returning
+                    # it would report a refund that was never made.
+                    raise _store_error(
+                        key, "reading", ValueError("its refund is of another bag or order")
+                    )
                 return entry.refund
             if claim is Claim.OWNED:
                 return await self._drive(ask_fn, entry)
@@ -353,7 +360,7 @@ class KeyedAsks:
                 )
 
         heartbeat = asyncio.create_task(self._renew(key))
-        resume = entry.ask if entry.ask.phase in (Phase.SENT, Phase.PENDING) else None
+        resume = _resumable(entry.ask)
         settled = None if resume is None else self._settled.get(_identity(resume))
         if resume is not None and settled is not None:
             # This process already resumed the ask outside the key (client.resume of
@@ -388,9 +395,17 @@ class KeyedAsks:
             ask = attrs.evolve(ask, phase=Phase.APPLIED, refund_id=refund.id)
         _bounded_put(self._returned, key, (ask, refund), self._remember)
         done = KeyEntry(key, ask, refund=refund, finished_at=self._clock.time())
+        write = asyncio.ensure_future(self.store.save(done, self.owner))
         try:
             # Shielded: a cancel now must not cut the write that ends the key.
-            await asyncio.shield(self.store.save(done, self.owner))
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The refund applied and this call holds it: the caller gets it (as a call
+            # without a key would, which has no await here). Raising instead would tell
+            # a caller "cancelled" for a refund that was made, and nothing would keep
+            # its next call on the bag (without the key) from refunding it again.
+            write.add_done_callback(partial(_log_unrecorded, key))
+            return refund
         except Exception as exc:  # noqa: BLE001 - the refund applied: return it anyway
             log.warning("could not record the refund of key %r: %s", key, exc)
         return refund
@@ -418,6 +433,28 @@ class KeyedAsks:
                     return
             except Exception as exc:  # noqa: BLE001 - tried again next time
                 log.warning("could not renew the lease of key %r: %s", key, exc)
+
+
+def _refund_of(refund: OrderRefund, ask: PendingRefund) -> bool:
+    """False when ``refund`` names another order or bag than ``ask`` (a record without
+    them is not refused for it)."""
+    return refund.order_id in (None, ask.order_id) and refund.bag_id in (None, ask.bag_id)
+
+
+def _resumable(ask: PendingRefund) -> PendingRefund | None:
+    """What a call that owns a key resumes: nothing for an ask never sent (NEW); an ask
+    sent once (any other phase a row may hold: sent, pending, or applied without its
+    refund) is read back as pending, never sent again blind."""
+    if ask.phase is Phase.NEW:
+        return None
+    if ask.phase in (Phase.SENT, Phase.PENDING):
+        return ask
+    return attrs.evolve(ask, phase=Phase.PENDING, doubted=True)
+
+
+def _log_unrecorded(key: str, write: asyncio.Future[bool]) -> None:
+    if not write.cancelled() and write.exception() is not None:
+        log.warning("could not record the refund of key %r: %s", key, write.exception())
 
 
 def _identity(ask: PendingRefund) -> tuple[Any, ...]:
