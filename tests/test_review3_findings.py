@@ -282,3 +282,94 @@ async def test_an_applied_key_without_its_refund_is_read_back_never_sent_blind(
     finally:
         await store.aclose()
     assert server.posts == 0, "an applied ask was sent again blind"
+
+
+@attrs.define
+class Stalling:
+    """A store whose first record of a send returns only after ``during`` ran: the
+    owner's process stalled (a GC pause, a frozen container) right after writing it."""
+
+    inner: SQLiteStore
+    clock: FakeClock
+    during: Any = None
+    at: int = 1
+    sent_saves: int = 0
+
+    @property
+    def lease(self) -> float:
+        return self.inner.lease
+
+    @property
+    def retention(self) -> float:
+        return self.inner.retention
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        return await self.inner.claim(fresh, now)
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        saved = await self.inner.save(entry, owner)
+        if entry.ask.phase.value == "sent":
+            self.sent_saves += 1
+            if self.sent_saves == self.at:
+                await self.during()
+            elif self.sent_saves < self.at:
+                # A slow write: the send is stamped again right before it leaves.
+                self.clock.advance(1.0)
+        return saved
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        return await self.inner.renew(key, owner, lease_until)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        return await self.inner.load(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("at", [1, 2])
+async def test_an_owner_stalled_past_its_lease_does_not_send_after_a_takeover(
+    tmp_path: Path, at: int
+) -> None:
+    """Process A records its send, then stalls past its lease and the settle window.
+    Process B (same file) takes the key over, reads the bag back (nothing: A's POST
+    has not left), proves absence and refunds. A wakes: its POST must not leave, its
+    ownership is gone. One refund."""
+    path = tmp_path / "keys.db"
+    clock = FakeClock()
+    server = Violet(clock)
+    outcomes: list[Any] = []
+    async with serve(server, store=Stalling(SQLiteStore(path), clock, at=at)) as first:
+        other = SQLiteStore(path)
+        async with VioletClient(
+            1,
+            "review-app-secret",
+            username="review-user",
+            password="review-password-0123",
+            base_url=first.base_url,
+            clock=clock,
+            retry=ROOMY,
+            store=other,
+        ) as second:
+
+            async def takeover() -> None:
+                clock.advance(200.0)
+                outcomes.append(
+                    await second.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="s")
+                )
+
+            store = first._store
+            assert isinstance(store, Stalling)
+            store.during = takeover
+            try:
+                outcomes.append(
+                    await first.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="s")
+                )
+            except Exception as exc:  # noqa: BLE001 - any outcome but a second refund
+                outcomes.append(exc)
+        await other.aclose()
+
+    assert server.posts == 1, f"{server.posts} refunds: {outcomes}"
+    given = [o for o in outcomes if not isinstance(o, Exception)]
+    assert given, outcomes
+    assert all(o.id == server.refunds[0]["id"] for o in given)
