@@ -335,11 +335,12 @@ class KeyedAsks:
                 return
             final = ask.phase in (Phase.PENDING, Phase.FAILED)
             now = clock.time()
+            lease_until = now + store.lease
             record = KeyEntry(
                 key,
                 ask,
                 owner=None if final else owner,
-                lease_until=None if final else now + store.lease,
+                lease_until=None if final else lease_until,
                 finished_at=now if ask.phase is Phase.FAILED else None,
             )
             try:
@@ -356,6 +357,16 @@ class KeyedAsks:
                 raise RecordStoreError(
                     f"idempotency key {key!r} was taken over by another process while this "
                     "call held it (its lease ran out); nothing was sent by this step",
+                    key=key,
+                )
+            elif clock.time() >= lease_until:
+                # The write landed, but this process stalled past the lease it wrote (a
+                # GC pause, a frozen container): another process may have taken the key
+                # over, read the bag back and sent. This send must not leave now.
+                raise RecordStoreError(
+                    f"recording the send of idempotency key {key!r} took past its lease "
+                    f"({store.lease:g} s): another process may have taken it over; nothing "
+                    "was sent by this step",
                     key=key,
                 )
 
