@@ -373,3 +373,35 @@ async def test_an_owner_stalled_past_its_lease_does_not_send_after_a_takeover(
     given = [o for o in outcomes if not isinstance(o, Exception)]
     assert given, outcomes
     assert all(o.id == server.refunds[0]["id"] for o in given)
+
+
+@attrs.define
+class Misanswering(Violet):
+    """Commits the refund on our bag, but answers the POST with a refund of another
+    bag (a proxy that crossed two answers, a server bug)."""
+
+    other: dict[str, Any] = attrs.Factory(dict)
+
+    async def _post(self, request: web.Request) -> web.Response:
+        await super()._post(request)
+        return web.json_response(self.other, headers={"Date": self._date()})
+
+
+@pytest.mark.parametrize("field", ["bag_id", "order_id"])
+@pytest.mark.parametrize("key", [None, "crossed"])
+async def test_a_2xx_naming_another_bag_is_not_returned_as_this_calls_refund(
+    field: str, key: str | None
+) -> None:
+    """A 2xx whose refund names another bag or order is not this call's refund: the
+    bag is read back (finding the refund that was made), never the other returned."""
+    clock = FakeClock()
+    crossed = {"id": 9999, "order_id": ORDER, "bag_id": BAG, "amount": 300}
+    crossed[field] = 4
+    server = Misanswering(clock, other={**crossed, "status": "COMPLETED"})
+    async with serve(server) as client:
+        try:
+            got = await client.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key=key)
+        except Exception as exc:  # noqa: BLE001 - pending is an honest outcome
+            got = exc
+    assert getattr(got, "id", None) != 9999, got
+    assert server.posts == 1
