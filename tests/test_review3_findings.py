@@ -405,3 +405,5 @@ async def test_a_2xx_naming_another_bag_is_not_returned_as_this_calls_refund(
             got = exc
     assert getattr(got, "id", None) != 9999, got
     assert server.posts == 1
+    if not isinstance(got, Exception):
+        assert got.id == server.refunds[0]["id"]

@@ -493,7 +493,11 @@ class VioletClient(RequestPlumbing):
             if unsettled:
                 unsettled.check(bag_id, resume)
             body = encode_request(req)
-            parse = parse_refund if kind == "refund" else partial(parse_cancel, bag_id=bag_id)
+            parse = partial(
+                parse_refund if kind == "refund" else parse_cancel,
+                order_id=order_id,
+                bag_id=bag_id,
+            )
             if (
                 resume is None
                 and save is None

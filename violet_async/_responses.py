@@ -70,21 +70,52 @@ def with_request_id(refund: OrderRefund, headers: Mapping[str, str]) -> OrderRef
     return refund
 
 
-def parse_refund(resp: RawResponse, path: str) -> OrderRefund:
+def parse_refund(
+    resp: RawResponse, path: str, *, order_id: int | None = None, bag_id: int | None = None
+) -> OrderRefund:
     """A refund POST's answer. Its amount is required: a 2xx is only returned as the
     refund made when it says what was refunded (anything less is an unreadable 2xx,
-    which is read back, never sent again)."""
+    which is read back, never sent again). A refund naming another order or bag than
+    the one asked (``order_id``, ``bag_id``) is not this call's: unreadable too."""
     data = decode(resp.body, status=resp.status, method="POST", path=path)
     refund = structure(
         data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
     )
     _require_amount(refund, resp, path, "$.amount")
+    _require_ours(refund, resp, path, "$", order_id=order_id, bag_id=bag_id)
     return with_request_id(refund, resp.headers)
 
 
 def _require_amount(refund: OrderRefund, resp: RawResponse, path: str, field: str) -> None:
     if refund.amount is None:
         raise _format_error(resp, "POST", path, "the refund in the answer has no amount", field)
+
+
+def _require_ours(
+    refund: OrderRefund,
+    resp: RawResponse,
+    path: str,
+    field: str,
+    *,
+    order_id: int | None,
+    bag_id: int | None,
+) -> None:
+    if order_id is not None and refund.order_id is not None and refund.order_id != order_id:
+        raise _format_error(
+            resp,
+            "POST",
+            path,
+            f"the refund in the answer is of order {refund.order_id}, not {order_id}",
+            f"{field}.order_id",
+        )
+    if bag_id is not None and refund.bag_id is not None and refund.bag_id != bag_id:
+        raise _format_error(
+            resp,
+            "POST",
+            path,
+            f"the refund in the answer is of bag {refund.bag_id}, not {bag_id}",
+            f"{field}.bag_id",
+        )
 
 
 def http_date(value: str | None) -> float | None:
@@ -225,7 +256,9 @@ def parse_refund_list(resp: RawResponse, path: str) -> list[OrderRefund]:
     return parse_refund_page(resp, path).refunds
 
 
-def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
+def parse_cancel(
+    resp: RawResponse, path: str, *, bag_id: int, order_id: int | None = None
+) -> OrderRefund:
     """A cancel's answer: Violet's cancellation body (202, the orders-and-checkout
     pages) or a bare refund (200, the older order-service page).
 
@@ -242,6 +275,7 @@ def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
             data, OrderRefund, body=resp.body, status=resp.status, method="POST", path=path
         )
         _require_amount(refund, resp, path, "$.amount")
+        _require_ours(refund, resp, path, "$", order_id=order_id, bag_id=bag_id)
         return with_request_id(refund, resp.headers)
     result = structure(
         data, OrderCancellation, body=resp.body, status=resp.status, method="POST", path=path
@@ -286,6 +320,9 @@ def parse_cancel(resp: RawResponse, path: str, *, bag_id: int) -> OrderRefund:
                 "$.cancelled_bags.refund.bag_id",
             )
         _require_amount(bag.refund, resp, path, "$.cancelled_bags.refund.amount")
+        _require_ours(
+            bag.refund, resp, path, "$.cancelled_bags.refund", order_id=order_id, bag_id=None
+        )
         return with_request_id(bag.refund, resp.headers)
     if result.status is CancelStatus.CANCELLATION_FAILURE:
         raise CancellationFailedError(
