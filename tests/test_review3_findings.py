@@ -145,9 +145,7 @@ async def _until(predicate: Any) -> None:
     raise AssertionError("never happened")
 
 
-async def test_cancelled_while_the_end_is_recorded_a_repeat_without_key_never_refunds_twice() -> (
-    None
-):
+async def test_cancelled_while_the_end_is_recorded_no_second_refund_without_key() -> None:
     """The POST applied; the caller cancels while the store records the key's end (a
     slow disk, a wait_for running out). The caller either gets its refund, or the next
     call on the bag is refused: never a second refund for a caller who was told
@@ -495,10 +493,13 @@ class Cancelling(Violet):
         )
         return web.json_response(self.answer, status=202, headers={"Date": self._date()})
 
+    async def _order(self, request: web.Request) -> web.Response:
+        status = "CANCELED" if self.cancel_posts else "COMPLETED"
+        bag = {"id": BAG, "status": status, "total": 1000}
+        return web.json_response({"id": ORDER, "bags": [bag]}, headers={"Date": self._date()})
 
-async def test_a_failed_cancellation_that_lists_a_cancelled_bag_is_not_a_definite_failure() -> (
-    None
-):
+
+async def test_a_failed_cancellation_listing_a_cancelled_bag_is_not_definite() -> None:
     """Overall CANCELLATION_FAILURE, this bag not listed, yet a bag listed as cancelled
     with a refund: the body contradicts itself, so it proves nothing. The bag is read
     back (the cancel's refund is there) instead of telling the caller nothing

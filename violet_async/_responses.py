@@ -264,11 +264,11 @@ def parse_cancel(
 
     In a cancellation body, this bag's own entry decides: ``CANCELLATION_FAILURE`` is a
     definite failure (:class:`CancellationFailedError`), a refund is the cancel's
-    refund. Without an entry for this bag, only an overall ``CANCELLATION_FAILURE`` is a
-    failure; any other answer (``{"status": "CANCELED", "cancelled_bags": []}``, a
-    cancelled bag without its refund) is a 2xx that says too little: a
-    :class:`ResponseFormatError`, after which the bag is read back, never cancelled
-    again."""
+    refund. Without an entry for this bag, only an overall ``CANCELLATION_FAILURE`` that
+    lists no bag cancelled and no refund is a failure; any other answer
+    (``{"status": "CANCELED", "cancelled_bags": []}``, a cancelled bag without its refund)
+    is a 2xx that says too little: a :class:`ResponseFormatError`, after which the bag
+    is read back, never cancelled again."""
     data = decode(resp.body, status=resp.status, method="POST", path=path)
     if not _is_cancellation(data):
         refund = structure(
@@ -324,7 +324,13 @@ def parse_cancel(
             bag.refund, resp, path, "$.cancelled_bags.refund", order_id=order_id, bag_id=None
         )
         return with_request_id(bag.refund, resp.headers)
-    if result.status is CancelStatus.CANCELLATION_FAILURE:
+    contradicted = any(
+        bag.refund is not None or bag.status is not CancelStatus.CANCELLATION_FAILURE
+        for bag in result.cancelled_bags
+    )
+    if result.status is CancelStatus.CANCELLATION_FAILURE and not contradicted:
+        # (A "failure" listing a bag cancelled, or a refund, contradicts itself: this
+        # bag may have been cancelled too. It proves nothing: read back.)
         raise CancellationFailedError(
             f"bag {bag_id} was not cancelled: {result.message or 'CANCELLATION_FAILURE'}",
             status=str(result.status),
