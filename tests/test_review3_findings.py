@@ -529,3 +529,78 @@ async def test_a_failed_cancellation_listing_a_cancelled_bag_is_not_definite() -
     assert server.cancel_posts == 1
     if not isinstance(got, Exception):
         assert got.id == server.refunds[0]["id"]
+
+
+@attrs.define
+class HeldFirst(Violet):
+    """The first POST commits 30 s (monotonic) after it arrives and answers only once
+    ``gate`` opens; later POSTs as usual."""
+
+    gate: asyncio.Event = attrs.Factory(asyncio.Event)
+    arrived: asyncio.Event = attrs.Factory(asyncio.Event)
+    held: bool = False
+
+    async def _post(self, request: web.Request) -> web.Response:
+        if self.held:
+            return await super()._post(request)
+        self.held = True
+        self.posts += 1
+        await request.read()
+        self.next_id += 1
+        record = {
+            "id": self.next_id,
+            "order_id": ORDER,
+            "bag_id": BAG,
+            "amount": 300,
+            "status": "COMPLETED",
+            "date_created": self._date_iso(),
+        }
+        self.clock.call_later(30.0, lambda: self.refunds.append(record))
+        self.arrived.set()
+        await self.gate.wait()
+        return web.json_response(record, headers={"Date": self._date()})
+
+
+async def test_a_wall_clock_step_during_a_post_never_refunds_twice(tmp_path: Path) -> None:
+    """Process A's POST is at Violet (it commits 30 s later) when the machine's wall
+    clock steps 200 s forward (NTP after a suspend): A's lease reads expired before its
+    next renewal. Process B takes the key over: its read-back must not prove absence
+    while A's request may still be running, whatever the recorded send time says. One
+    refund, and both callers get it."""
+    path = tmp_path / "keys.db"
+    clock = FakeClock()
+    server = HeldFirst(clock)
+    outcomes: list[Any] = []
+    async with serve(server, store=SQLiteStore(path)) as first:
+        other = SQLiteStore(path)
+        async with VioletClient(
+            1,
+            "review-app-secret",
+            username="review-user",
+            password="review-password-0123",
+            base_url=first.base_url,
+            clock=clock,
+            retry=ROOMY,
+            store=other,
+        ) as second:
+            call = asyncio.ensure_future(
+                first.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="k")
+            )
+            await server.arrived.wait()
+            clock.wall_start += 200.0
+            try:
+                outcomes.append(
+                    await second.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="k")
+                )
+            except Exception as exc:  # noqa: BLE001 - pending is an honest outcome
+                outcomes.append(exc)
+            server.gate.set()
+            outcomes.append(await call)
+        await other.aclose()
+        store = first._store
+        assert store is not None
+        await store.aclose()
+    assert server.posts == 1, (server.posts, outcomes)
+    assert len(server.refunds) == 1
+    given = [o for o in outcomes if not isinstance(o, Exception)]
+    assert all(o.id == server.refunds[0]["id"] for o in given), outcomes
