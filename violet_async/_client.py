@@ -325,7 +325,8 @@ class VioletClient(RequestPlumbing):
         if keys is None:
             store = self._store if self._store is not None else MemoryStore()
             self._store = store
-            keys = self._keys = KeyedAsks(store, self._shared.clock)
+            in_flight = self._timeouts.connect + self._timeouts.read + self._retry.settle_running
+            keys = self._keys = KeyedAsks(store, self._shared.clock, in_flight=in_flight)
         return keys
 
     async def _keyed(

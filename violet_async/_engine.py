@@ -203,8 +203,13 @@ class KeyedAsks:
         *,
         poll_interval: float = 0.25,
         remember: int = 10_000,
+        in_flight: float = 0.0,
     ) -> None:
         self.store = store
+        # Seconds a request of an interrupted owner may still be running and then
+        # commit (one attempt's timeout plus ``settle_running``), counted from the
+        # moment the ask is taken over.
+        self._in_flight = in_flight
         self.owner = secrets.token_hex(8)
         self._clock = clock
         self._poll = poll_interval
@@ -371,7 +376,7 @@ class KeyedAsks:
                 )
 
         heartbeat = asyncio.create_task(self._renew(key))
-        resume = _resumable(entry.ask)
+        resume = self._resumed(entry.ask)
         settled = None if resume is None else self._settled.get(_identity(resume))
         if resume is not None and settled is not None:
             # This process already resumed the ask outside the key (client.resume of
@@ -399,6 +404,20 @@ class KeyedAsks:
         finally:
             heartbeat.cancel()
         return await self._finish(key, latest, refund)
+
+    def _resumed(self, ask: PendingRefund) -> PendingRefund | None:
+        """The record a call taking the key resumes (None: a new ask)."""
+        resume = _resumable(ask)
+        if resume is None or resume.phase is not Phase.SENT:
+            return resume
+        # Its owner stopped mid-send (killed, cancelled, stalled past its lease, or its
+        # clock stepped): its request may still be running at Violet, however long ago
+        # the record says it left. Absence is not provable before then.
+        now = self._clock.time()
+        recorded = resume.settle_until
+        if recorded is None:
+            recorded = (resume.last_sent_at or now) + self._in_flight
+        return attrs.evolve(resume, settle_until=max(recorded, now + self._in_flight))
 
     async def _finish(self, key: str, ask: PendingRefund, refund: OrderRefund) -> OrderRefund:
         """Record the refund under the key: here first (no await), then in the store."""
