@@ -109,6 +109,8 @@ class SlowEnd:
     inner: MemoryStore = attrs.Factory(MemoryStore)
     gate: asyncio.Event = attrs.Factory(asyncio.Event)
     waiting: bool = False
+    fail: bool = False
+    """The write of the end fails once the gate opens (a full disk)."""
 
     @property
     def lease(self) -> float:
@@ -125,6 +127,8 @@ class SlowEnd:
         if entry.refund is not None and not self.gate.is_set():
             self.waiting = True
             await self.gate.wait()
+            if self.fail:
+                raise OSError("disk full")
         return await self.inner.save(entry, owner)
 
     async def renew(self, key: str, owner: str, lease_until: float) -> bool:
@@ -145,13 +149,16 @@ async def _until(predicate: Any) -> None:
     raise AssertionError("never happened")
 
 
-async def test_cancelled_while_the_end_is_recorded_no_second_refund_without_key() -> None:
+@pytest.mark.parametrize("fail", [False, True])
+async def test_cancelled_while_the_end_is_recorded_no_second_refund_without_key(
+    fail: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """The POST applied; the caller cancels while the store records the key's end (a
-    slow disk, a wait_for running out). The caller either gets its refund, or the next
-    call on the bag is refused: never a second refund for a caller who was told
-    nothing."""
+    slow disk, a wait_for running out; the write may then fail too). The caller either
+    gets its refund, or the next call on the bag is refused: never a second refund for
+    a caller who was told nothing."""
     server = Violet(FakeClock())
-    store = SlowEnd()
+    store = SlowEnd(fail=fail)
     async with serve(server, store=store) as client:
         call = asyncio.ensure_future(
             client.refund_bag(ORDER, BAG, amount_refunded=300, idempotency_key="end")
@@ -170,6 +177,7 @@ async def test_cancelled_while_the_end_is_recorded_no_second_refund_without_key(
     if first is not None:
         assert first == again
         assert first.id == server.refunds[0]["id"]
+    assert ("could not record the refund" in caplog.text) is fail
 
 
 def _plant(path: Path, key: str, entry: dict[str, Any]) -> None:
