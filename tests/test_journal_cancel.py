@@ -391,15 +391,17 @@ async def test_a_full_disk_at_open_lets_the_lock_go(
     """Writing the holder's pid into the lock file fails (a full disk): the open fails
     and the lock goes with it, so the next open in this process is not refused."""
     path = tmp_path / "j.jsonl"
-    real = os.pwrite
+    real = os.write
 
-    def full(*args: object) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(fd: int, data: bytes) -> int:
+        if data == f"{os.getpid()}\n".encode():  # the holder's pid, into the lock file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
 
-    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "write", full)
     with pytest.raises(OSError, match="No space"):
         await Journal.open(path, input_id="x")
-    monkeypatch.setattr(os, "pwrite", real)
+    monkeypatch.setattr(os, "write", real)
     await (await Journal.open(path, input_id="x")).aclose()
 
 

@@ -25,7 +25,7 @@ means the request definitely did not apply; "present" that it was not sent becau
 bag already held exactly this refund; "unsent" that it never reached Violet (sent anew
 next time, after the usual read of the bag).
 
-One run at a time: :meth:`Journal.open` takes an exclusive ``flock`` on a sidecar
+One run at a time: :meth:`Journal.open` takes an exclusive file lock on a sidecar
 ``JOURNAL.lock`` (released by the kernel when the process ends, even by ``kill -9``)
 and raises :class:`JournalLockedError` naming the holder's pid. A last line torn by a
 crash mid-write is cut off before anything is appended.
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from typing import Any, TypeVar
 
 import attrs
 import orjson
+import portalocker
 
 from .exceptions import VioletError
 
@@ -391,13 +391,17 @@ def lock_path(path: Path) -> Path:
 
 
 def _lock(path: Path) -> int:
-    """Take the journal's exclusive lock (a sidecar file holding the holder's pid)."""
+    """Take the journal's exclusive lock (a sidecar file holding the holder's pid).
+
+    The operating system's own file lock (``flock`` on POSIX, ``LockFileEx`` /
+    ``msvcrt.locking`` on Windows, through portalocker): the kernel releases it when
+    the holder exits, ``kill -9`` included."""
     where = lock_path(path)
-    fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(where, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        portalocker.lock(fd, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+    except portalocker.AlreadyLocked:
+        holder = _holder(fd)
         os.close(fd)
         pid = int(holder) if holder.isdigit() else None
         who = f"process {pid}" if pid is not None else "another process"
@@ -411,11 +415,26 @@ def _lock(path: Path) -> int:
         raise
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
     except BaseException:
         os.close(fd)  # a full disk: the lock goes with the refusal
         raise
     return fd
+
+
+def _unlock(fd: int) -> None:
+    """Let the journal's lock go without closing its file (what a process's death does)."""
+    portalocker.unlock(fd)
+
+
+def _holder(fd: int) -> str:
+    """The pid the lock's holder wrote, or "" (Windows refuses to read a locked range)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
 
 
 def _load_and_repair(

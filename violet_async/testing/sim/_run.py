@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import random
@@ -705,7 +704,7 @@ class _World:
             # A dead process holds no lock: the OS releases its flock on the journal.
             for journal in opened:
                 if journal._lock_fd is not None:
-                    fcntl.flock(journal._lock_fd, fcntl.LOCK_UN)
+                    _journal._unlock(journal._lock_fd)
             if task is not None:
                 task.cancel()
 
