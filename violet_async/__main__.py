@@ -15,6 +15,7 @@ from typing import Any
 
 from . import _audit_cli, _batch_cli
 from ._demo import run_demo
+from ._signals import on_signals
 from ._version import __version__
 from .exceptions import RequestValidationError, VioletError
 from .testing import FakeViolet, FaultPlan
@@ -34,14 +35,14 @@ async def _serve(args: argparse.Namespace) -> int:
         cancel_response=args.cancel_response,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    restore_signals = on_signals(stop.set, (signal.SIGINT, signal.SIGTERM))
     try:
         await fake.start()
     except OSError as exc:
+        restore_signals()
         await fake.stop()
-        if exc.errno != errno.EADDRINUSE:
+        # Windows names it WSAEADDRINUSE (10048).
+        if exc.errno not in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None)):
             raise
         # The usual first-run mistake (a second fake-server, or anything else on 8080)
         # gets one line, not the event loop's traceback.
@@ -55,6 +56,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(_fake_server_banner(fake), end="", flush=True)
         await stop.wait()
     finally:
+        restore_signals()
         await fake.stop()
     print("fake-server stopped", flush=True)
     return 0

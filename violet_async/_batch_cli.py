@@ -11,7 +11,6 @@ import csv
 import difflib
 import hashlib
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from ._converter import converter, encode_request
 from ._journal import Journal, JournalLockedError, JournalMismatchError
 from ._redact import Redactor
 from ._retry import RetryPolicy
+from ._signals import on_signals
 from ._transport import Timeouts
 from .batch import CLEAN_OUTCOMES, BatchItem, BatchResult, Kind, never_reached, run_batch
 from .exceptions import AuthenticationError, RateLimitError, RequestValidationError, VioletError
@@ -647,8 +647,7 @@ async def _execute(  # noqa: PLR0917 - one call site
     err: IO[str],
 ) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    restore_signals = on_signals(stop.set)
     interrupted = False
     stopped: BatchResult | None = None
     tally = _Tally()
@@ -691,7 +690,7 @@ async def _execute(  # noqa: PLR0917 - one call site
                 progress.tick()
             interrupted = stop.is_set() and stopped is None
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        restore_signals()
         if sink is not None:
             sink.close()
         tally.problem_file.close()

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .. import _batch_cli
+from .._signals import on_signals
 from ..batch import BatchItem
 from ._arq import FleetConfig, close_worker, enqueue, worker_settings
 from ._ledger import DEFAULT_PREFIX, STATES, NonDurableRedisError, RedisLedger
@@ -135,10 +136,8 @@ async def _worker(args: argparse.Namespace) -> int:
         or None,
     )
     worker = Worker(**worker_settings(config), burst=args.burst, handle_signals=False)
-    loop = asyncio.get_running_loop()
     main = asyncio.ensure_future(worker.main())
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
+    restore_signals = on_signals(main.cancel, (signal.SIGINT, signal.SIGTERM))
     try:
         await main
     except asyncio.CancelledError:
@@ -147,8 +146,7 @@ async def _worker(args: argparse.Namespace) -> int:
         print(f"violet-async: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        restore_signals()
         await close_worker(worker)
     return EXIT_OK
 
