@@ -287,9 +287,16 @@ async def test_redis_dedup_store(redis: Redis) -> None:
 
     store = RedisDedupStore(redis)
     other = RedisDedupStore(redis)  # another host's receiver
-    claims = await asyncio.gather(*(s.claim("evt-1", 5) for s in (store, other, store)))
+    claimants = (store, other, store)
+    claims = await asyncio.gather(*(s.claim("evt-1", 5) for s in claimants))
     assert sorted(c.value for c in claims) == ["new", "running", "running"]
-    await store.release("evt-1")
+    # Which concurrent claim wins is up to the scheduler: the winner's release frees it,
+    # a loser's release (it holds no claim) does not.
+    winner = claimants[claims.index(ClaimResult.NEW)]
+    loser = other if winner is store else store
+    await loser.release("evt-1")
+    assert await RedisDedupStore(redis).claim("evt-1", 5) is ClaimResult.RUNNING
+    await winner.release("evt-1")
     assert await other.claim("evt-1", 5) is ClaimResult.NEW
     await other.done("evt-1")
     await store.release("evt-1")  # a done key stays done
