@@ -357,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # One line, never a traceback: SDK messages are already redacted.
     except RequestValidationError as exc:
-        print(f"violet-async: configuration: {exc}", file=sys.stderr)
+        print(
+            f"violet-async: configuration: {_batch_cli.configuration_message(exc)}",
+            file=sys.stderr,
+        )
         return 2
     except VioletError as exc:
         print(f"violet-async: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -413,15 +416,38 @@ def _add_fleet_commands(sub: Any) -> None:
     """``enqueue``, ``worker`` and ``status`` (the ``fleet`` extra)."""
     from .fleet import _cli as fleet_cli  # noqa: PLC0415 - present: the hook is registered
 
-    fleet_cli.add_commands(sub)
+    fleet_cli.add_commands(sub, _HelpFormatter)
     for name in fleet_cli.COMMANDS:
         sub.choices[name].set_defaults(handler=fleet_cli.run)
 
 
+def _add_fleet_placeholders(sub: Any) -> None:
+    """``enqueue``, ``worker`` and ``status`` on the core install: each says which extra
+    it needs, rather than argparse's "invalid choice"."""
+    for name, text in (
+        ("enqueue", "queue every row of FILE for the fleet's workers (needs the fleet extra)"),
+        ("worker", "run a fleet worker (needs the fleet extra)"),
+        ("status", "the fleet ledger (needs the fleet extra)"),
+    ):
+        # No option prefix: whatever follows (--redis URL, --help) is taken as it is.
+        cmd = sub.add_parser(name, help=text, description=text, add_help=False, prefix_chars="+")
+        cmd.add_argument("rest", nargs="*")
+        cmd.set_defaults(handler=_needs_fleet_extra)
+
+
+def _needs_fleet_extra(args: argparse.Namespace) -> int:
+    print(
+        f"violet-async {args.command}: the fleet commands need the fleet extra (redis-py "
+        "and arq): pip install 'violet-async[fleet]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
 try:  # the fleet commands need the 'fleet' extra (redis, arq)
     from .fleet import _cli as _fleet_cli  # noqa: F401 - imported to know it is there
-except ImportError:  # pragma: no cover - without the extra
-    pass
+except ImportError:  # without the extra: the commands say what to install
+    add_command_hook(_add_fleet_placeholders)
 else:
     add_command_hook(_add_fleet_commands)
 

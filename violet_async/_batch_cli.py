@@ -28,8 +28,22 @@ from ._redact import Redactor
 from ._retry import RetryPolicy
 from ._signals import on_signals
 from ._transport import Timeouts
-from .batch import CLEAN_OUTCOMES, BatchItem, BatchResult, Kind, never_reached, run_batch
-from .exceptions import AuthenticationError, RateLimitError, RequestValidationError, VioletError
+from .batch import (
+    AUTH_PATHS,
+    CLEAN_OUTCOMES,
+    BatchItem,
+    BatchResult,
+    Kind,
+    never_reached,
+    run_batch,
+)
+from .exceptions import (
+    APIError,
+    AuthenticationError,
+    RateLimitError,
+    RequestValidationError,
+    VioletError,
+)
 from .models import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
 from .models._validators import check_id
 
@@ -172,6 +186,11 @@ def _amount(row: dict[str, Any], skus: Any, *, full_refunds: bool) -> int | None
             )
         return None
     amount = _int_field(row, "amount_refunded")
+    if amount == 0:
+        raise RequestValidationError(
+            "amount_refunded",
+            "is 0: a refund of 0 cents refunds nothing; give the cents to refund, or full",
+        )
     if amount is None and skus is None and not full_refunds:
         raise RequestValidationError(
             "amount_refunded",
@@ -273,6 +292,13 @@ def _csv_rows(handle: IO[str], kind: Kind) -> Iterator[tuple[int, Any]]:
     if missing:
         problems.append(f"missing column(s): {', '.join(missing)}")
     if problems:
+        separator = next((s for s in (";", "\t") if any(s in name for name in header)), None)
+        if separator is not None:  # the other problems only follow from this one
+            problems = [
+                f"the header is separated by {'semicolons' if separator == ';' else 'tabs'}, "
+                "not commas: save the file as CSV with commas (Excel: CSV UTF-8), or as JSON "
+                f"lines (header read: {header[0]!r})"
+            ]
         yield 1, RowError(1, "; ".join(problems))
         return
     for row in reader:
@@ -289,7 +315,9 @@ def read_items(
     path: Path, kind: Kind, *, full_refunds: bool = False
 ) -> Iterator[BatchItem | RowError]:
     """Lazily parse and check every row; bad rows come back as RowError."""
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a file saved by Excel starts with a byte-order mark, not part of the
+    # first column's name.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         for line, row in _rows(handle, path, kind):
             if isinstance(row, RowError):
                 yield row
@@ -324,12 +352,15 @@ class _Plan:
     amount: int = 0
     shipping: int = 0
     keys: Counter[str] = attrs.Factory(Counter)
+    large: list[tuple[int, int]] = attrs.Factory(list)  # (line, cents) over LARGE_AMOUNT
 
     def add(self, item: BatchItem) -> str:
         request = item.request
         if isinstance(request, RefundBagRequest):
             if request.amount_refunded is not None:
                 self.amount += request.amount_refunded
+                if request.amount_refunded >= LARGE_AMOUNT:
+                    self.large.append((item.line, request.amount_refunded))
             elif request.skus is not None:
                 self.sku_only += 1
             else:
@@ -348,9 +379,26 @@ class _Plan:
         if kind == "refund":
             out.write(f"  {'whole-bag refunds':<22} {self.full:>10}\n")
             out.write(f"  {'refunds of SKU lines':<22} {self.sku_only:>10}\n")
-            out.write(f"  {'sum of amounts':<22} {_money(self.amount):>10}\n")
+            out.write(f"  {'sum of amounts':<22} {_money(self.amount):>10}  {_UNIT}\n")
             if self.shipping:
-                out.write(f"  {'sum of shipping':<22} {_money(self.shipping):>10}\n")
+                out.write(f"  {'sum of shipping':<22} {_money(self.shipping):>10}  {_UNIT}\n")
+            self.warn(out)
+
+    def warn(self, out: IO[str]) -> None:
+        """Name every row whose amount is large enough to be a typo."""
+        for line, cents in self.large[:PLAN_ROWS]:
+            out.write(
+                f"  warning: line {line}: amount_refunded is {cents:,} cents "
+                f"({_money(cents)}); amounts are in cents: check this is not a typo\n"
+            )
+        if len(self.large) > PLAN_ROWS:
+            out.write(f"  warning: ... and {len(self.large) - PLAN_ROWS} more large amount(s)\n")
+
+
+# Amounts are the order's currency in its minor unit; the file does not say which.
+_UNIT = "(from cents, in each order's own currency)"
+# A single refund of 10,000.00 or more is worth a second look before it is sent.
+LARGE_AMOUNT = 1_000_000
 
 
 def _money(cents: int) -> str:
@@ -469,7 +517,9 @@ _ADVICE = {
     "journal entry accounts for it (an earlier run with another journal, or another "
     "system), or an earlier run's row on the bag, edited since, did apply; check the "
     "bag before doing anything else with these rows",
-    "already_failed": "skipped: an earlier run recorded Violet refusing these",
+    "already_failed": "skipped: an earlier run recorded Violet refusing these; once "
+    "the cause is fixed, run the same command with --retry-failed (each bag is read "
+    "first, then the row is sent again)",
 }
 
 
@@ -527,8 +577,11 @@ class _Tally:
             f"429s {self.rate_limited}, {self.rate_limited / rows:.2f} a row)\n"
         )
         out.write(f"  {'elapsed':<16} {elapsed:>7.1f}s\n")
-        rate = results["succeeded"] / max(elapsed, 1e-9)
-        out.write(f"  {'refunds/s':<16} {rate:>8.1f}  ({self.sent} sent this run)\n")
+        if results["succeeded"]:
+            rate = results["succeeded"] / max(elapsed, 1e-9)
+            out.write(f"  {'refunds/s':<16} {rate:>8.1f}  ({self.sent} sent this run)\n")
+        else:  # a rate of 0.0 would read as a stalled run
+            out.write(f"  {'sent':<16} {self.sent:>8}  ({self.sent} sent this run)\n")
         bad = sum(results[k] for k in _ORDER if k not in CLEAN_OUTCOMES)
         if not bad:
             return
@@ -566,6 +619,7 @@ async def run_file(
     if options.dry_run:
         _print_plan(kind, path, plan, journal, out, full_refunds=options.full_refunds)
         return EXIT_OK
+    plan.warn(err)
     overrides: dict[str, Any] = {
         "retry": RetryPolicy(settle_running=options.settle_running),
         "timeouts": Timeouts(connect=min(5.0, options.timeout), read=options.timeout),
@@ -577,7 +631,7 @@ async def run_file(
     try:
         client = VioletClient.from_env(**overrides)
     except RequestValidationError as exc:
-        err.write(f"violet-async: configuration: {exc}\n")
+        err.write(f"violet-async: configuration: {configuration_message(exc)}\n")
         return EXIT_BAD_INPUT
     try:
         log = await Journal.open(journal, input_id=f"{kind}:{_file_id(path)}")
@@ -612,7 +666,8 @@ async def _preflight(
         await probe.get_order(first.order_id)
     except VioletError as exc:
         if never_reached(exc):
-            err.write(f"violet-async: {_stop_reason(exc)}; nothing was sent\n")
+            reason = _stop_reason(exc, client._shared.base_url)
+            err.write(f"violet-async: {reason}; nothing was sent\n")
             return False
     return True
 
@@ -623,14 +678,51 @@ def _fatal(result: BatchResult, tally: _Tally) -> bool:
     connection lost later, after the client's retries, is that row's outcome.)"""
     if result.outcome != "not_sent" or isinstance(result.error, RateLimitError):
         return False
-    return isinstance(result.error, AuthenticationError) or not tally.results["succeeded"]
+    if isinstance(result.error, AuthenticationError) or _login_answered(result.error):
+        return True
+    return not tally.results["succeeded"]
 
 
-def _stop_reason(exc: BaseException | None) -> str:
+def _login_answered(exc: BaseException | None) -> bool:
+    """The login (or token renewal) was answered with an error status other than 401:
+    there is no Violet API at that URL (a path without /v1, a stray character)."""
+    return (
+        isinstance(exc, APIError)
+        and not isinstance(exc, AuthenticationError)
+        and exc.path in AUTH_PATHS
+    )
+
+
+def configuration_message(exc: RequestValidationError) -> str:
+    """A configuration error in the command line's terms: the VIOLET_* variables and
+    flags an operator sets, not the Python keyword arguments behind them."""
+    if exc.field in ("token", "refresh_token", "username", "password"):
+        return (
+            "no credentials to log in with: set VIOLET_USERNAME and VIOLET_PASSWORD "
+            "(or VIOLET_TOKEN, or VIOLET_REFRESH_TOKEN)"
+        )
+    if exc.field == "base_url":
+        if "plain http" in str(exc):
+            return (
+                "VIOLET_BASE_URL (or --base-url) is plain http to another machine: the "
+                "app secret would cross the network in clear text; use https (plain "
+                "http is accepted only for 127.0.0.1 / localhost, such as fake-server)"
+            )
+        return f"VIOLET_BASE_URL (or --base-url): {exc}"
+    return str(exc)
+
+
+def _stop_reason(exc: BaseException | None, base_url: str = "") -> str:
     if isinstance(exc, AuthenticationError):
         return (
             f"Violet refused the credentials ({exc}); check VIOLET_APP_ID, "
             "VIOLET_APP_SECRET, VIOLET_USERNAME / VIOLET_PASSWORD or VIOLET_TOKEN"
+        )
+    if isinstance(exc, APIError) and _login_answered(exc):
+        return (
+            f"the login at {base_url!r} was answered {exc.status} ({exc}): is "
+            "VIOLET_BASE_URL (or --base-url) right? Violet's API URLs end in /v1, such "
+            f"as {Environment.SANDBOX.value}"
         )
     return f"cannot reach Violet ({exc}); check VIOLET_BASE_URL / VIOLET_ENV and the network"
 
@@ -699,8 +791,9 @@ async def _execute(  # noqa: PLR0917 - one call site
     tally.write(time.monotonic() - started, out, problems_path)
     out.write(f"journal: {log.path}\n")
     if stopped is not None:
+        reason = _stop_reason(stopped.error, client._shared.base_url)
         err.write(
-            f"violet-async: stopped at line {stopped.item.line}: {_stop_reason(stopped.error)};"
+            f"violet-async: stopped at line {stopped.item.line}: {reason};"
             " rows that never reached Violet are not marked failed: run the same command"
             " again once this is fixed\n"
         )

@@ -46,6 +46,7 @@ from ._telemetry import CAPTURE, count_item
 from .exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
+    APIError,
     AuthenticationError,
     RateLimitError,
     RefundAlreadyPresentError,
@@ -862,10 +863,18 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
     return sent_once(item.kind, item.order_id, item.bag_id, item.request, prior.first_sent)
 
 
+# Where the client logs in and renews its token: an error answered there came before
+# the item's own request left.
+AUTH_PATHS = frozenset({"/login", "/auth/token"})
+
+
 def never_reached(exc: BaseException) -> bool:
-    """The error proves Violet never took the request: credentials refused (401) or no
+    """The error proves Violet never took the request: credentials refused (401), the
+    login itself answered with an error (a 404 from a wrong ``VIOLET_BASE_URL``), or no
     connection could be made (refused, DNS). Nothing about the item is "failed"."""
     if isinstance(exc, AuthenticationError):
+        return True
+    if isinstance(exc, APIError) and exc.path in AUTH_PATHS:
         return True
     return isinstance(exc, APIConnectionError) and not exc.request_sent
 
