@@ -288,6 +288,6 @@ async def test_arq_worker_in_process_and_cli(
 def test_cli_reports_redis_down_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     from violet_async.__main__ import main
 
-    assert main(["status", "--redis", "redis://127.0.0.1:1/0"]) == 1
-    assert capsys.readouterr().err.startswith("violet-async: redis: ")
+    assert main(["status", "--redis", "redis://127.0.0.1:1/0"]) == 2
+    assert capsys.readouterr().err.startswith("violet-async: cannot reach Redis (")
     assert main(["worker", "--redis", "redis://127.0.0.1:1/0", "--rate", "0"]) == 2

@@ -27,19 +27,63 @@ COMMANDS = ("enqueue", "worker", "status")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def add_commands(subparsers: Any) -> None:
+_DESCRIPTIONS = {
+    "enqueue": "Queue every row of FILE for the fleet's workers, each row at most once: the "
+    "same strict rows as `violet-async refund` / `cancel` (every row is checked first; a "
+    "bad row queues nothing). Enqueuing a file twice, or from two producers at once, "
+    "queues nothing new: each row is keyed by its content.",
+    "worker": "Run a fleet worker (arq) until Ctrl-C: it takes queued rows, holds one lock "
+    "per bag across the fleet, writes each send to the Redis ledger before it leaves and "
+    "reads a bag back before anything is sent again. Run one on each host.",
+    "status": "The fleet ledger: counts by state, progress, and the failed rows with their "
+    "lines and errors.",
+}
+_HELP = {
+    "enqueue": "queue every row of FILE (refund or cancel) for the fleet's workers",
+    "worker": "run a fleet worker (arq) until Ctrl-C",
+    "status": "the fleet ledger: counts by state, progress, failures with their lines",
+}
+_EXITS = {
+    "enqueue": "  0    every row is queued (or was already queued or finished)\n"
+    "  1    Redis failed while rows were being queued: run the same command again\n"
+    "  2    a bad row (nothing queued), no such file, or Redis unreachable",
+    "worker": "  0    stopped (Ctrl-C, or --burst and the queue is empty)\n"
+    "  2    bad configuration (VIOLET_* variables, options) or Redis unreachable",
+    "status": "  0    no item failed\n  1    some item failed (listed with its line)\n"
+    "  2    Redis unreachable",
+}
+_ENVIRONMENT = """environment:
+  VIOLET_APP_ID, VIOLET_APP_SECRET   your app (required by worker)
+  VIOLET_USERNAME, VIOLET_PASSWORD   log in (or VIOLET_TOKEN, VIOLET_REFRESH_TOKEN)
+  VIOLET_ENV                         sandbox (default) or production
+  VIOLET_BASE_URL                    another Violet, e.g. `violet-async fake-server`
+"""
+
+
+def add_commands(subparsers: Any, formatter: type[argparse.HelpFormatter] | None = None) -> None:
     """Add ``enqueue``, ``worker`` and ``status`` to the CLI's subparsers."""
-    for name, text in (
-        ("enqueue", "queue every row of FILE (refund or cancel) for the fleet's workers"),
-        ("worker", "run a fleet worker (arq) until Ctrl-C"),
-        ("status", "the fleet ledger: counts by state, progress, failures with their lines"),
-    ):
-        cmd = subparsers.add_parser(name, help=text, description=text)
-        cmd.add_argument("--redis", required=True, metavar="URL", help="redis://host:port/db")
-        cmd.add_argument("--prefix", default=DEFAULT_PREFIX, help="ledger key prefix")
+    for name in COMMANDS:
+        epilog = (_ENVIRONMENT + "\n" if name == "worker" else "") + "exit codes:\n" + _EXITS[name]
+        cmd = subparsers.add_parser(
+            name,
+            help=_HELP[name],
+            description=_DESCRIPTIONS[name],
+            epilog=epilog,
+            formatter_class=formatter or argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.add_argument(
+            "--redis", required=True, metavar="URL", help="the fleet's Redis: redis://host:port/db"
+        )
+        cmd.add_argument(
+            "--prefix",
+            default=DEFAULT_PREFIX,
+            help="prefix of the ledger's keys (one per fleet sharing a Redis)",
+        )
         if name == "enqueue":
-            cmd.add_argument("file", type=Path)
-            cmd.add_argument("--kind", choices=("refund", "cancel"), default="refund")
+            cmd.add_argument("file", type=Path, metavar="FILE", help="the rows to queue")
+            cmd.add_argument(
+                "--kind", choices=("refund", "cancel"), default="refund", help="what each row is"
+            )
             cmd.add_argument(
                 "--new-ledger",
                 action="store_true",
@@ -47,18 +91,45 @@ def add_commands(subparsers: Any) -> None:
                 "be in flight): the first sends need not wait a settle window",
             )
         if name == "worker":
-            cmd.add_argument("--concurrency", type=int, default=16)
+            cmd.add_argument("--concurrency", type=int, default=16, help="jobs at a time")
             cmd.add_argument(
                 "--rate",
                 type=float,
                 default=None,
-                help="refund/cancel sends per second for the whole fleet",
+                help="refund/cancel sends per second for the whole fleet (default: no limit)",
             )
-            cmd.add_argument("--settle", type=float, default=60.0, metavar="SECONDS")
-            cmd.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
-            cmd.add_argument("--lock-ttl", type=float, default=30.0, metavar="SECONDS")
-            cmd.add_argument("--job-timeout", type=float, default=300.0, metavar="SECONDS")
-            cmd.add_argument("--base-url", default=None)
+            cmd.add_argument(
+                "--settle",
+                type=float,
+                default=60.0,
+                metavar="SECONDS",
+                help="how long a refund whose request got no answer may still appear at "
+                "Violet before it counts as not applied",
+            )
+            cmd.add_argument(
+                "--timeout",
+                type=float,
+                default=30.0,
+                metavar="SECONDS",
+                help="longest wait for one answer from Violet",
+            )
+            cmd.add_argument(
+                "--lock-ttl",
+                type=float,
+                default=30.0,
+                metavar="SECONDS",
+                help="a bag's lock expires this long after its holder stops renewing it",
+            )
+            cmd.add_argument(
+                "--job-timeout",
+                type=float,
+                default=300.0,
+                metavar="SECONDS",
+                help="longest run of one job",
+            )
+            cmd.add_argument(
+                "--base-url", default=None, help="another Violet (default: VIOLET_BASE_URL)"
+            )
             cmd.add_argument(
                 "--accept-double-refunds-if-redis-loses-data",
                 action="store_true",
@@ -82,6 +153,15 @@ def run(args: argparse.Namespace) -> int:
         print("violet-async: --concurrency and --rate must be positive", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        asyncio.run(_ping(args.redis))
+    except (RedisError, OSError, ValueError) as exc:
+        print(
+            f"violet-async: cannot reach Redis ({exc}); check --redis and that the "
+            "Redis server is running",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    try:
         if args.command == "enqueue":
             return asyncio.run(_enqueue(args, sys.stdout, sys.stderr))
         if args.command == "worker":
@@ -90,6 +170,16 @@ def run(args: argparse.Namespace) -> int:
     except (RedisError, OSError) as exc:
         print(f"violet-async: redis: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+async def _ping(url: str) -> None:
+    """One PING before anything else: an unreachable Redis is one line and exit 2,
+    not arq's reconnect log lines."""
+    redis = Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=5.0)
+    try:
+        await redis.ping()
+    finally:
+        await redis.aclose()
 
 
 async def _enqueue(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
