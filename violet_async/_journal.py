@@ -393,7 +393,7 @@ def lock_path(path: Path) -> Path:
 def _lock(path: Path) -> int:
     """Take the journal's exclusive lock (a sidecar file holding the holder's pid).
 
-    The operating system's own file lock (``flock`` on POSIX, ``LockFileEx`` /
+    The operating system's own file lock (``flock`` on POSIX,
     ``msvcrt.locking`` on Windows, through portalocker): the kernel releases it when
     the holder exits, ``kill -9`` included."""
     where = lock_path(path)
