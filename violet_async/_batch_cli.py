@@ -90,6 +90,7 @@ environment:
   VIOLET_USERNAME, VIOLET_PASSWORD   log in (or VIOLET_TOKEN, VIOLET_REFRESH_TOKEN)
   VIOLET_ENV                         sandbox (default) or production
   VIOLET_BASE_URL                    another Violet, e.g. `violet-async fake-server`
+  VIOLET_PROXY                       an http:// proxy to reach Violet through
 
 exit codes:
   0    every row succeeded or was already done

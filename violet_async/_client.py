@@ -15,7 +15,15 @@ import attrs
 
 from ._ask import PROCESS_CLOCK, Settings, sent_once
 from ._auth import Auth, Credentials
-from ._config import UNSET, Environment, _Unset, check_base_url, settings_from_env
+from ._config import (
+    UNSET,
+    Environment,
+    _Unset,
+    check_app_info,
+    check_base_url,
+    check_extra_headers,
+    settings_from_env,
+)
 from ._converter import encode_request
 from ._engine import KeyedAsks, SendTracker, cancelled_first_send
 from ._protocol import PendingRefund, Phase
@@ -36,6 +44,7 @@ from ._transport import (
     BaseURL,
     Timeouts,
     Transport,
+    check_proxy,
 )
 from .exceptions import (
     AmbiguousOutcomeError,
@@ -95,6 +104,8 @@ class VioletClient(RequestPlumbing):
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         store: RecordStore | None = None,
+        proxy: str | None = None,
+        app_info: str | None = None,
         _transport: Any = None,
     ) -> None:
         check_id("app_id", app_id)
@@ -128,12 +139,15 @@ class VioletClient(RequestPlumbing):
         )
         # ``_transport``: private seam for violet_async.testing.sim (anything with the
         # Transport's open / aclose / closed / send); never an aiohttp object.
+        check_proxy(proxy)  # before anything is built: bad input names the field
+        user_agent = USER_AGENT if app_info is None else f"{USER_AGENT} {check_app_info(app_info)}"
         transport = _transport or Transport(
             session,
             connector_limit=max_connections,
             max_response_bytes=max_response_bytes,
             base_url=url,
             redactor=Redactor(credentials.secrets),
+            proxy=proxy,
         )
         self._retry = retry if retry is not None else RetryPolicy()
         self._timeouts = timeouts if timeouts is not None else Timeouts()
@@ -148,7 +162,7 @@ class VioletClient(RequestPlumbing):
             headers={
                 "X-Violet-App-Id": str(app_id),
                 "X-Violet-App-Secret": app_secret,
-                "User-Agent": USER_AGENT,
+                "User-Agent": user_agent,
                 "Content-Type": "application/json",
             },
             known_refunds=KnownRefunds(),
@@ -198,6 +212,20 @@ class VioletClient(RequestPlumbing):
         clone._store = self._store
         clone._keys = self._key_path()  # one key path for the client and its clones
         clone._owns_store = False
+        clone._extra_headers = self._extra_headers
+        return clone
+
+    def _for_call(
+        self, timeout: float | Timeouts | None, extra_headers: Mapping[str, str] | None
+    ) -> VioletClient:
+        """This client, or (for a call with its own timeout or headers) a clone that
+        shares its pool, token, bag locks and pending asks."""
+        if timeout is None and extra_headers is None:
+            return self
+        timeouts = self._timeouts if timeout is None else _timeouts(timeout)
+        clone = self.with_options(timeouts=timeouts)
+        if extra_headers is not None:
+            clone._extra_headers = check_extra_headers(extra_headers)
         return clone
 
     def __repr__(self) -> str:
@@ -248,6 +276,8 @@ class VioletClient(RequestPlumbing):
         restock_items: bool | _Unset | None = UNSET,
         notify_customer: bool | _Unset | None = UNSET,
         idempotency_key: str | None = None,
+        timeout: float | Timeouts | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> OrderRefund:
         """Refund a bag, fully (no amount) or partly. Never sends it twice.
 
@@ -256,6 +286,10 @@ class VioletClient(RequestPlumbing):
         outcome: the refund again with no request to Violet, the pending ask resumed,
         or a running call joined. The same key with another request raises
         ``IdempotencyKeyReusedError`` (nothing sent).
+
+        ``amount_refunded`` and every other amount are in cents. ``timeout`` (seconds per
+        attempt, or a ``Timeouts``) and ``extra_headers`` (sent with this call's
+        requests; not the SDK's own headers) apply to this call only.
 
         Returns the refund; ``refund.errors`` may be non-empty. Raises
         ``RefundFailedError`` when Violet reports the refund FAILED, and
@@ -272,15 +306,16 @@ class VioletClient(RequestPlumbing):
             "notify_customer": notify_customer,
         }
         req = _request_from(RefundBagRequest, request, fields)
+        client = self._for_call(timeout, extra_headers)
         if idempotency_key is not None:
-            return await self._keyed("refund", order_id, bag_id, req, idempotency_key)
+            return await client._keyed("refund", order_id, bag_id, req, idempotency_key)
         if STATE.on:
             return await traced_call(
                 "violet.refund_bag",
-                self._refund(order_id, bag_id, req),
+                client._refund(order_id, bag_id, req),
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
-        return _unless_failed(await self._ask("refund", order_id, bag_id, req))
+        return _unless_failed(await client._ask("refund", order_id, bag_id, req))
 
     async def _refund(self, order_id: int, bag_id: int, req: RefundBagRequest) -> OrderRefund:
         return _unless_failed(await self._ask("refund", order_id, bag_id, req))
@@ -297,12 +332,14 @@ class VioletClient(RequestPlumbing):
         restock_items: bool | _Unset = UNSET,
         notify_customer: bool | _Unset = UNSET,
         idempotency_key: str | None = None,
+        timeout: float | Timeouts | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> OrderRefund:
         """Cancel a bag; the shopper is refunded its total. Returns that refund.
 
         Raises ``CancellationFailedError`` when Violet reports the cancel failed, and
-        ``AmbiguousOutcomeError`` like :meth:`refund_bag`; ``idempotency_key`` as
-        there."""
+        ``AmbiguousOutcomeError`` like :meth:`refund_bag`; ``idempotency_key``,
+        ``timeout`` and ``extra_headers`` as there."""
         fields = {
             "reason_code": reason_code,
             "reason": reason,
@@ -310,15 +347,16 @@ class VioletClient(RequestPlumbing):
             "notify_customer": notify_customer,
         }
         req = _request_from(CancelBagRequest, request, fields)
+        client = self._for_call(timeout, extra_headers)
         if idempotency_key is not None:
-            return await self._keyed("cancel", order_id, bag_id, req, idempotency_key)
+            return await client._keyed("cancel", order_id, bag_id, req, idempotency_key)
         if STATE.on:
             return await traced_call(
                 "violet.cancel_bag",
-                self._ask("cancel", order_id, bag_id, req),
+                client._ask("cancel", order_id, bag_id, req),
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
-        return await self._ask("cancel", order_id, bag_id, req)
+        return await client._ask("cancel", order_id, bag_id, req)
 
     def _key_path(self) -> KeyedAsks:
         keys = self._keys
@@ -382,10 +420,19 @@ class VioletClient(RequestPlumbing):
         )
         return _unless_failed(refund) if pending.kind == "refund" else refund
 
-    async def list_bag_refunds(self, order_id: int, bag_id: int) -> list[OrderRefund]:
-        """Every refund on a bag: a bare list, or every page of a paged answer."""
+    async def list_bag_refunds(
+        self,
+        order_id: int,
+        bag_id: int,
+        *,
+        timeout: float | Timeouts | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> list[OrderRefund]:
+        """Every refund on a bag: a bare list, or every page of a paged answer.
+        ``timeout`` and ``extra_headers`` apply to this call only."""
         path = self._bag_path(order_id, bag_id, "refunds")
-        call = self._read_refunds(path, self._deadline())
+        client = self._for_call(timeout, extra_headers)
+        call = client._read_refunds(path, client._deadline())
         if STATE.on:
             attributes = {"violet.order_id": order_id, "violet.bag_id": bag_id}
             call = traced_call("violet.list_bag_refunds", call, attributes)
@@ -641,3 +688,17 @@ def _request_from(cls: type[R], request: R | None, fields: dict[str, Any]) -> R:
             f"pass a {cls.__name__} or keyword fields, not both (got {sorted(given)})",
         )
     return request
+
+
+def _timeouts(timeout: float | Timeouts) -> Timeouts:
+    """A call's ``timeout=``: a ``Timeouts``, or seconds for one attempt's answer (the
+    connection gets at most 5 of them)."""
+    if isinstance(timeout, Timeouts):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise RequestValidationError(
+            "timeout", f"must be seconds or a Timeouts, got {type(timeout).__name__}"
+        )
+    if not (0 < timeout < float("inf")):
+        raise RequestValidationError("timeout", f"must be > 0 seconds, got {timeout}")
+    return Timeouts(connect=min(5.0, float(timeout)), read=float(timeout))

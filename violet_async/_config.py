@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,6 +56,48 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
     return base_url.rstrip("/")
 
 
+def check_app_info(app_info: object) -> str:
+    """``app_info=``: your app's name and version (``"refund-desk/2.3"``), appended to the
+    User-Agent so that Violet's logs tell your app's calls apart. Printable ASCII, at
+    most 200 characters."""
+    if not isinstance(app_info, str) or not app_info.strip():
+        raise RequestValidationError("app_info", 'must be a non-empty str like "my-app/1.2"')
+    if len(app_info) > 200 or not all(" " <= ch <= "~" for ch in app_info):
+        raise RequestValidationError(
+            "app_info", "must be printable ASCII of at most 200 characters (a header value)"
+        )
+    return app_info.strip()
+
+
+# The SDK's own headers, and the ones HTTP itself manages: not a call's to set.
+_RESERVED_HEADERS = frozenset(
+    {"content-type", "content-length", "host", "transfer-encoding", "connection", "user-agent"}
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def check_extra_headers(headers: object) -> Mapping[str, str]:
+    """``extra_headers=``: names that are HTTP tokens, printable values, none of the
+    SDK's own (``X-Violet-*``, ``Content-Type``, ``User-Agent``: use ``app_info=``)."""
+    if not isinstance(headers, Mapping):
+        raise RequestValidationError(
+            "extra_headers", f"must be a mapping of str to str, got {type(headers).__name__}"
+        )
+    checked: dict[str, str] = {}
+    for name, value in headers.items():
+        field = f"extra_headers[{name!r}]"
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise RequestValidationError(field, "is not a valid header name")
+        lowered = name.lower()
+        if lowered.startswith("x-violet-") or lowered in _RESERVED_HEADERS:
+            hint = " (use app_info=)" if lowered == "user-agent" else ""
+            raise RequestValidationError(field, f"is set by the SDK itself{hint}")
+        if not isinstance(value, str) or not all(" " <= ch <= "~" or ch == "\t" for ch in value):
+            raise RequestValidationError(field, "must be a str of printable ASCII")
+        checked[name] = value
+    return checked
+
+
 #: Every variable :func:`settings_from_env` reads.
 ENV_VARIABLES = (
     "VIOLET_APP_ID",
@@ -66,6 +109,7 @@ ENV_VARIABLES = (
     "VIOLET_ENV",
     "VIOLET_BASE_URL",
     "VIOLET_STORE",
+    "VIOLET_PROXY",
 )
 
 
@@ -102,6 +146,8 @@ def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]
         "token": env.get("VIOLET_TOKEN") or None,
         "refresh_token": env.get("VIOLET_REFRESH_TOKEN") or None,
         "base_url": env.get("VIOLET_BASE_URL") or None,
+        # A proxy only when asked: proxy settings meant for other programs are ignored.
+        "proxy": env.get("VIOLET_PROXY") or None,
     }
     env_name = (env.get("VIOLET_ENV") or "sandbox").strip().lower()
     if env_name not in ("sandbox", "production"):

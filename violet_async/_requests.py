@@ -75,6 +75,8 @@ class RequestPlumbing:
     _timeouts: Timeouts
     _on_retry: RetryHook | None
     _retrier_cache: Retrier | None
+    # A call's own extra_headers= (a per-call clone's); None on the client itself.
+    _extra_headers: Mapping[str, str] | None = None
 
     def _bag_io(
         self,
@@ -234,7 +236,7 @@ class RequestPlumbing:
         resp = await send(
             method,
             url,
-            headers=shared.headers_for(token),
+            headers=self._headers(token),
             body=body,
             timeouts=self._timeouts,
             deadline=remaining,
@@ -253,7 +255,7 @@ class RequestPlumbing:
             resp = await send(
                 method,
                 url,
-                headers=shared.headers_for(token),
+                headers=self._headers(token),
                 body=body,
                 timeouts=self._timeouts,
                 deadline=remaining,
@@ -261,6 +263,12 @@ class RequestPlumbing:
         if not 200 <= resp.status < 300:
             raise self._api_error(resp, method, path)
         return parse(resp, path)
+
+    def _headers(self, token: str) -> Mapping[str, str]:
+        headers = self._shared.headers_for(token)
+        if self._extra_headers is None:
+            return headers
+        return frozen_headers({**self._extra_headers, **headers})
 
     async def _before_send(
         self,

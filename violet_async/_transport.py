@@ -12,6 +12,7 @@ secret and token included): their facts are copied into the error instead, redac
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 import zlib
@@ -55,7 +56,12 @@ BODY_PREFIX_BYTES = 1024
 ACCEPT_ENCODING = "gzip, deflate"
 _CHUNK = 64 * 1024
 #: Request headers whose values are secrets, redacted from any error about the request.
-_SECRET_HEADERS = ("X-Violet-App-Secret", "X-Violet-Token", "Authorization")
+_SECRET_HEADERS = (
+    "X-Violet-App-Secret",
+    "X-Violet-Token",
+    "Authorization",
+    "Proxy-Authorization",
+)
 
 
 @attrs.frozen
@@ -145,6 +151,7 @@ class Transport:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         base_url: str | None = None,
         redactor: Redactor | None = None,
+        proxy: str | None = None,
     ) -> None:
         if (
             not isinstance(max_response_bytes, int)
@@ -160,6 +167,14 @@ class Transport:
         self._max_response_bytes = max_response_bytes
         self._base_path = URL(base_url).raw_path.rstrip("/") if base_url else ""
         self._redactor = redactor if redactor is not None else Redactor()
+        self._proxy, self._proxy_headers, password = _proxy_parts(proxy)
+        if password:  # the proxy's password is a secret too
+            self._redactor = self._redactor.with_secrets(password)
+        # Through a proxy, an https request carries the proxy's credentials on its
+        # CONNECT; a plain-http one (a loopback fake) must carry them itself.
+        self._plain_proxy_headers = (
+            self._proxy_headers if base_url is not None and base_url.startswith("http:") else None
+        )
         self._closed = False
         # (timeouts, deadline, the aiohttp timeout for them); the placeholder never matches.
         self._last_timeout: tuple[object, float | None, aiohttp.ClientTimeout] = (
@@ -225,6 +240,8 @@ class Transport:
             self._last_timeout = (timeouts, deadline, timeout)
         if "Accept-Encoding" not in headers:
             headers = frozen_headers(headers)
+        if self._plain_proxy_headers is not None:
+            headers = frozen_headers({**headers, **self._plain_proxy_headers})
         # Built inside the handlers, raised after them: an exception raised inside an
         # ``except`` block would keep aiohttp's as ``__context__``, headers and all.
         failure: VioletError
@@ -240,6 +257,8 @@ class Transport:
                 timeout=timeout,
                 allow_redirects=False,
                 auto_decompress=False,
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
             )
             try:
                 if (
@@ -489,6 +508,42 @@ def _reason_of(exc: BaseException) -> tuple[str, int | None]:
         text = str(exc) or type(exc).__name__
     # Parser complaints span lines; a message is one line.
     return " ".join(f"{type(exc).__name__}: {text}".split())[:300], None
+
+
+def check_proxy(proxy: object) -> str | None:
+    """``proxy=``: None, or an ``http://`` URL (``http://user:password@host:port``); the
+    request to Violet stays https inside the proxy's tunnel."""
+    if proxy is None:
+        return None
+    if not isinstance(proxy, str):
+        raise RequestValidationError("proxy", f"must be a str URL, got {type(proxy).__name__}")
+    try:
+        url = URL(proxy)
+    except ValueError:
+        raise RequestValidationError("proxy", "is not a URL") from None
+    if url.scheme != "http" or not url.host:
+        raise RequestValidationError(
+            "proxy", "must be an http:// URL such as http://proxy.example:3128"
+        )
+    if url.query_string or url.fragment:
+        raise RequestValidationError("proxy", "must not carry a query or fragment")
+    return proxy
+
+
+def _proxy_parts(
+    proxy: str | None,
+) -> tuple[URL | None, Mapping[str, str] | None, str | None]:
+    """The proxy's URL without credentials, the Proxy-Authorization header its
+    credentials make, and its password (to redact)."""
+    if proxy is None:
+        return None, None, None
+    check_proxy(proxy)
+    url = URL(proxy)
+    if url.user is None:
+        return url, None, None
+    password = url.password or ""
+    token = base64.b64encode(f"{url.user}:{password}".encode()).decode("ascii")
+    return url.with_user(None), {"Proxy-Authorization": f"Basic {token}"}, password
 
 
 def _client_timeout(timeouts: Timeouts, deadline: float | None) -> aiohttp.ClientTimeout:
