@@ -81,6 +81,30 @@ class VioletClient(RequestPlumbing):
 
     Use it as an async context manager (or call :meth:`aclose`). A caller-supplied
     ``aiohttp.ClientSession`` is never closed by the client.
+
+    :param app_id: your Violet app's id.
+    :param app_secret: your app's secret (sent as ``X-Violet-App-Secret``; never logged).
+    :param username: with ``password``: log in on first use, renew before expiry.
+    :param password: see ``username``.
+    :param token: or an access token you already have.
+    :param refresh_token: a refresh token, used to renew ``token``.
+    :param environment: ``Environment.SANDBOX`` (default) or ``Environment.PRODUCTION``.
+    :param base_url: any other Violet (``https://...``, ending in ``/v1``); wins over
+        ``environment``. Plain http only to a loopback address.
+    :param retry: retries, the never-twice rule's windows and the per-call deadline.
+    :param timeouts: per-attempt ``connect`` and ``read`` timeouts, in seconds.
+    :param session: your own ``aiohttp.ClientSession`` (never closed by the client).
+    :param on_retry: called with a ``RetryEvent`` before each retry.
+    :param allow_insecure_http: allow plain http to a host that is not loopback.
+    :param refresh_margin: seconds before expiry at which a token is renewed.
+    :param clock: the clock and sleep retries use (tests inject a fake one).
+    :param max_connections: connections in the client's pool.
+    :param max_response_bytes: largest answer read, in bytes (larger ones fail with
+        ``ResponseTooLargeError``).
+    :param proxy: an ``http://`` proxy (``http://user:password@host:port``); the
+        environment's ``HTTP(S)_PROXY`` is never read.
+    :param app_info: your app's name and version (``"refund-desk/2.3"``), appended to
+        the User-Agent.
     """
 
     def __init__(
@@ -296,6 +320,18 @@ class VioletClient(RequestPlumbing):
         ``AmbiguousOutcomeError`` (with ``.pending`` to :meth:`resume`) when a failure in
         flight could not be resolved within the call's deadline. Any other error means
         the refund did not apply.
+
+        :param order_id: the order's id.
+        :param bag_id: the bag's id (one of the order's bags).
+        :param request: a ``RefundBagRequest``, or give its fields as keywords.
+        :param amount_refunded: cents to refund; left out, the whole bag.
+        :param shipping: shipping to refund (``ShippingRefund(amount=cents)``).
+        :param skus: the SKU lines to refund (``SkuRefund``); left out, every line.
+        :param reason: shown to the merchant (and the shopper, if notified).
+        :param restock_items: put the items back in stock (Violet's default: no).
+        :param notify_customer: email the shopper (Violet's default: the merchant's setting).
+        :param timeout: seconds per attempt for this call, or a ``Timeouts``.
+        :param extra_headers: headers sent with this call's requests.
         """
         fields = {
             "amount_refunded": amount_refunded,
