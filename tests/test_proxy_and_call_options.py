@@ -258,3 +258,20 @@ async def test_a_call_timeout_bounds_that_call_only() -> None:
         finally:
             never.set()
             await runner.cleanup()
+
+
+async def test_a_short_call_timeout_on_a_committed_refund_is_read_back_not_resent() -> None:
+    """Adversarial: timeout=0.3 on a refund whose 200 trickles out for 1 s after Violet
+    committed it. The per-call clone must keep the never-twice rule: the refund is
+    found by read-back (one refund, reconciled), never sent a second time."""
+    from violet_async.testing import FakeClock, Fault, FaultPlan
+
+    async with FakeViolet(orders=1, seed=1, faults=FaultPlan(slow_body_delay=1.0)) as fake:
+        (o, b) = fake.seeded[0]
+        fake.script("refund", Fault.SLOW_BODY, bag_id=b)
+        async with fake.client(clock=FakeClock()) as client:  # settle waits without sleeping
+            refund = await client.refund_bag(o, b, amount_refunded=200, timeout=0.3)
+        assert refund.reconciled is True
+        assert fake.ledger.refunds_per_bag[b] == 1
+        assert fake.ledger.requests["refund"] == 1
+        assert fake.ledger.double_refunds() == {}
