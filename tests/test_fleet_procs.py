@@ -144,7 +144,12 @@ async def test_three_workers_one_killed_every_bag_once(
             assert f"{bags} item(s)" in out.decode()
             assert here.total == bags
             again = await enqueue(pool, _items(rows), source=str(rows))
-            assert again.queued + here.queued <= bags  # never more jobs than items
+            assert again.total == bags
+            # No bound on again.queued: an item whose job ends between the ledger's read
+            # and the enqueue (arq keeps no result) is queued once more, and which items
+            # do is up to the scheduler. That job finds the item applied and sends
+            # nothing (every job may run twice); the refund counts below prove no bag
+            # was refunded twice.
             ledger = RedisLedger(pool)
 
             async def some_done() -> bool:
