@@ -94,6 +94,8 @@ async def test_a_batch_runs_is_locked_and_resumes_without_fcntl(tmp_path: Path) 
         code, out, err = await like_windows("refund", str(csv), env=env_for(fake))
         assert code == 0, out + err
         assert "already_done" in out
+        code, out, err = await like_windows("audit", str(csv), env=env_for(fake))
+        assert code == 0, out + err  # every row as asked, read without loop signal handlers
         with (tmp_path / "refunds.csv.refund.journal.jsonl.lock").open("r+b") as held:
             portalocker.lock(held, portalocker.LockFlags.EXCLUSIVE)  # another run holds it
             code, out, err = await like_windows("refund", str(csv), env=env_for(fake))

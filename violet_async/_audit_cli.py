@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import csv
 import os
-import signal
 import stat
 import sys
 import time
@@ -25,11 +24,12 @@ import orjson
 
 from ._audit import AUDITS, MONEY_OFF, AuditRow, AuditStats, audit
 from ._audit_judge import format_money
-from ._batch_cli import RowError, _preflight, _Progress, read_items
+from ._batch_cli import RowError, _preflight, _Progress, configuration_message, read_items
 from ._client import Environment, VioletClient
 from ._journal import JournalMismatchError, _check_version, _parse
 from ._redact import Redactor
 from ._retry import RetryPolicy
+from ._signals import on_signals
 from ._transport import Timeouts
 from .batch import BatchItem, Kind
 from .exceptions import RequestValidationError
@@ -325,13 +325,12 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
     try:
         client = VioletClient.from_env(**overrides)
     except RequestValidationError as exc:
-        raise _BadInput(f"configuration: {exc}") from None
+        raise _BadInput(f"configuration: {configuration_message(exc)}") from None
     sink = _open_output(options.output) if options.output is not None else None
     ledger = await _ledger(options) if options.redis is not None else None
     writer = csv.writer(sink) if sink is not None and options.format == "csv" else None
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    restore_signals = on_signals(stop.set)
     summary = _Summary()
     stats = AuditStats()
     redactor = Redactor(client._shared.credentials.secrets)
@@ -381,7 +380,7 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
             except OSError as exc:
                 raise _BadInput(f"cannot read or spool the input ({exc.strerror})") from None
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        restore_signals()
         if sink is not None:
             sink.close()
         if ledger is not None:
