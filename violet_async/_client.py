@@ -330,6 +330,7 @@ class VioletClient(RequestPlumbing):
         :param reason: shown to the merchant (and the shopper, if notified).
         :param restock_items: put the items back in stock (Violet's default: no).
         :param notify_customer: email the shopper (Violet's default: the merchant's setting).
+        :param idempotency_key: at most once per key (see above).
         :param timeout: seconds per attempt for this call, or a ``Timeouts``.
         :param extra_headers: headers sent with this call's requests.
         """
