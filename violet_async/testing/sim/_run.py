@@ -31,6 +31,7 @@ from .._state import RuleViolation
 from ._violet import (
     ASK_LABEL,
     AUTH_KINDS,
+    CANCEL_SHAPES,
     POST_KINDS,
     READ_KINDS,
     WORLD_POST_KINDS,
@@ -75,8 +76,9 @@ WORLD_KINDS = (
     "resume_twice",
     "caller_cancel",
 )
-#: The world kinds CI's seeds switch on: those whose handling is on main.
-CI_KINDS = frozenset({"cancel_shapes", "fulfilled", "junk"})
+#: The world kinds CI's seeds switch on: those the code on main holds under (the others
+#: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
+CI_KINDS = frozenset({"cancel_shapes", "fulfilled", "junk", "old_refunds", "stale_replica"})
 
 APP_ID = 11
 #: The deadline tolerance, in virtual seconds.
@@ -184,6 +186,8 @@ class Schedule:
     resume_twice: bool = False
     resume_review: bool = False
     cancels: tuple[CallerCancel, ...] = ()
+    cancel_shapes: tuple[str | None, ...] = ()
+    """The shape of the n-th applied cancel's answer (None: Violet's 202 body)."""
 
     def fault_count(self) -> int:
         return (
@@ -194,6 +198,7 @@ class Schedule:
             + len(self.clock_steps)
             + len(self.old_refunds)
             + len(self.cancels)
+            + sum(c is not None for c in self.cancel_shapes)
         )
 
     def describe(self) -> str:
@@ -234,7 +239,8 @@ class Schedule:
             f"date_bias={self.date_bias:+g} date_jumps={jumps or '-'} "
             f"clock_steps={list(self.clock_steps) or '-'} fulfilled={fulfilled or '-'} "
             f"old_refunds={list(self.old_refunds) or '-'} resume_twice={self.resume_twice} "
-            f"resume_review={self.resume_review} cancels={list(self.cancels) or '-'}"
+            f"resume_review={self.resume_review} cancels={list(self.cancels) or '-'} "
+            f"cancel_shapes={list(self.cancel_shapes) or '-'}"
         )
 
 
@@ -294,17 +300,20 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
             )
             for _ in range(rng.randint(1, 2))
         )
-    world_post = [k for k in WORLD_POST_KINDS if _post_kind_on(k, kinds)]
-    if world_post:
+    if "wrong_bag" in kinds:
         for i in range(len(post)):
-            if rng.random() < 0.12:
-                post[i] = SimFault(rng.choice(world_post))
+            if rng.random() < 0.1:
+                post[i] = SimFault(rng.choice(WORLD_POST_KINDS))
+    if "cancel_shapes" in kinds:
+        changes["cancel_shapes"] = tuple(
+            rng.choice(CANCEL_SHAPES) if rng.random() < 0.5 else None for _ in range(6)
+        )
     world_read = [
         k for k in WORLD_READ_KINDS if (k == "stale" and "stale_replica" in kinds) or k in kinds
     ]
     if world_read:
         for i in range(len(reads)):
-            if rng.random() < 0.1:
+            if rng.random() < 0.15:
                 kind = rng.choice(world_read)
                 delay = rng.choice((8.0, 30.0, 120.0, 600.0)) if kind == "stale" else 0.0
                 reads[i] = SimFault(kind, delay=delay)
@@ -332,12 +341,6 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     return attrs.evolve(s, **changes)
-
-
-def _post_kind_on(kind: str, kinds: frozenset[str]) -> bool:
-    return (kind == "wrong_bag" and "wrong_bag" in kinds) or (
-        kind.startswith("cancel_") and "cancel_shapes" in kinds
-    )
 
 
 def _generate(seed: int, *, mode: str | None = None) -> Schedule:
@@ -614,6 +617,7 @@ class _World:
             date_jumps=schedule.date_jumps,
             date_bias=schedule.date_bias,
             date_style=schedule.date_style,
+            cancel_shapes=schedule.cancel_shapes,
         )
         self.ids: list[tuple[int, int]] = []
         for bag in schedule.bags:
@@ -1176,6 +1180,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "resume_twice": False,
             "resume_review": False,
             "cancels": (),
+            "cancel_shapes": (),
         }
         for name, plain in quirks.items():
             if getattr(s, name) != plain:

@@ -100,12 +100,11 @@ AUTH_KINDS = ("refused", "drop_before", "gateway_before", "violet_before")
 
 #: Faults of the world kinds (``Schedule.kinds``), laid over the lists above by a second
 #: random stream so that a seed's schedule without them is what it always was.
-#: POSTs: committed, then a 2xx naming another bag (and another refund id); a cancel
-#: committed and answered in one of Violet's other shapes (the older page's bare refund,
-#: ``cancelled_bags: []``, only another bag's entry). A cancel shape on a refund POST is
-#: no fault (and is not counted).
-WORLD_POST_KINDS = ("wrong_bag", "cancel_bare", "cancel_empty", "cancel_other")
-CANCEL_SHAPES = frozenset({"cancel_bare", "cancel_empty", "cancel_other"})
+#: POSTs: committed, then a 2xx naming another bag (and another refund id).
+WORLD_POST_KINDS = ("wrong_bag",)
+#: A cancel that applied, answered in one of Violet's other shapes: the older page's bare
+#: refund (200), ``cancelled_bags: []``, or only another bag's entry (202).
+CANCEL_SHAPES = ("bare", "empty", "other")
 #: Reads: the refund list from a replica ``delay`` seconds behind (it hides refunds it
 #: already showed: shows, hides, shows), or with a record nobody can read.
 WORLD_READ_KINDS = ("stale", "junk")
@@ -145,6 +144,7 @@ class SimViolet:
         date_jumps: tuple[float, ...] = (),
         date_bias: float = 0.0,
         date_style: str = "iso",
+        cancel_shapes: tuple[str | None, ...] = (),
     ) -> None:
         self.clock = clock
         self.store = Store(app_id, clock=clock, quirks=quirks)
@@ -170,6 +170,9 @@ class SimViolet:
         #: How refund dates are written: "iso" (Violet's usual shapes), "day" (day
         #: precision, ``...T00:00:00Z``) or "epoch" (milliseconds, a number).
         self.date_style = date_style
+        #: The shape of the n-th applied cancel's answer (None: the 202 body).
+        self.cancel_shapes = cancel_shapes
+        self._cancels_answered = 0
         #: Refund ids some list read has shown (a replica can hide only what the primary
         #: already served), and each refund's commit time (monotonic).
         self.shown_ids: set[int] = set()
@@ -207,7 +210,7 @@ class SimViolet:
         if not self.faults_on or index >= len(faults):
             return None
         fault = faults[index]
-        if fault is not None and fault.kind not in CANCEL_SHAPES:
+        if fault is not None:
             self.count(f"{route}:{fault.kind}")
         return fault
 
@@ -594,12 +597,18 @@ class SimViolet:
                 "bag_id": other.id if other is not None else bag.id + 1_000,
                 "order_id": other.order_id if other is not None else bag.order_id + 1_000,
             }
-        if action == "cancel" and kind in CANCEL_SHAPES:
-            self.count(f"post:{kind}")
-            if kind == "cancel_bare":
+        shape = None
+        if action == "cancel" and kind is None:
+            index = self._cancels_answered
+            self._cancels_answered += 1
+            if index < len(self.cancel_shapes) and self.faults_on:
+                shape = self.cancel_shapes[index]
+        if shape is not None:
+            self.count(f"post:cancel_{shape}")
+            if shape == "bare":
                 return self._json(record)  # the older order-service page
             body = cancellation_body(self.app_id, bag, record)
-            if kind == "cancel_empty":
+            if shape == "empty":
                 body["cancelled_bags"] = []
             else:
                 other = next((b for b in self._bags() if b.id != bag.id), None)
