@@ -664,7 +664,7 @@ class _World:
         fulfilled = sum(b.fulfilled for b in s.bags)
         if fulfilled:
             count("world:fulfilled_bag", fulfilled)
-        if s.resume_twice and s.mode == "direct":
+        if s.resume_twice and s.mode in ("direct", "worker"):
             count("world:resume_delivered_twice")
         for old in s.old_refunds:
             order_id, bag_id = self.ids[old.bag]
@@ -883,7 +883,8 @@ class _World:
         ledger: dict[str, str] = {}
         crash = self.s.crashes[0] if self.s.crashes else None
         await self.worker("w1", ledger, crash)
-        await self.worker("w2", ledger, None)  # every job is delivered again
+        # Every job is delivered again (with resume_twice, twice at once to w2).
+        await self.worker("w2", ledger, None, twice=self.s.resume_twice)
         await self.quiesce()
         for n in range(3):
             if not any(s.what == "pending" for s in self.final.values()):
@@ -891,14 +892,24 @@ class _World:
             await self.worker(f"w{n + 3}", ledger, None, only_pending=True)
 
     async def worker(
-        self, name: str, ledger: dict[str, str], crash: Crash | None, only_pending: bool = False
+        self,
+        name: str,
+        ledger: dict[str, str],
+        crash: Crash | None,
+        only_pending: bool = False,
+        twice: bool = False,
     ) -> None:
         client, transport = self.client(name)
         async with client:
 
-            async def job(ask: AskSpec) -> None:
+            async def job(ask: AskSpec, copy: bool = False) -> None:
                 ASK_LABEL.set(ask.label)
                 record = ledger.get(ask.label)
+                if copy and (
+                    record is None
+                    or PendingRefund.from_json(record).phase not in (Phase.SENT, Phase.PENDING)
+                ):
+                    return  # only a resume job (its payload: a sent record) comes twice
                 resume = None
                 if record is not None:
                     pending = PendingRefund.from_json(record)
@@ -942,6 +953,8 @@ class _World:
                 if not only_pending or self.final.get(a.label, Seen("", "")).what == "pending"
             ]
             tasks = [asyncio.ensure_future(job(a)) for a in asks]
+            if twice:
+                tasks += [asyncio.ensure_future(job(a, copy=True)) for a in asks]
             if crash is not None and crash.at is not None:
                 done, _ = await asyncio.wait(tasks, timeout=crash.at)
                 if len(done) < len(tasks):
