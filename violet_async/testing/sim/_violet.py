@@ -105,9 +105,8 @@ WORLD_POST_KINDS = ("wrong_bag",)
 #: A cancel that applied, answered in one of Violet's other shapes: the older page's bare
 #: refund (200), ``cancelled_bags: []``, or only another bag's entry (202).
 CANCEL_SHAPES = ("bare", "empty", "other")
-#: Reads: the refund list from a replica ``delay`` seconds behind (it hides refunds it
-#: already showed: shows, hides, shows), or with a record nobody can read.
-WORLD_READ_KINDS = ("stale", "junk")
+#: Reads: the refund list with a record nobody can read.
+WORLD_READ_KINDS = ("junk",)
 
 
 @attrs.frozen
@@ -145,6 +144,7 @@ class SimViolet:
         date_bias: float = 0.0,
         date_style: str = "iso",
         cancel_shapes: tuple[str | None, ...] = (),
+        replica_lag: float = 0.0,
     ) -> None:
         self.clock = clock
         self.store = Store(app_id, clock=clock, quirks=quirks)
@@ -173,9 +173,16 @@ class SimViolet:
         #: The shape of the n-th applied cancel's answer (None: the 202 body).
         self.cancel_shapes = cancel_shapes
         self._cancels_answered = 0
-        #: Refund ids some list read has shown (a replica can hide only what the primary
-        #: already served), and each refund's commit time (monotonic).
-        self.shown_ids: set[int] = set()
+        #: Refund ids each ask was shown by a list read it could parse, and those it had
+        #: been shown when it was last parked (pending or review): what a replica behind
+        #: the primary can hide from its resume (shows, hides, shows). A refund no ask
+        #: saw is hidden only by list lag (within the settle window: beyond it is
+        #: README's remaining risk).
+        self.shown_to: dict[str, set[int]] = {}
+        self.hideable: dict[str, frozenset[int]] = {}
+        #: Every other list read of a parked ask comes from a replica this far behind.
+        self.replica_lag = replica_lag
+        self._replica_reads: dict[str, int] = {}
         self.commit_at: dict[int, float] = {}
         self.tokens: dict[str, bool] = {}  # token -> still valid
         self.refresh_tokens: set[str] = set()
@@ -318,7 +325,7 @@ class SimViolet:
         path = url.path.split("/v1", 1)[-1]
         parts = path.strip("/").split("/")
         label = ASK_LABEL.get()
-        if label is None and method == "POST" and len(parts) == 5:
+        if label is None and len(parts) == 5:
             label = self.bag_labels.get(int(parts[3]))
         if path in {"/login", "/auth/token"}:
             route = "auth"
@@ -455,7 +462,7 @@ class SimViolet:
         if not valid:
             raise RuleViolation(401, "Token has expired", 11)
         if route == "read":
-            answer = self._read(parts, query, fault)
+            answer = self._read(parts, query, fault, label)
             if kind == "garbled_after":
                 answer = RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2])
             return answer, None
@@ -487,8 +494,16 @@ class SimViolet:
         self.tokens[token] = True
         return self._json({"token": token})
 
+    def parked(self, label: str) -> None:
+        """Ask ``label`` was parked: a replica may hide what it was shown so far."""
+        self.hideable[label] = frozenset(self.shown_to.get(label, ()))
+
     def _read(
-        self, parts: list[str], query: Mapping[str, str], fault: SimFault | None = None
+        self,
+        parts: list[str],
+        query: Mapping[str, str],
+        fault: SimFault | None = None,
+        label: str | None = None,
     ) -> RawResponse:
         order = self.store.order(int(parts[1]))
         if len(parts) == 2:
@@ -496,20 +511,23 @@ class SimViolet:
         bag = self.store.bag(order.id, int(parts[3]))
         shown = [r for r in bag.refunds if self.store.visible(r)]
         kind = fault.kind if fault is not None else None
-        if kind == "stale":
-            # A replica behind by ``delay``: what the primary already served, committed
-            # since, is not there yet.
-            behind = self.clock.monotonic() - (fault.delay if fault else 0.0)
-            kept = [
-                r
-                for r in shown
-                if r["id"] not in self.shown_ids or self.commit_at.get(r["id"], 0.0) <= behind
-            ]
+        seen = self.hideable.get(label or "")
+        replica = False
+        if seen is not None and self.replica_lag:
+            n = self._replica_reads[label or ""] = self._replica_reads.get(label or "", 0) + 1
+            replica = n % 2 == 1
+        if replica:
+            # A replica behind the primary: what the primary already served this ask,
+            # committed within the lag, is not there yet.
+            self.count("read:replica")
+            behind = self.clock.monotonic() - self.replica_lag
+            assert seen is not None
+            kept = [r for r in shown if r["id"] not in seen or self.commit_at[r["id"]] <= behind]
             if len(kept) < len(shown):
                 self.count("read:stale_hid")
             shown = kept
-        else:
-            self.shown_ids.update(r["id"] for r in shown)
+        elif label is not None and kind not in ("junk", "garbled_after"):
+            self.shown_to.setdefault(label, set()).update(r["id"] for r in shown)
         shown = [self._dated(r) for r in shown]
         if kind == "junk":
             # A record no reader can take: an older shape, a field of another type.
