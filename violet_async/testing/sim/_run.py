@@ -61,7 +61,8 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #: - ``old_refunds``: refunds made before the run on the merchant's platform (EXTERNAL,
 #:   no transaction id) or by another app, hours old, some of an asked amount;
 #: - ``resume_twice``: every resume job delivered twice to the same client;
-#: - ``caller_cancel``: a caller cancels its call at a random await and repeats it.
+#: - ``caller_cancel``: a caller cancels its call at a random await and repeats it,
+#:   with the same idempotency key (half of them) or without one.
 WORLD_KINDS = (
     "status_lag",
     "dates",
@@ -78,7 +79,7 @@ WORLD_KINDS = (
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
 #: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
-CI_KINDS = frozenset({"cancel_shapes", "fulfilled", "junk", "old_refunds"})
+CI_KINDS = frozenset({"cancel_shapes", "fulfilled", "junk", "old_refunds", "caller_cancel"})
 
 APP_ID = 11
 #: The deadline tolerance, in virtual seconds.
@@ -112,6 +113,8 @@ class CallerCancel:
     label: str
     after: float
     again: float
+    keyed: bool = False
+    """Both calls carry the idempotency key ``key-<label>``."""
 
 
 @attrs.frozen
@@ -334,7 +337,12 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
         changes["resume_twice"] = rng.random() < 0.7
     if "caller_cancel" in kinds and s.mode == "direct":
         changes["cancels"] = tuple(
-            CallerCancel(a.label, round(rng.uniform(0.0, 20.0), 3), rng.choice((0.0, 1.0, 70.0)))
+            CallerCancel(
+                a.label,
+                round(rng.uniform(0.0, 20.0), 3),
+                rng.choice((0.0, 1.0, 70.0)),
+                keyed=rng.random() < 0.5,
+            )
             for a in s.asks
             if rng.random() < 0.4
         )
@@ -802,6 +810,7 @@ class _World:
         resume: PendingRefund | None,
         *,
         repeat: bool = False,
+        key: str | None = None,
     ) -> None:
         ASK_LABEL.set(ask.label)
         order_id, bag_id = self.ids[ask.bag]
@@ -811,9 +820,19 @@ class _World:
             if resume is not None:
                 refund = await client.resume(resume)
             elif ask.kind == "cancel":
-                refund = await client.cancel_bag(order_id, bag_id, self.request(ask))  # type: ignore[arg-type]
+                refund = await client.cancel_bag(
+                    order_id,
+                    bag_id,
+                    self.request(ask),  # type: ignore[arg-type]
+                    idempotency_key=key,
+                )
             else:
-                refund = await client.refund_bag(order_id, bag_id, self.request(ask))  # type: ignore[arg-type]
+                refund = await client.refund_bag(
+                    order_id,
+                    bag_id,
+                    self.request(ask),  # type: ignore[arg-type]
+                    idempotency_key=key,
+                )
         except BagPendingError as exc:
             mine = [p for p in exc.pending if p.request == self.request(ask)]
             if repeat and mine:
@@ -839,16 +858,17 @@ class _World:
                 if cut is None:
                     await self.call(client, ask, None)
                     return
-                task = asyncio.ensure_future(self.call(client, ask, None))
+                key = f"key-{ask.label}" if cut.keyed else None
+                task = asyncio.ensure_future(self.call(client, ask, None, key=key))
                 done, _ = await asyncio.wait([task], timeout=cut.after)
                 if done:
                     return
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                self.violet.count("caller:cancel")
+                self.violet.count("caller:cancel_keyed" if key else "caller:cancel")
                 self.note(f"{ask.label}: the caller cancelled its call at +{cut.after:g}s")
                 await asyncio.sleep(cut.again)
-                await self.call(client, ask, None, repeat=True)
+                await self.call(client, ask, None, repeat=True, key=key)
 
             await asyncio.gather(*(later(ask) for ask in self.s.asks))
         await self.resolve_pendings()
