@@ -527,7 +527,9 @@ class SimViolet:
                 self.count("read:stale_hid")
             shown = kept
         elif label is not None and kind not in ("junk", "garbled_after"):
-            self.shown_to.setdefault(label, set()).update(r["id"] for r in shown)
+            # Shown: what the client could read (an epoch date it cannot).
+            if self.date_style != "epoch":
+                self.shown_to.setdefault(label, set()).update(r["id"] for r in shown)
         shown = [self._dated(r) for r in shown]
         if kind == "junk":
             # A record no reader can take: an older shape, a field of another type.
