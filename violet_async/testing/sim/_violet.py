@@ -526,10 +526,12 @@ class SimViolet:
             if len(kept) < len(shown):
                 self.count("read:stale_hid")
             shown = kept
-        elif label is not None and kind not in ("junk", "garbled_after"):
-            # Shown: what the client could read (an epoch date it cannot).
-            if self.date_style != "epoch":
-                self.shown_to.setdefault(label, set()).update(r["id"] for r in shown)
+        elif (
+            label is not None
+            and kind not in ("junk", "garbled_after")
+            and self.date_style != "epoch"  # shown: what the client can read
+        ):
+            self.shown_to.setdefault(label, set()).update(r["id"] for r in shown)
         shown = [self._dated(r) for r in shown]
         if kind == "junk":
             # A record no reader can take: an older shape, a field of another type.
