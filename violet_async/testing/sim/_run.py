@@ -79,7 +79,9 @@ WORLD_KINDS = (
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
 #: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
-CI_KINDS = frozenset({"cancel_shapes", "fulfilled", "junk", "old_refunds", "caller_cancel"})
+CI_KINDS = frozenset(
+    {"cancel_shapes", "fulfilled", "junk", "old_refunds", "caller_cancel", "wrong_bag"}
+)
 
 APP_ID = 11
 #: The deadline tolerance, in virtual seconds.
