@@ -5,6 +5,7 @@
     python benchmarks/simulate.py --seed 184                  # replay one, with its trace
     python benchmarks/simulate.py --seed 184 --shrink         # and its smallest schedule
     python benchmarks/simulate.py --find --schedules 5000     # stop at the first violation
+    python benchmarks/simulate.py --kinds all --schedules 20000  # with every world kind
 
 Prints schedules per second, faults injected by kind, outcomes, and violations by kind
 with the first seed of each (replay it with --seed). ``--known`` lists kinds that are
@@ -18,7 +19,7 @@ import sys
 import time
 from collections import Counter
 
-from violet_async.testing.sim import shrink, simulate
+from violet_async.testing.sim import WORLD_KINDS, shrink, simulate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,10 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shrink", action="store_true", help="shrink a failing --seed")
     parser.add_argument("--find", action="store_true", help="stop at the first violation")
     parser.add_argument("--known", default="", help="comma-separated kinds not to fail on")
+    parser.add_argument(
+        "--kinds",
+        default="",
+        help=f"world kinds to switch on, comma-separated, or 'all': {', '.join(WORLD_KINDS)}",
+    )
     args = parser.parse_args(argv)
+    world = set(WORLD_KINDS) if args.kinds == "all" else {k for k in args.kinds.split(",") if k}
 
     if args.seed is not None:
-        result = simulate(args.seed, mode=args.mode)
+        result = simulate(args.seed, mode=args.mode, kinds=world)
         if result.ok:
             print(f"seed {args.seed}: no violation")
             print(result.schedule.describe())
@@ -49,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     known = {k for k in args.known.split(",") if k}
+    print("world kinds:", ", ".join(sorted(world)) or "none")
+    return _many(args, world, known)
+
+
+def _many(args: argparse.Namespace, world: set[str], known: set[str]) -> int:
     injected: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     ran = 0
     for seed in range(args.start, args.start + args.schedules):
-        result = simulate(seed, mode=args.mode)
+        result = simulate(seed, mode=args.mode, kinds=world)
         ran += 1
         modes[result.schedule.mode] += 1
         injected.update(result.injected)

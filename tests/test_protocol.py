@@ -93,6 +93,17 @@ def test_a_miss_inside_the_window_reads_again_never_sends() -> None:
         assert now + action.delay <= ask.settle_until + 1e-9  # (settle_until is set)
 
 
+def test_thousands_of_reads_inside_a_long_window_keep_reading() -> None:
+    """A window hours long (a wall clock stepped back mid-call, no deadline) makes
+    thousands of reads: the backoff stays capped instead of overflowing (the simulator's
+    seed 300280 with clock_steps raised OverflowError out of refund_bag)."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, None)
+    ask = attrs.evolve(ask, reads=5_000, settle_until=T0 + 10_800.0)
+    ask, action = step(ask, Observation.read(T0 + 2, []), SETTINGS, T0 + 2, None)
+    assert action.do is Do.READ
+    assert action.delay == SETTINGS.max_settle_delay
+
+
 def test_a_miss_started_after_the_window_proves_absence_and_re_sends() -> None:
     """Only a read started after the window proves absence: then one re-send."""
     ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)

@@ -461,7 +461,11 @@ def step(
         note = f"bag {ask.bag_id} shows this request's effect, but no refund for it shows"
         return _park(ask, note, review=True)
     # Inside the window: read again, backing off, the last read at the window's end.
-    delay = min(settings.settle_delay * 2 ** max(ask.reads - 1, 0), settings.max_settle_delay)
+    # (The exponent is capped: a window hours long, after a wall clock stepped back,
+    # makes thousands of reads, and 2 ** 1100 is no float.)
+    delay = min(
+        settings.settle_delay * 2 ** min(max(ask.reads - 1, 0), 30), settings.max_settle_delay
+    )
     delay = min(delay, max(settle - now, 0.0))
     if patience is not None and delay > patience:
         return _park(ask, f"the settle window ends in {settle - now:.1f}s; parked until then")

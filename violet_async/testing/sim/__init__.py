@@ -11,11 +11,13 @@ Each schedule is drawn from ``random.Random(seed)`` and replays exactly. See REA
 "Reliability: simulation".
 """
 
-from ._run import Schedule, SimResult, generate, shrink, simulate
+from ._run import CI_KINDS, WORLD_KINDS, Schedule, SimResult, generate, shrink, simulate
 from ._violet import SimFault, SimTransport, SimViolet
 from ._vloop import SimClock, SimDeadlock, VirtualTimeLoop
 
 __all__ = [
+    "CI_KINDS",
+    "WORLD_KINDS",
     "Schedule",
     "SimClock",
     "SimDeadlock",

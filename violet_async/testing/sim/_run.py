@@ -23,21 +23,64 @@ from ..._client import VioletClient
 from ..._retry import RetryPolicy
 from ..._transport import Timeouts
 from ...batch import BatchItem, run_batch
-from ...exceptions import AmbiguousOutcomeError, VioletError
+from ...exceptions import AmbiguousOutcomeError, BagPendingError, VioletError
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
+from .._state import RuleViolation
 from ._violet import (
     ASK_LABEL,
     AUTH_KINDS,
+    CANCEL_SHAPES,
     POST_KINDS,
     READ_KINDS,
+    WORLD_POST_KINDS,
+    WORLD_READ_KINDS,
     SimFault,
     SimTransport,
     SimViolet,
 )
 from ._vloop import SimClock, SimDeadlock, VirtualTimeLoop
 
-__all__ = ["Schedule", "SimResult", "generate", "shrink", "simulate"]
+__all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shrink", "simulate"]
+
+#: The world kinds a schedule can switch on (``generate(seed, kinds=...)``), each drawn
+#: from a second random stream so that a seed's schedule without them is unchanged:
+#: - ``status_lag``: a bag's status moves minutes after its refund or cancel;
+#: - ``dates``: refund dates with day precision (``T00:00:00Z``) or epoch milliseconds;
+#: - ``date_headers``: ``Date`` headers that jump (one answer hours off) or disagree
+#:   with the refund dates (a CDN's clock, hours off);
+#: - ``clock_steps``: the client's wall clock steps (NTP), monotonic untouched;
+#: - ``wrong_bag``: a 2xx naming another bag and another refund (committed);
+#: - ``cancel_shapes``: a committed cancel answered as the older page's bare refund, with
+#:   ``cancelled_bags: []``, or with only another bag's entry;
+#: - ``stale_replica``: list reads from a replica that hides refunds it already showed
+#:   (shows, hides, shows), and review-parked asks resumed by their caller;
+#: - ``junk``: a list read carrying a record nobody can read;
+#: - ``fulfilled``: fulfilled bags (a cancel answers CANCELLATION_FAILURE);
+#: - ``old_refunds``: refunds made before the run on the merchant's platform (EXTERNAL,
+#:   no transaction id) or by another app, hours old, some of an asked amount;
+#: - ``resume_twice``: every resume job delivered twice to the same client;
+#: - ``caller_cancel``: a caller cancels its call at a random await and repeats it,
+#:   with the same idempotency key (half of them) or without one.
+WORLD_KINDS = (
+    "status_lag",
+    "dates",
+    "date_headers",
+    "clock_steps",
+    "wrong_bag",
+    "cancel_shapes",
+    "stale_replica",
+    "junk",
+    "fulfilled",
+    "old_refunds",
+    "resume_twice",
+    "caller_cancel",
+)
+#: The world kinds CI's seeds switch on: those the code on main holds under (the others
+#: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
+CI_KINDS = frozenset(
+    {"cancel_shapes", "fulfilled", "junk", "old_refunds", "caller_cancel", "wrong_bag"}
+)
 
 APP_ID = 11
 #: The deadline tolerance, in virtual seconds.
@@ -49,6 +92,30 @@ class BagSpec:
     price: int
     quantity: int
     shipping: int
+    fulfilled: bool = False
+
+
+@attrs.frozen
+class OldRefund:
+    """A refund on a bag from before the run, ``age`` seconds old, made by the
+    merchant's platform (EXTERNAL) or by another app."""
+
+    bag: int
+    amount: int
+    age: float
+    external: bool
+
+
+@attrs.frozen
+class CallerCancel:
+    """The caller of ask ``label`` cancels its call ``after`` seconds in (at whatever
+    await it is), then makes the same call again ``again`` seconds later."""
+
+    label: str
+    after: float
+    again: float
+    keyed: bool = False
+    """Both calls carry the idempotency key ``key-<label>``."""
 
 
 @attrs.frozen
@@ -111,12 +178,34 @@ class Schedule:
     auth_faults: tuple[SimFault | None, ...] = ()
     actors: tuple[Actor, ...] = ()
     crashes: tuple[Crash, ...] = ()
+    # -- world kinds (WORLD_KINDS; all off by default) ---------------------------
+    kinds: frozenset[str] = frozenset()
+    bag_status_lag: float = 0.0
+    date_style: str = "iso"
+    date_bias: float = 0.0
+    date_jumps: tuple[float, ...] = ()
+    clock_steps: tuple[tuple[float, float], ...] = ()
+    """(virtual seconds into the run, step in seconds) of the client's wall clock."""
+    old_refunds: tuple[OldRefund, ...] = ()
+    resume_twice: bool = False
+    resume_review: bool = False
+    cancels: tuple[CallerCancel, ...] = ()
+    cancel_shapes: tuple[str | None, ...] = ()
+    """The shape of the n-th applied cancel's answer (None: Violet's 202 body)."""
+    replica_lag: float = 0.0
+    """Every other list read of an ask that was parked comes from a replica this far
+    behind (it hides what it already showed that ask)."""
 
     def fault_count(self) -> int:
         return (
             sum(f is not None for f in (*self.post_faults, *self.read_faults, *self.auth_faults))
             + len(self.actors)
             + len(self.crashes)
+            + sum(bool(j) for j in self.date_jumps)
+            + len(self.clock_steps)
+            + len(self.old_refunds)
+            + len(self.cancels)
+            + sum(c is not None for c in self.cancel_shapes)
         )
 
     def describe(self) -> str:
@@ -144,7 +233,21 @@ class Schedule:
                 faults("auth faults", self.auth_faults),
                 f"actors: {list(self.actors) or '-'}",
                 f"crashes: {list(self.crashes) or '-'}",
+                *([] if not self.kinds else [self._describe_world()]),
             ]
+        )
+
+    def _describe_world(self) -> str:
+        jumps = [f"#{i}:{j:+g}" for i, j in enumerate(self.date_jumps) if j]
+        fulfilled = [i for i, b in enumerate(self.bags) if b.fulfilled]
+        return (
+            f"world kinds: {sorted(self.kinds)}\n"
+            f"world: bag_status_lag={self.bag_status_lag:g} date_style={self.date_style} "
+            f"date_bias={self.date_bias:+g} date_jumps={jumps or '-'} "
+            f"clock_steps={list(self.clock_steps) or '-'} fulfilled={fulfilled or '-'} "
+            f"old_refunds={list(self.old_refunds) or '-'} resume_twice={self.resume_twice} "
+            f"resume_review={self.resume_review} cancels={list(self.cancels) or '-'} "
+            f"cancel_shapes={list(self.cancel_shapes) or '-'} replica_lag={self.replica_lag:g}"
         )
 
 
@@ -165,8 +268,91 @@ def _fault(rng: random.Random, kinds: tuple[str, ...], late_max: float) -> SimFa
     return SimFault(kind)
 
 
-def generate(seed: int, *, mode: str | None = None) -> Schedule:
-    """The schedule of ``seed``: every choice from ``random.Random(seed)``."""
+def generate(
+    seed: int, *, mode: str | None = None, kinds: frozenset[str] | set[str] = frozenset()
+) -> Schedule:
+    """The schedule of ``seed``: every choice from ``random.Random(seed)``; the world
+    ``kinds`` (see WORLD_KINDS) from a second stream, laid over it."""
+    unknown = set(kinds) - set(WORLD_KINDS)
+    if unknown:
+        raise ValueError(f"unknown world kinds {sorted(unknown)}; choose from {WORLD_KINDS}")
+    base = _generate(seed, mode=mode)
+    return _world(base, frozenset(kinds)) if kinds else base
+
+
+def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
+    """``s`` with the world ``kinds`` drawn from their own stream."""
+    rng = random.Random(f"world:{s.seed}")
+    changes: dict[str, Any] = {"kinds": kinds}
+    post = list(s.post_faults)
+    reads = list(s.read_faults)
+    if "status_lag" in kinds and rng.random() < 0.6:
+        changes["bag_status_lag"] = rng.choice((30.0, 120.0, 600.0))
+    if "dates" in kinds and not s.naive_dates and rng.random() < 0.5:
+        changes["date_style"] = rng.choice(("day", "epoch"))
+    if "date_headers" in kinds and s.date_header:
+        if rng.random() < 0.4:
+            changes["date_bias"] = rng.choice((-10_800.0, 10_800.0, -54_000.0, 54_000.0))
+        changes["date_jumps"] = tuple(
+            rng.choice((-54_000.0, -10_800.0, -120.0, 120.0, 10_800.0, 54_000.0))
+            if rng.random() < 0.08
+            else 0.0
+            for _ in range(80)
+        )
+    if "clock_steps" in kinds and rng.random() < 0.6:
+        changes["clock_steps"] = tuple(
+            (
+                round(rng.uniform(0, 40), 3),
+                rng.choice((-54_000.0, -10_800.0, -30.0, 30.0, 10_800.0, 54_000.0)),
+            )
+            for _ in range(rng.randint(1, 2))
+        )
+    if "wrong_bag" in kinds:
+        for i in range(len(post)):
+            if rng.random() < 0.1:
+                post[i] = SimFault(rng.choice(WORLD_POST_KINDS))
+    if "cancel_shapes" in kinds:
+        changes["cancel_shapes"] = tuple(
+            rng.choice(CANCEL_SHAPES) if rng.random() < 0.5 else None for _ in range(6)
+        )
+    if "junk" in kinds:
+        for i in range(len(reads)):
+            if rng.random() < 0.1:
+                reads[i] = SimFault(rng.choice(WORLD_READ_KINDS))
+    if "stale_replica" in kinds:
+        changes["resume_review"] = True
+        if rng.random() < 0.7:
+            changes["replica_lag"] = rng.choice((8.0, 30.0, 120.0, 600.0))
+    if "fulfilled" in kinds:
+        changes["bags"] = tuple(attrs.evolve(b, fulfilled=rng.random() < 0.3) for b in s.bags)
+    if "old_refunds" in kinds and rng.random() < 0.5:
+        olds = []
+        for _ in range(rng.randint(1, 2)):
+            bag = rng.randrange(len(s.bags))
+            asked = [a.amount for a in s.asks if a.bag == bag and a.amount is not None]
+            amount = rng.choice([*asked, 50, 130]) if asked else rng.choice((50, 130))
+            age = rng.choice((3_600.0, 20 * 3_600.0, 3 * 86_400.0))
+            olds.append(OldRefund(bag, amount, age, rng.random() < 0.5))
+        changes["old_refunds"] = tuple(olds)
+    if "resume_twice" in kinds:
+        changes["resume_twice"] = rng.random() < 0.7
+    if "caller_cancel" in kinds and s.mode == "direct":
+        changes["cancels"] = tuple(
+            CallerCancel(
+                a.label,
+                round(rng.uniform(0.0, 20.0), 3),
+                rng.choice((0.0, 1.0, 70.0)),
+                keyed=rng.random() < 0.5,
+            )
+            for a in s.asks
+            if rng.random() < 0.4
+        )
+    changes["post_faults"] = tuple(post)
+    changes["read_faults"] = tuple(reads)
+    return attrs.evolve(s, **changes)
+
+
+def _generate(seed: int, *, mode: str | None = None) -> Schedule:
     rng = random.Random(seed)
     mode = mode or rng.choice(("direct", "direct", "batch", "worker"))
     settle_running = rng.choice((20.0, 60.0))
@@ -293,10 +479,12 @@ class SimResult:
         lines += [f"  {line}" for line in self.schedule.describe().splitlines()]
         lines.append("trace:")
         lines += [f"  {line}" for line in self.trace]
+        kinds = sorted(self.schedule.kinds)
         lines.append(
-            f"replay: simulate({self.schedule.seed}, mode={self.schedule.mode!r}) or "
-            f"python benchmarks/simulate.py --seed {self.schedule.seed} "
-            f"--mode {self.schedule.mode}"
+            f"replay: simulate({self.schedule.seed}, mode={self.schedule.mode!r}"
+            + (f", kinds={set(kinds)!r}" if kinds else "")
+            + f") or python benchmarks/simulate.py --seed {self.schedule.seed} "
+            f"--mode {self.schedule.mode}" + (f" --kinds {','.join(kinds)}" if kinds else "")
         )
         return "\n".join(lines)
 
@@ -328,10 +516,16 @@ def _captured_logs() -> Iterator[_Capture]:
         sdk.setLevel(old)
 
 
-def simulate(seed_or_schedule: int | Schedule, *, mode: str | None = None) -> SimResult:
-    """Run one schedule (a seed, or a Schedule) and check every invariant."""
+def simulate(
+    seed_or_schedule: int | Schedule,
+    *,
+    mode: str | None = None,
+    kinds: frozenset[str] | set[str] = frozenset(),
+) -> SimResult:
+    """Run one schedule (a seed with the world ``kinds`` switched on, or a Schedule)
+    and check every invariant."""
     schedule = (
-        generate(seed_or_schedule, mode=mode)
+        generate(seed_or_schedule, mode=mode, kinds=kinds)
         if isinstance(seed_or_schedule, int)
         else seed_or_schedule
     )
@@ -372,6 +566,20 @@ class _WallTime:
         self.time = clock.time
 
 
+class SteppedClock(SimClock):
+    """The client's clock: its wall time steps (NTP) while monotonic time does not."""
+
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__(loop)
+        self._step = 0.0
+
+    def step(self, seconds: float) -> None:
+        self._step += seconds
+
+    def time(self) -> float:
+        return super().time() + self._step
+
+
 def _close(loop: VirtualTimeLoop) -> None:
     try:
         tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
@@ -389,18 +597,21 @@ class _World:
     def __init__(self, schedule: Schedule, loop: VirtualTimeLoop) -> None:
         self.s = schedule
         self.loop = loop
-        self.clock = SimClock(loop)
+        #: Violet's clock, and the client's (whose wall clock may step; see clock_steps).
+        self.server_clock = SimClock(loop)
+        self.clock = SteppedClock(loop)
         latency = random.Random(schedule.seed * 7 + 1)
         quirks = ServerQuirks(
             naive_dates=schedule.naive_dates,
             server_clock_skew=schedule.skew,
             trim_reasons=schedule.trim_reasons,
             page_size=schedule.page_size,
+            bag_status_lag=schedule.bag_status_lag,
         )
         self.secret = f"sim-app-secret-{schedule.seed}"
         self.password = f"sim-password-{schedule.seed}"
         self.violet = SimViolet(
-            self.clock,
+            self.server_clock,
             app_id=APP_ID,
             app_secret=self.secret,
             username="sim@example.com",
@@ -412,6 +623,11 @@ class _World:
             lags=schedule.lags,
             latencies=lambda: latency.uniform(0.005, schedule.max_latency),
             date_header=schedule.date_header,
+            date_jumps=schedule.date_jumps,
+            date_bias=schedule.date_bias,
+            date_style=schedule.date_style,
+            cancel_shapes=schedule.cancel_shapes,
+            replica_lag=schedule.replica_lag,
         )
         self.ids: list[tuple[int, int]] = []
         for bag in schedule.bags:
@@ -420,10 +636,12 @@ class _World:
                     {
                         "skus": [{"quantity": bag.quantity, "price": bag.price}],
                         "shipping": bag.shipping,
+                        "fulfilled": bag.fulfilled,
                     }
                 ]
             )
             self.ids.append((order.id, next(iter(order.bags))))
+        self.world_counts()
         self.violations: list[str] = []
         self.seen: list[Seen] = []
         self.final: dict[str, Seen] = {}
@@ -441,6 +659,46 @@ class _World:
         self.timeouts = Timeouts(connect=schedule.connect, read=schedule.read)
 
     # -- helpers ------------------------------------------------------------
+
+    def world_counts(self) -> None:
+        """The world kinds this schedule switched on, counted like faults, and the
+        refunds from before the run made."""
+        s, count = self.s, self.violet.count
+        store = self.violet.store
+        if s.bag_status_lag:
+            count("world:bag_status_lag")
+        if s.date_style != "iso":
+            count(f"world:dates_{s.date_style}")
+        if s.date_bias:
+            count("world:date_header_disagrees")
+        fulfilled = sum(b.fulfilled for b in s.bags)
+        if fulfilled:
+            count("world:fulfilled_bag", fulfilled)
+        if s.resume_twice and s.mode in ("direct", "worker"):
+            count("world:resume_delivered_twice")
+        for old in s.old_refunds:
+            order_id, bag_id = self.ids[old.bag]
+            bag = store.bag(order_id, bag_id)
+            try:
+                record = store.commit_refund(
+                    bag,
+                    {"amount_refunded": old.amount, "reason": "Refunded on the platform"},
+                    status="EXTERNAL" if old.external else "COMPLETED",
+                    route="external",
+                    age_seconds=old.age,
+                )
+            except RuleViolation:
+                continue
+            self.violet._committed(None, bag, record)
+            count("world:old_external_refund" if old.external else "world:old_refund")
+        for at, step in s.clock_steps:
+
+            def jump(step: float = step) -> None:
+                self.clock.step(step)
+                count("clock:step")
+                self.note(f"the client's wall clock steps {step:+g}s")
+
+            self.loop.call_later(at, jump)
 
     def note(self, text: str) -> None:
         self.violet.note(f"   client: {text}")
@@ -479,6 +737,10 @@ class _World:
         self.seen.append(seen)
         self.final[seen.label] = seen
         self.errors.append(seen.error)
+        if seen.pending is not None:
+            self.errors.append(seen.pending.to_json())
+        if seen.what in ("pending", "review"):
+            self.violet.parked(seen.label)
         self.note(
             f"{seen.label} saw {seen.what}"
             + (f" refund {seen.refund_id}" if seen.refund_id else "")
@@ -542,7 +804,15 @@ class _World:
             await self.run_direct()
         self.check()
 
-    async def call(self, client: VioletClient, ask: AskSpec, resume: PendingRefund | None) -> None:
+    async def call(
+        self,
+        client: VioletClient,
+        ask: AskSpec,
+        resume: PendingRefund | None,
+        *,
+        repeat: bool = False,
+        key: str | None = None,
+    ) -> None:
         ASK_LABEL.set(ask.label)
         order_id, bag_id = self.ids[ask.bag]
         started = self.loop.time()
@@ -551,9 +821,27 @@ class _World:
             if resume is not None:
                 refund = await client.resume(resume)
             elif ask.kind == "cancel":
-                refund = await client.cancel_bag(order_id, bag_id, self.request(ask))  # type: ignore[arg-type]
+                refund = await client.cancel_bag(
+                    order_id,
+                    bag_id,
+                    self.request(ask),  # type: ignore[arg-type]
+                    idempotency_key=key,
+                )
             else:
-                refund = await client.refund_bag(order_id, bag_id, self.request(ask))  # type: ignore[arg-type]
+                refund = await client.refund_bag(
+                    order_id,
+                    bag_id,
+                    self.request(ask),  # type: ignore[arg-type]
+                    idempotency_key=key,
+                )
+        except BagPendingError as exc:
+            mine = [p for p in exc.pending if p.request == self.request(ask)]
+            if repeat and mine:
+                # The call it repeats left its ask pending: the caller resumes that.
+                self.check_deadline(ask.label, started)
+                await self.call(client, ask, mine[0])
+                return
+            self.saw(self.outcome_of(ask.label, exc))
         except VioletError as exc:
             self.saw(self.outcome_of(ask.label, exc))
         else:
@@ -563,10 +851,25 @@ class _World:
     async def run_direct(self) -> None:
         client, _ = self.client("app")
         async with client:
+            cancels = {c.label: c for c in self.s.cancels}
 
             async def later(ask: AskSpec) -> None:
                 await asyncio.sleep(ask.start)
-                await self.call(client, ask, None)
+                cut = cancels.get(ask.label)
+                if cut is None:
+                    await self.call(client, ask, None)
+                    return
+                key = f"key-{ask.label}" if cut.keyed else None
+                task = asyncio.ensure_future(self.call(client, ask, None, key=key))
+                done, _ = await asyncio.wait([task], timeout=cut.after)
+                if done:
+                    return
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self.violet.count("caller:cancel_keyed" if key else "caller:cancel")
+                self.note(f"{ask.label}: the caller cancelled its call at +{cut.after:g}s")
+                await asyncio.sleep(cut.again)
+                await self.call(client, ask, None, repeat=True, key=key)
 
             await asyncio.gather(*(later(ask) for ask in self.s.asks))
         await self.resolve_pendings()
@@ -574,7 +877,14 @@ class _World:
     async def resolve_pendings(self) -> None:
         await self.quiesce()
         for round_ in range(3):
-            todo = [s for s in self.final.values() if s.what == "pending"]
+            # A caller may resume an ask parked for review too (once): it must read
+            # again and never re-send by itself.
+            todo = [
+                s
+                for s in self.final.values()
+                if s.what == "pending"
+                or (round_ == 0 and self.s.resume_review and s.what == "review" and s.pending)
+            ]
             if not todo:
                 return
             client, _ = self.client(f"resume{round_}")
@@ -584,8 +894,12 @@ class _World:
                     ask = next(a for a in self.s.asks if a.label == seen.label)
                     wait = (seen.pending.settle_until or 0.0) - self.clock.time()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        await asyncio.sleep(min(wait, 3_600.0))
                     await self.call(client, ask, seen.pending)
+                    if self.s.resume_twice:
+                        # The job queue delivers the same resume job again.
+                        self.note(f"{ask.label}: the resume job is delivered again")
+                        await self.call(client, ask, seen.pending)
 
     # -- workers: jobs redelivered, resumed from a shared ledger ----------------
 
@@ -593,7 +907,8 @@ class _World:
         ledger: dict[str, str] = {}
         crash = self.s.crashes[0] if self.s.crashes else None
         await self.worker("w1", ledger, crash)
-        await self.worker("w2", ledger, None)  # every job is delivered again
+        # Every job is delivered again (with resume_twice, twice at once to w2).
+        await self.worker("w2", ledger, None, twice=self.s.resume_twice)
         await self.quiesce()
         for n in range(3):
             if not any(s.what == "pending" for s in self.final.values()):
@@ -601,14 +916,24 @@ class _World:
             await self.worker(f"w{n + 3}", ledger, None, only_pending=True)
 
     async def worker(
-        self, name: str, ledger: dict[str, str], crash: Crash | None, only_pending: bool = False
+        self,
+        name: str,
+        ledger: dict[str, str],
+        crash: Crash | None,
+        only_pending: bool = False,
+        twice: bool = False,
     ) -> None:
         client, transport = self.client(name)
         async with client:
 
-            async def job(ask: AskSpec) -> None:
+            async def job(ask: AskSpec, copy: bool = False) -> None:
                 ASK_LABEL.set(ask.label)
                 record = ledger.get(ask.label)
+                if copy and (
+                    record is None
+                    or PendingRefund.from_json(record).phase not in (Phase.SENT, Phase.PENDING)
+                ):
+                    return  # only a resume job (its payload: a sent record) comes twice
                 resume = None
                 if record is not None:
                     pending = PendingRefund.from_json(record)
@@ -652,6 +977,8 @@ class _World:
                 if not only_pending or self.final.get(a.label, Seen("", "")).what == "pending"
             ]
             tasks = [asyncio.ensure_future(job(a)) for a in asks]
+            if twice:
+                tasks += [asyncio.ensure_future(job(a, copy=True)) for a in asks]
             if crash is not None and crash.at is not None:
                 done, _ = await asyncio.wait(tasks, timeout=crash.at)
                 if len(done) < len(tasks):
@@ -825,6 +1152,10 @@ class _World:
                     f"told it failed ({seen.error[:120]}) but refund(s) {mine} were made for it"
                 )
         for label, seen in self.final.items():
+            if seen.what == "review" and (seen.pending is None or not seen.pending.note):
+                self.violations.append(
+                    f"[unparked] {label} ended unknown without a reason: {seen.error[:160]}"
+                )
             if seen.what in ("pending", "crashed"):
                 refused = seen.pending is not None and "re-send was refused" in seen.pending.note
                 kind = "liveness-refused" if refused else "liveness"
@@ -877,6 +1208,17 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "page_size": None,
             "lags": (0.0,),
             "jitter": False,
+            "bag_status_lag": 0.0,
+            "date_style": "iso",
+            "date_bias": 0.0,
+            "date_jumps": (),
+            "clock_steps": (),
+            "old_refunds": (),
+            "resume_twice": False,
+            "resume_review": False,
+            "cancels": (),
+            "cancel_shapes": (),
+            "replica_lag": 0.0,
         }
         for name, plain in quirks.items():
             if getattr(s, name) != plain:

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import math
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from email.utils import formatdate
 from typing import Any
 
@@ -27,7 +28,16 @@ from .._faults import ServerQuirks
 from .._state import FakeBag, RuleViolation, Store, cancellation_body, cancellation_failure_body
 from ._vloop import SimClock
 
-__all__ = ["ASK_LABEL", "SimCommit", "SimFault", "SimTransport", "SimViolet"]
+__all__ = [
+    "ASK_LABEL",
+    "CANCEL_SHAPES",
+    "WORLD_POST_KINDS",
+    "WORLD_READ_KINDS",
+    "SimCommit",
+    "SimFault",
+    "SimTransport",
+    "SimViolet",
+]
 
 #: The ask a request belongs to (set by the simulator around each call), so every
 #: commit is attributed to exactly one ask.
@@ -88,6 +98,16 @@ READ_KINDS = (
 )
 AUTH_KINDS = ("refused", "drop_before", "gateway_before", "violet_before")
 
+#: Faults of the world kinds (``Schedule.kinds``), laid over the lists above by a second
+#: random stream so that a seed's schedule without them is what it always was.
+#: POSTs: committed, then a 2xx naming another bag (and another refund id).
+WORLD_POST_KINDS = ("wrong_bag",)
+#: A cancel that applied, answered in one of Violet's other shapes: the older page's bare
+#: refund (200), ``cancelled_bags: []``, or only another bag's entry (202).
+CANCEL_SHAPES = ("bare", "empty", "other")
+#: Reads: the refund list with a record nobody can read.
+WORLD_READ_KINDS = ("junk",)
+
 
 @attrs.frozen
 class SimCommit:
@@ -120,6 +140,11 @@ class SimViolet:
         lags: tuple[float, ...] = (0.0,),
         latencies: Callable[[], float] = lambda: 0.05,
         date_header: bool = True,
+        date_jumps: tuple[float, ...] = (),
+        date_bias: float = 0.0,
+        date_style: str = "iso",
+        cancel_shapes: tuple[str | None, ...] = (),
+        replica_lag: float = 0.0,
     ) -> None:
         self.clock = clock
         self.store = Store(app_id, clock=clock, quirks=quirks)
@@ -136,6 +161,29 @@ class SimViolet:
         self.store.lag_for = self._next_lag
         self.latency = latencies
         self.date_header = date_header
+        #: Seconds added to the n-th answer's ``Date`` header (a jump: one answer
+        #: disagrees with the others), and to every answer's (a CDN's own clock: the
+        #: header disagrees with the refund dates).
+        self.date_jumps = date_jumps
+        self.date_bias = date_bias
+        self._answers = 0
+        #: How refund dates are written: "iso" (Violet's usual shapes), "day" (day
+        #: precision, ``...T00:00:00Z``) or "epoch" (milliseconds, a number).
+        self.date_style = date_style
+        #: The shape of the n-th applied cancel's answer (None: the 202 body).
+        self.cancel_shapes = cancel_shapes
+        self._cancels_answered = 0
+        #: Refund ids each ask was shown by a list read it could parse, and those it had
+        #: been shown when it was last parked (pending or review): what a replica behind
+        #: the primary can hide from its resume (shows, hides, shows). A refund no ask
+        #: saw is hidden only by list lag (within the settle window: beyond it is
+        #: README's remaining risk).
+        self.shown_to: dict[str, set[int]] = {}
+        self.hideable: dict[str, frozenset[int]] = {}
+        #: Every other list read of a parked ask comes from a replica this far behind.
+        self.replica_lag = replica_lag
+        self._replica_reads: dict[str, int] = {}
+        self.commit_at: dict[int, float] = {}
         self.tokens: dict[str, bool] = {}  # token -> still valid
         self.refresh_tokens: set[str] = set()
         self.secrets: set[str] = {app_secret, password}
@@ -170,9 +218,11 @@ class SimViolet:
             return None
         fault = faults[index]
         if fault is not None:
-            key = f"{route}:{fault.kind}"
-            self.injected[key] = self.injected.get(key, 0) + 1
+            self.count(f"{route}:{fault.kind}")
         return fault
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.injected[key] = self.injected.get(key, 0) + n
 
     def _mint(self, prefix: str) -> str:
         self._serial += 1
@@ -199,6 +249,7 @@ class SimViolet:
 
     def _committed(self, label: str | None, bag: FakeBag, record: dict[str, Any]) -> None:
         commit = self.store.ledger.commits_per_bag[bag.id][-1]
+        self.commit_at[record["id"]] = commit.at
         self.commits.append(
             SimCommit(record["id"], label, bag.id, record["amount"], commit.at, commit.visible_at)
         )
@@ -213,7 +264,16 @@ class SimViolet:
     def _headers(self, extra: Mapping[str, str] | None = None) -> CIMultiDictProxy[str]:
         headers: CIMultiDict[str] = CIMultiDict()
         if self.date_header:
-            headers["Date"] = formatdate(self.store.server_time(), usegmt=True)
+            when = self.store.server_time() + self.date_bias
+            index = self._answers
+            self._answers += 1
+            if index < len(self.date_jumps) and self.date_jumps[index]:
+                when += self.date_jumps[index]
+                if self.faults_on:
+                    self.count("date:jump")
+                else:
+                    when -= self.date_jumps[index]
+            headers["Date"] = formatdate(when, usegmt=True)
         headers["Content-Type"] = "application/json"
         if extra:
             headers.update(extra)
@@ -221,6 +281,22 @@ class SimViolet:
 
     def _json(self, data: Any, status: int = 200) -> RawResponse:
         return RawResponse(status, self._headers(), orjson.dumps(data))
+
+    def _dated(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` with its dates in this Violet's style."""
+        if self.date_style == "iso":
+            return record
+        shown = dict(record)
+        for name in ("date_created", "date_last_modified"):
+            value = record.get(name)
+            if not isinstance(value, str):
+                continue
+            moment = _parse_iso(value)
+            if self.date_style == "day":
+                shown[name] = moment.strftime("%Y-%m-%dT00:00:00Z")
+            else:
+                shown[name] = int(moment.timestamp() * 1000)
+        return shown
 
     def _error(self, status: int, message: str, code: int, **headers: str) -> RawResponse:
         body = {
@@ -249,7 +325,7 @@ class SimViolet:
         path = url.path.split("/v1", 1)[-1]
         parts = path.strip("/").split("/")
         label = ASK_LABEL.get()
-        if label is None and method == "POST" and len(parts) == 5:
+        if label is None and len(parts) == 5:
             label = self.bag_labels.get(int(parts[3]))
         if path in {"/login", "/auth/token"}:
             route = "auth"
@@ -386,7 +462,7 @@ class SimViolet:
         if not valid:
             raise RuleViolation(401, "Token has expired", 11)
         if route == "read":
-            answer = self._read(parts, query)
+            answer = self._read(parts, query, fault, label)
             if kind == "garbled_after":
                 answer = RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2])
             return answer, None
@@ -418,12 +494,48 @@ class SimViolet:
         self.tokens[token] = True
         return self._json({"token": token})
 
-    def _read(self, parts: list[str], query: Mapping[str, str]) -> RawResponse:
+    def parked(self, label: str) -> None:
+        """Ask ``label`` was parked: a replica may hide what it was shown so far."""
+        self.hideable[label] = frozenset(self.shown_to.get(label, ()))
+
+    def _read(
+        self,
+        parts: list[str],
+        query: Mapping[str, str],
+        fault: SimFault | None = None,
+        label: str | None = None,
+    ) -> RawResponse:
         order = self.store.order(int(parts[1]))
         if len(parts) == 2:
             return self._json(order.to_json(self.clock.monotonic()))
         bag = self.store.bag(order.id, int(parts[3]))
         shown = [r for r in bag.refunds if self.store.visible(r)]
+        kind = fault.kind if fault is not None else None
+        seen = self.hideable.get(label or "")
+        replica = False
+        if seen is not None and self.replica_lag:
+            n = self._replica_reads[label or ""] = self._replica_reads.get(label or "", 0) + 1
+            replica = n % 2 == 1
+        if replica:
+            # A replica behind the primary: what the primary already served this ask,
+            # committed within the lag, is not there yet.
+            self.count("read:replica")
+            behind = self.clock.monotonic() - self.replica_lag
+            assert seen is not None
+            kept = [r for r in shown if r["id"] not in seen or self.commit_at[r["id"]] <= behind]
+            if len(kept) < len(shown):
+                self.count("read:stale_hid")
+            shown = kept
+        elif (
+            label is not None
+            and kind not in ("junk", "garbled_after")
+            and self.date_style != "epoch"  # shown: what the client can read
+        ):
+            self.shown_to.setdefault(label, set()).update(r["id"] for r in shown)
+        shown = [self._dated(r) for r in shown]
+        if kind == "junk":
+            # A record no reader can take: an older shape, a field of another type.
+            shown = [*shown, {"id": f"legacy-{bag.id}", "amount": "12,00", "status": 7}]
         cap = self.store.quirks.page_size
         if cap is None:
             return self._json(shown)
@@ -492,14 +604,58 @@ class SimViolet:
             return self._gateway(fault.status if fault else 502), None
         if kind == "violet_after":
             return self._error(fault.status if fault else 500, "Internal error", 5000), None
+        return self._applied(action, bag, self._dated(record), kind), None
+
+    def _applied(
+        self, action: str, bag: FakeBag, record: dict[str, Any], kind: str | None
+    ) -> RawResponse:
+        """The 2xx answer to a POST that applied, as ``kind`` shapes it."""
+        if kind == "wrong_bag":
+            # A 2xx naming another bag (and a refund that is not this one).
+            other = next((b for b in self._bags() if b.id != bag.id), None)
+            record = {
+                **record,
+                "id": 900_000 + len(self.commits),
+                "bag_id": other.id if other is not None else bag.id + 1_000,
+                "order_id": other.order_id if other is not None else bag.order_id + 1_000,
+            }
+        shape = None
+        if action == "cancel" and kind is None:
+            index = self._cancels_answered
+            self._cancels_answered += 1
+            if index < len(self.cancel_shapes) and self.faults_on:
+                shape = self.cancel_shapes[index]
+        if shape is not None:
+            self.count(f"post:cancel_{shape}")
+            if shape == "bare":
+                return self._json(record)  # the older order-service page
+            body = cancellation_body(self.app_id, bag, record)
+            if shape == "empty":
+                body["cancelled_bags"] = []
+            else:
+                other = next((b for b in self._bags() if b.id != bag.id), None)
+                entry = body["cancelled_bags"][0]
+                entry["bag_id"] = other.id if other is not None else bag.id + 1_000
+                entry["refund"] = None
+            return self._json(body, status=202)
         if action == "cancel":
             # Violet's cancellation body, 202 (the orders-and-checkout pages).
             answer = self._json(cancellation_body(self.app_id, bag, record), status=202)
         else:
             answer = self._json(record)
         if kind == "garbled_after":
-            return RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2]), None
-        return answer, None
+            return RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2])
+        return answer
+
+    def _bags(self) -> list[FakeBag]:
+        return [b for o in self.store.orders.values() for b in o.bags.values()]
+
+
+def _parse_iso(value: str) -> datetime:
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
 
 
 def _summary(answer: RawResponse) -> str:
