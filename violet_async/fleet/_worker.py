@@ -44,6 +44,7 @@ from ._ledger import (
     LockLostError,
     RedisLedger,
     RefundOwnedError,
+    resolve,
 )
 from ._lock import BagLocks, LockBusyError
 from ._pace import FleetPace
@@ -116,6 +117,9 @@ class FleetWorker:
         self.clock = client._shared.clock
         # The ledger's epoch as this worker knows it (None: not read yet).
         self._epoch: str | None = None
+        # Redis's clock less this worker's monotonic one (None: not read yet): the
+        # fleet's hold is judged by one clock, Redis's, whatever each worker's says.
+        self._offset: float | None = None
         # Refunds this worker got for an item (a 2xx, or claimed by read-back) whose
         # ledger write has not succeeded yet: a re-run here records them, never asks
         # again (this client knows the refund, and would take it for another's).
@@ -173,7 +177,7 @@ class FleetWorker:
         if record.state == "pending" and record.needs_review:
             return record.to_dict()
         if self._epoch is None:
-            now = self.clock.time()
+            now = await self._now(fresh=True)
             epoch = await self.ledger.epoch(hold=self.fresh_hold, now=now)
             self._epoch = epoch.id
             if epoch.hold_until > now:
@@ -236,7 +240,7 @@ class FleetWorker:
                     lock_key=held.key,
                     token=held.token,
                     epoch=self._epoch,
-                    now=self.clock.time(),
+                    now=await self._now(),
                 )
             elif ask.phase is Phase.PENDING:
                 await self.ledger.mark_pending(key, ask)
@@ -387,14 +391,14 @@ class FleetWorker:
         if isinstance(exc, LedgerLostError):
             return await self._after_loss()
         if isinstance(exc, LedgerHeldError):
-            return max(exc.until - self.clock.time(), 0.2)
+            return max(exc.until - await self._now(), 0.2)
         return 0.5
 
     async def _after_loss(self) -> float:
         """Redis lost the ledger since this worker last looked: take the epoch now in
         force (made now if missing) and hold every send of the fleet for a full settle
         window from now. Returns the seconds to wait."""
-        now = self.clock.time()
+        now = await self._now(fresh=True)
         epoch = await self.ledger.epoch(hold=self.fresh_hold, now=now)
         until = await self.ledger.hold_sends(now + self.fresh_hold)
         log.error(
@@ -428,6 +432,15 @@ class FleetWorker:
         if paid_by is not None:
             await self.pace.learn(item.order_id, paid_by)
             await self.pace.succeeded(paid_by)
+
+    async def _now(self, *, fresh: bool = False) -> float:
+        """Redis's time now, as this worker's monotonic clock carries it on from the
+        last reading (``fresh``: read it again). Workers' wall clocks may disagree by
+        minutes; a hold one worker set by its own would not hold another."""
+        if fresh or self._offset is None:
+            seconds, micros = await resolve(self.ledger.redis.time())
+            self._offset = seconds + micros / 1e6 - self.clock.monotonic()
+        return self.clock.monotonic() + self._offset
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
