@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from email.utils import formatdate
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
 
