@@ -10,8 +10,10 @@ import os
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -22,7 +24,7 @@ from redis.asyncio import Redis
 
 from tests import _fleet_redis
 from violet_async import RefundBagRequest, RetryPolicy, Timeouts, VioletClient
-from violet_async.batch import BatchItem
+from violet_async.batch import BatchItem, BatchResult, run_batch
 from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError, item_key
 from violet_async.testing import FakeClock
 
@@ -42,6 +44,8 @@ class Violet:
         self.refunds: list[dict[str, Any]] = []
         self.posts = 0
         self.late: list[float] = []
+        self.hang = False
+        """Commit at once, then never answer (a run killed with its POST in flight)."""
         self.arrived = asyncio.Event()
         self.stop = asyncio.Event()
 
@@ -67,7 +71,11 @@ class Violet:
             self.clock.call_later(self.late.pop(0), lambda: self.commit(amount, bag))
             await self.stop.wait()
             return web.Response(status=504)
-        return web.json_response(self.commit(amount, bag))
+        record = self.commit(amount, bag)
+        if self.hang:
+            await self.stop.wait()
+            return web.Response(status=504)
+        return web.json_response(record)
 
     async def listing(self, request: web.Request) -> web.Response:
         bag = int(request.match_info["b"])
@@ -167,3 +175,57 @@ async def test_a_worker_whose_clock_is_ahead_keeps_the_hold_after_redis_lost_the
         await redis.aclose()
     assert [r["bag_id"] for r in violet.refunds].count(BAG) == 1, violet.refunds
     assert result["outcome"] == "already_present"
+
+
+async def _killed_mid_post(
+    url: str, clock: FakeClock, violet: Violet, item: BatchItem, journal: Path
+) -> None:
+    """Run ``item`` and kill the run (as kill -9 would: nothing more written) while its
+    POST is in flight; the server committed it."""
+    async with _client(url, clock) as client:
+        run = asyncio.ensure_future(_drain(run_batch(client, [item], journal=journal)))
+        await violet.arrived.wait()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    violet.hang = False
+
+
+async def _drain(results: AsyncIterator[BatchResult]) -> list[BatchResult]:
+    return [r async for r in results]
+
+
+def _corrupt_last_ask(journal: Path) -> None:
+    """The last line's protocol record made unreadable (a field of the wrong type), its
+    bag still named: a journal written by another build, or edited by hand."""
+    lines = journal.read_bytes().splitlines()
+    record = orjson.loads(lines[-1])
+    assert record["state"] == "sent"
+    record["ask"]["sends"] = "many"
+    lines[-1] = orjson.dumps(record)
+    journal.write_bytes(b"\n".join(lines) + b"\n")
+
+
+async def test_an_unreadable_earlier_entry_on_the_bag_keeps_an_edited_row_from_sending(
+    tmp_path: Path,
+) -> None:
+    """A run is killed with a row's POST in flight (it applied); the journal's record of
+    that send cannot be read back (a field of the wrong type); the operator fixes the
+    row's amount (300 -> 350) and runs again. The earlier entry may have applied and
+    cannot be resolved: the edited row must not be sent (its bag is unresolved). It
+    used to be ignored as if the bag had nothing open: two refunds."""
+    clock = FakeClock()
+    violet = Violet(clock)
+    violet.hang = True
+    journal = tmp_path / "run.jsonl"
+    typo = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=300))
+    fixed = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=350))
+    async with serving(violet) as url:
+        await _killed_mid_post(url, clock, violet, typo, journal)
+        _corrupt_last_ask(journal)
+        async with _client(url, clock) as client:
+            results = await _drain(run_batch(client, [fixed], journal=journal))
+            again = await _drain(run_batch(client, [fixed], journal=journal))
+    assert len(violet.refunds) == 1, violet.refunds
+    assert [r.outcome for r in results] == ["not_sent"]
+    assert "cannot be read" in str(results[0].error)
+    assert [r.outcome for r in again] == ["not_sent"]  # still unresolved: still not sent

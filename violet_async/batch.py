@@ -606,12 +606,31 @@ class _Runner:
                 refund_id,
             )
             return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
-        why = self.blocked.get(item.bag_id)
+        why = self.blocked.get(item.bag_id) or self._unreadable_on_bag(item.bag_id, key)
         if why is not None:
             return await _ended(
                 item, key, "not_sent", _Stats(), self.log, _BagUnresolved(why), state="unsent"
             )
         return None
+
+    def _unreadable_on_bag(self, bag_id: int, key: str) -> str | None:
+        """Why nothing may be sent on ``bag_id`` when an earlier run's open entry on it
+        has a record that cannot be read: it may have applied, and it cannot be read
+        back (None: no such entry). The bag stays blocked for this run."""
+        log = self.log
+        if log is None:
+            return None
+        entries = (log.entry(k) for k in sorted(log.open_on_bag(bag_id) - {key}))
+        bad = next((e for e in entries if e is not None and _orphan(e) is None), None)
+        if bad is None:
+            return None
+        return self.blocked.setdefault(
+            bag_id,
+            f"bag {bag_id} has an earlier run's refund or cancel (line {bad.line}, "
+            f"{bad.state}) that may have applied, and its journal record cannot be read; "
+            "not sent: check the bag's refunds, then send it with a new --journal if it "
+            "is not there",
+        )
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
