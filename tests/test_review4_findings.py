@@ -21,6 +21,8 @@ if not os.environ.get("CI"):
     pytest.importorskip("redis")
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from tests import _fleet_redis
 from violet_async import RefundBagRequest, RetryPolicy, Timeouts, VioletClient
@@ -67,6 +69,11 @@ class Violet:
         self.arrived.set()
         amount = (await request.json())["amount_refunded"]
         bag = int(request.match_info["b"])
+        if amount > 1000:
+            message = f"Refund of {amount} exceeds the 1000 left on bag {bag}"
+            return web.json_response(
+                {"status": 400, "message": message, "error_code": 4006}, status=400
+            )
         if self.late:
             self.clock.call_later(self.late.pop(0), lambda: self.commit(amount, bag))
             await self.stop.wait()
@@ -229,3 +236,67 @@ async def test_an_unreadable_earlier_entry_on_the_bag_keeps_an_edited_row_from_s
     assert [r.outcome for r in results] == ["not_sent"]
     assert "cannot be read" in str(results[0].error)
     assert [r.outcome for r in again] == ["not_sent"]  # still unresolved: still not sent
+
+
+class DyingRedis(Redis):
+    """A Redis client whose worker dies (every later command fails) right after the
+    first script call that writes ``die_on`` as an argument."""
+
+    die_on: bytes | None = None
+    dead = False
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.dead:
+            raise RedisConnectionError("the worker is dead (test)")
+        result = await super().execute_command(*args, **options)
+        named = (a if isinstance(a, bytes) else str(a).encode() for a in args)
+        if self.die_on is not None and args[0] == "EVALSHA" and self.die_on in named:
+            self.dead = True
+        return result
+
+
+async def test_a_worker_dying_right_after_marking_an_item_failed_leaves_its_bag_usable(
+    redis_url: str,
+) -> None:
+    """Violet refuses an item (400: final) and its worker dies right after the ledger
+    write of "failed", before the bag's open set forgets it. Another item on the bag
+    must still run: the failed item is terminal and never runs again to clean up. It
+    used to be handed back ("an unsettled item") on every run, for ever."""
+    first = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=5000))
+    second = BatchItem.refund(2, ORDER, BAG, RefundBagRequest(amount_refunded=300))
+    clock = FakeClock()
+    violet = Violet(clock)
+    dying = DyingRedis.from_url(redis_url)
+    healthy = Redis.from_url(redis_url)
+    await healthy.flushall()
+    await RedisLedger(healthy).new_fleet()
+    try:
+        async with serving(violet) as url:
+            async with _client(url, clock) as client:
+                worker = _worker(client, dying)
+                await worker.ledger.register(item_key(first), first)
+                dying.die_on = b"failed"
+                with pytest.raises(RedisError):
+                    await worker.run(item_key(first), first)
+            record = await RedisLedger(healthy).get(item_key(first))
+            assert record is not None
+            assert record.state == "failed"
+            await healthy.delete(BagLocks(healthy).key(BAG))  # the dead worker's lock expired
+            async with _client(url, clock) as client:
+                other = _worker(client, healthy)
+                await other.ledger.register(item_key(second), second)
+                result: dict[str, Any] | None = None
+                why = ""
+                for _ in range(5):
+                    try:
+                        result = await other.run(item_key(second), second)
+                        break
+                    except RetryLaterError as exc:
+                        why = str(exc)
+                        clock.advance(exc.defer)
+    finally:
+        await dying.aclose()
+        await healthy.aclose()
+    assert result is not None, why
+    assert result["state"] == "applied"
+    assert len(violet.refunds) == 1

@@ -175,7 +175,9 @@ class LedgerRecord:
         }
 
 
-# KEYS: record, states, lock (or the record again when no lock is checked)
+# KEYS: record, states, lock (or the record again when no lock is checked), and the
+# bag's open set when the item leaves it (new, failed): in the same script, so a worker
+# dying between the two cannot leave a settled item keeping its bag from every send.
 # ARGV: item key, new state, lock token ("" = no check), then field, value pairs
 # -2: the record is gone (Redis lost the ledger): nothing is written
 _WRITE = """
@@ -185,6 +187,9 @@ end
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then
   return -2
+end
+if KEYS[4] then
+  redis.call('SREM', KEYS[4], ARGV[1])
 end
 if current == 'applied' or current == 'failed' then
   return 0
@@ -372,10 +377,6 @@ class RedisLedger:
         members = await resolve(self.redis.smembers(self.bag_open_key(bag_id)))
         return {str(_text(m)) for m in members}
 
-    async def _close(self, bag_id: int | None, key: str) -> None:
-        if bag_id is not None:
-            await resolve(self.redis.srem(self.bag_open_key(bag_id), key))
-
     async def register(self, key: str, item: BatchItem, *, source: str = "") -> State | None:
         """Add ``item`` as ``new`` unless the ledger has it; returns the state it had
         (None: it was added)."""
@@ -505,14 +506,12 @@ class RedisLedger:
 
     async def mark_new(self, key: str, bag_id: int | None = None) -> None:
         """Back to ``new``: the ask definitely did not apply and may start over."""
-        await self._set(key, "new", ask="", needs_review=0)
-        await self._close(bag_id, key)
+        await self._set(key, "new", close=bag_id, ask="", needs_review=0)
 
     async def mark_failed(
         self, key: str, error: str, message: str, *, outcome: str, bag_id: int | None = None
     ) -> None:
-        await self._set(key, "failed", error=error, message=message, outcome=outcome)
-        await self._close(bag_id, key)
+        await self._set(key, "failed", close=bag_id, error=error, message=message, outcome=outcome)
 
     async def bag_refunds(self, bag_id: int, *, owner: str | None = None) -> set[int]:
         """Refund ids the ledger recorded on ``bag_id``, but those of item ``owner``: a
@@ -559,14 +558,19 @@ class RedisLedger:
     def _stamp(self) -> list[Any]:
         return ["updated_at", repr(time.time())]
 
-    async def _set(self, key: str, state: State, **fields: Any) -> None:
+    async def _set(
+        self, key: str, state: State, *, close: int | None = None, **fields: Any
+    ) -> None:
+        """Write ``state`` and ``fields``; ``close``: the bag whose open set the item
+        leaves, in the same script."""
         args: list[Any] = [key, state, ""]
         for name, value in fields.items():
             args += [name, value]
         args += self._stamp()
-        done = await self._write(
-            keys=[self.record_key(key), self.states_key, self.record_key(key)], args=args
-        )
+        keys = [self.record_key(key), self.states_key, self.record_key(key)]
+        if close is not None:
+            keys.append(self.bag_open_key(close))
+        done = await self._write(keys=keys, args=args)
         if done == -2:
             raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
 
