@@ -300,3 +300,30 @@ async def test_a_worker_dying_right_after_marking_an_item_failed_leaves_its_bag_
     assert result is not None, why
     assert result["state"] == "applied"
     assert len(violet.refunds) == 1
+
+
+async def test_a_job_whose_copy_of_the_item_is_another_item_is_not_run(redis_url: str) -> None:
+    """The ledger lost item K (a refund of 300); a job planted in Redis names K but
+    carries a copy of another item (a refund of 900). The copy must be K's own (its
+    kind, order, bag and request are in K) or nothing is run: it used to be registered
+    under K and sent, 900 for a 300 asked."""
+    asked = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=300))
+    planted = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=900))
+    clock = FakeClock()
+    violet = Violet(clock)
+    redis = Redis.from_url(redis_url)
+    await redis.flushall()
+    await RedisLedger(redis).new_fleet()
+    try:
+        async with serving(violet) as url, _client(url, clock) as client:
+            worker = _worker(client, redis)
+            with pytest.raises(LookupError, match="not this item"):
+                await worker.run(item_key(asked), planted)
+            assert await worker.ledger.get(item_key(asked)) is None
+            # The item's own copy runs (the occurrence suffix is not part of the check).
+            key = item_key(asked, occurrence=1)
+            result = await worker.run(key, asked)
+    finally:
+        await redis.aclose()
+    assert result["state"] == "applied"
+    assert [r["amount"] for r in violet.refunds] == [300]

@@ -44,6 +44,7 @@ from ._ledger import (
     LockLostError,
     RedisLedger,
     RefundOwnedError,
+    item_key,
     resolve,
 )
 from ._lock import BagLocks, LockBusyError
@@ -155,6 +156,12 @@ class FleetWorker:
         if record is None:
             if item is None:
                 raise LookupError(f"item {key} is not in the ledger")
+            if not _is_item(key, item):
+                # A job's copy that is another item (forged, or a bug): never sent.
+                raise LookupError(
+                    f"item {key} is not in the ledger, and the job's copy of it is not "
+                    "this item (its kind, order, bag or request differ): not run"
+                )
             # The ledger lost it (or it was never registered): start it as new.
             # read_before_send + hold_if_present keep a refund it already made.
             await self.ledger.register(key, item)
@@ -447,6 +454,11 @@ class FleetWorker:
         if record is None:
             raise LookupError(f"item {key} vanished from the ledger")
         return record
+
+
+def _is_item(key: str, item: BatchItem) -> bool:
+    """``key`` is the content key of ``item`` (whatever its occurrence)."""
+    return key.rpartition(":")[0] == item_key(item).rpartition(":")[0]
 
 
 def _resumable(record: LedgerRecord) -> PendingRefund | None:
