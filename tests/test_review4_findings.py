@@ -20,12 +20,14 @@ from aiohttp import web
 if not os.environ.get("CI"):
     pytest.importorskip("redis")
 
+import attrs
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from tests import _fleet_redis
 from violet_async import RefundBagRequest, RetryPolicy, Timeouts, VioletClient
+from violet_async._ask import sent_once
 from violet_async.batch import BatchItem, BatchResult, run_batch
 from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError, item_key
 from violet_async.testing import FakeClock
@@ -47,6 +49,8 @@ class Violet:
         self.posts = 0
         self.late: list[float] = []
         self.hang = False
+        self.gate: asyncio.Event | None = None
+        """Set: a POST waits for it, then answers 504 without committing."""
         """Commit at once, then never answer (a run killed with its POST in flight)."""
         self.arrived = asyncio.Event()
         self.stop = asyncio.Event()
@@ -74,6 +78,9 @@ class Violet:
             return web.json_response(
                 {"status": 400, "message": message, "error_code": 4006}, status=400
             )
+        if self.gate is not None:
+            await self.gate.wait()
+            return web.Response(status=504, text="gateway timeout")
         if self.late:
             self.clock.call_later(self.late.pop(0), lambda: self.commit(amount, bag))
             await self.stop.wait()
@@ -327,3 +334,43 @@ async def test_a_job_whose_copy_of_the_item_is_another_item_is_not_run(redis_url
         await redis.aclose()
     assert result["state"] == "applied"
     assert [r["amount"] for r in violet.refunds] == [300]
+
+
+async def test_a_worker_that_lost_its_lock_cannot_overwrite_the_new_holders_record(
+    redis_url: str,
+) -> None:
+    """Worker A's POST is in flight when A stalls past its lock's TTL; worker B takes
+    the bag's lock and records a send of its own (a second send, later). A wakes to a
+    504 and goes pending: its write must not replace B's record (the ledger would
+    forget B's send and its later settle window, and a resume could prove absence
+    before B's POST landed). Every write of a send's record checks the lock."""
+    item = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=300))
+    key = item_key(item)
+    clock = FakeClock()
+    violet = Violet(clock)
+    violet.gate = asyncio.Event()
+    redis = Redis.from_url(redis_url)
+    await redis.flushall()
+    ledger = RedisLedger(redis)
+    await ledger.new_fleet()
+    locks = BagLocks(redis, ttl=5.0, poll=0.02)
+    try:
+        async with serving(violet) as url, _client(url, clock) as client:
+            worker = FleetWorker(client, ledger, locks, None, patience=0.0)
+            await ledger.register(key, item)
+            running = asyncio.ensure_future(worker.run(key, item))
+            await violet.arrived.wait()
+            # A's lock expired while it stalled; B took it and sent again, later.
+            await redis.set(locks.key(BAG), "worker-b-token")
+            b_ask = sent_once("refund", ORDER, BAG, item.request, clock.time() + 50.0)
+            b_ask = attrs.evolve(b_ask, sends=2)
+            await ledger.mark_sent(key, b_ask, lock_key=locks.key(BAG), token="worker-b-token")
+            violet.gate.set()  # A wakes: its POST answers 504
+            with contextlib.suppress(RetryLaterError):
+                await running
+            record = await ledger.get(key)
+    finally:
+        await redis.aclose()
+    assert record is not None
+    assert record.ask is not None
+    assert (record.ask["sends"], record.ask["last_sent_at"]) == (2, b_ask.last_sent_at)

@@ -179,14 +179,15 @@ class LedgerRecord:
 # bag's open set when the item leaves it (new, failed): in the same script, so a worker
 # dying between the two cannot leave a settled item keeping its bag from every send.
 # ARGV: item key, new state, lock token ("" = no check), then field, value pairs
-# -2: the record is gone (Redis lost the ledger): nothing is written
+# -2: the record is gone (Redis lost the ledger), -1: the lock is not the token's:
+# nothing is written
 _WRITE = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[3] then
-  return -1
-end
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then
   return -2
+end
+if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[3] then
+  return -1
 end
 if KEYS[4] then
   redis.call('SREM', KEYS[4], ARGV[1])
@@ -459,11 +460,16 @@ class RedisLedger:
             raise LockLostError(f"item {key} was finished by another worker")
         await self._durable()
 
-    async def mark_pending(self, key: str, ask: PendingRefund) -> None:
+    async def mark_pending(
+        self, key: str, ask: PendingRefund, *, lock_key: str | None = None, token: str = ""
+    ) -> None:
+        """Pending with ``ask``; given ``lock_key``, only while ``token`` holds it
+        (LockLostError: nothing written, another worker has the item now)."""
         await resolve(self.redis.sadd(self.bag_open_key(ask.bag_id), key))
         await self._set(
             key,
             "pending",
+            lock=(lock_key, token),
             ask=orjson.dumps(ask.to_dict()),
             needs_review=int(ask.needs_review),
             message=ask.note or "",
@@ -504,14 +510,39 @@ class RedisLedger:
         """Pending, for a person to look at (nothing more is sent for it)."""
         await self._set(key, "pending", needs_review=1, message=message)
 
-    async def mark_new(self, key: str, bag_id: int | None = None) -> None:
-        """Back to ``new``: the ask definitely did not apply and may start over."""
-        await self._set(key, "new", close=bag_id, ask="", needs_review=0)
+    async def mark_new(
+        self,
+        key: str,
+        bag_id: int | None = None,
+        *,
+        lock_key: str | None = None,
+        token: str = "",
+    ) -> None:
+        """Back to ``new``: the ask definitely did not apply and may start over (given
+        ``lock_key``, only while ``token`` holds it: LockLostError)."""
+        await self._set(key, "new", close=bag_id, lock=(lock_key, token), ask="", needs_review=0)
 
     async def mark_failed(
-        self, key: str, error: str, message: str, *, outcome: str, bag_id: int | None = None
+        self,
+        key: str,
+        error: str,
+        message: str,
+        *,
+        outcome: str,
+        bag_id: int | None = None,
+        lock_key: str | None = None,
+        token: str = "",
     ) -> None:
-        await self._set(key, "failed", close=bag_id, error=error, message=message, outcome=outcome)
+        """Failed (given ``lock_key``, only while ``token`` holds it: LockLostError)."""
+        await self._set(
+            key,
+            "failed",
+            close=bag_id,
+            lock=(lock_key, token),
+            error=error,
+            message=message,
+            outcome=outcome,
+        )
 
     async def bag_refunds(self, bag_id: int, *, owner: str | None = None) -> set[int]:
         """Refund ids the ledger recorded on ``bag_id``, but those of item ``owner``: a
@@ -559,18 +590,27 @@ class RedisLedger:
         return ["updated_at", repr(time.time())]
 
     async def _set(
-        self, key: str, state: State, *, close: int | None = None, **fields: Any
+        self,
+        key: str,
+        state: State,
+        *,
+        close: int | None = None,
+        lock: tuple[str | None, str] = (None, ""),
+        **fields: Any,
     ) -> None:
         """Write ``state`` and ``fields``; ``close``: the bag whose open set the item
-        leaves, in the same script."""
-        args: list[Any] = [key, state, ""]
+        leaves, in the same script; ``lock``: (lock key, token) the write needs held."""
+        lock_key, token = lock
+        args: list[Any] = [key, state, token if lock_key is not None else ""]
         for name, value in fields.items():
             args += [name, value]
         args += self._stamp()
-        keys = [self.record_key(key), self.states_key, self.record_key(key)]
+        keys = [self.record_key(key), self.states_key, lock_key or self.record_key(key)]
         if close is not None:
             keys.append(self.bag_open_key(close))
         done = await self._write(keys=keys, args=args)
+        if done == -1:
+            raise LockLostError(f"item {key}: this worker's lock is gone; nothing written")
         if done == -2:
             raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
 

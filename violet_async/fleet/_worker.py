@@ -250,7 +250,7 @@ class FleetWorker:
                     now=await self._now(),
                 )
             elif ask.phase is Phase.PENDING:
-                await self.ledger.mark_pending(key, ask)
+                await self.ledger.mark_pending(key, ask, lock_key=held.key, token=held.token)
 
         ask_task = asyncio.ensure_future(
             self.client._ask(
@@ -277,7 +277,12 @@ class FleetWorker:
             await asyncio.gather(ask_task, lost, return_exceptions=True)
         if ask_task.cancelled():
             raise RetryLaterError(f"lost the lock of bag {item.bag_id}", defer=0.5)
-        return await self._settle(key, item, ask_task, merchant)
+        try:
+            return await self._settle(key, item, ask_task, held, merchant)
+        except LockLostError as exc:
+            # A record of the send was refused: another worker holds the bag (and the
+            # item) now; this one's view of it is stale.
+            raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
 
     async def _merchant_of(self, item: BatchItem, *, look_up: bool) -> int | None:
         """The item's merchant: its own, the fleet's memory, or (``look_up``) its order."""
@@ -319,9 +324,13 @@ class FleetWorker:
         key: str,
         item: BatchItem,
         ask_task: asyncio.Future[Any],
+        held: Any,
         merchant: int | None = None,
     ) -> dict[str, Any]:
         ledger = self.ledger
+        # Writes that are not proof of their own (not a 2xx) need the bag's lock: a
+        # worker that lost it must not overwrite the new holder's record.
+        lock = {"lock_key": held.key, "token": held.token}
         try:
             refund = ask_task.result()
             if item.kind == "refund":
@@ -336,7 +345,12 @@ class FleetWorker:
             raise RetryLaterError(str(exc), defer=max(self.patience, 1.0)) from exc
         except RefundAlreadyPresentError as exc:
             await ledger.mark_failed(
-                key, type(exc).__name__, str(exc), outcome="already_present", bag_id=item.bag_id
+                key,
+                type(exc).__name__,
+                str(exc),
+                outcome="already_present",
+                bag_id=item.bag_id,
+                **lock,
             )
         except AmbiguousOutcomeError as exc:
             # The ledger, not this worker's client, keeps the fleet's pending asks (the
@@ -345,10 +359,15 @@ class FleetWorker:
             pending = exc.pending
             if pending is None:
                 await ledger.mark_failed(
-                    key, type(exc).__name__, str(exc), outcome="unknown", bag_id=item.bag_id
+                    key,
+                    type(exc).__name__,
+                    str(exc),
+                    outcome="unknown",
+                    bag_id=item.bag_id,
+                    **lock,
                 )
             else:
-                await ledger.mark_pending(key, pending)
+                await ledger.mark_pending(key, pending, **lock)
                 if not pending.needs_review:
                     wait = (pending.settle_until or time.time()) - time.time()
                     raise RetryLaterError(str(exc), defer=max(wait, 0.2)) from exc
@@ -357,10 +376,10 @@ class FleetWorker:
             # connection, a 5xx, a 429 out of budget, a failed baseline read), the item
             # starts over later; a refusal (4xx) is final.
             if _transient(exc):
-                await ledger.mark_new(key, item.bag_id)
+                await ledger.mark_new(key, item.bag_id, **lock)
                 raise RetryLaterError(str(exc), defer=1.0) from exc
             await ledger.mark_failed(
-                key, type(exc).__name__, str(exc), outcome="failed", bag_id=item.bag_id
+                key, type(exc).__name__, str(exc), outcome="failed", bag_id=item.bag_id, **lock
             )
         else:
             return await self._applied(key, item, refund, merchant)
