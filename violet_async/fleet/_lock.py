@@ -9,7 +9,9 @@ Redis, one key per bag (``P:lock:bag:<bag_id>``) holding a random token::
 A holder whose renewal fails (the key expired, another worker took it, Redis is gone)
 has lost the lock: :attr:`HeldLock.lost` is set and its ``on_lost`` callback runs (the
 fleet worker cancels the ask). The ledger's ``sent`` write checks the token in the same
-Lua script, so a worker that lost its lock cannot record a send, and never sends.
+Lua script, so a worker that lost its lock cannot record a send, and never sends; its
+``pending``, ``new`` and ``failed`` writes check it too, so it cannot overwrite the
+record of the worker that holds the lock now.
 
 Remaining risk: a process frozen (SIGSTOP, a swap storm) for longer than ``ttl`` between
 that check and the POST leaving could send while another worker holds the lock. The
