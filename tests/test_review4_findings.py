@@ -374,3 +374,28 @@ async def test_a_worker_that_lost_its_lock_cannot_overwrite_the_new_holders_reco
     assert record is not None
     assert record.ask is not None
     assert (record.ask["sends"], record.ask["last_sent_at"]) == (2, b_ask.last_sent_at)
+
+
+async def test_a_settled_item_left_in_a_bags_open_set_is_dropped(redis_url: str) -> None:
+    """A ledger written by an older worker that died between "failed" and leaving the
+    bag's open set: the next item on the bag drops the settled one and runs."""
+    done = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=5000))
+    item = BatchItem.refund(2, ORDER, BAG, RefundBagRequest(amount_refunded=300))
+    clock = FakeClock()
+    violet = Violet(clock)
+    redis = Redis.from_url(redis_url)
+    await redis.flushall()
+    ledger = RedisLedger(redis)
+    await ledger.new_fleet()
+    try:
+        await ledger.register(item_key(done), done)
+        await ledger.mark_failed(item_key(done), "BadRequestError", "refused", outcome="failed")
+        await redis.sadd(ledger.bag_open_key(BAG), item_key(done))  # left behind
+        await ledger.register(item_key(item), item)
+        async with serving(violet) as url, _client(url, clock) as client:
+            result = await _worker(client, redis).run(item_key(item), item)
+        assert await ledger.open_on_bag(BAG) == set()
+    finally:
+        await redis.aclose()
+    assert result["state"] == "applied"
+    assert len(violet.refunds) == 1

@@ -376,7 +376,16 @@ class RedisLedger:
         """Items on ``bag_id`` that were sent and not yet settled (sent or pending): while
         one is, no other item on the bag may send (it could claim that one's refund)."""
         members = await resolve(self.redis.smembers(self.bag_open_key(bag_id)))
-        return {str(_text(m)) for m in members}
+        keys = sorted(str(_text(m)) for m in members)
+        if not keys:
+            return set()
+        # A settled item left in the set (a worker of an older release died between its
+        # two writes) would keep the bag from every send for ever: it is dropped.
+        states = await resolve(self.redis.hmget(self.states_key, keys))
+        settled = [k for k, state in zip(keys, states, strict=True) if _text(state) in TERMINAL]
+        if settled:
+            await resolve(self.redis.srem(self.bag_open_key(bag_id), *settled))
+        return set(keys) - set(settled)
 
     async def register(self, key: str, item: BatchItem, *, source: str = "") -> State | None:
         """Add ``item`` as ``new`` unless the ledger has it; returns the state it had
