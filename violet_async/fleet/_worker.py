@@ -336,7 +336,7 @@ class FleetWorker:
             if item.kind == "refund":
                 refund = _unless_failed(refund)
         except RateLimitDeferred as exc:
-            await self._deferred(key, item, exc, merchant)
+            await self._deferred(key, item, exc, merchant, lock)
         except LockLostError as exc:
             # Nothing was sent: the lock, or the ledger itself, is not what it was.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
@@ -439,14 +439,19 @@ class FleetWorker:
         return max(until - now, 0.2)
 
     async def _deferred(
-        self, key: str, item: BatchItem, exc: RateLimitDeferred, merchant: int | None
+        self,
+        key: str,
+        item: BatchItem,
+        exc: RateLimitDeferred,
+        merchant: int | None,
+        lock: dict[str, Any],
     ) -> None:
         """Nothing applied (a 429, every earlier send proven absent): slow the merchant's
         lane for the whole fleet and start the item over in its turn."""
         merchant = merchant or await self._merchant_of(item, look_up=True)
         if self.pace is not None and merchant is not None:
             await self.pace.limited(merchant, exc.delay)
-        await self.ledger.mark_new(key, item.bag_id)
+        await self.ledger.mark_new(key, item.bag_id, **lock)  # only while it holds the bag
         raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
 
     async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
