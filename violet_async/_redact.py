@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
-__all__ = ["REDACTED", "Redactor", "has_control_character"]
+__all__ = ["REDACTED", "Redactor", "has_control_character", "printable"]
 
 REDACTED = "[REDACTED]"
 
@@ -23,6 +23,25 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def has_control_character(value: str) -> bool:
     return _CONTROL.search(value) is not None
+
+
+def printable(value: object) -> str:
+    """``value`` as text safe for a terminal or a log line: every character that is not
+    printable (ESC, CR, LF, BEL, C1 controls such as CSI, bidi overrides, ...) is
+    written as its escape (``\\x1b``, ``\\u202e``). What a server or an input file
+    says goes through this before anything prints or logs it: an ESC sequence could
+    forge a line, move the cursor or write the clipboard (OSC 52)."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _forms(secret: str) -> set[str]:

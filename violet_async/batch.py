@@ -853,6 +853,8 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
             pending = PendingRefund.from_dict(prior.ask)
         except RequestValidationError:
             pending = None
+        if pending is not None and not ask_matches(pending, item):
+            pending = None  # not this row's record: trusted for nothing
         if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
             return pending
         if pending is not None and pending.phase is Phase.NEW:
@@ -860,6 +862,18 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
     # An older journal line, or a torn record: assume it was sent, by the first send
     # time the journal has.
     return sent_once(item.kind, item.order_id, item.bag_id, item.request, prior.first_sent)
+
+
+def ask_matches(pending: PendingRefund, item: BatchItem) -> bool:
+    """A stored protocol record (a journal line, a ledger hash: files and keys someone
+    else may have written) is trusted only for the item it describes: its kind, order,
+    bag and request. Another record under the item's key is treated as torn."""
+    return (pending.kind, pending.order_id, pending.bag_id, pending.request) == (
+        item.kind,
+        item.order_id,
+        item.bag_id,
+        item.request,
+    )
 
 
 def never_reached(exc: BaseException) -> bool:

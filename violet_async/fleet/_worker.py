@@ -22,9 +22,10 @@ from .._ask import sent_once
 from .._client import VioletClient, _unless_failed
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
+from .._redact import printable
 from .._retry import RetryEvent
 from .._telemetry import count_item
-from ..batch import BatchItem
+from ..batch import BatchItem, ask_matches
 from ..exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
@@ -38,12 +39,14 @@ from ..exceptions import (
 )
 from ..models import OrderRefund
 from ._ledger import (
+    ForgedItemError,
     LedgerHeldError,
     LedgerLostError,
     LedgerRecord,
     LockLostError,
     RedisLedger,
     RefundOwnedError,
+    load_fleet_key,
 )
 from ._lock import BagLocks, LockBusyError
 from ._pace import FleetPace
@@ -97,6 +100,8 @@ class FleetWorker:
         fresh_hold: float | None = None,
         merchant_pace: bool | None = None,
     ) -> None:
+        if ledger.fleet_key is None:
+            load_fleet_key()  # raises ValueError naming VIOLET_FLEET_KEY: nothing is checked
         self._caller_hook = client._on_retry
         policy = client._retry
         if not policy.read_before_send:
@@ -143,14 +148,22 @@ class FleetWorker:
             task.add_done_callback(_quiet)
         return self._caller_hook(event) if self._caller_hook is not None else None
 
-    async def run(self, key: str, item: BatchItem | None = None) -> dict[str, Any]:
-        """Run the item ``key`` (the ledger's record, or ``item`` when the ledger has
-        lost it) to an end state; returns the ledger's summary of it. Raises
-        :class:`RetryLaterError` when it must run again later."""
+    async def run(
+        self, key: str, item: BatchItem | None = None, signature: str | None = None
+    ) -> dict[str, Any]:
+        """Run the item ``key`` (the ledger's record, or ``item`` with its producer's
+        ``signature`` when the ledger has lost it) to an end state; returns the ledger's
+        summary of it. Raises :class:`RetryLaterError` when it must run again later.
+
+        An item whose signature under the fleet key does not match what it would send
+        is refused before anything is sent: the ledger marks it failed, outcome
+        ``refused`` (what ``status`` shows)."""
         record = await self.ledger.get(key)
         if record is None:
             if item is None:
                 raise LookupError(f"item {key} is not in the ledger")
+            if not self.ledger.verify(key, item, signature):
+                return await self._refuse(key, item, "a queued job")
             # The ledger lost it (or it was never registered): start it as new.
             # read_before_send + hold_if_present keep a refund it already made.
             await self.ledger.register(key, item)
@@ -172,6 +185,8 @@ class FleetWorker:
             return await self._applied(key, record.item, won)
         if record.state == "pending" and record.needs_review:
             return record.to_dict()
+        if not self._signed(record):
+            return await self._refuse(key, record.item, "the ledger")
         if self._epoch is None:
             now = self.clock.time()
             epoch = await self.ledger.epoch(hold=self.fresh_hold, now=now)
@@ -194,6 +209,8 @@ class FleetWorker:
         record = await self._record(key)
         if record.state in ("applied", "failed") or record.needs_review:
             return record.to_dict()
+        if not self._signed(record):
+            return await self._refuse(key, record.item, "the ledger")
         resume = _resumable(record)
         item = record.item
         if resume is None:
@@ -429,6 +446,23 @@ class FleetWorker:
             await self.pace.learn(item.order_id, paid_by)
             await self.pace.succeeded(paid_by)
 
+    def _signed(self, record: LedgerRecord) -> bool:
+        return self.ledger.verify(record.key, record.item, record.signature)
+
+    async def _refuse(self, key: str, item: BatchItem, where: str) -> dict[str, Any]:
+        """Nothing is sent for an item no producer with the fleet key signed as it
+        reads now; the ledger says so, where ``status`` shows it."""
+        error = ForgedItemError(
+            f"refused: the item in {where} is not signed with this fleet's key "
+            "(VIOLET_FLEET_KEY) or was altered after it was; nothing was sent"
+        )
+        log.warning("item %s: %s", printable(key), error)
+        if await self.ledger.get(key) is None:
+            await self.ledger.register(key, item, signed=False)
+        await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
+        count_item("fleet", item.kind, "refused")
+        return (await self._record(key)).to_dict()
+
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
         if record is None:
@@ -444,6 +478,8 @@ def _resumable(record: LedgerRecord) -> PendingRefund | None:
         pending = record.pending()
     except RequestValidationError:
         pending = None
+    if pending is not None and not ask_matches(pending, record.item):
+        pending = None  # not this item's record: trusted for nothing
     if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
         return pending
     # A torn record: assume it was sent just now, so the whole settle window applies.
