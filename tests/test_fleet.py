@@ -171,7 +171,9 @@ async def test_worker_runs_once_and_reruns_are_free(redis: Redis) -> None:
             first = await worker.run(key, item, worker.ledger.sign(key, item))
             assert first["state"] == "applied"
             assert first["refund_id"] is not None
-            again = await worker.run(key, item, worker.ledger.sign(key, item))  # at-least-once delivery: a re-run
+            again = await worker.run(
+                key, item, worker.ledger.sign(key, item)
+            )  # at-least-once delivery: a re-run
             assert again == first
             assert fake.ledger.refunds_per_bag[item.bag_id] == 1
             assert len(fake.ledger.posts_per_bag[item.bag_id]) == 1
@@ -230,7 +232,9 @@ async def test_lost_ledger_record_is_held_back(redis: Redis) -> None:
         try:
             item = _item(1, 100003)
             key = item_key(item)
-            assert (await worker.run(key, item, worker.ledger.sign(key, item)))["state"] == "applied"
+            assert (await worker.run(key, item, worker.ledger.sign(key, item)))[
+                "state"
+            ] == "applied"
             await redis.flushall()
             fresh = fake.client()
             async with fresh:
@@ -331,12 +335,16 @@ async def test_an_item_waits_while_another_on_its_bag_is_unsettled(redis: Redis)
             await worker.locks.release(held)
             assert await ledger.open_on_bag(first.bag_id) == {item_key(first)}
             with pytest.raises(RetryLaterError, match="unsettled item"):
-                await worker.run(item_key(second), second, worker.ledger.sign(item_key(second), second))
+                await worker.run(
+                    item_key(second), second, worker.ledger.sign(item_key(second), second)
+                )
             assert fake.ledger.posts_per_bag.get(second.bag_id, []) == []
             await ledger.mark_failed(
                 item_key(first), "X", "settled by hand", outcome="failed", bag_id=first.bag_id
             )
-            result = await worker.run(item_key(second), second, worker.ledger.sign(item_key(second), second))
+            result = await worker.run(
+                item_key(second), second, worker.ledger.sign(item_key(second), second)
+            )
             assert result["state"] == "applied"
             assert fake.ledger.refunds_per_bag[second.bag_id] == 1
         finally:

@@ -24,8 +24,9 @@ import orjson
 
 from ._client import Environment, VioletClient
 from ._converter import converter, encode_request
+from ._files import UnsafeFileError, open_owned
 from ._journal import Journal, JournalLockedError, JournalMismatchError
-from ._redact import Redactor
+from ._redact import Redactor, printable
 from ._retry import RetryPolicy
 from ._transport import Timeouts
 from .batch import CLEAN_OUTCOMES, BatchItem, BatchResult, Kind, never_reached, run_batch
@@ -215,6 +216,9 @@ def _item(kind: Kind, line: int, row: dict[str, Any], *, full_refunds: bool) -> 
     else:
         shipping = row.get("shipping")
         if isinstance(shipping, dict):
+            unknown = set(shipping) - {"amount"}
+            if unknown:
+                raise RequestValidationError("shipping", f"unknown fields {sorted(unknown)}")
             shipping = ShippingRefund(**shipping)
         elif shipping is not None:
             raise RequestValidationError("shipping", 'must be an object like {"amount": 500}')
@@ -275,7 +279,17 @@ def _csv_rows(handle: IO[str], kind: Kind) -> Iterator[tuple[int, Any]]:
     if problems:
         yield 1, RowError(1, "; ".join(problems))
         return
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # A cell over the csv module's limit (128 KiB), a NUL byte, a quote left
+            # open: nothing after it can be read with certainty.
+            yield reader.line_num, RowError(reader.line_num, f"unreadable CSV ({exc})")
+            return
         # The header is line 1, so data rows are numbered as a spreadsheet shows them.
         if None in row:
             yield reader.line_num, RowError(reader.line_num, "more cells than the header")
@@ -363,7 +377,7 @@ def _check(kind: Kind, path: Path, err: IO[str], *, full_refunds: bool) -> _Plan
     bad = 0
     for parsed in read_items(path, kind, full_refunds=full_refunds):
         if isinstance(parsed, RowError):
-            err.write(f"{path}:{parsed}\n")
+            err.write(printable(f"{path}:{parsed}") + "\n")
             bad += 1
         else:
             plan.add(parsed)
@@ -382,20 +396,23 @@ def _print_plan(
         if isinstance(item, BatchItem) and shown < PLAN_ROWS:
             body = orjson.dumps(converter.unstructure(item.request)).decode()
             where = f"line {item.line}: {kind} order {item.order_id} bag {item.bag_id}"
-            out.write(f"  {where} {body}\n")
+            out.write(printable(f"  {where} {body}") + "\n")
             shown += 1
     if plan.rows > shown:
         out.write(f"  ... and {plan.rows - shown} more row(s)\n")
     plan.write(kind, path, out)
     entries = Journal.peek(journal)
-    if entries:
-        states: Counter[str] = Counter()
-        for content, count in plan.keys.items():
-            for n in range(count):
-                entry = entries.get(f"{content}#{n}")
-                states[entry.state if entry is not None else "new"] += 1
-        summary = ", ".join(f"{states[s]} {s}" for s in sorted(states))
-        out.write(f"journal {journal}: {summary} (done rows are skipped)\n")
+    try:
+        if entries:
+            states: Counter[str] = Counter()
+            for content, count in plan.keys.items():
+                for n in range(count):
+                    entry = entries.get(f"{content}#{n}")
+                    states[entry.state if entry is not None else "new"] += 1
+            summary = ", ".join(f"{states[s]} {s}" for s in sorted(states))
+            out.write(printable(f"journal {journal}: {summary} (done rows are skipped)") + "\n")
+    finally:
+        entries.close()
 
 
 # -- progress and summary ---------------------------------------------------------
@@ -503,6 +520,7 @@ class _Tally:
             f"line {item.line}: order {item.order_id} bag {item.bag_id}: {result.outcome}"
             f"{refund}: {result.error_class or ''}{': ' if message else ''}{message}"
         )
+        text = printable(text)  # Violet's messages reach a terminal and a file
         if len(self.problems) < PROBLEM_ROWS:
             self.problems.append(text)
         if self.problem_file is not None:
@@ -564,8 +582,7 @@ async def run_file(
         return EXIT_BAD_INPUT
     journal = options.journal or path.with_name(path.name + f".{kind}.journal.jsonl")
     if options.dry_run:
-        _print_plan(kind, path, plan, journal, out, full_refunds=options.full_refunds)
-        return EXIT_OK
+        return _dry_run(kind, path, plan, journal, out, err, full_refunds=options.full_refunds)
     overrides: dict[str, Any] = {
         "retry": RetryPolicy(settle_running=options.settle_running),
         "timeouts": Timeouts(connect=min(5.0, options.timeout), read=options.timeout),
@@ -581,8 +598,8 @@ async def run_file(
         return EXIT_BAD_INPUT
     try:
         log = await Journal.open(journal, input_id=f"{kind}:{_file_id(path)}")
-    except (JournalLockedError, JournalMismatchError) as exc:
-        err.write(f"violet-async: {exc}\n")
+    except (JournalLockedError, JournalMismatchError, UnsafeFileError) as exc:
+        err.write(printable(f"violet-async: {exc}") + "\n")
         return EXIT_BAD_INPUT
     try:
         if log.repaired:
@@ -593,8 +610,29 @@ async def run_file(
                 "matched by content: unchanged rows stay done, edited rows are new\n"
             )
         return await _execute(kind, path, plan.rows, client, log, options, out=out, err=err)
+    except UnsafeFileError as exc:  # the problems file or --output: nothing was sent
+        err.write(printable(f"violet-async: {exc}") + "\n")
+        return EXIT_BAD_INPUT
     finally:
         await log.aclose()
+
+
+def _dry_run(  # noqa: PLR0917 - one call site
+    kind: Kind,
+    path: Path,
+    plan: _Plan,
+    journal: Path,
+    out: IO[str],
+    err: IO[str],
+    *,
+    full_refunds: bool,
+) -> int:
+    try:
+        _print_plan(kind, path, plan, journal, out, full_refunds=full_refunds)
+    except UnsafeFileError as exc:  # a journal another user could have written
+        err.write(printable(f"violet-async: {exc}") + "\n")
+        return EXIT_BAD_INPUT
+    return EXIT_OK
 
 
 async def _preflight(
@@ -629,10 +667,13 @@ def _fatal(result: BatchResult, tally: _Tally) -> bool:
 def _stop_reason(exc: BaseException | None) -> str:
     if isinstance(exc, AuthenticationError):
         return (
-            f"Violet refused the credentials ({exc}); check VIOLET_APP_ID, "
+            f"Violet refused the credentials ({printable(exc)}); check VIOLET_APP_ID, "
             "VIOLET_APP_SECRET, VIOLET_USERNAME / VIOLET_PASSWORD or VIOLET_TOKEN"
         )
-    return f"cannot reach Violet ({exc}); check VIOLET_BASE_URL / VIOLET_ENV and the network"
+    return (
+        f"cannot reach Violet ({printable(exc)}); check VIOLET_BASE_URL / VIOLET_ENV and "
+        "the network"
+    )
 
 
 async def _execute(  # noqa: PLR0917 - one call site
@@ -719,10 +760,13 @@ async def _execute(  # noqa: PLR0917 - one call site
 
 def _open_private(path: Path, *, append: bool = True) -> Any:
     """Open ``path`` for appending (bytes) or anew (text), readable by its owner only
-    (0600): results name orders and carry Violet's messages."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)  # a file left by an older version may be wider
+    (0600): results name orders and carry Violet's messages. A symlink, or a file of
+    another user or that others may write, is refused (:class:`UnsafeFileError`)
+    before it is truncated or written."""
+    fd = open_owned(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0), 0o600)
+    if not append:
+        os.ftruncate(fd, 0)
+    os.fchmod(fd, 0o600)  # a file left by an older version may be readable by others
     return os.fdopen(fd, "ab") if append else os.fdopen(fd, "w", encoding="utf-8")
 
 

@@ -88,7 +88,7 @@ def job_deserializer(data: bytes) -> dict[str, Any]:
     without running it."""
     value = orjson.loads(data)
     if not isinstance(value, dict):
-        raise ValueError("a job record must be a JSON object")
+        raise TypeError("a job record must be a JSON object")
     return value
 
 
