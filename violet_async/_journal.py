@@ -57,6 +57,7 @@ import orjson
 
 from ._files import UnsafeFileError, open_owned
 from ._journal_index import OPEN_STATES, JournalEntry, JournalIndex, entry_of, read_journal
+from ._redact import Redactor
 from .exceptions import VioletError
 
 __all__ = [
@@ -132,6 +133,9 @@ class Journal:
         #: Bytes of a torn last line cut off at open.
         self.repaired = repaired
         self._broken: JournalWriteError | None = None
+        #: Hides the client's secrets in the text a record keeps (``message``); set by
+        #: the batch that writes it.
+        self.redactor: Redactor | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, input_id: str | None) -> Journal:
@@ -216,6 +220,9 @@ class Journal:
             first_sent = previous.first_sent if previous is not None else None
         if state == "sent" and first_sent is None:
             first_sent = now
+        message = fields.get("message")
+        if self.redactor is not None and isinstance(message, str):
+            fields["message"] = self.redactor.text(message)  # a server may echo a secret
         record = {"key": key, "line": line, "state": state, "ts": now, **fields}
         if first_sent is not None:
             record["first_sent"] = first_sent

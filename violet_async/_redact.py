@@ -83,11 +83,14 @@ class Redactor:
         """A redactor that also hides ``values`` (the secrets of one request)."""
         return Redactor(self._secrets, (*self._extra, *(v for v in values if v)))
 
-    def _pattern(self) -> re.Pattern[str] | None:
+    def _forms(self) -> set[str]:
         values = list(self._extra)
         if self._secrets is not None:
             values.extend(s for s in self._secrets() if s)
-        forms = {form for value in values for form in _forms(value) if form}
+        return {form for value in values for form in _forms(value) if form}
+
+    def _pattern(self) -> re.Pattern[str] | None:
+        forms = self._forms()
         if not forms:
             return None
         # Longest first, so a secret that contains another is replaced whole.
@@ -106,6 +109,19 @@ class Redactor:
         text = value.decode("utf-8", "surrogateescape")
         return pattern.sub(REDACTED, text).encode("utf-8", "surrogateescape")
 
+    def preview(self, value: bytes, limit: int) -> str:
+        """The first ``limit`` characters of ``value`` as text, redacted **before** it
+        is cut (a cut first would leave the start of a secret that straddles it), and
+        with a tail that begins a secret dropped (``value`` may itself be the first
+        bytes of a longer body, ending inside one)."""
+        text = value.decode("utf-8", "replace")
+        pattern = self._pattern()
+        if pattern is not None:
+            text = pattern.sub(REDACTED, text)
+        text = text[:limit]
+        forms = self._forms()
+        return text[: len(text) - _secret_tail(text, forms)] if forms else text
+
     def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         pattern = self._pattern()
         if pattern is None:
@@ -114,3 +130,19 @@ class Redactor:
             pattern.sub(REDACTED, key): pattern.sub(REDACTED, value)
             for key, value in headers.items()
         }
+
+
+def _secret_tail(text: str, forms: Iterable[str]) -> int:
+    """How many characters at the end of ``text`` are the start of a secret (0: none)."""
+    lowered = text.lower()
+    if not lowered:
+        return 0
+    last = lowered[-1]
+    longest = 0
+    for form in forms:
+        start = form.lower()
+        for size in range(min(len(start), len(lowered)), longest, -1):
+            if start[size - 1] == last and lowered.endswith(start[:size]):
+                longest = size
+                break
+    return longest

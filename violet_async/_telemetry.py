@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Iterator, Mapping
@@ -60,12 +61,18 @@ CAPTURE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
 
 
 def request_id_of(headers: Mapping[str, str]) -> str | None:
-    """Violet's request id from response headers, when it sent one."""
+    """Violet's request id from response headers, when it sent one: printable ASCII
+    only (it is printed and logged; an ESC or CR in it could forge a terminal line),
+    anything else is not taken for one."""
     for name in REQUEST_ID_HEADERS:
         value = headers.get(name)
         if value:
-            return value[:200]
+            value = value[:200]
+            return value if _PRINTABLE_ASCII.fullmatch(value) else None
     return None
+
+
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 
 
 def setup_logging_from_env(environ: Mapping[str, str] | None = None) -> None:
@@ -199,11 +206,23 @@ def attempt_span(method: str, url: str, path: str, attempt: int) -> Any:
         kind=_client_kind(),
         attributes={
             "http.request.method": method,
-            "url.full": url,
+            "url.full": _without_userinfo(url),
             "url.path": path,
             "http.request.resend_count": attempt - 1,
         },
     )
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (OpenTelemetry's HTTP conventions: url.full
+    must not carry credentials)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    if "@" not in authority:
+        return url
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
 
 
 def read_span(ask: Any) -> Any:

@@ -298,6 +298,7 @@ async def run_batch(
     feeder: asyncio.Task[None] | None = None
     try:
         if log is not None:
+            log.redactor = client._shared.auth.redactor
             for refund_id in log.refund_ids():
                 client._shared.known_refunds.add(refund_id)
         runner = _Runner(

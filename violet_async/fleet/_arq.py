@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from .. import RetryPolicy, Timeouts
 from .._client import VioletClient
 from .._converter import converter, request_from_dict
+from .._redact import printable
 from ..batch import BatchItem
 from ..models import CancelBagRequest, RefundBagRequest
 from ._ledger import (
@@ -186,7 +187,7 @@ async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None 
         raise Retry(defer=exc.defer) from exc
     except (RedisError, DurabilityError, OSError) as exc:
         # Redis hiccup: the ledger still tells where the item stands; run it again.
-        log.warning("item %s: %s; retrying", key, exc)
+        log.warning("item %s: %s; retrying", printable(key), printable(exc))
         raise Retry(defer=1.0) from exc
 
 

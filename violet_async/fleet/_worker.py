@@ -342,7 +342,11 @@ class FleetWorker:
             raise RetryLaterError(str(exc), defer=max(self.patience, 1.0)) from exc
         except RefundAlreadyPresentError as exc:
             await ledger.mark_failed(
-                key, type(exc).__name__, str(exc), outcome="already_present", bag_id=item.bag_id
+                key,
+                type(exc).__name__,
+                self._message(exc),
+                outcome="already_present",
+                bag_id=item.bag_id,
             )
         except AmbiguousOutcomeError as exc:
             # The ledger, not this worker's client, keeps the fleet's pending asks (the
@@ -351,7 +355,11 @@ class FleetWorker:
             pending = exc.pending
             if pending is None:
                 await ledger.mark_failed(
-                    key, type(exc).__name__, str(exc), outcome="unknown", bag_id=item.bag_id
+                    key,
+                    type(exc).__name__,
+                    self._message(exc),
+                    outcome="unknown",
+                    bag_id=item.bag_id,
                 )
             else:
                 await ledger.mark_pending(key, pending)
@@ -366,7 +374,7 @@ class FleetWorker:
                 await ledger.mark_new(key, item.bag_id)
                 raise RetryLaterError(str(exc), defer=1.0) from exc
             await ledger.mark_failed(
-                key, type(exc).__name__, str(exc), outcome="failed", bag_id=item.bag_id
+                key, type(exc).__name__, self._message(exc), outcome="failed", bag_id=item.bag_id
             )
         else:
             return await self._applied(key, item, refund, merchant)
@@ -445,6 +453,10 @@ class FleetWorker:
         if paid_by is not None:
             await self.pace.learn(item.order_id, paid_by)
             await self.pace.succeeded(paid_by)
+
+    def _message(self, exc: BaseException) -> str:
+        """An error's text as the ledger keeps it: the client's secrets hidden."""
+        return self.client._shared.auth.redactor.text(str(exc))
 
     def _signed(self, record: LedgerRecord) -> bool:
         return self.ledger.verify(record.key, record.item, record.signature)
