@@ -795,3 +795,138 @@ async def test_dns_failure_names_the_resolver_reason() -> None:
     message = str(info.value)
     assert message.startswith("GET /orders/1: cannot connect to violet.invalid:8080 (DNS lookup")
     assert "Name or service not known" in message
+
+
+# -- round two: what a 2xx body, a capture, a span and a header can carry ---------
+
+
+def echo_page_app(*, status: int = 200, request_id: str = "req-1") -> web.Application:
+    """Every call answers ``status`` with an HTML page (not JSON) that starts by echoing
+    the request's headers, the app secret 70 characters in: a cut at 80 would keep its
+    first 10 characters."""
+
+    async def page(request: web.Request) -> web.Response:
+        padding = "p" * (70 - len("<html>"))
+        text = f"<html>{padding}{request.headers.get('X-Violet-App-Secret', '')}"
+        text += " ".join(f"{k}={v}" for k, v in request.headers.items())
+        return web.Response(
+            text=text, status=status, content_type="text/html", headers={"X-Request-Id": request_id}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/orders/{tail:.*}", page)
+    return app
+
+
+async def test_a_2xx_page_echoing_the_secret_is_redacted_before_its_preview() -> None:
+    """Round 2, row 5: a 200 whose body is not JSON and echoes the request gives a
+    ResponseFormatError whose text, ``.body`` and chain hold no part of the app secret
+    or the token (the preview is cut from the redacted body, not before)."""
+    long_secret = "S3cr3t-abcdefghijklmnopqrstuvwxyz"
+    async with serve(echo_page_app()) as base:
+        async with VioletClient(
+            11, long_secret, token=TOKEN, base_url=base + "/v1", retry=RetryPolicy.disabled()
+        ) as client:
+            with pytest.raises(ResponseFormatError) as info:
+                await client.get_order(1)
+    error = info.value
+    assert "[REDACTED]" in str(error)
+    assert b"[REDACTED]" in error.body
+    # Not even the first characters of the secret survive the 80-character preview.
+    assert long_secret[:8] not in str(error)
+    assert_no_secret(error, long_secret, TOKEN, long_secret[:8])
+
+
+def test_a_preview_cut_never_keeps_the_start_of_a_secret() -> None:
+    """Round 2, row 5: a preview is redacted first, and a tail that starts a secret
+    (a body cut inside one) is dropped."""
+    from violet_async._redact import Redactor
+
+    redactor = Redactor(extra=["SECRET-0123456789"])
+    body = b"x" * 70 + b"SECRET-0123456789 and more"
+    assert "SECRET" not in redactor.preview(body, 80)
+    assert redactor.preview(body, 80).startswith("x" * 70 + "[REDACTED]")
+    assert redactor.preview(b"x" * 70 + b"SECRET-01", 200) == "x" * 70
+    assert redactor.preview(b"plain text", 5) == "plain"
+
+
+async def test_captured_responses_are_redacted_copies() -> None:
+    """Round 2, row 6: ``capture_responses()`` keeps a gateway page that echoes the
+    request with the app secret and the token redacted, headers included."""
+    from violet_async.telemetry import capture_responses
+
+    async with serve(echo_app(refund_status=502)) as base, client_for(base) as client:
+        with capture_responses() as seen, pytest.raises(VioletError):
+            await client.get_order(1)
+    assert seen
+    for resp in seen:
+        assert APP_SECRET.encode() not in resp.body
+        assert TOKEN.encode() not in resp.body
+        assert b"[REDACTED]" in resp.body
+        assert APP_SECRET not in "".join(resp.headers.values())
+        assert resp.headers.get("x-echo") == "[REDACTED]"  # still case-insensitive
+
+
+@pytest.mark.parametrize(
+    "request_id", ["\x1b[2K\rrefund 1: succeeded", "ok\x1b]52;c;ZWNobyBoaQ==\x07", "caf\u00e9"]
+)
+async def test_request_ids_are_printable_ascii_only(
+    request_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 2, row 7: an X-Request-Id with ESC, CR or an OSC 52 (clipboard) code is not
+    taken as a request id: not on the error, not in the DEBUG line."""
+    import logging
+
+    async with serve(echo_app(refund_status=404)) as base:
+        app_ids = {"X-Request-Id": request_id}
+
+        async def answer(request: web.Request) -> web.Response:
+            return web.json_response({"message": "no"}, status=404, headers=app_ids)
+
+        app = web.Application()
+        app.router.add_route("*", "/v1/orders/{tail:.*}", answer)
+        async with serve(app) as hostile_base, client_for(hostile_base) as client:
+            with caplog.at_level(logging.DEBUG, "violet_async"), pytest.raises(VioletError) as info:
+                await client.get_order(1)
+    assert getattr(info.value, "request_id", None) is None
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\x1b" not in logged and "\x07" not in logged
+    assert base  # the first server only had to start
+
+
+def test_printable_escapes_every_control_character() -> None:
+    """Round 2, row 7: the one helper for text from a server or an input file writes
+    ESC, CR, LF, BEL, C1 controls and bidi overrides as escapes, and leaves printable
+    text (accents included) alone."""
+    from violet_async._redact import printable
+
+    assert printable("café 1,2") == "café 1,2"
+    escaped = printable("a\x1b[31mb\rc\nd\x07e\x9bf\u202eg\x00")
+    assert escaped == "a\\x1b[31mb\\x0dc\\x0ad\\x07e\\x9bf\\u202eg\\x00"
+    assert escaped.isprintable()
+
+
+async def test_spans_carry_no_userinfo() -> None:
+    """Round 2, row 11: ``url.full`` on an attempt span has no ``user:password@``."""
+    from violet_async._telemetry import _without_userinfo
+
+    assert _without_userinfo("http://ann:pw@127.0.0.1:8080/v1/x?y=1") == (
+        "http://127.0.0.1:8080/v1/x?y=1"
+    )
+    assert _without_userinfo("http://127.0.0.1/v1/a@b") == "http://127.0.0.1/v1/a@b"
+    assert _without_userinfo("/relative") == "/relative"
+
+
+def test_aiohttp_floor_excludes_the_gzip_body_cves() -> None:
+    """Round 2, row 12: the aiohttp floor is a release that fixes CVE-2025-69223 and
+    CVE-2026-54278 (3.14.1), and the installed aiohttp meets it."""
+    import re as regex
+    from importlib.metadata import version
+
+    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    floor = regex.search(r'"aiohttp>=([0-9.]+)"', text)
+    assert floor is not None
+    parts = tuple(int(p) for p in floor.group(1).split("."))
+    assert parts >= (3, 14, 1)
+    installed = tuple(int(p) for p in regex.findall(r"\d+", version("aiohttp"))[:3])
+    assert installed >= parts

@@ -26,13 +26,12 @@ import contextlib
 import contextvars
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from .exceptions import REQUEST_ID_HEADERS
+from .exceptions import REQUEST_ID_HEADERS, request_id_of
 
 __all__ = [
     "ATTEMPT",
@@ -58,21 +57,6 @@ ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("violet_attempt", 
 CAPTURE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "violet_capture", default=None
 )
-
-
-def request_id_of(headers: Mapping[str, str]) -> str | None:
-    """Violet's request id from response headers, when it sent one: printable ASCII
-    only (it is printed and logged; an ESC or CR in it could forge a terminal line),
-    anything else is not taken for one."""
-    for name in REQUEST_ID_HEADERS:
-        value = headers.get(name)
-        if value:
-            value = value[:200]
-            return value if _PRINTABLE_ASCII.fullmatch(value) else None
-    return None
-
-
-_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 
 
 def setup_logging_from_env(environ: Mapping[str, str] | None = None) -> None:

@@ -41,6 +41,7 @@ echoes the request cannot put a secret into an error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -88,6 +89,19 @@ _FORMAT_PREVIEW = 80
 #: preference. Violet does not document one; these are the common names. (Here, so that
 #: this module imports nothing of the package; ``violet_async.telemetry`` exports it.)
 REQUEST_ID_HEADERS = ("X-Request-Id", "X-Violet-Request-Id")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+
+
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    """Violet's request id from response headers, when it sent one: printable ASCII
+    only (it is printed and logged; an ESC or CR in it could forge a terminal line),
+    anything else is not taken for one."""
+    for name in REQUEST_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            value = value[:200]
+            return value if _PRINTABLE_ASCII.fullmatch(value) else None
+    return None
 
 
 class VioletError(Exception):
@@ -351,11 +365,7 @@ class APIError(VioletError):
         """Violet's request id for this answer, when its headers carry one (quote it to
         Violet's support)."""
         lowered = {k.lower(): v for k, v in self.headers.items()}
-        for name in REQUEST_ID_HEADERS:
-            value = lowered.get(name.lower())
-            if value:
-                return value[:200]
-        return None
+        return request_id_of({name: lowered.get(name.lower(), "") for name in REQUEST_ID_HEADERS})
 
     def __str__(self) -> str:
         code = f" (error_code {self.error_code})" if self.error_code is not None else ""
@@ -484,4 +494,6 @@ def redacted_copy(error: _E, redact: Redactor) -> _E:
     else:
         text = redact.text(str(error))
     clone.args = (text,)
+    if isinstance(clone, VioletError):
+        clone.message = text
     return clone
