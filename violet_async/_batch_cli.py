@@ -697,7 +697,12 @@ async def _execute(  # noqa: PLR0917 - one call site
     started = time.monotonic()
     problems_path = log.path.with_name(log.path.name + ".problems.txt")
     sink = _open_private(options.output) if options.output else None
-    tally.problem_file = _open_private(problems_path, append=False)
+    try:
+        tally.problem_file = _open_private(problems_path, append=False)
+    except BaseException:
+        if sink is not None:
+            sink.close()
+        raise
     # Errors are redacted where they are built; this is the second line of defence
     # for a file that outlives the run.
     redactor = Redactor(client._shared.credentials.secrets)
