@@ -409,3 +409,33 @@ async def test_unsigned_or_altered_items_are_refused_before_any_send(
     assert text.count(": refused: order") == 4, text
     assert "not signed with this fleet's key" in text
     assert "applied 1" in text
+
+
+def test_every_fleet_command_reads_the_redis_url_from_the_environment(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Round 2, row 9: ``status``, ``enqueue`` and ``worker`` take VIOLET_REDIS_URL (a
+    password in ``--redis`` shows in ``ps``), help says so; none runs without a URL,
+    and producers and workers refuse to start without a fleet key."""
+    from violet_async.__main__ import main
+
+    monkeypatch.delenv("VIOLET_REDIS_URL", raising=False)
+    assert main(["status"]) == 2
+    assert "set VIOLET_REDIS_URL" in capsys.readouterr().err
+    import redis
+
+    with redis.Redis.from_url(redis_url) as sync_redis:
+        sync_redis.flushall()
+    monkeypatch.setenv("VIOLET_REDIS_URL", redis_url)
+    assert main(["status"]) == 0
+    assert "item(s)" in capsys.readouterr().out
+    monkeypatch.delenv("VIOLET_FLEET_KEY")
+    assert main(["worker", "--burst"]) == 2
+    assert "VIOLET_FLEET_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("VIOLET_FLEET_KEY", "short")
+    assert main(["enqueue", "rows.csv"]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    for command in ("status", "enqueue", "worker"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "VIOLET_REDIS_URL" in capsys.readouterr().out

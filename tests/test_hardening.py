@@ -890,7 +890,8 @@ async def test_request_ids_are_printable_ascii_only(
                 await client.get_order(1)
     assert getattr(info.value, "request_id", None) is None
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "\x1b" not in logged and "\x07" not in logged
+    assert "\x1b" not in logged
+    assert "\x07" not in logged
     assert base  # the first server only had to start
 
 
@@ -930,3 +931,42 @@ def test_aiohttp_floor_excludes_the_gzip_body_cves() -> None:
     assert parts >= (3, 14, 1)
     installed = tuple(int(p) for p in regex.findall(r"\d+", version("aiohttp"))[:3])
     assert installed >= parts
+
+
+HOSTILE_TEXT = "\x1b[2K\rline 1: succeeded\x1b]52;c;cm0gLXJmIH4=\x07\x9b31m"
+
+
+async def test_server_text_reaches_the_terminal_and_the_problems_file_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2, row 7: an error message with ESC, CR, an OSC 52 clipboard code and a
+    C1 CSI reaches the CLI summary and the problems file as escapes: no fake
+    "succeeded" line, no clipboard write."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"message": HOSTILE_TEXT}, status=400)
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/orders/{tail:.*}", refuse)
+    async with serve(app) as base:
+        for key, value in {
+            "VIOLET_APP_ID": "11",
+            "VIOLET_APP_SECRET": APP_SECRET,
+            "VIOLET_TOKEN": jwt(time.time() + 3600),
+            "VIOLET_BASE_URL": base + "/v1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("VIOLET_USERNAME", raising=False)
+        monkeypatch.delenv("VIOLET_PASSWORD", raising=False)
+        source = tmp_path / "in.csv"
+        source.write_text("order_id,bag_id,amount_refunded\n1,2,100\n")
+        journal = tmp_path / "journal.jsonl"
+        out, err = io.StringIO(), io.StringIO()
+        options = BatchOptions(journal=journal)
+        code = await run_file("refund", source, options, out=out, err=err)
+    assert code == 1
+    problems = journal.with_name(journal.name + ".problems.txt").read_text()
+    for text in (out.getvalue(), err.getvalue(), problems):
+        assert not any(c in text for c in "\x1b\r\x07\x9b"), repr(text)
+    assert "\\x1b[2K\\x0dline 1: succeeded" in problems
+    assert "\\x1b[2K\\x0dline 1: succeeded" in out.getvalue()

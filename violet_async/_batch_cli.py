@@ -288,7 +288,8 @@ def _csv_rows(handle: IO[str], kind: Kind) -> Iterator[tuple[int, Any]]:
         except csv.Error as exc:
             # A cell over the csv module's limit (128 KiB), a NUL byte, a quote left
             # open: nothing after it can be read with certainty.
-            yield reader.line_num, RowError(reader.line_num, f"unreadable CSV ({exc})")
+            line = reader.line_num + 1  # the line being read when it failed
+            yield line, RowError(line, f"unreadable CSV ({exc})")
             return
         # The header is line 1, so data rows are numbered as a spreadsheet shows them.
         if None in row:
