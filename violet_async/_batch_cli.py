@@ -26,6 +26,7 @@ from ._client import Environment, VioletClient
 from ._converter import converter, encode_request
 from ._files import UnsafeFileError, open_owned
 from ._journal import Journal, JournalLockedError, JournalMismatchError
+from ._journal_index import RepeatCounter
 from ._redact import Redactor, printable
 from ._retry import RetryPolicy
 from ._transport import Timeouts
@@ -338,9 +339,8 @@ class _Plan:
     sku_only: int = 0
     amount: int = 0
     shipping: int = 0
-    keys: Counter[str] = attrs.Factory(Counter)
 
-    def add(self, item: BatchItem) -> str:
+    def add(self, item: BatchItem) -> None:
         request = item.request
         if isinstance(request, RefundBagRequest):
             if request.amount_refunded is not None:
@@ -352,10 +352,6 @@ class _Plan:
             if request.shipping is not None:
                 self.shipping += request.shipping.amount
         self.rows += 1
-        content = item.key
-        key = f"{content}#{self.keys[content]}"
-        self.keys[content] += 1
-        return key
 
     def write(self, kind: Kind, path: Path, out: IO[str]) -> None:
         out.write(f"plan for {path}:\n")
@@ -405,11 +401,18 @@ def _print_plan(
     entries = Journal.peek(journal)
     try:
         if entries:
+            # Rows are numbered by repeat as the run numbers them (bounded: a counter
+            # that moves to disk), and looked up in the journal one at a time.
+            repeats = RepeatCounter()
             states: Counter[str] = Counter()
-            for content, count in plan.keys.items():
-                for n in range(count):
-                    entry = entries.get(f"{content}#{n}")
-                    states[entry.state if entry is not None else "new"] += 1
+            try:
+                for item in read_items(path, kind, full_refunds=full_refunds):
+                    if isinstance(item, BatchItem):
+                        content = item.key
+                        entry = entries.get(f"{content}#{repeats.take(content)}")
+                        states[entry.state if entry is not None else "new"] += 1
+            finally:
+                repeats.close()
             summary = ", ".join(f"{states[s]} {s}" for s in sorted(states))
             out.write(printable(f"journal {journal}: {summary} (done rows are skipped)") + "\n")
     finally:

@@ -38,6 +38,7 @@ from ._journal import (
     JournalMismatchError,
     JournalWriteError,
 )
+from ._journal_index import RepeatCounter
 from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
 from ._reconcile import RateLimitDeferred
@@ -616,7 +617,7 @@ class _Runner:
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
         # Repeats of an identical item are distinct items: KEY#0, KEY#1, ...
-        repeats: dict[str, int] = {}
+        repeats = RepeatCounter()  # bounded: on disk beyond 50,000 distinct items
 
         def start(  # noqa: PLR0917 - internal
             item: BatchItem,
@@ -639,8 +640,7 @@ class _Runner:
                 if self._stopping():
                     break
                 content = item.key
-                seen = repeats.get(content, 0)
-                repeats[content] = seen + 1
+                seen = repeats.take(content)
                 key = f"{content}#{seen}"
                 prior = self.log.entry(key) if self.log is not None else None
                 skipped = _skip(
@@ -675,6 +675,8 @@ class _Runner:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.results.put(exc)
             return
+        finally:
+            repeats.close()
         await self.results.put(_END)
 
     async def _make_room(self, start: Any) -> None:
