@@ -310,3 +310,17 @@ async def test_a_dry_run_over_a_journal_with_a_bad_timestamp_exits_cleanly(
     assert code == 0, err
     assert "1 done" in text
     assert out.getvalue() == ""
+
+
+def test_repeat_counts_move_to_disk_and_stay_exact() -> None:
+    """Identical rows are numbered by occurrence with the counter on disk beyond its
+    bound, exactly as in memory."""
+    from violet_async._journal_index import RepeatCounter
+
+    counter = RepeatCounter(spill_at=4)
+    try:
+        taken = [counter.take(key) for key in "abcabcdefgaa"]
+        assert taken == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 2, 3]
+        assert dict(counter.items()) == {"a": 4, "b": 2, "c": 2, "d": 1, "e": 1, "f": 1, "g": 1}
+    finally:
+        counter.close()

@@ -66,12 +66,13 @@ class JournalIndex(Mapping[str, JournalEntry]):
 
     def __init__(self, spill_at: int = SPILL_AT) -> None:
         self._spill_at = spill_at
-        #: Open items: key -> (sequence number of its line, entry).
-        self._open: dict[str, tuple[int, JournalEntry]] = {}
+        #: Open items: key -> (sequence number of its line, the line's record).
+        self._open: dict[str, tuple[int, dict[str, Any]]] = {}
         self._by_bag: dict[int, set[str]] = {}
         self._bag_of: dict[str, int] = {}
-        #: Finished items not yet on disk: key -> (sequence number, entry).
-        self._done: dict[str, tuple[int, JournalEntry]] = {}
+        #: Finished items not yet on disk: key -> (sequence number, state, ts, line,
+        #: first_sent, refund_id, error, message).
+        self._done: dict[str, tuple[Any, ...]] = {}
         self._disk: sqlite3.Connection | None = None
         self._on_disk = 0
         #: Entries a run moved on after the load (they win over what was loaded).
@@ -176,12 +177,12 @@ class JournalIndex(Mapping[str, JournalEntry]):
             return later
         opened = self._open.get(key)
         finished = self._finished(key)
-        if opened is None and finished is None:
-            raise KeyError(key)
-        if finished is None or (opened is not None and opened[0] > finished[0]):
-            entry = entry_of(opened[1])  # type: ignore[index]
+        if opened is not None and (finished is None or opened[0] > finished[0]):
+            entry = entry_of(opened[1])
             assert entry is not None  # noqa: S101 - only item lines are kept
             return entry
+        if finished is None:
+            raise KeyError(key)
         _, state, ts, line, first, refund, error, message = finished
         return JournalEntry(
             key, state, _finite(ts) or 0.0, line, _finite(first), refund, error, message

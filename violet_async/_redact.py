@@ -8,6 +8,7 @@ cannot reach a log line, an ``--output`` file or a journal through an error.
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -109,7 +110,7 @@ class Redactor:
         text = value.decode("utf-8", "surrogateescape")
         return pattern.sub(REDACTED, text).encode("utf-8", "surrogateescape")
 
-    def preview(self, value: bytes, limit: int) -> str:
+    def preview(self, value: builtins.bytes, limit: int) -> str:
         """The first ``limit`` characters of ``value`` as text, redacted **before** it
         is cut (a cut first would leave the start of a secret that straddles it), and
         with a tail that begins a secret dropped (``value`` may itself be the first

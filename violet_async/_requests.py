@@ -274,8 +274,8 @@ class RequestPlumbing:
         except (ResponseFormatError, CancellationFailedError) as exc:
             # A 2xx body may echo the request: the error keeps a redacted copy only,
             # raised outside this block so that nothing chains to the raw one.
-            error = redacted_copy(exc, self._shared.auth.redactor)
-        raise error
+            redacted = redacted_copy(exc, self._shared.auth.redactor)
+        raise redacted
 
     async def _before_send(
         self,
