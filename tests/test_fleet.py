@@ -8,6 +8,8 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+import attrs
+import orjson
 import pytest
 
 if not os.environ.get("CI"):
@@ -347,5 +349,39 @@ async def test_an_item_waits_while_another_on_its_bag_is_unsettled(redis: Redis)
             )
             assert result["state"] == "applied"
             assert fake.ledger.refunds_per_bag[second.bag_id] == 1
+        finally:
+            await client.aclose()  # type: ignore[attr-defined]
+
+
+async def test_an_altered_sent_record_is_held_for_review_not_resumed(redis: Redis) -> None:
+    """Round 2, row 2: a Redis writer who rewrites a sent item's protocol record (a
+    baseline naming the refund the send made, so a read-back would miss it and send
+    again) or its request gets nothing sent: the item waits for review, pending, never
+    reported failed (it may have applied)."""
+    async with FakeViolet(orders=3, seed=1) as fake:
+        worker, client = await _worker(fake, redis)
+        try:
+            ledger = worker.ledger
+            for order_id, what in ((100001, "ask"), (100002, "request")):
+                item = _item(1, order_id)
+                key = item_key(item)
+                await ledger.register(key, item)
+                # Sent long enough ago that its settle window is over.
+                sent_at = time.time() - 120
+                ask = sent_once("refund", item.order_id, item.bag_id, item.request, sent_at)
+                held = await worker.locks.acquire(item.bag_id)
+                await ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
+                async with fake.client() as dead_worker:  # the POST applied, then a crash
+                    made = await dead_worker.refund_bag(item.order_id, item.bag_id, item.request)
+                await worker.locks.release(held)
+                if what == "ask":
+                    forged = attrs.evolve(ask, baseline=frozenset({made.id}))
+                    await redis.hset(ledger.record_key(key), "ask", orjson.dumps(forged.to_dict()))
+                else:
+                    await redis.hset(ledger.record_key(key), "request", '{"amount_refunded":499}')
+                result = await worker.run(key, item, ledger.sign(key, item))
+                assert (result["state"], result["needs_review"]) == ("pending", True), what
+                assert "check the bag" in result["message"] or "refused" in result["message"]
+                assert fake.ledger.refunds_per_bag[item.bag_id] == 1  # nothing re-sent
         finally:
             await client.aclose()  # type: ignore[attr-defined]

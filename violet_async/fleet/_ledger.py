@@ -197,6 +197,10 @@ class LedgerRecord:
     updated_at: float | None = None
     signature: str = ""
     """The producer's HMAC of the item under the fleet key (see :func:`sign_item`)."""
+    ask_json: str = ""
+    """``ask`` as stored (the bytes its signature covers)."""
+    ask_signature: str = ""
+    """The worker's HMAC of ``ask_json`` under the fleet key (a sent record's)."""
 
     def pending(self) -> PendingRefund | None:
         """The protocol record to resume from (None: never sent, or unreadable)."""
@@ -510,8 +514,7 @@ class RedisLedger:
                 token,
                 epoch or "",
                 repr(stamp),
-                "ask",
-                orjson.dumps(ask.to_dict()),
+                *self._signed_ask(key, ask),
                 *self._stamp(),
             ],
         )
@@ -535,10 +538,12 @@ class RedisLedger:
 
     async def mark_pending(self, key: str, ask: PendingRefund) -> None:
         await resolve(self.redis.sadd(self.bag_open_key(ask.bag_id), key))
+        ask_json, ask_sig = self._signed_ask(key, ask)[1::2]
         await self._set(
             key,
             "pending",
-            ask=orjson.dumps(ask.to_dict()),
+            ask=ask_json,
+            ask_sig=ask_sig,
             needs_review=int(ask.needs_review),
             message=ask.note or "",
         )
@@ -580,8 +585,25 @@ class RedisLedger:
 
     async def mark_new(self, key: str, bag_id: int | None = None) -> None:
         """Back to ``new``: the ask definitely did not apply and may start over."""
-        await self._set(key, "new", ask="", needs_review=0)
+        await self._set(key, "new", ask="", ask_sig="", needs_review=0)
         await self._close(bag_id, key)
+
+    def _signed_ask(self, key: str, ask: PendingRefund) -> list[Any]:
+        ask_json = orjson.dumps(ask.to_dict())
+        return ["ask", ask_json, "ask_sig", self._ask_mac(key, ask_json)]
+
+    def _ask_mac(self, key: str, ask_json: bytes) -> str:
+        return hmac.new(
+            self._key(), b"ask\0%s\0%s" % (key.encode(), ask_json), "sha256"
+        ).hexdigest()
+
+    def verify_ask(self, record: LedgerRecord) -> bool:
+        """Whether the record's protocol record (a sent item's) is one a worker with the
+        fleet key wrote for this item."""
+        if not (record.ask_json and record.ask_signature):
+            return False
+        expected = self._ask_mac(record.key, record.ask_json.encode())
+        return hmac.compare_digest(expected, record.ask_signature)
 
     async def mark_failed(
         self, key: str, error: str, message: str, *, outcome: str, bag_id: int | None = None
@@ -693,4 +715,6 @@ def _parse(key: str, raw: dict[Any, Any]) -> LedgerRecord:
         needs_review=data.get("needs_review") == "1",
         updated_at=float(updated) if updated else None,
         signature=data.get("sig") or "",
+        ask_json=ask or "",
+        ask_signature=data.get("ask_sig") or "",
     )

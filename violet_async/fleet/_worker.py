@@ -211,6 +211,16 @@ class FleetWorker:
             return record.to_dict()
         if not self._signed(record):
             return await self._refuse(key, record.item, "the ledger")
+        if record.state in ("sent", "pending") and not self.ledger.verify_ask(record):
+            # Its protocol record (sends, settle window, baseline) decides what a resume
+            # concludes: one nobody with the fleet key wrote is no evidence. Nothing more
+            # is sent; a person checks the bag.
+            await self.ledger.mark_review(
+                key,
+                "the item's sent record is not signed with this fleet's key "
+                "(VIOLET_FLEET_KEY) or was altered; nothing more was sent: check the bag",
+            )
+            return (await self._record(key)).to_dict()
         resume = _resumable(record)
         item = record.item
         if resume is None:
@@ -469,8 +479,13 @@ class FleetWorker:
             "(VIOLET_FLEET_KEY) or was altered after it was; nothing was sent"
         )
         log.warning("item %s: %s", printable(key), error)
-        if await self.ledger.get(key) is None:
+        existing = await self.ledger.get(key)
+        if existing is None:
             await self.ledger.register(key, item, signed=False)
+        elif existing.state in ("sent", "pending"):
+            # It may have applied: "failed" would be a false outcome.
+            await self.ledger.mark_review(key, str(error))
+            return (await self._record(key)).to_dict()
         await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
         count_item("fleet", item.kind, "refused")
         return (await self._record(key)).to_dict()
