@@ -385,3 +385,22 @@ async def test_an_altered_sent_record_is_held_for_review_not_resumed(redis: Redi
                 assert fake.ledger.refunds_per_bag[item.bag_id] == 1  # nothing re-sent
         finally:
             await client.aclose()  # type: ignore[attr-defined]
+
+
+def test_arq_worker_settings_read_json_jobs_only() -> None:
+    """Round 2, row 1: ``arq violet_async.fleet.WorkerSettings`` (read by arq from the
+    class's ``__dict__``) deserializes JSON jobs and refuses a pickle unread."""
+    import pickle
+
+    from arq.worker import get_kwargs
+
+    from violet_async.fleet import WorkerSettings, worker_settings
+    from violet_async.fleet._arq import FleetConfig
+
+    for settings in (get_kwargs(WorkerSettings), worker_settings(FleetConfig())):
+        read = settings["job_deserializer"]
+        assert read(settings["job_serializer"]({"f": "x", "a": [1]})) == {"f": "x", "a": [1]}
+        with pytest.raises(ValueError, match="line 1 column 1"):
+            read(pickle.dumps({"f": "x"}))
+        with pytest.raises(TypeError, match="JSON object"):
+            read(b"[1]")
