@@ -58,6 +58,8 @@ def test_open_owned_refuses_what_another_user_could_plant(tmp_path: Path) -> Non
     with pytest.raises(UnsafeFileError, match="not a regular file"):
         open_owned(fifo, os.O_RDONLY)  # never blocks waiting for a writer
     with pytest.raises(UnsafeFileError, match="not a regular file"):
+        open_owned(fifo, os.O_WRONLY)  # no reader: refused, never blocks
+    with pytest.raises(UnsafeFileError, match="not a regular file"):
         open_owned(tmp_path, os.O_RDONLY)
     shared = tmp_path / "shared"
     shared.write_text("x")
@@ -241,6 +243,10 @@ def test_the_journal_index_spills_finished_items_to_disk_and_keeps_open_ones() -
         assert index.open_on_bag(42) == {f"refund:{1:032x}#0"}
         assert index.open_on_bag(507) == frozenset()  # item 7 is done now
         assert index.open_on_bag(514) == {f"refund:{14:032x}#0"}
+        opened = index.open_items()
+        assert f"refund:{1:032x}#0" in opened
+        assert opened[f"refund:{14:032x}#0"].ask == {"bag_id": 514}
+        assert f"refund:{7:032x}#0" not in opened
         assert len(index) == 95
         assert set(index) == {f"refund:{n:032x}#0" for n in range(95)}
         assert 7000 in set(index.refund_ids())
