@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -78,6 +79,9 @@ def throwaway_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 if __name__ == "__main__":
+    # Producers sign items and workers check them with VIOLET_FLEET_KEY (one secret for
+    # the whole fleet); this demo makes a throwaway one when none is set.
+    os.environ.setdefault("VIOLET_FLEET_KEY", secrets.token_hex(16))
     if os.environ.get("VIOLET_REDIS_URL"):
         asyncio.run(main(os.environ["VIOLET_REDIS_URL"]))
     else:

@@ -79,3 +79,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+#: The fleet key of the tests' producers and workers (``VIOLET_FLEET_KEY``).
+FLEET_KEY = "fleet-test-key-not-a-secret-0123"
+
+
+@pytest.fixture(autouse=True)
+def fleet_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every fleet test runs with a fleet key in the environment (subprocesses too)."""
+    monkeypatch.setenv("VIOLET_FLEET_KEY", FLEET_KEY)
+    return FLEET_KEY

@@ -73,6 +73,7 @@ from tests import _fleet_redis  # noqa: E402
 from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, keyed_items  # noqa: E402
 
 redis_url = _fleet_redis.redis_url  # the session's redis-server
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
 
 
 @pytest.fixture

@@ -266,3 +266,33 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise() -> None:
     first, second = pipe.getvalue().splitlines()
     assert first.startswith("progress 1/2 (")
     assert second.startswith("progress 2/2 (")
+
+
+async def test_shipping_keys_are_checked_like_sku_keys(
+    fake_env: FakeViolet, tmp_path: Path
+) -> None:
+    """Round 2, row 8: an unknown key in a JSONL ``shipping`` object is a row error
+    naming the field, its name escaped (no raw ESC reaches the terminal), nothing sent."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"order_id": 1, "bag_id": 2, "shipping": {"amount": 5, "\\u001b[2Jx": 1}}\n')
+    code, _, err = await run("refund", path)
+    assert code == 2
+    assert "line 1: shipping: unknown fields" in err
+    assert "\x1b" not in err
+    assert "\\x1b[2Jx" in err
+    assert sum(fake_env.ledger.requests.values()) == 0
+
+
+async def test_a_csv_cell_over_the_csv_limit_is_a_row_error(
+    fake_env: FakeViolet, tmp_path: Path
+) -> None:
+    """A CSV cell over 128 KiB ends in a typed row error with its line, exit 2, never
+    an uncaught ``_csv.Error``; nothing is sent."""
+    path = tmp_path / "big.csv"
+    path.write_text(
+        f"order_id,bag_id,amount_refunded,reason\n1,2,100,ok\n3,4,100,{'r' * 140_000}\n"
+    )
+    code, _, err = await run("refund", path)
+    assert code == 2
+    assert "big.csv:line 3: unreadable CSV (field larger than field limit" in err
+    assert sum(fake_env.ledger.requests.values()) == 0

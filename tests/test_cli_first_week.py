@@ -169,7 +169,8 @@ async def test_an_unreachable_redis_is_one_line_and_exit_2(tmp_path: Path) -> No
         closed.bind(("127.0.0.1", 0))
         url = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
         for args in (["enqueue", str(path)], ["status"], ["worker", "--burst"]):
-            code, out, err = await run(*args, "--redis", url, env=NO_SERVER)
+            fleet = {**NO_SERVER, "VIOLET_FLEET_KEY": "fleet-test-key-not-a-secret-0123"}
+            code, out, err = await run(*args, "--redis", url, env=fleet)
             assert code == 2, out + err
             assert "cannot reach Redis" in err
             assert "retries remaining" not in out + err

@@ -8,6 +8,8 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+import attrs
+import orjson
 import pytest
 
 if not os.environ.get("CI"):
@@ -34,6 +36,7 @@ from violet_async.fleet import (
 from violet_async.testing import FakeViolet
 
 redis_url = _fleet_redis.redis_url  # the session's redis-server
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
 
 
 @pytest.fixture
@@ -167,17 +170,19 @@ async def test_worker_runs_once_and_reruns_are_free(redis: Redis) -> None:
         try:
             item = _item(1, 100001)
             key = item_key(item)
-            first = await worker.run(key, item)
+            first = await worker.run(key, item, worker.ledger.sign(key, item))
             assert first["state"] == "applied"
             assert first["refund_id"] is not None
-            again = await worker.run(key, item)  # at-least-once delivery: a re-run
+            again = await worker.run(
+                key, item, worker.ledger.sign(key, item)
+            )  # at-least-once delivery: a re-run
             assert again == first
             assert fake.ledger.refunds_per_bag[item.bag_id] == 1
             assert len(fake.ledger.posts_per_bag[item.bag_id]) == 1
             # A second identical refund of the same bag (occurrence 1) is its own item:
             # the first's refund is known, so it is not mistaken for this one.
             second_key = [k for k, _ in keyed_items([item, item])][1]
-            second = await worker.run(second_key, item)
+            second = await worker.run(second_key, item, worker.ledger.sign(second_key, item))
             assert second["state"] == "applied"
             assert second["refund_id"] != first["refund_id"]
             assert fake.ledger.refunds_per_bag[item.bag_id] == 2
@@ -213,7 +218,7 @@ async def test_sent_record_is_resumed_by_read_back(redis: Redis) -> None:
                 await dead_worker.refund_bag(item.order_id, item.bag_id, item.request)
             await worker.locks.release(held)
             posts = len(fake.ledger.posts_per_bag[item.bag_id])
-            result = await worker.run(key, item)
+            result = await worker.run(key, item, worker.ledger.sign(key, item))
             assert result["state"] == "applied"
             assert result["reconciled"]
             assert len(fake.ledger.posts_per_bag[item.bag_id]) == posts  # nothing re-sent
@@ -229,12 +234,14 @@ async def test_lost_ledger_record_is_held_back(redis: Redis) -> None:
         try:
             item = _item(1, 100003)
             key = item_key(item)
-            assert (await worker.run(key, item))["state"] == "applied"
+            assert (await worker.run(key, item, worker.ledger.sign(key, item)))[
+                "state"
+            ] == "applied"
             await redis.flushall()
             fresh = fake.client()
             async with fresh:
                 again = FleetWorker(fresh, RedisLedger(redis), BagLocks(redis))
-                result = await again.run(key, item)
+                result = await again.run(key, item, again.ledger.sign(key, item))
             assert (result["state"], result["outcome"]) == ("failed", "already_present")
             assert fake.ledger.refunds_per_bag[item.bag_id] == 1
         finally:
@@ -259,7 +266,7 @@ async def test_lost_lock_stops_before_sending(redis: Redis) -> None:
             key = item_key(item)
             await worker.ledger.register(key, item)
             with pytest.raises(RetryLaterError, match="lock"):
-                await worker.run(key, item)
+                await worker.run(key, item, worker.ledger.sign(key, item))
             assert item.bag_id not in fake.ledger.posts_per_bag
             record = await worker.ledger.get(key)
             assert record is not None
@@ -275,7 +282,7 @@ async def test_busy_bag_is_retried_later(redis: Redis) -> None:
             item = _item(1, 100001)
             await worker.locks.acquire(item.bag_id)
             with pytest.raises(RetryLaterError, match="locked") as caught:
-                await worker.run(item_key(item), item)
+                await worker.run(item_key(item), item, worker.ledger.sign(item_key(item), item))
             assert caught.value.defer == 0.05
         finally:
             await client.aclose()  # type: ignore[attr-defined]
@@ -337,13 +344,70 @@ async def test_an_item_waits_while_another_on_its_bag_is_unsettled(redis: Redis)
             await worker.locks.release(held)
             assert await ledger.open_on_bag(first.bag_id) == {item_key(first)}
             with pytest.raises(RetryLaterError, match="unsettled item"):
-                await worker.run(item_key(second), second)
+                await worker.run(
+                    item_key(second), second, worker.ledger.sign(item_key(second), second)
+                )
             assert fake.ledger.posts_per_bag.get(second.bag_id, []) == []
             await ledger.mark_failed(
                 item_key(first), "X", "settled by hand", outcome="failed", bag_id=first.bag_id
             )
-            result = await worker.run(item_key(second), second)
+            result = await worker.run(
+                item_key(second), second, worker.ledger.sign(item_key(second), second)
+            )
             assert result["state"] == "applied"
             assert fake.ledger.refunds_per_bag[second.bag_id] == 1
         finally:
             await client.aclose()  # type: ignore[attr-defined]
+
+
+async def test_an_altered_sent_record_is_held_for_review_not_resumed(redis: Redis) -> None:
+    """Round 2, row 2: a Redis writer who rewrites a sent item's protocol record (a
+    baseline naming the refund the send made, so a read-back would miss it and send
+    again) or its request gets nothing sent: the item waits for review, pending, never
+    reported failed (it may have applied)."""
+    async with FakeViolet(orders=3, seed=1) as fake:
+        worker, client = await _worker(fake, redis)
+        try:
+            ledger = worker.ledger
+            for order_id, what in ((100001, "ask"), (100002, "request")):
+                item = _item(1, order_id)
+                key = item_key(item)
+                await ledger.register(key, item)
+                # Sent long enough ago that its settle window is over.
+                sent_at = time.time() - 120
+                ask = sent_once("refund", item.order_id, item.bag_id, item.request, sent_at)
+                held = await worker.locks.acquire(item.bag_id)
+                await ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
+                async with fake.client() as dead_worker:  # the POST applied, then a crash
+                    made = await dead_worker.refund_bag(item.order_id, item.bag_id, item.request)
+                await worker.locks.release(held)
+                if what == "ask":
+                    forged = attrs.evolve(ask, baseline=frozenset({made.id}))
+                    await redis.hset(ledger.record_key(key), "ask", orjson.dumps(forged.to_dict()))
+                else:
+                    await redis.hset(ledger.record_key(key), "request", '{"amount_refunded":499}')
+                result = await worker.run(key, item, ledger.sign(key, item))
+                assert (result["state"], result["needs_review"]) == ("pending", True), what
+                assert "check the bag" in result["message"] or "refused" in result["message"]
+                assert fake.ledger.refunds_per_bag[item.bag_id] == 1  # nothing re-sent
+        finally:
+            await client.aclose()  # type: ignore[attr-defined]
+
+
+def test_arq_worker_settings_read_json_jobs_only() -> None:
+    """Round 2, row 1: ``arq violet_async.fleet.WorkerSettings`` (read by arq from the
+    class's ``__dict__``) deserializes JSON jobs and refuses a pickle unread."""
+    import pickle
+
+    from arq.worker import get_kwargs
+
+    from violet_async.fleet import WorkerSettings, worker_settings
+    from violet_async.fleet._arq import FleetConfig
+
+    for settings in (get_kwargs(WorkerSettings), worker_settings(FleetConfig())):
+        read = settings["job_deserializer"]
+        assert read(settings["job_serializer"]({"f": "x", "a": [1]})) == {"f": "x", "a": [1]}
+        with pytest.raises(ValueError, match="line 1 column 1"):
+            read(pickle.dumps({"f": "x"}))
+        with pytest.raises(TypeError, match="JSON object"):
+            read(b"[1]")

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,21 +22,22 @@ if not os.environ.get("CI"):
     pytest.importorskip("arq")
     pytest.importorskip("redis")
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 
 from tests import _fleet_redis
 from violet_async import _batch_cli
 from violet_async.batch import BatchItem
-from violet_async.fleet import RedisLedger, enqueue
+from violet_async.fleet import RedisLedger, create_fleet_pool, enqueue
 from violet_async.fleet import _cli as fleet_cli
 from violet_async.testing import FakeViolet, FaultPlan
 
 redis_url = _fleet_redis.redis_url  # the session's redis-server
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
 
 
 @pytest.fixture
 async def pool(redis_url: str) -> AsyncIterator[ArqRedis]:
-    arq = await create_pool(RedisSettings.from_dsn(redis_url))
+    arq = await create_fleet_pool(redis_url)
     await arq.flushall()
     await RedisLedger(arq).new_fleet()  # nothing of this ledger can be in flight
     try:
@@ -296,3 +298,149 @@ def test_cli_reports_redis_down_and_bad_options(capsys: pytest.CaptureFixture[st
     assert main(["status", "--redis", "redis://127.0.0.1:1/0"]) == 2
     assert capsys.readouterr().err.startswith("violet-async: cannot reach Redis (")
     assert main(["worker", "--redis", "redis://127.0.0.1:1/0", "--rate", "0"]) == 2
+
+
+class _Planted:
+    """A pickle that runs code when it is unpickled (what a Redis writer could plant)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+async def _burst_worker(fake: FakeViolet, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from arq.worker import Worker
+
+    from violet_async.fleet._arq import FleetConfig, close_worker, worker_settings
+
+    for name, value in (
+        ("VIOLET_APP_ID", str(fake.app_id)),
+        ("VIOLET_APP_SECRET", fake.app_secret),
+        ("VIOLET_USERNAME", fake.username),
+        ("VIOLET_PASSWORD", fake.password),
+    ):
+        monkeypatch.setenv(name, value)
+    config = FleetConfig.from_env(redis_url=redis_url, base_url=fake.base_url)
+    worker = Worker(**worker_settings(config), burst=True, handle_signals=False)
+    try:
+        await worker.main()
+    finally:
+        await close_worker(worker)
+
+
+async def test_a_pickled_job_is_refused_without_running(
+    pool: ArqRedis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job pickled straight into Redis (arq's default serializer) is never unpickled
+    by a worker: the code it carries does not run, nothing is sent; and ``enqueue``
+    refuses a pool that would write pickles."""
+    from arq.connections import RedisSettings, create_pool
+
+    from violet_async.fleet import JOB_NAME, QUEUE_NAME
+
+    marker = tmp_path / "ran"
+    pickling = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        await pickling.enqueue_job(JOB_NAME, _Planted(marker), _queue_name=QUEUE_NAME)
+        with pytest.raises(ValueError, match="JSON jobs"):
+            await enqueue(pickling, _items(_write_rows(tmp_path / "r.csv", 100001, 1)))
+    finally:
+        await pickling.aclose()
+    async with FakeViolet(orders=2, seed=3) as fake:
+        await _burst_worker(fake, redis_url, monkeypatch)
+        assert fake.ledger.total_refunds == 0
+    assert not marker.exists()
+
+
+async def test_unsigned_or_altered_items_are_refused_before_any_send(
+    pool: ArqRedis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items a producer with the fleet key did not sign as they read now (a job written
+    straight into Redis, a ledger record planted with its job, a signed record whose
+    amount was changed afterwards, a signed job replayed as another repeat) are refused
+    before any send, and ``status`` says so; the signed item beside them applies."""
+    from violet_async.fleet import JOB_NAME, QUEUE_NAME, item_key
+
+    forged = {"line": 1, "kind": "refund", "order_id": 100001, "bag_id": 200001}
+    await pool.enqueue_job(
+        JOB_NAME,
+        "refund:100001:200001:x:0",
+        {**forged, "request": {"amount_refunded": 999999}},
+        _queue_name=QUEUE_NAME,
+    )
+    planted = "refund:100002:200002:y:0"
+    await pool.hset(
+        f"{{violet}}:item:{planted}",
+        mapping={
+            "state": "new",
+            "kind": "refund",
+            "order_id": 100002,
+            "bag_id": 200002,
+            "request": '{"amount_refunded":777}',
+            "line": 2,
+            "sig": "0" * 64,
+        },
+    )
+    await pool.enqueue_job(JOB_NAME, planted, _queue_name=QUEUE_NAME)
+    rows = _write_rows(tmp_path / "rows.csv", 100003, 2)
+    assert (await enqueue(pool, _items(rows), source=str(rows))).queued == 2
+    altered = item_key(_items(rows)[0])
+    await pool.hset(f"{{violet}}:item:{altered}", "request", '{"amount_refunded":999999}')
+    # The second row's signed job, replayed under the key of a second repeat.
+    second = _items(rows)[1]
+    job = await pool.enqueue_job(
+        JOB_NAME,
+        item_key(second, 1),
+        {
+            "sig": RedisLedger(pool).sign(item_key(second), second),
+            "line": 3,
+            "kind": "refund",
+            "order_id": second.order_id,
+            "bag_id": second.bag_id,
+            "request": {"amount_refunded": 500, "reason": "fleet test"},
+        },
+        _queue_name=QUEUE_NAME,
+    )
+    assert job is not None
+    async with FakeViolet(orders=6, seed=3) as fake:
+        await _burst_worker(fake, redis_url, monkeypatch)
+        assert fake.ledger.total_refunds == 1  # the one signed, unaltered item
+    status = io.StringIO()
+    args = argparse.Namespace(redis=redis_url, prefix="{violet}", json=False)
+    assert await fleet_cli._status(args, status) == 1
+    text = status.getvalue()
+    assert text.count(": refused: order") == 4, text
+    assert "not signed with this fleet's key" in text
+    assert "applied 1" in text
+
+
+def test_every_fleet_command_reads_the_redis_url_from_the_environment(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Round 2, row 9: ``status``, ``enqueue`` and ``worker`` take VIOLET_REDIS_URL (a
+    password in ``--redis`` shows in ``ps``), help says so; none runs without a URL,
+    and producers and workers refuse to start without a fleet key."""
+    from violet_async.__main__ import main
+
+    monkeypatch.delenv("VIOLET_REDIS_URL", raising=False)
+    assert main(["status"]) == 2
+    assert "set VIOLET_REDIS_URL" in capsys.readouterr().err
+    import redis
+
+    with redis.Redis.from_url(redis_url) as sync_redis:
+        sync_redis.flushall()
+    monkeypatch.setenv("VIOLET_REDIS_URL", redis_url)
+    assert main(["status"]) == 0
+    assert "item(s)" in capsys.readouterr().out
+    monkeypatch.delenv("VIOLET_FLEET_KEY")
+    assert main(["worker", "--burst"]) == 2
+    assert "VIOLET_FLEET_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("VIOLET_FLEET_KEY", "short")
+    assert main(["enqueue", "rows.csv"]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    for command in ("status", "enqueue", "worker"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "VIOLET_REDIS_URL" in capsys.readouterr().out

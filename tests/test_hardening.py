@@ -795,3 +795,177 @@ async def test_dns_failure_names_the_resolver_reason() -> None:
     message = str(info.value)
     assert message.startswith("GET /orders/1: cannot connect to violet.invalid:8080 (DNS lookup")
     assert "Name or service not known" in message
+
+
+# -- round two: what a 2xx body, a capture, a span and a header can carry ---------
+
+
+def echo_page_app(*, status: int = 200, request_id: str = "req-1") -> web.Application:
+    """Every call answers ``status`` with an HTML page (not JSON) that starts by echoing
+    the request's headers, the app secret 70 characters in: a cut at 80 would keep its
+    first 10 characters."""
+
+    async def page(request: web.Request) -> web.Response:
+        padding = "p" * (70 - len("<html>"))
+        text = f"<html>{padding}{request.headers.get('X-Violet-App-Secret', '')}"
+        text += " ".join(f"{k}={v}" for k, v in request.headers.items())
+        return web.Response(
+            text=text, status=status, content_type="text/html", headers={"X-Request-Id": request_id}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/orders/{tail:.*}", page)
+    return app
+
+
+async def test_a_2xx_page_echoing_the_secret_is_redacted_before_its_preview() -> None:
+    """Round 2, row 5: a 200 whose body is not JSON and echoes the request gives a
+    ResponseFormatError whose text, ``.body`` and chain hold no part of the app secret
+    or the token (the preview is cut from the redacted body, not before)."""
+    long_secret = "S3cr3t-abcdefghijklmnopqrstuvwxyz"
+    async with serve(echo_page_app()) as base:
+        async with VioletClient(
+            11, long_secret, token=TOKEN, base_url=base + "/v1", retry=RetryPolicy.disabled()
+        ) as client:
+            with pytest.raises(ResponseFormatError) as info:
+                await client.get_order(1)
+    error = info.value
+    assert "[REDACTED]" in str(error)
+    assert b"[REDACTED]" in error.body
+    # Not even the first characters of the secret survive the 80-character preview.
+    assert long_secret[:8] not in str(error)
+    assert_no_secret(error, long_secret, TOKEN, long_secret[:8])
+
+
+def test_a_preview_cut_never_keeps_the_start_of_a_secret() -> None:
+    """Round 2, row 5: a preview is redacted first, and a tail that starts a secret
+    (a body cut inside one) is dropped."""
+    from violet_async._redact import Redactor
+
+    redactor = Redactor(extra=["SECRET-0123456789"])
+    body = b"x" * 70 + b"SECRET-0123456789 and more"
+    assert "SECRET" not in redactor.preview(body, 80)
+    assert redactor.preview(body, 80).startswith("x" * 70 + "[REDACTED]")
+    assert redactor.preview(b"x" * 70 + b"SECRET-01", 200) == "x" * 70
+    assert redactor.preview(b"plain text", 5) == "plain"
+
+
+async def test_captured_responses_are_redacted_copies() -> None:
+    """Round 2, row 6: ``capture_responses()`` keeps a gateway page that echoes the
+    request with the app secret and the token redacted, headers included."""
+    from violet_async.telemetry import capture_responses
+
+    async with serve(echo_app(refund_status=502)) as base, client_for(base) as client:
+        with capture_responses() as seen, pytest.raises(VioletError):
+            await client.get_order(1)
+    assert seen
+    for resp in seen:
+        assert APP_SECRET.encode() not in resp.body
+        assert TOKEN.encode() not in resp.body
+        assert b"[REDACTED]" in resp.body
+        assert APP_SECRET not in "".join(resp.headers.values())
+        assert resp.headers.get("x-echo") == "[REDACTED]"  # still case-insensitive
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    [b"\x1b[2K\rfake", b"ok\x1b]52;c;cm0gLXJmIH4=\x07", b"\x9b31mok", b"caf\xc3\xa9"],
+)
+async def test_request_ids_are_printable_ascii_only(
+    request_id: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 2, row 7: an X-Request-Id with ESC, an OSC 52 (clipboard) code, a C1 CSI or
+    anything but printable ASCII is not taken as a request id: not on the error, not in
+    its message, not in the DEBUG line (a raw server: aiohttp.web would not send it)."""
+    import logging
+
+    body = b'{"message": "no"}'
+    answer = (
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nX-Request-Id: "
+        + request_id.replace(b"\r", b"")
+        + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
+    async with raw_server(answer) as base, client_for(base) as client:
+        with caplog.at_level(logging.DEBUG, "violet_async"), pytest.raises(VioletError) as info:
+            await client.get_order(1)
+    assert getattr(info.value, "request_id", "missing") is None
+    logged = "\n".join(r.getMessage() for r in caplog.records) + str(info.value)
+    assert not any(c in logged for c in "\x1b\x07\x9b\udc9b")
+
+
+def test_printable_escapes_every_control_character() -> None:
+    """Round 2, row 7: the one helper for text from a server or an input file writes
+    ESC, CR, LF, BEL, C1 controls and bidi overrides as escapes, and leaves printable
+    text (accents included) alone."""
+    from violet_async._redact import printable
+
+    assert printable("café 1,2") == "café 1,2"
+    escaped = printable("a\x1b[31mb\rc\nd\x07e\x9bf\u202eg\x00")
+    assert escaped == "a\\x1b[31mb\\x0dc\\x0ad\\x07e\\x9bf\\u202eg\\x00"
+    assert escaped.isprintable()
+
+
+async def test_spans_carry_no_userinfo() -> None:
+    """Round 2, row 11: ``url.full`` on an attempt span has no ``user:password@``."""
+    from violet_async._telemetry import _without_userinfo
+
+    assert _without_userinfo("http://ann:pw@127.0.0.1:8080/v1/x?y=1") == (
+        "http://127.0.0.1:8080/v1/x?y=1"
+    )
+    assert _without_userinfo("http://127.0.0.1/v1/a@b") == "http://127.0.0.1/v1/a@b"
+    assert _without_userinfo("/relative") == "/relative"
+
+
+def test_aiohttp_floor_excludes_the_gzip_body_cves() -> None:
+    """Round 2, row 12: the aiohttp floor is a release that fixes CVE-2025-69223 and
+    CVE-2026-54278 (3.14.1), and the installed aiohttp meets it."""
+    import re as regex
+    from importlib.metadata import version
+
+    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    floor = regex.search(r'"aiohttp>=([0-9.]+)"', text)
+    assert floor is not None
+    parts = tuple(int(p) for p in floor.group(1).split("."))
+    assert parts >= (3, 14, 1)
+    installed = tuple(int(p) for p in regex.findall(r"\d+", version("aiohttp"))[:3])
+    assert installed >= parts
+
+
+HOSTILE_TEXT = "\x1b[2K\rline 1: succeeded\x1b]52;c;cm0gLXJmIH4=\x07\x9b31m"
+
+
+async def test_server_text_reaches_the_terminal_and_the_problems_file_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2, row 7: an error message with ESC, CR, an OSC 52 clipboard code and a
+    C1 CSI reaches the CLI summary and the problems file as escapes: no fake
+    "succeeded" line, no clipboard write."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"message": HOSTILE_TEXT}, status=400)
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/orders/{tail:.*}", refuse)
+    async with serve(app) as base:
+        for key, value in {
+            "VIOLET_APP_ID": "11",
+            "VIOLET_APP_SECRET": APP_SECRET,
+            "VIOLET_TOKEN": jwt(time.time() + 3600),
+            "VIOLET_BASE_URL": base + "/v1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("VIOLET_USERNAME", raising=False)
+        monkeypatch.delenv("VIOLET_PASSWORD", raising=False)
+        source = tmp_path / "in.csv"
+        source.write_text("order_id,bag_id,amount_refunded\n1,2,100\n")
+        journal = tmp_path / "journal.jsonl"
+        out, err = io.StringIO(), io.StringIO()
+        options = BatchOptions(journal=journal)
+        code = await run_file("refund", source, options, out=out, err=err)
+    assert code == 1
+    problems = journal.with_name(journal.name + ".problems.txt").read_text()
+    for text in (out.getvalue(), err.getvalue(), problems):
+        assert not any(c in text for c in "\x1b\r\x07\x9b"), repr(text)
+    assert "\\x1b[2K\\x0dline 1: succeeded" in problems
+    assert "\\x1b[2K\\x0dline 1: succeeded" in out.getvalue()

@@ -35,6 +35,7 @@ from violet_async.testing import FakeClock
 from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
 
 redis_url = _fleet_redis.redis_url  # the session's redis-server
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
 
 ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
 TIMEOUTS = Timeouts(connect=1.0, read=2.0)
@@ -81,7 +82,7 @@ async def _until_done(worker: FleetWorker, clock: FakeClock, runs: int = 10) -> 
     """Run the item as arq would: again after each hand-back's defer (virtual time)."""
     for _ in range(runs):
         try:
-            return await worker.run(KEY, ITEM)
+            return await worker.run(KEY, ITEM, worker.ledger.sign(KEY, ITEM))
         except RetryLaterError as exc:
             clock.advance(exc.defer)
     raise AssertionError(f"the item did not end in {runs} runs")
@@ -110,7 +111,7 @@ async def test_row11_redis_away_as_the_answer_arrives_then_the_job_runs_again_he
         worker = _worker(client, flaky)
         await worker.ledger.register(KEY, ITEM)
         with pytest.raises(RedisError):
-            await worker.run(KEY, ITEM)
+            await worker.run(KEY, ITEM, worker.ledger.sign(KEY, ITEM))
         server.on_answer = None
         flaky.down = False  # back: the job runs again
         result = await _until_done(worker, clock)
@@ -136,7 +137,7 @@ async def test_row12_a_worker_dies_between_the_ledger_writes_of_applied(
             await dying.ledger.register(KEY, ITEM)
             flaky.die_after = b":refunds"
             with pytest.raises(RedisError):
-                await dying.run(KEY, ITEM)
+                await dying.run(KEY, ITEM, dying.ledger.sign(KEY, ITEM))
         async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as other:
             result = await _until_done(_worker(other, healthy), clock)
     finally:
@@ -160,7 +161,7 @@ async def test_row13_redis_restarts_empty_with_a_post_in_flight(
     async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
         first = _worker(client, flaky)
         await first.ledger.register(KEY, ITEM)
-        running = asyncio.ensure_future(first.run(KEY, ITEM))
+        running = asyncio.ensure_future(first.run(KEY, ITEM, first.ledger.sign(KEY, ITEM)))
         await server.post_arrived.wait()
         await flaky.flushall()  # Redis restarted with nothing
         running.cancel()  # ... and the worker went with it
@@ -169,7 +170,7 @@ async def test_row13_redis_restarts_empty_with_a_post_in_flight(
         async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as fresh:
             worker = first if who == "the same worker" else _worker(fresh, flaky)
             with pytest.raises(RetryLaterError) as held:
-                await worker.run(KEY, ITEM)
+                await worker.run(KEY, ITEM, worker.ledger.sign(KEY, ITEM))
             assert server.posts == 1
             assert held.value.defer >= ROOMY.settle_running
             clock.advance(held.value.defer)  # arq runs it again after the defer
@@ -245,7 +246,7 @@ async def test_row13_the_answer_arrives_after_redis_lost_the_ledger(flaky: Flaky
         worker = _worker(client, flaky)
         await worker.ledger.register(KEY, ITEM)
         with pytest.raises(RetryLaterError) as held:
-            await worker.run(KEY, ITEM)
+            await worker.run(KEY, ITEM, worker.ledger.sign(KEY, ITEM))
         assert held.value.defer >= ROOMY.settle_running
         server.on_answer = None
         result = await _until_done(worker, clock)
@@ -271,7 +272,7 @@ async def test_row11_the_job_delivered_again_to_two_workers_at_once(
         w1 = _worker(client, flaky)
         await w1.ledger.register(KEY, ITEM)
         with pytest.raises(RedisError):
-            await w1.run(KEY, ITEM)
+            await w1.run(KEY, ITEM, w1.ledger.sign(KEY, ITEM))
         server.on_answer = None
         flaky.down = False
         async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as other:
@@ -305,7 +306,7 @@ async def test_row12_a_refund_half_recorded_by_an_older_worker(
             dying = _worker(client, flaky)
             await dying.ledger.register(KEY, ITEM)
             with pytest.raises(RedisError):
-                await dying.run(KEY, ITEM)
+                await dying.run(KEY, ITEM, dying.ledger.sign(KEY, ITEM))
         ledger = RedisLedger(healthy)
         await healthy.sadd(ledger.bag_refunds_key(BAG_ID), server.ours[0])  # the old first write
         async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as other:

@@ -29,6 +29,7 @@ from violet_async.fleet import (
 from violet_async.testing import FakeViolet, Fault
 
 redis_url = _fleet_redis.redis_url  # the session's redis-server
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
 
 STRICT, OTHER = 20001, 20002
 
@@ -87,7 +88,9 @@ async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redi
             strict = BatchItem.refund(1, o1, b1, RefundBagRequest(amount_refunded=100))
             other = BatchItem.refund(2, o2, b2, RefundBagRequest(amount_refunded=100))
             with pytest.raises(RetryLaterError) as raised:
-                await worker.run(item_key(strict), strict)
+                await worker.run(
+                    item_key(strict), strict, worker.ledger.sign(item_key(strict), strict)
+                )
             assert raised.value.defer > 0
             record = await worker.ledger.get(item_key(strict))
             assert record is not None
@@ -97,14 +100,20 @@ async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redi
             assert await worker.pace.merchant_of(o1) == STRICT
             assert await worker.pace.rate(STRICT) is not None
             # The other merchant has no lane: its item goes now.
-            done = await worker.run(item_key(other), other)
+            done = await worker.run(
+                item_key(other), other, worker.ledger.sign(item_key(other), other)
+            )
             assert done["state"] == "applied"
             assert await worker.pace.rate(OTHER) is None
             # The strict one waits for its lane's slot (handed back, not slept on).
             with pytest.raises(RetryLaterError, match="pace"):
-                await worker.run(item_key(strict), strict)
+                await worker.run(
+                    item_key(strict), strict, worker.ledger.sign(item_key(strict), strict)
+                )
             await redis.hset(f"{{violet}}:pace:{fake.app_id}:{STRICT}", "tat", 0)  # its turn
-            again = await worker.run(item_key(strict), strict)
+            again = await worker.run(
+                item_key(strict), strict, worker.ledger.sign(item_key(strict), strict)
+            )
             assert again["state"] == "applied"
     assert fake.ledger.double_refunds() == {}
     assert fake.ledger.refunds_per_bag[b1] == 1

@@ -30,9 +30,17 @@ from violet_async import RefundBagRequest, RetryPolicy, Timeouts, VioletClient
 from violet_async._ask import sent_once
 from violet_async.batch import BatchItem, BatchResult, run_batch
 from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError, item_key
+from violet_async.fleet._ledger import sign_item
 from violet_async.testing import FakeClock
 
 redis_url = _fleet_redis.redis_url
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
+
+
+def _sig(key: str, item: BatchItem) -> str:
+    """The producer's signature of ``item`` under ``key`` (the tests' fleet key)."""
+    return sign_item(_fleet_redis.FLEET_KEY.encode(), key, item)
+
 
 ORDER, BAG = 8101, 9101
 ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
@@ -169,7 +177,7 @@ async def test_a_worker_whose_clock_is_ahead_keeps_the_hold_after_redis_lost_the
             async with _client(url, clock) as a_client:
                 first = _worker(a_client, redis)
                 await first.ledger.register(key, item)
-                running = asyncio.ensure_future(first.run(key, item))
+                running = asyncio.ensure_future(first.run(key, item, _sig(key, item)))
                 await violet.arrived.wait()
                 await redis.flushall()  # Redis restarted with nothing
                 running.cancel()  # ... and worker A went with it
@@ -177,14 +185,14 @@ async def test_a_worker_whose_clock_is_ahead_keeps_the_hold_after_redis_lost_the
             async with _client(url, clock) as c_client:
                 # Worker C meets the lost ledger first (another item): the new epoch.
                 with contextlib.suppress(RetryLaterError):
-                    await _worker(c_client, redis).run(other_key, other)
+                    await _worker(c_client, redis).run(other_key, other, _sig(other_key, other))
             async with _client(url, ahead) as b_client:
                 b = _worker(b_client, redis)
                 with contextlib.suppress(RetryLaterError):
-                    await b.run(key, item)
+                    await b.run(key, item, _sig(key, item))
                 clock.advance(60.0)  # A's POST lands
                 ahead.advance(60.0)
-                result = await b.run(key, item)  # arq runs it again after the hold
+                result = await b.run(key, item, _sig(key, item))  # arq runs it again after the hold
     finally:
         await redis.aclose()
     assert [r["bag_id"] for r in violet.refunds].count(BAG) == 1, violet.refunds
@@ -284,7 +292,7 @@ async def test_a_worker_dying_right_after_marking_an_item_failed_leaves_its_bag_
                 await worker.ledger.register(item_key(first), first)
                 dying.die_on = b"failed"
                 with pytest.raises(RedisError):
-                    await worker.run(item_key(first), first)
+                    await worker.run(item_key(first), first, _sig(item_key(first), first))
             record = await RedisLedger(healthy).get(item_key(first))
             assert record is not None
             assert record.state == "failed"
@@ -296,7 +304,9 @@ async def test_a_worker_dying_right_after_marking_an_item_failed_leaves_its_bag_
                 why = ""
                 for _ in range(5):
                     try:
-                        result = await other.run(item_key(second), second)
+                        result = await other.run(
+                            item_key(second), second, _sig(item_key(second), second)
+                        )
                         break
                     except RetryLaterError as exc:
                         why = str(exc)
@@ -329,7 +339,7 @@ async def test_a_job_whose_copy_of_the_item_is_another_item_is_not_run(redis_url
             assert await worker.ledger.get(item_key(asked)) is None
             # The item's own copy runs (the occurrence suffix is not part of the check).
             key = item_key(asked, occurrence=1)
-            result = await worker.run(key, asked)
+            result = await worker.run(key, asked, _sig(key, asked))
     finally:
         await redis.aclose()
     assert result["state"] == "applied"
@@ -358,7 +368,7 @@ async def test_a_worker_that_lost_its_lock_cannot_overwrite_the_new_holders_reco
         async with serving(violet) as url, _client(url, clock) as client:
             worker = FleetWorker(client, ledger, locks, None, patience=0.0)
             await ledger.register(key, item)
-            running = asyncio.ensure_future(worker.run(key, item))
+            running = asyncio.ensure_future(worker.run(key, item, _sig(key, item)))
             await violet.arrived.wait()
             # A's lock expired while it stalled; B took it and sent again, later.
             await redis.set(locks.key(BAG), "worker-b-token")
@@ -393,7 +403,9 @@ async def test_a_settled_item_left_in_a_bags_open_set_is_dropped(redis_url: str)
         await redis.sadd(ledger.bag_open_key(BAG), item_key(done))  # left behind
         await ledger.register(item_key(item), item)
         async with serving(violet) as url, _client(url, clock) as client:
-            result = await _worker(client, redis).run(item_key(item), item)
+            result = await _worker(client, redis).run(
+                item_key(item), item, _sig(item_key(item), item)
+            )
         assert await ledger.open_on_bag(BAG) == set()
     finally:
         await redis.aclose()

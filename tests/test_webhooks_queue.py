@@ -196,3 +196,32 @@ async def test_kill_9_after_the_200_replays_the_event_on_restart(tmp_path: Path)
     assert [(e.event_id, e.order_id) for e in events] == [("evt-1", 11)]
     assert await store.pending() == 0
     await store.aclose()
+
+
+async def test_the_queue_and_its_wal_files_are_private(tmp_path: Path) -> None:
+    """Round 2, row 10: the SQLite queue holds customers' emails: the database and its
+    ``-wal`` / ``-shm`` files are 0600 whatever the umask, and a queue file left wider
+    by an older version is narrowed before it is used."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "hooks.db"
+        store = SQLiteEventStore(path)
+        try:
+            assert await store.put(record(WebhookReceiver(SECRET), order_body()))
+            for name in ("hooks.db", "hooks.db-wal", "hooks.db-shm"):
+                assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        finally:
+            await store.aclose()
+        wide = tmp_path / "old.db"
+        wide.write_bytes(b"")
+        wide.chmod(0o644)
+        again = SQLiteEventStore(wide)
+        try:
+            assert await again.put(record(WebhookReceiver(SECRET), order_body()))
+        finally:
+            await again.aclose()
+        assert stat.S_IMODE(wide.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

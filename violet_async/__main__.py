@@ -15,6 +15,7 @@ from typing import Any
 
 from . import _audit_cli, _batch_cli
 from ._demo import run_demo
+from ._redact import printable
 from ._signals import on_signals
 from ._version import __version__
 from .exceptions import RequestValidationError, VioletError
@@ -355,15 +356,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    # One line, never a traceback: SDK messages are already redacted.
+    # One line, never a traceback: SDK messages are already redacted (and what a
+    # server wrote in them is escaped).
     except RequestValidationError as exc:
         print(
-            f"violet-async: configuration: {_batch_cli.configuration_message(exc)}",
+            f"violet-async: configuration: {printable(_batch_cli.configuration_message(exc))}",
             file=sys.stderr,
         )
         return 2
     except VioletError as exc:
-        print(f"violet-async: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"violet-async: {type(exc).__name__}: {printable(exc)}", file=sys.stderr)
         return 1
 
 

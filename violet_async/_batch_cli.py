@@ -23,8 +23,10 @@ import orjson
 
 from ._client import Environment, VioletClient
 from ._converter import converter, encode_request
+from ._files import UnsafeFileError, open_owned
 from ._journal import Journal, JournalLockedError, JournalMismatchError
-from ._redact import Redactor
+from ._journal_index import RepeatCounter
+from ._redact import Redactor, printable
 from ._retry import RetryPolicy
 from ._signals import on_signals
 from ._transport import Timeouts
@@ -235,6 +237,9 @@ def _item(kind: Kind, line: int, row: dict[str, Any], *, full_refunds: bool) -> 
     else:
         shipping = row.get("shipping")
         if isinstance(shipping, dict):
+            unknown = set(shipping) - {"amount"}
+            if unknown:
+                raise RequestValidationError("shipping", f"unknown fields {sorted(unknown)}")
             shipping = ShippingRefund(**shipping)
         elif shipping is not None:
             raise RequestValidationError("shipping", 'must be an object like {"amount": 500}')
@@ -302,7 +307,18 @@ def _csv_rows(handle: IO[str], kind: Kind) -> Iterator[tuple[int, Any]]:
             ]
         yield 1, RowError(1, "; ".join(problems))
         return
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # A cell over the csv module's limit (128 KiB), a NUL byte, a quote left
+            # open: nothing after it can be read with certainty.
+            line = reader.line_num + 1  # the line being read when it failed
+            yield line, RowError(line, f"unreadable CSV ({exc})")
+            return
         # The header is line 1, so data rows are numbered as a spreadsheet shows them.
         if None in row:
             yield reader.line_num, RowError(reader.line_num, "more cells than the header")
@@ -352,10 +368,9 @@ class _Plan:
     sku_only: int = 0
     amount: int = 0
     shipping: int = 0
-    keys: Counter[str] = attrs.Factory(Counter)
     large: list[tuple[int, int]] = attrs.Factory(list)  # (line, cents) over LARGE_AMOUNT
 
-    def add(self, item: BatchItem) -> str:
+    def add(self, item: BatchItem) -> None:
         request = item.request
         if isinstance(request, RefundBagRequest):
             if request.amount_refunded is not None:
@@ -369,10 +384,6 @@ class _Plan:
             if request.shipping is not None:
                 self.shipping += request.shipping.amount
         self.rows += 1
-        content = item.key
-        key = f"{content}#{self.keys[content]}"
-        self.keys[content] += 1
-        return key
 
     def write(self, kind: Kind, path: Path, out: IO[str]) -> None:
         out.write(f"plan for {path}:\n")
@@ -412,7 +423,7 @@ def _check(kind: Kind, path: Path, err: IO[str], *, full_refunds: bool) -> _Plan
     bad = 0
     for parsed in read_items(path, kind, full_refunds=full_refunds):
         if isinstance(parsed, RowError):
-            err.write(f"{path}:{parsed}\n")
+            err.write(printable(f"{path}:{parsed}") + "\n")
             bad += 1
         else:
             plan.add(parsed)
@@ -431,20 +442,30 @@ def _print_plan(
         if isinstance(item, BatchItem) and shown < PLAN_ROWS:
             body = orjson.dumps(converter.unstructure(item.request)).decode()
             where = f"line {item.line}: {kind} order {item.order_id} bag {item.bag_id}"
-            out.write(f"  {where} {body}\n")
+            out.write(printable(f"  {where} {body}") + "\n")
             shown += 1
     if plan.rows > shown:
         out.write(f"  ... and {plan.rows - shown} more row(s)\n")
     plan.write(kind, path, out)
     entries = Journal.peek(journal)
-    if entries:
-        states: Counter[str] = Counter()
-        for content, count in plan.keys.items():
-            for n in range(count):
-                entry = entries.get(f"{content}#{n}")
-                states[entry.state if entry is not None else "new"] += 1
-        summary = ", ".join(f"{states[s]} {s}" for s in sorted(states))
-        out.write(f"journal {journal}: {summary} (done rows are skipped)\n")
+    try:
+        if entries:
+            # Rows are numbered by repeat as the run numbers them (bounded: a counter
+            # that moves to disk), and looked up in the journal one at a time.
+            repeats = RepeatCounter()
+            states: Counter[str] = Counter()
+            try:
+                for item in read_items(path, kind, full_refunds=full_refunds):
+                    if isinstance(item, BatchItem):
+                        content = item.key
+                        entry = entries.get(f"{content}#{repeats.take(content)}")
+                        states[entry.state if entry is not None else "new"] += 1
+            finally:
+                repeats.close()
+            summary = ", ".join(f"{states[s]} {s}" for s in sorted(states))
+            out.write(printable(f"journal {journal}: {summary} (done rows are skipped)") + "\n")
+    finally:
+        entries.close()
 
 
 # -- progress and summary ---------------------------------------------------------
@@ -554,6 +575,7 @@ class _Tally:
             f"line {item.line}: order {item.order_id} bag {item.bag_id}: {result.outcome}"
             f"{refund}: {result.error_class or ''}{': ' if message else ''}{message}"
         )
+        text = printable(text)  # Violet's messages reach a terminal and a file
         if len(self.problems) < PROBLEM_ROWS:
             self.problems.append(text)
         if self.problem_file is not None:
@@ -618,8 +640,7 @@ async def run_file(
         return EXIT_BAD_INPUT
     journal = options.journal or path.with_name(path.name + f".{kind}.journal.jsonl")
     if options.dry_run:
-        _print_plan(kind, path, plan, journal, out, full_refunds=options.full_refunds)
-        return EXIT_OK
+        return _dry_run(kind, path, plan, journal, out, err, full_refunds=options.full_refunds)
     plan.warn(err)
     overrides: dict[str, Any] = {
         "retry": RetryPolicy(settle_running=options.settle_running),
@@ -636,8 +657,8 @@ async def run_file(
         return EXIT_BAD_INPUT
     try:
         log = await Journal.open(journal, input_id=f"{kind}:{_file_id(path)}")
-    except (JournalLockedError, JournalMismatchError) as exc:
-        err.write(f"violet-async: {exc}\n")
+    except (JournalLockedError, JournalMismatchError, UnsafeFileError) as exc:
+        err.write(printable(f"violet-async: {exc}") + "\n")
         return EXIT_BAD_INPUT
     try:
         if log.repaired:
@@ -648,8 +669,29 @@ async def run_file(
                 "matched by content: unchanged rows stay done, edited rows are new\n"
             )
         return await _execute(kind, path, plan.rows, client, log, options, out=out, err=err)
+    except UnsafeFileError as exc:  # the problems file or --output: nothing was sent
+        err.write(printable(f"violet-async: {exc}") + "\n")
+        return EXIT_BAD_INPUT
     finally:
         await log.aclose()
+
+
+def _dry_run(  # noqa: PLR0917 - one call site
+    kind: Kind,
+    path: Path,
+    plan: _Plan,
+    journal: Path,
+    out: IO[str],
+    err: IO[str],
+    *,
+    full_refunds: bool,
+) -> int:
+    try:
+        _print_plan(kind, path, plan, journal, out, full_refunds=full_refunds)
+    except UnsafeFileError as exc:  # a journal another user could have written
+        err.write(printable(f"violet-async: {exc}") + "\n")
+        return EXIT_BAD_INPUT
+    return EXIT_OK
 
 
 async def _preflight(
@@ -716,16 +758,19 @@ def configuration_message(exc: RequestValidationError) -> str:
 def _stop_reason(exc: BaseException | None, base_url: str = "") -> str:
     if isinstance(exc, AuthenticationError):
         return (
-            f"Violet refused the credentials ({exc}); check VIOLET_APP_ID, "
+            f"Violet refused the credentials ({printable(exc)}); check VIOLET_APP_ID, "
             "VIOLET_APP_SECRET, VIOLET_USERNAME / VIOLET_PASSWORD or VIOLET_TOKEN"
         )
     if isinstance(exc, APIError) and _login_answered(exc):
         return (
-            f"the login at {base_url!r} was answered {exc.status} ({exc}): is "
-            "VIOLET_BASE_URL (or --base-url) right? Violet's API URLs end in /v1, such "
-            f"as {Environment.SANDBOX.value}"
+            f"the login at {printable(base_url)!r} was answered {exc.status} "
+            f"({printable(exc)}): is VIOLET_BASE_URL (or --base-url) right? Violet's API "
+            f"URLs end in /v1, such as {Environment.SANDBOX.value}"
         )
-    return f"cannot reach Violet ({exc}); check VIOLET_BASE_URL / VIOLET_ENV and the network"
+    return (
+        f"cannot reach Violet ({printable(exc)}); check VIOLET_BASE_URL / VIOLET_ENV and "
+        "the network"
+    )
 
 
 async def _execute(  # noqa: PLR0917 - one call site
@@ -748,7 +793,12 @@ async def _execute(  # noqa: PLR0917 - one call site
     started = time.monotonic()
     problems_path = log.path.with_name(log.path.name + ".problems.txt")
     sink = _open_private(options.output) if options.output else None
-    tally.problem_file = _open_private(problems_path, append=False)
+    try:
+        tally.problem_file = _open_private(problems_path, append=False)
+    except BaseException:
+        if sink is not None:
+            sink.close()
+        raise
     # Errors are redacted where they are built; this is the second line of defence
     # for a file that outlives the run.
     redactor = Redactor(client._shared.credentials.secrets)
@@ -812,10 +862,13 @@ async def _execute(  # noqa: PLR0917 - one call site
 
 def _open_private(path: Path, *, append: bool = True) -> Any:
     """Open ``path`` for appending (bytes) or anew (text), readable by its owner only
-    (0600): results name orders and carry Violet's messages."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)  # a file left by an older version may be wider
+    (0600): results name orders and carry Violet's messages. A symlink, or a file of
+    another user or that others may write, is refused (:class:`UnsafeFileError`)
+    before it is truncated or written."""
+    fd = open_owned(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0), 0o600)
+    if not append:
+        os.ftruncate(fd, 0)
+    os.fchmod(fd, 0o600)  # a file left by an older version may be readable by others
     return os.fdopen(fd, "ab") if append else os.fdopen(fd, "w", encoding="utf-8")
 
 

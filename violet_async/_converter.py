@@ -404,13 +404,13 @@ def decode(body: bytes, *, status: int, method: str, path: str) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        preview = body[:80].decode("utf-8", "replace")
         raise ResponseFormatError(
-            f"{method} {path}: response is not JSON (status {status}): {preview!r}",
+            f"{method} {path}: response is not JSON (status {status})",
             body=body,
             status=status,
             method=method,
             path=path,
+            preview=True,
         ) from exc
 
 

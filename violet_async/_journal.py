@@ -25,6 +25,14 @@ means the request definitely did not apply; "present" that it was not sent becau
 bag already held exactly this refund; "unsent" that it never reached Violet (sent anew
 next time, after the usual read of the bag).
 
+Loading streams the file and keeps only what a decision needs
+(:mod:`violet_async._journal_index`): open items with their records, finished ones
+compactly (on disk beyond a bound), so a resume of millions of rows stays small.
+
+The journal and its lock are opened with :func:`~violet_async._files.open_owned`: a
+symlink, or a file another user owns or may write, is refused (:class:`UnsafeFileError`)
+before a line is read.
+
 One run at a time: :meth:`Journal.open` takes an exclusive file lock on a sidecar
 ``JOURNAL.lock`` (released by the kernel when the process ends, even by ``kill -9``)
 and raises :class:`JournalLockedError` naming the holder's pid. A last line torn by a
@@ -40,14 +48,16 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import attrs
 import orjson
 import portalocker
 
+from ._files import UnsafeFileError, open_owned
+from ._journal_index import OPEN_STATES, JournalEntry, JournalIndex, entry_of, read_journal
+from ._redact import Redactor
 from .exceptions import VioletError
 
 __all__ = [
@@ -56,6 +66,7 @@ __all__ = [
     "JournalLockedError",
     "JournalMismatchError",
     "JournalWriteError",
+    "UnsafeFileError",
 ]
 
 VERSION = 2
@@ -79,36 +90,13 @@ class JournalLockedError(VioletError):
         self.pid = pid
 
 
-@attrs.frozen
-class JournalEntry:
-    """The last known state of one item."""
-
-    key: str
-    state: str
-    ts: float
-    line: int | None = None
-    first_sent: float | None = None
-    refund_id: int | None = None
-    error: str | None = None
-    message: str | None = None
-    ask: dict[str, Any] | None = None
-    """The protocol record written with "sent" / "pending" / "unknown"."""
-    bag_id: int | None = None
-    """The bag its protocol record names (None: no record was written)."""
-
-
-#: States of an item that may have applied and is not settled: read back before
-#: anything else is sent on its bag.
-OPEN_STATES = frozenset({"sent", "pending", "unknown"})
-
-
 class Journal:
     """One batch run's journal file. Open with :meth:`open`, close with :meth:`aclose`."""
 
     def __init__(
         self,
         path: Path,
-        entries: dict[str, JournalEntry],
+        entries: JournalIndex,
         fd: int,
         lock_fd: int | None = None,
         *,
@@ -120,8 +108,8 @@ class Journal:
         # Items an earlier run left sent, pending or unknown, by bag: a new item on the
         # bag waits until they are resolved (read back), or it could be a second refund.
         self._open: dict[int, set[str]] = {}
-        for entry in entries.values():
-            if entry.state in OPEN_STATES and entry.bag_id is not None:
+        for entry in entries.open_items().values():
+            if entry.bag_id is not None:
                 self._open.setdefault(entry.bag_id, set()).add(entry.key)
         self._in_flight: dict[str, float] = {}
         self._fd = fd
@@ -145,6 +133,9 @@ class Journal:
         #: Bytes of a torn last line cut off at open.
         self.repaired = repaired
         self._broken: JournalWriteError | None = None
+        #: Hides the client's secrets in the text a record keeps (``message``); set by
+        #: the batch that writes it.
+        self.redactor: Redactor | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, input_id: str | None) -> Journal:
@@ -156,13 +147,23 @@ class Journal:
         target = Path(path)
         lock_fd = _lock(target)
         try:
-            loading = _in_thread(_load_and_repair, target)
-            # A cancelled open keeps the lock until the load has ended: its thread
-            # cannot be stopped, and it may be cutting a torn tail.
-            await _until_done(loading)
-            header, entries, repaired = loading.result()
-            _check_version(target, header)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            # Created 0600, appended to only; read once from the start here.
+            fd = open_owned(target, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                loading = _in_thread(_load_and_repair, fd)
+                # A cancelled open keeps the lock until the load has ended: its thread
+                # cannot be stopped, and it may be cutting a torn tail.
+                await _until_done(loading)
+                header, entries, repaired = loading.result()
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                _check_version(target, header)
+            except BaseException:
+                entries.close()
+                os.close(fd)
+                raise
         except BaseException:
             os.close(lock_fd)
             raise
@@ -179,18 +180,26 @@ class Journal:
         return journal
 
     @staticmethod
-    def peek(path: str | os.PathLike[str]) -> dict[str, JournalEntry]:
+    def peek(path: str | os.PathLike[str]) -> JournalIndex:
         """The entries of a journal, read without its lock and without repairing it
-        (for a dry run's forecast). Empty when there is no journal."""
-        target = Path(path)
-        if not target.exists():
-            return {}
-        return _parse(target.read_bytes())[1]
+        (for a dry run's forecast). Empty when there is no journal. Close it when done
+        (a big journal's index is a temporary file)."""
+        index = JournalIndex()
+        try:
+            fd = open_owned(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return index
+        try:
+            with open(fd, "rb", closefd=False) as handle:
+                read_journal(iter(handle), index)
+        finally:
+            os.close(fd)
+        return index
 
-    def refund_ids(self) -> list[int]:
+    def refund_ids(self) -> Iterator[int]:
         """Refunds that items of earlier runs ended with (or found already on their bag):
         a resumed run must never take one of them for another item's."""
-        return [e.refund_id for e in self._entries.values() if isinstance(e.refund_id, int)]
+        return self._entries.refund_ids()
 
     def entry(self, key: str) -> JournalEntry | None:
         """The recorded state of the item with this content key."""
@@ -211,6 +220,9 @@ class Journal:
             first_sent = previous.first_sent if previous is not None else None
         if state == "sent" and first_sent is None:
             first_sent = now
+        message = fields.get("message")
+        if self.redactor is not None and isinstance(message, str):
+            fields["message"] = self.redactor.text(message)  # a server may echo a secret
         record = {"key": key, "line": line, "state": state, "ts": now, **fields}
         if first_sent is not None:
             record["first_sent"] = first_sent
@@ -225,7 +237,7 @@ class Journal:
         if previous is not None:
             # An entry loaded at open moved on: what it says now is what counts (an item
             # resolved on another item's behalf is then skipped, never resumed again).
-            self._entries[key] = _entry(record, previous)
+            self._entries.update(key, entry_of(record, previous))
             if state not in OPEN_STATES and previous.bag_id is not None:
                 keys = self._open.get(previous.bag_id)
                 if keys is not None:
@@ -300,6 +312,7 @@ class Journal:
             self._broken = JournalWriteError(f"the journal {self.path} stopped writing")
         self._fail_pending(self._broken)
         try:
+            self._entries.close()
             os.close(self._fd)
         finally:
             if self._lock_fd is not None:
@@ -397,7 +410,7 @@ def _lock(path: Path) -> int:
     ``msvcrt.locking`` on Windows, through portalocker): the kernel releases it when
     the holder exits, ``kill -9`` included."""
     where = lock_path(path)
-    fd = os.open(where, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+    fd = open_owned(where, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
     try:
         portalocker.lock(fd, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
     except portalocker.AlreadyLocked:
@@ -437,28 +450,26 @@ def _holder(fd: int) -> str:
         return ""
 
 
-def _load_and_repair(
-    path: Path,
-) -> tuple[dict[str, Any] | None, dict[str, JournalEntry], int]:
-    """Read the journal; cut a torn last line (a crash mid-write) so that the next
-    record starts on a line of its own. Returns (header, entries, bytes cut)."""
-    if not path.exists():
-        return None, {}, 0
-    data = path.read_bytes()
-    cut = 0
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        cut = len(data) - keep
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
-            handle.flush()
-            os.fsync(handle.fileno())
-        data = data[:keep]
-    header, entries = _parse(data)
-    return header, entries, cut
+def _load_and_repair(fd: int) -> tuple[dict[str, Any] | None, JournalIndex, int]:
+    """Read the journal (streamed); cut a torn last line (a crash mid-write) so that
+    the next record starts on a line of its own. Returns (header, entries, bytes cut)."""
+    index = JournalIndex()
+    try:
+        with open(fd, "rb", closefd=False, buffering=1 << 20) as handle:
+            header, whole, torn = read_journal(iter(handle), index)
+        if torn:
+            os.ftruncate(fd, whole)
+            os.fsync(fd)
+    except BaseException:
+        index.close()
+        raise
+    return header, index, torn
 
 
 def _parse(data: bytes) -> tuple[dict[str, Any] | None, dict[str, JournalEntry]]:
+    """Journal bytes (whole lines) as (header, the last entry of each key): for a few
+    lines at a time (a load streams through :func:`read_journal` instead). A line that
+    is not a record is skipped; a field of the wrong type is read as absent."""
     header: dict[str, Any] | None = None
     entries: dict[str, JournalEntry] = {}
     for raw in data.splitlines():
@@ -470,33 +481,7 @@ def _parse(data: bytes) -> tuple[dict[str, Any] | None, dict[str, JournalEntry]]
         if record.get("type") == "header":
             header = record
             continue
-        key, state = record.get("key"), record.get("state")
-        if not (isinstance(key, str) and isinstance(state, str)):
-            continue
-        entries[key] = _entry(record, entries.get(key))
+        entry = entry_of(record, entries.get(str(record.get("key"))))
+        if entry is not None:
+            entries[entry.key] = entry
     return header, entries
-
-
-def _entry(record: dict[str, Any], previous: JournalEntry | None) -> JournalEntry:
-    """The entry a journal line makes. A line of an open state without a protocol
-    record (an "unknown" whose error carried none) keeps the last one written, so the
-    item can still be read back and its bag is known."""
-    line = record.get("line")
-    refund_id = record.get("refund_id")
-    ask = record.get("ask") if isinstance(record.get("ask"), dict) else None
-    state = record["state"]
-    if ask is None and state in OPEN_STATES and previous is not None:
-        ask = previous.ask
-    bag_id = ask.get("bag_id") if ask is not None else None
-    return JournalEntry(
-        key=record["key"],
-        state=state,
-        ts=float(record.get("ts", 0.0)),
-        line=line if isinstance(line, int) else None,
-        first_sent=record.get("first_sent"),
-        refund_id=refund_id if isinstance(refund_id, int) else None,
-        error=record.get("error"),
-        message=record.get("message") if isinstance(record.get("message"), str) else None,
-        ask=ask,
-        bag_id=bag_id if isinstance(bag_id, int) and not isinstance(bag_id, bool) else None,
-    )

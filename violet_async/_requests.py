@@ -22,14 +22,23 @@ from ._reconcile import BagIO, BagLocks, KnownRefunds, PendingAsks
 from ._responses import PagingError, RefundPage, next_page, parse_order, parse_refund_page
 from ._retry import Clock, Retrier, RetryHook, RetryPolicy
 from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, http_log, request_id_of
-from ._transport import BaseURL, RawResponse, Timeouts, Transport, frozen_headers
+from ._transport import (
+    BaseURL,
+    RawResponse,
+    Timeouts,
+    Transport,
+    frozen_headers,
+    redacted_response,
+)
 from .exceptions import (
     APIError,
     APITimeoutError,
     AuthenticationError,
+    CancellationFailedError,
     ResponseFormatError,
     VioletError,
     api_error_from_response,
+    redacted_copy,
 )
 from .models import Order, OrderRefund
 from .models._validators import check_id
@@ -262,7 +271,13 @@ class RequestPlumbing:
             )
         if not 200 <= resp.status < 300:
             raise self._api_error(resp, method, path)
-        return parse(resp, path)
+        try:
+            return parse(resp, path)
+        except (ResponseFormatError, CancellationFailedError) as exc:
+            # A 2xx body may echo the request: the error keeps a redacted copy only,
+            # raised outside this block so that nothing chains to the raw one.
+            redacted = redacted_copy(exc, self._shared.auth.redactor)
+        raise redacted
 
     def _headers(self, token: str) -> Mapping[str, str]:
         headers = self._shared.headers_for(token)
@@ -349,7 +364,8 @@ class RequestPlumbing:
         )
         sink = CAPTURE.get()
         if sink is not None:
-            sink.append(resp)
+            # A gateway page may echo the request (app secret, token): kept redacted.
+            sink.append(redacted_response(resp, self._shared.auth.redactor))
         return resp
 
     async def _token_within(

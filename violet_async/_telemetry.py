@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from .exceptions import REQUEST_ID_HEADERS
+from .exceptions import REQUEST_ID_HEADERS, request_id_of
 
 __all__ = [
     "ATTEMPT",
@@ -57,15 +57,6 @@ ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("violet_attempt", 
 CAPTURE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "violet_capture", default=None
 )
-
-
-def request_id_of(headers: Mapping[str, str]) -> str | None:
-    """Violet's request id from response headers, when it sent one."""
-    for name in REQUEST_ID_HEADERS:
-        value = headers.get(name)
-        if value:
-            return value[:200]
-    return None
 
 
 def setup_logging_from_env(environ: Mapping[str, str] | None = None) -> None:
@@ -199,11 +190,23 @@ def attempt_span(method: str, url: str, path: str, attempt: int) -> Any:
         kind=_client_kind(),
         attributes={
             "http.request.method": method,
-            "url.full": url,
+            "url.full": _without_userinfo(url),
             "url.path": path,
             "http.request.resend_count": attempt - 1,
         },
     )
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (OpenTelemetry's HTTP conventions: url.full
+    must not carry credentials)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    if "@" not in authority:
+        return url
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
 
 
 def read_span(ask: Any) -> Any:

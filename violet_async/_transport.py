@@ -124,6 +124,13 @@ class RawResponse:
         self.body = body
 
 
+def redacted_response(resp: RawResponse, redactor: Redactor) -> RawResponse:
+    """A copy of ``resp`` whose headers and body hide the client's secrets (what
+    ``capture_responses`` keeps: a gateway page may echo the request)."""
+    headers = CIMultiDictProxy(CIMultiDict(redactor.headers(resp.headers)))
+    return RawResponse(resp.status, headers, redactor.bytes(resp.body))
+
+
 # Raised before any byte of the request could reach the server.
 _NEVER_SENT: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake
@@ -438,7 +445,10 @@ class Transport:
         return ResponseTooLargeError(
             f"{method} {path}: response too large (HTTP {status}, {detail}; "
             f"max_response_bytes={limit})",
-            body=self._redactor_for(headers).bytes(bytes(buffer[:BODY_PREFIX_BYTES])),
+            # Redacted before the cut, and a tail that starts a secret dropped.
+            body=self._redactor_for(headers)
+            .preview(bytes(buffer), BODY_PREFIX_BYTES)
+            .encode()[:BODY_PREFIX_BYTES],
             status=status,
             limit=limit,
             method=method,

@@ -38,6 +38,7 @@ from ._journal import (
     JournalMismatchError,
     JournalWriteError,
 )
+from ._journal_index import RepeatCounter
 from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
 from ._reconcile import RateLimitDeferred
@@ -299,6 +300,7 @@ async def run_batch(
     feeder: asyncio.Task[None] | None = None
     try:
         if log is not None:
+            log.redactor = client._shared.auth.redactor
             for refund_id in log.refund_ids():
                 client._shared.known_refunds.add(refund_id)
         runner = _Runner(
@@ -635,7 +637,7 @@ class _Runner:
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
         # Repeats of an identical item are distinct items: KEY#0, KEY#1, ...
-        repeats: dict[str, int] = {}
+        repeats = RepeatCounter()  # bounded: on disk beyond 50,000 distinct items
 
         def start(  # noqa: PLR0917 - internal
             item: BatchItem,
@@ -658,8 +660,7 @@ class _Runner:
                 if self._stopping():
                     break
                 content = item.key
-                seen = repeats.get(content, 0)
-                repeats[content] = seen + 1
+                seen = repeats.take(content)
                 key = f"{content}#{seen}"
                 prior = self.log.entry(key) if self.log is not None else None
                 skipped = _skip(
@@ -694,6 +695,8 @@ class _Runner:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.results.put(exc)
             return
+        finally:
+            repeats.close()
         await self.results.put(_END)
 
     async def _make_room(self, start: Any) -> None:
@@ -873,6 +876,8 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
             pending = PendingRefund.from_dict(prior.ask)
         except RequestValidationError:
             pending = None
+        if pending is not None and not ask_matches(pending, item):
+            pending = None  # not this row's record: trusted for nothing
         if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
             return pending
         if pending is not None and pending.phase is Phase.NEW:
@@ -885,6 +890,18 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
 # Where the client logs in and renews its token: an error answered there came before
 # the item's own request left.
 AUTH_PATHS = frozenset({"/login", "/auth/token"})
+
+
+def ask_matches(pending: PendingRefund, item: BatchItem) -> bool:
+    """A stored protocol record (a journal line, a ledger hash: files and keys someone
+    else may have written) is trusted only for the item it describes: its kind, order,
+    bag and request. Another record under the item's key is treated as torn."""
+    return (pending.kind, pending.order_id, pending.bag_id, pending.request) == (
+        item.kind,
+        item.order_id,
+        item.bag_id,
+        item.request,
+    )
 
 
 def never_reached(exc: BaseException) -> bool:

@@ -41,8 +41,9 @@ echoes the request cannot put a secret into an error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -81,11 +82,26 @@ __all__ = [
 ]
 
 _BODY_PREVIEW = 200
+#: Characters of an unreadable 2xx body quoted in a ResponseFormatError's message.
+_FORMAT_PREVIEW = 80
 
 #: Response headers that may carry Violet's (or its gateway's) request id, in order of
 #: preference. Violet does not document one; these are the common names. (Here, so that
 #: this module imports nothing of the package; ``violet_async.telemetry`` exports it.)
 REQUEST_ID_HEADERS = ("X-Request-Id", "X-Violet-Request-Id")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+
+
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    """Violet's request id from response headers, when it sent one: printable ASCII
+    only (it is printed and logged; an ESC or CR in it could forge a terminal line),
+    anything else is not taken for one."""
+    for name in REQUEST_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            value = value[:200]
+            return value if _PRINTABLE_ASCII.fullmatch(value) else None
+    return None
 
 
 class VioletError(Exception):
@@ -173,7 +189,15 @@ class ResponseFormatError(VioletError):
         field: str | None = None,
         method: str = "",
         path: str = "",
+        preview: bool = False,
     ) -> None:
+        # ``preview``: the message ends with the body's first characters. The client
+        # replaces the error with a redacted copy, whose preview is cut from the
+        # redacted body (a cut first could leave part of a secret).
+        self._detail = message
+        self._preview = preview
+        if preview:
+            message = f"{message}: {body[:_FORMAT_PREVIEW].decode('utf-8', 'replace')!r}"
         super().__init__(message)
         self.body = body
         self.status = status
@@ -341,11 +365,7 @@ class APIError(VioletError):
         """Violet's request id for this answer, when its headers carry one (quote it to
         Violet's support)."""
         lowered = {k.lower(): v for k, v in self.headers.items()}
-        for name in REQUEST_ID_HEADERS:
-            value = lowered.get(name.lower())
-            if value:
-                return value[:200]
-        return None
+        return request_id_of({name: lowered.get(name.lower(), "") for name in REQUEST_ID_HEADERS})
 
     def __str__(self) -> str:
         code = f" (error_code {self.error_code})" if self.error_code is not None else ""
@@ -431,7 +451,11 @@ def api_error_from_response(
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else APIError)
     error_code, message = _lenient_fields(body)
     if message is None:
-        preview = body[:_BODY_PREVIEW].decode("utf-8", "replace").strip()
+        # Redacted before it is cut: a cut first could keep part of a secret.
+        if redact is not None:
+            preview = redact.preview(body, _BODY_PREVIEW).strip()
+        else:
+            preview = body[:_BODY_PREVIEW].decode("utf-8", "replace").strip()
         message = preview or f"HTTP {status} with an empty body"
     if redact is not None:
         message = redact.text(message)
@@ -448,3 +472,28 @@ def api_error_from_response(
         method=method,
         path=path,
     )
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def redacted_copy(error: _E, redact: Redactor) -> _E:
+    """A copy of ``error`` (a :class:`ResponseFormatError` or
+    :class:`CancellationFailedError` built from a 2xx body, which could echo the
+    request) whose message and ``body`` hide the client's secrets. The copy has no
+    cause or context: nothing chained to it keeps the raw body."""
+    clone = type(error).__new__(type(error))
+    clone.__dict__.update(error.__dict__)
+    body = getattr(error, "body", None)
+    if isinstance(body, bytes):
+        clone.body = redact.bytes(body)  # type: ignore[attr-defined]
+    if isinstance(error, ResponseFormatError):
+        text = redact.text(error._detail)
+        if error._preview:
+            text = f"{text}: {redact.preview(error.body, _FORMAT_PREVIEW)!r}"
+    else:
+        text = redact.text(str(error))
+    clone.args = (text,)
+    if isinstance(clone, VioletError):
+        clone.message = text
+    return clone

@@ -1,11 +1,17 @@
 """arq integration: the job function, ``WorkerSettings``, and the producer's ``enqueue``.
 
-Run workers with ``arq violet_async.fleet.WorkerSettings`` (or ``violet-async worker
---redis URL``); they read Violet's credentials like ``VioletClient.from_env`` and the
-fleet's settings from ``VIOLET_REDIS_URL`` and ``VIOLET_FLEET_*`` (see
+Run workers with ``arq violet_async.fleet.WorkerSettings`` (or ``violet-async worker``);
+they read Violet's credentials like ``VioletClient.from_env`` and the fleet's settings
+from ``VIOLET_REDIS_URL``, ``VIOLET_FLEET_KEY`` and ``VIOLET_FLEET_*`` (see
 :class:`FleetConfig`). Every item is one job whose id is derived from the item's
 content key, so enqueuing the same input twice (or from two producers at once) queues
 each item once; its result is the ledger's record (arq keeps none: ``keep_result=0``).
+
+Jobs are JSON (:func:`job_serializer`), never arq's default pickle: a pickled job would
+run code inside a worker that holds the app secret, so a worker refuses one unread.
+Every pool that enqueues must use the same serializer (:func:`create_fleet_pool`), and
+every item is signed with the fleet key (``VIOLET_FLEET_KEY``): a worker refuses an
+item no producer signed as it reads now, before any send.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import attrs
+import orjson
 from arq import func
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Retry, Worker
 from redis.exceptions import RedisError
 
 from .. import RetryPolicy, Timeouts
 from .._client import VioletClient
 from .._converter import converter, request_from_dict
+from .._redact import printable
 from ..batch import BatchItem
 from ..models import CancelBagRequest, RefundBagRequest
 from ._ledger import (
@@ -34,6 +42,7 @@ from ._ledger import (
     NonDurableRedisError,
     RedisLedger,
     keyed_items,
+    load_fleet_key,
 )
 from ._lock import BagLocks
 from ._ratelimit import FleetRateLimit
@@ -46,8 +55,11 @@ __all__ = [
     "FleetConfig",
     "WorkerSettings",
     "close_worker",
+    "create_fleet_pool",
     "enqueue",
+    "job_deserializer",
     "job_id",
+    "job_serializer",
     "refund_job",
     "worker_settings",
 ]
@@ -56,6 +68,39 @@ log = logging.getLogger("violet_async.fleet")
 
 QUEUE_NAME = "violet_async:queue"
 JOB_NAME = "violet_async.refund"
+
+
+def job_serializer(data: dict[str, Any]) -> bytes:
+    """arq's job and result records as JSON (an exception in a failed job's result is
+    kept as its class name)."""
+    return orjson.dumps(data, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseException):
+        return type(value).__name__
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def job_deserializer(data: bytes) -> dict[str, Any]:
+    """Read a JSON job record; anything else (a pickle) raises, and arq fails that job
+    without running it."""
+    value = orjson.loads(data)
+    if not isinstance(value, dict):
+        raise TypeError("a job record must be a JSON object")
+    return value
+
+
+async def create_fleet_pool(redis_url: str) -> ArqRedis:
+    """An arq pool for ``redis_url`` that enqueues JSON jobs (what :func:`enqueue`
+    needs)."""
+    return await create_pool(
+        RedisSettings.from_dsn(redis_url),
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+    )
 
 
 def _env_float(name: str, default: float | None) -> float | None:
@@ -87,6 +132,8 @@ class FleetConfig:
     """Run on a Redis whose configuration does not make every write durable (no AOF
     fsynced on every write). A worker refuses such a Redis unless this is set: a Redis
     that restarts empty forgets which refunds were sent."""
+    fleet_key: str | None = attrs.field(default=None, repr=False)
+    """The secret items are signed with (``VIOLET_FLEET_KEY``); a worker needs it."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> FleetConfig:
@@ -96,6 +143,7 @@ class FleetConfig:
             "prefix": os.environ.get("VIOLET_FLEET_PREFIX") or DEFAULT_PREFIX,
             "rate": _env_float("VIOLET_FLEET_RATE", None),
             "settle_running": _env_float("VIOLET_FLEET_SETTLE", defaults["settle_running"]),
+            "fleet_key": os.environ.get("VIOLET_FLEET_KEY") or None,
         }
         for name in ("timeout", "patience", "lock_ttl", "job_timeout"):
             found[name] = _env_float(f"VIOLET_FLEET_{name.upper()}", defaults[name])
@@ -132,18 +180,20 @@ async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None 
     """The arq job: run one item through the fleet (a re-run is safe)."""
     worker: FleetWorker = ctx["violet_fleet"]
     fallback = _item_from(item) if item is not None else None
+    signature = item.get("sig") if item is not None else None
     try:
-        return await worker.run(key, fallback)
+        return await worker.run(key, fallback, signature if isinstance(signature, str) else None)
     except RetryLaterError as exc:
         raise Retry(defer=exc.defer) from exc
     except (RedisError, DurabilityError, OSError) as exc:
         # Redis hiccup: the ledger still tells where the item stands; run it again.
-        log.warning("item %s: %s; retrying", key, exc)
+        log.warning("item %s: %s; retrying", printable(key), printable(exc))
         raise Retry(defer=1.0) from exc
 
 
-def _item_dict(item: BatchItem) -> dict[str, Any]:
+def _item_dict(item: BatchItem, signature: str) -> dict[str, Any]:
     return {
+        "sig": signature,
         "line": item.line,
         "kind": item.kind,
         "order_id": item.order_id,
@@ -165,7 +215,7 @@ def _item_from(data: dict[str, Any]) -> BatchItem:
 async def startup(ctx: dict[str, Any]) -> None:
     config: FleetConfig = ctx.get("violet_config") or FleetConfig.from_env()
     redis = ctx["redis"]
-    ledger = RedisLedger(redis, prefix=config.prefix)
+    ledger = RedisLedger(redis, prefix=config.prefix, fleet_key=load_fleet_key(config.fleet_key))
     problems = await ledger.check_durability()
     if problems and not config.accept_double_refunds_if_redis_loses_data:
         raise NonDurableRedisError(
@@ -217,6 +267,8 @@ def worker_settings(config: FleetConfig) -> dict[str, Any]:
         "on_startup": on_startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(config.redis_url),
+        "job_serializer": job_serializer,
+        "job_deserializer": job_deserializer,
         "max_jobs": config.concurrency,
         "job_timeout": config.job_timeout,
         "keep_result": 0,
@@ -254,6 +306,8 @@ class WorkerSettings:
     on_startup = startup
     on_shutdown = shutdown
     redis_settings = RedisSettings.from_dsn(_config.redis_url)
+    job_serializer = staticmethod(job_serializer)
+    job_deserializer = staticmethod(job_deserializer)
     max_jobs = _config.concurrency
     job_timeout = _config.job_timeout
     keep_result = 0
@@ -277,13 +331,25 @@ async def enqueue(
     *,
     prefix: str = DEFAULT_PREFIX,
     source: str = "",
+    fleet_key: str | bytes | None = None,
 ) -> EnqueueReport:
-    """Register every item in the ledger (as ``new``) and queue one job per item whose
-    id is derived from its content key (:func:`~violet_async.fleet.item_key`, identical
-    items numbered by occurrence). Safe to repeat and to run from several producers at
-    once: an item is queued at most once while its job exists, and an item the ledger
-    has finished is not queued again."""
-    ledger = RedisLedger(redis, prefix=prefix)
+    """Register every item in the ledger (as ``new``, signed with ``fleet_key``, by
+    default ``VIOLET_FLEET_KEY``) and queue one JSON job per item whose id is derived
+    from its content key (:func:`~violet_async.fleet.item_key`, identical items
+    numbered by occurrence). Safe to repeat and to run from several producers at once:
+    an item is queued at most once while its job exists, and an item the ledger has
+    finished is not queued again.
+
+    ``redis`` must enqueue JSON jobs (:func:`create_fleet_pool`); a pool with arq's
+    default pickle serializer, or no fleet key, raises ValueError before anything is
+    queued."""
+    if getattr(redis, "job_serializer", None) is not job_serializer:
+        raise ValueError(
+            "the arq pool must enqueue JSON jobs: make it with "
+            "violet_async.fleet.create_fleet_pool(url) (or pass job_serializer= and "
+            "job_deserializer= from violet_async.fleet); workers refuse pickled jobs"
+        )
+    ledger = RedisLedger(redis, prefix=prefix, fleet_key=load_fleet_key(fleet_key))
     report = EnqueueReport()
     for key, item in keyed_items(items):
         report.total += 1
@@ -292,7 +358,11 @@ async def enqueue(
             report.already_finished += 1
             continue
         job = await redis.enqueue_job(
-            JOB_NAME, key, _item_dict(item), _job_id=job_id(key), _queue_name=QUEUE_NAME
+            JOB_NAME,
+            key,
+            _item_dict(item, ledger.sign(key, item)),
+            _job_id=job_id(key),
+            _queue_name=QUEUE_NAME,
         )
         if job is None:
             report.already_queued += 1

@@ -1,25 +1,27 @@
-"""``violet-async enqueue FILE --redis URL | worker --redis URL | status --redis URL``."""
+"""``violet-async enqueue FILE | worker | status``, on the Redis of ``VIOLET_REDIS_URL``
+(or ``--redis URL``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .. import _batch_cli
+from .._redact import printable
 from .._signals import on_signals
 from ..batch import BatchItem
-from ._arq import FleetConfig, close_worker, enqueue, worker_settings
-from ._ledger import DEFAULT_PREFIX, STATES, NonDurableRedisError, RedisLedger
+from ._arq import FleetConfig, close_worker, create_fleet_pool, enqueue, worker_settings
+from ._ledger import DEFAULT_PREFIX, STATES, NonDurableRedisError, RedisLedger, load_fleet_key
 
 __all__ = ["add_commands", "run"]
 
@@ -39,8 +41,10 @@ _DESCRIPTIONS = {
     "lines and errors.",
 }
 _HELP = {
-    "enqueue": "queue every row of FILE (refund or cancel) for the fleet's workers",
-    "worker": "run a fleet worker (arq) until Ctrl-C",
+    "enqueue": "queue every row of FILE (refund or cancel) for the fleet's workers, signed "
+    "with VIOLET_FLEET_KEY",
+    "worker": "run a fleet worker (arq) until Ctrl-C; it sends only items signed with "
+    "VIOLET_FLEET_KEY",
     "status": "the fleet ledger: counts by state, progress, failures with their lines",
 }
 _EXITS = {
@@ -58,13 +62,15 @@ _ENVIRONMENT = """environment:
   VIOLET_ENV                         sandbox (default) or production
   VIOLET_BASE_URL                    another Violet, e.g. `violet-async fake-server`
   VIOLET_PROXY                       an http:// proxy to reach Violet through
+  VIOLET_REDIS_URL                   the fleet's Redis (instead of --redis)
+  VIOLET_FLEET_KEY                   the key items are signed with (16+ characters)
 """
 
 
 def add_commands(subparsers: Any, formatter: type[argparse.HelpFormatter] | None = None) -> None:
     """Add ``enqueue``, ``worker`` and ``status`` to the CLI's subparsers."""
     for name in COMMANDS:
-        epilog = (_ENVIRONMENT + "\n" if name == "worker" else "") + "exit codes:\n" + _EXITS[name]
+        epilog = _ENVIRONMENT + "\n" + "exit codes:\n" + _EXITS[name]
         cmd = subparsers.add_parser(
             name,
             help=_HELP[name],
@@ -73,7 +79,11 @@ def add_commands(subparsers: Any, formatter: type[argparse.HelpFormatter] | None
             formatter_class=formatter or argparse.RawDescriptionHelpFormatter,
         )
         cmd.add_argument(
-            "--redis", required=True, metavar="URL", help="the fleet's Redis: redis://host:port/db"
+            "--redis",
+            default=None,
+            metavar="URL",
+            help="the fleet's Redis: redis://host:port/db (default: VIOLET_REDIS_URL; prefer "
+            "the variable: a password in --redis shows in ps)",
         )
         cmd.add_argument(
             "--prefix",
@@ -148,6 +158,16 @@ def add_commands(subparsers: Any, formatter: type[argparse.HelpFormatter] | None
 
 def run(args: argparse.Namespace) -> int:
     """Run the fleet command ``args.command``; returns the exit code."""
+    args.redis = args.redis or os.environ.get("VIOLET_REDIS_URL") or None
+    if args.redis is None:
+        print("violet-async: set VIOLET_REDIS_URL (or give --redis URL)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.command in ("enqueue", "worker"):
+        try:
+            load_fleet_key()
+        except ValueError as exc:
+            print(f"violet-async: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if args.command == "worker" and (
         args.concurrency < 1 or (args.rate is not None and args.rate <= 0)
     ):
@@ -169,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             return asyncio.run(_worker(args))
         return asyncio.run(_status(args, sys.stdout))
     except (RedisError, OSError) as exc:
-        print(f"violet-async: redis: {exc}", file=sys.stderr)
+        print(f"violet-async: redis: {printable(exc)}", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -192,12 +212,12 @@ async def _enqueue(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     bad = 0
     for row in _batch_cli.read_items(path, args.kind):
         if not isinstance(row, BatchItem):
-            err.write(f"{path}:{row}\n")
+            err.write(printable(f"{path}:{row}") + "\n")
             bad += 1
     if bad:
         err.write(f"violet-async: {bad} bad row(s); nothing was queued\n")
         return EXIT_BAD_INPUT
-    pool = await create_pool(RedisSettings.from_dsn(args.redis))
+    pool = await create_fleet_pool(args.redis)
     try:
         if getattr(args, "new_ledger", False):
             await RedisLedger(pool, prefix=args.prefix).new_fleet()
@@ -273,10 +293,13 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
         for record in problems:
             what = record.outcome or record.state
             review = " (needs review)" if record.needs_review else ""
+            # Everything in the ledger may have been written by someone else.
             out.write(
-                f"  {record.source or '?'}:line {record.item.line}: {what}{review}: "
-                f"order {record.item.order_id} bag {record.item.bag_id}: "
-                f"{record.error or ''} {record.message or ''}".rstrip()
+                printable(
+                    f"  {record.source or '?'}:line {record.item.line}: {what}{review}: "
+                    f"order {record.item.order_id} bag {record.item.bag_id}: "
+                    f"{record.error or ''} {record.message or ''}".rstrip()
+                )
                 + "\n"
             )
     return EXIT_FAILED if counts["failed"] else EXIT_OK

@@ -33,7 +33,9 @@ is acknowledged by replicas or their AOF before the send.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import inspect
+import os
 import secrets
 import time
 from collections import Counter
@@ -52,8 +54,10 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = [
+    "FLEET_KEY_ENV",
     "DurabilityError",
     "Epoch",
+    "ForgedItemError",
     "LedgerHeldError",
     "LedgerLostError",
     "LedgerRecord",
@@ -64,12 +68,53 @@ __all__ = [
     "State",
     "item_key",
     "keyed_items",
+    "load_fleet_key",
+    "sign_item",
 ]
 
 State = Literal["new", "sent", "pending", "applied", "failed"]
 STATES: tuple[State, ...] = ("new", "sent", "pending", "applied", "failed")
 TERMINAL = frozenset({"applied", "failed"})
 DEFAULT_PREFIX = "{violet}"
+
+
+#: The environment variable holding the fleet key: the secret every producer signs its
+#: items with and every worker checks before a send.
+FLEET_KEY_ENV = "VIOLET_FLEET_KEY"
+#: A shorter key can be guessed; 16 bytes of randomness is the least a key must hold.
+MIN_FLEET_KEY = 16
+
+
+class ForgedItemError(Exception):
+    """An item in Redis carries no valid signature under the fleet key (written by
+    someone other than a producer holding ``VIOLET_FLEET_KEY``, or altered since):
+    refused, nothing sent."""
+
+
+def load_fleet_key(value: str | bytes | None = None) -> bytes:
+    """The fleet key: ``value``, or ``VIOLET_FLEET_KEY``. Raises ValueError (naming the
+    variable) when there is none, or it is shorter than 16 bytes."""
+    if value is None:
+        value = os.environ.get(FLEET_KEY_ENV) or None
+    if value is None:
+        raise ValueError(
+            f"no fleet key: set {FLEET_KEY_ENV} to the same secret (at least "
+            f"{MIN_FLEET_KEY} characters) on every producer and worker; items are "
+            "signed with it, and a worker refuses anything unsigned"
+        )
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    if len(raw) < MIN_FLEET_KEY:
+        raise ValueError(f"{FLEET_KEY_ENV} must be at least {MIN_FLEET_KEY} characters")
+    return raw
+
+
+def sign_item(key_bytes: bytes, key: str, item: BatchItem) -> str:
+    """The HMAC-SHA256 of what an item would make a worker send: its ledger key (so a
+    signed item cannot be replayed as another repeat), kind, order, bag and request."""
+    message = orjson.dumps(
+        [key, item.kind, item.order_id, item.bag_id, encode_request(item.request).decode()]
+    )
+    return hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
 
 
 class LockLostError(Exception):
@@ -150,6 +195,12 @@ class LedgerRecord:
     outcome: str | None = None
     needs_review: bool = False
     updated_at: float | None = None
+    signature: str = ""
+    """The producer's HMAC of the item under the fleet key (see :func:`sign_item`)."""
+    ask_json: str = ""
+    """``ask`` as stored (the bytes its signature covers)."""
+    ask_signature: str = ""
+    """The worker's HMAC of ``ask_json`` under the fleet key (a sent record's)."""
 
     def pending(self) -> PendingRefund | None:
         """The protocol record to resume from (None: never sent, or unreadable)."""
@@ -321,8 +372,17 @@ class RedisLedger:
         wait_replicas: int = 0,
         wait_aof: bool = False,
         wait_timeout_ms: int = 1000,
+        fleet_key: str | bytes | None = None,
     ) -> None:
         self.redis = redis
+        #: The fleet key (given, or ``VIOLET_FLEET_KEY``; None: neither). Registering an
+        #: item and checking one need it; reading the ledger does not.
+        self.fleet_key: bytes | None = None
+        try:
+            self.fleet_key = load_fleet_key(fleet_key)
+        except ValueError:
+            if fleet_key is not None:
+                raise
         self.prefix = prefix
         self.wait_replicas = wait_replicas
         self.wait_aof = wait_aof
@@ -387,10 +447,29 @@ class RedisLedger:
             await resolve(self.redis.srem(self.bag_open_key(bag_id), *settled))
         return set(keys) - set(settled)
 
-    async def register(self, key: str, item: BatchItem, *, source: str = "") -> State | None:
-        """Add ``item`` as ``new`` unless the ledger has it; returns the state it had
+    def _key(self) -> bytes:
+        if self.fleet_key is None:
+            return load_fleet_key()  # raises, naming VIOLET_FLEET_KEY
+        return self.fleet_key
+
+    def sign(self, key: str, item: BatchItem) -> str:
+        """The signature a producer stores with ``item`` (ValueError: no fleet key)."""
+        return sign_item(self._key(), key, item)
+
+    def verify(self, key: str, item: BatchItem, signature: str | None) -> bool:
+        """Whether ``signature`` is the fleet key's for ``item`` under ``key``."""
+        if not signature:
+            return False
+        return hmac.compare_digest(self.sign(key, item), signature)
+
+    async def register(
+        self, key: str, item: BatchItem, *, source: str = "", signed: bool = True
+    ) -> State | None:
+        """Add ``item`` as ``new``, signed with the fleet key (``signed=False``: a refused
+        item, recorded unsigned), unless the ledger has it; returns the state it had
         (None: it was added)."""
         fields = {
+            "sig": self.sign(key, item) if signed else "",
             "kind": item.kind,
             "order_id": item.order_id,
             "bag_id": item.bag_id,
@@ -446,8 +525,7 @@ class RedisLedger:
                 token,
                 epoch or "",
                 repr(stamp),
-                "ask",
-                orjson.dumps(ask.to_dict()),
+                *self._signed_ask(key, ask),
                 *self._stamp(),
             ],
         )
@@ -475,11 +553,13 @@ class RedisLedger:
         """Pending with ``ask``; given ``lock_key``, only while ``token`` holds it
         (LockLostError: nothing written, another worker has the item now)."""
         await resolve(self.redis.sadd(self.bag_open_key(ask.bag_id), key))
+        ask_json, ask_sig = self._signed_ask(key, ask)[1::2]
         await self._set(
             key,
             "pending",
             lock=(lock_key, token),
-            ask=orjson.dumps(ask.to_dict()),
+            ask=ask_json,
+            ask_sig=ask_sig,
             needs_review=int(ask.needs_review),
             message=ask.note or "",
         )
@@ -529,7 +609,26 @@ class RedisLedger:
     ) -> None:
         """Back to ``new``: the ask definitely did not apply and may start over (given
         ``lock_key``, only while ``token`` holds it: LockLostError)."""
-        await self._set(key, "new", close=bag_id, lock=(lock_key, token), ask="", needs_review=0)
+        await self._set(
+            key, "new", close=bag_id, lock=(lock_key, token), ask="", ask_sig="", needs_review=0
+        )
+
+    def _signed_ask(self, key: str, ask: PendingRefund) -> list[Any]:
+        ask_json = orjson.dumps(ask.to_dict())
+        return ["ask", ask_json, "ask_sig", self._ask_mac(key, ask_json)]
+
+    def _ask_mac(self, key: str, ask_json: bytes) -> str:
+        return hmac.new(
+            self._key(), b"ask\0%s\0%s" % (key.encode(), ask_json), "sha256"
+        ).hexdigest()
+
+    def verify_ask(self, record: LedgerRecord) -> bool:
+        """Whether the record's protocol record (a sent item's) is one a worker with the
+        fleet key wrote for this item."""
+        if not (record.ask_json and record.ask_signature):
+            return False
+        expected = self._ask_mac(record.key, record.ask_json.encode())
+        return hmac.compare_digest(expected, record.ask_signature)
 
     async def mark_failed(
         self,
@@ -670,4 +769,7 @@ def _parse(key: str, raw: dict[Any, Any]) -> LedgerRecord:
         outcome=data.get("outcome") or None,
         needs_review=data.get("needs_review") == "1",
         updated_at=float(updated) if updated else None,
+        signature=data.get("sig") or "",
+        ask_json=ask or "",
+        ask_signature=data.get("ask_sig") or "",
     )

@@ -22,9 +22,10 @@ from .._ask import sent_once
 from .._client import VioletClient, _unless_failed
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
+from .._redact import printable
 from .._retry import RetryEvent
 from .._telemetry import count_item
-from ..batch import BatchItem
+from ..batch import BatchItem, ask_matches
 from ..exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
@@ -38,6 +39,7 @@ from ..exceptions import (
 )
 from ..models import OrderRefund
 from ._ledger import (
+    ForgedItemError,
     LedgerHeldError,
     LedgerLostError,
     LedgerRecord,
@@ -45,6 +47,7 @@ from ._ledger import (
     RedisLedger,
     RefundOwnedError,
     item_key,
+    load_fleet_key,
     resolve,
 )
 from ._lock import BagLocks, LockBusyError
@@ -99,6 +102,8 @@ class FleetWorker:
         fresh_hold: float | None = None,
         merchant_pace: bool | None = None,
     ) -> None:
+        if ledger.fleet_key is None:
+            load_fleet_key()  # raises ValueError naming VIOLET_FLEET_KEY: nothing is checked
         self._caller_hook = client._on_retry
         policy = client._retry
         if not policy.read_before_send:
@@ -148,10 +153,16 @@ class FleetWorker:
             task.add_done_callback(_quiet)
         return self._caller_hook(event) if self._caller_hook is not None else None
 
-    async def run(self, key: str, item: BatchItem | None = None) -> dict[str, Any]:
-        """Run the item ``key`` (the ledger's record, or ``item`` when the ledger has
-        lost it) to an end state; returns the ledger's summary of it. Raises
-        :class:`RetryLaterError` when it must run again later."""
+    async def run(
+        self, key: str, item: BatchItem | None = None, signature: str | None = None
+    ) -> dict[str, Any]:
+        """Run the item ``key`` (the ledger's record, or ``item`` with its producer's
+        ``signature`` when the ledger has lost it) to an end state; returns the ledger's
+        summary of it. Raises :class:`RetryLaterError` when it must run again later.
+
+        An item whose signature under the fleet key does not match what it would send
+        is refused before anything is sent: the ledger marks it failed, outcome
+        ``refused`` (what ``status`` shows)."""
         record = await self.ledger.get(key)
         if record is None:
             if item is None:
@@ -162,6 +173,8 @@ class FleetWorker:
                     f"item {key} is not in the ledger, and the job's copy of it is not "
                     "this item (its kind, order, bag or request differ): not run"
                 )
+            if not self.ledger.verify(key, item, signature):
+                return await self._refuse(key, item, "a queued job")
             # The ledger lost it (or it was never registered): start it as new.
             # read_before_send + hold_if_present keep a refund it already made.
             await self.ledger.register(key, item)
@@ -183,6 +196,8 @@ class FleetWorker:
             return await self._applied(key, record.item, won)
         if record.state == "pending" and record.needs_review:
             return record.to_dict()
+        if not self._signed(record):
+            return await self._refuse(key, record.item, "the ledger")
         if self._epoch is None:
             now = await self._now(fresh=True)
             epoch = await self.ledger.epoch(hold=self.fresh_hold, now=now)
@@ -205,6 +220,18 @@ class FleetWorker:
         record = await self._record(key)
         if record.state in ("applied", "failed") or record.needs_review:
             return record.to_dict()
+        if not self._signed(record):
+            return await self._refuse(key, record.item, "the ledger")
+        if record.state in ("sent", "pending") and not self.ledger.verify_ask(record):
+            # Its protocol record (sends, settle window, baseline) decides what a resume
+            # concludes: one nobody with the fleet key wrote is no evidence. Nothing more
+            # is sent; a person checks the bag.
+            await self.ledger.mark_review(
+                key,
+                "the item's sent record is not signed with this fleet's key "
+                "(VIOLET_FLEET_KEY) or was altered; nothing more was sent: check the bag",
+            )
+            return (await self._record(key)).to_dict()
         resume = _resumable(record)
         item = record.item
         if resume is None:
@@ -347,7 +374,7 @@ class FleetWorker:
             await ledger.mark_failed(
                 key,
                 type(exc).__name__,
-                str(exc),
+                self._message(exc),
                 outcome="already_present",
                 bag_id=item.bag_id,
                 **lock,
@@ -361,7 +388,7 @@ class FleetWorker:
                 await ledger.mark_failed(
                     key,
                     type(exc).__name__,
-                    str(exc),
+                    self._message(exc),
                     outcome="unknown",
                     bag_id=item.bag_id,
                     **lock,
@@ -379,7 +406,12 @@ class FleetWorker:
                 await ledger.mark_new(key, item.bag_id, **lock)
                 raise RetryLaterError(str(exc), defer=1.0) from exc
             await ledger.mark_failed(
-                key, type(exc).__name__, str(exc), outcome="failed", bag_id=item.bag_id, **lock
+                key,
+                type(exc).__name__,
+                self._message(exc),
+                outcome="failed",
+                bag_id=item.bag_id,
+                **lock,
             )
         else:
             return await self._applied(key, item, refund, merchant)
@@ -473,6 +505,32 @@ class FleetWorker:
             self._offset = seconds + micros / 1e6 - self.clock.monotonic()
         return self.clock.monotonic() + self._offset
 
+    def _message(self, exc: BaseException) -> str:
+        """An error's text as the ledger keeps it: the client's secrets hidden."""
+        return self.client._shared.auth.redactor.text(str(exc))
+
+    def _signed(self, record: LedgerRecord) -> bool:
+        return self.ledger.verify(record.key, record.item, record.signature)
+
+    async def _refuse(self, key: str, item: BatchItem, where: str) -> dict[str, Any]:
+        """Nothing is sent for an item no producer with the fleet key signed as it
+        reads now; the ledger says so, where ``status`` shows it."""
+        error = ForgedItemError(
+            f"refused: the item in {where} is not signed with this fleet's key "
+            "(VIOLET_FLEET_KEY) or was altered after it was; nothing was sent"
+        )
+        log.warning("item %s: %s", printable(key), error)
+        existing = await self.ledger.get(key)
+        if existing is None:
+            await self.ledger.register(key, item, signed=False)
+        elif existing.state in ("sent", "pending"):
+            # It may have applied: "failed" would be a false outcome.
+            await self.ledger.mark_review(key, str(error))
+            return (await self._record(key)).to_dict()
+        await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
+        count_item("fleet", item.kind, "refused")
+        return (await self._record(key)).to_dict()
+
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
         if record is None:
@@ -493,6 +551,8 @@ def _resumable(record: LedgerRecord) -> PendingRefund | None:
         pending = record.pending()
     except RequestValidationError:
         pending = None
+    if pending is not None and not ask_matches(pending, record.item):
+        pending = None  # not this item's record: trusted for nothing
     if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
         return pending
     # A torn record: assume it was sent just now, so the whole settle window applies.

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .._redact import printable
 from ._dedup import ClaimResult
 from ._queue import EventStore, SQLiteEventStore, StoredEvent, WebhookWorker
 from ._receiver import (
@@ -125,7 +126,7 @@ class WebhookHandler:
         except WebhookTooLargeError:  # pragma: no cover - read_body refused it already
             return _answer(413, error="body too large")
         except WebhookPayloadError as exc:
-            log.warning("violet webhook refused: %s", exc)
+            log.warning("violet webhook refused: %s", printable(exc))
             return _answer(400, error="bad payload")
         if self.store is not None:
             return await self._enqueue(self.store, request, event, raw)

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 import orjson
 
+from .._files import open_owned
 from ._receiver import (
     BAG_ID_HEADER,
     EVENT_ID_HEADER,
@@ -113,6 +114,23 @@ CREATE INDEX IF NOT EXISTS done_at ON done (done_at);
 """
 
 
+def _create_private(path: str) -> None:
+    """Create the database file 0600 (and narrow one left wider) before SQLite opens it:
+    queued bodies hold customers' emails. SQLite gives its ``-wal`` and ``-shm`` files
+    the database file's mode; ones left wider by an older version are narrowed too."""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return
+    for name, create in ((path, True), (f"{path}-wal", False), (f"{path}-shm", False)):
+        try:
+            fd = open_owned(name, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
 class SQLiteEventStore:
     """The default :class:`EventStore`: one SQLite file (WAL, fsync on commit).
 
@@ -133,6 +151,7 @@ class SQLiteEventStore:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
+            _create_private(self.path)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # WAL + FULL: each commit is fsynced

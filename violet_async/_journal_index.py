@@ -1,0 +1,354 @@
+"""What a resumed batch needs from its journal, read as a stream in bounded memory.
+
+A journal holds a line per state change of every item of every earlier run: millions
+of lines for a big batch. Loading it keeps only what a decision needs:
+
+- the **open** items (last state "sent", "pending" or "unknown"), with their protocol
+  record: they are read back before anything is re-sent. Few, whatever the size of the
+  batch; indexed by bag too (:meth:`JournalIndex.open_on_bag`), as a new item on a bag
+  must wait for the open one;
+- the **finished** items ("done", "failed", "present", "unsent") without their
+  protocol record: in memory up to :data:`SPILL_AT` of them, then in an on-disk SQLite
+  index (a private temporary database, deleted when the journal closes).
+
+A line that is not a record (torn by a crash, a field of the wrong type: ``"ts":
+"yesterday"``) never stops a load: a torn line is skipped, a bad field read as absent.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+import orjson
+
+__all__ = [
+    "OPEN_STATES",
+    "SPILL_AT",
+    "JournalEntry",
+    "JournalIndex",
+    "RepeatCounter",
+    "read_journal",
+]
+
+#: States whose item may have applied and must be read back before a re-send.
+OPEN_STATES = frozenset({"sent", "pending", "unknown"})
+#: Finished entries kept in memory before they move to the on-disk index.
+SPILL_AT = 50_000
+
+
+@attrs.frozen
+class JournalEntry:
+    """The last known state of one item."""
+
+    key: str
+    state: str
+    ts: float
+    line: int | None = None
+    first_sent: float | None = None
+    refund_id: int | None = None
+    error: str | None = None
+    message: str | None = None
+    ask: dict[str, Any] | None = None
+    """The protocol record written with "sent" / "pending" / "unknown"."""
+    bag_id: int | None = None
+    """The bag its protocol record names (None: no record was written)."""
+
+
+_FIELDS = "state, ts, line, first_sent, refund_id, error, message"
+
+
+class JournalIndex(Mapping[str, JournalEntry]):
+    """The last entry of every item of a journal (a read-only mapping by item key)."""
+
+    def __init__(self, spill_at: int = SPILL_AT) -> None:
+        self._spill_at = spill_at
+        #: Open items: key -> (sequence number of its line, the line's record).
+        self._open: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._by_bag: dict[int, set[str]] = {}
+        self._bag_of: dict[str, int] = {}
+        #: Finished items not yet on disk: key -> (sequence number, state, ts, line,
+        #: first_sent, refund_id, error, message).
+        self._done: dict[str, tuple[Any, ...]] = {}
+        self._disk: sqlite3.Connection | None = None
+        self._on_disk = 0
+        #: Entries a run moved on after the load (they win over what was loaded).
+        self._later: dict[str, JournalEntry] = {}
+
+    # -- building ------------------------------------------------------------------
+
+    def add(self, seq: int, record: dict[str, Any]) -> None:
+        """Record a journal line as its item's latest state (``seq`` grows line by line;
+        a line that names no item is ignored). The hot loop of a load: a few dict
+        operations per line, no object built for a finished item."""
+        key, state = record.get("key"), record.get("state")
+        if type(key) is not str or type(state) is not str:
+            return
+        if state in OPEN_STATES:
+            self._unbag(key)
+            self._open[key] = (seq, record)
+            ask = record.get("ask")
+            bag = ask.get("bag_id") if type(ask) is dict else None
+            if type(bag) is int:
+                self._by_bag.setdefault(bag, set()).add(key)
+                self._bag_of[key] = bag
+            return
+        if self._open.pop(key, None) is not None:
+            self._unbag(key)
+        ts, line, first, refund, error, message = (
+            record.get("ts"),
+            record.get("line"),
+            record.get("first_sent"),
+            record.get("refund_id"),
+            record.get("error"),
+            record.get("message"),
+        )
+        # Only plain values (what SQLite stores); anything else is read as absent.
+        self._done[key] = (
+            seq,
+            state,
+            ts if type(ts) is float or type(ts) is int else None,
+            line if type(line) is int else None,
+            first if type(first) is float or type(first) is int else None,
+            refund if type(refund) is int else None,
+            error if type(error) is str else None,
+            message if type(message) is str else None,
+        )
+        if len(self._done) >= self._spill_at:
+            self._spill()
+
+    def _unbag(self, key: str) -> None:
+        bag = self._bag_of.pop(key, None)
+        if bag is not None:
+            keys = self._by_bag[bag]
+            keys.discard(key)
+            if not keys:
+                del self._by_bag[bag]
+
+    def _spill(self) -> None:
+        if self._disk is None:
+            # "": a private temporary database on disk, deleted when it is closed.
+            self._disk = _scratch_database()
+            self._disk.execute(
+                "CREATE TABLE e (key TEXT PRIMARY KEY, seq INTEGER, state TEXT, ts REAL, "
+                "line INTEGER, first_sent REAL, refund_id INTEGER, error TEXT, "
+                "message TEXT) WITHOUT ROWID"
+            )
+        # In key order: a B-tree takes sorted inserts several times faster.
+        rows = ((key, *fields) for key, fields in sorted(self._done.items()))
+        with self._disk:
+            self._disk.executemany(
+                f"INSERT OR REPLACE INTO e (key, seq, {_FIELDS}) "  # noqa: S608 - constant
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        self._on_disk += len(self._done)
+        self._done.clear()
+
+    def close(self) -> None:
+        """Let the on-disk index go (its file is deleted)."""
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
+
+    # -- reading -------------------------------------------------------------------
+
+    def _finished(self, key: str) -> tuple[Any, ...] | None:
+        found = self._done.get(key)
+        if found is not None or self._disk is None:
+            return found
+        row: tuple[Any, ...] | None = self._disk.execute(
+            f"SELECT seq, {_FIELDS} FROM e WHERE key = ?",  # noqa: S608 - constant
+            (key,),
+        ).fetchone()
+        return row
+
+    def update(self, key: str, entry: JournalEntry | None) -> None:
+        """What a run recorded about a loaded item since the load."""
+        if entry is not None:
+            self._later[key] = entry
+
+    def __getitem__(self, key: str) -> JournalEntry:
+        later = self._later.get(key)
+        if later is not None:
+            return later
+        opened = self._open.get(key)
+        finished = self._finished(key)
+        if opened is not None and (finished is None or opened[0] > finished[0]):
+            entry = entry_of(opened[1])
+            assert entry is not None  # noqa: S101 - only item lines are kept
+            return entry
+        if finished is None:
+            raise KeyError(key)
+        _, state, ts, line, first, refund, error, message = finished
+        return JournalEntry(
+            key, state, _finite(ts) or 0.0, line, _finite(first), refund, error, message
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._open
+        for key in self._done:
+            if key not in self._open:
+                yield key
+        if self._disk is not None:
+            for (key,) in self._disk.execute("SELECT key FROM e"):
+                if key not in self._open and key not in self._done:
+                    yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __bool__(self) -> bool:
+        return bool(self._open or self._done or self._on_disk)
+
+    def open_on_bag(self, bag_id: int) -> frozenset[str]:
+        """Keys of the items on ``bag_id`` whose last state is open (sent, pending,
+        unknown): a new item on the bag waits until they are settled."""
+        return frozenset(self._by_bag.get(bag_id, ()))
+
+    def open_items(self) -> dict[str, JournalEntry]:
+        """Every open item's entry."""
+        return {key: self[key] for key in self._open}
+
+    def refund_ids(self) -> Iterator[int]:
+        """Every refund id an entry records (one at a time: there may be millions)."""
+        for _, record in self._open.values():
+            refund_id = record.get("refund_id")
+            if type(refund_id) is int:
+                yield refund_id
+        for fields in self._done.values():
+            if fields[5] is not None:
+                yield fields[5]
+        if self._disk is not None:
+            query = "SELECT refund_id FROM e WHERE refund_id IS NOT NULL"
+            for (refund_id,) in self._disk.execute(query):
+                yield refund_id
+
+
+def _scratch_database() -> sqlite3.Connection:
+    """A private temporary database on disk ("": deleted when it is closed), with a
+    page cache of 16 MiB and no rollback journal (nothing in it must survive)."""
+    database = sqlite3.connect("", check_same_thread=False)
+    database.execute("PRAGMA cache_size = -16384")
+    database.execute("PRAGMA journal_mode = OFF")
+    return database
+
+
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def entry_of(record: dict[str, Any], previous: JournalEntry | None = None) -> JournalEntry | None:
+    """The entry a journal line records (None: not an item's line). Fields of the
+    wrong type are read as absent, never raised. A line of an open state without a
+    protocol record keeps ``previous``'s, so the item can still be read back and its
+    bag is known."""
+    key, state = record.get("key"), record.get("state")
+    if not (isinstance(key, str) and isinstance(state, str)):
+        return None
+    ask = record.get("ask")
+    if not isinstance(ask, dict) and state in OPEN_STATES and previous is not None:
+        ask = previous.ask
+    bag = ask.get("bag_id") if isinstance(ask, dict) else None
+    return JournalEntry(
+        key=key,
+        state=state,
+        ts=_number(record.get("ts")) or 0.0,
+        line=_int(record.get("line")),
+        first_sent=_number(record.get("first_sent")),
+        refund_id=_int(record.get("refund_id")),
+        error=_text(record.get("error")),
+        message=_text(record.get("message")),
+        ask=ask if isinstance(ask, dict) else None,
+        bag_id=bag if type(bag) is int else None,
+    )
+
+
+def read_journal(
+    lines: Iterator[bytes], index: JournalIndex
+) -> tuple[dict[str, Any] | None, int, int]:
+    """Feed a journal's lines into ``index``. Returns (header, bytes up to the end of
+    the last whole line, bytes of a torn last line)."""
+    header: dict[str, Any] | None = None
+    whole = torn = 0
+    for seq, raw in enumerate(lines):
+        if not raw.endswith(b"\n"):
+            torn = len(raw)  # only the last line can lack its newline
+            break
+        whole += len(raw)
+        record: Any = None
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue  # a line torn by a crash mid-write: its change never happened
+        if not isinstance(record, dict):
+            continue
+        if record.get("type") == "header":
+            header = record
+            continue
+        index.add(seq, record)
+    return header, whole, torn
+
+
+class RepeatCounter:
+    """How often each content key was seen, in bounded memory: a dict up to
+    ``spill_at`` keys, then a private temporary SQLite table on disk. (Identical rows
+    are numbered by occurrence; a 10M-row input must not hold 10M keys in memory.)"""
+
+    def __init__(self, spill_at: int = SPILL_AT) -> None:
+        self._spill_at = spill_at
+        self._counts: dict[str, int] = {}
+        self._disk: sqlite3.Connection | None = None
+
+    def take(self, key: str) -> int:
+        """How often ``key`` was seen before (0 the first time); counts this one."""
+        counts = self._counts
+        seen = counts.get(key)
+        if seen is None and self._disk is not None:
+            row = self._disk.execute("SELECT n FROM c WHERE key = ?", (key,)).fetchone()
+            seen = row[0] if row is not None else None
+        counts[key] = (seen or 0) + 1
+        if len(counts) >= self._spill_at:
+            self._spill()
+        return seen or 0
+
+    def _spill(self) -> None:
+        if self._disk is None:
+            self._disk = _scratch_database()
+            self._disk.execute("CREATE TABLE c (key TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID")
+        with self._disk:
+            self._disk.executemany(
+                "INSERT OR REPLACE INTO c (key, n) VALUES (?, ?)", sorted(self._counts.items())
+            )
+        self._counts.clear()
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        """Every key with its count, in no particular order."""
+        if self._disk is not None:
+            for key, count in self._disk.execute("SELECT key, n FROM c"):
+                if key not in self._counts:
+                    yield key, count
+        yield from self._counts.items()
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
