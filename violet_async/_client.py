@@ -29,7 +29,7 @@ from ._engine import KeyedAsks, SendTracker, cancelled_first_send
 from ._protocol import PendingRefund, Phase
 from ._reconcile import KnownRefunds, after_failed_send, run_ask
 from ._redact import Redactor
-from ._requests import RequestPlumbing, Shared
+from ._requests import AnswerCheck, RequestPlumbing, Shared
 from ._responses import (
     parse_cancel,
     parse_order,
@@ -574,14 +574,21 @@ class VioletClient(RequestPlumbing):
         unsettled = shared.unsettled
         sent_at: float | None = None
         tracker: SendTracker | None = None
+        known = shared.known_refunds
+        owner: str | None = None
         try:
             if unsettled:
                 unsettled.check(bag_id, resume)
             body = encode_request(req)
-            parse = partial(
-                parse_refund if kind == "refund" else parse_cancel,
-                order_id=order_id,
-                bag_id=bag_id,
+            parse = AnswerCheck(
+                partial(
+                    parse_refund if kind == "refund" else parse_cancel,
+                    order_id=order_id,
+                    bag_id=bag_id,
+                ),
+                order_id,
+                bag_id,
+                req.amount_refunded if isinstance(req, RefundBagRequest) else None,
             )
             if (
                 resume is None
@@ -590,6 +597,7 @@ class VioletClient(RequestPlumbing):
                 and not defer_rate_limited
             ):
                 sent_at = clock.time()
+                sent_mono = clock.monotonic()
                 try:
                     # Unless it waited for the bag, a first send has the policy's whole
                     # deadline: the same value every call, so its timeout is cached.
@@ -598,7 +606,7 @@ class VioletClient(RequestPlumbing):
                         path,
                         body,
                         parse,
-                        deadline - clock.monotonic()
+                        deadline - sent_mono
                         if waited and deadline is not None
                         else policy.deadline,
                     )
@@ -611,9 +619,10 @@ class VioletClient(RequestPlumbing):
                         req,
                         sent_at,
                         clock=settings.clock_id,
-                        others=shared.known_refunds.on_bag(bag_id),
+                        others=known.on_bag(bag_id),
                     )
                     tracker = SendTracker(ask, left=True)
+                    owner = ask.ask_id
                     refund = await after_failed_send(
                         ask,
                         exc,
@@ -621,23 +630,28 @@ class VioletClient(RequestPlumbing):
                         settings=settings,
                         clock=clock,
                         deadline=deadline,
-                        known=shared.known_refunds,
+                        known=known.besides(owner),
                         save=tracker.save,
+                        sent_mono=sent_mono,
                     )
             else:
                 settings = self._protocol_settings(
                     bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
                 )
-                others = shared.known_refunds.on_bag(bag_id)
                 ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
+                # The refunds this ask already got (a resume delivered twice) are its own
+                # to claim again; every other known one is another call's.
+                owner = ask.ask_id
+                parse.known = known.besides(owner)
+                others = known.on_bag(bag_id, besides=owner)
                 tracker = SendTracker(resume, persist=save)
                 refund = await run_ask(
-                    attrs.evolve(ask, others=ask.others | others),
+                    attrs.evolve(ask, others=(ask.others | others) - known.owned_by(owner)),
                     io=tracker.watch(self._bag_io(order_id, bag_id, path, body, parse)),
                     settings=settings,
                     clock=clock,
                     deadline=deadline,
-                    known=shared.known_refunds,
+                    known=known.besides(owner),
                     attempt_timeout=self._timeouts.connect + self._timeouts.read,
                     save=tracker.save,
                     patience=patience,
@@ -657,7 +671,7 @@ class VioletClient(RequestPlumbing):
             raise
         finally:
             locks.release(bag_id)
-        shared.known_refunds.add(refund.id, bag_id)
+        known.add(refund.id, bag_id, owner)
         if resume is not None and save is None and self._keys is not None:
             self._keys.settled(resume, refund)
         return refund
