@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import pytest
 
 from violet_async import AmbiguousOutcomeError, PendingRefund, RetryPolicy
+from violet_async._reconcile import KnownRefunds
 from violet_async.testing import FakeClock
 
 from .hostile import (
@@ -347,3 +348,17 @@ async def test_a_whole_bag_refund_does_not_claim_another_partial_while_status_la
     assert (refund.amount, refund.reconciled) == (700, False)
     assert server.posts == 2
     assert len(server.ours) == 1
+
+
+def test_known_refunds_are_keyed_by_the_ask_that_owns_them() -> None:
+    """An ask sees its own refund as its own, every other call's as another's; a later
+    owner is remembered for a refund first added without one."""
+    known = KnownRefunds()
+    known.add(1, BAG_ID, "ask-a")
+    known.add(2, BAG_ID)
+    known.add(2, BAG_ID, "ask-b")
+    assert 1 not in known.besides("ask-a")
+    assert 1 in known.besides("ask-b")
+    assert 2 in known.besides("ask-a")
+    assert known.owned_by("ask-b") == frozenset({2})
+    assert known.on_bag(BAG_ID, besides="ask-a") == frozenset({2})
