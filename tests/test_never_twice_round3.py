@@ -362,3 +362,20 @@ def test_known_refunds_are_keyed_by_the_ask_that_owns_them() -> None:
     assert 2 in known.besides("ask-a")
     assert known.owned_by("ask-b") == frozenset({2})
     assert known.on_bag(BAG_ID, besides="ask-a") == frozenset({2})
+
+
+async def test_a_wall_clock_step_between_a_call_and_its_resume() -> None:
+    """The call parks (its commit lands 50 s after the 504); the wall clock steps 3 h
+    forward; the resume comes at once. The settle window is still running by monotonic
+    time: read back, pending again, never re-sent; a later resume finds the refund."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=50.0)])
+    async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        pending = await _pending_of(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300))
+        clock.step_wall(3 * HOUR)
+        again = await _pending_of(client.resume(pending))
+        assert server.posts == 1
+        clock.advance(60.0)
+        refund = await client.resume(again)
+    assert refund.id == server.ours[0]
+    assert server.posts == 1

@@ -123,6 +123,14 @@ class PendingRefund:
     offsets: tuple[float, float] | None = None
     """The lowest and highest clock offset the ``Date`` headers gave when they disagreed
     (None: they never did). Dates are then judged against every offset in between."""
+    stepped: float = 0.0
+    """How far this process's wall clock stepped while the ask ran (its times above were
+    moved with it): a ``Date`` header that agrees with the clock as it was before the
+    step is then as good as one that agrees with it now."""
+    wall_mono: tuple[float, float] | None = None
+    """Wall and monotonic time read together when the record was last written, by the
+    process ``clock`` names: a resume in that process sees whether its wall clock
+    stepped in between (monotonic time never does)."""
 
     # -- persistence ---------------------------------------------------------
 
@@ -155,6 +163,8 @@ class PendingRefund:
             "seen": sorted(self.seen),
             "answered": self.answered,
             "offsets": list(self.offsets) if self.offsets is not None else None,
+            "wall_mono": list(self.wall_mono) if self.wall_mono is not None else None,
+            "stepped": self.stepped,
         }
 
     @classmethod
@@ -201,6 +211,8 @@ class PendingRefund:
                 seen=frozenset(_ids(data.get("seen", []), "pending.seen")),
                 answered=bool(data.get("answered", False)),
                 offsets=_offsets(data.get("offsets")),
+                wall_mono=_pair(data.get("wall_mono"), "wall_mono"),
+                stepped=_opt_float(data, "stepped") or 0.0,
             )
         except KeyError as exc:
             raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
@@ -266,6 +278,11 @@ def _ask_id(data: dict[str, Any]) -> str:
 
 
 def _offsets(value: Any) -> tuple[float, float] | None:
+    pair = _pair(value, "offsets")
+    return None if pair is None else (min(pair), max(pair))
+
+
+def _pair(value: Any, field: str) -> tuple[float, float] | None:
     if value is None:
         return None
     if (
@@ -276,9 +293,8 @@ def _offsets(value: Any) -> tuple[float, float] | None:
             for v in value
         )
     ):
-        raise ValueError("pending.offsets must be a list of two numbers")
-    low, high = float(value[0]), float(value[1])
-    return (min(low, high), max(low, high))
+        raise ValueError(f"pending.{field} must be a list of two numbers")
+    return (float(value[0]), float(value[1]))
 
 
 def _int(data: dict[str, Any], key: str, *, minimum: int = 1) -> int:

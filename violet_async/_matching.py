@@ -157,18 +157,21 @@ TRUSTED_OFFSET = 900.0
 
 def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, float, bool]:
     """The lowest and highest offset of Violet's clock over this record's times, the
-    tolerance around them, and whether the clock is sure: one offset when the ``Date``
-    headers agree with each other and with this machine's clock within minutes; every
-    reading between them and this machine's own clock otherwise (unsure)."""
+    tolerance around them, and whether the clock is sure.
+
+    The ``Date`` headers' offset alone when they agree with each other and with this
+    machine's clock within minutes (as it is now, or as it was before a step the ask
+    saw); otherwise every reading between them and this machine's clock (unsure)."""
     offset = ask.server_offset
     if offset is None:
         return 0.0, 0.0, settings.clock_skew, False
-    low = high = offset
-    if ask.offsets is not None:
-        low, high = min(low, ask.offsets[0]), max(high, ask.offsets[1])
-    if ask.clock_unsure or ask.offsets is not None or abs(offset) > TRUSTED_OFFSET:
-        return min(low, 0.0), max(high, 0.0), settings.clock_skew, False
-    return low, high, settings.date_tolerance, True
+    local = (0.0, -ask.stepped)
+    if ask.offsets is None and any(abs(offset - h) <= TRUSTED_OFFSET for h in local):
+        if ask.clock_unsure:
+            return offset, offset, settings.clock_skew, False
+        return offset, offset, settings.date_tolerance, True
+    readings = (offset, *local, *(ask.offsets or ()))
+    return min(readings), max(readings), settings.clock_skew, False
 
 
 #: A date at exactly midnight UTC is taken to carry the day only (some platforms store

@@ -394,6 +394,7 @@ def clock_stepped(ask: PendingRefund, jump: float) -> PendingRefund:
         server_offset=None if ask.server_offset is None else ask.server_offset - jump,
         offsets=offsets,
         clock_unsure=True,
+        stepped=ask.stepped + jump,
     )
 
 

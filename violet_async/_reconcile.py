@@ -16,6 +16,7 @@ from typing import Protocol
 import attrs
 
 from . import _protocol as protocol
+from ._ask import PROCESS_CLOCK
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
@@ -368,6 +369,10 @@ async def drive(
     watch = watch or WallWatch(clock)
     try:
         while True:
+            if action.final or action.do is Do.SEND:
+                # What a resume in this process compares with, to see a step of the wall
+                # clock between this call and that one.
+                ask = attrs.evolve(ask, wall_mono=(clock.time(), clock.monotonic()))
             if save is not None and (action.final or action.do is Do.SEND):
                 await save(ask)
             if action.final:
@@ -520,6 +525,12 @@ async def run_ask(
 ) -> OrderRefund:
     """An ask from its start: a new one (after a baseline read when asked), or one an
     earlier call or process left sent or pending (read back first)."""
+    if ask.wall_mono is not None and ask.clock == (settings.clock_id or PROCESS_CLOCK):
+        # Left by this process: a step of its wall clock since moves the record's times
+        # with it (a forward step must not end a settle window early).
+        jump = WallWatch(clock, ask.wall_mono).jump()
+        if jump:
+            ask = protocol.clock_stepped(ask, jump)
     ask, action = protocol.start(ask, settings, clock.time(), attempt_timeout=attempt_timeout)
     return await drive(
         ask,
