@@ -589,6 +589,7 @@ class VioletClient(RequestPlumbing):
                 order_id,
                 bag_id,
                 req.amount_refunded if isinstance(req, RefundBagRequest) else None,
+                known,
             )
             if (
                 resume is None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from contextlib import nullcontext
 from functools import partial
 from logging import DEBUG
@@ -422,7 +422,7 @@ class AnswerCheck:
     reads the bag back rather than return a refund that is not this request's. A few
     compares per successful call."""
 
-    __slots__ = ("amount", "bag_id", "order_id", "parse")
+    __slots__ = ("amount", "bag_id", "known", "order_id", "parse")
 
     def __init__(
         self,
@@ -430,11 +430,15 @@ class AnswerCheck:
         order_id: int,
         bag_id: int,
         amount: int | None,
+        known: Container[int] = (),
     ) -> None:
         self.parse = parse
         self.order_id = order_id
         self.bag_id = bag_id
         self.amount = amount
+        self.known = known
+        """Refunds already handed to other calls: an answer naming one is not this
+        request's (a replayed or cached answer)."""
 
     def __call__(self, resp: RawResponse, path: str) -> OrderRefund:
         refund = self.parse(resp, path)
@@ -444,6 +448,8 @@ class AnswerCheck:
             wrong = f"bag {refund.bag_id}"
         elif self.amount is not None and refund.amount != self.amount:
             wrong = f"an amount of {refund.amount}"
+        elif refund.id in self.known:
+            wrong = f"refund {refund.id}, already handed to another call"
         else:
             return refund
         asked = f"order {self.order_id}, bag {self.bag_id}"
