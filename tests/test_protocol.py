@@ -535,3 +535,14 @@ def test_an_old_record_without_the_new_fields_still_loads() -> None:
     assert (one.seen, one.answered, one.offsets) == (frozenset(), False, None)
     with pytest.raises(RequestValidationError, match="offsets"):
         PendingRefund.from_dict({**old, "offsets": [1, "x"]})
+
+
+def test_a_guard_read_with_unreadable_records_never_sends() -> None:
+    """hold_if_present (a batch's guard against a row an earlier run refunded): records
+    it could not read might be that refund, so nothing is sent: review."""
+    new = PendingRefund("refund", 1, BAG, RefundBagRequest(amount_refunded=300))
+    guard = attrs.evolve(SETTINGS, read_before_send=True, hold_if_present=True)
+    parked, action = step(new, Observation.read(T0, [], unreadable=1), guard, T0, 100.0)
+    assert (action.do, parked.needs_review, parked.sends) == (Do.PARK, True, 0)
+    _, action = step(new, Observation.read(T0, [], unreadable=1), SETTINGS, T0, 100.0)
+    assert action.do is Do.SEND

@@ -465,6 +465,12 @@ def step(
                 note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
                 held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
                 return held, Action(Do.HOLD, candidates=present)
+            if obs.unreadable:
+                note = (
+                    f"{obs.unreadable} refund record(s) on bag {ask.bag_id} could not be read: "
+                    "whether it already holds this refund cannot be told; not sent"
+                )
+                return _park(ask, note, review=True)
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
         return _send(attrs.evolve(ask, baseline=baseline), now)
     if ask.phase is not Phase.SENT:
