@@ -79,6 +79,8 @@ class Hostile:
     """The refund list comes from a replica this many seconds behind the primary."""
     flap: bool = False
     """Reads alternate between the primary and the replica ``replica_behind`` behind."""
+    garbage: int = 0
+    """Refund records in the list that cannot be read (an amount that is not a number)."""
     hang_reads: bool = False
     """Read-backs never answer either."""
     login_delay: float = 0.0
@@ -259,6 +261,7 @@ class Hostile:
         visible = [
             _public(r) for r in self.refunds if r["_visible_at"] <= now and r["_at"] <= now - behind
         ]
+        visible += [{"id": 1 + i, "bag_id": BAG_ID, "amount": "n/a"} for i in range(self.garbage)]
         if self.page_size is None:
             return web.Response(body=orjson.dumps(visible), content_type="application/json")
         page = int(request.query.get("page", "0"))

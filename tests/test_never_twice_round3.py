@@ -379,3 +379,17 @@ async def test_a_wall_clock_step_between_a_call_and_its_resume() -> None:
         refund = await client.resume(again)
     assert refund.id == server.ours[0]
     assert server.posts == 1
+
+
+@pytest.mark.parametrize("applied", [True, False])
+async def test_a_record_that_cannot_be_read_is_never_a_claim_nor_absence(applied: bool) -> None:
+    """The bag's list holds a record that cannot be read (skipped and counted): our
+    refund beside it is not claimed, and a list without ours is not absence. Review,
+    one POST at most, whether ours applied or not."""
+    step = Step(504, GATEWAY_504, commit_after=0.0 if applied else None)
+    server = Hostile(FakeClock(), script=[step], garbage=1)
+    async with hostile_client(server, retry=ROOMY) as client:
+        pending = await _pending_of(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300))
+    assert pending.needs_review
+    assert server.posts == 1
+    assert len(server.ours) == (1 if applied else 0)
