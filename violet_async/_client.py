@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -574,7 +574,6 @@ class VioletClient(RequestPlumbing):
         unsettled = shared.unsettled
         sent_at: float | None = None
         tracker: SendTracker | None = None
-        known = shared.known_refunds
         owner: str | None = None
         try:
             if unsettled:
@@ -589,7 +588,7 @@ class VioletClient(RequestPlumbing):
                 order_id,
                 bag_id,
                 req.amount_refunded if isinstance(req, RefundBagRequest) else None,
-                known,
+                shared.known_refunds,
             )
             if (
                 resume is None
@@ -597,8 +596,7 @@ class VioletClient(RequestPlumbing):
                 and not policy.read_before_send
                 and not defer_rate_limited
             ):
-                sent_at = clock.time()
-                sent_mono = clock.monotonic()
+                sent_at, sent_mono = clock.time(), clock.monotonic()
                 try:
                     # Unless it waited for the bag, a first send has the policy's whole
                     # deadline: the same value every call, so its timeout is cached.
@@ -620,10 +618,9 @@ class VioletClient(RequestPlumbing):
                         req,
                         sent_at,
                         clock=settings.clock_id,
-                        others=known.on_bag(bag_id),
+                        others=shared.known_refunds.on_bag(bag_id),
                     )
                     tracker = SendTracker(ask, left=True)
-                    owner = ask.ask_id
                     refund = await after_failed_send(
                         ask,
                         exc,
@@ -631,7 +628,7 @@ class VioletClient(RequestPlumbing):
                         settings=settings,
                         clock=clock,
                         deadline=deadline,
-                        known=known.besides(owner),
+                        known=shared.known_refunds.besides(owner := ask.ask_id),
                         save=tracker.save,
                         sent_mono=sent_mono,
                     )
@@ -640,19 +637,15 @@ class VioletClient(RequestPlumbing):
                     bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
                 )
                 ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
-                # The refunds this ask already got (a resume delivered twice) are its own
-                # to claim again; every other known one is another call's.
-                owner = ask.ask_id
-                parse.known = known.besides(owner)
-                others = known.on_bag(bag_id, besides=owner)
+                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse)
                 tracker = SendTracker(resume, persist=save)
                 refund = await run_ask(
-                    attrs.evolve(ask, others=(ask.others | others) - known.owned_by(owner)),
+                    ask,
                     io=tracker.watch(self._bag_io(order_id, bag_id, path, body, parse)),
                     settings=settings,
                     clock=clock,
                     deadline=deadline,
-                    known=known.besides(owner),
+                    known=mine,
                     attempt_timeout=self._timeouts.connect + self._timeouts.read,
                     save=tracker.save,
                     patience=patience,
@@ -672,7 +665,7 @@ class VioletClient(RequestPlumbing):
             raise
         finally:
             locks.release(bag_id)
-        known.add(refund.id, bag_id, owner)
+        shared.known_refunds.add(refund.id, bag_id, owner)
         if resume is not None and save is None and self._keys is not None:
             self._keys.settled(resume, refund)
         return refund
@@ -708,6 +701,19 @@ class VioletClient(RequestPlumbing):
             clock=settings.clock_id,
             others=shared.known_refunds.on_bag(bag_id),
         )
+
+
+def _as_owner(
+    ask: PendingRefund, known: KnownRefunds, answer: AnswerCheck
+) -> tuple[PendingRefund, Container[int], str]:
+    """``ask`` with the refunds other calls got on its bag (never its own), the known
+    refunds it may not claim, and its identity. The refunds it already got (a resume
+    delivered twice) are its own to claim again; every other known one is another
+    call's, and an answer naming one is not this ask's."""
+    owner = ask.ask_id
+    answer.known = mine = known.besides(owner)
+    others = known.on_bag(ask.bag_id, besides=owner)
+    return attrs.evolve(ask, others=(ask.others | others) - known.owned_by(owner)), mine, owner
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:
