@@ -892,7 +892,7 @@ class _World:
                 for seen in todo:
                     assert seen.pending is not None
                     ask = next(a for a in self.s.asks if a.label == seen.label)
-                    wait = self.wait_for(seen.pending)
+                    wait = (seen.pending.settle_until or 0.0) - self.clock.time()
                     if wait > 0:
                         await asyncio.sleep(min(wait, 3_600.0))
                     await self.call(client, ask, seen.pending)
@@ -902,13 +902,6 @@ class _World:
                         await self.call(client, ask, seen.pending)
 
     # -- workers: jobs redelivered, resumed from a shared ledger ----------------
-
-    def wait_for(self, pending: PendingRefund) -> float:
-        """How long a caller waits before resuming: until the record's settle window
-        ends by the wall clock, but never longer than a whole window (a wall clock that
-        stepped back must not hold a caller for hours; the resume reads again anyway)."""
-        whole = self.s.settle_running + self.s.connect + self.s.read
-        return min((pending.settle_until or 0.0) - self.clock.time(), whole)
 
     async def run_workers(self) -> None:
         ledger: dict[str, str] = {}
@@ -953,7 +946,7 @@ class _World:
                         return
                     if pending.phase in (Phase.SENT, Phase.PENDING):
                         resume = pending
-                        wait = self.wait_for(pending)
+                        wait = (pending.settle_until or 0.0) - self.clock.time()
                         if only_pending and wait > 0:
                             await asyncio.sleep(wait)
 

@@ -103,21 +103,12 @@ class SimClock:
         self._loop = loop
         self._start = loop.time()
         self.wall_start = wall_start
-        self.stepped = 0.0
-        """How far the SDK's wall clock stepped (NTP); Violet's wall never does."""
 
     def monotonic(self) -> float:
         return self._loop.time()
 
     def time(self) -> float:
-        return self.wall_start + self.stepped + (self._loop.time() - self._start)
-
-    def server_time(self) -> float:
-        """Violet's wall clock (the steps of the SDK's do not move it)."""
         return self.wall_start + (self._loop.time() - self._start)
-
-    def step_wall(self, seconds: float) -> None:
-        self.stepped += seconds
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(seconds, 0.0))
