@@ -44,6 +44,13 @@ class Step:
     commit_after: float | None = 0.0
     hang: bool = False
     """Never answer at all (the connection stays open until the client gives up)."""
+    answer: dict[str, Any] | None = None
+    """For a 200: keys to overwrite in the refund record answered (another bag, order
+    or amount), or the whole answer when nothing committed."""
+    garbled: bool = False
+    """For a 200: a body that cannot be read as a refund."""
+    wall_step: float = 0.0
+    """Step the client's wall clock by this many seconds as the POST arrives (NTP)."""
 
 
 @attrs.define
@@ -60,6 +67,20 @@ class Hostile:
     server_skew: float = 0.0
     """Seconds the server's clock is ahead of the shared clock's wall time."""
     status: str = "COMPLETED"
+    status_lag: float | None = None
+    """Seconds after a commit before the bag's status moves (the commerce platform
+    reports it later; None: at once)."""
+    header_skew: float = 0.0
+    """Seconds the ``Date`` header is off from the server's own clock (a CDN or load
+    balancer stamping its own)."""
+    day_dates: bool = False
+    """Refund dates carry the day only (``...T00:00:00Z``)."""
+    replica_behind: float = 0.0
+    """The refund list comes from a replica this many seconds behind the primary."""
+    flap: bool = False
+    """Reads alternate between the primary and the replica ``replica_behind`` behind."""
+    garbage: int = 0
+    """Refund records in the list that cannot be read (an amount that is not a number)."""
     hang_reads: bool = False
     """Read-backs never answer either."""
     login_delay: float = 0.0
@@ -76,6 +97,12 @@ class Hostile:
     reads: int = 0
     _next_id: int = 9000
     _stopping: asyncio.Event = attrs.Factory(asyncio.Event)
+    _wall0: float = attrs.field(init=False)
+    _moves: list[tuple[float, str]] = attrs.Factory(list)
+
+    def __attrs_post_init__(self) -> None:
+        # The server's own wall clock, which a step of the client's clock leaves alone.
+        self._wall0 = self.clock.time() - self.clock.monotonic()
 
     # -- state ------------------------------------------------------------------
 
@@ -84,11 +111,13 @@ class Hostile:
         return sum(r["amount"] for r in self.refunds)
 
     def server_now(self) -> float:
-        return self.clock.time() + self.server_skew
+        return self._wall0 + self.clock.monotonic() + self.server_skew
 
     def _date(self, when: float | None) -> str | None:
         if when is None or self.null_dates:
             return None
+        if self.day_dates:
+            return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT00:00:00Z")
         if self.naive_dates:
             local = datetime.fromtimestamp(when, timezone(timedelta(hours=-5)))
             return local.replace(tzinfo=None).strftime("%Y-%m-%dT%H:%M:%S")
@@ -113,15 +142,34 @@ class Hostile:
             "reason": reason,
             "date_created": self._date(created),
             "_visible_at": self.clock.monotonic() + (self.list_lag if ours else 0.0),
+            "_at": self.clock.monotonic(),
         }
         self.refunds.append(record)
         if ours:
             self.ours.append(record["id"])
-        self.status = "REFUNDED" if self.refunded >= self.total else "PARTIALLY_REFUNDED"
+        self._move("REFUNDED" if self.refunded >= self.total else "PARTIALLY_REFUNDED")
         return record
 
+    def _move(self, status: str) -> None:
+        """The bag's status moves now, or ``status_lag`` later."""
+        if self.status_lag is None:
+            self.status = status
+        else:
+            self._moves.append((self.clock.monotonic() + self.status_lag, status))
+
+    def bag_status(self) -> str:
+        while self._moves and self._moves[0][0] <= self.clock.monotonic():
+            self.status = self._moves.pop(0)[1]
+        return self.status
+
+    @property
+    def closed(self) -> bool:
+        """The bag is refunded or cancelled (whatever its lagging status says)."""
+        final = self._moves[-1][1] if self._moves else self.status
+        return final in ("REFUNDED", "CANCELED") or self.refunded >= self.total
+
     def _commit(self, body: dict[str, Any], *, cancel: bool) -> dict[str, Any] | str:
-        if self.status in ("REFUNDED", "CANCELED"):
+        if self.closed:
             return f"Bag {BAG_ID} is {self.status} and cannot be refunded"
         left = self.total - self.refunded
         amount = left if cancel or body.get("amount_refunded") is None else body["amount_refunded"]
@@ -132,7 +180,7 @@ class Hostile:
             reason = reason.strip()
         record = self.add_refund(amount, reason=reason, ours=True)
         if cancel:
-            self.status = "CANCELED"
+            self._move("CANCELED")
         return record
 
     # -- the app ----------------------------------------------------------------
@@ -150,7 +198,7 @@ class Hostile:
     @web.middleware
     async def _date_header(self, request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
-        response.headers["Date"] = formatdate(self.server_now(), usegmt=True)
+        response.headers["Date"] = formatdate(self.server_now() + self.header_skew, usegmt=True)
         return response
 
     async def _login(self, request: web.Request) -> web.Response:
@@ -177,6 +225,8 @@ class Hostile:
         self.post_arrived.set()
         body = await request.json()
         step = self.script.pop(0) if self.script else Step()
+        if step.wall_step:
+            self.clock.step_wall(step.wall_step)
         result: dict[str, Any] | str | None = None
         if step.commit_after == 0.0:
             result = self._commit(body, cancel=cancel)
@@ -186,13 +236,20 @@ class Hostile:
             await self._stopping.wait()  # long after the client gave up
         if self.on_answer is not None:
             await self.on_answer()
-        if step.status == 200:
+        if step.status in (200, 202):
+            if step.garbled:
+                return web.Response(
+                    status=step.status, body=b'{"refund": "ok"', content_type="application/json"
+                )
             if isinstance(result, str):
                 return web.json_response(
                     {"status": 400, "message": result, "error_code": 4006}, status=400
                 )
-            assert result is not None
-            return web.Response(body=orjson.dumps(_public(result)), content_type="application/json")
+            answer = {**_public(result), **(step.answer or {})} if result else step.answer
+            assert answer is not None
+            return web.Response(
+                status=step.status, body=orjson.dumps(answer), content_type="application/json"
+            )
         return web.Response(status=step.status, body=step.body or b"")
 
     async def _list(self, request: web.Request) -> web.Response:
@@ -200,7 +257,11 @@ class Hostile:
         if self.hang_reads:
             await self._stopping.wait()
         now = self.clock.monotonic()
-        visible = [_public(r) for r in self.refunds if r["_visible_at"] <= now]
+        behind = self.replica_behind if not self.flap or self.reads % 2 == 0 else 0.0
+        visible = [
+            _public(r) for r in self.refunds if r["_visible_at"] <= now and r["_at"] <= now - behind
+        ]
+        visible += [{"id": 1 + i, "bag_id": BAG_ID, "amount": "n/a"} for i in range(self.garbage)]
         if self.page_size is None:
             return web.Response(body=orjson.dumps(visible), content_type="application/json")
         page = int(request.query.get("page", "0"))
@@ -218,7 +279,7 @@ class Hostile:
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
     async def _order(self, request: web.Request) -> web.Response:
-        bag = {"id": BAG_ID, "status": self.status, "total": self.total}
+        bag = {"id": BAG_ID, "status": self.bag_status(), "total": self.total}
         return web.json_response({"id": ORDER_ID, "bags": [bag]})
 
 

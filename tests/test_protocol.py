@@ -27,11 +27,12 @@ from violet_async._protocol import (
     Phase,
     ProtocolError,
     Settings,
+    clock_stepped,
     match,
     start,
     step,
 )
-from violet_async.exceptions import api_error_from_response
+from violet_async.exceptions import ResponseFormatError, api_error_from_response
 from violet_async.models import OrderBag, OrderRefund
 
 from .samples import refund_body
@@ -167,11 +168,12 @@ def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: 
 
 
 def test_known_and_old_refunds_are_not_candidates() -> None:
-    """A refund handed to a caller before, or made a day before the first send: not
-    ours."""
+    """A refund handed to a caller before is never claimed, but being known is not
+    absence (OWNED); one made a day before the first send is not ours (MISS)."""
     ask = sent()
-    found = [refund(5), refund(6, age=100_000)]
-    verdict, _ = match(ask, found, None, {5}, SETTINGS)
+    verdict, found = match(ask, [refund(5), refund(6, age=100_000)], None, {5}, SETTINGS)
+    assert (verdict.value, [r.id for r in found]) == ("owned", [5])
+    verdict, _ = match(ask, [refund(6, age=100_000)], None, {5}, SETTINGS)
     assert verdict.value == "miss"
 
 
@@ -186,7 +188,8 @@ def test_a_server_clock_behind_ours_is_corrected() -> None:
 
 
 def test_whole_bag_refund_needs_the_bag_refunded_and_the_rest_amount() -> None:
-    """A full refund claims only a refund of what was left, on a REFUNDED bag."""
+    """A full refund claims a refund of what was left, whatever the bag's status says
+    (the platform moves it minutes later); another amount is not it."""
     ask = sent(RefundBagRequest())
     before, ours = refund(1, 300, age=100_000), refund(2, 700)
     refunded = converter.structure({"id": BAG, "status": "REFUNDED", "total": 1000}, OrderBag)
@@ -194,7 +197,7 @@ def test_whole_bag_refund_needs_the_bag_refunded_and_the_rest_amount() -> None:
         {"id": BAG, "status": "PARTIALLY_REFUNDED", "total": 1000}, OrderBag
     )
     assert match(ask, [before, ours], refunded, (), SETTINGS)[0].value == "match"
-    assert match(ask, [before, ours], partly, (), SETTINGS)[0].value == "miss"
+    assert match(ask, [before, ours], partly, (), SETTINGS)[0].value == "match"
     other_actor = refund(3, 300, age=1)
     assert match(ask, [other_actor], partly, (), SETTINGS)[0].value == "miss"
 
@@ -216,14 +219,15 @@ def test_sku_and_shipping_details_must_agree() -> None:
 
 
 def test_a_cancel_needs_the_bag_cancelled_and_the_rest_refunded() -> None:
-    """A cancel's refund counts only while the bag reads CANCELED and it refunds what
-    was left (another amount is for review); a CANCELED bag with no refund after the
-    window is pending, never re-sent."""
+    """A cancel's refund is the one that refunds what was left, whether or not the bag
+    reads CANCELED yet (another amount on a CANCELED bag is for review); a CANCELED bag
+    with no refund after the window is pending, never re-sent."""
     ask = sent(CancelBagRequest(), kind="cancel")
     cancelled = converter.structure({"id": BAG, "status": "CANCELED", "total": 300}, OrderBag)
     open_bag = converter.structure({"id": BAG, "status": "COMPLETED", "total": 300}, OrderBag)
     assert match(ask, [refund(5)], cancelled, (), SETTINGS)[0].value == "match"
-    assert match(ask, [refund(5)], open_bag, (), SETTINGS)[0].value == "miss"
+    assert match(ask, [refund(5)], open_bag, (), SETTINGS)[0].value == "match"
+    assert match(ask, [refund(5, 100)], open_bag, (), SETTINGS)[0].value == "miss"
     foreign = refund(6, 75)  # another system's partial refund, listed before ours
     assert match(ask, [foreign], cancelled, (), SETTINGS)[0].value == "near"
     # On a closed bag every refund "is what the others left": only the last one closed it.
@@ -422,4 +426,123 @@ def test_hold_if_present_keeps_a_row_already_refunded_from_being_sent() -> None:
     _, action = step(ask, Observation.read(T0, [refund(5, 200)]), settings, T0, 100.0)
     assert action.do is Do.SEND
     _, action = step(ask, Observation.read(T0, [refund(5)]), settings, T0, 100.0, known={5})
+    assert action.do is Do.SEND
+
+
+# -- round 3: unreadable records, stale reads, review, clocks, the record format ------
+
+
+def test_unreadable_records_never_claim_and_never_prove_absence() -> None:
+    """A read with records it could not read: a match is for review, not a claim; a miss
+    after the window is for review, not absence (never a re-send)."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    end = ask.settle_until or 0.0
+    obs = Observation.read(end, [refund(5, age=-2)], unreadable=1)
+    parked, action = step(ask, obs, SETTINGS, end, 100.0)
+    assert (action.do, parked.needs_review) == (Do.PARK, True)
+    parked, action = step(ask, Observation.read(end, [], unreadable=2), SETTINGS, end, 100.0)
+    assert (action.do, parked.needs_review) == (Do.PARK, True)
+
+
+def test_a_candidate_seen_then_missing_is_a_stale_read() -> None:
+    """A refund seen by an earlier read (or in the baseline) is missing from a later
+    one: inside the window the ask reads again; after it, it parks; never absence."""
+    ask, _ = step(sent(seen=frozenset({5})), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    end = ask.settle_until or 0.0
+    _, action = step(ask, Observation.read(T0 + 2, []), SETTINGS, T0 + 2, 100.0)
+    assert action.do is Do.READ
+    _, action = step(ask, Observation.read(end, []), SETTINGS, end, 100.0)
+    assert action.do is Do.PARK
+    based, _ = step(sent(baseline=frozenset({1, 2})), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    _, action = step(based, Observation.read(end, [refund(1, 50)]), SETTINGS, end, 100.0)
+    assert action.do is Do.PARK
+
+
+def test_review_is_sticky_and_never_re_sends() -> None:
+    """A record parked for review, resumed: a clean miss after the window parks it for
+    review again, never a send."""
+    ask = sent(phase=Phase.PENDING, needs_review=True, settle_until=T0 + 5)
+    ask, action = start(ask, SETTINGS, T0 + 10, attempt_timeout=1.0)
+    assert action.do is Do.READ
+    parked, action = step(ask, Observation.read(T0 + 10, []), SETTINGS, T0 + 10, 100.0)
+    assert (action.do, parked.needs_review) == (Do.PARK, True)
+
+
+def test_an_applied_answer_is_never_re_sent() -> None:
+    """A 2xx that could not be read: read back, and a miss after the window parks for
+    review; the record says so through JSON."""
+    error = ResponseFormatError("x", body=b"{", status=200)
+    ask, action = step(sent(), Observation.send_failed(T0, error), SETTINGS, T0 + 1, 100.0)
+    assert (action.do, ask.answered) == (Do.READ, True)
+    end = ask.settle_until or 0.0
+    parked, action = step(ask, Observation.read(end, []), SETTINGS, end, 100.0)
+    assert (action.do, parked.needs_review) == (Do.PARK, True)
+    assert PendingRefund.from_json(parked.to_json()) == parked
+
+
+def test_with_a_baseline_dates_never_rule_a_new_refund_out() -> None:
+    """With a baseline, a new refund dated a day before the send, or by a clock 15 h
+    off, is the candidate; a precise date shortly before the send by a sure clock goes
+    to review, never claimed and never absence."""
+    ask = sent(baseline=frozenset({1}))
+    assert match(ask, [refund(5, age=86_000)], None, (), SETTINGS)[0].value == "match"
+    unsure = attrs.evolve(ask, server_offset=15 * 3600.0)
+    assert match(unsure, [refund(5, age=-1)], None, (), SETTINGS)[0].value == "match"
+    sure = attrs.evolve(ask, server_offset=0.0)
+    assert match(sure, [refund(5, age=30)], None, (), SETTINGS)[0].value == "undated"
+
+
+def test_a_day_precision_date_is_a_span_of_a_day() -> None:
+    """A date at midnight UTC carries the day only: without a baseline it can place a
+    refund neither before nor after the send (a day old is not "long before")."""
+    midnight = (T0 // 86_400) * 86_400
+    ask = sent(first_sent_at=midnight + 20 * 3600, server_offset=0.0)
+    dated = refund(5, age=T0 - midnight)
+    assert match(ask, [dated], None, (), SETTINGS)[0].value == "undated"
+
+
+def test_a_wall_clock_step_moves_the_record_and_makes_the_clock_unsure() -> None:
+    """A step of -15 h: the record's times move with it and its offset too, so the
+    instants on Violet's clock stay the same; dates are judged as unsure from then."""
+
+    ask = sent(server_offset=2.0, settle_until=T0 + 60)
+    moved = clock_stepped(ask, -15 * 3600.0)
+    assert moved.first_sent_at == T0 - 15 * 3600.0
+    assert moved.settle_until == T0 + 60 - 15 * 3600.0
+    assert moved.server_offset == 2.0 + 15 * 3600.0
+    assert moved.clock_unsure
+
+
+def test_disagreeing_date_readings_keep_the_range() -> None:
+    """Two Date readings 3 h apart: both are kept, and the clock is unsure."""
+    ask = sent()
+    one = Observation.read(T0 + 1, [], server_time=T0 + 1, received_at=T0 + 1)
+    two = Observation.read(T0 + 2, [], server_time=T0 + 2 - 3 * 3600, received_at=T0 + 2)
+    ask, _ = step(ask, one, SETTINGS, T0 + 1, 100.0)
+    ask, _ = step(ask, two, SETTINGS, T0 + 2, 100.0)
+    assert ask.offsets == pytest.approx((0.5 - 3 * 3600, 0.5))
+    assert ask.clock_unsure
+
+
+def test_an_old_record_without_the_new_fields_still_loads() -> None:
+    """A record written before ask ids, seen candidates and answered existed loads, and
+    every load of it names the same ask."""
+    old = sent(phase=Phase.PENDING).to_dict()
+    for key in ("ask_id", "seen", "answered", "offsets"):
+        del old[key]
+    one, two = PendingRefund.from_dict(old), PendingRefund.from_dict(dict(old))
+    assert one.ask_id == two.ask_id
+    assert (one.seen, one.answered, one.offsets) == (frozenset(), False, None)
+    with pytest.raises(RequestValidationError, match="offsets"):
+        PendingRefund.from_dict({**old, "offsets": [1, "x"]})
+
+
+def test_a_guard_read_with_unreadable_records_never_sends() -> None:
+    """hold_if_present (a batch's guard against a row an earlier run refunded): records
+    it could not read might be that refund, so nothing is sent: review."""
+    new = PendingRefund("refund", 1, BAG, RefundBagRequest(amount_refunded=300))
+    guard = attrs.evolve(SETTINGS, read_before_send=True, hold_if_present=True)
+    parked, action = step(new, Observation.read(T0, [], unreadable=1), guard, T0, 100.0)
+    assert (action.do, parked.needs_review, parked.sends) == (Do.PARK, True, 0)
+    _, action = step(new, Observation.read(T0, [], unreadable=1), SETTINGS, T0, 100.0)
     assert action.do is Do.SEND

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import attrs
 import pytest
 
 from violet_async import (
@@ -96,10 +97,29 @@ async def test_late_commit_is_found_not_re_sent(clock: FakeClock) -> None:
 async def test_pre_existing_identical_refund_is_not_taken_as_ours(
     fake: FakeViolet, clock: FakeClock
 ) -> None:
-    """An identical partial refund this client returned earlier is excluded; the
-    dropped request is proven absent after the window and re-sent once."""
+    """An identical partial refund this client returned to another call is never
+    claimed; and being known to another call is not absence either, so without a
+    baseline the dropped second request is pending for review, never re-sent."""
     order_id, bag_id = fake.seeded[0]
     async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+        first = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+        fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(order_id, bag_id, amount_refunded=100)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert [r.id for r in info.value.candidates] == [first.id]
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+
+
+async def test_with_a_baseline_an_earlier_identical_refund_is_excluded_and_ours_sent(
+    fake: FakeViolet, clock: FakeClock
+) -> None:
+    """The same with read_before_send: the first refund is in the second call's
+    baseline, the dropped request is proven absent after the window and re-sent once."""
+    order_id, bag_id = fake.seeded[0]
+    policy = attrs.evolve(ROOMY_POLICY, read_before_send=True)
+    async with make_client(fake, clock, retry=policy) as client:
         first = await client.refund_bag(order_id, bag_id, amount_refunded=100)
         fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
         second = await client.refund_bag(order_id, bag_id, amount_refunded=100)
@@ -193,7 +213,7 @@ async def test_retries_disabled_still_reconciles(fake: FakeViolet, clock: FakeCl
         assert refund.reconciled
         fake.script("refund", Fault.HTTP_500, bag_id=bag_id)
         with pytest.raises(ServerError):
-            await client.refund_bag(order_id, bag_id, amount_refunded=100)
+            await client.refund_bag(order_id, bag_id, amount_refunded=150)
     assert fake.ledger.refunds_per_bag[bag_id] == 1
 
 

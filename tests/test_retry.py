@@ -60,7 +60,8 @@ ENVOY_503 = b"upstream connect error or disconnect/reset before headers"
         (_api(524, b"<html>A timeout occurred</html>"), Verdict.RETRY, Cause.NO_ANSWER),
         (_api(504, VIOLET_JSON), Verdict.RETRY, Cause.ANSWERED),
         # A 2xx read that cannot be parsed is not weather: asking again gets the same.
-        (ResponseFormatError("x", body=b"{", status=200), Verdict.RAISE, Cause.ANSWERED),
+        # For a refund or cancel POST it proves the request applied: read back, never sent.
+        (ResponseFormatError("x", body=b"{", status=200), Verdict.RAISE, Cause.APPLIED),
         (ResponseFormatError("x", body=b"{", status=400), Verdict.RAISE, Cause.NO_ANSWER),
     ],
 )

@@ -177,14 +177,15 @@ async def test_sqlite_sweeps_finished_keys_past_retention(tmp_path: Path) -> Non
 
 async def test_sqlite_renew_moves_only_the_lease(tmp_path: Path) -> None:
     """renew touches the lease, only for its owner."""
+    fresh = _fresh()  # every record has its own identity (ask_id): build it once
     async with SQLiteStore(tmp_path / "k.db") as store:
-        await store.claim(_fresh(), NOW)
+        await store.claim(fresh, NOW)
         assert await store.renew("k", "me", NOW + 99)
         assert not await store.renew("k", "someone", NOW + 999)
         entry = await store.load("k")
         assert entry is not None
         assert entry.lease_until == NOW + 99
-        assert entry.ask == _fresh().ask
+        assert entry.ask == fresh.ask
 
 
 async def test_a_record_someone_else_wrote_is_a_store_error(tmp_path: Path) -> None:

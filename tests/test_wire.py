@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-from aioresponses import aioresponses
+from aioresponses import CallbackResult, aioresponses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
@@ -94,7 +95,7 @@ async def test_refund_sends_exact_url_headers_and_body(wire: Any, client: Violet
 
 async def test_request_object_form_is_the_same_call(wire: Any, client: VioletClient) -> None:
     """refund_bag(o, b, RefundBagRequest(...)) sends the same body as the keyword form."""
-    wire.post(REFUNDS, status=200, body=refund_bytes())
+    answering(wire, REFUNDS)
     await client.refund_bag(11, 22, RefundBagRequest(amount_refunded=5, reason="r"))
     (call,) = sent(wire, "POST", REFUNDS)
     assert orjson.loads(call.kwargs["data"]) == {
@@ -123,8 +124,8 @@ async def test_cancel_sends_only_the_fields_given(wire: Any, client: VioletClien
 
 async def test_calls_with_no_fields_send_an_empty_body(wire: Any, client: VioletClient) -> None:
     """refund_bag(o, b) and cancel_bag(o, b) send {}, and so do empty request objects."""
-    wire.post(REFUNDS, status=200, body=refund_bytes(), repeat=True)
-    wire.post(CANCEL, status=200, body=refund_bytes(), repeat=True)
+    answering(wire, REFUNDS)
+    answering(wire, CANCEL)
     await client.refund_bag(11, 22)
     await client.refund_bag(11, 22, RefundBagRequest())
     await client.cancel_bag(11, 22)
@@ -145,10 +146,26 @@ async def test_refund_with_only_an_amount_leaves_notification_to_the_merchant(
 
 async def test_keyword_none_means_not_given(wire: Any, client: VioletClient) -> None:
     """A keyword passed as None is omitted, the same as not passing it."""
-    wire.post(REFUNDS, status=200, body=refund_bytes())
+    answering(wire, REFUNDS)
     await client.refund_bag(11, 22, amount_refunded=5, notify_customer=None, restock_items=None)
     (call,) = sent(wire, "POST", REFUNDS)
     assert orjson.loads(call.kwargs["data"]) == {"amount_refunded": 5}
+
+
+#: Refund ids for answers: a new one each time, across every route.
+_IDS = itertools.count(1_000)
+
+
+def answering(mocked: Any, url: str) -> None:
+    """Answer every POST to ``url`` with a new refund of the amount asked for (a 2xx is
+    checked against its request, and one refund is never the answer to two)."""
+    ids = _IDS
+
+    def answer(_url: Any, **kwargs: Any) -> CallbackResult:
+        amount = orjson.loads(kwargs["data"]).get("amount_refunded", 1000)
+        return CallbackResult(status=200, body=refund_bytes(id=next(ids), amount=amount))
+
+    mocked.post(url, callback=answer, repeat=True)
 
 
 refund_fields = st.fixed_dictionaries(
@@ -216,8 +233,8 @@ async def test_wire_body_holds_exactly_the_fields_passed(
 ) -> None:
     """The body sent holds exactly the fields passed, in keyword and request-object form."""
     with aioresponses() as mocked:
-        mocked.post(REFUNDS, status=200, body=refund_bytes(), repeat=True)
-        mocked.post(CANCEL, status=200, body=refund_bytes(), repeat=True)
+        answering(mocked, REFUNDS)
+        answering(mocked, CANCEL)
         async with VioletClient(
             11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled(), clock=FakeClock()
         ) as c:

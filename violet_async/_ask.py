@@ -7,6 +7,7 @@ another process. The transitions between phases live in ``_protocol.py``.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import secrets
 from typing import Any, Literal
@@ -108,6 +109,28 @@ class PendingRefund:
     """The refund, once applied."""
     note: str = ""
     """Why the ask stands where it does, for people."""
+    ask_id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    """This ask's identity, kept through every copy of the record (JSON, journal,
+    ledger): a client remembers which refund it handed to which ask, so a resume
+    delivered twice gets its own refund back both times, and no other ask claims it."""
+    seen: frozenset[int] = frozenset()
+    """Refunds a read-back of this ask saw that could be its own (or that only another
+    call's ownership kept from being so). They do not vanish from Violet: a later read
+    that misses one is a stale replica, never evidence of absence."""
+    answered: bool = False
+    """Violet answered a send with a 2xx whose body could not be read or did not fit the
+    request: it applied, so this ask is never sent again, only read back."""
+    offsets: tuple[float, float] | None = None
+    """The lowest and highest clock offset the ``Date`` headers gave when they disagreed
+    (None: they never did). Dates are then judged against every offset in between."""
+    stepped: float = 0.0
+    """How far this process's wall clock stepped while the ask ran (its times above were
+    moved with it): a ``Date`` header that agrees with the clock as it was before the
+    step is then as good as one that agrees with it now."""
+    wall_mono: tuple[float, float] | None = None
+    """Wall and monotonic time read together when the record was last written, by the
+    process ``clock`` names: a resume in that process sees whether its wall clock
+    stepped in between (monotonic time never does)."""
 
     # -- persistence ---------------------------------------------------------
 
@@ -136,6 +159,12 @@ class PendingRefund:
             "budget_from": self.budget_from,
             "refund_id": self.refund_id,
             "note": self.note,
+            "ask_id": self.ask_id,
+            "seen": sorted(self.seen),
+            "answered": self.answered,
+            "offsets": list(self.offsets) if self.offsets is not None else None,
+            "wall_mono": list(self.wall_mono) if self.wall_mono is not None else None,
+            "stepped": self.stepped,
         }
 
     @classmethod
@@ -178,6 +207,12 @@ class PendingRefund:
                 budget_from=_int(data, "budget_from", minimum=0) if "budget_from" in data else 0,
                 refund_id=data.get("refund_id") if isinstance(data.get("refund_id"), int) else None,
                 note=str(data.get("note", "")),
+                ask_id=_ask_id(data),
+                seen=frozenset(_ids(data.get("seen", []), "pending.seen")),
+                answered=bool(data.get("answered", False)),
+                offsets=_offsets(data.get("offsets")),
+                wall_mono=_pair(data.get("wall_mono"), "wall_mono"),
+                stepped=_opt_float(data, "stepped") or 0.0,
             )
         except KeyError as exc:
             raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
@@ -210,11 +245,12 @@ def sent_once(
     baseline: frozenset[int] | None = None,
     others: frozenset[int] = frozenset(),
     clock: str | None = None,
+    ask_id: str | None = None,
 ) -> PendingRefund:
     """The record of an ask sent once, at ``at`` (``None``: when is not known), whose
     outcome is not known: what a failed send, a torn journal line or a dead worker's
     ledger entry leaves."""
-    return PendingRefund(
+    record = PendingRefund(
         kind,
         order_id,
         bag_id,
@@ -227,6 +263,38 @@ def sent_once(
         others=others,
         clock=clock or PROCESS_CLOCK,
     )
+    return attrs.evolve(record, ask_id=ask_id) if ask_id else record
+
+
+def _ask_id(data: dict[str, Any]) -> str:
+    """The record's identity; a record written before identities existed gets one
+    derived from what it holds, so that every load of it names the same ask."""
+    value = data.get("ask_id")
+    if isinstance(value, str) and value:
+        return value
+    fields = [data.get(k) for k in ("kind", "order_id", "bag_id", "request", "first_sent_at")]
+    digest = hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"v1-{digest[:16]}"
+
+
+def _offsets(value: Any) -> tuple[float, float] | None:
+    pair = _pair(value, "offsets")
+    return None if pair is None else (min(pair), max(pair))
+
+
+def _pair(value: Any, field: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+    ):
+        raise ValueError(f"pending.{field} must be a list of two numbers")
+    return (float(value[0]), float(value[1]))
 
 
 def _int(data: dict[str, Any], key: str, *, minimum: int = 1) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -29,7 +29,7 @@ from ._engine import KeyedAsks, SendTracker, cancelled_first_send
 from ._protocol import PendingRefund, Phase
 from ._reconcile import KnownRefunds, after_failed_send, run_ask
 from ._redact import Redactor
-from ._requests import RequestPlumbing, Shared
+from ._requests import AnswerCheck, RequestPlumbing, Shared
 from ._responses import (
     parse_cancel,
     parse_order,
@@ -574,14 +574,21 @@ class VioletClient(RequestPlumbing):
         unsettled = shared.unsettled
         sent_at: float | None = None
         tracker: SendTracker | None = None
+        owner: str | None = None
         try:
             if unsettled:
                 unsettled.check(bag_id, resume)
             body = encode_request(req)
-            parse = partial(
-                parse_refund if kind == "refund" else parse_cancel,
-                order_id=order_id,
-                bag_id=bag_id,
+            parse = AnswerCheck(
+                partial(
+                    parse_refund if kind == "refund" else parse_cancel,
+                    order_id=order_id,
+                    bag_id=bag_id,
+                ),
+                order_id,
+                bag_id,
+                req.amount_refunded if isinstance(req, RefundBagRequest) else None,
+                shared.known_refunds,
             )
             if (
                 resume is None
@@ -589,7 +596,7 @@ class VioletClient(RequestPlumbing):
                 and not policy.read_before_send
                 and not defer_rate_limited
             ):
-                sent_at = clock.time()
+                sent_at, sent_mono = clock.time(), clock.monotonic()
                 try:
                     # Unless it waited for the bag, a first send has the policy's whole
                     # deadline: the same value every call, so its timeout is cached.
@@ -598,7 +605,7 @@ class VioletClient(RequestPlumbing):
                         path,
                         body,
                         parse,
-                        deadline - clock.monotonic()
+                        deadline - sent_mono
                         if waited and deadline is not None
                         else policy.deadline,
                     )
@@ -621,23 +628,24 @@ class VioletClient(RequestPlumbing):
                         settings=settings,
                         clock=clock,
                         deadline=deadline,
-                        known=shared.known_refunds,
+                        known=shared.known_refunds.besides(owner := ask.ask_id),
                         save=tracker.save,
+                        sent_mono=sent_mono,
                     )
             else:
                 settings = self._protocol_settings(
                     bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
                 )
-                others = shared.known_refunds.on_bag(bag_id)
                 ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
+                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse)
                 tracker = SendTracker(resume, persist=save)
                 refund = await run_ask(
-                    attrs.evolve(ask, others=ask.others | others),
+                    ask,
                     io=tracker.watch(self._bag_io(order_id, bag_id, path, body, parse)),
                     settings=settings,
                     clock=clock,
                     deadline=deadline,
-                    known=shared.known_refunds,
+                    known=mine,
                     attempt_timeout=self._timeouts.connect + self._timeouts.read,
                     save=tracker.save,
                     patience=patience,
@@ -657,7 +665,7 @@ class VioletClient(RequestPlumbing):
             raise
         finally:
             locks.release(bag_id)
-        shared.known_refunds.add(refund.id, bag_id)
+        shared.known_refunds.add(refund.id, bag_id, owner)
         if resume is not None and save is None and self._keys is not None:
             self._keys.settled(resume, refund)
         return refund
@@ -693,6 +701,19 @@ class VioletClient(RequestPlumbing):
             clock=settings.clock_id,
             others=shared.known_refunds.on_bag(bag_id),
         )
+
+
+def _as_owner(
+    ask: PendingRefund, known: KnownRefunds, answer: AnswerCheck
+) -> tuple[PendingRefund, Container[int], str]:
+    """``ask`` with the refunds other calls got on its bag (never its own), the known
+    refunds it may not claim, and its identity. The refunds it already got (a resume
+    delivered twice) are its own to claim again; every other known one is another
+    call's, and an answer naming one is not this ask's."""
+    owner = ask.ask_id
+    answer.known = mine = known.besides(owner)
+    others = known.on_bag(ask.bag_id, besides=owner)
+    return attrs.evolve(ask, others=(ask.others | others) - known.owned_by(owner)), mine, owner
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:

@@ -20,7 +20,16 @@ from .models import (
     SkuRefund,
 )
 
-__all__ = ["Verdict", "content", "effect_visible", "match", "needs_bag"]
+__all__ = [
+    "Reading",
+    "Verdict",
+    "content",
+    "effect_visible",
+    "judge",
+    "match",
+    "needs_bag",
+    "send_offsets",
+]
 
 
 class Verdict(enum.Enum):
@@ -29,6 +38,9 @@ class Verdict(enum.Enum):
     MANY = "many"
     NEAR = "near"
     UNDATED = "undated"
+    OWNED = "owned"
+    """Only refunds already handed to other calls carry what was asked: never claimed,
+    never evidence of absence."""
     EFFECT_WITHOUT_REFUND = "effect_without_refund"
 
 
@@ -66,33 +78,39 @@ def content(
     """Does ``refund`` carry what was asked? MATCH, NEAR (close, not the same: a person
     should look) or MISS (another refund). Reasons are compared trimmed (Violet may store
     ``reason.strip()``); a FAILED or CANCELED refund that matches is only NEAR: another
-    attempt's failure must never be reported as this ask's outcome."""
+    attempt's failure must never be reported as this ask's outcome.
+
+    A cancel or a whole-bag refund is the refund of what was left on the bag, whatever
+    the bag's status says: the commerce platform moves that status minutes later, so a
+    status that has not moved yet rules nothing out. A status that moved the other way
+    (REFUNDED for a cancel, CANCELED for a whole-bag refund) makes it NEAR."""
     request = ask.request
     near = bool(_strip(request.reason)) and (
         refund.reason is not None and _strip(refund.reason) != _strip(request.reason)
     )
     if refund.status in _DEAD:
         near = True
-    if isinstance(request, CancelBagRequest):
-        if bag is None or bag.status is not BagStatus.CANCELED:
-            return Verdict.MISS
-        # A cancel refunds what was left on the bag: another amount is some other
-        # refund (or a rule we do not know), for a person to look at.
-        if not _is_the_rest(refund, refunds, bag):
+    whole = isinstance(request, CancelBagRequest) or (
+        request.amount_refunded is None and request.skus is None
+    )
+    if whole:
+        rest = None if bag is None else _is_the_rest(refund, refunds, bag)
+        if bag is None or rest is None:
+            return Verdict.NEAR  # what was left cannot be told: a person looks
+        if not rest:
+            return Verdict.NEAR if effect_visible(ask, bag) else Verdict.MISS
+        other_effect = (
+            BagStatus.REFUNDED if isinstance(request, CancelBagRequest) else BagStatus.CANCELED
+        )
+        if bag.status is other_effect:
             near = True
+    if isinstance(request, CancelBagRequest):
         return Verdict.NEAR if near else Verdict.MATCH
     if request.amount_refunded is not None:
         if refund.amount is None:
             near = True  # a record without its amount may be ours: never a miss
         elif refund.amount != request.amount_refunded:
             return Verdict.MISS
-    elif request.skus is None:
-        # A whole-bag refund: the bag must read REFUNDED, and this refund must be what
-        # was left on it before it.
-        if bag is None or bag.status is not BagStatus.REFUNDED:
-            return Verdict.MISS
-        if not _is_the_rest(refund, refunds, bag):
-            near = True
     if request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
         if asked != got:
@@ -105,17 +123,18 @@ def content(
     return Verdict.NEAR if near else Verdict.MATCH
 
 
-def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag) -> bool:
+def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag) -> bool | None:
     """``refund`` closed the bag (a whole-bag refund, a cancel): nothing was refunded
     after it, and it refunded what the refunds before it left. Refund ids are taken to
-    grow with time; where they do not, this says no, and a person looks."""
+    grow with time; where they do not, this says no, and a person looks. None: it
+    cannot be told (no id, no total, or an amount missing)."""
     if refund.id is None or refund.amount is None or bag.total is None:
-        return False
+        return None
     if any(r.id is not None and r.id > refund.id for r in refunds):
         return False  # refunded again after it: it did not close the bag
     earlier = [r.amount for r in refunds if r.id is not None and r.id < refund.id]
     if any(amount is None for amount in earlier):
-        return False  # an earlier record without its amount: the rest is unknown
+        return None  # an earlier record without its amount: the rest is unknown
     return refund.amount == bag.total - sum(a for a in earlier if a is not None)
 
 
@@ -130,6 +149,64 @@ def _timestamp(when: datetime) -> float | None:
 #: dated earlier than this send by less than that may be this send's own.
 WRONG_OFFSET_SPAN = 14 * 3600.0
 
+#: A ``Date`` header further than this from this machine's clock is not trusted alone
+#: (a CDN or load balancer may stamp its own, hours off; or this machine's clock is):
+#: a date must then fit both readings of when the ask was sent.
+TRUSTED_OFFSET = 900.0
+
+
+def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, float, bool]:
+    """The lowest and highest offset of Violet's clock over this record's times, the
+    tolerance around them, and whether the clock is sure.
+
+    The ``Date`` headers' offset alone when they agree with each other and with this
+    machine's clock within minutes (as it is now, or as it was before a step the ask
+    saw); otherwise every reading between them and this machine's clock (unsure)."""
+    offset = ask.server_offset
+    if offset is None:
+        return 0.0, 0.0, settings.clock_skew, False
+    local = (0.0, -ask.stepped)
+    if ask.offsets is None and any(abs(offset - h) <= TRUSTED_OFFSET for h in local):
+        if ask.clock_unsure:
+            return offset, offset, settings.clock_skew, False
+        return offset, offset, settings.date_tolerance, True
+    readings = (offset, *local, *(ask.offsets or ()))
+    return min(readings), max(readings), settings.clock_skew, False
+
+
+#: A date at exactly midnight UTC is taken to carry the day only (some platforms store
+#: dates, not times): the refund was made some time in the 24 hours from it.
+DAY = 86_400.0
+
+
+def _created(refund: OrderRefund) -> tuple[float, float] | None:
+    """The earliest and latest Unix time the refund's date allows (None: no date, or
+    one without an offset)."""
+    when = refund.date_created
+    if when is None:
+        return None
+    stamp = _timestamp(when)
+    if stamp is None:
+        return None
+    if stamp % DAY == 0.0:
+        return stamp, stamp + DAY
+    return stamp, stamp
+
+
+class Reading:
+    """What :func:`match` made of one read-back."""
+
+    __slots__ = ("found", "seen", "verdict")
+
+    def __init__(
+        self, verdict: Verdict, found: tuple[OrderRefund, ...], seen: frozenset[int]
+    ) -> None:
+        self.verdict = verdict
+        self.found = found
+        self.seen = seen
+        """Ids of every refund that could be this ask's, or that only another call's
+        ownership kept from being so (the record remembers them)."""
+
 
 def match(
     ask: PendingRefund,
@@ -138,59 +215,91 @@ def match(
     known: Container[int],
     settings: Settings,
 ) -> tuple[Verdict, tuple[OrderRefund, ...]]:
+    """:func:`judge`'s verdict and the refunds it names."""
+    reading = judge(ask, refunds, bag, known, settings)
+    return reading.verdict, reading.found
+
+
+def judge(
+    ask: PendingRefund,
+    refunds: Sequence[OrderRefund],
+    bag: OrderBag | None,
+    known: Container[int],
+    settings: Settings,
+) -> Reading:
     """Which refund on the bag, if any, this ask made.
 
-    A refund is a candidate when it is on this bag, was not already handed to a caller
-    (``known``), is not in the baseline when there is one, and was created no earlier
-    than the first send by Violet's clock (estimated from ``Date`` headers), less a
-    tolerance. A date that rules a matching refund out by less than a day's worth of
-    time zones (a wrongly labelled offset), a date without an offset, or no date, can
-    rule it neither in nor out: without a baseline the verdict is then UNDATED (a
-    person looks); with one, such a refund new since the baseline is a candidate.
+    A refund is a candidate when it is on this bag, carries what was asked
+    (:func:`content`), and is new: not in the baseline when there is one, else created
+    no earlier than the first send by Violet's clock (estimated from ``Date`` headers:
+    :func:`send_offsets`), less a tolerance.
+
+    With a baseline, a date never rules a refund out: a new one is a candidate whatever
+    its date (day-precision dates, a ``Date`` header hours off). Only a precise date
+    earlier than the send, by a clock that is sure, sends it to a person (UNDATED)
+    rather than claiming it. Without a baseline, a date earlier than the send by less
+    than a day's worth of time zones (a wrongly labelled offset, a clock that stepped, a
+    ``Date`` header hours off), a date without an offset, a day-precision date, or no
+    date, rules it neither in nor out: UNDATED (a person looks). Only a date earlier
+    than the send under every reading of the clock, by more than that, rules a refund
+    out.
+
+    A refund already handed to another call (``known``, ``ask.others``) is never
+    claimed; and since it is skipped only for being someone else's, it never proves
+    absence either: when it is all that matches, the verdict is OWNED.
     """
-    offset_known = ask.server_offset is not None and not ask.clock_unsure
-    tolerance = settings.date_tolerance if offset_known else settings.clock_skew
+    low, high, tolerance, sure = send_offsets(ask, settings)
     sent = ask.first_sent_at
-    earliest = None if sent is None else sent + (ask.server_offset or 0.0) - tolerance
     exact: list[OrderRefund] = []
     near: list[OrderRefund] = []
     undated: list[OrderRefund] = []
+    owned: list[OrderRefund] = []
     for refund in refunds:
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
-        if refund.id is not None and (refund.id in known or refund.id in ask.others):
-            continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue
-        created = None if refund.date_created is None else _timestamp(refund.date_created)
-        if created is not None and earliest is not None and created < earliest:
-            if created < earliest - WRONG_OFFSET_SPAN:
-                continue  # made long before this ask was first sent
-            dated = False  # earlier than the send, or ours under a wrong offset
-        elif created is None or refund.id is None:
-            dated = ask.baseline is not None  # new since the baseline: a candidate
-        else:
-            dated = True
+        span = _created(refund)
+        dated = True
+        if ask.baseline is None and (span is None or refund.id is None):
+            dated = False
+        elif span is not None and sent is not None:
+            early, late = span
+            if ask.baseline is None:
+                if late < sent + low - tolerance - WRONG_OFFSET_SPAN:
+                    continue  # made long before this ask was first sent, by every reading
+                # Earlier than the send by some reading of the clock: it cannot be told.
+                dated = early >= sent + high - tolerance
+            elif sure and late < sent + high - tolerance:
+                # New since the baseline, yet precisely dated before the send by a clock
+                # we trust: another system's refund listed late, or ours under a wrong
+                # offset. Never absence; a person looks.
+                dated = False
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             continue
-        if not dated:
+        if refund.id is not None and (refund.id in known or refund.id in ask.others):
+            owned.append(refund)
+        elif not dated:
             (undated if verdict is Verdict.MATCH else near).append(refund)
         elif verdict is Verdict.MATCH:
             exact.append(refund)
         else:
             near.append(refund)
+    seen = frozenset(r.id for r in (*exact, *near, *undated, *owned) if r.id is not None)
     if len(exact) > 1:
-        return Verdict.MANY, tuple(exact)
+        return Reading(Verdict.MANY, tuple(exact), seen)
     if undated:
-        return Verdict.UNDATED, tuple(exact + undated)
+        return Reading(Verdict.UNDATED, tuple(exact + undated), seen)
     if exact:
-        return Verdict.MATCH, tuple(exact)
+        return Reading(Verdict.MATCH, tuple(exact), seen)
     if near:
-        return Verdict.NEAR, tuple(near)
+        return Reading(Verdict.NEAR, tuple(near), seen)
+    if owned:
+        return Reading(Verdict.OWNED, tuple(owned), seen)
     if bag is not None and effect_visible(ask, bag):
-        return Verdict.EFFECT_WITHOUT_REFUND, ()
-    return Verdict.MISS, ()
+        return Reading(Verdict.EFFECT_WITHOUT_REFUND, (), seen)
+    return Reading(Verdict.MISS, (), seen)
 
 
 def effect_visible(ask: PendingRefund, bag: OrderBag) -> bool:

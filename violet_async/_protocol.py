@@ -44,7 +44,9 @@ failure                                                    what it proves
 connection never established (refused, DNS, connect or     did not apply: re-send with
 pool timeout); 429                                         backoff
 Violet's application answered: any 5xx whose body is       may have applied; only list
-Violet's own error JSON; an unreadable 2xx                 lag to wait out (``settle_lag``)
+Violet's own error JSON                                    lag to wait out (``settle_lag``)
+a 2xx whose body cannot be read or does not fit the        applied: read back, never
+request (another order, bag or amount)                     re-sent; pending if not found
 no answer from Violet's application: read timeout,         may have applied and may still
 dropped connection, any other 5xx (a gateway's 502 /       be running there
 503 / 504 / 524, a proxy's 598 / 599, an HTML 500)         (``settle_running``)
@@ -64,7 +66,7 @@ import attrs
 import orjson
 
 from ._ask import PROCESS_CLOCK, PendingRefund, Phase, ProtocolError, Settings
-from ._matching import Verdict, content, match, needs_bag
+from ._matching import Verdict, content, judge, match, needs_bag
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -86,6 +88,7 @@ __all__ = [
     "ProtocolError",
     "Settings",
     "classify_send_failure",
+    "clock_stepped",
     "match",
     "start",
     "step",
@@ -105,6 +108,9 @@ class Cause(enum.Enum):
     """Violet's application answered with an error: may have applied; list lag only."""
     NO_ANSWER = "no_answer"
     """No answer from Violet's application: may have applied, may still be running."""
+    APPLIED = "applied"
+    """A 2xx whose body could not be read or did not fit the request: it applied (a 2xx
+    proves it), so it is read back and never sent again."""
 
 
 def is_violet_error_body(body: bytes) -> bool:
@@ -143,8 +149,9 @@ def classify_send_failure(exc: VioletError) -> Cause:
     if isinstance(exc, CancellationFailedError):
         return Cause.REFUSED
     if isinstance(exc, ResponseFormatError):
-        # An answer we could not read: Violet did answer, and may have acted.
-        return Cause.ANSWERED if 200 <= exc.status < 300 else Cause.NO_ANSWER
+        # A 2xx proves it applied, even when its body cannot be read or names another
+        # refund; any other answer we could not read may have come from a gateway.
+        return Cause.APPLIED if 200 <= exc.status < 300 else Cause.NO_ANSWER
     # Anything else we cannot place: assume the worst.
     return Cause.NO_ANSWER
 
@@ -178,6 +185,9 @@ class Observation:
     backoff: float = 0.0
     """For a safe failure: how long to wait before sending again (Retry-After or
     jittered backoff, drawn by the driver so step stays deterministic)."""
+    unreadable: int = 0
+    """Refund records the read-back could not read (skipped): they can only make the
+    outcome pending, never a claim and never absence."""
 
     @classmethod
     def answered(cls, at: float, refund: OrderRefund) -> Observation:
@@ -211,6 +221,7 @@ class Observation:
         *,
         server_time: float | None = None,
         received_at: float | None = None,
+        unreadable: int = 0,
     ) -> Observation:
         return cls(
             ObsKind.READ,
@@ -219,6 +230,7 @@ class Observation:
             bag=bag,
             server_time=server_time,
             received_at=received_at,
+            unreadable=unreadable,
         )
 
     @classmethod
@@ -315,18 +327,38 @@ def _send(ask: PendingRefund, now: float, delay: float = 0.0) -> tuple[PendingRe
     )
 
 
+#: Two ``Date`` readings further apart than this disagree (a Date has whole seconds,
+#: and an answer's time in flight blurs it a little more).
+OFFSET_DISAGREES = 10.0
+
+
 def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefund:
     """The record with Violet's clock offset learned from ``obs`` (if it had a Date).
 
     A record whose times were written by another process (resumed elsewhere) has them
     moved onto this process's clock first: the instants Violet's clock gives them stay
-    the same."""
+    the same. ``Date`` readings that disagree (a CDN stamping its own, a clock that
+    jumped) make the clock unsure: every offset between them is kept."""
     if obs.server_time is None or obs.received_at is None:
         return ask
     # The Date header has whole seconds; its half-second middle is the best estimate.
     offset = obs.server_time + 0.5 - obs.received_at
     if ask.clock == here or ask.server_offset is None:
-        return attrs.evolve(ask, server_offset=offset, clock=here)
+        previous = ask.server_offset if ask.clock == here else None
+        offsets = ask.offsets
+        if offsets is not None:
+            offsets = (min(offsets[0], offset), max(offsets[1], offset))
+        elif previous is not None and abs(offset - previous) > OFFSET_DISAGREES:
+            offsets = (min(offset, previous), max(offset, previous))
+        if offsets == ask.offsets and ask.server_offset == offset and ask.clock == here:
+            return ask
+        return attrs.evolve(
+            ask,
+            server_offset=offset,
+            clock=here,
+            offsets=offsets,
+            clock_unsure=ask.clock_unsure or offsets is not None,
+        )
     shift = ask.server_offset - offset
     return attrs.evolve(
         ask,
@@ -338,6 +370,34 @@ def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefu
     )
 
 
+def clock_stepped(ask: PendingRefund, jump: float) -> PendingRefund:
+    """The record after this machine's wall clock stepped by ``jump`` seconds (NTP, an
+    operator) while the ask ran, as the driver measures it (wall time against monotonic
+    time): its times move onto the new wall clock, and the clock is unsure from then on
+    (dates are judged against every reading of it)."""
+
+    def moved(when: float | None) -> float | None:
+        return None if when is None else when + jump
+
+    # Violet's clock did not move: every offset learned before the step did. (Were it
+    # no step but a suspend, whose wall time is right and monotonic time paused, the
+    # moved times with the moved offset still name the same instants on Violet's
+    # clock; only the settle window grows.)
+    offsets = ask.offsets
+    if offsets is not None:
+        offsets = (offsets[0] - jump, offsets[1] - jump)
+    return attrs.evolve(
+        ask,
+        first_sent_at=moved(ask.first_sent_at),
+        last_sent_at=moved(ask.last_sent_at),
+        settle_until=moved(ask.settle_until),
+        server_offset=None if ask.server_offset is None else ask.server_offset - jump,
+        offsets=offsets,
+        clock_unsure=True,
+        stepped=ask.stepped + jump,
+    )
+
+
 def _park(
     ask: PendingRefund,
     note: str,
@@ -345,7 +405,10 @@ def _park(
     *,
     review: bool = False,
 ) -> tuple[PendingRefund, Action]:
-    parked = attrs.evolve(ask, phase=Phase.PENDING, note=note, needs_review=review)
+    # Review is sticky: a record a person has to look at never settles by itself.
+    parked = attrs.evolve(
+        ask, phase=Phase.PENDING, note=note, needs_review=review or ask.needs_review
+    )
     return parked, Action(Do.PARK, candidates=tuple(candidates))
 
 
@@ -402,15 +465,55 @@ def step(
                 note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
                 held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
                 return held, Action(Do.HOLD, candidates=present)
+            if obs.unreadable:
+                note = (
+                    f"{obs.unreadable} refund record(s) on bag {ask.bag_id} could not be read: "
+                    "whether it already holds this refund cannot be told; not sent"
+                )
+                return _park(ask, note, review=True)
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
         return _send(attrs.evolve(ask, baseline=baseline), now)
     if ask.phase is not Phase.SENT:
         raise ProtocolError(f"a read-back in phase {ask.phase.value}")
+    return _after_read(ask, obs, settings, now, remaining, known, patience)
+
+
+def _after_read(
+    ask: PendingRefund,
+    obs: Observation,
+    settings: Settings,
+    now: float,
+    remaining: float | None,
+    known: Container[int],
+    patience: float | None,
+) -> tuple[PendingRefund, Action]:
+    """A read-back of a sent ask: claim, keep reading, park, or (only on a clean, fresh,
+    complete read after the window) prove it absent and send again."""
     # Refunds handed to other callers are remembered in the record, so that a resume in
     # another process (which does not know them) never claims one.
-    others = frozenset(r.id for r in obs.refunds if r.id is not None and r.id in known)
+    listed = frozenset(r.id for r in obs.refunds if r.id is not None)
+    others = frozenset(i for i in listed if i in known)
+    # Refunds do not vanish from Violet: a read that misses one seen before (by this
+    # ask, in its baseline, or handed to a caller) came from a replica behind it.
+    stale = not (ask.seen <= listed and ask.others <= listed and (ask.baseline or listed) <= listed)
     ask = attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others)
-    verdict, found = match(ask, obs.refunds, obs.bag, known, settings)
+    reading = judge(ask, obs.refunds, obs.bag, known, settings)
+    verdict, found = reading.verdict, reading.found
+    if not reading.seen <= ask.seen:
+        ask = attrs.evolve(ask, seen=ask.seen | reading.seen)
+    settle = ask.settle_until if ask.settle_until is not None else now
+    after_window = obs.at >= settle
+    if verdict is Verdict.MATCH and obs.unreadable:
+        note = (
+            f"refund {found[0].id} on bag {ask.bag_id} matches this request, but "
+            f"{obs.unreadable} refund record(s) on the bag could not be read and could be it"
+        )
+        return _park(ask, note, found, review=True)
+    if verdict is Verdict.MATCH and stale:
+        if after_window:
+            note = f"the list of bag {ask.bag_id} came from a replica behind an earlier read"
+            return _park(ask, note, found)
+        return _read_again(ask, settings, now, remaining, settle, patience)
     if verdict is Verdict.MATCH and settings.others_pending:
         note = (
             f"refund {found[0].id} on bag {ask.bag_id} matches this request, but another "
@@ -431,38 +534,79 @@ def step(
         return _park(ask, note, found, review=True)
     if verdict is Verdict.UNDATED:
         note = (
-            f"a refund on bag {ask.bag_id} matches this request but its date has no offset "
-            "(or none), so whether it predates this request cannot be told"
+            f"a refund on bag {ask.bag_id} matches this request but its date cannot place it "
+            "after this request (no offset, no date, or a date that conflicts with when it "
+            "was sent by some reading of the clock)"
         )
         return _park(ask, note, found, review=True)
-    settle = ask.settle_until if ask.settle_until is not None else now
-    if verdict is Verdict.MISS and obs.at >= settle:
-        if ask.refused_after_doubt:
-            # Waiting longer cannot tell which send, if any, applied: a person looks.
-            note = "a re-send was refused after an earlier send may have applied; no refund shows"
-            return _park(ask, note, review=True)
-        # Proven absent: every read missed it, the last one after the settle window.
-        absent = attrs.evolve(
-            ask,
-            phase=Phase.ABSENT,
-            settle_until=None,
-            baseline=frozenset(r.id for r in obs.refunds if r.id is not None),
-            note="proven absent after the settle window",
+    if not after_window:
+        return _read_again(ask, settings, now, remaining, settle, patience)
+    # After the window, and no refund this ask can claim. Each of these rules absence
+    # out; only a clean, fresh, complete read with nothing of ours on it proves it.
+    if verdict is Verdict.OWNED:
+        note = (
+            f"the only refunds on bag {ask.bag_id} that match this request were handed to "
+            "other calls: that proves nothing about this one"
         )
-        if absent.sends - absent.budget_from >= settings.max_attempts:
-            return attrs.evolve(
-                absent, phase=Phase.FAILED, note="not applied; out of attempts"
-            ), Action(Do.FAIL)
-        return _send(absent, now)
-    if verdict is Verdict.EFFECT_WITHOUT_REFUND and obs.at >= settle:
+        return _park(ask, note, found, review=True)
+    if stale:
+        note = (
+            f"the list of bag {ask.bag_id} came from a replica behind an earlier read "
+            "(a refund seen before is missing): not evidence of absence"
+        )
+        return _park(ask, note)
+    if obs.unreadable:
+        note = (
+            f"{obs.unreadable} refund record(s) on bag {ask.bag_id} could not be read: "
+            "absence cannot be proven"
+        )
+        return _park(ask, note, review=True)
+    if ask.answered:
+        note = (
+            f"Violet answered a send with a 2xx (it applied), but no refund for it shows on "
+            f"bag {ask.bag_id}; it is never sent again"
+        )
+        return _park(ask, note, review=True)
+    if ask.needs_review:
+        note = f"parked for review before ({ask.note}); a person has to look at bag {ask.bag_id}"
+        return _park(ask, note, review=True)
+    if verdict is Verdict.EFFECT_WITHOUT_REFUND:
         # The bag moved (REFUNDED / CANCELED) but no refund of ours shows after the
         # window: someone else's doing, or a list lagging beyond it. A person looks
         # (resume still reads again).
         note = f"bag {ask.bag_id} shows this request's effect, but no refund for it shows"
         return _park(ask, note, review=True)
-    # Inside the window: read again, backing off, the last read at the window's end.
-    # (The exponent is capped: a window hours long, after a wall clock stepped back,
-    # makes thousands of reads, and 2 ** 1100 is no float.)
+    if ask.refused_after_doubt:
+        # Waiting longer cannot tell which send, if any, applied: a person looks.
+        note = "a re-send was refused after an earlier send may have applied; no refund shows"
+        return _park(ask, note, review=True)
+    # Proven absent: every read missed it, the last one after the settle window.
+    absent = attrs.evolve(
+        ask,
+        phase=Phase.ABSENT,
+        settle_until=None,
+        baseline=listed,
+        seen=frozenset(),
+        note="proven absent after the settle window",
+    )
+    if absent.sends - absent.budget_from >= settings.max_attempts:
+        return attrs.evolve(
+            absent, phase=Phase.FAILED, note="not applied; out of attempts"
+        ), Action(Do.FAIL)
+    return _send(absent, now)
+
+
+def _read_again(
+    ask: PendingRefund,
+    settings: Settings,
+    now: float,
+    remaining: float | None,
+    settle: float,
+    patience: float | None,
+) -> tuple[PendingRefund, Action]:
+    """Inside the window: read again, backing off, the last read at the window's end.
+    (The exponent is capped: a window hours long, after a wall clock stepped back,
+    makes thousands of reads, and 2 ** 1100 is no float.)"""
     delay = min(
         settings.settle_delay * 2 ** min(max(ask.reads - 1, 0), 30), settings.max_settle_delay
     )
@@ -505,6 +649,11 @@ def _after_send_failure(
             return attrs.evolve(ask, phase=Phase.FAILED, note=note), Action(Do.FAIL)
         window = settings.settle_lag
         ask = attrs.evolve(ask, refused_after_doubt=True)
+    elif cause is Cause.APPLIED:
+        # Violet's application answered 2xx: only list lag to wait out, and never a
+        # re-send, whatever the reads show.
+        window = settings.settle_lag
+        ask = attrs.evolve(ask, answered=True)
     else:
         window = settings.settle_running if cause is Cause.NO_ANSWER else settings.settle_lag
     failed_at = obs.received_at if obs.received_at is not None else now

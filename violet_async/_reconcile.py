@@ -16,6 +16,7 @@ from typing import Protocol
 import attrs
 
 from . import _protocol as protocol
+from ._ask import PROCESS_CLOCK
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
@@ -36,6 +37,7 @@ __all__ = [
     "PendingAsks",
     "RateLimitDeferred",
     "ReadBack",
+    "WallWatch",
     "after_failed_send",
     "drive",
     "run_ask",
@@ -55,34 +57,74 @@ class RateLimitDeferred(Exception):
 
 
 class KnownRefunds:
-    """Refund ids this client already returned to a caller, with their bag (bounded,
-    oldest evicted)."""
+    """Refund ids this client already returned to a caller, with their bag and the ask
+    that owns them (bounded, oldest evicted).
+
+    Known is not absent: a refund skipped because it was handed to another call never
+    proves that an ask did not apply, and the ask that owns a refund (by its
+    ``PendingRefund.ask_id``) may always claim it again: a resume delivered twice gets
+    the same refund twice, never a second send."""
 
     def __init__(self, capacity: int = 10_000) -> None:
-        # A dict to look up (and keep each refund's bag), a deque for the order: add is
-        # a few C calls on the hot path.
-        self._ids: dict[int, int | None] = {}
+        # A dict to look up (and keep each refund's bag and owner), a deque for the
+        # order: add is a few C calls on the hot path.
+        self._ids: dict[int, tuple[int | None, str | None]] = {}
         self._order: deque[int] = deque()
         self._capacity = capacity
 
-    def add(self, refund_id: int | None, bag_id: int | None = None) -> None:
-        if refund_id is None or refund_id in self._ids:
+    def add(
+        self, refund_id: int | None, bag_id: int | None = None, owner: str | None = None
+    ) -> None:
+        if refund_id is None:
             return
-        self._ids[refund_id] = bag_id
+        if refund_id in self._ids:
+            if owner is not None and self._ids[refund_id][1] is None:
+                self._ids[refund_id] = (self._ids[refund_id][0] or bag_id, owner)
+            return
+        self._ids[refund_id] = (bag_id, owner)
         self._order.append(refund_id)
         if len(self._order) > self._capacity:
             self._ids.pop(self._order.popleft(), None)
 
-    def on_bag(self, bag_id: int) -> frozenset[int]:
-        """The refunds returned for ``bag_id`` (for an ask's record, so that a resume in
-        another process never claims one of them; a failure path, so a scan is fine)."""
-        return frozenset(r for r, bag in self._ids.items() if bag == bag_id)
+    def on_bag(self, bag_id: int, *, besides: str | None = None) -> frozenset[int]:
+        """The refunds returned for ``bag_id``, except those owned by the ask
+        ``besides`` (for an ask's record, so that a resume in another process never
+        claims another call's; a failure path, so a scan is fine)."""
+        return frozenset(
+            r
+            for r, (bag, owner) in self._ids.items()
+            if bag == bag_id and (besides is None or owner != besides)
+        )
+
+    def owned_by(self, ask_id: str) -> frozenset[int]:
+        """The refunds handed to the ask ``ask_id`` (a failure path: a scan is fine)."""
+        return frozenset(r for r, (_, owner) in self._ids.items() if owner == ask_id)
+
+    def owner(self, refund_id: int) -> str | None:
+        entry = self._ids.get(refund_id)
+        return None if entry is None else entry[1]
+
+    def besides(self, ask_id: str) -> Container[int]:
+        """The refunds owned by any call but the ask ``ask_id``."""
+        return _OthersOf(self, ask_id)
 
     def __contains__(self, refund_id: object) -> bool:
         return refund_id in self._ids
 
     def __len__(self) -> int:
         return len(self._ids)
+
+
+class _OthersOf:
+    __slots__ = ("_ask_id", "_known")
+
+    def __init__(self, known: KnownRefunds, ask_id: str) -> None:
+        self._known = known
+        self._ask_id = ask_id
+
+    def __contains__(self, refund_id: object) -> bool:
+        entry = self._known._ids.get(refund_id)  # type: ignore[call-overload]
+        return entry is not None and entry[1] != self._ask_id
 
 
 class PendingAsks:
@@ -128,6 +170,8 @@ class PendingAsks:
 
 
 def _same_ask(one: PendingRefund, other: PendingRefund) -> bool:
+    if one.ask_id == other.ask_id:
+        return True
     return (
         one.kind == other.kind
         and one.order_id == other.order_id
@@ -198,6 +242,8 @@ class ReadBack:
     refunds: tuple[OrderRefund, ...]
     bag: OrderBag | None
     server_time: float | None
+    unreadable: int = 0
+    """Refund records that could not be read (skipped)."""
 
 
 @attrs.frozen
@@ -228,7 +274,7 @@ class BagIO:
         # from before it (where another system's refund could pass for ours).
         bag = (await self.read_order(deadline)).bag(self.bag_id) if read_bag else None
         page = await self.read_refunds(deadline)
-        return ReadBack(tuple(page.refunds), bag, page.server_time)
+        return ReadBack(tuple(page.refunds), bag, page.server_time, page.unreadable)
 
     def send_backoff(self, sends: int, error: VioletError) -> float:
         return self.policy.delay_after(sends, error)
@@ -248,6 +294,34 @@ class Clock(Protocol):
     def time(self) -> float: ...
 
     async def sleep(self, seconds: float) -> None: ...
+
+
+#: Seconds by which wall time may run away from monotonic time during an ask before it
+#: counts as a step of the wall clock (NTP slews far slower; a step is seconds or hours).
+CLOCK_STEP = 2.0
+
+
+class WallWatch:
+    """Tells when this machine's wall clock stepped (NTP, an operator, a VM resumed):
+    wall time and monotonic time moved apart by more than :data:`CLOCK_STEP`."""
+
+    __slots__ = ("_clock", "_mono", "_wall")
+
+    def __init__(self, clock: Clock, since: tuple[float, float] | None = None) -> None:
+        self._clock = clock
+        self._wall, self._mono = since if since is not None else (clock.time(), clock.monotonic())
+
+    def jump(self) -> float:
+        """How far the wall clock stepped since the last look (0.0: it did not)."""
+        wall, mono = self._clock.time(), self._clock.monotonic()
+        jump = (wall - self._wall) - (mono - self._mono)
+        self._wall, self._mono = wall, mono
+        return jump if abs(jump) > CLOCK_STEP else 0.0
+
+    def settle(self, ask: PendingRefund) -> tuple[PendingRefund, float]:
+        """``ask`` with its times moved onto the wall clock if it stepped, and the step."""
+        jump = self.jump()
+        return (protocol.clock_stepped(ask, jump) if jump else ask), jump
 
 
 #: Seconds by which a send may leave after the time its saved record gives before the
@@ -271,6 +345,7 @@ async def drive(
     save: Save | None = None,
     announce: Announce | None = None,
     patience: float | None = None,
+    watch: WallWatch | None = None,
 ) -> OrderRefund:
     """Perform ``action`` and every one that follows until the ask ends.
 
@@ -291,30 +366,23 @@ async def drive(
             ask = attrs.evolve(ask, last_sent_at=now)
             await save(ask)
 
+    watch = watch or WallWatch(clock)
     try:
         while True:
+            if action.final or action.do is Do.SEND:
+                # What a resume in this process compares with, to see a step of the wall
+                # clock between this call and that one.
+                ask = attrs.evolve(ask, wall_mono=(clock.time(), clock.monotonic()))
             if save is not None and (action.final or action.do is Do.SEND):
                 await save(ask)
-            if action.do is Do.RETURN and action.refund is not None:
-                return action.refund
-            if action.do is Do.FAIL:
-                raise last_error or VioletError(
-                    f"the {ask.kind} of bag {ask.bag_id} did not apply ({ask.note}); nothing "
-                    "more was sent"
-                )
-            if action.do is Do.PARK:
-                raise _ambiguous(ask, action, last_error)
-            if action.do is Do.HOLD:
-                raise RefundAlreadyPresentError(ask.note, refunds=action.candidates)
-            if action.do is Do.DEFER and last_error is not None:
-                raise RateLimitDeferred(ask, action.delay, last_error)
-            if action.do is Do.RETURN:
-                raise protocol.ProtocolError("a return without its refund")
+            if action.final:
+                return _end(ask, action, last_error)
             if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
                 await announce(ask, last_error, action.delay)
             if action.delay > 0:
                 await clock.sleep(action.delay)
             remaining = None if deadline is None else deadline - clock.monotonic()
+            ask, _ = watch.settle(ask)
             at = clock.time()
             obs: Observation
             if action.do is Do.SEND:
@@ -337,6 +405,9 @@ async def drive(
                     ask, action, at, io=io, deadline=deadline, settings=settings, clock=clock
                 )
                 last_error = last_error or failed
+            ask, jump = watch.settle(ask)
+            if jump:
+                obs = attrs.evolve(obs, at=obs.at + jump)  # its start moves with the clock
             remaining = None if deadline is None else deadline - clock.monotonic()
             baseline = ask.phase is Phase.NEW
             ask, action = protocol.step(
@@ -346,6 +417,23 @@ async def drive(
                 _report(ask, obs, action, baseline=baseline)
     finally:
         ATTEMPT.set(1)
+
+
+def _end(ask: PendingRefund, action: Action, last_error: VioletError | None) -> OrderRefund:
+    """The refund of a final action, or the error that ends the ask."""
+    if action.do is Do.RETURN and action.refund is not None:
+        return action.refund
+    if action.do is Do.FAIL:
+        raise last_error or VioletError(
+            f"the {ask.kind} of bag {ask.bag_id} did not apply ({ask.note}); nothing more was sent"
+        )
+    if action.do is Do.PARK:
+        raise _ambiguous(ask, action, last_error)
+    if action.do is Do.HOLD:
+        raise RefundAlreadyPresentError(ask.note, refunds=action.candidates)
+    if action.do is Do.DEFER and last_error is not None:
+        raise RateLimitDeferred(ask, action.delay, last_error)
+    raise protocol.ProtocolError(f"a final {action.do.value} without what it ends with")
 
 
 async def _read_back(
@@ -371,6 +459,7 @@ async def _read_back(
             found.bag,
             server_time=found.server_time,
             received_at=clock.time(),
+            unreadable=found.unreadable,
         ),
         None,
     )
@@ -386,11 +475,20 @@ async def after_failed_send(
     deadline: float | None,
     known: Container[int],
     save: Save | None = None,
+    sent_mono: float | None = None,
 ) -> OrderRefund:
     """Take over an ask whose first send (made inline by the client, so the happy path
-    builds no record) failed with ``error``. ``save`` as for :func:`drive`."""
+    builds no record) failed with ``error``. ``save`` as for :func:`drive`;
+    ``sent_mono`` is the monotonic time it left at (so that a wall clock step during it
+    is seen)."""
+    sent_at = ask.last_sent_at if ask.last_sent_at is not None else clock.time()
+    watch = WallWatch(clock, None if sent_mono is None else (sent_at, sent_mono))
+    jump = watch.jump()
+    if jump:
+        ask = protocol.clock_stepped(ask, jump)
+        sent_at += jump
     obs = Observation.send_failed(
-        ask.last_sent_at or clock.time(),
+        sent_at,
         error,
         backoff=io.send_backoff(ask.sends, error),
         server_time=io.server_time(error),
@@ -409,6 +507,7 @@ async def after_failed_send(
         last_error=error,
         save=save,
         announce=io.announce,
+        watch=watch,
     )
 
 
@@ -426,6 +525,12 @@ async def run_ask(
 ) -> OrderRefund:
     """An ask from its start: a new one (after a baseline read when asked), or one an
     earlier call or process left sent or pending (read back first)."""
+    if ask.wall_mono is not None and ask.clock == (settings.clock_id or PROCESS_CLOCK):
+        # Left by this process: a step of its wall clock since moves the record's times
+        # with it (a forward step must not end a settle window early).
+        jump = WallWatch(clock, ask.wall_mono).jump()
+        if jump:
+            ask = protocol.clock_stepped(ask, jump)
     ask, action = protocol.start(ask, settings, clock.time(), attempt_timeout=attempt_timeout)
     return await drive(
         ask,

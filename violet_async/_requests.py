@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from contextlib import nullcontext
 from functools import partial
 from logging import DEBUG
@@ -43,7 +43,7 @@ from .exceptions import (
 from .models import Order, OrderRefund
 from .models._validators import check_id
 
-__all__ = ["RequestPlumbing", "Shared"]
+__all__ = ["AnswerCheck", "RequestPlumbing", "Shared"]
 
 T = TypeVar("T")
 
@@ -98,8 +98,8 @@ class RequestPlumbing:
         """What the refund protocol's driver needs for one ask (built after a failure,
         or for an ask that reads before sending)."""
         return BagIO(
-            send_once=partial(self._attempt, "POST", path, body, parse),
-            read_refunds=partial(self._read_back, self._bag_path(order_id, bag_id, "refunds")),
+            send_once=partial(self._attempt, "POST", path, body, parse),  # parse checks it
+            read_refunds=partial(self._read_refunds, self._bag_path(order_id, bag_id, "refunds")),
             read_order=partial(self._read_order, order_id),
             bag_id=bag_id,
             path=path,
@@ -157,8 +157,8 @@ class RequestPlumbing:
         first = page = await self._get(path, parse_refund_page, deadline=deadline)
         refunds: dict[int | None, OrderRefund] = {}
         unnamed: list[OrderRefund] = []
-        unreadable = 0
         pages_read = 1
+        unreadable = 0
         while True:
             unreadable += page.unreadable
             for refund in page.refunds:
@@ -182,24 +182,6 @@ class RequestPlumbing:
             if page.number is not None and page.number != wanted:
                 raise self._paging_error(path, f"asked for page {wanted}, got {page.number}")
         return RefundPage([*refunds.values(), *unnamed], page.server_time, unreadable=unreadable)
-
-    async def _read_back(self, path: str, deadline: float | None) -> RefundPage:
-        """A read-back of the bag's refunds for the protocol. A record that could not be
-        read may be anyone's refund, this ask's included: until the protocol weighs
-        ``RefundPage.unreadable`` itself, such a read counts as a failed read (the ask
-        reads again, then stays pending), never as absence and never as a claim."""
-        page = await self._read_refunds(path, deadline)
-        if page.unreadable:
-            raise ResponseFormatError(
-                f"GET {path}: {page.unreadable} refund record(s) could not be read; a "
-                "read-back cannot rule them out",
-                body=b"",
-                status=200,
-                field="$[*]",
-                method="GET",
-                path=path,
-            )
-        return page
 
     @staticmethod
     def _paging_error(path: str, problem: str) -> ResponseFormatError:
@@ -447,6 +429,57 @@ class RequestPlumbing:
             send, method=method, path=path
         )
         return result
+
+
+class AnswerCheck:
+    """``parse`` for the 2xx answer of one refund or cancel, checked against the request:
+    an answer naming another order or bag, or another amount than the one asked for, is
+    an unreadable 2xx (``ResponseFormatError``): it applied, and the refund protocol
+    reads the bag back rather than return a refund that is not this request's. A few
+    compares per successful call."""
+
+    __slots__ = ("amount", "bag_id", "known", "order_id", "parse")
+
+    def __init__(
+        self,
+        parse: Callable[[RawResponse, str], OrderRefund],
+        order_id: int,
+        bag_id: int,
+        amount: int | None,
+        known: Container[int] = (),
+    ) -> None:
+        self.parse = parse
+        self.order_id = order_id
+        self.bag_id = bag_id
+        self.amount = amount
+        self.known = known
+        """Refunds already handed to other calls: an answer naming one is not this
+        request's (a replayed or cached answer)."""
+
+    def __call__(self, resp: RawResponse, path: str) -> OrderRefund:
+        refund = self.parse(resp, path)
+        if refund.order_id != self.order_id and refund.order_id is not None:
+            wrong = f"order {refund.order_id}"
+        elif refund.bag_id != self.bag_id and refund.bag_id is not None:
+            wrong = f"bag {refund.bag_id}"
+        elif self.amount is not None and refund.amount != self.amount:
+            wrong = f"an amount of {refund.amount}"
+        elif refund.id in self.known:
+            wrong = f"refund {refund.id}, already handed to another call"
+        else:
+            return refund
+        asked = f"order {self.order_id}, bag {self.bag_id}"
+        if self.amount is not None:
+            asked += f", amount {self.amount}"
+        raise ResponseFormatError(
+            f"POST {path}: the 2xx answer names {wrong}, not this request's ({asked}): it "
+            "applied, but what it made cannot be read from the answer",
+            body=resp.body,
+            status=resp.status,
+            field="$",
+            method="POST",
+            path=path,
+        )
 
 
 def _too_late(method: str, path: str) -> APITimeoutError:

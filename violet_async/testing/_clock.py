@@ -92,6 +92,11 @@ class FakeClock:
                 timer.fn()
         self.now = target
 
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock (``time()``) by ``seconds``, forward or back, as NTP or an
+        operator would, while monotonic time goes on undisturbed."""
+        self.wall_start += seconds
+
     def run_due(self) -> None:
         """Run every timer due at the current time."""
         self.advance(0.0)

@@ -58,6 +58,9 @@ class Fault(enum.Enum):
     """Committed; the 200 body is cut in half."""
     WRONG_TYPES = "wrong_types"
     """Committed; the 200 body has an amount as a string."""
+    WRONG_BAG_ANSWER = "wrong_bag_answer"
+    """Committed; the 200 body is a refund naming another bag (a misrouted or cached
+    answer): it applied, but the answer is not this request's."""
     LATE_COMMIT = "late_commit"
     """A gateway's 504 now (plain text); the refund or cancel commits
     ``late_commit_delay`` seconds later on the fake's clock, and only then (reads in
@@ -88,6 +91,7 @@ COMMIT_FAULTS = frozenset(
         Fault.HTTP_524_AFTER_COMMIT,
         Fault.TRUNCATED_JSON,
         Fault.WRONG_TYPES,
+        Fault.WRONG_BAG_ANSWER,
         Fault.LATE_COMMIT,
         Fault.TIMEOUT_THEN_COMMIT,
         Fault.SLOW_BODY,
@@ -141,6 +145,21 @@ class ServerQuirks:
     """Refund records carry every field of the spec page (``gateway_transaction_id``,
     transfer reversal amounts, ``reason_code``, ``platform_currency``, ``tax_amount``).
     Off: the fields of Violet's own get-bag-refunds example only."""
+
+    replica_behind: float = 0.0
+    """The refund list (and the single-refund GET) comes from a replica this many
+    seconds behind the primary: a refund committed less than that ago is missing."""
+    replica_flap: bool = False
+    """Reads alternate between the primary and that replica: a refund shows, hides,
+    then shows again."""
+    date_header_skew: float = 0.0
+    """Seconds the ``Date`` header is off from the server's own clock (a CDN or load
+    balancer stamping its own), refund dates left alone."""
+    date_header_flap: bool = False
+    """Every other answer carries the skewed ``Date`` header, the rest the true one:
+    the readings disagree."""
+    day_dates: bool = False
+    """Refund dates carry the day only (``2023-11-07T00:00:00Z``)."""
 
     @page_keys.validator
     def _check_page_keys(self, _: object, value: str) -> None:

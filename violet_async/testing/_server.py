@@ -187,6 +187,7 @@ class FakeViolet:
         self.faults = FaultDrawer(attrs.evolve(plan, quirks=self.quirks))
         self._script = FaultScript()
         self._request_serial = 0
+        self._reads = 0
         self._host = host
         self._port = port
         self._signing_key = secrets.token_bytes(32)
@@ -516,7 +517,8 @@ class FakeViolet:
         await self._maybe_fault("list_refunds", bag_id, mutating=False)
         self._check_token(request)
         bag = self.store.bag(order_id, bag_id)
-        shown = [record for record in bag.refunds if self.store.visible(record)]
+        behind = self._replica_lag()
+        shown = [record for record in bag.refunds if self.store.visible(record, behind=behind)]
         if self.quirks.page_size is None:
             response = self._ok(shown)
         else:
@@ -532,13 +534,22 @@ class FakeViolet:
         await self._maybe_fault("get_refund", None, mutating=False)
         self._check_token(request)
         for bag in self.store.order(order_id).bags.values():
+            behind = self._replica_lag()
             for record in bag.refunds:
-                if record["id"] == refund_id and self.store.visible(record):
+                if record["id"] == refund_id and self.store.visible(record, behind=behind):
                     response = self._ok(record)
                     # A read of the refund moves it toward COMPLETED, as a list read does.
                     self.store.tick_processing(bag)
                     return response
         raise RuleViolation(404, f"Refund {refund_id} not found on order {order_id}", 4042)
+
+    def _replica_lag(self) -> float:
+        """How far behind the primary this read's replica is (``replica_behind``; with
+        ``replica_flap``, every other read is the primary's)."""
+        self._reads += 1
+        if self.quirks.replica_flap and self._reads % 2:
+            return 0.0
+        return self.quirks.replica_behind
 
     async def _get_order(self, request: web.Request) -> web.Response:
         self.ledger.requests["get_order"] += 1
@@ -638,6 +649,8 @@ class FakeViolet:
         if fault is Fault.TRUNCATED_JSON:
             raw = orjson.dumps(record)
             return web.Response(body=raw[: len(raw) // 2], content_type="application/json")
+        if fault is Fault.WRONG_BAG_ANSWER:
+            return self._ok({**record, "bag_id": record["bag_id"] + 1_000_000})
         # WRONG_TYPES
         return self._ok({**record, "amount": str(record["amount"])})
 
@@ -685,7 +698,10 @@ class FakeViolet:
     async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
         """Every answer carries the server's own time (skew included) in ``Date``, and a
         request id in ``X-Request-Id``, as real APIs do."""
-        response.headers["Date"] = http_date(self.store.server_time())
+        skew = self.quirks.date_header_skew
+        if self.quirks.date_header_flap and self._request_serial % 2:
+            skew = 0.0
+        response.headers["Date"] = http_date(self.store.server_time() + skew)
         self._request_serial += 1
         response.headers["X-Request-Id"] = f"req_fake_{self._request_serial}"
 

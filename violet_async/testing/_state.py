@@ -60,6 +60,8 @@ class RuleViolation(Exception):
 def render_date(when: float, variant: int, quirks: ServerQuirks) -> str:
     """Unix time ``when`` as Violet writes it: one of its three UTC shapes, or (with
     ``quirks.naive_dates``) server local time with no offset at all."""
+    if quirks.day_dates:
+        return datetime.fromtimestamp(when, tz=timezone.utc).strftime("%Y-%m-%dT00:00:00Z")
     if quirks.naive_dates:
         zone = timezone(timedelta(hours=quirks.server_utc_offset_hours))
         return datetime.fromtimestamp(when, tz=zone).strftime("%Y-%m-%dT%H:%M:%S")
@@ -253,14 +255,19 @@ class Store:
         self.processing_reads = 0
         self._processing: dict[int, int] = {}
         self._visible_at: dict[int, float] = {}
+        self._committed_at: dict[int, float] = {}
 
     def server_time(self) -> float:
         """The server's wall clock: the fake's clock plus ``server_clock_skew``."""
         return self.clock.time() + self.quirks.server_clock_skew
 
-    def visible(self, record: dict[str, Any]) -> bool:
-        """Whether the (lagging) refund list shows this record yet."""
-        return self._visible_at.get(record["id"], -math.inf) <= self.clock.monotonic()
+    def visible(self, record: dict[str, Any], *, behind: float = 0.0) -> bool:
+        """Whether the (lagging) refund list shows this record yet; ``behind``: read
+        from a replica that many seconds behind the primary."""
+        now = self.clock.monotonic()
+        if behind and self._committed_at.get(record["id"], -math.inf) > now - behind:
+            return False
+        return self._visible_at.get(record["id"], -math.inf) <= now
 
     def reveal_all(self) -> None:
         """End list lag for every refund committed so far."""
@@ -487,6 +494,8 @@ class Store:
         bag.refunds.append(record)
         committed_at = self.clock.monotonic() - age_seconds
         visible_at = committed_at + self.lag_for(bag.id)
+        if self.quirks.replica_behind:
+            self._committed_at[refund_id] = committed_at
         if visible_at > self.clock.monotonic():
             self._visible_at[refund_id] = visible_at
         self.ledger.commits_per_bag.setdefault(bag.id, []).append(
