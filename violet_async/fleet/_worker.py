@@ -167,14 +167,14 @@ class FleetWorker:
         if record is None:
             if item is None:
                 raise LookupError(f"item {key} is not in the ledger")
+            if not self.ledger.verify(key, item, signature):
+                return await self._refuse(key, item, "a queued job")
             if not _is_item(key, item):
-                # A job's copy that is another item (forged, or a bug): never sent.
+                # A signed copy that is another item (a producer's bug): never sent.
                 raise LookupError(
                     f"item {key} is not in the ledger, and the job's copy of it is not "
                     "this item (its kind, order, bag or request differ): not run"
                 )
-            if not self.ledger.verify(key, item, signature):
-                return await self._refuse(key, item, "a queued job")
             # The ledger lost it (or it was never registered): start it as new.
             # read_before_send + hold_if_present keep a refund it already made.
             await self.ledger.register(key, item)
