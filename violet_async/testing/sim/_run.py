@@ -836,8 +836,10 @@ class _World:
                 )
         except BagPendingError as exc:
             mine = [p for p in exc.pending if p.request == self.request(ask)]
-            if repeat and mine:
-                # The call it repeats left its ask pending: the caller resumes that.
+            if repeat and mine and key is None:
+                # The call it repeats left its ask pending: the caller resumes that. (A
+                # keyed call resumes its own ask itself: a record it is refused with is
+                # another ask's, and its refund is not this caller's.)
                 self.check_deadline(ask.label, started)
                 await self.call(client, ask, mine[0])
                 return
