@@ -390,13 +390,13 @@ async def test_the_record_of_the_send_is_written_before_it_leaves() -> None:
             client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="b")
         )
         await server.post_arrived.wait()
-        entry = await store.load("b")
+        entry = await store.load(f"{client._key_scope()} b")  # keys are scoped by app and host
         assert entry is not None
         assert entry.ask.phase.value == "sent"
         assert entry.ask.sends == 1
         gate.set()
         await call
-    entry = await store.load("b")
+        entry = await store.load(f"{client._key_scope()} b")
     assert entry is not None
     assert entry.refund is not None
     assert entry.finished
@@ -604,15 +604,15 @@ async def test_waiting_on_another_owner_ends_at_the_deadline_sending_nothing() -
     clock = FakeClock()
     store = MemoryStore()
     now = clock.time()
-    wanted = KeyEntry(
-        "busy",
-        PendingRefund("refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300)),
-        owner="another-process",
-        lease_until=now + 10_000,
-    )
-    await store.claim(wanted, now)
     server = Hostile(clock)
     async with hostile_client(server, retry=RetryPolicy(deadline=5.0), store=store) as client:
+        wanted = KeyEntry(
+            f"{client._key_scope()} busy",
+            PendingRefund("refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300)),
+            owner="another-process",
+            lease_until=now + 10_000,
+        )
+        await store.claim(wanted, now)
         with pytest.raises(AmbiguousOutcomeError, match="same key") as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="busy")
     assert info.value.pending is None

@@ -180,6 +180,10 @@ async def test_cancelled_while_the_end_is_recorded_no_second_refund_without_key(
     assert ("could not record the refund" in caplog.text) is fail
 
 
+#: What the clients of ``serve`` scope their keys by (app id 1, host 127.0.0.1).
+SCOPE = "1 127.0.0.1"
+
+
 def _plant(path: Path, key: str, entry: dict[str, Any]) -> None:
     conn = sqlite3.connect(path)
     try:
@@ -226,10 +230,11 @@ async def test_a_planted_finished_key_with_another_bags_refund_is_not_returned(
     clock = FakeClock()
     _plant(
         path,
-        "planted",
+        f"{SCOPE} planted",
         {
             "v": 1,
-            "key": "planted",
+            "key": f"{SCOPE} planted",
+            "scope": SCOPE,
             "ask": _ask("applied", refund_id=4242),
             "refund": foreign,
             "owner": None,
@@ -270,10 +275,11 @@ async def test_an_applied_key_without_its_refund_is_read_back_never_sent_blind(
     )
     _plant(
         path,
-        "lost",
+        f"{SCOPE} lost",
         {
             "v": 1,
-            "key": "lost",
+            "key": f"{SCOPE} lost",
+            "scope": SCOPE,
             "ask": _ask("applied"),
             "refund": None,
             "owner": None,

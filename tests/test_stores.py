@@ -229,12 +229,13 @@ async def test_redis_store_keys(redis_url: str) -> None:  # noqa: F811 - the fix
         assert again == first
         with pytest.raises(IdempotencyKeyReusedError):
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=1, idempotency_key="r")
-        ttl = await store._redis.pttl("test-keys:r")
+        stored = f"{client._key_scope()} r"  # keys are scoped by app and host
+        ttl = await store._redis.pttl(f"test-keys:{stored}")
         assert 0 < ttl <= 600_000
-        entry = await store.load("r")
+        entry = await store.load(stored)
         assert entry is not None
         assert entry.refund == first
-        assert not await store.renew("r", "nobody", NOW)
+        assert not await store.renew(stored, "nobody", NOW)
     assert server.posts == 1
 
 
@@ -326,7 +327,7 @@ async def test_a_process_killed_with_its_post_in_flight_is_resumed_by_the_next(
         SQLiteStore(path, lease=2.0) as store,
         hostile_client(server, retry=ROOMY, store=store) as client,
     ):
-        entry = await store.load("killed")
+        entry = await store.load(f"{client._key_scope()} killed")
         assert entry is not None
         assert entry.ask.phase is Phase.SENT
         refund = await client.refund_bag(

@@ -10,6 +10,7 @@ import os
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -401,8 +402,18 @@ class VioletClient(RequestPlumbing):
             store = self._store if self._store is not None else MemoryStore()
             self._store = store
             in_flight = self._timeouts.connect + self._timeouts.read + self._retry.settle_running
-            keys = self._keys = KeyedAsks(store, self._shared.clock, in_flight=in_flight)
+            keys = self._keys = KeyedAsks(
+                store, self._shared.clock, in_flight=in_flight, scope=self._key_scope()
+            )
         return keys
+
+    def _key_scope(self) -> str:
+        """What a stored key is scoped by: the app id and the base URL's host (sandbox
+        or production, or your own), so two apps or two environments sharing a store
+        never meet under one key. Not the port or path: a restarted process with the
+        same host resumes what the last one left."""
+        host = (urlsplit(self._shared.base_url).hostname or "").lower()
+        return f"{self._shared.credentials.app_id} {host}"
 
     async def _keyed(
         self,

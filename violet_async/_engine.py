@@ -204,8 +204,13 @@ class KeyedAsks:
         poll_interval: float = 0.25,
         remember: int = 10_000,
         in_flight: float = 0.0,
+        scope: str = "",
     ) -> None:
         self.store = store
+        # The client's app id and host: a key is stored under ``scope + " " + key``,
+        # so a sandbox and a production client (or two apps) sharing one store never
+        # find each other's asks under one key.
+        self.scope = scope
         # Seconds a request of an interrupted owner may still be running and then
         # commit (one attempt's timeout plus ``settle_running``), counted from the
         # moment the ask is taken over.
@@ -237,6 +242,7 @@ class KeyedAsks:
         check_id("order_id", order_id)
         check_id("bag_id", bag_id)
         wanted = PendingRefund(kind, order_id, bag_id, request)
+        bare, key = key, f"{self.scope} {key}"
         while True:
             flight = self._flights.get(key)
             if flight is not None:
@@ -253,12 +259,36 @@ class KeyedAsks:
                 return returned[1]
             flight = self._flights[key] = _Flight(wanted)
             try:
+                await self._no_unscoped(bare)
                 refund = await self._own(ask_fn, wanted, key, deadline)
             except BaseException as exc:
                 self._land(key, flight, None, exc)
                 raise
             self._land(key, flight, refund, None)
             return refund
+
+    async def _no_unscoped(self, bare: str) -> None:
+        """Refuse a key that a row written before keys were scoped still holds: whose
+        ask it was (which app, which environment) cannot be told, so it is neither
+        returned nor resumed, and nothing is sent while it is kept."""
+        store = self.store
+        try:
+            entry = await store.load(bare)
+        except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
+            raise _store_error(bare, "reading", exc) from None
+        if entry is None or entry.scope is not None or entry.key != bare:
+            return
+        finished_at = entry.finished_at
+        if finished_at is not None and finished_at + store.retention <= self._clock.time():
+            return
+        raise RecordStoreError(
+            f"idempotency key {bare!r} is held by a record written before keys were scoped "
+            "by app and host: which app and environment it belongs to cannot be told, so "
+            "it is neither returned nor resumed, and nothing was sent. Settle it (its "
+            "record: store.load(key)) and delete it, or wait until a finished one passes "
+            "the store's retention.",
+            key=bare,
+        )
 
     @staticmethod
     def _same(key: str, one: PendingRefund, other: PendingRefund) -> None:
@@ -294,7 +324,9 @@ class KeyedAsks:
         clock = self._clock
         while True:
             now = clock.time()
-            fresh = KeyEntry(key, wanted, owner=self.owner, lease_until=now + store.lease)
+            fresh = KeyEntry(
+                key, wanted, owner=self.owner, lease_until=now + store.lease, scope=self.scope
+            )
             try:
                 claim, entry = await store.claim(fresh, now)
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
@@ -314,7 +346,7 @@ class KeyedAsks:
             # BUSY: another process works on it; its outcome is ours.
             if deadline is not None and clock.monotonic() + self._poll > deadline:
                 raise AmbiguousOutcomeError(
-                    f"another process is still working on idempotency key {key!r} (the "
+                    f"another process is still working on idempotency key {shown(key)!r} (the "
                     f"{wanted.kind} of bag {wanted.bag_id}) and this call's deadline ended "
                     "first; nothing was sent by this call. Call again with the same key "
                     "for its outcome.",
@@ -347,6 +379,7 @@ class KeyedAsks:
                 owner=None if final else owner,
                 lease_until=None if final else lease_until,
                 finished_at=now if ask.phase is Phase.FAILED else None,
+                scope=self.scope,
             )
             try:
                 saved = await store.save(record, owner)
@@ -360,19 +393,19 @@ class KeyedAsks:
                 released = saved
             elif not saved:
                 raise RecordStoreError(
-                    f"idempotency key {key!r} was taken over by another process while this "
-                    "call held it (its lease ran out); nothing was sent by this step",
-                    key=key,
+                    f"idempotency key {shown(key)!r} was taken over by another process while "
+                    "this call held it (its lease ran out); nothing was sent by this step",
+                    key=shown(key),
                 )
             elif clock.time() >= lease_until:
                 # The write landed, but this process stalled past the lease it wrote (a
                 # GC pause, a frozen container): another process may have taken the key
                 # over, read the bag back and sent. This send must not leave now.
                 raise RecordStoreError(
-                    f"recording the send of idempotency key {key!r} took past its lease "
+                    f"recording the send of idempotency key {shown(key)!r} took past its lease "
                     f"({store.lease:g} s): another process may have taken it over; nothing "
                     "was sent by this step",
-                    key=key,
+                    key=shown(key),
                 )
 
         heartbeat = asyncio.create_task(self._renew(key))
@@ -424,7 +457,7 @@ class KeyedAsks:
         if ask.phase is not Phase.APPLIED:
             ask = attrs.evolve(ask, phase=Phase.APPLIED, refund_id=refund.id)
         _bounded_put(self._returned, key, (ask, refund), self._remember)
-        done = KeyEntry(key, ask, refund=refund, finished_at=self._clock.time())
+        done = KeyEntry(key, ask, refund=refund, finished_at=self._clock.time(), scope=self.scope)
         write = asyncio.ensure_future(self.store.save(done, self.owner))
         try:
             # Shielded: a cancel now must not cut the write that ends the key.
@@ -448,7 +481,7 @@ class KeyedAsks:
     async def _release(self, key: str, latest: PendingRefund) -> None:
         """Give the key back (nobody owns it; the next call resumes or starts it)."""
         try:
-            await self.store.save(KeyEntry(key, latest), self.owner)
+            await self.store.save(KeyEntry(key, latest, scope=self.scope), self.owner)
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not release key %r: %s", key, exc)
 
@@ -498,7 +531,14 @@ def _bounded_put(mapping: OrderedDict[Any, Any], key: Any, value: Any, bound: in
         mapping.popitem(last=False)
 
 
+def shown(key: str) -> str:
+    """The caller's key in a stored one (``"<app id> <base URL> <key>"``)."""
+    parts = key.split(" ", 2)
+    return parts[2] if len(parts) == 3 else key
+
+
 def _reused(key: str, first: PendingRefund) -> IdempotencyKeyReusedError:
+    key = shown(key)
     return IdempotencyKeyReusedError(
         f"idempotency key {key!r} was used for another request (a {first.kind} of bag "
         f"{first.bag_id}, order {first.order_id}, with other details); a key stands for one "
@@ -508,6 +548,7 @@ def _reused(key: str, first: PendingRefund) -> IdempotencyKeyReusedError:
 
 
 def _store_error(key: str, doing: str, exc: BaseException) -> RecordStoreError:
+    key = shown(key)
     return RecordStoreError(
         f"the record store failed {doing} idempotency key {key!r} "
         f"({type(exc).__name__}: {exc}); nothing was sent",

@@ -70,6 +70,9 @@ class KeyEntry:
     """Unix time until which ``owner`` holds the key without renewing it."""
     finished_at: float | None = None
     """Unix time the ask ended (applied or definitely not applied); None: it has not."""
+    scope: str | None = None
+    """The app id and base URL of the client that wrote it (part of ``key`` too); None:
+    written before keys were scoped."""
 
     @property
     def finished(self) -> bool:
@@ -97,6 +100,7 @@ class KeyEntry:
             "owner": self.owner,
             "lease_until": self.lease_until,
             "finished_at": self.finished_at,
+            "scope": self.scope,
         }
         return orjson.dumps(data)
 
@@ -126,6 +130,7 @@ class KeyEntry:
                 else None,
             )
         owner = data.get("owner")
+        scope = data.get("scope")
         return cls(
             key=data["key"],
             ask=ask,
@@ -133,6 +138,7 @@ class KeyEntry:
             owner=owner if isinstance(owner, str) else None,
             lease_until=_number(data.get("lease_until")),
             finished_at=_number(data.get("finished_at")),
+            scope=scope if isinstance(scope, str) else None,
         )
 
 
