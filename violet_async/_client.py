@@ -552,7 +552,7 @@ class VioletClient(RequestPlumbing):
             defer_rate_limited=defer_rate_limited,
         )
 
-    async def _ask(
+    async def _ask(  # noqa: PLR0915 - the happy path inline, one function on purpose
         self,
         kind: Literal["refund", "cancel"],
         order_id: int,
@@ -589,6 +589,8 @@ class VioletClient(RequestPlumbing):
         try:
             if unsettled:
                 unsettled.check(bag_id, resume)
+            if resume is not None and (claimed := shared.known_refunds.claimed(resume.ask_id)):
+                return claimed  # this ask's refund, handed out here before: no request
             body = encode_request(req)
             parse = AnswerCheck(
                 partial(
@@ -676,7 +678,7 @@ class VioletClient(RequestPlumbing):
             raise
         finally:
             locks.release(bag_id)
-        shared.known_refunds.add(refund.id, bag_id, owner)
+        shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if resume is not None and save is None and self._keys is not None:
             self._keys.settled(resume, refund)
         return refund

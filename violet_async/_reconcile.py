@@ -71,12 +71,21 @@ class KnownRefunds:
         self._ids: dict[int, tuple[int | None, str | None]] = {}
         self._order: deque[int] = deque()
         self._capacity = capacity
+        # The refund each ask (by ask_id) was handed: a resume of it gets it again.
+        self._claimed: dict[str, OrderRefund] = {}
 
     def add(
-        self, refund_id: int | None, bag_id: int | None = None, owner: str | None = None
+        self,
+        refund_id: int | None,
+        bag_id: int | None = None,
+        owner: str | None = None,
+        refund: OrderRefund | None = None,
     ) -> None:
+        """``owner``: the ask_id of the ask handed ``refund``."""
         if refund_id is None:
             return
+        if owner is not None and refund is not None:
+            self._claimed.setdefault(owner, refund)
         if refund_id in self._ids:
             if owner is not None and self._ids[refund_id][1] is None:
                 self._ids[refund_id] = (self._ids[refund_id][0] or bag_id, owner)
@@ -84,7 +93,15 @@ class KnownRefunds:
         self._ids[refund_id] = (bag_id, owner)
         self._order.append(refund_id)
         if len(self._order) > self._capacity:
-            self._ids.pop(self._order.popleft(), None)
+            gone = self._ids.pop(self._order.popleft(), None)
+            if gone is not None and gone[1] is not None:
+                self._claimed.pop(gone[1], None)
+
+    def claimed(self, ask_id: str) -> OrderRefund | None:
+        """The refund the ask ``ask_id`` (any record of it) was already handed in this
+        client: a resume of it returns that with no request (a list lagging behind it
+        could otherwise prove the ask absent and send a second)."""
+        return self._claimed.get(ask_id)
 
     def on_bag(self, bag_id: int, *, besides: str | None = None) -> frozenset[int]:
         """The refunds returned for ``bag_id``, except those owned by the ask
