@@ -261,3 +261,30 @@ def test_sandbox_and_production_keys_have_different_scopes() -> None:
     assert sandbox != scope(environment=Environment.PRODUCTION)
     assert sandbox != scope(2, environment=Environment.SANDBOX)
     assert scope(base_url="http://127.0.0.1:1/v1") == scope(base_url="http://127.0.0.1:2/v2")
+
+
+async def test_a_resume_that_times_out_waiting_for_its_bag_stays_pending() -> None:
+    """A resume job delivered twice at once (simulator seed 182): the second waits for
+    the bag while the first reads it back, and its deadline passes. The ask it resumes
+    was sent before and may have applied, so the answer is the record again
+    (AmbiguousOutcomeError), never "nothing was sent" (which reads as: did not apply)."""
+    clock = FakeClock()
+    server = Hostile(clock, hang_reads=True)
+    request = RefundBagRequest(amount_refunded=300)
+    async with hostile_client(server) as client:
+        record = sent_once("refund", ORDER_ID, BAG_ID, request, clock.time())
+        first = asyncio.ensure_future(client.resume(record))
+        for _ in range(500):  # until the first resume holds the bag, reading it back
+            if server.reads:
+                break
+            await asyncio.sleep(0.01)
+        assert server.reads
+        short = client.with_options(retry=RetryPolicy(deadline=0.2))
+        with pytest.raises(AmbiguousOutcomeError) as caught:
+            await short.resume(record)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    assert caught.value.pending is not None
+    assert caught.value.pending.ask_id == record.ask_id
+    assert server.posts == 0

@@ -49,6 +49,7 @@ from ._transport import (
 )
 from .exceptions import (
     AmbiguousOutcomeError,
+    APITimeoutError,
     NotFoundError,
     RefundFailedError,
     RefundWaitTimeoutError,
@@ -552,6 +553,32 @@ class VioletClient(RequestPlumbing):
             defer_rate_limited=defer_rate_limited,
         )
 
+    async def _wait_for_bag(
+        self,
+        bag_id: int,
+        deadline: float | None,
+        resume: PendingRefund | None,
+        req: RefundBagRequest | CancelBagRequest,
+    ) -> None:
+        """Wait for the bag another ask of this client holds, up to the deadline."""
+        clock = self._shared.clock
+        try:
+            await self._shared.bag_locks.acquire(
+                bag_id, None if deadline is None else deadline - clock.monotonic()
+            )
+        except APITimeoutError as exc:
+            if resume is None:
+                raise  # nothing of this ask was ever sent
+            # A resume is of an ask that was sent: "nothing was sent" by this call says
+            # nothing of whether it applied. Still pending, as it came.
+            raise AmbiguousOutcomeError(
+                f"{exc}; the ask it resumes was sent before and may have applied: "
+                "resume it again later",
+                request=req,
+                attempts=resume.sends,
+                pending=resume,
+            ) from None
+
     async def _ask(  # noqa: PLR0915 - the happy path inline, one function on purpose
         self,
         kind: Literal["refund", "cancel"],
@@ -581,7 +608,7 @@ class VioletClient(RequestPlumbing):
         locks = shared.bag_locks
         waited = not locks.try_acquire(bag_id)
         if waited:
-            await locks.acquire(bag_id, None if deadline is None else deadline - clock.monotonic())
+            await self._wait_for_bag(bag_id, deadline, resume, req)
         unsettled = shared.unsettled
         sent_at: float | None = None
         tracker: SendTracker | None = None
