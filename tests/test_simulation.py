@@ -147,6 +147,13 @@ def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> 
             "a keyed repeat refused with BagPendingError: its caller resumed another ask's "
             "record as its own, which was then resumed twice: 2 refunds",
         ),
+        (
+            182,
+            None,
+            frozenset({"resume_twice"}),
+            "a resume job delivered twice at once: the second timed out waiting for the "
+            "bag and said 'nothing was sent', a definite failure of an ask that applied",
+        ),
     ],
 )
 def test_seeds_with_world_kinds_that_found_real_bugs_now_hold(
