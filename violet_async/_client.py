@@ -610,7 +610,7 @@ class VioletClient(RequestPlumbing):
         if waited:
             await self._wait_for_bag(bag_id, deadline, resume, req)
         unsettled = shared.unsettled
-        sent_at: float | None = None
+        sent: tuple[float, float] | None = None
         tracker: SendTracker | None = None
         owner: str | None = None
         try:
@@ -636,7 +636,7 @@ class VioletClient(RequestPlumbing):
                 and not policy.read_before_send
                 and not defer_rate_limited
             ):
-                sent_at, sent_mono = clock.time(), clock.monotonic()
+                sent = sent_at, sent_mono = clock.time(), clock.monotonic()
                 try:
                     # Unless it waited for the bag, a first send has the policy's whole
                     # deadline: the same value every call, so its timeout is cached.
@@ -699,7 +699,7 @@ class VioletClient(RequestPlumbing):
             # left, the bag is pending before the cancellation goes on, so the next
             # call here gets BagPendingError (or, with the key, resumes it), never a
             # blind second POST.
-            pending = self._cancelled(kind, order_id, bag_id, req, sent_at, tracker)
+            pending = self._cancelled(kind, order_id, bag_id, req, sent, tracker)
             if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
                 unsettled.add(pending)
             raise
@@ -716,17 +716,18 @@ class VioletClient(RequestPlumbing):
         order_id: int,
         bag_id: int,
         req: RefundBagRequest | CancelBagRequest,
-        sent_at: float | None,
+        sent: tuple[float, float] | None,
         tracker: SendTracker | None,
     ) -> PendingRefund | None:
         """The record a cancelled call leaves pending (None: nothing of it can have
-        reached Violet)."""
+        reached Violet). ``sent``: the wall and monotonic time its first send left at
+        (None: it made none inline)."""
         shared = self._shared
         settings = self._protocol_settings(bag_id)
-        now = shared.clock.time()
+        now, mono = shared.clock.time(), shared.clock.monotonic()
         if tracker is not None:
-            return tracker.on_cancel(now, settings.settle_running)
-        if sent_at is None or shared.auth.current() is None:
+            return tracker.on_cancel(now, settings.settle_running, mono)
+        if sent is None or shared.auth.current() is None:
             # Cancelled waiting for the bag, or while still getting a token (a login
             # or a renewal after Violet refused the token): nothing left.
             return None
@@ -735,8 +736,9 @@ class VioletClient(RequestPlumbing):
             order_id,
             bag_id,
             req,
-            sent_at,
+            sent[0],
             now=now,
+            mono=(sent[1], mono),
             settle_running=settings.settle_running,
             clock=settings.clock_id,
             others=shared.known_refunds.on_bag(bag_id),
@@ -753,7 +755,14 @@ def _as_owner(
     owner = ask.ask_id
     answer.known = mine = known.besides(owner)
     others = known.on_bag(ask.bag_id, besides=owner)
-    return attrs.evolve(ask, others=(ask.others | others) - known.owned_by(owner)), mine, owner
+    own = known.owned_by(owner)
+    # A refund this ask already got does not vanish from Violet: a read that misses it
+    # (a replica behind) is stale, never evidence of absence.
+    return (
+        attrs.evolve(ask, others=(ask.others | others) - own, seen=ask.seen | own),
+        mine,
+        owner,
+    )
 
 
 def _unless_failed(refund: OrderRefund) -> OrderRefund:

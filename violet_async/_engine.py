@@ -28,7 +28,8 @@ from typing import Any, Literal, Protocol
 import attrs
 
 from ._ask import PendingRefund, Phase, sent_once
-from ._reconcile import BagIO
+from ._protocol import clock_stepped
+from ._reconcile import BagIO, WallWatch
 from ._redact import has_control_character
 from .exceptions import (
     AmbiguousOutcomeError,
@@ -67,13 +68,47 @@ class Clock(Protocol):
 # -- cancellation ---------------------------------------------------------------------
 
 
-def _cancelled(record: PendingRefund, now: float, settle_running: float) -> PendingRefund:
+def _cancelled(
+    record: PendingRefund, now: float, settle_running: float, mono: float | None = None
+) -> PendingRefund:
     """``record`` as a caller's cancellation leaves it: pending, doubted, and settled no
-    earlier than a request still running at Violet could commit."""
+    earlier than a request still running at Violet could commit.
+
+    ``mono``: this process's monotonic time read with ``now``. The record's times (and
+    its ``wall_mono``, written by this process before its send) are first moved onto
+    the wall clock as it is now, if it stepped since; the record then says when it was
+    written, so a resume in this process sees a step after it (a window that a step
+    made look over would let a re-send race a POST still running at Violet)."""
+    if mono is not None and record.wall_mono is not None:
+        jump = WallWatch(_Frozen(now, mono), record.wall_mono).jump()
+        if jump:
+            record = clock_stepped(record, jump)
     settle = max(record.settle_until or 0.0, now + settle_running)
     return attrs.evolve(
-        record, phase=Phase.PENDING, doubted=True, settle_until=settle, note=_CANCELLED_NOTE
+        record,
+        phase=Phase.PENDING,
+        doubted=True,
+        settle_until=settle,
+        note=_CANCELLED_NOTE,
+        wall_mono=(now, mono) if mono is not None else record.wall_mono,
     )
+
+
+@attrs.frozen
+class _Frozen:
+    """A clock read once (wall, monotonic), for WallWatch."""
+
+    wall: float
+    mono: float
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    async def sleep(self, seconds: float) -> None:  # pragma: no cover - never slept on
+        raise NotImplementedError
 
 
 def cancelled_first_send(
@@ -87,11 +122,16 @@ def cancelled_first_send(
     settle_running: float,
     clock: str,
     others: frozenset[int],
+    mono: tuple[float, float] | None = None,
 ) -> PendingRefund:
     """The record of a first send (the client's inline happy path) whose caller
-    cancelled it once its request may have left."""
+    cancelled it once its request may have left. ``mono``: the monotonic times of the
+    send and of ``now`` (a step of the wall clock in between moves ``sent_at``)."""
     record = sent_once(kind, order_id, bag_id, request, sent_at, clock=clock, others=others)
-    return _cancelled(record, now, settle_running)
+    if mono is None:
+        return _cancelled(record, now, settle_running)
+    record = attrs.evolve(record, wall_mono=(sent_at, mono[0]))
+    return _cancelled(record, now, settle_running, mono[1])
 
 
 class NotSent(Exception):
@@ -144,14 +184,16 @@ class SendTracker:
 
         return attrs.evolve(io, send_once=send_once)
 
-    def on_cancel(self, now: float, settle_running: float) -> PendingRefund | None:
+    def on_cancel(
+        self, now: float, settle_running: float, mono: float | None = None
+    ) -> PendingRefund | None:
         """The record to keep as pending when the caller cancels now (None: nothing of
         this call can have reached Violet, and it resumed nothing)."""
         record = self.record
         if record is None or record.phase is Phase.NEW:
             return None
         if self.left:
-            return _cancelled(record, now, settle_running)
+            return _cancelled(record, now, settle_running, mono)
         if self._resumed:
             return attrs.evolve(record, phase=Phase.PENDING, doubted=True)
         return None

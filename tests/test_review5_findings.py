@@ -1,0 +1,200 @@
+"""Adversarial review of the never-twice money core (issue 24, issue 27 row 3): each
+test against a small Violet scripted here (not FakeViolet, not tests/hostile.py),
+counting the refunds the server itself made."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    BagPendingError,
+    PendingRefund,
+    RetryPolicy,
+    VioletClient,
+)
+from violet_async.testing import FakeClock
+
+ORDER, BAG = 61, 71
+
+
+@attrs.define
+class Tiny:
+    """One bag. POSTs answer per ``script`` (a status, or "late": 504 and commit
+    ``late_by`` seconds later); ``hidden`` refund ids are missing from the list (a
+    replica behind)."""
+
+    clock: FakeClock
+    script: list[Any] = attrs.Factory(list)
+    late_by: float = 30.0
+    total: int = 1000
+    refunds: list[dict[str, Any]] = attrs.Factory(list)
+    hidden: set[int] = attrs.Factory(set)
+    posts: int = 0
+    _next: int = 500
+    stopping: asyncio.Event = attrs.Factory(asyncio.Event)
+    arrived: asyncio.Event = attrs.Factory(asyncio.Event)
+    _wall0: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # The server's own clock: a step of the client's wall clock leaves it alone.
+        self._wall0 = self.clock.time() - self.clock.monotonic()
+
+    def now(self) -> float:
+        return self._wall0 + self.clock.monotonic()
+
+    def commit(self, amount: int) -> dict[str, Any]:
+        self._next += 1
+        from datetime import datetime, timezone
+
+        record = {
+            "id": self._next,
+            "order_id": ORDER,
+            "bag_id": BAG,
+            "amount": amount,
+            "status": "COMPLETED",
+            "date_created": datetime.fromtimestamp(self.now(), timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            ),
+        }
+        self.refunds.append(record)
+        return record
+
+    def app(self) -> web.Application:
+        @web.middleware
+        async def date(request: web.Request, handler: Any) -> web.StreamResponse:
+            response: web.StreamResponse = await handler(request)
+            response.headers["Date"] = formatdate(self.now(), usegmt=True)
+            return response
+
+        async def login(request: web.Request) -> web.Response:
+            return web.json_response(
+                {"token": "tiny-access-token-0123456789", "refresh_token": "tiny-refresh-01234"}
+            )
+
+        async def post(request: web.Request) -> web.Response:
+            self.posts += 1
+            self.arrived.set()
+            amount = (await request.json())["amount_refunded"]
+            step = self.script.pop(0) if self.script else 200
+            if step == "hang":
+                self.clock.call_later(self.late_by, lambda: self.commit(amount))
+                await self.stopping.wait()
+                return web.Response(status=504)
+            if step == "late":
+                self.clock.call_later(self.late_by, lambda: self.commit(amount))
+                return web.Response(status=504, body=b"<html>504 Gateway Time-out</html>")
+            return web.json_response(self.commit(amount))
+
+        async def listing(request: web.Request) -> web.Response:
+            shown = [r for r in self.refunds if r["id"] not in self.hidden]
+            return web.Response(body=orjson.dumps(shown), content_type="application/json")
+
+        async def order(request: web.Request) -> web.Response:
+            return web.json_response(
+                {"id": ORDER, "bags": [{"id": BAG, "status": "COMPLETED", "total": self.total}]}
+            )
+
+        app = web.Application(middlewares=[date])
+        app.router.add_post("/v1/login", login)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", post)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", listing)
+        app.router.add_get("/v1/orders/{o}", order)
+        return app
+
+
+@contextlib.asynccontextmanager
+async def tiny_client(server: Tiny, **options: Any) -> AsyncIterator[VioletClient]:
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with VioletClient(
+            3,
+            "tiny-app-secret",
+            username="tiny-user",
+            password="tiny-password-0123",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            clock=server.clock,
+            **options,
+        ) as client:
+            yield client
+    finally:
+        server.stopping.set()
+        await runner.cleanup()
+
+
+async def _pending(call: Any) -> PendingRefund:
+    with pytest.raises(AmbiguousOutcomeError) as info:
+        await call
+    assert info.value.pending is not None
+    return info.value.pending
+
+
+async def test_a_resume_delivered_twice_whose_second_read_is_stale_never_re_sends() -> None:
+    """The first call ends pending (its refund commits after the deadline). The resume
+    job is delivered twice in one client: the first finds and returns the refund; the
+    second reads a replica that does not show it yet. A refund this ask was handed
+    does not vanish: that read is stale, never evidence of absence."""
+    clock = FakeClock()
+    server = Tiny(clock, script=["late"])
+    async with tiny_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        pending = await _pending(client.refund_bag(ORDER, BAG, amount_refunded=300))
+        clock.advance(120.0)
+        first = await client.resume(pending)
+        server.hidden.add(first.id)  # type: ignore[arg-type]
+        try:
+            second = await client.resume(PendingRefund.from_json(pending.to_json()))
+        except AmbiguousOutcomeError:
+            second = None
+    assert second is None or second.id == first.id
+    assert server.posts == 1
+    assert len(server.refunds) == 1
+
+
+@pytest.mark.parametrize(
+    ("baseline", "step"),
+    [(False, 3 * 3600.0), (False, -15 * 3600.0), (True, 3 * 3600.0), (True, -15 * 3600.0)],
+)
+async def test_a_cancelled_send_resumed_after_a_wall_clock_step_waits_out_its_post(
+    baseline: bool, step: float
+) -> None:
+    """A send is in flight (Violet commits it 30 s later); NTP steps the wall clock (3 h
+    forward, or 15 h back, before or after the caller cancels the call); the caller
+    resumes at once, in the same process. The POST can still commit: the settle window
+    must not look over because the wall clock jumped. (The inline first send, and the
+    driver's send after a baseline read.)"""
+    clock = FakeClock()
+    server = Tiny(clock, script=["hang"])
+    policy = RetryPolicy(deadline=300.0, read_before_send=baseline)
+    async with tiny_client(server, retry=policy) as client:
+        call = asyncio.create_task(client.refund_bag(ORDER, BAG, amount_refunded=300))
+        await server.arrived.wait()
+        if step < 0:
+            clock.step_wall(step)  # during the POST, before the cancel
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        if step > 0:
+            clock.step_wall(step)  # after the cancel, before the resume
+        with pytest.raises(BagPendingError) as info:
+            await client.refund_bag(ORDER, BAG, amount_refunded=300)
+        (pending,) = info.value.pending
+        try:
+            refund = await client.resume(pending)
+        except AmbiguousOutcomeError:
+            refund = None
+    assert len(server.refunds) == 1
+    assert refund is None or refund.id == server.refunds[0]["id"]
+    assert server.posts == 1
