@@ -40,6 +40,8 @@ class Tiny:
     refunds: list[dict[str, Any]] = attrs.Factory(list)
     hidden: set[int] = attrs.Factory(set)
     posts: int = 0
+    header_skew: float = 0.0
+    """Seconds the ``Date`` header is off from the server's clock (a CDN stamping its own)."""
     _next: int = 500
     stopping: asyncio.Event = attrs.Factory(asyncio.Event)
     arrived: asyncio.Event = attrs.Factory(asyncio.Event)
@@ -73,7 +75,7 @@ class Tiny:
         @web.middleware
         async def date(request: web.Request, handler: Any) -> web.StreamResponse:
             response: web.StreamResponse = await handler(request)
-            response.headers["Date"] = formatdate(self.now(), usegmt=True)
+            response.headers["Date"] = formatdate(self.now() + self.header_skew, usegmt=True)
             return response
 
         async def login(request: web.Request) -> web.Response:
@@ -195,6 +197,43 @@ async def test_a_cancelled_send_resumed_after_a_wall_clock_step_waits_out_its_po
             refund = await client.resume(pending)
         except AmbiguousOutcomeError:
             refund = None
+        clock.advance(120.0)  # the first POST commits, if it has not yet
+    assert len(server.refunds) == 1
+    assert refund is None or refund.id == server.refunds[0]["id"]
+    assert server.posts == 1
+
+
+@pytest.mark.parametrize(("here", "there"), [(-3 * 3600.0, 0.0), (0.0, -3 * 3600.0)])
+async def test_a_record_resumed_elsewhere_behind_another_date_header_waits_out_its_post(
+    here: float, there: float
+) -> None:
+    """Process one learned Violet's offset from a ``Date`` header (a baseline read),
+    sent, and was cancelled with the POST in flight (Violet commits it 30 s later).
+    Process two (another clock) resumes it at once behind another front end: one of
+    the two headers is a CDN's, 3 h behind. Whichever was wrong, the POST can still
+    commit, and the settle window must not look over."""
+    clock = FakeClock()
+    server = Tiny(clock, script=["hang"], header_skew=here)
+    policy = RetryPolicy(deadline=300.0, read_before_send=True)
+    async with tiny_client(server, retry=policy) as client:
+        call = asyncio.create_task(client.refund_bag(ORDER, BAG, amount_refunded=300))
+        await server.arrived.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        with pytest.raises(BagPendingError) as info:
+            await client.refund_bag(ORDER, BAG, amount_refunded=300)
+        (pending,) = info.value.pending
+        assert pending.server_offset is not None
+        elsewhere = PendingRefund.from_dict(
+            {**pending.to_dict(), "clock": "another-process", "wall_mono": None}
+        )
+        server.header_skew = there
+        try:
+            refund = await client.resume(elsewhere)
+        except AmbiguousOutcomeError:
+            refund = None
+        clock.advance(120.0)  # the first POST commits, if it has not yet
     assert len(server.refunds) == 1
     assert refund is None or refund.id == server.refunds[0]["id"]
     assert server.posts == 1

@@ -360,13 +360,29 @@ def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefu
             clock_unsure=ask.clock_unsure or offsets is not None,
         )
     shift = ask.server_offset - offset
-    return attrs.evolve(
+    moved = attrs.evolve(
         ask,
         server_offset=offset,
         clock=here,
         first_sent_at=None if ask.first_sent_at is None else ask.first_sent_at + shift,
         last_sent_at=None if ask.last_sent_at is None else ask.last_sent_at + shift,
         settle_until=None if ask.settle_until is None else ask.settle_until + shift,
+    )
+    if abs(shift) <= OFFSET_DISAGREES:
+        return moved
+    # The two processes' Date headers disagree: either their clocks do (the shift is
+    # right) or one of the headers is not Violet's (a CDN stamping its own: then the
+    # times were right as they were). Both readings stand: the settle window ends at
+    # the later of the two, and dates are judged against both offsets (unsure).
+    # (Offsets the other process kept are moved onto this clock with its times.)
+    readings = (offset, offset - shift, *(o - shift for o in ask.offsets or ()))
+    return attrs.evolve(
+        moved,
+        settle_until=None
+        if ask.settle_until is None
+        else max(ask.settle_until, ask.settle_until + shift),
+        offsets=(min(readings), max(readings)),
+        clock_unsure=True,
     )
 
 
