@@ -92,13 +92,15 @@ class Tiny:
                 self.clock.call_later(self.late_by, lambda: self.commit(amount))
                 await self.stopping.wait()
                 return web.Response(status=504)
+            if step == "lost":
+                return web.Response(status=504, body=b"<html>504 Gateway Time-out</html>")
             if step == "late":
                 self.clock.call_later(self.late_by, lambda: self.commit(amount))
                 return web.Response(status=504, body=b"<html>504 Gateway Time-out</html>")
             return web.json_response(self.commit(amount))
 
         async def listing(request: web.Request) -> web.Response:
-            shown = [r for r in self.refunds if r["id"] not in self.hidden]
+            shown = [r for r in self.refunds if r.get("id") not in self.hidden]
             return web.Response(body=orjson.dumps(shown), content_type="application/json")
 
         async def order(request: web.Request) -> web.Response:
@@ -236,4 +238,22 @@ async def test_a_record_resumed_elsewhere_behind_another_date_header_waits_out_i
         clock.advance(120.0)  # the first POST commits, if it has not yet
     assert len(server.refunds) == 1
     assert refund is None or refund.id == server.refunds[0]["id"]
+    assert server.posts == 1
+
+
+async def test_an_old_refund_without_id_or_date_is_never_claimed_as_new_since_the_baseline() -> (
+    None
+):
+    """Older records (an EXTERNAL refund made on the merchant's platform) may carry no
+    id and no date. The bag holds one of 300 before this ask; the ask reads its
+    baseline, sends a refund of 300, gets a 504 and Violet never applies it. The old
+    record cannot be told apart from a new one (no id to find in the baseline, no
+    date): never this call's success; pending for a person."""
+    clock = FakeClock()
+    server = Tiny(clock, script=["lost"])
+    server.refunds.append({"order_id": ORDER, "bag_id": BAG, "amount": 300, "status": "COMPLETED"})
+    policy = RetryPolicy(deadline=300.0, read_before_send=True)
+    async with tiny_client(server, retry=policy) as client:
+        pending = await _pending(client.refund_bag(ORDER, BAG, amount_refunded=300))
+    assert pending.needs_review
     assert server.posts == 1

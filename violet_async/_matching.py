@@ -237,7 +237,8 @@ def judge(
     With a baseline, a date never rules a refund out: a new one is a candidate whatever
     its date (day-precision dates, a ``Date`` header hours off). Only a precise date
     earlier than the send, by a clock that is sure, sends it to a person (UNDATED)
-    rather than claiming it. Without a baseline, a date earlier than the send by less
+    rather than claiming it. A refund without an id is never taken as new since a
+    baseline (it cannot be looked up in one): UNDATED. Without a baseline, a date earlier than the send by less
     than a day's worth of time zones (a wrongly labelled offset, a clock that stepped, a
     ``Date`` header hours off), a date without an offset, a day-precision date, or no
     date, rules it neither in nor out: UNDATED (a person looks). Only a date earlier
@@ -261,7 +262,9 @@ def judge(
             continue
         span = _created(refund)
         dated = True
-        if ask.baseline is None and (span is None or refund.id is None):
+        if refund.id is None or (ask.baseline is None and span is None):
+            # Without an id a refund cannot be found in a baseline (nor told apart from
+            # one listed before): it may be years old. Never claimed; a person looks.
             dated = False
         elif span is not None and sent is not None:
             early, late = span
