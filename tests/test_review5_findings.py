@@ -86,7 +86,8 @@ class Tiny:
         async def post(request: web.Request) -> web.Response:
             self.posts += 1
             self.arrived.set()
-            amount = (await request.json())["amount_refunded"]
+            asked = (await request.json()).get("amount_refunded")
+            amount = asked or self.total - sum(r["amount"] for r in self.refunds)
             step = self.script.pop(0) if self.script else 200
             if step == "hang":
                 self.clock.call_later(self.late_by, lambda: self.commit(amount))
@@ -257,3 +258,48 @@ async def test_an_old_refund_without_id_or_date_is_never_claimed_as_new_since_th
         pending = await _pending(client.refund_bag(ORDER, BAG, amount_refunded=300))
     assert pending.needs_review
     assert server.posts == 1
+
+
+async def test_an_answered_record_resumed_in_another_process_is_never_sent_again() -> None:
+    """A record whose send got an unreadable 2xx (``answered``: it applied), written by
+    another process long ago, resumed here while the bag's list does not show the
+    refund (a lagging list): read back, parked; never sent again."""
+    clock = FakeClock()
+    server = Tiny(clock)
+    sent = clock.time() - 600.0
+    record = {
+        "kind": "refund",
+        "order_id": ORDER,
+        "bag_id": BAG,
+        "request": {"amount_refunded": 300},
+        "phase": "pending",
+        "sends": 1,
+        "first_sent_at": sent,
+        "last_sent_at": sent,
+        "settle_until": sent + 5.0,
+        "doubted": True,
+        "clock": "another-process",
+        "answered": True,
+    }
+    async with tiny_client(server, retry=RetryPolicy(deadline=300.0)) as client:
+        pending = await _pending(client.resume(PendingRefund.from_dict(record)))
+    assert pending.needs_review
+    assert server.posts == 0
+
+
+@pytest.mark.parametrize("commits", [True, False])
+async def test_a_whole_bag_refund_after_a_partial_one_with_the_status_lagging(
+    commits: bool,
+) -> None:
+    """A partial refund of 300 (answered), then a whole-bag refund whose POST gets a
+    504; the bag's status never moves (the platform reports it minutes later). If the
+    POST committed (30 s later), its 700 is found and returned, never the partial
+    refund; if it never did, it is sent again once: one whole-bag refund either way."""
+    clock = FakeClock()
+    server = Tiny(clock, script=[200, "late" if commits else "lost"])
+    async with tiny_client(server, retry=RetryPolicy(deadline=300.0)) as client:
+        partial = await client.refund_bag(ORDER, BAG, amount_refunded=300)
+        whole = await client.refund_bag(ORDER, BAG)
+    assert [r["amount"] for r in server.refunds] == [300, 700]
+    assert whole.id == server.refunds[1]["id"] != partial.id
+    assert server.posts == (2 if commits else 3)
