@@ -93,6 +93,8 @@ class Tiny:
                 self.clock.call_later(self.late_by, lambda: self.commit(amount))
                 await self.stopping.wait()
                 return web.Response(status=504)
+            if isinstance(step, dict):  # a 200 answering this record, nothing committed
+                return web.json_response(step)
             if step == "lost":
                 return web.Response(status=504, body=b"<html>504 Gateway Time-out</html>")
             if step == "late":
@@ -303,3 +305,20 @@ async def test_a_whole_bag_refund_after_a_partial_one_with_the_status_lagging(
     assert [r["amount"] for r in server.refunds] == [300, 700]
     assert whole.id == server.refunds[1]["id"] != partial.id
     assert server.posts == (2 if commits else 3)
+
+
+async def test_a_200_naming_a_refund_listed_before_the_send_is_not_this_calls() -> None:
+    """``read_before_send``: the bag already holds a refund of 300 (another process's).
+    This ask's POST is answered 200 with that very record (a replayed or cached answer),
+    and nothing of this ask is on the bag. A refund listed before the request left
+    cannot be what it made: the 2xx is read back (it applied, so never sent again) and
+    the call ends pending, never with the other refund as its success."""
+    clock = FakeClock()
+    server = Tiny(clock)
+    other = server.commit(300)
+    server.script = [dict(other)]
+    policy = RetryPolicy(deadline=300.0, read_before_send=True)
+    async with tiny_client(server, retry=policy) as client:
+        pending = await _pending(client.refund_bag(ORDER, BAG, amount_refunded=300))
+    assert pending.answered
+    assert server.posts == 1

@@ -238,12 +238,12 @@ def judge(
     its date (day-precision dates, a ``Date`` header hours off). Only a precise date
     earlier than the send, by a clock that is sure, sends it to a person (UNDATED)
     rather than claiming it. A refund without an id is never taken as new since a
-    baseline (it cannot be looked up in one): UNDATED. Without a baseline, a date earlier than the send by less
-    than a day's worth of time zones (a wrongly labelled offset, a clock that stepped, a
-    ``Date`` header hours off), a date without an offset, a day-precision date, or no
-    date, rules it neither in nor out: UNDATED (a person looks). Only a date earlier
-    than the send under every reading of the clock, by more than that, rules a refund
-    out.
+    baseline (it cannot be looked up in one): UNDATED. Without a baseline, a date
+    earlier than the send by less than a day's worth of time zones (a wrongly
+    labelled offset, a clock that stepped, a ``Date`` header hours off), a date
+    without an offset, a day-precision date, or no date, rules it neither in nor
+    out: UNDATED (a person looks). Only a date earlier than the send under every
+    reading of the clock, by more than that, rules a refund out.
 
     A refund already handed to another call (``known``, ``ask.others``) is never
     claimed; and since it is skipped only for being someone else's, it never proves

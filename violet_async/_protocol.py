@@ -449,6 +449,17 @@ def step(
     if obs.kind is ObsKind.ANSWERED:
         if ask.phase is not Phase.SENT or obs.refund is None:
             raise ProtocolError(f"an answer in phase {ask.phase.value}")
+        made = obs.refund.id
+        if made is not None and (made in (ask.baseline or ()) or made in ask.others):
+            # The answer names a refund listed before this request left (or handed to
+            # another call): not what it made (a replayed or cached answer). A 2xx
+            # proves it applied: read back, never sent again.
+            note = f"the 2xx answer names refund {made}, which the bag held before this send"
+            settle = max(ask.settle_until or 0.0, now + settings.settle_lag)
+            ask = attrs.evolve(
+                ask, answered=True, doubted=True, settle_until=settle, reads=0, note=note
+            )
+            return ask, Action(Do.READ, read_bag=needs_bag(ask))
         return (
             attrs.evolve(ask, phase=Phase.APPLIED, refund_id=obs.refund.id, note="answered"),
             Action(Do.RETURN, refund=obs.refund),
