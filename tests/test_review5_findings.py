@@ -322,3 +322,26 @@ async def test_a_200_naming_a_refund_listed_before_the_send_is_not_this_calls() 
         pending = await _pending(client.refund_bag(ORDER, BAG, amount_refunded=300))
     assert pending.answered
     assert server.posts == 1
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+@pytest.mark.parametrize("commits", [True, False])
+async def test_a_second_ask_of_the_same_amount_never_claims_the_first_ones_refund(
+    baseline: bool, commits: bool
+) -> None:
+    """Two asks of 300 on one bag in sequence: the first is answered; the second's POST
+    gets a 504 (committing 30 s later, or never). The second never returns the first's
+    refund: its own when it committed, pending (or one re-send after proven absence)
+    when it did not."""
+    clock = FakeClock()
+    server = Tiny(clock, script=[200, "late" if commits else "lost"])
+    policy = RetryPolicy(deadline=300.0, read_before_send=baseline)
+    async with tiny_client(server, retry=policy) as client:
+        first = await client.refund_bag(ORDER, BAG, amount_refunded=300)
+        try:
+            second = await client.refund_bag(ORDER, BAG, amount_refunded=300)
+        except AmbiguousOutcomeError:
+            second = None
+    assert second is None or second.id != first.id
+    assert len(server.refunds) == (2 if commits or second is not None else 1)
+    assert second is None or second.id == server.refunds[1]["id"]
