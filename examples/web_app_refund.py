@@ -43,16 +43,18 @@ async def refund(request: web.Request) -> web.Response:
     try:
         # Your own request timeout: a cut-off call is recorded as sent-and-unknown
         # before it stops, and the next click with the same key resumes it.
-        async with asyncio.timeout(25):
-            # The key is your refund request's id: every click, retry or worker
-            # process handling this request asks for the same refund, gets the same one.
-            done = await client.refund_bag(
+        # The key is your refund request's id: every click, retry or worker process
+        # handling this request asks for the same refund, gets the same one.
+        done = await asyncio.wait_for(
+            client.refund_bag(
                 wanted["order_id"],
                 wanted["bag_id"],
                 amount_refunded=wanted["amount"],
                 idempotency_key=f"refund-request-{request_id}",
-            )
-    except (AmbiguousOutcomeError, BagPendingError, TimeoutError):
+            ),
+            25,
+        )
+    except (AmbiguousOutcomeError, BagPendingError, asyncio.TimeoutError):
         # Sent, but not confirmed yet (Violet or your timeout cut it short, or an
         # earlier click is still being settled). Say so, never "failed": the shopper
         # may already have it. Clicking again (same key) checks again, never twice.

@@ -17,6 +17,7 @@ import os
 import socket
 import zlib
 from collections.abc import Mapping
+from typing import NoReturn
 
 import aiohttp
 import attrs
@@ -311,7 +312,8 @@ class Transport:
             failure = ClientClosedError(
                 f"{method} {self._path_of(url)}: the aiohttp session is closed"
             )
-        raise failure
+        _raise_unchained(failure)
+        raise AssertionError("unreachable")  # for linters: the line above raises
 
     def _path_of(self, url: str | URL) -> str:
         """The path relative to the base URL, as the client names it (``/login``)."""
@@ -571,3 +573,13 @@ def _path_of(url: str | URL) -> str:
     scheme_end = url.find("://")
     slash = url.find("/", scheme_end + 3 if scheme_end >= 0 else 0)
     return url[slash:] if slash >= 0 else "/"
+
+
+def _raise_unchained(failure: VioletError) -> NoReturn:
+    """Raise ``failure`` with no ``__context__``: Python 3.10 may still see aiohttp's
+    parser error as being handled here (a task resumed by throwing into it) and would
+    chain it, headers and all."""
+    try:
+        raise failure
+    finally:
+        failure.__context__ = None
