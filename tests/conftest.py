@@ -85,3 +85,24 @@ def wrong_reports(fake: FakeViolet, seen: dict[int, object]) -> list[str]:
         elif not isinstance(outcome, AmbiguousOutcomeError) and made:
             wrong.append(f"bag {bag_id}: {type(outcome).__name__} but ledger {made}")
     return wrong
+
+
+@pytest.fixture(autouse=True)
+def _close_sqlite_stores(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Close every SQLiteStore a test made when it ends. A store passed to a client
+    is the caller's to close; a test that hands one over and checks what it recorded
+    may leave it open, and Python 3.13 warns (ResourceWarning) when its connection is
+    collected later, in another test."""
+    from violet_async.stores import SQLiteStore
+
+    made: list[SQLiteStore] = []
+    original = SQLiteStore.__init__
+
+    def init(self: SQLiteStore, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SQLiteStore, "__init__", init)
+    yield
+    for store in made:
+        store.close()

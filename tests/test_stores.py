@@ -6,6 +6,7 @@ leaves a record the next process resumes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
@@ -159,7 +160,7 @@ async def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
         wal = path.with_name("keys.db-wal")
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -193,7 +194,7 @@ async def test_a_record_someone_else_wrote_is_a_store_error(tmp_path: Path) -> N
     path = tmp_path / "k.db"
     async with SQLiteStore(path) as store:
         await store.claim(_fresh(), NOW)
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE violet_keys SET entry = ?", (b"garbage",))
     server = Hostile(FakeClock())
     async with SQLiteStore(path) as store, hostile_client(server, store=store) as client:
