@@ -432,8 +432,9 @@ class RequestPlumbing:
 
 
 class AnswerCheck:
-    """``parse`` for the 2xx answer of one refund or cancel, checked against the request:
-    an answer naming another order or bag, or another amount than the one asked for, is
+    """``parse`` for the 2xx answer of one refund or cancel (a parser given the call's
+    order and bag, which refuses an answer naming others), checked against the request:
+    another amount than the one asked for, or a refund already handed to another call, is
     an unreadable 2xx (``ResponseFormatError``): it applied, and the refund protocol
     reads the bag back rather than return a refund that is not this request's. A few
     compares per successful call."""
@@ -457,12 +458,10 @@ class AnswerCheck:
         request's (a replayed or cached answer)."""
 
     def __call__(self, resp: RawResponse, path: str) -> OrderRefund:
+        # ``parse`` itself refuses an answer naming another order or bag (the parsers
+        # take both): only what they cannot know is checked here.
         refund = self.parse(resp, path)
-        if refund.order_id != self.order_id and refund.order_id is not None:
-            wrong = f"order {refund.order_id}"
-        elif refund.bag_id != self.bag_id and refund.bag_id is not None:
-            wrong = f"bag {refund.bag_id}"
-        elif self.amount is not None and refund.amount != self.amount:
+        if self.amount is not None and refund.amount != self.amount:
             wrong = f"an amount of {refund.amount}"
         elif refund.id in self.known:
             wrong = f"refund {refund.id}, already handed to another call"
