@@ -411,3 +411,44 @@ def test_arq_worker_settings_read_json_jobs_only() -> None:
             read(pickle.dumps({"f": "x"}))
         with pytest.raises(TypeError, match="JSON object"):
             read(b"[1]")
+
+
+async def test_a_job_cut_off_by_its_budget_is_run_again_not_dropped() -> None:
+    """arq ends a job that outlives its ``job_timeout`` for good, leaving its item open
+    in the ledger with no job to finish it (seen: one of 240 items ``new`` for ever in
+    the three-worker run). The job's own budget ends first and asks arq for a re-run;
+    the run it cut off is cancelled (its bag lock let go), not left behind."""
+    from arq.worker import Retry
+
+    from violet_async.fleet._arq import job_budget, refund_job
+
+    assert job_budget(4.0) == 3.0
+    assert job_budget(300.0) == 270.0
+    assert job_budget(1.0) == 0.5
+    for job_timeout in (0.5, 1.0, 2.0, 10.0, 300.0, 3600.0):
+        assert job_timeout / 2 <= job_budget(job_timeout) < job_timeout
+
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    class Stuck:
+        async def run(self, key: str, item: object, signature: object) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    ctx = {"violet_fleet": Stuck(), "violet_job_budget": 0.01}
+    with pytest.raises(Retry) as retry:
+        await refund_job(ctx, "refund:1:2:abc:0")
+    assert started.is_set()
+    assert cancelled.is_set()
+    assert retry.value.defer_score == 1000
+
+    class Done:
+        async def run(self, key: str, item: object, signature: object) -> str:
+            return key
+
+    assert await refund_job({"violet_fleet": Done()}, "k") == "k"
+    assert await refund_job({"violet_fleet": Done(), "violet_job_budget": 5.0}, "k") == "k"

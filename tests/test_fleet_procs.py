@@ -56,7 +56,9 @@ def _write_rows(path: Path, first_order: int, count: int) -> Path:
     return path
 
 
-async def _start_worker(fake: FakeViolet, url: str, *extra: str) -> asyncio.subprocess.Process:
+async def _start_worker(
+    fake: FakeViolet, url: str, *extra: str, log: Path | None = None
+) -> asyncio.subprocess.Process:
     env = {
         **os.environ,
         "VIOLET_APP_ID": str(fake.app_id),
@@ -67,6 +69,17 @@ async def _start_worker(fake: FakeViolet, url: str, *extra: str) -> asyncio.subp
     }
     for name in ("VIOLET_TOKEN", "VIOLET_REFRESH_TOKEN", "VIOLET_ENV"):
         env.pop(name, None)
+    fd = None if log is None else _log_fd(log)
+    try:
+        return await _spawn_worker(env, url, fake.base_url, extra, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+async def _spawn_worker(
+    env: dict[str, str], url: str, base_url: str, extra: tuple[str, ...], fd: int | None
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -75,12 +88,17 @@ async def _start_worker(fake: FakeViolet, url: str, *extra: str) -> asyncio.subp
         "--redis",
         url,
         "--base-url",
-        fake.base_url,
+        base_url,
         *extra,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if fd is None else fd,
     )
+
+
+def _log_fd(path: Path) -> int:
+    # A raw descriptor the child inherits; this process closes its copy at once.
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
@@ -95,11 +113,12 @@ async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
             await proc.wait()
 
 
-async def _until(check: object, timeout: float, what: str) -> None:
+async def _until(check: object, timeout: float, what: str, *, explain: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while not await check():  # type: ignore[operator]
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            detail = await explain() if explain is not None else ""
+            pytest.fail(f"timed out waiting for {what}{detail}")
         await asyncio.sleep(0.1)
 
 
@@ -127,7 +146,8 @@ async def test_three_workers_one_killed_every_bag_once(
             "--concurrency",
             "16",
         )
-        workers = [await _start_worker(fake, redis_url, *options) for _ in range(3)]
+        logs = [tmp_path / f"worker{n}.log" for n in range(3)]
+        workers = [await _start_worker(fake, redis_url, *options, log=log) for log in logs]
         try:
             # Two producers at once (the CLI and this process), then the file again.
             cli = await asyncio.create_subprocess_exec(
@@ -165,7 +185,15 @@ async def test_three_workers_one_killed_every_bag_once(
                 counts = await ledger.counts()
                 return counts["applied"] + counts["failed"] >= bags
 
-            await _until(all_finished, 45, "every item to finish")
+            async def explain() -> str:
+                # What a timeout leaves to read: the ledger by state, the items not
+                # finished, and the end of each worker's log.
+                counts = await ledger.counts()
+                open_items = await ledger.keys_in("new", "sent", "pending")
+                tails = [log.read_text(errors="replace")[-3000:] for log in logs]
+                return f": {dict(counts)}; open {open_items[:20]}\n" + "\n---\n".join(tails)
+
+            await _until(all_finished, 45, "every item to finish", explain=explain)
         finally:
             await _stop(workers)
         counts = await ledger.counts()

@@ -171,6 +171,13 @@ class FleetConfig:
         return VioletClient.from_env(**options)
 
 
+def job_budget(job_timeout: float) -> float:
+    """How long one run of a job may take: a margin inside arq's ``job_timeout`` (a
+    fifth, 1 to 30 s) for the run to let go of its bag lock when it is cut off."""
+    margin = min(max(job_timeout / 5, 1.0), 30.0)
+    return max(job_timeout - margin, job_timeout / 2)
+
+
 def job_id(key: str) -> str:
     """The arq job id of an item: the same item always gets the same one."""
     return f"violet_async:{key}"
@@ -181,8 +188,19 @@ async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None 
     worker: FleetWorker = ctx["violet_fleet"]
     fallback = _item_from(item) if item is not None else None
     signature = item.get("sig") if item is not None else None
+    run = worker.run(key, fallback, signature if isinstance(signature, str) else None)
+    budget = ctx.get("violet_job_budget")
     try:
-        return await worker.run(key, fallback, signature if isinstance(signature, str) else None)
+        if budget is None:
+            return await run
+        # arq ends a job that outlives its job_timeout for good (an error, never run
+        # again): the item would stay open in the ledger with no job left to finish it.
+        # This budget ends first and asks arq to run the job again; the ledger makes
+        # the re-run safe (a sent item is read back, never sent blindly).
+        return await asyncio.wait_for(run, budget)
+    except asyncio.TimeoutError:
+        log.warning("item %s: still running after %.1fs; run again", printable(key), budget)
+        raise Retry(defer=1.0) from None
     except RetryLaterError as exc:
         raise Retry(defer=exc.defer) from exc
     except (RedisError, DurabilityError, OSError) as exc:
@@ -239,6 +257,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         if config.rate
         else None
     )
+    ctx["violet_job_budget"] = job_budget(config.job_timeout)
     ctx["violet_fleet"] = FleetWorker(
         client,
         ledger,
