@@ -246,9 +246,8 @@ async def test_fleet_rate_limit_is_shared(
         # more sends than the rate (plus the fake's burst allowance).
         assert limiter.limited <= 2, limiter.limited
         assert limiter.max_in_window(1.0) <= rate + limiter.burst
-        # ... and close to it: the sends took about bags / rate seconds.
-        span = limiter.allowed_at[-1] - limiter.allowed_at[0]
-        assert bags / span >= 0.7 * rate, bags / span
+        # How close to the rate the fleet runs is measured in benchmarks/, never asserted
+        # as a timing here (a loaded machine is slower, not wrong).
 
 
 async def test_arq_worker_in_process_and_cli(
