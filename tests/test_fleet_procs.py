@@ -319,6 +319,37 @@ async def test_arq_worker_in_process_and_cli(
     assert f"{rows}:line 6: failed: order 100006 bag 200006" in text.getvalue()
 
 
+async def test_status_names_open_items_that_no_job_will_finish(
+    pool: ArqRedis, redis_url: str, tmp_path: Path
+) -> None:
+    """An open item whose arq job is gone (arq gave up on it, or it expired unrun) is
+    never finished by any worker: ``status`` says so and how to fix it, and enqueuing
+    the file again queues exactly those items."""
+    from violet_async.fleet import item_key
+
+    rows = _items(_write_rows(tmp_path / "rows.csv", 100001, 3))
+    assert (await enqueue(pool, rows, source="rows.csv")).queued == 3
+    lost = item_key(rows[1])
+    assert await pool.delete(f"arq:job:violet_async:{lost}") == 1  # the job is gone
+    text = io.StringIO()
+    args = argparse.Namespace(redis=redis_url, prefix="{violet}", json=False)
+    assert await fleet_cli._status(args, text) == 0
+    assert "1 open item(s) have no job queued" in text.getvalue()
+    assert f"  {lost}\n" in text.getvalue()
+    args.json = True
+    report = io.StringIO()
+    await fleet_cli._status(args, report)
+    import orjson
+
+    assert orjson.loads(report.getvalue())["without_job"] == [lost]
+    again = await enqueue(pool, rows, source="rows.csv")
+    assert (again.queued, again.already_queued) == (1, 2)
+    text = io.StringIO()
+    args.json = False
+    await fleet_cli._status(args, text)
+    assert "no job queued" not in text.getvalue()
+
+
 def test_cli_reports_redis_down_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     from violet_async.__main__ import main
 

@@ -27,6 +27,7 @@ import attrs
 import orjson
 from arq import func
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import job_key_prefix
 from arq.worker import Retry, Worker
 from redis.exceptions import RedisError
 
@@ -181,6 +182,22 @@ def job_budget(job_timeout: float) -> float:
 def job_id(key: str) -> str:
     """The arq job id of an item: the same item always gets the same one."""
     return f"violet_async:{key}"
+
+
+async def without_job(redis: Any, keys: list[str], *, chunk: int = 1000) -> list[str]:
+    """Those of ``keys`` (open items) that have no arq job: nothing will finish them
+    until they are enqueued again (arq drops a job it gave up on, or one that expired
+    unrun). An item is briefly in this state between ``enqueue``'s ledger write and its
+    job's."""
+    missing: list[str] = []
+    for start in range(0, len(keys), chunk):
+        part = keys[start : start + chunk]
+        pipe = redis.pipeline(transaction=False)
+        for key in part:
+            pipe.exists(job_key_prefix + job_id(key))
+        found = await pipe.execute()
+        missing += [key for key, there in zip(part, found, strict=True) if not there]
+    return missing
 
 
 async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None = None) -> Any:

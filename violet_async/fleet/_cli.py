@@ -20,7 +20,14 @@ from .. import _batch_cli
 from .._redact import printable
 from .._signals import on_signals
 from ..batch import BatchItem
-from ._arq import FleetConfig, close_worker, create_fleet_pool, enqueue, worker_settings
+from ._arq import (
+    FleetConfig,
+    close_worker,
+    create_fleet_pool,
+    enqueue,
+    without_job,
+    worker_settings,
+)
 from ._ledger import DEFAULT_PREFIX, STATES, NonDurableRedisError, RedisLedger, load_fleet_key
 
 __all__ = ["add_commands", "run"]
@@ -269,6 +276,7 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
         counts = await ledger.counts()
         problem_keys = await ledger.keys_in("failed", "pending")
         problems = [r for r in await ledger.get_many(problem_keys) if r is not None]
+        orphans = await without_job(redis, await ledger.keys_in("new", "sent", "pending"))
     finally:
         await redis.aclose()
     total = sum(counts.values())
@@ -282,6 +290,7 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
                     "counts": {s: counts[s] for s in STATES},
                     "finished": finished,
                     "problems": [r.to_dict() for r in problems],
+                    "without_job": orphans,
                 }
             ).decode()
             + "\n"
@@ -302,4 +311,12 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
                 )
                 + "\n"
             )
+        if orphans:
+            out.write(
+                f"{len(orphans)} open item(s) have no job queued, so no worker will finish "
+                "them: enqueue the file again (items already finished are not queued "
+                "again; a sent item is read back, never sent blindly)\n"
+            )
+            for key in orphans[:20]:
+                out.write(printable(f"  {key}") + "\n")
     return EXIT_FAILED if counts["failed"] else EXIT_OK
