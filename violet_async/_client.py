@@ -579,7 +579,7 @@ class VioletClient(RequestPlumbing):
                 pending=resume,
             ) from None
 
-    async def _ask(  # noqa: PLR0915 - the happy path inline, one function on purpose
+    async def _ask(  # noqa: PLR0912, PLR0915 - the happy path inline, one function on purpose
         self,
         kind: Literal["refund", "cancel"],
         order_id: int,
@@ -636,10 +636,19 @@ class VioletClient(RequestPlumbing):
                 and not policy.read_before_send
                 and not defer_rate_limited
             ):
+                if shared.auth.current() is None:
+                    # Log in (or renew) before the send is timed: a call cancelled
+                    # here sent nothing; one cancelled after ``sent`` may have.
+                    waited = True
+                    await self._token_within(
+                        shared.auth.token(),
+                        None if deadline is None else deadline - clock.monotonic(),
+                    )
                 sent = sent_at, sent_mono = clock.time(), clock.monotonic()
                 try:
-                    # Unless it waited for the bag, a first send has the policy's whole
-                    # deadline: the same value every call, so its timeout is cached.
+                    # Unless it waited for the bag or a token, a first send has the
+                    # policy's whole deadline: the same value every call, so its
+                    # timeout is cached.
                     refund = await self._attempt(
                         "POST",
                         path,
@@ -727,9 +736,10 @@ class VioletClient(RequestPlumbing):
         now, mono = shared.clock.time(), shared.clock.monotonic()
         if tracker is not None:
             return tracker.on_cancel(now, settings.settle_running, mono)
-        if sent is None or shared.auth.current() is None:
-            # Cancelled waiting for the bag, or while still getting a token (a login
-            # or a renewal after Violet refused the token): nothing left.
+        if sent is None:
+            # Cancelled waiting for the bag or for a token: nothing left. (Whether the
+            # token needs renewing now says nothing: it may have reached its renewal
+            # time while the POST was in flight.)
             return None
         return cancelled_first_send(
             kind,
