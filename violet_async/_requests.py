@@ -179,8 +179,18 @@ class RequestPlumbing:
                 query["size"] = str(first.size)
             page = await self._get(path, parse_refund_page, deadline=deadline, query=query)
             pages_read += 1
+            if not page.paged:
+                # A server that ignores paging answers every page with the whole (or the
+                # first) list: it cannot be told from the end of the list.
+                raise self._paging_error(path, f"asked for page {wanted}, got a bare list")
             if page.number is not None and page.number != wanted:
                 raise self._paging_error(path, f"asked for page {wanted}, got {page.number}")
+        total = first.total_elements
+        if pages_read > 1 and total is not None and collected < total:
+            # Refunds are never deleted: fewer than the first page counted is a gap.
+            raise self._paging_error(
+                path, f"the pages hold {collected} refunds, the first page counted {total}"
+            )
         return RefundPage([*refunds.values(), *unnamed], page.server_time, unreadable=unreadable)
 
     @staticmethod
