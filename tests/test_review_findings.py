@@ -129,6 +129,29 @@ async def test_a_server_that_ignores_page_fails_the_read() -> None:
     assert server.reads == 2
 
 
+class ShrinkingPages(Hostile):
+    """Page 0 counts three refunds and says more pages follow; page 1 says it is the
+    last and holds one: two refunds read of three counted."""
+
+    async def _list(self, request: web.Request) -> web.Response:
+        self.reads += 1
+        page = int(request.query.get("page", "0"))
+        refund = {"id": 700 + page, "order_id": ORDER_ID, "bag_id": BAG_ID, "amount": 1}
+        data: dict[str, object] = {"content": [refund], "number": page, "size": 1}
+        data |= {"total_elements": 3, "last": False} if page == 0 else {"last": True}
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+async def test_pages_that_hold_fewer_refunds_than_the_first_counted_fail_the_read() -> None:
+    """Refunds are never deleted: a read whose pages hold fewer refunds than the first
+    page counted has a gap, and a gap is never taken for the whole list."""
+    server = ShrinkingPages(FakeClock())
+    async with hostile_client(server, retry=RetryPolicy(deadline=None)) as client:
+        with pytest.raises(ResponseFormatError, match="hold 2 refunds, the first page counted 3"):
+            await client.list_bag_refunds(ORDER_ID, BAG_ID)
+    assert server.reads == 2
+
+
 class SlowLogin(Hostile):
     async def _login(self, request: web.Request) -> web.Response:
         await asyncio.sleep(0.4)
@@ -411,11 +434,11 @@ async def test_a_failed_journal_write_stops_the_batch(tmp_path: Any) -> None:
 
 
 async def test_a_list_lagging_past_the_window_ends_for_review_never_twice() -> None:
-    """Whole-bag refund, Violet's 500, a list lagging 20 s (past settle_lag): the bag
+    """Whole-bag refund, Violet's 500, a list lagging 90 s (past the window): the bag
     reads REFUNDED but shows no refund after the window, so the item ends unknown for a
     person (its record resumes later), never re-sent and never reported failed."""
     clock = FakeClock()
-    server = Hostile(clock, script=[Step(500, VIOLET_500)], list_lag=20.0)
+    server = Hostile(clock, script=[Step(500, VIOLET_500)], list_lag=90.0)
     async with hostile_client(server, retry=ROOMY) as client:
         items = [BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest())]
         results = [r async for r in run_batch(client, items)]
@@ -424,7 +447,7 @@ async def test_a_list_lagging_past_the_window_ends_for_review_never_twice() -> N
         assert isinstance(error, AmbiguousOutcomeError)
         assert error.pending is not None
         assert error.pending.needs_review
-        clock.advance(30.0)
+        clock.advance(100.0)
         refund = await client.resume(error.pending)
     assert refund.id == server.ours[0]
     assert server.posts == 1

@@ -43,8 +43,8 @@ failure                                                    what it proves
 =========================================================  ==============================
 connection never established (refused, DNS, connect or     did not apply: re-send with
 pool timeout); 429                                         backoff
-Violet's application answered: any 5xx whose body is       may have applied; only list
-Violet's own error JSON                                    lag to wait out (``settle_lag``)
+Violet's application answered: any 5xx whose body is       may have applied and may still
+Violet's own error JSON                                    be running (``settle_running``)
 a 2xx whose body cannot be read or does not fit the        applied: read back, never
 request (another order, bag or amount)                     re-sent; pending if not found
 no answer from Violet's application: read timeout,         may have applied and may still
@@ -105,7 +105,8 @@ class Cause(enum.Enum):
     REFUSED = "refused"
     """Any other 4xx (or a cancel Violet reports as failed): not applied."""
     ANSWERED = "answered"
-    """Violet's application answered with an error: may have applied; list lag only."""
+    """Violet's application answered with an error (its own 5xx JSON): may have applied,
+    and its call to the merchant platform may still be running."""
     NO_ANSWER = "no_answer"
     """No answer from Violet's application: may have applied, may still be running."""
     APPLIED = "applied"
@@ -682,7 +683,9 @@ def _after_send_failure(
         window = settings.settle_lag
         ask = attrs.evolve(ask, answered=True)
     else:
-        window = settings.settle_running if cause is Cause.NO_ANSWER else settings.settle_lag
+        # Violet's own 5xx proves only that its application answered: the platform call
+        # behind it may still be running (a timeout inside Violet), like no answer.
+        window = settings.settle_running
     failed_at = obs.received_at if obs.received_at is not None else now
     settle = max(ask.settle_until or 0.0, failed_at + window)
     ask = attrs.evolve(ask, doubted=True, settle_until=settle, reads=0, note=note)

@@ -137,9 +137,10 @@ class RetryPolicy:
     request that may still be running at Violet (no answer from Violet: a timeout, a
     dropped connection, a gateway's 502/503/504/524): Violet's own request to the
     merchant's platform can take tens of seconds, and a gateway gives up on it long
-    before Violet does. ``settle_lag`` covers an error Violet itself answered (a 500
-    with its JSON body), where the request is over and only the refund list's
-    replication lag is left to wait out.
+    before Violet does. An error Violet itself answered (a 5xx with its JSON body) gets
+    the same window: Violet's own call to the platform may have timed out inside it and
+    still be running. ``settle_lag`` covers a 2xx that does not fit its request (it
+    applied; only the refund list's replication lag is left to wait out).
     """
 
     max_attempts: int = attrs.field(default=4, validator=attrs.validators.ge(1))
@@ -158,11 +159,12 @@ class RetryPolicy:
     max_retry_after: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     """Longest ``Retry-After`` honoured, in seconds; longer values are capped."""
     settle_running: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
-    """Seconds after a send that got no answer from Violet during which the refund may
-    still appear. Default 60."""
+    """Seconds after a send that got no answer from Violet, or Violet's own 5xx, during
+    which the refund may still appear. Default 60."""
     settle_lag: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
-    """Seconds after an error Violet answered itself during which the refund may still
-    be missing from the bag's refund list (replication lag). Default 5."""
+    """Seconds after a send Violet answered with a 2xx that did not fit, or a refusal
+    after an earlier doubted send, during which the refund may still be missing from
+    the bag's refund list (replication lag). Default 5."""
     settle_delay: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     """First wait between read-backs, doubling up to 8 s; the last read-back is at the
     window's end. Default 1."""
