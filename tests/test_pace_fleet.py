@@ -110,10 +110,40 @@ async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redi
                 await worker.run(
                     item_key(strict), strict, worker.ledger.sign(item_key(strict), strict)
                 )
-            await redis.hset(f"{{violet}}:pace:{fake.app_id}:{STRICT}", "tat", 0)  # its turn
+            lane = f"{{violet}}:pace:{fake.app_id}:{STRICT}"
+            await redis.hset(lane, mapping={"tat": 0, "sent_tat": 0})  # its turn
             again = await worker.run(
                 item_key(strict), strict, worker.ledger.sign(item_key(strict), strict)
             )
             assert again["state"] == "applied"
+            # It went through the send-time gate: the lane's next send slot moved on.
+            assert float(await redis.hget(lane, "sent_tat") or 0) > 0
     assert fake.ledger.double_refunds() == {}
     assert fake.ledger.refunds_per_bag[b1] == 1
+
+
+async def test_the_send_gate_spaces_requests_as_they_leave(redis: Redis) -> None:
+    """The gate takes the lane's next slot for a request about to leave, whatever the
+    patience (it is always taken), on its own schedule: two items a reserved slot apart
+    that reach the send at different speeds still leave 1 / rate apart, and a 429's
+    Retry-After holds the gate as it holds the reservations."""
+    pace = FleetPace(redis, 12)
+    assert await pace.gate(STRICT) is None  # no lane: sends are not held
+    await pace.limited(STRICT, 0.3)  # a lane at one a second, held 0.3 s
+    first = await pace.gate(STRICT)
+    assert first is not None
+    assert 0.25 < first <= 0.3
+    second = await pace.gate(STRICT)
+    assert second is not None
+    assert second - first == pytest.approx(1.0, abs=0.05)
+    # The reservations are a schedule of their own: gating took none of them.
+    reserved = await pace.reserve(STRICT, 2.0)
+    assert reserved is not None
+    assert 0.25 < reserved <= 0.3
+    # A slowdown restarts the gate at the new spacing, and its Retry-After holds it.
+    await redis.hset(f"{{violet}}:pace:12:{STRICT}", "slowed_at", 0)
+    slowed = await pace.limited(STRICT, 2.0)
+    assert slowed == pytest.approx(DECREASE)
+    held = await pace.gate(STRICT)
+    assert held is not None
+    assert held > 1.9
