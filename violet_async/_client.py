@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -336,15 +335,30 @@ class VioletClient(RequestPlumbing):
         :param timeout: seconds per attempt for this call, or a ``Timeouts``.
         :param extra_headers: headers sent with this call's requests.
         """
-        fields = {
-            "amount_refunded": amount_refunded,
-            "shipping": shipping,
-            "skus": skus,
-            "reason": reason,
-            "restock_items": restock_items,
-            "notify_customer": notify_customer,
-        }
-        req = _request_from(RefundBagRequest, request, fields)
+        if (
+            request is None
+            and shipping is UNSET
+            and skus is UNSET
+            and reason is UNSET
+            and restock_items is UNSET
+            and notify_customer is UNSET
+        ):
+            # The common call (an amount, or nothing: the whole bag), validated the same.
+            req = (
+                RefundBagRequest()
+                if amount_refunded is UNSET
+                else RefundBagRequest(amount_refunded=amount_refunded)
+            )
+        else:
+            fields = {
+                "amount_refunded": amount_refunded,
+                "shipping": shipping,
+                "skus": skus,
+                "reason": reason,
+                "restock_items": restock_items,
+                "notify_customer": notify_customer,
+            }
+            req = _request_from(RefundBagRequest, request, fields)
         client = self._for_call(timeout, extra_headers)
         if idempotency_key is not None:
             return await client._keyed("refund", order_id, bag_id, req, idempotency_key)
@@ -620,11 +634,7 @@ class VioletClient(RequestPlumbing):
                 return claimed  # this ask's refund, handed out here before: no request
             body = encode_request(req)
             parse = AnswerCheck(
-                partial(
-                    parse_refund if kind == "refund" else parse_cancel,
-                    order_id=order_id,
-                    bag_id=bag_id,
-                ),
+                parse_refund if kind == "refund" else parse_cancel,
                 order_id,
                 bag_id,
                 req.amount_refunded if isinstance(req, RefundBagRequest) else None,

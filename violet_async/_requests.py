@@ -442,8 +442,9 @@ class RequestPlumbing:
 
 
 class AnswerCheck:
-    """``parse`` for the 2xx answer of one refund or cancel (a parser given the call's
-    order and bag, which refuses an answer naming others), checked against the request:
+    """``parse`` for the 2xx answer of one refund or cancel (``parse_refund`` or
+    ``parse_cancel``, given the call's order and bag: it refuses an answer naming
+    others), checked against the request:
     another amount than the one asked for, or a refund already handed to another call, is
     an unreadable 2xx (``ResponseFormatError``): it applied, and the refund protocol
     reads the bag back rather than return a refund that is not this request's. A few
@@ -453,7 +454,7 @@ class AnswerCheck:
 
     def __init__(
         self,
-        parse: Callable[[RawResponse, str], OrderRefund],
+        parse: Callable[..., OrderRefund],
         order_id: int,
         bag_id: int,
         amount: int | None,
@@ -468,9 +469,9 @@ class AnswerCheck:
         request's (a replayed or cached answer)."""
 
     def __call__(self, resp: RawResponse, path: str) -> OrderRefund:
-        # ``parse`` itself refuses an answer naming another order or bag (the parsers
-        # take both): only what they cannot know is checked here.
-        refund = self.parse(resp, path)
+        # ``parse`` itself refuses an answer naming another order or bag (it is given
+        # both): only what it cannot know is checked here.
+        refund = self.parse(resp, path, order_id=self.order_id, bag_id=self.bag_id)
         if self.amount is not None and refund.amount != self.amount:
             wrong = f"an amount of {refund.amount}"
         elif refund.id in self.known:
