@@ -147,15 +147,3 @@ async def test_the_send_gate_spaces_requests_as_they_leave(redis: Redis) -> None
     held = await pace.gate(STRICT)
     assert held is not None
     assert held > 1.9
-
-
-async def test_a_new_lane_reads_the_rate_from_the_first_recent_success(redis: Redis) -> None:
-    """A 429 right after a merchant's first sends: the rate they got through at is
-    counted from the first of them, over at least half a second (as the batch's lanes
-    count it), never spread over the whole seconds before; Retry-After still caps it."""
-    pace = FleetPace(redis, 13)
-    await pace.succeeded(STRICT)
-    await pace.succeeded(STRICT)
-    assert await pace.limited(STRICT, 0.0) == pytest.approx(4.0)  # two in half a second
-    await pace.succeeded(OTHER)
-    assert await pace.limited(OTHER, 0.5) == pytest.approx(2.0)  # one per Retry-After

@@ -5,10 +5,10 @@ merchant in a hash ``P:pace:<app_id>:<merchant_id>`` (its rate, its next free se
 ``tat``, whether it is still probing, when it last slowed), all on Redis's own ``TIME``
 as :class:`FleetRateLimit` is: workers on skewed hosts share one schedule. The rules are
 the batch's (``violet_async._pace``): no lane until the merchant's first 429; then the
-rate its sends got through at in the last two seconds (counted from the first of them,
-over at least half a second; at most one send per ``Retry-After``), probing up x1.25
-a success until its second 429, then -20% on a 429 (once per ``1 / rate``), a quick
-climb back to near the rate that 429 came at, and a slow probe past it.
+rate its sends got through at in the last two seconds (at most one send per
+``Retry-After``), probing up x1.25 a success until its second
+429, then -20% on a 429 (once per ``1 / rate``), a quick climb back to near the rate
+that 429 came at, and a slow probe past it.
 
 A slot is taken twice: when the item starts (an item whose slot is further than the
 worker's patience is handed back until then), and again right before its request
@@ -86,18 +86,13 @@ if rate <= 0 then
   local sec = math.floor(now / 1000)
   local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
   local seen, window = 0, 1
-  -- Counted from the first success of the run of seconds counted (never more than the
-  -- two whole seconds kept), and over at least half a second, as the batch's lanes do:
-  -- a 429 soon after the merchant's first sends would otherwise read as a low rate.
-  local first = tonumber(redis.call('HGET', KEYS[1], 'ok_first') or 0)
   if ok_sec == sec then
     -- this second so far, and the one before it
     seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
       + tonumber(redis.call('HGET', KEYS[1], 'ok_prev') or 0)
-    window = math.max(now - math.max(first, (sec - 1) * 1000), 500) / 1000
+    window = 1 + math.max(now - sec * 1000, 100) / 1000
   elseif ok_sec == sec - 1 then
     seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
-    window = math.max(now - math.max(first, (sec - 1) * 1000), 500) / 1000
   end
   local estimate = seen > 0 and seen / window or 1
   if wait > 0 and wait < 1000 then estimate = math.min(estimate, 1000 / wait) end
@@ -137,10 +132,6 @@ if rate <= 0 then
   if ok_sec ~= sec then
     local cur = ok_sec == sec - 1 and (redis.call('HGET', KEYS[1], 'ok_cur') or '0') or '0'
     redis.call('HSET', KEYS[1], 'ok_sec', tostring(sec), 'ok_prev', cur, 'ok_cur', '0')
-    if cur == '0' then
-      -- none in the second before: this success starts the run the estimate reads
-      redis.call('HSET', KEYS[1], 'ok_first', tostring(now))
-    end
   end
   redis.call('HINCRBY', KEYS[1], 'ok_cur', 1)
   redis.call('PEXPIRE', KEYS[1], 86400000)
