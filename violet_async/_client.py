@@ -195,6 +195,8 @@ class VioletClient(RequestPlumbing):
         )
         # Built on the first keyed call: a call without a key never touches it.
         self._store = store
+        # A store given (or VIOLET_STORE): client.resume keeps its records there too.
+        self._shares_records = store is not None
         self._keys: KeyedAsks | None = None
         self._owns_store = False
 
@@ -235,6 +237,7 @@ class VioletClient(RequestPlumbing):
         clone._on_retry = self._on_retry if isinstance(on_retry, _Unset) else on_retry
         clone._retrier_cache = None
         clone._store = self._store
+        clone._shares_records = self._shares_records
         clone._keys = self._key_path()  # one key path for the client and its clones
         clone._owns_store = False
         clone._extra_headers = self._extra_headers
@@ -478,9 +481,18 @@ class VioletClient(RequestPlumbing):
         return await call
 
     async def _resume(self, pending: PendingRefund) -> OrderRefund:
-        refund = await self._ask(
-            pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
-        )
+        if self._shares_records:
+            # A store was given: the ask's record is kept there by its ask_id, so a
+            # record resumed again (here or in another process sharing the store) is
+            # merged with the freshest copy, and one process resumes it at a time.
+            keys = self._key_path()
+            refund = await keys.resume(self._ask, pending, self._deadline())
+            self._shared.known_refunds.add(refund.id, pending.bag_id, pending.ask_id, refund)
+            keys.settled(pending, refund)
+        else:
+            refund = await self._ask(
+                pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
+            )
         return _unless_failed(refund) if pending.kind == "refund" else refund
 
     async def list_bag_refunds(
@@ -629,7 +641,7 @@ class VioletClient(RequestPlumbing):
         owner: str | None = None
         try:
             if unsettled:
-                unsettled.check(bag_id, resume)
+                resume = unsettled.check(bag_id, resume)
             if resume is not None and (claimed := shared.known_refunds.claimed(resume.ask_id)):
                 return claimed  # this ask's refund, handed out here before: no request
             body = encode_request(req)
