@@ -72,8 +72,11 @@ def test_merged_keeps_what_either_record_knows() -> None:
         both = merged(one, other)
         assert both.sends == 2
         assert (both.first_sent_at, both.last_sent_at, both.settle_until) == (100.0, 300.0, 360.0)
-        assert both.seen == {1} and both.others == {7} and both.baseline == {7}
-        assert both.needs_review and not both.answered
+        assert both.seen == {1}
+        assert both.others == {7}
+        assert both.baseline == {7}
+        assert both.needs_review
+        assert not both.answered
 
 
 def test_merged_takes_the_later_window_and_every_doubt_whichever_is_the_base() -> None:
@@ -81,8 +84,10 @@ def test_merged_takes_the_later_window_and_every_doubt_whichever_is_the_base() -
     one = _record(sends=2, last_sent_at=300.0, settle_until=900.0, answered=True)
     other = _record(sends=2, last_sent_at=310.0, settle_until=370.0, refused_after_doubt=True)
     both = merged(one, other)
-    assert both.last_sent_at == 310.0 and both.settle_until == 900.0
-    assert both.answered and both.refused_after_doubt
+    assert both.last_sent_at == 310.0
+    assert both.settle_until == 900.0
+    assert both.answered
+    assert both.refused_after_doubt
 
 
 def test_merged_never_mixes_two_asks() -> None:
@@ -124,7 +129,8 @@ async def test_deliveries_in_reversed_order_refund_once() -> None:
             except AmbiguousOutcomeError as exc:
                 # Still settling: pending, with what every record of the ask knew.
                 pending = exc.pending
-                assert pending is not None and pending.sends == 2
+                assert pending is not None
+                assert pending.sends == 2
                 assert pending.settle_until is not None
                 assert pending.settle_until >= (again.settle_until or 0.0)
             else:
@@ -253,7 +259,8 @@ async def test_a_second_worker_waits_while_the_first_holds_the_record() -> None:
         async with running(server, retry=SHORT, store=store) as two:
             with pytest.raises(AmbiguousOutcomeError) as info:
                 await two.resume(_json(first))
-        assert info.value.pending is not None and info.value.pending.sends == 2
+        assert info.value.pending is not None
+        assert info.value.pending.sends == 2
         assert server.posts == 2
         server.release.set()
         # Worker 2's wait ran the fake clock past worker 1's deadline too: it may end
@@ -264,7 +271,8 @@ async def test_a_second_worker_waits_while_the_first_holds_the_record() -> None:
         async with running(server, retry=SHORT, store=store) as two:
             refund = await two.resume(_json(first))
     assert len(server.made) == 1, f"{len(server.made)} refunds, {server.posts} POSTs"
-    assert refund.id == server.made[0] and server.posts == 2
+    assert refund.id == server.made[0]
+    assert server.posts == 2
 
 
 async def test_with_a_store_a_second_delivery_joins_the_running_one() -> None:
@@ -295,13 +303,14 @@ async def test_a_stored_record_of_another_request_under_the_ask_id_is_refused() 
     async with running(server, retry=SHORT, store=store) as client:
         first = await pending_of(client.refund_bag(ORDER, BAG, amount_refunded=300))
         other = attrs.evolve(first, request=RefundBagRequest(amount_refunded=900))
-        key = resume_key(client._key_scope(), first.ask_id)  # noqa: SLF001
-        await store.claim(KeyEntry(key, other, scope=client._key_scope()), clock.time())  # noqa: SLF001
+        key = resume_key(client._key_scope(), first.ask_id)
+        await store.claim(KeyEntry(key, other, scope=client._key_scope()), clock.time())
         clock.advance(120.0)
         posts = server.posts
         with pytest.raises(RequestValidationError, match="ask_id"):
             await client.resume(first)
-    assert server.posts == posts and server.made == []
+    assert server.posts == posts
+    assert server.made == []
 
 
 class _Broken(MemoryStore):
@@ -318,4 +327,5 @@ async def test_a_store_that_fails_sends_nothing() -> None:
         clock.advance(120.0)
         with pytest.raises(RecordStoreError, match="nothing was sent"):
             await client.resume(first)
-    assert server.posts == 1 and server.made == []
+    assert server.posts == 1
+    assert server.made == []

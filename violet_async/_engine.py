@@ -534,7 +534,7 @@ class KeyedAsks:
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _resume_store_error(pending, "claiming", exc) from None
             if claim is Claim.REUSED:
-                _same_ask(pending, entry.ask)
+                raise _other_request(pending)
             if claim is Claim.FINISHED and entry.refund is not None:
                 if not _refund_of(entry.refund, pending):
                     raise _resume_store_error(
@@ -629,11 +629,15 @@ def _same_ask(pending: PendingRefund, stored: PendingRefund) -> None:
     """Refuse a record whose ``ask_id`` the store holds for another request (written
     by someone else): nothing is sent for it."""
     if not KeyEntry("", stored).same_request(pending):
-        raise RequestValidationError(
-            "pending",
-            f"its ask_id {pending.ask_id!r} is held in the record store by another request "
-            "(another kind, order, bag or body); it is neither resumed nor sent",
-        )
+        raise _other_request(pending)
+
+
+def _other_request(pending: PendingRefund) -> RequestValidationError:
+    return RequestValidationError(
+        "pending",
+        f"its ask_id {pending.ask_id!r} names another request (another kind, order, bag "
+        "or body) in this client or its record store; it is neither resumed nor sent",
+    )
 
 
 def _resume_store_error(pending: PendingRefund, doing: str, exc: BaseException) -> RecordStoreError:
