@@ -329,3 +329,79 @@ async def test_a_store_that_fails_sends_nothing() -> None:
             await client.resume(first)
     assert server.posts == 1
     assert server.made == []
+
+
+async def test_a_joined_delivery_takes_over_when_the_first_is_cancelled_mid_resend() -> None:
+    """With a store: delivery 2 joins delivery 1; delivery 1's caller cancels it while
+    its re-send is in flight (it commits, listed 10 s later). Delivery 2 takes the ask
+    over from the stored record: no second POST."""
+    clock = FakeClock()
+    server = Violet6(clock)
+    server.scripts = [server.no_commit(), server.commit_then(200, hang=True)]
+    async with running(server, retry=SHORT, store=MemoryStore()) as client:
+        first = await pending_of(client.refund_bag(ORDER, BAG, amount_refunded=300))
+        clock.advance(120.0)
+        server.list_lag = 10.0
+        server.post_seen.clear()
+        one = asyncio.ensure_future(client.resume(first))
+        await server.post_seen.wait()
+        two = asyncio.ensure_future(client.resume(_json(first)))
+        await asyncio.sleep(0.05)
+        one.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await one
+        with contextlib.suppress(AmbiguousOutcomeError, BagPendingError):
+            await two
+        assert server.posts == 2
+        clock.advance(120.0)
+        refund = await client.resume(_json(first))
+    assert len(server.made) == 1, f"{len(server.made)} refunds, {server.posts} POSTs"
+    assert refund.id == server.made[0]
+
+
+async def test_a_record_naming_another_request_under_a_settled_ask_id_is_refused() -> None:
+    clock = FakeClock()
+    server = Violet6(clock)
+    server.scripts = [server.no_commit()]
+    async with running(server, retry=SHORT, store=MemoryStore()) as client:
+        first = await pending_of(client.refund_bag(ORDER, BAG, amount_refunded=300))
+        clock.advance(120.0)
+        await client.resume(first)
+        forged = attrs.evolve(first, request=RefundBagRequest(amount_refunded=900))
+        with pytest.raises(RequestValidationError, match="ask_id"):
+            await client.resume(forged)
+    assert len(server.made) == 1
+    assert server.posts == 2
+
+
+async def test_a_stored_refund_of_another_bag_is_not_returned() -> None:
+    clock = FakeClock()
+    server = Violet6(clock)
+    server.scripts = [server.no_commit()]
+    store = MemoryStore()
+    async with running(server, retry=SHORT, store=store) as client:
+        first = await pending_of(client.refund_bag(ORDER, BAG, amount_refunded=300))
+        elsewhere = await client.refund_bag(ORDER, BAG + 1, amount_refunded=100)
+        key = resume_key(client._key_scope(), first.ask_id)
+        done = attrs.evolve(first, phase=Phase.APPLIED, refund_id=elsewhere.id)
+        entry = KeyEntry(key, done, refund=elsewhere, finished_at=clock.time())
+        await store.claim(attrs.evolve(entry, scope=client._key_scope()), clock.time())
+        posts = server.posts
+        with pytest.raises(RecordStoreError, match="another bag"):
+            await client.resume(first)
+    assert server.posts == posts
+
+
+@pytest.mark.parametrize("store", [False, True])
+async def test_deliveries_at_once_get_the_one_refund(store: bool) -> None:
+    clock = FakeClock()
+    server = Violet6(clock)
+    server.scripts = [server.no_commit()]
+    options: dict[str, Any] = {"store": MemoryStore()} if store else {}
+    async with running(server, retry=SHORT, **options) as client:
+        first = await pending_of(client.refund_bag(ORDER, BAG, amount_refunded=300))
+        clock.advance(120.0)
+        refunds = await asyncio.gather(*(client.resume(_json(first)) for _ in range(3)))
+    assert len(server.made) == 1, f"{len(server.made)} refunds, {server.posts} POSTs"
+    assert server.posts == 2
+    assert {r.id for r in refunds} == {server.made[0]}
