@@ -405,3 +405,33 @@ async def test_deliveries_at_once_get_the_one_refund(store: bool) -> None:
     assert len(server.made) == 1, f"{len(server.made)} refunds, {server.posts} POSTs"
     assert server.posts == 2
     assert {r.id for r in refunds} == {server.made[0]}
+
+
+async def test_a_worker_cut_off_mid_resend_is_taken_over_after_its_lease() -> None:
+    """Worker 1 is cut off while its re-send is in flight (it commits, listed 60 s
+    later) and its lease runs out; worker 2 takes the record over from the store: the
+    request may still be running, so it reads, never re-sends, and later finds it."""
+    clock = FakeClock()
+    server = Violet6(clock)
+    server.scripts = [server.no_commit(), server.commit_then(200, hang=True)]
+    store = MemoryStore()
+    async with running(server, retry=SHORT, store=store) as one:
+        first = await pending_of(one.refund_bag(ORDER, BAG, amount_refunded=300))
+        clock.advance(120.0)
+        server.list_lag = 60.0
+        server.post_seen.clear()
+        job = asyncio.ensure_future(one.resume(first))
+        await server.post_seen.wait()
+        await asyncio.sleep(0.05)
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+    clock.advance(store.lease + 1.0)
+    async with running(server, retry=SHORT, store=store) as two:
+        with contextlib.suppress(AmbiguousOutcomeError):
+            await two.resume(_json(first))
+        assert server.posts == 2
+        clock.advance(120.0)
+        refund = await two.resume(_json(first))
+    assert len(server.made) == 1, f"{len(server.made)} refunds, {server.posts} POSTs"
+    assert refund.id == server.made[0]
