@@ -435,3 +435,22 @@ async def test_a_worker_cut_off_mid_resend_is_taken_over_after_its_lease() -> No
         refund = await two.resume(_json(first))
     assert len(server.made) == 1, f"{len(server.made)} refunds, {server.posts} POSTs"
     assert refund.id == server.made[0]
+
+
+async def test_a_record_settled_by_another_worker_frees_the_bag_here() -> None:
+    """Client 1 left the ask pending; worker 2 (same store) settles it. Client 1's own
+    resume gets that refund with no request, and its bag is free again."""
+    clock = FakeClock()
+    server = Violet6(clock)
+    server.scripts = [server.no_commit()]
+    store = MemoryStore()
+    async with running(server, retry=SHORT, store=store) as one:
+        first = await pending_of(one.refund_bag(ORDER, BAG, amount_refunded=300))
+        clock.advance(120.0)
+        async with running(server, retry=SHORT, store=store) as two:
+            got = await two.resume(_json(first))
+        posts = server.posts
+        assert (await one.resume(first)).id == got.id
+        assert server.posts == posts
+        more = await one.refund_bag(ORDER, BAG, amount_refunded=100)
+    assert server.made == [got.id, more.id]

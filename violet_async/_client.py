@@ -487,7 +487,12 @@ class VioletClient(RequestPlumbing):
             # merged with the freshest copy, and one process resumes it at a time.
             keys = self._key_path()
             refund = await keys.resume(self._ask, pending, self._deadline())
-            self._shared.known_refunds.add(refund.id, pending.bag_id, pending.ask_id, refund)
+            shared = self._shared
+            shared.known_refunds.add(refund.id, pending.bag_id, pending.ask_id, refund)
+            if shared.unsettled:
+                # Settled elsewhere (another process, or earlier here): the bag is
+                # free again in this client too.
+                shared.unsettled.check(pending.bag_id, pending)
             keys.settled(pending, refund)
         else:
             refund = await self._ask(
