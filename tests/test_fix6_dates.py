@@ -5,6 +5,7 @@ the review's own scripted Violet (``Violet6``), and as pure matching rules."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from email.utils import formatdate
 from typing import Any
@@ -26,8 +27,9 @@ from violet_async._responses import parse_refund
 from violet_async._transport import RawResponse
 from violet_async.exceptions import ResponseFormatError
 from violet_async.models import OrderRefund, RefundBagRequest
-from violet_async.testing import FakeClock
+from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan, ServerQuirks
 
+from .conftest import ROOMY_POLICY, make_client, ours
 from .samples import refund_body
 from .test_review6_findings import BAG, ORDER, Violet6, running
 
@@ -399,3 +401,59 @@ def test_no_date_header_bounds_the_dates_by_this_machines_clock() -> None:
     """No Date at all: this machine's clock at the read, plus the skew tolerance."""
     floor, _, ceiling = no_baseline_window(ask(), SETTINGS, None, T0 + 30)
     assert (floor, ceiling) == (-SETTINGS.clock_skew, T0 + 30 + SETTINGS.clock_skew)
+
+
+# -- FakeViolet learns them -------------------------------------------------------------
+
+
+async def _fake_violet(clock: FakeClock, **quirks: Any) -> AsyncIterator[FakeViolet]:
+    plan = FaultPlan(quirks=ServerQuirks(**quirks))
+    async with FakeViolet(orders=2, seed=6, clock=clock, faults=plan) as server:
+        yield server
+
+
+async def test_fake_violet_date_header_behind_never_claims_another_systems_refund() -> None:
+    """FakeViolet with a Date header 10 minutes behind (date_header_skew), another
+    Violet client's refund of the same amount 5 minutes old, our POST dropped before
+    it applied: never returned as ours, never re-sent."""
+    clock = FakeClock()
+    async for fake in _fake_violet(clock, date_header_skew=-600.0):
+        order_id, bag_id = fake.seeded[0]
+        fake.another_actor_refund(order_id, bag_id, 100, age_seconds=300.0, status="COMPLETED")
+        async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+            fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+            with pytest.raises(AmbiguousOutcomeError) as info:
+                await client.refund_bag(order_id, bag_id, amount_refunded=100)
+        assert info.value.pending is not None
+        assert info.value.pending.needs_review
+        assert ours(fake, bag_id) == []
+        assert fake.ledger.requests["refund"] == 1
+
+
+async def test_fake_violet_refund_dated_in_the_future_is_not_claimed() -> None:
+    """Another system's refund, its date 90 minutes ahead (local time labelled UTC),
+    our POST dropped before it applied: review, never a claim."""
+    clock = FakeClock()
+    async for fake in _fake_violet(clock):
+        order_id, bag_id = fake.seeded[0]
+        ahead = iso(clock.time() + 5400.0)
+        fake.another_actor_refund(order_id, bag_id, 100, date=ahead, status="COMPLETED")
+        async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+            fake.script("refund", Fault.DROP_BEFORE_COMMIT, bag_id=bag_id)
+            with pytest.raises(AmbiguousOutcomeError):
+                await client.refund_bag(order_id, bag_id, amount_refunded=100)
+        assert ours(fake, bag_id) == []
+
+
+async def test_fake_violet_stale_answer_is_read_back_and_ours_returned() -> None:
+    """STALE_ANSWER: the refund applied, its 200 dated an hour before the answer: read
+    back (never re-sent), and the refund as listed returned, reconciled."""
+    clock = FakeClock()
+    async for fake in _fake_violet(clock):
+        order_id, bag_id = fake.seeded[0]
+        async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+            fake.script("refund", Fault.STALE_ANSWER, bag_id=bag_id)
+            refund = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+        assert refund.reconciled
+        assert ours(fake, bag_id) == [refund.id]
+        assert fake.ledger.requests["refund"] == 1
