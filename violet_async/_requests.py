@@ -460,7 +460,7 @@ class AnswerCheck:
     the bag back rather than return a refund that is not this request's. A few
     compares per successful call."""
 
-    __slots__ = ("amount", "bag_id", "known", "oldest", "order_id", "parse", "skus")
+    __slots__ = ("ahead", "amount", "bag_id", "known", "oldest", "order_id", "parse", "skus")
 
     def __init__(  # noqa: PLR0917 - one call site, the call's own facts
         self,
@@ -471,6 +471,7 @@ class AnswerCheck:
         known: Container[int] = (),
         skus: Sequence[SkuRefund] | None = None,
         oldest: float | None = None,
+        ahead: float = 60.0,
     ) -> None:
         self.parse = parse
         self.order_id = order_id
@@ -484,6 +485,9 @@ class AnswerCheck:
         self.oldest = oldest
         """Seconds: a refund dated more than this before the answer's own ``Date`` was
         not made by this request (which cannot have run that long). None: not checked."""
+        self.ahead = ahead
+        """Seconds: a refund dated more than this after the answer's own ``Date`` carries
+        a date that cannot be right (a wrongly labelled offset): it places nothing."""
 
     def __call__(self, resp: RawResponse, path: str) -> OrderRefund:
         # ``parse`` itself refuses an answer naming another order or bag (it is given
@@ -495,8 +499,14 @@ class AnswerCheck:
             wrong = f"refund {refund.id}, already handed to another call"
         elif self.skus is not None and refund.skus and not _skus_fit(self.skus, refund):
             wrong = f"refund {refund.id} of other SKU lines"
-        elif self.oldest is not None and (age := _age(refund, resp)) > self.oldest:
-            wrong = f"refund {refund.id}, dated {age:.0f}s before the answer"
+        elif (
+            self.oldest is not None
+            and (gap := _gap(refund, resp)) is not None
+            and (gap[0] > self.oldest or gap[1] > self.ahead)
+        ):
+            before, after = gap
+            when = f"{before:.0f}s before" if before > self.oldest else f"{after:.0f}s after"
+            wrong = f"refund {refund.id}, dated {when} the answer"
         else:
             return refund
         asked = f"order {self.order_id}, bag {self.bag_id}"
@@ -528,24 +538,27 @@ def _skus_fit(asked: Counter[int | None], refund: OrderRefund) -> bool:
 _last_date: tuple[str, float | None] = ("", None)
 
 
-def _age(refund: OrderRefund, resp: RawResponse) -> float:
-    """How long before the answer's own ``Date`` the refund was made, at the least: 0
-    when either is missing, or the date has no offset; a day-precision date (midnight
-    UTC) counts from the end of its day. Violet's clock only: no local clock."""
+def _gap(refund: OrderRefund, resp: RawResponse) -> tuple[float, float] | None:
+    """How long before the answer's own ``Date`` the refund was made at the least, and
+    how long after it at the least (one of them is 0 or less). None when either is
+    missing or the date has no offset; a day-precision date (midnight UTC) spans its
+    day. Violet's clock only: no local clock."""
     global _last_date  # noqa: PLW0603 - a one-entry cache, replaced whole
     span = _created(refund)
     if span is None:
-        return 0.0
+        return None
     header = resp.headers.get("Date")
     if not header:
-        return 0.0
+        return None
     cached = _last_date
     if cached[0] == header:
         answered = cached[1]
     else:
         answered = http_date(header)
         _last_date = (header, answered)
-    return 0.0 if answered is None else answered - span[1]
+    if answered is None:
+        return None
+    return answered - span[1], span[0] - answered
 
 
 def _too_late(method: str, path: str) -> APITimeoutError:
