@@ -255,10 +255,7 @@ def iso(when: float) -> str:
 
 
 def check(**extra: Any) -> AnswerCheck:
-    def parse(resp: RawResponse, path: str) -> OrderRefund:
-        return parse_refund(resp, path, order_id=1, bag_id=2)
-
-    return AnswerCheck(parse, 1, 2, extra.pop("amount", 300), (), oldest=95.0, **extra)
+    return AnswerCheck(parse_refund, 1, 2, extra.pop("amount", 300), (), oldest=95.0, **extra)
 
 
 @pytest.mark.parametrize(
