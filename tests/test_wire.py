@@ -180,13 +180,20 @@ _IDS = itertools.count(1_000)
 
 
 def answering(mocked: Any, url: str) -> None:
-    """Answer every POST to ``url`` with a new refund of the amount asked for (a 2xx is
-    checked against its request, and one refund is never the answer to two)."""
+    """Answer every POST to ``url`` with a new refund of the amount and SKU lines asked
+    for (a 2xx is checked against its request, and one refund is never the answer to
+    two)."""
     ids = _IDS
 
     def answer(_url: Any, **kwargs: Any) -> CallbackResult:
-        amount = orjson.loads(kwargs["data"]).get("amount_refunded", 1000)
-        return CallbackResult(status=200, body=refund_bytes(id=next(ids), amount=amount))
+        asked = orjson.loads(kwargs["data"])
+        made: dict[str, Any] = {"amount": asked.get("amount_refunded", 1000)}
+        if "skus" in asked:
+            made["skus"] = [
+                {"order_sku_id": s["order_sku_id"], "quantity_refunded": s["quantity_refunded"]}
+                for s in asked["skus"]
+            ]
+        return CallbackResult(status=200, body=refund_bytes(id=next(ids), **made))
 
     mocked.post(url, callback=answer, repeat=True)
 

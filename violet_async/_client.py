@@ -656,6 +656,12 @@ class VioletClient(RequestPlumbing):
                 bag_id,
                 req.amount_refunded if isinstance(req, RefundBagRequest) else None,
                 shared.known_refunds,
+                req.skus if isinstance(req, RefundBagRequest) else None,
+                # No attempt runs longer than this (plus a Date header's own skew): a
+                # refund dated earlier, by the answer's own Date, is not this one's; one
+                # dated later than that Date by more than the skew carries a wrong date.
+                self._timeouts.connect + self._timeouts.read + policy.clock_skew,
+                policy.clock_skew,
             )
             if (
                 resume is None

@@ -28,6 +28,7 @@ __all__ = [
     "judge",
     "match",
     "needs_bag",
+    "no_baseline_window",
     "send_offsets",
 ]
 
@@ -174,6 +175,66 @@ def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, 
     return min(readings), max(readings), settings.clock_skew, False
 
 
+#: Without a baseline, a ``Date`` offset within this of this machine's clock (as it
+#: is, or as it was before a step) is taken as Violet's own clock: a machine's clock,
+#: or Violet's, a few minutes off. Further off, either clock may be the one that
+#: dates the refunds (a CDN or load balancer stamping its own ``Date``, or this
+#: machine's clock off), and a date must fit both. (Trusting it alone up to 15
+#: minutes, as the baseline rule's ``TRUSTED_OFFSET`` does for review, claimed a
+#: refund another system made 5 minutes before the send when a ``Date`` header was
+#: 10 minutes behind.)
+TRUSTED_DATE = 180.0
+
+
+def no_baseline_window(
+    ask: PendingRefund,
+    settings: Settings,
+    read_server_time: float | None = None,
+    read_at: float | None = None,
+) -> tuple[float, float, float | None]:
+    """Without a baseline: how a refund's date must sit for it to be this ask's, as
+    offsets from the first send (``floor``: no earlier than ``sent + floor``; ``gone``:
+    a refund ending before ``sent + gone`` was made long before the send under every
+    reading) and the latest date a refund can carry (``ceiling``: Violet's clock at
+    the read; None: not known).
+
+    Violet's clock is read two ways: by the ``Date`` headers (within ``date_tolerance``,
+    or ``clock_skew`` when they disagreed among themselves or the record's times are
+    unsure), and by this machine's clock (as it is, or as it was before a step the ask
+    saw; within ``clock_skew``, as with no ``Date`` at all). A ``Date`` offset within
+    :data:`TRUSTED_DATE` of this machine's clock is trusted alone. Otherwise either
+    may be the clock that dated the refunds, and a date counts only when both
+    readings agree: after the send by each, and no later than the read by each.
+
+    The read's own ``Date`` always bounds the dates: a refund dated after Violet's
+    own clock at the read (by more than the tolerance) carries a date that cannot be
+    right (a local time labelled UTC east of it, a clock that dates refunds minutes
+    fast), so it cannot place the refund after the send either."""
+    skew = settings.clock_skew
+    local = (0.0,) if not ask.stepped else (0.0, -ask.stepped)
+    offset = ask.server_offset
+    dates = () if offset is None else (offset, *(ask.offsets or ()))
+    precise = offset is not None and ask.offsets is None and not ask.clock_unsure
+    tolerance = settings.date_tolerance if precise else skew
+    gone = min((*dates, *local)) - skew - WRONG_OFFSET_SPAN
+    if (
+        offset is not None
+        and ask.offsets is None
+        and any(abs(offset - h) <= TRUSTED_DATE for h in local)
+    ):
+        # The Date headers and this machine's clock agree: one reading.
+        floor = offset - tolerance
+        ceilings = [] if read_at is None else [read_at + offset + tolerance]
+    else:
+        floor = max((*(d - tolerance for d in dates), *(h - skew for h in local)))
+        ceilings = [] if read_at is None else [read_at + h + skew for h in local]
+        if read_at is not None:
+            ceilings += [read_at + d + tolerance for d in dates]
+    if read_server_time is not None:
+        ceilings.append(read_server_time + tolerance)
+    return floor, gone, min(ceilings) if ceilings else None
+
+
 #: A date at exactly midnight UTC is taken to carry the day only (some platforms store
 #: dates, not times): the refund was made some time in the 24 hours from it.
 DAY = 86_400.0
@@ -214,9 +275,14 @@ def match(
     bag: OrderBag | None,
     known: Container[int],
     settings: Settings,
+    *,
+    read_server_time: float | None = None,
+    read_at: float | None = None,
 ) -> tuple[Verdict, tuple[OrderRefund, ...]]:
     """:func:`judge`'s verdict and the refunds it names."""
-    reading = judge(ask, refunds, bag, known, settings)
+    reading = judge(
+        ask, refunds, bag, known, settings, read_server_time=read_server_time, read_at=read_at
+    )
     return reading.verdict, reading.found
 
 
@@ -226,6 +292,9 @@ def judge(
     bag: OrderBag | None,
     known: Container[int],
     settings: Settings,
+    *,
+    read_server_time: float | None = None,
+    read_at: float | None = None,
 ) -> Reading:
     """Which refund on the bag, if any, this ask made.
 
@@ -243,13 +312,18 @@ def judge(
     labelled offset, a clock that stepped, a ``Date`` header hours off), a date
     without an offset, a day-precision date, or no date, rules it neither in nor
     out: UNDATED (a person looks). Only a date earlier than the send under every
-    reading of the clock, by more than that, rules a refund out.
+    reading of the clock, by more than that, rules a refund out. A date counts for
+    a refund only when every reading of Violet's clock (:func:`no_baseline_window`)
+    puts it after the send and no later than the read (``read_server_time``: the
+    read's own ``Date``; ``read_at``: this machine's time when it arrived): a date
+    later than the read cannot be right, so it places the refund nowhere (UNDATED).
 
     A refund already handed to another call (``known``, ``ask.others``) is never
     claimed; and since it is skipped only for being someone else's, it never proves
     absence either: when it is all that matches, the verdict is OWNED.
     """
-    low, high, tolerance, sure = send_offsets(ask, settings)
+    _low, high, tolerance, sure = send_offsets(ask, settings)
+    window: tuple[float, float, float | None] | None = None  # no baseline: built once
     sent = ask.first_sent_at
     exact: list[OrderRefund] = []
     near: list[OrderRefund] = []
@@ -269,10 +343,16 @@ def judge(
         elif span is not None and sent is not None:
             early, late = span
             if ask.baseline is None:
-                if late < sent + low - tolerance - WRONG_OFFSET_SPAN:
+                if window is None:
+                    window = no_baseline_window(ask, settings, read_server_time, read_at)
+                floor, gone, ceiling = window
+                if late < sent + gone:
                     continue  # made long before this ask was first sent, by every reading
-                # Earlier than the send by some reading of the clock: it cannot be told.
-                dated = early >= sent + high - tolerance
+                # Earlier than the send by some reading of the clock, or later than the
+                # read by some reading (a date that cannot be right: a wrongly labelled
+                # offset, a clock that dated it off from the one we judge by): it
+                # cannot be told.
+                dated = early >= sent + floor and (ceiling is None or early <= ceiling)
             elif sure and late < sent + high - tolerance:
                 # New since the baseline, yet precisely dated before the send by a clock
                 # we trust: another system's refund listed late, or ours under a wrong
