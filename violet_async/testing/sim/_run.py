@@ -378,7 +378,9 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     labels = tuple(a.label for a in s.asks)
-    changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds))
+    bags = Counter(a.bag for a in s.asks)
+    alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
+    changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
     return attrs.evolve(s, **changes)
 
 
