@@ -648,7 +648,7 @@ async def test_a_keyed_call_that_waited_for_another_process_keeps_its_deadline()
     call waits for the lease to run out, takes the ask over and reads it back. The wait
     counts against the call's deadline: it ends pending by its deadline, not a whole
     deadline after the wait (found by the simulator, two_clients_one_store, seed
-    300084), and sends nothing inside the window."""
+    300550 in direct mode), and sends nothing inside the window."""
     clock = FakeClock()
     store = MemoryStore(lease=20.0)
     now = clock.time()

@@ -51,7 +51,14 @@ import attrs
 
 from ..._ask import PendingRefund, Phase
 from ..._transport import RawResponse
-from ...exceptions import RateLimitError, RefundAlreadyPresentError, VioletError
+from ...exceptions import (
+    APIConnectionError,
+    APIError,
+    RateLimitError,
+    RefundAlreadyPresentError,
+    ResponseFormatError,
+    VioletError,
+)
 from ...stores import MemoryStore, SQLiteStore
 from .._ratelimit import AppRateLimit
 from ._violet import ASK_LABEL
@@ -414,7 +421,7 @@ async def _fleet_worker(  # noqa: PLR0915 - one worker process, its jobs and its
 
     async def job(ask: Any, copy: bool = False) -> None:  # noqa: PLR0915 - one job, its ends
         ASK_LABEL.set(ask.label)
-        for _ in range(JOB_REPEATS):
+        for round_ in range(JOB_REPEATS):
             if known_epoch[0] is None:
                 known_epoch[0] = ledger.current().id
             raw = ledger.records.get(ask.label)
@@ -480,6 +487,13 @@ async def _fleet_worker(  # noqa: PLR0915 - one worker process, its jobs and its
             except RefundAlreadyPresentError as exc:
                 world.saw(Seen(ask.label, "held", error=f"{type(exc).__name__}: {exc}"))
             except VioletError as exc:
+                if _transient(exc) and round_ < JOB_REPEATS - 1:
+                    # FleetWorker: weather (a connection, a 5xx, a 429 out of budget, a
+                    # failed baseline read) puts the item back as new, to run again.
+                    world.note(f"{name} {ask.label}: {type(exc).__name__}; the job runs again")
+                    world.check_deadline(f"{name} {ask.label}", started)
+                    await asyncio.sleep(1.0)
+                    continue
                 seen = world.outcome_of(ask.label, exc)
                 if seen.what == "failed":
                     failed = resume or PendingRefund(
@@ -529,6 +543,13 @@ def _after_loss(world: Any) -> None:
     for n, text in enumerate(world.violations):
         if text.startswith("[failed-but-applied] ") and text.split()[1] in ledger.reregistered:
             world.violations[n] = "[failed-after-loss]" + text[len("[failed-but-applied]") :]
+
+
+def _transient(exc: VioletError) -> bool:
+    """``fleet._worker._transient`` (not imported: it brings redis and arq with it)."""
+    if isinstance(exc, APIConnectionError | RateLimitError | ResponseFormatError):
+        return True
+    return isinstance(exc, APIError) and exc.status >= 500
 
 
 # -- invariants -------------------------------------------------------------------------

@@ -84,7 +84,17 @@ WORLD_KINDS = (
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
 #: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
 CI_KINDS = frozenset(
-    {"cancel_shapes", "fulfilled", "junk", "old_refunds", "caller_cancel", "wrong_bag"}
+    {
+        "cancel_shapes",
+        "fulfilled",
+        "junk",
+        "old_refunds",
+        "caller_cancel",
+        "wrong_bag",
+        "merchant_429",
+        "two_clients_one_store",
+        "worker_dies",
+    }
 )
 
 APP_ID = 11
