@@ -247,8 +247,10 @@ class FleetLikeLedger:
         #: Asks a worker ran, and those run again from the job's copy after a loss.
         self.started: set[str] = set()
         self.reregistered: set[str] = set()
+        self.lost_at: float | None = None
 
     def lose(self) -> None:
+        self.lost_at = self._now()
         self.records.clear()
         self.epoch = LedgerEpoch(self.epoch.id, 0.0, present=False)
 
@@ -538,11 +540,30 @@ def _after_loss(world: Any) -> None:
     (a read before the send that failed) is told "failed" for an item that applied. Kept
     apart from a failed-but-applied that no loss explains: ``[failed-after-loss]``."""
     ledger = getattr(world, "fleet_ledger", None)
-    if ledger is None or not ledger.reregistered:
+    if ledger is None or not ledger.reregistered or ledger.lost_at is None:
         return
-    for n, text in enumerate(world.violations):
-        if text.startswith("[failed-but-applied] ") and text.split()[1] in ledger.reregistered:
-            world.violations[n] = "[failed-after-loss]" + text[len("[failed-but-applied]") :]
+    kept = []
+    for text in world.violations:
+        label = text.split()[1] if text.startswith("[failed-but-applied] ") else ""
+        if label not in ledger.reregistered:
+            kept.append(text)
+            continue
+        told = [x.at for x in world.seen if x.label == label and x.what == "failed"]
+        made = [c.at for c in world.violet.commits if c.label == label]
+        final = world.final.get(label)
+        if (
+            told
+            and max(told) < ledger.lost_at
+            and min(made) > max(told)
+            and final is not None
+            and final.what == "refund"
+        ):
+            # Told "failed" (true then), its record lost, the job run again applied it,
+            # and the item ends applied: what the ledger says last is true.
+            world.violet.count("world:failed_then_applied_after_loss")
+            continue
+        kept.append("[failed-after-loss]" + text[len("[failed-but-applied]") :])
+    world.violations[:] = kept
 
 
 def _transient(exc: VioletError) -> bool:
