@@ -1100,6 +1100,9 @@ class _World:
                 "cancel" if a.kind == "cancel" else "refund",
                 *self.ids[a.bag],
                 self.request(a),
+                _kinds_more.MERCHANT_BASE + self.s.merchants[a.bag]
+                if self.s.merchant_ids_known
+                else None,
             )
             for n, a in enumerate(self.s.asks)
         ]
