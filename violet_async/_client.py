@@ -623,6 +623,7 @@ class VioletClient(RequestPlumbing):
         hold_if_present: bool = False,
         keep_cancelled: bool | None = None,
         defer_rate_limited: bool = False,
+        deadline_at: float | _Unset | None = UNSET,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -630,12 +631,14 @@ class VioletClient(RequestPlumbing):
 
         ``keep_cancelled``: when the caller cancels the call after its request may
         have left, keep the ask pending in this client (default: unless ``save`` is
-        given; a batch journal or fleet ledger keeps its own)."""
+        given; a batch journal or fleet ledger keeps its own). ``deadline_at``: the call's
+        (monotonic) when it began before this (a keyed call that waited for another
+        caller of its key); default: the policy's deadline from now."""
         path = self._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
         shared = self._shared
         clock = shared.clock
         policy = self._retry
-        deadline = self._deadline()
+        deadline = self._deadline() if isinstance(deadline_at, _Unset) else deadline_at
         locks = shared.bag_locks
         waited = not locks.try_acquire(bag_id)
         if waited:

@@ -384,7 +384,7 @@ class KeyedAsks:
                     )
                 return entry.refund
             if claim is Claim.OWNED:
-                return await self._drive(ask_fn, entry)
+                return await self._drive(ask_fn, entry, deadline)
             # BUSY: another process works on it; its outcome is ours.
             if deadline is not None and clock.monotonic() + self._poll > deadline:
                 raise AmbiguousOutcomeError(
@@ -397,7 +397,9 @@ class KeyedAsks:
                 )
             await clock.sleep(self._poll)
 
-    async def _drive(self, ask_fn: AskFn, entry: KeyEntry) -> OrderRefund:
+    async def _drive(self, ask_fn: AskFn, entry: KeyEntry, deadline: float | None) -> OrderRefund:
+        """Drive the key's ask, within the call's ``deadline`` (monotonic, set when the
+        call began: time spent waiting for another caller of the key counts)."""
         store = self.store
         clock = self._clock
         key = entry.key
@@ -468,6 +470,7 @@ class KeyedAsks:
                 resume=resume,
                 save=persist,
                 keep_cancelled=True,
+                deadline_at=deadline,
             )
         except NotSent as stopped:
             await self._release(key, latest)
