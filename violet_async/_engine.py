@@ -547,7 +547,7 @@ class KeyedAsks:
             if claim is Claim.OWNED:
                 if entry.ask is not mine:
                     entry = attrs.evolve(entry, ask=merged(entry.ask, mine))
-                return await self._drive(ask_fn, entry)
+                return await self._drive(ask_fn, entry, deadline)
             # BUSY: another process resumes this ask now; its outcome is ours.
             if deadline is not None and clock.monotonic() + self._poll > deadline:
                 latest = merged(entry.ask, mine)
