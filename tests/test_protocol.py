@@ -431,6 +431,35 @@ def test_hold_if_present_keeps_a_row_already_refunded_from_being_sent() -> None:
     assert action.do is Do.SEND
 
 
+def test_the_guard_read_of_a_whole_bag_refund_or_cancel_reads_the_bag() -> None:
+    """hold_if_present on a whole-bag refund or a cancel (a fleet item re-run after Redis
+    lost its record, once it had applied): the baseline read takes the bag too, since
+    only its total tells the refund there is this one; it is held, not sent (a send
+    would be refused, "Bag is REFUNDED", and reported failed for a refund that was
+    made: the simulator's redis_loss seeds 600005 and 600126). A plain baseline, or an
+    amount, needs the list alone."""
+    guard = attrs.evolve(SETTINGS, read_before_send=True, hold_if_present=True)
+    baseline_only = attrs.evolve(SETTINGS, read_before_send=True)
+    whole = PendingRefund("refund", 1, BAG, RefundBagRequest())
+    cancel = PendingRefund("cancel", 1, BAG, CancelBagRequest())
+    amount = PendingRefund("refund", 1, BAG, RefundBagRequest(amount_refunded=300))
+    for ask, settings, reads_bag in (
+        (whole, guard, True),
+        (cancel, guard, True),
+        (amount, guard, False),
+        (whole, baseline_only, False),
+        (cancel, baseline_only, False),
+    ):
+        _, action = start(ask, settings, T0, attempt_timeout=35)
+        assert (action.do, action.read_bag) == (Do.READ, reads_bag), (ask.kind, settings)
+    done = refund(5, 300, age=999)
+    for ask, status in ((whole, "REFUNDED"), (cancel, "CANCELED")):
+        bag = converter.structure({"id": BAG, "status": status, "total": 300}, OrderBag)
+        held, action = step(ask, Observation.read(T0, [done], bag), guard, T0, 100.0)
+        assert (action.do, held.sends) == (Do.HOLD, 0), ask.kind
+        assert [r.id for r in action.candidates] == [5]
+
+
 # -- round 3: unreadable records, stale reads, review, clocks, the record format ------
 
 

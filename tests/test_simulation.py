@@ -210,15 +210,19 @@ def test_a_ledger_that_loses_its_data_never_makes_a_worker_send_again() -> None:
     """redis_loss (worker mode): the ledger loses every record at a random moment; the
     fleet's rules (an epoch, sends held a settle window after a loss, read_before_send
     and hold_if_present) never let a job delivered again send what was sent: no double,
-    no false refund, no deadline passed. (An item that applied before the loss and whose
-    run after it ends in a definite failure is reported "failed": counted apart as
-    failed-after-loss, a fleet gap the simulator found, not yet fixed.)"""
+    no false refund, no deadline passed. A whole-bag refund or cancel that applied
+    before the loss is held by the guard read, never re-sent and reported "failed"
+    (seeds 600005 and 600126, fixed: the guard read takes the bag). Still counted apart
+    as failed-after-loss, not fixed: a run after the loss that ends in another definite
+    error (a refused token, seed 3150) reports "failed" for an item whose refund was
+    made before the loss."""
     unexpected = []
     injected: Counter[str] = Counter()
-    for seed in range(3000, 3200):
+    for seed in (*range(3000, 3200), 600005, 600126):
         result = simulate(seed, mode="worker", kinds={"redis_loss"})
         injected.update(result.injected)
-        if result.kinds - {"failed-after-loss"}:
+        allowed = {"failed-after-loss"} if seed < 600_000 else set()
+        if result.kinds - allowed:
             unexpected.append(result)
     if unexpected:
         pytest.fail(shrink(unexpected[0]).report() + f"\n({len(unexpected)} seeds failed)")

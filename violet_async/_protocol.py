@@ -280,7 +280,10 @@ def start(
     read back one that was sent before (resume)."""
     if ask.phase is Phase.NEW:
         if settings.read_before_send and ask.baseline is None:
-            return ask, Action(Do.READ, read_bag=False)
+            # Holding a refund the bag already has needs the bag's status when only it
+            # tells a whole-bag refund or a cancel (an item re-run after its record
+            # was lost, say); a plain baseline needs the list alone.
+            return ask, Action(Do.READ, read_bag=settings.hold_if_present and needs_bag(ask))
         return _send(ask, now)
     if ask.phase in (Phase.SENT, Phase.PENDING):
         settle = ask.settle_until
