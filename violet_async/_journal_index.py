@@ -17,6 +17,7 @@ A line that is not a record (torn by a crash, a field of the wrong type: ``"ts":
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,7 @@ import attrs
 import orjson
 
 __all__ = [
+    "MONEY_FIELDS",
     "OPEN_STATES",
     "SPILL_AT",
     "JournalEntry",
@@ -38,6 +40,24 @@ __all__ = [
 OPEN_STATES = frozenset({"sent", "pending", "unknown"})
 #: Finished entries kept in memory before they move to the on-disk index.
 SPILL_AT = 50_000
+#: The fields of a refund's request that move money (a cancel moves the bag's rest,
+#: whatever it says): two requests on a bag equal in these are the same refund, however
+#: their reason, restock_items or notify_customer differ.
+MONEY_FIELDS = {"refund": ("amount_refunded", "shipping", "skus"), "cancel": ()}
+
+
+def money_key(kind: Any, order_id: Any, bag_id: Any, request: Any) -> str | None:
+    """What a request moves, as a digest: kind, order, bag and its money fields, from
+    the request as the converter unstructures it (None: not a request's shape)."""
+    fields = MONEY_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None or not isinstance(request, dict):
+        return None
+    money = [kind, order_id, bag_id, {name: request.get(name) for name in fields}]
+    try:
+        body = orjson.dumps(money, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a value orjson cannot write: not a record of ours
+        return None
+    return hashlib.sha256(body).hexdigest()[:32]
 
 
 @attrs.frozen
@@ -77,6 +97,10 @@ class JournalIndex(Mapping[str, JournalEntry]):
         self._on_disk = 0
         #: Entries a run moved on after the load (they win over what was loaded).
         self._later: dict[str, JournalEntry] = {}
+        #: Items loaded "done" whose protocol record was read: (bag, money digest) ->
+        #: their keys, for an edited row that asks the same money of the bag. On disk
+        #: (table ``m``) beside the finished entries once they spill.
+        self._paid: dict[tuple[int, str], list[str]] = {}
 
     # -- building ------------------------------------------------------------------
 
@@ -96,8 +120,11 @@ class JournalIndex(Mapping[str, JournalEntry]):
                 self._by_bag.setdefault(bag, set()).add(key)
                 self._bag_of[key] = bag
             return
-        if self._open.pop(key, None) is not None:
+        opened = self._open.pop(key, None)
+        if opened is not None:
             self._unbag(key)
+            if state == "done":
+                self._add_paid(key, opened[1].get("ask"))
         ts, line, first, refund, error, message = (
             record.get("ts"),
             record.get("line"),
@@ -119,6 +146,13 @@ class JournalIndex(Mapping[str, JournalEntry]):
         )
         if len(self._done) >= self._spill_at:
             self._spill()
+
+    def _add_paid(self, key: str, ask: Any) -> None:
+        if type(ask) is not dict or type(ask.get("bag_id")) is not int:
+            return
+        money = money_key(ask.get("kind"), ask.get("order_id"), ask["bag_id"], ask.get("request"))
+        if money is not None:
+            self._paid.setdefault((ask["bag_id"], money), []).append(key)
 
     def _unbag(self, key: str) -> None:
         bag = self._bag_of.pop(key, None)
@@ -147,6 +181,17 @@ class JournalIndex(Mapping[str, JournalEntry]):
             )
         self._on_disk += len(self._done)
         self._done.clear()
+        if self._paid:
+            self._disk.execute(
+                "CREATE TABLE IF NOT EXISTS m (bag INTEGER, money TEXT, key TEXT)"
+            )
+            self._disk.execute("CREATE INDEX IF NOT EXISTS m_bag ON m (bag, money)")
+            with self._disk:
+                self._disk.executemany(
+                    "INSERT INTO m (bag, money, key) VALUES (?, ?, ?)",
+                    ((bag, money, key) for (bag, money), keys in self._paid.items() for key in keys),
+                )
+            self._paid.clear()
 
     def close(self) -> None:
         """Let the on-disk index go (its file is deleted)."""
@@ -208,6 +253,26 @@ class JournalIndex(Mapping[str, JournalEntry]):
         """Keys of the items on ``bag_id`` whose last state is open (sent, pending,
         unknown): a new item on the bag waits until they are settled."""
         return frozenset(self._by_bag.get(bag_id, ()))
+
+    def paid_alike(self, bag_id: int, money: str) -> list[str]:
+        """Keys of the items loaded "done" on ``bag_id`` whose request moved the same
+        money (:func:`money_key`), in the order they were done. Their state may have
+        moved on since the load (read it with ``self[key]``)."""
+        keys = []
+        if self._disk is not None:
+            try:
+                rows = self._disk.execute(
+                    "SELECT key FROM m WHERE bag = ? AND money = ? ORDER BY rowid",
+                    (bag_id, money),
+                ).fetchall()
+            except sqlite3.OperationalError:  # nothing of the kind spilled
+                rows = []
+            keys = [key for (key,) in rows]
+        return keys + self._paid.get((bag_id, money), [])
+
+    def moved(self, key: str) -> bool:
+        """A run recorded a state of this loaded item since the load."""
+        return key in self._later
 
     def open_items(self) -> dict[str, JournalEntry]:
         """Every open item's entry."""
@@ -318,17 +383,22 @@ class RepeatCounter:
         self._counts: dict[str, int] = {}
         self._disk: sqlite3.Connection | None = None
 
-    def take(self, key: str) -> int:
-        """How often ``key`` was seen before (0 the first time); counts this one."""
-        counts = self._counts
-        seen = counts.get(key)
+    def seen(self, key: str) -> int:
+        """How often ``key`` was seen so far."""
+        seen = self._counts.get(key)
         if seen is None and self._disk is not None:
             row = self._disk.execute("SELECT n FROM c WHERE key = ?", (key,)).fetchone()
             seen = row[0] if row is not None else None
-        counts[key] = (seen or 0) + 1
+        return seen or 0
+
+    def take(self, key: str) -> int:
+        """How often ``key`` was seen before (0 the first time); counts this one."""
+        seen = self.seen(key)
+        self._counts[key] = seen + 1
+        counts = self._counts
         if len(counts) >= self._spill_at:
             self._spill()
-        return seen or 0
+        return seen
 
     def _spill(self) -> None:
         if self._disk is None:

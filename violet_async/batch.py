@@ -162,6 +162,13 @@ class BatchResult:
     sent: bool = False
     requests: int = 0
     """HTTP requests answered for this item (baseline and read-backs included)."""
+    earlier: bool = False
+    """Not an item of this input: one an earlier run left open (sent, pending or
+    unknown) whose row this input no longer holds as it was, read back at the end of
+    the run (never sent). ``item`` is rebuilt from its journal record (``item.line``
+    is its line in that earlier input). ``already_done``: it had applied
+    (``refund_id``); ``not_sent``: proven not applied, and not sent, as no row asks for
+    it; ``unknown``: still unresolved (the next run reads it back again)."""
 
 
 @attrs.define
@@ -425,6 +432,13 @@ class _Runner:
         # Bags where an item may have applied and could not be resolved: a new item on
         # the bag is not sent (not_sent), and the next run resolves it first.
         self.blocked: dict[int, str] = {}
+        # Earlier runs' items that ended "done" and a new item of this input, differing
+        # from them only in reason, restock_items or notify_customer, was held for.
+        self.claimed: set[str] = set()
+        # Earlier runs' items left open on bags no item of this input resolved them on:
+        # read back after the input, each reported as an ``earlier`` result.
+        self.swept: set[str] = set()
+        self.repeats: RepeatCounter | None = None
         self.max_attempts = self.client._retry.max_attempts
 
     def _on_retry(self, event: RetryEvent) -> Any:
@@ -507,6 +521,8 @@ class _Runner:
             )
         if orphan:
             self._orphan_ended(item, key, result)
+            if key in self.swept:  # on no bag of this input: reported on its own
+                await self.results.put(_earlier(result))
             return  # not an item of this input: no result of its own
         self._bag_done(item.bag_id)
         await self.results.put(result)
@@ -608,11 +624,45 @@ class _Runner:
                 refund_id,
             )
             return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
+        paid = self._paid_alike(item) if not self.allow_repeat else None
+        if paid is not None:
+            exc = _BagHeld(
+                f"bag {item.bag_id} already holds refund {paid.refund_id}, made by an "
+                f"earlier run's row (line {paid.line}) asking the same money of the bag; "
+                "this row differs from it only in reason, restock_items or "
+                "notify_customer (an edited row?), and this input no longer has that row "
+                "as it was; not sent. Check the bag; --allow-repeat sends it anyway",
+                paid.refund_id,
+            )
+            return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
         why = self.blocked.get(item.bag_id) or self._unreadable_on_bag(item.bag_id, key)
         if why is not None:
             return await _ended(
                 item, key, "not_sent", _Stats(), self.log, _BagUnresolved(why), state="unsent"
             )
+        return None
+
+    def _paid_alike(self, item: BatchItem) -> JournalEntry | None:
+        """An earlier run's item done on ``item``'s bag asking the same money, whose own
+        row this input has not held so far (nor has another edited row claimed it): the
+        new item is likely that row, edited, and sending it would refund the bag twice.
+        Claimed for this item (None: no such entry)."""
+        if self.log is None:
+            return None
+        request = converter.unstructure(item.request)
+        for key in self.log.paid_alike(item.kind, item.order_id, item.bag_id, request):
+            content, _, number = key.rpartition("#")
+            if key in self.claimed or (
+                self.repeats is not None
+                and number.isdigit()
+                and self.repeats.seen(content) > int(number)
+            ):
+                continue  # its own row is in this input (already_done), or it is taken
+            entry = self.log.entry(key)
+            if entry is None or entry.state != "done":
+                continue
+            self.claimed.add(key)
+            return entry
         return None
 
     def _unreadable_on_bag(self, bag_id: int, key: str) -> str | None:
@@ -638,6 +688,7 @@ class _Runner:
         tasks: set[asyncio.Task[None]] = set()
         # Repeats of an identical item are distinct items: KEY#0, KEY#1, ...
         repeats = RepeatCounter()  # bounded: on disk beyond 50,000 distinct items
+        self.repeats = repeats
 
         def start(  # noqa: PLR0917 - internal
             item: BatchItem,
@@ -744,6 +795,8 @@ class _Runner:
             )
             if parked.key not in self.orphans:  # an earlier run's: no row here
                 await self.results.put(ended)
+            elif parked.key in self.swept:
+                await self.results.put(_earlier(ended))
         waited = [entry for _, _, entry in self.paced] + self.pace.take_all()
         self.paced.clear()
         for paced in waited:
@@ -762,9 +815,22 @@ class _Runner:
             )
             if paced.key not in self.orphans:  # an earlier run's: no row here
                 await self.results.put(ended)
+            elif paced.key in self.swept:
+                await self.results.put(_earlier(ended))
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
-        """After the input: finish what runs, and revisit parked items as they fall due."""
+        """After the input: finish what runs, then read back what earlier runs left open
+        that no item of this input resolved (:meth:`_sweep`), and finish that."""
+        while True:
+            await self._finish(tasks, start)
+            if self._stopping():
+                return
+            await self._sweep(start)
+            if not tasks:
+                return
+
+    async def _finish(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
+        """Finish what runs, and revisit parked items as they fall due."""
         while tasks or self.parked or self.paced or self.pace.waiting or self.ready or self.waiting:
             if self._stopping():
                 await self._stop_draining(tasks)
@@ -793,6 +859,27 @@ class _Runner:
                 await self._nap(min(wait, 1.0), tasks, self._parked_changed)
             elif wait > 0:
                 await self._nap(wait)
+
+    async def _sweep(self, start: Any) -> None:
+        """After the input, with nothing else left to do: an earlier run's item still
+        open that no item of this input resolved (its row edited onto another bag, or
+        removed) is read back (never sent) and reported (``BatchResult.earlier``), so a
+        refund it made is never lost track of. Each is swept once a run."""
+        if self.log is None or self._stopping():
+            return
+        for entry in self.log.left_open():
+            job = _orphan(entry)
+            if job is None or entry.key in self.swept or entry.key in self.orphans:
+                continue  # an unreadable record cannot be read back
+            item, key, resume = job
+            self.swept.add(key)
+            self.orphans.add(key)
+            if item.bag_id in self.busy:
+                self.waiting.setdefault(item.bag_id, collections.deque()).append(job)
+                continue
+            self.busy.add(item.bag_id)
+            await self.slots.acquire()
+            start(item, key, resume, 0)
 
     async def _nap(
         self,
@@ -831,6 +918,12 @@ def _skip(
             error_class=prior.error,
         )
     return None
+
+
+def _earlier(result: BatchResult) -> BatchResult:
+    """An earlier run's item, resolved (or not) by this run's read-back, as reported."""
+    outcome = "already_done" if result.outcome == "succeeded" else result.outcome
+    return attrs.evolve(result, outcome=outcome, earlier=True)
 
 
 class _Recorded(VioletError):
