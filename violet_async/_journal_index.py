@@ -182,15 +182,11 @@ class JournalIndex(Mapping[str, JournalEntry]):
         self._on_disk += len(self._done)
         self._done.clear()
         if self._paid:
-            self._disk.execute(
-                "CREATE TABLE IF NOT EXISTS m (bag INTEGER, money TEXT, key TEXT)"
-            )
+            self._disk.execute("CREATE TABLE IF NOT EXISTS m (bag INTEGER, money TEXT, key TEXT)")
             self._disk.execute("CREATE INDEX IF NOT EXISTS m_bag ON m (bag, money)")
             with self._disk:
-                self._disk.executemany(
-                    "INSERT INTO m (bag, money, key) VALUES (?, ?, ?)",
-                    ((bag, money, key) for (bag, money), keys in self._paid.items() for key in keys),
-                )
+                rows = ((bag, money, k) for (bag, money), keys in self._paid.items() for k in keys)
+                self._disk.executemany("INSERT INTO m (bag, money, key) VALUES (?, ?, ?)", rows)
             self._paid.clear()
 
     def close(self) -> None:

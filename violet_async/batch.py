@@ -435,6 +435,9 @@ class _Runner:
         # Earlier runs' items that ended "done" and a new item of this input, differing
         # from them only in reason, restock_items or notify_customer, was held for.
         self.claimed: set[str] = set()
+        # Their refunds, and those an earlier run's such item was held for (its row in
+        # this input, skipped already_present): each done item accounts for one row.
+        self.claimed_refunds: set[int] = set()
         # Earlier runs' items left open on bags no item of this input resolved them on:
         # read back after the input, each reported as an ``earlier`` result.
         self.swept: set[str] = set()
@@ -520,19 +523,20 @@ class _Runner:
                 "be resolved; not sent: run the same command again to read it back first",
             )
         if orphan:
-            self._orphan_ended(item, key, result)
-            if key in self.swept:  # on no bag of this input: reported on its own
-                await self.results.put(_earlier(result))
+            await self._orphan_ended(item, key, result)
             return  # not an item of this input: no result of its own
         self._bag_done(item.bag_id)
         await self.results.put(result)
 
-    def _orphan_ended(self, item: BatchItem, key: str, result: BatchResult) -> None:
-        """An earlier run's item on the bag ended: a refund it made holds the bag."""
+    async def _orphan_ended(self, item: BatchItem, key: str, result: BatchResult) -> None:
+        """An earlier run's item on the bag ended: a refund it made holds the bag. One
+        on no bag of this input (swept after it) is reported on its own."""
         self.orphans.discard(key)
         if result.outcome == "succeeded":
             self.held[item.bag_id] = (result.refund_id, item.line)
         self._bag_done(item.bag_id)
+        if key in self.swept:
+            await self.results.put(_earlier(result))
 
     def _wait_for_pace(self, paced: _Paced) -> None:
         """A row answered 429 (nothing applied) waits for its merchant's turn."""
@@ -588,7 +592,7 @@ class _Runner:
             skipped = await self._not_now(item, key)
         if skipped is not None:
             self._bag_done(item.bag_id)
-            await self.results.put(skipped)
+            await self._skipped(skipped)
             return True
         log = self.log
         entries = (
@@ -611,6 +615,13 @@ class _Runner:
             return False
         start(item, key, resume, 0)
         return True
+
+    async def _skipped(self, result: BatchResult) -> None:
+        """An item skipped from its journal entry. One an earlier run held back for an
+        earlier item's refund (already_present) accounts for that refund here too."""
+        if result.outcome == "already_present" and result.refund_id is not None:
+            self.claimed_refunds.add(result.refund_id)
+        await self.results.put(result)
 
     async def _not_now(self, item: BatchItem, key: str) -> BatchResult | None:
         """The result of a new item that must not be sent on its bag now (None: send)."""
@@ -659,9 +670,11 @@ class _Runner:
             ):
                 continue  # its own row is in this input (already_done), or it is taken
             entry = self.log.entry(key)
-            if entry is None or entry.state != "done":
+            if entry is None or entry.state != "done" or entry.refund_id in self.claimed_refunds:
                 continue
             self.claimed.add(key)
+            if entry.refund_id is not None:
+                self.claimed_refunds.add(entry.refund_id)
             return entry
         return None
 
@@ -718,7 +731,7 @@ class _Runner:
                     item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat
                 )
                 if skipped is not None:
-                    await self.results.put(skipped)
+                    await self._skipped(skipped)
                     continue
                 if item.bag_id in self.busy:
                     # Its journal entry is read again when it starts: an earlier item on
