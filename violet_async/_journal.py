@@ -226,6 +226,11 @@ class Journal:
         money = money_key(kind, order_id, bag_id, request)
         return self._entries.paid_alike(bag_id, money) if money is not None else []
 
+    @property
+    def any_paid(self) -> bool:
+        """An earlier run ended an item "done" whose request :meth:`paid_alike` knows."""
+        return self._entries.any_paid
+
     def left_open(self) -> list[JournalEntry]:
         """The entries an earlier run left open (sent, pending, unknown) that this run
         has recorded nothing about: no item of its input has resolved them."""

@@ -17,7 +17,6 @@ A line that is not a record (torn by a crash, a field of the wrong type: ``"ts":
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -27,7 +26,6 @@ import attrs
 import orjson
 
 __all__ = [
-    "MONEY_FIELDS",
     "OPEN_STATES",
     "SPILL_AT",
     "JournalEntry",
@@ -40,24 +38,37 @@ __all__ = [
 OPEN_STATES = frozenset({"sent", "pending", "unknown"})
 #: Finished entries kept in memory before they move to the on-disk index.
 SPILL_AT = 50_000
-#: The fields of a refund's request that move money (a cancel moves the bag's rest,
-#: whatever it says): two requests on a bag equal in these are the same refund, however
-#: their reason, restock_items or notify_customer differ.
-MONEY_FIELDS = {"refund": ("amount_refunded", "shipping", "skus"), "cancel": ()}
 
 
-def money_key(kind: Any, order_id: Any, bag_id: Any, request: Any) -> str | None:
-    """What a request moves, as a digest: kind, order, bag and its money fields, from
-    the request as the converter unstructures it (None: not a request's shape)."""
-    fields = MONEY_FIELDS.get(kind) if isinstance(kind, str) else None
-    if fields is None or not isinstance(request, dict):
+def money_key(kind: Any, order_id: Any, bag_id: Any, request: Any) -> int | None:
+    """What a request moves, as a number: kind, order, bag and the refund's
+    amount_refunded, shipping and skus (a cancel moves the bag's rest, whatever it
+    says), from the request as the converter unstructures it. Two requests equal in
+    these are the same refund however their reason, restock_items or notify_customer
+    differ. None: not a request's shape. Python's hash: for this process only (its
+    memory and its private scratch database)."""
+    if type(request) is not dict:
         return None
-    money = [kind, order_id, bag_id, {name: request.get(name) for name in fields}]
     try:
-        body = orjson.dumps(money, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # a value orjson cannot write: not a record of ours
+        if kind == "refund":
+            parts: tuple[Any, ...] = (
+                _money_part(request.get("amount_refunded")),
+                _money_part(request.get("shipping")),
+                _money_part(request.get("skus")),
+            )
+        elif kind == "cancel":
+            parts = ()
+        else:
+            return None
+        return hash((kind, order_id, bag_id, parts))
+    except TypeError:  # a value that is not JSON, or not hashable: not a record of ours
         return None
-    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def _money_part(value: Any) -> Any:
+    if value is None or type(value) is int:
+        return value
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 @attrs.frozen
@@ -91,16 +102,19 @@ class JournalIndex(Mapping[str, JournalEntry]):
         self._by_bag: dict[int, set[str]] = {}
         self._bag_of: dict[str, int] = {}
         #: Finished items not yet on disk: key -> (sequence number, state, ts, line,
-        #: first_sent, refund_id, error, message).
+        #: first_sent, refund_id, error, message, bag, money): the last two for an item
+        #: "done" whose protocol record was read (its bag and :func:`money_key`).
         self._done: dict[str, tuple[Any, ...]] = {}
         self._disk: sqlite3.Connection | None = None
         self._on_disk = 0
         #: Entries a run moved on after the load (they win over what was loaded).
         self._later: dict[str, JournalEntry] = {}
-        #: Items loaded "done" whose protocol record was read: (bag, money digest) ->
-        #: their keys, for an edited row that asks the same money of the bag. On disk
-        #: (table ``m``) beside the finished entries once they spill.
-        self._paid: dict[tuple[int, str], list[str]] = {}
+        #: (bag, money) -> keys of the finished items in memory with them: built at
+        #: the first :meth:`paid_alike`, after the load (none of its cost on a load).
+        self._paid: dict[tuple[int, int], list[str]] | None = None
+        self._paid_indexed = False
+        #: Any item "done" with a money key at all (else no lookup is worth making).
+        self.any_paid = False
 
     # -- building ------------------------------------------------------------------
 
@@ -121,10 +135,14 @@ class JournalIndex(Mapping[str, JournalEntry]):
                 self._bag_of[key] = bag
             return
         opened = self._open.pop(key, None)
+        bag = money = None
         if opened is not None:
             self._unbag(key)
-            if state == "done":
-                self._add_paid(key, opened[1].get("ask"))
+            ask = opened[1].get("ask")
+            if state == "done" and type(ask) is dict and type(ask.get("bag_id")) is int:
+                bag = ask["bag_id"]
+                money = money_key(ask.get("kind"), ask.get("order_id"), bag, ask.get("request"))
+                self.any_paid = self.any_paid or money is not None
         ts, line, first, refund, error, message = (
             record.get("ts"),
             record.get("line"),
@@ -143,16 +161,12 @@ class JournalIndex(Mapping[str, JournalEntry]):
             refund if type(refund) is int else None,
             error if type(error) is str else None,
             message if type(message) is str else None,
+            bag,
+            money,
         )
+        self._paid = None
         if len(self._done) >= self._spill_at:
             self._spill()
-
-    def _add_paid(self, key: str, ask: Any) -> None:
-        if type(ask) is not dict or type(ask.get("bag_id")) is not int:
-            return
-        money = money_key(ask.get("kind"), ask.get("order_id"), ask["bag_id"], ask.get("request"))
-        if money is not None:
-            self._paid.setdefault((ask["bag_id"], money), []).append(key)
 
     def _unbag(self, key: str) -> None:
         bag = self._bag_of.pop(key, None)
@@ -169,25 +183,18 @@ class JournalIndex(Mapping[str, JournalEntry]):
             self._disk.execute(
                 "CREATE TABLE e (key TEXT PRIMARY KEY, seq INTEGER, state TEXT, ts REAL, "
                 "line INTEGER, first_sent REAL, refund_id INTEGER, error TEXT, "
-                "message TEXT) WITHOUT ROWID"
+                "message TEXT, bag INTEGER, money INTEGER) WITHOUT ROWID"
             )
         # In key order: a B-tree takes sorted inserts several times faster.
         rows = ((key, *fields) for key, fields in sorted(self._done.items()))
         with self._disk:
             self._disk.executemany(
-                f"INSERT OR REPLACE INTO e (key, seq, {_FIELDS}) "  # noqa: S608 - constant
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO e (key, seq, {_FIELDS}, bag, money) "  # noqa: S608 - constant
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         self._on_disk += len(self._done)
         self._done.clear()
-        if self._paid:
-            self._disk.execute("CREATE TABLE IF NOT EXISTS m (bag INTEGER, money TEXT, key TEXT)")
-            self._disk.execute("CREATE INDEX IF NOT EXISTS m_bag ON m (bag, money)")
-            with self._disk:
-                rows = ((bag, money, k) for (bag, money), keys in self._paid.items() for k in keys)
-                self._disk.executemany("INSERT INTO m (bag, money, key) VALUES (?, ?, ?)", rows)
-            self._paid.clear()
 
     def close(self) -> None:
         """Let the on-disk index go (its file is deleted)."""
@@ -224,7 +231,7 @@ class JournalIndex(Mapping[str, JournalEntry]):
             return entry
         if finished is None:
             raise KeyError(key)
-        _, state, ts, line, first, refund, error, message = finished
+        _, state, ts, line, first, refund, error, message = finished[:8]
         return JournalEntry(
             key, state, _finite(ts) or 0.0, line, _finite(first), refund, error, message
         )
@@ -250,20 +257,27 @@ class JournalIndex(Mapping[str, JournalEntry]):
         unknown): a new item on the bag waits until they are settled."""
         return frozenset(self._by_bag.get(bag_id, ()))
 
-    def paid_alike(self, bag_id: int, money: str) -> list[str]:
+    def paid_alike(self, bag_id: int, money: int) -> list[str]:
         """Keys of the items loaded "done" on ``bag_id`` whose request moved the same
         money (:func:`money_key`), in the order they were done. Their state may have
-        moved on since the load (read it with ``self[key]``)."""
-        keys = []
+        moved on since the load (read it with ``self[key]``). The first call indexes
+        them (a load pays nothing for it)."""
+        keys: list[str] = []
         if self._disk is not None:
-            try:
-                rows = self._disk.execute(
-                    "SELECT key FROM m WHERE bag = ? AND money = ? ORDER BY rowid",
-                    (bag_id, money),
-                ).fetchall()
-            except sqlite3.OperationalError:  # nothing of the kind spilled
-                rows = []
+            if not self._paid_indexed:
+                self._disk.execute(
+                    "CREATE INDEX IF NOT EXISTS e_paid ON e (bag, money) WHERE money IS NOT NULL"
+                )
+                self._paid_indexed = True
+            rows = self._disk.execute(
+                "SELECT key FROM e WHERE bag = ? AND money = ? ORDER BY seq", (bag_id, money)
+            )
             keys = [key for (key,) in rows]
+        if self._paid is None:
+            self._paid = {}
+            for key, fields in self._done.items():
+                if fields[9] is not None:
+                    self._paid.setdefault((fields[8], fields[9]), []).append(key)
         return keys + self._paid.get((bag_id, money), [])
 
     def moved(self, key: str) -> bool:

@@ -658,9 +658,9 @@ class _Runner:
         row this input has not held so far (nor has another edited row claimed it): the
         new item is likely that row, edited, and sending it would refund the bag twice.
         Claimed for this item (None: no such entry)."""
-        if self.log is None:
+        if self.log is None or not self.log.any_paid:
             return None
-        request = converter.unstructure(item.request)
+        request = converter.unstructure(item.request)  # as the journal records it
         for key in self.log.paid_alike(item.kind, item.order_id, item.bag_id, request):
             content, _, number = key.rpartition("#")
             if key in self.claimed or (
