@@ -285,10 +285,15 @@ async def run_batch(
     item on a bag is sent, the journal's sent, pending or unknown entries on that bag
     are read back (never re-sent): where one applied, a new item on the bag is not sent
     (already_present; ``allow_repeat`` sends it), and where one stays unresolved, it is
-    not_sent. A parked item's revisits share one attempt budget. Setting ``stop`` stops
-    feeding new items, and wakes the run from any wait; those in flight finish and
-    parked ones are reported unknown (resumable). ``input_id`` names the input in a new journal's
-    header (informational).
+    not_sent. A new item asking a bag for the same money as an earlier run's done item
+    on it (differing only in reason, restock_items or notify_customer), whose own row
+    this input has not held so far, is not sent either (already_present;
+    ``allow_repeat`` sends it). Open entries on bags no item of the input resolved are
+    read back after the input (never sent) and yielded as results with
+    :attr:`BatchResult.earlier` True. A parked item's revisits share one attempt
+    budget. Setting ``stop`` stops feeding new items, and wakes the run from any wait;
+    those in flight finish and parked ones are reported unknown (resumable).
+    ``input_id`` names the input in a new journal's header (informational).
 
     The server is the last guard: with ``read_before_send``, an item whose bag already
     holds a refund carrying exactly its request, which neither this run nor the journal
