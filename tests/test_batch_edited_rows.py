@@ -59,6 +59,11 @@ async def batch(
         return [r async for r in run_batch(client, items, journal=journal, **options)]
 
 
+def by_line(results: list[BatchResult]) -> list[str]:
+    """Outcomes in line order (results come as items end, not in input order)."""
+    return [r.outcome for r in sorted(results, key=lambda r: r.item.line)]
+
+
 def hang_without_commit(server: Violet6) -> Any:
     """A POST that never commits and never answers (until the test ends)."""
 
@@ -79,10 +84,10 @@ async def test_a_done_rows_reason_fixed_is_held_naming_the_earlier_refund(
     journal = tmp_path / "j.jsonl"
     first = refund(4, reason="Damaged itme")
     done = await batch(server, [first], journal)
-    assert [r.outcome for r in done] == ["succeeded"]
+    assert by_line(done) == ["succeeded"]
     edited = refund(4, reason="Damaged item", notify_customer=True, restock_items=True)
     again = await batch(server, [edited], journal)
-    assert [r.outcome for r in again] == ["already_present"]
+    assert by_line(again) == ["already_present"]
     assert again[0].refund_id == done[0].refund_id == server.made[0]
     assert not again[0].sent
     message = str(again[0].error)
@@ -92,7 +97,7 @@ async def test_a_done_rows_reason_fixed_is_held_naming_the_earlier_refund(
     # The journal remembers: the same edited file once more sends nothing either.
     assert await entry_state(journal, edited) == "present"
     third = await batch(server, [edited], journal)
-    assert [r.outcome for r in third] == ["already_present"]
+    assert by_line(third) == ["already_present"]
     assert len(server.made) == 1
     assert server.posts == 1
 
@@ -103,7 +108,7 @@ async def test_a_done_rows_reason_fixed_is_sent_with_allow_repeat(tmp_path: Path
     journal = tmp_path / "j.jsonl"
     await batch(server, [refund(1, reason="a")], journal)
     again = await batch(server, [refund(1, reason="b")], journal, allow_repeat=True)
-    assert [r.outcome for r in again] == ["succeeded"]
+    assert by_line(again) == ["succeeded"]
     assert len(server.made) == 2
 
 
@@ -118,7 +123,7 @@ async def test_a_legit_second_row_after_its_done_neighbour_still_refunds(
     one, two = refund(1, reason="mug broken"), refund(2, reason="plate broken")
     await batch(server, [one], journal)  # the run ended after row 1
     again = await batch(server, [one, two], journal)
-    assert [r.outcome for r in again] == ["already_done", "succeeded"]
+    assert by_line(again) == ["already_done", "succeeded"]
     assert len(server.made) == 2
 
 
@@ -128,7 +133,7 @@ async def test_identical_repeat_rows_still_refund_each(tmp_path: Path) -> None:
     journal = tmp_path / "j.jsonl"
     await batch(server, [refund(1)], journal)
     again = await batch(server, [refund(1), refund(2)], journal)
-    assert [r.outcome for r in again] == ["already_done", "succeeded"]
+    assert by_line(again) == ["already_done", "succeeded"]
     assert len(server.made) == 2
 
 
@@ -136,9 +141,9 @@ async def test_two_done_rows_both_edited_each_claim_their_own(tmp_path: Path) ->
     server = Violet6(FakeClock())
     journal = tmp_path / "j.jsonl"
     done = await batch(server, [refund(1, reason="x1"), refund(2, reason="y1")], journal)
-    assert [r.outcome for r in done] == ["succeeded", "succeeded"]
+    assert by_line(done) == ["succeeded", "succeeded"]
     again = await batch(server, [refund(1, reason="x2"), refund(2, reason="y2")], journal)
-    assert [r.outcome for r in again] == ["already_present", "already_present"]
+    assert by_line(again) == ["already_present", "already_present"]
     assert {r.refund_id for r in again} == set(server.made)
     assert len(server.made) == 2
     # A third row of the same money, with both done rows claimed, is a new refund.
@@ -147,7 +152,7 @@ async def test_two_done_rows_both_edited_each_claim_their_own(tmp_path: Path) ->
         [refund(1, reason="x2"), refund(2, reason="y2"), refund(3, reason="z")],
         journal,
     )
-    assert [r.outcome for r in third] == ["already_present", "already_present", "succeeded"]
+    assert by_line(third) == ["already_present", "already_present", "succeeded"]
     assert len(server.made) == 3
 
 
@@ -159,7 +164,7 @@ async def test_an_edited_row_above_its_done_original_is_held(tmp_path: Path) -> 
     original = refund(2, reason="a")
     await batch(server, [original], journal)
     again = await batch(server, [refund(1, reason="b"), original], journal)
-    assert [r.outcome for r in again] == ["already_present", "already_done"]
+    assert by_line(again) == ["already_present", "already_done"]
     assert len(server.made) == 1
 
 
@@ -172,7 +177,7 @@ async def test_another_amount_or_bag_is_not_held_by_a_done_row(tmp_path: Path) -
     again = await batch(
         server, [refund(1, amount=350, reason="a"), refund(2, bag=BAG2, reason="a")], journal
     )
-    assert [r.outcome for r in again] == ["succeeded", "succeeded"]
+    assert by_line(again) == ["succeeded", "succeeded"]
     assert len(server.made) == 3
 
 
@@ -182,10 +187,10 @@ async def test_a_cancel_edited_after_it_was_done_is_held(tmp_path: Path) -> None
     journal = tmp_path / "j.jsonl"
     first = BatchItem.cancel(1, ORDER, BAG, CancelBagRequest(reason_code="CUSTOMER"))
     done = await batch(server, [first], journal)
-    assert [r.outcome for r in done] == ["succeeded"]
+    assert by_line(done) == ["succeeded"]
     edited = BatchItem.cancel(1, ORDER, BAG, CancelBagRequest(reason_code="OTHER"))
     again = await batch(server, [edited], journal)
-    assert [r.outcome for r in again] == ["already_present"]
+    assert by_line(again) == ["already_present"]
     assert server.posts == 1
 
 
@@ -399,3 +404,38 @@ def test_the_command_line_lists_earlier_rows_and_fails_while_one_is_open() -> No
     assert progress.done == 0
     progress.tick(BatchResult(refund(1), "succeeded"))
     assert progress.done == 1
+
+
+async def test_a_failed_row_retried_below_its_done_neighbour_is_its_own(
+    tmp_path: Path,
+) -> None:
+    """Rows [B, A] on one bag, same money, other reasons: B is refused (400), A done.
+    Run again with retry_failed: B was journaled as it is (not an edited row), so A's
+    done refund does not hold it back: two refunds, as the file asks."""
+    server = Violet6(FakeClock())
+    refused = orjson.dumps({"status": 400, "message": "bad request", "error_code": 4000})
+    server.scripts = [server.no_commit(400, refused)]
+    journal = tmp_path / "j.jsonl"
+    rows = [refund(1, reason="b"), refund(2, reason="a")]
+    first = await batch(server, rows, journal)
+    assert by_line(first) == ["failed", "succeeded"]
+    again = await batch(server, rows, journal, retry_failed=True)
+    assert by_line(again) == ["succeeded", "already_done"]
+    assert len(server.made) == 2
+
+
+async def test_an_edited_row_is_held_by_a_done_row_the_journal_spilled_to_disk(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Beyond the in-memory limit, finished entries live in the scratch database: the
+    done row is still found there."""
+    monkeypatch.setattr(JournalIndex.__init__, "__defaults__", (2,))
+    server = Violet6(FakeClock())
+    journal = tmp_path / "j.jsonl"
+    rows = [refund(n, amount=100 + n, reason="r") for n in range(1, 6)]
+    done = await batch(server, rows, journal)
+    assert by_line(done) == ["succeeded"] * 5
+    again = await batch(server, [refund(9, amount=102, reason="fixed")], journal)
+    assert by_line(again) == ["already_present"]
+    assert again[0].refund_id == done[1].refund_id
+    assert len(server.made) == 5

@@ -594,7 +594,7 @@ class _Runner:
         skipped = _skip(item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat)
         resume = _resumable(item, prior) if skipped is None else None
         if skipped is None and resume is None:
-            skipped = await self._not_now(item, key)
+            skipped = await self._not_now(item, key, seen=prior is not None)
         if skipped is not None:
             self._bag_done(item.bag_id)
             await self._skipped(skipped)
@@ -628,8 +628,10 @@ class _Runner:
             self.claimed_refunds.add(result.refund_id)
         await self.results.put(result)
 
-    async def _not_now(self, item: BatchItem, key: str) -> BatchResult | None:
-        """The result of a new item that must not be sent on its bag now (None: send)."""
+    async def _not_now(self, item: BatchItem, key: str, *, seen: bool) -> BatchResult | None:
+        """The result of a new item that must not be sent on its bag now (None: send).
+        ``seen``: an earlier run journaled this very row (failed, unsent): it is its own
+        row, not an edited one."""
         held = self.held.get(item.bag_id)
         if held is not None and not self.allow_repeat:
             refund_id, line = held
@@ -640,7 +642,7 @@ class _Runner:
                 refund_id,
             )
             return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
-        paid = self._paid_alike(item) if not self.allow_repeat else None
+        paid = self._paid_alike(item) if not (self.allow_repeat or seen) else None
         if paid is not None:
             exc = _BagHeld(
                 f"bag {item.bag_id} already holds refund {paid.refund_id}, made by an "
@@ -886,6 +888,8 @@ class _Runner:
         if self.log is None or self._stopping():
             return
         for entry in self.log.left_open():
+            if self._stopping():
+                return
             job = _orphan(entry)
             if job is None or entry.key in self.swept or entry.key in self.orphans:
                 continue  # an unreadable record cannot be read back
