@@ -13,11 +13,13 @@ from that server's own record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from violet_async._batch_cli import _fatal, _Progress, _row_out, _Tally
@@ -215,10 +217,14 @@ async def test_reason_edited_after_a_kill_while_the_list_lags(tmp_path: Path) ->
 # -- finding 8: an open row moved off its bag, or removed -----------------------------
 
 
+@pytest.mark.parametrize("lag", [0.0, 10.0])
 async def test_a_row_moved_to_another_bag_after_a_kill_reports_the_first(
-    tmp_path: Path,
+    tmp_path: Path, lag: float
 ) -> None:
+    """The list may show the first refund only 10 s after it committed: the read-back
+    waits its settle window (parked), then finds it."""
     server = Violet6(FakeClock())
+    server.list_lag = lag
     server.scripts = [server.commit_then(200, hang=True)]
     journal = tmp_path / "j.jsonl"
     first = refund(7)
@@ -439,3 +445,42 @@ async def test_an_edited_row_is_held_by_a_done_row_the_journal_spilled_to_disk(
     assert by_line(again) == ["already_present"]
     assert again[0].refund_id == done[1].refund_id
     assert len(server.made) == 5
+
+
+async def test_two_open_rows_on_two_bags_both_removed_are_both_reported(
+    tmp_path: Path,
+) -> None:
+    """Run 1 is killed with both its rows' POSTs in flight (both applied); the next
+    input holds neither: each is read back and reported, nothing is sent."""
+    server = Violet6(FakeClock())
+    both = asyncio.Event()
+
+    async def commit_and_hang(req: dict[str, Any]) -> web.StreamResponse:
+        server.commit(req.get("amount_refunded"), req.get("reason"), bag=req["_bag"])
+        if len(server.made) == 2:
+            both.set()
+        await server.release.wait()
+        return web.Response(status=200)
+
+    server.scripts = [commit_and_hang, commit_and_hang]
+    journal = tmp_path / "j.jsonl"
+    rows = [refund(1), refund(2, bag=BAG2)]
+    async with running(server) as client:
+
+        async def consume() -> None:
+            async for _ in run_batch(client, rows, journal=journal):
+                pass
+
+        run = asyncio.ensure_future(consume())
+        await both.wait()
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+    async with running(server) as client:
+        results = await _results(client, [], journal)
+    assert sorted((r.item.bag_id, r.outcome, r.earlier) for r in results) == [
+        (BAG, "already_done", True),
+        (BAG2, "already_done", True),
+    ]
+    assert {r.refund_id for r in results} == set(server.made)
+    assert server.posts == 2
