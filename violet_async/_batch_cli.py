@@ -602,7 +602,8 @@ class _Tally:
         if result.outcome == "already_done":
             said = f"applied: refund {result.refund_id} on the bag"
         elif result.outcome in ("not_sent", "failed"):
-            said = "not applied (proven by read-back); not sent, as no row of this file asks for it"
+            why = "proven by read-back" if result.outcome == "not_sent" else result.error_class
+            said = f"not applied ({why}); not sent, as no row of this file asks for it"
         else:
             self.earlier_open += 1
             said = (
