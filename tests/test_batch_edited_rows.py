@@ -28,8 +28,10 @@ from violet_async._journal_index import JournalIndex, money_key, read_journal
 from violet_async._redact import Redactor
 from violet_async.batch import BatchItem, BatchResult, run_batch
 from violet_async.models import CancelBagRequest, RefundBagRequest
-from violet_async.testing import FakeClock
+from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
 
+from .test_batch_cli import env_for
+from .test_batch_cli import run as run_cli
 from .test_review6_findings import (
     BAG,
     BAG2,
@@ -484,3 +486,47 @@ async def test_two_open_rows_on_two_bags_both_removed_are_both_reported(
     ]
     assert {r.refund_id for r in results} == set(server.made)
     assert server.posts == 2
+
+
+async def test_the_command_line_reports_a_row_moved_off_its_bag_after_a_kill(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """End to end: run 1 (Python, same journal) is killed with its POST held open (it
+    committed). The file's row is then moved to another order's bag and the command
+    runs: the moved row succeeds, the first bag's refund is read back and listed, the
+    exit code is 0 (resolved), every row of the file has its result, nothing is sent
+    twice."""
+    plan = FaultPlan(late_commit_delay=0.0, hang_seconds=600.0)
+    async with FakeViolet(orders=2, seed=6, faults=plan) as fake:
+        for key, value in env_for(fake).items():
+            monkeypatch.setenv(key, value)
+        (o1, b1), (o2, b2) = fake.seeded[:2]
+        path = tmp_path / "in.csv"
+        journal = Path(f"{path}.refund.journal.jsonl")
+        fake.script("refund", Fault.TIMEOUT_THEN_COMMIT, bag_id=b1)
+        async with fake.client() as client:
+            item = BatchItem.refund(1, o1, b1, RefundBagRequest(amount_refunded=100))
+
+            async def consume() -> None:
+                async for _ in run_batch(client, [item], journal=journal):
+                    pass
+
+            run = asyncio.ensure_future(consume())
+            await fake.wait_held(1)
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+        path.write_text(f"order_id,bag_id,amount_refunded\n{o2},{b2},100\n")
+        code, out, err = await run_cli("refund", path, output=tmp_path / "out.jsonl")
+        assert code == 0, out + err
+        assert "succeeded               1" in out
+        assert "1 row(s) of an earlier run" in out
+        assert f"line 1 of an earlier input: refund order {o1} bag {b1}: applied" in out
+        assert "ended without a result" not in err
+        lines = [orjson.loads(x) for x in (tmp_path / "out.jsonl").read_bytes().splitlines()]
+        assert sorted((x["bag_id"], x["outcome"], x["earlier"]) for x in lines) == sorted(
+            [(b2, "succeeded", False), (b1, "already_done", True)]
+        )
+        assert fake.ledger.refunds_per_bag[b1] == 1
+        assert len(fake.ledger.posts_per_bag[b1]) == 1
+        assert fake.ledger.refunds_per_bag[b2] == 1
