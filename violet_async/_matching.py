@@ -194,18 +194,24 @@ def _created(refund: OrderRefund) -> tuple[float, float] | None:
 
 
 class Reading:
-    """What :func:`match` made of one read-back."""
+    """What :func:`judge` made of one read-back."""
 
-    __slots__ = ("found", "seen", "verdict")
+    __slots__ = ("doubt", "found", "seen", "verdict")
 
     def __init__(
-        self, verdict: Verdict, found: tuple[OrderRefund, ...], seen: frozenset[int]
+        self,
+        verdict: Verdict,
+        found: tuple[OrderRefund, ...],
+        seen: frozenset[int],
+        doubt: str = "",
     ) -> None:
         self.verdict = verdict
         self.found = found
         self.seen = seen
         """Ids of every refund that could be this ask's, or that only another call's
         ownership kept from being so (the record remembers them)."""
+        self.doubt = doubt
+        """UNDATED: why the first undated candidate cannot be placed after the send."""
 
 
 def match(
@@ -220,6 +226,40 @@ def match(
     return reading.verdict, reading.found
 
 
+def _doubt(
+    refund: OrderRefund,
+    span: tuple[float, float] | None,
+    sent: float | None,
+    *,
+    after: float,
+    sure: bool,
+) -> str | None:
+    """Why ``refund`` cannot be placed after this ask was first sent (None: its date
+    places it there, by every reading of Violet's clock). ``after``: how far after the
+    send, by this machine's clock, the earliest instant its date allows must be (the
+    highest offset of Violet's clock, less the tolerance)."""
+    if refund.id is None:
+        return "it has no id (it cannot be looked up in a baseline nor told from an older one)"
+    if span is None:
+        if refund.date_created is None:
+            return "it has no date"
+        return "its date has no offset (server-local time)"
+    if sent is None:
+        return "when this request was first sent is not known"
+    early, late = span
+    if early >= sent + after:
+        return None
+    if late > early:
+        return "its date has the day only (T00:00:00Z): before or after the send cannot be told"
+    if sure:
+        return "its date is earlier than this request was sent"
+    return (
+        "its date is earlier than this request was sent by some reading of Violet's clock "
+        "(Date headers that disagree or sit far from this machine's clock, no Date header, "
+        "or a wall clock that stepped)"
+    )
+
+
 def judge(
     ask: PendingRefund,
     refunds: Sequence[OrderRefund],
@@ -230,20 +270,21 @@ def judge(
     """Which refund on the bag, if any, this ask made.
 
     A refund is a candidate when it is on this bag, carries what was asked
-    (:func:`content`), and is new: not in the baseline when there is one, else created
-    no earlier than the first send by Violet's clock (estimated from ``Date`` headers:
-    :func:`send_offsets`), less a tolerance.
+    (:func:`content`), and is not in the baseline when there is one. A candidate is
+    claimed only when its date places it after the first send by every reading of
+    Violet's clock (estimated from ``Date`` headers: :func:`send_offsets`), less a
+    tolerance: a precise date with an offset, and an id.
 
-    With a baseline, a date never rules a refund out: a new one is a candidate whatever
-    its date (day-precision dates, a ``Date`` header hours off). Only a precise date
-    earlier than the send, by a clock that is sure, sends it to a person (UNDATED)
-    rather than claiming it. A refund without an id is never taken as new since a
-    baseline (it cannot be looked up in one): UNDATED. Without a baseline, a date
-    earlier than the send by less than a day's worth of time zones (a wrongly
-    labelled offset, a clock that stepped, a ``Date`` header hours off), a date
-    without an offset, a day-precision date, or no date, rules it neither in nor
-    out: UNDATED (a person looks). Only a date earlier than the send under every
-    reading of the clock, by more than that, rules a refund out.
+    A baseline only ever excludes. A refund missing from it is not thereby new: the
+    baseline read may have come from a replica behind, which does not list another
+    system's refund made shortly before (or one made between the read and the send).
+    So a candidate whose date cannot place it after the send (a day-precision date
+    whose day includes the send, a date without an offset, no date, a precise date
+    earlier than the send by some reading of the clock, no id, or a send time not
+    known) is UNDATED, with or without a baseline: a person looks. With a baseline, a
+    date never rules a refund out either (a ``Date`` header hours off would make our
+    own refund look old). Without one, only a date earlier than the send under every
+    reading of the clock, by more than a day's worth of time zones, rules a refund out.
 
     A refund already handed to another call (``known``, ``ask.others``) is never
     claimed; and since it is skipped only for being someone else's, it never proves
@@ -255,36 +296,33 @@ def judge(
     near: list[OrderRefund] = []
     undated: list[OrderRefund] = []
     owned: list[OrderRefund] = []
+    first_doubt = ""
     for refund in refunds:
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue
         span = _created(refund)
-        dated = True
-        if refund.id is None or (ask.baseline is None and span is None):
-            # Without an id a refund cannot be found in a baseline (nor told apart from
-            # one listed before): it may be years old. Never claimed; a person looks.
-            dated = False
-        elif span is not None and sent is not None:
-            early, late = span
-            if ask.baseline is None:
-                if late < sent + low - tolerance - WRONG_OFFSET_SPAN:
-                    continue  # made long before this ask was first sent, by every reading
-                # Earlier than the send by some reading of the clock: it cannot be told.
-                dated = early >= sent + high - tolerance
-            elif sure and late < sent + high - tolerance:
-                # New since the baseline, yet precisely dated before the send by a clock
-                # we trust: another system's refund listed late, or ours under a wrong
-                # offset. Never absence; a person looks.
-                dated = False
+        if (
+            ask.baseline is None
+            and refund.id is not None
+            and span is not None
+            and sent is not None
+            and span[1] < sent + low - tolerance - WRONG_OFFSET_SPAN
+        ):
+            continue  # made long before this ask was first sent, by every reading
+        doubt = _doubt(refund, span, sent, after=high - tolerance, sure=sure)
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             continue
         if refund.id is not None and (refund.id in known or refund.id in ask.others):
             owned.append(refund)
-        elif not dated:
-            (undated if verdict is Verdict.MATCH else near).append(refund)
+        elif doubt is not None:
+            if verdict is Verdict.MATCH:
+                undated.append(refund)
+                first_doubt = first_doubt or doubt
+            else:
+                near.append(refund)
         elif verdict is Verdict.MATCH:
             exact.append(refund)
         else:
@@ -293,7 +331,7 @@ def judge(
     if len(exact) > 1:
         return Reading(Verdict.MANY, tuple(exact), seen)
     if undated:
-        return Reading(Verdict.UNDATED, tuple(exact + undated), seen)
+        return Reading(Verdict.UNDATED, tuple(exact + undated), seen, first_doubt)
     if exact:
         return Reading(Verdict.MATCH, tuple(exact), seen)
     if near:
