@@ -94,7 +94,8 @@ async def test_day_precision_dates(baseline: bool) -> None:
             fake.script("refund", Fault.LATE_COMMIT, bag_id=bag_id)
             with pytest.raises(AmbiguousOutcomeError) as info:
                 await client.refund_bag(order_id, bag_id, amount_refunded=100)
-            assert info.value.pending is not None and info.value.pending.needs_review
+            assert info.value.pending is not None
+            assert info.value.pending.needs_review
             assert [r.id for r in info.value.candidates] == ours(fake, bag_id)
         assert fake.ledger.requests["refund"] == 1
         assert fake.ledger.refunds_per_bag[bag_id] == 1

@@ -190,7 +190,8 @@ async def test_day_dates_another_systems_refund_missing_from_the_baseline_is_not
         clock.advance(120.0)
         with pytest.raises(AmbiguousOutcomeError) as again:
             await client.resume(pending)
-    assert again.value.pending is not None and again.value.pending.needs_review
+    assert again.value.pending is not None
+    assert again.value.pending.needs_review
     assert server.posts == 1
     assert len(server.ours) == (1 if ours == "late" else 0)
 

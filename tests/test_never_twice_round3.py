@@ -175,7 +175,8 @@ async def test_row5_a_date_header_15_hours_ahead_with_a_baseline() -> None:
     async with hostile_client(server, retry=BASELINE) as client:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert info.value.pending is not None and info.value.pending.needs_review
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
     assert [r.id for r in info.value.candidates] == server.ours
     assert server.posts == 1
 
@@ -190,7 +191,8 @@ async def test_row6_day_precision_dates_with_a_baseline() -> None:
     async with hostile_client(server, retry=BASELINE) as client:
         with pytest.raises(AmbiguousOutcomeError) as info:
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert info.value.pending is not None and info.value.pending.needs_review
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
     assert [r.id for r in info.value.candidates] == server.ours
     assert server.posts == 1
 
