@@ -22,7 +22,9 @@ from aiohttp import web
 
 from violet_async import AmbiguousOutcomeError, PendingRefund, RetryPolicy, VioletClient
 from violet_async.models import OrderRefund
-from violet_async.testing import FakeClock
+from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan, ServerQuirks
+
+from .conftest import ROOMY_POLICY, make_client, ours
 
 ORDER, BAG = 81, 91
 #: 20:00 UTC: a day-precision date (00:00 of the day) is 20 h "before" a send now.
@@ -302,3 +304,37 @@ async def test_a_2xx_costs_no_read_back_whatever_the_dates(dates: str) -> None:
     assert not refund.reconciled
     assert [refund.id] == server.ours
     assert (server.posts, server.lists) == (1, 1)
+
+
+# -- FakeViolet: another system's refund listed late (``listed_in``) ------------------
+
+
+@pytest.mark.parametrize("fault", [Fault.DROP_BEFORE_COMMIT, Fault.LATE_COMMIT])
+@pytest.mark.parametrize("day_dates", [True, False])
+async def test_fake_violet_lists_another_systems_refund_after_the_baseline(
+    fault: Fault, day_dates: bool
+) -> None:
+    """FakeViolet learns the fault: ``another_actor_refund(..., listed_in=)`` makes a
+    refund (of the asked amount, 40 s old) that the baseline read misses. Our POST is
+    dropped before it applied, or applies late. Day-only dates or precise ones, the
+    other refund is never returned as this call's: review, one POST, and the baseline
+    really did miss it."""
+    clock = FakeClock(wall_start=EVENING)
+    plan = FaultPlan(quirks=ServerQuirks(day_dates=day_dates))
+    async with FakeViolet(orders=2, seed=3, clock=clock, faults=plan) as fake:
+        order_id, bag_id = fake.seeded[0]
+        other = fake.another_actor_refund(order_id, bag_id, 100, age_seconds=40.0, listed_in=0.5)
+        policy = attrs.evolve(ROOMY_POLICY, read_before_send=True)
+        async with make_client(fake, clock, retry=policy) as client:
+            fake.script("refund", fault, bag_id=bag_id)
+            try:
+                outcome: object = await client.refund_bag(order_id, bag_id, amount_refunded=100)
+            except AmbiguousOutcomeError as exc:
+                outcome = exc
+        fake.settle()
+        pending = _review(outcome)
+        assert pending.baseline is not None
+        assert other["id"] not in pending.baseline
+        assert other["id"] in [r.id for r in outcome.candidates]  # type: ignore[union-attr]
+        assert fake.ledger.requests["refund"] == 1
+        assert len(ours(fake, bag_id)) == (1 if fault is Fault.LATE_COMMIT else 0)
