@@ -67,16 +67,18 @@ class Lagging:
         shape = "%Y-%m-%dT00:00:00Z" if self.dates == "day" else "%Y-%m-%dT%H:%M:%SZ"
         return datetime.fromtimestamp(when, timezone.utc).strftime(shape)
 
-    def add(self, amount: int, *, age: float = 0.0, ours: bool = False) -> dict[str, Any]:
-        """A refund made ``age`` seconds ago: another system's (the merchant's platform,
-        EXTERNAL, no transaction id) unless ``ours``."""
+    def add(
+        self, amount: int, *, age: float = 0.0, ours: bool = False, external: bool = False
+    ) -> dict[str, Any]:
+        """A refund made ``age`` seconds ago: another app's unless ``ours``; ``external``:
+        one made on the merchant's platform (EXTERNAL, no transaction id)."""
         self._next += 1
         record: dict[str, Any] = {
             "id": self._next,
             "order_id": ORDER,
             "bag_id": BAG,
             "amount": amount,
-            "status": "COMPLETED" if ours else "EXTERNAL",
+            "status": "EXTERNAL" if external else "COMPLETED",
             "date_created": self._date(self.now() - age),
         }
         if ours:
@@ -198,6 +200,25 @@ async def test_day_dates_another_systems_refund_missing_from_the_baseline_is_not
     assert len(server.ours) == (1 if ours == "late" else 0)
 
 
+@pytest.mark.parametrize("age", [30.0, -3.0])
+async def test_a_refund_made_on_the_merchants_platform_is_never_claimed(age: float) -> None:
+    """The merchant refunded 300 on its platform; Violet lists it EXTERNAL, dated when
+    it processed the platform's webhook: 30 s before our send, or 3 s after it (the
+    webhook came late). Missing from the baseline, precise date, sure clock; ours never
+    applied. A refund made on the merchant's platform is never this call's: review."""
+    clock = FakeClock(wall_start=EVENING)
+    server = Lagging(clock)
+    other = server.add(300, age=age, external=True)
+    server.unlisted.add(other["id"])
+    async with lagging_client(server, BASELINE) as client:
+        outcome = await _refund(client)
+    pending = _review(outcome)
+    assert "EXTERNAL" in pending.note
+    assert [r.id for r in outcome.candidates] == [other["id"]]  # type: ignore[union-attr]
+    assert server.posts == 1
+    assert server.ours == []
+
+
 @pytest.mark.parametrize("header", [15 * HOUR, "unreadable"])
 async def test_precise_date_before_the_send_on_an_unsure_clock_is_not_claimed(
     header: str | float,
@@ -231,7 +252,7 @@ async def test_precise_date_before_the_send_on_a_sure_clock_is_not_claimed() -> 
     server.unlisted.add(other["id"])
     async with lagging_client(server, BASELINE) as client:
         pending = _review(await _refund(client))
-    assert "earlier than this request was sent" in pending.note
+    assert "earlier than the send" in pending.note
     assert server.posts == 1
 
 

@@ -156,7 +156,7 @@ def test_one_match_returns_it_reconciled() -> None:
         ([refund(5, reason="other")], "almost matches"),
         ([refund(5, reason="ours", date_created="2026-01-01T10:00:00")], "no offset"),
         ([refund(5, reason="ours", date_created=None)], "it has no date"),
-        ([refund(5, reason="ours", age=3 * 3600)], "earlier than this request was sent"),
+        ([refund(5, reason="ours", age=3 * 3600)], "earlier than the send"),
     ],
 )
 def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: str) -> None:
@@ -504,8 +504,9 @@ def test_with_a_baseline_dates_never_rule_a_new_refund_out() -> None:
         ({}, {"date_created": "2026-03-04T20:00:01"}, "no offset"),
         ({}, {"date_created": None}, "it has no date"),
         ({}, {"id": None}, "it has no id"),
+        ({"server_offset": 0.0}, {"status": "EXTERNAL"}, "made on the merchant's platform"),
         ({"first_sent_at": None}, {}, "first sent is not known"),
-        ({"server_offset": 0.0}, {"age": 30.0}, "earlier than this request was sent"),
+        ({"server_offset": 0.0}, {"age": 30.0}, "earlier than the send"),
         ({"server_offset": 3 * 3600.0}, {"age": -1.0}, "some reading of Violet's clock"),
     ],
 )

@@ -211,7 +211,7 @@ class Reading:
         """Ids of every refund that could be this ask's, or that only another call's
         ownership kept from being so (the record remembers them)."""
         self.doubt = doubt
-        """UNDATED: why the first undated candidate cannot be placed after the send."""
+        """UNDATED: why the first such candidate cannot be taken for this ask's."""
 
 
 def match(
@@ -226,6 +226,10 @@ def match(
     return reading.verdict, reading.found
 
 
+#: Why a date cannot place a refund after the send: the start of every such reason.
+UNPLACED = "its date cannot place it after this request was sent"
+
+
 def _doubt(
     refund: OrderRefund,
     span: tuple[float, float] | None,
@@ -234,28 +238,31 @@ def _doubt(
     after: float,
     sure: bool,
 ) -> str | None:
-    """Why ``refund`` cannot be placed after this ask was first sent (None: its date
-    places it there, by every reading of Violet's clock). ``after``: how far after the
-    send, by this machine's clock, the earliest instant its date allows must be (the
-    highest offset of Violet's clock, less the tolerance)."""
+    """Why ``refund``, which carries what was asked, cannot be taken for this ask's
+    (None: it can; its date places it after the first send by every reading of
+    Violet's clock). ``after``: how far after the send, by this machine's clock, the
+    earliest instant its date allows must be (the highest offset of Violet's clock,
+    less the tolerance)."""
+    if refund.status is RefundStatus.EXTERNAL:
+        return "Violet marks it EXTERNAL: it was made on the merchant's platform, not by a request"
     if refund.id is None:
-        return "it has no id (it cannot be looked up in a baseline nor told from an older one)"
+        return "it has no id: it cannot be looked up in a baseline, nor told from an older one"
     if span is None:
         if refund.date_created is None:
-            return "it has no date"
-        return "its date has no offset (server-local time)"
+            return f"{UNPLACED} (it has no date)"
+        return f"{UNPLACED} (the date has no offset: server-local time)"
     if sent is None:
-        return "when this request was first sent is not known"
+        return f"{UNPLACED} (when this request was first sent is not known)"
     early, late = span
     if early >= sent + after:
         return None
     if late > early:
-        return "its date has the day only (T00:00:00Z): before or after the send cannot be told"
+        return f"{UNPLACED} (the date has the day only, T00:00:00Z: before or after cannot be told)"
     if sure:
-        return "its date is earlier than this request was sent"
+        return f"{UNPLACED} (the date is earlier than the send)"
     return (
-        "its date is earlier than this request was sent by some reading of Violet's clock "
-        "(Date headers that disagree or sit far from this machine's clock, no Date header, "
+        f"{UNPLACED} (the date is earlier than the send by some reading of Violet's clock: "
+        "Date headers that disagree or sit far from this machine's clock, no Date header, "
         "or a wall clock that stepped)"
     )
 
@@ -273,7 +280,8 @@ def judge(
     (:func:`content`), and is not in the baseline when there is one. A candidate is
     claimed only when its date places it after the first send by every reading of
     Violet's clock (estimated from ``Date`` headers: :func:`send_offsets`), less a
-    tolerance: a precise date with an offset, and an id.
+    tolerance: a precise date with an offset, and an id. One Violet marks ``EXTERNAL``
+    (made on the merchant's platform) is never claimed, whatever its date.
 
     A baseline only ever excludes. A refund missing from it is not thereby new: the
     baseline read may have come from a replica behind, which does not list another

@@ -561,10 +561,7 @@ def _after_read(
         note = f"a refund on bag {ask.bag_id} almost matches this request (other details differ)"
         return _park(ask, note, found, review=True)
     if verdict is Verdict.UNDATED:
-        note = (
-            f"a refund on bag {ask.bag_id} matches this request but its date cannot place it "
-            f"after this request was sent ({reading.doubt})"
-        )
+        note = f"a refund on bag {ask.bag_id} matches this request but {reading.doubt}"
         if ask.baseline is not None:
             note += (
                 "; that the read before the send did not list it proves nothing (a replica "
