@@ -46,6 +46,8 @@ class Lagging:
     late_by: float = 2.0
     dates: str = "precise"
     """"precise" (``...T20:00:01Z``) or "day" (``...T00:00:00Z``)."""
+    label_hours: float = 0.0
+    """Dates are the server's local time this many hours east of UTC, marked ``Z``."""
     header: str | float = 0.0
     """Seconds the ``Date`` header is off from the server's clock (a CDN's own), or
     "unreadable" (a header no parser reads: the clock offset is never learned)."""
@@ -65,7 +67,7 @@ class Lagging:
 
     def _date(self, when: float) -> str:
         shape = "%Y-%m-%dT00:00:00Z" if self.dates == "day" else "%Y-%m-%dT%H:%M:%SZ"
-        return datetime.fromtimestamp(when, timezone.utc).strftime(shape)
+        return datetime.fromtimestamp(when + self.label_hours * HOUR, timezone.utc).strftime(shape)
 
     def add(
         self, amount: int, *, age: float = 0.0, ours: bool = False, external: bool = False
@@ -359,3 +361,23 @@ async def test_fake_violet_lists_another_systems_refund_after_the_baseline(
         assert other["id"] in [r.id for r in outcome.candidates]  # type: ignore[union-attr]
         assert fake.ledger.requests["refund"] == 1
         assert len(ours(fake, bag_id)) == (1 if fault is Fault.LATE_COMMIT else 0)
+
+
+# -- dates with a wrong offset ----------------------------------------------------------
+
+
+async def test_a_date_later_than_the_read_that_listed_it_places_nothing() -> None:
+    """Dates in the server's local time (UTC+2) marked as UTC. Another app refunded 300
+    an hour before our send (its date reads an hour after the send); no baseline; ours
+    never applied. The date is later than the read that listed the refund, which no
+    refund can be: the offset is wrong, and the refund is never claimed. Review."""
+    clock = FakeClock(wall_start=EVENING)
+    server = Lagging(clock, label_hours=2.0)
+    other = server.add(300, age=HOUR)
+    async with lagging_client(server, NO_BASELINE) as client:
+        outcome = await _refund(client)
+    pending = _review(outcome)
+    assert "later than the read that listed it" in pending.note
+    assert [r.id for r in outcome.candidates] == [other["id"]]  # type: ignore[union-attr]
+    assert server.posts == 1
+    assert server.ours == []

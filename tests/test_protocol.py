@@ -21,6 +21,7 @@ from violet_async import (
     SkuRefund,
 )
 from violet_async._converter import converter
+from violet_async._matching import judge
 from violet_async._protocol import (
     Do,
     Observation,
@@ -525,6 +526,28 @@ def test_new_since_the_baseline_alone_is_never_a_claim(
     assert ask.needs_review
     assert why in ask.note
     assert "did not list it proves nothing" in ask.note
+
+
+@pytest.mark.parametrize(
+    ("offset", "age", "verdict"),
+    [
+        (0.0, -2.0, "match"),  # made during the read: fine
+        (-600.0, -1.0, "match"),  # a Date header 10 min behind: this machine's clock holds
+        (0.0, -3600.0, "undated"),  # an hour after the read that listed it: a wrong offset
+        (0.0, -20.0, "undated"),
+    ],
+)
+def test_a_date_later_than_the_read_that_listed_it_places_nothing(
+    offset: float, age: float, verdict: str
+) -> None:
+    """A refund cannot be made after the read that listed it. A date that says so, by
+    every reading of the clock (this machine's too), has a wrong offset (a local time
+    marked UTC): it places the refund nowhere, and a person looks."""
+    ask = sent(server_offset=offset)
+    reading = judge(ask, [refund(5, age=age)], None, (), SETTINGS, listed_at=T0 + 1.0)
+    assert reading.verdict.value == verdict
+    if verdict == "undated":
+        assert "later than the read that listed it" in reading.doubt
 
 
 def test_a_day_precision_date_is_a_span_of_a_day() -> None:

@@ -273,6 +273,8 @@ def judge(
     bag: OrderBag | None,
     known: Container[int],
     settings: Settings,
+    *,
+    listed_at: float | None = None,
 ) -> Reading:
     """Which refund on the bag, if any, this ask made.
 
@@ -293,6 +295,10 @@ def judge(
     date never rules a refund out either (a ``Date`` header hours off would make our
     own refund look old). Without one, only a date earlier than the send under every
     reading of the clock, by more than a day's worth of time zones, rules a refund out.
+
+    A date later than the read that listed the refund (``listed_at``, this machine's
+    clock), by every reading of the clock, is wrongly labelled (a local time marked
+    UTC): it places nothing, and a person looks.
 
     A refund already handed to another call (``known``, ``ask.others``) is never
     claimed; and since it is skipped only for being someone else's, it never proves
@@ -320,6 +326,16 @@ def judge(
         ):
             continue  # made long before this ask was first sent, by every reading
         doubt = _doubt(refund, span, sent, after=high - tolerance, sure=sure)
+        if (
+            doubt is None
+            and listed_at is not None
+            and span is not None
+            and span[0] > listed_at + max(high, 0.0, -ask.stepped) + tolerance
+        ):
+            # Made after the read that listed it, by every reading of the clock (this
+            # machine's too): its offset is wrong (a local time marked UTC), so it may be
+            # older than it says.
+            doubt = f"{UNPLACED} (the date is later than the read that listed it: a wrong offset)"
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             continue

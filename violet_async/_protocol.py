@@ -525,7 +525,7 @@ def _after_read(
     # ask, in its baseline, or handed to a caller) came from a replica behind it.
     stale = not (ask.seen <= listed and ask.others <= listed and (ask.baseline or listed) <= listed)
     ask = attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others)
-    reading = judge(ask, obs.refunds, obs.bag, known, settings)
+    reading = judge(ask, obs.refunds, obs.bag, known, settings, listed_at=obs.received_at)
     verdict, found = reading.verdict, reading.found
     if not reading.seen <= ask.seen:
         ask = attrs.evolve(ask, seen=ask.seen | reading.seen)
