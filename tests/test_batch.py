@@ -347,7 +347,7 @@ async def test_chaos_batch_one_refund_per_item(
             assert result.error.pending is not None
             assert result.error.pending.needs_review
             assert "its date cannot place it" in result.error.pending.note, result
-        assert outcomes.count("succeeded") + len(unknown) > count * 0.9
+        assert outcomes.count("succeeded") > count // 2
         return
     assert outcomes.count("unknown") == 0
     last: dict[int, str] = {}
