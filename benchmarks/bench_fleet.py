@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,10 +21,8 @@ import sys
 import tempfile
 import time
 
-from arq.connections import RedisSettings, create_pool
-
 from violet_async.batch import BatchItem
-from violet_async.fleet import RedisLedger, enqueue
+from violet_async.fleet import RedisLedger, create_fleet_pool, enqueue
 from violet_async.models import RefundBagRequest
 from violet_async.testing import read_banner
 
@@ -90,7 +89,8 @@ async def _run(n: int, workers: int, concurrency: int) -> tuple[float, float]:
         redis_proc, url = _redis(directory)
         fake, info = _fake_server(n)
         procs: list[subprocess.Popen[bytes]] = []
-        pool = await create_pool(RedisSettings.from_dsn(url))
+        pool = await create_fleet_pool(url)  # JSON jobs: workers refuse pickled ones
+        fleet_key = secrets.token_hex(16)  # items are signed; workers check it
         try:
             items = (
                 BatchItem.refund(
@@ -100,7 +100,7 @@ async def _run(n: int, workers: int, concurrency: int) -> tuple[float, float]:
             )
             await RedisLedger(pool).new_fleet()  # a throwaway Redis: nothing in flight
             started = time.perf_counter()
-            await enqueue(pool, items)
+            await enqueue(pool, items, fleet_key=fleet_key)
             enqueue_s = time.perf_counter() - started
             env = {
                 **os.environ,
@@ -108,6 +108,7 @@ async def _run(n: int, workers: int, concurrency: int) -> tuple[float, float]:
                 "VIOLET_APP_SECRET": info["app_secret"],
                 "VIOLET_USERNAME": info["username"],
                 "VIOLET_PASSWORD": info["password"],
+                "VIOLET_FLEET_KEY": fleet_key,
             }
             started = time.perf_counter()
             procs = [

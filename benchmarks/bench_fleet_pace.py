@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import collections
 import os
+import resource
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,11 +19,10 @@ import tempfile
 import time
 from typing import Any
 
-from arq.connections import RedisSettings, create_pool
 from bench_fleet import _redis
 
 from violet_async.batch import BatchItem
-from violet_async.fleet import RedisLedger, enqueue
+from violet_async.fleet import RedisLedger, create_fleet_pool, enqueue
 from violet_async.testing import FakeViolet
 
 
@@ -30,21 +31,26 @@ async def run_fleet(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as directory:
         redis_proc, url = _redis(directory)
-        pool = await create_pool(RedisSettings.from_dsn(url))
+        pool = await create_fleet_pool(url)
+        fleet_key = secrets.token_hex(16)
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            await enqueue(pool, items)
+            # A Redis that never held this fleet's ledger: no settle-window hold first.
+            await RedisLedger(pool).new_fleet()
+            await enqueue(pool, items, fleet_key=fleet_key)
             env = {
                 **os.environ,
                 "VIOLET_APP_ID": str(fake.app_id),
                 "VIOLET_APP_SECRET": fake.app_secret,
                 "VIOLET_USERNAME": fake.username,
                 "VIOLET_PASSWORD": fake.password,
+                "VIOLET_FLEET_KEY": fleet_key,
                 "VIOLET_FLEET_MERCHANT_PACE": "0" if args.no_merchant_pace else "1",
             }
             command = [sys.executable, "-m", "violet_async", "worker", "--redis", url]
             command += ["--base-url", fake.base_url, "--concurrency", str(args.concurrency)]
             started = time.perf_counter()
+            cpu0 = time.process_time()
             procs = [
                 subprocess.Popen(
                     command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -52,12 +58,23 @@ async def run_fleet(
                 for _ in range(args.workers)
             ]
             ledger = RedisLedger(pool)
+            trace_at = 0.0
             while True:
+                if os.environ.get("PACE_TRACE") and time.perf_counter() - trace_at >= 1.0:
+                    trace_at = time.perf_counter()
+                    lane = await pool.hgetall(f"{{violet}}:pace:{fake.app_id}:20001")
+                    bucket = fake.merchant_limits.buckets.get(20001)  # type: ignore[union-attr]
+                    print(
+                        f"{trace_at - started:5.1f}s ok {len(bucket.allowed_at) if bucket else 0}"
+                        f" 429 {bucket.limited if bucket else 0}"
+                        f" lane { {k.decode(): v.decode()[:8] for k, v in lane.items()} }"
+                    )
                 counts = await ledger.counts()
                 if counts["applied"] + counts["failed"] >= len(items):
                     break
                 await asyncio.sleep(0.05)
             wall = time.perf_counter() - started
+            server_cpu = time.process_time() - cpu0
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -66,5 +83,12 @@ async def run_fleet(
             await pool.aclose()
             redis_proc.terminate()
             redis_proc.wait(15)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Workers and redis-server (every child of this process so far), and FakeViolet with
+    # this poller: where the fleet's own time goes when the limits are not what binds.
+    print(
+        f"CPU: workers + redis {children.ru_utime + children.ru_stime:.1f}s, "
+        f"FakeViolet + poller {server_cpu:.1f}s, wall {wall:.1f}s"
+    )
     outcomes = collections.Counter({"succeeded": counts["applied"], "failed": counts["failed"]})
     return {"wall": wall, "outcomes": outcomes, "requests": None, "limited_seen": None}

@@ -37,7 +37,7 @@ import sys
 import time
 import timeit
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -139,7 +139,7 @@ VIOLET_REFUND = (
     b' "external_id": "gid://shopify/RefundLineItem/2", "order_sku_id": 300002},'
     b'{"id": 3%(bag)d, "refund_id": 4000%(bag)d, "bag_id": %(bag)d, "quantity_refunded": 1,'
     b' "external_id": "gid://shopify/RefundLineItem/3", "order_sku_id": 300003}],'
-    b' "date_created": "2023-11-07T05:31:56Z", "date_last_modified": "2023-11-07T05:31:57Z",'
+    b' "date_created": "%(date)s", "date_last_modified": "%(date)s",'
     b' "external_id": "gid://shopify/Refund/998877",'
     b' "errors": [{"id": 9%(bag)d, "error_code": 2402, "error_message": "Retried once",'
     b' "resolved": true, "date_resolved": "2023-11-07T05:31:57Z",'
@@ -150,6 +150,19 @@ VIOLET_REFUND = (
 )
 
 
+_made_at: tuple[int, bytes] = (0, b"")
+
+
+def made_at() -> bytes:
+    """Now, as Violet writes a refund's date (formatted once a second)."""
+    global _made_at  # noqa: PLW0603 - a one-entry cache
+    second = int(time.time())
+    if _made_at[0] != second:
+        stamp = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        _made_at = (second, stamp.encode())
+    return _made_at[1]
+
+
 def lean_server() -> None:
     """A bare aiohttp.web handler on 127.0.0.1 (port 0), printing its port: what a
     server that costs nothing would answer."""
@@ -157,7 +170,11 @@ def lean_server() -> None:
 
     async def refund(request: web.Request) -> web.Response:
         await request.read()
-        ids = {b"order": int(request.match_info["o"]), b"bag": int(request.match_info["b"])}
+        ids = {
+            b"order": int(request.match_info["o"]),
+            b"bag": int(request.match_info["b"]),
+            b"date": made_at(),  # dated when made, as Violet dates a refund
+        }
         return web.Response(body=VIOLET_REFUND % ids, content_type="application/json")
 
     async def serve() -> None:
@@ -410,7 +427,7 @@ def end_to_end(  # noqa: PLR0917 - one call site
 
 
 def micro() -> dict[str, float]:
-    raw = VIOLET_REFUND % {b"order": 100001, b"bag": 200001}
+    raw = VIOLET_REFUND % {b"order": 100001, b"bag": 200001, b"date": made_at()}
     response = RawResponse(200, {}, raw)
     n = 20_000
 

@@ -15,10 +15,16 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from violet_async import OrderRefund, ReasonCode, RefundStatus, ResponseFormatError
-from violet_async._converter import _fast_structure_fn, converter, parse_datetime, structure
-from violet_async._responses import parse_refund_page
+from violet_async._converter import (
+    _fast_structure_fn,
+    converter,
+    decode,
+    parse_datetime,
+    structure,
+)
+from violet_async._responses import parse_refund, parse_refund_page
 from violet_async._transport import RawResponse
-from violet_async.models import OrderCancellation
+from violet_async.models import OrderCancellation, RefundedSku
 
 from .samples import refund_body
 
@@ -306,3 +312,40 @@ def test_a_refund_list_counts_every_record_it_cannot_read() -> None:
     page = parse_refund_page(RawResponse(200, headers, orjson.dumps(items)), "/x")
     assert [r.id for r in page.refunds] == [5, 6]
     assert page.unreadable == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"not json", None),
+        (b"[1, 2]", "$"),
+        (orjson.dumps(refund_body(amount="10")), "$.amount"),
+        (orjson.dumps(refund_body(skus=[{"id": 1}, {"quantity_refunded": "1"}])), None),
+        (orjson.dumps(refund_body(skus="x")), "$.skus"),
+        (orjson.dumps(refund_body(errors={"id": 1})), "$.errors"),
+        (orjson.dumps(refund_body(skus=[{"id": 1}, {"id": 2}], errors=None)), "ok"),
+    ],
+)
+def test_a_refund_answer_reads_as_the_general_route_reads_it(
+    body: bytes, field: str | None
+) -> None:
+    """``parse_refund``'s happy path (decode and the generated hook in one step, the
+    SKU lines structured in place) returns what the general route returns, and every
+    body it cannot read goes to the general route, whose error names the field."""
+    resp = RawResponse(200, CIMultiDictProxy(CIMultiDict()), body)
+    try:
+        expected: OrderRefund | None = read(decode(body, status=200, method="POST", path="/p"))
+    except ResponseFormatError as exc:
+        expected, error = None, exc
+    if expected is None:
+        with pytest.raises(ResponseFormatError) as info:
+            parse_refund(resp, "/p")
+        assert info.value.field == error.field
+        if field is not None:
+            assert info.value.field.startswith(field)
+        return
+    assert field == "ok"
+    got = parse_refund(resp, "/p")
+    assert got == expected
+    assert [type(s) for s in got.skus] == [RefundedSku, RefundedSku]
+    assert got.errors == ()

@@ -25,6 +25,7 @@ from violet_async import (
     RetryPolicy,
     VioletClient,
 )
+from violet_async._ask import Phase
 from violet_async.stores import Claim, KeyEntry, MemoryStore, RecordStore, SQLiteStore
 from violet_async.testing import FakeClock, FakeViolet
 
@@ -640,3 +641,34 @@ async def test_a_failed_restamp_before_the_send_sends_nothing_and_reads_nothing(
         refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="r")
     assert refund.amount == 300
     assert server.posts == 1
+
+
+async def test_a_keyed_call_that_waited_for_another_process_keeps_its_deadline() -> None:
+    """Another process holds the key (it sent, then stopped renewing its lease): this
+    call waits for the lease to run out, takes the ask over and reads it back. The wait
+    counts against the call's deadline: it ends pending by its deadline, not a whole
+    deadline after the wait (found by the simulator, two_clients_one_store, seed
+    300550 in direct mode), and sends nothing inside the window."""
+    clock = FakeClock()
+    store = MemoryStore(lease=20.0)
+    now = clock.time()
+    server = Hostile(clock)
+    sent = attrs.evolve(
+        PendingRefund("refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300)),
+        phase=Phase.SENT,
+        sends=1,
+        first_sent_at=now,
+        last_sent_at=now,
+    )
+    async with hostile_client(server, retry=RetryPolicy(deadline=30.0), store=store) as client:
+        held = KeyEntry(
+            f"{client._key_scope()} slow", sent, owner="another-process", lease_until=now + 20.0
+        )
+        await store.claim(held, now)
+        began = clock.monotonic()
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="slow")
+        took = clock.monotonic() - began
+    assert 20.0 <= took <= 30.0 + 1e-6, took
+    assert info.value.pending is not None
+    assert server.posts == 0

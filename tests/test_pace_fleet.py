@@ -3,6 +3,7 @@ applied) and slows only its merchant."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -110,10 +111,82 @@ async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redi
                 await worker.run(
                     item_key(strict), strict, worker.ledger.sign(item_key(strict), strict)
                 )
-            await redis.hset(f"{{violet}}:pace:{fake.app_id}:{STRICT}", "tat", 0)  # its turn
+            lane = f"{{violet}}:pace:{fake.app_id}:{STRICT}"
+            await redis.hset(lane, mapping={"tat": 0, "sent_tat": 0})  # its turn
             again = await worker.run(
                 item_key(strict), strict, worker.ledger.sign(item_key(strict), strict)
             )
             assert again["state"] == "applied"
+            # It went through the send-time gate: the lane's next send slot moved on.
+            assert float(await redis.hget(lane, "sent_tat") or 0) > 0
     assert fake.ledger.double_refunds() == {}
     assert fake.ledger.refunds_per_bag[b1] == 1
+
+
+async def test_the_send_gate_spaces_requests_as_they_leave(redis: Redis) -> None:
+    """The gate takes the lane's next slot for a request about to leave, whatever the
+    patience (it is always taken), on its own schedule: two items a reserved slot apart
+    that reach the send at different speeds still leave 1 / rate apart, and a 429's
+    Retry-After holds the gate as it holds the reservations."""
+    pace = FleetPace(redis, 12)
+    assert await pace.gate(STRICT) is None  # no lane: sends are not held
+    await pace.limited(STRICT, 0.3)  # a lane at one a second, held 0.3 s
+    first = await pace.gate(STRICT)
+    assert first is not None
+    assert 0.25 < first <= 0.3
+    second = await pace.gate(STRICT)
+    assert second is not None
+    assert second - first == pytest.approx(1.0, abs=0.05)
+    # The reservations are a schedule of their own: gating took none of them.
+    reserved = await pace.reserve(STRICT, 2.0)
+    assert reserved is not None
+    assert 0.25 < reserved <= 0.3
+    # A slowdown restarts the gate at the new spacing, and its Retry-After holds it.
+    await redis.hset(f"{{violet}}:pace:12:{STRICT}", "slowed_at", 0)
+    slowed = await pace.limited(STRICT, 2.0)
+    assert slowed == pytest.approx(DECREASE)
+    held = await pace.gate(STRICT)
+    assert held is not None
+    assert held > 1.9
+
+
+async def test_a_run_cancelled_at_the_send_gate_has_sent_nothing(redis: Redis) -> None:
+    """The gate waits before the send is recorded or made: a run cancelled there (its
+    lock lost, the worker stopping) leaves the item new, nothing sent, and the next
+    run refunds the bag once."""
+    async with FakeViolet(orders=1, seed=1, merchants=1) as fake:
+        ((order_id, bag_id),) = fake.seeded
+        merchant = fake.bag(order_id, bag_id).merchant_id
+        assert merchant is not None
+        client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
+        async with client:
+            worker = FleetWorker(
+                client, RedisLedger(redis), BagLocks(redis), patience=1.0, merchant_pace=True
+            )
+            item = BatchItem.refund(1, order_id, bag_id, RefundBagRequest(amount_refunded=100))
+            key = item_key(item)
+            assert worker.pace is not None
+            await worker.pace.learn(order_id, merchant)  # as a refund of the order taught it
+            lane = f"{{violet}}:pace:{fake.app_id}:{merchant}"
+            seconds, micros = await redis.time()
+            far = seconds * 1000 + micros / 1000 + 60_000  # the gate's next slot: a minute on
+            await redis.hset(lane, mapping={"rate": 1, "tat": 0, "sent_tat": far})
+            run = asyncio.ensure_future(worker.run(key, item, worker.ledger.sign(key, item)))
+            for _ in range(500):  # until the run has taken its gate slot (and waits on it)
+                if float(await redis.hget(lane, "sent_tat") or 0) > far:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail(f"the run never reached the send gate: {run}")
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+            record = await worker.ledger.get(key)
+            assert record is not None
+            assert record.state == "new"
+            assert fake.ledger.refunds_per_bag.get(bag_id, 0) == 0
+            await redis.hset(lane, "sent_tat", 0)
+            done = await worker.run(key, item, worker.ledger.sign(key, item))
+            assert done["state"] == "applied"
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+    assert fake.ledger.double_refunds() == {}

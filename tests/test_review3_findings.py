@@ -569,7 +569,12 @@ class HeldFirst(Violet):
             "status": "COMPLETED",
             "date_created": self._date_iso(),
         }
-        self.clock.call_later(30.0, lambda: self.refunds.append(record))
+
+        def commit() -> None:
+            record["date_created"] = self._date_iso()  # dated when it is made
+            self.refunds.append(record)
+
+        self.clock.call_later(30.0, commit)
         self.arrived.set()
         await self.gate.wait()
         return web.json_response(record, headers={"Date": self._date()})

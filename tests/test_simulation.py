@@ -40,8 +40,9 @@ def test_ci_seeds_with_world_kinds_hold_every_invariant() -> None:
     """The same invariants with CI_KINDS switched on (Violet's other cancel answers,
     fulfilled bags, unreadable records, old platform refunds, callers that cancel a call
     at a random await and repeat it with and without an idempotency key, 2xx answers
-    naming another bag), and every one
-    of those kinds injected somewhere in these seeds."""
+    naming another bag, per-merchant 429s, two client processes calling one ask with one
+    key through a shared MemoryStore or SQLiteStore, a worker dying between two ledger
+    writes), and every one of those kinds injected somewhere in these seeds."""
     unexpected = []
     injected: Counter[str] = Counter()
     for seed in CI_WORLD_SEEDS:
@@ -62,6 +63,11 @@ def test_ci_seeds_with_world_kinds_hold_every_invariant() -> None:
         "caller:cancel",
         "caller:cancel_keyed",
         "post:wrong_bag",
+        "world:merchant_429",
+        "world:second_caller_memory",
+        "world:second_caller_sqlite",
+        "caller:second_cancel",
+        "world:worker_dies",
     ):
         assert injected[kind] > 0, kind
 
@@ -109,6 +115,7 @@ def test_world_kinds_leave_a_seed_without_them_unchanged() -> None:
         (25, {"dates"}, "world:dates_day"),
         (1377, {"stale_replica"}, "read:stale_hid"),
         (139, {"late_listed"}, "world:late_listed_refund"),
+        (300002, {"redis_loss"}, "world:ledger_loss"),
     ],
 )
 def test_each_world_kind_is_injected_and_counted(seed: int, kinds: set[str], injected: str) -> None:
@@ -163,9 +170,16 @@ def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> 
             400724,
             None,  # its own mode (direct), as `simulate.py --seed` replays it
             # The kinds it was found with (CI_KINDS before wrong_bag joined them).
-            CI_KINDS - {"wrong_bag"},
+            frozenset({"cancel_shapes", "fulfilled", "junk", "old_refunds", "caller_cancel"}),
             "a keyed repeat refused with BagPendingError: its caller resumed another ask's "
             "record as its own, which was then resumed twice: 2 refunds",
+        ),
+        (
+            300550,
+            "direct",
+            frozenset({"two_clients_one_store"}),
+            "a keyed call waited 20 s for another process's hold on its key, took the ask "
+            "over and read it back with a whole deadline more: past its deadline",
         ),
         (
             182,
@@ -225,3 +239,27 @@ def test_the_simulator_finds_quick_read_backs_and_shrinks_the_schedule(
     assert small.kinds
     assert small.schedule.fault_count() <= failing.schedule.fault_count()
     assert f"seed {failing.schedule.seed}" in small.report()
+
+
+def test_a_ledger_that_loses_its_data_never_makes_a_worker_send_again() -> None:
+    """redis_loss (worker mode): the ledger loses every record at a random moment; the
+    fleet's rules (an epoch, sends held a settle window after a loss, read_before_send
+    and hold_if_present) never let a job delivered again send what was sent: no double,
+    no false refund, no deadline passed. A whole-bag refund or cancel that applied
+    before the loss is held by the guard read, never re-sent and reported "failed"
+    (seeds 600005 and 600126, fixed: the guard read takes the bag). Still counted apart
+    as failed-after-loss, not fixed: a run after the loss that ends in another definite
+    error (a refused token, seed 3150) reports "failed" for an item whose refund was
+    made before the loss."""
+    unexpected = []
+    injected: Counter[str] = Counter()
+    for seed in (*range(3000, 3200), 600005, 600126):
+        result = simulate(seed, mode="worker", kinds={"redis_loss"})
+        injected.update(result.injected)
+        allowed = {"failed-after-loss"} if seed < 600_000 else set()
+        if result.kinds - allowed:
+            unexpected.append(result)
+    if unexpected:
+        pytest.fail(shrink(unexpected[0]).report() + f"\n({len(unexpected)} seeds failed)")
+    assert injected["world:ledger_loss"] > 0
+    assert injected["world:ledger_refused_send"] > 0

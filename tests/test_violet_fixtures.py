@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,19 @@ POLICY = RetryPolicy(initial_delay=0.5, max_delay=4.0, settle_delay=1.0, deadlin
 
 def fixture(name: str) -> Any:
     return json.loads((FIXTURES / name).read_text())
+
+
+def made_now(body: Any) -> Any:
+    """``body`` with the refund it names (a refund, or each refund of a cancellation)
+    dated now, by the real clock that stamps the answer's ``Date``."""
+    body = copy.deepcopy(body)
+    now = violet_date(time.time())
+    if isinstance(body, dict) and "date_created" in body and "amount" in body:
+        body["date_created"] = now
+    for entry in body.get("cancelled_bags") or () if isinstance(body, dict) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("refund"), dict):
+            entry["refund"]["date_created"] = now
+    return body
 
 
 def raw(status: int, data: Any) -> RawResponse:
@@ -145,6 +159,9 @@ class Scripted:
     requests: list[str] = attrs.Factory(list)
     first: list[tuple[int, Any]] = attrs.Factory(list)
     """Answers for the first POSTs, before ``post`` (nothing is committed for them)."""
+    dated_now: bool = True
+    """The answer's refunds are dated when it is sent, as Violet dates a refund it
+    makes (the examples' own dates, from 2023 and 2024, are the pages' placeholders)."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -165,6 +182,8 @@ class Scripted:
         if self.commit is not None:
             self.refunds.append(self.commit())
         status, body = self.post
+        if self.dated_now:
+            body = made_now(body)
         return web.json_response(body, status=status)
 
     async def _list(self, request: web.Request) -> web.Response:

@@ -113,6 +113,29 @@ async def test_both_forms_at_once_are_refused(wire: Any, client: VioletClient) -
     assert wire.requests == {}
 
 
+@pytest.mark.parametrize("amount", [-1, True, "10", 1.5])
+async def test_an_amount_alone_is_validated_as_any_request(
+    wire: Any, client: VioletClient, amount: Any
+) -> None:
+    """The common call (only an amount, or nothing) builds its request by a short route:
+    a bad amount is still refused, naming the field, with nothing sent."""
+    with pytest.raises(RequestValidationError) as info:
+        await client.refund_bag(11, 22, amount_refunded=amount)
+    assert info.value.field == "amount_refunded"
+    assert wire.requests == {}
+
+
+@pytest.mark.parametrize(("kwargs", "body"), [({}, {}), ({"amount_refunded": None}, {})])
+async def test_no_amount_refunds_the_whole_bag(
+    wire: Any, client: VioletClient, kwargs: dict[str, Any], body: dict[str, Any]
+) -> None:
+    """No amount (left out, or None) sends an empty body: the whole bag."""
+    answering(wire, REFUNDS)
+    await client.refund_bag(11, 22, **kwargs)
+    (call,) = sent(wire, "POST", REFUNDS)
+    assert orjson.loads(call.kwargs["data"]) == body
+
+
 async def test_cancel_sends_only_the_fields_given(wire: Any, client: VioletClient) -> None:
     """cancel_bag sends the fields passed and none of the spec's defaults."""
     wire.post(CANCEL, status=200, body=refund_bytes())
@@ -157,13 +180,20 @@ _IDS = itertools.count(1_000)
 
 
 def answering(mocked: Any, url: str) -> None:
-    """Answer every POST to ``url`` with a new refund of the amount asked for (a 2xx is
-    checked against its request, and one refund is never the answer to two)."""
+    """Answer every POST to ``url`` with a new refund of the amount and SKU lines asked
+    for (a 2xx is checked against its request, and one refund is never the answer to
+    two)."""
     ids = _IDS
 
     def answer(_url: Any, **kwargs: Any) -> CallbackResult:
-        amount = orjson.loads(kwargs["data"]).get("amount_refunded", 1000)
-        return CallbackResult(status=200, body=refund_bytes(id=next(ids), amount=amount))
+        asked = orjson.loads(kwargs["data"])
+        made: dict[str, Any] = {"amount": asked.get("amount_refunded", 1000)}
+        if "skus" in asked:
+            made["skus"] = [
+                {"order_sku_id": s["order_sku_id"], "quantity_refunded": s["quantity_refunded"]}
+                for s in asked["skus"]
+            ]
+        return CallbackResult(status=200, body=refund_bytes(id=next(ids), **made))
 
     mocked.post(url, callback=answer, repeat=True)
 

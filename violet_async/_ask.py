@@ -26,6 +26,7 @@ __all__ = [
     "Phase",
     "ProtocolError",
     "Settings",
+    "merged",
     "sent_once",
 ]
 
@@ -264,6 +265,46 @@ def sent_once(
         clock=clock or PROCESS_CLOCK,
     )
     return attrs.evolve(record, ask_id=ask_id) if ask_id else record
+
+
+def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
+    """What two records of one ask (the same ``ask_id``) know together: a resume
+    delivered again with the record it was first given must not forget what a later
+    record of the same ask learned (a re-send, its settle window, a doubt).
+
+    The record with more sends (then the later send, then the later settle window) is
+    the base: its phase, clock, baseline and read counts describe its last send. On top
+    of it: the most sends, the earliest first send and latest last send, the latest
+    settle window, every doubt, review and answer (OR), and every refund either saw as
+    possibly its own or as another call's (union). Records of two asks: ``one``."""
+    if one.ask_id != other.ask_id:
+        return one
+    base = max(one, other, key=_freshness)
+    firsts = [t for t in (one.first_sent_at, other.first_sent_at) if t is not None]
+    lasts = [t for t in (one.last_sent_at, other.last_sent_at) if t is not None]
+    settles = [t for t in (one.settle_until, other.settle_until) if t is not None]
+    return attrs.evolve(
+        base,
+        sends=max(one.sends, other.sends),
+        first_sent_at=min(firsts) if firsts else None,
+        last_sent_at=max(lasts) if lasts else None,
+        settle_until=max(settles) if settles else None,
+        doubted=one.doubted or other.doubted,
+        refused_after_doubt=one.refused_after_doubt or other.refused_after_doubt,
+        needs_review=one.needs_review or other.needs_review,
+        answered=one.answered or other.answered,
+        clock_unsure=one.clock_unsure or other.clock_unsure,
+        seen=one.seen | other.seen,
+        others=one.others | other.others,
+    )
+
+
+def _freshness(record: PendingRefund) -> tuple[int, float, float]:
+    return (
+        record.sends,
+        record.last_sent_at if record.last_sent_at is not None else -math.inf,
+        record.settle_until if record.settle_until is not None else -math.inf,
+    )
 
 
 def _ask_id(data: dict[str, Any]) -> str:

@@ -85,7 +85,10 @@ Every row is checked (ids, amounts, enums, lengths) before anything is sent; --d
 lists every problem with its line, then the plan's totals. Each bag's refunds are read
 before its send: a row the bag already shows, that no journal entry accounts for, is
 reported already_present and not sent. The journal knows rows by content: after
-fixing a row, run the same command again; only the fixed row is new.
+fixing a row, run the same command again; only the fixed row is new. A fixed row that
+asks the same money (amount, shipping, skus) of a bag as an earlier run's done row this
+file no longer holds is not sent (already_present; --allow-repeat sends it). An earlier
+run's row left open, on a bag no row here names, is read back (never sent) and listed.
 
 environment:
   VIOLET_APP_ID, VIOLET_APP_SECRET   your app (required)
@@ -97,7 +100,8 @@ environment:
 exit codes:
   0    every row succeeded or was already done
   1    some row failed, is unknown (may have applied: run again to resolve it),
-       already_failed, already_present or not_sent
+       already_failed, already_present or not_sent; or an earlier run's row this
+       file no longer holds (edited or removed) may have applied and is unresolved
   2    bad input or configuration, journal in use, credentials refused, Violet
        unreachable (nothing marked failed that never reached Violet)
   130  interrupted (Ctrl-C): run the same command again to finish
@@ -482,7 +486,9 @@ class _Progress:
         self.started = time.monotonic()
         self._last = 0.0
 
-    def tick(self) -> None:
+    def tick(self, result: BatchResult | None = None) -> None:
+        if result is not None and result.earlier:
+            return  # not a row of this input
         self.done += 1
         now = time.monotonic()
         if self.done != self.total and now - self._last < (0.1 if self.tty else 5.0):
@@ -556,8 +562,14 @@ class _Tally:
     sent: int = 0
     requests: int = 0
     rate_limited: int = 0
+    #: Earlier runs' rows this file no longer holds, read back: what each turned out.
+    earlier: list[str] = attrs.Factory(list)
+    earlier_open: int = 0
 
     def add(self, result: BatchResult, redactor: Redactor) -> None:
+        if result.earlier:
+            self._add_earlier(result)
+            return
         self.results[result.outcome] += 1
         self.reconciled += result.reconciled
         self.retries += result.retries
@@ -581,9 +593,34 @@ class _Tally:
         if self.problem_file is not None:
             self.problem_file.write(text + "\n")
 
+    def _add_earlier(self, result: BatchResult) -> None:
+        """An earlier run's row, on no bag this file's rows resolved it on, read back
+        (never sent): applied, not applied, or still unresolved (the run is not clean)."""
+        self.requests += result.requests
+        self.rate_limited += result.rate_limited
+        item = result.item
+        if result.outcome == "already_done":
+            said = f"applied: refund {result.refund_id} on the bag"
+        elif result.outcome in ("not_sent", "failed"):
+            why = "proven by read-back" if result.outcome == "not_sent" else result.error_class
+            said = f"not applied ({why}); not sent, as no row of this file asks for it"
+        else:
+            self.earlier_open += 1
+            said = (
+                f"{result.outcome}: may have applied and could not be resolved; run the "
+                "same command again to read it back (it is never sent)"
+            )
+        text = printable(
+            f"line {item.line} of an earlier input: {item.kind} order {item.order_id} "
+            f"bag {item.bag_id}: {said}"
+        )
+        self.earlier.append(text)
+        if self.problem_file is not None:
+            self.problem_file.write(text + "\n")
+
     @property
     def clean(self) -> bool:
-        return all(outcome in CLEAN_OUTCOMES for outcome in self.results)
+        return not self.earlier_open and all(o in CLEAN_OUTCOMES for o in self.results)
 
     def write(self, elapsed: float, out: IO[str], problems_path: Path) -> None:
         results = self.results
@@ -605,6 +642,14 @@ class _Tally:
             out.write(f"  {'refunds/s':<16} {rate:>8.1f}  ({self.sent} sent this run)\n")
         else:  # a rate of 0.0 would read as a stalled run
             out.write(f"  {'sent':<16} {self.sent:>8}  ({self.sent} sent this run)\n")
+        if self.earlier:
+            out.write(
+                f"\n{len(self.earlier)} row(s) of an earlier run that this file no longer "
+                "holds as they were (edited or removed) were left open by that run; read "
+                "back, never sent:\n"
+            )
+            for text in self.earlier[:PROBLEM_ROWS]:
+                out.write(f"  {text}\n")
         bad = sum(results[k] for k in _ORDER if k not in CLEAN_OUTCOMES)
         if not bad:
             return
@@ -719,7 +764,7 @@ def _fatal(result: BatchResult, tally: _Tally) -> bool:
     """A row that never reached Violet because of the credentials, or because no
     connection could be made while no row has got through yet, stops the run. (A
     connection lost later, after the client's retries, is that row's outcome.)"""
-    if result.outcome != "not_sent" or isinstance(result.error, RateLimitError):
+    if result.outcome != "not_sent" or result.earlier or isinstance(result.error, RateLimitError):
         return False
     if isinstance(result.error, AuthenticationError) or _login_answered(result.error):
         return True
@@ -830,14 +875,14 @@ async def _execute(  # noqa: PLR0917 - one call site
                     stop.set()
                 if sink is not None:
                     sink.write(orjson.dumps(_row_out(result, redactor)) + b"\n")
-                progress.tick()
+                progress.tick(result)
             interrupted = stop.is_set() and stopped is None
     finally:
         restore_signals()
         if sink is not None:
             sink.close()
         tally.problem_file.close()
-        if not tally.problems:
+        if not (tally.problems or tally.earlier):
             problems_path.unlink(missing_ok=True)
     tally.write(time.monotonic() - started, out, problems_path)
     out.write(f"journal: {log.path}\n")
@@ -888,4 +933,5 @@ def _row_out(result: BatchResult, redactor: Redactor) -> dict[str, Any]:
         "rate_limited": result.rate_limited,
         "error": result.error_class,
         "message": redactor.text(message) if message is not None else None,
+        "earlier": result.earlier,
     }

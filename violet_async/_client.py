@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -196,6 +195,8 @@ class VioletClient(RequestPlumbing):
         )
         # Built on the first keyed call: a call without a key never touches it.
         self._store = store
+        # A store given (or VIOLET_STORE): client.resume keeps its records there too.
+        self._shares_records = store is not None
         self._keys: KeyedAsks | None = None
         self._owns_store = False
 
@@ -236,6 +237,7 @@ class VioletClient(RequestPlumbing):
         clone._on_retry = self._on_retry if isinstance(on_retry, _Unset) else on_retry
         clone._retrier_cache = None
         clone._store = self._store
+        clone._shares_records = self._shares_records
         clone._keys = self._key_path()  # one key path for the client and its clones
         clone._owns_store = False
         clone._extra_headers = self._extra_headers
@@ -336,15 +338,30 @@ class VioletClient(RequestPlumbing):
         :param timeout: seconds per attempt for this call, or a ``Timeouts``.
         :param extra_headers: headers sent with this call's requests.
         """
-        fields = {
-            "amount_refunded": amount_refunded,
-            "shipping": shipping,
-            "skus": skus,
-            "reason": reason,
-            "restock_items": restock_items,
-            "notify_customer": notify_customer,
-        }
-        req = _request_from(RefundBagRequest, request, fields)
+        if (
+            request is None
+            and shipping is UNSET
+            and skus is UNSET
+            and reason is UNSET
+            and restock_items is UNSET
+            and notify_customer is UNSET
+        ):
+            # The common call (an amount, or nothing: the whole bag), validated the same.
+            req = (
+                RefundBagRequest()
+                if amount_refunded is UNSET
+                else RefundBagRequest(amount_refunded=amount_refunded)
+            )
+        else:
+            fields = {
+                "amount_refunded": amount_refunded,
+                "shipping": shipping,
+                "skus": skus,
+                "reason": reason,
+                "restock_items": restock_items,
+                "notify_customer": notify_customer,
+            }
+            req = _request_from(RefundBagRequest, request, fields)
         client = self._for_call(timeout, extra_headers)
         if idempotency_key is not None:
             return await client._keyed("refund", order_id, bag_id, req, idempotency_key)
@@ -464,9 +481,23 @@ class VioletClient(RequestPlumbing):
         return await call
 
     async def _resume(self, pending: PendingRefund) -> OrderRefund:
-        refund = await self._ask(
-            pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
-        )
+        if self._shares_records:
+            # A store was given: the ask's record is kept there by its ask_id, so a
+            # record resumed again (here or in another process sharing the store) is
+            # merged with the freshest copy, and one process resumes it at a time.
+            keys = self._key_path()
+            refund = await keys.resume(self._ask, pending, self._deadline())
+            shared = self._shared
+            shared.known_refunds.add(refund.id, pending.bag_id, pending.ask_id, refund)
+            if shared.unsettled:
+                # Settled elsewhere (another process, or earlier here): the bag is
+                # free again in this client too.
+                shared.unsettled.check(pending.bag_id, pending)
+            keys.settled(pending, refund)
+        else:
+            refund = await self._ask(
+                pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
+            )
         return _unless_failed(refund) if pending.kind == "refund" else refund
 
     async def list_bag_refunds(
@@ -592,6 +623,7 @@ class VioletClient(RequestPlumbing):
         hold_if_present: bool = False,
         keep_cancelled: bool | None = None,
         defer_rate_limited: bool = False,
+        deadline_at: float | _Unset | None = UNSET,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -599,12 +631,14 @@ class VioletClient(RequestPlumbing):
 
         ``keep_cancelled``: when the caller cancels the call after its request may
         have left, keep the ask pending in this client (default: unless ``save`` is
-        given; a batch journal or fleet ledger keeps its own)."""
+        given; a batch journal or fleet ledger keeps its own). ``deadline_at``: the call's
+        (monotonic) when it began before this (a keyed call that waited for another
+        caller of its key); default: the policy's deadline from now."""
         path = self._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
         shared = self._shared
         clock = shared.clock
         policy = self._retry
-        deadline = self._deadline()
+        deadline = self._deadline() if isinstance(deadline_at, _Unset) else deadline_at
         locks = shared.bag_locks
         waited = not locks.try_acquire(bag_id)
         if waited:
@@ -615,20 +649,22 @@ class VioletClient(RequestPlumbing):
         owner: str | None = None
         try:
             if unsettled:
-                unsettled.check(bag_id, resume)
+                resume = unsettled.check(bag_id, resume)
             if resume is not None and (claimed := shared.known_refunds.claimed(resume.ask_id)):
                 return claimed  # this ask's refund, handed out here before: no request
             body = encode_request(req)
             parse = AnswerCheck(
-                partial(
-                    parse_refund if kind == "refund" else parse_cancel,
-                    order_id=order_id,
-                    bag_id=bag_id,
-                ),
+                parse_refund if kind == "refund" else parse_cancel,
                 order_id,
                 bag_id,
                 req.amount_refunded if isinstance(req, RefundBagRequest) else None,
                 shared.known_refunds,
+                req.skus if isinstance(req, RefundBagRequest) else None,
+                # No attempt runs longer than this (plus a Date header's own skew): a
+                # refund dated earlier, by the answer's own Date, is not this one's; one
+                # dated later than that Date by more than the skew carries a wrong date.
+                self._timeouts.connect + self._timeouts.read + policy.clock_skew,
+                policy.clock_skew,
             )
             if (
                 resume is None

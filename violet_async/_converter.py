@@ -193,8 +193,18 @@ def _field_lines(var: str, n: int, hint: Any, conv: Converter, ns: dict[str, Any
             f"        {var} = h{n}({var}, t{n})",
         ]
     elif _is_tuple_of(inner):
-        # Violet's usual "none": an empty list (or null), without a call.
-        return [f"{var} = () if {var} is None or {var} == [] else h{n}({var}, t{n})"]
+        # Violet's usual "none": an empty list (or null), without a call; a list of
+        # records through the item's hook in place (anything else: the tuple's hook).
+        item = inner.__args__[0]
+        ns[f"i{n}"], ns[f"u{n}"] = conv.get_structure_hook(item), item
+        return [
+            f"if {var} is None or {var} == []:",
+            f"    {var} = ()",
+            f"elif type({var}) is list:",
+            f"    {var} = tuple([i{n}(e, u{n}) for e in {var}])",
+            "else:",
+            f"    {var} = h{n}({var}, t{n})",
+        ]
     else:
         convert = f"{var} = h{n}({var}, t{n})"
     return [f"if {var} is not None:", f"    {convert}"] if optional else [convert]
@@ -338,7 +348,9 @@ def make_converter() -> Converter:
 
 
 converter = make_converter()
-_structure_order_refund = converter.get_structure_hook(OrderRefund)
+#: OrderRefund's generated hook (a refund answer's hot path; it falls back to cattrs'
+#: detailed route by itself, which raises its ClassValidationError).
+structure_order_refund = _structure_order_refund = converter.get_structure_hook(OrderRefund)
 # The converter's own hooks, looked up once rather than dispatched on every request.
 _encoders = {cls: converter.get_unstructure_hook(cls) for cls in _REQUEST_TYPES}
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
-from ._ask import PendingRefund, Phase, sent_once
+from ._ask import PendingRefund, Phase, merged, sent_once
 from ._protocol import clock_stepped
 from ._reconcile import BagIO, WallWatch
 from ._redact import has_control_character
@@ -41,7 +41,7 @@ from .models import CancelBagRequest, OrderRefund, RefundBagRequest
 from .models._validators import check_id
 from .stores import Claim, KeyEntry, RecordStore
 
-__all__ = ["KeyedAsks", "SendTracker", "cancelled_first_send", "check_key"]
+__all__ = ["KeyedAsks", "SendTracker", "cancelled_first_send", "check_key", "resume_key"]
 
 log = logging.getLogger("violet_async.reconcile")
 
@@ -384,7 +384,7 @@ class KeyedAsks:
                     )
                 return entry.refund
             if claim is Claim.OWNED:
-                return await self._drive(ask_fn, entry)
+                return await self._drive(ask_fn, entry, deadline)
             # BUSY: another process works on it; its outcome is ours.
             if deadline is not None and clock.monotonic() + self._poll > deadline:
                 raise AmbiguousOutcomeError(
@@ -397,7 +397,9 @@ class KeyedAsks:
                 )
             await clock.sleep(self._poll)
 
-    async def _drive(self, ask_fn: AskFn, entry: KeyEntry) -> OrderRefund:
+    async def _drive(self, ask_fn: AskFn, entry: KeyEntry, deadline: float | None) -> OrderRefund:
+        """Drive the key's ask, within the call's ``deadline`` (monotonic, set when the
+        call began: time spent waiting for another caller of the key counts)."""
         store = self.store
         clock = self._clock
         key = entry.key
@@ -468,6 +470,7 @@ class KeyedAsks:
                 resume=resume,
                 save=persist,
                 keep_cancelled=True,
+                deadline_at=deadline,
             )
         except NotSent as stopped:
             await self._release(key, latest)
@@ -479,6 +482,84 @@ class KeyedAsks:
         finally:
             heartbeat.cancel()
         return await self._finish(key, latest, refund)
+
+    async def resume(
+        self, ask_fn: AskFn, pending: PendingRefund, deadline: float | None
+    ) -> OrderRefund:
+        """``client.resume(pending)`` over the store, under the ask's own identity
+        (``pending.ask_id``), so that a record resumed twice (a job delivered again with
+        the record it was first given, or to two processes sharing the store) is one
+        ask: the store's record is merged with ``pending`` before anything is read or
+        sent (a later delivery never forgets an earlier one's re-send), it is saved
+        before every send, a live owner's lease keeps a second process from resuming it
+        at the same time (it waits for the outcome), and a refund one process got is
+        returned to the next with no request. In this process a second delivery joins
+        the running one."""
+        key = resume_key(self.scope, pending.ask_id)
+        while True:
+            flight = self._flights.get(key)
+            if flight is not None:
+                _same_ask(pending, flight.ask)
+                if flight.joined is None:
+                    flight.joined = asyncio.get_running_loop().create_future()
+                refund = await asyncio.shield(flight.joined)
+                if refund is not None:
+                    return refund
+                continue  # its caller cancelled it: take the ask over
+            returned = self._returned.get(key)
+            if returned is not None:
+                _same_ask(pending, returned[0])
+                return returned[1]
+            flight = self._flights[key] = _Flight(pending)
+            try:
+                refund = await self._own_resume(ask_fn, pending, key, deadline)
+            except BaseException as exc:
+                self._land(key, flight, None, exc)
+                raise
+            self._land(key, flight, refund, None)
+            return refund
+
+    async def _own_resume(
+        self, ask_fn: AskFn, pending: PendingRefund, key: str, deadline: float | None
+    ) -> OrderRefund:
+        store = self.store
+        clock = self._clock
+        # SENT and PENDING start alike (read back first); PENDING here keeps a record
+        # this call was handed from being taken for an owner that stopped mid-send.
+        mine = attrs.evolve(pending, phase=Phase.PENDING)
+        while True:
+            now = clock.time()
+            fresh = KeyEntry(
+                key, mine, owner=self.owner, lease_until=now + store.lease, scope=self.scope
+            )
+            try:
+                claim, entry = await store.claim(fresh, now)
+            except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
+                raise _resume_store_error(pending, "claiming", exc) from None
+            if claim is Claim.REUSED:
+                raise _other_request(pending)
+            if claim is Claim.FINISHED and entry.refund is not None:
+                if not _refund_of(entry.refund, pending):
+                    raise _resume_store_error(
+                        pending, "reading", ValueError("its refund is of another bag or order")
+                    )
+                return entry.refund
+            if claim is Claim.OWNED:
+                if entry.ask is not mine:
+                    entry = attrs.evolve(entry, ask=merged(entry.ask, mine))
+                return await self._drive(ask_fn, entry, deadline)
+            # BUSY: another process resumes this ask now; its outcome is ours.
+            if deadline is not None and clock.monotonic() + self._poll > deadline:
+                latest = merged(entry.ask, mine)
+                raise AmbiguousOutcomeError(
+                    f"another process is still resuming the {pending.kind} of bag "
+                    f"{pending.bag_id} (order {pending.order_id}) and this call's deadline "
+                    "ended first; nothing was sent by this call: resume it again later",
+                    request=pending.request,
+                    attempts=latest.sends,
+                    pending=attrs.evolve(latest, phase=Phase.PENDING, doubted=True),
+                )
+            await clock.sleep(self._poll)
 
     def _resumed(self, ask: PendingRefund) -> PendingRefund | None:
         """The record a call taking the key resumes (None: a new ask)."""
@@ -538,6 +619,37 @@ class KeyedAsks:
                     return
             except Exception as exc:  # noqa: BLE001 - tried again next time
                 log.warning("could not renew the lease of key %r: %s", key, exc)
+
+
+def resume_key(scope: str, ask_id: str) -> str:
+    """Where ``client.resume`` keeps an ask's record in the store: the client's scope,
+    then a control character no idempotency key may hold (so no caller's key can name
+    it), then the ask's identity."""
+    return f"{scope} \x1fresume {ask_id}"
+
+
+def _same_ask(pending: PendingRefund, stored: PendingRefund) -> None:
+    """Refuse a record whose ``ask_id`` the store holds for another request (written
+    by someone else): nothing is sent for it."""
+    if not KeyEntry("", stored).same_request(pending):
+        raise _other_request(pending)
+
+
+def _other_request(pending: PendingRefund) -> RequestValidationError:
+    return RequestValidationError(
+        "pending",
+        f"its ask_id {pending.ask_id!r} names another request (another kind, order, bag "
+        "or body) in this client or its record store; it is neither resumed nor sent",
+    )
+
+
+def _resume_store_error(pending: PendingRefund, doing: str, exc: BaseException) -> RecordStoreError:
+    return RecordStoreError(
+        f"the record store failed {doing} the record of ask {pending.ask_id!r} (the "
+        f"{pending.kind} of bag {pending.bag_id}) ({type(exc).__name__}: {exc}); nothing "
+        "was sent: resume it again later",
+        key=resume_key("", pending.ask_id).lstrip(),
+    )
 
 
 def _refund_of(refund: OrderRefund, ask: PendingRefund) -> bool:

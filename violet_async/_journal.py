@@ -56,7 +56,14 @@ import orjson
 import portalocker
 
 from ._files import UnsafeFileError, open_owned
-from ._journal_index import OPEN_STATES, JournalEntry, JournalIndex, entry_of, read_journal
+from ._journal_index import (
+    OPEN_STATES,
+    JournalEntry,
+    JournalIndex,
+    entry_of,
+    money_key,
+    read_journal,
+)
 from ._redact import Redactor
 from .exceptions import VioletError
 
@@ -210,6 +217,30 @@ class Journal:
         unknown) and this run has not settled yet: read back before anything else on
         the bag is sent."""
         return frozenset(self._open.get(bag_id, ()))
+
+    def paid_alike(self, kind: str, order_id: int, bag_id: int, request: Any) -> list[str]:
+        """Keys of items an earlier run ended "done" on ``bag_id`` whose request moved
+        the same money as ``request`` (unstructured): same kind, order, amount, shipping
+        and skus (a cancel: any cancel of the bag). Their reason, restock_items or
+        notify_customer may differ."""
+        money = money_key(kind, order_id, bag_id, request)
+        return self._entries.paid_alike(bag_id, money) if money is not None else []
+
+    @property
+    def any_paid(self) -> bool:
+        """An earlier run ended an item "done" whose request :meth:`paid_alike` knows."""
+        return self._entries.any_paid
+
+    def left_open(self) -> list[JournalEntry]:
+        """The entries an earlier run left open (sent, pending, unknown) that this run
+        has recorded nothing about: no item of its input has resolved them."""
+        keys = sorted(k for keys in self._open.values() for k in keys)
+        found = (
+            self._entries.get(k)
+            for k in keys
+            if not self._entries.moved(k) and k not in self._in_flight
+        )
+        return [entry for entry in found if entry is not None]
 
     async def record(self, key: str, line: int, state: str, **fields: Any) -> None:
         """Append a state change and return once it is on disk."""

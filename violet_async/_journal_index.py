@@ -40,6 +40,37 @@ OPEN_STATES = frozenset({"sent", "pending", "unknown"})
 SPILL_AT = 50_000
 
 
+def money_key(kind: Any, order_id: Any, bag_id: Any, request: Any) -> int | None:
+    """What a request moves, as a number: kind, order, bag and the refund's
+    amount_refunded, shipping and skus (a cancel moves the bag's rest, whatever it
+    says), from the request as the converter unstructures it. Two requests equal in
+    these are the same refund however their reason, restock_items or notify_customer
+    differ. None: not a request's shape. Python's hash: for this process only (its
+    memory and its private scratch database)."""
+    if type(request) is not dict:
+        return None
+    try:
+        if kind == "refund":
+            parts: tuple[Any, ...] = (
+                _money_part(request.get("amount_refunded")),
+                _money_part(request.get("shipping")),
+                _money_part(request.get("skus")),
+            )
+        elif kind == "cancel":
+            parts = ()
+        else:
+            return None
+        return hash((kind, order_id, bag_id, parts))
+    except TypeError:  # a value that is not JSON, or not hashable: not a record of ours
+        return None
+
+
+def _money_part(value: Any) -> Any:
+    if value is None or type(value) is int:
+        return value
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
 @attrs.frozen
 class JournalEntry:
     """The last known state of one item."""
@@ -71,12 +102,19 @@ class JournalIndex(Mapping[str, JournalEntry]):
         self._by_bag: dict[int, set[str]] = {}
         self._bag_of: dict[str, int] = {}
         #: Finished items not yet on disk: key -> (sequence number, state, ts, line,
-        #: first_sent, refund_id, error, message).
+        #: first_sent, refund_id, error, message, bag, money): the last two for an item
+        #: "done" whose protocol record was read (its bag and :func:`money_key`).
         self._done: dict[str, tuple[Any, ...]] = {}
         self._disk: sqlite3.Connection | None = None
         self._on_disk = 0
         #: Entries a run moved on after the load (they win over what was loaded).
         self._later: dict[str, JournalEntry] = {}
+        #: (bag, money) -> keys of the finished items in memory with them: built at
+        #: the first :meth:`paid_alike`, after the load (none of its cost on a load).
+        self._paid: dict[tuple[int, int], list[str]] | None = None
+        self._paid_indexed = False
+        #: Any item "done" with a money key at all (else no lookup is worth making).
+        self.any_paid = False
 
     # -- building ------------------------------------------------------------------
 
@@ -96,8 +134,15 @@ class JournalIndex(Mapping[str, JournalEntry]):
                 self._by_bag.setdefault(bag, set()).add(key)
                 self._bag_of[key] = bag
             return
-        if self._open.pop(key, None) is not None:
+        opened = self._open.pop(key, None)
+        bag = money = None
+        if opened is not None:
             self._unbag(key)
+            ask = opened[1].get("ask")
+            if state == "done" and type(ask) is dict and type(ask.get("bag_id")) is int:
+                bag = ask["bag_id"]
+                money = money_key(ask.get("kind"), ask.get("order_id"), bag, ask.get("request"))
+                self.any_paid = self.any_paid or money is not None
         ts, line, first, refund, error, message = (
             record.get("ts"),
             record.get("line"),
@@ -116,7 +161,10 @@ class JournalIndex(Mapping[str, JournalEntry]):
             refund if type(refund) is int else None,
             error if type(error) is str else None,
             message if type(message) is str else None,
+            bag,
+            money,
         )
+        self._paid = None
         if len(self._done) >= self._spill_at:
             self._spill()
 
@@ -135,14 +183,14 @@ class JournalIndex(Mapping[str, JournalEntry]):
             self._disk.execute(
                 "CREATE TABLE e (key TEXT PRIMARY KEY, seq INTEGER, state TEXT, ts REAL, "
                 "line INTEGER, first_sent REAL, refund_id INTEGER, error TEXT, "
-                "message TEXT) WITHOUT ROWID"
+                "message TEXT, bag INTEGER, money INTEGER) WITHOUT ROWID"
             )
         # In key order: a B-tree takes sorted inserts several times faster.
         rows = ((key, *fields) for key, fields in sorted(self._done.items()))
         with self._disk:
             self._disk.executemany(
-                f"INSERT OR REPLACE INTO e (key, seq, {_FIELDS}) "  # noqa: S608 - constant
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO e (key, seq, {_FIELDS}, bag, money) "  # noqa: S608 - constant
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         self._on_disk += len(self._done)
@@ -183,7 +231,7 @@ class JournalIndex(Mapping[str, JournalEntry]):
             return entry
         if finished is None:
             raise KeyError(key)
-        _, state, ts, line, first, refund, error, message = finished
+        _, state, ts, line, first, refund, error, message = finished[:8]
         return JournalEntry(
             key, state, _finite(ts) or 0.0, line, _finite(first), refund, error, message
         )
@@ -208,6 +256,33 @@ class JournalIndex(Mapping[str, JournalEntry]):
         """Keys of the items on ``bag_id`` whose last state is open (sent, pending,
         unknown): a new item on the bag waits until they are settled."""
         return frozenset(self._by_bag.get(bag_id, ()))
+
+    def paid_alike(self, bag_id: int, money: int) -> list[str]:
+        """Keys of the items loaded "done" on ``bag_id`` whose request moved the same
+        money (:func:`money_key`), in the order they were done. Their state may have
+        moved on since the load (read it with ``self[key]``). The first call indexes
+        them (a load pays nothing for it)."""
+        keys: list[str] = []
+        if self._disk is not None:
+            if not self._paid_indexed:
+                self._disk.execute(
+                    "CREATE INDEX IF NOT EXISTS e_paid ON e (bag, money) WHERE money IS NOT NULL"
+                )
+                self._paid_indexed = True
+            rows = self._disk.execute(
+                "SELECT key FROM e WHERE bag = ? AND money = ? ORDER BY seq", (bag_id, money)
+            )
+            keys = [key for (key,) in rows]
+        if self._paid is None:
+            self._paid = {}
+            for key, fields in self._done.items():
+                if fields[9] is not None:
+                    self._paid.setdefault((fields[8], fields[9]), []).append(key)
+        return keys + self._paid.get((bag_id, money), [])
+
+    def moved(self, key: str) -> bool:
+        """A run recorded a state of this loaded item since the load."""
+        return key in self._later
 
     def open_items(self) -> dict[str, JournalEntry]:
         """Every open item's entry."""
@@ -318,17 +393,22 @@ class RepeatCounter:
         self._counts: dict[str, int] = {}
         self._disk: sqlite3.Connection | None = None
 
-    def take(self, key: str) -> int:
-        """How often ``key`` was seen before (0 the first time); counts this one."""
-        counts = self._counts
-        seen = counts.get(key)
+    def seen(self, key: str) -> int:
+        """How often ``key`` was seen so far."""
+        seen = self._counts.get(key)
         if seen is None and self._disk is not None:
             row = self._disk.execute("SELECT n FROM c WHERE key = ?", (key,)).fetchone()
             seen = row[0] if row is not None else None
-        counts[key] = (seen or 0) + 1
+        return seen or 0
+
+    def take(self, key: str) -> int:
+        """How often ``key`` was seen before (0 the first time); counts this one."""
+        seen = self.seen(key)
+        self._counts[key] = seen + 1
+        counts = self._counts
         if len(counts) >= self._spill_at:
             self._spill()
-        return seen or 0
+        return seen
 
     def _spill(self) -> None:
         if self._disk is None:

@@ -28,6 +28,7 @@ __all__ = [
     "judge",
     "match",
     "needs_bag",
+    "no_baseline_window",
     "send_offsets",
 ]
 
@@ -174,6 +175,66 @@ def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, 
     return min(readings), max(readings), settings.clock_skew, False
 
 
+#: Without a baseline, a ``Date`` offset within this of this machine's clock (as it
+#: is, or as it was before a step) is taken as Violet's own clock: a machine's clock,
+#: or Violet's, a few minutes off. Further off, either clock may be the one that
+#: dates the refunds (a CDN or load balancer stamping its own ``Date``, or this
+#: machine's clock off), and a date must fit both. (Trusting it alone up to 15
+#: minutes, as the baseline rule's ``TRUSTED_OFFSET`` does for review, claimed a
+#: refund another system made 5 minutes before the send when a ``Date`` header was
+#: 10 minutes behind.)
+TRUSTED_DATE = 180.0
+
+
+def no_baseline_window(
+    ask: PendingRefund,
+    settings: Settings,
+    read_server_time: float | None = None,
+    read_at: float | None = None,
+) -> tuple[float, float, float | None]:
+    """Without a baseline: how a refund's date must sit for it to be this ask's, as
+    offsets from the first send (``floor``: no earlier than ``sent + floor``; ``gone``:
+    a refund ending before ``sent + gone`` was made long before the send under every
+    reading) and the latest date a refund can carry (``ceiling``: Violet's clock at
+    the read; None: not known).
+
+    Violet's clock is read two ways: by the ``Date`` headers (within ``date_tolerance``,
+    or ``clock_skew`` when they disagreed among themselves or the record's times are
+    unsure), and by this machine's clock (as it is, or as it was before a step the ask
+    saw; within ``clock_skew``, as with no ``Date`` at all). A ``Date`` offset within
+    :data:`TRUSTED_DATE` of this machine's clock is trusted alone. Otherwise either
+    may be the clock that dated the refunds, and a date counts only when both
+    readings agree: after the send by each, and no later than the read by each.
+
+    The read's own ``Date`` always bounds the dates: a refund dated after Violet's
+    own clock at the read (by more than the tolerance) carries a date that cannot be
+    right (a local time labelled UTC east of it, a clock that dates refunds minutes
+    fast), so it cannot place the refund after the send either."""
+    skew = settings.clock_skew
+    local = (0.0,) if not ask.stepped else (0.0, -ask.stepped)
+    offset = ask.server_offset
+    dates = () if offset is None else (offset, *(ask.offsets or ()))
+    precise = offset is not None and ask.offsets is None and not ask.clock_unsure
+    tolerance = settings.date_tolerance if precise else skew
+    gone = min((*dates, *local)) - skew - WRONG_OFFSET_SPAN
+    if (
+        offset is not None
+        and ask.offsets is None
+        and any(abs(offset - h) <= TRUSTED_DATE for h in local)
+    ):
+        # The Date headers and this machine's clock agree: one reading.
+        floor = offset - tolerance
+        ceilings = [] if read_at is None else [read_at + offset + tolerance]
+    else:
+        floor = max((*(d - tolerance for d in dates), *(h - skew for h in local)))
+        ceilings = [] if read_at is None else [read_at + h + skew for h in local]
+        if read_at is not None:
+            ceilings += [read_at + d + tolerance for d in dates]
+    if read_server_time is not None:
+        ceilings.append(read_server_time + tolerance)
+    return floor, gone, min(ceilings) if ceilings else None
+
+
 #: A date at exactly midnight UTC is taken to carry the day only (some platforms store
 #: dates, not times): the refund was made some time in the 24 hours from it.
 DAY = 86_400.0
@@ -220,9 +281,14 @@ def match(
     bag: OrderBag | None,
     known: Container[int],
     settings: Settings,
+    *,
+    read_server_time: float | None = None,
+    read_at: float | None = None,
 ) -> tuple[Verdict, tuple[OrderRefund, ...]]:
     """:func:`judge`'s verdict and the refunds it names."""
-    reading = judge(ask, refunds, bag, known, settings)
+    reading = judge(
+        ask, refunds, bag, known, settings, read_server_time=read_server_time, read_at=read_at
+    )
     return reading.verdict, reading.found
 
 
@@ -235,14 +301,13 @@ def _doubt(
     span: tuple[float, float] | None,
     sent: float | None,
     *,
-    after: float,
+    floor: float,
+    ceiling: float | None,
     sure: bool,
 ) -> str | None:
     """Why ``refund``, which carries what was asked, cannot be taken for this ask's
     (None: it can; its date places it after the first send by every reading of
-    Violet's clock). ``after``: how far after the send, by this machine's clock, the
-    earliest instant its date allows must be (the highest offset of Violet's clock,
-    less the tolerance)."""
+    Violet's clock). ``floor`` and ``ceiling``: :func:`no_baseline_window`'s."""
     if refund.status is RefundStatus.EXTERNAL:
         return "Violet marks it EXTERNAL: it was made on the merchant's platform, not by a request"
     if refund.id is None:
@@ -254,7 +319,9 @@ def _doubt(
     if sent is None:
         return f"{UNPLACED} (when this request was first sent is not known)"
     early, late = span
-    if early >= sent + after:
+    if ceiling is not None and early > ceiling:
+        return f"{UNPLACED} (the date is later than the read that listed it: a wrong offset)"
+    if early >= sent + floor:
         return None
     if late > early:
         return f"{UNPLACED} (the date has the day only, T00:00:00Z: before or after cannot be told)"
@@ -274,7 +341,8 @@ def judge(
     known: Container[int],
     settings: Settings,
     *,
-    listed_at: float | None = None,
+    read_server_time: float | None = None,
+    read_at: float | None = None,
 ) -> Reading:
     """Which refund on the bag, if any, this ask made.
 
@@ -288,23 +356,23 @@ def judge(
     A baseline only ever excludes. A refund missing from it is not thereby new: the
     baseline read may have come from a replica behind, which does not list another
     system's refund made shortly before (or one made between the read and the send).
-    So a candidate whose date cannot place it after the send (a day-precision date
-    whose day includes the send, a date without an offset, no date, a precise date
-    earlier than the send by some reading of the clock, no id, or a send time not
-    known) is UNDATED, with or without a baseline: a person looks. With a baseline, a
-    date never rules a refund out either (a ``Date`` header hours off would make our
-    own refund look old). Without one, only a date earlier than the send under every
-    reading of the clock, by more than a day's worth of time zones, rules a refund out.
-
-    A date later than the read that listed the refund (``listed_at``, this machine's
-    clock), by every reading of the clock, is wrongly labelled (a local time marked
-    UTC): it places nothing, and a person looks.
+    So a candidate whose date cannot place it after the send is UNDATED, with or
+    without a baseline: a day-precision date whose day includes the send, a date
+    without an offset, no date, a date earlier than the send by some reading of the
+    clock, a date later than the read by some reading (it cannot be right: a wrongly
+    labelled offset), no id, or a send time not known. A person looks. Every reading
+    of Violet's clock is :func:`no_baseline_window`'s (``read_server_time``: the
+    read's own ``Date``; ``read_at``: this machine's time when it arrived). With a
+    baseline, a date never rules a refund out (a ``Date`` header hours off would make
+    our own refund look old); without one, only a date earlier than the send under
+    every reading of the clock, by more than a day's worth of time zones, does.
 
     A refund already handed to another call (``known``, ``ask.others``) is never
     claimed; and since it is skipped only for being someone else's, it never proves
     absence either: when it is all that matches, the verdict is OWNED.
     """
-    low, high, tolerance, sure = send_offsets(ask, settings)
+    sure = send_offsets(ask, settings)[3]
+    window: tuple[float, float, float | None] | None = None  # built once
     sent = ask.first_sent_at
     exact: list[OrderRefund] = []
     near: list[OrderRefund] = []
@@ -317,25 +385,18 @@ def judge(
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue
         span = _created(refund)
+        if window is None:
+            window = no_baseline_window(ask, settings, read_server_time, read_at)
+        floor, gone, ceiling = window
         if (
             ask.baseline is None
             and refund.id is not None
             and span is not None
             and sent is not None
-            and span[1] < sent + low - tolerance - WRONG_OFFSET_SPAN
+            and span[1] < sent + gone
         ):
             continue  # made long before this ask was first sent, by every reading
-        doubt = _doubt(refund, span, sent, after=high - tolerance, sure=sure)
-        if (
-            doubt is None
-            and listed_at is not None
-            and span is not None
-            and span[0] > listed_at + max(high, 0.0, -ask.stepped) + tolerance
-        ):
-            # Made after the read that listed it, by every reading of the clock (this
-            # machine's too): its offset is wrong (a local time marked UTC), so it may be
-            # older than it says.
-            doubt = f"{UNPLACED} (the date is later than the read that listed it: a wrong offset)"
+        doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure)
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             continue

@@ -280,7 +280,10 @@ def start(
     read back one that was sent before (resume)."""
     if ask.phase is Phase.NEW:
         if settings.read_before_send and ask.baseline is None:
-            return ask, Action(Do.READ, read_bag=False)
+            # Holding a refund the bag already has needs the bag's status when only it
+            # tells a whole-bag refund or a cancel (an item re-run after its record
+            # was lost, say); a plain baseline needs the list alone.
+            return ask, Action(Do.READ, read_bag=settings.hold_if_present and needs_bag(ask))
         return _send(ask, now)
     if ask.phase in (Phase.SENT, Phase.PENDING):
         settle = ask.settle_until
@@ -525,7 +528,15 @@ def _after_read(
     # ask, in its baseline, or handed to a caller) came from a replica behind it.
     stale = not (ask.seen <= listed and ask.others <= listed and (ask.baseline or listed) <= listed)
     ask = attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others)
-    reading = judge(ask, obs.refunds, obs.bag, known, settings, listed_at=obs.received_at)
+    reading = judge(
+        ask,
+        obs.refunds,
+        obs.bag,
+        known,
+        settings,
+        read_server_time=obs.server_time,
+        read_at=obs.received_at,
+    )
     verdict, found = reading.verdict, reading.found
     if not reading.seen <= ask.seen:
         ask = attrs.evolve(ask, seen=ask.seen | reading.seen)

@@ -16,7 +16,7 @@ from typing import Protocol
 import attrs
 
 from . import _protocol as protocol
-from ._ask import PROCESS_CLOCK
+from ._ask import PROCESS_CLOCK, merged
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
@@ -165,12 +165,14 @@ class PendingAsks:
         """Drop the bag's records (their owner, e.g. a fleet ledger, keeps them)."""
         self._by_bag.pop(bag_id, None)
 
-    def check(self, bag_id: int, resume: PendingRefund | None) -> None:
-        """A resume takes its own record off the bag; a new ask on a bag with a pending
-        one raises BagPendingError (nothing was sent)."""
+    def check(self, bag_id: int, resume: PendingRefund | None) -> PendingRefund | None:
+        """A resume takes its own record off the bag, and gets back what both records
+        know (:func:`merged`: a resume delivered again with the record it was first
+        given must not forget a later record's re-send); a new ask on a bag with a
+        pending one raises BagPendingError (nothing was sent)."""
         records = self._by_bag.get(bag_id)
         if not records:
-            return
+            return resume
         if resume is None:
             raise BagPendingError(
                 f"bag {bag_id} has a refund or cancel from this client still pending; "
@@ -181,9 +183,12 @@ class PendingAsks:
         for index, record in enumerate(records):
             if _same_ask(record, resume):
                 del records[index]
+                if record.ask_id == resume.ask_id:
+                    resume = merged(resume, record)
                 break
         if not records:
             del self._by_bag[bag_id]
+        return resume
 
 
 def _same_ask(one: PendingRefund, other: PendingRefund) -> bool:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Container, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from contextlib import nullcontext
 from functools import partial
 from logging import DEBUG
@@ -18,8 +19,16 @@ import attrs
 from yarl import URL
 
 from ._auth import Auth, Credentials, is_token_expired_error
+from ._matching import _created, _sku_totals
 from ._reconcile import BagIO, BagLocks, KnownRefunds, PendingAsks
-from ._responses import PagingError, RefundPage, next_page, parse_order, parse_refund_page
+from ._responses import (
+    PagingError,
+    RefundPage,
+    http_date,
+    next_page,
+    parse_order,
+    parse_refund_page,
+)
 from ._retry import Clock, Retrier, RetryHook, RetryPolicy
 from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, http_log, request_id_of
 from ._transport import (
@@ -40,7 +49,7 @@ from .exceptions import (
     api_error_from_response,
     redacted_copy,
 )
-from .models import Order, OrderRefund
+from .models import Order, OrderRefund, SkuRefund
 from .models._validators import check_id
 
 __all__ = ["AnswerCheck", "RequestPlumbing", "Shared"]
@@ -442,22 +451,27 @@ class RequestPlumbing:
 
 
 class AnswerCheck:
-    """``parse`` for the 2xx answer of one refund or cancel (a parser given the call's
-    order and bag, which refuses an answer naming others), checked against the request:
-    another amount than the one asked for, or a refund already handed to another call, is
-    an unreadable 2xx (``ResponseFormatError``): it applied, and the refund protocol
-    reads the bag back rather than return a refund that is not this request's. A few
+    """``parse`` for the 2xx answer of one refund or cancel (``parse_refund`` or
+    ``parse_cancel``, given the call's order and bag: it refuses an answer naming
+    others), checked against the request: another amount than the one asked for, SKU
+    lines other than the ones asked for, a refund already handed to another call, or a
+    refund dated well before the answer itself (by the answer's own ``Date``), is an
+    unreadable 2xx (``ResponseFormatError``): it applied, and the refund protocol reads
+    the bag back rather than return a refund that is not this request's. A few
     compares per successful call."""
 
-    __slots__ = ("amount", "bag_id", "known", "order_id", "parse")
+    __slots__ = ("ahead", "amount", "bag_id", "known", "oldest", "order_id", "parse", "skus")
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - one call site, the call's own facts
         self,
-        parse: Callable[[RawResponse, str], OrderRefund],
+        parse: Callable[..., OrderRefund],
         order_id: int,
         bag_id: int,
         amount: int | None,
         known: Container[int] = (),
+        skus: Sequence[SkuRefund] | None = None,
+        oldest: float | None = None,
+        ahead: float = 60.0,
     ) -> None:
         self.parse = parse
         self.order_id = order_id
@@ -466,15 +480,33 @@ class AnswerCheck:
         self.known = known
         """Refunds already handed to other calls: an answer naming one is not this
         request's (a replayed or cached answer)."""
+        self.skus = None if skus is None else _sku_totals(skus)
+        """Units per order SKU the request asked for (None: it named none)."""
+        self.oldest = oldest
+        """Seconds: a refund dated more than this before the answer's own ``Date`` was
+        not made by this request (which cannot have run that long). None: not checked."""
+        self.ahead = ahead
+        """Seconds: a refund dated more than this after the answer's own ``Date`` carries
+        a date that cannot be right (a wrongly labelled offset): it places nothing."""
 
     def __call__(self, resp: RawResponse, path: str) -> OrderRefund:
-        # ``parse`` itself refuses an answer naming another order or bag (the parsers
-        # take both): only what they cannot know is checked here.
-        refund = self.parse(resp, path)
+        # ``parse`` itself refuses an answer naming another order or bag (it is given
+        # both): only what it cannot know is checked here.
+        refund = self.parse(resp, path, order_id=self.order_id, bag_id=self.bag_id)
         if self.amount is not None and refund.amount != self.amount:
             wrong = f"an amount of {refund.amount}"
         elif refund.id in self.known:
             wrong = f"refund {refund.id}, already handed to another call"
+        elif self.skus is not None and refund.skus and not _skus_fit(self.skus, refund):
+            wrong = f"refund {refund.id} of other SKU lines"
+        elif (
+            self.oldest is not None
+            and (gap := _gap(refund, resp)) is not None
+            and (gap[0] > self.oldest or gap[1] > self.ahead)
+        ):
+            before, after = gap
+            when = f"{before:.0f}s before" if before > self.oldest else f"{after:.0f}s after"
+            wrong = f"refund {refund.id}, dated {when} the answer"
         else:
             return refund
         asked = f"order {self.order_id}, bag {self.bag_id}"
@@ -489,6 +521,44 @@ class AnswerCheck:
             method="POST",
             path=path,
         )
+
+
+def _skus_fit(asked: Counter[int | None], refund: OrderRefund) -> bool:
+    """The answer's SKU lines carry the units asked for; lines without their SKU or
+    units (every field of Violet's records is optional) are only held to naming SKUs
+    that were asked for."""
+    lines = refund.skus
+    if all(line.order_sku_id is not None and line.quantity_refunded for line in lines):
+        return _sku_totals(lines) == asked
+    return all(line.order_sku_id is None or line.order_sku_id in asked for line in lines)
+
+
+#: The last ``Date`` header read and its Unix time: answers within one second share
+#: it, so a busy client parses it about once a second.
+_last_date: tuple[str, float | None] = ("", None)
+
+
+def _gap(refund: OrderRefund, resp: RawResponse) -> tuple[float, float] | None:
+    """How long before the answer's own ``Date`` the refund was made at the least, and
+    how long after it at the least (one of them is 0 or less). None when either is
+    missing or the date has no offset; a day-precision date (midnight UTC) spans its
+    day. Violet's clock only: no local clock."""
+    global _last_date  # noqa: PLW0603 - a one-entry cache, replaced whole
+    span = _created(refund)
+    if span is None:
+        return None
+    header = resp.headers.get("Date")
+    if not header:
+        return None
+    cached = _last_date
+    if cached[0] == header:
+        answered = cached[1]
+    else:
+        answered = http_date(header)
+        _last_date = (header, answered)
+    if answered is None:
+        return None
+    return answered - span[1], span[0] - answered
 
 
 def _too_late(method: str, path: str) -> APITimeoutError:

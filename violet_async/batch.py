@@ -162,6 +162,13 @@ class BatchResult:
     sent: bool = False
     requests: int = 0
     """HTTP requests answered for this item (baseline and read-backs included)."""
+    earlier: bool = False
+    """Not an item of this input: one an earlier run left open (sent, pending or
+    unknown) whose row this input no longer holds as it was, read back at the end of
+    the run (never sent). ``item`` is rebuilt from its journal record (``item.line``
+    is its line in that earlier input). ``already_done``: it had applied
+    (``refund_id``); ``not_sent``: proven not applied, and not sent, as no row asks for
+    it; ``unknown``: still unresolved (the next run reads it back again)."""
 
 
 @attrs.define
@@ -278,10 +285,15 @@ async def run_batch(
     item on a bag is sent, the journal's sent, pending or unknown entries on that bag
     are read back (never re-sent): where one applied, a new item on the bag is not sent
     (already_present; ``allow_repeat`` sends it), and where one stays unresolved, it is
-    not_sent. A parked item's revisits share one attempt budget. Setting ``stop`` stops
-    feeding new items, and wakes the run from any wait; those in flight finish and
-    parked ones are reported unknown (resumable). ``input_id`` names the input in a new journal's
-    header (informational).
+    not_sent. A new item asking a bag for the same money as an earlier run's done item
+    on it (differing only in reason, restock_items or notify_customer), whose own row
+    this input has not held so far, is not sent either (already_present;
+    ``allow_repeat`` sends it). Open entries on bags no item of the input resolved are
+    read back after the input (never sent) and yielded as results with
+    :attr:`BatchResult.earlier` True. A parked item's revisits share one attempt
+    budget. Setting ``stop`` stops feeding new items, and wakes the run from any wait;
+    those in flight finish and parked ones are reported unknown (resumable).
+    ``input_id`` names the input in a new journal's header (informational).
 
     The server is the last guard: with ``read_before_send``, an item whose bag already
     holds a refund carrying exactly its request, which neither this run nor the journal
@@ -425,6 +437,16 @@ class _Runner:
         # Bags where an item may have applied and could not be resolved: a new item on
         # the bag is not sent (not_sent), and the next run resolves it first.
         self.blocked: dict[int, str] = {}
+        # Earlier runs' items that ended "done" and a new item of this input, differing
+        # from them only in reason, restock_items or notify_customer, was held for.
+        self.claimed: set[str] = set()
+        # Their refunds, and those an earlier run's such item was held for (its row in
+        # this input, skipped already_present): each done item accounts for one row.
+        self.claimed_refunds: set[int] = set()
+        # Earlier runs' items left open on bags no item of this input resolved them on:
+        # read back after the input, each reported as an ``earlier`` result.
+        self.swept: set[str] = set()
+        self.repeats: RepeatCounter | None = None
         self.max_attempts = self.client._retry.max_attempts
 
     def _on_retry(self, event: RetryEvent) -> Any:
@@ -506,17 +528,20 @@ class _Runner:
                 "be resolved; not sent: run the same command again to read it back first",
             )
         if orphan:
-            self._orphan_ended(item, key, result)
+            await self._orphan_ended(item, key, result)
             return  # not an item of this input: no result of its own
         self._bag_done(item.bag_id)
         await self.results.put(result)
 
-    def _orphan_ended(self, item: BatchItem, key: str, result: BatchResult) -> None:
-        """An earlier run's item on the bag ended: a refund it made holds the bag."""
+    async def _orphan_ended(self, item: BatchItem, key: str, result: BatchResult) -> None:
+        """An earlier run's item on the bag ended: a refund it made holds the bag. One
+        on no bag of this input (swept after it) is reported on its own."""
         self.orphans.discard(key)
         if result.outcome == "succeeded":
             self.held[item.bag_id] = (result.refund_id, item.line)
         self._bag_done(item.bag_id)
+        if key in self.swept:
+            await self.results.put(_earlier(result))
 
     def _wait_for_pace(self, paced: _Paced) -> None:
         """A row answered 429 (nothing applied) waits for its merchant's turn."""
@@ -569,10 +594,10 @@ class _Runner:
         skipped = _skip(item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat)
         resume = _resumable(item, prior) if skipped is None else None
         if skipped is None and resume is None:
-            skipped = await self._not_now(item, key)
+            skipped = await self._not_now(item, key, seen=prior is not None)
         if skipped is not None:
             self._bag_done(item.bag_id)
-            await self.results.put(skipped)
+            await self._skipped(skipped)
             return True
         log = self.log
         entries = (
@@ -596,8 +621,17 @@ class _Runner:
         start(item, key, resume, 0)
         return True
 
-    async def _not_now(self, item: BatchItem, key: str) -> BatchResult | None:
-        """The result of a new item that must not be sent on its bag now (None: send)."""
+    async def _skipped(self, result: BatchResult) -> None:
+        """An item skipped from its journal entry. One an earlier run held back for an
+        earlier item's refund (already_present) accounts for that refund here too."""
+        if result.outcome == "already_present" and result.refund_id is not None:
+            self.claimed_refunds.add(result.refund_id)
+        await self.results.put(result)
+
+    async def _not_now(self, item: BatchItem, key: str, *, seen: bool) -> BatchResult | None:
+        """The result of a new item that must not be sent on its bag now (None: send).
+        ``seen``: an earlier run journaled this very row (failed, unsent): it is its own
+        row, not an edited one."""
         held = self.held.get(item.bag_id)
         if held is not None and not self.allow_repeat:
             refund_id, line = held
@@ -608,11 +642,47 @@ class _Runner:
                 refund_id,
             )
             return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
+        paid = self._paid_alike(item) if not (self.allow_repeat or seen) else None
+        if paid is not None:
+            exc = _BagHeld(
+                f"bag {item.bag_id} already holds refund {paid.refund_id}, made by an "
+                f"earlier run's row (line {paid.line}) asking the same money of the bag; "
+                "this row differs from it only in reason, restock_items or "
+                "notify_customer (an edited row?), and this input no longer has that row "
+                "as it was; not sent. Check the bag; --allow-repeat sends it anyway",
+                paid.refund_id,
+            )
+            return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
         why = self.blocked.get(item.bag_id) or self._unreadable_on_bag(item.bag_id, key)
         if why is not None:
             return await _ended(
                 item, key, "not_sent", _Stats(), self.log, _BagUnresolved(why), state="unsent"
             )
+        return None
+
+    def _paid_alike(self, item: BatchItem) -> JournalEntry | None:
+        """An earlier run's item done on ``item``'s bag asking the same money, whose own
+        row this input has not held so far (nor has another edited row claimed it): the
+        new item is likely that row, edited, and sending it would refund the bag twice.
+        Claimed for this item (None: no such entry)."""
+        if self.log is None or not self.log.any_paid:
+            return None
+        request = converter.unstructure(item.request)  # as the journal records it
+        for key in self.log.paid_alike(item.kind, item.order_id, item.bag_id, request):
+            content, _, number = key.rpartition("#")
+            if key in self.claimed or (
+                self.repeats is not None
+                and number.isdigit()
+                and self.repeats.seen(content) > int(number)
+            ):
+                continue  # its own row is in this input (already_done), or it is taken
+            entry = self.log.entry(key)
+            if entry is None or entry.state != "done" or entry.refund_id in self.claimed_refunds:
+                continue
+            self.claimed.add(key)
+            if entry.refund_id is not None:
+                self.claimed_refunds.add(entry.refund_id)
+            return entry
         return None
 
     def _unreadable_on_bag(self, bag_id: int, key: str) -> str | None:
@@ -638,6 +708,7 @@ class _Runner:
         tasks: set[asyncio.Task[None]] = set()
         # Repeats of an identical item are distinct items: KEY#0, KEY#1, ...
         repeats = RepeatCounter()  # bounded: on disk beyond 50,000 distinct items
+        self.repeats = repeats
 
         def start(  # noqa: PLR0917 - internal
             item: BatchItem,
@@ -667,7 +738,7 @@ class _Runner:
                     item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat
                 )
                 if skipped is not None:
-                    await self.results.put(skipped)
+                    await self._skipped(skipped)
                     continue
                 if item.bag_id in self.busy:
                     # Its journal entry is read again when it starts: an earlier item on
@@ -744,6 +815,8 @@ class _Runner:
             )
             if parked.key not in self.orphans:  # an earlier run's: no row here
                 await self.results.put(ended)
+            elif parked.key in self.swept:
+                await self.results.put(_earlier(ended))
         waited = [entry for _, _, entry in self.paced] + self.pace.take_all()
         self.paced.clear()
         for paced in waited:
@@ -762,9 +835,22 @@ class _Runner:
             )
             if paced.key not in self.orphans:  # an earlier run's: no row here
                 await self.results.put(ended)
+            elif paced.key in self.swept:
+                await self.results.put(_earlier(ended))
 
     async def _drain(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
-        """After the input: finish what runs, and revisit parked items as they fall due."""
+        """After the input: finish what runs, then read back what earlier runs left open
+        that no item of this input resolved (:meth:`_sweep`), and finish that."""
+        while True:
+            await self._finish(tasks, start)
+            if self._stopping():
+                return
+            await self._sweep(start)
+            if not tasks:
+                return
+
+    async def _finish(self, tasks: set[asyncio.Task[None]], start: Any) -> None:
+        """Finish what runs, and revisit parked items as they fall due."""
         while tasks or self.parked or self.paced or self.pace.waiting or self.ready or self.waiting:
             if self._stopping():
                 await self._stop_draining(tasks)
@@ -793,6 +879,29 @@ class _Runner:
                 await self._nap(min(wait, 1.0), tasks, self._parked_changed)
             elif wait > 0:
                 await self._nap(wait)
+
+    async def _sweep(self, start: Any) -> None:
+        """After the input, with nothing else left to do: an earlier run's item still
+        open that no item of this input resolved (its row edited onto another bag, or
+        removed) is read back (never sent) and reported (``BatchResult.earlier``), so a
+        refund it made is never lost track of. Each is swept once a run."""
+        if self.log is None or self._stopping():
+            return
+        for entry in self.log.left_open():
+            if self._stopping():
+                return
+            job = _orphan(entry)
+            if job is None or entry.key in self.swept or entry.key in self.orphans:
+                continue  # an unreadable record cannot be read back
+            item, key, resume = job
+            self.swept.add(key)
+            self.orphans.add(key)
+            if item.bag_id in self.busy:
+                self.waiting.setdefault(item.bag_id, collections.deque()).append(job)
+                continue
+            self.busy.add(item.bag_id)
+            await self.slots.acquire()
+            start(item, key, resume, 0)
 
     async def _nap(
         self,
@@ -831,6 +940,12 @@ def _skip(
             error_class=prior.error,
         )
     return None
+
+
+def _earlier(result: BatchResult) -> BatchResult:
+    """An earlier run's item, resolved (or not) by this run's read-back, as reported."""
+    outcome = "already_done" if result.outcome == "succeeded" else result.outcome
+    return attrs.evolve(result, outcome=outcome, earlier=True)
 
 
 class _Recorded(VioletError):

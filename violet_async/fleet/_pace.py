@@ -10,6 +10,14 @@ rate its sends got through at in the last two seconds (at most one send per
 429, then -20% on a 429 (once per ``1 / rate``), a quick climb back to near the rate
 that 429 came at, and a slow probe past it.
 
+A slot is taken twice: when the item starts (an item whose slot is further than the
+worker's patience is handed back until then), and again right before its request
+leaves (``sent_tat``, :meth:`FleetPace.gate`). Between the two an item reads the bag
+back and records its send, which takes as long as the machine and Redis make it; two
+items a slot apart could otherwise reach the merchant closer together than its rate,
+and a platform that allows one send per ``1 / rate`` answers the second with a 429
+(which slows the lane further, and so on down).
+
 Which merchant an order belongs to is kept in ``P:merchants:<app_id>`` (order id ->
 merchant id), learned from the refunds workers get back and, once any 429 has been
 seen (``P:pace:<app_id>:learning``), from ``GET /orders/{id}`` before a send.
@@ -48,6 +56,21 @@ return tostring(slot - now)
 """
 )
 
+# The send-time gate: the lane's next send slot for a request about to leave (always
+# taken). Returns ms to wait, or "none" when the merchant has no lane.
+_GATE = (
+    _NOW
+    + """
+local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
+if rate <= 0 then return 'none' end
+local sent = tonumber(redis.call('HGET', KEYS[1], 'sent_tat') or 0)
+local slot = math.max(sent, now)
+redis.call('HSET', KEYS[1], 'sent_tat', tostring(slot + 1000 / rate))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return tostring(slot - now)
+"""
+)
+
 # KEYS: lane, learning flag. ARGV: retry-after (ms), min rate, decrease, ceiling (0: none)
 _LIMITED = (
     _NOW
@@ -76,18 +99,21 @@ if rate <= 0 then
   rate = math.max(tonumber(ARGV[2]), estimate)
   if ceiling > 0 then rate = math.min(rate, ceiling) end
   redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '1', 'slowed_at',
-             tostring(now), 'tat', tostring(now))
+             tostring(now), 'tat', tostring(now), 'sent_tat', tostring(now))
 else
   local last = tonumber(redis.call('HGET', KEYS[1], 'slowed_at') or 0)
   if now - last >= 1000 / rate then
     local peak = rate
     rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[3]))
     redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '0', 'slowed_at',
-               tostring(now), 'tat', tostring(now + 1000 / rate), 'peak', tostring(peak))
+               tostring(now), 'tat', tostring(now + 1000 / rate), 'peak', tostring(peak),
+               'sent_tat', tostring(now + 1000 / rate))
   end
 end
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
-redis.call('HSET', KEYS[1], 'tat', tostring(math.max(tat, now + wait)))
+local sent = tonumber(redis.call('HGET', KEYS[1], 'sent_tat') or 0)
+redis.call('HSET', KEYS[1], 'tat', tostring(math.max(tat, now + wait)),
+           'sent_tat', tostring(math.max(sent, now + wait)))
 redis.call('PEXPIRE', KEYS[1], 86400000)
 return tostring(rate)
 """
@@ -147,6 +173,7 @@ class FleetPace:
         self._reserve = redis.register_script(_RESERVE)
         self._limited = redis.register_script(_LIMITED)
         self._succeeded = redis.register_script(_SUCCEEDED)
+        self._gate = redis.register_script(_GATE)
 
     async def merchant_of(self, order_id: int) -> int | None:
         raw = await resolve(self.redis.hget(self._merchants, str(order_id)))
@@ -164,6 +191,14 @@ class FleetPace:
         the seconds to wait for it. A negative value: the slot is that far away and
         nothing was taken (come back then). None: the merchant has no lane."""
         raw = await self._reserve(keys=[self._lane + str(merchant_id)], args=[patience * 1000])
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return None if text == "none" else float(text) / 1000
+
+    async def gate(self, merchant_id: int) -> float | None:
+        """Take the merchant's next slot for a request about to leave: the seconds to
+        wait before it does (None: the merchant has no lane). Sends through the gate
+        leave at most ``rate`` a second, however long each took to get there."""
+        raw = await self._gate(keys=[self._lane + str(merchant_id)])
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         return None if text == "none" else float(text) / 1000
 

@@ -264,10 +264,9 @@ class FleetWorker:
                 # The last moment before a send: take a slot of the fleet's budget (once
                 # a send: the record is saved again when the send leaves later than it
                 # says), then record the send durably, in one script with the lock check.
-                if self.limiter is not None and ask.sends not in budgeted:
+                if ask.sends not in budgeted:
                     budgeted.add(ask.sends)
-                    planned = (ask.last_sent_at or 0.0) - time.time()
-                    await self.limiter.wait(planned)
+                    await self._send_slot(ask, merchant)
                 await self.ledger.mark_sent(
                     key,
                     ask,
@@ -311,6 +310,17 @@ class FleetWorker:
             # item) now; this one's view of it is stale.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
 
+    async def _send_slot(self, ask: PendingRefund, merchant: int | None) -> None:
+        """Wait for the fleet's budget and the merchant's spacing, as the request is
+        about to leave (the record is stamped again if this waits)."""
+        if self.limiter is not None:
+            planned = (ask.last_sent_at or 0.0) - time.time()
+            await self.limiter.wait(planned)
+        if merchant is not None and self.pace is not None:
+            wait = await self.pace.gate(merchant)
+            if wait:
+                await asyncio.sleep(wait)
+
     async def _merchant_of(self, item: BatchItem, *, look_up: bool) -> int | None:
         """The item's merchant: its own, the fleet's memory, or (``look_up``) its order."""
         pace = self.pace
@@ -338,9 +348,12 @@ class FleetWorker:
             return None
         wait = await pace.reserve(merchant, self.patience)
         if wait is not None and wait < 0:
+            # Back half a patience early: a job runs some time after it is due (the
+            # queue's poll, a free job slot, the ledger reads before this point), and a
+            # slot nobody is there to take is lost to the lane.
             raise RetryLaterError(
                 f"merchant {merchant}'s pace: its next send slot is in {-wait:.1f}s",
-                defer=-wait,
+                defer=max(-wait - self.patience / 2, 0.05),
             )
         if wait:
             await asyncio.sleep(wait)

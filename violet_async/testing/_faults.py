@@ -61,6 +61,10 @@ class Fault(enum.Enum):
     WRONG_BAG_ANSWER = "wrong_bag_answer"
     """Committed; the 200 body is a refund naming another bag (a misrouted or cached
     answer): it applied, but the answer is not this request's."""
+    STALE_ANSWER = "stale_answer"
+    """Committed; the 200 body is the refund dated an hour before the answer (a
+    replayed or cached answer, as far as the client can tell): it applied, but the
+    answer cannot say what it made."""
     LATE_COMMIT = "late_commit"
     """A gateway's 504 now (plain text); the refund or cancel commits
     ``late_commit_delay`` seconds later on the fake's clock, and only then (reads in
@@ -92,6 +96,7 @@ COMMIT_FAULTS = frozenset(
         Fault.TRUNCATED_JSON,
         Fault.WRONG_TYPES,
         Fault.WRONG_BAG_ANSWER,
+        Fault.STALE_ANSWER,
         Fault.LATE_COMMIT,
         Fault.TIMEOUT_THEN_COMMIT,
         Fault.SLOW_BODY,
@@ -100,9 +105,12 @@ COMMIT_FAULTS = frozenset(
 )
 #: Left out of the chaos plan: a slow body and a held request cost real seconds, a
 #: redirect is a hard (non-retryable) failure by design. Script them for exact tests.
-_NOT_IN_CHAOS = frozenset({Fault.SLOW_BODY, Fault.REDIRECT, Fault.TIMEOUT_THEN_COMMIT})
-#: Left out of the hostile plan: a redirect is a configuration error, not weather.
-_NOT_IN_HOSTILE = frozenset({Fault.REDIRECT})
+_NOT_IN_CHAOS = frozenset(
+    {Fault.SLOW_BODY, Fault.REDIRECT, Fault.TIMEOUT_THEN_COMMIT, Fault.STALE_ANSWER}
+)
+#: Left out of the hostile plan: a redirect is a configuration error, not weather. (A
+#: stale answer is left out of both so that their seeded schedules stay as they were.)
+_NOT_IN_HOSTILE = frozenset({Fault.REDIRECT, Fault.STALE_ANSWER})
 
 
 @attrs.frozen

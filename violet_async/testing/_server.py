@@ -30,6 +30,7 @@ from ._state import (
     Store,
     cancellation_body,
     cancellation_failure_body,
+    render_date,
 )
 from ._webhook_sender import WebhookSender
 from ._wire import (
@@ -656,6 +657,10 @@ class FakeViolet:
             return web.Response(body=raw[: len(raw) // 2], content_type="application/json")
         if fault is Fault.WRONG_BAG_ANSWER:
             return self._ok({**record, "bag_id": record["bag_id"] + 1_000_000})
+        if fault is Fault.STALE_ANSWER:
+            when = self.store.server_time() - 3600.0
+            stale = render_date(when, 0, self.quirks)
+            return self._ok({**record, "date_created": stale})
         # WRONG_TYPES
         return self._ok({**record, "amount": str(record["amount"])})
 

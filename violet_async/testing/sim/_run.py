@@ -23,10 +23,12 @@ from ..._client import VioletClient
 from ..._retry import RetryPolicy
 from ..._transport import Timeouts
 from ...batch import BatchItem, run_batch
-from ...exceptions import AmbiguousOutcomeError, BagPendingError, VioletError
+from ...exceptions import AmbiguousOutcomeError, BagPendingError, RateLimitError, VioletError
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
 from .._state import RuleViolation
+from . import _kinds_more
+from ._kinds_more import MORE_KINDS, MerchantLimit, SecondCaller
 from ._violet import (
     ASK_LABEL,
     AUTH_KINDS,
@@ -64,7 +66,9 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #:   into it (a replica behind): a baseline read misses them;
 #: - ``resume_twice``: every resume job delivered twice to the same client;
 #: - ``caller_cancel``: a caller cancels its call at a random await and repeats it,
-#:   with the same idempotency key (half of them) or without one.
+#:   with the same idempotency key (half of them) or without one;
+#: - ``merchant_429``, ``two_clients_one_store``, ``redis_loss``, ``worker_dies``: see
+#:   ``_kinds_more``.
 WORLD_KINDS = (
     "status_lag",
     "dates",
@@ -79,11 +83,22 @@ WORLD_KINDS = (
     "resume_twice",
     "caller_cancel",
     "late_listed",
+    *MORE_KINDS,
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
 #: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
 CI_KINDS = frozenset(
-    {"cancel_shapes", "fulfilled", "junk", "old_refunds", "caller_cancel", "wrong_bag"}
+    {
+        "cancel_shapes",
+        "fulfilled",
+        "junk",
+        "old_refunds",
+        "caller_cancel",
+        "wrong_bag",
+        "merchant_429",
+        "two_clients_one_store",
+        "worker_dies",
+    }
 )
 
 APP_ID = 11
@@ -201,6 +216,19 @@ class Schedule:
     replica_lag: float = 0.0
     """Every other list read of an ask that was parked comes from a replica this far
     behind (it hides what it already showed that ask)."""
+    # -- _kinds_more ---------------------------------------------------------------
+    merchants: tuple[int, ...] = ()
+    """Each bag's merchant (an index from ``_kinds_more.MERCHANT_BASE``)."""
+    merchant_limits: tuple[MerchantLimit, ...] = ()
+    merchant_ids_known: bool = False
+    """Batch items carry their merchant's id (else the batch learns it)."""
+    second_callers: tuple[SecondCaller, ...] = ()
+    shared_store: str = ""
+    """The record store two client processes share: "memory" or "sqlite"."""
+    worker_dies: int = 0
+    """The first worker dies right after its n-th ledger write (0: never)."""
+    ledger_loss: float | None = None
+    """Virtual seconds into the worker run when the ledger loses everything."""
 
     def fault_count(self) -> int:
         return (
@@ -212,6 +240,10 @@ class Schedule:
             + len(self.old_refunds)
             + len(self.cancels)
             + sum(c is not None for c in self.cancel_shapes)
+            + len(self.merchant_limits)
+            + len(self.second_callers)
+            + bool(self.worker_dies)
+            + (self.ledger_loss is not None)
         )
 
     def describe(self) -> str:
@@ -253,7 +285,13 @@ class Schedule:
             f"clock_steps={list(self.clock_steps) or '-'} fulfilled={fulfilled or '-'} "
             f"old_refunds={list(self.old_refunds) or '-'} resume_twice={self.resume_twice} "
             f"resume_review={self.resume_review} cancels={list(self.cancels) or '-'} "
-            f"cancel_shapes={list(self.cancel_shapes) or '-'} replica_lag={self.replica_lag:g}"
+            f"cancel_shapes={list(self.cancel_shapes) or '-'} replica_lag={self.replica_lag:g}\n"
+            f"world: merchants={list(self.merchants) or '-'} "
+            f"merchant_limits={list(self.merchant_limits) or '-'} "
+            f"merchant_ids_known={self.merchant_ids_known} "
+            f"second_callers={list(self.second_callers) or '-'} "
+            f"shared_store={self.shared_store or '-'} worker_dies={self.worker_dies} "
+            f"ledger_loss={self.ledger_loss}"
         )
 
 
@@ -357,6 +395,10 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
         changes["old_refunds"] = (*changes.get("old_refunds", ()), *_late_listed(s))
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
+    labels = tuple(a.label for a in s.asks)
+    bags = Counter(a.bag for a in s.asks)
+    alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
+    changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
     return attrs.evolve(s, **changes)
 
 
@@ -476,10 +518,15 @@ class Seen:
 
     label: str
     what: str
-    """"refund", "failed", "pending", "review" or "crashed"."""
+    """"refund", "failed", "pending", "review" or "crashed" (and with _kinds_more:
+    "not_sent", told nothing applied, or "held", not sent: the bag holds it)."""
     refund_id: int | None = None
     error: str = ""
     pending: PendingRefund | None = None
+    who: str = ""
+    """The caller (its commits' label): the ask's, or another process's (``label~2``)."""
+    at: float = 0.0
+    """Virtual time it was seen."""
 
 
 @attrs.define
@@ -658,22 +705,37 @@ class _World:
             replica_lag=schedule.replica_lag,
         )
         self.ids: list[tuple[int, int]] = []
-        for bag in schedule.bags:
+        for n, bag in enumerate(schedule.bags):
+            merchant = {}
+            if schedule.merchants:
+                merchant["merchant_id"] = _kinds_more.MERCHANT_BASE + schedule.merchants[n]
             order = self.violet.store.add_order(
                 [
                     {
                         "skus": [{"quantity": bag.quantity, "price": bag.price}],
                         "shipping": bag.shipping,
                         "fulfilled": bag.fulfilled,
+                        **merchant,
                     }
                 ]
             )
             self.ids.append((order.id, next(iter(order.bags))))
+        if schedule.merchant_limits:
+            self.violet.post_gate = _kinds_more.MerchantGate(
+                self.violet,
+                {
+                    bag_id: _kinds_more.MERCHANT_BASE + m
+                    for (_, bag_id), m in zip(self.ids, schedule.merchants, strict=True)
+                },
+                schedule.merchant_limits,
+            )
         self.world_counts()
         self.violations: list[str] = []
         self.seen: list[Seen] = []
         self.final: dict[str, Seen] = {}
         self.errors: list[str] = []
+        #: Asks two client processes call with one key (two_clients_one_store).
+        self.two_processes = {c.label for c in schedule.second_callers}
         self.journal: Path | None = None
         self.clients = 0
         self.policy = RetryPolicy(
@@ -704,6 +766,10 @@ class _World:
             count("world:fulfilled_bag", fulfilled)
         if s.resume_twice and s.mode in ("direct", "worker"):
             count("world:resume_delivered_twice")
+        if s.merchant_limits:
+            count("world:merchant_limited", len(s.merchant_limits))
+        if s.second_callers and s.mode == "direct":
+            count(f"world:second_caller_{s.shared_store}", len(s.second_callers))
         for old in s.old_refunds:
             order_id, bag_id = self.ids[old.bag]
             bag = store.bag(order_id, bag_id)
@@ -734,7 +800,7 @@ class _World:
     def note(self, text: str) -> None:
         self.violet.note(f"   client: {text}")
 
-    def client(self, name: str) -> tuple[VioletClient, SimTransport]:
+    def client(self, name: str, store: Any = None) -> tuple[VioletClient, SimTransport]:
         transport = SimTransport(self.violet, name)
         client = VioletClient(
             APP_ID,
@@ -745,6 +811,7 @@ class _World:
             retry=self.policy,
             timeouts=self.timeouts,
             clock=self.clock,
+            store=store,
             _transport=transport,
         )
         # Auth times renewals by time.time(), not by clock= (see the report of the run
@@ -765,6 +832,8 @@ class _World:
         return RefundBagRequest(amount_refunded=ask.amount, skus=skus, reason=ask.reason)
 
     def saw(self, seen: Seen) -> None:
+        seen.who = seen.who or seen.label
+        seen.at = self.loop.time()
         self.seen.append(seen)
         self.final[seen.label] = seen
         self.errors.append(seen.error)
@@ -779,6 +848,9 @@ class _World:
         )
 
     def outcome_of(self, label: str, exc: BaseException) -> Seen:
+        if isinstance(exc, RateLimitError) and "merchant_429" in self.s.kinds:
+            # Nothing applied, by the error's contract: the caller may send it again.
+            return Seen(label, "not_sent", error=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, AmbiguousOutcomeError):
             pending = exc.pending
             what = "review" if pending is None or pending.needs_review else "pending"
@@ -834,6 +906,7 @@ class _World:
         else:
             await self.run_direct()
         self.check()
+        self.check_more()
 
     async def call(
         self,
@@ -843,10 +916,15 @@ class _World:
         *,
         repeat: bool = False,
         key: str | None = None,
-    ) -> None:
-        ASK_LABEL.set(ask.label)
+        limited: int = 0,
+        who: str | None = None,
+    ) -> Seen:
+        """One call of ``ask`` (or a resume of it) by caller ``who`` (default: the
+        ask's); returns what its caller saw."""
+        ASK_LABEL.set(who or ask.label)
         order_id, bag_id = self.ids[ask.bag]
         started = self.loop.time()
+        failure: VioletError | None = None
         self.note(f"{ask.label}: {'resume' if resume else ask.kind} bag {bag_id}")
         try:
             if resume is not None:
@@ -872,23 +950,40 @@ class _World:
                 # keyed call resumes its own ask itself: a record it is refused with is
                 # another ask's, and its refund is not this caller's.)
                 self.check_deadline(ask.label, started)
-                await self.call(client, ask, mine[0])
-                return
-            self.saw(self.outcome_of(ask.label, exc))
+                return await self.call(client, ask, mine[0], who=who)
+            seen = self.outcome_of(ask.label, exc)
         except VioletError as exc:
-            self.saw(self.outcome_of(ask.label, exc))
+            seen = self.outcome_of(ask.label, exc)
+            failure = exc
         else:
-            self.saw(Seen(ask.label, "refund", refund.id))
+            seen = Seen(ask.label, "refund", refund.id)
+        seen.who = who or ask.label
+        self.saw(seen)
         self.check_deadline(ask.label, started)
+        if seen.what == "not_sent" and limited < _kinds_more.CALLER_429_TRIES:
+            # 429 (nothing applied): the caller waits as told and calls again.
+            assert isinstance(failure, RateLimitError)
+            await asyncio.sleep(_kinds_more.retry_after(failure))
+            return await self.call(
+                client, ask, resume, repeat=repeat, key=key, limited=limited + 1, who=who
+            )
+        return seen
 
     async def run_direct(self) -> None:
-        client, _ = self.client("app")
-        async with client:
+        seconds = {c.label: c for c in self.s.second_callers}
+        assert self.journal is not None
+        stores = _kinds_more.open_stores(self.s.shared_store if seconds else "", self.journal)
+        client, _ = self.client("app", stores[0])
+        async with client, _kinds_more.SecondClient(self, stores) as other:
             cancels = {c.label: c for c in self.s.cancels}
 
             async def later(ask: AskSpec) -> None:
                 await asyncio.sleep(ask.start)
                 cut = cancels.get(ask.label)
+                if ask.label in seconds:
+                    # Two processes call it with one key: see _kinds_more.
+                    await other.first(client, ask, cut)
+                    return
                 if cut is None:
                     await self.call(client, ask, None)
                     return
@@ -904,7 +999,10 @@ class _World:
                 await asyncio.sleep(cut.again)
                 await self.call(client, ask, None, repeat=True, key=key)
 
-            await asyncio.gather(*(later(ask) for ask in self.s.asks))
+            await asyncio.gather(
+                *(later(ask) for ask in self.s.asks),
+                *(other.second(spec) for spec in self.s.second_callers),
+            )
         await self.resolve_pendings()
 
     async def resolve_pendings(self) -> None:
@@ -937,6 +1035,9 @@ class _World:
     # -- workers: jobs redelivered, resumed from a shared ledger ----------------
 
     async def run_workers(self) -> None:
+        if self.s.worker_dies or self.s.ledger_loss is not None:
+            await _kinds_more.run_fleet_like(self)  # a ledger that can lose its data
+            return
         ledger: dict[str, str] = {}
         crash = self.s.crashes[0] if self.s.crashes else None
         await self.worker("w1", ledger, crash)
@@ -1030,6 +1131,9 @@ class _World:
                 "cancel" if a.kind == "cancel" else "refund",
                 *self.ids[a.bag],
                 self.request(a),
+                _kinds_more.MERCHANT_BASE + self.s.merchants[a.bag]
+                if self.s.merchant_ids_known
+                else None,
             )
             for n, a in enumerate(self.s.asks)
         ]
@@ -1137,9 +1241,11 @@ class _World:
         commits: dict[str, list[int]] = {}
         maker: dict[int, str | None] = {}
         for commit in self.violet.commits:
-            maker[commit.refund_id] = commit.label
-            if commit.label is not None:
-                commits.setdefault(commit.label, []).append(commit.refund_id)
+            # Two processes calling one ask with one key make its commits together.
+            label = commit.label.split("~")[0] if commit.label is not None else None
+            maker[commit.refund_id] = label
+            if label is not None:
+                commits.setdefault(label, []).append(commit.refund_id)
         # Known: while an ask is pending (its lock released), another ask on the same bag
         # whose request carries everything the first asked for can claim its refund, or
         # have its own claimed by the first's resume; then one of them sends again (or
@@ -1179,6 +1285,8 @@ class _World:
                     f"[attribution] {seen.label} was handed refund {seen.refund_id}, "
                     f"made by {who or 'another actor'}"
                 )
+            if seen.what == "failed" and mine and seen.label in self.two_processes:
+                continue  # _kinds_more.check: which caller's call applied, and when
             if seen.what == "failed" and mine:
                 self.violations.append(
                     f"[{'torn-journal' if torn else 'failed-but-applied'}] {seen.label} was "
@@ -1196,6 +1304,9 @@ class _World:
                     f"[{kind}] {label} still {seen.what} after faults stopped and resumes ran"
                     + (f": {seen.pending.note}" if seen.pending is not None else "")
                 )
+
+    def check_more(self) -> None:
+        _kinds_more.check(self)
 
     def check_secrets(self, lines: list[str]) -> None:
         secrets = [s for s in self.violet.secrets if s]
@@ -1252,6 +1363,10 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "cancels": (),
             "cancel_shapes": (),
             "replica_lag": 0.0,
+            "merchant_limits": (),
+            "second_callers": (),
+            "worker_dies": 0,
+            "ledger_loss": None,
         }
         for name, plain in quirks.items():
             if getattr(s, name) != plain:

@@ -197,6 +197,9 @@ class SimViolet:
         self.trace: list[str] = []
         self.injected: dict[str, int] = {}
         self.counts = {"post": 0, "read": 0, "auth": 0}
+        #: A refund or cancel POST's bag id -> an answer refusing it before anything is
+        #: looked at (a merchant platform's 429; ``_kinds_more.MerchantGate``), or None.
+        self.post_gate: Callable[[int, str | None], RawResponse | None] | None = None
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -466,6 +469,10 @@ class SimViolet:
             if kind == "garbled_after":
                 answer = RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2])
             return answer, None
+        if self.post_gate is not None:
+            refused = self.post_gate(int(parts[3]), label)
+            if refused is not None:
+                return refused, None
         return self._mutate(parts, body, fault, label)
 
     def _auth(
