@@ -151,15 +151,20 @@ async def test_row4_naive_dates_are_pending_without_a_baseline() -> None:
     assert len(server.ours) == 1
 
 
-async def test_row4_naive_dates_with_a_baseline_match_exactly() -> None:
-    """With read_before_send, matching needs no clock: naive dates cannot hurt."""
+async def test_row4_naive_dates_with_a_baseline_exclude_the_older_refund() -> None:
+    """With read_before_send, the older identical refund is in the baseline and never a
+    candidate. Ours, new since the baseline, still cannot be claimed on a date without
+    an offset (the baseline may have come from a replica behind, and missed another
+    system's refund): pending for review with ours as the only candidate, one POST."""
     server = Hostile(FakeClock(), script=[Step(504, GATEWAY_504)], naive_dates=True)
     server.add_refund(300, age=3600)  # an older identical refund
     policy = RetryPolicy(deadline=300.0, read_before_send=True)
     async with hostile_client(server, retry=policy) as client:
-        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert refund.reconciled
-    assert refund.id == server.ours[0]
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert [r.id for r in info.value.candidates] == server.ours
     assert server.posts == 1
 
 

@@ -161,31 +161,39 @@ async def test_row3_a_200_for_another_amount_is_read_back() -> None:
     assert server.posts == 1
 
 
-# -- rows 5 and 6: with a baseline, dates decide nothing ---------------------------------
+# -- rows 5 and 6: with a baseline, a date never rules out; only a precise one rules in --
 
 
 async def test_row5_a_date_header_15_hours_ahead_with_a_baseline() -> None:
-    """read_before_send, every Date header 15 h ahead of the refund dates: the refund
-    new since the baseline is ours whatever its date. One POST."""
+    """read_before_send, every Date header 15 h ahead of the refund dates: whether our
+    refund's date is after the send depends on which clock is right, and being new
+    since the baseline proves nothing (the baseline may be a replica behind). Pending
+    for review with ours as the candidate; one POST, never a second refund."""
     server = Hostile(
         FakeClock(), script=[Step(504, GATEWAY_504, commit_after=2.5)], header_skew=15 * HOUR
     )
     async with hostile_client(server, retry=BASELINE) as client:
-        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert refund.reconciled
-    assert refund.id == server.ours[0]
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert [r.id for r in info.value.candidates] == server.ours
     assert server.posts == 1
 
 
 async def test_row6_day_precision_dates_with_a_baseline() -> None:
     """read_before_send, refund dates with the day only (T00:00:00Z), sent at 20:00:
-    our refund is found. One POST."""
+    our refund is the only candidate, but a day cannot place it after the send, and a
+    baseline from a replica behind could have missed another system's refund of that
+    day: pending for review with ours as the candidate. One POST."""
     clock = FakeClock(wall_start=EVENING)
     server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=2.5)], day_dates=True)
     async with hostile_client(server, retry=BASELINE) as client:
-        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
-    assert refund.reconciled
-    assert refund.id == server.ours[0]
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert [r.id for r in info.value.candidates] == server.ours
     assert server.posts == 1
 
 

@@ -21,6 +21,7 @@ from violet_async import (
     SkuRefund,
 )
 from violet_async._converter import converter
+from violet_async._matching import judge
 from violet_async._protocol import (
     Do,
     Observation,
@@ -155,8 +156,8 @@ def test_one_match_returns_it_reconciled() -> None:
         ([refund(5, reason="ours"), refund(6, reason="ours ")], "match this request"),
         ([refund(5, reason="other")], "almost matches"),
         ([refund(5, reason="ours", date_created="2026-01-01T10:00:00")], "no offset"),
-        ([refund(5, reason="ours", date_created=None)], "no offset"),
-        ([refund(5, reason="ours", age=3 * 3600)], "no offset"),
+        ([refund(5, reason="ours", date_created=None)], "it has no date"),
+        ([refund(5, reason="ours", age=3 * 3600)], "earlier than the send"),
     ],
 )
 def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: str) -> None:
@@ -513,14 +514,69 @@ def test_an_applied_answer_is_never_re_sent() -> None:
 
 def test_with_a_baseline_dates_never_rule_a_new_refund_out() -> None:
     """With a baseline, a new refund dated a day before the send, or by a clock 15 h
-    off, is the candidate; a precise date shortly before the send by a sure clock goes
-    to review, never claimed and never absence."""
+    off, is never ruled out (never absence): it goes to review, as does a precise date
+    shortly before the send by a sure clock. Only a date after the send by every
+    reading of the clock is claimed."""
     ask = sent(baseline=frozenset({1}))
-    assert match(ask, [refund(5, age=86_000)], None, (), SETTINGS)[0].value == "match"
+    assert match(ask, [refund(5, age=86_000)], None, (), SETTINGS)[0].value == "undated"
     unsure = attrs.evolve(ask, server_offset=15 * 3600.0)
-    assert match(unsure, [refund(5, age=-1)], None, (), SETTINGS)[0].value == "match"
+    assert match(unsure, [refund(5, age=-1)], None, (), SETTINGS)[0].value == "undated"
     sure = attrs.evolve(ask, server_offset=0.0)
     assert match(sure, [refund(5, age=30)], None, (), SETTINGS)[0].value == "undated"
+    assert match(sure, [refund(5, age=-1)], None, (), SETTINGS)[0].value == "match"
+    assert match(sure, [refund(1, age=-1)], None, (), SETTINGS)[0].value == "miss"
+
+
+@pytest.mark.parametrize(
+    ("changes", "extra", "why"),
+    [
+        ({}, {"date_created": "2026-03-04T00:00:00Z"}, "the day only"),
+        ({}, {"date_created": "2026-03-04T20:00:01"}, "no offset"),
+        ({}, {"date_created": None}, "it has no date"),
+        ({}, {"id": None}, "it has no id"),
+        ({"server_offset": 0.0}, {"status": "EXTERNAL"}, "made on the merchant's platform"),
+        ({"first_sent_at": None}, {}, "first sent is not known"),
+        ({"server_offset": 0.0}, {"age": 30.0}, "earlier than the send"),
+        ({"server_offset": 3 * 3600.0}, {"age": -1.0}, "some reading of Violet's clock"),
+    ],
+)
+def test_new_since_the_baseline_alone_is_never_a_claim(
+    changes: dict[str, Any], extra: dict[str, Any], why: str
+) -> None:
+    """The baseline may have come from a replica behind: a refund it did not list may
+    be another system's, made before the send. Claimed only when its date places it
+    after the send; otherwise review, with the reason in the note."""
+    ask = sent(baseline=frozenset({1}), **changes)
+    ask, _ = step(ask, failed_with(504), SETTINGS, T0 + 1, 100.0)
+    fields = {"id": 5, "age": -1.0, **extra}
+    found = refund(fields.pop("id"), age=fields.pop("age"), **fields)
+    ask, action = step(ask, Observation.read(T0 + 2, [found]), SETTINGS, T0 + 2, 100.0)
+    assert action.do is Do.PARK
+    assert ask.needs_review
+    assert why in ask.note
+    assert "did not list it proves nothing" in ask.note
+
+
+@pytest.mark.parametrize(
+    ("offset", "age", "verdict"),
+    [
+        (0.0, -2.0, "match"),  # made during the read: fine
+        (0.0, -3600.0, "undated"),  # an hour after the read that listed it: a wrong offset
+        (0.0, -20.0, "undated"),
+    ],
+)
+def test_a_date_later_than_the_read_that_listed_it_places_nothing(
+    offset: float, age: float, verdict: str
+) -> None:
+    """A refund cannot be made after the read that listed it. A date that says so, by
+    every reading of the clock (this machine's too), has a wrong offset (a local time
+    marked UTC): it places the refund nowhere, and a person looks."""
+    ask = sent(server_offset=offset)
+    ask = attrs.evolve(ask, baseline=frozenset({1}))  # with a baseline too
+    reading = judge(ask, [refund(5, age=age)], None, (), SETTINGS, read_at=T0 + 1.0)
+    assert reading.verdict.value == verdict
+    if verdict == "undated":
+        assert "later than the read that listed it" in reading.doubt
 
 
 def test_a_day_precision_date_is_a_span_of_a_day() -> None:

@@ -72,6 +72,25 @@ def test_ci_seeds_with_world_kinds_hold_every_invariant() -> None:
         assert injected[kind] > 0, kind
 
 
+#: Seeds CI runs with another system's refunds listed late (and day-only or epoch dates).
+LATE_LISTED_SEEDS = range(1500, 1800)
+
+
+def test_seeds_with_refunds_listed_late_hold_every_invariant() -> None:
+    """Another system's refund of an asked amount, made minutes before the run, shows
+    in the list only seconds into it, so a baseline read misses it: never handed to an
+    ask as its own (attribution), in every mode, whatever the dates."""
+    failures = []
+    injected = 0
+    for seed in LATE_LISTED_SEEDS:
+        result = simulate(seed, kinds=frozenset({"late_listed", "dates"}))
+        injected += result.injected.get("world:late_listed_refund", 0)
+        if result.kinds:
+            failures.append(result.report())
+    assert not failures, failures[0]
+    assert injected > 100
+
+
 def test_world_kinds_leave_a_seed_without_them_unchanged() -> None:
     """World kinds come from their own random stream: a seed's schedule without them is
     the one it always was (the seeds that found bugs keep replaying them), and every
@@ -95,6 +114,7 @@ def test_world_kinds_leave_a_seed_without_them_unchanged() -> None:
         (19, {"status_lag"}, "world:bag_status_lag"),
         (25, {"dates"}, "world:dates_day"),
         (1377, {"stale_replica"}, "read:stale_hid"),
+        (139, {"late_listed"}, "world:late_listed_refund"),
         (300002, {"redis_loss"}, "world:ledger_loss"),
     ],
 )
@@ -167,6 +187,21 @@ def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> 
             frozenset({"resume_twice"}),
             "a resume job delivered twice at once: the second timed out waiting for the "
             "bag and said 'nothing was sent', a definite failure of an ask that applied",
+        ),
+        *(
+            (
+                seed,
+                None,
+                frozenset({"late_listed", "dates"}),
+                "another system's refund of the asked amount, made before the send and "
+                f"missed by the baseline read, was claimed as new since the baseline ({why})",
+            )
+            for seed, why in (
+                (139, "naive dates, direct"),
+                (690, "day-only dates, batch"),
+                (997, "no Date header, worker"),
+                (1287, "day-only dates, worker"),
+            )
         ),
     ],
 )

@@ -255,18 +255,24 @@ def _created(refund: OrderRefund) -> tuple[float, float] | None:
 
 
 class Reading:
-    """What :func:`match` made of one read-back."""
+    """What :func:`judge` made of one read-back."""
 
-    __slots__ = ("found", "seen", "verdict")
+    __slots__ = ("doubt", "found", "seen", "verdict")
 
     def __init__(
-        self, verdict: Verdict, found: tuple[OrderRefund, ...], seen: frozenset[int]
+        self,
+        verdict: Verdict,
+        found: tuple[OrderRefund, ...],
+        seen: frozenset[int],
+        doubt: str = "",
     ) -> None:
         self.verdict = verdict
         self.found = found
         self.seen = seen
         """Ids of every refund that could be this ask's, or that only another call's
         ownership kept from being so (the record remembers them)."""
+        self.doubt = doubt
+        """UNDATED: why the first such candidate cannot be taken for this ask's."""
 
 
 def match(
@@ -286,6 +292,48 @@ def match(
     return reading.verdict, reading.found
 
 
+#: Why a date cannot place a refund after the send: the start of every such reason.
+UNPLACED = "its date cannot place it after this request was sent"
+
+
+def _doubt(
+    refund: OrderRefund,
+    span: tuple[float, float] | None,
+    sent: float | None,
+    *,
+    floor: float,
+    ceiling: float | None,
+    sure: bool,
+) -> str | None:
+    """Why ``refund``, which carries what was asked, cannot be taken for this ask's
+    (None: it can; its date places it after the first send by every reading of
+    Violet's clock). ``floor`` and ``ceiling``: :func:`no_baseline_window`'s."""
+    if refund.status is RefundStatus.EXTERNAL:
+        return "Violet marks it EXTERNAL: it was made on the merchant's platform, not by a request"
+    if refund.id is None:
+        return "it has no id: it cannot be looked up in a baseline, nor told from an older one"
+    if span is None:
+        if refund.date_created is None:
+            return f"{UNPLACED} (it has no date)"
+        return f"{UNPLACED} (the date has no offset: server-local time)"
+    if sent is None:
+        return f"{UNPLACED} (when this request was first sent is not known)"
+    early, late = span
+    if ceiling is not None and early > ceiling:
+        return f"{UNPLACED} (the date is later than the read that listed it: a wrong offset)"
+    if early >= sent + floor:
+        return None
+    if late > early:
+        return f"{UNPLACED} (the date has the day only, T00:00:00Z: before or after cannot be told)"
+    if sure:
+        return f"{UNPLACED} (the date is earlier than the send)"
+    return (
+        f"{UNPLACED} (the date is earlier than the send by some reading of Violet's clock: "
+        "Date headers that disagree or sit far from this machine's clock, no Date header, "
+        "or a wall clock that stepped)"
+    )
+
+
 def judge(
     ask: PendingRefund,
     refunds: Sequence[OrderRefund],
@@ -299,72 +347,67 @@ def judge(
     """Which refund on the bag, if any, this ask made.
 
     A refund is a candidate when it is on this bag, carries what was asked
-    (:func:`content`), and is new: not in the baseline when there is one, else created
-    no earlier than the first send by Violet's clock (estimated from ``Date`` headers:
-    :func:`send_offsets`), less a tolerance.
+    (:func:`content`), and is not in the baseline when there is one. A candidate is
+    claimed only when its date places it after the first send by every reading of
+    Violet's clock (estimated from ``Date`` headers: :func:`send_offsets`), less a
+    tolerance: a precise date with an offset, and an id. One Violet marks ``EXTERNAL``
+    (made on the merchant's platform) is never claimed, whatever its date.
 
-    With a baseline, a date never rules a refund out: a new one is a candidate whatever
-    its date (day-precision dates, a ``Date`` header hours off). Only a precise date
-    earlier than the send, by a clock that is sure, sends it to a person (UNDATED)
-    rather than claiming it. A refund without an id is never taken as new since a
-    baseline (it cannot be looked up in one): UNDATED. Without a baseline, a date
-    earlier than the send by less than a day's worth of time zones (a wrongly
-    labelled offset, a clock that stepped, a ``Date`` header hours off), a date
-    without an offset, a day-precision date, or no date, rules it neither in nor
-    out: UNDATED (a person looks). Only a date earlier than the send under every
-    reading of the clock, by more than that, rules a refund out. A date counts for
-    a refund only when every reading of Violet's clock (:func:`no_baseline_window`)
-    puts it after the send and no later than the read (``read_server_time``: the
-    read's own ``Date``; ``read_at``: this machine's time when it arrived): a date
-    later than the read cannot be right, so it places the refund nowhere (UNDATED).
+    A baseline only ever excludes. A refund missing from it is not thereby new: the
+    baseline read may have come from a replica behind, which does not list another
+    system's refund made shortly before (or one made between the read and the send).
+    So a candidate whose date cannot place it after the send is UNDATED, with or
+    without a baseline: a day-precision date whose day includes the send, a date
+    without an offset, no date, a date earlier than the send by some reading of the
+    clock, a date later than the read by some reading (it cannot be right: a wrongly
+    labelled offset), no id, or a send time not known. A person looks. Every reading
+    of Violet's clock is :func:`no_baseline_window`'s (``read_server_time``: the
+    read's own ``Date``; ``read_at``: this machine's time when it arrived). With a
+    baseline, a date never rules a refund out (a ``Date`` header hours off would make
+    our own refund look old); without one, only a date earlier than the send under
+    every reading of the clock, by more than a day's worth of time zones, does.
 
     A refund already handed to another call (``known``, ``ask.others``) is never
     claimed; and since it is skipped only for being someone else's, it never proves
     absence either: when it is all that matches, the verdict is OWNED.
     """
-    _low, high, tolerance, sure = send_offsets(ask, settings)
-    window: tuple[float, float, float | None] | None = None  # no baseline: built once
+    sure = send_offsets(ask, settings)[3]
+    window: tuple[float, float, float | None] | None = None  # built once
     sent = ask.first_sent_at
     exact: list[OrderRefund] = []
     near: list[OrderRefund] = []
     undated: list[OrderRefund] = []
     owned: list[OrderRefund] = []
+    first_doubt = ""
     for refund in refunds:
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue
         span = _created(refund)
-        dated = True
-        if refund.id is None or (ask.baseline is None and span is None):
-            # Without an id a refund cannot be found in a baseline (nor told apart from
-            # one listed before): it may be years old. Never claimed; a person looks.
-            dated = False
-        elif span is not None and sent is not None:
-            early, late = span
-            if ask.baseline is None:
-                if window is None:
-                    window = no_baseline_window(ask, settings, read_server_time, read_at)
-                floor, gone, ceiling = window
-                if late < sent + gone:
-                    continue  # made long before this ask was first sent, by every reading
-                # Earlier than the send by some reading of the clock, or later than the
-                # read by some reading (a date that cannot be right: a wrongly labelled
-                # offset, a clock that dated it off from the one we judge by): it
-                # cannot be told.
-                dated = early >= sent + floor and (ceiling is None or early <= ceiling)
-            elif sure and late < sent + high - tolerance:
-                # New since the baseline, yet precisely dated before the send by a clock
-                # we trust: another system's refund listed late, or ours under a wrong
-                # offset. Never absence; a person looks.
-                dated = False
+        if window is None:
+            window = no_baseline_window(ask, settings, read_server_time, read_at)
+        floor, gone, ceiling = window
+        if (
+            ask.baseline is None
+            and refund.id is not None
+            and span is not None
+            and sent is not None
+            and span[1] < sent + gone
+        ):
+            continue  # made long before this ask was first sent, by every reading
+        doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure)
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             continue
         if refund.id is not None and (refund.id in known or refund.id in ask.others):
             owned.append(refund)
-        elif not dated:
-            (undated if verdict is Verdict.MATCH else near).append(refund)
+        elif doubt is not None:
+            if verdict is Verdict.MATCH:
+                undated.append(refund)
+                first_doubt = first_doubt or doubt
+            else:
+                near.append(refund)
         elif verdict is Verdict.MATCH:
             exact.append(refund)
         else:
@@ -373,7 +416,7 @@ def judge(
     if len(exact) > 1:
         return Reading(Verdict.MANY, tuple(exact), seen)
     if undated:
-        return Reading(Verdict.UNDATED, tuple(exact + undated), seen)
+        return Reading(Verdict.UNDATED, tuple(exact + undated), seen, first_doubt)
     if exact:
         return Reading(Verdict.MATCH, tuple(exact), seen)
     if near:

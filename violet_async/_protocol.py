@@ -572,11 +572,12 @@ def _after_read(
         note = f"a refund on bag {ask.bag_id} almost matches this request (other details differ)"
         return _park(ask, note, found, review=True)
     if verdict is Verdict.UNDATED:
-        note = (
-            f"a refund on bag {ask.bag_id} matches this request but its date cannot place it "
-            "after this request (no offset, no date, or a date that conflicts with when it "
-            "was sent by some reading of the clock)"
-        )
+        note = f"a refund on bag {ask.bag_id} matches this request but {reading.doubt}"
+        if ask.baseline is not None:
+            note += (
+                "; that the read before the send did not list it proves nothing (a replica "
+                "behind, or another system refunding in between), so it may be another's"
+            )
         return _park(ask, note, found, review=True)
     if not after_window:
         return _read_again(ask, settings, now, remaining, settle, patience)

@@ -367,13 +367,16 @@ class FakeViolet:
         age_seconds: float = 0.0,
         date: str | _Now | None = _Now.NOW,
         status: str = "EXTERNAL",
+        listed_in: float = 0.0,
     ) -> dict[str, Any]:
         """Commit a refund as another system would, ``age_seconds`` ago. By default it
         is one made on the merchant's platform (its dashboard): status ``EXTERNAL``, no
         transaction ids. ``status="COMPLETED"`` makes it another Violet client's.
-        ``date`` overrides ``date_created`` (None makes it null). Counted in
-        ``ledger.external_refunds_per_bag``, not ``refunds_per_bag``. Returns the
-        record."""
+        ``date`` overrides ``date_created`` (None makes it null). ``listed_in``: the
+        bag's list shows it only that many seconds from now (a replica behind: a
+        baseline read before then misses it, though it is older than the send that
+        follows). Counted in ``ledger.external_refunds_per_bag``, not
+        ``refunds_per_bag``. Returns the record."""
         body: dict[str, Any] = {"amount_refunded": amount, "reason": reason}
         record = self.store.commit_refund(
             self.bag(order_id, bag_id),
@@ -384,6 +387,8 @@ class FakeViolet:
         )
         if date is not _Now.NOW:
             record["date_created"] = date
+        if listed_in > 0:
+            self.store.list_late(record["id"], bag_id, listed_in)
         return record
 
     @property

@@ -269,6 +269,17 @@ class Store:
             return False
         return self._visible_at.get(record["id"], -math.inf) <= now
 
+    def list_late(self, refund_id: int, bag_id: int, seconds: float) -> None:
+        """The bag's list shows the committed refund ``refund_id`` only ``seconds``
+        from now (fake's clock): a replica behind, so a read before then (a baseline
+        read, say) misses a refund made earlier."""
+        at = self.clock.monotonic() + seconds
+        self._visible_at[refund_id] = at
+        commits = self.ledger.commits_per_bag.get(bag_id, [])
+        for index, commit in enumerate(commits):
+            if commit.refund_id == refund_id:
+                commits[index] = attrs.evolve(commit, visible_at=at)
+
     def reveal_all(self) -> None:
         """End list lag for every refund committed so far."""
         self._visible_at.clear()

@@ -61,6 +61,9 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #: - ``fulfilled``: fulfilled bags (a cancel answers CANCELLATION_FAILURE);
 #: - ``old_refunds``: refunds made before the run on the merchant's platform (EXTERNAL,
 #:   no transaction id) or by another app, hours old, some of an asked amount;
+#: - ``late_listed``: refunds another system made minutes before the run (EXTERNAL or
+#:   another app's, of an amount an ask asks for) that the bag's list shows only seconds
+#:   into it (a replica behind): a baseline read misses them;
 #: - ``resume_twice``: every resume job delivered twice to the same client;
 #: - ``caller_cancel``: a caller cancels its call at a random await and repeats it,
 #:   with the same idempotency key (half of them) or without one;
@@ -79,6 +82,7 @@ WORLD_KINDS = (
     "old_refunds",
     "resume_twice",
     "caller_cancel",
+    "late_listed",
     *MORE_KINDS,
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
@@ -119,6 +123,8 @@ class OldRefund:
     amount: int
     age: float
     external: bool
+    listed_in: float = 0.0
+    """Seconds into the run before the bag's list shows it (0: from the start)."""
 
 
 @attrs.frozen
@@ -385,6 +391,8 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
             for a in s.asks
             if rng.random() < 0.4
         )
+    if "late_listed" in kinds:
+        changes["old_refunds"] = (*changes.get("old_refunds", ()), *_late_listed(s))
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     labels = tuple(a.label for a in s.asks)
@@ -392,6 +400,26 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
     return attrs.evolve(s, **changes)
+
+
+def _late_listed(s: Schedule) -> list[OldRefund]:
+    """Refunds another system made 10 minutes to 90 minutes before the run, of an
+    amount an ask asks for, that the list shows only 0.2 to 12 s into the run: a
+    baseline read may miss them. (From their own stream: the draws of the other kinds
+    stay as they were.) Older than any reading of the clock can stretch to the send
+    (a skew up to 300 s, a tolerance up to 60 s), so none may pass for an ask's own."""
+    rng = random.Random(f"world-late-listed:{s.seed}")
+    asked = [a for a in s.asks if a.amount is not None]
+    if not asked or rng.random() >= 0.6:
+        return []
+    made = []
+    for _ in range(rng.randint(1, 2)):
+        ask = rng.choice(asked)
+        assert ask.amount is not None
+        age = rng.choice((600.0, 1_800.0, 5_400.0))
+        listed_in = round(rng.uniform(0.2, 12.0), 3)
+        made.append(OldRefund(ask.bag, ask.amount, age, rng.random() < 0.5, listed_in))
+    return made
 
 
 def _generate(seed: int, *, mode: str | None = None) -> Schedule:
@@ -755,6 +783,9 @@ class _World:
                 )
             except RuleViolation:
                 continue
+            if old.listed_in:
+                store.list_late(record["id"], bag_id, old.listed_in)
+                count("world:late_listed_refund")
             self.violet._committed(None, bag, record)
             count("world:old_external_refund" if old.external else "world:old_refund")
         for at, step in s.clock_steps:
