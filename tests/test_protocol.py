@@ -434,31 +434,40 @@ def test_hold_if_present_keeps_a_row_already_refunded_from_being_sent() -> None:
 
 def test_the_guard_read_of_a_whole_bag_refund_or_cancel_reads_the_bag() -> None:
     """hold_if_present on a whole-bag refund or a cancel (a fleet item re-run after Redis
-    lost its record, once it had applied): the baseline read takes the bag too, since
-    only its total tells the refund there is this one; it is held, not sent (a send
-    would be refused, "Bag is REFUNDED", and reported failed for a refund that was
-    made: the simulator's redis_loss seeds 600005 and 600126). A plain baseline, or an
-    amount, needs the list alone."""
+    lost its record, once it had applied): when the guard read lists a refund, only the
+    bag's total tells whether it is this one, so the bag is read once more; it is held,
+    not sent (a send would be refused, "Bag is REFUNDED", and reported failed for a
+    refund that was made: the simulator's redis_loss seeds 600005 and 600126). A bag
+    with no refund, a plain baseline or an amount need the list alone."""
     guard = attrs.evolve(SETTINGS, read_before_send=True, hold_if_present=True)
     baseline_only = attrs.evolve(SETTINGS, read_before_send=True)
     whole = PendingRefund("refund", 1, BAG, RefundBagRequest())
     cancel = PendingRefund("cancel", 1, BAG, CancelBagRequest())
     amount = PendingRefund("refund", 1, BAG, RefundBagRequest(amount_refunded=300))
-    for ask, settings, reads_bag in (
-        (whole, guard, True),
-        (cancel, guard, True),
-        (amount, guard, False),
-        (whole, baseline_only, False),
-        (cancel, baseline_only, False),
-    ):
-        _, action = start(ask, settings, T0, attempt_timeout=35)
-        assert (action.do, action.read_bag) == (Do.READ, reads_bag), (ask.kind, settings)
     done = refund(5, 300, age=999)
-    for ask, status in ((whole, "REFUNDED"), (cancel, "CANCELED")):
+    for ask in (whole, cancel):
+        first, action = start(ask, guard, T0, attempt_timeout=35)
+        assert (action.do, action.read_bag) == (Do.READ, False)
+        _, action = step(first, Observation.read(T0, []), guard, T0, 100.0)
+        assert action.do is Do.SEND  # an empty bag: no second read
+        again, action = step(first, Observation.read(T0, [done]), guard, T0, 100.0)
+        assert (action.do, action.read_bag) == (Do.READ, True), ask.kind
+        _, action = step(first, Observation.read(T0, [done]), guard, T0, 100.0, known={5})
+        assert action.do is Do.SEND  # a refund handed to another call is not this one
+        status = "REFUNDED" if ask.kind == "refund" else "CANCELED"
         bag = converter.structure({"id": BAG, "status": status, "total": 300}, OrderBag)
-        held, action = step(ask, Observation.read(T0, [done], bag), guard, T0, 100.0)
+        held, action = step(again, Observation.read(T0, [done], bag), guard, T0, 100.0)
         assert (action.do, held.sends) == (Do.HOLD, 0), ask.kind
         assert [r.id for r in action.candidates] == [5]
+        # A second read that still has no bag does not ask again: it goes on as before.
+        _, action = step(again, Observation.read(T0, [done]), guard, T0, 100.0)
+        assert action.do is not Do.READ
+        sent_ask, action = step(again, Observation.read(T0, []), guard, T0, 100.0)
+        assert (action.do, sent_ask.reads) == (Do.SEND, 0)
+    for ask, settings in ((amount, guard), (whole, baseline_only), (cancel, baseline_only)):
+        first, _ = start(ask, settings, T0, attempt_timeout=35)
+        _, action = step(first, Observation.read(T0, [refund(6, 100)]), settings, T0, 100.0)
+        assert action.do is not Do.READ, (ask.kind, settings)
 
 
 # -- round 3: unreadable records, stale reads, review, clocks, the record format ------

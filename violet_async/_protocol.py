@@ -280,10 +280,7 @@ def start(
     read back one that was sent before (resume)."""
     if ask.phase is Phase.NEW:
         if settings.read_before_send and ask.baseline is None:
-            # Holding a refund the bag already has needs the bag's status when only it
-            # tells a whole-bag refund or a cancel (an item re-run after its record
-            # was lost, say); a plain baseline needs the list alone.
-            return ask, Action(Do.READ, read_bag=settings.hold_if_present and needs_bag(ask))
+            return ask, Action(Do.READ, read_bag=False)
         return _send(ask, now)
     if ask.phase in (Phase.SENT, Phase.PENDING):
         settle = ask.settle_until
@@ -485,6 +482,11 @@ def step(
     # A read-back.
     if ask.phase is Phase.NEW:
         if settings.hold_if_present:
+            if _guard_needs_bag(ask, obs, known):
+                # Only the bag's total tells whether a refund it holds is this whole-bag
+                # refund or cancel (an item re-run after its record was lost): read it
+                # once more with the bag. A bag with no refund needs no second read.
+                return attrs.evolve(ask, reads=1), Action(Do.READ, read_bag=True)
             present = tuple(
                 r
                 for r in obs.refunds
@@ -507,6 +509,17 @@ def step(
     if ask.phase is not Phase.SENT:
         raise ProtocolError(f"a read-back in phase {ask.phase.value}")
     return _after_read(ask, obs, settings, now, remaining, known, patience)
+
+
+def _guard_needs_bag(ask: PendingRefund, obs: Observation, known: Container[int]) -> bool:
+    """The guard read listed refunds that may be this whole-bag refund or cancel, and
+    did not read the bag (asked for once: ``reads`` counts it until the send)."""
+    if obs.bag is not None or ask.reads or not needs_bag(ask):
+        return False
+    return any(
+        (r.bag_id is None or r.bag_id == ask.bag_id) and (r.id is None or r.id not in known)
+        for r in obs.refunds
+    )
 
 
 def _after_read(
