@@ -4,16 +4,12 @@ made, read or retried is in ``_requests.py``; when a refund may be sent again, i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-import attrs
-
-from ._ask import PROCESS_CLOCK, Settings, sent_once
 from ._auth import Auth, Credentials
 from ._config import (
     UNSET,
@@ -24,16 +20,13 @@ from ._config import (
     check_extra_headers,
     settings_from_env,
 )
-from ._converter import encode_request
-from ._engine import KeyedAsks, SendTracker, cancelled_first_send
+from ._engine import Engine, KeyedAsks, unless_failed
 from ._protocol import PendingRefund, Phase
-from ._reconcile import KnownRefunds, after_failed_send, run_ask
+from ._reconcile import KnownRefunds
 from ._redact import Redactor
-from ._requests import AnswerCheck, RequestPlumbing, Shared
+from ._requests import RequestPlumbing, Shared
 from ._responses import (
-    parse_cancel,
     parse_order,
-    parse_refund,
     parse_refund_get,
 )
 from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
@@ -47,13 +40,9 @@ from ._transport import (
     check_proxy,
 )
 from .exceptions import (
-    AmbiguousOutcomeError,
-    APITimeoutError,
     NotFoundError,
-    RefundFailedError,
     RefundWaitTimeoutError,
     RequestValidationError,
-    VioletError,
 )
 from .models import (
     CancelBagRequest,
@@ -61,7 +50,6 @@ from .models import (
     OrderRefund,
     ReasonCode,
     RefundBagRequest,
-    RefundStatus,
     ShippingRefund,
     SkuRefund,
 )
@@ -132,6 +120,7 @@ class VioletClient(RequestPlumbing):
         proxy: str | None = None,
         app_info: str | None = None,
         _transport: Any = None,
+        _auth_now: Callable[[], float] | None = None,
     ) -> None:
         check_id("app_id", app_id)
         if not isinstance(app_secret, str) or not app_secret:
@@ -164,6 +153,8 @@ class VioletClient(RequestPlumbing):
         )
         # ``_transport``: private seam for violet_async.testing.sim (anything with the
         # Transport's open / aclose / closed / send); never an aiohttp object.
+        # ``_auth_now``: the same simulator's clock for token renewals (by default
+        # time.time, whatever ``clock`` is).
         check_proxy(proxy)  # before anything is built: bad input names the field
         user_agent = USER_AGENT if app_info is None else f"{USER_AGENT} {check_app_info(app_info)}"
         transport = _transport or Transport(
@@ -182,7 +173,12 @@ class VioletClient(RequestPlumbing):
             base_url=url,
             endpoint=BaseURL(url),
             transport=transport,
-            auth=Auth(credentials, self._auth_send, refresh_margin=refresh_margin),
+            auth=Auth(
+                credentials,
+                self._auth_send,
+                refresh_margin=refresh_margin,
+                **({} if _auth_now is None else {"now": _auth_now}),
+            ),
             credentials=credentials,
             headers={
                 "X-Violet-App-Id": str(app_id),
@@ -199,6 +195,7 @@ class VioletClient(RequestPlumbing):
         self._shares_records = store is not None
         self._keys: KeyedAsks | None = None
         self._owns_store = False
+        self._engine = Engine(self)
 
     # -- construction helpers ---------------------------------------------------
 
@@ -241,6 +238,8 @@ class VioletClient(RequestPlumbing):
         clone._keys = self._key_path()  # one key path for the client and its clones
         clone._owns_store = False
         clone._extra_headers = self._extra_headers
+        clone._engine = Engine(clone)
+        clone._engine.keys = clone._keys
         return clone
 
     def _for_call(
@@ -371,10 +370,10 @@ class VioletClient(RequestPlumbing):
                 client._refund(order_id, bag_id, req),
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
-        return _unless_failed(await client._ask("refund", order_id, bag_id, req))
+        return unless_failed(await client._engine.drive("refund", order_id, bag_id, req))
 
     async def _refund(self, order_id: int, bag_id: int, req: RefundBagRequest) -> OrderRefund:
-        return _unless_failed(await self._ask("refund", order_id, bag_id, req))
+        return unless_failed(await self._engine.drive("refund", order_id, bag_id, req))
 
     async def cancel_bag(
         self,
@@ -409,10 +408,10 @@ class VioletClient(RequestPlumbing):
         if STATE.on:
             return await traced_call(
                 "violet.cancel_bag",
-                client._ask("cancel", order_id, bag_id, req),
+                client._engine.drive("cancel", order_id, bag_id, req),
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
-        return await client._ask("cancel", order_id, bag_id, req)
+        return await client._engine.drive("cancel", order_id, bag_id, req)
 
     def _key_path(self) -> KeyedAsks:
         keys = self._keys
@@ -423,6 +422,7 @@ class VioletClient(RequestPlumbing):
             keys = self._keys = KeyedAsks(
                 store, self._shared.clock, in_flight=in_flight, scope=self._key_scope()
             )
+            self._engine.keys = keys
         return keys
 
     def _key_scope(self) -> str:
@@ -442,13 +442,15 @@ class VioletClient(RequestPlumbing):
         key: str,
     ) -> OrderRefund:
         """A refund or cancel under an idempotency key (``_engine.KeyedAsks``)."""
-        call = self._key_path().run(self._ask, kind, order_id, bag_id, req, key, self._deadline())
+        call = self._key_path().run(
+            self._engine.drive, kind, order_id, bag_id, req, key, self._deadline()
+        )
         if STATE.on:
             attributes = {"violet.order_id": order_id, "violet.bag_id": bag_id}
             refund = await traced_call(f"violet.{kind}_bag", call, attributes)
         else:
             refund = await call
-        return _unless_failed(refund) if kind == "refund" else refund
+        return unless_failed(refund) if kind == "refund" else refund
 
     async def resume(self, pending: PendingRefund) -> OrderRefund:
         """Settle a refund or cancel that an earlier call left pending
@@ -486,7 +488,7 @@ class VioletClient(RequestPlumbing):
             # record resumed again (here or in another process sharing the store) is
             # merged with the freshest copy, and one process resumes it at a time.
             keys = self._key_path()
-            refund = await keys.resume(self._ask, pending, self._deadline())
+            refund = await keys.resume(self._engine.drive, pending, self._deadline())
             shared = self._shared
             shared.known_refunds.add(refund.id, pending.bag_id, pending.ask_id, refund)
             if shared.unsettled:
@@ -495,10 +497,10 @@ class VioletClient(RequestPlumbing):
                 shared.unsettled.check(pending.bag_id, pending)
             keys.settled(pending, refund)
         else:
-            refund = await self._ask(
+            refund = await self._engine.drive(
                 pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
             )
-        return _unless_failed(refund) if pending.kind == "refund" else refund
+        return unless_failed(refund) if pending.kind == "refund" else refund
 
     async def list_bag_refunds(
         self,
@@ -569,257 +571,6 @@ class VioletClient(RequestPlumbing):
             interval = min(interval * 2, max_interval)
 
     # -- the refund protocol ----------------------------------------------------
-
-    def _protocol_settings(
-        self, bag_id: int, *, hold_if_present: bool = False, defer_rate_limited: bool = False
-    ) -> Settings:
-        """The protocol's settings for one ask on ``bag_id`` from this client (built
-        only off the happy path)."""
-        clock = self._shared.clock
-        return attrs.evolve(
-            self._retry.protocol_settings(),
-            clock_id=PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}",
-            others_pending=self._shared.unsettled.on_bag(bag_id),
-            hold_if_present=hold_if_present,
-            defer_rate_limited=defer_rate_limited,
-        )
-
-    async def _wait_for_bag(
-        self,
-        bag_id: int,
-        deadline: float | None,
-        resume: PendingRefund | None,
-        req: RefundBagRequest | CancelBagRequest,
-    ) -> None:
-        """Wait for the bag another ask of this client holds, up to the deadline."""
-        clock = self._shared.clock
-        try:
-            await self._shared.bag_locks.acquire(
-                bag_id, None if deadline is None else deadline - clock.monotonic()
-            )
-        except APITimeoutError as exc:
-            if resume is None:
-                raise  # nothing of this ask was ever sent
-            # A resume is of an ask that was sent: "nothing was sent" by this call says
-            # nothing of whether it applied. Still pending, as it came.
-            raise AmbiguousOutcomeError(
-                f"{exc}; the ask it resumes was sent before and may have applied: "
-                "resume it again later",
-                request=req,
-                attempts=resume.sends,
-                pending=resume,
-            ) from None
-
-    async def _ask(  # noqa: PLR0912, PLR0915 - the happy path inline, one function on purpose
-        self,
-        kind: Literal["refund", "cancel"],
-        order_id: int,
-        bag_id: int,
-        req: RefundBagRequest | CancelBagRequest,
-        *,
-        resume: PendingRefund | None = None,
-        save: Callable[[PendingRefund], Awaitable[None]] | None = None,
-        patience: float | None = None,
-        hold_if_present: bool = False,
-        keep_cancelled: bool | None = None,
-        defer_rate_limited: bool = False,
-        deadline_at: float | _Unset | None = UNSET,
-    ) -> OrderRefund:
-        """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
-        at a time, a first send made inline (the happy path builds no record and enters
-        no retry machinery), and the driver for everything after a failure.
-
-        ``keep_cancelled``: when the caller cancels the call after its request may
-        have left, keep the ask pending in this client (default: unless ``save`` is
-        given; a batch journal or fleet ledger keeps its own). ``deadline_at``: the call's
-        (monotonic) when it began before this (a keyed call that waited for another
-        caller of its key); default: the policy's deadline from now."""
-        path = self._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
-        shared = self._shared
-        clock = shared.clock
-        policy = self._retry
-        deadline = self._deadline() if isinstance(deadline_at, _Unset) else deadline_at
-        locks = shared.bag_locks
-        waited = not locks.try_acquire(bag_id)
-        if waited:
-            await self._wait_for_bag(bag_id, deadline, resume, req)
-        unsettled = shared.unsettled
-        sent: tuple[float, float] | None = None
-        tracker: SendTracker | None = None
-        owner: str | None = None
-        try:
-            if unsettled:
-                resume = unsettled.check(bag_id, resume)
-            if resume is not None and (claimed := shared.known_refunds.claimed(resume.ask_id)):
-                return claimed  # this ask's refund, handed out here before: no request
-            body = encode_request(req)
-            parse = AnswerCheck(
-                parse_refund if kind == "refund" else parse_cancel,
-                order_id,
-                bag_id,
-                req.amount_refunded if isinstance(req, RefundBagRequest) else None,
-                shared.known_refunds,
-                req.skus if isinstance(req, RefundBagRequest) else None,
-                # No attempt runs longer than this (plus a Date header's own skew): a
-                # refund dated earlier, by the answer's own Date, is not this one's; one
-                # dated later than that Date by more than the skew carries a wrong date.
-                self._timeouts.connect + self._timeouts.read + policy.clock_skew,
-                policy.clock_skew,
-            )
-            if (
-                resume is None
-                and save is None
-                and not policy.read_before_send
-                and not defer_rate_limited
-            ):
-                if shared.auth.current() is None:
-                    # Log in (or renew) before the send is timed: a call cancelled
-                    # here sent nothing; one cancelled after ``sent`` may have.
-                    waited = True
-                    await self._token_within(
-                        shared.auth.token(),
-                        None if deadline is None else deadline - clock.monotonic(),
-                    )
-                sent = sent_at, sent_mono = clock.time(), clock.monotonic()
-                try:
-                    # Unless it waited for the bag or a token, a first send has the
-                    # policy's whole deadline: the same value every call, so its
-                    # timeout is cached.
-                    refund = await self._attempt(
-                        "POST",
-                        path,
-                        body,
-                        parse,
-                        deadline - sent_mono
-                        if waited and deadline is not None
-                        else policy.deadline,
-                    )
-                except VioletError as exc:
-                    settings = self._protocol_settings(bag_id)
-                    ask = sent_once(
-                        kind,
-                        order_id,
-                        bag_id,
-                        req,
-                        sent_at,
-                        clock=settings.clock_id,
-                        others=shared.known_refunds.on_bag(bag_id),
-                    )
-                    tracker = SendTracker(ask, left=True)
-                    refund = await after_failed_send(
-                        ask,
-                        exc,
-                        io=tracker.watch(self._bag_io(order_id, bag_id, path, body, parse)),
-                        settings=settings,
-                        clock=clock,
-                        deadline=deadline,
-                        known=shared.known_refunds.besides(owner := ask.ask_id),
-                        save=tracker.save,
-                        sent_mono=sent_mono,
-                    )
-            else:
-                settings = self._protocol_settings(
-                    bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
-                )
-                ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
-                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse)
-                tracker = SendTracker(resume, persist=save)
-                refund = await run_ask(
-                    ask,
-                    io=tracker.watch(self._bag_io(order_id, bag_id, path, body, parse)),
-                    settings=settings,
-                    clock=clock,
-                    deadline=deadline,
-                    known=mine,
-                    attempt_timeout=self._timeouts.connect + self._timeouts.read,
-                    save=tracker.save,
-                    patience=patience,
-                )
-        except AmbiguousOutcomeError as exc:
-            if exc.pending is not None:
-                unsettled.add(exc.pending)
-            raise
-        except asyncio.CancelledError:
-            # The caller cancelled (or timed out) this call: if its request may have
-            # left, the bag is pending before the cancellation goes on, so the next
-            # call here gets BagPendingError (or, with the key, resumes it), never a
-            # blind second POST.
-            pending = self._cancelled(kind, order_id, bag_id, req, sent, tracker)
-            if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
-                unsettled.add(pending)
-            raise
-        finally:
-            locks.release(bag_id)
-        shared.known_refunds.add(refund.id, bag_id, owner, refund)
-        if resume is not None and save is None and self._keys is not None:
-            self._keys.settled(resume, refund)
-        return refund
-
-    def _cancelled(  # noqa: PLR0917 - internal, one call site
-        self,
-        kind: Literal["refund", "cancel"],
-        order_id: int,
-        bag_id: int,
-        req: RefundBagRequest | CancelBagRequest,
-        sent: tuple[float, float] | None,
-        tracker: SendTracker | None,
-    ) -> PendingRefund | None:
-        """The record a cancelled call leaves pending (None: nothing of it can have
-        reached Violet). ``sent``: the wall and monotonic time its first send left at
-        (None: it made none inline)."""
-        shared = self._shared
-        settings = self._protocol_settings(bag_id)
-        now, mono = shared.clock.time(), shared.clock.monotonic()
-        if tracker is not None:
-            return tracker.on_cancel(now, settings.settle_running, mono)
-        if sent is None:
-            # Cancelled waiting for the bag or for a token: nothing left. (Whether the
-            # token needs renewing now says nothing: it may have reached its renewal
-            # time while the POST was in flight.)
-            return None
-        return cancelled_first_send(
-            kind,
-            order_id,
-            bag_id,
-            req,
-            sent[0],
-            now=now,
-            mono=(sent[1], mono),
-            settle_running=settings.settle_running,
-            clock=settings.clock_id,
-            others=shared.known_refunds.on_bag(bag_id),
-        )
-
-
-def _as_owner(
-    ask: PendingRefund, known: KnownRefunds, answer: AnswerCheck
-) -> tuple[PendingRefund, Container[int], str]:
-    """``ask`` with the refunds other calls got on its bag (never its own), the known
-    refunds it may not claim, and its identity. The refunds it already got (a resume
-    delivered twice) are its own to claim again; every other known one is another
-    call's, and an answer naming one is not this ask's."""
-    owner = ask.ask_id
-    answer.known = mine = known.besides(owner)
-    others = known.on_bag(ask.bag_id, besides=owner)
-    own = known.owned_by(owner)
-    # A refund this ask already got does not vanish from Violet: a read that misses it
-    # (a replica behind) is stale, never evidence of absence.
-    return (
-        attrs.evolve(ask, others=(ask.others | others) - own, seen=ask.seen | own),
-        mine,
-        owner,
-    )
-
-
-def _unless_failed(refund: OrderRefund) -> OrderRefund:
-    """A 2xx refund whose status is FAILED is an error carrying the refund."""
-    if refund.status is RefundStatus.FAILED:
-        reasons = "; ".join(e.error_message or "" for e in refund.errors)
-        raise RefundFailedError(
-            f"refund {refund.id} on bag {refund.bag_id} failed: {reasons or 'no reason given'}",
-            refund=refund,
-        )
-    return refund
 
 
 R = TypeVar("R", RefundBagRequest, CancelBagRequest)

@@ -1,6 +1,11 @@
-"""The engine's key path and its answer to "what if the caller cancels here?".
+"""The engine: the one driver of an ask, its key path, and its answer to "what if the
+caller cancels here?".
 
-Two things live here, both about one ask across calls:
+- :class:`Engine`: :meth:`Engine.drive` is the one entry point every refund and cancel
+  goes through (the client, the key path, the batch runner, the fleet worker, the
+  simulator); :func:`engine_of` hands it to them. :class:`Outcome` is the one outcome
+  vocabulary the journal's states, the ledger's states and ``BatchResult.outcome`` map
+  to (:data:`VOCABULARY`), and :func:`outcome_of` the one error classifier.
 
 - :class:`SendTracker`: what a call knows about its ask at every ``await``, so that a
   call cancelled (or timed out by its caller) after its request may have left is
@@ -12,7 +17,7 @@ Two things live here, both about one ask across calls:
   request: ``IdempotencyKeyReusedError``, nothing sent.
 
 The protocol itself (when a refund may be re-sent) stays in ``_protocol.py``; the
-driver that performs it in ``_reconcile.py``. The client hands this module its ``_ask``.
+driver that performs it in ``_reconcile.py``.
 """
 
 from __future__ import annotations
@@ -21,27 +26,56 @@ import asyncio
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from functools import partial
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
-from ._ask import PendingRefund, Phase, merged, sent_once
+from ._ask import PROCESS_CLOCK, PendingRefund, Phase, Settings, merged, sent_once
+from ._config import UNSET, _Unset
+from ._converter import encode_request
 from ._protocol import clock_stepped
-from ._reconcile import BagIO, WallWatch
-from ._redact import has_control_character
+from ._reconcile import (
+    BagIO,
+    KnownRefunds,
+    PendingAsks,
+    WallWatch,
+    after_failed_send,
+    run_ask,
+)
+from ._redact import Redactor, has_control_character
+from ._requests import AnswerCheck, RequestPlumbing
+from ._responses import parse_cancel, parse_refund
+from ._retry import SYSTEM_CLOCK, RetryHook, RetryPolicy
+from ._retry import Clock as RetryClock
 from .exceptions import (
     AmbiguousOutcomeError,
+    APITimeoutError,
     IdempotencyKeyReusedError,
     RecordStoreError,
+    RefundFailedError,
     RequestValidationError,
+    VioletError,
 )
-from .models import CancelBagRequest, OrderRefund, RefundBagRequest
+from .models import CancelBagRequest, OrderRefund, RefundBagRequest, RefundStatus
 from .models._validators import check_id
 from .stores import Claim, KeyEntry, RecordStore
 
-__all__ = ["KeyedAsks", "SendTracker", "cancelled_first_send", "check_key", "resume_key"]
+if TYPE_CHECKING:
+    from ._client import VioletClient
+    from ._transport import Timeouts
+
+__all__ = [
+    "Engine",
+    "KeyedAsks",
+    "SendTracker",
+    "cancelled_first_send",
+    "check_key",
+    "engine_of",
+    "resume_key",
+    "unless_failed",
+]
 
 log = logging.getLogger("violet_async.reconcile")
 
@@ -708,3 +742,338 @@ def _store_error(key: str, doing: str, exc: BaseException) -> RecordStoreError:
         f"({type(exc).__name__}: {exc}); nothing was sent",
         key=key,
     )
+
+
+# -- the engine: the one driver of an ask -------------------------------------------------
+
+
+class Engine:
+    """The one driver of an ask: bag locks, known refunds, pending asks (this client's,
+    kept in its ``Shared``), the inline happy path, and the protocol's driver for
+    everything after a failure.
+
+    Every refund and cancel goes through :meth:`drive`: ``VioletClient.refund_bag``,
+    ``cancel_bag`` and ``resume``, the key path (:class:`KeyedAsks`), the batch runner,
+    the fleet worker and the simulator. It performs what ``_protocol.step`` decides over
+    the request layer below it (``RequestPlumbing``: one request, its retries, its
+    login) and never calls back up into the client.
+
+    The record store seam, as one ask sees it: the caller loads its record by its key
+    (a journal line, a ledger hash, a store's ``KeyEntry``) and hands it in as
+    ``resume``; ``save`` is called before every send (``Phase.SENT``: a failing save
+    stops that send) and at the end (``PENDING`` / ``FAILED`` / ``APPLIED``); the caller
+    records the end from what :meth:`drive` returns or raises (:func:`outcome_of` names
+    it in one vocabulary, :class:`Outcome`).
+
+    One per client and per ``with_options`` clone (its policy, timeouts and hook);
+    clones share the state above.
+    """
+
+    __slots__ = ("_io", "_shared", "keys")
+
+    def __init__(self, io: RequestPlumbing) -> None:
+        self._io = io
+        self._shared = io._shared
+        # The client's key path, once it has one: a resume settled here tells it.
+        self.keys: KeyedAsks | None = None
+
+    # -- what the batch runner, the fleet worker and the simulator read ----------------
+
+    @property
+    def clock(self) -> RetryClock:
+        return self._shared.clock
+
+    @property
+    def known_refunds(self) -> KnownRefunds:
+        """Refunds handed out by asks of this client (and its clones), by owner."""
+        return self._shared.known_refunds
+
+    @property
+    def unsettled(self) -> PendingAsks:
+        """Asks this client left pending, by bag."""
+        return self._shared.unsettled
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self._io._retry
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._io._timeouts
+
+    @property
+    def on_retry(self) -> RetryHook | None:
+        return self._io._on_retry
+
+    @property
+    def app_id(self) -> int:
+        return self._shared.credentials.app_id
+
+    @property
+    def redactor(self) -> Redactor:
+        """Hides this client's secrets in a text (an error kept in a journal or ledger)."""
+        return self._shared.auth.redactor
+
+    # -- driving ---------------------------------------------------------------------
+
+    def settings(
+        self, bag_id: int, *, hold_if_present: bool = False, defer_rate_limited: bool = False
+    ) -> Settings:
+        """The protocol's settings for one ask on ``bag_id`` (built only off the happy
+        path)."""
+        clock = self._shared.clock
+        return attrs.evolve(
+            self._io._retry.protocol_settings(),
+            clock_id=PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}",
+            others_pending=self._shared.unsettled.on_bag(bag_id),
+            hold_if_present=hold_if_present,
+            defer_rate_limited=defer_rate_limited,
+        )
+
+    async def _wait_for_bag(
+        self,
+        bag_id: int,
+        deadline: float | None,
+        resume: PendingRefund | None,
+        req: RefundBagRequest | CancelBagRequest,
+    ) -> None:
+        """Wait for the bag another ask of this client holds, up to the deadline."""
+        clock = self._shared.clock
+        try:
+            await self._shared.bag_locks.acquire(
+                bag_id, None if deadline is None else deadline - clock.monotonic()
+            )
+        except APITimeoutError as exc:
+            if resume is None:
+                raise  # nothing of this ask was ever sent
+            # A resume is of an ask that was sent: "nothing was sent" by this call says
+            # nothing of whether it applied. Still pending, as it came.
+            raise AmbiguousOutcomeError(
+                f"{exc}; the ask it resumes was sent before and may have applied: "
+                "resume it again later",
+                request=req,
+                attempts=resume.sends,
+                pending=resume,
+            ) from None
+
+    async def drive(  # noqa: PLR0912, PLR0915 - the happy path inline, one function on purpose
+        self,
+        kind: Kind,
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+        *,
+        resume: PendingRefund | None = None,
+        save: Save | None = None,
+        patience: float | None = None,
+        hold_if_present: bool = False,
+        keep_cancelled: bool | None = None,
+        defer_rate_limited: bool = False,
+        deadline_at: float | _Unset | None = UNSET,
+    ) -> OrderRefund:
+        """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
+        at a time, a first send made inline (the happy path builds no record and enters
+        no retry machinery), and the driver for everything after a failure.
+
+        ``resume``: the ask's record, loaded by its key (None: a new ask). ``save``: the
+        record store seam (see the class). ``keep_cancelled``: when the caller cancels
+        the call after its request may have left, keep the ask pending in this client
+        (default: unless ``save`` is given; a batch journal or fleet ledger keeps its
+        own). ``deadline_at``: the call's (monotonic) when it began before this (a keyed
+        call that waited for another caller of its key); default: the policy's deadline
+        from now."""
+        io = self._io
+        path = io._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
+        shared = self._shared
+        clock = shared.clock
+        policy = io._retry
+        deadline = io._deadline() if isinstance(deadline_at, _Unset) else deadline_at
+        locks = shared.bag_locks
+        waited = not locks.try_acquire(bag_id)
+        if waited:
+            await self._wait_for_bag(bag_id, deadline, resume, req)
+        unsettled = shared.unsettled
+        sent: tuple[float, float] | None = None
+        tracker: SendTracker | None = None
+        owner: str | None = None
+        try:
+            if unsettled:
+                resume = unsettled.check(bag_id, resume)
+            if resume is not None and (claimed := shared.known_refunds.claimed(resume.ask_id)):
+                return claimed  # this ask's refund, handed out here before: no request
+            body = encode_request(req)
+            parse = AnswerCheck(
+                parse_refund if kind == "refund" else parse_cancel,
+                order_id,
+                bag_id,
+                req.amount_refunded if isinstance(req, RefundBagRequest) else None,
+                shared.known_refunds,
+                req.skus if isinstance(req, RefundBagRequest) else None,
+                # No attempt runs longer than this (plus a Date header's own skew): a
+                # refund dated earlier, by the answer's own Date, is not this one's; one
+                # dated later than that Date by more than the skew carries a wrong date.
+                io._timeouts.connect + io._timeouts.read + policy.clock_skew,
+                policy.clock_skew,
+            )
+            if (
+                resume is None
+                and save is None
+                and not policy.read_before_send
+                and not defer_rate_limited
+            ):
+                if shared.auth.current() is None:
+                    # Log in (or renew) before the send is timed: a call cancelled
+                    # here sent nothing; one cancelled after ``sent`` may have.
+                    waited = True
+                    await io._token_within(
+                        shared.auth.token(),
+                        None if deadline is None else deadline - clock.monotonic(),
+                    )
+                sent = sent_at, sent_mono = clock.time(), clock.monotonic()
+                try:
+                    # Unless it waited for the bag or a token, a first send has the
+                    # policy's whole deadline: the same value every call, so its
+                    # timeout is cached.
+                    refund = await io._attempt(
+                        "POST",
+                        path,
+                        body,
+                        parse,
+                        deadline - sent_mono
+                        if waited and deadline is not None
+                        else policy.deadline,
+                    )
+                except VioletError as exc:
+                    settings = self.settings(bag_id)
+                    ask = sent_once(
+                        kind,
+                        order_id,
+                        bag_id,
+                        req,
+                        sent_at,
+                        clock=settings.clock_id,
+                        others=shared.known_refunds.on_bag(bag_id),
+                    )
+                    tracker = SendTracker(ask, left=True)
+                    refund = await after_failed_send(
+                        ask,
+                        exc,
+                        io=tracker.watch(io._bag_io(order_id, bag_id, path, body, parse)),
+                        settings=settings,
+                        clock=clock,
+                        deadline=deadline,
+                        known=shared.known_refunds.besides(owner := ask.ask_id),
+                        save=tracker.save,
+                        sent_mono=sent_mono,
+                    )
+            else:
+                settings = self.settings(
+                    bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
+                )
+                ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
+                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse)
+                tracker = SendTracker(resume, persist=save)
+                timeouts = io._timeouts
+                refund = await run_ask(
+                    ask,
+                    io=tracker.watch(io._bag_io(order_id, bag_id, path, body, parse)),
+                    settings=settings,
+                    clock=clock,
+                    deadline=deadline,
+                    known=mine,
+                    attempt_timeout=timeouts.connect + timeouts.read,
+                    save=tracker.save,
+                    patience=patience,
+                )
+        except AmbiguousOutcomeError as exc:
+            if exc.pending is not None:
+                unsettled.add(exc.pending)
+            raise
+        except asyncio.CancelledError:
+            # The caller cancelled (or timed out) this call: if its request may have
+            # left, the bag is pending before the cancellation goes on, so the next
+            # call here gets BagPendingError (or, with the key, resumes it), never a
+            # blind second POST.
+            pending = self._cancelled(kind, order_id, bag_id, req, sent, tracker)
+            if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
+                unsettled.add(pending)
+            raise
+        finally:
+            locks.release(bag_id)
+        shared.known_refunds.add(refund.id, bag_id, owner, refund)
+        if resume is not None and save is None and self.keys is not None:
+            self.keys.settled(resume, refund)
+        return refund
+
+    def _cancelled(  # noqa: PLR0917 - internal, one call site
+        self,
+        kind: Kind,
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+        sent: tuple[float, float] | None,
+        tracker: SendTracker | None,
+    ) -> PendingRefund | None:
+        """The record a cancelled call leaves pending (None: nothing of it can have
+        reached Violet). ``sent``: the wall and monotonic time its first send left at
+        (None: it made none inline)."""
+        shared = self._shared
+        settings = self.settings(bag_id)
+        now, mono = shared.clock.time(), shared.clock.monotonic()
+        if tracker is not None:
+            return tracker.on_cancel(now, settings.settle_running, mono)
+        if sent is None:
+            # Cancelled waiting for the bag or for a token: nothing left. (Whether the
+            # token needs renewing now says nothing: it may have reached its renewal
+            # time while the POST was in flight.)
+            return None
+        return cancelled_first_send(
+            kind,
+            order_id,
+            bag_id,
+            req,
+            sent[0],
+            now=now,
+            mono=(sent[1], mono),
+            settle_running=settings.settle_running,
+            clock=settings.clock_id,
+            others=shared.known_refunds.on_bag(bag_id),
+        )
+
+
+def _as_owner(
+    ask: PendingRefund, known: KnownRefunds, answer: AnswerCheck
+) -> tuple[PendingRefund, Container[int], str]:
+    """``ask`` with the refunds other calls got on its bag (never its own), the known
+    refunds it may not claim, and its identity. The refunds it already got (a resume
+    delivered twice) are its own to claim again; every other known one is another
+    call's, and an answer naming one is not this ask's."""
+    owner = ask.ask_id
+    answer.known = mine = known.besides(owner)
+    others = known.on_bag(ask.bag_id, besides=owner)
+    own = known.owned_by(owner)
+    # A refund this ask already got does not vanish from Violet: a read that misses it
+    # (a replica behind) is stale, never evidence of absence.
+    return (
+        attrs.evolve(ask, others=(ask.others | others) - own, seen=ask.seen | own),
+        mine,
+        owner,
+    )
+
+
+def unless_failed(refund: OrderRefund) -> OrderRefund:
+    """A 2xx refund whose status is FAILED is an error carrying the refund."""
+    if refund.status is RefundStatus.FAILED:
+        reasons = "; ".join(e.error_message or "" for e in refund.errors)
+        raise RefundFailedError(
+            f"refund {refund.id} on bag {refund.bag_id} failed: {reasons or 'no reason given'}",
+            refund=refund,
+        )
+    return refund
+
+
+def engine_of(client: VioletClient) -> Engine:
+    """The engine a client (or ``with_options`` clone) drives its asks with: what the
+    batch runner, the fleet worker and the simulator hold instead of the client's
+    internals."""
+    return client._engine

@@ -29,8 +29,9 @@ import orjson
 
 from ._ask import sent_once
 from ._audit import AuditRow, AuditStats, audit
-from ._client import VioletClient, _unless_failed
+from ._client import VioletClient
 from ._converter import converter
+from ._engine import engine_of, unless_failed
 from ._journal import (
     Journal,
     JournalEntry,
@@ -312,9 +313,10 @@ async def run_batch(
     feeder: asyncio.Task[None] | None = None
     try:
         if log is not None:
-            log.redactor = client._shared.auth.redactor
+            engine = engine_of(client)
+            log.redactor = engine.redactor
             for refund_id in log.refund_ids():
-                client._shared.known_refunds.add(refund_id)
+                engine.known_refunds.add(refund_id)
         runner = _Runner(
             client,
             log,
@@ -401,10 +403,11 @@ class _Runner:
         patience: float,
         allow_repeat: bool = False,
     ) -> None:
-        self._caller_hook = client._on_retry
-        policy = attrs.evolve(client._retry, read_before_send=read_before_send)
+        engine = engine_of(client)
+        self._caller_hook = engine.on_retry
+        policy = attrs.evolve(engine.policy, read_before_send=read_before_send)
         self.client = client.with_options(on_retry=self._on_retry, retry=policy)
-        self.clock = client._shared.clock
+        self.clock = engine.clock
         self.log = log
         self.limiter = limiter
         self.retry_failed = retry_failed
@@ -447,7 +450,7 @@ class _Runner:
         # read back after the input, each reported as an ``earlier`` result.
         self.swept: set[str] = set()
         self.repeats: RepeatCounter | None = None
-        self.max_attempts = self.client._retry.max_attempts
+        self.max_attempts = policy.max_attempts
 
     def _on_retry(self, event: RetryEvent) -> Any:
         stats = _current.get()
@@ -1076,7 +1079,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             await log.record(key, item.line, ask.phase.value, ask=ask.to_dict())
 
     try:
-        refund = await client._ask(
+        refund = await engine_of(client).drive(
             item.kind,
             item.order_id,
             item.bag_id,
@@ -1088,7 +1091,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             defer_rate_limited=True,
         )
         if item.kind == "refund":
-            refund = _unless_failed(refund)
+            refund = unless_failed(refund)
     except _NoResend as exc:
         # Proven not applied: an earlier run's item is free to be sent anew by a later
         # input that holds it; an item out of attempts failed.
@@ -1117,7 +1120,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
 
 
 def client_time(client: VioletClient) -> float:
-    return float(client._shared.clock.time())
+    return float(engine_of(client).clock.time())
 
 
 def _count_requests(stats: _Stats) -> None:
@@ -1177,7 +1180,7 @@ async def _merchant_turn(  # noqa: PLR0917 - internal, one call site
         merchant = await _look_up_merchant(client, item, pace)
     if merchant is None:
         return None
-    clock = client._shared.clock
+    clock = engine_of(client).clock
     now = clock.time()
     lane = pace.lane(merchant)
     if lane is None:
@@ -1237,7 +1240,7 @@ async def _present(
         claimed = exc.refund_id
         ids = [claimed] if claimed is not None else []
     else:
-        known = client._shared.known_refunds
+        known = engine_of(client).known_refunds
         ids = sorted(r.id for r in exc.refunds if r.id is not None)
         claimed = next((i for i in ids if i not in known), None)
         if claimed is not None:

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from .. import RetryPolicy, Timeouts
 from .._client import VioletClient
 from .._converter import converter, request_from_dict
+from .._engine import engine_of
 from .._redact import printable
 from ..batch import BatchItem
 from ..models import CancelBagRequest, RefundBagRequest
@@ -270,7 +271,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     await client.__aenter__()
     ctx["violet_client"] = client
     limiter = (
-        FleetRateLimit(redis, client._shared.credentials.app_id, config.rate, prefix=config.prefix)
+        FleetRateLimit(redis, engine_of(client).app_id, config.rate, prefix=config.prefix)
         if config.rate
         else None
     )

@@ -19,7 +19,8 @@ from typing import Any
 import attrs
 
 from .._ask import sent_once
-from .._client import VioletClient, _unless_failed
+from .._client import VioletClient
+from .._engine import engine_of, unless_failed
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
@@ -104,23 +105,27 @@ class FleetWorker:
     ) -> None:
         if ledger.fleet_key is None:
             load_fleet_key()  # raises ValueError naming VIOLET_FLEET_KEY: nothing is checked
-        self._caller_hook = client._on_retry
-        policy = client._retry
+        given = engine_of(client)
+        self._caller_hook = given.on_retry
+        policy = given.policy
         if not policy.read_before_send:
             policy = attrs.evolve(policy, read_before_send=True)
         self.client = client.with_options(retry=policy, on_retry=self._on_retry)
+        # Jobs go job -> worker -> engine -> protocol: the client is only read from
+        # (get_order), never driven through.
+        self.engine = engine = engine_of(self.client)
         self.ledger = ledger
         self.locks = locks
         self.limiter = limiter
         self.patience = patience
         self.lock_wait = lock_wait
-        timeouts = client._timeouts
+        timeouts = engine.timeouts
         self.fresh_hold = (
             fresh_hold
             if fresh_hold is not None
             else policy.settle_running + timeouts.connect + timeouts.read
         )
-        self.clock = client._shared.clock
+        self.clock = engine.clock
         # The ledger's epoch as this worker knows it (None: not read yet).
         self._epoch: str | None = None
         # Redis's clock less this worker's monotonic one (None: not read yet): the
@@ -133,7 +138,7 @@ class FleetWorker:
         self.pace = (
             FleetPace(
                 ledger.redis,
-                client._shared.credentials.app_id,
+                engine.app_id,
                 prefix=ledger.prefix,
                 ceiling=limiter.ceiling if limiter is not None else None,
             )
@@ -243,7 +248,7 @@ class FleetWorker:
                     f"bag {item.bag_id} has an unsettled item ({sorted(unsettled)[0]})",
                     defer=max(self.patience, 1.0),
                 )
-        known = self.client._shared.known_refunds
+        known = self.engine.known_refunds
         recorded = await self.ledger.bag_refunds(item.bag_id)
         owners = await self.ledger.bag_owners(item.bag_id) if recorded else {}
         for refund_id in recorded:
@@ -279,7 +284,7 @@ class FleetWorker:
                 await self.ledger.mark_pending(key, ask, lock_key=held.key, token=held.token)
 
         ask_task = asyncio.ensure_future(
-            self.client._ask(
+            self.engine.drive(
                 item.kind,
                 item.order_id,
                 item.bag_id,
@@ -374,7 +379,7 @@ class FleetWorker:
         try:
             refund = ask_task.result()
             if item.kind == "refund":
-                refund = _unless_failed(refund)
+                refund = unless_failed(refund)
         except RateLimitDeferred as exc:
             await self._deferred(key, item, exc, merchant, lock)
         except LockLostError as exc:
@@ -395,7 +400,7 @@ class FleetWorker:
         except AmbiguousOutcomeError as exc:
             # The ledger, not this worker's client, keeps the fleet's pending asks (the
             # item may be resumed by any worker; its bag is guarded by open_on_bag).
-            self.client._shared.unsettled.forget(item.bag_id)
+            self.engine.unsettled.forget(item.bag_id)
             pending = exc.pending
             if pending is None:
                 await ledger.mark_failed(
@@ -520,7 +525,7 @@ class FleetWorker:
 
     def _message(self, exc: BaseException) -> str:
         """An error's text as the ledger keeps it: the client's secrets hidden."""
-        return self.client._shared.auth.redactor.text(str(exc))
+        return self.engine.redactor.text(str(exc))
 
     def _signed(self, record: LedgerRecord) -> bool:
         return self.ledger.verify(record.key, record.item, record.signature)

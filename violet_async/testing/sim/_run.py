@@ -20,6 +20,7 @@ import attrs
 from ... import _journal
 from ..._ask import PendingRefund, Phase
 from ..._client import VioletClient
+from ..._engine import engine_of
 from ..._retry import RetryPolicy
 from ..._transport import Timeouts
 from ...batch import BatchItem, run_batch
@@ -813,11 +814,11 @@ class _World:
             clock=self.clock,
             store=store,
             _transport=transport,
+            # Auth times renewals by time.time(), not by clock= (see the report of the
+            # run that built this): on virtual time its "refused fresh tokens, wait
+            # 60 s" rule would never end.
+            _auth_now=self.clock.time,
         )
-        # Auth times renewals by time.time(), not by clock= (see the report of the run
-        # that built this): on virtual time its "refused fresh tokens, wait 60 s" rule
-        # would never end.
-        client._shared.auth._now = self.clock.time
         return client, transport
 
     def request(self, ask: AskSpec) -> RefundBagRequest | CancelBagRequest:
@@ -1091,7 +1092,7 @@ class _World:
                 started = self.loop.time()
                 self.note(f"{name} {ask.label}: {'resume' if resume else ask.kind} bag {bag_id}")
                 try:
-                    refund = await client._ask(
+                    refund = await engine_of(client).drive(
                         "cancel" if ask.kind == "cancel" else "refund",
                         order_id,
                         bag_id,
