@@ -23,6 +23,7 @@ import orjson
 
 from ._client import Environment, VioletClient
 from ._converter import converter, encode_request
+from ._engine import AUTH_PATHS, never_reached
 from ._files import UnsafeFileError, open_owned
 from ._journal import Journal, JournalLockedError, JournalMismatchError
 from ._journal_index import RepeatCounter
@@ -31,12 +32,10 @@ from ._retry import RetryPolicy
 from ._signals import on_signals
 from ._transport import Timeouts
 from .batch import (
-    AUTH_PATHS,
     CLEAN_OUTCOMES,
     BatchItem,
     BatchResult,
     Kind,
-    never_reached,
     run_batch,
 )
 from .exceptions import (

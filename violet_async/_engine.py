@@ -23,6 +23,7 @@ driver that performs it in ``_reconcile.py``.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import secrets
 from collections import OrderedDict
@@ -40,6 +41,7 @@ from ._reconcile import (
     BagIO,
     KnownRefunds,
     PendingAsks,
+    RateLimitDeferred,
     WallWatch,
     after_failed_send,
     run_ask,
@@ -51,9 +53,14 @@ from ._retry import SYSTEM_CLOCK, RetryHook, RetryPolicy
 from ._retry import Clock as RetryClock
 from .exceptions import (
     AmbiguousOutcomeError,
+    APIConnectionError,
+    APIError,
     APITimeoutError,
+    AuthenticationError,
+    BagPendingError,
     IdempotencyKeyReusedError,
     RecordStoreError,
+    RefundAlreadyPresentError,
     RefundFailedError,
     RequestValidationError,
     VioletError,
@@ -67,12 +74,17 @@ if TYPE_CHECKING:
     from ._transport import Timeouts
 
 __all__ = [
+    "AUTH_PATHS",
+    "VOCABULARY",
     "Engine",
     "KeyedAsks",
+    "Outcome",
     "SendTracker",
     "cancelled_first_send",
     "check_key",
     "engine_of",
+    "never_reached",
+    "outcome_of",
     "resume_key",
     "unless_failed",
 ]
@@ -1077,3 +1089,124 @@ def engine_of(client: VioletClient) -> Engine:
     batch runner, the fleet worker and the simulator hold instead of the client's
     internals."""
     return client._engine
+
+
+# -- one outcome vocabulary ---------------------------------------------------------------
+
+
+class Outcome(enum.Enum):
+    """How one ask ended, in the one vocabulary every driver of the engine speaks.
+
+    Facts, not policies: whether a ``NOT_SENT`` or ``FAILED`` item is tried again is
+    each edge's own rule (a batch's next run, a fleet's retry of a transient error).
+    What each older vocabulary says for each is in :data:`VOCABULARY`.
+    """
+
+    APPLIED = "applied"
+    """Violet has the refund: a 2xx, or found by reading the bag back (``reconciled``)."""
+    PRESENT = "already_present"
+    """Not sent: the bag already holds a refund exactly like it that nothing accounts
+    for (``RefundAlreadyPresentError``)."""
+    FAILED = "failed"
+    """Definitely not applied: Violet refused it (or answered a FAILED refund), a
+    failure's absence was proven by reading the bag back, or it can never be sent as it
+    is (invalid input, a key already used for another request)."""
+    NOT_SENT = "not_sent"
+    """Nothing of this call reached Violet, for a reason of the moment: refused
+    credentials, no connection, another open ask on its bag, a key's record that could
+    not be saved before the send (the store keeps what an earlier call of the key did).
+    The same ask may be made again."""
+    DEFERRED = "deferred"
+    """Answered 429 and nothing applied: to be sent again in its merchant's turn
+    (``RateLimitDeferred``)."""
+    PENDING = "pending"
+    """May have applied, not proven yet: resume it (``AmbiguousOutcomeError.pending``)
+    once its settle window has passed."""
+    REVIEW = "review"
+    """May have applied, and cannot be told by reading the bag back (no record, or
+    ``pending.needs_review``): a person checks the bag."""
+
+
+def never_reached(exc: BaseException) -> bool:
+    """The error proves Violet never took the request: credentials refused (401), the
+    login itself answered with an error (a 404 from a wrong ``VIOLET_BASE_URL``), or no
+    connection could be made (refused, DNS)."""
+    if isinstance(exc, AuthenticationError):
+        return True
+    if isinstance(exc, APIError) and exc.path in AUTH_PATHS:
+        return True
+    return isinstance(exc, APIConnectionError) and not exc.request_sent
+
+
+#: Where the client logs in and renews its token: an error answered there came before
+#: the ask's own request left.
+AUTH_PATHS = frozenset({"/login", "/auth/token"})
+
+
+def outcome_of(exc: BaseException) -> Outcome | None:
+    """The one error classifier: what an error raised by :meth:`Engine.drive` says of
+    its ask (None: not an ask's outcome, such as a cancellation or a journal that
+    cannot be written; let it go on)."""
+    if isinstance(exc, RateLimitDeferred):
+        return Outcome.DEFERRED
+    if not isinstance(exc, VioletError):
+        return None
+    if isinstance(exc, AmbiguousOutcomeError):
+        pending = exc.pending
+        return Outcome.REVIEW if pending is None or pending.needs_review else Outcome.PENDING
+    if isinstance(exc, RefundAlreadyPresentError):
+        return Outcome.PRESENT
+    if isinstance(exc, (BagPendingError, RecordStoreError)) or never_reached(exc):
+        return Outcome.NOT_SENT
+    return Outcome.FAILED
+
+
+#: The four vocabularies that came before :class:`Outcome`, mapped onto it in one
+#: place. They stay as they are on disk and in Redis (journals and ledgers already
+#: written must still load, and the batch's ``BatchResult.outcome`` strings are public):
+#: each driver maps at its edge. Open states (an ask still being driven) map to the
+#: outcome they would end in if the driver stopped there.
+VOCABULARY: dict[str, dict[str, Outcome]] = {
+    # The protocol's phases (``_protocol.Phase``): where one ask stands.
+    "phase": {
+        Phase.NEW.value: Outcome.NOT_SENT,
+        Phase.SENT.value: Outcome.PENDING,
+        Phase.APPLIED.value: Outcome.APPLIED,
+        Phase.ABSENT.value: Outcome.NOT_SENT,
+        Phase.PENDING.value: Outcome.PENDING,
+        Phase.FAILED.value: Outcome.FAILED,
+    },
+    # The batch journal's line states (``Journal.record``).
+    "journal": {
+        "sent": Outcome.PENDING,
+        "pending": Outcome.PENDING,
+        "unknown": Outcome.REVIEW,
+        "done": Outcome.APPLIED,
+        "present": Outcome.PRESENT,
+        "failed": Outcome.FAILED,
+        "unsent": Outcome.NOT_SENT,
+    },
+    # The fleet ledger: its ``outcome`` field when set, else its ``state``.
+    "ledger": {
+        "new": Outcome.NOT_SENT,
+        "sent": Outcome.PENDING,
+        "pending": Outcome.PENDING,
+        "applied": Outcome.APPLIED,
+        "reconciled": Outcome.APPLIED,
+        "already_present": Outcome.PRESENT,
+        "unknown": Outcome.REVIEW,
+        "failed": Outcome.FAILED,
+        "refused": Outcome.FAILED,
+    },
+    # ``BatchResult.outcome``: one item of a batch run (already_* are skips, from an
+    # earlier run's journal).
+    "batch": {
+        "succeeded": Outcome.APPLIED,
+        "already_done": Outcome.APPLIED,
+        "failed": Outcome.FAILED,
+        "already_failed": Outcome.FAILED,
+        "unknown": Outcome.REVIEW,
+        "not_sent": Outcome.NOT_SENT,
+        "already_present": Outcome.PRESENT,
+    },
+}

@@ -31,7 +31,8 @@ from ._ask import sent_once
 from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient
 from ._converter import converter
-from ._engine import engine_of, unless_failed
+from ._engine import Outcome as AskOutcome
+from ._engine import engine_of, outcome_of, unless_failed
 from ._journal import (
     Journal,
     JournalEntry,
@@ -47,9 +48,6 @@ from ._retry import RetryEvent
 from ._telemetry import CAPTURE, count_item
 from .exceptions import (
     AmbiguousOutcomeError,
-    APIConnectionError,
-    APIError,
-    AuthenticationError,
     RateLimitError,
     RefundAlreadyPresentError,
     RequestValidationError,
@@ -1005,11 +1003,6 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
     return sent_once(item.kind, item.order_id, item.bag_id, item.request, prior.first_sent)
 
 
-# Where the client logs in and renews its token: an error answered there came before
-# the item's own request left.
-AUTH_PATHS = frozenset({"/login", "/auth/token"})
-
-
 def ask_matches(pending: PendingRefund, item: BatchItem) -> bool:
     """A stored protocol record (a journal line, a ledger hash: files and keys someone
     else may have written) is trusted only for the item it describes: its kind, order,
@@ -1020,17 +1013,6 @@ def ask_matches(pending: PendingRefund, item: BatchItem) -> bool:
         item.bag_id,
         item.request,
     )
-
-
-def never_reached(exc: BaseException) -> bool:
-    """The error proves Violet never took the request: credentials refused (401), the
-    login itself answered with an error (a 404 from a wrong ``VIOLET_BASE_URL``), or no
-    connection could be made (refused, DNS). Nothing about the item is "failed"."""
-    if isinstance(exc, AuthenticationError):
-        return True
-    if isinstance(exc, APIError) and exc.path in AUTH_PATHS:
-        return True
-    return isinstance(exc, APIConnectionError) and not exc.request_sent
 
 
 async def _process(  # noqa: PLR0917 - internal, one call site
@@ -1098,19 +1080,21 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         state = "unsent" if not resend else None
         outcome: Outcome = "not_sent" if not resend else "failed"
         return await _ended(item, key, outcome, stats, log, _NotApplied(exc.note), state=state)
-    except RateLimitDeferred as exc:
-        return await _deferred(client, item, key, exc, pace, stats, log)
-    except AmbiguousOutcomeError as exc:
-        if exc.pending is not None:
-            return _Parked(item, key, exc.pending, 0, exc, stats)
-        return await _ended(item, key, "unknown", stats, log, exc)
-    except RefundAlreadyPresentError as exc:
-        return await _present(client, item, key, stats=stats, log=log, exc=exc)
     except JournalWriteError:
         raise  # the batch stops: what the journal could not record must not go on
-    except VioletError as exc:
+    except (RateLimitDeferred, VioletError) as exc:
+        # The engine's one classifier names the end; the batch's words for it follow.
+        ended = outcome_of(exc)
+        if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
+            return await _deferred(client, item, key, exc, pace, stats, log)
+        if isinstance(exc, AmbiguousOutcomeError):  # Outcome.PENDING or REVIEW
+            if exc.pending is not None:
+                return _Parked(item, key, exc.pending, 0, exc, stats)
+            return await _ended(item, key, "unknown", stats, log, exc)
+        if isinstance(exc, RefundAlreadyPresentError):  # Outcome.PRESENT
+            return await _present(client, item, key, stats=stats, log=log, exc=exc)
         # Any other error: the request did not apply.
-        if never_reached(exc):
+        if ended is AskOutcome.NOT_SENT:
             return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
         return await _ended(item, key, "failed", stats, log, exc)
     _paced_success(client, item, refund, pace, limiter)

@@ -20,7 +20,7 @@ import attrs
 
 from .._ask import sent_once
 from .._client import VioletClient
-from .._engine import engine_of, unless_failed
+from .._engine import Outcome, engine_of, outcome_of, unless_failed
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
@@ -33,7 +33,6 @@ from ..exceptions import (
     APIError,
     BagPendingError,
     RateLimitError,
-    RefundAlreadyPresentError,
     RequestValidationError,
     ResponseFormatError,
     VioletError,
@@ -372,7 +371,6 @@ class FleetWorker:
         held: Any,
         merchant: int | None = None,
     ) -> dict[str, Any]:
-        ledger = self.ledger
         # Writes that are not proof of their own (not a 2xx) need the bag's lock: a
         # worker that lost it must not overwrite the new holder's record.
         lock = {"lock_key": held.key, "token": held.token}
@@ -380,24 +378,46 @@ class FleetWorker:
             refund = ask_task.result()
             if item.kind == "refund":
                 refund = unless_failed(refund)
-        except RateLimitDeferred as exc:
-            await self._deferred(key, item, exc, merchant, lock)
         except LockLostError as exc:
             # Nothing was sent: the lock, or the ledger itself, is not what it was.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
-        except BagPendingError as exc:
+        except (RateLimitDeferred, VioletError) as exc:
+            # The engine's one classifier names the end; the ledger's words for it
+            # follow (VOCABULARY["ledger"]).
+            await self._ended(key, item, exc, outcome_of(exc), merchant, lock)
+        else:
+            return await self._applied(key, item, refund, merchant)
+        summary = (await self._record(key)).to_dict()
+        count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
+        return summary
+
+    async def _ended(  # noqa: PLR0917 - internal, one call site
+        self,
+        key: str,
+        item: BatchItem,
+        exc: RateLimitDeferred | VioletError,
+        outcome: Outcome | None,
+        merchant: int | None,
+        lock: dict[str, Any],
+    ) -> None:
+        """Record an ask that ended without a refund (or raise RetryLaterError when the
+        item runs again later)."""
+        ledger = self.ledger
+        if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
+            await self._deferred(key, item, exc, merchant, lock)
+        elif isinstance(exc, BagPendingError):  # Outcome.NOT_SENT
             # This worker's client holds another item of the bag pending: later.
             raise RetryLaterError(str(exc), defer=max(self.patience, 1.0)) from exc
-        except RefundAlreadyPresentError as exc:
+        elif outcome is Outcome.PRESENT:
             await ledger.mark_failed(
                 key,
                 type(exc).__name__,
                 self._message(exc),
-                outcome="already_present",
+                outcome=Outcome.PRESENT.value,
                 bag_id=item.bag_id,
                 **lock,
             )
-        except AmbiguousOutcomeError as exc:
+        elif isinstance(exc, AmbiguousOutcomeError):  # Outcome.PENDING or REVIEW
             # The ledger, not this worker's client, keeps the fleet's pending asks (the
             # item may be resumed by any worker; its bag is guarded by open_on_bag).
             self.engine.unsettled.forget(item.bag_id)
@@ -416,10 +436,10 @@ class FleetWorker:
                 if not pending.needs_review:
                     wait = (pending.settle_until or time.time()) - time.time()
                     raise RetryLaterError(str(exc), defer=max(wait, 0.2)) from exc
-        except VioletError as exc:
-            # Any other error: the request did not apply. When that was weather (a
-            # connection, a 5xx, a 429 out of budget, a failed baseline read), the item
-            # starts over later; a refusal (4xx) is final.
+        else:
+            # Any other error (Outcome.FAILED or NOT_SENT): the request did not apply.
+            # When that was weather (a connection, a 5xx, a 429 out of budget, a failed
+            # baseline read), the item starts over later; a refusal (4xx) is final.
             if _transient(exc):
                 await ledger.mark_new(key, item.bag_id, **lock)
                 raise RetryLaterError(str(exc), defer=1.0) from exc
@@ -427,15 +447,10 @@ class FleetWorker:
                 key,
                 type(exc).__name__,
                 self._message(exc),
-                outcome="failed",
+                outcome=Outcome.FAILED.value,
                 bag_id=item.bag_id,
                 **lock,
             )
-        else:
-            return await self._applied(key, item, refund, merchant)
-        summary = (await self._record(key)).to_dict()
-        count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
-        return summary
 
     async def _applied(
         self, key: str, item: BatchItem, refund: OrderRefund, merchant: int | None = None

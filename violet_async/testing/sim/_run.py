@@ -20,7 +20,7 @@ import attrs
 from ... import _journal
 from ..._ask import PendingRefund, Phase
 from ..._client import VioletClient
-from ..._engine import engine_of
+from ..._engine import Outcome, engine_of, outcome_of
 from ..._retry import RetryPolicy
 from ..._transport import Timeouts
 from ...batch import BatchItem, run_batch
@@ -849,14 +849,17 @@ class _World:
         )
 
     def outcome_of(self, label: str, exc: BaseException) -> Seen:
+        """What a caller saw, by the engine's one classifier: pending, review, or (any
+        end without a refund that cannot have applied) failed."""
+        error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, RateLimitError) and "merchant_429" in self.s.kinds:
             # Nothing applied, by the error's contract: the caller may send it again.
-            return Seen(label, "not_sent", error=f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, AmbiguousOutcomeError):
-            pending = exc.pending
-            what = "review" if pending is None or pending.needs_review else "pending"
-            return Seen(label, what, error=f"{type(exc).__name__}: {exc}", pending=pending)
-        return Seen(label, "failed", error=f"{type(exc).__name__}: {exc}")
+            return Seen(label, "not_sent", error=error)
+        outcome = outcome_of(exc)
+        if outcome in (Outcome.PENDING, Outcome.REVIEW):
+            pending = exc.pending if isinstance(exc, AmbiguousOutcomeError) else None
+            return Seen(label, outcome.value, error=error, pending=pending)
+        return Seen(label, "failed", error=error)
 
     def check_deadline(self, label: str, started: float) -> None:
         if self.s.deadline is None:
