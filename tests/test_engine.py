@@ -33,9 +33,10 @@ from violet_async._ask import Phase, sent_once
 from violet_async._engine import VOCABULARY, Engine, Outcome, engine_of, outcome_of
 from violet_async._reconcile import RateLimitDeferred
 from violet_async.batch import BatchItem, run_batch
-from violet_async.testing import FakeViolet
+from violet_async.testing import FakeClock, FakeViolet
 
 from . import _fleet_redis
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
 
 redis_url = _fleet_redis.redis_url  # the session's redis-server
 fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
@@ -240,3 +241,26 @@ def test_every_vocabulary_maps_onto_one_outcome() -> None:
     # Every vocabulary says each end its own way, but none has an end Outcome lacks.
     for words in VOCABULARY.values():
         assert set(words.values()) <= set(Outcome)
+
+
+async def test_a_batch_item_on_a_bag_the_caller_left_pending_is_never_sent(
+    tmp_path: Path,
+) -> None:
+    """The caller's own call on the bag ended pending (its commit lands after its
+    deadline). A batch row for the same refund through that client is not sent
+    (BagPendingError, the engine's NOT_SENT), ends ``failed`` in the batch's words, and
+    a later run over the same journal skips it (it may be that very refund): one POST."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=30.0)])
+    journal = tmp_path / "run.jsonl"
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+    async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        with pytest.raises(AmbiguousOutcomeError) as first:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        assert outcome_of(first.value) is Outcome.PENDING
+        [result] = [r async for r in run_batch(client, [item], journal=journal)]
+        [again] = [r async for r in run_batch(client, [item], journal=journal)]
+    assert (result.outcome, result.error_class, result.sent) == ("failed", "BagPendingError", False)
+    assert outcome_of(result.error) is Outcome.NOT_SENT  # type: ignore[arg-type]
+    assert again.outcome == "already_failed"
+    assert server.posts == 1

@@ -48,6 +48,7 @@ from ._retry import RetryEvent
 from ._telemetry import CAPTURE, count_item
 from .exceptions import (
     AmbiguousOutcomeError,
+    BagPendingError,
     RateLimitError,
     RefundAlreadyPresentError,
     RequestValidationError,
@@ -1093,8 +1094,10 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             return await _ended(item, key, "unknown", stats, log, exc)
         if isinstance(exc, RefundAlreadyPresentError):  # Outcome.PRESENT
             return await _present(client, item, key, stats=stats, log=log, exc=exc)
-        # Any other error: the request did not apply.
-        if ended is AskOutcome.NOT_SENT:
+        # Any other error: the request did not apply. Not sent because the caller's own
+        # client holds another ask of the bag pending (BagPendingError): failed, so no
+        # later run sends it without --retry-failed (that ask may be this very refund).
+        if ended is AskOutcome.NOT_SENT and not isinstance(exc, BagPendingError):
             return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
         return await _ended(item, key, "failed", stats, log, exc)
     _paced_success(client, item, refund, pace, limiter)
