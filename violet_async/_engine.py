@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTH_PATHS",
     "VOCABULARY",
+    "Ended",
     "Engine",
     "KeyedAsks",
     "Outcome",
@@ -1017,6 +1018,47 @@ class Engine:
             self.keys.settled(resume, refund)
         return refund
 
+    async def settle(
+        self,
+        kind: Kind,
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+        *,
+        passes: tuple[type[BaseException], ...] = (),
+        resume: PendingRefund | None = None,
+        save: Save | None = None,
+        patience: float | None = None,
+        hold_if_present: bool = False,
+        defer_rate_limited: bool = False,
+    ) -> Ended:
+        """:meth:`drive` to its end, as one :class:`Ended` (what the batch runner and
+        the fleet worker record): a refund (a FAILED one is an error, as
+        ``refund_bag`` raises it), or the error, named by :func:`outcome_of`.
+
+        Errors of the driver's own save (``passes``: a journal that cannot be written),
+        a cancellation, and anything that is not an ask's outcome go on as raised."""
+        try:
+            refund = await self.drive(
+                kind,
+                order_id,
+                bag_id,
+                req,
+                resume=resume,
+                save=save,
+                patience=patience,
+                hold_if_present=hold_if_present,
+                defer_rate_limited=defer_rate_limited,
+            )
+            if kind == "refund":
+                refund = unless_failed(refund)
+        except (RateLimitDeferred, VioletError) as exc:
+            outcome = outcome_of(exc)
+            if outcome is None or isinstance(exc, passes):
+                raise
+            return Ended(outcome, error=exc)
+        return Ended(Outcome.APPLIED, refund=refund)
+
     def _cancelled(  # noqa: PLR0917 - internal, one call site
         self,
         kind: Kind,
@@ -1125,6 +1167,17 @@ class Outcome(enum.Enum):
     REVIEW = "review"
     """May have applied, and cannot be told by reading the bag back (no record, or
     ``pending.needs_review``): a person checks the bag."""
+
+
+@attrs.frozen
+class Ended:
+    """How one ask ended, as :meth:`Engine.settle` hands it to its driver: its
+    :class:`Outcome`, and the refund (``APPLIED``) or the error that says the rest
+    (``AmbiguousOutcomeError.pending``, ``RateLimitDeferred.delay``...)."""
+
+    outcome: Outcome
+    refund: OrderRefund | None = None
+    error: VioletError | RateLimitDeferred | None = None
 
 
 def never_reached(exc: BaseException) -> bool:

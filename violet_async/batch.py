@@ -32,7 +32,7 @@ from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient
 from ._converter import converter
 from ._engine import Outcome as AskOutcome
-from ._engine import engine_of, outcome_of, unless_failed
+from ._engine import engine_of
 from ._journal import (
     Journal,
     JournalEntry,
@@ -1062,48 +1062,62 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             await log.record(key, item.line, ask.phase.value, ask=ask.to_dict())
 
     try:
-        refund = await engine_of(client).drive(
+        # JournalWriteError goes on: the batch stops, since what the journal could not
+        # record must not go on.
+        ended = await engine_of(client).settle(
             item.kind,
             item.order_id,
             item.bag_id,
             item.request,
+            passes=(JournalWriteError,),
             resume=resume,
             save=save,
             patience=patience,
             hold_if_present=hold,
             defer_rate_limited=True,
         )
-        if item.kind == "refund":
-            refund = unless_failed(refund)
     except _NoResend as exc:
         # Proven not applied: an earlier run's item is free to be sent anew by a later
         # input that holds it; an item out of attempts failed.
         state = "unsent" if not resend else None
         outcome: Outcome = "not_sent" if not resend else "failed"
         return await _ended(item, key, outcome, stats, log, _NotApplied(exc.note), state=state)
-    except JournalWriteError:
-        raise  # the batch stops: what the journal could not record must not go on
-    except (RateLimitDeferred, VioletError) as exc:
-        # The engine's one classifier names the end; the batch's words for it follow.
-        ended = outcome_of(exc)
-        if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
-            return await _deferred(client, item, key, exc, pace, stats, log)
-        if isinstance(exc, AmbiguousOutcomeError):  # Outcome.PENDING or REVIEW
-            if exc.pending is not None:
-                return _Parked(item, key, exc.pending, 0, exc, stats)
-            return await _ended(item, key, "unknown", stats, log, exc)
-        if isinstance(exc, RefundAlreadyPresentError):  # Outcome.PRESENT
-            return await _present(client, item, key, stats=stats, log=log, exc=exc)
-        # Any other error: the request did not apply. Not sent because the caller's own
-        # client holds another ask of the bag pending (BagPendingError): failed, so no
-        # later run sends it without --retry-failed (that ask may be this very refund).
-        if ended is AskOutcome.NOT_SENT and not isinstance(exc, BagPendingError):
-            return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
-        return await _ended(item, key, "failed", stats, log, exc)
+    # The engine's one outcome; the batch's words for it follow (VOCABULARY["batch"]).
+    refund, error = ended.refund, ended.error
+    if refund is None:
+        assert error is not None  # noqa: S101 - Ended holds one or the other
+        return await _unapplied(client, item, key, error, ended.outcome, pace, stats, log)
     _paced_success(client, item, refund, pace, limiter)
     if log is not None:
         await log.record(key, item.line, "done", refund_id=refund.id, reconciled=refund.reconciled)
     return _result(item, "succeeded", stats, refund=refund)
+
+
+async def _unapplied(  # noqa: PLR0917 - internal, one call site
+    client: VioletClient,
+    item: BatchItem,
+    key: str,
+    exc: VioletError | RateLimitDeferred,
+    outcome: AskOutcome,
+    pace: MerchantPace,
+    stats: _Stats,
+    log: Journal | None,
+) -> BatchResult | _Parked | _Paced:
+    """An item whose ask ended without a refund, in the batch's words."""
+    if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
+        return await _deferred(client, item, key, exc, pace, stats, log)
+    if isinstance(exc, AmbiguousOutcomeError):  # Outcome.PENDING or REVIEW
+        if exc.pending is not None:
+            return _Parked(item, key, exc.pending, 0, exc, stats)
+        return await _ended(item, key, "unknown", stats, log, exc)
+    if isinstance(exc, RefundAlreadyPresentError):  # Outcome.PRESENT
+        return await _present(client, item, key, stats=stats, log=log, exc=exc)
+    # Any other error: the request did not apply. Not sent because the caller's own
+    # client holds another ask of the bag pending (BagPendingError): failed, so no
+    # later run sends it without --retry-failed (that ask may be this very refund).
+    if outcome is AskOutcome.NOT_SENT and not isinstance(exc, BagPendingError):
+        return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
+    return await _ended(item, key, "failed", stats, log, exc)
 
 
 def client_time(client: VioletClient) -> float:

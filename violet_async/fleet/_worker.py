@@ -20,7 +20,7 @@ import attrs
 
 from .._ask import sent_once
 from .._client import VioletClient
-from .._engine import Outcome, engine_of, outcome_of, unless_failed
+from .._engine import Ended, Outcome, engine_of
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
@@ -283,7 +283,7 @@ class FleetWorker:
                 await self.ledger.mark_pending(key, ask, lock_key=held.key, token=held.token)
 
         ask_task = asyncio.ensure_future(
-            self.engine.drive(
+            self.engine.settle(
                 item.kind,
                 item.order_id,
                 item.bag_id,
@@ -367,7 +367,7 @@ class FleetWorker:
         self,
         key: str,
         item: BatchItem,
-        ask_task: asyncio.Future[Any],
+        ask_task: asyncio.Future[Ended],
         held: Any,
         merchant: int | None = None,
     ) -> dict[str, Any]:
@@ -375,18 +375,16 @@ class FleetWorker:
         # worker that lost it must not overwrite the new holder's record.
         lock = {"lock_key": held.key, "token": held.token}
         try:
-            refund = ask_task.result()
-            if item.kind == "refund":
-                refund = unless_failed(refund)
+            ended = ask_task.result()
         except LockLostError as exc:
             # Nothing was sent: the lock, or the ledger itself, is not what it was.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
-        except (RateLimitDeferred, VioletError) as exc:
-            # The engine's one classifier names the end; the ledger's words for it
-            # follow (VOCABULARY["ledger"]).
-            await self._ended(key, item, exc, outcome_of(exc), merchant, lock)
-        else:
-            return await self._applied(key, item, refund, merchant)
+        # The engine's one outcome; the ledger's words for it follow
+        # (VOCABULARY["ledger"]).
+        if ended.refund is not None:
+            return await self._applied(key, item, ended.refund, merchant)
+        assert ended.error is not None  # noqa: S101 - Ended holds one or the other
+        await self._ended(key, item, ended.error, ended.outcome, merchant, lock)
         summary = (await self._record(key)).to_dict()
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -396,7 +394,7 @@ class FleetWorker:
         key: str,
         item: BatchItem,
         exc: RateLimitDeferred | VioletError,
-        outcome: Outcome | None,
+        outcome: Outcome,
         merchant: int | None,
         lock: dict[str, Any],
     ) -> None:
