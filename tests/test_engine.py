@@ -23,6 +23,7 @@ from violet_async import (
     RecordStoreError,
     RefundAlreadyPresentError,
     RefundBagRequest,
+    RefundFailedError,
     RequestValidationError,
     RetryPolicy,
     ServerError,
@@ -264,3 +265,32 @@ async def test_a_batch_item_on_a_bag_the_caller_left_pending_is_never_sent(
     assert outcome_of(result.error) is Outcome.NOT_SENT  # type: ignore[arg-type]
     assert again.outcome == "already_failed"
     assert server.posts == 1
+
+
+async def test_settle_names_the_end_and_lets_the_drivers_own_errors_through() -> None:
+    """Engine.settle: a 2xx refund is APPLIED with the refund; a 2xx whose status is
+    FAILED is FAILED with RefundFailedError (as refund_bag raises it); an error of the
+    driver's own save named in ``passes`` goes on as raised, nothing sent."""
+    clock = FakeClock()
+    server = Hostile(
+        clock, script=[Step(200), Step(200, answer={"status": "FAILED", "errors": []})]
+    )
+    request = RefundBagRequest(amount_refunded=300)
+
+    async def refuse(ask: Any) -> None:
+        raise RecordStoreError("the driver's own record could not be written", key="k")
+
+    async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        engine = engine_of(client)
+        applied = await engine.settle("refund", ORDER_ID, BAG_ID, request)
+        failed = await engine.settle("refund", ORDER_ID, BAG_ID, request)
+        with pytest.raises(RecordStoreError):
+            await engine.settle(
+                "refund", ORDER_ID, BAG_ID, request, save=refuse, passes=(RecordStoreError,)
+            )
+    assert applied.outcome is Outcome.APPLIED
+    assert applied.refund is not None
+    assert applied.refund.id == server.ours[0]
+    assert (failed.outcome, failed.refund) == (Outcome.FAILED, None)
+    assert isinstance(failed.error, RefundFailedError)
+    assert server.posts == 2  # the refused save sent nothing
