@@ -27,7 +27,7 @@ hooks below; everything a kind does at run time lives here.
   one (its refund is the key's own; a failure made no refund).
 - ``redis_loss`` (worker mode): the ledger loses every record at a random moment (a
   Redis restarting empty). The simulator's worker is not ``FleetWorker`` (a dict
-  ledger, ``client._ask`` with a save): it mirrors the fleet's rules for a loss (see
+  ledger, the engine driven with a save): it mirrors the fleet's rules for a loss (see
   ``fleet/_ledger.py``): an epoch written at first use (a new fleet: no hold), a record
   of a send refused when the epoch is gone or replaced (nothing sent; the job runs again
   after the hold), a new epoch holding every send for ``settle_running + connect +
@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ..._ask import PendingRefund, Phase
+from ..._engine import engine_of
 from ..._transport import RawResponse
 from ...exceptions import (
     APIConnectionError,
@@ -464,7 +465,7 @@ async def _fleet_worker(  # noqa: PLR0915 - one worker process, its jobs and its
             started = world.loop.time()
             world.note(f"{name} {ask.label}: {'resume' if resume else ask.kind} bag {bag_id}")
             try:
-                refund = await client._ask(
+                refund = await engine_of(client).drive(
                     "cancel" if ask.kind == "cancel" else "refund",
                     order_id,
                     bag_id,
