@@ -9,6 +9,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import attrs
+import orjson
 import pytest
 from aiohttp import web
 
@@ -19,6 +20,7 @@ from violet_async import (
     RateLimitError,
     RetryPolicy,
 )
+from violet_async._auth import Auth, Credentials
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
@@ -178,3 +180,28 @@ async def test_a_second_delivery_after_a_definite_failure_sends_nothing() -> Non
             await client.resume(PendingRefund.from_json(pending.to_json()))
     assert server.posts == 2
     assert server.ours == []
+
+
+async def test_a_wall_clock_stepped_back_never_stops_token_renewals_for_hours() -> None:
+    """Seed 601331 (a livelock: a call without a deadline read back for 20,000 s, every
+    read refused 401). A token just issued was refused once; the wall clock then stepped
+    back 15 h, and two minutes later Violet refused the next token as expired too. Its
+    age by the stepped clock is negative, not "just issued": an ordinary expiry,
+    renewed, never "not renewing again for 54060 s"."""
+    clock = FakeClock()
+    issued: list[str] = []
+
+    async def send(
+        method: str, path: str, body: bytes | None, token: str | None
+    ) -> tuple[int, bytes]:
+        issued.append(f"token-{len(issued)}-0123456789")
+        return 200, orjson.dumps({"token": issued[-1], "refresh_token": "refresh-0123456789"})
+
+    creds = Credentials(app_id=11, app_secret="secret-0123456789", username="u", password="p")
+    auth = Auth(creds, send, now=clock.time)
+    first = await auth.token()
+    second = await auth.expired(first)  # a token just issued, refused: renewed
+    clock.step_wall(-15 * HOUR)
+    clock.advance(120.0)
+    third = await auth.expired(second)
+    assert len({first, second, third}) == 3
