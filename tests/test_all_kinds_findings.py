@@ -6,6 +6,7 @@ the refunds the server itself made. Each names the simulator seed it came from."
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,9 +19,11 @@ from violet_async import (
     OrderRefund,
     PendingRefund,
     RateLimitError,
+    RefundBagRequest,
     RetryPolicy,
 )
 from violet_async._auth import Auth, Credentials
+from violet_async.batch import BatchItem, run_batch
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
@@ -205,3 +208,25 @@ async def test_a_wall_clock_stepped_back_never_stops_token_renewals_for_hours() 
     clock.advance(120.0)
     third = await auth.expired(second)
     assert len({first, second, third}) == 3
+
+
+async def test_a_batch_run_with_a_parked_row_survives_a_wall_clock_step_back(
+    tmp_path: Path,
+) -> None:
+    """Seed 600559 and 38 more batch seeds (a livelock: the run slept for hours). A row's
+    POST gets a 504 and commits 30 s later; the row parks for its settle window; then
+    this machine's wall clock steps back 15 h. The run revisits the row when the window
+    has passed by monotonic time (minutes), not 15 h later, and finds the refund."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=30.0)])
+    clock.call_later(10.0, lambda: clock.step_wall(-15 * HOUR))
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+    began = clock.monotonic()
+    async with hostile_client(server, retry=RetryPolicy(deadline=300.0)) as client:
+        results = [
+            r async for r in run_batch(client, [item], journal=tmp_path / "j.jsonl", patience=5.0)
+        ]
+    assert [r.outcome for r in results] == ["succeeded"]
+    assert results[0].refund_id == server.ours[0]
+    assert server.posts == 1
+    assert clock.monotonic() - began < 600.0
