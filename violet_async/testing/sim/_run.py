@@ -1040,6 +1040,10 @@ class _World:
             ]
             if not todo:
                 return
+            if round_:
+                # A resume job tried again later, as a queue backs off: past the lag of
+                # any replica the last round may have read (shows, hides, shows).
+                await asyncio.sleep(max(self.s.replica_lag, 60.0) + 1.0)
             client, _ = self.client(f"resume{round_}")
             async with client:
                 for seen in todo:
@@ -1104,7 +1108,9 @@ class _World:
                         resume = pending
                         wait = (pending.settle_until or 0.0) - self.clock.time()
                         if only_pending and wait > 0:
-                            await asyncio.sleep(wait)
+                            # The queue's own clock, not the client's (whose wall clock
+                            # may have stepped back hours): at most an hour.
+                            await asyncio.sleep(min(wait, 3_600.0))
 
                 async def save(ask_record: PendingRefund) -> None:
                     ledger[ask.label] = ask_record.to_json()
@@ -1319,6 +1325,12 @@ class _World:
                 self.violations.append(
                     f"[unparked] {label} ended unknown without a reason: {seen.error[:160]}"
                 )
+            if seen.what == "pending" and self.still_settling(seen, commits.get(label, [])):
+                # Parked with a reason the world still holds: its settle window, by some
+                # reading of an unsure clock, has hours to run, and nothing it sent has
+                # applied (a refund of its own would be a violation: read, not claimed).
+                self.violet.count("parked:settling")
+                continue
             if seen.what in ("pending", "crashed"):
                 refused = seen.pending is not None and "re-send was refused" in seen.pending.note
                 kind = "liveness-refused" if refused else "liveness"
@@ -1329,6 +1341,18 @@ class _World:
 
     def check_more(self) -> None:
         _kinds_more.check(self)
+
+    def still_settling(self, seen: Seen, made: list[int]) -> bool:
+        """``seen`` (a final pending) waits out a settle window that has not ended on
+        the client's clock, says so, and made no refund: a true outcome, not a hang."""
+        pending = seen.pending
+        return (
+            pending is not None
+            and not made
+            and "settle window" in pending.note
+            and pending.settle_until is not None
+            and pending.settle_until > self.clock.time()
+        )
 
     def check_secrets(self, lines: list[str]) -> None:
         secrets = [s for s in self.violet.secrets if s]
