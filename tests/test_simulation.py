@@ -72,6 +72,24 @@ def test_ci_seeds_with_world_kinds_hold_every_invariant() -> None:
         assert injected[kind] > 0, kind
 
 
+#: Seeds CI runs with every world kind switched on at once (``--kinds all``).
+CI_ALL_KINDS_SEEDS = range(1500, 1700)
+
+
+def test_ci_seeds_with_every_world_kind_at_once_hold_every_invariant() -> None:
+    """The same invariants with every world kind switched on together (clock steps,
+    disagreeing and jumping Date headers, day and epoch dates, replicas behind, resumes
+    delivered twice, callers that cancel and repeat, ...): a small slice of what
+    ``simulate.py --kinds all`` runs (docs/simulation.md, "Every kind at once")."""
+    unexpected = []
+    for seed in CI_ALL_KINDS_SEEDS:
+        result = simulate(seed, kinds=frozenset(WORLD_KINDS))
+        if result.kinds:
+            unexpected.append(result)
+    if unexpected:
+        pytest.fail(shrink(unexpected[0]).report() + f"\n({len(unexpected)} seeds failed)")
+
+
 def test_world_kinds_leave_a_seed_without_them_unchanged() -> None:
     """World kinds come from their own random stream: a seed's schedule without them is
     the one it always was (the seeds that found bugs keep replaying them), and every
