@@ -1344,12 +1344,14 @@ class _World:
 
     def still_settling(self, seen: Seen, made: list[int]) -> bool:
         """``seen`` (a final pending) waits out a settle window that has not ended on
-        the client's clock, says so, and made no refund: a true outcome, not a hang."""
+        the client's clock, says so, and made no refund the client could read (every
+        record epoch-dated is unreadable to it): a true outcome, not a hang."""
         pending = seen.pending
+        # Epoch-dated records are unreadable to the client: none can be proven its own.
         return (
             pending is not None
-            and not made
-            and "settle window" in pending.note
+            and (not made or self.s.date_style == "epoch")
+            and ("settle window" in pending.note or "reading the bag back failed" in pending.note)
             and pending.settle_until is not None
             and pending.settle_until > self.clock.time()
         )
