@@ -228,7 +228,10 @@ class Auth:
         stop renewing for a while rather than log in on every call."""
         now = self._now()
         obtained = self._obtained_at
-        if obtained is None or now - obtained >= MIN_TOKEN_AGE:
+        # A negative age is a wall clock stepped back since (NTP): the age is unknown,
+        # and refusing to renew until the clock catches up would stop every call for
+        # as long as the step (hours).
+        if obtained is None or not 0.0 <= now - obtained < MIN_TOKEN_AGE:
             self._fresh_refusals = 0  # an ordinary expiry
             return
         self._fresh_refusals += 1

@@ -906,14 +906,18 @@ class Engine:
         if waited:
             await self._wait_for_bag(bag_id, deadline, resume, req)
         unsettled = shared.unsettled
+        given = resume  # the caller's copy of the record (resume may become a newer one)
         sent: tuple[float, float] | None = None
         tracker: SendTracker | None = None
         owner: str | None = None
         try:
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
-            if resume is not None and (claimed := shared.known_refunds.claimed(resume.ask_id)):
-                return claimed  # this ask's refund, handed out here before: no request
+            if resume is not None:
+                if claimed := shared.known_refunds.claimed(resume.ask_id):
+                    return claimed  # this ask's refund, handed out here before: no request
+                # An older copy of a record this client parked (or saw fail) since.
+                resume = shared.known_refunds.recall(resume)
             body = encode_request(req)
             parse = AnswerCheck(
                 parse_refund if kind == "refund" else parse_cancel,
@@ -1001,6 +1005,11 @@ class Engine:
         except AmbiguousOutcomeError as exc:
             if exc.pending is not None:
                 unsettled.add(exc.pending)
+                shared.known_refunds.parked(exc.pending)
+            raise
+        except VioletError as exc:
+            if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
+                shared.known_refunds.failed(tracker.record, exc)
             raise
         except asyncio.CancelledError:
             # The caller cancelled (or timed out) this call: if its request may have
@@ -1014,8 +1023,8 @@ class Engine:
         finally:
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
-        if resume is not None and save is None and self.keys is not None:
-            self.keys.settled(resume, refund)
+        if given is not None and save is None and self.keys is not None:
+            self.keys.settled(given, refund)
         return refund
 
     async def settle(

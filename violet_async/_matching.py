@@ -160,14 +160,21 @@ def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, 
     """The lowest and highest offset of Violet's clock over this record's times, the
     tolerance around them, and whether the clock is sure.
 
-    The ``Date`` headers' offset alone when they agree with each other and with this
-    machine's clock within minutes (as it is now, or as it was before a step the ask
-    saw); otherwise every reading between them and this machine's clock (unsure)."""
+    The ``Date`` headers' offset alone when they agree with each other and, within
+    minutes, with the clock the ask's times were taken by (this machine's clock as it
+    was before any step the ask saw); otherwise every reading between them and this
+    machine's clock, before and after a step (unsure; without a ``Date``, this machine's
+    clock before and after a step). A ``Date`` that agrees only with
+    the clock after a step of hours is not trusted: a step that put the clock right
+    cannot be told from a CDN's wrong ``Date`` and a step gone wrong the same way
+    (simulator seed 605311)."""
     offset = ask.server_offset
-    if offset is None:
-        return 0.0, 0.0, settings.clock_skew, False
     local = (0.0, -ask.stepped)
-    if ask.offsets is None and any(abs(offset - h) <= TRUSTED_OFFSET for h in local):
+    if offset is None:
+        # No Date: this machine's clock, as it is and as it was before a step (seed
+        # 614937: a step of 15 h put our refund "15 h before the send").
+        return min(local), max(local), settings.clock_skew, False
+    if ask.offsets is None and abs(offset + ask.stepped) <= TRUSTED_OFFSET:
         if ask.clock_unsure:
             return offset, offset, settings.clock_skew, False
         return offset, offset, settings.date_tolerance, True

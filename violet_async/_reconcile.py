@@ -9,9 +9,9 @@ wait and read is bounded by the call's one deadline.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Container, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -73,6 +73,11 @@ class KnownRefunds:
         self._capacity = capacity
         # The refund each ask (by ask_id) was handed: a resume of it gets it again.
         self._claimed: dict[str, OrderRefund] = {}
+        # The last record each ask was parked with here, and the definite failure each
+        # ended with (its sends then): a resume of an older copy of the record (a job
+        # delivered twice) starts from what this client already knows of the ask.
+        self._parked: OrderedDict[str, PendingRefund] = OrderedDict()
+        self._failed: OrderedDict[str, tuple[int, VioletError]] = OrderedDict()
 
     def add(
         self,
@@ -103,6 +108,45 @@ class KnownRefunds:
         could otherwise prove the ask absent and send a second)."""
         return self._claimed.get(ask_id)
 
+    def parked(self, record: PendingRefund) -> None:
+        """The ask of ``record`` was left pending (or for review) with it here."""
+        self._remember(self._parked, record.ask_id, record)
+
+    def failed(self, record: PendingRefund, error: VioletError) -> None:
+        """The ask of ``record`` definitely did not apply (``error``), after
+        ``record.sends`` sends: a resume of an older copy of it fails the same way."""
+        self._parked.pop(record.ask_id, None)
+        self._remember(self._failed, record.ask_id, (record.sends, error))
+
+    def _remember(self, memory: OrderedDict[str, Any], ask_id: str, value: Any) -> None:
+        memory[ask_id] = value
+        memory.move_to_end(ask_id)
+        if len(memory) > self._capacity:
+            memory.popitem(last=False)
+
+    def recall(self, ask: PendingRefund) -> PendingRefund:
+        """``ask``, a record being resumed, brought up to what this client knows of its
+        ask. A copy older than the one it was parked with here (a resume job delivered
+        twice, a stale copy in a queue) forgets refunds the newer one saw, a review it
+        was parked for, a later send whose window still runs: the newer record is
+        resumed instead (with what either saw). A copy no newer than the ask's definite
+        failure here raises that failure again, with no request: the refund it was told
+        had failed is never made by a second delivery."""
+        failure = self._failed.get(ask.ask_id)
+        if failure is not None and ask.sends <= failure[0]:
+            raise _again(failure[1])
+        newer = self._parked.get(ask.ask_id)
+        if newer is None or newer is ask:
+            return ask
+        base, other = (newer, ask) if newer.sends >= ask.sends else (ask, newer)
+        return attrs.evolve(
+            base,
+            seen=base.seen | other.seen,
+            others=base.others | other.others,
+            needs_review=base.needs_review or other.needs_review,
+            answered=base.answered or other.answered,
+        )
+
     def on_bag(self, bag_id: int, *, besides: str | None = None) -> frozenset[int]:
         """The refunds returned for ``bag_id``, except those owned by the ask
         ``besides`` (for an ask's record, so that a resume in another process never
@@ -132,6 +176,14 @@ class KnownRefunds:
         return len(self._ids)
 
 
+def _again(error: VioletError) -> VioletError:
+    """A fresh copy of ``error`` to raise again (its own traceback, nothing chained)."""
+    clone = type(error).__new__(type(error))
+    clone.__dict__.update(error.__dict__)
+    clone.args = error.args
+    return clone
+
+
 class _OthersOf:
     __slots__ = ("_ask_id", "_known")
 
@@ -157,6 +209,10 @@ class PendingAsks:
 
     def on_bag(self, bag_id: int) -> bool:
         return bag_id in self._by_bag
+
+    def records_on(self, bag_id: int) -> tuple[PendingRefund, ...]:
+        """The records pending on ``bag_id``, oldest first."""
+        return tuple(self._by_bag.get(bag_id, ()))
 
     def add(self, pending: PendingRefund) -> None:
         self._by_bag.setdefault(pending.bag_id, []).append(pending)

@@ -416,6 +416,7 @@ class _Runner:
         self.hold = read_before_send and not allow_repeat
         self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency * 2)
         self.slots = asyncio.Semaphore(concurrency)
+        #: (due by the clock's monotonic time, order, item)
         self.parked: list[tuple[float, int, _Parked]] = []
         self.pace = MerchantPace(max_rate=limiter.ceiling if limiter is not None else None)
         self.paced: list[tuple[float, int, _Paced]] = []
@@ -561,8 +562,10 @@ class _Runner:
         # Not before its window ends, and backing off when the window has passed
         # already (a list lagging beyond it): revisits are not spent at once.
         backoff = min(REVISIT_BACKOFF * 2**revisits, MAX_REVISIT_WAIT)
-        due = max(parked.pending.settle_until or 0.0, self.clock.time() + backoff)
-        heapq.heappush(self.parked, (due, next(self._order), parked))
+        # Due by monotonic time: a wall clock stepped back hours (NTP) must not hold
+        # the run for hours (the record follows the step when it is resumed).
+        wait = max((parked.pending.settle_until or 0.0) - self.clock.time(), backoff)
+        heapq.heappush(self.parked, (self.clock.monotonic() + wait, next(self._order), parked))
         self._parked_changed.set()
         return True
 
@@ -784,7 +787,7 @@ class _Runner:
 
     async def _revisit_due(self, start: Any) -> None:
         """Start parked items whose settle window has passed (each takes a slot)."""
-        while self.parked and self.parked[0][0] <= self.clock.time() and not self._stopping():
+        while self.parked and self.parked[0][0] <= self.clock.monotonic() and not self._stopping():
             _, _, parked = heapq.heappop(self.parked)
             await self.slots.acquire()
             start(
@@ -871,9 +874,13 @@ class _Runner:
                 if tasks:
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            dues = [heap[0][0] for heap in (self.parked, self.paced) if heap]
-            first = min([*dues, lane_due] if lane_due is not None else dues)
-            wait = max(first - self.clock.time(), 0.0)
+            now = self.clock.time()
+            waits = [] if lane_due is None else [lane_due - now]
+            if self.paced:
+                waits.append(self.paced[0][0] - now)
+            if self.parked:  # due by monotonic time
+                waits.append(self.parked[0][0] - self.clock.monotonic())
+            wait = max(min(waits), 0.0)
             if tasks:
                 # Wake for whichever comes first: an item ending (it may park, with an
                 # earlier window) or the first parked window passing.

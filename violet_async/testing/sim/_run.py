@@ -519,8 +519,10 @@ class Seen:
 
     label: str
     what: str
-    """"refund", "failed", "pending", "review" or "crashed" (and with _kinds_more:
-    "not_sent", told nothing applied, or "held", not sent: the bag holds it)."""
+    """"refund", "failed", "pending", "review", "crashed", "joined" (a caller without
+    a key resumed another ask's record with its request: the outcome is that ask's)
+    (and with _kinds_more: "not_sent", told nothing applied, or "held", not sent: the
+    bag holds it)."""
     refund_id: int | None = None
     error: str = ""
     pending: PendingRefund | None = None
@@ -706,6 +708,14 @@ class _World:
             replica_lag=schedule.replica_lag,
         )
         self.ids: list[tuple[int, int]] = []
+        #: Which ask each record (by ask_id) was made for: the label the call that left
+        #: it pending ran under. A caller without a key may resume another ask's
+        #: record (see ``call``): its outcome is that ask's.
+        self.record_owner: dict[str, str] = {}
+        #: Records resumed by a caller other than their ask's.
+        self.taken: set[str] = set()
+        #: Every ask by label, with the repeats that are asks of their own (``again``).
+        self.asks: dict[str, AskSpec] = {a.label: a for a in schedule.asks}
         for n, bag in enumerate(schedule.bags):
             merchant = {}
             if schedule.merchants:
@@ -819,6 +829,17 @@ class _World:
             # 60 s" rule would never end.
             _auth_now=self.clock.time,
         )
+        # Each record the client keeps pending belongs to the ask whose call left it.
+        unsettled = engine_of(client).unsettled
+        add = unsettled.add
+
+        def owned(pending: PendingRefund) -> None:
+            label = ASK_LABEL.get()
+            if label is not None:
+                self.record_owner.setdefault(pending.ask_id, label)
+            add(pending)
+
+        setattr(unsettled, "add", owned)  # noqa: B010
         return client, transport
 
     def request(self, ask: AskSpec) -> RefundBagRequest | CancelBagRequest:
@@ -835,6 +856,8 @@ class _World:
     def saw(self, seen: Seen) -> None:
         seen.who = seen.who or seen.label
         seen.at = self.loop.time()
+        if seen.pending is not None:
+            self.record_owner.setdefault(seen.pending.ask_id, seen.label)
         self.seen.append(seen)
         self.final[seen.label] = seen
         self.errors.append(seen.error)
@@ -948,13 +971,25 @@ class _World:
                     idempotency_key=key,
                 )
         except BagPendingError as exc:
-            mine = [p for p in exc.pending if p.request == self.request(ask)]
-            if repeat and mine and key is None:
-                # The call it repeats left its ask pending: the caller resumes that. (A
-                # keyed call resumes its own ask itself: a record it is refused with is
-                # another ask's, and its refund is not this caller's.)
+            request = self.request(ask)
+            alike = [p for p in exc.pending if p.request == request]
+            own = [p for p in alike if self.record_owner.get(p.ask_id) == ask.label]
+            if repeat and alike and key is None:
+                # The call it repeats may have left its ask pending: the caller resumes
+                # the record with its request (as the error says). (A keyed call
+                # resumes its own ask itself: a record it is refused with is another
+                # ask's, and its refund is not this caller's.)
                 self.check_deadline(ask.label, started)
-                return await self.call(client, ask, mine[0], who=who)
+                record = (own or alike)[0]
+                owner = self.record_owner.get(record.ask_id, ask.label)
+                if owner != ask.label:
+                    # Another ask's record with the same request: without a key nothing
+                    # tells the two apart. What the resume gets is that ask's outcome
+                    # (its record, its refund), and this caller's ask joins it.
+                    self.taken.add(record.ask_id)
+                    self.violet.count("caller:joined")
+                    self.saw(Seen(ask.label, "joined", error=f"joined {owner}"))
+                return await self.call(client, self.asks[owner], record, who=who)
             seen = self.outcome_of(ask.label, exc)
         except VioletError as exc:
             seen = self.outcome_of(ask.label, exc)
@@ -1001,6 +1036,8 @@ class _World:
                 self.violet.count("caller:cancel_keyed" if key else "caller:cancel")
                 self.note(f"{ask.label}: the caller cancelled its call at +{cut.after:g}s")
                 await asyncio.sleep(cut.again)
+                if key is None:
+                    ask = self.again(client, ask)
                 await self.call(client, ask, None, repeat=True, key=key)
 
             await asyncio.gather(
@@ -1008,6 +1045,22 @@ class _World:
                 *(other.second(spec) for spec in self.s.second_callers),
             )
         await self.resolve_pendings()
+
+    def again(self, client: VioletClient, ask: AskSpec) -> AskSpec:
+        """The ask an unkeyed repeat of ``ask``'s cancelled call makes: the same, unless
+        another caller resumed (took) the record the cancelled call left and nothing of
+        it is pending here any more. The SDK is then asked anew, with nothing to tie the
+        repeat to that record: a second ask (``A0+``), whose refund is its own."""
+        records = {i for i, label in self.record_owner.items() if label == ask.label}
+        if not records & self.taken:
+            return ask
+        pending = engine_of(client).unsettled.records_on(self.ids[ask.bag][1])
+        if any(p.ask_id in records for p in pending):
+            return ask
+        repeat = attrs.evolve(ask, label=f"{ask.label}+")
+        self.asks[repeat.label] = repeat
+        self.note(f"{ask.label}: its record was taken by another caller; the repeat is new")
+        return repeat
 
     async def resolve_pendings(self) -> None:
         await self.quiesce()
@@ -1022,11 +1075,15 @@ class _World:
             ]
             if not todo:
                 return
+            if round_:
+                # A resume job tried again later, as a queue backs off: past the lag of
+                # any replica the last round may have read (shows, hides, shows).
+                await asyncio.sleep(max(self.s.replica_lag, 60.0) + 1.0)
             client, _ = self.client(f"resume{round_}")
             async with client:
                 for seen in todo:
                     assert seen.pending is not None
-                    ask = next(a for a in self.s.asks if a.label == seen.label)
+                    ask = self.asks[seen.label]
                     wait = (seen.pending.settle_until or 0.0) - self.clock.time()
                     if wait > 0:
                         await asyncio.sleep(min(wait, 3_600.0))
@@ -1086,7 +1143,9 @@ class _World:
                         resume = pending
                         wait = (pending.settle_until or 0.0) - self.clock.time()
                         if only_pending and wait > 0:
-                            await asyncio.sleep(wait)
+                            # The queue's own clock, not the client's (whose wall clock
+                            # may have stepped back hours): at most an hour.
+                            await asyncio.sleep(min(wait, 3_600.0))
 
                 async def save(ask_record: PendingRefund) -> None:
                     ledger[ask.label] = ask_record.to_json()
@@ -1301,6 +1360,12 @@ class _World:
                 self.violations.append(
                     f"[unparked] {label} ended unknown without a reason: {seen.error[:160]}"
                 )
+            if seen.what == "pending" and self.still_settling(seen, commits.get(label, [])):
+                # Parked with a reason the world still holds: its settle window, by some
+                # reading of an unsure clock, has hours to run, and nothing it sent has
+                # applied (a refund of its own would be a violation: read, not claimed).
+                self.violet.count("parked:settling")
+                continue
             if seen.what in ("pending", "crashed"):
                 refused = seen.pending is not None and "re-send was refused" in seen.pending.note
                 kind = "liveness-refused" if refused else "liveness"
@@ -1311,6 +1376,20 @@ class _World:
 
     def check_more(self) -> None:
         _kinds_more.check(self)
+
+    def still_settling(self, seen: Seen, made: list[int]) -> bool:
+        """``seen`` (a final pending) waits out a settle window that has not ended on
+        the client's clock, says so, and made no refund the client could read (every
+        record epoch-dated is unreadable to it): a true outcome, not a hang."""
+        pending = seen.pending
+        # Epoch-dated records are unreadable to the client: none can be proven its own.
+        return (
+            pending is not None
+            and (not made or self.s.date_style == "epoch")
+            and ("settle window" in pending.note or "reading the bag back failed" in pending.note)
+            and pending.settle_until is not None
+            and pending.settle_until > self.clock.time()
+        )
 
     def check_secrets(self, lines: list[str]) -> None:
         secrets = [s for s in self.violet.secrets if s]

@@ -173,7 +173,8 @@ class SimViolet:
         #: The shape of the n-th applied cancel's answer (None: the 202 body).
         self.cancel_shapes = cancel_shapes
         self._cancels_answered = 0
-        #: Refund ids each ask was shown by a list read it could parse, and those it had
+        #: Refund ids each ask was shown by a list read it received whole (every page)
+        #: and could parse, and those it had
         #: been shown when it was last parked (pending or review): what a replica behind
         #: the primary can hide from its resume (shows, hides, shows). A refund no ask
         #: saw is hidden only by list lag (within the settle window: beyond it is
@@ -183,6 +184,10 @@ class SimViolet:
         #: Every other list read of a parked ask comes from a replica this far behind.
         self.replica_lag = replica_lag
         self._replica_reads: dict[str, int] = {}
+        #: The refunds the answer being made shows the client (its label, their ids).
+        self._showing: tuple[str, list[int], bool, bool] | None = None
+        #: The pages of a list read each label has received so far.
+        self._pages: dict[str, list[int]] = {}
         self.commit_at: dict[int, float] = {}
         self.tokens: dict[str, bool] = {}  # token -> still valid
         self.refresh_tokens: set[str] = set()
@@ -394,6 +399,7 @@ class SimViolet:
         await asyncio.sleep(up)
         # The request is at Violet now.
         late: Callable[[], None] | None = None
+        self._showing = None
         try:
             answer, late = self._answer(
                 route, parts, dict(url.query), headers, body, fault=fault, label=label
@@ -403,6 +409,9 @@ class SimViolet:
             answer = self._error(exc.status, exc.message, exc.error_code, **retry_after)
         if late is not None and fault is not None:
             self.clock.call_later(fault.delay, late)
+        # What this answer shows the client counts as shown only once it arrives (an
+        # answer dropped, or arriving after the attempt timed out, showed nothing).
+        showing, self._showing = self._showing, None
         shown = f"{answer.status}" if answer is not None else "no answer"
         kind = f" fault={fault}" if fault is not None else ""
         summary = _summary(answer) if answer is not None and route == "read" else ""
@@ -426,6 +435,14 @@ class SimViolet:
             raise _timeout(method, path)
         await asyncio.sleep(latency - up)
         assert answer is not None
+        if showing is not None:
+            shown_label, ids, first, last = showing
+            pages = self._pages[shown_label] = [
+                *([] if first else self._pages.get(shown_label, [])),
+                *ids,
+            ]
+            if last:
+                self.shown_to.setdefault(shown_label, set()).update(pages)
         return answer
 
     def _answer(
@@ -533,23 +550,31 @@ class SimViolet:
             if len(kept) < len(shown):
                 self.count("read:stale_hid")
             shown = kept
-        elif (
-            label is not None
+        readable = (
+            not replica
+            and label is not None
             and kind not in ("junk", "garbled_after")
             and self.date_style != "epoch"  # shown: what the client can read
-        ):
-            self.shown_to.setdefault(label, set()).update(r["id"] for r in shown)
+        )
+        listed = shown
         shown = [self._dated(r) for r in shown]
         if kind == "junk":
             # A record no reader can take: an older shape, a field of another type.
             shown = [*shown, {"id": f"legacy-{bag.id}", "amount": "12,00", "status": 7}]
         cap = self.store.quirks.page_size
         if cap is None:
+            if readable:
+                self._showing = (label or "", [r["id"] for r in listed], True, True)
             return self._json(shown)
         number = int(query.get("page", "0"))
         size = min(int(query.get("size", str(cap))), cap)
         content = shown[number * size : (number + 1) * size]
         total_pages = max(math.ceil(len(shown) / size), 1)
+        if readable:
+            # A page shows the client only what is on it, and a list only once its
+            # last page arrived (a read that fails on a later page shows nothing).
+            page = [r["id"] for r in listed[number * size : (number + 1) * size]]
+            self._showing = (label or "", page, number == 0, number >= total_pages - 1)
         return self._json(
             {
                 "content": content,

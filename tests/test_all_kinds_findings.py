@@ -1,0 +1,232 @@
+"""What the simulator found with every world kind switched on at once (issue 24, the
+"Every kind at once" runs of docs/simulation.md): each a double refund or a false
+outcome, replayed here against our own hostile server (tests/hostile.py), counting
+the refunds the server itself made. Each names the simulator seed it came from."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    PendingRefund,
+    RateLimitError,
+    RefundBagRequest,
+    RetryPolicy,
+)
+from violet_async._auth import Auth, Credentials
+from violet_async.batch import BatchItem, run_batch
+from violet_async.testing import FakeClock
+
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
+
+HOUR = 3600.0
+RATE_LIMITED = b'{"status": 429, "message": "Too many requests", "error_code": 429}'
+
+
+async def _pending_of(call: object) -> PendingRefund:
+    with pytest.raises(AmbiguousOutcomeError) as info:
+        await call  # type: ignore[misc]
+    assert info.value.pending is not None
+    return info.value.pending
+
+
+async def _refund_or_pending(call: Awaitable[OrderRefund]) -> OrderRefund | PendingRefund:
+    """The refund, or the record of a call that ended pending (a true outcome)."""
+    try:
+        return await call
+    except AmbiguousOutcomeError as exc:
+        pending = exc.pending
+    assert pending is not None
+    return pending
+
+
+async def test_a_cdn_date_and_a_clock_step_that_agree_never_prove_absence() -> None:
+    """Seed 605311. No baseline; a CDN stamps every ``Date`` 15 h ahead of Violet's
+    refund dates; the POST gets no answer and commits 13 s later, after the call's
+    deadline. Then this machine's wall clock steps 15 h forward (NTP), so the ``Date``
+    now agrees with it. The resume must not trust that agreement: by the clock as it
+    was before the step, our refund is 13 s after the send. Never absence, one POST."""
+    clock = FakeClock()
+    server = Hostile(
+        clock, script=[Step(504, GATEWAY_504, commit_after=13.0)], header_skew=15 * HOUR
+    )
+    async with hostile_client(server, retry=RetryPolicy(deadline=8.0)) as client:
+        pending = await _pending_of(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300))
+        assert server.posts == 1
+        clock.step_wall(15 * HOUR)
+        clock.advance(120.0)  # past the settle window, the refund long committed
+        outcome = await _refund_or_pending(client.resume(pending))
+        if isinstance(outcome, PendingRefund):
+            assert outcome.needs_review
+        else:
+            assert outcome.id == server.ours[0]
+    assert server.posts == 1
+    assert len(server.ours) == 1
+
+
+@attrs.define
+class NoDate(Hostile):
+    """The same server behind a proxy that spoils every ``Date`` header (aiohttp adds
+    its own when there is none: one that cannot be read is as good as none)."""
+
+    @web.middleware
+    async def _date_header(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["Date"] = "no date here"
+        return response
+
+
+async def test_without_a_date_a_clock_step_never_proves_absence() -> None:
+    """Seed 614937. No ``Date`` headers, no baseline; the POST gets no answer and
+    commits 15 s later, after the call was cut off. This machine's wall clock then steps
+    15 h forward: by the clock as it is now our refund is 15 h older than the send, by
+    the clock it was sent by it is 15 s after. Never absence, one POST."""
+    clock = FakeClock()
+    server = NoDate(clock, script=[Step(504, GATEWAY_504, commit_after=15.0)])
+    async with hostile_client(server, retry=RetryPolicy(deadline=8.0)) as client:
+        pending = await _pending_of(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300))
+        clock.step_wall(15 * HOUR)
+        clock.advance(120.0)
+        outcome = await _refund_or_pending(client.resume(pending))
+        if isinstance(outcome, PendingRefund):
+            assert outcome.needs_review
+        else:
+            assert outcome.id == server.ours[0]
+    assert server.posts == 1
+    assert len(server.ours) == 1
+
+
+async def test_a_second_delivery_of_an_older_record_keeps_what_the_first_saw() -> None:
+    """Seeds 606216, 607242 (a resume delivered twice, a replica behind). The first
+    delivery of a resume sees our refund (its day-precision date cannot place it: review);
+    the second delivery, of the same older record, reads a replica that does not have
+    it yet. The client saw that refund for this ask: a list without it is stale, never
+    absence. One POST."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=30.0)], day_dates=True)
+    async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        pending = await _pending_of(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300))
+        clock.advance(60.0)
+        first = await _pending_of(client.resume(pending))
+        assert first.needs_review
+        assert server.ours[0] in first.seen
+        server.replica_behind = 600.0
+        second = await _pending_of(client.resume(PendingRefund.from_json(pending.to_json())))
+        assert second.needs_review
+        assert server.ours[0] in second.seen
+    assert server.posts == 1
+    assert len(server.ours) == 1
+
+
+async def test_a_second_delivery_of_an_older_record_waits_for_the_later_send() -> None:
+    """Seed 611667. The first delivery proves the send absent and sends again; that
+    POST gets no answer (it commits 40 s later) and the call's deadline parks it. The
+    second delivery, of the older record, must wait out the later send's window, not
+    its own: it finds the refund. One refund."""
+    clock = FakeClock()
+    server = Hostile(
+        clock,
+        script=[
+            Step(504, GATEWAY_504, commit_after=None),
+            Step(504, GATEWAY_504, commit_after=40.0),
+        ],
+    )
+    async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
+        pending = await _pending_of(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300))
+        clock.advance(120.0)
+        first = await _pending_of(client.resume(pending))
+        assert server.posts == 2
+        assert first.sends == 2
+        try:
+            refund = await client.resume(PendingRefund.from_json(pending.to_json()))
+        except AmbiguousOutcomeError:
+            assert server.posts == 2  # pending again: still inside the later window
+            clock.advance(120.0)
+            refund = await client.resume(PendingRefund.from_json(pending.to_json()))
+        assert refund.id == server.ours[0]
+    assert server.posts == 2
+    assert len(server.ours) == 1
+
+
+async def test_a_second_delivery_after_a_definite_failure_sends_nothing() -> None:
+    """Seeds 600011, 606650, 610919 (a resume delivered twice). The first delivery
+    proves the send absent, sends again and is refused with 429 (out of attempts): a
+    definite failure, nothing applied. The second delivery, of the same older record,
+    gets the same failure without a request: it must not make the refund the first was
+    told had failed."""
+    clock = FakeClock()
+    server = Hostile(
+        clock,
+        script=[
+            Step(504, GATEWAY_504, commit_after=None),
+            Step(429, RATE_LIMITED, commit_after=None),
+            Step(200),
+        ],
+    )
+    policy = RetryPolicy(deadline=20.0, max_attempts=1)
+    async with hostile_client(server, retry=policy) as client:
+        pending = await _pending_of(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300))
+        clock.advance(120.0)
+        with pytest.raises(RateLimitError):
+            await client.resume(pending)
+        assert server.posts == 2
+        with pytest.raises(RateLimitError):
+            await client.resume(PendingRefund.from_json(pending.to_json()))
+    assert server.posts == 2
+    assert server.ours == []
+
+
+async def test_a_wall_clock_stepped_back_never_stops_token_renewals_for_hours() -> None:
+    """Seed 601331 (a livelock: a call without a deadline read back for 20,000 s, every
+    read refused 401). A token just issued was refused once; the wall clock then stepped
+    back 15 h, and two minutes later Violet refused the next token as expired too. Its
+    age by the stepped clock is negative, not "just issued": an ordinary expiry,
+    renewed, never "not renewing again for 54060 s"."""
+    clock = FakeClock()
+    issued: list[str] = []
+
+    async def send(
+        method: str, path: str, body: bytes | None, token: str | None
+    ) -> tuple[int, bytes]:
+        issued.append(f"token-{len(issued)}-0123456789")
+        return 200, orjson.dumps({"token": issued[-1], "refresh_token": "refresh-0123456789"})
+
+    creds = Credentials(app_id=11, app_secret="secret-0123456789", username="u", password="p")
+    auth = Auth(creds, send, now=clock.time)
+    first = await auth.token()
+    second = await auth.expired(first)  # a token just issued, refused: renewed
+    clock.step_wall(-15 * HOUR)
+    clock.advance(120.0)
+    third = await auth.expired(second)
+    assert len({first, second, third}) == 3
+
+
+async def test_a_batch_run_with_a_parked_row_survives_a_wall_clock_step_back(
+    tmp_path: Path,
+) -> None:
+    """Seed 600559 and 38 more batch seeds (a livelock: the run slept for hours). A row's
+    POST gets a 504 and commits 30 s later; the row parks for its settle window; then
+    this machine's wall clock steps back 15 h. The run revisits the row when the window
+    has passed by monotonic time (minutes), not 15 h later, and finds the refund."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=30.0)])
+    clock.call_later(10.0, lambda: clock.step_wall(-15 * HOUR))
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+    began = clock.monotonic()
+    async with hostile_client(server, retry=RetryPolicy(deadline=300.0)) as client:
+        results = [
+            r async for r in run_batch(client, [item], journal=tmp_path / "j.jsonl", patience=5.0)
+        ]
+    assert [r.outcome for r in results] == ["succeeded"]
+    assert results[0].refund_id == server.ours[0]
+    assert server.posts == 1
+    assert clock.monotonic() - began < 600.0
