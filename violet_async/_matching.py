@@ -23,6 +23,7 @@ from .models import (
 __all__ = [
     "Reading",
     "Verdict",
+    "cannot_tell",
     "content",
     "effect_visible",
     "judge",
@@ -71,6 +72,22 @@ def _sku_totals(lines: Sequence[SkuRefund] | Sequence[RefundedSku]) -> Counter[i
     for line in lines:
         totals[line.order_sku_id] += line.quantity_refunded or 0
     return totals
+
+
+def cannot_tell(
+    ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag | None
+) -> bool:
+    """Whether ``refund`` (one that moved money) may be this ask's with nothing to tell
+    either way: a whole-bag refund or cancel whose bag, or share of it, cannot be read;
+    an amount asked for and a record without one. The guard read never sends past it."""
+    if refund.status in _DEAD:
+        return False
+    request = ask.request
+    if isinstance(request, CancelBagRequest) or (
+        request.amount_refunded is None and request.skus is None
+    ):
+        return bag is None or _is_the_rest(refund, refunds, bag) is None
+    return request.amount_refunded is not None and refund.amount is None
 
 
 def content(

@@ -66,7 +66,7 @@ import attrs
 import orjson
 
 from ._ask import PROCESS_CLOCK, PendingRefund, Phase, ProtocolError, Settings
-from ._matching import Verdict, content, judge, match, needs_bag
+from ._matching import Verdict, cannot_tell, content, judge, match, needs_bag
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -498,6 +498,20 @@ def step(
                 note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
                 held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
                 return held, Action(Do.HOLD, candidates=present)
+            unsure = tuple(
+                r
+                for r in obs.refunds
+                if (r.bag_id is None or r.bag_id == ask.bag_id)
+                and (r.id is None or r.id not in known)
+                and cannot_tell(ask, r, obs.refunds, obs.bag)
+            )
+            if unsure:
+                note = (
+                    f"bag {ask.bag_id} holds a refund that may be this one, and what it "
+                    "refunded cannot be told (the bag or its total unread, or an amount "
+                    "missing); not sent"
+                )
+                return _park(ask, note, review=True, candidates=unsure)
             if obs.unreadable:
                 note = (
                     f"{obs.unreadable} refund record(s) on bag {ask.bag_id} could not be read: "
