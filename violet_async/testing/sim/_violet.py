@@ -22,6 +22,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ..._converter import parse_datetime
 from ..._transport import RawResponse, Timeouts
 from ...exceptions import APIConnectionError, APITimeoutError
 from .._faults import ServerQuirks
@@ -684,7 +685,7 @@ class SimViolet:
 
 
 def _parse_iso(value: str) -> datetime:
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    moment = parse_datetime(value)  # "+0000" too, on Python 3.10
     if moment.tzinfo is None:
         return moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc)
