@@ -481,43 +481,8 @@ def step(
         return ask, Action(Do.READ, delay=obs.backoff, read_bag=needs_bag(ask))
     # A read-back.
     if ask.phase is Phase.NEW:
-        if settings.hold_if_present:
-            if _guard_needs_bag(ask, obs, known):
-                # Only the bag's total tells whether a refund it holds is this whole-bag
-                # refund or cancel (an item re-run after its record was lost): read it
-                # once more with the bag. A bag with no refund needs no second read.
-                return attrs.evolve(ask, reads=1), Action(Do.READ, read_bag=True)
-            present = tuple(
-                r
-                for r in obs.refunds
-                if (r.bag_id is None or r.bag_id == ask.bag_id)
-                and (r.id is None or r.id not in known)
-                and content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH
-            )
-            if present:
-                note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
-                held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
-                return held, Action(Do.HOLD, candidates=present)
-            unsure = tuple(
-                r
-                for r in obs.refunds
-                if (r.bag_id is None or r.bag_id == ask.bag_id)
-                and (r.id is None or r.id not in known)
-                and cannot_tell(ask, r, obs.refunds, obs.bag)
-            )
-            if unsure:
-                note = (
-                    f"bag {ask.bag_id} holds a refund that may be this one, and what it "
-                    "refunded cannot be told (the bag or its total unread, or an amount "
-                    "missing); not sent"
-                )
-                return _park(ask, note, review=True, candidates=unsure)
-            if obs.unreadable:
-                note = (
-                    f"{obs.unreadable} refund record(s) on bag {ask.bag_id} could not be read: "
-                    "whether it already holds this refund cannot be told; not sent"
-                )
-                return _park(ask, note, review=True)
+        if settings.hold_if_present and (guarded := _guard(ask, obs, known)) is not None:
+            return guarded
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
         return _send(attrs.evolve(ask, baseline=baseline), now)
     if ask.phase is not Phase.SENT:
@@ -525,15 +490,41 @@ def step(
     return _after_read(ask, obs, settings, now, remaining, known, patience)
 
 
-def _guard_needs_bag(ask: PendingRefund, obs: Observation, known: Container[int]) -> bool:
-    """The guard read listed refunds that may be this whole-bag refund or cancel, and
-    did not read the bag (asked for once: ``reads`` counts it until the send)."""
-    if obs.bag is not None or ask.reads or not needs_bag(ask):
-        return False
-    return any(
-        (r.bag_id is None or r.bag_id == ask.bag_id) and (r.id is None or r.id not in known)
+def _guard(
+    ask: PendingRefund, obs: Observation, known: Container[int]
+) -> tuple[PendingRefund, Action] | None:
+    """``hold_if_present``: what the guard read before a first send says (None: send).
+    Only refunds on this bag not handed to other calls are looked at."""
+    candidates = tuple(
+        r
         for r in obs.refunds
+        if (r.bag_id is None or r.bag_id == ask.bag_id) and (r.id is None or r.id not in known)
     )
+    if candidates and obs.bag is None and not ask.reads and needs_bag(ask):
+        # Only the bag's total tells whether a refund it holds is this whole-bag refund
+        # or cancel (an item re-run after its record was lost): read it once more with
+        # the bag (``reads`` counts that read until the send). A bag with no refund
+        # needs no second read.
+        return attrs.evolve(ask, reads=1), Action(Do.READ, read_bag=True)
+    present = tuple(r for r in candidates if content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH)
+    if present:
+        note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
+        held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
+        return held, Action(Do.HOLD, candidates=present)
+    unsure = tuple(r for r in candidates if cannot_tell(ask, r, obs.refunds, obs.bag))
+    if unsure:
+        note = (
+            f"bag {ask.bag_id} holds a refund that may be this one, and what it refunded "
+            "cannot be told (the bag or its total unread, or an amount missing); not sent"
+        )
+        return _park(ask, note, review=True, candidates=unsure)
+    if obs.unreadable:
+        note = (
+            f"{obs.unreadable} refund record(s) on bag {ask.bag_id} could not be read: "
+            "whether it already holds this refund cannot be told; not sent"
+        )
+        return _park(ask, note, review=True)
+    return None
 
 
 def _after_read(
