@@ -35,6 +35,7 @@ from .batch import (
     CLEAN_OUTCOMES,
     BatchItem,
     BatchResult,
+    DryRun,
     Kind,
     run_batch,
 )
@@ -437,7 +438,14 @@ def _check(kind: Kind, path: Path, err: IO[str], *, full_refunds: bool) -> _Plan
 
 
 def _print_plan(
-    kind: Kind, path: Path, plan: _Plan, journal: Path, out: IO[str], *, full_refunds: bool
+    kind: Kind,
+    path: Path,
+    plan: _Plan,
+    journal: Path,
+    out: IO[str],
+    *,
+    full_refunds: bool,
+    allow_repeat: bool = False,
 ) -> None:
     out.write(f"dry run: every row of {path} is valid; nothing was sent\n")
     shown = 0
@@ -455,18 +463,33 @@ def _print_plan(
         if entries:
             # Rows are numbered by repeat as the run numbers them (bounded: a counter
             # that moves to disk), and looked up in the journal one at a time.
+            # A new row a run would not simply send (held for an earlier run's done
+            # row of the same money, or waiting for an open one's read-back) is
+            # counted and named as the run would treat it, from the journal alone.
             repeats = RepeatCounter()
             states: Counter[str] = Counter()
+            dry = DryRun(entries, allow_repeat=allow_repeat)
+            notes: list[str] = []
             try:
                 for item in read_items(path, kind, full_refunds=full_refunds):
                     if isinstance(item, BatchItem):
                         content = item.key
                         entry = entries.get(f"{content}#{repeats.take(content)}")
-                        states[entry.state if entry is not None else "new"] += 1
+                        if entry is not None:
+                            dry.own(entry)
+                            states[entry.state] += 1
+                            continue
+                        verdict = dry.verdict(item, repeats)
+                        states[verdict[0] if verdict is not None else "new"] += 1
+                        if verdict is not None and len(notes) < PLAN_ROWS:
+                            where = f"line {item.line}: {kind} order {item.order_id} bag"
+                            notes.append(f"  {where} {item.bag_id}: {verdict[1]}")
             finally:
                 repeats.close()
             summary = ", ".join(f"{states[s]} {s}" for s in sorted(states))
             out.write(printable(f"journal {journal}: {summary} (done rows are skipped)") + "\n")
+            for note in notes:
+                out.write(printable(note) + "\n")
     finally:
         entries.close()
 
@@ -684,7 +707,16 @@ async def run_file(
         return EXIT_BAD_INPUT
     journal = options.journal or path.with_name(path.name + f".{kind}.journal.jsonl")
     if options.dry_run:
-        return _dry_run(kind, path, plan, journal, out, err, full_refunds=options.full_refunds)
+        return _dry_run(
+            kind,
+            path,
+            plan,
+            journal,
+            out,
+            err,
+            full_refunds=options.full_refunds,
+            allow_repeat=options.allow_repeat,
+        )
     plan.warn(err)
     overrides: dict[str, Any] = {
         "retry": RetryPolicy(settle_running=options.settle_running),
@@ -729,9 +761,12 @@ def _dry_run(  # noqa: PLR0917 - one call site
     err: IO[str],
     *,
     full_refunds: bool,
+    allow_repeat: bool = False,
 ) -> int:
     try:
-        _print_plan(kind, path, plan, journal, out, full_refunds=full_refunds)
+        _print_plan(
+            kind, path, plan, journal, out, full_refunds=full_refunds, allow_repeat=allow_repeat
+        )
     except UnsafeFileError as exc:  # a journal another user could have written
         err.write(printable(f"violet-async: {exc}") + "\n")
         return EXIT_BAD_INPUT

@@ -61,7 +61,6 @@ from ._journal_index import (
     JournalEntry,
     JournalIndex,
     entry_of,
-    money_key,
     read_journal,
 )
 from ._redact import Redactor
@@ -220,11 +219,10 @@ class Journal:
 
     def paid_alike(self, kind: str, order_id: int, bag_id: int, request: Any) -> list[str]:
         """Keys of items an earlier run ended "done" on ``bag_id`` whose request moved
-        the same money as ``request`` (unstructured): same kind, order, amount, shipping
-        and skus (a cancel: any cancel of the bag). Their reason, restock_items or
-        notify_customer may differ."""
-        money = money_key(kind, order_id, bag_id, request)
-        return self._entries.paid_alike(bag_id, money) if money is not None else []
+        the same money as ``request`` (unstructured): its reason, restock_items or
+        notify_customer aside, and a whole-bag refund the same as one stating the
+        amount it refunded (:func:`~violet_async._journal_index.same_money`)."""
+        return self._entries.paid_like(kind, order_id, bag_id, request)
 
     @property
     def any_paid(self) -> bool:

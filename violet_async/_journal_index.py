@@ -65,6 +65,65 @@ def money_key(kind: Any, order_id: Any, bag_id: Any, request: Any) -> int | None
         return None
 
 
+def money_of(
+    kind: Any, order_id: Any, bag_id: Any, request: Any, paid: Any = None
+) -> tuple[Any, ...] | None:
+    """What a request moves, for :func:`same_money`: (its :func:`money_key`, kind,
+    order, the amount it states (None: a whole-bag refund, or one of its lines whose
+    amount Violet works out), its lines (skus, hashed; None: none named), and ``paid``:
+    the amount the refund it made moved, as Violet answered it (None: not known)).
+    None: not a request's shape."""
+    exact = money_key(kind, order_id, bag_id, request)
+    if exact is None:
+        return None
+    stated = lines = None
+    if kind == "refund":
+        stated = request.get("amount_refunded")
+        skus = request.get("skus")
+        lines = None if skus is None else hash(_money_part(skus))
+    return (
+        exact,
+        kind,
+        order_id,
+        stated if type(stated) is int else None,
+        lines,
+        paid if type(paid) is int else None,
+    )
+
+
+def same_money(done: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    """Whether a new request (``new``, :func:`money_of`) asks the same money of its bag
+    as a done one (``done``, with the amount its refund moved), so that sending it
+    after the done one could refund the bag twice (their reason, restock_items or
+    notify_customer aside). The same when:
+
+    - both ask the same amount, shipping and lines (:func:`money_key`);
+    - one is a cancel and the other a refund of the bag (a cancel moves the bag's
+      rest: after a refund of the whole bag, nothing; a refund after a cancel, again);
+    - both are refunds, their lines (when both name some) are the same, and: the new
+      one states no amount (the whole bag, or its lines': it may be the done one's), or
+      it states the done one's stated amount, or, the done one stating none (the whole
+      bag), the amount its refund moved (or that amount is not known).
+
+    Shipping does not tell two amounts apart. Another stated amount, or other lines,
+    is other money."""
+    if done[0] == new[0]:
+        return True
+    _, done_kind, done_order, done_stated, done_lines, paid = done
+    _, new_kind, new_order, new_stated, new_lines, _ = new
+    if done_order != new_order:
+        return False
+    if done_kind != new_kind or done_kind != "refund":
+        return True  # a cancel and a refund (or two cancels) of one bag
+    if done_lines is not None and new_lines is not None and done_lines != new_lines:
+        return False
+    if new_stated is None:
+        return True
+    if done_stated is not None:
+        return bool(done_stated == new_stated)
+    return paid is None or paid == new_stated
+
+
 def _money_part(value: Any) -> Any:
     if value is None or type(value) is int:
         return value
@@ -103,15 +162,15 @@ class JournalIndex(Mapping[str, JournalEntry]):
         self._bag_of: dict[str, int] = {}
         #: Finished items not yet on disk: key -> (sequence number, state, ts, line,
         #: first_sent, refund_id, error, message, bag, money): the last two for an item
-        #: "done" whose protocol record was read (its bag and :func:`money_key`).
+        #: "done" whose protocol record was read (its bag and :func:`money_of`).
         self._done: dict[str, tuple[Any, ...]] = {}
         self._disk: sqlite3.Connection | None = None
         self._on_disk = 0
         #: Entries a run moved on after the load (they win over what was loaded).
         self._later: dict[str, JournalEntry] = {}
-        #: (bag, money) -> keys of the finished items in memory with them: built at
+        #: bag -> (key, money) of the finished items in memory done on it: built at
         #: the first :meth:`paid_alike`, after the load (none of its cost on a load).
-        self._paid: dict[tuple[int, int], list[str]] | None = None
+        self._paid: dict[int, list[tuple[str, tuple[Any, ...]]]] | None = None
         self._paid_indexed = False
         #: Any item "done" with a money key at all (else no lookup is worth making).
         self.any_paid = False
@@ -141,7 +200,13 @@ class JournalIndex(Mapping[str, JournalEntry]):
             ask = opened[1].get("ask")
             if state == "done" and type(ask) is dict and type(ask.get("bag_id")) is int:
                 bag = ask["bag_id"]
-                money = money_key(ask.get("kind"), ask.get("order_id"), bag, ask.get("request"))
+                money = money_of(
+                    ask.get("kind"),
+                    ask.get("order_id"),
+                    bag,
+                    ask.get("request"),
+                    record.get("amount"),
+                )
                 self.any_paid = self.any_paid or money is not None
         ts, line, first, refund, error, message = (
             record.get("ts"),
@@ -183,10 +248,13 @@ class JournalIndex(Mapping[str, JournalEntry]):
             self._disk.execute(
                 "CREATE TABLE e (key TEXT PRIMARY KEY, seq INTEGER, state TEXT, ts REAL, "
                 "line INTEGER, first_sent REAL, refund_id INTEGER, error TEXT, "
-                "message TEXT, bag INTEGER, money INTEGER) WITHOUT ROWID"
+                "message TEXT, bag INTEGER, money BLOB) WITHOUT ROWID"
             )
         # In key order: a B-tree takes sorted inserts several times faster.
-        rows = ((key, *fields) for key, fields in sorted(self._done.items()))
+        rows = (
+            (key, *fields[:9], None if fields[9] is None else orjson.dumps(fields[9]))
+            for key, fields in sorted(self._done.items())
+        )
         with self._disk:
             self._disk.executemany(
                 f"INSERT OR REPLACE INTO e (key, seq, {_FIELDS}, bag, money) "  # noqa: S608 - constant
@@ -257,28 +325,34 @@ class JournalIndex(Mapping[str, JournalEntry]):
         unknown): a new item on the bag waits until they are settled."""
         return frozenset(self._by_bag.get(bag_id, ()))
 
-    def paid_alike(self, bag_id: int, money: int) -> list[str]:
+    def paid_alike(self, bag_id: int, money: tuple[Any, ...]) -> list[str]:
         """Keys of the items loaded "done" on ``bag_id`` whose request moved the same
-        money (:func:`money_key`), in the order they were done. Their state may have
-        moved on since the load (read it with ``self[key]``). The first call indexes
-        them (a load pays nothing for it)."""
+        money as ``money`` (:func:`money_of`, :func:`same_money`), in the order they
+        were done. Their state may have moved on since the load (read it with
+        ``self[key]``). The first call indexes them (a load pays nothing for it)."""
         keys: list[str] = []
         if self._disk is not None:
             if not self._paid_indexed:
                 self._disk.execute(
-                    "CREATE INDEX IF NOT EXISTS e_paid ON e (bag, money) WHERE money IS NOT NULL"
+                    "CREATE INDEX IF NOT EXISTS e_paid ON e (bag) WHERE money IS NOT NULL"
                 )
                 self._paid_indexed = True
             rows = self._disk.execute(
-                "SELECT key FROM e WHERE bag = ? AND money = ? ORDER BY seq", (bag_id, money)
+                "SELECT key, money FROM e WHERE bag = ? AND money IS NOT NULL ORDER BY seq",
+                (bag_id,),
             )
-            keys = [key for (key,) in rows]
+            keys = [key for key, done in rows if same_money(tuple(orjson.loads(done)), money)]
         if self._paid is None:
             self._paid = {}
             for key, fields in self._done.items():
                 if fields[9] is not None:
-                    self._paid.setdefault((fields[8], fields[9]), []).append(key)
-        return keys + self._paid.get((bag_id, money), [])
+                    self._paid.setdefault(fields[8], []).append((key, fields[9]))
+        return keys + [key for key, done in self._paid.get(bag_id, ()) if same_money(done, money)]
+
+    def paid_like(self, kind: str, order_id: int, bag_id: int, request: Any) -> list[str]:
+        """:meth:`paid_alike` for a request (unstructured, as the journal records it)."""
+        money = money_of(kind, order_id, bag_id, request)
+        return self.paid_alike(bag_id, money) if money is not None else []
 
     def moved(self, key: str) -> bool:
         """A run recorded a state of this loaded item since the load."""

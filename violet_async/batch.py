@@ -21,7 +21,7 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any, Literal
 
 import attrs
@@ -40,7 +40,7 @@ from ._journal import (
     JournalMismatchError,
     JournalWriteError,
 )
-from ._journal_index import RepeatCounter
+from ._journal_index import JournalIndex, RepeatCounter
 from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
 from ._reconcile import RateLimitDeferred
@@ -649,14 +649,7 @@ class _Runner:
             return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
         paid = self._paid_alike(item) if not (self.allow_repeat or seen) else None
         if paid is not None:
-            exc = _BagHeld(
-                f"bag {item.bag_id} already holds refund {paid.refund_id}, made by an "
-                f"earlier run's row (line {paid.line}) asking the same money of the bag; "
-                "this row differs from it only in reason, restock_items or "
-                "notify_customer (an edited row?), and this input no longer has that row "
-                "as it was; not sent. Check the bag; --allow-repeat sends it anyway",
-                paid.refund_id,
-            )
+            exc = _BagHeld(held_message(item, paid), paid.refund_id)
             return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
         why = self.blocked.get(item.bag_id) or self._unreadable_on_bag(item.bag_id, key)
         if why is not None:
@@ -672,23 +665,14 @@ class _Runner:
         Claimed for this item (None: no such entry)."""
         if self.log is None or not self.log.any_paid:
             return None
-        request = converter.unstructure(item.request)  # as the journal records it
-        for key in self.log.paid_alike(item.kind, item.order_id, item.bag_id, request):
-            content, _, number = key.rpartition("#")
-            if key in self.claimed or (
-                self.repeats is not None
-                and number.isdigit()
-                and self.repeats.seen(content) > int(number)
-            ):
-                continue  # its own row is in this input (already_done), or it is taken
-            entry = self.log.entry(key)
-            if entry is None or entry.state != "done" or entry.refund_id in self.claimed_refunds:
-                continue
-            self.claimed.add(key)
-            if entry.refund_id is not None:
-                self.claimed_refunds.add(entry.refund_id)
-            return entry
-        return None
+        return claim_paid_alike(
+            self.log.paid_alike,
+            self.log.entry,
+            item,
+            self.claimed,
+            self.claimed_refunds,
+            self.repeats,
+        )
 
     def _unreadable_on_bag(self, bag_id: int, key: str) -> str | None:
         """Why nothing may be sent on ``bag_id`` when an earlier run's open entry on it
@@ -928,6 +912,93 @@ class _Runner:
         await asyncio.gather(*own, return_exceptions=True)
 
 
+def claim_paid_alike(  # noqa: PLR0917 - internal, two call sites
+    paid_alike: Callable[[str, int, int, Any], list[str]],
+    entry_of_key: Callable[[str], JournalEntry | None],
+    item: BatchItem,
+    claimed: set[str],
+    claimed_refunds: set[int],
+    repeats: RepeatCounter | None,
+) -> JournalEntry | None:
+    """The earlier run's "done" entry on ``item``'s bag that asked the same money
+    (``paid_alike``: the journal's lookup), whose own row the input has not held so far
+    (``repeats``: the rows met so far) nor another row claimed: claimed for ``item``
+    (None: none). Shared by a run and a dry run (which reads only the journal)."""
+    request = converter.unstructure(item.request)  # as the journal records it
+    for key in paid_alike(item.kind, item.order_id, item.bag_id, request):
+        content, _, number = key.rpartition("#")
+        if key in claimed or (
+            repeats is not None and number.isdigit() and repeats.seen(content) > int(number)
+        ):
+            continue  # its own row is in this input (already_done), or it is taken
+        entry = entry_of_key(key)
+        if entry is None or entry.state != "done" or entry.refund_id in claimed_refunds:
+            continue
+        claimed.add(key)
+        if entry.refund_id is not None:
+            claimed_refunds.add(entry.refund_id)
+        return entry
+    return None
+
+
+class DryRun:
+    """What a run would do with each new row of an input (no journal entry of its own),
+    read from the journal only: nothing is sent. Rows are given in input order, each
+    after ``repeats.take`` counted it, as a run meets them."""
+
+    def __init__(self, index: JournalIndex, *, allow_repeat: bool = False) -> None:
+        self.index = index
+        self.allow_repeat = allow_repeat
+        self.claimed: set[str] = set()
+        self.claimed_refunds: set[int] = set()
+
+    def own(self, entry: JournalEntry) -> None:
+        """A row whose own entry the journal has: one held before accounts for the
+        refund it was held for (as a run's skip of it does)."""
+        if entry.state == "present" and entry.refund_id is not None:
+            self.claimed_refunds.add(entry.refund_id)
+
+    def verdict(self, item: BatchItem, repeats: RepeatCounter) -> tuple[str, str] | None:
+        """(what the run does, why) for a new row the run would not simply send; None:
+        it is sent. An earlier run's done row of the same money holds it (as
+        :meth:`_Runner._not_now`); an earlier run's open entry on its bag is read back
+        before it (it is then held if that one applied)."""
+        index = self.index
+        if index.any_paid and not self.allow_repeat:
+            paid = claim_paid_alike(
+                index.paid_like, index.get, item, self.claimed, self.claimed_refunds, repeats
+            )
+            if paid is not None:
+                return "held (already_present)", held_message(item, paid)
+        entries = [index.get(k) for k in sorted(index.open_on_bag(item.bag_id))]
+        for entry in entries:
+            if entry is not None and _orphan(entry) is None:
+                return "not_sent", (
+                    f"not sent: an earlier run's row on the bag (line {entry.line}, "
+                    f"{entry.state}) may have applied and its journal record cannot be read"
+                )
+        first = next((e for e in entries if e is not None), None)
+        if first is not None:
+            return "waits for a read-back", (
+                f"waits: an earlier run's row on the bag (line {first.line}, {first.state}) "
+                "is read back first, never re-sent; this row is not sent if that one applied"
+            )
+        return None
+
+
+def held_message(item: BatchItem, paid: JournalEntry) -> str:
+    """Why ``item`` is not sent: ``paid``, an earlier run's done row, asked the same
+    money of the bag."""
+    return (
+        f"bag {item.bag_id} already holds refund {paid.refund_id}, made by an earlier "
+        f"run's row (line {paid.line}) asking the same money of the bag (this row differs "
+        "from it in reason, restock_items or notify_customer, or names as an amount "
+        "what that row refunded as the whole bag or its lines, or the other way round, "
+        "or cancels where it refunded: an edited row?), and this input no longer has "
+        "that row as it was; not sent. Check the bag; --allow-repeat sends it anyway"
+    )
+
+
 def _skip(
     item: BatchItem, prior: JournalEntry | None, *, retry_failed: bool, allow_repeat: bool
 ) -> BatchResult | None:
@@ -1096,7 +1167,12 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         return await _unapplied(client, item, key, error, ended.outcome, pace, stats, log)
     _paced_success(client, item, refund, pace, limiter)
     if log is not None:
-        await log.record(key, item.line, "done", refund_id=refund.id, reconciled=refund.reconciled)
+        # The amount it moved: a later row stating that amount, where this one stated
+        # none (the whole bag), is the same money (see _journal_index.same_money).
+        done: dict[str, Any] = {"refund_id": refund.id, "reconciled": refund.reconciled}
+        if type(refund.amount) is int:
+            done["amount"] = refund.amount
+        await log.record(key, item.line, "done", **done)
     return _result(item, "succeeded", stats, refund=refund)
 
 
