@@ -10,6 +10,7 @@ happily, refunding the bag's total again. Refunds are counted from its own recor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 from collections.abc import AsyncIterator
@@ -384,3 +385,80 @@ async def test_the_command_line_holds_a_full_row_edited_to_its_amount(
     assert rows[0]["refund_id"] == server.made[0]
     assert len(server.made) == 1
     assert server.posts == 1
+
+
+# -- --dry-run: what the run would do with each row, from the journal alone --------------
+
+
+def csv_of(path: Path, *rows: str) -> Path:
+    path.write_text("order_id,bag_id,amount_refunded,reason\n" + "".join(f"{r}\n" for r in rows))
+    return path
+
+
+async def test_a_dry_run_names_a_row_that_waits_for_an_open_entry_on_its_bag(
+    tmp_path: Path,
+) -> None:
+    """Run 1 (the file's own journal) is killed with its whole-bag POST in flight; the
+    row is edited to an amount. The dry run counts it as waiting for the read-back
+    (not new), names the earlier row, and sends nothing; the run then holds it."""
+    server = Lagging(FakeClock(), total=TOTAL)
+    server.scripts = [server.commit_then(200, hang=True)]
+    path = tmp_path / "in.csv"
+    journal = Path(f"{path}.refund.journal.jsonl")
+    async with running(server) as client:
+        await _killed_mid_post(client, whole(3), journal, server)
+    csv_of(path, f"{ORDER},{BAG},{TOTAL},x", f"{ORDER},{BAG2},250,y")
+    posts, reads = server.posts, server.reads
+    code, out, err = await cli(path, dry_run=True)
+    assert code == 0, out + err
+    assert ": 1 new, 1 waits for a read-back (done rows are skipped)" in out
+    assert f"line 2: refund order {ORDER} bag {BAG}: waits: an earlier run's row" in out
+    assert "(line 3, sent)" in out
+    assert (server.posts, server.reads) == (posts, reads)
+    async with running(server) as client:
+        results = await _results(client, [amount(TOTAL, 2, reason="x")], journal)
+    assert [r.outcome for r in results] == ["already_present"]
+    assert len(server.made) == 1
+
+
+async def test_a_dry_run_counts_held_rows_as_the_run_would(tmp_path: Path) -> None:
+    """Two whole-bag rows done on one bag (two refunds asked for); the file then holds
+    three rows stating that amount: two are held (one for each done row), the third is
+    new. With --allow-repeat all three are new. A row held before (present) keeps its
+    refund: the next dry run counts it present, and the others as before."""
+    server = Lagging(FakeClock(), total=TOTAL)
+    path = tmp_path / "in.csv"
+    journal = Path(f"{path}.refund.journal.jsonl")
+    assert await batch(server, [whole(2), whole(3)], journal) == ["succeeded", "succeeded"]
+    csv_of(path, *[f"{ORDER},{BAG},{TOTAL},r{n}" for n in range(3)])
+    code, out, _ = await cli(path, dry_run=True)
+    assert code == 0
+    assert ": 2 held (already_present), 1 new (done rows are skipped)" in out
+    assert out.count("already holds refund") == 2
+    for refund_id in server.made:
+        assert f"already holds refund {refund_id}," in out
+    code, out, _ = await cli(path, dry_run=True, allow_repeat=True)
+    assert ": 3 new (done rows are skipped)" in out
+    assert "already holds" not in out
+    # The first edited row is held by a run (journaled present); the file keeps it.
+    assert await batch(server, [amount(TOTAL, 2, reason="r0")], journal) == ["already_present"]
+    code, out, _ = await cli(path, dry_run=True)
+    assert ": 1 held (already_present), 1 new, 1 present (done rows are skipped)" in out
+    assert server.posts == 2
+
+
+def test_a_dry_run_says_a_row_on_a_bag_with_an_unreadable_record_is_not_sent(
+    tmp_path: Path,
+) -> None:
+    path = csv_of(tmp_path / "in.csv", f"{ORDER},{BAG},300,x")
+    journal = Path(f"{path}.refund.journal.jsonl")
+    ask = {"kind": "refund", "bag_id": BAG, "sends": "many"}
+    journal.write_bytes(
+        orjson.dumps({"key": "refund:zz#0", "line": 7, "state": "sent", "ask": ask}) + b"\n"
+    )
+    out, err = io.StringIO(), io.StringIO()
+    code = asyncio.run(run_file("refund", path, BatchOptions(dry_run=True), out=out, err=err))
+    assert code == 0, err.getvalue()
+    text = out.getvalue()
+    assert ": 1 not_sent (done rows are skipped)" in text
+    assert "(line 7, sent) may have applied and its journal record cannot be read" in text
