@@ -5,7 +5,7 @@ Line shapes::
     {"type": "header", "v": 2, "input": "<what the input was, informational>", "ts": ...}
     {"key": "refund:1f0c...#0", "line": 3, "state": "sent", "ask": {...}, "ts": ...}
     {"key": ..., "line": 3, "state": "pending", "ask": {...}, ...}
-    {"key": ..., "line": 3, "state": "done", "refund_id": 400001, "reconciled": false, ...}
+    {"key": ..., "line": 3, "state": "done", "refund_id": 400001, "amount": 1000, ...}
     {"key": ..., "line": 3, "state": "failed", "error": "BadRequestError", "message": ...}
     {"key": ..., "line": 3, "state": "unknown", "error": "AmbiguousOutcomeError", ...}
     {"key": ..., "line": 3, "state": "present", "refund_id": 400007, "refunds": [...]}
