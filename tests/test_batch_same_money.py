@@ -22,9 +22,15 @@ import pytest
 from aiohttp import web
 
 from violet_async._batch_cli import EXIT_FAILED, BatchOptions, run_file
-from violet_async._journal_index import JournalIndex, money_of, read_journal, same_money
+from violet_async._journal_index import (
+    JournalIndex,
+    fills_bag,
+    money_of,
+    read_journal,
+    same_money,
+)
 from violet_async.batch import BatchItem, run_batch
-from violet_async.models import CancelBagRequest, RefundBagRequest, SkuRefund
+from violet_async.models import CancelBagRequest, RefundBagRequest, ShippingRefund, SkuRefund
 from violet_async.testing import FakeClock
 
 from .test_review6_findings import (
@@ -126,12 +132,37 @@ async def test_a_partial_amount_edited_to_the_whole_bag_is_held_too(tmp_path: Pa
     assert len(server.made) == 2
 
 
-async def test_another_amount_after_a_whole_bag_refund_is_other_money(tmp_path: Path) -> None:
-    """The done whole-bag refund moved 1000; a row stating 300 asks other money (as it
-    did before: an amount changed is a new refund). The boundary, pinned."""
+async def test_a_whole_bag_refund_split_into_two_amounts_is_not_sent(tmp_path: Path) -> None:
+    """After a done whole-bag refund nothing of the bag is left to refund: the row
+    edited into two rows of 600 and 400 (or another amount) is held, both of them,
+    though one done row accounts for one row elsewhere."""
     server = Lagging(FakeClock(), total=TOTAL)
     journal = tmp_path / "j.jsonl"
-    assert await batch(server, [whole()], journal) == ["succeeded"]
+    assert await batch(server, [whole(1)], journal) == ["succeeded"]
+    split = [amount(600, 1), amount(400, 2)]
+    assert await batch(server, split, journal) == ["already_present", "already_present"]
+    assert await batch(server, [amount(300, 3)], journal) == ["already_present"]
+    assert server.posts == 1
+    assert len(server.made) == 1
+
+
+async def test_another_amount_after_a_done_amount_is_other_money(tmp_path: Path) -> None:
+    """A done row stating 300; a row stating 350 asks other money (as before: an amount
+    changed is a new refund). The boundary, pinned."""
+    server = Lagging(FakeClock(), total=TOTAL)
+    journal = tmp_path / "j.jsonl"
+    assert await batch(server, [amount(300)], journal) == ["succeeded"]
+    assert await batch(server, [amount(350)], journal) == ["succeeded"]
+    assert len(server.made) == 2
+
+
+async def test_lines_refunded_then_another_amount_is_other_money(tmp_path: Path) -> None:
+    """A done refund of one line (no amount; it moved 1000 here) and a row stating
+    300: other money (the bag may hold more lines)."""
+    server = Lagging(FakeClock(), total=TOTAL)
+    journal = tmp_path / "j.jsonl"
+    sku = SkuRefund(order_sku_id=77, quantity_refunded=1)
+    assert await batch(server, [whole(skus=[sku])], journal) == ["succeeded"]
     assert await batch(server, [amount(300)], journal) == ["succeeded"]
     assert len(server.made) == 2
 
@@ -275,7 +306,10 @@ def test_same_money_rules() -> None:
 
     whole_done = money("refund", {}, paid=TOTAL)
     assert same_money(whole_done, money("refund", {"amount_refunded": TOTAL}))
-    assert not same_money(whole_done, money("refund", {"amount_refunded": 300}))
+    assert same_money(whole_done, money("refund", {"amount_refunded": 300}))
+    assert fills_bag(whole_done)
+    assert fills_bag(money("cancel", {}))
+    assert not fills_bag(money("refund", {"amount_refunded": TOTAL}))
     assert same_money(money("refund", {}), money("refund", {"amount_refunded": 300}))
     assert same_money(money("refund", {"amount_refunded": 300}, 300), money("refund", {}))
     assert not same_money(
@@ -299,22 +333,31 @@ def test_same_money_rules() -> None:
     assert money_of("refund", ORDER, BAG, {"amount_refunded": "x"}) is not None
 
 
-def test_the_index_finds_a_whole_bag_refund_by_its_amount_in_memory_and_on_disk() -> None:
+def test_the_index_finds_a_lines_refund_by_its_amount_in_memory_and_on_disk() -> None:
     def line(key: str, state: str, **fields: Any) -> bytes:
         return orjson.dumps({"key": key, "state": state, "ts": 1.0, **fields}) + b"\n"
 
-    ask = {"kind": "refund", "order_id": ORDER, "bag_id": BAG, "request": {}}
+    sku = {"order_sku_id": 1, "quantity_refunded": 1}
+    ask = {"kind": "refund", "order_id": ORDER, "bag_id": BAG, "request": {"skus": [sku]}}
     lines = []
     for n in range(4):
         lines.append(line(f"k{n}", "sent", ask=ask))
         lines.append(line(f"k{n}", "done", refund_id=n, amount=TOTAL if n != 2 else 10))
+    whole = {**ask, "request": {}}
+    lines.append(line("w", "sent", ask=whole))
+    lines.append(line("w", "done", refund_id=9, amount=TOTAL))
     for spill in (100, 2):
         index = JournalIndex(spill_at=spill)
         try:
             read_journal(iter(lines), index)
             asked = money_of("refund", ORDER, BAG, {"amount_refunded": TOTAL})
             assert asked is not None
-            assert sorted(index.paid_alike(BAG, asked)) == ["k0", "k1", "k3"]
+            assert sorted(index.paid_alike(BAG, asked)) == [
+                ("k0", False),
+                ("k1", False),
+                ("k3", False),
+                ("w", True),
+            ]
             assert index.paid_like("refund", ORDER, BAG2, {"amount_refunded": TOTAL}) == []
             assert index.paid_like("refund", ORDER, BAG, ["not a request"]) == []
         finally:
@@ -422,14 +465,15 @@ async def test_a_dry_run_names_a_row_that_waits_for_an_open_entry_on_its_bag(
 
 
 async def test_a_dry_run_counts_held_rows_as_the_run_would(tmp_path: Path) -> None:
-    """Two whole-bag rows done on one bag (two refunds asked for); the file then holds
+    """Two rows of 1000 done on one bag (two refunds asked for); the file then holds
     three rows stating that amount: two are held (one for each done row), the third is
     new. With --allow-repeat all three are new. A row held before (present) keeps its
     refund: the next dry run counts it present, and the others as before."""
     server = Lagging(FakeClock(), total=TOTAL)
     path = tmp_path / "in.csv"
     journal = Path(f"{path}.refund.journal.jsonl")
-    assert await batch(server, [whole(2), whole(3)], journal) == ["succeeded", "succeeded"]
+    done = [amount(TOTAL, 2), amount(TOTAL, 3)]
+    assert await batch(server, done, journal) == ["succeeded", "succeeded"]
     csv_of(path, *[f"{ORDER},{BAG},{TOTAL},r{n}" for n in range(3)])
     code, out, _ = await cli(path, dry_run=True)
     assert code == 0
@@ -462,3 +506,37 @@ def test_a_dry_run_says_a_row_on_a_bag_with_an_unreadable_record_is_not_sent(
     text = out.getvalue()
     assert ": 1 not_sent (done rows are skipped)" in text
     assert "(line 7, sent) may have applied and its journal record cannot be read" in text
+
+
+SHIP = {"shipping": ShippingRefund(amount=150)}
+EDITS: dict[str, tuple[list[BatchItem], list[list[BatchItem]]]] = {
+    "whole, then shipping added": ([whole()], [[whole(**SHIP)], [amount(TOTAL, **SHIP)]]),
+    "amount, then shipping added": ([amount(300)], [[amount(300, **SHIP)]]),
+    "cancel, then two refunds": ([cancel()], [[whole(1), amount(5, 2)]]),
+    "whole, then a cancel and a refund": ([whole()], [[cancel(1), amount(TOTAL, 2)]]),
+    "whole, edited in three runs": (
+        [whole(reason="a")],
+        [[amount(TOTAL, reason="b")], [whole(reason="c")], [amount(TOTAL, 4, reason="d")]],
+    ),
+    "whole, repeated twice edited": ([whole()], [[amount(TOTAL, 1), amount(TOTAL, 2)]]),
+    "lines, then no lines and no amount": (
+        [whole(skus=[SkuRefund(order_sku_id=77, quantity_refunded=1)])],
+        [[whole()]],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDITS))
+async def test_edits_between_runs_never_refund_a_bag_twice(tmp_path: Path, case: str) -> None:
+    """Attacks on the rule: a row done whole (or as a cancel, or an amount), then edited
+    between runs in ways that ask no new money of the bag: one POST in all."""
+    first, runs = EDITS[case]
+    server = Lagging(FakeClock(), total=TOTAL)
+    if first[0].kind == "cancel":
+        server.scripts = [server.cancel_answer(200, lambda r: r)]
+    journal = tmp_path / "j.jsonl"
+    assert await batch(server, first, journal) == ["succeeded"]
+    for rows in runs:
+        assert set(await batch(server, rows, journal)) == {"already_present"}
+    assert server.posts == 1
+    assert len(server.made) == 1

@@ -217,11 +217,14 @@ class Journal:
         the bag is sent."""
         return frozenset(self._open.get(bag_id, ()))
 
-    def paid_alike(self, kind: str, order_id: int, bag_id: int, request: Any) -> list[str]:
-        """Keys of items an earlier run ended "done" on ``bag_id`` whose request moved
-        the same money as ``request`` (unstructured): its reason, restock_items or
+    def paid_alike(
+        self, kind: str, order_id: int, bag_id: int, request: Any
+    ) -> list[tuple[str, bool]]:
+        """Items an earlier run ended "done" on ``bag_id`` whose request moved the same
+        money as ``request`` (unstructured): its reason, restock_items or
         notify_customer aside, and a whole-bag refund the same as one stating the
-        amount it refunded (:func:`~violet_async._journal_index.same_money`)."""
+        amount it refunded (:func:`~violet_async._journal_index.same_money`). Each as
+        (key, whether it moved the whole bag)."""
         return self._entries.paid_like(kind, order_id, bag_id, request)
 
     @property

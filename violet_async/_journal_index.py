@@ -100,13 +100,15 @@ def same_money(done: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
     - both ask the same amount, shipping and lines (:func:`money_key`);
     - one is a cancel and the other a refund of the bag (a cancel moves the bag's
       rest: after a refund of the whole bag, nothing; a refund after a cancel, again);
+    - the done one refunded the whole bag (no amount, no lines): any refund of the
+      bag after it is more of the same bag;
     - both are refunds, their lines (when both name some) are the same, and: the new
       one states no amount (the whole bag, or its lines': it may be the done one's), or
-      it states the done one's stated amount, or, the done one stating none (the whole
-      bag), the amount its refund moved (or that amount is not known).
+      it states the done one's stated amount, or, the done one naming lines and no
+      amount, the amount its refund moved (or that amount is not known).
 
-    Shipping does not tell two amounts apart. Another stated amount, or other lines,
-    is other money."""
+    Shipping does not tell two amounts apart. Another stated amount than a done one
+    stated (or moved for its lines), or other lines, is other money."""
     if done[0] == new[0]:
         return True
     _, done_kind, done_order, done_stated, done_lines, paid = done
@@ -115,6 +117,8 @@ def same_money(done: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
         return False
     if done_kind != new_kind or done_kind != "refund":
         return True  # a cancel and a refund (or two cancels) of one bag
+    if fills_bag(done):
+        return True  # after the whole bag, any more of it is the same money again
     if done_lines is not None and new_lines is not None and done_lines != new_lines:
         return False
     if new_stated is None:
@@ -122,6 +126,12 @@ def same_money(done: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
     if done_stated is not None:
         return bool(done_stated == new_stated)
     return paid is None or paid == new_stated
+
+
+def fills_bag(money: tuple[Any, ...]) -> bool:
+    """A request (:func:`money_of`) that moves the whole bag: a cancel, or a refund
+    stating no amount and naming no lines."""
+    return bool(money[1] == "cancel" or (money[3] is None and money[4] is None))
 
 
 def _money_part(value: Any) -> Any:
@@ -325,12 +335,13 @@ class JournalIndex(Mapping[str, JournalEntry]):
         unknown): a new item on the bag waits until they are settled."""
         return frozenset(self._by_bag.get(bag_id, ()))
 
-    def paid_alike(self, bag_id: int, money: tuple[Any, ...]) -> list[str]:
-        """Keys of the items loaded "done" on ``bag_id`` whose request moved the same
-        money as ``money`` (:func:`money_of`, :func:`same_money`), in the order they
-        were done. Their state may have moved on since the load (read it with
-        ``self[key]``). The first call indexes them (a load pays nothing for it)."""
-        keys: list[str] = []
+    def paid_alike(self, bag_id: int, money: tuple[Any, ...]) -> list[tuple[str, bool]]:
+        """The items loaded "done" on ``bag_id`` whose request moved the same money as
+        ``money`` (:func:`money_of`, :func:`same_money`), in the order they were done:
+        (key, whether it moved the whole bag (:func:`fills_bag`)). Their state may have
+        moved on since the load (read it with ``self[key]``). The first call indexes
+        them (a load pays nothing for it)."""
+        found: list[tuple[str, bool]] = []
         if self._disk is not None:
             if not self._paid_indexed:
                 self._disk.execute(
@@ -341,15 +352,25 @@ class JournalIndex(Mapping[str, JournalEntry]):
                 "SELECT key, money FROM e WHERE bag = ? AND money IS NOT NULL ORDER BY seq",
                 (bag_id,),
             )
-            keys = [key for key, done in rows if same_money(tuple(orjson.loads(done)), money)]
+            for key, raw in rows:
+                done = tuple(orjson.loads(raw))
+                if same_money(done, money):
+                    found.append((key, fills_bag(done)))
         if self._paid is None:
             self._paid = {}
             for key, fields in self._done.items():
                 if fields[9] is not None:
                     self._paid.setdefault(fields[8], []).append((key, fields[9]))
-        return keys + [key for key, done in self._paid.get(bag_id, ()) if same_money(done, money)]
+        found.extend(
+            (key, fills_bag(done))
+            for key, done in self._paid.get(bag_id, ())
+            if same_money(done, money)
+        )
+        return found
 
-    def paid_like(self, kind: str, order_id: int, bag_id: int, request: Any) -> list[str]:
+    def paid_like(
+        self, kind: str, order_id: int, bag_id: int, request: Any
+    ) -> list[tuple[str, bool]]:
         """:meth:`paid_alike` for a request (unstructured, as the journal records it)."""
         money = money_of(kind, order_id, bag_id, request)
         return self.paid_alike(bag_id, money) if money is not None else []

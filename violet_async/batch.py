@@ -913,7 +913,7 @@ class _Runner:
 
 
 def claim_paid_alike(  # noqa: PLR0917 - internal, two call sites
-    paid_alike: Callable[[str, int, int, Any], list[str]],
+    paid_alike: Callable[[str, int, int, Any], list[tuple[str, bool]]],
     entry_of_key: Callable[[str], JournalEntry | None],
     item: BatchItem,
     claimed: set[str],
@@ -922,23 +922,29 @@ def claim_paid_alike(  # noqa: PLR0917 - internal, two call sites
 ) -> JournalEntry | None:
     """The earlier run's "done" entry on ``item``'s bag that asked the same money
     (``paid_alike``: the journal's lookup), whose own row the input has not held so far
-    (``repeats``: the rows met so far) nor another row claimed: claimed for ``item``
-    (None: none). Shared by a run and a dry run (which reads only the journal)."""
+    (``repeats``: the rows met so far) nor another row claimed: claimed for ``item``.
+    Failing that, one that moved the whole bag, even if claimed (a whole-bag refund
+    split into rows is one refund of the bag). None: none. Shared by a run and a dry
+    run (which reads only the journal)."""
     request = converter.unstructure(item.request)  # as the journal records it
-    for key in paid_alike(item.kind, item.order_id, item.bag_id, request):
+    filled: JournalEntry | None = None
+    for key, fills in paid_alike(item.kind, item.order_id, item.bag_id, request):
         content, _, number = key.rpartition("#")
-        if key in claimed or (
-            repeats is not None and number.isdigit() and repeats.seen(content) > int(number)
-        ):
-            continue  # its own row is in this input (already_done), or it is taken
+        if repeats is not None and number.isdigit() and repeats.seen(content) > int(number):
+            continue  # its own row is in this input (already_done): it accounts for itself
         entry = entry_of_key(key)
-        if entry is None or entry.state != "done" or entry.refund_id in claimed_refunds:
+        if entry is None or entry.state != "done":
+            continue
+        if key in claimed or entry.refund_id in claimed_refunds:
+            # Taken by another row. One that moved the whole bag (a whole-bag refund, a
+            # cancel) still holds this one: nothing of the bag is left to refund.
+            filled = filled or (entry if fills else None)
             continue
         claimed.add(key)
         if entry.refund_id is not None:
             claimed_refunds.add(entry.refund_id)
         return entry
-    return None
+    return filled
 
 
 class DryRun:
