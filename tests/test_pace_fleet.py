@@ -190,3 +190,131 @@ async def test_a_run_cancelled_at_the_send_gate_has_sent_nothing(redis: Redis) -
             assert done["state"] == "applied"
     assert fake.ledger.refunds_per_bag[bag_id] == 1
     assert fake.ledger.double_refunds() == {}
+
+
+async def test_a_merchant_column_rides_with_the_item_signed(redis_url: str) -> None:
+    """An input's ``merchant_id`` goes enqueue -> job -> ledger -> worker, covered by
+    the item's signature (an item without one signs as it always did); it is not part
+    of the item's key, so it never makes another item of the same refund."""
+    import hashlib
+    import hmac
+
+    import orjson
+
+    from violet_async._converter import encode_request
+    from violet_async.fleet import create_fleet_pool, enqueue, job_deserializer, job_id
+    from violet_async.fleet._arq import _item_from
+
+    pool = await create_fleet_pool(redis_url)
+    try:
+        await pool.flushall()
+        with_merchant = BatchItem.refund(
+            1, 301, 401, RefundBagRequest(amount_refunded=100), merchant_id=STRICT
+        )
+        without = BatchItem.refund(2, 302, 402, RefundBagRequest(amount_refunded=100))
+        assert item_key(with_merchant) == item_key(
+            BatchItem.refund(1, 301, 401, RefundBagRequest(amount_refunded=100))
+        )
+        report = await enqueue(pool, [with_merchant, without])
+        assert report.queued == 2
+        ledger = RedisLedger(pool)
+        for item in (with_merchant, without):
+            key = item_key(item)
+            record = await ledger.get(key)
+            assert record is not None
+            assert record.item == item
+            assert record.item.merchant_id == item.merchant_id
+            assert ledger.verify(key, record.item, record.signature)
+            raw = await pool.get(f"arq:job:{job_id(key)}")
+            assert raw is not None
+            job = job_deserializer(raw)
+            data = job["a"][1]
+            assert data.get("merchant_id") == item.merchant_id
+            from_job = _item_from(data)
+            assert from_job == item
+            assert ledger.verify(key, from_job, data["sig"])
+        # An item without a merchant signs as before the column was carried.
+        key = item_key(without)
+        old = orjson.dumps([key, "refund", 302, 402, encode_request(without.request).decode()])
+        expected = hmac.new(FLEET_KEY_BYTES, old, hashlib.sha256).hexdigest()
+        assert ledger.sign(key, without) == expected
+        # Moving a signed item to another merchant's lane breaks its signature.
+        moved = BatchItem.refund(
+            1, 301, 401, RefundBagRequest(amount_refunded=100), merchant_id=OTHER
+        )
+        key = item_key(with_merchant)
+        assert not ledger.verify(key, moved, ledger.sign(key, with_merchant))
+        assert not ledger.verify(
+            key, without_merchant(with_merchant), ledger.sign(key, with_merchant)
+        )
+    finally:
+        await pool.flushall()
+        await pool.aclose()
+
+
+FLEET_KEY_BYTES = _fleet_redis.FLEET_KEY.encode()
+
+
+def without_merchant(item: BatchItem) -> BatchItem:
+    return BatchItem(item.line, item.kind, item.order_id, item.bag_id, item.request)
+
+
+@pytest.mark.parametrize("stored", [str(OTHER), "", "x"])
+async def test_a_merchant_changed_in_the_ledger_is_refused_nothing_sent(
+    redis: Redis, stored: str
+) -> None:
+    """Someone without the fleet key moves a signed item to another merchant (or
+    blanks it, or writes junk): the worker refuses it before any send, and the bag is
+    never refunded by it."""
+    async with FakeViolet(orders=1, seed=1, merchants=1) as fake:
+        ((order_id, bag_id),) = fake.seeded
+        client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
+        async with client:
+            ledger = RedisLedger(redis)
+            worker = FleetWorker(client, ledger, BagLocks(redis), merchant_pace=True)
+            item = BatchItem.refund(
+                1, order_id, bag_id, RefundBagRequest(amount_refunded=100), merchant_id=STRICT
+            )
+            key = item_key(item)
+            await ledger.register(key, item)
+            await redis.hset(ledger.record_key(key), "merchant_id", stored)
+            summary = await worker.run(key)
+            assert summary["state"] == "failed"
+            assert summary["outcome"] == "refused"
+    assert fake.ledger.refunds_per_bag.get(bag_id, 0) == 0
+
+
+async def test_a_known_merchant_is_paced_from_its_first_row_without_a_look_up(
+    redis: Redis,
+) -> None:
+    """Once its merchant has a lane, an item that names its merchant takes the lane's
+    slot on its first run, with no GET /orders; one that does not is looked up."""
+    async with FakeViolet(orders=2, seed=1, merchants=1) as fake:
+        (o1, b1), (o2, b2) = fake.seeded
+        merchant = fake.bag(o1, b1).merchant_id
+        assert merchant is not None
+        assert fake.bag(o2, b2).merchant_id == merchant
+        client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
+        async with client:
+            worker = FleetWorker(
+                client, RedisLedger(redis), BagLocks(redis), patience=2.0, merchant_pace=True
+            )
+            assert worker.pace is not None
+            await worker.pace.limited(merchant, 0.0)  # a lane, as another item's 429 made
+            lane = f"{{violet}}:pace:{fake.app_id}:{merchant}"
+            await redis.hset(lane, mapping={"rate": 50, "tat": 0, "sent_tat": 0})
+            named = BatchItem.refund(
+                1, o1, b1, RefundBagRequest(amount_refunded=100), merchant_id=merchant
+            )
+            key = item_key(named)
+            await worker.ledger.register(key, named)
+            done = await worker.run(key)
+            assert done["state"] == "applied"
+            assert fake.ledger.requests["get_order"] == 0
+            assert float(await redis.hget(lane, "tat") or 0) > 0  # its slot was taken
+            unnamed = BatchItem.refund(2, o2, b2, RefundBagRequest(amount_refunded=100))
+            key = item_key(unnamed)
+            await worker.ledger.register(key, unnamed)
+            assert (await worker.run(key))["state"] == "applied"
+            assert fake.ledger.requests["get_order"] == 1  # learned from its order
+    assert fake.ledger.double_refunds() == {}

@@ -45,6 +45,7 @@ from ._ledger import (
     RedisLedger,
     keyed_items,
     load_fleet_key,
+    merchant_field,
 )
 from ._lock import BagLocks
 from ._ratelimit import FleetRateLimit
@@ -228,7 +229,7 @@ async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None 
 
 
 def _item_dict(item: BatchItem, signature: str) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "sig": signature,
         "line": item.line,
         "kind": item.kind,
@@ -236,6 +237,9 @@ def _item_dict(item: BatchItem, signature: str) -> dict[str, Any]:
         "bag_id": item.bag_id,
         "request": converter.unstructure(item.request),
     }
+    if item.merchant_id is not None:
+        data["merchant_id"] = item.merchant_id
+    return data
 
 
 def _item_from(data: dict[str, Any]) -> BatchItem:
@@ -245,7 +249,14 @@ def _item_from(data: dict[str, Any]) -> BatchItem:
         request = request_from_dict(CancelBagRequest, data["request"])
     else:
         request = request_from_dict(RefundBagRequest, data["request"])
-    return BatchItem(int(data["line"]), kind, int(data["order_id"]), int(data["bag_id"]), request)
+    return BatchItem(
+        int(data["line"]),
+        kind,
+        int(data["order_id"]),
+        int(data["bag_id"]),
+        request,
+        merchant_field(data.get("merchant_id")),
+    )
 
 
 async def startup(ctx: dict[str, Any]) -> None:

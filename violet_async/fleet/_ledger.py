@@ -110,11 +110,34 @@ def load_fleet_key(value: str | bytes | None = None) -> bytes:
 
 def sign_item(key_bytes: bytes, key: str, item: BatchItem) -> str:
     """The HMAC-SHA256 of what an item would make a worker send: its ledger key (so a
-    signed item cannot be replayed as another repeat), kind, order, bag and request."""
-    message = orjson.dumps(
-        [key, item.kind, item.order_id, item.bag_id, encode_request(item.request).decode()]
-    )
-    return hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
+    signed item cannot be replayed as another repeat), kind, order, bag and request,
+    and its ``merchant_id`` when it has one (which lane paces it: never what is sent or
+    which bag; signed so that nobody without the fleet key moves an item to another
+    merchant's lane. An item without one signs as it always did)."""
+    fields: list[Any] = [
+        key,
+        item.kind,
+        item.order_id,
+        item.bag_id,
+        encode_request(item.request).decode(),
+    ]
+    if item.merchant_id is not None:
+        fields.append(item.merchant_id)
+    return hmac.new(key_bytes, orjson.dumps(fields), hashlib.sha256).hexdigest()
+
+
+def merchant_field(value: Any) -> int | None:
+    """A stored ``merchant_id`` (a ledger field, a job's JSON): a positive whole number,
+    or None for anything else (no merchant: the item is paced as one without; a value
+    its producer signed and someone changed fails the signature instead)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        text = value.strip()
+        value = int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
 
 
 class LockLostError(Exception):
@@ -478,6 +501,8 @@ class RedisLedger:
             "source": source,
             "updated_at": repr(time.time()),
         }
+        if item.merchant_id is not None:
+            fields["merchant_id"] = item.merchant_id
         args: list[Any] = [key]
         for name, value in fields.items():
             args += [name, value]
@@ -746,12 +771,13 @@ def _parse(key: str, raw: dict[Any, Any]) -> LedgerRecord:
     order_id = int(data.get("order_id") or 0)
     bag_id = int(data.get("bag_id") or 0)
     line = int(data.get("line") or 0)
+    merchant = merchant_field(data.get("merchant_id"))
     if kind == "cancel":
         cancel = request_from_dict(CancelBagRequest, request_json)
-        item = BatchItem(line, "cancel", order_id, bag_id, cancel)
+        item = BatchItem(line, "cancel", order_id, bag_id, cancel, merchant)
     else:
         refund = request_from_dict(RefundBagRequest, request_json)
-        item = BatchItem(line, "refund", order_id, bag_id, refund)
+        item = BatchItem(line, "refund", order_id, bag_id, refund, merchant)
     ask = data.get("ask")
     refund_id = data.get("refund_id")
     updated = data.get("updated_at")

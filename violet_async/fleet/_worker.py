@@ -347,7 +347,10 @@ class FleetWorker:
         pace = self.pace
         if pace is None:
             return None
-        merchant = await self._merchant_of(item, look_up=await pace.learning())
+        # The item's own merchant (its input's column, signed with it) needs no look-up.
+        merchant = item.merchant_id or await self._merchant_of(
+            item, look_up=await pace.learning()
+        )
         if merchant is None:
             return None
         wait = await pace.reserve(merchant, self.patience)
