@@ -348,9 +348,7 @@ class FleetWorker:
         if pace is None:
             return None
         # The item's own merchant (its input's column, signed with it) needs no look-up.
-        merchant = item.merchant_id or await self._merchant_of(
-            item, look_up=await pace.learning()
-        )
+        merchant = item.merchant_id or await self._merchant_of(item, look_up=await pace.learning())
         if merchant is None:
             return None
         wait = await pace.reserve(merchant, self.patience)
