@@ -318,3 +318,30 @@ async def test_a_known_merchant_is_paced_from_its_first_row_without_a_look_up(
             assert (await worker.run(key))["state"] == "applied"
             assert fake.ledger.requests["get_order"] == 1  # learned from its order
     assert fake.ledger.double_refunds() == {}
+
+
+async def test_only_a_send_of_the_lanes_present_epoch_slows_it(redis: Redis) -> None:
+    """A wave of 429s from sends gated before the lane slowed (or never gated) slows it
+    once: each slowdown starts a new epoch, and only a send gated in the present one is
+    news (the batch's lanes count them so too)."""
+    pace = FleetPace(redis, 13)
+    rate = await pace.limited(STRICT, 0.0)  # the lane starts
+    slot = await pace.gate_slot(STRICT)
+    assert slot is not None
+    assert slot[1] == 0
+    second = await pace.gate_slot(STRICT)
+    assert second is not None
+    assert second[1] == 0  # both left in epoch 0
+    assert await pace.limited(STRICT, 0.0, epoch=-1) == pytest.approx(rate)  # not gated
+    slowed = await pace.limited(STRICT, 0.0, epoch=slot[1])
+    assert slowed == pytest.approx(rate * DECREASE)
+    # The other send of epoch 0 got its 429 too: the same wave, no second slowdown, at
+    # once or a second later.
+    assert await pace.limited(STRICT, 0.0, epoch=second[1]) == pytest.approx(slowed)
+    await redis.hset(f"{{violet}}:pace:13:{STRICT}", "slowed_at", 0)
+    assert await pace.limited(STRICT, 0.0, epoch=second[1]) == pytest.approx(slowed)
+    third = await pace.gate_slot(STRICT)
+    assert third is not None
+    assert third[1] == 1
+    assert await pace.limited(STRICT, 0.0, epoch=third[1]) == pytest.approx(slowed * DECREASE)
+    assert await pace.gate_slot(OTHER) is None  # no lane: no epoch

@@ -57,7 +57,8 @@ return tostring(slot - now)
 )
 
 # The send-time gate: the lane's next send slot for a request about to leave (always
-# taken). Returns ms to wait, or "none" when the merchant has no lane.
+# taken). Returns "<ms to wait> <the lane's epoch>", or "none" when the merchant has no
+# lane.
 _GATE = (
     _NOW
     + """
@@ -67,11 +68,12 @@ local sent = tonumber(redis.call('HGET', KEYS[1], 'sent_tat') or 0)
 local slot = math.max(sent, now)
 redis.call('HSET', KEYS[1], 'sent_tat', tostring(slot + 1000 / rate))
 redis.call('PEXPIRE', KEYS[1], 86400000)
-return tostring(slot - now)
+return tostring(slot - now) .. ' ' .. (redis.call('HGET', KEYS[1], 'epoch') or '0')
 """
 )
 
-# KEYS: lane, learning flag. ARGV: retry-after (ms), min rate, decrease, ceiling (0: none)
+# KEYS: lane, learning flag. ARGV: retry-after (ms), min rate, decrease, ceiling (0: none),
+# the epoch the 429'd send passed the gate in ('': not known; -1: it passed no gate)
 _LIMITED = (
     _NOW
     + """
@@ -101,13 +103,22 @@ if rate <= 0 then
   redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '1', 'slowed_at',
              tostring(now), 'tat', tostring(now), 'sent_tat', tostring(now))
 else
-  local last = tonumber(redis.call('HGET', KEYS[1], 'slowed_at') or 0)
-  if now - last >= 1000 / rate then
+  local slow
+  local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or 0)
+  if ARGV[5] ~= '' then
+    -- Only a send that left at the lane's present spacing is news: one gated before
+    -- the last slowdown (or never gated) was paced by a rate already given up.
+    slow = tonumber(ARGV[5]) == epoch
+  else
+    local last = tonumber(redis.call('HGET', KEYS[1], 'slowed_at') or 0)
+    slow = now - last >= 1000 / rate
+  end
+  if slow then
     local peak = rate
     rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[3]))
     redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '0', 'slowed_at',
                tostring(now), 'tat', tostring(now + 1000 / rate), 'peak', tostring(peak),
-               'sent_tat', tostring(now + 1000 / rate))
+               'sent_tat', tostring(now + 1000 / rate), 'epoch', tostring(epoch + 1))
   end
 end
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
@@ -198,15 +209,37 @@ class FleetPace:
         """Take the merchant's next slot for a request about to leave: the seconds to
         wait before it does (None: the merchant has no lane). Sends through the gate
         leave at most ``rate`` a second, however long each took to get there."""
+        slot = await self.gate_slot(merchant_id)
+        return None if slot is None else slot[0]
+
+    async def gate_slot(self, merchant_id: int) -> tuple[float, int] | None:
+        """:meth:`gate`, with the lane's epoch the slot was taken in (pass it to
+        :meth:`limited` when the send gets a 429)."""
         raw = await self._gate(keys=[self._lane + str(merchant_id)])
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        return None if text == "none" else float(text) / 1000
+        if text == "none":
+            return None
+        wait, _, epoch = text.partition(" ")
+        return float(wait) / 1000, int(epoch or 0)
 
-    async def limited(self, merchant_id: int, retry_after: float) -> float:
-        """A send for the merchant got a 429; returns the lane's new rate."""
+    async def limited(
+        self, merchant_id: int, retry_after: float, *, epoch: int | None = None
+    ) -> float:
+        """A send for the merchant got a 429; returns the lane's new rate.
+
+        ``epoch``: the lane's epoch the send passed the gate in (:meth:`gate_slot`; -1:
+        it passed none). Only a send of the present epoch slows the lane (and starts a
+        new epoch): the 429s of sends spaced at a rate already given up are a wave from
+        before, as the batch's lanes count them. None: at most once per ``1 / rate``."""
         raw = await self._limited(
             keys=[self._lane + str(merchant_id), self._learning],
-            args=[max(retry_after, 0.0) * 1000, MIN_RATE, DECREASE, self.ceiling],
+            args=[
+                max(retry_after, 0.0) * 1000,
+                MIN_RATE,
+                DECREASE,
+                self.ceiling,
+                "" if epoch is None else str(epoch),
+            ],
         )
         return float(raw)
 

@@ -134,6 +134,8 @@ class FleetWorker:
         # ledger write has not succeeded yet: a re-run here records them, never asks
         # again (this client knows the refund, and would take it for another's).
         self._won: OrderedDict[str, OrderRefund] = OrderedDict()
+        # The merchant lane's epoch each running item's send passed the gate in.
+        self._gate_epochs: dict[str, int] = {}
         self.pace = (
             FleetPace(
                 ledger.redis,
@@ -218,6 +220,8 @@ class FleetWorker:
                 return await self._under_lock(key, held)
         except LockBusyError as exc:
             raise RetryLaterError(str(exc), defer=self.lock_wait) from exc
+        finally:
+            self._gate_epochs.pop(key, None)
 
     async def _under_lock(self, key: str, held: Any) -> dict[str, Any]:
         # Read again under the lock: another worker may have moved it on meanwhile.
@@ -270,7 +274,7 @@ class FleetWorker:
                 # says), then record the send durably, in one script with the lock check.
                 if ask.sends not in budgeted:
                     budgeted.add(ask.sends)
-                    await self._send_slot(ask, merchant)
+                    await self._send_slot(ask, merchant, key)
                 await self.ledger.mark_sent(
                     key,
                     ask,
@@ -314,16 +318,20 @@ class FleetWorker:
             # item) now; this one's view of it is stale.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
 
-    async def _send_slot(self, ask: PendingRefund, merchant: int | None) -> None:
+    async def _send_slot(self, ask: PendingRefund, merchant: int | None, key: str) -> None:
         """Wait for the fleet's budget and the merchant's spacing, as the request is
         about to leave (the record is stamped again if this waits)."""
         if self.limiter is not None:
             planned = (ask.last_sent_at or 0.0) - time.time()
             await self.limiter.wait(planned)
         if merchant is not None and self.pace is not None:
-            wait = await self.pace.gate(merchant)
-            if wait:
-                await asyncio.sleep(wait)
+            slot = await self.pace.gate_slot(merchant)
+            if slot is not None:
+                # The lane's epoch this send left in: its 429 slows the lane only if
+                # no other has since (FleetPace.limited).
+                self._gate_epochs[key] = slot[1]
+                if slot[0] > 0:
+                    await asyncio.sleep(slot[0])
 
     async def _merchant_of(self, item: BatchItem, *, look_up: bool) -> int | None:
         """The item's merchant: its own, the fleet's memory, or (``look_up``) its order."""
@@ -513,8 +521,9 @@ class FleetWorker:
         """Nothing applied (a 429, every earlier send proven absent): slow the merchant's
         lane for the whole fleet and start the item over in its turn."""
         merchant = merchant or await self._merchant_of(item, look_up=True)
+        epoch = self._gate_epochs.pop(key, -1)
         if self.pace is not None and merchant is not None:
-            await self.pace.limited(merchant, exc.delay)
+            await self.pace.limited(merchant, exc.delay, epoch=epoch)
         await self.ledger.mark_new(key, item.bag_id, **lock)  # only while it holds the bag
         raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
 
