@@ -171,6 +171,7 @@ async def test_a_run_cancelled_at_the_send_gate_has_sent_nothing(redis: Redis) -
             seconds, micros = await redis.time()
             far = seconds * 1000 + micros / 1000 + 60_000  # the gate's next slot: a minute on
             await redis.hset(lane, mapping={"rate": 1, "tat": 0, "sent_tat": far})
+            await redis.set(f"{{violet}}:pace:{fake.app_id}:learning", "1")  # as a 429 sets
             run = asyncio.ensure_future(worker.run(key, item, worker.ledger.sign(key, item)))
             for _ in range(500):  # until the run has taken its gate slot (and waits on it)
                 if float(await redis.hget(lane, "sent_tat") or 0) > far:
@@ -345,3 +346,43 @@ async def test_only_a_send_of_the_lanes_present_epoch_slows_it(redis: Redis) -> 
     assert third[1] == 1
     assert await pace.limited(STRICT, 0.0, epoch=third[1]) == pytest.approx(slowed * DECREASE)
     assert await pace.gate_slot(OTHER) is None  # no lane: no epoch
+
+
+@pytest.mark.parametrize(
+    ("value", "paced"),
+    [(None, True), ("1", True), ("", True), ("0", False), ("off", False), ("false", False)],
+)
+async def test_merchant_pace_is_the_fleets_default_and_the_env_turns_it_off(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch, value: str | None, paced: bool
+) -> None:
+    """Per-merchant pace is on unless ``VIOLET_FLEET_MERCHANT_PACE`` says 0 (or off,
+    false, no); ``merchant_pace=`` overrides the environment either way."""
+    if value is None:
+        monkeypatch.delenv("VIOLET_FLEET_MERCHANT_PACE", raising=False)
+    else:
+        monkeypatch.setenv("VIOLET_FLEET_MERCHANT_PACE", value)
+    async with FakeViolet(orders=1, seed=1) as fake:
+        async with fake.client() as client:
+            ledger, locks = RedisLedger(redis), BagLocks(redis)
+            assert (FleetWorker(client, ledger, locks).pace is not None) is paced
+            overridden = FleetWorker(client, ledger, locks, merchant_pace=not paced)
+            assert (overridden.pace is not None) is (not paced)
+
+
+async def test_the_happy_path_notes_the_merchant_and_makes_no_lane(redis: Redis) -> None:
+    """No 429 anywhere: an item goes unpaced (no look-up, no lane), and its refund
+    notes its order's merchant for the fleet, in the success's own round trip."""
+    async with FakeViolet(orders=1, seed=1, merchants=1) as fake:
+        ((order_id, bag_id),) = fake.seeded
+        merchant = fake.bag(order_id, bag_id).merchant_id
+        async with fake.client() as client:
+            worker = FleetWorker(client, RedisLedger(redis), BagLocks(redis), merchant_pace=True)
+            item = BatchItem.refund(1, order_id, bag_id, RefundBagRequest(amount_refunded=100))
+            key = item_key(item)
+            await worker.ledger.register(key, item)
+            assert (await worker.run(key))["state"] == "applied"
+            assert worker.pace is not None
+            assert await worker.pace.merchant_of(order_id) == merchant
+            assert await worker.pace.rate(merchant or 0) is None
+            assert fake.ledger.requests["get_order"] == 0
+    assert fake.ledger.refunds_per_bag[bag_id] == 1

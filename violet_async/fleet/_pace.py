@@ -130,11 +130,15 @@ return tostring(rate)
 """
 )
 
-# ARGV: probe increase, increase, ceiling (0: none), recover. Returns the rate ("none":
+# KEYS: lane, the order -> merchant hash. ARGV: probe increase, increase, ceiling (0:
+# none), recover, order id ('': none; its merchant is noted). Returns the rate ("none":
 # no lane).
 _SUCCEEDED = (
     _NOW
     + """
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[5], ARGV[6])
+end
 local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
 if rate <= 0 then
   -- No lane yet: count the merchant's successes per second (the first 429 reads them).
@@ -243,10 +247,19 @@ class FleetPace:
         )
         return float(raw)
 
-    async def succeeded(self, merchant_id: int) -> None:
+    async def succeeded(self, merchant_id: int, order_id: int | None = None) -> None:
+        """A send for the merchant succeeded (``order_id``: its order, whose merchant
+        is noted as :meth:`learn` does, in the same round trip)."""
         await self._succeeded(
-            keys=[self._lane + str(merchant_id)],
-            args=[PROBE_INCREASE, INCREASE, self.ceiling, RECOVER],
+            keys=[self._lane + str(merchant_id), self._merchants],
+            args=[
+                PROBE_INCREASE,
+                INCREASE,
+                self.ceiling,
+                RECOVER,
+                "" if order_id is None else str(order_id),
+                str(merchant_id),
+            ],
         )
 
     async def rate(self, merchant_id: int) -> float | None:

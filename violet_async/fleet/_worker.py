@@ -82,8 +82,8 @@ class FleetWorker:
     send back (default: the client's ``settle_running`` plus one attempt's timeouts,
     so a POST in flight from before has landed and shows in the read-back).
 
-    With ``merchant_pace`` (default: the environment's ``VIOLET_FLEET_MERCHANT_PACE=1``;
-    off otherwise, for now) sends are paced per merchant across the fleet
+    With ``merchant_pace`` (default: on, unless the environment says
+    ``VIOLET_FLEET_MERCHANT_PACE=0``) sends are paced per merchant across the fleet
     (:class:`FleetPace`, in the ledger's Redis): a 429 hands the item back (nothing
     applied) and slows only its merchant's lane; an item whose merchant's next slot is
     further than ``patience`` is handed back until then. Off, a 429 is retried in place
@@ -146,7 +146,8 @@ class FleetWorker:
             if (
                 merchant_pace
                 if merchant_pace is not None
-                else os.environ.get("VIOLET_FLEET_MERCHANT_PACE", "") in ("1", "true", "yes")
+                else os.environ.get("VIOLET_FLEET_MERCHANT_PACE", "").strip().lower()
+                not in ("0", "false", "no", "off")
             )
             else None
         )
@@ -355,8 +356,12 @@ class FleetWorker:
         pace = self.pace
         if pace is None:
             return None
+        if not await pace.learning():
+            # No 429 seen (a lane starts only at one, and sets this flag with it): no
+            # merchant has a lane, nothing to pace by. One round trip on the happy path.
+            return None
         # The item's own merchant (its input's column, signed with it) needs no look-up.
-        merchant = item.merchant_id or await self._merchant_of(item, look_up=await pace.learning())
+        merchant = item.merchant_id or await self._merchant_of(item, look_up=True)
         if merchant is None:
             return None
         wait = await pace.reserve(merchant, self.patience)
@@ -534,8 +539,7 @@ class FleetWorker:
             return
         paid_by = getattr(refund, "merchant_id", None) or merchant
         if paid_by is not None:
-            await self.pace.learn(item.order_id, paid_by)
-            await self.pace.succeeded(paid_by)
+            await self.pace.succeeded(paid_by, order_id=item.order_id)
 
     async def _now(self, *, fresh: bool = False) -> float:
         """Redis's time now, as this worker's monotonic clock carries it on from the
