@@ -194,9 +194,10 @@ async def test_a_run_cancelled_at_the_send_gate_has_sent_nothing(redis: Redis) -
 
 
 async def test_a_merchant_column_rides_with_the_item_signed(redis_url: str) -> None:
-    """An input's ``merchant_id`` goes enqueue -> job -> ledger -> worker, covered by
-    the item's signature (an item without one signs as it always did); it is not part
-    of the item's key, so it never makes another item of the same refund."""
+    """An input's ``merchant_id`` goes enqueue -> job -> ledger -> worker with a
+    signature of its own. The item's signature is what it always was (a worker from
+    before the column runs the item as before), and the merchant is not part of the
+    item's key, so it never makes another item of the same refund."""
     import hashlib
     import hmac
 
@@ -213,9 +214,7 @@ async def test_a_merchant_column_rides_with_the_item_signed(redis_url: str) -> N
             1, 301, 401, RefundBagRequest(amount_refunded=100), merchant_id=STRICT
         )
         without = BatchItem.refund(2, 302, 402, RefundBagRequest(amount_refunded=100))
-        assert item_key(with_merchant) == item_key(
-            BatchItem.refund(1, 301, 401, RefundBagRequest(amount_refunded=100))
-        )
+        assert item_key(with_merchant) == item_key(without_merchant(with_merchant))
         report = await enqueue(pool, [with_merchant, without])
         assert report.queued == 2
         ledger = RedisLedger(pool)
@@ -224,30 +223,29 @@ async def test_a_merchant_column_rides_with_the_item_signed(redis_url: str) -> N
             record = await ledger.get(key)
             assert record is not None
             assert record.item == item
-            assert record.item.merchant_id == item.merchant_id
             assert ledger.verify(key, record.item, record.signature)
+            # The item's own signature does not cover the merchant: as before it.
+            old = orjson.dumps(
+                [key, "refund", item.order_id, item.bag_id, encode_request(item.request).decode()]
+            )
+            expected = hmac.new(FLEET_KEY_BYTES, old, hashlib.sha256).hexdigest()
+            assert record.signature == expected
             raw = await pool.get(f"arq:job:{job_id(key)}")
             assert raw is not None
-            job = job_deserializer(raw)
-            data = job["a"][1]
+            data = job_deserializer(raw)["a"][1]
             assert data.get("merchant_id") == item.merchant_id
             from_job = _item_from(data)
             assert from_job == item
             assert ledger.verify(key, from_job, data["sig"])
-        # An item without a merchant signs as before the column was carried.
-        key = item_key(without)
-        old = orjson.dumps([key, "refund", 302, 402, encode_request(without.request).decode()])
-        expected = hmac.new(FLEET_KEY_BYTES, old, hashlib.sha256).hexdigest()
-        assert ledger.sign(key, without) == expected
-        # Moving a signed item to another merchant's lane breaks its signature.
-        moved = BatchItem.refund(
-            1, 301, 401, RefundBagRequest(amount_refunded=100), merchant_id=OTHER
-        )
-        key = item_key(with_merchant)
-        assert not ledger.verify(key, moved, ledger.sign(key, with_merchant))
-        assert not ledger.verify(
-            key, without_merchant(with_merchant), ledger.sign(key, with_merchant)
-        )
+            if item.merchant_id is not None:
+                sig = data["merchant_sig"]
+                assert ledger.merchant_of(key, item.merchant_id, sig) == STRICT
+                # Another merchant, another item's key, junk, no signature: unknown.
+                assert ledger.merchant_of(key, OTHER, sig) is None
+                assert ledger.merchant_of(item_key(without), STRICT, sig) is None
+                assert ledger.merchant_of(key, "x", sig) is None
+                assert ledger.merchant_of(key, STRICT, "") is None
+                assert ledger.merchant_of(key, STRICT, None) is None
     finally:
         await pool.flushall()
         await pool.aclose()
@@ -260,29 +258,37 @@ def without_merchant(item: BatchItem) -> BatchItem:
     return BatchItem(item.line, item.kind, item.order_id, item.bag_id, item.request)
 
 
-@pytest.mark.parametrize("stored", [str(OTHER), "", "x"])
-async def test_a_merchant_changed_in_the_ledger_is_refused_nothing_sent(
+@pytest.mark.parametrize("stored", [str(OTHER), "", "x", "-5"])
+async def test_a_merchant_changed_in_the_ledger_is_ignored_never_a_money_decision(
     redis: Redis, stored: str
 ) -> None:
     """Someone without the fleet key moves a signed item to another merchant (or
-    blanks it, or writes junk): the worker refuses it before any send, and the bag is
-    never refunded by it."""
+    blanks it, or writes junk): its signature no longer holds, so the worker paces it
+    as an item of unknown merchant (looked up from its order) and refunds the bag
+    once; what is sent, and whether, is the item's own signature's business."""
     async with FakeViolet(orders=1, seed=1, merchants=1) as fake:
         ((order_id, bag_id),) = fake.seeded
+        real = fake.bag(order_id, bag_id).merchant_id
         client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
         async with client:
             ledger = RedisLedger(redis)
             worker = FleetWorker(client, ledger, BagLocks(redis), merchant_pace=True)
+            assert worker.pace is not None
+            await worker.pace.limited(STRICT + 99, 0.0)  # a 429 seen: merchants are looked up
             item = BatchItem.refund(
-                1, order_id, bag_id, RefundBagRequest(amount_refunded=100), merchant_id=STRICT
+                1, order_id, bag_id, RefundBagRequest(amount_refunded=100), merchant_id=real
             )
             key = item_key(item)
             await ledger.register(key, item)
             await redis.hset(ledger.record_key(key), "merchant_id", stored)
+            record = await ledger.get(key)
+            assert record is not None
+            assert record.item.merchant_id is None
             summary = await worker.run(key)
-            assert summary["state"] == "failed"
-            assert summary["outcome"] == "refused"
-    assert fake.ledger.refunds_per_bag.get(bag_id, 0) == 0
+            assert summary["state"] == "applied"
+            assert fake.ledger.requests["get_order"] == 1  # unknown: read from its order
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+    assert fake.ledger.double_refunds() == {}
 
 
 async def test_a_known_merchant_is_paced_from_its_first_row_without_a_look_up(
@@ -385,4 +391,33 @@ async def test_the_happy_path_notes_the_merchant_and_makes_no_lane(redis: Redis)
             assert await worker.pace.merchant_of(order_id) == merchant
             assert await worker.pace.rate(merchant or 0) is None
             assert fake.ledger.requests["get_order"] == 0
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+
+
+@pytest.mark.parametrize("forged", [False, True])
+async def test_a_jobs_merchant_counts_only_with_its_signature(redis: Redis, forged: bool) -> None:
+    """A job whose item the ledger lost is registered again from the job's copy: its
+    merchant with it when the merchant's signature holds, none when someone changed
+    it (the refund runs either way, once)."""
+    from violet_async.fleet._arq import _item_dict, refund_job
+
+    async with FakeViolet(orders=1, seed=1, merchants=1) as fake:
+        ((order_id, bag_id),) = fake.seeded
+        real = fake.bag(order_id, bag_id).merchant_id
+        assert real is not None
+        async with fake.client() as client:
+            ledger = RedisLedger(redis)
+            worker = FleetWorker(client, ledger, BagLocks(redis), merchant_pace=True)
+            item = BatchItem.refund(
+                1, order_id, bag_id, RefundBagRequest(amount_refunded=100), merchant_id=real
+            )
+            key = item_key(item)
+            data = _item_dict(item, ledger.sign(key, item), ledger.sign_merchant(key, real))
+            if forged:
+                data["merchant_id"] = OTHER
+            done = await refund_job({"violet_fleet": worker}, key, data)
+            assert done["state"] == "applied"
+            record = await ledger.get(key)
+            assert record is not None
+            assert record.item.merchant_id == (None if forged else real)
     assert fake.ledger.refunds_per_bag[bag_id] == 1

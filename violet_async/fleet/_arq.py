@@ -206,6 +206,10 @@ async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None 
     """The arq job: run one item through the fleet (a re-run is safe)."""
     worker: FleetWorker = ctx["violet_fleet"]
     fallback = _item_from(item) if item is not None else None
+    if fallback is not None and fallback.merchant_id is not None:
+        # Its merchant only with its own signature (else: an unknown merchant).
+        merchant = worker.ledger.merchant_of(key, fallback.merchant_id, item.get("merchant_sig"))
+        fallback = attrs.evolve(fallback, merchant_id=merchant)
     signature = item.get("sig") if item is not None else None
     run = worker.run(key, fallback, signature if isinstance(signature, str) else None)
     budget = ctx.get("violet_job_budget")
@@ -228,7 +232,7 @@ async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None 
         raise Retry(defer=1.0) from exc
 
 
-def _item_dict(item: BatchItem, signature: str) -> dict[str, Any]:
+def _item_dict(item: BatchItem, signature: str, merchant_sig: str | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "sig": signature,
         "line": item.line,
@@ -237,8 +241,9 @@ def _item_dict(item: BatchItem, signature: str) -> dict[str, Any]:
         "bag_id": item.bag_id,
         "request": converter.unstructure(item.request),
     }
-    if item.merchant_id is not None:
+    if merchant_sig is not None and item.merchant_id is not None:
         data["merchant_id"] = item.merchant_id
+        data["merchant_sig"] = merchant_sig
     return data
 
 
@@ -408,7 +413,11 @@ async def enqueue(
         job = await redis.enqueue_job(
             JOB_NAME,
             key,
-            _item_dict(item, ledger.sign(key, item)),
+            _item_dict(
+                item,
+                ledger.sign(key, item),
+                None if item.merchant_id is None else ledger.sign_merchant(key, item.merchant_id),
+            ),
             _job_id=job_id(key),
             _queue_name=QUEUE_NAME,
         )

@@ -39,7 +39,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
@@ -70,6 +70,7 @@ __all__ = [
     "keyed_items",
     "load_fleet_key",
     "sign_item",
+    "sign_merchant",
 ]
 
 State = Literal["new", "sent", "pending", "applied", "failed"]
@@ -110,20 +111,22 @@ def load_fleet_key(value: str | bytes | None = None) -> bytes:
 
 def sign_item(key_bytes: bytes, key: str, item: BatchItem) -> str:
     """The HMAC-SHA256 of what an item would make a worker send: its ledger key (so a
-    signed item cannot be replayed as another repeat), kind, order, bag and request,
-    and its ``merchant_id`` when it has one (which lane paces it: never what is sent or
-    which bag; signed so that nobody without the fleet key moves an item to another
-    merchant's lane. An item without one signs as it always did)."""
-    fields: list[Any] = [
-        key,
-        item.kind,
-        item.order_id,
-        item.bag_id,
-        encode_request(item.request).decode(),
-    ]
-    if item.merchant_id is not None:
-        fields.append(item.merchant_id)
-    return hmac.new(key_bytes, orjson.dumps(fields), hashlib.sha256).hexdigest()
+    signed item cannot be replayed as another repeat), kind, order, bag and request.
+    Its ``merchant_id`` is not part of it (:func:`sign_merchant`)."""
+    message = orjson.dumps(
+        [key, item.kind, item.order_id, item.bag_id, encode_request(item.request).decode()]
+    )
+    return hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
+
+
+def sign_merchant(key_bytes: bytes, key: str, merchant_id: int) -> str:
+    """The HMAC-SHA256 of an item's ``merchant_id`` under its ledger key: kept apart
+    from :func:`sign_item`, because the merchant decides no money (only which lane
+    paces the item). A worker uses a merchant whose signature holds and ignores any
+    other (the item is then paced as one of unknown merchant, never refused), and a
+    worker that predates the column reads the item exactly as before."""
+    message = orjson.dumps(["merchant_id", key, merchant_id])
+    return hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
 
 
 def merchant_field(value: Any) -> int | None:
@@ -479,6 +482,24 @@ class RedisLedger:
         """The signature a producer stores with ``item`` (ValueError: no fleet key)."""
         return sign_item(self._key(), key, item)
 
+    def sign_merchant(self, key: str, merchant_id: int) -> str:
+        """The signature a producer stores with an item's ``merchant_id``."""
+        return sign_merchant(self._key(), key, merchant_id)
+
+    def merchant_of(self, key: str, merchant_id: Any, signature: Any) -> int | None:
+        """``merchant_id`` as stored with item ``key`` when ``signature`` is the fleet
+        key's for it (None otherwise, or with no fleet key: an unknown merchant)."""
+        merchant = merchant_field(merchant_id)
+        if merchant is None or self.fleet_key is None:
+            return None
+        if isinstance(signature, bytes):
+            signature = signature.decode("ascii", "replace")
+        if not isinstance(signature, str) or not signature:
+            return None
+        if not hmac.compare_digest(sign_merchant(self.fleet_key, key, merchant), signature):
+            return None
+        return merchant
+
     def verify(self, key: str, item: BatchItem, signature: str | None) -> bool:
         """Whether ``signature`` is the fleet key's for ``item`` under ``key``."""
         if not signature:
@@ -501,8 +522,9 @@ class RedisLedger:
             "source": source,
             "updated_at": repr(time.time()),
         }
-        if item.merchant_id is not None:
+        if item.merchant_id is not None and signed:
             fields["merchant_id"] = item.merchant_id
+            fields["merchant_sig"] = self.sign_merchant(key, item.merchant_id)
         args: list[Any] = [key]
         for name, value in fields.items():
             args += [name, value]
@@ -512,14 +534,17 @@ class RedisLedger:
     async def get(self, key: str) -> LedgerRecord | None:
         """The record of ``key`` (None: not in the ledger)."""
         raw = await resolve(self.redis.hgetall(self.record_key(key)))
-        return _parse(key, raw) if raw else None
+        return _parse(key, raw, self.merchant_of) if raw else None
 
     async def get_many(self, keys: list[str]) -> list[LedgerRecord | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hgetall(self.record_key(key))
             raws = await pipe.execute()
-        return [_parse(key, raw) if raw else None for key, raw in zip(keys, raws, strict=True)]
+        return [
+            _parse(key, raw, self.merchant_of) if raw else None
+            for key, raw in zip(keys, raws, strict=True)
+        ]
 
     async def mark_sent(
         self,
@@ -764,14 +789,16 @@ class RedisLedger:
                 )
 
 
-def _parse(key: str, raw: dict[Any, Any]) -> LedgerRecord:
+def _parse(
+    key: str, raw: dict[Any, Any], merchant_of: Callable[[str, Any, Any], int | None]
+) -> LedgerRecord:
     data = {_text(k): _text(v) for k, v in raw.items()}
     kind = data.get("kind")
     request_json = orjson.loads(data.get("request") or "{}")
     order_id = int(data.get("order_id") or 0)
     bag_id = int(data.get("bag_id") or 0)
     line = int(data.get("line") or 0)
-    merchant = merchant_field(data.get("merchant_id"))
+    merchant = merchant_of(key, data.get("merchant_id"), data.get("merchant_sig"))
     if kind == "cancel":
         cancel = request_from_dict(CancelBagRequest, request_json)
         item = BatchItem(line, "cancel", order_id, bag_id, cancel, merchant)
