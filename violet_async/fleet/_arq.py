@@ -205,11 +205,15 @@ async def without_job(redis: Any, keys: list[str], *, chunk: int = 1000) -> list
 async def refund_job(ctx: dict[str, Any], key: str, item: dict[str, Any] | None = None) -> Any:
     """The arq job: run one item through the fleet (a re-run is safe)."""
     worker: FleetWorker = ctx["violet_fleet"]
-    fallback = _item_from(item) if item is not None else None
-    if fallback is not None and fallback.merchant_id is not None:
-        # Its merchant only with its own signature (else: an unknown merchant).
-        merchant = worker.ledger.merchant_of(key, fallback.merchant_id, item.get("merchant_sig"))
-        fallback = attrs.evolve(fallback, merchant_id=merchant)
+    fallback = None
+    if item is not None:
+        fallback = _item_from(item)
+        if fallback.merchant_id is not None:
+            # Its merchant only with its own signature (else: an unknown merchant).
+            merchant = worker.ledger.merchant_of(
+                key, fallback.merchant_id, item.get("merchant_sig")
+            )
+            fallback = attrs.evolve(fallback, merchant_id=merchant)
     signature = item.get("sig") if item is not None else None
     run = worker.run(key, fallback, signature if isinstance(signature, str) else None)
     budget = ctx.get("violet_job_budget")
