@@ -421,3 +421,43 @@ async def test_a_jobs_merchant_counts_only_with_its_signature(redis: Redis, forg
             assert record is not None
             assert record.item.merchant_id == (None if forged else real)
     assert fake.ledger.refunds_per_bag[bag_id] == 1
+
+
+async def test_a_lying_429_that_applied_is_never_refunded_again(redis: Redis) -> None:
+    """A hostile platform commits the refund and answers 429 anyway (Violet says a 429
+    applied nothing; this one lies). With per-merchant pace, the default, the item is
+    handed back as new; its next run reads the bag before any send, finds this exact
+    refund and holds: one POST, one refund, never two."""
+    from violet_async import Timeouts
+    from violet_async.testing import FakeClock
+
+    from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
+
+    clock = FakeClock()
+    too_many = b'{"status": 429, "message": "Too Many Requests", "error_code": 4290}'
+    server = Hostile(clock, script=[Step(429, body=too_many, commit_after=0.0)])
+    item = BatchItem.refund(
+        1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300), merchant_id=STRICT
+    )
+    key = item_key(item)
+    policy = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
+    async with hostile_client(
+        server, retry=policy, timeouts=Timeouts(connect=1.0, read=2.0)
+    ) as client:
+        worker = FleetWorker(
+            client, RedisLedger(redis), BagLocks(redis, ttl=1.0, poll=0.02), lock_wait=5.0
+        )
+        assert worker.pace is not None  # the default
+        await worker.ledger.register(key, item)
+        result = None
+        for _ in range(10):
+            try:
+                result = await worker.run(key)
+                break
+            except RetryLaterError as exc:
+                clock.advance(exc.defer)
+        assert result is not None
+    assert server.posts == 1
+    assert len(server.refunds) == 1
+    # Held for a person (the bag holds this very refund): never sent twice.
+    assert (result["state"], result["outcome"]) == ("failed", "already_present")
