@@ -18,9 +18,15 @@ items a slot apart could otherwise reach the merchant closer together than its r
 and a platform that allows one send per ``1 / rate`` answers the second with a 429
 (which slows the lane further, and so on down).
 
-Which merchant an order belongs to is kept in ``P:merchants:<app_id>`` (order id ->
-merchant id), learned from the refunds workers get back and, once any 429 has been
-seen (``P:pace:<app_id>:learning``), from ``GET /orders/{id}`` before a send.
+Which merchant an item belongs to is its own signed ``merchant_id`` (an input's
+column), or else what ``P:merchants:<app_id>`` (order id -> merchant id) holds, learned
+from the refunds workers get back and, once any 429 has been seen
+(``P:pace:<app_id>:learning``), from ``GET /orders/{id}`` before a send. Until that
+first 429 no merchant has a lane and workers pace nothing (one ``EXISTS`` an item).
+
+A lane counts its slowdowns (``epoch``): the gate hands each send the epoch it left
+in, and a 429 slows the lane only for a send of the present epoch, so a wave of 429s
+from sends spaced at a rate already given up slows it once (the batch's rule).
 """
 
 from __future__ import annotations
