@@ -133,8 +133,6 @@ def merchant_field(value: Any) -> int | None:
     """A stored ``merchant_id`` (a ledger field, a job's JSON): a positive whole number,
     or None for anything else (no merchant: the item is paced as one without; a value
     its producer signed and someone changed fails the signature instead)."""
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
     if isinstance(value, str):
         text = value.strip()
         value = int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
@@ -492,8 +490,6 @@ class RedisLedger:
         merchant = merchant_field(merchant_id)
         if merchant is None or self.fleet_key is None:
             return None
-        if isinstance(signature, bytes):
-            signature = signature.decode("ascii", "replace")
         if not isinstance(signature, str) or not signature:
             return None
         if not hmac.compare_digest(sign_merchant(self.fleet_key, key, merchant), signature):
