@@ -151,6 +151,7 @@ async def _scenario(
         ledger.mark_pending(kc, PendingRefund.from_dict(pending_c), lock_key=lock_c, token="token-c"),
     )
     await step("applied c, no refund id", ledger.mark_applied(kc, c.bag_id, None, reconciled=True, outcome="reconciled"))
+    out.append(("keyspace before the loss", await _dump(redis, epoch_name)))
     # Redis loses everything
     await lose()
     await step("get a after loss", ledger.get(ka))
