@@ -24,7 +24,7 @@ from violet_async import CancelBagRequest, RefundBagRequest
 from violet_async._ask import PendingRefund, Phase, sent_once
 from violet_async.batch import BatchItem
 from violet_async.fleet import BagLocks, LockBusyError, RedisLedger, item_key
-from violet_async.testing.sim._redis import MemoryRedis, MemoryRedisServer
+from violet_async.testing.sim._redis import MemoryRedisServer
 
 redis_url = _fleet_redis.redis_url
 fleet_key = _fleet_redis.fleet_key
@@ -128,14 +128,27 @@ async def _scenario(
     await step("new b, lock", ledger.mark_new(kb, b.bag_id, lock_key=lock_a, token="token-a"))
     await step("get b again", ledger.get(kb))
     # applied: owners, another item's refund, terminal
-    await step("applied a", ledger.mark_applied(ka, a.bag_id, 77, reconciled=False, outcome="applied"))
-    await step("applied b, a's refund", ledger.mark_applied(kb, b.bag_id, 77, reconciled=False, outcome="applied"))
-    await step("failed a (terminal)", ledger.mark_failed(ka, "X", "late", outcome="failed", bag_id=a.bag_id))
+    await step(
+        "applied a", ledger.mark_applied(ka, a.bag_id, 77, reconciled=False, outcome="applied")
+    )
+    await step(
+        "applied b, a's refund",
+        ledger.mark_applied(kb, b.bag_id, 77, reconciled=False, outcome="applied"),
+    )
+    await step(
+        "failed a (terminal)",
+        ledger.mark_failed(ka, "X", "late", outcome="failed", bag_id=a.bag_id),
+    )
     await step(
         "sent a (terminal)",
         ledger.mark_sent(ka, ask_a, lock_key=lock_a, token="token-a"),
     )
-    await step("failed b", ledger.mark_failed(kb, "E", "refused", outcome="failed", bag_id=b.bag_id, lock_key=lock_a, token="token-a"))
+    await step(
+        "failed b",
+        ledger.mark_failed(
+            kb, "E", "refused", outcome="failed", bag_id=b.bag_id, lock_key=lock_a, token="token-a"
+        ),
+    )
     await step("bag refunds", ledger.bag_refunds(a.bag_id))
     await step("bag refunds, a's own", ledger.bag_refunds(a.bag_id, owner=ka))
     await step("owners", ledger.bag_owners(a.bag_id))
@@ -148,15 +161,23 @@ async def _scenario(
     pending_c = ask_c.to_dict() | {"phase": Phase.PENDING.value, "note": "settling"}
     await step(
         "pending c",
-        ledger.mark_pending(kc, PendingRefund.from_dict(pending_c), lock_key=lock_c, token="token-c"),
+        ledger.mark_pending(
+            kc, PendingRefund.from_dict(pending_c), lock_key=lock_c, token="token-c"
+        ),
     )
-    await step("applied c, no refund id", ledger.mark_applied(kc, c.bag_id, None, reconciled=True, outcome="reconciled"))
+    await step(
+        "applied c, no refund id",
+        ledger.mark_applied(kc, c.bag_id, None, reconciled=True, outcome="reconciled"),
+    )
     out.append(("keyspace before the loss", await _dump(redis, epoch_name)))
     # Redis loses everything
     await lose()
     await step("get a after loss", ledger.get(ka))
     await step("pending c after loss", ledger.mark_pending(kc, ask_c))
-    await step("applied c after loss", ledger.mark_applied(kc, c.bag_id, 9, reconciled=False, outcome="applied"))
+    await step(
+        "applied c after loss",
+        ledger.mark_applied(kc, c.bag_id, 9, reconciled=False, outcome="applied"),
+    )
     await step("failed c after loss", ledger.mark_failed(kc, "E", "m", outcome="failed"))
     await step("hold with no epoch", ledger.hold_sends(1_700_000_500.0))
     await step("epoch after a hold", ledger.epoch(hold=10.0, now=1_700_000_600.0))
@@ -166,16 +187,22 @@ async def _scenario(
     await step("register a from a copy", ledger.register(ka, a))
     await step(
         "sent a, the lost epoch",
-        ledger.mark_sent(ka, ask_a, lock_key=lock_a, token="token-a", epoch=first.id, now=1_700_000_800.0),
+        ledger.mark_sent(
+            ka, ask_a, lock_key=lock_a, token="token-a", epoch=first.id, now=1_700_000_800.0
+        ),
     )
     await redis.set(lock_a, "token-a2", nx=True, px=30_000)
     await step(
         "sent a, held by the new epoch",
-        ledger.mark_sent(ka, ask_a, lock_key=lock_a, token="token-a2", epoch=second.id, now=1_700_000_710.0),
+        ledger.mark_sent(
+            ka, ask_a, lock_key=lock_a, token="token-a2", epoch=second.id, now=1_700_000_710.0
+        ),
     )
     await step(
         "sent a, after the hold",
-        ledger.mark_sent(ka, ask_a, lock_key=lock_a, token="token-a2", epoch=second.id, now=1_700_000_725.0),
+        ledger.mark_sent(
+            ka, ask_a, lock_key=lock_a, token="token-a2", epoch=second.id, now=1_700_000_725.0
+        ),
     )
     # bag locks
     held = await locks.acquire(b.bag_id + 7, wait=0.0)
@@ -269,7 +296,7 @@ async def test_a_closed_connection_fails_every_command_and_counts_writes() -> No
     await ledger.register(ka, a)
     assert seen == [1]
     memory.closed = True
-    from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: PLC0415
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     with pytest.raises(RedisConnectionError):
         await ledger.get(ka)

@@ -339,7 +339,7 @@ class MemoryRedis:
     async def time(self) -> tuple[int, int]:
         now = (await self._command()).clock()
         seconds = int(now)
-        return seconds, int(round((now - seconds) * 1e6))
+        return seconds, round((now - seconds) * 1e6)
 
     async def get(self, key: str) -> bytes | None:
         return (await self._command()).get(_b(key))
