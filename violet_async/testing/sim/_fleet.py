@@ -85,7 +85,8 @@ async def run_workers(world: Any) -> None:
         BatchItem(
             n + 1,
             "cancel" if a.kind == "cancel" else "refund",
-            *world.ids[a.bag],
+            world.ids[a.bag][0],
+            world.ids[a.bag][1],
             world.request(a),
         )
         for n, a in enumerate(s.asks)

@@ -291,9 +291,9 @@ class SecondClient:
 def _after_loss(world: Any) -> None:
     """An item told "failed" before the ledger lost its record (true then: nothing had
     applied), whose job then ran again from its copy and applied it, ends applied (or
-    for review): what the ledger says last is true (counted, not a violation). Any other failed-but-applied
-    stays one (an item run again from its copy after a loss is never told "failed": it
-    may have applied before the loss)."""
+    for review): what the ledger says last is true (counted, not a violation). Any
+    other failed-but-applied stays one (an item run again from its copy after a loss is
+    never told "failed": it may have applied before the loss)."""
     ledger = getattr(world, "fleet_ledger", None)
     if ledger is None or not ledger.reregistered or ledger.lost_at is None:
         return

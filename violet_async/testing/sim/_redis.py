@@ -26,6 +26,7 @@ results, so the copy cannot drift from the scripts silently.
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -366,7 +367,7 @@ class MemoryRedis:
     async def hvals(self, key: str) -> list[bytes]:
         return list((await self._command())._hash(_b(key)).values())
 
-    async def smembers(self, key: str) -> set[bytes]:
+    async def smembers(self, key: str) -> builtins.set[bytes]:
         return set((await self._command())._set(_b(key)))
 
     async def sadd(self, key: str, *members: Any) -> int:
