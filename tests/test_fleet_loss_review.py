@@ -19,21 +19,16 @@ if not os.environ.get("CI"):
 from redis.asyncio import Redis
 
 from tests import _fleet_redis
-from violet_async import RefundBagRequest, RetryPolicy, Timeouts
-from violet_async.batch import BatchItem
-from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError, item_key
+from violet_async.fleet import BagLocks, FleetWorker, RedisLedger
 from violet_async.testing import FakeClock
 from violet_async.testing.sim import simulate
 
-from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
+from .hostile import BAG_ID, Hostile, Step, hostile_client
+from .test_issue24_fleet import ITEM, KEY, ROOMY, TIMEOUTS, _until_done
 
 redis_url = _fleet_redis.redis_url
 fleet_key = _fleet_redis.fleet_key
 
-ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
-TIMEOUTS = Timeouts(connect=1.0, read=2.0)
-ITEM = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
-KEY = item_key(ITEM)
 REFUSED = orjson.dumps(
     {
         "status": 400,
@@ -52,15 +47,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
-
-
-async def _until_done(worker: FleetWorker, clock: FakeClock, runs: int = 10) -> dict[str, Any]:
-    for _ in range(runs):
-        try:
-            return await worker.run(KEY, ITEM, worker.ledger.sign(KEY, ITEM))
-        except RetryLaterError as exc:
-            clock.advance(exc.defer)
-    raise AssertionError(f"the item did not end in {runs} runs")
 
 
 def _worker(client: Any, redis: Redis) -> FleetWorker:
