@@ -96,6 +96,7 @@ async def run_workers(world: Any) -> None:
     for (key, item), ask in zip(keyed_items(items), s.asks, strict=True):
         await producer.register(key, item)
         jobs.append((ask.label, key, item, producer.sign(key, item)))
+    server.writes = 0  # worker_dies counts the workers' writes
     if s.ledger_loss is not None:
 
         def lose() -> None:
