@@ -19,7 +19,7 @@ if not os.environ.get("CI"):
 from redis.asyncio import Redis
 
 from tests import _fleet_redis
-from violet_async.fleet import BagLocks, FleetWorker, RedisLedger
+from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError
 from violet_async.testing import FakeClock
 from violet_async.testing.sim import simulate
 
@@ -100,3 +100,36 @@ def test_the_simulators_seed_of_a_refused_token_after_a_loss_holds() -> None:
     result = simulate(3150, mode="worker", kinds={"redis_loss"})
     assert result.ok, result.report()
     assert result.outcomes["review"] >= 1
+
+
+class _LosesAfterApplied(RedisLedger):
+    """A ledger whose Redis restarts empty right after the item's applied write."""
+
+    lost = False
+
+    async def mark_applied(self, *args: Any, **kwargs: Any) -> None:
+        await super().mark_applied(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            await self.redis.flushall()
+
+
+async def test_a_loss_right_after_the_applied_write_runs_the_job_again(redis: Redis) -> None:
+    """Redis lost the ledger between the item's applied write and the read of its
+    summary. That read used to raise LookupError ("vanished"), which arq takes as a
+    failed job, never run again: the item was dropped with its record. Now the job is
+    handed back (RetryLaterError, after the fleet's hold) and its re-run records the
+    refund this worker got again, with no second request."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200)])
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        ledger = _LosesAfterApplied(redis)
+        worker = FleetWorker(client, ledger, BagLocks(redis, ttl=1.0, poll=0.02))
+        await ledger.register(KEY, ITEM)
+        with pytest.raises(RetryLaterError, match="vanished") as handed_back:
+            await worker.run(KEY, ITEM, ledger.sign(KEY, ITEM))
+        assert handed_back.value.defer >= ROOMY.settle_running
+        clock.advance(handed_back.value.defer)
+        result = await _until_done(worker, clock)
+    assert (result["state"], result["refund_id"]) == ("applied", server.ours[0])
+    assert server.posts == 1

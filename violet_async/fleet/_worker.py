@@ -166,6 +166,16 @@ class FleetWorker:
         An item whose signature under the fleet key does not match what it would send
         is refused before anything is sent: the ledger marks it failed, outcome
         ``refused`` (what ``status`` shows)."""
+        try:
+            return await self._start(key, item, signature)
+        except LedgerLostError as exc:
+            # The item's record vanished under this run: Redis lost the ledger. The job
+            # runs again (re-registered from its own copy of the item) after the hold.
+            raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+
+    async def _start(
+        self, key: str, item: BatchItem | None, signature: str | None
+    ) -> dict[str, Any]:
         record = await self.ledger.get(key)
         if record is None:
             if item is None:
@@ -186,12 +196,7 @@ class FleetWorker:
         if record.state in ("applied", "failed"):
             self._won.pop(key, None)
             return record.to_dict()
-        try:
-            return await self._run(key, record)
-        except LedgerLostError as exc:
-            # The item's record vanished under this run: Redis lost the ledger. The job
-            # runs again (re-registered from its own copy of the item) after the hold.
-            raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+        return await self._run(key, record)
 
     async def _run(self, key: str, record: LedgerRecord) -> dict[str, Any]:
         won = self._won.get(key)
@@ -486,9 +491,11 @@ class FleetWorker:
         except RefundOwnedError as exc:
             # Two items cannot have one refund: a person looks (nothing more is sent).
             await self.ledger.mark_review(key, str(exc))
-        self._won.pop(key, None)
         await self._paced_success(item, refund, merchant)
+        # Kept until the record is read back: a ledger lost in between runs the job
+        # again, and the re-run records this refund again rather than asking anew.
         summary = (await self._record(key)).to_dict()
+        self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
 
@@ -581,7 +588,11 @@ class FleetWorker:
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
         if record is None:
-            raise LookupError(f"item {key} vanished from the ledger")
+            # Read a moment ago (or written by this run): Redis lost the ledger. The job
+            # runs again from its own copy after the hold (run()), never dropped.
+            raise LedgerLostError(
+                f"item {key} vanished from the ledger under this run: Redis lost its data"
+            )
         return record
 
 

@@ -201,7 +201,12 @@ async def _process(  # noqa: PLR0915 - one worker process, its jobs and its deat
             done, _ = await asyncio.wait(tasks, timeout=crash_at)
             if len(done) < len(tasks) and not dead:
                 die(f"at +{crash_at:g}s")
-        await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            world.violations.append(
+                f"[error] {name}: a job raised {type(result).__name__}: {result}"
+            )
 
 
 def _seen(
