@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from tests import _fleet_redis
 from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError
 from violet_async.testing import FakeClock
-from violet_async.testing.sim import simulate
+from violet_async.testing.sim import WORLD_KINDS, simulate
 
 from .hostile import BAG_ID, Hostile, Step, hostile_client
 from .test_issue24_fleet import ITEM, KEY, ROOMY, TIMEOUTS, _until_done
@@ -133,3 +133,12 @@ async def test_a_loss_right_after_the_applied_write_runs_the_job_again(redis: Re
         result = await _until_done(worker, clock)
     assert (result["state"], result["refund_id"]) == ("applied", server.ours[0])
     assert server.posts == 1
+
+
+def test_the_simulators_seed_of_a_loss_mid_run_holds() -> None:
+    """Seed 700179 (worker mode, every kind): Redis lost the ledger while the worker's
+    jobs ran; FleetWorker.run raised LookupError ("vanished") and the jobs were dropped
+    (the simulator swallowed it then; a job's exception is a violation now)."""
+    result = simulate(700179, mode="worker", kinds=set(WORLD_KINDS))
+    assert result.ok, result.report()
+    assert sum(result.outcomes.values()) == len(result.schedule.asks)
