@@ -225,6 +225,9 @@ class LedgerRecord:
     """``ask`` as stored (the bytes its signature covers)."""
     ask_signature: str = ""
     """The worker's HMAC of ``ask_json`` under the fleet key (a sent record's)."""
+    restored: bool = False
+    """Registered again from a job's copy after the ledger lost the item's record: a
+    definite failure of a later run does not prove the item never applied."""
 
     def pending(self) -> PendingRefund | None:
         """The protocol record to resume from (None: never sent, or unreadable)."""
@@ -503,11 +506,18 @@ class RedisLedger:
         return hmac.compare_digest(self.sign(key, item), signature)
 
     async def register(
-        self, key: str, item: BatchItem, *, source: str = "", signed: bool = True
+        self,
+        key: str,
+        item: BatchItem,
+        *,
+        source: str = "",
+        signed: bool = True,
+        restored: bool = False,
     ) -> State | None:
         """Add ``item`` as ``new``, signed with the fleet key (``signed=False``: a refused
         item, recorded unsigned), unless the ledger has it; returns the state it had
-        (None: it was added)."""
+        (None: it was added). ``restored``: added again from a job's own copy because the
+        ledger lost its record (whatever it did before the loss is not known)."""
         fields = {
             "sig": self.sign(key, item) if signed else "",
             "kind": item.kind,
@@ -521,6 +531,8 @@ class RedisLedger:
         if item.merchant_id is not None and signed:
             fields["merchant_id"] = item.merchant_id
             fields["merchant_sig"] = self.sign_merchant(key, item.merchant_id)
+        if restored:
+            fields["restored"] = 1
         args: list[Any] = [key]
         for name, value in fields.items():
             args += [name, value]
@@ -641,9 +653,12 @@ class RedisLedger:
                 f"refund {refund_id} on bag {bag_id} is recorded as another item's"
             )
 
-    async def mark_review(self, key: str, message: str) -> None:
-        """Pending, for a person to look at (nothing more is sent for it)."""
-        await self._set(key, "pending", needs_review=1, message=message)
+    async def mark_review(
+        self, key: str, message: str, *, lock_key: str | None = None, token: str = ""
+    ) -> None:
+        """Pending, for a person to look at (nothing more is sent for it); given
+        ``lock_key``, only while ``token`` holds it (LockLostError)."""
+        await self._set(key, "pending", lock=(lock_key, token), needs_review=1, message=message)
 
     async def mark_new(
         self,
@@ -821,4 +836,5 @@ def _parse(
         signature=data.get("sig") or "",
         ask_json=ask or "",
         ask_signature=data.get("ask_sig") or "",
+        restored=data.get("restored") == "1",
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -170,6 +169,16 @@ class FleetWorker:
         An item whose signature under the fleet key does not match what it would send
         is refused before anything is sent: the ledger marks it failed, outcome
         ``refused`` (what ``status`` shows)."""
+        try:
+            return await self._start(key, item, signature)
+        except LedgerLostError as exc:
+            # The item's record vanished under this run: Redis lost the ledger. The job
+            # runs again (re-registered from its own copy of the item) after the hold.
+            raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+
+    async def _start(
+        self, key: str, item: BatchItem | None, signature: str | None
+    ) -> dict[str, Any]:
         record = await self.ledger.get(key)
         if record is None:
             if item is None:
@@ -183,18 +192,14 @@ class FleetWorker:
                     "this item (its kind, order, bag or request differ): not run"
                 )
             # The ledger lost it (or it was never registered): start it as new.
-            # read_before_send + hold_if_present keep a refund it already made.
-            await self.ledger.register(key, item)
+            # read_before_send + hold_if_present keep a refund it already made; a run
+            # that ends in a definite error proves nothing about what applied before.
+            await self.ledger.register(key, item, restored=True)
             record = await self._record(key)
         if record.state in ("applied", "failed"):
             self._won.pop(key, None)
             return record.to_dict()
-        try:
-            return await self._run(key, record)
-        except LedgerLostError as exc:
-            # The item's record vanished under this run: Redis lost the ledger. The job
-            # runs again (re-registered from its own copy of the item) after the hold.
-            raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+        return await self._run(key, record)
 
     async def _run(self, key: str, record: LedgerRecord) -> dict[str, Any]:
         won = self._won.get(key)
@@ -241,7 +246,7 @@ class FleetWorker:
                 "(VIOLET_FLEET_KEY) or was altered; nothing more was sent: check the bag",
             )
             return (await self._record(key)).to_dict()
-        resume = _resumable(record)
+        resume = _resumable(record, self.clock.time())
         item = record.item
         if resume is None:
             # Another item on this bag sent and not settled (pending, or a worker died
@@ -313,7 +318,7 @@ class FleetWorker:
         if ask_task.cancelled():
             raise RetryLaterError(f"lost the lock of bag {item.bag_id}", defer=0.5)
         try:
-            return await self._settle(key, item, ask_task, held, merchant)
+            return await self._settle(key, record, ask_task, held, merchant)
         except LockLostError as exc:
             # A record of the send was refused: another worker holds the bag (and the
             # item) now; this one's view of it is stale.
@@ -323,7 +328,7 @@ class FleetWorker:
         """Wait for the fleet's budget and the merchant's spacing, as the request is
         about to leave (the record is stamped again if this waits)."""
         if self.limiter is not None:
-            planned = (ask.last_sent_at or 0.0) - time.time()
+            planned = (ask.last_sent_at or 0.0) - self.clock.time()
             await self.limiter.wait(planned)
         if merchant is not None and self.pace is not None:
             slot = await self.pace.gate_slot(merchant)
@@ -380,11 +385,12 @@ class FleetWorker:
     async def _settle(
         self,
         key: str,
-        item: BatchItem,
+        record: LedgerRecord,
         ask_task: asyncio.Future[Ended],
         held: Any,
         merchant: int | None = None,
     ) -> dict[str, Any]:
+        item = record.item
         # Writes that are not proof of their own (not a 2xx) need the bag's lock: a
         # worker that lost it must not overwrite the new holder's record.
         lock = {"lock_key": held.key, "token": held.token}
@@ -398,7 +404,7 @@ class FleetWorker:
         if ended.refund is not None:
             return await self._applied(key, item, ended.refund, merchant)
         assert ended.error is not None  # noqa: S101 - Ended holds one or the other
-        await self._ended(key, item, ended.error, ended.outcome, merchant, lock)
+        await self._ended(key, record, ended.error, ended.outcome, merchant, lock)
         summary = (await self._record(key)).to_dict()
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -406,7 +412,7 @@ class FleetWorker:
     async def _ended(  # noqa: PLR0917 - internal, one call site
         self,
         key: str,
-        item: BatchItem,
+        record: LedgerRecord,
         exc: RateLimitDeferred | VioletError,
         outcome: Outcome,
         merchant: int | None,
@@ -415,6 +421,7 @@ class FleetWorker:
         """Record an ask that ended without a refund (or raise RetryLaterError when the
         item runs again later)."""
         ledger = self.ledger
+        item = record.item
         if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
             await self._deferred(key, item, exc, merchant, lock)
         elif isinstance(exc, BagPendingError):  # Outcome.NOT_SENT
@@ -446,7 +453,8 @@ class FleetWorker:
             else:
                 await ledger.mark_pending(key, pending, **lock)
                 if not pending.needs_review:
-                    wait = (pending.settle_until or time.time()) - time.time()
+                    now = self.clock.time()
+                    wait = (pending.settle_until or now) - now
                     raise RetryLaterError(str(exc), defer=max(wait, 0.2)) from exc
         else:
             # Any other error (Outcome.FAILED or NOT_SENT): the request did not apply.
@@ -455,6 +463,19 @@ class FleetWorker:
             if _transient(exc):
                 await ledger.mark_new(key, item.bag_id, **lock)
                 raise RetryLaterError(str(exc), defer=1.0) from exc
+            if record.restored:
+                # Run again from the job's copy after Redis lost the ledger: this run
+                # applied nothing, but the item may have applied before the loss (the
+                # refund or cancel this run was refused for may be its own). Unknown.
+                await ledger.mark_review(
+                    key,
+                    "the ledger lost this item's record (Redis lost its data) and its run "
+                    f"again from the job's copy ended in {type(exc).__name__}: "
+                    f"{self._message(exc)}; whether it applied before the loss is not "
+                    "known; nothing more is sent: check the bag",
+                    **lock,
+                )
+                return
             await ledger.mark_failed(
                 key,
                 type(exc).__name__,
@@ -484,9 +505,11 @@ class FleetWorker:
         except RefundOwnedError as exc:
             # Two items cannot have one refund: a person looks (nothing more is sent).
             await self.ledger.mark_review(key, str(exc))
-        self._won.pop(key, None)
         await self._paced_success(item, refund, merchant)
+        # Kept until the record is read back: a ledger lost in between runs the job
+        # again, and the re-run records this refund again rather than asking anew.
         summary = (await self._record(key)).to_dict()
+        self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
 
@@ -579,7 +602,11 @@ class FleetWorker:
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
         if record is None:
-            raise LookupError(f"item {key} vanished from the ledger")
+            # Read a moment ago (or written by this run): Redis lost the ledger. The job
+            # runs again from its own copy after the hold (run()), never dropped.
+            raise LedgerLostError(
+                f"item {key} vanished from the ledger under this run: Redis lost its data"
+            )
         return record
 
 
@@ -588,8 +615,9 @@ def _is_item(key: str, item: BatchItem) -> bool:
     return key.rpartition(":")[0] == item_key(item).rpartition(":")[0]
 
 
-def _resumable(record: LedgerRecord) -> PendingRefund | None:
-    """The record to resume from (None: never sent, send anew)."""
+def _resumable(record: LedgerRecord, now: float) -> PendingRefund | None:
+    """The record to resume from (None: never sent, send anew); ``now``: the client's
+    time, for a torn record."""
     if record.state not in ("sent", "pending"):
         return None
     try:
@@ -602,8 +630,7 @@ def _resumable(record: LedgerRecord) -> PendingRefund | None:
         return pending
     # A torn record: assume it was sent just now, so the whole settle window applies.
     item = record.item
-    now = record.updated_at or time.time()
-    return sent_once(item.kind, item.order_id, item.bag_id, item.request, now)
+    return sent_once(item.kind, item.order_id, item.bag_id, item.request, record.updated_at or now)
 
 
 def _transient(exc: VioletError) -> bool:

@@ -25,51 +25,41 @@ hooks below; everything a kind does at run time lives here.
   "another process is still working on it" (or pending) with the key, as the error says.
   Invariants: at most one refund per key; every answer either caller got is the true
   one (its refund is the key's own; a failure made no refund).
-- ``redis_loss`` (worker mode): the ledger loses every record at a random moment (a
-  Redis restarting empty). The simulator's worker is not ``FleetWorker`` (a dict
-  ledger, the engine driven with a save): it mirrors the fleet's rules for a loss (see
-  ``fleet/_ledger.py``): an epoch written at first use (a new fleet: no hold), a record
-  of a send refused when the epoch is gone or replaced (nothing sent; the job runs again
-  after the hold), a new epoch holding every send for ``settle_running + connect +
-  read``, and sends with ``read_before_send`` and ``hold_if_present``. What it checks is
-  that those rules, with the real protocol under them, never re-send what was sent; not
-  the ledger's Lua scripts themselves.
-- ``worker_dies`` (worker mode): the first worker dies right after its n-th ledger write
-  (before the next; n drawn over every write the run makes), its requests in flight cut;
-  every job is delivered again to another worker.
+- ``redis_loss`` (worker mode): the fleet's Redis restarts empty at a random moment
+  (every record, lock and the epoch gone). The real ``FleetWorker`` and ``RedisLedger``
+  run on the simulator's in-memory Redis (``_redis.py``, ``_fleet.py``): an epoch
+  written at first use (a new fleet: no hold), a record of a send refused when the
+  epoch is gone or replaced, a new epoch holding every send for ``settle_running +
+  connect + read``, jobs run again from their signed copies with ``read_before_send``
+  and ``hold_if_present``.
+- ``worker_dies`` (worker mode): the first worker dies right after the n-th write to
+  an item's record (before the next; n drawn over the first writes of the run), its
+  requests in flight cut and its bag locks left to expire; every job is delivered again
+  to another worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..._ask import PendingRefund, Phase
-from ..._engine import engine_of
 from ..._transport import RawResponse
 from ...exceptions import (
-    APIConnectionError,
-    APIError,
     RateLimitError,
     RefundAlreadyPresentError,
-    ResponseFormatError,
-    VioletError,
 )
 from ...stores import MemoryStore, SQLiteStore
 from .._ratelimit import AppRateLimit
-from ._violet import ASK_LABEL
 
 if TYPE_CHECKING:
     from ._violet import SimViolet
 
 __all__ = [
     "MORE_KINDS",
-    "LedgerEpoch",
     "MerchantGate",
     "MerchantLimit",
     "SecondCaller",
@@ -212,64 +202,6 @@ def retry_after(exc: RateLimitError) -> float:
     return min(max(value, 0.01), 600.0)
 
 
-class LedgerLost(Exception):
-    """The simulated ledger's epoch is gone or replaced: the record of a send was
-    refused (nothing sent); the job runs again after the hold."""
-
-
-class LedgerHeld(Exception):
-    """A send before the ledger's hold ended: refused (nothing sent)."""
-
-    def __init__(self, until: float) -> None:
-        super().__init__(f"the ledger holds every send until {until:.3f}")
-        self.until = until
-
-
-@attrs.define
-class LedgerEpoch:
-    """The simulated ledger's epoch (``fleet/_ledger.py``'s ``P:epoch``): its id and the
-    monotonic moment before which no send leaves."""
-
-    id: int = 1
-    hold_until: float = 0.0
-    present: bool = True
-
-
-class FleetLikeLedger:
-    """A dict of ``PendingRefund`` JSON per ask label and an epoch, which can lose
-    everything (a Redis restarting empty)."""
-
-    def __init__(self, now: Callable[[], float], hold: float) -> None:
-        self.records: dict[str, str] = {}
-        self.epoch = LedgerEpoch()  # a new fleet: no hold
-        self._now = now
-        self.hold = hold
-        self.writes = 0
-        #: Asks a worker ran, and those run again from the job's copy after a loss.
-        self.started: set[str] = set()
-        self.reregistered: set[str] = set()
-        self.lost_at: float | None = None
-
-    def lose(self) -> None:
-        self.lost_at = self._now()
-        self.records.clear()
-        self.epoch = LedgerEpoch(self.epoch.id, 0.0, present=False)
-
-    def current(self) -> LedgerEpoch:
-        """The epoch, made now (holding sends for a settle window) when missing."""
-        if not self.epoch.present:
-            self.epoch = LedgerEpoch(self.epoch.id + 1, self._now() + self.hold)
-        return self.epoch
-
-    def check_send(self, epoch_id: int) -> None:
-        """Before the record of a send: the epoch the worker knows, and not held."""
-        epoch = self.epoch
-        if not epoch.present or epoch.id != epoch_id:
-            raise LedgerLost("the ledger's epoch is gone or replaced: nothing sent")
-        if epoch.hold_until > self._now():
-            raise LedgerHeld(epoch.hold_until)
-
-
 # -- two_clients_one_store -------------------------------------------------------------
 
 
@@ -356,190 +288,12 @@ class SecondClient:
         await self.keyed(client, ask, who)
 
 
-# -- redis_loss, worker_dies: a fleet-like worker ----------------------------------------
-
-
-async def run_fleet_like(world: Any) -> None:
-    """Worker mode on a ledger that can lose its data: the first worker runs every job
-    (and may die after its n-th ledger write, or at a time), every job is delivered
-    again to a second worker, and pending ones to more after the faults stop."""
-    s = world.s
-    hold = s.settle_running + s.connect + s.read  # FleetWorker's fresh_hold
-    ledger = world.fleet_ledger = FleetLikeLedger(world.clock.monotonic, hold)
-    if s.ledger_loss is not None:
-
-        def lose() -> None:
-            ledger.lose()
-            world.violet.count("world:ledger_loss")
-            world.note("the ledger's Redis restarts EMPTY: every record and the epoch are gone")
-
-        world.loop.call_later(s.ledger_loss, lose)
-    crash = s.crashes[0] if s.crashes else None
-    await _fleet_worker(world, "w1", ledger, crash.at if crash else None, s.worker_dies)
-    await _fleet_worker(world, "w2", ledger, None, 0, twice=s.resume_twice)
-    await world.quiesce()
-    for n in range(3):
-        if not any(x.what == "pending" for x in world.final.values()):
-            break
-        await _fleet_worker(world, f"w{n + 3}", ledger, None, 0, only_pending=True)
-
-
-async def _fleet_worker(  # noqa: PLR0915 - one worker process, its jobs and its death
-    world: Any,
-    name: str,
-    ledger: FleetLikeLedger,
-    crash_at: float | None,
-    dies_after: int,
-    *,
-    only_pending: bool = False,
-    twice: bool = False,
-) -> None:
-    """One worker process: like ``_World.worker``, with the fleet's rules for a ledger
-    that loses its data (epoch, hold, read_before_send + hold_if_present), and a death
-    right after its ``dies_after``-th ledger write."""
-    from ._run import Seen  # noqa: PLC0415 - _run imports this module
-
-    base, transport = world.client(name)
-    # FleetWorker turns read_before_send on for every client it is given.
-    client = base.with_options(retry=attrs.evolve(world.policy, read_before_send=True))
-    tasks: list[asyncio.Task[None]] = []
-    known_epoch: list[int | None] = [None]
-    dead = [False]
-
-    def die(why: str) -> None:
-        dead[0] = True
-        transport.dead = True
-        world.note(f"{name} DIES {why}")
-        for task in tasks:
-            task.cancel()
-
-    def write(label: str, record: PendingRefund) -> None:
-        if dead[0]:
-            raise asyncio.CancelledError
-        ledger.records[label] = record.to_json()
-        ledger.writes += 1
-        if dies_after and ledger.writes == dies_after:
-            world.violet.count("world:worker_dies")
-            die(f"right after ledger write {ledger.writes} ({label} {record.phase.value})")
-
-    async def job(ask: Any, copy: bool = False) -> None:  # noqa: PLR0915 - one job, its ends
-        ASK_LABEL.set(ask.label)
-        for round_ in range(JOB_REPEATS):
-            if known_epoch[0] is None:
-                known_epoch[0] = ledger.current().id
-            raw = ledger.records.get(ask.label)
-            if raw is None and ask.label in ledger.started and ledger.epoch.id > 1:
-                ledger.reregistered.add(ask.label)  # run again from the job's copy
-            ledger.started.add(ask.label)
-            if copy and (
-                raw is None or PendingRefund.from_json(raw).phase not in (Phase.SENT, Phase.PENDING)
-            ):
-                return  # only a resume job (its payload: a sent record) comes twice
-            resume = None
-            if raw is not None:
-                pending = PendingRefund.from_json(raw)
-                if pending.phase is Phase.APPLIED:
-                    world.saw(Seen(ask.label, "refund", pending.refund_id))
-                    return
-                if pending.phase is Phase.FAILED:
-                    return
-                if pending.phase is Phase.PENDING and pending.needs_review:
-                    return
-                if pending.phase in (Phase.SENT, Phase.PENDING):
-                    resume = pending
-                    wait = (pending.settle_until or 0.0) - world.clock.time()
-                    if only_pending and wait > 0:
-                        await asyncio.sleep(wait)
-
-            async def save(record: PendingRefund, ask: Any = ask) -> None:
-                if record.phase is Phase.SENT:
-                    assert known_epoch[0] is not None
-                    ledger.check_send(known_epoch[0])  # the fleet's mark_sent script
-                    write(ask.label, record)
-                elif record.phase is Phase.PENDING:
-                    if not ledger.epoch.present or ledger.epoch.id != known_epoch[0]:
-                        raise LedgerLost("the item's record is gone: Redis lost the ledger")
-                    write(ask.label, record)
-
-            order_id, bag_id = world.ids[ask.bag]
-            started = world.loop.time()
-            world.note(f"{name} {ask.label}: {'resume' if resume else ask.kind} bag {bag_id}")
-            try:
-                refund = await engine_of(client).drive(
-                    "cancel" if ask.kind == "cancel" else "refund",
-                    order_id,
-                    bag_id,
-                    world.request(ask),
-                    resume=resume,
-                    save=save,
-                    hold_if_present=True,
-                )
-            except (LedgerLost, LedgerHeld) as exc:
-                # Nothing sent: the job runs again after the fleet's hold.
-                if isinstance(exc, LedgerLost):
-                    known_epoch[0] = ledger.current().id
-                    ledger.epoch.hold_until = max(
-                        ledger.epoch.hold_until, world.clock.monotonic() + ledger.hold
-                    )
-                wait = max(ledger.epoch.hold_until - world.clock.monotonic(), 0.2)
-                world.violet.count("world:ledger_refused_send")
-                world.note(f"{name} {ask.label}: {exc}; the job runs again in {wait:g}s")
-                world.check_deadline(f"{name} {ask.label}", started)
-                await asyncio.sleep(wait)
-                continue
-            except RefundAlreadyPresentError as exc:
-                world.saw(Seen(ask.label, "held", error=f"{type(exc).__name__}: {exc}"))
-            except VioletError as exc:
-                if _transient(exc) and round_ < JOB_REPEATS - 1:
-                    # FleetWorker: weather (a connection, a 5xx, a 429 out of budget, a
-                    # failed baseline read) puts the item back as new, to run again.
-                    world.note(f"{name} {ask.label}: {type(exc).__name__}; the job runs again")
-                    world.check_deadline(f"{name} {ask.label}", started)
-                    await asyncio.sleep(1.0)
-                    continue
-                seen = world.outcome_of(ask.label, exc)
-                if seen.what == "failed":
-                    failed = resume or PendingRefund(
-                        "cancel" if ask.kind == "cancel" else "refund",
-                        order_id,
-                        bag_id,
-                        world.request(ask),
-                    )
-                    write(ask.label, attrs.evolve(failed, phase=Phase.FAILED))
-                world.saw(seen)
-            else:
-                record = PendingRefund(
-                    "cancel" if ask.kind == "cancel" else "refund",
-                    order_id,
-                    bag_id,
-                    world.request(ask),
-                )
-                write(ask.label, attrs.evolve(record, phase=Phase.APPLIED, refund_id=refund.id))
-                world.saw(Seen(ask.label, "refund", refund.id))
-            world.check_deadline(f"{name} {ask.label}", started)
-            return
-
-    async with base:
-        asks = [
-            a
-            for a in world.s.asks
-            if not only_pending or world.final.get(a.label, Seen("", "")).what == "pending"
-        ]
-        tasks.extend(asyncio.ensure_future(job(a)) for a in asks)
-        if twice:
-            tasks.extend(asyncio.ensure_future(job(a, copy=True)) for a in asks)
-        if crash_at is not None:
-            done, _ = await asyncio.wait(tasks, timeout=crash_at)
-            if len(done) < len(tasks) and not dead[0]:
-                die(f"at +{crash_at:g}s")
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def _after_loss(world: Any) -> None:
-    """A job run again after the ledger lost its record starts as new: an ask that
-    applied before the loss and whose new run ends in a definite failure before any send
-    (a read before the send that failed) is told "failed" for an item that applied. Kept
-    apart from a failed-but-applied that no loss explains: ``[failed-after-loss]``."""
+    """An item told "failed" before the ledger lost its record (true then: nothing had
+    applied), whose job then ran again from its copy and applied it, ends applied (or
+    for review): what the ledger says last is true (counted, not a violation). Any
+    other failed-but-applied stays one (an item run again from its copy after a loss is
+    never told "failed": it may have applied before the loss)."""
     ledger = getattr(world, "fleet_ledger", None)
     if ledger is None or not ledger.reregistered or ledger.lost_at is None:
         return
@@ -557,21 +311,15 @@ def _after_loss(world: Any) -> None:
             and max(told) < ledger.lost_at
             and min(made) > max(told)
             and final is not None
-            and final.what == "refund"
+            and final.what != "failed"
         ):
             # Told "failed" (true then), its record lost, the job run again applied it,
-            # and the item ends applied: what the ledger says last is true.
+            # and the item ends applied (or for review, when its refund cannot be told
+            # its own): what the ledger says last is true.
             world.violet.count("world:failed_then_applied_after_loss")
             continue
-        kept.append("[failed-after-loss]" + text[len("[failed-but-applied]") :])
+        kept.append(text)
     world.violations[:] = kept
-
-
-def _transient(exc: VioletError) -> bool:
-    """``fleet._worker._transient`` (not imported: it brings redis and arq with it)."""
-    if isinstance(exc, APIConnectionError | RateLimitError | ResponseFormatError):
-        return True
-    return isinstance(exc, APIError) and exc.status >= 500
 
 
 # -- invariants -------------------------------------------------------------------------
@@ -634,9 +382,6 @@ def check(world: Any) -> None:
 
 
 __all__ += [
-    "FleetLikeLedger",
-    "LedgerHeld",
-    "LedgerLost",
     "RefundAlreadyPresentError",
     "SecondClient",
     "open_stores",

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from ... import _journal
-from ..._ask import PendingRefund, Phase
+from ..._ask import PendingRefund
 from ..._client import VioletClient
 from ..._engine import Outcome, engine_of, outcome_of
 from ..._retry import RetryPolicy
@@ -28,7 +28,7 @@ from ...exceptions import AmbiguousOutcomeError, BagPendingError, RateLimitError
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
 from .._state import RuleViolation
-from . import _kinds_more
+from . import _fleet, _kinds_more
 from ._kinds_more import MORE_KINDS, MerchantLimit, SecondCaller
 from ._violet import (
     ASK_LABEL,
@@ -1093,97 +1093,10 @@ class _World:
                         self.note(f"{ask.label}: the resume job is delivered again")
                         await self.call(client, ask, seen.pending)
 
-    # -- workers: jobs redelivered, resumed from a shared ledger ----------------
+    # -- workers: the fleet's worker, jobs redelivered (see _fleet) ------------
 
     async def run_workers(self) -> None:
-        if self.s.worker_dies or self.s.ledger_loss is not None:
-            await _kinds_more.run_fleet_like(self)  # a ledger that can lose its data
-            return
-        ledger: dict[str, str] = {}
-        crash = self.s.crashes[0] if self.s.crashes else None
-        await self.worker("w1", ledger, crash)
-        # Every job is delivered again (with resume_twice, twice at once to w2).
-        await self.worker("w2", ledger, None, twice=self.s.resume_twice)
-        await self.quiesce()
-        for n in range(3):
-            if not any(s.what == "pending" for s in self.final.values()):
-                break
-            await self.worker(f"w{n + 3}", ledger, None, only_pending=True)
-
-    async def worker(
-        self,
-        name: str,
-        ledger: dict[str, str],
-        crash: Crash | None,
-        only_pending: bool = False,
-        twice: bool = False,
-    ) -> None:
-        client, transport = self.client(name)
-        async with client:
-
-            async def job(ask: AskSpec, copy: bool = False) -> None:
-                ASK_LABEL.set(ask.label)
-                record = ledger.get(ask.label)
-                if copy and (
-                    record is None
-                    or PendingRefund.from_json(record).phase not in (Phase.SENT, Phase.PENDING)
-                ):
-                    return  # only a resume job (its payload: a sent record) comes twice
-                resume = None
-                if record is not None:
-                    pending = PendingRefund.from_json(record)
-                    if pending.phase is Phase.APPLIED:
-                        self.saw(Seen(ask.label, "refund", pending.refund_id))
-                        return
-                    if pending.phase is Phase.FAILED:
-                        return
-                    if pending.phase is Phase.PENDING and pending.needs_review:
-                        return
-                    if pending.phase in (Phase.SENT, Phase.PENDING):
-                        resume = pending
-                        wait = (pending.settle_until or 0.0) - self.clock.time()
-                        if only_pending and wait > 0:
-                            # The queue's own clock, not the client's (whose wall clock
-                            # may have stepped back hours): at most an hour.
-                            await asyncio.sleep(min(wait, 3_600.0))
-
-                async def save(ask_record: PendingRefund) -> None:
-                    ledger[ask.label] = ask_record.to_json()
-
-                order_id, bag_id = self.ids[ask.bag]
-                started = self.loop.time()
-                self.note(f"{name} {ask.label}: {'resume' if resume else ask.kind} bag {bag_id}")
-                try:
-                    refund = await engine_of(client).drive(
-                        "cancel" if ask.kind == "cancel" else "refund",
-                        order_id,
-                        bag_id,
-                        self.request(ask),
-                        resume=resume,
-                        save=save,
-                    )
-                except VioletError as exc:
-                    self.saw(self.outcome_of(ask.label, exc))
-                else:
-                    self.saw(Seen(ask.label, "refund", refund.id))
-                self.check_deadline(f"{name} {ask.label}", started)
-
-            asks = [
-                a
-                for a in self.s.asks
-                if not only_pending or self.final.get(a.label, Seen("", "")).what == "pending"
-            ]
-            tasks = [asyncio.ensure_future(job(a)) for a in asks]
-            if twice:
-                tasks += [asyncio.ensure_future(job(a, copy=True)) for a in asks]
-            if crash is not None and crash.at is not None:
-                done, _ = await asyncio.wait(tasks, timeout=crash.at)
-                if len(done) < len(tasks):
-                    self.note(f"{name} CRASHED at +{crash.at:g}s")
-                    transport.dead = True
-                    for task in tasks:
-                        task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await _fleet.run_workers(self)
 
     # -- batch: run_batch + journal, crashes, torn lines, resume -----------------
 

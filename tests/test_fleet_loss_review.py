@@ -1,0 +1,144 @@
+"""After Redis lost the ledger, an item run again from its job's copy that ends in a
+definite error is not "failed": it may have applied before the loss (the refund the bag
+was refused for may be its own). On a real redis-server and our own scripted server;
+the simulator's seed 3150 (``redis_loss``) is the same class."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+if not os.environ.get("CI"):
+    pytest.importorskip("arq")
+    pytest.importorskip("redis")
+
+from redis.asyncio import Redis
+
+from tests import _fleet_redis
+from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError
+from violet_async.testing import FakeClock
+from violet_async.testing.sim import WORLD_KINDS, simulate
+
+from .hostile import BAG_ID, Hostile, Step, hostile_client
+from .test_issue24_fleet import ITEM, KEY, ROOMY, TIMEOUTS, _until_done
+
+redis_url = _fleet_redis.redis_url
+fleet_key = _fleet_redis.fleet_key
+
+REFUSED = orjson.dumps(
+    {
+        "status": 400,
+        "message": f"Bag {BAG_ID} is REFUNDED and cannot be refunded",
+        "error_code": 4000,
+    }
+)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.flushall()
+    await RedisLedger(client).new_fleet()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _worker(client: Any, redis: Redis) -> FleetWorker:
+    return FleetWorker(client, RedisLedger(redis), BagLocks(redis, ttl=1.0, poll=0.02))
+
+
+@pytest.mark.parametrize("lost", [True, False], ids=["after a loss", "no loss"])
+async def test_a_refusal_after_the_ledger_was_lost_is_review_not_failed(
+    redis: Redis, lost: bool
+) -> None:
+    """The item applied (200); Redis restarted empty; its job ran again from its own
+    copy. The bag's list comes from a replica far behind, so the read before the send
+    does not show the refund, and the send is refused (400: the bag is refunded). That
+    refusal proves nothing about the send before the loss: review, nothing more sent.
+    Without the loss the same refusal of a first send is a definite failure."""
+    clock = FakeClock()
+    script = [Step(400, body=REFUSED, commit_after=None)]
+    if lost:
+        script.insert(0, Step(200))
+    server = Hostile(clock, script=script, replica_behind=10_000.0)
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, redis)
+        await worker.ledger.register(KEY, ITEM)  # the producer enqueued it
+        if lost:
+            first = await _until_done(worker, clock)
+            assert first["state"] == "applied"
+            await redis.flushall()  # Redis restarted with nothing
+        result = await _until_done(worker, clock)
+        record = await worker.ledger.get(KEY)
+    assert record is not None
+    assert server.posts == (2 if lost else 1)
+    assert len(server.ours) == (1 if lost else 0)
+    if lost:
+        assert (result["state"], result["needs_review"]) == ("pending", True)
+        assert "lost" in (result["message"] or "")
+        assert "BadRequestError" in result["message"] or "400" in result["message"]
+        assert record.restored
+        # Another run (the job delivered again) sends nothing more.
+        again = await worker.run(KEY, ITEM, worker.ledger.sign(KEY, ITEM))
+        assert again["needs_review"]
+        assert server.posts == 2
+    else:
+        assert (result["state"], result["outcome"]) == ("failed", "failed")
+        assert not record.restored
+
+
+def test_the_simulators_seed_of_a_refused_token_after_a_loss_holds() -> None:
+    """Seed 3150 (``redis_loss``, worker mode): a cancel applied, Redis lost the ledger,
+    and the job's run again from its copy ended in a refused token: reported failed for
+    a cancel that applied. Now review, with the ledger's reason."""
+    result = simulate(3150, mode="worker", kinds={"redis_loss"})
+    assert result.ok, result.report()
+    assert result.outcomes["review"] >= 1
+
+
+class _LosesAfterApplied(RedisLedger):
+    """A ledger whose Redis restarts empty right after the item's applied write."""
+
+    lost = False
+
+    async def mark_applied(self, *args: Any, **kwargs: Any) -> None:
+        await super().mark_applied(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            await self.redis.flushall()
+
+
+async def test_a_loss_right_after_the_applied_write_runs_the_job_again(redis: Redis) -> None:
+    """Redis lost the ledger between the item's applied write and the read of its
+    summary. That read used to raise LookupError ("vanished"), which arq takes as a
+    failed job, never run again: the item was dropped with its record. Now the job is
+    handed back (RetryLaterError, after the fleet's hold) and its re-run records the
+    refund this worker got again, with no second request."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200)])
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        ledger = _LosesAfterApplied(redis)
+        worker = FleetWorker(client, ledger, BagLocks(redis, ttl=1.0, poll=0.02))
+        await ledger.register(KEY, ITEM)
+        with pytest.raises(RetryLaterError, match="vanished") as handed_back:
+            await worker.run(KEY, ITEM, ledger.sign(KEY, ITEM))
+        assert handed_back.value.defer >= ROOMY.settle_running
+        clock.advance(handed_back.value.defer)
+        result = await _until_done(worker, clock)
+    assert (result["state"], result["refund_id"]) == ("applied", server.ours[0])
+    assert server.posts == 1
+
+
+def test_the_simulators_seed_of_a_loss_mid_run_holds() -> None:
+    """Seed 700179 (worker mode, every kind): Redis lost the ledger while the worker's
+    jobs ran; FleetWorker.run raised LookupError ("vanished") and the jobs were dropped
+    (the simulator swallowed it then; a job's exception is a violation now)."""
+    result = simulate(700179, mode="worker", kinds=set(WORLD_KINDS))
+    assert result.ok, result.report()
+    assert sum(result.outcomes.values()) == len(result.schedule.asks)

@@ -1,0 +1,383 @@
+"""An in-memory Redis for the fleet's ledger and bag locks, in the simulator's time.
+
+The simulator runs the real :class:`~violet_async.fleet.FleetWorker`, with the real
+:class:`~violet_async.fleet.RedisLedger` and :class:`~violet_async.fleet.BagLocks`, on
+one deterministic virtual-time loop: a redis-server per schedule is not possible there.
+What it cannot run is Redis itself, so this module is Redis, for the few commands and
+the Lua scripts those two classes use (and nothing else: any other script is refused
+when it is registered).
+
+Each Lua script is written again below as a Python function with the same steps, in
+the same order, returning what Redis would (Lua integers as ints, strings as bytes,
+``false`` as None, a number turned to text by Lua's ``%.14g``). A script runs to its end
+with nothing interleaved, as in Redis. ``tests/test_sim_redis.py`` runs one table of
+ledger and lock scenarios on this and on a real redis-server and requires identical
+results, so the copy cannot drift from the scripts silently.
+
+- :class:`MemoryRedisServer`: the keyspace (hashes, sets, strings with a PX expiry) and
+  its clock (``TIME``, expiries); :meth:`~MemoryRedisServer.lose` empties it (a Redis
+  restarting with no data).
+- :class:`MemoryRedis`: one client connection of one worker process. A connection that
+  is ``closed`` (its process died) raises ``ConnectionError`` on every command;
+  ``on_write`` is called after each write to an item's record (a death "right after
+  the n-th ledger write").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from ...fleet import _ledger, _lock
+
+__all__ = ["MemoryRedis", "MemoryRedisServer"]
+
+_Value = dict[bytes, bytes] | set[bytes] | bytes
+_TERMINAL = (b"applied", b"failed")
+
+
+def _b(value: Any) -> bytes:
+    """What redis-py sends for ``value`` (and Redis then keeps): bytes."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):
+        raise TypeError("redis-py refuses a bool")
+    if isinstance(value, float):
+        return repr(value).encode()
+    if isinstance(value, int):
+        return str(value).encode()
+    raise TypeError(f"redis-py cannot send {type(value).__name__}")
+
+
+def _number(text: bytes | None) -> float:
+    """Lua's ``tonumber`` of a string Redis returned."""
+    return float(text) if text is not None else 0.0
+
+
+def _lua_tostring(number: float) -> bytes:
+    """Lua 5.1's ``tostring`` of a number (``%.14g``)."""
+    return (f"{number:.14g}").encode()
+
+
+class MemoryRedisServer:
+    """The keyspace and clock every :class:`MemoryRedis` connection shares."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.data: dict[bytes, _Value] = {}
+        self.expires: dict[bytes, float] = {}
+        #: Writes to items' records (what a worker dies right after).
+        self.writes = 0
+
+    def client(self) -> MemoryRedis:
+        """A new connection (one worker process's)."""
+        return MemoryRedis(self)
+
+    def lose(self) -> None:
+        """Redis restarts with no data: every key is gone."""
+        self.data.clear()
+        self.expires.clear()
+
+    def exists(self, key: str) -> bool:
+        return self._live(_b(key)) is not None
+
+    # -- the keyspace ------------------------------------------------------------
+
+    def _live(self, key: bytes) -> _Value | None:
+        until = self.expires.get(key)
+        if until is not None and until <= self.clock():
+            del self.expires[key]
+            self.data.pop(key, None)
+        return self.data.get(key)
+
+    def _hash(self, key: bytes, create: bool = False) -> dict[bytes, bytes]:
+        found = self._live(key)
+        if found is None:
+            found = {}
+            if create:
+                self.data[key] = found
+        if not isinstance(found, dict):
+            raise TypeError("WRONGTYPE Operation against a key holding the wrong kind of value")
+        return found
+
+    def _set(self, key: bytes, create: bool = False) -> set[bytes]:
+        found = self._live(key)
+        if found is None:
+            found = set()
+            if create:
+                self.data[key] = found
+        if not isinstance(found, set):
+            raise TypeError("WRONGTYPE Operation against a key holding the wrong kind of value")
+        return found
+
+    def get(self, key: bytes) -> bytes | None:
+        found = self._live(key)
+        if found is not None and not isinstance(found, bytes):
+            raise TypeError("WRONGTYPE Operation against a key holding the wrong kind of value")
+        return found
+
+    def hget(self, key: bytes, field: bytes) -> bytes | None:
+        return self._hash(key).get(field)
+
+    def hset(self, key: bytes, *pairs: bytes) -> None:
+        table = self._hash(key, create=True)
+        for field, value in zip(pairs[::2], pairs[1::2], strict=True):
+            table[field] = value
+
+    def hmget(self, key: bytes, *fields: bytes) -> list[bytes | None]:
+        table = self._hash(key)
+        return [table.get(f) for f in fields]
+
+    def sadd(self, key: bytes, *members: bytes) -> int:
+        found = self._set(key, create=True)
+        added = len(set(members) - found)
+        found.update(members)
+        return added
+
+    def srem(self, key: bytes, *members: bytes) -> int:
+        found = self._set(key)
+        removed = len(found & set(members))
+        found.difference_update(members)
+        if not found:
+            self.data.pop(key, None)
+            self.expires.pop(key, None)
+        return removed
+
+    def delete(self, key: bytes) -> int:
+        gone = self._live(key) is not None
+        self.data.pop(key, None)
+        self.expires.pop(key, None)
+        return int(gone)
+
+    def pexpire(self, key: bytes, millis: int) -> int:
+        if self._live(key) is None:
+            return 0
+        self.expires[key] = self.clock() + millis / 1000
+        return 1
+
+    def wrote(self) -> None:
+        self.writes += 1
+
+
+# -- the Lua scripts, step for step --------------------------------------------------
+# Each takes the server, KEYS and ARGV (as bytes) and returns Redis's reply.
+
+_Keys = list[bytes]
+
+
+def _write(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _ledger._WRITE
+    current = r.hget(keys[0], b"state")
+    if current is None:
+        return -2
+    if argv[2] != b"" and r.get(keys[2]) != argv[2]:
+        return -1
+    if len(keys) > 3:
+        r.srem(keys[3], argv[0])
+    if current in _TERMINAL:
+        return 0
+    r.hset(keys[0], b"state", argv[1], *argv[3:])
+    r.hset(keys[1], argv[0], argv[1])
+    r.wrote()
+    return 1
+
+
+def _register(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes | None:  # _REGISTER
+    current = r.hget(keys[0], b"state")
+    if current is not None:
+        return current
+    r.hset(keys[0], b"state", b"new", *argv[1:])
+    r.hset(keys[1], argv[0], b"new")
+    r.wrote()
+    return None
+
+
+def _send(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int | list[Any]:  # _SEND
+    if argv[3] != b"":
+        epoch_id, hold_until = r.hmget(keys[3], b"id", b"hold_until")
+        if epoch_id != argv[3]:
+            return -2
+        if _number(hold_until) > _number(argv[4]):
+            return [-3, hold_until]
+    if r.get(keys[2]) != argv[2]:
+        return -1
+    current = r.hget(keys[0], b"state")
+    if current in _TERMINAL:
+        return 0
+    r.hset(keys[0], b"state", argv[1], *argv[5:])
+    r.hset(keys[1], argv[0], argv[1])
+    r.sadd(keys[4], argv[0])
+    r.wrote()
+    return 1
+
+
+def _applied(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _APPLIED
+    current = r.hget(keys[0], b"state")
+    if current is None:
+        return -2
+    if current in _TERMINAL:
+        return 0
+    if argv[1] != b"":
+        owner = r.hget(keys[3], argv[1])
+        if owner is not None and owner != argv[0]:
+            return -1
+        r.hset(keys[3], argv[1], argv[0])
+        r.sadd(keys[2], argv[1])
+        r.hset(keys[0], b"refund_id", argv[1])
+    r.hset(keys[0], b"state", b"applied", *argv[2:])
+    r.hset(keys[1], argv[0], b"applied")
+    r.srem(keys[4], argv[0])
+    r.wrote()
+    return 1
+
+
+def _epoch(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> list[bytes | None]:  # _EPOCH
+    if r._live(keys[0]) is None:
+        r.hset(keys[0], b"id", argv[0], b"created", argv[1], b"hold_until", argv[2])
+    return r.hmget(keys[0], b"id", b"hold_until")
+
+
+def _hold(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _HOLD
+    held = _number(r.hget(keys[0], b"hold_until"))
+    if _number(argv[0]) > held:
+        r.hset(keys[0], b"hold_until", argv[0])
+        return argv[0]
+    return _lua_tostring(held)
+
+
+def _renew(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _lock._RENEW
+    if r.get(keys[0]) == argv[0]:
+        return r.pexpire(keys[0], int(argv[1]))
+    return 0
+
+
+def _release(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _lock._RELEASE
+    if r.get(keys[0]) == argv[0]:
+        return r.delete(keys[0])
+    return 0
+
+
+_SCRIPTS: dict[str, Callable[[MemoryRedisServer, _Keys, _Keys], Any]] = {
+    _ledger._WRITE: _write,
+    _ledger._REGISTER: _register,
+    _ledger._SEND: _send,
+    _ledger._APPLIED: _applied,
+    _ledger._EPOCH: _epoch,
+    _ledger._HOLD: _hold,
+    _lock._RENEW: _renew,
+    _lock._RELEASE: _release,
+}
+
+
+class _Script:
+    def __init__(self, redis: MemoryRedis, run: Callable[..., Any]) -> None:
+        self.redis = redis
+        self.run = run
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        server = await self.redis._command()
+        writes = server.writes
+        reply = self.run(server, [_b(k) for k in keys], [_b(a) for a in args])
+        self.redis._wrote(writes)
+        return reply
+
+
+class _Pipeline:
+    def __init__(self, redis: MemoryRedis) -> None:
+        self.redis = redis
+        self.queued: list[bytes] = []
+
+    async def __aenter__(self) -> _Pipeline:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def hgetall(self, key: str) -> None:
+        self.queued.append(_b(key))
+
+    async def execute(self) -> list[dict[bytes, bytes]]:
+        server = await self.redis._command()
+        return [dict(server._hash(key)) for key in self.queued]
+
+
+class MemoryRedis:
+    """One connection to a :class:`MemoryRedisServer` (the commands ``RedisLedger``,
+    ``BagLocks`` and ``FleetWorker`` use, as ``redis.asyncio.Redis`` answers them)."""
+
+    def __init__(self, server: MemoryRedisServer) -> None:
+        self.server = server
+        #: The process this connection belongs to died: every command fails.
+        self.closed = False
+        #: Called with the server's count of writes after each write this connection
+        #: made to an item's record.
+        self.on_write: Callable[[int], object] | None = None
+
+    def _wrote(self, before: int) -> None:
+        if self.on_write is not None and self.server.writes != before:
+            self.on_write(self.server.writes)
+
+    async def _command(self) -> MemoryRedisServer:
+        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
+        if self.closed:
+            raise RedisConnectionError("Connection closed by server.")
+        return self.server
+
+    def register_script(self, script: str) -> _Script:
+        run = _SCRIPTS.get(script)
+        if run is None:
+            raise NotImplementedError("this script has no in-memory version")
+        return _Script(self, run)
+
+    def pipeline(self, transaction: bool = True) -> _Pipeline:
+        return _Pipeline(self)
+
+    async def time(self) -> tuple[int, int]:
+        now = (await self._command()).clock()
+        seconds = int(now)
+        return seconds, round((now - seconds) * 1e6)
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self._command()).get(_b(key))
+
+    async def set(
+        self, key: str, value: Any, *, nx: bool = False, px: int | None = None
+    ) -> bool | None:
+        server = await self._command()
+        name = _b(key)
+        if nx and server._live(name) is not None:
+            return None
+        server.data[name] = _b(value)
+        server.expires.pop(name, None)
+        if px is not None:
+            server.expires[name] = server.clock() + px / 1000
+        return True
+
+    async def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return dict((await self._command())._hash(_b(key)))
+
+    async def hmget(self, key: str, fields: list[str]) -> list[bytes | None]:
+        return (await self._command()).hmget(_b(key), *(_b(f) for f in fields))
+
+    async def hvals(self, key: str) -> list[bytes]:
+        return list((await self._command())._hash(_b(key)).values())
+
+    async def smembers(self, key: str) -> builtins.set[bytes]:
+        return set((await self._command())._set(_b(key)))
+
+    async def sadd(self, key: str, *members: Any) -> int:
+        server = await self._command()
+        writes = server.writes
+        added = server.sadd(_b(key), *(_b(m) for m in members))
+        server.wrote()
+        self._wrote(writes)
+        return added
+
+    async def srem(self, key: str, *members: Any) -> int:
+        server = await self._command()
+        return server.srem(_b(key), *(_b(m) for m in members))
