@@ -142,7 +142,7 @@ async def _process(  # noqa: PLR0915 - one worker process, its jobs and its deat
     redis = server.client()
     ledger = RedisLedger(cast(Any, redis), fleet_key=FLEET_KEY)
     base, transport = world.client(name)
-    worker = FleetWorker(base, ledger, BagLocks(cast(Any, redis)))
+    worker = FleetWorker(base, ledger, BagLocks(cast(Any, redis)), merchant_pace=False)
     worker.engine = cast(Any, _TimedEngine(worker.engine, world, name))
     tasks: list[asyncio.Task[None]] = []
     dead = False
