@@ -729,10 +729,14 @@ async def run_file(
     kind: Kind,
     path: Path,
     options: BatchOptions,
-    out: IO[str] = sys.stdout,
-    err: IO[str] = sys.stderr,
+    out: IO[str] | None = None,
+    err: IO[str] | None = None,
 ) -> int:
-    """The whole command: check every row, then dry-run or run, then summarize."""
+    """The whole command: check every row, then dry-run or run, then summarize.
+    ``out`` / ``err``: the streams to write to (None: ``sys.stdout`` / ``sys.stderr``
+    as they are at the call, not as they were at import)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     if not path.is_file():  # noqa: ASYNC240 - one stat before any I/O starts
         err.write(f"violet-async: {path}: no such file\n")
         return EXIT_BAD_INPUT
