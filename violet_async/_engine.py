@@ -1043,7 +1043,8 @@ class Engine:
     ) -> Ended:
         """:meth:`drive` to its end, as one :class:`Ended` (what the batch runner and
         the fleet worker record): a refund (one that moved no money, FAILED or
-        CANCELED, is an error, as ``refund_bag`` raises it), or the error, named by :func:`outcome_of`.
+        CANCELED, is an error, as ``refund_bag`` raises it), or the error, named by
+        :func:`outcome_of`.
 
         Errors of the driver's own save (``passes``: a journal that cannot be written),
         a cancellation, and anything that is not an ask's outcome go on as raised."""
@@ -1136,8 +1137,7 @@ def unless_failed(refund: OrderRefund, kind: Kind = "refund") -> OrderRefund:
             else f"bag {refund.bag_id} was cancelled, but its refund {refund.id}"
         )
         raise RefundFailedError(
-            f"{what} is {status.value}: no money moved "
-            f"({reasons or 'no reason given'})",
+            f"{what} is {status.value}: no money moved ({reasons or 'no reason given'})",
             refund=refund,
         )
     return refund
