@@ -32,7 +32,7 @@ async def soak(seconds: float, lifetime: float, concurrency: int) -> int:
                     i += concurrency
                     try:
                         if i % 5 == 0:
-                            await client.refund_bag(order_id, bag_id, amount_refunded=0)
+                            await client.refund_bag(order_id, bag_id, amount_refunded=1)
                         else:
                             await client.list_bag_refunds(order_id, bag_id)
                     except VioletError as exc:

@@ -85,7 +85,7 @@ async def test_input_is_consumed_lazily(client: VioletClient, fake: FakeViolet) 
             pulled += 1
             ahead.append(pulled - finished)
             o, b = pairs[n % len(pairs)]
-            yield BatchItem.refund(n, o, b, RefundBagRequest(amount_refunded=0))
+            yield BatchItem.refund(n, o, b, RefundBagRequest(amount_refunded=1))
 
     async for _ in run_batch(client, source(), concurrency=5):
         finished += 1

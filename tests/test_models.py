@@ -211,7 +211,7 @@ def test_any_refund_input_validates_or_raises_request_validation_error(
 
 
 @given(
-    amount=st.one_of(st.none(), st.integers(0, 2**53 - 1)),
+    amount=st.one_of(st.none(), st.integers(1, 2**53 - 1)),
     reason=st.one_of(
         st.none(),
         st.text(max_size=255).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
@@ -228,7 +228,7 @@ def test_valid_requests_round_trip_through_json(amount: int | None, reason: str 
 refund_fields = st.fixed_dictionaries(
     {},
     optional={
-        "amount_refunded": st.integers(0, 2**53 - 1),
+        "amount_refunded": st.integers(1, 2**53 - 1),
         "shipping": st.builds(ShippingRefund, amount=st.integers(0, 10_000)),
         "skus": st.lists(
             st.builds(SkuRefund, order_sku_id=st.integers(1, 10**6), quantity_refunded=st.just(1)),

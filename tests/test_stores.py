@@ -134,18 +134,36 @@ def test_the_default_retention_is_a_day() -> None:
     assert MemoryStore().retention == SQLiteStore("x.db").retention == DEFAULT_RETENTION
 
 
-async def test_memory_store_drops_finished_keys_past_retention_or_over_its_bound() -> None:
-    """Finished keys go after retention or when over max_finished; unfinished never."""
+async def test_memory_store_never_drops_a_finished_key_before_its_retention_ends() -> None:
+    """Finished keys go after retention, never before (a key dropped early would send
+    its refund again). Full of finished keys within retention, the store refuses a NEW
+    key (fail closed, a typed error naming max_finished); stored keys still answer, and
+    a key is accepted again once one has passed its retention."""
     store = MemoryStore(retention=10, max_finished=2)
-    for n in range(3):
+    for n in range(2):
         await store.claim(attrs.evolve(_fresh(), key=f"f{n}"), NOW)
         await store.save(KeyEntry(f"f{n}", _ask(phase=Phase.FAILED), finished_at=NOW + n), "me")
-    await store.claim(attrs.evolve(_fresh(), key="open"), NOW)
-    assert await store.load("f0") is None  # over the bound
-    assert await store.load("f2") is not None
+    with pytest.raises(RecordStoreError, match="max_finished=2") as caught:
+        await store.claim(attrs.evolve(_fresh(), key="new"), NOW + 2)
+    assert caught.value.key == "new"
+    assert await store.load("new") is None
+    assert await store.load("f0") is not None  # within retention: kept
+    # f0 passes its retention: it goes, and a new key fits again.
+    assert (await store.claim(attrs.evolve(_fresh(), key="open"), NOW + 10))[0] is Claim.OWNED
+    assert await store.load("f0") is None
+    assert await store.load("f1") is not None
     await store.claim(attrs.evolve(_fresh(), key="x"), NOW + 100)
-    assert await store.load("f2") is None  # past retention
+    assert await store.load("f1") is None  # past retention
     assert await store.load("open") is not None  # never finished: kept
+
+
+async def test_memory_store_counts_a_key_finished_again_once() -> None:
+    """A key saved finished twice (a pending ask settled later) takes one place."""
+    store = MemoryStore(retention=10, max_finished=2)
+    await store.claim(attrs.evolve(_fresh(), key="a"), NOW)
+    await store.save(KeyEntry("a", _ask(phase=Phase.FAILED), finished_at=NOW), "me")
+    await store.save(KeyEntry("a", _ask(phase=Phase.FAILED), finished_at=NOW + 1), "me")
+    assert (await store.claim(attrs.evolve(_fresh(), key="b"), NOW + 1))[0] is Claim.OWNED
 
 
 # -- SQLite -------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def answering(mocked: Any, url: str) -> None:
 refund_fields = st.fixed_dictionaries(
     {},
     optional={
-        "amount_refunded": st.integers(0, 10**9),
+        "amount_refunded": st.integers(1, 10**9),
         "shipping": st.builds(ShippingRefund, amount=st.integers(0, 10_000)),
         "skus": st.lists(
             st.builds(

@@ -10,6 +10,7 @@ import asyncio
 import csv
 import difflib
 import hashlib
+import json
 import os
 import sys
 import time
@@ -169,6 +170,9 @@ def _skus(row: dict[str, Any]) -> Any:
             value = orjson.loads(value)
         except orjson.JSONDecodeError:
             raise RequestValidationError("skus", "must be a JSON list") from None
+        repeated = _repeated_key(text, value) if isinstance(text := row["skus"], str) else None
+        if repeated is not None:
+            raise RequestValidationError("skus", f"field {repeated!r} named twice in one object")
     if not isinstance(value, list):
         raise RequestValidationError("skus", "must be a list")
     skus = []
@@ -280,12 +284,46 @@ def _rows(handle: IO[str], path: Path, kind: Kind) -> Iterator[tuple[int, Any]]:
                 # reads like a line of the file and is not one.
                 yield number, RowError(number, f"not valid JSON ({exc.msg})")
                 continue
+            repeated = _repeated_key(text, row)
+            if repeated is not None:
+                yield number, RowError(number, f"field {repeated!r} named twice in one object")
+                continue
             if isinstance(row, dict) and set(row) - known:
                 yield number, RowError(number, _unknown(set(row) - known, kind))
                 continue
             yield number, row
         return
     yield from _csv_rows(handle, kind)
+
+
+def _keys_in(value: Any) -> int:
+    """How many object keys ``value`` (a parsed JSON row) holds, at every depth."""
+    if isinstance(value, dict):
+        return len(value) + sum(_keys_in(v) for v in value.values() if isinstance(v, (dict, list)))
+    if isinstance(value, list):
+        return sum(_keys_in(v) for v in value if isinstance(v, (dict, list)))
+    return 0
+
+
+def _repeated_key(text: str, row: Any) -> str | None:
+    """A key that a JSON object of the row names twice (the parser keeps the last
+    value: the operator reads the first), or None. Every key of a JSON text is followed
+    by a colon, so when the text holds no more colons than the parsed row holds keys,
+    no key can repeat: only a row with colons inside its strings is parsed again."""
+    if text.count(":") <= _keys_in(row):
+        return None
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen and not repeated:
+                repeated.append(key)
+            seen.add(key)
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return repeated[0] if repeated else None
 
 
 def _csv_rows(handle: IO[str], kind: Kind) -> Iterator[tuple[int, Any]]:
@@ -691,10 +729,14 @@ async def run_file(
     kind: Kind,
     path: Path,
     options: BatchOptions,
-    out: IO[str] = sys.stdout,
-    err: IO[str] = sys.stderr,
+    out: IO[str] | None = None,
+    err: IO[str] | None = None,
 ) -> int:
-    """The whole command: check every row, then dry-run or run, then summarize."""
+    """The whole command: check every row, then dry-run or run, then summarize.
+    ``out`` / ``err``: the streams to write to (None: ``sys.stdout`` / ``sys.stderr``
+    as they are at the call, not as they were at import)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     if not path.is_file():  # noqa: ASYNC240 - one stat before any I/O starts
         err.write(f"violet-async: {path}: no such file\n")
         return EXIT_BAD_INPUT

@@ -319,7 +319,8 @@ class VioletClient(RequestPlumbing):
         requests; not the SDK's own headers) apply to this call only.
 
         Returns the refund; ``refund.errors`` may be non-empty. Raises
-        ``RefundFailedError`` when Violet reports the refund FAILED, and
+        ``RefundFailedError`` when Violet reports the refund FAILED or CANCELED (no money
+        moved), and
         ``AmbiguousOutcomeError`` (with ``.pending`` to :meth:`resume`) when a failure in
         flight could not be resolved within the call's deadline. Any other error means
         the refund did not apply.
@@ -375,6 +376,9 @@ class VioletClient(RequestPlumbing):
     async def _refund(self, order_id: int, bag_id: int, req: RefundBagRequest) -> OrderRefund:
         return unless_failed(await self._engine.drive("refund", order_id, bag_id, req))
 
+    async def _cancel(self, order_id: int, bag_id: int, req: CancelBagRequest) -> OrderRefund:
+        return unless_failed(await self._engine.drive("cancel", order_id, bag_id, req), "cancel")
+
     async def cancel_bag(
         self,
         order_id: int,
@@ -392,7 +396,9 @@ class VioletClient(RequestPlumbing):
     ) -> OrderRefund:
         """Cancel a bag; the shopper is refunded its total. Returns that refund.
 
-        Raises ``CancellationFailedError`` when Violet reports the cancel failed, and
+        Raises ``CancellationFailedError`` when Violet reports the cancel failed,
+        ``RefundFailedError`` when the bag was cancelled but its refund is FAILED or
+        CANCELED (no money moved: refund the shopper another way), and
         ``AmbiguousOutcomeError`` like :meth:`refund_bag`; ``idempotency_key``,
         ``timeout`` and ``extra_headers`` as there."""
         fields = {
@@ -408,10 +414,10 @@ class VioletClient(RequestPlumbing):
         if STATE.on:
             return await traced_call(
                 "violet.cancel_bag",
-                client._engine.drive("cancel", order_id, bag_id, req),
+                client._cancel(order_id, bag_id, req),
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
-        return await client._engine.drive("cancel", order_id, bag_id, req)
+        return unless_failed(await client._engine.drive("cancel", order_id, bag_id, req), "cancel")
 
     def _key_path(self) -> KeyedAsks:
         keys = self._keys
@@ -450,7 +456,7 @@ class VioletClient(RequestPlumbing):
             refund = await traced_call(f"violet.{kind}_bag", call, attributes)
         else:
             refund = await call
-        return unless_failed(refund) if kind == "refund" else refund
+        return unless_failed(refund, kind)
 
     async def resume(self, pending: PendingRefund) -> OrderRefund:
         """Settle a refund or cancel that an earlier call left pending
@@ -500,7 +506,7 @@ class VioletClient(RequestPlumbing):
             refund = await self._engine.drive(
                 pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
             )
-        return unless_failed(refund) if pending.kind == "refund" else refund
+        return unless_failed(refund, pending.kind)
 
     async def list_bag_refunds(
         self,

@@ -1042,8 +1042,9 @@ class Engine:
         defer_rate_limited: bool = False,
     ) -> Ended:
         """:meth:`drive` to its end, as one :class:`Ended` (what the batch runner and
-        the fleet worker record): a refund (a FAILED one is an error, as
-        ``refund_bag`` raises it), or the error, named by :func:`outcome_of`.
+        the fleet worker record): a refund (one that moved no money, FAILED or
+        CANCELED, is an error, as ``refund_bag`` raises it), or the error, named by
+        :func:`outcome_of`.
 
         Errors of the driver's own save (``passes``: a journal that cannot be written),
         a cancellation, and anything that is not an ask's outcome go on as raised."""
@@ -1059,8 +1060,7 @@ class Engine:
                 hold_if_present=hold_if_present,
                 defer_rate_limited=defer_rate_limited,
             )
-            if kind == "refund":
-                refund = unless_failed(refund)
+            refund = unless_failed(refund, kind)
         except (RateLimitDeferred, VioletError) as exc:
             outcome = outcome_of(exc)
             if outcome is None or isinstance(exc, passes):
@@ -1124,12 +1124,20 @@ def _as_owner(
     )
 
 
-def unless_failed(refund: OrderRefund) -> OrderRefund:
-    """A 2xx refund whose status is FAILED is an error carrying the refund."""
-    if refund.status is RefundStatus.FAILED:
+def unless_failed(refund: OrderRefund, kind: Kind = "refund") -> OrderRefund:
+    """A 2xx refund that moved no money (status FAILED or CANCELED) is an error carrying
+    the refund: for a refund, and for a cancel whose answer carries its refund so (the
+    bag was cancelled, the shopper was not refunded)."""
+    status = refund.status
+    if status is RefundStatus.FAILED or status is RefundStatus.CANCELED:
         reasons = "; ".join(e.error_message or "" for e in refund.errors)
+        what = (
+            f"refund {refund.id} on bag {refund.bag_id}"
+            if kind == "refund"
+            else f"bag {refund.bag_id} was cancelled, but its refund {refund.id}"
+        )
         raise RefundFailedError(
-            f"refund {refund.id} on bag {refund.bag_id} failed: {reasons or 'no reason given'}",
+            f"{what} is {status.value}: no money moved ({reasons or 'no reason given'})",
             refund=refund,
         )
     return refund

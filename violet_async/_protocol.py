@@ -49,7 +49,8 @@ a 2xx whose body cannot be read or does not fit the        applied: read back, n
 request (another order, bag or amount)                     re-sent; pending if not found
 no answer from Violet's application: read timeout,         may have applied and may still
 dropped connection, any other 5xx (a gateway's 502 /       be running there
-503 / 504 / 524, a proxy's 598 / 599, an HTML 500)         (``settle_running``)
+503 / 504 / 524, a proxy's 598 / 599, an HTML 500), or a    (``settle_running``)
+1xx / 3xx final answer (a 303 See Other to what it made)
 any other 4xx                                              did not apply; but after an
                                                            earlier "may have applied"
                                                            send: read back, then pending
@@ -146,7 +147,11 @@ def classify_send_failure(exc: VioletError) -> Cause:
             # 5xx (a gateway's 502/503/504/524, a proxy's 598/599, an HTML 500) may have
             # come while Violet was still working.
             return Cause.ANSWERED if is_violet_error_body(exc.body) else Cause.NO_ANSWER
-        return Cause.REFUSED
+        if 400 <= exc.status < 500:
+            return Cause.REFUSED
+        # A 1xx or 3xx as the final answer to a POST (a 303 See Other to what it made,
+        # a redirect a proxy added) proves nothing either way: it may have applied.
+        return Cause.NO_ANSWER
     if isinstance(exc, CancellationFailedError):
         return Cause.REFUSED
     if isinstance(exc, ResponseFormatError):

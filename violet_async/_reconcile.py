@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -78,6 +78,23 @@ class KnownRefunds:
         # delivered twice) starts from what this client already knows of the ask.
         self._parked: OrderedDict[str, PendingRefund] = OrderedDict()
         self._failed: OrderedDict[str, tuple[int, VioletError]] = OrderedDict()
+        # Refunds handed out from a 2xx without their id: (bag, owner, refund).
+        self._idless: deque[tuple[int, str | None, OrderRefund]] = deque(maxlen=capacity)
+
+    def learn(self, bag_id: int, refunds: Sequence[OrderRefund]) -> None:
+        """A read of ``bag_id`` listed ``refunds``: each record that may be a refund this
+        client handed out without its id (same bag, amount and date, as far as both
+        say) becomes known, owned by the ask that got it. Several may fit (a 2xx that
+        also left out its date): all are bound, so none is claimed by another ask,
+        which then ends pending or for review, never with another call's refund."""
+        if not self._idless:
+            return
+        for bag, owner, handed in self._idless:
+            if bag != bag_id:
+                continue
+            for listed in refunds:
+                if listed.id is not None and listed.id not in self._ids and _may_be(handed, listed):
+                    self.add(listed.id, bag_id, owner)
 
     def add(
         self,
@@ -87,10 +104,15 @@ class KnownRefunds:
         refund: OrderRefund | None = None,
     ) -> None:
         """``owner``: the ask_id of the ask handed ``refund``."""
-        if refund_id is None:
-            return
         if owner is not None and refund is not None:
             self._claimed.setdefault(owner, refund)
+        if refund_id is None:
+            if refund is not None and bag_id is not None:
+                # A 2xx without the refund's id: remembered by what it carries, so a
+                # later read of the bag binds its record to this owner (:meth:`learn`)
+                # and another ask can never claim it.
+                self._idless.append((bag_id, owner, refund))
+            return
         if refund_id in self._ids:
             if owner is not None and self._ids[refund_id][1] is None:
                 self._ids[refund_id] = (self._ids[refund_id][0] or bag_id, owner)
@@ -176,6 +198,22 @@ class KnownRefunds:
         return len(self._ids)
 
 
+def _may_be(handed: OrderRefund, listed: OrderRefund) -> bool:
+    """``listed`` (a record read from the bag) may be ``handed`` (a refund returned
+    without its id): nothing either says tells them apart."""
+    if listed.bag_id is not None and handed.bag_id is not None and listed.bag_id != handed.bag_id:
+        return False
+    if handed.amount is not None and listed.amount is not None and handed.amount != listed.amount:
+        return False
+    made, read = handed.date_created, listed.date_created
+    if made is None or read is None:
+        return True
+    try:
+        return abs((made - read).total_seconds()) <= 1.0
+    except TypeError:  # one with an offset, one without: they cannot be compared
+        return True
+
+
 def _again(error: VioletError) -> VioletError:
     """A fresh copy of ``error`` to raise again (its own traceback, nothing chained)."""
     clone = type(error).__new__(type(error))
@@ -194,6 +232,9 @@ class _OthersOf:
     def __contains__(self, refund_id: object) -> bool:
         entry = self._known._ids.get(refund_id)  # type: ignore[call-overload]
         return entry is not None and entry[1] != self._ask_id
+
+    def learn(self, bag_id: int, refunds: Sequence[OrderRefund]) -> None:
+        self._known.learn(bag_id, refunds)
 
 
 class PendingAsks:
@@ -483,6 +524,10 @@ async def drive(
                     ask, action, at, io=io, deadline=deadline, settings=settings, clock=clock
                 )
                 last_error = last_error or failed
+                learn = getattr(known, "learn", None)
+                if obs.refunds and learn is not None:
+                    # Records of refunds handed out without their id become known.
+                    learn(ask.bag_id, obs.refunds)
             ask, jump = watch.settle(ask)
             if jump:
                 obs = attrs.evolve(obs, at=obs.at + jump)  # its start moves with the clock

@@ -84,7 +84,7 @@ class RefundBagRequest:
     """
 
     amount_refunded: int | None = None
-    """Amount to refund in cents (an int >= 0).
+    """Amount to refund in cents (an int >= 1; 0 is refused: it refunds nothing).
 
     Violet's default when omitted: the full bag amount."""
     shipping: ShippingRefund | None = None
@@ -113,6 +113,14 @@ class RefundBagRequest:
         # Every given field in one pass; each check names its field.
         if self.amount_refunded is not None:
             v.check_amount("amount_refunded", self.amount_refunded)
+            if self.amount_refunded == 0:
+                # Input that could move money is strict: 0 cents refunds nothing, and
+                # is not "the whole bag" (leave it unset for that).
+                raise RequestValidationError(
+                    "amount_refunded",
+                    "is 0: a refund of 0 cents refunds nothing; give the cents to refund, "
+                    "or leave it unset to refund the whole bag",
+                )
         if self.shipping is not None:
             v.check_instance("shipping", self.shipping, ShippingRefund)
         if self.skus is not None:

@@ -6,6 +6,7 @@ import heapq
 
 import attrs
 
+from ..exceptions import RecordStoreError
 from ._base import DEFAULT_LEASE, DEFAULT_RETENTION, Claim, KeyEntry, check_seconds, decide
 
 __all__ = ["MemoryStore"]
@@ -17,9 +18,12 @@ class MemoryStore:
     here; a restarted process or another worker is not. Use :class:`SQLiteStore` or
     :class:`RedisStore` for those.
 
-    ``retention``: seconds a finished key is kept (default 24 h); ``max_finished``
-    bounds how many finished keys are kept at once (oldest dropped first). Unfinished
-    keys are never dropped.
+    ``retention``: seconds a finished key is kept (default 24 h). No key is dropped
+    before its retention ends (a key dropped early could send its refund again):
+    ``max_finished`` bounds how many finished keys within their retention are kept at
+    once, and a call with a **new** key while that many are kept fails closed with
+    ``RecordStoreError`` (nothing sent); keys already stored still answer. Raise it,
+    shorten ``retention``, or use :class:`SQLiteStore` for more.
     """
 
     def __init__(
@@ -44,6 +48,15 @@ class MemoryStore:
     async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
         self._prune(now)
         current = self._entries.get(fresh.key)
+        if current is None and len(self._finished) >= self._max_finished and self._full():
+            key = fresh.key.split(" ", 2)[-1]  # the caller's key, without its scope
+            raise RecordStoreError(
+                f"MemoryStore holds max_finished={self._max_finished} finished keys "
+                f"within their retention ({self.retention:g}s): refusing the new key "
+                f"{key!r} rather than dropping a key early; nothing was sent. "
+                "Raise max_finished, shorten retention, or use SQLiteStore",
+                key=key,
+            )
         claim, entry, write = decide(current, fresh, now=now, retention=self.retention)
         if write is not None:
             self._put(write)
@@ -73,16 +86,24 @@ class MemoryStore:
         self._entries[entry.key] = entry
         if entry.finished_at is not None:
             heapq.heappush(self._finished, (entry.finished_at, entry.key))
-            if len(self._finished) > self._max_finished:
-                self._prune(None)
 
-    def _prune(self, now: float | None) -> None:
-        """Drop finished entries past retention (or the oldest, over the bound)."""
+    def _full(self) -> bool:
+        """True when ``max_finished`` finished keys are kept (the heap, cleaned of the
+        stale places of keys finished again, counts them exactly)."""
+        entries = self._entries
+        live = [
+            (at, key)
+            for at, key in self._finished
+            if (entry := entries.get(key)) is not None and entry.finished_at == at
+        ]
+        heapq.heapify(live)
+        self._finished = live
+        return len(live) >= self._max_finished
+
+    def _prune(self, now: float) -> None:
+        """Drop finished entries past retention (never one within it)."""
         heap = self._finished
-        while heap and (
-            len(heap) > self._max_finished
-            or (now is not None and heap[0][0] + self.retention <= now)
-        ):
+        while heap and heap[0][0] + self.retention <= now:
             finished_at, key = heapq.heappop(heap)
             entry = self._entries.get(key)
             if entry is not None and entry.finished_at == finished_at:

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import attrs
 
+from .._files import open_owned
 from ._base import DEFAULT_LEASE, DEFAULT_RETENTION, Claim, KeyEntry, check_seconds, decide
 
 __all__ = ["SQLiteStore"]
@@ -39,7 +40,11 @@ class SQLiteStore:
     """Idempotency keys in a SQLite file: every process on the machine that opens the
     same file shares them (a web app's workers, a cron job and its retry).
 
-    The file is created readable by its owner only (0600). It runs in WAL mode with
+    The file is created readable by its owner only (0600). A file that exists must be
+    a regular file (not a symlink) of this user that no one else may write, and so must
+    its ``-wal`` and ``-shm`` files: otherwise every call with a key raises
+    ``RecordStoreError`` naming the path (``UnsafeFileError``), before anything is read
+    or sent (another local user could plant a finished key). It runs in WAL mode with
     ``synchronous=FULL``: the record of a send is on disk before the request leaves,
     so a process killed with its POST in flight leaves a record that the next call
     with the same key resumes (reading the bag back, never sending blind). Calls run
@@ -139,9 +144,19 @@ class SQLiteStore:
             raise sqlite3.ProgrammingError(f"{self!r} is closed")
         if self._conn is None:
             # Created by us: owner only (SQLite gives its -wal and -shm files the
-            # same mode). An existing file keeps the mode it has.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            # same mode). A file that exists is trusted as the journal is: a regular
+            # file of this user that no one else may write, not a symlink; and so are
+            # its -wal and -shm files (a planted WAL is read as part of the database).
+            # Anything else raises UnsafeFileError, naming the path, before a key is
+            # read or written.
+            os.close(open_owned(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            for suffix in ("-wal", "-shm"):
+                companion = self.path.with_name(self.path.name + suffix)
+                try:
+                    fd = open_owned(companion, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                os.close(fd)
             conn = sqlite3.connect(
                 self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
             )

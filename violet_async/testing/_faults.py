@@ -82,6 +82,19 @@ class Fault(enum.Enum):
     """Committed; headers and half the body are sent, then the connection is reset."""
     REDIRECT = "redirect"
     """A 307 to ``redirect_to`` (another host); nothing applied."""
+    # Opt-in (in no random plan, so seeded schedules stay as they were): script them.
+    REFUND_CANCELED = "refund_canceled"
+    """Recorded, then the platform refused it: the 2xx answer (a refund's 200, a
+    cancel's 202) carries the refund in status CANCELED. No money moved; the record
+    stays on the bag, CANCELED (a cancelled bag stays cancelled)."""
+    REFUND_FAILED = "refund_failed"
+    """As ``REFUND_CANCELED``, with the refund FAILED (for a cancel: the bag cancelled,
+    its refund failed: the shopper got nothing back)."""
+    SEE_OTHER = "see_other"
+    """Committed; answered ``303 See Other`` with a ``Location`` to the refund made."""
+    NO_ID_ANSWER = "no_id_answer"
+    """Committed; the 200 body is the refund without its ``id`` (every property of
+    Violet's refund is optional)."""
 
 
 #: Faults that only make sense on a request that changes state.
@@ -101,16 +114,25 @@ COMMIT_FAULTS = frozenset(
         Fault.TIMEOUT_THEN_COMMIT,
         Fault.SLOW_BODY,
         Fault.RESET_MID_BODY,
+        Fault.REFUND_CANCELED,
+        Fault.REFUND_FAILED,
+        Fault.SEE_OTHER,
+        Fault.NO_ID_ANSWER,
     }
+)
+#: Faults no random plan draws (scripted for exact tests only).
+_OPT_IN = frozenset(
+    {Fault.REFUND_CANCELED, Fault.REFUND_FAILED, Fault.SEE_OTHER, Fault.NO_ID_ANSWER}
 )
 #: Left out of the chaos plan: a slow body and a held request cost real seconds, a
 #: redirect is a hard (non-retryable) failure by design. Script them for exact tests.
-_NOT_IN_CHAOS = frozenset(
-    {Fault.SLOW_BODY, Fault.REDIRECT, Fault.TIMEOUT_THEN_COMMIT, Fault.STALE_ANSWER}
+_NOT_IN_CHAOS = (
+    frozenset({Fault.SLOW_BODY, Fault.REDIRECT, Fault.TIMEOUT_THEN_COMMIT, Fault.STALE_ANSWER})
+    | _OPT_IN
 )
 #: Left out of the hostile plan: a redirect is a configuration error, not weather. (A
 #: stale answer is left out of both so that their seeded schedules stay as they were.)
-_NOT_IN_HOSTILE = frozenset({Fault.REDIRECT, Fault.STALE_ANSWER})
+_NOT_IN_HOSTILE = frozenset({Fault.REDIRECT, Fault.STALE_ANSWER}) | _OPT_IN
 
 
 @attrs.frozen

@@ -510,8 +510,14 @@ class FakeViolet:
             if fault is Fault.TIMEOUT_THEN_COMMIT:
                 await self._hold(request)
             return gateway_response(fault)
+        before = bag.status
         record = commit(recheck=False)
-        if fault is not None and fault in COMMIT_FAULTS:
+        if fault is Fault.REFUND_CANCELED or fault is Fault.REFUND_FAILED:
+            # The platform refused it after Violet recorded it: no money moved, and
+            # the 2xx answer below carries the refund in that status.
+            status = "CANCELED" if fault is Fault.REFUND_CANCELED else "FAILED"
+            self.store.void_refund(bag, record, status, before if route == "refund" else None)
+        elif fault is not None and fault in COMMIT_FAULTS:
             return await self._after_commit_fault(fault, request, record)
         if route == "cancel" and self.cancel_response == "cancellation":
             return self._ok(cancellation_body(self.app_id, bag, record), status=202)
@@ -652,6 +658,11 @@ class FakeViolet:
             return response
         if fault is Fault.HTTP_500_AFTER_COMMIT:
             return self._error(500, "Internal Server Error", 5000)
+        if fault is Fault.SEE_OTHER:
+            location = f"/v1/orders/{record['order_id']}/refunds/{record['id']}"
+            return web.Response(status=303, headers={"Location": location})
+        if fault is Fault.NO_ID_ANSWER:
+            return self._ok({k: v for k, v in record.items() if k != "id"})
         if fault is Fault.TRUNCATED_JSON:
             raw = orjson.dumps(record)
             return web.Response(body=raw[: len(raw) // 2], content_type="application/json")

@@ -521,6 +521,28 @@ class Store:
             self.on_commit(bag, record)
         return record
 
+    def void_refund(
+        self, bag: FakeBag, record: dict[str, Any], status: str, bag_status: str | None
+    ) -> None:
+        """The refund ``record`` just committed moved no money after all (the platform
+        refused it): it stays on the bag in ``status`` (FAILED or CANCELED), and the
+        bag's amounts, its units and the ledger's count and money go back. The bag
+        returns to ``bag_status`` (None: it keeps its status, as a cancelled bag does)."""
+        record["status"] = status
+        record["errors"] = [
+            {"id": record["id"], "error_code": 4500, "error_message": "the platform refused it"}
+        ]
+        self._processing.pop(record["id"], None)
+        bag.refunded_amount -= record["amount"]
+        bag.refunded_shipping -= (record.get("shipping") or {}).get("amount", 0)
+        units = {line["order_sku_id"]: line["quantity_refunded"] for line in record["skus"]}
+        for sku in bag.skus:
+            sku.refunded_quantity -= units.get(sku.order_sku_id, 0)
+        if bag_status is not None:
+            bag.status = bag_status
+        self.ledger.refunds_per_bag[bag.id] -= 1
+        self.ledger.amount_per_bag[bag.id] -= record["amount"]
+
     def tick_processing(self, bag: FakeBag) -> None:
         """One read of the bag's refunds: PROCESSING refunds move toward COMPLETED."""
         for record in bag.refunds:
