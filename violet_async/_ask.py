@@ -16,6 +16,7 @@ import attrs
 import orjson
 
 from ._converter import converter, request_from_dict
+from ._redact import has_control_character
 from .exceptions import RequestValidationError
 from .models import CancelBagRequest, RefundBagRequest
 
@@ -26,11 +27,15 @@ __all__ = [
     "Phase",
     "ProtocolError",
     "Settings",
+    "checked_key",
     "merged",
     "sent_once",
 ]
 
 Kind = Literal["refund", "cancel"]
+
+#: The longest idempotency key accepted (Stripe's limit).
+MAX_KEY_LENGTH = 255
 
 #: This process's clock, as records name it: times recorded here are in this clock.
 PROCESS_CLOCK = secrets.token_hex(8)
@@ -132,12 +137,17 @@ class PendingRefund:
     """Wall and monotonic time read together when the record was last written, by the
     process ``clock`` names: a resume in that process sees whether its wall clock
     stepped in between (monotonic time never does)."""
+    idempotency_key: str | None = None
+    """The ``idempotency_key`` of the call that made this ask (None: it had none).
+    ``client.resume`` of a record with a key resumes it through the key's own record in
+    the client's store, so a resume and a repeat of the keyed call, in any process
+    sharing the store, are one ask: one owner at a time, one refund for both."""
 
     # -- persistence ---------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what :meth:`from_dict` reads back)."""
-        return {
+        data: dict[str, Any] = {
             "v": 1,
             "kind": self.kind,
             "order_id": self.order_id,
@@ -167,6 +177,10 @@ class PendingRefund:
             "wall_mono": list(self.wall_mono) if self.wall_mono is not None else None,
             "stepped": self.stepped,
         }
+        if self.idempotency_key is not None:
+            # Only when set: records without a key read and write as they always did.
+            data["idempotency_key"] = self.idempotency_key
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> PendingRefund:
@@ -214,6 +228,7 @@ class PendingRefund:
                 offsets=_offsets(data.get("offsets")),
                 wall_mono=_pair(data.get("wall_mono"), "wall_mono"),
                 stepped=_opt_float(data, "stepped") or 0.0,
+                idempotency_key=checked_key(data.get("idempotency_key")),
             )
         except KeyError as exc:
             raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
@@ -296,6 +311,7 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
         clock_unsure=one.clock_unsure or other.clock_unsure,
         seen=one.seen | other.seen,
         others=one.others | other.others,
+        idempotency_key=one.idempotency_key or other.idempotency_key,
     )
 
 
@@ -316,6 +332,24 @@ def _ask_id(data: dict[str, Any]) -> str:
     fields = [data.get(k) for k in ("kind", "order_id", "bag_id", "request", "first_sent_at")]
     digest = hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"v1-{digest[:16]}"
+
+
+def checked_key(value: Any) -> str | None:
+    """A record's idempotency key, checked as a call's own key is (it names the store
+    record a resume goes through)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_KEY_LENGTH
+        or has_control_character(value)
+    ):
+        raise RequestValidationError(
+            "pending.idempotency_key",
+            f"must be a str of 1 to {MAX_KEY_LENGTH} characters with no control characters",
+        )
+    return value
 
 
 def _offsets(value: Any) -> tuple[float, float] | None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from ._ask import checked_key
 from ._auth import Auth, Credentials
 from ._config import (
     UNSET,
@@ -478,6 +479,7 @@ class VioletClient(RequestPlumbing):
             )
         check_id("order_id", pending.order_id)
         check_id("bag_id", pending.bag_id)
+        checked_key(pending.idempotency_key)
         call = self._resume(pending)
         if STATE.on:
             attributes = {
@@ -489,10 +491,12 @@ class VioletClient(RequestPlumbing):
         return await call
 
     async def _resume(self, pending: PendingRefund) -> OrderRefund:
-        if self._shares_records:
+        if self._shares_records or pending.idempotency_key is not None:
             # A store was given: the ask's record is kept there by its ask_id, so a
             # record resumed again (here or in another process sharing the store) is
-            # merged with the freshest copy, and one process resumes it at a time.
+            # merged with the freshest copy, and one process resumes it at a time. A
+            # record of a keyed call goes through its key's own entry (with or without
+            # a store given): the keyed call's repeats and this resume are one ask.
             keys = self._key_path()
             refund = await keys.resume(self._engine.drive, pending, self._deadline())
             shared = self._shared

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
-from ._ask import PROCESS_CLOCK, PendingRefund, Phase, Settings, merged, sent_once
+from ._ask import (
+    MAX_KEY_LENGTH,
+    PROCESS_CLOCK,
+    PendingRefund,
+    Phase,
+    Settings,
+    merged,
+    sent_once,
+)
 from ._config import UNSET, _Unset
 from ._converter import encode_request
 from ._protocol import clock_stepped
@@ -94,9 +102,6 @@ log = logging.getLogger("violet_async.reconcile")
 
 Kind = Literal["refund", "cancel"]
 Save = Callable[[PendingRefund], Awaitable[None]]
-
-#: The longest idempotency key accepted (Stripe's limit).
-MAX_KEY_LENGTH = 255
 
 _CANCELLED_NOTE = (
     "the call was cancelled after its request may have left; whether it applied is not "
@@ -349,7 +354,7 @@ class KeyedAsks:
             flight = self._flights[key] = _Flight(wanted)
             try:
                 await self._no_unscoped(bare)
-                refund = await self._own(ask_fn, wanted, key, deadline)
+                refund = await self._own(ask_fn, wanted, key, bare, deadline)
             except BaseException as exc:
                 self._land(key, flight, None, exc)
                 raise
@@ -407,7 +412,7 @@ class KeyedAsks:
             joined.set_result(refund)
 
     async def _own(
-        self, ask_fn: AskFn, wanted: PendingRefund, key: str, deadline: float | None
+        self, ask_fn: AskFn, wanted: PendingRefund, key: str, bare: str, deadline: float | None
     ) -> OrderRefund:
         store = self.store
         clock = self._clock
@@ -431,7 +436,7 @@ class KeyedAsks:
                     )
                 return entry.refund
             if claim is Claim.OWNED:
-                return await self._drive(ask_fn, entry, deadline)
+                return await self._drive(ask_fn, entry, deadline, bare)
             # BUSY: another process works on it; its outcome is ours.
             if deadline is not None and clock.monotonic() + self._poll > deadline:
                 raise AmbiguousOutcomeError(
@@ -444,9 +449,14 @@ class KeyedAsks:
                 )
             await clock.sleep(self._poll)
 
-    async def _drive(self, ask_fn: AskFn, entry: KeyEntry, deadline: float | None) -> OrderRefund:
+    async def _drive(
+        self, ask_fn: AskFn, entry: KeyEntry, deadline: float | None, bare: str | None
+    ) -> OrderRefund:
         """Drive the key's ask, within the call's ``deadline`` (monotonic, set when the
-        call began: time spent waiting for another caller of the key counts)."""
+        call began: time spent waiting for another caller of the key counts).
+        ``bare``: the caller's idempotency key (None: a record kept by its ``ask_id``),
+        carried by every record of the ask so that a pending one handed out is resumed
+        through this same entry."""
         store = self.store
         clock = self._clock
         key = entry.key
@@ -518,6 +528,7 @@ class KeyedAsks:
                 save=persist,
                 keep_cancelled=True,
                 deadline_at=deadline,
+                key=bare,
             )
         except NotSent as stopped:
             await self._release(key, latest)
@@ -541,8 +552,14 @@ class KeyedAsks:
         before every send, a live owner's lease keeps a second process from resuming it
         at the same time (it waits for the outcome), and a refund one process got is
         returned to the next with no request. In this process a second delivery joins
-        the running one."""
-        key = resume_key(self.scope, pending.ask_id)
+        the running one.
+
+        A record that carries its call's ``idempotency_key`` is kept under that key's
+        own entry instead (the one the keyed call and its repeats use): a resume and a
+        repeat of the keyed call, here or in another process sharing the store, are one
+        ask under one lease, never two records each free to re-send."""
+        bare = pending.idempotency_key
+        key = resume_key(self.scope, pending.ask_id) if bare is None else f"{self.scope} {bare}"
         while True:
             flight = self._flights.get(key)
             if flight is not None:
@@ -559,7 +576,9 @@ class KeyedAsks:
                 return returned[1]
             flight = self._flights[key] = _Flight(pending)
             try:
-                refund = await self._own_resume(ask_fn, pending, key, deadline)
+                if bare is not None:
+                    await self._no_unscoped(bare)
+                refund = await self._own_resume(ask_fn, pending, key, bare, deadline)
             except BaseException as exc:
                 self._land(key, flight, None, exc)
                 raise
@@ -567,7 +586,12 @@ class KeyedAsks:
             return refund
 
     async def _own_resume(
-        self, ask_fn: AskFn, pending: PendingRefund, key: str, deadline: float | None
+        self,
+        ask_fn: AskFn,
+        pending: PendingRefund,
+        key: str,
+        bare: str | None,
+        deadline: float | None,
     ) -> OrderRefund:
         store = self.store
         clock = self._clock
@@ -594,7 +618,7 @@ class KeyedAsks:
             if claim is Claim.OWNED:
                 if entry.ask is not mine:
                     entry = attrs.evolve(entry, ask=merged(entry.ask, mine))
-                return await self._drive(ask_fn, entry, deadline)
+                return await self._drive(ask_fn, entry, deadline, bare)
             # BUSY: another process resumes this ask now; its outcome is ours.
             if deadline is not None and clock.monotonic() + self._poll > deadline:
                 latest = merged(entry.ask, mine)
@@ -691,11 +715,12 @@ def _other_request(pending: PendingRefund) -> RequestValidationError:
 
 
 def _resume_store_error(pending: PendingRefund, doing: str, exc: BaseException) -> RecordStoreError:
+    key = pending.idempotency_key
     return RecordStoreError(
         f"the record store failed {doing} the record of ask {pending.ask_id!r} (the "
         f"{pending.kind} of bag {pending.bag_id}) ({type(exc).__name__}: {exc}); nothing "
         "was sent: resume it again later",
-        key=resume_key("", pending.ask_id).lstrip(),
+        key=resume_key("", pending.ask_id).lstrip() if key is None else key,
     )
 
 
@@ -883,6 +908,7 @@ class Engine:
         keep_cancelled: bool | None = None,
         defer_rate_limited: bool = False,
         deadline_at: float | _Unset | None = UNSET,
+        key: str | None = None,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -894,7 +920,8 @@ class Engine:
         (default: unless ``save`` is given; a batch journal or fleet ledger keeps its
         own). ``deadline_at``: the call's (monotonic) when it began before this (a keyed
         call that waited for another caller of its key); default: the policy's deadline
-        from now."""
+        from now. ``key``: the caller's idempotency key, carried by every record of
+        the ask (so a pending one handed out is resumed through the key's record)."""
         io = self._io
         path = io._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
         shared = self._shared
@@ -987,7 +1014,11 @@ class Engine:
                 settings = self.settings(
                     bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
                 )
-                ask = resume or PendingRefund(kind, order_id, bag_id, req, clock=settings.clock_id)
+                if resume is not None and key is not None and resume.idempotency_key != key:
+                    resume = attrs.evolve(resume, idempotency_key=key)
+                ask = resume or PendingRefund(
+                    kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key
+                )
                 ask, mine, owner = _as_owner(ask, shared.known_refunds, parse)
                 tracker = SendTracker(resume, persist=save)
                 timeouts = io._timeouts
