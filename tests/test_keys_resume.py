@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +20,31 @@ import pytest
 
 from violet_async import (
     AmbiguousOutcomeError,
+    BagPendingError,
     OrderRefund,
     PendingRefund,
+    RecordStoreError,
     RefundBagRequest,
     RequestValidationError,
     RetryPolicy,
     VioletClient,
 )
 from violet_async._ask import Phase, merged
-from violet_async.stores import SQLiteStore
+from violet_async.stores import Claim, KeyEntry, RedisStore, SQLiteStore
 from violet_async.testing import FakeClock
 
-from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
+from ._fleet_redis import redis_url  # noqa: F401 - the fixture
+from .hostile import (
+    APP_ID,
+    BAG_ID,
+    GATEWAY_504,
+    ORDER_ID,
+    SECRET,
+    Hostile,
+    Step,
+    hostile_client,
+)
+from .test_keys import Gated, _until
 
 SHORT = RetryPolicy(deadline=20.0)
 ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
@@ -152,3 +167,370 @@ async def test_a_resume_and_a_keyed_repeat_in_two_clients_refund_once(
     assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
     assert server.posts == 2
     assert {r.id for r in (*got, *again)} == {server.ours[0]}
+
+
+async def test_over_redis_a_resume_and_a_keyed_repeat_refund_once(
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """The same race with the key's record in a real redis-server (two RedisStores)."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    prefix = "test-keys-resume:"
+    async with (
+        RedisStore(redis_url, prefix=prefix) as one_store,
+        RedisStore(redis_url, prefix=prefix) as two_store,
+        hostile_client(server, store=one_store, retry=SHORT) as one,
+        hostile_client(server, store=two_store, retry=SHORT) as two,
+    ):
+        pending = await _pending(_keyed(one))
+        clock.advance(120.0)
+        record = _json(pending)
+        got = await asyncio.gather(
+            _settled(one.resume(record), lambda: one.resume(record)),
+            _settled(_keyed(two), lambda: _keyed(two)),
+        )
+        entry = await two_store.load(f"{two._key_scope()} {KEY}")
+        keys = await one_store._redis.keys(f"{prefix}*")
+    assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
+    assert {r.id for r in got} == {server.ours[0]}
+    assert entry is not None
+    assert entry.refund is not None
+    assert entry.refund.id == server.ours[0]
+    assert len(keys) == 1  # one record: the key's, none under the ask's id
+
+
+@pytest.mark.parametrize("first", ["keyed", "resume"])
+async def test_whichever_comes_first_the_other_waits_for_its_outcome(
+    tmp_path: Path, first: str
+) -> None:
+    """One client's re-send is held at Violet (it holds the key's lease); the other
+    client, with the resume or the keyed repeat, sends nothing while it runs and ends
+    pending with the holder's record (its second send), then gets the holder's refund
+    with no request of its own."""
+    clock = FakeClock()
+    server = Gated(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    async with _two(server, tmp_path / "k.db", retry=SHORT) as (one, two):
+        pending = await _pending(_keyed(one))
+        clock.advance(120.0)
+        record = _json(pending)
+        gate = server.post_gate = asyncio.Event()
+        server.post_arrived.clear()
+        if first == "keyed":
+            holder = asyncio.ensure_future(_keyed(two))
+            waiter: Any = lambda: one.resume(record)  # noqa: E731
+        else:
+            holder = asyncio.ensure_future(one.resume(record))
+            waiter = lambda: _keyed(two)  # noqa: E731
+        await server.post_arrived.wait()
+        try:
+            with pytest.raises(AmbiguousOutcomeError) as info:
+                await waiter()
+            assert server.posts == 1  # the held re-send is counted once it is let in
+        finally:
+            gate.set()
+        held = await _settled(holder, waiter)
+        got = await waiter()
+    if first == "keyed":
+        # The resume's wait ends with the record: it carries the key and the re-send.
+        waited = info.value.pending
+        assert waited is not None
+        assert waited.idempotency_key == KEY
+        assert waited.sends == 2
+    assert server.posts == 2
+    assert len(server.ours) == 1
+    assert held.id == got.id == server.ours[0]
+
+
+async def test_a_cancelled_keyed_calls_bag_pending_record_is_resumed_under_its_key(
+    tmp_path: Path,
+) -> None:
+    """The keyed call is cancelled with its POST held (it commits); the record the bag's
+    next call is refused with carries the key; resumed in client one while client two
+    repeats the keyed call: the one refund, found by reading back, for both."""
+    clock = FakeClock()
+    server = Gated(clock)
+    server.post_gate = gate = asyncio.Event()
+    async with _two(server, tmp_path / "k.db", retry=ROOMY) as (one, two):
+        call = asyncio.ensure_future(_keyed(one))
+        await server.post_arrived.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        with pytest.raises(BagPendingError) as refused:
+            await one.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        record = _json(refused.value.pending[0])
+        assert record.idempotency_key == KEY
+        gate.set()
+        await _until(lambda: server.ours)
+        clock.advance(ROOMY.settle_running + 1.0)
+        got = await asyncio.gather(one.resume(record), _keyed(two))
+    assert server.posts == 1
+    assert {r.id for r in got} == {server.ours[0]}
+
+
+async def test_a_keyed_record_naming_another_request_is_refused_sending_nothing(
+    tmp_path: Path,
+) -> None:
+    """A record (written by someone else) carrying a key the store holds for another
+    request: refused, nothing sent or read."""
+    clock = FakeClock()
+    server = Hostile(clock)
+    async with _two(server, tmp_path / "k.db", retry=SHORT) as (one, two):
+        await _keyed(one)
+        seen = (server.posts, server.reads)
+        forged = attrs.evolve(
+            PendingRefund(
+                "refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=999), phase=Phase.SENT
+            ),
+            idempotency_key=KEY,
+            sends=1,
+            first_sent_at=clock.time(),
+            last_sent_at=clock.time(),
+        )
+        with pytest.raises(RequestValidationError) as info:
+            await two.resume(forged)
+    assert info.value.field == "pending"
+    assert (server.posts, server.reads) == seen
+
+
+# -- cancelled at each await, and a store that fails -------------------------------------
+
+
+@attrs.define
+class Paused:
+    """A store (here: an SQLiteStore) whose chosen step waits at a gate, before or after
+    the store does it, or raises instead: 'claim', or a save of a 'sent', 'pending' or
+    'failed' record, or the 'finished' one (with its refund)."""
+
+    inner: Any
+    where: str = ""
+    after: bool = False
+    fail: bool = False
+    gate: asyncio.Event = attrs.Factory(asyncio.Event)
+    waiting: bool = False
+
+    @property
+    def lease(self) -> float:
+        return float(self.inner.lease)
+
+    @property
+    def retention(self) -> float:
+        return float(self.inner.retention)
+
+    async def _at(self, what: str, work: Callable[[], Awaitable[Any]]) -> Any:
+        if what != self.where or self.gate.is_set():
+            return await work()
+        if self.fail:
+            raise OSError("disk full")
+        if self.after:
+            done = await work()
+        self.waiting = True
+        await self.gate.wait()
+        return done if self.after else await work()
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        return await self._at("claim", lambda: self.inner.claim(fresh, now))  # type: ignore[no-any-return]
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        what = entry.ask.phase.value if entry.refund is None else "finished"
+        return await self._at(what, lambda: self.inner.save(entry, owner))  # type: ignore[no-any-return]
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        return await self.inner.renew(key, owner, lease_until)  # type: ignore[no-any-return]
+
+    async def load(self, key: str) -> KeyEntry | None:
+        return await self.inner.load(key)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+CANCEL_AT = [
+    ("claim", False),
+    ("claim", True),
+    ("sent", False),
+    ("sent", True),
+    ("post", False),
+    ("finished", False),
+]
+
+
+@pytest.mark.parametrize(("where", "after"), CANCEL_AT)
+async def test_a_keyed_resume_cancelled_at_each_await_then_repeated_refunds_once(
+    tmp_path: Path, where: str, after: bool
+) -> None:
+    """Client one resumes the keyed call's record and is cancelled at one await: the
+    store's claim (before or after it wrote), the save of the re-send (before or after
+    it wrote), the re-send in flight at Violet (which commits), or the save of the
+    end. Then both clients ask again at once (the resume, and the keyed call): one
+    refund, every caller gets it."""
+    clock = FakeClock()
+    server = Gated(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    path = tmp_path / "k.db"
+    paused = Paused(SQLiteStore(path), after=after)
+    async with (
+        SQLiteStore(path) as two_store,
+        hostile_client(server, store=paused, retry=SHORT) as one,
+        hostile_client(server, store=two_store, retry=SHORT) as two,
+    ):
+        pending = await _pending(_keyed(one))
+        clock.advance(120.0)
+        record = _json(pending)
+        paused.where = where
+        if where == "post":
+            server.post_gate = asyncio.Event()
+            server.post_arrived.clear()
+        call = asyncio.ensure_future(one.resume(record))
+        if where == "post":
+            await server.post_arrived.wait()
+        else:
+            await _until(lambda: paused.waiting)
+        call.cancel()
+        if where == "finished":
+            first = await call  # the refund applied: the call returns it
+        else:
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        paused.gate.set()
+        if server.post_gate is not None:
+            server.post_gate.set()
+            await _until(lambda: server.ours)
+        # Past a cancelled holder's lease (another process cannot tell it is gone).
+        clock.advance(paused.lease + ROOMY.settle_running + 1.0)
+        got = await asyncio.gather(
+            _settled(one.resume(record), lambda: one.resume(record)),
+            _settled(_keyed(two), lambda: _keyed(two)),
+        )
+        again = await _keyed(one)
+    assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
+    assert server.posts == 2
+    assert {r.id for r in (*got, again)} == {server.ours[0]}
+    if where == "finished":
+        assert first.id == server.ours[0]
+
+
+@pytest.mark.parametrize("where", ["claim", "sent"])
+async def test_a_keyed_resume_whose_store_write_fails_sends_nothing(
+    tmp_path: Path, where: str
+) -> None:
+    """The store fails claiming the key or saving the re-send: RecordStoreError naming
+    the key, nothing sent; the keyed repeat in the other client then refunds once."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    path = tmp_path / "k.db"
+    paused = Paused(SQLiteStore(path), fail=True)
+    async with (
+        SQLiteStore(path) as two_store,
+        hostile_client(server, store=paused, retry=SHORT) as one,
+        hostile_client(server, store=two_store, retry=SHORT) as two,
+    ):
+        pending = await _pending(_keyed(one))
+        clock.advance(120.0)
+        paused.where = where
+        with pytest.raises(RecordStoreError, match="nothing was sent") as info:
+            await one.resume(_json(pending))
+        assert info.value.key == KEY
+        assert server.posts == 1
+        clock.advance(paused.lease + 1.0)
+        refund = await _keyed(two)
+        paused.gate.set()
+        assert await one.resume(_json(pending)) == refund
+    assert len(server.ours) == 1
+    assert server.posts == 2
+
+
+# -- a process killed between the store write and the POST --------------------------------
+
+_RESUMER = """
+import asyncio, sys, time
+from violet_async import PendingRefund, RetryPolicy, VioletClient
+from violet_async.stores import SQLiteStore
+from violet_async.testing import FakeClock
+
+class Stops(SQLiteStore):
+    async def save(self, entry, owner):
+        saved = await super().save(entry, owner)
+        if sys.argv[4] == "after-save" and entry.ask.phase.value == "sent":
+            print("saved", flush=True)
+            time.sleep(3600)  # killed here: the record is written, the POST never left
+        return saved
+
+async def main():
+    url, path, wall = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    record = PendingRefund.from_json(sys.stdin.readline())
+    async with Stops(path, lease=2.0) as store, VioletClient(
+        {app_id}, {secret!r}, username="u", password="p", base_url=url, store=store,
+        retry=RetryPolicy(deadline=60.0), clock=FakeClock(wall_start=wall),
+    ) as client:
+        print("resuming", flush=True)
+        await client.resume(record)
+        print("returned", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("where", ["after-save", "post-in-flight"])
+async def test_a_process_killed_resuming_a_keyed_record_leaves_one_ask(
+    tmp_path: Path, where: str
+) -> None:
+    """Another process resumes the keyed call's record and is killed (SIGKILL) after
+    the store recorded its re-send and before the POST left, or with the POST at Violet
+    (it commits). The keyed repeat here waits out the dead process's lease, then
+    resumes the one record: reads back first, re-sends only what never left. One
+    refund."""
+    clock = FakeClock()
+    post = Step() if where == "after-save" else Step(hang=True, commit_after=0.0)
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None), post])
+    path = tmp_path / "k.db"
+    async with (
+        SQLiteStore(path, lease=2.0) as store,
+        hostile_client(server, store=store, retry=SHORT) as client,
+    ):
+        pending = await _pending(_keyed(client))
+        clock.advance(120.0)
+        script = _RESUMER.format(app_id=APP_ID, secret=SECRET)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            script,
+            client.base_url,
+            str(path),
+            repr(clock.time()),
+            where,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(pending.to_json().encode() + b"\n")
+        await proc.stdin.drain()
+        assert (await proc.stdout.readline()).strip() == b"resuming"
+        server.post_arrived.clear()
+        if where == "after-save":
+            line = await proc.stdout.readline()
+            assert line.strip() == b"saved", (await proc.communicate())[1].decode()
+        else:
+            await server.post_arrived.wait()
+        proc.send_signal(signal.SIGKILL)
+        await proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        entry = await store.load(f"{client._key_scope()} {KEY}")
+        assert entry is not None
+        assert entry.ask.phase is Phase.SENT
+        assert entry.ask.sends == 2
+        posts = server.posts
+        clock.advance(store.lease + 1.0)
+        if where == "after-save":
+            # The dead process's re-send may still be running at Violet for all this
+            # one knows: it reads back and waits that window out before re-sending.
+            with pytest.raises(AmbiguousOutcomeError):
+                await _keyed(client)
+            assert server.posts == posts
+            clock.advance(200.0)
+        refund = await _keyed(client)
+        assert await client.resume(pending) == refund
+    assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
+    assert refund.id == server.ours[0]
+    assert server.posts == posts + (1 if where == "after-save" else 0)
