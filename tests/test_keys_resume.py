@@ -30,7 +30,7 @@ from violet_async import (
     VioletClient,
 )
 from violet_async._ask import Phase, merged
-from violet_async.stores import Claim, KeyEntry, RedisStore, SQLiteStore
+from violet_async.stores import Claim, KeyEntry, MemoryStore, RedisStore, SQLiteStore
 from violet_async.testing import FakeClock
 
 from ._fleet_redis import redis_url  # noqa: F401 - the fixture
@@ -534,3 +534,42 @@ async def test_a_process_killed_resuming_a_keyed_record_leaves_one_ask(
     assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
     assert refund.id == server.ours[0]
     assert server.posts == posts + (1 if where == "after-save" else 0)
+
+
+async def test_a_key_whose_record_never_left_resumes_the_callers_record() -> None:
+    """The store's record under the key is an ask that never left (claimed and given up
+    unsent, here written into another client's store); the caller's record was sent
+    and applied (its answer lost). The resume reads back and finds it: no new send."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=50.0)])
+    other = MemoryStore()
+    async with hostile_client(server, retry=SHORT) as one:
+        pending = await _pending(_keyed(one))
+    clock.advance(120.0)
+    assert len(server.ours) == 1
+    async with hostile_client(server, retry=SHORT, store=other) as two:
+        now = clock.time()
+        never = PendingRefund("refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+        await other.claim(
+            KeyEntry(f"{two._key_scope()} {KEY}", never, owner="gone", lease_until=now - 1), now
+        )
+        refund = await two.resume(_json(pending))
+        again = await _keyed(two)
+    assert refund.reconciled
+    assert refund.id == again.id == server.ours[0]
+    assert server.posts == 1
+
+
+async def test_in_one_client_a_resume_and_the_keyed_repeat_join(tmp_path: Path) -> None:
+    """In one client at once: the resume and the keyed repeat are one flight."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    async with (
+        SQLiteStore(tmp_path / "k.db") as store,
+        hostile_client(server, store=store, retry=SHORT) as client,
+    ):
+        pending = await _pending(_keyed(client))
+        clock.advance(120.0)
+        got = await asyncio.gather(client.resume(_json(pending)), _keyed(client))
+    assert server.posts == 2
+    assert {r.id for r in got} == {server.ours[0]}

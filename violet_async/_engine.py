@@ -616,7 +616,12 @@ class KeyedAsks:
                     )
                 return entry.refund
             if claim is Claim.OWNED:
-                if entry.ask is not mine:
+                if entry.ask.phase is Phase.NEW:
+                    # The key's record never left (a claim given back unsent, or a
+                    # store this record did not come from): the caller's record was
+                    # sent and may have applied. Resume it, never send the new one.
+                    entry = attrs.evolve(entry, ask=mine)
+                elif entry.ask is not mine:
                     entry = attrs.evolve(entry, ask=merged(entry.ask, mine))
                 return await self._drive(ask_fn, entry, deadline, bare)
             # BUSY: another process resumes this ask now; its outcome is ours.
