@@ -30,6 +30,7 @@ from violet_async import (
     VioletClient,
 )
 from violet_async._ask import Phase, merged
+from violet_async._engine import resumable
 from violet_async.stores import Claim, KeyEntry, MemoryStore, RedisStore, SQLiteStore
 from violet_async.testing import FakeClock
 
@@ -573,3 +574,30 @@ async def test_in_one_client_a_resume_and_the_keyed_repeat_join(tmp_path: Path) 
         got = await asyncio.gather(client.resume(_json(pending)), _keyed(client))
     assert server.posts == 2
     assert {r.id for r in got} == {server.ours[0]}
+
+
+# -- the one resume rule (the record store seam's first piece) ---------------------------
+
+
+def test_resumable_is_one_rule_for_a_record_loaded_by_its_key() -> None:
+    """What a driver resumes from a record loaded by its item's key: nothing for one
+    never sent, sent/pending as they are, any other phase pending and doubted with its
+    evidence kept, and no record (or one of another request) as sent once, outcome
+    unknown, at the time the edge gives."""
+    wanted = PendingRefund(
+        "refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300), idempotency_key=KEY
+    )
+    assert resumable(wanted, wanted, sent_at=5.0) is None
+    for phase in (Phase.SENT, Phase.PENDING):
+        record = attrs.evolve(wanted, phase=phase, sends=2)
+        assert resumable(record, wanted, sent_at=5.0) is record
+    for phase in (Phase.APPLIED, Phase.ABSENT, Phase.FAILED):
+        record = attrs.evolve(wanted, phase=phase, sends=3, seen=frozenset({9}))
+        got = resumable(record, wanted, sent_at=5.0)
+        assert got == attrs.evolve(record, phase=Phase.PENDING, doubted=True)
+    other = attrs.evolve(wanted, request=RefundBagRequest(amount_refunded=301), phase=Phase.SENT)
+    for stored in (None, other):
+        got = resumable(stored, wanted, sent_at=5.0)
+        assert got is not None
+        assert (got.phase, got.sends, got.first_sent_at) == (Phase.SENT, 1, 5.0)
+        assert (got.request, got.idempotency_key) == (wanted.request, KEY)

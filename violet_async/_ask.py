@@ -262,6 +262,7 @@ def sent_once(
     others: frozenset[int] = frozenset(),
     clock: str | None = None,
     ask_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> PendingRefund:
     """The record of an ask sent once, at ``at`` (``None``: when is not known), whose
     outcome is not known: what a failed send, a torn journal line or a dead worker's
@@ -278,6 +279,7 @@ def sent_once(
         baseline=baseline,
         others=others,
         clock=clock or PROCESS_CLOCK,
+        idempotency_key=idempotency_key,
     )
     return attrs.evolve(record, ask_id=ask_id) if ask_id else record
 

@@ -94,6 +94,7 @@ __all__ = [
     "engine_of",
     "never_reached",
     "outcome_of",
+    "resumable",
     "resume_key",
     "unless_failed",
 ]
@@ -639,7 +640,9 @@ class KeyedAsks:
 
     def _resumed(self, ask: PendingRefund) -> PendingRefund | None:
         """The record a call taking the key resumes (None: a new ask)."""
-        resume = _resumable(ask)
+        # A key's entry always holds a record of its own request (the claim refused
+        # any other): the rule's last case never applies here.
+        resume = resumable(ask, ask, sent_at=None)
         if resume is None or resume.phase is not Phase.SENT:
             return resume
         # Its owner stopped mid-send (killed, cancelled, stalled past its lease, or its
@@ -735,15 +738,36 @@ def _refund_of(refund: OrderRefund, ask: PendingRefund) -> bool:
     return refund.order_id in (None, ask.order_id) and refund.bag_id in (None, ask.bag_id)
 
 
-def _resumable(ask: PendingRefund) -> PendingRefund | None:
-    """What a call that owns a key resumes: nothing for an ask never sent (NEW); an ask
-    sent once (any other phase a row may hold: sent, pending, or applied without its
-    refund) is read back as pending, never sent again blind."""
-    if ask.phase is Phase.NEW:
+def resumable(
+    stored: PendingRefund | None, wanted: PendingRefund, *, sent_at: float | None
+) -> PendingRefund | None:
+    """The one rule for what a driver resumes from the record it loaded by its item's
+    key, once its edge has said the ask may have been sent (a store's entry, and in
+    time a journal's sent/pending/unknown line and a ledger's sent/pending state):
+
+    - a record of ``wanted``'s request (kind, order, bag, body) never sent (NEW):
+      nothing to resume, send anew;
+    - sent or pending: as it is;
+    - any other phase (applied without its refund, absent, failed: the edge did not
+      take it as ended): pending and doubted, keeping what it knows (sends, settle
+      window, the refunds it saw), read back first, never sent again blind;
+    - no record, one that could not be read (None), or one of another request: the
+      ask was sent once at ``sent_at`` (None: when is not known), outcome unknown.
+    """
+    if stored is None or not KeyEntry("", stored).same_request(wanted):
+        return sent_once(
+            wanted.kind,
+            wanted.order_id,
+            wanted.bag_id,
+            wanted.request,
+            sent_at,
+            idempotency_key=wanted.idempotency_key,
+        )
+    if stored.phase is Phase.NEW:
         return None
-    if ask.phase in (Phase.SENT, Phase.PENDING):
-        return ask
-    return attrs.evolve(ask, phase=Phase.PENDING, doubted=True)
+    if stored.phase in (Phase.SENT, Phase.PENDING):
+        return stored
+    return attrs.evolve(stored, phase=Phase.PENDING, doubted=True)
 
 
 def _log_unrecorded(key: str, write: asyncio.Future[bool]) -> None:
