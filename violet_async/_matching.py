@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Container, Sequence
 from datetime import datetime
 
+import attrs
+
 from ._ask import PendingRefund, Settings
 from .models import (
     BagStatus,
@@ -451,6 +453,7 @@ def judge(
     near: list[OrderRefund] = []
     undated: list[OrderRefund] = []
     owned: list[OrderRefund] = []
+    twins: list[OrderRefund] = []
     first_doubt = ""
     for refund in refunds:
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
@@ -485,9 +488,16 @@ def judge(
             exact.append(refund)
         else:
             near.append(refund)
+            if refund.status in _DEAD and _live_twin(ask, refund, refunds, bag):
+                twins.append(refund)
     seen = frozenset(r.id for r in (*exact, *near, *undated, *owned) if r.id is not None)
     if len(exact) > 1:
         return Reading(Verdict.MANY, tuple(exact), seen)
+    if exact and twins:
+        # A FAILED (or CANCELED) attempt carrying exactly what was asked, dated after
+        # the send like the match: either may be this ask's (its attempt refused, and
+        # another system's refund the match). A person looks.
+        return Reading(Verdict.NEAR, tuple(exact + twins), seen)
     if undated:
         return Reading(Verdict.UNDATED, tuple(exact + undated), seen, first_doubt)
     if exact:
@@ -499,6 +509,15 @@ def judge(
     if bag is not None and effect_visible(ask, bag):
         return Reading(Verdict.EFFECT_WITHOUT_REFUND, (), seen)
     return Reading(Verdict.MISS, (), seen)
+
+
+def _live_twin(
+    ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag | None
+) -> bool:
+    """``refund`` (FAILED or CANCELED) carries exactly what was asked: it would be a
+    match had it moved money."""
+    alive = attrs.evolve(refund, status=RefundStatus.COMPLETED)
+    return content(ask, alive, refunds, bag) is Verdict.MATCH
 
 
 def effect_visible(ask: PendingRefund, bag: OrderBag) -> bool:
