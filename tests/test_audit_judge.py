@@ -181,6 +181,4 @@ def test_amount_with_shipping_recorded_as_one_total_is_a_mismatch_that_says_so()
         assert "may be in or out of the record's amount" in judged[0].detail
     assert [r.audit for r in judge_bag([asked], [rec(1, 1000)], bag(), "USD")] == ["as_asked"]
     # Without shipping asked, 1500 is another amount: missing.
-    assert [r.audit for r in judge_bag([row(2, 1000)], [rec(1, 1500)], bag(), "USD")] == [
-        "missing"
-    ]
+    assert [r.audit for r in judge_bag([row(2, 1000)], [rec(1, 1500)], bag(), "USD")] == ["missing"]
