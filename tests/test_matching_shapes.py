@@ -51,8 +51,9 @@ def bag(total: int = 1000, status: str = "COMPLETED") -> OrderBag:
 
 
 def ask(request: RefundBagRequest | CancelBagRequest, at: float | None = None) -> Any:
-    kind = "cancel" if isinstance(request, CancelBagRequest) else "refund"
-    return sent_once(kind, ORDER, BAG, request, at)
+    if isinstance(request, CancelBagRequest):
+        return sent_once("cancel", ORDER, BAG, request, at)
+    return sent_once("refund", ORDER, BAG, request, at)
 
 
 WHOLE = RefundBagRequest()
