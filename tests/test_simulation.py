@@ -338,7 +338,7 @@ def test_seeds_with_records_without_skus_and_dead_attempts_hold_every_invariant(
     left on a bag; 19, 200 and 224 are in the slice run here.)"""
     failures = []
     injected = 0
-    for seed in range(0, 300):
+    for seed in range(300):
         result = simulate(seed, kinds=frozenset({"record_shapes", "status_lag"}))
         injected += result.injected.get("world:dead_refund", 0)
         injected += result.injected.get("world:listed_without_skus", 0)
