@@ -407,8 +407,7 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
         )
     if "late_listed" in kinds:
         changes["old_refunds"] = (*changes.get("old_refunds", ()), *_late_listed(s))
-    if "record_shapes" in kinds:
-        changes.update(_record_shapes(s))
+    changes.update(_record_shapes(s, kinds))
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     labels = tuple(a.label for a in s.asks)
@@ -438,9 +437,11 @@ def _late_listed(s: Schedule) -> list[OldRefund]:
     return made
 
 
-def _record_shapes(s: Schedule) -> dict[str, Any]:
-    """Lists without ``skus`` and dead attempts of an asked amount (or a bag's total),
-    1 to 120 minutes before the run. (From their own stream.)"""
+def _record_shapes(s: Schedule, kinds: frozenset[str]) -> dict[str, Any]:
+    """``record_shapes``: lists without ``skus`` and dead attempts of an asked amount
+    (or a bag's total), 1 to 120 minutes before the run. (From their own stream.)"""
+    if "record_shapes" not in kinds:
+        return {}
     rng = random.Random(f"world-record-shapes:{s.seed}")
     dead = []
     for _ in range(rng.choice((0, 1, 1, 2))):
