@@ -139,3 +139,46 @@ def test_money_is_written_in_the_currency_minor_unit() -> None:
     assert format_money(123456, "USD") == "USD 1,234.56"
     assert format_money(1500, "JPY") == "JPY 1,500"
     assert format_money(-5, "EUR") == "EUR -0.05"
+
+
+def test_whole_bag_row_beside_failed_attempts_is_as_asked_never_missing() -> None:
+    """A whole-bag refund of the bag's 5000 beside a FAILED attempt of 300 made before
+    it, and another FAILED after it: neither moved money, so the 5000 is what was left
+    (it was read as "missing" when dead records counted, or any later record did)."""
+    whole = [row(2, None)]
+    refunds = [rec(1, 300, status="FAILED"), rec(2, 5000), rec(3, 200, status="CANCELED")]
+    judged = judge_bag(whole, refunds, bag("COMPLETED"), "USD")
+    assert [(r.audit, r.refund_ids) for r in judged] == [("as_asked", (2,))]
+    # A later refund that moved money (the bag refunded past its total): a person
+    # looks (mismatch), never "missing".
+    twice = judge_bag(whole, [rec(2, 5000), rec(3, 5000)], bag("REFUNDED"), "USD")
+    assert [r.audit for r in twice] == ["mismatch"]
+
+
+def test_sku_row_beside_a_record_without_lines_is_a_mismatch_that_says_so() -> None:
+    """A row of SKU lines (Violet prices them) and a record that lists no lines (every
+    field of a record is optional): it may be the row's refund, so never "missing"."""
+    lines = row(2, None, skus=[SkuRefund(order_sku_id=10, quantity_refunded=1)])
+    judged = judge_bag([lines], [rec(1, 700)], bag(), "USD")
+    assert judged[0].audit == "mismatch"
+    assert judged[0].refund_ids == (1,)
+    assert "the record lists none" in judged[0].detail
+    assert "cannot be told" in judged[0].detail
+    # Lines of other SKUs are another refund: missing, the record asked by no row.
+    other = rec(1, 700, skus=[{"order_sku_id": 11, "quantity_refunded": 1}])
+    assert [r.audit for r in judge_bag([lines], [other], bag(), "USD")] == ["missing"]
+
+
+def test_amount_with_shipping_recorded_as_one_total_is_a_mismatch_that_says_so() -> None:
+    """amount_refunded 1000 with shipping 500, recorded as 1500 (or as the 500 of the
+    items alone): Violet does not say which reading is right, never "missing"."""
+    from violet_async import ShippingRefund
+
+    asked = row(2, 1000, shipping=ShippingRefund(amount=500))
+    for recorded in (1500, 500):
+        judged = judge_bag([asked], [rec(1, recorded)], bag(), "USD")
+        assert (judged[0].audit, judged[0].refund_ids) == ("mismatch", (1,))
+        assert "may be in or out of the record's amount" in judged[0].detail
+    assert [r.audit for r in judge_bag([asked], [rec(1, 1000)], bag(), "USD")] == ["as_asked"]
+    # Without shipping asked, 1500 is another amount: missing.
+    assert [r.audit for r in judge_bag([row(2, 1000)], [rec(1, 1500)], bag(), "USD")] == ["missing"]

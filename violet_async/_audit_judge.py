@@ -231,7 +231,13 @@ def _size_difference(
         )
     if request.amount_refunded is not None:
         if refund.amount != request.amount_refunded:
-            return f"amount: asked {request.amount_refunded}, refunded {refund.amount}"
+            said = f"amount: asked {request.amount_refunded}, refunded {refund.amount}"
+            if request.shipping is not None and refund.amount is not None:
+                said += (
+                    f" (the shipping asked, {request.shipping.amount}, may be in or out of "
+                    "the record's amount: Violet does not say which, so it cannot be told)"
+                )
+            return said
     elif request.skus is None:
         return (
             f"the whole bag was asked: refunded {refund.amount} of a bag of {bag.total}, "
@@ -247,7 +253,12 @@ def differences(item: BatchItem, refund: OrderRefund, bag: OrderBag) -> list[str
     found = [size] if size is not None else []
     if isinstance(request, RefundBagRequest) and request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
-        if asked != got:
+        if not got:
+            found.append(
+                f"lines: asked {dict(asked)}, the record lists none "
+                "(Violet may leave them out: whether it is this row's cannot be told)"
+            )
+        elif asked != got:
             found.append(f"lines: asked {dict(asked)}, refunded {dict(got)}")
     reason = _strip(request.reason)
     if reason and refund.reason is not None and _strip(refund.reason) != reason:

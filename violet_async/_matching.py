@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Container, Sequence
 from datetime import datetime
 
+import attrs
+
 from ._ask import PendingRefund, Settings
 from .models import (
     BagStatus,
@@ -79,81 +81,130 @@ def cannot_tell(
 ) -> bool:
     """Whether ``refund`` (one that moved money) may be this ask's with nothing to tell
     either way: a whole-bag refund or cancel whose bag, or share of it, cannot be read;
-    an amount asked for and a record without one. The guard read never sends past it."""
+    an amount asked for and a record without one; SKU lines asked for and a record that
+    lists none; an amount asked for with shipping and a record whose amount is that
+    amount with the shipping in or out (Violet does not say which). The guard read
+    never sends past it."""
     if refund.status in _DEAD:
         return False
-    request = ask.request
-    if isinstance(request, CancelBagRequest) or (
-        request.amount_refunded is None and request.skus is None
-    ):
-        return bag is None or _is_the_rest(refund, refunds, bag) is None
-    return request.amount_refunded is not None and refund.amount is None
+    return _compare(ask, refund, refunds, bag) == (Verdict.NEAR, True)
 
 
 def content(
     ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag | None
 ) -> Verdict:
-    """Does ``refund`` carry what was asked? MATCH, NEAR (close, not the same: a person
-    should look) or MISS (another refund). Reasons are compared trimmed (Violet may store
-    ``reason.strip()``); a FAILED or CANCELED refund that matches is only NEAR: another
-    attempt's failure must never be reported as this ask's outcome.
+    """Does ``refund`` carry what was asked? MATCH, NEAR (close, not the same, or what
+    it carries cannot be told: a person should look) or MISS (another refund). Reasons
+    are compared trimmed (Violet may store ``reason.strip()``); a FAILED or CANCELED
+    refund that matches is only NEAR: another attempt's failure must never be reported
+    as this ask's outcome.
 
     A cancel or a whole-bag refund is the refund of what was left on the bag, whatever
     the bag's status says: the commerce platform moves that status minutes later, so a
     status that has not moved yet rules nothing out. A status that moved the other way
-    (REFUNDED for a cancel, CANCELED for a whole-bag refund) makes it NEAR."""
+    (REFUNDED for a cancel, CANCELED for a whole-bag refund) makes it NEAR.
+
+    MISS only where the record shows another refund. A record that leaves out what
+    would tell (its amount; its SKU lines, for a refund of lines Violet prices) or
+    whose amount may or may not carry the shipping asked for (Violet's pages do not
+    say whether a record's ``amount`` includes it) is NEAR: it may be ours."""
+    return _compare(ask, refund, refunds, bag)[0]
+
+
+def _shipping_folded(request: RefundBagRequest, refund: OrderRefund) -> bool:
+    """The record's amount is the asked amount with the asked (or recorded) shipping
+    added, or taken out: one refund, read the other way round. Violet's example asks
+    ``amount_refunded`` 1000 with ``shipping.amount`` 500 and does not say whether the
+    record's ``amount`` then reads 1000, 1500 or 500."""
+    asked = request.amount_refunded
+    if asked is None or refund.amount is None or request.shipping is None:
+        return False
+    shipped = {request.shipping.amount}
+    if refund.shipping is not None and refund.shipping.amount is not None:
+        shipped.add(refund.shipping.amount)
+    return any(s and refund.amount in (asked + s, asked - s) for s in shipped)
+
+
+def _compare(
+    ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag | None
+) -> tuple[Verdict, bool]:
+    """:func:`content`'s verdict, and whether a NEAR is "cannot be told" (the record
+    leaves out, or leaves open, what would tell) rather than "close, not the same"."""
     request = ask.request
     near = bool(_strip(request.reason)) and (
         refund.reason is not None and _strip(refund.reason) != _strip(request.reason)
     )
     if refund.status in _DEAD:
         near = True
+    unsure = False
     whole = isinstance(request, CancelBagRequest) or (
         request.amount_refunded is None and request.skus is None
     )
     if whole:
         rest = None if bag is None else _is_the_rest(refund, refunds, bag)
         if bag is None or rest is None:
-            return Verdict.NEAR  # what was left cannot be told: a person looks
+            return Verdict.NEAR, True  # what was left cannot be told: a person looks
         if not rest:
-            return Verdict.NEAR if effect_visible(ask, bag) else Verdict.MISS
+            return (Verdict.NEAR if effect_visible(ask, bag) else Verdict.MISS), False
         other_effect = (
             BagStatus.REFUNDED if isinstance(request, CancelBagRequest) else BagStatus.CANCELED
         )
         if bag.status is other_effect:
             near = True
     if isinstance(request, CancelBagRequest):
-        return Verdict.NEAR if near else Verdict.MATCH
+        return (Verdict.NEAR if near else Verdict.MATCH), False
     if request.amount_refunded is not None:
         if refund.amount is None:
-            near = True  # a record without its amount may be ours: never a miss
+            unsure = True  # a record without its amount may be ours: never a miss
         elif refund.amount != request.amount_refunded:
-            return Verdict.MISS
+            if not _shipping_folded(request, refund):
+                return Verdict.MISS, False
+            unsure = True  # the shipping in, or out, of the record's amount
     if request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
-        if asked != got:
+        if not got:
+            # No lines listed (every field of a record is optional): they may be ours.
+            unsure = True
+        elif asked != got:
             if request.amount_refunded is None and not set(asked) & set(got):
-                return Verdict.MISS  # other SKUs, and no amount to tie it to ours
+                return Verdict.MISS, False  # other SKUs, and no amount to tie it to ours
             near = True
     shipped = refund.shipping.amount if refund.shipping is not None else None
     if request.shipping is not None and shipped is not None and shipped != request.shipping.amount:
         near = True
-    return Verdict.NEAR if near else Verdict.MATCH
+    if unsure:
+        return Verdict.NEAR, True
+    return (Verdict.NEAR if near else Verdict.MATCH), False
 
 
 def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag) -> bool | None:
-    """``refund`` closed the bag (a whole-bag refund, a cancel): nothing was refunded
-    after it, and it refunded what the refunds before it left. Refund ids are taken to
-    grow with time; where they do not, this says no, and a person looks. None: it
-    cannot be told (no id, no total, or an amount missing)."""
+    """``refund`` closed the bag (a whole-bag refund, a cancel): it refunded what the
+    refunds before it left. Only refunds that moved money count (a FAILED or CANCELED
+    attempt left the bag as it was), and only this bag's (a list may carry another
+    bag's records). Refund ids are taken to grow with time.
+
+    False: it is not what was left. None: it cannot be told (no id, no total, an
+    earlier amount missing), or it was what was left and the bag was refunded again
+    after it (a double refund, or ids that do not grow with time): a person looks,
+    never a miss."""
     if refund.id is None or refund.amount is None or bag.total is None:
         return None
-    if any(r.id is not None and r.id > refund.id for r in refunds):
-        return False  # refunded again after it: it did not close the bag
-    earlier = [r.amount for r in refunds if r.id is not None and r.id < refund.id]
+    others = [
+        r
+        for r in refunds
+        if r.id is not None
+        and r.id != refund.id
+        and r.status not in _DEAD
+        and (r.bag_id is None or r.bag_id == bag.id)
+    ]
+    earlier = [r.amount for r in others if r.id is not None and r.id < refund.id]
     if any(amount is None for amount in earlier):
         return None  # an earlier record without its amount: the rest is unknown
-    return refund.amount == bag.total - sum(a for a in earlier if a is not None)
+    if refund.amount != bag.total - sum(a for a in earlier if a is not None):
+        return False
+    if any(r.id is not None and r.id > refund.id for r in others):
+        return None  # refunded again after it: it did not close the bag, or ids lie
+    return True
 
 
 def _timestamp(when: datetime) -> float | None:
@@ -402,6 +453,7 @@ def judge(
     near: list[OrderRefund] = []
     undated: list[OrderRefund] = []
     owned: list[OrderRefund] = []
+    twins: list[OrderRefund] = []
     first_doubt = ""
     for refund in refunds:
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
@@ -436,9 +488,16 @@ def judge(
             exact.append(refund)
         else:
             near.append(refund)
+            if refund.status in _DEAD and _live_twin(ask, refund, refunds, bag):
+                twins.append(refund)
     seen = frozenset(r.id for r in (*exact, *near, *undated, *owned) if r.id is not None)
     if len(exact) > 1:
         return Reading(Verdict.MANY, tuple(exact), seen)
+    if exact and twins:
+        # A FAILED (or CANCELED) attempt carrying exactly what was asked, dated after
+        # the send like the match: either may be this ask's (its attempt refused, and
+        # another system's refund the match). A person looks.
+        return Reading(Verdict.NEAR, tuple(exact + twins), seen)
     if undated:
         return Reading(Verdict.UNDATED, tuple(exact + undated), seen, first_doubt)
     if exact:
@@ -450,6 +509,15 @@ def judge(
     if bag is not None and effect_visible(ask, bag):
         return Reading(Verdict.EFFECT_WITHOUT_REFUND, (), seen)
     return Reading(Verdict.MISS, (), seen)
+
+
+def _live_twin(
+    ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag | None
+) -> bool:
+    """``refund`` (FAILED or CANCELED) carries exactly what was asked: it would be a
+    match had it moved money."""
+    alive = attrs.evolve(refund, status=RefundStatus.COMPLETED)
+    return content(ask, alive, refunds, bag) is Verdict.MATCH
 
 
 def effect_visible(ask: PendingRefund, bag: OrderBag) -> bool:

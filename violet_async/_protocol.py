@@ -592,7 +592,10 @@ def _after_read(
         note = f"{len(found)} refunds on bag {ask.bag_id} match this request: which one it made"
         return _park(ask, f"{note} cannot be told", found, review=True)
     if verdict is Verdict.NEAR:
-        note = f"a refund on bag {ask.bag_id} almost matches this request (other details differ)"
+        note = (
+            f"a refund on bag {ask.bag_id} almost matches this request (other details "
+            "differ, or its record leaves out or leaves open what would tell)"
+        )
         return _park(ask, note, found, review=True)
     if verdict is Verdict.UNDATED:
         note = f"a refund on bag {ask.bag_id} matches this request but {reading.doubt}"

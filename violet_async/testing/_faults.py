@@ -190,6 +190,16 @@ class ServerQuirks:
     the readings disagree."""
     day_dates: bool = False
     """Refund dates carry the day only (``2023-11-07T00:00:00Z``)."""
+    listed_without_skus: bool = False
+    """The bag's refund list (and the single-refund GET) leaves ``skus`` out of every
+    record (every property of Violet's records is optional): a refund of SKU lines
+    cannot be told from one of an amount."""
+    amount_with_shipping: bool = False
+    """A refund that names ``amount_refunded`` and ``shipping`` is recorded with the
+    shipping in its ``amount`` (1000 and 500 read back as 1500): Violet's pages do not
+    say which reading is right."""
+    list_other_bags: bool = False
+    """A bag's refund list also carries the refunds of the order's other bags."""
 
     @page_keys.validator
     def _check_page_keys(self, _: object, value: str) -> None:

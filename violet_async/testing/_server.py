@@ -391,6 +391,24 @@ class FakeViolet:
             self.store.list_late(record["id"], bag_id, listed_in)
         return record
 
+    def failed_attempt(
+        self,
+        order_id: int,
+        bag_id: int,
+        amount: int,
+        *,
+        status: str = "FAILED",
+        age_seconds: float = 0.0,
+    ) -> dict[str, Any]:
+        """List a refund attempt on the bag that moved no money (``FAILED``, or
+        ``CANCELED``), as another system's refused attempt leaves it, ``age_seconds``
+        ago. Nothing is refunded or counted. Returns the record."""
+        if status not in ("FAILED", "CANCELED"):
+            raise ValueError("status must be 'FAILED' or 'CANCELED'")
+        return self.store.dead_refund(
+            self.bag(order_id, bag_id), amount, status=status, age_seconds=age_seconds
+        )
+
     @property
     def held(self) -> int:
         """Requests held open by TIMEOUT_THEN_COMMIT right now."""
@@ -530,7 +548,14 @@ class FakeViolet:
         self._check_token(request)
         bag = self.store.bag(order_id, bag_id)
         behind = self._replica_lag()
-        shown = [record for record in bag.refunds if self.store.visible(record, behind=behind)]
+        records = list(bag.refunds)
+        if self.quirks.list_other_bags:
+            for other in self.store.order(order_id).bags.values():
+                if other.id != bag_id:
+                    records += other.refunds
+        shown = [
+            self._shaped(record) for record in records if self.store.visible(record, behind=behind)
+        ]
         if self.quirks.page_size is None:
             response = self._ok(shown)
         else:
@@ -549,11 +574,17 @@ class FakeViolet:
             behind = self._replica_lag()
             for record in bag.refunds:
                 if record["id"] == refund_id and self.store.visible(record, behind=behind):
-                    response = self._ok(record)
+                    response = self._ok(self._shaped(record))
                     # A read of the refund moves it toward COMPLETED, as a list read does.
                     self.store.tick_processing(bag)
                     return response
         raise RuleViolation(404, f"Refund {refund_id} not found on order {order_id}", 4042)
+
+    def _shaped(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A record as a read shows it (``listed_without_skus``: no ``skus``)."""
+        if self.quirks.listed_without_skus:
+            return {k: v for k, v in record.items() if k != "skus"}
+        return record
 
     def _replica_lag(self) -> float:
         """How far behind the primary this read's replica is (``replica_behind``; with

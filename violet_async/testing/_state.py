@@ -461,7 +461,7 @@ class Store:
             "merchant_id": bag.merchant_id,
             "app_id": self.app_id,
             "transaction_id": None if platform else 600_000 + bag.id,
-            "amount": amount,
+            "amount": self._recorded_amount(amount, shipping, body),
             "refund_currency": bag.currency,
             "status": status,
             "skus": sku_records,
@@ -542,6 +542,41 @@ class Store:
             bag.status = bag_status
         self.ledger.refunds_per_bag[bag.id] -= 1
         self.ledger.amount_per_bag[bag.id] -= record["amount"]
+
+    def _recorded_amount(self, amount: int, shipping: int, body: dict[str, Any]) -> int:
+        """The record's ``amount``: ``amount_with_shipping`` folds the shipping into an
+        amount the body named."""
+        if shipping and self.quirks.amount_with_shipping and body.get("amount_refunded"):
+            return amount + shipping
+        return amount
+
+    def dead_refund(
+        self, bag: FakeBag, amount: int, *, status: str = "FAILED", age_seconds: float = 0.0
+    ) -> dict[str, Any]:
+        """A refund attempt the platform refused (``FAILED``) or withdrew
+        (``CANCELED``): listed on the bag, no money moved (the bag and the ledger's
+        counts stay as they were)."""
+        self._next_refund += 1
+        refund_id = self._next_refund
+        now = self.server_time() - age_seconds
+        record: dict[str, Any] = {
+            "id": refund_id,
+            "order_id": bag.order_id,
+            "bag_id": bag.id,
+            "merchant_id": bag.merchant_id,
+            "app_id": self.app_id,
+            "transaction_id": 600_000 + bag.id,
+            "amount": amount,
+            "refund_currency": bag.currency,
+            "status": status,
+            "skus": [],
+            "date_created": render_date(now, refund_id, self.quirks),
+            "date_last_modified": render_date(now, refund_id + 1, self.quirks),
+            "external_id": f"ext-refund-{refund_id}",
+            "errors": [{"id": refund_id, "error_code": 4001, "error_message": "platform refused"}],
+        }
+        bag.refunds.append(record)
+        return record
 
     def tick_processing(self, bag: FakeBag) -> None:
         """One read of the bag's refunds: PROCESSING refunds move toward COMPLETED."""

@@ -68,6 +68,9 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #: - ``resume_twice``: every resume job delivered twice to the same client;
 #: - ``caller_cancel``: a caller cancels its call at a random await and repeats it,
 #:   with the same idempotency key (half of them) or without one;
+#: - ``record_shapes``: refund lists that leave ``skus`` out of every record, and
+#:   refund attempts that moved no money (FAILED or CANCELED, of an asked amount or a
+#:   bag's total) listed on bags from before the run;
 #: - ``merchant_429``, ``two_clients_one_store``, ``redis_loss``, ``worker_dies``: see
 #:   ``_kinds_more``.
 WORLD_KINDS = (
@@ -84,6 +87,7 @@ WORLD_KINDS = (
     "resume_twice",
     "caller_cancel",
     "late_listed",
+    "record_shapes",
     *MORE_KINDS,
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
@@ -217,6 +221,11 @@ class Schedule:
     replica_lag: float = 0.0
     """Every other list read of an ask that was parked comes from a replica this far
     behind (it hides what it already showed that ask)."""
+    listed_without_skus: bool = False
+    """The bag's refund list leaves ``skus`` out of every record."""
+    dead_refunds: tuple[OldRefund, ...] = ()
+    """Refund attempts from before the run that moved no money (``external``: CANCELED,
+    else FAILED)."""
     # -- _kinds_more ---------------------------------------------------------------
     merchants: tuple[int, ...] = ()
     """Each bag's merchant (an index from ``_kinds_more.MERCHANT_BASE``)."""
@@ -239,6 +248,8 @@ class Schedule:
             + sum(bool(j) for j in self.date_jumps)
             + len(self.clock_steps)
             + len(self.old_refunds)
+            + len(self.dead_refunds)
+            + self.listed_without_skus
             + len(self.cancels)
             + sum(c is not None for c in self.cancel_shapes)
             + len(self.merchant_limits)
@@ -292,7 +303,9 @@ class Schedule:
             f"merchant_ids_known={self.merchant_ids_known} "
             f"second_callers={list(self.second_callers) or '-'} "
             f"shared_store={self.shared_store or '-'} worker_dies={self.worker_dies} "
-            f"ledger_loss={self.ledger_loss}"
+            f"ledger_loss={self.ledger_loss}\n"
+            f"world: listed_without_skus={self.listed_without_skus} "
+            f"dead_refunds={list(self.dead_refunds) or '-'}"
         )
 
 
@@ -394,6 +407,7 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
         )
     if "late_listed" in kinds:
         changes["old_refunds"] = (*changes.get("old_refunds", ()), *_late_listed(s))
+    changes.update(_record_shapes(s, kinds))
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     labels = tuple(a.label for a in s.asks)
@@ -421,6 +435,22 @@ def _late_listed(s: Schedule) -> list[OldRefund]:
         listed_in = round(rng.uniform(0.2, 12.0), 3)
         made.append(OldRefund(ask.bag, ask.amount, age, rng.random() < 0.5, listed_in))
     return made
+
+
+def _record_shapes(s: Schedule, kinds: frozenset[str]) -> dict[str, Any]:
+    """``record_shapes``: lists without ``skus`` and dead attempts of an asked amount
+    (or a bag's total), 1 to 120 minutes before the run. (From their own stream.)"""
+    if "record_shapes" not in kinds:
+        return {}
+    rng = random.Random(f"world-record-shapes:{s.seed}")
+    dead = []
+    for _ in range(rng.choice((0, 1, 1, 2))):
+        ask = rng.choice(s.asks)
+        bag = s.bags[ask.bag]
+        amount = ask.amount if ask.amount is not None else bag.price * bag.quantity + bag.shipping
+        age = rng.choice((60.0, 600.0, 7_200.0))
+        dead.append(OldRefund(ask.bag, amount, age, rng.random() < 0.3))
+    return {"listed_without_skus": rng.random() < 0.5, "dead_refunds": tuple(dead)}
 
 
 def _generate(seed: int, *, mode: str | None = None) -> Schedule:
@@ -685,6 +715,7 @@ class _World:
             trim_reasons=schedule.trim_reasons,
             page_size=schedule.page_size,
             bag_status_lag=schedule.bag_status_lag,
+            listed_without_skus=schedule.listed_without_skus,
         )
         self.secret = f"sim-app-secret-{schedule.seed}"
         self.password = f"sim-password-{schedule.seed}"
@@ -799,6 +830,16 @@ class _World:
                 count("world:late_listed_refund")
             self.violet._committed(None, bag, record)
             count("world:old_external_refund" if old.external else "world:old_refund")
+        for dead in s.dead_refunds:
+            order_id, bag_id = self.ids[dead.bag]
+            status = "CANCELED" if dead.external else "FAILED"
+            record = store.dead_refund(
+                store.bag(order_id, bag_id), dead.amount, status=status, age_seconds=dead.age
+            )
+            self.violet.commit_at[record["id"]] = store.clock.monotonic() - dead.age
+            count("world:dead_refund")
+        if s.listed_without_skus:
+            count("world:listed_without_skus")
         for at, step in s.clock_steps:
 
             def jump(step: float = step) -> None:

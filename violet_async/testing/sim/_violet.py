@@ -559,6 +559,8 @@ class SimViolet:
         )
         listed = shown
         shown = [self._dated(r) for r in shown]
+        if self.store.quirks.listed_without_skus:
+            shown = [{k: v for k, v in r.items() if k != "skus"} for r in shown]
         if kind == "junk":
             # A record no reader can take: an older shape, a field of another type.
             shown = [*shown, {"id": f"legacy-{bag.id}", "amount": "12,00", "status": 7}]
