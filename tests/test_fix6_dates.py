@@ -80,16 +80,24 @@ async def test_a_date_header_behind_inside_trust_never_claims_a_refund_older_tha
 
 @pytest.mark.parametrize("skew", [-120.0, 120.0])
 async def test_a_server_clock_minutes_off_still_finds_our_own_refund(skew: float) -> None:
-    """Violet's clock (its Date and its refunds' dates) 2 minutes off ours: inside
-    TRUSTED_DATE the Date is trusted and our 504'd refund is found, not reviewed."""
+    """Violet's clock (its Date and its refunds' dates) 2 minutes ahead of ours: our
+    504'd refund is after the send by both clocks, found. Two minutes behind: a Date
+    header behind the refund clock looks the same (remaining risk (e)), so it is
+    pending for review with our refund as the candidate, never claimed, never re-sent."""
     clock = FakeClock()
     server = Violet6(clock)
     clock.step_wall(-skew)  # this machine's wall clock off; the server keeps its own
     server.scripts = [server.commit_then(504)]
-    refund, _ = await outcome(server)
-    assert refund is not None
-    assert refund.reconciled
-    assert server.made == [refund.id]
+    refund, pending = await outcome(server)
+    assert server.posts == 1
+    if skew > 0:
+        assert refund is not None
+        assert refund.reconciled
+        assert server.made == [refund.id]
+    else:
+        assert refund is None
+        assert pending is not None and pending.needs_review
+        assert len(server.made) == 1
 
 
 async def test_a_date_header_behind_beyond_trust_leaves_our_own_refund_pending() -> None:
@@ -341,12 +349,17 @@ def dated(when: float, id: int = 5) -> OrderRefund:
     )
 
 
-def test_the_window_trusts_a_date_within_trusted_date_alone() -> None:
+def test_the_window_never_takes_a_date_behind_alone() -> None:
+    """A Date within TRUSTED_DATE bounds the latest date alone, never the earliest:
+    the send is placed by the later of the Date and this machine's clock."""
+    tolerance = SETTINGS.date_tolerance
     floor, _, ceiling = no_baseline_window(ask(server_offset=-100.0), SETTINGS, T0 - 90, T0 + 10)
-    assert floor == -105.0
+    assert floor == -tolerance  # this machine's clock, not the Date 100 s behind
     assert ceiling == T0 - 85.0
+    floor, _, _ = no_baseline_window(ask(server_offset=100.0), SETTINGS, T0 + 110, T0 + 10)
+    assert floor == 100.0 - tolerance  # the Date ahead
     floor, _, ceiling = no_baseline_window(ask(server_offset=-600.0), SETTINGS, T0 - 590, T0 + 10)
-    assert floor == -SETTINGS.clock_skew  # this machine's clock, within its skew
+    assert floor == -tolerance  # this machine's clock, within the Date's tolerance
     assert ceiling == T0 - 585.0  # the read's own Date
 
 
@@ -388,7 +401,10 @@ def test_our_own_refund_is_claimed_when_the_server_clock_is_off_within_trust(
     skew: float, made: float
 ) -> None:
     """Violet's clock (Date and dates alike) off ours by up to TRUSTED_DATE: a refund
-    made between the send and the read is ours to claim."""
+    made between the send and the read is ours to claim when it is after the send by
+    this machine's clock too (Violet's clock ahead, or behind by less than the
+    tolerance); before it by this machine's clock, it is for review (a Date header
+    behind the refund clock looks the same), never a miss."""
     read = T0 + 30.0
     verdict, _ = match(
         ask(server_offset=skew),
@@ -399,7 +415,32 @@ def test_our_own_refund_is_claimed_when_the_server_clock_is_off_within_trust(
         read_server_time=read + skew,
         read_at=read,
     )
-    assert verdict.value == "match"
+    after_by_both = skew + made >= -SETTINGS.date_tolerance
+    assert verdict.value == ("match" if after_by_both else "undated")
+
+
+@given(
+    lag=st.floats(0.0, TRUSTED_DATE),
+    before=st.floats(SETTINGS.date_tolerance + 0.01, 13 * 3600.0),
+    delay=st.floats(0.0, 7200.0),
+)
+def test_a_date_header_behind_never_claims_a_refund_made_before_the_send(
+    lag: float, before: float, delay: float
+) -> None:
+    """Remaining risk (e): the Date header ``lag`` behind the clock that dates refunds
+    (this machine's, here); another system's refund made ``before`` the send; a read
+    ``delay`` after it. Never claimed, however late the read."""
+    read = T0 + delay
+    verdict, _ = match(
+        ask(server_offset=-lag),
+        [dated(T0 - before)],
+        None,
+        (),
+        SETTINGS,
+        read_server_time=read - lag,
+        read_at=read,
+    )
+    assert verdict.value != "match"
 
 
 def test_a_date_after_the_read_is_undated_not_a_claim() -> None:

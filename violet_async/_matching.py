@@ -199,14 +199,17 @@ def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, 
     return min(readings), max(readings), settings.clock_skew, False
 
 
-#: Without a baseline, a ``Date`` offset within this of this machine's clock (as it
-#: is, or as it was before a step) is taken as Violet's own clock: a machine's clock,
-#: or Violet's, a few minutes off. Further off, either clock may be the one that
-#: dates the refunds (a CDN or load balancer stamping its own ``Date``, or this
-#: machine's clock off), and a date must fit both. (Trusting it alone up to 15
-#: minutes, as the baseline rule's ``TRUSTED_OFFSET`` does for review, claimed a
-#: refund another system made 5 minutes before the send when a ``Date`` header was
-#: 10 minutes behind.)
+#: A ``Date`` offset within this of this machine's clock (as it is, or as it was
+#: before a step) is taken as a reading of Violet's own clock for the latest date a
+#: refund can carry (a machine's clock, or Violet's, a few minutes off). Further off,
+#: either clock may be the one that dates the refunds (a CDN or load balancer stamping
+#: its own ``Date``, or this machine's clock off), and a date must be no later than
+#: the read by both. The earliest date is never the ``Date`` header's alone: see
+#: :func:`no_baseline_window`. (Trusting it alone up to 15 minutes, as the baseline
+#: rule's ``TRUSTED_OFFSET`` does for review, claimed a refund another system made 5
+#: minutes before the send when a ``Date`` header was 10 minutes behind; trusting it
+#: alone up to 3 minutes claimed one made 100 s before the send when the header was
+#: 170 s behind.)
 TRUSTED_DATE = 180.0
 
 
@@ -225,10 +228,17 @@ def no_baseline_window(
     Violet's clock is read two ways: by the ``Date`` headers (within ``date_tolerance``,
     or ``clock_skew`` when they disagreed among themselves or the record's times are
     unsure), and by this machine's clock (as it is, or as it was before a step the ask
-    saw; within ``clock_skew``, as with no ``Date`` at all). A ``Date`` offset within
-    :data:`TRUSTED_DATE` of this machine's clock is trusted alone. Otherwise either
-    may be the clock that dated the refunds, and a date counts only when both
-    readings agree: after the send by each, and no later than the read by each.
+    saw). A date must place the refund after the send by both readings: a ``Date``
+    header behind the clock that dates refunds (a CDN or load balancer stamping its
+    own) would otherwise lower the floor below the send, and another system's refund
+    made that long before it would pass for this ask's (a false success). Violet's
+    whole clock behind this machine's looks the same from here, so our own refund is
+    then left for review, never claimed; a clock ahead costs nothing (the ``Date``
+    floor is the higher). This machine's clock counts within the ``Date`` headers'
+    tolerance when there is a ``Date`` (a disagreement is what it shows), within
+    ``clock_skew`` when there is none (this machine's clock is then all there is).
+    A ``Date`` offset within :data:`TRUSTED_DATE` of this machine's clock also gives
+    the latest date alone; otherwise a date must be no later than the read by each.
 
     The read's own ``Date`` always bounds the dates: a refund dated after Violet's
     own clock at the read (by more than the tolerance) carries a date that cannot be
@@ -246,11 +256,15 @@ def no_baseline_window(
         and ask.offsets is None
         and any(abs(offset - h) <= TRUSTED_DATE for h in local)
     ):
-        # The Date headers and this machine's clock agree: one reading.
-        floor = offset - tolerance
+        # The Date headers and this machine's clock (as it is, or as it was before a
+        # step) agree within minutes: the Date bounds the latest date alone; the send
+        # is placed by the latest of them (a reading hours off, the other side of a
+        # step of hours, is not one).
+        agreed = [h for h in local if abs(offset - h) <= TRUSTED_DATE]
+        floor = max(offset, *agreed) - settings.date_tolerance
         ceilings = [] if read_at is None else [read_at + offset + tolerance]
     else:
-        floor = max((*(d - tolerance for d in dates), *(h - skew for h in local)))
+        floor = max((*dates, *local)) - (settings.date_tolerance if dates else skew)
         ceilings = [] if read_at is None else [read_at + h + skew for h in local]
         if read_at is not None:
             ceilings += [read_at + d + tolerance for d in dates]
