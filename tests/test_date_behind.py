@@ -86,13 +86,15 @@ async def test_a_date_header_behind_never_claims_another_systems_earlier_refund(
     async with hostile_client(server, retry=ROOMY) as client:
         refund, error = await refund_or_pending(client)
         assert refund is None
-        assert error is not None and error.pending is not None
+        assert error is not None
+        assert error.pending is not None
         assert error.pending.needs_review
         assert [r.id for r in error.candidates] == [other["id"]]
         clock.advance(HOUR)
         refund, again = await refund_or_pending(client, error.pending)
     assert refund is None
-    assert again is not None and again.pending is not None
+    assert again is not None
+    assert again.pending is not None
     assert again.pending.needs_review
     assert [r.id for r in again.candidates] == [other["id"]]
     assert server.posts == 1
@@ -111,7 +113,8 @@ async def test_a_date_header_behind_with_a_baseline_is_review_too() -> None:
     async with hostile_client(server, retry=policy) as client:
         refund, error = await refund_or_pending(client)
     assert refund is None
-    assert error is not None and error.pending is not None
+    assert error is not None
+    assert error.pending is not None
     assert error.pending.needs_review
     assert [r.id for r in error.candidates] == [other["id"]]
     assert server.posts == 1
@@ -126,7 +129,8 @@ async def test_violet_two_minutes_ahead_finds_our_refund() -> None:
     server = DatedHostile(FakeClock(), script=applied_then_504(), server_skew=120.0)
     async with hostile_client(server, retry=ROOMY) as client:
         refund, _ = await refund_or_pending(client)
-    assert refund is not None and refund.reconciled
+    assert refund is not None
+    assert refund.reconciled
     assert refund.id == server.ours[0]
     assert server.posts == 1
 
@@ -142,13 +146,15 @@ async def test_violet_two_minutes_behind_leaves_our_refund_for_review() -> None:
     async with hostile_client(server, retry=ROOMY) as client:
         refund, error = await refund_or_pending(client)
         assert refund is None
-        assert error is not None and error.pending is not None
+        assert error is not None
+        assert error.pending is not None
         assert error.pending.needs_review
         assert [r.id for r in error.candidates] == server.ours
         clock.advance(HOUR)
         refund, again = await refund_or_pending(client, error.pending)
     assert refund is None
-    assert again is not None and [r.id for r in again.candidates] == server.ours
+    assert again is not None
+    assert [r.id for r in again.candidates] == server.ours
     assert server.posts == 1
 
 
@@ -159,7 +165,8 @@ async def test_clocks_seconds_apart_find_our_refund(lag: float) -> None:
     server = DatedHostile(FakeClock(), script=applied_then_504(), server_skew=lag)
     async with hostile_client(server, retry=ROOMY) as client:
         refund, _ = await refund_or_pending(client)
-    assert refund is not None and refund.id == server.ours[0]
+    assert refund is not None
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -171,7 +178,8 @@ async def test_a_wall_clock_step_of_hours_during_the_post_finds_our_refund(step:
     server = DatedHostile(FakeClock(), script=applied_then_504(wall_step=step))
     async with hostile_client(server, retry=ROOMY) as client:
         refund, _ = await refund_or_pending(client)
-    assert refund is not None and refund.id == server.ours[0]
+    assert refund is not None
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -187,11 +195,13 @@ async def test_a_wall_clock_step_of_minutes_during_the_post_is_review(step: floa
         refund, error = await refund_or_pending(client)
     if step > 0:  # the Date agrees with the clock before it, behind the one after
         assert refund is None
-        assert error is not None and error.pending is not None
+        assert error is not None
+        assert error.pending is not None
         assert error.pending.needs_review
         assert [r.id for r in error.candidates] == server.ours
     else:  # the clock after the step is behind: our refund is after the send by both
-        assert refund is not None and refund.id == server.ours[0]
+        assert refund is not None
+        assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -200,7 +210,8 @@ async def test_no_date_header_finds_our_refund() -> None:
     server = DatedHostile(FakeClock(), script=applied_then_504(), raw="not a date")
     async with hostile_client(server, retry=ROOMY) as client:
         refund, _ = await refund_or_pending(client)
-    assert refund is not None and refund.id == server.ours[0]
+    assert refund is not None
+    assert refund.id == server.ours[0]
     assert server.posts == 1
 
 
@@ -224,11 +235,13 @@ async def test_date_headers_that_disagree_never_claim_an_earlier_refund(
     async with hostile_client(server, retry=ROOMY) as client:
         refund, error = await refund_or_pending(client)
         assert refund is None
-        assert error is not None and error.pending is not None
+        assert error is not None
+        assert error.pending is not None
         clock.advance(HOUR)
         refund, again = await refund_or_pending(client, error.pending)
     assert refund is None
-    assert again is not None and [r.id for r in again.candidates] == [other["id"]]
+    assert again is not None
+    assert [r.id for r in again.candidates] == [other["id"]]
     assert server.posts == 1
 
 
@@ -245,7 +258,9 @@ async def test_a_wall_step_with_a_date_behind_never_claims_an_earlier_refund(ste
     server.add_refund(300, age=100.0)
     async with hostile_client(server, retry=ROOMY) as client:
         refund, error = await refund_or_pending(client)
-        assert refund is None and error is not None and error.pending is not None
+        assert refund is None
+        assert error is not None
+        assert error.pending is not None
         clock.advance(HOUR)
         refund, _ = await refund_or_pending(client, error.pending)
     assert refund is None
@@ -255,12 +270,12 @@ async def test_a_wall_step_with_a_date_behind_never_claims_an_earlier_refund(ste
 async def test_day_precision_dates_with_a_date_behind_are_never_claimed() -> None:
     """Refund dates with the day only and a Date 170 s behind: another system's refund
     of the same day is never claimed."""
-    server = DatedHostile(
-        FakeClock(), script=never_applied(), header_skew=-170.0, day_dates=True
-    )
+    server = DatedHostile(FakeClock(), script=never_applied(), header_skew=-170.0, day_dates=True)
     server.add_refund(300, age=100.0)
     async with hostile_client(server, retry=ROOMY) as client:
         refund, error = await refund_or_pending(client)
     assert refund is None
-    assert error is not None and error.pending is not None and error.pending.needs_review
+    assert error is not None
+    assert error.pending is not None
+    assert error.pending.needs_review
     assert server.posts == 1

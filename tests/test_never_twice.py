@@ -189,7 +189,8 @@ async def test_row4_clock_skew_is_estimated_from_date_headers(skew: float) -> No
             with pytest.raises(AmbiguousOutcomeError) as info:
                 await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
             pending = info.value.pending
-            assert pending is not None and pending.needs_review
+            assert pending is not None
+            assert pending.needs_review
             assert [r.id for r in info.value.candidates] == server.ours
             clock.advance(3600.0)
             with pytest.raises(AmbiguousOutcomeError) as again:
