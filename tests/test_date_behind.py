@@ -8,6 +8,7 @@ FakeClock."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from typing import Any
 
@@ -220,8 +221,8 @@ async def test_no_date_header_finds_our_refund() -> None:
 
 @pytest.mark.parametrize(
     "lags",
-    [[0.0, -170.0], [-170.0, 0.0], [-60.0, -60.0, 0.0], [0.0, 0.0, -60.0]],
-    ids=["login-honest", "login-behind", "reads-honest", "reads-behind"],
+    [[0.0, -170.0], [-170.0, 0.0], [0.0, -170.0, 0.0], [-60.0, -60.0, 0.0], [0.0, 0.0, -60.0]],
+    ids=["login-honest", "login-behind", "post-behind", "reads-honest", "reads-behind"],
 )
 async def test_date_headers_that_disagree_never_claim_an_earlier_refund(
     lags: list[float],
@@ -278,4 +279,53 @@ async def test_day_precision_dates_with_a_date_behind_are_never_claimed() -> Non
     assert error is not None
     assert error.pending is not None
     assert error.pending.needs_review
+    assert server.posts == 1
+
+
+@pytest.mark.parametrize("style", ["epoch_ms", "epoch_s", "plus_one_hour"])
+async def test_other_date_styles_with_a_date_behind_are_never_claimed(style: str) -> None:
+    """Another system's refund 100 s before the POST, its date as epoch milliseconds,
+    epoch seconds (records nobody can read: never claimed, absence never proven) or
+    with a right ``+01:00`` offset, the Date 170 s behind: never claimed, by the call
+    or by a resume an hour later; one POST."""
+    clock = FakeClock()
+    server = DatedHostile(clock, script=never_applied(), header_skew=-170.0)
+    other = server.add_refund(300, age=100.0)
+    made = server.server_now() - 100.0
+    if style == "epoch_ms":
+        other["date_created"] = int(made * 1000)
+    elif style == "epoch_s":
+        other["date_created"] = int(made)
+    else:
+        plus_one = timezone(timedelta(hours=1))
+        other["date_created"] = datetime.fromtimestamp(made, plus_one).isoformat()
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund, error = await refund_or_pending(client)
+        assert refund is None
+        assert error is not None
+        assert error.pending is not None
+        clock.advance(HOUR)
+        refund, again = await refund_or_pending(client, error.pending)
+    assert refund is None
+    assert again is not None
+    assert server.posts == 1
+
+
+@pytest.mark.parametrize("step", [170.0, -170.0, 3 * HOUR])
+async def test_a_wall_step_before_the_resume_never_claims_an_earlier_refund(step: float) -> None:
+    """The call ends pending (the Date 170 s behind, another system's refund 100 s
+    before the POST, ours never applied); this machine's wall clock then steps before
+    the resume: never claimed, one POST."""
+    clock = FakeClock()
+    server = DatedHostile(clock, script=never_applied(), header_skew=-170.0)
+    server.add_refund(300, age=100.0)
+    async with hostile_client(server, retry=ROOMY) as client:
+        refund, error = await refund_or_pending(client)
+        assert refund is None
+        assert error is not None
+        assert error.pending is not None
+        clock.advance(HOUR)
+        clock.step_wall(step)
+        refund, _ = await refund_or_pending(client, error.pending)
+    assert refund is None
     assert server.posts == 1
