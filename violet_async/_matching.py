@@ -225,20 +225,23 @@ def no_baseline_window(
     reading) and the latest date a refund can carry (``ceiling``: Violet's clock at
     the read; None: not known).
 
-    Violet's clock is read two ways: by the ``Date`` headers (within ``date_tolerance``,
-    or ``clock_skew`` when they disagreed among themselves or the record's times are
-    unsure), and by this machine's clock (as it is, or as it was before a step the ask
-    saw). A date must place the refund after the send by both readings: a ``Date``
-    header behind the clock that dates refunds (a CDN or load balancer stamping its
-    own) would otherwise lower the floor below the send, and another system's refund
-    made that long before it would pass for this ask's (a false success). Violet's
-    whole clock behind this machine's looks the same from here, so our own refund is
-    then left for review, never claimed; a clock ahead costs nothing (the ``Date``
-    floor is the higher). This machine's clock counts within the ``Date`` headers'
-    tolerance when there is a ``Date`` (a disagreement is what it shows), within
-    ``clock_skew`` when there is none (this machine's clock is then all there is).
-    A ``Date`` offset within :data:`TRUSTED_DATE` of this machine's clock also gives
-    the latest date alone; otherwise a date must be no later than the read by each.
+    Violet's clock is read two ways: by the ``Date`` headers (every offset they gave,
+    when they disagreed) and by this machine's clock (as it is, or as it was before a
+    step the ask saw). A date must place the refund after the send by every reading,
+    within ``date_tolerance``: a ``Date`` header behind the clock that dates refunds (a
+    CDN or load balancer stamping its own) would otherwise lower the floor below the
+    send, and another system's refund made that long before it would pass for this
+    ask's (a false success). Violet's whole clock behind this machine's looks the same
+    from here, so our own refund is then left for review, never claimed; Violet's
+    clock ahead costs nothing (the ``Date`` floor is the higher). When the ``Date``
+    agrees with one reading of this machine's clock within :data:`TRUSTED_DATE`, a
+    reading hours off (the other side of a step of hours) is not one. With no ``Date``
+    at all, this machine's clock is all there is, within ``clock_skew``.
+
+    For the latest date, a ``Date`` offset within :data:`TRUSTED_DATE` of this
+    machine's clock is taken alone (within ``date_tolerance``, or ``clock_skew`` when
+    the headers disagreed or the record's times are unsure); otherwise a date must be
+    no later than the read by each reading.
 
     The read's own ``Date`` always bounds the dates: a refund dated after Violet's
     own clock at the read (by more than the tolerance) carries a date that cannot be
@@ -364,7 +367,11 @@ def _doubt(
     if late > early:
         return f"{UNPLACED} (the date has the day only, T00:00:00Z: before or after cannot be told)"
     if sure:
-        return f"{UNPLACED} (the date is earlier than the send)"
+        return (
+            f"{UNPLACED} (the date is earlier than the send by this machine's clock or "
+            "by the Date headers: a Date header behind the clock that dates refunds "
+            "cannot be told from Violet's clock behind this machine's)"
+        )
     return (
         f"{UNPLACED} (the date is earlier than the send by some reading of Violet's clock: "
         "Date headers that disagree or sit far from this machine's clock, no Date header, "
