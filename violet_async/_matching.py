@@ -226,12 +226,15 @@ def no_baseline_window(
     the read; None: not known).
 
     Violet's clock is read two ways: by the ``Date`` headers (every offset they gave,
-    when they disagreed) and by this machine's clock (as it is, or as it was before a
-    step the ask saw). A date must place the refund after the send by every reading,
-    within ``date_tolerance``: a ``Date`` header behind the clock that dates refunds (a
-    CDN or load balancer stamping its own) would otherwise lower the floor below the
-    send, and another system's refund made that long before it would pass for this
-    ask's (a false success). Violet's whole clock behind this machine's looks the same
+    when they disagreed; within ``date_tolerance``, or ``clock_skew`` when they
+    disagreed or the record's times are unsure) and by this machine's clock (as it is,
+    or as it was before a step the ask saw; within ``date_tolerance``). A date must
+    place the refund after the send by every reading: a ``Date`` header behind the
+    clock that dates refunds (a CDN or load balancer stamping its own) would otherwise
+    lower the floor below the send, and another system's refund made that long before
+    it would pass for this ask's (a false success). This machine's clock, held to
+    ``date_tolerance``, is what keeps the floor from going below the send; the
+    ``Date`` headers only ever raise it. Violet's whole clock behind this machine's looks the same
     from here, so our own refund is then left for review, never claimed; Violet's
     clock ahead costs nothing (the ``Date`` floor is the higher). When the ``Date``
     agrees with one reading of this machine's clock within :data:`TRUSTED_DATE`, a
@@ -264,10 +267,11 @@ def no_baseline_window(
         # is placed by the latest of them (a reading hours off, the other side of a
         # step of hours, is not one).
         agreed = [h for h in local if abs(offset - h) <= TRUSTED_DATE]
-        floor = max(offset, *agreed) - settings.date_tolerance
+        floor = max(offset - tolerance, max(agreed) - settings.date_tolerance)
         ceilings = [] if read_at is None else [read_at + offset + tolerance]
     else:
-        floor = max((*dates, *local)) - (settings.date_tolerance if dates else skew)
+        mine = settings.date_tolerance if dates else skew
+        floor = max((*(d - tolerance for d in dates), *(h - mine for h in local)))
         ceilings = [] if read_at is None else [read_at + h + skew for h in local]
         if read_at is not None:
             ceilings += [read_at + d + tolerance for d in dates]
