@@ -180,14 +180,22 @@ def test_known_and_old_refunds_are_not_candidates() -> None:
     assert verdict.value == "miss"
 
 
-def test_a_server_clock_behind_ours_is_corrected() -> None:
-    """Violet's clock 2 minutes behind: the Date-header estimate keeps our refund in."""
+def test_a_server_clock_behind_ours_is_estimated_and_its_refund_reviewed() -> None:
+    """Violet's clock 2 minutes behind: the Date header's offset is learned, and the
+    refund it dates after the send keeps it in (never a miss, never a re-send); but
+    it is before the send by this machine's clock, and a Date header behind the clock
+    that dates refunds looks the same (remaining risk (e)): a person confirms it."""
     ask = sent()
     late = refund(5, age=120)  # created "before" our send by our clock
     obs = Observation.read(T0 + 2, [late], server_time=T0 + 2 - 120, received_at=T0 + 2)
     ask2, action = step(ask, obs, SETTINGS, T0 + 2, 100.0)
-    assert action.do is Do.RETURN
+    assert action.do is Do.PARK
+    assert [r.id for r in action.candidates] == [5]
+    assert ask2.needs_review
     assert ask2.server_offset == pytest.approx(-119.5)
+    ahead = refund(6, age=-120)  # Violet's clock 2 minutes ahead: after the send by both
+    obs = Observation.read(T0 + 2, [ahead], server_time=T0 + 2 + 120, received_at=T0 + 2)
+    assert step(ask, obs, SETTINGS, T0 + 2, 100.0)[1].do is Do.RETURN
 
 
 def test_whole_bag_refund_needs_the_bag_refunded_and_the_rest_amount() -> None:
@@ -386,7 +394,9 @@ def test_sku_lines_are_compared_by_units_per_sku() -> None:
 
 def test_a_record_resumed_on_another_clock_keeps_its_instants() -> None:
     """Times written by another process (its clock 30 s ahead, offset known) are moved
-    onto this clock when this process learns its own offset."""
+    onto this clock when this process learns its own offset. The two processes' Date
+    headers disagree by 30 s; this machine's clock agrees with its own Date, and our
+    refund is after the send by both: found."""
     foreign = attrs.evolve(sent(), clock="another-process", server_offset=-30.0)
     foreign = attrs.evolve(foreign, first_sent_at=T0 + 30, settle_until=T0 + 90)
     obs = Observation.read(T0 + 5, [refund(5)], server_time=T0 + 5, received_at=T0 + 5)

@@ -91,6 +91,38 @@ def test_seeds_with_refunds_listed_late_hold_every_invariant() -> None:
     assert injected > 100
 
 
+#: Seeds CI runs with Date headers minutes behind the refund clock (remaining risk (e)).
+DATE_LAG_SEEDS = range(210)
+
+
+def test_seeds_with_a_date_header_behind_the_refund_clock_hold_every_invariant() -> None:
+    """Date headers 60 s or 170 s behind the clock that dates refunds, and another
+    system's refund of what an ask asks for made 30 s or 100 s before the run, with
+    review-parked asks resumed minutes later: never handed to an ask as its own, in
+    every mode. (Under the rule that trusted a Date within 3 minutes alone, seeds 62,
+    200 and 207 handed it over.)"""
+    failures = []
+    injected = 0
+    for seed in DATE_LAG_SEEDS:
+        result = simulate(seed, kinds=frozenset({"date_lag"}))
+        injected += result.injected.get("world:date_header_lags", 0)
+        if result.kinds:
+            failures.append(result.report())
+    assert not failures, failures[0]
+    assert injected > 100
+
+
+@pytest.mark.parametrize("seed", [62, 200, 207, 314, 561, 616, 717, 973])
+def test_seeds_where_a_date_header_behind_claimed_another_systems_refund_now_hold(
+    seed: int,
+) -> None:
+    """Seeds (``date_lag``) whose ask was handed another system's earlier refund under
+    the rule that trusted a Date header within 3 minutes alone: none is now."""
+    result = simulate(seed, kinds=frozenset({"date_lag"}))
+    assert result.injected["world:date_header_lags"] > 0
+    assert not result.kinds, result.report()
+
+
 #: Seeds CI runs with every world kind switched on at once (``--kinds all``).
 CI_ALL_KINDS_SEEDS = range(1500, 1700)
 
@@ -133,6 +165,7 @@ def test_world_kinds_leave_a_seed_without_them_unchanged() -> None:
         (25, {"dates"}, "world:dates_day"),
         (1377, {"stale_replica"}, "read:stale_hid"),
         (139, {"late_listed"}, "world:late_listed_refund"),
+        (0, {"date_lag"}, "world:date_header_lags"),
         (300002, {"redis_loss"}, "world:ledger_loss"),
     ],
 )

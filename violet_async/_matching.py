@@ -250,14 +250,17 @@ def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, 
     return min(readings), max(readings), settings.clock_skew, False
 
 
-#: Without a baseline, a ``Date`` offset within this of this machine's clock (as it
-#: is, or as it was before a step) is taken as Violet's own clock: a machine's clock,
-#: or Violet's, a few minutes off. Further off, either clock may be the one that
-#: dates the refunds (a CDN or load balancer stamping its own ``Date``, or this
-#: machine's clock off), and a date must fit both. (Trusting it alone up to 15
-#: minutes, as the baseline rule's ``TRUSTED_OFFSET`` does for review, claimed a
-#: refund another system made 5 minutes before the send when a ``Date`` header was
-#: 10 minutes behind.)
+#: A ``Date`` offset within this of this machine's clock (as it is, or as it was
+#: before a step) is taken as a reading of Violet's own clock for the latest date a
+#: refund can carry (a machine's clock, or Violet's, a few minutes off). Further off,
+#: either clock may be the one that dates the refunds (a CDN or load balancer stamping
+#: its own ``Date``, or this machine's clock off), and a date must be no later than
+#: the read by both. The earliest date is never the ``Date`` header's alone: see
+#: :func:`no_baseline_window`. (Trusting it alone up to 15 minutes, as the baseline
+#: rule's ``TRUSTED_OFFSET`` does for review, claimed a refund another system made 5
+#: minutes before the send when a ``Date`` header was 10 minutes behind; trusting it
+#: alone up to 3 minutes claimed one made 100 s before the send when the header was
+#: 170 s behind.)
 TRUSTED_DATE = 180.0
 
 
@@ -273,13 +276,26 @@ def no_baseline_window(
     reading) and the latest date a refund can carry (``ceiling``: Violet's clock at
     the read; None: not known).
 
-    Violet's clock is read two ways: by the ``Date`` headers (within ``date_tolerance``,
-    or ``clock_skew`` when they disagreed among themselves or the record's times are
-    unsure), and by this machine's clock (as it is, or as it was before a step the ask
-    saw; within ``clock_skew``, as with no ``Date`` at all). A ``Date`` offset within
-    :data:`TRUSTED_DATE` of this machine's clock is trusted alone. Otherwise either
-    may be the clock that dated the refunds, and a date counts only when both
-    readings agree: after the send by each, and no later than the read by each.
+    Violet's clock is read two ways: by the ``Date`` headers (every offset they gave,
+    when they disagreed; within ``date_tolerance``, or ``clock_skew`` when they
+    disagreed or the record's times are unsure) and by this machine's clock (as it is,
+    or as it was before a step the ask saw; within ``date_tolerance``). A date must
+    place the refund after the send by every reading: a ``Date`` header behind the
+    clock that dates refunds (a CDN or load balancer stamping its own) would otherwise
+    lower the floor below the send, and another system's refund made that long before
+    it would pass for this ask's (a false success). This machine's clock, held to
+    ``date_tolerance``, is what keeps the floor from going below the send; the
+    ``Date`` headers only ever raise it. Violet's whole clock behind this machine's looks the same
+    from here, so our own refund is then left for review, never claimed; Violet's
+    clock ahead costs nothing (the ``Date`` floor is the higher). When the ``Date``
+    agrees with one reading of this machine's clock within :data:`TRUSTED_DATE`, a
+    reading hours off (the other side of a step of hours) is not one. With no ``Date``
+    at all, this machine's clock is all there is, within ``clock_skew``.
+
+    For the latest date, a ``Date`` offset within :data:`TRUSTED_DATE` of this
+    machine's clock is taken alone (within ``date_tolerance``, or ``clock_skew`` when
+    the headers disagreed or the record's times are unsure); otherwise a date must be
+    no later than the read by each reading.
 
     The read's own ``Date`` always bounds the dates: a refund dated after Violet's
     own clock at the read (by more than the tolerance) carries a date that cannot be
@@ -297,11 +313,16 @@ def no_baseline_window(
         and ask.offsets is None
         and any(abs(offset - h) <= TRUSTED_DATE for h in local)
     ):
-        # The Date headers and this machine's clock agree: one reading.
-        floor = offset - tolerance
+        # The Date headers and this machine's clock (as it is, or as it was before a
+        # step) agree within minutes: the Date bounds the latest date alone; the send
+        # is placed by the latest of them (a reading hours off, the other side of a
+        # step of hours, is not one).
+        agreed = [h for h in local if abs(offset - h) <= TRUSTED_DATE]
+        floor = max(offset - tolerance, max(agreed) - settings.date_tolerance)
         ceilings = [] if read_at is None else [read_at + offset + tolerance]
     else:
-        floor = max((*(d - tolerance for d in dates), *(h - skew for h in local)))
+        mine = settings.date_tolerance if dates else skew
+        floor = max((*(d - tolerance for d in dates), *(h - mine for h in local)))
         ceilings = [] if read_at is None else [read_at + h + skew for h in local]
         if read_at is not None:
             ceilings += [read_at + d + tolerance for d in dates]
@@ -401,7 +422,11 @@ def _doubt(
     if late > early:
         return f"{UNPLACED} (the date has the day only, T00:00:00Z: before or after cannot be told)"
     if sure:
-        return f"{UNPLACED} (the date is earlier than the send)"
+        return (
+            f"{UNPLACED} (the date is earlier than the send by this machine's clock or "
+            "by the Date headers: a Date header behind the clock that dates refunds "
+            "cannot be told from Violet's clock behind this machine's)"
+        )
     return (
         f"{UNPLACED} (the date is earlier than the send by some reading of Violet's clock: "
         "Date headers that disagree or sit far from this machine's clock, no Date header, "

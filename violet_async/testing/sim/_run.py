@@ -65,6 +65,11 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #: - ``late_listed``: refunds another system made minutes before the run (EXTERNAL or
 #:   another app's, of an amount an ask asks for) that the bag's list shows only seconds
 #:   into it (a replica behind): a baseline read misses them;
+#: - ``date_lag``: ``Date`` headers minutes behind the clock that dates refunds (a load
+#:   balancer stamping its own, inside the minutes a ``Date`` is taken for Violet's),
+#:   and another system's refund of an asked amount made seconds to minutes before the
+#:   run (a kind of its own, not ``dates``: the seeds recorded with ``dates`` replay
+#:   unchanged);
 #: - ``resume_twice``: every resume job delivered twice to the same client;
 #: - ``caller_cancel``: a caller cancels its call at a random await and repeats it,
 #:   with the same idempotency key (half of them) or without one;
@@ -88,6 +93,7 @@ WORLD_KINDS = (
     "caller_cancel",
     "late_listed",
     "record_shapes",
+    "date_lag",
     *MORE_KINDS,
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
@@ -130,6 +136,7 @@ class OldRefund:
     external: bool
     listed_in: float = 0.0
     """Seconds into the run before the bag's list shows it (0: from the start)."""
+    reason: str | None = "Refunded on the platform"
 
 
 @attrs.frozen
@@ -210,6 +217,8 @@ class Schedule:
     date_style: str = "iso"
     date_bias: float = 0.0
     date_jumps: tuple[float, ...] = ()
+    date_lag: float = 0.0
+    """Seconds every ``Date`` header runs behind the clock that dates refunds."""
     clock_steps: tuple[tuple[float, float], ...] = ()
     """(virtual seconds into the run, step in seconds) of the client's wall clock."""
     old_refunds: tuple[OldRefund, ...] = ()
@@ -246,6 +255,7 @@ class Schedule:
             + len(self.actors)
             + len(self.crashes)
             + sum(bool(j) for j in self.date_jumps)
+            + bool(self.date_lag)
             + len(self.clock_steps)
             + len(self.old_refunds)
             + len(self.dead_refunds)
@@ -294,6 +304,7 @@ class Schedule:
             f"world kinds: {sorted(self.kinds)}\n"
             f"world: bag_status_lag={self.bag_status_lag:g} date_style={self.date_style} "
             f"date_bias={self.date_bias:+g} date_jumps={jumps or '-'} "
+            f"date_lag={self.date_lag:g} "
             f"clock_steps={list(self.clock_steps) or '-'} fulfilled={fulfilled or '-'} "
             f"old_refunds={list(self.old_refunds) or '-'} resume_twice={self.resume_twice} "
             f"resume_review={self.resume_review} cancels={list(self.cancels) or '-'} "
@@ -407,7 +418,9 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
         )
     if "late_listed" in kinds:
         changes["old_refunds"] = (*changes.get("old_refunds", ()), *_late_listed(s))
-    changes.update(_record_shapes(s, kinds))
+    changes.update(
+        _record_shapes(s, kinds), **_date_lag(s, kinds, changes.get("old_refunds", ()))
+    )
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     labels = tuple(a.label for a in s.asks)
@@ -415,6 +428,34 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
     return attrs.evolve(s, **changes)
+
+
+def _date_lag(s: Schedule, kinds: frozenset[str], olds: tuple[OldRefund, ...]) -> dict[str, Any]:
+    """Remaining risk (e), from its own stream (schedule changes; none without the
+    ``date_lag`` kind): ``Date`` headers 60 s or 170 s behind the refund clock (inside
+    ``TRUSTED_DATE``), and another system's refund (another app's: not EXTERNAL) of
+    what an ask asks for (amount and reason), made 30 s or 100 s before the run,
+    listed from the start; a caller resumes asks parked for review, minutes later. By
+    the headers' clock that refund was made after the run began; it is never an ask's
+    own. (Drawn where this machine's clock is not behind Violet's: the rule holds
+    while one of the two clocks is not behind the one that dates refunds.)"""
+    if "date_lag" not in kinds:
+        return {}
+    rng = random.Random(f"world-date-lag:{s.seed}")
+    if rng.random() >= 0.7 or not s.date_header or s.skew > 0:
+        # With no Date, nothing lags; with this machine's clock behind Violet's too,
+        # both readings run behind the refund clock and dates cannot tell (remaining
+        # risk (e)).
+        return {}
+    changes: dict[str, Any] = {"date_lag": rng.choice((60.0, 170.0)), "resume_review": True}
+    asked = [a for a in s.asks if a.amount is not None]
+    if asked:
+        ask = rng.choice(asked)
+        assert ask.amount is not None
+        age = rng.choice((30.0, 100.0))
+        made = OldRefund(ask.bag, ask.amount, age, external=False, reason=ask.reason)
+        changes["old_refunds"] = (*olds, made)
+    return changes
 
 
 def _late_listed(s: Schedule) -> list[OldRefund]:
@@ -733,7 +774,7 @@ class _World:
             latencies=lambda: latency.uniform(0.005, schedule.max_latency),
             date_header=schedule.date_header,
             date_jumps=schedule.date_jumps,
-            date_bias=schedule.date_bias,
+            date_bias=schedule.date_bias - schedule.date_lag,
             date_style=schedule.date_style,
             cancel_shapes=schedule.cancel_shapes,
             replica_lag=schedule.replica_lag,
@@ -803,6 +844,8 @@ class _World:
             count(f"world:dates_{s.date_style}")
         if s.date_bias:
             count("world:date_header_disagrees")
+        if s.date_lag:
+            count("world:date_header_lags")
         fulfilled = sum(b.fulfilled for b in s.bags)
         if fulfilled:
             count("world:fulfilled_bag", fulfilled)
@@ -818,7 +861,7 @@ class _World:
             try:
                 record = store.commit_refund(
                     bag,
-                    {"amount_refunded": old.amount, "reason": "Refunded on the platform"},
+                    {"amount_refunded": old.amount, "reason": old.reason},
                     status="EXTERNAL" if old.external else "COMPLETED",
                     route="external",
                     age_seconds=old.age,
@@ -1116,6 +1159,11 @@ class _World:
             ]
             if not todo:
                 return
+            if not round_ and self.s.date_lag:
+                # Resumed minutes later: every read's Date is then past a refund made
+                # before the send (the lagging header no longer marks it "later than
+                # the read").
+                await asyncio.sleep(self.s.date_lag + 60.0)
             if round_:
                 # A resume job tried again later, as a queue backs off: past the lag of
                 # any replica the last round may have read (shows, hides, shows).
@@ -1393,6 +1441,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "date_style": "iso",
             "date_bias": 0.0,
             "date_jumps": (),
+            "date_lag": 0.0,
             "clock_steps": (),
             "old_refunds": (),
             "resume_twice": False,
