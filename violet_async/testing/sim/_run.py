@@ -418,9 +418,7 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
         )
     if "late_listed" in kinds:
         changes["old_refunds"] = (*changes.get("old_refunds", ()), *_late_listed(s))
-    changes.update(
-        _record_shapes(s, kinds), **_date_lag(s, kinds, changes.get("old_refunds", ()))
-    )
+    changes.update(_record_shapes(s, kinds), **_date_lag(s, kinds, changes.get("old_refunds", ())))
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     labels = tuple(a.label for a in s.asks)
