@@ -5,6 +5,7 @@ the refunds the server itself made. Each names the simulator seed it came from."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,55 @@ async def test_a_batch_run_with_a_parked_row_survives_a_wall_clock_step_back(
     assert results[0].refund_id == server.ours[0]
     assert server.posts == 1
     assert clock.monotonic() - began < 600.0
+
+
+@pytest.mark.parametrize("jump", [15 * HOUR, -15 * HOUR])
+async def test_a_keyed_repeat_after_a_wall_clock_step_waits_one_window_not_the_step(
+    jump: float,
+) -> None:
+    """Seeds 602195, 607542 and 613646 (``--kinds all``), 607162 (the first round's
+    kinds): a livelock, a call without a deadline still reading back at 20,000 s. A
+    keyed call's POST is held (it never commits) and its caller cancels it; a minute
+    later this machine's wall clock steps 15 h; the caller repeats the call with the
+    key. The repeat takes the ask over and waits out one window from now (a request
+    of the cancelled call may still be running at Violet) before proving it absent:
+    the step moves the record's times once, never twice (15 h too long forward; back,
+    a window ending before the one from now)."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None, hang=True)])
+    began = clock.monotonic()
+    posted: list[float] = []
+    real_sleep = clock.sleep
+
+    async def sleep(seconds: float) -> None:
+        # A window stretched by the step would read back for 15 h: stop it at one.
+        assert clock.monotonic() - began < HOUR, "still reading back an hour on"
+        await real_sleep(seconds)
+
+    async def answered() -> None:
+        posted.append(clock.monotonic())
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    server.on_answer = answered
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with hostile_client(server, retry=policy) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-7")
+        )
+        await server.post_arrived.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        clock.advance(60.0)
+        clock.step_wall(jump)
+        again = clock.monotonic()
+        refund = await client.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-7"
+        )
+    assert server.posts == 2
+    assert server.ours == [refund.id]
+    # The re-send left once a request of the cancelled call could no longer commit,
+    # counted from the repeat (one attempt's timeout, 35 s, plus settle_running)...
+    assert posted[-1] >= again + 35.0 + 60.0
+    # ...and not hours later.
+    assert posted[-1] - again < 300.0

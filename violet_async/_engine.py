@@ -133,6 +133,8 @@ def _cancelled(
     written, so a resume in this process sees a step after it (a window that a step
     made look over would let a re-send race a POST still running at Violet)."""
     if mono is not None:
+        # Stamped (wall_mono) only where this process's drive stamped it: its times
+        # are on this process's clock.
         record = on_wall_now(record, now, mono)
     settle = max(record.settle_until or 0.0, now + settle_running)
     return attrs.evolve(
@@ -141,7 +143,6 @@ def _cancelled(
         doubted=True,
         settle_until=settle,
         note=_CANCELLED_NOTE,
-        wall_mono=(now, mono) if mono is not None else record.wall_mono,
     )
 
 
