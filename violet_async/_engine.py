@@ -1052,6 +1052,9 @@ class Engine:
                         clock=settings.clock_id,
                         others=shared.known_refunds.on_bag(bag_id),
                     )
+                    # When it left by both clocks: a cancel (or a resume here) sees a
+                    # step of the wall clock since.
+                    ask = attrs.evolve(ask, wall_mono=(sent_at, sent_mono))
                     tracker = SendTracker(ask, left=True)
                     refund = await after_failed_send(
                         ask,
