@@ -523,6 +523,13 @@ class SimViolet:
         self.tokens[token] = True
         return self._json({"token": token})
 
+    def forget_shown(self) -> None:
+        """Every record of what asks were shown is lost (a ledger restarting empty): a
+        replica behind hides from them, from now on, only what they are shown again (a
+        refund no record saw is hidden only by list lag, as for any other)."""
+        self.shown_to.clear()
+        self.hideable.clear()
+
     def parked(self, label: str) -> None:
         """Ask ``label`` was parked: a replica may hide what it was shown so far."""
         self.hideable[label] = frozenset(self.shown_to.get(label, ()))
