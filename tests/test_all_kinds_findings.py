@@ -283,3 +283,28 @@ async def test_a_keyed_repeat_after_a_wall_clock_step_waits_one_window_not_the_s
     assert posted[-1] >= again + 35.0 + 60.0
     # ...and not hours later.
     assert posted[-1] - again < 300.0
+
+
+@pytest.mark.parametrize("merchant", [None, 7])
+async def test_a_batch_row_answered_429_survives_a_wall_clock_step_back(
+    tmp_path: Path, merchant: int | None
+) -> None:
+    """Seed 600714 (``--kinds all``, batch: a livelock, the run slept past 20,000 s).
+    A row's POST is answered 429 (nothing applied); while the row waits for its turn,
+    this machine's wall clock steps back 15 h. The row (in its merchant's lane, or
+    without one) is sent again after the merchant's wait by monotonic time (seconds),
+    not 15 h later."""
+    clock = FakeClock()
+    limited = Step(429, RATE_LIMITED, commit_after=None, headers={"Retry-After": "30"})
+    server = Hostile(clock, script=[limited])
+    clock.call_later(10.0, lambda: clock.step_wall(-15 * HOUR))
+    item = BatchItem.refund(
+        1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300), merchant_id=merchant
+    )
+    began = clock.monotonic()
+    async with hostile_client(server, retry=RetryPolicy(deadline=None)) as client:
+        results = [r async for r in run_batch(client, [item], journal=tmp_path / "j.jsonl")]
+    assert [r.outcome for r in results] == ["succeeded"]
+    assert server.posts == 2
+    assert server.ours == [results[0].refund_id]
+    assert clock.monotonic() - began < 600.0
