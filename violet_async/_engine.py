@@ -516,7 +516,9 @@ class KeyedAsks:
             elif not saved:
                 raise RecordStoreError(
                     f"idempotency key {shown(key)!r} was taken over by another process while "
-                    "this call held it (its lease ran out); nothing was sent by this step",
+                    "this call held it (its lease ran out); nothing was sent by this step. "
+                    "That process drives the ask now: call again with the same key for its "
+                    "outcome",
                     key=shown(key),
                 )
             elif clock.time() >= lease_until:
