@@ -20,11 +20,13 @@ from violet_async import (
     OrderRefund,
     PendingRefund,
     RateLimitError,
+    RecordStoreError,
     RefundBagRequest,
     RetryPolicy,
 )
 from violet_async._auth import Auth, Credentials
 from violet_async.batch import BatchItem, run_batch
+from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
@@ -308,3 +310,61 @@ async def test_a_batch_row_answered_429_survives_a_wall_clock_step_back(
     assert server.posts == 2
     assert server.ours == [results[0].refund_id]
     assert clock.monotonic() - began < 600.0
+
+
+class _GatedFirstRead(Hostile):
+    """The first refund-list read waits for ``gate``, then every read of that client
+    fails (Violet's 503) until it gives up."""
+
+    def __init__(self, clock: FakeClock, gate: asyncio.Event) -> None:
+        super().__init__(clock)
+        self.gate = gate
+        self.failing: set[str] = set()
+        self.held = asyncio.Event()
+
+    async def _list(self, request: web.Request) -> web.Response:
+        peer = request.host  # each client has its own listener (port)
+        if not self.failing and not self.gate.is_set():
+            self.failing.add(peer)
+            self.held.set()
+            await self.gate.wait()
+        if peer in self.failing:
+            return web.Response(status=503, body=VIOLET_503, content_type="application/json")
+        return await super()._list(request)
+
+
+VIOLET_503 = orjson.dumps({"status": 503, "message": "Unavailable", "error_code": 5000})
+
+
+async def test_a_keyed_call_whose_key_was_taken_over_never_reports_a_failure() -> None:
+    """Seed 609860 (``--kinds all``, direct: told "failed" for a key whose refund was
+    made). A keyed call's baseline read hangs; this machine's wall clock steps 15 h, so
+    its lease looks run out to a second process with the same key and store, which
+    takes the ask over and makes the refund. The first call's baseline read then fails:
+    not "failed" (its caller could refund again), but the key was taken over: call
+    again with the key, which returns the one refund."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    server = _GatedFirstRead(clock, gate)
+    store = MemoryStore()
+    policy = RetryPolicy(deadline=None, read_before_send=True, max_attempts=2)
+    async with (
+        hostile_client(server, retry=policy, store=store) as first,
+        hostile_client(server, retry=policy, store=store) as second,
+    ):
+        one = asyncio.ensure_future(
+            first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9")
+        )
+        await server.held.wait()
+        clock.step_wall(15 * HOUR)
+        refund = await second.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9"
+        )
+        gate.set()
+        with pytest.raises(RecordStoreError, match="call again with the same key"):
+            await one
+        again = await first.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9"
+        )
+    assert again == refund
+    assert server.ours == [refund.id]

@@ -513,6 +513,18 @@ class KeyedAsks:
                 raise _store_error(key, "saving", exc) from None
             if final:
                 released = saved
+                if not saved and ask.phase is Phase.FAILED:
+                    # Another process took the key over (this call's lease ran out: a
+                    # pause, or a wall clock stepped past it) and drives the ask now:
+                    # it may have sent and applied it. This call's failure is not the
+                    # key's outcome, and a caller told "failed" could refund again.
+                    raise RecordStoreError(
+                        f"idempotency key {shown(key)!r} was taken over by another "
+                        "process while this call held it (its lease ran out); this call "
+                        f"ended without sending ({ask.note}). That process drives the ask "
+                        "now: call again with the same key for its outcome",
+                        key=shown(key),
+                    )
             elif not saved:
                 raise RecordStoreError(
                     f"idempotency key {shown(key)!r} was taken over by another process while "
