@@ -375,6 +375,7 @@ SECOND_PASS_KINDS = ALL_KINDS_RUN | frozenset(
         (601122, True, "simulator: the redis_loss worker's queue waited on a stepped clock"),
         (602543, True, "the same"),
         (600622, True, "simulator: a key taken over by another process counted as failed"),
+        (609860, True, "a key taken over after a +15 h step: its call reported a failure"),
     ],
 )
 def test_seeds_of_the_second_all_kinds_pass_now_hold(seed: int, every: bool, was: str) -> None:
