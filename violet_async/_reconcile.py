@@ -486,7 +486,6 @@ async def drive(
             await save(ask)
 
     watch = watch or WallWatch(clock)
-    here = settings.clock_id or PROCESS_CLOCK
     try:
         while True:
             if action.final or action.do is Do.SEND:
@@ -495,8 +494,12 @@ async def drive(
                 # on this process's clock: another process's times (no Date yet to move
                 # them here) with this process's readings would be moved by a "step"
                 # that is two machines' clocks apart, when that process resumes it.
-                stamp_at = (clock.time(), clock.monotonic()) if ask.clock == here else None
-                ask = attrs.evolve(ask, wall_mono=stamp_at)
+                ask = attrs.evolve(
+                    ask,
+                    wall_mono=(clock.time(), clock.monotonic())
+                    if ask.clock == (settings.clock_id or PROCESS_CLOCK)
+                    else None,
+                )
             if save is not None and (action.final or action.do is Do.SEND):
                 await save(ask)
             if action.final:
