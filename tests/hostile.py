@@ -51,6 +51,8 @@ class Step:
     """For a 200: a body that cannot be read as a refund."""
     wall_step: float = 0.0
     """Step the client's wall clock by this many seconds as the POST arrives (NTP)."""
+    headers: dict[str, str] | None = None
+    """Headers of a non-2xx answer (``Retry-After`` on a 429)."""
 
 
 @attrs.define
@@ -250,7 +252,7 @@ class Hostile:
             return web.Response(
                 status=step.status, body=orjson.dumps(answer), content_type="application/json"
             )
-        return web.Response(status=step.status, body=step.body or b"")
+        return web.Response(status=step.status, body=step.body or b"", headers=step.headers)
 
     async def _list(self, request: web.Request) -> web.Response:
         self.reads += 1

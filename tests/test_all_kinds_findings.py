@@ -5,6 +5,7 @@ the refunds the server itself made. Each names the simulator seed it came from."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ from violet_async import (
     OrderRefund,
     PendingRefund,
     RateLimitError,
+    RecordStoreError,
     RefundBagRequest,
     RetryPolicy,
 )
 from violet_async._auth import Auth, Credentials
 from violet_async.batch import BatchItem, run_batch
+from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
@@ -230,3 +233,138 @@ async def test_a_batch_run_with_a_parked_row_survives_a_wall_clock_step_back(
     assert results[0].refund_id == server.ours[0]
     assert server.posts == 1
     assert clock.monotonic() - began < 600.0
+
+
+@pytest.mark.parametrize("jump", [15 * HOUR, -15 * HOUR])
+async def test_a_keyed_repeat_after_a_wall_clock_step_waits_one_window_not_the_step(
+    jump: float,
+) -> None:
+    """Seeds 602195, 607542 and 613646 (``--kinds all``), 607162 (the first round's
+    kinds): a livelock, a call without a deadline still reading back at 20,000 s. A
+    keyed call's POST is held (it never commits) and its caller cancels it; a minute
+    later this machine's wall clock steps 15 h; the caller repeats the call with the
+    key. The repeat takes the ask over and waits out one window from now (a request
+    of the cancelled call may still be running at Violet) before proving it absent:
+    the step moves the record's times once, never twice (15 h too long forward; back,
+    a window ending before the one from now)."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None, hang=True)])
+    began = clock.monotonic()
+    posted: list[float] = []
+    real_sleep = clock.sleep
+
+    async def sleep(seconds: float) -> None:
+        # A window stretched by the step would read back for 15 h: stop it at one.
+        assert clock.monotonic() - began < HOUR, "still reading back an hour on"
+        await real_sleep(seconds)
+
+    async def answered() -> None:
+        posted.append(clock.monotonic())
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    server.on_answer = answered
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with hostile_client(server, retry=policy) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-7")
+        )
+        await server.post_arrived.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        clock.advance(60.0)
+        clock.step_wall(jump)
+        again = clock.monotonic()
+        refund = await client.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-7"
+        )
+    assert server.posts == 2
+    assert server.ours == [refund.id]
+    # The re-send left once a request of the cancelled call could no longer commit,
+    # counted from the repeat (one attempt's timeout, 35 s, plus settle_running)...
+    assert posted[-1] >= again + 35.0 + 60.0
+    # ...and not hours later.
+    assert posted[-1] - again < 300.0
+
+
+@pytest.mark.parametrize("merchant", [None, 7])
+async def test_a_batch_row_answered_429_survives_a_wall_clock_step_back(
+    tmp_path: Path, merchant: int | None
+) -> None:
+    """Seed 600714 (``--kinds all``, batch: a livelock, the run slept past 20,000 s).
+    A row's POST is answered 429 (nothing applied); while the row waits for its turn,
+    this machine's wall clock steps back 15 h. The row (in its merchant's lane, or
+    without one) is sent again after the merchant's wait by monotonic time (seconds),
+    not 15 h later."""
+    clock = FakeClock()
+    limited = Step(429, RATE_LIMITED, commit_after=None, headers={"Retry-After": "30"})
+    server = Hostile(clock, script=[limited])
+    clock.call_later(10.0, lambda: clock.step_wall(-15 * HOUR))
+    item = BatchItem.refund(
+        1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300), merchant_id=merchant
+    )
+    began = clock.monotonic()
+    async with hostile_client(server, retry=RetryPolicy(deadline=None)) as client:
+        results = [r async for r in run_batch(client, [item], journal=tmp_path / "j.jsonl")]
+    assert [r.outcome for r in results] == ["succeeded"]
+    assert server.posts == 2
+    assert server.ours == [results[0].refund_id]
+    assert clock.monotonic() - began < 600.0
+
+
+class _GatedFirstRead(Hostile):
+    """The first refund-list read waits for ``gate``, then every read of that client
+    fails (Violet's 503) until it gives up."""
+
+    def __init__(self, clock: FakeClock, gate: asyncio.Event) -> None:
+        super().__init__(clock)
+        self.gate = gate
+        self.failing: set[str] = set()
+        self.held = asyncio.Event()
+
+    async def _list(self, request: web.Request) -> web.Response:
+        peer = request.host  # each client has its own listener (port)
+        if not self.failing and not self.gate.is_set():
+            self.failing.add(peer)
+            self.held.set()
+            await self.gate.wait()
+        if peer in self.failing:
+            return web.Response(status=503, body=VIOLET_503, content_type="application/json")
+        return await super()._list(request)
+
+
+VIOLET_503 = orjson.dumps({"status": 503, "message": "Unavailable", "error_code": 5000})
+
+
+async def test_a_keyed_call_whose_key_was_taken_over_never_reports_a_failure() -> None:
+    """Seed 609860 (``--kinds all``, direct: told "failed" for a key whose refund was
+    made). A keyed call's baseline read hangs; this machine's wall clock steps 15 h, so
+    its lease looks run out to a second process with the same key and store, which
+    takes the ask over and makes the refund. The first call's baseline read then fails:
+    not "failed" (its caller could refund again), but the key was taken over: call
+    again with the key, which returns the one refund."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    server = _GatedFirstRead(clock, gate)
+    store = MemoryStore()
+    policy = RetryPolicy(deadline=None, read_before_send=True, max_attempts=2)
+    async with (
+        hostile_client(server, retry=policy, store=store) as first,
+        hostile_client(server, retry=policy, store=store) as second,
+    ):
+        one = asyncio.ensure_future(
+            first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9")
+        )
+        await server.held.wait()
+        clock.step_wall(15 * HOUR)
+        refund = await second.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9"
+        )
+        gate.set()
+        with pytest.raises(RecordStoreError, match="call again with the same key"):
+            await one
+        again = await first.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9"
+        )
+    assert again == refund
+    assert server.ours == [refund.id]

@@ -28,6 +28,7 @@ __all__ = [
     "ProtocolError",
     "Settings",
     "checked_key",
+    "clock_stepped",
     "merged",
     "sent_once",
 ]
@@ -296,6 +297,7 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
     possibly its own or as another call's (union). Records of two asks: ``one``."""
     if one.ask_id != other.ask_id:
         return one
+    one, other = _on_one_wall_clock(one, other)
     base = max(one, other, key=_freshness)
     firsts = [t for t in (one.first_sent_at, other.first_sent_at) if t is not None]
     lasts = [t for t in (one.last_sent_at, other.last_sent_at) if t is not None]
@@ -315,6 +317,58 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
         others=one.others | other.others,
         idempotency_key=one.idempotency_key or other.idempotency_key,
     )
+
+
+def clock_stepped(ask: PendingRefund, jump: float) -> PendingRefund:
+    """The record after this machine's wall clock stepped by ``jump`` seconds (NTP, an
+    operator) while the ask ran, as the driver measures it (wall time against monotonic
+    time): its times move onto the new wall clock, and the clock is unsure from then on
+    (dates are judged against every reading of it)."""
+
+    def moved(when: float | None) -> float | None:
+        return None if when is None else when + jump
+
+    # Violet's clock did not move: every offset learned before the step did. (Were it
+    # no step but a suspend, whose wall time is right and monotonic time paused, the
+    # moved times with the moved offset still name the same instants on Violet's
+    # clock; only the settle window grows.)
+    offsets = ask.offsets
+    if offsets is not None:
+        offsets = (offsets[0] - jump, offsets[1] - jump)
+    return attrs.evolve(
+        ask,
+        first_sent_at=moved(ask.first_sent_at),
+        last_sent_at=moved(ask.last_sent_at),
+        settle_until=moved(ask.settle_until),
+        server_offset=None if ask.server_offset is None else ask.server_offset - jump,
+        offsets=offsets,
+        clock_unsure=True,
+        stepped=ask.stepped + jump,
+    )
+
+
+#: Seconds by which two records' wall and monotonic readings may disagree before the
+#: wall clock counts as stepped between their writes (as ``_reconcile.CLOCK_STEP``).
+_STEP = 2.0
+
+
+def _on_one_wall_clock(
+    one: PendingRefund, other: PendingRefund
+) -> tuple[PendingRefund, PendingRefund]:
+    """Two records of one ask, the times of the one written first moved by any step of
+    the wall clock between the two writes (their ``wall_mono``, taken by the process
+    whose clock both name), so that the later or earlier of two times is an instant,
+    not an artefact of the step (a settle window 15 h back looking later than one
+    from now)."""
+    if one.wall_mono is None or other.wall_mono is None or one.clock != other.clock:
+        return one, other
+    (wall_one, mono_one), (wall_other, mono_other) = one.wall_mono, other.wall_mono
+    jump = (wall_other - wall_one) - (mono_other - mono_one)
+    if abs(jump) <= _STEP:
+        return one, other
+    if mono_one <= mono_other:
+        return attrs.evolve(clock_stepped(one, jump), wall_mono=other.wall_mono), other
+    return one, attrs.evolve(clock_stepped(other, -jump), wall_mono=one.wall_mono)
 
 
 def _freshness(record: PendingRefund) -> tuple[int, float, float]:

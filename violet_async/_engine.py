@@ -132,10 +132,10 @@ def _cancelled(
     the wall clock as it is now, if it stepped since; the record then says when it was
     written, so a resume in this process sees a step after it (a window that a step
     made look over would let a re-send race a POST still running at Violet)."""
-    if mono is not None and record.wall_mono is not None:
-        jump = WallWatch(_Frozen(now, mono), record.wall_mono).jump()
-        if jump:
-            record = clock_stepped(record, jump)
+    if mono is not None:
+        # Stamped (wall_mono) only where this process's drive stamped it: its times
+        # are on this process's clock.
+        record = on_wall_now(record, now, mono)
     settle = max(record.settle_until or 0.0, now + settle_running)
     return attrs.evolve(
         record,
@@ -143,8 +143,22 @@ def _cancelled(
         doubted=True,
         settle_until=settle,
         note=_CANCELLED_NOTE,
-        wall_mono=(now, mono) if mono is not None else record.wall_mono,
     )
+
+
+def on_wall_now(record: PendingRefund, now: float, mono: float) -> PendingRefund:
+    """``record`` with its times on this process's wall clock as it reads ``now`` (at
+    monotonic ``mono``): moved by any step of the wall clock since the record's
+    ``wall_mono`` (written by this process), which then says ``(now, mono)``. A time
+    added to the record now (a settle window from ``now``) must never sit beside a
+    ``wall_mono`` from before a step: the step would be applied to it once more when
+    the record is driven (a window hours long, or hours short)."""
+    if record.wall_mono is None:
+        return record
+    jump = WallWatch(_Frozen(now, mono), record.wall_mono).jump()
+    if jump:
+        record = clock_stepped(record, jump)
+    return attrs.evolve(record, wall_mono=(now, mono))
 
 
 @attrs.frozen
@@ -253,6 +267,12 @@ class SendTracker:
 
 
 # -- idempotency keys -------------------------------------------------------------------
+
+
+def clock_id(clock: Clock) -> str:
+    """The name of ``clock`` in records (``PendingRefund.clock``): this process's, or
+    a clock of its own (a test's or the simulator's)."""
+    return PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}"
 
 
 def check_key(key: object) -> str:
@@ -493,10 +513,24 @@ class KeyedAsks:
                 raise _store_error(key, "saving", exc) from None
             if final:
                 released = saved
+                if not saved and ask.phase is Phase.FAILED:
+                    # Another process took the key over (this call's lease ran out: a
+                    # pause, or a wall clock stepped past it) and drives the ask now:
+                    # it may have sent and applied it. This call's failure is not the
+                    # key's outcome, and a caller told "failed" could refund again.
+                    raise RecordStoreError(
+                        f"idempotency key {shown(key)!r} was taken over by another "
+                        "process while this call held it (its lease ran out); this call "
+                        f"ended without sending ({ask.note}). That process drives the ask "
+                        "now: call again with the same key for its outcome",
+                        key=shown(key),
+                    )
             elif not saved:
                 raise RecordStoreError(
                     f"idempotency key {shown(key)!r} was taken over by another process while "
-                    "this call held it (its lease ran out); nothing was sent by this step",
+                    "this call held it (its lease ran out); nothing was sent by this step. "
+                    "That process drives the ask now: call again with the same key for its "
+                    "outcome",
                     key=shown(key),
                 )
             elif clock.time() >= lease_until:
@@ -648,7 +682,12 @@ class KeyedAsks:
         # Its owner stopped mid-send (killed, cancelled, stalled past its lease, or its
         # clock stepped): its request may still be running at Violet, however long ago
         # the record says it left. Absence is not provable before then.
-        now = self._clock.time()
+        clock = self._clock
+        now = clock.time()
+        if resume.clock == clock_id(clock):
+            # Its times first move onto the wall clock as it is now (a step since its
+            # owner wrote it), or the driver would move the window added here again.
+            resume = on_wall_now(resume, now, clock.monotonic())
         recorded = resume.settle_until
         if recorded is None:
             recorded = (resume.last_sent_at or now) + self._in_flight
@@ -891,7 +930,7 @@ class Engine:
         clock = self._shared.clock
         return attrs.evolve(
             self._io._retry.protocol_settings(),
-            clock_id=PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}",
+            clock_id=clock_id(clock),
             others_pending=self._shared.unsettled.on_bag(bag_id),
             hold_if_present=hold_if_present,
             defer_rate_limited=defer_rate_limited,
@@ -1027,6 +1066,9 @@ class Engine:
                         clock=settings.clock_id,
                         others=shared.known_refunds.on_bag(bag_id),
                     )
+                    # When it left by both clocks: a cancel (or a resume here) sees a
+                    # step of the wall clock since.
+                    ask = attrs.evolve(ask, wall_mono=(sent_at, sent_mono))
                     tracker = SendTracker(ask, left=True)
                     refund = await after_failed_send(
                         ask,

@@ -66,7 +66,7 @@ from typing import Any
 import attrs
 import orjson
 
-from ._ask import PROCESS_CLOCK, PendingRefund, Phase, ProtocolError, Settings
+from ._ask import PROCESS_CLOCK, PendingRefund, Phase, ProtocolError, Settings, clock_stepped
 from ._matching import Verdict, cannot_tell, content, judge, match, needs_bag
 from .exceptions import (
     APIConnectionError,
@@ -389,34 +389,6 @@ def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefu
         else max(ask.settle_until, ask.settle_until + shift),
         offsets=(min(readings), max(readings)),
         clock_unsure=True,
-    )
-
-
-def clock_stepped(ask: PendingRefund, jump: float) -> PendingRefund:
-    """The record after this machine's wall clock stepped by ``jump`` seconds (NTP, an
-    operator) while the ask ran, as the driver measures it (wall time against monotonic
-    time): its times move onto the new wall clock, and the clock is unsure from then on
-    (dates are judged against every reading of it)."""
-
-    def moved(when: float | None) -> float | None:
-        return None if when is None else when + jump
-
-    # Violet's clock did not move: every offset learned before the step did. (Were it
-    # no step but a suspend, whose wall time is right and monotonic time paused, the
-    # moved times with the moved offset still name the same instants on Violet's
-    # clock; only the settle window grows.)
-    offsets = ask.offsets
-    if offsets is not None:
-        offsets = (offsets[0] - jump, offsets[1] - jump)
-    return attrs.evolve(
-        ask,
-        first_sent_at=moved(ask.first_sent_at),
-        last_sent_at=moved(ask.last_sent_at),
-        settle_until=moved(ask.settle_until),
-        server_offset=None if ask.server_offset is None else ask.server_offset - jump,
-        offsets=offsets,
-        clock_unsure=True,
-        stepped=ask.stepped + jump,
     )
 
 

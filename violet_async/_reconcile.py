@@ -490,8 +490,16 @@ async def drive(
         while True:
             if action.final or action.do is Do.SEND:
                 # What a resume in this process compares with, to see a step of the wall
-                # clock between this call and that one.
-                ask = attrs.evolve(ask, wall_mono=(clock.time(), clock.monotonic()))
+                # clock between this call and that one. Only on a record whose times are
+                # on this process's clock: another process's times (no Date yet to move
+                # them here) with this process's readings would be moved by a "step"
+                # that is two machines' clocks apart, when that process resumes it.
+                ask = attrs.evolve(
+                    ask,
+                    wall_mono=(clock.time(), clock.monotonic())
+                    if ask.clock == (settings.clock_id or PROCESS_CLOCK)
+                    else None,
+                )
             if save is not None and (action.final or action.do is Do.SEND):
                 await save(ask)
             if action.final:

@@ -767,7 +767,7 @@ class _Runner:
             lane_due = self.pace.next_due()
             dues = [self.paced[0][0]] if self.paced else []
             first = min([*dues, lane_due] if lane_due is not None else dues)
-            await self.clock.sleep(min(max(first - self.clock.time(), 0.0), 1.0))
+            await self.clock.sleep(min(max(first - self.clock.monotonic(), 0.0), 1.0))
 
     async def _revisit_due(self, start: Any) -> None:
         """Start parked items whose settle window has passed (each takes a slot)."""
@@ -782,13 +782,13 @@ class _Runner:
                 parked.stats,
                 parked.budget_from,
             )
-        while self.paced and self.paced[0][0] <= self.clock.time() and not self._stopping():
+        while self.paced and self.paced[0][0] <= self.clock.monotonic() and not self._stopping():
             _, _, paced = heapq.heappop(self.paced)
             await self.slots.acquire()
             start(paced.item, paced.key, paced.resume, 0, paced.stats, slot=paced.slot)
         if self._stopping():
             return
-        for paced, slot in self.pace.release(self.clock.time()):
+        for paced, slot in self.pace.release(self.clock.monotonic()):
             await self.slots.acquire()
             start(paced.item, paced.key, paced.resume, 0, paced.stats, slot=slot)
 
@@ -858,12 +858,14 @@ class _Runner:
                 if tasks:
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            now = self.clock.time()
+            # Every due time is monotonic: a wall clock stepped back hours never holds
+            # a parked row or a merchant's turn for hours.
+            now = self.clock.monotonic()
             waits = [] if lane_due is None else [lane_due - now]
             if self.paced:
                 waits.append(self.paced[0][0] - now)
-            if self.parked:  # due by monotonic time
-                waits.append(self.parked[0][0] - self.clock.monotonic())
+            if self.parked:
+                waits.append(self.parked[0][0] - now)
             wait = max(min(waits), 0.0)
             if tasks:
                 # Wake for whichever comes first: an item ending (it may park, with an
@@ -1210,7 +1212,9 @@ async def _unapplied(  # noqa: PLR0917 - internal, one call site
 
 
 def client_time(client: VioletClient) -> float:
-    return float(engine_of(client).clock.time())
+    """The client's monotonic time: merchants' lanes and paced rows fall due by it (a
+    step of the wall clock must not move a merchant's turn by hours)."""
+    return float(engine_of(client).clock.monotonic())
 
 
 def _count_requests(stats: _Stats) -> None:
@@ -1271,7 +1275,7 @@ async def _merchant_turn(  # noqa: PLR0917 - internal, one call site
     if merchant is None:
         return None
     clock = engine_of(client).clock
-    now = clock.time()
+    now = clock.monotonic()
     lane = pace.lane(merchant)
     if lane is None:
         return None

@@ -101,6 +101,8 @@ async def run_workers(world: Any) -> None:
 
         def lose() -> None:
             server.lose()
+            # What a replica may hide from an ask is what its record saw: gone with it.
+            world.violet.forget_shown()
             fleet.lost_at = world.loop.time()
             world.violet.count("world:ledger_loss")
             world.note("the ledger's Redis restarts EMPTY: every record and the epoch are gone")

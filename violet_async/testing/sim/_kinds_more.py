@@ -243,12 +243,13 @@ class SecondClient:
 
     async def keyed(self, client: Any, ask: Any, who: str | None = None) -> None:
         """A keyed caller: calls, and repeats the call with the key while it is told
-        "another process is still working on it" or the ask is pending (as the error
-        says to)."""
+        "another process is still working on it", the ask is pending, or the key was
+        taken over by another process (as the error says to)."""
         world = self.world
         for _ in range(KEYED_REPEATS):
             seen = await world.call(client, ask, None, key=f"key-{ask.label}", who=who)
-            if seen.what not in ("pending", "review"):
+            store_said = seen.what == "not_sent" and seen.error.startswith("RecordStoreError")
+            if seen.what not in ("pending", "review") and not store_said:
                 return
             await asyncio.sleep(KEYED_WAIT)
 

@@ -24,7 +24,13 @@ from ..._engine import Outcome, engine_of, outcome_of
 from ..._retry import RetryPolicy
 from ..._transport import Timeouts
 from ...batch import BatchItem, run_batch
-from ...exceptions import AmbiguousOutcomeError, BagPendingError, RateLimitError, VioletError
+from ...exceptions import (
+    AmbiguousOutcomeError,
+    BagPendingError,
+    RateLimitError,
+    RecordStoreError,
+    VioletError,
+)
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
 from .._state import RuleViolation
@@ -960,6 +966,11 @@ class _World:
         if isinstance(exc, RateLimitError) and "merchant_429" in self.s.kinds:
             # Nothing applied, by the error's contract: the caller may send it again.
             return Seen(label, "not_sent", error=error)
+        if isinstance(exc, RecordStoreError):
+            # Not sent by this call (a key taken over by another process, a store that
+            # failed): the key's outcome is not this call's to tell; the keyed caller
+            # calls again with the key for it.
+            return Seen(label, "not_sent", error=error)
         outcome = outcome_of(exc)
         if outcome in (Outcome.PENDING, Outcome.REVIEW):
             pending = exc.pending if isinstance(exc, AmbiguousOutcomeError) else None
@@ -1081,9 +1092,12 @@ class _World:
         seen.who = who or ask.label
         self.saw(seen)
         self.check_deadline(ask.label, started)
-        if seen.what == "not_sent" and limited < _kinds_more.CALLER_429_TRIES:
+        if (
+            seen.what == "not_sent"
+            and isinstance(failure, RateLimitError)
+            and limited < _kinds_more.CALLER_429_TRIES
+        ):
             # 429 (nothing applied): the caller waits as told and calls again.
-            assert isinstance(failure, RateLimitError)
             await asyncio.sleep(_kinds_more.retry_after(failure))
             return await self.call(
                 client, ask, resume, repeat=repeat, key=key, limited=limited + 1, who=who

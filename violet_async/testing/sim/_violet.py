@@ -182,9 +182,13 @@ class SimViolet:
         #: README's remaining risk).
         self.shown_to: dict[str, set[int]] = {}
         self.hideable: dict[str, frozenset[int]] = {}
-        #: Every other list read of a parked ask comes from a replica this far behind.
+        #: Every other list read of a parked ask comes from a replica this far behind
+        #: (every page of one read from the same one: a read whose first page came
+        #: from the primary and every later page from the replica, on every read, is
+        #: a list no read could ever take whole, which no real Violet serves for ever).
         self.replica_lag = replica_lag
         self._replica_reads: dict[str, int] = {}
+        self._from_replica: dict[str, bool] = {}
         #: The refunds the answer being made shows the client (its label, their ids).
         self._showing: tuple[str, list[int], bool, bool] | None = None
         #: The pages of a list read each label has received so far.
@@ -519,6 +523,13 @@ class SimViolet:
         self.tokens[token] = True
         return self._json({"token": token})
 
+    def forget_shown(self) -> None:
+        """Every record of what asks were shown is lost (a ledger restarting empty): a
+        replica behind hides from them, from now on, only what they are shown again (a
+        refund no record saw is hidden only by list lag, as for any other)."""
+        self.shown_to.clear()
+        self.hideable.clear()
+
     def parked(self, label: str) -> None:
         """Ask ``label`` was parked: a replica may hide what it was shown so far."""
         self.hideable[label] = frozenset(self.shown_to.get(label, ()))
@@ -539,8 +550,11 @@ class SimViolet:
         seen = self.hideable.get(label or "")
         replica = False
         if seen is not None and self.replica_lag:
-            n = self._replica_reads[label or ""] = self._replica_reads.get(label or "", 0) + 1
-            replica = n % 2 == 1
+            who = label or ""
+            if int(query.get("page", "0")) == 0:
+                n = self._replica_reads[who] = self._replica_reads.get(who, 0) + 1
+                self._from_replica[who] = n % 2 == 1
+            replica = self._from_replica.get(who, False)
         if replica:
             # A replica behind the primary: what the primary already served this ask,
             # committed within the lag, is not there yet.
