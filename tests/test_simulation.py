@@ -409,6 +409,8 @@ SECOND_PASS_KINDS = ALL_KINDS_RUN | frozenset(
         (602543, True, "the same"),
         (600622, True, "simulator: a key taken over by another process counted as failed"),
         (609860, True, "a key taken over after a +15 h step: its call reported a failure"),
+        (606320, True, "a finished key past retention after two +15 h steps: sent again"),
+        (601585, True, "the same, refused 400 (bag full) and told failed"),
     ],
 )
 def test_seeds_of_the_second_all_kinds_pass_now_hold(seed: int, every: bool, was: str) -> None:

@@ -72,7 +72,12 @@ def test_decide_table() -> None:
     assert run(KeyEntry("k", _ask(999))) == (Claim.REUSED, False)
     applied = KeyEntry("k", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
     assert run(applied) == (Claim.FINISHED, False)
-    assert run(applied, now=NOW + 61) == (Claim.OWNED, True)  # past retention
+    # Past retention (wall-clock time, which can step): the same request still gets
+    # its refund; only another request under the key finds it free.
+    assert run(applied, now=NOW + 61) == (Claim.FINISHED, False)
+    other = attrs.evolve(applied, ask=_ask(999, Phase.APPLIED))
+    assert run(other, now=NOW + 61) == (Claim.OWNED, True)
+    assert run(other, now=NOW + 59) == (Claim.REUSED, False)
     failed = KeyEntry("k", _ask(phase=Phase.FAILED), finished_at=NOW)
     assert run(failed) == (Claim.OWNED, True)
     assert run(attrs.evolve(failed, ask=_ask(999, Phase.FAILED))) == (Claim.REUSED, False)
@@ -374,3 +379,34 @@ def _unused(store: RecordStore) -> None:
 
 _unused(MemoryStore())
 _unused(SQLiteStore("never-opened.db"))
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_finished_key_past_retention_still_answers_its_own_request(
+    kind: str, tmp_path: Any
+) -> None:
+    """The wall clock steps forward past the retention (two +15 h NTP steps): the sweep
+    that runs on the next claim never drops the key being claimed, so the same request
+    under the key gets its refund again, sending nothing (simulator seed 606320: a
+    second refund before). Another key past retention is swept as before."""
+    store: Any = (
+        MemoryStore(retention=60)
+        if kind == "memory"
+        else SQLiteStore(tmp_path / "k.db", retention=60)
+    )
+    try:
+        applied = KeyEntry("k", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
+        gone = KeyEntry("g", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
+        for entry in (applied, gone):
+            mine = KeyEntry(entry.key, _ask(), owner="me", lease_until=NOW + 30)
+            claim, _ = await store.claim(mine, NOW - 1)
+            assert claim is Claim.OWNED
+            assert await store.save(entry, "me")
+        later = NOW + 30 * 3_600.0
+        claim, entry = await store.claim(_fresh(), later)
+        assert claim is Claim.FINISHED
+        assert entry.refund == applied.refund
+        assert await store.load("g") is None  # swept: past retention, not claimed
+        assert await store.load("k") is not None
+    finally:
+        await store.aclose()

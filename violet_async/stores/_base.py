@@ -160,7 +160,11 @@ def decide(
     the claim, and the entry to write (None: write nothing). Pure: every store applies
     it inside its own atomic step.
 
-    - nothing there (or a finished entry past retention): the call owns a fresh entry;
+    - nothing there: the call owns a fresh entry;
+    - a finished entry past retention, for another request: the key is free again
+      (the call owns a fresh entry). For the same request it still answers as below:
+      retention is measured on the wall clock, which can step, so it only bounds what
+      a store prunes, never turns a made refund into a new ask;
     - another request under the key: REUSED, nothing written (whatever its state);
     - applied: FINISHED (the refund is in the entry);
     - definitely not applied: the key is free again, the call owns a fresh entry (a
@@ -174,9 +178,11 @@ def decide(
         and current.finished_at is not None
         and current.finished_at + retention <= now
     )
-    if current is None or expired:
+    if current is None:
         return Claim.OWNED, fresh, fresh
     if not current.same_request(fresh.ask):
+        if expired:
+            return Claim.OWNED, fresh, fresh
         return Claim.REUSED, current, None
     if current.ask.phase is Phase.APPLIED and current.refund is not None:
         return Claim.FINISHED, current, None

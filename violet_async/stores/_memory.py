@@ -46,8 +46,13 @@ class MemoryStore:
         return len(self._entries)
 
     async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
-        self._prune(now)
+        # The claimed key is read before the sweep: retention is wall-clock time, which
+        # can step, and a finished key asked again for its own request answers with its
+        # refund however old (``decide``); the sweep only drops the others.
         current = self._entries.get(fresh.key)
+        self._prune(now)
+        if current is not None and fresh.key not in self._entries:
+            self._put(current)
         if current is None and len(self._finished) >= self._max_finished and self._full():
             key = fresh.key.split(" ", 2)[-1]  # the caller's key, without its scope
             raise RecordStoreError(

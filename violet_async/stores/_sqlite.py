@@ -178,9 +178,13 @@ class SQLiteStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if now - self._swept_at >= _SWEEP_EVERY:
+                # Never the key being claimed: ``decide`` answers a finished key asked
+                # again for its own request however old (retention is wall-clock time,
+                # which can step); it frees it only for another request.
                 conn.execute(
-                    "DELETE FROM violet_keys WHERE finished_at IS NOT NULL AND finished_at <= ?",
-                    (now - self.retention,),
+                    "DELETE FROM violet_keys WHERE finished_at IS NOT NULL"
+                    " AND finished_at <= ? AND key != ?",
+                    (now - self.retention, fresh.key),
                 )
                 self._swept_at = now
             current = _read(conn, fresh.key)
