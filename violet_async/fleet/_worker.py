@@ -248,6 +248,16 @@ class FleetWorker:
             return (await self._record(key)).to_dict()
         resume = _resumable(record, self.clock.time())
         item = record.item
+        if resume is None and not self.ledger.allows_repeat(record):
+            # Under the bag's lock, the authoritative check: an earlier item on the bag
+            # (applied, or sent and unsettled) asked the same money, as an edited row of
+            # it would: held, not sent (enqueuers race; the ledger may have been edited).
+            earlier = await self.ledger.same_money_on_bag(key, item)
+            if earlier is not None:
+                await self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
+                summary = (await self._record(key)).to_dict()
+                count_item("fleet", item.kind, "already_present")
+                return summary
         if resume is None:
             # Another item on this bag sent and not settled (pending, or a worker died
             # mid-send): a send now could claim its refund, or have its own claimed.
@@ -501,6 +511,7 @@ class FleetWorker:
                 refund.id,
                 reconciled=refund.reconciled,
                 outcome="reconciled" if refund.reconciled else "applied",
+                paid=refund.amount,
             )
         except RefundOwnedError as exc:
             # Two items cannot have one refund: a person looks (nothing more is sent).
