@@ -581,15 +581,19 @@ class RedisLedger:
         """Another item on ``item``'s bag that applied, or was sent and is not settled
         (sent, pending, under review), and asked the same money of the bag by the batch
         runner's rule (:func:`~violet_async._journal_index.same_money`): ``item`` is
-        likely that row edited, and sending it could refund the bag twice. An applied
-        one is preferred; None: no such item. A record that cannot be read is taken as
+        likely that row edited, and sending it could refund the bag twice (an identical
+        item of another occurrence is a repeat its input asks for, not an edit). An
+        applied one is preferred; None: no such item. A record that cannot be read is taken as
         the same money (it may be)."""
         bag = item.bag_id
         members = await resolve(self.redis.smembers(self.bag_items_key(bag)))
         owners = await self.bag_owners(bag)
         opened = await resolve(self.redis.smembers(self.bag_open_key(bag)))
         keys = {str(_text(m)) for m in (*members, *opened)} | set(owners.values())
-        keys.discard(key)
+        # The n-th identical item of an input (the same content, another occurrence) is
+        # a repeat the input asks for, not an edited row: it is its own money.
+        base = key.rpartition(":")[0]
+        keys = {k for k in keys if k.rpartition(":")[0] != base}
         if not keys:
             return None
         new = money_of(item.kind, item.order_id, bag, converter.unstructure(item.request))
