@@ -586,10 +586,12 @@ class RedisLedger:
         applied one is preferred; None: no such item. A record that cannot be read is taken as
         the same money (it may be)."""
         bag = item.bag_id
-        members = await resolve(self.redis.smembers(self.bag_items_key(bag)))
-        owners = await self.bag_owners(bag)
-        opened = await resolve(self.redis.smembers(self.bag_open_key(bag)))
-        keys = {str(_text(m)) for m in (*members, *opened)} | set(owners.values())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(self.bag_items_key(bag))
+            pipe.hvals(self.bag_owners_key(bag))
+            pipe.smembers(self.bag_open_key(bag))
+            members, owners, opened = await pipe.execute()
+        keys = {str(_text(m)) for m in (*members, *owners, *opened)}
         # The n-th identical item of an input (the same content, another occurrence) is
         # a repeat the input asks for, not an edited row: it is its own money.
         base = key.rpartition(":")[0]

@@ -327,7 +327,10 @@ class FleetWorker:
         if not self.ledger.allows_repeat(record):
             earlier = await self.ledger.same_money_on_bag(key, item)
             if earlier is not None:
-                await self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
+                try:
+                    await self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
+                except LockLostError as exc:  # another worker has the bag: nothing sent
+                    raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
                 count_item("fleet", item.kind, "already_present")
                 return True
         # Another item on this bag sent and not settled (pending, or a worker died
