@@ -271,3 +271,39 @@ async def test_an_applied_refund_records_what_it_moved(pool: ArqRedis) -> None:
         first = await _applied_first(pool, worker, server.clock, _refund(None, skus=lines))
         assert (await worker.ledger.get(first)).paid == 1000  # type: ignore[union-attr]
     assert server.posts == 1
+
+
+async def test_the_cli_holds_an_edited_file_and_allow_repeat_sends_it(
+    pool: ArqRedis, tmp_path: Any
+) -> None:
+    """The operator's path: a file applied, its reason fixed in place, enqueued again
+    (held, said so), then with ``--allow-repeat`` (parsed as the CLI parses it)."""
+    from violet_async.fleet import _cli as fleet_cli
+
+    server = _lagging()
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f"order_id,bag_id,amount_refunded,reason\n{ORDER_ID},{BAG_ID},300,dmaged\n")
+    parser = argparse.ArgumentParser()
+    fleet_cli.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["enqueue", str(rows), "--redis", _url(pool)])
+    assert await fleet_cli._enqueue(args, io.StringIO(), io.StringIO()) == 0
+    first = item_key(_refund(300, "dmaged"))
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, pool)
+        assert (await _run(worker, server.clock, first))["state"] == "applied"
+        rows.write_text(
+            f"order_id,bag_id,amount_refunded,reason\n{ORDER_ID},{BAG_ID},300,damaged\n"
+        )
+        out = io.StringIO()
+        assert await fleet_cli._enqueue(args, out, io.StringIO()) == 0
+        assert "0 queued" in out.getvalue()
+        assert "1 held (already_present" in out.getvalue()
+        edited = item_key(_refund(300, "damaged"))
+        assert (await worker.ledger.get(edited)).held_by == first  # type: ignore[union-attr]
+        again = parser.parse_args(["enqueue", str(rows), "--redis", _url(pool), "--allow-repeat"])
+        out = io.StringIO()
+        assert await fleet_cli._enqueue(again, out, io.StringIO()) == 0
+        assert "1 queued" in out.getvalue()
+        result = await _run(worker, server.clock, edited)
+    assert result["state"] == "applied"
+    assert len(server.ours) == 2
