@@ -538,8 +538,6 @@ class RedisLedger:
         ledger lost its record (whatever it did before the loss is not known).
         ``allow_repeat``: the operator sends it even where an earlier item of the bag
         asked the same money (:meth:`same_money_on_bag`)."""
-        # On the bag's item set first: a record is never on the ledger and not there.
-        await resolve(self.redis.sadd(self.bag_items_key(item.bag_id), key))
         fields: dict[str, Any] = {
             "sig": self.sign(key, item) if signed else "",
             "kind": item.kind,
@@ -560,7 +558,14 @@ class RedisLedger:
         args: list[Any] = [key]
         for name, value in fields.items():
             args += [name, value]
-        found = await self._register(keys=[self.record_key(key), self.states_key], args=args)
+        # On the bag's item set first (one round trip with the record): a record is
+        # never on the ledger and not there.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(self.bag_items_key(item.bag_id), key)
+            await self._register(
+                keys=[self.record_key(key), self.states_key], args=args, client=pipe
+            )
+            _added, found = await pipe.execute()
         return _state(_text(found))
 
     def _repeat_mac(self, key: str) -> str:
