@@ -38,7 +38,7 @@ from violet_async.fleet._cli import _status
 from violet_async.models import SkuRefund
 from violet_async.testing import FakeClock
 
-from .hostile import BAG_ID, ORDER_ID, Hostile, hostile_client
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
 
 redis_url = _fleet_redis.redis_url
 fleet_key = _fleet_redis.fleet_key
@@ -307,3 +307,31 @@ async def test_the_cli_holds_an_edited_file_and_allow_repeat_sends_it(
         result = await _run(worker, server.clock, edited)
     assert result["state"] == "applied"
     assert len(server.ours) == 2
+
+
+async def test_an_edit_while_the_first_is_unsettled_is_held_and_the_first_applies(
+    pool: ArqRedis,
+) -> None:
+    """The first item's POST gets a 504 and commits later (pending, the bag's status
+    never moves); its edited variant, enqueued and run meanwhile, is held (the first is
+    sent and not settled), and the first then reads back as applied: one refund."""
+    server = _lagging()
+    server.script = [Step(504, body=GATEWAY_504, commit_after=2.5)]
+    first, edited = _refund(300, "a"), _refund(300, "b")
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, pool)
+        assert (await enqueue(pool, [first])).queued == 1
+        with pytest.raises(RetryLaterError) as parked:
+            await worker.run(item_key(first))
+        assert (await worker.ledger.get(item_key(first))).state == "pending"  # type: ignore[union-attr]
+        report = await enqueue(pool, [edited])
+        assert report.held == 1
+        # Run anyway (a job of an older producer): the worker holds it too.
+        held = await _run(worker, server.clock, item_key(edited))
+        server.clock.advance(parked.value.defer)
+        done = await _run(worker, server.clock, item_key(first))
+    assert server.posts == 1
+    assert len(server.ours) == 1
+    assert (done["state"], done["refund_id"]) == ("applied", server.ours[0])
+    assert (held["outcome"], held["held_by"]) == ("already_present", item_key(first))
+    assert held["refund_id"] is None  # the first's refund was not known when it was held
