@@ -335,3 +335,19 @@ async def test_an_edit_while_the_first_is_unsettled_is_held_and_the_first_applie
     assert (done["state"], done["refund_id"]) == ("applied", server.ours[0])
     assert (held["outcome"], held["held_by"]) == ("already_present", item_key(first))
     assert held["refund_id"] is None  # the first's refund was not known when it was held
+
+
+async def test_an_unreadable_record_on_the_bag_holds_rather_than_sends(pool: ArqRedis) -> None:
+    """A record on the bag whose request cannot be read (written by someone else) may
+    be the same money: the new item is held, not sent."""
+    server = _lagging()
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, pool)
+        first = await _applied_first(pool, worker, server.clock, _refund(300, "a"))
+        await pool.hset(worker.ledger.record_key(first), "request", "{not json")
+        other = _refund(200, "b")  # other money, were the record readable
+        report = await enqueue(pool, [other])
+        result = await _run(worker, server.clock, item_key(other))
+    assert report.held == 1
+    assert server.posts == 1
+    assert (result["outcome"], result["held_by"]) == ("already_present", first)

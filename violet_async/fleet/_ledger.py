@@ -558,14 +558,9 @@ class RedisLedger:
         args: list[Any] = [key]
         for name, value in fields.items():
             args += [name, value]
-        # On the bag's item set first (one round trip with the record): a record is
-        # never on the ledger and not there.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.sadd(self.bag_items_key(item.bag_id), key)
-            await self._register(
-                keys=[self.record_key(key), self.states_key], args=args, client=pipe
-            )
-            _added, found = await pipe.execute()
+        # On the bag's item set first: a record is never on the ledger and not there.
+        await resolve(self.redis.sadd(self.bag_items_key(item.bag_id), key))
+        found = await self._register(keys=[self.record_key(key), self.states_key], args=args)
         return _state(_text(found))
 
     def _repeat_mac(self, key: str) -> str:
@@ -591,11 +586,10 @@ class RedisLedger:
         applied one is preferred; None: no such item. A record that cannot be read is taken as
         the same money (it may be)."""
         bag = item.bag_id
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.smembers(self.bag_items_key(bag))
-            pipe.hvals(self.bag_owners_key(bag))
-            pipe.smembers(self.bag_open_key(bag))
-            members, owners, opened = await pipe.execute()
+        # Plain commands (the simulator's in-memory Redis pipelines only HGETALL).
+        members = await resolve(self.redis.smembers(self.bag_items_key(bag)))
+        owners = await resolve(self.redis.hvals(self.bag_owners_key(bag)))
+        opened = await resolve(self.redis.smembers(self.bag_open_key(bag)))
         keys = {str(_text(m)) for m in (*members, *owners, *opened)}
         # The n-th identical item of an input (the same content, another occurrence) is
         # a repeat the input asks for, not an edited row: it is its own money.
@@ -610,8 +604,8 @@ class RedisLedger:
             if not raw:
                 continue
             try:
-                other = _parse(other_key, raw)
-            except Exception:  # noqa: BLE001 - unreadable: it may be the same money
+                other = _parse(other_key, raw, self.merchant_of)
+            except ValueError:  # unreadable (a request error is one): may be the same money
                 other = None
             if other is not None:
                 if other.item.bag_id != bag or not _done_or_open(other):
