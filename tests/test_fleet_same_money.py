@@ -351,3 +351,4 @@ async def test_an_unreadable_record_on_the_bag_holds_rather_than_sends(pool: Arq
     assert report.held == 1
     assert server.posts == 1
     assert (result["outcome"], result["held_by"]) == ("already_present", first)
+    assert "cannot be read" in result["message"]

@@ -620,7 +620,7 @@ class RedisLedger:
                 if new is not None and done is not None and not same_money(done, new):
                     continue
             else:
-                other = LedgerRecord(key=other_key, state="pending", item=item)
+                other = LedgerRecord(key=other_key, state="pending", item=item, error="unreadable")
             if other.state == "applied":
                 return other
             found = found or other
@@ -644,6 +644,12 @@ class RedisLedger:
             "asks the same amount as a whole-bag refund); not sent: an edited row? Check "
             "the bag; enqueue it with --allow-repeat to send it anyway"
         )
+        if earlier.error == "unreadable":
+            message = (
+                f"bag {earlier.item.bag_id} has an item ({earlier.key}) whose ledger record "
+                "cannot be read: it may have refunded the same money; not sent. Check the "
+                "bag; enqueue it with --allow-repeat to send it anyway"
+            )
         await self._set(
             key,
             "pending",
