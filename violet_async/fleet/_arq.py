@@ -380,6 +380,9 @@ class EnqueueReport:
     already_queued: int = 0
     already_finished: int = 0
     total: int = 0
+    held: int = 0
+    """Not queued: an earlier item on the bag applied (or was sent) asking the same
+    money (``already_present``, for review; ``allow_repeat`` queues it)."""
 
 
 async def enqueue(
@@ -389,6 +392,7 @@ async def enqueue(
     prefix: str = DEFAULT_PREFIX,
     source: str = "",
     fleet_key: str | bytes | None = None,
+    allow_repeat: bool = False,
 ) -> EnqueueReport:
     """Register every item in the ledger (as ``new``, signed with ``fleet_key``, by
     default ``VIOLET_FLEET_KEY``) and queue one JSON job per item whose id is derived
@@ -399,7 +403,13 @@ async def enqueue(
 
     ``redis`` must enqueue JSON jobs (:func:`create_fleet_pool`); a pool with arq's
     default pickle serializer, or no fleet key, raises ValueError before anything is
-    queued."""
+    queued.
+
+    A new item on a bag where the ledger holds an applied (or sent, unsettled) item
+    asking the same money of the bag (an edited row: its reason fixed, or a whole-bag
+    refund written as its amount) is held, not queued: ``already_present``, for review,
+    naming the earlier item. The worker checks again under the bag's lock before any
+    send. ``allow_repeat`` sends such items anyway (and releases ones held before)."""
     if getattr(redis, "job_serializer", None) is not job_serializer:
         raise ValueError(
             "the arq pool must enqueue JSON jobs: make it with "
@@ -410,10 +420,23 @@ async def enqueue(
     report = EnqueueReport()
     for key, item in keyed_items(items):
         report.total += 1
-        had = await ledger.register(key, item, source=source)
+        had = await ledger.register(key, item, source=source, allow_repeat=allow_repeat)
         if had in ("applied", "failed"):
             report.already_finished += 1
             continue
+        if allow_repeat and had is not None and not await ledger.release(key):
+            await ledger.allow_repeat(key)
+        elif had is None and not allow_repeat:
+            earlier = await ledger.same_money_on_bag(key, item)
+            if earlier is not None:
+                await ledger.mark_held(key, earlier)
+                report.held += 1
+                continue
+        elif had == "pending" and not allow_repeat:
+            record = await ledger.get(key)
+            if record is not None and record.held_by:
+                report.held += 1
+                continue
         job = await redis.enqueue_job(
             JOB_NAME,
             key,

@@ -108,6 +108,13 @@ def add_commands(subparsers: Any, formatter: type[argparse.HelpFormatter] | None
                 help="this Redis has never held this fleet's ledger (no refund of it can "
                 "be in flight): the first sends need not wait a settle window",
             )
+            cmd.add_argument(
+                "--allow-repeat",
+                action="store_true",
+                help="send rows even where an earlier item on the bag applied (or was "
+                "sent) asking the same money (an edited row is held as already_present "
+                "otherwise); releases rows held so",
+            )
         if name == "worker":
             cmd.add_argument("--concurrency", type=int, default=16, help="jobs at a time")
             cmd.add_argument(
@@ -229,12 +236,25 @@ async def _enqueue(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         if getattr(args, "new_ledger", False):
             await RedisLedger(pool, prefix=args.prefix).new_fleet()
         items = (i for i in _batch_cli.read_items(path, args.kind) if isinstance(i, BatchItem))
-        report = await enqueue(pool, items, prefix=args.prefix, source=str(path))
+        report = await enqueue(
+            pool,
+            items,
+            prefix=args.prefix,
+            source=str(path),
+            allow_repeat=getattr(args, "allow_repeat", False),
+        )
     finally:
         await pool.aclose()
     out.write(
         f"{report.total} item(s): {report.queued} queued, {report.already_queued} already "
-        f"queued, {report.already_finished} already finished\n"
+        f"queued, {report.already_finished} already finished"
+        + (
+            f", {report.held} held (already_present: an earlier item on the bag asked the "
+            "same money; see `violet-async status`, --allow-repeat sends them)"
+            if report.held
+            else ""
+        )
+        + "\n"
     )
     return EXIT_OK
 
@@ -276,7 +296,9 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
         counts = await ledger.counts()
         problem_keys = await ledger.keys_in("failed", "pending")
         problems = [r for r in await ledger.get_many(problem_keys) if r is not None]
-        orphans = await without_job(redis, await ledger.keys_in("new", "sent", "pending"))
+        held = {r.key for r in problems if r.held_by}
+        open_keys = [k for k in await ledger.keys_in("new", "sent", "pending") if k not in held]
+        orphans = await without_job(redis, open_keys)
     finally:
         await redis.aclose()
     total = sum(counts.values())
@@ -302,6 +324,8 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
         for record in problems:
             what = record.outcome or record.state
             review = " (needs review)" if record.needs_review else ""
+            if record.held_by:
+                review += f" (held for {record.held_by})"
             # Everything in the ledger may have been written by someone else.
             out.write(
                 printable(

@@ -5,11 +5,16 @@ of a fleet lives in one Redis Cluster slot and the Lua scripts may touch them to
 
     P:item:<item key>          hash: state, kind, order_id, bag_id, request, line, source,
                                ask (the protocol record, JSON), refund_id, reconciled,
-                               error, message, outcome, needs_review, updated_at
+                               error, message, outcome, needs_review, updated_at,
+                               paid (the amount an applied refund moved), held_by (an
+                               item held as already_present: the earlier item's key),
+                               repeat_sig (the operator's --allow-repeat, signed)
     P:states                   hash: <item key> -> state (counts for ``status``)
     P:bag:<bag_id>:refunds     set: refund ids this ledger recorded as applied on the bag
                                (another item's refund is never taken for this one's)
     P:bag:<bag_id>:owners      hash: refund id -> the item key it is the refund of
+    P:bag:<bag_id>:items       set: every item key registered on the bag (since this
+                               release; older items are found through owners and open)
     P:epoch                    hash: id, created, hold_until: the ledger's life. Written at
                                first use; a worker that finds it gone or replaced knows
                                Redis lost the ledger, and no send leaves before hold_until
@@ -45,7 +50,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import attrs
 import orjson
 
-from .._converter import encode_request, request_from_dict
+from .._converter import converter, encode_request, request_from_dict
+from .._journal_index import money_of, same_money
 from .._protocol import PendingRefund
 from ..batch import BatchItem
 from ..models import CancelBagRequest, RefundBagRequest
@@ -228,6 +234,13 @@ class LedgerRecord:
     restored: bool = False
     """Registered again from a job's copy after the ledger lost the item's record: a
     definite failure of a later run does not prove the item never applied."""
+    paid: int | None = None
+    """The amount an applied item's refund moved (None: not known, or a record written
+    before this was kept)."""
+    held_by: str = ""
+    """Held as ``already_present``: the key of the earlier item of the same money."""
+    repeat_signature: str = ""
+    """The fleet key's HMAC of the operator's ``--allow-repeat`` for this item."""
 
     def pending(self) -> PendingRefund | None:
         """The protocol record to resume from (None: never sent, or unreadable)."""
@@ -250,6 +263,7 @@ class LedgerRecord:
             "error": self.error,
             "message": self.message,
             "needs_review": self.needs_review,
+            "held_by": self.held_by or None,
         }
 
 
@@ -435,6 +449,9 @@ class RedisLedger:
     def bag_owners_key(self, bag_id: int) -> str:
         return f"{self.prefix}:bag:{bag_id}:owners"
 
+    def bag_items_key(self, bag_id: int) -> str:
+        return f"{self.prefix}:bag:{bag_id}:items"
+
     async def epoch(self, *, hold: float, now: float | None = None) -> Epoch:
         """The ledger's epoch, created when missing (first use, or Redis lost the
         ledger) with no send before ``now + hold``: a POST in flight from before has
@@ -513,12 +530,15 @@ class RedisLedger:
         source: str = "",
         signed: bool = True,
         restored: bool = False,
+        allow_repeat: bool = False,
     ) -> State | None:
         """Add ``item`` as ``new``, signed with the fleet key (``signed=False``: a refused
         item, recorded unsigned), unless the ledger has it; returns the state it had
         (None: it was added). ``restored``: added again from a job's own copy because the
-        ledger lost its record (whatever it did before the loss is not known)."""
-        fields = {
+        ledger lost its record (whatever it did before the loss is not known).
+        ``allow_repeat``: the operator sends it even where an earlier item of the bag
+        asked the same money (:meth:`same_money_on_bag`)."""
+        fields: dict[str, Any] = {
             "sig": self.sign(key, item) if signed else "",
             "kind": item.kind,
             "order_id": item.order_id,
@@ -533,11 +553,139 @@ class RedisLedger:
             fields["merchant_sig"] = self.sign_merchant(key, item.merchant_id)
         if restored:
             fields["restored"] = 1
+        if allow_repeat:
+            fields["repeat_sig"] = self._repeat_mac(key)
         args: list[Any] = [key]
         for name, value in fields.items():
             args += [name, value]
+        # On the bag's item set first: a record is never on the ledger and not there.
+        await resolve(self.redis.sadd(self.bag_items_key(item.bag_id), key))
         found = await self._register(keys=[self.record_key(key), self.states_key], args=args)
         return _state(_text(found))
+
+    def _repeat_mac(self, key: str) -> str:
+        return hmac.new(self._key(), b"repeat\0%s" % key.encode(), "sha256").hexdigest()
+
+    def allows_repeat(self, record: LedgerRecord) -> bool:
+        """Whether an operator with the fleet key enqueued ``record`` with
+        ``--allow-repeat`` (sent even where the bag holds the same money already)."""
+        if not record.repeat_signature:
+            return False
+        return hmac.compare_digest(self._repeat_mac(record.key), record.repeat_signature)
+
+    async def allow_repeat(self, key: str) -> None:
+        """Mark ``key`` as sent anyway (``--allow-repeat``); its state is left alone."""
+        await resolve(self.redis.hset(self.record_key(key), "repeat_sig", self._repeat_mac(key)))
+
+    async def same_money_on_bag(self, key: str, item: BatchItem) -> LedgerRecord | None:
+        """Another item on ``item``'s bag that applied, or was sent and is not settled
+        (sent, pending, under review), and asked the same money of the bag by the batch
+        runner's rule (:func:`~violet_async._journal_index.same_money`): ``item`` is
+        likely that row edited, and sending it could refund the bag twice (an identical
+        item of another occurrence is a repeat its input asks for, not an edit). An
+        applied one is preferred; None: no such item. A record that cannot be read is taken as
+        the same money (it may be)."""
+        bag = item.bag_id
+        # Plain commands (the simulator's in-memory Redis pipelines only HGETALL).
+        members = await resolve(self.redis.smembers(self.bag_items_key(bag)))
+        owners = await resolve(self.redis.hvals(self.bag_owners_key(bag)))
+        opened = await resolve(self.redis.smembers(self.bag_open_key(bag)))
+        keys = {str(_text(m)) for m in (*members, *owners, *opened)}
+        # The n-th identical item of an input (the same content, another occurrence) is
+        # a repeat the input asks for, not an edited row: it is its own money.
+        base = key.rpartition(":")[0]
+        keys = {k for k in keys if k.rpartition(":")[0] != base}
+        if not keys:
+            return None
+        new = money_of(item.kind, item.order_id, bag, converter.unstructure(item.request))
+        found: LedgerRecord | None = None
+        ordered = sorted(keys)
+        for other_key, raw in zip(ordered, await self._raw_many(ordered), strict=True):
+            if not raw:
+                continue
+            try:
+                other = _parse(other_key, raw, self.merchant_of)
+            except ValueError:  # unreadable (a request error is one): may be the same money
+                other = None
+            if other is not None:
+                if other.item.bag_id != bag or not _done_or_open(other):
+                    continue
+                done = money_of(
+                    other.item.kind,
+                    other.item.order_id,
+                    bag,
+                    converter.unstructure(other.item.request),
+                    other.paid,
+                )
+                if new is not None and done is not None and not same_money(done, new):
+                    continue
+            else:
+                other = LedgerRecord(key=other_key, state="pending", item=item, error="unreadable")
+            if other.state == "applied":
+                return other
+            found = found or other
+        return found
+
+    async def mark_held(
+        self, key: str, earlier: LedgerRecord, *, lock_key: str | None = None, token: str = ""
+    ) -> None:
+        """Hold ``key``, never sent, as ``already_present``: ``earlier`` asked the same
+        money of the bag. Pending, for review (not terminal: ``--allow-repeat`` may
+        release it); given ``lock_key``, only while ``token`` holds it."""
+        refund = f"refund {earlier.refund_id}" if earlier.refund_id is not None else "a refund"
+        if earlier.state == "applied":
+            what = f"holds {refund} made by"
+        else:
+            what = f"may hold {refund}: sent ({earlier.state}), not settled, by"
+        line = f"line {earlier.item.line} of {earlier.source}" if earlier.source else "an item"
+        message = (
+            f"bag {earlier.item.bag_id} {what} an earlier item ({line}) asking the same "
+            "money of the bag (this one differs only in what does not move money, or "
+            "asks the same amount as a whole-bag refund); not sent: an edited row? Check "
+            "the bag; enqueue it with --allow-repeat to send it anyway"
+        )
+        if earlier.error == "unreadable":
+            message = (
+                f"bag {earlier.item.bag_id} has an item ({earlier.key}) whose ledger record "
+                "cannot be read: it may have refunded the same money; not sent. Check the "
+                "bag; enqueue it with --allow-repeat to send it anyway"
+            )
+        await self._set(
+            key,
+            "pending",
+            lock=(lock_key, token),
+            needs_review=1,
+            outcome="already_present",
+            held_by=earlier.key,
+            refund_id="" if earlier.refund_id is None else earlier.refund_id,
+            error="AlreadyPresent",
+            message=message,
+        )
+
+    async def release(self, key: str) -> bool:
+        """An item held as ``already_present`` back to ``new``, allowed to repeat
+        (``--allow-repeat``). False: it is not held (nothing written)."""
+        record = await self.get(key)
+        if record is None or not record.held_by or record.state != "pending" or record.ask:
+            return False
+        await self._set(
+            key,
+            "new",
+            needs_review=0,
+            outcome="",
+            held_by="",
+            refund_id="",
+            error="",
+            message="",
+            repeat_sig=self._repeat_mac(key),
+        )
+        return True
+
+    async def _raw_many(self, keys: list[str]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(self.record_key(key))
+            return list(await pipe.execute())
 
     async def get(self, key: str) -> LedgerRecord | None:
         """The record of ``key`` (None: not in the ledger)."""
@@ -623,7 +771,14 @@ class RedisLedger:
         )
 
     async def mark_applied(
-        self, key: str, bag_id: int, refund_id: int | None, *, reconciled: bool, outcome: str
+        self,
+        key: str,
+        bag_id: int,
+        refund_id: int | None,
+        *,
+        reconciled: bool,
+        outcome: str,
+        paid: int | None = None,
     ) -> None:
         """Applied, with ``refund_id`` recorded on the bag as this item's, in one script:
         a worker dying mid-way leaves all of it or none. Raises RefundOwnedError when
@@ -643,6 +798,8 @@ class RedisLedger:
                 int(reconciled),
                 "outcome",
                 outcome,
+                "paid",
+                "" if paid is None else paid,
                 *self._stamp(),
             ],
         )
@@ -837,4 +994,14 @@ def _parse(
         ask_json=ask or "",
         ask_signature=data.get("ask_sig") or "",
         restored=data.get("restored") == "1",
+        paid=int(paid) if (paid := data.get("paid")) else None,
+        held_by=data.get("held_by") or "",
+        repeat_signature=data.get("repeat_sig") or "",
     )
+
+
+def _done_or_open(record: LedgerRecord) -> bool:
+    """Applied, or sent and not settled (an item held as already_present never sent)."""
+    if record.state == "applied":
+        return True
+    return record.state in ("sent", "pending") and not record.held_by

@@ -248,15 +248,8 @@ class FleetWorker:
             return (await self._record(key)).to_dict()
         resume = _resumable(record, self.clock.time())
         item = record.item
-        if resume is None:
-            # Another item on this bag sent and not settled (pending, or a worker died
-            # mid-send): a send now could claim its refund, or have its own claimed.
-            unsettled = await self.ledger.open_on_bag(item.bag_id) - {key}
-            if unsettled:
-                raise RetryLaterError(
-                    f"bag {item.bag_id} has an unsettled item ({sorted(unsettled)[0]})",
-                    defer=max(self.patience, 1.0),
-                )
+        if resume is None and await self._held(key, record, held):
+            return (await self._record(key)).to_dict()
         known = self.engine.known_refunds
         recorded = await self.ledger.bag_refunds(item.bag_id)
         owners = await self.ledger.bag_owners(item.bag_id) if recorded else {}
@@ -323,6 +316,32 @@ class FleetWorker:
             # A record of the send was refused: another worker holds the bag (and the
             # item) now; this one's view of it is stale.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+
+    async def _held(self, key: str, record: LedgerRecord, held: Any) -> bool:
+        """Under the bag's lock, the authoritative check before a first send: an
+        earlier item on the bag (applied, or sent and unsettled) asked the same money,
+        as an edited row of it would. Held as already_present, not sent (enqueuers race;
+        the ledger may have been edited), unless enqueued with ``--allow-repeat``. Raises
+        RetryLaterError while another item of the bag is sent and not settled."""
+        item = record.item
+        if not self.ledger.allows_repeat(record):
+            earlier = await self.ledger.same_money_on_bag(key, item)
+            if earlier is not None:
+                try:
+                    await self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
+                except LockLostError as exc:  # another worker has the bag: nothing sent
+                    raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+                count_item("fleet", item.kind, "already_present")
+                return True
+        # Another item on this bag sent and not settled (pending, or a worker died
+        # mid-send): a send now could claim its refund, or have its own claimed.
+        unsettled = await self.ledger.open_on_bag(item.bag_id) - {key}
+        if unsettled:
+            raise RetryLaterError(
+                f"bag {item.bag_id} has an unsettled item ({sorted(unsettled)[0]})",
+                defer=max(self.patience, 1.0),
+            )
+        return False
 
     async def _send_slot(self, ask: PendingRefund, merchant: int | None, key: str) -> None:
         """Wait for the fleet's budget and the merchant's spacing, as the request is
@@ -501,6 +520,7 @@ class FleetWorker:
                 refund.id,
                 reconciled=refund.reconciled,
                 outcome="reconciled" if refund.reconciled else "applied",
+                paid=refund.amount,
             )
         except RefundOwnedError as exc:
             # Two items cannot have one refund: a person looks (nothing more is sent).
