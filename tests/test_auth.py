@@ -186,12 +186,15 @@ async def test_secrets_never_reach_logs_at_debug(
             order_id, bag_id = fake.seeded[0]
             await client.refund_bag(order_id, bag_id, amount_refunded=10)
             await asyncio.sleep(0.4)
+            fake.token_lifetime = 3600.0  # the refreshed token outlives a loaded machine
             fake.script("refund", Fault.DROP_AFTER_COMMIT, Fault.RATE_LIMIT)
             await client.refund_bag(order_id, bag_id, amount_refunded=11)
             with pytest.raises(BadRequestError) as info:
                 await client.refund_bag(order_id, bag_id, amount_refunded=10**9)
             tokens = list(fake._tokens) + list(fake._refresh_tokens)
-        assert fake.ledger.refreshes == 1
+        # At least the one refresh after the sleep (a loaded machine may take longer than
+        # the first token's 0.3 s before the first refund, and refresh once more).
+        assert fake.ledger.refreshes >= 1
     texts = [caplog.text, str(info.value), repr(info.value), repr(client)]
     for secret in [fake.app_secret, fake.password, *tokens]:
         for text in texts:
