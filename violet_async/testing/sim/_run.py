@@ -34,7 +34,8 @@ from ...exceptions import (
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
 from .._state import RuleViolation
-from . import _fleet, _kinds_more
+from . import _fleet, _kinds_answers, _kinds_more
+from ._kinds_answers import ANSWER_KINDS
 from ._kinds_more import MORE_KINDS, MerchantLimit, SecondCaller
 from ._violet import (
     ASK_LABEL,
@@ -83,7 +84,8 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #:   refund attempts that moved no money (FAILED or CANCELED, of an asked amount or a
 #:   bag's total) listed on bags from before the run;
 #: - ``merchant_429``, ``two_clients_one_store``, ``redis_loss``, ``worker_dies``: see
-#:   ``_kinds_more``.
+#:   ``_kinds_more``;
+#: - ``refund_answers``, ``keyed_resume``: see ``_kinds_answers``.
 WORLD_KINDS = (
     "status_lag",
     "dates",
@@ -101,6 +103,7 @@ WORLD_KINDS = (
     "record_shapes",
     "date_lag",
     *MORE_KINDS,
+    *ANSWER_KINDS,
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
 #: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
@@ -254,6 +257,8 @@ class Schedule:
     """The first worker dies right after its n-th ledger write (0: never)."""
     ledger_loss: float | None = None
     """Virtual seconds into the worker run when the ledger loses everything."""
+    keyed_resume: bool = False
+    """The first process resumes a keyed call's pending record (``_kinds_answers``)."""
 
     def fault_count(self) -> int:
         return (
@@ -431,6 +436,10 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     bags = Counter(a.bag for a in s.asks)
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
+    if kinds & set(ANSWER_KINDS):
+        post = list(changes["post_faults"])
+        more = _kinds_answers.draw(attrs.evolve(s, **changes), kinds, post)
+        changes.update(more, post_faults=tuple(post))
     return attrs.evolve(s, **changes)
 
 
@@ -943,6 +952,11 @@ class _World:
 
     def saw(self, seen: Seen) -> None:
         seen.who = seen.who or seen.label
+        if seen.what == "refund" and seen.refund_id is None:
+            # A 2xx without the refund's id (refund_answers): the refund its caller's
+            # own send got, if any answer to it came without one.
+            mine = [r for w, r in self.violet.idless if (w or "").split("~")[0] == seen.label]
+            seen.refund_id = mine[-1] if len(mine) == 1 else None
         seen.at = self.loop.time()
         if seen.pending is not None:
             self.record_owner.setdefault(seen.pending.ask_id, seen.label)
@@ -1390,6 +1404,7 @@ class _World:
 
     def check_more(self) -> None:
         _kinds_more.check(self)
+        _kinds_answers.check(self)
 
     def still_settling(self, seen: Seen, made: list[int]) -> bool:
         """``seen`` (a final pending) waits out a settle window that has not ended on
@@ -1465,6 +1480,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "second_callers": (),
             "worker_dies": 0,
             "ledger_loss": None,
+            "keyed_resume": False,
         }
         for name, plain in quirks.items():
             if getattr(s, name) != plain:

@@ -108,6 +108,9 @@ WORLD_POST_KINDS = ("wrong_bag",)
 CANCEL_SHAPES = ("bare", "empty", "other")
 #: Reads: the refund list with a record nobody can read.
 WORLD_READ_KINDS = ("junk",)
+#: POSTs (``_kinds_answers``): committed, then the refund CANCELED or FAILED (no money
+#: moved), a 303, or a 200 without the refund's id.
+ANSWER_POST_KINDS = ("refund_canceled", "refund_failed", "see_other", "no_id_answer")
 
 
 @attrs.frozen
@@ -199,6 +202,11 @@ class SimViolet:
         self.secrets: set[str] = {app_secret, password}
         self._serial = 0
         self.commits: list[SimCommit] = []
+        #: Refunds Violet recorded that moved no money (CANCELED or FAILED: see
+        #: ``_kinds_answers``): out of ``commits``, the ledger of money moved.
+        self.voided: list[SimCommit] = []
+        #: (the caller's label, refund id) of every 2xx answered without the id.
+        self.idless: list[tuple[str | None, int]] = []
         #: bag id -> the ask sending to it, when no ASK_LABEL is set (batch items).
         self.bag_labels: dict[int, str] = {}
         #: [start, end] (virtual time) of every login / refresh request, and of every
@@ -646,7 +654,10 @@ class SimViolet:
             if kind == "gateway_late":
                 return self._gateway(fault.status if fault else 504), land
             return None, land
+        before = bag.status
         record = commit(recheck=False)
+        if kind in ANSWER_POST_KINDS:
+            return self._answered(action, bag, record, kind, label, before), None
         if kind in ("drop_after", "hang_after"):
             return None, None
         if kind == "gateway_after":
@@ -695,6 +706,32 @@ class SimViolet:
         if kind == "garbled_after":
             return RawResponse(200, answer.headers, answer.body[: len(answer.body) // 2])
         return answer
+
+    def _answered(  # noqa: PLR0917 - _mutate's own
+        self,
+        action: str,
+        bag: FakeBag,
+        record: dict[str, Any],
+        kind: str,
+        label: str | None,
+        before: str,
+    ) -> RawResponse:
+        """The answer of ``_kinds_answers``' POST fault ``kind`` to a POST that committed
+        ``record``."""
+        if kind in ("refund_canceled", "refund_failed"):
+            # The platform refused it after Violet recorded it: no money moved.
+            status = "CANCELED" if kind == "refund_canceled" else "FAILED"
+            self.store.void_refund(bag, record, status, before if action == "refund" else None)
+            made = next(c for c in self.commits if c.refund_id == record["id"])
+            self.commits.remove(made)
+            self.voided.append(made)
+            self.note(f"VOID refund {record['id']} bag {bag.id}: {status}, no money moved")
+            return self._applied(action, bag, self._dated(record), kind)
+        if kind == "see_other":
+            location = f"/v1/orders/{record['order_id']}/refunds/{record['id']}"
+            return RawResponse(303, self._headers({"Location": location}), b"")
+        self.idless.append((label, record["id"]))
+        return self._json({k: v for k, v in self._dated(record).items() if k != "id"})
 
     def _bags(self) -> list[FakeBag]:
         return [b for o in self.store.orders.values() for b in o.bags.values()]
