@@ -10,8 +10,9 @@ with them off is what it always was.
   the record, CANCELED or FAILED, and no money moved: it leaves the simulator's ledger),
   ``303 See Other`` (a ``Location`` to the refund made), or a 200 without the refund's
   ``id``. In direct mode, half the schedules add a twin ask: the same request on the
-  same bag, from another caller without a key, a moment later (an id-less answer must
-  never let it claim the first's refund). Invariants: a refund that moved no money is
+  same bag, from another caller without a key, a moment later, and in half of those the
+  first POST is answered without its id and the next one is unsure (an id-less answer
+  must never let the twin claim the first's refund). Invariants: a refund that moved no money is
   never reported as made; a caller told its refund failed made none (the base world's
   ``failed-but-applied``); at most one refund per ask (``double``); a refund handed out
   without its id is the caller's own (``attribution``).
@@ -59,6 +60,15 @@ def draw(s: Any, kinds: frozenset[str], post: list[SimFault | None]) -> dict[str
                 round(ask.start + rng.choice((0.0, 0.3, 2.0, 8.0)), 3),
             )
             changes["asks"] = (*s.asks, twin)
+            if post and rng.random() < 0.5:
+                # The first POST answered without its id, the next one unsure: a twin
+                # that reads the bag back sees a refund of its request it did not make.
+                post[0] = SimFault("no_id_answer")
+                if len(post) > 1:
+                    post[1] = SimFault(
+                        rng.choice(("drop_before", "hang_before", "gateway_before", "drop_after")),
+                        status=502,
+                    )
             # Another process's keyed caller is only ever on an ask alone on its bag.
             kept = tuple(c for c in s.second_callers if c.label != ask.label)
             if kept != s.second_callers:
