@@ -15,7 +15,8 @@ with them off is what it always was.
   must never let the twin claim the first's refund). Invariants: a refund that moved no money is
   never reported as made; a caller told its refund failed made none (the base world's
   ``failed-but-applied``); at most one refund per ask (``double``); a refund handed out
-  without its id is the caller's own (``attribution``).
+  without its id is the caller's own (``attribution``), and is never handed to another
+  ask (``idless-claimed``, whatever else the base world calls it).
 - ``keyed_resume`` (direct mode): a second process (its own client) calls an ask alone
   on its bag with the first's idempotency key, through two ``SQLiteStore``s on one temp
   file; the first process, told its keyed call is pending, resumes the record it was
@@ -97,7 +98,13 @@ def check(world: Any) -> None:
     voided = {c.refund_id for c in violet.voided}
     if voided:
         violet.count("world:voided_refund", len(voided))
+    idless = {r: (w or "").split("~")[0] for w, r in violet.idless}
     for seen in world.seen:
+        if seen.what == "refund" and idless.get(seen.refund_id, seen.label) != seen.label:
+            world.violations.append(
+                f"[idless-claimed] {seen.who} was handed refund {seen.refund_id}, which "
+                f"{idless[seen.refund_id]} was handed without its id"
+            )
         if seen.what == "refund" and seen.refund_id in voided:
             world.violations.append(
                 f"[void-reported-made] {seen.who} was handed refund {seen.refund_id}, "

@@ -436,11 +436,16 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     bags = Counter(a.bag for a in s.asks)
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
-    if kinds & set(ANSWER_KINDS):
-        post = list(changes["post_faults"])
-        more = _kinds_answers.draw(attrs.evolve(s, **changes), kinds, post)
-        changes.update(more, post_faults=tuple(post))
-    return attrs.evolve(s, **changes)
+    return _answers(attrs.evolve(s, **changes), kinds)
+
+
+def _answers(s: Schedule, kinds: frozenset[str]) -> Schedule:
+    """``s`` with ``_kinds_answers``' kinds of ``kinds`` laid over it."""
+    if not kinds & set(ANSWER_KINDS):
+        return s
+    post = list(s.post_faults)
+    more = _kinds_answers.draw(s, kinds, post)
+    return attrs.evolve(s, **more, post_faults=tuple(post))
 
 
 def _date_lag(s: Schedule, kinds: frozenset[str], olds: tuple[OldRefund, ...]) -> dict[str, Any]:
