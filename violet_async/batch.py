@@ -27,12 +27,11 @@ from typing import Any, Literal
 import attrs
 import orjson
 
-from ._ask import sent_once
 from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient
 from ._converter import converter
 from ._engine import Outcome as AskOutcome
-from ._engine import engine_of
+from ._engine import engine_of, resumable
 from ._journal import (
     Journal,
     JournalEntry,
@@ -1071,23 +1070,25 @@ def _orphan(entry: JournalEntry | None) -> tuple[BatchItem, str, PendingRefund |
 
 
 def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | None:
-    """The record to resume an item an earlier run may have sent (None: send anew)."""
+    """The record to resume an item an earlier run may have sent (None: send anew).
+
+    The journal's edge only says whether it may have been sent (its sent, pending and
+    unknown lines) and reads the line's record; what is resumed from it is the one rule
+    of :func:`~violet_async._engine.resumable`, from the first send time it has."""
     if prior is None or prior.state not in ("sent", "pending", "unknown"):
         return None  # never sent, or proven not applied ("failed", "unsent", "present")
+    stored: PendingRefund | None = None
     if prior.ask is not None:
         try:
-            pending = PendingRefund.from_dict(prior.ask)
+            stored = PendingRefund.from_dict(prior.ask)
         except RequestValidationError:
-            pending = None
-        if pending is not None and not ask_matches(pending, item):
-            pending = None  # not this row's record: trusted for nothing
-        if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
-            return pending
-        if pending is not None and pending.phase is Phase.NEW:
-            return None  # journaled before its first send: never sent
-    # An older journal line, or a torn record: assume it was sent, by the first send
-    # time the journal has.
-    return sent_once(item.kind, item.order_id, item.bag_id, item.request, prior.first_sent)
+            stored = None  # a torn record: resumed as sent once
+    return resumable(stored, item_ask(item), sent_at=prior.first_sent)
+
+
+def item_ask(item: BatchItem) -> PendingRefund:
+    """The ask ``item`` stands for, never sent (what a stored record must match)."""
+    return PendingRefund(item.kind, item.order_id, item.bag_id, item.request)
 
 
 def ask_matches(pending: PendingRefund, item: BatchItem) -> bool:
