@@ -21,6 +21,8 @@ from violet_async import PendingRefund, RefundBagRequest, RetryPolicy, Timeouts
 from violet_async._ask import Phase, sent_once
 from violet_async._engine import resumable
 from violet_async.batch import BatchItem, BatchResult, Journal, run_batch
+from violet_async.fleet._ledger import LedgerRecord, State
+from violet_async.fleet._worker import _resumable as _fleet_resumable
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
@@ -131,3 +133,58 @@ def test_rule_keeps_evidence_where_sent_once_forgets() -> None:
         50.0,
         frozenset(),
     )
+
+
+def _ledger_record(
+    state: State, ask: PendingRefund | None, updated_at: float | None
+) -> LedgerRecord:
+    item = _item()
+    return LedgerRecord(
+        "k",
+        state,
+        item,
+        ask=ask.to_dict() if ask is not None else None,
+        updated_at=updated_at,
+    )
+
+
+def test_fleet_ledger_resumes_by_the_same_rule() -> None:
+    """The fleet worker's edge: a record in another phase under a sent/pending state
+    keeps its evidence (as the batch journal's and the key path's); a NEW record under
+    a sent state was torn mid-send and counts as sent once at the record's last write;
+    an unreadable record, another item's, or none, the same; states that never sent
+    resume nothing."""
+    item = _item()
+    sent = sent_once(item.kind, item.order_id, item.bag_id, item.request, 100.0)
+    evidence = attrs.evolve(
+        sent, phase=Phase.ABSENT, others=frozenset({2}), seen=frozenset({2}), sends=2
+    )
+    kept = _fleet_resumable(_ledger_record("pending", evidence, 120.0), now=500.0)
+    assert kept is not None
+    assert (kept.phase, kept.doubted, kept.others, kept.seen, kept.sends) == (
+        Phase.PENDING,
+        True,
+        frozenset({2}),
+        frozenset({2}),
+        2,
+    )
+    assert kept.ask_id == evidence.ask_id
+    assert _fleet_resumable(_ledger_record("sent", sent, 120.0), now=500.0) == sent
+    new = PendingRefund(item.kind, item.order_id, item.bag_id, item.request)
+    another = attrs.evolve(sent, bag_id=item.bag_id + 1)
+    for torn, updated_at, at in (
+        (new, 120.0, 120.0),
+        (None, None, 500.0),
+        (another, 120.0, 120.0),
+    ):
+        resumed = _fleet_resumable(_ledger_record("sent", torn, updated_at), now=500.0)
+        assert resumed is not None
+        assert (resumed.phase, resumed.sends, resumed.first_sent_at, resumed.others) == (
+            Phase.SENT,
+            1,
+            at,
+            frozenset(),
+        )
+        assert resumed.bag_id == item.bag_id
+    for state in ("new", "applied", "failed"):
+        assert _fleet_resumable(_ledger_record(state, evidence, 120.0), now=500.0) is None

@@ -1091,18 +1091,6 @@ def item_ask(item: BatchItem) -> PendingRefund:
     return PendingRefund(item.kind, item.order_id, item.bag_id, item.request)
 
 
-def ask_matches(pending: PendingRefund, item: BatchItem) -> bool:
-    """A stored protocol record (a journal line, a ledger hash: files and keys someone
-    else may have written) is trusted only for the item it describes: its kind, order,
-    bag and request. Another record under the item's key is treated as torn."""
-    return (pending.kind, pending.order_id, pending.bag_id, pending.request) == (
-        item.kind,
-        item.order_id,
-        item.bag_id,
-        item.request,
-    )
-
-
 async def _process(  # noqa: PLR0917 - internal, one call site
     client: VioletClient,
     item: BatchItem,

@@ -17,15 +17,14 @@ from typing import Any
 
 import attrs
 
-from .._ask import sent_once
 from .._client import VioletClient
-from .._engine import Ended, Outcome, engine_of
+from .._engine import Ended, Outcome, engine_of, resumable
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
 from .._retry import RetryEvent
 from .._telemetry import count_item
-from ..batch import BatchItem, ask_matches
+from ..batch import BatchItem, item_ask
 from ..exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
@@ -637,20 +636,20 @@ def _is_item(key: str, item: BatchItem) -> bool:
 
 def _resumable(record: LedgerRecord, now: float) -> PendingRefund | None:
     """The record to resume from (None: never sent, send anew); ``now``: the client's
-    time, for a torn record."""
+    time, for a torn record.
+
+    The ledger's edge says whether it may have been sent (its sent and pending states;
+    a record still NEW under them was torn mid-send, so counts as sent) and reads its
+    record; what is resumed is the one rule of :func:`~violet_async._engine.resumable`."""
     if record.state not in ("sent", "pending"):
         return None
     try:
-        pending = record.pending()
+        stored = record.pending()
     except RequestValidationError:
-        pending = None
-    if pending is not None and not ask_matches(pending, record.item):
-        pending = None  # not this item's record: trusted for nothing
-    if pending is not None and pending.phase in (Phase.SENT, Phase.PENDING):
-        return pending
-    # A torn record: assume it was sent just now, so the whole settle window applies.
-    item = record.item
-    return sent_once(item.kind, item.order_id, item.bag_id, item.request, record.updated_at or now)
+        stored = None
+    if stored is not None and stored.phase is Phase.NEW:
+        stored = None  # its state says it was sent: torn, sent once
+    return resumable(stored, item_ask(record.item), sent_at=record.updated_at or now)
 
 
 def _transient(exc: VioletError) -> bool:
