@@ -90,8 +90,8 @@ _AMP = rf"(?:&|{_BACKSLASHES}u0026|%(?:25)?26)"
 
 def _char(char: str, *, bare: bool = True) -> str:
     """A regex for one character of a secret in any spelling a server's echo gives it:
-    itself; a JSON / JavaScript escape (``\\u0026``, ``\\x26``, ``\\/``, behind any
-    number of backslashes); URL-encoded (``%26``, twice: ``%2526``; ``+`` for a space);
+    itself; a JSON / JavaScript escape (``\\u0026``, ``\\x26``, ``\\/``, behind one to
+    eight backslashes); URL-encoded (``%26``, twice: ``%2526``; ``+`` for a space);
     an HTML character reference (``&amp;``, ``&#38;``, ``&#x26;``)."""
     code = ord(char)
     alternatives = [re.escape(char)]
