@@ -657,8 +657,9 @@ class KeyedAsks:
                 try:
                     _key_ask(pending, entry.ask)
                 except RequestValidationError:
-                    # The key's entry holds another ask: give the claim back untouched.
-                    await self._release(key, entry.ask)
+                    # The key's entry holds another ask: give the claim back, the
+                    # entry as it was (its record, refund and end) with no owner.
+                    await self._give_back(entry)
                     raise
                 if entry.ask.phase is Phase.NEW:
                     # The key's record never left (a claim given back unsent, or a
@@ -734,6 +735,14 @@ class KeyedAsks:
             await self.store.save(KeyEntry(key, latest, scope=self.scope), self.owner)
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not release key %r: %s", key, exc)
+
+    async def _give_back(self, entry: KeyEntry) -> None:
+        """Give back a claim taken for nothing (no owner, no lease; all else kept)."""
+        back = attrs.evolve(entry, owner=None, lease_until=None)
+        try:
+            await self.store.save(back, self.owner)
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            log.warning("could not release key %r: %s", entry.key, exc)
 
     async def _renew(self, key: str) -> None:
         """Keep the lease while the call runs (a dead process stops, and its key is
