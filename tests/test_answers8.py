@@ -479,3 +479,20 @@ async def test_the_scripted_server_answers_a_plain_200() -> None:
         refund = await client.refund_bag(ORDER, BAG, amount_refunded=100)
     assert refund.id == server.refunds[0]["id"]
     assert not refund.reconciled
+
+
+def test_a_4_mib_body_of_backslashes_is_redacted_in_bounded_time() -> None:
+    """A hostile 4 MiB error body (the most a body may be) that is one run of
+    backslashes, with a secret at its very end in a doubly escaped JSON spelling: the
+    redaction completes (it used to retry the run at every position: quadratic, never
+    ending at this size) and still hides the secret."""
+    from violet_async._redact import REDACTED, Redactor
+
+    secret = "s3cret-app-value"
+    spelled = "".join(f"\\\\u{ord(char):04x}" for char in secret)
+    body = "\\" * (4 * 1024 * 1024) + spelled
+    redacted = Redactor(lambda: [secret, "a-password"]).text(body)
+    assert redacted.endswith(REDACTED)
+    assert "u0073" not in redacted[-200:]
+    tail = "\\" * 100_000 + "%" * 100_000 + "&#" * 50_000 + secret
+    assert Redactor(lambda: [secret]).bytes(tail.encode()).endswith(REDACTED.encode())

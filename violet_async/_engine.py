@@ -599,16 +599,18 @@ class KeyedAsks:
             flight = self._flights.get(key)
             if flight is not None:
                 _same_ask(pending, flight.ask)
+                _key_ask(pending, flight.ask)
                 if flight.joined is None:
                     flight.joined = asyncio.get_running_loop().create_future()
                 refund = await asyncio.shield(flight.joined)
                 if refund is not None:
-                    return refund
+                    return _not_another(pending, refund)
                 continue  # its caller cancelled it: take the ask over
             returned = self._returned.get(key)
             if returned is not None:
                 _same_ask(pending, returned[0])
-                return returned[1]
+                _key_ask(pending, returned[0])
+                return _not_another(pending, returned[1])
             flight = self._flights[key] = _Flight(pending)
             try:
                 if bare is not None:
@@ -649,8 +651,16 @@ class KeyedAsks:
                     raise _resume_store_error(
                         pending, "reading", ValueError("its refund is of another bag or order")
                     )
-                return entry.refund
+                _key_ask(pending, entry.ask)
+                return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
+                try:
+                    _key_ask(pending, entry.ask)
+                except RequestValidationError:
+                    # The key's entry holds another ask: give the claim back, the
+                    # entry as it was (its record, refund and end) with no owner.
+                    await self._give_back(entry)
+                    raise
                 if entry.ask.phase is Phase.NEW:
                     # The key's record never left (a claim given back unsent, or a
                     # store this record did not come from): the caller's record was
@@ -726,6 +736,14 @@ class KeyedAsks:
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not release key %r: %s", key, exc)
 
+    async def _give_back(self, entry: KeyEntry) -> None:
+        """Give back a claim taken for nothing (no owner, no lease; all else kept)."""
+        back = attrs.evolve(entry, owner=None, lease_until=None)
+        try:
+            await self.store.save(back, self.owner)
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            log.warning("could not release key %r: %s", entry.key, exc)
+
     async def _renew(self, key: str) -> None:
         """Keep the lease while the call runs (a dead process stops, and its key is
         taken over after ``store.lease``). Real time: the lease is about processes."""
@@ -751,6 +769,38 @@ def _same_ask(pending: PendingRefund, stored: PendingRefund) -> None:
     by someone else): nothing is sent for it."""
     if not KeyEntry("", stored).same_request(pending):
         raise _other_request(pending)
+
+
+def _key_ask(pending: PendingRefund, stored: PendingRefund) -> None:
+    """Refuse a keyed record that is not its key's own ask: the key's entry holds a
+    record (sent, pending or finished) of another ``ask_id`` (a record file edited to
+    name another call's key, or written by someone else). Resuming through that entry
+    would hand this record the other call's refund (a false success, its own refund
+    lost track of) or drive the other ask: nothing is read or sent for it. A key's
+    record never sent (NEW) holds no ask yet: the caller's record is resumed."""
+    if pending.idempotency_key is None or stored.phase is Phase.NEW:
+        return
+    if stored.ask_id != pending.ask_id:
+        raise RequestValidationError(
+            "pending.idempotency_key",
+            f"{pending.idempotency_key!r} is the key of another ask (ask_id "
+            f"{stored.ask_id!r}, not this record's {pending.ask_id!r}): this record is "
+            "not that key's call; it is neither resumed through the key nor sent. Resume "
+            "it with the key its call was made with",
+        )
+
+
+def _not_another(pending: PendingRefund, refund: OrderRefund) -> OrderRefund:
+    """``refund`` unless ``pending`` names it as another call's (``others``): it is then
+    never this record's refund, whatever a store or a key says."""
+    if refund.id in pending.others:
+        raise RequestValidationError(
+            "pending",
+            f"the refund {refund.id} its store or key returned is one this record names as "
+            "another call's (its 'others'); it is not returned as this record's refund, "
+            "and nothing was sent",
+        )
+    return refund
 
 
 def _other_request(pending: PendingRefund) -> RequestValidationError:

@@ -73,8 +73,13 @@ def _html_safe(text: str) -> str:
 
 #: A character that begins an escape of another (JSON, URL, HTML; ``+`` a space).
 _ESCAPES = re.compile(r"[\\\\%&+]")
-#: One backslash, or more: a JSON string quoted inside another doubles it.
-_BACKSLASHES = r"\\+"
+#: One backslash, or up to seven more: a JSON string quoted inside another doubles it
+#: (three quotings: eight). Bounded, so a body that is a long run of backslashes costs
+#: a fixed number of steps at each position (``\\+`` retried the whole run at each
+#: position: quadratic, 32 KB took ~50 s). A longer run still has its last eight
+#: backslashes and the escape after them matched: the secret is replaced all the same.
+_MOST = 8
+_BACKSLASHES = rf"\\{{1,{_MOST}}}"
 #: JSON's two-character escapes.
 _SHORT = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t", "/": "/", '"': '"'}
 #: HTML's named references (and the ampersand that begins any reference, itself in any
@@ -83,10 +88,10 @@ _NAMED = {"&": "amp", "<": "lt", ">": "gt", '"': "quot", "'": "apos"}
 _AMP = rf"(?:&|{_BACKSLASHES}u0026|%(?:25)?26)"
 
 
-def _char(char: str) -> str:
+def _char(char: str, *, bare: bool = True) -> str:
     """A regex for one character of a secret in any spelling a server's echo gives it:
-    itself; a JSON / JavaScript escape (``\\u0026``, ``\\x26``, ``\\/``, behind any
-    number of backslashes); URL-encoded (``%26``, twice: ``%2526``; ``+`` for a space);
+    itself; a JSON / JavaScript escape (``\\u0026``, ``\\x26``, ``\\/``, behind one to
+    eight backslashes); URL-encoded (``%26``, twice: ``%2526``; ``+`` for a space);
     an HTML character reference (``&amp;``, ``&#38;``, ``&#x26;``)."""
     code = ord(char)
     alternatives = [re.escape(char)]
@@ -101,7 +106,8 @@ def _char(char: str) -> str:
     if code <= 0xFF:
         alternatives.append(rf"{_BACKSLASHES}x{code:02x}")
     if char == "\\":
-        alternatives.append(_BACKSLASHES)
+        if bare:
+            alternatives.append(_BACKSLASHES)
     elif char in _SHORT:
         alternatives.append(_BACKSLASHES + re.escape(_SHORT[char]))
     alternatives.append("".join(f"%(?:25)?{byte:02x}" for byte in char.encode()))
@@ -113,8 +119,31 @@ def _char(char: str) -> str:
 
 
 def _spelled(secret: str) -> str:
-    """A regex for ``secret`` in every spelling of each of its characters."""
-    return "".join(_char(char) for char in secret)
+    """A regex for ``secret`` in every spelling of each of its characters.
+
+    A run of ``m`` backslashes in the secret is one bounded run of ``m`` to ``8m``
+    backslashes (each escaped up to three times) or each of them in another spelling:
+    ``m`` backslash patterns one after another would retry every split of a long run
+    (exponential in ``m``)."""
+    parts = []
+    for run in re.findall(r"\\+|[^\\]", secret):
+        if run[0] != "\\":
+            parts.append(_char(run))
+            continue
+        size = len(run)
+        each = "".join(_char("\\", bare=False) for _ in run)
+        parts.append(rf"(?:\\{{{size},{_MOST * size}}}|{each})")
+    return "".join(parts)
+
+
+def _guard(secrets: Iterable[str]) -> str:
+    """A lookahead refusing a start deep inside a run of backslashes: no spelling of a
+    secret begins with more than ``8m`` backslashes (``m``: the backslashes the secret
+    itself begins with), so a start further from the end of a run cannot match, and
+    one check there spares every alternative its own try (a body of backslashes costs
+    a few steps a character, not a few hundred)."""
+    leading = max((len(s) - len(s.lstrip("\\")) for s in secrets), default=0)
+    return rf"(?!\\{{{_MOST * max(leading, 1) + 1}}})"
 
 
 class Redactor:
@@ -167,7 +196,10 @@ class Redactor:
                 # Longest first, so a secret that contains another is replaced whole.
                 alternatives = sorted(set(values), key=len, reverse=True)
                 plain = re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
-                spelled = re.compile("|".join(map(_spelled, alternatives)), re.IGNORECASE)
+                spelled = re.compile(
+                    _guard(alternatives) + "(?:" + "|".join(map(_spelled, alternatives)) + ")",
+                    re.IGNORECASE,
+                )
             compiled = self._compiled = (values, plain, spelled)
         if _ESCAPES.search(text) is None:
             return compiled[1]
