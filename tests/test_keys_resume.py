@@ -20,6 +20,7 @@ import pytest
 
 from violet_async import (
     AmbiguousOutcomeError,
+    APITimeoutError,
     BagPendingError,
     OrderRefund,
     PendingRefund,
@@ -87,11 +88,13 @@ async def _settled(call: Awaitable[OrderRefund], again: Any) -> OrderRefund:
     held the ask), the outcome of calling ``again()`` until it is known."""
     try:
         return await call
-    except (AmbiguousOutcomeError, RecordStoreError):
-        # Pending, or "taken over by another process: call again with the same key":
-        # both tell the caller to ask again, which is what a caller does.
+    except (AmbiguousOutcomeError, RecordStoreError, APITimeoutError):
+        # Pending, "taken over by another process: call again with the same key", or a
+        # deadline passed (two callers on one virtual clock: one's waits are instant and
+        # move the other's deadline while it waits on SQLite's thread): each tells the
+        # caller to ask again with the key, which is what a caller does.
         for _ in range(5):
-            with contextlib.suppress(AmbiguousOutcomeError, RecordStoreError):
+            with contextlib.suppress(AmbiguousOutcomeError, RecordStoreError, APITimeoutError):
                 return await again()  # type: ignore[no-any-return]
         raise
 
@@ -392,7 +395,10 @@ async def test_a_keyed_resume_cancelled_at_each_await_then_repeated_refunds_once
         if where == "finished":
             first = await call  # the refund applied: the call returns it
         else:
-            with pytest.raises(asyncio.CancelledError):
+            # Cancelled at the gate; rarely (a loaded machine, SQLite's thread) the call
+            # has already ended pending by then, also a true outcome: what follows holds
+            # either way (one refund, every caller gets it).
+            with pytest.raises((asyncio.CancelledError, AmbiguousOutcomeError)):
                 await call
         paused.gate.set()
         if server.post_gate is not None:
