@@ -204,7 +204,8 @@ async def test_the_worker_that_made_the_refund_runs_the_item_again_after_a_loss(
     assert server.posts == 1
     assert len(server.ours) == 1
     assert (again["state"], again["refund_id"]) == ("applied", first["refund_id"])
-    assert record is not None and record.restored
+    assert record is not None
+    assert record.restored
 
 
 async def test_two_identical_items_keep_their_own_refunds_in_one_worker_after_a_loss(

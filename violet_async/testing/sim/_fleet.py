@@ -116,9 +116,7 @@ async def run_workers(world: Any) -> None:
         if s.ledger_loss is not None and s.loss_same_worker
         else None
     )
-    await _process(
-        world, "w1", jobs, crash.at if crash else None, s.worker_dies, again_at=again_at
-    )
+    await _process(world, "w1", jobs, crash.at if crash else None, s.worker_dies, again_at=again_at)
     await _process(world, "w2", jobs, None, 0, twice=s.resume_twice)
     await world.quiesce()
     for n in range(3):
