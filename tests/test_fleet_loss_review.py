@@ -238,3 +238,26 @@ def test_the_simulators_seed_of_the_same_worker_after_a_loss_holds() -> None:
     result = simulate(28, mode="worker", kinds={"redis_loss"})
     assert result.schedule.loss_same_worker
     assert result.ok, result.report()
+
+
+async def test_a_refund_that_moved_no_money_is_not_claimed_again_after_a_loss(
+    redis: Redis,
+) -> None:
+    """The item's refund came back FAILED (no money moved: the item failed). After
+    Redis lost the ledger the same worker runs the job again: that refund is not the
+    item's outcome to claim again (it would park the item for review); the run asks
+    anew, as a fresh worker does, and the refund applies once."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, answer={"status": "FAILED"}), Step(200)])
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, redis)
+        await worker.ledger.register(KEY, ITEM)
+        first = await _until_done(worker, clock)
+        assert (first["state"], first["error"]) == ("failed", "RefundFailedError")
+        server.refunds[0]["status"] = "FAILED"  # the list says so too
+        await redis.flushall()  # Redis restarted with nothing
+        clock.advance(3600.0)
+        again = await _until_done(worker, clock)
+    assert server.posts == 2
+    assert again["state"] == "applied"
+    assert again["refund_id"] == server.ours[1]

@@ -1013,8 +1013,15 @@ class Engine:
         try:
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
-            if item is not None and (claimed := shared.known_refunds.claimed(item)):
-                return claimed  # this item's refund, handed out here before: no request
+            if (
+                item is not None
+                and (claimed := shared.known_refunds.claimed(item))
+                and claimed.status is not RefundStatus.FAILED
+                and claimed.status is not RefundStatus.CANCELED
+            ):
+                # This item's refund, handed out here before: no request. (One that
+                # moved no money ended the item failed: a run again may ask anew.)
+                return claimed
             if resume is not None:
                 if claimed := shared.known_refunds.claimed(resume.ask_id):
                     return claimed  # this ask's refund, handed out here before: no request
