@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 
@@ -19,11 +20,14 @@ if not os.environ.get("CI"):
 from redis.asyncio import Redis
 
 from tests import _fleet_redis
+from violet_async import VioletClient
+from violet_async.batch import BatchItem
 from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError
+from violet_async.fleet._ledger import keyed_items
 from violet_async.testing import FakeClock
 from violet_async.testing.sim import WORLD_KINDS, simulate
 
-from .hostile import BAG_ID, Hostile, Step, hostile_client
+from .hostile import APP_ID, BAG_ID, SECRET, Hostile, Step, hostile_client, serve
 from .test_issue24_fleet import ITEM, KEY, ROOMY, TIMEOUTS, _until_done
 
 redis_url = _fleet_redis.redis_url
@@ -49,6 +53,20 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
+def _client(url: str, clock: FakeClock) -> VioletClient:
+    """A worker process's own client of ``url`` (its own known refunds)."""
+    return VioletClient(
+        APP_ID,
+        SECRET,
+        username="hostile-user",
+        password="hostile-password-0123",
+        base_url=url,
+        clock=clock,
+        retry=ROOMY,
+        timeouts=TIMEOUTS,
+    )
+
+
 def _worker(client: Any, redis: Redis) -> FleetWorker:
     return FleetWorker(client, RedisLedger(redis), BagLocks(redis, ttl=1.0, poll=0.02))
 
@@ -61,21 +79,28 @@ async def test_a_refusal_after_the_ledger_was_lost_is_review_not_failed(
     copy. The bag's list comes from a replica far behind, so the read before the send
     does not show the refund, and the send is refused (400: the bag is refunded). That
     refusal proves nothing about the send before the loss: review, nothing more sent.
-    Without the loss the same refusal of a first send is a definite failure."""
+    Without the loss the same refusal of a first send is a definite failure. (The job
+    is taken by another worker process: the one that made the refund still knows it as
+    the item's, and records it again with no request.)"""
     clock = FakeClock()
     script = [Step(400, body=REFUSED, commit_after=None)]
     if lost:
         script.insert(0, Step(200))
     server = Hostile(clock, script=script, replica_behind=10_000.0)
-    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
-        worker = _worker(client, redis)
-        await worker.ledger.register(KEY, ITEM)  # the producer enqueued it
+    async with serve(server) as url:
         if lost:
-            first = await _until_done(worker, clock)
-            assert first["state"] == "applied"
+            async with _client(url, clock) as before:
+                worker = _worker(before, redis)
+                await worker.ledger.register(KEY, ITEM)  # the producer enqueued it
+                first = await _until_done(worker, clock)
+                assert first["state"] == "applied"
             await redis.flushall()  # Redis restarted with nothing
-        result = await _until_done(worker, clock)
-        record = await worker.ledger.get(KEY)
+        async with _client(url, clock) as client:
+            worker = _worker(client, redis)
+            if not lost:
+                await worker.ledger.register(KEY, ITEM)  # the producer enqueued it
+            result = await _until_done(worker, clock)
+            record = await worker.ledger.get(KEY)
     assert record is not None
     assert server.posts == (2 if lost else 1)
     assert len(server.ours) == (1 if lost else 0)
@@ -142,3 +167,97 @@ def test_the_simulators_seed_of_a_loss_mid_run_holds() -> None:
     result = simulate(700179, mode="worker", kinds=set(WORLD_KINDS))
     assert result.ok, result.report()
     assert sum(result.outcomes.values()) == len(result.schedule.asks)
+
+
+async def _until_done_item(
+    worker: FleetWorker, clock: FakeClock, key: str, item: BatchItem
+) -> dict[str, Any]:
+    """Run ``item`` as arq would: again after each hand-back's defer (virtual time)."""
+    for _ in range(10):
+        try:
+            return await worker.run(key, item, worker.ledger.sign(key, item))
+        except RetryLaterError as exc:
+            clock.advance(exc.defer)
+    raise AssertionError("the item did not end in 10 runs")
+
+
+@pytest.mark.parametrize("behind", [0.0, 10_000.0], ids=["list current", "replica far behind"])
+async def test_the_worker_that_made_the_refund_runs_the_item_again_after_a_loss(
+    redis: Redis, behind: float
+) -> None:
+    """The item applied (200, refund A) in a worker; Redis restarted empty; the job,
+    enqueued again, is taken by the same worker an hour later. Its client knows A as
+    the item's own (every run of one item is one owner), so it records A again, with
+    no request, whether or not the bag's list shows A yet. It used to take A for
+    another call's refund (handed to the item's first ask) and send a second 3.00."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200), Step(200)], replica_behind=behind)
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, redis)
+        await worker.ledger.register(KEY, ITEM)
+        first = await _until_done(worker, clock)
+        assert first["state"] == "applied"
+        await redis.flushall()  # Redis restarted with nothing
+        clock.advance(3600.0)
+        again = await _until_done(worker, clock)
+        record = await worker.ledger.get(KEY)
+    assert server.posts == 1
+    assert len(server.ours) == 1
+    assert (again["state"], again["refund_id"]) == ("applied", first["refund_id"])
+    assert record is not None
+    assert record.restored
+
+
+async def test_two_identical_items_keep_their_own_refunds_in_one_worker_after_a_loss(
+    redis: Redis,
+) -> None:
+    """Two identical rows of one file are two items (occurrence 0 and 1), each with its
+    own refund (A, B) from one worker. After Redis lost the ledger the same worker runs
+    both again: each gets its own refund back (never the other's), and nothing is sent."""
+    clock = FakeClock()
+    server = Hostile(clock, total=10_000, script=[Step(200), Step(200), Step(200)])
+    items = list(keyed_items([ITEM, attrs.evolve(ITEM, line=2)]))
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, redis)
+        for key, item in items:
+            await worker.ledger.register(key, item)
+        made = [(await _until_done_item(worker, clock, *pair))["refund_id"] for pair in items]
+        assert server.posts == 2
+        assert len(set(made)) == 2
+        await redis.flushall()  # Redis restarted with nothing
+        clock.advance(3600.0)
+        again = [(await _until_done_item(worker, clock, *pair))["refund_id"] for pair in items]
+    assert server.posts == 2
+    assert again == made
+
+
+def test_the_simulators_seed_of_the_same_worker_after_a_loss_holds() -> None:
+    """Seed 28 (``redis_loss``, worker mode, ``loss_same_worker``): the first worker took
+    the jobs again after the loss, and sent a second refund for an item it had applied.
+    The simulator reaches it since it runs finished jobs again on the same worker."""
+    result = simulate(28, mode="worker", kinds={"redis_loss"})
+    assert result.schedule.loss_same_worker
+    assert result.ok, result.report()
+
+
+async def test_a_refund_that_moved_no_money_is_not_claimed_again_after_a_loss(
+    redis: Redis,
+) -> None:
+    """The item's refund came back FAILED (no money moved: the item failed). After
+    Redis lost the ledger the same worker runs the job again: that refund is not the
+    item's outcome to claim again (it would park the item for review); the run asks
+    anew, as a fresh worker does, and the refund applies once."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, answer={"status": "FAILED"}), Step(200)])
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = _worker(client, redis)
+        await worker.ledger.register(KEY, ITEM)
+        first = await _until_done(worker, clock)
+        assert (first["state"], first["error"]) == ("failed", "RefundFailedError")
+        server.refunds[0]["status"] = "FAILED"  # the list says so too
+        await redis.flushall()  # Redis restarted with nothing
+        clock.advance(3600.0)
+        again = await _until_done(worker, clock)
+    assert server.posts == 2
+    assert again["state"] == "applied"
+    assert again["refund_id"] == server.ours[1]

@@ -1027,6 +1027,7 @@ class Engine:
         defer_rate_limited: bool = False,
         deadline_at: float | _Unset | None = UNSET,
         key: str | None = None,
+        item: str | None = None,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -1039,7 +1040,11 @@ class Engine:
         own). ``deadline_at``: the call's (monotonic) when it began before this (a keyed
         call that waited for another caller of its key); default: the policy's deadline
         from now. ``key``: the caller's idempotency key, carried by every record of
-        the ask (so a pending one handed out is resumed through the key's record)."""
+        the ask (so a pending one handed out is resumed through the key's record).
+        ``item``: the caller's own name of the item this ask is for (a fleet item's
+        key): the refunds this client handed to it are its own whichever ask of it got
+        them, so an item run again as a new ask (its record lost) gets its refund
+        again, with no request, and never takes it for another call's."""
         io = self._io
         path = io._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
         shared = self._shared
@@ -1058,6 +1063,15 @@ class Engine:
         try:
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
+            if (
+                item is not None
+                and (claimed := shared.known_refunds.claimed(item))
+                and claimed.status is not RefundStatus.FAILED
+                and claimed.status is not RefundStatus.CANCELED
+            ):
+                # This item's refund, handed out here before: no request. (One that
+                # moved no money ended the item failed: a run again may ask anew.)
+                return claimed
             if resume is not None:
                 if claimed := shared.known_refunds.claimed(resume.ask_id):
                     return claimed  # this ask's refund, handed out here before: no request
@@ -1127,7 +1141,7 @@ class Engine:
                         settings=settings,
                         clock=clock,
                         deadline=deadline,
-                        known=shared.known_refunds.besides(owner := ask.ask_id),
+                        known=shared.known_refunds.besides(owner := item or ask.ask_id),
                         save=tracker.save,
                         sent_mono=sent_mono,
                     )
@@ -1140,7 +1154,7 @@ class Engine:
                 ask = resume or PendingRefund(
                     kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key
                 )
-                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse)
+                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse, item)
                 tracker = SendTracker(resume, persist=save)
                 timeouts = io._timeouts
                 refund = await run_ask(
@@ -1192,6 +1206,7 @@ class Engine:
         patience: float | None = None,
         hold_if_present: bool = False,
         defer_rate_limited: bool = False,
+        item: str | None = None,
     ) -> Ended:
         """:meth:`drive` to its end, as one :class:`Ended` (what the batch runner and
         the fleet worker record): a refund (one that moved no money, FAILED or
@@ -1199,7 +1214,8 @@ class Engine:
         :func:`outcome_of`.
 
         Errors of the driver's own save (``passes``: a journal that cannot be written),
-        a cancellation, and anything that is not an ask's outcome go on as raised."""
+        a cancellation, and anything that is not an ask's outcome go on as raised.
+        ``item``: as for :meth:`drive`."""
         try:
             refund = await self.drive(
                 kind,
@@ -1211,6 +1227,7 @@ class Engine:
                 patience=patience,
                 hold_if_present=hold_if_present,
                 defer_rate_limited=defer_rate_limited,
+                item=item,
             )
             refund = unless_failed(refund, kind)
         except (RateLimitDeferred, VioletError) as exc:
@@ -1257,13 +1274,14 @@ class Engine:
 
 
 def _as_owner(
-    ask: PendingRefund, known: KnownRefunds, answer: AnswerCheck
+    ask: PendingRefund, known: KnownRefunds, answer: AnswerCheck, item: str | None = None
 ) -> tuple[PendingRefund, Container[int], str]:
     """``ask`` with the refunds other calls got on its bag (never its own), the known
-    refunds it may not claim, and its identity. The refunds it already got (a resume
-    delivered twice) are its own to claim again; every other known one is another
-    call's, and an answer naming one is not this ask's."""
-    owner = ask.ask_id
+    refunds it may not claim, and its identity (``item``, the caller's item the ask is
+    for, when it names one: every ask of one item is one owner). The refunds it already
+    got (a resume delivered twice, an item run again) are its own to claim again; every
+    other known one is another call's, and an answer naming one is not this ask's."""
+    owner = item or ask.ask_id
     answer.known = mine = known.besides(owner)
     others = known.on_bag(ask.bag_id, besides=owner)
     own = known.owned_by(owner)

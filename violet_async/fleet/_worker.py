@@ -295,6 +295,10 @@ class FleetWorker:
                 patience=self.patience,
                 hold_if_present=True,
                 defer_rate_limited=self.pace is not None,
+                # Every run of the item (of this ledger) is one owner of its refunds in
+                # this client: a run again from the job's copy (the ledger lost) gets
+                # its refund back.
+                item=self.ledger.record_key(key),
             )
         )
         lost = asyncio.ensure_future(held.lost.wait())

@@ -109,7 +109,14 @@ async def run_workers(world: Any) -> None:
 
         world.loop.call_later(s.ledger_loss, lose)
     crash = s.crashes[0] if s.crashes else None
-    await _process(world, "w1", jobs, crash.at if crash else None, s.worker_dies)
+    # After a loss the file is enqueued again (docs/fleet.md), and the first worker,
+    # the one that made the refunds, may take the jobs it finished before the loss.
+    again_at = (
+        world.loop.time() + s.ledger_loss
+        if s.ledger_loss is not None and s.loss_same_worker
+        else None
+    )
+    await _process(world, "w1", jobs, crash.at if crash else None, s.worker_dies, again_at=again_at)
     await _process(world, "w2", jobs, None, 0, twice=s.resume_twice)
     await world.quiesce()
     for n in range(3):
@@ -131,10 +138,14 @@ async def _process(  # noqa: PLR0915 - one worker process, its jobs and its deat
     dies_after: int,
     *,
     twice: bool = False,
+    again_at: float | None = None,
 ) -> None:
     """One worker process: a ``FleetWorker`` on its own connection and client, running
     ``jobs`` at once; it dies at ``crash_at`` or right after the ``dies_after``-th write
-    to an item's record (its requests in flight cut, its lock left to expire)."""
+    to an item's record (its requests in flight cut, its lock left to expire).
+    ``again_at``: the (loop) time the ledger is lost; a job this process finished before
+    it runs once more here after it (the file enqueued again, taken by the same worker,
+    whose client still knows the refunds it made)."""
     from ...fleet._ledger import LedgerHeldError, LedgerLostError, RedisLedger  # noqa: PLC0415
     from ...fleet._lock import BagLocks  # noqa: PLC0415
     from ...fleet._worker import FleetWorker, RetryLaterError  # noqa: PLC0415
@@ -167,6 +178,13 @@ async def _process(  # noqa: PLR0915 - one worker process, its jobs and its deat
 
     async def job(label: str, key: str, item: BatchItem, signature: str) -> None:
         ASK_LABEL.set(label)
+        await run_job(label, key, item, signature)
+        if again_at is not None and world.loop.time() < again_at:
+            await asyncio.sleep(again_at - world.loop.time() + 1.0)
+            world.note(f"{name} {label}: the job enqueued again after the loss, same worker")
+            await run_job(label, key, item, signature)
+
+    async def run_job(label: str, key: str, item: BatchItem, signature: str) -> None:
         for _ in range(JOB_REPEATS):
             if (
                 fleet.lost_at is not None

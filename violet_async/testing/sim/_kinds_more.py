@@ -31,7 +31,9 @@ hooks below; everything a kind does at run time lives here.
   written at first use (a new fleet: no hold), a record of a send refused when the
   epoch is gone or replaced, a new epoch holding every send for ``settle_running +
   connect + read``, jobs run again from their signed copies with ``read_before_send``
-  and ``hold_if_present``.
+  and ``hold_if_present``. In half the seeds (``loss_same_worker``) the first worker
+  also runs again, after the loss, the jobs it finished before it: its client still
+  knows the refunds it made for them.
 - ``worker_dies`` (worker mode): the first worker dies right after the n-th write to
   an item's record (before the next; n drawn over the first writes of the run), its
   requests in flight cut and its bag locks left to expire; every job is delivered again
@@ -147,6 +149,9 @@ def draw(  # noqa: PLR0917 - one call site
         rng = random.Random(f"redis_loss:{seed}")
         loss = rng.choice((0.5, 2.0, rng.uniform(0.0, 30.0), rng.uniform(30.0, 120.0)))
         changes["ledger_loss"] = round(loss, 3)
+        # The file enqueued again after the loss reaches the worker that made the
+        # refunds (its client still knows them) in half the seeds.
+        changes["loss_same_worker"] = rng.random() < 0.5
     return changes
 
 

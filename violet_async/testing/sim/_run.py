@@ -259,6 +259,9 @@ class Schedule:
     """Virtual seconds into the worker run when the ledger loses everything."""
     keyed_resume: bool = False
     """The first process resumes a keyed call's pending record (``_kinds_answers``)."""
+    loss_same_worker: bool = False
+    """After the loss, the first worker runs again the jobs it finished before it (the
+    file enqueued again, taken by the worker whose client made those refunds)."""
 
     def fault_count(self) -> int:
         return (
@@ -325,7 +328,7 @@ class Schedule:
             f"merchant_ids_known={self.merchant_ids_known} "
             f"second_callers={list(self.second_callers) or '-'} "
             f"shared_store={self.shared_store or '-'} worker_dies={self.worker_dies} "
-            f"ledger_loss={self.ledger_loss}\n"
+            f"ledger_loss={self.ledger_loss} loss_same_worker={self.loss_same_worker}\n"
             f"world: listed_without_skus={self.listed_without_skus} "
             f"dead_refunds={list(self.dead_refunds) or '-'}"
         )
@@ -1486,6 +1489,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "worker_dies": 0,
             "ledger_loss": None,
             "keyed_resume": False,
+            "loss_same_worker": False,
         }
         for name, plain in quirks.items():
             if getattr(s, name) != plain:
