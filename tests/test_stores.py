@@ -52,6 +52,17 @@ def _refund() -> OrderRefund:
     return structure(refund_body(), OrderRefund, body=b"", status=200, method="", path="")
 
 
+class Steady:
+    """A monotonic clock the test sets (the stores count retention on it and on the
+    wall clock their calls pass, at once)."""
+
+    def __init__(self, at: float = NOW) -> None:
+        self.at = at
+
+    def monotonic(self) -> float:
+        return self.at
+
+
 def _fresh(owner: str = "me", amount: int = 300) -> KeyEntry:
     return KeyEntry("k", _ask(amount), owner=owner, lease_until=NOW + 30)
 
@@ -144,7 +155,8 @@ async def test_memory_store_never_drops_a_finished_key_before_its_retention_ends
     its refund again). Full of finished keys within retention, the store refuses a NEW
     key (fail closed, a typed error naming max_finished); stored keys still answer, and
     a key is accepted again once one has passed its retention."""
-    store = MemoryStore(retention=10, max_finished=2)
+    steady = Steady()
+    store = MemoryStore(retention=10, max_finished=2, monotonic=steady.monotonic)
     for n in range(2):
         await store.claim(attrs.evolve(_fresh(), key=f"f{n}"), NOW)
         await store.save(KeyEntry(f"f{n}", _ask(phase=Phase.FAILED), finished_at=NOW + n), "me")
@@ -154,9 +166,11 @@ async def test_memory_store_never_drops_a_finished_key_before_its_retention_ends
     assert await store.load("new") is None
     assert await store.load("f0") is not None  # within retention: kept
     # f0 passes its retention: it goes, and a new key fits again.
+    steady.at = NOW + 10
     assert (await store.claim(attrs.evolve(_fresh(), key="open"), NOW + 10))[0] is Claim.OWNED
     assert await store.load("f0") is None
     assert await store.load("f1") is not None
+    steady.at = NOW + 100
     await store.claim(attrs.evolve(_fresh(), key="x"), NOW + 100)
     assert await store.load("f1") is None  # past retention
     assert await store.load("open") is not None  # never finished: kept
@@ -190,11 +204,13 @@ async def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
 async def test_sqlite_sweeps_finished_keys_past_retention(tmp_path: Path) -> None:
     """A finished key past retention is deleted by a later claim; a repeat then starts
     a fresh ask."""
-    async with SQLiteStore(tmp_path / "k.db", retention=10) as store:
+    steady = Steady()
+    async with SQLiteStore(tmp_path / "k.db", retention=10, monotonic=steady.monotonic) as store:
         await store.claim(_fresh(), NOW)
         done = KeyEntry("k", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
         assert await store.save(done, "me")
         assert (await store.claim(_fresh(), NOW + 5))[0] is Claim.FINISHED
+        steady.at = NOW + 100
         await store.claim(attrs.evolve(_fresh(), key="sweep"), NOW + 100)
         assert await store.load("k") is None
 
@@ -382,31 +398,36 @@ _unused(SQLiteStore("never-opened.db"))
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
-async def test_a_finished_key_past_retention_still_answers_its_own_request(
-    kind: str, tmp_path: Any
-) -> None:
-    """The wall clock steps forward past the retention (two +15 h NTP steps): the sweep
-    that runs on the next claim never drops the key being claimed, so the same request
-    under the key gets its refund again, sending nothing (simulator seed 606320: a
-    second refund before). Another key past retention is swept as before."""
+async def test_a_wall_clock_stepped_past_retention_sweeps_nothing(kind: str, tmp_path: Any) -> None:
+    """The wall clock steps forward past the retention (two +15 h NTP steps, simulator
+    seed 606320) while no real time passes: no finished key is swept, by this claim or
+    any other's, so the same request under a key gets its refund again, sending
+    nothing. Once retention has passed on the monotonic clock too, finished keys go,
+    except the one being claimed (its own request answers however old)."""
+    steady = Steady()
     store: Any = (
-        MemoryStore(retention=60)
+        MemoryStore(retention=60, monotonic=steady.monotonic)
         if kind == "memory"
-        else SQLiteStore(tmp_path / "k.db", retention=60)
+        else SQLiteStore(tmp_path / "k.db", retention=60, monotonic=steady.monotonic)
     )
     try:
         applied = KeyEntry("k", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
         gone = KeyEntry("g", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
         for entry in (applied, gone):
             mine = KeyEntry(entry.key, _ask(), owner="me", lease_until=NOW + 30)
-            claim, _ = await store.claim(mine, NOW - 1)
+            claim, _ = await store.claim(mine, NOW)
             assert claim is Claim.OWNED
             assert await store.save(entry, "me")
-        later = NOW + 30 * 3_600.0
-        claim, entry = await store.claim(_fresh(), later)
+        stepped = NOW + 30 * 3_600.0
+        other = KeyEntry("o", _ask(), owner="me", lease_until=stepped + 30)
+        assert (await store.claim(other, stepped))[0] is Claim.OWNED  # another key first
+        claim, entry = await store.claim(_fresh(), stepped + 60)
         assert claim is Claim.FINISHED
         assert entry.refund == applied.refund
-        assert await store.load("g") is None  # swept: past retention, not claimed
-        assert await store.load("k") is not None
+        assert await store.load("g") is not None  # nothing swept on a stepped clock
+        steady.at = NOW + 120  # real time passes the retention too
+        claim, entry = await store.claim(_fresh(), stepped + 120)
+        assert claim is Claim.FINISHED  # the claimed key: its own request, however old
+        assert await store.load("g") is None  # swept now
     finally:
         await store.aclose()

@@ -11,6 +11,8 @@ disagree on the rule.
 from __future__ import annotations
 
 import enum
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -193,6 +195,29 @@ def decide(
         return Claim.BUSY, current, None
     taken = attrs.evolve(current, owner=fresh.owner, lease_until=fresh.lease_until)
     return Claim.OWNED, taken, taken
+
+
+class SweepClock:
+    """When a store may drop finished keys: retention counted on the wall clock the
+    calls pass (``now``, shared by processes) and on this process's monotonic clock at
+    once. The wall clock steps (NTP, an operator): a step forward past the retention
+    would make every finished key look old and the next sweep would drop them all, and
+    the same request under a dropped key would be sent again. The cutoff is the earlier
+    of the two readings, so a step forward never sweeps; a step back only delays it.
+    ``monotonic``: the clock (default ``time.monotonic``; a test's ``FakeClock.monotonic``)."""
+
+    def __init__(self, monotonic: Callable[[], float] | None = None) -> None:
+        self._monotonic = monotonic or time.monotonic
+        self._ref: tuple[float, float] | None = None
+
+    def cutoff(self, now: float, retention: float) -> float:
+        """Finished keys ending at or before this may be dropped."""
+        mono = self._monotonic()
+        if self._ref is None:
+            self._ref = (now, mono)
+        wall, at = self._ref
+        steady = wall + (mono - at)
+        return min(now, steady) - retention
 
 
 def check_seconds(name: str, value: float) -> None:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import attrs
 
 from ..exceptions import RecordStoreError
-from ._base import DEFAULT_LEASE, DEFAULT_RETENTION, Claim, KeyEntry, check_seconds, decide
+from ._base import (
+    DEFAULT_LEASE,
+    DEFAULT_RETENTION,
+    Claim,
+    KeyEntry,
+    SweepClock,
+    check_seconds,
+    decide,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -23,7 +32,9 @@ class MemoryStore:
     ``max_finished`` bounds how many finished keys within their retention are kept at
     once, and a call with a **new** key while that many are kept fails closed with
     ``RecordStoreError`` (nothing sent); keys already stored still answer. Raise it,
-    shorten ``retention``, or use :class:`SQLiteStore` for more.
+    shorten ``retention``, or use :class:`SQLiteStore` for more. Retention is counted
+    on the wall clock and on this process's monotonic clock at once (``monotonic``:
+    default ``time.monotonic``), so a wall clock stepped forward never drops keys early.
     """
 
     def __init__(
@@ -32,12 +43,14 @@ class MemoryStore:
         retention: float = DEFAULT_RETENTION,
         max_finished: int = 100_000,
         lease: float = DEFAULT_LEASE,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         check_seconds("retention", retention)
         check_seconds("lease", lease)
         self.retention = retention
         self.lease = lease
         self._max_finished = max_finished
+        self._sweep = SweepClock(monotonic)
         self._entries: dict[str, KeyEntry] = {}
         # (finished_at, key) of finished entries, oldest first (lazily cleaned).
         self._finished: list[tuple[float, str]] = []
@@ -108,7 +121,8 @@ class MemoryStore:
     def _prune(self, now: float) -> None:
         """Drop finished entries past retention (never one within it)."""
         heap = self._finished
-        while heap and heap[0][0] + self.retention <= now:
+        cutoff = self._sweep.cutoff(now, self.retention)
+        while heap and heap[0][0] <= cutoff:
             finished_at, key = heapq.heappop(heap)
             entry = self._entries.get(key)
             if entry is not None and entry.finished_at == finished_at:

@@ -14,7 +14,15 @@ from typing import TypeVar
 import attrs
 
 from .._files import open_owned
-from ._base import DEFAULT_LEASE, DEFAULT_RETENTION, Claim, KeyEntry, check_seconds, decide
+from ._base import (
+    DEFAULT_LEASE,
+    DEFAULT_RETENTION,
+    Claim,
+    KeyEntry,
+    SweepClock,
+    check_seconds,
+    decide,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -53,6 +61,9 @@ class SQLiteStore:
     ``retention``: seconds a finished key is kept (default 24 h). ``lease``: seconds a
     process owns a key it stopped renewing (default 30; a live call renews it every
     third of that). ``timeout``: seconds to wait for another process's write lock.
+    Retention is counted on the wall clock and on this process's monotonic clock at
+    once (``monotonic``: default ``time.monotonic``): a wall clock stepped forward
+    never sweeps keys early.
     Close it with :meth:`aclose` (or ``async with``) when done.
     """
 
@@ -63,6 +74,7 @@ class SQLiteStore:
         retention: float = DEFAULT_RETENTION,
         lease: float = DEFAULT_LEASE,
         timeout: float = 10.0,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         check_seconds("retention", retention)
         check_seconds("lease", lease)
@@ -75,6 +87,7 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._swept_at = float("-inf")
+        self._sweep = SweepClock(monotonic)
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r}>"
@@ -184,7 +197,7 @@ class SQLiteStore:
                 conn.execute(
                     "DELETE FROM violet_keys WHERE finished_at IS NOT NULL"
                     " AND finished_at <= ? AND key != ?",
-                    (now - self.retention, fresh.key),
+                    (self._sweep.cutoff(now, self.retention), fresh.key),
                 )
                 self._swept_at = now
             current = _read(conn, fresh.key)
