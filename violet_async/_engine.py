@@ -609,7 +609,7 @@ class KeyedAsks:
             returned = self._returned.get(key)
             if returned is not None:
                 _same_ask(pending, returned[0])
-                _key_ask(pending, returned[0])
+                _key_ask(pending, returned[0], returned[1])
                 return _not_another(pending, returned[1])
             flight = self._flights[key] = _Flight(pending)
             try:
@@ -651,7 +651,7 @@ class KeyedAsks:
                     raise _resume_store_error(
                         pending, "reading", ValueError("its refund is of another bag or order")
                     )
-                _key_ask(pending, entry.ask)
+                _key_ask(pending, entry.ask, entry.refund)
                 return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
                 try:
@@ -771,23 +771,38 @@ def _same_ask(pending: PendingRefund, stored: PendingRefund) -> None:
         raise _other_request(pending)
 
 
-def _key_ask(pending: PendingRefund, stored: PendingRefund) -> None:
+def _key_ask(
+    pending: PendingRefund, stored: PendingRefund, refund: OrderRefund | None = None
+) -> None:
     """Refuse a keyed record that is not its key's own ask: the key's entry holds a
     record (sent, pending or finished) of another ``ask_id`` (a record file edited to
     name another call's key, or written by someone else). Resuming through that entry
     would hand this record the other call's refund (a false success, its own refund
     lost track of) or drive the other ask: nothing is read or sent for it. A key's
-    record never sent (NEW) holds no ask yet: the caller's record is resumed."""
+    record never sent (NEW) holds no ask yet: the caller's record is resumed.
+
+    One case is the key's own call all the same: the key's entry FINISHED (``refund``
+    given: its ask applied) for this record's very request (the callers checked it), and
+    this record does not name that refund as another call's (``others``). A keyed call
+    that ended pending and whose key was then called again (its ask taken over, failed
+    for good, and a new ask of the key applied) is such a record: the key's money moved
+    once, as ``refund``, and a refusal here (a definite failure to every driver) would
+    have an app refund again. A record edited to name another call's key of the same
+    request lists that call's refund in ``others`` whenever it existed before the
+    record's ask was sent (its baseline read saw it), and is refused."""
     if pending.idempotency_key is None or stored.phase is Phase.NEW:
         return
-    if stored.ask_id != pending.ask_id:
-        raise RequestValidationError(
-            "pending.idempotency_key",
-            f"{pending.idempotency_key!r} is the key of another ask (ask_id "
-            f"{stored.ask_id!r}, not this record's {pending.ask_id!r}): this record is "
-            "not that key's call; it is neither resumed through the key nor sent. Resume "
-            "it with the key its call was made with",
-        )
+    if stored.ask_id == pending.ask_id:
+        return
+    if refund is not None and stored.phase is Phase.APPLIED and refund.id not in pending.others:
+        return
+    raise RequestValidationError(
+        "pending.idempotency_key",
+        f"{pending.idempotency_key!r} is the key of another ask (ask_id "
+        f"{stored.ask_id!r}, not this record's {pending.ask_id!r}): this record is "
+        "not that key's call; it is neither resumed through the key nor sent. Resume "
+        "it with the key its call was made with",
+    )
 
 
 def _not_another(pending: PendingRefund, refund: OrderRefund) -> OrderRefund:
