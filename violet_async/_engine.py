@@ -337,7 +337,10 @@ class KeyedAsks:
         # Refunds this process returned under a key, so a repeat here never depends on
         # the store's last write (which may have failed or been cut by a cancel): a
         # resume here would not claim a refund this process already handed out.
-        self._returned: OrderedDict[str, tuple[PendingRefund, OrderRefund]] = OrderedDict()
+        # With the key's lineage (the earlier asks its entry held: ``KeyEntry.lineage``).
+        self._returned: OrderedDict[str, tuple[PendingRefund, OrderRefund, tuple[str, ...]]] = (
+            OrderedDict()
+        )
         self._settled: OrderedDict[tuple[Any, ...], OrderRefund] = OrderedDict()
         self._remember = remember
 
@@ -502,6 +505,7 @@ class KeyedAsks:
                 lease_until=None if final else lease_until,
                 finished_at=now if ask.phase is Phase.FAILED else None,
                 scope=self.scope,
+                lineage=entry.lineage,
             )
             try:
                 saved = await store.save(record, owner)
@@ -552,7 +556,7 @@ class KeyedAsks:
             # the pending record) and handed its refund out: a resume here could not
             # claim it again and would, after the settle window, send a second one.
             heartbeat.cancel()
-            return await self._finish(key, resume, settled)
+            return await self._finish(key, resume, settled, entry.lineage)
         try:
             refund = await ask_fn(
                 entry.ask.kind,
@@ -566,15 +570,15 @@ class KeyedAsks:
                 key=bare,
             )
         except NotSent as stopped:
-            await self._release(key, latest)
+            await self._release(key, latest, entry.lineage)
             raise stopped.error from None
         except Exception:
             if not released:
-                await self._release(key, latest)
+                await self._release(key, latest, entry.lineage)
             raise
         finally:
             heartbeat.cancel()
-        return await self._finish(key, latest, refund)
+        return await self._finish(key, latest, refund, entry.lineage)
 
     async def resume(
         self, ask_fn: AskFn, pending: PendingRefund, deadline: float | None
@@ -609,7 +613,7 @@ class KeyedAsks:
             returned = self._returned.get(key)
             if returned is not None:
                 _same_ask(pending, returned[0])
-                _key_ask(pending, returned[0])
+                _key_ask(pending, returned[0], returned[1], returned[2])
                 return _not_another(pending, returned[1])
             flight = self._flights[key] = _Flight(pending)
             try:
@@ -651,7 +655,7 @@ class KeyedAsks:
                     raise _resume_store_error(
                         pending, "reading", ValueError("its refund is of another bag or order")
                     )
-                _key_ask(pending, entry.ask)
+                _key_ask(pending, entry.ask, entry.refund, entry.lineage)
                 return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
                 try:
@@ -703,12 +707,21 @@ class KeyedAsks:
             recorded = (resume.last_sent_at or now) + self._in_flight
         return attrs.evolve(resume, settle_until=max(recorded, now + self._in_flight))
 
-    async def _finish(self, key: str, ask: PendingRefund, refund: OrderRefund) -> OrderRefund:
+    async def _finish(
+        self, key: str, ask: PendingRefund, refund: OrderRefund, lineage: tuple[str, ...]
+    ) -> OrderRefund:
         """Record the refund under the key: here first (no await), then in the store."""
         if ask.phase is not Phase.APPLIED:
             ask = attrs.evolve(ask, phase=Phase.APPLIED, refund_id=refund.id)
-        _bounded_put(self._returned, key, (ask, refund), self._remember)
-        done = KeyEntry(key, ask, refund=refund, finished_at=self._clock.time(), scope=self.scope)
+        _bounded_put(self._returned, key, (ask, refund, lineage), self._remember)
+        done = KeyEntry(
+            key,
+            ask,
+            refund=refund,
+            finished_at=self._clock.time(),
+            scope=self.scope,
+            lineage=lineage,
+        )
         write = asyncio.ensure_future(self.store.save(done, self.owner))
         try:
             # Shielded: a cancel now must not cut the write that ends the key.
@@ -729,10 +742,11 @@ class KeyedAsks:
         key holds the same ask, its next call returns this refund."""
         _bounded_put(self._settled, _identity(ask), refund, self._remember)
 
-    async def _release(self, key: str, latest: PendingRefund) -> None:
+    async def _release(self, key: str, latest: PendingRefund, lineage: tuple[str, ...]) -> None:
         """Give the key back (nobody owns it; the next call resumes or starts it)."""
         try:
-            await self.store.save(KeyEntry(key, latest, scope=self.scope), self.owner)
+            entry = KeyEntry(key, latest, scope=self.scope, lineage=lineage)
+            await self.store.save(entry, self.owner)
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not release key %r: %s", key, exc)
 
@@ -771,23 +785,47 @@ def _same_ask(pending: PendingRefund, stored: PendingRefund) -> None:
         raise _other_request(pending)
 
 
-def _key_ask(pending: PendingRefund, stored: PendingRefund) -> None:
+def _key_ask(
+    pending: PendingRefund,
+    stored: PendingRefund,
+    refund: OrderRefund | None = None,
+    lineage: tuple[str, ...] = (),
+) -> None:
     """Refuse a keyed record that is not its key's own ask: the key's entry holds a
     record (sent, pending or finished) of another ``ask_id`` (a record file edited to
     name another call's key, or written by someone else). Resuming through that entry
     would hand this record the other call's refund (a false success, its own refund
     lost track of) or drive the other ask: nothing is read or sent for it. A key's
-    record never sent (NEW) holds no ask yet: the caller's record is resumed."""
+    record never sent (NEW) holds no ask yet: the caller's record is resumed.
+
+    One case is the key's own call all the same: the key's entry FINISHED (``refund``
+    given: its ask applied) for this record's very request (the callers checked it),
+    this record's ask is one the key held before (its ``lineage``: the ask ended
+    definitely not applied and the key was called again for the same request), and this
+    record does not name that refund as another call's (``others``). A keyed call that
+    ended pending and whose key was then called again (its ask taken over, failed for
+    good, and a new ask of the key applied) is such a record: the key's money moved
+    once, as ``refund``, and a refusal here (a definite failure to every driver) would
+    have an app refund again. A record edited to name another call's key never had its
+    ask in that key's lineage, and is refused."""
     if pending.idempotency_key is None or stored.phase is Phase.NEW:
         return
-    if stored.ask_id != pending.ask_id:
-        raise RequestValidationError(
-            "pending.idempotency_key",
-            f"{pending.idempotency_key!r} is the key of another ask (ask_id "
-            f"{stored.ask_id!r}, not this record's {pending.ask_id!r}): this record is "
-            "not that key's call; it is neither resumed through the key nor sent. Resume "
-            "it with the key its call was made with",
-        )
+    if stored.ask_id == pending.ask_id:
+        return
+    if (
+        refund is not None
+        and stored.phase is Phase.APPLIED
+        and pending.ask_id in lineage
+        and refund.id not in pending.others
+    ):
+        return
+    raise RequestValidationError(
+        "pending.idempotency_key",
+        f"{pending.idempotency_key!r} is the key of another ask (ask_id "
+        f"{stored.ask_id!r}, not this record's {pending.ask_id!r}): this record is "
+        "not that key's call; it is neither resumed through the key nor sent. Resume "
+        "it with the key its call was made with",
+    )
 
 
 def _not_another(pending: PendingRefund, refund: OrderRefund) -> OrderRefund:

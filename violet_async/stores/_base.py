@@ -57,6 +57,10 @@ class Claim(enum.Enum):
     """The key was used for another request: refuse, send nothing."""
 
 
+LINEAGE = 32
+"""How many earlier asks of one key (same request) a key's entry remembers."""
+
+
 @attrs.frozen
 class KeyEntry:
     """Everything a store keeps under one idempotency key."""
@@ -75,6 +79,11 @@ class KeyEntry:
     scope: str | None = None
     """The app id and base URL of the client that wrote it (part of ``key`` too); None:
     written before keys were scoped."""
+    lineage: tuple[str, ...] = ()
+    """The ``ask_id`` of each earlier ask the key held for this same request (each
+    ended definitely not applied and the key was called again), oldest first: a
+    pending record of one of them is the key's own call, and the key's refund is its
+    outcome. At most :data:`LINEAGE` kept."""
 
     @property
     def finished(self) -> bool:
@@ -103,6 +112,7 @@ class KeyEntry:
             "lease_until": self.lease_until,
             "finished_at": self.finished_at,
             "scope": self.scope,
+            "lineage": list(self.lineage),
         }
         return orjson.dumps(data)
 
@@ -133,6 +143,9 @@ class KeyEntry:
             )
         owner = data.get("owner")
         scope = data.get("scope")
+        lineage = data.get("lineage")
+        if not isinstance(lineage, list) or not all(isinstance(one, str) for one in lineage):
+            lineage = []
         return cls(
             key=data["key"],
             ask=ask,
@@ -141,6 +154,7 @@ class KeyEntry:
             lease_until=_number(data.get("lease_until")),
             finished_at=_number(data.get("finished_at")),
             scope=scope if isinstance(scope, str) else None,
+            lineage=tuple(lineage[-LINEAGE:]),
         )
 
 
@@ -189,6 +203,10 @@ def decide(
     if current.ask.phase is Phase.APPLIED and current.refund is not None:
         return Claim.FINISHED, current, None
     if current.ask.phase is Phase.FAILED:
+        # The key is free again for the same request: the failed ask joins its lineage
+        # (a pending record of it, resumed later, is the key's own call).
+        lineage = (*current.lineage, current.ask.ask_id)[-LINEAGE:]
+        fresh = attrs.evolve(fresh, lineage=lineage)
         return Claim.OWNED, fresh, fresh
     alive = current.owner is not None and (current.lease_until or 0.0) > now
     if alive and current.owner != fresh.owner:
