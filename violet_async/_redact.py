@@ -82,6 +82,10 @@ _ESCAPES = re.compile(r"[\\\\%&+]")
 #: its last 64 backslashes and the escape after them matched.
 _MOST = 64
 _BACKSLASHES = rf"\\{{1,{_MOST}}}"
+#: The backslashes before an escape in a JSON string that was itself URL-encoded
+#: (``%5Cu20ac``, ``%255C``), and the one a secret's first character takes of a run.
+_ESCAPE_RUN = rf"(?:{_BACKSLASHES}|(?:%(?:25)?5c){{1,{_MOST}}})"
+_FIRST_RUN = r"(?:\\|%(?:25)?5c)"
 #: JSON's two-character escapes.
 _SHORT = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t", "/": "/", '"': '"'}
 #: HTML's named references (and the ampersand that begins any reference, itself in any
@@ -110,11 +114,17 @@ def _char(char: str, *, bare: bool = True, first: bool = False) -> str:
     if code <= 0xFF:
         tails.append(f"x{code:02x}")
     if char in _SHORT:
-        tails.append(re.escape(_SHORT[char]))
+        short = _SHORT[char]
+        tails.append(re.escape(short))
+        if short == char:
+            # ``\"`` in a JSON string itself URL-encoded (``%5C%22``) or written into
+            # HTML (``\&quot;``): the escaped character in those spellings.
+            named = f"|{_NAMED[char]}" if char in _NAMED else ""
+            tails.append(f"%(?:25)?{code:02x}|&(?:#0*{code}|#x0*{code:x}{named});")
     # A secret's first character needs only the last backslash of its run (a match may
     # begin there; the rest of the run is no part of the secret), so a start costs no
     # scan of 64 (a body of 64-backslash runs: 64 such scans a character).
-    alternatives.append((r"\\" if first else _BACKSLASHES) + "(?:" + "|".join(tails) + ")")
+    alternatives.append((_FIRST_RUN if first else _ESCAPE_RUN) + "(?:" + "|".join(tails) + ")")
     if char == "\\" and bare:
         alternatives.append(_BACKSLASHES)
     alternatives.append("".join(f"%(?:25)?{byte:02x}" for byte in char.encode()))
@@ -141,7 +151,7 @@ def _spelled(secret: str) -> str:
         size = len(run)
         each = "".join(_char("\\", bare=False) for _ in run)
         most = size if not parts else _MOST * size  # at the start: its last ``size``
-        parts.append(rf"(?:\\{{{size},{most}}}|{each})")
+        parts.append(rf"(?:\\{{{size},{most}}}|(?:%(?:25)?5c){{{size},{most}}}|{each})")
     return "".join(parts)
 
 
