@@ -18,6 +18,7 @@ from violet_async import (
 )
 from violet_async._reconcile import BagLocks, KnownRefunds
 from violet_async.exceptions import APITimeoutError
+from violet_async.models import OrderRefund, RefundStatus
 from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan
 
 from .conftest import ROOMY_POLICY, make_client
@@ -267,6 +268,28 @@ def test_known_refunds_is_bounded() -> None:
     known.add(3)  # already known: neither stored twice nor evicting anything
     assert len(known) == 2
     assert 2 in known
+
+
+def test_a_claim_moves_from_a_refund_that_moved_no_money_only() -> None:
+    """An owner's claim stays its first refund, unless that one moved no money (FAILED,
+    CANCELED) and a later one may have: a claim that may have moved money (COMPLETED,
+    PROCESSING) is never replaced, by anything."""
+    known = KnownRefunds()
+    failed = OrderRefund(id=1, status=RefundStatus.FAILED)
+    canceled = OrderRefund(id=2, status=RefundStatus.CANCELED)
+    applied = OrderRefund(id=3, status=RefundStatus.COMPLETED)
+    later = OrderRefund(id=4, status=RefundStatus.PROCESSING)
+    known.add(1, 22, "item", failed)
+    known.add(2, 22, "item", canceled)  # moved no money either: the first stays
+    assert known.claimed("item") is failed
+    known.add(3, 22, "item", applied)
+    assert known.claimed("item") is applied
+    known.add(4, 22, "item", later)
+    known.add(1, 22, "item", failed)
+    assert known.claimed("item") is applied
+    known.add(4, 22, "other", later)
+    known.add(3, 22, "other", applied)
+    assert known.claimed("other") is later
 
 
 async def test_a_failed_read_back_is_tried_again(client: VioletClient, fake: FakeViolet) -> None:

@@ -28,7 +28,7 @@ from .exceptions import (
     RefundAlreadyPresentError,
     VioletError,
 )
-from .models import Order, OrderBag, OrderRefund
+from .models import Order, OrderBag, OrderRefund, RefundStatus
 
 __all__ = [
     "BagIO",
@@ -42,6 +42,10 @@ __all__ = [
     "drive",
     "run_ask",
 ]
+
+
+# A refund with one of these statuses moved no money: its ask failed, a run may ask anew.
+_NO_MONEY = frozenset({RefundStatus.FAILED, RefundStatus.CANCELED})
 
 
 class RateLimitDeferred(Exception):
@@ -105,7 +109,13 @@ class KnownRefunds:
     ) -> None:
         """``owner``: the ask_id of the ask handed ``refund``."""
         if owner is not None and refund is not None:
-            self._claimed.setdefault(owner, refund)
+            # The first refund an owner was handed stays its claim, unless that one
+            # moved no money (FAILED, CANCELED: the run asked anew) and this one may
+            # have: then the item's refund is this one. A claim that may have moved
+            # money is never replaced.
+            held = self._claimed.get(owner)
+            if held is None or (held.status in _NO_MONEY and refund.status not in _NO_MONEY):
+                self._claimed[owner] = refund
         if refund_id is None:
             if refund is not None and bag_id is not None:
                 # A 2xx without the refund's id: remembered by what it carries, so a

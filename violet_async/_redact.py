@@ -73,77 +73,97 @@ def _html_safe(text: str) -> str:
 
 #: A character that begins an escape of another (JSON, URL, HTML; ``+`` a space).
 _ESCAPES = re.compile(r"[\\\\%&+]")
-#: One backslash, or up to seven more: a JSON string quoted inside another doubles it
-#: (three quotings: eight). Bounded, so a body that is a long run of backslashes costs
-#: a fixed number of steps at each position (``\\+`` retried the whole run at each
-#: position: quadratic, 32 KB took ~50 s). A longer run still has its last eight
-#: backslashes and the escape after them matched: the secret is replaced all the same.
-_MOST = 8
+#: One backslash, or up to 63 more: a JSON string quoted inside another doubles the
+#: backslashes before an escape and adds one (k quotings: 2**k - 1; six quotings: 63).
+#: Bounded, so a body that is a long run of backslashes costs a fixed number of steps
+#: at each position (``\\+`` retried the whole run at each position: quadratic, 32 KB
+#: took ~50 s); every escape of one character shares one run (``_char``), so a position
+#: costs one scan of at most 64 backslashes, not one per escape. A longer run still has
+#: its last 64 backslashes and the escape after them matched.
+_MOST = 64
 _BACKSLASHES = rf"\\{{1,{_MOST}}}"
+#: The backslashes before an escape in a JSON string that was itself URL-encoded
+#: (``%5Cu20ac``, ``%255C``), and the one a secret's first character takes of a run.
+_ESCAPE_RUN = rf"(?:{_BACKSLASHES}|(?:%(?:25)?5c){{1,{_MOST}}})"
+_FIRST_RUN = r"(?:\\|%(?:25)?5c)"
 #: JSON's two-character escapes.
 _SHORT = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t", "/": "/", '"': '"'}
 #: HTML's named references (and the ampersand that begins any reference, itself in any
 #: spelling: raw, JSON-escaped, URL-encoded).
 _NAMED = {"&": "amp", "<": "lt", ">": "gt", '"': "quot", "'": "apos"}
 _AMP = rf"(?:&|{_BACKSLASHES}u0026|%(?:25)?26)"
+_FIRST_AMP = r"(?:&|\\u0026|%(?:25)?26)"
 
 
-def _char(char: str, *, bare: bool = True) -> str:
+def _char(char: str, *, bare: bool = True, first: bool = False) -> str:
     """A regex for one character of a secret in any spelling a server's echo gives it:
     itself; a JSON / JavaScript escape (``\\u0026``, ``\\x26``, ``\\/``, behind one to
-    eight backslashes); URL-encoded (``%26``, twice: ``%2526``; ``+`` for a space);
+    64 backslashes); URL-encoded (``%26``, twice: ``%2526``; ``+`` for a space);
     an HTML character reference (``&amp;``, ``&#38;``, ``&#x26;``)."""
     code = ord(char)
     alternatives = [re.escape(char)]
+    # What follows the backslashes of each JSON / JavaScript escape of ``char``: one
+    # run of backslashes, then any of them (a run scanned once, not once per escape).
+    tails = []
     if code <= 0xFFFF:
-        alternatives.append(rf"{_BACKSLASHES}u{code:04x}")
+        tails.append(f"u{code:04x}")
     else:
         high, low = divmod(code - 0x10000, 0x400)
-        alternatives.append(
-            rf"{_BACKSLASHES}u{0xD800 + high:04x}{_BACKSLASHES}u{0xDC00 + low:04x}"
-            rf"|{_BACKSLASHES}U{code:08x}"
-        )
+        tails.append(rf"u{0xD800 + high:04x}{_BACKSLASHES}u{0xDC00 + low:04x}")
+        tails.append(f"U{code:08x}")
     if code <= 0xFF:
-        alternatives.append(rf"{_BACKSLASHES}x{code:02x}")
-    if char == "\\":
-        if bare:
-            alternatives.append(_BACKSLASHES)
-    elif char in _SHORT:
-        alternatives.append(_BACKSLASHES + re.escape(_SHORT[char]))
+        tails.append(f"x{code:02x}")
+    if char in _SHORT:
+        short = _SHORT[char]
+        tails.append(re.escape(short))
+        if short == char:
+            # ``\"`` in a JSON string itself URL-encoded (``%5C%22``) or written into
+            # HTML (``\&quot;``): the escaped character in those spellings.
+            named = f"|{_NAMED[char]}" if char in _NAMED else ""
+            tails.append(f"%(?:25)?{code:02x}|&(?:#0*{code}|#x0*{code:x}{named});")
+    # A secret's first character needs only the last backslash of its run (a match may
+    # begin there; the rest of the run is no part of the secret), so a start costs no
+    # scan of 64 (a body of 64-backslash runs: 64 such scans a character).
+    alternatives.append((_FIRST_RUN if first else _ESCAPE_RUN) + "(?:" + "|".join(tails) + ")")
+    if char == "\\" and bare:
+        alternatives.append(_BACKSLASHES)
     alternatives.append("".join(f"%(?:25)?{byte:02x}" for byte in char.encode()))
     if char == " ":
         alternatives.append(r"\+")
     named = f"|{_NAMED[char]}" if char in _NAMED else ""
-    alternatives.append(rf"{_AMP}(?:#0*{code}|#x0*{code:x}{named});")
+    amp = _FIRST_AMP if first else _AMP
+    alternatives.append(rf"{amp}(?:#0*{code}|#x0*{code:x}{named});")
     return "(?:" + "|".join(alternatives) + ")"
 
 
 def _spelled(secret: str) -> str:
     """A regex for ``secret`` in every spelling of each of its characters.
 
-    A run of ``m`` backslashes in the secret is one bounded run of ``m`` to ``8m``
-    backslashes (each escaped up to three times) or each of them in another spelling:
+    A run of ``m`` backslashes in the secret is one bounded run of ``m`` to ``64m``
+    backslashes (each escaped up to six times) or each of them in another spelling:
     ``m`` backslash patterns one after another would retry every split of a long run
     (exponential in ``m``)."""
-    parts = []
+    parts: list[str] = []
     for run in re.findall(r"\\+|[^\\]", secret):
         if run[0] != "\\":
-            parts.append(_char(run))
+            parts.append(_char(run, first=not parts))
             continue
         size = len(run)
         each = "".join(_char("\\", bare=False) for _ in run)
-        parts.append(rf"(?:\\{{{size},{_MOST * size}}}|{each})")
+        most = size if not parts else _MOST * size  # at the start: its last ``size``
+        parts.append(rf"(?:\\{{{size},{most}}}|(?:%(?:25)?5c){{{size},{most}}}|{each})")
     return "".join(parts)
 
 
 def _guard(secrets: Iterable[str]) -> str:
-    """A lookahead refusing a start deep inside a run of backslashes: no spelling of a
-    secret begins with more than ``8m`` backslashes (``m``: the backslashes the secret
-    itself begins with), so a start further from the end of a run cannot match, and
-    one check there spares every alternative its own try (a body of backslashes costs
-    a few steps a character, not a few hundred)."""
+    """A lookahead refusing a start deep inside a run of backslashes: a secret's first
+    character takes one backslash of a run (its last), a secret that begins with ``m``
+    backslashes takes ``m`` and the escape of the character after them at most 64, so
+    a start further from the end of a run cannot match, and one check there spares
+    every alternative its own try (a body of backslashes costs a few steps a
+    character, not a few hundred)."""
     leading = max((len(s) - len(s.lstrip("\\")) for s in secrets), default=0)
-    return rf"(?!\\{{{_MOST * max(leading, 1) + 1}}})"
+    return rf"(?!\\{{{leading + _MOST + 1 if leading else 2}}})"
 
 
 class Redactor:
