@@ -454,24 +454,16 @@ class Store:
         else:
             bag.status = "REFUNDED" if bag.remaining == 0 else "PARTIALLY_REFUNDED"
         platform = status == "EXTERNAL"
-        record: dict[str, Any] = {
-            "id": refund_id,
-            "order_id": bag.order_id,
-            "bag_id": bag.id,
-            "merchant_id": bag.merchant_id,
-            "app_id": self.app_id,
-            "transaction_id": None if platform else 600_000 + bag.id,
-            "amount": self._recorded_amount(amount, shipping, body),
-            "refund_currency": bag.currency,
-            "status": status,
-            "skus": sku_records,
-            "date_created": None
-            if self.quirks.missing_dates
-            else render_date(now, refund_id, self.quirks),
-            "date_last_modified": render_date(now, refund_id + 1, self.quirks),
-            "external_id": f"ext-refund-{refund_id}",
-            "errors": [],
-        }
+        record = self._record(
+            bag,
+            refund_id,
+            now,
+            amount=self._recorded_amount(amount, shipping, body),
+            status=status,
+            skus=sku_records,
+            errors=[],
+            dated=not self.quirks.missing_dates,
+        )
         if platform:
             del record["transaction_id"]  # made on the platform: no Violet transaction
         if shipping:
@@ -559,7 +551,33 @@ class Store:
         self._next_refund += 1
         refund_id = self._next_refund
         now = self.server_time() - age_seconds
-        record: dict[str, Any] = {
+        record = self._record(
+            bag,
+            refund_id,
+            now,
+            amount=amount,
+            status=status,
+            skus=[],
+            errors=[{"id": refund_id, "error_code": 4001, "error_message": "platform refused"}],
+        )
+        bag.refunds.append(record)
+        return record
+
+    def _record(
+        self,
+        bag: FakeBag,
+        refund_id: int,
+        now: float,
+        *,
+        amount: int,
+        status: str,
+        skus: list[dict[str, Any]],
+        errors: list[dict[str, Any]],
+        dated: bool = True,
+    ) -> dict[str, Any]:
+        """A refund record as Violet lists it (its transaction id is Violet's: a
+        platform-made refund drops it)."""
+        return {
             "id": refund_id,
             "order_id": bag.order_id,
             "bag_id": bag.id,
@@ -569,14 +587,12 @@ class Store:
             "amount": amount,
             "refund_currency": bag.currency,
             "status": status,
-            "skus": [],
-            "date_created": render_date(now, refund_id, self.quirks),
+            "skus": skus,
+            "date_created": render_date(now, refund_id, self.quirks) if dated else None,
             "date_last_modified": render_date(now, refund_id + 1, self.quirks),
             "external_id": f"ext-refund-{refund_id}",
-            "errors": [{"id": refund_id, "error_code": 4001, "error_message": "platform refused"}],
+            "errors": errors,
         }
-        bag.refunds.append(record)
-        return record
 
     def tick_processing(self, bag: FakeBag) -> None:
         """One read of the bag's refunds: PROCESSING refunds move toward COMPLETED."""
