@@ -603,7 +603,8 @@ class KeyedAsks:
             flight = self._flights.get(key)
             if flight is not None:
                 _same_ask(pending, flight.ask)
-                _key_ask(pending, flight.ask)
+                if not await self._earlier_of(key, pending, flight.ask):
+                    _key_ask(pending, flight.ask)
                 if flight.joined is None:
                     flight.joined = asyncio.get_running_loop().create_future()
                 refund = await asyncio.shield(flight.joined)
@@ -625,6 +626,22 @@ class KeyedAsks:
                 raise
             self._land(key, flight, refund, None)
             return refund
+
+    async def _earlier_of(self, key: str, pending: PendingRefund, running: PendingRefund) -> bool:
+        """``pending`` is a record of an earlier ask of the key whose ask ``running`` runs
+        in this process now (the key's entry names it, with ``pending`` in its lineage):
+        its resume joins that call. A failure path: one store read."""
+        if pending.idempotency_key is None or running.ask_id == pending.ask_id:
+            return False
+        try:
+            entry = await self.store.load(key)
+        except Exception:  # noqa: BLE001 - not known to be the key's: refused below
+            return False
+        return (
+            entry is not None
+            and entry.ask.ask_id == running.ask_id
+            and _earlier(pending, entry.ask, entry.lineage)
+        )
 
     async def _own_resume(
         self,
@@ -658,6 +675,13 @@ class KeyedAsks:
                 _key_ask(pending, entry.ask, entry.refund, entry.lineage)
                 return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
+                if _earlier(pending, entry.ask, entry.lineage):
+                    # A record of an earlier ask of the key (it ended definitely not
+                    # applied, and the key was called again for the same request): its
+                    # resume is a repeat of the keyed call. The key's ask now (sent,
+                    # pending) is driven and its outcome is this record's: a refusal
+                    # would tell the caller "failed" while the key's money may move.
+                    return _not_another(pending, await self._drive(ask_fn, entry, deadline, bare))
                 try:
                     _key_ask(pending, entry.ask)
                 except RequestValidationError:
@@ -783,6 +807,17 @@ def _same_ask(pending: PendingRefund, stored: PendingRefund) -> None:
     by someone else): nothing is sent for it."""
     if not KeyEntry("", stored).same_request(pending):
         raise _other_request(pending)
+
+
+def _earlier(pending: PendingRefund, current: PendingRefund, lineage: tuple[str, ...]) -> bool:
+    """``pending`` (a keyed record) is of an ask its key held before ``current`` (the
+    key's ask now, sent or pending): it is in the key's ``lineage``."""
+    return (
+        pending.idempotency_key is not None
+        and current.phase is not Phase.NEW
+        and current.ask_id != pending.ask_id
+        and pending.ask_id in lineage
+    )
 
 
 def _key_ask(

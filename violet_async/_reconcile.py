@@ -293,9 +293,22 @@ class PendingAsks:
                 if record.ask_id == resume.ask_id:
                     resume = merged(resume, record)
                 break
+        if resume.idempotency_key is not None:
+            # The key's earlier asks on the bag: a resume through the key drives the
+            # key's ask now, whose outcome is theirs too (one ask per key).
+            records[:] = [r for r in records if not _same_key(r, resume)]
         if not records:
             del self._by_bag[bag_id]
         return resume
+
+
+def _same_key(one: PendingRefund, other: PendingRefund) -> bool:
+    return (
+        one.idempotency_key == other.idempotency_key
+        and one.kind == other.kind
+        and one.order_id == other.order_id
+        and one.request == other.request
+    )
 
 
 def _same_ask(one: PendingRefund, other: PendingRefund) -> bool:
