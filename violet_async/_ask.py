@@ -138,6 +138,12 @@ class PendingRefund:
     """Wall and monotonic time read together when the record was last written, by the
     process ``clock`` names: a resume in that process sees whether its wall clock
     stepped in between (monotonic time never does)."""
+    unnamed: tuple[tuple[int | None, float | None], ...] = ()
+    """Refunds on the bag handed to other calls from a 2xx that left out their id, as
+    ``(amount, date_created)`` (cents; Unix seconds by Violet's clock; None where the
+    answer left it out): a listed refund that may be one of them is another call's for
+    this record, in any process that resumes it (never claimed, never proof of absence:
+    review)."""
     idempotency_key: str | None = None
     """The ``idempotency_key`` of the call that made this ask (None: it had none).
     ``client.resume`` of a record with a key resumes it through the key's own record in
@@ -181,6 +187,8 @@ class PendingRefund:
         if self.idempotency_key is not None:
             # Only when set: records without a key read and write as they always did.
             data["idempotency_key"] = self.idempotency_key
+        if self.unnamed:
+            data["unnamed"] = [list(one) for one in self.unnamed]
         return data
 
     @classmethod
@@ -230,6 +238,7 @@ class PendingRefund:
                 wall_mono=_pair(data.get("wall_mono"), "wall_mono"),
                 stepped=_opt_float(data, "stepped") or 0.0,
                 idempotency_key=checked_key(data.get("idempotency_key")),
+                unnamed=_unnamed(data.get("unnamed", [])),
             )
         except KeyError as exc:
             raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
@@ -316,6 +325,7 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
         seen=one.seen | other.seen,
         others=one.others | other.others,
         idempotency_key=one.idempotency_key or other.idempotency_key,
+        unnamed=with_unnamed(one, other.unnamed).unnamed,
     )
 
 
@@ -442,6 +452,42 @@ def _opt_float(data: dict[str, Any], key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"pending.{key} must be a number")
     return float(value)
+
+
+#: At most this many id-less refunds of other calls are kept in a record (the newest).
+UNNAMED = 64
+
+
+def with_unnamed(
+    ask: PendingRefund, more: tuple[tuple[int | None, float | None], ...]
+) -> PendingRefund:
+    """``ask`` knowing ``more`` id-less refunds of other calls too (each once)."""
+    if not more:
+        return ask
+    known = ask.unnamed
+    fresh = tuple(one for one in dict.fromkeys(more) if one not in known)
+    if not fresh:
+        return ask
+    return attrs.evolve(ask, unnamed=(*known, *fresh)[-UNNAMED:])
+
+
+def _unnamed(values: Any) -> tuple[tuple[int | None, float | None], ...]:
+    def number(v: Any) -> bool:
+        return v is None or (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        )
+
+    if not isinstance(values, list) or not all(
+        isinstance(one, list)
+        and len(one) == 2
+        and (one[0] is None or type(one[0]) is int)
+        and number(one[1])
+        for one in values
+    ):
+        raise RequestValidationError(
+            "pending.unnamed", "must be a list of [amount or null, date or null] pairs"
+        )
+    return tuple((one[0], None if one[1] is None else float(one[1])) for one in values[-UNNAMED:])
 
 
 def _ids(values: Any, field: str) -> list[int]:

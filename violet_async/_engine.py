@@ -41,6 +41,7 @@ from ._ask import (
     Settings,
     merged,
     sent_once,
+    with_unnamed,
 )
 from ._config import UNSET, _Unset
 from ._converter import encode_request
@@ -1255,7 +1256,7 @@ class Engine:
             # left, the bag is pending before the cancellation goes on, so the next
             # call here gets BagPendingError (or, with the key, resumes it), never a
             # blind second POST.
-            pending = self._cancelled(kind, order_id, bag_id, req, sent, tracker)
+            pending = self._cancelled(kind, order_id, bag_id, req, sent, tracker, owner)
             if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
                 unsettled.add(pending)
             raise
@@ -1318,10 +1319,27 @@ class Engine:
         req: RefundBagRequest | CancelBagRequest,
         sent: tuple[float, float] | None,
         tracker: SendTracker | None,
+        owner: str | None,
     ) -> PendingRefund | None:
         """The record a cancelled call leaves pending (None: nothing of it can have
-        reached Violet). ``sent``: the wall and monotonic time its first send left at
-        (None: it made none inline)."""
+        reached Violet), with the refunds other calls got on the bag without their id.
+        ``sent``: the wall and monotonic time its first send left at (None: it made none
+        inline). ``owner``: the ask's identity, once known."""
+        record = self._cancelled_record(kind, order_id, bag_id, req, sent, tracker)
+        if record is None:
+            return None
+        besides = owner or record.ask_id
+        return with_unnamed(record, self._shared.known_refunds.unnamed(bag_id, besides=besides))
+
+    def _cancelled_record(  # noqa: PLR0917 - internal, one call site
+        self,
+        kind: Kind,
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+        sent: tuple[float, float] | None,
+        tracker: SendTracker | None,
+    ) -> PendingRefund | None:
         shared = self._shared
         settings = self.settings(bag_id)
         now, mono = shared.clock.time(), shared.clock.monotonic()
@@ -1360,11 +1378,8 @@ def _as_owner(
     own = known.owned_by(owner)
     # A refund this ask already got does not vanish from Violet: a read that misses it
     # (a replica behind) is stale, never evidence of absence.
-    return (
-        attrs.evolve(ask, others=(ask.others | others) - own, seen=ask.seen | own),
-        mine,
-        owner,
-    )
+    ask = attrs.evolve(ask, others=(ask.others | others) - own, seen=ask.seen | own)
+    return with_unnamed(ask, known.unnamed(ask.bag_id, besides=owner)), mine, owner
 
 
 def unless_failed(refund: OrderRefund, kind: Kind = "refund") -> OrderRefund:

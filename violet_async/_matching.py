@@ -467,9 +467,10 @@ def judge(
     our own refund look old); without one, only a date earlier than the send under
     every reading of the clock, by more than a day's worth of time zones, does.
 
-    A refund already handed to another call (``known``, ``ask.others``) is never
-    claimed; and since it is skipped only for being someone else's, it never proves
-    absence either: when it is all that matches, the verdict is OWNED.
+    A refund already handed to another call (``known``, ``ask.others``, or one that may
+    be a refund another call got without its id: ``ask.unnamed``) is never claimed; and
+    since it is skipped only for being someone else's, it never proves absence either:
+    when it is all that matches, the verdict is OWNED.
     """
     sure = send_offsets(ask, settings)[3]
     window: tuple[float, float, float | None] | None = None  # built once
@@ -501,7 +502,9 @@ def judge(
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             continue
-        if refund.id is not None and (refund.id in known or refund.id in ask.others):
+        if (refund.id is not None and (refund.id in known or refund.id in ask.others)) or (
+            ask.unnamed and unnamed_fit(ask.unnamed, refund)
+        ):
             owned.append(refund)
         elif doubt is not None:
             if verdict is Verdict.MATCH:
@@ -534,6 +537,19 @@ def judge(
     if bag is not None and effect_visible(ask, bag):
         return Reading(Verdict.EFFECT_WITHOUT_REFUND, (), seen)
     return Reading(Verdict.MISS, (), seen)
+
+
+def unnamed_fit(unnamed: tuple[tuple[int | None, float | None], ...], refund: OrderRefund) -> bool:
+    """``refund`` (listed on the bag) may be one handed to another call without its id,
+    as ``unnamed`` describes them (amount, date): nothing either says tells them apart."""
+    made = refund.date_created
+    at = made.timestamp() if made is not None and made.tzinfo is not None else None
+    for amount, date in unnamed:
+        if amount is not None and refund.amount is not None and amount != refund.amount:
+            continue
+        if date is None or at is None or abs(date - at) <= 1.0:
+            return True
+    return False
 
 
 def _live_twin(

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 import attrs
 
 from . import _protocol as protocol
-from ._ask import PROCESS_CLOCK, merged
+from ._ask import PROCESS_CLOCK, merged, with_unnamed
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
@@ -177,6 +178,21 @@ class KnownRefunds:
             others=base.others | other.others,
             needs_review=base.needs_review or other.needs_review,
             answered=base.answered or other.answered,
+            unnamed=with_unnamed(base, other.unnamed).unnamed,
+        )
+
+    def unnamed(
+        self, bag_id: int, *, besides: str | None = None
+    ) -> tuple[tuple[int | None, float | None], ...]:
+        """What the refunds handed out without their id on ``bag_id`` carry (amount,
+        date), except those of the ask ``besides``: a record carries them, so that a
+        resume in another process (which never saw them handed out) never claims one."""
+        if not self._idless:
+            return ()
+        return tuple(
+            (handed.amount, _stamp(handed.date_created))
+            for bag, owner, handed in self._idless
+            if bag == bag_id and (besides is None or owner != besides)
         )
 
     def on_bag(self, bag_id: int, *, besides: str | None = None) -> frozenset[int]:
@@ -224,6 +240,13 @@ def _may_be(handed: OrderRefund, listed: OrderRefund) -> bool:
         return True
 
 
+def _stamp(when: datetime | None) -> float | None:
+    """A refund's date as Unix seconds (None: none, or one without an offset)."""
+    if when is None or when.tzinfo is None:
+        return None
+    return when.timestamp()
+
+
 def _again(error: VioletError) -> VioletError:
     """A fresh copy of ``error`` to raise again (its own traceback, nothing chained)."""
     clone = type(error).__new__(type(error))
@@ -245,6 +268,9 @@ class _OthersOf:
 
     def learn(self, bag_id: int, refunds: Sequence[OrderRefund]) -> None:
         self._known.learn(bag_id, refunds)
+
+    def unnamed(self, bag_id: int) -> tuple[tuple[int | None, float | None], ...]:
+        return self._known.unnamed(bag_id, besides=self._ask_id)
 
 
 class PendingAsks:
@@ -512,17 +538,7 @@ async def drive(
     try:
         while True:
             if action.final or action.do is Do.SEND:
-                # What a resume in this process compares with, to see a step of the wall
-                # clock between this call and that one. Only on a record whose times are
-                # on this process's clock: another process's times (no Date yet to move
-                # them here) with this process's readings would be moved by a "step"
-                # that is two machines' clocks apart, when that process resumes it.
-                ask = attrs.evolve(
-                    ask,
-                    wall_mono=(clock.time(), clock.monotonic())
-                    if ask.clock == (settings.clock_id or PROCESS_CLOCK)
-                    else None,
-                )
+                ask = _stamped(ask, known, clock, settings)
             if save is not None and (action.final or action.do is Do.SEND):
                 await save(ask)
             if action.final:
@@ -571,6 +587,28 @@ async def drive(
                 _report(ask, obs, action, baseline=baseline)
     finally:
         ATTEMPT.set(1)
+
+
+def _stamped(
+    ask: PendingRefund, known: Container[int], clock: Clock, settings: Settings
+) -> PendingRefund:
+    """``ask`` as it is saved (before a send) or ends."""
+    unnamed = getattr(known, "unnamed", None)
+    if unnamed is not None:
+        # Refunds other calls got here without their id: a resume of this record in
+        # another process never claims one of them.
+        ask = with_unnamed(ask, unnamed(ask.bag_id))
+    # What a resume in this process compares with, to see a step of the wall clock
+    # between this call and that one. Only on a record whose times are on this
+    # process's clock: another process's times (no Date yet to move them here) with
+    # this process's readings would be moved by a "step" that is two machines' clocks
+    # apart, when that process resumes it.
+    return attrs.evolve(
+        ask,
+        wall_mono=(clock.time(), clock.monotonic())
+        if ask.clock == (settings.clock_id or PROCESS_CLOCK)
+        else None,
+    )
 
 
 def _end(ask: PendingRefund, action: Action, last_error: VioletError | None) -> OrderRefund:
