@@ -454,6 +454,11 @@ def _opt_float(data: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+#: A listed refund dated more than this many seconds before the 2xx that handed out a
+#: refund without its id cannot be that refund; one dated later always may be (a
+#: platform may stamp a refund when it has processed it, seconds or minutes after).
+IDLESS_EARLIER = 60.0
+
 #: At most this many id-less refunds of other calls are kept in a record (the newest).
 UNNAMED = 64
 

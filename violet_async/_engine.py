@@ -296,6 +296,11 @@ class _Flight:
 
     ask: PendingRefund
     joined: asyncio.Future[OrderRefund | None] | None = None
+    # The key's ask the flight drives (or found finished) and the key's lineage, once
+    # its claim read the key's entry: a record joining it must be that ask's, or one of
+    # the key's earlier asks.
+    driving: PendingRefund | None = None
+    lineage: tuple[str, ...] = ()
 
 
 AskFn = Callable[..., Awaitable[OrderRefund]]
@@ -452,6 +457,7 @@ class KeyedAsks:
                 raise _store_error(key, "claiming", exc) from None
             if claim is Claim.REUSED:
                 raise _reused(key, entry.ask)
+            self._drives(key, entry)
             if claim is Claim.FINISHED and entry.refund is not None:
                 if not _refund_of(entry.refund, wanted):
                     # Not this ask's refund (a row written by someone else): returning
@@ -549,6 +555,7 @@ class KeyedAsks:
                     key=shown(key),
                 )
 
+        self._drives(key, entry)
         heartbeat = asyncio.create_task(self._renew(key))
         resume = self._resumed(entry.ask)
         settled = None if resume is None else self._settled.get(_identity(resume))
@@ -604,12 +611,15 @@ class KeyedAsks:
             flight = self._flights.get(key)
             if flight is not None:
                 _same_ask(pending, flight.ask)
-                if not await self._earlier_of(key, pending, flight.ask):
-                    _key_ask(pending, flight.ask)
+                if flight.driving is not None:
+                    _may_join(pending, flight.driving, flight.lineage)
                 if flight.joined is None:
                     flight.joined = asyncio.get_running_loop().create_future()
                 refund = await asyncio.shield(flight.joined)
                 if refund is not None:
+                    # The flight's claim has read the key's entry by now: this record
+                    # gets the refund only as that ask's, or one of the key's earlier.
+                    _may_join(pending, flight.driving or flight.ask, flight.lineage, refund)
                     return _not_another(pending, refund)
                 continue  # its caller cancelled it: take the ask over
             returned = self._returned.get(key)
@@ -628,21 +638,12 @@ class KeyedAsks:
             self._land(key, flight, refund, None)
             return refund
 
-    async def _earlier_of(self, key: str, pending: PendingRefund, running: PendingRefund) -> bool:
-        """``pending`` is a record of an earlier ask of the key whose ask ``running`` runs
-        in this process now (the key's entry names it, with ``pending`` in its lineage):
-        its resume joins that call. A failure path: one store read."""
-        if pending.idempotency_key is None or running.ask_id == pending.ask_id:
-            return False
-        try:
-            entry = await self.store.load(key)
-        except Exception:  # noqa: BLE001 - not known to be the key's: refused below
-            return False
-        return (
-            entry is not None
-            and entry.ask.ask_id == running.ask_id
-            and _earlier(pending, entry.ask, entry.lineage)
-        )
+    def _drives(self, key: str, entry: KeyEntry) -> None:
+        """The flight on ``key`` (if any) read the key's entry: what it holds."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.driving = entry.ask
+            flight.lineage = entry.lineage
 
     async def _own_resume(
         self,
@@ -668,6 +669,7 @@ class KeyedAsks:
                 raise _resume_store_error(pending, "claiming", exc) from None
             if claim is Claim.REUSED:
                 raise _other_request(pending)
+            self._drives(key, entry)
             if claim is Claim.FINISHED and entry.refund is not None:
                 if not _refund_of(entry.refund, pending):
                     raise _resume_store_error(
@@ -685,7 +687,7 @@ class KeyedAsks:
                     return _not_another(pending, await self._drive(ask_fn, entry, deadline, bare))
                 try:
                     _key_ask(pending, entry.ask)
-                except RequestValidationError:
+                except AmbiguousOutcomeError:
                     # The key's entry holds another ask: give the claim back, the
                     # entry as it was (its record, refund and end) with no owner.
                     await self._give_back(entry)
@@ -827,12 +829,15 @@ def _key_ask(
     refund: OrderRefund | None = None,
     lineage: tuple[str, ...] = (),
 ) -> None:
-    """Refuse a keyed record that is not its key's own ask: the key's entry holds a
-    record (sent, pending or finished) of another ``ask_id`` (a record file edited to
-    name another call's key, or written by someone else). Resuming through that entry
-    would hand this record the other call's refund (a false success, its own refund
-    lost track of) or drive the other ask: nothing is read or sent for it. A key's
-    record never sent (NEW) holds no ask yet: the caller's record is resumed.
+    """Park for review a keyed record that is not known to be its key's own ask: the
+    key's entry holds a record (sent, pending or finished) of another ``ask_id`` (a
+    record file edited to name another call's key, written by someone else, or one
+    whose key's earlier entry was swept). Resuming through that entry would hand this
+    record the other call's refund (a false success, its own refund lost track of) or
+    drive the other ask; a refusal would tell a definite failure of a request that may
+    have applied: nothing is read or sent for it, and it ends for review
+    (:func:`_not_the_keys`). A key's record never sent (NEW) holds no ask yet: the
+    caller's record is resumed.
 
     One case is the key's own call all the same: the key's entry FINISHED (``refund``
     given: its ask applied) for this record's very request (the callers checked it),
@@ -843,7 +848,7 @@ def _key_ask(
     good, and a new ask of the key applied) is such a record: the key's money moved
     once, as ``refund``, and a refusal here (a definite failure to every driver) would
     have an app refund again. A record edited to name another call's key never had its
-    ask in that key's lineage, and is refused."""
+    ask in that key's lineage, and goes to review."""
     if pending.idempotency_key is None or stored.phase is Phase.NEW:
         return
     if stored.ask_id == pending.ask_id:
@@ -855,12 +860,45 @@ def _key_ask(
         and refund.id not in pending.others
     ):
         return
-    raise RequestValidationError(
-        "pending.idempotency_key",
-        f"{pending.idempotency_key!r} is the key of another ask (ask_id "
-        f"{stored.ask_id!r}, not this record's {pending.ask_id!r}): this record is "
-        "not that key's call; it is neither resumed through the key nor sent. Resume "
-        "it with the key its call was made with",
+    raise _not_the_keys(pending, stored)
+
+
+def _may_join(
+    pending: PendingRefund,
+    driving: PendingRefund,
+    lineage: tuple[str, ...],
+    refund: OrderRefund | None = None,
+) -> None:
+    """``pending`` may join (or, ``refund`` given, take the refund of) the flight that
+    drives ``driving``, the key's ask: it is that ask, one of the key's earlier asks
+    (``lineage``), or (before the join) the flight's ask is not known yet (NEW)."""
+    if pending.idempotency_key is None or driving.ask_id == pending.ask_id:
+        return
+    if pending.ask_id in lineage:
+        return
+    if refund is None and driving.phase is Phase.NEW:
+        return
+    raise _not_the_keys(pending, driving)
+
+
+def _not_the_keys(pending: PendingRefund, stored: PendingRefund) -> AmbiguousOutcomeError:
+    """The keyed record ``pending`` is not known to be its key's call: the key holds
+    another ask (``stored``) and does not list this one among its earlier asks (a
+    record edited to name the key, or one whose key's entry of its own ask was swept
+    after the store's retention, taking the lineage with it). Neither a success (the
+    key's refund may be another call's) nor a failure (this record's own request may
+    have applied): for review, with nothing read or sent for it."""
+    note = (
+        f"idempotency key {pending.idempotency_key!r} holds another ask (ask_id "
+        f"{stored.ask_id!r}, not this record's {pending.ask_id!r}) and does not list this "
+        "one among its earlier asks: this record is not known to be that key's call (a "
+        "record edited to name the key, or one whose earlier entry was swept after the "
+        "store's retention). Nothing was read or sent for it: check the bag, this "
+        "record's own request may have applied"
+    )
+    parked = attrs.evolve(pending, phase=Phase.PENDING, needs_review=True, note=note)
+    return AmbiguousOutcomeError(
+        note, request=pending.request, attempts=pending.sends, pending=parked
     )
 
 
@@ -1247,6 +1285,11 @@ class Engine:
                 unsettled.add(exc.pending)
                 shared.known_refunds.parked(exc.pending)
             raise
+        except BagPendingError as exc:
+            if exc.pending:
+                raise
+            # A resume's send held back by another ask pending on the bag here.
+            raise BagPendingError(str(exc), pending=unsettled.records_on(bag_id)) from None
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
                 shared.known_refunds.failed(tracker.record, exc)

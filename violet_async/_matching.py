@@ -10,7 +10,7 @@ from datetime import datetime
 
 import attrs
 
-from ._ask import PendingRefund, Settings
+from ._ask import IDLESS_EARLIER, PendingRefund, Settings
 from .models import (
     BagStatus,
     CancelBagRequest,
@@ -481,7 +481,10 @@ def judge(
     owned: list[OrderRefund] = []
     twins: list[OrderRefund] = []
     first_doubt = ""
-    for refund in refunds:
+    taken: set[int] = set()
+    for amount, date in ask.unnamed:
+        taken.update(idless_fits(amount, date, refunds))
+    for at, refund in enumerate(refunds):
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
@@ -503,7 +506,7 @@ def judge(
         if verdict is Verdict.MISS:
             continue
         if (refund.id is not None and (refund.id in known or refund.id in ask.others)) or (
-            ask.unnamed and unnamed_fit(ask.unnamed, refund)
+            at in taken
         ):
             owned.append(refund)
         elif doubt is not None:
@@ -539,17 +542,29 @@ def judge(
     return Reading(Verdict.MISS, (), seen)
 
 
-def unnamed_fit(unnamed: tuple[tuple[int | None, float | None], ...], refund: OrderRefund) -> bool:
-    """``refund`` (listed on the bag) may be one handed to another call without its id,
-    as ``unnamed`` describes them (amount, date): nothing either says tells them apart."""
-    made = refund.date_created
-    at = made.timestamp() if made is not None and made.tzinfo is not None else None
-    for amount, date in unnamed:
+def idless_fits(
+    amount: int | None, date: float | None, refunds: Sequence[OrderRefund]
+) -> list[int]:
+    """The positions in ``refunds`` (one read of a bag) of the records that may be a
+    refund handed out without its id, as the answer gave its ``amount`` and ``date``
+    (Unix seconds; None where it left them out): nothing either says tells them apart.
+
+    Of the records with its amount, one dated within a second of the answer is it, and
+    then only such ones fit. With none so dated, every record not older than the
+    answer by more than ``IDLESS_EARLIER`` fits: a platform may stamp a refund when it
+    has processed it, seconds or minutes after its answer."""
+    alike: list[tuple[int, float | None]] = []
+    for at, refund in enumerate(refunds):
         if amount is not None and refund.amount is not None and amount != refund.amount:
             continue
-        if date is None or at is None or abs(date - at) <= 1.0:
-            return True
-    return False
+        made = refund.date_created
+        alike.append((at, made.timestamp() if made is not None and made.tzinfo else None))
+    if date is None:
+        return [at for at, _ in alike]
+    close = [at for at, when in alike if when is not None and abs(when - date) <= 1.0]
+    if close:
+        return close
+    return [at for at, when in alike if when is None or when - date >= -IDLESS_EARLIER]
 
 
 def _live_twin(

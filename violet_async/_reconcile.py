@@ -18,6 +18,7 @@ import attrs
 
 from . import _protocol as protocol
 from ._ask import PROCESS_CLOCK, merged, with_unnamed
+from ._matching import idless_fits
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
@@ -97,8 +98,10 @@ class KnownRefunds:
         for bag, owner, handed in self._idless:
             if bag != bag_id:
                 continue
-            for listed in refunds:
-                if listed.id is not None and listed.id not in self._ids and _may_be(handed, listed):
+            on_bag = [r for r in refunds if r.bag_id is None or r.bag_id == bag_id]
+            for at in idless_fits(handed.amount, _stamp(handed.date_created), on_bag):
+                listed = on_bag[at]
+                if listed.id is not None and listed.id not in self._ids:
                     self.add(listed.id, bag_id, owner)
 
     def add(
@@ -222,22 +225,6 @@ class KnownRefunds:
 
     def __len__(self) -> int:
         return len(self._ids)
-
-
-def _may_be(handed: OrderRefund, listed: OrderRefund) -> bool:
-    """``listed`` (a record read from the bag) may be ``handed`` (a refund returned
-    without its id): nothing either says tells them apart."""
-    if listed.bag_id is not None and handed.bag_id is not None and listed.bag_id != handed.bag_id:
-        return False
-    if handed.amount is not None and listed.amount is not None and handed.amount != listed.amount:
-        return False
-    made, read = handed.date_created, listed.date_created
-    if made is None or read is None:
-        return True
-    try:
-        return abs((made - read).total_seconds()) <= 1.0
-    except TypeError:  # one with an offset, one without: they cannot be compared
-        return True
 
 
 def _stamp(when: datetime | None) -> float | None:
@@ -538,7 +525,7 @@ async def drive(
     try:
         while True:
             if action.final or action.do is Do.SEND:
-                ask = _stamped(ask, known, clock, settings)
+                ask = _stamped(ask, action, known, clock, settings)
             if save is not None and (action.final or action.do is Do.SEND):
                 await save(ask)
             if action.final:
@@ -589,10 +576,26 @@ async def drive(
         ATTEMPT.set(1)
 
 
+def _held_back(ask: PendingRefund) -> BagPendingError:
+    """Another ask of this client is pending on the bag: a send now could be claimed as
+    that one's refund (its record, handed out before this refund existed, cannot name
+    it), as for a new ask. Nothing is sent or saved; the caller's record stays as it
+    was (the client fills in the pending records)."""
+    return BagPendingError(
+        f"bag {ask.bag_id} has another refund or cancel from this client still pending; "
+        f"this {ask.kind} was not sent again: resume the pending one first "
+        "(error.pending), then this record",
+        pending=(),
+    )
+
+
 def _stamped(
-    ask: PendingRefund, known: Container[int], clock: Clock, settings: Settings
+    ask: PendingRefund, action: Action, known: Container[int], clock: Clock, settings: Settings
 ) -> PendingRefund:
-    """``ask`` as it is saved (before a send) or ends."""
+    """``ask`` as it is saved (before a send) or ends; a send is held back while another
+    ask of this client is pending on the bag (:func:`_held_back`)."""
+    if action.do is Do.SEND and settings.others_pending:
+        raise _held_back(ask)
     unnamed = getattr(known, "unnamed", None)
     if unnamed is not None:
         # Refunds other calls got here without their id: a resume of this record in
