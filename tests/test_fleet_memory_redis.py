@@ -11,6 +11,7 @@ unchanged after one line that answers ``redis.call('TIME')`` from the test's clo
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -393,7 +394,7 @@ async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
         # FleetRateLimit.wait's script (wait itself sleeps for the slot).
         return limiter._reserve(keys=[limiter.key], args=[limiter.ceiling, earliest_ms])
 
-    m1, m2, m3 = 20001, 20002, 20003
+    m1, m2, m3, m4, m5 = 20001, 20002, 20003, 20004, 20005
     # No lane yet: nothing paced, successes counted per second.
     await step("learning, none yet", pace.learning())
     await step("reserve, no lane", pace.reserve(m1, 1.0))
@@ -429,6 +430,8 @@ async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
     await step("gate m1 after a while", pace.gate_slot(m1))
     await step("429 m2, its successes long ago", pace.limited(m2, 0.0))
     await step("gate m2", pace.gate(m2))
+    clock.tick(1.0)
+    await step("429 m2, unknown epoch, 1 / rate later", pace.limited(m2, 0.0))
     # Successes while probing (and capped).
     await step("success m1, probing", pace.succeeded(m1, order_id=560))
     await step("success capped", capped.succeeded(m1))
@@ -446,6 +449,14 @@ async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
         clock.tick(0.7)
         await step(f"success m1 #{n}", pace.succeeded(m1))
     await step("reserve m1, past patience", pace.reserve(m1, 0.0))
+    clock.tick(math.ceil(clock.now) - clock.now + 0.05)
+    await step("success m4", pace.succeeded(m4))
+    await step("success m4 again", pace.succeeded(m4))
+    await step("429 m4, 50 ms into its second", pace.limited(m4, 0.0))
+    await step("success m5", pace.succeeded(m5))
+    clock.tick(2.0)
+    await step("success m5, two seconds on", pace.succeeded(m5))
+    await step("429 m5", pace.limited(m5, 0.0))
     # The fleet's rate limit.
     await step("limit current, no key", limiter.current())
     await step("limit wait, free", limiter.wait())
@@ -454,6 +465,8 @@ async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
     await step("limit reserve, earliest sooner", reserve_fleet(10.0))
     await step("limit down", limiter.slow_down())
     await step("limit down at once", limiter.slow_down())
+    clock.tick(0.5)
+    await step("limit down, 1 / rate later", limiter.slow_down())
     for n in range(8):
         clock.tick(100.0)
         await step(f"limit down #{n}", limiter.slow_down())
@@ -512,9 +525,12 @@ async def test_the_in_memory_redis_paces_merchants_and_limits_the_fleet_as_redis
     assert rows["gate m1, epoch 1"][1] == 1
     assert rows["429 m1, epoch 0 again"] == rows["429 m1, no gate"] == rows["429 m1, epoch 0"]
     assert rows["429 m1, unknown epoch, later"] < rows["429 m1, unknown epoch, at once"]
+    assert rows["429 m2, unknown epoch, 1 / rate later"] == 0.8
+    assert rows["429 m4, 50 ms into its second"] == pytest.approx(2 / 1.1)
     assert float(rows["limit reserve"]) > 0
     assert float(rows["limit reserve, earliest sooner"]) > 0
     assert rows["limit down at once"] == rows["limit down"] == 2.0
+    assert rows["limit down, 1 / rate later"] == 1.0
     assert rows["limit down #7"] == 4.0 / 64
     assert rows["limit current"] == 4.0
     assert rows["limit, a lower ceiling"] == 1.0
