@@ -1,11 +1,17 @@
 """The simulator's in-memory Redis against a real redis-server: one table of ledger and
-bag-lock scenarios, run through the real RedisLedger and BagLocks on each, must give
-identical results (every reply, every error, every key left behind). The simulator's
-fleet runs on the in-memory one; this is what keeps its copy of the Lua scripts from
-drifting away from the scripts silently."""
+bag-lock scenarios, run through the real RedisLedger and BagLocks on each, and one of
+merchant pacing and fleet rate-limit scenarios, run through the real FleetPace and
+FleetRateLimit, must give identical results (every reply, every error, every key left
+behind). The simulator's fleet runs on the in-memory one; this is what keeps its copy of
+the Lua scripts from drifting away from the scripts silently.
+
+The pacing scripts read Redis's ``TIME``: on the real server each runs with its text
+unchanged after one line that answers ``redis.call('TIME')`` from the test's clock
+(every other command goes to Redis), the clock the in-memory server reads too."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -23,8 +29,15 @@ from tests import _fleet_redis
 from violet_async import CancelBagRequest, RefundBagRequest
 from violet_async._ask import PendingRefund, Phase, sent_once
 from violet_async.batch import BatchItem
-from violet_async.fleet import BagLocks, LockBusyError, RedisLedger, item_key
-from violet_async.testing.sim._redis import MemoryRedisServer
+from violet_async.fleet import (
+    BagLocks,
+    FleetPace,
+    FleetRateLimit,
+    LockBusyError,
+    RedisLedger,
+    item_key,
+)
+from violet_async.testing.sim._redis import _SCRIPTS, MemoryRedis, MemoryRedisServer
 
 redis_url = _fleet_redis.redis_url
 fleet_key = _fleet_redis.fleet_key
@@ -310,3 +323,241 @@ async def test_a_closed_connection_fails_every_command_and_counts_writes() -> No
         await locks.acquire(5, wait=0.0)
     await locks.release(held)
     assert not server.exists(locks.key(5))
+
+
+# -- merchant pacing and the fleet's rate limit ------------------------------------------
+
+
+class _Clock:
+    """The one clock both servers' ``TIME`` reads in the pacing scenario."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.25
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _PinnedTime:
+    """A client of the real redis-server whose scripts run with their text unchanged,
+    after one line that answers ``redis.call('TIME')`` with the clock's reading (split
+    into seconds and microseconds as the in-memory server splits it)."""
+
+    def __init__(self, redis: Redis, clock: _Clock) -> None:
+        self.redis = redis
+        self.split = MemoryRedisServer(clock).time
+        #: Script runs that read the pinned TIME (the wrapper is not a no-op).
+        self.pinned = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.redis, name)
+
+    def register_script(self, text: str) -> Callable[..., Awaitable[Any]]:
+        async def run(keys: Any = (), args: Any = ()) -> Any:
+            seconds, micros = self.split()
+            pinned = (
+                "local __redis = redis local redis = {call = function(command, ...) "
+                f"if command == 'TIME' then return {{'{seconds}', '{micros}'}} end "
+                "return __redis.call(command, ...) end}\n"
+            )
+            if "redis.call('TIME')" in text:
+                self.pinned += 1
+            return await cast(
+                Awaitable[Any], self.redis.eval(pinned + text, len(keys), *keys, *args)
+            )
+
+        return run
+
+
+async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
+    """Every FleetPace and FleetRateLimit operation the fleet uses, in states that take
+    each script down each of its branches; returns what each step answered."""
+    pace = FleetPace(cast(Redis, redis), 7, prefix=PREFIX)
+    capped = FleetPace(cast(Redis, redis), 8, prefix=PREFIX, ceiling=2.0)
+    limiter = FleetRateLimit(cast(Redis, redis), 7, 4.0, prefix=PREFIX)
+    lower = FleetRateLimit(cast(Redis, redis), 7, 1.0, prefix=PREFIX)
+    out: list[Any] = []
+
+    async def step(name: str, call: Awaitable[Any]) -> Any:
+        try:
+            value = await call
+        except Exception as exc:  # noqa: BLE001 - the error is the result compared
+            out.append((name, "raised", type(exc).__name__, str(exc)))
+            return None
+        out.append((name, value))
+        return value
+
+    def reserve_fleet(earliest_ms: float) -> Awaitable[Any]:
+        # FleetRateLimit.wait's script (wait itself sleeps for the slot).
+        return limiter._reserve(keys=[limiter.key], args=[limiter.ceiling, earliest_ms])
+
+    m1, m2, m3, m4, m5 = 20001, 20002, 20003, 20004, 20005
+    # No lane yet: nothing paced, successes counted per second.
+    await step("learning, none yet", pace.learning())
+    await step("reserve, no lane", pace.reserve(m1, 1.0))
+    await step("gate, no lane", pace.gate_slot(m1))
+    await step("rate, no lane", pace.rate(m1))
+    await step("merchant of an unknown order", pace.merchant_of(555))
+    await step("success m1", pace.succeeded(m1, order_id=555))
+    await step("success m2", pace.succeeded(m2, order_id=557))
+    for n in range(5):
+        await step(f"success, capped app #{n}", capped.succeeded(m1))
+    clock.tick(0.3)
+    await step("success m1, same second", pace.succeeded(m1))
+    await step("success m3", pace.succeeded(m3))
+    clock.tick(1.0)
+    await step("success m1, next second", pace.succeeded(m1, order_id=556))
+    clock.tick(0.02)
+    await step("learn 558", pace.learn(558, m2))
+    await step("learn 559, no merchant", pace.learn(559, None))
+    for order in (555, 556, 557, 558, 559):
+        await step(f"merchant of {order}", pace.merchant_of(order))
+    # First 429s: lanes start at the rate sends got through at.
+    await step("429 m1, Retry-After 0.25 s", pace.limited(m1, 0.25))
+    await step("learning now", pace.learning())
+    await step("429 m3, its successes the second before", pace.limited(m3, 2.0))
+    await step("429 capped, over the ceiling", capped.limited(m1, 0.0))
+    await step("rate m1", pace.rate(m1))
+    # Slots: taken within patience, then handed back.
+    for n in range(4):
+        await step(f"reserve m1 #{n}", pace.reserve(m1, 1.0))
+    for n in range(3):
+        await step(f"gate m1 #{n}", pace.gate_slot(m1))
+    clock.tick(3.0)
+    await step("gate m1 after a while", pace.gate_slot(m1))
+    await step("429 m2, its successes long ago", pace.limited(m2, 0.0))
+    await step("gate m2", pace.gate(m2))
+    clock.tick(1.0)
+    await step("429 m2, unknown epoch, 1 / rate later", pace.limited(m2, 0.0))
+    # Successes while probing (and capped).
+    await step("success m1, probing", pace.succeeded(m1, order_id=560))
+    await step("success capped", capped.succeeded(m1))
+    # 429s: of the present epoch, a stale one, one that passed no gate, unknown.
+    await step("429 m1, epoch 0", pace.limited(m1, 0.0, epoch=0))
+    await step("429 m1, epoch 0 again", pace.limited(m1, 0.0, epoch=0))
+    await step("429 m1, no gate", pace.limited(m1, 0.0, epoch=-1))
+    await step("gate m1, epoch 1", pace.gate_slot(m1))
+    await step("429 m1, unknown epoch, at once", pace.limited(m1, 0.5))
+    clock.tick(5.0)
+    await step("429 m1, unknown epoch, later", pace.limited(m1, 0.0))
+    await step("429 m3, floor", pace.limited(m3, 30.0, epoch=0))
+    # Back up: quickly toward the rate of the last 429, then slowly past it.
+    for n in range(8):
+        clock.tick(0.7)
+        await step(f"success m1 #{n}", pace.succeeded(m1))
+    await step("reserve m1, past patience", pace.reserve(m1, 0.0))
+    clock.tick(math.ceil(clock.now) - clock.now + 0.05)
+    await step("success m4", pace.succeeded(m4))
+    await step("success m4 again", pace.succeeded(m4))
+    await step("429 m4, 50 ms into its second", pace.limited(m4, 0.0))
+    await step("success m5", pace.succeeded(m5))
+    clock.tick(2.0)
+    await step("success m5, two seconds on", pace.succeeded(m5))
+    await step("429 m5", pace.limited(m5, 0.0))
+    # The fleet's rate limit.
+    await step("limit current, no key", limiter.current())
+    await step("limit wait, free", limiter.wait())
+    await step("limit reserve", reserve_fleet(0.0))
+    await step("limit reserve, earliest later", reserve_fleet(1_000.0))
+    await step("limit reserve, earliest sooner", reserve_fleet(10.0))
+    await step("limit down", limiter.slow_down())
+    await step("limit down at once", limiter.slow_down())
+    clock.tick(0.5)
+    await step("limit down, 1 / rate later", limiter.slow_down())
+    for n in range(8):
+        clock.tick(100.0)
+        await step(f"limit down #{n}", limiter.slow_down())
+    await step("limit reserve, slow", reserve_fleet(0.0))
+    for n in range(25):
+        await step(f"limit up #{n}", limiter.speed_up())
+    await step("limit current", limiter.current())
+    await step("limit, a lower ceiling", lower.current())
+    await step("limit up, a lower ceiling", lower.speed_up())
+    await step("limit reserve, a lower ceiling", lower._reserve(keys=[lower.key], args=[1.0, 0.0]))
+    out.append(("keyspace", await _pace_dump(redis)))
+    return out
+
+
+async def _pace_dump(redis: Any) -> dict[str, Any]:
+    """Every key, its value and whether it expires."""
+    dump: dict[str, Any] = {}
+    if isinstance(redis, MemoryRedis):
+        for raw, value in sorted(redis.server.data.items()):
+            shown = dict(value) if isinstance(value, dict) else value
+            dump[raw.decode()] = (shown, raw in redis.server.expires)
+        return dump
+    for raw in sorted(await redis.keys(PREFIX + "*")):
+        kind = (await redis.type(raw)).decode()
+        value = await redis.hgetall(raw) if kind == "hash" else await redis.get(raw)
+        dump[raw.decode()] = (value, await redis.pttl(raw) > 0)
+    return dump
+
+
+async def test_the_in_memory_redis_paces_merchants_and_limits_the_fleet_as_redis_does(
+    redis_url: str,
+) -> None:
+    real = Redis.from_url(redis_url)
+    try:
+        await real.flushall()
+        real_clock = _Clock()
+        pinned = _PinnedTime(real, real_clock)
+        expected = await _pace_scenario(pinned, real_clock)
+    finally:
+        await real.aclose()
+    assert pinned.pinned > 50  # every script read TIME through the pin
+    clock = _Clock()
+    got = await _pace_scenario(MemoryRedisServer(clock).client(), clock)
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine == theirs
+    # The scenario reached the branches that matter (not a table of no-ops).
+    rows = dict(expected)
+    assert rows["reserve, no lane"] is None
+    assert rows["learning now"] is True
+    assert rows["merchant of 558"] == 20002
+    assert rows["429 capped, over the ceiling"] == 2.0
+    assert rows["reserve m1 #0"] > 0
+    assert rows["reserve m1 #3"] < 0
+    assert rows["gate m1 #2"][0] > rows["gate m1 #1"][0] > 0
+    assert rows["gate m1, epoch 1"][1] == 1
+    assert rows["429 m1, epoch 0 again"] == rows["429 m1, no gate"] == rows["429 m1, epoch 0"]
+    assert rows["429 m1, unknown epoch, later"] < rows["429 m1, unknown epoch, at once"]
+    assert rows["429 m2, unknown epoch, 1 / rate later"] == 0.8
+    assert rows["429 m4, 50 ms into its second"] == pytest.approx(2 / 1.1)
+    assert float(rows["limit reserve"]) > 0
+    assert float(rows["limit reserve, earliest sooner"]) > 0
+    assert rows["limit down at once"] == rows["limit down"] == 2.0
+    assert rows["limit down, 1 / rate later"] == 1.0
+    assert rows["limit down #7"] == 4.0 / 64
+    assert rows["limit current"] == 4.0
+    assert rows["limit, a lower ceiling"] == 1.0
+    lane = rows["keyspace"][PREFIX + ":pace:7:20001"][0]
+    assert lane[b"epoch"] == b"2"
+    assert float(lane[b"peak"]) > float(lane[b"rate"]) > 0.95 * float(lane[b"peak"])
+
+
+def test_every_fleet_script_has_an_in_memory_copy_and_no_copy_is_stale() -> None:
+    """The in-memory Redis finds a script's copy by the script's text: a script edited
+    (or added) without its copy is refused when registered, which fails the simulator's
+    worker mode and the parity tests above. And no copy outlives its script."""
+    registered: list[str] = []
+
+    class Recorder:
+        def register_script(self, text: str) -> None:
+            registered.append(text)
+
+    recorder = cast(Redis, Recorder())
+    RedisLedger(recorder, fleet_key="k" * 32)
+    BagLocks(recorder)
+    FleetPace(recorder, 1)
+    FleetRateLimit(recorder, 1, 1.0)
+    assert len(registered) == 14
+    assert set(registered) == set(_SCRIPTS)
+    memory = MemoryRedisServer(time.time).client()
+    for text in registered:
+        memory.register_script(text)
+        with pytest.raises(NotImplementedError):
+            memory.register_script(text.replace("local", "local ", 1) + " ")

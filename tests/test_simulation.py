@@ -316,6 +316,31 @@ def test_a_ledger_that_loses_its_data_never_makes_a_worker_send_again() -> None:
     assert injected["world:ledger_refused_send"] > 0
 
 
+def test_workers_pace_each_limited_merchant_by_the_fleets_lanes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """merchant_429 (worker mode): the real FleetWorker paces each merchant through
+    FleetPace's scripts on the in-memory Redis (the simulator's clock): jobs are handed
+    back for their merchant's next slot, a merchant's platform answers far fewer 429s
+    than with pacing off, and every invariant holds either way."""
+    from violet_async.testing.sim import _fleet
+
+    def run() -> Counter[str]:
+        injected: Counter[str] = Counter()
+        for seed in range(40):
+            result = simulate(seed, mode="worker", kinds={"merchant_429"})
+            assert result.ok, result.report()
+            injected.update(result.injected)
+        return injected
+
+    paced = run()
+    monkeypatch.setattr(_fleet, "MERCHANT_PACE", False)
+    unpaced = run()
+    assert paced["world:merchant_paced"] > 0
+    assert unpaced["world:merchant_paced"] == 0
+    assert paced["world:merchant_429"] * 3 < unpaced["world:merchant_429"] * 2
+
+
 #: The world kinds of the all-kinds runs in docs/simulation.md ("Every kind at once"),
 #: before the simulator learned more: its seeds replay with exactly these.
 ALL_KINDS_RUN = frozenset(

@@ -11,11 +11,17 @@ after the faults stop, the jobs not finished run on more workers. A job handed b
 again after its ``defer``, as an arq job is retried. With ``redis_loss`` the Redis
 restarts empty at a moment of the run: jobs then run from their own signed copies.
 
+Merchant pacing (``FleetPace``) is on, as it is by default in the product: a
+merchant's 429 (``merchant_429``) hands the job back and slows that merchant's lane for
+every worker, on the in-memory Redis's clock (the simulator's). Items carry their
+signed ``merchant_id`` when the schedule says the input has the column
+(``merchant_ids_known``); otherwise workers learn it from the refunds they get and
+``GET /orders/{id}``. The fleet's shared rate limit (``FleetRateLimit``) is off, as it
+is by default.
+
 What stays a stand-in: Redis itself (its scripts are written again in Python and held
 to a real redis-server by ``tests/test_fleet_memory_redis.py``), and arq's queue (a job
 per item, retried in place; ``refund_job`` adds only its exceptions' mapping to arq's).
-The fleet's shared rate limit and merchant pacing (``FleetRateLimit``, ``FleetPace``)
-are off, as they are by default.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import attrs
 from ..._ask import PendingRefund, Phase
 from ..._engine import Outcome
 from ...batch import BatchItem
+from ._kinds_more import MERCHANT_BASE
 from ._redis import MemoryRedisServer
 from ._violet import ASK_LABEL
 from ._vloop import SimClock
@@ -40,6 +47,9 @@ FLEET_KEY = "sim-fleet-key-not-a-secret-0123"
 JOB_REPEATS = 12
 #: The longest a job handed back waits before it runs again (the queue's own clock).
 LONGEST_DEFER = 3_600.0
+#: Workers pace each merchant (``FleetPace``), as the product does by default (set
+#: here, not read from the environment: a seed replays the same wherever it runs).
+MERCHANT_PACE = True
 
 
 @attrs.define
@@ -88,6 +98,7 @@ async def run_workers(world: Any) -> None:
             world.ids[a.bag][0],
             world.ids[a.bag][1],
             world.request(a),
+            MERCHANT_BASE + s.merchants[a.bag] if s.merchant_ids_known else None,
         )
         for n, a in enumerate(s.asks)
     ]
@@ -155,7 +166,7 @@ async def _process(  # noqa: PLR0915 - one worker process, its jobs and its deat
     redis = server.client()
     ledger = RedisLedger(cast(Any, redis), fleet_key=FLEET_KEY)
     base, transport = world.client(name)
-    worker = FleetWorker(base, ledger, BagLocks(cast(Any, redis)), merchant_pace=False)
+    worker = FleetWorker(base, ledger, BagLocks(cast(Any, redis)), merchant_pace=MERCHANT_PACE)
     worker.engine = cast(Any, _TimedEngine(worker.engine, world, name))
     tasks: list[asyncio.Task[None]] = []
     dead = False
@@ -198,6 +209,9 @@ async def _process(  # noqa: PLR0915 - one worker process, its jobs and its deat
             except RetryLaterError as exc:
                 if isinstance(exc.__cause__, (LedgerLostError, LedgerHeldError)):
                     world.violet.count("world:ledger_refused_send")
+                elif exc.__cause__ is None and "'s pace:" in str(exc):
+                    # Its merchant's lane (FleetPace) holds its send for later.
+                    world.violet.count("world:merchant_paced")
                 wait = min(max(exc.defer, 0.05), LONGEST_DEFER)
                 world.note(f"{name} {label}: handed back ({exc}); runs again in {wait:g}s")
                 await asyncio.sleep(wait)

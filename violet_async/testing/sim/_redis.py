@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ...fleet import _ledger, _lock
+from ...fleet import _ledger, _lock, _pace, _ratelimit
 
 __all__ = ["MemoryRedis", "MemoryRedisServer"]
 
@@ -58,6 +59,14 @@ def _b(value: Any) -> bytes:
 def _number(text: bytes | None) -> float:
     """Lua's ``tonumber`` of a string Redis returned."""
     return float(text) if text is not None else 0.0
+
+
+def _tonumber(text: bytes) -> float | None:
+    """Lua's ``tonumber`` of an argument (None: Lua's nil, not a number)."""
+    try:
+        return float(text) if b"_" not in text else None
+    except ValueError:
+        return None
 
 
 def _lua_tostring(number: float) -> bytes:
@@ -86,6 +95,15 @@ class MemoryRedisServer:
 
     def exists(self, key: str) -> bool:
         return self._live(_b(key)) is not None
+
+    def time(self) -> tuple[int, int]:
+        """Redis's ``TIME``, from the clock: whole seconds and microseconds."""
+        now = self.clock()
+        seconds = int(now)
+        micros = round((now - seconds) * 1e6)
+        if micros >= 1_000_000:
+            seconds, micros = seconds + 1, micros - 1_000_000
+        return seconds, micros
 
     # -- the keyspace ------------------------------------------------------------
 
@@ -129,6 +147,20 @@ class MemoryRedisServer:
         table = self._hash(key, create=True)
         for field, value in zip(pairs[::2], pairs[1::2], strict=True):
             table[field] = value
+
+    def hincrby(self, key: bytes, field: bytes, amount: int) -> int:
+        table = self._hash(key, create=True)
+        found = table.get(field, b"0")
+        if not found.lstrip(b"-").isdigit():
+            raise TypeError("ERR hash value is not an integer")
+        table[field] = str(int(found) + amount).encode()
+        return int(table[field])
+
+    def put(self, key: bytes, value: bytes, px: int | None = None) -> None:
+        self.data[key] = value
+        self.expires.pop(key, None)
+        if px is not None:
+            self.expires[key] = self.clock() + px / 1000
 
     def hmget(self, key: bytes, *fields: bytes) -> list[bytes | None]:
         table = self._hash(key)
@@ -262,6 +294,163 @@ def _release(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _lock._R
     return 0
 
 
+# -- the fleet's merchant pacing (_pace) and rate limit (_ratelimit) --------------------
+# Every one reads Redis's TIME first (the server's clock here), as milliseconds.
+
+_DAY_MS = 86_400_000
+
+
+def _now_ms(r: MemoryRedisServer) -> float:  # _pace._NOW, _ratelimit._PRELUDE
+    seconds, micros = r.time()
+    return float(seconds) * 1000 + float(micros) / 1000
+
+
+def _pace_reserve(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _pace._RESERVE
+    now = _now_ms(r)
+    rate = _number(r.hget(keys[0], b"rate"))
+    if rate <= 0:
+        return b"none"
+    tat = _number(r.hget(keys[0], b"tat"))
+    slot = max(tat, now)
+    if slot - now > float(argv[0]):
+        return _lua_tostring(-(slot - now))
+    r.hset(keys[0], b"tat", _lua_tostring(slot + 1000 / rate))
+    r.pexpire(keys[0], _DAY_MS)
+    return _lua_tostring(slot - now)
+
+
+def _pace_gate(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _pace._GATE
+    now = _now_ms(r)
+    rate = _number(r.hget(keys[0], b"rate"))
+    if rate <= 0:
+        return b"none"
+    sent = _number(r.hget(keys[0], b"sent_tat"))
+    slot = max(sent, now)
+    r.hset(keys[0], b"sent_tat", _lua_tostring(slot + 1000 / rate))
+    r.pexpire(keys[0], _DAY_MS)
+    return _lua_tostring(slot - now) + b" " + (r.hget(keys[0], b"epoch") or b"0")
+
+
+def _pace_limited(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _pace._LIMITED
+    now = _now_ms(r)
+    r.put(keys[1], b"1", px=_DAY_MS)
+    ceiling = float(argv[3])
+    rate = _number(r.hget(keys[0], b"rate"))
+    wait = float(argv[0])
+    if rate <= 0:
+        sec = float(math.floor(now / 1000))
+        ok_sec = _number(r.hget(keys[0], b"ok_sec"))
+        seen, window = 0.0, 1.0
+        if ok_sec == sec:
+            seen = _number(r.hget(keys[0], b"ok_cur")) + _number(r.hget(keys[0], b"ok_prev"))
+            window = 1 + max(now - sec * 1000, 100.0) / 1000
+        elif ok_sec == sec - 1:
+            seen = _number(r.hget(keys[0], b"ok_cur"))
+        estimate = seen / window if seen > 0 else 1.0
+        if 0 < wait < 1000:
+            estimate = min(estimate, 1000 / wait)
+        rate = max(float(argv[1]), estimate)
+        if ceiling > 0:
+            rate = min(rate, ceiling)
+        at = _lua_tostring(now)
+        r.hset(
+            keys[0],
+            *(b"rate", _lua_tostring(rate), b"probing", b"1", b"slowed_at", at),
+            *(b"tat", at, b"sent_tat", at),
+        )
+    else:
+        epoch = _number(r.hget(keys[0], b"epoch"))
+        if argv[4] != b"":
+            slow = _tonumber(argv[4]) == epoch
+        else:
+            last = _number(r.hget(keys[0], b"slowed_at"))
+            slow = now - last >= 1000 / rate
+        if slow:
+            peak = rate
+            rate = max(float(argv[1]), rate * float(argv[2]))
+            next_slot = _lua_tostring(now + 1000 / rate)
+            r.hset(
+                keys[0],
+                *(b"rate", _lua_tostring(rate), b"probing", b"0"),
+                *(b"slowed_at", _lua_tostring(now), b"tat", next_slot),
+                *(b"peak", _lua_tostring(peak), b"sent_tat", next_slot),
+                *(b"epoch", _lua_tostring(epoch + 1)),
+            )
+    tat = _number(r.hget(keys[0], b"tat"))
+    sent = _number(r.hget(keys[0], b"sent_tat"))
+    r.hset(
+        keys[0],
+        *(b"tat", _lua_tostring(max(tat, now + wait))),
+        *(b"sent_tat", _lua_tostring(max(sent, now + wait))),
+    )
+    r.pexpire(keys[0], _DAY_MS)
+    return _lua_tostring(rate)
+
+
+def _pace_succeeded(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _SUCCEEDED
+    now = _now_ms(r)
+    if argv[4] != b"":
+        r.hset(keys[1], argv[4], argv[5])
+    rate = _number(r.hget(keys[0], b"rate"))
+    if rate <= 0:
+        sec = float(math.floor(now / 1000))
+        ok_sec = _number(r.hget(keys[0], b"ok_sec"))
+        if ok_sec != sec:
+            cur = (r.hget(keys[0], b"ok_cur") or b"0") if ok_sec == sec - 1 else b"0"
+            r.hset(keys[0], b"ok_sec", _lua_tostring(sec), b"ok_prev", cur, b"ok_cur", b"0")
+        r.hincrby(keys[0], b"ok_cur", 1)
+        r.pexpire(keys[0], _DAY_MS)
+        return b"none"
+    peak = _number(r.hget(keys[0], b"peak"))
+    if r.hget(keys[0], b"probing") == b"1":
+        rate = rate * (1 + float(argv[0]))
+    elif rate < 0.95 * peak:
+        rate = rate + (peak - rate) * float(argv[3])
+    else:
+        rate = rate * (1 + float(argv[1]))
+    ceiling = float(argv[2])
+    if ceiling > 0:
+        rate = min(rate, ceiling)
+    r.hset(keys[0], b"rate", _lua_tostring(rate))
+    return _lua_tostring(rate)
+
+
+def _limit_rate(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> tuple[float, float, float]:
+    """_ratelimit._PRELUDE: now, the ceiling and the rate."""
+    now = _now_ms(r)
+    ceiling = float(argv[0])
+    stored = r.hget(keys[0], b"rate")
+    rate = float(stored) if stored is not None else ceiling
+    rate = min(rate, ceiling)
+    return now, ceiling, rate
+
+
+def _limit_reserve(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _RESERVE
+    now, _ceiling, rate = _limit_rate(r, keys, argv)
+    tat = _number(r.hget(keys[0], b"tat"))
+    earliest = now + float(argv[1])
+    slot = max(tat, earliest)
+    r.hset(keys[0], b"tat", _lua_tostring(slot + 1000 / rate))
+    r.pexpire(keys[0], _DAY_MS)
+    return _lua_tostring(slot - earliest)
+
+
+def _limit_adjust(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _ADJUST
+    now, ceiling, rate = _limit_rate(r, keys, argv)
+    if argv[1] == b"down":
+        last = _number(r.hget(keys[0], b"halved_at"))
+        if now - last >= 1000 / rate:
+            rate = max(ceiling / 64, rate / 2)
+            r.hset(keys[0], b"halved_at", _lua_tostring(now))
+            tat = _number(r.hget(keys[0], b"tat"))
+            r.hset(keys[0], b"tat", _lua_tostring(max(tat, now) + 1000 / rate))
+    else:
+        rate = min(ceiling, rate + ceiling / 20)
+    r.hset(keys[0], b"rate", _lua_tostring(rate))
+    r.pexpire(keys[0], _DAY_MS)
+    return _lua_tostring(rate)
+
+
 _SCRIPTS: dict[str, Callable[[MemoryRedisServer, _Keys, _Keys], Any]] = {
     _ledger._WRITE: _write,
     _ledger._REGISTER: _register,
@@ -271,6 +460,12 @@ _SCRIPTS: dict[str, Callable[[MemoryRedisServer, _Keys, _Keys], Any]] = {
     _ledger._HOLD: _hold,
     _lock._RENEW: _renew,
     _lock._RELEASE: _release,
+    _pace._RESERVE: _pace_reserve,
+    _pace._GATE: _pace_gate,
+    _pace._LIMITED: _pace_limited,
+    _pace._SUCCEEDED: _pace_succeeded,
+    _ratelimit._RESERVE: _limit_reserve,
+    _ratelimit._ADJUST: _limit_adjust,
 }
 
 
@@ -338,9 +533,7 @@ class MemoryRedis:
         return _Pipeline(self)
 
     async def time(self) -> tuple[int, int]:
-        now = (await self._command()).clock()
-        seconds = int(now)
-        return seconds, round((now - seconds) * 1e6)
+        return (await self._command()).time()
 
     async def get(self, key: str) -> bytes | None:
         return (await self._command()).get(_b(key))
@@ -357,6 +550,22 @@ class MemoryRedis:
         if px is not None:
             server.expires[name] = server.clock() + px / 1000
         return True
+
+    async def hget(self, key: str, field: str) -> bytes | None:
+        return (await self._command()).hget(_b(key), _b(field))
+
+    async def hset(self, key: str, field: str, value: Any) -> int:
+        """One field (``FleetPace.learn``: the order -> merchant hash; not a write to
+        an item's record)."""
+        server = await self._command()
+        name, at = _b(key), _b(field)
+        added = int(at not in server._hash(name))
+        server.hset(name, at, _b(value))
+        return added
+
+    async def exists(self, *keys: str) -> int:
+        server = await self._command()
+        return sum(server._live(_b(k)) is not None for k in keys)
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         return dict((await self._command())._hash(_b(key)))

@@ -249,7 +249,8 @@ class Schedule:
     """Each bag's merchant (an index from ``_kinds_more.MERCHANT_BASE``)."""
     merchant_limits: tuple[MerchantLimit, ...] = ()
     merchant_ids_known: bool = False
-    """Batch items carry their merchant's id (else the batch learns it)."""
+    """Batch and worker items carry their merchant's id (else the batch, or the fleet,
+    learns it)."""
     second_callers: tuple[SecondCaller, ...] = ()
     shared_store: str = ""
     """The record store two client processes share: "memory" or "sqlite"."""
