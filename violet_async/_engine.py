@@ -1568,6 +1568,8 @@ VOCABULARY: dict[str, dict[str, Outcome]] = {
         "unknown": Outcome.REVIEW,
         "failed": Outcome.FAILED,
         "refused": Outcome.FAILED,
+        # New, never sent: its bag is kept open by items under review.
+        "not_sent": Outcome.NOT_SENT,
     },
     # ``BatchResult.outcome``: one item of a batch run (already_* are skips, from an
     # earlier run's journal).

@@ -28,7 +28,14 @@ from ._arq import (
     without_job,
     worker_settings,
 )
-from ._ledger import DEFAULT_PREFIX, STATES, NonDurableRedisError, RedisLedger, load_fleet_key
+from ._ledger import (
+    DEFAULT_PREFIX,
+    STATES,
+    NonDurableRedisError,
+    RedisLedger,
+    is_blocked,
+    load_fleet_key,
+)
 
 __all__ = ["add_commands", "run"]
 
@@ -296,7 +303,10 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
         counts = await ledger.counts()
         problem_keys = await ledger.keys_in("failed", "pending")
         problems = [r for r in await ledger.get_many(problem_keys) if r is not None]
-        held = {r.key for r in problems if r.held_by}
+        # New items left not sent because their bag waits on an item under review.
+        problems += await ledger.blocked()
+        # Neither is an item without a job to enqueue again: it waits for a person.
+        held = {r.key for r in problems if r.held_by or is_blocked(r)}
         open_keys = [k for k in await ledger.keys_in("new", "sent", "pending") if k not in held]
         orphans = await without_job(redis, open_keys)
     finally:

@@ -15,6 +15,9 @@ of a fleet lives in one Redis Cluster slot and the Lua scripts may touch them to
     P:bag:<bag_id>:owners      hash: refund id -> the item key it is the refund of
     P:bag:<bag_id>:items       set: every item key registered on the bag (since this
                                release; older items are found through owners and open)
+    P:blocked                  set: items that ended not sent because every item keeping
+                               their bag open is under review (``status`` lists them;
+                               a member whose record says otherwise is stale)
     P:epoch                    hash: id, created, hold_until: the ledger's life. Written at
                                first use; a worker that finds it gone or replaced knows
                                Redis lost the ledger, and no send leaves before hold_until
@@ -72,6 +75,8 @@ __all__ = [
     "RedisLedger",
     "RefundOwnedError",
     "State",
+    "UnderReview",
+    "is_blocked",
     "item_key",
     "keyed_items",
     "load_fleet_key",
@@ -185,6 +190,18 @@ class Epoch:
 
     id: str
     hold_until: float
+
+
+@attrs.frozen
+class UnderReview:
+    """An item keeping a bag open that no worker will move on: under review
+    (``needs_review``), or its record cannot be read (``readable`` False). ``line`` and
+    ``source`` as the record holds them (empty when it holds none)."""
+
+    key: str
+    line: str = ""
+    source: str = ""
+    readable: bool = True
 
 
 def item_key(item: BatchItem, occurrence: int = 0) -> str:
@@ -436,6 +453,7 @@ class RedisLedger:
         self._hold = redis.register_script(_HOLD)
         self.states_key = f"{prefix}:states"
         self.epoch_key = f"{prefix}:epoch"
+        self.blocked_key = f"{prefix}:blocked"
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:item:{key}"
@@ -490,6 +508,73 @@ class RedisLedger:
         if settled:
             await resolve(self.redis.srem(self.bag_open_key(bag_id), *settled))
         return set(keys) - set(settled)
+
+    async def all_under_review(self, keys: Iterable[str]) -> list[UnderReview] | None:
+        """The items ``keys`` (those keeping a bag open) when every one of them is under
+        review (``needs_review``: no worker moves it on, a person settles it) or has a
+        record that cannot be read; None when any is not (sent or pending and still
+        being resolved, or its record is missing: its job may register it again)."""
+        ordered = sorted(keys)
+        found: list[UnderReview] = []
+        for key, raw in zip(ordered, await self._raw_many(ordered), strict=True):
+            if not raw:
+                return None
+            try:
+                record = _parse(key, raw, self.merchant_of)
+            except ValueError:
+                data = {_text(k): _text(v) for k, v in raw.items()}
+                found.append(
+                    UnderReview(
+                        key, data.get("line") or "", data.get("source") or "", readable=False
+                    )
+                )
+                continue
+            if not record.needs_review:
+                return None
+            found.append(UnderReview(key, str(record.item.line), record.source))
+        return found
+
+    async def mark_blocked(
+        self, key: str, message: str, *, lock_key: str | None = None, token: str = ""
+    ) -> None:
+        """Leave ``key`` *new* (never sent), outcome ``not_sent``, with ``message``:
+        its bag is kept open by items under review, which no wait settles. Listed by
+        ``status`` (:meth:`blocked`); enqueued again, it runs as any new item. Given
+        ``lock_key``, only while ``token`` holds it (LockLostError)."""
+        # On the set first: a record is never blocked and not there (a stale member is
+        # told apart by its record).
+        await resolve(self.redis.sadd(self.blocked_key, key))
+        await self._set(
+            key,
+            "new",
+            lock=(lock_key, token),
+            outcome="not_sent",
+            error="BagUnderReview",
+            message=message,
+        )
+
+    async def unblock(self, key: str, *, lock_key: str | None = None, token: str = "") -> None:
+        """Clear what :meth:`mark_blocked` wrote (the item's bag is free now: it runs)."""
+        await self._set(key, "new", lock=(lock_key, token), outcome="", error="", message="")
+        await resolve(self.redis.srem(self.blocked_key, key))
+
+    async def blocked(self) -> list[LedgerRecord]:
+        """Items left not sent by :meth:`mark_blocked` and still so (new, ``not_sent``)."""
+        found_keys = await resolve(self.redis.smembers(self.blocked_key))
+        members = sorted(str(_text(m)) for m in found_keys)
+        if not members:
+            return []
+        found = []
+        for key, raw in zip(members, await self._raw_many(members), strict=True):
+            if not raw:
+                continue
+            try:
+                record = _parse(key, raw, self.merchant_of)
+            except ValueError:
+                continue
+            if is_blocked(record):
+                found.append(record)
+        return found
 
     def _key(self) -> bytes:
         if self.fleet_key is None:
@@ -1005,3 +1090,8 @@ def _done_or_open(record: LedgerRecord) -> bool:
     if record.state == "applied":
         return True
     return record.state in ("sent", "pending") and not record.held_by
+
+
+def is_blocked(record: LedgerRecord) -> bool:
+    """Left not sent by :meth:`RedisLedger.mark_blocked` (new, outcome ``not_sent``)."""
+    return record.state == "new" and record.outcome == "not_sent"

@@ -44,6 +44,8 @@ from ._ledger import (
     LockLostError,
     RedisLedger,
     RefundOwnedError,
+    UnderReview,
+    is_blocked,
     item_key,
     load_fleet_key,
     resolve,
@@ -340,11 +342,62 @@ class FleetWorker:
         # mid-send): a send now could claim its refund, or have its own claimed.
         unsettled = await self.ledger.open_on_bag(item.bag_id) - {key}
         if unsettled:
+            review = await self.ledger.all_under_review(unsettled)
+            if review is None:
+                raise RetryLaterError(
+                    f"bag {item.bag_id} has an unsettled item ({sorted(unsettled)[0]})",
+                    defer=max(self.patience, 1.0),
+                )
+            # Every one is under review: no wait settles it, a person does. Not sent,
+            # not retried: left new (never sent), for the file enqueued again.
+            await self._blocked(key, record, review, held)
+            return True
+        if is_blocked(record):
+            # Left not sent by an earlier run; the bag is free now: it runs as new.
+            try:
+                await self.ledger.unblock(key, lock_key=held.key, token=held.token)
+            except LockLostError as exc:  # another worker has the bag: nothing sent
+                raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+        return False
+
+    async def _blocked(
+        self, key: str, record: LedgerRecord, review: list[UnderReview], held: Any
+    ) -> None:
+        """Leave ``key`` not sent (new, outcome ``not_sent``) with a message naming the
+        item under review that keeps its bag; ``status`` lists it. Raises RetryLaterError
+        when the bag changed meanwhile (an item settled): the item runs again soon."""
+        item = record.item
+        first = review[0]
+        where = (
+            f"line {_short(first.line)} of {_short(first.source)}"
+            if first.source
+            else f"line {_short(first.line) or '?'}"
+        )
+        what = (
+            f"an item under review ({_short(first.key)}, {where})"
+            if first.readable
+            else f"an item whose ledger record cannot be read ({_short(first.key)}, {where})"
+        )
+        more = f" and {len(review) - 1} more" if len(review) > 1 else ""
+        message = (
+            f"not sent: bag {item.bag_id} is kept open by {what}{more}; waiting will not "
+            "settle it, a person must. Check the bag, settle the item under review, then "
+            "enqueue this file again: this item was never sent, and runs then"
+        )
+        try:
+            await self.ledger.mark_blocked(key, message, lock_key=held.key, token=held.token)
+        except LockLostError as exc:  # another worker has the bag: nothing sent
+            raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+        # Settled (or re-run) while this was written: run again rather than wait for a
+        # person to enqueue it (the next run sends, or waits as any other item would).
+        again = await self.ledger.open_on_bag(item.bag_id) - {key}
+        if not again or await self.ledger.all_under_review(again) is None:
             raise RetryLaterError(
-                f"bag {item.bag_id} has an unsettled item ({sorted(unsettled)[0]})",
+                f"bag {item.bag_id}: the item under review changed; run again",
                 defer=max(self.patience, 1.0),
             )
-        return False
+        log.warning("item %s: %s", printable(key), printable(message))
+        count_item("fleet", item.kind, "not_sent")
 
     async def _send_slot(self, ask: PendingRefund, merchant: int | None, key: str) -> None:
         """Wait for the fleet's budget and the merchant's spacing, as the request is
@@ -631,6 +684,11 @@ class FleetWorker:
                 f"item {key} vanished from the ledger under this run: Redis lost its data"
             )
         return record
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """Another record's text (a key, a source) as a message quotes it: bounded."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_item(key: str, item: BatchItem) -> bool:

@@ -272,6 +272,10 @@ def _seen(
         return Seen(label, "held", error=message)
     if state == "failed" and outcome != "unknown":
         return Seen(label, "failed", error=message)
+    if state == "new" and outcome == "not_sent":
+        # Never sent: its bag waits on an item under review (the file enqueued again
+        # runs it once that one is settled).
+        return Seen(label, "not_sent", error=message)
     # Pending for review, or failed "unknown": a person looks; the reason is the
     # ledger's message.
     pending = record.pending() if record is not None and record.ask else None
