@@ -23,10 +23,11 @@ if not os.environ.get("CI"):
     pytest.importorskip("redis")
 
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
 from arq.worker import Worker
 
 from tests import _fleet_redis
-from violet_async import RefundBagRequest, RetryPolicy
+from violet_async import RefundBagRequest, RetryPolicy, Timeouts
 from violet_async._ask import sent_once
 from violet_async.batch import BatchItem
 from violet_async.fleet import (
@@ -38,9 +39,13 @@ from violet_async.fleet import (
     enqueue,
     item_key,
 )
-from violet_async.fleet._arq import FleetConfig, close_worker, worker_settings
+from violet_async.fleet._arq import QUEUE_NAME, FleetConfig, close_worker, job_id, worker_settings
 from violet_async.fleet._cli import _status
-from violet_async.testing import FakeViolet
+from violet_async.testing import FakeClock, FakeViolet
+
+from .hostile import BAG_ID as H_BAG
+from .hostile import ORDER_ID as H_ORDER
+from .hostile import Hostile, Step, hostile_client
 
 redis_url = _fleet_redis.redis_url  # the session's redis-server
 fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
@@ -48,6 +53,8 @@ fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
 ORDER = 100001
 BAG = ORDER + 100_000
 SOURCE = "refunds.csv"
+ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
+TIMEOUTS = Timeouts(connect=1.0, read=2.0)
 
 
 def _item(line: int, amount: int) -> BatchItem:
@@ -324,3 +331,64 @@ async def test_a_blocked_item_delivered_again_while_the_review_stands_sends_noth
         finally:
             await client_a.aclose()
             await client_b.aclose()
+
+
+async def _until_ended(worker: FleetWorker, clock: FakeClock, key: str) -> dict[str, Any]:
+    """Run ``key``'s job as arq would: again after each hand-back's defer (virtual
+    time), its job gone once it returns (``keep_result=0``)."""
+    for _ in range(30):
+        try:
+            result = await worker.run(key)
+        except RetryLaterError as exc:
+            clock.advance(exc.defer)
+            continue
+        await worker.ledger.redis.delete(job_key_prefix + job_id(key))
+        await worker.ledger.redis.zrem(QUEUE_NAME, job_id(key))
+        return result
+    raise AssertionError(f"{key} did not end")
+
+
+async def test_a_review_the_worker_itself_parked_blocks_the_bag_on_a_hostile_server(
+    pool: ArqRedis,
+) -> None:
+    """Our own server: the first item's POST is answered 200 with a body that cannot be
+    read, and its refund never shows (the worker parks it for review). A refund of new
+    money on the bag then ends not sent with no request at all (no read, no POST); an
+    edited row of the parked item (same money, its reason fixed) is held as
+    already_present, as before, never taken for blocked. Settled by a person (the bag
+    shows no refund: failed), the file enqueued again sends the new money once."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200, garbled=True, commit_after=None), Step(200)])
+    parked = BatchItem.refund(1, H_ORDER, H_BAG, RefundBagRequest(amount_refunded=300))
+    new_money = BatchItem.refund(2, H_ORDER, H_BAG, RefundBagRequest(amount_refunded=400))
+    edited = BatchItem.refund(
+        3, H_ORDER, H_BAG, RefundBagRequest(amount_refunded=300, reason="damaged")
+    )
+    p_key, n_key, e_key = item_key(parked), item_key(new_money), item_key(edited)
+    async with hostile_client(server, retry=ROOMY, timeouts=TIMEOUTS) as client:
+        worker = FleetWorker(client, RedisLedger(pool), BagLocks(pool, ttl=5.0, poll=0.01))
+        await enqueue(pool, [parked], source=SOURCE)
+        first = await _until_ended(worker, clock, p_key)
+        assert (first["state"], first["needs_review"]) == ("pending", True)
+        assert server.posts == 1
+        report = await enqueue(pool, [parked, new_money, edited], source=SOURCE)
+        assert (report.queued, report.held) == (2, 1)  # the edit is held at enqueue
+        reads = server.reads
+        blocked = await _until_ended(worker, clock, n_key)
+        held = await _until_ended(worker, clock, e_key)
+        assert (server.posts, server.reads) == (1, reads)  # nothing asked of Violet
+        assert (blocked["state"], blocked["outcome"]) == ("new", "not_sent")
+        assert f"({p_key}, line 1 of {SOURCE})" in blocked["message"]
+        assert (held["outcome"], held["held_by"]) == ("already_present", p_key)
+
+        await worker.ledger.mark_failed(
+            p_key, "Checked", "not on the bag", outcome="failed", bag_id=H_BAG
+        )
+        again = await enqueue(pool, [parked, new_money], source=SOURCE)
+        assert (again.queued, again.already_finished) == (1, 1)
+        done = await _until_ended(worker, clock, n_key)
+        twice = await _until_ended(worker, clock, n_key)  # its job delivered twice
+    assert (done["state"], done["refund_id"], done["error"]) == ("applied", server.ours[0], None)
+    assert twice["refund_id"] == done["refund_id"]
+    assert server.posts == 2
+    assert [r["amount"] for r in server.refunds] == [400]

@@ -327,7 +327,9 @@ class FleetWorker:
         earlier item on the bag (applied, or sent and unsettled) asked the same money,
         as an edited row of it would. Held as already_present, not sent (enqueuers race;
         the ledger may have been edited), unless enqueued with ``--allow-repeat``. Raises
-        RetryLaterError while another item of the bag is sent and not settled."""
+        RetryLaterError while another item of the bag is sent and not settled; when every
+        such item is under review (no wait settles it), the item is left new, outcome
+        ``not_sent``, naming it (True: not sent)."""
         item = record.item
         if not self.ledger.allows_repeat(record):
             earlier = await self.ledger.same_money_on_bag(key, item)
@@ -349,7 +351,7 @@ class FleetWorker:
                     defer=max(self.patience, 1.0),
                 )
             # Every one is under review: no wait settles it, a person does. Not sent,
-            # not retried: left new (never sent), for the file enqueued again.
+            # not retried: left new (nothing sent), for the file enqueued again.
             await self._blocked(key, record, review, held)
             return True
         if is_blocked(record):
@@ -382,7 +384,7 @@ class FleetWorker:
         message = (
             f"not sent: bag {item.bag_id} is kept open by {what}{more}; waiting will not "
             "settle it, a person must. Check the bag, settle the item under review, then "
-            "enqueue this file again: this item was never sent, and runs then"
+            "enqueue this file again: this item runs then (nothing was sent for it here)"
         )
         try:
             await self.ledger.mark_blocked(key, message, lock_key=held.key, token=held.token)
