@@ -392,3 +392,15 @@ async def test_a_review_the_worker_itself_parked_blocks_the_bag_on_a_hostile_ser
     assert twice["refund_id"] == done["refund_id"]
     assert server.posts == 2
     assert [r["amount"] for r in server.refunds] == [400]
+
+
+def test_the_simulator_reads_a_blocked_summary_as_not_sent() -> None:
+    """The simulator's worker mode tells its checks what a job's caller learns: an item
+    left not sent for a review is "not_sent" (checked: nothing applied for it), never
+    "review" (which would claim it may have applied)."""
+    from violet_async.testing.sim._fleet import _seen
+
+    summary = {"state": "new", "outcome": "not_sent", "error": "BagUnderReview", "message": "m"}
+    seen = _seen(None, "a1", BLOCKED, summary, None)
+    assert (seen.label, seen.what, seen.pending) == ("a1", "not_sent", None)
+    assert seen.error == "BagUnderReview: m"

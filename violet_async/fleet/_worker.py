@@ -165,7 +165,9 @@ class FleetWorker:
     ) -> dict[str, Any]:
         """Run the item ``key`` (the ledger's record, or ``item`` with its producer's
         ``signature`` when the ledger has lost it) to an end state; returns the ledger's
-        summary of it. Raises :class:`RetryLaterError` when it must run again later.
+        summary of it. Raises :class:`RetryLaterError` when it must run again later. An
+        item whose bag is kept open only by items under review (no wait settles them) is
+        returned *new*, outcome ``not_sent``, nothing sent: it runs when enqueued again.
 
         An item whose signature under the fleet key does not match what it would send
         is refused before anything is sent: the ledger marks it failed, outcome
