@@ -1568,7 +1568,7 @@ VOCABULARY: dict[str, dict[str, Outcome]] = {
         "unknown": Outcome.REVIEW,
         "failed": Outcome.FAILED,
         "refused": Outcome.FAILED,
-        # New, never sent: its bag is kept open by items under review.
+        # New, nothing sent: its bag is kept open only by items under review.
         "not_sent": Outcome.NOT_SENT,
     },
     # ``BatchResult.outcome``: one item of a batch run (already_* are skips, from an

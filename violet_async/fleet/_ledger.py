@@ -537,7 +537,7 @@ class RedisLedger:
     async def mark_blocked(
         self, key: str, message: str, *, lock_key: str | None = None, token: str = ""
     ) -> None:
-        """Leave ``key`` *new* (never sent), outcome ``not_sent``, with ``message``:
+        """Leave ``key`` *new* (nothing sent), outcome ``not_sent``, with ``message``:
         its bag is kept open by items under review, which no wait settles. Listed by
         ``status`` (:meth:`blocked`); enqueued again, it runs as any new item. Given
         ``lock_key``, only while ``token`` holds it (LockLostError)."""

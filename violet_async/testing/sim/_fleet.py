@@ -273,7 +273,7 @@ def _seen(
     if state == "failed" and outcome != "unknown":
         return Seen(label, "failed", error=message)
     if state == "new" and outcome == "not_sent":
-        # Never sent: its bag waits on an item under review (the file enqueued again
+        # Nothing sent: its bag waits on an item under review (the file enqueued again
         # runs it once that one is settled).
         return Seen(label, "not_sent", error=message)
     # Pending for review, or failed "unknown": a person looks; the reason is the
