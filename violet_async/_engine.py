@@ -373,7 +373,7 @@ class KeyedAsks:
                 self._same(key, flight.ask, wanted)
                 if flight.joined is None:
                     flight.joined = asyncio.get_running_loop().create_future()
-                refund = await asyncio.shield(flight.joined)
+                refund = await self._join(flight.joined, deadline, key, wanted)
                 if refund is not None:
                     return refund
                 continue  # its caller cancelled it: take the ask over
@@ -615,11 +615,18 @@ class KeyedAsks:
                     _may_join(pending, flight.driving, flight.lineage)
                 if flight.joined is None:
                     flight.joined = asyncio.get_running_loop().create_future()
-                refund = await asyncio.shield(flight.joined)
+                try:
+                    refund = await self._join(flight.joined, deadline, key, pending)
+                except VioletError:
+                    # The flight's outcome is this record's only if it is the key's
+                    # ask or one of its earlier ones: another ask's failure (a 400
+                    # "already refunded" for this record's own refund) is not.
+                    _may_join(pending, flight.driving or flight.ask, flight.lineage, final=True)
+                    raise
                 if refund is not None:
                     # The flight's claim has read the key's entry by now: this record
                     # gets the refund only as that ask's, or one of the key's earlier.
-                    _may_join(pending, flight.driving or flight.ask, flight.lineage, refund)
+                    _may_join(pending, flight.driving or flight.ask, flight.lineage, final=True)
                     return _not_another(pending, refund)
                 continue  # its caller cancelled it: take the ask over
             returned = self._returned.get(key)
@@ -637,6 +644,46 @@ class KeyedAsks:
                 raise
             self._land(key, flight, refund, None)
             return refund
+
+    async def _join(
+        self,
+        joined: asyncio.Future[OrderRefund | None],
+        deadline: float | None,
+        key: str,
+        ask: PendingRefund,
+    ) -> OrderRefund | None:
+        """The outcome of the flight this call joined, waited for no later than the
+        call's own ``deadline`` (monotonic, on the client's clock): then pending, with
+        nothing sent by this call (the flight goes on and records its outcome)."""
+        shielded = asyncio.shield(joined)
+        if deadline is None:
+            return await shielded
+        clock = self._clock
+        poll = self._poll
+
+        async def expire() -> None:
+            while (left := deadline - clock.monotonic()) > 0:
+                await clock.sleep(min(poll, left))
+
+        timer = asyncio.ensure_future(expire())
+        try:
+            waits: set[asyncio.Future[Any]] = {shielded, timer}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        if shielded.done():
+            return shielded.result()
+        shielded.cancel()  # the flight itself goes on (shielded)
+        record = None if ask.phase is Phase.NEW else attrs.evolve(ask, phase=Phase.PENDING)
+        raise AmbiguousOutcomeError(
+            f"another call in this process is still working on idempotency key "
+            f"{shown(key)!r} (the {ask.kind} of bag {ask.bag_id}) and this call's deadline "
+            "ended first; nothing was sent by this call. Call again with the same key for "
+            "its outcome.",
+            request=ask.request,
+            attempts=0 if record is None else record.sends,
+            pending=record,
+        )
 
     def _drives(self, key: str, entry: KeyEntry) -> None:
         """The flight on ``key`` (if any) read the key's entry: what it holds."""
@@ -867,16 +914,17 @@ def _may_join(
     pending: PendingRefund,
     driving: PendingRefund,
     lineage: tuple[str, ...],
-    refund: OrderRefund | None = None,
+    *,
+    final: bool = False,
 ) -> None:
-    """``pending`` may join (or, ``refund`` given, take the refund of) the flight that
-    drives ``driving``, the key's ask: it is that ask, one of the key's earlier asks
+    """``pending`` may join (or, ``final``, take the outcome of) the flight that drives
+    ``driving``, the key's ask: it is that ask, one of the key's earlier asks
     (``lineage``), or (before the join) the flight's ask is not known yet (NEW)."""
     if pending.idempotency_key is None or driving.ask_id == pending.ask_id:
         return
     if pending.ask_id in lineage:
         return
-    if refund is None and driving.phase is Phase.NEW:
+    if not final and driving.phase is Phase.NEW:
         return
     raise _not_the_keys(pending, driving)
 
@@ -1288,8 +1336,12 @@ class Engine:
         except BagPendingError as exc:
             if exc.pending:
                 raise
-            # A resume's send held back by another ask pending on the bag here.
-            raise BagPendingError(str(exc), pending=unsettled.records_on(bag_id)) from None
+            # A resume's send held back by another ask pending on the bag here: its
+            # record goes back on the bag (still pending here, keeping new asks off it).
+            others = unsettled.records_on(bag_id)
+            if resume is not None:
+                unsettled.add(resume)
+            raise BagPendingError(str(exc), pending=others) from None
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
                 shared.known_refunds.failed(tracker.record, exc)

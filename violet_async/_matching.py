@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from datetime import datetime
 
 import attrs
@@ -481,9 +481,7 @@ def judge(
     owned: list[OrderRefund] = []
     twins: list[OrderRefund] = []
     first_doubt = ""
-    taken: set[int] = set()
-    for amount, date in ask.unnamed:
-        taken.update(idless_fits(amount, date, refunds))
+    taken = _unnamed_taken(ask, refunds, known)
     for at, refund in enumerate(refunds):
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
@@ -542,8 +540,29 @@ def judge(
     return Reading(Verdict.MISS, (), seen)
 
 
+def _unnamed_taken(
+    ask: PendingRefund, refunds: Sequence[OrderRefund], known: Container[int]
+) -> set[int]:
+    """Positions in ``refunds`` that may be refunds other calls got without their id
+    (``ask.unnamed``); a record known as another call's never narrows them."""
+    taken: set[int] = set()
+    if not ask.unnamed:
+        return taken
+    base = ask.baseline or frozenset()
+
+    def owned_elsewhere(refund_id: int) -> bool:
+        return refund_id in known or refund_id in ask.others or refund_id in base
+
+    for amount, date in ask.unnamed:
+        taken.update(idless_fits(amount, date, refunds, owned_elsewhere))
+    return taken
+
+
 def idless_fits(
-    amount: int | None, date: float | None, refunds: Sequence[OrderRefund]
+    amount: int | None,
+    date: float | None,
+    refunds: Sequence[OrderRefund],
+    owned: Callable[[int], bool] = lambda _: False,
 ) -> list[int]:
     """The positions in ``refunds`` (one read of a bag) of the records that may be a
     refund handed out without its id, as the answer gave its ``amount`` and ``date``
@@ -552,10 +571,14 @@ def idless_fits(
     Of the records with its amount, one dated within a second of the answer is it, and
     then only such ones fit. With none so dated, every record not older than the
     answer by more than ``IDLESS_EARLIER`` fits: a platform may stamp a refund when it
-    has processed it, seconds or minutes after its answer."""
+    has processed it, seconds or minutes after its answer. Records ``owned`` by a call
+    (their ids known as another call's) are not candidates, so a known refund dated
+    like the answer never narrows the id-less one away from its own record."""
     alike: list[tuple[int, float | None]] = []
     for at, refund in enumerate(refunds):
         if amount is not None and refund.amount is not None and amount != refund.amount:
+            continue
+        if refund.id is not None and owned(refund.id):
             continue
         made = refund.date_created
         alike.append((at, made.timestamp() if made is not None and made.tzinfo else None))

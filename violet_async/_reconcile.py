@@ -99,7 +99,13 @@ class KnownRefunds:
             if bag != bag_id:
                 continue
             on_bag = [r for r in refunds if r.bag_id is None or r.bag_id == bag_id]
-            for at in idless_fits(handed.amount, _stamp(handed.date_created), on_bag):
+
+            def elsewhere(refund_id: int, owner: str | None = owner) -> bool:
+                entry = self._ids.get(refund_id)
+                return entry is not None and entry[1] != owner
+
+            fits = idless_fits(handed.amount, _stamp(handed.date_created), on_bag, elsewhere)
+            for at in fits:
                 listed = on_bag[at]
                 if listed.id is not None and listed.id not in self._ids:
                     self.add(listed.id, bag_id, owner)
