@@ -373,7 +373,12 @@ class KeyedAsks:
                 self._same(key, flight.ask, wanted)
                 if flight.joined is None:
                     flight.joined = asyncio.get_running_loop().create_future()
-                refund = await self._join(flight.joined, deadline, key, wanted)
+                try:
+                    refund = await self._join(flight.joined, deadline, key, wanted)
+                except _Late as late:
+                    raise late.error from None  # this call's own deadline: pending
+                except _NotTheKeys:
+                    continue  # that record was not the key's: the key is this call's
                 if refund is not None:
                     return refund
                 continue  # its caller cancelled it: take the ask over
@@ -617,11 +622,16 @@ class KeyedAsks:
                     flight.joined = asyncio.get_running_loop().create_future()
                 try:
                     refund = await self._join(flight.joined, deadline, key, pending)
+                except _Late as late:
+                    raise late.error from None  # this call's own deadline: pending
+                except _NotTheKeys:
+                    continue  # that record was not the key's: this one goes on its own
                 except VioletError:
                     # The flight's outcome is this record's only if it is the key's
                     # ask or one of its earlier ones: another ask's failure (a 400
                     # "already refunded" for this record's own refund) is not.
-                    _may_join(pending, flight.driving or flight.ask, flight.lineage, final=True)
+                    if flight.driving is not None:
+                        _may_join(pending, flight.driving, flight.lineage, final=True)
                     raise
                 if refund is not None:
                     # The flight's claim has read the key's entry by now: this record
@@ -671,18 +681,23 @@ class KeyedAsks:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             timer.cancel()
-        if shielded.done():
+            if not shielded.done():
+                # This call ends (its deadline, or its caller cancelled it); the flight
+                # itself goes on (shielded), and its outcome is nobody's to retrieve here.
+                shielded.cancel()
+        if not shielded.cancelled():
             return shielded.result()
-        shielded.cancel()  # the flight itself goes on (shielded)
         record = None if ask.phase is Phase.NEW else attrs.evolve(ask, phase=Phase.PENDING)
-        raise AmbiguousOutcomeError(
-            f"another call in this process is still working on idempotency key "
-            f"{shown(key)!r} (the {ask.kind} of bag {ask.bag_id}) and this call's deadline "
-            "ended first; nothing was sent by this call. Call again with the same key for "
-            "its outcome.",
-            request=ask.request,
-            attempts=0 if record is None else record.sends,
-            pending=record,
+        raise _Late(
+            AmbiguousOutcomeError(
+                f"another call in this process is still working on idempotency key "
+                f"{shown(key)!r} (the {ask.kind} of bag {ask.bag_id}) and this call's deadline "
+                "ended first; nothing was sent by this call. Call again with the same key for "
+                "its outcome.",
+                request=ask.request,
+                attempts=0 if record is None else record.sends,
+                pending=record,
+            )
         )
 
     def _drives(self, key: str, entry: KeyEntry) -> None:
@@ -929,6 +944,20 @@ def _may_join(
     raise _not_the_keys(pending, driving)
 
 
+class _NotTheKeys(AmbiguousOutcomeError):
+    """:func:`_not_the_keys`: a record's own review. Another caller that joined its
+    flight goes on by itself (it is no outcome of the key's)."""
+
+
+class _Late(Exception):
+    """A joiner's own deadline ended before the flight it joined: ``error`` (pending,
+    nothing sent by it) is its outcome, whatever the flight's."""
+
+    def __init__(self, error: AmbiguousOutcomeError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _not_the_keys(pending: PendingRefund, stored: PendingRefund) -> AmbiguousOutcomeError:
     """The keyed record ``pending`` is not known to be its key's call: the key holds
     another ask (``stored``) and does not list this one among its earlier asks (a
@@ -945,9 +974,7 @@ def _not_the_keys(pending: PendingRefund, stored: PendingRefund) -> AmbiguousOut
         "record's own request may have applied"
     )
     parked = attrs.evolve(pending, phase=Phase.PENDING, needs_review=True, note=note)
-    return AmbiguousOutcomeError(
-        note, request=pending.request, attempts=pending.sends, pending=parked
-    )
+    return _NotTheKeys(note, request=pending.request, attempts=pending.sends, pending=parked)
 
 
 def _not_another(pending: PendingRefund, refund: OrderRefund) -> OrderRefund:

@@ -568,26 +568,22 @@ def idless_fits(
     refund handed out without its id, as the answer gave its ``amount`` and ``date``
     (Unix seconds; None where it left them out): nothing either says tells them apart.
 
-    Of the records with its amount, one dated within a second of the answer is it, and
-    then only such ones fit. With none so dated, every record not older than the
-    answer by more than ``IDLESS_EARLIER`` fits: a platform may stamp a refund when it
-    has processed it, seconds or minutes after its answer. Records ``owned`` by a call
-    (their ids known as another call's) are not candidates, so a known refund dated
-    like the answer never narrows the id-less one away from its own record."""
-    alike: list[tuple[int, float | None]] = []
+    Every record of its amount not older than the answer by more than
+    ``IDLESS_EARLIER`` fits, however close another's date: a platform may stamp a
+    refund when it has processed it, seconds or minutes after its answer, and a record
+    dated like the answer may be another process's (or another bag's). Records
+    ``owned`` by a known call are left out (they are someone's already)."""
+    fits: list[int] = []
     for at, refund in enumerate(refunds):
         if amount is not None and refund.amount is not None and amount != refund.amount:
             continue
         if refund.id is not None and owned(refund.id):
             continue
         made = refund.date_created
-        alike.append((at, made.timestamp() if made is not None and made.tzinfo else None))
-    if date is None:
-        return [at for at, _ in alike]
-    close = [at for at, when in alike if when is not None and abs(when - date) <= 1.0]
-    if close:
-        return close
-    return [at for at, when in alike if when is None or when - date >= -IDLESS_EARLIER]
+        when = made.timestamp() if made is not None and made.tzinfo else None
+        if date is None or when is None or when - date >= -IDLESS_EARLIER:
+            fits.append(at)
+    return fits
 
 
 def _live_twin(
