@@ -672,8 +672,13 @@ class KeyedAsks:
         poll = self._poll
 
         async def expire() -> None:
+            # Waits on the client's clock, as every wait of a call does (a test's
+            # virtual clock moves with them), a poll at a time; between polls a brief
+            # pause in real time, so a virtual clock never races ahead of a flight
+            # that is waiting on real I/O.
             while (left := deadline - clock.monotonic()) > 0:
                 await clock.sleep(min(poll, left))
+                await asyncio.sleep(_JOIN_PAUSE)
 
         timer = asyncio.ensure_future(expire())
         try:
@@ -942,6 +947,10 @@ def _may_join(
     if not final and driving.phase is Phase.NEW:
         return
     raise _not_the_keys(pending, driving)
+
+
+#: Real seconds a joiner pauses between polls of its deadline (see ``KeyedAsks._join``).
+_JOIN_PAUSE = 0.01
 
 
 class _NotTheKeys(AmbiguousOutcomeError):
