@@ -31,6 +31,7 @@ from violet_async import (
 from violet_async._transport import Timeouts
 from violet_async.testing import FakeClock
 
+from .conftest import serve
 from .samples import refund_body
 
 ORDER, BAG = 11, 22
@@ -94,15 +95,8 @@ class Idless:
 
 @contextlib.asynccontextmanager
 async def _serve(server: Idless) -> AsyncIterator[str]:
-    runner = web.AppRunner(server.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serve(server.app()) as base:
+        yield base + "/v1"
 
 
 def _client(url: str, clock: FakeClock, deadline: float) -> VioletClient:

@@ -33,6 +33,7 @@ from violet_async.stores import RecordStore, SQLiteStore
 from violet_async.stores._base import LINEAGE, KeyEntry
 from violet_async.testing import FakeClock
 
+from .conftest import serve
 from .samples import refund_body
 from .test_review10_findings import ORDER, Counting, _serve
 
@@ -173,15 +174,8 @@ class Hiding:
 
 @contextlib.asynccontextmanager
 async def _hiding(server: Hiding) -> AsyncIterator[str]:
-    runner = web.AppRunner(server.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serve(server.app()) as base:
+        yield base + "/v1"
 
 
 async def _earlier_and_later(
