@@ -1387,7 +1387,11 @@ class Engine:
             # left, the bag is pending before the cancellation goes on, so the next
             # call here gets BagPendingError (or, with the key, resumes it), never a
             # blind second POST.
-            pending = self._cancelled(kind, order_id, bag_id, req, sent, tracker, owner)
+            pending = self._cancelled(kind, order_id, bag_id, req, sent, tracker)
+            if pending is not None:
+                # With the refunds other calls got on the bag without their id.
+                unnamed = shared.known_refunds.unnamed(bag_id, besides=owner or pending.ask_id)
+                pending = with_unnamed(pending, unnamed)
             if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
                 unsettled.add(pending)
             raise
@@ -1450,27 +1454,10 @@ class Engine:
         req: RefundBagRequest | CancelBagRequest,
         sent: tuple[float, float] | None,
         tracker: SendTracker | None,
-        owner: str | None,
     ) -> PendingRefund | None:
         """The record a cancelled call leaves pending (None: nothing of it can have
-        reached Violet), with the refunds other calls got on the bag without their id.
-        ``sent``: the wall and monotonic time its first send left at (None: it made none
-        inline). ``owner``: the ask's identity, once known."""
-        record = self._cancelled_record(kind, order_id, bag_id, req, sent, tracker)
-        if record is None:
-            return None
-        besides = owner or record.ask_id
-        return with_unnamed(record, self._shared.known_refunds.unnamed(bag_id, besides=besides))
-
-    def _cancelled_record(  # noqa: PLR0917 - internal, one call site
-        self,
-        kind: Kind,
-        order_id: int,
-        bag_id: int,
-        req: RefundBagRequest | CancelBagRequest,
-        sent: tuple[float, float] | None,
-        tracker: SendTracker | None,
-    ) -> PendingRefund | None:
+        reached Violet). ``sent``: the wall and monotonic time its first send left at
+        (None: it made none inline)."""
         shared = self._shared
         settings = self.settings(bag_id)
         now, mono = shared.clock.time(), shared.clock.monotonic()

@@ -207,9 +207,10 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     return True
 
 
-def _timestamp(when: datetime) -> float | None:
-    """Unix time of an aware datetime; None for a naive one (server local, unknown)."""
-    if when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
+def unix_time(when: datetime | None) -> float | None:
+    """Unix time of an aware datetime; None for none, or a naive one (server local,
+    unknown)."""
+    if when is None or when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
         return None
     return when.timestamp()
 
@@ -342,7 +343,7 @@ def _created(refund: OrderRefund) -> tuple[float, float] | None:
     when = refund.date_created
     if when is None:
         return None
-    stamp = _timestamp(when)
+    stamp = unix_time(when)
     if stamp is None:
         return None
     if stamp % DAY == 0.0:
@@ -579,8 +580,7 @@ def idless_fits(
             continue
         if refund.id is not None and owned(refund.id):
             continue
-        made = refund.date_created
-        when = made.timestamp() if made is not None and made.tzinfo else None
+        when = unix_time(refund.date_created)
         if date is None or when is None or when - date >= -IDLESS_EARLIER:
             fits.append(at)
     return fits

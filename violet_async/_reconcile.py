@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
-from datetime import datetime
 from typing import Any, Protocol
 
 import attrs
 
 from . import _protocol as protocol
 from ._ask import PROCESS_CLOCK, merged, with_unnamed
-from ._matching import idless_fits
+from ._matching import idless_fits, unix_time
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
@@ -95,16 +94,16 @@ class KnownRefunds:
         which then ends pending or for review, never with another call's refund."""
         if not self._idless:
             return
+        on_bag = [r for r in refunds if r.bag_id is None or r.bag_id == bag_id]
         for bag, owner, handed in self._idless:
             if bag != bag_id:
                 continue
-            on_bag = [r for r in refunds if r.bag_id is None or r.bag_id == bag_id]
 
             def elsewhere(refund_id: int, owner: str | None = owner) -> bool:
                 entry = self._ids.get(refund_id)
                 return entry is not None and entry[1] != owner
 
-            fits = idless_fits(handed.amount, _stamp(handed.date_created), on_bag, elsewhere)
+            fits = idless_fits(handed.amount, unix_time(handed.date_created), on_bag, elsewhere)
             for at in fits:
                 listed = on_bag[at]
                 if listed.id is not None and listed.id not in self._ids:
@@ -199,7 +198,7 @@ class KnownRefunds:
         if not self._idless:
             return ()
         return tuple(
-            (handed.amount, _stamp(handed.date_created))
+            (handed.amount, unix_time(handed.date_created))
             for bag, owner, handed in self._idless
             if bag == bag_id and (besides is None or owner != besides)
         )
@@ -231,13 +230,6 @@ class KnownRefunds:
 
     def __len__(self) -> int:
         return len(self._ids)
-
-
-def _stamp(when: datetime | None) -> float | None:
-    """A refund's date as Unix seconds (None: none, or one without an offset)."""
-    if when is None or when.tzinfo is None:
-        return None
-    return when.timestamp()
 
 
 def _again(error: VioletError) -> VioletError:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import Any
 
 import attrs
@@ -336,10 +337,9 @@ class FleetWorker:
         if not self.ledger.allows_repeat(record):
             earlier = await self.ledger.same_money_on_bag(key, item)
             if earlier is not None:
-                try:
-                    await self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
-                except LockLostError as exc:  # another worker has the bag: nothing sent
-                    raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+                await self._write_holding(
+                    self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
+                )
                 count_item("fleet", item.kind, "already_present")
                 return True
         # Another item on this bag sent and not settled (pending, or a worker died
@@ -358,10 +358,7 @@ class FleetWorker:
             return True
         if is_blocked(record):
             # Left not sent by an earlier run; the bag is free now: it runs as new.
-            try:
-                await self.ledger.unblock(key, lock_key=held.key, token=held.token)
-            except LockLostError as exc:  # another worker has the bag: nothing sent
-                raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+            await self._write_holding(self.ledger.unblock(key, lock_key=held.key, token=held.token))
         return False
 
     async def _blocked(
@@ -388,10 +385,9 @@ class FleetWorker:
             "settle it, a person must. Check the bag, settle the item under review, then "
             "enqueue this file again: this item runs then (nothing was sent for it here)"
         )
-        try:
-            await self.ledger.mark_blocked(key, message, lock_key=held.key, token=held.token)
-        except LockLostError as exc:  # another worker has the bag: nothing sent
-            raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+        await self._write_holding(
+            self.ledger.mark_blocked(key, message, lock_key=held.key, token=held.token)
+        )
         # Settled (or re-run) while this was written: run again rather than wait for a
         # person to enqueue it (the next run sends, or waits as any other item would).
         again = await self.ledger.open_on_bag(item.bag_id) - {key}
@@ -592,6 +588,15 @@ class FleetWorker:
         self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
+
+    async def _write_holding(self, write: Awaitable[None]) -> None:
+        """A ledger write made only while this worker holds the bag's lock: when it does
+        not any more (another worker has the bag), nothing was sent, and the item runs
+        again later (RetryLaterError)."""
+        try:
+            await write
+        except LockLostError as exc:
+            raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
 
     async def _defer(self, exc: LockLostError) -> float:
         if isinstance(exc, LedgerLostError):
