@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 
 import orjson
@@ -29,12 +28,9 @@ from violet_async.testing import FakeClock
 
 from .conftest import serve
 from .samples import refund_body
+from .test_review11_findings import _ended, _stamp
 
 ORDER, BAG = 12, 22
-
-
-def _stamp(at: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 class Scripted:
@@ -149,14 +145,6 @@ def _client(url: str, clock: FakeClock, deadline: float) -> VioletClient:
         retry=RetryPolicy(initial_delay=0.5, max_delay=1.0, deadline=deadline, max_attempts=1),
         timeouts=Timeouts(connect=1.0, read=2.0),
     )
-
-
-async def _ended(call: Awaitable[OrderRefund]) -> OrderRefund | BaseException:
-    """The refund a call returned, or what it raised."""
-    try:
-        return await call
-    except VioletError as exc:
-        return exc
 
 
 # -- 1. an id-less refund's exact-date narrowing taken by a refund already known ----------
