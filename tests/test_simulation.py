@@ -453,6 +453,8 @@ def test_seeds_of_the_second_all_kinds_pass_now_hold(seed: int, every: bool, was
     [
         (802844, "a resume elsewhere claimed a refund another ask got without its id"),
         (800369, "a key's earlier ask resumed while its later ask was pending: refused"),
+        (853436, "a process started after two 15 h steps swept a finished key: resent"),
+        (855859, "a 15 h step while a call waited for its bag: its refund reported failed"),
     ],
 )
 def test_seeds_of_the_final_all_kinds_run_now_hold(seed: int, was: str) -> None:

@@ -431,3 +431,52 @@ async def test_a_wall_clock_stepped_past_retention_sweeps_nothing(kind: str, tmp
         assert await store.load("g") is None  # swept now
     finally:
         await store.aclose()
+
+
+async def test_a_process_started_after_a_step_sweeps_nothing_early(tmp_path: Path) -> None:
+    """Two processes on one SQLite file (one machine, one monotonic clock). The first
+    finishes a key; the wall clock then steps forward past the retention (two +15 h
+    steps, simulator seed 853436); a second process opened only after the steps has no
+    reading of its own from before them, so by its own clocks the key looks old. The
+    file's reading (wall and monotonic time together, from its first sweep) tells it
+    otherwise: nothing is swept until retention has passed on the monotonic clock."""
+    steady = Steady()
+    path = tmp_path / "k.db"
+    async with SQLiteStore(path, retention=60, monotonic=steady.monotonic) as first:
+        done = KeyEntry("k", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
+        mine = KeyEntry("k", _ask(), owner="me", lease_until=NOW + 30)
+        assert (await first.claim(mine, NOW))[0] is Claim.OWNED
+        assert await first.save(done, "me")
+    stepped = NOW + 30 * 3_600.0
+    steady.at += 5  # five real seconds later
+    async with SQLiteStore(path, retention=60, monotonic=steady.monotonic) as second:
+        other = KeyEntry("o", _ask(), owner="you", lease_until=stepped + 30)
+        assert (await second.claim(other, stepped))[0] is Claim.OWNED  # sweeps first
+        assert await second.load("k") is not None, "a finished key swept on a stepped clock"
+        claim, entry = await second.claim(_fresh(), stepped + 1)
+        assert claim is Claim.FINISHED
+        assert entry.refund == done.refund
+    steady.at += 120  # retention passes on the monotonic clock too
+    async with SQLiteStore(path, retention=60, monotonic=steady.monotonic) as third:
+        other = KeyEntry("o2", _ask(), owner="them", lease_until=stepped + 200)
+        await third.claim(other, stepped + 125)
+        assert await third.load("k") is None  # swept now
+
+
+async def test_a_reboot_reanchors_the_files_clock(tmp_path: Path) -> None:
+    """Monotonic time lower than the file's reading: the machine rebooted; the file
+    takes the clock as it is (the wall clock alone then counts retention from here)."""
+    steady = Steady()
+    path = tmp_path / "k.db"
+    async with SQLiteStore(path, retention=60, monotonic=steady.monotonic) as first:
+        done = KeyEntry("k", _ask(phase=Phase.APPLIED), refund=_refund(), finished_at=NOW)
+        mine = KeyEntry("k", _ask(), owner="me", lease_until=NOW + 30)
+        await first.claim(mine, NOW)
+        assert await first.save(done, "me")
+    steady.at = 3.0  # after a reboot
+    async with SQLiteStore(path, retention=60, monotonic=steady.monotonic) as second:
+        other = KeyEntry("o", _ask(), owner="you", lease_until=NOW + 3_600)
+        await second.claim(other, NOW + 3_000)
+        assert await second.load("k") is None  # an hour of wall time: swept
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT wall, mono FROM violet_clock").fetchone() == (NOW + 3_000, 3.0)

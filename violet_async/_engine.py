@@ -1329,6 +1329,7 @@ class Engine:
                     # When it left by both clocks: a cancel (or a resume here) sees a
                     # step of the wall clock since.
                     ask = attrs.evolve(ask, wall_mono=(sent_at, sent_mono))
+                    ask = shared.origin.mark(ask, sent_at, sent_mono)
                     tracker = SendTracker(ask, left=True)
                     refund = await after_failed_send(
                         ask,
@@ -1347,8 +1348,12 @@ class Engine:
                 )
                 if resume is not None and key is not None and resume.idempotency_key != key:
                     resume = attrs.evolve(resume, idempotency_key=key)
-                ask = resume or PendingRefund(
-                    kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key
+                ask = resume or shared.origin.mark(
+                    PendingRefund(
+                        kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key
+                    ),
+                    clock.time(),
+                    clock.monotonic(),
                 )
                 ask, mine, owner = _as_owner(ask, shared.known_refunds, parse, item)
                 tracker = SendTracker(resume, persist=save)
@@ -1468,7 +1473,7 @@ class Engine:
             # token needs renewing now says nothing: it may have reached its renewal
             # time while the POST was in flight.)
             return None
-        return cancelled_first_send(
+        record = cancelled_first_send(
             kind,
             order_id,
             bag_id,
@@ -1480,6 +1485,7 @@ class Engine:
             clock=settings.clock_id,
             others=shared.known_refunds.on_bag(bag_id),
         )
+        return shared.origin.mark(record, *sent)
 
 
 def _as_owner(

@@ -34,6 +34,7 @@ from .models import Order, OrderBag, OrderRefund, RefundStatus
 __all__ = [
     "BagIO",
     "BagLocks",
+    "ClockOrigin",
     "KnownRefunds",
     "PendingAsks",
     "RateLimitDeferred",
@@ -475,6 +476,40 @@ class WallWatch:
         """``ask`` with its times moved onto the wall clock if it stepped, and the step."""
         jump = self.jump()
         return (protocol.clock_stepped(ask, jump) if jump else ask), jump
+
+
+#: How fast NTP may slew a wall clock (500 ppm, the kernel's limit): over hours, wall
+#: and monotonic time drift apart by this much without any step.
+SLEW = 0.0005
+
+
+class ClockOrigin:
+    """Wall and monotonic time read together once, when the client was made: a step of
+    the wall clock at any time since (before a call, while it waited for its bag or
+    its turn) is seen when a record of an ask is made, not only one during the ask
+    (simulator seed 855859: a step of 15 h while a call waited for its bag, with no
+    ``Date`` header to place Violet's clock, put its own refund "15 h before the send"
+    and the refund that applied was reported a definite failure)."""
+
+    __slots__ = ("_mono", "_wall")
+
+    def __init__(self, clock: Clock) -> None:
+        self._wall, self._mono = clock.time(), clock.monotonic()
+
+    def step_at(self, wall: float, mono: float) -> float:
+        """How far the wall clock stepped between the origin and ``(wall, mono)``, read
+        together (0.0: no more than a slew could explain)."""
+        jump = (wall - self._wall) - (mono - self._mono)
+        return jump if abs(jump) > CLOCK_STEP + SLEW * abs(mono - self._mono) else 0.0
+
+    def mark(self, ask: PendingRefund, wall: float, mono: float) -> PendingRefund:
+        """``ask``, made from times read at ``(wall, mono)``, judged against this
+        machine's clock both as it is and as it was at the origin when it stepped in
+        between (its times stay as read: they are on the clock as it is)."""
+        jump = self.step_at(wall, mono)
+        if not jump:
+            return ask
+        return attrs.evolve(ask, stepped=ask.stepped + jump, clock_unsure=True)
 
 
 #: Seconds by which a send may leave after the time its saved record gives before the

@@ -20,7 +20,7 @@ from yarl import URL
 
 from ._auth import Auth, Credentials, is_token_expired_error
 from ._matching import _created, _sku_totals
-from ._reconcile import BagIO, BagLocks, KnownRefunds, PendingAsks
+from ._reconcile import BagIO, BagLocks, ClockOrigin, KnownRefunds, PendingAsks
 from ._responses import (
     PagingError,
     RefundPage,
@@ -69,6 +69,9 @@ class Shared:
     headers: dict[str, str]
     known_refunds: KnownRefunds
     clock: Clock
+    origin: ClockOrigin = attrs.Factory(lambda self: ClockOrigin(self.clock), takes_self=True)
+    """The clock as it read when the client was made: a step of the wall clock since is
+    seen by every ask made after it."""
     bag_locks: BagLocks = attrs.Factory(BagLocks)
     unsettled: PendingAsks = attrs.Factory(PendingAsks)
     """Asks this client left pending (AmbiguousOutcomeError), by bag: until they are

@@ -228,6 +228,10 @@ class SweepClock:
         self._monotonic = monotonic or time.monotonic
         self._ref: tuple[float, float] | None = None
 
+    def monotonic(self) -> float:
+        """The monotonic clock's reading now."""
+        return self._monotonic()
+
     def cutoff(self, now: float, retention: float) -> float:
         """Finished keys ending at or before this may be dropped."""
         mono = self._monotonic()

@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS violet_keys (
 );
 CREATE INDEX IF NOT EXISTS violet_keys_finished ON violet_keys (finished_at)
     WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS violet_clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    wall REAL NOT NULL,
+    mono REAL NOT NULL
+);
 """
 
 #: Seconds between two sweeps of finished keys past retention.
@@ -61,9 +66,12 @@ class SQLiteStore:
     ``retention``: seconds a finished key is kept (default 24 h). ``lease``: seconds a
     process owns a key it stopped renewing (default 30; a live call renews it every
     third of that). ``timeout``: seconds to wait for another process's write lock.
-    Retention is counted on the wall clock and on this process's monotonic clock at
-    once (``monotonic``: default ``time.monotonic``): a wall clock stepped forward
-    never sweeps keys early.
+    Retention is counted on the wall clock and on the machine's monotonic clock at
+    once (``monotonic``: default ``time.monotonic``), from when this process first
+    swept and from when the file was first swept (read together with the wall clock
+    and kept in the file): a wall clock stepped forward never sweeps keys early, in a
+    process started before the step or after it (unless the machine rebooted in
+    between: the file then takes the clock as it is).
     Close it with :meth:`aclose` (or ``async with``) when done.
     """
 
@@ -197,7 +205,7 @@ class SQLiteStore:
                 conn.execute(
                     "DELETE FROM violet_keys WHERE finished_at IS NOT NULL"
                     " AND finished_at <= ? AND key != ?",
-                    (self._sweep.cutoff(now, self.retention), fresh.key),
+                    (self._cutoff(conn, now), fresh.key),
                 )
                 self._swept_at = now
             current = _read(conn, fresh.key)
@@ -209,6 +217,29 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         return claim, entry
+
+    def _cutoff(self, conn: sqlite3.Connection, now: float) -> float:
+        """Finished keys ending at or before this may be swept: retention counted on the
+        wall clock, on this process's monotonic clock since it first swept, and on the
+        machine's monotonic clock since the file's first sweep (``violet_clock``: wall
+        and monotonic time read together then, shared by every process that opens the
+        file). A process started after a step of the wall clock has nothing of its own
+        to tell the step by (simulator seed 853436: after two steps of 15 h, a process
+        started later swept a key finished minutes before, and the same request under
+        it was sent again); the file's reading does. Monotonic time is the machine's
+        since boot: a reading lower than the file's means a reboot, and the file takes
+        the clock as it is then."""
+        mono = self._sweep.monotonic()
+        row = conn.execute("SELECT wall, mono FROM violet_clock WHERE id = 1").fetchone()
+        if row is None or not all(isinstance(one, float) for one in row) or mono < row[1]:
+            conn.execute(
+                "INSERT OR REPLACE INTO violet_clock (id, wall, mono) VALUES (1, ?, ?)",
+                (now, mono),
+            )
+            row = (now, mono)
+        wall, then = float(row[0]), float(row[1])
+        steady = wall + (mono - then)
+        return min(self._sweep.cutoff(now, self.retention), steady - self.retention)
 
     @staticmethod
     def _save(conn: sqlite3.Connection, entry: KeyEntry, owner: str) -> bool:
