@@ -277,8 +277,9 @@ async def test_a_cancelled_keyed_calls_bag_pending_record_is_resumed_under_its_k
 async def test_a_keyed_record_naming_another_request_is_refused_sending_nothing(
     tmp_path: Path,
 ) -> None:
-    """A record (written by someone else) carrying a key the store holds for another
-    request: refused, nothing sent or read."""
+    """A record carrying a key the store holds for another request (written by someone
+    else, or a key reused once its retention ended: review 14): nothing sent or read,
+    and for review, never a definite failure (its own request may have applied)."""
     clock = FakeClock()
     server = Hostile(clock)
     async with _two(server, tmp_path / "k.db", retry=SHORT) as (one, two):
@@ -293,9 +294,11 @@ async def test_a_keyed_record_naming_another_request_is_refused_sending_nothing(
             first_sent_at=clock.time(),
             last_sent_at=clock.time(),
         )
-        with pytest.raises(RequestValidationError) as info:
+        with pytest.raises(AmbiguousOutcomeError) as info:
             await two.resume(forged)
-    assert info.value.field == "pending"
+    assert info.value.pending is not None
+    assert info.value.pending.needs_review
+    assert info.value.pending.ask_id == forged.ask_id
     assert (server.posts, server.reads) == seen
 
 

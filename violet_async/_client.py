@@ -427,7 +427,11 @@ class VioletClient(RequestPlumbing):
             self._store = store
             in_flight = self._timeouts.connect + self._timeouts.read + self._retry.settle_running
             keys = self._keys = KeyedAsks(
-                store, self._shared.clock, in_flight=in_flight, scope=self._key_scope()
+                store,
+                self._shared.clock,
+                in_flight=in_flight,
+                scope=self._key_scope(),
+                origin=self._shared.origin,
             )
             self._engine.keys = keys
         return keys

@@ -48,6 +48,7 @@ from ._converter import encode_request
 from ._protocol import clock_stepped
 from ._reconcile import (
     BagIO,
+    ClockOrigin,
     KnownRefunds,
     PendingAsks,
     RateLimitDeferred,
@@ -68,6 +69,7 @@ from .exceptions import (
     AuthenticationError,
     BagPendingError,
     IdempotencyKeyReusedError,
+    RateLimitError,
     RecordStoreError,
     RefundAlreadyPresentError,
     RefundFailedError,
@@ -326,8 +328,12 @@ class KeyedAsks:
         remember: int = 10_000,
         in_flight: float = 0.0,
         scope: str = "",
+        origin: ClockOrigin | None = None,
     ) -> None:
         self.store = store
+        # The client's clocks as they read when it was made: a retention counted on the
+        # wall clock is held to it (a step forward never ends one early).
+        self._origin = origin if origin is not None else ClockOrigin(clock)
         # The client's app id and host: a key is stored under ``scope + " " + key``,
         # so a sandbox and a production client (or two apps) sharing one store never
         # find each other's asks under one key.
@@ -408,7 +414,9 @@ class KeyedAsks:
         if entry is None or entry.scope is not None or entry.key != bare:
             return
         finished_at = entry.finished_at
-        if finished_at is not None and finished_at + store.retention <= self._clock.time():
+        if finished_at is not None and finished_at + store.retention <= self._origin.steady(
+            self._clock
+        ):
             return
         raise RecordStoreError(
             f"idempotency key {bare!r} is held by a record written before keys were scoped "
@@ -735,7 +743,9 @@ class KeyedAsks:
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _resume_store_error(pending, "claiming", exc) from None
             if claim is Claim.REUSED:
-                raise _other_request(pending)
+                _same_ask(pending, entry.ask)
+            if claim is Claim.ENDED:
+                raise _ended_before(pending, entry.ask)
             self._drives(key, entry)
             if claim is Claim.FINISHED and entry.refund is not None:
                 if not _refund_of(entry.refund, pending):
@@ -767,9 +777,12 @@ class KeyedAsks:
                 elif entry.ask is not mine:
                     entry = attrs.evolve(entry, ask=merged(entry.ask, mine))
                 return await self._drive(ask_fn, entry, deadline, bare)
-            # BUSY: another process resumes this ask now; its outcome is ours.
+            # BUSY: another process resumes this ask (or drives the key's ask, of which
+            # this record is an earlier one) now; its outcome is ours. A record the key
+            # never held is not: review (review 14: it was handed the key's record).
+            _may_join(pending, entry.ask, entry.lineage)
             if deadline is not None and clock.monotonic() + self._poll > deadline:
-                latest = merged(entry.ask, mine)
+                latest = merged(entry.ask, mine) if entry.ask.ask_id == mine.ask_id else mine
                 raise AmbiguousOutcomeError(
                     f"another process is still resuming the {pending.kind} of bag "
                     f"{pending.bag_id} (order {pending.order_id}) and this call's deadline "
@@ -874,8 +887,12 @@ def resume_key(scope: str, ask_id: str) -> str:
 
 def _same_ask(pending: PendingRefund, stored: PendingRefund) -> None:
     """Refuse a record whose ``ask_id`` the store holds for another request (written
-    by someone else): nothing is sent for it."""
+    by someone else): nothing is sent for it. A keyed record whose key holds another
+    request (the key reused once its retention ended) is not that key's call, and its
+    own request may have applied: review, never a failure (review 14)."""
     if not KeyEntry("", stored).same_request(pending):
+        if pending.idempotency_key is not None:
+            raise _not_the_keys(pending, stored)
         raise _other_request(pending)
 
 
@@ -984,6 +1001,37 @@ def _not_the_keys(pending: PendingRefund, stored: PendingRefund) -> AmbiguousOut
     )
     parked = attrs.evolve(pending, phase=Phase.PENDING, needs_review=True, note=note)
     return _NotTheKeys(note, request=pending.request, attempts=pending.sends, pending=parked)
+
+
+def _ended_before(pending: PendingRefund, stored: PendingRefund) -> VioletError:
+    """The resumed record's ask (or the key's, of which it is an earlier ask) ended
+    definitely not applied in another process, whose caller was told so: the same
+    again, with nothing read or sent."""
+    message = (
+        f"the {pending.kind} of bag {pending.bag_id} (order {pending.order_id}) ended "
+        f"definitely not applied before this resume ({stored.note or 'failed'}); nothing "
+        "was sent by this call"
+    )
+    # Said again as it was first said (the protocol's note names the error's class):
+    # a 429, or a connection never made, is "not sent" to every driver, never a row's
+    # failure; any other end is a failure.
+    path = f"/orders/{pending.order_id}/bags/{pending.bag_id}/{_ACTIONS[pending.kind]}"
+    if stored.note.startswith(f"{RateLimitError.__name__}:"):
+        return RateLimitError(
+            message,
+            status=429,
+            error_code=None,
+            body=b"",
+            headers={},
+            method="POST",
+            path=path,
+        )
+    if stored.note.startswith((f"{APIConnectionError.__name__}:", f"{APITimeoutError.__name__}:")):
+        return APIConnectionError(message, method="POST", path=path, request_sent=False)
+    return VioletError(message)
+
+
+_ACTIONS = {"refund": "refunds", "cancel": "cancel"}
 
 
 def _not_another(pending: PendingRefund, refund: OrderRefund) -> OrderRefund:

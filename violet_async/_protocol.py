@@ -309,6 +309,12 @@ def start(
             reads=0,
             budget_from=ask.sends,
             clock_unsure=unsure,
+            # Another process's times, offset never learned: from now on they are
+            # taken as this process's clock (the skew allowed for above covers the
+            # difference), which dates what it adds (a re-send, its settle window) and
+            # sees its own steps between two resumes here (review 14: a step of an
+            # hour between them ended a window 10 s after a 5xx).
+            clock=here if newly_unsure else ask.clock,
         )
         return ask, Action(Do.READ, read_bag=needs_bag(ask))
     if ask.phase is Phase.ABSENT:

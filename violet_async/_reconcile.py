@@ -502,6 +502,13 @@ class ClockOrigin:
         jump = (wall - self._wall) - (mono - self._mono)
         return jump if abs(jump) > CLOCK_STEP + SLEW * abs(mono - self._mono) else 0.0
 
+    def steady(self, clock: Clock) -> float:
+        """The wall clock now, or earlier when it stepped forward since the origin:
+        what a time limit counted on the wall clock (a key's retention) is held to,
+        so that a step forward never ends one early."""
+        wall, mono = clock.time(), clock.monotonic()
+        return min(wall, wall - self.step_at(wall, mono))
+
     def mark(self, ask: PendingRefund, wall: float, mono: float) -> PendingRefund:
         """``ask``, made from times read at ``(wall, mono)``, judged against this
         machine's clock both as it is and as it was at the origin when it stepped in

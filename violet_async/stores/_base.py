@@ -55,6 +55,10 @@ class Claim(enum.Enum):
     """Another live caller owns the key: wait for its outcome."""
     REUSED = "reused"
     """The key was used for another request: refuse, send nothing."""
+    ENDED = "ended"
+    """The ask being resumed (its ``ask_id``, or one of the key's earlier asks) ended
+    definitely not applied: say so again, send nothing (a resume delivered again after
+    another process told its caller "failed" must not send it anew: review 14)."""
 
 
 LINEAGE = 32
@@ -170,6 +174,7 @@ def decide(
     *,
     now: float,
     retention: float,
+    expired: bool | None = None,
 ) -> tuple[Claim, KeyEntry, KeyEntry | None]:
     """The rule for a call claiming ``fresh.key`` (``fresh``: its NEW ask, owned by the
     caller, with a lease). Returns what the call found, the entry as it stands after
@@ -183,17 +188,24 @@ def decide(
       a store prunes, never turns a made refund into a new ask;
     - another request under the key: REUSED, nothing written (whatever its state);
     - applied: FINISHED (the refund is in the entry);
-    - definitely not applied: the key is free again, the call owns a fresh entry (a
-      second try cannot refund twice what never applied once);
+    - definitely not applied: ENDED for a resume of that very ask (or of one of the
+      key's earlier asks), nothing written; for a new ask the key is free again, the
+      call owns a fresh entry (a second try cannot refund twice what never applied
+      once);
     - owned by another caller whose lease runs: BUSY;
     - otherwise (new, sent or pending, nobody alive on it): the call takes it over and
       resumes the recorded ask, never sending blind.
+
+    ``expired``: whether ``current`` is finished and past retention, as the store
+    counts it (on a clock a step of the wall clock cannot move, review 14); None: by
+    the wall clock alone (``finished_at + retention <= now``).
     """
-    expired = (
-        current is not None
-        and current.finished_at is not None
-        and current.finished_at + retention <= now
-    )
+    if expired is None:
+        expired = (
+            current is not None
+            and current.finished_at is not None
+            and current.finished_at + retention <= now
+        )
     if current is None:
         return Claim.OWNED, fresh, fresh
     if not current.same_request(fresh.ask):
@@ -203,6 +215,10 @@ def decide(
     if current.ask.phase is Phase.APPLIED and current.refund is not None:
         return Claim.FINISHED, current, None
     if current.ask.phase is Phase.FAILED:
+        if fresh.ask.ask_id == current.ask.ask_id or fresh.ask.ask_id in current.lineage:
+            # A resume of the ask that failed (or of an earlier one of the key, which
+            # failed too): its caller was told so; nothing of it is sent again.
+            return Claim.ENDED, current, None
         # The key is free again for the same request: the failed ask joins its lineage
         # (a pending record of it, resumed later, is the key's own call).
         lineage = (*current.lineage, current.ask.ask_id)[-LINEAGE:]

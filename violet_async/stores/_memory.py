@@ -34,7 +34,9 @@ class MemoryStore:
     ``RecordStoreError`` (nothing sent); keys already stored still answer. Raise it,
     shorten ``retention``, or use :class:`SQLiteStore` for more. Retention is counted
     on the wall clock and on this process's monotonic clock at once (``monotonic``:
-    default ``time.monotonic``), so a wall clock stepped forward never drops keys early.
+    default ``time.monotonic``, from when the key finished), so a wall clock stepped
+    forward, or stepped back while a key finished and put right since, never drops a
+    key early or frees it for another request.
     """
 
     def __init__(
@@ -54,6 +56,10 @@ class MemoryStore:
         self._entries: dict[str, KeyEntry] = {}
         # (finished_at, key) of finished entries, oldest first (lazily cleaned).
         self._finished: list[tuple[float, str]] = []
+        # When each finished key finished, on the monotonic clock: a key goes only once
+        # retention has passed on it too (its ``finished_at`` is wall time, stamped on
+        # a clock that may have been stepped back then and put right since: review 14).
+        self._done: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,7 +81,13 @@ class MemoryStore:
                 "Raise max_finished, shorten retention, or use SQLiteStore",
                 key=key,
             )
-        claim, entry, write = decide(current, fresh, now=now, retention=self.retention)
+        claim, entry, write = decide(
+            current,
+            fresh,
+            now=now,
+            retention=self.retention,
+            expired=current is not None and self._expired(current, now),
+        )
         if write is not None:
             self._put(write)
         return claim, entry
@@ -101,9 +113,22 @@ class MemoryStore:
         return None
 
     def _put(self, entry: KeyEntry) -> None:
+        previous = self._entries.get(entry.key)
         self._entries[entry.key] = entry
-        if entry.finished_at is not None:
-            heapq.heappush(self._finished, (entry.finished_at, entry.key))
+        if entry.finished_at is None:
+            self._done.pop(entry.key, None)
+            return
+        if previous is None or previous.finished_at != entry.finished_at:
+            self._done[entry.key] = self._sweep.monotonic()
+        heapq.heappush(self._finished, (entry.finished_at, entry.key))
+
+    def _expired(self, entry: KeyEntry, now: float) -> bool:
+        """Finished, and past retention by the wall clock (guarded against forward
+        steps) and by the monotonic clock since it finished here."""
+        if entry.finished_at is None or entry.finished_at > self._sweep.cutoff(now, self.retention):
+            return False
+        done = self._done.get(entry.key)
+        return done is None or self._sweep.monotonic() - done >= self.retention
 
     def _full(self) -> bool:
         """True when ``max_finished`` finished keys are kept (the heap, cleaned of the
@@ -122,8 +147,18 @@ class MemoryStore:
         """Drop finished entries past retention (never one within it)."""
         heap = self._finished
         cutoff = self._sweep.cutoff(now, self.retention)
+        mono = self._sweep.monotonic()
+        young: list[tuple[float, str]] = []
         while heap and heap[0][0] <= cutoff:
             finished_at, key = heapq.heappop(heap)
             entry = self._entries.get(key)
-            if entry is not None and entry.finished_at == finished_at:
-                del self._entries[key]
+            if entry is None or entry.finished_at != finished_at:
+                continue
+            done = self._done.get(key)
+            if done is not None and mono - done < self.retention:
+                young.append((finished_at, key))  # stamped on a clock stepped back
+                continue
+            del self._entries[key]
+            self._done.pop(key, None)
+        for kept in young:
+            heapq.heappush(heap, kept)

@@ -20,8 +20,9 @@ __all__ = ["RedisStore"]
 class RedisStore:
     """Idempotency keys in Redis, one string per key (``prefix`` + key), written in
     WATCH / MULTI transactions so that two workers claiming one key run one after the
-    other. Finished keys expire after ``retention`` seconds (default 24 h); unfinished
-    ones never do.
+    other. Finished keys expire after ``retention`` seconds (default 24 h), counted by
+    Redis on its own clock (a worker's wall clock stepped forward frees no key early);
+    unfinished ones never do.
 
     A record is as durable as your Redis makes it: run it with ``appendonly yes`` and
     ``appendfsync always`` if a record must survive Redis itself crashing right
@@ -71,7 +72,11 @@ class RedisStore:
         found: list[tuple[Claim, KeyEntry]] = []
 
         def apply(current: KeyEntry | None) -> KeyEntry | None:
-            claim, entry, write = decide(current, fresh, now=now, retention=self.retention)
+            # A finished key is in Redis only within its retention, counted by Redis
+            # (its expiry): never expired by the workers' wall clocks, which can step.
+            claim, entry, write = decide(
+                current, fresh, now=now, retention=self.retention, expired=False
+            )
             found[:] = [(claim, entry)]
             return write
 

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS violet_keys (
     entry BLOB NOT NULL,
     owner TEXT,
     lease_until REAL,
-    finished_at REAL
+    finished_at REAL,
+    finished_steady REAL
 );
 CREATE INDEX IF NOT EXISTS violet_keys_finished ON violet_keys (finished_at)
     WHERE finished_at IS NOT NULL;
@@ -185,6 +186,9 @@ class SQLiteStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(violet_keys)")}
+                if "finished_steady" not in columns:  # a file of an earlier release
+                    conn.execute("ALTER TABLE violet_keys ADD COLUMN finished_steady REAL")
             except BaseException:
                 conn.close()
                 raise
@@ -198,37 +202,51 @@ class SQLiteStore:
         # one key run one after the other, the second sees the first's entry.
         conn.execute("BEGIN IMMEDIATE")
         try:
+            steady = self._steady(conn, now)
+            cutoff = min(self._sweep.cutoff(now, self.retention), steady - self.retention)
             if now - self._swept_at >= _SWEEP_EVERY:
                 # Never the key being claimed: ``decide`` answers a finished key asked
                 # again for its own request however old (retention is wall-clock time,
                 # which can step); it frees it only for another request.
                 conn.execute(
                     "DELETE FROM violet_keys WHERE finished_at IS NOT NULL"
-                    " AND finished_at <= ? AND key != ?",
-                    (self._cutoff(conn, now), fresh.key),
+                    " AND finished_at <= ? AND (finished_steady IS NULL"
+                    " OR finished_steady <= ?) AND key != ?",
+                    (cutoff, steady - self.retention, fresh.key),
                 )
                 self._swept_at = now
-            current = _read(conn, fresh.key)
-            claim, entry, write = decide(current, fresh, now=now, retention=self.retention)
+            found = _read_row(conn, fresh.key)
+            current = None if found is None else found[0]
+            expired = (
+                found is not None
+                and found[0].finished_at is not None
+                and found[0].finished_at <= cutoff
+                and (found[1] is None or found[1] <= steady - self.retention)
+            )
+            claim, entry, write = decide(
+                current, fresh, now=now, retention=self.retention, expired=expired
+            )
             if write is not None:
-                _upsert(conn, write)
+                _upsert(conn, write, steady)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return claim, entry
 
-    def _cutoff(self, conn: sqlite3.Connection, now: float) -> float:
-        """Finished keys ending at or before this may be swept: retention counted on the
-        wall clock, on this process's monotonic clock since it first swept, and on the
-        machine's monotonic clock since the file's first sweep (``violet_clock``: wall
-        and monotonic time read together then, shared by every process that opens the
-        file). A process started after a step of the wall clock has nothing of its own
-        to tell the step by (simulator seed 853436: after two steps of 15 h, a process
-        started later swept a key finished minutes before, and the same request under
-        it was sent again); the file's reading does. Monotonic time is the machine's
-        since boot: a reading lower than the file's means a reboot, and the file takes
-        the clock as it is then."""
+    def _steady(self, conn: sqlite3.Connection, now: float) -> float:
+        """The wall clock as the file's first sweep read it, moved on by the machine's
+        monotonic clock since (``violet_clock``: wall and monotonic time read together
+        then, shared by every process that opens the file). Retention is counted on it
+        as well as on the wall clock and this process's own monotonic clock: a process
+        started after a step of the wall clock has nothing of its own to tell the step
+        by (simulator seed 853436: after two steps of 15 h, a process started later
+        swept a key finished minutes before, and the same request under it was sent
+        again); the file's reading does. And a key finishing is stamped with it
+        (``finished_steady``), so a key that finished while the wall clock was stepped
+        back, put right since, is not taken for old (review 14). Monotonic time is the
+        machine's since boot: a reading lower than the file's means a reboot, and the
+        file takes the clock as it is then."""
         mono = self._sweep.monotonic()
         row = conn.execute("SELECT wall, mono FROM violet_clock WHERE id = 1").fetchone()
         if row is None or not all(isinstance(one, float) for one in row) or mono < row[1]:
@@ -236,34 +254,65 @@ class SQLiteStore:
                 "INSERT OR REPLACE INTO violet_clock (id, wall, mono) VALUES (1, ?, ?)",
                 (now, mono),
             )
-            row = (now, mono)
-        wall, then = float(row[0]), float(row[1])
-        steady = wall + (mono - then)
-        return min(self._sweep.cutoff(now, self.retention), steady - self.retention)
+            return now
+        return float(row[0]) + (mono - float(row[1]))
 
-    @staticmethod
-    def _save(conn: sqlite3.Connection, entry: KeyEntry, owner: str) -> bool:
+    def _save(self, conn: sqlite3.Connection, entry: KeyEntry, owner: str) -> bool:
+        finished = entry.finished_at
+        steady = None if finished is None else self._steady(conn, finished)
+        # A key finishing is stamped on the file's steady clock; finished again at the
+        # same time (its record rewritten), it keeps its stamp.
         cursor = conn.execute(
-            "UPDATE violet_keys SET entry = ?, owner = ?, lease_until = ?, finished_at = ? "
+            "UPDATE violet_keys SET entry = ?, owner = ?, lease_until = ?, finished_at = ?, "
+            "finished_steady = CASE WHEN ? IS NULL THEN NULL"
+            " WHEN finished_at IS ? AND finished_steady IS NOT NULL THEN finished_steady"
+            " ELSE ? END "
             "WHERE key = ? AND owner = ?",
-            (entry.to_json(), entry.owner, entry.lease_until, entry.finished_at, entry.key, owner),
+            (
+                entry.to_json(),
+                entry.owner,
+                entry.lease_until,
+                finished,
+                finished,
+                finished,
+                steady,
+                entry.key,
+                owner,
+            ),
         )
         return cursor.rowcount == 1
 
 
 def _read(conn: sqlite3.Connection, key: str) -> KeyEntry | None:
+    found = _read_row(conn, key)
+    return None if found is None else found[0]
+
+
+def _read_row(conn: sqlite3.Connection, key: str) -> tuple[KeyEntry, float | None] | None:
+    """The entry under ``key`` and when it finished on the file's steady clock."""
     row = conn.execute(
-        "SELECT entry, owner, lease_until FROM violet_keys WHERE key = ?", (key,)
+        "SELECT entry, owner, lease_until, finished_steady FROM violet_keys WHERE key = ?",
+        (key,),
     ).fetchone()
     if row is None:
         return None
     # The lease lives in its columns (renewals touch only them).
-    return attrs.evolve(KeyEntry.from_json(row[0]), owner=row[1], lease_until=row[2])
+    entry = attrs.evolve(KeyEntry.from_json(row[0]), owner=row[1], lease_until=row[2])
+    steady = row[3]
+    return entry, float(steady) if isinstance(steady, (int, float)) else None
 
 
-def _upsert(conn: sqlite3.Connection, entry: KeyEntry) -> None:
+def _upsert(conn: sqlite3.Connection, entry: KeyEntry, steady: float) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO violet_keys (key, entry, owner, lease_until, finished_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (entry.key, entry.to_json(), entry.owner, entry.lease_until, entry.finished_at),
+        "INSERT OR REPLACE INTO violet_keys"
+        " (key, entry, owner, lease_until, finished_at, finished_steady)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            entry.key,
+            entry.to_json(),
+            entry.owner,
+            entry.lease_until,
+            entry.finished_at,
+            None if entry.finished_at is None else steady,
+        ),
     )
