@@ -17,7 +17,12 @@ import stat
 
 from .exceptions import VioletError
 
-__all__ = ["UnsafeFileError", "open_owned"]
+__all__ = ["SQLITE_COMPANIONS", "UnsafeFileError", "open_owned"]
+
+#: The files SQLite reads beside a database: the WAL, its index, and a rollback journal
+#: (a "hot" one, left by a writer that died, is played back into the database when it
+#: is next opened, WAL mode included). Each is held to the database file's checks.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # A FIFO planted under the name would block an open for reading forever.

@@ -1,0 +1,302 @@
+"""Audit of issue 29 (security, round two): what a planted file, a hostile body and
+server text could still do on main, each against a server scripted here or a file
+planted the way another local user would (a file of theirs, mode 0666).
+
+Files of another owner are made with ``os.chown(path, 65534, 65534)``, which needs
+root: without it, only that part of a test is skipped (and says so); the mode part
+(0666, a file others may write) runs everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import RetryPolicy, VioletClient, VioletError
+from violet_async.stores import SQLiteStore
+
+from .conftest import serve
+from .samples import refund_body
+from .test_hardening import jwt
+
+NOBODY = 65534
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+WHY_NOT_ROOT = "chown to another uid needs root; the mode part ran"
+
+APP = 2929
+SECRET = "audit29-app-secret-0123456789abcdef"
+PASSWORD = "audit29-password-0123"
+ORDER, BAG = 29, 2929
+
+from .test_webhooks import SECRET as SECRET_OF_HOOKS  # noqa: E402
+
+
+def _stamp(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+class Bag29:
+    """Violet for one bag of 10,000 cents: every POST applies (refunds counted in
+    ``made``, ids from ``first_id``) and answers 200; the list shows them all."""
+
+    def __init__(self, first_id: int) -> None:
+        self.next_id = first_id
+        self.made: list[dict[str, Any]] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/login", self._login)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._refund)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        return app
+
+    async def _login(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "audit29-token-0123456789", "refresh_token": "r29-1"})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.made), content_type="application/json")
+
+    async def _refund(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.next_id += 1
+        record = refund_body(
+            id=self.next_id,
+            order_id=int(request.match_info["o"]),
+            bag_id=int(request.match_info["b"]),
+            app_id=APP,
+            amount=body["amount_refunded"],
+            status="COMPLETED",
+            skus=[],
+            errors=[],
+            date_created=_stamp(time.time()),
+            date_last_modified=_stamp(time.time()),
+        )
+        self.made.append(record)
+        return web.json_response(record)
+
+
+@asynccontextmanager
+async def _client(server: Bag29, **options: Any) -> AsyncIterator[VioletClient]:
+    async with (
+        serve(server.app()) as base,
+        VioletClient(
+            APP,
+            SECRET,
+            username="audit29-user",
+            password=PASSWORD,
+            base_url=base + "/v1",
+            retry=RetryPolicy(initial_delay=0.01, max_delay=0.05, deadline=10.0),
+            **options,
+        ) as client,
+    ):
+        yield client
+
+
+# -- 1. a planted hot rollback journal beside a SQLite file ---------------------------
+
+
+def _hot_journal(image: bytes, page_size: int = 4096) -> bytes:
+    """A SQLite rollback journal (``-journal``) left "hot" by a crashed writer, whose
+    page images are ``image``: SQLite plays it back into the database on the next open
+    (WAL mode or not), so the database becomes ``image``. Written from the format
+    (sqlite.org/fileformat.html#the_rollback_journal); nothing of the victim's file is
+    needed."""
+    pages = len(image) // page_size
+    nonce = 0x2929
+    header = bytes.fromhex("d9d505f920a163d7") + struct.pack(
+        ">IIIII", 0xFFFFFFFF, nonce, pages, 512, page_size
+    )
+    records = [header.ljust(512, b"\0")]
+    for number in range(pages):
+        page = image[number * page_size : (number + 1) * page_size]
+        checksum, at = nonce, page_size - 200
+        while at > 0:
+            checksum += page[at]
+            at -= 200
+        records.append(
+            struct.pack(">I", number + 1) + page + struct.pack(">I", checksum & 0xFFFFFFFF)
+        )
+    return b"".join(records)
+
+
+def _plant(path: Path, data: bytes) -> None:
+    """``path`` as another local user leaves it: theirs (as root), anyone may write."""
+    path.write_bytes(data)
+    path.chmod(0o666)
+    if ROOT:
+        os.chown(path, NOBODY, NOBODY)
+
+
+async def test_a_planted_hot_journal_never_rewrites_the_key_store(tmp_path: Path) -> None:
+    """SECURITY.md: a ``SQLiteStore`` file, and its ``-wal`` and ``-shm``, are used only
+    when they are this user's and no one else may write them ("a key file others may
+    write could hold a planted finished key, returned as a refund that was never
+    made"). SQLite also reads a third file beside the database: a hot rollback journal
+    (``-journal``), played back into the database on open, in WAL mode too. Another
+    user who plants one beside our private key file (built from a key file of their
+    own, with a finished key) makes the next call with that key return a refund Violet
+    never made, sending nothing. It must be refused like a planted ``-wal``."""
+    # Another user's key file: the same key, finished, through a Violet of their own
+    # (keys are scoped by app id and host: 127.0.0.1 for both).
+    theirs = tmp_path / "theirs.db"
+    async with (
+        SQLiteStore(theirs) as their_store,
+        _client(Bag29(first_id=777_000), store=their_store) as planter,
+    ):
+        planted = await planter.refund_bag(ORDER, BAG, amount_refunded=100, idempotency_key="rma-1")
+    # Our key file, private, already in use (another key).
+    ours = tmp_path / "keys.db"
+    server = Bag29(first_id=555_000)
+    async with SQLiteStore(ours) as our_store, _client(server, store=our_store) as client:
+        await client.refund_bag(ORDER, BAG + 1, amount_refunded=100, idempotency_key="rma-0")
+    assert len(server.made) == 1
+    assert not (tmp_path / "keys.db-wal").exists()  # a clean close
+    before = ours.read_bytes()
+    _plant(tmp_path / "keys.db-journal", _hot_journal(theirs.read_bytes()))
+    try:
+        async with SQLiteStore(ours) as our_store, _client(server, store=our_store) as client:
+            got: Any = await client.refund_bag(
+                ORDER, BAG, amount_refunded=100, idempotency_key="rma-1"
+            )
+    except VioletError as exc:  # refusing the planted file is the right outcome
+        got = exc
+    assert getattr(got, "id", None) != planted.id, (
+        f"a planted -journal answered a refund this Violet never made: {got!r}, "
+        f"refunds made here: {[r['id'] for r in server.made]}"
+    )
+    assert "keys.db-journal" in str(got)
+    assert len(server.made) == 1  # nothing sent for the refused call
+    assert ours.read_bytes() == before  # the planted journal was not played back
+
+
+async def test_a_planted_hot_journal_never_rewrites_the_webhook_queue(tmp_path: Path) -> None:
+    """SECURITY.md: the webhook queue (and its ``-wal`` / ``-shm``) is refused when
+    another user planted it. A hot ``-journal`` planted beside it is played into the
+    queue on open: rows another user chose (a pending event whose body no signature
+    ever covered, handed to the app's callback as Violet's) enter the queue. It must be
+    refused like a planted ``-wal``."""
+    from violet_async.webhooks import SQLiteEventStore, WebhookReceiver
+
+    from .test_webhooks_queue import order_body, record
+
+    # Another user's queue file, with an event in it (a row: no signature is checked
+    # when a queued event is handed to the callback).
+    theirs = tmp_path / "theirs.db"
+    planter = SQLiteEventStore(theirs)
+    assert await planter.put(record(WebhookReceiver(SECRET_OF_HOOKS), order_body(), "evt-x"))
+    await planter.aclose()
+    ours = tmp_path / "queue.db"
+    store = SQLiteEventStore(ours)
+    assert await store.pending() == 0
+    await store.aclose()
+    _plant(tmp_path / "queue.db-journal", _hot_journal(theirs.read_bytes()))
+    store = SQLiteEventStore(ours)
+    try:
+        due: Any = await store.due(time.time() + 10**6, 10)
+    except Exception as exc:  # noqa: BLE001 - refusing the planted file is the outcome
+        due = exc
+    finally:
+        await store.aclose()
+    assert not (isinstance(due, list) and due), f"a planted -journal queued {due!r}"
+    assert "queue.db-journal" in str(due)
+
+
+# -- 2. a preview cut inside a secret spelled as a server echoes it ---------------------
+
+SPECIAL = "audit29&secret=0123<456789>"
+
+
+def _spellings(secret: str) -> dict[str, str]:
+    """Echoes of ``secret`` the redactor matches whole (SECURITY.md): an HTML-safe JSON
+    writer's ``\\u0026``, quoted two and three times; URL-encoded twice; HTML numeric
+    references; a JSON string itself URL-encoded."""
+    from urllib.parse import quote
+
+    once = orjson.dumps(secret).decode()[1:-1]
+    for char in "&=<>":
+        once = once.replace(char, f"\\u{ord(char):04x}")
+    twice = orjson.dumps(once).decode()[1:-1]
+    thrice = orjson.dumps(twice).decode()[1:-1]
+    return {
+        "json quoted twice": twice,
+        "json quoted three times": thrice,
+        "url-encoded twice": quote(quote(secret, safe=""), safe=""),
+        "html numeric": "".join(f"&#{ord(c)};" if c in "&<>=" else c for c in secret),
+        "json, url-encoded": quote(once, safe=""),
+    }
+
+
+@pytest.mark.parametrize("spelling", sorted(_spellings(SPECIAL)))
+def test_a_preview_cut_inside_any_spelling_of_a_secret_keeps_none_of_it(spelling: str) -> None:
+    """SECURITY.md: "a preview of a body is cut after redaction, a tail that starts a
+    secret dropped", for every spelling the redactor matches. A body cut inside a secret
+    (the 1 KiB kept of a response too large to read) in an escaped spelling kept
+    everything up to the cut: ``audit29\\\\u0026secret\\\\u003d01234`` (a string quoted
+    twice) is 19 characters of a 27-character password. Every cut inside it must keep
+    none of it."""
+    from violet_async._redact import Redactor
+
+    echoed = _spellings(SPECIAL)[spelling]
+    redactor = Redactor(extra=[SPECIAL])
+    pad = "x" * 70
+    assert redactor.text(pad + echoed) == pad + "[REDACTED]"  # matched whole
+    kept = {
+        cut: redactor.preview((pad + echoed[:cut]).encode(), 10_000)
+        for cut in range(1, len(echoed))
+    }
+    leaks = {cut: text[70:] for cut, text in kept.items() if text != pad}
+    assert not leaks, leaks
+
+
+async def test_a_too_large_answer_cut_inside_an_echoed_password_keeps_none_of_it() -> None:
+    """The same, end to end: a gateway's 500 MB answer whose first KiB (what
+    ``ResponseTooLargeError.body`` keeps) ends inside the app secret it echoes, quoted
+    twice; the error's body and text keep no part of it."""
+    once = orjson.dumps(SPECIAL).decode()[1:-1]
+    for char in "&=<>":
+        once = once.replace(char, f"\\u{ord(char):04x}")
+    twice = orjson.dumps(once).decode()[1:-1]
+    head = '{"error": "{\\"headers\\": {\\"X-Violet-App-Secret\\": \\"'
+    cut = twice.index("secret") + 9  # 'audit29\\\\u0026secret\\\\u00'
+    prefix = head + "p" * (1024 - len(head) - cut) + twice[:cut]
+    assert len(prefix) == 1024
+    left = asyncio.Event()
+
+    async def page(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 500_000_000
+        await response.prepare(request)
+        await response.write(prefix.encode() + twice[cut:].encode() + b'\\"}}"}')
+        await left.wait()  # the client leaves after its first KiB
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/orders/{o}", page)
+    from violet_async import ResponseTooLargeError
+
+    async with (
+        serve(app) as base,
+        VioletClient(
+            APP,
+            SPECIAL,
+            token=jwt(time.time() + 3600),
+            base_url=base + "/v1",
+            retry=RetryPolicy.disabled(),
+        ) as client,
+    ):
+        with pytest.raises(ResponseTooLargeError) as info:
+            await client.get_order(ORDER)
+        left.set()
+    error = info.value
+    assert error.body.startswith(head.encode())
+    for text in (error.body.decode(errors="replace"), str(error)):
+        assert "audit29" not in text, text[-80:]
