@@ -9,6 +9,7 @@ root: without it, only that part of a test is skipped (and says so); the mode pa
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import struct
 import time
@@ -300,3 +301,144 @@ async def test_a_too_large_answer_cut_inside_an_echoed_password_keeps_none_of_it
     assert error.body.startswith(head.encode())
     for text in (error.body.decode(errors="replace"), str(error)):
         assert "audit29" not in text, text[-80:]
+
+
+# -- 3. a planted hard link to a file of ours ---------------------------------------------
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    for key, value in {
+        "VIOLET_APP_ID": str(APP),
+        "VIOLET_APP_SECRET": SECRET,
+        "VIOLET_USERNAME": "audit29-user",
+        "VIOLET_PASSWORD": PASSWORD,
+        "VIOLET_BASE_URL": base + "/v1",
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("which", ["output", "problems", "journal"])
+async def test_a_hard_link_to_a_victim_file_is_refused_and_the_victim_untouched(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SECURITY.md: a journal, a problems file or an ``--output`` another local user
+    planted is refused before it is read or written. A hard link is the symlink's twin:
+    planted under the name a run will open, in a shared directory, it names a file of
+    ours (where the system lets a user link a file they do not own: macOS, the BSDs,
+    Linux with ``fs.protected_hardlinks=0``), and it is a regular file of this user
+    that no one else may write, so every check passes: ``--output`` truncated and
+    rewrote the victim (a shell profile, a key), the problems file appended to it. A
+    file with another name (a link count above 1) is refused, the victim untouched."""
+    from violet_async._batch_cli import BatchOptions, run_file
+
+    victim = tmp_path / "home" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("the victim's data\n")
+    victim.chmod(0o600)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    source = shared / "in.csv"
+    server = Bag29(first_id=1000)
+    source.write_text(f"order_id,bag_id,amount_refunded\n{ORDER},{BAG},100\n")
+    journal = shared / "j.jsonl"
+    planted = {
+        "journal": journal,
+        "problems": journal.with_name(journal.name + ".problems.txt"),
+        "output": shared / "out.jsonl",
+    }[which]
+    os.link(victim, planted)
+    async with serve(server.app()) as base:
+        _env(monkeypatch, base)
+        out, err = io.StringIO(), io.StringIO()
+        options = BatchOptions(journal=journal, output=shared / "out.jsonl")
+        code = await run_file("refund", source, options, out=out, err=err)
+    assert victim.read_text() == "the victim's data\n", (code, err.getvalue())
+    assert code == 2, err.getvalue()
+    assert "link" in err.getvalue()
+    assert server.made == []  # refused before any send
+
+
+# -- 4. the audit's journal and --output ------------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["hard link", "others may write"])
+async def test_the_audit_output_is_held_to_the_batch_outputs_checks(
+    planted: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SECURITY.md: an ``--output`` that is a hard link, or that others may write, is
+    refused with exit 2 before anything is written. ``violet-async audit --output``
+    checked only the owner: it emptied a victim file of ours reached through a planted
+    hard link, and used (narrowed) a file others could write."""
+    from violet_async._audit_cli import AuditOptions, run_audit
+
+    victim = tmp_path / "home" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("the victim's data\n")
+    victim.chmod(0o600)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    output = shared / "audit.jsonl"
+    if planted == "hard link":
+        os.link(victim, output)
+    else:
+        output.write_text("the victim's data\n")
+        output.chmod(0o666)
+        victim = output
+    source = shared / "in.csv"
+    source.write_text(f"order_id,bag_id,amount_refunded\n{ORDER},{BAG},100\n")
+    server = Bag29(first_id=1000)
+    async with serve(server.app()) as base:
+        _env(monkeypatch, base)
+        out, err = io.StringIO(), io.StringIO()
+        code = await run_audit(source, AuditOptions(output=output), out=out, err=err)
+    assert victim.read_text() == "the victim's data\n", (code, err.getvalue())
+    assert code == 2, err.getvalue()
+
+
+async def test_the_audit_reads_no_journal_another_user_could_have_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SECURITY.md: a journal another user planted, or one they may write, is refused
+    before it is read (a forged one makes the audit call a refund "ours", or raise the
+    loud "the journal says SUCCEEDED" alarm). ``audit(journal=...)`` from Python read
+    any file (its owner and mode unchecked, a symlink followed), and
+    ``violet-async audit`` took a journal its group may write."""
+    from violet_async._audit_cli import AuditOptions, run_audit
+    from violet_async._batch_cli import BatchOptions, read_items, run_file
+    from violet_async._files import UnsafeFileError
+    from violet_async.batch import audit
+
+    source = tmp_path / "in.csv"
+    source.write_text(f"order_id,bag_id,amount_refunded\n{ORDER},{BAG},100\n")
+    journal = tmp_path / "j.jsonl"
+    server = Bag29(first_id=1000)
+    async with serve(server.app()) as base:
+        _env(monkeypatch, base)
+        out, err = io.StringIO(), io.StringIO()
+        assert (
+            await run_file("refund", source, BatchOptions(journal=journal), out=out, err=err) == 0
+        )
+        items = [i for i in read_items(source, "refund") if not isinstance(i, Exception)]
+
+        async def read(path: Path) -> Any:
+            try:
+                async with VioletClient.from_env() as client:
+                    return [row async for row in audit(client, items, journal=path)]
+            except UnsafeFileError as exc:
+                return exc
+
+        link = tmp_path / "link.jsonl"
+        link.symlink_to(journal)
+        assert isinstance(await read(link), UnsafeFileError)
+        journal.chmod(0o660)
+        code = await run_audit(source, AuditOptions(journal=journal), out=out, err=err)
+        assert code == 2, err.getvalue()
+        assert "others may write" in err.getvalue()
+        journal.chmod(0o666)
+        assert isinstance(await read(journal), UnsafeFileError)
+        if not ROOT:
+            pytest.skip(WHY_NOT_ROOT)
+        journal.chmod(0o644)
+        os.chown(journal, NOBODY, NOBODY)
+        assert isinstance(await read(journal), UnsafeFileError)
+        assert await run_audit(source, AuditOptions(journal=journal), out=out, err=err) == 2
