@@ -25,6 +25,7 @@ from aiohttp import web
 from violet_async import RetryPolicy, VioletClient, VioletError
 from violet_async.stores import SQLiteStore
 
+from . import _fleet_redis
 from .conftest import serve
 from .samples import refund_body
 from .test_hardening import jwt
@@ -442,3 +443,125 @@ async def test_the_audit_reads_no_journal_another_user_could_have_written(
         os.chown(journal, NOBODY, NOBODY)
         assert isinstance(await read(journal), UnsafeFileError)
         assert await run_audit(source, AuditOptions(journal=journal), out=out, err=err) == 2
+
+
+# -- 5. a Redis writer and the fleet's last guard -------------------------------------
+
+redis_url = _fleet_redis.redis_url
+fleet_key = _fleet_redis.fleet_key
+
+
+@pytest.mark.parametrize("writer", ["names another owner", "leaves it with no owner"])
+async def test_a_replayed_item_whose_refund_a_redis_writer_gave_away_is_never_sent_again(
+    writer: str, redis_url: str
+) -> None:
+    """SECURITY.md, what a Redis writer can still do: "one who deletes an applied item's
+    record and its bag's refund set, then replays the signed item, makes a worker start
+    it anew, and then only the bag's read-back stands between it and a second refund
+    (``hold_if_present``: a refund exactly like it that the ledger does not account for
+    holds it back)". The writer can also *write* the bag's refund set: name the
+    applied refund as another item's (an owner no producer signed). The replayed item
+    then takes its own refund for that other item's, and the read-back no longer holds
+    it: a second refund. So did a refund id added to the set with no owner (read as a
+    ledger's from before owners were kept: another item's). An owner the fleet key did
+    not sign must not count, and no unowned refund is another item's."""
+    from violet_async import RefundBagRequest
+    from violet_async.batch import BatchItem
+    from violet_async.fleet import (
+        BagLocks,
+        FleetWorker,
+        RedisLedger,
+        create_fleet_pool,
+        enqueue,
+        item_key,
+    )
+
+    pool = await create_fleet_pool(redis_url)
+    try:
+        await pool.flushall()
+        ledger = RedisLedger(pool)
+        await ledger.new_fleet()
+        item = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=100))
+        assert (await enqueue(pool, [item], source="in.csv")).queued == 1
+        key = item_key(item)
+        signature = ledger.sign(key, item)  # what the producer's job carries
+        server = Bag29(first_id=6000)
+
+        async def run(job_item: BatchItem | None, sig: str | None) -> dict[str, Any]:
+            # Each run a worker of its own (another process: nothing in memory).
+            async with _client(server) as client:
+                worker = FleetWorker(
+                    client, RedisLedger(pool), BagLocks(pool, ttl=5.0, poll=0.01), None
+                )
+                return await worker.run(key, job_item, sig)
+
+        first = await run(None, None)
+        assert first["state"] == "applied"
+        assert len(server.made) == 1
+        refund_id = server.made[0]["id"]
+        # The Redis writer: the item's record gone, its refund now "another item's".
+        await pool.delete(ledger.record_key(key))
+        if writer == "names another owner":
+            await pool.hset(ledger.bag_owners_key(BAG), str(refund_id), "refund:forged:0")
+        else:
+            await pool.delete(ledger.bag_owners_key(BAG))
+        await pool.sadd(ledger.bag_refunds_key(BAG), refund_id)
+        again = await run(item, signature)  # the signed job, replayed
+    finally:
+        await pool.aclose()
+    assert len(server.made) == 1, (
+        f"a second refund: {[r['id'] for r in server.made]}; the replay ended {again}"
+    )
+    # Held back, naming the refund already on the bag (what the documented deletion
+    # alone gives): never sent.
+    assert again["outcome"] == "already_present", again
+
+
+# -- 6. a Redis's own text on the terminal -------------------------------------------
+
+# (No CR: redis-py refuses a reply line with one before the server's text is used.)
+HOSTILE = "\x1b[2K\x1b[1G1 item(s): applied 1\x1b]52;c;cm0gLXJmIH4=\x07"
+
+
+@pytest.mark.parametrize("command", ["status", "enqueue", "worker"])
+def test_a_redis_error_reply_reaches_the_terminal_escaped(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SECURITY.md: Redis is not trusted with intent, and text from a server is escaped
+    before it is printed (``status`` escapes everything it reads from the ledger). A
+    Redis (or anything listening at ``VIOLET_REDIS_URL``) that answers with an error
+    carrying ESC, CR and an OSC 52 clipboard code had it printed raw by every fleet
+    command: ``cannot reach Redis (...)``."""
+    import socketserver
+    import threading
+
+    class Hostile(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                commands = data.count(b"\r\n*") + data.startswith(b"*")
+                self.request.sendall(f"-ERR {HOSTILE}\r\n".encode() * commands)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Hostile)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("VIOLET_REDIS_URL", f"redis://127.0.0.1:{server.server_address[1]}/0")
+        rows = tmp_path / "rows.csv"
+        rows.write_text(f"order_id,bag_id,amount_refunded\n{ORDER},{BAG},100\n")
+        from violet_async.__main__ import main
+
+        args = {"status": ["status"], "enqueue": ["enqueue", str(rows)], "worker": ["worker"]}
+        code = main(args[command])
+    finally:
+        server.shutdown()
+        server.server_close()
+    printed = capsys.readouterr()
+    assert code == 2
+    text = printed.out + printed.err
+    assert "cannot reach Redis" in text
+    assert not any(c in text for c in "\x1b\r\x07"), repr(text)
+    assert "\\x1b]52;c;" in text  # shown, escaped

@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(_ping(args.redis))
     except (RedisError, OSError, ValueError) as exc:
         print(
-            f"violet-async: cannot reach Redis ({exc}); check --redis and that the "
+            f"violet-async: cannot reach Redis ({printable(exc)}); check --redis and that the "
             "Redis server is running",
             file=sys.stderr,
         )
