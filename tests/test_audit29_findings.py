@@ -565,3 +565,81 @@ def test_a_redis_error_reply_reaches_the_terminal_escaped(
     assert "cannot reach Redis" in text
     assert not any(c in text for c in "\x1b\r\x07"), repr(text)
     assert "\\x1b]52;c;" in text  # shown, escaped
+
+
+# -- 7. a 2xx page echoing the request, end to end through the batch's files ------------
+
+
+async def test_a_2xx_page_echoing_the_secret_leaves_no_part_of_it_in_any_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29, row 5, as an operator meets it: a gateway answers the refund POST 200
+    with an HTML page echoing every request header (the app secret, the token) and the
+    login body (the password), JSON-escaped and URL-encoded. The summary, the journal,
+    the problems file and ``--output`` hold no part of any of them. (Held: no break.)"""
+    from urllib.parse import quote
+
+    from violet_async._batch_cli import BatchOptions, run_file
+
+    secrets = [SECRET, PASSWORD, "audit29-token-0123456789"]
+    seen: list[str] = []
+
+    async def login(request: web.Request) -> web.Response:
+        seen.append(await request.text())
+        return web.json_response({"token": secrets[2], "refresh_token": "r29-1"})
+
+    made: list[dict[str, Any]] = []
+
+    async def page(request: web.Request) -> web.Response:
+        if request.method == "POST":  # applied, whatever the gateway answers
+            made.append(
+                refund_body(
+                    id=2901,
+                    order_id=ORDER,
+                    bag_id=BAG,
+                    app_id=APP,
+                    amount=100,
+                    status="COMPLETED",
+                    skus=[],
+                    errors=[],
+                    date_created=_stamp(time.time()),
+                    date_last_modified=_stamp(time.time()),
+                )
+            )
+        # The secret's first characters fall inside an 80-character preview.
+        first = request.headers.get("X-Violet-App-Secret", "")
+        echoed = " ".join(f"{k}={v}" for k, v in request.headers.items())
+        text = f"<html>{'p' * 68}{first} {echoed} {seen[-1]} {quote(echoed)}</html>"
+        return web.Response(text=text, content_type="text/html")
+
+    async def listed(request: web.Request) -> web.Response:
+        return web.json_response(made)
+
+    app = web.Application()
+    app.router.add_post("/v1/login", login)
+    app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", listed)
+    app.router.add_route("*", "/v1/orders/{tail:.*}", page)
+    source = tmp_path / "in.csv"
+    source.write_text(f"order_id,bag_id,amount_refunded\n{ORDER},{BAG},100\n")
+    journal = tmp_path / "j.jsonl"
+    output = tmp_path / "out.jsonl"
+    async with serve(app) as base:
+        _env(monkeypatch, base)
+        out, err = io.StringIO(), io.StringIO()
+        options = BatchOptions(journal=journal, output=output, settle_running=0.0)
+        await run_file("refund", source, options, out=out, err=err)
+    problems = journal.with_name(journal.name + ".problems.txt")
+    texts = {
+        "stdout": out.getvalue(),
+        "stderr": err.getvalue(),
+        "journal": journal.read_text(),
+        "output": output.read_text(),
+        "problems": problems.read_text() if problems.exists() else "",
+    }
+    # The refund the 2xx applied is found on the bag: one refund, reported.
+    assert '"outcome":"succeeded","refund_id":2901' in texts["output"], texts["output"]
+    assert len(made) == 1
+    for name, text in texts.items():
+        for secret in secrets:
+            for size in (8, len(secret)):
+                assert secret[:size] not in text, (name, secret[:size])
