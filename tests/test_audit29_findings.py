@@ -643,3 +643,44 @@ async def test_a_2xx_page_echoing_the_secret_leaves_no_part_of_it_in_any_file(
         for secret in secrets:
             for size in (8, len(secret)):
                 assert secret[:size] not in text, (name, secret[:size])
+
+
+async def test_the_fleet_ledger_keeps_no_secret_a_refusal_echoes(redis_url: str) -> None:
+    """SECURITY.md: no secret in the fleet ledger. Violet refuses the refund with a 400
+    whose message quotes the request headers (app secret, token: JSON-escaped and
+    URL-encoded): the item fails, and its ledger record and ``status`` hold no part of
+    either. (Held: no break.)"""
+    from urllib.parse import quote
+
+    from violet_async import RefundBagRequest
+    from violet_async.batch import BatchItem
+    from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, create_fleet_pool, item_key
+    from violet_async.fleet import enqueue as fleet_enqueue
+
+    class Refusing(Bag29):
+        async def _refund(self, request: web.Request) -> web.Response:
+            headers = orjson.dumps({str(k): v for k, v in request.headers.items()}).decode()
+            message = f"bad request: {headers} {quote(headers)}"
+            return web.json_response({"message": message, "errors": [message]}, status=400)
+
+    pool = await create_fleet_pool(redis_url)
+    try:
+        await pool.flushall()
+        await RedisLedger(pool).new_fleet()
+        item = BatchItem.refund(1, ORDER, BAG, RefundBagRequest(amount_refunded=100))
+        assert (await fleet_enqueue(pool, [item], source="in.csv")).queued == 1
+        key = item_key(item)
+        async with _client(Refusing(first_id=1)) as client:
+            worker = FleetWorker(client, RedisLedger(pool), BagLocks(pool, ttl=5.0), None)
+            ended = await worker.run(key)
+        stored = {
+            k.decode(): v.decode(errors="replace")
+            for k, v in (await pool.hgetall(RedisLedger(pool).record_key(key))).items()
+        }
+    finally:
+        await pool.aclose()
+    assert ended["state"] == "failed", ended
+    assert "[REDACTED]" in stored["message"]
+    text = orjson.dumps(stored).decode() + str(ended)
+    for secret in (SECRET, "audit29-token-0123456789"):
+        assert secret[:8] not in text, secret[:8]
