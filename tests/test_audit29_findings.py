@@ -684,3 +684,39 @@ async def test_the_fleet_ledger_keeps_no_secret_a_refusal_echoes(redis_url: str)
     text = orjson.dumps(stored).decode() + str(ended)
     for secret in (SECRET, "audit29-token-0123456789"):
         assert secret[:8] not in text, secret[:8]
+
+
+def test_status_json_escapes_what_json_leaves_raw(
+    redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SECURITY.md: text from a server (the ledger, which a Redis writer may write, and
+    Violet's messages it keeps) is escaped before it is printed. ``status`` escapes it;
+    ``status --json`` printed what JSON does not escape raw: DEL, C1 controls (U+009B,
+    a CSI on a terminal that reads 8-bit controls) and bidi overrides (U+202E). They
+    are ``\\uXXXX`` escapes now, the JSON unchanged once parsed."""
+    import redis as sync_redis
+
+    from violet_async.__main__ import main
+
+    message = "no\x9b2J\u202efake\x7f\U000e0041"
+    with sync_redis.Redis.from_url(redis_url) as plain:
+        plain.flushall()
+        plain.hset(
+            "{violet}:item:refund:1:2:x:0",
+            mapping={
+                "state": "failed",
+                "kind": "refund",
+                "order_id": 1,
+                "bag_id": 2,
+                "request": '{"amount_refunded":100}',
+                "line": 2,
+                "message": message,
+            },
+        )
+        plain.hset("{violet}:states", "refund:1:2:x:0", "failed")
+    monkeypatch.setenv("VIOLET_REDIS_URL", redis_url)
+    assert main(["status", "--json"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n")
+    assert printed[:-1].isprintable(), repr(printed)
+    assert orjson.loads(printed)["problems"][0]["message"] == message

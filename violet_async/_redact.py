@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
-__all__ = ["REDACTED", "Redactor", "has_control_character", "printable"]
+__all__ = ["REDACTED", "Redactor", "has_control_character", "printable", "printable_json"]
 
 REDACTED = "[REDACTED]"
 
@@ -37,6 +37,26 @@ def printable(value: object) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def printable_json(data: bytes) -> str:
+    """JSON text (as ``orjson.dumps`` writes it) with every character that is not
+    printable written as a ``\\uXXXX`` escape (a surrogate pair above U+FFFF): JSON
+    escapes only C0 controls, so DEL, C1 controls and bidi overrides would reach a
+    terminal raw. Such characters can only be inside strings; the JSON means the
+    same once parsed."""
+    text = data.decode()
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _json_escape(char) for char in text)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    high, low = divmod(code - 0x10000, 0x400)
+    return f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}"
 
 
 def _escape(char: str) -> str:
