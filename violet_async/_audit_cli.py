@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import csv
 import os
-import stat
 import sys
 import time
 import unicodedata
@@ -26,6 +25,7 @@ from ._audit import AUDITS, MONEY_OFF, AuditRow, AuditStats, audit
 from ._audit_judge import format_money
 from ._batch_cli import RowError, _preflight, _Progress, configuration_message, read_items
 from ._client import Environment, VioletClient
+from ._files import UnsafeFileError, open_owned
 from ._journal import JournalMismatchError, _check_version, _parse
 from ._redact import Redactor
 from ._retry import RetryPolicy
@@ -106,30 +106,23 @@ class _BadInput(Exception):
 
 
 def _open_output(path: Path) -> IO[str]:
-    """``path`` for writing, private (0600), never through a symlink, and only a regular
-    file this user owns: a planted file or link is refused, not followed. It is emptied
-    only once Violet has answered (a run refused at the start leaves it as it was)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    """``path`` for writing, private (0600), held to the batch's checks (never through a
+    symlink; a regular file of this user, with no other name, that no one else may
+    write): a planted file or link is refused, not followed. It is emptied only once
+    Violet has answered (a run refused at the start leaves it as it was)."""
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = open_owned(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except UnsafeFileError as exc:
+        raise _BadInput(f"--output {exc}") from None
     except OSError as exc:
         raise _BadInput(f"--output {path}: cannot open it ({exc.strerror})") from None
     try:
-        _own_regular_file(fd, path)
         os.fchmod(fd, 0o600)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return os.fdopen(fd, "w", encoding="utf-8", newline="")
-
-
-def _own_regular_file(fd: int, path: Path) -> None:
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise _BadInput(f"--output {path}: not a regular file")
-    if info.st_uid != os.geteuid():
-        raise _BadInput(f"--output {path}: owned by another user")
 
 
 @attrs.define
@@ -411,19 +404,18 @@ async def _until(rows: Any, stop: asyncio.Event) -> Any:
 
 
 def _check_journal(journal: Path) -> None:
-    """The journal is a regular file of this user that no one else may write (a planted
-    journal could make the audit say "the journal says succeeded", or "ours", falsely),
-    and its header is of a version this one reads."""
+    """The journal is held to the batch's checks (a regular file of this user, with no
+    other name, that no one else may write; never through a symlink: a planted journal
+    could make the audit say "the journal says succeeded", or "ours", falsely), and its
+    header is of a version this one reads."""
     try:
-        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_owned(journal, os.O_RDONLY)
+    except UnsafeFileError as exc:
+        raise _BadInput(f"--journal {exc}") from None
     except OSError as exc:
         raise _BadInput(f"--journal {journal}: cannot read it ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            raise _BadInput(f"--journal {journal}: not a regular file of this user")
-        if info.st_mode & stat.S_IWOTH:
-            raise _BadInput(f"--journal {journal}: others may write it")
+        os.set_blocking(fd, True)
         header, _ = _parse(handle.readline())
     try:
         _check_version(journal, header)

@@ -21,6 +21,7 @@ import orjson
 
 from ._audit_judge import Asked, JournalView
 from ._converter import encode_request, request_from_dict
+from ._files import open_owned
 from ._journal import _check_version, _parse
 from .models import CancelBagRequest, RefundBagRequest
 
@@ -136,11 +137,16 @@ class Spool:
 
     def add_journal(self, path: Path) -> None:
         """Stream a batch journal in, one line at a time, the last line of a key winning.
-        Raises JournalMismatchError for another journal version, OSError when it cannot
-        be read. Read without its lock: a run still writing it is seen as it was."""
+        Raises JournalMismatchError for another journal version, UnsafeFileError for a
+        file another user could have written (see :func:`open_owned`), OSError when it
+        cannot be read. Read without its lock: a run still writing it is seen as it was."""
         self._journal = True
         batch: list[tuple[Any, ...]] = []
-        with path.open("rb") as handle:
+        # Held to the batch's checks (UnsafeFileError): a journal another user planted
+        # or may write could make a refund "ours", or raise a false alarm.
+        fd = open_owned(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as handle:
+            os.set_blocking(fd, True)
             for raw in handle:
                 header, entries = _parse(raw)
                 if header is not None:

@@ -5,7 +5,8 @@ A file in a shared directory may have been put there by someone else: a journal 
 forged line, or a symlink to a victim file that a run would truncate, rewrite and
 re-mode. :func:`open_owned` opens without following a symlink (``O_NOFOLLOW``; where a
 platform has none, the path is checked with ``lstat`` first), then checks the file it
-opened: a regular file, owned by this process's user, writable by nobody else.
+opened: a regular file, owned by this process's user, writable by nobody else, with
+no other name (a hard link planted under the name is another name of a file of ours).
 Anything else raises :class:`UnsafeFileError` before a byte is read or written.
 """
 
@@ -17,7 +18,12 @@ import stat
 
 from .exceptions import VioletError
 
-__all__ = ["UnsafeFileError", "open_owned"]
+__all__ = ["SQLITE_COMPANIONS", "UnsafeFileError", "open_owned"]
+
+#: The files SQLite reads beside a database: the WAL, its index, and a rollback journal
+#: (a "hot" one, left by a writer that died, is played back into the database when it
+#: is next opened, WAL mode included). Each is held to the database file's checks.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # A FIFO planted under the name would block an open for reading forever.
@@ -69,13 +75,20 @@ def open_owned(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> i
 
 def check_owned(fd: int, path: str | os.PathLike[str]) -> None:
     """Raise :class:`UnsafeFileError` unless ``fd`` is a regular file of this user that
-    no one else may write."""
+    no one else may write, and that has no other name (no hard link)."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise UnsafeFileError(path, "it is not a regular file")
     geteuid = getattr(os, "geteuid", None)
     if geteuid is not None and info.st_uid != geteuid():
         raise UnsafeFileError(path, f"it is owned by another user (uid {info.st_uid})")
+    if info.st_nlink > 1:
+        # A hard link planted under the name: another name of a file of ours (a
+        # victim's file a run would truncate or append to), where the system lets a
+        # user link a file they do not own (macOS, the BSDs, protected_hardlinks=0).
+        raise UnsafeFileError(
+            path, f"it has {info.st_nlink} names (a hard link to a file kept elsewhere)"
+        )
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafeFileError(
             path, f"others may write it (mode {stat.S_IMODE(info.st_mode):04o}; chmod go-w)"

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
-__all__ = ["REDACTED", "Redactor", "has_control_character", "printable"]
+__all__ = ["REDACTED", "Redactor", "has_control_character", "printable", "printable_json"]
 
 REDACTED = "[REDACTED]"
 
@@ -37,6 +37,26 @@ def printable(value: object) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def printable_json(data: bytes) -> str:
+    """JSON text (as ``orjson.dumps`` writes it) with every character that is not
+    printable written as a ``\\uXXXX`` escape (a surrogate pair above U+FFFF): JSON
+    escapes only C0 controls, so DEL, C1 controls and bidi overrides would reach a
+    terminal raw. Such characters can only be inside strings; the JSON means the
+    same once parsed."""
+    text = data.decode()
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _json_escape(char) for char in text)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    high, low = divmod(code - 0x10000, 0x400)
+    return f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}"
 
 
 def _escape(char: str) -> str:
@@ -100,6 +120,11 @@ def _char(char: str, *, bare: bool = True, first: bool = False) -> str:
     itself; a JSON / JavaScript escape (``\\u0026``, ``\\x26``, ``\\/``, behind one to
     64 backslashes); URL-encoded (``%26``, twice: ``%2526``; ``+`` for a space);
     an HTML character reference (``&amp;``, ``&#38;``, ``&#x26;``)."""
+    return "(?:" + "|".join(_char_spellings(char, bare=bare, first=first)) + ")"
+
+
+def _char_spellings(char: str, *, bare: bool = True, first: bool = False) -> list[str]:
+    """The alternatives of :func:`_char`, one regex each."""
     code = ord(char)
     alternatives = [re.escape(char)]
     # What follows the backslashes of each JSON / JavaScript escape of ``char``: one
@@ -133,7 +158,7 @@ def _char(char: str, *, bare: bool = True, first: bool = False) -> str:
     named = f"|{_NAMED[char]}" if char in _NAMED else ""
     amp = _FIRST_AMP if first else _AMP
     alternatives.append(rf"{amp}(?:#0*{code}|#x0*{code:x}{named});")
-    return "(?:" + "|".join(alternatives) + ")"
+    return alternatives
 
 
 def _spelled(secret: str) -> str:
@@ -249,11 +274,122 @@ class Redactor:
         if pattern is not None:
             text = pattern.sub(REDACTED, text)
         text = text[:limit]
-        forms = self._forms()
-        return text[: len(text) - _secret_tail(text, forms)] if forms else text
+        values = self._values()
+        if not values:
+            return text
+        cut = max(_secret_tail(text, self._forms()), _spelled_tail(text, values))
+        return text[: len(text) - cut]
 
     def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {self.text(key): self.text(value) for key, value in headers.items()}
+
+
+#: The longest one character of a secret can be spelled: a run of 64 ``%255c`` and a
+#: reference (``%2526#x10ffff;``) or a surrogate pair.
+_LONGEST_CHAR = 5 * _MOST + 24
+#: A run of backslashes (or their URL-encoded spellings) that an escape may follow; and
+#: the unfinished start of one ``%255c`` / ``%5c``.
+_RUN = re.compile(rf"(?:\\|%(?:25)?5c){{1,{_MOST}}}", re.IGNORECASE)
+_RUN_START = re.compile(r"%(?:2(?:55?)?|5)?", re.IGNORECASE)
+
+
+def _spelled_tail(text: str, secrets: Iterable[str]) -> int:
+    """How many characters at the end of ``text`` begin a secret in any spelling the
+    redactor matches (``s3cr\\\\u0026`` of ``s3cr&t``: a string quoted twice, cut
+    inside its secret), each character whole or, the last one, begun (0: none).
+
+    :func:`_secret_tail` knows a secret's common whole spellings only; this walks the
+    secret a character at a time from each place near the end where one could begin."""
+    longest = 0
+    for secret in secrets:
+        chars = [
+            [re.compile(one, re.IGNORECASE) for one in _char_spellings(c, first=n == 0)]
+            for n, c in enumerate(secret)
+        ]
+        lowest = max(0, len(text) - _LONGEST_CHAR * len(secret))
+        for start in range(lowest, len(text) - longest):
+            if _begins(text, start, secret, chars):
+                longest = len(text) - start
+                break
+    return longest
+
+
+def _begins(text: str, start: int, secret: str, chars: list[list[re.Pattern[str]]]) -> bool:
+    """Whether ``text[start:]`` is a proper beginning of ``secret`` in some spelling:
+    every way each character may be spelled is followed (``&#38;`` is ``&`` spelled
+    as itself, then ``#38;``, or ``&`` as a reference), each place once."""
+    todo = [(0, start)]
+    seen = set(todo)
+    while todo:
+        index, at = todo.pop()
+        if index == len(secret):
+            continue  # the whole secret: the redaction before the cut replaced it
+        # The end, or an unfinished spelling of this character.
+        if len(text) - at <= _LONGEST_CHAR and _could_begin(secret[index], text[at:]):
+            return True
+        for pattern in chars[index]:
+            found = pattern.match(text, at)
+            if found is not None and found.end() > at:
+                state = (index + 1, found.end())
+                if state not in seen:
+                    seen.add(state)
+                    todo.append(state)
+    return False
+
+
+def _could_begin(char: str, rest: str) -> bool:
+    """Whether ``rest`` (the end of a text) is empty or an unfinished spelling of
+    ``char``."""
+    if not rest:
+        return True
+    lowered = rest.lower()
+    run = _RUN.match(lowered)
+    if run is not None:
+        after = lowered[run.end() :]
+        return (
+            not after
+            or _RUN_START.fullmatch(after) is not None
+            or any(tail.startswith(after) for tail in _escape_tails(char))
+        )
+    if _RUN_START.fullmatch(lowered) is not None:
+        return True
+    return any(spelling.startswith(lowered) for spelling in _bare_spellings(char))
+
+
+def _escape_tails(char: str) -> list[str]:
+    """What follows the backslashes of each escape of ``char`` (lowercase)."""
+    code = ord(char)
+    if code <= 0xFFFF:
+        tails = [f"u{code:04x}"]
+    else:
+        high, low = divmod(code - 0x10000, 0x400)
+        tails = [f"u{0xD800 + high:04x}\\u{0xDC00 + low:04x}", f"u{code:08x}"]
+    if code <= 0xFF:
+        tails.append(f"x{code:02x}")
+    if char in _SHORT:
+        tails.append(_SHORT[char].lower())
+        if _SHORT[char] == char:
+            tails += [f"%{code:02x}", f"%25{code:02x}", *_references(char, ("&",))]
+    tails += [f"u0026{ref[1:]}" for ref in _references(char, ("&",))]
+    return tails
+
+
+def _bare_spellings(char: str) -> list[str]:
+    """The spellings of ``char`` that begin with no backslash (lowercase)."""
+    encoded = char.encode()
+    return [
+        "".join(f"%{byte:02x}" for byte in encoded),
+        "".join(f"%25{byte:02x}" for byte in encoded),
+        *_references(char, ("&", "%26", "%2526")),
+    ]
+
+
+def _references(char: str, amps: tuple[str, ...]) -> list[str]:
+    code = ord(char)
+    names = [f"#{code};", f"#x{code:x};"]
+    if char in _NAMED:
+        names.append(f"{_NAMED[char]};")
+    return [amp + name for amp in amps for name in names]
 
 
 def _secret_tail(text: str, forms: Iterable[str]) -> int:

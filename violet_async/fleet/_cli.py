@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .. import _batch_cli
-from .._redact import printable
+from .._redact import printable, printable_json
 from .._signals import on_signals
 from ..batch import BatchItem
 from ._arq import (
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(_ping(args.redis))
     except (RedisError, OSError, ValueError) as exc:
         print(
-            f"violet-async: cannot reach Redis ({exc}); check --redis and that the "
+            f"violet-async: cannot reach Redis ({printable(exc)}); check --redis and that the "
             "Redis server is running",
             file=sys.stderr,
         )
@@ -316,15 +316,17 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
     problems.sort(key=lambda r: (r.source, r.item.line))
     if args.json:
         out.write(
-            orjson.dumps(
-                {
-                    "total": total,
-                    "counts": {s: counts[s] for s in STATES},
-                    "finished": finished,
-                    "problems": [r.to_dict() for r in problems],
-                    "without_job": orphans,
-                }
-            ).decode()
+            printable_json(
+                orjson.dumps(
+                    {
+                        "total": total,
+                        "counts": {s: counts[s] for s in STATES},
+                        "finished": finished,
+                        "problems": [r.to_dict() for r in problems],
+                        "without_job": orphans,
+                    }
+                )
+            )
             + "\n"
         )
     else:

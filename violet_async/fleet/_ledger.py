@@ -13,6 +13,8 @@ of a fleet lives in one Redis Cluster slot and the Lua scripts may touch them to
     P:bag:<bag_id>:refunds     set: refund ids this ledger recorded as applied on the bag
                                (another item's refund is never taken for this one's)
     P:bag:<bag_id>:owners      hash: refund id -> the item key it is the refund of
+    P:bag:<bag_id>:owner_sigs  hash: refund id -> the HMAC of (bag, refund, owner) under
+                               the fleet key: an owner without it is no one's word
     P:bag:<bag_id>:items       set: every item key registered on the bag (since this
                                release; older items are found through owners and open)
     P:blocked                  set: items that ended not sent because every item keeping
@@ -346,8 +348,8 @@ redis.call('SADD', KEYS[5], ARGV[1])
 return 1
 """
 
-# KEYS: record, states, bag refunds, bag owners, bag open
-# ARGV: item key, refund id ('' = none), then field, value pairs
+# KEYS: record, states, bag refunds, bag owners, bag open, bag owner signatures
+# ARGV: item key, refund id ('' = none), the owner's signature, then field, value pairs
 # One script: the refund, its owner and the item's state change together or not at all.
 _APPLIED = """
 local current = redis.call('HGET', KEYS[1], 'state')
@@ -363,10 +365,11 @@ if ARGV[2] ~= '' then
     return -1
   end
   redis.call('HSET', KEYS[4], ARGV[2], ARGV[1])
+  redis.call('HSET', KEYS[6], ARGV[2], ARGV[3])
   redis.call('SADD', KEYS[3], ARGV[2])
   redis.call('HSET', KEYS[1], 'refund_id', ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'state', 'applied', unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'state', 'applied', unpack(ARGV, 4))
 redis.call('HSET', KEYS[2], ARGV[1], 'applied')
 redis.call('SREM', KEYS[5], ARGV[1])
 return 1
@@ -466,6 +469,9 @@ class RedisLedger:
 
     def bag_owners_key(self, bag_id: int) -> str:
         return f"{self.prefix}:bag:{bag_id}:owners"
+
+    def bag_owner_sigs_key(self, bag_id: int) -> str:
+        return f"{self.prefix}:bag:{bag_id}:owner_sigs"
 
     def bag_items_key(self, bag_id: int) -> str:
         return f"{self.prefix}:bag:{bag_id}:items"
@@ -875,10 +881,12 @@ class RedisLedger:
                 self.bag_refunds_key(bag_id),
                 self.bag_owners_key(bag_id),
                 self.bag_open_key(bag_id),
+                self.bag_owner_sigs_key(bag_id),
             ],
             args=[
                 key,
                 "" if refund_id is None else refund_id,
+                "" if refund_id is None else self._owner_mac(bag_id, refund_id, key),
                 "reconciled",
                 int(reconciled),
                 "outcome",
@@ -966,9 +974,24 @@ class RedisLedger:
 
     async def bag_owners(self, bag_id: int) -> dict[int, str]:
         """Refund id -> the item it is the refund of, for refunds recorded on ``bag_id``
-        (a ledger written before owners were kept may hold refunds with none)."""
+        (a ledger written before owners were kept may hold refunds with none). With the
+        fleet key, only owners a worker holding it wrote: an owner a Redis writer named
+        would make an item take its own refund for another's, and send again."""
         owners = await resolve(self.redis.hgetall(self.bag_owners_key(bag_id)))
-        return {int(r): str(_text(k)) for r, k in owners.items()}
+        found = {int(r): str(_text(k)) for r, k in owners.items()}
+        if self.fleet_key is None or not found:
+            return found
+        signed = await resolve(self.redis.hgetall(self.bag_owner_sigs_key(bag_id)))
+        sigs = {int(r): str(_text(m)) for r, m in signed.items()}
+        return {
+            refund: owner
+            for refund, owner in found.items()
+            if hmac.compare_digest(self._owner_mac(bag_id, refund, owner), sigs.get(refund, ""))
+        }
+
+    def _owner_mac(self, bag_id: int, refund_id: int, owner: str) -> str:
+        message = orjson.dumps(["owner", bag_id, refund_id, owner])
+        return hmac.new(self._key(), message, hashlib.sha256).hexdigest()
 
     async def counts(self) -> Counter[str]:
         """Items by state."""

@@ -261,9 +261,12 @@ class FleetWorker:
             owner = owners.get(refund_id)
             if owner == key:
                 continue  # the item's own refund is never another's
-            if owner is None and resume is not None and resume.baseline is not None:
-                # No owner recorded (a ledger from before owners were kept): it may be
-                # this item's own; the record's baseline tells an older one apart.
+            if owner is None:
+                # No owner signed with the fleet key (a ledger from before owners were
+                # kept, or a Redis writer's): it may be this item's own. Never taken
+                # for another's: a resume's baseline tells an older one apart, and a
+                # refund like it that nothing accounts for holds a first send back
+                # (hold_if_present), for review.
                 continue
             known.add(refund_id, item.bag_id)
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import attrs
 
-from .._files import open_owned
+from .._files import SQLITE_COMPANIONS, open_owned
 from ._base import (
     DEFAULT_LEASE,
     DEFAULT_RETENTION,
@@ -168,11 +168,12 @@ class SQLiteStore:
             # Created by us: owner only (SQLite gives its -wal and -shm files the
             # same mode). A file that exists is trusted as the journal is: a regular
             # file of this user that no one else may write, not a symlink; and so are
-            # its -wal and -shm files (a planted WAL is read as part of the database).
-            # Anything else raises UnsafeFileError, naming the path, before a key is
-            # read or written.
+            # its -wal, -shm and -journal files (a planted WAL is read as part of the
+            # database, and a hot rollback journal is played back into it on open, in
+            # WAL mode too). Anything else raises UnsafeFileError, naming the path,
+            # before a key is read or written.
             os.close(open_owned(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            for suffix in ("-wal", "-shm"):
+            for suffix in SQLITE_COMPANIONS:
                 companion = self.path.with_name(self.path.name + suffix)
                 try:
                     fd = open_owned(companion, os.O_RDONLY)

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 import orjson
 
-from .._files import open_owned
+from .._files import SQLITE_COMPANIONS, open_owned
 from ._receiver import (
     BAG_ID_HEADER,
     EVENT_ID_HEADER,
@@ -117,10 +117,13 @@ CREATE INDEX IF NOT EXISTS done_at ON done (done_at);
 def _create_private(path: str) -> None:
     """Create the database file 0600 (and narrow one left wider) before SQLite opens it:
     queued bodies hold customers' emails. SQLite gives its ``-wal`` and ``-shm`` files
-    the database file's mode; ones left wider by an older version are narrowed too."""
+    the database file's mode; ones left wider by an older version are narrowed too. A
+    ``-journal`` (a hot one is played back into the database on open) is held to the
+    same checks: one another user planted would put rows of theirs in the queue."""
     if path in ("", ":memory:") or path.startswith("file:"):
         return
-    for name, create in ((path, True), (f"{path}-wal", False), (f"{path}-shm", False)):
+    companions = [(f"{path}{suffix}", False) for suffix in SQLITE_COMPANIONS]
+    for name, create in [(path, True), *companions]:
         try:
             fd = open_owned(name, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
         except FileNotFoundError:

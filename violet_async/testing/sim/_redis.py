@@ -259,9 +259,10 @@ def _applied(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _APPLIED
         if owner is not None and owner != argv[0]:
             return -1
         r.hset(keys[3], argv[1], argv[0])
+        r.hset(keys[5], argv[1], argv[2])
         r.sadd(keys[2], argv[1])
         r.hset(keys[0], b"refund_id", argv[1])
-    r.hset(keys[0], b"state", b"applied", *argv[2:])
+    r.hset(keys[0], b"state", b"applied", *argv[3:])
     r.hset(keys[1], argv[0], b"applied")
     r.srem(keys[4], argv[0])
     r.wrote()
