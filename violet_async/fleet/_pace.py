@@ -16,7 +16,9 @@ leaves (``sent_tat``, :meth:`FleetPace.gate`). Between the two an item reads the
 back and records its send, which takes as long as the machine and Redis make it; two
 items a slot apart could otherwise reach the merchant closer together than its rate,
 and a platform that allows one send per ``1 / rate`` answers the second with a 429
-(which slows the lane further, and so on down).
+(which slows the lane further, and so on down). Neither takes a slot further away than
+the caller may wait (the worker's patience; at the gate, its call's deadline too): a
+slot taken and given up would push the lane's later sends ahead of their slots.
 
 Which merchant an item belongs to is its own signed ``merchant_id`` (an input's
 column), or else what ``P:merchants:<app_id>`` (order id -> merchant id) holds, learned
