@@ -261,7 +261,7 @@ async def test_a_send_gate_further_than_the_run_may_wait_takes_no_slot_and_sends
             assert 0 < ahead - raised.value.defer <= reach
             # Its turn: the slot is now. Sent once, through the gate.
             now = await _redis_ms(redis)
-            await redis.hset(lane, "sent_tat", str(now))
+            await redis.hset(lane, mapping={"tat": "0", "sent_tat": str(now)})
             done = await worker.run(key)
             assert done["state"] == "applied"
             assert float(await redis.hget(lane, "sent_tat") or 0) >= now + 999  # its slot
