@@ -426,6 +426,11 @@ async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
         await step(f"reserve m1 #{n}", pace.reserve(m1, 1.0))
     for n in range(3):
         await step(f"gate m1 #{n}", pace.gate_slot(m1))
+    # A send may wait only so long (its patience, its deadline): a slot further is not
+    # taken (the next gate finds the same one), one within is.
+    await step("gate m1, past its limit", pace.gate_slot(m1, 0.5))
+    await step("gate m1, within its limit", pace.gate_slot(m1, 60.0))
+    await step("gate m2, no lane, a limit", pace.gate_slot(m2, 0.0))
     clock.tick(3.0)
     await step("gate m1 after a while", pace.gate_slot(m1))
     await step("429 m2, its successes long ago", pace.limited(m2, 0.0))
@@ -523,6 +528,10 @@ async def test_the_in_memory_redis_paces_merchants_and_limits_the_fleet_as_redis
     assert rows["reserve m1 #3"] < 0
     assert rows["gate m1 #2"][0] > rows["gate m1 #1"][0] > 0
     assert rows["gate m1, epoch 1"][1] == 1
+    past, within = rows["gate m1, past its limit"], rows["gate m1, within its limit"]
+    assert past[0] < -0.5
+    assert within[0] == -past[0] > rows["gate m1 #2"][0]  # the same slot: none was taken
+    assert rows["gate m2, no lane, a limit"] is None
     assert rows["429 m1, epoch 0 again"] == rows["429 m1, no gate"] == rows["429 m1, epoch 0"]
     assert rows["429 m1, unknown epoch, later"] < rows["429 m1, unknown epoch, at once"]
     assert rows["429 m2, unknown epoch, 1 / rate later"] == 0.8

@@ -4,6 +4,7 @@ applied) and slows only its merchant."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncIterator
 
@@ -124,8 +125,8 @@ async def test_a_429_hands_the_item_back_and_slows_only_its_merchant(redis: Redi
 
 
 async def test_the_send_gate_spaces_requests_as_they_leave(redis: Redis) -> None:
-    """The gate takes the lane's next slot for a request about to leave, whatever the
-    patience (it is always taken), on its own schedule: two items a reserved slot apart
+    """The gate takes the lane's next slot for a request about to leave (with no limit
+    given, however far), on its own schedule: two items a reserved slot apart
     that reach the send at different speeds still leave 1 / rate apart, and a 429's
     Retry-After holds the gate as it holds the reservations."""
     pace = FleetPace(redis, 12)
@@ -160,8 +161,10 @@ async def test_a_run_cancelled_at_the_send_gate_has_sent_nothing(redis: Redis) -
         assert merchant is not None
         client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
         async with client:
+            # Patient enough, and a deadline (60 s, the default) long enough, to wait
+            # for the gate's slot half a minute on.
             worker = FleetWorker(
-                client, RedisLedger(redis), BagLocks(redis), patience=1.0, merchant_pace=True
+                client, RedisLedger(redis), BagLocks(redis), patience=40.0, merchant_pace=True
             )
             item = BatchItem.refund(1, order_id, bag_id, RefundBagRequest(amount_refunded=100))
             key = item_key(item)
@@ -169,7 +172,7 @@ async def test_a_run_cancelled_at_the_send_gate_has_sent_nothing(redis: Redis) -
             await worker.pace.learn(order_id, merchant)  # as a refund of the order taught it
             lane = f"{{violet}}:pace:{fake.app_id}:{merchant}"
             seconds, micros = await redis.time()
-            far = seconds * 1000 + micros / 1000 + 60_000  # the gate's next slot: a minute on
+            far = seconds * 1000 + micros / 1000 + 30_000  # the gate's next slot
             await redis.hset(lane, mapping={"rate": 1, "tat": 0, "sent_tat": far})
             await redis.set(f"{{violet}}:pace:{fake.app_id}:learning", "1")  # as a 429 sets
             run = asyncio.ensure_future(worker.run(key, item, worker.ledger.sign(key, item)))
@@ -191,6 +194,143 @@ async def test_a_run_cancelled_at_the_send_gate_has_sent_nothing(redis: Redis) -
             assert done["state"] == "applied"
     assert fake.ledger.refunds_per_bag[bag_id] == 1
     assert fake.ledger.double_refunds() == {}
+
+
+async def _lane_at(redis: Redis, fake: FakeViolet, merchant: int, **fields: object) -> str:
+    """The merchant's lane in Redis with ``fields`` (as a 429 made it: the fleet is
+    learning merchants); returns the lane's key."""
+    lane = f"{{violet}}:pace:{fake.app_id}:{merchant}"
+    await redis.hset(lane, mapping={k: str(v) for k, v in fields.items()})
+    await redis.set(f"{{violet}}:pace:{fake.app_id}:learning", "1")
+    return lane
+
+
+async def _redis_ms(redis: Redis) -> float:
+    seconds, micros = await redis.time()
+    return float(seconds) * 1000 + float(micros) / 1000
+
+
+@pytest.mark.parametrize(
+    ("patience", "deadline", "ahead"),
+    [
+        # The call's deadline bounds it (seed 1066: a 429's Retry-After of 19.09 s moved
+        # the gate 18.75 s on, past a 15 s deadline): patience alone would wait.
+        (60.0, 15.0, 18.75),
+        # The worker's patience bounds it (no deadline at all).
+        (1.0, None, 5.0),
+    ],
+)
+async def test_a_send_gate_further_than_the_run_may_wait_takes_no_slot_and_sends_nothing(
+    redis: Redis, patience: float, deadline: float | None, ahead: float
+) -> None:
+    """The lane's next send slot is further than the run may wait for it (its deadline
+    less a connect timeout, or its patience): the gate takes no slot (the lane's send
+    schedule is untouched), nothing is sent or recorded as sent, and the item is handed
+    back new (not failed) until its slot is within reach; then it is refunded once."""
+    async with FakeViolet(orders=1, seed=1, merchants=1) as fake:
+        ((order_id, bag_id),) = fake.seeded
+        merchant = fake.bag(order_id, bag_id).merchant_id
+        assert merchant is not None
+        policy = RetryPolicy(settle_running=0.5, settle_lag=0.2, deadline=deadline)
+        async with fake.client(retry=policy) as client:
+            worker = FleetWorker(
+                client, RedisLedger(redis), BagLocks(redis), patience=patience, merchant_pace=True
+            )
+            item = BatchItem.refund(
+                1, order_id, bag_id, RefundBagRequest(amount_refunded=100), merchant_id=merchant
+            )
+            key = item_key(item)
+            await worker.ledger.register(key, item)
+            gate_at = str(await _redis_ms(redis) + ahead * 1000)
+            # Its reservation is free (the item starts at once); its send slot is not.
+            lane = await _lane_at(redis, fake, merchant, rate=1, tat=0, sent_tat=gate_at, epoch=3)
+            with pytest.raises(RetryLaterError, match=r"pace.*nothing was sent") as raised:
+                await worker.run(key)
+            # It got as far as the send (its baseline read), and no further.
+            assert fake.ledger.requests["list_refunds"] == 1
+            assert fake.ledger.requests["refund"] == 0
+            # No slot was taken: the lane's send schedule is as it was.
+            assert (await redis.hget(lane, "sent_tat") or b"").decode() == gate_at
+            record = await worker.ledger.get(key)
+            assert record is not None
+            assert (record.state, record.outcome, record.error) == ("new", None, None)
+            assert not record.needs_review
+            assert await worker.ledger.open_on_bag(bag_id) == set()  # nothing in flight
+            # Back before the slot, once it is within what a run may wait for.
+            reach = min(patience, (deadline or math.inf) - worker.engine.timeouts.connect)
+            assert 0 < ahead - raised.value.defer <= reach
+            # Its turn: the slot is now. Sent once, through the gate.
+            now = await _redis_ms(redis)
+            await redis.hset(lane, mapping={"tat": "0", "sent_tat": str(now)})
+            done = await worker.run(key)
+            assert done["state"] == "applied"
+            assert float(await redis.hget(lane, "sent_tat") or 0) >= now + 999  # its slot
+    assert fake.ledger.refunds_per_bag[bag_id] == 1
+    assert fake.ledger.double_refunds() == {}
+
+
+async def test_a_resend_held_at_the_gate_leaves_the_first_send_on_record(redis: Redis) -> None:
+    """A run's first send gets a 500 (it may have applied; this server applied nothing),
+    the bag read back shows nothing, and the re-send's slot is past the worker's
+    patience (the lane allows one send a minute). The re-send takes no slot and is not
+    made; the ledger keeps the first send on record (sent, in flight on its bag), so
+    the next run reads the bag back before anything more: one refund, never two."""
+    from violet_async import Timeouts
+    from violet_async.testing import FakeClock
+
+    from .hostile import BAG_ID, ORDER_ID, VIOLET_500, Hostile, Step, hostile_client
+
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(500, body=VIOLET_500, commit_after=None)])
+    item = BatchItem.refund(
+        1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300), merchant_id=STRICT
+    )
+    key = item_key(item)
+    # A settle window within the worker's patience: the run waits it out and reads.
+    policy = RetryPolicy(
+        initial_delay=0.5, max_delay=4.0, deadline=300.0, settle_running=0.3, settle_lag=0.2
+    )
+    async with hostile_client(
+        server, retry=policy, timeouts=Timeouts(connect=1.0, read=2.0)
+    ) as client:
+        worker = FleetWorker(
+            client,
+            RedisLedger(redis),
+            BagLocks(redis, ttl=1.0, poll=0.02),
+            patience=1.0,
+            merchant_pace=True,
+        )
+        await worker.ledger.register(key, item)
+        lane = f"{{violet}}:pace:{worker.engine.app_id}:{STRICT}"
+        await redis.hset(lane, mapping={"rate": str(1 / 60), "tat": "0", "sent_tat": "0"})
+        await redis.set(f"{{violet}}:pace:{worker.engine.app_id}:learning", "1")
+        with pytest.raises(RetryLaterError, match=r"pace.*nothing was sent") as raised:
+            await worker.run(key)
+        assert server.posts == 1  # the first send only
+        assert server.reads >= 2  # its baseline, and the read that found nothing
+        # The first send's slot only: a minute on from it.
+        assert float(await redis.hget(lane, "sent_tat") or 0) > await _redis_ms(redis) + 50_000
+        record = await worker.ledger.get(key)
+        assert record is not None
+        assert record.state == "sent"  # the first send stays on record
+        sent = record.pending()
+        assert sent is not None
+        assert sent.sends == 1
+        assert await worker.ledger.open_on_bag(BAG_ID) == {key}
+        # The next run resumes it (resumed sends are not gated): the bag read back
+        # first, then sent again only because nothing is there.
+        result = None
+        clock.advance(raised.value.defer)
+        for _ in range(10):
+            try:
+                result = await worker.run(key)
+                break
+            except RetryLaterError as exc:
+                clock.advance(exc.defer)
+        assert result is not None
+        assert result["state"] == "applied"
+    assert server.posts == 2
+    assert len(server.refunds) == 1
 
 
 async def test_a_merchant_column_rides_with_the_item_signed(redis_url: str) -> None:

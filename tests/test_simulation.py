@@ -341,6 +341,19 @@ def test_workers_pace_each_limited_merchant_by_the_fleets_lanes(
     assert paced["world:merchant_429"] * 3 < unpaced["world:merchant_429"] * 2
 
 
+def test_a_send_slot_past_the_calls_deadline_is_not_taken_seed_1066() -> None:
+    """Seed 1066 (worker mode, merchant_429): another item's 429 (Retry-After 19.09 s)
+    moved the lane's send slot 18.75 s on just before this item reached the send gate,
+    which slept on it past the call's 15 s deadline; the engine then refused to send and
+    the slot was lost to the lane. The gate now takes no slot further than the run may
+    wait (its patience, its deadline less a connect timeout): the item is handed back
+    with nothing sent and runs in its turn, within its deadline."""
+    result = simulate(1066, mode="worker", kinds={"merchant_429"})
+    assert result.ok, result.report()
+    assert any("pace" in line and "nothing was sent" in line for line in result.trace)
+    assert result.outcomes["refund"] == 4
+
+
 #: The world kinds of the all-kinds runs in docs/simulation.md ("Every kind at once"),
 #: before the simulator learned more: its seeds replay with exactly these.
 ALL_KINDS_RUN = frozenset(

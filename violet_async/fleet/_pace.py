@@ -16,7 +16,9 @@ leaves (``sent_tat``, :meth:`FleetPace.gate`). Between the two an item reads the
 back and records its send, which takes as long as the machine and Redis make it; two
 items a slot apart could otherwise reach the merchant closer together than its rate,
 and a platform that allows one send per ``1 / rate`` answers the second with a 429
-(which slows the lane further, and so on down).
+(which slows the lane further, and so on down). Neither takes a slot further away than
+the caller may wait (the worker's patience; at the gate, its call's deadline too): a
+slot taken and given up would push the lane's later sends ahead of their slots.
 
 Which merchant an item belongs to is its own signed ``merchant_id`` (an input's
 column), or else what ``P:merchants:<app_id>`` (order id -> merchant id) holds, learned
@@ -62,9 +64,10 @@ return tostring(slot - now)
 """
 )
 
-# The send-time gate: the lane's next send slot for a request about to leave (always
-# taken). Returns "<ms to wait> <the lane's epoch>", or "none" when the merchant has no
-# lane.
+# The send-time gate: the lane's next send slot for a request about to leave. ARGV: the
+# furthest slot the caller may take (ms from now; '': any). Returns "<ms to wait> <the
+# lane's epoch>", the wait negative when the slot is further than that (nothing taken),
+# or "none" when the merchant has no lane.
 _GATE = (
     _NOW
     + """
@@ -72,9 +75,12 @@ local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
 if rate <= 0 then return 'none' end
 local sent = tonumber(redis.call('HGET', KEYS[1], 'sent_tat') or 0)
 local slot = math.max(sent, now)
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or '0'
+local limit = tonumber(ARGV[1])
+if limit and slot - now > limit then return tostring(-(slot - now)) .. ' ' .. epoch end
 redis.call('HSET', KEYS[1], 'sent_tat', tostring(slot + 1000 / rate))
 redis.call('PEXPIRE', KEYS[1], 86400000)
-return tostring(slot - now) .. ' ' .. (redis.call('HGET', KEYS[1], 'epoch') or '0')
+return tostring(slot - now) .. ' ' .. epoch
 """
 )
 
@@ -215,17 +221,24 @@ class FleetPace:
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         return None if text == "none" else float(text) / 1000
 
-    async def gate(self, merchant_id: int) -> float | None:
+    async def gate(self, merchant_id: int, limit: float | None = None) -> float | None:
         """Take the merchant's next slot for a request about to leave: the seconds to
         wait before it does (None: the merchant has no lane). Sends through the gate
-        leave at most ``rate`` a second, however long each took to get there."""
-        slot = await self.gate_slot(merchant_id)
+        leave at most ``rate`` a second, however long each took to get there.
+        ``limit``: take no slot further than that many seconds away; a negative value
+        says the slot is that far and nothing was taken (the request must not leave)."""
+        slot = await self.gate_slot(merchant_id, limit)
         return None if slot is None else slot[0]
 
-    async def gate_slot(self, merchant_id: int) -> tuple[float, int] | None:
+    async def gate_slot(
+        self, merchant_id: int, limit: float | None = None
+    ) -> tuple[float, int] | None:
         """:meth:`gate`, with the lane's epoch the slot was taken in (pass it to
         :meth:`limited` when the send gets a 429)."""
-        raw = await self._gate(keys=[self._lane + str(merchant_id)])
+        raw = await self._gate(
+            keys=[self._lane + str(merchant_id)],
+            args=["" if limit is None else max(limit, 0.0) * 1000],
+        )
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         if text == "none":
             return None

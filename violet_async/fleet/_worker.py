@@ -111,6 +111,7 @@ class FleetWorker:
         if not policy.read_before_send:
             policy = attrs.evolve(policy, read_before_send=True)
         self.client = client.with_options(retry=policy, on_retry=self._on_retry)
+        self._deadline = policy.deadline
         # Jobs go job -> worker -> engine -> protocol: the client is only read from
         # (get_order), never driven through.
         self.engine = engine = engine_of(self.client)
@@ -280,7 +281,7 @@ class FleetWorker:
                 # says), then record the send durably, in one script with the lock check.
                 if ask.sends not in budgeted:
                     budgeted.add(ask.sends)
-                    await self._send_slot(ask, merchant, key)
+                    await self._send_slot(ask, merchant, key, deadline)
                 await self.ledger.mark_sent(
                     key,
                     ask,
@@ -292,6 +293,9 @@ class FleetWorker:
             elif ask.phase is Phase.PENDING:
                 await self.ledger.mark_pending(key, ask, lock_key=held.key, token=held.token)
 
+        # The call's deadline as the engine sets it as it starts (this one a moment
+        # sooner: never later than the engine's).
+        deadline = None if self._deadline is None else self.clock.monotonic() + self._deadline
         ask_task = asyncio.ensure_future(
             self.engine.settle(
                 item.kind,
@@ -402,20 +406,38 @@ class FleetWorker:
         log.warning("item %s: %s", printable(key), printable(message))
         count_item("fleet", item.kind, "not_sent")
 
-    async def _send_slot(self, ask: PendingRefund, merchant: int | None, key: str) -> None:
+    async def _send_slot(
+        self, ask: PendingRefund, merchant: int | None, key: str, deadline: float | None
+    ) -> None:
         """Wait for the fleet's budget and the merchant's spacing, as the request is
-        about to leave (the record is stamped again if this waits)."""
+        about to leave (the record is stamped again if this waits). ``deadline``: the
+        call's (monotonic, None: none).
+
+        The merchant's gate takes no slot further away than the worker's patience, nor
+        one that would leave the send less than a connect timeout before the call's
+        deadline (after the driver's own wait for it): then nothing is taken and nothing
+        sent, and the item is handed back (:class:`_PacedBack`) until its slot is near.
+        A slot taken and given up would push the lane's sends ahead of the slots
+        reserved for later items."""
+        # The driver's own wait before this send (a backoff), after this returns.
+        planned = (ask.last_sent_at or 0.0) - self.clock.time()
         if self.limiter is not None:
-            planned = (ask.last_sent_at or 0.0) - self.clock.time()
             await self.limiter.wait(planned)
         if merchant is not None and self.pace is not None:
-            slot = await self.pace.gate_slot(merchant)
+            limit = self.patience
+            if deadline is not None:
+                room = deadline - self.clock.monotonic() - max(planned, 0.0)
+                limit = min(limit, room - self.engine.timeouts.connect)
+            slot = await self.pace.gate_slot(merchant, max(limit, 0.0))
             if slot is not None:
+                wait, epoch = slot
+                if wait < 0:
+                    raise _PacedBack(merchant, -wait, max(limit, 0.0))
                 # The lane's epoch this send left in: its 429 slows the lane only if
                 # no other has since (FleetPace.limited).
-                self._gate_epochs[key] = slot[1]
-                if slot[0] > 0:
-                    await asyncio.sleep(slot[0])
+                self._gate_epochs[key] = epoch
+                if wait > 0:
+                    await asyncio.sleep(wait)
 
     async def _merchant_of(self, item: BatchItem, *, look_up: bool) -> int | None:
         """The item's merchant: its own, the fleet's memory, or (``look_up``) its order."""
@@ -477,6 +499,12 @@ class FleetWorker:
         except LockLostError as exc:
             # Nothing was sent: the lock, or the ledger itself, is not what it was.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
+        except _PacedBack as exc:
+            # Nothing was sent, nor recorded as sent, by this send: the ledger keeps
+            # what it had (new, or an earlier send of this run, which the next run
+            # reads back). The item comes back when its slot is half the reach it
+            # missed away (half a patience early, as a reservation does).
+            raise RetryLaterError(str(exc), defer=max(exc.wait - exc.limit / 2, 0.05)) from exc
         # The engine's one outcome; the ledger's words for it follow
         # (VOCABULARY["ledger"]).
         if ended.refund is not None:
@@ -696,6 +724,21 @@ class FleetWorker:
                 f"item {key} vanished from the ledger under this run: Redis lost its data"
             )
         return record
+
+
+class _PacedBack(Exception):
+    """The merchant's next send slot is further than this send may wait for: no slot
+    was taken, nothing was sent (raised by the save before a send, so it ends the
+    driver before its request leaves)."""
+
+    def __init__(self, merchant: int, wait: float, limit: float) -> None:
+        super().__init__(
+            f"merchant {merchant}'s pace: its next send slot is in {wait:.1f}s, further "
+            f"than this run may wait for it ({limit:.1f}s, by its patience and its "
+            "deadline less a connect timeout); nothing was sent"
+        )
+        self.wait = wait
+        self.limit = limit
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -327,9 +327,13 @@ def _pace_gate(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _pac
         return b"none"
     sent = _number(r.hget(keys[0], b"sent_tat"))
     slot = max(sent, now)
+    epoch = r.hget(keys[0], b"epoch") or b"0"
+    limit = _tonumber(argv[0])
+    if limit is not None and slot - now > limit:
+        return _lua_tostring(-(slot - now)) + b" " + epoch
     r.hset(keys[0], b"sent_tat", _lua_tostring(slot + 1000 / rate))
     r.pexpire(keys[0], _DAY_MS)
-    return _lua_tostring(slot - now) + b" " + (r.hget(keys[0], b"epoch") or b"0")
+    return _lua_tostring(slot - now) + b" " + epoch
 
 
 def _pace_limited(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _pace._LIMITED
