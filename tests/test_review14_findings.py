@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from violet_async._engine import Outcome, outcome_of
 from violet_async._transport import Timeouts
 from violet_async.exceptions import IdempotencyKeyReusedError, RecordStoreError
 from violet_async.stores import MemoryStore, RecordStore, SQLiteStore
-from violet_async.stores._base import KeyEntry
+from violet_async.stores._base import Claim, KeyEntry
 from violet_async.testing import FakeClock
 
 from .conftest import serve
@@ -500,7 +500,109 @@ async def test_a_keyed_record_whose_key_now_holds_another_request_is_not_told_fa
         assert outcome_of(again) not in (Outcome.FAILED, None), repr(again)
 
 
-# -- 7. a key reused for another request a minute later, after a forward step ----------
+# -- 7. a wall clock step while a keyed call waits for another process's key -----------
+
+
+class _StepBeforeFreeClaim:
+    """A store that steps the wall clock (``step``) as the claim that finds its key free
+    again (its ask FAILED) returns: the step lands while the caller waits for the busy
+    key, after the other process's end and before this caller sends anything."""
+
+    def __init__(self, inner: SQLiteStore, step: Callable[[], None]) -> None:
+        self.inner = inner
+        self.step = step
+        self.stepped = False
+        self.lease = inner.lease
+        self.retention = inner.retention
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        claim, entry = await self.inner.claim(fresh, now)
+        if not self.stepped and claim is Claim.OWNED and entry.lineage:
+            # The key was free again (its ask FAILED, now in the lineage): the step
+            # lands here, after this poll and before anything is sent for the key.
+            self.stepped = True
+            self.step()
+        return claim, entry
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        return await self.inner.save(entry, owner)
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        return await self.inner.renew(key, owner, lease_until)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        return await self.inner.load(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> _StepBeforeFreeClaim:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None  # the inner store is closed by its own ``async with``
+
+
+async def test_a_step_while_a_keyed_call_waits_for_the_key_does_not_refund_twice(
+    tmp_path: Path,
+) -> None:
+    """Scenario (no ``Date`` headers): process one calls key K; its POST is in flight.
+    Process two calls K too and waits for it (the key is busy: it polls the store).
+    Process one's POST is answered 429 and it has no attempts left: K's ask failed
+    (nothing applied), the key is free again; process two's next poll owns it, and
+    right then (before it sends anything) the machine's wall clock steps forward 15 h
+    (NTP). Process two asks anew: its POST applies, but the answer is lost (500). It
+    reads the bag back.
+
+    Main: process two's record dates its send by the stepped clock (15 h after Violet's
+    date of its own refund); with no ``Date``, nothing moves it back: its refund is
+    taken for one "made long before this ask was first sent" and skipped, the ask is
+    proven absent after the settle window and sent again: two refunds. The step came
+    during the call (a neighbour of the step during the wait for the bag lock), before
+    anything of the drive watched the clock.
+
+    True outcome: one refund (process two returns it, or is pending or for review)."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Scripted(clock, ["busy", "applied_lost", "ok"], dated=False)
+    path = tmp_path / "keys.db"
+    key = "rma-review14-step"
+
+    def step() -> None:
+        clock.step_wall(15 * HOUR)
+        server.stepped = 15 * HOUR
+
+    async with (
+        _serve(server) as url,
+        # A lease long enough that process two's polls (virtual time) never end it.
+        SQLiteStore(path, monotonic=clock.monotonic, lease=3_600.0) as one_store,
+        SQLiteStore(path, monotonic=clock.monotonic, lease=3_600.0) as inner,
+        _StepBeforeFreeClaim(inner, step) as two_store,
+        _client(url, clock, store=one_store, attempts=1) as one,
+        _client(url, clock, deadline=600.0, store=two_store) as two,
+    ):
+        server.gate = asyncio.Event()
+        call_one = asyncio.ensure_future(
+            _ended(one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+        )
+        await asyncio.wait_for(server.held.wait(), 5.0)
+        call_two = asyncio.ensure_future(
+            _ended(two.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+        )
+        await asyncio.sleep(0.02)  # process two polls the busy key
+        assert not call_two.done()
+        server.gate.set()
+        server.gate = None
+        told_one = await call_one
+        got = await call_two
+    assert two_store.stepped, (repr(told_one)[:300], repr(got)[:300])
+    assert not isinstance(told_one, OrderRefund)
+    assert outcome_of(told_one) is Outcome.FAILED, repr(told_one)
+    assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
+    if isinstance(got, OrderRefund):
+        assert got.id == server.made[0]["id"]
+
+
+# -- 8. a key reused for another request a minute later, after a forward step ----------
 
 
 async def test_a_key_reused_for_another_request_after_a_step_is_refused(tmp_path: Path) -> None:
@@ -536,7 +638,7 @@ async def test_a_key_reused_for_another_request_after_a_step_is_refused(tmp_path
     assert isinstance(again, IdempotencyKeyReusedError), repr(again)
 
 
-# -- 8. a refund another system made while this call waited out a 429 ------------------
+# -- 9. a refund another system made while this call waited out a 429 ------------------
 
 
 async def test_a_refund_made_during_a_429_wait_is_not_taken_for_the_resend() -> None:
@@ -579,7 +681,46 @@ async def test_a_refund_made_during_a_429_wait_is_not_taken_for_the_resend() -> 
     assert isinstance(got, AmbiguousOutcomeError), repr(got)
 
 
-# -- 9. a step between two resumes here of another process's record (no Date) ----------
+# -- 10. a store opened before a step, first used after it ----------------------------
+
+
+async def test_a_store_first_used_after_a_step_does_not_sweep_a_fresh_key(tmp_path: Path) -> None:
+    """Scenario: two processes share a SQLiteStore. Process two has been running (its
+    client and store open, calls without a key) since before process one's keyed refund.
+    The wall clock steps forward 30 h; process two's first keyed call (another key)
+    claims, and a minute after process one's refund the app's retry of it (same key,
+    same request) lands in process two.
+
+    Main: ``SweepClock`` takes its reference at the store's first sweep, not when the
+    store (or the process) started: process two's first claim, after the step, takes
+    the stepped wall clock for steady time and sweeps the finished key; the retry then
+    sends again: a second refund. (A neighbour of the process started after the step:
+    this one started before it.)
+
+    True outcome: the retry returns the one refund."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Scripted(clock, [])
+    path = tmp_path / "keys.db"
+    key = "rma-review14-first-use"
+    async with (
+        _serve(server) as url,
+        SQLiteStore(path, monotonic=clock.monotonic) as one_store,
+        SQLiteStore(path, monotonic=clock.monotonic) as two_store,
+        _client(url, clock, store=one_store) as one,
+        _client(url, clock, store=two_store) as two,
+    ):
+        await two.refund_bag(ORDER, 31, REQUEST)  # process two at work, no key yet
+        made = await one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key)
+        clock.advance(60.0)
+        clock.step_wall(30 * HOUR)
+        server.stepped = 30 * HOUR
+        await two.refund_bag(ORDER, 33, REQUEST, idempotency_key="rma-other")
+        again = await two.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key)
+    assert server.on_bag(BAG) == [made.id], f"bag {BAG} refunded {len(server.on_bag(BAG))} times"
+    assert again.id == made.id
+
+
+# -- 11. a step between two resumes here of another process's record (no Date) ---------
 
 
 async def test_a_step_between_two_resumes_of_another_process_record_does_not_end_the_window() -> (
