@@ -199,7 +199,7 @@ async def test_a_row_written_before_keys_were_scoped_is_refused(tmp_path: Path, 
     retention, the key is free again."""
     clock = FakeClock()
     server = Hostile(clock)
-    store = MemoryStore(retention=600.0)
+    store = MemoryStore(retention=600.0, monotonic=clock.monotonic)
     async with hostile_client(server, retry=SHORT, store=store) as client:
         made = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=250)
         entry = await store.load(f"{client._key_scope()} unused")

@@ -432,9 +432,17 @@ class VioletClient(RequestPlumbing):
                 in_flight=in_flight,
                 scope=self._key_scope(),
                 origin=self._shared.origin,
+                on_ended=self._ended_elsewhere,
             )
             self._engine.keys = keys
         return keys
+
+    def _ended_elsewhere(self, pending: PendingRefund) -> None:
+        """``pending``'s ask ended definitely not applied (another process ended it):
+        it no longer holds its bag in this client."""
+        unsettled = self._shared.unsettled
+        if unsettled:
+            unsettled.check(pending.bag_id, pending)
 
     def _key_scope(self) -> str:
         """What a stored key is scoped by: the app id and the base URL's host (sandbox

@@ -329,8 +329,12 @@ class KeyedAsks:
         in_flight: float = 0.0,
         scope: str = "",
         origin: ClockOrigin | None = None,
+        on_ended: Callable[[PendingRefund], object] | None = None,
     ) -> None:
         self.store = store
+        # Told of a resumed record whose ask ended elsewhere (definitely not applied):
+        # the client takes it off its bag.
+        self._on_ended = on_ended
         # The client's clocks as they read when it was made: a retention counted on the
         # wall clock is held to it (a step forward never ends one early).
         self._origin = origin if origin is not None else ClockOrigin(clock)
@@ -414,10 +418,21 @@ class KeyedAsks:
         if entry is None or entry.scope is not None or entry.key != bare:
             return
         finished_at = entry.finished_at
-        if finished_at is not None and finished_at + store.retention <= self._origin.steady(
-            self._clock
-        ):
-            return
+        if finished_at is not None:
+            # Past retention as the store counts it when it can say (its clocks are the
+            # ones its sweep uses: review 15, a process started after a step); else on
+            # this client's steady clock.
+            past = getattr(store, "expired", None)
+            try:
+                gone = (
+                    await past(bare, self._clock.time())
+                    if past is not None
+                    else finished_at + store.retention <= self._origin.steady(self._clock)
+                )
+            except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
+                raise _store_error(bare, "reading", exc) from None
+            if gone:
+                return
         raise RecordStoreError(
             f"idempotency key {bare!r} is held by a record written before keys were scoped "
             "by app and host: which app and environment it belongs to cannot be told, so "
@@ -713,6 +728,17 @@ class KeyedAsks:
             )
         )
 
+    def _refused(self, claim: Claim, entry: KeyEntry, pending: PendingRefund) -> None:
+        """Raise what a resume of ``pending`` ends with when its claim refuses it: the
+        key holds another request (:func:`_same_ask`), or the ask ended elsewhere."""
+        if claim is Claim.REUSED:
+            _same_ask(pending, entry.ask)
+        if claim is Claim.ENDED:
+            if self._on_ended is not None:
+                # Its bag is free again here (review 15: held by it for good).
+                self._on_ended(pending)
+            raise _ended_before(pending, entry.ask)
+
     def _drives(self, key: str, entry: KeyEntry) -> None:
         """The flight on ``key`` (if any) read the key's entry: what it holds."""
         flight = self._flights.get(key)
@@ -742,10 +768,7 @@ class KeyedAsks:
                 claim, entry = await store.claim(fresh, now)
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _resume_store_error(pending, "claiming", exc) from None
-            if claim is Claim.REUSED:
-                _same_ask(pending, entry.ask)
-            if claim is Claim.ENDED:
-                raise _ended_before(pending, entry.ask)
+            self._refused(claim, entry, pending)
             self._drives(key, entry)
             if claim is Claim.FINISHED and entry.refund is not None:
                 if not _refund_of(entry.refund, pending):
@@ -1396,6 +1419,18 @@ class Engine:
                 )
                 if resume is not None and key is not None and resume.idempotency_key != key:
                     resume = attrs.evolve(resume, idempotency_key=key)
+                if (
+                    resume is not None
+                    and resume.clock != (settings.clock_id or PROCESS_CLOCK)
+                    and resume.server_offset is None
+                ):
+                    # Another process's times: the clock they were read by is taken
+                    # for this one's as it was when the client was made; a step of this
+                    # clock since moves them with it (review 15: a window looked over
+                    # an hour early, and the ask was sent again 10 s after a 5xx).
+                    jump = shared.origin.step_at(clock.time(), clock.monotonic())
+                    if jump:
+                        resume = clock_stepped(resume, jump)
                 ask = resume or shared.origin.mark(
                     PendingRefund(
                         kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key

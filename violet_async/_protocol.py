@@ -295,7 +295,9 @@ def start(
             sent = ask.last_sent_at if ask.last_sent_at is not None else now
             settle = sent + attempt_timeout + settings.settle_running
         here = settings.clock_id or PROCESS_CLOCK
-        newly_unsure = not ask.clock_unsure and ask.clock != here and ask.server_offset is None
+        # Another process's times, offset never learned (again, when the record comes
+        # back from another process that took it onto its own clock: review 15).
+        newly_unsure = ask.clock != here and ask.server_offset is None
         unsure = ask.clock_unsure or newly_unsure
         if newly_unsure and ask.settle_until is not None:
             # Its times are another process's clock, offset never learned: allow for

@@ -122,6 +122,12 @@ class MemoryStore:
             self._done[entry.key] = self._sweep.monotonic()
         heapq.heappush(self._finished, (entry.finished_at, entry.key))
 
+    async def expired(self, key: str, now: float) -> bool:
+        """Whether the finished entry under ``key`` is past retention by the store's
+        clocks: False for an entry not finished, or none."""
+        entry = self._entries.get(key)
+        return entry is not None and self._expired(entry, now)
+
     def _expired(self, entry: KeyEntry, now: float) -> bool:
         """Finished, and past retention by the wall clock (guarded against forward
         steps) and by the monotonic clock since it finished here."""

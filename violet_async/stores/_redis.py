@@ -97,6 +97,11 @@ class RedisStore:
 
         return await self._update(key, apply)
 
+    async def expired(self, key: str, now: float) -> bool:
+        """Always False: a finished key is in Redis only within its retention (Redis
+        expires it on its own clock)."""
+        return False
+
     async def load(self, key: str) -> KeyEntry | None:
         raw = await self._redis.get(self.prefix + key)
         return None if raw is None else KeyEntry.from_json(raw)

@@ -190,6 +190,10 @@ class SQLiteStore:
                 columns = {row[1] for row in conn.execute("PRAGMA table_info(violet_keys)")}
                 if "finished_steady" not in columns:  # a file of an earlier release
                     conn.execute("ALTER TABLE violet_keys ADD COLUMN finished_steady REAL")
+                conn.execute(
+                    "CREATE INDEX IF NOT EXISTS violet_keys_unstamped ON violet_keys (key)"
+                    " WHERE finished_at IS NOT NULL AND finished_steady IS NULL"
+                )
             except BaseException:
                 conn.close()
                 raise
@@ -206,24 +210,26 @@ class SQLiteStore:
             steady = self._steady(conn, now)
             cutoff = min(self._sweep.cutoff(now, self.retention), steady - self.retention)
             if now - self._swept_at >= _SWEEP_EVERY:
-                # Never the key being claimed: ``decide`` answers a finished key asked
-                # again for its own request however old (retention is wall-clock time,
-                # which can step); it frees it only for another request.
+                # Finished rows without a steady stamp (written by an earlier release)
+                # get one now: each is kept a whole retention from when this release
+                # first saw it (review 15: a file of the previous release first opened
+                # after a step, its keys taken for 30 h old). Then never the key being
+                # claimed: ``decide`` answers a finished key asked again for its own
+                # request however old; it frees it only for another request.
+                conn.execute(
+                    "UPDATE violet_keys SET finished_steady = ?"
+                    " WHERE finished_at IS NOT NULL AND finished_steady IS NULL",
+                    (steady,),
+                )
                 conn.execute(
                     "DELETE FROM violet_keys WHERE finished_at IS NOT NULL"
-                    " AND finished_at <= ? AND (finished_steady IS NULL"
-                    " OR finished_steady <= ?) AND key != ?",
+                    " AND finished_at <= ? AND finished_steady <= ? AND key != ?",
                     (cutoff, steady - self.retention, fresh.key),
                 )
                 self._swept_at = now
-            found = _read_row(conn, fresh.key)
+            found = self._stamped_row(conn, fresh.key, steady)
             current = None if found is None else found[0]
-            expired = (
-                found is not None
-                and found[0].finished_at is not None
-                and found[0].finished_at <= cutoff
-                and (found[1] is None or found[1] <= steady - self.retention)
-            )
+            expired = found is not None and self._past(found, cutoff, steady)
             claim, entry, write = decide(
                 current, fresh, now=now, retention=self.retention, expired=expired
             )
@@ -234,6 +240,46 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         return claim, entry
+
+    async def expired(self, key: str, now: float) -> bool:
+        """Whether the finished entry under ``key`` is past retention by the store's
+        clocks (the wall clock, this process's monotonic clock and the file's steady
+        clock): False for an entry not finished, or none."""
+
+        def expired(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                steady = self._steady(conn, now)
+                cutoff = min(self._sweep.cutoff(now, self.retention), steady - self.retention)
+                found = self._stamped_row(conn, key, steady)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return found is not None and self._past(found, cutoff, steady)
+
+        return await self._run(expired)
+
+    def _past(self, found: tuple[KeyEntry, float | None], cutoff: float, steady: float) -> bool:
+        entry, stamp = found
+        return (
+            entry.finished_at is not None
+            and entry.finished_at <= cutoff
+            and stamp is not None
+            and stamp <= steady - self.retention
+        )
+
+    @staticmethod
+    def _stamped_row(
+        conn: sqlite3.Connection, key: str, steady: float
+    ) -> tuple[KeyEntry, float | None] | None:
+        """The row under ``key``; a finished one without a steady stamp (an earlier
+        release wrote it) is stamped now."""
+        found = _read_row(conn, key)
+        if found is not None and found[0].finished_at is not None and found[1] is None:
+            conn.execute("UPDATE violet_keys SET finished_steady = ? WHERE key = ?", (steady, key))
+            found = (found[0], steady)
+        return found
 
     def _steady(self, conn: sqlite3.Connection, now: float) -> float:
         """The wall clock as the file's first sweep read it, moved on by the machine's
