@@ -481,9 +481,12 @@ async def test_server_text_in_currency_cannot_run_in_a_spreadsheet_or_a_terminal
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bag whose currency is a formula with an escape code: the CSV cell is quoted,
-    the terminal summary shows it escaped and cut to a code's length."""
+    the terminal summary shows it escaped and cut to a code's length. (The refund
+    record names the same currency: a record in another currency than its bag's is
+    never compared by amount.)"""
+    hostile = f"=HYPERLINK({ESC}[31m)"
     server = Scripted()
-    server.refunds = {2001: [refund(9001, 1001, 2001, 500, "damaged")]}
+    server.refunds = {2001: [refund(9001, 1001, 2001, 500, "damaged", refund_currency=hostile)]}
     app = server.app()
 
     @web.middleware
@@ -491,7 +494,7 @@ async def test_server_text_in_currency_cannot_run_in_a_spreadsheet_or_a_terminal
         response: web.StreamResponse = await handler(request)
         if request.path == "/v1/orders/1001" and isinstance(response, web.Response):
             data = orjson.loads(response.body)  # type: ignore[arg-type]
-            data["bags"][0]["currency"] = f"=HYPERLINK({ESC}[31m)"
+            data["bags"][0]["currency"] = hostile
             return web.json_response(data)
         return response
 

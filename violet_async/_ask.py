@@ -144,6 +144,11 @@ class PendingRefund:
     answer left it out): a listed refund that may be one of them is another call's for
     this record, in any process that resumes it (never claimed, never proof of absence:
     review)."""
+    reads_bag: bool = False
+    """Read-backs read the bag too (``GET /orders/{id}``): one listed a refund that
+    differs from this ask only in an amount given in a currency of its own
+    (``refund_currency``), which only the bag's currency can tell apart from this ask's
+    amount. A bag that cannot be read then leaves the ask for review, never absent."""
     idempotency_key: str | None = None
     """The ``idempotency_key`` of the call that made this ask (None: it had none).
     ``client.resume`` of a record with a key resumes it through the key's own record in
@@ -189,6 +194,8 @@ class PendingRefund:
             data["idempotency_key"] = self.idempotency_key
         if self.unnamed:
             data["unnamed"] = [list(one) for one in self.unnamed]
+        if self.reads_bag:
+            data["reads_bag"] = True
         return data
 
     @classmethod
@@ -239,6 +246,7 @@ class PendingRefund:
                 stepped=_opt_float(data, "stepped") or 0.0,
                 idempotency_key=checked_key(data.get("idempotency_key")),
                 unnamed=_unnamed(data.get("unnamed", [])),
+                reads_bag=bool(data.get("reads_bag", False)),
             )
         except KeyError as exc:
             raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
@@ -302,7 +310,7 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
     The record with more sends (then the later send, then the later settle window) is
     the base: its phase, clock, baseline and read counts describe its last send. On top
     of it: the most sends, the earliest first send and latest last send, the latest
-    settle window, every doubt, review and answer (OR), and every refund either saw as
+    settle window, every doubt, review, answer and bag read (OR), and every refund either saw as
     possibly its own or as another call's (union). Records of two asks: ``one``."""
     if one.ask_id != other.ask_id:
         return one
@@ -326,6 +334,7 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
         others=one.others | other.others,
         idempotency_key=one.idempotency_key or other.idempotency_key,
         unnamed=with_unnamed(one, other.unnamed).unnamed,
+        reads_bag=one.reads_bag or other.reads_bag,
     )
 
 

@@ -154,8 +154,10 @@ def _compare(
     if isinstance(request, CancelBagRequest):
         return (Verdict.NEAR if near else Verdict.MATCH), False
     if request.amount_refunded is not None:
-        if refund.amount is None:
-            unsure = True  # a record without its amount may be ours: never a miss
+        if refund.amount is None or (bag is not None and _other_currency(refund, bag)):
+            # A record without its amount, or with an amount in another currency than
+            # the bag's, may be ours: never a miss.
+            unsure = True
         elif refund.amount != request.amount_refunded:
             if not _shipping_folded(request, refund):
                 return Verdict.MISS, False
@@ -177,6 +179,18 @@ def _compare(
     return (Verdict.NEAR if near else Verdict.MATCH), False
 
 
+def _other_currency(refund: OrderRefund, bag: OrderBag) -> bool:
+    """The record names another currency than the bag's. Violet's ``refund_currency``
+    is "set for this refund by the external ecom platform", and a bag's base currency
+    may differ from the merchant platform's (``currency_exchange_rate``); its pages do
+    not say which currency a record's ``amount`` is in. Such an amount cannot be held
+    against the bag's total or an amount asked: it may be ours, never a miss."""
+    theirs, ours = refund.refund_currency, bag.currency
+    if not theirs or not ours:
+        return False
+    return theirs.strip().upper() != ours.strip().upper()
+
+
 def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: OrderBag) -> bool | None:
     """``refund`` closed the bag (a whole-bag refund, a cancel): it refunded what the
     refunds before it left. Only refunds that moved money count (a FAILED or CANCELED
@@ -184,7 +198,8 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     bag's records). Refund ids are taken to grow with time.
 
     False: it is not what was left. None: it cannot be told (no id, no total, an
-    earlier amount missing), or it was what was left and the bag was refunded again
+    earlier amount missing, an amount in another currency than the bag's), or it was
+    what was left and the bag was refunded again
     after it (a double refund, or ids that do not grow with time): a person looks,
     never a miss."""
     if refund.id is None or refund.amount is None or bag.total is None:
@@ -197,7 +212,10 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
         and r.status not in _DEAD
         and (r.bag_id is None or r.bag_id == bag.id)
     ]
-    earlier = [r.amount for r in others if r.id is not None and r.id < refund.id]
+    before = [r for r in others if r.id is not None and r.id < refund.id]
+    if any(_other_currency(r, bag) for r in (refund, *before)):
+        return None  # an amount in another currency than the bag's total's
+    earlier = [r.amount for r in before]
     if any(amount is None for amount in earlier):
         return None  # an earlier record without its amount: the rest is unknown
     if refund.amount != bag.total - sum(a for a in earlier if a is not None):
@@ -354,7 +372,7 @@ def _created(refund: OrderRefund) -> tuple[float, float] | None:
 class Reading:
     """What :func:`judge` made of one read-back."""
 
-    __slots__ = ("doubt", "found", "seen", "verdict")
+    __slots__ = ("doubt", "found", "other_currency", "seen", "verdict")
 
     def __init__(
         self,
@@ -362,10 +380,15 @@ class Reading:
         found: tuple[OrderRefund, ...],
         seen: frozenset[int],
         doubt: str = "",
+        other_currency: bool = False,
     ) -> None:
         self.verdict = verdict
         self.found = found
         self.seen = seen
+        self.other_currency = other_currency
+        """Read without the bag, a listed refund differs from this ask only in an
+        amount it gives in a currency of its own (``refund_currency``): the bag's
+        currency would tell whether that amount can be compared at all."""
         """Ids of every refund that could be this ask's, or that only another call's
         ownership kept from being so (the record remembers them)."""
         self.doubt = doubt
@@ -482,6 +505,7 @@ def judge(
     owned: list[OrderRefund] = []
     twins: list[OrderRefund] = []
     first_doubt = ""
+    other_currency = False
     taken = _unnamed_taken(ask, refunds, known)
     for at, refund in enumerate(refunds):
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
@@ -503,6 +527,13 @@ def judge(
         doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure)
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
+            if (
+                not other_currency
+                and bag is None
+                and _amount_only_miss(ask, refund, refunds)
+                and not (refund.id is not None and (refund.id in known or refund.id in ask.others))
+            ):
+                other_currency = True
             continue
         if (refund.id is not None and (refund.id in known or refund.id in ask.others)) or (
             at in taken
@@ -538,7 +569,26 @@ def judge(
         return Reading(Verdict.OWNED, tuple(owned), seen)
     if bag is not None and effect_visible(ask, bag):
         return Reading(Verdict.EFFECT_WITHOUT_REFUND, (), seen)
-    return Reading(Verdict.MISS, (), seen)
+    return Reading(Verdict.MISS, (), seen, other_currency=other_currency)
+
+
+def _amount_only_miss(
+    ask: PendingRefund, refund: OrderRefund, refunds: Sequence[OrderRefund]
+) -> bool:
+    """``refund`` (a miss) names a currency of its own, moved money, and would carry
+    what was asked but for its amount: with the bag's currency unknown, that amount
+    may be this ask's in another currency."""
+    request = ask.request
+    if (
+        not isinstance(request, RefundBagRequest)
+        or request.amount_refunded is None
+        or not refund.refund_currency
+        or refund.amount is None
+        or refund.status in _DEAD
+    ):
+        return False
+    same = attrs.evolve(refund, amount=request.amount_refunded)
+    return content(ask, same, refunds, None) is not Verdict.MISS
 
 
 def _unnamed_taken(

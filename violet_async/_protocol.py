@@ -318,7 +318,7 @@ def start(
             # hour between them ended a window 10 s after a 5xx).
             clock=here if newly_unsure else ask.clock,
         )
-        return ask, Action(Do.READ, read_bag=needs_bag(ask))
+        return ask, Action(Do.READ, read_bag=_reads_bag(ask))
     if ask.phase is Phase.ABSENT:
         # Deferred after a 429: every earlier send is proven not applied, so it is sent
         # again, with a fresh attempt budget (the caller's pacing bounds the rest).
@@ -445,7 +445,7 @@ def step(
             ask = attrs.evolve(
                 ask, answered=True, doubted=True, settle_until=settle, reads=0, note=note
             )
-            return ask, Action(Do.READ, read_bag=needs_bag(ask))
+            return ask, Action(Do.READ, read_bag=_reads_bag(ask))
         return (
             attrs.evolve(ask, phase=Phase.APPLIED, refund_id=obs.refund.id, note="answered"),
             Action(Do.RETURN, refund=obs.refund),
@@ -463,7 +463,7 @@ def step(
             return failed, Action(Do.FAIL)
         if remaining is not None and obs.backoff >= remaining:
             return _park(ask, f"reading the bag back failed ({obs.error}) before the deadline")
-        return ask, Action(Do.READ, delay=obs.backoff, read_bag=needs_bag(ask))
+        return ask, Action(Do.READ, delay=obs.backoff, read_bag=_reads_bag(ask))
     # A read-back.
     if ask.phase is Phase.NEW:
         if settings.hold_if_present and (guarded := _guard(ask, obs, known)) is not None:
@@ -626,6 +626,16 @@ def _after_read(
         # Waiting longer cannot tell which send, if any, applied: a person looks.
         note = "a re-send was refused after an earlier send may have applied; no refund shows"
         return _park(ask, note, review=True)
+    if reading.other_currency:
+        # A listed refund differs from this ask only in an amount given in a currency
+        # of its own: only the bag's currency tells whether that amount compares.
+        if ask.reads_bag:
+            note = (
+                f"a refund on bag {ask.bag_id} gives its amount in a currency of its own "
+                "and the bag's currency could not be read: it may be this one"
+            )
+            return _park(ask, note, review=True)
+        return attrs.evolve(ask, reads_bag=True), Action(Do.READ, read_bag=True)
     # Proven absent: every read missed it, the last one after the settle window.
     absent = attrs.evolve(
         ask,
@@ -640,6 +650,12 @@ def _after_read(
             absent, phase=Phase.FAILED, note="not applied; out of attempts"
         ), Action(Do.FAIL)
     return _send(absent, now)
+
+
+def _reads_bag(ask: PendingRefund) -> bool:
+    """Read-backs of this ask read the bag too: a cancel or a whole-bag refund always,
+    an amount once a refund in a currency of its own was listed."""
+    return ask.reads_bag or needs_bag(ask)
 
 
 def _read_again(
@@ -665,7 +681,7 @@ def _read_again(
             "window did, and the bag does not show this request yet"
         )
         return _park(ask, note)
-    return ask, Action(Do.READ, delay=delay, read_bag=needs_bag(ask))
+    return ask, Action(Do.READ, delay=delay, read_bag=_reads_bag(ask))
 
 
 def _after_send_failure(
@@ -707,4 +723,4 @@ def _after_send_failure(
     failed_at = obs.received_at if obs.received_at is not None else now
     settle = max(ask.settle_until or 0.0, failed_at + window)
     ask = attrs.evolve(ask, doubted=True, settle_until=settle, reads=0, note=note)
-    return ask, Action(Do.READ, read_bag=needs_bag(ask))
+    return ask, Action(Do.READ, read_bag=_reads_bag(ask))
