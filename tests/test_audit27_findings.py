@@ -830,3 +830,42 @@ async def test_a_bag_that_cannot_be_read_for_its_currency_leaves_the_ask_for_rev
     assert got.pending.reads_bag
     again = type(got.pending).from_json(got.pending.to_json())
     assert again.reads_bag
+
+
+async def test_the_batch_cli_sends_no_whole_bag_refund_over_a_platform_refund_of_it_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merchant already refunded the whole bag on the platform (EXTERNAL, no ids)
+    and the bag still reads COMPLETED: a `full` row and a cancel row on such bags are
+    never sent (a second refund); neither is reported as succeeded."""
+    server = Violet(RealClock())
+    server.scripts = {1: ["ok"], 2: ["ok"]}
+    for bag in (1, 2):
+        server.before[bag] = [platform_refund(server.clock, bag, bag, TOTAL, age=120.0)]
+        server.counted[bag] = TOTAL
+    refunds, cancels = tmp_path / "refunds.csv", tmp_path / "cancels.csv"
+    refunds.write_text(f"order_id,bag_id,amount_refunded,reason\n{ORDER},1,full,\n")
+    cancels.write_text(f"order_id,bag_id\n{ORDER},2\n")
+    async with serve(server.app()) as base:
+        for key, value in {
+            "VIOLET_APP_ID": "11",
+            "VIOLET_APP_SECRET": "audit27-app-secret-0123456789",
+            "VIOLET_USERNAME": "audit27",
+            "VIOLET_PASSWORD": "audit27-password-0123",
+            "VIOLET_BASE_URL": f"{base}/v1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        err = io.StringIO()
+        one = BatchOptions(full_refunds=True, output=tmp_path / "r.jsonl")
+        refund_code = await run_file("refund", refunds, one, out=io.StringIO(), err=err)
+        two = BatchOptions(output=tmp_path / "c.jsonl")
+        cancel_code = await run_file("cancel", cancels, two, out=io.StringIO(), err=err)
+    rows = [
+        json.loads(line)
+        for name in ("r.jsonl", "c.jsonl")
+        for line in (tmp_path / name).read_text().splitlines()
+    ]
+    assert server.posts == {}
+    assert refund_code != 0
+    assert cancel_code != 0
+    assert all(r["outcome"] != "succeeded" for r in rows), rows
