@@ -300,8 +300,10 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
     record of the same ask learned (a re-send, its settle window, a doubt).
 
     The record with more sends (then the later send, then the later settle window) is
-    the base: its phase, clock, baseline and read counts describe its last send. On top
-    of it: the most sends, the earliest first send and latest last send, the latest
+    the base: its phase, clock, baseline and read counts describe its last send, and its
+    first send (where the window of this ask's refund starts: ``_protocol._send``) when
+    it has more sends. On top of it: the most sends, the earliest first send (of two
+    records with as many sends) and latest last send, the latest
     settle window, every doubt, review and answer (OR), and every refund either saw as
     possibly its own or as another call's (union). Records of two asks: ``one``."""
     if one.ask_id != other.ask_id:
@@ -309,6 +311,12 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
     one, other = _on_one_wall_clock(one, other)
     base = max(one, other, key=_freshness)
     firsts = [t for t in (one.first_sent_at, other.first_sent_at) if t is not None]
+    if base.first_sent_at is not None and one.sends != other.sends:
+        # The record with more sends knows where the window of this ask's refund
+        # starts: a send after a 429 (or a connection never opened) moves it past the
+        # sends proven not applied, and the older copy must not move it back (a refund
+        # another system made meanwhile would pass for this ask's).
+        firsts = [base.first_sent_at]
     lasts = [t for t in (one.last_sent_at, other.last_sent_at) if t is not None]
     settles = [t for t in (one.settle_until, other.settle_until) if t is not None]
     return attrs.evolve(

@@ -482,7 +482,14 @@ def judge(
     owned: list[OrderRefund] = []
     twins: list[OrderRefund] = []
     first_doubt = ""
-    taken = _unnamed_taken(ask, refunds, known)
+    since: float | None = None
+    if ask.unnamed and sent is not None:
+        # The earliest date this ask could claim: every record of an id-less refund's
+        # amount from there on may be that refund (its listed date may lag the
+        # answer's by more than IDLESS_EARLIER), never this ask's.
+        window = no_baseline_window(ask, settings, read_server_time, read_at)
+        since = sent + window[0]
+    taken = _unnamed_taken(ask, refunds, known, since)
     for at, refund in enumerate(refunds):
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
@@ -542,10 +549,15 @@ def judge(
 
 
 def _unnamed_taken(
-    ask: PendingRefund, refunds: Sequence[OrderRefund], known: Container[int]
+    ask: PendingRefund,
+    refunds: Sequence[OrderRefund],
+    known: Container[int],
+    since: float | None = None,
 ) -> set[int]:
     """Positions in ``refunds`` that may be refunds other calls got without their id
-    (``ask.unnamed``); a record known as another call's never narrows them."""
+    (``ask.unnamed``); a record known as another call's never narrows them. ``since``:
+    the earliest date this ask's own rules could claim (every record of the amount
+    dated from then on is taken too: :func:`idless_fits`)."""
     taken: set[int] = set()
     if not ask.unnamed:
         return taken
@@ -555,7 +567,7 @@ def _unnamed_taken(
         return refund_id in known or refund_id in ask.others or refund_id in base
 
     for amount, date in ask.unnamed:
-        taken.update(idless_fits(amount, date, refunds, owned_elsewhere))
+        taken.update(idless_fits(amount, date, refunds, owned_elsewhere, since=since))
     return taken
 
 
@@ -564,6 +576,8 @@ def idless_fits(
     date: float | None,
     refunds: Sequence[OrderRefund],
     owned: Callable[[int], bool] = lambda _: False,
+    *,
+    since: float | None = None,
 ) -> list[int]:
     """The positions in ``refunds`` (one read of a bag) of the records that may be a
     refund handed out without its id, as the answer gave its ``amount`` and ``date``
@@ -572,8 +586,12 @@ def idless_fits(
     Every record of its amount not older than the answer by more than
     ``IDLESS_EARLIER`` fits, however close another's date: a platform may stamp a
     refund when it has processed it, seconds or minutes after its answer, and a record
-    dated like the answer may be another process's (or another bag's). Records
-    ``owned`` by a known call are left out (they are someone's already)."""
+    dated like the answer may be another process's (or another bag's). So does every
+    record of its amount dated at or after ``since`` (the earliest date the ask judging
+    the read could claim: :func:`judge`): the answer and the list may be stamped by two
+    clocks of Violet's, or at two moments, further apart than that, and a record that
+    fits no other rule would then pass for the next ask's own. Records ``owned`` by a
+    known call are left out (they are someone's already)."""
     fits: list[int] = []
     for at, refund in enumerate(refunds):
         if amount is not None and refund.amount is not None and amount != refund.amount:
@@ -581,7 +599,12 @@ def idless_fits(
         if refund.id is not None and owned(refund.id):
             continue
         when = unix_time(refund.date_created)
-        if date is None or when is None or when - date >= -IDLESS_EARLIER:
+        if (
+            date is None
+            or when is None
+            or when - date >= -IDLESS_EARLIER
+            or (since is not None and when >= since)
+        ):
             fits.append(at)
     return fits
 
