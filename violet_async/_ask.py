@@ -80,7 +80,9 @@ class PendingRefund:
     sends: int = 0
     """How many times the request was sent, in every process that worked on it."""
     first_sent_at: float | None = None
-    """When it was first sent."""
+    """When it was first sent by a send that could have applied: where the window of
+    its refund starts (a send after a 429 or a connection never opened moves it to
+    that send, since every earlier send is proven not applied)."""
     last_sent_at: float | None = None
     """When it was last sent."""
     settle_until: float | None = None
@@ -462,9 +464,10 @@ def _opt_float(data: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
-#: A listed refund dated more than this many seconds before the 2xx that handed out a
-#: refund without its id cannot be that refund; one dated later always may be (a
-#: platform may stamp a refund when it has processed it, seconds or minutes after).
+#: A listed refund dated at most this many seconds before the 2xx that handed out a
+#: refund without its id may be that refund, and so may one dated later (a platform
+#: may stamp a refund when it has processed it, seconds or minutes after); so may any
+#: the ask judging the read could claim by its date (``_matching.idless_fits``).
 IDLESS_EARLIER = 60.0
 
 #: At most this many id-less refunds of other calls are kept in a record (the newest).

@@ -482,14 +482,9 @@ def judge(
     owned: list[OrderRefund] = []
     twins: list[OrderRefund] = []
     first_doubt = ""
-    since: float | None = None
-    if ask.unnamed and sent is not None:
-        # The earliest date this ask could claim: every record of an id-less refund's
-        # amount from there on may be that refund (its listed date may lag the
-        # answer's by more than IDLESS_EARLIER), never this ask's.
-        window = no_baseline_window(ask, settings, read_server_time, read_at)
-        since = sent + window[0]
-    taken = _unnamed_taken(ask, refunds, known, since)
+    taken = _unnamed_taken(
+        ask, refunds, known, settings, read_server_time=read_server_time, read_at=read_at
+    )
     for at, refund in enumerate(refunds):
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
@@ -552,15 +547,23 @@ def _unnamed_taken(
     ask: PendingRefund,
     refunds: Sequence[OrderRefund],
     known: Container[int],
-    since: float | None = None,
+    settings: Settings,
+    *,
+    read_server_time: float | None,
+    read_at: float | None,
 ) -> set[int]:
     """Positions in ``refunds`` that may be refunds other calls got without their id
-    (``ask.unnamed``); a record known as another call's never narrows them. ``since``:
-    the earliest date this ask's own rules could claim (every record of the amount
-    dated from then on is taken too: :func:`idless_fits`)."""
+    (``ask.unnamed``); a record known as another call's never narrows them. Every
+    record of such a refund's amount dated no earlier than this ask could claim is
+    one (:func:`idless_fits`'s ``since``): a list may date a refund minutes before
+    its answer did, and it is then never this ask's."""
     taken: set[int] = set()
     if not ask.unnamed:
         return taken
+    since = None
+    if ask.first_sent_at is not None:
+        floor = no_baseline_window(ask, settings, read_server_time, read_at)[0]
+        since = ask.first_sent_at + floor
     base = ask.baseline or frozenset()
 
     def owned_elsewhere(refund_id: int) -> bool:

@@ -23,7 +23,9 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
     NEW     --baseline read-->  NEW      (read_before_send: note what the bag holds)
     NEW     --send-->           SENT
     SENT    --2xx-->            APPLIED  (the refund came back)
-    SENT    --never left/429--> SENT     (re-send after backoff) | FAILED (out of budget)
+    SENT    --never left/429--> SENT     (re-send after backoff; the window of its
+                                          refund starts at that send) | FAILED (out
+                                          of budget)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
     ABSENT  --resume-->         SENT     (a deferred ask sent again, a fresh budget)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
