@@ -9,16 +9,25 @@ from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
 
-from violet_async import APIConnectionError, PendingRefund, RefundBagRequest
+from violet_async import (
+    AmbiguousOutcomeError,
+    APIConnectionError,
+    PendingRefund,
+    RefundBagRequest,
+)
 from violet_async._ask import merged
 from violet_async._converter import converter
 from violet_async._matching import Verdict, idless_fits, judge
 from violet_async._protocol import Do, Observation, Phase, Settings, start, step
 from violet_async.exceptions import api_error_from_response
 from violet_async.models import OrderRefund
+from violet_async.testing import FakeClock
 
 from .samples import refund_body
+from .test_review11_findings import _ended, _stamp
+from .test_review14_findings import ORDER, REQUEST, Scripted, _client, _serve
 
 T0 = 1_800_000_000.0
 SETTINGS = Settings(max_attempts=4, settle_running=60.0, settle_lag=5.0, settle_delay=1.0)
@@ -168,3 +177,47 @@ def test_the_next_ask_never_claims_a_refund_another_call_got_without_its_id() ->
     assert action.do is Do.PARK
     assert ask.needs_review
     assert ask.unnamed == ((300, T0 + 90.0),)
+
+
+class _Other(Scripted):
+    """Another system's refund of the same amount is listed from the third POST on
+    (made after the read that proved the first send absent, before the re-send)."""
+
+    other: dict[str, object] | None = None
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if self.other is not None and self.posts >= 3 and self.other not in self.made:
+            self.made.insert(0, self.other)
+        return await super()._list(request)
+
+
+async def test_a_refund_made_during_a_429_wait_after_a_proven_absence_is_not_the_resends() -> None:
+    """A first send answered 500 (did not apply), proven absent after the window (60 s);
+    the re-send is answered 429 (``Retry-After: 20``); another system refunds the same
+    5.00 ten seconds into that wait; the third send is answered 500 and did not apply.
+    The refund is dated after the first send but before the only send that could have
+    applied since the proof: review, never this call's (the call used to return it)."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = _Other(clock, ["lost", "busy", "lost"])
+    server.retry_after = "20"
+    bag = 41
+    at = clock.time() + 70.0  # the proving read is at +60, the third send at +80
+    server.other = refund_body(
+        id=9_999,
+        order_id=ORDER,
+        bag_id=bag,
+        amount=500,
+        status="COMPLETED",
+        skus=[],
+        errors=[],
+        date_created=_stamp(at),
+        date_last_modified=_stamp(at),
+    )
+    async with _serve(server) as url, _client(url, clock, deadline=900.0, attempts=4) as client:
+        got = await _ended(client.refund_bag(ORDER, bag, REQUEST))
+    assert server.posts == 3
+    assert server.on_bag(bag) == [9_999]  # the other system's refund only
+    assert not isinstance(got, OrderRefund), f"the call took refund {got.id} for its own"
+    assert isinstance(got, AmbiguousOutcomeError), repr(got)
+    assert got.pending is not None
+    assert got.pending.needs_review
