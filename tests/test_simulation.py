@@ -537,10 +537,12 @@ def test_the_simulator_finds_an_idless_refund_claimed_by_a_twin(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Re-introduce the bug: a refund handed out without its id is forgotten (a later
-    read never binds it to its ask). Seed 113 (the 114th tried) finds it: a twin ask
-    whose send was unsure claims the first ask's refund."""
+    read never binds it to its ask, and no ask's record carries it). Seed 113 (the
+    114th tried) finds it: a twin ask whose send was unsure claims the first ask's
+    refund."""
     from violet_async._reconcile import KnownRefunds
 
     monkeypatch.setattr(KnownRefunds, "learn", lambda self, bag_id, refunds: None)
+    monkeypatch.setattr(KnownRefunds, "unnamed", lambda self, bag_id, besides=None: ())
     result = simulate(113, kinds={"refund_answers"})
     assert "attribution" in result.kinds, result.report()

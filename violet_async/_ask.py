@@ -80,7 +80,9 @@ class PendingRefund:
     sends: int = 0
     """How many times the request was sent, in every process that worked on it."""
     first_sent_at: float | None = None
-    """When it was first sent."""
+    """When it was first sent by a send that could have applied: where the window of
+    its refund starts (a send after a 429 or a connection never opened moves it to
+    that send, since every earlier send is proven not applied)."""
     last_sent_at: float | None = None
     """When it was last sent."""
     settle_until: float | None = None
@@ -308,15 +310,23 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
     record of the same ask learned (a re-send, its settle window, a doubt).
 
     The record with more sends (then the later send, then the later settle window) is
-    the base: its phase, clock, baseline and read counts describe its last send. On top
-    of it: the most sends, the earliest first send and latest last send, the latest
-    settle window, every doubt, review, answer and bag read (OR), and every refund either saw as
+    the base: its phase, clock, baseline and read counts describe its last send, and its
+    first send (where the window of this ask's refund starts: ``_protocol._send``) when
+    it has more sends. On top of it: the most sends, the earliest first send (of two
+    records with as many sends) and latest last send, the latest settle window, every
+    doubt, review, answer and bag read (OR), and every refund either saw as
     possibly its own or as another call's (union). Records of two asks: ``one``."""
     if one.ask_id != other.ask_id:
         return one
     one, other = _on_one_wall_clock(one, other)
     base = max(one, other, key=_freshness)
     firsts = [t for t in (one.first_sent_at, other.first_sent_at) if t is not None]
+    if base.first_sent_at is not None and one.sends != other.sends:
+        # The record with more sends knows where the window of this ask's refund
+        # starts: a send after a 429 (or a connection never opened) moves it past the
+        # sends proven not applied, and the older copy must not move it back (a refund
+        # another system made meanwhile would pass for this ask's).
+        firsts = [base.first_sent_at]
     lasts = [t for t in (one.last_sent_at, other.last_sent_at) if t is not None]
     settles = [t for t in (one.settle_until, other.settle_until) if t is not None]
     return attrs.evolve(
@@ -463,9 +473,10 @@ def _opt_float(data: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
-#: A listed refund dated more than this many seconds before the 2xx that handed out a
-#: refund without its id cannot be that refund; one dated later always may be (a
-#: platform may stamp a refund when it has processed it, seconds or minutes after).
+#: A listed refund dated at most this many seconds before the 2xx that handed out a
+#: refund without its id may be that refund, and so may one dated later (a platform
+#: may stamp a refund when it has processed it, seconds or minutes after); so may any
+#: the ask judging the read could claim by its date (``_matching.idless_fits``).
 IDLESS_EARLIER = 60.0
 
 #: At most this many id-less refunds of other calls are kept in a record (the newest).

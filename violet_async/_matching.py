@@ -506,7 +506,9 @@ def judge(
     twins: list[OrderRefund] = []
     first_doubt = ""
     other_currency = False
-    taken = _unnamed_taken(ask, refunds, known)
+    taken = _unnamed_taken(
+        ask, refunds, known, settings, read_server_time=read_server_time, read_at=read_at
+    )
     for at, refund in enumerate(refunds):
         if refund.bag_id is not None and refund.bag_id != ask.bag_id:
             continue
@@ -592,20 +594,33 @@ def _amount_only_miss(
 
 
 def _unnamed_taken(
-    ask: PendingRefund, refunds: Sequence[OrderRefund], known: Container[int]
+    ask: PendingRefund,
+    refunds: Sequence[OrderRefund],
+    known: Container[int],
+    settings: Settings,
+    *,
+    read_server_time: float | None,
+    read_at: float | None,
 ) -> set[int]:
     """Positions in ``refunds`` that may be refunds other calls got without their id
-    (``ask.unnamed``); a record known as another call's never narrows them."""
+    (``ask.unnamed``); a record known as another call's never narrows them. Every
+    record of such a refund's amount dated no earlier than this ask could claim is
+    one (:func:`idless_fits`'s ``since``): a list may date a refund minutes before
+    its answer did, and it is then never this ask's."""
     taken: set[int] = set()
     if not ask.unnamed:
         return taken
+    since = None
+    if ask.first_sent_at is not None:
+        floor = no_baseline_window(ask, settings, read_server_time, read_at)[0]
+        since = ask.first_sent_at + floor
     base = ask.baseline or frozenset()
 
     def owned_elsewhere(refund_id: int) -> bool:
         return refund_id in known or refund_id in ask.others or refund_id in base
 
     for amount, date in ask.unnamed:
-        taken.update(idless_fits(amount, date, refunds, owned_elsewhere))
+        taken.update(idless_fits(amount, date, refunds, owned_elsewhere, since=since))
     return taken
 
 
@@ -614,6 +629,8 @@ def idless_fits(
     date: float | None,
     refunds: Sequence[OrderRefund],
     owned: Callable[[int], bool] = lambda _: False,
+    *,
+    since: float | None = None,
 ) -> list[int]:
     """The positions in ``refunds`` (one read of a bag) of the records that may be a
     refund handed out without its id, as the answer gave its ``amount`` and ``date``
@@ -622,8 +639,12 @@ def idless_fits(
     Every record of its amount not older than the answer by more than
     ``IDLESS_EARLIER`` fits, however close another's date: a platform may stamp a
     refund when it has processed it, seconds or minutes after its answer, and a record
-    dated like the answer may be another process's (or another bag's). Records
-    ``owned`` by a known call are left out (they are someone's already)."""
+    dated like the answer may be another process's (or another bag's). So does every
+    record of its amount dated at or after ``since`` (the earliest date the ask judging
+    the read could claim: :func:`judge`): the answer and the list may be stamped by two
+    clocks of Violet's, or at two moments, further apart than that, and a record that
+    fits no other rule would then pass for the next ask's own. Records ``owned`` by a
+    known call are left out (they are someone's already)."""
     fits: list[int] = []
     for at, refund in enumerate(refunds):
         if amount is not None and refund.amount is not None and amount != refund.amount:
@@ -631,7 +652,12 @@ def idless_fits(
         if refund.id is not None and owned(refund.id):
             continue
         when = unix_time(refund.date_created)
-        if date is None or when is None or when - date >= -IDLESS_EARLIER:
+        if (
+            date is None
+            or when is None
+            or when - date >= -IDLESS_EARLIER
+            or (since is not None and when >= since)
+        ):
             fits.append(at)
     return fits
 

@@ -23,7 +23,9 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
     NEW     --baseline read-->  NEW      (read_before_send: note what the bag holds)
     NEW     --send-->           SENT
     SENT    --2xx-->            APPLIED  (the refund came back)
-    SENT    --never left/429--> SENT     (re-send after backoff) | FAILED (out of budget)
+    SENT    --never left/429--> SENT     (re-send after backoff; the window of its
+                                          refund starts at that send) | FAILED (out
+                                          of budget)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
     ABSENT  --resume-->         SENT     (a deferred ask sent again, a fresh budget)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
@@ -66,7 +68,15 @@ from typing import Any
 import attrs
 import orjson
 
-from ._ask import PROCESS_CLOCK, PendingRefund, Phase, ProtocolError, Settings, clock_stepped
+from ._ask import (
+    PROCESS_CLOCK,
+    PendingRefund,
+    Phase,
+    ProtocolError,
+    Settings,
+    clock_stepped,
+    with_unnamed,
+)
 from ._matching import Verdict, cannot_tell, content, judge, match, needs_bag
 from .exceptions import (
     APIConnectionError,
@@ -322,18 +332,27 @@ def start(
     if ask.phase is Phase.ABSENT:
         # Deferred after a 429: every earlier send is proven not applied, so it is sent
         # again, with a fresh attempt budget (the caller's pacing bounds the rest).
-        return _send(attrs.evolve(ask, budget_from=ask.sends), now)
+        return _send(attrs.evolve(ask, budget_from=ask.sends), now, proven=True)
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
 
-def _send(ask: PendingRefund, now: float, delay: float = 0.0) -> tuple[PendingRefund, Action]:
+def _send(
+    ask: PendingRefund, now: float, delay: float = 0.0, *, proven: bool = False
+) -> tuple[PendingRefund, Action]:
+    """Send (again) after ``delay``. ``proven``: the answer to the last send proved that
+    nothing of this ask applied (a 429, a connection never opened; every earlier send
+    was proven absent before that one left): a refund can be this ask's only from this
+    send on, so the window its date must sit in (``first_sent_at``, the matching rule's
+    "after the send") starts here. A refund another system made while this ask waited
+    to send again is then never taken for its own."""
     sent_at = now + delay
+    first = ask.first_sent_at if ask.first_sent_at is not None and not proven else sent_at
     return (
         attrs.evolve(
             ask,
             phase=Phase.SENT,
             sends=ask.sends + 1,
-            first_sent_at=ask.first_sent_at if ask.first_sent_at is not None else sent_at,
+            first_sent_at=first,
             last_sent_at=sent_at,
             reads=0,
         ),
@@ -512,6 +531,14 @@ def _guard(
     return None
 
 
+def _known_unnamed(ask: PendingRefund, known: Container[int]) -> PendingRefund:
+    """``ask`` with the refunds other calls here got without their id (a record made by
+    a failed first send does not carry them yet): the matching rule keeps every record
+    that may be one of them from this ask (``_matching.idless_fits``)."""
+    unnamed = getattr(known, "unnamed", None)
+    return ask if unnamed is None else with_unnamed(ask, unnamed(ask.bag_id))
+
+
 def _after_read(
     ask: PendingRefund,
     obs: Observation,
@@ -530,7 +557,7 @@ def _after_read(
     # Refunds do not vanish from Violet: a read that misses one seen before (by this
     # ask, in its baseline, or handed to a caller) came from a replica behind it.
     stale = not (ask.seen <= listed and ask.others <= listed and (ask.baseline or listed) <= listed)
-    ask = attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others)
+    ask = _known_unnamed(attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others), known)
     reading = judge(
         ask,
         obs.refunds,
@@ -705,7 +732,7 @@ def _after_send_failure(
         )
         if out_of_budget:
             return attrs.evolve(ask, phase=Phase.FAILED, note=note), Action(Do.FAIL)
-        return _send(attrs.evolve(ask, note=note), now, obs.backoff)
+        return _send(attrs.evolve(ask, note=note), now, obs.backoff, proven=True)
     if cause is Cause.REFUSED:
         if not ask.doubted:
             return attrs.evolve(ask, phase=Phase.FAILED, note=note), Action(Do.FAIL)
