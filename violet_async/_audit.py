@@ -22,11 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._audit_judge import AUDITS, MONEY_OFF, Audit, AuditRow, JournalView, judge_bag, unreadable
+from ._audit_judge import (
+    AUDITS,
+    MONEY_OFF,
+    Asked,
+    Audit,
+    AuditRow,
+    JournalView,
+    judge_bag,
+    unreadable,
+)
 from ._audit_spool import OrderRows, Spool
 from ._retry import RetryEvent
 from .exceptions import RateLimitError, VioletError
-from .models import OrderRefund
+from .models import OrderBag, OrderRefund
 
 if TYPE_CHECKING:
     from ._client import VioletClient
@@ -72,7 +81,27 @@ def _unusable(refunds: list[OrderRefund], order_id: int, bag_id: int) -> str | N
             return f"{held} of order {refund.order_id}"
         if refund.id is None or refund.amount is None:
             return "a refund record on the bag has no id or no amount"
+        if refund.amount < 0:
+            return f"{held} of a negative amount ({refund.amount})"
     return None
+
+
+def _shared(lists: dict[int, list[OrderRefund]]) -> dict[int, str]:
+    """Bags of one order whose lists hold the same refund (by id): a refund is on one
+    bag, so such a list is not that bag's own, and each of those bags is unreadable
+    (a refund counted on two bags would be one refund found twice)."""
+    seen: dict[int, list[int]] = {}
+    for bag_id, refunds in lists.items():
+        for refund in refunds:
+            if refund.id is not None:
+                seen.setdefault(refund.id, []).append(bag_id)
+    problems: dict[int, str] = {}
+    for refund_id, bags in seen.items():
+        if len(bags) > 1:
+            named = " and ".join(str(b) for b in bags)
+            for bag_id in bags:
+                problems.setdefault(bag_id, f"refund {refund_id} is listed on bags {named}")
+    return problems
 
 
 async def _judge_order(
@@ -95,6 +124,7 @@ async def _judge_order(
         why = f"Violet answered order {order.id} for order {group.order_id}"
         return [r for _, rows in group.bags for r in unreadable(rows, why)]
     results: list[AuditRow] = []
+    readable: list[tuple[list[Asked], OrderBag, list[OrderRefund]]] = []
     for bag_id, rows in group.bags:
         stats.bags += 1
         bag = order.bag(bag_id)
@@ -122,7 +152,13 @@ async def _judge_order(
         if problem is not None:
             results += unreadable(rows, problem)
             continue
-        results += judge_bag(rows, refunds, bag, bag.currency or order.currency)
+        readable.append((rows, bag, refunds))
+    shared = _shared({bag.id: refunds for _, bag, refunds in readable})
+    for rows, bag, refunds in readable:
+        if bag.id in shared:
+            results += unreadable(rows, shared[bag.id])
+        else:
+            results += judge_bag(rows, refunds, bag, bag.currency or order.currency)
     return results
 
 
