@@ -343,6 +343,7 @@ async def test_every_hostile_case_through_the_command_money_per_verdict_and_csv(
         count = sum(v == verdict for v, *_ in want.values())
         assert f"  {verdict:<12} {count:>8}  {shown}\n" in summary
     assert "KWD 12.340" in summary
+    assert f"progress {len(rows)}/{len(rows)} (" in summary  # not a terminal: plain lines
     assert "  unreadable          5  (not a verdict about money)" in summary
     assert h.posts == 0
 
