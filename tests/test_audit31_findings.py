@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from violet_async import RetryPolicy, VioletClient
+from violet_async._audit import RATE_LIMITED_ROUNDS, MerchantLanes
 from violet_async._audit_cli import AuditOptions, run_audit
 from violet_async._audit_judge import format_money
 from violet_async._batch_cli import read_items
@@ -78,6 +79,8 @@ class Hostile:
     orders: dict[int, tuple[list[Bag], str, str | None]] = attrs.Factory(dict)
     limited: Counter[int] = attrs.Factory(Counter)
     rate_limited: Counter[int] = attrs.Factory(Counter)
+    listed: list[int] = attrs.Factory(list)
+    """Bags whose list was answered (429s, 500s and garbage not counted), in order."""
     gets: int = 0
     posts: int = 0
 
@@ -141,6 +144,7 @@ class Hostile:
             return web.json_response({"message": "boom"}, status=500)
         if bag.fault == "garbage":
             return web.Response(body=b"\x00\xffnot json", content_type="application/json")
+        self.listed.append(bag.id)
         if bag.page is None:
             return web.json_response(bag.refunds)
         size, number = bag.page, int(request.query.get("page", "0"))
@@ -530,3 +534,94 @@ async def test_a_whole_bag_refunded_twice_is_extra_not_an_almost_match(tmp_path:
     assert got["cancel", 2].money == 1000
     assert (got["refund", 3].audit, got["refund", 3].refund_ids) == ("extra", (5, 6))
     assert got["refund", 3].money == 700
+
+
+# Pacing per merchant (the issue's "paced per merchant like a batch"): a gap closed here.
+
+
+def test_a_merchant_gets_a_lane_on_its_first_429_and_only_it_waits() -> None:
+    """MerchantLanes: no lane, no wait; the first 429 opens a lane at half the start
+    rate; a wave of 429s within one turn halves it once; successes climb back up to
+    the start rate; the floor is a 64th of it. Another merchant never waits."""
+    clock = FakeClock()
+    lanes = MerchantLanes(8.0, clock)
+    assert [lanes.turn(7), lanes.turn(7), lanes.turn(None)] == [0.0, 0.0, 0.0]
+    lanes.limited(7)
+    assert lanes.turn(7) == 0.0  # its turn is now...
+    assert lanes.turn(7) == pytest.approx(1 / 4.0)  # ...the next one a quarter second on
+    assert lanes.turn(8) == 0.0
+    lanes.limited(7)  # the same wave: no second halving
+    assert lanes.lanes[7].rate == 4.0
+    clock.advance(0.25)
+    lanes.limited(7)
+    assert lanes.lanes[7].rate == 2.0
+    for _ in range(100):
+        clock.advance(10.0)
+        lanes.limited(7)
+    assert lanes.lanes[7].rate == 8.0 / 64
+    for _ in range(100):
+        lanes.succeeded(7)
+    assert lanes.lanes[7].rate == 8.0
+    lanes.succeeded(9)  # no lane: nothing to speed up
+    assert 9 not in lanes.lanes
+
+
+async def test_a_merchant_refusing_more_than_the_retries_is_read_in_its_turn(
+    tmp_path: Path,
+) -> None:
+    """GAP closed: a merchant whose platform answered 429 more times in a row than the
+    client retries (4 sends) left its bag `unreadable`; now the read waits for the
+    merchant's turn and is made again: every row as asked, the 429s charged to that
+    merchant's lane alone, nothing sent."""
+    h = Hostile()
+    for order_id in range(1, 7):
+        merchant = 100 if order_id <= 3 else 200
+        bag = Bag(order_id * 10, [rec(order_id, order_id, order_id * 10, 100, "r")], merchant)
+        h.add(order_id, bag)
+    h.limited[100] = 9
+    path = write_rows(tmp_path / "rows.csv", [(o, o * 10, 100, "r", "") for o in range(1, 7)])
+    stats = AuditStats()
+    async with serve(h.app()) as url:
+        got = {line: r.audit for line, r in (await audited(f"{url}/v1", path, stats=stats)).items()}
+    assert got == dict.fromkeys(range(2, 8), "as_asked")
+    assert h.rate_limited == {100: 9}
+    assert stats.rate_limited >= 6  # the client's own retries (the rest: new rounds)
+    assert h.posts == 0
+
+
+async def test_a_merchant_that_never_stops_refusing_is_unreadable_in_bounded_rounds(
+    tmp_path: Path,
+) -> None:
+    """A merchant answering 429 to every read: after RATE_LIMITED_ROUNDS rounds its bag
+    is unreadable (a 429, said so), never a loop without end; another merchant's bag
+    in the same run is as asked."""
+    h = Hostile()
+    h.add(1, Bag(10, [rec(1, 1, 10, 100, "r")], merchant=100))
+    h.add(2, Bag(20, [rec(2, 2, 20, 100, "r")], merchant=200))
+    h.limited[100] = 10**6
+    path = write_rows(tmp_path / "rows.csv", [(1, 10, 100, "r", ""), (2, 20, 100, "r", "")])
+    async with serve(h.app()) as url:
+        got = await audited(f"{url}/v1", path)
+    assert got[3].audit == "as_asked"
+    assert got[2].audit == "unreadable"
+    assert "RateLimitError" in got[2].detail
+    assert h.rate_limited[100] == (RATE_LIMITED_ROUNDS + 1) * POLICY.max_attempts
+
+
+async def test_an_order_waiting_for_its_merchant_gives_its_slot_to_another_merchant(
+    tmp_path: Path,
+) -> None:
+    """Concurrency 1: order 1's merchant refuses two rounds of reads, so its third
+    waits for the merchant's turn; meanwhile its slot goes to order 2, of another
+    merchant, which is read first (with the slot held, order 2 waited behind it)."""
+    h = Hostile()
+    h.add(1, Bag(10, [rec(1, 1, 10, 100, "r")], merchant=100))
+    h.add(2, Bag(20, [rec(2, 2, 20, 100, "r")], merchant=200))
+    h.limited[100] = 2 * POLICY.max_attempts
+    path = write_rows(tmp_path / "rows.csv", [(1, 10, 100, "r", ""), (2, 20, 100, "r", "")])
+    stats = AuditStats()
+    async with serve(h.app()) as url:
+        got = await audited(f"{url}/v1", path, concurrency=1, stats=stats)
+    assert {line: r.audit for line, r in got.items()} == {2: "as_asked", 3: "as_asked"}
+    assert h.listed == [20, 10]
+    assert stats.max_held_rows == 2  # two orders at once, one of them waiting its turn

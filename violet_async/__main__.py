@@ -281,7 +281,8 @@ def _add_audit(sub: Any) -> None:
         "--rate",
         type=float,
         default=None,
-        help="at most this many reads per second, halved on a 429 (default: no limit)",
+        help="at most this many reads per second over every merchant (a global cap; each "
+        "merchant's own pace is learned from its 429s) (default: no cap)",
     )
     audit.add_argument(
         "--env",
