@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from violet_async import RetryPolicy, VioletClient
+from violet_async import RetryPolicy, VioletClient, _audit
 from violet_async._audit import RATE_LIMITED_ROUNDS, MerchantLanes
 from violet_async._audit_cli import AuditOptions, run_audit
 from violet_async._audit_judge import format_money
@@ -78,6 +78,8 @@ class Hostile:
 
     orders: dict[int, tuple[list[Bag], str, str | None]] = attrs.Factory(dict)
     limited: Counter[int] = attrs.Factory(Counter)
+    orders_limited: int = 0
+    """429s still to give on order reads (Violet's own limit: no merchant known yet)."""
     rate_limited: Counter[int] = attrs.Factory(Counter)
     listed: list[int] = attrs.Factory(list)
     """Bags whose list was answered (429s, 500s and garbage not counted), in order."""
@@ -108,6 +110,9 @@ class Hostile:
         self.gets += 1
         order_id = int(request.match_info["o"])
         bags, currency, fault = self.orders[order_id]
+        if self.orders_limited:
+            self.orders_limited -= 1
+            return web.json_response({"message": "slow"}, status=429, headers={"Retry-After": "0"})
         if fault == "500":
             return web.json_response({"message": "boom"}, status=500)
         if fault == "garbage":
@@ -625,3 +630,39 @@ async def test_an_order_waiting_for_its_merchant_gives_its_slot_to_another_merch
     assert {line: r.audit for line, r in got.items()} == {2: "as_asked", 3: "as_asked"}
     assert h.listed == [20, 10]
     assert stats.max_held_rows == 2  # two orders at once, one of them waiting its turn
+
+
+async def test_with_the_waiting_room_full_an_order_waits_holding_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No room for orders waiting without a slot (WAITING_PER_SLOT 0): the order waits
+    for its merchant's turn holding its slot, so memory holds no more orders than the
+    concurrency; order 2 is read after it."""
+    monkeypatch.setattr(_audit, "WAITING_PER_SLOT", 0)
+    h = Hostile()
+    h.add(1, Bag(10, [rec(1, 1, 10, 100, "r")], merchant=100))
+    h.add(2, Bag(20, [rec(2, 2, 20, 100, "r")], merchant=200))
+    h.limited[100] = 2 * POLICY.max_attempts
+    path = write_rows(tmp_path / "rows.csv", [(1, 10, 100, "r", ""), (2, 20, 100, "r", "")])
+    stats = AuditStats()
+    async with serve(h.app()) as url:
+        got = await audited(f"{url}/v1", path, concurrency=1, stats=stats)
+    assert {line: r.audit for line, r in got.items()} == {2: "as_asked", 3: "as_asked"}
+    assert h.listed == [10, 20]
+    assert stats.max_held_rows == 1
+
+
+async def test_a_429_on_an_order_read_is_retried_under_the_global_rate(tmp_path: Path) -> None:
+    """`rate` set and Violet's own 429 on an order read (no merchant known yet): the
+    read is retried (the run's global rate slows down, no merchant lane opens) and
+    every row is as asked."""
+    h, rows = world()
+    h.orders_limited = 2
+    as_asked = [r for r in rows if r[5] == "as_asked" and r[1] != 102][:3]
+    path = write_rows(tmp_path / "rows.csv", as_asked)
+    stats = AuditStats()
+    async with serve(h.app()) as url:
+        got = await audited(f"{url}/v1", path, rate=1000.0, stats=stats)
+    assert {r.audit for r in got.values()} == {"as_asked"}
+    assert stats.rate_limited == 2
+    assert h.orders_limited == 0
