@@ -666,3 +666,19 @@ async def test_a_429_on_an_order_read_is_retried_under_the_global_rate(tmp_path:
     assert {r.audit for r in got.values()} == {"as_asked"}
     assert stats.rate_limited == 2
     assert h.orders_limited == 0
+
+
+async def test_a_refund_recorded_in_another_currency_is_a_mismatch_that_says_so(
+    tmp_path: Path,
+) -> None:
+    """Finding (on main's currency rule): a EUR refund on a USD bag, the row asking 500,
+    was a mismatch "not what was left on the bag when it was made" (a whole-bag reason
+    for an amount row), its 500 counted as USD. It now says the currencies differ, and
+    its money is counted in the refund's currency."""
+    h = Hostile()
+    h.add(1, Bag(11, [rec(5001, 1, 11, 500, "x", refund_currency="EUR")]))
+    path = write_rows(tmp_path / "rows.csv", [(1, 11, 500, "x", "")])
+    async with serve(h.app()) as url:
+        got = await audited(f"{url}/v1", path)
+    assert (got[2].audit, got[2].money, got[2].currency) == ("mismatch", 500, "EUR")
+    assert "the bag is in USD, the refund was recorded in EUR" in got[2].detail

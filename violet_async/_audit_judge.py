@@ -530,15 +530,24 @@ class _Bag:
         row, refund = self.rows[i], self.on_bag[j]
         view = row.journal
         said = f"; {view.describe()}" if view is not None else ""
+        found = differences(row.item, refund, self.bag)
+        currency = self.currency
+        other = refund.refund_currency
+        if other and currency and other.upper() != currency.upper():
+            # Amounts in two currencies are never compared; the money is the refund's.
+            found = [
+                f"currency: the bag is in {currency}, the refund was recorded in {other} "
+                "(amounts in two currencies are not compared)"
+            ]
+            currency = other
         return AuditRow(
             row.item,
             "mismatch",
             refund_ids=self.ids([j]),
-            detail=f"{self.told([j])} almost matches: "
-            f"{'; '.join(differences(row.item, refund, self.bag))}{said}",
+            detail=f"{self.told([j])} almost matches: {'; '.join(found)}{said}",
             refunds=(refund,),
             journal=view,
-            currency=self.currency,
+            currency=currency,
             money=refund.amount,
         )
 
