@@ -149,10 +149,10 @@ def test_whole_bag_row_beside_failed_attempts_is_as_asked_never_missing() -> Non
     refunds = [rec(1, 300, status="FAILED"), rec(2, 5000), rec(3, 200, status="CANCELED")]
     judged = judge_bag(whole, refunds, bag("COMPLETED"), "USD")
     assert [(r.audit, r.refund_ids) for r in judged] == [("as_asked", (2,))]
-    # A later refund that moved money (the bag refunded past its total): a person
-    # looks (mismatch), never "missing".
+    # A later refund that moved money (the bag refunded past its total): never
+    # "missing"; the 5000 that emptied the bag is the row's, the later one extra.
     twice = judge_bag(whole, [rec(2, 5000), rec(3, 5000)], bag("REFUNDED"), "USD")
-    assert [r.audit for r in twice] == ["mismatch"]
+    assert [(r.audit, r.refund_ids, r.money) for r in twice] == [("extra", (2, 3), 5000)]
 
 
 def test_sku_row_beside_a_record_without_lines_is_a_mismatch_that_says_so() -> None:

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -280,7 +281,8 @@ def _add_audit(sub: Any) -> None:
         "--rate",
         type=float,
         default=None,
-        help="at most this many reads per second, halved on a 429 (default: no limit)",
+        help="at most this many reads per second over every merchant (a global cap; each "
+        "merchant's own pace is learned from its 429s) (default: no cap)",
     )
     audit.add_argument(
         "--env",
@@ -302,7 +304,9 @@ def _add_audit(sub: Any) -> None:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    if args.concurrency < 1 or (args.rate is not None and args.rate <= 0) or args.timeout <= 0:
+    rate_ok = args.rate is None or (math.isfinite(args.rate) and args.rate > 0)
+    timeout_ok = math.isfinite(args.timeout) and args.timeout > 0
+    if args.concurrency < 1 or not rate_ok or not timeout_ok:
         print("violet-async: --concurrency, --rate and --timeout must be positive", file=sys.stderr)
         return 2
     options = _audit_cli.AuditOptions(

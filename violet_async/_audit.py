@@ -15,25 +15,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import itertools
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._audit_judge import AUDITS, MONEY_OFF, Audit, AuditRow, JournalView, judge_bag, unreadable
+from ._audit_judge import (
+    AUDITS,
+    MONEY_OFF,
+    Asked,
+    Audit,
+    AuditRow,
+    JournalView,
+    judge_bag,
+    unreadable,
+)
 from ._audit_spool import OrderRows, Spool
-from ._retry import RetryEvent
+from ._responses import RefundPage
+from ._retry import Clock, RetryEvent
 from .exceptions import RateLimitError, VioletError
-from .models import OrderRefund
+from .models import OrderBag, OrderRefund
 
 if TYPE_CHECKING:
     from ._client import VioletClient
     from .batch import AdaptiveRate, BatchItem
     from .fleet import RedisLedger
 
-__all__ = ["AUDITS", "MONEY_OFF", "Audit", "AuditRow", "AuditStats", "JournalView", "audit"]
+__all__ = [
+    "AUDITS",
+    "MONEY_OFF",
+    "Audit",
+    "AuditRow",
+    "AuditStats",
+    "JournalView",
+    "MerchantLanes",
+    "audit",
+]
 
 
 @attrs.define
@@ -72,22 +93,138 @@ def _unusable(refunds: list[OrderRefund], order_id: int, bag_id: int) -> str | N
             return f"{held} of order {refund.order_id}"
         if refund.id is None or refund.amount is None:
             return "a refund record on the bag has no id or no amount"
+        if refund.amount < 0:
+            return f"{held} of a negative amount ({refund.amount})"
     return None
 
 
-async def _judge_order(
-    client: VioletClient,
-    group: OrderRows,
-    limiter: AdaptiveRate | None,
-    stats: AuditStats,
-) -> list[AuditRow]:
-    async def paced() -> None:
-        if limiter is not None:
-            await limiter.wait()
-        stats.reads += 1
+def _shared(lists: dict[int, list[OrderRefund]]) -> dict[int, str]:
+    """Bags of one order whose lists hold the same refund (by id): a refund is on one
+    bag, so such a list is not that bag's own, and each of those bags is unreadable
+    (a refund counted on two bags would be one refund found twice)."""
+    seen: dict[int, list[int]] = {}
+    for bag_id, refunds in lists.items():
+        for refund in refunds:
+            if refund.id is not None:
+                seen.setdefault(refund.id, []).append(bag_id)
+    problems: dict[int, str] = {}
+    for refund_id, bags in seen.items():
+        if len(bags) > 1:
+            named = " and ".join(str(b) for b in bags)
+            for bag_id in bags:
+                problems.setdefault(bag_id, f"refund {refund_id} is listed on bags {named}")
+    return problems
 
+
+#: Rounds a bag read that still ends in a 429 (after the client's own retries, each
+#: after its Retry-After) waits for its merchant's turn and is made again, before the
+#: bag's rows are unreadable.
+RATE_LIMITED_ROUNDS = 8
+#: Orders that may wait for their merchant's turn without holding one of the
+#: ``concurrency`` slots, per slot (more wait holding theirs: memory stays bounded).
+WAITING_PER_SLOT = 8
+
+_MERCHANT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "violet_audit_merchant", default=None
+)
+"""The merchant whose bag is being read: a 429 the client retries is charged to it."""
+
+
+@attrs.define
+class _Lane:
+    rate: float
+    next_at: float
+    slowed_at: float
+
+
+class MerchantLanes:
+    """Bag reads paced per merchant. Violet passes a merchant platform's 429s through,
+    and each platform has its own limit, so only the merchant that said so slows down.
+    A merchant has no lane (its reads go at once) until one of its reads gets a 429.
+    From then on its reads leave at most ``rate`` a second: the lane starts at half of
+    ``start``, halves on a 429 (once per ``1 / rate``: a wave of 429s from reads already
+    in flight counts once), never below ``start / 64``, and grows by ``start / 20`` on
+    each read that succeeds, up to ``start``. Decisions only: :meth:`turn` says how
+    long to wait, on the caller's clock."""
+
+    def __init__(self, start: float, clock: Clock) -> None:
+        self.start = start
+        self._clock = clock
+        self.lanes: dict[int, _Lane] = {}
+
+    def limited(self, merchant: int) -> None:
+        now = self._clock.monotonic()
+        lane = self.lanes.get(merchant)
+        if lane is None:
+            self.lanes[merchant] = _Lane(self.start / 2, now, now)
+        elif now - lane.slowed_at >= 1.0 / lane.rate:
+            lane.rate = max(self.start / 64, lane.rate / 2)
+            lane.slowed_at = now
+
+    def succeeded(self, merchant: int | None) -> None:
+        lane = self.lanes.get(merchant) if merchant is not None else None
+        if lane is not None:
+            lane.rate = min(self.start, lane.rate + self.start / 20)
+
+    def turn(self, merchant: int | None) -> float:
+        """Seconds this merchant's next read waits (its turn is taken): 0 without a
+        lane, so other merchants' reads never wait for a lane not theirs."""
+        lane = self.lanes.get(merchant) if merchant is not None else None
+        if lane is None:
+            return 0.0
+        now = self._clock.monotonic()
+        due = max(now, lane.next_at)
+        lane.next_at = due + 1.0 / lane.rate
+        return due - now
+
+
+@attrs.define
+class _Reader:
+    """What an order's reads share: the client, the run's rate, the merchants' lanes,
+    the counters, and how to wait for a turn without holding a slot."""
+
+    client: VioletClient
+    limiter: AdaptiveRate | None
+    lanes: MerchantLanes
+    stats: AuditStats
+    away: Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+    async def paced(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.wait()
+        self.stats.reads += 1
+
+    async def refunds(self, order_id: int, bag: OrderBag) -> RefundPage:
+        """Every page of the bag's refunds. A read that still ends in a 429 waits for
+        its merchant's turn and is made again, up to RATE_LIMITED_ROUNDS times."""
+        client, merchant = self.client, bag.merchant_id
+        for rounds in itertools.count():
+            delay = self.lanes.turn(merchant)
+            if delay > 0:
+                async with self.away():
+                    await client._shared.clock.sleep(delay)
+            await self.paced()
+            token = _MERCHANT.set(merchant)
+            try:
+                page = await client._read_refunds(
+                    client._bag_path(order_id, bag.id, "refunds"), client._deadline()
+                )
+            except RateLimitError:
+                if merchant is None or rounds >= RATE_LIMITED_ROUNDS:
+                    raise
+                self.lanes.limited(merchant)
+                continue
+            finally:
+                _MERCHANT.reset(token)
+            self.lanes.succeeded(merchant)
+            return page
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _judge_order(reader: _Reader, group: OrderRows) -> list[AuditRow]:
+    client, stats = reader.client, reader.stats
     try:
-        await paced()
+        await reader.paced()
         order = await client.get_order(group.order_id)
     except VioletError as exc:
         return [r for _, rows in group.bags for r in unreadable(rows, _why(exc))]
@@ -95,6 +232,7 @@ async def _judge_order(
         why = f"Violet answered order {order.id} for order {group.order_id}"
         return [r for _, rows in group.bags for r in unreadable(rows, why)]
     results: list[AuditRow] = []
+    readable: list[tuple[list[Asked], OrderBag, list[OrderRefund]]] = []
     for bag_id, rows in group.bags:
         stats.bags += 1
         bag = order.bag(bag_id)
@@ -102,10 +240,7 @@ async def _judge_order(
             results += unreadable(rows, f"order {group.order_id} has no bag {bag_id} at Violet")
             continue
         try:
-            await paced()
-            page = await client._read_refunds(
-                client._bag_path(group.order_id, bag_id, "refunds"), client._deadline()
-            )
+            page = await reader.refunds(group.order_id, bag)
         except VioletError as exc:
             results += unreadable(rows, _why(exc))
             continue
@@ -116,13 +251,19 @@ async def _judge_order(
             results += unreadable(rows, why)
             continue
         refunds = list(page.refunds)
-        if limiter is not None:
-            limiter.speed_up()
+        if reader.limiter is not None:
+            reader.limiter.speed_up()
         problem = _unusable(refunds, group.order_id, bag_id)
         if problem is not None:
             results += unreadable(rows, problem)
             continue
-        results += judge_bag(rows, refunds, bag, bag.currency or order.currency)
+        readable.append((rows, bag, refunds))
+    shared = _shared({bag.id: refunds for _, bag, refunds in readable})
+    for rows, bag, refunds in readable:
+        if bag.id in shared:
+            results += unreadable(rows, shared[bag.id])
+        else:
+            results += judge_bag(rows, refunds, bag, bag.currency or order.currency)
     return results
 
 
@@ -170,18 +311,23 @@ async def audit(
 
     Every bag named is read (its order once, every page of its refunds), at most
     ``concurrency`` orders at a time and, with ``rate``, at most that many reads per
-    second (halved on a 429, like the batch runner); reads use the client's retry
-    policy (429 and Retry-After included). ``journal`` (a batch journal's path) or
-    ``ledger`` (a fleet's :class:`RedisLedger`) say what our side recorded for each
-    row; Violet's records decide the verdict. Items are spooled to a scratch file in
-    ``spool_dir`` (default: the system's temporary directory) and grouped there, so
-    the input may be any length. Rows come out grouped by order, not in input order.
+    second; reads use the client's retry policy (429 and Retry-After included). Bag
+    reads are paced per merchant like the batch runner's sends: a merchant whose
+    platform answers 429 gets a lane of its own (see :class:`MerchantLanes`), its
+    orders wait their turn without holding a slot, and a read still refused after the
+    client's retries waits for its turn and is made again. ``journal`` (a batch
+    journal's path) or ``ledger`` (a fleet's :class:`RedisLedger`) say what our side
+    recorded for each row; Violet's records decide the verdict. Items are spooled to
+    a scratch file in ``spool_dir`` (default: the system's temporary directory) and
+    grouped there, so the input may be any length. Rows come out grouped by order, not
+    in input order.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
     from .batch import AdaptiveRate  # noqa: PLC0415 - batch re-exports this module
 
-    limiter = AdaptiveRate(rate) if rate else None
+    limiter = AdaptiveRate(rate) if rate is not None else None
+    lanes = MerchantLanes(rate if rate is not None else float(concurrency), client._shared.clock)
     stats = stats if stats is not None else AuditStats()
     spool = Spool(spool_dir)
     try:
@@ -197,12 +343,15 @@ async def audit(
         def on_retry(event: RetryEvent) -> Any:
             if isinstance(event.cause, RateLimitError):
                 stats.rate_limited += 1
-                if limiter is not None:
+                merchant = _MERCHANT.get()
+                if merchant is not None:
+                    lanes.limited(merchant)  # that merchant's platform: its lane only
+                elif limiter is not None:
                     limiter.slow_down()
             return previous(event) if previous is not None else None
 
         reader = client.with_options(on_retry=on_retry)
-        rows = _run(reader, spool, ledger, concurrency, limiter, stats)
+        rows = _run(reader, spool, ledger, concurrency, limiter, lanes, stats)
         async with contextlib.aclosing(rows):  # its tasks end before the spool goes
             async for row in rows:
                 yield row
@@ -216,10 +365,30 @@ async def _run(  # noqa: PLR0917, PLR0915 - one call site; feeder, workers and c
     ledger: RedisLedger | None,
     concurrency: int,
     limiter: AdaptiveRate | None,
+    lanes: MerchantLanes,
     stats: AuditStats,
 ) -> AsyncGenerator[AuditRow, None]:
     results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency)
     slots = asyncio.Semaphore(concurrency)
+    waiting = asyncio.Semaphore(concurrency * WAITING_PER_SLOT)
+    holding: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("holding")
+
+    @contextlib.asynccontextmanager
+    async def away() -> AsyncIterator[None]:
+        """This order waits for its merchant's turn without its slot (unless too many
+        wait already): other merchants' orders go on meanwhile."""
+        if waiting.locked():
+            yield
+            return
+        held = holding.get()
+        async with waiting:
+            slots.release()
+            held[0] = False
+            yield  # cancelled while it waits: no slot is taken back, none is given
+            await slots.acquire()
+            held[0] = True
+
+    reader = _Reader(client, limiter, lanes, stats, away)
 
     def hold(count: int) -> None:
         stats.held_rows += count
@@ -227,18 +396,22 @@ async def _run(  # noqa: PLR0917, PLR0915 - one call site; feeder, workers and c
 
     async def one(group: OrderRows) -> None:
         # The slot is held until the result is queued: at most ``concurrency`` orders
-        # are being read or wait for the caller, besides the queue's own.
+        # are being read or wait for the caller, besides the queue's own and those
+        # waiting for their merchant's turn (at most ``waiting``'s).
+        held = [True]
+        holding.set(held)
         try:
             if ledger is not None:
                 group = await _with_ledger(ledger, group)
-            await results.put(await _judge_order(client, group, limiter, stats))
+            await results.put(await _judge_order(reader, group))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug, or Redis failing: the consumer sees it
             await results.put(exc)
             raise
         finally:
-            slots.release()
+            if held[0]:
+                slots.release()
 
     async def feed() -> None:
         tasks: set[asyncio.Task[None]] = set()

@@ -134,6 +134,7 @@ class _Summary:
     ours: int = 0
     loud: list[str] = attrs.Factory(list)
     loud_count: int = 0
+    loud_source: str = "journal"
     problems: list[str] = attrs.Factory(list)
 
     def add(self, row: AuditRow, text: str) -> None:
@@ -149,6 +150,8 @@ class _Summary:
             self.money["extra"][currency] += row.unasked_money
         self.ours += bool(row.ours)
         if row.loud:
+            if row.journal is not None:
+                self.loud_source = row.journal.source
             self.loud_count += 1
             if len(self.loud) < PROBLEM_ROWS:
                 self.loud.append(text)
@@ -177,8 +180,8 @@ class _Summary:
         )
         if self.loud_count:
             out.write(
-                f"\n!!! {self.loud_count} row(s) the journal says SUCCEEDED have NO such refund "
-                "at Violet: check these bags first\n"
+                f"\n!!! {self.loud_count} row(s) the {self.loud_source} says SUCCEEDED have NO "
+                "such refund at Violet: check these bags first\n"
             )
             for text in self.loud:
                 out.write(f"!!!   {text}\n")
@@ -378,11 +381,12 @@ async def _run(path: Path, options: AuditOptions, out: IO[str], err: IO[str]) ->
             sink.close()
         if ledger is not None:
             await ledger.redis.aclose()
-    summary.write(out, time.monotonic() - started, stats, str(journal) if journal else None)
+    recorder = str(journal) if journal else "the fleet ledger" if ledger is not None else None
+    summary.write(out, time.monotonic() - started, stats, recorder)
     if summary.loud_count:
         err.write(
-            f"violet-async audit: {summary.loud_count} row(s) the journal says succeeded "
-            "have no such refund at Violet\n"
+            f"violet-async audit: {summary.loud_count} row(s) the {summary.loud_source} says "
+            "succeeded have no such refund at Violet\n"
         )
     if stop.is_set():
         out.write("interrupted: the verdicts above cover the rows read so far\n")

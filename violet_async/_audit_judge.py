@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from ._ask import sent_once
+from ._journal_index import OPEN_STATES
 from ._matching import Verdict, _sku_totals, _strip, content
 from .models import (
     CancelBagRequest,
@@ -86,7 +87,8 @@ class AuditRow:
     when the row does not name an amount and the bag's total is not known).
     ``unasked_money`` is money of refunds no row asked for that this row reports
     without being ``extra`` itself. ``ours`` (as_asked) says whether the journal
-    recorded making that refund (None: no journal given, or it recorded no refund id).
+    recorded making that refund (None: no journal given, it recorded no refund id, or
+    it left the row open: sent, pending or unknown, so the refund may be ours).
     ``loud``: missing, although the journal says it succeeded.
 
     ``detail`` quotes server text (reasons, statuses, error messages) as it came:
@@ -144,16 +146,20 @@ _ZERO_DECIMAL = frozenset(
         "XPF",
     ]
 )
+#: Currencies whose minor unit is a thousandth (ISO 4217 exponent 3).
+_THREE_DECIMAL = frozenset(["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"])
 
 
 def format_money(cents: int, currency: str | None) -> str:
-    """Minor units as the currency writes them: ``USD 1,234.50``, ``JPY 1,500``."""
+    """Minor units as the currency writes them: ``USD 1,234.50``, ``JPY 1,500``,
+    ``KWD 12.340``."""
     code = currency or "?"
     if code in _ZERO_DECIMAL:
         return f"{code} {cents:,}"
+    unit, digits = (1000, 3) if code in _THREE_DECIMAL else (100, 2)
     sign = "-" if cents < 0 else ""
     cents = abs(cents)
-    return f"{code} {sign}{cents // 100:,}.{cents % 100:02d}"
+    return f"{code} {sign}{cents // unit:,}.{cents % unit:0{digits}d}"
 
 
 def describe_refund(refund: OrderRefund, currency: str | None = None) -> str:
@@ -374,7 +380,45 @@ class _Bag:
             self._preferred(i, (j for j, v in enumerate(self.verdicts[i]) if v is Verdict.MATCH))
             for i in sequence
         ]
-        return {sequence[k]: j for k, j in _assign(prefs).items()}
+        own = {sequence[k]: j for k, j in _assign(prefs).items()}
+        taken = set(own.values())
+        for i in range(len(self.rows)):
+            if i not in own:
+                j = self._emptied_by(i, taken)
+                if j is not None:
+                    own[i] = j
+                    taken.add(j)
+        return own
+
+    def _emptied_by(self, i: int, taken: set[int]) -> int | None:
+        """For a whole-bag or cancel row: the refund that emptied the bag, when more
+        refunds came after it. The never-twice rule leaves such a refund to a person
+        (it did not close the bag for good, or ids do not grow with time); an audit
+        asks what happened: the row's refund is the one that refunded what was left,
+        and what came after it is money no row asked for (``extra``)."""
+        request, total = self.rows[i].item.request, self.bag.total
+        whole = isinstance(request, CancelBagRequest) or (
+            request.amount_refunded is None and request.skus is None
+        )
+        if not whole or total is None:
+            return None
+        live = sorted(
+            (j for j, r in enumerate(self.on_bag) if _live(r) and r.id is not None),
+            key=lambda j: self.on_bag[j].id or 0,
+        )
+        paid = 0
+        for k, j in enumerate(live[:-1]):  # the last one: the rule judged it already
+            refund = self.on_bag[j]
+            if refund.amount is None:
+                return None
+            if refund.amount == total - paid:
+                if j in taken:
+                    return None
+                before = [self.on_bag[x] for x in live[: k + 1]]
+                ask = self._ask(self.rows[i].item, request)
+                return j if content(ask, refund, before, self.bag) is Verdict.MATCH else None
+            paid += refund.amount
+        return None
 
     def _almost(self, i: int, unasked: list[int]) -> int | None:
         """A refund no row took that almost matches row ``i``, or None."""
@@ -443,7 +487,10 @@ class _Bag:
         row, refund = self.rows[i], self.on_bag[j]
         view = row.journal
         ours = None
-        if view is not None and not (view.succeeded and view.refund_id is None):
+        # Succeeded without a refund id, or left open (it may have applied): our side
+        # cannot say whose refund this is.
+        known = view is not None and view.state not in OPEN_STATES
+        if view is not None and known and not (view.succeeded and view.refund_id is None):
             ours = view.succeeded and view.refund_id == refund.id
         said = "" if view is None or ours else f"; {view.describe()}"
         if view is not None and view.refund_id not in (None, refund.id):
@@ -483,15 +530,24 @@ class _Bag:
         row, refund = self.rows[i], self.on_bag[j]
         view = row.journal
         said = f"; {view.describe()}" if view is not None else ""
+        found = differences(row.item, refund, self.bag)
+        currency = self.currency
+        other = refund.refund_currency
+        if other and currency and other.upper() != currency.upper():
+            # Amounts in two currencies are never compared; the money is the refund's.
+            found = [
+                f"currency: the bag is in {currency}, the refund was recorded in {other} "
+                "(amounts in two currencies are not compared)"
+            ]
+            currency = other
         return AuditRow(
             row.item,
             "mismatch",
             refund_ids=self.ids([j]),
-            detail=f"{self.told([j])} almost matches: "
-            f"{'; '.join(differences(row.item, refund, self.bag))}{said}",
+            detail=f"{self.told([j])} almost matches: {'; '.join(found)}{said}",
             refunds=(refund,),
             journal=view,
-            currency=self.currency,
+            currency=currency,
             money=refund.amount,
         )
 

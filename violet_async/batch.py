@@ -19,6 +19,7 @@ import contextvars
 import hashlib
 import heapq
 import itertools
+import math
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -198,8 +199,8 @@ class AdaptiveRate:
     """At most ``rate`` starts per second; halves on a 429, creeps back on success."""
 
     def __init__(self, rate: float, *, clock: Any = time.monotonic) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be > 0")
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError("rate must be a finite number > 0")
         self.ceiling = rate
         self.rate = rate
         self._clock = clock
