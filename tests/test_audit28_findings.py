@@ -1,0 +1,127 @@
+"""Issue 28's audit: a new user's first week, tried again in a fresh clone. Each test is
+a way the first week broke: a base URL typo that escaped as a traceback, README's
+examples, its command-line walkthrough and fake-server's own "file to try" refunding
+the same bags, an example left out of README, and a docs site that could not be read
+from the file system."""
+# The files read here are a test's tiny inputs and the repository's docs: blocking
+# reads are fine.
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from violet_async import RequestValidationError, VioletClient
+from violet_async.__main__ import _fake_server_banner
+from violet_async.testing import FakeViolet
+
+from .test_batch_cli import env_for
+from .test_cli_first_week import journal_states, run
+from .test_examples import EMBEDDED_ONLY, EXPECTED, clean_env, run_example
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://127.0.0.1:99999/v1",  # a port out of range
+        "http://127.0.0.1:80a/v1",  # a port that is not a number
+        "http://[::1/v1",  # a broken IPv6 host
+        "http://127.0.0.1:8080/v1 ",  # a space pasted after it
+        " http://127.0.0.1:8080/v1",  # ... or before it
+        "http://127.0.0.1:8080/v 1",
+        "https://sandbox-api.violet.io/v1\n",
+        b"https://sandbox-api.violet.io/v1",
+        8080,
+    ],
+)
+def test_a_base_url_that_does_not_parse_is_a_typed_error_naming_it(base_url: Any) -> None:
+    """Was a bare ValueError from the URL parser (or a 404 at login, or a silently
+    stripped space): a typed error naming base_url, raised before any I/O."""
+    with pytest.raises(RequestValidationError) as caught:
+        VioletClient(app_id=1, app_secret="app-secret-1", token="token-1", base_url=base_url)
+    assert caught.value.field == "base_url"
+
+
+async def test_a_base_url_port_typo_exits_2_in_one_line_and_marks_no_row_failed(
+    tmp_path: Path,
+) -> None:
+    """Was a yarl traceback and exit 1: an extra digit in VIOLET_BASE_URL's port."""
+    async with FakeViolet(orders=1, seed=1) as fake:
+        (o, b) = fake.seeded[0]
+        path = tmp_path / "refunds.csv"
+        path.write_text(f"order_id,bag_id,amount_refunded\n{o},{b},100\n")
+        port = fake.base_url.rsplit(":", 1)[1].split("/", 1)[0]
+        typo = {**env_for(fake), "VIOLET_BASE_URL": fake.base_url.replace(port, port + "0")}
+        code, out, err = await run("refund", str(path), env=typo)
+        assert code == 2, out + err
+        assert "Traceback" not in err
+        assert err.count("\n") == 1, err
+        assert "VIOLET_BASE_URL" in err
+        assert "failed" not in journal_states(path)
+        assert fake.ledger.requests["login"] == 0
+
+
+def readme_example_names() -> list[str]:
+    """The files README's Examples table lists, in its order."""
+    section = (ROOT / "README.md").read_text().split("## Examples", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| \[`(\w+\.py)`\]\(examples/\1\)", section, re.MULTILINE)
+
+
+def test_readme_lists_every_example() -> None:
+    """web_app_refund.py and arq_refund_job.py were missing from README's table."""
+    assert sorted(readme_example_names()) == sorted(EXPECTED)
+
+
+def cli_walkthrough_file() -> str:
+    """The refunds.csv that docs/cli.md's walkthrough writes (its heredoc)."""
+    found = re.search(r"cat > refunds\.csv <<'CSV'\n(.*?)^CSV$", (ROOT / "docs/cli.md").read_text(), re.MULTILINE | re.DOTALL)
+    assert found, "docs/cli.md no longer writes refunds.csv"
+    return found[1]
+
+
+async def test_readme_examples_walkthrough_and_banner_file_share_one_fake_server(
+    tmp_path: Path,
+) -> None:
+    """A new user on one `violet-async fake-server` (1,000 orders, seed 1): every example
+    in README's order, then docs/cli.md's walkthrough, then the file fake-server itself
+    suggests. Each does what its page says. Was: audit_from_python.py audited the bags
+    batch_from_python.py had just refunded (``audit: {'extra': 3}``, not as_asked), and
+    the banner's file refunded bag 200003, which refund_and_cancel.py had cancelled."""
+    async with FakeViolet(orders=1000, seed=1) as fake:
+        env = clean_env(env_for(fake))
+        for name in readme_example_names():
+            if name in EMBEDDED_ONLY:
+                continue
+            code, out = await run_example(name, env)
+            assert code == 0, f"{name}: {out}"
+            assert re.search(EXPECTED[name], out, re.MULTILINE), f"{name}: {out}"
+
+        # docs/cli.md: the file with a wrong bag on line 4, then that row fixed.
+        walkthrough = tmp_path / "refunds.csv"
+        walkthrough.write_text(cli_walkthrough_file())
+        code, out, err = await run("refund", str(walkthrough), env=env)
+        assert code == 1, out + err
+        assert "succeeded               2" in out
+        assert "line 4: order 100023 bag 999999: failed: NotFoundError" in out
+        walkthrough.write_text(walkthrough.read_text().replace("999999", "200023"))
+        code, out, err = await run("refund", str(walkthrough), env=env)
+        assert code == 0, out + err
+        assert "already_done            2" in out
+        assert "(1 sent this run)" in out
+        # docs/audit.md: the same file audited.
+        code, out, err = await run("audit", str(walkthrough), env=env)
+        assert code == 0, out + err
+        assert re.search(r"^  as_asked            3  USD ", out, re.MULTILINE), out
+
+        # fake-server's "a file to try", pasted as it prints it.
+        banner = _fake_server_banner(fake).splitlines()
+        tried = tmp_path / "tried.csv"
+        tried.write_text("".join(line[4:] + "\n" for line in banner if line.startswith("#   ")))
+        code, out, err = await run("refund", str(tried), env=env)
+        assert code == 0, out + err
+        assert "succeeded               3" in out
