@@ -79,7 +79,8 @@ def test_readme_lists_every_example() -> None:
 
 def cli_walkthrough_file() -> str:
     """The refunds.csv that docs/cli.md's walkthrough writes (its heredoc)."""
-    found = re.search(r"cat > refunds\.csv <<'CSV'\n(.*?)^CSV$", (ROOT / "docs/cli.md").read_text(), re.MULTILINE | re.DOTALL)
+    page = (ROOT / "docs" / "cli.md").read_text()
+    found = re.search(r"cat > refunds\.csv <<'CSV'\n(.*?)^CSV$", page, re.MULTILINE | re.DOTALL)
     assert found, "docs/cli.md no longer writes refunds.csv"
     return found[1]
 
@@ -125,3 +126,77 @@ async def test_readme_examples_walkthrough_and_banner_file_share_one_fake_server
         code, out, err = await run("refund", str(tried), env=env)
         assert code == 0, out + err
         assert "succeeded               3" in out
+
+
+def test_no_page_installs_violet_async_from_the_package_index() -> None:
+    """violet-async is not published: `pip install violet-async` (docs/cli.md) failed
+    for a new user, and would install whatever another party publishes under that name.
+    Pages and examples install from a checkout (`pip install -e '.[fleet]'`)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages += sorted((ROOT / "examples").glob("*.py"))
+    index_install = re.compile(r"pip install\s+(?:--?[\w-]+\s+)*['\"]?violet-async\b")
+    for page in pages:
+        for number, line in enumerate(page.read_text().splitlines(), start=1):
+            assert not index_install.search(line), f"{page.name}:{number}: {line}"
+
+
+def _site(tmp_path: Path, pages: dict[str, str], *, search: bool = True) -> Path:
+    site = tmp_path / "site"
+    for name, body in pages.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(f"<html><body>{body}</body></html>")
+    if search:
+        (site / "search").mkdir()
+        (site / "search" / "search_index.js").write_text("var __index = {}")
+    return site
+
+
+CLEAN_REFERENCE = (
+    '<h3 id="violet_async.RefundBagRequest.skus">skus</h3><code>skus: Sequence[SkuRefund]'
+    " | None = None</code><p>the same money (<code>same_money</code>)</p>"
+)
+
+
+@pytest.mark.parametrize(
+    ("planted", "problem"),
+    [
+        ('<a href="cli/">The command line</a>', "links to a folder"),
+        ('<a href="../cli/#configuration">Configuration</a>', "links to a folder"),
+        ('<script src="https://unpkg.com/iframe-worker/shim"></script>', "another host"),
+        ('<link rel="stylesheet" href="//fonts.example/x.css">', "another host"),
+        ("<code>~violet_async._journal_index.same_money</code>", "private module"),
+        ("<p>See <code>violet_async._telemetry</code></p>", "private module"),
+        ("<p>as :meth:<code>aclose</code></p>", "Sphinx role"),
+        ("<code>= attrs.field(default=None, converter=_skus_tuple)</code>", "attrs.field"),
+        ('<h3 id="violet_async.batch.held_message">held_message</h3><p>_Runner</p>', "private"),
+    ],
+)
+def test_the_site_check_finds_what_a_reader_would_meet(
+    tmp_path: Path, planted: str, problem: str
+) -> None:
+    """tools/check_site.py, which CI runs on the built site, fails on each defect the
+    site had: directory links (opened from the file system they list a folder), a CDN
+    script, private names and raw roles in the API reference."""
+    from tools.check_site import problems
+
+    clean = {"index.html": '<a href="cli.html">CLI</a>', "reference.html": CLEAN_REFERENCE}
+    assert problems(_site(tmp_path / "clean", clean)) == []
+    page = "reference.html" if "href" not in planted else "index.html"
+    planted_site = _site(tmp_path / "bad", {**clean, page: clean[page] + planted})
+    found = problems(planted_site)
+    assert found, planted
+    assert any(problem in line for line in found), found
+
+
+def test_the_site_check_wants_search_that_works_from_the_file_system(tmp_path: Path) -> None:
+    from tools.check_site import problems
+
+    site = _site(tmp_path, {"index.html": "", "reference.html": CLEAN_REFERENCE}, search=False)
+    assert any("search_index.js" in line for line in problems(site))
+
+
+def test_ci_checks_the_built_site() -> None:
+    """The check runs on the site CI builds, after mkdocs build --strict."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    build = r"mkdocs build --strict --site-dir \"\$site\"\n"
+    assert re.search(build + r".*python tools/check_site\.py \"\$site\"", ci)
