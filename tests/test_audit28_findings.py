@@ -8,16 +8,30 @@ from the file system."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import re
+import ssl
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from violet_async import RequestValidationError, VioletClient
+from violet_async import (
+    AmbiguousOutcomeError,
+    APIConnectionError,
+    RequestValidationError,
+    VioletClient,
+)
 from violet_async.__main__ import _fake_server_banner
 from violet_async.testing import FakeViolet
 
+from .samples import refund_body
 from .test_batch_cli import env_for
 from .test_cli_first_week import journal_states, run
 from .test_examples import EMBEDDED_ONLY, EXPECTED, clean_env, run_example
@@ -200,3 +214,136 @@ def test_ci_checks_the_built_site() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     build = r"mkdocs build --strict --site-dir \"\$site\"\n"
     assert re.search(build + r".*python tools/check_site\.py \"\$site\"", ci)
+
+
+TLS = ROOT / "tests" / "fixtures" / "tls"
+
+
+class ConnectProxy:
+    """An HTTPS proxy on 127.0.0.1: answers CONNECT with ``status`` and, on 200, pipes
+    the tunnel's bytes to its target. Records each CONNECT line and its headers."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.connects: list[tuple[str, dict[str, str]]] = []
+        self.url = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+        self.connects.append((lines[0], dict(x.split(": ", 1) for x in lines[1:] if ": " in x)))
+        method, target, _ = lines[0].split(" ")
+        if method != "CONNECT" or self.status != 200:
+            status = 405 if method != "CONNECT" else self.status
+            writer.write(f"HTTP/1.1 {status} No\r\nContent-Length: 0\r\n\r\n".encode())
+            await writer.drain()
+            writer.close()
+            return
+        host, port = target.rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+@contextlib.asynccontextmanager
+async def connect_proxy(status: int = 200) -> AsyncIterator[ConnectProxy]:
+    proxy = ConnectProxy(status)
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    proxy.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield proxy
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def https_violet() -> AsyncIterator[tuple[str, list[web.Request]]]:
+    """A scripted Violet over TLS (the fixture certificate): refunds bag 2 of order 1
+    and lists them. Yields its base URL and every request it saw."""
+    seen: list[web.Request] = []
+    made: list[dict[str, Any]] = []
+
+    async def refund(request: web.Request) -> web.Response:
+        seen.append(request)
+        body = await request.json()
+        made.append(
+            refund_body(
+                id=400001 + len(made),
+                order_id=1,
+                bag_id=2,
+                amount=body["amount_refunded"],
+                date_created=time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
+            )
+        )
+        return web.json_response(made[-1])
+
+    async def listed(request: web.Request) -> web.Response:
+        seen.append(request)
+        return web.json_response(made)
+
+    app = web.Application()
+    app.router.add_post("/v1/orders/1/bags/2/refunds", refund)
+    app.router.add_get("/v1/orders/1/bags/2/refunds", listed)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(TLS / "localhost-cert.pem", TLS / "localhost-key.pem")
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield f"https://127.0.0.1:{runner.addresses[0][1]}/v1", seen
+    finally:
+        await runner.cleanup()
+
+
+def tls_session() -> aiohttp.ClientSession:
+    trusted = ssl.create_default_context(cafile=str(TLS / "localhost-cert.pem"))
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted))
+
+
+async def test_https_through_a_connect_proxy_gives_its_credentials_to_the_proxy_only() -> None:
+    """Violet is https: the proxy gets a CONNECT carrying Proxy-Authorization and then
+    only TLS bytes; Violet never sees the proxy's credentials."""
+    async with https_violet() as (base_url, seen), connect_proxy() as proxy, tls_session() as s:
+        with_auth = proxy.url.replace("http://", "http://ops:s3cret-proxy@")
+        async with VioletClient(
+            1, "app-secret-1", token="token-1", base_url=base_url, proxy=with_auth, session=s
+        ) as client:
+            refund = await client.refund_bag(1, 2, amount_refunded=500)
+        assert (refund.id, refund.amount) == (400001, 500)
+        assert [line.split(" ")[0] for line, _ in proxy.connects] == ["CONNECT"]
+        expected = "Basic " + base64.b64encode(b"ops:s3cret-proxy").decode()
+        assert all(h.get("Proxy-Authorization") == expected for _, h in proxy.connects)
+        assert [r.method for r in seen] == ["POST"]
+        assert not any("Proxy-Authorization" in r.headers for r in seen)
+
+
+@pytest.mark.parametrize("status", [407, 403, 502])
+async def test_a_proxy_that_refuses_the_tunnel_sent_nothing_and_says_so(status: int) -> None:
+    """Was: "connection failed after sending", request_sent=True, and a refund ended
+    AmbiguousOutcomeError ("may or may not have applied", a pending record to resume)
+    after 38 CONNECTs, though the tunnel never opened and nothing reached Violet."""
+    async with (
+        https_violet() as (base_url, seen),
+        connect_proxy(status) as proxy,
+        tls_session() as s,
+    ):
+        dead_end = proxy.url.replace("http://", "http://ops:wrong-password@")
+        async with VioletClient(
+            1, "app-secret-1", token="token-1", base_url=base_url, proxy=dead_end, session=s
+        ) as client:
+            with pytest.raises(APIConnectionError) as caught:
+                await client.refund_bag(1, 2, amount_refunded=500)
+        assert not isinstance(caught.value, AmbiguousOutcomeError)
+        assert caught.value.request_sent is False
+        assert f"the proxy refused the tunnel: {status}" in str(caught.value)
+        assert "wrong-password" not in str(caught.value) + repr(caught.value)
+        assert seen == []
