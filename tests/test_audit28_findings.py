@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +34,7 @@ from violet_async.testing import FakeViolet
 
 from .samples import refund_body
 from .test_batch_cli import env_for
-from .test_cli_first_week import journal_states, run
+from .test_cli_first_week import NO_SERVER, journal_states, run
 from .test_examples import EMBEDDED_ONLY, EXPECTED, clean_env, run_example
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,3 +348,29 @@ async def test_a_proxy_that_refuses_the_tunnel_sent_nothing_and_says_so(status: 
         assert f"the proxy refused the tunnel: {status}" in str(caught.value)
         assert "wrong-password" not in str(caught.value) + repr(caught.value)
         assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("proxy_env", "expected"),
+    [
+        ({"HTTPS_PROXY": "http://127.0.0.1:3128"}, "HTTPS_PROXY is set, but violet-async never"),
+        ({"https_proxy": "http://127.0.0.1:3128"}, "set VIOLET_PROXY to its http:// URL"),
+        ({"VIOLET_PROXY": "http://127.0.0.1:3128"}, "VIOLET_PROXY and the network"),
+    ],
+)
+async def test_an_unreachable_violet_names_the_proxy_variable(
+    tmp_path: Path, proxy_env: dict[str, str], expected: str
+) -> None:
+    """Behind a corporate proxy named by HTTPS_PROXY (which curl and pip read, the SDK
+    never does), the operator saw only "cannot reach Violet ... check the network"."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        path = tmp_path / "refunds.csv"
+        path.write_text("order_id,bag_id,amount_refunded\n100001,200001,100\n")
+        env = {**NO_SERVER, "VIOLET_BASE_URL": f"http://127.0.0.1:{port}/v1", **proxy_env}
+        code, out, err = await run("refund", str(path), env=env)
+    assert code == 2, out + err
+    assert "cannot reach Violet" in err
+    assert expected in err
+    assert "failed" not in journal_states(path)
