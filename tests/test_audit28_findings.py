@@ -374,3 +374,48 @@ async def test_an_unreachable_violet_names_the_proxy_variable(
     assert "cannot reach Violet" in err
     assert expected in err
     assert "failed" not in journal_states(path)
+
+
+# What Python on Windows lacks besides fcntl and loop signal handlers: O_NOFOLLOW,
+# O_NONBLOCK and O_CLOEXEC, geteuid / getuid, and (before 3.13) os.fchmod, (before 3.12)
+# os.set_blocking. Taken away before the CLI runs, after the event loop module loaded.
+WINDOWS_OS = """
+import os, sys
+for name in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "geteuid", "getuid", "fchmod",
+             "set_blocking"):
+    if hasattr(os, name):
+        delattr(os, name)
+"""
+
+
+async def windows_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    from .test_portable import LIKE_WINDOWS
+
+    prelude = LIKE_WINDOWS.replace("import asyncio, sys\n", "import asyncio, sys\n" + WINDOWS_OS)
+    return await run(*args, env=env, python=prelude)
+
+
+async def test_refund_and_audit_with_output_files_run_without_unix_only_os_functions(
+    tmp_path: Path,
+) -> None:
+    """Was: every `refund` / `cancel` run opened its problems file with os.fchmod, which
+    Python on Windows has only from 3.13 (AttributeError before the first send), and
+    `audit` opened its journal and --output with os.O_NOFOLLOW and os.geteuid, which
+    Windows never has. The commands run, and write their files, without them."""
+    async with FakeViolet(orders=3, seed=4) as fake:
+        rows = [f"{o},{b},100,portable" for o, b in fake.seeded]
+        csv = tmp_path / "refunds.csv"
+        csv.write_text("order_id,bag_id,amount_refunded,reason\n" + "\n".join(rows) + "\n")
+        env = env_for(fake)
+        code, out, err = await windows_cli(
+            "refund", str(csv), "--output", str(tmp_path / "out.jsonl"), env=env
+        )
+        assert code == 0, out + err
+        assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+        code, out, err = await windows_cli(
+            "audit", str(csv), "--output", str(tmp_path / "audit.jsonl"), env=env
+        )
+        assert code == 0, out + err
+        assert re.search(r"^  as_asked            3 ", out, re.MULTILINE), out
+        assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 3
+        assert fake.ledger.refunds_per_bag == {b: 1 for _, b in fake.seeded}

@@ -25,7 +25,7 @@ import orjson
 from ._client import Environment, VioletClient
 from ._converter import converter, encode_request
 from ._engine import AUTH_PATHS, never_reached
-from ._files import UnsafeFileError, open_owned
+from ._files import UnsafeFileError, narrow_to_owner, open_owned
 from ._journal import Journal, JournalLockedError, JournalMismatchError
 from ._journal_index import RepeatCounter
 from ._redact import Redactor, printable
@@ -1010,7 +1010,7 @@ def _open_private(path: Path, *, append: bool = True) -> Any:
     fd = open_owned(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0), 0o600)
     if not append:
         os.ftruncate(fd, 0)
-    os.fchmod(fd, 0o600)  # a file left by an older version may be readable by others
+    narrow_to_owner(fd)  # a file left by an older version may be readable by others
     return os.fdopen(fd, "ab") if append else os.fdopen(fd, "w", encoding="utf-8")
 
 
