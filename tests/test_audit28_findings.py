@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import re
 import socket
 import ssl
@@ -419,3 +420,16 @@ async def test_refund_and_audit_with_output_files_run_without_unix_only_os_funct
         assert re.search(r"^  as_asked            3 ", out, re.MULTILINE), out
         assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 3
         assert fake.ledger.refunds_per_bag == {b: 1 for _, b in fake.seeded}
+
+
+def test_the_flags_files_are_opened_with_are_the_platforms_own() -> None:
+    """Where the platform has O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC (here), files a run
+    trusts are opened with them: 0 would follow a planted symlink and block on a FIFO."""
+    from violet_async import _files
+
+    assert (_files.NOFOLLOW, _files.NONBLOCK, _files.CLOEXEC) == (
+        os.O_NOFOLLOW,
+        os.O_NONBLOCK,
+        os.O_CLOEXEC,
+    )
+    assert 0 not in (_files.NOFOLLOW, _files.NONBLOCK, _files.CLOEXEC)
