@@ -130,10 +130,14 @@ async def test_readme_examples_walkthrough_and_banner_file_share_one_fake_server
         assert code == 0, out + err
         assert "already_done            2" in out
         assert "(1 sent this run)" in out
-        # docs/audit.md: the same file audited.
+        # docs/audit.md: the same file audited, with the summary line the page shows
+        # (it said USD 113.68 for these three bags; fake-server's are USD 123.65).
         code, out, err = await run("audit", str(walkthrough), env=env)
         assert code == 0, out + err
-        assert re.search(r"^  as_asked            3  USD ", out, re.MULTILINE), out
+        audit_page = (ROOT / "docs" / "audit.md").read_text()
+        shown = re.search(r"^#   (as_asked            3  USD [\d.]+)$", audit_page, re.MULTILINE)
+        assert shown, "docs/audit.md no longer shows the walkthrough's audit"
+        assert f"  {shown[1]}\n" in out, out
 
         # fake-server's "a file to try", pasted as it prints it.
         banner = _fake_server_banner(fake).splitlines()
