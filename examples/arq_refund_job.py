@@ -6,7 +6,7 @@ retried job the same ``job_id``), so a job delivered twice, or cancelled by
 ``VIOLET_*`` and ``VIOLET_STORE=redis://...`` set). Run as a script, it plays arq
 itself: it calls the job twice with the same job id on an embedded FakeViolet.
 
-    pip install 'violet-async[fleet]'
+    pip install -e '.[fleet]'           # in a checkout of this repository
     python examples/arq_refund_job.py
 """
 

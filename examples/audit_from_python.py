@@ -5,7 +5,7 @@ bag that no row asked for would make that row ``extra``. (The command line does 
 from the batch's file: `violet-async audit FILE`.)
 
     python examples/audit_from_python.py                  # embedded FakeViolet
-    VIOLET_APP_ID=... python examples/audit_from_python.py 100005 100006 100007
+    VIOLET_APP_ID=... python examples/audit_from_python.py 100011 100012 100013
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ async def violet() -> AsyncIterator[VioletClient]:
         async with VioletClient.from_env() as client:
             yield client
     else:
-        async with FakeViolet(orders=10, seed=1) as fake, fake.client() as client:
+        async with FakeViolet(orders=13, seed=1) as fake, fake.client() as client:
             yield client
 
 
@@ -61,5 +61,5 @@ async def main(order_ids: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    order_ids = [int(arg) for arg in sys.argv[1:]] or [100005, 100006, 100007]
+    order_ids = [int(arg) for arg in sys.argv[1:]] or [100011, 100012, 100013]
     asyncio.run(main(order_ids))

@@ -3,7 +3,7 @@ the Redis ledger, their keys into a Redis list, and any number of these loops, o
 hosts, refund each exactly once. Uses ``VIOLET_REDIS_URL`` or starts a throwaway
 redis-server, and an embedded FakeViolet plays Violet.
 
-    pip install 'violet-async[fleet]'
+    pip install -e '.[fleet]'           # in a checkout of this repository
     python examples/fleet_plain_loop.py
 """
 

@@ -73,7 +73,8 @@ def test_every_example_is_tested() -> None:
 @pytest.mark.parametrize("name", sorted(set(EXPECTED) - EMBEDDED_ONLY))
 async def test_example_runs_against_violet_env(name: str) -> None:
     """The example talks to the server VIOLET_* points at and exits 0 with its result."""
-    async with FakeViolet(orders=10, seed=1) as fake:
+    # The examples use orders 100001 to 100013 of a server seeded like fake-server.
+    async with FakeViolet(orders=13, seed=1) as fake:
         env = clean_env(
             {
                 "VIOLET_APP_ID": str(fake.app_id),

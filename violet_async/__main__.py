@@ -107,7 +107,10 @@ def _fake_server_banner(fake: FakeViolet) -> str:
             "a file to try:"
         )
         lines.append("#   order_id,bag_id,amount_refunded,reason")
-        for order_id, bag_id in fake.seeded[:3]:
+        # Bags that neither examples/ (orders 100001 to 100013) nor the command-line
+        # walkthrough (100021 to 100023) use, where the server has them.
+        tried = fake.seeded[30:33] if len(fake.seeded) >= 33 else fake.seeded[:3]
+        for order_id, bag_id in tried:
             lines.append(f"#   {order_id},{bag_id},500,goodwill")
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ from ._audit import AUDITS, MONEY_OFF, AuditRow, AuditStats, audit
 from ._audit_judge import format_money
 from ._batch_cli import RowError, _preflight, _Progress, configuration_message, read_items
 from ._client import Environment, VioletClient
-from ._files import UnsafeFileError, open_owned
+from ._files import NONBLOCK, UnsafeFileError, narrow_to_owner, open_owned
 from ._journal import JournalMismatchError, _check_version, _parse
 from ._redact import Redactor
 from ._retry import RetryPolicy
@@ -117,8 +117,9 @@ def _open_output(path: Path) -> IO[str]:
     except OSError as exc:
         raise _BadInput(f"--output {path}: cannot open it ({exc.strerror})") from None
     try:
-        os.fchmod(fd, 0o600)
-        os.set_blocking(fd, True)
+        narrow_to_owner(fd)
+        if NONBLOCK:  # Windows has no O_NONBLOCK (nor, before 3.12, set_blocking)
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
@@ -419,7 +420,8 @@ def _check_journal(journal: Path) -> None:
     except OSError as exc:
         raise _BadInput(f"--journal {journal}: cannot read it ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as handle:
-        os.set_blocking(fd, True)
+        if NONBLOCK:
+            os.set_blocking(fd, True)
         header, _ = _parse(handle.readline())
     try:
         _check_version(journal, header)

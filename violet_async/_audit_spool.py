@@ -21,7 +21,7 @@ import orjson
 
 from ._audit_judge import Asked, JournalView
 from ._converter import encode_request, request_from_dict
-from ._files import open_owned
+from ._files import NONBLOCK, open_owned
 from ._journal import _check_version, _parse
 from .models import CancelBagRequest, RefundBagRequest
 
@@ -146,7 +146,8 @@ class Spool:
         # or may write could make a refund "ours", or raise a false alarm.
         fd = open_owned(path, os.O_RDONLY)
         with os.fdopen(fd, "rb") as handle:
-            os.set_blocking(fd, True)
+            if NONBLOCK:  # Windows has no O_NONBLOCK (nor, before 3.12, set_blocking)
+                os.set_blocking(fd, True)
             for raw in handle:
                 header, entries = _parse(raw)
                 if header is not None:

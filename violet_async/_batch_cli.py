@@ -25,7 +25,7 @@ import orjson
 from ._client import Environment, VioletClient
 from ._converter import converter, encode_request
 from ._engine import AUTH_PATHS, never_reached
-from ._files import UnsafeFileError, open_owned
+from ._files import UnsafeFileError, narrow_to_owner, open_owned
 from ._journal import Journal, JournalLockedError, JournalMismatchError
 from ._journal_index import RepeatCounter
 from ._redact import Redactor, printable
@@ -888,9 +888,30 @@ def _stop_reason(exc: BaseException | None, base_url: str = "") -> str:
             f"({printable(exc)}): is VIOLET_BASE_URL (or --base-url) right? Violet's API "
             f"URLs end in /v1, such as {Environment.SANDBOX.value}"
         )
+    if os.environ.get("VIOLET_PROXY"):
+        return (
+            f"cannot reach Violet ({printable(exc)}); check VIOLET_BASE_URL / VIOLET_ENV, "
+            "VIOLET_PROXY and the network"
+        )
     return (
         f"cannot reach Violet ({printable(exc)}); check VIOLET_BASE_URL / VIOLET_ENV and "
-        "the network"
+        f"the network{_proxy_hint()}"
+    )
+
+
+# The variables other tools read for a proxy; violet-async reads only VIOLET_PROXY.
+_OTHER_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _proxy_hint() -> str:
+    """Behind a proxy named only by HTTPS_PROXY (read by curl and pip, never by the
+    SDK), say how to use it rather than leave a bare connection error."""
+    named = next((name for name in _OTHER_PROXY_VARIABLES if os.environ.get(name)), None)
+    if named is None:
+        return ""
+    return (
+        f"; {named} is set, but violet-async never reads it: to reach Violet through "
+        "that proxy, set VIOLET_PROXY to its http:// URL"
     )
 
 
@@ -989,7 +1010,7 @@ def _open_private(path: Path, *, append: bool = True) -> Any:
     fd = open_owned(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0), 0o600)
     if not append:
         os.ftruncate(fd, 0)
-    os.fchmod(fd, 0o600)  # a file left by an older version may be readable by others
+    narrow_to_owner(fd)  # a file left by an older version may be readable by others
     return os.fdopen(fd, "ab") if append else os.fdopen(fd, "w", encoding="utf-8")
 
 

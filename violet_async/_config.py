@@ -41,7 +41,25 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
-    parts = urlsplit(base_url)
+    if not isinstance(base_url, str):
+        raise RequestValidationError(
+            "base_url", f"must be a str URL, got {type(base_url).__name__}"
+        )
+    if any(ch.isspace() for ch in base_url):
+        # A space pasted with the URL: refused before any request (it would be sent as
+        # part of the path, or dropped, depending on where it stands).
+        raise RequestValidationError(
+            "base_url",
+            f"must not contain spaces or other whitespace, got {base_url!r}; Violet's API "
+            "URLs look like https://sandbox-api.violet.io/v1",
+        )
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - parsed on access: a port out of range raises here
+    except ValueError as exc:  # a port that is not a number, a broken [IPv6] host
+        raise RequestValidationError(
+            "base_url", f"is not a valid URL ({exc}), got {base_url!r}"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RequestValidationError("base_url", f"must be an http(s) URL, got {base_url!r}")
     if parts.query or parts.fragment or base_url.endswith(("?", "#")):

@@ -18,17 +18,27 @@ import stat
 
 from .exceptions import VioletError
 
-__all__ = ["SQLITE_COMPANIONS", "UnsafeFileError", "open_owned"]
+__all__ = [
+    "CLOEXEC",
+    "NOFOLLOW",
+    "NONBLOCK",
+    "SQLITE_COMPANIONS",
+    "UnsafeFileError",
+    "narrow_to_owner",
+    "open_owned",
+    "owned_by_another",
+]
 
 #: The files SQLite reads beside a database: the WAL, its index, and a rollback journal
 #: (a "hot" one, left by a writer that died, is played back into the database when it
 #: is next opened, WAL mode included). Each is held to the database file's checks.
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Each 0 where the platform has none (Windows has none of the three).
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # A FIFO planted under the name would block an open for reading forever.
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class UnsafeFileError(VioletError):
@@ -48,18 +58,18 @@ def open_owned(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> i
     """``os.open(path, flags, mode)``, refusing what another user could have planted
     (see the module docstring). Returns the descriptor; raises
     :class:`UnsafeFileError`, or the ``OSError`` of the open (no such file, ...)."""
-    if not _NOFOLLOW:  # pragma: no cover - platforms without O_NOFOLLOW (Windows)
+    if not NOFOLLOW:  # pragma: no cover - platforms without O_NOFOLLOW (Windows)
         try:
             if stat.S_ISLNK(os.lstat(path).st_mode):
                 raise UnsafeFileError(path, "it is a symbolic link")
         except FileNotFoundError:
             pass
     try:
-        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, mode)
+        fd = os.open(path, flags | NOFOLLOW | NONBLOCK | CLOEXEC, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP or (
             # FreeBSD and macOS say EMLINK for a symlink under O_NOFOLLOW.
-            exc.errno == errno.EMLINK and _NOFOLLOW
+            exc.errno == errno.EMLINK and NOFOLLOW
         ):
             raise UnsafeFileError(path, "it is a symbolic link") from None
         if exc.errno == errno.ENXIO:  # a FIFO with no reader, opened for writing
@@ -73,14 +83,28 @@ def open_owned(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> i
     return fd
 
 
+def narrow_to_owner(fd: int) -> None:
+    """Mode 0600 for a file a run writes (one left wider by an older version too).
+    Python on Windows has ``os.fchmod`` only from 3.13, and there a file's mode bits
+    say only whether it is read-only: without it, nothing to narrow."""
+    fchmod = getattr(os, "fchmod", None)
+    if fchmod is not None:
+        fchmod(fd, 0o600)
+
+
+def owned_by_another(info: os.stat_result) -> bool:
+    """Whether ``info`` is a file of another user (never on Windows, which has no uids)."""
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid is not None and info.st_uid != geteuid()
+
+
 def check_owned(fd: int, path: str | os.PathLike[str]) -> None:
     """Raise :class:`UnsafeFileError` unless ``fd`` is a regular file of this user that
     no one else may write, and that has no other name (no hard link)."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise UnsafeFileError(path, "it is not a regular file")
-    geteuid = getattr(os, "geteuid", None)
-    if geteuid is not None and info.st_uid != geteuid():
+    if owned_by_another(info):
         raise UnsafeFileError(path, f"it is owned by another user (uid {info.st_uid})")
     if info.st_nlink > 1:
         # A hard link planted under the name: another name of a file of ours (a

@@ -137,6 +137,9 @@ _NEVER_SENT: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake
     aiohttp.ConnectionTimeoutError,  # pool wait or connect timeout
     aiohttp.InvalidURL,
+    # The proxy answered the CONNECT with another status than 200 (407: its user or
+    # password is wrong; 403, 502): the tunnel never opened, nothing reached Violet.
+    aiohttp.ClientHttpProxyError,
 )
 
 
@@ -511,6 +514,8 @@ def _reason_of(exc: BaseException) -> tuple[str, int | None]:
             return os.strerror(errno).lower(), errno
         if error.strerror:
             return error.strerror, errno
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"the proxy refused the tunnel: {exc.status} {exc.message}", None
     if isinstance(exc, aiohttp.ClientResponseError):
         # Its str() names the URL; the message is the parser's complaint.
         text = f"invalid response: {exc.message}"

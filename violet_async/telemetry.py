@@ -14,7 +14,7 @@ responses for debugging.
         await client.refund_bag(order_id, bag_id, amount_refunded=500)
     print(seen[-1].status, dict(seen[-1].headers), seen[-1].body)
 
-See ``violet_async._telemetry`` for the logger tree and what each logger says.
+The logger tree and what each logger says: the Observability page (docs/observability.md).
 """
 
 from ._telemetry import (

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 import orjson
 
-from .._files import SQLITE_COMPANIONS, open_owned
+from .._files import SQLITE_COMPANIONS, narrow_to_owner, open_owned
 from ._receiver import (
     BAG_ID_HEADER,
     EVENT_ID_HEADER,
@@ -129,7 +129,7 @@ def _create_private(path: str) -> None:
         except FileNotFoundError:
             continue
         try:
-            os.fchmod(fd, 0o600)
+            narrow_to_owner(fd)
         finally:
             os.close(fd)
 
