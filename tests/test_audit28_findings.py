@@ -385,11 +385,14 @@ async def test_an_unreachable_violet_names_the_proxy_variable(
 # O_NONBLOCK and O_CLOEXEC, geteuid / getuid, and (before 3.13) os.fchmod, (before 3.12)
 # os.set_blocking. Taken away before the CLI runs, after the event loop module loaded.
 WINDOWS_OS = """
-import os, sys
+import os, shutil, sys
 for name in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "geteuid", "getuid", "fchmod",
              "set_blocking"):
     if hasattr(os, name):
         delattr(os, name)
+# The standard library's own Windows path: rmtree walks by name there (no dir_fd, no
+# O_NONBLOCK, which Python 3.13's fd-based walk on Linux needs).
+shutil._use_fd_functions = False
 """
 
 
