@@ -1313,7 +1313,7 @@ class Engine:
         them, so an item run again as a new ask (its record lost) gets its refund
         again, with no request, and never takes it for another call's."""
         io = self._io
-        path = io._bag_path(order_id, bag_id, "refunds" if kind == "refund" else "cancel")
+        path = io._bag_path(order_id, bag_id, _ACTIONS[kind])
         shared = self._shared
         clock = shared.clock
         policy = io._retry

@@ -207,8 +207,7 @@ class SQLiteStore:
         # one key run one after the other, the second sees the first's entry.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            steady = self._steady(conn, now)
-            cutoff = min(self._sweep.cutoff(now, self.retention), steady - self.retention)
+            steady, cutoff = self._clocks(conn, now)
             if now - self._swept_at >= _SWEEP_EVERY:
                 # Finished rows without a steady stamp (written by an earlier release)
                 # get one now: each is kept a whole retention from when this release
@@ -249,8 +248,7 @@ class SQLiteStore:
         def expired(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                steady = self._steady(conn, now)
-                cutoff = min(self._sweep.cutoff(now, self.retention), steady - self.retention)
+                steady, cutoff = self._clocks(conn, now)
                 found = self._stamped_row(conn, key, steady)
                 conn.execute("COMMIT")
             except BaseException:
@@ -259,6 +257,12 @@ class SQLiteStore:
             return found is not None and self._past(found, cutoff, steady)
 
         return await self._run(expired)
+
+    def _clocks(self, conn: sqlite3.Connection, now: float) -> tuple[float, float]:
+        """The file's steady clock now, and the wall-clock cutoff at or before which a
+        finished key may be past retention (guarded by both monotonic readings)."""
+        steady = self._steady(conn, now)
+        return steady, min(self._sweep.cutoff(now, self.retention), steady - self.retention)
 
     def _past(self, found: tuple[KeyEntry, float | None], cutoff: float, steady: float) -> bool:
         entry, stamp = found
