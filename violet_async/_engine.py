@@ -1388,6 +1388,9 @@ class Engine:
                     )
                 except VioletError as exc:
                     settings = self.settings(bag_id)
+                    if exc._resent_at is not None:
+                        # Sent again after a token renewal: the failure is that send's.
+                        sent = sent_at, sent_mono = exc._resent_at
                     ask = sent_once(
                         kind,
                         order_id,

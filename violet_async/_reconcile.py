@@ -554,11 +554,17 @@ async def drive(
         # The request leaves now, later than the saved record says when a login, a
         # token renewal or a rate wait came between: the record must say so, or a
         # resume elsewhere (after a crash) would settle too early and send again while
-        # this send can still commit.
+        # this send can still commit. When it is the ask's first send, the window a
+        # refund's date must sit in starts now too (nothing of it can have applied
+        # before): a refund another system made while it waited for a login is never
+        # taken for its own.
         nonlocal ask
         now = clock.time()
         if save is not None and now - (ask.last_sent_at or now) > RESTAMP_AFTER:
-            ask = attrs.evolve(ask, last_sent_at=now)
+            opens = ask.sends == 1 and ask.first_sent_at == ask.last_sent_at
+            ask = attrs.evolve(
+                ask, first_sent_at=now if opens else ask.first_sent_at, last_sent_at=now
+            )
             await save(ask)
 
     watch = watch or WallWatch(clock)

@@ -265,14 +265,36 @@ class RequestPlumbing:
             token, remaining = await self._token_within(shared.auth.expired(token), remaining)
             if before_send is not None:
                 remaining = await self._before_send(before_send, remaining, method, path)
-            resp = await send(
-                method,
-                url,
-                headers=self._headers(token),
-                body=body,
-                timeouts=self._timeouts,
-                deadline=remaining,
-            )
+            resent = (shared.clock.time(), shared.clock.monotonic())
+            try:
+                return self._answer(
+                    await send(
+                        method,
+                        url,
+                        headers=self._headers(token),
+                        body=body,
+                        timeouts=self._timeouts,
+                        deadline=remaining,
+                    ),
+                    method,
+                    path,
+                    parse,
+                )
+            except VioletError as exc:
+                # The renewal may have taken long: this send left when it did, and a
+                # refund dated between the first and this one is not this request's.
+                exc._resent_at = resent
+                raise
+        return self._answer(resp, method, path, parse)
+
+    def _answer(
+        self,
+        resp: RawResponse,
+        method: str,
+        path: str,
+        parse: Callable[[RawResponse, str], T],
+    ) -> T:
+        """The parsed 2xx answer, or the typed error for any other."""
         if not 200 <= resp.status < 300:
             raise self._api_error(resp, method, path)
         try:

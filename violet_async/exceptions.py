@@ -110,6 +110,10 @@ class VioletError(Exception):
     #: Set when the failure already went through its own retries (a login inside a
     #: call): the call around it must not retry it again and multiply the attempts.
     _retries_spent: bool = False
+    #: Set (wall, monotonic) when the request left a second time inside one attempt,
+    #: after Violet refused an expired token and it was renewed: the failure is that
+    #: send's, which left then, not when the attempt began.
+    _resent_at: tuple[float, float] | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
