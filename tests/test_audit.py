@@ -165,7 +165,7 @@ def write_journal(path: Path, rows: Path, states: dict[int, tuple[str, int | Non
     items = {i.line: i for i in read_items(rows, "refund") if isinstance(i, BatchItem)}
     lines = [orjson.dumps({"type": "header", "v": 2, "input": "x", "ts": 1.0})]
     for line, (state, refund_id) in states.items():
-        record = {"key": f"{items[line].key}#0", "line": line, "state": state, "ts": 2.0}
+        record = {"key": f"{items[line].key}:0", "line": line, "state": state, "ts": 2.0}
         if refund_id is not None:
             record["refund_id"] = refund_id
         lines.append(orjson.dumps(record))

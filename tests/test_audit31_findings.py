@@ -433,7 +433,7 @@ async def test_a_row_the_journal_left_open_is_never_called_not_ours(tmp_path: Pa
     states = {2: ("pending", None), 3: ("sent", None), 4: ("unknown", None), 5: ("done", 999)}
     lines = [orjson.dumps({"type": "header", "v": 2, "input": "x", "ts": 1.0})]
     for line, (state, refund_id) in states.items():
-        entry: dict[str, Any] = {"key": f"{items[line].key}#0", "line": line, "state": state}
+        entry: dict[str, Any] = {"key": f"{items[line].key}:0", "line": line, "state": state}
         if refund_id is not None:
             entry["refund_id"] = refund_id
         lines.append(orjson.dumps({**entry, "ts": 2.0}))

@@ -129,7 +129,7 @@ async def test_sent_item_is_read_back_not_resent(
     order_id, bag_id = fake.seeded[0]
     item = BatchItem.refund(1, order_id, bag_id, RefundBagRequest(amount_refunded=300))
     journal = await Journal.open(tmp_path / "j.jsonl", input_id="x")
-    await journal.record(item.key + "#0", item.line, "sent")
+    await journal.record(item.key + ":0", item.line, "sent")
     await journal.aclose()
     # The earlier process's request did land:
     fake.store.commit_refund(fake.bag(order_id, bag_id), {"amount_refunded": 300})
@@ -149,7 +149,7 @@ async def test_sent_item_absent_is_sent_once(
     order_id, bag_id = fake.seeded[0]
     item = BatchItem.cancel(1, order_id, bag_id, CancelBagRequest())
     journal = await Journal.open(tmp_path / "j.jsonl", input_id="x")
-    await journal.record(item.key + "#0", item.line, "sent")
+    await journal.record(item.key + ":0", item.line, "sent")
     await journal.aclose()
     (result,) = [
         r async for r in run_batch(client, [item], journal=tmp_path / "j.jsonl", input_id="x")

@@ -50,7 +50,7 @@ def refund(line: int, amount: int = 300, bag: int = BAG, **fields: Any) -> Batch
 async def entry_state(path: Path, item: BatchItem, n: int = 0) -> str | None:
     log = await Journal.open(path, input_id=None)
     try:
-        entry = log.entry(f"{item.key}#{n}")
+        entry = log.entry(f"{item.key}:{n}")
         return entry.state if entry is not None else None
     finally:
         await log.aclose()

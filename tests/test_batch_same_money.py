@@ -269,7 +269,7 @@ async def test_a_pending_whole_bag_row_edited_to_an_amount_is_read_back_not_sent
     assert len(server.made) == 1
     assert server.posts == 1
     states = {e["key"]: e["state"] for e in entries(journal) if "key" in e}
-    assert states[f"{first.key}#0"] == "done"
+    assert states[f"{first.key}:0"] == "done"
 
 
 async def test_a_pending_whole_bag_row_that_never_applied_lets_the_edit_go(

@@ -244,11 +244,11 @@ async def test_an_earlier_entry_journaled_before_its_first_send_is_never_sent(
     journal.write_bytes(
         orjson.dumps({"type": "header", "v": 2, "input": None, "ts": 1.0})
         + b"\n"
-        + orjson.dumps({"key": f"{old.key}#0", "line": 1, "state": "sent", "ts": 2.0, "ask": ask})
+        + orjson.dumps({"key": f"{old.key}:0", "line": 1, "state": "sent", "ts": 2.0, "ask": ask})
         + b"\n"
     )
     async with hostile_client(server, retry=ROOMY) as client:
         results = await _drain(run_batch(client, [_refund(1, "fixed")], journal=journal))
     assert [r.outcome for r in results] == ["succeeded"]
     assert server.posts == 1
-    assert Journal.peek(journal)[f"{old.key}#0"].state == "unsent"
+    assert Journal.peek(journal)[f"{old.key}:0"].state == "unsent"

@@ -437,7 +437,7 @@ async def test_batch_row_bag_edited_after_a_kill_keeps_track_of_the_first(
 
     log = await Journal.open(journal, input_id=None)
     try:
-        entry = log.entry(f"{first.key}#0")
+        entry = log.entry(f"{first.key}:0")
     finally:
         await log.aclose()
     told = any(r.item.bag_id == BAG for r in results)

@@ -131,7 +131,7 @@ async def test_a_journal_of_another_user_or_writable_by_others_is_refused(
             + b"\n"
             + orjson.dumps(
                 {
-                    "key": f"{item.key}#0",
+                    "key": f"{item.key}:0",
                     "line": 1,
                     "state": "sent",
                     "ask": forged.to_dict(),
@@ -184,7 +184,7 @@ async def test_a_journal_record_of_another_row_is_not_trusted(tmp_path: Path) ->
                 + b"\n"
                 + orjson.dumps(
                     {
-                        "key": f"{item.key}#0",
+                        "key": f"{item.key}:0",
                         "line": 1,
                         "state": "sent",
                         "ask": forged.to_dict(),
@@ -306,7 +306,7 @@ async def test_a_dry_run_over_a_journal_with_a_bad_timestamp_exits_cleanly(
     journal.write_bytes(
         orjson.dumps({"type": "header", "v": 2, "input": None, "ts": "yesterday"})
         + b"\n"
-        + orjson.dumps({"key": f"{item.key}#0", "state": "done", "refund_id": 9, "ts": "yesterday"})
+        + orjson.dumps({"key": f"{item.key}:0", "state": "done", "refund_id": 9, "ts": "yesterday"})
         + b"\n"
     )
     journal.chmod(0o600)

@@ -3,12 +3,14 @@ by order and bag, so memory holds one order's rows at a time however long the in
 
 The journal is streamed into the same file (one line at a time, through the journal's
 own parser), keyed as the batch runner keys items: the item's content key plus the
-number of identical rows before it in the input (``KEY#n``). A fleet ledger's keys
-(``kind:order:bag:digest:n``) are numbered the same way.
+number of identical rows before it in the input (``KEY:n``,
+:func:`~violet_async._item_key.item_key`, the fleet ledger's keys too). A journal
+written before that key (``kind:<sha256>#n``) is read under it, as a batch reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import tempfile
@@ -22,7 +24,9 @@ import orjson
 from ._audit_judge import Asked, JournalView
 from ._converter import encode_request, request_from_dict
 from ._files import NONBLOCK, open_owned
+from ._item_key import numbered
 from ._journal import _check_version, _parse
+from ._journal_index import LegacyKeys
 from .models import CancelBagRequest, RefundBagRequest
 
 if TYPE_CHECKING:
@@ -65,7 +69,7 @@ class Spool:
             "CREATE TABLE rows (seq INTEGER PRIMARY KEY, line INTEGER, kind TEXT,"
             " order_id INTEGER, bag_id INTEGER, request BLOB, key TEXT, ledger TEXT)"
         )
-        # Identical rows seen so far, per content key: the n of KEY#n, counted on disk.
+        # Identical rows seen so far, per content key: the n of KEY:n, counted on disk.
         self._db.execute("CREATE TABLE seen (content TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID")
         self._db.execute(
             "CREATE TABLE journal (key TEXT PRIMARY KEY, state TEXT, refund_id INTEGER, error TEXT)"
@@ -82,9 +86,9 @@ class Spool:
         db = self._db
         db.execute("BEGIN")
         rows = []
-        for line, kind, order_id, bag_id, request, content, base in batch:
-            key = f"{content}#{self._next(content)}"
-            ledger_key = None if base is None else f"{base}{self._next(base)}"
+        for line, kind, order_id, bag_id, request, content, ledger in batch:
+            key = numbered(content, self._next(content))
+            ledger_key = key if ledger else None  # one item key for journal and ledger
             rows.append((line, kind, order_id, bag_id, request, key, ledger_key))
         db.executemany(
             "INSERT INTO rows (line, kind, order_id, bag_id, request, key, ledger)"
@@ -105,14 +109,8 @@ class Spool:
         return int(n)
 
     def _row(self, item: BatchItem, ledger: bool) -> tuple[Any, ...]:
-        base = None
-        if ledger:
-            from .fleet._ledger import item_key  # noqa: PLC0415 - the fleet extra, when asked
-
-            key = item_key(item)
-            base = "ledger:" + key[: key.rfind(":") + 1]
         request = encode_request(item.request)
-        return (item.line, item.kind, item.order_id, item.bag_id, request, item.key, base)
+        return (item.line, item.kind, item.order_id, item.bag_id, request, item.key, ledger)
 
     def add_items(self, items: Iterable[BatchItem], *, ledger: bool = False) -> None:
         """Spool ``items`` (consumed lazily); ``ledger`` keeps fleet ledger keys too."""
@@ -145,11 +143,12 @@ class Spool:
         # Held to the batch's checks (UnsafeFileError): a journal another user planted
         # or may write could make a refund "ours", or raise a false alarm.
         fd = open_owned(path, os.O_RDONLY)
-        with os.fdopen(fd, "rb") as handle:
+        legacy = LegacyKeys()  # a journal written before the one item key
+        with os.fdopen(fd, "rb") as handle, contextlib.closing(legacy):
             if NONBLOCK:  # Windows has no O_NONBLOCK (nor, before 3.12, set_blocking)
                 os.set_blocking(fd, True)
             for raw in handle:
-                header, entries = _parse(raw)
+                header, entries = _parse(raw, legacy)
                 if header is not None:
                     _check_version(path, header)
                 batch.extend((e.key, e.state, e.refund_id, e.error) for e in entries.values())
@@ -197,6 +196,6 @@ class Spool:
                     current.bags.append((bag_id, []))
                 current.bags[-1][1].append(Asked(item, view))
                 if self._ledger:
-                    current.ledger_keys.append(ledger_key[len("ledger:") :])
+                    current.ledger_keys.append(ledger_key)
         if current is not None:
             yield current

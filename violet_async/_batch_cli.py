@@ -27,7 +27,7 @@ from ._converter import converter, encode_request
 from ._engine import AUTH_PATHS, never_reached
 from ._files import UnsafeFileError, narrow_to_owner, open_owned
 from ._journal import Journal, JournalLockedError, JournalMismatchError
-from ._journal_index import RepeatCounter
+from ._journal_index import RepeatCounter, known_key
 from ._redact import Redactor, printable
 from ._retry import RetryPolicy
 from ._signals import on_signals
@@ -512,7 +512,9 @@ def _print_plan(
                 for item in read_items(path, kind, full_refunds=full_refunds):
                     if isinstance(item, BatchItem):
                         content = item.key
-                        entry = entries.get(f"{content}#{repeats.take(content)}")
+                        n = repeats.take(content)
+                        key = known_key(entries, entries.legacy_left, item, content, n)
+                        entry = entries.get(key)
                         if entry is not None:
                             dry.own(entry)
                             states[entry.state] += 1

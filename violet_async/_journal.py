@@ -3,7 +3,7 @@
 Line shapes::
 
     {"type": "header", "v": 2, "input": "<what the input was, informational>", "ts": ...}
-    {"key": "refund:1f0c...#0", "line": 3, "state": "sent", "ask": {...}, "ts": ...}
+    {"key": "refund:1001:2002:1f0c...:0", "line": 3, "state": "sent", "ask": {...}, ...}
     {"key": ..., "line": 3, "state": "pending", "ask": {...}, ...}
     {"key": ..., "line": 3, "state": "done", "refund_id": 400001, "amount": 1000, ...}
     {"key": ..., "line": 3, "state": "failed", "error": "BadRequestError", "message": ...}
@@ -11,10 +11,12 @@ Line shapes::
     {"key": ..., "line": 3, "state": "present", "refund_id": 400007, "refunds": [...]}
     {"key": ..., "line": 3, "state": "unsent", "error": "AuthenticationError", ...}
 
-An item is identified by its **content**, not its place in the input: ``key`` is a
-digest of the kind, order, bag and canonical request, plus ``#n`` for the n-th repeat
-of an identical row. Editing a row makes a new item; moving rows changes nothing.
-``line`` is only for people.
+An item is identified by its **content**, not its place in the input: ``key`` is
+:func:`~violet_async._item_key.item_key` (the fleet ledger's name for it too): kind,
+order, bag, a digest of the canonical request, and ``:n`` for the n-th repeat of an
+identical row. Editing a row makes a new item; moving rows changes nothing. ``line`` is
+only for people. A journal written before this name (``kind:<sha256>#n``) is read under
+it (:class:`~violet_async._journal_index.LegacyKeys`), and appended to under it.
 
 ``ask`` is the refund protocol's record of the item (``PendingRefund.to_dict()``): its
 sends, settle window and baseline. An item with no line was never started. "sent" is
@@ -60,7 +62,9 @@ from ._journal_index import (
     OPEN_STATES,
     JournalEntry,
     JournalIndex,
+    LegacyKeys,
     entry_of,
+    known_key,
     read_journal,
 )
 from ._redact import Redactor
@@ -210,6 +214,11 @@ class Journal:
     def entry(self, key: str) -> JournalEntry | None:
         """The recorded state of the item with this content key."""
         return self._entries.get(key)
+
+    def key_of(self, item: Any, content: str, n: int) -> str:
+        """The key this journal knows ``item`` by (the ``n``-th of content ``content``
+        in the input): :func:`~violet_async._journal_index.known_key`."""
+        return known_key(self._entries, self._entries.legacy_left, item, content, n)
 
     def open_on_bag(self, bag_id: int) -> frozenset[str]:
         """Keys of items on ``bag_id`` an earlier run left open (sent, pending or
@@ -498,10 +507,14 @@ def _load_and_repair(fd: int) -> tuple[dict[str, Any] | None, JournalIndex, int]
     return header, index, torn
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any] | None, dict[str, JournalEntry]]:
+def _parse(
+    data: bytes, legacy: LegacyKeys | None = None
+) -> tuple[dict[str, Any] | None, dict[str, JournalEntry]]:
     """Journal bytes (whole lines) as (header, the last entry of each key): for a few
     lines at a time (a load streams through :func:`read_journal` instead). A line that
-    is not a record is skipped; a field of the wrong type is read as absent."""
+    is not a record is skipped; a field of the wrong type is read as absent. With
+    ``legacy`` (one for the whole stream), lines of a journal written before the one
+    item key are read under today's key, as a load reads them."""
     header: dict[str, Any] | None = None
     entries: dict[str, JournalEntry] = {}
     for raw in data.splitlines():
@@ -513,6 +526,9 @@ def _parse(data: bytes) -> tuple[dict[str, Any] | None, dict[str, JournalEntry]]
         if record.get("type") == "header":
             header = record
             continue
+        key = record.get("key")
+        if legacy is not None and type(key) is str and "#" in key:
+            record = legacy.rename(record)
         entry = entry_of(record, entries.get(str(record.get("key"))))
         if entry is not None:
             entries[entry.key] = entry

@@ -25,12 +25,18 @@ from typing import Any
 import attrs
 import orjson
 
+from ._converter import request_from_dict
+from ._item_key import LEGACY_KEY, content_key, legacy_journal_key, numbered
+from .models import CancelBagRequest, RefundBagRequest
+
 __all__ = [
     "OPEN_STATES",
     "SPILL_AT",
     "JournalEntry",
     "JournalIndex",
+    "LegacyKeys",
     "RepeatCounter",
+    "known_key",
     "read_journal",
 ]
 
@@ -184,6 +190,10 @@ class JournalIndex(Mapping[str, JournalEntry]):
         self._paid_indexed = False
         #: Any item "done" with a money key at all (else no lookup is worth making).
         self.any_paid = False
+        #: Items of a journal written before the one item key read under today's key,
+        #: and lines of such a journal kept under their old name (:class:`LegacyKeys`).
+        self.renamed = 0
+        self.legacy_left = 0
 
     # -- building ------------------------------------------------------------------
 
@@ -452,30 +462,144 @@ def entry_of(record: dict[str, Any], previous: JournalEntry | None = None) -> Jo
     )
 
 
+def known_key(index: Mapping[str, Any], legacy_left: int, item: Any, content: str, n: int) -> str:
+    """The key a journal knows ``item`` by, the ``n``-th item of content ``content`` of
+    its input: today's (:func:`~violet_async._item_key.item_key`), unless the journal
+    holds nothing under it and holds a line of an older journal under the item's old
+    name that could not be renamed at load (``legacy_left``: one never sent, whose lines
+    carry no record): the item then keeps that name, as the run that wrote it knew it."""
+    key = numbered(content, n)
+    if not legacy_left or key in index:
+        return key
+    old = legacy_journal_key(item.kind, item.order_id, item.bag_id, item.request, n)
+    return old if old in index else key
+
+
 def read_journal(
     lines: Iterator[bytes], index: JournalIndex
 ) -> tuple[dict[str, Any] | None, int, int]:
     """Feed a journal's lines into ``index``. Returns (header, bytes up to the end of
-    the last whole line, bytes of a torn last line)."""
+    the last whole line, bytes of a torn last line). Lines a journal wrote before the
+    one item key are read under their item's key of today (:class:`LegacyKeys`)."""
     header: dict[str, Any] | None = None
     whole = torn = 0
-    for seq, raw in enumerate(lines):
-        if not raw.endswith(b"\n"):
-            torn = len(raw)  # only the last line can lack its newline
-            break
-        whole += len(raw)
-        record: Any = None
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue  # a line torn by a crash mid-write: its change never happened
-        if not isinstance(record, dict):
-            continue
-        if record.get("type") == "header":
-            header = record
-            continue
-        index.add(seq, record)
+    legacy = LegacyKeys()
+    try:
+        for seq, raw in enumerate(lines):
+            if not raw.endswith(b"\n"):
+                torn = len(raw)  # only the last line can lack its newline
+                break
+            whole += len(raw)
+            record: Any = None
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue  # a line torn by a crash mid-write: its change never happened
+            if not isinstance(record, dict):
+                continue
+            if record.get("type") == "header":
+                header = record
+                continue
+            key = record.get("key")
+            if type(key) is str and "#" in key:  # the only keys that may be old ones
+                record = legacy.rename(record)
+            index.add(seq, record)
+    finally:
+        index.renamed += legacy.renamed
+        index.legacy_left += legacy.left
+        legacy.close()
     return header, whole, torn
+
+
+class LegacyKeys:
+    """Renames the lines of a journal written before the one item key
+    (``kind:<sha256[:32]>#n``) to their item's key of today
+    (:func:`~violet_async._item_key.item_key`), so an item such a journal left sent,
+    pending, unknown or done is found (and resumed, or skipped) exactly as before.
+
+    An item's name is learnt from the first of its lines that holds its protocol record
+    (``ask``: kind, order, bag and request, the line written before its first send),
+    and only when that content gives the old name back: a line whose record does not
+    match its name (edited, planted) keeps its name, as does an item none of whose lines
+    holds a record (one never sent: ``present``, ``unsent``), and two old names never
+    become one. Later lines of the item (``done``...) follow by their old name. The
+    names learnt are held in memory up to ``spill_at``, then in a private temporary
+    SQLite table (a journal of millions of old items loads in bounded memory)."""
+
+    def __init__(self, spill_at: int = SPILL_AT) -> None:
+        self._spill_at = spill_at
+        self._names: dict[str, str] = {}
+        self._taken: set[str] = set()
+        self._disk: sqlite3.Connection | None = None
+        #: Old items renamed, and old-style lines kept under their own name.
+        self.renamed = 0
+        self.left = 0
+
+    def rename(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` under its item's key of today (itself when it is not an old one,
+        or its old name cannot be proven to be its content's)."""
+        key = record["key"]
+        match = LEGACY_KEY.fullmatch(key)
+        if match is None:
+            return record
+        new = self._known(key)
+        if new is None:
+            new = self._learn(key, match.group(1), int(match.group(3)), record.get("ask"))
+            if new is None:
+                self.left += 1
+                return record
+        return {**record, "key": new}
+
+    def _learn(self, key: str, kind: str, occurrence: int, ask: Any) -> str | None:
+        if type(ask) is not dict or ask.get("kind") != kind:
+            return None
+        order_id, bag_id = ask.get("order_id"), ask.get("bag_id")
+        if type(order_id) is not int or type(bag_id) is not int:
+            return None
+        cls: Any = RefundBagRequest if kind == "refund" else CancelBagRequest
+        try:
+            request = request_from_dict(cls, ask.get("request"))
+        except Exception:  # noqa: BLE001 - a record of any shape keeps its name, never raises
+            return None
+        if legacy_journal_key(kind, order_id, bag_id, request, occurrence) != key:
+            return None  # its record is not what its name says: kept as it is
+        new = numbered(content_key(kind, order_id, bag_id, request), occurrence)
+        if self._claimed(new):
+            return None  # another old name became it first: never merge two items
+        self._names[key] = new
+        self._taken.add(new)
+        self.renamed += 1
+        if len(self._names) >= self._spill_at:
+            self._spill()
+        return new
+
+    def _known(self, key: str) -> str | None:
+        new = self._names.get(key)
+        if new is None and self._disk is not None:
+            row = self._disk.execute("SELECT new FROM r WHERE old = ?", (key,)).fetchone()
+            new = row[0] if row is not None else None
+        return new
+
+    def _claimed(self, new: str) -> bool:
+        if new in self._taken:
+            return True
+        if self._disk is None:
+            return False
+        return self._disk.execute("SELECT 1 FROM r WHERE new = ?", (new,)).fetchone() is not None
+
+    def _spill(self) -> None:
+        if self._disk is None:
+            self._disk = _scratch_database()
+            self._disk.execute("CREATE TABLE r (old TEXT PRIMARY KEY, new TEXT UNIQUE)")
+        with self._disk:
+            self._disk.executemany("INSERT INTO r (old, new) VALUES (?, ?)", self._names.items())
+        self._names.clear()
+        self._taken.clear()
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
 
 
 class RepeatCounter:

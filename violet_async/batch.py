@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import hashlib
 import heapq
 import itertools
 import math
@@ -26,13 +25,13 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any, Literal
 
 import attrs
-import orjson
 
 from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient
 from ._converter import converter
 from ._engine import Outcome as AskOutcome
 from ._engine import engine_of, resumable
+from ._item_key import content_key, numbered, split_key
 from ._journal import (
     Journal,
     JournalEntry,
@@ -124,13 +123,11 @@ class BatchItem:
 
     @property
     def key(self) -> str:
-        """What the item asks, as a digest: kind, order, bag and the canonical request.
-        Identical rows share it; the batch numbers their repeats (``KEY#0``, ``KEY#1``)."""
-        body = orjson.dumps(
-            [self.kind, self.order_id, self.bag_id, converter.unstructure(self.request)],
-            option=orjson.OPT_SORT_KEYS,
-        )
-        return f"{self.kind}:{hashlib.sha256(body).hexdigest()[:32]}"
+        """What the item asks: kind, order, bag and a digest of the canonical request
+        (``refund:ORDER:BAG:DIGEST``). Identical rows share it; the batch journal and
+        the fleet ledger both number their repeats (``KEY:0``, ``KEY:1``): the item's
+        name is :func:`~violet_async.fleet.item_key` (one function for both)."""
+        return content_key(self.kind, self.order_id, self.bag_id, self.request)
 
 
 @attrs.frozen
@@ -695,7 +692,7 @@ class _Runner:
 
     async def feed(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
         tasks: set[asyncio.Task[None]] = set()
-        # Repeats of an identical item are distinct items: KEY#0, KEY#1, ...
+        # Repeats of an identical item are distinct items: KEY:0, KEY:1, ...
         repeats = RepeatCounter()  # bounded: on disk beyond 50,000 distinct items
         self.repeats = repeats
 
@@ -720,9 +717,12 @@ class _Runner:
                 if self._stopping():
                     break
                 content = item.key
-                seen = repeats.take(content)
-                key = f"{content}#{seen}"
-                prior = self.log.entry(key) if self.log is not None else None
+                n = repeats.take(content)
+                if self.log is None:
+                    key, prior = numbered(content, n), None
+                else:
+                    key = self.log.key_of(item, content, n)
+                    prior = self.log.entry(key)
                 skipped = _skip(
                     item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat
                 )
@@ -931,8 +931,8 @@ def claim_paid_alike(  # noqa: PLR0917 - internal, two call sites
     request = converter.unstructure(item.request)  # as the journal records it
     filled: JournalEntry | None = None
     for key, fills in paid_alike(item.kind, item.order_id, item.bag_id, request):
-        content, _, number = key.rpartition("#")
-        if repeats is not None and number.isdigit() and repeats.seen(content) > int(number):
+        content, number = split_key(key)
+        if repeats is not None and number is not None and repeats.seen(content) > number:
             continue  # its own row is in this input (already_done): it accounts for itself
         entry = entry_of_key(key)
         if entry is None or entry.state != "done":

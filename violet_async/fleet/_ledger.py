@@ -56,6 +56,7 @@ import attrs
 import orjson
 
 from .._converter import converter, encode_request, request_from_dict
+from .._item_key import item_key, numbered
 from .._journal_index import money_of, same_money
 from .._protocol import PendingRefund
 from ..batch import BatchItem
@@ -206,26 +207,15 @@ class UnderReview:
     readable: bool = True
 
 
-def item_key(item: BatchItem, occurrence: int = 0) -> str:
-    """The content key of a refund item: kind, order, bag, a digest of the canonical
-    request body, and ``occurrence`` (the n-th identical item of one input, from 0).
-
-    The line number is not part of it: the same refund enqueued from two files, or twice
-    from one, is one item.
-    """
-    body = encode_request(item.request)
-    digest = hashlib.blake2b(body, digest_size=10).hexdigest()
-    return f"{item.kind}:{item.order_id}:{item.bag_id}:{digest}:{occurrence}"
-
-
 def keyed_items(items: Iterable[BatchItem]) -> Iterable[tuple[str, BatchItem]]:
-    """Each item with its key, identical items numbered by occurrence in input order."""
+    """Each item with its key (:func:`item_key`, the batch journal's name for it too),
+    identical items numbered by occurrence in input order."""
     seen: Counter[str] = Counter()
     for item in items:
-        base = item_key(item)
-        occurrence = seen[base]
-        seen[base] += 1
-        yield (base if occurrence == 0 else base[: base.rfind(":") + 1] + str(occurrence)), item
+        content = item.key
+        occurrence = seen[content]
+        seen[content] += 1
+        yield numbered(content, occurrence), item
 
 
 @attrs.frozen
