@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from violet_async import RefundBagRequest, RetryPolicy, VioletClient
+from violet_async._ask import sent_once
 from violet_async._converter import converter, encode_request
 from violet_async._item_key import item_key as one_key
 from violet_async._journal_index import JournalIndex, LegacyKeys, read_journal
@@ -67,6 +68,8 @@ class Bags:
         self.posts: list[int] = []
         self.made: dict[int, list[dict[str, Any]]] = {}
         self._never = asyncio.Event()
+        self.hung_until = 0
+        self.all_hung = asyncio.Event()  # set once ``hung_until`` POSTs arrived, one hung
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -115,6 +118,8 @@ class Bags:
         )
         self.made.setdefault(bag, []).append(made)
         if bag in self.hang:
+            if len(self.posts) >= self.hung_until:
+                self.all_hung.set()
             await self._never.wait()  # answered never: the caller is killed first
         return web.json_response(made, headers=self._headers())
 
@@ -180,7 +185,9 @@ def _keys(journal: Path) -> list[str]:
 def test_the_old_names_are_the_previous_releases() -> None:
     """The fixtures' old names are what the previous release computed (its
     ``BatchItem.key`` and the fleet's ``item_key``, run on that release's code)."""
-    refund = BatchItem.refund(3, 1001, 2002, RefundBagRequest(amount_refunded=500, reason="damaged"))
+    refund = BatchItem.refund(
+        3, 1001, 2002, RefundBagRequest(amount_refunded=500, reason="damaged")
+    )
     cancel = BatchItem.cancel(4, 1001, 2003)
     assert _old_key(refund, 0) == "refund:014e8db0e6fa2d27bd275a56a504aea3#0"
     assert _old_key(cancel, 0) == "cancel:48136b5f5e0579ac60752a3d09047674#0"
@@ -213,8 +220,12 @@ def test_legacy_keys_rename_only_what_their_record_proves() -> None:
     its name; a line whose record is not its name's content, or carries none, keeps
     its name (read as the previous release read it)."""
     a, b = _refund(1, 2002), _refund(2, 2003)
-    ask_a = {"kind": "refund", "order_id": ORDER, "bag_id": 2002, "request": {
-        "amount_refunded": 500, "reason": "damaged"}}
+    ask_a = {
+        "kind": "refund",
+        "order_id": ORDER,
+        "bag_id": 2002,
+        "request": {"amount_refunded": 500, "reason": "damaged"},
+    }
     legacy = LegacyKeys()
     sent = legacy.rename({"key": _old_key(a, 0), "state": "sent", "ask": ask_a})
     done = legacy.rename({"key": _old_key(a, 0), "state": "done", "refund_id": 7})
@@ -240,7 +251,12 @@ def test_two_old_names_never_become_one(monkeypatch: pytest.MonkeyPatch) -> None
     a, b = _refund(1, 2002), _refund(2, 2002, amount=700)
     legacy = LegacyKeys()
     asks = [
-        {"kind": "refund", "order_id": ORDER, "bag_id": 2002, "request": converter.unstructure(r.request)}
+        {
+            "kind": "refund",
+            "order_id": ORDER,
+            "bag_id": 2002,
+            "request": converter.unstructure(r.request),
+        }
         for r in (a, b)
     ]
     first = legacy.rename({"key": _old_key(a, 0), "state": "sent", "ask": asks[0]})
@@ -252,13 +268,19 @@ def test_two_old_names_never_become_one(monkeypatch: pytest.MonkeyPatch) -> None
 def test_an_old_journal_of_many_items_renames_them_in_bounded_memory(tmp_path: Path) -> None:
     """The names learnt move to disk beyond the bound; every later line still follows."""
     rows = [_refund(i, 3000 + i) for i in range(7)]
-    lines = []
+    lines: list[bytes] = []
     for row in rows:
-        ask = {"kind": "refund", "order_id": ORDER, "bag_id": row.bag_id,
-               "request": converter.unstructure(row.request)}
-        lines.append(orjson.dumps({"key": _old_key(row, 0), "state": "sent", "ask": ask, "ts": 1.0}))
-    for row in rows:
-        lines.append(orjson.dumps({"key": _old_key(row, 0), "state": "done", "refund_id": row.bag_id, "ts": 2.0}))
+        ask = {
+            "kind": "refund",
+            "order_id": ORDER,
+            "bag_id": row.bag_id,
+            "request": converter.unstructure(row.request),
+        }
+        lines.append(
+            orjson.dumps({"key": _old_key(row, 0), "state": "sent", "ask": ask, "ts": 1.0})
+        )
+    done = [{"key": _old_key(r, 0), "state": "done", "refund_id": r.bag_id} for r in rows]
+    lines += [orjson.dumps(record) for record in done]
     legacy = LegacyKeys(spill_at=3)
     try:
         renamed = [legacy.rename(orjson.loads(line))["key"] for line in lines]
@@ -282,9 +304,11 @@ async def _killed_run(
 ) -> None:
     """Run ``rows`` and kill the run once ``posts`` POSTs arrived (those on ``hang``
     bags applied and were never answered)."""
+    server.hung_until = posts
     run = asyncio.ensure_future(_drain(client, rows, journal))
-    while len(server.posts) < posts and not run.done():
-        await asyncio.sleep(0)
+    hung = asyncio.ensure_future(server.all_hung.wait())
+    await asyncio.wait({run, hung}, return_when=asyncio.FIRST_COMPLETED)
+    hung.cancel()
     assert not run.done()  # killed with its POSTs in flight
     run.cancel()
     await asyncio.gather(run, return_exceptions=True)
@@ -331,7 +355,133 @@ async def test_an_old_journal_with_items_in_flight_is_resumed_with_one_refund_ea
     index = Journal.peek(journal)
     try:
         assert index.renamed >= 3
-        assert {k for k in index} == {one_key(moved[0], 0), one_key(moved[1], 0),
-                                      one_key(moved[1], 1), one_key(moved[2], 0)}
+        assert set(index) == {
+            one_key(moved[0], 0),
+            one_key(moved[1], 0),
+            one_key(moved[1], 1),
+            one_key(moved[2], 0),
+        }
     finally:
         index.close()
+
+
+def _ask(row: BatchItem, at: float, baseline: frozenset[int] = frozenset()) -> dict[str, Any]:
+    """The protocol record a journal's "sent" line holds (a send at ``at``)."""
+    return sent_once(
+        row.kind, row.order_id, row.bag_id, row.request, at, baseline=baseline
+    ).to_dict()
+
+
+def _old_journal(journal: Path, lines: list[dict[str, Any]]) -> None:
+    """A journal as the previous release wrote it (header v2, the lines given)."""
+    head = {"type": "header", "v": 2, "input": "rows.csv", "ts": 1.0}
+    journal.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in [head, *lines]))
+    journal.chmod(0o600)
+
+
+async def test_an_old_items_lost_post_is_sent_once_and_its_held_row_stays_held(
+    tmp_path: Path,
+) -> None:
+    """An old journal: row 1 (bag 51) sent, its POST lost before Violet; row 2 (bag 52)
+    held "present" (no protocol record: never sent) for refund 999 already on the bag;
+    row 3 (bag 53) "unsent". Today: row 1 is read back (absent) and sent once; row 2
+    stays held (its old name is kept: nothing in its lines says what it asked), nothing
+    sent; row 3 is sent once."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Bags(clock)
+    server.made[52] = [refund_body(id=999, order_id=ORDER, bag_id=52, amount=500, skus=[])]
+    rows = [_refund(1, 51), _refund(2, 52), _refund(3, 53)]
+    journal = tmp_path / "run.jsonl"
+    t = clock.time() - 100.0
+    _old_journal(
+        journal,
+        [
+            {
+                "key": _old_key(rows[0], 0),
+                "line": 1,
+                "state": "sent",
+                "ts": t,
+                "ask": _ask(rows[0], t),
+            },
+            {
+                "key": _old_key(rows[1], 0),
+                "line": 2,
+                "state": "present",
+                "ts": t,
+                "refund_id": 999,
+                "refunds": [999],
+                "error": "RefundAlreadyPresentError",
+                "message": "bag 52 already holds refund 999",
+            },
+            {
+                "key": _old_key(rows[2], 0),
+                "line": 3,
+                "state": "unsent",
+                "ts": t,
+                "error": "AuthenticationError",
+                "message": "refused",
+            },
+        ],
+    )
+    clock.advance(600.0)
+    async with _running(server) as client:
+        results = await _drain(client, rows, journal)
+        again = await _drain(client, rows, journal)
+    outcomes = {r.item.line: r.outcome for r in results}
+    assert outcomes == {1: "succeeded", 2: "already_present", 3: "succeeded"}
+    assert results[[r.item.line for r in results].index(2)].refund_id == 999
+    assert sorted(server.posts) == [51, 53]
+    assert (server.on(51), server.on(52), server.on(53)) == (1, 1, 1)
+    assert {r.item.line: r.outcome for r in again} == {
+        1: "already_done",
+        2: "already_present",
+        3: "already_done",
+    }
+    assert len(server.posts) == 2
+    index = Journal.peek(journal)
+    try:
+        assert index.renamed == 1
+        assert index[_old_key(rows[1], 0)].state == "present"
+        assert index[one_key(rows[0], 0)].state == "done"
+        # row 3 goes on under its old name: its lines are never split between two
+        assert index[_old_key(rows[2], 0)].state == "done"
+        assert one_key(rows[2], 0) not in index
+    finally:
+        index.close()
+
+
+async def test_an_old_line_planted_under_a_rows_name_does_not_make_it_sent_twice(
+    tmp_path: Path,
+) -> None:
+    """An old journal's line for row 1 (bag 61, which applied: the refund is on the
+    bag) was edited: its record now asks 900, not 500. It keeps its old name (its
+    record is not its name's content), and the row is known by that name as the
+    previous release knew it: read back, never sent again."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Bags(clock)
+    row = _refund(1, 61)
+    t = clock.time() - 100.0
+    server.made[61] = [
+        refund_body(
+            id=4242,
+            order_id=ORDER,
+            bag_id=61,
+            amount=500,
+            reason="damaged",
+            skus=[],
+            date_created=_stamp(t + 1),
+            date_last_modified=_stamp(t + 1),
+            status="COMPLETED",
+        )
+    ]
+    edited = _ask(_refund(1, 61, amount=900), t)
+    journal = tmp_path / "run.jsonl"
+    _old_journal(
+        journal, [{"key": _old_key(row, 0), "line": 1, "state": "sent", "ts": t, "ask": edited}]
+    )
+    clock.advance(600.0)
+    async with _running(server) as client:
+        results = await _drain(client, [row], journal)
+    assert server.posts == []
+    assert server.on(61) == 1
+    assert [r.outcome for r in results] == ["unknown"]  # not proven: never guessed

@@ -517,12 +517,13 @@ class LegacyKeys:
     (:func:`~violet_async._item_key.item_key`), so an item such a journal left sent,
     pending, unknown or done is found (and resumed, or skipped) exactly as before.
 
-    An item's name is learnt from the first of its lines that holds its protocol record
-    (``ask``: kind, order, bag and request, the line written before its first send),
-    and only when that content gives the old name back: a line whose record does not
-    match its name (edited, planted) keeps its name, as does an item none of whose lines
-    holds a record (one never sent: ``present``, ``unsent``), and two old names never
-    become one. Later lines of the item (``done``...) follow by their old name. The
+    An item's name is decided by its first line: renamed when that line holds its
+    protocol record (``ask``: kind, order, bag and request; the line written before its
+    first send) and that content gives the old name back; otherwise (a record that is
+    not its name's content: edited, planted; no record: an item never sent, ``present``,
+    ``unsent``) every line of the name keeps it, and a run goes on under it
+    (:func:`known_key`): an item's lines are never split between two names, and two
+    old names never become one. Later lines (``done``...) follow their first. The
     names learnt are held in memory up to ``spill_at``, then in a private temporary
     SQLite table (a journal of millions of old items loads in bounded memory)."""
 
@@ -545,12 +546,28 @@ class LegacyKeys:
         new = self._known(key)
         if new is None:
             new = self._learn(key, match.group(1), int(match.group(3)), record.get("ask"))
-            if new is None:
-                self.left += 1
-                return record
+        if new == key:
+            self.left += 1
+            return record
         return {**record, "key": new}
 
-    def _learn(self, key: str, kind: str, occurrence: int, ask: Any) -> str | None:
+    def _learn(self, key: str, kind: str, occurrence: int, ask: Any) -> str:
+        """The name of ``key``'s item from its first line, for all of its lines: today's
+        key when that line's record proves it, else ``key`` itself (an item's lines are
+        never split between two names)."""
+        new = self._proven(key, kind, occurrence, ask)
+        if new is not None and self._claimed(new):
+            new = None  # another old name became it first: never merge two items
+        self._names[key] = new or key
+        if new is not None:
+            self._taken.add(new)
+            self.renamed += 1
+        if len(self._names) >= self._spill_at:
+            self._spill()
+        return new or key
+
+    @staticmethod
+    def _proven(key: str, kind: str, occurrence: int, ask: Any) -> str | None:
         if type(ask) is not dict or ask.get("kind") != kind:
             return None
         order_id, bag_id = ask.get("order_id"), ask.get("bag_id")
@@ -563,15 +580,7 @@ class LegacyKeys:
             return None
         if legacy_journal_key(kind, order_id, bag_id, request, occurrence) != key:
             return None  # its record is not what its name says: kept as it is
-        new = numbered(content_key(kind, order_id, bag_id, request), occurrence)
-        if self._claimed(new):
-            return None  # another old name became it first: never merge two items
-        self._names[key] = new
-        self._taken.add(new)
-        self.renamed += 1
-        if len(self._names) >= self._spill_at:
-            self._spill()
-        return new
+        return numbered(content_key(kind, order_id, bag_id, request), occurrence)
 
     def _known(self, key: str) -> str | None:
         new = self._names.get(key)
