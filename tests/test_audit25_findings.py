@@ -205,7 +205,9 @@ def test_one_name_for_the_journal_and_the_ledger() -> None:
     assert item_key is one_key
     assert one_key(a, 1) == _old_ledger_key(a, 1) == "refund:1001:2002:b4707994883c3bf634d6:1"
     assert one_key(a, 0) == one_key(moved, 0) == f"{a.key}:0"
-    other = BatchItem.refund(3, ORDER, 2002, a.request, merchant_id=77)
+    other = BatchItem.refund(
+        3, ORDER, 2002, RefundBagRequest(amount_refunded=500, reason="damaged"), merchant_id=77
+    )
     assert one_key(other) == one_key(a)
     rows = [a, _refund(4, 2002, amount=501), moved]
     assert [k for k, _ in keyed_items(rows)] == [

@@ -81,7 +81,7 @@ async def test_an_old_ledger_with_items_in_flight_is_resumed_by_todays_keys(
             )
             held = await locks.acquire(row.bag_id)
             await ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
-            await dead.refund_bag(ORDER, row.bag_id, row.request)  # applied, answer lost
+            await dead.refund_bag(ORDER, row.bag_id, _refund(0, row.bag_id).request)  # type: ignore[arg-type]  # applied, answer lost
             if row.bag_id == 42:
                 await ledger.mark_pending(key, ask, lock_key=held.key, token=held.token)
             await locks.release(held)
