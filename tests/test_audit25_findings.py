@@ -487,3 +487,48 @@ async def test_an_old_line_planted_under_a_rows_name_does_not_make_it_sent_twice
     assert server.posts == []
     assert server.on(61) == 1
     assert [r.outcome for r in results] == ["unknown"]  # not proven: never guessed
+
+
+async def test_the_audit_reads_an_old_journal_as_a_batch_does(tmp_path: Path) -> None:
+    """``audit --journal`` with a journal of the previous release: its rows are matched
+    to their old entries (renamed as a batch renames them), so the verdicts are the same
+    as with today's journal: "ours" for the refund it recorded, the loud alarm for a
+    row it says succeeded that Violet does not have."""
+    from violet_async._batch_cli import read_items
+    from .test_audit import EXPECTED, ROWS, run_rows, six_cases, write_rows
+
+    rows = write_rows(tmp_path / "rows.csv", ROWS)
+    items = {i.line: i for i in read_items(rows, "refund") if isinstance(i, BatchItem)}
+    lines: list[dict[str, Any]] = []
+    for line, state, refund_id in ((2, "done", 9001), (4, "done", 9999), (5, "failed", None)):
+        item = items[line]
+        lines.append(
+            {
+                "key": _old_key(item, 0),
+                "line": line,
+                "state": "sent",
+                "ts": 1.5,
+                "ask": _ask(item, 1.5),
+            }
+        )
+        lines.append(
+            {
+                "key": _old_key(item, 0),
+                "line": line,
+                "state": state,
+                "ts": 2.0,
+                "refund_id": refund_id,
+                "error": "BadRequestError" if refund_id is None else None,
+            }
+        )
+    journal = tmp_path / "old.jsonl"
+    _old_journal(journal, lines)
+    server = six_cases()
+    async with serve(server.app()) as url:
+        got = await run_rows(f"{url}/v1", rows, journal=journal, concurrency=3)
+    assert {line: (r.audit, list(r.refund_ids)) for line, r in got.items()} == EXPECTED
+    assert got[2].ours is True
+    assert got[4].loud
+    assert "THE JOURNAL SAYS SUCCEEDED (refund 9999)" in got[4].detail
+    assert "Violet refused it" in got[5].detail
+    assert server.posts == 0
