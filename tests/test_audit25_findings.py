@@ -532,3 +532,34 @@ async def test_the_audit_reads_an_old_journal_as_a_batch_does(tmp_path: Path) ->
     assert "THE JOURNAL SAYS SUCCEEDED (refund 9999)" in got[4].detail
     assert "Violet refused it" in got[5].detail
     assert server.posts == 0
+
+
+async def test_a_dry_run_counts_an_old_journals_rows_as_the_run_would(tmp_path: Path) -> None:
+    """``--dry-run`` against an old journal: row 1 (done under its old name) is counted
+    done, row 2 (held, never sent: its old name kept) present, row 3 new."""
+    from .test_batch_cli_operator import cli
+
+    rows = [_refund(2, 71), _refund(3, 72), _refund(4, 73)]
+    csv = tmp_path / "rows.csv"
+    csv.write_text(
+        "order_id,bag_id,amount_refunded,reason\n"
+        + "".join(f"{ORDER},{r.bag_id},500,damaged\n" for r in rows)
+    )
+    journal = tmp_path / "old.jsonl"
+    _old_journal(
+        journal,
+        [
+            {
+                "key": _old_key(rows[0], 0),
+                "line": 2,
+                "state": "sent",
+                "ts": 1.5,
+                "ask": _ask(rows[0], 1.5),
+            },
+            {"key": _old_key(rows[0], 0), "line": 2, "state": "done", "ts": 2.0, "refund_id": 5},
+            {"key": _old_key(rows[1], 0), "line": 3, "state": "present", "ts": 2.0, "refund_id": 6},
+        ],
+    )
+    code, out, err = await cli(None, "refund", str(csv), "--dry-run", "--journal", str(journal))
+    assert code == 0, err
+    assert f"journal {journal}: 1 done, 1 new, 1 present" in out
