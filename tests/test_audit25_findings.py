@@ -27,7 +27,7 @@ from violet_async._converter import converter, encode_request
 from violet_async._item_key import item_key as one_key
 from violet_async._journal_index import JournalIndex, LegacyKeys, read_journal
 from violet_async._transport import Timeouts
-from violet_async.batch import BatchItem, BatchResult, Journal, run_batch
+from violet_async.batch import BatchItem, BatchResult, Journal, JournalMismatchError, run_batch
 from violet_async.fleet import item_key, keyed_items
 from violet_async.testing import FakeClock
 
@@ -495,6 +495,7 @@ async def test_the_audit_reads_an_old_journal_as_a_batch_does(tmp_path: Path) ->
     as with today's journal: "ours" for the refund it recorded, the loud alarm for a
     row it says succeeded that Violet does not have."""
     from violet_async._batch_cli import read_items
+
     from .test_audit import EXPECTED, ROWS, run_rows, six_cases, write_rows
 
     rows = write_rows(tmp_path / "rows.csv", ROWS)
@@ -563,3 +564,42 @@ async def test_a_dry_run_counts_an_old_journals_rows_as_the_run_would(tmp_path: 
     code, out, err = await cli(None, "refund", str(csv), "--dry-run", "--journal", str(journal))
     assert code == 0, err
     assert f"journal {journal}: 1 done, 1 new, 1 present" in out
+
+
+async def test_an_old_journal_is_marked_v3_before_a_line_under_the_new_names(
+    tmp_path: Path,
+) -> None:
+    """Today's code opens a v2 journal: a v3 header is appended before anything else
+    (the input it names kept), so the previous release, which reads only v2 and takes a
+    file's last header, refuses the file rather than miss items named the new way. A
+    journal of any other version is refused, nothing read."""
+    row = _refund(1, 81)
+    journal = tmp_path / "old.jsonl"
+    _old_journal(
+        journal,
+        [{"key": _old_key(row, 0), "line": 1, "state": "present", "ts": 2.0, "refund_id": 3}],
+    )
+    log = await Journal.open(journal, input_id="other.csv")
+    try:
+        assert log.input_changed
+        await log.record(one_key(row, 1), 2, "unsent")
+    finally:
+        await log.aclose()
+    records = [orjson.loads(line) for line in journal.read_bytes().splitlines()]
+    assert [r.get("v") for r in records] == [2, None, 3, None]
+    assert records[2]["input"] == "rows.csv"
+    index = JournalIndex()
+    try:
+        header, _, _ = read_journal(iter(journal.read_bytes().splitlines(keepends=True)), index)
+    finally:
+        index.close()
+    assert header is not None
+    assert header["v"] == 3
+    again = await Journal.open(journal, input_id="rows.csv")  # marked once, not again
+    await again.aclose()
+    assert journal.read_bytes().count(b'"type":"header"') == 2
+    stranger = tmp_path / "v9.jsonl"
+    stranger.write_bytes(orjson.dumps({"type": "header", "v": 9, "ts": 1.0}) + b"\n")
+    stranger.chmod(0o600)
+    with pytest.raises(JournalMismatchError, match="reads v2 and v3"):
+        await Journal.open(stranger, input_id=None)

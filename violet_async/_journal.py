@@ -2,7 +2,7 @@
 
 Line shapes::
 
-    {"type": "header", "v": 2, "input": "<what the input was, informational>", "ts": ...}
+    {"type": "header", "v": 3, "input": "<what the input was, informational>", "ts": ...}
     {"key": "refund:1001:2002:1f0c...:0", "line": 3, "state": "sent", "ask": {...}, ...}
     {"key": ..., "line": 3, "state": "pending", "ask": {...}, ...}
     {"key": ..., "line": 3, "state": "done", "refund_id": 400001, "amount": 1000, ...}
@@ -79,7 +79,13 @@ __all__ = [
     "UnsafeFileError",
 ]
 
-VERSION = 2
+#: The journal version this release writes: 3 names items by the one item key
+#: (:func:`~violet_async._item_key.item_key`). A v2 journal (the sha256 names) is read
+#: too, and marked v3 by a header line appended at its first open by this release,
+#: before anything else is: a release that reads only v2 (the last header of a file
+#: decides) then refuses it instead of missing the items named the new way.
+VERSION = 3
+READS = frozenset({2, VERSION})
 _T = TypeVar("_T")
 
 
@@ -179,10 +185,13 @@ class Journal:
             raise
         changed = header is not None and header.get("input") != input_id
         journal = cls(target, entries, fd, lock_fd, input_changed=changed, repaired=repaired)
-        if header is None:
+        if header is None or header.get("v") != VERSION:
+            # A new journal, or one of v2 marked v3 (its input kept) before any line
+            # under the new names is appended.
+            given = input_id if header is None else header.get("input")
             try:
                 await journal._append(
-                    {"type": "header", "v": VERSION, "input": input_id, "ts": time.time()}
+                    {"type": "header", "v": VERSION, "input": given, "ts": time.time()}
                 )
             except BaseException:
                 await journal.aclose()  # a cancelled or failed open lets the file go
@@ -430,10 +439,10 @@ async def _until_done(future: asyncio.Future[Any]) -> None:
 
 
 def _check_version(target: Path, header: dict[str, Any] | None) -> None:
-    if header is not None and header.get("v") != VERSION:
+    if header is not None and header.get("v") not in READS:
         raise JournalMismatchError(
             f"{target} was written by another version of violet-async (journal "
-            f"v{header.get('v')}, this one reads v{VERSION}); keep it for the record "
+            f"v{header.get('v')}, this one reads v2 and v{VERSION}); keep it for the record "
             "and name a new file with --journal: every bag's refunds are read "
             "before a send, so rows that already applied are reported "
             "already_present or refused by Violet, never sent again"
