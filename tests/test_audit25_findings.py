@@ -603,3 +603,32 @@ async def test_an_old_journal_is_marked_v3_before_a_line_under_the_new_names(
     stranger.chmod(0o600)
     with pytest.raises(JournalMismatchError, match="reads v2 and v3"):
         await Journal.open(stranger, input_id=None)
+
+
+def test_an_old_name_is_proven_by_the_request_its_record_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The old name is checked against the request as the old record holds it (what the
+    release that wrote it hashed), not as today's model would spell it: a model that
+    has gained a field since still renames the old item."""
+    import violet_async._item_key as key_module
+
+    row = _refund(1, 2002)
+    old = _old_key(row, 0)
+    ask = {
+        "kind": "refund",
+        "order_id": ORDER,
+        "bag_id": 2002,
+        "request": converter.unstructure(row.request),
+    }
+
+    class Grown:
+        """Today's converter, had the model gained a field since."""
+
+        @staticmethod
+        def unstructure(value: Any) -> Any:
+            return {**converter.unstructure(value), "added_since": None}
+
+    monkeypatch.setattr(key_module, "converter", Grown())
+    assert key_module.legacy_journal_key("refund", ORDER, 2002, row.request, 0) != old
+    assert LegacyKeys().rename({"key": old, "state": "sent", "ask": ask})["key"] == one_key(row)

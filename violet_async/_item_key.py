@@ -63,10 +63,10 @@ def split_key(key: str) -> tuple[str, int | None]:
 
 
 def legacy_journal_key(kind: str, order_id: int, bag_id: int, request: Any, occurrence: int) -> str:
-    """The name a journal written before this scheme gave the item (``request``
-    unstructured, as such a journal's record holds it). Read-only: for recognising
-    those lines, never for writing."""
-    body = orjson.dumps(
-        [kind, order_id, bag_id, converter.unstructure(request)], option=orjson.OPT_SORT_KEYS
-    )
+    """The name a journal written before this scheme gave the item. ``request``: a
+    request model, or the unstructured dict a journal's record holds (hashed as it is:
+    what the release that wrote it hashed, whatever fields the model has gained since).
+    Read-only: for recognising those lines, never for writing."""
+    unstructured = request if type(request) is dict else converter.unstructure(request)
+    body = orjson.dumps([kind, order_id, bag_id, unstructured], option=orjson.OPT_SORT_KEYS)
     return f"{kind}:{hashlib.sha256(body).hexdigest()[:32]}#{occurrence}"

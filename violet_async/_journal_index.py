@@ -573,13 +573,17 @@ class LegacyKeys:
         order_id, bag_id = ask.get("order_id"), ask.get("bag_id")
         if type(order_id) is not int or type(bag_id) is not int:
             return None
+        stored = ask.get("request")
+        if type(stored) is not dict:
+            return None
+        # The request as the record holds it: what the release that wrote it hashed.
+        if legacy_journal_key(kind, order_id, bag_id, stored, occurrence) != key:
+            return None  # its record is not what its name says: kept as it is
         cls: Any = RefundBagRequest if kind == "refund" else CancelBagRequest
         try:
-            request = request_from_dict(cls, ask.get("request"))
+            request = request_from_dict(cls, stored)
         except Exception:  # noqa: BLE001 - a record of any shape keeps its name, never raises
             return None
-        if legacy_journal_key(kind, order_id, bag_id, request, occurrence) != key:
-            return None  # its record is not what its name says: kept as it is
         return numbered(content_key(kind, order_id, bag_id, request), occurrence)
 
     def _known(self, key: str) -> str | None:
