@@ -442,12 +442,12 @@ async def test_an_old_items_lost_post_is_sent_once_and_its_held_row_stays_held(
     assert len(server.posts) == 2
     index = Journal.peek(journal)
     try:
-        assert index.renamed == 1
+        # row 3 went on under its old name; its send's line proved it, and renamed it
+        assert index.renamed == 2
         assert index[_old_key(rows[1], 0)].state == "present"
         assert index[one_key(rows[0], 0)].state == "done"
-        # row 3 goes on under its old name: its lines are never split between two
-        assert index[_old_key(rows[2], 0)].state == "done"
-        assert one_key(rows[2], 0) not in index
+        assert index[one_key(rows[2], 0)].state == "done"
+        assert _old_key(rows[2], 0) not in index  # never under two names
     finally:
         index.close()
 
@@ -632,3 +632,87 @@ def test_an_old_name_is_proven_by_the_request_its_record_holds(
     monkeypatch.setattr(key_module, "converter", Grown())
     assert key_module.legacy_journal_key("refund", ORDER, 2002, row.request, 0) != old
     assert LegacyKeys().rename({"key": old, "state": "sent", "ask": ask})["key"] == one_key(row)
+
+
+@pytest.mark.parametrize("spill_at", [1, 50_000])
+def test_an_old_name_proven_late_supersedes_its_earlier_lines(spill_at: int) -> None:
+    """An old item first journaled without a record (``unsent``), then sent (a line
+    with its record) and done: the sent line proves the name, the item is renamed from
+    there, and its earlier entry is dropped (its lines never live under two names),
+    in memory or spilled to disk."""
+    row, other = _refund(1, 2002), _refund(2, 2003)
+    old = _old_key(row, 0)
+    ask = {
+        "kind": "refund",
+        "order_id": ORDER,
+        "bag_id": 2002,
+        "request": converter.unstructure(row.request),
+    }
+    lines = [
+        {"key": _old_key(other, 0), "state": "present", "refund_id": 1, "ts": 1.0},
+        {"key": old, "state": "unsent", "error": "AuthenticationError", "ts": 1.0},
+        {"key": old, "state": "sent", "ask": ask, "ts": 2.0},
+        {"key": old, "state": "done", "refund_id": 77, "amount": 500, "ts": 3.0},
+    ]
+    legacy = LegacyKeys(spill_at=spill_at)
+    try:
+        named = [(legacy.rename(record)["key"], legacy.superseded) for record in lines]
+    finally:
+        legacy.close()
+    assert named == [
+        (_old_key(other, 0), None),
+        (old, None),
+        (one_key(row), old),
+        (one_key(row), None),
+    ]
+    index = JournalIndex(spill_at=spill_at)
+    try:
+        read_journal(iter(orjson.dumps(x) + b"\n" for x in lines), index)
+        assert set(index) == {_old_key(other, 0), one_key(row)}
+        assert index[one_key(row)].refund_id == 77
+        assert index.paid_like("refund", ORDER, 2002, ask["request"]) == [(one_key(row), False)]
+    finally:
+        index.close()
+
+
+async def test_an_old_item_sent_after_an_unrecorded_line_counts_as_its_own_row(
+    tmp_path: Path,
+) -> None:
+    """An old journal: row 1 of bag 91 was first refused before sending (``unsent``, no
+    record), then sent and done. Row 2 asks the same money of the bag with another
+    reason (a second refund asked). Row 1's refund is its own row's, met first in the
+    input: row 2 is not held for it, it is sent once (not held already_present for a
+    refund its own row accounts for)."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Bags(clock)
+    first, second = _refund(1, 91), _refund(2, 91, reason="second parcel")
+    t = clock.time() - 100.0
+    server.made[91] = [
+        refund_body(
+            id=5151,
+            order_id=ORDER,
+            bag_id=91,
+            amount=500,
+            reason="damaged",
+            skus=[],
+            status="COMPLETED",
+            date_created=_stamp(t),
+            date_last_modified=_stamp(t),
+        )
+    ]
+    old = _old_key(first, 0)
+    journal = tmp_path / "run.jsonl"
+    _old_journal(
+        journal,
+        [
+            {"key": old, "line": 1, "state": "unsent", "ts": t - 5, "error": "AuthenticationError"},
+            {"key": old, "line": 1, "state": "sent", "ts": t, "ask": _ask(first, t)},
+            {"key": old, "line": 1, "state": "done", "ts": t + 1, "refund_id": 5151, "amount": 500},
+        ],
+    )
+    clock.advance(600.0)
+    async with _running(server) as client:
+        results = await _drain(client, [first, second], journal)
+    assert {r.item.line: r.outcome for r in results} == {1: "already_done", 2: "succeeded"}
+    assert server.posts == [91]
+    assert server.on(91) == 2

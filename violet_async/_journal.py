@@ -538,6 +538,8 @@ def _parse(
         key = record.get("key")
         if legacy is not None and type(key) is str and "#" in key:
             record = legacy.rename(record)
+            if legacy.superseded is not None:
+                entries.pop(legacy.superseded, None)
         entry = entry_of(record, entries.get(str(record.get("key"))))
         if entry is not None:
             entries[entry.key] = entry

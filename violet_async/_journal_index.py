@@ -253,6 +253,17 @@ class JournalIndex(Mapping[str, JournalEntry]):
         if len(self._done) >= self._spill_at:
             self._spill()
 
+    def forget(self, key: str) -> None:
+        """Drop ``key``'s entry (a load only: lines of an old journal's item that a
+        later line of it, under today's key, supersedes; see :class:`LegacyKeys`)."""
+        self._open.pop(key, None)
+        self._unbag(key)
+        self._done.pop(key, None)
+        if self._disk is not None:
+            with self._disk:
+                self._disk.execute("DELETE FROM e WHERE key = ?", (key,))
+        self._paid = None
+
     def _unbag(self, key: str) -> None:
         bag = self._bag_of.pop(key, None)
         if bag is not None:
@@ -503,6 +514,8 @@ def read_journal(
             key = record.get("key")
             if type(key) is str and "#" in key:  # the only keys that may be old ones
                 record = legacy.rename(record)
+                if legacy.superseded is not None:
+                    index.forget(legacy.superseded)
             index.add(seq, record)
     finally:
         index.renamed += legacy.renamed
@@ -517,15 +530,17 @@ class LegacyKeys:
     (:func:`~violet_async._item_key.item_key`), so an item such a journal left sent,
     pending, unknown or done is found (and resumed, or skipped) exactly as before.
 
-    An item's name is decided by its first line: renamed when that line holds its
-    protocol record (``ask``: kind, order, bag and request; the line written before its
-    first send) and that content gives the old name back; otherwise (a record that is
-    not its name's content: edited, planted; no record: an item never sent, ``present``,
-    ``unsent``) every line of the name keeps it, and a run goes on under it
-    (:func:`known_key`): an item's lines are never split between two names, and two
-    old names never become one. Later lines (``done``...) follow their first. The
-    names learnt are held in memory up to ``spill_at``, then in a private temporary
-    SQLite table (a journal of millions of old items loads in bounded memory)."""
+    An item is renamed by the first of its lines that proves its name: one holding its
+    protocol record (``ask``: kind, order, bag and request; every line written before a
+    send holds it) whose content gives the old name back. Its lines before that one
+    (an item never sent holds none: ``present``, ``unsent``) are superseded by it (the
+    last line of an item is its state): the reader drops them from the index
+    (:attr:`superseded`), so an item's lines never live under two names. Its later
+    lines (``done``...) follow. A name no line proves (a record edited or planted; an
+    item never sent) keeps its name, and a run goes on under it (:func:`known_key`).
+    Two old names never become one. The names learnt are held in memory up to
+    ``spill_at``, then in a private temporary SQLite table (a journal of millions of
+    old items loads in bounded memory)."""
 
     def __init__(self, spill_at: int = SPILL_AT) -> None:
         self._spill_at = spill_at
@@ -535,17 +550,24 @@ class LegacyKeys:
         #: Old items renamed, and old-style lines kept under their own name.
         self.renamed = 0
         self.left = 0
+        #: Set by :meth:`rename` when the line just renamed proved an old name whose
+        #: earlier lines were kept under it: that name's entry is superseded.
+        self.superseded: str | None = None
 
     def rename(self, record: dict[str, Any]) -> dict[str, Any]:
         """``record`` under its item's key of today (itself when it is not an old one,
-        or its old name cannot be proven to be its content's)."""
+        or its old name is not proven yet)."""
+        self.superseded = None
         key = record["key"]
         match = LEGACY_KEY.fullmatch(key)
         if match is None:
             return record
         new = self._known(key)
-        if new is None:
-            new = self._learn(key, match.group(1), int(match.group(3)), record.get("ask"))
+        if new is None or (new == key and type(record.get("ask")) is dict):
+            proven = self._learn(key, match.group(1), int(match.group(3)), record.get("ask"))
+            if new == key and proven != key:
+                self.superseded = key  # its lines kept so far: this one supersedes them
+            new = proven
         if new == key:
             self.left += 1
             return record
@@ -558,7 +580,7 @@ class LegacyKeys:
         new = self._proven(key, kind, occurrence, ask)
         if new is not None and self._claimed(new):
             new = None  # another old name became it first: never merge two items
-        self._names[key] = new or key
+        self._names[key] = new or key  # over what the disk holds, until the next spill
         if new is not None:
             self._taken.add(new)
             self.renamed += 1
@@ -605,7 +627,9 @@ class LegacyKeys:
             self._disk = _scratch_database()
             self._disk.execute("CREATE TABLE r (old TEXT PRIMARY KEY, new TEXT UNIQUE)")
         with self._disk:
-            self._disk.executemany("INSERT INTO r (old, new) VALUES (?, ?)", self._names.items())
+            self._disk.executemany(
+                "INSERT OR REPLACE INTO r (old, new) VALUES (?, ?)", self._names.items()
+            )
         self._names.clear()
         self._taken.clear()
 
