@@ -476,6 +476,18 @@ async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
         clock.tick(100.0)
         await step(f"limit down #{n}", limiter.slow_down())
     await step("limit reserve, slow", reserve_fleet(0.0))
+    await step(
+        "limit reserve, past its limit",
+        limiter._reserve(keys=[limiter.key], args=[limiter.ceiling, 0.0, 1.0]),
+    )
+    await step(
+        "limit reserve, within its limit",
+        limiter._reserve(keys=[limiter.key], args=[limiter.ceiling, 0.0, 1e9]),
+    )
+    await step(
+        "limit reserve, no limit",
+        limiter._reserve(keys=[limiter.key], args=[limiter.ceiling, 0.0, ""]),
+    )
     for n in range(25):
         await step(f"limit up #{n}", limiter.speed_up())
     await step("limit current", limiter.current())
@@ -538,6 +550,10 @@ async def test_the_in_memory_redis_paces_merchants_and_limits_the_fleet_as_redis
     assert rows["429 m4, 50 ms into its second"] == pytest.approx(2 / 1.1)
     assert float(rows["limit reserve"]) > 0
     assert float(rows["limit reserve, earliest sooner"]) > 0
+    past = float(rows["limit reserve, past its limit"])
+    assert past < -1.0  # nothing taken: the same slot is free within a wider limit
+    assert float(rows["limit reserve, within its limit"]) == -past
+    assert float(rows["limit reserve, no limit"]) > -past
     assert rows["limit down at once"] == rows["limit down"] == 2.0
     assert rows["limit down, 1 / rate later"] == 1.0
     assert rows["limit down #7"] == 4.0 / 64

@@ -76,6 +76,11 @@ class KnownRefunds:
         # order: add is a few C calls on the hot path.
         self._ids: dict[int, tuple[int | None, str | None]] = {}
         self._order: deque[int] = deque()
+        # The same refunds by bag and by owner: a batch or fleet call asks both for
+        # every ask (_as_owner), and a scan of up to ``capacity`` refunds per call made
+        # a long run quadratic.
+        self._by_bag: dict[int | None, set[int]] = {}
+        self._by_owner: dict[str | None, set[int]] = {}
         self._capacity = capacity
         # The refund each ask (by ask_id) was handed: a resume of it gets it again.
         self._claimed: dict[str, OrderRefund] = {}
@@ -133,16 +138,31 @@ class KnownRefunds:
                 # and another ask can never claim it.
                 self._idless.append((bag_id, owner, refund))
             return
-        if refund_id in self._ids:
-            if owner is not None and self._ids[refund_id][1] is None:
-                self._ids[refund_id] = (self._ids[refund_id][0] or bag_id, owner)
+        entry = self._ids.get(refund_id)
+        if entry is not None:
+            if owner is not None and entry[1] is None:
+                self._unindex(refund_id, entry)
+                self._index(refund_id, (entry[0] or bag_id, owner))
             return
-        self._ids[refund_id] = (bag_id, owner)
+        self._index(refund_id, (bag_id, owner))
         self._order.append(refund_id)
         if len(self._order) > self._capacity:
-            gone = self._ids.pop(self._order.popleft(), None)
-            if gone is not None and gone[1] is not None:
-                self._claimed.pop(gone[1], None)
+            oldest = self._order.popleft()
+            gone = self._ids.get(oldest)
+            if gone is not None:
+                self._unindex(oldest, gone)
+                if gone[1] is not None:
+                    self._claimed.pop(gone[1], None)
+
+    def _index(self, refund_id: int, entry: tuple[int | None, str | None]) -> None:
+        self._ids[refund_id] = entry
+        self._by_bag.setdefault(entry[0], set()).add(refund_id)
+        self._by_owner.setdefault(entry[1], set()).add(refund_id)
+
+    def _unindex(self, refund_id: int, entry: tuple[int | None, str | None]) -> None:
+        del self._ids[refund_id]
+        _drop(self._by_bag, entry[0], refund_id)
+        _drop(self._by_owner, entry[1], refund_id)
 
     def claimed(self, ask_id: str) -> OrderRefund | None:
         """The refund the ask ``ask_id`` (any record of it) was already handed in this
@@ -207,16 +227,15 @@ class KnownRefunds:
     def on_bag(self, bag_id: int, *, besides: str | None = None) -> frozenset[int]:
         """The refunds returned for ``bag_id``, except those owned by the ask
         ``besides`` (for an ask's record, so that a resume in another process never
-        claims another call's; a failure path, so a scan is fine)."""
-        return frozenset(
-            r
-            for r, (bag, owner) in self._ids.items()
-            if bag == bag_id and (besides is None or owner != besides)
-        )
+        claims another call's)."""
+        on_bag = self._by_bag.get(bag_id, ())
+        if besides is None:
+            return frozenset(on_bag)
+        return frozenset(r for r in on_bag if self._ids[r][1] != besides)
 
     def owned_by(self, ask_id: str) -> frozenset[int]:
-        """The refunds handed to the ask ``ask_id`` (a failure path: a scan is fine)."""
-        return frozenset(r for r, (_, owner) in self._ids.items() if owner == ask_id)
+        """The refunds handed to the ask ``ask_id``."""
+        return frozenset(self._by_owner.get(ask_id, ()))
 
     def owner(self, refund_id: int) -> str | None:
         entry = self._ids.get(refund_id)
@@ -231,6 +250,14 @@ class KnownRefunds:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+
+def _drop(index: dict[Any, set[int]], at: object, refund_id: int) -> None:
+    ids = index.get(at)
+    if ids is not None:
+        ids.discard(refund_id)
+        if not ids:
+            del index[at]
 
 
 def _again(error: VioletError) -> VioletError:

@@ -32,14 +32,17 @@ local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or ceiling)
 if rate > ceiling then rate = ceiling end
 """
 
-# ARGV: ceiling, earliest (ms from now). Returns ms to wait, as text (Lua numbers would
-# be cut to integers).
+# ARGV: ceiling, earliest (ms from now), the furthest wait the caller may take (ms after
+# earliest; '' or absent: any). Returns ms to wait, as text (Lua numbers would be cut to
+# integers); negative when the slot is further than that (nothing taken).
 _RESERVE = (
     _PRELUDE
     + """
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
 local earliest = now + tonumber(ARGV[2])
 local slot = math.max(tat, earliest)
+local limit = tonumber(ARGV[3])
+if limit and slot - earliest > limit then return tostring(-(slot - earliest)) end
 redis.call('HSET', KEYS[1], 'tat', tostring(slot + 1000 / rate))
 redis.call('PEXPIRE', KEYS[1], 86400000)
 return tostring(slot - earliest)
@@ -84,16 +87,17 @@ class FleetRateLimit:
         self._reserve = redis.register_script(_RESERVE)
         self._adjust = redis.register_script(_ADJUST)
 
-    async def wait(self, earliest: float = 0.0) -> float:
+    async def wait(self, earliest: float = 0.0, limit: float | None = None) -> float:
         """Reserve the next send slot no sooner than ``earliest`` seconds from now and
         sleep until ``earliest`` before it; returns the seconds slept. (The caller
-        waits the ``earliest`` part itself, as the refund driver does for a backoff.)"""
-        waited = (
-            float(
-                await self._reserve(keys=[self.key], args=[self.ceiling, max(earliest, 0.0) * 1000])
-            )
-            / 1000
-        )
+        waits the ``earliest`` part itself, as the refund driver does for a backoff.)
+
+        ``limit``: take no slot more than that many seconds after ``earliest`` (a
+        call's deadline); then nothing is taken, nothing slept, and the negative wait
+        the slot would have needed is returned (the request must not leave)."""
+        args: list[float | str] = [self.ceiling, max(earliest, 0.0) * 1000]
+        args.append("" if limit is None else max(limit, 0.0) * 1000)
+        waited = float(await self._reserve(keys=[self.key], args=args)) / 1000
         if waited > 0:
             await asyncio.sleep(waited)
         return waited

@@ -271,7 +271,9 @@ class FleetWorker:
                 continue
             known.add(refund_id, item.bag_id)
 
-        merchant = await self._merchant_turn(item) if resume is None else None
+        # A resumed item may send again (its bag read back shows nothing): it takes its
+        # merchant's turn and passes the send gate as a first send does.
+        merchant = await self._merchant_turn(item)
         budgeted: set[int] = set()
 
         async def save(ask: PendingRefund) -> None:
@@ -421,13 +423,22 @@ class FleetWorker:
         reserved for later items."""
         # The driver's own wait before this send (a backoff), after this returns.
         planned = (ask.last_sent_at or 0.0) - self.clock.time()
+        connect = self.engine.timeouts.connect
         if self.limiter is not None:
-            await self.limiter.wait(planned)
+            # The fleet's budget: no slot the send could not leave at a connect timeout
+            # before the call's deadline (a backlog, or a 429 halving the rate, could
+            # push it past; the send would leave after the call gave up on it).
+            reach = None
+            if deadline is not None:
+                reach = deadline - self.clock.monotonic() - max(planned, 0.0) - connect
+            waited = await self.limiter.wait(planned, limit=reach)
+            if waited < 0:
+                raise _PacedBack(None, -waited, max(reach or 0.0, 0.0))
         if merchant is not None and self.pace is not None:
             limit = self.patience
             if deadline is not None:
                 room = deadline - self.clock.monotonic() - max(planned, 0.0)
-                limit = min(limit, room - self.engine.timeouts.connect)
+                limit = min(limit, room - connect)
             slot = await self.pace.gate_slot(merchant, max(limit, 0.0))
             if slot is not None:
                 wait, epoch = slot
@@ -727,15 +738,19 @@ class FleetWorker:
 
 
 class _PacedBack(Exception):
-    """The merchant's next send slot is further than this send may wait for: no slot
-    was taken, nothing was sent (raised by the save before a send, so it ends the
-    driver before its request leaves)."""
+    """The merchant's next send slot (``merchant`` None: the fleet rate limit's) is
+    further than this send may wait for: no slot was taken, nothing was sent (raised by
+    the save before a send, so it ends the driver before its request leaves)."""
 
-    def __init__(self, merchant: int, wait: float, limit: float) -> None:
+    def __init__(self, merchant: int | None, wait: float, limit: float) -> None:
         super().__init__(
             f"merchant {merchant}'s pace: its next send slot is in {wait:.1f}s, further "
             f"than this run may wait for it ({limit:.1f}s, by its patience and its "
             "deadline less a connect timeout); nothing was sent"
+            if merchant is not None
+            else f"the fleet's rate limit (pace): its next send slot is in {wait:.1f}s, "
+            f"further than this run may wait for it ({limit:.1f}s, its deadline less a "
+            "connect timeout); nothing was sent"
         )
         self.wait = wait
         self.limit = limit

@@ -435,6 +435,9 @@ def _limit_reserve(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # 
     tat = _number(r.hget(keys[0], b"tat"))
     earliest = now + float(argv[1])
     slot = max(tat, earliest)
+    limit = _tonumber(argv[2]) if len(argv) > 2 else None
+    if limit is not None and slot - earliest > limit:
+        return _lua_tostring(-(slot - earliest))
     r.hset(keys[0], b"tat", _lua_tostring(slot + 1000 / rate))
     r.pexpire(keys[0], _DAY_MS)
     return _lua_tostring(slot - earliest)
