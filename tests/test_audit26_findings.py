@@ -209,6 +209,54 @@ async def test_the_fleet_rate_wait_is_bounded_by_the_calls_deadline(redis: Redis
     assert len(server.refunds) == 1
 
 
+async def test_a_lying_429_handed_back_at_the_fleet_rate_wait_is_never_sent_twice(
+    redis: Redis,
+) -> None:
+    """Attack on the bound above: the platform commits the refund and answers 429
+    anyway, and the re-send finds the fleet's budget past its deadline. The item is
+    handed back with its first send on record; its next run reads the bag back, finds
+    this very refund and ends with it: one POST, one refund, never a second send."""
+    clock = FakeClock()
+    limiter = FleetRateLimit(redis, APP_ID, rate=1000.0)
+
+    async def budget_taken() -> None:
+        await redis.hset(limiter.key, "tat", str(await _redis_ms(redis) + 30_000))
+
+    server = Hostile(
+        clock,
+        script=[Step(429, body=TOO_MANY, headers={"Retry-After": "1"}, commit_after=0.0)],
+        on_answer=budget_taken,
+    )
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300))
+    key = item_key(item)
+    policy = RetryPolicy(
+        initial_delay=0.5, max_delay=4.0, deadline=10.0, settle_running=0.3, settle_lag=0.2
+    )
+    async with hostile_client(server, retry=policy, timeouts=TIMEOUTS) as client:
+        worker = FleetWorker(
+            client,
+            RedisLedger(redis),
+            BagLocks(redis, ttl=1.0, poll=0.02),
+            limiter,
+            patience=1.0,
+            merchant_pace=False,
+        )
+        await worker.ledger.register(key, item)
+        with pytest.raises(RetryLaterError, match=r"rate limit") as raised:
+            await asyncio.wait_for(worker.run(key), 5.0)
+        record = await worker.ledger.get(key)
+        assert record is not None
+        assert record.state == "sent"
+        server.on_answer = None
+        await redis.hset(limiter.key, "tat", "0")
+        clock.advance(raised.value.defer)
+        done = await _until_applied(worker, key, clock)
+        assert done["state"] == "applied"
+        assert done["refund_id"] == server.ours[0]
+    assert server.posts == 1
+    assert len(server.refunds) == 1
+
+
 async def test_the_fleet_rate_limit_takes_no_slot_past_the_limit(redis: Redis) -> None:
     """``FleetRateLimit.wait(limit=...)``: a slot further than ``limit`` after
     ``earliest`` is not taken (the negative wait says how far); within it, taken."""
