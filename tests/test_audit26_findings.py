@@ -14,10 +14,13 @@ directly), and fails on the code before the audit:
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import orjson
 import pytest
 
 if not os.environ.get("CI"):
@@ -296,3 +299,52 @@ def test_known_refunds_by_bag_and_owner_match_a_scan() -> None:
         for who in ("a", "b", "c"):
             assert known.owned_by(who) == frozenset(r for r, (_, o) in ids.items() if o == who)
         assert len(known) <= 50
+
+
+async def test_the_run_summary_and_output_count_requests_and_429s_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Count what a refund costs": a batch across a strict merchant (429s over its
+    limit) and a free one. The summary's requests and 429s (total and a row) and the
+    output's per-row ``requests`` and ``rate_limited`` are what the server answered:
+    every 429 it sent is counted, and every row succeeded (a 429 is never a failure)."""
+    from violet_async._batch_cli import BatchOptions, run_file
+    from violet_async.testing import FakeViolet
+
+    async with FakeViolet(
+        orders=12, seed=26, merchants=2, merchant_limits={STRICT: 8.0}, merchant_limit=1e9
+    ) as fake:
+        for name, value in {
+            "VIOLET_APP_ID": str(fake.app_id),
+            "VIOLET_APP_SECRET": fake.app_secret,
+            "VIOLET_USERNAME": fake.username,
+            "VIOLET_PASSWORD": fake.password,
+            "VIOLET_BASE_URL": fake.base_url,
+        }.items():
+            monkeypatch.setenv(name, value)
+        path = tmp_path / "in.csv"
+        lines = ["order_id,bag_id,amount_refunded"]
+        lines += [f"{order_id},{bag_id},100" for order_id, bag_id in fake.seeded]
+        path.write_text("\n".join(lines) + "\n")
+        out, err = io.StringIO(), io.StringIO()
+        output = tmp_path / "out.jsonl"
+        code = await run_file("refund", path, BatchOptions(output=output), out=out, err=err)
+        limits = fake.merchant_limits
+        assert limits is not None
+        answered_429 = limits.limited
+        strict = sum(1 for o, b in fake.seeded if fake.bag(o, b).merchant_id == STRICT)
+    assert code == 0, err.getvalue()
+    assert 0 < strict < 12  # both merchants have rows
+    rows = [orjson.loads(x) for x in output.read_bytes().splitlines()]
+    assert {r["outcome"] for r in rows} == {"succeeded"}
+    assert len(rows) == 12
+    requests = sum(r["requests"] for r in rows)
+    limited = sum(r["rate_limited"] for r in rows)
+    assert limited == answered_429  # every 429 the server sent, on its row
+    # A row is a baseline read and a POST at least, plus one POST a 429.
+    assert all(r["requests"] >= 2 + r["rate_limited"] for r in rows)
+    summary = out.getvalue()
+    line = (
+        f"requests {requests} ({requests / 12:.2f} a row; 429s {limited}, {limited / 12:.2f} a row)"
+    )
+    assert line in " ".join(summary.split())
