@@ -348,3 +348,78 @@ async def test_the_run_summary_and_output_count_requests_and_429s_a_row(
         f"requests {requests} ({requests / 12:.2f} a row; 429s {limited}, {limited / 12:.2f} a row)"
     )
     assert line in " ".join(summary.split())
+
+
+async def test_fake_server_has_a_strict_merchant_to_rehearse_a_run_against() -> None:
+    """`fake-server --merchants 2 --strict-merchant RATE` (FakeViolet's per-merchant
+    limits, so an operator can see pacing before a real run): the strict merchant's
+    second refund within its limit gets Violet's 429 with a Retry-After, nothing
+    applied; the other merchant's bags are not limited."""
+    import signal
+    import sys
+
+    from violet_async import RateLimitError, VioletClient
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "violet_async",
+        "fake-server",
+        "--port",
+        "0",
+        "--orders",
+        "3",
+        "--merchants",
+        "2",
+        "--strict-merchant",
+        "0.01",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    try:
+        assert proc.stdout is not None
+        exports: dict[str, str] = {}
+        while len(exports) < 5:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line, "fake-server ended before its export lines"
+            if line.startswith("export "):
+                name, _, value = line.removeprefix("export ").strip().partition("=")
+                exports[name] = value
+        once = RetryPolicy(max_attempts=1)
+        async with VioletClient(
+            int(exports["VIOLET_APP_ID"]),
+            exports["VIOLET_APP_SECRET"],
+            username=exports["VIOLET_USERNAME"],
+            password=exports["VIOLET_PASSWORD"],
+            base_url=exports["VIOLET_BASE_URL"],
+            retry=once,
+        ) as client:
+            # Orders 100001 and 100003 are merchant 20001's; 100002 is 20002's.
+            first = await client.refund_bag(100001, 200001, RefundBagRequest(amount_refunded=100))
+            assert first.amount == 100
+            with pytest.raises(RateLimitError) as limited:
+                await client.refund_bag(100003, 200003, RefundBagRequest(amount_refunded=100))
+            assert limited.value.status == 429
+            # The next token, 100 s after the first.
+            assert float(limited.value.headers["Retry-After"]) > 50
+            other = await client.refund_bag(100002, 200002, RefundBagRequest(amount_refunded=100))
+            assert other.amount == 100
+            assert list(await client.list_bag_refunds(100003, 200003)) == []  # nothing applied
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--strict-merchant", "0"), ("--merchant-limit", "-1"), ("--merchant-limit", "nan")],
+)
+def test_fake_server_refuses_a_limit_that_is_not_a_rate(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from violet_async.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["fake-server", "--port", "0", option, value])
+    assert exited.value.code == 2
+    assert option in capsys.readouterr().err

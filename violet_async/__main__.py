@@ -35,6 +35,9 @@ async def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         token_lifetime=args.token_lifetime,
         cancel_response=args.cancel_response,
+        merchants=args.merchants,
+        merchant_limit=args.merchant_limit,
+        merchant_limits={STRICT_MERCHANT: args.strict_merchant} if args.strict_merchant else None,
     )
     stop = asyncio.Event()
     restore_signals = on_signals(stop.set, (signal.SIGINT, signal.SIGTERM))
@@ -354,7 +357,53 @@ def _add_fake_server(sub: Any) -> None:
         help="the shape of a cancel's answer: Violet's 202 cancellation body (default) "
         "or the bare refund on 200 of the older page",
     )
+    serve.add_argument(
+        "--merchants",
+        type=_at_least_one,
+        default=1,
+        help="merchants the seeded bags take turns among (ids 20001 up)",
+    )
+    serve.add_argument(
+        "--merchant-limit",
+        type=_per_second,
+        default=None,
+        metavar="PER_S",
+        help="refund and cancel POSTs a second each merchant's platform lets through; "
+        "over it, Violet's 429 with a Retry-After, nothing applied (default: no limit)",
+    )
+    serve.add_argument(
+        "--strict-merchant",
+        type=_per_second,
+        default=None,
+        metavar="PER_S",
+        help=f"merchant {STRICT_MERCHANT}'s own limit: one strict platform (as Shopify is) "
+        "beside the others (default: as --merchant-limit)",
+    )
     serve.set_defaults(handler=_run_fake_server)
+
+
+#: The merchant ``fake-server --strict-merchant`` limits (the first seeded merchant).
+STRICT_MERCHANT = 20001
+
+
+def _per_second(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate above 0 a second")
+    return rate
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
