@@ -1,0 +1,215 @@
+"""Review 16: ways today's main refunds twice, reports an outcome it did not prove, or
+never ends, each against a server scripted here (``Hostile``; refunds counted by its
+own record, ``Hostile.made``), on a virtual clock. Each test names the scenario, what
+the SDK did, and the true outcome (one refund per ask; pending or review is a true
+outcome)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from email.utils import formatdate
+
+import attrs
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    PendingRefund,
+    RefundBagRequest,
+    RetryPolicy,
+    VioletClient,
+)
+from violet_async._transport import Timeouts
+from violet_async.exceptions import VioletError
+from violet_async.stores import RecordStore
+from violet_async.testing import FakeClock
+
+from .conftest import serve
+from .samples import refund_body
+
+ORDER, BAG = 16, 26
+HOUR = 3600.0
+REQUEST = RefundBagRequest(amount_refunded=500)
+
+
+def _stamp(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+class Hostile:
+    """Violet for a few bags, scripted. Each POST takes the next step of ``script``:
+
+    - ``lost``: not applied, answered Violet's own 500;
+    - ``applied_lost``: applied, answered Violet's own 500;
+    - ``ok``: applied, answered 200 with the refund;
+    - ``busy``: not applied, answered 429.
+
+    ``dated``: answers carry a ``Date`` header (Violet's clock: ``clock.time()`` minus
+    ``stepped``, how far the client's wall clock was stepped off Violet's). ``hide``:
+    the refund list shows nothing (a platform call not yet committed, or a lagging
+    list). ``gate``: when set, every POST waits for it (``held`` set meanwhile)."""
+
+    def __init__(self, clock: FakeClock, script: list[str], *, dated: bool = True) -> None:
+        self.clock = clock
+        self.script = script
+        self.dated = dated
+        self.stepped = 0.0
+        self.hide = False
+        self.gate: asyncio.Event | None = None
+        self.held = asyncio.Event()
+        self.posts = 0
+        self.made: list[dict[str, object]] = []
+
+    def violet_time(self) -> float:
+        return self.clock.time() - self.stepped
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/login", self._login)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._refund)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        return app
+
+    def _headers(self) -> dict[str, str]:
+        if not self.dated:
+            return {"Date": "none"}  # unreadable: no Date to the SDK
+        return {"Date": formatdate(self.violet_time(), usegmt=True)}
+
+    async def _login(self, request: web.Request) -> web.Response:
+        data = {"token": "review16-token-0123456789", "refresh_token": "review16-refresh-01"}
+        return web.json_response(data, headers=self._headers())
+
+    async def _list(self, request: web.Request) -> web.Response:
+        bag = int(request.match_info["b"])
+        shown = [] if self.hide else [r for r in self.made if r["bag_id"] == bag]
+        return web.Response(
+            body=orjson.dumps(shown), content_type="application/json", headers=self._headers()
+        )
+
+    async def _refund(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.json()
+        if self.gate is not None:
+            self.held.set()
+            await self.gate.wait()
+        step = self.script.pop(0) if self.script else "ok"
+        if step == "lost":
+            return web.json_response(
+                {"message": "Internal error", "status": 500}, status=500, headers=self._headers()
+            )
+        if step == "busy":
+            return web.json_response(
+                {"message": "Too many requests"},
+                status=429,
+                headers={**self._headers(), "Retry-After": "1"},
+            )
+        now = self.violet_time()
+        listed = refund_body(
+            id=16_000 + len(self.made),
+            order_id=int(request.match_info["o"]),
+            bag_id=int(request.match_info["b"]),
+            amount=body["amount_refunded"],
+            status="COMPLETED",
+            skus=[],
+            errors=[],
+            date_created=_stamp(now),
+            date_last_modified=_stamp(now),
+        )
+        self.made.append(listed)
+        if step == "applied_lost":
+            return web.json_response(
+                {"message": "Internal error", "status": 500}, status=500, headers=self._headers()
+            )
+        return web.json_response(listed, headers=self._headers())
+
+    def on_bag(self, bag: int) -> list[object]:
+        return [r["id"] for r in self.made if r["bag_id"] == bag]
+
+
+@contextlib.asynccontextmanager
+async def _serve(server: Hostile) -> AsyncIterator[str]:
+    async with serve(server.app()) as base:
+        yield base + "/v1"
+
+
+def _client(
+    url: str,
+    clock: FakeClock,
+    deadline: float = 600.0,
+    store: RecordStore | None = None,
+    attempts: int = 3,
+) -> VioletClient:
+    return VioletClient(
+        4216,
+        "review16-app-secret-0123456789abcdef",
+        username="review16-user",
+        password="review16-password-0123",
+        base_url=url,
+        clock=clock,
+        store=store,
+        retry=RetryPolicy(
+            initial_delay=0.5, max_delay=1.0, deadline=deadline, max_attempts=attempts
+        ),
+        timeouts=Timeouts(connect=1.0, read=2.0),
+    )
+
+
+async def _ended(call: Awaitable[OrderRefund]) -> OrderRefund | BaseException:
+    """The refund a call returned, or what it raised."""
+    try:
+        return await call
+    except VioletError as exc:
+        return exc
+
+
+# -- 1. another process's record that learned Violet's offset, resumed after a step ----
+
+
+@pytest.mark.parametrize("dated_here", [False, True])
+async def test_a_dated_record_of_another_process_resumed_after_a_step_here_waits(
+    dated_here: bool,
+) -> None:
+    """Scenario: process zero's POST is answered Violet's own 500 (its platform call may
+    still run for ``settle_running``, 60 s), with a ``Date`` header: zero's record
+    learns Violet's offset (``server_offset``) and its deadline parks it pending: record
+    R, on a job queue. This process's client was made before; since then its machine's
+    wall clock stepped forward 1 h (NTP), which its ``ClockOrigin`` knows. Ten seconds
+    after the 500 the job resumes R here; the answers here carry no readable ``Date``
+    (another frontend, or a proxy that drops it).
+
+    Main: ``Engine.drive`` moves another process's times by the origin's step only when
+    the record never learned an offset (``server_offset is None``); ``protocol.start``
+    likewise adds the skew and takes the record onto this clock only then. R's times
+    stay as zero read them (Violet's time, right), compared with this stepped clock:
+    the window ended 1 h ago, one read (the platform call not committed yet) proves
+    absence, and the request is sent again 10 s after a 5xx: a second refund.
+
+    True outcome: nothing sent inside the window: pending (one refund); the same with a
+    ``Date`` here (``dated_here``)."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["applied_lost", "ok"])
+    server.hide = True  # the platform call has not committed yet (it does within 60 s)
+    async with (
+        _serve(server) as url,
+        _client(url, clock, deadline=3.0) as zero,
+        _client(url, clock, deadline=5.0) as here,
+    ):
+        first = await _ended(zero.refund_bag(ORDER, BAG, REQUEST))
+        assert isinstance(first, AmbiguousOutcomeError)
+        assert first.pending is not None
+        assert first.pending.server_offset is not None  # zero learned Violet's offset
+        record = attrs.evolve(first.pending, clock="0123456789abcdef", wall_mono=None)
+        clock.step_wall(HOUR)
+        server.stepped = HOUR
+        server.dated = dated_here
+        clock.advance(10.0)
+        again = await _ended(here.resume(PendingRefund.from_json(record.to_json())))
+        server.hide = False  # committed, within the settle window
+    assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
+    assert isinstance(again, AmbiguousOutcomeError), repr(again)
