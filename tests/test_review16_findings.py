@@ -65,6 +65,13 @@ class Hostile:
         self.held = asyncio.Event()
         self.posts = 0
         self.made: list[dict[str, object]] = []
+        # A record's amount in the merchant platform's currency (``platform_rate``
+        # times the amount asked, ``refund_currency`` names it); the bag's currency
+        # as the order read gives it (None: left out).
+        self.platform_rate = 1.0
+        self.refund_currency = "USD"
+        self.bag_currency: str | None = "USD"
+        self.order_reads = 0
 
     def violet_time(self) -> float:
         return self.clock.time() - self.stepped
@@ -74,7 +81,29 @@ class Hostile:
         app.router.add_post("/v1/login", self._login)
         app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._refund)
         app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        app.router.add_get("/v1/orders/{o}", self._order)
         return app
+
+    async def _order(self, request: web.Request) -> web.Response:
+        self.order_reads += 1
+        order = int(request.match_info["o"])
+        bags = sorted({int(str(r["bag_id"])) for r in self.made} | {BAG})
+        bag_list = []
+        for bag in bags:
+            one: dict[str, object] = {
+                "id": bag,
+                "order_id": order,
+                "merchant_id": 33,
+                "status": "COMPLETED",
+                "financial_status": "PAID",
+                "total": 10_000,
+                "skus": [],
+            }
+            if self.bag_currency is not None:
+                one["currency"] = self.bag_currency
+            bag_list.append(one)
+        data = {"id": order, "status": "COMPLETED", "currency": "USD", "bags": bag_list}
+        return web.json_response(data, headers=self._headers())
 
     def _headers(self) -> dict[str, str]:
         if not self.dated:
@@ -114,7 +143,8 @@ class Hostile:
             id=16_000 + len(self.made),
             order_id=int(request.match_info["o"]),
             bag_id=int(request.match_info["b"]),
-            amount=body["amount_refunded"],
+            amount=round(body["amount_refunded"] * self.platform_rate),
+            refund_currency=self.refund_currency,
             status="COMPLETED",
             skus=[],
             errors=[],
@@ -213,3 +243,34 @@ async def test_a_dated_record_of_another_process_resumed_after_a_step_here_waits
         server.hide = False  # committed, within the settle window
     assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
     assert isinstance(again, AmbiguousOutcomeError), repr(again)
+
+
+# -- 2. a refund recorded in another currency, on a bag whose currency is left out ------
+
+
+async def test_a_refund_in_another_currency_on_a_bag_without_its_currency_is_not_sent_again() -> (
+    None
+):
+    """Scenario: a refund of 25.00 on a USD order; Violet's POST applies it and answers
+    its own 500. The merchant platform records it in its own currency: 33.75 CAD
+    (``refund_currency`` CAD, amount 3375). The order read gives the bag without its
+    ``currency`` (every field of Violet's answers is optional; the order says USD).
+
+    Main: the read-back sees 3375 CAD and no bag, and reads the bag once (audit 27's
+    fix) to learn its currency; the bag has none, so ``_other_currency`` says "same
+    currency" (it compares only when both are given), 3375 is another amount: a miss.
+    After the window the ask is proven absent and sent again: a second refund.
+
+    True outcome: the record may be this ask's (its amount cannot be compared with the
+    bag's): review, one refund."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["applied_lost", "ok"])
+    server.platform_rate = 1.35
+    server.refund_currency = "CAD"
+    server.bag_currency = None
+    async with _serve(server) as url, _client(url, clock, deadline=600.0) as client:
+        got = await _ended(client.refund_bag(ORDER, BAG, amount_refunded=2500))
+    assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
+    assert isinstance(got, AmbiguousOutcomeError), repr(got)
+    assert got.pending is not None
+    assert got.pending.needs_review
