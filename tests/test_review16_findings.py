@@ -25,6 +25,7 @@ from violet_async import (
     RetryPolicy,
     VioletClient,
 )
+from violet_async._ask import sent_once
 from violet_async._transport import Timeouts
 from violet_async.exceptions import VioletError
 from violet_async.stores import RecordStore
@@ -274,3 +275,48 @@ async def test_a_refund_in_another_currency_on_a_bag_without_its_currency_is_not
     assert isinstance(got, AmbiguousOutcomeError), repr(got)
     assert got.pending is not None
     assert got.pending.needs_review
+
+
+# -- 3. another machine's record sent and never answered, resumed here -----------------
+
+
+async def test_another_machines_sent_record_is_resumed_with_the_skew_allowed_for() -> None:
+    """Scenario: a fleet worker on host A (its wall clock 40 s behind, within the
+    policy's ``clock_skew`` of 60 s) records its send (``sent``: the record saved
+    right before the POST, no settle window yet) and is killed with the POST in
+    flight; Violet's platform call behind it commits 50 s later. A worker on host B
+    (clock right) resumes the record 35 s after the POST left.
+
+    Main: ``protocol.start`` takes another process's record onto this clock and adds
+    ``clock_skew`` to its settle window only when the record has one; a record that
+    never got one (sent, then nothing) is given ``last_sent_at + attempt + settle_running``
+    on A's clock, 40 s early by B's: the window looks over, the one read (not committed
+    yet) proves absence, and B sends again: a second refund.
+
+    True outcome: nothing sent before the window (with the skew) has passed: pending,
+    one refund."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["ok"])
+    async with _serve(server) as url, _client(url, clock, deadline=5.0) as here:
+        sent_at = clock.time() - 40.0  # host A's clock, 40 s behind
+        record = sent_once("refund", ORDER, BAG, REQUEST, sent_at, clock="a0a0a0a0a0a0a0a0")
+        # A's POST reached Violet; its platform call has not committed (not listed).
+        server.made.append(
+            refund_body(
+                id=15_999,
+                order_id=ORDER,
+                bag_id=BAG,
+                amount=500,
+                status="COMPLETED",
+                skus=[],
+                errors=[],
+                date_created=_stamp(clock.time()),
+                date_last_modified=_stamp(clock.time()),
+            )
+        )
+        server.hide = True
+        clock.advance(35.0)
+        again = await _ended(here.resume(PendingRefund.from_json(record.to_json())))
+        server.hide = False  # committed, 50 s after it left
+    assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
+    assert isinstance(again, AmbiguousOutcomeError), repr(again)

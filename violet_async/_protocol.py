@@ -309,9 +309,11 @@ def start(
         # back from another process that took it onto its own clock: review 15).
         newly_unsure = ask.clock != here and ask.server_offset is None
         unsure = ask.clock_unsure or newly_unsure
-        if newly_unsure and ask.settle_until is not None:
+        if newly_unsure and (ask.settle_until is not None or ask.last_sent_at is not None):
             # Its times are another process's clock, offset never learned: allow for
-            # that clock being off by as much as the skew tolerance.
+            # that clock being off by as much as the skew tolerance (also for a window
+            # built above from its send: review 16, another host's clock 40 s behind
+            # ended it 40 s early and the request was sent again while it ran).
             settle += settings.clock_skew
         ask = attrs.evolve(
             ask,
