@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable
 from email.utils import formatdate
 
@@ -27,8 +28,8 @@ from violet_async import (
 )
 from violet_async._ask import sent_once
 from violet_async._transport import Timeouts
-from violet_async.exceptions import VioletError
-from violet_async.stores import RecordStore
+from violet_async.exceptions import BagPendingError, VioletError
+from violet_async.stores import RecordStore, SQLiteStore
 from violet_async.testing import FakeClock
 
 from .conftest import serve
@@ -49,7 +50,8 @@ class Hostile:
     - ``lost``: not applied, answered Violet's own 500;
     - ``applied_lost``: applied, answered Violet's own 500;
     - ``ok``: applied, answered 200 with the refund;
-    - ``busy``: not applied, answered 429.
+    - ``busy``: not applied, answered 429;
+    - ``applied_held``: applied, answered 200 once ``release`` is set.
 
     ``dated``: answers carry a ``Date`` header (Violet's clock: ``clock.time()`` minus
     ``stepped``, how far the client's wall clock was stepped off Violet's). ``hide``:
@@ -64,6 +66,7 @@ class Hostile:
         self.hide = False
         self.gate: asyncio.Event | None = None
         self.held = asyncio.Event()
+        self.release = asyncio.Event()
         self.posts = 0
         self.made: list[dict[str, object]] = []
         # A record's amount in the merchant platform's currency (``platform_rate``
@@ -153,6 +156,10 @@ class Hostile:
             date_last_modified=_stamp(now),
         )
         self.made.append(listed)
+        if step == "applied_held":
+            # Applied; the answer waits for ``release`` (the caller may be gone by then).
+            self.held.set()
+            await self.release.wait()
         if step == "applied_lost":
             return web.json_response(
                 {"message": "Internal error", "status": 500}, status=500, headers=self._headers()
@@ -318,5 +325,110 @@ async def test_another_machines_sent_record_is_resumed_with_the_skew_allowed_for
         clock.advance(35.0)
         again = await _ended(here.resume(PendingRefund.from_json(record.to_json())))
         server.hide = False  # committed, 50 s after it left
+    assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
+    assert isinstance(again, AmbiguousOutcomeError), repr(again)
+
+
+# -- 4. a keyed call cancelled with its POST applied, repeated across processes ---------
+
+
+async def test_a_keyed_call_cancelled_after_its_post_applied_refunds_once(
+    tmp_path: Path,
+) -> None:
+    """Scenario: two processes share a SQLiteStore. Process one's keyed refund is
+    applied at Violet, and its caller's timeout (``asyncio.wait_for``) cancels the call
+    before the answer arrives. The web app retries: without the key in process one,
+    then with the key in process two, then with it in process one.
+
+    True outcome: one refund; the unkeyed retry in process one is refused
+    (``BagPendingError``), each keyed retry gets the one refund."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["applied_held"])
+    path = tmp_path / "keys.db"
+    key = "rma-review16-cancelled"
+    async with (
+        _serve(server) as url,
+        SQLiteStore(path, monotonic=clock.monotonic) as one_store,
+        SQLiteStore(path, monotonic=clock.monotonic) as two_store,
+        _client(url, clock, store=one_store) as one,
+        _client(url, clock, store=two_store) as two,
+    ):
+        call = asyncio.ensure_future(one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+        await server.held.wait()
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        server.release.set()
+        bare = await _ended(one.refund_bag(ORDER, BAG, REQUEST))
+        clock.advance(5.0)
+        keyed_two = await _ended(two.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+        keyed_one = await _ended(one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+    assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
+    assert isinstance(bare, BagPendingError), repr(bare)
+    made = server.made[0]["id"]
+    assert isinstance(keyed_two, OrderRefund) and keyed_two.id == made, repr(keyed_two)
+    assert isinstance(keyed_one, OrderRefund) and keyed_one.id == made, repr(keyed_one)
+
+
+# -- 5. another host's record that learned Violet's offset, resumed with no Date here ---
+
+
+class _Behind:
+    """Another host's clock on the same virtual time: its wall clock ``behind`` seconds
+    behind ``base``'s (within ``clock_skew``); monotonic time and sleeps are ``base``'s."""
+
+    def __init__(self, base: FakeClock, behind: float) -> None:
+        self.base = base
+        self.behind = behind
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+    def time(self) -> float:
+        return self.base.time() - self.behind
+
+    async def sleep(self, seconds: float) -> None:
+        await self.base.sleep(seconds)
+
+
+async def test_a_dated_record_of_a_host_behind_resumed_with_no_date_here_waits() -> None:
+    """Scenario: worker P's host clock is 40 s behind (within ``clock_skew``, 60 s);
+    worker Q's is right. P's POST is answered Violet's own 500 with a ``Date`` (P
+    learns Violet's offset, +40 s): its platform call may run for ``settle_running``
+    (60 s) and does commit 50 s later. P's deadline parks it: record R. 35 s after the
+    500 the job resumes R in Q, whose answers carry no readable ``Date``.
+
+    Main: R learned an offset, so ``protocol.start`` neither takes it onto Q's clock
+    nor allows the skew for it; with no ``Date`` in Q nothing moves its times (on P's
+    clock, 40 s behind): the window ended 20 s after the 500 by Q's clock, the read (not
+    committed yet) proves absence, and Q sends again: a second refund.
+
+    True outcome: nothing sent before the window (with the skew) has passed: pending,
+    one refund."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["applied_lost", "ok"])
+    server.hide = True  # the platform call has not committed yet (it does within 60 s)
+    async with (
+        _serve(server) as url,
+        VioletClient(
+            4216,
+            "review16-app-secret-0123456789abcdef",
+            username="review16-user",
+            password="review16-password-0123",
+            base_url=url,
+            clock=_Behind(clock, 40.0),
+            retry=RetryPolicy(initial_delay=0.5, max_delay=1.0, deadline=3.0, max_attempts=3),
+            timeouts=Timeouts(connect=1.0, read=2.0),
+        ) as p,
+        _client(url, clock, deadline=5.0) as q,
+    ):
+        first = await _ended(p.refund_bag(ORDER, BAG, REQUEST))
+        assert isinstance(first, AmbiguousOutcomeError)
+        assert first.pending is not None
+        assert first.pending.server_offset is not None
+        server.dated = False
+        clock.advance(32.0)
+        again = await _ended(q.resume(PendingRefund.from_json(first.pending.to_json())))
+        server.hide = False  # committed, 50 s after the 500
     assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
     assert isinstance(again, AmbiguousOutcomeError), repr(again)
