@@ -432,3 +432,55 @@ async def test_a_dated_record_of_a_host_behind_resumed_with_no_date_here_waits()
         server.hide = False  # committed, 50 s after the 500
     assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
     assert isinstance(again, AmbiguousOutcomeError), repr(again)
+
+
+# -- 6. a keyed record told FAILED, resumed again once the key holds an unsent repeat ---
+
+
+async def test_a_keyed_record_told_failed_is_not_sent_again_through_an_unsent_repeat(
+    tmp_path: Path,
+) -> None:
+    """Scenario: processes one and two share a SQLiteStore. One's keyed refund (key K)
+    is answered Violet's own 500 (nothing applied) and its deadline parks it: record X
+    (kept pending on the bag in one, and put on a job queue). The job resumes X in
+    worker two: proven absent, sent again, 429, no attempts left: FAILED, and the job's caller
+    is told so (``Claim.ENDED`` exists so that a later delivery of X says the same
+    and sends nothing). The web app then repeats K in process one: X is still pending
+    on the bag there, so the repeat is ``BagPendingError`` (nothing sent), and the
+    key's entry is left holding the repeat's unsent ask (NEW, X in its lineage). The
+    job is delivered again (at-least-once) and resumes X in worker three.
+
+    Main: ``decide`` answers ENDED only while the key's entry holds X FAILED; with the
+    repeat's NEW ask there it is OWNED, and ``_own_resume`` resumes X itself through
+    the key (``_key_ask``: "a key's record never sent holds no ask yet"): X, told
+    FAILED, is read back, proven absent and sent a third time: it applies. A caller
+    told "failed" (who may refund the shopper another way) now has a refund made.
+
+    True outcome: the second delivery ends as the first did (failed), nothing sent."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["lost", "busy", "ok"])
+    path = tmp_path / "keys.db"
+    key = "rma-review16-told-failed"
+    async with (
+        _serve(server) as url,
+        SQLiteStore(path, monotonic=clock.monotonic) as one_store,
+        SQLiteStore(path, monotonic=clock.monotonic) as two_store,
+        _client(url, clock, deadline=3.0, store=one_store) as one,
+        _client(url, clock, store=two_store, attempts=1) as two,
+        SQLiteStore(path, monotonic=clock.monotonic) as three_store,
+        _client(url, clock, store=three_store) as three,
+    ):
+        first = await _ended(one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+        assert isinstance(first, AmbiguousOutcomeError)
+        assert first.pending is not None
+        record = first.pending.to_json()
+        clock.advance(120.0)
+        told = await _ended(two.resume(PendingRefund.from_json(record)))
+        assert not isinstance(told, (OrderRefund, AmbiguousOutcomeError)), repr(told)
+        posts = server.posts
+        repeat = await _ended(one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+        assert isinstance(repeat, BagPendingError), repr(repeat)
+        clock.advance(120.0)
+        again = await _ended(three.resume(PendingRefund.from_json(record)))
+    assert server.posts == posts, f"X was sent again after its caller was told {told!r}"
+    assert not isinstance(again, OrderRefund), repr(again)
