@@ -269,8 +269,8 @@ async def test_a_refund_in_another_currency_on_a_bag_without_its_currency_is_not
     currency" (it compares only when both are given), 3375 is another amount: a miss.
     After the window the ask is proven absent and sent again: a second refund.
 
-    True outcome: the record may be this ask's (its amount cannot be compared with the
-    bag's): review, one refund."""
+    True outcome: the bag's currency is its cart's, the order's (USD): the CAD record
+    may be this ask's and its amount cannot be compared: review, one refund."""
     clock = FakeClock(wall_start=1_700_000_000.0)
     server = Hostile(clock, ["applied_lost", "ok"])
     server.platform_rate = 1.35

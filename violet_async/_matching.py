@@ -184,14 +184,10 @@ def _other_currency(refund: OrderRefund, bag: OrderBag) -> bool:
     is "set for this refund by the external ecom platform", and a bag's base currency
     may differ from the merchant platform's (``currency_exchange_rate``); its pages do
     not say which currency a record's ``amount`` is in. Such an amount cannot be held
-    against the bag's total or an amount asked: it may be ours, never a miss. A bag
-    that leaves its currency out cannot tell either (review 16: a record in CAD on such
-    a bag was a miss, and the ask was sent again)."""
+    against the bag's total or an amount asked: it may be ours, never a miss."""
     theirs, ours = refund.refund_currency, bag.currency
-    if not theirs or not theirs.strip():
+    if not theirs or not ours:
         return False
-    if not ours or not ours.strip():
-        return True
     return theirs.strip().upper() != ours.strip().upper()
 
 
