@@ -51,7 +51,9 @@ class Hostile:
     - ``applied_lost``: applied, answered Violet's own 500;
     - ``ok``: applied, answered 200 with the refund;
     - ``busy``: not applied, answered 429;
-    - ``applied_held``: applied, answered 200 once ``release`` is set.
+    - ``applied_held``: applied, answered 200 once ``release`` is set;
+    - ``idless``: applied, answered 200 without the refund's ``id``, dated ``ahead``
+      seconds after the list's date for it.
 
     ``dated``: answers carry a ``Date`` header (Violet's clock: ``clock.time()`` minus
     ``stepped``, how far the client's wall clock was stepped off Violet's). ``hide``:
@@ -76,6 +78,7 @@ class Hostile:
         self.refund_currency = "USD"
         self.bag_currency: str | None = "USD"
         self.order_reads = 0
+        self.ahead = 0.0
 
     def violet_time(self) -> float:
         return self.clock.time() - self.stepped
@@ -164,7 +167,14 @@ class Hostile:
             return web.json_response(
                 {"message": "Internal error", "status": 500}, status=500, headers=self._headers()
             )
-        return web.json_response(listed, headers=self._headers())
+        answer = listed
+        if step == "idless":
+            # Without its id, stamped by another clock of Violet's (``ahead`` seconds
+            # after the time the list gives the refund).
+            stamp = _stamp(now + self.ahead)
+            answer = dict(listed, date_created=stamp, date_last_modified=stamp)
+            del answer["id"]
+        return web.json_response(answer, headers=self._headers())
 
     def on_bag(self, bag: int) -> list[object]:
         return [r["id"] for r in self.made if r["bag_id"] == bag]
@@ -484,3 +494,45 @@ async def test_a_keyed_record_told_failed_is_not_sent_again_through_an_unsent_re
         again = await _ended(three.resume(PendingRefund.from_json(record)))
     assert server.posts == posts, f"X was sent again after its caller was told {told!r}"
     assert not isinstance(again, OrderRefund), repr(again)
+
+
+# -- 7. a batch's second row after an id-less answer dated after its record ------------
+
+
+@pytest.mark.parametrize("ahead", [0.0, 90.0])
+async def test_a_batch_row_after_an_idless_answer_is_not_held_as_already_present(
+    ahead: float,
+) -> None:
+    """Scenario: a batch (``read_before_send``, as the CLI runs it) with two rows of
+    5.00 on one bag (two items of one bag, each to be refunded). Violet applies the
+    first and answers 200 without the refund's ``id``; its answer is dated 90 s after
+    the date the bag's list gives the refund (two clocks of Violet's, or one stamping
+    on arrival and one on processing). The second row's guard read lists that refund.
+
+    Main: ``KnownRefunds.learn`` binds a listed record to the id-less answer only when it
+    is at most 60 s older than the answer (``IDLESS_EARLIER``); this one is 90 s older,
+    so it is not known as the first row's, and the guard (``_guard``, which looks at
+    ``known`` only, not at the refunds handed out without their id, ``unnamed``) finds
+    "a refund exactly like it that nothing accounts for": the second row is
+    ``already_present`` and never sent. The first row's refund is reported as the
+    second's shopper's too; that shopper is never refunded, and nothing says review.
+
+    True outcome: the second row is sent (two refunds, one per row), or, when that
+    cannot be told, left for review (unknown), never "already present". With the answer
+    dated as listed (``ahead`` 0), the record is known as the first row's and the
+    second row is sent."""
+    from violet_async.batch import BatchItem, run_batch  # noqa: PLC0415
+
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["idless", "ok"], dated=False)
+    server.ahead = ahead
+    items = [BatchItem.refund(1, ORDER, BAG, REQUEST), BatchItem.refund(2, ORDER, BAG, REQUEST)]
+    async with _serve(server) as url, _client(url, clock) as client:
+        results = [r async for r in run_batch(client, items, concurrency=1)]
+    outcomes = {r.item.line: r.outcome for r in results}
+    assert outcomes[1] == "succeeded"
+    assert outcomes[2] in ("succeeded", "unknown"), outcomes
+    if outcomes[2] == "succeeded":
+        assert len(server.made) == 2
+    if not ahead:
+        assert outcomes[2] == "succeeded"

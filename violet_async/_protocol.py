@@ -77,7 +77,16 @@ from ._ask import (
     clock_stepped,
     with_unnamed,
 )
-from ._matching import Verdict, cannot_tell, content, judge, match, needs_bag
+from ._matching import (
+    WRONG_OFFSET_SPAN,
+    Verdict,
+    cannot_tell,
+    content,
+    judge,
+    match,
+    needs_bag,
+    unix_time,
+)
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -516,6 +525,17 @@ def _guard(
         # needs no second read.
         return attrs.evolve(ask, reads=1), Action(Do.READ, read_bag=True)
     present = tuple(r for r in candidates if content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH)
+    unnamed = _known_unnamed(ask, known).unnamed
+    if present and all(_maybe_unnamed(r, unnamed) for r in present):
+        # Each may be a refund another call here got without its id (review 16: its
+        # record, dated further from that answer than ``learn`` binds, was "a refund
+        # exactly like it that nothing accounts for", and a second row asking the same
+        # was never sent): neither present nor absent can be told. A person looks.
+        note = (
+            f"bag {ask.bag_id} holds a refund like this one that may be one another call "
+            "got without its id; whether it is this one's cannot be told; not sent"
+        )
+        return _park(ask, note, review=True, candidates=present)
     if present:
         note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
         held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
@@ -534,6 +554,21 @@ def _guard(
         )
         return _park(ask, note, review=True)
     return None
+
+
+def _maybe_unnamed(
+    refund: OrderRefund, unnamed: Sequence[tuple[int | None, float | None]]
+) -> bool:
+    """``refund`` may be one of the refunds handed out without their id (``unnamed``:
+    amount, date): the same amount (as far as both say), dated within the widest a
+    clock or a wrongly labelled offset can put it from that answer."""
+    when = unix_time(refund.date_created)
+    for amount, date in unnamed:
+        if amount is not None and refund.amount is not None and amount != refund.amount:
+            continue
+        if date is None or when is None or abs(when - date) <= WRONG_OFFSET_SPAN:
+            return True
+    return False
 
 
 def _known_unnamed(ask: PendingRefund, known: Container[int]) -> PendingRefund:
