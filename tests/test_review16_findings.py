@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable
 from email.utils import formatdate
+from pathlib import Path
 
 import attrs
 import orjson
@@ -521,7 +521,7 @@ async def test_a_batch_row_after_an_idless_answer_is_not_held_as_already_present
     cannot be told, left for review (unknown), never "already present". With the answer
     dated as listed (``ahead`` 0), the record is known as the first row's and the
     second row is sent."""
-    from violet_async.batch import BatchItem, run_batch  # noqa: PLC0415
+    from violet_async.batch import BatchItem, run_batch
 
     clock = FakeClock(wall_start=1_700_000_000.0)
     server = Hostile(clock, ["idless", "ok"], dated=False)

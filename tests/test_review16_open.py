@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 
 from violet_async import AmbiguousOutcomeError, OrderRefund, PendingRefund
 from violet_async.exceptions import BagPendingError
-from violet_async.stores import RedisStore
+from violet_async.stores import RedisStore, SQLiteStore
 from violet_async.testing import FakeClock
 
 from ._fleet_redis import redis_url  # noqa: F401 - the fixture
-
 from .test_review16_findings import BAG, ORDER, REQUEST, Hostile, _client, _ended, _serve
-
 
 # -- 1. two records pending on one bag in one client hold each other back for good ------
 
@@ -116,3 +116,56 @@ async def test_a_keyed_repeat_after_redis_lost_its_data_sends_nothing_blind(
         again = await _ended(two.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
     assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
     assert isinstance(again, (OrderRefund, AmbiguousOutcomeError)), repr(again)
+
+
+# -- 3. a keyed record told FAILED, resumed after its key's retention --------------------
+
+
+async def test_a_keyed_record_told_failed_is_not_sent_again_after_retention(
+    tmp_path: Path,
+) -> None:
+    """Scenario: processes share a SQLiteStore (retention 600 s here; 24 h by default).
+    Process one's keyed refund (key K) is answered Violet's own 500 (nothing applied);
+    its deadline parks it: record X, on a job queue. The job resumes X in worker two:
+    proven absent, re-sent, 429, no attempts left: FAILED, and its caller is told so.
+    The queue delivers the resume job once more, after K's retention (a queue that
+    retries for longer than the store keeps finished keys).
+
+    Main: K's FAILED entry was swept with its retention; the resume finds no entry and
+    owns it fresh with X's record: X, told FAILED, is read back, proven absent and
+    sent again (it applies). ``Claim.ENDED`` only holds while the entry does.
+
+    True outcome: a record whose ask ended (or may have) and whose key's entry is gone
+    is not sent again: failed, or review; nothing sent.
+
+    Why open: a store cannot tell "swept after it finished" from "never held here" (a
+    record of another store, or of a process with the default MemoryStore). A fix
+    keeps the ``ask_id`` of every ended ask longer than retention (a compact tombstone),
+    or refuses a resume of a keyed record older than retention (review)."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["lost", "busy", "ok"])
+    path = tmp_path / "keys.db"
+    key = "rma-review16-swept"
+    async with (
+        _serve(server) as url,
+        SQLiteStore(path, monotonic=clock.monotonic, retention=600.0) as one_store,
+        SQLiteStore(path, monotonic=clock.monotonic, retention=600.0) as two_store,
+        SQLiteStore(path, monotonic=clock.monotonic, retention=600.0) as three_store,
+        _client(url, clock, deadline=3.0, store=one_store) as one,
+        _client(url, clock, store=two_store, attempts=1) as two,
+        _client(url, clock, store=three_store) as three,
+    ):
+        first = await _ended(one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
+        assert isinstance(first, AmbiguousOutcomeError)
+        assert first.pending is not None
+        record = first.pending.to_json()
+        clock.advance(120.0)
+        told = await _ended(two.resume(PendingRefund.from_json(record)))
+        assert not isinstance(told, (OrderRefund, AmbiguousOutcomeError)), repr(told)
+        posts = server.posts
+        clock.advance(700.0)
+        await one.refund_bag(ORDER, 99, REQUEST, idempotency_key="rma-review16-other")
+        posts += 1  # that one's own POST, on another bag
+        again = await _ended(three.resume(PendingRefund.from_json(record)))
+    assert server.posts == posts, f"X was sent again after its caller was told {told!r}"
+    assert not isinstance(again, OrderRefund), repr(again)

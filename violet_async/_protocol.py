@@ -556,9 +556,7 @@ def _guard(
     return None
 
 
-def _maybe_unnamed(
-    refund: OrderRefund, unnamed: Sequence[tuple[int | None, float | None]]
-) -> bool:
+def _maybe_unnamed(refund: OrderRefund, unnamed: Sequence[tuple[int | None, float | None]]) -> bool:
     """``refund`` may be one of the refunds handed out without their id (``unnamed``:
     amount, date): the same amount (as far as both say), dated within the widest a
     clock or a wrongly labelled offset can put it from that answer."""
