@@ -376,8 +376,10 @@ async def test_a_keyed_call_cancelled_after_its_post_applied_refunds_once(
     assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
     assert isinstance(bare, BagPendingError), repr(bare)
     made = server.made[0]["id"]
-    assert isinstance(keyed_two, OrderRefund) and keyed_two.id == made, repr(keyed_two)
-    assert isinstance(keyed_one, OrderRefund) and keyed_one.id == made, repr(keyed_one)
+    assert isinstance(keyed_two, OrderRefund), repr(keyed_two)
+    assert keyed_two.id == made
+    assert isinstance(keyed_one, OrderRefund), repr(keyed_one)
+    assert keyed_one.id == made
 
 
 # -- 5. another host's record that learned Violet's offset, resumed with no Date here ---

@@ -42,8 +42,10 @@ async def test_two_records_pending_on_one_bag_in_one_client_end() -> None:
     ):
         x = await _ended(here.refund_bag(ORDER, BAG, REQUEST))
         r = await _ended(zero.refund_bag(ORDER, BAG, REQUEST))
-        assert isinstance(x, AmbiguousOutcomeError) and x.pending is not None
-        assert isinstance(r, AmbiguousOutcomeError) and r.pending is not None
+        assert isinstance(x, AmbiguousOutcomeError)
+        assert x.pending is not None
+        assert isinstance(r, AmbiguousOutcomeError)
+        assert r.pending is not None
         records = {
             "x": x.pending,
             "r": PendingRefund.from_json(
