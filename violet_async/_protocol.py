@@ -316,16 +316,15 @@ def start(
         here = settings.clock_id or PROCESS_CLOCK
         # Another process's times, offset never learned (again, when the record comes
         # back from another process that took it onto its own clock: review 15).
-        foreign = ask.clock != here
-        newly_unsure = foreign and ask.server_offset is None
+        newly_unsure = ask.clock != here and ask.server_offset is None
         unsure = ask.clock_unsure or newly_unsure
-        if foreign and (ask.settle_until is not None or ask.last_sent_at is not None):
-            # Its times are another process's clock: allow for that clock being off by
-            # as much as the skew tolerance. Also for a window built above from its
-            # send, and for a record that learned Violet's offset there: until a Date
-            # here moves its times (``_with_offset``), they are that clock's (review
-            # 16: another host's clock 40 s behind ended the window 40 s early, and the
-            # request was sent again while the first still ran).
+        if newly_unsure and (ask.settle_until is not None or ask.last_sent_at is not None):
+            # Its times are another process's clock, offset never learned: allow for
+            # that clock being off by as much as the skew tolerance (also for a window
+            # built above from its send: review 16, another host's clock 40 s behind
+            # ended it 40 s early and the request was sent again while it ran). A
+            # record that learned Violet's offset there gets it while no Date here has
+            # moved its times (``_after_read``).
             settle += settings.clock_skew
         ask = attrs.evolve(
             ask,
@@ -609,6 +608,12 @@ def _after_read(
     if not reading.seen <= ask.seen:
         ask = attrs.evolve(ask, seen=ask.seen | reading.seen)
     settle = ask.settle_until if ask.settle_until is not None else now
+    if ask.clock != (settings.clock_id or PROCESS_CLOCK):
+        # Another process's times that learned Violet's offset there, and no Date here
+        # has moved them onto this clock yet (``_with_offset``): that clock may be off
+        # by as much as the skew tolerance (review 16: a host 40 s behind, no Date
+        # here: the window ended 40 s early and the request was sent again).
+        settle += settings.clock_skew
     after_window = obs.at >= settle
     if verdict is Verdict.MATCH and obs.unreadable:
         note = (
