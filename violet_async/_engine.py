@@ -1422,18 +1422,19 @@ class Engine:
                 )
                 if resume is not None and key is not None and resume.idempotency_key != key:
                     resume = attrs.evolve(resume, idempotency_key=key)
-                if (
-                    resume is not None
-                    and resume.clock != (settings.clock_id or PROCESS_CLOCK)
-                    and resume.server_offset is None
-                ):
+                if resume is not None and resume.clock != (settings.clock_id or PROCESS_CLOCK):
                     # Another process's times: the clock they were read by is taken
                     # for this one's as it was when the client was made; a step of this
                     # clock since moves them with it (review 15: a window looked over
                     # an hour early, and the ask was sent again 10 s after a 5xx).
                     jump = shared.origin.step_at(clock.time(), clock.monotonic())
                     if jump:
-                        resume = clock_stepped(resume, jump)
+                        # Also when that process learned Violet's offset (review 16):
+                        # with no Date here, nothing else would move them. Its offset,
+                        # read against a clock that differs from this one by the step,
+                        # is dropped: the record is taken onto this clock, unsure
+                        # (``protocol.start``), as one that never learned it.
+                        resume = attrs.evolve(clock_stepped(resume, jump), server_offset=None)
                 ask = resume or shared.origin.mark(
                     PendingRefund(
                         kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key

@@ -77,7 +77,16 @@ from ._ask import (
     clock_stepped,
     with_unnamed,
 )
-from ._matching import Verdict, cannot_tell, content, judge, match, needs_bag
+from ._matching import (
+    WRONG_OFFSET_SPAN,
+    Verdict,
+    cannot_tell,
+    content,
+    judge,
+    match,
+    needs_bag,
+    unix_time,
+)
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -309,9 +318,13 @@ def start(
         # back from another process that took it onto its own clock: review 15).
         newly_unsure = ask.clock != here and ask.server_offset is None
         unsure = ask.clock_unsure or newly_unsure
-        if newly_unsure and ask.settle_until is not None:
+        if newly_unsure and (ask.settle_until is not None or ask.last_sent_at is not None):
             # Its times are another process's clock, offset never learned: allow for
-            # that clock being off by as much as the skew tolerance.
+            # that clock being off by as much as the skew tolerance (also for a window
+            # built above from its send: review 16, another host's clock 40 s behind
+            # ended it 40 s early and the request was sent again while it ran). A
+            # record that learned Violet's offset there gets it while no Date here has
+            # moved its times (``_after_read``).
             settle += settings.clock_skew
         ask = attrs.evolve(
             ask,
@@ -511,6 +524,17 @@ def _guard(
         # needs no second read.
         return attrs.evolve(ask, reads=1), Action(Do.READ, read_bag=True)
     present = tuple(r for r in candidates if content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH)
+    unnamed = _known_unnamed(ask, known).unnamed
+    if present and all(_maybe_unnamed(r, unnamed) for r in present):
+        # Each may be a refund another call here got without its id (review 16: its
+        # record, dated further from that answer than ``learn`` binds, was "a refund
+        # exactly like it that nothing accounts for", and a second row asking the same
+        # was never sent): neither present nor absent can be told. A person looks.
+        note = (
+            f"bag {ask.bag_id} holds a refund like this one that may be one another call "
+            "got without its id; whether it is this one's cannot be told; not sent"
+        )
+        return _park(ask, note, review=True, candidates=present)
     if present:
         note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
         held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
@@ -529,6 +553,19 @@ def _guard(
         )
         return _park(ask, note, review=True)
     return None
+
+
+def _maybe_unnamed(refund: OrderRefund, unnamed: Sequence[tuple[int | None, float | None]]) -> bool:
+    """``refund`` may be one of the refunds handed out without their id (``unnamed``:
+    amount, date): the same amount (as far as both say), dated within the widest a
+    clock or a wrongly labelled offset can put it from that answer."""
+    when = unix_time(refund.date_created)
+    for amount, date in unnamed:
+        if amount is not None and refund.amount is not None and amount != refund.amount:
+            continue
+        if date is None or when is None or abs(when - date) <= WRONG_OFFSET_SPAN:
+            return True
+    return False
 
 
 def _known_unnamed(ask: PendingRefund, known: Container[int]) -> PendingRefund:
@@ -571,6 +608,12 @@ def _after_read(
     if not reading.seen <= ask.seen:
         ask = attrs.evolve(ask, seen=ask.seen | reading.seen)
     settle = ask.settle_until if ask.settle_until is not None else now
+    if ask.clock != (settings.clock_id or PROCESS_CLOCK):
+        # Another process's times that learned Violet's offset there, and no Date here
+        # has moved them onto this clock yet (``_with_offset``): that clock may be off
+        # by as much as the skew tolerance (review 16: a host 40 s behind, no Date
+        # here: the window ended 40 s early and the request was sent again).
+        settle += settings.clock_skew
     after_window = obs.at >= settle
     if verdict is Verdict.MATCH and obs.unreadable:
         note = (

@@ -453,7 +453,7 @@ class BagIO:
         # The bag's status first, then its refunds: the list is then at least as new as
         # the status, so a status that shows the effect is never paired with a list
         # from before it (where another system's refund could pass for ours).
-        bag = (await self.read_order(deadline)).bag(self.bag_id) if read_bag else None
+        bag = _with_currency(await self.read_order(deadline), self.bag_id) if read_bag else None
         page = await self.read_refunds(deadline)
         return ReadBack(tuple(page.refunds), bag, page.server_time, page.unreadable)
 
@@ -467,6 +467,17 @@ class BagIO:
     async def announce(self, ask: PendingRefund, cause: VioletError, delay: float) -> None:
         event = RetryEvent(ask.sends - 1, delay, cause, "POST", self.path, ask.doubted)
         await announce(self.on_retry, event)
+
+
+def _with_currency(order: Order, bag_id: int) -> OrderBag | None:
+    """The bag ``bag_id`` of ``order``; one that leaves its ``currency`` out has the
+    order's (a bag's currency is its cart's base currency, which the order's is: review
+    16, a record in CAD on a bag read without its currency was compared by amount, a
+    miss, and the ask was sent again)."""
+    bag = order.bag(bag_id)
+    if bag is not None and not bag.currency and order.currency:
+        bag = attrs.evolve(bag, currency=order.currency)
+    return bag
 
 
 class Clock(Protocol):

@@ -193,6 +193,8 @@ def decide(
       call owns a fresh entry (a second try cannot refund twice what never applied
       once);
     - owned by another caller whose lease runs: BUSY;
+    - a new ask never sent, claimed for a resume of one of the key's earlier asks:
+      ENDED (that ask failed; nothing written);
     - otherwise (new, sent or pending, nobody alive on it): the call takes it over and
       resumes the recorded ask, never sending blind.
 
@@ -227,6 +229,12 @@ def decide(
     alive = current.owner is not None and (current.lease_until or 0.0) > now
     if alive and current.owner != fresh.owner:
         return Claim.BUSY, current, None
+    if current.ask.phase is Phase.NEW and fresh.ask.ask_id in current.lineage:
+        # A resume of one of the key's earlier asks (each ended definitely not applied)
+        # while the key holds a repeat never sent: its caller was told "failed"; it is
+        # not sent anew through the repeat's entry (review 16: a second delivery of a
+        # resume job, after a repeat of the key was held back unsent, sent it again).
+        return Claim.ENDED, current, None
     taken = attrs.evolve(current, owner=fresh.owner, lease_until=fresh.lease_until)
     return Claim.OWNED, taken, taken
 
