@@ -778,6 +778,26 @@ class KeyedAsks:
                 _key_ask(pending, entry.ask, entry.refund, entry.lineage)
                 return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
+                if _swept(entry, mine, now, getattr(store, "retention", None)):
+                    parked = attrs.evolve(
+                        mine,
+                        needs_review=True,
+                        note=(
+                            "its record is older than the record store's retention and the "
+                            "store holds no end of it: the key's entry may have been swept "
+                            "after the ask ended (a caller told it failed, or handed its "
+                            f"refund); a person has to look at bag {mine.bag_id}"
+                        ),
+                    )
+                    await self._give_back(attrs.evolve(entry, ask=parked))
+                    raise AmbiguousOutcomeError(
+                        f"the {mine.kind} of bag {mine.bag_id} (order {mine.order_id}) may or "
+                        f"may not have applied: {parked.note}. Nothing was read or sent: "
+                        "check the bag before doing anything else",
+                        request=mine.request,
+                        attempts=mine.sends,
+                        pending=parked,
+                    )
                 if _earlier(pending, entry.ask, entry.lineage):
                     # A record of an earlier ask of the key (it ended definitely not
                     # applied, and the key was called again for the same request): its
@@ -899,6 +919,19 @@ class KeyedAsks:
                     return
             except Exception as exc:  # noqa: BLE001 - tried again next time
                 log.warning("could not renew the lease of key %r: %s", key, exc)
+
+
+def _swept(entry: KeyEntry, mine: PendingRefund, now: float, retention: float | None) -> bool:
+    """The store held nothing of ``mine`` but what this resume just wrote (no end, no
+    earlier ask), and ``mine`` left longer ago than the store keeps an ended key:
+    its entry may have been swept after the ask ended elsewhere (told "failed", or
+    its refund handed out), so nothing of the store can say it did not (review 16)."""
+    if retention is None or entry.ask.ask_id != mine.ask_id:
+        return False
+    if entry.finished_at is not None or entry.refund is not None or entry.lineage:
+        return False
+    sent = mine.last_sent_at if mine.last_sent_at is not None else mine.first_sent_at
+    return sent is not None and sent + retention <= now
 
 
 def resume_key(scope: str, ask_id: str) -> str:
@@ -1468,7 +1501,30 @@ class Engine:
             # record goes back on the bag (still pending here, keeping new asks off it).
             others = unsettled.records_on(bag_id)
             if resume is not None:
-                unsettled.add(resume)
+                if others and all(unsettled.stuck(other) for other in others):
+                    # Every ask holding it back is itself held back (by this one) or
+                    # parked for review: none can ever send, so none would ever end
+                    # (review 16). A person settles the bag; nothing is sent.
+                    parked = attrs.evolve(
+                        resume,
+                        phase=Phase.PENDING,
+                        needs_review=True,
+                        note=(
+                            f"held back by {len(others)} other ask(s) pending on bag {bag_id} "
+                            "here that are held back in turn or parked for review; a person "
+                            f"has to look at bag {bag_id}"
+                        ),
+                    )
+                    unsettled.add(parked)
+                    shared.known_refunds.parked(parked)
+                    raise AmbiguousOutcomeError(
+                        f"{exc}; the {kind} of bag {bag_id} (order {order_id}) may or may not "
+                        f"have applied: {parked.note}. check the bag before doing anything else",
+                        request=req,
+                        attempts=parked.sends,
+                        pending=parked,
+                    ) from None
+                unsettled.add(resume, held=True)
             raise BagPendingError(str(exc), pending=others) from None
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:

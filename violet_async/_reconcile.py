@@ -293,6 +293,8 @@ class PendingAsks:
 
     def __init__(self) -> None:
         self._by_bag: dict[int, list[PendingRefund]] = {}
+        # Asks whose resume was held back by another one pending on their bag.
+        self._held: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self._by_bag)
@@ -304,12 +306,23 @@ class PendingAsks:
         """The records pending on ``bag_id``, oldest first."""
         return tuple(self._by_bag.get(bag_id, ()))
 
-    def add(self, pending: PendingRefund) -> None:
+    def add(self, pending: PendingRefund, *, held: bool = False) -> None:
+        """``held``: its resume was held back by another ask pending on the bag."""
         self._by_bag.setdefault(pending.bag_id, []).append(pending)
+        if held:
+            self._held.add(pending.ask_id)
+        else:
+            self._held.discard(pending.ask_id)
+
+    def stuck(self, record: PendingRefund) -> bool:
+        """``record`` cannot end by itself: parked for review, or its resume was held
+        back by another ask pending on the bag."""
+        return record.needs_review or record.ask_id in self._held
 
     def forget(self, bag_id: int) -> None:
         """Drop the bag's records (their owner, e.g. a fleet ledger, keeps them)."""
-        self._by_bag.pop(bag_id, None)
+        for record in self._by_bag.pop(bag_id, ()):
+            self._held.discard(record.ask_id)
 
     def check(self, bag_id: int, resume: PendingRefund | None) -> PendingRefund | None:
         """A resume takes its own record off the bag, and gets back what both records
@@ -329,6 +342,7 @@ class PendingAsks:
         for index, record in enumerate(records):
             if _same_ask(record, resume):
                 del records[index]
+                self._held.discard(record.ask_id)
                 if record.ask_id == resume.ask_id:
                     resume = merged(resume, record)
                 break

@@ -939,11 +939,11 @@ class _World:
         unsettled = engine_of(client).unsettled
         add = unsettled.add
 
-        def owned(pending: PendingRefund) -> None:
+        def owned(pending: PendingRefund, *, held: bool = False) -> None:
             label = ASK_LABEL.get()
             if label is not None:
                 self.record_owner.setdefault(pending.ask_id, label)
-            add(pending)
+            add(pending, held=held)
 
         setattr(unsettled, "add", owned)  # noqa: B010
         return client, transport
