@@ -34,9 +34,10 @@ from ...exceptions import (
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
 from .._state import RuleViolation
-from . import _fleet, _kinds_answers, _kinds_more
+from . import _fleet, _kinds_answers, _kinds_more, _kinds_review
 from ._kinds_answers import ANSWER_KINDS
 from ._kinds_more import MORE_KINDS, MerchantLimit, SecondCaller
+from ._kinds_review import REVIEW_KINDS, ReviewWorld
 from ._violet import (
     ASK_LABEL,
     AUTH_KINDS,
@@ -85,7 +86,9 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #:   bag's total) listed on bags from before the run;
 #: - ``merchant_429``, ``two_clients_one_store``, ``redis_loss``, ``worker_dies``: see
 #:   ``_kinds_more``;
-#: - ``refund_answers``, ``keyed_resume``: see ``_kinds_answers``.
+#: - ``refund_answers``, ``keyed_resume``: see ``_kinds_answers``;
+#: - ``key_clock``, ``resume_elsewhere``, ``refund_in_429``, ``early_resume``: see
+#:   ``_kinds_review``.
 WORLD_KINDS = (
     "status_lag",
     "dates",
@@ -104,6 +107,7 @@ WORLD_KINDS = (
     "date_lag",
     *MORE_KINDS,
     *ANSWER_KINDS,
+    *REVIEW_KINDS,
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
 #: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
@@ -263,6 +267,8 @@ class Schedule:
     loss_same_worker: bool = False
     """After the loss, the first worker runs again the jobs it finished before it (the
     file enqueued again, taken by the worker whose client made those refunds)."""
+    review: ReviewWorld | None = None
+    """What ``_kinds_review``'s kinds drew (None: none of them)."""
 
     def fault_count(self) -> int:
         return (
@@ -281,6 +287,7 @@ class Schedule:
             + len(self.second_callers)
             + bool(self.worker_dies)
             + (self.ledger_loss is not None)
+            + (self.review is not None)
         )
 
     def describe(self) -> str:
@@ -332,6 +339,7 @@ class Schedule:
             f"ledger_loss={self.ledger_loss} loss_same_worker={self.loss_same_worker}\n"
             f"world: listed_without_skus={self.listed_without_skus} "
             f"dead_refunds={list(self.dead_refunds) or '-'}"
+            + (f"\n{self.review.describe()}" if self.review is not None else "")
         )
 
 
@@ -440,7 +448,7 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     bags = Counter(a.bag for a in s.asks)
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
-    return _answers(attrs.evolve(s, **changes), kinds)
+    return _review(_answers(attrs.evolve(s, **changes), kinds), kinds)
 
 
 def _answers(s: Schedule, kinds: frozenset[str]) -> Schedule:
@@ -450,6 +458,13 @@ def _answers(s: Schedule, kinds: frozenset[str]) -> Schedule:
     post = list(s.post_faults)
     more = _kinds_answers.draw(s, kinds, post)
     return attrs.evolve(s, **more, post_faults=tuple(post))
+
+
+def _review(s: Schedule, kinds: frozenset[str]) -> Schedule:
+    """``s`` with ``_kinds_review``'s kinds of ``kinds`` laid over it."""
+    if not kinds & set(REVIEW_KINDS):
+        return s
+    return attrs.evolve(s, **_kinds_review.draw(s, kinds))
 
 
 def _date_lag(s: Schedule, kinds: frozenset[str], olds: tuple[OldRefund, ...]) -> dict[str, Any]:
@@ -834,6 +849,7 @@ class _World:
                 },
                 schedule.merchant_limits,
             )
+        _kinds_review.arm(self)
         self.world_counts()
         self.violations: list[str] = []
         self.seen: list[Seen] = []
@@ -843,6 +859,13 @@ class _World:
         self.two_processes = {c.label for c in schedule.second_callers}
         self.journal: Path | None = None
         self.clients = 0
+        #: _kinds_review: the first process's client, the early-resume job worker's,
+        #: the asks that ended in worker two (when), those resumed early, their tasks.
+        self.main_client: VioletClient | None = None
+        self.job_client: VioletClient | None = None
+        self.review_ended: dict[str, float] = {}
+        self.review_early: set[str] = set()
+        self.review_tasks: list[asyncio.Future[None]] = []
         self.policy = RetryPolicy(
             max_attempts=schedule.max_attempts,
             deadline=schedule.deadline,
@@ -976,6 +999,8 @@ class _World:
             self.errors.append(seen.pending.to_json())
         if seen.what in ("pending", "review"):
             self.violet.parked(seen.label)
+        if seen.what == "pending":
+            _kinds_review.parked(self, seen)
         self.note(
             f"{seen.label} saw {seen.what}"
             + (f" refund {seen.refund_id}" if seen.refund_id else "")
@@ -1130,8 +1155,16 @@ class _World:
     async def run_direct(self) -> None:
         seconds = {c.label: c for c in self.s.second_callers}
         assert self.journal is not None
-        stores = _kinds_more.open_stores(self.s.shared_store if seconds else "", self.journal)
-        client, _ = self.client("app", stores[0])
+        review = self.s.review
+        if review is not None and review.retention and seconds:
+            stores = _kinds_review.open_stores(self, self.s.shared_store, self.journal)
+        else:
+            stores = _kinds_more.open_stores(self.s.shared_store if seconds else "", self.journal)
+        first = stores[0] if stores[0] is not None else _kinds_review.elsewhere_store(self)
+        client, _ = self.client("app", first)
+        self.main_client = client
+        if review is not None and review.early:
+            self.job_client = self.client("job")[0]
         async with client, _kinds_more.SecondClient(self, stores) as other:
             cancels = {c.label: c for c in self.s.cancels}
 
@@ -1159,10 +1192,19 @@ class _World:
                     ask = self.again(client, ask)
                 await self.call(client, ask, None, repeat=True, key=key)
 
+            keyed_clock = review is not None and bool(review.retention)
             await asyncio.gather(
                 *(later(ask) for ask in self.s.asks),
-                *(other.second(spec) for spec in self.s.second_callers),
+                *(
+                    _kinds_review.second_process(other, spec) if keyed_clock else other.second(spec)
+                    for spec in self.s.second_callers
+                ),
+                *(_kinds_review.reuse(other, spec) for spec in (review.reusers if review else ())),
             )
+            while self.review_tasks:
+                await self.review_tasks.pop()
+        if self.job_client is not None:
+            await self.job_client.aclose()
         await self.resolve_pendings()
 
     def again(self, client: VioletClient, ask: AskSpec) -> AskSpec:
@@ -1203,6 +1245,10 @@ class _World:
                 # A resume job tried again later, as a queue backs off: past the lag of
                 # any replica the last round may have read (shows, hides, shows).
                 await asyncio.sleep(max(self.s.replica_lag, 60.0) + 1.0)
+            review = self.s.review
+            if not round_ and review is not None and review.elsewhere:
+                await _kinds_review.resume_elsewhere(self, todo)
+                continue
             client, _ = self.client(f"resume{round_}")
             async with client:
                 for seen in todo:
@@ -1414,6 +1460,7 @@ class _World:
     def check_more(self) -> None:
         _kinds_more.check(self)
         _kinds_answers.check(self)
+        _kinds_review.check(self)
 
     def still_settling(self, seen: Seen, made: list[int]) -> bool:
         """``seen`` (a final pending) waits out a settle window that has not ended on
