@@ -26,10 +26,11 @@ schedule and calls the hooks below.
   in another process of an ask that ended (failed, not sent) sends nothing
   (``sent-after-ended``); and the base world's.
 - ``refund_in_429`` (every mode): one asked amount's first POST is answered 429 with
-  ``Retry-After: 20`` (nothing applied); 10 s later another system refunds the same
-  amount with the same reason on the bag; the ask's next POST is answered Violet's own
-  500 (not applied). Invariant: the base world's ``attribution`` (that refund is never
-  the ask's).
+  ``Retry-After: 20`` (nothing applied); 10 s later another app refunds the same
+  amount with the same reason on the bag (listed COMPLETED, like this app's own); the
+  ask's next POST, if the other refund was made before it, is answered Violet's own
+  500 (not applied). Drawn only where Violet sends a ``Date`` header. Invariant: the
+  base world's ``attribution`` (that refund is never the ask's).
 - ``early_resume`` (direct): a job worker (another process, its client made at the
   start) resumes an unkeyed call's pending record 10 s after it was parked, and again
   10 s after that if it is still pending; the wall clock steps (+-1 h) 5 s before each
@@ -48,6 +49,7 @@ import attrs
 
 from ..._transport import RawResponse
 from ...stores import MemoryStore, SQLiteStore
+from .._state import RuleViolation
 from ._kinds_more import SecondCaller
 
 __all__ = ["REVIEW_KINDS", "ReviewWorld", "check", "draw"]
@@ -89,7 +91,7 @@ class ReviewWorld:
         )
 
 
-def draw(s: Any, kinds: frozenset[str]) -> dict[str, Any]:  # noqa: C901, PLR0912 - four kinds
+def draw(s: Any, kinds: frozenset[str]) -> dict[str, Any]:
     """The schedule changes of this module's kinds in ``kinds`` over ``s``."""
     changes: dict[str, Any] = {}
     drawn: dict[str, Any] = {}
@@ -143,7 +145,7 @@ def draw(s: Any, kinds: frozenset[str]) -> dict[str, Any]:  # noqa: C901, PLR091
     if "refund_in_429" in kinds:
         rng = random.Random(f"refund_in_429:{s.seed}")
         asked = sorted({a.bag for a in s.asks if a.kind == "refund" and a.amount is not None})
-        if asked and rng.random() < 0.5:
+        if asked and s.date_header and rng.random() < 0.5:
             drawn["in_429"] = (rng.choice(asked),)
     if "early_resume" in kinds and s.mode == "direct":
         rng = random.Random(f"early_resume:{s.seed}")
@@ -268,33 +270,48 @@ def elsewhere_store(world: Any) -> Any:
 
 
 class In429:
-    """The first POST to a drawn bag: 429 (Retry-After 20), another system's refund of
-    the same amount and reason 10 s later; the next POST to it: Violet's own 500 before
-    anything applied."""
+    """The drawn ask's first POST: 429 (Retry-After 20), and another app's refund of
+    the same amount and reason on its bag 10 s later; that ask's next POST, once the
+    other refund is made: Violet's own 500 before anything applied."""
 
-    def __init__(self, world: Any, bags: dict[int, Any], then: Any) -> None:
+    def __init__(self, world: Any, asks: dict[int, Any]) -> None:
         self.world = world
-        self.bags = bags
-        self.then = then
-        self.posts: dict[int, int] = {}
-        self.limited: set[str] = getattr(then, "limited", set())
+        self.asks = asks
+        self.posts: dict[str, int] = {}
+        self.made: set[str] = set()
 
     def __call__(self, bag_id: int, label: str | None) -> RawResponse | None:
-        ask = self.bags.get(bag_id)
+        ask = self.asks.get(bag_id)
         violet = self.world.violet
-        if ask is not None and violet.faults_on:
-            n = self.posts[bag_id] = self.posts.get(bag_id, 0) + 1
-            if n == 1:
-                violet.count("world:refund_in_429")
-                order_id = self.world.ids[ask.bag][0]
-                bag = violet.store.bag(order_id, bag_id)
-                self.world.loop.call_later(
-                    10.0, violet.other_actor_refund, bag, ask.amount, ask.reason
-                )
-                return violet._error(429, "Too Many Requests", 4290, **{"Retry-After": "20"})
-            if n == 2:
-                return violet._error(500, "Internal error", 5000)
-        return self.then(bag_id, label) if self.then is not None else None
+        if ask is None or not violet.faults_on or (label or "").split("~")[0] != ask.label:
+            return None
+        n = self.posts[ask.label] = self.posts.get(ask.label, 0) + 1
+        if n == 1:
+            violet.count("world:refund_in_429")
+            order_id = self.world.ids[ask.bag][0]
+            bag = violet.store.bag(order_id, bag_id)
+            self.world.loop.call_later(10.0, self._another_app, violet, bag, ask)
+            return violet._error(429, "Too Many Requests", 4290, **{"Retry-After": "20"})
+        if n == 2 and ask.label in self.made:
+            violet.count("world:resend_500_after_other")
+            return violet._error(500, "Internal error", 5000)
+        return None
+
+    def _another_app(self, violet: Any, bag: Any, ask: Any) -> None:
+        """Another app (or the merchant's admin through Violet) refunds ``ask``'s
+        amount with its reason on ``bag``: listed COMPLETED, like one of this app's."""
+        try:
+            record = violet.store.commit_refund(
+                bag,
+                {"amount_refunded": ask.amount, "reason": ask.reason},
+                status="COMPLETED",
+                route="external",
+            )
+        except RuleViolation as exc:
+            violet.note(f"ACTOR refund {ask.amount} on bag {bag.id} refused: {exc.message}")
+            return
+        self.made.add(ask.label)
+        violet._committed(None, bag, record)
 
 
 def arm(world: Any) -> None:
@@ -306,7 +323,7 @@ def arm(world: Any) -> None:
     for n in r.in_429:
         ask = next(a for a in world.s.asks if a.bag == n and a.amount is not None)
         bags[world.ids[n][1]] = ask
-    world.violet.post_gate = In429(world, bags, world.violet.post_gate)
+    world.violet.clean_gate = In429(world, bags)
 
 
 # -- early_resume ---------------------------------------------------------------------------

@@ -218,6 +218,10 @@ class SimViolet:
         #: A refund or cancel POST's bag id -> an answer refusing it before anything is
         #: looked at (a merchant platform's 429; ``_kinds_more.MerchantGate``), or None.
         self.post_gate: Callable[[int, str | None], RawResponse | None] | None = None
+        #: A gate asked first about every POST (before the drawn fault of the request):
+        #: its answer arrives as it is (no reset or hang laid over it).
+        self.clean_gate: Callable[[int, str | None], RawResponse | None] | None = None
+        self.clean_answer = False
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -420,6 +424,9 @@ class SimViolet:
         except RuleViolation as exc:
             retry_after = {"Retry-After": exc.retry_after} if exc.retry_after else {}
             answer = self._error(exc.status, exc.message, exc.error_code, **retry_after)
+        if self.clean_answer:
+            self.clean_answer = False
+            fault = None
         if late is not None and fault is not None:
             self.clock.call_later(fault.delay, late)
         # What this answer shows the client counts as shown only once it arrives (an
@@ -469,6 +476,11 @@ class SimViolet:
         fault: SimFault | None,
         label: str | None,
     ) -> tuple[RawResponse | None, Callable[[], None] | None]:
+        if route == "post" and self.clean_gate is not None:
+            first = self.clean_gate(int(parts[3]), label)
+            if first is not None:
+                self.clean_answer = True
+                return first, None
         kind = fault.kind if fault is not None else None
         if kind == "rate_limit":
             extra = {"Retry-After": f"{fault.delay:g}"} if fault and fault.delay else {}
