@@ -159,6 +159,24 @@ def draw(s: Any, kinds: frozenset[str]) -> dict[str, Any]:
     return changes
 
 
+class ProcessClock:
+    """Another process's view of this machine's clocks: the same wall clock (steps
+    and all) and monotonic clock, but a clock object of its own, so the records its
+    client writes name another process's clock."""
+
+    def __init__(self, machine: Any) -> None:
+        self._machine = machine
+
+    def monotonic(self) -> float:
+        return float(self._machine.monotonic())
+
+    def time(self) -> float:
+        return float(self._machine.time())
+
+    async def sleep(self, seconds: float) -> None:
+        await self._machine.sleep(seconds)
+
+
 # -- key_clock --------------------------------------------------------------------------
 
 
@@ -187,7 +205,7 @@ async def second_process(other: Any, spec: Any) -> None:
         path = world.journal.parent / "keys.sqlite3"
         store = SQLiteStore(path, retention=r.retention, monotonic=world.clock.monotonic)
         other.stores = (other.stores[0], store)
-        other.client = world.client("app2", store)[0]
+        other.client = world.client("app2", store, clock=ProcessClock(world.clock))[0]
         world.violet.count("world:store_opened_after_step")
     if r.probe is not None and spec.label == min(c.label for c in world.s.second_callers):
         probe = attrs.evolve(ask, label="P", bag=r.probe, kind="refund", amount=100, skus=False)
@@ -242,7 +260,7 @@ async def resume_elsewhere(world: Any, todo: list[Any]) -> None:
     world.violet.post_gate = gate
     for n in (2, 3):
         store = SQLiteStore(path)
-        client, _ = world.client(f"worker{n}", store)
+        client, _ = world.client(f"worker{n}", store, clock=ProcessClock(world.clock))
         async with client:
             gate.on = r.elsewhere_429 and n == 2
             for seen in todo:

@@ -940,8 +940,13 @@ class _World:
     def note(self, text: str) -> None:
         self.violet.note(f"   client: {text}")
 
-    def client(self, name: str, store: Any = None) -> tuple[VioletClient, SimTransport]:
+    def client(
+        self, name: str, store: Any = None, *, clock: Any = None
+    ) -> tuple[VioletClient, SimTransport]:
+        """A client (``clock``: another process's view of this machine's clocks, whose
+        records name a clock of their own; default the world's)."""
         transport = SimTransport(self.violet, name)
+        clock = clock if clock is not None else self.clock
         client = VioletClient(
             APP_ID,
             self.secret,
@@ -950,13 +955,13 @@ class _World:
             base_url="https://sim.violet.invalid/v1",
             retry=self.policy,
             timeouts=self.timeouts,
-            clock=self.clock,
+            clock=clock,
             store=store,
             _transport=transport,
             # Auth times renewals by time.time(), not by clock= (see the report of the
             # run that built this): on virtual time its "refused fresh tokens, wait
             # 60 s" rule would never end.
-            _auth_now=self.clock.time,
+            _auth_now=clock.time,
         )
         # Each record the client keeps pending belongs to the ask whose call left it.
         unsettled = engine_of(client).unsettled
@@ -1164,7 +1169,7 @@ class _World:
         client, _ = self.client("app", first)
         self.main_client = client
         if review is not None and review.early:
-            self.job_client = self.client("job")[0]
+            self.job_client = self.client("job", clock=_kinds_review.ProcessClock(self.clock))[0]
         async with client, _kinds_more.SecondClient(self, stores) as other:
             cancels = {c.label: c for c in self.s.cancels}
 
