@@ -56,6 +56,8 @@ __all__ = ["REVIEW_KINDS", "ReviewWorld", "check", "draw"]
 
 REVIEW_KINDS = ("key_clock", "resume_elsewhere", "refund_in_429", "early_resume")
 
+#: The matching rule's ``date_tolerance`` (and a second for the POST's way there).
+TOLERANCE = 6.0
 #: Seconds after a call was parked pending that the job worker resumes its record.
 EARLY_RESUME = 10.0
 
@@ -297,6 +299,9 @@ class In429:
         self.asks = asks
         self.posts: dict[str, int] = {}
         self.made: set[str] = set()
+        #: The other app's refund (id, when made) and the ask's next POST's arrival.
+        self.other: dict[str, tuple[int, float]] = {}
+        self.resent_at: dict[str, float] = {}
 
     def __call__(self, bag_id: int, label: str | None) -> RawResponse | None:
         ask = self.asks.get(bag_id)
@@ -304,20 +309,43 @@ class In429:
         if ask is None or not violet.faults_on or (label or "").split("~")[0] != ask.label:
             return None
         n = self.posts[ask.label] = self.posts.get(ask.label, 0) + 1
+        if n == 2:
+            self.resent_at[ask.label] = violet.clock.monotonic()
         if n == 1:
             violet.count("world:refund_in_429")
             order_id = self.world.ids[ask.bag][0]
             bag = violet.store.bag(order_id, bag_id)
-            self.world.loop.call_later(10.0, self._another_app, violet, bag, ask)
+            self.world.loop.call_later(
+                10.0,
+                self._another_app,
+                violet,
+                bag,
+                ask,
+                violet.answering,
+            )
             return violet._error(429, "Too Many Requests", 4290, **{"Retry-After": "20"})
         if n == 2 and ask.label in self.made:
             violet.count("world:resend_500_after_other")
             return violet._error(500, "Internal error", 5000)
         return None
 
-    def _another_app(self, violet: Any, bag: Any, ask: Any) -> None:
+    def _another_app(self, violet: Any, bag: Any, ask: Any, who: str) -> None:
         """Another app (or the merchant's admin through Violet) refunds ``ask``'s
-        amount with its reason on ``bag``: listed COMPLETED, like one of this app's."""
+        amount with its reason on ``bag``: listed COMPLETED, like one of this app's.
+        Only while the ask waits (sent again before it, that send's window holds the
+        other refund: one nobody can tell from the ask's own, remaining risk (a))."""
+        if self.posts.get(ask.label, 0) > 1:
+            violet.count("world:in_429_sent_before_other")
+            return
+        told = violet.transports.get(who)
+        if told is not None and told.dead:
+            # The process told of the 429 died during the wait: before it recorded the
+            # 429, or after a later run recorded a send that then never left (each
+            # record says "sent, outcome unknown"): the other refund is then one nobody
+            # can tell from the ask's own (remaining risk (a)). A crash after the other
+            # refund is made stays in the kind.
+            violet.count("world:in_429_died_in_wait")
+            return
         try:
             record = violet.store.commit_refund(
                 bag,
@@ -329,6 +357,7 @@ class In429:
             violet.note(f"ACTOR refund {ask.amount} on bag {bag.id} refused: {exc.message}")
             return
         self.made.add(ask.label)
+        self.other[ask.label] = (record["id"], violet.clock.monotonic())
         violet._committed(None, bag, record)
 
 
@@ -391,6 +420,9 @@ def check(world: Any) -> None:
     r: ReviewWorld | None = world.s.review
     if r is None:
         return
+    gate = world.violet.clean_gate
+    if isinstance(gate, In429):
+        _within_tolerance(world, gate)
     for commit in world.violet.commits:
         label = commit.label or ""
         if label.endswith("^"):
@@ -405,3 +437,26 @@ def check(world: Any) -> None:
                 f"[sent-after-ended] {base} ended definitely not applied in worker two; "
                 f"worker three's resume of its record then made refund {commit.refund_id}"
             )
+
+
+def _within_tolerance(world: Any, gate: In429) -> None:
+    """refund_in_429: the ask sent again (a run after a crash does not wait out the
+    429) less than ``date_tolerance`` (5 s) after the other app's refund: that refund
+    is within the tolerance of the only send that could have made it, one nobody can
+    tell from the ask's own (remaining risk (a)): counted, not a violation."""
+    kept = []
+    for text in world.violations:
+        parts = text.split()
+        label = parts[1] if text.startswith("[attribution] ") else ""
+        other = gate.other.get(label)
+        resent = gate.resent_at.get(label)
+        if (
+            other is not None
+            and resent is not None
+            and f"refund {other[0]}," in text
+            and resent - other[1] < TOLERANCE
+        ):
+            world.violet.count("world:in_429_within_tolerance")
+            continue
+        kept.append(text)
+    world.violations[:] = kept

@@ -222,6 +222,9 @@ class SimViolet:
         #: its answer arrives as it is (no reset or hang laid over it).
         self.clean_gate: Callable[[int, str | None], RawResponse | None] | None = None
         self.clean_answer = False
+        #: Every client's transport by name, and whose request is being answered now.
+        self.transports: dict[str, SimTransport] = {}
+        self.answering = ""
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -417,6 +420,7 @@ class SimViolet:
         # The request is at Violet now.
         late: Callable[[], None] | None = None
         self._showing = None
+        self.answering = who
         try:
             answer, late = self._answer(
                 route, parts, dict(url.query), headers, body, fault=fault, label=label
@@ -791,8 +795,18 @@ class SimTransport:
         self.violet = violet
         self.name = name
         self.closed = False
-        #: The process this transport belongs to crashed: nothing it sends arrives.
-        self.dead = False
+        #: When the process this transport belongs to crashed (its monotonic time).
+        self.died_at: float | None = None
+        violet.transports[name] = self
+
+    @property
+    def dead(self) -> bool:
+        """The process this transport belongs to crashed: nothing it sends arrives."""
+        return self.died_at is not None
+
+    @dead.setter
+    def dead(self, value: bool) -> None:
+        self.died_at = self.violet.clock.monotonic() if value else None
 
     async def open(self) -> None:
         self.closed = False
