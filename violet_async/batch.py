@@ -54,6 +54,7 @@ from .exceptions import (
     VioletError,
 )
 from .models import CancelBagRequest, OrderRefund, RefundBagRequest
+from .stores._base import KeyEntry
 
 __all__ = [
     "AuditRow",
@@ -1084,7 +1085,16 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
             stored = PendingRefund.from_dict(prior.ask)
         except RequestValidationError:
             stored = None  # a torn record: resumed as sent once
-    return resumable(stored, item_ask(item), sent_at=prior.first_sent)
+    wanted = item_ask(item)
+    if (
+        stored is not None
+        and stored.phase is Phase.ABSENT
+        and KeyEntry("", stored).same_request(wanted)
+    ):
+        # Its last line: deferred after a 429 (no send after it, as every send is
+        # journaled before it leaves): sent anew, not read back as doubtful.
+        return stored
+    return resumable(stored, wanted, sent_at=prior.first_sent)
 
 
 def item_ask(item: BatchItem) -> PendingRefund:
@@ -1136,6 +1146,12 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             stats.sent = True
         if log is not None and ask.phase in (Phase.SENT, Phase.PENDING):
             await log.record(key, item.line, ask.phase.value, ask=ask.to_dict())
+        elif log is not None and ask.phase is Phase.ABSENT:
+            # Deferred after a 429: every send so far proven not applied. Kept on the
+            # "sent" edge (an earlier send left), with the record that says so: a run
+            # after a crash sends it anew, its window from that send, and never takes
+            # a refund someone else made during the wait for its own.
+            await log.record(key, item.line, "sent", ask=ask.to_dict())
 
     try:
         # JournalWriteError goes on: the batch stops, since what the journal could not
