@@ -98,46 +98,7 @@ def draw(s: Any, kinds: frozenset[str]) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     drawn: dict[str, Any] = {}
     if "key_clock" in kinds and s.mode == "direct":
-        rng = random.Random(f"key_clock:{s.seed}")
-        on_bag: dict[int, int] = {}
-        for a in s.asks:
-            on_bag[a.bag] = on_bag.get(a.bag, 0) + 1
-        alone = [a for a in s.asks if on_bag[a.bag] == 1]
-        if alone and rng.random() < 0.6:
-            retention = rng.choice((300.0, 900.0))
-            seconds = s.second_callers
-            if not seconds:
-                seconds = tuple(
-                    SecondCaller(a.label, rng.choice((30.0, 60.0, 120.0)))
-                    for a in alone
-                    if rng.random() < 0.8
-                ) or (SecondCaller(alone[0].label, 60.0),)
-                changes["second_callers"] = seconds
-                changes["shared_store"] = "sqlite" if rng.random() < 0.5 else "memory"
-            store = changes.get("shared_store", s.shared_store)
-            k = rng.choice((1.5, 3.0))
-            if rng.random() < 0.5:
-                # Back while the keyed calls run, put right once they ended.
-                steps = ((round(rng.uniform(0.0, 3.0), 3), -k * retention),)
-                steps += ((round(rng.uniform(15.0, 28.0), 3), k * retention),)
-            else:
-                steps = tuple(
-                    (round(rng.uniform(3.0, 28.0), 3), k * retention / n)
-                    for n in [rng.choice((1, 2))]
-                    for _ in range(n)
-                )
-            changes["clock_steps"] = tuple(sorted((*s.clock_steps, *steps)))
-            labels = {c.label for c in seconds}
-            drawn["reusers"] = tuple(
-                SecondCaller(a.label, rng.choice((30.0, 60.0, 120.0)))
-                for a in alone
-                if a.label in labels and rng.random() < 0.3
-            )
-            drawn["retention"] = retention
-            drawn["late_store"] = store == "sqlite" and rng.random() < 0.5
-            if rng.random() < 0.7:
-                drawn["probe"] = len(s.bags)
-                changes["bags"] = (*changes.get("bags", s.bags), s.bags[0])
+        _key_clock(s, changes, drawn)
     if "resume_elsewhere" in kinds and s.mode == "direct":
         rng = random.Random(f"resume_elsewhere:{s.seed}")
         if rng.random() < 0.7:
@@ -154,7 +115,8 @@ def draw(s: Any, kinds: frozenset[str]) -> dict[str, Any]:
         if rng.random() < 0.6:
             drawn["early"] = True
             drawn["early_steps"] = tuple(rng.choice((-3_600.0, 3_600.0)) for _ in range(2))
-            if rng.random() < 0.5:
+            if rng.random() < 0.5 and not drawn.get("in_429"):
+                # (refund_in_429's class is drawn only where a Date is sent.)
                 changes["date_header"] = False
     if drawn:
         changes["review"] = ReviewWorld(**drawn)
@@ -177,6 +139,53 @@ class ProcessClock:
 
     async def sleep(self, seconds: float) -> None:
         await self._machine.sleep(seconds)
+
+
+def _key_clock(s: Any, changes: dict[str, Any], drawn: dict[str, Any]) -> None:
+    """key_clock's draws over ``s`` (into ``changes`` and ``drawn``)."""
+    rng = random.Random(f"key_clock:{s.seed}")
+    on_bag: dict[int, int] = {}
+    for a in s.asks:
+        on_bag[a.bag] = on_bag.get(a.bag, 0) + 1
+    alone = [a for a in s.asks if on_bag[a.bag] == 1]
+    if alone and rng.random() < 0.6:
+        retention = rng.choice((300.0, 900.0))
+        seconds = s.second_callers
+        if not seconds:
+            seconds = tuple(
+                SecondCaller(a.label, rng.choice((30.0, 60.0, 120.0)))
+                for a in alone
+                if rng.random() < 0.8
+            ) or (SecondCaller(alone[0].label, 60.0),)
+            changes["second_callers"] = seconds
+            changes["shared_store"] = "sqlite" if rng.random() < 0.5 else "memory"
+        store = changes.get("shared_store", s.shared_store)
+        k = rng.choice((1.5, 3.0))
+        if rng.random() < 0.5:
+            # Back while the keyed calls run, put right once they ended.
+            steps = ((round(rng.uniform(0.0, 3.0), 3), -k * retention),)
+            steps += ((round(rng.uniform(15.0, 28.0), 3), k * retention),)
+        else:
+            steps = tuple(
+                (round(rng.uniform(3.0, 28.0), 3), k * retention / n)
+                for n in [rng.choice((1, 2))]
+                for _ in range(n)
+            )
+        changes["clock_steps"] = tuple(sorted((*s.clock_steps, *steps)))
+        labels = {c.label for c in seconds}
+        drawn["reusers"] = tuple(
+            SecondCaller(a.label, rng.choice((30.0, 60.0, 120.0)))
+            for a in alone
+            if a.label in labels and rng.random() < 0.3
+        )
+        drawn["retention"] = retention
+        drawn["late_store"] = store == "sqlite" and rng.random() < 0.5
+        if rng.random() < 0.7:
+            drawn["probe"] = len(s.bags)
+            changes["bags"] = (*changes.get("bags", s.bags), s.bags[0])
+            if s.merchants:
+                # The probe's bag is the first bag's merchant's.
+                changes["merchants"] = (*s.merchants, s.merchants[0])
 
 
 # -- key_clock --------------------------------------------------------------------------
@@ -214,7 +223,11 @@ async def second_process(other: Any, spec: Any) -> None:
         world.asks["P"] = probe
         await world.call(other.client, probe, None, key="key-P")
         world.violet.count("world:probe_claim")
-    await other.keyed(other.client, ask, f"{ask.label}~2")
+    who = f"{ask.label}~2"
+    if spec.cancel_after is None:
+        await other.keyed(other.client, ask, who)
+        return
+    await other._cut(other.client, ask, spec.cancel_after, spec.again, "caller:second_cancel", who)
 
 
 async def reuse(other: Any, spec: SecondCaller) -> None:
