@@ -161,6 +161,7 @@ def _key_clock(s: Any, changes: dict[str, Any], drawn: dict[str, Any]) -> None:
             changes["shared_store"] = "sqlite" if rng.random() < 0.5 else "memory"
         store = changes.get("shared_store", s.shared_store)
         k = rng.choice((1.5, 3.0))
+        steps: tuple[tuple[float, float], ...]
         if rng.random() < 0.5:
             # Back while the keyed calls run, put right once they ended.
             steps = ((round(rng.uniform(0.0, 3.0), 3), -k * retention),)
@@ -245,6 +246,13 @@ async def reuse(other: Any, spec: SecondCaller) -> None:
     await world.call(client, changed, None, key=f"key-{ask.label}")
 
 
+def _error(violet: Any, status: int, message: str, code: int, retry_after: str = "") -> RawResponse:
+    """Violet's JSON error answer (with ``Retry-After`` when given)."""
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    answer: RawResponse = violet._error(status, message, code, **headers)
+    return answer
+
+
 # -- resume_elsewhere ---------------------------------------------------------------------
 
 
@@ -262,7 +270,7 @@ class Elsewhere429:
     def __call__(self, bag_id: int, label: str | None) -> RawResponse | None:
         if self.on and (label or "").endswith("~w2"):
             self.world.violet.count("world:elsewhere_429")
-            return self.world.violet._error(429, "Too Many Requests", 4290, **{"Retry-After": "1"})
+            return _error(self.world.violet, 429, "Too Many Requests", 4290, "1")
         return self.then(bag_id, label) if self.then is not None else None
 
 
@@ -336,10 +344,10 @@ class In429:
                 ask,
                 violet.answering,
             )
-            return violet._error(429, "Too Many Requests", 4290, **{"Retry-After": "20"})
+            return _error(violet, 429, "Too Many Requests", 4290, "20")
         if n == 2 and ask.label in self.made:
             violet.count("world:resend_500_after_other")
-            return violet._error(500, "Internal error", 5000)
+            return _error(violet, 500, "Internal error", 5000)
         return None
 
     def _another_app(self, violet: Any, bag: Any, ask: Any, who: str) -> None:
