@@ -1087,12 +1087,16 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
             stored = None  # a torn record: resumed as sent once
     wanted = item_ask(item)
     if (
-        stored is not None
+        prior.state == "sent"
+        and stored is not None
         and stored.phase is Phase.ABSENT
         and KeyEntry("", stored).same_request(wanted)
     ):
-        # Its last line: deferred after a 429 (no send after it, as every send is
-        # journaled before it leaves): sent anew, not read back as doubtful.
+        # Its last line is the one a run writes when a 429 defers the row (every send
+        # proven not applied; no send after it, as every send is journaled before it
+        # leaves): sent anew, its window from that send, not read back as doubtful.
+        # (Absent under any other state is a phase the state does not explain:
+        # resumed pending and doubted, as the rule says.)
         return stored
     return resumable(stored, wanted, sent_at=prior.first_sent)
 
