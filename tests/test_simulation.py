@@ -571,6 +571,7 @@ REVIEW_SLICE = range(1900, 1960)
         (1, None, {"refund_in_429"}, "a refund made during a 429 wait taken for the re-send"),
         (110, "batch", {"refund_in_429"}, "a batch stopped in a 429 wait: the same, next run"),
         (2429, "direct", {"early_resume"}, "a step here before another process's record"),
+        (742, "direct", {"early_resume"}, "a step between two resumes of another's record"),
     ],
 )
 def test_seeds_that_find_the_reviews_classes_hold(
