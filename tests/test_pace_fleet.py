@@ -603,3 +603,32 @@ async def test_a_lying_429_that_applied_is_never_refunded_again(redis: Redis) ->
     assert len(server.refunds) == 1
     # Held for a person (the bag holds this very refund): never sent twice.
     assert (result["state"], result["outcome"]) == ("failed", "already_present")
+
+
+async def test_a_worker_dying_as_it_learns_the_merchant_after_a_429_leaves_the_item_new(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 proves nothing applied: the item is new again before the worker looks
+    its merchant up. A worker that dies in that look-up (here: it raises) must not
+    leave the ledger's ``sent`` record, which the next worker would read back, taking
+    a refund another system made in the wait for the item's own (simulator
+    ``refund_in_429``, worker seed 161)."""
+    async with FakeViolet(orders=1, seed=1, merchants=2) as fake:
+        ((o1, b1),) = fake.seeded
+        fake.script("refund", Fault.RATE_LIMIT, bag_id=b1)
+        async with fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2)) as client:
+            worker = FleetWorker(
+                client, RedisLedger(redis), BagLocks(redis), patience=0.0, merchant_pace=True
+            )
+
+            async def dies(*args: object, **kwargs: object) -> int:
+                raise ConnectionResetError("the worker's process is gone")
+
+            monkeypatch.setattr(worker, "_merchant_of", dies)
+            item = BatchItem.refund(1, o1, b1, RefundBagRequest(amount_refunded=100))
+            with pytest.raises(ConnectionResetError):
+                await worker.run(item_key(item), item, worker.ledger.sign(item_key(item), item))
+            record = await worker.ledger.get(item_key(item))
+    assert record is not None
+    assert record.state == "new"
+    assert fake.ledger.refunds_per_bag.get(b1, 0) == 0

@@ -674,12 +674,17 @@ class FleetWorker:
         lock: dict[str, Any],
     ) -> None:
         """Nothing applied (a 429, every earlier send proven absent): slow the merchant's
-        lane for the whole fleet and start the item over in its turn."""
+        lane for the whole fleet and start the item over in its turn.
+
+        The item is new again before anything else is awaited: a worker that dies in
+        the merchant's look-up would otherwise leave it ``sent``, and the next run
+        would read the bag back and could take a refund another system made in the
+        wait for the item's own (the simulator's ``refund_in_429``, worker seed 161)."""
+        await self.ledger.mark_new(key, item.bag_id, **lock)  # only while it holds the bag
         merchant = merchant or await self._merchant_of(item, look_up=True)
         epoch = self._gate_epochs.pop(key, -1)
         if self.pace is not None and merchant is not None:
             await self.pace.limited(merchant, exc.delay, epoch=epoch)
-        await self.ledger.mark_new(key, item.bag_id, **lock)  # only while it holds the bag
         raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
 
     async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
