@@ -78,6 +78,7 @@ class Hostile:
         self.refund_currency = "USD"
         self.bag_currency: str | None = "USD"
         self.order_reads = 0
+        self.list_reads = 0
         self.ahead = 0.0
 
     def violet_time(self) -> float:
@@ -122,6 +123,7 @@ class Hostile:
         return web.json_response(data, headers=self._headers())
 
     async def _list(self, request: web.Request) -> web.Response:
+        self.list_reads += 1
         bag = int(request.match_info["b"])
         shown = [] if self.hide else [r for r in self.made if r["bag_id"] == bag]
         return web.Response(

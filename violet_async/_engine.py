@@ -604,6 +604,10 @@ class KeyedAsks:
                 keep_cancelled=True,
                 deadline_at=deadline,
                 key=bare,
+                # The store may have lost the key's earlier entry (``KeyEntry.guard``): a
+                # new ask reads the bag first and is not sent over a refund like it.
+                read_first=entry.guard,
+                hold_if_present=entry.guard,
             )
         except NotSent as stopped:
             await self._release(key, latest, entry.lineage)
@@ -1273,18 +1277,27 @@ class Engine:
     # -- driving ---------------------------------------------------------------------
 
     def settings(
-        self, bag_id: int, *, hold_if_present: bool = False, defer_rate_limited: bool = False
+        self,
+        bag_id: int,
+        *,
+        hold_if_present: bool = False,
+        defer_rate_limited: bool = False,
+        read_first: bool = False,
     ) -> Settings:
         """The protocol's settings for one ask on ``bag_id`` (built only off the happy
-        path)."""
+        path). ``read_first``: read the bag before a first send even when the policy
+        does not."""
         clock = self._shared.clock
-        return attrs.evolve(
+        settings = attrs.evolve(
             self._io._retry.protocol_settings(),
             clock_id=clock_id(clock),
             others_pending=self._shared.unsettled.on_bag(bag_id),
             hold_if_present=hold_if_present,
             defer_rate_limited=defer_rate_limited,
         )
+        if read_first and not settings.read_before_send:
+            settings = attrs.evolve(settings, read_before_send=True)
+        return settings
 
     async def _wait_for_bag(
         self,
@@ -1328,6 +1341,7 @@ class Engine:
         deadline_at: float | _Unset | None = UNSET,
         key: str | None = None,
         item: str | None = None,
+        read_first: bool = False,
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -1344,7 +1358,9 @@ class Engine:
         ``item``: the caller's own name of the item this ask is for (a fleet item's
         key): the refunds this client handed to it are its own whichever ask of it got
         them, so an item run again as a new ask (its record lost) gets its refund
-        again, with no request, and never takes it for another call's."""
+        again, with no request, and never takes it for another call's.
+        ``read_first``: read the bag before a first send even when the policy does not
+        (with ``hold_if_present``: a keyed ask whose store may have lost its entry)."""
         io = self._io
         path = io._bag_path(order_id, bag_id, _ACTIONS[kind])
         shared = self._shared
@@ -1395,6 +1411,7 @@ class Engine:
                 resume is None
                 and save is None
                 and not policy.read_before_send
+                and not read_first
                 and not defer_rate_limited
             ):
                 if shared.auth.current() is None:
@@ -1451,7 +1468,10 @@ class Engine:
                     )
             else:
                 settings = self.settings(
-                    bag_id, hold_if_present=hold_if_present, defer_rate_limited=defer_rate_limited
+                    bag_id,
+                    hold_if_present=hold_if_present,
+                    defer_rate_limited=defer_rate_limited,
+                    read_first=read_first,
                 )
                 if resume is not None and key is not None and resume.idempotency_key != key:
                     resume = attrs.evolve(resume, idempotency_key=key)

@@ -88,6 +88,13 @@ class KeyEntry:
     ended definitely not applied and the key was called again), oldest first: a
     pending record of one of them is the key's own call, and the key's refund is its
     outcome. At most :data:`LINEAGE` kept."""
+    guard: bool = False
+    """A new ask of the key reads the bag before it is sent, and is held back (not
+    sent: ``RefundAlreadyPresentError``) when the bag already holds a refund exactly
+    like it that nothing accounts for. Set by a store that cannot tell whether it lost
+    the key's earlier entry (RedisStore, while its epoch is young or after Redis lost
+    its data); kept on the key's entry from then on. MemoryStore and SQLiteStore never
+    set it."""
 
     @property
     def finished(self) -> bool:
@@ -118,6 +125,8 @@ class KeyEntry:
             "scope": self.scope,
             "lineage": list(self.lineage),
         }
+        if self.guard:
+            data["guard"] = True
         return orjson.dumps(data)
 
     @classmethod
@@ -159,6 +168,7 @@ class KeyEntry:
             finished_at=_number(data.get("finished_at")),
             scope=scope if isinstance(scope, str) else None,
             lineage=tuple(lineage[-LINEAGE:]),
+            guard=data.get("guard") is True,
         )
 
 
