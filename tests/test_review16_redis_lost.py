@@ -144,17 +144,17 @@ async def test_the_epoch_is_checked_in_the_claims_own_transaction(
         claim, entry = await store.claim(_fresh("a"), 1.0)
         assert claim is Claim.OWNED
         assert not entry.guard
-        real = store._epoch_seen
+        real = store._read
         cut: list[bool] = []
 
-        async def lose_it_meanwhile(pipe: Any) -> tuple[str, bool, str | None]:
-            seen = await real(pipe)
+        async def lose_it_meanwhile(pipe: Any, name: str) -> tuple[Any, Any]:
+            seen = await real(pipe, name)
             if not cut:
                 cut.append(True)
                 await other._redis.delete(other.epoch_key)  # Redis lost its data
             return seen
 
-        store._epoch_seen = lose_it_meanwhile  # type: ignore[method-assign]
+        store._read = lose_it_meanwhile  # type: ignore[method-assign]
         claim, entry = await store.claim(_fresh("b"), 1.0)
         stored = await store.load("b")
     assert cut

@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_HOLD", "RedisStore"]
 
+# KEYS: entry, epoch. The entry, the epoch's id and creation, and Redis's clock.
+_READ = """
+local epoch = redis.call('HMGET', KEYS[2], 'id', 'created')
+local now = redis.call('TIME')
+return {redis.call('GET', KEYS[1]), epoch[1], epoch[2], now[1], now[2]}
+"""
+
 # KEYS: epoch   ARGV: id. An epoch that was never young, created when missing (1).
 _NEW_EPOCH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -191,8 +198,10 @@ class RedisStore:
                         await _awaited(pipe.watch(name, self.epoch_key))
                     else:
                         await _awaited(pipe.watch(name))
-                    raw = await pipe.get(name)
-                    seen = await self._epoch_seen(pipe) if epoch else None
+                    if epoch:
+                        raw, seen = await self._read(pipe, name)
+                    else:
+                        raw, seen = await pipe.get(name), None
                     unsure = seen is not None and seen[1]
                     write = apply(None if raw is None else KeyEntry.from_json(raw), unsure)
                     made = seen is not None and seen[2] is not None
@@ -215,31 +224,27 @@ class RedisStore:
                 self._saw(seen)
                 return write is not None
 
-    async def _epoch_seen(self, pipe: Any) -> tuple[str, bool, str | None]:
-        """The epoch as this (watched) read finds it: its id, whether Redis may have
-        lost data (gone, replaced since this store looked, or younger than ``hold``),
-        and the time to create it with when it is missing (None: it exists)."""
-        found = await pipe.hmget(self.epoch_key, "id", "created")
-        ident, created = _text(found[0]), _text(found[1])
+    async def _read(self, pipe: Any, name: str) -> tuple[Any, tuple[str, bool, str | None]]:
+        """The entry and the epoch as this (watched) read finds them, in one round trip:
+        the epoch's id, whether Redis may have lost data (gone, replaced since this
+        store looked, or younger than ``hold`` by Redis's own clock, which a worker's
+        stepped wall clock cannot move), and the time to create it with when it is
+        missing (None: it exists)."""
+        raw, ident, created, seconds, micros = await pipe.eval(_READ, 2, name, self.epoch_key)
+        now = float(_text(seconds) or 0) + float(_text(micros) or 0) / 1e6
+        ident, created = _text(ident), _text(created)
         if ident is None:
             # Gone (Redis lost it) or never made: a new one, as young as can be.
-            return secrets.token_hex(8), True, repr(await self._server_time(pipe))
+            return raw, (secrets.token_hex(8), True, repr(now))
         if self._epoch is not None and ident != self._epoch:
-            return ident, True, None  # replaced since this store saw it
+            return raw, (ident, True, None)  # replaced since this store saw it
         if self._settled and ident == self._epoch:
-            return ident, False, None
+            return raw, (ident, False, None)
         try:
             born = float(created or "")
         except ValueError:
             born = float("inf")  # unreadable: young
-        young = born + self.hold > await self._server_time(pipe)
-        return ident, young, None
-
-    @staticmethod
-    async def _server_time(pipe: Any) -> float:
-        """Redis's own clock (a worker's wall clock stepped forward ends no hold)."""
-        seconds, micros = await pipe.time()
-        return float(seconds) + float(micros) / 1e6
+        return raw, (ident, born + self.hold > now, None)
 
     def _saw(self, seen: tuple[str, bool, str | None] | None) -> None:
         """Remember the epoch a finished claim saw."""
