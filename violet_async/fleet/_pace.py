@@ -28,7 +28,12 @@ first 429 no merchant has a lane and workers pace nothing (one ``EXISTS`` an ite
 
 A lane counts its slowdowns (``epoch``): the gate hands each send the epoch it left
 in, and a 429 slows the lane only for a send of the present epoch, so a wave of 429s
-from sends spaced at a rate already given up slows it once (the batch's rule).
+from sends spaced at a rate already given up slows it once (the batch's rule). A
+slowdown's new spacing starts after the last slot already handed out (those sends still
+leave at the old spacing; a send of the new epoch squeezed between them reaches a
+one-token platform early, and its 429 would slow the lane again, and so on down), and
+it keeps the rate the merchant let through in the last two seconds, up to ``KEEP`` of
+the lane's rate: a 429 from a send that arrived a little early proves no lower limit.
 """
 
 from __future__ import annotations
@@ -112,14 +117,13 @@ if ok_sec == sec then
 elseif ok_sec == sec - 1 then
   seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
 end
--- ...never counted from before the merchant's first success (a run's first seconds),
--- over at least half a second.
-local since = tonumber(redis.call('HGET', KEYS[1], 'ok_since') or 0)
-window = math.max(math.min(window, (now - since) / 1000), 0.5)
 if rate <= 0 then
-  -- The lane's first rate: what got through (one a second when none did), at most one
-  -- send per Retry-After when that is under a second (so short a wait names the next
-  -- token, never a high rate).
+  -- The lane's first rate: what got through (one a second when none did), never
+  -- counted from before the merchant's first success (a run's first seconds) and over
+  -- at least half a second, at most one send per Retry-After when that is under a
+  -- second (so short a wait names the next token, never a high rate).
+  local since = tonumber(redis.call('HGET', KEYS[1], 'ok_since') or 0)
+  window = math.max(math.min(window, (now - since) / 1000), 0.5)
   local estimate = seen > 0 and seen / window or 1
   if wait > 0 and wait < 1000 then estimate = math.min(estimate, 1000 / wait) end
   rate = math.max(tonumber(ARGV[2]), estimate)

@@ -350,9 +350,9 @@ def _pace_limited(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _
         window = 1 + max(now - sec * 1000, 100.0) / 1000
     elif ok_sec == sec - 1:
         seen = _number(r.hget(keys[0], b"ok_cur"))
-    since = _number(r.hget(keys[0], b"ok_since"))
-    window = max(min(window, (now - since) / 1000), 0.5)
     if rate <= 0:
+        since = _number(r.hget(keys[0], b"ok_since"))
+        window = max(min(window, (now - since) / 1000), 0.5)
         estimate = seen / window if seen > 0 else 1.0
         if 0 < wait < 1000:
             estimate = min(estimate, 1000 / wait)
