@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from tests import _fleet_redis
 from violet_async import CancelBagRequest, RefundBagRequest
 from violet_async._ask import PendingRefund, Phase, sent_once
+from violet_async._pace import DECREASE
 from violet_async.batch import BatchItem
 from violet_async.fleet import (
     BagLocks,
@@ -37,6 +38,7 @@ from violet_async.fleet import (
     RedisLedger,
     item_key,
 )
+from violet_async.fleet._pace import KEEP
 from violet_async.testing.sim._redis import _SCRIPTS, MemoryRedis, MemoryRedisServer
 
 redis_url = _fleet_redis.redis_url
@@ -462,6 +464,22 @@ async def _pace_scenario(redis: Any, clock: _Clock) -> list[Any]:
     clock.tick(2.0)
     await step("success m5, two seconds on", pace.succeeded(m5))
     await step("429 m5", pace.limited(m5, 0.0))
+    # A slowdown with slots handed out ahead (the new spacing starts after them) and
+    # successes lately (what got through is its floor).
+    m6 = 20006
+    await step("429 m6, its lane starts", pace.limited(m6, 0.0))
+    for n in range(3):
+        await step(f"gate m6 ahead #{n}", pace.gate_slot(m6))
+    for n in range(4):
+        clock.tick(0.1)
+        await step(f"success m6 lately #{n}", pace.succeeded(m6))
+    await step("rate m6 before its slowdown", pace.rate(m6))
+    await step("429 m6, slots ahead, let through lately", pace.limited(m6, 0.0, epoch=0))
+    await step("gate m6 after the slots ahead", pace.gate_slot(m6))
+    await step("reserve m6 after the slots ahead", pace.reserve(m6, 5.0))
+    clock.tick(10.0)
+    await step("429 m6, nothing ahead, nothing lately", pace.limited(m6, 0.0, epoch=1))
+    await step("gate m6, nothing ahead", pace.gate_slot(m6))
     # The fleet's rate limit.
     await step("limit current, no key", limiter.current())
     await step("limit wait, free", limiter.wait())
@@ -547,7 +565,22 @@ async def test_the_in_memory_redis_paces_merchants_and_limits_the_fleet_as_redis
     assert rows["429 m1, epoch 0 again"] == rows["429 m1, no gate"] == rows["429 m1, epoch 0"]
     assert rows["429 m1, unknown epoch, later"] < rows["429 m1, unknown epoch, at once"]
     assert rows["429 m2, unknown epoch, 1 / rate later"] == 0.8
-    assert rows["429 m4, 50 ms into its second"] == pytest.approx(2 / 1.1)
+    # Its two successes came the same instant, its first ever: counted over half a
+    # second (the batch's rule), not over the second before it, when it sent nothing.
+    assert rows["429 m4, 50 ms into its second"] == pytest.approx(2 / 0.5)
+    before = rows["rate m6 before its slowdown"]
+    kept = rows["429 m6, slots ahead, let through lately"]
+    assert kept == pytest.approx(before * KEEP)  # its floor: more than DECREASE keeps
+    assert rows["429 m6, nothing ahead, nothing lately"] == pytest.approx(kept * DECREASE)
+    # The last slot handed out (0.4 s ago) was at `ahead`, the next free one 1 / its
+    # rate then; the lane knows it as the next free slot less 1 / the rate it slowed
+    # from (a little later when successes raised the rate since: never sooner).
+    ahead, first = rows["gate m6 ahead #2"][0], rows["429 m6, its lane starts"]
+    after = ahead - 0.4 + 1 / first - 1 / before + 1 / kept
+    assert after > ahead - 0.4 + 1 / kept
+    # (slots are kept to a tenth of a millisecond)
+    assert rows["gate m6 after the slots ahead"] == (pytest.approx(after, abs=1e-3), 1)
+    assert rows["gate m6, nothing ahead"] == (pytest.approx(1 / (kept * DECREASE), abs=1e-3), 2)
     assert float(rows["limit reserve"]) > 0
     assert float(rows["limit reserve, earliest sooner"]) > 0
     past = float(rows["limit reserve, past its limit"])

@@ -28,7 +28,12 @@ first 429 no merchant has a lane and workers pace nothing (one ``EXISTS`` an ite
 
 A lane counts its slowdowns (``epoch``): the gate hands each send the epoch it left
 in, and a 429 slows the lane only for a send of the present epoch, so a wave of 429s
-from sends spaced at a rate already given up slows it once (the batch's rule).
+from sends spaced at a rate already given up slows it once (the batch's rule). A
+slowdown's new spacing starts after the last slot already handed out (those sends still
+leave at the old spacing; a send of the new epoch squeezed between them reaches a
+one-token platform early, and its 429 would slow the lane again, and so on down), and
+it keeps the rate the merchant let through in the last two seconds, up to ``KEEP`` of
+the lane's rate: a 429 from a send that arrived a little early proves no lower limit.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["FleetPace"]
+
+#: A slowdown keeps the rate the merchant let through in the last two seconds, up to
+#: this fraction of the lane's rate (so it always slows by some): 429s from sends that
+#: reached a one-token platform a little early (jitter between the gate and the
+#: request) cannot take a lane far under the rate its merchant allows.
+KEEP = 0.9
 
 _NOW = """
 local t = redis.call('TIME')
@@ -85,7 +96,8 @@ return tostring(slot - now) .. ' ' .. epoch
 )
 
 # KEYS: lane, learning flag. ARGV: retry-after (ms), min rate, decrease, ceiling (0: none),
-# the epoch the 429'd send passed the gate in ('': not known; -1: it passed no gate)
+# the epoch the 429'd send passed the gate in ('': not known; -1: it passed no gate),
+# the most of its rate a slowdown keeps when its merchant let that much through lately
 _LIMITED = (
     _NOW
     + """
@@ -93,21 +105,25 @@ redis.call('SET', KEYS[2], '1', 'PX', 86400000)
 local ceiling = tonumber(ARGV[4])
 local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
 local wait = tonumber(ARGV[1])
+-- The merchant's sends that got through in the last two whole seconds: this second so
+-- far and the one before it (counted by _SUCCEEDED, lane or not).
+local sec = math.floor(now / 1000)
+local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
+local seen, window = 0, 1
+if ok_sec == sec then
+  seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
+    + tonumber(redis.call('HGET', KEYS[1], 'ok_prev') or 0)
+  window = 1 + math.max(now - sec * 1000, 100) / 1000
+elseif ok_sec == sec - 1 then
+  seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
+end
 if rate <= 0 then
-  -- The sends that got through in the last two whole seconds (one a second when none
-  -- did), at most one send per Retry-After when that is under a second (so short a
-  -- wait names the next token, never a high rate).
-  local sec = math.floor(now / 1000)
-  local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
-  local seen, window = 0, 1
-  if ok_sec == sec then
-    -- this second so far, and the one before it
-    seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
-      + tonumber(redis.call('HGET', KEYS[1], 'ok_prev') or 0)
-    window = 1 + math.max(now - sec * 1000, 100) / 1000
-  elseif ok_sec == sec - 1 then
-    seen = tonumber(redis.call('HGET', KEYS[1], 'ok_cur') or 0)
-  end
+  -- The lane's first rate: what got through (one a second when none did), never
+  -- counted from before the merchant's first success (a run's first seconds) and over
+  -- at least half a second, at most one send per Retry-After when that is under a
+  -- second (so short a wait names the next token, never a high rate).
+  local since = tonumber(redis.call('HGET', KEYS[1], 'ok_since') or 0)
+  window = math.max(math.min(window, (now - since) / 1000), 0.5)
   local estimate = seen > 0 and seen / window or 1
   if wait > 0 and wait < 1000 then estimate = math.min(estimate, 1000 / wait) end
   rate = math.max(tonumber(ARGV[2]), estimate)
@@ -127,10 +143,20 @@ else
   end
   if slow then
     local peak = rate
-    rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[3]))
+    -- Never below the rate the merchant let through lately (a 429 from a send that
+    -- reached it early proves no lower limit), yet always by some of it.
+    local floor = math.min(seen / window, rate * tonumber(ARGV[6]))
+    rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[3]), floor)
+    -- Slots handed out before (up to a patience ahead) still leave at the old spacing:
+    -- the new spacing starts after the last of them, never between them (a send of the
+    -- new epoch squeezed next to one of the old would draw a 429 that slows it again).
+    local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
+    local sent = tonumber(redis.call('HGET', KEYS[1], 'sent_tat') or 0)
+    tat = math.max(tat - 1000 / peak, now) + 1000 / rate
+    sent = math.max(sent - 1000 / peak, now) + 1000 / rate
     redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'probing', '0', 'slowed_at',
-               tostring(now), 'tat', tostring(now + 1000 / rate), 'peak', tostring(peak),
-               'sent_tat', tostring(now + 1000 / rate), 'epoch', tostring(epoch + 1))
+               tostring(now), 'tat', tostring(tat), 'peak', tostring(peak),
+               'sent_tat', tostring(sent), 'epoch', tostring(epoch + 1))
   end
 end
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
@@ -151,16 +177,18 @@ _SUCCEEDED = (
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[5], ARGV[6])
 end
+-- Count the merchant's successes per second (a 429 reads them: a new lane's first rate,
+-- a lane's floor).
+local sec = math.floor(now / 1000)
+local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
+if ok_sec ~= sec then
+  local cur = ok_sec == sec - 1 and (redis.call('HGET', KEYS[1], 'ok_cur') or '0') or '0'
+  redis.call('HSET', KEYS[1], 'ok_sec', tostring(sec), 'ok_prev', cur, 'ok_cur', '0')
+end
+redis.call('HINCRBY', KEYS[1], 'ok_cur', 1)
+redis.call('HSETNX', KEYS[1], 'ok_since', tostring(now))
 local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
 if rate <= 0 then
-  -- No lane yet: count the merchant's successes per second (the first 429 reads them).
-  local sec = math.floor(now / 1000)
-  local ok_sec = tonumber(redis.call('HGET', KEYS[1], 'ok_sec') or 0)
-  if ok_sec ~= sec then
-    local cur = ok_sec == sec - 1 and (redis.call('HGET', KEYS[1], 'ok_cur') or '0') or '0'
-    redis.call('HSET', KEYS[1], 'ok_sec', tostring(sec), 'ok_prev', cur, 'ok_cur', '0')
-  end
-  redis.call('HINCRBY', KEYS[1], 'ok_cur', 1)
   redis.call('PEXPIRE', KEYS[1], 86400000)
   return 'none'
 end
@@ -262,6 +290,7 @@ class FleetPace:
                 DECREASE,
                 self.ceiling,
                 "" if epoch is None else str(epoch),
+                KEEP,
             ],
         )
         return float(raw)

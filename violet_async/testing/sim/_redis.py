@@ -342,15 +342,17 @@ def _pace_limited(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _
     ceiling = float(argv[3])
     rate = _number(r.hget(keys[0], b"rate"))
     wait = float(argv[0])
+    sec = float(math.floor(now / 1000))
+    ok_sec = _number(r.hget(keys[0], b"ok_sec"))
+    seen, window = 0.0, 1.0
+    if ok_sec == sec:
+        seen = _number(r.hget(keys[0], b"ok_cur")) + _number(r.hget(keys[0], b"ok_prev"))
+        window = 1 + max(now - sec * 1000, 100.0) / 1000
+    elif ok_sec == sec - 1:
+        seen = _number(r.hget(keys[0], b"ok_cur"))
     if rate <= 0:
-        sec = float(math.floor(now / 1000))
-        ok_sec = _number(r.hget(keys[0], b"ok_sec"))
-        seen, window = 0.0, 1.0
-        if ok_sec == sec:
-            seen = _number(r.hget(keys[0], b"ok_cur")) + _number(r.hget(keys[0], b"ok_prev"))
-            window = 1 + max(now - sec * 1000, 100.0) / 1000
-        elif ok_sec == sec - 1:
-            seen = _number(r.hget(keys[0], b"ok_cur"))
+        since = _number(r.hget(keys[0], b"ok_since"))
+        window = max(min(window, (now - since) / 1000), 0.5)
         estimate = seen / window if seen > 0 else 1.0
         if 0 < wait < 1000:
             estimate = min(estimate, 1000 / wait)
@@ -372,13 +374,16 @@ def _pace_limited(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _
             slow = now - last >= 1000 / rate
         if slow:
             peak = rate
-            rate = max(float(argv[1]), rate * float(argv[2]))
-            next_slot = _lua_tostring(now + 1000 / rate)
+            floor = min(seen / window, rate * float(argv[5]))
+            rate = max(float(argv[1]), rate * float(argv[2]), floor)
+            # The new spacing starts after the last slot handed out at the old one.
+            tat = max(_number(r.hget(keys[0], b"tat")) - 1000 / peak, now) + 1000 / rate
+            sent = max(_number(r.hget(keys[0], b"sent_tat")) - 1000 / peak, now) + 1000 / rate
             r.hset(
                 keys[0],
                 *(b"rate", _lua_tostring(rate), b"probing", b"0"),
-                *(b"slowed_at", _lua_tostring(now), b"tat", next_slot),
-                *(b"peak", _lua_tostring(peak), b"sent_tat", next_slot),
+                *(b"slowed_at", _lua_tostring(now), b"tat", _lua_tostring(tat)),
+                *(b"peak", _lua_tostring(peak), b"sent_tat", _lua_tostring(sent)),
                 *(b"epoch", _lua_tostring(epoch + 1)),
             )
     tat = _number(r.hget(keys[0], b"tat"))
@@ -396,14 +401,16 @@ def _pace_succeeded(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  #
     now = _now_ms(r)
     if argv[4] != b"":
         r.hset(keys[1], argv[4], argv[5])
+    sec = float(math.floor(now / 1000))
+    ok_sec = _number(r.hget(keys[0], b"ok_sec"))
+    if ok_sec != sec:
+        cur = (r.hget(keys[0], b"ok_cur") or b"0") if ok_sec == sec - 1 else b"0"
+        r.hset(keys[0], b"ok_sec", _lua_tostring(sec), b"ok_prev", cur, b"ok_cur", b"0")
+    r.hincrby(keys[0], b"ok_cur", 1)
+    if r.hget(keys[0], b"ok_since") is None:
+        r.hset(keys[0], b"ok_since", _lua_tostring(now))
     rate = _number(r.hget(keys[0], b"rate"))
     if rate <= 0:
-        sec = float(math.floor(now / 1000))
-        ok_sec = _number(r.hget(keys[0], b"ok_sec"))
-        if ok_sec != sec:
-            cur = (r.hget(keys[0], b"ok_cur") or b"0") if ok_sec == sec - 1 else b"0"
-            r.hset(keys[0], b"ok_sec", _lua_tostring(sec), b"ok_prev", cur, b"ok_cur", b"0")
-        r.hincrby(keys[0], b"ok_cur", 1)
         r.pexpire(keys[0], _DAY_MS)
         return b"none"
     peak = _number(r.hget(keys[0], b"peak"))
