@@ -611,6 +611,10 @@ async def drive(
         # before): a refund another system made while it waited for a login is never
         # taken for its own.
         nonlocal ask
+        # A step of the wall clock while it waited (the login) moves the record's times
+        # now, not after the send: else the time read below, already on the stepped
+        # clock, would be moved by the step once more.
+        ask, _ = watch.settle(ask)
         now = clock.time()
         if save is not None and now - (ask.last_sent_at or now) > RESTAMP_AFTER:
             opens = ask.sends == 1 and ask.first_sent_at == ask.last_sent_at
