@@ -5,16 +5,32 @@ from __future__ import annotations
 
 import email.utils
 import time
+from pathlib import Path
 
 import orjson
 from aiohttp import web
 
-from violet_async import OrderRefund, RetryPolicy, VioletClient, VioletError
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    PendingRefund,
+    RetryPolicy,
+    VioletClient,
+    VioletError,
+)
+from violet_async.stores import RedisStore, SQLiteStore
 from violet_async._transport import Timeouts
 from violet_async.testing import FakeClock
 
 from .conftest import serve
+from ._fleet_redis import redis_url  # noqa: F401 - the fixture
 from .samples import refund_body
+from .test_review16_findings import BAG as BAG16
+from .test_review16_findings import HOUR
+from .test_review16_findings import ORDER as ORDER16
+from .test_review16_findings import REQUEST as REQUEST16
+from .test_review16_findings import Hostile, _ended, _serve
+from .test_review16_findings import _client as _client16
 
 ORDER, BAG = 71, 81
 WALL0 = 1_790_000_000.0
@@ -132,3 +148,124 @@ async def test_no_step_keyed_send_after_login_finds_its_own_refund() -> None:
     violet, outcome = await _run(0.0)
     assert len(violet.made) == 1
     assert isinstance(outcome, OrderRefund), outcome
+
+
+
+# -- 5. RedisStore's epoch guard -----------------------------------------------------------
+
+
+async def test_a_keyed_repeat_in_the_same_process_after_redis_lost_its_data(
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """Probe (5): as review 16's Redis-lost test, but the repeat of the key comes in the
+    same process that parked the first ask pending (its client still knows the record).
+    One refund."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["applied_lost", "ok", "ok"])
+    prefix = "review17-lost-same:"
+    key = "rma-review17-redis-same"
+    async with (
+        _serve(server) as url,
+        RedisStore(redis_url, prefix=prefix) as store,
+        _client16(url, clock, deadline=3.0, store=store) as one,
+    ):
+        server.hide = True
+        first = await _ended(one.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key=key))
+        assert isinstance(first, AmbiguousOutcomeError)
+        server.hide = False
+        lost = await store._redis.keys(f"{prefix}*")
+        await store._redis.delete(*lost)
+        clock.advance(120.0)
+        again = await _ended(one.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key=key))
+        clock.advance(3600.0)
+        later = await _ended(one.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key=key))
+    assert len(server.made) == 1, (server.posts, again, later)
+
+
+async def test_a_guarded_key_whose_bag_cannot_be_read_sends_nothing(
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """Probe (5): Redis lost the key's entry; the repeat is guarded, but the bag's list
+    answers 503 to every read. The guarded ask must not be sent blind."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Unreadable(clock, ["applied_lost", "ok", "ok"])
+    prefix = "review17-lost-unread:"
+    key = "rma-review17-redis-unread"
+    async with (
+        _serve(server) as url,
+        RedisStore(redis_url, prefix=prefix) as one_store,
+        RedisStore(redis_url, prefix=prefix) as two_store,
+        _client16(url, clock, deadline=3.0, store=one_store) as one,
+        _client16(url, clock, deadline=60.0, store=two_store) as two,
+    ):
+        server.hide = True
+        first = await _ended(one.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key=key))
+        assert isinstance(first, AmbiguousOutcomeError)
+        server.hide = False
+        lost = await one_store._redis.keys(f"{prefix}*")
+        await one_store._redis.delete(*lost)
+        clock.advance(120.0)
+        server.broken = True
+        again = await _ended(two.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key=key))
+    assert len(server.made) == 1, (server.posts, again)
+
+
+class Unreadable(Hostile):
+    """``Hostile`` whose list answers 503 while ``broken``."""
+
+    broken = False
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if self.broken:
+            return web.json_response({"message": "unavailable"}, status=503)
+        return await super()._list(request)
+
+
+# -- 3. a resumed record older than the store's retention (``_swept``) ---------------------
+
+
+async def test_a_keyed_record_told_failed_is_not_sent_again_after_retention_and_a_step_back(
+    tmp_path: Path,
+) -> None:
+    """Finding 3 (``_swept``): review 16's swept-key scenario (SQLiteStore, retention
+    600 s: X answered Violet's own 500, parked pending; resumed in worker two, proven
+    absent, re-sent, 429, FAILED and its caller told so; the resume job delivered again
+    after K's retention), with one change: between the two deliveries NTP steps this
+    machine's wall clock back an hour (it ran an hour fast). ``_swept`` compares the
+    record's send time with the wall clock as it is now: the record looks an hour
+    younger than it is, is not taken for swept, is read back, proven absent and sent
+    again after its caller was told it failed.
+
+    Expected: as without the step, nothing sent (review). Fixed: the record's age is
+    judged on the wall clock as it was before a step back since the client was made
+    (``KeyedAsks._latest``). Open: a process started after the step (or one whose
+    clock runs behind the writer's) cannot see it."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["lost", "busy", "ok"])
+    path = tmp_path / "keys.db"
+    key = "rma-review17-swept-step"
+    async with (
+        _serve(server) as url,
+        SQLiteStore(path, monotonic=clock.monotonic, retention=600.0) as one_store,
+        SQLiteStore(path, monotonic=clock.monotonic, retention=600.0) as two_store,
+        SQLiteStore(path, monotonic=clock.monotonic, retention=600.0) as three_store,
+        _client16(url, clock, deadline=3.0, store=one_store) as one,
+        _client16(url, clock, store=two_store, attempts=1) as two,
+        _client16(url, clock, store=three_store) as three,
+    ):
+        first = await _ended(one.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key=key))
+        assert isinstance(first, AmbiguousOutcomeError)
+        assert first.pending is not None
+        record = first.pending.to_json()
+        clock.advance(120.0)
+        told = await _ended(two.resume(PendingRefund.from_json(record)))
+        assert not isinstance(told, (OrderRefund, AmbiguousOutcomeError)), repr(told)
+        posts = server.posts
+        clock.advance(700.0)
+        await one.refund_bag(ORDER16, 99, REQUEST16, idempotency_key="rma-review17-other")
+        posts += 1  # that one's own POST, on another bag (its claim swept K's entry)
+        clock.step_wall(-HOUR)
+        server.stepped = -HOUR  # Violet's clock did not move
+        again = await _ended(three.resume(PendingRefund.from_json(record)))
+    assert server.posts == posts, f"X was sent again after its caller was told {told!r}"
+    assert not isinstance(again, OrderRefund), repr(again)

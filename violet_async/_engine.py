@@ -743,6 +743,13 @@ class KeyedAsks:
                 self._on_ended(pending)
             raise _ended_before(pending, entry.ask)
 
+    def _latest(self, now: float) -> float:
+        """``now`` (this wall clock), or later when it stepped back since the client was
+        made: how old a record is, judged on the side of review (a step back would make
+        an old record look young, and a swept key's ask be sent again; review 17)."""
+        jump = self._origin.step_at(now, self._clock.monotonic())
+        return now - jump if jump < 0 else now
+
     def _drives(self, key: str, entry: KeyEntry) -> None:
         """The flight on ``key`` (if any) read the key's entry: what it holds."""
         flight = self._flights.get(key)
@@ -782,7 +789,7 @@ class KeyedAsks:
                 _key_ask(pending, entry.ask, entry.refund, entry.lineage)
                 return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
-                if _swept(entry, mine, now, getattr(store, "retention", None)):
+                if _swept(entry, mine, self._latest(now), getattr(store, "retention", None)):
                     parked = attrs.evolve(
                         mine,
                         needs_review=True,
