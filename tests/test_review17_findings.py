@@ -7,13 +7,16 @@ import email.utils
 import time
 from pathlib import Path
 
+import attrs
 import orjson
 from aiohttp import web
 
 from violet_async import (
     AmbiguousOutcomeError,
+    BagPendingError,
     OrderRefund,
     PendingRefund,
+    RefundBagRequest,
     RetryPolicy,
     VioletClient,
     VioletError,
@@ -269,3 +272,63 @@ async def test_a_keyed_record_told_failed_is_not_sent_again_after_retention_and_
         again = await _ended(three.resume(PendingRefund.from_json(record)))
     assert server.posts == posts, f"X was sent again after its caller was told {told!r}"
     assert not isinstance(again, OrderRefund), repr(again)
+
+
+# -- 2. a resume held back by a record that is held back no more -------------------------
+
+
+def _foreign(record: PendingRefund) -> PendingRefund:
+    """``record`` as another process's (its clock unknown here)."""
+    return PendingRefund.from_json(
+        attrs.evolve(record, clock="0123456789abcdef", wall_mono=None).to_json()
+    )
+
+
+async def test_a_record_held_back_once_is_not_stuck_after_what_held_it_ended(
+    tmp_path: Path,
+) -> None:
+    """Finding 2 (``PendingAsks._held``): process ``here`` (a SQLiteStore shared with
+    process ``two``) makes keyed refund X (5.00): it applies, is answered Violet's own
+    500 and the list does not show it yet: X is parked pending here. Another process's
+    record R (4.00, nothing applied) is resumed here: proven absent, its re-send is held
+    back by X, and R goes back on the bag marked held. Process two resumes X and ends
+    it with its refund; X is resumed here too and gets that refund from the store: X
+    leaves the bag. Nothing holds R back any more, but it stays marked held. A third
+    record C (3.00, another process's, nothing applied) is resumed here: its re-send
+    is held back by R, and as R "is held back in turn", C is parked for review
+    (a false review: R can simply be resumed now, then C).
+
+    Expected: C is told to resume R first (BagPendingError), nothing parked."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    server = Hostile(clock, ["applied_lost", "lost", "lost"])
+    path = tmp_path / "keys.db"
+    async with (
+        _serve(server) as url,
+        SQLiteStore(path, monotonic=clock.monotonic) as here_store,
+        SQLiteStore(path, monotonic=clock.monotonic) as two_store,
+        _client16(url, clock, deadline=3.0, store=here_store) as here,
+        _client16(url, clock, deadline=60.0, store=two_store) as two,
+        _client16(url, clock, deadline=3.0) as zero,
+        _client16(url, clock, deadline=3.0) as other,
+    ):
+        server.hide = True
+        x = await _ended(here.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key="rma-x"))
+        r = await _ended(zero.refund_bag(ORDER16, BAG16, RefundBagRequest(amount_refunded=400)))
+        c = await _ended(other.refund_bag(ORDER16, BAG16, RefundBagRequest(amount_refunded=300)))
+        assert isinstance(x, AmbiguousOutcomeError) and x.pending is not None, repr(x)
+        assert isinstance(r, AmbiguousOutcomeError) and r.pending is not None, repr(r)
+        assert isinstance(c, AmbiguousOutcomeError) and c.pending is not None, repr(c)
+        assert len(server.made) == 1  # X's
+        clock.advance(120.0)
+        held = await _ended(here.resume(_foreign(r.pending)))
+        assert isinstance(held, BagPendingError), repr(held)
+        server.hide = False
+        clock.advance(120.0)
+        theirs = await _ended(two.resume(x.pending))
+        assert isinstance(theirs, OrderRefund), repr(theirs)
+        mine = await _ended(here.resume(x.pending))
+        assert isinstance(mine, OrderRefund), repr(mine)
+        clock.advance(120.0)
+        third = await _ended(here.resume(_foreign(c.pending)))
+    assert len(server.made) == 1
+    assert isinstance(third, BagPendingError), f"C parked for review though R can send: {third!r}"

@@ -1528,7 +1528,7 @@ class Engine:
             # record goes back on the bag (still pending here, keeping new asks off it).
             others = unsettled.records_on(bag_id)
             if resume is not None:
-                if others and all(unsettled.stuck(other) for other in others):
+                if others and all(unsettled.stuck(other, resume.ask_id) for other in others):
                     # Every ask holding it back is itself held back (by this one) or
                     # parked for review: none can ever send, so none would ever end
                     # (review 16). A person settles the bag; nothing is sent.
