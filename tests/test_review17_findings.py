@@ -21,18 +21,17 @@ from violet_async import (
     VioletClient,
     VioletError,
 )
-from violet_async.stores import RedisStore, SQLiteStore
 from violet_async._transport import Timeouts
+from violet_async.stores import RedisStore, SQLiteStore
 from violet_async.testing import FakeClock
 
-from .conftest import serve
 from ._fleet_redis import redis_url  # noqa: F401 - the fixture
+from .conftest import serve
 from .samples import refund_body
 from .test_review16_findings import BAG as BAG16
-from .test_review16_findings import HOUR
+from .test_review16_findings import HOUR, Hostile, _ended, _serve
 from .test_review16_findings import ORDER as ORDER16
 from .test_review16_findings import REQUEST as REQUEST16
-from .test_review16_findings import Hostile, _ended, _serve
 from .test_review16_findings import _client as _client16
 
 ORDER, BAG = 71, 81
@@ -151,7 +150,6 @@ async def test_no_step_keyed_send_after_login_finds_its_own_refund() -> None:
     violet, outcome = await _run(0.0)
     assert len(violet.made) == 1
     assert isinstance(outcome, OrderRefund), outcome
-
 
 
 # -- 5. RedisStore's epoch guard -----------------------------------------------------------
@@ -315,9 +313,12 @@ async def test_a_record_held_back_once_is_not_stuck_after_what_held_it_ended(
         x = await _ended(here.refund_bag(ORDER16, BAG16, REQUEST16, idempotency_key="rma-x"))
         r = await _ended(zero.refund_bag(ORDER16, BAG16, RefundBagRequest(amount_refunded=400)))
         c = await _ended(other.refund_bag(ORDER16, BAG16, RefundBagRequest(amount_refunded=300)))
-        assert isinstance(x, AmbiguousOutcomeError) and x.pending is not None, repr(x)
-        assert isinstance(r, AmbiguousOutcomeError) and r.pending is not None, repr(r)
-        assert isinstance(c, AmbiguousOutcomeError) and c.pending is not None, repr(c)
+        assert isinstance(x, AmbiguousOutcomeError), repr(x)
+        assert x.pending is not None
+        assert isinstance(r, AmbiguousOutcomeError), repr(r)
+        assert r.pending is not None
+        assert isinstance(c, AmbiguousOutcomeError), repr(c)
+        assert c.pending is not None
         assert len(server.made) == 1  # X's
         clock.advance(120.0)
         held = await _ended(here.resume(_foreign(r.pending)))
@@ -332,3 +333,33 @@ async def test_a_record_held_back_once_is_not_stuck_after_what_held_it_ended(
         third = await _ended(here.resume(_foreign(c.pending)))
     assert len(server.made) == 1
     assert isinstance(third, BagPendingError), f"C parked for review though R can send: {third!r}"
+
+
+class LaggingSteppedLogin(SteppedLogin):
+    """``SteppedLogin`` whose list shows nothing for its first ``lag`` reads."""
+
+    lag = 3
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if self.lag > 0:
+            self.lag -= 1
+            return web.Response(body=b"[]", content_type="application/json")
+        return await super()._list(request)
+
+
+async def test_a_wall_clock_step_during_a_keyed_sends_login_keeps_its_settle_window() -> None:
+    """Finding 1's fix, attacked: after a step of an hour during the login, the applied
+    send's refund is missing from the first reads (a list that lags): the settle
+    window, placed on the stepped clock once, is not cut short; never sent twice."""
+    for step in (3600.0, -3600.0):
+        clock = FakeClock(wall_start=WALL0)
+        violet = LaggingSteppedLogin(clock, step)
+        async with serve(violet.app()) as url, _client(url + "/v1", clock) as client:
+            try:
+                outcome: OrderRefund | VioletError = await client.refund_bag(
+                    ORDER, BAG, amount_refunded=500, idempotency_key="review17-lag"
+                )
+            except VioletError as exc:
+                outcome = exc
+        assert len(violet.made) == 1, (step, violet.posts, outcome)
+        assert violet.posts == 1, (step, outcome)
