@@ -743,6 +743,13 @@ class KeyedAsks:
                 self._on_ended(pending)
             raise _ended_before(pending, entry.ask)
 
+    def _latest(self, now: float) -> float:
+        """``now`` (this wall clock), or later when it stepped back since the client was
+        made: how old a record is, judged on the side of review (a step back would make
+        an old record look young, and a swept key's ask be sent again; review 17)."""
+        jump = self._origin.step_at(now, self._clock.monotonic())
+        return now - jump if jump < 0 else now
+
     def _drives(self, key: str, entry: KeyEntry) -> None:
         """The flight on ``key`` (if any) read the key's entry: what it holds."""
         flight = self._flights.get(key)
@@ -782,7 +789,7 @@ class KeyedAsks:
                 _key_ask(pending, entry.ask, entry.refund, entry.lineage)
                 return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
-                if _swept(entry, mine, now, getattr(store, "retention", None)):
+                if _swept(entry, mine, self._latest(now), getattr(store, "retention", None)):
                     parked = attrs.evolve(
                         mine,
                         needs_review=True,
@@ -1521,7 +1528,7 @@ class Engine:
             # record goes back on the bag (still pending here, keeping new asks off it).
             others = unsettled.records_on(bag_id)
             if resume is not None:
-                if others and all(unsettled.stuck(other) for other in others):
+                if others and all(unsettled.stuck(other, resume.ask_id) for other in others):
                     # Every ask holding it back is itself held back (by this one) or
                     # parked for review: none can ever send, so none would ever end
                     # (review 16). A person settles the bag; nothing is sent.

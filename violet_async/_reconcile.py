@@ -293,8 +293,8 @@ class PendingAsks:
 
     def __init__(self) -> None:
         self._by_bag: dict[int, list[PendingRefund]] = {}
-        # Asks whose resume was held back by another one pending on their bag.
-        self._held: set[str] = set()
+        # Asks whose resume was held back by others pending on their bag: by which.
+        self._held: dict[str, frozenset[str]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._by_bag)
@@ -307,22 +307,30 @@ class PendingAsks:
         return tuple(self._by_bag.get(bag_id, ()))
 
     def add(self, pending: PendingRefund, *, held: bool = False) -> None:
-        """``held``: its resume was held back by another ask pending on the bag."""
-        self._by_bag.setdefault(pending.bag_id, []).append(pending)
+        """``held``: its resume was held back by the other asks pending on the bag."""
+        others = self._by_bag.setdefault(pending.bag_id, [])
         if held:
-            self._held.add(pending.ask_id)
+            self._held[pending.ask_id] = frozenset(r.ask_id for r in others)
         else:
-            self._held.discard(pending.ask_id)
+            self._held.pop(pending.ask_id, None)
+        others.append(pending)
 
-    def stuck(self, record: PendingRefund) -> bool:
+    def stuck(self, record: PendingRefund, resuming: str | None = None) -> bool:
         """``record`` cannot end by itself: parked for review, or its resume was held
-        back by another ask pending on the bag."""
-        return record.needs_review or record.ask_id in self._held
+        back by an ask still pending on the bag (or by ``resuming``, the ask resumed
+        now). One held back only by asks that have ended since can (review 17)."""
+        if record.needs_review:
+            return True
+        holders = self._held.get(record.ask_id)
+        if holders is None:
+            return False
+        here = {r.ask_id for r in self._by_bag.get(record.bag_id, ())}
+        return bool(holders & (here | {resuming}))
 
     def forget(self, bag_id: int) -> None:
         """Drop the bag's records (their owner, e.g. a fleet ledger, keeps them)."""
         for record in self._by_bag.pop(bag_id, ()):
-            self._held.discard(record.ask_id)
+            self._held.pop(record.ask_id, None)
 
     def check(self, bag_id: int, resume: PendingRefund | None) -> PendingRefund | None:
         """A resume takes its own record off the bag, and gets back what both records
@@ -342,7 +350,7 @@ class PendingAsks:
         for index, record in enumerate(records):
             if _same_ask(record, resume):
                 del records[index]
-                self._held.discard(record.ask_id)
+                self._held.pop(record.ask_id, None)
                 if record.ask_id == resume.ask_id:
                     resume = merged(resume, record)
                 break
@@ -517,6 +525,12 @@ class WallWatch:
         self._clock = clock
         self._wall, self._mono = since if since is not None else (clock.time(), clock.monotonic())
 
+    def peek(self) -> float:
+        """How far the wall clock stepped since the last look, leaving the look as it
+        was (0.0: it did not)."""
+        jump = (self._clock.time() - self._wall) - (self._clock.monotonic() - self._mono)
+        return jump if abs(jump) > CLOCK_STEP else 0.0
+
     def jump(self) -> float:
         """How far the wall clock stepped since the last look (0.0: it did not)."""
         wall, mono = self._clock.time(), self._clock.monotonic()
@@ -602,6 +616,8 @@ async def drive(
     of every re-send (the ``on_retry`` hook).
     """
 
+    watch = watch or WallWatch(clock)
+
     async def stamp() -> None:
         # The request leaves now, later than the saved record says when a login, a
         # token renewal or a rate wait came between: the record must say so, or a
@@ -611,7 +627,11 @@ async def drive(
         # before): a refund another system made while it waited for a login is never
         # taken for its own.
         nonlocal ask
-        now = clock.time()
+        # The time is read on the wall clock as the watch last saw it: a step while it
+        # waited (the login) moves it with the record's other times (and the send's
+        # observation) after the send, once (review 17: counted twice, the window
+        # opened an hour after the send and its own refund was left for review).
+        now = clock.time() - watch.peek()
         if save is not None and now - (ask.last_sent_at or now) > RESTAMP_AFTER:
             opens = ask.sends == 1 and ask.first_sent_at == ask.last_sent_at
             ask = attrs.evolve(
@@ -619,7 +639,6 @@ async def drive(
             )
             await save(ask)
 
-    watch = watch or WallWatch(clock)
     try:
         while True:
             if action.final or action.do is Do.SEND:
