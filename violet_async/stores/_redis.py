@@ -194,29 +194,25 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
+                    seen: tuple[str, bool, str | None] | None = None
                     if epoch:
                         await _awaited(pipe.watch(name, self.epoch_key))
-                    else:
-                        await _awaited(pipe.watch(name))
-                    if epoch:
                         raw, seen = await self._read(pipe, name)
                     else:
-                        raw, seen = await pipe.get(name), None
-                    unsure = seen is not None and seen[1]
+                        await _awaited(pipe.watch(name))
+                        raw = await pipe.get(name)
+                    ident, unsure, made = seen if seen is not None else (None, False, None)
                     write = apply(None if raw is None else KeyEntry.from_json(raw), unsure)
-                    made = seen is not None and seen[2] is not None
-                    if write is None and not made:
+                    if write is None and made is None:
                         await _awaited(pipe.unwatch())
                         self._saw(seen)
                         return False
                     pipe.multi()
-                    if seen is not None and seen[2] is not None:
-                        pipe.hset(self.epoch_key, mapping={"id": seen[0], "created": seen[2]})
-                    if write is None:
-                        pass
-                    elif write.finished_at is not None:
+                    if made is not None:  # the epoch was missing: created with the write
+                        pipe.hset(self.epoch_key, mapping={"id": ident, "created": made})
+                    if write is not None and write.finished_at is not None:
                         pipe.set(name, write.to_json(), px=int(self.retention * 1000))
-                    else:
+                    elif write is not None:
                         pipe.set(name, write.to_json())
                     await pipe.execute()
                 except WatchError:
