@@ -743,13 +743,6 @@ class KeyedAsks:
                 self._on_ended(pending)
             raise _ended_before(pending, entry.ask)
 
-    def _latest(self, now: float) -> float:
-        """``now`` (this wall clock), or later when it stepped back since the client was
-        made: how old a record is, judged on the side of review (a step back would make
-        an old record look young, and a swept key's ask be sent again; review 17)."""
-        jump = self._origin.step_at(now, self._clock.monotonic())
-        return now - jump if jump < 0 else now
-
     def _drives(self, key: str, entry: KeyEntry) -> None:
         """The flight on ``key`` (if any) read the key's entry: what it holds."""
         flight = self._flights.get(key)
@@ -789,26 +782,25 @@ class KeyedAsks:
                 _key_ask(pending, entry.ask, entry.refund, entry.lineage)
                 return _not_another(pending, entry.refund)
             if claim is Claim.OWNED:
-                if _swept(entry, mine, self._latest(now), getattr(store, "retention", None)):
-                    parked = attrs.evolve(
+                # Its age on the clock as it was before any step back (review 17: a
+                # step back made a swept key's ask look young, and it was sent again).
+                wall = self._origin.latest(now, clock.monotonic())
+                if _swept(entry, mine, wall, getattr(store, "retention", None)):
+                    note = (
+                        "its record is older than the record store's retention and the "
+                        "store holds no end of it: the key's entry may have been swept "
+                        "after the ask ended (a caller told it failed, or handed its "
+                        f"refund); a person has to look at bag {mine.bag_id}"
+                    )
+                    parked, review = _for_review(
                         mine,
-                        needs_review=True,
-                        note=(
-                            "its record is older than the record store's retention and the "
-                            "store holds no end of it: the key's entry may have been swept "
-                            "after the ask ended (a caller told it failed, or handed its "
-                            f"refund); a person has to look at bag {mine.bag_id}"
-                        ),
+                        note,
+                        f"the {mine.kind} of bag {mine.bag_id} (order {mine.order_id}) may or "
+                        f"may not have applied: {note}. Nothing was read or sent: check the "
+                        "bag before doing anything else",
                     )
                     await self._give_back(attrs.evolve(entry, ask=parked))
-                    raise AmbiguousOutcomeError(
-                        f"the {mine.kind} of bag {mine.bag_id} (order {mine.order_id}) may or "
-                        f"may not have applied: {parked.note}. Nothing was read or sent: "
-                        "check the bag before doing anything else",
-                        request=mine.request,
-                        attempts=mine.sends,
-                        pending=parked,
-                    )
+                    raise review
                 if _earlier(pending, entry.ask, entry.lineage):
                     # A record of an earlier ask of the key (it ended definitely not
                     # applied, and the key was called again for the same request): its
@@ -1066,8 +1058,19 @@ def _not_the_keys(pending: PendingRefund, stored: PendingRefund) -> AmbiguousOut
         "store's retention). Nothing was read or sent for it: check the bag, this "
         "record's own request may have applied"
     )
-    parked = attrs.evolve(pending, phase=Phase.PENDING, needs_review=True, note=note)
-    return _NotTheKeys(note, request=pending.request, attempts=pending.sends, pending=parked)
+    return _for_review(pending, note, note, _NotTheKeys)[1]
+
+
+def _for_review(
+    record: PendingRefund,
+    note: str,
+    message: str,
+    error: type[AmbiguousOutcomeError] = AmbiguousOutcomeError,
+) -> tuple[PendingRefund, AmbiguousOutcomeError]:
+    """``record`` parked for review (pending, ``note`` its reason; nothing of it is
+    read or sent), and the error that hands it out."""
+    parked = attrs.evolve(record, phase=Phase.PENDING, needs_review=True, note=note)
+    return parked, error(message, request=record.request, attempts=record.sends, pending=parked)
 
 
 def _ended_before(pending: PendingRefund, stored: PendingRefund) -> VioletError:
@@ -1295,16 +1298,15 @@ class Engine:
         path). ``read_first``: read the bag before a first send even when the policy
         does not."""
         clock = self._shared.clock
-        settings = attrs.evolve(
-            self._io._retry.protocol_settings(),
+        base = self._io._retry.protocol_settings()
+        return attrs.evolve(
+            base,
             clock_id=clock_id(clock),
             others_pending=self._shared.unsettled.on_bag(bag_id),
             hold_if_present=hold_if_present,
             defer_rate_limited=defer_rate_limited,
+            read_before_send=base.read_before_send or read_first,
         )
-        if read_first and not settings.read_before_send:
-            settings = attrs.evolve(settings, read_before_send=True)
-        return settings
 
     async def _wait_for_bag(
         self,
@@ -1532,25 +1534,20 @@ class Engine:
                     # Every ask holding it back is itself held back (by this one) or
                     # parked for review: none can ever send, so none would ever end
                     # (review 16). A person settles the bag; nothing is sent.
-                    parked = attrs.evolve(
+                    note = (
+                        f"held back by {len(others)} other ask(s) pending on bag {bag_id} "
+                        "here that are held back in turn or parked for review; a person "
+                        f"has to look at bag {bag_id}"
+                    )
+                    parked, review = _for_review(
                         resume,
-                        phase=Phase.PENDING,
-                        needs_review=True,
-                        note=(
-                            f"held back by {len(others)} other ask(s) pending on bag {bag_id} "
-                            "here that are held back in turn or parked for review; a person "
-                            f"has to look at bag {bag_id}"
-                        ),
+                        note,
+                        f"{exc}; the {kind} of bag {bag_id} (order {order_id}) may or may not "
+                        f"have applied: {note}. check the bag before doing anything else",
                     )
                     unsettled.add(parked)
                     shared.known_refunds.parked(parked)
-                    raise AmbiguousOutcomeError(
-                        f"{exc}; the {kind} of bag {bag_id} (order {order_id}) may or may not "
-                        f"have applied: {parked.note}. check the bag before doing anything else",
-                        request=req,
-                        attempts=parked.sends,
-                        pending=parked,
-                    ) from None
+                    raise review from None
                 unsettled.add(resume, held=True)
             raise BagPendingError(str(exc), pending=others) from None
         except VioletError as exc:

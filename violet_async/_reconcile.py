@@ -528,14 +528,17 @@ class WallWatch:
     def peek(self) -> float:
         """How far the wall clock stepped since the last look, leaving the look as it
         was (0.0: it did not)."""
-        jump = (self._clock.time() - self._wall) - (self._clock.monotonic() - self._mono)
-        return jump if abs(jump) > CLOCK_STEP else 0.0
+        return self._since(self._clock.time(), self._clock.monotonic())
 
     def jump(self) -> float:
         """How far the wall clock stepped since the last look (0.0: it did not)."""
         wall, mono = self._clock.time(), self._clock.monotonic()
-        jump = (wall - self._wall) - (mono - self._mono)
+        jump = self._since(wall, mono)
         self._wall, self._mono = wall, mono
+        return jump
+
+    def _since(self, wall: float, mono: float) -> float:
+        jump = (wall - self._wall) - (mono - self._mono)
         return jump if abs(jump) > CLOCK_STEP else 0.0
 
     def settle(self, ask: PendingRefund) -> tuple[PendingRefund, float]:
@@ -574,6 +577,12 @@ class ClockOrigin:
         so that a step forward never ends one early."""
         wall, mono = clock.time(), clock.monotonic()
         return min(wall, wall - self.step_at(wall, mono))
+
+    def latest(self, wall: float, mono: float) -> float:
+        """``wall`` (read at ``mono``), or later when the wall clock stepped back since
+        the origin: what an age counted on the wall clock is judged by on the side of
+        review (a step back would make an old record look young)."""
+        return max(wall, wall - self.step_at(wall, mono))
 
     def mark(self, ask: PendingRefund, wall: float, mono: float) -> PendingRefund:
         """``ask``, made from times read at ``(wall, mono)``, judged against this
