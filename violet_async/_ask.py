@@ -257,6 +257,16 @@ class PendingRefund:
                 raise
             raise RequestValidationError("pending", str(exc)) from None
 
+    def same_request(self, other: PendingRefund) -> bool:
+        """True when ``other`` asks for exactly what this record asks for (kind, order,
+        bag and request)."""
+        return (
+            self.kind == other.kind
+            and self.order_id == other.order_id
+            and self.bag_id == other.bag_id
+            and self.request == other.request
+        )
+
     def to_json(self) -> str:
         """The record as a JSON string."""
         return orjson.dumps(self.to_dict()).decode()

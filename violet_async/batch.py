@@ -54,7 +54,6 @@ from .exceptions import (
     VioletError,
 )
 from .models import CancelBagRequest, OrderRefund, RefundBagRequest
-from .stores._base import KeyEntry
 
 __all__ = [
     "AuditRow",
@@ -1090,7 +1089,7 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
         prior.state == "sent"
         and stored is not None
         and stored.phase is Phase.ABSENT
-        and KeyEntry("", stored).same_request(wanted)
+        and stored.same_request(wanted)
     ):
         # Its last line is the one a run writes when a 429 defers the row (every send
         # proven not applied; no send after it, as every send is journaled before it

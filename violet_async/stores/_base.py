@@ -102,13 +102,7 @@ class KeyEntry:
 
     def same_request(self, ask: PendingRefund) -> bool:
         """True when ``ask`` asks for exactly what this entry's ask asked for."""
-        mine = self.ask
-        return (
-            mine.kind == ask.kind
-            and mine.order_id == ask.order_id
-            and mine.bag_id == ask.bag_id
-            and mine.request == ask.request
-        )
+        return self.ask.same_request(ask)
 
     def to_json(self) -> bytes:
         refund = None
