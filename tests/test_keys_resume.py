@@ -84,9 +84,13 @@ async def _two(
         yield one, two
 
 
-async def _settled(call: Awaitable[OrderRefund], again: Any) -> OrderRefund:
+async def _settled(
+    call: Awaitable[OrderRefund], again: Any, clock: FakeClock | None = None
+) -> OrderRefund:
     """The call's refund; if it ended pending (its deadline came while another owner
-    held the ask), the outcome of calling ``again()`` until it is known."""
+    held the ask), the outcome of calling ``again()`` until it is known. ``clock``: a
+    caller told to resume later does so later (30 s before each try): a call that
+    parks at once, its deadline short of the settle window, moves no virtual time."""
     try:
         return await call
     except (AmbiguousOutcomeError, RecordStoreError, APIConnectionError) as exc:
@@ -98,6 +102,8 @@ async def _settled(call: Awaitable[OrderRefund], again: Any) -> OrderRefund:
         if isinstance(exc, APIConnectionError) and exc.request_sent:
             raise
         for _ in range(5):
+            if clock is not None:
+                clock.advance(30.0)
             with contextlib.suppress(AmbiguousOutcomeError, RecordStoreError, APITimeoutError):
                 return await again()  # type: ignore[no-any-return]
         raise
@@ -417,10 +423,10 @@ async def test_a_keyed_resume_cancelled_at_each_await_then_repeated_refunds_once
         got = await asyncio.gather(
             # A resume told its ask ended not sent (the other caller's deadline ran out
             # on the shared virtual clock) asks again with the key, as a caller does.
-            _settled(one.resume(record), lambda: _keyed(one)),
-            _settled(_keyed(two), lambda: _keyed(two)),
+            _settled(one.resume(record), lambda: _keyed(one), clock),
+            _settled(_keyed(two), lambda: _keyed(two), clock),
         )
-        again = await _settled(_keyed(one), lambda: _keyed(one))
+        again = await _settled(_keyed(one), lambda: _keyed(one), clock)
     assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
     assert server.posts == 2
     assert {r.id for r in (*got, again)} == {server.ours[0]}
