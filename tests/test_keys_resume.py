@@ -84,29 +84,71 @@ async def _two(
         yield one, two
 
 
+_ASK_AGAIN = (AmbiguousOutcomeError, RecordStoreError, APIConnectionError)
+
+
+def _told_to_ask_again(exc: BaseException) -> bool:
+    """Pending, "taken over by another process: call again with the same key", or a
+    deadline passed before anything was sent (two callers on one virtual clock: one's
+    waits are instant and move the other's deadline while it waits on SQLite's thread),
+    here or in the ask the resume finds ended so: each tells the caller to ask again
+    with the key, which is what a caller does."""
+    if isinstance(exc, APIConnectionError) and exc.request_sent:
+        return False
+    return isinstance(exc, _ASK_AGAIN)
+
+
+async def _again(
+    exc: BaseException, again: Callable[[], Awaitable[OrderRefund]], clock: FakeClock | None
+) -> OrderRefund:
+    """The outcome of calling ``again()`` until it is known (five tries), after a call
+    that ended with ``exc``. ``clock``: a caller told to resume later does so later (30 s
+    before each try): a call that parks at once, its deadline short of the settle
+    window, moves no virtual time."""
+    if not _told_to_ask_again(exc):
+        raise exc
+    for _ in range(5):
+        if clock is not None:
+            clock.advance(30.0)
+        with contextlib.suppress(AmbiguousOutcomeError, RecordStoreError, APITimeoutError):
+            return await again()
+    raise exc
+
+
 async def _settled(
-    call: Awaitable[OrderRefund], again: Any, clock: FakeClock | None = None
+    call: Awaitable[OrderRefund],
+    again: Callable[[], Awaitable[OrderRefund]],
+    clock: FakeClock | None = None,
 ) -> OrderRefund:
     """The call's refund; if it ended pending (its deadline came while another owner
-    held the ask), the outcome of calling ``again()`` until it is known. ``clock``: a
-    caller told to resume later does so later (30 s before each try): a call that
-    parks at once, its deadline short of the settle window, moves no virtual time."""
+    held the ask), the outcome of calling ``again()`` until it is known."""
     try:
         return await call
-    except (AmbiguousOutcomeError, RecordStoreError, APIConnectionError) as exc:
-        # Pending, "taken over by another process: call again with the same key", or a
-        # deadline passed before anything was sent (two callers on one virtual clock:
-        # one's waits are instant and move the other's deadline while it waits on
-        # SQLite's thread), here or in the ask the resume finds ended so: each tells
-        # the caller to ask again with the key, which is what a caller does.
-        if isinstance(exc, APIConnectionError) and exc.request_sent:
-            raise
-        for _ in range(5):
-            if clock is not None:
-                clock.advance(30.0)
-            with contextlib.suppress(AmbiguousOutcomeError, RecordStoreError, APITimeoutError):
-                return await again()  # type: ignore[no-any-return]
-        raise
+    except _ASK_AGAIN as exc:
+        return await _again(exc, again, clock)
+
+
+async def _race(
+    *calls: tuple[Awaitable[OrderRefund], Callable[[], Awaitable[OrderRefund]]],
+    clock: FakeClock | None = None,
+) -> list[OrderRefund]:
+    """Every call at once (the race under test); then each caller told to ask again
+    does so, one caller at a time. Two callers retrying at once on one virtual clock
+    move each other's deadlines and leases (one's instant waits advance the clock the
+    other is mid-write on, on SQLite's thread), round after round: a livelock of the
+    harness's shared clock, which callers on a real clock do not share."""
+
+    async def first(call: Awaitable[OrderRefund]) -> OrderRefund | BaseException:
+        try:
+            return await call
+        except _ASK_AGAIN as exc:
+            return exc
+
+    firsts = await asyncio.gather(*(first(call) for call, _ in calls))
+    return [
+        got if isinstance(got, OrderRefund) else await _again(got, again, clock)
+        for got, (_, again) in zip(firsts, calls, strict=True)
+    ]
 
 
 # -- the record carries its key ------------------------------------------------------
@@ -175,9 +217,9 @@ async def test_a_resume_and_a_keyed_repeat_in_two_clients_refund_once(
         pending = await _pending(_keyed(one))
         clock.advance(120.0)
         record = _json(pending)
-        got = await asyncio.gather(
-            _settled(one.resume(record), lambda: one.resume(record)),
-            _settled(_keyed(two), lambda: _keyed(two)),
+        got = await _race(
+            (one.resume(record), lambda: one.resume(record)),
+            (_keyed(two), lambda: _keyed(two)),
         )
         again = await _settled(_keyed(one), lambda: _keyed(one)), await two.resume(record)
     assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
@@ -201,9 +243,9 @@ async def test_over_redis_a_resume_and_a_keyed_repeat_refund_once(
         pending = await _pending(_keyed(one))
         clock.advance(120.0)
         record = _json(pending)
-        got = await asyncio.gather(
-            _settled(one.resume(record), lambda: one.resume(record)),
-            _settled(_keyed(two), lambda: _keyed(two)),
+        got = await _race(
+            (one.resume(record), lambda: one.resume(record)),
+            (_keyed(two), lambda: _keyed(two)),
         )
         entry = await two_store.load(f"{two._key_scope()} {KEY}")
         keys = await one_store._redis.keys(f"{prefix}*")
@@ -420,11 +462,12 @@ async def test_a_keyed_resume_cancelled_at_each_await_then_repeated_refunds_once
             await _until(lambda: server.ours)
         # Past a cancelled holder's lease (another process cannot tell it is gone).
         clock.advance(paused.lease + ROOMY.settle_running + 1.0)
-        got = await asyncio.gather(
+        got = await _race(
             # A resume told its ask ended not sent (the other caller's deadline ran out
             # on the shared virtual clock) asks again with the key, as a caller does.
-            _settled(one.resume(record), lambda: _keyed(one), clock),
-            _settled(_keyed(two), lambda: _keyed(two), clock),
+            (one.resume(record), lambda: _keyed(one)),
+            (_keyed(two), lambda: _keyed(two)),
+            clock=clock,
         )
         again = await _settled(_keyed(one), lambda: _keyed(one), clock)
     assert len(server.ours) == 1, f"{len(server.ours)} refunds, {server.posts} POSTs"
