@@ -12,8 +12,10 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
+from aiohttp import web
 
 from violet_async.testing import FakeViolet, FaultPlan
 
@@ -166,13 +168,28 @@ async def test_fix_one_row_and_rerun_does_exactly_the_one_new_thing(tmp_path: Pa
         assert fake.ledger.double_refunds() == {}
 
 
+class HeldAfterFirst(FakeViolet):
+    """FakeViolet that holds every refund POST after the first one until ``go`` is set:
+    the first run cannot finish before the second has tried the journal, however
+    loaded the machine (it once did, and the second run found nothing to hold)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go = asyncio.Event()
+
+    async def _refund(self, request: web.Request) -> web.StreamResponse:
+        if self.ledger.total_refunds >= 1:
+            await self.go.wait()
+        return await super()._refund(request)
+
+
 async def test_two_runs_on_one_journal_the_second_exits_2_naming_the_holder(
     tmp_path: Path,
 ) -> None:
     """While a run holds the journal, a second run of the same command exits 2 at once
     naming the first one's pid, and every bag is refunded once."""
     count = 40
-    async with FakeViolet(
+    async with HeldAfterFirst(
         orders=count, seed=4, faults=FaultPlan(latency=(0.05, 0.1), seed=4)
     ) as fake:
         path = refunds_csv(tmp_path / "in.csv", fake, count)
@@ -182,15 +199,18 @@ async def test_two_runs_on_one_journal_the_second_exits_2_naming_the_holder(
             sys.executable, "-m", "violet_async", "refund", str(path), "--concurrency", "2",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        for _ in range(400):
-            await asyncio.sleep(0.05)
-            if journal.exists() and b'"done"' in journal.read_bytes():
-                break
-        started = time.monotonic()
-        code, _, err = await cli(fake, "refund", str(path), "--concurrency", "2")
-        assert code == 2
-        assert f"in use by process {first.pid}" in err
-        assert time.monotonic() - started < 10
+        try:
+            for _ in range(400):
+                await asyncio.sleep(0.05)
+                if journal.exists() and b'"done"' in journal.read_bytes():
+                    break
+            started = time.monotonic()
+            code, _, err = await cli(fake, "refund", str(path), "--concurrency", "2")
+            assert code == 2
+            assert f"in use by process {first.pid}" in err
+            assert time.monotonic() - started < 10
+        finally:
+            fake.go.set()
         assert await first.wait() == 0
         assert fake.ledger.total_refunds == count
         assert fake.ledger.double_refunds() == {}
