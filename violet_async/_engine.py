@@ -232,6 +232,10 @@ class SendTracker:
         if self._persist is not None:
             await self._persist(ask)
         self.record = ask
+        if ask.phase is Phase.ABSENT:
+            # Every send so far was proven not applied (a re-send waits to leave):
+            # nothing of this call, nor of the record it resumed, is outstanding.
+            self.left = self._resumed = False
 
     def watch(self, io: BagIO) -> BagIO:
         """``io`` whose sends mark the moment a request leaves (after any login, after
@@ -260,7 +264,7 @@ class SendTracker:
         """The record to keep as pending when the caller cancels now (None: nothing of
         this call can have reached Violet, and it resumed nothing)."""
         record = self.record
-        if record is None or record.phase is Phase.NEW:
+        if record is None or record.phase in (Phase.NEW, Phase.ABSENT):
             return None
         if self.left:
             return _cancelled(record, now, settle_running, mono)
@@ -843,6 +847,13 @@ class KeyedAsks:
         """The record a call taking the key resumes (None: a new ask)."""
         # A key's entry always holds a record of its own request (the claim refused
         # any other): the rule's last case never applies here.
+        if ask.phase is Phase.ABSENT:
+            # Saved when every send was proven not applied and no send came after it
+            # (each is saved before it leaves): a re-send waiting to leave (a 429's
+            # Retry-After) or a 429 deferred. Sent anew, its window from that send, as
+            # the batch's deferred row is (not read back as doubtful: a refund another
+            # system made during the wait would pass for its own).
+            return ask
         resume = resumable(ask, ask, sent_at=None)
         if resume is None or resume.phase is not Phase.SENT:
             return resume

@@ -591,7 +591,12 @@ class ClockOrigin:
         jump = self.step_at(wall, mono)
         if not jump:
             return ask
-        return attrs.evolve(ask, stepped=ask.stepped + jump, clock_unsure=True)
+        # Not unsure: its times were read after the step, and it has no reading of
+        # Violet's clock yet (every ``Date`` it learns is read on the clock as it is).
+        # Unsure, its dates were judged within ``clock_skew`` of the send: with
+        # Violet's clock ahead by less than that, another system's refund made a
+        # minute before the send passed for its own (simulator seed 922284).
+        return attrs.evolve(ask, stepped=ask.stepped + jump)
 
 
 #: Seconds by which a send may leave after the time its saved record gives before the
@@ -640,20 +645,26 @@ async def drive(
         # waited (the login) moves it with the record's other times (and the send's
         # observation) after the send, once (review 17: counted twice, the window
         # opened an hour after the send and its own refund was left for review).
-        now = clock.time() - watch.peek()
-        if save is not None and now - (ask.last_sent_at or now) > RESTAMP_AFTER:
-            opens = ask.sends == 1 and ask.first_sent_at == ask.last_sent_at
-            ask = attrs.evolve(
-                ask, first_sent_at=now if opens else ask.first_sent_at, last_sent_at=now
-            )
-            await save(ask)
+        leaving = clock.time() - watch.peek()
+        if save is not None and (stamped := _restamped(ask, leaving, unstamped=unstamped)):
+            await save(ask := stamped)
+
+    unstamped = False  # the saved record says "not sent" (see below) until it leaves
 
     try:
         while True:
             if action.final or action.do is Do.SEND:
                 ask = _stamped(ask, action, known, clock, settings)
             if save is not None and (action.final or action.do is Do.SEND):
-                await save(ask)
+                # A re-send that opens the window anew (every earlier send was proven not
+                # applied) after a wait (a 429's Retry-After, a backoff) is saved as not
+                # sent until it leaves (stamp() saves it sent, right before): a caller
+                # who cancels, or a process that dies, during the wait leaves a record
+                # that says so. Saved as sent at the time it was planned for, a repeat
+                # read the bag back and took a refund another system made during the
+                # wait for the one it never sent (simulator seed 923128).
+                unstamped = action.do is Do.SEND and action.delay > 0 and _opens_anew(ask)
+                await save(_not_sent_yet(ask) if unstamped else ask)
             if action.final:
                 return _end(ask, action, last_error)
             if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
@@ -700,6 +711,47 @@ async def drive(
                 _report(ask, obs, action, baseline=baseline)
     finally:
         ATTEMPT.set(1)
+
+
+def _restamped(ask: PendingRefund, now: float, *, unstamped: bool) -> PendingRefund | None:
+    """The record as the send leaving ``now`` must save it first (None: as saved).
+
+    Saved again when the request leaves later than its record says (a login, a token
+    renewal, a rate wait), or when the record saved says it has not left yet
+    (``unstamped``: see :func:`_not_sent_yet`). When the window opens at this send (the
+    ask's first, or one after every earlier send was proven not applied: a 429, a
+    connection never opened), it opens now.
+
+    A step of the wall clock before a re-send that opens the window anew left the
+    record's earlier times, and its reading of Violet's clock, unsure (moved by the
+    step; or not, were it a suspend). None of them matters now: Violet's clock is read
+    afresh by the Date of this send's answer and what follows (readings that disagree
+    make it unsure again). Held to the step's doubt, a refund another system made
+    seconds before this send passed for its own (simulator seed 920240). The step
+    itself (``stepped``) is kept: a Date agreeing only with the clock after a step of
+    hours is still not trusted alone (seed 605311)."""
+    opens = ask.first_sent_at == ask.last_sent_at
+    late = now - (ask.last_sent_at or now) > RESTAMP_AFTER
+    afresh = opens and ask.sends > 1 and ask.clock_unsure and ask.offsets is None
+    if not (late or afresh or unstamped):
+        return None
+    ask = attrs.evolve(ask, first_sent_at=now if opens else ask.first_sent_at, last_sent_at=now)
+    if afresh:
+        ask = attrs.evolve(ask, server_offset=None, clock_unsure=False)
+    return ask
+
+
+def _opens_anew(ask: PendingRefund) -> bool:
+    """A re-send whose window opens at it: every earlier send was proven not applied
+    (``protocol._send(proven=True)``)."""
+    return ask.sends > 1 and ask.first_sent_at == ask.last_sent_at
+
+
+def _not_sent_yet(ask: PendingRefund) -> PendingRefund:
+    """The record of a re-send that opens the window anew, as it stands until the
+    request leaves: every send so far proven not applied (``ABSENT``: a resume sends it
+    again, its window from that send)."""
+    return attrs.evolve(ask, phase=Phase.ABSENT, sends=ask.sends - 1, settle_until=None)
 
 
 def _held_back(ask: PendingRefund) -> BagPendingError:

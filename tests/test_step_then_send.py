@@ -1,0 +1,183 @@
+"""A send whose window opens after this machine's wall clock stepped (simulator seed
+920240). The first POST is answered 429 (nothing applied); while the client waits
+out its Retry-After, its wall clock steps (NTP) and another system refunds the same
+amount on the bag; the second POST is answered 500 without applying. Violet's clock
+is ahead of this machine's by less than ``clock_skew``.
+
+The window a refund's date must sit in opens at the second send, read after the
+step, and Violet's clock is read again by the ``Date`` of that send's answer: the
+other system's refund, 10 s before the send by Violet's own clock, is not this
+call's. (The step used to leave the record "unsure" for good: its dates were judged
+within ``clock_skew`` (60 s) of the send, and that refund was handed to the caller as
+theirs: a false success, the refund they asked for never made.) Refunds are counted
+by the server's own record (tests/hostile.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
+from violet_async.testing import FakeClock
+
+from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
+
+RETRY = RetryPolicy(max_attempts=3, deadline=120.0)
+AMOUNT = 300
+
+
+def _server(clock: FakeClock, *, violet_ahead: float, retry_after: str = "20") -> Hostile:
+    return Hostile(
+        clock,
+        script=[
+            Step(429, commit_after=None, headers={"Retry-After": retry_after}),
+            Step(500, b'{"message": "internal error"}', commit_after=None),
+        ],
+        server_skew=violet_ahead,
+    )
+
+
+async def _outcome(call: object) -> OrderRefund | AmbiguousOutcomeError:
+    try:
+        return await call  # type: ignore[misc,no-any-return]
+    except AmbiguousOutcomeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("step", [30.0, -30.0, 3600.0])
+@pytest.mark.parametrize("violet_ahead", [0.0, 45.0])
+async def test_another_systems_refund_made_before_a_send_after_a_step_is_not_ours(
+    step: float, violet_ahead: float
+) -> None:
+    clock = FakeClock()
+    server = _server(clock, violet_ahead=violet_ahead)
+    clock.call_later(2.0, lambda: clock.step_wall(step))
+    other: list[int] = []
+    clock.call_later(10.0, lambda: other.append(server.add_refund(AMOUNT)["id"]))
+    async with hostile_client(server, retry=RETRY) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+    assert other, "the other system's refund was made during the wait"
+    assert server.posts >= 2
+    if isinstance(got, OrderRefund):
+        assert got.id not in other, "another system's refund handed over as this call's"
+        assert got.id in server.ours
+    assert len(server.ours) <= 1
+
+
+async def test_our_own_refund_after_a_step_is_still_found() -> None:
+    """The other side: the second send applies (its answer lost, a 504 after the
+    commit) after the step; reading the bag back finds it, and nothing more is sent."""
+    clock = FakeClock()
+    server = Hostile(
+        clock,
+        script=[
+            Step(429, commit_after=None, headers={"Retry-After": "20"}),
+            Step(504, b"gateway timeout", commit_after=0.0),
+        ],
+        server_skew=45.0,
+    )
+    clock.call_later(2.0, lambda: clock.step_wall(30.0))
+    async with hostile_client(server, retry=RETRY) as client:
+        got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+    assert server.ours == [got.id]
+    assert server.posts == 2
+
+
+# -- a caller cancelled while its re-send waits ------------------------------------------
+#
+# Simulator seed 923128: a keyed call's POST is answered 429 (nothing applied); while it
+# waits out the Retry-After, another system refunds the same amount on the bag and the
+# caller cancels. Nothing of the call can have applied: the key's record must not say
+# "sent at the planned time", or the repeat reads the bag back and takes that other
+# refund for the one it planned to send.
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+@pytest.mark.parametrize("violet_ahead", [0.0, 45.0])
+async def test_a_call_cancelled_waiting_to_send_again_after_a_429_left_nothing(
+    keyed: bool, violet_ahead: float
+) -> None:
+    clock = FakeClock()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "30"})],
+        server_skew=violet_ahead,
+    )
+    other: list[int] = []
+    clock.call_later(10.0, lambda: other.append(server.add_refund(AMOUNT)["id"]))
+    key = {"idempotency_key": "rma-923128"} if keyed else {}
+    async with hostile_client(server, retry=RETRY) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key)
+        )
+        clock.call_later(20.0, call.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert other, "the other system's refund was made during the wait"
+        assert server.posts == 1
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key))
+    assert isinstance(got, OrderRefund), got
+    assert got.id not in other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id]
+    assert server.posts == 2
+
+
+# -- a step since the client was made, before a call's only send ----------------------
+#
+# Simulator seed 922284, and review 14's scripted server: this machine's wall clock
+# steps (3 h) after the client was made and before a call; another system refunds the
+# same amount 10 s before the call's POST, which is answered 504 without applying;
+# Violet's clock is 58 s ahead of this machine's. The send's times and every Date read
+# after it are on the stepped clock: the other refund is 10 s before the send by
+# Violet's own clock, not this call's.
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize("step", [3 * 3600.0, -3 * 3600.0, 30.0])
+async def test_a_step_since_the_client_was_made_does_not_widen_a_later_sends_window(
+    step: float, keyed: bool
+) -> None:
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, b"gateway", commit_after=None)], server_skew=58.0)
+    key = {"idempotency_key": "rma-922284"} if keyed else {}
+    async with hostile_client(server, retry=RETRY) as client:
+        clock.advance(5.0)
+        clock.step_wall(step)
+        clock.advance(5.0)
+        other = server.add_refund(AMOUNT)["id"]
+        clock.advance(10.0)
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key))
+    if isinstance(got, OrderRefund):
+        assert got.id != other, "another system's refund handed over as this call's"
+        assert server.ours == [got.id]
+    assert len(server.ours) <= 1
+
+
+# -- a step during the ask, after its send left ----------------------------------------
+
+
+@pytest.mark.parametrize("step", [30.0, -30.0, 3600.0])
+@pytest.mark.parametrize("violet_ahead", [0.0, 45.0, -45.0])
+async def test_a_step_after_the_send_leaves_another_systems_refund_for_review(
+    step: float, violet_ahead: float
+) -> None:
+    """The step comes a second after the POST (answered 504, nothing applied): the
+    send's time and what was learned before may be off by it (or not, were it a
+    suspend), so the record stays unsure. Another system's refund of the same amount,
+    made 10 s before the send, is then never claimed: the call ends for review."""
+    clock = FakeClock()
+    server = Hostile(
+        clock, script=[Step(504, b"gateway", commit_after=None)], server_skew=violet_ahead
+    )
+    clock.advance(5.0)
+    other = server.add_refund(AMOUNT)["id"]
+    clock.advance(10.0)
+    clock.call_later(1.0, lambda: clock.step_wall(step))
+    async with hostile_client(server, retry=RETRY) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+    assert isinstance(got, AmbiguousOutcomeError), f"{got!r} (another system's is {other})"
+    assert got.pending is not None
+    assert got.pending.needs_review
+    assert server.posts == 1
+    assert server.ours == []
