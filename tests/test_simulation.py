@@ -635,3 +635,21 @@ def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.Monke
     monkeypatch.setattr(MemoryStore, "_expired", wall_only)
     result = simulate(18, mode="direct", kinds={"key_clock"})
     assert result.kinds & {"failed-but-applied", "key-reused", "double"}, result.report()
+
+
+@pytest.mark.parametrize(
+    ("seed", "was"),
+    [
+        (920240, "a +30 s step before a 429's re-send: another app's refund taken for it"),
+        (922284, "a 3 h step since the client was made: another app's refund taken"),
+        (923128, "a keyed call cancelled in a 429 wait: its repeat took another's refund"),
+    ],
+)
+def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(
+    seed: int, was: str
+) -> None:
+    """Every world kind at once (``--kinds all``), direct: a wall-clock step before an
+    ask's send left its reading of Violet's clock unsure for good (``was``;
+    tests/test_step_then_send.py). No violation on the fixed code."""
+    result = simulate(seed, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
