@@ -15,10 +15,14 @@ by the server's own record (tests/hostile.py)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+import attrs
 import pytest
 
 from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
+from violet_async._ask import Phase
+from violet_async.stores import Claim, KeyEntry, MemoryStore
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
@@ -181,3 +185,69 @@ async def test_a_step_after_the_send_leaves_another_systems_refund_for_review(
     assert got.pending.needs_review
     assert server.posts == 1
     assert server.ours == []
+
+
+# -- a re-send's save that takes time ----------------------------------------------------
+
+
+@attrs.define
+class SlowSentSave:
+    """A MemoryStore whose saves of a re-sent (SENT, second send) record take
+    ``takes`` seconds of the shared clock, as a fleet's send slot is waited for while
+    the send is recorded; ``during`` runs half-way through."""
+
+    clock: FakeClock
+    takes: float
+    during: Callable[[], object]
+    inner: MemoryStore = attrs.Factory(MemoryStore)
+    slow: int = 0
+
+    @property
+    def lease(self) -> float:
+        return self.inner.lease
+
+    @property
+    def retention(self) -> float:
+        return self.inner.retention
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        return await self.inner.claim(fresh, now)
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        ask = entry.ask
+        if ask.phase is Phase.SENT and ask.sends == 2 and not self.slow:
+            self.slow += 1
+            await self.clock.sleep(self.takes / 2)
+            self.during()
+            await self.clock.sleep(self.takes / 2)
+        return await self.inner.save(entry, owner)
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        return await self.inner.renew(key, owner, lease_until)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        return await self.inner.load(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_resend_whose_record_takes_long_to_save_opens_its_window_after() -> None:
+    """A keyed call's POST is answered 429; recording its re-send takes 20 s (a fleet's
+    send slot), and another system refunds the same amount half-way through; the
+    re-send is answered 500 without applying. The window opens when the request
+    leaves, after the save: that refund is never this call's."""
+    clock = FakeClock()
+    server = _server(clock, violet_ahead=0.0, retry_after="5")
+    other: list[int] = []
+    store = SlowSentSave(clock, 20.0, lambda: other.append(server.add_refund(AMOUNT)["id"]))
+    async with hostile_client(server, retry=RETRY, store=store) as client:
+        got = await _outcome(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key="slow")
+        )
+    assert store.slow == 1
+    assert other, "the other system's refund was made during the save"
+    if isinstance(got, OrderRefund):
+        assert got.id not in other, "another system's refund handed over as this call's"
+        assert server.ours == [got.id]
+    assert len(server.ours) <= 1

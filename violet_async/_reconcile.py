@@ -641,13 +641,8 @@ async def drive(
         # before): a refund another system made while it waited for a login is never
         # taken for its own.
         nonlocal ask
-        # The time is read on the wall clock as the watch last saw it: a step while it
-        # waited (the login) moves it with the record's other times (and the send's
-        # observation) after the send, once (review 17: counted twice, the window
-        # opened an hour after the send and its own refund was left for review).
-        leaving = clock.time() - watch.peek()
-        if save is not None and (stamped := _restamped(ask, leaving, unstamped=unstamped)):
-            await save(ask := stamped)
+        if save is not None:
+            ask = await _stamp_leaving(ask, clock, watch, save, unstamped=unstamped)
 
     unstamped = False  # the saved record says "not sent" (see below) until it leaves
 
@@ -711,6 +706,26 @@ async def drive(
                 _report(ask, obs, action, baseline=baseline)
     finally:
         ATTEMPT.set(1)
+
+
+async def _stamp_leaving(
+    ask: PendingRefund, clock: Clock, watch: WallWatch, save: Save, *, unstamped: bool
+) -> PendingRefund:
+    """Save ``ask`` as the send leaving now must have it saved first (:func:`_restamped`),
+    and again if that save itself took time (a fleet's send slot, waited for as the
+    send is recorded): the request leaves when the saves are done, and a window opened
+    before that wait would take a refund another system made during it for its own.
+
+    The time is read on the wall clock as the watch last saw it: a step while it waited
+    (the login) moves it with the record's other times (and the send's observation)
+    after the send, once (review 17: counted twice, the window opened an hour after the
+    send and its own refund was left for review)."""
+    for forced in (unstamped, False):
+        stamped = _restamped(ask, clock.time() - watch.peek(), unstamped=forced)
+        if stamped is None:
+            break
+        await save(ask := stamped)
+    return ask
 
 
 def _restamped(ask: PendingRefund, now: float, *, unstamped: bool) -> PendingRefund | None:
