@@ -219,10 +219,39 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     if any(amount is None for amount in earlier):
         return None  # an earlier record without its amount: the rest is unknown
     if refund.amount != bag.total - sum(a for a in earlier if a is not None):
+        # Violet's pages do not say whether a record's ``amount`` carries its
+        # shipping and tax: read every record as leaving them out, the refund may
+        # still be exactly what was left. It cannot be told then: never a miss.
+        for extra in _EXTRAS:
+            if extra(refund) + refund.amount == bag.total - sum(
+                (r.amount or 0) + extra(r) for r in before
+            ):
+                return None
         return False
     if any(r.id is not None and r.id > refund.id for r in others):
         return None  # refunded again after it: it did not close the bag, or ids lie
     return True
+
+
+def _shipping_extra(refund: OrderRefund) -> int:
+    shipping = refund.shipping
+    return (shipping.amount or 0) if shipping is not None else 0
+
+
+def _tax_extra(refund: OrderRefund) -> int:
+    return refund.tax_amount or 0
+
+
+def _all_extra(refund: OrderRefund) -> int:
+    shipping = refund.shipping
+    shipped_tax = (shipping.tax_amount or 0) if shipping is not None else 0
+    return _shipping_extra(refund) + _tax_extra(refund) + shipped_tax
+
+
+#: What a record may have refunded beside its ``amount`` (Violet's pages do not say
+#: whether ``amount`` carries the shipping and tax the record names), each read the
+#: same way for every record of a bag.
+_EXTRAS: tuple[Callable[[OrderRefund], int], ...] = (_shipping_extra, _tax_extra, _all_extra)
 
 
 def unix_time(when: datetime | None) -> float | None:

@@ -1,0 +1,223 @@
+"""Review 18's findings, each against a server scripted here (refunds counted by the
+server's own record, not the client's)."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    RetryPolicy,
+    VioletClient,
+    VioletError,
+)
+from violet_async._transport import Timeouts
+from violet_async.testing import FakeClock
+
+from .conftest import serve
+
+ORDER, BAG = 1801, 2801
+WALL0 = 1_795_000_000.0
+GATEWAY_504 = b"<html><body><h1>504 Gateway Time-out</h1></body></html>"
+
+
+def _stamp(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+class Bag18:
+    """Violet for one bag of ``total`` cents, on its own (true) clock.
+
+    ``seeded``: refunds already on the bag. Each POST applies (unless ``refuse_when``
+    says the bag is closed by Violet's own count) and is answered per ``answers`` (a
+    status and a body; the default is a gateway's 504 after the commit). A cancel
+    refunds what is left of the bag: its total less every earlier refund's ``amount``
+    and ``shipping.amount`` (the record's ``amount`` leaves the shipping out). The bag's
+    status is ``status`` and never moves while the test runs (the commerce platform
+    reports it minutes later)."""
+
+    def __init__(
+        self,
+        clock: FakeClock,
+        *,
+        total: int = 1000,
+        status: str = "PARTIALLY_REFUNDED",
+        seeded: list[dict[str, Any]] | None = None,
+        answers: list[tuple[int, bytes]] | None = None,
+        refuse_closed: bool = False,
+    ) -> None:
+        self.clock = clock
+        self.mono0 = clock.monotonic()
+        self.total = total
+        self.status = status
+        self.made: list[dict[str, Any]] = list(seeded or [])
+        self.answers = list(answers or [])
+        self.refuse_closed = refuse_closed
+        self.posts = 0
+        self.ours: list[int] = []
+        self.next_id = 9_100
+
+    def violet_time(self) -> float:
+        return WALL0 + (self.clock.monotonic() - self.mono0)
+
+    def refunded(self) -> int:
+        return sum(
+            r["amount"] + ((r.get("shipping") or {}).get("amount") or 0)
+            for r in self.made
+            if r.get("status") not in ("FAILED", "CANCELED")
+        )
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.on_response_prepare.append(self._date)
+        app.router.add_post("/v1/login", self._login)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/cancel", self._cancel)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._refund)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        app.router.add_get("/v1/orders/{o}", self._order)
+        return app
+
+    async def _date(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Date"] = email.utils.formatdate(self.violet_time(), usegmt=True)
+
+    async def _login(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "r18-token-0123456789", "refresh_token": "r18-r-01"})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.made), content_type="application/json")
+
+    async def _order(self, request: web.Request) -> web.Response:
+        bag = {"id": BAG, "status": self.status, "total": self.total, "currency": "USD"}
+        return web.json_response({"id": ORDER, "currency": "USD", "bags": [bag]})
+
+    def _commit(self, amount: int) -> dict[str, Any]:
+        self.next_id += 1
+        now = _stamp(self.violet_time())
+        record = {
+            "id": self.next_id,
+            "order_id": ORDER,
+            "bag_id": BAG,
+            "merchant_id": 7,
+            "app_id": 4242,
+            "transaction_id": 3,
+            "gateway_transaction_id": "pi_r18",
+            "amount": amount,
+            "status": "COMPLETED",
+            "refund_currency": "USD",
+            "skus": [],
+            "errors": [],
+            "date_created": now,
+            "date_last_modified": now,
+        }
+        self.made.append(record)
+        self.ours.append(record["id"])
+        return record
+
+    async def _answer(self, record: dict[str, Any] | None) -> web.Response:
+        status, body = self.answers.pop(0) if self.answers else (504, GATEWAY_504)
+        if status in (200, 202) and not body and record is not None:
+            body = orjson.dumps(record)
+        return web.Response(status=status, body=body, content_type="text/html")
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        left = self.total - self.refunded()
+        if left <= 0 and self.refuse_closed:
+            message = {"status": 400, "message": "Bag cannot be cancelled", "error_code": 4010}
+            return web.json_response(message, status=400)
+        return await self._answer(self._commit(left) if left > 0 else None)
+
+    async def _refund(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.json()
+        left = self.total - self.refunded()
+        amount = body.get("amount_refunded", left)
+        if amount is None:
+            amount = left
+        if amount > left or left <= 0:
+            message = {"status": 400, "message": "Refund exceeds the bag", "error_code": 4006}
+            return web.json_response(message, status=400)
+        return await self._answer(self._commit(amount))
+
+
+def _client(url: str, clock: FakeClock, **retry: Any) -> VioletClient:
+    return VioletClient(
+        4242,
+        "review18-app-secret-0123456789abcdef",
+        username="review18-user",
+        password="review18-password-0123",
+        base_url=url + "/v1",
+        clock=clock,
+        retry=RetryPolicy(
+            **{"initial_delay": 0.5, "max_delay": 1.0, "deadline": 600.0, **retry}
+        ),
+        timeouts=Timeouts(connect=1.0, read=2.0),
+    )
+
+
+def _partial(age: float, *, amount: int = 300, shipping: int = 100) -> dict[str, Any]:
+    """A partial refund made ``age`` seconds before the test starts, refunding
+    ``amount`` of goods and ``shipping`` of shipping (its ``amount`` leaves the
+    shipping out: Violet's pages do not say which way a record reads)."""
+    at = _stamp(WALL0 - age)
+    return {
+        "id": 9_001,
+        "order_id": ORDER,
+        "bag_id": BAG,
+        "merchant_id": 7,
+        "app_id": 4242,
+        "transaction_id": 3,
+        "gateway_transaction_id": "pi_r18",
+        "amount": amount,
+        "shipping": {"amount": shipping, "full_refund": True},
+        "status": "COMPLETED",
+        "refund_currency": "USD",
+        "reason": "damaged box",
+        "skus": [],
+        "errors": [],
+        "date_created": at,
+        "date_last_modified": at,
+    }
+
+
+async def _outcome(call: Any) -> OrderRefund | VioletError:
+    try:
+        refund: OrderRefund = await call
+    except VioletError as exc:
+        return exc
+    return refund
+
+
+@pytest.mark.parametrize("kind", ["cancel", "whole-bag refund"])
+@pytest.mark.parametrize("refuse_closed", [False, True])
+async def test_the_rest_after_a_partial_refund_with_shipping_is_never_sent_twice(
+    kind: str, refuse_closed: bool
+) -> None:
+    """A bag of 1000 had 300 of goods and 100 of shipping refunded an hour ago (the
+    record's ``amount`` reads 300, its shipping 100). A cancel (or a whole-bag refund)
+    applies (600, the rest) and is answered by a gateway's 504; the bag's status still
+    reads PARTIALLY_REFUNDED. Its refund is on the list: the call returns it, or leaves
+    it pending, and never sends again (it sent 4 cancels and reported the 504 as a
+    definite failure, or re-sent and got a refusal, taking the record's amount as all
+    it refunded)."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = Bag18(clock, seeded=[_partial(3600.0)], refuse_closed=refuse_closed)
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        if kind == "cancel":
+            call = client.cancel_bag(ORDER, BAG, reason="out of stock")
+        else:
+            call = client.refund_bag(ORDER, BAG, reason="out of stock")
+        outcome = await _outcome(call)
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert len(violet.ours) == 1
+    if isinstance(outcome, OrderRefund):
+        assert outcome.id == violet.ours[0]
+    else:
+        assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
