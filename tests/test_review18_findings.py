@@ -15,6 +15,7 @@ from violet_async import (
     AmbiguousOutcomeError,
     OrderRefund,
     RetryPolicy,
+    SkuRefund,
     VioletClient,
     VioletError,
 )
@@ -52,6 +53,7 @@ class Bag18:
         seeded: list[dict[str, Any]] | None = None,
         answers: list[tuple[int, bytes]] | None = None,
         refuse_closed: bool = False,
+        sku_line: dict[str, Any] | None = None,
     ) -> None:
         self.clock = clock
         self.mono0 = clock.monotonic()
@@ -60,6 +62,9 @@ class Bag18:
         self.made: list[dict[str, Any]] = list(seeded or [])
         self.answers = list(answers or [])
         self.refuse_closed = refuse_closed
+        self.sku_line = sku_line
+        """How the list shows each SKU line asked for (keys of Violet's Refunded Order
+        Sku; None: as asked, with its ``order_sku_id``)."""
         self.posts = 0
         self.ours: list[int] = []
         self.next_id = 9_100
@@ -97,7 +102,7 @@ class Bag18:
         bag = {"id": BAG, "status": self.status, "total": self.total, "currency": "USD"}
         return web.json_response({"id": ORDER, "currency": "USD", "bags": [bag]})
 
-    def _commit(self, amount: int) -> dict[str, Any]:
+    def _commit(self, amount: int, skus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         self.next_id += 1
         now = _stamp(self.violet_time())
         record = {
@@ -111,7 +116,20 @@ class Bag18:
             "amount": amount,
             "status": "COMPLETED",
             "refund_currency": "USD",
-            "skus": [],
+            "skus": [
+                {
+                    "id": 70 + n,
+                    "refund_id": self.next_id,
+                    "bag_id": BAG,
+                    "quantity_refunded": line["quantity_refunded"],
+                    **(
+                        {"order_sku_id": line["order_sku_id"]}
+                        if self.sku_line is None
+                        else self.sku_line
+                    ),
+                }
+                for n, line in enumerate(skus or [])
+            ],
             "errors": [],
             "date_created": now,
             "date_last_modified": now,
@@ -138,13 +156,14 @@ class Bag18:
         self.posts += 1
         body = await request.json()
         left = self.total - self.refunded()
-        amount = body.get("amount_refunded", left)
+        amount = body.get("amount_refunded")
         if amount is None:
-            amount = left
+            lines = body.get("skus") or []
+            amount = sum(line.get("amount_refunded") or 250 for line in lines) or left
         if amount > left or left <= 0:
             message = {"status": 400, "message": "Refund exceeds the bag", "error_code": 4006}
             return web.json_response(message, status=400)
-        return await self._answer(self._commit(amount))
+        return await self._answer(self._commit(amount, body.get("skus")))
 
 
 def _client(url: str, clock: FakeClock, **retry: Any) -> VioletClient:
@@ -217,6 +236,31 @@ async def test_the_rest_after_a_partial_refund_with_shipping_is_never_sent_twice
         outcome = await _outcome(call)
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     assert len(violet.ours) == 1
+    if isinstance(outcome, OrderRefund):
+        assert outcome.id == violet.ours[0]
+    else:
+        assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [{"external_id": "gid://shopify/LineItem/1"}, {"order_sku_id": None}],
+    ids=["no order_sku_id", "order_sku_id null"],
+)
+async def test_a_sku_refund_listed_without_its_order_sku_ids_is_never_sent_twice(
+    listed: dict[str, Any],
+) -> None:
+    """A refund of one SKU line (no amount: Violet prices it) applies and is answered by
+    a gateway's 504; the bag's list shows it with its line's ``order_sku_id`` left out
+    (every field of Violet's records is optional; the platform's own line id only).
+    The line may be the one asked for: never a miss, never sent again."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = Bag18(clock, status="COMPLETED", sku_line=listed)
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(
+            client.refund_bag(ORDER, BAG, skus=[SkuRefund(order_sku_id=10_000, quantity_refunded=1)])
+        )
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     if isinstance(outcome, OrderRefund):
         assert outcome.id == violet.ours[0]
     else:

@@ -164,8 +164,9 @@ def _compare(
             unsure = True  # the shipping in, or out, of the record's amount
     if request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
-        if not got:
-            # No lines listed (every field of a record is optional): they may be ours.
+        if not got or None in got:
+            # No lines listed, or a line without its order SKU (every field of a
+            # record is optional): they may be ours.
             unsure = True
         elif asked != got:
             if request.amount_refunded is None and not set(asked) & set(got):
