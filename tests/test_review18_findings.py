@@ -54,6 +54,7 @@ class Bag18:
         answers: list[tuple[int, bytes]] | None = None,
         refuse_closed: bool = False,
         sku_line: dict[str, Any] | None = None,
+        tax: int = 0,
     ) -> None:
         self.clock = clock
         self.mono0 = clock.monotonic()
@@ -62,6 +63,9 @@ class Bag18:
         self.made: list[dict[str, Any]] = list(seeded or [])
         self.answers = list(answers or [])
         self.refuse_closed = refuse_closed
+        self.tax = tax
+        """Tax the platform adds to each refund: its record's ``amount`` carries it,
+        and ``tax_amount`` names it."""
         self.sku_line = sku_line
         """How the list shows each SKU line asked for (keys of Violet's Refunded Order
         Sku; None: as asked, with its ``order_sku_id``)."""
@@ -113,7 +117,8 @@ class Bag18:
             "app_id": 4242,
             "transaction_id": 3,
             "gateway_transaction_id": "pi_r18",
-            "amount": amount,
+            "amount": amount + self.tax,
+            **({"tax_amount": self.tax} if self.tax else {}),
             "status": "COMPLETED",
             "refund_currency": "USD",
             "skus": [
@@ -260,6 +265,22 @@ async def test_a_sku_refund_listed_without_its_order_sku_ids_is_never_sent_twice
         outcome = await _outcome(
             client.refund_bag(ORDER, BAG, skus=[SkuRefund(order_sku_id=10_000, quantity_refunded=1)])
         )
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    if isinstance(outcome, OrderRefund):
+        assert outcome.id == violet.ours[0]
+    else:
+        assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+
+
+async def test_a_refund_whose_record_carries_its_tax_in_the_amount_is_never_sent_twice() -> None:
+    """A refund of 500 applies and is answered by a gateway's 504; the platform added
+    80 of tax, and the list shows the record's ``amount`` as 580 with ``tax_amount``
+    80 (Violet's pages do not say whether ``amount`` carries the tax). It may be ours:
+    never a miss, never sent again (it was sent twice: two refunds)."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = Bag18(clock, total=5000, status="COMPLETED", tax=80)
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(client.refund_bag(ORDER, BAG, amount_refunded=500))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     if isinstance(outcome, OrderRefund):
         assert outcome.id == violet.ours[0]

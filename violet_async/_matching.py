@@ -115,14 +115,22 @@ def _shipping_folded(request: RefundBagRequest, refund: OrderRefund) -> bool:
     """The record's amount is the asked amount with the asked (or recorded) shipping
     added, or taken out: one refund, read the other way round. Violet's example asks
     ``amount_refunded`` 1000 with ``shipping.amount`` 500 and does not say whether the
-    record's ``amount`` then reads 1000, 1500 or 500."""
+    record's ``amount`` then reads 1000, 1500 or 500. The same holds for the tax a
+    record names (``tax_amount``, and its shipping's): its ``amount`` may carry it."""
     asked = request.amount_refunded
-    if asked is None or refund.amount is None or request.shipping is None:
+    if asked is None or refund.amount is None:
         return False
-    shipped = {request.shipping.amount}
+    shipped = {0}
+    if request.shipping is not None:
+        shipped.add(request.shipping.amount)
     if refund.shipping is not None and refund.shipping.amount is not None:
         shipped.add(refund.shipping.amount)
-    return any(s and refund.amount in (asked + s, asked - s) for s in shipped)
+    taxed = {0, _tax_extra(refund), _all_extra(refund) - _shipping_extra(refund)}
+    return any(
+        (s or t) and refund.amount in (asked + s + t, asked - s - t)
+        for s in shipped
+        for t in taxed
+    )
 
 
 def _compare(
