@@ -304,6 +304,8 @@ async def test_a_stored_record_of_another_request_under_the_ask_id_is_refused() 
         first = await pending_of(client.refund_bag(ORDER, BAG, amount_refunded=300))
         other = attrs.evolve(first, request=RefundBagRequest(amount_refunded=900))
         key = resume_key(client._key_scope(), first.ask_id)
+        # The call kept its own record there (review 18): someone else's write replaces it.
+        store._entries.pop(key)
         await store.claim(KeyEntry(key, other, scope=client._key_scope()), clock.time())
         clock.advance(120.0)
         posts = server.posts
@@ -385,6 +387,7 @@ async def test_a_stored_refund_of_another_bag_is_not_returned() -> None:
         key = resume_key(client._key_scope(), first.ask_id)
         done = attrs.evolve(first, phase=Phase.APPLIED, refund_id=elsewhere.id)
         entry = KeyEntry(key, done, refund=elsewhere, finished_at=clock.time())
+        store._entries.pop(key)  # the call kept its record there: replaced by someone else
         await store.claim(attrs.evolve(entry, scope=client._key_scope()), clock.time())
         posts = server.posts
         with pytest.raises(RecordStoreError, match="another bag"):

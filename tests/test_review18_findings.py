@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,12 +15,15 @@ from aiohttp import web
 from violet_async import (
     AmbiguousOutcomeError,
     OrderRefund,
+    PendingRefund,
+    RequestValidationError,
     RetryPolicy,
     SkuRefund,
     VioletClient,
     VioletError,
 )
 from violet_async._transport import Timeouts
+from violet_async.stores import SQLiteStore
 from violet_async.testing import FakeClock
 
 from .conftest import serve
@@ -55,6 +59,7 @@ class Bag18:
         refuse_closed: bool = False,
         sku_line: dict[str, Any] | None = None,
         tax: int = 0,
+        list_lag: float = 0.0,
     ) -> None:
         self.clock = clock
         self.mono0 = clock.monotonic()
@@ -63,6 +68,9 @@ class Bag18:
         self.made: list[dict[str, Any]] = list(seeded or [])
         self.answers = list(answers or [])
         self.refuse_closed = refuse_closed
+        self.list_lag = list_lag
+        """Seconds before a refund shows in the bag's list (a replica behind)."""
+        self.shown_at: dict[int, float] = {}
         self.tax = tax
         """Tax the platform adds to each refund: its record's ``amount`` carries it,
         and ``tax_amount`` names it."""
@@ -100,7 +108,9 @@ class Bag18:
         return web.json_response({"token": "r18-token-0123456789", "refresh_token": "r18-r-01"})
 
     async def _list(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.made), content_type="application/json")
+        now = self.clock.monotonic()
+        shown = [r for r in self.made if self.shown_at.get(r["id"], 0.0) <= now]
+        return web.Response(body=orjson.dumps(shown), content_type="application/json")
 
     async def _order(self, request: web.Request) -> web.Response:
         bag = {"id": BAG, "status": self.status, "total": self.total, "currency": "USD"}
@@ -141,6 +151,7 @@ class Bag18:
         }
         self.made.append(record)
         self.ours.append(record["id"])
+        self.shown_at[record["id"]] = self.clock.monotonic() + self.list_lag
         return record
 
     async def _answer(self, record: dict[str, Any] | None) -> web.Response:
@@ -286,3 +297,46 @@ async def test_a_refund_whose_record_carries_its_tax_in_the_amount_is_never_sent
         assert outcome.id == violet.ours[0]
     else:
         assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+
+
+def _stored_client(url: str, clock: FakeClock, path: Path) -> VioletClient:
+    return VioletClient(
+        4242,
+        "review18-app-secret-0123456789abcdef",
+        username="review18-user",
+        password="review18-password-0123",
+        base_url=url + "/v1",
+        clock=clock,
+        store=SQLiteStore(str(path)),
+        retry=RetryPolicy(initial_delay=0.5, max_delay=1.0, deadline=20.0),
+        timeouts=Timeouts(connect=1.0, read=2.0),
+    )
+
+
+async def test_a_pending_record_edited_before_its_resume_elsewhere_is_not_sent(
+    tmp_path: Path,
+) -> None:
+    """A refund of 500 (no key; the client has a store on a shared SQLite file) applies,
+    is answered by a 504, and its list lags past the call's deadline: pending. An
+    operator "fixes" the stored JSON to 900 and another process sharing the file
+    resumes it: the edited record names another request under the ask's identity and
+    is refused, nothing sent (the store held nothing of it: the 500 was proven absent
+    by the list and 900 sent, two refunds)."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = Bag18(clock, total=5000, status="COMPLETED", list_lag=45.0)
+    path = tmp_path / "records.db"
+    async with serve(violet.app()) as url:
+        async with _stored_client(url, clock, path) as one:
+            first = await _outcome(one.refund_bag(ORDER, BAG, amount_refunded=500))
+        assert isinstance(first, AmbiguousOutcomeError) and first.pending is not None
+        data = orjson.loads(first.pending.to_json())
+        data["request"]["amount_refunded"] = 900
+        edited = PendingRefund.from_json(orjson.dumps(data))
+        clock.advance(120.0)
+        async with _stored_client(url, clock, path) as two:
+            outcome = await _outcome(two.resume(edited))
+            assert isinstance(outcome, RequestValidationError), repr(outcome)
+            assert violet.posts == 1
+            refund = await two.resume(first.pending)  # the record as it was
+    assert refund.id == violet.ours[0]
+    assert violet.posts == 1

@@ -4,6 +4,7 @@ made, read or retried is in ``_requests.py``; when a refund may be sent again, i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,7 @@ from ._transport import (
     check_proxy,
 )
 from .exceptions import (
+    AmbiguousOutcomeError,
     NotFoundError,
     RefundWaitTimeoutError,
     RequestValidationError,
@@ -372,13 +374,32 @@ class VioletClient(RequestPlumbing):
                 client._refund(order_id, bag_id, req),
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
-        return unless_failed(await client._engine.drive("refund", order_id, bag_id, req))
+        return unless_failed(await client._unkeyed("refund", order_id, bag_id, req))
 
     async def _refund(self, order_id: int, bag_id: int, req: RefundBagRequest) -> OrderRefund:
-        return unless_failed(await self._engine.drive("refund", order_id, bag_id, req))
+        return unless_failed(await self._unkeyed("refund", order_id, bag_id, req))
 
     async def _cancel(self, order_id: int, bag_id: int, req: CancelBagRequest) -> OrderRefund:
-        return unless_failed(await self._engine.drive("cancel", order_id, bag_id, req), "cancel")
+        return unless_failed(await self._unkeyed("cancel", order_id, bag_id, req), "cancel")
+
+    async def _unkeyed(
+        self,
+        kind: Literal["refund", "cancel"],
+        order_id: int,
+        bag_id: int,
+        req: RefundBagRequest | CancelBagRequest,
+    ) -> OrderRefund:
+        """A call without a key. With a store given, the record it leaves pending is
+        kept there too (by its ``ask_id``, where :meth:`resume` keeps it), so that a
+        copy edited before its resume (another amount, under the same identity) is
+        refused in every process sharing the store (review 18: it was sent)."""
+        try:
+            return await self._engine.drive(kind, order_id, bag_id, req)
+        except AmbiguousOutcomeError as exc:
+            if self._shares_records and exc.pending is not None:
+                # Shielded: a caller cancelling now still leaves the record kept.
+                await asyncio.shield(self._key_path().keep(exc.pending))
+            raise
 
     async def cancel_bag(
         self,
@@ -418,7 +439,7 @@ class VioletClient(RequestPlumbing):
                 client._cancel(order_id, bag_id, req),
                 {"violet.order_id": order_id, "violet.bag_id": bag_id},
             )
-        return unless_failed(await client._engine.drive("cancel", order_id, bag_id, req), "cancel")
+        return unless_failed(await client._unkeyed("cancel", order_id, bag_id, req), "cancel")
 
     def _key_path(self) -> KeyedAsks:
         keys = self._keys

@@ -914,6 +914,25 @@ class KeyedAsks:
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not release key %r: %s", key, exc)
 
+    async def keep(self, pending: PendingRefund) -> None:
+        """Write the record a call without a key left pending where ``client.resume``
+        keeps it (by its ``ask_id``), so that a copy of it edited on its way to a
+        resume (another amount or bag under the same identity) is refused by every
+        process sharing the store, never sent. Best effort: a store that fails here
+        leaves the record to the caller, as without a store."""
+        key = resume_key(self.scope, pending.ask_id)
+        now = self._clock.time()
+        fresh = KeyEntry(
+            key, pending, owner=self.owner, lease_until=now + self.store.lease, scope=self.scope
+        )
+        try:
+            claim, entry = await self.store.claim(fresh, now)
+        except Exception as exc:  # noqa: BLE001 - the caller holds the record anyway
+            log.warning("could not keep the pending record %r: %s", pending.ask_id, exc)
+            return
+        if claim is Claim.OWNED:
+            await self._give_back(entry)
+
     async def _give_back(self, entry: KeyEntry) -> None:
         """Give back a claim taken for nothing (no owner, no lease; all else kept)."""
         back = attrs.evolve(entry, owner=None, lease_until=None)
