@@ -60,6 +60,7 @@ class Bag18:
         sku_line: dict[str, Any] | None = None,
         tax: int = 0,
         list_lag: float = 0.0,
+        shipping: int = 0,
     ) -> None:
         self.clock = clock
         self.mono0 = clock.monotonic()
@@ -68,6 +69,8 @@ class Bag18:
         self.made: list[dict[str, Any]] = list(seeded or [])
         self.answers = list(answers or [])
         self.refuse_closed = refuse_closed
+        self.shipping = shipping
+        """Shipping a cancel's record names beside its ``amount`` (which leaves it out)."""
         self.list_lag = list_lag
         """Seconds before a refund shows in the bag's list (a replica behind)."""
         self.shown_at: dict[int, float] = {}
@@ -116,7 +119,9 @@ class Bag18:
         bag = {"id": BAG, "status": self.status, "total": self.total, "currency": "USD"}
         return web.json_response({"id": ORDER, "currency": "USD", "bags": [bag]})
 
-    def _commit(self, amount: int, skus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _commit(
+        self, amount: int, skus: list[dict[str, Any]] | None = None, *, shipping: int = 0
+    ) -> dict[str, Any]:
         self.next_id += 1
         now = _stamp(self.violet_time())
         record = {
@@ -127,7 +132,8 @@ class Bag18:
             "app_id": 4242,
             "transaction_id": 3,
             "gateway_transaction_id": "pi_r18",
-            "amount": amount + self.tax,
+            "amount": amount + self.tax - shipping,
+            **({"shipping": {"amount": shipping, "full_refund": True}} if shipping else {}),
             **({"tax_amount": self.tax} if self.tax else {}),
             "status": "COMPLETED",
             "refund_currency": "USD",
@@ -166,7 +172,8 @@ class Bag18:
         if left <= 0 and self.refuse_closed:
             message = {"status": 400, "message": "Bag cannot be cancelled", "error_code": 4010}
             return web.json_response(message, status=400)
-        return await self._answer(self._commit(left) if left > 0 else None)
+        record = self._commit(left, shipping=self.shipping) if left > 0 else None
+        return await self._answer(record)
 
     async def _refund(self, request: web.Request) -> web.Response:
         self.posts += 1
@@ -340,3 +347,16 @@ async def test_a_pending_record_edited_before_its_resume_elsewhere_is_not_sent(
             refund = await two.resume(first.pending)  # the record as it was
     assert refund.id == violet.ours[0]
     assert violet.posts == 1
+
+
+async def test_a_cancel_whose_record_names_its_shipping_apart_is_never_sent_twice() -> None:
+    """A cancel of a bag of 1000 (no earlier refund) applies and is answered by a
+    gateway's 504; its record reads ``amount`` 900 and ``shipping.amount`` 100, and the
+    bag's status still reads COMPLETED. It is the whole bag read one way: never a
+    miss, never cancelled again."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = Bag18(clock, status="COMPLETED", shipping=100)
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(client.cancel_bag(ORDER, BAG))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, (OrderRefund, AmbiguousOutcomeError)), repr(outcome)
