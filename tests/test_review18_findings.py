@@ -197,9 +197,7 @@ def _client(url: str, clock: FakeClock, **retry: Any) -> VioletClient:
         password="review18-password-0123",
         base_url=url + "/v1",
         clock=clock,
-        retry=RetryPolicy(
-            **{"initial_delay": 0.5, "max_delay": 1.0, "deadline": 600.0, **retry}
-        ),
+        retry=RetryPolicy(**{"initial_delay": 0.5, "max_delay": 1.0, "deadline": 600.0, **retry}),
         timeouts=Timeouts(connect=1.0, read=2.0),
     )
 
@@ -280,9 +278,8 @@ async def test_a_sku_refund_listed_without_its_order_sku_ids_is_never_sent_twice
     clock = FakeClock(wall_start=WALL0)
     violet = Bag18(clock, status="COMPLETED", sku_line=listed)
     async with serve(violet.app()) as url, _client(url, clock) as client:
-        outcome = await _outcome(
-            client.refund_bag(ORDER, BAG, skus=[SkuRefund(order_sku_id=10_000, quantity_refunded=1)])
-        )
+        line = SkuRefund(order_sku_id=10_000, quantity_refunded=1)
+        outcome = await _outcome(client.refund_bag(ORDER, BAG, skus=[line]))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     if isinstance(outcome, OrderRefund):
         assert outcome.id == violet.ours[0]
@@ -335,7 +332,8 @@ async def test_a_pending_record_edited_before_its_resume_elsewhere_is_not_sent(
     async with serve(violet.app()) as url:
         async with _stored_client(url, clock, path) as one:
             first = await _outcome(one.refund_bag(ORDER, BAG, amount_refunded=500))
-        assert isinstance(first, AmbiguousOutcomeError) and first.pending is not None
+        assert isinstance(first, AmbiguousOutcomeError)
+        assert first.pending is not None
         data = orjson.loads(first.pending.to_json())
         data["request"]["amount_refunded"] = 900
         edited = PendingRefund.from_json(orjson.dumps(data))

@@ -127,9 +127,7 @@ def _shipping_folded(request: RefundBagRequest, refund: OrderRefund) -> bool:
         shipped.add(refund.shipping.amount)
     taxed = {0, _tax_extra(refund), _all_extra(refund) - _shipping_extra(refund)}
     return any(
-        (s or t) and refund.amount in (asked + s + t, asked - s - t)
-        for s in shipped
-        for t in taxed
+        (s or t) and refund.amount in (asked + s + t, asked - s - t) for s in shipped for t in taxed
     )
 
 
