@@ -165,9 +165,11 @@ def _compare(
             # the bag's, may be ours: never a miss.
             unsure = True
         elif refund.amount != request.amount_refunded:
-            if not _shipping_folded(request, refund):
+            if not _shipping_folded(request, refund) and not _partly(
+                refund, request.amount_refunded
+            ):
                 return Verdict.MISS, False
-            unsure = True  # the shipping in, or out, of the record's amount
+            unsure = True  # the shipping in or out of the record's amount, or a part
     if request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
         if not got or None in got:
@@ -234,10 +236,23 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
                 (r.amount or 0) + extra(r) for r in before
             ):
                 return None
+        if _partly(refund, bag.total - sum(a for a in earlier if a is not None)):
+            return None
         return False
     if any(r.id is not None and r.id > refund.id for r in others):
         return None  # refunded again after it: it did not close the bag, or ids lie
     return True
+
+
+def _partly(refund: OrderRefund, asked: int) -> bool:
+    """A refund Violet marks PARTIALLY_COMPLETED for less than ``asked``: its
+    ``amount`` may be the part that went through (the pages do not say), so it may be
+    the refund of ``asked``."""
+    return (
+        refund.status is RefundStatus.PARTIALLY_COMPLETED
+        and refund.amount is not None
+        and refund.amount < asked
+    )
 
 
 def _shipping_extra(refund: OrderRefund) -> int:
