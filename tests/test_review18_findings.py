@@ -62,6 +62,7 @@ class Bag18:
         list_lag: float = 0.0,
         shipping: int = 0,
         part: float = 1.0,
+        listed_bag: int = BAG,
     ) -> None:
         self.clock = clock
         self.mono0 = clock.monotonic()
@@ -70,6 +71,8 @@ class Bag18:
         self.made: list[dict[str, Any]] = list(seeded or [])
         self.answers = list(answers or [])
         self.refuse_closed = refuse_closed
+        self.listed_bag = listed_bag
+        """The ``bag_id`` the list gives the refunds POSTs make."""
         self.part = part
         """The share of each refund that goes through: below 1, the record is
         PARTIALLY_COMPLETED, its ``amount`` that share, with an error."""
@@ -159,6 +162,7 @@ class Bag18:
             "date_created": now,
             "date_last_modified": now,
         }
+        record["bag_id"] = self.listed_bag
         if self.part < 1.0:
             record["amount"] = int(record["amount"] * self.part)
             record["status"] = "PARTIALLY_COMPLETED"
@@ -173,7 +177,7 @@ class Bag18:
     async def _answer(self, record: dict[str, Any] | None) -> web.Response:
         status, body = self.answers.pop(0) if self.answers else (504, GATEWAY_504)
         if status in (200, 202) and not body and record is not None:
-            body = orjson.dumps(record)
+            body = orjson.dumps({**record, "bag_id": BAG})
         return web.Response(status=status, body=body, content_type="text/html")
 
     async def _cancel(self, request: web.Request) -> web.Response:
@@ -383,5 +387,33 @@ async def test_a_partially_completed_refund_is_never_sent_again(kind: str) -> No
             outcome = await _outcome(client.cancel_bag(ORDER, BAG))
         else:
             outcome = await _outcome(client.refund_bag(ORDER, BAG, amount_refunded=500))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, (OrderRefund, AmbiguousOutcomeError)), repr(outcome)
+
+
+async def test_a_refund_listed_with_bag_id_0_is_never_sent_twice() -> None:
+    """A refund of 500 applies and is answered by a gateway's 504; the list gives it
+    ``bag_id`` 0 (no id: a backend's default for a field it never set). It names no
+    other bag: it is found, never sent again (read as another bag's, it was sent four
+    times: four refunds)."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = Bag18(clock, total=5000, status="COMPLETED", listed_bag=0)
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(client.refund_bag(ORDER, BAG, amount_refunded=500))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, OrderRefund), repr(outcome)
+    assert outcome.id == violet.ours[0]
+
+
+async def test_a_cancel_after_a_platform_refund_listed_with_bag_id_0_is_sent_once() -> None:
+    """The merchant's platform refunded 300 of a bag of 1000 an hour ago; the list
+    shows that record (EXTERNAL) with ``bag_id`` 0. A cancel applies (700, the rest),
+    answered by a 504, the bag's status lagging: its refund is the rest of the bag,
+    found, and the bag is never cancelled again (it was sent four times)."""
+    clock = FakeClock(wall_start=WALL0)
+    platform = {**_partial(3600.0, shipping=0), "bag_id": 0, "status": "EXTERNAL"}
+    violet = Bag18(clock, seeded=[platform])
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(client.cancel_bag(ORDER, BAG))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     assert isinstance(outcome, (OrderRefund, AmbiguousOutcomeError)), repr(outcome)

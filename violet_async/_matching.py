@@ -32,6 +32,7 @@ __all__ = [
     "match",
     "needs_bag",
     "no_baseline_window",
+    "on_bag",
     "send_offsets",
 ]
 
@@ -62,6 +63,15 @@ def needs_bag(ask: PendingRefund) -> bool:
         and request.amount_refunded is None
         and request.skus is None
     )
+
+
+def on_bag(refund: OrderRefund, bag_id: int) -> bool:
+    """Whether ``refund`` may be a refund of bag ``bag_id``: it names that bag, or none.
+    A ``bag_id`` that is no id (0, or below: a default a backend writes for a field it
+    never set) names none: read as another bag's, an ask's own refund listed that way
+    was proven absent and sent again (review 18)."""
+    named = refund.bag_id
+    return named is None or named <= 0 or named == bag_id
 
 
 def _strip(text: str | None) -> str | None:
@@ -216,10 +226,7 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     others = [
         r
         for r in refunds
-        if r.id is not None
-        and r.id != refund.id
-        and r.status not in _DEAD
-        and (r.bag_id is None or r.bag_id == bag.id)
+        if r.id is not None and r.id != refund.id and r.status not in _DEAD and on_bag(r, bag.id)
     ]
     before = [r for r in others if r.id is not None and r.id < refund.id]
     if any(_other_currency(r, bag) for r in (refund, *before)):
@@ -561,7 +568,7 @@ def judge(
         ask, refunds, known, settings, read_server_time=read_server_time, read_at=read_at
     )
     for at, refund in enumerate(refunds):
-        if refund.bag_id is not None and refund.bag_id != ask.bag_id:
+        if not on_bag(refund, ask.bag_id):
             continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue

@@ -85,6 +85,7 @@ from ._matching import (
     judge,
     match,
     needs_bag,
+    on_bag,
     unix_time,
 )
 from .exceptions import (
@@ -513,9 +514,7 @@ def _guard(
     """``hold_if_present``: what the guard read before a first send says (None: send).
     Only refunds on this bag not handed to other calls are looked at."""
     candidates = tuple(
-        r
-        for r in obs.refunds
-        if (r.bag_id is None or r.bag_id == ask.bag_id) and (r.id is None or r.id not in known)
+        r for r in obs.refunds if on_bag(r, ask.bag_id) and (r.id is None or r.id not in known)
     )
     if candidates and obs.bag is None and not ask.reads and needs_bag(ask):
         # Only the bag's total tells whether a refund it holds is this whole-bag refund

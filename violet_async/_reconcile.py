@@ -17,7 +17,7 @@ import attrs
 
 from . import _protocol as protocol
 from ._ask import PROCESS_CLOCK, merged, with_unnamed
-from ._matching import idless_fits, unix_time
+from ._matching import idless_fits, on_bag, unix_time
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
 from ._retry import RetryEvent, RetryHook, RetryPolicy, announce
@@ -100,7 +100,7 @@ class KnownRefunds:
         which then ends pending or for review, never with another call's refund."""
         if not self._idless:
             return
-        on_bag = [r for r in refunds if r.bag_id is None or r.bag_id == bag_id]
+        listed = [r for r in refunds if on_bag(r, bag_id)]
         for bag, owner, handed in self._idless:
             if bag != bag_id:
                 continue
@@ -109,11 +109,11 @@ class KnownRefunds:
                 entry = self._ids.get(refund_id)
                 return entry is not None and entry[1] != owner
 
-            fits = idless_fits(handed.amount, unix_time(handed.date_created), on_bag, elsewhere)
+            fits = idless_fits(handed.amount, unix_time(handed.date_created), listed, elsewhere)
             for at in fits:
-                listed = on_bag[at]
-                if listed.id is not None and listed.id not in self._ids:
-                    self.add(listed.id, bag_id, owner)
+                one = listed[at]
+                if one.id is not None and one.id not in self._ids:
+                    self.add(one.id, bag_id, owner)
 
     def add(
         self,
