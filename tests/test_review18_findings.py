@@ -63,6 +63,7 @@ class Bag18:
         shipping: int = 0,
         part: float = 1.0,
         listed_bag: int = BAG,
+        listed_ids: bool = True,
     ) -> None:
         self.clock = clock
         self.mono0 = clock.monotonic()
@@ -72,6 +73,8 @@ class Bag18:
         self.answers = list(answers or [])
         self.refuse_closed = refuse_closed
         self.listed_bag = listed_bag
+        self.listed_ids = listed_ids
+        """False: the list gives every refund ``id`` 0 (a backend's default)."""
         """The ``bag_id`` the list gives the refunds POSTs make."""
         self.part = part
         """The share of each refund that goes through: below 1, the record is
@@ -120,6 +123,8 @@ class Bag18:
     async def _list(self, request: web.Request) -> web.Response:
         now = self.clock.monotonic()
         shown = [r for r in self.made if self.shown_at.get(r["id"], 0.0) <= now]
+        if not self.listed_ids:
+            shown = [{**r, "id": 0} for r in shown]
         return web.Response(body=orjson.dumps(shown), content_type="application/json")
 
     async def _order(self, request: web.Request) -> web.Response:
@@ -417,3 +422,22 @@ async def test_a_cancel_after_a_platform_refund_listed_with_bag_id_0_is_sent_onc
         outcome = await _outcome(client.cancel_bag(ORDER, BAG))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     assert isinstance(outcome, (OrderRefund, AmbiguousOutcomeError)), repr(outcome)
+
+
+@pytest.mark.parametrize("read_before_send", [False, True])
+async def test_refunds_listed_with_id_0_are_not_one_refund(read_before_send: bool) -> None:
+    """The list gives every refund ``id`` 0 (no id: a backend's default): the
+    platform's refund of 300 an hour ago, and this call's 500, applied and answered by
+    a 504. They are two records without ids, never one refund listed twice (the
+    second was dropped as a repeat, this call's refund proven absent and sent four
+    times)."""
+    clock = FakeClock(wall_start=WALL0)
+    platform = {**_partial(3600.0, shipping=0), "status": "EXTERNAL"}
+    violet = Bag18(clock, total=5000, status="COMPLETED", seeded=[platform], listed_ids=False)
+    retry = {"read_before_send": read_before_send}
+    async with serve(violet.app()) as url, _client(url, clock, **retry) as client:
+        outcome = await _outcome(client.refund_bag(ORDER, BAG, amount_refunded=500))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+    assert outcome.pending is not None
+    assert outcome.pending.needs_review

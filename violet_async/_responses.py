@@ -63,8 +63,25 @@ def parse_refund_get(resp: RawResponse, path: str) -> OrderRefund:
     return with_request_id(refund, resp.headers)
 
 
+def named(refund: OrderRefund) -> OrderRefund:
+    """``refund`` with an ``id`` or ``bag_id`` of 0 or below read as none given (no id:
+    a backend's default for a field it never set). Records sharing id 0 were taken for
+    one refund listed twice, and a refund of bag 0 for another bag's (review 18: both
+    proved an ask's own refund absent)."""
+    refund_id, bag_id = refund.id, refund.bag_id
+    if (refund_id is None or refund_id > 0) and (bag_id is None or bag_id > 0):
+        return refund
+    return attrs.evolve(
+        refund,
+        id=None if refund_id is not None and refund_id <= 0 else refund_id,
+        bag_id=None if bag_id is not None and bag_id <= 0 else bag_id,
+    )
+
+
 def with_request_id(refund: OrderRefund, headers: Mapping[str, str]) -> OrderRefund:
-    """Stamp Violet's request id (when the answer had one) on a refund just built."""
+    """Stamp Violet's request id (when the answer had one) on a refund just built (its
+    ids read by :func:`named`)."""
+    refund = named(refund)
     request_id = request_id_of(headers)
     if request_id is not None:
         object.__setattr__(refund, "request_id", request_id)
@@ -246,14 +263,21 @@ def _tolerant_refunds(
     except ResponseFormatError:
         pass  # at least one record cannot be read: sort them one by one
     else:
-        return refunds, 0
+        return [named(r) for r in refunds], 0
     refunds = []
     unreadable = 0
     for item in items:
         try:
             refunds.append(
-                structure(
-                    item, OrderRefund, body=resp.body, status=resp.status, method="GET", path=path
+                named(
+                    structure(
+                        item,
+                        OrderRefund,
+                        body=resp.body,
+                        status=resp.status,
+                        method="GET",
+                        path=path,
+                    )
                 )
             )
         except ResponseFormatError:
