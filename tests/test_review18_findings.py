@@ -18,6 +18,7 @@ from violet_async import (
     PendingRefund,
     RequestValidationError,
     RetryPolicy,
+    ShippingRefund,
     SkuRefund,
     VioletClient,
     VioletError,
@@ -64,6 +65,7 @@ class Bag18:
         part: float = 1.0,
         listed_bag: int = BAG,
         listed_ids: bool = True,
+        shipping_only: bool = False,
     ) -> None:
         self.clock = clock
         self.mono0 = clock.monotonic()
@@ -74,6 +76,9 @@ class Bag18:
         self.refuse_closed = refuse_closed
         self.listed_bag = listed_bag
         self.listed_ids = listed_ids
+        self.shipping_only = shipping_only
+        """A refund that names shipping and no amount or lines refunds that shipping
+        alone (the letter of Violet's page: the whole bag and its shipping)."""
         """False: the list gives every refund ``id`` 0 (a backend's default)."""
         """The ``bag_id`` the list gives the refunds POSTs make."""
         self.part = part
@@ -199,6 +204,10 @@ class Bag18:
         body = await request.json()
         left = self.total - self.refunded()
         amount = body.get("amount_refunded")
+        shipped = (body.get("shipping") or {}).get("amount")
+        if self.shipping_only and amount is None and shipped and not body.get("skus"):
+            record = self._commit(shipped, shipping=shipped)  # amount 0, shipping apart
+            return await self._answer(record)
         if amount is None:
             lines = body.get("skus") or []
             amount = sum(line.get("amount_refunded") or 250 for line in lines) or left
@@ -441,3 +450,16 @@ async def test_refunds_listed_with_id_0_are_not_one_refund(read_before_send: boo
     assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
     assert outcome.pending is not None
     assert outcome.pending.needs_review
+
+
+async def test_a_shipping_only_refund_is_never_sent_twice() -> None:
+    """``refund_bag(shipping=ShippingRefund(700))``, no amount, no lines: the platform
+    refunds the shipping alone (its record: ``amount`` 0, ``shipping.amount`` 700),
+    answered by a gateway's 504. Taken for a whole-bag refund, it was never "the rest"
+    of the bag, proven absent, and sent four times (four shipping refunds)."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = Bag18(clock, total=5000, status="COMPLETED", shipping_only=True)
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(client.refund_bag(ORDER, BAG, shipping=ShippingRefund(amount=700)))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
