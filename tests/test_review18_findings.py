@@ -463,3 +463,44 @@ async def test_a_shipping_only_refund_is_never_sent_twice() -> None:
         outcome = await _outcome(client.refund_bag(ORDER, BAG, shipping=ShippingRefund(amount=700)))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+
+
+class ItemsOnly(Bag18):
+    """A bag of 1000: 850 of items, 100 of shipping, 50 of tax. Refunding the whole
+    bag (a cancel, or a refund with no amount or lines) refunds its items alone."""
+
+    async def _order(self, request: web.Request) -> web.Response:
+        bag = {
+            "id": BAG,
+            "status": self.status,
+            "total": 1000,
+            "sub_total": 850,
+            "shipping_total": 100,
+            "tax_total": 50,
+            "currency": "USD",
+        }
+        return web.json_response({"id": ORDER, "currency": "USD", "bags": [bag]})
+
+    async def _whole(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        left = 850 - sum(r["amount"] for r in self.made)
+        return await self._answer(self._commit(left) if left > 0 else None)
+
+    _refund = _cancel = _whole
+
+
+@pytest.mark.parametrize("kind", ["cancel", "whole-bag refund"])
+async def test_a_whole_bag_refunded_items_only_is_never_sent_twice(kind: str) -> None:
+    """A cancel (or a whole-bag refund) applies and is answered by a gateway's 504;
+    the platform refunded the items alone (850 of a bag of 1000), and the bag's status
+    still reads COMPLETED. It was never "the rest" of the total: proven absent, sent
+    four times, and the last 504 reported as a definite failure."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = ItemsOnly(clock, status="COMPLETED")
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        if kind == "cancel":
+            outcome = await _outcome(client.cancel_bag(ORDER, BAG))
+        else:
+            outcome = await _outcome(client.refund_bag(ORDER, BAG))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)

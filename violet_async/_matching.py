@@ -238,13 +238,15 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
         return None  # an earlier record without its amount: the rest is unknown
     if refund.amount != bag.total - sum(a for a in earlier if a is not None):
         # Violet's pages do not say whether a record's ``amount`` carries its
-        # shipping and tax: read every record as leaving them out, the refund may
-        # still be exactly what was left. It cannot be told then: never a miss.
-        for extra in _EXTRAS:
-            if extra(refund) + refund.amount == bag.total - sum(
-                (r.amount or 0) + extra(r) for r in before
-            ):
-                return None
+        # shipping and tax, nor whether a whole bag's refund does (a platform may
+        # refund the items alone): read every record one of those ways, the refund
+        # may still be exactly what was left. It cannot be told then: never a miss.
+        for base in _bag_bases(bag):
+            for extra in _EXTRAS:
+                if extra(refund) + refund.amount == base - sum(
+                    (r.amount or 0) + extra(r) for r in before
+                ):
+                    return None
         if _partly(refund, bag.total - sum(a for a in earlier if a is not None)):
             return None
         return False
@@ -276,6 +278,21 @@ def _partly(refund: OrderRefund, asked: int) -> bool:
     )
 
 
+def _bag_bases(bag: OrderBag) -> list[int]:
+    """What refunding the whole bag may come to: its total, or its items alone, with
+    or without their tax and shipping."""
+    bases = [] if bag.total is None else [bag.total]
+    items = bag.sub_total
+    if items is not None:
+        tax, shipping = bag.tax_total or 0, bag.shipping_total or 0
+        bases += [items, items + tax, items + shipping, items + tax + shipping]
+    return bases
+
+
+def _no_extra(refund: OrderRefund) -> int:
+    return 0
+
+
 def _shipping_extra(refund: OrderRefund) -> int:
     shipping = refund.shipping
     return (shipping.amount or 0) if shipping is not None else 0
@@ -294,7 +311,12 @@ def _all_extra(refund: OrderRefund) -> int:
 #: What a record may have refunded beside its ``amount`` (Violet's pages do not say
 #: whether ``amount`` carries the shipping and tax the record names), each read the
 #: same way for every record of a bag.
-_EXTRAS: tuple[Callable[[OrderRefund], int], ...] = (_shipping_extra, _tax_extra, _all_extra)
+_EXTRAS: tuple[Callable[[OrderRefund], int], ...] = (
+    _no_extra,
+    _shipping_extra,
+    _tax_extra,
+    _all_extra,
+)
 
 
 def unix_time(when: datetime | None) -> float | None:
