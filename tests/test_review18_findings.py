@@ -504,3 +504,29 @@ async def test_a_whole_bag_refunded_items_only_is_never_sent_twice(kind: str) ->
             outcome = await _outcome(client.refund_bag(ORDER, BAG))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+
+
+class EarlierFails(Bag18):
+    """The bag's earlier refund, PROCESSING when a cancel comes, fails right after the
+    cancel refunded what it left."""
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        left = self.total - self.refunded()
+        record = self._commit(left) if left > 0 else None
+        self.made[0]["status"] = "FAILED"
+        return await self._answer(record)
+
+
+async def test_a_cancel_whose_earlier_refund_failed_after_it_is_sent_once() -> None:
+    """A bag of 1000 has a refund of 300 PROCESSING; a cancel refunds the 700 left and
+    is answered by a 504; the 300 then fails. The cancel's 700 is no longer "the rest"
+    by the refunds that moved money, but it was when it was made: never a miss (the
+    bag was cancelled again, and that second refund of 300 returned as the cancel's)."""
+    clock = FakeClock(wall_start=WALL0)
+    earlier = {**_partial(600.0, shipping=0), "status": "PROCESSING"}
+    violet = EarlierFails(clock, seeded=[earlier])
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(client.cancel_bag(ORDER, BAG))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)

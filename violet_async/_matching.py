@@ -241,12 +241,24 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
         # shipping and tax, nor whether a whole bag's refund does (a platform may
         # refund the items alone): read every record one of those ways, the refund
         # may still be exactly what was left. It cannot be told then: never a miss.
-        for base in _bag_bases(bag):
-            for extra in _EXTRAS:
-                if extra(refund) + refund.amount == base - sum(
-                    (r.amount or 0) + extra(r) for r in before
-                ):
-                    return None
+        # So may a refund that failed after it (it was counted as moving money when
+        # this one was made).
+        failed = [
+            r
+            for r in refunds
+            if r.id is not None
+            and r.id < refund.id
+            and r.status in _DEAD
+            and r.amount is not None
+            and on_bag(r, bag.id)
+        ]
+        for counted in (before, before + failed) if failed else (before,):
+            for base in _bag_bases(bag):
+                for extra in _EXTRAS:
+                    if extra(refund) + refund.amount == base - sum(
+                        (r.amount or 0) + extra(r) for r in counted
+                    ):
+                        return None
         if _partly(refund, bag.total - sum(a for a in earlier if a is not None)):
             return None
         return False
