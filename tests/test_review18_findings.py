@@ -25,7 +25,7 @@ from violet_async import (
 )
 from violet_async._transport import Timeouts
 from violet_async.stores import SQLiteStore
-from violet_async.testing import FakeClock
+from violet_async.testing import FakeClock, FakeViolet, Fault, FaultPlan, ServerQuirks
 
 from .conftest import serve
 
@@ -530,3 +530,27 @@ async def test_a_cancel_whose_earlier_refund_failed_after_it_is_sent_once() -> N
         outcome = await _outcome(client.cancel_bag(ORDER, BAG))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+
+
+@pytest.mark.parametrize("quirk", ["listed_without_sku_ids", "listed_zero_ids"])
+async def test_fake_violet_lists_records_without_ids_and_one_refund_is_made(quirk: str) -> None:
+    """FakeViolet learned both shapes (lines without their ``order_sku_id``; ``id``
+    and ``bag_id`` 0): a refund of one SKU line committed and answered by a 504 is
+    never sent again."""
+    clock = FakeClock(wall_start=WALL0)
+    plan = FaultPlan(quirks=ServerQuirks(bag_status_lag=600.0, **{quirk: True}))
+    async with FakeViolet(clock=clock, faults=plan) as fake:
+        order = fake.add_order([{"skus": [{"quantity": 2, "price": 500}], "shipping": 500}])
+        bag = next(iter(order.bags.values()))
+        fake.script("refund", Fault.HTTP_504_AFTER_COMMIT, bag_id=bag.id)
+        line = SkuRefund(order_sku_id=bag.skus[0].order_sku_id, quantity_refunded=1)
+        async with fake.client(clock=clock, retry=RetryPolicy(deadline=600.0)) as client:
+            outcome = await _outcome(client.refund_bag(order.id, bag.id, skus=[line]))
+            listed = await client.list_bag_refunds(order.id, bag.id)
+    assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+    assert fake.ledger.refunds_per_bag[bag.id] == 1
+    assert len(fake.ledger.posts_per_bag[bag.id]) == 1
+    if quirk == "listed_zero_ids":
+        assert (listed[0].id, listed[0].bag_id) == (None, None)
+    else:
+        assert [line.order_sku_id for line in listed[0].skus] == [None]

@@ -200,6 +200,12 @@ class ServerQuirks:
     say which reading is right."""
     list_other_bags: bool = False
     """A bag's refund list also carries the refunds of the order's other bags."""
+    listed_without_sku_ids: bool = False
+    """The bag's refund list (and the single-refund GET) keeps each record's SKU lines
+    but leaves out their ``order_sku_id`` (a platform's own line id only)."""
+    listed_zero_ids: bool = False
+    """The bag's refund list (and the single-refund GET) gives every record ``id`` and
+    ``bag_id`` 0 (a backend's default for fields it never set)."""
 
     @page_keys.validator
     def _check_page_keys(self, _: object, value: str) -> None:

@@ -581,9 +581,19 @@ class FakeViolet:
         raise RuleViolation(404, f"Refund {refund_id} not found on order {order_id}", 4042)
 
     def _shaped(self, record: dict[str, Any]) -> dict[str, Any]:
-        """A record as a read shows it (``listed_without_skus``: no ``skus``)."""
-        if self.quirks.listed_without_skus:
-            return {k: v for k, v in record.items() if k != "skus"}
+        """A record as a read shows it (``listed_without_skus``: no ``skus``;
+        ``listed_without_sku_ids``: lines without their ``order_sku_id``;
+        ``listed_zero_ids``: ``id`` and ``bag_id`` 0)."""
+        quirks = self.quirks
+        if quirks.listed_without_skus:
+            record = {k: v for k, v in record.items() if k != "skus"}
+        elif quirks.listed_without_sku_ids and record.get("skus"):
+            lines = [
+                {k: v for k, v in line.items() if k != "order_sku_id"} for line in record["skus"]
+            ]
+            record = {**record, "skus": lines}
+        if quirks.listed_zero_ids:
+            record = {**record, "id": 0, "bag_id": 0}
         return record
 
     def _replica_lag(self) -> float:
