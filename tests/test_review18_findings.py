@@ -554,3 +554,40 @@ async def test_fake_violet_lists_records_without_ids_and_one_refund_is_made(quir
         assert (listed[0].id, listed[0].bag_id) == (None, None)
     else:
         assert [line.order_sku_id for line in listed[0].skus] == [None]
+
+
+class InCents(Bag18):
+    """A bag in JPY (no minor unit) whose platform records refunds as if in cents: a
+    refund of 500 yen reads back as ``amount`` 50000."""
+
+    def _commit(
+        self, amount: int, skus: list[dict[str, Any]] | None = None, *, shipping: int = 0
+    ) -> dict[str, Any]:
+        record = super()._commit(amount, skus, shipping=shipping)
+        record["amount"] = amount * 100
+        record["refund_currency"] = "JPY"
+        return record
+
+    def refunded(self) -> int:
+        return sum(r["amount"] // 100 for r in self.made)
+
+    async def _order(self, request: web.Request) -> web.Response:
+        bag = {"id": BAG, "status": self.status, "total": self.total, "currency": "JPY"}
+        return web.json_response({"id": ORDER, "currency": "JPY", "bags": [bag]})
+
+
+@pytest.mark.parametrize("kind", ["amount", "cancel"])
+async def test_a_refund_recorded_in_other_minor_units_is_never_sent_twice(kind: str) -> None:
+    """A refund of 500 (or a cancel of a bag of 5000) in JPY applies and is answered by
+    a 504; the list records it in hundredths (50000, or 500000). It may be this ask's:
+    never a miss (the refund was sent twice, the cancel four times with the last 504
+    reported as a definite failure)."""
+    clock = FakeClock(wall_start=WALL0)
+    violet = InCents(clock, total=5000, status="COMPLETED")
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        if kind == "cancel":
+            outcome = await _outcome(client.cancel_bag(ORDER, BAG))
+        else:
+            outcome = await _outcome(client.refund_bag(ORDER, BAG, amount_refunded=500))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)

@@ -177,11 +177,16 @@ def _compare(
             # the bag's, may be ours: never a miss.
             unsure = True
         elif refund.amount != request.amount_refunded:
-            if not _shipping_folded(request, refund) and not _partly(
-                refund, request.amount_refunded
+            asked = request.amount_refunded
+            if not (
+                _shipping_folded(request, refund)
+                or _partly(refund, asked)
+                or _scaled(refund.amount, asked)
             ):
                 return Verdict.MISS, False
-            unsure = True  # the shipping in or out of the record's amount, or a part
+            # The shipping or tax in or out of the record's amount, a part of it, or
+            # it in other minor units.
+            unsure = True
     if request.skus is not None:
         asked, got = _sku_totals(request.skus), _sku_totals(refund.skus)
         if not got or None in got:
@@ -259,7 +264,8 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
                         (r.amount or 0) + extra(r) for r in counted
                     ):
                         return None
-        if _partly(refund, bag.total - sum(a for a in earlier if a is not None)):
+        rest = bag.total - sum(a for a in earlier if a is not None)
+        if _partly(refund, rest) or _scaled(refund.amount, rest):
             return None
         return False
     if any(r.id is not None and r.id > refund.id for r in others):
@@ -277,6 +283,16 @@ def _shipping_only(request: RefundBagRequest | CancelBagRequest, refund: OrderRe
     asked = request.shipping.amount
     shipped = refund.shipping.amount if refund.shipping is not None else None
     return refund.amount in (0, asked) or shipped == asked
+
+
+def _scaled(amount: int, asked: int) -> bool:
+    """``amount`` is ``asked`` in other minor units (10, 100 or 1000 times it, or that
+    part of it): a currency without cents (JPY) or with three decimals (KWD) recorded
+    as if it had two. It may be this ask's (review 18: proven absent, sent again)."""
+    if amount <= 0 or asked <= 0 or amount == asked:
+        return False
+    big, small = max(amount, asked), min(amount, asked)
+    return any(big == small * factor for factor in (10, 100, 1000))
 
 
 def _partly(refund: OrderRefund, asked: int) -> bool:
