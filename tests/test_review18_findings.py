@@ -591,3 +591,25 @@ async def test_a_refund_recorded_in_other_minor_units_is_never_sent_twice(kind: 
             outcome = await _outcome(client.refund_bag(ORDER, BAG, amount_refunded=500))
     assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
     assert isinstance(outcome, AmbiguousOutcomeError), repr(outcome)
+
+
+class OtherBagsToo(Bag18):
+    """The bag's list also carries a refund of the order's other bag, listed with
+    ``bag_id`` 0; this bag's own refunds count only its own."""
+
+    def refunded(self) -> int:
+        return sum(r["amount"] for r in self.made if r["bag_id"] == BAG)
+
+
+async def test_another_bags_refund_listed_with_bag_id_0_never_proves_absence() -> None:
+    """Beside a whole-bag refund (1000 of a bag of 1000, answered by a 504) the list
+    carries the order's other bag's refund of 200 with ``bag_id`` 0. That record may
+    or may not be this bag's: the refund is what was left one way, so never a miss,
+    never sent again."""
+    clock = FakeClock(wall_start=WALL0)
+    elsewhere = {**_partial(3600.0, amount=200, shipping=0), "bag_id": 0}
+    violet = OtherBagsToo(clock, status="COMPLETED", seeded=[elsewhere])
+    async with serve(violet.app()) as url, _client(url, clock) as client:
+        outcome = await _outcome(client.refund_bag(ORDER, BAG))
+    assert violet.posts == 1, f"sent {violet.posts} times: {outcome!r}"
+    assert isinstance(outcome, (OrderRefund, AmbiguousOutcomeError)), repr(outcome)

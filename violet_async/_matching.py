@@ -257,7 +257,14 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
             and r.amount is not None
             and on_bag(r, bag.id)
         ]
-        for counted in (before, before + failed) if failed else (before,):
+        readings = [before]
+        if failed:
+            readings.append(before + failed)
+        named_bag = [r for r in before if r.bag_id is not None and r.bag_id > 0]
+        if len(named_bag) < len(before):
+            # A record naming no bag may be another bag's (a list may carry them).
+            readings.append(named_bag)
+        for counted in readings:
             for base in _bag_bases(bag):
                 for extra in _EXTRAS:
                     if extra(refund) + refund.amount == base - sum(
