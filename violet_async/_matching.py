@@ -177,11 +177,11 @@ def _compare(
             # the bag's, may be ours: never a miss.
             unsure = True
         elif refund.amount != request.amount_refunded:
-            asked = request.amount_refunded
+            wanted = request.amount_refunded
             if not (
                 _shipping_folded(request, refund)
-                or _partly(refund, asked)
-                or _scaled(refund.amount, asked)
+                or _partly(refund, wanted)
+                or _scaled(refund.amount, wanted)
             ):
                 return Verdict.MISS, False
             # The shipping or tax in or out of the record's amount, a part of it, or
