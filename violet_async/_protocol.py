@@ -727,6 +727,16 @@ def _reads_bag(ask: PendingRefund) -> bool:
     return ask.reads_bag or needs_bag(ask)
 
 
+#: How much further than a settle window's own length (``settle_running`` and the clock
+#: skew allowed for) a call without a deadline waits for a window whose end only an
+#: unsure clock reading put there, before it parks the ask instead.
+UNSURE_WAIT = 3600.0
+
+
+def _unsure_wait(settings: Settings) -> float:
+    return settings.settle_running + settings.clock_skew + UNSURE_WAIT
+
+
 def _read_again(
     ask: PendingRefund,
     settings: Settings,
@@ -742,6 +752,17 @@ def _read_again(
         settings.settle_delay * 2 ** min(max(ask.reads - 1, 0), 30), settings.max_settle_delay
     )
     delay = min(delay, max(settle - now, 0.0))
+    if remaining is None and ask.clock_unsure and settle - now > _unsure_wait(settings):
+        # Only an unsure clock puts a window this far out (a Date header or a wall
+        # clock step hours off, kept as the later reading): a call without a deadline
+        # does not wait hours for it, holding the bag (simulator seeds 921612, 923160,
+        # 924704, 930149: a resume read for hours). Nothing is sent; resume it later.
+        note = (
+            f"the settle window ends in {settle - now:.1f}s by one reading of an unsure "
+            "clock (a Date header or a wall clock step hours off); parked until then, "
+            "nothing was re-sent"
+        )
+        return _park(ask, note)
     if patience is not None and delay > patience:
         return _park(ask, f"the settle window ends in {settle - now:.1f}s; parked until then")
     if remaining is not None and delay >= remaining:
