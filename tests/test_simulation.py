@@ -653,3 +653,27 @@ def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(
     tests/test_step_then_send.py). No violation on the fixed code."""
     result = simulate(seed, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
+
+
+#: ``--kinds all`` with review 14 and 15's kinds (the seeds of the run from 920,000
+#: replay with exactly these).
+KINDS_25 = KINDS_21 | REVIEW_KINDS
+
+
+@pytest.mark.parametrize(
+    ("seed", "was"),
+    [
+        (921612, "a resume elsewhere read back for hours: a Date 15 h off its record's"),
+        (923160, "a resume elsewhere read back for hours: a step of 15 h, epoch dates"),
+        (924704, "a keyed call's resume read back for hours: Dates 15 h apart"),
+        (930149, "a keyed cancel's resume read back for hours: steps and Dates apart"),
+    ],
+)
+def test_seeds_where_a_resume_without_a_deadline_read_back_for_hours_now_hold(
+    seed: int, was: str
+) -> None:
+    """Seeds of the all-kinds run from 920,000 (docs/simulation.md) whose resume, with
+    no deadline, waited for a settle window only an unsure clock put hours away (the
+    simulator's horizon: ``deadlock``): parked now, with no violation."""
+    result = simulate(seed, kinds=KINDS_25)
+    assert not result.kinds, result.report()
