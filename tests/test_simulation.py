@@ -677,3 +677,20 @@ def test_seeds_where_a_resume_without_a_deadline_read_back_for_hours_now_hold(
     simulator's horizon: ``deadlock``): parked now, with no violation."""
     result = simulate(seed, kinds=KINDS_25)
     assert not result.kinds, result.report()
+
+
+def test_date_lags_refund_before_the_run_is_drawn_only_where_a_date_is_sent() -> None:
+    """Seed 930911 (all kinds): ``early_resume`` switched Violet's ``Date`` off after
+    ``date_lag`` had drawn another app's refund of an ask's request made 30 s before
+    the run; with no ``Date``, this machine's clock alone places it inside
+    ``clock_skew`` of the send, and it was returned as the ask's own (remaining risk
+    (b), which the kind's schedules exclude). The Date now stays on, and the seed
+    holds; every date_lag schedule of the first 300 seeds sends a Date."""
+    schedule = generate(930911, kinds=KINDS_25)
+    assert schedule.date_lag
+    assert schedule.date_header
+    result = simulate(930911, kinds=KINDS_25)
+    assert not result.kinds, result.report()
+    lagging = [generate(seed, kinds=KINDS_25) for seed in range(300)]
+    assert [s for s in lagging if s.date_lag and not s.date_header] == []
+    assert any(s.date_lag for s in lagging)

@@ -115,8 +115,11 @@ def draw(s: Any, kinds: frozenset[str]) -> dict[str, Any]:
         if rng.random() < 0.6:
             drawn["early"] = True
             drawn["early_steps"] = tuple(rng.choice((-3_600.0, 3_600.0)) for _ in range(2))
-            if rng.random() < 0.5 and not drawn.get("in_429"):
-                # (refund_in_429's class is drawn only where a Date is sent.)
+            if rng.random() < 0.5 and not drawn.get("in_429") and not s.date_lag:
+                # (refund_in_429's class and date_lag's are drawn only where a Date is
+                # sent: date_lag's refund, made 30 s before the run, with no Date is
+                # remaining risk (b), taken for an ask's own within clock_skew; seed
+                # 930911.)
                 changes["date_header"] = False
     if drawn:
         changes["review"] = ReviewWorld(**drawn)
