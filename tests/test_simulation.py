@@ -694,3 +694,16 @@ def test_date_lags_refund_before_the_run_is_drawn_only_where_a_date_is_sent() ->
     lagging = [generate(seed, kinds=KINDS_25) for seed in range(300)]
     assert [s for s in lagging if s.date_lag and not s.date_header] == []
     assert any(s.date_lag for s in lagging)
+
+
+def test_refund_in_429_is_not_drawn_where_a_twin_ask_could_claim_its_refund() -> None:
+    """Seed 931782 (all kinds): ``refund_in_429`` answered one ask's first POST 429 and
+    had another app refund its request 10 s later, while a second ask of the same
+    request on that bag had sent (a send that hung before Violet): the other app's
+    refund fell 7 s into that send's window, one nobody can tell from its own
+    (remaining risk (b)), and was handed to it. The kind now leaves a bag with such a
+    twin alone (counted), and the seed holds."""
+    result = simulate(931782, kinds=KINDS_25)
+    assert not result.kinds, result.report()
+    assert result.injected["world:in_429_twin_on_bag"] == 1
+    assert result.injected["world:refund_in_429"] == 0

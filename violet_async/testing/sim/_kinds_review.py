@@ -393,8 +393,27 @@ def arm(world: Any) -> None:
     bags = {}
     for n in r.in_429:
         ask = next(a for a in world.s.asks if a.bag == n and a.amount is not None)
+        if any(_twin(other, ask) for other in world.s.asks):
+            # Another ask of the same request on the bag: the other app's refund would
+            # fall inside that ask's send window, one nobody can tell from its own
+            # (remaining risk (b); seed 931782): not drawn there.
+            world.violet.count("world:in_429_twin_on_bag")
+            continue
         bags[world.ids[n][1]] = ask
-    world.violet.clean_gate = In429(world, bags)
+    if bags:
+        world.violet.clean_gate = In429(world, bags)
+
+
+def _twin(other: Any, ask: Any) -> bool:
+    """``other`` is another ask of ``ask``'s request (a refund of the same amount and
+    reason) on its bag."""
+    return (
+        other.label != ask.label
+        and other.bag == ask.bag
+        and other.kind == ask.kind
+        and other.amount == ask.amount
+        and other.reason == ask.reason
+    )
 
 
 # -- early_resume ---------------------------------------------------------------------------
