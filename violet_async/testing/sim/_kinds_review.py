@@ -407,7 +407,7 @@ def arm(world: Any) -> None:
 def _twin(other: Any, ask: Any) -> bool:
     """``other`` is another ask of ``ask``'s request (a refund of the same amount and
     reason) on its bag."""
-    return (
+    return bool(
         other.label != ask.label
         and other.bag == ask.bag
         and other.kind == ask.kind
