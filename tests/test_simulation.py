@@ -707,3 +707,14 @@ def test_refund_in_429_is_not_drawn_where_a_twin_ask_could_claim_its_refund() ->
     assert not result.kinds, result.report()
     assert result.injected["world:in_429_twin_on_bag"] == 1
     assert result.injected["world:refund_in_429"] == 0
+
+
+def test_the_resume_rounds_wait_at_most_an_hour_each_seed_940480() -> None:
+    """Seed 940480 (all kinds): three records parked while windows an unsure clock put
+    12 to 14 h away ran out; each resume round waited up to an hour per record, and
+    three records in three rounds passed the loop's 20,000 s horizon (``deadlock``)
+    although every call ended within its 15 s deadline. A round now waits an hour in
+    all, and the seed holds."""
+    result = simulate(940480, kinds=KINDS_25)
+    assert not result.kinds, result.report()
+    assert result.virtual_seconds < 20_000.0
