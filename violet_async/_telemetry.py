@@ -38,7 +38,9 @@ __all__ = [
     "CAPTURE",
     "REQUEST_ID_HEADERS",
     "STATE",
+    "RequestCount",
     "capture_responses",
+    "counting_requests",
     "instrument",
     "request_id_of",
     "setup_logging_from_env",
@@ -88,6 +90,36 @@ def capture_responses() -> Iterator[list[Any]]:
     token = CAPTURE.set(seen)
     try:
         yield seen
+    finally:
+        CAPTURE.reset(token)
+
+
+class RequestCount:
+    """The requests answered in a block and the 429s among them: a :data:`CAPTURE` sink
+    that keeps no response (it still feeds a caller's ``capture_responses`` list)."""
+
+    __slots__ = ("outer", "rate_limited", "requests")
+
+    def __init__(self, outer: list[Any] | None = None) -> None:
+        self.requests = 0
+        self.rate_limited = 0
+        self.outer = outer
+
+    def append(self, response: Any) -> None:
+        self.requests += 1
+        self.rate_limited += response.status == 429
+        if self.outer is not None:
+            self.outer.append(response)
+
+
+@contextlib.contextmanager
+def counting_requests() -> Iterator[RequestCount]:
+    """Count the requests the SDK makes in this task (and tasks it starts) inside the
+    block."""
+    count = RequestCount(CAPTURE.get())
+    token = CAPTURE.set(count)  # type: ignore[arg-type] # a list-like sink: append only
+    try:
+        yield count
     finally:
         CAPTURE.reset(token)
 

@@ -31,6 +31,7 @@ from ._arq import (
 from ._ledger import (
     DEFAULT_PREFIX,
     STATES,
+    LedgerRecord,
     NonDurableRedisError,
     RedisLedger,
     is_blocked,
@@ -175,6 +176,11 @@ def add_commands(subparsers: Any, formatter: type[argparse.HelpFormatter] | None
             )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="one JSON object")
+            cmd.add_argument(
+                "--items",
+                action="store_true",
+                help="every item with its outcome, requests and 429s (not only problems)",
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -309,6 +315,13 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
         held = {r.key for r in problems if r.held_by or is_blocked(r)}
         open_keys = [k for k in await ledger.keys_in("new", "sent", "pending") if k not in held]
         orphans = await without_job(redis, open_keys)
+        spent = await ledger.request_counts()
+        every: list[LedgerRecord] = []
+        if getattr(args, "items", False):
+            found = await ledger.get_many(await ledger.keys_in(*STATES))
+            every = sorted(
+                (r for r in found if r is not None), key=lambda r: (r.source, r.item.line)
+            )
     finally:
         await redis.aclose()
     total = sum(counts.values())
@@ -324,6 +337,8 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
                         "finished": finished,
                         "problems": [r.to_dict() for r in problems],
                         "without_job": orphans,
+                        **spent,
+                        **({"items": [r.to_dict() for r in every]} if every else {}),
                     }
                 )
             )
@@ -333,6 +348,25 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
         states = ", ".join(f"{s} {counts[s]}" for s in STATES)
         share = f"{100 * finished / total:.1f}%" if total else "-"
         out.write(f"{total} item(s): {states}; finished {finished}/{total} ({share})\n")
+        if total:
+            # What the items cost at Violet, over all their runs (a run that died before
+            # its end is not counted).
+            out.write(
+                f"requests {spent['requests']} ({spent['requests'] / total:.2f} an item; "
+                f"429s {spent['rate_limited']}, {spent['rate_limited'] / total:.2f} an item)\n"
+            )
+        for record in every:
+            out.write(
+                printable(
+                    f"  {record.source or '?'}:line {record.item.line}: "
+                    f"{record.outcome or record.state}: order {record.item.order_id} bag "
+                    f"{record.item.bag_id}: {record.requests} request(s), "
+                    f"{record.rate_limited} 429(s)"
+                )
+                + "\n"
+            )
+        if every and problems:
+            out.write("problems:\n")
         for record in problems:
             what = record.outcome or record.state
             review = " (needs review)" if record.needs_review else ""
@@ -343,7 +377,7 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
                 printable(
                     f"  {record.source or '?'}:line {record.item.line}: {what}{review}: "
                     f"order {record.item.order_id} bag {record.item.bag_id}: "
-                    f"{record.error or ''} {record.message or ''}".rstrip()
+                    f"{_cost(record)}{record.error or ''} {record.message or ''}".rstrip()
                 )
                 + "\n"
             )
@@ -356,3 +390,10 @@ async def _status(args: argparse.Namespace, out: IO[str]) -> int:
             for key in orphans[:20]:
                 out.write(printable(f"  {key}") + "\n")
     return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def _cost(record: LedgerRecord) -> str:
+    """An item's requests and 429s as a problem line states them ("" when none)."""
+    if not record.requests:
+        return ""
+    return f"{record.requests} request(s), {record.rate_limited} 429(s): "

@@ -250,6 +250,11 @@ class LedgerRecord:
     """Held as ``already_present``: the key of the earlier item of the same money."""
     repeat_signature: str = ""
     """The fleet key's HMAC of the operator's ``--allow-repeat`` for this item."""
+    requests: int = 0
+    """HTTP requests answered for this item over all its runs (baseline reads, sends,
+    read-backs and merchant look-ups; a run that died before its end is not counted)."""
+    rate_limited: int = 0
+    """429s among :attr:`requests`."""
 
     def pending(self) -> PendingRefund | None:
         """The protocol record to resume from (None: never sent, or unreadable)."""
@@ -273,6 +278,8 @@ class LedgerRecord:
             "message": self.message,
             "needs_review": self.needs_review,
             "held_by": self.held_by or None,
+            "requests": self.requests,
+            "rate_limited": self.rate_limited,
         }
 
 
@@ -365,6 +372,20 @@ redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 """
 
+# KEYS: record, the fleet's counts   ARGV: requests, 429s (a run's)
+# Adds a run's request counts to its item and to the fleet's totals; a record that is
+# gone (Redis lost the ledger) is not made again with only counts in it. Returns the
+# item's totals (nothing: no record).
+_COUNT = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 0 then
+  return false
+end
+redis.call('HINCRBY', KEYS[2], 'requests', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'rate_limited', ARGV[2])
+return {redis.call('HINCRBY', KEYS[1], 'requests', ARGV[1]),
+        redis.call('HINCRBY', KEYS[1], 'rate_limited', ARGV[2])}
+"""
+
 # KEYS: epoch   ARGV: new id, now, hold_until for a new epoch
 # The epoch, created when missing. Returns {id, hold_until}.
 _EPOCH = """
@@ -444,7 +465,9 @@ class RedisLedger:
         self._applied = redis.register_script(_APPLIED)
         self._epoch = redis.register_script(_EPOCH)
         self._hold = redis.register_script(_HOLD)
+        self._count = redis.register_script(_COUNT)
         self.states_key = f"{prefix}:states"
+        self.counts_key = f"{prefix}:counts"
         self.epoch_key = f"{prefix}:epoch"
         self.blocked_key = f"{prefix}:blocked"
 
@@ -988,6 +1011,28 @@ class RedisLedger:
         states = await resolve(self.redis.hvals(self.states_key))
         return Counter(_text(s) or "" for s in states)
 
+    async def add_requests(
+        self, key: str, requests: int, rate_limited: int
+    ) -> tuple[int, int] | None:
+        """Add one run's answered requests and 429s to item ``key`` and to the fleet's
+        totals (one round trip); returns the item's totals (None: the item is not in the
+        ledger, nothing was written)."""
+        totals = await self._count(
+            keys=[self.record_key(key), self.counts_key], args=[requests, rate_limited]
+        )
+        if not totals:
+            return None
+        return (int(totals[0]), int(totals[1]))
+
+    async def request_counts(self) -> dict[str, int]:
+        """The fleet's answered requests and 429s so far, over every item's runs:
+        ``{"requests": ..., "rate_limited": ...}``."""
+        raw = await resolve(self.redis.hmget(self.counts_key, ["requests", "rate_limited"]))
+        return {
+            "requests": int(_text(raw[0]) or 0),
+            "rate_limited": int(_text(raw[1]) or 0),
+        }
+
     async def keys_in(self, *states: State) -> list[str]:
         wanted = set(states)
         found = await resolve(self.redis.hgetall(self.states_key))
@@ -1095,7 +1140,18 @@ def _parse(
         paid=int(paid) if (paid := data.get("paid")) else None,
         held_by=data.get("held_by") or "",
         repeat_signature=data.get("repeat_sig") or "",
+        requests=_count(data.get("requests")),
+        rate_limited=_count(data.get("rate_limited")),
     )
+
+
+def _count(text: str | None) -> int:
+    """A counter field as a record holds it (0: none, or not a number: written by
+    someone else; a count decides nothing)."""
+    try:
+        return max(int(text or 0), 0)
+    except ValueError:
+        return 0
 
 
 def _done_or_open(record: LedgerRecord) -> bool:

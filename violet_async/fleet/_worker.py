@@ -17,6 +17,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import attrs
+from redis.exceptions import RedisError
 
 from .._client import VioletClient
 from .._engine import Ended, Outcome, engine_of, resumable
@@ -24,7 +25,7 @@ from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
 from .._retry import RetryEvent
-from .._telemetry import count_item
+from .._telemetry import RequestCount, count_item, counting_requests
 from ..batch import BatchItem, item_ask
 from ..exceptions import (
     AmbiguousOutcomeError,
@@ -173,13 +174,45 @@ class FleetWorker:
 
         An item whose signature under the fleet key does not match what it would send
         is refused before anything is sent: the ledger marks it failed, outcome
-        ``refused`` (what ``status`` shows)."""
+        ``refused`` (what ``status`` shows).
+
+        The requests this run had answered, and the 429s among them, are added to the
+        item's ``requests`` and ``rate_limited`` in the ledger (and the fleet's totals,
+        :meth:`RedisLedger.request_counts`) as it ends, however it ends; the summary
+        returned carries the item's totals."""
+        with counting_requests() as count:
+            try:
+                summary = await self._start(key, item, signature)
+            except LedgerLostError as exc:
+                # The item's record vanished under this run: Redis lost the ledger. The
+                # job runs again (re-registered from its own copy of the item) after the
+                # hold.
+                await self._add_requests(key, count)
+                raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+            except Exception:
+                await self._add_requests(key, count)
+                raise
+        totals = await self._add_requests(key, count)
+        if totals is not None:
+            summary["requests"], summary["rate_limited"] = totals
+        return summary
+
+    async def _add_requests(self, key: str, count: RequestCount) -> tuple[int, int] | None:
+        """Add a run's counts to the item's (None: nothing to add, or not written). A
+        count is never worth an item's outcome: a failed write is logged and passed."""
+        if not count.requests:
+            return None
         try:
-            return await self._start(key, item, signature)
-        except LedgerLostError as exc:
-            # The item's record vanished under this run: Redis lost the ledger. The job
-            # runs again (re-registered from its own copy of the item) after the hold.
-            raise RetryLaterError(str(exc), defer=await self._after_loss()) from exc
+            return await self.ledger.add_requests(key, count.requests, count.rate_limited)
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "item %s: its run's request counts (%d, %d 429s) were not recorded: %s",
+                printable(key),
+                count.requests,
+                count.rate_limited,
+                printable(exc),
+            )
+            return None
 
     async def _start(
         self, key: str, item: BatchItem | None, signature: str | None
