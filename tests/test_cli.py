@@ -26,6 +26,27 @@ def test_demo_runs_and_reports_no_double_refunds(capsys: pytest.CaptureFixture[s
     assert twice.split()[-1] == "0"
 
 
+def test_demo_paces_each_merchant_and_counts_what_rows_cost(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The demo's second part: every row of four merchants' (one strict) succeeds, none
+    refunded twice, and each merchant's line shows its limit, rows, requests and 429s;
+    no platform let more through in a second than its bucket allows."""
+    assert main(["demo", "--bags", "3", "--concurrency", "16", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "100 refunds of 4 merchants (faults off)" in out
+    assert "0 rows not succeeded, 0 bags refunded twice" in out
+    table = out[out.index("merchant   limit/s") :].splitlines()[1:5]
+    lanes = {int(line.split()[0]): line.split() for line in table}
+    assert sorted(lanes) == [20001, 20002, 20003, 20004]
+    for merchant, (_, limit, rows, requests, rate_limited, peak, *_) in lanes.items():
+        assert float(limit) == (10.0 if merchant == 20001 else 100.0)
+        assert int(rows) == 25
+        # A baseline read and the POST a row at least; each 429 is one more answer.
+        assert int(requests) >= 2 * 25 + int(rate_limited)
+        assert int(peak) <= float(limit) + 4  # its rate and its bucket, in any second
+
+
 def test_demo_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     """Bad sizes exit 2 with a message."""
     assert main(["demo", "--bags", "0"]) == 2

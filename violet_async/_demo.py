@@ -1,4 +1,5 @@
-"""``violet-async demo``: the SDK against an embedded FakeViolet with faults on."""
+"""``violet-async demo``: the SDK against an embedded FakeViolet with faults on, then
+against merchant platforms with limits of their own (one strict), paced per merchant."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ from .models import CancelBagRequest, RefundBagRequest
 from .testing import FakeViolet, FaultPlan
 
 __all__ = ["run_demo"]
+
+#: The pacing part: bags take turns among these merchants' platforms; the first is
+#: strict (as Shopify is), the others let more through. Over its limit a platform's
+#: POST is answered 429, nothing applied, as Violet passes a platform's 429s through.
+MERCHANTS = 4
+ROWS_PER_MERCHANT = 25
+STRICT_MERCHANT = 20001
+STRICT_LIMIT = 10.0
+OTHER_LIMIT = 100.0
+#: A platform's bucket: this many POSTs at once, then its rate.
+MERCHANT_BURST = 4.0
 
 
 async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
@@ -99,4 +111,91 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
     print(f"  {'refunds recorded by the server':<40} {ledger.total_refunds:>6}")
     print(f"  {'bags refunded twice (ledger)':<40} {len(doubles):>6}")
     finished = sum(outcomes.values()) == bags
-    return 0 if not doubles and finished else 1
+    paced = await _pace_demo(concurrency, seed)
+    return 0 if not doubles and finished and paced else 1
+
+
+async def _pace_demo(concurrency: int, seed: int) -> bool:
+    """Refund bags of merchants whose platforms have limits of their own (one strict),
+    faults off, and print each merchant's pace: learned from its own 429s (nothing is
+    configured), a strict one slowing only its own rows. True when every row succeeded
+    and no bag was refunded twice."""
+    lanes: dict[int, _Lane] = {}
+    failed = 0
+    async with FakeViolet(
+        orders=MERCHANTS * ROWS_PER_MERCHANT,
+        seed=seed,
+        merchants=MERCHANTS,
+        merchant_limits={STRICT_MERCHANT: STRICT_LIMIT},
+        merchant_limit=OTHER_LIMIT,
+        merchant_burst=MERCHANT_BURST,
+    ) as fake:
+        merchant_of = {}
+        items = []
+        for line, (order_id, bag_id) in enumerate(fake.seeded, start=1):
+            merchant_of[line] = fake.bag(order_id, bag_id).merchant_id or 0
+            request = RefundBagRequest(reason="Demo refund")
+            items.append(BatchItem.refund(line, order_id, bag_id, request))
+        print(
+            f"\n{len(items)} refunds of {MERCHANTS} merchants (faults off): merchant "
+            f"{STRICT_MERCHANT}'s platform lets {STRICT_LIMIT:g} refunds/s through, the "
+            f"others {OTHER_LIMIT:g}/s; over it, a 429 (nothing applied)"
+        )
+        started = time.perf_counter()
+        async with fake.client() as client:
+            async for result in run_batch(client, items, concurrency=concurrency):
+                lane = lanes.setdefault(merchant_of[result.item.line], _Lane())
+                lane.rows += 1
+                lane.requests += result.requests
+                lane.rate_limited += result.rate_limited
+                lane.done_at = time.perf_counter() - started
+                failed += result.outcome != "succeeded"
+        elapsed = time.perf_counter() - started
+        fake.settle()
+        doubles = fake.ledger.double_refunds()
+        limits = fake.merchant_limits
+        assert limits is not None  # noqa: S101 - given above
+        for merchant, lane in lanes.items():
+            bucket = limits.bucket(merchant)
+            if bucket is not None:
+                lane.limit = bucket.rate
+                lane.peak = bucket.max_in_window()
+    ideal = max(lane.ideal for lane in lanes.values())
+    print(
+        f"{len(items)} refunds in {elapsed:.2f}s: {elapsed / max(ideal, 1e-9):.2f}x the ideal "
+        f"{ideal:.2f}s (the strict merchant's rows at its limit); {failed} rows not succeeded, "
+        f"{len(doubles)} bags refunded twice"
+    )
+    print(
+        f"  {'merchant':<10}{'limit/s':>8}{'rows':>6}{'requests':>10}{'429s':>6}"
+        f"{'peak/s':>8}{'ideal':>8}{'done at':>9}"
+    )
+    for merchant in sorted(lanes):
+        lane = lanes[merchant]
+        print(
+            f"  {merchant:<10}{lane.limit:>8g}{lane.rows:>6}{lane.requests:>10}"
+            f"{lane.rate_limited:>6}{lane.peak:>8}{lane.ideal:>7.2f}s{lane.done_at:>8.2f}s"
+        )
+    print(
+        "  (requests: a baseline read and the POST a row, and what its 429s cost; peak/s: "
+        "the most POSTs the platform let through in any second)"
+    )
+    return not failed and not doubles
+
+
+class _Lane:
+    """One merchant's rows in the pacing demo, and what its platform saw."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.requests = 0
+        self.rate_limited = 0
+        self.done_at = 0.0
+        self.limit = 0.0
+        self.peak = 0
+
+    @property
+    def ideal(self) -> float:
+        """The least time its rows can take at its platform's limit (its bucket's
+        burst at once, then the rate)."""
+        return max(self.rows - MERCHANT_BURST, 0) / self.limit if self.limit else 0.0
