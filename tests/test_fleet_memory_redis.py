@@ -170,6 +170,12 @@ async def _scenario(
     await step("counts", ledger.counts())
     await step("keys", ledger.keys_in("applied", "failed"))
     await step("get many", ledger.get_many([ka, kb, kc]))
+    # what each item's runs cost (counts, not state: no lock, any state)
+    await step("count a", ledger.add_requests(ka, 3, 1))
+    await step("count a, and its record", ledger.get_counted(ka, 2, 0))
+    await redis.hset(ledger.record_key(kb), "requests", "many")  # someone else's text
+    await step("count b over text", ledger.add_requests(kb, 1, 1))
+    await step("fleet counts", ledger.request_counts())
     # a cancel sent with no epoch check, then pending
     await step("register c", ledger.register(kc, c))
     await step("sent c", ledger.mark_sent(kc, ask_c, lock_key=lock_c, token="token-c"))
@@ -188,6 +194,8 @@ async def _scenario(
     # Redis loses everything
     await lose()
     await step("get a after loss", ledger.get(ka))
+    await step("count a after loss", ledger.add_requests(ka, 1, 0))
+    await step("count a after loss, and its record", ledger.get_counted(ka, 1, 0))
     await step("pending c after loss", ledger.mark_pending(kc, ask_c))
     await step(
         "applied c after loss",
@@ -298,6 +306,10 @@ async def test_the_in_memory_redis_answers_every_ledger_and_lock_step_as_redis_d
     assert names["applied b, a's refund"][2] == "RefundOwnedError"
     assert names["pending c after loss"][2] == "LedgerLostError"
     assert names["sent a, after the hold"] == ("sent a, after the hold", None)
+    assert names["count a"] == ("count a", (3, 1))
+    assert names["count b over text"] == ("count b over text", (1, 1))
+    assert names["fleet counts"] == ("fleet counts", {"requests": 6, "rate_limited": 2})
+    assert names["count a after loss"] == ("count a after loss", None)
     assert names["lock busy"][2] == "LockBusyError"
 
 
@@ -612,7 +624,7 @@ def test_every_fleet_script_has_an_in_memory_copy_and_no_copy_is_stale() -> None
     BagLocks(recorder)
     FleetPace(recorder, 1)
     FleetRateLimit(recorder, 1, 1.0)
-    assert len(registered) == 14
+    assert len(registered) == 15
     assert set(registered) == set(_SCRIPTS)
     memory = MemoryRedisServer(time.time).client()
     for text in registered:

@@ -372,18 +372,26 @@ redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 """
 
-# KEYS: record, the fleet's counts   ARGV: requests, 429s (a run's)
-# Adds a run's request counts to its item and to the fleet's totals; a record that is
-# gone (Redis lost the ledger) is not made again with only counts in it. Returns the
-# item's totals (nothing: no record).
+# KEYS: record, the fleet's counts   ARGV: requests, 429s (a run's), "1" to return the
+# record after. Adds a run's request counts to its item and to the fleet's totals; a
+# record that is gone (Redis lost the ledger) is not made again with only counts in it
+# (returns nothing). A count field someone else wrote as text counts from 0.
 _COUNT = """
 if redis.call('HEXISTS', KEYS[1], 'state') == 0 then
   return false
 end
-redis.call('HINCRBY', KEYS[2], 'requests', ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'rate_limited', ARGV[2])
-return {redis.call('HINCRBY', KEYS[1], 'requests', ARGV[1]),
-        redis.call('HINCRBY', KEYS[1], 'rate_limited', ARGV[2])}
+local function add(key, field, n)
+  local total = (tonumber(redis.call('HGET', key, field)) or 0) + tonumber(n)
+  redis.call('HSET', key, field, total)
+  return total
+end
+add(KEYS[2], 'requests', ARGV[1])
+add(KEYS[2], 'rate_limited', ARGV[2])
+local totals = {add(KEYS[1], 'requests', ARGV[1]), add(KEYS[1], 'rate_limited', ARGV[2])}
+if ARGV[3] == '1' then
+  return redis.call('HGETALL', KEYS[1])
+end
+return totals
 """
 
 # KEYS: epoch   ARGV: new id, now, hold_until for a new epoch
@@ -513,10 +521,18 @@ class RedisLedger:
         hold in force."""
         return float(_text(await self._hold(keys=[self.epoch_key], args=[repr(until)])) or 0)
 
-    async def open_on_bag(self, bag_id: int) -> set[str]:
+    async def bag_open(self, bag_id: int) -> set[Any]:
+        """The raw members of ``bag_id``'s open set (for :meth:`open_on_bag` and
+        :meth:`same_money_on_bag` under one bag lock: one read for both)."""
+        return set(await resolve(self.redis.smembers(self.bag_open_key(bag_id))))
+
+    async def open_on_bag(self, bag_id: int, *, members: set[Any] | None = None) -> set[str]:
         """Items on ``bag_id`` that were sent and not yet settled (sent or pending): while
-        one is, no other item on the bag may send (it could claim that one's refund)."""
-        members = await resolve(self.redis.smembers(self.bag_open_key(bag_id)))
+        one is, no other item on the bag may send (it could claim that one's refund).
+        ``members``: the bag's open set as :meth:`bag_open` read it under the bag's lock
+        (None: read it now)."""
+        if members is None:
+            members = await self.bag_open(bag_id)
         keys = sorted(str(_text(m)) for m in members)
         if not keys:
             return set()
@@ -681,19 +697,23 @@ class RedisLedger:
         """Mark ``key`` as sent anyway (``--allow-repeat``); its state is left alone."""
         await resolve(self.redis.hset(self.record_key(key), "repeat_sig", self._repeat_mac(key)))
 
-    async def same_money_on_bag(self, key: str, item: BatchItem) -> LedgerRecord | None:
+    async def same_money_on_bag(
+        self, key: str, item: BatchItem, *, opened: set[Any] | None = None
+    ) -> LedgerRecord | None:
         """Another item on ``item``'s bag that applied, or was sent and is not settled
         (sent, pending, under review), and asked the same money of the bag by the batch
         runner's rule (:func:`~violet_async._journal_index.same_money`): ``item`` is
         likely that row edited, and sending it could refund the bag twice (an identical
         item of another occurrence is a repeat its input asks for, not an edit). An
         applied one is preferred; None: no such item. A record that cannot be read is taken as
-        the same money (it may be)."""
+        the same money (it may be). ``opened``: the bag's open set as :meth:`bag_open`
+        read it under the bag's lock (None: read it now)."""
         bag = item.bag_id
         # Plain commands (the simulator's in-memory Redis pipelines only HGETALL).
         members = await resolve(self.redis.smembers(self.bag_items_key(bag)))
         owners = await resolve(self.redis.hvals(self.bag_owners_key(bag)))
-        opened = await resolve(self.redis.smembers(self.bag_open_key(bag)))
+        if opened is None:
+            opened = await self.bag_open(bag)
         keys = {str(_text(m)) for m in (*members, *owners, *opened)}
         # The n-th identical item of an input (the same content, another occurrence) is
         # a repeat the input asks for, not an edited row: it is its own money.
@@ -1018,11 +1038,21 @@ class RedisLedger:
         totals (one round trip); returns the item's totals (None: the item is not in the
         ledger, nothing was written)."""
         totals = await self._count(
-            keys=[self.record_key(key), self.counts_key], args=[requests, rate_limited]
+            keys=[self.record_key(key), self.counts_key], args=[requests, rate_limited, "0"]
         )
         if not totals:
             return None
         return (int(totals[0]), int(totals[1]))
+
+    async def get_counted(self, key: str, requests: int, rate_limited: int) -> LedgerRecord | None:
+        """:meth:`add_requests`, then the record of ``key`` as :meth:`get` reads it, in
+        the same round trip (None: not in the ledger, nothing written)."""
+        flat = await self._count(
+            keys=[self.record_key(key), self.counts_key], args=[requests, rate_limited, "1"]
+        )
+        if not flat:
+            return None
+        return _parse(key, dict(zip(flat[::2], flat[1::2], strict=True)), self.merchant_of)
 
     async def request_counts(self) -> dict[str, int]:
         """The fleet's answered requests and 429s so far, over every item's runs:

@@ -25,7 +25,7 @@ from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
 from .._retry import RetryEvent
-from .._telemetry import RequestCount, count_item, counting_requests
+from .._telemetry import CAPTURE, RequestCount, count_item, counting_requests
 from ..batch import BatchItem, item_ask
 from ..exceptions import (
     AmbiguousOutcomeError,
@@ -376,8 +376,10 @@ class FleetWorker:
         such item is under review (no wait settles it), the item is left new, outcome
         ``not_sent``, naming it (True: not sent)."""
         item = record.item
+        # The bag's open set, read once for both checks below (under the bag's lock).
+        opened = await self.ledger.bag_open(item.bag_id)
         if not self.ledger.allows_repeat(record):
-            earlier = await self.ledger.same_money_on_bag(key, item)
+            earlier = await self.ledger.same_money_on_bag(key, item, opened=opened)
             if earlier is not None:
                 await self._write_holding(
                     self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
@@ -386,7 +388,7 @@ class FleetWorker:
                 return True
         # Another item on this bag sent and not settled (pending, or a worker died
         # mid-send): a send now could claim its refund, or have its own claimed.
-        unsettled = await self.ledger.open_on_bag(item.bag_id) - {key}
+        unsettled = await self.ledger.open_on_bag(item.bag_id, members=opened) - {key}
         if unsettled:
             review = await self.ledger.all_under_review(unsettled)
             if review is None:
@@ -659,7 +661,7 @@ class FleetWorker:
         await self._paced_success(item, refund, merchant)
         # Kept until the record is read back: a ledger lost in between runs the job
         # again, and the re-run records this refund again rather than asking anew.
-        summary = (await self._record(key)).to_dict()
+        summary = (await self._record_counted(key)).to_dict()
         self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -763,6 +765,20 @@ class FleetWorker:
         await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
         count_item("fleet", item.kind, "refused")
         return (await self._record(key)).to_dict()
+
+    async def _record_counted(self, key: str) -> LedgerRecord:
+        """:meth:`_record`, adding this run's request counts so far to the item's in the
+        same round trip (the run adds only what comes after)."""
+        count = CAPTURE.get()
+        if not isinstance(count, RequestCount) or not count.requests:
+            return await self._record(key)
+        record = await self.ledger.get_counted(key, count.requests, count.rate_limited)
+        if record is None:
+            raise LedgerLostError(
+                f"item {key} vanished from the ledger under this run: Redis lost its data"
+            )
+        count.requests = count.rate_limited = 0
+        return record
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)

@@ -283,6 +283,24 @@ def _hold(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _HOLD
     return _lua_tostring(held)
 
 
+def _count(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> list[Any] | None:  # _COUNT
+    if r.hget(keys[0], b"state") is None:
+        return None
+
+    def add(key: bytes, field: bytes, n: bytes) -> float:
+        stored = r.hget(key, field)
+        total = ((_tonumber(stored) if stored is not None else None) or 0.0) + float(n)
+        r.hset(key, field, _lua_tostring(total))
+        return total
+
+    add(keys[1], b"requests", argv[0])
+    add(keys[1], b"rate_limited", argv[1])
+    totals = [int(add(keys[0], b"requests", argv[0])), int(add(keys[0], b"rate_limited", argv[1]))]
+    if argv[2] == b"1":
+        return [part for pair in r._hash(keys[0]).items() for part in pair]
+    return totals
+
+
 def _renew(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _lock._RENEW
     if r.get(keys[0]) == argv[0]:
         return r.pexpire(keys[0], int(argv[1]))
@@ -473,6 +491,7 @@ _SCRIPTS: dict[str, Callable[[MemoryRedisServer, _Keys, _Keys], Any]] = {
     _ledger._APPLIED: _applied,
     _ledger._EPOCH: _epoch,
     _ledger._HOLD: _hold,
+    _ledger._COUNT: _count,
     _lock._RENEW: _renew,
     _lock._RELEASE: _release,
     _pace._RESERVE: _pace_reserve,
