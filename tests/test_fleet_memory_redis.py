@@ -93,6 +93,9 @@ async def _scenario(
     def show(value: Any) -> Any:
         if hasattr(value, "hold_until"):
             return ("Epoch", epoch_name(value.id), value.hold_until)
+        if hasattr(value, "refunds"):  # a bag view: its record and the bag's sets
+            sets = (value.opened, value.items, value.owners, value.refunds)
+            return ("BagView", show(value.record), *(sorted(v) for v in sets))
         if hasattr(value, "to_dict"):  # a record, all of it but the time it was written
             return (value.to_dict(), value.ask, value.signature, value.ask_signature)
         if isinstance(value, set):
@@ -171,6 +174,8 @@ async def _scenario(
     await step("keys", ledger.keys_in("applied", "failed"))
     await step("get many", ledger.get_many([ka, kb, kc]))
     # what each item's runs cost (counts, not state: no lock, any state)
+    await step("bag view a", ledger.bag_view(ka, a.bag_id))
+    await step("bag view, no such item", ledger.bag_view("refund:9:9:x:0", a.bag_id))
     await step("count a", ledger.add_requests(ka, 3, 1))
     await step("count a, and its record", ledger.get_counted(ka, 2, 0))
     await redis.hset(ledger.record_key(kb), "requests", "many")  # someone else's text
@@ -306,6 +311,11 @@ async def test_the_in_memory_redis_answers_every_ledger_and_lock_step_as_redis_d
     assert names["applied b, a's refund"][2] == "RefundOwnedError"
     assert names["pending c after loss"][2] == "LedgerLostError"
     assert names["sent a, after the hold"] == ("sent a, after the hold", None)
+    view = names["bag view a"][1]
+    assert view[0] == "BagView"
+    assert view[1] is not None  # a's record
+    assert view[5] == [77]  # b's refund on the bag a shares
+    assert names["bag view, no such item"][1][1] is None
     assert names["count a"] == ("count a", (3, 1))
     assert names["count b over text"] == ("count b over text", (1, 1))
     assert names["fleet counts"] == ("fleet counts", {"requests": 6, "rate_limited": 2})

@@ -207,6 +207,21 @@ class UnderReview:
     readable: bool = True
 
 
+@attrs.frozen
+class BagView:
+    """What a worker reads under a bag's lock before it decides to send, in one round
+    trip and in this order (the bag's open set before its refunds, as two reads one
+    after the other would see them): the item's record (None: not in the ledger), and
+    the raw members of the bag's open set, its items' set, its owners' values and its
+    refunds."""
+
+    record: LedgerRecord | None
+    opened: set[Any]
+    items: set[Any]
+    owners: list[Any]
+    refunds: set[int]
+
+
 def keyed_items(items: Iterable[BatchItem]) -> Iterable[tuple[str, BatchItem]]:
     """Each item with its key (:func:`item_key`, the batch journal's name for it too),
     identical items numbered by occurrence in input order."""
@@ -521,6 +536,24 @@ class RedisLedger:
         hold in force."""
         return float(_text(await self._hold(keys=[self.epoch_key], args=[repr(until)])) or 0)
 
+    async def bag_view(self, key: str, bag_id: int) -> BagView:
+        """Item ``key``'s record and its bag's sets (:class:`BagView`), in one round
+        trip (a pipeline of reads, not a transaction: each read as alone)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.record_key(key))
+            pipe.smembers(self.bag_open_key(bag_id))
+            pipe.smembers(self.bag_items_key(bag_id))
+            pipe.hvals(self.bag_owners_key(bag_id))
+            pipe.smembers(self.bag_refunds_key(bag_id))
+            raw, opened, items, owners, refunds = await pipe.execute()
+        return BagView(
+            record=_parse(key, raw, self.merchant_of) if raw else None,
+            opened=set(opened),
+            items=set(items),
+            owners=list(owners),
+            refunds={int(v) for v in refunds},
+        )
+
     async def bag_open(self, bag_id: int) -> set[Any]:
         """The raw members of ``bag_id``'s open set (for :meth:`open_on_bag` and
         :meth:`same_money_on_bag` under one bag lock: one read for both)."""
@@ -698,7 +731,7 @@ class RedisLedger:
         await resolve(self.redis.hset(self.record_key(key), "repeat_sig", self._repeat_mac(key)))
 
     async def same_money_on_bag(
-        self, key: str, item: BatchItem, *, opened: set[Any] | None = None
+        self, key: str, item: BatchItem, *, view: BagView | None = None
     ) -> LedgerRecord | None:
         """Another item on ``item``'s bag that applied, or was sent and is not settled
         (sent, pending, under review), and asked the same money of the bag by the batch
@@ -706,14 +739,15 @@ class RedisLedger:
         likely that row edited, and sending it could refund the bag twice (an identical
         item of another occurrence is a repeat its input asks for, not an edit). An
         applied one is preferred; None: no such item. A record that cannot be read is taken as
-        the same money (it may be). ``opened``: the bag's open set as :meth:`bag_open`
-        read it under the bag's lock (None: read it now)."""
+        the same money (it may be). ``view``: the bag's sets as :meth:`bag_view` read
+        them under the bag's lock (None: read them now)."""
         bag = item.bag_id
-        # Plain commands (the simulator's in-memory Redis pipelines only HGETALL).
-        members = await resolve(self.redis.smembers(self.bag_items_key(bag)))
-        owners = await resolve(self.redis.hvals(self.bag_owners_key(bag)))
-        if opened is None:
+        if view is None:
+            members = await resolve(self.redis.smembers(self.bag_items_key(bag)))
+            owners = await resolve(self.redis.hvals(self.bag_owners_key(bag)))
             opened = await self.bag_open(bag)
+        else:
+            members, owners, opened = view.items, view.owners, view.opened
         keys = {str(_text(m)) for m in (*members, *owners, *opened)}
         # The n-th identical item of an input (the same content, another occurrence) is
         # a repeat the input asks for, not an edited row: it is its own money.

@@ -39,6 +39,7 @@ from ..exceptions import (
 )
 from ..models import OrderRefund
 from ._ledger import (
+    BagView,
     ForgedItemError,
     LedgerHeldError,
     LedgerLostError,
@@ -261,15 +262,15 @@ class FleetWorker:
                 )
         try:
             async with self.locks.hold(record.item.bag_id, wait=self.lock_wait) as held:
-                return await self._under_lock(key, held)
+                return await self._under_lock(key, held, record.item.bag_id)
         except LockBusyError as exc:
             raise RetryLaterError(str(exc), defer=self.lock_wait) from exc
         finally:
             self._gate_epochs.pop(key, None)
 
-    async def _under_lock(self, key: str, held: Any) -> dict[str, Any]:
+    async def _under_lock(self, key: str, held: Any, bag_id: int) -> dict[str, Any]:
         # Read again under the lock: another worker may have moved it on meanwhile.
-        record = await self._record(key)
+        record, view = await self._view(key, bag_id)
         if record.state in ("applied", "failed") or record.needs_review:
             return record.to_dict()
         if not self._signed(record):
@@ -286,10 +287,10 @@ class FleetWorker:
             return (await self._record(key)).to_dict()
         resume = _resumable(record, self.clock.time())
         item = record.item
-        if resume is None and await self._held(key, record, held):
+        if resume is None and await self._held(key, record, held, view):
             return (await self._record(key)).to_dict()
         known = self.engine.known_refunds
-        recorded = await self.ledger.bag_refunds(item.bag_id)
+        recorded = view.refunds if view is not None else await self.ledger.bag_refunds(item.bag_id)
         owners = await self.ledger.bag_owners(item.bag_id) if recorded else {}
         for refund_id in recorded:
             owner = owners.get(refund_id)
@@ -367,7 +368,20 @@ class FleetWorker:
             # item) now; this one's view of it is stale.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
 
-    async def _held(self, key: str, record: LedgerRecord, held: Any) -> bool:
+    async def _view(self, key: str, bag_id: int) -> tuple[LedgerRecord, BagView | None]:
+        """The item's record under the bag's lock, with the bag's sets read in the same
+        round trip (reads only; None: the record names another bag, never so for a
+        signed key, and its own bag's sets are read when needed)."""
+        view = await self.ledger.bag_view(key, bag_id)
+        if view.record is None:
+            raise LedgerLostError(
+                f"item {key} vanished from the ledger under this run: Redis lost its data"
+            )
+        return view.record, view if view.record.item.bag_id == bag_id else None
+
+    async def _held(
+        self, key: str, record: LedgerRecord, held: Any, view: BagView | None = None
+    ) -> bool:
         """Under the bag's lock, the authoritative check before a first send: an
         earlier item on the bag (applied, or sent and unsettled) asked the same money,
         as an edited row of it would. Held as already_present, not sent (enqueuers race;
@@ -376,10 +390,12 @@ class FleetWorker:
         such item is under review (no wait settles it), the item is left new, outcome
         ``not_sent``, naming it (True: not sent)."""
         item = record.item
-        # The bag's open set, read once for both checks below (under the bag's lock).
-        opened = await self.ledger.bag_open(item.bag_id)
+        # The bag's sets as read with the record under the bag's lock (read now when
+        # not given), for both checks below.
+        if view is None:
+            view = await self.ledger.bag_view(key, item.bag_id)
         if not self.ledger.allows_repeat(record):
-            earlier = await self.ledger.same_money_on_bag(key, item, opened=opened)
+            earlier = await self.ledger.same_money_on_bag(key, item, view=view)
             if earlier is not None:
                 await self._write_holding(
                     self.ledger.mark_held(key, earlier, lock_key=held.key, token=held.token)
@@ -388,7 +404,7 @@ class FleetWorker:
                 return True
         # Another item on this bag sent and not settled (pending, or a worker died
         # mid-send): a send now could claim its refund, or have its own claimed.
-        unsettled = await self.ledger.open_on_bag(item.bag_id, members=opened) - {key}
+        unsettled = await self.ledger.open_on_bag(item.bag_id, members=view.opened) - {key}
         if unsettled:
             review = await self.ledger.all_under_review(unsettled)
             if review is None:

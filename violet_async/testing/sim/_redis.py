@@ -517,9 +517,11 @@ class _Script:
 
 
 class _Pipeline:
+    """Reads queued and answered in one round trip (the ones the ledger pipelines)."""
+
     def __init__(self, redis: MemoryRedis) -> None:
         self.redis = redis
-        self.queued: list[bytes] = []
+        self.queued: list[tuple[str, bytes]] = []
 
     async def __aenter__(self) -> _Pipeline:
         return self
@@ -528,11 +530,25 @@ class _Pipeline:
         return None
 
     def hgetall(self, key: str) -> None:
-        self.queued.append(_b(key))
+        self.queued.append(("hgetall", _b(key)))
 
-    async def execute(self) -> list[dict[bytes, bytes]]:
+    def hvals(self, key: str) -> None:
+        self.queued.append(("hvals", _b(key)))
+
+    def smembers(self, key: str) -> None:
+        self.queued.append(("smembers", _b(key)))
+
+    async def execute(self) -> list[Any]:
         server = await self.redis._command()
-        return [dict(server._hash(key)) for key in self.queued]
+        answers: list[Any] = []
+        for command, key in self.queued:
+            if command == "hgetall":
+                answers.append(dict(server._hash(key)))
+            elif command == "hvals":
+                answers.append(list(server._hash(key).values()))
+            else:
+                answers.append(set(server._set(key)))
+        return answers
 
 
 class MemoryRedis:
