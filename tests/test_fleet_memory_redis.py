@@ -179,6 +179,7 @@ async def _scenario(
     await step("count a", ledger.add_requests(ka, 3, 1))
     await step("count a, and its record", ledger.get_counted(ka, 2, 0))
     await redis.hset(ledger.record_key(kb), "requests", "many")  # someone else's text
+    await redis.hset(ledger.record_key(kb), "rate_limited", "1.5")
     await step("count b over text", ledger.add_requests(kb, 1, 1))
     await step("fleet counts", ledger.request_counts())
     # a cancel sent with no epoch check, then pending
@@ -318,6 +319,8 @@ async def test_the_in_memory_redis_answers_every_ledger_and_lock_step_as_redis_d
     assert names["bag view, no such item"][1][1] is None
     assert names["count a"] == ("count a", (3, 1))
     assert names["count b over text"] == ("count b over text", (1, 1))
+    counted = names["count a, and its record"][1][0]
+    assert (counted["requests"], counted["rate_limited"]) == (5, 1)  # the new totals
     assert names["fleet counts"] == ("fleet counts", {"requests": 6, "rate_limited": 2})
     assert names["count a after loss"] == ("count a after loss", None)
     assert names["lock busy"][2] == "LockBusyError"

@@ -387,26 +387,39 @@ redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 """
 
-# KEYS: record, the fleet's counts   ARGV: requests, 429s (a run's), "1" to return the
-# record after. Adds a run's request counts to its item and to the fleet's totals; a
-# record that is gone (Redis lost the ledger) is not made again with only counts in it
-# (returns nothing). A count field someone else wrote as text counts from 0.
+# KEYS: record   ARGV: requests, 429s (a run's), "1" to return the record with them
+# Adds a run's request counts to its item. A record that is gone (Redis lost the
+# ledger) is not made again with only counts in it (returns nothing); a count field
+# someone else wrote as text is set to the run's count. Returns the item's totals, or
+# (ARGV[3] "1") the record as HGETALL reads it, with its new totals last.
 _COUNT = """
-if redis.call('HEXISTS', KEYS[1], 'state') == 0 then
+local record
+if ARGV[3] == '1' then
+  record = redis.call('HGETALL', KEYS[1])
+  if #record == 0 then
+    return false
+  end
+elseif redis.call('HEXISTS', KEYS[1], 'state') == 0 then
   return false
 end
-local function add(key, field, n)
-  local total = (tonumber(redis.call('HGET', key, field)) or 0) + tonumber(n)
-  redis.call('HSET', key, field, total)
+local function add(field, n)
+  local total = redis.pcall('HINCRBY', KEYS[1], field, n)
+  if type(total) == 'table' then
+    redis.call('HSET', KEYS[1], field, n)
+    return tonumber(n)
+  end
   return total
 end
-add(KEYS[2], 'requests', ARGV[1])
-add(KEYS[2], 'rate_limited', ARGV[2])
-local totals = {add(KEYS[1], 'requests', ARGV[1]), add(KEYS[1], 'rate_limited', ARGV[2])}
-if ARGV[3] == '1' then
-  return redis.call('HGETALL', KEYS[1])
+local requests = add('requests', ARGV[1])
+local limited = add('rate_limited', ARGV[2])
+if record then
+  table.insert(record, 'requests')
+  table.insert(record, tostring(requests))
+  table.insert(record, 'rate_limited')
+  table.insert(record, tostring(limited))
+  return record
 end
-return totals
+return {requests, limited}
 """
 
 # KEYS: epoch   ARGV: new id, now, hold_until for a new epoch
@@ -490,7 +503,6 @@ class RedisLedger:
         self._hold = redis.register_script(_HOLD)
         self._count = redis.register_script(_COUNT)
         self.states_key = f"{prefix}:states"
-        self.counts_key = f"{prefix}:counts"
         self.epoch_key = f"{prefix}:epoch"
         self.blocked_key = f"{prefix}:blocked"
 
@@ -1068,12 +1080,10 @@ class RedisLedger:
     async def add_requests(
         self, key: str, requests: int, rate_limited: int
     ) -> tuple[int, int] | None:
-        """Add one run's answered requests and 429s to item ``key`` and to the fleet's
-        totals (one round trip); returns the item's totals (None: the item is not in the
-        ledger, nothing was written)."""
-        totals = await self._count(
-            keys=[self.record_key(key), self.counts_key], args=[requests, rate_limited, "0"]
-        )
+        """Add one run's answered requests and 429s to item ``key`` (one round trip);
+        returns the item's totals (None: the item is not in the ledger, nothing was
+        written)."""
+        totals = await self._count(keys=[self.record_key(key)], args=[requests, rate_limited, "0"])
         if not totals:
             return None
         return (int(totals[0]), int(totals[1]))
@@ -1081,21 +1091,24 @@ class RedisLedger:
     async def get_counted(self, key: str, requests: int, rate_limited: int) -> LedgerRecord | None:
         """:meth:`add_requests`, then the record of ``key`` as :meth:`get` reads it, in
         the same round trip (None: not in the ledger, nothing written)."""
-        flat = await self._count(
-            keys=[self.record_key(key), self.counts_key], args=[requests, rate_limited, "1"]
-        )
+        flat = await self._count(keys=[self.record_key(key)], args=[requests, rate_limited, "1"])
         if not flat:
             return None
         return _parse(key, dict(zip(flat[::2], flat[1::2], strict=True)), self.merchant_of)
 
     async def request_counts(self) -> dict[str, int]:
         """The fleet's answered requests and 429s so far, over every item's runs:
-        ``{"requests": ..., "rate_limited": ...}``."""
-        raw = await resolve(self.redis.hmget(self.counts_key, ["requests", "rate_limited"]))
-        return {
-            "requests": int(_text(raw[0]) or 0),
-            "rate_limited": int(_text(raw[1]) or 0),
-        }
+        ``{"requests": ..., "rate_limited": ...}`` (a read of every item's record)."""
+        keys = sorted(str(_text(k)) for k in await resolve(self.redis.hkeys(self.states_key)))
+        requests = rate_limited = 0
+        for start in range(0, len(keys), 1000):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys[start : start + 1000]:
+                    pipe.hmget(self.record_key(key), ["requests", "rate_limited"])
+                for counted, limited in await pipe.execute():
+                    requests += _count(_text(counted))
+                    rate_limited += _count(_text(limited))
+        return {"requests": requests, "rate_limited": rate_limited}
 
     async def keys_in(self, *states: State) -> list[str]:
         wanted = set(states)

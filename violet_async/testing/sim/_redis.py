@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,21 +285,42 @@ def _hold(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _HOLD
 
 
 def _count(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> list[Any] | None:  # _COUNT
-    if r.hget(keys[0], b"state") is None:
+    record: list[bytes] | None = None
+    if argv[2] == b"1":
+        record = [part for pair in r._hash(keys[0]).items() for part in pair]
+        if not record:
+            return None
+    elif r.hget(keys[0], b"state") is None:
         return None
 
-    def add(key: bytes, field: bytes, n: bytes) -> float:
-        stored = r.hget(key, field)
-        total = ((_tonumber(stored) if stored is not None else None) or 0.0) + float(n)
-        r.hset(key, field, _lua_tostring(total))
-        return total
+    def add(field: bytes, n: bytes) -> int:
+        stored = r.hget(keys[0], field)
+        held = 0 if stored is None else _redis_integer(stored)
+        if held is None:  # HINCRBY's error, caught by pcall: the run's count instead
+            r.hset(keys[0], field, n)
+            return int(n)
+        r.hset(keys[0], field, str(held + int(n)).encode())
+        return held + int(n)
 
-    add(keys[1], b"requests", argv[0])
-    add(keys[1], b"rate_limited", argv[1])
-    totals = [int(add(keys[0], b"requests", argv[0])), int(add(keys[0], b"rate_limited", argv[1]))]
-    if argv[2] == b"1":
-        return [part for pair in r._hash(keys[0]).items() for part in pair]
-    return totals
+    requests = add(b"requests", argv[0])
+    limited = add(b"rate_limited", argv[1])
+    if record is not None:
+        return [
+            *record,
+            b"requests",
+            str(requests).encode(),
+            b"rate_limited",
+            str(limited).encode(),
+        ]
+    return [requests, limited]
+
+
+def _redis_integer(text: bytes) -> int | None:
+    """A hash field as HINCRBY reads it: a plain 64-bit integer, or None (its error)."""
+    if re.fullmatch(rb"-?(0|[1-9][0-9]*)", text) is None:
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None
 
 
 def _renew(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _lock._RENEW
@@ -538,6 +560,9 @@ class _Pipeline:
     def smembers(self, key: str) -> None:
         self.queued.append(("smembers", _b(key)))
 
+    def hmget(self, key: str, fields: list[str]) -> None:
+        self.queued.append(("hmget", _b(key) + b"\0" + b"\0".join(_b(f) for f in fields)))
+
     async def execute(self) -> list[Any]:
         server = await self.redis._command()
         answers: list[Any] = []
@@ -546,6 +571,9 @@ class _Pipeline:
                 answers.append(dict(server._hash(key)))
             elif command == "hvals":
                 answers.append(list(server._hash(key).values()))
+            elif command == "hmget":
+                name, *fields = key.split(b"\0")
+                answers.append(server.hmget(name, *fields))
             else:
                 answers.append(set(server._set(key)))
         return answers
@@ -622,6 +650,9 @@ class MemoryRedis:
 
     async def hmget(self, key: str, fields: list[str]) -> list[bytes | None]:
         return (await self._command()).hmget(_b(key), *(_b(f) for f in fields))
+
+    async def hkeys(self, key: str) -> list[bytes]:
+        return list((await self._command())._hash(_b(key)))
 
     async def hvals(self, key: str) -> list[bytes]:
         return list((await self._command())._hash(_b(key)).values())
