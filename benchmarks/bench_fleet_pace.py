@@ -75,6 +75,15 @@ async def run_fleet(
                 await asyncio.sleep(0.05)
             wall = time.perf_counter() - started
             server_cpu = time.process_time() - cpu0
+            # What the items cost, from the ledger (each run adds its count as it ends:
+            # the last runs' land a moment after their item shows applied).
+            spent = await ledger.request_counts()
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                again = await ledger.request_counts()
+                if again == spent:
+                    break
+                spent = again
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -91,4 +100,9 @@ async def run_fleet(
         f"FakeViolet + poller {server_cpu:.1f}s, wall {wall:.1f}s"
     )
     outcomes = collections.Counter({"succeeded": counts["applied"], "failed": counts["failed"]})
-    return {"wall": wall, "outcomes": outcomes, "requests": None, "limited_seen": None}
+    return {
+        "wall": wall,
+        "outcomes": outcomes,
+        "requests": spent["requests"],
+        "limited_seen": spent["rate_limited"],
+    }
