@@ -177,8 +177,9 @@ async def _pace_demo(concurrency: int, seed: int) -> bool:
             f"{lane.rate_limited:>6}{lane.peak:>8}{lane.ideal:>7.2f}s{lane.done_at:>8.2f}s"
         )
     print(
-        "  (requests: a baseline read and the POST a row, and what its 429s cost; peak/s: "
-        "the most POSTs the platform let through in any second)"
+        "  (requests: a baseline read and the POST a row, each 429 answered, and once the "
+        "run has seen a 429, one read of the order for a row whose merchant is not known "
+        "yet; peak/s: the most POSTs the platform let through in any second)"
     )
     return not failed and not doubles
 
