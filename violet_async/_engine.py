@@ -531,10 +531,11 @@ class KeyedAsks:
             """Before every send (SENT) and at the end (PENDING / FAILED; APPLIED is
             written below, with its refund)."""
             nonlocal latest, released
-            latest = ask
+            final = ask.phase in (Phase.PENDING, Phase.FAILED)
+            if final or ask.phase is Phase.APPLIED:
+                latest = ask
             if ask.phase is Phase.APPLIED:
                 return
-            final = ask.phase in (Phase.PENDING, Phase.FAILED)
             now = clock.time()
             lease_until = now + store.lease
             record = KeyEntry(
@@ -586,6 +587,13 @@ class KeyedAsks:
                     "was sent by this step",
                     key=shown(key),
                 )
+            else:
+                # Only a record the store took (before every send): one whose save
+                # failed is not given back as the key's when the call ends without
+                # sending (``_release``). Given back, the stamp of a re-send that never
+                # left said "sent", and the key's next call took a refund another
+                # system made after it for its own (review 19).
+                latest = ask
 
         self._drives(key, entry)
         heartbeat = asyncio.create_task(self._renew(key))

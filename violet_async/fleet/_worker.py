@@ -328,6 +328,15 @@ class FleetWorker:
                 )
             elif ask.phase is Phase.PENDING:
                 await self.ledger.mark_pending(key, ask, lock_key=held.key, token=held.token)
+            elif ask.phase is Phase.ABSENT:
+                # Every send so far proven not applied, and the next waits to leave (a
+                # 429's Retry-After, a backoff): the item is new again until it does (the
+                # stamp right before it leaves marks it sent). Left "sent" from the
+                # send before, a run after this one stopped in the wait read the bag
+                # back and took a refund another system made meanwhile for its own.
+                await self.ledger.mark_new(
+                    key, item.bag_id, lock_key=held.key, token=held.token
+                )
 
         # The call's deadline as the engine sets it as it starts (this one a moment
         # sooner: never later than the engine's).

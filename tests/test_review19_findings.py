@@ -1,0 +1,251 @@
+"""Review 19: attacks on the re-send saved "not sent" until it leaves (a 429's wait
+records the ask ABSENT; the stamp right before the request leaves records it SENT).
+
+Each test scripts its own server (tests/hostile.py) on a FakeClock shared with the
+client; refunds are counted by the server's own record."""
+
+from __future__ import annotations
+
+import asyncio
+
+import attrs
+import pytest
+
+from violet_async import AmbiguousOutcomeError, OrderRefund, RecordStoreError, RetryPolicy
+from violet_async._ask import Phase
+from violet_async.stores import Claim, KeyEntry, MemoryStore
+from violet_async.testing import FakeClock
+
+from . import _fleet_redis
+from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
+
+redis_url = _fleet_redis.redis_url
+fleet_key = _fleet_redis.fleet_key
+
+RETRY = RetryPolicy(max_attempts=3, deadline=120.0)
+AMOUNT = 300
+KEY = "rma-review19"
+
+
+async def _outcome(call: object) -> OrderRefund | BaseException:
+    try:
+        return await call  # type: ignore[misc,no-any-return]
+    except (AmbiguousOutcomeError, RecordStoreError) as exc:
+        return exc
+
+
+@attrs.define
+class FailingStamp:
+    """A MemoryStore whose save of the re-send's SENT record (the stamp, right before
+    the request leaves) fails once, as a store that went away for a moment does."""
+
+    inner: MemoryStore = attrs.Factory(MemoryStore)
+    failed: int = 0
+    saved: list[KeyEntry] = attrs.Factory(list)
+
+    @property
+    def lease(self) -> float:
+        return self.inner.lease
+
+    @property
+    def retention(self) -> float:
+        return self.inner.retention
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        return await self.inner.claim(fresh, now)
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        ask = entry.ask
+        if ask.phase is Phase.SENT and ask.sends == 2 and entry.owner and not self.failed:
+            self.failed += 1
+            raise ConnectionError("store unreachable")
+        self.saved.append(entry)
+        return await self.inner.save(entry, owner)
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        return await self.inner.renew(key, owner, lease_until)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        return await self.inner.load(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_resend_whose_stamp_could_not_be_saved_is_left_not_sent() -> None:
+    """A keyed call's POST is answered 429; the re-send's record is saved "not sent"
+    while it waits; right before it leaves, saving it as sent fails: nothing leaves and
+    the caller is told so. The key must keep the record that says "not sent": given
+    back holding the stamp that never left, the caller's repeat read the bag back and
+    took another system's refund of the same amount, made after that stamp, for its
+    own (a refund it never made reported as made)."""
+    clock = FakeClock()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "20"})],
+    )
+    store = FailingStamp()
+    async with hostile_client(server, retry=RETRY, store=store) as client:
+        first = await _outcome(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+        assert isinstance(first, RecordStoreError), first
+        assert store.failed == 1
+        assert server.posts == 1, "nothing left after the failed stamp"
+        clock.advance(5.0)
+        other = server.add_refund(AMOUNT)["id"]
+        clock.advance(5.0)
+        got = await _outcome(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+    if isinstance(got, OrderRefund):
+        assert got.id != other, "another system's refund handed over as this call's"
+        assert server.ours == [got.id]
+    assert len(server.ours) <= 1
+
+
+@attrs.define
+class SlowReply:
+    """A MemoryStore whose save of a SENT record with ``sends`` sends lands at once and
+    answers ``takes`` seconds (shared clock) later, as a store whose reply is slow."""
+
+    clock: FakeClock
+    sends: int
+    takes: float
+    inner: MemoryStore = attrs.Factory(MemoryStore)
+    slow: int = 0
+
+    @property
+    def lease(self) -> float:
+        return self.inner.lease
+
+    @property
+    def retention(self) -> float:
+        return self.inner.retention
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        return await self.inner.claim(fresh, now)
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        saved = await self.inner.save(entry, owner)
+        ask = entry.ask
+        if ask.phase is Phase.SENT and ask.sends == self.sends and entry.owner:
+            self.slow += 1
+            await self.clock.sleep(self.takes)
+        return saved
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        return await self.inner.renew(key, owner, lease_until)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        return await self.inner.load(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_caller_cancelled_while_the_resends_stamp_is_saved_leaves_it_not_sent() -> None:
+    """A keyed call's POST is answered 429; right before the re-send leaves its record
+    is saved as sent, and the store's answer is slow; the caller cancels meanwhile.
+    Nothing left: the caller's repeat with the key must not read the bag back as if it
+    had, taking another system's refund of the same amount for its own."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(429, commit_after=None, headers={"Retry-After": "20"})])
+    store = SlowReply(clock, sends=2, takes=10.0)
+    async with hostile_client(server, retry=RETRY, store=store) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+        clock.call_later(25.0, call.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert store.slow >= 1
+        assert server.posts == 1, "nothing left after the cancel"
+        other = server.add_refund(AMOUNT)["id"]
+        clock.advance(5.0)
+        got = await _outcome(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+    if isinstance(got, OrderRefund):
+        assert got.id != other, "another system's refund handed over as this call's"
+        assert server.ours == [got.id]
+    assert len(server.ours) <= 1
+
+
+async def test_a_caller_cancelled_during_the_login_before_a_first_send_left_nothing() -> None:
+    """A keyed call's first send waits for a slow login (its record saved as sent
+    before it); another system refunds the same amount meanwhile and the caller
+    cancels before the request leaves. The repeat must not take that refund."""
+    clock = FakeClock()
+    server = Hostile(clock, login_delay=30.0)
+    async with hostile_client(server, retry=RETRY, store=MemoryStore()) as client:
+        call = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+        clock.call_later(10.0, lambda: server.add_refund(AMOUNT))
+        clock.call_later(20.0, call.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert server.posts == 0, "nothing left before the cancel"
+        other = server.refunds[0]["id"]
+        server.login_delay = 0.0
+        got = await _outcome(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+    if isinstance(got, OrderRefund):
+        assert got.id != other, "another system's refund handed over as this call's"
+        assert server.ours == [got.id]
+    assert len(server.ours) <= 1
+
+
+# -- the fleet: a worker stopped while its re-send waits out a 429 ---------------------
+
+
+async def test_a_fleet_run_stopped_waiting_to_send_again_after_a_429_left_nothing(
+    redis_url: str, fleet_key: str
+) -> None:
+    """A fleet item's POST is answered 429 (Retry-After 20 s; the fleet is unpaced, so
+    the worker waits it out itself); another system refunds the same amount during the
+    wait and the worker's run is stopped (the process killed, arq's job timeout) before
+    the re-send leaves. The ledger must not keep the first send's record ("sent at t0,
+    may have applied"): the next run reads the bag back and took that other refund for
+    the item's own (a refund never made reported as made)."""
+    from redis.asyncio import Redis
+
+    from violet_async.fleet import RedisLedger
+
+    from .hostile import serve
+    from .test_issue24_fleet import ITEM, KEY, _until_done, _worker
+    from .test_fleet_loss_review import _client
+
+    redis = Redis.from_url(redis_url)
+    await redis.flushall()
+    await RedisLedger(redis).new_fleet()
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(429, commit_after=None, headers={"Retry-After": "20"})])
+    other: list[int] = []
+    try:
+        async with serve(server) as url:
+            async with _client(url, clock) as first:
+                worker = _worker(first, redis, merchant_pace=False)
+                await worker.ledger.register(KEY, ITEM)
+                run = asyncio.ensure_future(worker.run(KEY, ITEM, worker.ledger.sign(KEY, ITEM)))
+                await server.post_arrived.wait()
+                clock.call_later(10.0, lambda: other.append(server.add_refund(AMOUNT)["id"]))
+                clock.call_later(15.0, run.cancel)
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+            assert other, "the other system's refund was made during the wait"
+            assert server.posts == 1, "nothing more left before the stop"
+            async with _client(url, clock) as second:
+                worker = _worker(second, redis, merchant_pace=False)
+                result = await _until_done(worker, clock)
+    finally:
+        await redis.aclose()
+    assert result.get("refund_id") not in other, (
+        f"another system's refund recorded as the item's: {result}"
+    )
+    # Run anew: the read before its send finds a refund like it, and holds it.
+    assert (result["state"], result["outcome"]) == ("failed", "already_present"), result
+    assert server.posts == 1
+    assert server.ours == []
