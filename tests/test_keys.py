@@ -634,10 +634,10 @@ def test_a_store_that_is_not_one_is_refused(store: Any) -> None:
 
 
 async def test_a_failed_restamp_before_the_send_sends_nothing_and_reads_nothing() -> None:
-    """A slow login moves the send past its saved time, so the record is saved again
-    right before the POST; that save fails: RecordStoreError at once, no POST, and no
-    read-back (the send never left, so there is nothing to settle)."""
-    store = Failing(fail_sent_save=2)
+    """A slow login comes first, and the record is saved as sent right before the
+    POST (after it: review 19); that save fails: RecordStoreError at once, no POST, and
+    no read-back (the send never left, so there is nothing to settle)."""
+    store = Failing(fail_sent_save=1)
     server = Hostile(FakeClock(), login_delay=10.0)
     async with hostile_client(server, retry=ROOMY, store=store) as client:
         with pytest.raises(RecordStoreError, match="nothing was sent"):

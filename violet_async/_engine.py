@@ -1636,18 +1636,22 @@ class Engine:
         a cancellation, and anything that is not an ask's outcome go on as raised.
         ``item``: as for :meth:`drive`."""
         try:
-            refund = await self.drive(
-                kind,
-                order_id,
-                bag_id,
-                req,
-                resume=resume,
-                save=save,
-                patience=patience,
-                hold_if_present=hold_if_present,
-                defer_rate_limited=defer_rate_limited,
-                item=item,
-            )
+            try:
+                refund = await self.drive(
+                    kind,
+                    order_id,
+                    bag_id,
+                    req,
+                    resume=resume,
+                    save=save,
+                    patience=patience,
+                    hold_if_present=hold_if_present,
+                    defer_rate_limited=defer_rate_limited,
+                    item=item,
+                )
+            except NotSent as stopped:
+                # The save right before a send (the stamp) failed: nothing left.
+                raise stopped.error from None
             refund = unless_failed(refund, kind)
         except (RateLimitDeferred, VioletError) as exc:
             outcome = outcome_of(exc)

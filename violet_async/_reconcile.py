@@ -658,8 +658,19 @@ async def drive(
                 # that says so. Saved as sent at the time it was planned for, a repeat
                 # read the bag back and took a refund another system made during the
                 # wait for the one it never sent (simulator seed 923128).
-                unstamped = action.do is Do.SEND and action.delay > 0 and _opens_anew(ask)
-                await save(_not_sent_yet(ask) if unstamped else ask)
+                #
+                # An ask's first send is not saved here at all: the stamp saves it sent
+                # right before it leaves (after any login or rate wait), and until then
+                # the record stays as it was (new, or none). Saved sent before a slow
+                # login, a caller who cancelled during it (nothing left) had a repeat
+                # read the bag back and take a refund another system made meanwhile for
+                # its own (review 19).
+                first = action.do is Do.SEND and _first_send(ask)
+                unstamped = first or (
+                    action.do is Do.SEND and action.delay > 0 and _opens_anew(ask)
+                )
+                if not first:
+                    await save(_not_sent_yet(ask) if unstamped else ask)
             if action.final:
                 return _end(ask, action, last_error)
             if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
@@ -760,6 +771,11 @@ def _opens_anew(ask: PendingRefund) -> bool:
     """A re-send whose window opens at it: every earlier send was proven not applied
     (``protocol._send(proven=True)``)."""
     return ask.sends > 1 and ask.first_sent_at == ask.last_sent_at
+
+
+def _first_send(ask: PendingRefund) -> bool:
+    """The ask's first send (its window opens at it; nothing of it was sent before)."""
+    return ask.sends == 1 and ask.first_sent_at == ask.last_sent_at
 
 
 def _not_sent_yet(ask: PendingRefund) -> PendingRefund:
