@@ -155,8 +155,8 @@ async def test_the_fleet_rate_wait_is_bounded_by_the_calls_deadline(redis: Redis
     """Without merchant pace a 429 is retried in place under the fleet's rate limit.
     The fleet's budget is half a minute from a free slot when the re-send is due (a
     backlog), and the call's deadline is 10 s: the re-send takes no slot, does not
-    leave, and the item is handed back (still sent, never failed, no error); its next
-    run reads the bag back and sends once.
+    leave, and the item is handed back (new again, never failed, no error: the 429
+    proved nothing applied, review 19); its next run sends once.
 
     Before the audit the re-send slept for its slot, past the deadline."""
     clock = FakeClock()
@@ -196,8 +196,10 @@ async def test_the_fleet_rate_wait_is_bounded_by_the_calls_deadline(redis: Redis
         assert raised.value.defer > 1.0  # back when the budget is near
         record = await worker.ledger.get(key)
         assert record is not None
-        # A 429 proves nothing applied: not failed, no error; the send stays on record.
-        assert record.state == "sent"
+        # A 429 proves nothing applied: not failed, no error; new again until the
+        # re-send leaves (review 19: left "sent", a run after a stop in the wait read
+        # the bag back and took another system's refund made meanwhile for its own).
+        assert record.state == "new"
         assert (record.outcome, record.error) == (None, None)
         # No slot was taken for the re-send that did not leave (a 429 halving the
         # fleet's rate may have moved it on by one spacing: 2 ms at 500/s).
@@ -217,8 +219,9 @@ async def test_a_lying_429_handed_back_at_the_fleet_rate_wait_is_never_sent_twic
 ) -> None:
     """Attack on the bound above: the platform commits the refund and answers 429
     anyway, and the re-send finds the fleet's budget past its deadline. The item is
-    handed back with its first send on record; its next run reads the bag back, finds
-    this very refund and ends with it: one POST, one refund, never a second send."""
+    handed back new (the 429 proved nothing applied: review 19); its next run reads the
+    bag before its send, finds a refund like it and holds it, as a deferred 429's item
+    does: one POST, one refund, never a second send."""
     clock = FakeClock()
     limiter = FleetRateLimit(redis, APP_ID, rate=1000.0)
 
@@ -249,13 +252,12 @@ async def test_a_lying_429_handed_back_at_the_fleet_rate_wait_is_never_sent_twic
             await asyncio.wait_for(worker.run(key), 5.0)
         record = await worker.ledger.get(key)
         assert record is not None
-        assert record.state == "sent"
+        assert record.state == "new"
         server.on_answer = None
         await redis.hset(limiter.key, "tat", "0")
         clock.advance(raised.value.defer)
         done = await _until_applied(worker, key, clock)
-        assert done["state"] == "applied"
-        assert done["refund_id"] == server.ours[0]
+        assert (done["state"], done["outcome"]) == ("failed", "already_present")
     assert server.posts == 1
     assert len(server.refunds) == 1
 

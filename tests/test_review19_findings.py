@@ -249,3 +249,119 @@ async def test_a_fleet_run_stopped_waiting_to_send_again_after_a_429_left_nothin
     assert (result["state"], result["outcome"]) == ("failed", "already_present"), result
     assert server.posts == 1
     assert server.ours == []
+
+
+# -- what held: a CDN's Date and a step, now that a window-opening re-send is sure -------
+
+HOUR = 3600.0
+GATEWAY = b"<html><body><h1>504 Gateway Time-out</h1></body></html>"
+
+
+@pytest.mark.parametrize("step", [15 * HOUR, -15 * HOUR])
+@pytest.mark.parametrize("when", ["before the call", "during the 429's wait"])
+async def test_a_cdn_date_agreeing_with_a_step_never_proves_a_resends_refund_absent(
+    step: float, when: str
+) -> None:
+    """Seed 605311's class, through the re-send that opens its window anew (its record
+    no longer unsure): a CDN stamps every ``Date`` 15 h off Violet's refund dates, and
+    this machine's wall clock steps by as much (before the call, or while it waits out
+    a 429), so the ``Date`` agrees with it. The re-send gets a gateway's 504 and commits
+    13 s later. Its refund is found, or the call ends pending: never a third POST."""
+    clock = FakeClock()
+    server = Hostile(
+        clock,
+        script=[
+            Step(429, commit_after=None, headers={"Retry-After": "20"}),
+            Step(504, GATEWAY, commit_after=13.0),
+        ],
+        header_skew=step,
+    )
+    async with hostile_client(server, retry=RETRY) as client:
+        if when == "before the call":
+            clock.advance(5.0)
+            clock.step_wall(step)
+            clock.advance(5.0)
+        else:
+            clock.call_later(5.0, lambda: clock.step_wall(step))
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+    assert server.posts == 2
+    assert len(server.ours) == 1
+    if isinstance(got, OrderRefund):
+        assert got.id == server.ours[0]
+    else:
+        assert isinstance(got, AmbiguousOutcomeError), got
+
+
+@attrs.define
+class Behind:
+    """Another host's clock: the shared virtual clock with its wall time ``by`` seconds
+    behind (its own monotonic time, its sleeps advance the shared clock)."""
+
+    clock: FakeClock
+    by: float
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic() + 7.0
+
+    def time(self) -> float:
+        return self.clock.time() - self.by
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+
+
+@pytest.mark.parametrize("by", [40.0, 8.0, -40.0])
+async def test_a_resend_record_resumed_on_another_hosts_clock_opens_its_window_there(
+    by: float,
+) -> None:
+    """Host A's keyed call is answered 429 (its record learns Violet's clock from the
+    ``Date``, on A's clock) and stops while it waits: the key holds its record "not
+    sent". Host B, whose wall clock is ``by`` seconds off A's, takes the key over once
+    A's lease ran out and sends (a gateway's 504, nothing applied). Its window opens at
+    its own send on its own clock: another system's refund of the same amount, made 30
+    s before B's send, is never B's."""
+    from violet_async import VioletClient
+
+    from .hostile import APP_ID, SECRET, serve
+
+    clock = FakeClock()
+    server = Hostile(
+        clock,
+        script=[
+            Step(429, commit_after=None, headers={"Retry-After": "60"}),
+            Step(504, GATEWAY, commit_after=None),
+        ],
+    )
+    store = MemoryStore(lease=30.0)
+    other = 0
+    async with serve(server) as url:
+        options = {
+            "username": "hostile-user",
+            "password": "hostile-password-0123",
+            "base_url": url,
+            "store": store,
+            "retry": RETRY,
+        }
+        async with VioletClient(APP_ID, SECRET, clock=clock, **options) as host_a:
+            call = asyncio.ensure_future(
+                host_a.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+            )
+            clock.call_later(10.0, call.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        assert server.posts == 1
+        entry = await store.load(next(iter(store._entries)))
+        assert entry is not None
+        assert entry.ask.phase is Phase.ABSENT
+        clock.advance(40.0)
+        other = server.add_refund(AMOUNT)["id"]
+        clock.advance(30.0)
+        async with VioletClient(APP_ID, SECRET, clock=Behind(clock, by), **options) as host_b:
+            got = await _outcome(
+                host_b.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+            )
+    assert server.posts == 2
+    assert server.ours == []
+    assert not isinstance(got, OrderRefund) or got.id != other, (
+        "another system's refund handed over as this call's"
+    )

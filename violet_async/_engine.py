@@ -23,6 +23,7 @@ driver that performs it in ``_reconcile.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import secrets
@@ -363,6 +364,8 @@ class KeyedAsks:
         )
         self._settled: OrderedDict[tuple[Any, ...], OrderRefund] = OrderedDict()
         self._remember = remember
+        # Keys a cancelled call gives back "not sent" once its cut write has landed.
+        self._giving_back: dict[str, asyncio.Future[None]] = {}
 
     async def run(  # noqa: PLR0917 - internal, one call site
         self,
@@ -484,6 +487,7 @@ class KeyedAsks:
                 key, wanted, owner=self.owner, lease_until=now + store.lease, scope=self.scope
             )
             try:
+                await self._after_give_back(key)
                 claim, entry = await store.claim(fresh, now)
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _store_error(key, "claiming", exc) from None
@@ -548,7 +552,10 @@ class KeyedAsks:
                 lineage=entry.lineage,
             )
             try:
-                saved = await store.save(record, owner)
+                if final:
+                    saved = await store.save(record, owner)
+                else:
+                    saved = await self._before_send(record, latest, entry.lineage)
             except Exception as exc:  # noqa: BLE001 - any store failure: see below
                 if final:
                     # The SENT record before it still keeps the key from a blind send.
@@ -631,6 +638,48 @@ class KeyedAsks:
         finally:
             heartbeat.cancel()
         return await self._finish(key, latest, refund, entry.lineage)
+
+    async def _before_send(
+        self, record: KeyEntry, latest: PendingRefund, lineage: tuple[str, ...]
+    ) -> bool:
+        """Save ``record`` (before a send: nothing of that send has left yet). When the
+        caller cancels before the store answers, the write may land all the same,
+        saying "sent" for a request that never leaves (or still "sent" from the send
+        before, for a re-send whose earlier sends were proven not applied): once it
+        has, the key is given back with the record that says what is so (``latest``,
+        the last the store took; or ``record``'s own when it says not sent). The
+        cancellation goes on at once; this process's next call of the key waits for
+        that (:meth:`_after_give_back`). Left "sent", the key's next call read the bag
+        back and took a refund another system made after it for its own (review 19)."""
+        write = asyncio.ensure_future(self.store.save(record, self.owner))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            ask = record.ask if record.ask.phase is Phase.ABSENT else latest
+            back = KeyEntry(record.key, ask, scope=self.scope, lineage=lineage)
+            key = record.key
+            task = self._giving_back[key] = asyncio.ensure_future(self._write_back(write, back))
+            task.add_done_callback(
+                lambda done: self._giving_back.pop(key, None)
+                if self._giving_back.get(key) is done
+                else None
+            )
+            raise
+
+    async def _write_back(self, write: asyncio.Future[bool], back: KeyEntry) -> None:
+        """``back`` once ``write`` (cut by a cancel) has landed or failed."""
+        with contextlib.suppress(Exception):
+            await write
+        try:
+            await self.store.save(back, self.owner)
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            log.warning("could not give back key %r: %s", back.key, exc)
+
+    async def _after_give_back(self, key: str) -> None:
+        """Wait for a cancelled call's give-back of ``key`` (:meth:`_before_send`)."""
+        task = self._giving_back.get(key)
+        if task is not None:
+            await asyncio.shield(task)
 
     async def resume(
         self, ask_fn: AskFn, pending: PendingRefund, deadline: float | None
@@ -781,6 +830,7 @@ class KeyedAsks:
                 key, mine, owner=self.owner, lease_until=now + store.lease, scope=self.scope
             )
             try:
+                await self._after_give_back(key)
                 claim, entry = await store.claim(fresh, now)
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _resume_store_error(pending, "claiming", exc) from None

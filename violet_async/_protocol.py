@@ -346,6 +346,21 @@ def start(
     if ask.phase is Phase.ABSENT:
         # Deferred after a 429: every earlier send is proven not applied, so it is sent
         # again, with a fresh attempt budget (the caller's pacing bounds the rest).
+        here = settings.clock_id or PROCESS_CLOCK
+        if ask.clock != here:
+            # Another process's record: its window opens at this send, on this clock,
+            # and what it learned of Violet's clock there is of that process's clock.
+            # Kept, the first Date here "moved" this send's time by the two hosts'
+            # difference: its window opened that long before it left, and another
+            # system's refund made then passed for its own (review 19).
+            ask = attrs.evolve(
+                ask,
+                clock=here,
+                server_offset=None,
+                offsets=None,
+                clock_unsure=False,
+                wall_mono=None,
+            )
         return _send(attrs.evolve(ask, budget_from=ask.sends), now, proven=True)
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
