@@ -7,6 +7,7 @@ client; refunds are counted by the server's own record."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import attrs
 import pytest
@@ -215,8 +216,8 @@ async def test_a_fleet_run_stopped_waiting_to_send_again_after_a_429_left_nothin
     from violet_async.fleet import RedisLedger
 
     from .hostile import serve
-    from .test_issue24_fleet import ITEM, KEY, _until_done, _worker
     from .test_fleet_loss_review import _client
+    from .test_issue24_fleet import ITEM, KEY, _until_done, _worker
 
     redis = Redis.from_url(redis_url)
     await redis.flushall()
@@ -365,3 +366,50 @@ async def test_a_resend_record_resumed_on_another_hosts_clock_opens_its_window_t
     assert not isinstance(got, OrderRefund) or got.id != other, (
         "another system's refund handed over as this call's"
     )
+
+
+@attrs.define
+class SlowRenewal(Hostile):
+    """A server whose token renewal takes ``renew_for`` seconds, during which
+    ``during`` runs (another system's refund)."""
+
+    renew_for: float = 15.0
+    during: list[object] = attrs.Factory(list)
+
+    async def _refresh(self, request: Any) -> Any:
+        await self.clock.sleep(self.renew_for / 2)
+        self.during.append(self.add_refund(AMOUNT)["id"])
+        await self.clock.sleep(self.renew_for / 2)
+        return await super()._refresh(request)
+
+
+EXPIRED = b'{"status": 401, "message": "Token has expired", "error_code": 11}'
+
+
+async def test_a_token_renewal_between_the_resends_stamp_and_its_send_opens_its_window_after() -> (
+    None
+):
+    """A keyed call's POST is answered 429; the re-send (stamped "sent" as it leaves) is
+    answered 401, token expired; the renewal takes 15 s, and another system refunds the
+    same amount during it; the POST sent again after it gets a gateway's 504, nothing
+    applied. The 401 proved nothing applied: the window opens at the POST after the
+    renewal, and that other refund is never this call's."""
+    clock = FakeClock()
+    server = SlowRenewal(
+        clock,
+        script=[
+            Step(429, commit_after=None, headers={"Retry-After": "20"}),
+            Step(401, EXPIRED, commit_after=None),
+            Step(504, GATEWAY, commit_after=None),
+        ],
+    )
+    async with hostile_client(server, retry=RETRY, store=MemoryStore()) as client:
+        got = await _outcome(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+    assert server.during, "the other system's refund was made during the renewal"
+    assert server.posts >= 3
+    assert not isinstance(got, OrderRefund) or got.id not in server.during, (
+        "another system's refund handed over as this call's"
+    )
+    assert len(server.ours) <= 1

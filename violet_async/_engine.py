@@ -536,8 +536,7 @@ class KeyedAsks:
             written below, with its refund)."""
             nonlocal latest, released
             final = ask.phase in (Phase.PENDING, Phase.FAILED)
-            if final or ask.phase is Phase.APPLIED:
-                latest = ask
+            latest = ask if final or ask.phase is Phase.APPLIED else latest
             if ask.phase is Phase.APPLIED:
                 return
             now = clock.time()
@@ -552,10 +551,11 @@ class KeyedAsks:
                 lineage=entry.lineage,
             )
             try:
-                if final:
-                    saved = await store.save(record, owner)
-                else:
-                    saved = await self._before_send(record, latest, entry.lineage)
+                saved = await (
+                    store.save(record, owner)
+                    if final
+                    else self._before_send(record, latest, entry.lineage)
+                )
             except Exception as exc:  # noqa: BLE001 - any store failure: see below
                 if final:
                     # The SENT record before it still keeps the key from a blind send.
@@ -564,18 +564,7 @@ class KeyedAsks:
                 raise _store_error(key, "saving", exc) from None
             if final:
                 released = saved
-                if not saved and ask.phase is Phase.FAILED:
-                    # Another process took the key over (this call's lease ran out: a
-                    # pause, or a wall clock stepped past it) and drives the ask now:
-                    # it may have sent and applied it. This call's failure is not the
-                    # key's outcome, and a caller told "failed" could refund again.
-                    raise RecordStoreError(
-                        f"idempotency key {shown(key)!r} was taken over by another "
-                        "process while this call held it (its lease ran out); this call "
-                        f"ended without sending ({ask.note}). That process drives the ask "
-                        "now: call again with the same key for its outcome",
-                        key=shown(key),
-                    )
+                _not_taken_over(key, ask, saved)
             elif not saved:
                 raise RecordStoreError(
                     f"idempotency key {shown(key)!r} was taken over by another process while "
@@ -660,9 +649,9 @@ class KeyedAsks:
             key = record.key
             task = self._giving_back[key] = asyncio.ensure_future(self._write_back(write, back))
             task.add_done_callback(
-                lambda done: self._giving_back.pop(key, None)
-                if self._giving_back.get(key) is done
-                else None
+                lambda done: (
+                    self._giving_back.pop(key, None) if self._giving_back.get(key) is done else None
+                )
             )
             raise
 
@@ -1010,6 +999,23 @@ class KeyedAsks:
                     return
             except Exception as exc:  # noqa: BLE001 - tried again next time
                 log.warning("could not renew the lease of key %r: %s", key, exc)
+
+
+def _not_taken_over(key: str, ask: PendingRefund, saved: bool) -> None:
+    """Raise when the end of a keyed ask (``ask``, FAILED or PENDING) was not saved
+    because another process took the key over."""
+    if not saved and ask.phase is Phase.FAILED:
+        # Another process took the key over (this call's lease ran out: a pause, or a
+        # wall clock stepped past it) and drives the ask now: it may have sent and
+        # applied it. This call's failure is not the key's outcome, and a caller told
+        # "failed" could refund again.
+        raise RecordStoreError(
+            f"idempotency key {shown(key)!r} was taken over by another "
+            "process while this call held it (its lease ran out); this call "
+            f"ended without sending ({ask.note}). That process drives the ask "
+            "now: call again with the same key for its outcome",
+            key=shown(key),
+        )
 
 
 def _swept(entry: KeyEntry, mine: PendingRefund, now: float, retention: float | None) -> bool:

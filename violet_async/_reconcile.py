@@ -644,33 +644,14 @@ async def drive(
         if save is not None:
             ask = await _stamp_leaving(ask, clock, watch, save, unstamped=unstamped)
 
-    unstamped = False  # the saved record says "not sent" (see below) until it leaves
+    unstamped = False  # the saved record says "not sent" until it leaves (_save_planned)
 
     try:
         while True:
             if action.final or action.do is Do.SEND:
                 ask = _stamped(ask, action, known, clock, settings)
             if save is not None and (action.final or action.do is Do.SEND):
-                # A re-send that opens the window anew (every earlier send was proven not
-                # applied) after a wait (a 429's Retry-After, a backoff) is saved as not
-                # sent until it leaves (stamp() saves it sent, right before): a caller
-                # who cancels, or a process that dies, during the wait leaves a record
-                # that says so. Saved as sent at the time it was planned for, a repeat
-                # read the bag back and took a refund another system made during the
-                # wait for the one it never sent (simulator seed 923128).
-                #
-                # An ask's first send is not saved here at all: the stamp saves it sent
-                # right before it leaves (after any login or rate wait), and until then
-                # the record stays as it was (new, or none). Saved sent before a slow
-                # login, a caller who cancelled during it (nothing left) had a repeat
-                # read the bag back and take a refund another system made meanwhile for
-                # its own (review 19).
-                first = action.do is Do.SEND and _first_send(ask)
-                unstamped = first or (
-                    action.do is Do.SEND and action.delay > 0 and _opens_anew(ask)
-                )
-                if not first:
-                    await save(_not_sent_yet(ask) if unstamped else ask)
+                unstamped = await _save_planned(ask, action, save)
             if action.final:
                 return _end(ask, action, last_error)
             if action.do is Do.SEND and ask.sends > 1 and announce is not None and last_error:
@@ -771,6 +752,29 @@ def _opens_anew(ask: PendingRefund) -> bool:
     """A re-send whose window opens at it: every earlier send was proven not applied
     (``protocol._send(proven=True)``)."""
     return ask.sends > 1 and ask.first_sent_at == ask.last_sent_at
+
+
+async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
+    """Save ``ask`` as planned (before a send, or as it ends); True when the record
+    saved says "not sent" until the request leaves (the stamp saves it sent).
+
+    A re-send that opens the window anew (every earlier send was proven not applied)
+    after a wait (a 429's Retry-After, a backoff) is saved as not sent until it leaves
+    (stamp() saves it sent, right before): a caller who cancels, or a process that
+    dies, during the wait leaves a record that says so. Saved as sent at the time it
+    was planned for, a repeat read the bag back and took a refund another system made
+    during the wait for the one it never sent (simulator seed 923128).
+
+    An ask's first send is not saved here at all: the stamp saves it sent right before
+    it leaves (after any login or rate wait), and until then the record stays as it
+    was (new, or none). Saved sent before a slow login, a caller who cancelled during
+    it (nothing left) had a repeat read the bag back and take a refund another system
+    made meanwhile for its own (review 19)."""
+    first = action.do is Do.SEND and _first_send(ask)
+    unstamped = first or (action.do is Do.SEND and action.delay > 0 and _opens_anew(ask))
+    if not first:
+        await save(_not_sent_yet(ask) if unstamped else ask)
+    return unstamped
 
 
 def _first_send(ask: PendingRefund) -> bool:

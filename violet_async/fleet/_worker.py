@@ -334,9 +334,7 @@ class FleetWorker:
                 # stamp right before it leaves marks it sent). Left "sent" from the
                 # send before, a run after this one stopped in the wait read the bag
                 # back and took a refund another system made meanwhile for its own.
-                await self.ledger.mark_new(
-                    key, item.bag_id, lock_key=held.key, token=held.token
-                )
+                await self.ledger.mark_new(key, item.bag_id, lock_key=held.key, token=held.token)
 
         # The call's deadline as the engine sets it as it starts (this one a moment
         # sooner: never later than the engine's).
