@@ -737,9 +737,9 @@ def _restamped(ask: PendingRefund, now: float, *, unstamped: bool) -> PendingRef
     seconds before this send passed for its own (simulator seed 920240). The step
     itself (``stepped``) is kept: a Date agreeing only with the clock after a step of
     hours is still not trusted alone (seed 605311)."""
-    opens = ask.first_sent_at == ask.last_sent_at
+    opens = _opens_window(ask)
     late = now - (ask.last_sent_at or now) > RESTAMP_AFTER
-    afresh = opens and ask.sends > 1 and ask.clock_unsure and ask.offsets is None
+    afresh = _opens_anew(ask) and ask.clock_unsure and ask.offsets is None
     if not (late or afresh or unstamped):
         return None
     ask = attrs.evolve(ask, first_sent_at=now if opens else ask.first_sent_at, last_sent_at=now)
@@ -748,10 +748,16 @@ def _restamped(ask: PendingRefund, now: float, *, unstamped: bool) -> PendingRef
     return ask
 
 
-def _opens_anew(ask: PendingRefund) -> bool:
-    """A re-send whose window opens at it: every earlier send was proven not applied
+def _opens_window(ask: PendingRefund) -> bool:
+    """The window a refund's date must sit in opens at this send: the ask's first, or
+    a re-send after every earlier send was proven not applied
     (``protocol._send(proven=True)``)."""
-    return ask.sends > 1 and ask.first_sent_at == ask.last_sent_at
+    return ask.first_sent_at == ask.last_sent_at
+
+
+def _opens_anew(ask: PendingRefund) -> bool:
+    """A re-send whose window opens at it (every earlier send proven not applied)."""
+    return ask.sends > 1 and _opens_window(ask)
 
 
 async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
@@ -779,7 +785,7 @@ async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
 
 def _first_send(ask: PendingRefund) -> bool:
     """The ask's first send (its window opens at it; nothing of it was sent before)."""
-    return ask.sends == 1 and ask.first_sent_at == ask.last_sent_at
+    return ask.sends == 1 and _opens_window(ask)
 
 
 def _not_sent_yet(ask: PendingRefund) -> PendingRefund:
