@@ -894,14 +894,9 @@ class KeyedAsks:
         """The record a call taking the key resumes (None: a new ask)."""
         # A key's entry always holds a record of its own request (the claim refused
         # any other): the rule's last case never applies here.
-        if ask.phase is Phase.ABSENT:
-            # Saved when every send was proven not applied and no send came after it
-            # (each is saved before it leaves): a re-send waiting to leave (a 429's
-            # Retry-After) or a 429 deferred. Sent anew, its window from that send, as
-            # the batch's deferred row is (not read back as doubtful: a refund another
-            # system made during the wait would pass for its own).
-            return ask
-        resume = resumable(ask, ask, sent_at=None)
+        # An absent entry was saved when every send was proven not applied, with no
+        # send after it (each is saved before it leaves): sent anew.
+        resume = resumable(ask, ask, sent_at=None, absent_unsent=True)
         if resume is None or resume.phase is not Phase.SENT:
             return resume
         # Its owner stopped mid-send (killed, cancelled, stalled past its lease, or its
@@ -1236,7 +1231,11 @@ def _refund_of(refund: OrderRefund, ask: PendingRefund) -> bool:
 
 
 def resumable(
-    stored: PendingRefund | None, wanted: PendingRefund, *, sent_at: float | None
+    stored: PendingRefund | None,
+    wanted: PendingRefund,
+    *,
+    sent_at: float | None,
+    absent_unsent: bool = False,
 ) -> PendingRefund | None:
     """The one rule for what a driver resumes from the record it loaded by its item's
     key, once its edge has said the ask may have been sent (a store's entry, and in
@@ -1245,6 +1244,11 @@ def resumable(
     - a record of ``wanted``'s request (kind, order, bag, body) never sent (NEW):
       nothing to resume, send anew;
     - sent or pending: as it is;
+    - absent, where the edge says no send came after it (``absent_unsent``: a key's
+      entry, a journal's "sent" line; each send is saved before it leaves): as it is,
+      every send so far proven not applied (a 429 deferred, a re-send waiting to
+      leave). Sent anew, its window from that send; read back as doubtful, a refund
+      another system made during the wait would pass for its own;
     - any other phase (applied without its refund, absent, failed: the edge did not
       take it as ended): pending and doubted, keeping what it knows (sends, settle
       window, the refunds it saw), read back first, never sent again blind;
@@ -1262,7 +1266,9 @@ def resumable(
         )
     if stored.phase is Phase.NEW:
         return None
-    if stored.phase in (Phase.SENT, Phase.PENDING):
+    if stored.phase in (Phase.SENT, Phase.PENDING) or (
+        absent_unsent and stored.phase is Phase.ABSENT
+    ):
         return stored
     return attrs.evolve(stored, phase=Phase.PENDING, doubted=True)
 

@@ -1084,20 +1084,13 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
             stored = PendingRefund.from_dict(prior.ask)
         except RequestValidationError:
             stored = None  # a torn record: resumed as sent once
-    wanted = item_ask(item)
-    if (
-        prior.state == "sent"
-        and stored is not None
-        and stored.phase is Phase.ABSENT
-        and stored.same_request(wanted)
-    ):
-        # Its last line is the one a run writes when a 429 defers the row (every send
-        # proven not applied; no send after it, as every send is journaled before it
-        # leaves): sent anew, its window from that send, not read back as doubtful.
-        # (Absent under any other state is a phase the state does not explain:
-        # resumed pending and doubted, as the rule says.)
-        return stored
-    return resumable(stored, wanted, sent_at=prior.first_sent)
+    # An absent record under a "sent" line is the one a run writes when a 429 defers
+    # the row, or a re-send waits to leave (every send journaled before it leaves):
+    # sent anew. Absent under any other state is a phase the state does not explain:
+    # resumed pending and doubted, as the rule says.
+    return resumable(
+        stored, item_ask(item), sent_at=prior.first_sent, absent_unsent=prior.state == "sent"
+    )
 
 
 def item_ask(item: BatchItem) -> PendingRefund:
