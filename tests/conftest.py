@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import signal
+import sys
+from collections.abc import AsyncIterator, Generator
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -12,6 +16,27 @@ from violet_async import RetryPolicy, VioletClient
 from violet_async.testing import FakeClock, FakeViolet
 
 from . import _aioresponses_compat
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, Any, None]:
+    """A test stuck past pytest-timeout's limit: before it fails, print every task of its
+    event loop with the line each waits on (a stuck test waits in ``select``; its tasks
+    say on what)."""
+    yield
+    before = signal.getsignal(signal.SIGALRM)
+    if not callable(before):
+        return
+
+    def tasks_then_fail(signum: int, frame: FrameType | None) -> None:
+        loop = asyncio._get_running_loop()
+        for task in asyncio.all_tasks(loop) if loop is not None else ():
+            print(f"\n-- {task!r}", file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+        before(signum, frame)
+
+    signal.signal(signal.SIGALRM, tasks_then_fail)
+
 
 _aioresponses_compat.install()
 
