@@ -644,6 +644,8 @@ def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.Monke
         (920240, "a +30 s step before a 429's re-send: another app's refund taken for it"),
         (922284, "a 3 h step since the client was made: another app's refund taken"),
         (923128, "a keyed call cancelled in a 429 wait: its repeat took another's refund"),
+        (931646, "a review resumed after a second step: its bar lowered, another's taken"),
+        (941160, "a batch run after two crashes: an unsure record's bar lowered to 60 s"),
     ],
 )
 def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(

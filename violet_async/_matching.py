@@ -426,7 +426,7 @@ def no_baseline_window(
 
     Violet's clock is read two ways: by the ``Date`` headers (every offset they gave,
     when they disagreed; within ``date_tolerance``, or ``clock_skew`` when they
-    disagreed or the record's times are unsure) and by this machine's clock (as it is,
+    disagreed; a record's unsure times never lower it) and by this machine's clock (as it is,
     or as it was before a step the ask saw; within ``date_tolerance``). A date must
     place the refund after the send by every reading: a ``Date`` header behind the
     clock that dates refunds (a CDN or load balancer stamping its own) would otherwise
@@ -455,6 +455,15 @@ def no_baseline_window(
     dates = () if offset is None else (offset, *(ask.offsets or ()))
     precise = offset is not None and ask.offsets is None and not ask.clock_unsure
     tolerance = settings.date_tolerance if precise else skew
+    # The floor, a claim's bar, is not lowered by a record's unsure times (a step
+    # measured while the ask ran, another process's record): with one reading of
+    # Violet's clock (the Date headers agree) the send is placed by it within
+    # ``date_tolerance`` all the same; a refund dated below that is for review, never
+    # claimed. Lowered to ``clock_skew``, another system's refund made 10 s before a
+    # send was claimed after a step of 30 s moved the record (simulator seeds 931646,
+    # 941160). Headers that disagree keep ``clock_skew``: one of them may be another
+    # process's reading, moved onto this clock.
+    raised = settings.date_tolerance if offset is not None and ask.offsets is None else skew
     gone = min((*dates, *local)) - skew - WRONG_OFFSET_SPAN
     if (
         offset is not None
@@ -466,11 +475,11 @@ def no_baseline_window(
         # is placed by the latest of them (a reading hours off, the other side of a
         # step of hours, is not one).
         agreed = [h for h in local if abs(offset - h) <= TRUSTED_DATE]
-        floor = max(offset - tolerance, max(agreed) - settings.date_tolerance)
+        floor = max(offset - raised, max(agreed) - settings.date_tolerance)
         ceilings = [] if read_at is None else [read_at + offset + tolerance]
     else:
         mine = settings.date_tolerance if dates else skew
-        floor = max((*(d - tolerance for d in dates), *(h - mine for h in local)))
+        floor = max((*(d - raised for d in dates), *(h - mine for h in local)))
         ceilings = [] if read_at is None else [read_at + h + skew for h in local]
         if read_at is not None:
             ceilings += [read_at + d + tolerance for d in dates]
