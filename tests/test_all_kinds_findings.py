@@ -338,11 +338,12 @@ VIOLET_503 = orjson.dumps({"status": 503, "message": "Unavailable", "error_code"
 
 async def test_a_keyed_call_whose_key_was_taken_over_never_reports_a_failure() -> None:
     """Seed 609860 (``--kinds all``, direct: told "failed" for a key whose refund was
-    made). A keyed call's baseline read hangs; this machine's wall clock steps 15 h, so
-    its lease looks run out to a second process with the same key and store, which
-    takes the ask over and makes the refund. The first call's baseline read then fails:
-    not "failed" (its caller could refund again), but the key was taken over: call
-    again with the key, which returns the one refund."""
+    made). A keyed call's baseline read hangs past its lease (in the seed, a wall-clock
+    step of 15 h made the lease look run out; a step no longer does, see below, so
+    here the first process stalls for real), and a second process with the same key
+    and store takes the ask over and makes the refund. The first call's baseline read
+    then fails: not "failed" (its caller could refund again), but the key was taken
+    over: call again with the key, which returns the one refund."""
     clock = FakeClock()
     gate = asyncio.Event()
     server = _GatedFirstRead(clock, gate)
@@ -356,7 +357,7 @@ async def test_a_keyed_call_whose_key_was_taken_over_never_reports_a_failure() -
             first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9")
         )
         await server.held.wait()
-        clock.step_wall(15 * HOUR)
+        clock.advance(store.lease + 1.0)
         refund = await second.refund_bag(
             ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-9"
         )
@@ -368,3 +369,59 @@ async def test_a_keyed_call_whose_key_was_taken_over_never_reports_a_failure() -
         )
     assert again == refund
     assert server.ours == [refund.id]
+
+
+class _HeldFirstRead(Hostile):
+    """The first refund-list read waits for ``gate``, then answers as every read does."""
+
+    def __init__(self, clock: FakeClock, gate: asyncio.Event) -> None:
+        super().__init__(clock)
+        self.gate = gate
+        self.held = asyncio.Event()
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if not self.held.is_set():
+            self.held.set()
+            await self.gate.wait()
+        return await super()._list(request)
+
+
+@pytest.mark.parametrize("step", [15 * HOUR, 3 * HOUR, 60.0])
+async def test_a_wall_clock_step_longer_than_the_lease_hands_no_live_key_over(
+    step: float,
+) -> None:
+    """Seed 931575: while a keyed call runs (its baseline read hangs), this machine's
+    wall clock steps forward by more than the lease (30 s). The lease was judged on the
+    wall clock alone: it looked run out, a second process with the same key took the
+    ask over, and the first call's next write was refused; what it had learned since
+    its last write (in the seed, a 429) was lost, and the key's next call took another
+    system's refund for the send's. Now the second process finds the key busy and
+    waits: the first call sends, and both callers get its one refund."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    server = _HeldFirstRead(clock, gate)
+    store = MemoryStore()
+    policy = RetryPolicy(deadline=120.0, read_before_send=True, max_attempts=2)
+    async with (
+        hostile_client(server, retry=policy, store=store) as first,
+        hostile_client(server, retry=policy, store=store) as second,
+    ):
+        one = asyncio.ensure_future(
+            first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-7")
+        )
+        await server.held.wait()
+        clock.step_wall(step)
+        two = asyncio.ensure_future(
+            second.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-7")
+        )
+        await clock.sleep(5.0)
+        assert not two.done(), two
+        assert server.posts == 0
+        gate.set()
+        try:
+            refund = await one
+            assert await two == refund
+        finally:
+            two.cancel()
+    assert server.ours == [refund.id]
+    assert server.posts == 1

@@ -627,13 +627,17 @@ def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.Monke
     """Re-introduce the bug: MemoryStore counts a finished key's retention on the wall
     clock alone. Seed 61 (the 62nd tried, since a first send is recorded only as it
     leaves: review 19; it was 18) finds it: after a forward step a caller of the key
-    with another request takes it over, and the key's own repeat is refused."""
+    with another request takes it over, and the key's own repeat is refused. (A claim
+    also passes the store the wall clock held back by a forward step since the client
+    was made, seed 931575's fix: that goes too, or the store never sees the step.)"""
+    from violet_async._engine import KeyedAsks
     from violet_async.stores import MemoryStore
 
     def wall_only(self: Any, entry: Any, now: float) -> bool:
         return entry.finished_at is not None and entry.finished_at + self.retention <= now
 
     monkeypatch.setattr(MemoryStore, "_expired", wall_only)
+    monkeypatch.setattr(KeyedAsks, "_lease_now", lambda self, now: now)
     result = simulate(61, mode="direct", kinds={"key_clock"})
     assert result.kinds & {"failed-but-applied", "key-reused", "double"}, result.report()
 

@@ -488,7 +488,7 @@ class KeyedAsks:
             )
             try:
                 await self._after_give_back(key)
-                claim, entry = await store.claim(fresh, now)
+                claim, entry = await store.claim(fresh, self._lease_now(now))
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _store_error(key, "claiming", exc) from None
             if claim is Claim.REUSED:
@@ -820,7 +820,7 @@ class KeyedAsks:
             )
             try:
                 await self._after_give_back(key)
-                claim, entry = await store.claim(fresh, now)
+                claim, entry = await store.claim(fresh, self._lease_now(now))
             except Exception as exc:  # noqa: BLE001 - any store failure: nothing sent
                 raise _resume_store_error(pending, "claiming", exc) from None
             self._refused(claim, entry, pending)
@@ -968,12 +968,22 @@ class KeyedAsks:
             key, pending, owner=self.owner, lease_until=now + self.store.lease, scope=self.scope
         )
         try:
-            claim, entry = await self.store.claim(fresh, now)
+            claim, entry = await self.store.claim(fresh, self._lease_now(now))
         except Exception as exc:  # noqa: BLE001 - the caller holds the record anyway
             log.warning("could not keep the pending record %r: %s", pending.ask_id, exc)
             return
         if claim is Claim.OWNED:
             await self._give_back(entry)
+
+    def _lease_now(self, now: float) -> float:
+        """The time a claim judges another owner's lease (and retention) by: the wall
+        clock ``now``, or earlier when it stepped forward since this client was made
+        (``ClockOrigin.steady``). A step forward longer than the lease made a live
+        owner's lease look run out, and another process took its key over while it
+        still ran; what the owner learned since its last write was lost (simulator
+        seed 931575: its 429, and the key's next call took another system's refund
+        for the send's). Held this way, such a lease runs out up to the step later."""
+        return min(now, self._origin.steady(self._clock))
 
     async def _give_back(self, entry: KeyEntry) -> None:
         """Give back a claim taken for nothing (no owner, no lease; all else kept)."""
