@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
 
 from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
 from violet_async._ask import Phase
 from violet_async.stores import Claim, KeyEntry, MemoryStore
 from violet_async.testing import FakeClock
+from violet_async.testing.sim._kinds_review import ProcessClock
 
 from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
 
@@ -286,3 +289,53 @@ async def test_a_resend_whose_record_takes_long_to_save_opens_its_window_after()
         assert got.id not in other, "another system's refund handed over as this call's"
         assert server.ours == [got.id]
     assert len(server.ours) <= 1
+
+
+# -- a record resumed by another process on this machine after a step --------------------
+
+
+class _NoDate(Hostile):
+    """No readable ``Date`` header (as in the seed): nothing but the machine's clocks
+    places the record's times."""
+
+    @web.middleware
+    async def _date_header(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["Date"] = "no date here"
+        return response
+
+
+@pytest.mark.parametrize("dated", [False, True])
+@pytest.mark.parametrize("step", [15 * 3600.0, -15 * 3600.0])
+async def test_a_record_moved_by_a_step_is_not_moved_again_by_another_process(
+    step: float, dated: bool
+) -> None:
+    """Simulator seed 921142: a call's POST is answered 504 (nothing applied) and its
+    wall clock steps 15 h while it reads back; the call ends pending, its record's
+    times moved with the step. Another process on this machine, made before the step,
+    resumes it: it moved the times by the step once more (its own clock stepped since
+    it was made), the settle window ended 15 h late, and the resume could only say
+    "pending" for hours. Both processes share the machine's monotonic clock: the
+    record is moved by the step since it was written (none), its window ends on time,
+    absence is proven and the one refund is made."""
+    clock = FakeClock()
+    server = (Hostile if dated else _NoDate)(
+        clock, script=[Step(504, b"gateway", commit_after=None), Step(200)]
+    )
+    clock.call_later(2.0, lambda: clock.step_wall(step))
+    policy = RetryPolicy(max_attempts=3, deadline=20.0, settle_running=60.0)
+    async with (
+        hostile_client(server, retry=policy) as first,
+        # Another process: its own clock object, this machine's clocks.
+        hostile_client(server, retry=policy, clock=ProcessClock(clock)) as second,
+    ):
+        got = await _outcome(first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+        assert isinstance(got, AmbiguousOutcomeError), got
+        assert got.pending is not None
+        assert not got.pending.needs_review
+        assert server.posts == 1
+        clock.advance(120.0)  # past the settle window, on every clock
+        refund = await _outcome(second.resume(got.pending))
+    assert isinstance(refund, OrderRefund), f"{refund!r}: the window moved twice"
+    assert server.ours == [refund.id]
+    assert server.posts == 2

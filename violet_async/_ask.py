@@ -22,6 +22,7 @@ from .models import CancelBagRequest, RefundBagRequest
 
 __all__ = [
     "PROCESS_CLOCK",
+    "PROCESS_TOKEN",
     "Kind",
     "PendingRefund",
     "Phase",
@@ -30,6 +31,7 @@ __all__ = [
     "checked_key",
     "clock_stepped",
     "merged",
+    "same_machine",
     "sent_once",
 ]
 
@@ -38,8 +40,32 @@ Kind = Literal["refund", "cancel"]
 #: The longest idempotency key accepted (Stripe's limit).
 MAX_KEY_LENGTH = 255
 
+
+def _boot_id() -> str:
+    """This machine's boot (Linux's ``boot_id``): processes that share it share one
+    monotonic clock. Empty where it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            return file.read(64).strip().replace("-", "")[:16]
+    except OSError:
+        return ""
+
+
+#: This process, as the clock names of records begin.
+PROCESS_TOKEN = secrets.token_hex(8)
+
 #: This process's clock, as records name it: times recorded here are in this clock.
-PROCESS_CLOCK = secrets.token_hex(8)
+#: ``<process>@<machine>``: records of two processes on one machine (one boot) share
+#: a monotonic clock, and a step of the wall clock between their writes is measured
+#: exactly (:func:`same_machine`). Just ``<process>`` where the boot cannot be read.
+PROCESS_CLOCK = f"{PROCESS_TOKEN}@{_boot_id()}".rstrip("@")
+
+
+def same_machine(one: str, other: str) -> bool:
+    """Whether two clock names (``PendingRefund.clock``) name processes on one machine
+    (one boot): both end in the same ``@<machine>``."""
+    _, at, machine = one.rpartition("@")
+    return bool(at and machine) and other.rpartition("@")[1:] == (at, machine)
 
 
 class Phase(enum.Enum):

@@ -37,10 +37,12 @@ import attrs
 from ._ask import (
     MAX_KEY_LENGTH,
     PROCESS_CLOCK,
+    PROCESS_TOKEN,
     PendingRefund,
     Phase,
     Settings,
     merged,
+    same_machine,
     sent_once,
     with_unnamed,
 )
@@ -279,8 +281,13 @@ class SendTracker:
 
 def clock_id(clock: Clock) -> str:
     """The name of ``clock`` in records (``PendingRefund.clock``): this process's, or
-    a clock of its own (a test's or the simulator's)."""
-    return PROCESS_CLOCK if clock is SYSTEM_CLOCK else f"{PROCESS_CLOCK}-{id(clock):x}"
+    a clock of its own (a test's or the simulator's), on the machine its ``machine``
+    attribute names (its processes share its monotonic clock: ``same_machine``)."""
+    if clock is SYSTEM_CLOCK:
+        return PROCESS_CLOCK
+    name = f"{PROCESS_TOKEN}-{id(clock):x}"
+    machine = getattr(clock, "machine", "")
+    return f"{name}@{machine}" if isinstance(machine, str) and machine else name
 
 
 def check_key(key: object) -> str:
@@ -1594,19 +1601,31 @@ class Engine:
                 )
                 if resume is not None and key is not None and resume.idempotency_key != key:
                     resume = attrs.evolve(resume, idempotency_key=key)
-                if resume is not None and resume.clock != (settings.clock_id or PROCESS_CLOCK):
+                here = settings.clock_id or PROCESS_CLOCK
+                if (
+                    resume is not None
+                    and resume.clock != here
+                    and not (resume.wall_mono is not None and same_machine(resume.clock, here))
+                ):
                     # Another process's times: the clock they were read by is taken
                     # for this one's as it was when the client was made; a step of this
                     # clock since moves them with it (review 15: a window looked over
-                    # an hour early, and the ask was sent again 10 s after a 5xx).
+                    # an hour early, and the ask was sent again 10 s after a 5xx). (A
+                    # process on this machine stamped its record with wall and
+                    # monotonic time: ``run_ask`` moves it by the step since, exactly.)
                     jump = shared.origin.step_at(clock.time(), clock.monotonic())
                     if jump:
                         # Also when that process learned Violet's offset (review 16):
                         # with no Date here, nothing else would move them. Its offset,
                         # read against a clock that differs from this one by the step,
                         # is dropped: the record is taken onto this clock, unsure
-                        # (``protocol.start``), as one that never learned it.
-                        resume = attrs.evolve(clock_stepped(resume, jump), server_offset=None)
+                        # (``protocol.start``), as one that never learned it. Its stamp
+                        # goes too: kept, the process that wrote it would move the
+                        # record by the same step again when it resumes it (simulator
+                        # seed 921142: a settle window 15 h late).
+                        resume = attrs.evolve(
+                            clock_stepped(resume, jump), server_offset=None, wall_mono=None
+                        )
                 ask = resume or shared.origin.mark(
                     PendingRefund(
                         kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import attrs
 
 from . import _protocol as protocol
-from ._ask import PROCESS_CLOCK, merged, with_unnamed
+from ._ask import PROCESS_CLOCK, merged, same_machine, with_unnamed
 from ._matching import idless_fits, on_bag, unix_time
 from ._protocol import Action, Do, Observation, ObsKind, PendingRefund, Phase, Settings
 from ._responses import RefundPage, http_date
@@ -825,10 +825,11 @@ def _stamped(
     # process's clock: another process's times (no Date yet to move them here) with
     # this process's readings would be moved by a "step" that is two machines' clocks
     # apart, when that process resumes it.
+    here = settings.clock_id or PROCESS_CLOCK
     return attrs.evolve(
         ask,
         wall_mono=(clock.time(), clock.monotonic())
-        if ask.clock == (settings.clock_id or PROCESS_CLOCK)
+        if ask.clock == here or same_machine(ask.clock, here)
         else None,
     )
 
@@ -939,9 +940,11 @@ async def run_ask(
 ) -> OrderRefund:
     """An ask from its start: a new one (after a baseline read when asked), or one an
     earlier call or process left sent or pending (read back first)."""
-    if ask.wall_mono is not None and ask.clock == (settings.clock_id or PROCESS_CLOCK):
-        # Left by this process: a step of its wall clock since moves the record's times
-        # with it (a forward step must not end a settle window early).
+    here = settings.clock_id or PROCESS_CLOCK
+    if ask.wall_mono is not None and (ask.clock == here or same_machine(ask.clock, here)):
+        # Left by this process, or another on this machine (one monotonic clock): a
+        # step of the wall clock since moves the record's times with it (a forward step
+        # must not end a settle window early).
         jump = WallWatch(clock, ask.wall_mono).jump()
         if jump:
             ask = protocol.clock_stepped(ask, jump)

@@ -59,6 +59,9 @@ class FakeClock:
         self.now = start
         self.wall_start = time.time() if wall_start is None else wall_start
         self.sleeps: list[float] = []
+        #: The machine whose clocks these are: clients on one FakeClock are processes
+        #: on one machine (one monotonic clock), as records name their clocks.
+        self.machine = f"fake{id(self):x}"
         self._timers: list[tuple[float, int, FakeTimer]] = []
         self._serial = itertools.count()
 

@@ -134,6 +134,11 @@ class ProcessClock:
     def __init__(self, machine: Any) -> None:
         self._machine = machine
 
+    @property
+    def machine(self) -> str:
+        """The machine's name (one monotonic clock for its processes)."""
+        return str(getattr(self._machine, "machine", ""))
+
     def monotonic(self) -> float:
         return float(self._machine.monotonic())
 

@@ -103,6 +103,8 @@ class SimClock:
         self._loop = loop
         self._start = loop.time()
         self.wall_start = wall_start
+        #: One simulated machine: every process on it shares its monotonic clock.
+        self.machine = f"sim{id(self):x}"
 
     def monotonic(self) -> float:
         return self._loop.time()
