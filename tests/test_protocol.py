@@ -406,6 +406,37 @@ def test_a_record_resumed_on_another_clock_keeps_its_instants() -> None:
     assert ask.settle_until == pytest.approx(T0 + 59.5)
 
 
+@pytest.mark.parametrize("writer", ["p1@box", "p2@box"])
+def test_a_record_of_this_machine_is_not_moved_by_a_date_that_jumped(writer: str) -> None:
+    """Simulator seed 931604: a record written by another process on this machine (or
+    this one), whose Date said Violet's clock is this machine's, read back by this
+    process with a Date 3 h ahead (one answer's header jumped). The two processes read
+    one wall clock: the jumped Date is a disagreeing reading, never a reason to move
+    the record's times (moved, its send landed 3 h early, and another system's refund
+    made 10 s before the send was claimed). The refund is not claimed."""
+    settings = attrs.evolve(SETTINGS, clock_id="p2@box")
+    mine = sent(clock=writer, server_offset=0.0, wall_mono=(T0, 100.0), settle_until=T0 + 60)
+    jumped = Observation.read(
+        T0 + 70, [refund(5, age=10)], server_time=T0 + 70 + 10_800, received_at=T0 + 70
+    )
+    ask, action = step(mine, jumped, settings, T0 + 70, 100.0)
+    assert ask.first_sent_at == T0
+    assert action.do is not Do.RETURN, ask
+    assert ask.clock_unsure
+
+
+def test_a_record_of_another_machine_is_still_moved_by_the_date() -> None:
+    """The other side: another machine's record (its clock may differ from this one's
+    by the difference of the Date readings) is moved onto this clock, as before."""
+    settings = attrs.evolve(SETTINGS, clock_id="p2@box")
+    theirs = sent(clock="p1@other", server_offset=-30.0, settle_until=T0 + 60)
+    theirs = attrs.evolve(theirs, first_sent_at=T0 + 30)
+    obs = Observation.read(T0 + 5, [refund(5)], server_time=T0 + 5, received_at=T0 + 5)
+    ask, action = step(theirs, obs, settings, T0 + 5, 100.0)
+    assert action.do is Do.RETURN
+    assert ask.first_sent_at == pytest.approx(T0 - 0.5)
+
+
 def test_a_record_from_a_clock_never_measured_is_compared_widely() -> None:
     """A record whose writer never learned Violet's offset resumes with the wide
     clock_skew tolerance and a settle window stretched by it."""

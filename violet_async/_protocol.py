@@ -75,6 +75,7 @@ from ._ask import (
     ProtocolError,
     Settings,
     clock_stepped,
+    same_machine,
     with_unnamed,
 )
 from ._matching import (
@@ -405,8 +406,14 @@ def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefu
         return ask
     # The Date header has whole seconds; its half-second middle is the best estimate.
     offset = obs.server_time + 0.5 - obs.received_at
-    if ask.clock == here or ask.server_offset is None:
-        previous = ask.server_offset if ask.clock == here else None
+    # A process on this machine read the same wall clock, and its record's stamp let
+    # the driver move it by any step since (``run_ask``): its offset is a reading of
+    # the same clock, never a reason to move its times (moved by a Date that jumped
+    # 3 h, a record's send landed hours early and another system's refund made 10 s
+    # before it was claimed in a third process: simulator seed 931604).
+    ours = ask.clock == here or (ask.wall_mono is not None and same_machine(ask.clock, here))
+    if ours or ask.server_offset is None:
+        previous = ask.server_offset if ours else None
         offsets = ask.offsets
         if offsets is not None:
             offsets = (min(offsets[0], offset), max(offsets[1], offset))
