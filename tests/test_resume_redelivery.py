@@ -90,6 +90,37 @@ def test_merged_takes_the_later_window_and_every_doubt_whichever_is_the_base() -
     assert both.refused_after_doubt
 
 
+@pytest.mark.parametrize(("one_clock", "other_clock"), [("p1@box", "p2@box"), ("p1", "p1")])
+def test_merged_moves_a_copy_written_before_a_step_on_this_machine(
+    one_clock: str, other_clock: str
+) -> None:
+    """Simulator seed 931888: a resume job carries a copy of a record written before
+    the wall clock stepped +1350 s; another process on the machine resumed the record
+    since, moving its times by the step. Merged, the job's copy kept its earlier send
+    time (the earliest first send wins) unless it is moved by the step between the two
+    writes, which the machine's shared monotonic clock measures: the window opened
+    1350 s before the send, and another system's refund made then was claimed."""
+    job = _record(
+        sends=1,
+        first_sent_at=100.0,
+        last_sent_at=100.0,
+        settle_until=160.0,
+        clock=one_clock,
+        wall_mono=(110.0, 10.0),
+    )
+    moved = _record(
+        sends=1,
+        first_sent_at=1450.0,
+        last_sent_at=1450.0,
+        settle_until=1510.0,
+        clock=other_clock,
+        wall_mono=(1650.0, 200.0),  # 190 s of monotonic time, 1540 s of wall time
+    )
+    for one, other in ((job, moved), (moved, job)):
+        both = merged(one, other)
+        assert (both.first_sent_at, both.last_sent_at) == (1450.0, 1450.0)
+
+
 def test_merged_never_mixes_two_asks() -> None:
     one = _record(sends=1)
     other = attrs.evolve(_record(sends=3), ask_id="b2")

@@ -653,6 +653,9 @@ def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.Monke
         (921142, "a record moved by a 15 h step, moved again by another process: pending"),
         (931575, "a step longer than the lease: a live key taken over, its 429 lost"),
         (931604, "a Date that jumped 3 h moved a record of this machine: another's taken"),
+        (931888, "two copies of one record on one machine, a step apart: merged unmoved"),
+        (920501, "two copies of one record on one machine, a step apart: merged unmoved"),
+        (940336, "two copies of one record on one machine, a step apart: merged unmoved"),
     ],
 )
 def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(
