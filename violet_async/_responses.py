@@ -321,6 +321,17 @@ def parse_cancel(
     result = structure(
         data, OrderCancellation, body=resp.body, status=resp.status, method="POST", path=path
     )
+    if order_id is not None and result.order_id is not None and result.order_id != order_id:
+        # Another order's cancellation (a misrouted or cached answer), as a refund of
+        # another order is not this call's: read back (review 20: its failure was
+        # reported as this cancel's, which had applied).
+        raise _format_error(
+            resp,
+            "POST",
+            path,
+            f"the cancellation in the answer is of order {result.order_id}, not {order_id}",
+            "$.order_id",
+        )
     ours = [bag for bag in result.cancelled_bags if bag.bag_id == bag_id]
     if len(ours) > 1:
         raise _format_error(
@@ -328,6 +339,14 @@ def parse_cancel(
         )
     if ours:
         (bag,) = ours
+        if order_id is not None and bag.order_id is not None and bag.order_id != order_id:
+            raise _format_error(
+                resp,
+                "POST",
+                path,
+                f"bag {bag_id}'s entry names order {bag.order_id}, not {order_id}",
+                "$.cancelled_bags.order_id",
+            )
         if bag.status is CancelStatus.CANCELLATION_FAILURE:
             if bag.refund is not None:
                 # "Not cancelled" beside a refund: money may have moved. Never a
@@ -366,12 +385,16 @@ def parse_cancel(
         )
         return with_request_id(bag.refund, resp.headers)
     contradicted = any(
-        bag.refund is not None or bag.status is not CancelStatus.CANCELLATION_FAILURE
+        bag.refund is not None
+        or bag.status is not CancelStatus.CANCELLATION_FAILURE
+        or bag.bag_id is not None
         for bag in result.cancelled_bags
     )
     if result.status is CancelStatus.CANCELLATION_FAILURE and not contradicted:
         # (A "failure" listing a bag cancelled, or a refund, contradicts itself: this
-        # bag may have been cancelled too. It proves nothing: read back.)
+        # bag may have been cancelled too. It proves nothing: read back. Nor does one
+        # that names other bags only: it is their failure, and says nothing of this
+        # bag's (review 20: reported as this cancel's, which had applied).)
         raise CancellationFailedError(
             f"bag {bag_id} was not cancelled: {result.message or 'CANCELLATION_FAILURE'}",
             status=str(result.status),
