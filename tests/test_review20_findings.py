@@ -9,12 +9,20 @@ from typing import Any
 
 import attrs
 import orjson
+import pytest
 from aiohttp import web
 
-from violet_async import AmbiguousOutcomeError, CancellationFailedError, OrderRefund, RetryPolicy
+from violet_async import (
+    AmbiguousOutcomeError,
+    CancellationFailedError,
+    OrderRefund,
+    PendingRefund,
+    RetryPolicy,
+)
+from violet_async.stores import SQLiteStore
 from violet_async.testing import FakeClock
 
-from .hostile import APP_ID, BAG_ID, ORDER_ID, Hostile, hostile_client
+from .hostile import APP_ID, BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
 
 RETRY = RetryPolicy(max_attempts=3, deadline=120.0)
 
@@ -85,3 +93,70 @@ async def test_a_cancellation_failure_naming_only_another_bag_is_not_this_cancel
     assert server.posts == 1
     if isinstance(got, OrderRefund):
         assert [got.id] == server.ours
+
+
+async def _resumed(
+    server: Hostile, pending: PendingRefund, **options: Any
+) -> OrderRefund | AmbiguousOutcomeError:
+    async with hostile_client(server, **options) as client:
+        try:
+            return await client.resume(pending)
+        except AmbiguousOutcomeError as exc:
+            return exc
+
+
+@pytest.mark.parametrize("read_before_send", [False, True])
+@pytest.mark.parametrize("later", [600.0, 1800.0])
+async def test_a_refund_made_long_after_the_send_is_not_claimed_by_a_later_resume(
+    read_before_send: bool, later: float
+) -> None:
+    """The POST is answered by a gateway's 504 and never applies; the call's deadline
+    ends first (pending). ``later`` seconds after, long past the settle window (after
+    which the SDK itself proves a send absent), another system refunds the same amount
+    on the bag. A resume after that took that refund for the call's own (a refund this
+    call never made, reported made): by the SDK's own window the send cannot have
+    applied that late. It is for a person now; nothing is sent again."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    policy = RetryPolicy(max_attempts=3, deadline=30.0, read_before_send=read_before_send)
+    async with hostile_client(server, retry=policy) as client:
+        with pytest.raises(AmbiguousOutcomeError) as first:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    pending = first.value.pending
+    assert pending is not None
+    assert not pending.needs_review
+    clock.advance(later)
+    other = server.add_refund(300)["id"]
+    clock.advance(60.0)
+    got = await _resumed(server, PendingRefund.from_json(pending.to_json()), retry=policy)
+    assert server.posts == 1
+    assert server.ours == []
+    assert not isinstance(got, OrderRefund), f"refund {got.id} handed out (another's: {other})"
+    assert got.pending is not None
+    assert got.pending.needs_review
+
+
+async def test_a_refund_made_long_after_a_keyed_send_is_not_the_keys(tmp_path: Any) -> None:
+    """The same through an idempotency key in a shared store: the key's call ends
+    pending, and its repeat half an hour later (another process) took another system's
+    refund made long after the send for the key's own."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    policy = RetryPolicy(max_attempts=3, deadline=30.0)
+    path = tmp_path / "keys.db"
+    async with hostile_client(server, retry=policy, store=SQLiteStore(path)) as client:
+        with pytest.raises(AmbiguousOutcomeError):
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-20")
+    clock.advance(1800.0)
+    other = server.add_refund(300)["id"]
+    clock.advance(60.0)
+    async with hostile_client(server, retry=policy, store=SQLiteStore(path)) as client:
+        try:
+            got: Any = await client.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=300, idempotency_key="rma-20"
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert server.posts == 1
+    assert server.ours == []
+    assert not isinstance(got, OrderRefund), f"refund {got.id} handed out (another's: {other})"

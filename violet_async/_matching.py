@@ -553,6 +553,31 @@ def match(
 #: Why a date cannot place a refund after the send: the start of every such reason.
 UNPLACED = "its date cannot place it after this request was sent"
 
+#: Seconds past a send's ``settle_running`` within which a refund's date may still be
+#: that send's (an attempt's own time, a platform stamping the refund minutes after
+#: it processed it): later, by every reading of Violet's clock, it is not this ask's.
+LATE_STAMP = 300.0
+
+
+def latest_own(ask: PendingRefund, settings: Settings) -> float | None:
+    """The latest date (Violet's clock, Unix seconds) a refund of this ask's sends can
+    carry, by the latest reading of Violet's clock (None: its last send's time is not
+    known). A send that is still running at Violet when its settle window ends is
+    taken as never applying (a read then missing it proves it absent): a refund dated
+    long after that is another's, whatever it carries (review 20: another system's
+    identical refund made half an hour after a send that never applied was returned
+    by a resume as the call's own)."""
+    sent = ask.last_sent_at
+    if sent is None:
+        return None
+    skew = settings.clock_skew
+    local = (0.0,) if not ask.stepped else (0.0, -ask.stepped)
+    offset = ask.server_offset
+    dates = () if offset is None else (offset, *(ask.offsets or ()))
+    mine = settings.date_tolerance if dates else skew
+    latest: float = max((*(d + skew for d in dates), *(h + mine for h in local)))
+    return sent + settings.settle_running + LATE_STAMP + latest
+
 
 def _doubt(
     refund: OrderRefund,
@@ -562,10 +587,12 @@ def _doubt(
     floor: float,
     ceiling: float | None,
     sure: bool,
+    latest: float | None = None,
 ) -> str | None:
     """Why ``refund``, which carries what was asked, cannot be taken for this ask's
     (None: it can; its date places it after the first send by every reading of
-    Violet's clock). ``floor`` and ``ceiling``: :func:`no_baseline_window`'s."""
+    Violet's clock, and no later than this ask's sends can have applied: ``latest``,
+    :func:`latest_own`). ``floor`` and ``ceiling``: :func:`no_baseline_window`'s."""
     if refund.status is RefundStatus.EXTERNAL:
         return "Violet marks it EXTERNAL: it was made on the merchant's platform, not by a request"
     if refund.id is None:
@@ -579,6 +606,11 @@ def _doubt(
     early, late = span
     if ceiling is not None and early > ceiling:
         return f"{UNPLACED} (the date is later than the read that listed it: a wrong offset)"
+    if latest is not None and early > latest:
+        return (
+            "its date is later than this request's last send can have applied (its settle "
+            "window long past): it may be another's, made since"
+        )
     if early >= sent + floor:
         return None
     if late > early:
@@ -612,7 +644,8 @@ def judge(
     (:func:`content`), and is not in the baseline when there is one. A candidate is
     claimed only when its date places it after the first send by every reading of
     Violet's clock (estimated from ``Date`` headers: :func:`send_offsets`), less a
-    tolerance: a precise date with an offset, and an id. One Violet marks ``EXTERNAL``
+    tolerance, and no later than the last send can have applied (:func:`latest_own`):
+    a precise date with an offset, and an id. One Violet marks ``EXTERNAL``
     (made on the merchant's platform) is never claimed, whatever its date.
 
     A baseline only ever excludes. A refund missing from it is not thereby new: the
@@ -634,7 +667,7 @@ def judge(
     since it is skipped only for being someone else's, it never proves absence either:
     when it is all that matches, the verdict is OWNED.
     """
-    sure = send_offsets(ask, settings)[3]
+    sure, latest = send_offsets(ask, settings)[3], latest_own(ask, settings)
     window: tuple[float, float, float | None] | None = None  # built once
     sent = ask.first_sent_at
     exact: list[OrderRefund] = []
@@ -664,7 +697,7 @@ def judge(
             and span[1] < sent + gone
         ):
             continue  # made long before this ask was first sent, by every reading
-        doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure)
+        doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure, latest=latest)
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
             if (
