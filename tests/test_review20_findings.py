@@ -20,8 +20,9 @@ from violet_async import (
     RetryPolicy,
 )
 from violet_async.stores import SQLiteStore
-from violet_async.testing import FakeClock
+from violet_async.testing import FakeClock, FakeViolet, Fault
 
+from .conftest import ROOMY_POLICY, make_client, ours
 from .hostile import APP_ID, BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
 
 RETRY = RetryPolicy(max_attempts=3, deadline=120.0)
@@ -93,6 +94,26 @@ async def test_a_cancellation_failure_naming_only_another_bag_is_not_this_cancel
     assert server.posts == 1
     if isinstance(got, OrderRefund):
         assert [got.id] == server.ours
+
+
+async def test_fake_violet_answers_a_cancel_with_another_orders_failure() -> None:
+    """FakeViolet learns the fault (``Fault.FOREIGN_CANCELLATION``, opt-in): the cancel
+    commits and is answered another order's CANCELLATION_FAILURE. Never this cancel's
+    failure: its refund is found by reading the bag back, the cancel sent once."""
+    clock = FakeClock()
+    async with FakeViolet(orders=1, seed=20, clock=clock) as fake:
+        (o, b) = fake.seeded[0]
+        fake.script("cancel", Fault.FOREIGN_CANCELLATION, bag_id=b)
+        async with make_client(fake, clock, retry=ROOMY_POLICY) as client:
+            try:
+                got: Any = await client.cancel_bag(o, b)
+            except (CancellationFailedError, AmbiguousOutcomeError) as exc:
+                got = exc
+        made = ours(fake, b)
+    assert not isinstance(got, CancellationFailedError), got
+    assert len(made) == 1
+    if isinstance(got, OrderRefund):
+        assert [got.id] == made
 
 
 async def _resumed(

@@ -95,6 +95,10 @@ class Fault(enum.Enum):
     NO_ID_ANSWER = "no_id_answer"
     """Committed; the 200 body is the refund without its ``id`` (every property of
     Violet's refund is optional)."""
+    FOREIGN_CANCELLATION = "foreign_cancellation"
+    """Committed; answered 202 with a ``CANCELLATION_FAILURE`` cancellation body of
+    another order, listing another bag (a misrouted or cached answer): it applied, but
+    the answer is not this request's, and says nothing of this bag."""
 
 
 #: Faults that only make sense on a request that changes state.
@@ -118,11 +122,18 @@ COMMIT_FAULTS = frozenset(
         Fault.REFUND_FAILED,
         Fault.SEE_OTHER,
         Fault.NO_ID_ANSWER,
+        Fault.FOREIGN_CANCELLATION,
     }
 )
 #: Faults no random plan draws (scripted for exact tests only).
 _OPT_IN = frozenset(
-    {Fault.REFUND_CANCELED, Fault.REFUND_FAILED, Fault.SEE_OTHER, Fault.NO_ID_ANSWER}
+    {
+        Fault.REFUND_CANCELED,
+        Fault.REFUND_FAILED,
+        Fault.SEE_OTHER,
+        Fault.NO_ID_ANSWER,
+        Fault.FOREIGN_CANCELLATION,
+    }
 )
 #: Left out of the chaos plan: a slow body and a held request cost real seconds, a
 #: redirect is a hard (non-retryable) failure by design. Script them for exact tests.

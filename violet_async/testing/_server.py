@@ -704,6 +704,16 @@ class FakeViolet:
             return web.Response(status=303, headers={"Location": location})
         if fault is Fault.NO_ID_ANSWER:
             return self._ok({k: v for k, v in record.items() if k != "id"})
+        if fault is Fault.FOREIGN_CANCELLATION:
+            other = {"order_id": record["order_id"] + 1_000_000, "bag_id": record["bag_id"] + 1}
+            foreign = {
+                "order_id": other["order_id"],
+                "app_id": self.app_id,
+                "status": "CANCELLATION_FAILURE",
+                "cancelled_bags": [{**other, "status": "CANCELLATION_FAILURE"}],
+                "message": f"order {other['order_id']} could not be cancelled",
+            }
+            return self._ok(foreign, status=202)
         if fault is Fault.TRUNCATED_JSON:
             raw = orjson.dumps(record)
             return web.Response(body=raw[: len(raw) // 2], content_type="application/json")
