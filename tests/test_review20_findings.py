@@ -23,7 +23,16 @@ from violet_async.stores import SQLiteStore
 from violet_async.testing import FakeClock, FakeViolet, Fault
 
 from .conftest import ROOMY_POLICY, make_client, ours
-from .hostile import APP_ID, BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
+from .hostile import (
+    APP_ID,
+    BAG_ID,
+    GATEWAY_504,
+    ORDER_ID,
+    Hostile,
+    Step,
+    _public,
+    hostile_client,
+)
 
 RETRY = RetryPolicy(max_attempts=3, deadline=120.0)
 
@@ -181,3 +190,40 @@ async def test_a_refund_made_long_after_a_keyed_send_is_not_the_keys(tmp_path: A
     assert server.posts == 1
     assert server.ours == []
     assert not isinstance(got, OrderRefund), f"refund {got.id} handed out (another's: {other})"
+
+
+@attrs.define
+class NegativeAmounts(Hostile):
+    """Lists every refund with its amount negated (a ledger's sign for money going
+    out: Violet's pages give the amount no sign)."""
+
+    async def _list(self, request: web.Request) -> web.Response:
+        self.reads += 1
+        rows = [{**_public(r), "amount": -r["amount"]} for r in self.refunds]
+        return web.Response(body=orjson.dumps(rows), content_type="application/json")
+
+
+@pytest.mark.parametrize("read_before_send", [False, True])
+@pytest.mark.parametrize("whole", [False, True])
+async def test_a_refund_listed_with_a_negative_amount_is_never_sent_twice(
+    read_before_send: bool, whole: bool
+) -> None:
+    """The POST applies and is answered by a gateway's 504; the bag's list gives the
+    refund's amount as -300 (its sign for money going out). Read as another amount,
+    the ask's own refund was proven absent and sent again: two refunds. It may be
+    ours: for a person, never re-sent. (Whole-bag: the bag's status moves minutes
+    later, as Shopify's does.)"""
+    clock = FakeClock()
+    server = NegativeAmounts(
+        clock, script=[Step(504, GATEWAY_504)], status_lag=600.0 if whole else None
+    )
+    policy = RetryPolicy(max_attempts=3, deadline=300.0, read_before_send=read_before_send)
+    async with hostile_client(server, retry=policy) as client:
+        try:
+            got: Any = await client.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=None if whole else 300
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert server.posts == 1, f"sent {server.posts} times: {len(server.ours)} refunds"
+    assert not isinstance(got, OrderRefund) or [got.id] == server.ours

@@ -172,9 +172,15 @@ def _compare(
     if isinstance(request, CancelBagRequest):
         return (Verdict.NEAR if near else Verdict.MATCH), False
     if request.amount_refunded is not None:
-        if refund.amount is None or (bag is not None and _other_currency(refund, bag)):
-            # A record without its amount, or with an amount in another currency than
-            # the bag's, may be ours: never a miss.
+        if (
+            refund.amount is None
+            or refund.amount < 0
+            or (bag is not None and _other_currency(refund, bag))
+        ):
+            # A record without its amount, with a negative one (a ledger's sign for
+            # money going out; review 20: read as another amount, the ask's own refund
+            # was proven absent and sent again), or with an amount in another currency
+            # than the bag's, may be ours: never a miss.
             unsure = True
         elif refund.amount != request.amount_refunded:
             wanted = request.amount_refunded
@@ -239,8 +245,10 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     if any(_other_currency(r, bag) for r in (refund, *before)):
         return None  # an amount in another currency than the bag's total's
     earlier = [r.amount for r in before]
-    if any(amount is None for amount in earlier):
-        return None  # an earlier record without its amount: the rest is unknown
+    if any(amount is None or amount < 0 for amount in (refund.amount, *earlier)):
+        # An earlier record without its amount, or a negative one (a ledger's sign
+        # for money going out): the rest is unknown.
+        return None
     if refund.amount != bag.total - sum(a for a in earlier if a is not None):
         # Violet's pages do not say whether a record's ``amount`` carries its
         # shipping and tax, nor whether a whole bag's refund does (a platform may
