@@ -5,6 +5,7 @@ client; refunds are counted by the server's own record."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import attrs
@@ -227,3 +228,51 @@ async def test_a_refund_listed_with_a_negative_amount_is_never_sent_twice(
             got = exc
     assert server.posts == 1, f"sent {server.posts} times: {len(server.ours)} refunds"
     assert not isinstance(got, OrderRefund) or [got.id] == server.ours
+
+
+@attrs.define
+class CutBody(Hostile):
+    """The first refund POST commits and its 200 answer is cut off halfway through its
+    body (headers and half the refund sent, then the connection reset); later POSTs
+    as usual."""
+
+    cut: bool = True
+
+    async def _refund(self, request: web.Request) -> web.StreamResponse:
+        if not self.cut:
+            return await super()._refund(request)
+        self.cut = False
+        self.posts += 1
+        record = self._commit(await request.json(), cancel=False)
+        assert isinstance(record, dict)
+        raw = orjson.dumps(_public(record))
+        response = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "application/json", "Content-Length": str(len(raw))},
+        )
+        await response.prepare(request)
+        await response.write(raw[: len(raw) // 2])
+        assert request.transport is not None
+        request.transport.close()
+        raise asyncio.CancelledError
+
+
+@pytest.mark.parametrize("lag", [0.0, 90.0])
+async def test_a_2xx_whose_body_is_cut_off_is_never_sent_again(lag: float) -> None:
+    """The refund applies and its 200 answer is cut off mid-body; the bag's list shows
+    it ``lag`` seconds later (a replica behind, past the 60 s settle window). Its status
+    line proves it applied (a 2xx is never followed by a re-send), but the cut body was
+    taken for no answer at all: once the window passed without it on the list, the
+    refund was sent again (two refunds)."""
+    clock = FakeClock()
+    server = CutBody(clock, list_lag=lag)
+    async with hostile_client(server, retry=RetryPolicy(max_attempts=3, deadline=600.0)) as client:
+        try:
+            got: Any = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert server.posts == 1, f"sent {server.posts} times: {len(server.ours)} refunds"
+    if isinstance(got, OrderRefund):
+        assert [got.id] == server.ours
+    else:
+        assert lag, got  # listed at once: found

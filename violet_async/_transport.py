@@ -256,6 +256,8 @@ class Transport:
         # Built inside the handlers, raised after them: an exception raised inside an
         # ``except`` block would keep aiohttp's as ``__context__``, headers and all.
         failure: VioletError
+        # The status of an answer whose body then could not be read (None: none such).
+        answered: int | None = None
         try:
             # Awaited rather than entered: aiohttp's context managers add four coroutines
             # per request; release() below is what their exit does, bar waiting for a
@@ -283,6 +285,7 @@ class Transport:
                     payload = await self._read_bounded(response, method, url, headers)
             except BaseException:
                 response.close()  # never hand a half-read connection back to the pool
+                answered = response.status
                 raise
             response.release()
             return RawResponse(response.status, response.headers, payload)
@@ -315,7 +318,7 @@ class Transport:
             failure = ClientClosedError(
                 f"{method} {self._path_of(url)}: the aiohttp session is closed"
             )
-        _raise_unchained(failure)
+        _raise_unchained(self._cut_short(answered, failure, method, url))
         raise AssertionError("unreachable")  # for linters: the line above raises
 
     def _path_of(self, url: str | URL) -> str:
@@ -426,6 +429,27 @@ class Transport:
         if decoder is not None and not decoder.complete:
             raise self._format_error(f"the {encoding} body ended early", status, method, url)
         return bytes(buffer)
+
+    def _cut_short(
+        self, status: int | None, failure: VioletError, method: str, url: str | URL
+    ) -> VioletError:
+        """``failure``, or, for a 2xx answer to a POST whose body could not be read to
+        its end (``status``: the connection reset or timed out mid-body), an unreadable
+        2xx: its status line proves the request applied (review 20: taken for no
+        answer, it was sent again once the list lagged past the settle window)."""
+        if status is None or method == "GET" or not 200 <= status < 300:
+            return failure
+        if isinstance(failure, APIConnectionError):
+            reason = failure.reason or type(failure).__name__
+        else:
+            reason = type(failure).__name__
+        return self._format_error(
+            f"the {status} answer's body was cut short ({reason}): it applied, but what "
+            "it made cannot be read",
+            status,
+            method,
+            url,
+        )
 
     def _format_error(
         self, problem: str, status: int, method: str, url: str | URL
