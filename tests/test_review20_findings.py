@@ -276,3 +276,17 @@ async def test_a_2xx_whose_body_is_cut_off_is_never_sent_again(lag: float) -> No
         assert [got.id] == server.ours
     else:
         assert lag, got  # listed at once: found
+
+
+async def test_a_negative_record_of_another_amount_does_not_hold_a_refund_back() -> None:
+    """Read with its sign taken off, a record of -700 is still another refund than the
+    300 asked: it neither holds the ask for review nor is claimed. The ask's POST
+    never applied (a gateway's 504), is proven absent after the window and sent again
+    once: one refund, returned."""
+    clock = FakeClock()
+    server = NegativeAmounts(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    server.add_refund(700, age=30.0)
+    async with hostile_client(server, retry=RetryPolicy(max_attempts=3, deadline=300.0)) as client:
+        got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+    assert server.posts == 2
+    assert [got.id] == server.ours

@@ -147,6 +147,18 @@ def _compare(
     """:func:`content`'s verdict, and whether a NEAR is "cannot be told" (the record
     leaves out, or leaves open, what would tell) rather than "close, not the same"."""
     request = ask.request
+    if (
+        isinstance(request, RefundBagRequest)
+        and request.amount_refunded is not None
+        and refund.amount is not None
+        and refund.amount < 0
+    ):
+        # A negative amount (a ledger's sign for money going out; Violet's pages give
+        # it none): read with its sign taken off, it may be ours, never told for sure
+        # (review 20: read as another amount, the ask's own refund was proven absent
+        # and sent again). Taken off, it may still show another refund: a miss.
+        flipped = _compare(ask, attrs.evolve(refund, amount=-refund.amount), refunds, bag)
+        return flipped if flipped[0] is Verdict.MISS else (Verdict.NEAR, True)
     near = bool(_strip(request.reason)) and (
         refund.reason is not None and _strip(refund.reason) != _strip(request.reason)
     )
@@ -172,15 +184,9 @@ def _compare(
     if isinstance(request, CancelBagRequest):
         return (Verdict.NEAR if near else Verdict.MATCH), False
     if request.amount_refunded is not None:
-        if (
-            refund.amount is None
-            or refund.amount < 0
-            or (bag is not None and _other_currency(refund, bag))
-        ):
-            # A record without its amount, with a negative one (a ledger's sign for
-            # money going out; review 20: read as another amount, the ask's own refund
-            # was proven absent and sent again), or with an amount in another currency
-            # than the bag's, may be ours: never a miss.
+        if refund.amount is None or (bag is not None and _other_currency(refund, bag)):
+            # A record without its amount, or with an amount in another currency than
+            # the bag's, may be ours: never a miss.
             unsure = True
         elif refund.amount != request.amount_refunded:
             wanted = request.amount_refunded
