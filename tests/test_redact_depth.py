@@ -53,3 +53,18 @@ def test_a_body_of_64_backslash_runs_is_redacted_and_keeps_its_length() -> None:
     assert redacted.startswith(("\\" * 64 + "x") * 2_000)
     assert REDACTED in redacted[-200:]
     assert "rd-9" not in redacted
+
+
+def test_one_redactor_builds_every_spelling_only_when_a_text_needs_it() -> None:
+    """A text with no escape character is matched by the secrets as they are; the same
+    redactor then meets a text with one (URL-encoded, JSON-escaped, HTML) and still
+    redacts every spelling; a changed secret is matched in every spelling at once."""
+    secrets = [SECRET]
+    redactor = Redactor(lambda: secrets)
+    assert redactor.text(f"plain {SECRET} echo") == f"plain {REDACTED} echo"
+    for spelled in (quote(SECRET), json.dumps(SECRET)[1:-1], html.escape(SECRET)):
+        assert redactor.text(f"said: {spelled}!") == f"said: {REDACTED}!"
+    secrets[0] = "n3w&t0ken"
+    assert redactor.text(f"x {quote('n3w&t0ken')} y") == f"x {REDACTED} y"
+    assert redactor.text("x n3w&t0ken y") == f"x {REDACTED} y"
+    assert redactor.text(f"x {quote(SECRET)} y") == f"x {quote(SECRET)} y"

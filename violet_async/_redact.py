@@ -191,6 +191,23 @@ def _guard(secrets: Iterable[str]) -> str:
     return rf"(?!\\{{{leading + _MOST + 1 if leading else 2}}})"
 
 
+def _plain(values: tuple[str, ...]) -> re.Pattern[str]:
+    """The secrets as they are, longest first (a secret that contains another is
+    replaced whole)."""
+    alternatives = sorted(set(values), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
+
+
+def _every_spelling(values: tuple[str, ...]) -> re.Pattern[str]:
+    """The secrets in every spelling of each character (:func:`_spelled`), longest
+    first."""
+    alternatives = sorted(set(values), key=len, reverse=True)
+    return re.compile(
+        _guard(alternatives) + "(?:" + "|".join(map(_spelled, alternatives)) + ")",
+        re.IGNORECASE,
+    )
+
+
 class Redactor:
     """Replaces every known secret with ``[REDACTED]`` in text, bytes and headers.
 
@@ -209,9 +226,9 @@ class Redactor:
     ) -> None:
         self._secrets = secrets
         self._extra = tuple(s for s in extra if s)
-        self._compiled: (
-            tuple[tuple[str, ...], re.Pattern[str] | None, re.Pattern[str] | None] | None
-        ) = None
+        self._compiled: tuple[tuple[str, ...], re.Pattern[str], re.Pattern[str] | None] | None = (
+            None
+        )
 
     def __repr__(self) -> str:
         return "<Redactor>"
@@ -234,20 +251,17 @@ class Redactor:
         with no character that begins an escape (``\\``, ``%``, ``&``, ``+``), the
         secrets as they are (matching that is several times faster)."""
         values = self._values()
+        if not values:
+            return None
         compiled = self._compiled
         if compiled is None or compiled[0] != values:
-            plain = spelled = None
-            if values:
-                # Longest first, so a secret that contains another is replaced whole.
-                alternatives = sorted(set(values), key=len, reverse=True)
-                plain = re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
-                spelled = re.compile(
-                    _guard(alternatives) + "(?:" + "|".join(map(_spelled, alternatives)) + ")",
-                    re.IGNORECASE,
-                )
-            compiled = self._compiled = (values, plain, spelled)
+            compiled = self._compiled = (values, _plain(values), None)
         if _ESCAPES.search(text) is None:
             return compiled[1]
+        if compiled[2] is None:
+            # Built on the first text that needs it: a large pattern (every spelling of
+            # every character), whose compiling costs far more than most redactions.
+            compiled = self._compiled = (values, compiled[1], _every_spelling(values))
         return compiled[2]
 
     def text(self, value: str) -> str:
