@@ -9,6 +9,7 @@ cannot reach a log line, an ``--output`` file or a journal through an error.
 from __future__ import annotations
 
 import builtins
+import functools
 import html
 import json
 import re
@@ -316,10 +317,7 @@ def _spelled_tail(text: str, secrets: Iterable[str]) -> int:
     secret a character at a time from each place near the end where one could begin."""
     longest = 0
     for secret in secrets:
-        chars = [
-            [re.compile(one, re.IGNORECASE) for one in _char_spellings(c, first=n == 0)]
-            for n, c in enumerate(secret)
-        ]
+        chars = [_char_patterns(c, first=n == 0) for n, c in enumerate(secret)]
         lowest = max(0, len(text) - _LONGEST_CHAR * len(secret))
         for start in range(lowest, len(text) - longest):
             if _begins(text, start, secret, chars):
@@ -328,7 +326,13 @@ def _spelled_tail(text: str, secrets: Iterable[str]) -> int:
     return longest
 
 
-def _begins(text: str, start: int, secret: str, chars: list[list[re.Pattern[str]]]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _char_patterns(char: str, *, first: bool) -> tuple[re.Pattern[str], ...]:
+    """:func:`_char_spellings` of ``char``, each compiled (the same for every text)."""
+    return tuple(re.compile(one, re.IGNORECASE) for one in _char_spellings(char, first=first))
+
+
+def _begins(text: str, start: int, secret: str, chars: list[tuple[re.Pattern[str], ...]]) -> bool:
     """Whether ``text[start:]`` is a proper beginning of ``secret`` in some spelling:
     every way each character may be spelled is followed (``&#38;`` is ``&`` spelled
     as itself, then ``#38;``, or ``&`` as a reference), each place once."""
@@ -356,6 +360,8 @@ def _could_begin(char: str, rest: str) -> bool:
     ``char``."""
     if not rest:
         return True
+    if rest[0] not in "\\%&":
+        return False  # every unfinished spelling below begins with one of these
     lowered = rest.lower()
     run = _RUN.match(lowered)
     if run is not None:
@@ -370,7 +376,8 @@ def _could_begin(char: str, rest: str) -> bool:
     return any(spelling.startswith(lowered) for spelling in _bare_spellings(char))
 
 
-def _escape_tails(char: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _escape_tails(char: str) -> tuple[str, ...]:
     """What follows the backslashes of each escape of ``char`` (lowercase)."""
     code = ord(char)
     if code <= 0xFFFF:
@@ -385,17 +392,18 @@ def _escape_tails(char: str) -> list[str]:
         if _SHORT[char] == char:
             tails += [f"%{code:02x}", f"%25{code:02x}", *_references(char, ("&",))]
     tails += [f"u0026{ref[1:]}" for ref in _references(char, ("&",))]
-    return tails
+    return tuple(tails)
 
 
-def _bare_spellings(char: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _bare_spellings(char: str) -> tuple[str, ...]:
     """The spellings of ``char`` that begin with no backslash (lowercase)."""
     encoded = char.encode()
-    return [
+    return (
         "".join(f"%{byte:02x}" for byte in encoded),
         "".join(f"%25{byte:02x}" for byte in encoded),
         *_references(char, ("&", "%26", "%2526")),
-    ]
+    )
 
 
 def _references(char: str, amps: tuple[str, ...]) -> list[str]:
