@@ -94,6 +94,9 @@ def _html_safe(text: str) -> str:
 
 #: A character that begins an escape of another (JSON, URL, HTML; ``+`` a space).
 _ESCAPES = re.compile(r"[\\\\%&+]")
+#: The same without ``+``: a space's spelling only, so a text whose only such character
+#: is ``+`` (a date's ``+0000``) holds a secret without a space in no other spelling.
+_ESCAPES_BUT_PLUS = re.compile(r"[\\\\%&]")
 #: One backslash, or up to 63 more: a JSON string quoted inside another doubles the
 #: backslashes before an escape and adds one (k quotings: 2**k - 1; six quotings: 63).
 #: Bounded, so a body that is a long run of backslashes costs a fixed number of steps
@@ -227,9 +230,11 @@ class Redactor:
     ) -> None:
         self._secrets = secrets
         self._extra = tuple(s for s in extra if s)
-        self._compiled: tuple[tuple[str, ...], re.Pattern[str], re.Pattern[str] | None] | None = (
-            None
-        )
+        #: The secrets, their plain pattern, the characters that make a text need
+        #: every spelling, and that pattern once a text has needed it.
+        self._compiled: (
+            tuple[tuple[str, ...], re.Pattern[str], re.Pattern[str], re.Pattern[str] | None] | None
+        ) = None
 
     def __repr__(self) -> str:
         return "<Redactor>"
@@ -249,21 +254,23 @@ class Redactor:
 
     def _pattern(self, text: str) -> re.Pattern[str] | None:
         """The pattern for ``text``: every spelling of every secret; or, for a text
-        with no character that begins an escape (``\\``, ``%``, ``&``, ``+``), the
-        secrets as they are (matching that is several times faster)."""
+        with no character that begins an escape (``\\``, ``%``, ``&``; ``+`` where a
+        secret has a space), the secrets as they are (matching that is several times
+        faster)."""
         values = self._values()
         if not values:
             return None
         compiled = self._compiled
         if compiled is None or compiled[0] != values:
-            compiled = self._compiled = (values, _plain(values), None)
-        if _ESCAPES.search(text) is None:
+            escapes = _ESCAPES if any(" " in value for value in values) else _ESCAPES_BUT_PLUS
+            compiled = self._compiled = (values, _plain(values), escapes, None)
+        if compiled[2].search(text) is None:
             return compiled[1]
-        if compiled[2] is None:
+        if compiled[3] is None:
             # Built on the first text that needs it: a large pattern (every spelling of
             # every character), whose compiling costs far more than most redactions.
-            compiled = self._compiled = (values, compiled[1], _every_spelling(values))
-        return compiled[2]
+            compiled = self._compiled = (*compiled[:3], _every_spelling(values))
+        return compiled[3]
 
     def text(self, value: str) -> str:
         pattern = self._pattern(value)
