@@ -9,6 +9,7 @@ once aioresponses ships the fix.
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Any
 from unittest.mock import Mock
 
@@ -20,7 +21,13 @@ _NEEDS_STREAM_WRITER = "stream_writer" in inspect.signature(ClientResponse.__ini
 
 class _CompatClientResponse(ClientResponse):
     def __init__(self, method: str, url: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", Mock(output_size=0))
+        kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
+        loop = kwargs.get("loop")
+        if isinstance(loop, Mock):
+            # aioresponses hands each response a Mock loop in debug mode, so aiohttp
+            # captured the whole call stack per response (a traceback for an unclosed
+            # response's warning, which is raised either way): most of a wire test's time.
+            loop.get_debug.return_value = False
         super().__init__(method, url, **kwargs)
 
 

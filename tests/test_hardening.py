@@ -106,6 +106,10 @@ async def _stream(
         for chunk in chunks:
             await response.write(chunk)
             sent[request.path] = sent.get(request.path, 0) + len(chunk)
+            # The client runs on this loop: let it read (and hang up) between chunks, as
+            # it could from a server of its own (a write the socket takes at once never
+            # yields; the bomb's chunks would all be made first, seconds of CPU).
+            await asyncio.sleep(0)
     request.app[DONE].set()
     return response
 

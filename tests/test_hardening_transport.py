@@ -4,6 +4,7 @@ decoded correctly, every other one and every broken stream is a typed error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import zlib
 from collections.abc import AsyncIterator
@@ -146,9 +147,14 @@ def test_max_response_bytes_is_validated(value: Any) -> None:
 async def test_read_timeout_names_host_and_relative_path(transport: Transport) -> None:
     """A read timeout names the server and the path relative to the base URL."""
 
+    answer = asyncio.Event()
+
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
-        return web.Response()  # pragma: no cover - the client is gone by then
+        # No answer until the client has timed out (5 s at most: a client that never
+        # times out gets this answer, and the test fails instead of hanging).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(answer.wait(), 5)
+        return web.Response()
 
     app = web.Application()
     app.router.add_get("/v1/x", slow)
@@ -156,6 +162,7 @@ async def test_read_timeout_names_host_and_relative_path(transport: Transport) -
         port = int(base.rsplit(":", 1)[1])
         with pytest.raises(APITimeoutError) as info:
             await get(transport, base, deadline=0.2)
+        answer.set()  # the server's shutdown need not wait out a sleep
     assert str(info.value) == f"GET /x: timed out waiting for the response from 127.0.0.1:{port}"
     assert info.value.request_sent is True
 

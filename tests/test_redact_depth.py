@@ -53,3 +53,32 @@ def test_a_body_of_64_backslash_runs_is_redacted_and_keeps_its_length() -> None:
     assert redacted.startswith(("\\" * 64 + "x") * 2_000)
     assert REDACTED in redacted[-200:]
     assert "rd-9" not in redacted
+
+
+def test_one_redactor_builds_every_spelling_only_when_a_text_needs_it() -> None:
+    """A text with no escape character is matched by the secrets as they are; the same
+    redactor then meets a text with one (URL-encoded, JSON-escaped, HTML) and still
+    redacts every spelling; a changed secret is matched in every spelling at once."""
+    secrets = [SECRET]
+    redactor = Redactor(lambda: secrets)
+    assert redactor.text(f"plain {SECRET} echo") == f"plain {REDACTED} echo"
+    for spelled in (quote(SECRET), json.dumps(SECRET)[1:-1], html.escape(SECRET)):
+        assert redactor.text(f"said: {spelled}!") == f"said: {REDACTED}!"
+    secrets[0] = "n3w&t0ken"
+    assert redactor.text(f"x {quote('n3w&t0ken')} y") == f"x {REDACTED} y"
+    assert redactor.text("x n3w&t0ken y") == f"x {REDACTED} y"
+    assert redactor.text(f"x {quote(SECRET)} y") == f"x {quote(SECRET)} y"
+
+
+@pytest.mark.parametrize("secret", ["s3cr+t", "two words", "a+b c"])
+def test_a_text_whose_only_escape_character_is_a_plus_still_hides_every_secret(
+    secret: str,
+) -> None:
+    """A body whose only escape-like character is a date's ``+0000`` is matched by the
+    secrets as they are unless a secret has a space (whose spelling ``+`` is): a secret
+    with a ``+`` as itself, and a space spelled ``+``, are both redacted."""
+    redactor = Redactor(lambda: [secret])
+    dated = '{"date_created":"2025-06-15T15:02:29+0000","echo":"%s"}'
+    assert redactor.text(dated % secret) == dated % REDACTED
+    assert redactor.text(dated % secret.replace(" ", "+")) == dated % REDACTED
+    assert redactor.text(dated % secret.upper()) == dated % REDACTED

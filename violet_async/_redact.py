@@ -9,6 +9,7 @@ cannot reach a log line, an ``--output`` file or a journal through an error.
 from __future__ import annotations
 
 import builtins
+import functools
 import html
 import json
 import re
@@ -93,6 +94,9 @@ def _html_safe(text: str) -> str:
 
 #: A character that begins an escape of another (JSON, URL, HTML; ``+`` a space).
 _ESCAPES = re.compile(r"[\\\\%&+]")
+#: The same without ``+``: a space's spelling only, so a text whose only such character
+#: is ``+`` (a date's ``+0000``) holds a secret without a space in no other spelling.
+_ESCAPES_BUT_PLUS = re.compile(r"[\\\\%&]")
 #: One backslash, or up to 63 more: a JSON string quoted inside another doubles the
 #: backslashes before an escape and adds one (k quotings: 2**k - 1; six quotings: 63).
 #: Bounded, so a body that is a long run of backslashes costs a fixed number of steps
@@ -191,6 +195,23 @@ def _guard(secrets: Iterable[str]) -> str:
     return rf"(?!\\{{{leading + _MOST + 1 if leading else 2}}})"
 
 
+def _plain(values: tuple[str, ...]) -> re.Pattern[str]:
+    """The secrets as they are, longest first (a secret that contains another is
+    replaced whole)."""
+    alternatives = sorted(set(values), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
+
+
+def _every_spelling(values: tuple[str, ...]) -> re.Pattern[str]:
+    """The secrets in every spelling of each character (:func:`_spelled`), longest
+    first."""
+    alternatives = sorted(set(values), key=len, reverse=True)
+    return re.compile(
+        _guard(alternatives) + "(?:" + "|".join(map(_spelled, alternatives)) + ")",
+        re.IGNORECASE,
+    )
+
+
 class Redactor:
     """Replaces every known secret with ``[REDACTED]`` in text, bytes and headers.
 
@@ -209,8 +230,10 @@ class Redactor:
     ) -> None:
         self._secrets = secrets
         self._extra = tuple(s for s in extra if s)
+        #: The secrets, their plain pattern, the characters that make a text need
+        #: every spelling, and that pattern once a text has needed it.
         self._compiled: (
-            tuple[tuple[str, ...], re.Pattern[str] | None, re.Pattern[str] | None] | None
+            tuple[tuple[str, ...], re.Pattern[str], re.Pattern[str], re.Pattern[str] | None] | None
         ) = None
 
     def __repr__(self) -> str:
@@ -231,24 +254,23 @@ class Redactor:
 
     def _pattern(self, text: str) -> re.Pattern[str] | None:
         """The pattern for ``text``: every spelling of every secret; or, for a text
-        with no character that begins an escape (``\\``, ``%``, ``&``, ``+``), the
-        secrets as they are (matching that is several times faster)."""
+        with no character that begins an escape (``\\``, ``%``, ``&``; ``+`` where a
+        secret has a space), the secrets as they are (matching that is several times
+        faster)."""
         values = self._values()
+        if not values:
+            return None
         compiled = self._compiled
         if compiled is None or compiled[0] != values:
-            plain = spelled = None
-            if values:
-                # Longest first, so a secret that contains another is replaced whole.
-                alternatives = sorted(set(values), key=len, reverse=True)
-                plain = re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
-                spelled = re.compile(
-                    _guard(alternatives) + "(?:" + "|".join(map(_spelled, alternatives)) + ")",
-                    re.IGNORECASE,
-                )
-            compiled = self._compiled = (values, plain, spelled)
-        if _ESCAPES.search(text) is None:
+            escapes = _ESCAPES if any(" " in value for value in values) else _ESCAPES_BUT_PLUS
+            compiled = self._compiled = (values, _plain(values), escapes, None)
+        if compiled[2].search(text) is None:
             return compiled[1]
-        return compiled[2]
+        if compiled[3] is None:
+            # Built on the first text that needs it: a large pattern (every spelling of
+            # every character), whose compiling costs far more than most redactions.
+            compiled = self._compiled = (*compiled[:3], _every_spelling(values))
+        return compiled[3]
 
     def text(self, value: str) -> str:
         pattern = self._pattern(value)
@@ -302,10 +324,7 @@ def _spelled_tail(text: str, secrets: Iterable[str]) -> int:
     secret a character at a time from each place near the end where one could begin."""
     longest = 0
     for secret in secrets:
-        chars = [
-            [re.compile(one, re.IGNORECASE) for one in _char_spellings(c, first=n == 0)]
-            for n, c in enumerate(secret)
-        ]
+        chars = [_char_patterns(c, first=n == 0) for n, c in enumerate(secret)]
         lowest = max(0, len(text) - _LONGEST_CHAR * len(secret))
         for start in range(lowest, len(text) - longest):
             if _begins(text, start, secret, chars):
@@ -314,7 +333,13 @@ def _spelled_tail(text: str, secrets: Iterable[str]) -> int:
     return longest
 
 
-def _begins(text: str, start: int, secret: str, chars: list[list[re.Pattern[str]]]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _char_patterns(char: str, *, first: bool) -> tuple[re.Pattern[str], ...]:
+    """:func:`_char_spellings` of ``char``, each compiled (the same for every text)."""
+    return tuple(re.compile(one, re.IGNORECASE) for one in _char_spellings(char, first=first))
+
+
+def _begins(text: str, start: int, secret: str, chars: list[tuple[re.Pattern[str], ...]]) -> bool:
     """Whether ``text[start:]`` is a proper beginning of ``secret`` in some spelling:
     every way each character may be spelled is followed (``&#38;`` is ``&`` spelled
     as itself, then ``#38;``, or ``&`` as a reference), each place once."""
@@ -342,6 +367,8 @@ def _could_begin(char: str, rest: str) -> bool:
     ``char``."""
     if not rest:
         return True
+    if rest[0] not in "\\%&":
+        return False  # every unfinished spelling below begins with one of these
     lowered = rest.lower()
     run = _RUN.match(lowered)
     if run is not None:
@@ -356,7 +383,8 @@ def _could_begin(char: str, rest: str) -> bool:
     return any(spelling.startswith(lowered) for spelling in _bare_spellings(char))
 
 
-def _escape_tails(char: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _escape_tails(char: str) -> tuple[str, ...]:
     """What follows the backslashes of each escape of ``char`` (lowercase)."""
     code = ord(char)
     if code <= 0xFFFF:
@@ -371,17 +399,18 @@ def _escape_tails(char: str) -> list[str]:
         if _SHORT[char] == char:
             tails += [f"%{code:02x}", f"%25{code:02x}", *_references(char, ("&",))]
     tails += [f"u0026{ref[1:]}" for ref in _references(char, ("&",))]
-    return tails
+    return tuple(tails)
 
 
-def _bare_spellings(char: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _bare_spellings(char: str) -> tuple[str, ...]:
     """The spellings of ``char`` that begin with no backslash (lowercase)."""
     encoded = char.encode()
-    return [
+    return (
         "".join(f"%{byte:02x}" for byte in encoded),
         "".join(f"%25{byte:02x}" for byte in encoded),
         *_references(char, ("&", "%26", "%2526")),
-    ]
+    )
 
 
 def _references(char: str, amps: tuple[str, ...]) -> list[str]:
