@@ -1,7 +1,11 @@
 """The fleet half of ``bench_pace.py --workers N``: N ``violet-async worker`` processes
 on a redis-server of their own, against the FakeViolet ``bench_pace`` started (in its
 process), timed from the workers' start until the ledger shows every item ended (worker
-start-up, about a second, included)."""
+start-up, about a second, included).
+
+Also printed: the Redis commands an item cost (``INFO commandstats`` from the workers'
+start to the end, arq's own included) and redis-server's own CPU. ``FLEET_PROFILE=PATH``
+runs the first worker under cProfile, its stats written to PATH as it stops."""
 
 # ruff: noqa: S603, ASYNC220 - our own argv; a benchmark driver may block
 from __future__ import annotations
@@ -47,15 +51,24 @@ async def run_fleet(
                 "VIOLET_FLEET_KEY": fleet_key,
                 "VIOLET_FLEET_MERCHANT_PACE": "0" if args.no_merchant_pace else "1",
             }
-            command = [sys.executable, "-m", "violet_async", "worker", "--redis", url]
+            command = ["-m", "violet_async", "worker", "--redis", url]
             command += ["--base-url", fake.base_url, "--concurrency", str(args.concurrency)]
+            profile = os.environ.get("FLEET_PROFILE")
+            await pool.config_resetstat()
             started = time.perf_counter()
             cpu0 = time.process_time()
             procs = [
                 subprocess.Popen(
-                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    [
+                        sys.executable,
+                        *(["-m", "cProfile", "-o", profile] if profile and not n else []),
+                        *command,
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
                 )
-                for _ in range(args.workers)
+                for n in range(args.workers)
             ]
             ledger = RedisLedger(pool)
             trace_at = 0.0
@@ -84,6 +97,8 @@ async def run_fleet(
                 if again == spent:
                     break
                 spent = again
+            stats = await pool.info("commandstats")
+            redis_cpu = await pool.info("cpu")
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -99,6 +114,7 @@ async def run_fleet(
         f"CPU: workers + redis {children.ru_utime + children.ru_stime:.1f}s, "
         f"FakeViolet + poller {server_cpu:.1f}s, wall {wall:.1f}s"
     )
+    _print_redis(stats, redis_cpu, len(items))
     outcomes = collections.Counter({"succeeded": counts["applied"], "failed": counts["failed"]})
     return {
         "wall": wall,
@@ -106,3 +122,17 @@ async def run_fleet(
         "requests": spent["requests"],
         "limited_seen": spent["rate_limited"],
     }
+
+
+def _print_redis(stats: dict[str, Any], cpu: dict[str, Any], items: int) -> None:
+    calls = {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name.startswith("cmdstat_")
+    }
+    top = sorted(calls.items(), key=lambda kv: -kv[1])[:40]
+    print(
+        f"Redis: {sum(calls.values()) / items:.1f} commands an item "
+        f"({', '.join(f'{k} {v / items:.2f}' for k, v in top)}); "
+        f"redis-server CPU {cpu['used_cpu_user'] + cpu['used_cpu_sys']:.1f}s"
+    )

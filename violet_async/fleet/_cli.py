@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from arq.worker import Worker
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -21,6 +20,7 @@ from .._redact import printable, printable_json
 from .._signals import on_signals
 from ..batch import BatchItem
 from ._arq import (
+    FleetArqWorker,
     FleetConfig,
     close_worker,
     create_fleet_pool,
@@ -286,7 +286,7 @@ async def _worker(args: argparse.Namespace) -> int:
         accept_double_refunds_if_redis_loses_data=args.accept_double_refunds_if_redis_loses_data
         or None,
     )
-    worker = Worker(**worker_settings(config), burst=args.burst, handle_signals=False)
+    worker = FleetArqWorker(**worker_settings(config), burst=args.burst, handle_signals=False)
     main = asyncio.ensure_future(worker.main())
     restore_signals = on_signals(main.cancel, (signal.SIGINT, signal.SIGTERM))
     try:
