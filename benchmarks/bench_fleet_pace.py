@@ -99,6 +99,7 @@ async def run_fleet(
                 spent = again
             stats = await pool.info("commandstats")
             redis_cpu = await pool.info("cpu")
+            redis_cpu["reads"] = (await pool.info("stats"))["total_reads_processed"]
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -132,7 +133,8 @@ def _print_redis(stats: dict[str, Any], cpu: dict[str, Any], items: int) -> None
     }
     top = sorted(calls.items(), key=lambda kv: -kv[1])[:40]
     print(
-        f"Redis: {sum(calls.values()) / items:.1f} commands an item "
+        f"Redis: {cpu['reads'] / items:.1f} round trips (reads) an item, "
+        f"{sum(calls.values()) / items:.1f} commands an item "
         f"({', '.join(f'{k} {v / items:.2f}' for k, v in top)}); "
         f"redis-server CPU {cpu['used_cpu_user'] + cpu['used_cpu_sys']:.1f}s"
     )

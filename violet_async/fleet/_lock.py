@@ -26,7 +26,7 @@ import contextlib
 import random
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -59,10 +59,13 @@ class LockBusyError(Exception):
 class HeldLock:
     """A lock this worker holds; renewed in the background until released."""
 
-    def __init__(self, key: str, token: str) -> None:
+    def __init__(self, key: str, token: str, reads: list[Any] | None = None) -> None:
         self.key = key
         self.token = token
         self.lost = asyncio.Event()
+        #: The answers to the reads queued after the lock was taken, in the same round
+        #: trip (:meth:`BagLocks.acquire`'s ``reads``; None: none were asked for).
+        self.reads = reads
 
 
 class BagLocks:
@@ -88,20 +91,36 @@ class BagLocks:
     def key(self, bag_id: int) -> str:
         return f"{self.prefix}:lock:bag:{bag_id}"
 
-    async def acquire(self, bag_id: int, *, wait: float = 10.0) -> HeldLock:
-        """Take the bag's lock, waiting up to ``wait`` seconds (LockBusyError)."""
+    async def acquire(
+        self, bag_id: int, *, wait: float = 10.0, reads: Callable[[Any], object] | None = None
+    ) -> HeldLock:
+        """Take the bag's lock, waiting up to ``wait`` seconds (LockBusyError).
+
+        ``reads`` queues reads on a pipeline that takes the lock first: Redis runs them
+        after the ``SET NX``, in the same round trip, so when the lock was taken they
+        are read under it (their answers: :attr:`HeldLock.reads`); a try that did not
+        take it throws its answers away. Reads only: a write there would be made
+        without the lock."""
         key = self.key(bag_id)
         token = secrets.token_hex(16)
         ttl_ms = int(self.ttl * 1000)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait
         delay = self.poll
-        while not await self.redis.set(key, token, nx=True, px=ttl_ms):
+        while True:
+            if reads is None:
+                taken, answers = await self.redis.set(key, token, nx=True, px=ttl_ms), None
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(key, token, nx=True, px=ttl_ms)
+                    reads(pipe)
+                    taken, *answers = await pipe.execute()
+            if taken:
+                return HeldLock(key, token, answers)
             if loop.time() >= give_up:
                 raise LockBusyError(f"bag {bag_id} is locked by another worker")
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, 1.0)
-        return HeldLock(key, token)
 
     async def renew(self, held: HeldLock) -> bool:
         """Extend ``held`` by ``ttl``; False (and ``held.lost`` set) when it is gone."""
@@ -121,9 +140,11 @@ class BagLocks:
         *,
         wait: float = 10.0,
         on_lost: Callable[[], object] | None = None,
+        reads: Callable[[Any], object] | None = None,
     ) -> AsyncIterator[HeldLock]:
-        """The bag's lock for the block, renewed every ``ttl / 3`` seconds."""
-        held = await self.acquire(bag_id, wait=wait)
+        """The bag's lock for the block, renewed every ``ttl / 3`` seconds (``reads``:
+        as :meth:`acquire`'s)."""
+        held = await self.acquire(bag_id, wait=wait, reads=reads)
         keeper = asyncio.create_task(self._keep(held, on_lost))
         try:
             yield held

@@ -38,7 +38,7 @@ the lane's rate: a 429 from a send that arrived a little early proves no lower l
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._pace import DECREASE, INCREASE, MIN_RATE, PROBE_INCREASE, RECOVER
 from ._ledger import DEFAULT_PREFIX, resolve
@@ -241,6 +241,11 @@ class FleetPace:
     async def learning(self) -> bool:
         return bool(await resolve(self.redis.exists(self._learning)))
 
+    def queue_learning(self, pipe: Any) -> None:
+        """Queue :meth:`learning`'s read on ``pipe``: its answer is non-zero when
+        learning."""
+        pipe.exists(self._learning)
+
     async def reserve(self, merchant_id: int, patience: float) -> float | None:
         """Take the merchant's next send slot if it is within ``patience`` seconds:
         the seconds to wait for it. A negative value: the slot is that far away and
@@ -298,9 +303,18 @@ class FleetPace:
     async def succeeded(self, merchant_id: int, order_id: int | None = None) -> None:
         """A send for the merchant succeeded (``order_id``: its order, whose merchant
         is noted as :meth:`learn` does, in the same round trip)."""
-        await self._succeeded(
-            keys=[self._lane + str(merchant_id), self._merchants],
-            args=[
+        script, keys, args = self.succeeded_call(merchant_id, order_id)
+        await script(keys=keys, args=args)
+
+    def succeeded_call(
+        self, merchant_id: int, order_id: int | None = None
+    ) -> tuple[Any, list[Any], list[Any]]:
+        """:meth:`succeeded` as a script call (script, keys, args) to run with others
+        (:func:`~violet_async.fleet._ledger.run_scripts`)."""
+        return (
+            self._succeeded,
+            [self._lane + str(merchant_id), self._merchants],
+            [
                 PROBE_INCREASE,
                 INCREASE,
                 self.ceiling,

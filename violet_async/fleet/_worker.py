@@ -260,9 +260,19 @@ class FleetWorker:
                     "`enqueue --new-ledger` starts it without the wait)",
                     epoch.hold_until - now,
                 )
+        bag_id = record.item.bag_id
+        pace = self.pace
+
+        def reads(pipe: Any) -> None:
+            # Read under the lock in the round trip that takes it: whether any merchant
+            # has a lane yet, then the item's record with its bag's sets.
+            if pace is not None:
+                pace.queue_learning(pipe)
+            self.ledger.queue_bag_view(pipe, key, bag_id)
+
         try:
-            async with self.locks.hold(record.item.bag_id, wait=self.lock_wait) as held:
-                return await self._under_lock(key, held, record.item.bag_id)
+            async with self.locks.hold(bag_id, wait=self.lock_wait, reads=reads) as held:
+                return await self._under_lock(key, held, bag_id)
         except LockBusyError as exc:
             raise RetryLaterError(str(exc), defer=self.lock_wait) from exc
         finally:
@@ -270,7 +280,8 @@ class FleetWorker:
 
     async def _under_lock(self, key: str, held: Any, bag_id: int) -> dict[str, Any]:
         # Read again under the lock: another worker may have moved it on meanwhile.
-        record, view = await self._view(key, bag_id)
+        answers = getattr(held, "reads", None)
+        record, view = await self._view(key, bag_id, answers)
         if record.state in ("applied", "failed") or record.needs_review:
             return record.to_dict()
         if not self._signed(record):
@@ -307,7 +318,8 @@ class FleetWorker:
 
         # A resumed item may send again (its bag read back shows nothing): it takes its
         # merchant's turn and passes the send gate as a first send does.
-        merchant = await self._merchant_turn(item)
+        learning = bool(answers[0]) if answers is not None and self.pace is not None else None
+        merchant = await self._merchant_turn(item, learning)
         budgeted: set[int] = set()
 
         async def save(ask: PendingRefund) -> None:
@@ -375,11 +387,17 @@ class FleetWorker:
             # item) now; this one's view of it is stale.
             raise RetryLaterError(str(exc), defer=await self._defer(exc)) from exc
 
-    async def _view(self, key: str, bag_id: int) -> tuple[LedgerRecord, BagView | None]:
+    async def _view(
+        self, key: str, bag_id: int, answers: list[Any] | None = None
+    ) -> tuple[LedgerRecord, BagView | None]:
         """The item's record under the bag's lock, with the bag's sets read in the same
         round trip (reads only; None: the record names another bag, never so for a
-        signed key, and its own bag's sets are read when needed)."""
-        view = await self.ledger.bag_view(key, bag_id)
+        signed key, and its own bag's sets are read when needed). ``answers``: the
+        reads made as the lock was taken (None: read now)."""
+        if answers is None:
+            view = await self.ledger.bag_view(key, bag_id)
+        else:
+            view = self.ledger.parse_bag_view(key, answers)
         if view.record is None:
             raise LedgerLostError(
                 f"item {key} vanished from the ledger under this run: Redis lost its data"
@@ -524,13 +542,17 @@ class FleetWorker:
         await pace.learn(item.order_id, merchant)
         return merchant
 
-    async def _merchant_turn(self, item: BatchItem) -> int | None:
+    async def _merchant_turn(self, item: BatchItem, learning: bool | None = None) -> int | None:
         """Wait for the merchant's next send slot when it is near; hand the item back
-        when it is not (:class:`RetryLaterError`). Returns the merchant (None: unpaced)."""
+        when it is not (:class:`RetryLaterError`). Returns the merchant (None: unpaced).
+        ``learning``: :meth:`FleetPace.learning` as read with the bag's lock (None: read
+        it now)."""
         pace = self.pace
         if pace is None:
             return None
-        if not await pace.learning():
+        if learning is None:
+            learning = await pace.learning()
+        if not learning:
             # No 429 seen (a lane starts only at one, and sets this flag with it): no
             # merchant has a lane, nothing to pace by. One round trip on the happy path.
             return None
@@ -669,22 +691,40 @@ class FleetWorker:
         self._won.move_to_end(key)
         while len(self._won) > _WON_CAPACITY:
             self._won.popitem(last=False)
+        # The ledger's applied script, the merchant's success and the record read back
+        # (this run's request counts added to it) in one round trip, in that order.
+        count = CAPTURE.get()
+        counted = count if isinstance(count, RequestCount) and count.requests else None
+        paid_by = getattr(refund, "merchant_id", None) or merchant
         try:
-            await self.ledger.mark_applied(
+            record = await self.ledger.mark_applied_and_get(
                 key,
                 item.bag_id,
                 refund.id,
                 reconciled=refund.reconciled,
                 outcome="reconciled" if refund.reconciled else "applied",
                 paid=refund.amount,
+                counts=None if counted is None else (counted.requests, counted.rate_limited),
+                also=(
+                    [self.pace.succeeded_call(paid_by, order_id=item.order_id)]
+                    if self.pace is not None and paid_by is not None
+                    else None
+                ),
             )
         except RefundOwnedError as exc:
             # Two items cannot have one refund: a person looks (nothing more is sent).
+            # The rest of the round trip ran: the counts are the item's already.
+            if counted is not None:
+                counted.requests = counted.rate_limited = 0
             await self.ledger.mark_review(key, str(exc))
-        await self._paced_success(item, refund, merchant)
+            record = await self._record(key)
+        if counted is not None:
+            counted.requests = counted.rate_limited = 0
+        if self.limiter is not None:
+            await self.limiter.speed_up()
         # Kept until the record is read back: a ledger lost in between runs the job
         # again, and the re-run records this refund again rather than asking anew.
-        summary = (await self._record_counted(key)).to_dict()
+        summary = record.to_dict()
         self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -745,15 +785,6 @@ class FleetWorker:
             await self.pace.limited(merchant, exc.delay, epoch=epoch)
         raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
 
-    async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
-        if self.limiter is not None:
-            await self.limiter.speed_up()
-        if self.pace is None:
-            return
-        paid_by = getattr(refund, "merchant_id", None) or merchant
-        if paid_by is not None:
-            await self.pace.succeeded(paid_by, order_id=item.order_id)
-
     async def _now(self, *, fresh: bool = False) -> float:
         """Redis's time now, as this worker's monotonic clock carries it on from the
         last reading (``fresh``: read it again). Workers' wall clocks may disagree by
@@ -788,20 +819,6 @@ class FleetWorker:
         await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
         count_item("fleet", item.kind, "refused")
         return (await self._record(key)).to_dict()
-
-    async def _record_counted(self, key: str) -> LedgerRecord:
-        """:meth:`_record`, adding this run's request counts so far to the item's in the
-        same round trip (the run adds only what comes after)."""
-        count = CAPTURE.get()
-        if not isinstance(count, RequestCount) or not count.requests:
-            return await self._record(key)
-        record = await self.ledger.get_counted(key, count.requests, count.rate_limited)
-        if record is None:
-            raise LedgerLostError(
-                f"item {key} vanished from the ledger under this run: Redis lost its data"
-            )
-        count.requests = count.rate_limited = 0
-        return record
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -525,10 +526,31 @@ _SCRIPTS: dict[str, Callable[[MemoryRedisServer, _Keys, _Keys], Any]] = {
 }
 
 
+def _set(
+    server: MemoryRedisServer, name: bytes, value: Any, *, nx: bool, px: int | None
+) -> bool | None:
+    if nx and server._live(name) is not None:
+        return None
+    server.data[name] = _b(value)
+    server.expires.pop(name, None)
+    if px is not None:
+        server.expires[name] = server.clock() + px / 1000
+    return True
+
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis's script id
+
+
+#: Each script by its id, as ``EVALSHA`` names it.
+_BY_SHA = {_sha(script): run for script, run in _SCRIPTS.items()}
+
+
 class _Script:
-    def __init__(self, redis: MemoryRedis, run: Callable[..., Any]) -> None:
+    def __init__(self, redis: MemoryRedis, run: Callable[..., Any], sha: str = "") -> None:
         self.redis = redis
         self.run = run
+        self.sha = sha
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         server = await self.redis._command()
@@ -544,6 +566,8 @@ class _Pipeline:
     def __init__(self, redis: MemoryRedis) -> None:
         self.redis = redis
         self.queued: list[tuple[str, bytes]] = []
+        self.sets: list[tuple[Any, bool, int | None]] = []
+        self.scripts: list[tuple[Callable[..., Any], list[bytes], list[bytes]]] = []
 
     async def __aenter__(self) -> _Pipeline:
         return self
@@ -563,11 +587,37 @@ class _Pipeline:
     def hmget(self, key: str, fields: list[str]) -> None:
         self.queued.append(("hmget", _b(key) + b"\0" + b"\0".join(_b(f) for f in fields)))
 
-    async def execute(self) -> list[Any]:
+    def exists(self, key: str) -> None:
+        self.queued.append(("exists", _b(key)))
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+        """A script run with others (``run_scripts``): every one is known here."""
+        values = [_b(v) for v in keys_and_args]
+        self.queued.append(("evalsha", b""))
+        self.scripts.append((_BY_SHA[sha], values[:numkeys], values[numkeys:]))
+
+    def set(self, key: str, value: Any, *, nx: bool = False, px: int | None = None) -> None:
+        """A bag lock's ``SET NX`` ahead of the reads made under it."""
+        self.queued.append(("set", _b(key)))
+        self.sets.append((value, nx, px))
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
         server = await self.redis._command()
         answers: list[Any] = []
+        sets = iter(self.sets)
+        scripts = iter(self.scripts)
         for command, key in self.queued:
-            if command == "hgetall":
+            if command == "evalsha":
+                run, keys, args = next(scripts)
+                writes = server.writes
+                answers.append(run(server, keys, args))
+                self.redis._wrote(writes)
+            elif command == "set":
+                value, nx, px = next(sets)
+                answers.append(_set(server, key, value, nx=nx, px=px))
+            elif command == "exists":
+                answers.append(int(server._live(key) is not None))
+            elif command == "hgetall":
                 answers.append(dict(server._hash(key)))
             elif command == "hvals":
                 answers.append(list(server._hash(key).values()))
@@ -605,7 +655,7 @@ class MemoryRedis:
         run = _SCRIPTS.get(script)
         if run is None:
             raise NotImplementedError("this script has no in-memory version")
-        return _Script(self, run)
+        return _Script(self, run, _sha(script))
 
     def pipeline(self, transaction: bool = True) -> _Pipeline:
         return _Pipeline(self)
@@ -619,15 +669,7 @@ class MemoryRedis:
     async def set(
         self, key: str, value: Any, *, nx: bool = False, px: int | None = None
     ) -> bool | None:
-        server = await self._command()
-        name = _b(key)
-        if nx and server._live(name) is not None:
-            return None
-        server.data[name] = _b(value)
-        server.expires.pop(name, None)
-        if px is not None:
-            server.expires[name] = server.clock() + px / 1000
-        return True
+        return _set(await self._command(), _b(key), value, nx=nx, px=px)
 
     async def hget(self, key: str, field: str) -> bytes | None:
         return (await self._command()).hget(_b(key), _b(field))

@@ -1,0 +1,234 @@
+"""What an item costs in Redis round trips, and that each merged round trip does what
+its separate ones did: arq's claim as one script, the bag's reads riding on the lock's
+``SET NX``, the applied script with the merchant's success and the read back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+if not os.environ.get("CI"):
+    pytest.importorskip("arq")
+    pytest.importorskip("redis")
+
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+from redis.asyncio import Redis
+
+from tests import _fleet_redis
+from violet_async import RefundBagRequest, RetryPolicy
+from violet_async._ask import sent_once
+from violet_async.batch import BatchItem
+from violet_async.fleet import (
+    BagLocks,
+    FleetPace,
+    FleetWorker,
+    RedisLedger,
+    create_fleet_pool,
+    enqueue,
+    item_key,
+)
+from violet_async.fleet._arq import (
+    _CLAIM,
+    QUEUE_NAME,
+    FleetArqWorker,
+    FleetConfig,
+    close_worker,
+    job_id,
+    worker_settings,
+)
+from violet_async.fleet._ledger import RefundOwnedError
+from violet_async.fleet._lock import LockBusyError
+from violet_async.testing import FakeViolet
+
+redis_url = _fleet_redis.redis_url  # the session's redis-server
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for every test here
+
+
+@pytest.fixture
+async def pool(redis_url: str) -> AsyncIterator[ArqRedis]:
+    arq = await create_fleet_pool(redis_url)
+    await arq.flushall()
+    await RedisLedger(arq).new_fleet()  # nothing of this ledger can be in flight
+    try:
+        yield arq
+    finally:
+        await arq.aclose()
+
+
+def _item(line: int, order_id: int, amount: int = 500) -> BatchItem:
+    return BatchItem.refund(
+        line, order_id, order_id + 100_000, RefundBagRequest(amount_refunded=amount)
+    )
+
+
+async def _reads(redis: Redis) -> int:
+    """Redis's count of read events: one a round trip of a client."""
+    return int((await redis.info("stats"))["total_reads_processed"])
+
+
+async def test_claim_script_claims_a_due_job_once(pool: ArqRedis) -> None:
+    """arq's claim as one script: a due job is claimed once (its in-progress key set
+    with the ttl), never again while in progress; a job not queued, or not due, is not."""
+    claim = pool.register_script(_CLAIM)
+    now = 1_000_000
+    await pool.zadd(QUEUE_NAME, {"due": now - 5, "later": now + 60_000})
+    keys = [in_progress_key_prefix + "due", QUEUE_NAME]
+    assert int(float(await claim(keys=keys, args=["due", now, 30_000]))) == now - 5
+    assert 0 < await pool.pttl(in_progress_key_prefix + "due") <= 30_000
+    assert await claim(keys=keys, args=["due", now, 30_000]) is None  # in progress
+    later = [in_progress_key_prefix + "later", QUEUE_NAME]
+    assert await claim(keys=later, args=["later", now, 30_000]) is None  # not due
+    assert not await pool.exists(in_progress_key_prefix + "later")
+    gone = [in_progress_key_prefix + "gone", QUEUE_NAME]
+    assert await claim(keys=gone, args=["gone", now, 30_000]) is None  # not queued
+    assert not await pool.exists(in_progress_key_prefix + "gone")
+
+
+async def test_two_fleet_arq_workers_run_each_job_once(
+    pool: ArqRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers claiming from one queue in one process: every job runs once (arq's
+    counts), every item applied, each bag refunded once."""
+    items = [_item(n, 100000 + n) for n in range(1, 13)]
+    async with FakeViolet(orders=12, seed=7) as fake:
+        await enqueue(pool, items)
+        for name, value in (
+            ("VIOLET_APP_ID", str(fake.app_id)),
+            ("VIOLET_APP_SECRET", fake.app_secret),
+            ("VIOLET_USERNAME", fake.username),
+            ("VIOLET_PASSWORD", fake.password),
+            ("VIOLET_FLEET_CONCURRENCY", "4"),
+        ):
+            monkeypatch.setenv(name, value)
+        config = FleetConfig.from_env(redis_url=redis_url, base_url=fake.base_url)
+        workers = [
+            FleetArqWorker(**worker_settings(config), burst=True, handle_signals=False)
+            for _ in range(2)
+        ]
+        try:
+            await asyncio.gather(*(w.main() for w in workers))
+        finally:
+            for worker in workers:
+                await close_worker(worker)
+        assert sum(w.jobs_complete for w in workers) == len(items)
+        assert sum(w.jobs_failed + w.jobs_retried for w in workers) == 0
+        assert fake.ledger.total_refunds == len(items)
+        assert not fake.ledger.double_refunds()
+    counts = await RedisLedger(pool).counts()
+    assert counts["applied"] == len(items)
+    for key in (item_key(i) for i in items):
+        assert not await pool.exists(f"arq:in-progress:{job_id(key)}")
+
+
+async def test_lock_reads_ride_on_the_set_nx(pool: ArqRedis) -> None:
+    """The reads queued with a lock's ``SET NX`` are answered as it is taken; while
+    another holds it they are thrown away and the lock is waited for as before."""
+    locks = BagLocks(pool, poll=0.01)
+    await pool.set("seen", "first")
+
+    def reads(pipe: object) -> None:
+        pipe.get("seen")  # type: ignore[attr-defined]
+
+    held = await locks.acquire(7, reads=reads)
+    assert held.reads == [b"first"]
+    assert (await locks.acquire(8)).reads is None  # none asked for
+    with pytest.raises(LockBusyError):
+        await locks.acquire(7, wait=0.05, reads=reads)
+    await pool.set("seen", "after")
+    await locks.release(held)
+    async with locks.hold(7, reads=reads) as again:
+        assert again.reads == [b"after"]  # read under the new holder's lock
+
+
+async def test_applied_round_trip_loads_flushed_scripts(pool: ArqRedis) -> None:
+    """The applied script, a merchant's success and the read back in one round trip run
+    as three separate calls would; with Redis's scripts flushed (a restart keeps the
+    data with AOF, not the scripts) each is loaded and run again, and the record is
+    read after them."""
+    ledger = RedisLedger(pool)
+    pace = FleetPace(pool, 1)
+    item = _item(1, 100001)
+    key = item_key(item)
+    await ledger.register(key, item)
+    held = await BagLocks(pool).acquire(item.bag_id)
+    ask = sent_once("refund", item.order_id, item.bag_id, item.request, time.time())
+    await ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
+    await pool.script_flush()
+    record = await ledger.mark_applied_and_get(
+        key,
+        item.bag_id,
+        555,
+        reconciled=False,
+        outcome="applied",
+        paid=500,
+        counts=(2, 0),
+        also=[pace.succeeded_call(20001, order_id=item.order_id)],
+    )
+    assert (record.state, record.refund_id, record.paid, record.requests) == (
+        "applied",
+        555,
+        500,
+        2,
+    )
+    assert await ledger.bag_refunds(item.bag_id) == {555}
+    assert await pace.merchant_of(item.order_id) == 20001
+    # Applied already: nothing written again; without counts the record is read as is.
+    again = await ledger.mark_applied_and_get(
+        key, item.bag_id, 555, reconciled=False, outcome="applied", paid=500
+    )
+    assert again == record
+
+
+async def test_applied_round_trip_refuses_another_items_refund(pool: ArqRedis) -> None:
+    """A refund recorded as another item's: nothing of the item is written but its
+    counts (RefundOwnedError, as mark_applied raises it)."""
+    ledger = RedisLedger(pool)
+    first, second = _item(1, 100001), _item(2, 100001, 400)
+    for item in (first, second):
+        await ledger.register(item_key(item), item)
+    await ledger.mark_applied(item_key(first), first.bag_id, 9, reconciled=False, outcome="applied")
+    with pytest.raises(RefundOwnedError):
+        await ledger.mark_applied_and_get(
+            item_key(second),
+            second.bag_id,
+            9,
+            reconciled=False,
+            outcome="applied",
+            counts=(3, 1),
+        )
+    record = await ledger.get(item_key(second))
+    assert record is not None
+    assert (record.state, record.refund_id, record.requests, record.rate_limited) == (
+        "new",
+        None,
+        3,
+        1,
+    )
+
+
+async def test_an_items_happy_path_round_trips(pool: ArqRedis) -> None:
+    """One item, run to applied by a worker with merchant pace on: 5 Redis round trips
+    (9 before the lock's reads, the merchant's flag and the end were merged)."""
+    async with FakeViolet(orders=2, seed=3) as fake:
+        client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
+        async with client:
+            worker = FleetWorker(client, RedisLedger(pool), BagLocks(pool), merchant_pace=True)
+            warm = _item(1, 100001)
+            await worker.run(item_key(warm), warm, worker.ledger.sign(item_key(warm), warm))
+            item = _item(2, 100002)
+            key = item_key(item)
+            await worker.ledger.register(key, item)
+            before = await _reads(pool)
+            summary = await worker.run(key)
+            spent = await _reads(pool) - before - 1  # the INFO read itself
+        assert summary["state"] == "applied"
+        assert summary["requests"] == 2
+        assert fake.ledger.refunds_per_bag[item.bag_id] == 1
+    # get, lock + reads, the sent record, the applied record + success + read back,
+    # the lock's release.
+    assert spent == 5, spent
