@@ -71,22 +71,27 @@ async def _reads(redis: Redis) -> int:
     return int((await redis.info("stats"))["total_reads_processed"])
 
 
-async def test_claim_script_claims_a_due_job_once(pool: ArqRedis) -> None:
-    """arq's claim as one script: a due job is claimed once (its in-progress key set
-    with the ttl), never again while in progress; a job not queued, or not due, is not."""
+async def test_claim_script_claims_due_jobs_once(pool: ArqRedis) -> None:
+    """arq's claim as one script: due jobs are claimed in order, each once (its
+    in-progress key set with the ttl), up to the number asked for; a job in progress,
+    not queued, or not due is passed over, and the answer says how far it looked."""
     claim = pool.register_script(_CLAIM)
     now = 1_000_000
-    await pool.zadd(QUEUE_NAME, {"due": now - 5, "later": now + 60_000})
-    keys = [in_progress_key_prefix + "due", QUEUE_NAME]
-    assert int(float(await claim(keys=keys, args=["due", now, 30_000]))) == now - 5
-    assert 0 < await pool.pttl(in_progress_key_prefix + "due") <= 30_000
-    assert await claim(keys=keys, args=["due", now, 30_000]) is None  # in progress
-    later = [in_progress_key_prefix + "later", QUEUE_NAME]
-    assert await claim(keys=later, args=["later", now, 30_000]) is None  # not due
-    assert not await pool.exists(in_progress_key_prefix + "later")
-    gone = [in_progress_key_prefix + "gone", QUEUE_NAME]
-    assert await claim(keys=gone, args=["gone", now, 30_000]) is None  # not queued
-    assert not await pool.exists(in_progress_key_prefix + "gone")
+    await pool.zadd(QUEUE_NAME, {"a": now - 5, "busy": now - 4, "later": now + 60_000, "b": 7})
+    await pool.set(in_progress_key_prefix + "busy", "1")
+    ids = ["a", "busy", "gone", "later", "b"]
+
+    async def run(want: int, jobs: list[str]) -> list[object]:
+        keys = [QUEUE_NAME, *(in_progress_key_prefix + j for j in jobs)]
+        return list(await claim(keys=keys, args=[now, 30_000, want, *jobs]))
+
+    assert await run(1, ids) == [1, b"a", str(now - 5).encode()]
+    assert 0 < await pool.pttl(in_progress_key_prefix + "a") <= 30_000
+    assert await run(5, ids) == [5, b"b", b"7"]  # "a" is in progress now
+    assert await run(5, ids) == [5]  # every one taken, gone or not due
+    for passed in ("gone", "later"):
+        assert not await pool.exists(in_progress_key_prefix + passed)
+    assert await pool.get(in_progress_key_prefix + "busy") == b"1"
 
 
 async def test_two_fleet_arq_workers_run_each_job_once(

@@ -354,56 +354,90 @@ async def close_worker(worker: Worker) -> None:
     worker._pool = None
 
 
-# KEYS: the job's in-progress key, the queue   ARGV: job id, now (ms), in-progress ttl (ms)
-# arq's claim of a job (WATCH the in-progress key; EXISTS it; ZSCORE the job; MULTI,
-# PSETEX, EXEC) as one atomic script. Returns the job's score, or nothing: it runs
-# elsewhere, it is gone from the queue, or it is not due yet.
+# KEYS: the queue, then each job's in-progress key   ARGV: now (ms), in-progress ttl (ms),
+# how many jobs to claim, then each job's id, in the order arq read them.
+# arq's claim of a job (WATCH its in-progress key; EXISTS it; ZSCORE the job; MULTI,
+# PSETEX, EXEC) for each job in turn, as one atomic script, until that many are
+# claimed. Returns how many of the jobs it looked at, then each claimed job's id and
+# score (a job is passed over when it runs elsewhere, is gone from the queue, or is not
+# due yet).
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return false
+local want = tonumber(ARGV[3])
+local found = {0}
+local claimed = 0
+for i = 2, #KEYS do
+  if claimed >= want then
+    break
+  end
+  found[1] = i - 1
+  local id = ARGV[i + 2]
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local score = redis.call('ZSCORE', KEYS[1], id)
+    if score and tonumber(score) <= tonumber(ARGV[1]) then
+      redis.call('PSETEX', KEYS[i], ARGV[2], '1')
+      table.insert(found, id)
+      table.insert(found, score)
+      claimed = claimed + 1
+    end
+  end
 end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then
-  return false
-end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
+return found
 """
 
 
 class FleetArqWorker(Worker):
-    """arq's ``Worker``, claiming each job it read from the queue in one round trip.
+    """arq's ``Worker``, claiming the jobs it read from the queue in one round trip
+    for every slot free at the time.
 
-    arq claims a job with four (WATCH, EXISTS, ZSCORE, then MULTI/PSETEX/EXEC, or
-    UNWATCH when another worker has it), and every worker tries every job it read: with
-    three workers, about ten round trips an item before it runs. The same checks and
-    write, in one Lua script, are as atomic as arq's transaction. ``violet-async
-    worker`` runs this; ``arq violet_async.fleet.WorkerSettings`` runs arq's own."""
+    arq claims a job with four round trips (WATCH, EXISTS, ZSCORE, then
+    MULTI/PSETEX/EXEC, or UNWATCH when another worker has it), and every worker tries
+    every job it read: with three workers, about ten round trips an item before it
+    runs. The same checks and write, for as many jobs as this worker has free slots
+    (passing over the ones another worker has), in one Lua script, are as atomic as
+    arq's transaction. ``violet-async worker`` runs this; ``arq
+    violet_async.fleet.WorkerSettings`` runs arq's own."""
 
     _claim: Any = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        for job_id_b in job_ids:
+        ids = [job_id.decode() for job_id in job_ids]
+        ttl = int(self.in_progress_timeout_s * 1000)
+        while ids:
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()
                 return
-            self.job_counter = self.job_counter + 1
-            job_id = job_id_b.decode()
+            # Every slot free now (taken without waiting) claims in the same round trip.
+            free = 1
+            while (
+                free < len(ids)
+                and self.job_counter + free < self.max_jobs
+                and not self.sem.locked()
+            ):
+                await self.sem.acquire()
+                free += 1
+            self.job_counter = self.job_counter + free
             if self._claim is None:
                 self._claim = self.pool.register_script(_CLAIM)
-            score = await self._claim(
-                keys=[in_progress_key_prefix + job_id, self.queue_name],
-                args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
+            # Most of the jobs just ahead are other workers' by now: look a few past.
+            ahead = ids[: 3 * free + 5]
+            looked, *claimed = await self._claim(
+                keys=[self.queue_name, *(in_progress_key_prefix + i for i in ahead)],
+                args=[timestamp_ms(), ttl, free, *ahead],
             )
-            if score is None:
-                # Started elsewhere, finished and gone, or deferred by another worker.
+            ids = ids[max(int(looked), 1) :]
+            for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
+                job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                task = asyncio.get_running_loop().create_task(
+                    self.run_job(job_id, int(float(score)))
+                )
+                task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+                self.tasks[job_id] = task
+            for _ in range(free - len(claimed) // 2):
+                # A slot no job was claimed for: started elsewhere, finished and gone,
+                # or deferred by another worker.
                 self.job_counter = self.job_counter - 1
                 self.sem.release()
-                continue
-            task = asyncio.get_running_loop().create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
 
 
 class WorkerSettings:
