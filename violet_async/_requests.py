@@ -30,7 +30,7 @@ from ._responses import (
     parse_refund_page,
 )
 from ._retry import Clock, Retrier, RetryHook, RetryPolicy
-from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, http_log, request_id_of
+from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, feed, http_log, request_id_of
 from ._transport import (
     BaseURL,
     RawResponse,
@@ -390,8 +390,10 @@ class RequestPlumbing:
         )
         sink = CAPTURE.get()
         if sink is not None:
-            # A gateway page may echo the request (app secret, token): kept redacted.
-            sink.append(redacted_response(resp, self._shared.auth.redactor))
+            # A gateway page may echo the request (app secret, token): kept redacted. A
+            # sink that only counts (a fleet or batch item's) keeps none: none is made.
+            redactor = self._shared.auth.redactor
+            feed(sink, resp.status, lambda: redacted_response(resp, redactor))
         return resp
 
     async def _token_within(

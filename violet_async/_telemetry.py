@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from .exceptions import REQUEST_ID_HEADERS, request_id_of
@@ -41,6 +41,7 @@ __all__ = [
     "RequestCount",
     "capture_responses",
     "counting_requests",
+    "feed",
     "instrument",
     "request_id_of",
     "setup_logging_from_env",
@@ -106,10 +107,27 @@ class RequestCount:
         self.outer = outer
 
     def append(self, response: Any) -> None:
+        self.counted(response.status, lambda: response)
+
+    def counted(self, status: int, response: Callable[[], Any]) -> None:
+        """Count an answered request; its response is made (redacted) only for a
+        caller's list this count feeds."""
         self.requests += 1
-        self.rate_limited += response.status == 429
+        self.rate_limited += status == 429
         if self.outer is not None:
-            self.outer.append(response)
+            feed(self.outer, status, response)
+
+
+def feed(sink: Any, status: int, response: Callable[[], Any]) -> None:
+    """Give a :data:`CAPTURE` sink one answered request. A sink that counts
+    (``counted``: :class:`RequestCount`, a batch item's) is given its status, and the
+    response only if it feeds a caller's list; a list is given ``response()``. Nothing
+    is redacted for a sink that keeps no response."""
+    counted = getattr(sink, "counted", None)
+    if counted is not None:
+        counted(status, response)
+    else:
+        sink.append(response())
 
 
 @contextlib.contextmanager

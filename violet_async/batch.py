@@ -44,7 +44,7 @@ from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
 from ._reconcile import RateLimitDeferred
 from ._retry import RetryEvent
-from ._telemetry import CAPTURE, count_item
+from ._telemetry import CAPTURE, count_item, feed
 from .exceptions import (
     AmbiguousOutcomeError,
     BagPendingError,
@@ -181,10 +181,15 @@ class _Stats:
 
     def append(self, response: Any) -> None:
         """Counts each answered request (the item's ``capture_responses`` sink)."""
+        self.counted(response.status, lambda: response)
+
+    def counted(self, status: int, response: Callable[[], Any]) -> None:
+        """:meth:`append` given the status (the response is made only for a caller's
+        list this feeds: :func:`~violet_async._telemetry.feed`)."""
         self.requests += 1
-        self.rate_limited += response.status == 429
+        self.rate_limited += status == 429
         if self.outer is not None:
-            self.outer.append(response)
+            feed(self.outer, status, response)
 
 
 _current: contextvars.ContextVar[_Stats | None] = contextvars.ContextVar(
