@@ -1,12 +1,11 @@
 """What an item costs in Redis round trips, and that each merged round trip does what
-its separate ones did: arq's claim as one script, the bag's reads riding on the lock's
-``SET NX``, the applied script with the merchant's success and the read back."""
+its separate ones did: arq's claim as one script for every free slot, the bag's reads
+riding on the lock's ``SET NX``."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,11 +20,9 @@ from redis.asyncio import Redis
 
 from tests import _fleet_redis
 from violet_async import RefundBagRequest, RetryPolicy
-from violet_async._ask import sent_once
 from violet_async.batch import BatchItem
 from violet_async.fleet import (
     BagLocks,
-    FleetPace,
     FleetWorker,
     RedisLedger,
     create_fleet_pool,
@@ -41,7 +38,6 @@ from violet_async.fleet._arq import (
     job_id,
     worker_settings,
 )
-from violet_async.fleet._ledger import RefundOwnedError
 from violet_async.fleet._lock import LockBusyError
 from violet_async.testing import FakeViolet
 
@@ -150,75 +146,9 @@ async def test_lock_reads_ride_on_the_set_nx(pool: ArqRedis) -> None:
         assert again.reads == [b"after"]  # read under the new holder's lock
 
 
-async def test_applied_round_trip_loads_flushed_scripts(pool: ArqRedis) -> None:
-    """The applied script, a merchant's success and the read back in one round trip run
-    as three separate calls would; with Redis's scripts flushed (a restart keeps the
-    data with AOF, not the scripts) each is loaded and run again, and the record is
-    read after them."""
-    ledger = RedisLedger(pool)
-    pace = FleetPace(pool, 1)
-    item = _item(1, 100001)
-    key = item_key(item)
-    await ledger.register(key, item)
-    held = await BagLocks(pool).acquire(item.bag_id)
-    ask = sent_once("refund", item.order_id, item.bag_id, item.request, time.time())
-    await ledger.mark_sent(key, ask, lock_key=held.key, token=held.token)
-    await pool.script_flush()
-    record = await ledger.mark_applied_and_get(
-        key,
-        item.bag_id,
-        555,
-        reconciled=False,
-        outcome="applied",
-        paid=500,
-        counts=(2, 0),
-        also=[pace.succeeded_call(20001, order_id=item.order_id)],
-    )
-    assert (record.state, record.refund_id, record.paid, record.requests) == (
-        "applied",
-        555,
-        500,
-        2,
-    )
-    assert await ledger.bag_refunds(item.bag_id) == {555}
-    assert await pace.merchant_of(item.order_id) == 20001
-    # Applied already: nothing written again; without counts the record is read as is.
-    again = await ledger.mark_applied_and_get(
-        key, item.bag_id, 555, reconciled=False, outcome="applied", paid=500
-    )
-    assert again == record
-
-
-async def test_applied_round_trip_refuses_another_items_refund(pool: ArqRedis) -> None:
-    """A refund recorded as another item's: nothing of the item is written but its
-    counts (RefundOwnedError, as mark_applied raises it)."""
-    ledger = RedisLedger(pool)
-    first, second = _item(1, 100001), _item(2, 100001, 400)
-    for item in (first, second):
-        await ledger.register(item_key(item), item)
-    await ledger.mark_applied(item_key(first), first.bag_id, 9, reconciled=False, outcome="applied")
-    with pytest.raises(RefundOwnedError):
-        await ledger.mark_applied_and_get(
-            item_key(second),
-            second.bag_id,
-            9,
-            reconciled=False,
-            outcome="applied",
-            counts=(3, 1),
-        )
-    record = await ledger.get(item_key(second))
-    assert record is not None
-    assert (record.state, record.refund_id, record.requests, record.rate_limited) == (
-        "new",
-        None,
-        3,
-        1,
-    )
-
-
 async def test_an_items_happy_path_round_trips(pool: ArqRedis) -> None:
-    """One item, run to applied by a worker with merchant pace on: 5 Redis round trips
-    (9 before the lock's reads, the merchant's flag and the end were merged)."""
+    """One item, run to applied by a worker with merchant pace on: 7 Redis round trips
+    (9 before the bag's reads and the merchant-lane flag rode on the lock's SET NX)."""
     async with FakeViolet(orders=2, seed=3) as fake:
         client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
         async with client:
@@ -234,6 +164,6 @@ async def test_an_items_happy_path_round_trips(pool: ArqRedis) -> None:
         assert summary["state"] == "applied"
         assert summary["requests"] == 2
         assert fake.ledger.refunds_per_bag[item.bag_id] == 1
-    # get, lock + reads, the sent record, the applied record + success + read back,
-    # the lock's release.
-    assert spent == 5, spent
+    # get, lock + the bag's reads + the lane flag, the sent record, the applied record,
+    # the merchant's success, the read back with the run's counts, the lock's release.
+    assert spent == 7, spent

@@ -30,7 +30,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .. import RetryPolicy, Timeouts
 from .._client import VioletClient
@@ -417,14 +417,18 @@ class FleetArqWorker(Worker):
                 await self.sem.acquire()
                 free += 1
             self.job_counter = self.job_counter + free
-            if self._claim is None:
-                self._claim = self.pool.register_script(_CLAIM)
             # Most of the jobs just ahead are other workers' by now: look a few past.
             ahead = ids[: 3 * free + 5]
-            looked, *claimed = await self._claim(
-                keys=[self.queue_name, *(in_progress_key_prefix + i for i in ahead)],
-                args=[timestamp_ms(), ttl, free, *ahead],
-            )
+            try:
+                looked, *claimed = await self._claim_jobs(
+                    [self.queue_name, *(in_progress_key_prefix + i for i in ahead)],
+                    [timestamp_ms(), ttl, free, *ahead],
+                )
+            except BaseException:
+                self.job_counter = self.job_counter - free
+                for _ in range(free):
+                    self.sem.release()
+                raise
             ids = ids[max(int(looked), 1) :]
             for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
                 job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
@@ -438,6 +442,15 @@ class FleetArqWorker(Worker):
                 # or deferred by another worker.
                 self.job_counter = self.job_counter - 1
                 self.sem.release()
+
+    async def _claim_jobs(self, keys: list[Any], args: list[Any]) -> list[Any]:
+        if self._claim is None:
+            self._claim = self.pool.register_script(_CLAIM)
+        try:
+            return list(await self._claim(keys=keys, args=args))
+        except NoScriptError:
+            # Flushed again between redis-py's load and its second try: sent whole.
+            return list(await self.pool.eval(_CLAIM, len(keys), *keys, *args))  # type: ignore[misc]
 
 
 class WorkerSettings:

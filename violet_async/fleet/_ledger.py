@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 import orjson
-from redis.exceptions import NoScriptError
 
 from .._converter import converter, encode_request, request_from_dict
 from .._item_key import item_key, numbered
@@ -453,39 +452,6 @@ async def resolve(value: Awaitable[T] | T) -> T:
     if inspect.isawaitable(value):
         return await value
     return value
-
-
-#: A Lua script to run (redis-py's registered ``Script``), its keys and its arguments.
-ScriptCall = tuple[Any, list[Any], list[Any]]
-
-
-async def run_scripts(
-    redis: Any, calls: list[ScriptCall], reads: Callable[[Any], object] | None = None
-) -> tuple[list[Any], bool]:
-    """Run ``calls`` in order, then the reads ``reads`` queues, in one round trip (a
-    pipeline, not a transaction: Redis runs each as it would alone, in this order).
-
-    redis-py's own pipelining of a script first asks Redis whether it has it (``SCRIPT
-    EXISTS``, a round trip of its own); here each goes as ``EVALSHA``. A script Redis
-    does not have (it restarted, or its scripts were flushed) did not run: it is run
-    again alone, which loads it, after the others. Returns every answer, and whether
-    any script ran again (then the reads were made before it: read again). Any other
-    error is raised, after the calls that did run."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for script, keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        if reads is not None:
-            reads(pipe)
-        answers = list(await pipe.execute(raise_on_error=False))
-    again = False
-    for n, (script, keys, args) in enumerate(calls):
-        if isinstance(answers[n], NoScriptError):
-            answers[n] = await script(keys=keys, args=args)
-            again = True
-    for answer in answers:
-        if isinstance(answer, Exception):
-            raise answer
-    return answers, again
 
 
 def _state(text: str | None) -> State | None:
@@ -1000,80 +966,34 @@ class RedisLedger:
         """Applied, with ``refund_id`` recorded on the bag as this item's, in one script:
         a worker dying mid-way leaves all of it or none. Raises RefundOwnedError when
         the refund is another item's already (nothing written)."""
-        script, keys, args = self._applied_call(
-            key, bag_id, refund_id, reconciled=reconciled, outcome=outcome, paid=paid
+        done = await self._applied(
+            keys=[
+                self.record_key(key),
+                self.states_key,
+                self.bag_refunds_key(bag_id),
+                self.bag_owners_key(bag_id),
+                self.bag_open_key(bag_id),
+                self.bag_owner_sigs_key(bag_id),
+            ],
+            args=[
+                key,
+                "" if refund_id is None else refund_id,
+                "" if refund_id is None else self._owner_mac(bag_id, refund_id, key),
+                "reconciled",
+                int(reconciled),
+                "outcome",
+                outcome,
+                "paid",
+                "" if paid is None else paid,
+                *self._stamp(),
+            ],
         )
-        _applied_answer(await script(keys=keys, args=args), key, bag_id, refund_id)
-
-    async def mark_applied_and_get(
-        self,
-        key: str,
-        bag_id: int,
-        refund_id: int | None,
-        *,
-        reconciled: bool,
-        outcome: str,
-        paid: int | None = None,
-        counts: tuple[int, int] | None = None,
-        also: list[ScriptCall] | None = None,
-    ) -> LedgerRecord:
-        """:meth:`mark_applied` (the same script), then ``also`` (scripts of the same
-        Redis: a merchant's success), then the record of ``key`` read back (with
-        ``counts``, a run's requests and 429s added to it first, as
-        :meth:`get_counted`), in one round trip. Raises RefundOwnedError as
-        :meth:`mark_applied` does (the rest ran: the counts are added) and
-        LedgerLostError when the record is gone."""
-        applied = self._applied_call(
-            key, bag_id, refund_id, reconciled=reconciled, outcome=outcome, paid=paid
-        )
-        record_key = self.record_key(key)
-        calls = [applied, *(also or [])]
-        if counts is not None:
-            calls.append((self._count, [record_key], [counts[0], counts[1], "1"]))
-        answers, again = await run_scripts(
-            self.redis, calls, None if counts is not None else lambda p: p.hgetall(record_key)
-        )
-        _applied_answer(answers[0], key, bag_id, refund_id)
-        raw = answers[-1]
-        if counts is not None:
-            raw = dict(zip(raw[::2], raw[1::2], strict=True)) if raw else None
-        if again:
-            raw = await resolve(self.redis.hgetall(record_key))
-        if not raw:
+        if done == -2:
             raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
-        return _parse(key, raw, self.merchant_of)
-
-    def _applied_call(
-        self,
-        key: str,
-        bag_id: int,
-        refund_id: int | None,
-        *,
-        reconciled: bool,
-        outcome: str,
-        paid: int | None,
-    ) -> ScriptCall:
-        keys = [
-            self.record_key(key),
-            self.states_key,
-            self.bag_refunds_key(bag_id),
-            self.bag_owners_key(bag_id),
-            self.bag_open_key(bag_id),
-            self.bag_owner_sigs_key(bag_id),
-        ]
-        args = [
-            key,
-            "" if refund_id is None else refund_id,
-            "" if refund_id is None else self._owner_mac(bag_id, refund_id, key),
-            "reconciled",
-            int(reconciled),
-            "outcome",
-            outcome,
-            "paid",
-            "" if paid is None else paid,
-            *self._stamp(),
-        ]
-        return self._applied, keys, args
+        if done == -1:
+            raise RefundOwnedError(
+                f"refund {refund_id} on bag {bag_id} is recorded as another item's"
+            )
 
     async def mark_review(
         self, key: str, message: str, *, lock_key: str | None = None, token: str = ""
@@ -1313,14 +1233,6 @@ def _parse(
         requests=_count(data.get("requests")),
         rate_limited=_count(data.get("rate_limited")),
     )
-
-
-def _applied_answer(done: Any, key: str, bag_id: int, refund_id: int | None) -> None:
-    """Raise what the applied script's answer says (1, 0: written, or terminal already)."""
-    if done == -2:
-        raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
-    if done == -1:
-        raise RefundOwnedError(f"refund {refund_id} on bag {bag_id} is recorded as another item's")
 
 
 def _count(text: str | None) -> int:

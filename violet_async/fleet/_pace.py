@@ -303,18 +303,9 @@ class FleetPace:
     async def succeeded(self, merchant_id: int, order_id: int | None = None) -> None:
         """A send for the merchant succeeded (``order_id``: its order, whose merchant
         is noted as :meth:`learn` does, in the same round trip)."""
-        script, keys, args = self.succeeded_call(merchant_id, order_id)
-        await script(keys=keys, args=args)
-
-    def succeeded_call(
-        self, merchant_id: int, order_id: int | None = None
-    ) -> tuple[Any, list[Any], list[Any]]:
-        """:meth:`succeeded` as a script call (script, keys, args) to run with others
-        (:func:`~violet_async.fleet._ledger.run_scripts`)."""
-        return (
-            self._succeeded,
-            [self._lane + str(merchant_id), self._merchants],
-            [
+        await self._succeeded(
+            keys=[self._lane + str(merchant_id), self._merchants],
+            args=[
                 PROBE_INCREASE,
                 INCREASE,
                 self.ceiling,

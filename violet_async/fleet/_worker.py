@@ -691,40 +691,22 @@ class FleetWorker:
         self._won.move_to_end(key)
         while len(self._won) > _WON_CAPACITY:
             self._won.popitem(last=False)
-        # The ledger's applied script, the merchant's success and the record read back
-        # (this run's request counts added to it) in one round trip, in that order.
-        count = CAPTURE.get()
-        counted = count if isinstance(count, RequestCount) and count.requests else None
-        paid_by = getattr(refund, "merchant_id", None) or merchant
         try:
-            record = await self.ledger.mark_applied_and_get(
+            await self.ledger.mark_applied(
                 key,
                 item.bag_id,
                 refund.id,
                 reconciled=refund.reconciled,
                 outcome="reconciled" if refund.reconciled else "applied",
                 paid=refund.amount,
-                counts=None if counted is None else (counted.requests, counted.rate_limited),
-                also=(
-                    [self.pace.succeeded_call(paid_by, order_id=item.order_id)]
-                    if self.pace is not None and paid_by is not None
-                    else None
-                ),
             )
         except RefundOwnedError as exc:
             # Two items cannot have one refund: a person looks (nothing more is sent).
-            # The rest of the round trip ran: the counts are the item's already.
-            if counted is not None:
-                counted.requests = counted.rate_limited = 0
             await self.ledger.mark_review(key, str(exc))
-            record = await self._record(key)
-        if counted is not None:
-            counted.requests = counted.rate_limited = 0
-        if self.limiter is not None:
-            await self.limiter.speed_up()
+        await self._paced_success(item, refund, merchant)
         # Kept until the record is read back: a ledger lost in between runs the job
         # again, and the re-run records this refund again rather than asking anew.
-        summary = record.to_dict()
+        summary = (await self._record_counted(key)).to_dict()
         self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -785,6 +767,15 @@ class FleetWorker:
             await self.pace.limited(merchant, exc.delay, epoch=epoch)
         raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
 
+    async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
+        if self.limiter is not None:
+            await self.limiter.speed_up()
+        if self.pace is None:
+            return
+        paid_by = getattr(refund, "merchant_id", None) or merchant
+        if paid_by is not None:
+            await self.pace.succeeded(paid_by, order_id=item.order_id)
+
     async def _now(self, *, fresh: bool = False) -> float:
         """Redis's time now, as this worker's monotonic clock carries it on from the
         last reading (``fresh``: read it again). Workers' wall clocks may disagree by
@@ -819,6 +810,20 @@ class FleetWorker:
         await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
         count_item("fleet", item.kind, "refused")
         return (await self._record(key)).to_dict()
+
+    async def _record_counted(self, key: str) -> LedgerRecord:
+        """:meth:`_record`, adding this run's request counts so far to the item's in the
+        same round trip (the run adds only what comes after)."""
+        count = CAPTURE.get()
+        if not isinstance(count, RequestCount) or not count.requests:
+            return await self._record(key)
+        record = await self.ledger.get_counted(key, count.requests, count.rate_limited)
+        if record is None:
+            raise LedgerLostError(
+                f"item {key} vanished from the ledger under this run: Redis lost its data"
+            )
+        count.requests = count.rate_limited = 0
+        return record
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -538,19 +537,10 @@ def _set(
     return True
 
 
-def _sha(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis's script id
-
-
-#: Each script by its id, as ``EVALSHA`` names it.
-_BY_SHA = {_sha(script): run for script, run in _SCRIPTS.items()}
-
-
 class _Script:
-    def __init__(self, redis: MemoryRedis, run: Callable[..., Any], sha: str = "") -> None:
+    def __init__(self, redis: MemoryRedis, run: Callable[..., Any]) -> None:
         self.redis = redis
         self.run = run
-        self.sha = sha
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         server = await self.redis._command()
@@ -567,7 +557,6 @@ class _Pipeline:
         self.redis = redis
         self.queued: list[tuple[str, bytes]] = []
         self.sets: list[tuple[Any, bool, int | None]] = []
-        self.scripts: list[tuple[Callable[..., Any], list[bytes], list[bytes]]] = []
 
     async def __aenter__(self) -> _Pipeline:
         return self
@@ -590,29 +579,17 @@ class _Pipeline:
     def exists(self, key: str) -> None:
         self.queued.append(("exists", _b(key)))
 
-    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
-        """A script run with others (``run_scripts``): every one is known here."""
-        values = [_b(v) for v in keys_and_args]
-        self.queued.append(("evalsha", b""))
-        self.scripts.append((_BY_SHA[sha], values[:numkeys], values[numkeys:]))
-
     def set(self, key: str, value: Any, *, nx: bool = False, px: int | None = None) -> None:
         """A bag lock's ``SET NX`` ahead of the reads made under it."""
         self.queued.append(("set", _b(key)))
         self.sets.append((value, nx, px))
 
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+    async def execute(self) -> list[Any]:
         server = await self.redis._command()
         answers: list[Any] = []
         sets = iter(self.sets)
-        scripts = iter(self.scripts)
         for command, key in self.queued:
-            if command == "evalsha":
-                run, keys, args = next(scripts)
-                writes = server.writes
-                answers.append(run(server, keys, args))
-                self.redis._wrote(writes)
-            elif command == "set":
+            if command == "set":
                 value, nx, px = next(sets)
                 answers.append(_set(server, key, value, nx=nx, px=px))
             elif command == "exists":
@@ -655,7 +632,7 @@ class MemoryRedis:
         run = _SCRIPTS.get(script)
         if run is None:
             raise NotImplementedError("this script has no in-memory version")
-        return _Script(self, run, _sha(script))
+        return _Script(self, run)
 
     def pipeline(self, transaction: bool = True) -> _Pipeline:
         return _Pipeline(self)
