@@ -15,9 +15,8 @@ from .conftest import make_client
 async def test_a_count_redacts_nothing_and_a_list_it_feeds_gets_redacted_copies(
     fake: FakeViolet, clock: FakeClock
 ) -> None:
-    """Counting alone never builds the redactor's pattern (its every spelling of every
-    secret: the costliest thing a worker did at its first request); a list around the
-    count gets the response, redacted, and the count still counts."""
+    """Counting alone redacts nothing (the redactor has not even built its patterns); a
+    list around the count gets the response, redacted, and the count still counts."""
     order_id, bag_id = fake.seeded[0]
     async with make_client(fake, clock) as client:
         await client.list_bag_refunds(order_id, bag_id)  # logs in outside the blocks
