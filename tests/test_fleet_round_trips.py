@@ -90,11 +90,16 @@ async def test_claim_script_claims_due_jobs_once(pool: ArqRedis) -> None:
     assert await pool.get(in_progress_key_prefix + "busy") == b"1"
 
 
+@pytest.mark.parametrize("claim_script", [True, False])
 async def test_two_fleet_arq_workers_run_each_job_once(
-    pool: ArqRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    pool: ArqRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch, claim_script: bool
 ) -> None:
     """Two workers claiming from one queue in one process: every job runs once (arq's
-    counts), every item applied, each bag refunded once."""
+    counts), every item applied, each bag refunded once; also with arq's own claim (an
+    arq release other than the one the claim script follows)."""
+    from violet_async.fleet import _arq
+
+    monkeypatch.setattr(_arq, "_CLAIMS_AS_ARQ", claim_script)
     items = [_item(n, 100000 + n) for n in range(1, 13)]
     async with FakeViolet(orders=12, seed=7) as fake:
         await enqueue(pool, items)

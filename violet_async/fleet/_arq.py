@@ -17,6 +17,7 @@ item no producer signed as it reads now, before any send.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
@@ -385,6 +386,19 @@ return found
 """
 
 
+def _arq_release() -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in importlib.metadata.version("arq").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return ()
+
+
+#: The claim script stands in for arq's own ``Worker.start_jobs`` on the release whose
+#: internals it follows (its semaphore, job counter and task table: arq 0.28); on any
+#: other, arq claims as it always does (four round trips a job, the same guarantees).
+_CLAIMS_AS_ARQ = _arq_release() == (0, 28)
+
+
 class FleetArqWorker(Worker):
     """arq's ``Worker``, claiming the jobs it read from the queue in one round trip
     for every slot free at the time.
@@ -400,6 +414,10 @@ class FleetArqWorker(Worker):
     _claim: Any = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        if not _CLAIMS_AS_ARQ:
+            # Another arq release: its own claim (this one follows 0.28's internals).
+            await super().start_jobs(job_ids)
+            return
         ids = [job_id.decode() for job_id in job_ids]
         ttl = int(self.in_progress_timeout_s * 1000)
         while ids:
