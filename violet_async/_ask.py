@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import os
 import secrets
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ __all__ = [
     "Settings",
     "checked_key",
     "clock_stepped",
+    "machine_name",
     "merged",
     "same_machine",
     "sent_once",
@@ -41,29 +43,67 @@ Kind = Literal["refund", "cancel"]
 MAX_KEY_LENGTH = 255
 
 
-def _boot_id() -> str:
-    """This machine's boot (Linux's ``boot_id``): processes that share it share one
-    monotonic clock. Empty where it cannot be read."""
+def _read(path: str) -> str | None:
+    """The text of a small file of ``/proc`` (None: it cannot be read)."""
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
-            return file.read(64).strip().replace("-", "")[:16]
-    except OSError:
+        with open(path, encoding="ascii") as file:
+            return file.read(512)
+    except (OSError, ValueError):
+        return None
+
+
+def machine_name(boot: str, offsets: str) -> str:
+    """The name of the machine's monotonic clock as a process sees it: ``boot`` (its
+    ``boot_id``, shortened), and its time namespace's monotonic offset when it has one
+    (``offsets``: ``/proc/self/timens_offsets``). Processes in two time namespaces of
+    one boot (a container made with its own, one restored by CRIU, whose monotonic
+    clock goes on from its checkpoint) read one ``boot_id`` but monotonic clocks that
+    differ by the offset: a record's stamp, taken for one of this machine's, moved its
+    times by that offset (review 21: 500 s back, a settle window ended while the send
+    still ran, and the refund was sent again). Empty: no machine is named (the boot
+    cannot be read)."""
+    boot = boot.strip().replace("-", "")[:16]
+    if not boot:
         return ""
+    for line in offsets.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == "monotonic" and fields[1:] != ["0", "0"]:
+            return f"{boot}~{fields[1]}.{fields[2]}"
+    return boot
+
+
+def _machine() -> str:
+    """This process's machine (:func:`machine_name`). Empty where a time namespace
+    exists but its offsets cannot be read."""
+    boot = _read("/proc/sys/kernel/random/boot_id") or ""
+    offsets = _read("/proc/self/timens_offsets")
+    if offsets is None:
+        # No file: a kernel without time namespaces (before Linux 5.6), one monotonic
+        # clock for the boot; unless this process is in one whose offsets are hidden.
+        try:
+            os.readlink("/proc/self/ns/time")
+        except OSError:
+            offsets = ""
+        else:
+            return ""
+    return machine_name(boot, offsets)
 
 
 #: This process, as the clock names of records begin.
 PROCESS_TOKEN = secrets.token_hex(8)
 
 #: This process's clock, as records name it: times recorded here are in this clock.
-#: ``<process>@<machine>``: records of two processes on one machine (one boot) share
-#: a monotonic clock, and a step of the wall clock between their writes is measured
-#: exactly (:func:`same_machine`). Just ``<process>`` where the boot cannot be read.
-PROCESS_CLOCK = f"{PROCESS_TOKEN}@{_boot_id()}".rstrip("@")
+#: ``<process>@<machine>``: records of two processes on one machine (one boot, one
+#: time namespace's monotonic offset) share a monotonic clock, and a step of the wall
+#: clock between their writes is measured exactly (:func:`same_machine`). Just
+#: ``<process>`` where the machine cannot be named.
+PROCESS_CLOCK = f"{PROCESS_TOKEN}@{_machine()}".rstrip("@")
 
 
 def same_machine(one: str, other: str) -> bool:
     """Whether two clock names (``PendingRefund.clock``) name processes on one machine
-    (one boot): both end in the same ``@<machine>``."""
+    (one boot, one monotonic offset: :func:`machine_name`): both end in the same
+    ``@<machine>``."""
     _, at, machine = one.rpartition("@")
     return bool(at and machine) and other.rpartition("@")[1:] == (at, machine)
 
