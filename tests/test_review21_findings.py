@@ -5,9 +5,16 @@ client; refunds are counted by the server's own record."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import pytest
+
 from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
 from violet_async._ask import machine_name, same_machine
+from violet_async.stores import Claim, KeyEntry, MemoryStore
 from violet_async.testing import FakeClock
+from violet_async.testing.sim._kinds_review import ProcessClock
 
 from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
 
@@ -91,3 +98,92 @@ async def test_a_record_from_another_time_namespace_is_not_moved_by_its_offset()
     assert server.posts == 1
     if isinstance(later, OrderRefund):
         assert [later.id] == server.ours
+
+
+# -- a key taken over from a process on this machine after its wall clock stepped back --
+
+
+class _Dies:
+    """A process's view of a shared store: as ``base`` until the process dies, then
+    nothing it writes arrives (its cancellation's cleanup included)."""
+
+    def __init__(self, base: MemoryStore) -> None:
+        self._base = base
+        self.lease, self.retention = base.lease, base.retention
+        self.dead = False
+
+    def _alive(self) -> None:
+        if self.dead:
+            raise ConnectionError("the process is gone")
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        self._alive()
+        return await self._base.claim(fresh, now)
+
+    async def save(self, entry: KeyEntry, owner: str) -> bool:
+        self._alive()
+        return await self._base.save(entry, owner)
+
+    async def renew(self, key: str, owner: str, lease_until: float) -> bool:
+        self._alive()
+        return await self._base.renew(key, owner, lease_until)
+
+    async def load(self, key: str) -> KeyEntry | None:
+        self._alive()
+        return await self._base.load(key)
+
+    async def expired(self, key: str, now: float) -> bool:
+        self._alive()
+        return await self._base.expired(key, now)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("step", [-120.0, 0.0])
+async def test_a_key_taken_over_after_a_step_back_keeps_its_in_flight_window(
+    step: float,
+) -> None:
+    """A keyed call's POST is in flight at Violet (it commits 200 s later) when its
+    process dies; the record it saved says SENT, stamped with its wall and monotonic
+    time. The machine's wall clock steps back 120 s. Another process on this machine
+    takes the key over once the lease has run out and, its owner having stopped
+    mid-send, keeps the ask pending until a request still running could commit (the
+    time now, plus one attempt's timeout and ``settle_running``). That window was
+    added to the record beside the dead owner's stamp; the driver then moved the whole
+    record by the step since the stamp (-120 s), the window with it: it looked over at
+    once, the read-back missed the POST still running, and the refund was sent again:
+    two refunds."""
+    clock = FakeClock()
+    server = Hostile(
+        clock, script=[Step(200, hang=True, commit_after=200.0), Step(200, commit_after=0.0)]
+    )
+    base = MemoryStore()
+    dying = _Dies(base)
+    policy = RetryPolicy(max_attempts=3, deadline=120.0, settle_running=60.0)
+    key = {"idempotency_key": "rma-review21"}
+    async with (
+        hostile_client(server, retry=policy, store=dying) as first,
+        hostile_client(server, retry=policy, store=base, clock=ProcessClock(clock)) as second,
+    ):
+        call = asyncio.ensure_future(
+            first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key)
+        )
+        await server.post_arrived.wait()
+        dying.dead = True
+        call.cancel()
+        with contextlib.suppress(BaseException):
+            await call
+        clock.step_wall(step)
+        clock.advance(base.lease + 125.0)  # the lease has run out, on the wall clock too
+        try:
+            got: object = await second.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+        clock.advance(300.0)  # the first POST has applied
+    assert len(server.ours) == 1, f"{got!r}: refunded twice"
+    assert server.posts == 1
+    if isinstance(got, OrderRefund):
+        assert [got.id] == server.ours

@@ -911,9 +911,14 @@ class KeyedAsks:
         # the record says it left. Absence is not provable before then.
         clock = self._clock
         now = clock.time()
-        if resume.clock == clock_id(clock):
+        here = clock_id(clock)
+        if resume.clock == here or same_machine(resume.clock, here):
             # Its times first move onto the wall clock as it is now (a step since its
             # owner wrote it), or the driver would move the window added here again.
+            # Also a record of another process on this machine: the driver moves it by
+            # the step since its stamp (review 21: a step back of 120 s took the window
+            # added here back with it, it looked over at once, and a POST of the dead
+            # owner still running at Violet was sent again).
             resume = on_wall_now(resume, now, clock.monotonic())
         recorded = resume.settle_until
         if recorded is None:
