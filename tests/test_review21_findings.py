@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import attrs
 import pytest
 
 from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
 from violet_async._ask import machine_name, same_machine
+from violet_async._protocol import Do, Observation, step
 from violet_async.stores import Claim, KeyEntry, MemoryStore
 from violet_async.testing import FakeClock
 from violet_async.testing.sim._kinds_review import ProcessClock
@@ -187,3 +189,30 @@ async def test_a_key_taken_over_after_a_step_back_keeps_its_in_flight_window(
     assert server.posts == 1
     if isinstance(got, OrderRefund):
         assert [got.id] == server.ours
+
+
+# -- Date headers that disagree: a claim's bar below the latest reading ------------------
+
+
+@pytest.mark.parametrize(("before_send", "claimed"), [(10.0, False), (-1.0, True)])
+def test_a_refund_before_the_send_by_the_latest_date_is_not_claimed_when_dates_disagree(
+    before_send: float, claimed: bool
+) -> None:
+    """Simulator seed 961780: Violet's clock is 46 s ahead; one answer's ``Date`` was
+    120 s behind the others, so the ask's readings of Violet's clock disagree (the
+    record is unsure). Its send (a 500: nothing applied) followed another system's
+    refund of the same amount by 10 s. The bar a date had to clear was ``clock_skew``
+    (60 s) below every reading, and this machine's clock's 5 s: by the local reading
+    the refund was 36 s after the send, and a resume after a step claimed it as the
+    ask's own. By the latest reading (this process's own, 46 s) it is 10 s before the
+    send: for review. A refund 1 s after the send by that reading is still the ask's."""
+    from .test_protocol import SETTINGS, T0, refund, sent
+
+    record = sent(server_offset=46.0, offsets=(-74.0, 46.0), clock_unsure=True)
+    record = attrs.evolve(record, settle_until=T0 + 60.0)
+    theirs = refund(5, age=-(46.0 - before_send))  # Violet's date, 46 s ahead
+    read = Observation.read(
+        T0 + 100.0, [theirs], server_time=T0 + 146.0, received_at=T0 + 100.5
+    )
+    ask, action = step(record, read, SETTINGS, T0 + 100.5, 100.0)
+    assert (action.do is Do.RETURN) is claimed, (action, ask.note)

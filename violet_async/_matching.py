@@ -439,8 +439,9 @@ def no_baseline_window(
     the read; None: not known).
 
     Violet's clock is read two ways: by the ``Date`` headers (every offset they gave,
-    when they disagreed; within ``date_tolerance``, or ``clock_skew`` when they
-    disagreed; a record's unsure times never lower it) and by this machine's clock (as it is,
+    when they disagreed; within ``date_tolerance``, or ``clock_skew`` for the earlier
+    readings when they disagreed, never for the latest, this process's own; a record's
+    unsure times never lower it) and by this machine's clock (as it is,
     or as it was before a step the ask saw; within ``date_tolerance``). A date must
     place the refund after the send by every reading: a ``Date`` header behind the
     clock that dates refunds (a CDN or load balancer stamping its own) would otherwise
@@ -493,7 +494,14 @@ def no_baseline_window(
         ceilings = [] if read_at is None else [read_at + offset + tolerance]
     else:
         mine = settings.date_tolerance if dates else skew
-        floor = max((*(d - raised for d in dates), *(h - mine for h in local)))
+        # The latest reading is this process's own, on this clock (a record of another
+        # clock is moved onto it by that reading): the send is placed by it within
+        # ``date_tolerance``, however far earlier readings disagreed. Held only within
+        # ``clock_skew`` of every reading, another system's refund made 10 s before a
+        # re-send, Violet's clock 46 s ahead and one answer's ``Date`` 120 s behind, was
+        # claimed by a resume after a step (review 21, simulator seed 961780).
+        latest = () if offset is None else (offset - settings.date_tolerance,)
+        floor = max((*latest, *(d - raised for d in dates), *(h - mine for h in local)))
         ceilings = [] if read_at is None else [read_at + h + skew for h in local]
         if read_at is not None:
             ceilings += [read_at + d + tolerance for d in dates]
