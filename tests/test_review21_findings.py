@@ -179,9 +179,7 @@ async def test_a_key_taken_over_after_a_step_back_keeps_its_in_flight_window(
         clock.step_wall(step)
         clock.advance(base.lease + 125.0)  # the lease has run out, on the wall clock too
         try:
-            got: object = await second.refund_bag(
-                ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key
-            )
+            got: object = await second.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key)
         except AmbiguousOutcomeError as exc:
             got = exc
         clock.advance(300.0)  # the first POST has applied
@@ -211,8 +209,6 @@ def test_a_refund_before_the_send_by_the_latest_date_is_not_claimed_when_dates_d
     record = sent(server_offset=46.0, offsets=(-74.0, 46.0), clock_unsure=True)
     record = attrs.evolve(record, settle_until=T0 + 60.0)
     theirs = refund(5, age=-(46.0 - before_send))  # Violet's date, 46 s ahead
-    read = Observation.read(
-        T0 + 100.0, [theirs], server_time=T0 + 146.0, received_at=T0 + 100.5
-    )
+    read = Observation.read(T0 + 100.0, [theirs], server_time=T0 + 146.0, received_at=T0 + 100.5)
     ask, action = step(record, read, SETTINGS, T0 + 100.5, 100.0)
     assert (action.do is Do.RETURN) is claimed, (action, ask.note)
