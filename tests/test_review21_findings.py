@@ -142,9 +142,10 @@ class _Dies:
         return None
 
 
+@pytest.mark.parametrize("elsewhere", [False, True])
 @pytest.mark.parametrize("step", [-120.0, 0.0])
 async def test_a_key_taken_over_after_a_step_back_keeps_its_in_flight_window(
-    step: float,
+    step: float, elsewhere: bool
 ) -> None:
     """A keyed call's POST is in flight at Violet (it commits 200 s later) when its
     process dies; the record it saved says SENT, stamped with its wall and monotonic
@@ -155,7 +156,9 @@ async def test_a_key_taken_over_after_a_step_back_keeps_its_in_flight_window(
     added to the record beside the dead owner's stamp; the driver then moved the whole
     record by the step since the stamp (-120 s), the window with it: it looked over at
     once, the read-back missed the POST still running, and the refund was sent again:
-    two refunds."""
+    two refunds. The same when the process taking the key over is on another machine
+    (its client made before the step): the engine moved the record, window and all, by
+    the step of its clock since the client was made."""
     clock = FakeClock()
     server = Hostile(
         clock, script=[Step(200, hang=True, commit_after=200.0), Step(200, commit_after=0.0)]
@@ -166,7 +169,14 @@ async def test_a_key_taken_over_after_a_step_back_keeps_its_in_flight_window(
     key = {"idempotency_key": "rma-review21"}
     async with (
         hostile_client(server, retry=policy, store=dying) as first,
-        hostile_client(server, retry=policy, store=base, clock=ProcessClock(clock)) as second,
+        hostile_client(
+            server,
+            retry=policy,
+            store=base,
+            # Another process on this machine, or one on another machine (its wall
+            # clock in step with this one's, stepped alike).
+            clock=_NamespaceClock(clock, AHEAD_OFFSETS, 0.0) if elsewhere else ProcessClock(clock),
+        ) as second,
     ):
         call = asyncio.ensure_future(
             first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **key)

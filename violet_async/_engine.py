@@ -910,20 +910,29 @@ class KeyedAsks:
         # clock stepped): its request may still be running at Violet, however long ago
         # the record says it left. Absence is not provable before then.
         clock = self._clock
-        now = clock.time()
+        now, mono = clock.time(), clock.monotonic()
         here = clock_id(clock)
-        if resume.clock == here or same_machine(resume.clock, here):
+        moved_by = 0.0
+        if resume.clock == here or (
+            resume.wall_mono is not None and same_machine(resume.clock, here)
+        ):
             # Its times first move onto the wall clock as it is now (a step since its
             # owner wrote it), or the driver would move the window added here again.
             # Also a record of another process on this machine: the driver moves it by
             # the step since its stamp (review 21: a step back of 120 s took the window
             # added here back with it, it looked over at once, and a POST of the dead
             # owner still running at Violet was sent again).
-            resume = on_wall_now(resume, now, clock.monotonic())
+            resume = on_wall_now(resume, now, mono)
+        else:
+            # Another machine's record: the engine moves its times by the step of this
+            # clock since the client was made (the client-origin rule). The window
+            # added here is read on this clock as it is now: it is held against that
+            # move, or a step back took it back with it (review 21, as above).
+            moved_by = self._origin.step_at(now, mono)
         recorded = resume.settle_until
         if recorded is None:
             recorded = (resume.last_sent_at or now) + self._in_flight
-        return attrs.evolve(resume, settle_until=max(recorded, now + self._in_flight))
+        return attrs.evolve(resume, settle_until=max(recorded, now + self._in_flight - moved_by))
 
     async def _finish(
         self, key: str, ask: PendingRefund, refund: OrderRefund, lineage: tuple[str, ...]
