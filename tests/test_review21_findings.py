@@ -10,6 +10,7 @@ import contextlib
 
 import attrs
 import pytest
+from aiohttp import web
 
 from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
 from violet_async._ask import machine_name, same_machine
@@ -222,3 +223,38 @@ def test_a_refund_before_the_send_by_the_latest_date_is_not_claimed_when_dates_d
     read = Observation.read(T0 + 100.0, [theirs], server_time=T0 + 146.0, received_at=T0 + 100.5)
     ask, action = step(record, read, SETTINGS, T0 + 100.5, 100.0)
     assert (action.do is Do.RETURN) is claimed, (action, ask.note)
+
+
+# -- a login answered 200 and cut off mid-body -----------------------------------------
+
+
+class _CutLogin(Hostile):
+    """The first login is answered 200 with a body cut off mid-way (the connection
+    closes short of its ``Content-Length``); every later one as usual."""
+
+    cut = 1
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        if not self.cut:
+            return await super()._login(request)
+        self.cut -= 1
+        response = web.StreamResponse(
+            status=200, headers={"Content-Length": "500", "Content-Type": "application/json"}
+        )
+        await response.prepare(request)
+        await response.write(b'{"token": "hostile-acc')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+
+async def test_a_login_cut_off_mid_body_is_logged_in_again_not_an_applied_refund() -> None:
+    """Review 20 made a POST's 2xx cut off mid-body an unreadable 2xx ("it applied, but
+    what it made cannot be read"). The login is a POST too: its cut-off 200 ended the
+    refund call with that error, nothing sent, the caller told the refund applied. A
+    login is safe to repeat: it is logged in again and the refund made, once."""
+    server = _CutLogin(FakeClock())
+    async with hostile_client(server, retry=RetryPolicy(max_attempts=3, deadline=60.0)) as client:
+        refund = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+    assert server.ours == [refund.id]
+    assert server.posts == 1

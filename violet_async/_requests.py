@@ -447,6 +447,10 @@ class RequestPlumbing:
                 body=body,
                 timeouts=self._timeouts,
                 deadline=remaining,
+                # A login's 2xx cut off mid-body says nothing of the refund or cancel
+                # waiting for it: logging in again is harmless (review 21: reported as
+                # "it applied" for a call that never sent).
+                repeatable=True,
             )
             if not 200 <= resp.status < 300:
                 error = api_error_from_response(
