@@ -440,18 +440,25 @@ class RequestPlumbing:
             headers["X-Violet-Token"] = token
 
         async def send(remaining: float | None) -> tuple[int, bytes, Mapping[str, str]]:
-            resp = await shared.transport.send(
-                method,
-                shared.endpoint.join(path),
-                headers=headers,
-                body=body,
-                timeouts=self._timeouts,
-                deadline=remaining,
+            unanswered: VioletError | None = None
+            try:
+                resp = await shared.transport.send(
+                    method,
+                    shared.endpoint.join(path),
+                    headers=headers,
+                    body=body,
+                    timeouts=self._timeouts,
+                    deadline=remaining,
+                )
+            except ResponseFormatError as exc:
+                if exc._unanswered is None:
+                    raise
+                unanswered = exc._unanswered
+            if unanswered is not None:
                 # A login's 2xx cut off mid-body says nothing of the refund or cancel
-                # waiting for it: logging in again is harmless (review 21: reported as
-                # "it applied" for a call that never sent).
-                repeatable=True,
-            )
+                # waiting for it (no answer, retried: logging in again is harmless),
+                # never "it applied" (review 21: a call that never sent was told so).
+                raise unanswered
             if not 200 <= resp.status < 300:
                 error = api_error_from_response(
                     resp.status,

@@ -238,11 +238,8 @@ class Transport:
         body: bytes | None,
         timeouts: Timeouts,
         deadline: float | None = None,
-        repeatable: bool = False,
     ) -> RawResponse:
-        """Send one request. ``deadline`` (seconds left in the call) caps the attempt.
-        ``repeatable``: a POST that is safe to send again (a login): a 2xx answer cut
-        off mid-body is then no answer, as a GET's is, not an unreadable 2xx."""
+        """Send one request. ``deadline`` (seconds left in the call) caps the attempt."""
         session = self._open_session()
         last = self._last_timeout
         if last[0] is timeouts and last[1] == deadline:
@@ -321,7 +318,7 @@ class Transport:
             failure = ClientClosedError(
                 f"{method} {self._path_of(url)}: the aiohttp session is closed"
             )
-        _raise_unchained(failure if repeatable else self._cut_short(answered, failure, method, url))
+        _raise_unchained(self._cut_short(answered, failure, method, url))
         raise AssertionError("unreachable")  # for linters: the line above raises
 
     def _path_of(self, url: str | URL) -> str:
@@ -446,13 +443,15 @@ class Transport:
             reason = failure.reason or type(failure).__name__
         else:
             reason = type(failure).__name__
-        return self._format_error(
+        error = self._format_error(
             f"the {status} answer's body was cut short ({reason}): it applied, but what "
             "it made cannot be read",
             status,
             method,
             url,
         )
+        error._unanswered = failure  # a login's is no answer: sent again (_requests)
+        return error
 
     def _format_error(
         self, problem: str, status: int, method: str, url: str | URL

@@ -114,6 +114,9 @@ class VioletError(Exception):
     #: after Violet refused an expired token and it was renewed: the failure is that
     #: send's, which left then, not when the attempt began.
     _resent_at: tuple[float, float] | None = None
+    #: Set on the unreadable 2xx made of a POST's answer cut off mid-body: the failure
+    #: it was (no answer), for a request that is safe to send again (a login).
+    _unanswered: VioletError | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
