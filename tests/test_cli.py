@@ -24,6 +24,26 @@ def test_demo_runs_and_reports_no_double_refunds(capsys: pytest.CaptureFixture[s
     assert int(retries.split()[1]) > 0  # the caller's on_retry hook saw the retries
     twice = next(line for line in out.splitlines() if "refunded twice" in line)
     assert twice.split()[-1] == "0"
+    contradicted = next(line for line in out.splitlines() if "ledger contradicts" in line)
+    assert contradicted.split()[-1] == "0"
+
+
+def test_the_demo_checks_every_outcome_against_the_ledger() -> None:
+    """A refund reported made must be on its bag once; one reported definitely not
+    applied must not be there; pending, unknown and not-sent outcomes claim nothing."""
+    from violet_async._demo import _contradicted
+
+    made = {1: 1, 2: 0, 3: 2, 4: 1}
+    ended = [
+        (1, "succeeded"),  # on the bag once: true
+        (2, "succeeded"),  # reported made, not there
+        (3, "already_done"),  # there twice
+        (4, "failed"),  # reported not applied, but made
+        (5, "failed"),  # not there: true
+        (4, "unknown"),  # claims nothing
+        (2, "not_sent"),  # claims nothing
+    ]
+    assert _contradicted(ended, made) == [2, 3, 4]
 
 
 def test_demo_paces_each_merchant_and_counts_what_rows_cost(

@@ -7,6 +7,7 @@ import random
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 from ._retry import RetryEvent, RetryPolicy
@@ -32,10 +33,12 @@ MERCHANT_BURST = 4.0
 async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
     """Refund two thirds of ``bags`` (half of them partly) and cancel the rest through
     the batch runner with a journal, then print what happened and what the server's
-    ledger says. Exit 0 when nothing was refunded twice and every item ended in a
-    result or a typed error."""
+    ledger says. Exit 0 when nothing was refunded twice, every item ended in a result
+    or a typed error, and the ledger contradicts no outcome (a refund or cancel
+    reported made is on its bag once; one reported definitely not applied is not)."""
     rng = random.Random(seed)
     outcomes: Counter[str] = Counter()
+    ended: list[tuple[int, str]] = []  # (bag, outcome)
     retries: Counter[str] = Counter()
     reconciled = 0
 
@@ -95,9 +98,11 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
                         label += f": {result.error_class}"
                     outcomes[label] += 1
                     reconciled += result.reconciled
+                    ended.append((result.item.bag_id, result.outcome))
             fake.settle()
             ledger = fake.ledger
             doubles = ledger.double_refunds()
+            contradicted = _contradicted(ended, ledger.refunds_per_bag)
         journal_lines = len(journal.read_bytes().splitlines())
     elapsed = time.perf_counter() - started
 
@@ -110,9 +115,27 @@ async def run_demo(bags: int, concurrency: int, seed: int, faults: str) -> int:
     print(f"  {'faults injected by the server':<40} {sum(ledger.faults.values()):>6}")
     print(f"  {'refunds recorded by the server':<40} {ledger.total_refunds:>6}")
     print(f"  {'bags refunded twice (ledger)':<40} {len(doubles):>6}")
+    print(f"  {'outcomes the ledger contradicts':<40} {len(contradicted):>6}")
     finished = sum(outcomes.values()) == bags
     paced = await _pace_demo(concurrency, seed)
-    return 0 if not doubles and finished and paced else 1
+    return 0 if not doubles and not contradicted and finished and paced else 1
+
+
+#: Outcomes that say the item's refund (or cancel) was made, and that it was not.
+_MADE = frozenset({"succeeded", "already_done"})
+_NOT_MADE = frozenset({"failed", "already_failed"})
+
+
+def _contradicted(ended: list[tuple[int, str]], made: Mapping[int, int]) -> list[int]:
+    """The bags whose reported outcome the server's ledger contradicts: reported made
+    and not on the bag exactly once, or reported definitely not applied and on it.
+    (Pending, review and not-sent outcomes claim nothing either way.)"""
+    return [
+        bag
+        for bag, outcome in ended
+        if (outcome in _MADE and made.get(bag, 0) != 1)
+        or (outcome in _NOT_MADE and made.get(bag, 0) != 0)
+    ]
 
 
 async def _pace_demo(concurrency: int, seed: int) -> bool:
