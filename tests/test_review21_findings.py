@@ -63,6 +63,9 @@ def test_a_time_namespace_names_another_machine() -> None:
     assert not same_machine(f"p1@{root}", f"p2@{ahead}")
     assert same_machine(f"p1@{ahead}", f"p2@{machine_name(boot, AHEAD_OFFSETS)}")
     assert machine_name("", AHEAD_OFFSETS) == ""  # no boot: no machine
+    # One process's clock is on its own machine, named or not; two unnamed are not.
+    assert same_machine("p1", "p1")
+    assert not same_machine("p1", "p2")
 
 
 async def test_a_record_from_another_time_namespace_is_not_moved_by_its_offset() -> None:

@@ -102,8 +102,10 @@ PROCESS_CLOCK = f"{PROCESS_TOKEN}@{_machine()}".rstrip("@")
 
 def same_machine(one: str, other: str) -> bool:
     """Whether two clock names (``PendingRefund.clock``) name processes on one machine
-    (one boot, one monotonic offset: :func:`machine_name`): both end in the same
-    ``@<machine>``."""
+    (one boot, one monotonic offset: :func:`machine_name`): one process's clock (the
+    same name), or two ending in the same ``@<machine>``."""
+    if one == other:
+        return True
     _, at, machine = one.rpartition("@")
     return bool(at and machine) and other.rpartition("@")[1:] == (at, machine)
 
@@ -465,11 +467,7 @@ def _on_one_wall_clock(
     whose clock both name, or by two processes on one machine), so that the later or
     earlier of two times is an instant, not an artefact of the step (a settle window
     15 h back looking later than one from now)."""
-    if (
-        one.wall_mono is None
-        or other.wall_mono is None
-        or not (one.clock == other.clock or same_machine(one.clock, other.clock))
-    ):
+    if one.wall_mono is None or other.wall_mono is None or not same_machine(one.clock, other.clock):
         # (Two processes on one machine share its monotonic clock: their stamps
         # measure a step between the writes as one process's do. Left apart, a copy
         # of a record moved by a step kept the earlier send time of a copy that was

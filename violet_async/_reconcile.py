@@ -828,9 +828,7 @@ def _stamped(
     here = settings.clock_id or PROCESS_CLOCK
     return attrs.evolve(
         ask,
-        wall_mono=(clock.time(), clock.monotonic())
-        if ask.clock == here or same_machine(ask.clock, here)
-        else None,
+        wall_mono=(clock.time(), clock.monotonic()) if same_machine(ask.clock, here) else None,
     )
 
 
@@ -941,7 +939,7 @@ async def run_ask(
     """An ask from its start: a new one (after a baseline read when asked), or one an
     earlier call or process left sent or pending (read back first)."""
     here = settings.clock_id or PROCESS_CLOCK
-    if ask.wall_mono is not None and (ask.clock == here or same_machine(ask.clock, here)):
+    if ask.wall_mono is not None and same_machine(ask.clock, here):
         # Left by this process, or another on this machine (one monotonic clock): a
         # step of the wall clock since moves the record's times with it (a forward step
         # must not end a settle window early).
