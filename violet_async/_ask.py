@@ -33,6 +33,7 @@ __all__ = [
     "clock_stepped",
     "machine_name",
     "merged",
+    "on_this_machine",
     "same_machine",
     "sent_once",
 ]
@@ -108,6 +109,13 @@ def same_machine(one: str, other: str) -> bool:
         return True
     _, at, machine = one.rpartition("@")
     return bool(at and machine) and other.rpartition("@")[1:] == (at, machine)
+
+
+def on_this_machine(ask: PendingRefund, here: str) -> bool:
+    """Whether ``ask``'s times are on the wall clock of ``here`` (this process's clock
+    name) as it can place them: written by this process, or by another on this machine
+    that stamped them (``wall_mono``), so that a step since is measured exactly."""
+    return ask.clock == here or (ask.wall_mono is not None and same_machine(ask.clock, here))
 
 
 class Phase(enum.Enum):

@@ -42,7 +42,7 @@ from ._ask import (
     Phase,
     Settings,
     merged,
-    same_machine,
+    on_this_machine,
     sent_once,
     with_unnamed,
 )
@@ -913,9 +913,7 @@ class KeyedAsks:
         now, mono = clock.time(), clock.monotonic()
         here = clock_id(clock)
         moved_by = 0.0
-        if resume.clock == here or (
-            resume.wall_mono is not None and same_machine(resume.clock, here)
-        ):
+        if on_this_machine(resume, here):
             # Its times first move onto the wall clock as it is now (a step since its
             # owner wrote it), or the driver would move the window added here again.
             # Also a record of another process on this machine: the driver moves it by
@@ -1616,11 +1614,7 @@ class Engine:
                 if resume is not None and key is not None and resume.idempotency_key != key:
                     resume = attrs.evolve(resume, idempotency_key=key)
                 here = settings.clock_id or PROCESS_CLOCK
-                if (
-                    resume is not None
-                    and resume.clock != here
-                    and not (resume.wall_mono is not None and same_machine(resume.clock, here))
-                ):
+                if resume is not None and not on_this_machine(resume, here):
                     # Another process's times: the clock they were read by is taken
                     # for this one's as it was when the client was made; a step of this
                     # clock since moves them with it (review 15: a window looked over

@@ -75,7 +75,7 @@ from ._ask import (
     ProtocolError,
     Settings,
     clock_stepped,
-    same_machine,
+    on_this_machine,
     with_unnamed,
 )
 from ._matching import (
@@ -411,7 +411,7 @@ def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefu
     # the same clock, never a reason to move its times (moved by a Date that jumped
     # 3 h, a record's send landed hours early and another system's refund made 10 s
     # before it was claimed in a third process: simulator seed 931604).
-    ours = ask.clock == here or (ask.wall_mono is not None and same_machine(ask.clock, here))
+    ours = on_this_machine(ask, here)
     if ours or ask.server_offset is None:
         previous = ask.server_offset if ours else None
         offsets = ask.offsets
