@@ -426,6 +426,15 @@ def send_offsets(ask: PendingRefund, settings: Settings) -> tuple[float, float, 
 TRUSTED_DATE = 180.0
 
 
+def _readings(ask: PendingRefund) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The record's readings of Violet's clock against this machine's: this machine's
+    clock as it is, and as it was before a step the ask saw (offset ``-stepped``); and
+    every offset the ``Date`` headers gave (none without a ``Date``)."""
+    local = (0.0,) if not ask.stepped else (0.0, -ask.stepped)
+    offset = ask.server_offset
+    return local, () if offset is None else (offset, *(ask.offsets or ()))
+
+
 def no_baseline_window(
     ask: PendingRefund,
     settings: Settings,
@@ -465,9 +474,8 @@ def no_baseline_window(
     right (a local time labelled UTC east of it, a clock that dates refunds minutes
     fast), so it cannot place the refund after the send either."""
     skew = settings.clock_skew
-    local = (0.0,) if not ask.stepped else (0.0, -ask.stepped)
+    local, dates = _readings(ask)
     offset = ask.server_offset
-    dates = () if offset is None else (offset, *(ask.offsets or ()))
     precise = offset is not None and ask.offsets is None and not ask.clock_unsure
     tolerance = settings.date_tolerance if precise else skew
     # The floor, a claim's bar, is not lowered by a record's unsure times (a step
@@ -593,9 +601,7 @@ def latest_own(ask: PendingRefund, settings: Settings) -> float | None:
     if sent is None:
         return None
     skew = settings.clock_skew
-    local = (0.0,) if not ask.stepped else (0.0, -ask.stepped)
-    offset = ask.server_offset
-    dates = () if offset is None else (offset, *(ask.offsets or ()))
+    local, dates = _readings(ask)
     mine = settings.date_tolerance if dates else skew
     latest: float = max((*(d + skew for d in dates), *(h + mine for h in local)))
     return sent + settings.settle_running + LATE_STAMP + latest
