@@ -523,9 +523,23 @@ def no_baseline_window(
 DAY = 86_400.0
 
 
-def _created(refund: OrderRefund) -> tuple[float, float] | None:
-    """The earliest and latest Unix time the refund's date allows (None: no date, or
-    one without an offset)."""
+#: Dates before this (2000-01-01T00:00:00Z) are no refund's: Violet's API is younger.
+#: A record carries one when its backend never set the date and wrote its zero instead
+#: (Unix time 0, ``1970-01-01T00:00:00Z``; a zero datetime, ``0001-01-01T00:00:00Z``;
+#: -1). Taken as a date, it placed the refund "long before the send", and without a
+#: baseline an ask's own refund listed that way was skipped as another's, proven
+#: absent and sent again (review 22).
+EARLIEST_DATE = 946_684_800.0
+
+
+def placeholder_date(stamp: float | None) -> bool:
+    """``stamp`` (Unix seconds) is a backend's stand-in for a date it never set."""
+    return stamp is not None and stamp < EARLIEST_DATE
+
+
+def date_span(refund: OrderRefund) -> tuple[float, float] | None:
+    """The earliest and latest Unix time the refund's date allows, as written (None:
+    no date, or one without an offset)."""
     when = refund.date_created
     if when is None:
         return None
@@ -535,6 +549,13 @@ def _created(refund: OrderRefund) -> tuple[float, float] | None:
     if stamp % DAY == 0.0:
         return stamp, stamp + DAY
     return stamp, stamp
+
+
+def _created(refund: OrderRefund) -> tuple[float, float] | None:
+    """:func:`date_span`, None for a placeholder too (:func:`placeholder_date`): it
+    places the refund nowhere."""
+    span = date_span(refund)
+    return None if span is None or placeholder_date(span[0]) else span
 
 
 class Reading:
@@ -628,6 +649,8 @@ def _doubt(
     if span is None:
         if refund.date_created is None:
             return f"{UNPLACED} (it has no date)"
+        if placeholder_date(unix_time(refund.date_created)):
+            return f"{UNPLACED} (the date is a placeholder for one never set, before 2000)"
         return f"{UNPLACED} (the date has no offset: server-local time)"
     if sent is None:
         return f"{UNPLACED} (when this request was first sent is not known)"
@@ -854,6 +877,7 @@ def idless_fits(
         if (
             date is None
             or when is None
+            or placeholder_date(when)
             or when - date >= -IDLESS_EARLIER
             or (since is not None and when >= since)
         ):

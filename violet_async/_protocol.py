@@ -87,6 +87,7 @@ from ._matching import (
     match,
     needs_bag,
     on_bag,
+    placeholder_date,
     unix_time,
 )
 from .exceptions import (
@@ -584,7 +585,13 @@ def _maybe_unnamed(refund: OrderRefund, unnamed: Sequence[tuple[int | None, floa
     for amount, date in unnamed:
         if amount is not None and refund.amount is not None and amount != refund.amount:
             continue
-        if date is None or when is None or abs(when - date) <= WRONG_OFFSET_SPAN:
+        if (
+            date is None
+            or when is None
+            or placeholder_date(date)
+            or placeholder_date(when)
+            or abs(when - date) <= WRONG_OFFSET_SPAN
+        ):
             return True
     return False
 

@@ -19,7 +19,7 @@ import attrs
 from yarl import URL
 
 from ._auth import Auth, Credentials, is_token_expired_error
-from ._matching import _created, _sku_totals
+from ._matching import _sku_totals, date_span
 from ._reconcile import BagIO, BagLocks, ClockOrigin, KnownRefunds, PendingAsks
 from ._responses import (
     PagingError,
@@ -582,7 +582,7 @@ def _gap(refund: OrderRefund, resp: RawResponse) -> tuple[float, float] | None:
     missing or the date has no offset; a day-precision date (midnight UTC) spans its
     day. Violet's clock only: no local clock."""
     global _last_date  # noqa: PLW0603 - a one-entry cache, replaced whole
-    span = _created(refund)
+    span = date_span(refund)
     if span is None:
         return None
     header = resp.headers.get("Date")

@@ -1,0 +1,150 @@
+"""Review 22: attacks an outsider would try on today's main.
+
+Each test scripts its own small Violet (aiohttp.web on 127.0.0.1, port 0) on a
+FakeClock shared with the client; refunds are counted by that server's own ledger."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+from email.utils import formatdate
+from typing import Any
+
+import attrs
+import pytest
+from aiohttp import web
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    RetryPolicy,
+    VioletClient,
+    VioletError,
+)
+from violet_async.testing import FakeClock
+
+ORDER_ID = 5221
+BAG_ID = 7221
+AMOUNT = 300
+
+
+@attrs.define
+class Shop:
+    """One bag at a Violet whose POSTs each commit a refund and answer ``answer``
+    (a gateway's 504 by default: it applied, the client cannot know); the refund list
+    shows every refund, each record shaped by ``shape``."""
+
+    clock: FakeClock
+    answer: int = 504
+    shape: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record
+    refunds: list[dict[str, Any]] = attrs.Factory(list)
+    posts: int = 0
+    _wall0: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._wall0 = self.clock.time() - self.clock.monotonic()
+
+    def now(self) -> float:
+        return self._wall0 + self.clock.monotonic()
+
+    def stamp(self, when: float) -> str:
+        return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def app(self) -> web.Application:
+        @web.middleware
+        async def dated(request: web.Request, handler: Any) -> web.StreamResponse:
+            response: web.StreamResponse = await handler(request)
+            response.headers["Date"] = formatdate(self.now(), usegmt=True)
+            return response
+
+        app = web.Application(middlewares=[dated])
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._post)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        return app
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.json()
+        record = {
+            "id": 9100 + len(self.refunds),
+            "order_id": ORDER_ID,
+            "bag_id": BAG_ID,
+            "merchant_id": 1,
+            "app_id": 11,
+            "transaction_id": 1,
+            "gateway_transaction_id": "pi_22",
+            "amount": body.get("amount_refunded", 1000),
+            "status": "COMPLETED",
+            "date_created": self.stamp(self.now()),
+        }
+        self.refunds.append(record)
+        if self.answer == 200:
+            return web.json_response(self.shape(record))
+        return web.Response(status=self.answer, body=b"<html>504 Gateway Time-out</html>")
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.json_response([self.shape(dict(r)) for r in self.refunds])
+
+
+@contextlib.asynccontextmanager
+async def shop_client(shop: Shop, **options: Any) -> AsyncIterator[VioletClient]:
+    runner = web.AppRunner(shop.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with VioletClient(
+            11,
+            "review22-app-secret",
+            token="review22-token-0123456789",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            **{"clock": shop.clock, **options},
+        ) as client:
+            yield client
+    finally:
+        await runner.cleanup()
+
+
+async def _outcome(call: Any) -> object:
+    try:
+        return await call
+    except VioletError as exc:
+        return exc
+
+
+# -- a refund listed with a placeholder date ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "placeholder",
+    [
+        "1970-01-01T00:00:00Z",  # Unix time 0: a date column never set, read as a number
+        "1970-01-01T00:00:00.000+0000",
+        "0001-01-01T00:00:00Z",  # a zero-valued datetime (Go, .NET's MinValue, Java's)
+        "1969-12-31T23:59:59Z",  # -1: a "no date" sentinel
+    ],
+)
+async def test_a_refund_listed_with_a_placeholder_date_is_never_sent_twice(
+    placeholder: str,
+) -> None:
+    """A refund POST answered by a gateway's 504 (it applied); the bag's list shows
+    the refund with a date its backend never set (Unix time 0, or a zero datetime).
+    Without a baseline, a refund dated more than a day's worth of time zones before
+    the send is another's, made long ago, and skipped: the ask's own refund was never
+    a candidate, the settle window ran out "missing" it, and the refund was sent
+    again: two refunds. Such a date places nothing: the refund may be this ask's."""
+    clock = FakeClock()
+    shop = Shop(clock, shape=lambda record: {**record, "date_created": placeholder})
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with shop_client(shop, retry=policy) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+        if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+            clock.advance(3600.0)
+            got = await _outcome(client.resume(got.pending))
+    assert len(shop.refunds) == 1, f"{got!r}: refunded twice"
+    assert shop.posts == 1
+    assert isinstance(got, (AmbiguousOutcomeError, OrderRefund)), got
+    if isinstance(got, OrderRefund):
+        assert got.id == shop.refunds[0]["id"]
