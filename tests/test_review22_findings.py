@@ -18,6 +18,8 @@ from aiohttp import web
 from violet_async import (
     AmbiguousOutcomeError,
     OrderRefund,
+    RefundStatus,
+    ResponseFormatError,
     RetryPolicy,
     VioletClient,
     VioletError,
@@ -38,6 +40,8 @@ class Shop:
     clock: FakeClock
     answer: int = 504
     shape: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record
+    single: dict[str, Any] | None = None
+    """What ``GET /orders/{order}/refunds/{refund}`` answers (None: 404)."""
     refunds: list[dict[str, Any]] = attrs.Factory(list)
     posts: int = 0
     _wall0: float = attrs.field(init=False)
@@ -61,6 +65,7 @@ class Shop:
         app = web.Application(middlewares=[dated])
         app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._post)
         app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        app.router.add_get("/v1/orders/{o}/refunds/{r}", self._one)
         return app
 
     async def _post(self, request: web.Request) -> web.Response:
@@ -85,6 +90,11 @@ class Shop:
 
     async def _list(self, request: web.Request) -> web.Response:
         return web.json_response([self.shape(dict(r)) for r in self.refunds])
+
+    async def _one(self, request: web.Request) -> web.Response:
+        if self.single is None:
+            return web.json_response({"status": 404, "message": "Not found"}, status=404)
+        return web.json_response(self.single)
 
 
 @contextlib.asynccontextmanager
@@ -148,3 +158,46 @@ async def test_a_refund_listed_with_a_placeholder_date_is_never_sent_twice(
     assert isinstance(got, (AmbiguousOutcomeError, OrderRefund)), got
     if isinstance(got, OrderRefund):
         assert got.id == shop.refunds[0]["id"]
+
+
+# -- wait_for_refund answered with another refund -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"id": 9101},  # another refund (a cached or misrouted answer)
+        {"bag_id": BAG_ID + 1},  # a refund of another bag
+        {"order_id": ORDER_ID + 1},  # of another order
+    ],
+)
+async def test_wait_for_refund_never_reports_another_refunds_status(other: dict[str, Any]) -> None:
+    """``wait_for_refund(order, bag, refund)`` polls ``GET /orders/{order}/refunds/
+    {refund}`` until the refund is terminal. The answer named another refund (another
+    id, bag or order) that is COMPLETED, while the refund waited for is still
+    PROCESSING (and may yet fail): it was returned as the waited refund's outcome, the
+    caller told the shopper's money had moved. An answer that names another refund is
+    not this one's: it is never returned."""
+    clock = FakeClock()
+    waited = {
+        "id": 9100,
+        "order_id": ORDER_ID,
+        "bag_id": BAG_ID,
+        "amount": AMOUNT,
+        "status": "PROCESSING",
+    }
+    shop = Shop(clock, single={**waited, "status": "COMPLETED", **other})
+    async with shop_client(shop) as client:
+        got = await _outcome(client.wait_for_refund(ORDER_ID, BAG_ID, 9100, timeout=5.0))
+    assert not isinstance(got, OrderRefund), f"another refund's status returned: {got!r}"
+    assert isinstance(got, ResponseFormatError), got
+
+
+async def test_wait_for_refund_takes_an_answer_that_leaves_its_names_out() -> None:
+    """Every field of Violet's records is optional: an answer without its id, order or
+    bag names no other refund, and its terminal status is returned."""
+    clock = FakeClock()
+    shop = Shop(clock, single={"amount": AMOUNT, "status": "COMPLETED"})
+    async with shop_client(shop) as client:
+        got = await client.wait_for_refund(ORDER_ID, BAG_ID, 9100, timeout=5.0)
+    assert got.status is RefundStatus.COMPLETED

@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +28,7 @@ __all__ = [
     "parse_refund_get",
     "parse_refund_list",
     "parse_refund_page",
+    "refund_getter",
 ]
 
 log = logging.getLogger("violet_async.responses")
@@ -61,6 +62,35 @@ def parse_refund_get(resp: RawResponse, path: str) -> OrderRefund:
         data, OrderRefund, body=resp.body, status=resp.status, method="GET", path=path
     )
     return with_request_id(refund, resp.headers)
+
+
+def refund_getter(
+    order_id: int, bag_id: int, refund_id: int
+) -> Callable[[RawResponse, str], OrderRefund]:
+    """:func:`parse_refund_get` for one refund: an answer that names another refund,
+    bag or order (a cached or misrouted answer) is a :class:`ResponseFormatError`,
+    never that refund's state (review 22: another refund's COMPLETED was returned by
+    ``wait_for_refund`` as the waited refund's outcome). A field left out names
+    nothing."""
+
+    def parse(resp: RawResponse, path: str) -> OrderRefund:
+        refund = named(parse_refund_get(resp, path))
+        for field, asked, got in (
+            ("id", refund_id, refund.id),
+            ("order_id", order_id, refund.order_id),
+            ("bag_id", bag_id, refund.bag_id),
+        ):
+            if got is not None and got != asked:
+                raise _format_error(
+                    resp,
+                    "GET",
+                    path,
+                    f"the answer names {field} {got}, not {asked}: it is another refund's",
+                    f"$.{field}",
+                )
+        return refund
+
+    return parse
 
 
 def named(refund: OrderRefund) -> OrderRefund:
