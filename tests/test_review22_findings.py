@@ -21,6 +21,7 @@ from violet_async import (
     RefundStatus,
     ResponseFormatError,
     RetryPolicy,
+    SkuRefund,
     VioletClient,
     VioletError,
 )
@@ -29,6 +30,7 @@ from violet_async.testing import FakeClock
 ORDER_ID = 5221
 BAG_ID = 7221
 AMOUNT = 300
+TOTAL = 1000
 
 
 @attrs.define
@@ -66,11 +68,16 @@ class Shop:
         app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._post)
         app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
         app.router.add_get("/v1/orders/{o}/refunds/{r}", self._one)
+        app.router.add_get("/v1/orders/{o}", self._order)
         return app
 
     async def _post(self, request: web.Request) -> web.Response:
         self.posts += 1
         body = await request.json()
+        left = TOTAL - sum(r["amount"] for r in self.refunds)
+        if left <= 0 or body.get("amount_refunded", left) > left:
+            message = f"Bag {BAG_ID} cannot be refunded: {left} left"
+            return web.json_response({"status": 400, "message": message}, status=400)
         record = {
             "id": 9100 + len(self.refunds),
             "order_id": ORDER_ID,
@@ -79,10 +86,20 @@ class Shop:
             "app_id": 11,
             "transaction_id": 1,
             "gateway_transaction_id": "pi_22",
-            "amount": body.get("amount_refunded", 1000),
+            "amount": body.get("amount_refunded", left),
             "status": "COMPLETED",
             "date_created": self.stamp(self.now()),
         }
+        if "skus" in body:
+            record["skus"] = [
+                {
+                    "id": 100 + n,
+                    "bag_id": BAG_ID,
+                    "order_sku_id": line["order_sku_id"],
+                    "quantity_refunded": line["quantity_refunded"],
+                }
+                for n, line in enumerate(body["skus"])
+            ]
         self.refunds.append(record)
         if self.answer == 200:
             return web.json_response(self.shape(record))
@@ -90,6 +107,12 @@ class Shop:
 
     async def _list(self, request: web.Request) -> web.Response:
         return web.json_response([self.shape(dict(r)) for r in self.refunds])
+
+    async def _order(self, request: web.Request) -> web.Response:
+        # The bag's status lags (the platform reports it minutes later): it has not
+        # moved yet.
+        bag = {"id": BAG_ID, "status": "COMPLETED", "total": TOTAL}
+        return web.json_response({"id": ORDER_ID, "bags": [bag]})
 
     async def _one(self, request: web.Request) -> web.Response:
         if self.single is None:
@@ -201,3 +224,86 @@ async def test_wait_for_refund_takes_an_answer_that_leaves_its_names_out() -> No
     async with shop_client(shop) as client:
         got = await client.wait_for_refund(ORDER_ID, BAG_ID, 9100, timeout=5.0)
     assert got.status is RefundStatus.COMPLETED
+
+
+# -- a refund listed with a zero where its amount or its SKU lines' ids belong -----------
+
+
+@pytest.mark.parametrize(
+    ("placeholder", "asked"),
+    [
+        # The amount a backend never filled in (a refund still processing, say).
+        (lambda record: {**record, "amount": 0}, {"amount_refunded": AMOUNT}),
+        # SKU lines naming order SKU 0 or -1: a default for an id never set.
+        (
+            lambda record: {
+                **record,
+                "skus": [{**line, "order_sku_id": 0} for line in record["skus"]],
+            },
+            {"skus": [SkuRefund(order_sku_id=10000, quantity_refunded=1)]},
+        ),
+        (
+            lambda record: {
+                **record,
+                "skus": [{**line, "order_sku_id": -1} for line in record["skus"]],
+            },
+            {"skus": [SkuRefund(order_sku_id=10000, quantity_refunded=1)]},
+        ),
+    ],
+    ids=["amount-0", "order-sku-0", "order-sku-minus-1"],
+)
+async def test_a_refund_listed_with_a_zero_for_what_it_carries_is_never_sent_twice(
+    placeholder: Callable[[dict[str, Any]], dict[str, Any]], asked: dict[str, Any]
+) -> None:
+    """A refund POST answered by a gateway's 504 (it applied); the bag's list shows
+    the refund with ``amount: 0`` (asked 300), or with SKU lines naming order SKU 0 or
+    -1 (asked order SKU 10000). Read as a refund of nothing, or of other SKUs, it was
+    another refund: each read-back missed the ask's own, the settle window proved it
+    absent and it was sent again, four times (the attempt budget): four refunds. A
+    zero where a refund's amount or a line's order SKU belongs tells nothing (as a
+    field left out): the refund may be this ask's."""
+    clock = FakeClock()
+    shop = Shop(clock, shape=placeholder)
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with shop_client(shop, retry=policy) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, **asked))
+        if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+            clock.advance(3600.0)
+            got = await _outcome(client.resume(got.pending))
+    assert len(shop.refunds) == 1, f"{got!r}: refunded {len(shop.refunds)} times"
+    assert shop.posts == 1
+    assert isinstance(got, AmbiguousOutcomeError), got
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["alone", "after-a-partial"])
+async def test_a_whole_bag_refund_listed_with_a_zero_amount_is_never_sent_again(
+    earlier: bool,
+) -> None:
+    """A whole-bag refund (no amount, no lines) answered by a gateway's 504 (it
+    applied), its bag's status not moved yet (the platform reports it minutes later).
+    The list shows the ask's refund with ``amount: 0`` (or, after a partial refund of
+    300 three days before, that earlier refund with ``amount: 0``): what was left on
+    the bag was read as 1000, the refund was not "the rest", the settle window proved
+    the ask absent and it was sent again (refused here only because this server counts
+    what is left; a platform whose bag status lags refunds it). A zero amount tells
+    nothing: what was left cannot be told, and the ask is for review."""
+    clock = FakeClock()
+
+    def placeholder(record: dict[str, Any]) -> dict[str, Any]:
+        zeroed = record["id"] == 9000 if earlier else True
+        return {**record, "amount": 0} if zeroed else record
+
+    shop = Shop(clock, shape=placeholder)
+    if earlier:
+        three_days = shop.stamp(shop.now() - 3 * 86_400.0)
+        shop.refunds.append(
+            {"id": 9000, "bag_id": BAG_ID, "amount": AMOUNT, "date_created": three_days}
+        )
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with shop_client(shop, retry=policy) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID))
+        if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+            clock.advance(3600.0)
+            got = await _outcome(client.resume(got.pending))
+    assert shop.posts == 1, f"{got!r}: a whole-bag refund that applied was sent again"
+    assert isinstance(got, AmbiguousOutcomeError), got

@@ -80,9 +80,13 @@ def _strip(text: str | None) -> str | None:
 
 def _sku_totals(lines: Sequence[SkuRefund] | Sequence[RefundedSku]) -> Counter[int | None]:
     # Units per order SKU: a platform may list 2 units of a SKU as two 1-unit lines.
+    # An order SKU id of 0 or below is none (a backend's default for an id it never
+    # set): read as another SKU, an ask's own refund was proven absent and sent
+    # again four times (review 22).
     totals: Counter[int | None] = Counter()
     for line in lines:
-        totals[line.order_sku_id] += line.quantity_refunded or 0
+        sku = line.order_sku_id
+        totals[sku if sku is None or sku > 0 else None] += line.quantity_refunded or 0
     return totals
 
 
@@ -184,9 +188,16 @@ def _compare(
     if isinstance(request, CancelBagRequest):
         return (Verdict.NEAR if near else Verdict.MATCH), False
     if request.amount_refunded is not None:
-        if refund.amount is None or (bag is not None and _other_currency(refund, bag)):
-            # A record without its amount, or with an amount in another currency than
-            # the bag's, may be ours: never a miss.
+        if (
+            refund.amount is None
+            or refund.amount == 0
+            or (bag is not None and _other_currency(refund, bag))
+        ):
+            # A record without its amount, with 0 for it (a backend's default for an
+            # amount not filled in yet: read as a refund of nothing, an ask's own
+            # refund was proven absent and sent again four times, review 22; an ask
+            # never asks for 0), or with an amount in another currency than the bag's,
+            # may be ours: never a miss.
             unsure = True
         elif refund.amount != request.amount_refunded:
             wanted = request.amount_refunded
@@ -251,9 +262,10 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     if any(_other_currency(r, bag) for r in (refund, *before)):
         return None  # an amount in another currency than the bag's total's
     earlier = [r.amount for r in before]
-    if any(amount is None or amount < 0 for amount in (refund.amount, *earlier)):
-        # An earlier record without its amount, or a negative one (a ledger's sign
-        # for money going out): the rest is unknown.
+    if any(amount is None or amount <= 0 for amount in (refund.amount, *earlier)):
+        # An earlier record without its amount, a negative one (a ledger's sign for
+        # money going out), or 0 (an amount not filled in: review 22): the rest is
+        # unknown.
         return None
     if refund.amount != bag.total - sum(a for a in earlier if a is not None):
         # Violet's pages do not say whether a record's ``amount`` carries its
