@@ -307,3 +307,66 @@ async def test_a_whole_bag_refund_listed_with_a_zero_amount_is_never_sent_again(
             got = await _outcome(client.resume(got.pending))
     assert shop.posts == 1, f"{got!r}: a whole-bag refund that applied was sent again"
     assert isinstance(got, AmbiguousOutcomeError), got
+
+
+# -- a paged refund list that does not say where it ends ------------------------------
+
+
+@attrs.define
+class PagedShop(Shop):
+    """The bag's refunds in pages of two, oldest first, each page carrying ``meta``."""
+
+    meta: Callable[[int, int], dict[str, Any]] = lambda page, count: {}
+
+    async def _list(self, request: web.Request) -> web.Response:
+        page = int(request.query.get("page", "0"))
+        rows = [self.shape(dict(r)) for r in self.refunds]
+        chunk = rows[page * 2 : (page + 1) * 2]
+        return web.json_response({"content": chunk, **self.meta(page, len(rows))})
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        # A page that says its number and size, not whether it is the last.
+        lambda page, count: {"number": page, "size": 2},
+        # Totals left at 0 (never filled in), no ``last``.
+        lambda page, count: {"number": page, "size": 2, "total_elements": 0, "total_pages": 0},
+        # ``last`` as a string, and Spring's ``first`` / ``number_of_elements`` only.
+        lambda page, count: {"number": page, "size": 2, "last": str((page + 1) * 2 >= count)},
+        lambda page, count: {
+            "number": page,
+            "first": page == 0,
+            "number_of_elements": min(2, count - 2 * page),
+        },
+    ],
+    ids=["number-size", "totals-0", "last-str", "first-only"],
+)
+async def test_a_paged_list_that_does_not_say_it_ended_is_followed(
+    meta: Callable[[int, int], dict[str, Any]],
+) -> None:
+    """The bag already holds two older refunds; a refund POST is answered by a
+    gateway's 504 (it applied) and its refund is listed third: on the second page of a
+    paged list whose pages do not say whether more follow (no ``last``, totals of 0, a
+    ``last`` that is no boolean). The first page was taken for the whole list: the
+    ask's own refund was never seen, the settle window proved it absent, and it was
+    sent again: two refunds. A full page that does not say it is the last is followed
+    to the next (an empty or shorter page ends the list)."""
+    clock = FakeClock()
+    shop = PagedShop(clock, meta=meta)
+    for n in range(2):
+        five_days = shop.stamp(shop.now() - (5 - n) * 86_400.0)
+        shop.refunds.append(
+            {"id": 8000 + n, "bag_id": BAG_ID, "amount": 50 + n, "date_created": five_days}
+        )
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with shop_client(shop, retry=policy) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+        if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+            clock.advance(3600.0)
+            got = await _outcome(client.resume(got.pending))
+        listed = await client.list_bag_refunds(ORDER_ID, BAG_ID)
+    assert shop.posts == 1, f"{got!r}: refunded twice"
+    assert isinstance(got, OrderRefund), got
+    assert got.id == shop.refunds[2]["id"]
+    assert [r.id for r in listed] == [r["id"] for r in shop.refunds]

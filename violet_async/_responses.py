@@ -226,18 +226,30 @@ def next_page(first: RefundPage, page: RefundPage, pages_read: int, collected: i
     if not page.paged:
         return None
     base = first.number if first.number is not None else 0
+    total_pages, total_elements = page.total_pages, page.total_elements
+    if total_pages is not None and page.number is not None and page.number - base >= total_pages:
+        total_pages = None  # fewer pages than this one: a count never filled in (0)
+    if total_elements is not None and total_elements < collected:
+        total_elements = None  # fewer refunds than were read: never filled in either
     if page.last is not None:
         more = not page.last
-    elif page.total_pages is not None and page.number is not None:
-        more = page.number - base + 1 < page.total_pages
-    elif page.total_elements is not None:
-        more = collected < page.total_elements
+    elif total_pages is not None and page.number is not None:
+        more = page.number - base + 1 < total_pages
+    elif total_elements is not None:
+        more = collected < total_elements
+    elif page.number is None and page.size is None:
+        more = False  # ``{"content": [...]}``: a wrapper of the whole list, not a page
     else:
-        more = False
+        # A page that does not say whether more follow (no ``last``, no count): one
+        # that is full, or whose size is not given, may be followed by more. Taken for
+        # the whole list, it hid an ask's own refund on the next page, which was proven
+        # absent and sent again (review 22). An empty page, or a shorter one, ends it.
+        held = len(page.refunds) + page.unreadable
+        more = held > 0 and (page.size is None or held >= page.size)
     if not more:
-        if page.total_elements is not None and collected < page.total_elements:
+        if total_elements is not None and collected < total_elements:
             raise PagingError(
-                f"the pages hold {collected} refunds, the server counts {page.total_elements}"
+                f"the pages hold {collected} refunds, the server counts {total_elements}"
             )
         return None
     if page.number is None:
@@ -245,6 +257,15 @@ def next_page(first: RefundPage, page: RefundPage, pages_read: int, collected: i
     if pages_read >= MAX_PAGES:
         raise PagingError(f"more than {MAX_PAGES} pages of refunds")
     return page.number + 1
+
+
+def _page_flag(value: Any) -> bool | None:
+    """A page's ``last``: a boolean, or its JSON spelling as a string."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
 
 
 def _page_int(data: dict[str, Any], *names: str) -> int | None:
@@ -269,7 +290,7 @@ def parse_refund_page(resp: RawResponse, path: str) -> RefundPage:
             "size": _page_int(data, "size"),
             "total_pages": _page_int(data, "total_pages", "totalPages"),
             "total_elements": _page_int(data, "total_elements", "totalElements"),
-            "last": last if isinstance(last, bool) else None,
+            "last": _page_flag(last),
         }
         data = data["content"]
     if not isinstance(data, list):
