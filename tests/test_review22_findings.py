@@ -44,6 +44,8 @@ class Shop:
     shape: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record
     single: dict[str, Any] | None = None
     """What ``GET /orders/{order}/refunds/{refund}`` answers (None: 404)."""
+    bag_total: Any = TOTAL
+    """The bag's ``total`` as ``GET /orders/{order}`` shows it."""
     refunds: list[dict[str, Any]] = attrs.Factory(list)
     posts: int = 0
     _wall0: float = attrs.field(init=False)
@@ -111,7 +113,7 @@ class Shop:
     async def _order(self, request: web.Request) -> web.Response:
         # The bag's status lags (the platform reports it minutes later): it has not
         # moved yet.
-        bag = {"id": BAG_ID, "status": "COMPLETED", "total": TOTAL}
+        bag = {"id": BAG_ID, "status": "COMPLETED", "total": self.bag_total}
         return web.json_response({"id": ORDER_ID, "bags": [bag]})
 
     async def _one(self, request: web.Request) -> web.Response:
@@ -370,3 +372,24 @@ async def test_a_paged_list_that_does_not_say_it_ended_is_followed(
     assert isinstance(got, OrderRefund), got
     assert got.id == shop.refunds[2]["id"]
     assert [r.id for r in listed] == [r["id"] for r in shop.refunds]
+
+
+@pytest.mark.parametrize("total", [0, -1])
+async def test_a_whole_bag_refund_on_a_bag_listed_with_a_zero_total_is_never_sent_again(
+    total: int,
+) -> None:
+    """A whole-bag refund answered by a gateway's 504 (it applied), its bag's status
+    not moved yet; the order shows the bag with ``total: 0`` (a total never filled in)
+    or -1. The refund of 1000 was read as not what was left of a bag of 0, a miss: the
+    settle window proved the ask absent and it was sent again (refused here only
+    because this server counts what is left). A total of 0 or less tells nothing."""
+    clock = FakeClock()
+    shop = Shop(clock, bag_total=total)
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with shop_client(shop, retry=policy) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID))
+        if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+            clock.advance(3600.0)
+            got = await _outcome(client.resume(got.pending))
+    assert shop.posts == 1, f"{got!r}: a whole-bag refund that applied was sent again"
+    assert isinstance(got, AmbiguousOutcomeError), got

@@ -251,7 +251,10 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     what was left and the bag was refunded again
     after it (a double refund, or ids that do not grow with time): a person looks,
     never a miss."""
-    if refund.id is None or refund.amount is None or bag.total is None:
+    if refund.id is None or refund.amount is None or bag.total is None or bag.total <= 0:
+        # A total of 0 or less is none given (a backend's default for a total never
+        # filled in): read as the bag's, a whole-bag refund that applied was "not what
+        # was left" and sent again (review 22).
         return None
     others = [
         r
