@@ -393,3 +393,26 @@ async def test_a_whole_bag_refund_on_a_bag_listed_with_a_zero_total_is_never_sen
             got = await _outcome(client.resume(got.pending))
     assert shop.posts == 1, f"{got!r}: a whole-bag refund that applied was sent again"
     assert isinstance(got, AmbiguousOutcomeError), got
+
+
+@pytest.mark.parametrize("read_before_send", [False, True])
+async def test_refunds_listed_under_one_id_are_never_taken_for_one(read_before_send: bool) -> None:
+    """The bag holds an older refund of 50 (id 8000); a refund POST of 300 is answered
+    by a gateway's 504 (it applied), and the list shows the new refund under the older
+    one's id (a backend that lists another id in ``id``). The read kept the first
+    record of each id: the ask's own refund was dropped as a repeat of the older one,
+    the settle window proved it absent, and it was sent again, three times. Two records
+    under one id that carry different refunds are no repeat: the read cannot tell which
+    is which, and proves nothing (for review)."""
+    clock = FakeClock()
+    shop = Shop(clock, shape=lambda record: {**record, "id": 8000})
+    five_days = shop.stamp(shop.now() - 5 * 86_400.0)
+    shop.refunds.append({"id": 8000, "bag_id": BAG_ID, "amount": 50, "date_created": five_days})
+    policy = RetryPolicy(deadline=None, settle_running=60.0, read_before_send=read_before_send)
+    async with shop_client(shop, retry=policy) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+        if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+            clock.advance(3600.0)
+            got = await _outcome(client.resume(got.pending))
+    assert shop.posts == 1, f"{got!r}: refunded {shop.posts} times"
+    assert isinstance(got, AmbiguousOutcomeError), got
