@@ -46,6 +46,8 @@ class Shop:
     """What ``GET /orders/{order}/refunds/{refund}`` answers (None: 404)."""
     bag_total: Any = TOTAL
     """The bag's ``total`` as ``GET /orders/{order}`` shows it."""
+    lost: int = 0
+    """How many of the first POSTs are lost on the way (504, nothing committed)."""
     refunds: list[dict[str, Any]] = attrs.Factory(list)
     posts: int = 0
     _wall0: float = attrs.field(init=False)
@@ -76,6 +78,8 @@ class Shop:
     async def _post(self, request: web.Request) -> web.Response:
         self.posts += 1
         body = await request.json()
+        if self.posts <= self.lost:
+            return web.Response(status=504, body=b"<html>504 Gateway Time-out</html>")
         left = TOTAL - sum(r["amount"] for r in self.refunds)
         if left <= 0 or body.get("amount_refunded", left) > left:
             message = f"Bag {BAG_ID} cannot be refunded: {left} left"
@@ -416,3 +420,48 @@ async def test_refunds_listed_under_one_id_are_never_taken_for_one(read_before_s
             got = await _outcome(client.resume(got.pending))
     assert shop.posts == 1, f"{got!r}: refunded {shop.posts} times"
     assert isinstance(got, AmbiguousOutcomeError), got
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["amount", "whole-bag"])
+@pytest.mark.parametrize("read_before_send", [False, True])
+async def test_the_asks_refund_listed_under_another_bag_is_never_sent_again(
+    whole: bool, read_before_send: bool
+) -> None:
+    """A refund POST answered by a gateway's 504 (it applied); the bag's own list
+    shows the refund naming another bag of the order (a backend that fills ``bag_id``
+    from the order's first bag). Records naming another bag were left out as that
+    bag's: the ask's own refund was never a candidate, the settle window proved it
+    absent, and it was sent again (three more refunds of 300; a whole-bag refund once
+    more). One carrying what was asked may be this ask's: for review."""
+    clock = FakeClock()
+    shop = Shop(clock, shape=lambda record: {**record, "bag_id": BAG_ID - 1})
+    policy = RetryPolicy(deadline=None, settle_running=60.0, read_before_send=read_before_send)
+    asked: dict[str, Any] = {} if whole else {"amount_refunded": AMOUNT}
+    async with shop_client(shop, retry=policy) as client:
+        got = await _outcome(client.refund_bag(ORDER_ID, BAG_ID, **asked))
+        if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+            clock.advance(3600.0)
+            got = await _outcome(client.resume(got.pending))
+    assert shop.posts == 1, f"{got!r}: refunded {shop.posts} times"
+    assert isinstance(got, AmbiguousOutcomeError), got
+
+
+@pytest.mark.parametrize(
+    ("amount", "age"), [(AMOUNT + 1, 60.0), (AMOUNT, 4 * 86_400.0)], ids=["other-money", "old"]
+)
+async def test_another_bags_refund_that_cannot_be_the_asks_does_not_hold_it_back(
+    amount: int, age: float
+) -> None:
+    """The other side: a record of another bag that does not carry what was asked
+    (another amount), or was made days before the send, is no candidate. A POST lost
+    on the way (a 504, nothing applied): the read-backs miss it over the settle window,
+    and it is sent again once: one refund of the ask's."""
+    clock = FakeClock()
+    shop = Shop(clock, answer=200, lost=1)
+    made = shop.stamp(shop.now() - age)
+    shop.refunds.append({"id": 8000, "bag_id": BAG_ID - 1, "amount": amount, "date_created": made})
+    policy = RetryPolicy(deadline=None, settle_running=60.0)
+    async with shop_client(shop, retry=policy) as client:
+        got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+    assert shop.posts == 2
+    assert [r["id"] for r in shop.refunds] == [8000, got.id]

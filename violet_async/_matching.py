@@ -747,8 +747,6 @@ def judge(
         ask, refunds, known, settings, read_server_time=read_server_time, read_at=read_at
     )
     for at, refund in enumerate(refunds):
-        if not on_bag(refund, ask.bag_id):
-            continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue
         span = _created(refund)
@@ -763,6 +761,8 @@ def judge(
             and span[1] < sent + gone
         ):
             continue  # made long before this ask was first sent, by every reading
+        if _elsewhere(ask, refund, refunds, bag, known, taken=at in taken, near=near):
+            continue
         doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure, latest=latest)
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
@@ -809,6 +809,31 @@ def judge(
     if bag is not None and effect_visible(ask, bag):
         return Reading(Verdict.EFFECT_WITHOUT_REFUND, (), seen)
     return Reading(Verdict.MISS, (), seen, other_currency=other_currency)
+
+
+def _elsewhere(
+    ask: PendingRefund,
+    refund: OrderRefund,
+    refunds: Sequence[OrderRefund],
+    bag: OrderBag | None,
+    known: Container[int],
+    *,
+    taken: bool,
+    near: list[OrderRefund],
+) -> bool:
+    """Whether ``refund``, a record of this bag's list, names another bag: that bag's
+    (a list may carry them), or this bag's own refund labelled with another bag (a
+    backend filling ``bag_id`` from the order's first bag). Left out as another bag's,
+    an ask's own refund was proven absent and sent again (review 22). One carrying
+    what was asked that no other call holds (``taken``: it may be a refund another
+    call got without its id) is added to ``near``: for review, never claimed, never a
+    miss."""
+    if on_bag(refund, ask.bag_id):
+        return False
+    held = taken or (refund.id is not None and (refund.id in known or refund.id in ask.others))
+    if not held and content(ask, refund, refunds, bag) is not Verdict.MISS:
+        near.append(refund)
+    return True
 
 
 def _amount_only_miss(
