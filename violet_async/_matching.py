@@ -827,11 +827,17 @@ def _elsewhere(
     an ask's own refund was proven absent and sent again (review 22). One carrying
     what was asked that no other call holds (``taken``: it may be a refund another
     call got without its id) is added to ``near``: for review, never claimed, never a
-    miss."""
+    miss. For a whole-bag refund or a cancel, what was left of this bag cannot be held
+    against a record of another: one that moved money is near."""
     if on_bag(refund, ask.bag_id):
         return False
     held = taken or (refund.id is not None and (refund.id in known or refund.id in ask.others))
-    if not held and content(ask, refund, refunds, bag) is not Verdict.MISS:
+    if held:
+        return True
+    if needs_bag(ask):
+        if refund.status not in _DEAD:
+            near.append(refund)
+    elif content(ask, refund, refunds, bag) is not Verdict.MISS:
         near.append(refund)
     return True
 
