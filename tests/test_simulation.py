@@ -669,6 +669,15 @@ def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(
     assert not result.kinds, result.report()
 
 
+def test_a_long_refund_list_read_page_by_page_no_longer_keeps_an_ask_pending() -> None:
+    """Seed 1053467 (``--kinds all``): four refunds on pages of one, up to 2 s a
+    request, a 15 s deadline. Each resume read the list one page at a time, more than
+    once: it ran out of deadline every time, and the ask was still pending after every
+    resume. The pages are now asked for together (tests/test_paged_reads.py)."""
+    result = simulate(1053467, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
 #: ``--kinds all`` with review 14 and 15's kinds (the seeds of the run from 920,000
 #: replay with exactly these).
 KINDS_25 = KINDS_21 | REVIEW_KINDS
