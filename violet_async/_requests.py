@@ -626,7 +626,7 @@ class _PagesAhead:
     that failed fails the read only if the walk wants it; the rest are cancelled when
     the read ends, however it ends."""
 
-    __slots__ = ("_fetch", "_gate", "_tasks")
+    __slots__ = ("_fetch", "_tasks")
 
     def __init__(
         self, requests: RequestPlumbing, path: str, first: RefundPage, deadline: float | None
@@ -641,14 +641,15 @@ class _PagesAhead:
 
         self._fetch = fetch
         self._tasks: dict[int, asyncio.Task[RefundPage]] = {}
-        self._gate = asyncio.Semaphore(PAGES_IN_FLIGHT)
         if first.paged and first.number is not None and first.last is not True:
             count = min(first.total_pages or 0, MAX_PAGES)
-            for number in range(first.number + 1, first.number + count):
-                self._tasks[number] = asyncio.ensure_future(self._gated(number))
+            if count > 1:
+                gate = asyncio.Semaphore(PAGES_IN_FLIGHT)
+                for number in range(first.number + 1, first.number + count):
+                    self._tasks[number] = asyncio.ensure_future(self._gated(gate, number))
 
-    async def _gated(self, number: int) -> RefundPage:
-        async with self._gate:
+    async def _gated(self, gate: asyncio.Semaphore, number: int) -> RefundPage:
+        async with gate:
             return await self._fetch(number)
 
     async def page(self, number: int) -> RefundPage:
