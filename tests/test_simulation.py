@@ -678,6 +678,15 @@ def test_a_long_refund_list_read_page_by_page_no_longer_keeps_an_ask_pending() -
     assert not result.kinds, result.report()
 
 
+def test_a_re_send_that_never_left_its_login_is_no_longer_saved_as_sent() -> None:
+    """Seed 1097210 (``--kinds all``, batch mode): a row's POST answered 429, its run
+    died; the next run resumed it at once, saved it "sent" and died during the login
+    (never connected); the run after took another system's refund made 3.6 s before
+    that record's time for the row's own (tests/test_resend_after_login.py)."""
+    result = simulate(1097210, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
 #: ``--kinds all`` with review 14 and 15's kinds (the seeds of the run from 920,000
 #: replay with exactly these).
 KINDS_25 = KINDS_21 | REVIEW_KINDS

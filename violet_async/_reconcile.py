@@ -765,11 +765,14 @@ async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
     saved says "not sent" until the request leaves (the stamp saves it sent).
 
     A re-send that opens the window anew (every earlier send was proven not applied)
-    after a wait (a 429's Retry-After, a backoff) is saved as not sent until it leaves
-    (stamp() saves it sent, right before): a caller who cancels, or a process that
-    dies, during the wait leaves a record that says so. Saved as sent at the time it
-    was planned for, a repeat read the bag back and took a refund another system made
-    during the wait for the one it never sent (simulator seed 923128).
+    is saved as not sent until it leaves (stamp() saves it sent, right before): a
+    caller who cancels, or a process that dies, during a wait before it leaves (a
+    429's Retry-After, a backoff, a login) leaves a record that says so. Saved as sent
+    at the time it was planned for, a repeat read the bag back and took a refund
+    another system made during the wait for the one it never sent (simulator seed
+    923128; with no wait but a login that never connected, a batch run resuming a
+    429'd row died during it and the next run took another system's refund made 3.6 s
+    before that record's time: seed 1097210).
 
     An ask's first send is not saved here at all: the stamp saves it sent right before
     it leaves (after any login or rate wait), and until then the record stays as it
@@ -777,7 +780,7 @@ async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
     it (nothing left) had a repeat read the bag back and take a refund another system
     made meanwhile for its own (review 19)."""
     first = action.do is Do.SEND and _first_send(ask)
-    unstamped = first or (action.do is Do.SEND and action.delay > 0 and _opens_anew(ask))
+    unstamped = first or (action.do is Do.SEND and _opens_anew(ask))
     if not first:
         await save(_not_sent_yet(ask) if unstamped else ask)
     return unstamped
