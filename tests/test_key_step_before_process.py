@@ -14,10 +14,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 from aiohttp import web
 
-from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    PendingRefund,
+    RefundBagRequest,
+    RetryPolicy,
+)
+from violet_async._reconcile import ClockOrigin
 from violet_async.stores import MemoryStore, SQLiteStore
 from violet_async.testing import FakeClock
 from violet_async.testing.sim._kinds_review import ProcessClock
@@ -90,3 +98,32 @@ async def test_a_record_of_a_process_made_after_a_step_is_not_proven_absent_here
         assert isinstance(got, AmbiguousOutcomeError)
         assert got.pending is not None
         assert got.pending.needs_review, got
+
+
+def test_a_record_is_recalled_against_the_origin_only_forward_and_never_narrowed() -> None:
+    """``ClockOrigin.recall``'s edges: a record stamped after a forward step since the
+    origin takes the clock as it was at the origin for its reading before a step; a
+    record that knows of as much (or a step back) keeps its own; one stamped before
+    the origin, or not stamped, or after a step back, is left as it is."""
+    clock = FakeClock(wall_start=1_790_000_000.0)
+    origin = ClockOrigin(clock)
+    before = (clock.time(), clock.monotonic())
+    clock.advance(10.0)
+    clock.step_wall(STEP)
+    ask = PendingRefund(
+        "refund",
+        ORDER_ID,
+        BAG_ID,
+        RefundBagRequest(amount_refunded=AMOUNT),
+        wall_mono=(clock.time(), clock.monotonic()),
+    )
+    assert origin.recall(ask).stepped == STEP
+    assert origin.recall(attrs.evolve(ask, stepped=1_350.0)).stepped == STEP
+    assert origin.recall(attrs.evolve(ask, stepped=STEP + 5.0)).stepped == STEP + 5.0
+    assert origin.recall(attrs.evolve(ask, stepped=-30.0)).stepped == -30.0
+    assert origin.recall(attrs.evolve(ask, wall_mono=None)).stepped == 0.0
+    early = (before[0] - 5.0, before[1] - 5.0)
+    assert origin.recall(attrs.evolve(ask, wall_mono=early)).stepped == 0.0
+    clock.step_wall(-2 * STEP)  # now behind the origin's clock: a step back since
+    back = attrs.evolve(ask, wall_mono=(clock.time(), clock.monotonic()))
+    assert origin.recall(back).stepped == 0.0
