@@ -127,3 +127,29 @@ def test_a_record_is_recalled_against_the_origin_only_forward_and_never_narrowed
     clock.step_wall(-2 * STEP)  # now behind the origin's clock: a step back since
     back = attrs.evolve(ask, wall_mono=(clock.time(), clock.monotonic()))
     assert origin.recall(back).stepped == 0.0
+
+
+@pytest.mark.parametrize("step", [STEP, 15 * 3600.0])
+async def test_a_process_made_after_a_step_never_proves_its_own_refund_absent(
+    step: float,
+) -> None:
+    """The second process alone: its client made after the step, no ``Date`` header,
+    a deadline longer than the settle window. It holds no reading of the clock as it
+    was, and by its clock its refund (behind a 504) was made 15 to 18 h before the
+    send: "long before the send" needs a reading of Violet's clock; without one the
+    refund is for review, never proof of absence."""
+    clock = FakeClock(wall_start=1_790_000_000.0)
+    server = _NoDate(clock, script=[Step(504, body=GATEWAY_504, commit_after=0.0)])
+    roomy = RetryPolicy(max_attempts=3, deadline=600.0, settle_running=60.0)
+    clock.step_wall(step)
+    got: object
+    async with hostile_client(server, retry=roomy, clock=ProcessClock(clock)) as alone:
+        try:
+            got = await alone.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert server.posts == 1, f"{got!r}: sent again"
+    assert len(server.ours) == 1
+    assert isinstance(got, AmbiguousOutcomeError), got
+    assert got.pending is not None
+    assert got.pending.needs_review, got
