@@ -657,6 +657,7 @@ def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.Monke
         (920501, "two copies of one record on one machine, a step apart: merged unmoved"),
         (940336, "two copies of one record on one machine, a step apart: merged unmoved"),
         (961780, "Dates that disagree by 120 s: a bar 60 s below each, another's taken"),
+        (1079285, "a key's ask of a process made after 18 h of steps: resumed, sent again"),
     ],
 )
 def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(
@@ -664,7 +665,9 @@ def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(
 ) -> None:
     """Every world kind at once (``--kinds all``), direct: a wall-clock step before an
     ask's send left its reading of Violet's clock unsure for good (``was``;
-    tests/test_step_then_send.py). No violation on the fixed code."""
+    tests/test_step_then_send.py), or a step before the process that sent it was made
+    hid it from that process (1079285: tests/test_key_step_before_process.py). No
+    violation on the fixed code."""
     result = simulate(seed, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
 
