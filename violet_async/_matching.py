@@ -767,8 +767,12 @@ def judge(
             and span is not None
             and sent is not None
             and span[1] < sent + gone
+            and (ask.listed_after_send is None or refund.id in ask.listed_after_send)
         ):
-            continue  # made long before this ask was first sent, by every reading
+            # Made long before this ask was first sent, by every reading; unless the
+            # first read after the send did not list it (it appeared since: its date is
+            # on another clock than every reading, ``PendingRefund.listed_after_send``).
+            continue
         if _elsewhere(ask, refund, refunds, bag, known, taken=at in taken, near=near):
             continue
         doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure, latest=latest)
