@@ -5,12 +5,21 @@ Each test scripts what it attacks with: its own server (aiohttp.web on 127.0.0.1
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+
+from violet_async import RefundBagRequest, VioletClient
+from violet_async.batch import BatchItem, BatchResult, Journal, JournalLockedError, run_batch
 
 #: A Redis password as people write them, with a character a URL reserves: redis-py,
 #: arq and urllib quote what they could not read of the URL, which is this password
@@ -132,3 +141,136 @@ def test_a_redis_url_that_can_be_read_still_makes_worker_settings(tmp_path: Path
         "violet_async.fleet._arq",
         "WorkerSettings",
     ]
+
+
+# -- two runs on one open Journal ---------------------------------------------------
+
+
+class _Bags:
+    """One order with one bag of 1000 cents: every refund POST commits and is answered
+    with its record (Violet's documented payload); the list shows what committed."""
+
+    ORDER, BAG = 31, 301
+
+    def __init__(self) -> None:
+        self.refunds: list[dict[str, Any]] = []
+        self.posts = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/login", self._login)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self._refund)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self._list)
+        return app
+
+    async def _login(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"token": "review23-token-0123456789", "refresh_token": "review23-refresh-0123"}
+        )
+
+    async def _refund(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.json()
+        await asyncio.sleep(0.02)  # Violet takes a moment: the other run reads meanwhile
+        record = {
+            "id": 70000 + len(self.refunds) + 1,
+            "order_id": self.ORDER,
+            "bag_id": self.BAG,
+            "merchant_id": 9,
+            "amount": body["amount_refunded"],
+            "reason": body.get("reason"),
+            "status": "COMPLETED",
+            "date_created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self.refunds.append(record)
+        return web.json_response(record)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.json_response(self.refunds)
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+def _client(url: str) -> VioletClient:
+    return VioletClient(
+        11, "review23-app-secret-0123", username="u", password="pw-0123456789", base_url=url
+    )
+
+
+_ROW = BatchItem.refund(
+    1, _Bags.ORDER, _Bags.BAG, RefundBagRequest(amount_refunded=300, reason="damaged")
+)
+
+
+async def _batch(
+    client: VioletClient, journal: Journal | Path, **options: Any
+) -> list[BatchResult]:
+    return [result async for result in run_batch(client, [_ROW], journal=journal, **options)]
+
+
+async def test_two_runs_at_once_on_one_open_journal_refund_a_row_once(tmp_path: Path) -> None:
+    """``run_batch`` takes an open :class:`Journal`; the file lock keeps one run per
+    file, but two runs given the same open Journal at once (a web app holding it open,
+    a retry wrapper starting a run while the first still runs) each read the row as not
+    done and each sent it: two refunds for one row of one journal. The second run is
+    now refused (``JournalLockedError``, this pid) before it reads or sends anything."""
+    bags = _Bags()
+    async with _serve(bags.app()) as url:
+        journal = await Journal.open(tmp_path / "rows.journal.jsonl", input_id="rows")
+        try:
+            async with _client(url) as first, _client(url) as second:
+                outcomes = await asyncio.gather(
+                    _batch(first, journal), _batch(second, journal), return_exceptions=True
+                )
+        finally:
+            await journal.aclose()
+        assert len(bags.refunds) == 1, bags.refunds
+        done = [o for o in outcomes if isinstance(o, list)]
+        refused = [o for o in outcomes if isinstance(o, JournalLockedError)]
+        assert [[(r.outcome, r.refund_id) for r in d] for d in done] == [[("succeeded", 70001)]]
+        assert len(refused) == 1
+        assert refused[0].pid == os.getpid()
+        # The file, opened again, knows the row: nothing more is sent.
+        async with _client(url) as again:
+            later = await _batch(again, tmp_path / "rows.journal.jsonl")
+        assert [(r.outcome, r.refund_id) for r in later] == [("already_done", 70001)]
+    assert bags.posts == 1
+
+
+async def test_a_second_run_on_an_open_journal_never_sends_the_first_runs_rows(
+    tmp_path: Path,
+) -> None:
+    """One after the other on the same open Journal and client: the Journal keeps in
+    memory what the file held when it was opened, not the rows a run wrote since, so the
+    second run read the first run's row as never sent; the bag's read before the send
+    showed the first run's refund, which this client had handed to that run's call (not
+    the row's to take, nor a stranger's to hold it back): sent again, two refunds for
+    one row (measured on main, with and without ``read_before_send``). A Journal now
+    serves one run; the next opens the file again."""
+    bags = _Bags()
+    async with _serve(bags.app()) as url:
+        journal = await Journal.open(tmp_path / "rows.journal.jsonl", input_id="rows")
+        try:
+            async with _client(url) as client:
+                first = await _batch(client, journal)
+                assert [(r.outcome, r.refund_id) for r in first] == [("succeeded", 70001)]
+                with pytest.raises(JournalLockedError, match="open it again"):
+                    await _batch(client, journal)
+        finally:
+            await journal.aclose()
+        assert len(bags.refunds) == 1, bags.refunds
+        async with _client(url) as client:
+            again = await _batch(client, tmp_path / "rows.journal.jsonl", read_before_send=False)
+        assert [(r.outcome, r.refund_id) for r in again] == [("already_done", 70001)]
+    assert bags.posts == 1

@@ -279,7 +279,8 @@ async def run_batch(
     succeeded or failed; only conflicting evidence (or a server that stays down) ends
     one "unknown".
 
-    With a ``journal`` (a path or an open :class:`Journal`), items already done are
+    With a ``journal`` (a path, or an open :class:`Journal`: it serves one run, and a
+    second run given it raises :class:`JournalLockedError`), items already done are
     skipped, items an earlier run left sent or pending are read back before anything
     is re-sent, and failed items (definitely not applied) are skipped unless
     ``retry_failed``. Items are known by content (:attr:`BatchItem.key` plus the
@@ -314,6 +315,7 @@ async def run_batch(
     feeder: asyncio.Task[None] | None = None
     try:
         if log is not None:
+            log.take_run()  # an open Journal serves one run (it knows what it loaded)
             engine = engine_of(client)
             log.redactor = engine.redactor
             for refund_id in log.refund_ids():
