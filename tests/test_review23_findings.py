@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from aiohttp import web
 
@@ -274,3 +275,70 @@ async def test_a_second_run_on_an_open_journal_never_sends_the_first_runs_rows(
             again = await _batch(client, tmp_path / "rows.journal.jsonl", read_before_send=False)
         assert [(r.outcome, r.refund_id) for r in again] == [("already_done", 70001)]
     assert bags.posts == 1
+
+
+async def test_the_same_client_running_a_file_again_with_a_new_journal_refunds_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """The bag is the batch's last guard: a row whose bag already holds a refund of
+    exactly its request, which neither the run nor its journal accounts for, is held
+    (``already_present``). A new process holds it; the same client did not: the guard
+    left out every refund the client had handed to any call, so a service that keeps
+    one client and runs an uploaded file again under a new journal (or none, or after
+    losing the journal) refunded every row a second time. Refunds handed out before
+    the run, and not in its journal, now count as unaccounted for the guard (still
+    never claimed as a row's own)."""
+    bags = _Bags()
+    async with _serve(bags.app()) as url:
+        async with _client(url) as client:
+            first = await _batch(client, tmp_path / "first.jsonl")
+            assert [(r.outcome, r.refund_id) for r in first] == [("succeeded", 70001)]
+            again = await _batch(client, tmp_path / "second.jsonl")
+            assert [(r.outcome, r.refund_id) for r in again] == [("already_present", 70001)]
+            none = [result async for result in run_batch(client, [_ROW])]
+            assert [(r.outcome, r.refund_id) for r in none] == [("already_present", 70001)]
+            assert len(bags.refunds) == 1, bags.refunds
+            # Two identical rows are two refunds: the one on the bag accounts for one
+            # row, the other is sent (as in a new process).
+            twice = [
+                result
+                async for result in run_batch(
+                    client,
+                    [_ROW, attrs.evolve(_ROW, line=2)],
+                    journal=tmp_path / "third.jsonl",
+                )
+            ]
+            assert sorted((r.outcome, r.refund_id) for r in twice) == [
+                ("already_present", 70001),
+                ("succeeded", 70002),
+            ]
+            # The first journal again, with a second identical row added: the first is
+            # done; the second is a second refund asked for, and the bag holds one its
+            # journal does not account for (the third run's): held, as a new process
+            # holds it.
+            more = [
+                result
+                async for result in run_batch(
+                    client, [_ROW, attrs.evolve(_ROW, line=2)], journal=tmp_path / "first.jsonl"
+                )
+            ]
+            assert sorted((r.outcome, r.refund_id) for r in more) == [
+                ("already_done", 70001),
+                ("already_present", 70002),
+            ]
+            # With that journal, once the bag holds no refund it does not account for,
+            # an identical row added again is sent.
+            third = [
+                result
+                async for result in run_batch(
+                    client,
+                    [_ROW, attrs.evolve(_ROW, line=2), attrs.evolve(_ROW, line=3)],
+                    journal=tmp_path / "third.jsonl",
+                )
+            ]
+            assert sorted((r.outcome, r.refund_id) for r in third) == [
+                ("already_done", 70002),
+                ("already_present", 70001),
+                ("succeeded", 70003),
+            ]
+    assert [r["id"] for r in bags.refunds] == [70001, 70002, 70003]

@@ -241,9 +241,17 @@ class KnownRefunds:
         entry = self._ids.get(refund_id)
         return None if entry is None else entry[1]
 
-    def besides(self, ask_id: str) -> Container[int]:
-        """The refunds owned by any call but the ask ``ask_id``."""
-        return _OthersOf(self, ask_id)
+    def besides(self, ask_id: str, *, foreign: Container[int] = ()) -> Container[int]:
+        """The refunds owned by any call but the ask ``ask_id``. ``foreign``: those of
+        them that the caller's own records do not account for (a batch run's: refunds
+        handed to calls before the run, and not in its journal): another call's still,
+        never claimed, but the guard before a first send (``hold_if_present``) counts
+        them as a refund nothing accounts for, as a new process would."""
+        return _OthersOf(self, ask_id, foreign)
+
+    def handed_out(self) -> set[int]:
+        """The refunds handed to a call of this client so far (an owner known)."""
+        return {refund_id for refund_id, entry in self._ids.items() if entry[1] is not None}
 
     def __contains__(self, refund_id: object) -> bool:
         return refund_id in self._ids
@@ -269,11 +277,12 @@ def _again(error: VioletError) -> VioletError:
 
 
 class _OthersOf:
-    __slots__ = ("_ask_id", "_known")
+    __slots__ = ("_ask_id", "_foreign", "_known")
 
-    def __init__(self, known: KnownRefunds, ask_id: str) -> None:
+    def __init__(self, known: KnownRefunds, ask_id: str, foreign: Container[int] = ()) -> None:
         self._known = known
         self._ask_id = ask_id
+        self._foreign = foreign
 
     def __contains__(self, refund_id: object) -> bool:
         entry = self._known._ids.get(refund_id)  # type: ignore[call-overload]
@@ -284,6 +293,23 @@ class _OthersOf:
 
     def unnamed(self, bag_id: int) -> tuple[tuple[int | None, float | None], ...]:
         return self._known.unnamed(bag_id, besides=self._ask_id)
+
+    @property
+    def for_guard(self) -> Container[int]:
+        """What the guard before a first send leaves out: the refunds of other calls
+        that the caller's records account for (all of them, unless ``foreign``)."""
+        return self if not self._foreign else _Accounted(self, self._foreign)
+
+
+class _Accounted:
+    __slots__ = ("_foreign", "_others")
+
+    def __init__(self, others: _OthersOf, foreign: Container[int]) -> None:
+        self._others = others
+        self._foreign = foreign
+
+    def __contains__(self, refund_id: object) -> bool:
+        return refund_id in self._others and refund_id not in self._foreign
 
 
 class PendingAsks:
