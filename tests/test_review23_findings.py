@@ -18,9 +18,12 @@ from typing import Any
 import attrs
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 
+from tests import _fleet_redis
 from violet_async import RefundBagRequest, VioletClient
 from violet_async.batch import BatchItem, BatchResult, Journal, JournalLockedError, run_batch
+from violet_async.fleet import BagLocks, FleetWorker, RedisLedger, item_key
 
 #: A Redis password as people write them, with a character a URL reserves: redis-py,
 #: arq and urllib quote what they could not read of the URL, which is this password
@@ -342,3 +345,48 @@ async def test_the_same_client_running_a_file_again_with_a_new_journal_refunds_n
                 ("succeeded", 70003),
             ]
     assert [r["id"] for r in bags.refunds] == [70001, 70002, 70003]
+
+
+async def test_a_direct_refund_of_the_same_client_holds_a_batch_row_asking_it_again(
+    tmp_path: Path,
+) -> None:
+    """The same with a refund the client made directly (``refund_bag``, answered 2xx
+    at once: its refund is known with no owner, as a journal's are): a batch row asking
+    exactly it was sent again."""
+    bags = _Bags()
+    async with _serve(bags.app()) as url, _client(url) as client:
+        made = await client.refund_bag(_ROW.order_id, _ROW.bag_id, _ROW.request)
+        assert made.id == 70001
+        rows = await _batch(client, tmp_path / "rows.journal.jsonl")
+        assert [(r.outcome, r.refund_id) for r in rows] == [("already_present", 70001)]
+    assert [r["id"] for r in bags.refunds] == [70001]
+
+
+redis_url = _fleet_redis.redis_url  # the session's redis-server
+fleet_key = _fleet_redis.fleet_key  # VIOLET_FLEET_KEY for the fleet test
+
+
+async def test_a_fleet_worker_whose_client_refunded_the_bag_directly_sends_no_second(
+    redis_url: str, fleet_key: str
+) -> None:
+    """A ``FleetWorker`` given a client the program also refunds with directly: an item
+    asking exactly a refund that client made was sent again (the guard left out every
+    refund the client had handed to a call), where a worker with another client holds
+    it (``already_present``). Counted on the server's own list, real redis-server."""
+    redis = Redis.from_url(redis_url)
+    await redis.flushall()
+    ledger = RedisLedger(redis)
+    await ledger.new_fleet()  # nothing of this ledger can be in flight
+    bags = _Bags()
+    key = item_key(_ROW)
+    try:
+        async with _serve(bags.app()) as url, _client(url) as client:
+            await client.refund_bag(_ROW.order_id, _ROW.bag_id, _ROW.request)
+            await ledger.register(key, _ROW)
+            worker = FleetWorker(client, ledger, BagLocks(redis))
+            summary = await worker.run(key, _ROW, ledger.sign(key, _ROW))
+    finally:
+        await redis.flushall()
+        await redis.aclose()
+    assert (summary["state"], summary["outcome"]) == ("failed", "already_present")
+    assert [r["id"] for r in bags.refunds] == [70001]

@@ -91,6 +91,10 @@ class KnownRefunds:
         self._failed: OrderedDict[str, tuple[int, VioletError]] = OrderedDict()
         # Refunds handed out from a 2xx without their id: (bag, owner, refund).
         self._idless: deque[tuple[int, str | None, OrderRefund]] = deque(maxlen=capacity)
+        # Refunds handed to a call (a first send's answer included, which names no
+        # owner), as opposed to those only a caller's records name (a batch journal's,
+        # a fleet ledger's): those records account for the latter, not the former.
+        self._handed: set[int] = set()
 
     def learn(self, bag_id: int, refunds: Sequence[OrderRefund]) -> None:
         """A read of ``bag_id`` listed ``refunds``: each record that may be a refund this
@@ -138,6 +142,8 @@ class KnownRefunds:
                 # and another ask can never claim it.
                 self._idless.append((bag_id, owner, refund))
             return
+        if owner is not None or refund is not None:
+            self._handed.add(refund_id)
         entry = self._ids.get(refund_id)
         if entry is not None:
             if owner is not None and entry[1] is None:
@@ -149,6 +155,7 @@ class KnownRefunds:
         if len(self._order) > self._capacity:
             oldest = self._order.popleft()
             gone = self._ids.get(oldest)
+            self._handed.discard(oldest)
             if gone is not None:
                 self._unindex(oldest, gone)
                 if gone[1] is not None:
@@ -250,8 +257,12 @@ class KnownRefunds:
         return _OthersOf(self, ask_id, foreign)
 
     def handed_out(self) -> set[int]:
-        """The refunds handed to a call of this client so far (an owner known)."""
-        return {refund_id for refund_id, entry in self._ids.items() if entry[1] is not None}
+        """The refunds handed to a call of this client so far."""
+        return set(self._handed)
+
+    def handed(self, refund_id: int) -> bool:
+        """Whether ``refund_id`` was handed to a call of this client."""
+        return refund_id in self._handed
 
     def __contains__(self, refund_id: object) -> bool:
         return refund_id in self._ids
