@@ -28,6 +28,7 @@ from ._client import Environment, VioletClient
 from ._files import NONBLOCK, UnsafeFileError, narrow_to_owner, open_owned
 from ._journal import JournalMismatchError, _check_version, _parse
 from ._redact import Redactor
+from ._redis_url import redis_url_problem
 from ._retry import RetryPolicy
 from ._signals import on_signals
 from ._transport import Timeouts
@@ -282,6 +283,9 @@ async def _ledger(options: AuditOptions) -> Any:
         raise _BadInput(
             "--redis needs the fleet extra: pip install 'violet-async[fleet]'"
         ) from None
+    problem = redis_url_problem(url, "--redis (or VIOLET_REDIS_URL)")
+    if problem is not None:
+        raise _BadInput(problem)
     redis = Redis.from_url(url)
     try:
         await redis.ping()

@@ -1480,6 +1480,7 @@ class Engine:
         key: str | None = None,
         item: str | None = None,
         read_first: bool = False,
+        foreign: Container[int] = (),
     ) -> OrderRefund:
         """One refund or cancel, by the protocol in ``_protocol.py``: one ask per bag
         at a time, a first send made inline (the happy path builds no record and enters
@@ -1647,7 +1648,7 @@ class Engine:
                     clock.time(),
                     clock.monotonic(),
                 )
-                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse, item)
+                ask, mine, owner = _as_owner(ask, shared.known_refunds, parse, item, foreign)
                 tracker = SendTracker(resume, persist=save)
                 timeouts = io._timeouts
                 refund = await run_ask(
@@ -1731,6 +1732,7 @@ class Engine:
         hold_if_present: bool = False,
         defer_rate_limited: bool = False,
         item: str | None = None,
+        foreign: Container[int] = (),
     ) -> Ended:
         """:meth:`drive` to its end, as one :class:`Ended` (what the batch runner and
         the fleet worker record): a refund (one that moved no money, FAILED or
@@ -1739,7 +1741,8 @@ class Engine:
 
         Errors of the driver's own save (``passes``: a journal that cannot be written),
         a cancellation, and anything that is not an ask's outcome go on as raised.
-        ``item``: as for :meth:`drive`."""
+        ``item``: as for :meth:`drive`. ``foreign``: refunds of other calls the
+        caller's records do not account for (:meth:`KnownRefunds.besides`)."""
         try:
             try:
                 refund = await self.drive(
@@ -1753,6 +1756,7 @@ class Engine:
                     hold_if_present=hold_if_present,
                     defer_rate_limited=defer_rate_limited,
                     item=item,
+                    foreign=foreign,
                 )
             except NotSent as stopped:
                 # The save right before a send (the stamp) failed: nothing left.
@@ -1803,7 +1807,11 @@ class Engine:
 
 
 def _as_owner(
-    ask: PendingRefund, known: KnownRefunds, answer: AnswerCheck, item: str | None = None
+    ask: PendingRefund,
+    known: KnownRefunds,
+    answer: AnswerCheck,
+    item: str | None = None,
+    foreign: Container[int] = (),
 ) -> tuple[PendingRefund, Container[int], str]:
     """``ask`` with the refunds other calls got on its bag (never its own), the known
     refunds it may not claim, and its identity (``item``, the caller's item the ask is
@@ -1811,7 +1819,7 @@ def _as_owner(
     got (a resume delivered twice, an item run again) are its own to claim again; every
     other known one is another call's, and an answer naming one is not this ask's."""
     owner = item or ask.ask_id
-    answer.known = mine = known.besides(owner)
+    answer.known = mine = known.besides(owner, foreign=foreign)
     others = known.on_bag(ask.bag_id, besides=owner)
     own = known.owned_by(owner)
     # A refund this ask already got does not vanish from Violet: a read that misses it

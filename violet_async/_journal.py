@@ -152,6 +152,25 @@ class Journal:
         #: Hides the client's secrets in the text a record keeps (``message``); set by
         #: the batch that writes it.
         self.redactor: Redactor | None = None
+        # Whether a run (run_batch) was given this journal: an open Journal serves one.
+        # Its memory holds what the file held when it was opened (and what became of
+        # those entries), not the items a run wrote anew: a second run given the same
+        # object, during the first or after it, read the first run's rows as never sent
+        # and sent them again.
+        self._served = False
+
+    def take_run(self) -> None:
+        """Give the journal to a run; raises :class:`JournalLockedError` (this process's
+        pid) when a run had it already: open the file again for the next run."""
+        if self._served:
+            raise JournalLockedError(
+                f"journal {self.path} was given to another run of this process already "
+                "(run_batch with the same open Journal): an open Journal serves one run, "
+                "as it knows what the file held when it was opened, not what a run wrote "
+                "since; open it again, or pass its path; nothing was sent",
+                pid=os.getpid(),
+            )
+        self._served = True
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, input_id: str | None) -> Journal:

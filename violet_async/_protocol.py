@@ -535,9 +535,12 @@ def _guard(
     ask: PendingRefund, obs: Observation, known: Container[int]
 ) -> tuple[PendingRefund, Action] | None:
     """``hold_if_present``: what the guard read before a first send says (None: send).
-    Only refunds on this bag not handed to other calls are looked at."""
+    Only refunds on this bag not handed to other calls are looked at (``known``'s
+    ``for_guard``, when it has one: those other calls the caller's records account
+    for)."""
+    accounted: Container[int] = getattr(known, "for_guard", known)
     candidates = tuple(
-        r for r in obs.refunds if on_bag(r, ask.bag_id) and (r.id is None or r.id not in known)
+        r for r in obs.refunds if on_bag(r, ask.bag_id) and (r.id is None or r.id not in accounted)
     )
     if candidates and obs.bag is None and not ask.reads and needs_bag(ask):
         # Only the bag's total tells whether a refund it holds is this whole-bag refund

@@ -91,6 +91,10 @@ class KnownRefunds:
         self._failed: OrderedDict[str, tuple[int, VioletError]] = OrderedDict()
         # Refunds handed out from a 2xx without their id: (bag, owner, refund).
         self._idless: deque[tuple[int, str | None, OrderRefund]] = deque(maxlen=capacity)
+        # Refunds handed to a call (a first send's answer included, which names no
+        # owner), as opposed to those only a caller's records name (a batch journal's,
+        # a fleet ledger's): those records account for the latter, not the former.
+        self._handed: set[int] = set()
 
     def learn(self, bag_id: int, refunds: Sequence[OrderRefund]) -> None:
         """A read of ``bag_id`` listed ``refunds``: each record that may be a refund this
@@ -138,6 +142,8 @@ class KnownRefunds:
                 # and another ask can never claim it.
                 self._idless.append((bag_id, owner, refund))
             return
+        if owner is not None or refund is not None:
+            self._handed.add(refund_id)
         entry = self._ids.get(refund_id)
         if entry is not None:
             if owner is not None and entry[1] is None:
@@ -149,6 +155,7 @@ class KnownRefunds:
         if len(self._order) > self._capacity:
             oldest = self._order.popleft()
             gone = self._ids.get(oldest)
+            self._handed.discard(oldest)
             if gone is not None:
                 self._unindex(oldest, gone)
                 if gone[1] is not None:
@@ -241,9 +248,21 @@ class KnownRefunds:
         entry = self._ids.get(refund_id)
         return None if entry is None else entry[1]
 
-    def besides(self, ask_id: str) -> Container[int]:
-        """The refunds owned by any call but the ask ``ask_id``."""
-        return _OthersOf(self, ask_id)
+    def besides(self, ask_id: str, *, foreign: Container[int] = ()) -> Container[int]:
+        """The refunds owned by any call but the ask ``ask_id``. ``foreign``: those of
+        them that the caller's own records do not account for (a batch run's: refunds
+        handed to calls before the run, and not in its journal): another call's still,
+        never claimed, but the guard before a first send (``hold_if_present``) counts
+        them as a refund nothing accounts for, as a new process would."""
+        return _OthersOf(self, ask_id, foreign)
+
+    def handed_out(self) -> set[int]:
+        """The refunds handed to a call of this client so far."""
+        return set(self._handed)
+
+    def handed(self, refund_id: int) -> bool:
+        """Whether ``refund_id`` was handed to a call of this client."""
+        return refund_id in self._handed
 
     def __contains__(self, refund_id: object) -> bool:
         return refund_id in self._ids
@@ -269,11 +288,12 @@ def _again(error: VioletError) -> VioletError:
 
 
 class _OthersOf:
-    __slots__ = ("_ask_id", "_known")
+    __slots__ = ("_ask_id", "_foreign", "_known")
 
-    def __init__(self, known: KnownRefunds, ask_id: str) -> None:
+    def __init__(self, known: KnownRefunds, ask_id: str, foreign: Container[int] = ()) -> None:
         self._known = known
         self._ask_id = ask_id
+        self._foreign = foreign
 
     def __contains__(self, refund_id: object) -> bool:
         entry = self._known._ids.get(refund_id)  # type: ignore[call-overload]
@@ -284,6 +304,23 @@ class _OthersOf:
 
     def unnamed(self, bag_id: int) -> tuple[tuple[int | None, float | None], ...]:
         return self._known.unnamed(bag_id, besides=self._ask_id)
+
+    @property
+    def for_guard(self) -> Container[int]:
+        """What the guard before a first send leaves out: the refunds of other calls
+        that the caller's records account for (all of them, unless ``foreign``)."""
+        return self if not self._foreign else _Accounted(self, self._foreign)
+
+
+class _Accounted:
+    __slots__ = ("_foreign", "_others")
+
+    def __init__(self, others: _OthersOf, foreign: Container[int]) -> None:
+        self._others = others
+        self._foreign = foreign
+
+    def __contains__(self, refund_id: object) -> bool:
+        return refund_id in self._others and refund_id not in self._foreign
 
 
 class PendingAsks:

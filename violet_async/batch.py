@@ -279,7 +279,8 @@ async def run_batch(
     succeeded or failed; only conflicting evidence (or a server that stays down) ends
     one "unknown".
 
-    With a ``journal`` (a path or an open :class:`Journal`), items already done are
+    With a ``journal`` (a path, or an open :class:`Journal`: it serves one run, and a
+    second run given it raises :class:`JournalLockedError`), items already done are
     skipped, items an earlier run left sent or pending are read back before anything
     is re-sent, and failed items (definitely not applied) are skipped unless
     ``retry_failed``. Items are known by content (:attr:`BatchItem.key` plus the
@@ -313,11 +314,20 @@ async def run_batch(
     )
     feeder: asyncio.Task[None] | None = None
     try:
+        engine = engine_of(client)
+        # Refunds this client handed to calls before this run (an earlier run with
+        # another journal, or none; a direct call): another call's, never an item's to
+        # claim, but nothing this run or its journal accounts for, so the guard before
+        # a first send holds an item that asks exactly one of them (already_present),
+        # as it does in a new process. Left out, the same client ran a file again with
+        # a new journal and refunded every row a second time.
+        foreign = engine.known_refunds.handed_out()
         if log is not None:
-            engine = engine_of(client)
+            log.take_run()  # an open Journal serves one run (it knows what it loaded)
             log.redactor = engine.redactor
             for refund_id in log.refund_ids():
                 engine.known_refunds.add(refund_id)
+                foreign.discard(refund_id)
         runner = _Runner(
             client,
             log,
@@ -328,6 +338,7 @@ async def run_batch(
             read_before_send=read_before_send,
             patience=patience,
             allow_repeat=allow_repeat,
+            foreign=foreign,
         )
         feeder = asyncio.create_task(runner.feed(items))
         while True:
@@ -403,9 +414,13 @@ class _Runner:
         read_before_send: bool,
         patience: float,
         allow_repeat: bool = False,
+        foreign: set[int] | None = None,
     ) -> None:
         engine = engine_of(client)
         self._caller_hook = engine.on_retry
+        # Refunds handed to calls of this client before the run, that its journal does
+        # not account for (run_batch): a held item that claims one accounts for it.
+        self.foreign: set[int] = foreign if foreign is not None else set()
         policy = attrs.evolve(engine.policy, read_before_send=read_before_send)
         self.client = client.with_options(on_retry=self._on_retry, retry=policy)
         self.clock = engine.clock
@@ -507,6 +522,7 @@ class _Runner:
                     sends_left=(budget_from, self.max_attempts),
                     pace=self.pace,
                     slot=slot,
+                    foreign=self.foreign,
                 )
         except Exception as exc:  # noqa: BLE001 - a bug: the consumer must see it
             await self.results.put(exc)
@@ -1118,6 +1134,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     resend: bool = True,
     sends_left: tuple[int, int] | None = None,
     slot: tuple[float, int] | None = None,
+    foreign: set[int] | None = None,
 ) -> BatchResult | _Parked | _Paced:
     _current.set(stats)
     _count_requests(stats)
@@ -1168,6 +1185,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             patience=patience,
             hold_if_present=hold,
             defer_rate_limited=True,
+            foreign=foreign if foreign else (),
         )
     except _NoResend as exc:
         # Proven not applied: an earlier run's item is free to be sent anew by a later
@@ -1179,7 +1197,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     refund, error = ended.refund, ended.error
     if refund is None:
         assert error is not None  # noqa: S101 - Ended holds one or the other
-        return await _unapplied(client, item, key, error, ended.outcome, pace, stats, log)
+        return await _unapplied(client, item, key, error, ended.outcome, pace, stats, log, foreign)
     _paced_success(client, item, refund, pace, limiter)
     if log is not None:
         # The amount it moved: a later row stating that amount, where this one stated
@@ -1200,6 +1218,7 @@ async def _unapplied(  # noqa: PLR0917 - internal, one call site
     pace: MerchantPace,
     stats: _Stats,
     log: Journal | None,
+    foreign: set[int] | None = None,
 ) -> BatchResult | _Parked | _Paced:
     """An item whose ask ended without a refund, in the batch's words."""
     if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
@@ -1209,7 +1228,7 @@ async def _unapplied(  # noqa: PLR0917 - internal, one call site
             return _Parked(item, key, exc.pending, 0, exc, stats)
         return await _ended(item, key, "unknown", stats, log, exc)
     if isinstance(exc, RefundAlreadyPresentError):  # Outcome.PRESENT
-        return await _present(client, item, key, stats=stats, log=log, exc=exc)
+        return await _present(client, item, key, stats=stats, log=log, exc=exc, foreign=foreign)
     # Any other error: the request did not apply. Not sent because the caller's own
     # client holds another ask of the bag pending (BagPendingError): failed, so no
     # later run sends it without --retry-failed (that ask may be this very refund).
@@ -1332,10 +1351,12 @@ async def _present(
     stats: _Stats,
     log: Journal | None,
     exc: RefundAlreadyPresentError,
+    foreign: set[int] | None = None,
 ) -> BatchResult:
     """Not sent: the bag already holds this refund. The lowest such refund becomes
     known, so it accounts for this item only: a repeat of an identical item in the
-    same input checks again, and is sent if no other unaccounted refund is there."""
+    same input checks again, and is sent if no other unaccounted refund is there. One
+    handed to a call before this run (``foreign``) is unaccounted until it is claimed."""
     if isinstance(exc, _BagHeld):
         # Held back by the batch itself: the refund is an earlier item's, accounted for.
         claimed = exc.refund_id
@@ -1343,9 +1364,11 @@ async def _present(
     else:
         known = engine_of(client).known_refunds
         ids = sorted(r.id for r in exc.refunds if r.id is not None)
-        claimed = next((i for i in ids if i not in known), None)
+        foreign = foreign if foreign is not None else set()
+        claimed = next((i for i in ids if i not in known or i in foreign), None)
         if claimed is not None:
             known.add(claimed)
+            foreign.discard(claimed)
     if log is not None:
         await log.record(
             key,

@@ -16,6 +16,8 @@ from any asyncio worker:
 
 from __future__ import annotations
 
+from typing import Any
+
 try:
     import arq as _arq  # noqa: F401
     import redis as _redis  # noqa: F401
@@ -29,7 +31,6 @@ from ._arq import (
     QUEUE_NAME,
     EnqueueReport,
     FleetConfig,
-    WorkerSettings,
     create_fleet_pool,
     enqueue,
     job_deserializer,
@@ -90,3 +91,14 @@ __all__ = [
     "refund_job",
     "worker_settings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``WorkerSettings`` reads the environment (VIOLET_REDIS_URL, VIOLET_FLEET_*): made
+    # when first asked for, so that importing the package (every ``violet-async``
+    # command does) never fails on a variable only ``arq`` workers read.
+    if name == "WorkerSettings":
+        from . import _arq as settings_module  # noqa: PLC0415
+
+        return settings_module.WorkerSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ item no producer signed as it reads now, before any send.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -31,6 +32,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker
+from redis.asyncio.connection import parse_url
 from redis.exceptions import NoScriptError, RedisError
 
 from .. import RetryPolicy, Timeouts
@@ -38,6 +40,7 @@ from .._client import VioletClient
 from .._converter import converter, request_from_dict
 from .._engine import engine_of
 from .._redact import printable
+from .._redis_url import unreadable_redis_url
 from ..batch import BatchItem
 from ..models import CancelBagRequest, RefundBagRequest
 from ._ledger import (
@@ -59,7 +62,7 @@ __all__ = [
     "EnqueueReport",
     "FleetArqWorker",
     "FleetConfig",
-    "WorkerSettings",
+    "WorkerSettings",  # noqa: F822 - made on first use (module __getattr__)
     "close_worker",
     "create_fleet_pool",
     "enqueue",
@@ -103,9 +106,27 @@ async def create_fleet_pool(redis_url: str) -> ArqRedis:
     """An arq pool for ``redis_url`` that enqueues JSON jobs (what :func:`enqueue`
     needs)."""
     return await create_pool(
-        RedisSettings.from_dsn(redis_url),
+        redis_settings(redis_url),
         job_serializer=job_serializer,
         job_deserializer=job_deserializer,
+    )
+
+
+def redis_settings(redis_url: str) -> RedisSettings:
+    """arq's settings for ``redis_url``; a URL that cannot be read raises ValueError
+    naming ``VIOLET_REDIS_URL`` and never quoting the URL (its password may be in it)."""
+    try:
+        settings = RedisSettings.from_dsn(redis_url)
+        parsed = parse_url(redis_url)
+    except (ValueError, TypeError, IndexError):
+        raise ValueError(unreadable_redis_url("VIOLET_REDIS_URL (or --redis)")) from None
+    # arq keeps a percent-encoded user and password as written (``pa%3Fss``), where
+    # redis-py (the ledger's reads, the CLI's first PING) decodes them: one password,
+    # read one way, for every connection of the fleet.
+    return dataclasses.replace(
+        settings,
+        username=parsed.get("username", settings.username),
+        password=parsed.get("password", settings.password),
     )
 
 
@@ -326,7 +347,7 @@ def worker_settings(config: FleetConfig) -> dict[str, Any]:
         "queue_name": QUEUE_NAME,
         "on_startup": on_startup,
         "on_shutdown": shutdown,
-        "redis_settings": RedisSettings.from_dsn(config.redis_url),
+        "redis_settings": redis_settings(config.redis_url),
         "job_serializer": job_serializer,
         "job_deserializer": job_deserializer,
         "max_jobs": config.concurrency,
@@ -471,23 +492,46 @@ class FleetArqWorker(Worker):
             return list(await self.pool.eval(_CLAIM, len(keys), *keys, *args))  # type: ignore[misc]
 
 
-class WorkerSettings:
-    """``arq violet_async.fleet.WorkerSettings``: settings from the environment."""
+def _worker_settings_class() -> type:
+    """``arq violet_async.fleet.WorkerSettings``: settings from the environment, read
+    when arq (or an import) first asks for it, never as the package is imported: every
+    ``violet-async`` command imports it, and a ``VIOLET_REDIS_URL`` that cannot be read
+    must not stop ``violet-async refund``, nor print the part of it a reader quotes."""
+    config = FleetConfig.from_env()
+    settings = redis_settings(config.redis_url)
 
-    _config = FleetConfig.from_env()
-    functions: ClassVar[list[Any]] = [
-        func(refund_job, name=JOB_NAME, keep_result=0, max_tries=_config.max_tries)
-    ]
-    queue_name = QUEUE_NAME
-    on_startup = startup
-    on_shutdown = shutdown
-    redis_settings = RedisSettings.from_dsn(_config.redis_url)
-    job_serializer = staticmethod(job_serializer)
-    job_deserializer = staticmethod(job_deserializer)
-    max_jobs = _config.concurrency
-    job_timeout = _config.job_timeout
-    keep_result = 0
-    poll_delay = 0.1
+    class WorkerSettings:
+        """``arq violet_async.fleet.WorkerSettings``: settings from the environment."""
+
+        _config = config
+        functions: ClassVar[list[Any]] = [
+            func(refund_job, name=JOB_NAME, keep_result=0, max_tries=config.max_tries)
+        ]
+        queue_name = QUEUE_NAME
+        on_startup = startup
+        on_shutdown = shutdown
+        redis_settings = settings
+        job_serializer = staticmethod(job_serializer)
+        job_deserializer = staticmethod(job_deserializer)
+        max_jobs = config.concurrency
+        job_timeout = config.job_timeout
+        keep_result = 0
+        poll_delay = 0.1
+
+    WorkerSettings.__module__ = __name__
+    WorkerSettings.__qualname__ = "WorkerSettings"
+    return WorkerSettings
+
+
+_made: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WorkerSettings":
+        if name not in _made:
+            _made[name] = _worker_settings_class()
+        return _made[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @attrs.define

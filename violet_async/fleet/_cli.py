@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from .. import _batch_cli
 from .._redact import printable, printable_json
+from .._redis_url import redis_url_problem
 from .._signals import on_signals
 from ..batch import BatchItem
 from ._arq import (
@@ -188,6 +189,10 @@ def run(args: argparse.Namespace) -> int:
     args.redis = args.redis or os.environ.get("VIOLET_REDIS_URL") or None
     if args.redis is None:
         print("violet-async: set VIOLET_REDIS_URL (or give --redis URL)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    problem = redis_url_problem(args.redis, "VIOLET_REDIS_URL (or --redis)", arq=True)
+    if problem is not None:
+        print(f"violet-async: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.command in ("enqueue", "worker"):
         try:

@@ -366,6 +366,11 @@ class FleetWorker:
                 # this client: a run again from the job's copy (the ledger lost) gets
                 # its refund back.
                 item=self.ledger.record_key(key),
+                # Refunds this client handed to calls that are no item of this ledger
+                # (a program's own refund_bag on the same client): nothing the ledger
+                # accounts for, so the guard holds an item asking exactly one of them,
+                # as another worker's does (this one sent it again).
+                foreign=_OutsideLedger(known, self.ledger.record_key("")),
             )
         )
         lost = asyncio.ensure_future(held.lost.wait())
@@ -834,6 +839,23 @@ class FleetWorker:
                 f"item {key} vanished from the ledger under this run: Redis lost its data"
             )
         return record
+
+
+class _OutsideLedger:
+    """The refunds a client handed to calls other than the items of one ledger (their
+    owner is not one of its record keys)."""
+
+    __slots__ = ("_known", "_prefix")
+
+    def __init__(self, known: Any, prefix: str) -> None:
+        self._known = known
+        self._prefix = prefix
+
+    def __contains__(self, refund_id: object) -> bool:
+        if not isinstance(refund_id, int) or not self._known.handed(refund_id):
+            return False
+        owner = self._known.owner(refund_id)
+        return owner is None or not owner.startswith(self._prefix)
 
 
 class _PacedBack(Exception):

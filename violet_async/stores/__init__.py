@@ -18,6 +18,7 @@ Finished keys are kept :data:`DEFAULT_RETENTION` seconds (24 h; each store takes
 
 from __future__ import annotations
 
+from .._redis_url import unreadable_redis_url
 from ..exceptions import RequestValidationError
 from ._base import DEFAULT_LEASE, DEFAULT_RETENTION, Claim, KeyEntry, RecordStore
 from ._memory import MemoryStore
@@ -49,7 +50,12 @@ def store_from_url(url: str, *, field: str = "VIOLET_STORE") -> RecordStore:
             raise RequestValidationError(field, "sqlite:/// needs a file path after it")
         return SQLiteStore(path)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(url)
+        try:
+            return RedisStore(url)
+        except RequestValidationError as exc:
+            if exc.field != "url":
+                raise
+            raise RequestValidationError(field, unreadable_redis_url(field)) from None
     raise RequestValidationError(
         field, "must be sqlite:///path, redis://host:port/db or memory (the value is not shown)"
     )

@@ -91,7 +91,15 @@ class RedisStore:
             # The fleet extra's dependency: imported only when a RedisStore is made.
             from redis.asyncio import Redis  # noqa: PLC0415
 
-            client = Redis.from_url(url)
+            from .._redis_url import redis_url_problem, unreadable_redis_url  # noqa: PLC0415
+
+            # Its password may be in it: a URL redis-py cannot read is never quoted.
+            if redis_url_problem(url, "url") is not None:
+                raise RequestValidationError("url", unreadable_redis_url("the Redis URL"))
+            try:
+                client = Redis.from_url(url)
+            except (ValueError, TypeError, IndexError):
+                raise RequestValidationError("url", unreadable_redis_url("the Redis URL")) from None
             self._owns_client = True
         else:
             self._owns_client = False
