@@ -82,7 +82,7 @@ async def test_our_own_refund_is_still_found_after_a_date_jumped() -> None:
 def test_the_bar_is_date_tolerance_below_every_reading_of_this_clock(
     before_send: float, claimed: bool
 ) -> None:
-    """The same as a step: Violet's clock 46 s ahead, the latest ``Date`` 120 s behind
+    """The same rule, one ``step``: Violet's clock 46 s ahead, the latest ``Date`` 120 s behind
     the earlier ones (readings -74 s and 46 s, both this clock's). A refund 8 s before
     the send by the earlier reading is for review; one 1 s after it is the ask's."""
     from .test_protocol import SETTINGS, T0, refund, sent
