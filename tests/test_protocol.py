@@ -108,18 +108,38 @@ def test_thousands_of_reads_inside_a_long_window_keep_reading() -> None:
     assert action.delay == SETTINGS.max_settle_delay
 
 
+def _dated(at: float, refunds: list[OrderRefund]) -> Observation:
+    """A read whose answer carried Violet's ``Date`` (its clock as this one's)."""
+    return Observation.read(at, refunds, server_time=at, received_at=at + 0.5)
+
+
 def test_a_miss_started_after_the_window_proves_absence_and_re_sends() -> None:
     """Only a read started after the window proves absence: then one re-send."""
     ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
     end = ask.settle_until
     assert end is not None
     old = refund(1, age=100_000)  # an identical refund from the day before
-    ask, action = step(ask, Observation.read(end - 0.1, [old]), SETTINGS, end, 9.0)
+    ask, action = step(ask, _dated(end - 0.1, [old]), SETTINGS, end, 9.0)
     assert action.do is Do.READ  # started a hair too early
-    ask, action = step(ask, Observation.read(end, [old]), SETTINGS, end, 9.0)
+    ask, action = step(ask, _dated(end, [old]), SETTINGS, end, 9.0)
     assert action.do is Do.SEND
     assert ask.sends == 2
     assert ask.baseline == frozenset({1})
+
+
+def test_without_a_date_a_refund_a_day_before_the_send_is_for_review() -> None:
+    """With no ``Date`` header, this machine's wall clock alone dates the send, and it
+    may be a day off with nothing to tell (a step before the process was made): an
+    identical refund dated a day before the send by it may be the send's own. Review,
+    never proof of absence (the rest of simulator seed 1079285)."""
+    ask, _ = step(sent(), failed_with(504), SETTINGS, T0 + 1, 100.0)
+    end = ask.settle_until
+    assert end is not None
+    old = refund(1, age=100_000)
+    ask, action = step(ask, Observation.read(end, [old]), SETTINGS, end, 9.0)
+    assert action.do is Do.PARK
+    assert ask.needs_review
+    assert ask.sends == 1
 
 
 def test_the_deadline_ending_first_parks_the_ask() -> None:
@@ -172,12 +192,16 @@ def test_conflicting_evidence_parks_for_review(refunds: list[OrderRefund], why: 
 
 def test_known_and_old_refunds_are_not_candidates() -> None:
     """A refund handed to a caller before is never claimed, but being known is not
-    absence (OWNED); one made a day before the first send is not ours (MISS)."""
-    ask = sent()
+    absence (OWNED); one made a day before the first send, by Violet's clock as the
+    ``Date`` headers read it, is not ours (MISS). By this machine's clock alone (no
+    ``Date``) it may be ours: undated, for review."""
+    ask = sent(server_offset=0.0)
     verdict, found = match(ask, [refund(5), refund(6, age=100_000)], None, {5}, SETTINGS)
     assert (verdict.value, [r.id for r in found]) == ("owned", [5])
     verdict, _ = match(ask, [refund(6, age=100_000)], None, {5}, SETTINGS)
     assert verdict.value == "miss"
+    verdict, _ = match(sent(), [refund(6, age=100_000)], None, {5}, SETTINGS)
+    assert verdict.value == "undated"
 
 
 def test_a_server_clock_behind_ours_is_estimated_and_its_refund_reviewed() -> None:

@@ -657,6 +657,7 @@ def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.Monke
         (920501, "two copies of one record on one machine, a step apart: merged unmoved"),
         (940336, "two copies of one record on one machine, a step apart: merged unmoved"),
         (961780, "Dates that disagree by 120 s: a bar 60 s below each, another's taken"),
+        (1079285, "a key's ask of a process made after 18 h of steps: resumed, sent again"),
         (973571, "the latest Date 120 s behind: a bar 60 s below the right one, taken"),
     ],
 )
@@ -665,8 +666,28 @@ def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(
 ) -> None:
     """Every world kind at once (``--kinds all``), direct: a wall-clock step before an
     ask's send left its reading of Violet's clock unsure for good (``was``;
-    tests/test_step_then_send.py). No violation on the fixed code."""
+    tests/test_step_then_send.py), or a step before the process that sent it was made
+    hid it from that process (1079285: tests/test_key_step_before_process.py). No
+    violation on the fixed code."""
     result = simulate(seed, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
+def test_a_long_refund_list_read_page_by_page_no_longer_keeps_an_ask_pending() -> None:
+    """Seed 1053467 (``--kinds all``): four refunds on pages of one, up to 2 s a
+    request, a 15 s deadline. Each resume read the list one page at a time, more than
+    once: it ran out of deadline every time, and the ask was still pending after every
+    resume. The pages are now asked for together (tests/test_paged_reads.py)."""
+    result = simulate(1053467, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
+def test_a_re_send_that_never_left_its_login_is_no_longer_saved_as_sent() -> None:
+    """Seed 1097210 (``--kinds all``, batch mode): a row's POST answered 429, its run
+    died; the next run resumed it at once, saved it "sent" and died during the login
+    (never connected); the run after took another system's refund made 3.6 s before
+    that record's time for the row's own (tests/test_resend_after_login.py)."""
+    result = simulate(1097210, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
 
 

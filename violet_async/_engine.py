@@ -1634,6 +1634,12 @@ class Engine:
                         resume = attrs.evolve(
                             clock_stepped(resume, jump), server_offset=None, wall_mono=None
                         )
+                elif resume is not None:
+                    # A record of this process or another on this machine: judged
+                    # against the clock as it was when this client was made too, when it
+                    # stepped forward since by more than the record knows of (its
+                    # writer made after the step: simulator seed 1079285).
+                    resume = shared.origin.recall(resume)
                 ask = resume or shared.origin.mark(
                     PendingRefund(
                         kind, order_id, bag_id, req, clock=settings.clock_id, idempotency_key=key

@@ -4,6 +4,7 @@ refund twice", as pure functions over what a read-back saw."""
 from __future__ import annotations
 
 import enum
+import math
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
 from datetime import datetime
@@ -493,7 +494,14 @@ def no_baseline_window(
     # another (``offsets_moved``) keeps ``clock_skew`` below its earlier readings: one
     # of them is its times as they were, which no Date header gave.
     raised = skew if ask.offsets is not None and ask.offsets_moved else settings.date_tolerance
-    gone = min((*dates, *local)) - skew - WRONG_OFFSET_SPAN
+    # "Made long before the send" needs a reading of Violet's own clock (a ``Date``):
+    # this machine's wall clock alone may be hours off with nothing here to tell (a
+    # step before this process was made, and before the process that wrote the
+    # record). Without one, a refund carrying what was asked, dated hours before the
+    # send by that clock alone, is for review, never proof of absence (a process made
+    # after a step of 18 h took its own refund behind a 504 for one made long before,
+    # proved it absent and sent it again: the rest of simulator seed 1079285).
+    gone = min((*dates, *local)) - skew - WRONG_OFFSET_SPAN if dates else -math.inf
     if (
         offset is not None
         and ask.offsets is None

@@ -598,6 +598,32 @@ class ClockOrigin:
         # minute before the send passed for its own (simulator seed 922284).
         return attrs.evolve(ask, stepped=ask.stepped + jump)
 
+    def recall(self, ask: PendingRefund) -> PendingRefund:
+        """``ask``, a record stamped (``wall_mono``) by a process on this machine, this
+        one or another, judged against this machine's clock as it was at the origin too
+        when the clock stepped forward between the origin and the stamp by more than the
+        record knows of (``stepped``): the process that wrote it may have been made
+        after the step, or seen only part of it, and no watch of its own could see it
+        (simulator seed 1079285: a second process on a key's store, made after steps of
+        18 h, sent the key's ask, a 504 that applied, and ended pending; with no
+        ``Date`` header its refund looked 18 h older than the send by its clock, "made
+        long before", and this process, resuming it on the key's next call, proved it
+        absent and sent it again). Only forward, and only further than the record's
+        own reading: the clock as it was is then earlier than every reading the record
+        holds, which only widens what a refund's date may be (for review, never a
+        claim or proof of absence that the record alone would not give)."""
+        if ask.wall_mono is None:
+            return ask
+        wall, mono = ask.wall_mono
+        if mono < self._mono:
+            # Stamped before this client was made: the step since the stamp (which the
+            # driver moves it by) holds every step this client saw.
+            return ask
+        jump = self.step_at(wall, mono)
+        if jump <= 0.0 or ask.stepped < 0.0 or jump <= ask.stepped:
+            return ask
+        return attrs.evolve(ask, stepped=jump)
+
 
 #: Seconds by which a send may leave after the time its saved record gives before the
 #: record is saved again (a resume allows one attempt's timeout on top of the time).
@@ -765,11 +791,14 @@ async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
     saved says "not sent" until the request leaves (the stamp saves it sent).
 
     A re-send that opens the window anew (every earlier send was proven not applied)
-    after a wait (a 429's Retry-After, a backoff) is saved as not sent until it leaves
-    (stamp() saves it sent, right before): a caller who cancels, or a process that
-    dies, during the wait leaves a record that says so. Saved as sent at the time it
-    was planned for, a repeat read the bag back and took a refund another system made
-    during the wait for the one it never sent (simulator seed 923128).
+    is saved as not sent until it leaves (stamp() saves it sent, right before): a
+    caller who cancels, or a process that dies, during a wait before it leaves (a
+    429's Retry-After, a backoff, a login) leaves a record that says so. Saved as sent
+    at the time it was planned for, a repeat read the bag back and took a refund
+    another system made during the wait for the one it never sent (simulator seed
+    923128; with no wait but a login that never connected, a batch run resuming a
+    429'd row died during it and the next run took another system's refund made 3.6 s
+    before that record's time: seed 1097210).
 
     An ask's first send is not saved here at all: the stamp saves it sent right before
     it leaves (after any login or rate wait), and until then the record stays as it
@@ -777,7 +806,7 @@ async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
     it (nothing left) had a repeat read the bag back and take a refund another system
     made meanwhile for its own (review 19)."""
     first = action.do is Do.SEND and _first_send(ask)
-    unstamped = first or (action.do is Do.SEND and action.delay > 0 and _opens_anew(ask))
+    unstamped = first or (action.do is Do.SEND and _opens_anew(ask))
     if not first:
         await save(_not_sent_yet(ask) if unstamped else ask)
     return unstamped

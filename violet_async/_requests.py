@@ -22,6 +22,7 @@ from ._auth import Auth, Credentials, is_token_expired_error
 from ._matching import _created, _sku_totals
 from ._reconcile import BagIO, BagLocks, ClockOrigin, KnownRefunds, PendingAsks
 from ._responses import (
+    MAX_PAGES,
     PagingError,
     RefundPage,
     http_date,
@@ -171,32 +172,37 @@ class RequestPlumbing:
         unnamed: list[OrderRefund] = []
         pages_read = 1
         unreadable = 0
-        while True:
-            unreadable += page.unreadable
-            for refund in page.refunds:
-                if refund.id is None:
-                    unnamed.append(refund)
-                else:
-                    refunds.setdefault(refund.id, refund)
-            try:
-                # Skipped records count as read: the server's total counts them too.
-                collected = len(refunds) + len(unnamed) + unreadable
-                wanted = next_page(first, page, pages_read, collected)
-            except PagingError as exc:
-                raise self._paging_error(path, str(exc)) from None
-            if wanted is None:
-                break
-            query = {"page": str(wanted)}
-            if first.size is not None:
-                query["size"] = str(first.size)
-            page = await self._get(path, parse_refund_page, deadline=deadline, query=query)
-            pages_read += 1
-            if not page.paged:
-                # A server that ignores paging answers every page with the whole (or the
-                # first) list: it cannot be told from the end of the list.
-                raise self._paging_error(path, f"asked for page {wanted}, got a bare list")
-            if page.number is not None and page.number != wanted:
-                raise self._paging_error(path, f"asked for page {wanted}, got {page.number}")
+        # The pages the first one announces are asked for at once, a few at a time (a
+        # read-back of a long list costs about one round trip, not one per page, so it
+        # fits the call's deadline); each is still taken in order, checked as below, and
+        # only when the walk reaches it.
+        ahead = _PagesAhead(self, path, first, deadline)
+        try:
+            while True:
+                unreadable += page.unreadable
+                for refund in page.refunds:
+                    if refund.id is None:
+                        unnamed.append(refund)
+                    else:
+                        refunds.setdefault(refund.id, refund)
+                try:
+                    # Skipped records count as read: the server's total counts them too.
+                    collected = len(refunds) + len(unnamed) + unreadable
+                    wanted = next_page(first, page, pages_read, collected)
+                except PagingError as exc:
+                    raise self._paging_error(path, str(exc)) from None
+                if wanted is None:
+                    break
+                page = await ahead.page(wanted)
+                pages_read += 1
+                if not page.paged:
+                    # A server that ignores paging answers every page with the whole (or the
+                    # first) list: it cannot be told from the end of the list.
+                    raise self._paging_error(path, f"asked for page {wanted}, got a bare list")
+                if page.number is not None and page.number != wanted:
+                    raise self._paging_error(path, f"asked for page {wanted}, got {page.number}")
+        finally:
+            await ahead.close()
         total = first.total_elements
         if pages_read > 1 and total is not None and collected < total:
             # Refunds are never deleted: fewer than the first page counted is a gap.
@@ -607,3 +613,55 @@ def _too_late(method: str, path: str) -> APITimeoutError:
         path=path,
         request_sent=False,
     )
+
+
+PAGES_IN_FLIGHT = 4
+"""How many pages of one bag's refund list are asked for at once."""
+
+
+class _PagesAhead:
+    """The pages of a refund list after the first, asked for before the walk reaches
+    them. Only pages the first one announces (``total_pages``) are fetched ahead, at most
+    :data:`PAGES_IN_FLIGHT` at a time; any other page is asked for when wanted. A page
+    that failed fails the read only if the walk wants it; the rest are cancelled when
+    the read ends, however it ends."""
+
+    __slots__ = ("_fetch", "_tasks")
+
+    def __init__(
+        self, requests: RequestPlumbing, path: str, first: RefundPage, deadline: float | None
+    ) -> None:
+        size = None if first.size is None else str(first.size)
+
+        async def fetch(number: int) -> RefundPage:
+            query = {"page": str(number)}
+            if size is not None:
+                query["size"] = size
+            return await requests._get(path, parse_refund_page, deadline=deadline, query=query)
+
+        self._fetch = fetch
+        self._tasks: dict[int, asyncio.Task[RefundPage]] = {}
+        if first.paged and first.number is not None and first.last is not True:
+            count = min(first.total_pages or 0, MAX_PAGES)
+            if count > 1:
+                gate = asyncio.Semaphore(PAGES_IN_FLIGHT)
+                for number in range(first.number + 1, first.number + count):
+                    self._tasks[number] = asyncio.ensure_future(self._gated(gate, number))
+
+    async def _gated(self, gate: asyncio.Semaphore, number: int) -> RefundPage:
+        async with gate:
+            return await self._fetch(number)
+
+    async def page(self, number: int) -> RefundPage:
+        task = self._tasks.pop(number, None)
+        if task is None:
+            return await self._fetch(number)
+        return await task
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
