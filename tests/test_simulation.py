@@ -691,6 +691,15 @@ def test_a_re_send_that_never_left_its_login_is_no_longer_saved_as_sent() -> Non
     assert not result.kinds, result.report()
 
 
+def test_a_refund_that_appeared_after_the_send_is_no_longer_taken_for_an_old_one() -> None:
+    """Seed 1115630 (``--kinds all``): a second process made after a +15 h step, Date
+    headers 15 h ahead too; its ask's refund (behind a 502) listed from the second
+    read on, dated 15 h before the send by every reading, was skipped as old and a
+    resume sent it again (tests/test_listed_after_send.py)."""
+    result = simulate(1115630, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
 #: ``--kinds all`` with review 14 and 15's kinds (the seeds of the run from 920,000
 #: replay with exactly these).
 KINDS_25 = KINDS_21 | REVIEW_KINDS

@@ -202,6 +202,14 @@ class PendingRefund:
     """Refunds a read-back of this ask saw that could be its own (or that only another
     call's ownership kept from being so). They do not vanish from Violet: a later read
     that misses one is a stale replica, never evidence of absence."""
+    listed_after_send: frozenset[int] | None = None
+    """The ids the first complete read-back after the ask's first send listed (None: no
+    such read yet). A refund a later read lists that this one did not appeared since
+    the request left (a list never hides a refund made hours ago): it is never taken
+    for one "made long before the send", whatever its date says, for that date may be
+    on another clock than every reading of Violet's (simulator seed 1115630: Date
+    headers and a stepped wall clock both 15 h ahead of the clock that dates refunds;
+    the ask's own refund behind a 502 was skipped as a day old and sent again)."""
     answered: bool = False
     """Violet answered a send with a 2xx whose body could not be read or did not fit the
     request: it applied, so this ask is never sent again, only read back."""
@@ -281,6 +289,9 @@ class PendingRefund:
             data["unnamed"] = [list(one) for one in self.unnamed]
         if self.reads_bag:
             data["reads_bag"] = True
+        if self.listed_after_send is not None:
+            # Only when set: records without it read and write as they always did.
+            data["listed_after_send"] = sorted(self.listed_after_send)
         if self.offsets_moved:
             data["offsets_moved"] = True
         return data
@@ -334,6 +345,7 @@ class PendingRefund:
                 idempotency_key=checked_key(data.get("idempotency_key")),
                 unnamed=_unnamed(data.get("unnamed", [])),
                 reads_bag=bool(data.get("reads_bag", False)),
+                listed_after_send=_opt_ids(data, "listed_after_send"),
                 offsets_moved=bool(data.get("offsets_moved", False)),
             )
         except KeyError as exc:
@@ -441,7 +453,16 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
         idempotency_key=one.idempotency_key or other.idempotency_key,
         unnamed=with_unnamed(one, other.unnamed).unnamed,
         reads_bag=one.reads_bag or other.reads_bag,
+        listed_after_send=_fewer(one.listed_after_send, other.listed_after_send),
     )
+
+
+def _fewer(one: frozenset[int] | None, other: frozenset[int] | None) -> frozenset[int] | None:
+    """Two copies' ``listed_after_send``: the ids both listed (a refund only one copy's
+    first read listed may have appeared since the other's send), or the one known."""
+    if one is None or other is None:
+        return other if one is None else one
+    return one & other
 
 
 def clock_stepped(ask: PendingRefund, jump: float) -> PendingRefund:
@@ -614,6 +635,11 @@ def _unnamed(values: Any) -> tuple[tuple[int | None, float | None], ...]:
             "pending.unnamed", "must be a list of [amount or null, date or null] pairs"
         )
     return tuple((one[0], None if one[1] is None else float(one[1])) for one in values[-UNNAMED:])
+
+
+def _opt_ids(data: dict[str, Any], key: str) -> frozenset[int] | None:
+    values = data.get(key)
+    return None if values is None else frozenset(_ids(values, f"pending.{key}"))
 
 
 def _ids(values: Any, field: str) -> list[int]:

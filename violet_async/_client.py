@@ -29,7 +29,7 @@ from ._redact import Redactor
 from ._requests import RequestPlumbing, Shared
 from ._responses import (
     parse_order,
-    parse_refund_get,
+    refund_getter,
 )
 from ._retry import SYSTEM_CLOCK, Clock, Retrier, RetryHook, RetryPolicy
 from ._telemetry import STATE, traced_call
@@ -586,7 +586,9 @@ class VioletClient(RequestPlumbing):
 
         Waits ``poll_interval`` seconds, doubling up to ``max_interval``. Returns the
         final refund (a FAILED one is returned, not raised: check ``status``). Raises
-        ``RefundWaitTimeoutError`` carrying the last state seen after ``timeout``.
+        ``RefundWaitTimeoutError`` carrying the last state seen after ``timeout``, and
+        ``ResponseFormatError`` for an answer naming another refund, bag or order (its
+        state is not this refund's).
         """
         check_id("order_id", order_id)
         check_id("bag_id", bag_id)
@@ -598,9 +600,10 @@ class VioletClient(RequestPlumbing):
         interval = poll_interval
         last: OrderRefund | None = None
         path = f"/orders/{order_id}/refunds/{refund_id}"
+        parse = refund_getter(order_id, bag_id, refund_id)
         while True:
             with contextlib.suppress(NotFoundError):
-                last = await self._get(path, parse_refund_get)
+                last = await self._get(path, parse)
             if last is not None and last.status is not None and last.status.is_terminal:
                 return last
             remaining = deadline - clock.monotonic()

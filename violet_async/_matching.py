@@ -81,9 +81,13 @@ def _strip(text: str | None) -> str | None:
 
 def _sku_totals(lines: Sequence[SkuRefund] | Sequence[RefundedSku]) -> Counter[int | None]:
     # Units per order SKU: a platform may list 2 units of a SKU as two 1-unit lines.
+    # An order SKU id of 0 or below is none (a backend's default for an id it never
+    # set): read as another SKU, an ask's own refund was proven absent and sent
+    # again four times (review 22).
     totals: Counter[int | None] = Counter()
     for line in lines:
-        totals[line.order_sku_id] += line.quantity_refunded or 0
+        sku = line.order_sku_id
+        totals[sku if sku is None or sku > 0 else None] += line.quantity_refunded or 0
     return totals
 
 
@@ -185,9 +189,16 @@ def _compare(
     if isinstance(request, CancelBagRequest):
         return (Verdict.NEAR if near else Verdict.MATCH), False
     if request.amount_refunded is not None:
-        if refund.amount is None or (bag is not None and _other_currency(refund, bag)):
-            # A record without its amount, or with an amount in another currency than
-            # the bag's, may be ours: never a miss.
+        if (
+            refund.amount is None
+            or refund.amount == 0
+            or (bag is not None and _other_currency(refund, bag))
+        ):
+            # A record without its amount, with 0 for it (a backend's default for an
+            # amount not filled in yet: read as a refund of nothing, an ask's own
+            # refund was proven absent and sent again four times, review 22; an ask
+            # never asks for 0), or with an amount in another currency than the bag's,
+            # may be ours: never a miss.
             unsure = True
         elif refund.amount != request.amount_refunded:
             wanted = request.amount_refunded
@@ -241,7 +252,10 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     what was left and the bag was refunded again
     after it (a double refund, or ids that do not grow with time): a person looks,
     never a miss."""
-    if refund.id is None or refund.amount is None or bag.total is None:
+    if refund.id is None or refund.amount is None or bag.total is None or bag.total <= 0:
+        # A total of 0 or less is none given (a backend's default for a total never
+        # filled in): read as the bag's, a whole-bag refund that applied was "not what
+        # was left" and sent again (review 22).
         return None
     others = [
         r
@@ -252,9 +266,10 @@ def _is_the_rest(refund: OrderRefund, refunds: Sequence[OrderRefund], bag: Order
     if any(_other_currency(r, bag) for r in (refund, *before)):
         return None  # an amount in another currency than the bag's total's
     earlier = [r.amount for r in before]
-    if any(amount is None or amount < 0 for amount in (refund.amount, *earlier)):
-        # An earlier record without its amount, or a negative one (a ledger's sign
-        # for money going out): the rest is unknown.
+    if any(amount is None or amount <= 0 for amount in (refund.amount, *earlier)):
+        # An earlier record without its amount, a negative one (a ledger's sign for
+        # money going out), or 0 (an amount not filled in: review 22): the rest is
+        # unknown.
         return None
     if refund.amount != bag.total - sum(a for a in earlier if a is not None):
         # Violet's pages do not say whether a record's ``amount`` carries its
@@ -537,9 +552,23 @@ def no_baseline_window(
 DAY = 86_400.0
 
 
-def _created(refund: OrderRefund) -> tuple[float, float] | None:
-    """The earliest and latest Unix time the refund's date allows (None: no date, or
-    one without an offset)."""
+#: Dates before this (2000-01-01T00:00:00Z) are no refund's: Violet's API is younger.
+#: A record carries one when its backend never set the date and wrote its zero instead
+#: (Unix time 0, ``1970-01-01T00:00:00Z``; a zero datetime, ``0001-01-01T00:00:00Z``;
+#: -1). Taken as a date, it placed the refund "long before the send", and without a
+#: baseline an ask's own refund listed that way was skipped as another's, proven
+#: absent and sent again (review 22).
+EARLIEST_DATE = 946_684_800.0
+
+
+def placeholder_date(stamp: float | None) -> bool:
+    """``stamp`` (Unix seconds) is a backend's stand-in for a date it never set."""
+    return stamp is not None and stamp < EARLIEST_DATE
+
+
+def date_span(refund: OrderRefund) -> tuple[float, float] | None:
+    """The earliest and latest Unix time the refund's date allows, as written (None:
+    no date, or one without an offset)."""
     when = refund.date_created
     if when is None:
         return None
@@ -549,6 +578,13 @@ def _created(refund: OrderRefund) -> tuple[float, float] | None:
     if stamp % DAY == 0.0:
         return stamp, stamp + DAY
     return stamp, stamp
+
+
+def _created(refund: OrderRefund) -> tuple[float, float] | None:
+    """:func:`date_span`, None for a placeholder too (:func:`placeholder_date`): it
+    places the refund nowhere."""
+    span = date_span(refund)
+    return None if span is None or placeholder_date(span[0]) else span
 
 
 class Reading:
@@ -642,6 +678,8 @@ def _doubt(
     if span is None:
         if refund.date_created is None:
             return f"{UNPLACED} (it has no date)"
+        if placeholder_date(unix_time(refund.date_created)):
+            return f"{UNPLACED} (the date is a placeholder for one never set, before 2000)"
         return f"{UNPLACED} (the date has no offset: server-local time)"
     if sent is None:
         return f"{UNPLACED} (when this request was first sent is not known)"
@@ -723,8 +761,6 @@ def judge(
         ask, refunds, known, settings, read_server_time=read_server_time, read_at=read_at
     )
     for at, refund in enumerate(refunds):
-        if not on_bag(refund, ask.bag_id):
-            continue
         if ask.baseline is not None and refund.id is not None and refund.id in ask.baseline:
             continue
         span = _created(refund)
@@ -737,8 +773,14 @@ def judge(
             and span is not None
             and sent is not None
             and span[1] < sent + gone
+            and (ask.listed_after_send is None or refund.id in ask.listed_after_send)
         ):
-            continue  # made long before this ask was first sent, by every reading
+            # Made long before this ask was first sent, by every reading; unless the
+            # first read after the send did not list it (it appeared since: its date is
+            # on another clock than every reading, ``PendingRefund.listed_after_send``).
+            continue
+        if _elsewhere(ask, refund, refunds, bag, known, taken=at in taken, near=near):
+            continue
         doubt = _doubt(refund, span, sent, floor=floor, ceiling=ceiling, sure=sure, latest=latest)
         verdict = content(ask, refund, refunds, bag)
         if verdict is Verdict.MISS:
@@ -785,6 +827,37 @@ def judge(
     if bag is not None and effect_visible(ask, bag):
         return Reading(Verdict.EFFECT_WITHOUT_REFUND, (), seen)
     return Reading(Verdict.MISS, (), seen, other_currency=other_currency)
+
+
+def _elsewhere(
+    ask: PendingRefund,
+    refund: OrderRefund,
+    refunds: Sequence[OrderRefund],
+    bag: OrderBag | None,
+    known: Container[int],
+    *,
+    taken: bool,
+    near: list[OrderRefund],
+) -> bool:
+    """Whether ``refund``, a record of this bag's list, names another bag: that bag's
+    (a list may carry them), or this bag's own refund labelled with another bag (a
+    backend filling ``bag_id`` from the order's first bag). Left out as another bag's,
+    an ask's own refund was proven absent and sent again (review 22). One carrying
+    what was asked that no other call holds (``taken``: it may be a refund another
+    call got without its id) is added to ``near``: for review, never claimed, never a
+    miss. For a whole-bag refund or a cancel, what was left of this bag cannot be held
+    against a record of another: one that moved money is near."""
+    if on_bag(refund, ask.bag_id):
+        return False
+    held = taken or (refund.id is not None and (refund.id in known or refund.id in ask.others))
+    if held:
+        return True
+    if needs_bag(ask):
+        if refund.status not in _DEAD:
+            near.append(refund)
+    elif content(ask, refund, refunds, bag) is not Verdict.MISS:
+        near.append(refund)
+    return True
 
 
 def _amount_only_miss(
@@ -868,6 +941,7 @@ def idless_fits(
         if (
             date is None
             or when is None
+            or placeholder_date(when)
             or when - date >= -IDLESS_EARLIER
             or (since is not None and when >= since)
         ):

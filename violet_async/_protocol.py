@@ -87,6 +87,7 @@ from ._matching import (
     match,
     needs_bag,
     on_bag,
+    placeholder_date,
     unix_time,
 )
 from .exceptions import (
@@ -586,7 +587,13 @@ def _maybe_unnamed(refund: OrderRefund, unnamed: Sequence[tuple[int | None, floa
     for amount, date in unnamed:
         if amount is not None and refund.amount is not None and amount != refund.amount:
             continue
-        if date is None or when is None or abs(when - date) <= WRONG_OFFSET_SPAN:
+        if (
+            date is None
+            or when is None
+            or placeholder_date(date)
+            or placeholder_date(when)
+            or abs(when - date) <= WRONG_OFFSET_SPAN
+        ):
             return True
     return False
 
@@ -597,6 +604,15 @@ def _known_unnamed(ask: PendingRefund, known: Container[int]) -> PendingRefund:
     that may be one of them from this ask (``_matching.idless_fits``)."""
     unnamed = getattr(known, "unnamed", None)
     return ask if unnamed is None else with_unnamed(ask, unnamed(ask.bag_id))
+
+
+def _first_listing(ask: PendingRefund, listed: frozenset[int], obs: Observation) -> PendingRefund:
+    """``ask`` with the ids the first complete read after its first send listed: a
+    refund listed later that this read did not appeared since, whatever its date
+    (``judge``)."""
+    if ask.listed_after_send is not None or ask.first_sent_at is None or obs.unreadable:
+        return ask
+    return attrs.evolve(ask, listed_after_send=listed)
 
 
 def _after_read(
@@ -617,7 +633,11 @@ def _after_read(
     # Refunds do not vanish from Violet: a read that misses one seen before (by this
     # ask, in its baseline, or handed to a caller) came from a replica behind it.
     stale = not (ask.seen <= listed and ask.others <= listed and (ask.baseline or listed) <= listed)
-    ask = _known_unnamed(attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others), known)
+    ask = _first_listing(
+        _known_unnamed(attrs.evolve(ask, reads=ask.reads + 1, others=ask.others | others), known),
+        listed,
+        obs,
+    )
     reading = judge(
         ask,
         obs.refunds,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +28,7 @@ __all__ = [
     "parse_refund_get",
     "parse_refund_list",
     "parse_refund_page",
+    "refund_getter",
 ]
 
 log = logging.getLogger("violet_async.responses")
@@ -61,6 +62,35 @@ def parse_refund_get(resp: RawResponse, path: str) -> OrderRefund:
         data, OrderRefund, body=resp.body, status=resp.status, method="GET", path=path
     )
     return with_request_id(refund, resp.headers)
+
+
+def refund_getter(
+    order_id: int, bag_id: int, refund_id: int
+) -> Callable[[RawResponse, str], OrderRefund]:
+    """:func:`parse_refund_get` for one refund: an answer that names another refund,
+    bag or order (a cached or misrouted answer) is a :class:`ResponseFormatError`,
+    never that refund's state (review 22: another refund's COMPLETED was returned by
+    ``wait_for_refund`` as the waited refund's outcome). A field left out names
+    nothing."""
+
+    def parse(resp: RawResponse, path: str) -> OrderRefund:
+        refund = named(parse_refund_get(resp, path))
+        for field, asked, got in (
+            ("id", refund_id, refund.id),
+            ("order_id", order_id, refund.order_id),
+            ("bag_id", bag_id, refund.bag_id),
+        ):
+            if got is not None and got != asked:
+                raise _format_error(
+                    resp,
+                    "GET",
+                    path,
+                    f"the answer names {field} {got}, not {asked}: it is another refund's",
+                    f"$.{field}",
+                )
+        return refund
+
+    return parse
 
 
 def named(refund: OrderRefund) -> OrderRefund:
@@ -196,18 +226,30 @@ def next_page(first: RefundPage, page: RefundPage, pages_read: int, collected: i
     if not page.paged:
         return None
     base = first.number if first.number is not None else 0
+    total_pages, total_elements = page.total_pages, page.total_elements
+    if total_pages is not None and page.number is not None and page.number - base >= total_pages:
+        total_pages = None  # fewer pages than this one: a count never filled in (0)
+    if total_elements is not None and total_elements < collected:
+        total_elements = None  # fewer refunds than were read: never filled in either
     if page.last is not None:
         more = not page.last
-    elif page.total_pages is not None and page.number is not None:
-        more = page.number - base + 1 < page.total_pages
-    elif page.total_elements is not None:
-        more = collected < page.total_elements
+    elif total_pages is not None and page.number is not None:
+        more = page.number - base + 1 < total_pages
+    elif total_elements is not None:
+        more = collected < total_elements
+    elif page.number is None and page.size is None:
+        more = False  # ``{"content": [...]}``: a wrapper of the whole list, not a page
     else:
-        more = False
+        # A page that does not say whether more follow (no ``last``, no count): one
+        # that is full, or whose size is not given, may be followed by more. Taken for
+        # the whole list, it hid an ask's own refund on the next page, which was proven
+        # absent and sent again (review 22). An empty page, or a shorter one, ends it.
+        held = len(page.refunds) + page.unreadable
+        more = held > 0 and (page.size is None or held >= page.size)
     if not more:
-        if page.total_elements is not None and collected < page.total_elements:
+        if total_elements is not None and collected < total_elements:
             raise PagingError(
-                f"the pages hold {collected} refunds, the server counts {page.total_elements}"
+                f"the pages hold {collected} refunds, the server counts {total_elements}"
             )
         return None
     if page.number is None:
@@ -215,6 +257,15 @@ def next_page(first: RefundPage, page: RefundPage, pages_read: int, collected: i
     if pages_read >= MAX_PAGES:
         raise PagingError(f"more than {MAX_PAGES} pages of refunds")
     return page.number + 1
+
+
+def _page_flag(value: Any) -> bool | None:
+    """A page's ``last``: a boolean, or its JSON spelling as a string."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
 
 
 def _page_int(data: dict[str, Any], *names: str) -> int | None:
@@ -239,7 +290,7 @@ def parse_refund_page(resp: RawResponse, path: str) -> RefundPage:
             "size": _page_int(data, "size"),
             "total_pages": _page_int(data, "total_pages", "totalPages"),
             "total_elements": _page_int(data, "total_elements", "totalElements"),
-            "last": last if isinstance(last, bool) else None,
+            "last": _page_flag(last),
         }
         data = data["content"]
     if not isinstance(data, list):
