@@ -658,6 +658,7 @@ def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.Monke
         (940336, "two copies of one record on one machine, a step apart: merged unmoved"),
         (961780, "Dates that disagree by 120 s: a bar 60 s below each, another's taken"),
         (1079285, "a key's ask of a process made after 18 h of steps: resumed, sent again"),
+        (973571, "the latest Date 120 s behind: a bar 60 s below the right one, taken"),
     ],
 )
 def test_seeds_where_a_step_before_the_send_claimed_another_refund_now_hold(

@@ -240,6 +240,13 @@ class PendingRefund:
     ``client.resume`` of a record with a key resumes it through the key's own record in
     the client's store, so a resume and a repeat of the keyed call, in any process
     sharing the store, are one ask: one owner at a time, one refund for both."""
+    offsets_moved: bool = False
+    """``offsets`` holds a reading no ``Date`` header gave: a record of another clock
+    was moved onto this one by Date headers that disagreed with its own, and its times
+    as they were (had one of the headers not been Violet's) are a reading too. Only
+    then does a claim's bar sit ``clock_skew`` below the earlier readings; readings
+    that Date headers gave on this clock are each held to ``date_tolerance``
+    (:func:`~violet_async._matching.no_baseline_window`)."""
 
     # -- persistence ---------------------------------------------------------
 
@@ -285,6 +292,8 @@ class PendingRefund:
         if self.listed_after_send is not None:
             # Only when set: records without it read and write as they always did.
             data["listed_after_send"] = sorted(self.listed_after_send)
+        if self.offsets_moved:
+            data["offsets_moved"] = True
         return data
 
     @classmethod
@@ -337,6 +346,7 @@ class PendingRefund:
                 unnamed=_unnamed(data.get("unnamed", [])),
                 reads_bag=bool(data.get("reads_bag", False)),
                 listed_after_send=_opt_ids(data, "listed_after_send"),
+                offsets_moved=bool(data.get("offsets_moved", False)),
             )
         except KeyError as exc:
             raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None

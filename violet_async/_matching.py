@@ -464,8 +464,9 @@ def no_baseline_window(
     the read; None: not known).
 
     Violet's clock is read two ways: by the ``Date`` headers (every offset they gave,
-    when they disagreed; within ``date_tolerance``, or ``clock_skew`` for the earlier
-    readings when they disagreed, never for the latest, this process's own; a record's
+    when they disagreed; each within ``date_tolerance``, or ``clock_skew`` for the
+    earlier readings of a record moved onto this clock from another, never for the
+    latest, this process's own; a record's
     unsure times never lower it) and by this machine's clock (as it is,
     or as it was before a step the ask saw; within ``date_tolerance``). A date must
     place the refund after the send by every reading: a ``Date`` header behind the
@@ -500,9 +501,14 @@ def no_baseline_window(
     # ``date_tolerance`` all the same; a refund dated below that is for review, never
     # claimed. Lowered to ``clock_skew``, another system's refund made 10 s before a
     # send was claimed after a step of 30 s moved the record (simulator seeds 931646,
-    # 941160). Headers that disagree keep ``clock_skew``: one of them may be another
-    # process's reading, moved onto this clock.
-    raised = settings.date_tolerance if offset is not None and ask.offsets is None else skew
+    # 941160). Nor by Date headers of this clock that disagree: each of their readings
+    # places the send within ``date_tolerance`` (held to ``clock_skew`` below the
+    # earlier ones, when the latest was the one that jumped, an answer's ``Date`` 120 s
+    # behind Violet's 264 s ahead, another system's refund made 8 s before a re-send
+    # passed by 52 s: simulator seed 973571). Only a record moved onto this clock from
+    # another (``offsets_moved``) keeps ``clock_skew`` below its earlier readings: one
+    # of them is its times as they were, which no Date header gave.
+    raised = skew if ask.offsets is not None and ask.offsets_moved else settings.date_tolerance
     # "Made long before the send" needs a reading of Violet's own clock (a ``Date``):
     # this machine's wall clock alone may be hours off with nothing here to tell (a
     # step before this process was made, and before the process that wrote the

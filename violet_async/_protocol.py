@@ -360,6 +360,7 @@ def start(
                 clock=here,
                 server_offset=None,
                 offsets=None,
+                offsets_moved=False,
                 clock_unsure=False,
                 wall_mono=None,
             )
@@ -452,6 +453,7 @@ def _with_offset(ask: PendingRefund, obs: Observation, here: str) -> PendingRefu
         if ask.settle_until is None
         else max(ask.settle_until, ask.settle_until + shift),
         offsets=(min(readings), max(readings)),
+        offsets_moved=True,
         clock_unsure=True,
     )
 
