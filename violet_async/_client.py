@@ -276,7 +276,15 @@ class VioletClient(RequestPlumbing):
 
     async def aclose(self) -> None:
         """Close the client (and its session and store, if the client made them).
-        Idempotent."""
+        Idempotent.
+
+        The answers still awaited of POSTs whose callers cancelled them are dropped
+        first: their asks stay pending ("sent, may have applied"), as without them."""
+        late = tuple(self._shared.late_answers)
+        for landing in late:
+            landing.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
         await self._shared.transport.aclose()
         if self._owns_store and self._store is not None:
             self._owns_store = False

@@ -48,7 +48,7 @@ from ._ask import (
 )
 from ._config import UNSET, _Unset
 from ._converter import encode_request
-from ._protocol import clock_stepped
+from ._protocol import Cause, classify_send_failure, clock_stepped
 from ._reconcile import (
     BagIO,
     ClockOrigin,
@@ -60,7 +60,7 @@ from ._reconcile import (
     run_ask,
 )
 from ._redact import Redactor, has_control_character
-from ._requests import AnswerCheck, RequestPlumbing
+from ._requests import LATE_ANSWER, AnswerCheck, LateAnswer, RequestPlumbing
 from ._responses import parse_cancel, parse_refund
 from ._retry import SYSTEM_CLOCK, RetryHook, RetryPolicy
 from ._retry import Clock as RetryClock
@@ -85,7 +85,7 @@ from .stores import Claim, KeyEntry, RecordStore
 
 if TYPE_CHECKING:
     from ._client import VioletClient
-    from ._transport import Timeouts
+    from ._transport import RawResponse, Timeouts
 
 __all__ = [
     "AUTH_PATHS",
@@ -1515,6 +1515,9 @@ class Engine:
         sent: tuple[float, float] | None = None
         tracker: SendTracker | None = None
         owner: str | None = None
+        # A POST this call's caller cancels while it runs is handed here (_kept).
+        late = LateAnswer()
+        late_token = LATE_ANSWER.set(late)
         try:
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
@@ -1708,10 +1711,27 @@ class Engine:
                 # With the refunds other calls got on the bag without their id.
                 unnamed = shared.known_refunds.unnamed(bag_id, besides=owner or pending.ask_id)
                 pending = with_unnamed(pending, unnamed)
+                if late.task is not None:
+                    # Its POST was cut short with its answer on the way: the answer is
+                    # awaited apart, and what it proves recorded for the ask's next
+                    # resume (the record stays "sent, may have applied" until then).
+                    before = tracker.record if tracker is not None else None
+                    pending = self._keep_late(
+                        late.task,
+                        pending,
+                        doubted=before is not None and before.doubted,
+                        parse=parse,
+                        path=path,
+                        owner=item or pending.ask_id,
+                    )
+                    late.task = None
             if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
                 unsettled.add(pending)
             raise
         finally:
+            LATE_ANSWER.reset(late_token)
+            if late.task is not None:
+                _drop_late(late.task)  # nothing of the call is pending: not awaited
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and save is None and self.keys is not None:
@@ -1769,6 +1789,99 @@ class Engine:
             return Ended(outcome, error=exc)
         return Ended(Outcome.APPLIED, refund=refund)
 
+    def _keep_late(
+        self,
+        task: asyncio.Future[RawResponse],
+        pending: PendingRefund,
+        *,
+        doubted: bool,
+        parse: AnswerCheck,
+        path: str,
+        owner: str,
+    ) -> PendingRefund:
+        """Await the answer of a POST whose caller cancelled it (``task``, bounded by
+        its own attempt's timeouts) apart from the call, and record what it proves for
+        the ask of ``pending`` (the record the cancellation leaves, returned with its
+        settle window moved past the latest the request can still leave: its
+        connection may not have been open yet). ``doubted``: the record before that
+        send was (a refusal then proves nothing of the earlier sends)."""
+        shared = self._shared
+        connect = self._io._timeouts.connect
+        if pending.settle_until is not None:
+            pending = attrs.evolve(pending, settle_until=pending.settle_until + connect)
+        landing = asyncio.ensure_future(
+            self._land_late(task, pending, doubted=doubted, parse=parse, path=path, owner=owner)
+        )
+        shared.late_answers.add(landing)
+        landing.add_done_callback(shared.late_answers.discard)
+        return pending
+
+    async def _land_late(
+        self,
+        task: asyncio.Future[RawResponse],
+        pending: PendingRefund,
+        *,
+        doubted: bool,
+        parse: AnswerCheck,
+        path: str,
+        owner: str,
+    ) -> None:
+        """What a late answer proves, kept for the ask's next resume in this client
+        (:meth:`KnownRefunds.recall` and :meth:`KnownRefunds.claimed`), never over
+        anything newer this client knows of the ask. A 2xx that reads as this
+        request's refund: the ask's refund. Violet's 429 (or a 401, before it did
+        anything): not applied (ABSENT, sent again at once by the next resume). Any
+        other 4xx: failed, as the protocol ends a send refused in time (a refusal
+        after a doubted send proves nothing of that one). Anything else (a 5xx, no
+        answer, a timeout): nothing, the record stays pending."""
+        try:
+            resp = await task
+        except BaseException:  # noqa: BLE001 - no answer, a timeout, a close: proves nothing
+            return
+        known = self._shared.known_refunds
+        bag_id = pending.bag_id
+        if 200 <= resp.status < 300:
+            try:
+                refund = parse(resp, path)
+            except VioletError:
+                return  # a 2xx that does not read as this request's: read back, as before
+            made = refund.id
+            if made is not None and (made in (pending.baseline or ()) or made in pending.others):
+                return
+            if known.claimed(pending.ask_id) is not None or known.claimed(owner) is not None:
+                return
+            known.add(made, bag_id, owner, refund)
+            log.info(
+                "the late answer of a cancelled call on bag %s named its refund %s: "
+                "its next resume returns it",
+                bag_id,
+                made,
+            )
+            return
+        error = self._io._api_error(resp, "POST", path)
+        cause = classify_send_failure(error)
+        if resp.status == 401 or cause is Cause.RATE_LIMITED:
+            absent = attrs.evolve(
+                pending,
+                phase=Phase.ABSENT,
+                doubted=doubted,
+                settle_until=None,
+                note=f"{type(error).__name__} (answered after the call was cancelled): {error}",
+            )
+            proven = known.proven_late(absent)
+        elif cause is Cause.REFUSED and not doubted:
+            note = f"{type(error).__name__}: {error}"
+            failed = attrs.evolve(pending, phase=Phase.FAILED, note=note)
+            proven = known.proven_late(failed, error)
+        else:
+            return
+        if proven:
+            log.info(
+                "the late answer of a cancelled call on bag %s (%s) proved it not applied",
+                bag_id,
+                resp.status,
+            )
+
     def _cancelled(  # noqa: PLR0917 - internal, one call site
         self,
         kind: Kind,
@@ -1804,6 +1917,13 @@ class Engine:
             others=shared.known_refunds.on_bag(bag_id),
         )
         return shared.origin.mark(record, *sent)
+
+
+def _drop_late(task: asyncio.Future[RawResponse]) -> None:
+    """A POST handed over (``_kept``) that nothing awaits: cancelled, its outcome
+    retrieved (never an unretrieved-exception warning)."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _as_owner(

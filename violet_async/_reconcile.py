@@ -187,6 +187,25 @@ class KnownRefunds:
         self._parked.pop(record.ask_id, None)
         self._remember(self._failed, record.ask_id, (record.sends, error))
 
+    def proven_late(self, record: PendingRefund, error: VioletError | None = None) -> bool:
+        """A late answer (to a POST whose caller had cancelled it) proved that the ask of
+        ``record`` did not apply: ``record`` (ABSENT) is resumed in its stead, or, with
+        ``error`` (a definite refusal), the ask fails again with no request. Kept only
+        when this client knows nothing newer of the ask: no refund handed to it, no
+        failure, no record parked with as many sends (a call that resumed it since the
+        send this answer is of). True: kept."""
+        ask_id = record.ask_id
+        if ask_id in self._claimed or ask_id in self._failed:
+            return False
+        newer = self._parked.get(ask_id)
+        if newer is not None and newer.sends >= record.sends:
+            return False
+        if error is not None:
+            self.failed(record, error)
+        else:
+            self.parked(record)
+        return True
+
     def _remember(self, memory: OrderedDict[str, Any], ask_id: str, value: Any) -> None:
         memory[ask_id] = value
         memory.move_to_end(ask_id)

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
 from functools import partial
 from logging import DEBUG, getLogger
 from typing import TypeVar
@@ -60,6 +61,21 @@ __all__ = ["AnswerCheck", "RequestPlumbing", "Shared"]
 T = TypeVar("T")
 
 
+@attrs.define
+class LateAnswer:
+    """Where a refund or cancel POST whose caller cancelled it while its answer was on
+    its way is handed to the engine (:meth:`Engine.drive` sets one for its call): the
+    exchange keeps running, bounded by its own attempt's timeouts, and the engine
+    records what its answer proves. None: no POST of the call was cut short."""
+
+    task: asyncio.Future[RawResponse] | None = None
+
+
+#: The running call's :class:`LateAnswer` (None outside :meth:`Engine.drive`: a POST
+#: cut short by its caller is cancelled with it, as before).
+LATE_ANSWER: ContextVar[LateAnswer | None] = ContextVar("violet_late_answer", default=None)
+
+
 @attrs.define(repr=False)  # its headers hold the app secret and the token
 class Shared:
     """State shared by a client and the clients ``with_options`` derives from it."""
@@ -79,6 +95,9 @@ class Shared:
     unsettled: PendingAsks = attrs.Factory(PendingAsks)
     """Asks this client left pending (AmbiguousOutcomeError), by bag: until they are
     resumed, no new ask is sent on their bag."""
+    late_answers: set[asyncio.Task[None]] = attrs.Factory(set)
+    """The answers of POSTs whose callers cancelled them, still awaited
+    (``Engine._keep_late``): ``aclose`` drops them (their records stay pending)."""
     _token_headers: tuple[str, Mapping[str, str]] | None = None
 
     def headers_for(self, token: str) -> Mapping[str, str]:
@@ -267,13 +286,16 @@ class RequestPlumbing:
             send = partial(self._observed_send, path)
         if before_send is not None:
             remaining = await self._before_send(before_send, remaining, method, path)
-        resp = await send(
+        resp = await _kept(
             method,
-            url,
-            headers=self._headers(token),
-            body=body,
-            timeouts=self._timeouts,
-            deadline=remaining,
+            send(
+                method,
+                url,
+                headers=self._headers(token),
+                body=body,
+                timeouts=self._timeouts,
+                deadline=remaining,
+            ),
         )
         if resp.status == 401:
             error = self._api_error(resp, method, path)
@@ -289,13 +311,16 @@ class RequestPlumbing:
             resent = (shared.clock.time(), shared.clock.monotonic())
             try:
                 return self._answer(
-                    await send(
+                    await _kept(
                         method,
-                        url,
-                        headers=self._headers(token),
-                        body=body,
-                        timeouts=self._timeouts,
-                        deadline=remaining,
+                        send(
+                            method,
+                            url,
+                            headers=self._headers(token),
+                            body=body,
+                            timeouts=self._timeouts,
+                            deadline=remaining,
+                        ),
                     ),
                     method,
                     path,
@@ -580,6 +605,23 @@ class AnswerCheck:
             method="POST",
             path=path,
         )
+
+
+async def _kept(method: str, exchange: Awaitable[RawResponse]) -> RawResponse:
+    """``exchange``'s answer. A POST of a call that keeps late answers (:data:`LATE_ANSWER`)
+    runs as a task of its own: when the caller cancels the call while it runs, the
+    cancellation goes on at once and the exchange is handed to the call's
+    :class:`LateAnswer` (the engine waits for its answer, or cancels it)."""
+    late = LATE_ANSWER.get() if method == "POST" else None
+    if late is None:
+        return await exchange
+    task = asyncio.ensure_future(exchange)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            late.task = task
+        raise
 
 
 def _another_refund(one: OrderRefund, other: OrderRefund) -> bool:
