@@ -1,0 +1,201 @@
+"""A caller cancels its call while the POST's answer is on its way back (risk (b) of
+docs/remaining-risk.md): the answer is awaited apart, and what it proves is kept for
+the ask's next resume in this client. A 429 proves nothing applied: the repeat sends
+its own refund, never taking another system's identical one made meanwhile. A 2xx names
+the ask's refund: the repeat returns it with no second POST. No answer proves nothing:
+the ask stays pending, as before.
+
+Each test scripts its own server (tests/hostile.py) on a FakeClock shared with the
+client; the POST's answer is held until the caller's cancellation has gone through, and
+refunds are counted by the server's own record."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    BagPendingError,
+    RetryPolicy,
+    Timeouts,
+    VioletClient,
+)
+from violet_async.stores import MemoryStore
+from violet_async.testing import FakeClock
+
+from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
+
+RETRY = RetryPolicy(max_attempts=3, deadline=120.0, jitter=False)
+AMOUNT = 300
+KEY = "rma-cancelled-answer"
+
+
+class Held:
+    """``Hostile.on_answer`` that holds the first POST's answer until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self) -> None:
+        await self.release.wait()
+
+
+async def _cut(client: VioletClient, server: Hostile, **kwargs: Any) -> None:
+    """Start a refund, cancel it once its POST has reached the server (its answer held),
+    and check that the cancellation reached the caller at once."""
+    call = asyncio.ensure_future(
+        client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, **kwargs)
+    )
+    await asyncio.wait_for(server.post_arrived.wait(), 5.0)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 5.0)
+    assert server.posts == 1
+
+
+async def _landed(client: VioletClient, held: Held, server: Hostile) -> None:
+    """Let the held answer go, and wait (real time, bounded) for the client to have it."""
+    server.on_answer = None
+    held.release.set()
+    late = tuple(getattr(client._shared, "late_answers", ()))
+    if late:
+        await asyncio.wait_for(asyncio.gather(*late), 5.0)
+
+
+async def test_a_keyed_call_cancelled_before_its_429_came_back_sends_its_own_on_repeat() -> None:
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    async with hostile_client(server, retry=RETRY, store=MemoryStore()) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+        await _landed(client, held, server)
+        clock.advance(2.0)
+        got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        again = await client.refund_bag(
+            ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY
+        )
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id], "the ask's own refund, made once"
+    assert again.id == got.id
+    assert server.posts == 2
+
+
+async def test_a_keyed_call_cancelled_before_its_200_came_back_gets_that_refund_on_repeat() -> None:
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(clock, script=[Step(200)], on_answer=held)
+    async with hostile_client(server, retry=RETRY, store=MemoryStore()) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]
+        await _landed(client, held, server)
+        clock.advance(2.0)
+        got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+    assert server.ours == [got.id], "the refund the 200 named"
+    assert got.id != other
+    assert server.posts == 1, "no second POST"
+
+
+async def test_a_keyed_call_cancelled_with_no_answer_stays_pending() -> None:
+    """No answer (the attempt's read timeout runs out apart from the call) proves
+    nothing: the repeat reads back and, within the settle window, ends pending."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, hang=True, commit_after=None)])
+    short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
+    async with hostile_client(
+        server, retry=short, store=MemoryStore(), timeouts=Timeouts(connect=0.2, read=0.2)
+    ) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        late = tuple(getattr(client._shared, "late_answers", ()))
+        if late:
+            await asyncio.wait_for(asyncio.gather(*late), 5.0)  # its read timeout
+        clock.advance(2.0)
+        with pytest.raises(AmbiguousOutcomeError) as caught:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+    assert caught.value.pending is not None
+    assert server.posts == 1, "never sent again while it may still apply"
+    assert server.ours == []
+
+
+async def test_an_unkeyed_call_cancelled_before_its_429_came_back_resumes_to_its_own() -> None:
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    async with hostile_client(server, retry=RETRY) as client:
+        await _cut(client, server)
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]
+        await _landed(client, held, server)
+        clock.advance(2.0)
+        with pytest.raises(BagPendingError) as caught:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        assert server.posts == 1, "a new ask on the bag is still held back"
+        got = await client.resume(caught.value.pending[0])
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id]
+    assert server.posts == 2
+
+
+async def test_an_unkeyed_call_cancelled_before_its_200_came_back_resumes_to_that_refund() -> None:
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(clock, script=[Step(200)], on_answer=held)
+    async with hostile_client(server, retry=RETRY) as client:
+        await _cut(client, server)
+        clock.advance(2.0)
+        server.add_refund(AMOUNT)
+        await _landed(client, held, server)
+        with pytest.raises(BagPendingError) as caught:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        got = await client.resume(caught.value.pending[0])
+    assert server.ours == [got.id]
+    assert server.posts == 1
+
+
+async def test_a_repeat_started_before_the_late_answer_lands_does_not_send() -> None:
+    """The repeat of the key starts while the cancelled call's 429 is still held: it
+    reads back, as before (nothing of its record says "not applied" yet), and never
+    sends over the send that may still apply."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
+    async with hostile_client(server, retry=short, store=MemoryStore()) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        with pytest.raises(AmbiguousOutcomeError):
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        assert server.posts == 1
+        await _landed(client, held, server)
+    assert server.ours == []
+
+
+async def test_aclose_drops_a_late_answer_still_awaited() -> None:
+    """Closing the client while a cancelled call's answer is still on its way drops
+    it: the close does not wait for it, and nothing is left running or unretrieved."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(clock, script=[Step(200)], on_answer=held)
+    async with hostile_client(server, retry=RETRY) as client:
+        await _cut(client, server)
+        late = tuple(getattr(client._shared, "late_answers", ()))
+        assert late, "the answer is awaited apart from the call"
+        await asyncio.wait_for(client.aclose(), 5.0)
+        assert all(task.done() for task in late)
+        held.release.set()  # the server's handler ends (its answer goes nowhere)
