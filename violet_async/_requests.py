@@ -34,8 +34,10 @@ from ._responses import (
 from ._retry import Clock, Retrier, RetryHook, RetryPolicy
 from ._telemetry import ATTEMPT, CAPTURE, STATE, attempt_span, feed, http_log, request_id_of
 from ._transport import (
+    REQUEST_LEFT,
     BaseURL,
     RawResponse,
+    RequestLeft,
     Timeouts,
     Transport,
     frozen_headers,
@@ -609,18 +611,30 @@ class AnswerCheck:
 
 async def _kept(method: str, exchange: Awaitable[RawResponse]) -> RawResponse:
     """``exchange``'s answer. A POST of a call that keeps late answers (:data:`LATE_ANSWER`)
-    runs as a task of its own: when the caller cancels the call while it runs, the
-    cancellation goes on at once and the exchange is handed to the call's
-    :class:`LateAnswer` (the engine waits for its answer, or cancels it)."""
+    runs as a task of its own: when the caller cancels the call after the request left
+    (its headers sent: ``RequestLeft``), the cancellation goes on at once and the
+    exchange is handed to the call's :class:`LateAnswer` (the engine waits for its
+    answer, or cancels it); before, the exchange is cancelled with the call."""
     late = LATE_ANSWER.get() if method == "POST" else None
     if late is None:
         return await exchange
-    task = asyncio.ensure_future(exchange)
+    mark = RequestLeft()
+    token = REQUEST_LEFT.set(mark)  # the task runs in a copy of this context
+    try:
+        task = asyncio.ensure_future(exchange)
+    finally:
+        REQUEST_LEFT.reset(token)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if not task.cancelled():
-            late.task = task
+        if task.done() and not task.cancelled():
+            late.task = task  # answered as the caller cancelled
+        elif mark.left and not task.done():
+            late.task = task  # on its way: awaited apart, within its own timeouts
+        else:
+            # Not left yet (a connection still being opened): it never leaves, as
+            # before. A caller's own session marks nothing: never kept.
+            task.cancel()
         raise
 
 

@@ -17,6 +17,8 @@ import os
 import socket
 import zlib
 from collections.abc import Mapping
+from contextvars import ContextVar
+from types import SimpleNamespace
 from typing import NoReturn
 
 import aiohttp
@@ -63,6 +65,37 @@ _SECRET_HEADERS = (
     "Authorization",
     "Proxy-Authorization",
 )
+
+
+class RequestLeft:
+    """Set (``left``) once a request's headers went out on the connection: from then
+    on it may reach Violet whatever the caller does (a cancellation included)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = False
+
+
+#: The :class:`RequestLeft` of the exchange running in this context (None: nobody asks).
+REQUEST_LEFT: ContextVar[RequestLeft | None] = ContextVar("violet_request_left", default=None)
+
+
+async def _headers_sent(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceRequestHeadersSentParams,
+) -> None:
+    mark = REQUEST_LEFT.get()
+    if mark is not None:
+        mark.left = True
+
+
+def _left_trace() -> aiohttp.TraceConfig:
+    """Marks the running exchange's :class:`RequestLeft` when its headers are sent."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_headers_sent)
+    return trace
 
 
 @attrs.frozen
@@ -216,6 +249,9 @@ class Transport:
                 # must only go where the caller pointed the client.
                 trust_env=False,
                 json_serialize=None,  # type: ignore[arg-type]
+                # A caller's own session has none: its POSTs are never kept past a
+                # cancellation (``_requests._kept``).
+                trace_configs=[_left_trace()],
             )
         return self._session
 

@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..._converter import parse_datetime
-from ..._transport import RawResponse, Timeouts
+from ..._transport import REQUEST_LEFT, RawResponse, Timeouts
 from ...exceptions import APIConnectionError, APITimeoutError
 from .._faults import ServerQuirks
 from .._state import FakeBag, RuleViolation, Store, cancellation_body, cancellation_failure_body
@@ -417,7 +417,9 @@ class SimViolet:
             self.note(f"{what}{tag}: slow link, timed out before arriving")
             raise _timeout(method, path)
         await asyncio.sleep(up)
-        # The request is at Violet now.
+        # The request is at Violet now (a cancel before this was a request cut in
+        # transit: it never arrives; from now on it runs whatever the caller does).
+        _arrived()
         late: Callable[[], None] | None = None
         self._showing = None
         self.answering = who
@@ -830,3 +832,10 @@ class SimTransport:
         attempt = timeouts.connect + timeouts.read
         timeout = attempt if deadline is None else max(min(deadline, attempt), 0.0)
         return await self.violet.handle(self.name, method, target, headers, body, timeout)
+
+
+def _arrived() -> None:
+    """The request is at Violet: the caller's :class:`RequestLeft`, if it asks, is set
+    (what the real transport does once the headers are sent)."""
+    if (mark := REQUEST_LEFT.get()) is not None:
+        mark.left = True
