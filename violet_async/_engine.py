@@ -1799,16 +1799,13 @@ class Engine:
         path: str,
         owner: str,
     ) -> PendingRefund:
-        """Await the answer of a POST whose caller cancelled it (``task``, bounded by
-        its own attempt's timeouts) apart from the call, and record what it proves for
-        the ask of ``pending`` (the record the cancellation leaves, returned with its
-        settle window moved past the latest the request can still leave: its
-        connection may not have been open yet). ``doubted``: the record before that
-        send was (a refusal then proves nothing of the earlier sends)."""
+        """Await the answer of a POST whose caller cancelled it after it left (``task``,
+        bounded by its own attempt's timeouts) apart from the call, and record what it
+        proves for the ask of ``pending`` (the record the cancellation leaves, returned
+        as it is: the request left before the cancel, so its settle window stands).
+        ``doubted``: the record before that send was (a refusal then proves nothing of
+        the earlier sends)."""
         shared = self._shared
-        connect = self._io._timeouts.connect
-        if pending.settle_until is not None:
-            pending = attrs.evolve(pending, settle_until=pending.settle_until + connect)
         landing = asyncio.ensure_future(
             self._land_late(task, pending, doubted=doubted, parse=parse, path=path, owner=owner)
         )
