@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import pytest
 
 from violet_async import (
@@ -199,3 +200,16 @@ async def test_aclose_drops_a_late_answer_still_awaited() -> None:
         await asyncio.wait_for(client.aclose(), 5.0)
         assert all(task.done() for task in late)
         held.release.set()  # the server's handler ends (its answer goes nowhere)
+
+
+async def test_a_post_over_the_callers_own_session_is_cancelled_with_the_call() -> None:
+    """A caller's own ``session=`` cannot tell when a request left: its POST is never
+    kept past a cancellation (nothing awaited apart, nothing recorded), as before."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(clock, script=[Step(200)], on_answer=held)
+    async with aiohttp.ClientSession() as session:
+        async with hostile_client(server, retry=RETRY, session=session) as client:
+            await _cut(client, server)
+            assert not client._shared.late_answers
+            held.release.set()

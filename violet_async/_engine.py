@@ -1833,8 +1833,8 @@ class Engine:
         answer, a timeout): nothing, the record stays pending."""
         try:
             resp = await task
-        except BaseException:  # noqa: BLE001 - no answer, a timeout, a close: proves nothing
-            return
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - no answer, a timeout, a close
+            return  # proves nothing
         known = self._shared.known_refunds
         bag_id = pending.bag_id
         if 200 <= resp.status < 300:
