@@ -31,7 +31,8 @@ OWN = 300
 
 
 class ShiftingPages:
-    """A bag's refund list, newest first, in pages of one (Spring's page shape).
+    """A bag's refund list, newest first, in pages of one (Spring's page shape); with
+    ``cached``, the pages after the second are answered as they were first answered.
 
     The ask's POST commits its refund and answers 504; another system refunds the
     bag (another amount) right after. Reads of the list answer 503 until ``open``.
@@ -40,9 +41,11 @@ class ShiftingPages:
     which moves every refund one place further down the list than that last page
     showed (``shift``)."""
 
-    def __init__(self, clock: FakeClock, *, shift: bool) -> None:
+    def __init__(self, clock: FakeClock, *, shift: bool, cached: bool = False) -> None:
         self.clock = clock
         self.shift = shift
+        self.cached = cached
+        self.cache: dict[int, bytes] = {}
         self.ledger: list[dict[str, Any]] = []  # newest first, as listed
         self.posts = 0
         self.open = False
@@ -112,6 +115,8 @@ class ShiftingPages:
                 self.shifted = True
             else:
                 self.last_answered.set()
+        if self.cached and page in self.cache:
+            return web.Response(body=self.cache[page], content_type="application/json")
         records = list(self.ledger)
         pages = len(records)
         data = {
@@ -122,11 +127,14 @@ class ShiftingPages:
             "total_elements": pages,
             "last": page + 1 >= pages,
         }
-        return web.Response(body=orjson.dumps(data), content_type="application/json")
+        body = orjson.dumps(data)
+        if page > 1:
+            self.cache[page] = body
+        return web.Response(body=body, content_type="application/json")
 
 
 @contextlib.asynccontextmanager
-async def _client(server: ShiftingPages, deadline: float) -> AsyncIterator[VioletClient]:
+async def _client(server: ShiftingPages, deadline: float = 20.0) -> AsyncIterator[VioletClient]:
     runner = web.AppRunner(server.app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -174,3 +182,26 @@ async def test_a_page_read_ahead_before_the_list_moved_never_hides_a_refund(shif
     assert server.posts == 1
     assert isinstance(outcome, OrderRefund)
     assert (outcome.id, outcome.amount, outcome.reconciled) == (9002, OWN, True)
+
+
+async def test_a_page_answered_from_an_older_list_fails_the_read() -> None:
+    """The list's last page answered from an older copy of the list (a cache keyed by
+    the page's URL, a replica behind), asked ahead or again: it counts fewer refunds
+    than the page the walk took before it. A record the newer page moved onto it was
+    on neither; the read fails (pending), never proves the ask absent."""
+    clock = FakeClock()
+    server = ShiftingPages(clock, shift=True, cached=True)
+    async with _client(server) as client:
+        with pytest.raises(AmbiguousOutcomeError) as caught:
+            await client.refund_bag(ORDER, BAG, amount_refunded=OWN)
+        pending = caught.value.pending
+        assert pending is not None
+        clock.advance(3600.0)
+        server.open = True
+        with pytest.raises(AmbiguousOutcomeError) as again:
+            await client.resume(pending)
+    assert server.own_refunds == 1
+    assert server.posts == 1
+    assert "page 2 counts 3 refunds, the page before it 5" in str(again.value)
+    assert again.value.pending is not None
+    assert not again.value.pending.needs_review
