@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from contextlib import nullcontext
 from functools import partial
-from logging import DEBUG, getLogger
+from logging import DEBUG
 from typing import TypeVar
 
 import attrs
@@ -26,6 +26,7 @@ from ._responses import (
     PagingError,
     RefundPage,
     http_date,
+    log,
     next_page,
     parse_order,
     parse_refund_page,
@@ -52,8 +53,6 @@ from .exceptions import (
 )
 from .models import Order, OrderRefund, SkuRefund
 from .models._validators import check_id
-
-log = getLogger("violet_async.responses")
 
 __all__ = ["AnswerCheck", "RequestPlumbing", "Shared"]
 
@@ -688,7 +687,7 @@ class _PagesAhead:
         self._tasks: dict[int, asyncio.Task[RefundPage]] = {}
         # Without a count of refunds, a page read ahead could not be told from one
         # answered before the page the walk takes before it (``page``): none is.
-        counted = first.total_elements is not None and first.total_elements >= len(first.refunds)
+        counted = _count(first, len(first.refunds)) is not None
         if first.paged and first.number is not None and first.last is not True and counted:
             count = min(first.total_pages or 0, MAX_PAGES)
             if count > 1:
