@@ -311,7 +311,6 @@ class PendingRefund:
                 request = request_from_dict(RefundBagRequest, data["request"])
             else:
                 request = request_from_dict(CancelBagRequest, data["request"])
-            baseline = data.get("baseline")
             return cls(
                 kind=kind,
                 order_id=_int(data, "order_id"),
@@ -325,9 +324,7 @@ class PendingRefund:
                 doubted=bool(data.get("doubted", True)),
                 refused_after_doubt=bool(data.get("refused_after_doubt", False)),
                 needs_review=bool(data.get("needs_review", False)),
-                baseline=(
-                    frozenset(_ids(baseline, "pending.baseline")) if baseline is not None else None
-                ),
+                baseline=_opt_ids(data, "baseline"),
                 others=frozenset(_ids(data.get("others", []), "pending.others")),
                 server_offset=_opt_float(data, "server_offset"),
                 clock_unsure=bool(data.get("clock_unsure", False)),

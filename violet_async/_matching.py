@@ -788,13 +788,11 @@ def judge(
                 not other_currency
                 and bag is None
                 and _amount_only_miss(ask, refund, refunds)
-                and not (refund.id is not None and (refund.id in known or refund.id in ask.others))
+                and not _held(ask, refund, known)
             ):
                 other_currency = True
             continue
-        if (refund.id is not None and (refund.id in known or refund.id in ask.others)) or (
-            at in taken
-        ):
+        if _held(ask, refund, known) or (at in taken):
             owned.append(refund)
         elif doubt is not None:
             if verdict is Verdict.MATCH:
@@ -829,6 +827,11 @@ def judge(
     return Reading(Verdict.MISS, (), seen, other_currency=other_currency)
 
 
+def _held(ask: PendingRefund, refund: OrderRefund, known: Container[int]) -> bool:
+    """``refund`` was handed to another call (``known``, or ``ask.others``)."""
+    return refund.id is not None and (refund.id in known or refund.id in ask.others)
+
+
 def _elsewhere(
     ask: PendingRefund,
     refund: OrderRefund,
@@ -849,8 +852,7 @@ def _elsewhere(
     against a record of another: one that moved money is near."""
     if on_bag(refund, ask.bag_id):
         return False
-    held = taken or (refund.id is not None and (refund.id in known or refund.id in ask.others))
-    if held:
+    if taken or _held(ask, refund, known):
         return True
     if needs_bag(ask):
         if refund.status not in _DEAD:
