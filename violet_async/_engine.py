@@ -60,7 +60,7 @@ from ._reconcile import (
     run_ask,
 )
 from ._redact import Redactor, has_control_character
-from ._requests import LATE_ANSWER, AnswerCheck, LateAnswer, RequestPlumbing
+from ._requests import LATE_ANSWER, AnswerCheck, LateAnswer, RequestPlumbing, drop_late
 from ._responses import parse_cancel, parse_refund
 from ._retry import SYSTEM_CLOCK, RetryHook, RetryPolicy
 from ._retry import Clock as RetryClock
@@ -1731,7 +1731,7 @@ class Engine:
         finally:
             LATE_ANSWER.reset(late_token)
             if late.task is not None:
-                _drop_late(late.task)  # nothing of the call is pending: not awaited
+                drop_late(late.task)  # nothing of the call is pending: not awaited
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and save is None and self.keys is not None:
@@ -1791,7 +1791,7 @@ class Engine:
 
     def _keep_late(
         self,
-        task: asyncio.Future[RawResponse],
+        task: asyncio.Future[RawResponse | None],
         pending: PendingRefund,
         *,
         doubted: bool,
@@ -1815,7 +1815,7 @@ class Engine:
 
     async def _land_late(
         self,
-        task: asyncio.Future[RawResponse],
+        task: asyncio.Future[RawResponse | None],
         pending: PendingRefund,
         *,
         doubted: bool,
@@ -1835,6 +1835,8 @@ class Engine:
             resp = await task
         except (Exception, asyncio.CancelledError):  # noqa: BLE001 - no answer, a timeout, a close
             return  # proves nothing
+        if resp is None:
+            return  # the caller had its answer (never handed over so)
         known = self._shared.known_refunds
         bag_id = pending.bag_id
         if 200 <= resp.status < 300:
@@ -1914,13 +1916,6 @@ class Engine:
             others=shared.known_refunds.on_bag(bag_id),
         )
         return shared.origin.mark(record, *sent)
-
-
-def _drop_late(task: asyncio.Future[RawResponse]) -> None:
-    """A POST handed over (``_kept``) that nothing awaits: cancelled, its outcome
-    retrieved (never an unretrieved-exception warning)."""
-    task.cancel()
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _as_owner(

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from contextvars import ContextVar
 from functools import partial
 from logging import DEBUG
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import attrs
 from yarl import URL
@@ -69,7 +69,7 @@ class LateAnswer:
     exchange keeps running, bounded by its own attempt's timeouts, and the engine
     records what its answer proves. None: no POST of the call was cut short."""
 
-    task: asyncio.Future[RawResponse] | None = None
+    task: asyncio.Future[RawResponse | None] | None = None
 
 
 #: The running call's :class:`LateAnswer` (None outside :meth:`Engine.drive`: a POST
@@ -299,17 +299,17 @@ class RequestPlumbing:
             send = partial(self._observed_send, path)
         if before_send is not None:
             remaining = await self._before_send(before_send, remaining, method, path)
-        resp = await _kept(
+        exchange = send(
             method,
-            send(
-                method,
-                url,
-                headers=self._headers(token),
-                body=body,
-                timeouts=self._timeouts,
-                deadline=remaining,
-            ),
+            url,
+            headers=self._headers(token),
+            body=body,
+            timeouts=self._timeouts,
+            deadline=remaining,
         )
+        # A refund or cancel POST of a call that keeps late answers (Engine.drive).
+        late = LATE_ANSWER.get() if method == "POST" else None
+        resp = await (exchange if late is None else _kept(late, exchange))
         if resp.status == 401:
             error = self._api_error(resp, method, path)
             if not is_token_expired_error(error):
@@ -322,19 +322,17 @@ class RequestPlumbing:
             if before_send is not None:
                 remaining = await self._before_send(before_send, remaining, method, path)
             resent = (shared.clock.time(), shared.clock.monotonic())
+            exchange = send(
+                method,
+                url,
+                headers=self._headers(token),
+                body=body,
+                timeouts=self._timeouts,
+                deadline=remaining,
+            )
             try:
                 return self._answer(
-                    await _kept(
-                        method,
-                        send(
-                            method,
-                            url,
-                            headers=self._headers(token),
-                            body=body,
-                            timeouts=self._timeouts,
-                            deadline=remaining,
-                        ),
-                    ),
+                    await (exchange if late is None else _kept(late, exchange)),
                     method,
                     path,
                     parse,
@@ -620,33 +618,73 @@ class AnswerCheck:
         )
 
 
-async def _kept(method: str, exchange: Awaitable[RawResponse]) -> RawResponse:
-    """``exchange``'s answer. A POST of a call that keeps late answers (:data:`LATE_ANSWER`)
-    runs as a task of its own: when the caller cancels the call after the request left
-    (its headers sent: ``RequestLeft``), the cancellation goes on at once and the
-    exchange is handed to the call's :class:`LateAnswer` (the engine waits for its
-    answer, or cancels it); before, the exchange is cancelled with the call."""
-    late = LATE_ANSWER.get() if method == "POST" else None
-    if late is None:
-        return await exchange
+async def _kept(late: LateAnswer, exchange: Awaitable[RawResponse]) -> RawResponse:
+    """``exchange``'s answer, for a POST of a call that keeps late answers. The exchange
+    runs as a task of its own that hands its answer over through a future the caller
+    awaits (no shield: one task and one future a POST, its answer one loop step behind
+    what a direct await gives). When the caller is cancelled, the cancellation goes on at
+    once; the exchange is handed to ``late`` (the engine awaits its answer apart, or
+    cancels it) once its request left (its connection handed over: ``RequestLeft``) or
+    its answer came, and is cancelled with the call before (a connection still being
+    opened, or a caller's own session, which marks nothing)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[RawResponse] = loop.create_future()
     mark = RequestLeft()
     token = REQUEST_LEFT.set(mark)  # the task runs in a copy of this context
     try:
-        task = asyncio.ensure_future(exchange)
+        task = loop.create_task(_handed(exchange, answer))
     finally:
         REQUEST_LEFT.reset(token)
     try:
-        return await asyncio.shield(task)
+        return await answer
     except asyncio.CancelledError:
-        if task.done() and not task.cancelled():
-            late.task = task  # answered as the caller cancelled
-        elif mark.left and not task.done():
-            late.task = task  # on its way: awaited apart, within its own timeouts
+        if not answer.cancelled():
+            # Answered as the caller cancelled: the answer is in it.
+            late.task = cast("asyncio.Future[RawResponse | None]", answer)
+        elif mark.left or task.done():
+            late.task = task  # on its way (or just in): awaited apart, within its timeouts
         else:
-            # Not left yet (a connection still being opened): it never leaves, as
-            # before. A caller's own session marks nothing: never kept.
-            task.cancel()
+            drop_late(task)  # not left: it never leaves, as before
         raise
+
+
+async def _handed(
+    exchange: Awaitable[RawResponse], answer: asyncio.Future[RawResponse]
+) -> RawResponse | None:
+    """Run ``exchange`` and set its outcome on ``answer`` while the caller awaits it
+    (None then); once the caller left (``answer`` cancelled), its answer or error is the
+    task's own, for :class:`LateAnswer`. A cancellation of the exchange itself reaches
+    the caller as one (what a shield did)."""
+    try:
+        resp = await exchange
+    except asyncio.CancelledError:
+        if answer.done():
+            raise
+        answer.cancel()
+        raise
+    except BaseException as exc:
+        if answer.done():
+            raise
+        answer.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise
+        return None
+    if answer.done():
+        return resp
+    answer.set_result(resp)
+    return None
+
+
+def drop_late(task: asyncio.Future[RawResponse | None]) -> None:
+    """A POST handed over (:func:`_kept`) that nothing awaits: cancelled, its outcome
+    retrieved (never an unretrieved-exception warning)."""
+    task.cancel()
+    task.add_done_callback(_retrieved)
+
+
+def _retrieved(done: asyncio.Future[RawResponse | None]) -> None:
+    if not done.cancelled():
+        done.exception()
 
 
 def _count(page: RefundPage, collected: int) -> int | None:
