@@ -7,9 +7,10 @@ followed; and the I/O the refund protocol's driver needs. ``VioletClient`` inher
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping, Sequence
 from contextlib import nullcontext
 from contextvars import ContextVar
 from functools import partial
@@ -632,7 +633,7 @@ async def _kept(late: LateAnswer, exchange: Awaitable[RawResponse]) -> RawRespon
     mark = RequestLeft()
     token = REQUEST_LEFT.set(mark)  # the task runs in a copy of this context
     try:
-        task = loop.create_task(_handed(exchange, answer))
+        task = _start(loop, _handed(exchange, answer))
     finally:
         REQUEST_LEFT.reset(token)
     try:
@@ -646,6 +647,24 @@ async def _kept(late: LateAnswer, exchange: Awaitable[RawResponse]) -> RawRespon
         else:
             drop_late(task)  # not left: it never leaves, as before
         raise
+
+
+if sys.version_info >= (3, 12):
+
+    def _start(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, RawResponse | None]
+    ) -> asyncio.Task[RawResponse | None]:
+        """The exchange's task, its first step run at once (up to its first wait: the
+        request written on a pooled connection), not one loop step later."""
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+
+else:
+
+    def _start(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, RawResponse | None]
+    ) -> asyncio.Task[RawResponse | None]:
+        """The exchange's task (it starts on the loop's next step)."""
+        return loop.create_task(coro)
 
 
 async def _handed(
