@@ -24,6 +24,8 @@ from violet_async import (
     Timeouts,
     VioletClient,
 )
+from violet_async._requests import LateAnswer, _kept
+from violet_async._transport import REQUEST_LEFT, RawResponse
 from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
@@ -213,3 +215,80 @@ async def test_a_post_over_the_callers_own_session_is_cancelled_with_the_call() 
             await _cut(client, server)
             assert not client._shared.late_answers
             held.release.set()
+
+
+# How a POST's exchange is handed over (``_requests._kept``), with an exchange scripted
+# here: a future stands for the answer on its way, the mark for the connector's.
+
+
+async def _exchange(answer: asyncio.Future[RawResponse], *, left: bool) -> RawResponse:
+    if left:
+        mark = REQUEST_LEFT.get()
+        assert mark is not None, "the exchange runs with its mark"
+        mark.left = True  # what the connector does as it hands the connection over
+    return await answer
+
+
+async def _steps(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_an_answer_in_as_the_caller_is_cancelled_is_handed_over() -> None:
+    """The answer came (the exchange set it) and the caller's cancellation arrived
+    before the caller woke up: the answer is handed over, not lost."""
+    loop = asyncio.get_running_loop()
+    wire: asyncio.Future[RawResponse] = loop.create_future()
+    late = LateAnswer()
+    call = asyncio.ensure_future(_kept(late, _exchange(wire, left=True)))
+    await _steps(3)  # the caller waits for the answer
+    answer = RawResponse(429, {}, b"{}")
+    wire.set_result(answer)
+    await asyncio.sleep(0)  # the exchange's task sets the answer; the caller not yet up
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert late.task is not None
+    assert late.task.result() is answer
+
+
+async def test_an_exchange_whose_request_left_runs_on_past_the_cancel() -> None:
+    loop = asyncio.get_running_loop()
+    wire: asyncio.Future[RawResponse] = loop.create_future()
+    late = LateAnswer()
+    call = asyncio.ensure_future(_kept(late, _exchange(wire, left=True)))
+    await _steps(3)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert late.task is not None
+    assert not late.task.done(), "the cancellation reached the caller at once"
+    answer = RawResponse(200, {}, b"{}")
+    wire.set_result(answer)
+    assert await asyncio.wait_for(late.task, 5.0) is answer
+
+
+async def test_an_exchange_whose_request_had_not_left_is_cancelled_with_the_call() -> None:
+    loop = asyncio.get_running_loop()
+    wire: asyncio.Future[RawResponse] = loop.create_future()
+    late = LateAnswer()
+    call = asyncio.ensure_future(_kept(late, _exchange(wire, left=False)))
+    await _steps(3)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await _steps(3)
+    assert late.task is None
+    assert wire.cancelled(), "the exchange was cancelled, never left"
+
+
+async def test_an_exchange_error_reaches_the_waiting_caller() -> None:
+    loop = asyncio.get_running_loop()
+    wire: asyncio.Future[RawResponse] = loop.create_future()
+    late = LateAnswer()
+    call = asyncio.ensure_future(_kept(late, _exchange(wire, left=True)))
+    await _steps(3)
+    wire.set_exception(OSError("reset"))
+    with pytest.raises(OSError, match="reset"):
+        await asyncio.wait_for(call, 5.0)
+    assert late.task is None

@@ -629,13 +629,9 @@ async def _kept(late: LateAnswer, exchange: Awaitable[RawResponse]) -> RawRespon
     its answer came, and is cancelled with the call before (a connection still being
     opened, or a caller's own session, which marks nothing)."""
     loop = asyncio.get_running_loop()
-    answer: asyncio.Future[RawResponse] = loop.create_future()
+    answer: asyncio.Future[RawResponse] = asyncio.Future(loop=loop)
     mark = RequestLeft()
-    token = REQUEST_LEFT.set(mark)  # the task runs in a copy of this context
-    try:
-        task = _start(loop, _handed(exchange, answer))
-    finally:
-        REQUEST_LEFT.reset(token)
+    task = _start(loop, _handed(exchange, answer, mark))
     try:
         return await answer
     except asyncio.CancelledError:
@@ -664,16 +660,17 @@ else:
         loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, RawResponse | None]
     ) -> asyncio.Task[RawResponse | None]:
         """The exchange's task (it starts on the loop's next step)."""
-        return loop.create_task(coro)
+        return asyncio.Task(coro, loop=loop)
 
 
 async def _handed(
-    exchange: Awaitable[RawResponse], answer: asyncio.Future[RawResponse]
+    exchange: Awaitable[RawResponse], answer: asyncio.Future[RawResponse], mark: RequestLeft
 ) -> RawResponse | None:
     """Run ``exchange`` and set its outcome on ``answer`` while the caller awaits it
     (None then); once the caller left (``answer`` cancelled), its answer or error is the
     task's own, for :class:`LateAnswer`. A cancellation of the exchange itself reaches
-    the caller as one (what a shield did)."""
+    the caller as one (what a shield did). ``mark`` is set once the request left."""
+    REQUEST_LEFT.set(mark)  # in this task's own context: the connector marks it
     try:
         resp = await exchange
     except asyncio.CancelledError:

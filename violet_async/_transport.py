@@ -72,10 +72,7 @@ class RequestLeft:
     cancellation included). A caller's own session (``session=``) marks nothing: its
     POSTs are never kept past a cancellation (``_requests._kept``)."""
 
-    __slots__ = ("left",)
-
-    def __init__(self) -> None:
-        self.left = False
+    left = False  # a class default: made with no __init__ call
 
 
 #: The :class:`RequestLeft` of the exchange running in this context (None: nobody asks).
