@@ -21,6 +21,8 @@ from ._config import (
     check_base_url,
     check_extra_headers,
     settings_from_env,
+    shown_url,
+    url_secrets,
 )
 from ._engine import Engine, KeyedAsks, unless_failed
 from ._protocol import PendingRefund, Phase
@@ -153,6 +155,7 @@ class VioletClient(RequestPlumbing):
             password=password,
             token=token,
             refresh_token=refresh_token,
+            gateway_secrets=url_secrets(url),
         )
         # ``_transport``: private seam for violet_async.testing.sim (anything with the
         # Transport's open / aclose / closed / send); never an aiohttp object.
@@ -262,7 +265,7 @@ class VioletClient(RequestPlumbing):
         state = "closed" if self._shared.transport.closed else "open"
         return (
             f"<VioletClient app_id={self._shared.credentials.app_id} "
-            f"base_url={self._shared.base_url!r} {state}>"
+            f"base_url={shown_url(self._shared.base_url)!r} {state}>"
         )
 
     # -- lifecycle --------------------------------------------------------------
