@@ -4,7 +4,9 @@ with one bag on 127.0.0.1, port 0, on a FakeClock shared with the client)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import math
 
 import pytest
 from aiohttp import web
@@ -12,6 +14,7 @@ from aiohttp import web
 from violet_async import (
     AmbiguousOutcomeError,
     PermissionDeniedError,
+    RefundWaitTimeoutError,
     RequestValidationError,
     RetryPolicy,
     VioletClient,
@@ -109,7 +112,8 @@ async def test_a_client_on_a_base_url_with_credentials_shows_no_password() -> No
                 await client.list_bag_refunds(ORDER_ID, BAG_ID)
     finally:
         await runner.cleanup()
-    assert seen and seen[0].startswith("Basic ")  # the gateway did get its credentials
+    assert seen
+    assert seen[0].startswith("Basic ")  # the gateway did get its credentials
     error = info.value
     for text in (str(error), repr(error), error.body.decode(), str(error.message)):
         assert not _shows_password(text), text
@@ -123,3 +127,60 @@ def test_the_command_line_names_a_login_url_without_its_password() -> None:
     reason = _stop_reason(error, url)
     assert "violet-gw.internal" in reason
     assert not _shows_password(reason)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_interval": 0.0},
+        {"max_interval": -1.0},
+        {"timeout": math.nan},
+        {"poll_interval": math.nan},
+    ],
+)
+async def test_wait_for_refund_refuses_waits_that_poll_without_end(
+    options: dict[str, float],
+) -> None:
+    """``wait_for_refund(max_interval=0)`` (or below) polled the refund in a loop with
+    no wait between reads (Violet's limits are the merchant's, shared with its
+    refunds), and a NaN ``timeout`` never ran out. Both are refused now, nothing read."""
+    reads = 0
+
+    async def processing(request: web.Request) -> web.Response:
+        nonlocal reads
+        reads += 1
+        return web.json_response(
+            {
+                "id": 9100,
+                "order_id": ORDER_ID,
+                "bag_id": BAG_ID,
+                "amount": 300,
+                "status": "PROCESSING",
+            }
+        )
+
+    app = web.Application()
+    app.router.add_get("/v1/orders/{o}/refunds/{r}", processing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    clock = FakeClock()
+    try:
+        async with VioletClient(
+            11,
+            "review25-app-secret-0123",
+            token="review25-token-0123456789",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            clock=clock,
+        ) as client:
+            wait = client.wait_for_refund(ORDER_ID, BAG_ID, 9100, **{"timeout": 30.0, **options})
+            try:
+                await asyncio.wait_for(wait, 2.0)
+            except (RequestValidationError, RefundWaitTimeoutError, asyncio.TimeoutError) as exc:
+                outcome: BaseException = exc
+    finally:
+        await runner.cleanup()
+    assert isinstance(outcome, RequestValidationError), (outcome, reads)
+    assert reads == 0

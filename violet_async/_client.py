@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -596,8 +597,19 @@ class VioletClient(RequestPlumbing):
         check_id("order_id", order_id)
         check_id("bag_id", bag_id)
         check_id("refund_id", refund_id)
-        if timeout <= 0 or poll_interval <= 0:
-            raise RequestValidationError("timeout", "timeout and poll_interval must be > 0")
+        for name, seconds in (
+            ("timeout", timeout),
+            ("poll_interval", poll_interval),
+            ("max_interval", max_interval),
+        ):
+            # NaN never ran out (every comparison false), and a max_interval of 0 or
+            # below polled Violet in a loop with no wait at all (review 25).
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, (int, float))
+                or not 0 < seconds < math.inf
+            ):
+                raise RequestValidationError(name, f"must be seconds > 0, got {seconds!r}")
         clock = self._shared.clock
         deadline = clock.monotonic() + timeout
         interval = poll_interval
