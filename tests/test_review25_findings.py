@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from violet_async import (
     AmbiguousOutcomeError,
+    PendingRefund,
     PermissionDeniedError,
     RefundWaitTimeoutError,
     RequestValidationError,
@@ -23,7 +25,7 @@ from violet_async._batch_cli import _stop_reason
 from violet_async.exceptions import api_error_from_response
 from violet_async.testing import FakeClock
 
-from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, Hostile, Step, hostile_client, serve
 
 ROOMY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0)
 
@@ -184,3 +186,42 @@ async def test_wait_for_refund_refuses_waits_that_poll_without_end(
         await runner.cleanup()
     assert isinstance(outcome, RequestValidationError), (outcome, reads)
     assert reads == 0
+
+
+@pytest.mark.parametrize("differ", ["app_id", "host"])
+async def test_a_pending_record_is_never_resumed_by_another_app_or_host(differ: str) -> None:
+    """A record left pending by a sandbox client (a 504 whose refund never landed),
+    resumed by a client of another app or another Violet host (a job queue shared by
+    staging and production workers): order and bag ids are only unique within one
+    environment, and the resume read that other bag, proved the ask absent and sent a
+    refund there, to a bag nobody asked to refund. Keys are scoped by app and host; the
+    record is too now: it is refused there, nothing read or sent."""
+    clock = FakeClock()
+    sandbox = Hostile(clock, script=[Step(status=504, body=GATEWAY_504, commit_after=None)])
+    production = Hostile(clock)
+    short = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=20.0)
+    async with serve(sandbox) as sandbox_url, serve(production) as production_url:
+        other_url = (
+            production_url.replace("127.0.0.1", "localhost")
+            if differ == "host"
+            else (production_url)
+        )
+        other_app = 12 if differ == "app_id" else 11
+        options: dict[str, Any] = {"username": "u", "password": "p-0123456789", "clock": clock}
+        async with VioletClient(11, "secret-a", base_url=sandbox_url, retry=short, **options) as a:
+            with pytest.raises(AmbiguousOutcomeError) as info:
+                await a.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+        assert info.value.pending is not None
+        assert info.value.pending.scope == "11 127.0.0.1"
+        pending = PendingRefund.from_json(info.value.pending.to_json())
+        assert pending.scope == "11 127.0.0.1"
+        clock.advance(3600.0)
+        async with VioletClient(
+            other_app, "secret-b", base_url=other_url, retry=ROOMY, **options
+        ) as b:
+            with pytest.raises(RequestValidationError) as refused:
+                await b.resume(pending)
+    assert refused.value.field == "pending"
+    assert production.posts == 0
+    assert production.reads == 0
+    assert production.refunds == []
