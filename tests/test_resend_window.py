@@ -36,7 +36,7 @@ BAG = 7
 
 def refund(id: int | None, at: float, amount: int = 300) -> OrderRefund:
     created = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = refund_body(id=id, bag_id=BAG, amount=amount, date_created=created)
+    body = refund_body(id=id, order_id=1, bag_id=BAG, amount=amount, date_created=created)
     if id is None:
         del body["id"]
     return converter.structure(body, OrderRefund)

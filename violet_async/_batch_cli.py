@@ -23,6 +23,7 @@ import attrs
 import orjson
 
 from ._client import Environment, VioletClient
+from ._config import shown_url
 from ._converter import converter, encode_request
 from ._engine import AUTH_PATHS, never_reached
 from ._files import UnsafeFileError, narrow_to_owner, open_owned
@@ -886,7 +887,7 @@ def _stop_reason(exc: BaseException | None, base_url: str = "") -> str:
         )
     if isinstance(exc, APIError) and _login_answered(exc):
         return (
-            f"the login at {printable(base_url)!r} was answered {exc.status} "
+            f"the login at {printable(shown_url(base_url))!r} was answered {exc.status} "
             f"({printable(exc)}): is VIOLET_BASE_URL (or --base-url) right? Violet's API "
             f"URLs end in /v1, such as {Environment.SANDBOX.value}"
         )
