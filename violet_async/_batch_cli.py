@@ -776,7 +776,9 @@ async def run_file(
         err.write(f"violet-async: configuration: {configuration_message(exc)}\n")
         return EXIT_BAD_INPUT
     try:
-        log = await Journal.open(journal, input_id=f"{kind}:{_file_id(path)}")
+        log = await Journal.open(
+            journal, input_id=f"{kind}:{_file_id(path)}", scope=client._key_scope()
+        )
     except (JournalLockedError, JournalMismatchError, UnsafeFileError) as exc:
         err.write(printable(f"violet-async: {exc}") + "\n")
         return EXIT_BAD_INPUT

@@ -52,7 +52,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 import portalocker
@@ -118,8 +118,15 @@ class Journal:
         *,
         input_changed: bool = False,
         repaired: int = 0,
+        header: dict[str, Any] | None = None,
     ) -> None:
         self.path = path
+        # The Violet its items were sent to (app id and host, as a record store scopes
+        # keys): None until a run of this release binds it (:meth:`bind`).
+        self._header = header
+        self.scope: str | None = None
+        if header is not None and isinstance(header.get("scope"), str):
+            self.scope = header["scope"]
         self._entries = entries
         # Items an earlier run left sent, pending or unknown, by bag: a new item on the
         # bag waits until they are resolved (read back), or it could be a second refund.
@@ -172,12 +179,47 @@ class Journal:
             )
         self._served = True
 
+    async def bind(self, scope: str) -> None:
+        """Bind the journal to the Violet a run sends to (``scope``: the client's app id
+        and host). A journal bound to another is refused (:class:`JournalMismatchError`):
+        its "done" rows are refunds of that Violet, and taken as this one's they would
+        skip every row (the sandbox's refunds reported as production's). A journal not
+        bound yet (new, or written before journals were) is bound by a header line."""
+        if self.scope == scope:
+            return
+        if self.scope is not None:
+            self.mismatch(scope)
+        header = self._header or {}
+        await self._append(
+            {
+                "type": "header",
+                "v": VERSION,
+                "input": header.get("input"),
+                "scope": scope,
+                "ts": time.time(),
+            }
+        )
+        self.scope = scope
+
+    def mismatch(self, scope: str) -> NoReturn:
+        """Refuse this journal to a run sending to ``scope``: it is bound to another."""
+        raise JournalMismatchError(
+            f"{self.path} records refunds and cancels sent to another Violet "
+            f"(app and host {self.scope!r}; this run sends to {scope!r}: another app id, "
+            "or sandbox and production); its rows are not this one's, and nothing was "
+            "sent: name another journal (--journal) for this one"
+        )
+
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], *, input_id: str | None) -> Journal:
+    async def open(
+        cls, path: str | os.PathLike[str], *, input_id: str | None, scope: str | None = None
+    ) -> Journal:
         """Open (or create) the journal, holding its lock until :meth:`aclose`.
 
         Raises :class:`JournalLockedError` at once when another run holds it, and
-        :class:`JournalMismatchError` for a journal of another format version.
+        :class:`JournalMismatchError` for a journal of another format version. ``scope``
+        (the Violet a run sends to: app id and host) goes in a new journal's header; a
+        run binds the journal to its client's (:meth:`bind`) either way.
         """
         target = Path(path)
         lock_fd = _lock(target)
@@ -203,15 +245,23 @@ class Journal:
             os.close(lock_fd)
             raise
         changed = header is not None and header.get("input") != input_id
-        journal = cls(target, entries, fd, lock_fd, input_changed=changed, repaired=repaired)
+        journal = cls(
+            target, entries, fd, lock_fd, input_changed=changed, repaired=repaired, header=header
+        )
+        if scope is not None and journal.scope not in (None, scope):
+            await journal.aclose()
+            journal.mismatch(scope)
         if header is None or header.get("v") != VERSION:
             # A new journal, or one of v2 marked v3 (its input kept) before any line
             # under the new names is appended.
             given = input_id if header is None else header.get("input")
+            line: dict[str, Any] = {"type": "header", "v": VERSION, "input": given}
+            bound = journal.scope if header is not None else scope
+            if bound is not None:
+                line["scope"] = bound
             try:
-                await journal._append(
-                    {"type": "header", "v": VERSION, "input": given, "ts": time.time()}
-                )
+                await journal._append({**line, "ts": time.time()})
+                journal.scope, journal._header = bound, line
             except BaseException:
                 await journal.aclose()  # a cancelled or failed open lets the file go
                 raise

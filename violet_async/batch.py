@@ -308,7 +308,7 @@ async def run_batch(
     limiter = AdaptiveRate(rate) if rate else None  # a bad rate raises before any open
     own_journal = journal is not None and not isinstance(journal, Journal)
     log = (
-        await Journal.open(journal, input_id=input_id)
+        await Journal.open(journal, input_id=input_id, scope=client._key_scope())
         if journal is not None and not isinstance(journal, Journal)
         else journal
     )
@@ -324,6 +324,8 @@ async def run_batch(
         foreign = engine.known_refunds.handed_out()
         if log is not None:
             log.take_run()  # an open Journal serves one run (it knows what it loaded)
+            # Its rows are refunds of one Violet (app and host): not another's.
+            await log.bind(client._key_scope())
             log.redactor = engine.redactor
             for refund_id in log.refund_ids():
                 engine.known_refunds.add(refund_id)

@@ -1,0 +1,149 @@
+"""Review 26: the batch journal, the fleet ledger and the record stores, attacked with a
+real journal file, a real redis-server and a hostile Violet scripted here.
+
+- a batch journal is bound to the Violet it was written against (app id and host, as
+  keys in a record store are): a file run against the sandbox (the default) and then
+  against production with the default journal skipped every row as ``already_done``,
+  naming the sandbox's refunds, and refunded nobody.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from violet_async import RefundBagRequest, VioletClient
+from violet_async._batch_cli import EXIT_BAD_INPUT, EXIT_OK, BatchOptions, run_file
+from violet_async.batch import (
+    BatchItem,
+    Journal,
+    JournalMismatchError,
+    run_batch,
+)
+from violet_async.testing import FakeClock
+
+from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile
+
+
+@contextlib.asynccontextmanager
+async def client_on(server: Hostile, host: str, **options: Any) -> AsyncIterator[VioletClient]:
+    """``server`` on 127.0.0.1 (port 0), reached by the name ``host`` (127.0.0.1 for the
+    "sandbox", localhost for "production": two hosts, one machine)."""
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with VioletClient(
+            options.pop("app_id", APP_ID),
+            SECRET,
+            username="hostile-user",
+            password="hostile-password-0123",
+            base_url=f"http://{host}:{port}/v1",
+            **{"clock": server.clock, **options},
+        ) as client:
+            yield client
+    finally:
+        server._stopping.set()
+        await runner.cleanup()
+
+
+ROW = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=500))
+
+
+async def _run(client: VioletClient, journal: Path | Journal) -> list[str]:
+    return [r.outcome async for r in run_batch(client, [ROW], journal=journal)]
+
+
+# -- a journal written against another Violet ------------------------------------
+
+
+async def test_a_journal_of_the_sandbox_does_not_skip_production_rows(tmp_path: Path) -> None:
+    clock = FakeClock()
+    journal = tmp_path / "refunds.csv.refund.journal.jsonl"
+    sandbox, production = Hostile(clock), Hostile(clock)
+    async with client_on(sandbox, "127.0.0.1") as client:
+        assert await _run(client, journal) == ["succeeded"]
+    assert sandbox.posts == 1
+    async with client_on(production, "localhost") as client:
+        with pytest.raises(JournalMismatchError, match="another Violet"):
+            await _run(client, journal)
+    # Not "already_done" with the sandbox's refund: nothing claimed, nothing sent.
+    assert production.posts == 0
+    # The same Violet still resumes it (the journal is its own): already_done.
+    async with client_on(Hostile(clock), "127.0.0.1") as client:
+        assert await _run(client, journal) == ["already_done"]
+
+
+async def test_a_journal_of_another_app_is_refused(tmp_path: Path) -> None:
+    clock = FakeClock()
+    journal = tmp_path / "j.jsonl"
+    async with client_on(Hostile(clock), "127.0.0.1") as client:
+        assert await _run(client, journal) == ["succeeded"]
+    other = Hostile(clock)
+    async with client_on(other, "127.0.0.1", app_id=APP_ID + 1) as client:
+        with pytest.raises(JournalMismatchError, match="another Violet"):
+            await _run(client, journal)
+        # An open Journal given to the run is checked as well.
+        log = await Journal.open(journal, input_id=None)
+        try:
+            with pytest.raises(JournalMismatchError, match="another Violet"):
+                await _run(client, log)
+        finally:
+            await log.aclose()
+    assert other.posts == 0
+
+
+@contextlib.asynccontextmanager
+async def on_env(
+    server: Hostile, host: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[None]:
+    """``server`` as the command line's Violet, reached by the name ``host``."""
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    for key, value in {
+        "VIOLET_APP_ID": str(APP_ID),
+        "VIOLET_APP_SECRET": SECRET,
+        "VIOLET_USERNAME": "hostile-user",
+        "VIOLET_PASSWORD": "hostile-password-0123",
+        "VIOLET_BASE_URL": f"http://{host}:{port}/v1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield
+    finally:
+        server._stopping.set()
+        await runner.cleanup()
+
+
+async def test_the_command_line_refuses_the_sandbox_journal_for_production(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = tmp_path / "refunds.csv"
+    rows.write_text(f"order_id,bag_id,amount_refunded\n{ORDER_ID},{BAG_ID},500\n")
+    sandbox, production = Hostile(FakeClock()), Hostile(FakeClock())
+    out, err = io.StringIO(), io.StringIO()
+    async with on_env(sandbox, "127.0.0.1", monkeypatch):
+        assert await run_file("refund", rows, BatchOptions(), out=out, err=err) == EXIT_OK
+    assert sandbox.posts == 1
+    out, err = io.StringIO(), io.StringIO()
+    async with on_env(production, "localhost", monkeypatch):
+        code = await run_file("refund", rows, BatchOptions(), out=out, err=err)
+    assert code == EXIT_BAD_INPUT, out.getvalue()
+    assert "another Violet" in err.getvalue()
+    assert production.posts == 0
+    # Named a journal of its own, production refunds the row.
+    async with on_env(production, "localhost", monkeypatch):
+        options = BatchOptions(journal=tmp_path / "production.journal.jsonl")
+        assert await run_file("refund", rows, options, out=out, err=err) == EXIT_OK
+    assert production.posts == 1
