@@ -4,25 +4,32 @@ real journal file, a real redis-server and a hostile Violet scripted here.
 - a batch journal is bound to the Violet it was written against (app id and host, as
   keys in a record store are): a file run against the sandbox (the default) and then
   against production with the default journal skipped every row as ``already_done``,
-  naming the sandbox's refunds, and refunded nobody.
+  naming the sandbox's refunds, and refunded nobody;
+- a journal is locked by the file itself too, not only by its ``.lock`` sidecar: a
+  run whose sidecar was deleted (taken for a stale lock) let a second run open the
+  journal, and both sent the row neither had recorded yet (two refunds).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from aiohttp import web
 
 from violet_async import RefundBagRequest, VioletClient
 from violet_async._batch_cli import EXIT_BAD_INPUT, EXIT_OK, BatchOptions, run_file
+from violet_async._journal import lock_path
 from violet_async.batch import (
     BatchItem,
     Journal,
+    JournalLockedError,
     JournalMismatchError,
     run_batch,
 )
@@ -147,3 +154,38 @@ async def test_the_command_line_refuses_the_sandbox_journal_for_production(
         options = BatchOptions(journal=tmp_path / "production.journal.jsonl")
         assert await run_file("refund", rows, options, out=out, err=err) == EXIT_OK
     assert production.posts == 1
+
+
+# -- a journal whose .lock sidecar was deleted under its run -------------------------
+
+
+@attrs.define
+class FirstHeld(Hostile):
+    """Its first POST is held, before it commits, until ``gate`` opens."""
+
+    gate: asyncio.Event = attrs.Factory(asyncio.Event)
+    held: int = 0
+
+    async def _post(self, request: web.Request, *, cancel: bool) -> web.StreamResponse:
+        if self.held == 0:
+            self.held = 1
+            self.post_arrived.set()
+            await self.gate.wait()
+        return await super()._post(request, cancel=cancel)
+
+
+async def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path: Path) -> None:
+    journal = tmp_path / "j.jsonl"
+    server = FirstHeld(FakeClock())
+    async with client_on(server, "127.0.0.1") as client:
+        first = asyncio.ensure_future(_run(client, journal))
+        await server.post_arrived.wait()  # the row is journaled sent; its POST runs
+        lock_path(journal).unlink()  # "in use by process N": taken for a stale lock
+        try:
+            with pytest.raises(JournalLockedError, match="in use"):
+                await _run(client, journal)
+        finally:
+            server.gate.set()
+            assert await first == ["succeeded"]
+    assert server.posts == 1
+    assert len(server.refunds) == 1

@@ -37,8 +37,10 @@ before a line is read.
 
 One run at a time: :meth:`Journal.open` takes an exclusive file lock on a sidecar
 ``JOURNAL.lock`` (released by the kernel when the process ends, even by ``kill -9``)
-and raises :class:`JournalLockedError` naming the holder's pid. A last line torn by a
-crash mid-write is cut off before anything is appended.
+and raises :class:`JournalLockedError` naming the holder's pid; on POSIX the journal
+file itself is locked too, so a sidecar deleted under a run (taken for stale) lets no
+second run in. A last line torn by a crash mid-write is cut off before anything is
+appended.
 
 Writes are group-committed: every state change waits until its line is on disk, but
 concurrent changes share one fsync.
@@ -227,6 +229,7 @@ class Journal:
             # Created 0600, appended to only; read once from the start here.
             fd = open_owned(target, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
+                _lock_journal(fd, target)
                 loading = _in_thread(_load_and_repair, fd)
                 # A cancelled open keeps the lock until the load has ended: its thread
                 # cannot be stopped, and it may be cutting a torn tail.
@@ -553,6 +556,24 @@ def _lock(path: Path) -> int:
         os.close(fd)  # a full disk: the lock goes with the refusal
         raise
     return fd
+
+
+def _lock_journal(fd: int, path: Path) -> None:
+    """Lock the journal file itself too (POSIX ``flock``; on Windows a lock would keep
+    its lines from being read): the sidecar is only a name, and a run whose ``.lock``
+    was deleted under it (a lock file taken for stale) must still hold the next run
+    off, or both would send the rows neither had recorded yet."""
+    if os.name == "nt":  # pragma: no cover - the sidecar alone there
+        return
+    try:
+        portalocker.lock(fd, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+    except portalocker.AlreadyLocked:
+        raise JournalLockedError(
+            f"{path} is in use by another process (a run of violet-async on the same "
+            f"journal, whose {lock_path(path).name} was removed); wait for it to finish: "
+            "two runs on one journal could send the same row twice",
+            pid=None,
+        ) from None
 
 
 def _unlock(fd: int) -> None:
