@@ -7,7 +7,10 @@ real journal file, a real redis-server and a hostile Violet scripted here.
   naming the sandbox's refunds, and refunded nobody;
 - a journal is locked by the file itself too, not only by its ``.lock`` sidecar: a
   run whose sidecar was deleted (taken for a stale lock) let a second run open the
-  journal, and both sent the row neither had recorded yet (two refunds).
+  journal, and both sent the row neither had recorded yet (two refunds);
+- a ``SQLiteStore`` whose file was removed or replaced while a process had it open
+  went on with the old file: a process opening the new one and the old process each
+  owned one key, and each sent its ask (two refunds under one key).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import attrs
 import pytest
 from aiohttp import web
 
-from violet_async import RefundBagRequest, VioletClient
+from violet_async import RecordStoreError, RefundBagRequest, VioletClient
 from violet_async._batch_cli import EXIT_BAD_INPUT, EXIT_OK, BatchOptions, run_file
 from violet_async._journal import lock_path
 from violet_async.batch import (
@@ -33,6 +36,7 @@ from violet_async.batch import (
     JournalMismatchError,
     run_batch,
 )
+from violet_async.stores import SQLiteStore
 from violet_async.testing import FakeClock
 
 from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile
@@ -189,3 +193,39 @@ async def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path: Path) 
             assert await first == ["succeeded"]
     assert server.posts == 1
     assert len(server.refunds) == 1
+
+
+# -- a SQLiteStore file replaced under a process that has it open ----------------------
+
+
+async def test_a_replaced_store_file_is_refused_by_the_process_that_had_the_old(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.db"
+    server = Hostile(FakeClock())
+    async with (
+        SQLiteStore(path) as old_store,
+        client_on(server, "127.0.0.1", store=old_store) as old,
+    ):
+        await old.refund_bag(ORDER_ID, BAG_ID, amount_refunded=100, idempotency_key="k-1")
+        # "Reset" by an operator (or a backup restored): the file and its WAL go.
+        for name in ("keys.db", "keys.db-wal", "keys.db-shm"):
+            (tmp_path / name).unlink(missing_ok=True)
+        async with (
+            SQLiteStore(path) as new_store,
+            VioletClient(  # a process started after it
+                APP_ID,
+                SECRET,
+                username="hostile-user",
+                password="hostile-password-0123",
+                base_url=old._shared.base_url,
+                clock=server.clock,
+                store=new_store,
+            ) as new,
+        ):
+            await new.refund_bag(ORDER_ID, BAG_ID, amount_refunded=250, idempotency_key="k-2")
+        # The same call with the same key in the process that had the old file: it
+        # cannot see the new file's keys, and must not send blind.
+        with pytest.raises(RecordStoreError, match="replaced or removed"):
+            await old.refund_bag(ORDER_ID, BAG_ID, amount_refunded=250, idempotency_key="k-2")
+    assert [r["amount"] for r in server.refunds] == [100, 250]
