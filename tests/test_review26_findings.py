@@ -195,6 +195,30 @@ async def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path: Path) 
     assert len(server.refunds) == 1
 
 
+# -- two runs of one file, each with its own journal, on one client ---------------------
+
+
+async def test_two_runs_with_two_journals_on_one_client_refund_a_row_once(
+    tmp_path: Path,
+) -> None:
+    server = FirstHeld(FakeClock())
+    async with client_on(server, "127.0.0.1") as client:
+        first = asyncio.ensure_future(_run(client, tmp_path / "a.jsonl"))
+        await server.post_arrived.wait()  # its POST is held before it commits
+        # The same file run again with another journal (a second task, a --journal
+        # typo) while the first is in flight: its row waits for the bag, then reads it.
+        second = asyncio.ensure_future(_run(client, tmp_path / "b.jsonl"))
+        await asyncio.sleep(0.05)
+        server.gate.set()
+        assert await first == ["succeeded"]
+        # The first run's refund, handed out after the second began, is nothing the
+        # second run's journal or items account for: it holds the row, as it does in
+        # another process.
+        assert await second == ["already_present"]
+    assert server.posts == 1
+    assert len(server.refunds) == 1
+
+
 # -- a SQLiteStore file replaced under a process that has it open ----------------------
 
 

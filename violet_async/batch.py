@@ -42,7 +42,7 @@ from ._journal import (
 from ._journal_index import JournalIndex, RepeatCounter
 from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
-from ._reconcile import RateLimitDeferred
+from ._reconcile import KnownRefunds, RateLimitDeferred
 from ._retry import RetryEvent
 from ._telemetry import CAPTURE, count_item, feed
 from .exceptions import (
@@ -315,21 +315,23 @@ async def run_batch(
     feeder: asyncio.Task[None] | None = None
     try:
         engine = engine_of(client)
-        # Refunds this client handed to calls before this run (an earlier run with
-        # another journal, or none; a direct call): another call's, never an item's to
-        # claim, but nothing this run or its journal accounts for, so the guard before
-        # a first send holds an item that asks exactly one of them (already_present),
-        # as it does in a new process. Left out, the same client ran a file again with
-        # a new journal and refunded every row a second time.
-        foreign = engine.known_refunds.handed_out()
+        # Refunds this client handed to calls that are no item of this run (an earlier
+        # run with another journal, or none; a direct call; another run going on at
+        # once): another call's, never an item's to claim, but nothing this run or its
+        # journal accounts for, so the guard before a first send holds an item that
+        # asks exactly one of them (already_present), as it does in a new process.
+        # Left out, the same client ran a file again with a new journal and refunded
+        # every row a second time (and did so too with both runs going on at once).
+        foreign = _Unaccounted(engine.known_refunds)
         if log is not None:
             log.take_run()  # an open Journal serves one run (it knows what it loaded)
             # Its rows are refunds of one Violet (app and host): not another's.
             await log.bind(client._key_scope())
             log.redactor = engine.redactor
             for refund_id in log.refund_ids():
+                if engine.known_refunds.handed(refund_id):
+                    foreign.discard(refund_id)  # handed out before, and the journal's
                 engine.known_refunds.add(refund_id)
-                foreign.discard(refund_id)
         runner = _Runner(
             client,
             log,
@@ -390,6 +392,37 @@ class _Parked:
     attempt budget (a revisit must not start the budget again)."""
 
 
+class _Unaccounted:
+    """The refunds this client handed to calls that no journal entry and no item of a
+    run account for (``discard``: accounted for now), read as the run goes, not when it
+    began: a refund handed to another run of the client going on at once counts too."""
+
+    __slots__ = ("_accounted", "_known")
+
+    #: Accounted refunds kept before those the client no longer knows are let go.
+    LIMIT = 20_000
+
+    def __init__(self, known: KnownRefunds) -> None:
+        self._known = known
+        self._accounted: set[int] = set()
+
+    def __contains__(self, refund_id: object) -> bool:
+        return (
+            isinstance(refund_id, int)
+            and self._known.handed(refund_id)
+            and refund_id not in self._accounted
+        )
+
+    def discard(self, refund_id: int) -> None:
+        """``refund_id`` is accounted for by the run (its journal, or one of its items)."""
+        accounted = self._accounted
+        accounted.add(refund_id)
+        if len(accounted) > self.LIMIT:
+            # The client forgets refunds (oldest first): a forgotten one is no longer
+            # handed out, so it needs no accounting. Memory stays flat.
+            self._accounted = {r for r in accounted if self._known.handed(r)}
+
+
 class _NoResend(Exception):
     """Raised by the batch's save hook before a send the batch does not allow (an
     earlier run's item resolved by read-back only, or an attempt budget spent): the
@@ -416,13 +449,13 @@ class _Runner:
         read_before_send: bool,
         patience: float,
         allow_repeat: bool = False,
-        foreign: set[int] | None = None,
+        foreign: _Unaccounted | None = None,
     ) -> None:
         engine = engine_of(client)
         self._caller_hook = engine.on_retry
         # Refunds handed to calls of this client before the run, that its journal does
         # not account for (run_batch): a held item that claims one accounts for it.
-        self.foreign: set[int] = foreign if foreign is not None else set()
+        self.foreign = foreign if foreign is not None else _Unaccounted(engine.known_refunds)
         policy = attrs.evolve(engine.policy, read_before_send=read_before_send)
         self.client = client.with_options(on_retry=self._on_retry, retry=policy)
         self.clock = engine.clock
@@ -1136,7 +1169,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     resend: bool = True,
     sends_left: tuple[int, int] | None = None,
     slot: tuple[float, int] | None = None,
-    foreign: set[int] | None = None,
+    foreign: _Unaccounted | None = None,
 ) -> BatchResult | _Parked | _Paced:
     _current.set(stats)
     _count_requests(stats)
@@ -1187,7 +1220,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             patience=patience,
             hold_if_present=hold,
             defer_rate_limited=True,
-            foreign=foreign if foreign else (),
+            foreign=foreign if foreign is not None else (),
         )
     except _NoResend as exc:
         # Proven not applied: an earlier run's item is free to be sent anew by a later
@@ -1200,6 +1233,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     if refund is None:
         assert error is not None  # noqa: S101 - Ended holds one or the other
         return await _unapplied(client, item, key, error, ended.outcome, pace, stats, log, foreign)
+    if foreign is not None and refund.id is not None:
+        foreign.discard(refund.id)  # this run's item's: accounted for
     _paced_success(client, item, refund, pace, limiter)
     if log is not None:
         # The amount it moved: a later row stating that amount, where this one stated
@@ -1220,7 +1255,7 @@ async def _unapplied(  # noqa: PLR0917 - internal, one call site
     pace: MerchantPace,
     stats: _Stats,
     log: Journal | None,
-    foreign: set[int] | None = None,
+    foreign: _Unaccounted | None = None,
 ) -> BatchResult | _Parked | _Paced:
     """An item whose ask ended without a refund, in the batch's words."""
     if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
@@ -1353,7 +1388,7 @@ async def _present(
     stats: _Stats,
     log: Journal | None,
     exc: RefundAlreadyPresentError,
-    foreign: set[int] | None = None,
+    foreign: _Unaccounted | None = None,
 ) -> BatchResult:
     """Not sent: the bag already holds this refund. The lowest such refund becomes
     known, so it accounts for this item only: a repeat of an identical item in the
@@ -1366,11 +1401,13 @@ async def _present(
     else:
         known = engine_of(client).known_refunds
         ids = sorted(r.id for r in exc.refunds if r.id is not None)
-        foreign = foreign if foreign is not None else set()
-        claimed = next((i for i in ids if i not in known or i in foreign), None)
+        claimed = next(
+            (i for i in ids if i not in known or (foreign is not None and i in foreign)), None
+        )
         if claimed is not None:
             known.add(claimed)
-            foreign.discard(claimed)
+            if foreign is not None:
+                foreign.discard(claimed)
     if log is not None:
         await log.record(
             key,
