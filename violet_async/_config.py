@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from ._redact import has_control_character
 from .exceptions import RequestValidationError
 
-__all__ = ["UNSET", "Environment", "check_base_url", "settings_from_env"]
+__all__ = ["UNSET", "Environment", "check_base_url", "scope_of", "settings_from_env"]
 
 
 class Environment(enum.Enum):
@@ -38,6 +38,15 @@ def _is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def scope_of(app_id: int, base_url: str) -> str:
+    """What a stored record is scoped by: the app id and the base URL's host (sandbox
+    or production, or your own), so two apps or two environments sharing a record
+    store (or a batch journal) never meet. Not the port or path: a restarted process
+    with the same host resumes what the last one left."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    return f"{app_id} {host}"
 
 
 def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:

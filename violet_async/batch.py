@@ -28,6 +28,7 @@ import attrs
 
 from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient
+from ._config import scope_of
 from ._converter import converter
 from ._engine import Outcome as AskOutcome
 from ._engine import engine_of, resumable
@@ -308,7 +309,7 @@ async def run_batch(
     limiter = AdaptiveRate(rate) if rate else None  # a bad rate raises before any open
     own_journal = journal is not None and not isinstance(journal, Journal)
     log = (
-        await Journal.open(journal, input_id=input_id, scope=client._key_scope())
+        await Journal.open(journal, input_id=input_id, scope=journal_scope(client))
         if journal is not None and not isinstance(journal, Journal)
         else journal
     )
@@ -326,7 +327,7 @@ async def run_batch(
         if log is not None:
             log.take_run()  # an open Journal serves one run (it knows what it loaded)
             # Its rows are refunds of one Violet (app and host): not another's.
-            await log.bind(client._key_scope())
+            await log.bind(journal_scope(client))
             log.redactor = engine.redactor
             for refund_id in log.refund_ids():
                 if engine.known_refunds.handed(refund_id):
@@ -360,6 +361,12 @@ async def run_batch(
         finally:
             if own_journal and log is not None:
                 await log.aclose()
+
+
+def journal_scope(client: VioletClient) -> str:
+    """The Violet a journal's rows are sent to: the client's app id and host (as its
+    record store scopes keys)."""
+    return scope_of(engine_of(client).app_id, client.base_url)
 
 
 @attrs.frozen
