@@ -401,24 +401,41 @@ class _Parked:
 
 class _Unaccounted:
     """The refunds this client handed to calls that no journal entry and no item of a
-    run account for (``discard``: accounted for now), read as the run goes, not when it
-    began: a refund handed to another run of the client going on at once counts too."""
+    run account for, read as the run goes, not when it began: a refund handed to
+    another run of the client going on at once counts too. A refund of this run's
+    asks (``own``: each ask, as its record is saved before a send) is accounted for,
+    one it got without its id and the client bound to a listed record later included;
+    ``discard``: one accounted for by id (the journal's, a claimed one)."""
 
-    __slots__ = ("_accounted", "_known")
+    __slots__ = ("_accounted", "_known", "_order", "_owners")
 
-    #: Accounted refunds kept before those the client no longer knows are let go.
+    #: Refund ids and asks kept before the oldest are let go (the client itself keeps
+    #: fewer refunds than that): memory stays flat.
     LIMIT = 20_000
 
     def __init__(self, known: KnownRefunds) -> None:
         self._known = known
         self._accounted: set[int] = set()
+        self._owners: set[str] = set()
+        self._order: collections.deque[str] = collections.deque()
 
     def __contains__(self, refund_id: object) -> bool:
-        return (
-            isinstance(refund_id, int)
-            and self._known.handed(refund_id)
-            and refund_id not in self._accounted
-        )
+        known = self._known
+        if not isinstance(refund_id, int) or not known.handed(refund_id):
+            return False
+        if refund_id in self._accounted:
+            return False
+        owner = known.owner(refund_id)
+        return owner is None or owner not in self._owners
+
+    def own(self, ask_id: str) -> None:
+        """The ask ``ask_id`` is one of this run's: the refunds it gets are accounted for."""
+        if ask_id in self._owners:
+            return
+        self._owners.add(ask_id)
+        self._order.append(ask_id)
+        if len(self._order) > self.LIMIT:
+            self._owners.discard(self._order.popleft())
 
     def discard(self, refund_id: int) -> None:
         """``refund_id`` is accounted for by the run (its journal, or one of its items)."""
@@ -426,7 +443,7 @@ class _Unaccounted:
         accounted.add(refund_id)
         if len(accounted) > self.LIMIT:
             # The client forgets refunds (oldest first): a forgotten one is no longer
-            # handed out, so it needs no accounting. Memory stays flat.
+            # handed out, so it needs no accounting.
             self._accounted = {r for r in accounted if self._known.handed(r)}
 
 
@@ -1192,6 +1209,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         await limiter.wait()
 
     async def save(ask: PendingRefund) -> None:
+        if foreign is not None:
+            foreign.own(ask.ask_id)  # what this ask gets is this run's
         if ask.phase is Phase.SENT:
             if not resend:
                 raise _NoResend(
