@@ -39,6 +39,7 @@ from .batch import (
     BatchResult,
     DryRun,
     Kind,
+    journal_scope,
     run_batch,
 )
 from .exceptions import (
@@ -777,7 +778,9 @@ async def run_file(
         err.write(f"violet-async: configuration: {configuration_message(exc)}\n")
         return EXIT_BAD_INPUT
     try:
-        log = await Journal.open(journal, input_id=f"{kind}:{_file_id(path)}")
+        log = await Journal.open(
+            journal, input_id=f"{kind}:{_file_id(path)}", scope=journal_scope(client)
+        )
     except (JournalLockedError, JournalMismatchError, UnsafeFileError) as exc:
         err.write(printable(f"violet-async: {exc}") + "\n")
         return EXIT_BAD_INPUT

@@ -10,7 +10,6 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import attrs
 
@@ -23,6 +22,7 @@ from ._config import (
     check_app_info,
     check_base_url,
     check_extra_headers,
+    scope_of,
     settings_from_env,
     shown_url,
     url_secrets,
@@ -481,12 +481,8 @@ class VioletClient(RequestPlumbing):
             unsettled.check(pending.bag_id, pending)
 
     def _key_scope(self) -> str:
-        """What a stored key is scoped by: the app id and the base URL's host (sandbox
-        or production, or your own), so two apps or two environments sharing a store
-        never meet under one key. Not the port or path: a restarted process with the
-        same host resumes what the last one left."""
-        host = (urlsplit(self._shared.base_url).hostname or "").lower()
-        return f"{self._shared.credentials.app_id} {host}"
+        """What a stored key is scoped by: :func:`~violet_async._config.scope_of`."""
+        return scope_of(self._shared.credentials.app_id, self._shared.base_url)
 
     async def _keyed(
         self,

@@ -16,6 +16,7 @@ __all__ = [
     "UNSET",
     "Environment",
     "check_base_url",
+    "scope_of",
     "settings_from_env",
     "shown_url",
     "url_secrets",
@@ -69,6 +70,15 @@ def url_secrets(url: str) -> tuple[str, ...]:
         return ()
     raw = parts.password
     return tuple(dict.fromkeys((raw, unquote(raw)))) if raw else ()
+
+
+def scope_of(app_id: int, base_url: str) -> str:
+    """What a stored record is scoped by: the app id and the base URL's host (sandbox
+    or production, or your own), so two apps or two environments sharing a record
+    store (or a batch journal) never meet. Not the port or path: a restarted process
+    with the same host resumes what the last one left."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    return f"{app_id} {host}"
 
 
 def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
