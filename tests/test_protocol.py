@@ -45,7 +45,16 @@ BAG = 7
 
 def refund(id: int, amount: int = 300, *, age: float = 0.0, **extra: Any) -> OrderRefund:
     created = datetime.fromtimestamp(T0 - age, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    fields = {"id": id, "bag_id": BAG, "amount": amount, "date_created": created, **extra}
+    # Of the order the asks below ask of (``sent``): a record naming another order is
+    # another bag's (review 25).
+    fields = {
+        "id": id,
+        "order_id": 1,
+        "bag_id": BAG,
+        "amount": amount,
+        "date_created": created,
+        **extra,
+    }
     return converter.structure(refund_body(**fields), OrderRefund)
 
 

@@ -36,7 +36,7 @@ BAG = 7
 
 def refund(id: int | None, at: float, amount: int = 300) -> OrderRefund:
     created = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = refund_body(id=id, bag_id=BAG, amount=amount, date_created=created)
+    body = refund_body(id=id, order_id=1, bag_id=BAG, amount=amount, date_created=created)
     if id is None:
         del body["id"]
     return converter.structure(body, OrderRefund)
@@ -79,12 +79,59 @@ def lost(at: float) -> Observation:
 )
 def test_a_send_proven_not_applied_moves_the_window_to_the_re_send(failure: Observation) -> None:
     """A 429 (or a connection never opened) proves nothing of the ask applied: its
-    refund can only be dated from the re-send on (20 s later), not from the first send."""
+    refund can only be dated from the re-send on (20 s later), not from the first send.
+    After a 429 the bag is read when the wait is over, and the re-send leaves then."""
     ask, action = step(sent(), failure, SETTINGS, T0, 100.0)
-    assert action.do is Do.SEND
     assert action.delay == 20.0
+    if failure.error is not None and getattr(failure.error, "status", None) == 429:
+        assert action.do is Do.READ
+        assert ask.phase is Phase.ABSENT
+        assert ask.sends == 1
+        ask, action = step(ask, Observation.read(T0 + 20.0, []), SETTINGS, T0 + 20.0, 80.0)
+        assert action.delay == 0.0
+    assert action.do is Do.SEND
     assert ask.first_sent_at == ask.last_sent_at == T0 + 20.0
     assert ask.sends == 2
+
+
+def after_429(ask: PendingRefund, at: float, listed: list[OrderRefund]) -> PendingRefund:
+    """``ask`` answered 429 at T0 and re-sent at ``at``, the read before it listing
+    ``listed``."""
+    ask, action = step(ask, busy(), SETTINGS, T0, 100.0)
+    assert action.do is Do.READ
+    ask, action = step(ask, Observation.read(at, listed), SETTINGS, at, 100.0)
+    assert action.do is Do.SEND
+    return ask
+
+
+def test_a_refund_listed_before_the_re_send_after_a_429_is_never_this_asks() -> None:
+    """Simulator seeds 1141662, 1145746: another system's identical refund made during
+    the wait, and readings of the clock that disagree (its date cannot rule it out).
+    The read before the re-send lists it: it is in the baseline, and a read after the
+    re-send's 500 proves this ask absent once the window is over (sent again), never
+    takes it for this ask's."""
+    other = refund(9_999, T0 + 10.0)
+    ask = after_429(sent(), T0 + 20.0, [other])
+    assert ask.baseline is not None
+    assert 9_999 in ask.baseline
+    assert judge(ask, [other], None, (), SETTINGS).verdict is not Verdict.MATCH
+    ask, action = step(ask, lost(T0 + 20.0), SETTINGS, T0 + 21.0, 500.0)
+    assert action.do is Do.READ
+    after = T0 + 90.0
+    ask, action = step(ask, Observation.read(after, [other]), SETTINGS, after, 400.0)
+    assert action.do is Do.SEND
+    assert ask.sends == 3
+
+
+def test_a_failed_read_before_the_re_send_after_a_429_sends_as_before() -> None:
+    """The read after the wait failed (after its own retries): the re-send leaves as
+    it did before that read existed, its window opening at it."""
+    ask, action = step(sent(), busy(), SETTINGS, T0, 100.0)
+    failed = Observation.read_failed(T0 + 20.0, APIConnectionError("refused"), backoff=1.0)
+    ask, action = step(ask, failed, SETTINGS, T0 + 21.0, 79.0)
+    assert action.do is Do.SEND
+    assert ask.first_sent_at == ask.last_sent_at == T0 + 21.0
+    assert ask.baseline is None
 
 
 def test_a_refund_made_while_the_429_waited_is_never_claimed() -> None:
@@ -93,7 +140,7 @@ def test_a_refund_made_while_the_429_waited_is_never_claimed() -> None:
     predates the only send that could have applied: review, never a claim, never
     absence (``Date`` headers in agreement with this machine's clock). A refund dated
     after the re-send is claimed as before."""
-    ask, _ = step(sent(server_offset=0.0), busy(), SETTINGS, T0, 100.0)
+    ask = after_429(sent(server_offset=0.0), T0 + 20.0, [])  # the read missed it (a replica)
     ask, action = step(ask, lost(T0 + 20.0), SETTINGS, T0 + 21.0, 500.0)
     assert action.do is Do.READ
     other = refund(9_999, T0 + 10.0)
@@ -136,7 +183,7 @@ def test_an_older_copy_of_the_record_does_not_move_the_window_back() -> None:
     """A resume delivered with the record from before the 429 and the record after the
     re-send: the one with more sends says where the window starts."""
     before = sent()
-    after, _ = step(before, busy(), SETTINGS, T0, 100.0)
+    after = after_429(before, T0 + 20.0, [])
     for one, other in ((before, after), (after, before)):
         assert merged(one, other).first_sent_at == T0 + 20.0
     twin = attrs.evolve(before, first_sent_at=T0 - 5.0)

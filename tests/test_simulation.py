@@ -609,18 +609,60 @@ def test_the_simulator_finds_a_refund_made_in_a_429_wait_taken_for_the_resend(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Re-introduce the bug: a send after a 429 keeps the window of the send the 429
-    answered (``_protocol._send`` ignores ``proven``). Seed 1 (the second tried) finds
-    it: the other app's refund, made during the wait, is handed to the ask."""
+    answered (``_protocol._send`` ignores ``proven``), and is sent without reading the
+    bag first (the read before it would keep the other app's refund out as well).
+    Seed 1 (the second tried) finds it: the other app's refund, made during the wait,
+    is handed to the ask."""
     from violet_async import _protocol
 
     real = _protocol._send
+    real_after = _protocol._after_send_failure
 
     def buggy(ask: Any, now: float, delay: float = 0.0, *, proven: bool = False) -> Any:
         return real(ask, now, delay)
 
+    def no_read(ask: Any, error: Any, obs: Any, settings: Any, *args: Any) -> Any:
+        if _protocol.classify_send_failure(error) is _protocol.Cause.RATE_LIMITED:
+            return buggy(ask, args[0], obs.backoff, proven=True)
+        return real_after(ask, error, obs, settings, *args)
+
     monkeypatch.setattr(_protocol, "_send", buggy)
+    monkeypatch.setattr(_protocol, "_after_send_failure", no_read)
     result = simulate(1, kinds={"refund_in_429"})
     assert "attribution" in result.kinds, result.report()
+
+
+def test_the_simulator_finds_a_re_send_after_a_429_sent_without_reading_the_bag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-introduce the bug: a 429 is sent again after its wait without reading what
+    the bag holds (the window still moved to the re-send). Seed 1141662 (``--kinds
+    all``) finds it: another app's identical refund made during the wait, the re-send
+    answered 500, readings of Violet's clock that disagree (a Date lagging 60 s, wall
+    clock steps around the re-send): the other refund's date could not rule it out,
+    and a later repeat was handed it."""
+    from violet_async import _protocol
+
+    real_after = _protocol._after_send_failure
+
+    def no_read(ask: Any, error: Any, obs: Any, settings: Any, *args: Any) -> Any:
+        if _protocol.classify_send_failure(error) is _protocol.Cause.RATE_LIMITED:
+            return _protocol._send(ask, args[0], obs.backoff, proven=True)
+        return real_after(ask, error, obs, settings, *args)
+
+    monkeypatch.setattr(_protocol, "_after_send_failure", no_read)
+    result = simulate(1141662, kinds=frozenset(WORLD_KINDS))
+    assert "attribution" in result.kinds, result.report()
+
+
+@pytest.mark.parametrize("seed", [1141662, 1145746])
+def test_seeds_where_a_refund_made_in_a_429_wait_was_claimed_now_hold(seed: int) -> None:
+    """Seeds 1141662, 1145746 (``--kinds all``): a keyed ask's POST answered 429,
+    another app refunded the same amount during the wait, the re-send answered 500,
+    wall-clock steps around it: the other app's refund was claimed by a later repeat.
+    The bag is now read before the re-send (tests/test_resend_window.py)."""
+    result = simulate(seed, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
 
 
 def test_the_simulator_finds_a_key_reused_after_a_step(monkeypatch: pytest.MonkeyPatch) -> None:

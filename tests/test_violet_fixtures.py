@@ -252,7 +252,8 @@ async def test_a_429_is_sent_again_without_a_read_back() -> None:
     """Row 4, as decided (docs/violet-behaviours.md): Violet documents a platform's 429
     as passed through and advises backing off and retrying; nothing it publishes says a
     429 can follow an applied refund. So a 429 is "not applied": sent again after its
-    Retry-After, no read-back, one refund returned."""
+    Retry-After, no read-back of whether it applied (the bag's refunds are read once,
+    right before the re-send: what they list is not this ask's), one refund returned."""
     rate_limited = {"status": 429, "message": "Too Many Requests", "error_code": 429}
     server = Scripted(
         FakeClock(),
@@ -262,7 +263,7 @@ async def test_a_429_is_sent_again_without_a_read_back() -> None:
     async with scripted_client(server) as client:
         refund = await client.refund_bag(123, 123, amount_refunded=123)
     assert (refund.id, refund.reconciled) == (123, False)
-    assert server.requests == ["POST refunds", "POST refunds"]
+    assert server.requests == ["POST refunds", "GET refunds", "POST refunds"]
 
 
 @pytest.mark.parametrize("name", by_kind("refund_list"))

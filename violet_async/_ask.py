@@ -247,6 +247,12 @@ class PendingRefund:
     then does a claim's bar sit ``clock_skew`` below the earlier readings; readings
     that Date headers gave on this clock are each held to ``date_tolerance``
     (:func:`~violet_async._matching.no_baseline_window`)."""
+    scope: str | None = attrs.field(default=None, eq=False)
+    """The app id and Violet host of the client that handed the record out (as its
+    keys are scoped; None: a record from before records carried it, or one kept by a
+    batch journal or a fleet ledger). ``client.resume`` refuses a record of another
+    app or host: order and bag ids are only unique within one environment, and a
+    resume there would read, and could refund, another shopper's bag (review 25)."""
 
     # -- persistence ---------------------------------------------------------
 
@@ -294,6 +300,9 @@ class PendingRefund:
             data["listed_after_send"] = sorted(self.listed_after_send)
         if self.offsets_moved:
             data["offsets_moved"] = True
+        if self.scope is not None:
+            # Only when set: records without it read and write as they always did.
+            data["scope"] = self.scope
         return data
 
     @classmethod
@@ -344,6 +353,7 @@ class PendingRefund:
                 reads_bag=bool(data.get("reads_bag", False)),
                 listed_after_send=_opt_ids(data, "listed_after_send"),
                 offsets_moved=bool(data.get("offsets_moved", False)),
+                scope=_scope(data.get("scope")),
             )
         except KeyError as exc:
             raise RequestValidationError(f"pending.{exc.args[0]}", "is missing") from None
@@ -374,6 +384,14 @@ class PendingRefund:
         except orjson.JSONDecodeError as exc:
             raise RequestValidationError("pending", f"not JSON ({exc.msg})") from None
         return cls.from_dict(data)
+
+
+def _scope(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise RequestValidationError("pending.scope", "must be a non-empty str")
+    return value
 
 
 def sent_once(

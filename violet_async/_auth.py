@@ -89,12 +89,15 @@ class Credentials:
     password: str | None = attrs.field(default=None, repr=False)
     token: str | None = attrs.field(default=None, repr=False, validator=_header_safe)
     refresh_token: str | None = attrs.field(default=None, repr=False, validator=_header_safe)
+    gateway_secrets: tuple[str, ...] = attrs.field(default=(), repr=False)
+    """The password of the base URL's ``user:password@`` (a gateway's), as written and
+    decoded: never sent as a Violet credential, hidden from errors all the same."""
     _retired: list[str] = attrs.field(factory=list, repr=False, init=False, eq=False)
 
     def secrets(self) -> list[str]:
         """Every secret value, for redaction (recently replaced tokens included)."""
         values = (self.app_secret, self.password, self.token, self.refresh_token)
-        return [v for v in values if v] + self._retired
+        return [v for v in values if v] + [*self.gateway_secrets, *self._retired]
 
     def replace_token(self, token: str) -> None:
         """Use ``token`` from now on; the old one stays known to redaction for a while."""

@@ -23,6 +23,7 @@ import attrs
 import orjson
 
 from ._client import Environment, VioletClient
+from ._config import shown_url
 from ._converter import converter, encode_request
 from ._engine import AUTH_PATHS, never_reached
 from ._files import UnsafeFileError, narrow_to_owner, open_owned
@@ -38,6 +39,7 @@ from .batch import (
     BatchResult,
     DryRun,
     Kind,
+    journal_scope,
     run_batch,
 )
 from .exceptions import (
@@ -776,7 +778,9 @@ async def run_file(
         err.write(f"violet-async: configuration: {configuration_message(exc)}\n")
         return EXIT_BAD_INPUT
     try:
-        log = await Journal.open(journal, input_id=f"{kind}:{_file_id(path)}")
+        log = await Journal.open(
+            journal, input_id=f"{kind}:{_file_id(path)}", scope=journal_scope(client)
+        )
     except (JournalLockedError, JournalMismatchError, UnsafeFileError) as exc:
         err.write(printable(f"violet-async: {exc}") + "\n")
         return EXIT_BAD_INPUT
@@ -886,7 +890,7 @@ def _stop_reason(exc: BaseException | None, base_url: str = "") -> str:
         )
     if isinstance(exc, APIError) and _login_answered(exc):
         return (
-            f"the login at {printable(base_url)!r} was answered {exc.status} "
+            f"the login at {printable(shown_url(base_url))!r} was answered {exc.status} "
             f"({printable(exc)}): is VIOLET_BASE_URL (or --base-url) right? Violet's API "
             f"URLs end in /v1, such as {Environment.SANDBOX.value}"
         )

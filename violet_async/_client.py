@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+
+import attrs
 
 from ._ask import checked_key
 from ._auth import Auth, Credentials
@@ -20,7 +22,10 @@ from ._config import (
     check_app_info,
     check_base_url,
     check_extra_headers,
+    scope_of,
     settings_from_env,
+    shown_url,
+    url_secrets,
 )
 from ._engine import Engine, KeyedAsks, unless_failed
 from ._protocol import PendingRefund, Phase
@@ -43,6 +48,7 @@ from ._transport import (
 )
 from .exceptions import (
     AmbiguousOutcomeError,
+    BagPendingError,
     NotFoundError,
     RefundWaitTimeoutError,
     RequestValidationError,
@@ -153,6 +159,7 @@ class VioletClient(RequestPlumbing):
             password=password,
             token=token,
             refresh_token=refresh_token,
+            gateway_secrets=url_secrets(url),
         )
         # ``_transport``: private seam for violet_async.testing.sim (anything with the
         # Transport's open / aclose / closed / send); never an aiohttp object.
@@ -262,7 +269,7 @@ class VioletClient(RequestPlumbing):
         state = "closed" if self._shared.transport.closed else "open"
         return (
             f"<VioletClient app_id={self._shared.credentials.app_id} "
-            f"base_url={self._shared.base_url!r} {state}>"
+            f"base_url={shown_url(self._shared.base_url)!r} {state}>"
         )
 
     # -- lifecycle --------------------------------------------------------------
@@ -374,15 +381,19 @@ class VioletClient(RequestPlumbing):
             }
             req = _request_from(RefundBagRequest, request, fields)
         client = self._for_call(timeout, extra_headers)
-        if idempotency_key is not None:
-            return await client._keyed("refund", order_id, bag_id, req, idempotency_key)
-        if STATE.on:
-            return await traced_call(
-                "violet.refund_bag",
-                client._refund(order_id, bag_id, req),
-                {"violet.order_id": order_id, "violet.bag_id": bag_id},
-            )
-        return unless_failed(await client._unkeyed("refund", order_id, bag_id, req))
+        try:
+            if idempotency_key is not None:
+                return await client._keyed("refund", order_id, bag_id, req, idempotency_key)
+            if STATE.on:
+                return await traced_call(
+                    "violet.refund_bag",
+                    client._refund(order_id, bag_id, req),
+                    {"violet.order_id": order_id, "violet.bag_id": bag_id},
+                )
+            return unless_failed(await client._unkeyed("refund", order_id, bag_id, req))
+        except (AmbiguousOutcomeError, BagPendingError) as exc:
+            _stamp(exc, self._key_scope())
+            raise
 
     async def _refund(self, order_id: int, bag_id: int, req: RefundBagRequest) -> OrderRefund:
         return unless_failed(await self._unkeyed("refund", order_id, bag_id, req))
@@ -439,15 +450,19 @@ class VioletClient(RequestPlumbing):
         }
         req = _request_from(CancelBagRequest, request, fields)
         client = self._for_call(timeout, extra_headers)
-        if idempotency_key is not None:
-            return await client._keyed("cancel", order_id, bag_id, req, idempotency_key)
-        if STATE.on:
-            return await traced_call(
-                "violet.cancel_bag",
-                client._cancel(order_id, bag_id, req),
-                {"violet.order_id": order_id, "violet.bag_id": bag_id},
-            )
-        return unless_failed(await client._unkeyed("cancel", order_id, bag_id, req), "cancel")
+        try:
+            if idempotency_key is not None:
+                return await client._keyed("cancel", order_id, bag_id, req, idempotency_key)
+            if STATE.on:
+                return await traced_call(
+                    "violet.cancel_bag",
+                    client._cancel(order_id, bag_id, req),
+                    {"violet.order_id": order_id, "violet.bag_id": bag_id},
+                )
+            return unless_failed(await client._unkeyed("cancel", order_id, bag_id, req), "cancel")
+        except (AmbiguousOutcomeError, BagPendingError) as exc:
+            _stamp(exc, self._key_scope())
+            raise
 
     def _key_path(self) -> KeyedAsks:
         keys = self._keys
@@ -474,12 +489,8 @@ class VioletClient(RequestPlumbing):
             unsettled.check(pending.bag_id, pending)
 
     def _key_scope(self) -> str:
-        """What a stored key is scoped by: the app id and the base URL's host (sandbox
-        or production, or your own), so two apps or two environments sharing a store
-        never meet under one key. Not the port or path: a restarted process with the
-        same host resumes what the last one left."""
-        host = (urlsplit(self._shared.base_url).hostname or "").lower()
-        return f"{self._shared.credentials.app_id} {host}"
+        """What a stored key is scoped by: :func:`~violet_async._config.scope_of`."""
+        return scope_of(self._shared.credentials.app_id, self._shared.base_url)
 
     async def _keyed(
         self,
@@ -521,15 +532,29 @@ class VioletClient(RequestPlumbing):
         check_id("order_id", pending.order_id)
         check_id("bag_id", pending.bag_id)
         checked_key(pending.idempotency_key)
-        call = self._resume(pending)
-        if STATE.on:
-            attributes = {
-                "violet.order_id": pending.order_id,
-                "violet.bag_id": pending.bag_id,
-                "violet.kind": pending.kind,
-            }
-            return await traced_call("violet.resume", call, attributes)
-        return await call
+        scope = self._key_scope()
+        if pending.scope is not None and pending.scope != scope:
+            # Order and bag ids are only unique within one app's environment: this
+            # client would read (and could refund) another bag under the same ids.
+            raise RequestValidationError(
+                "pending",
+                f"was handed out by a client of another app or Violet host "
+                f"({pending.scope!r}, this client is {scope!r}); resume it with a "
+                "client of that app and host. Nothing was read or sent",
+            )
+        try:
+            call = self._resume(pending)
+            if STATE.on:
+                attributes = {
+                    "violet.order_id": pending.order_id,
+                    "violet.bag_id": pending.bag_id,
+                    "violet.kind": pending.kind,
+                }
+                return await traced_call("violet.resume", call, attributes)
+            return await call
+        except (AmbiguousOutcomeError, BagPendingError) as exc:
+            _stamp(exc, scope)
+            raise
 
     async def _resume(self, pending: PendingRefund) -> OrderRefund:
         if self._shares_records or pending.idempotency_key is not None:
@@ -601,8 +626,19 @@ class VioletClient(RequestPlumbing):
         check_id("order_id", order_id)
         check_id("bag_id", bag_id)
         check_id("refund_id", refund_id)
-        if timeout <= 0 or poll_interval <= 0:
-            raise RequestValidationError("timeout", "timeout and poll_interval must be > 0")
+        for name, seconds in (
+            ("timeout", timeout),
+            ("poll_interval", poll_interval),
+            ("max_interval", max_interval),
+        ):
+            # NaN never ran out (every comparison false), and a max_interval of 0 or
+            # below polled Violet in a loop with no wait at all (review 25).
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, (int, float))
+                or not 0 < seconds < math.inf
+            ):
+                raise RequestValidationError(name, f"must be seconds > 0, got {seconds!r}")
         clock = self._shared.clock
         deadline = clock.monotonic() + timeout
         interval = poll_interval
@@ -625,6 +661,18 @@ class VioletClient(RequestPlumbing):
             interval = min(interval * 2, max_interval)
 
     # -- the refund protocol ----------------------------------------------------
+
+
+def _stamp(exc: AmbiguousOutcomeError | BagPendingError, scope: str) -> None:
+    """The records ``exc`` hands out name the app and host of the client that made
+    them (``PendingRefund.scope``): a resume by a client of another is refused."""
+    if isinstance(exc, AmbiguousOutcomeError):
+        if exc.pending is not None and exc.pending.scope is None:
+            exc.pending = attrs.evolve(exc.pending, scope=scope)
+    else:
+        exc.pending = tuple(
+            p if p.scope is not None else attrs.evolve(p, scope=scope) for p in exc.pending
+        )
 
 
 R = TypeVar("R", RefundBagRequest, CancelBagRequest)

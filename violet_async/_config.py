@@ -7,12 +7,20 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ._redact import has_control_character
 from .exceptions import RequestValidationError
 
-__all__ = ["UNSET", "Environment", "check_base_url", "settings_from_env"]
+__all__ = [
+    "UNSET",
+    "Environment",
+    "check_base_url",
+    "scope_of",
+    "settings_from_env",
+    "shown_url",
+    "url_secrets",
+]
 
 
 class Environment(enum.Enum):
@@ -40,6 +48,39 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def shown_url(url: str) -> str:
+    """``url`` as a message, a repr or a log may show it: without ``user:password@``
+    (a gateway's credentials in ``VIOLET_BASE_URL``). Everything up to the last ``@``
+    is hidden: a password holding ``/``, ``?`` or ``#`` is read by a URL parser as
+    the port or the path, so where the credentials end cannot be told (an ``@`` in
+    a path hides the host as well: a message only)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The password of ``url``'s ``user:password@``, as written and decoded, for
+    redaction (nothing when it carries none; a user name is no secret, and hiding a
+    short common word everywhere would hide what an error says)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ()
+    raw = parts.password
+    return tuple(dict.fromkeys((raw, unquote(raw)))) if raw else ()
+
+
+def scope_of(app_id: int, base_url: str) -> str:
+    """What a stored record is scoped by: the app id and the base URL's host (sandbox
+    or production, or your own), so two apps or two environments sharing a record
+    store (or a batch journal) never meet. Not the port or path: a restarted process
+    with the same host resumes what the last one left."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    return f"{app_id} {host}"
+
+
 def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
     if not isinstance(base_url, str):
         raise RequestValidationError(
@@ -50,18 +91,25 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
         # part of the path, or dropped, depending on where it stands).
         raise RequestValidationError(
             "base_url",
-            f"must not contain spaces or other whitespace, got {base_url!r}; Violet's API "
+            f"must not contain spaces or other whitespace, got {shown_url(base_url)!r}; "
+            "Violet's API "
             "URLs look like https://sandbox-api.violet.io/v1",
         )
     try:
         parts = urlsplit(base_url)
         parts.port  # noqa: B018 - parsed on access: a port out of range raises here
-    except ValueError as exc:  # a port that is not a number, a broken [IPv6] host
+    except ValueError:  # a port that is not a number, a broken [IPv6] host
+        # Not the parser's own words: they quote the port it read, which is a password
+        # holding '/' in ``user:pass/word@host`` (review 25).
         raise RequestValidationError(
-            "base_url", f"is not a valid URL ({exc}), got {base_url!r}"
+            "base_url",
+            f"is not a valid URL (its port or [IPv6] host cannot be read; a password in "
+            f"it must be percent-encoded), got {shown_url(base_url)!r}",
         ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RequestValidationError("base_url", f"must be an http(s) URL, got {base_url!r}")
+        raise RequestValidationError(
+            "base_url", f"must be an http(s) URL, got {shown_url(base_url)!r}"
+        )
     if parts.query or parts.fragment or base_url.endswith(("?", "#")):
         # Request paths are appended to the base URL's path; a query would be lost.
         raise RequestValidationError("base_url", "must not carry a query or fragment")

@@ -37,8 +37,10 @@ before a line is read.
 
 One run at a time: :meth:`Journal.open` takes an exclusive file lock on a sidecar
 ``JOURNAL.lock`` (released by the kernel when the process ends, even by ``kill -9``)
-and raises :class:`JournalLockedError` naming the holder's pid. A last line torn by a
-crash mid-write is cut off before anything is appended.
+and raises :class:`JournalLockedError` naming the holder's pid; on POSIX the journal
+file itself is locked too, so a sidecar deleted under a run (taken for stale) lets no
+second run in. A last line torn by a crash mid-write is cut off before anything is
+appended.
 
 Writes are group-committed: every state change waits until its line is on disk, but
 concurrent changes share one fsync.
@@ -52,7 +54,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 import portalocker
@@ -118,8 +120,15 @@ class Journal:
         *,
         input_changed: bool = False,
         repaired: int = 0,
+        header: dict[str, Any] | None = None,
     ) -> None:
         self.path = path
+        # The Violet its items were sent to (app id and host, as a record store scopes
+        # keys): None until a run of this release binds it (:meth:`bind`).
+        self._header = header
+        self.scope: str | None = None
+        if header is not None and isinstance(header.get("scope"), str):
+            self.scope = header["scope"]
         self._entries = entries
         # Items an earlier run left sent, pending or unknown, by bag: a new item on the
         # bag waits until they are resolved (read back), or it could be a second refund.
@@ -172,12 +181,47 @@ class Journal:
             )
         self._served = True
 
+    async def bind(self, scope: str) -> None:
+        """Bind the journal to the Violet a run sends to (``scope``: the client's app id
+        and host). A journal bound to another is refused (:class:`JournalMismatchError`):
+        its "done" rows are refunds of that Violet, and taken as this one's they would
+        skip every row (the sandbox's refunds reported as production's). A journal not
+        bound yet (new, or written before journals were) is bound by a header line."""
+        if self.scope == scope:
+            return
+        if self.scope is not None:
+            self.mismatch(scope)
+        header = self._header or {}
+        await self._append(
+            {
+                "type": "header",
+                "v": VERSION,
+                "input": header.get("input"),
+                "scope": scope,
+                "ts": time.time(),
+            }
+        )
+        self.scope = scope
+
+    def mismatch(self, scope: str) -> NoReturn:
+        """Refuse this journal to a run sending to ``scope``: it is bound to another."""
+        raise JournalMismatchError(
+            f"{self.path} records refunds and cancels sent to another Violet "
+            f"(app and host {self.scope!r}; this run sends to {scope!r}: another app id, "
+            "or sandbox and production); its rows are not this one's, and nothing was "
+            "sent: name another journal (--journal) for this one"
+        )
+
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], *, input_id: str | None) -> Journal:
+    async def open(
+        cls, path: str | os.PathLike[str], *, input_id: str | None, scope: str | None = None
+    ) -> Journal:
         """Open (or create) the journal, holding its lock until :meth:`aclose`.
 
         Raises :class:`JournalLockedError` at once when another run holds it, and
-        :class:`JournalMismatchError` for a journal of another format version.
+        :class:`JournalMismatchError` for a journal of another format version. ``scope``
+        (the Violet a run sends to: app id and host) goes in a new journal's header; a
+        run binds the journal to its client's (:meth:`bind`) either way.
         """
         target = Path(path)
         lock_fd = _lock(target)
@@ -185,6 +229,7 @@ class Journal:
             # Created 0600, appended to only; read once from the start here.
             fd = open_owned(target, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
+                _lock_journal(fd, target)
                 loading = _in_thread(_load_and_repair, fd)
                 # A cancelled open keeps the lock until the load has ended: its thread
                 # cannot be stopped, and it may be cutting a torn tail.
@@ -203,15 +248,23 @@ class Journal:
             os.close(lock_fd)
             raise
         changed = header is not None and header.get("input") != input_id
-        journal = cls(target, entries, fd, lock_fd, input_changed=changed, repaired=repaired)
+        journal = cls(
+            target, entries, fd, lock_fd, input_changed=changed, repaired=repaired, header=header
+        )
+        if scope is not None and journal.scope not in (None, scope):
+            await journal.aclose()
+            journal.mismatch(scope)
         if header is None or header.get("v") != VERSION:
             # A new journal, or one of v2 marked v3 (its input kept) before any line
             # under the new names is appended.
             given = input_id if header is None else header.get("input")
+            line: dict[str, Any] = {"type": "header", "v": VERSION, "input": given}
+            bound = journal.scope if header is not None else scope
+            if bound is not None:
+                line["scope"] = bound
             try:
-                await journal._append(
-                    {"type": "header", "v": VERSION, "input": given, "ts": time.time()}
-                )
+                await journal._append({**line, "ts": time.time()})
+                journal.scope, journal._header = bound, line
             except BaseException:
                 await journal.aclose()  # a cancelled or failed open lets the file go
                 raise
@@ -503,6 +556,24 @@ def _lock(path: Path) -> int:
         os.close(fd)  # a full disk: the lock goes with the refusal
         raise
     return fd
+
+
+def _lock_journal(fd: int, path: Path) -> None:
+    """Lock the journal file itself too (POSIX ``flock``; on Windows a lock would keep
+    its lines from being read): the sidecar is only a name, and a run whose ``.lock``
+    was deleted under it (a lock file taken for stale) must still hold the next run
+    off, or both would send the rows neither had recorded yet."""
+    if os.name == "nt":  # pragma: no cover - the sidecar alone there
+        return
+    try:
+        portalocker.lock(fd, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+    except portalocker.AlreadyLocked:
+        raise JournalLockedError(
+            f"{path} is in use by another process (a run of violet-async on the same "
+            f"journal, whose {lock_path(path).name} was removed); wait for it to finish: "
+            "two runs on one journal could send the same row twice",
+            pid=None,
+        ) from None
 
 
 def _unlock(fd: int) -> None:

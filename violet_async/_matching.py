@@ -75,6 +75,13 @@ def on_bag(refund: OrderRefund, bag_id: int) -> bool:
     return named is None or named <= 0 or named == bag_id
 
 
+def _on_order(refund: OrderRefund, order_id: int) -> bool:
+    """Whether ``refund`` may be a refund of order ``order_id``: it names that order,
+    or none (0 or below: a default, as for :func:`on_bag`)."""
+    named = refund.order_id
+    return named is None or named <= 0 or named == order_id
+
+
 def _strip(text: str | None) -> str | None:
     return text.strip() if text is not None else None
 
@@ -842,15 +849,18 @@ def _elsewhere(
     taken: bool,
     near: list[OrderRefund],
 ) -> bool:
-    """Whether ``refund``, a record of this bag's list, names another bag: that bag's
-    (a list may carry them), or this bag's own refund labelled with another bag (a
-    backend filling ``bag_id`` from the order's first bag). Left out as another bag's,
-    an ask's own refund was proven absent and sent again (review 22). One carrying
+    """Whether ``refund``, a record of this bag's list, names another bag or another
+    order: that bag's (a list may carry them), or this bag's own refund labelled with
+    another bag (a backend filling ``bag_id`` from the order's first bag). Left out as
+    another bag's, an ask's own refund was proven absent and sent again (review 22);
+    taken as this ask's, another order's refund under this bag's id was returned as
+    its own (review 25: a 2xx naming another order is refused as not this
+    request's, and the read-back that followed claimed the same record). One carrying
     what was asked that no other call holds (``taken``: it may be a refund another
     call got without its id) is added to ``near``: for review, never claimed, never a
     miss. For a whole-bag refund or a cancel, what was left of this bag cannot be held
     against a record of another: one that moved money is near."""
-    if on_bag(refund, ask.bag_id):
+    if on_bag(refund, ask.bag_id) and _on_order(refund, ask.order_id):
         return False
     if taken or _held(ask, refund, known):
         return True

@@ -23,9 +23,12 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
     NEW     --baseline read-->  NEW      (read_before_send: note what the bag holds)
     NEW     --send-->           SENT
     SENT    --2xx-->            APPLIED  (the refund came back)
-    SENT    --never left/429--> SENT     (re-send after backoff; the window of its
+    SENT    --never left-->     SENT     (re-send after backoff; the window of its
                                           refund starts at that send) | FAILED (out
                                           of budget)
+    SENT    --429-->            ABSENT   (read the bag after the wait; what it lists
+                                          is not this ask's) | FAILED (out of budget)
+    ABSENT  --read-->           SENT     (the re-send; its window starts there)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
     ABSENT  --resume-->         SENT     (a deferred ask sent again, a fresh budget)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
@@ -513,8 +516,12 @@ def step(
             raise ProtocolError(f"a send failure in phase {ask.phase.value}")
         return _after_send_failure(ask, obs.error, obs, settings, now, remaining)
     if obs.kind is ObsKind.READ_FAILED:
-        if ask.phase not in (Phase.NEW, Phase.SENT):
+        if ask.phase not in (Phase.NEW, Phase.SENT, Phase.ABSENT):
             raise ProtocolError(f"a read failure in phase {ask.phase.value}")
+        if ask.phase is Phase.ABSENT:
+            # The read before a re-send after a 429 failed after its own retries: sent
+            # as it was before that read existed (its window opens at the send).
+            return _send(ask, now, proven=True)
         if ask.phase is Phase.NEW:
             # The baseline read failed after its own retries: nothing was sent.
             failed = attrs.evolve(ask, phase=Phase.FAILED, note="the baseline read failed")
@@ -528,6 +535,12 @@ def step(
             return guarded
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
         return _send(attrs.evolve(ask, baseline=baseline), now)
+    if ask.phase is Phase.ABSENT:
+        # The read before a re-send after a 429 (every send so far proven not
+        # applied): nothing it lists is this ask's.
+        listed = frozenset(r.id for r in obs.refunds if r.id is not None)
+        baseline = (ask.baseline or frozenset()) | listed
+        return _send(attrs.evolve(ask, baseline=baseline), now, proven=True)
     if ask.phase is not Phase.SENT:
         raise ProtocolError(f"a read-back in phase {ask.phase.value}")
     return _after_read(ask, obs, settings, now, remaining, known, patience)
@@ -842,6 +855,16 @@ def _after_send_failure(
         )
         if out_of_budget:
             return attrs.evolve(ask, phase=Phase.FAILED, note=note), Action(Do.FAIL)
+        if cause is Cause.RATE_LIMITED:
+            # Proven not applied, and the merchant's pace to wait for before the
+            # re-send: the bag is read when the wait is over, and what it lists then
+            # is not this ask's (simulator seeds 1141662, 1145746: another system's
+            # identical refund made during the wait, the re-send's answer a 500, and
+            # with readings of the clock that disagree its date could not rule it out:
+            # it was claimed). Reading the refund list does not call the merchant's
+            # platform, whose limit answered the 429.
+            waiting = attrs.evolve(ask, phase=Phase.ABSENT, settle_until=None, reads=0, note=note)
+            return waiting, Action(Do.READ, delay=obs.backoff, read_bag=False)
         return _send(attrs.evolve(ask, note=note), now, obs.backoff, proven=True)
     if cause is Cause.REFUSED:
         if not ask.doubted:

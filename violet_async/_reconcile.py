@@ -730,9 +730,10 @@ async def drive(
 
     try:
         while True:
-            if action.final or action.do is Do.SEND:
+            planned = action.final or action.do is Do.SEND or _waits_absent(ask)
+            if planned:
                 ask = _stamped(ask, action, known, clock, settings)
-            if save is not None and (action.final or action.do is Do.SEND):
+            if save is not None and planned:
                 unstamped = await _save_planned(ask, action, save)
             if action.final:
                 return _end(ask, action, last_error)
@@ -772,7 +773,7 @@ async def drive(
             if jump:
                 obs = attrs.evolve(obs, at=obs.at + jump)  # its start moves with the clock
             remaining = None if deadline is None else deadline - clock.monotonic()
-            baseline = ask.phase is Phase.NEW
+            baseline = ask.phase in (Phase.NEW, Phase.ABSENT)
             ask, action = protocol.step(
                 ask, obs, settings, clock.time(), remaining, known, patience=patience
             )
@@ -866,6 +867,13 @@ async def _save_planned(ask: PendingRefund, action: Action, save: Save) -> bool:
     if not first:
         await save(_not_sent_yet(ask) if unstamped else ask)
     return unstamped
+
+
+def _waits_absent(ask: PendingRefund) -> bool:
+    """A 429's wait before the read and re-send: every send so far proven not applied,
+    saved so (a caller who cancels during the wait, a process that dies in it, leaves
+    a record a resume sends again, never reads back as "may have applied")."""
+    return ask.phase is Phase.ABSENT
 
 
 def _first_send(ask: PendingRefund) -> bool:

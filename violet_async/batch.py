@@ -28,6 +28,7 @@ import attrs
 
 from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient
+from ._config import scope_of
 from ._converter import converter
 from ._engine import Outcome as AskOutcome
 from ._engine import engine_of, resumable
@@ -42,7 +43,7 @@ from ._journal import (
 from ._journal_index import JournalIndex, RepeatCounter
 from ._pace import MerchantPace
 from ._protocol import PendingRefund, Phase
-from ._reconcile import RateLimitDeferred
+from ._reconcile import KnownRefunds, RateLimitDeferred
 from ._retry import RetryEvent
 from ._telemetry import CAPTURE, count_item, feed
 from .exceptions import (
@@ -308,26 +309,30 @@ async def run_batch(
     limiter = AdaptiveRate(rate) if rate else None  # a bad rate raises before any open
     own_journal = journal is not None and not isinstance(journal, Journal)
     log = (
-        await Journal.open(journal, input_id=input_id)
+        await Journal.open(journal, input_id=input_id, scope=journal_scope(client))
         if journal is not None and not isinstance(journal, Journal)
         else journal
     )
     feeder: asyncio.Task[None] | None = None
     try:
         engine = engine_of(client)
-        # Refunds this client handed to calls before this run (an earlier run with
-        # another journal, or none; a direct call): another call's, never an item's to
-        # claim, but nothing this run or its journal accounts for, so the guard before
-        # a first send holds an item that asks exactly one of them (already_present),
-        # as it does in a new process. Left out, the same client ran a file again with
-        # a new journal and refunded every row a second time.
-        foreign = engine.known_refunds.handed_out()
+        # Refunds this client handed to calls that are no item of this run (an earlier
+        # run with another journal, or none; a direct call; another run going on at
+        # once): another call's, never an item's to claim, but nothing this run or its
+        # journal accounts for, so the guard before a first send holds an item that
+        # asks exactly one of them (already_present), as it does in a new process.
+        # Left out, the same client ran a file again with a new journal and refunded
+        # every row a second time (and did so too with both runs going on at once).
+        foreign = _Unaccounted(engine.known_refunds)
         if log is not None:
             log.take_run()  # an open Journal serves one run (it knows what it loaded)
+            # Its rows are refunds of one Violet (app and host): not another's.
+            await log.bind(journal_scope(client))
             log.redactor = engine.redactor
             for refund_id in log.refund_ids():
+                if engine.known_refunds.handed(refund_id):
+                    foreign.discard(refund_id)  # handed out before, and the journal's
                 engine.known_refunds.add(refund_id)
-                foreign.discard(refund_id)
         runner = _Runner(
             client,
             log,
@@ -356,6 +361,12 @@ async def run_batch(
         finally:
             if own_journal and log is not None:
                 await log.aclose()
+
+
+def journal_scope(client: VioletClient) -> str:
+    """The Violet a journal's rows are sent to: the client's app id and host (as its
+    record store scopes keys)."""
+    return scope_of(engine_of(client).app_id, client.base_url)
 
 
 @attrs.frozen
@@ -388,6 +399,54 @@ class _Parked:
     attempt budget (a revisit must not start the budget again)."""
 
 
+class _Unaccounted:
+    """The refunds this client handed to calls that no journal entry and no item of a
+    run account for, read as the run goes, not when it began: a refund handed to
+    another run of the client going on at once counts too. A refund of this run's
+    asks (``own``: each ask, as its record is saved before a send) is accounted for,
+    one it got without its id and the client bound to a listed record later included;
+    ``discard``: one accounted for by id (the journal's, a claimed one)."""
+
+    __slots__ = ("_accounted", "_known", "_order", "_owners")
+
+    #: Refund ids and asks kept before the oldest are let go (the client itself keeps
+    #: fewer refunds than that): memory stays flat.
+    LIMIT = 20_000
+
+    def __init__(self, known: KnownRefunds) -> None:
+        self._known = known
+        self._accounted: set[int] = set()
+        self._owners: set[str] = set()
+        self._order: collections.deque[str] = collections.deque()
+
+    def __contains__(self, refund_id: object) -> bool:
+        known = self._known
+        if not isinstance(refund_id, int) or not known.handed(refund_id):
+            return False
+        if refund_id in self._accounted:
+            return False
+        owner = known.owner(refund_id)
+        return owner is None or owner not in self._owners
+
+    def own(self, ask_id: str) -> None:
+        """The ask ``ask_id`` is one of this run's: the refunds it gets are accounted for."""
+        if ask_id in self._owners:
+            return
+        self._owners.add(ask_id)
+        self._order.append(ask_id)
+        if len(self._order) > self.LIMIT:
+            self._owners.discard(self._order.popleft())
+
+    def discard(self, refund_id: int) -> None:
+        """``refund_id`` is accounted for by the run (its journal, or one of its items)."""
+        accounted = self._accounted
+        accounted.add(refund_id)
+        if len(accounted) > self.LIMIT:
+            # The client forgets refunds (oldest first): a forgotten one is no longer
+            # handed out, so it needs no accounting.
+            self._accounted = {r for r in accounted if self._known.handed(r)}
+
+
 class _NoResend(Exception):
     """Raised by the batch's save hook before a send the batch does not allow (an
     earlier run's item resolved by read-back only, or an attempt budget spent): the
@@ -414,13 +473,13 @@ class _Runner:
         read_before_send: bool,
         patience: float,
         allow_repeat: bool = False,
-        foreign: set[int] | None = None,
+        foreign: _Unaccounted | None = None,
     ) -> None:
         engine = engine_of(client)
         self._caller_hook = engine.on_retry
         # Refunds handed to calls of this client before the run, that its journal does
         # not account for (run_batch): a held item that claims one accounts for it.
-        self.foreign: set[int] = foreign if foreign is not None else set()
+        self.foreign = foreign if foreign is not None else _Unaccounted(engine.known_refunds)
         policy = attrs.evolve(engine.policy, read_before_send=read_before_send)
         self.client = client.with_options(on_retry=self._on_retry, retry=policy)
         self.clock = engine.clock
@@ -1134,7 +1193,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     resend: bool = True,
     sends_left: tuple[int, int] | None = None,
     slot: tuple[float, int] | None = None,
-    foreign: set[int] | None = None,
+    foreign: _Unaccounted | None = None,
 ) -> BatchResult | _Parked | _Paced:
     _current.set(stats)
     _count_requests(stats)
@@ -1150,6 +1209,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
         await limiter.wait()
 
     async def save(ask: PendingRefund) -> None:
+        if foreign is not None:
+            foreign.own(ask.ask_id)  # what this ask gets is this run's
         if ask.phase is Phase.SENT:
             if not resend:
                 raise _NoResend(
@@ -1185,7 +1246,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             patience=patience,
             hold_if_present=hold,
             defer_rate_limited=True,
-            foreign=foreign if foreign else (),
+            foreign=foreign if foreign is not None else (),
         )
     except _NoResend as exc:
         # Proven not applied: an earlier run's item is free to be sent anew by a later
@@ -1198,6 +1259,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     if refund is None:
         assert error is not None  # noqa: S101 - Ended holds one or the other
         return await _unapplied(client, item, key, error, ended.outcome, pace, stats, log, foreign)
+    if foreign is not None and refund.id is not None:
+        foreign.discard(refund.id)  # this run's item's: accounted for
     _paced_success(client, item, refund, pace, limiter)
     if log is not None:
         # The amount it moved: a later row stating that amount, where this one stated
@@ -1218,7 +1281,7 @@ async def _unapplied(  # noqa: PLR0917 - internal, one call site
     pace: MerchantPace,
     stats: _Stats,
     log: Journal | None,
-    foreign: set[int] | None = None,
+    foreign: _Unaccounted | None = None,
 ) -> BatchResult | _Parked | _Paced:
     """An item whose ask ended without a refund, in the batch's words."""
     if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
@@ -1351,7 +1414,7 @@ async def _present(
     stats: _Stats,
     log: Journal | None,
     exc: RefundAlreadyPresentError,
-    foreign: set[int] | None = None,
+    foreign: _Unaccounted | None = None,
 ) -> BatchResult:
     """Not sent: the bag already holds this refund. The lowest such refund becomes
     known, so it accounts for this item only: a repeat of an identical item in the
@@ -1364,11 +1427,13 @@ async def _present(
     else:
         known = engine_of(client).known_refunds
         ids = sorted(r.id for r in exc.refunds if r.id is not None)
-        foreign = foreign if foreign is not None else set()
-        claimed = next((i for i in ids if i not in known or i in foreign), None)
+        claimed = next(
+            (i for i in ids if i not in known or (foreign is not None and i in foreign)), None
+        )
         if claimed is not None:
             known.add(claimed)
-            foreign.discard(claimed)
+            if foreign is not None:
+                foreign.discard(claimed)
     if log is not None:
         await log.record(
             key,

@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS violet_clock (
 );
 """
 
+
+class StoreFileReplacedError(OSError):
+    """The store's path names another file than the one it opened (removed, or
+    replaced): the store refuses every call from then on."""
+
+
 #: Seconds between two sweeps of finished keys past retention.
 _SWEEP_EVERY = 60.0
 
@@ -73,6 +79,9 @@ class SQLiteStore:
     and kept in the file): a wall clock stepped forward never sweeps keys early, in a
     process started before the step or after it (unless the machine rebooted in
     between: the file then takes the clock as it is).
+    A store whose path comes to name another file than the one it opened (the file
+    removed or replaced under a running process) refuses every call from then on
+    (``RecordStoreError``, nothing sent): its keys are not in the new file.
     Close it with :meth:`aclose` (or ``async with``) when done.
     """
 
@@ -94,6 +103,8 @@ class SQLiteStore:
         self._timeout = timeout
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        # (device, inode) of the file the connection opened.
+        self._file: tuple[int, int] = (0, 0)
         self._closed = False
         self._swept_at = float("-inf")
         self._sweep = SweepClock(monotonic)
@@ -164,6 +175,8 @@ class SQLiteStore:
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
             raise sqlite3.ProgrammingError(f"{self!r} is closed")
+        if self._conn is not None:
+            self._still_the_file()
         if self._conn is None:
             # Created by us: owner only (SQLite gives its -wal and -shm files the
             # same mode). A file that exists is trusted as the journal is: a regular
@@ -172,7 +185,11 @@ class SQLiteStore:
             # database, and a hot rollback journal is played back into it on open, in
             # WAL mode too). Anything else raises UnsafeFileError, naming the path,
             # before a key is read or written.
-            os.close(open_owned(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            fd = open_owned(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                info = os.fstat(fd)
+            finally:
+                os.close(fd)
             for suffix in SQLITE_COMPANIONS:
                 companion = self.path.with_name(self.path.name + suffix)
                 try:
@@ -197,8 +214,27 @@ class SQLiteStore:
             except BaseException:
                 conn.close()
                 raise
-            self._conn = conn
+            self._conn, self._file = conn, (info.st_dev, info.st_ino)
         return self._conn
+
+    def _still_the_file(self) -> None:
+        """Refuse to go on when the path no longer names the file this store opened (it
+        was removed, or replaced: a backup restored, a "reset"): a process opening the
+        path now would not see this one's keys, nor this one its, and each would send
+        the ask of a key the other holds. Every call raises from then on (the engine's
+        ``RecordStoreError``, nothing sent); a store made anew takes the new file."""
+        try:
+            info = os.stat(self.path, follow_symlinks=False)
+            same = (info.st_dev, info.st_ino) == self._file
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StoreFileReplacedError(
+                f"{self.path} was replaced or removed since this store opened it: its "
+                "keys are not in the file the path names now, and a process using that "
+                "file does not see them; make the store again (restart) once no process "
+                "uses the old file"
+            )
 
     def _claim(
         self, conn: sqlite3.Connection, fresh: KeyEntry, now: float
