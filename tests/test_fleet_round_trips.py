@@ -23,6 +23,7 @@ from violet_async import RefundBagRequest, RetryPolicy
 from violet_async.batch import BatchItem
 from violet_async.fleet import (
     BagLocks,
+    FleetPace,
     FleetWorker,
     RedisLedger,
     create_fleet_pool,
@@ -152,8 +153,9 @@ async def test_lock_reads_ride_on_the_set_nx(pool: ArqRedis) -> None:
 
 
 async def test_an_items_happy_path_round_trips(pool: ArqRedis) -> None:
-    """One item, run to applied by a worker with merchant pace on: 7 Redis round trips
-    (9 before the bag's reads and the merchant-lane flag rode on the lock's SET NX)."""
+    """One item, run to applied by a worker with merchant pace on: 5 Redis round trips
+    (9 before the bag's reads and the merchant-lane flag rode on the lock's SET NX; 7
+    before the merchant's success and the read back rode on the applied write's)."""
     async with FakeViolet(orders=2, seed=3) as fake:
         client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
         async with client:
@@ -169,6 +171,93 @@ async def test_an_items_happy_path_round_trips(pool: ArqRedis) -> None:
         assert summary["state"] == "applied"
         assert summary["requests"] == 2
         assert fake.ledger.refunds_per_bag[item.bag_id] == 1
-    # get, lock + the bag's reads + the lane flag, the sent record, the applied record,
-    # the merchant's success, the read back with the run's counts, the lock's release.
-    assert spent == 7, spent
+    # get, lock + the bag's reads + the lane flag, the sent record, the applied record
+    # + the merchant's success + the read back with the run's counts, the lock's release.
+    assert spent == 5, spent
+
+
+async def test_applied_success_and_read_back_ride_one_round_trip(pool: ArqRedis) -> None:
+    """The applied write, the merchant lane's success and the record read back with the
+    run's counts are one round trip, in that order: the record read shows the applied
+    write and the counts; the lane counts the success."""
+    ledger = RedisLedger(pool)
+    pace = FleetPace(pool, 7)
+    item = _item(1, 100001)
+    key = item_key(item)
+    await ledger.register(key, item)
+    # Each script loaded once, as a worker's first item loads them.
+    await pool.script_flush()
+    await ledger.mark_applied_and_read(
+        item_key(_item(2, 100002)),
+        200002,
+        None,
+        reconciled=True,
+        outcome="reconciled",
+        counts=(0, 0),
+    )
+    await pace.succeeded(20001, order_id=100009)
+    before = await _reads(pool)
+    done, record = await ledger.mark_applied_and_read(
+        key,
+        item.bag_id,
+        55,
+        reconciled=False,
+        outcome="applied",
+        paid=500,
+        then=[pace.success_call(20001, order_id=item.order_id)],
+        counts=(2, 1),
+    )
+    spent = await _reads(pool) - before - 1  # the INFO read itself
+    assert spent == 1, spent
+    assert done == 1
+    assert record is not None
+    assert (record.state, record.refund_id, record.requests, record.rate_limited) == (
+        "applied",
+        55,
+        2,
+        1,
+    )
+    assert await pace.merchant_of(item.order_id) == 20001
+    assert await pool.hget("{violet}:pace:7:20001", "ok_cur") == b"2"
+    assert await ledger.bag_refunds(item.bag_id) == {55}
+
+
+async def test_applied_and_read_after_redis_forgot_its_scripts(pool: ArqRedis) -> None:
+    """Redis restarted (its scripts flushed) between two items: the applied write that
+    did not run (NOSCRIPT) runs in its turn, and the record is read again after it; the
+    counts are added once. An item ended already is left as it was (0), and a refund
+    another item owns is refused (-1), nothing written."""
+    ledger = RedisLedger(pool)
+    pace = FleetPace(pool, 7)
+    item, other = _item(1, 100001), _item(2, 100001, amount=300)
+    key, other_key = item_key(item), item_key(other)
+    await ledger.register(key, item)
+    await ledger.register(other_key, other)
+    await pool.script_flush()
+    done, record = await ledger.mark_applied_and_read(
+        key,
+        item.bag_id,
+        55,
+        reconciled=False,
+        outcome="applied",
+        then=[pace.success_call(20001, order_id=item.order_id)],
+        counts=(2, 0),
+    )
+    assert done == 1
+    assert record is not None
+    assert (record.state, record.refund_id, record.requests) == ("applied", 55, 2)
+    assert await pool.hget("{violet}:pace:7:20001", "ok_cur") == b"1"
+    await pool.script_flush()
+    done, record = await ledger.mark_applied_and_read(
+        key, item.bag_id, 55, reconciled=False, outcome="applied", counts=(1, 0)
+    )
+    assert done == 0
+    assert record is not None
+    assert (record.state, record.requests) == ("applied", 3)
+    done, record = await ledger.mark_applied_and_read(
+        other_key, other.bag_id, 55, reconciled=False, outcome="applied"
+    )
+    assert done == -1
+    assert record is not None
+    assert record.state == "new"
+    assert await ledger.bag_refunds(item.bag_id) == {55}

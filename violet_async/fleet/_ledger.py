@@ -49,11 +49,12 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 import orjson
+from redis.exceptions import NoScriptError
 
 from .._converter import converter, encode_request, request_from_dict
 from .._item_key import item_key, numbered
@@ -86,6 +87,10 @@ __all__ = [
     "sign_item",
     "sign_merchant",
 ]
+
+#: A Lua script call to queue on a pipeline: the script as ``register_script`` made it
+#: (its ``sha``; called again alone when Redis had not loaded it), its keys and args.
+ScriptCall = tuple[Any, list[Any], list[Any]]
 
 State = Literal["new", "sent", "pending", "applied", "failed"]
 STATES: tuple[State, ...] = ("new", "sent", "pending", "applied", "failed")
@@ -994,6 +999,83 @@ class RedisLedger:
             raise RefundOwnedError(
                 f"refund {refund_id} on bag {bag_id} is recorded as another item's"
             )
+
+    async def mark_applied_and_read(
+        self,
+        key: str,
+        bag_id: int,
+        refund_id: int | None,
+        *,
+        reconciled: bool,
+        outcome: str,
+        paid: int | None = None,
+        then: Sequence[ScriptCall] = (),
+        counts: tuple[int, int] | None = None,
+    ) -> tuple[int, LedgerRecord | None]:
+        """:meth:`mark_applied`, then the scripts ``then`` (a merchant lane's success),
+        then the item's record read back (with ``counts``, a run's requests and 429s,
+        added as :meth:`get_counted` adds them), in one round trip: a pipeline, not a
+        transaction, so each runs as alone, in that order, the applied write first.
+
+        Returns the applied script's answer (1: written; 0: the item had ended already;
+        -1: the refund is another item's, nothing written, as :class:`RefundOwnedError`
+        says; -2: the record is gone, Redis lost the ledger) and the record as read
+        after it (None: not in the ledger; then no counts were added)."""
+        applied: ScriptCall = (
+            self._applied,
+            [
+                self.record_key(key),
+                self.states_key,
+                self.bag_refunds_key(bag_id),
+                self.bag_owners_key(bag_id),
+                self.bag_open_key(bag_id),
+                self.bag_owner_sigs_key(bag_id),
+            ],
+            [
+                key,
+                "" if refund_id is None else refund_id,
+                "" if refund_id is None else self._owner_mac(bag_id, refund_id, key),
+                "reconciled",
+                int(reconciled),
+                "outcome",
+                outcome,
+                "paid",
+                "" if paid is None else paid,
+                *self._stamp(),
+            ],
+        )
+        calls = [applied, *then]
+        counted: ScriptCall | None = None
+        if counts is not None:
+            counted = (self._count, [self.record_key(key)], [counts[0], counts[1], "1"])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls if counted is None else [*calls, counted]:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if counted is None:
+                pipe.hgetall(self.record_key(key))
+            answers = list(await pipe.execute(raise_on_error=False))
+        # A script Redis had not loaded (restarted, or its scripts flushed) did not run:
+        # it runs now, in its turn; the record is then read again, after it.
+        again = False
+        for at, (script, keys, args) in enumerate(calls):
+            if isinstance(answers[at], NoScriptError):
+                answers[at] = await script(keys=keys, args=args)
+                again = True
+            elif isinstance(answers[at], Exception):
+                raise answers[at]
+        raw = answers[-1]
+        if counted is not None and isinstance(raw, NoScriptError):
+            script, keys, args = counted
+            raw = await script(keys=keys, args=args)
+        elif isinstance(raw, Exception):
+            raise raw
+        if counted is not None and raw:
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
+        if again and raw:
+            # Its counts are in (a record gone stays gone: nothing to count, none made).
+            raw = await resolve(self.redis.hgetall(self.record_key(key)))
+        record = _parse(key, raw, self.merchant_of) if raw else None
+        return int(answers[0]), record
 
     async def mark_review(
         self, key: str, message: str, *, lock_key: str | None = None, token: str = ""

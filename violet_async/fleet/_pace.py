@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._pace import DECREASE, INCREASE, MIN_RATE, PROBE_INCREASE, RECOVER
-from ._ledger import DEFAULT_PREFIX, resolve
+from ._ledger import DEFAULT_PREFIX, ScriptCall, resolve
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -303,9 +303,16 @@ class FleetPace:
     async def succeeded(self, merchant_id: int, order_id: int | None = None) -> None:
         """A send for the merchant succeeded (``order_id``: its order, whose merchant
         is noted as :meth:`learn` does, in the same round trip)."""
-        await self._succeeded(
-            keys=[self._lane + str(merchant_id), self._merchants],
-            args=[
+        script, keys, args = self.success_call(merchant_id, order_id)
+        await script(keys=keys, args=args)
+
+    def success_call(self, merchant_id: int, order_id: int | None = None) -> ScriptCall:
+        """:meth:`succeeded` as a script call to queue with others in one round trip
+        (:meth:`RedisLedger.mark_applied_and_read`'s ``then``)."""
+        return (
+            self._succeeded,
+            [self._lane + str(merchant_id), self._merchants],
+            [
                 PROBE_INCREASE,
                 INCREASE,
                 self.ceiling,

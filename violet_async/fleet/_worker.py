@@ -46,7 +46,6 @@ from ._ledger import (
     LedgerRecord,
     LockLostError,
     RedisLedger,
-    RefundOwnedError,
     UnderReview,
     is_blocked,
     item_key,
@@ -696,22 +695,40 @@ class FleetWorker:
         self._won.move_to_end(key)
         while len(self._won) > _WON_CAPACITY:
             self._won.popitem(last=False)
-        try:
-            await self.ledger.mark_applied(
-                key,
-                item.bag_id,
-                refund.id,
-                reconciled=refund.reconciled,
-                outcome="reconciled" if refund.reconciled else "applied",
-                paid=refund.amount,
-            )
-        except RefundOwnedError as exc:
+        # The applied write, the merchant lane's success and the record read back with
+        # this run's request counts: one round trip, the applied write first.
+        count = CAPTURE.get()
+        if not isinstance(count, RequestCount) or not count.requests:
+            count = None
+        done, record = await self.ledger.mark_applied_and_read(
+            key,
+            item.bag_id,
+            refund.id,
+            reconciled=refund.reconciled,
+            outcome="reconciled" if refund.reconciled else "applied",
+            paid=refund.amount,
+            then=self._success_calls(item, refund, merchant),
+            counts=None if count is None else (count.requests, count.rate_limited),
+        )
+        if count is not None and record is not None:
+            count.requests = count.rate_limited = 0  # added to the item's in that read
+        if done == -2:
+            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
+        if done == -1:
             # Two items cannot have one refund: a person looks (nothing more is sent).
-            await self.ledger.mark_review(key, str(exc))
-        await self._paced_success(item, refund, merchant)
+            await self.ledger.mark_review(
+                key, f"refund {refund.id} on bag {item.bag_id} is recorded as another item's"
+            )
+            record = await self.ledger.get(key)
+        if self.limiter is not None:
+            await self.limiter.speed_up()
         # Kept until the record is read back: a ledger lost in between runs the job
         # again, and the re-run records this refund again rather than asking anew.
-        summary = (await self._record_counted(key)).to_dict()
+        if record is None:
+            raise LedgerLostError(
+                f"item {key} vanished from the ledger under this run: Redis lost its data"
+            )
+        summary = record.to_dict()
         self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -772,14 +789,15 @@ class FleetWorker:
             await self.pace.limited(merchant, exc.delay, epoch=epoch)
         raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
 
-    async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
-        if self.limiter is not None:
-            await self.limiter.speed_up()
+    def _success_calls(self, item: BatchItem, refund: Any, merchant: int | None) -> list[Any]:
+        """The merchant lane's success (its script call; none: unpaced, or no merchant
+        known), to ride on the applied write's round trip."""
         if self.pace is None:
-            return
+            return []
         paid_by = getattr(refund, "merchant_id", None) or merchant
-        if paid_by is not None:
-            await self.pace.succeeded(paid_by, order_id=item.order_id)
+        if paid_by is None:
+            return []
+        return [self.pace.success_call(paid_by, order_id=item.order_id)]
 
     async def _now(self, *, fresh: bool = False) -> float:
         """Redis's time now, as this worker's monotonic clock carries it on from the
@@ -815,20 +833,6 @@ class FleetWorker:
         await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
         count_item("fleet", item.kind, "refused")
         return (await self._record(key)).to_dict()
-
-    async def _record_counted(self, key: str) -> LedgerRecord:
-        """:meth:`_record`, adding this run's request counts so far to the item's in the
-        same round trip (the run adds only what comes after)."""
-        count = CAPTURE.get()
-        if not isinstance(count, RequestCount) or not count.requests:
-            return await self._record(key)
-        record = await self.ledger.get_counted(key, count.requests, count.rate_limited)
-        if record is None:
-            raise LedgerLostError(
-                f"item {key} vanished from the ledger under this run: Redis lost its data"
-            )
-        count.requests = count.rate_limited = 0
-        return record
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
