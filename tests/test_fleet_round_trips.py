@@ -153,9 +153,10 @@ async def test_lock_reads_ride_on_the_set_nx(pool: ArqRedis) -> None:
 
 
 async def test_an_items_happy_path_round_trips(pool: ArqRedis) -> None:
-    """One item, run to applied by a worker with merchant pace on: 5 Redis round trips
+    """One item, run to applied by a worker with merchant pace on: 4 Redis round trips
     (9 before the bag's reads and the merchant-lane flag rode on the lock's SET NX; 7
-    before the merchant's success and the read back rode on the applied write's)."""
+    before the merchant's success and the read back rode on the applied write's, and
+    the lock's release in its script)."""
     async with FakeViolet(orders=2, seed=3) as fake:
         client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
         async with client:
@@ -172,8 +173,9 @@ async def test_an_items_happy_path_round_trips(pool: ArqRedis) -> None:
         assert summary["requests"] == 2
         assert fake.ledger.refunds_per_bag[item.bag_id] == 1
     # get, lock + the bag's reads + the lane flag, the sent record, the applied record
-    # + the merchant's success + the read back with the run's counts, the lock's release.
-    assert spent == 5, spent
+    # with the lock's release + the merchant's success + the read back with the counts.
+    assert spent == 4, spent
+    assert not await pool.exists(BagLocks(pool).key(item.bag_id))  # let go of
 
 
 async def test_applied_success_and_read_back_ride_one_round_trip(pool: ArqRedis) -> None:
@@ -261,3 +263,56 @@ async def test_applied_and_read_after_redis_forgot_its_scripts(pool: ArqRedis) -
     assert record is not None
     assert record.state == "new"
     assert await ledger.bag_refunds(item.bag_id) == {55}
+
+
+async def test_the_applied_write_lets_go_of_the_bags_lock_only_its_holders(
+    pool: ArqRedis,
+) -> None:
+    """The applied write releases the bag's lock in its own script, only with the
+    holder's token and only when it writes; a lock another worker holds now stays."""
+    ledger = RedisLedger(pool)
+    locks = BagLocks(pool)
+    first, second, third = _item(1, 100001), _item(2, 100002), _item(3, 100003)
+    for item in (first, second, third):
+        await ledger.register(item_key(item), item)
+    held = await locks.acquire(first.bag_id)
+    done, record = await ledger.mark_applied_and_read(
+        item_key(first),
+        first.bag_id,
+        51,
+        reconciled=False,
+        outcome="applied",
+        release=(held.key, held.token),
+    )
+    assert (done, record is not None and record.state) == (1, "applied")
+    assert not await pool.exists(held.key)
+    # Another worker holds the second bag now: its lock stays.
+    other = await locks.acquire(second.bag_id)
+    done, _ = await ledger.mark_applied_and_read(
+        item_key(second),
+        second.bag_id,
+        52,
+        reconciled=False,
+        outcome="applied",
+        release=(other.key, "not-the-holders-token"),
+    )
+    assert done == 1
+    assert await pool.get(other.key) == other.token.encode()
+    # Ended already (0): nothing written, the lock kept for the caller to release.
+    again = await locks.acquire(first.bag_id)
+    done, _ = await ledger.mark_applied_and_read(
+        item_key(first),
+        first.bag_id,
+        51,
+        reconciled=False,
+        outcome="applied",
+        release=(again.key, again.token),
+    )
+    assert done == 0
+    assert await pool.get(again.key) == again.token.encode()
+    # Without a lock to let go of (mark_applied), the third bag's lock is not touched.
+    kept = await locks.acquire(third.bag_id)
+    await ledger.mark_applied(
+        item_key(third), third.bag_id, 53, reconciled=False, outcome="applied"
+    )
+    assert await pool.get(kept.key) == kept.token.encode()

@@ -52,7 +52,7 @@ from ._ledger import (
     load_fleet_key,
     resolve,
 )
-from ._lock import BagLocks, LockBusyError
+from ._lock import BagLocks, HeldLock, LockBusyError
 from ._pace import FleetPace
 from ._ratelimit import FleetRateLimit
 
@@ -603,7 +603,7 @@ class FleetWorker:
         # The engine's one outcome; the ledger's words for it follow
         # (VOCABULARY["ledger"]).
         if ended.refund is not None:
-            return await self._applied(key, item, ended.refund, merchant)
+            return await self._applied(key, item, ended.refund, merchant, held)
         assert ended.error is not None  # noqa: S101 - Ended holds one or the other
         await self._ended(key, record, ended.error, ended.outcome, merchant, lock)
         summary = (await self._record(key)).to_dict()
@@ -687,16 +687,23 @@ class FleetWorker:
             )
 
     async def _applied(
-        self, key: str, item: BatchItem, refund: OrderRefund, merchant: int | None = None
+        self,
+        key: str,
+        item: BatchItem,
+        refund: OrderRefund,
+        merchant: int | None = None,
+        held: HeldLock | None = None,
     ) -> dict[str, Any]:
         """Record the item's refund. Kept here until the ledger has it: Redis away now
-        (the job runs again) must not turn the item's own refund into another's."""
+        (the job runs again) must not turn the item's own refund into another's.
+        ``held``: the bag's lock, let go of by the applied write itself."""
         self._won[key] = refund
         self._won.move_to_end(key)
         while len(self._won) > _WON_CAPACITY:
             self._won.popitem(last=False)
-        # The applied write, the merchant lane's success and the record read back with
-        # this run's request counts: one round trip, the applied write first.
+        # The applied write (letting go of the bag's lock as it writes), the merchant
+        # lane's success and the record read back with this run's request counts: one
+        # round trip, the applied write first.
         count = CAPTURE.get()
         if not isinstance(count, RequestCount) or not count.requests:
             count = None
@@ -709,7 +716,10 @@ class FleetWorker:
             paid=refund.amount,
             then=self._success_calls(item, refund, merchant),
             counts=None if count is None else (count.requests, count.rate_limited),
+            release=None if held is None else (held.key, held.token),
         )
+        if held is not None and done == 1:
+            held.released = True
         if count is not None and record is not None:
             count.requests = count.rate_limited = 0  # added to the item's in that read
         if done == -2:

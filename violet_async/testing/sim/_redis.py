@@ -264,9 +264,11 @@ def _applied(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _APPLIED
         r.hset(keys[5], argv[1], argv[2])
         r.sadd(keys[2], argv[1])
         r.hset(keys[0], b"refund_id", argv[1])
-    r.hset(keys[0], b"state", b"applied", *argv[3:])
+    r.hset(keys[0], b"state", b"applied", *argv[4:])
     r.hset(keys[1], argv[0], b"applied")
     r.srem(keys[4], argv[0])
+    if argv[3] != b"" and r.get(keys[6]) == argv[3]:
+        r.delete(keys[6])
     r.wrote()
     return 1
 
