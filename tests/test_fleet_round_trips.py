@@ -316,3 +316,43 @@ async def test_the_applied_write_lets_go_of_the_bags_lock_only_its_holders(
         item_key(third), third.bag_id, 53, reconciled=False, outcome="applied"
     )
     assert await pool.get(kept.key) == kept.token.encode()
+
+
+async def test_once_a_429_was_seen_an_items_merchant_costs_no_round_trip_of_its_own(
+    pool: ArqRedis,
+) -> None:
+    """With a lane started somewhere (a 429 seen), each item needs its merchant: the
+    fleet's memory of its order is read with the bag's lock, and a merchant looked up
+    (``GET /orders``) is noted in the reservation's own script. An item of a merchant
+    the fleet knows: 6 round trips (was 7); one it must look up: 6 and the look-up (was
+    8). Both are paced on their merchant's lane."""
+    async with FakeViolet(orders=3, seed=3, merchants=2) as fake:
+        client = fake.client(retry=RetryPolicy(settle_running=0.5, settle_lag=0.2))
+        async with client:
+            worker = FleetWorker(client, RedisLedger(pool), BagLocks(pool), merchant_pace=True)
+            pace = worker.pace
+            assert pace is not None
+            warm = _item(1, 100001)
+            await worker.run(item_key(warm), warm, worker.ledger.sign(item_key(warm), warm))
+            await pool.set(f"{{violet}}:pace:{fake.app_id}:learning", "1")
+            await pace.reserve(99, 1.0)  # each script loaded once, as by a worker's first
+            await pace.gate_slot(99, 1.0)
+            spent = []
+            for order_id in (100002, 100003):
+                item = _item(order_id - 100000, order_id)
+                merchant = fake.bag(order_id, item.bag_id).merchant_id
+                if order_id == 100002:
+                    await pace.learn(order_id, merchant)  # known to the fleet
+                key = item_key(item)
+                await worker.ledger.register(key, item)
+                gets = fake.ledger.requests["get_order"]
+                before = await _reads(pool)
+                summary = await worker.run(key)
+                spent.append(await _reads(pool) - before - 1)
+                assert summary["state"] == "applied"
+                assert await pace.merchant_of(order_id) == merchant
+                looked_up = fake.ledger.requests["get_order"] - gets
+                assert looked_up == (order_id == 100003)
+    # get, lock + reads (+ the order's merchant), the reservation (noting a merchant
+    # looked up), the send gate, the sent record, the applied record and the rest.
+    assert spent == [6, 6], spent

@@ -39,6 +39,7 @@ from ..exceptions import (
 )
 from ..models import OrderRefund
 from ._ledger import (
+    BAG_VIEW_READS,
     BagView,
     ForgedItemError,
     LedgerHeldError,
@@ -50,6 +51,7 @@ from ._ledger import (
     is_blocked,
     item_key,
     load_fleet_key,
+    merchant_field,
     resolve,
 )
 from ._lock import BagLocks, HeldLock, LockBusyError
@@ -62,6 +64,9 @@ log = logging.getLogger("violet_async.fleet")
 
 #: Items whose refund this worker got but could not record yet (Redis was away).
 _WON_CAPACITY = 10_000
+
+#: A value not read (as opposed to one read and found missing, None).
+_UNREAD: Any = object()
 
 
 class RetryLaterError(Exception):
@@ -261,12 +266,16 @@ class FleetWorker:
                 )
         bag_id = record.item.bag_id
         pace = self.pace
+        order_id = record.item.order_id if record.item.merchant_id is None else None
 
         def reads(pipe: Any) -> None:
             # Read under the lock in the round trip that takes it: whether any merchant
-            # has a lane yet, then the item's record with its bag's sets.
+            # has a lane yet and the merchant the fleet knows for the item's order (when
+            # the item does not say), then the item's record with its bag's sets.
             if pace is not None:
                 pace.queue_learning(pipe)
+                if order_id is not None:
+                    pace.queue_merchant_of(pipe, order_id)
             self.ledger.queue_bag_view(pipe, key, bag_id)
 
         try:
@@ -318,7 +327,7 @@ class FleetWorker:
         # A resumed item may send again (its bag read back shows nothing): it takes its
         # merchant's turn and passes the send gate as a first send does.
         learning = bool(answers[0]) if answers is not None and self.pace is not None else None
-        merchant = await self._merchant_turn(item, learning)
+        merchant = await self._merchant_turn(item, learning, _known_merchant(answers))
         budgeted: set[int] = set()
 
         async def save(ask: PendingRefund) -> None:
@@ -538,19 +547,26 @@ class FleetWorker:
         merchant = item.merchant_id or await pace.merchant_of(item.order_id)
         if merchant is not None or not look_up:
             return merchant
+        merchant = await self._looked_up(item)
+        await pace.learn(item.order_id, merchant)
+        return merchant
+
+    async def _looked_up(self, item: BatchItem) -> int | None:
+        """The merchant of the item's bag, as its order says (None: not known)."""
         try:
             order = await self.client.get_order(item.order_id)
         except VioletError:
             return None
-        merchant = next((b.merchant_id for b in order.bags if b.id == item.bag_id), None)
-        await pace.learn(item.order_id, merchant)
-        return merchant
+        return next((b.merchant_id for b in order.bags if b.id == item.bag_id), None)
 
-    async def _merchant_turn(self, item: BatchItem, learning: bool | None = None) -> int | None:
+    async def _merchant_turn(
+        self, item: BatchItem, learning: bool | None = None, known: Any = _UNREAD
+    ) -> int | None:
         """Wait for the merchant's next send slot when it is near; hand the item back
         when it is not (:class:`RetryLaterError`). Returns the merchant (None: unpaced).
         ``learning``: :meth:`FleetPace.learning` as read with the bag's lock (None: read
-        it now)."""
+        it now); ``known``: the merchant the fleet knew for the item's order, read with
+        it (``_UNREAD``: not read)."""
         pace = self.pace
         if pace is None:
             return None
@@ -560,11 +576,18 @@ class FleetWorker:
             # No 429 seen (a lane starts only at one, and sets this flag with it): no
             # merchant has a lane, nothing to pace by. One round trip on the happy path.
             return None
-        # The item's own merchant (its input's column, signed with it) needs no look-up.
-        merchant = item.merchant_id or await self._merchant_of(item, look_up=True)
+        # The item's own merchant (its input's column, signed with it) needs no look-up;
+        # a merchant looked up is noted for the fleet in the reservation's own script.
+        merchant = item.merchant_id
+        learned = None
+        if merchant is None:
+            merchant = await pace.merchant_of(item.order_id) if known is _UNREAD else known
+        if merchant is None:
+            merchant = await self._looked_up(item)
+            learned = item.order_id
         if merchant is None:
             return None
-        wait = await pace.reserve(merchant, self.patience)
+        wait = await pace.reserve(merchant, self.patience, order_id=learned)
         if wait is not None and wait < 0:
             # Back half a patience early: a job runs some time after it is due (the
             # queue's poll, a free job slot, the ledger reads before this point), and a
@@ -889,6 +912,16 @@ class _PacedBack(Exception):
         )
         self.wait = wait
         self.limit = limit
+
+
+def _known_merchant(answers: list[Any] | None) -> Any:
+    """The merchant of the item's order as the reads with the bag's lock found it (they
+    asked after it only for an item that does not say, with merchant pace on), or
+    ``_UNREAD``."""
+    if answers is None or len(answers) != 2 + BAG_VIEW_READS:
+        return _UNREAD
+    raw = answers[1]
+    return merchant_field(raw.decode() if isinstance(raw, bytes) else raw)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -350,6 +350,8 @@ def _now_ms(r: MemoryRedisServer) -> float:  # _pace._NOW, _ratelimit._PRELUDE
 
 
 def _pace_reserve(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _pace._RESERVE
+    if len(argv) > 1 and argv[1] != b"":
+        r.hset(keys[1], argv[1], argv[2])
     now = _now_ms(r)
     rate = _number(r.hget(keys[0], b"rate"))
     if rate <= 0:
@@ -592,6 +594,9 @@ class _Pipeline:
     def exists(self, key: str) -> None:
         self.queued.append(("exists", _b(key)))
 
+    def hget(self, key: str, field: str) -> None:
+        self.queued.append(("hget", _b(key) + b"\0" + _b(field)))
+
     def set(self, key: str, value: Any, *, nx: bool = False, px: int | None = None) -> None:
         """A bag lock's ``SET NX`` ahead of the reads made under it."""
         self.queued.append(("set", _b(key)))
@@ -626,6 +631,9 @@ class _Pipeline:
                 answers.append(dict(server._hash(key)))
             elif command == "hvals":
                 answers.append(list(server._hash(key).values()))
+            elif command == "hget":
+                name, field = key.split(b"\0")
+                answers.append(server.hget(name, field))
             elif command == "hmget":
                 name, *fields = key.split(b"\0")
                 answers.append(server.hmget(name, *fields))
