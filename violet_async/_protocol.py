@@ -30,7 +30,9 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
                                           is not this ask's) | FAILED (out of budget)
     ABSENT  --read-->           SENT     (the re-send; its window starts there)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
-    ABSENT  --resume-->         SENT     (a deferred ask sent again, a fresh budget)
+    ABSENT  --resume-->         ABSENT   (read the bag first, as after a 429's wait;
+                                          a fresh budget) | SENT (a deferred ask sent
+                                          again: DEFER's caller paces it)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
                                           have: read back, never a definite failure)
     SENT    --may have applied, read back:
@@ -349,8 +351,9 @@ def start(
         )
         return ask, Action(Do.READ, read_bag=_reads_bag(ask))
     if ask.phase is Phase.ABSENT:
-        # Deferred after a 429: every earlier send is proven not applied, so it is sent
-        # again, with a fresh attempt budget (the caller's pacing bounds the rest).
+        # Left after a 429 (deferred, or a wait cut short): every earlier send is proven
+        # not applied, so it is sent again, with a fresh attempt budget (the caller's
+        # pacing bounds the rest).
         here = settings.clock_id or PROCESS_CLOCK
         if ask.clock != here:
             # Another process's record: its window opens at this send, on this clock,
@@ -367,7 +370,15 @@ def start(
                 clock_unsure=False,
                 wall_mono=None,
             )
-        return _send(attrs.evolve(ask, budget_from=ask.sends), now, proven=True)
+        ask = attrs.evolve(ask, budget_from=ask.sends)
+        if not settings.defer_rate_limited:
+            # A record a call left while it waited out a 429 in place (its caller
+            # cancelled, its process died, its key was taken over): the bag is read
+            # before the re-send, as that call would have (review 27: sent at once,
+            # another system's refund made during the wait, no Date to date it by,
+            # was returned by the keyed repeat as its own).
+            return attrs.evolve(ask, settle_until=None, reads=0), Action(Do.READ, read_bag=False)
+        return _send(ask, now, proven=True)
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
 

@@ -1,0 +1,116 @@
+"""Review 27: an adversarial review of the read before a re-send after a 429
+(``_protocol.start`` / ``step``, ``_reconcile.drive``) and of review 25's fixes, each
+shown on a server scripted in its test (tests/hostile.py: one order with one bag on
+127.0.0.1, port 0, on a FakeClock shared with the client) or on the pure protocol."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import attrs
+import pytest
+from aiohttp import web
+
+from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy, VioletClient
+from violet_async._protocol import Do, Observation, Phase, start, step
+from violet_async.stores import MemoryStore
+from violet_async.testing import FakeClock
+
+from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, VIOLET_500, Hostile, Step, serve
+from .test_resend_window import SETTINGS, T0, busy, lost, refund, sent
+
+AMOUNT = 300
+KEY = "rma-review27-429-wait"
+RETRY = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0)
+
+
+@attrs.define
+class NoDate(Hostile):
+    """Answers whose ``Date`` cannot be read: no reading of Violet's clock, so this
+    machine's clock (within ``clock_skew``) is all a refund's date is judged by."""
+
+    @web.middleware
+    async def _date_header(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["Date"] = "no date here"
+        return response
+
+
+def _client(url: str, clock: FakeClock, store: MemoryStore) -> VioletClient:
+    return VioletClient(
+        APP_ID,
+        SECRET,
+        username="hostile-user",
+        password="hostile-password-0123",
+        base_url=url,
+        clock=clock,
+        retry=RETRY,
+        store=store,
+    )
+
+
+def test_a_record_left_waiting_out_a_429_reads_the_bag_before_its_re_send() -> None:
+    """A call that waited out a 429 in place reads the bag right before the re-send;
+    a record it left in that wait (its caller cancelled, its process died, its key
+    taken over) was resumed with the re-send at once. Another system's refund of the
+    same amount made during the wait, no ``Date`` to date it by (this machine's clock
+    within ``clock_skew``), the re-send answered 500: the read after the window took
+    that refund for the ask's own. Resumed, it is read first like the call itself."""
+    other = refund(9_999, T0 + 10.0)
+    waiting, action = step(sent(), busy(), SETTINGS, T0, 500.0)
+    assert waiting.phase is Phase.ABSENT
+    ask, action = start(waiting, SETTINGS, T0 + 20.0, attempt_timeout=5.0)
+    assert action.do is Do.READ
+    assert not action.read_bag
+    assert ask.phase is Phase.ABSENT
+    ask, action = step(ask, Observation.read(T0 + 20.0, [other]), SETTINGS, T0 + 20.0, 480.0)
+    assert action.do is Do.SEND
+    assert ask.baseline is not None
+    assert 9_999 in ask.baseline
+    assert ask.first_sent_at == ask.last_sent_at == T0 + 20.0
+    ask, action = step(ask, lost(T0 + 20.0), SETTINGS, T0 + 21.0, 480.0)
+    after = T0 + 100.0
+    ask, action = step(ask, Observation.read(after, [other]), SETTINGS, after, 400.0)
+    assert action.do is Do.SEND, ask.note  # proven absent: never the other's refund
+
+
+async def test_a_keyed_repeat_after_a_cancel_in_a_429_wait_never_takes_anothers_refund() -> None:
+    """A keyed call's POST is answered 429 (Retry-After 20 s); another system refunds
+    the same amount 3 s later; the caller cancels at 5 s (the key's record: ABSENT).
+    The repeat sent at once, was answered 500 (Violet's own, nothing applied), and with
+    no ``Date`` to date refunds by, its read-back returned the other system's refund as
+    the call's own (the shopper never refunded, the call saying they were). The repeat
+    reads the bag before its re-send now: the other refund is never its own."""
+    clock = FakeClock()
+    script = [
+        Step(429, commit_after=None, headers={"Retry-After": "20"}),
+        Step(500, body=VIOLET_500, commit_after=None),
+    ]
+    server = NoDate(clock, script=script)
+    store = MemoryStore()
+    async with serve(server) as url:
+        async with _client(url, clock, store) as first:
+            call = asyncio.ensure_future(
+                first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+            )
+            clock.call_later(3.0, lambda: server.add_refund(AMOUNT))
+            clock.call_later(5.0, call.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        assert server.posts == 1
+        other = server.refunds[0]["id"]
+        clock.advance(1.0)
+        async with _client(url, clock, store) as again:
+            try:
+                got: OrderRefund | AmbiguousOutcomeError = await again.refund_bag(
+                    ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY
+                )
+            except AmbiguousOutcomeError as exc:
+                got = exc
+    assert isinstance(got, OrderRefund), got
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id]
+    # The 429, the re-send answered 500 (read first), the send once that one was
+    # proven absent after its window.
+    assert server.posts == 3
