@@ -12,7 +12,13 @@ import attrs
 import pytest
 from aiohttp import web
 
-from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy, VioletClient
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    PermissionDeniedError,
+    RetryPolicy,
+    VioletClient,
+)
 from violet_async._protocol import Do, Observation, Phase, start, step
 from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
@@ -114,3 +120,53 @@ async def test_a_keyed_repeat_after_a_cancel_in_a_429_wait_never_takes_anothers_
     # The 429, the re-send answered 500 (read first), the send once that one was
     # proven absent after its window.
     assert server.posts == 3
+
+
+#: A gateway's password, and a token written as the user name (``https://token@host``).
+GATEWAY_PASSWORD = "Gw9Pass0wordTail"
+
+
+@pytest.mark.parametrize(
+    "userinfo",
+    [f"gateway:{GATEWAY_PASSWORD}", GATEWAY_PASSWORD, f"{GATEWAY_PASSWORD}:"],
+    ids=["user-password", "token-as-user", "token-empty-password"],
+)
+async def test_a_gateway_echoing_the_basic_credentials_of_the_base_url_shows_no_secret(
+    userinfo: str,
+) -> None:
+    """The base URL's ``user:password@`` is sent as ``Authorization: Basic`` (the
+    HTTP client builds it from the URL); a gateway's error page listing the request
+    headers handed ``Basic <base64 of user:password>`` to the caller, a log line and
+    an error tracker: the password (or a token written as the user name) decodes
+    from it. Review 25 redacted the password as written and decoded, not as sent."""
+    seen: list[str] = []
+
+    async def refuse(request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        seen.append(auth)
+        message = f"gateway refused Authorization: {auth}"
+        return web.json_response({"status": 403, "message": message}, status=403)
+
+    app = web.Application()
+    app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://{userinfo}@127.0.0.1:{port}/v1"
+    try:
+        async with VioletClient(
+            11, "review27-app-secret-0123", token="review27-token-0123456789", base_url=url
+        ) as client:
+            with pytest.raises(PermissionDeniedError) as info:
+                await client.list_bag_refunds(ORDER_ID, BAG_ID)
+    finally:
+        await runner.cleanup()
+    assert seen
+    assert seen[0].startswith("Basic ")  # the gateway did get its credentials
+    sent = seen[0].removeprefix("Basic ")
+    error = info.value
+    for text in (str(error), repr(error), error.body.decode(), str(error.message)):
+        assert sent not in text
+        assert GATEWAY_PASSWORD not in text
