@@ -6,6 +6,7 @@ shown on a server scripted in its test (tests/hostile.py: one order with one bag
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import attrs
@@ -170,3 +171,46 @@ async def test_a_gateway_echoing_the_basic_credentials_of_the_base_url_shows_no_
     for text in (str(error), repr(error), error.body.decode(), str(error.message)):
         assert sent not in text
         assert GATEWAY_PASSWORD not in text
+
+
+async def test_a_page_echoing_a_proxys_credentials_shows_no_secret() -> None:
+    """A plain-http request through an ``http://user:password@`` proxy carries
+    ``Proxy-Authorization: Basic ...`` itself; a page quoting the request headers (or
+    the credentials decoded) handed the proxy's password to the caller: the client's
+    errors knew the base URL's credentials (review 25), not the proxy's."""
+    password = "Px9Pass0wordTail"
+    seen: list[str] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        auth = request.headers.get("Proxy-Authorization", "")
+        seen.append(auth)
+        decoded = base64.b64decode(auth.removeprefix("Basic ")).decode() if auth else ""
+        message = f"refused Proxy-Authorization: {auth} ({decoded})"
+        return web.json_response({"status": 403, "message": message}, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with VioletClient(
+            11,
+            "review27-app-secret-0123",
+            token="review27-token-0123456789",
+            base_url="http://127.0.0.1:9/v1",  # reached only through the proxy
+            proxy=f"http://px:{password}@127.0.0.1:{port}",
+        ) as client:
+            with pytest.raises(PermissionDeniedError) as info:
+                await client.list_bag_refunds(ORDER_ID, BAG_ID)
+    finally:
+        await runner.cleanup()
+    assert seen
+    assert seen[0].startswith("Basic ")  # the proxy did get its credentials
+    sent = seen[0].removeprefix("Basic ")
+    error = info.value
+    for text in (str(error), repr(error), error.body.decode(), str(error.message)):
+        assert sent not in text
+        assert password not in text
