@@ -214,3 +214,22 @@ async def test_a_page_echoing_a_proxys_credentials_shows_no_secret() -> None:
     for text in (str(error), repr(error), error.body.decode(), str(error.message)):
         assert sent not in text
         assert password not in text
+
+
+def test_the_guard_before_a_send_never_holds_on_another_orders_refund() -> None:
+    """``hold_if_present`` (a key whose store may have lost its entry, a batch's
+    ``--retry-failed``): the read before the send lists a refund carrying what was
+    asked, but naming another order under this bag's id. The guard held the ask as
+    "already present" (``RefundAlreadyPresentError``, a batch's PRESENT): the caller
+    told the shopper's refund exists, on the strength of another order's record.
+    Review 25 made such a record never this ask's; here it is for a person (parked
+    for review), never "present", never sent over."""
+    new = attrs.evolve(sent(), phase=Phase.NEW, sends=0, first_sent_at=None, last_sent_at=None)
+    guard = attrs.evolve(SETTINGS, hold_if_present=True)
+    theirs = attrs.evolve(refund(9_999, T0 - 600.0), order_id=2)
+    ask, action = step(new, Observation.read(T0, [theirs]), guard, T0, 500.0)
+    assert action.do is Do.PARK
+    assert ask.needs_review
+    ours = refund(9_998, T0 - 600.0)  # this order's: held, as before
+    _, action = step(new, Observation.read(T0, [ours]), guard, T0, 500.0)
+    assert action.do is Do.HOLD

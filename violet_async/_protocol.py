@@ -92,6 +92,7 @@ from ._matching import (
     match,
     needs_bag,
     on_bag,
+    on_order,
     placeholder_date,
     unix_time,
 )
@@ -574,6 +575,16 @@ def _guard(
         # the bag (``reads`` counts that read until the send). A bag with no refund
         # needs no second read.
         return attrs.evolve(ask, reads=1), Action(Do.READ, read_bag=True)
+    # A record naming another order under this bag's id is never this order's refund
+    # (review 25), nor proof that it holds one: for a person, never "present" (review
+    # 27: held as present, the caller was told the shopper's refund existed).
+    foreign = tuple(
+        r
+        for r in candidates
+        if not on_order(r, ask.order_id)
+        and content(ask, r, obs.refunds, obs.bag) is not Verdict.MISS
+    )
+    candidates = tuple(r for r in candidates if on_order(r, ask.order_id))
     present = tuple(r for r in candidates if content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH)
     unnamed = _known_unnamed(ask, known).unnamed
     if present and all(_maybe_unnamed(r, unnamed) for r in present):
@@ -590,6 +601,12 @@ def _guard(
         note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
         held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
         return held, Action(Do.HOLD, candidates=present)
+    if foreign:
+        note = (
+            f"bag {ask.bag_id} lists a refund like this one that names another order: "
+            "whether the bag holds this one cannot be told; not sent"
+        )
+        return _park(ask, note, review=True, candidates=foreign)
     unsure = tuple(r for r in candidates if cannot_tell(ask, r, obs.refunds, obs.bag))
     if unsure:
         note = (
