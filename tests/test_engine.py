@@ -232,6 +232,7 @@ def test_every_vocabulary_maps_onto_one_outcome() -> None:
     for path in (PACKAGE / "fleet").glob("*.py"):
         ledger_outcomes |= _written(path, "mark_failed", arg=99, keyword="outcome")
         ledger_outcomes |= _written(path, "mark_applied", arg=99, keyword="outcome")
+        ledger_outcomes |= _written(path, "mark_applied_and_read", arg=99, keyword="outcome")
     assert {"already_present", "unknown", "failed", "refused"} <= ledger_outcomes
     assert set(VOCABULARY["ledger"]) >= set(STATES) | ledger_outcomes
     journal = _written(PACKAGE / "batch.py", "record", arg=2, keyword="state")

@@ -243,9 +243,42 @@ async def _scenario(
     out.append(("lost set", held.lost.is_set()))
     await step("release lock a, wrong token", locks.release(type(held)(lock_a, "x")))
     await step("lock a still there", redis.get(lock_a))
+    # the applied write with the lane's writes and the read back in one round trip
+    await step(
+        "applied a, its lock let go of, read back counted",
+        _listed(
+            ledger.mark_applied_and_read(
+                ka,
+                a.bag_id,
+                78,
+                reconciled=False,
+                outcome="applied",
+                counts=(2, 0),
+                release=(lock_a, "token-a2"),
+            )
+        ),
+    )
+    await step("lock a let go of", redis.get(lock_a))
+    await step(
+        "applied a again, read back",
+        _listed(ledger.mark_applied_and_read(ka, a.bag_id, 78, reconciled=False, outcome="x")),
+    )
+    await step(
+        "applied, no such item, read back counted",
+        _listed(
+            ledger.mark_applied_and_read(
+                "refund:1:2:none:0", a.bag_id, 79, reconciled=False, outcome="x", counts=(1, 0)
+            )
+        ),
+    )
     # what the keyspace holds at the end (times and random ids aside)
     out.append(("keyspace", await _dump(redis, epoch_name)))
     return out
+
+
+async def _listed(call: Awaitable[tuple[Any, ...]]) -> list[Any]:
+    """A tuple answer as a list (each part shown as the table shows a value)."""
+    return list(await call)
 
 
 async def _dump(redis: Any, epoch_name: Callable[[str], str]) -> dict[str, Any]:
@@ -324,6 +357,12 @@ async def test_the_in_memory_redis_answers_every_ledger_and_lock_step_as_redis_d
     assert names["fleet counts"] == ("fleet counts", {"requests": 6, "rate_limited": 2})
     assert names["count a after loss"] == ("count a after loss", None)
     assert names["lock busy"][2] == "LockBusyError"
+    applied = names["applied a, its lock let go of, read back counted"][1]
+    assert applied[0] == 1
+    assert (applied[1][0]["state"], applied[1][0]["requests"]) == ("applied", 2)
+    assert names["lock a let go of"] == ("lock a let go of", None)
+    assert names["applied a again, read back"][1][0] == 0
+    assert names["applied, no such item, read back counted"][1] == [-2, None]
 
 
 async def test_a_closed_connection_fails_every_command_and_counts_writes() -> None:

@@ -16,6 +16,7 @@ if not os.environ.get("CI"):
     pytest.importorskip("redis")
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -46,7 +47,9 @@ KEY = item_key(ITEM)
 class FlakyRedis(Redis):
     """A Redis client that can go away: ``down`` makes every command fail as a lost
     connection would; ``die_after`` (bytes) takes it down for good right after the first
-    write (SADD, or a script) naming a key that contains them (a worker dying there)."""
+    write (SADD, or a script) naming a key that contains them (a worker dying there).
+    A pipeline is one round trip: sent whole, it runs whole, and a death after one of
+    its writes loses its answers."""
 
     down = False
     die_after: bytes | None = None
@@ -55,11 +58,36 @@ class FlakyRedis(Redis):
         if self.down:
             raise RedisConnectionError("Redis is away (test)")
         result = await super().execute_command(*args, **options)
-        marker = self.die_after
-        writes = args[0] in ("SADD", "EVALSHA")
-        if marker is not None and writes and any(marker in _bytes(a) for a in args):
+        if self._dies_at(args):
             self.down = True
         return result
+
+    def _dies_at(self, args: tuple[Any, ...]) -> bool:
+        marker = self.die_after
+        writes = args[0] in ("SADD", "EVALSHA")
+        return marker is not None and writes and any(marker in _bytes(a) for a in args)
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = _FlakyPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.flaky = self
+        return pipe
+
+
+class _FlakyPipeline(Pipeline):
+    flaky: FlakyRedis
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if self.flaky.down:
+            await self.reset()
+            raise RedisConnectionError("Redis is away (test)")
+        sent = [args for args, _options in self.command_stack]
+        answers = await super().execute(raise_on_error)
+        if any(self.flaky._dies_at(args) for args in sent):
+            self.flaky.down = True
+            raise RedisConnectionError("the worker died with the answers in flight (test)")
+        return answers
 
 
 def _bytes(value: Any) -> bytes:

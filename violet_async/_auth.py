@@ -91,7 +91,8 @@ class Credentials:
     refresh_token: str | None = attrs.field(default=None, repr=False, validator=_header_safe)
     gateway_secrets: tuple[str, ...] = attrs.field(default=(), repr=False)
     """The password of the base URL's ``user:password@`` (a gateway's), as written and
-    decoded: never sent as a Violet credential, hidden from errors all the same."""
+    decoded, and the ``Basic`` credentials sent for it: never sent as a Violet
+    credential, hidden from errors all the same."""
     _retired: list[str] = attrs.field(factory=list, repr=False, init=False, eq=False)
 
     def secrets(self) -> list[str]:

@@ -159,7 +159,10 @@ class VioletClient(RequestPlumbing):
             password=password,
             token=token,
             refresh_token=refresh_token,
-            gateway_secrets=url_secrets(url),
+            # A proxy's credentials too: a plain-http request carries them itself, and
+            # a page echoing the request headers would show them (review 27).
+            gateway_secrets=url_secrets(url)
+            + (url_secrets(proxy) if isinstance(proxy, str) else ()),
         )
         # ``_transport``: private seam for violet_async.testing.sim (anything with the
         # Transport's open / aclose / closed / send); never an aiohttp object.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import enum
 import ipaddress
 import re
@@ -61,15 +63,26 @@ def shown_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> tuple[str, ...]:
-    """The password of ``url``'s ``user:password@``, as written and decoded, for
-    redaction (nothing when it carries none; a user name is no secret, and hiding a
-    short common word everywhere would hide what an error says)."""
+    """The password of ``url``'s ``user:password@``, as written and decoded, and the
+    ``Authorization: Basic`` credentials the HTTP client sends for its userinfo (a
+    gateway's page listing the request headers quotes them, and the password, or a
+    token written as the user name, decodes from them: review 27), for redaction
+    (nothing when it carries none; a user name alone is no secret, and hiding a short
+    common word everywhere would hide what an error says)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return ()
     raw = parts.password
-    return tuple(dict.fromkeys((raw, unquote(raw)))) if raw else ()
+    found = [raw, unquote(raw)] if raw else []
+    if parts.username or raw:
+        # As aiohttp builds it (``BasicAuth.from_url``): the decoded user and password,
+        # latin-1 (UTF-8 where latin-1 cannot hold them).
+        pair = f"{unquote(parts.username or '')}:{unquote(raw or '')}"
+        for encoding in ("latin-1", "utf-8"):
+            with contextlib.suppress(UnicodeEncodeError):
+                found.append(base64.b64encode(pair.encode(encoding)).decode("ascii"))
+    return tuple(dict.fromkeys(found))
 
 
 def scope_of(app_id: int, base_url: str) -> str:

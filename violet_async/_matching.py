@@ -34,6 +34,7 @@ __all__ = [
     "needs_bag",
     "no_baseline_window",
     "on_bag",
+    "on_order",
     "send_offsets",
 ]
 
@@ -75,7 +76,7 @@ def on_bag(refund: OrderRefund, bag_id: int) -> bool:
     return named is None or named <= 0 or named == bag_id
 
 
-def _on_order(refund: OrderRefund, order_id: int) -> bool:
+def on_order(refund: OrderRefund, order_id: int) -> bool:
     """Whether ``refund`` may be a refund of order ``order_id``: it names that order,
     or none (0 or below: a default, as for :func:`on_bag`)."""
     named = refund.order_id
@@ -860,7 +861,7 @@ def _elsewhere(
     call got without its id) is added to ``near``: for review, never claimed, never a
     miss. For a whole-bag refund or a cancel, what was left of this bag cannot be held
     against a record of another: one that moved money is near."""
-    if on_bag(refund, ask.bag_id) and _on_order(refund, ask.order_id):
+    if on_bag(refund, ask.bag_id) and on_order(refund, ask.order_id):
         return False
     if taken or _held(ask, refund, known):
         return True

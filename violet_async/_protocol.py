@@ -30,7 +30,9 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
                                           is not this ask's) | FAILED (out of budget)
     ABSENT  --read-->           SENT     (the re-send; its window starts there)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
-    ABSENT  --resume-->         SENT     (a deferred ask sent again, a fresh budget)
+    ABSENT  --resume-->         ABSENT   (read the bag first, as after a 429's wait;
+                                          a fresh budget) | SENT (a deferred ask sent
+                                          again: DEFER's caller paces it)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
                                           have: read back, never a definite failure)
     SENT    --may have applied, read back:
@@ -90,6 +92,7 @@ from ._matching import (
     match,
     needs_bag,
     on_bag,
+    on_order,
     placeholder_date,
     unix_time,
 )
@@ -349,8 +352,9 @@ def start(
         )
         return ask, Action(Do.READ, read_bag=_reads_bag(ask))
     if ask.phase is Phase.ABSENT:
-        # Deferred after a 429: every earlier send is proven not applied, so it is sent
-        # again, with a fresh attempt budget (the caller's pacing bounds the rest).
+        # Left after a 429 (deferred, or a wait cut short): every earlier send is proven
+        # not applied, so it is sent again, with a fresh attempt budget (the caller's
+        # pacing bounds the rest).
         here = settings.clock_id or PROCESS_CLOCK
         if ask.clock != here:
             # Another process's record: its window opens at this send, on this clock,
@@ -367,7 +371,15 @@ def start(
                 clock_unsure=False,
                 wall_mono=None,
             )
-        return _send(attrs.evolve(ask, budget_from=ask.sends), now, proven=True)
+        ask = attrs.evolve(ask, budget_from=ask.sends)
+        if not settings.defer_rate_limited:
+            # A record a call left while it waited out a 429 in place (its caller
+            # cancelled, its process died, its key was taken over): the bag is read
+            # before the re-send, as that call would have (review 27: sent at once,
+            # another system's refund made during the wait, no Date to date it by,
+            # was returned by the keyed repeat as its own).
+            return attrs.evolve(ask, settle_until=None, reads=0), Action(Do.READ, read_bag=False)
+        return _send(ask, now, proven=True)
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
 
@@ -563,6 +575,16 @@ def _guard(
         # the bag (``reads`` counts that read until the send). A bag with no refund
         # needs no second read.
         return attrs.evolve(ask, reads=1), Action(Do.READ, read_bag=True)
+    # A record naming another order under this bag's id is never this order's refund
+    # (review 25), nor proof that it holds one: for a person, never "present" (review
+    # 27: held as present, the caller was told the shopper's refund existed).
+    foreign = tuple(
+        r
+        for r in candidates
+        if not on_order(r, ask.order_id)
+        and content(ask, r, obs.refunds, obs.bag) is not Verdict.MISS
+    )
+    candidates = tuple(r for r in candidates if on_order(r, ask.order_id))
     present = tuple(r for r in candidates if content(ask, r, obs.refunds, obs.bag) is Verdict.MATCH)
     unnamed = _known_unnamed(ask, known).unnamed
     if present and all(_maybe_unnamed(r, unnamed) for r in present):
@@ -579,6 +601,12 @@ def _guard(
         note = f"bag {ask.bag_id} already holds a refund like this one; not sent"
         held = attrs.evolve(ask, phase=Phase.FAILED, note=note)
         return held, Action(Do.HOLD, candidates=present)
+    if foreign:
+        note = (
+            f"bag {ask.bag_id} lists a refund like this one that names another order: "
+            "whether the bag holds this one cannot be told; not sent"
+        )
+        return _park(ask, note, review=True, candidates=foreign)
     unsure = tuple(r for r in candidates if cannot_tell(ask, r, obs.refunds, obs.bag))
     if unsure:
         note = (

@@ -49,11 +49,12 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 import orjson
+from redis.exceptions import NoScriptError
 
 from .._converter import converter, encode_request, request_from_dict
 from .._item_key import item_key, numbered
@@ -86,6 +87,10 @@ __all__ = [
     "sign_item",
     "sign_merchant",
 ]
+
+#: A Lua script call to queue on a pipeline: the script as ``register_script`` made it
+#: (its ``sha``; called again alone when Redis had not loaded it), its keys and args.
+ScriptCall = tuple[Any, list[Any], list[Any]]
 
 State = Literal["new", "sent", "pending", "applied", "failed"]
 STATES: tuple[State, ...] = ("new", "sent", "pending", "applied", "failed")
@@ -362,8 +367,10 @@ redis.call('SADD', KEYS[5], ARGV[1])
 return 1
 """
 
-# KEYS: record, states, bag refunds, bag owners, bag open, bag owner signatures
-# ARGV: item key, refund id ('' = none), the owner's signature, then field, value pairs
+# KEYS: record, states, bag refunds, bag owners, bag open, bag owner signatures, and
+# the bag's lock to let go of once the item is applied (or the record again: none)
+# ARGV: item key, refund id ('' = none), the owner's signature, the lock's token ('' =
+# none), then field, value pairs
 # One script: the refund, its owner and the item's state change together or not at all.
 _APPLIED = """
 local current = redis.call('HGET', KEYS[1], 'state')
@@ -383,9 +390,12 @@ if ARGV[2] ~= '' then
   redis.call('SADD', KEYS[3], ARGV[2])
   redis.call('HSET', KEYS[1], 'refund_id', ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'state', 'applied', unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'state', 'applied', unpack(ARGV, 5))
 redis.call('HSET', KEYS[2], ARGV[1], 'applied')
 redis.call('SREM', KEYS[5], ARGV[1])
+if ARGV[4] ~= '' and redis.call('GET', KEYS[7]) == ARGV[4] then
+  redis.call('DEL', KEYS[7])
+end
 return 1
 """
 
@@ -966,19 +976,45 @@ class RedisLedger:
         """Applied, with ``refund_id`` recorded on the bag as this item's, in one script:
         a worker dying mid-way leaves all of it or none. Raises RefundOwnedError when
         the refund is another item's already (nothing written)."""
-        done = await self._applied(
-            keys=[
+        script, keys, args = self._applied_call(
+            key, bag_id, refund_id, reconciled=reconciled, outcome=outcome, paid=paid
+        )
+        done = await script(keys=keys, args=args)
+        if done == -2:
+            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
+        if done == -1:
+            raise RefundOwnedError(
+                f"refund {refund_id} on bag {bag_id} is recorded as another item's"
+            )
+
+    def _applied_call(
+        self,
+        key: str,
+        bag_id: int,
+        refund_id: int | None,
+        *,
+        reconciled: bool,
+        outcome: str,
+        paid: int | None,
+        release: tuple[str, str] | None = None,
+    ) -> ScriptCall:
+        lock_key, token = release if release is not None else (self.record_key(key), "")
+        return (
+            self._applied,
+            [
                 self.record_key(key),
                 self.states_key,
                 self.bag_refunds_key(bag_id),
                 self.bag_owners_key(bag_id),
                 self.bag_open_key(bag_id),
                 self.bag_owner_sigs_key(bag_id),
+                lock_key,
             ],
-            args=[
+            [
                 key,
                 "" if refund_id is None else refund_id,
                 "" if refund_id is None else self._owner_mac(bag_id, refund_id, key),
+                token,
                 "reconciled",
                 int(reconciled),
                 "outcome",
@@ -988,12 +1024,72 @@ class RedisLedger:
                 *self._stamp(),
             ],
         )
-        if done == -2:
-            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
-        if done == -1:
-            raise RefundOwnedError(
-                f"refund {refund_id} on bag {bag_id} is recorded as another item's"
-            )
+
+    async def mark_applied_and_read(
+        self,
+        key: str,
+        bag_id: int,
+        refund_id: int | None,
+        *,
+        reconciled: bool,
+        outcome: str,
+        paid: int | None = None,
+        then: Sequence[ScriptCall] = (),
+        counts: tuple[int, int] | None = None,
+        release: tuple[str, str] | None = None,
+    ) -> tuple[int, LedgerRecord | None]:
+        """:meth:`mark_applied`, then the scripts ``then`` (a merchant lane's success),
+        then the item's record read back (with ``counts``, a run's requests and 429s,
+        added as :meth:`get_counted` adds them), in one round trip: a pipeline, not a
+        transaction, so each runs as alone, in that order, the applied write first.
+        ``release``: (lock key, token) of the bag's lock, let go of in the applied
+        write's own script when it writes (1), and only while the token holds it.
+
+        Returns the applied script's answer (1: written; 0: the item had ended already;
+        -1: the refund is another item's, nothing written, as :class:`RefundOwnedError`
+        says; -2: the record is gone, Redis lost the ledger) and the record as read
+        after it (None: not in the ledger; then no counts were added)."""
+        applied = self._applied_call(
+            key,
+            bag_id,
+            refund_id,
+            reconciled=reconciled,
+            outcome=outcome,
+            paid=paid,
+            release=release,
+        )
+        calls = [applied, *then]
+        counted: ScriptCall | None = None
+        if counts is not None:
+            counted = (self._count, [self.record_key(key)], [counts[0], counts[1], "1"])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls if counted is None else [*calls, counted]:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if counted is None:
+                pipe.hgetall(self.record_key(key))
+            answers = list(await pipe.execute(raise_on_error=False))
+        # A script Redis had not loaded (restarted, or its scripts flushed) did not run:
+        # it runs now, in its turn; the record is then read again, after it.
+        again = False
+        for at, (script, keys, args) in enumerate(calls):
+            if isinstance(answers[at], NoScriptError):
+                answers[at] = await script(keys=keys, args=args)
+                again = True
+            elif isinstance(answers[at], Exception):
+                raise answers[at]
+        raw = answers[-1]
+        if counted is not None and isinstance(raw, NoScriptError):
+            script, keys, args = counted
+            raw = await script(keys=keys, args=args)
+        elif isinstance(raw, Exception):
+            raise raw
+        if counted is not None and raw:
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
+        if again and raw:
+            # Its counts are in (a record gone stays gone: nothing to count, none made).
+            raw = await resolve(self.redis.hgetall(self.record_key(key)))
+        record = _parse(key, raw, self.merchant_of) if raw else None
+        return int(answers[0]), record
 
     async def mark_review(
         self, key: str, message: str, *, lock_key: str | None = None, token: str = ""

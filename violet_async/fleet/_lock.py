@@ -66,6 +66,9 @@ class HeldLock:
         #: The answers to the reads queued after the lock was taken, in the same round
         #: trip (:meth:`BagLocks.acquire`'s ``reads``; None: none were asked for).
         self.reads = reads
+        #: Let go of already, with the holder's last write (the ledger's applied
+        #: script): :meth:`BagLocks.hold` has nothing left to release.
+        self.released = False
 
 
 class BagLocks:
@@ -151,8 +154,9 @@ class BagLocks:
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.release(held))
+            if not held.released:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.release(held))
 
     async def _keep(self, held: HeldLock, on_lost: Callable[[], object] | None) -> None:
         while True:

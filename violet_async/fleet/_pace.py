@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._pace import DECREASE, INCREASE, MIN_RATE, PROBE_INCREASE, RECOVER
-from ._ledger import DEFAULT_PREFIX, resolve
+from ._ledger import DEFAULT_PREFIX, ScriptCall, resolve
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -59,11 +59,16 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 """
 
-# ARGV: patience (ms). Returns ms to wait for the slot taken, or -ms when the slot is
-# further than patience (nothing taken), or "none" when the merchant has no lane.
+# KEYS: lane, the order -> merchant hash. ARGV: patience (ms), an order id ('': none; its
+# merchant, this lane's, is noted first) and the merchant id. Returns ms to wait for the
+# slot taken, or -ms when the slot is further than patience (nothing taken), or "none"
+# when the merchant has no lane.
 _RESERVE = (
     _NOW
     + """
+if ARGV[2] and ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+end
 local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or 0)
 if rate <= 0 then return 'none' end
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
@@ -246,11 +251,22 @@ class FleetPace:
         learning."""
         pipe.exists(self._learning)
 
-    async def reserve(self, merchant_id: int, patience: float) -> float | None:
+    def queue_merchant_of(self, pipe: Any, order_id: int) -> None:
+        """Queue :meth:`merchant_of`'s read on ``pipe`` (its answer: the raw value)."""
+        pipe.hget(self._merchants, str(order_id))
+
+    async def reserve(
+        self, merchant_id: int, patience: float, *, order_id: int | None = None
+    ) -> float | None:
         """Take the merchant's next send slot if it is within ``patience`` seconds:
         the seconds to wait for it. A negative value: the slot is that far away and
-        nothing was taken (come back then). None: the merchant has no lane."""
-        raw = await self._reserve(keys=[self._lane + str(merchant_id)], args=[patience * 1000])
+        nothing was taken (come back then). None: the merchant has no lane.
+        ``order_id``: an order of the merchant's, noted as :meth:`learn` does, in the
+        same round trip."""
+        raw = await self._reserve(
+            keys=[self._lane + str(merchant_id), self._merchants],
+            args=[patience * 1000, "" if order_id is None else str(order_id), str(merchant_id)],
+        )
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         return None if text == "none" else float(text) / 1000
 
@@ -303,9 +319,16 @@ class FleetPace:
     async def succeeded(self, merchant_id: int, order_id: int | None = None) -> None:
         """A send for the merchant succeeded (``order_id``: its order, whose merchant
         is noted as :meth:`learn` does, in the same round trip)."""
-        await self._succeeded(
-            keys=[self._lane + str(merchant_id), self._merchants],
-            args=[
+        script, keys, args = self.success_call(merchant_id, order_id)
+        await script(keys=keys, args=args)
+
+    def success_call(self, merchant_id: int, order_id: int | None = None) -> ScriptCall:
+        """:meth:`succeeded` as a script call to queue with others in one round trip
+        (:meth:`RedisLedger.mark_applied_and_read`'s ``then``)."""
+        return (
+            self._succeeded,
+            [self._lane + str(merchant_id), self._merchants],
+            [
                 PROBE_INCREASE,
                 INCREASE,
                 self.ceiling,

@@ -39,6 +39,7 @@ from ..exceptions import (
 )
 from ..models import OrderRefund
 from ._ledger import (
+    BAG_VIEW_READS,
     BagView,
     ForgedItemError,
     LedgerHeldError,
@@ -46,14 +47,14 @@ from ._ledger import (
     LedgerRecord,
     LockLostError,
     RedisLedger,
-    RefundOwnedError,
     UnderReview,
     is_blocked,
     item_key,
     load_fleet_key,
+    merchant_field,
     resolve,
 )
-from ._lock import BagLocks, LockBusyError
+from ._lock import BagLocks, HeldLock, LockBusyError
 from ._pace import FleetPace
 from ._ratelimit import FleetRateLimit
 
@@ -63,6 +64,9 @@ log = logging.getLogger("violet_async.fleet")
 
 #: Items whose refund this worker got but could not record yet (Redis was away).
 _WON_CAPACITY = 10_000
+
+#: A value not read (as opposed to one read and found missing, None).
+_UNREAD: Any = object()
 
 
 class RetryLaterError(Exception):
@@ -262,12 +266,16 @@ class FleetWorker:
                 )
         bag_id = record.item.bag_id
         pace = self.pace
+        order_id = record.item.order_id if record.item.merchant_id is None else None
 
         def reads(pipe: Any) -> None:
             # Read under the lock in the round trip that takes it: whether any merchant
-            # has a lane yet, then the item's record with its bag's sets.
+            # has a lane yet and the merchant the fleet knows for the item's order (when
+            # the item does not say), then the item's record with its bag's sets.
             if pace is not None:
                 pace.queue_learning(pipe)
+                if order_id is not None:
+                    pace.queue_merchant_of(pipe, order_id)
             self.ledger.queue_bag_view(pipe, key, bag_id)
 
         try:
@@ -319,7 +327,7 @@ class FleetWorker:
         # A resumed item may send again (its bag read back shows nothing): it takes its
         # merchant's turn and passes the send gate as a first send does.
         learning = bool(answers[0]) if answers is not None and self.pace is not None else None
-        merchant = await self._merchant_turn(item, learning)
+        merchant = await self._merchant_turn(item, learning, _known_merchant(answers))
         budgeted: set[int] = set()
 
         async def save(ask: PendingRefund) -> None:
@@ -539,19 +547,26 @@ class FleetWorker:
         merchant = item.merchant_id or await pace.merchant_of(item.order_id)
         if merchant is not None or not look_up:
             return merchant
+        merchant = await self._looked_up(item)
+        await pace.learn(item.order_id, merchant)
+        return merchant
+
+    async def _looked_up(self, item: BatchItem) -> int | None:
+        """The merchant of the item's bag, as its order says (None: not known)."""
         try:
             order = await self.client.get_order(item.order_id)
         except VioletError:
             return None
-        merchant = next((b.merchant_id for b in order.bags if b.id == item.bag_id), None)
-        await pace.learn(item.order_id, merchant)
-        return merchant
+        return next((b.merchant_id for b in order.bags if b.id == item.bag_id), None)
 
-    async def _merchant_turn(self, item: BatchItem, learning: bool | None = None) -> int | None:
+    async def _merchant_turn(
+        self, item: BatchItem, learning: bool | None = None, known: Any = _UNREAD
+    ) -> int | None:
         """Wait for the merchant's next send slot when it is near; hand the item back
         when it is not (:class:`RetryLaterError`). Returns the merchant (None: unpaced).
         ``learning``: :meth:`FleetPace.learning` as read with the bag's lock (None: read
-        it now)."""
+        it now); ``known``: the merchant the fleet knew for the item's order, read with
+        it (``_UNREAD``: not read)."""
         pace = self.pace
         if pace is None:
             return None
@@ -561,11 +576,18 @@ class FleetWorker:
             # No 429 seen (a lane starts only at one, and sets this flag with it): no
             # merchant has a lane, nothing to pace by. One round trip on the happy path.
             return None
-        # The item's own merchant (its input's column, signed with it) needs no look-up.
-        merchant = item.merchant_id or await self._merchant_of(item, look_up=True)
+        # The item's own merchant (its input's column, signed with it) needs no look-up;
+        # a merchant looked up is noted for the fleet in the reservation's own script.
+        merchant = item.merchant_id
+        learned = None
+        if merchant is None:
+            merchant = await pace.merchant_of(item.order_id) if known is _UNREAD else known
+        if merchant is None:
+            merchant = await self._looked_up(item)
+            learned = item.order_id
         if merchant is None:
             return None
-        wait = await pace.reserve(merchant, self.patience)
+        wait = await pace.reserve(merchant, self.patience, order_id=learned)
         if wait is not None and wait < 0:
             # Back half a patience early: a job runs some time after it is due (the
             # queue's poll, a free job slot, the ledger reads before this point), and a
@@ -604,7 +626,7 @@ class FleetWorker:
         # The engine's one outcome; the ledger's words for it follow
         # (VOCABULARY["ledger"]).
         if ended.refund is not None:
-            return await self._applied(key, item, ended.refund, merchant)
+            return await self._applied(key, item, ended.refund, merchant, held)
         assert ended.error is not None  # noqa: S101 - Ended holds one or the other
         await self._ended(key, record, ended.error, ended.outcome, merchant, lock)
         summary = (await self._record(key)).to_dict()
@@ -688,30 +710,58 @@ class FleetWorker:
             )
 
     async def _applied(
-        self, key: str, item: BatchItem, refund: OrderRefund, merchant: int | None = None
+        self,
+        key: str,
+        item: BatchItem,
+        refund: OrderRefund,
+        merchant: int | None = None,
+        held: HeldLock | None = None,
     ) -> dict[str, Any]:
         """Record the item's refund. Kept here until the ledger has it: Redis away now
-        (the job runs again) must not turn the item's own refund into another's."""
+        (the job runs again) must not turn the item's own refund into another's.
+        ``held``: the bag's lock, let go of by the applied write itself."""
         self._won[key] = refund
         self._won.move_to_end(key)
         while len(self._won) > _WON_CAPACITY:
             self._won.popitem(last=False)
-        try:
-            await self.ledger.mark_applied(
-                key,
-                item.bag_id,
-                refund.id,
-                reconciled=refund.reconciled,
-                outcome="reconciled" if refund.reconciled else "applied",
-                paid=refund.amount,
-            )
-        except RefundOwnedError as exc:
+        # The applied write (letting go of the bag's lock as it writes), the merchant
+        # lane's success and the record read back with this run's request counts: one
+        # round trip, the applied write first.
+        count = CAPTURE.get()
+        if not isinstance(count, RequestCount) or not count.requests:
+            count = None
+        done, record = await self.ledger.mark_applied_and_read(
+            key,
+            item.bag_id,
+            refund.id,
+            reconciled=refund.reconciled,
+            outcome="reconciled" if refund.reconciled else "applied",
+            paid=refund.amount,
+            then=self._success_calls(item, refund, merchant),
+            counts=None if count is None else (count.requests, count.rate_limited),
+            release=None if held is None else (held.key, held.token),
+        )
+        if held is not None and done == 1:
+            held.released = True
+        if count is not None and record is not None:
+            count.requests = count.rate_limited = 0  # added to the item's in that read
+        if done == -2:
+            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
+        if done == -1:
             # Two items cannot have one refund: a person looks (nothing more is sent).
-            await self.ledger.mark_review(key, str(exc))
-        await self._paced_success(item, refund, merchant)
+            await self.ledger.mark_review(
+                key, f"refund {refund.id} on bag {item.bag_id} is recorded as another item's"
+            )
+            record = await self.ledger.get(key)
+        if self.limiter is not None:
+            await self.limiter.speed_up()
         # Kept until the record is read back: a ledger lost in between runs the job
         # again, and the re-run records this refund again rather than asking anew.
-        summary = (await self._record_counted(key)).to_dict()
+        if record is None:
+            raise LedgerLostError(
+                f"item {key} vanished from the ledger under this run: Redis lost its data"
+            )
+        summary = record.to_dict()
         self._won.pop(key, None)
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
@@ -772,14 +822,15 @@ class FleetWorker:
             await self.pace.limited(merchant, exc.delay, epoch=epoch)
         raise RetryLaterError(str(exc.cause), defer=max(exc.delay, 0.05)) from exc.cause
 
-    async def _paced_success(self, item: BatchItem, refund: Any, merchant: int | None) -> None:
-        if self.limiter is not None:
-            await self.limiter.speed_up()
+    def _success_calls(self, item: BatchItem, refund: Any, merchant: int | None) -> list[Any]:
+        """The merchant lane's success (its script call; none: unpaced, or no merchant
+        known), to ride on the applied write's round trip."""
         if self.pace is None:
-            return
+            return []
         paid_by = getattr(refund, "merchant_id", None) or merchant
-        if paid_by is not None:
-            await self.pace.succeeded(paid_by, order_id=item.order_id)
+        if paid_by is None:
+            return []
+        return [self.pace.success_call(paid_by, order_id=item.order_id)]
 
     async def _now(self, *, fresh: bool = False) -> float:
         """Redis's time now, as this worker's monotonic clock carries it on from the
@@ -815,20 +866,6 @@ class FleetWorker:
         await self.ledger.mark_failed(key, type(error).__name__, str(error), outcome="refused")
         count_item("fleet", item.kind, "refused")
         return (await self._record(key)).to_dict()
-
-    async def _record_counted(self, key: str) -> LedgerRecord:
-        """:meth:`_record`, adding this run's request counts so far to the item's in the
-        same round trip (the run adds only what comes after)."""
-        count = CAPTURE.get()
-        if not isinstance(count, RequestCount) or not count.requests:
-            return await self._record(key)
-        record = await self.ledger.get_counted(key, count.requests, count.rate_limited)
-        if record is None:
-            raise LedgerLostError(
-                f"item {key} vanished from the ledger under this run: Redis lost its data"
-            )
-        count.requests = count.rate_limited = 0
-        return record
 
     async def _record(self, key: str) -> LedgerRecord:
         record = await self.ledger.get(key)
@@ -875,6 +912,16 @@ class _PacedBack(Exception):
         )
         self.wait = wait
         self.limit = limit
+
+
+def _known_merchant(answers: list[Any] | None) -> Any:
+    """The merchant of the item's order as the reads with the bag's lock found it (they
+    asked after it only for an item that does not say, with merchant pace on), or
+    ``_UNREAD``."""
+    if answers is None or len(answers) != 2 + BAG_VIEW_READS:
+        return _UNREAD
+    raw = answers[1]
+    return merchant_field(raw.decode() if isinstance(raw, bytes) else raw)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -263,9 +264,11 @@ def _applied(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> int:  # _APPLIED
         r.hset(keys[5], argv[1], argv[2])
         r.sadd(keys[2], argv[1])
         r.hset(keys[0], b"refund_id", argv[1])
-    r.hset(keys[0], b"state", b"applied", *argv[3:])
+    r.hset(keys[0], b"state", b"applied", *argv[4:])
     r.hset(keys[1], argv[0], b"applied")
     r.srem(keys[4], argv[0])
+    if argv[3] != b"" and r.get(keys[6]) == argv[3]:
+        r.delete(keys[6])
     r.wrote()
     return 1
 
@@ -347,6 +350,8 @@ def _now_ms(r: MemoryRedisServer) -> float:  # _pace._NOW, _ratelimit._PRELUDE
 
 
 def _pace_reserve(r: MemoryRedisServer, keys: _Keys, argv: _Keys) -> bytes:  # _pace._RESERVE
+    if len(argv) > 1 and argv[1] != b"":
+        r.hset(keys[1], argv[1], argv[2])
     now = _now_ms(r)
     rate = _number(r.hget(keys[0], b"rate"))
     if rate <= 0:
@@ -537,10 +542,19 @@ def _set(
     return True
 
 
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+#: Each script by its SHA1, as ``EVALSHA`` names it (redis-py's ``Script.sha``).
+_BY_SHA = {_sha(text): run for text, run in _SCRIPTS.items()}
+
+
 class _Script:
-    def __init__(self, redis: MemoryRedis, run: Callable[..., Any]) -> None:
+    def __init__(self, redis: MemoryRedis, run: Callable[..., Any], sha: str) -> None:
         self.redis = redis
         self.run = run
+        self.sha = sha
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         server = await self.redis._command()
@@ -557,6 +571,7 @@ class _Pipeline:
         self.redis = redis
         self.queued: list[tuple[str, bytes]] = []
         self.sets: list[tuple[Any, bool, int | None]] = []
+        self.scripts: list[tuple[Callable[..., Any], Sequence[Any], Sequence[Any]]] = []
 
     async def __aenter__(self) -> _Pipeline:
         return self
@@ -579,17 +594,35 @@ class _Pipeline:
     def exists(self, key: str) -> None:
         self.queued.append(("exists", _b(key)))
 
+    def hget(self, key: str, field: str) -> None:
+        self.queued.append(("hget", _b(key) + b"\0" + _b(field)))
+
     def set(self, key: str, value: Any, *, nx: bool = False, px: int | None = None) -> None:
         """A bag lock's ``SET NX`` ahead of the reads made under it."""
         self.queued.append(("set", _b(key)))
         self.sets.append((value, nx, px))
 
-    async def execute(self) -> list[Any]:
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+        """A script, by the SHA1 ``register_script`` gave it (the ledger's applied
+        write with the writes and the read that follow it)."""
+        self.queued.append(("evalsha", _b(sha)))
+        self.scripts.append((_BY_SHA[sha], keys_and_args[:numkeys], keys_and_args[numkeys:]))
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Every command queued, in order, with nothing of another client's between
+        them; a process that dies after one of them (``on_write``) has sent them all,
+        so they all run."""
         server = await self.redis._command()
         answers: list[Any] = []
         sets = iter(self.sets)
+        scripts = iter(self.scripts)
         for command, key in self.queued:
-            if command == "set":
+            if command == "evalsha":
+                run, keys, args = next(scripts)
+                writes = server.writes
+                answers.append(run(server, [_b(k) for k in keys], [_b(a) for a in args]))
+                self.redis._wrote(writes)
+            elif command == "set":
                 value, nx, px = next(sets)
                 answers.append(_set(server, key, value, nx=nx, px=px))
             elif command == "exists":
@@ -598,6 +631,9 @@ class _Pipeline:
                 answers.append(dict(server._hash(key)))
             elif command == "hvals":
                 answers.append(list(server._hash(key).values()))
+            elif command == "hget":
+                name, field = key.split(b"\0")
+                answers.append(server.hget(name, field))
             elif command == "hmget":
                 name, *fields = key.split(b"\0")
                 answers.append(server.hmget(name, *fields))
@@ -632,7 +668,7 @@ class MemoryRedis:
         run = _SCRIPTS.get(script)
         if run is None:
             raise NotImplementedError("this script has no in-memory version")
-        return _Script(self, run)
+        return _Script(self, run, _sha(script))
 
     def pipeline(self, transaction: bool = True) -> _Pipeline:
         return _Pipeline(self)
