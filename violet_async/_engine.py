@@ -84,6 +84,8 @@ from .models._validators import check_id
 from .stores import Claim, KeyEntry, RecordStore
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from ._client import VioletClient
     from ._transport import RawResponse, Timeouts
 
@@ -1515,9 +1517,14 @@ class Engine:
         sent: tuple[float, float] | None = None
         tracker: SendTracker | None = None
         owner: str | None = None
-        # A POST this call's caller cancels while it runs is handed here (_kept).
-        late = LateAnswer()
-        late_token = LATE_ANSWER.set(late)
+        # A POST this call's caller cancels while it runs is handed here (_kept), when
+        # the client keeps cancelled sends (else nothing is set: the POST is cancelled
+        # with the call).
+        late: LateAnswer | None = None
+        late_token: Token[LateAnswer | None] | None = None
+        if shared.keep_cancelled_sends:
+            late = LateAnswer()
+            late_token = LATE_ANSWER.set(late)
         try:
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
@@ -1711,7 +1718,7 @@ class Engine:
                 # With the refunds other calls got on the bag without their id.
                 unnamed = shared.known_refunds.unnamed(bag_id, besides=owner or pending.ask_id)
                 pending = with_unnamed(pending, unnamed)
-                if late.task is not None:
+                if late is not None and late.task is not None:
                     # Its POST was cut short with its answer on the way: the answer is
                     # awaited apart, and what it proves recorded for the ask's next
                     # resume (the record stays "sent, may have applied" until then).
@@ -1729,8 +1736,9 @@ class Engine:
                 unsettled.add(pending)
             raise
         finally:
-            LATE_ANSWER.reset(late_token)
-            if late.task is not None:
+            if late_token is not None:
+                LATE_ANSWER.reset(late_token)
+            if late is not None and late.task is not None:
                 drop_late(late.task)  # nothing of the call is pending: not awaited
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)

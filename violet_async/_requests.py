@@ -97,6 +97,9 @@ class Shared:
     unsettled: PendingAsks = attrs.Factory(PendingAsks)
     """Asks this client left pending (AmbiguousOutcomeError), by bag: until they are
     resumed, no new ask is sent on their bag."""
+    keep_cancelled_sends: bool = False
+    """A POST whose caller cancelled the call after it left runs on apart, and its late
+    answer is kept (``VioletClient(keep_cancelled_sends=True)``; see ``Engine.drive``)."""
     late_answers: set[asyncio.Task[None]] = attrs.Factory(set)
     """The answers of POSTs whose callers cancelled them, still awaited
     (``Engine._keep_late``): ``aclose`` drops them (their records stay pending)."""
@@ -308,8 +311,9 @@ class RequestPlumbing:
             timeouts=self._timeouts,
             deadline=remaining,
         )
-        # A refund or cancel POST of a call that keeps late answers (Engine.drive).
-        late = LATE_ANSWER.get() if method == "POST" else None
+        # A refund or cancel POST of a call that keeps late answers (Engine.drive, only
+        # with keep_cancelled_sends: off, nothing is looked up).
+        late = LATE_ANSWER.get() if method == "POST" and shared.keep_cancelled_sends else None
         resp = await (exchange if late is None else _kept(late, exchange))
         if resp.status == 401:
             error = self._api_error(resp, method, path)

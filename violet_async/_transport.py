@@ -184,7 +184,10 @@ class Transport:
     :class:`ResponseTooLargeError` after reading no more than the cap. ``base_url``
     makes error paths relative to it (``/orders/1``, not ``/v1/orders/1``).
     ``redactor`` hides the client's secrets in anything an error keeps; the secret
-    request headers of the failed request are always hidden.
+    request headers of the failed request are always hidden. ``mark_sent``: the
+    session it makes marks the running exchange's :class:`RequestLeft` as a request's
+    connection is handed over (a client with ``keep_cancelled_sends``); off, a plain
+    ``aiohttp.TCPConnector``.
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class Transport:
         base_url: str | None = None,
         redactor: Redactor | None = None,
         proxy: str | None = None,
+        mark_sent: bool = False,
     ) -> None:
         if (
             not isinstance(max_response_bytes, int)
@@ -208,6 +212,7 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._connector_limit = connector_limit
+        self._connector = _MarkingConnector if mark_sent else aiohttp.TCPConnector
         self._max_response_bytes = max_response_bytes
         self._base_path = URL(base_url).raw_path.rstrip("/") if base_url else ""
         self._redactor = redactor if redactor is not None else Redactor()
@@ -244,7 +249,7 @@ class Transport:
             raise ClientClosedError("this VioletClient is closed; create a new one")
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=_MarkingConnector(limit=self._connector_limit),
+                connector=self._connector(limit=self._connector_limit),
                 # Never read proxy settings or .netrc from the environment: credentials
                 # must only go where the caller pointed the client.
                 trust_env=False,

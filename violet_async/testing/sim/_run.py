@@ -269,6 +269,11 @@ class Schedule:
     file enqueued again, taken by the worker whose client made those refunds)."""
     review: ReviewWorld | None = None
     """What ``_kinds_review``'s kinds drew (None: none of them)."""
+    keep_cancelled_sends: bool = False
+    """Every client of the run is made with ``keep_cancelled_sends`` (a cancelled call's
+    POST runs on apart and its late answer is kept): on in the worlds where callers
+    cancel their calls (``caller_cancel``, a second caller's cut), drawn from nothing,
+    so every other schedule runs as before."""
 
     def fault_count(self) -> int:
         return (
@@ -306,7 +311,8 @@ class Schedule:
                 f"policy: attempts={self.max_attempts} deadline={self.deadline} "
                 f"settle_running={self.settle_running} settle_lag={self.settle_lag} "
                 f"jitter={self.jitter} read_before_send={self.read_before_send} "
-                f"timeouts={self.connect}+{self.read} concurrency={self.concurrency}",
+                f"timeouts={self.connect}+{self.read} concurrency={self.concurrency}"
+                + (" keep_cancelled_sends=True" if self.keep_cancelled_sends else ""),
                 f"server: naive_dates={self.naive_dates} skew={self.skew:g} "
                 f"date_header={self.date_header} trim={self.trim_reasons} "
                 f"page_size={self.page_size} lags={self.lags} max_latency={self.max_latency}",
@@ -448,7 +454,9 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     bags = Counter(a.bag for a in s.asks)
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
-    return _review(_answers(attrs.evolve(s, **changes), kinds), kinds)
+    drawn = _review(_answers(attrs.evolve(s, **changes), kinds), kinds)
+    cut = bool(drawn.cancels) or any(c.cancel_after is not None for c in drawn.second_callers)
+    return attrs.evolve(drawn, keep_cancelled_sends=True) if cut else drawn
 
 
 def _answers(s: Schedule, kinds: frozenset[str]) -> Schedule:
@@ -957,6 +965,7 @@ class _World:
             timeouts=self.timeouts,
             clock=clock,
             store=store,
+            keep_cancelled_sends=self.s.keep_cancelled_sends,
             _transport=transport,
             # Auth times renewals by time.time(), not by clock= (see the report of the
             # run that built this): on virtual time its "refused fresh tokens, wait
