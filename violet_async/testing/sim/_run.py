@@ -454,9 +454,15 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     bags = Counter(a.bag for a in s.asks)
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
-    drawn = _review(_answers(attrs.evolve(s, **changes), kinds), kinds)
-    cut = bool(drawn.cancels) or any(c.cancel_after is not None for c in drawn.second_callers)
-    return attrs.evolve(drawn, keep_cancelled_sends=True) if cut else drawn
+    return _keeps_cancelled_sends(_review(_answers(attrs.evolve(s, **changes), kinds), kinds))
+
+
+def _keeps_cancelled_sends(s: Schedule) -> Schedule:
+    """``s`` with ``keep_cancelled_sends`` on where a caller cancels a call (nothing
+    drawn: every other schedule stays as it was)."""
+    if s.cancels or any(c.cancel_after is not None for c in s.second_callers):
+        return attrs.evolve(s, keep_cancelled_sends=True)
+    return s
 
 
 def _answers(s: Schedule, kinds: frozenset[str]) -> Schedule:
