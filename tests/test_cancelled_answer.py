@@ -5,6 +5,9 @@ its own refund, never taking another system's identical one made meanwhile. A 2x
 the ask's refund: the repeat returns it with no second POST. No answer proves nothing:
 the ask stays pending, as before.
 
+All of that with ``VioletClient(keep_cancelled_sends=True)``; off (the default), a
+cancelled call's POST is cancelled with it and its late answer is never kept.
+
 Each test scripts its own server (tests/hostile.py) on a FakeClock shared with the
 client; the POST's answer is held until the caller's cancellation has gone through, and
 refunds are counted by the server's own record."""
@@ -20,6 +23,7 @@ import pytest
 from violet_async import (
     AmbiguousOutcomeError,
     BagPendingError,
+    RequestValidationError,
     RetryPolicy,
     Timeouts,
     VioletClient,
@@ -29,9 +33,10 @@ from violet_async._transport import REQUEST_LEFT, RawResponse
 from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
-from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client
+from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile, Step, hostile_client
 
 RETRY = RetryPolicy(max_attempts=3, deadline=120.0, jitter=False)
+KEEP = {"keep_cancelled_sends": True}
 AMOUNT = 300
 KEY = "rma-cancelled-answer"
 
@@ -76,7 +81,7 @@ async def test_a_keyed_call_cancelled_before_its_429_came_back_sends_its_own_on_
         script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
         on_answer=held,
     )
-    async with hostile_client(server, retry=RETRY, store=MemoryStore()) as client:
+    async with hostile_client(server, **KEEP, retry=RETRY, store=MemoryStore()) as client:
         await _cut(client, server, idempotency_key=KEY)
         clock.advance(2.0)
         other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
@@ -96,7 +101,7 @@ async def test_a_keyed_call_cancelled_before_its_200_came_back_gets_that_refund_
     clock = FakeClock()
     held = Held()
     server = Hostile(clock, script=[Step(200)], on_answer=held)
-    async with hostile_client(server, retry=RETRY, store=MemoryStore()) as client:
+    async with hostile_client(server, **KEEP, retry=RETRY, store=MemoryStore()) as client:
         await _cut(client, server, idempotency_key=KEY)
         clock.advance(2.0)
         other = server.add_refund(AMOUNT)["id"]
@@ -115,7 +120,11 @@ async def test_a_keyed_call_cancelled_with_no_answer_stays_pending() -> None:
     server = Hostile(clock, script=[Step(504, hang=True, commit_after=None)])
     short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
     async with hostile_client(
-        server, retry=short, store=MemoryStore(), timeouts=Timeouts(connect=0.2, read=0.2)
+        server,
+        **KEEP,
+        retry=short,
+        store=MemoryStore(),
+        timeouts=Timeouts(connect=0.2, read=0.2),
     ) as client:
         await _cut(client, server, idempotency_key=KEY)
         late = tuple(getattr(client._shared, "late_answers", ()))
@@ -137,7 +146,7 @@ async def test_an_unkeyed_call_cancelled_before_its_429_came_back_resumes_to_its
         script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
         on_answer=held,
     )
-    async with hostile_client(server, retry=RETRY) as client:
+    async with hostile_client(server, **KEEP, retry=RETRY) as client:
         await _cut(client, server)
         clock.advance(2.0)
         other = server.add_refund(AMOUNT)["id"]
@@ -156,7 +165,7 @@ async def test_an_unkeyed_call_cancelled_before_its_200_came_back_resumes_to_tha
     clock = FakeClock()
     held = Held()
     server = Hostile(clock, script=[Step(200)], on_answer=held)
-    async with hostile_client(server, retry=RETRY) as client:
+    async with hostile_client(server, **KEEP, retry=RETRY) as client:
         await _cut(client, server)
         clock.advance(2.0)
         server.add_refund(AMOUNT)
@@ -180,7 +189,7 @@ async def test_a_repeat_started_before_the_late_answer_lands_does_not_send() -> 
         on_answer=held,
     )
     short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
-    async with hostile_client(server, retry=short, store=MemoryStore()) as client:
+    async with hostile_client(server, **KEEP, retry=short, store=MemoryStore()) as client:
         await _cut(client, server, idempotency_key=KEY)
         with pytest.raises(AmbiguousOutcomeError):
             await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
@@ -195,7 +204,7 @@ async def test_aclose_drops_a_late_answer_still_awaited() -> None:
     clock = FakeClock()
     held = Held()
     server = Hostile(clock, script=[Step(200)], on_answer=held)
-    async with hostile_client(server, retry=RETRY) as client:
+    async with hostile_client(server, **KEEP, retry=RETRY) as client:
         await _cut(client, server)
         late = tuple(getattr(client._shared, "late_answers", ()))
         assert late, "the answer is awaited apart from the call"
@@ -211,7 +220,7 @@ async def test_a_post_over_the_callers_own_session_is_cancelled_with_the_call() 
     held = Held()
     server = Hostile(clock, script=[Step(200)], on_answer=held)
     async with aiohttp.ClientSession() as session:
-        async with hostile_client(server, retry=RETRY, session=session) as client:
+        async with hostile_client(server, **KEEP, retry=RETRY, session=session) as client:
             await _cut(client, server)
             assert not client._shared.late_answers
             held.release.set()
@@ -292,3 +301,55 @@ async def test_an_exchange_error_reaches_the_waiting_caller() -> None:
     with pytest.raises(OSError, match="reset"):
         await asyncio.wait_for(call, 5.0)
     assert late.task is None
+
+
+# Off (the default): main's send path.
+
+
+async def test_off_a_keyed_call_cancelled_before_its_429_came_back_keeps_nothing() -> None:
+    """Without ``keep_cancelled_sends`` the POST is cancelled with the call: nothing is
+    awaited apart, its 429 never reaches the ask, and the repeat (its record "sent, may
+    have applied") reads back and ends pending within the window, never sending again."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
+    async with hostile_client(server, retry=short, store=MemoryStore()) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        assert not client._shared.late_answers, "nothing awaited apart"
+        await _landed(client, held, server)
+        clock.advance(2.0)
+        with pytest.raises(AmbiguousOutcomeError) as caught:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+    assert caught.value.pending is not None
+    assert server.posts == 1, "the 429 was not kept: no second POST"
+    assert server.ours == []
+
+
+@pytest.mark.parametrize(("keep", "marking"), [(False, False), (True, True)])
+async def test_only_a_client_that_keeps_cancelled_sends_marks_its_requests(
+    keep: bool, marking: bool
+) -> None:
+    """Off, the client's session has aiohttp's own connector (nothing marks a request
+    as left); on, the connector that marks it."""
+    client = VioletClient(
+        APP_ID, SECRET, token="t", base_url="http://127.0.0.1:9/v1", keep_cancelled_sends=keep
+    )
+    async with client:
+        session = client._shared.transport._session
+        assert session is not None
+        assert isinstance(session.connector, aiohttp.TCPConnector)
+        assert (type(session.connector) is not aiohttp.TCPConnector) is marking
+        assert client._shared.keep_cancelled_sends is keep
+        assert client.with_options(retry=RETRY)._shared.keep_cancelled_sends is keep
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0, None, 1.0])
+def test_keep_cancelled_sends_must_be_a_bool(value: object) -> None:
+    with pytest.raises(RequestValidationError) as caught:
+        VioletClient(APP_ID, SECRET, token="t", keep_cancelled_sends=value)  # type: ignore[arg-type]
+    assert caught.value.field == "keep_cancelled_sends"

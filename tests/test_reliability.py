@@ -304,13 +304,14 @@ def _acquired(client: VioletClient) -> int:
     return len(connector._acquired)  # type: ignore[attr-defined]
 
 
-async def test_cancelled_caller_leaves_nothing_behind() -> None:
-    """Cancelling callers mid-request releases every connection and leaves no task,
-    once the answers of the POSTs that had left (awaited apart from the cancelled calls,
-    within their own timeouts) have come in."""
+@pytest.mark.parametrize("keep", [False, True])
+async def test_cancelled_caller_leaves_nothing_behind(keep: bool) -> None:
+    """Cancelling callers mid-request releases every connection and leaves no task; with
+    ``keep_cancelled_sends``, once the answers of the POSTs that had left (awaited apart
+    from the cancelled calls, within their own timeouts) have come in."""
     before = asyncio.all_tasks()
     async with FakeViolet(orders=10, faults=FaultPlan(latency=(0.2, 0.2))) as fake:
-        async with make_client(fake, FakeClock()) as client:
+        async with make_client(fake, FakeClock(), keep_cancelled_sends=keep) as client:
             await client.list_bag_refunds(*fake.seeded[0])  # logs in, warms the pool
             calls = [
                 asyncio.create_task(client.refund_bag(o, b, amount_refunded=1))
@@ -321,7 +322,10 @@ async def test_cancelled_caller_leaves_nothing_behind() -> None:
                 call.cancel()
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 0.1)
             assert all(isinstance(r, asyncio.CancelledError) for r in results)
-            await asyncio.wait_for(asyncio.gather(*client._shared.late_answers), 5.0)
+            if keep:
+                await asyncio.wait_for(asyncio.gather(*client._shared.late_answers), 5.0)
+            else:
+                assert not client._shared.late_answers
             assert _acquired(client) == 0
     assert _client_tasks(before) == set()
 
