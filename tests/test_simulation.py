@@ -266,6 +266,35 @@ def test_seeds_with_world_kinds_that_found_real_bugs_now_hold(
     assert not result.kinds, result.report()
 
 
+#: Seeds of remaining risk (b) (docs/remaining-risk.md) that hold once a cancelled call's
+#: late answer is kept: a keyed or unkeyed call cut while its POST's 429 was on its way
+#: back, and another system's identical refund taken by the ask's repeat or resume.
+KEPT_ANSWER_SEEDS = (950211, 963243, 1018879, 1024658, 1039001, 1107971, 2101961)
+
+
+@pytest.mark.parametrize("seed", KEPT_ANSWER_SEEDS)
+def test_risk_b_seeds_hold_with_the_late_answer_kept(seed: int) -> None:
+    """With every world kind on, these schedules draw a caller's cancel, so their
+    clients keep cancelled sends (``keep_cancelled_sends``), and every invariant holds,
+    replayed exactly (with the option off they take another system's refund: risk (b)
+    stays open there)."""
+    schedule = generate(seed, kinds=frozenset(WORLD_KINDS))
+    assert schedule.keep_cancelled_sends
+    result = simulate(schedule)
+    assert not result.kinds, result.report()
+
+
+def test_worlds_without_a_callers_cancel_run_without_keeping_cancelled_sends() -> None:
+    """The option is drawn from nothing: a schedule with no caller's cancel has it off
+    (and so runs as before), one with a cancel has it on."""
+    plain = generate(1500, kinds=frozenset(CI_KINDS) - {"caller_cancel"})
+    assert not plain.cancels
+    assert not plain.keep_cancelled_sends
+    cut = generate(963243, kinds=frozenset(WORLD_KINDS))
+    assert cut.cancels
+    assert cut.keep_cancelled_sends
+
+
 def test_the_simulator_finds_quick_read_backs_and_shrinks_the_schedule(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
