@@ -80,6 +80,7 @@ __all__ = [
     "RefundOwnedError",
     "State",
     "UnderReview",
+    "check_applied",
     "is_blocked",
     "item_key",
     "keyed_items",
@@ -91,6 +92,7 @@ __all__ = [
 #: A Lua script call to queue on a pipeline: the script as ``register_script`` made it
 #: (its ``sha``; called again alone when Redis had not loaded it), its keys and args.
 ScriptCall = tuple[Any, list[Any], list[Any]]
+
 
 State = Literal["new", "sent", "pending", "applied", "failed"]
 STATES: tuple[State, ...] = ("new", "sent", "pending", "applied", "failed")
@@ -191,6 +193,16 @@ class LedgerHeldError(LockLostError):
 
 class RefundOwnedError(Exception):
     """The refund an item would be marked applied with is another item's already."""
+
+
+def check_applied(done: int, key: str, bag_id: int, refund_id: int | None) -> None:
+    """Raise what the applied script's answer ``done`` says went wrong (1: written, 0:
+    the item had ended already: nothing to raise): -2, LedgerLostError (the record is
+    gone); -1, RefundOwnedError (the refund is another item's; nothing written)."""
+    if done == -2:
+        raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
+    if done == -1:
+        raise RefundOwnedError(f"refund {refund_id} on bag {bag_id} is recorded as another item's")
 
 
 @attrs.frozen
@@ -979,13 +991,7 @@ class RedisLedger:
         script, keys, args = self._applied_call(
             key, bag_id, refund_id, reconciled=reconciled, outcome=outcome, paid=paid
         )
-        done = await script(keys=keys, args=args)
-        if done == -2:
-            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
-        if done == -1:
-            raise RefundOwnedError(
-                f"refund {refund_id} on bag {bag_id} is recorded as another item's"
-            )
+        check_applied(await script(keys=keys, args=args), key, bag_id, refund_id)
 
     def _applied_call(
         self,

@@ -47,7 +47,9 @@ from ._ledger import (
     LedgerRecord,
     LockLostError,
     RedisLedger,
+    RefundOwnedError,
     UnderReview,
+    check_applied,
     is_blocked,
     item_key,
     load_fleet_key,
@@ -745,13 +747,11 @@ class FleetWorker:
             held.released = True
         if count is not None and record is not None:
             count.requests = count.rate_limited = 0  # added to the item's in that read
-        if done == -2:
-            raise LedgerLostError(f"item {key} is gone from the ledger: Redis lost its data")
-        if done == -1:
+        try:
+            check_applied(done, key, item.bag_id, refund.id)
+        except RefundOwnedError as exc:
             # Two items cannot have one refund: a person looks (nothing more is sent).
-            await self.ledger.mark_review(
-                key, f"refund {refund.id} on bag {item.bag_id} is recorded as another item's"
-            )
+            await self.ledger.mark_review(key, str(exc))
             record = await self.ledger.get(key)
         if self.limiter is not None:
             await self.limiter.speed_up()
