@@ -234,7 +234,9 @@ class VioletClient(RequestPlumbing):
         ``VIOLET_PASSWORD``, ``VIOLET_TOKEN``, ``VIOLET_REFRESH_TOKEN``, ``VIOLET_ENV``
         (sandbox | production), ``VIOLET_BASE_URL``, ``VIOLET_STORE`` (where keyed calls
         are kept: ``sqlite:///path``, ``redis://...``; the client closes a store it
-        made this way). Keyword arguments win.
+        made this way), ``VIOLET_PROXY``, ``VIOLET_KEEP_CANCELLED_SENDS`` (``1``/``true``/
+        ``yes``/``on`` or ``0``/``false``/``no``/``off``; anything else is refused).
+        Keyword arguments win.
         """
         env = os.environ if environ is None else environ
         app_id, app_secret, settings = settings_from_env(env)

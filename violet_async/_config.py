@@ -189,7 +189,22 @@ ENV_VARIABLES = (
     "VIOLET_BASE_URL",
     "VIOLET_STORE",
     "VIOLET_PROXY",
+    "VIOLET_KEEP_CANCELLED_SENDS",
 )
+
+#: The spellings ``VIOLET_KEEP_CANCELLED_SENDS`` accepts (after strip and lower case);
+#: anything else is refused rather than guessed.
+_FLAG_VALUES = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+    "": False,
+}
 
 
 def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]:
@@ -202,8 +217,13 @@ def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]
     """
     for name in ENV_VARIABLES:
         value = env.get(name, "")
-        # Only these three are stripped before use; the others are taken as they are.
-        if name in ("VIOLET_APP_ID", "VIOLET_APP_SECRET", "VIOLET_ENV"):
+        # Only these four are stripped before use; the others are taken as they are.
+        if name in (
+            "VIOLET_APP_ID",
+            "VIOLET_APP_SECRET",
+            "VIOLET_ENV",
+            "VIOLET_KEEP_CANCELLED_SENDS",
+        ):
             value = value.strip()
         if has_control_character(value):
             raise RequestValidationError(
@@ -228,6 +248,12 @@ def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]
         # A proxy only when asked: proxy settings meant for other programs are ignored.
         "proxy": env.get("VIOLET_PROXY") or None,
     }
+    keep = env.get("VIOLET_KEEP_CANCELLED_SENDS", "").strip().lower()
+    if keep not in _FLAG_VALUES:
+        raise RequestValidationError(
+            "VIOLET_KEEP_CANCELLED_SENDS", "must be one of 1, true, yes, on, 0, false, no, off"
+        )
+    kwargs["keep_cancelled_sends"] = _FLAG_VALUES[keep]
     env_name = (env.get("VIOLET_ENV") or "sandbox").strip().lower()
     if env_name not in ("sandbox", "production"):
         raise RequestValidationError("VIOLET_ENV", "must be 'sandbox' or 'production'")
