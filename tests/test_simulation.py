@@ -842,3 +842,28 @@ def test_the_resume_rounds_wait_at_most_an_hour_each_seed_940480() -> None:
     result = simulate(940480, kinds=KINDS_25)
     assert not result.kinds, result.report()
     assert result.virtual_seconds < 20_000.0
+
+
+def test_the_simulator_finds_another_orders_refund_claimed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-introduce review 25's bug: a listed refund naming another order under the
+    ask's bag id may be the ask's own. Seed 147 (``--kinds other_order`` and ``--kinds
+    all``; the first found of 400 tried, 8 of them fail) finds it: the ask's send ends
+    unsure, its bag lists another order's refund of its amount and reason, and the
+    read-back hands it over."""
+    from violet_async import _matching, _protocol
+
+    monkeypatch.setattr(_matching, "on_order", lambda refund, order_id: True)
+    monkeypatch.setattr(_protocol, "on_order", lambda refund, order_id: True)
+    assert "attribution" in simulate(147, kinds={"other_order"}).kinds
+    assert "attribution" in simulate(147, kinds=frozenset(WORLD_KINDS)).kinds
+
+
+def test_another_orders_refund_listed_under_the_bag_is_never_claimed() -> None:
+    """Seed 147 on the code as it is: the other order's record is listed (counted) and
+    never handed to the ask."""
+    for kinds in (frozenset({"other_order"}), frozenset(WORLD_KINDS)):
+        result = simulate(147, kinds=kinds)
+        assert result.injected["world:other_order_refund"] == 1, result.report()
+        assert not result.kinds, result.report()
