@@ -8,6 +8,7 @@ A failure prints the seed, the schedule and its trace; replay it with
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -867,3 +868,24 @@ def test_another_orders_refund_listed_under_the_bag_is_never_claimed() -> None:
         result = simulate(147, kinds=kinds)
         assert result.injected["world:other_order_refund"] == 1, result.report()
         assert not result.kinds, result.report()
+
+
+def test_the_simulate_script_gives_the_same_results_on_two_processes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``benchmarks/simulate.py --processes 2`` runs the same seeds to the same counts,
+    printed in seed order, as one process; ``--find`` stops at the same seed."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    import simulate as script
+
+    def run(*extra: str) -> tuple[int, list[str]]:
+        argv = ["--kinds", "all", "--start", "5000", "--schedules", "24", "--tmp", str(tmp_path)]
+        code = script.main([*argv, *extra])
+        out = capsys.readouterr().out.splitlines()
+        return code, [line for line in out if "schedules/s" not in line and "a million" not in line]
+
+    one = run()
+    assert one == run("--processes", "2", "--block", "5")
+    assert any(line.startswith("outcomes:") for line in one[1])
+    with pytest.raises(SystemExit):
+        script.main(["--processes", "0"])
