@@ -226,13 +226,17 @@ def test_every_vocabulary_maps_onto_one_outcome() -> None:
     state written anywhere without a mapping fails here."""
     assert set(VOCABULARY["phase"]) == {p.value for p in Phase}
     assert set(VOCABULARY["batch"]) == set(typing.get_args(batch_module.Outcome))
-    from violet_async.fleet._ledger import STATES
+    from violet_async.fleet._ledger import FAILED_OUTCOMES, STATES
 
     ledger_outcomes = set()
     for path in (PACKAGE / "fleet").glob("*.py"):
         ledger_outcomes |= _written(path, "mark_failed", arg=99, keyword="outcome")
         ledger_outcomes |= _written(path, "mark_applied", arg=99, keyword="outcome")
         ledger_outcomes |= _written(path, "mark_applied_and_read", arg=99, keyword="outcome")
+    # The ledger's seam writes its failed ends' outcomes from one map (LedgerRecords).
+    for outcome, word in FAILED_OUTCOMES.items():
+        assert VOCABULARY["ledger"][word] is outcome
+    ledger_outcomes |= set(FAILED_OUTCOMES.values())
     assert {"already_present", "unknown", "failed", "refused"} <= ledger_outcomes
     assert set(VOCABULARY["ledger"]) >= set(STATES) | ledger_outcomes
     journal = _written(PACKAGE / "batch.py", "record", arg=2, keyword="state")
