@@ -239,10 +239,11 @@ def cancelled_first_send(
 
 
 class NotSent(Exception):
-    """Carries a ``RecordStoreError`` raised right before a send past the driver, which
-    would otherwise take it for a send that may have applied."""
+    """Carries the error of a save right before a send (``AskRecords.save``: a store's
+    ``RecordStoreError``, a journal's ``JournalWriteError``, a ledger's lost lock) past
+    the driver, which would otherwise take it for a send that may have applied."""
 
-    def __init__(self, error: RecordStoreError) -> None:
+    def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -281,10 +282,11 @@ class SendTracker:
                 if before_send is not None:
                     try:
                         await before_send()
-                    except RecordStoreError as exc:
-                        # The key's record could not be brought up to date before
-                        # this send: it does not leave. Not a send failure (that
-                        # would be read back as "may have applied"): the call ends.
+                    except Exception as exc:  # noqa: BLE001 - any save failure
+                        # The ask's record could not be brought up to date before
+                        # this send (the seam's save failed): it does not leave. Not
+                        # a send failure (that would be read back as "may have
+                        # applied", and sent again): the call ends.
                         raise NotSent(exc) from None
                 self.left = True
 
@@ -593,8 +595,11 @@ class KeyedAsks:
                 hold_if_present=entry.guard,
             )
         except NotSent as stopped:
-            await records.end(Ended(Outcome.NOT_SENT, error=stopped.error))
-            raise stopped.error from None
+            error = stopped.error
+            await records.end(
+                Ended(Outcome.NOT_SENT, error=error if isinstance(error, VioletError) else None)
+            )
+            raise error from None
         except Exception as exc:
             await records.end(_ended_by(exc))
             raise
@@ -1864,7 +1869,8 @@ class Engine:
                     foreign=foreign,
                 )
             except NotSent as stopped:
-                # The save right before a send (the stamp) failed: nothing left.
+                # The save right before a send (the stamp) failed: nothing left. Its
+                # error goes on as the save raised it (a store's: NOT_SENT).
                 raise stopped.error from None
             refund = unless_failed(refund, kind)
         except (RateLimitDeferred, VioletError) as exc:
