@@ -229,8 +229,9 @@ async def _fleet_run(
 async def test_the_fleet_saves_through_its_ledger_records_before_the_post(
     monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
-    """A fleet item: its ledger record is loaded and saved sent before the POST leaves,
-    through LedgerRecords (its applied end is the worker's one-round-trip write)."""
+    """A fleet item: its ledger record is loaded, saved sent before the POST leaves,
+    and its end recorded (applied, in one round trip with the read-back), all through
+    LedgerRecords."""
     from violet_async.fleet._ledger import LedgerRecords
 
     calls: list[tuple[Any, ...]] = []
@@ -242,7 +243,12 @@ async def test_the_fleet_saves_through_its_ledger_records_before_the_post(
     done, fake = await _fleet_run(redis_url, monkeypatch, records, seed=35)
     assert isinstance(done, dict)
     assert done["state"] == "applied"
-    assert calls == [("load", None), ("save", "sent", 0), ("save", "applied", 1)]
+    assert calls == [
+        ("load", None),
+        ("save", "sent", 0),
+        ("save", "applied", 1),
+        ("end", Outcome.APPLIED),
+    ]
     assert _posts(fake, b1) == 1
 
 

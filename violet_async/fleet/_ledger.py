@@ -1397,13 +1397,17 @@ class LedgerRecords:
     checks (:meth:`RedisLedger.mark_sent`: a refused write raises, nothing is sent); a
     pending one; an ABSENT one (every send proven not applied, the next waiting to
     leave) makes the item new again. ``end``: the item's state for the outcome, in the
-    ledger's words (``VOCABULARY["ledger"]``). The worker records an applied end in one
-    round trip with its merchant's lane and the record read back
-    (:meth:`RedisLedger.mark_applied_and_read`, the same applied script)."""
+    ledger's words (``VOCABULARY["ledger"]``); an applied one in one round trip with
+    the worker's ``then`` scripts (its merchant's lane) and the record read back
+    (:meth:`RedisLedger.mark_applied_and_read`, letting go of the bag's lock as it
+    writes), its answer kept in :attr:`applied`.
+
+    ``lock_key`` None: the item's refund recorded again with no lock held (a run whose
+    ledger write failed after its refund); only an applied end is recorded so."""
 
     ledger: RedisLedger
     record: LedgerRecord
-    lock_key: str
+    lock_key: str | None
     token: str
     clock: Callable[[], float]
     """The client's wall clock (a torn record's send time)."""
@@ -1413,6 +1417,8 @@ class LedgerRecords:
     """Redis's time now, as the worker carries it (a send's hold check)."""
     redact: Callable[[BaseException], str]
     """An error's text as the ledger keeps it (the client's secrets hidden)."""
+    applied: tuple[int, LedgerRecord | None] | None = None
+    """The applied end's answer (:meth:`RedisLedger.mark_applied_and_read`)."""
 
     async def load(self) -> PendingRefund | None:
         return resumable_record(self.record, self.clock())
@@ -1420,6 +1426,8 @@ class LedgerRecords:
     async def save(self, ask: PendingRefund) -> None:
         key = self.record.key
         ledger = self.ledger
+        if self.lock_key is None:
+            raise LockLostError(f"item {key}: nothing is saved or sent without the bag's lock")
         if ask.phase is Phase.SENT:
             epoch = self.epoch()
             await ledger.mark_sent(
@@ -1442,23 +1450,36 @@ class LedgerRecords:
                 key, self.record.item.bag_id, lock_key=self.lock_key, token=self.token
             )
 
-    async def end(self, ended: Ended) -> None:
+    async def end(
+        self,
+        ended: Ended,
+        *,
+        then: Sequence[ScriptCall] = (),
+        counts: tuple[int, int] | None = None,
+    ) -> None:
+        """``then``, ``counts``: as :meth:`RedisLedger.mark_applied_and_read` takes them,
+        for an applied end."""
         ledger = self.ledger
         key = self.record.key
         bag_id = self.record.item.bag_id
-        lock = {"lock_key": self.lock_key, "token": self.token}
+        lock: dict[str, Any] = {"lock_key": self.lock_key, "token": self.token}
         outcome = ended.outcome
         refund = ended.refund
         if refund is not None:
-            await ledger.mark_applied(
+            self.applied = await ledger.mark_applied_and_read(
                 key,
                 bag_id,
                 refund.id,
                 reconciled=refund.reconciled,
                 outcome="reconciled" if refund.reconciled else "applied",
                 paid=refund.amount,
+                then=then,
+                counts=counts,
+                release=None if self.lock_key is None else (self.lock_key, self.token),
             )
             return
+        if self.lock_key is None:
+            raise LockLostError(f"item {key}: an end without a refund needs the bag's lock")
         exc = ended.error
         pending = getattr(exc, "pending", None)
         if outcome in (Outcome.PENDING, Outcome.REVIEW) and isinstance(pending, PendingRefund):

@@ -250,7 +250,7 @@ class FleetWorker:
         won = self._won.get(key)
         if won is not None:
             # This worker got the item's refund; only the ledger write failed.
-            return await self._applied(key, record.item, won)
+            return await self._applied(key, record.item, won, self._records(record))
         if record.state == "pending" and record.needs_review:
             return record.to_dict()
         if not self._signed(record):
@@ -306,16 +306,7 @@ class FleetWorker:
                 "(VIOLET_FLEET_KEY) or was altered; nothing more was sent: check the bag",
             )
             return (await self._record(key)).to_dict()
-        ledger_records = LedgerRecords(
-            self.ledger,
-            record,
-            held.key,
-            held.token,
-            clock=self.clock.time,
-            epoch=lambda: self._epoch,
-            stamp=self._now,
-            redact=self._message,
-        )
+        ledger_records = self._records(record, held)
         resume = await ledger_records.load()
         item = record.item
         if resume is None and await self._held(key, record, held, view):
@@ -613,7 +604,7 @@ class FleetWorker:
         # The engine's one outcome; the ledger's words for it follow
         # (VOCABULARY["ledger"]).
         if ended.refund is not None:
-            return await self._applied(key, item, ended.refund, merchant, held)
+            return await self._applied(key, item, ended.refund, records.ledger, merchant, held)
         assert ended.error is not None  # noqa: S101 - Ended holds one or the other
         await self._ended(key, record, ended, merchant, records)
         summary = (await self._record(key)).to_dict()
@@ -660,17 +651,32 @@ class FleetWorker:
                 raise RetryLaterError(str(exc), defer=1.0) from exc
             await records.end(Ended(Outcome.FAILED, error=exc))
 
-    async def _applied(
+    def _records(self, record: LedgerRecord, held: HeldLock | None = None) -> LedgerRecords:
+        """The ledger's records of ``record``'s item, under ``held`` (None: no lock, an
+        applied end only)."""
+        return LedgerRecords(
+            self.ledger,
+            record,
+            None if held is None else held.key,
+            "" if held is None else held.token,
+            clock=self.clock.time,
+            epoch=lambda: self._epoch,
+            stamp=self._now,
+            redact=self._message,
+        )
+
+    async def _applied(  # noqa: PLR0917 - internal
         self,
         key: str,
         item: BatchItem,
         refund: OrderRefund,
+        records: LedgerRecords,
         merchant: int | None = None,
         held: HeldLock | None = None,
     ) -> dict[str, Any]:
-        """Record the item's refund. Kept here until the ledger has it: Redis away now
-        (the job runs again) must not turn the item's own refund into another's.
-        ``held``: the bag's lock, let go of by the applied write itself."""
+        """Record the item's refund (``records.end``). Kept here until the ledger has
+        it: Redis away now (the job runs again) must not turn the item's own refund into
+        another's. ``held``: the bag's lock, let go of by the applied write itself."""
         self._won[key] = refund
         self._won.move_to_end(key)
         while len(self._won) > _WON_CAPACITY:
@@ -681,17 +687,13 @@ class FleetWorker:
         count = CAPTURE.get()
         if not isinstance(count, RequestCount) or not count.requests:
             count = None
-        done, record = await self.ledger.mark_applied_and_read(
-            key,
-            item.bag_id,
-            refund.id,
-            reconciled=refund.reconciled,
-            outcome="reconciled" if refund.reconciled else "applied",
-            paid=refund.amount,
+        await records.end(
+            Ended(Outcome.APPLIED, refund=refund),
             then=self._success_calls(item, refund, merchant),
             counts=None if count is None else (count.requests, count.rate_limited),
-            release=None if held is None else (held.key, held.token),
         )
+        assert records.applied is not None  # noqa: S101 - an applied end sets it
+        done, record = records.applied
         if held is not None and done == 1:
             held.released = True
         if count is not None and record is not None:
