@@ -682,9 +682,10 @@ def test_the_simulator_finds_a_re_send_after_a_429_sent_without_reading_the_bag(
         return real_after(ask, error, obs, settings, *args)
 
     def send_at_once(ask: Any, settings: Any, now: float, *, attempt_timeout: float) -> Any:
+        ask, action = real_start(ask, settings, now, attempt_timeout=attempt_timeout)
         if ask.phase is _protocol.Phase.ABSENT:
-            settings = attrs.evolve(settings, defer_rate_limited=True)  # its path: no read
-        return real_start(ask, settings, now, attempt_timeout=attempt_timeout)
+            return _protocol._send(ask, now, proven=True)  # no read first
+        return ask, action
 
     monkeypatch.setattr(_protocol, "_after_send_failure", no_read)
     monkeypatch.setattr(_protocol, "start", send_at_once)

@@ -1835,8 +1835,8 @@ class Engine:
         (:meth:`KnownRefunds.recall` and :meth:`KnownRefunds.claimed`), never over
         anything newer this client knows of the ask. A 2xx that reads as this
         request's refund: the ask's refund. Violet's 429 (or a 401, before it did
-        anything): not applied (ABSENT, sent again at once by the next resume). Any
-        other 4xx: failed, as the protocol ends a send refused in time (a refusal
+        anything): not applied (ABSENT: the next resume reads the bag, then sends it
+        again). Any other 4xx: failed, as the protocol ends a send refused in time (a refusal
         after a doubted send proves nothing of that one). Anything else (a 5xx, no
         answer, a timeout): nothing, the record stays pending."""
         try:

@@ -31,8 +31,8 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
     ABSENT  --read-->           SENT     (the re-send; its window starts there)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
     ABSENT  --resume-->         ABSENT   (read the bag first, as after a 429's wait;
-                                          a fresh budget) | SENT (a deferred ask sent
-                                          again: DEFER's caller paces it)
+                                          a fresh budget; a deferred ask too, once
+                                          DEFER's caller has paced it)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
                                           have: read back, never a definite failure)
     SENT    --may have applied, read back:
@@ -371,15 +371,13 @@ def start(
                 clock_unsure=False,
                 wall_mono=None,
             )
-        ask = attrs.evolve(ask, budget_from=ask.sends)
-        if not settings.defer_rate_limited:
-            # A record a call left while it waited out a 429 in place (its caller
-            # cancelled, its process died, its key was taken over): the bag is read
-            # before the re-send, as that call would have (review 27: sent at once,
-            # another system's refund made during the wait, no Date to date it by,
-            # was returned by the keyed repeat as its own).
-            return attrs.evolve(ask, settle_until=None, reads=0), Action(Do.READ, read_bag=False)
-        return _send(ask, now, proven=True)
+        # The bag is read before the re-send, as a call that waits a 429 out in place
+        # does: a record a call left in that wait (its caller cancelled, its process
+        # died, its key was taken over: review 27), and a 429 a batch or fleet
+        # deferred to its merchant's turn (review 28). Sent at once, another system's
+        # refund made during the wait, no Date to date it by, was taken for its own.
+        ask = attrs.evolve(ask, budget_from=ask.sends, settle_until=None, reads=0)
+        return ask, Action(Do.READ, read_bag=False)
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
 
