@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import attrs
 
-from violet_async import RetryPolicy
+from violet_async import AmbiguousOutcomeError, APIConnectionError, OrderRefund, RetryPolicy
 from violet_async._protocol import Do, Observation, Phase, start, step
 from violet_async.batch import BatchItem, run_batch
 from violet_async.models import RefundBagRequest
 from violet_async.testing import FakeClock
 
-from .hostile import BAG_ID, ORDER_ID, VIOLET_500, Step, hostile_client
+from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, VIOLET_500, Hostile, Step, hostile_client
 from .test_resend_window import SETTINGS, T0, busy, lost, refund, sent
 from .test_review27_findings import NoDate
 
@@ -73,3 +73,83 @@ async def test_a_batch_row_deferred_after_a_429_never_takes_anothers_refund() ->
     # The 429, the re-send answered 500 (the bag read first), the send once that one
     # was proven absent after its window.
     assert server.posts == 3
+
+
+def _read_proven_then(answer: Observation) -> tuple[object, object]:
+    """An ask whose first send (T0) got no answer and whose reads proved it absent after
+    its window (its refund not listed yet: a list behind by more than the window), then
+    sent again, that re-send answered ``answer``."""
+    ask, action = step(sent(), lost(T0), SETTINGS, T0 + 1.0, 1_000.0)
+    proving = (ask.settle_until or 0.0) + 1.0
+    ask, action = step(ask, Observation.read(proving, []), SETTINGS, proving, 1_000.0)
+    assert action.do is Do.SEND
+    assert ask.first_sent_at == T0  # a refund of the first send shown late is still its own
+    return step(ask, attrs.evolve(answer, at=proving), SETTINGS, proving + 0.5, 1_000.0)
+
+
+def test_a_429_after_absence_proven_by_reads_never_takes_the_first_sends_refund_as_anothers() -> (
+    None
+):
+    """The first send's refund shows only after the reads proved it absent; the re-send
+    is answered 429. The read after the wait listed that refund, and it joined the
+    baseline as "not this ask's": the re-send after it, answered 500, was proven absent
+    and the ask sent a third time (two refunds). Without the 429 the refund is claimed
+    (the window kept from the first send). Listed after a 429 it may be the first
+    send's or another system's made in the wait: parked for review, never sent."""
+    ask, action = _read_proven_then(busy())
+    assert (ask.phase, action.do) == (Phase.ABSENT, Do.READ)
+    mine = refund(9_001, T0 + 1.0)  # the first send's, shown late
+    at = T0 + 100.0
+    ask, action = step(ask, Observation.read(at, [mine]), SETTINGS, at, 1_000.0)
+    assert action.do is Do.PARK, (action.do, ask.note)
+    assert ask.needs_review
+    assert [r.id for r in action.candidates] == [9_001]
+
+
+def test_a_refused_connection_after_absence_proven_by_reads_keeps_the_first_sends_window() -> None:
+    """As above, the re-send's connection refused (never left): the send after it opened
+    the window anew, so the first send's refund, listed late and dated at that send,
+    was "made before the send"; the read after the window proved the ask absent and it
+    was sent a fourth time (two refunds). The window stays at the first send."""
+    refused = Observation.send_failed(
+        T0, APIConnectionError("refused", request_sent=False), backoff=1.0
+    )
+    ask, action = _read_proven_then(refused)
+    assert action.do is Do.SEND
+    assert ask.first_sent_at == T0
+    ask, action = step(ask, lost(T0 + 70.0), SETTINGS, T0 + 71.0, 1_000.0)
+    mine = refund(9_001, T0 + 1.0)
+    at = T0 + 200.0
+    ask, action = step(ask, Observation.read(at, [mine]), SETTINGS, at, 1_000.0)
+    assert action.do is Do.RETURN, (action.do, ask.note)
+    assert action.refund is not None
+    assert action.refund.id == 9_001
+
+
+async def test_a_refund_listed_late_after_a_429_is_never_sent_for_again() -> None:
+    """On a server: the first POST times out at the gateway (504) and commits, its
+    refund listed only 75 s later (beyond the 60 s window); the reads prove it absent
+    and the re-send is answered 429 (Retry-After 20 s); the read after the wait lists
+    the first refund, then the re-send is answered 500. The call sent a fourth POST and
+    refunded the shopper twice. It ends for review now: one refund, two POSTs after
+    the first (the 429'd one) and none after the read."""
+    clock = FakeClock()
+    server = Hostile(clock, list_lag=75.0)
+    server.script = [
+        Step(504, body=GATEWAY_504, commit_after=0.0),
+        Step(429, commit_after=None, headers={"Retry-After": "20"}),
+        Step(500, body=VIOLET_500, commit_after=None),
+    ]
+    retry = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0, jitter=False)
+    async with hostile_client(server, retry=retry) as client:
+        try:
+            got: OrderRefund | AmbiguousOutcomeError = await client.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert server.refunded == AMOUNT, f"refunded {server.refunded} for one ask of {AMOUNT}"
+    assert server.posts == 2
+    assert isinstance(got, AmbiguousOutcomeError), got
+    assert got.pending is not None
+    assert got.pending.needs_review

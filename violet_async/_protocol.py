@@ -405,6 +405,13 @@ def _send(
     )
 
 
+def _window_at_last_send(ask: PendingRefund) -> bool:
+    """The window a refund of ``ask`` must sit in opened at its last send: every send
+    before it was proven not applied by Violet's own answer (a 429, a connection never
+    opened), none by read-backs alone (a refund of such a send may still show late)."""
+    return ask.first_sent_at is None or ask.first_sent_at == ask.last_sent_at
+
+
 #: Two ``Date`` readings further apart than this disagree (a Date has whole seconds,
 #: and an answer's time in flight blurs it a little more).
 OFFSET_DISAGREES = 10.0
@@ -548,6 +555,17 @@ def step(
     if ask.phase is Phase.ABSENT:
         # The read before a re-send after a 429 (every send so far proven not
         # applied): nothing it lists is this ask's.
+        if not _window_at_last_send(ask) and (late := _listed_since(ask, obs, known)):
+            # ...unless an earlier send was proven absent by read-backs alone: a refund
+            # like this one listed since may be that send's, shown late, or another
+            # system's made during the wait. Which cannot be told (review 28: taken
+            # into the baseline, the ask was sent again and refunded twice).
+            note = (
+                f"bag {ask.bag_id} lists a refund like this one that the read proving an "
+                "earlier send absent did not: that send's, shown late, or another's; "
+                "not sent again"
+            )
+            return _park(ask, note, late, review=True)
         listed = frozenset(r.id for r in obs.refunds if r.id is not None)
         baseline = (ask.baseline or frozenset()) | listed
         return _send(attrs.evolve(ask, baseline=baseline), now, proven=True)
@@ -619,6 +637,23 @@ def _guard(
         )
         return _park(ask, note, review=True)
     return None
+
+
+def _listed_since(
+    ask: PendingRefund, obs: Observation, known: Container[int]
+) -> tuple[OrderRefund, ...]:
+    """The refunds ``obs`` lists on the ask's bag and order that its baseline (the read
+    that last proved it absent) did not, no other call was handed, and that may carry
+    what it asks."""
+    before = ask.baseline or frozenset()
+    return tuple(
+        r
+        for r in obs.refunds
+        if on_bag(r, ask.bag_id)
+        and on_order(r, ask.order_id)
+        and (r.id is None or (r.id not in before and r.id not in ask.others and r.id not in known))
+        and content(ask, r, obs.refunds, obs.bag) is not Verdict.MISS
+    )
 
 
 def _maybe_unnamed(refund: OrderRefund, unnamed: Sequence[tuple[int | None, float | None]]) -> bool:
@@ -891,7 +926,14 @@ def _after_send_failure(
             # platform, whose limit answered the 429.
             waiting = attrs.evolve(ask, phase=Phase.ABSENT, settle_until=None, reads=0, note=note)
             return waiting, Action(Do.READ, delay=obs.backoff, read_bag=False)
-        return _send(attrs.evolve(ask, note=note), now, obs.backoff, proven=True)
+        # A connection that never opened changes nothing of what the sends before it
+        # left open: an earlier send proven absent by read-backs alone may still show
+        # late, and the window stays at it, as for a re-send answered (``_after_read``;
+        # review 28: moved to this send, that send's refund listed late was "made
+        # before the send" and the ask was refunded twice).
+        return _send(
+            attrs.evolve(ask, note=note), now, obs.backoff, proven=_window_at_last_send(ask)
+        )
     if cause is Cause.REFUSED:
         if not ask.doubted:
             return attrs.evolve(ask, phase=Phase.FAILED, note=note), Action(Do.FAIL)
