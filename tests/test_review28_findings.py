@@ -5,9 +5,23 @@ shown on a server scripted in its test (tests/hostile.py: one order with one bag
 
 from __future__ import annotations
 
-import attrs
+import contextlib
+import traceback
+from collections.abc import AsyncIterator
 
-from violet_async import AmbiguousOutcomeError, APIConnectionError, OrderRefund, RetryPolicy
+import attrs
+import pytest
+from aiohttp import web
+
+from violet_async import (
+    AmbiguousOutcomeError,
+    APIConnectionError,
+    OrderRefund,
+    RefundFailedError,
+    RefundWaitTimeoutError,
+    RetryPolicy,
+    VioletClient,
+)
 from violet_async._protocol import Do, Observation, Phase, start, step
 from violet_async.batch import BatchItem, run_batch
 from violet_async.models import RefundBagRequest
@@ -153,3 +167,87 @@ async def test_a_refund_listed_late_after_a_429_is_never_sent_for_again() -> Non
     assert isinstance(got, AmbiguousOutcomeError), got
     assert got.pending is not None
     assert got.pending.needs_review
+
+
+APP_SECRET = "review28-app-secret-0123"
+TOKEN = "review28-token-abcdef-4567"
+
+
+def _failed_refund(message: str, status: str = "FAILED") -> dict[str, object]:
+    return {
+        "id": 9_100,
+        "order_id": ORDER_ID,
+        "bag_id": BAG_ID,
+        "amount": AMOUNT,
+        "status": status,
+        "errors": [{"error_code": 1, "error_message": message}],
+    }
+
+
+@pytest.mark.parametrize("kind", ["refund", "cancel"])
+async def test_a_failed_refunds_reason_echoing_a_secret_is_redacted_from_the_error(
+    kind: str,
+) -> None:
+    """Violet answers 2xx with a refund whose status is FAILED and whose error message
+    quotes the request (the app secret, the token): ``RefundFailedError`` put that
+    message in its own text verbatim, which a log line or an error tracker keeps. Every
+    other error built from an answer hides the client's secrets; this one does now."""
+    body = _failed_refund(f"gateway said: bad key {APP_SECRET} for token {TOKEN}")
+
+    async def answer(request: web.Request) -> web.Response:
+        if kind == "cancel":
+            bag = {"bag_id": BAG_ID, "order_id": ORDER_ID, "status": "CANCELED", "refund": body}
+            return web.json_response(
+                {"order_id": ORDER_ID, "status": "CANCELED", "cancelled_bags": [bag]}
+            )
+        return web.json_response(body)
+
+    app = web.Application()
+    action = "refunds" if kind == "refund" else "cancel"
+    app.router.add_post(f"/v1/orders/{ORDER_ID}/bags/{BAG_ID}/{action}", answer)
+    async with _served(app) as url, VioletClient(1, APP_SECRET, token=TOKEN, base_url=url) as c:
+        call = (
+            c.cancel_bag(ORDER_ID, BAG_ID)
+            if kind == "cancel"
+            else c.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        )
+        with pytest.raises(RefundFailedError) as caught:
+            await call
+    shown = "".join(traceback.format_exception(caught.value)) + repr(caught.value)
+    assert APP_SECRET not in shown
+    assert TOKEN not in shown
+    assert "[REDACTED]" in str(caught.value)
+
+
+async def test_a_refund_status_echoing_a_secret_is_redacted_from_the_wait_timeout() -> None:
+    """``wait_for_refund`` ran out with the last status read in its message: a status
+    Violet does not document is kept as written, and one quoting the app secret put it
+    in ``RefundWaitTimeoutError``'s text."""
+    clock = FakeClock()
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(_failed_refund("", status=f"PENDING {APP_SECRET}"))
+
+    app = web.Application()
+    app.router.add_get(f"/v1/orders/{ORDER_ID}/refunds/9100", answer)
+    async with (
+        _served(app) as url,
+        VioletClient(1, APP_SECRET, token=TOKEN, base_url=url, clock=clock) as c,
+    ):
+        with pytest.raises(RefundWaitTimeoutError) as caught:
+            await c.wait_for_refund(ORDER_ID, BAG_ID, 9_100, timeout=2.0, poll_interval=1.0)
+    shown = "".join(traceback.format_exception(caught.value)) + repr(caught.value)
+    assert APP_SECRET not in shown
+
+
+@contextlib.asynccontextmanager
+async def _served(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
