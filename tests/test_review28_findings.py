@@ -251,3 +251,28 @@ async def _served(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         await runner.cleanup()
+
+
+def test_a_record_under_review_is_never_sent_by_a_late_429_kept_in_another_client() -> None:
+    """A cancelled call's POST answered 429 late, kept in this client (the ask's record
+    ABSENT here: ``KnownRefunds.proven_late``); meanwhile another client on the key's
+    store resumed the ask, sent nothing, and parked it for a person to look at (a
+    refund on the bag it could not tell). This client's next resume merged the two and
+    resumed the ABSENT one, review and all, and sent the ask again while a person was
+    looking at the bag. Review is sticky: it parks for review, nothing is sent."""
+    from violet_async._reconcile import KnownRefunds
+
+    known = KnownRefunds()
+    cancelled = sent()
+    late = attrs.evolve(cancelled, phase=Phase.ABSENT, settle_until=None, note="429, late")
+    assert known.proven_late(late)
+    reviewed = attrs.evolve(
+        cancelled, phase=Phase.PENDING, needs_review=True, note="a refund that may be it"
+    )
+    resumed = known.recall(reviewed)
+    assert resumed.needs_review
+    ask, action = start(resumed, SETTINGS, T0 + 100.0, attempt_timeout=5.0)
+    if action.do is Do.READ:
+        ask, action = step(ask, Observation.read(T0 + 100.0, []), SETTINGS, T0 + 100.0, 400.0)
+    assert action.do is Do.PARK, (action.do, ask.note)
+    assert ask.needs_review

@@ -536,6 +536,8 @@ def step(
         if ask.phase not in (Phase.NEW, Phase.SENT, Phase.ABSENT):
             raise ProtocolError(f"a read failure in phase {ask.phase.value}")
         if ask.phase is Phase.ABSENT:
+            if ask.needs_review:
+                return _still_for_review(ask)
             # The read before a re-send after a 429 failed after its own retries: sent
             # as it was before that read existed (its window opens at the send).
             return _send(ask, now, proven=True)
@@ -553,6 +555,8 @@ def step(
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
         return _send(attrs.evolve(ask, baseline=baseline), now)
     if ask.phase is Phase.ABSENT:
+        if ask.needs_review:
+            return _still_for_review(ask)
         # The read before a re-send after a 429 (every send so far proven not
         # applied): nothing it lists is this ask's.
         if not _window_at_last_send(ask) and (late := _listed_since(ask, obs, known)):
@@ -637,6 +641,15 @@ def _guard(
         )
         return _park(ask, note, review=True)
     return None
+
+
+def _still_for_review(ask: PendingRefund) -> tuple[PendingRefund, Action]:
+    """An ABSENT record a person was asked to look at (a copy parked for review merged
+    into it: ``KnownRefunds.recall``): review is sticky, nothing is sent while a person
+    may be settling the bag by hand (review 28: a late 429 kept in one client sent the
+    ask again that another client had parked for review)."""
+    note = f"parked for review before ({ask.note}); a person has to look at bag {ask.bag_id}"
+    return _park(ask, note, review=True)
 
 
 def _listed_since(
