@@ -19,6 +19,7 @@ from violet_async import (
     OrderRefund,
     RefundFailedError,
     RefundWaitTimeoutError,
+    RequestValidationError,
     RetryPolicy,
     VioletClient,
 )
@@ -276,3 +277,38 @@ def test_a_record_under_review_is_never_sent_by_a_late_429_kept_in_another_clien
         ask, action = step(ask, Observation.read(T0 + 100.0, []), SETTINGS, T0 + 100.0, 400.0)
     assert action.do is Do.PARK, (action.do, ask.note)
     assert ask.needs_review
+
+
+#: A gateway's password whose first part, up to a ``/``, is digits: the URL parser
+#: reads it as the port of a host named by the user name, and the URL parses.
+DIGITS_FIRST = "2024/Gw9PassTail"
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_a_base_url_whose_password_parses_as_a_port_is_refused(
+    via: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``https://gateway:2024/Gw9PassTail@api.violet.io/v1`` (a password with ``/``, not
+    percent-encoded) parses as host ``gateway``, port 2024, path ``/Gw9PassTail@api...``:
+    review 25 refused such a URL only when the part before the ``/`` is no number.
+    This one was taken: the app secret and token went to the host ``gateway`` on port
+    2024, ``repr(client)`` showed ``https://***@api.violet.io/v1`` (the host it did not
+    send to), and the whole password reached OpenTelemetry's ``url.full``. A base URL
+    with an ``@`` after its host is refused now, the password never quoted."""
+    url = f"https://gateway:{DIGITS_FIRST}@api.violet.io/v1"
+    monkeypatch.setenv("VIOLET_APP_ID", "11")
+    monkeypatch.setenv("VIOLET_APP_SECRET", APP_SECRET)
+    monkeypatch.setenv("VIOLET_TOKEN", TOKEN)
+    monkeypatch.setenv("VIOLET_BASE_URL", url)
+
+    def make() -> VioletClient:
+        if via == "environment":
+            return VioletClient.from_env()
+        return VioletClient(11, APP_SECRET, token=TOKEN, base_url=url)
+
+    with pytest.raises(RequestValidationError) as info:
+        make()
+    assert info.value.field == "base_url"
+    shown = str(info.value) + repr(info.value)
+    assert "Gw9PassTail" not in shown
+    assert "2024" not in shown
