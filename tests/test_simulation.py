@@ -560,8 +560,8 @@ def test_the_simulator_finds_a_canceled_refund_reported_as_made(
 
     real = _engine.unless_failed
 
-    def buggy(refund: Any, kind: Any = "refund") -> Any:
-        return refund if refund.status is RefundStatus.CANCELED else real(refund, kind)
+    def buggy(refund: Any, kind: Any = "refund", redact: Any = None) -> Any:
+        return refund if refund.status is RefundStatus.CANCELED else real(refund, kind, redact)
 
     monkeypatch.setattr(_engine, "unless_failed", buggy)
     monkeypatch.setattr(_client, "unless_failed", buggy)
