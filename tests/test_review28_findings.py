@@ -26,6 +26,7 @@ from violet_async import (
 from violet_async._protocol import Do, Observation, Phase, start, step
 from violet_async.batch import BatchItem, run_batch
 from violet_async.models import RefundBagRequest
+from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, VIOLET_500, Hostile, Step, hostile_client
@@ -312,3 +313,44 @@ def test_a_base_url_whose_password_parses_as_a_port_is_refused(
     shown = str(info.value) + repr(info.value)
     assert "Gw9PassTail" not in shown
     assert "2024" not in shown
+
+
+async def test_a_late_429_kept_in_one_client_never_sends_what_another_parked_for_review() -> None:
+    """On a server, two clients on one key store: client A keeps cancelled sends. A's
+    keyed POST is cut by its caller, its 429 held back; B repeats the key, reads the
+    bag, finds a refund of the same amount with no date (another system's: whether it
+    is the ask's cannot be told) and parks the ask for review. A's 429 then lands
+    (kept: not applied), and A's repeat of the key sent the ask again while a person
+    was asked to look at the bag. It stays parked for review: one POST."""
+    from .test_cancelled_answer import KEEP, Held, _cut, _landed
+
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+        null_dates=True,
+    )
+    store = MemoryStore(lease=5.0)
+    short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
+    key = "rma-review28-review-is-sticky"
+    async with hostile_client(server, **KEEP, retry=short, store=store) as first:
+        await _cut(first, server, idempotency_key=key)
+        server.add_refund(AMOUNT)  # another system's, undated
+        clock.advance(6.0)  # A's lease on the key is over: B takes the ask over
+        async with hostile_client(server, retry=short, store=store) as second:
+            with pytest.raises(AmbiguousOutcomeError) as parked:
+                await second.refund_bag(
+                    ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=key
+                )
+        assert parked.value.pending is not None
+        assert parked.value.pending.needs_review
+        await _landed(first, held, server)
+        clock.advance(2.0)
+        with pytest.raises(AmbiguousOutcomeError) as again:
+            await first.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=key)
+    assert server.posts == 1, "sent again while parked for review"
+    assert server.ours == []
+    assert again.value.pending is not None
+    assert again.value.pending.needs_review
