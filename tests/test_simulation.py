@@ -561,8 +561,8 @@ def test_the_simulator_finds_a_canceled_refund_reported_as_made(
 
     real = _engine.unless_failed
 
-    def buggy(refund: Any, kind: Any = "refund") -> Any:
-        return refund if refund.status is RefundStatus.CANCELED else real(refund, kind)
+    def buggy(refund: Any, kind: Any = "refund", redact: Any = None) -> Any:
+        return refund if refund.status is RefundStatus.CANCELED else real(refund, kind, redact)
 
     monkeypatch.setattr(_engine, "unless_failed", buggy)
     monkeypatch.setattr(_client, "unless_failed", buggy)
@@ -683,9 +683,10 @@ def test_the_simulator_finds_a_re_send_after_a_429_sent_without_reading_the_bag(
         return real_after(ask, error, obs, settings, *args)
 
     def send_at_once(ask: Any, settings: Any, now: float, *, attempt_timeout: float) -> Any:
+        ask, action = real_start(ask, settings, now, attempt_timeout=attempt_timeout)
         if ask.phase is _protocol.Phase.ABSENT:
-            settings = attrs.evolve(settings, defer_rate_limited=True)  # its path: no read
-        return real_start(ask, settings, now, attempt_timeout=attempt_timeout)
+            return _protocol._send(ask, now, proven=True)  # no read first
+        return ask, action
 
     monkeypatch.setattr(_protocol, "_after_send_failure", no_read)
     monkeypatch.setattr(_protocol, "start", send_at_once)

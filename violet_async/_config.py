@@ -119,6 +119,16 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
             f"is not a valid URL (its port or [IPv6] host cannot be read; a password in "
             f"it must be percent-encoded), got {shown_url(base_url)!r}",
         ) from None
+    if "@" in base_url and "@" not in parts.netloc:
+        # An ``@`` after the host, none before it: a password holding ``/`` (not
+        # percent-encoded) whose part before it is digits parses, as the port of a
+        # host named by the user name (review 28: the app secret went to that host,
+        # and the password reached the span's url.full). Violet's paths hold no ``@``.
+        raise RequestValidationError(
+            "base_url",
+            f"has an '@' after its host (a password in it must be percent-encoded), "
+            f"got {shown_url(base_url)!r}",
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RequestValidationError(
             "base_url", f"must be an http(s) URL, got {shown_url(base_url)!r}"

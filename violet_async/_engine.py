@@ -1872,7 +1872,7 @@ class Engine:
                 # The save right before a send (the stamp) failed: nothing left. Its
                 # error goes on as the save raised it (a store's: NOT_SENT).
                 raise stopped.error from None
-            refund = unless_failed(refund, kind)
+            refund = unless_failed(refund, kind, self._shared.auth.redactor)
         except (RateLimitDeferred, VioletError) as exc:
             outcome = outcome_of(exc)
             if outcome is None or isinstance(exc, passes):
@@ -1918,8 +1918,8 @@ class Engine:
         (:meth:`KnownRefunds.recall` and :meth:`KnownRefunds.claimed`), never over
         anything newer this client knows of the ask. A 2xx that reads as this
         request's refund: the ask's refund. Violet's 429 (or a 401, before it did
-        anything): not applied (ABSENT, sent again at once by the next resume). Any
-        other 4xx: failed, as the protocol ends a send refused in time (a refusal
+        anything): not applied (ABSENT: the next resume reads the bag, then sends it
+        again). Any other 4xx: failed, as the protocol ends a send refused in time (a refusal
         after a doubted send proves nothing of that one). Anything else (a 5xx, no
         answer, a timeout): nothing, the record stays pending."""
         try:
@@ -2031,13 +2031,19 @@ def _as_owner(
     return with_unnamed(ask, known.unnamed(ask.bag_id, besides=owner)), mine, owner
 
 
-def unless_failed(refund: OrderRefund, kind: Kind = "refund") -> OrderRefund:
+def unless_failed(
+    refund: OrderRefund, kind: Kind = "refund", redact: Redactor | None = None
+) -> OrderRefund:
     """A 2xx refund that moved no money (status FAILED or CANCELED) is an error carrying
     the refund: for a refund, and for a cancel whose answer carries its refund so (the
-    bag was cancelled, the shopper was not refunded)."""
+    bag was cancelled, the shopper was not refunded). ``redact``: the client's secrets
+    are hidden in the reasons the message quotes (Violet's error messages may echo the
+    request: review 28)."""
     status = refund.status
     if status is RefundStatus.FAILED or status is RefundStatus.CANCELED:
         reasons = "; ".join(e.error_message or "" for e in refund.errors)
+        if redact is not None:
+            reasons = redact.text(reasons)
         what = (
             f"refund {refund.id} on bag {refund.bag_id}"
             if kind == "refund"
