@@ -9,7 +9,7 @@
     python benchmarks/simulate.py --kinds all --schedules 200000 --processes 2  # both cores
 
 Prints schedules per second, faults injected by kind, outcomes, and violations by kind
-with the first seed of each (replay it with --seed). ``--known`` lists kinds that are
+with its first ten seeds (replay one with --seed). ``--known`` lists kinds that are
 counted but do not fail the run (exit 1 on any other). ``--processes N`` runs the seeds
 in blocks of ``--block`` on N processes (the same seeds, the same results, printed in
 seed order; a line on stderr per block done). The stores and journals a schedule opens
@@ -32,6 +32,8 @@ import attrs
 
 from violet_async.testing.sim import WORLD_KINDS, shrink, simulate
 
+#: How many seeds of each violation kind the summary names.
+SEEDS_SHOWN = 10
 #: A RAM-backed directory; ``tempfile`` makes private (0700, random) directories in it.
 SHM = "/dev/shm"  # noqa: S108
 
@@ -90,7 +92,8 @@ class _Tally:
     injected: Counter[str] = attrs.Factory(Counter)
     outcomes: Counter[str] = attrs.Factory(Counter)
     kinds: Counter[str] = attrs.Factory(Counter)
-    first: dict[str, int] = attrs.Factory(dict)
+    first: dict[str, list[int]] = attrs.Factory(dict)
+    """Each violation kind's first ten seeds."""
     modes: Counter[str] = attrs.Factory(Counter)
     virtual: float = 0.0
     ran: int = 0
@@ -101,8 +104,9 @@ class _Tally:
         self.injected.update(other.injected)
         self.outcomes.update(other.outcomes)
         self.kinds.update(other.kinds)
-        for kind, seed in other.first.items():
-            self.first.setdefault(kind, seed)
+        for kind, seeds in other.first.items():
+            mine = self.first.setdefault(kind, [])
+            mine[:] = (mine + seeds)[:SEEDS_SHOWN]
         self.modes.update(other.modes)
         self.virtual += other.virtual
         self.ran += other.ran
@@ -127,7 +131,9 @@ def _block(job: Job) -> _Tally:
         tally.virtual += result.virtual_seconds
         for kind in result.kinds:
             tally.kinds[kind] += 1
-            tally.first.setdefault(kind, seed)
+            seeds = tally.first.setdefault(kind, [])
+            if len(seeds) < SEEDS_SHOWN:
+                seeds.append(seed)
         if find and result.kinds - known:
             tally.found = (seed, sorted(result.kinds), result.violations[:5])
             break
@@ -191,7 +197,8 @@ def _many(args: argparse.Namespace, world: set[str], known: set[str]) -> int:
         )
     )
     for kind, count in sorted(tally.kinds.items()):
-        print(f"  {kind:20} {count:6}  first seed {tally.first[kind]}")
+        shown = ", ".join(map(str, tally.first[kind]))
+        print(f"  {kind:20} {count:6}  first seed{'s' if count > 1 else ''} {shown}")
     return 1 if unexpected else 0
 
 
