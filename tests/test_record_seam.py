@@ -301,3 +301,80 @@ async def test_the_fleet_records_an_end_without_a_refund_through_its_ledger_reco
     else:
         assert (done["state"], done["needs_review"]) == ("pending", True)
         assert "the ledger lost this item's record" in done["message"]
+
+
+@pytest.mark.parametrize("outcome", [Outcome.PENDING, Outcome.APPLIED])
+async def test_an_end_the_ledger_has_no_word_for_is_never_recorded_failed(
+    redis_url: str, outcome: Outcome
+) -> None:
+    """LedgerRecords.end with an outcome it does not map (PENDING with no record to
+    keep, APPLIED with no refund): the item may have applied, so it is left for review
+    (outcome ``unknown``), never ``failed`` (definitely not applied: final, and a
+    failed item is one a person may enqueue again). Before: ``failed``."""
+    pytest.importorskip("redis")
+    from redis.asyncio import Redis
+
+    from violet_async._ask import sent_once
+    from violet_async.fleet import BagLocks, RedisLedger, item_key
+    from violet_async.fleet._ledger import LedgerRecords
+
+    o1, b1 = _bag(1)
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.flushall()
+        ledger = RedisLedger(redis)
+        await ledger.new_fleet()
+        item = BatchItem.refund(1, o1, b1, RefundBagRequest(amount_refunded=100))
+        key = item_key(item)
+        await ledger.register(key, item)
+        async with BagLocks(redis).hold(b1) as held:
+            record = await ledger.get(key)
+            assert record is not None
+            records = LedgerRecords(
+                ledger,
+                record,
+                held.key,
+                held.token,
+                clock=lambda: 1_700_000_000.0,
+                epoch=lambda: None,
+                stamp=_stamp,
+                redact=str,
+            )
+            ask = sent_once("refund", o1, b1, item.request, 1_700_000_000.0)
+            await records.save(ask)  # sent: the POST may have left
+            await records.end(Ended(outcome))
+            after = await ledger.get(key)
+        assert after is not None
+        assert (after.state, after.outcome) == ("failed", "unknown")
+    finally:
+        await redis.aclose()
+
+
+async def _stamp() -> float:
+    return 1_700_000_000.0
+
+
+@pytest.mark.parametrize("outcome", [Outcome.APPLIED, Outcome.DEFERRED])
+async def test_an_end_the_journal_has_no_word_for_is_left_for_review(
+    tmp_path: Any, outcome: Outcome
+) -> None:
+    """JournalRecords.end with an outcome it does not map: APPLIED with no refund (a
+    "done" line would tell the next run, and the audit, that the item has its refund,
+    naming none), DEFERRED (no line state). Left "unknown" (for review), after the
+    "sent" line that says the POST may have left. Before: "done", or a KeyError with
+    no line written."""
+    from violet_async._ask import sent_once
+    from violet_async._journal import Journal
+
+    o1, b1 = _bag(1)
+    item = BatchItem.refund(1, o1, b1, RefundBagRequest(amount_refunded=100))
+    path = tmp_path / "run.jsonl"
+    journal = await Journal.open(path, input_id=None)
+    try:
+        records = batch_module.JournalRecords(journal, item, "k")
+        await records.save(sent_once("refund", o1, b1, item.request, 1_700_000_000.0))
+        await records.end(Ended(outcome))
+    finally:
+        await journal.aclose()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["state"] for line in lines if "state" in line] == ["sent", "unknown"]

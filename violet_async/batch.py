@@ -1226,7 +1226,11 @@ class JournalRecords:
             pending = getattr(exc, "pending", None)
             if isinstance(pending, PendingRefund):
                 fields["ask"] = pending.to_dict()
-        state = _JOURNAL_STATES[ended.outcome]
+        outcome = ended.outcome
+        if refund is None and outcome is AskOutcome.APPLIED:
+            outcome = AskOutcome.REVIEW  # "done" naming no refund: nothing says it applied
+        # An end with no line state (DEFERRED) is left for review, never guessed.
+        state = _JOURNAL_STATES.get(outcome, _JOURNAL_STATES[AskOutcome.REVIEW])
         await self.journal.record(self.key, self.item.line, state, **fields)
 
 

@@ -1378,8 +1378,10 @@ def resumable_record(record: LedgerRecord, now: float) -> PendingRefund | None:
     return resumable(stored, item_ask(record.item), sent_at=record.updated_at or now)
 
 
-#: The ``outcome`` a failed record carries for each end it stands for (the rest are
-#: ``failed``; ``refused`` is an item nobody with the fleet key signed).
+#: The ``outcome`` a failed record carries for each end it stands for (``refused`` is
+#: an item nobody with the fleet key signed). An end with no word here (PENDING with no
+#: record to keep, APPLIED with no refund) may have applied: ``unknown`` (for review),
+#: never ``failed``.
 FAILED_OUTCOMES = {
     Outcome.PRESENT: "already_present",
     Outcome.REVIEW: "unknown",
@@ -1505,7 +1507,7 @@ class LedgerRecords:
                 key,
                 type(exc).__name__,
                 self.redact(exc) if exc is not None else "",
-                outcome=FAILED_OUTCOMES.get(outcome, Outcome.FAILED.value),
+                outcome=FAILED_OUTCOMES.get(outcome, FAILED_OUTCOMES[Outcome.REVIEW]),
                 bag_id=bag_id,
                 **lock,
             )
