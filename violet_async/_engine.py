@@ -1526,6 +1526,10 @@ class Engine:
             late = LateAnswer()
             late_token = LATE_ANSWER.set(late)
         try:
+            if resume is not None and shared.landing:
+                # A cancelled call's send of this ask may still be answered here: wait
+                # for what it proves (only with keep_cancelled_sends; nothing otherwise).
+                await self._await_landing(resume.ask_id, deadline)
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
             if (
@@ -1819,7 +1823,31 @@ class Engine:
         )
         shared.late_answers.add(landing)
         landing.add_done_callback(shared.late_answers.discard)
+        ask_id = pending.ask_id
+        shared.landing[ask_id] = landing
+
+        def landed(done: asyncio.Task[None]) -> None:
+            if shared.landing.get(ask_id) is done:
+                del shared.landing[ask_id]
+
+        landing.add_done_callback(landed)
         return pending
+
+    async def _await_landing(self, ask_id: str, deadline: float | None) -> None:
+        """Wait, up to ``deadline``, for the late answer of this ask's send that a
+        cancelled call of this client left on its way (``_keep_late``), before a resume
+        or keyed repeat of the ask reads the bag: what it proves (a 429: not applied; a
+        2xx: its refund) is then what the resume starts from. Read beside it instead, a
+        repeat begun before the answer landed took another system's identical refund,
+        made after that send, for its own (simulator seeds 932620 and 1197549). The
+        answer is bounded by its own attempt's timeouts; past the deadline the resume
+        goes on as before (the answer, landing later, is kept for the next one)."""
+        landing = self._shared.landing.get(ask_id)
+        if landing is None:
+            return
+        clock = self._shared.clock
+        left = None if deadline is None else max(0.0, deadline - clock.monotonic())
+        await asyncio.wait((landing,), timeout=left)
 
     async def _land_late(
         self,
