@@ -820,8 +820,11 @@ class KeyedAsks:
         store = self.store
         clock = self._clock
         # SENT and PENDING start alike (read back first); PENDING here keeps a record
-        # this call was handed from being taken for an owner that stopped mid-send.
-        mine = attrs.evolve(pending, phase=Phase.PENDING)
+        # this call was handed from being taken for an owner that stopped mid-send. One
+        # parked for review with every send proven not applied stays so (``_for_review``).
+        mine = (
+            pending if pending.phase is Phase.ABSENT else attrs.evolve(pending, phase=Phase.PENDING)
+        )
         while True:
             now = clock.time()
             fresh = KeyEntry(
@@ -1188,8 +1191,15 @@ def _for_review(
     error: type[AmbiguousOutcomeError] = AmbiguousOutcomeError,
 ) -> tuple[PendingRefund, AmbiguousOutcomeError]:
     """``record`` parked for review (pending, ``note`` its reason; nothing of it is
-    read or sent), and the error that hands it out."""
-    parked = attrs.evolve(record, phase=Phase.PENDING, needs_review=True, note=note)
+    read or sent), and the error that hands it out.
+
+    A record whose sends were all proven not applied (``ABSENT``: a 429, a re-send
+    waiting to leave) stays so: nothing of it can be on the bag. Made "sent, may have
+    applied", its resume read the bag back over the window of a send a 429 had
+    answered, and took another system's identical refund made during the wait for its
+    own (simulator seed 1202091). Resumed, it stays for review (``protocol.start``)."""
+    phase = Phase.ABSENT if record.phase is Phase.ABSENT else Phase.PENDING
+    parked = attrs.evolve(record, phase=phase, needs_review=True, note=note)
     return parked, error(message, request=record.request, attempts=record.sends, pending=parked)
 
 
@@ -1280,6 +1290,8 @@ def resumable(
       every send so far proven not applied (a 429 deferred, a re-send waiting to
       leave). Sent anew, its window from that send; read back as doubtful, a refund
       another system made during the wait would pass for its own;
+    - absent and parked for review (held back before its re-send left): as it is, for
+      review again, nothing read or sent (``protocol.start``);
     - any other phase (applied without its refund, absent, failed: the edge did not
       take it as ended): pending and doubted, keeping what it knows (sends, settle
       window, the refunds it saw), read back first, never sent again blind;
@@ -1298,7 +1310,7 @@ def resumable(
     if stored.phase is Phase.NEW:
         return None
     if stored.phase in (Phase.SENT, Phase.PENDING) or (
-        absent_unsent and stored.phase is Phase.ABSENT
+        stored.phase is Phase.ABSENT and (absent_unsent or stored.needs_review)
     ):
         return stored
     return attrs.evolve(stored, phase=Phase.PENDING, doubted=True)

@@ -306,6 +306,11 @@ class Action:
 # -- transitions --------------------------------------------------------------------
 
 
+#: How the note of an absent record parked for review begins (said once, however often
+#: it is resumed).
+_REVIEWED_ABSENT = "parked for review before any re-send left"
+
+
 def start(
     ask: PendingRefund, settings: Settings, now: float, *, attempt_timeout: float
 ) -> tuple[PendingRefund, Action]:
@@ -352,6 +357,19 @@ def start(
         )
         return ask, Action(Do.READ, read_bag=_reads_bag(ask))
     if ask.phase is Phase.ABSENT:
+        if ask.needs_review:
+            # Parked for review before any re-send left (held back by another ask on
+            # the bag): nothing of it can have applied, so nothing on the bag is its
+            # refund, and a person decides whether to send it. It stays as it is (read
+            # back as "sent, may have applied", a refund another system made after its
+            # 429'd send was claimed: simulator seed 1202091).
+            note = ask.note
+            if not note.startswith(_REVIEWED_ABSENT):
+                note = (
+                    f"{_REVIEWED_ABSENT} ({note}); each send of it was proven not applied: "
+                    f"a person has to look at bag {ask.bag_id} and decide whether to send it"
+                )
+            return attrs.evolve(ask, note=note), Action(Do.PARK)
         # Left after a 429 (deferred, or a wait cut short): every earlier send is proven
         # not applied, so it is sent again, with a fresh attempt budget (the caller's
         # pacing bounds the rest).
