@@ -242,7 +242,10 @@ async def test_a_resume_begun_before_the_429_lands_waits_for_it_and_sends_its_ow
 async def test_a_repeat_whose_deadline_ends_before_the_late_answer_lands_does_not_send() -> None:
     """The answer is still held when the repeat's deadline ends: the repeat reads the
     bag back, as before, and ends pending, never sending over the send that may still
-    apply. The answer, landing later, is kept for the next repeat, which sends its own."""
+    apply. The answer, landing later, is kept for the next repeat, which sends its own
+    and never takes another system's identical refund made meanwhile (the repeat that
+    read back and parked the record, with no send of its own, knew nothing newer of
+    that send: it used to keep the answer from being kept)."""
     clock = FakeClock()
     held = Held()
     server = Hostile(
@@ -261,7 +264,9 @@ async def test_a_repeat_whose_deadline_ends_before_the_late_answer_lands_does_no
         assert server.posts == 1
         await _landed(client, held, server)
         clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
         got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+    assert got.id != other, "another system's refund handed over as this call's"
     assert server.ours == [got.id]
     assert server.posts == 2
 
