@@ -15,6 +15,7 @@ refunds are counted by the server's own record."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,7 +31,7 @@ from violet_async import (
 )
 from violet_async._requests import LateAnswer, _kept
 from violet_async._transport import REQUEST_LEFT, RawResponse
-from violet_async.stores import MemoryStore
+from violet_async.stores import MemoryStore, SQLiteStore
 from violet_async.testing import FakeClock
 
 from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile, Step, hostile_client
@@ -268,6 +269,44 @@ async def test_a_repeat_whose_deadline_ends_before_the_late_answer_lands_does_no
         got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
     assert got.id != other, "another system's refund handed over as this call's"
     assert server.ours == [got.id]
+    assert server.posts == 2
+
+
+async def test_a_429_landed_late_is_written_through_to_the_keys_store(tmp_path: Path) -> None:
+    """Simulator seed 1130819's class, across processes: the cancelled keyed call's 429
+    lands in its own process, and the key's repeat comes from another process sharing
+    the store (one SQLite file, two stores, two clients). The late answer is written
+    through the key's entry: the other process sends its own refund, never taking
+    another system's identical one made after the send (it read the send back as "may
+    have applied" before, and took it)."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    path = tmp_path / "keys.db"
+    async with (
+        SQLiteStore(path) as one_store,
+        hostile_client(server, **KEEP, retry=RETRY, store=one_store) as one,
+    ):
+        await _cut(one, server, idempotency_key=KEY)
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+        await _landed(one, held, server)
+        clock.advance(2.0)
+        async with (
+            SQLiteStore(path) as two_store,
+            hostile_client(server, retry=RETRY, store=two_store) as two,
+        ):
+            got = await two.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY
+            )
+        again = await one.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id], "the ask's own refund, made once"
+    assert again.id == got.id, "the first process's repeat finds it in the store"
     assert server.posts == 2
 
 

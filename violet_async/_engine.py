@@ -673,6 +673,51 @@ class KeyedAsks:
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not give back key %r: %s", back.key, exc)
 
+    async def proven_late(self, proven: PendingRefund) -> None:
+        """A cancelled keyed call's late answer proved its send not applied (``proven``,
+        ABSENT: ``Engine._land_late``): written through the key's entry, under the key's
+        lease, so that the key's next call in any process sharing the store sends its
+        own (reading the bag first) rather than read the send back as "may have
+        applied", where another system's identical refund made meanwhile would pass for
+        its own (simulator seed 1130819: the key taken over by another process).
+
+        Only while the entry still holds that very send (the same ask, as many sends,
+        sent or pending, not for review) and nobody else owns the key; a call of the key
+        running in this process resumes from this client's own memory and saves what it
+        does. Best effort: a store that fails leaves the entry as it was (read back,
+        as before)."""
+        bare = proven.idempotency_key
+        if bare is None:
+            return
+        key = f"{self.scope} {bare}"
+        if key in self._flights:
+            return
+        store = self.store
+        now = self._clock.time()
+        fresh = KeyEntry(
+            key, proven, owner=self.owner, lease_until=now + store.lease, scope=self.scope
+        )
+        try:
+            await self._after_give_back(key)
+            claim, entry = await store.claim(fresh, self._lease_now(now))
+        except Exception as exc:  # noqa: BLE001 - the entry stays as it was
+            log.warning("could not record the late answer of key %r: %s", bare, exc)
+            return
+        if claim is not Claim.OWNED:
+            return  # finished, ended, another request, or another owner's now
+        held = entry.ask
+        if (
+            held.ask_id == proven.ask_id
+            and held.sends == proven.sends
+            and held.phase in (Phase.SENT, Phase.PENDING)
+            and not held.needs_review
+        ):
+            ask = attrs.evolve(
+                proven, seen=held.seen | proven.seen, others=held.others | proven.others
+            )
+            entry = attrs.evolve(entry, ask=ask)
+        await self._give_back(entry)
+
     async def _after_give_back(self, key: str) -> None:
         """Wait for a cancelled call's give-back of ``key`` (:meth:`_before_send`)."""
         task = self._giving_back.get(key)
@@ -1916,6 +1961,10 @@ class Engine:
                 note=f"{type(error).__name__} (answered after the call was cancelled): {error}",
             )
             proven = known.proven_late(absent)
+            if self.keys is not None and absent.idempotency_key is not None:
+                # The key's entry too: a repeat in another process sharing the store
+                # knows it then (this client's memory is its own).
+                await self.keys.proven_late(absent)
         elif cause is Cause.REFUSED and not doubted:
             note = f"{type(error).__name__}: {error}"
             failed = attrs.evolve(pending, phase=Phase.FAILED, note=note)
