@@ -29,9 +29,10 @@ from violet_async import (
     Timeouts,
     VioletClient,
 )
+from violet_async._protocol import Phase
 from violet_async._requests import LateAnswer, _kept
 from violet_async._transport import REQUEST_LEFT, RawResponse
-from violet_async.stores import MemoryStore, SQLiteStore
+from violet_async.stores import Claim, KeyEntry, MemoryStore, SQLiteStore
 from violet_async.testing import FakeClock
 
 from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile, Step, hostile_client
@@ -307,6 +308,56 @@ async def test_a_429_landed_late_is_written_through_to_the_keys_store(tmp_path: 
     assert got.id != other, "another system's refund handed over as this call's"
     assert server.ours == [got.id], "the ask's own refund, made once"
     assert again.id == got.id, "the first process's repeat finds it in the store"
+    assert server.posts == 2
+
+
+class _GatedStore(MemoryStore):
+    """A MemoryStore whose claim of a record proven not applied (the late answer's
+    write-through) waits at a gate the test opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.reached = asyncio.Event()
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        if self.gate is not None and fresh.ask.phase is Phase.ABSENT:
+            self.reached.set()
+            await self.gate.wait()
+        return await super().claim(fresh, now)
+
+
+async def test_a_repeat_begun_while_the_late_answer_is_written_through_joins_it() -> None:
+    """The key's repeat in this process begins while the late 429 is being written
+    through the key's entry (its store round trip under way): it waits for that write
+    as a flight of the key, then takes the key over and sends its own. (This process's
+    calls share one owner in the store: a claim does not keep them apart, and the
+    write's give-back took the key from under the repeat, which then could not save
+    its send: nothing sent, the caller told so.)"""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    store = _GatedStore()
+    async with hostile_client(server, **KEEP, retry=RETRY, store=store) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        store.gate = asyncio.Event()
+        server.on_answer = None
+        held.release.set()
+        await asyncio.wait_for(store.reached.wait(), 5.0)  # the write-through's claim
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+        repeat = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+        await _steps(20)
+        store.gate.set()
+        got = await asyncio.wait_for(repeat, 5.0)
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id], "the ask's own refund, made once"
     assert server.posts == 2
 
 

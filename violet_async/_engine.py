@@ -684,14 +684,23 @@ class KeyedAsks:
         Only while the entry still holds that very send (the same ask, as many sends,
         sent or pending, not for review) and nobody else owns the key; a call of the key
         running in this process resumes from this client's own memory and saves what it
-        does. Best effort: a store that fails leaves the entry as it was (read back,
-        as before)."""
+        does, and one that comes while this is written joins it as a flight of the key
+        (then takes the key over: this process's calls share one owner in the store, so
+        a claim cannot keep them apart). Best effort: a store that fails leaves the
+        entry as it was (read back, as before)."""
         bare = proven.idempotency_key
         if bare is None:
             return
         key = f"{self.scope} {bare}"
         if key in self._flights:
             return
+        flight = self._flights[key] = _Flight(proven)
+        try:
+            await self._write_late(key, bare, proven)
+        finally:
+            self._land(key, flight, None, None)  # a call that joined takes the key over
+
+    async def _write_late(self, key: str, bare: str, proven: PendingRefund) -> None:
         store = self.store
         now = self._clock.time()
         fresh = KeyEntry(
