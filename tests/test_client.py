@@ -197,6 +197,40 @@ def test_from_env_names_the_bad_variable(env: dict[str, str], name: str) -> None
     assert info.value.field == name
 
 
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        (None, False),
+        ("", False),
+        ("1", True),
+        (" TRUE ", True),
+        ("on", True),
+        ("off", False),
+        ("0", False),
+    ],
+)
+def test_from_env_reads_keep_cancelled_sends(value: str | None, kept: bool) -> None:
+    """VIOLET_KEEP_CANCELLED_SENDS turns the kept late answer on; unset, it stays off."""
+    env = {"VIOLET_APP_ID": "42", "VIOLET_APP_SECRET": "sec", "VIOLET_TOKEN": "t"}
+    if value is not None:
+        env["VIOLET_KEEP_CANCELLED_SENDS"] = value
+    client = VioletClient.from_env(env)
+    assert client._shared.keep_cancelled_sends is kept
+    # A keyword argument wins over the variable.
+    assert VioletClient.from_env(
+        env, keep_cancelled_sends=not kept
+    )._shared.keep_cancelled_sends is (not kept)
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "tru", "yes please", "\u0131"])
+def test_from_env_refuses_an_unknown_keep_cancelled_sends(value: str) -> None:
+    """A spelling it does not know is refused, naming the variable, never guessed."""
+    env = {"VIOLET_APP_ID": "42", "VIOLET_APP_SECRET": "sec", "VIOLET_TOKEN": "t"}
+    with pytest.raises(RequestValidationError) as info:
+        VioletClient.from_env({**env, "VIOLET_KEEP_CANCELLED_SENDS": value})
+    assert info.value.field == "VIOLET_KEEP_CANCELLED_SENDS"
+
+
 def test_repr_never_shows_secrets() -> None:
     """Client, credentials and auth reprs hold no secret."""
     client = VioletClient(

@@ -226,17 +226,24 @@ def test_every_vocabulary_maps_onto_one_outcome() -> None:
     state written anywhere without a mapping fails here."""
     assert set(VOCABULARY["phase"]) == {p.value for p in Phase}
     assert set(VOCABULARY["batch"]) == set(typing.get_args(batch_module.Outcome))
-    from violet_async.fleet._ledger import STATES
+    from violet_async.fleet._ledger import FAILED_OUTCOMES, STATES
 
     ledger_outcomes = set()
     for path in (PACKAGE / "fleet").glob("*.py"):
         ledger_outcomes |= _written(path, "mark_failed", arg=99, keyword="outcome")
         ledger_outcomes |= _written(path, "mark_applied", arg=99, keyword="outcome")
         ledger_outcomes |= _written(path, "mark_applied_and_read", arg=99, keyword="outcome")
+    # The ledger's seam writes its failed ends' outcomes from one map (LedgerRecords).
+    for outcome, word in FAILED_OUTCOMES.items():
+        assert VOCABULARY["ledger"][word] is outcome
+    ledger_outcomes |= set(FAILED_OUTCOMES.values())
     assert {"already_present", "unknown", "failed", "refused"} <= ledger_outcomes
     assert set(VOCABULARY["ledger"]) >= set(STATES) | ledger_outcomes
     journal = _written(PACKAGE / "batch.py", "record", arg=2, keyword="state")
-    journal |= _written(PACKAGE / "batch.py", "_ended", arg=2, keyword="state")
+    # The journal's seam writes every end's state from one map (JournalRecords.end).
+    for outcome, state in batch_module._JOURNAL_STATES.items():
+        assert VOCABULARY["journal"][state] is outcome
+    journal |= set(batch_module._JOURNAL_STATES.values())
     # "sent" / "pending" are written as ask.phase.value (the phases are mapped above).
     assert {"done", "present", "unsent"} <= journal
     assert set(VOCABULARY["journal"]) >= journal | {"sent", "pending"}
@@ -278,8 +285,15 @@ async def test_settle_names_the_end_and_lets_the_drivers_own_errors_through() ->
     )
     request = RefundBagRequest(amount_refunded=300)
 
-    async def refuse(ask: Any) -> None:
-        raise RecordStoreError("the driver's own record could not be written", key="k")
+    class Refusing:
+        async def load(self) -> None:
+            return None
+
+        async def save(self, ask: Any) -> None:
+            raise RecordStoreError("the driver's own record could not be written", key="k")
+
+        async def end(self, ended: Any) -> None:
+            raise AssertionError("the driver records the end")
 
     async with hostile_client(server, retry=RetryPolicy(deadline=20.0)) as client:
         engine = engine_of(client)
@@ -287,7 +301,7 @@ async def test_settle_names_the_end_and_lets_the_drivers_own_errors_through() ->
         failed = await engine.settle("refund", ORDER_ID, BAG_ID, request)
         with pytest.raises(RecordStoreError):
             await engine.settle(
-                "refund", ORDER_ID, BAG_ID, request, save=refuse, passes=(RecordStoreError,)
+                "refund", ORDER_ID, BAG_ID, request, records=Refusing(), passes=(RecordStoreError,)
             )
     assert applied.outcome is Outcome.APPLIED
     assert applied.refund is not None

@@ -43,7 +43,8 @@ def _rate_limited(retry_after: str | None = "1") -> RateLimitError:
 
 def test_a_deferred_429_ends_absent_and_resumes_as_a_send() -> None:
     """With defer_rate_limited a 429 ends the ask ABSENT (not FAILED) with DEFER and
-    the backoff; resuming it sends again with a fresh attempt budget."""
+    the backoff; resuming it reads the bag, then sends again with a fresh attempt
+    budget."""
     settings = Settings(max_attempts=1, defer_rate_limited=True)
     ask = PendingRefund("refund", 1, 2, RefundBagRequest(amount_refunded=100))
     ask, action = start(ask, settings, 100.0, attempt_timeout=30)
@@ -53,6 +54,9 @@ def test_a_deferred_429_ends_absent_and_resumes_as_a_send() -> None:
     assert (ask.phase, action.do, action.delay) == (Phase.ABSENT, Do.DEFER, 1.5)
     assert action.final
     again, action = start(ask, settings, 102.0, attempt_timeout=30)
+    # The bag is read first (review 28: what it lists then is never this ask's).
+    assert (again.phase, action.do, again.sends, again.budget_from) == (Phase.ABSENT, Do.READ, 1, 1)
+    again, action = step(again, Observation.read(102.0, []), settings, 102.0, None)
     assert (again.phase, action.do, again.sends, again.budget_from) == (Phase.SENT, Do.SEND, 2, 1)
 
 
@@ -203,9 +207,10 @@ async def test_a_429_never_ends_a_row_failed(tmp_path: Path) -> None:
         results = [r async for r in run_batch(client, [item], journal=journal)]
     assert [r.outcome for r in results] == ["succeeded"]
     assert (results[0].rate_limited, server.posts, server.refunded) == (5, 6, 100)
-    # One baseline read, six POSTs, and one read of the order for its merchant (after
-    # the first 429; this server's order names none, so it is not read again).
-    assert results[0].requests == 8
+    # One baseline read, six POSTs, one read of the bag's refunds before each of the
+    # five re-sends (review 28), and one read of the order for its merchant (after the
+    # first 429; this server's order names none, so it is not read again).
+    assert results[0].requests == 13
 
 
 async def test_a_row_out_of_waits_ends_not_sent_and_the_next_run_sends_it(

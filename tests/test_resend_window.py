@@ -162,6 +162,8 @@ def test_a_deferred_ask_sent_again_starts_its_window_then() -> None:
     assert ask.phase is Phase.ABSENT
     later = T0 + 3_600.0
     ask, action = start(attrs.evolve(ask, server_offset=0.0), deferring, later, attempt_timeout=3.0)
+    assert action.do is Do.READ  # the bag first (review 28), then the send
+    ask, action = step(ask, Observation.read(later, []), deferring, later, 100.0)
     assert action.do is Do.SEND
     assert ask.first_sent_at == later
     assert judge(ask, [refund(9_999, T0 + 60.0)], None, (), SETTINGS).verdict is not Verdict.MATCH

@@ -22,7 +22,7 @@ from violet_async._ask import Phase, sent_once
 from violet_async._engine import resumable
 from violet_async.batch import BatchItem, BatchResult, Journal, run_batch
 from violet_async.fleet._ledger import LedgerRecord, State
-from violet_async.fleet._worker import _resumable as _fleet_resumable
+from violet_async.fleet._ledger import resumable_record as _fleet_resumable
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, ORDER_ID, Hostile, Step, hostile_client

@@ -689,7 +689,8 @@ class Settings:
     defer_rate_limited: bool = False
     """A 429 to a send ends the ask ABSENT with DEFER (proven not applied; send again
     after the delay) instead of waiting in place: a batch or a fleet paces the merchant
-    and sends it again in its turn, while other asks go through."""
+    and sends it again in its turn, while other asks go through (its resume reads the
+    bag first, as a call waiting in place does)."""
 
 
 class ProtocolError(AssertionError):

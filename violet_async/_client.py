@@ -234,7 +234,9 @@ class VioletClient(RequestPlumbing):
         ``VIOLET_PASSWORD``, ``VIOLET_TOKEN``, ``VIOLET_REFRESH_TOKEN``, ``VIOLET_ENV``
         (sandbox | production), ``VIOLET_BASE_URL``, ``VIOLET_STORE`` (where keyed calls
         are kept: ``sqlite:///path``, ``redis://...``; the client closes a store it
-        made this way). Keyword arguments win.
+        made this way), ``VIOLET_PROXY``, ``VIOLET_KEEP_CANCELLED_SENDS`` (``1``/``true``/
+        ``yes``/``on`` or ``0``/``false``/``no``/``off``; anything else is refused).
+        Keyword arguments win.
         """
         env = os.environ if environ is None else environ
         app_id, app_secret, settings = settings_from_env(env)
@@ -407,16 +409,22 @@ class VioletClient(RequestPlumbing):
                     client._refund(order_id, bag_id, req),
                     {"violet.order_id": order_id, "violet.bag_id": bag_id},
                 )
-            return unless_failed(await client._unkeyed("refund", order_id, bag_id, req))
+            return unless_failed(
+                await client._unkeyed("refund", order_id, bag_id, req), "refund", self._redactor()
+            )
         except (AmbiguousOutcomeError, BagPendingError) as exc:
             _stamp(exc, self._key_scope())
             raise
 
     async def _refund(self, order_id: int, bag_id: int, req: RefundBagRequest) -> OrderRefund:
-        return unless_failed(await self._unkeyed("refund", order_id, bag_id, req))
+        return unless_failed(
+            await self._unkeyed("refund", order_id, bag_id, req), "refund", self._redactor()
+        )
 
     async def _cancel(self, order_id: int, bag_id: int, req: CancelBagRequest) -> OrderRefund:
-        return unless_failed(await self._unkeyed("cancel", order_id, bag_id, req), "cancel")
+        return unless_failed(
+            await self._unkeyed("cancel", order_id, bag_id, req), "cancel", self._redactor()
+        )
 
     async def _unkeyed(
         self,
@@ -476,7 +484,9 @@ class VioletClient(RequestPlumbing):
                     client._cancel(order_id, bag_id, req),
                     {"violet.order_id": order_id, "violet.bag_id": bag_id},
                 )
-            return unless_failed(await client._unkeyed("cancel", order_id, bag_id, req), "cancel")
+            return unless_failed(
+                await client._unkeyed("cancel", order_id, bag_id, req), "cancel", self._redactor()
+            )
         except (AmbiguousOutcomeError, BagPendingError) as exc:
             _stamp(exc, self._key_scope())
             raise
@@ -505,6 +515,10 @@ class VioletClient(RequestPlumbing):
         if unsettled:
             unsettled.check(pending.bag_id, pending)
 
+    def _redactor(self) -> Redactor:
+        """Hides this client's secrets in a message built from an answer."""
+        return self._shared.auth.redactor
+
     def _key_scope(self) -> str:
         """What a stored key is scoped by: :func:`~violet_async._config.scope_of`."""
         return scope_of(self._shared.credentials.app_id, self._shared.base_url)
@@ -526,7 +540,7 @@ class VioletClient(RequestPlumbing):
             refund = await traced_call(f"violet.{kind}_bag", call, attributes)
         else:
             refund = await call
-        return unless_failed(refund, kind)
+        return unless_failed(refund, kind, self._redactor())
 
     async def resume(self, pending: PendingRefund) -> OrderRefund:
         """Settle a refund or cancel that an earlier call left pending
@@ -596,7 +610,7 @@ class VioletClient(RequestPlumbing):
             refund = await self._engine.drive(
                 pending.kind, pending.order_id, pending.bag_id, pending.request, resume=pending
             )
-        return unless_failed(refund, pending.kind)
+        return unless_failed(refund, pending.kind, self._redactor())
 
     async def list_bag_refunds(
         self,
@@ -672,7 +686,10 @@ class VioletClient(RequestPlumbing):
                 return last
             remaining = deadline - clock.monotonic()
             if remaining <= 0:
+                # A status Violet does not document is kept as written: it may echo
+                # the request (review 28).
                 state = "not found" if last is None else f"still {last.status}"
+                state = self._redactor().text(state)
                 raise RefundWaitTimeoutError(
                     f"refund {refund_id} on bag {bag_id} is {state} after {timeout:g}s",
                     refund=last,

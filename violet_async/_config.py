@@ -119,6 +119,16 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> str:
             f"is not a valid URL (its port or [IPv6] host cannot be read; a password in "
             f"it must be percent-encoded), got {shown_url(base_url)!r}",
         ) from None
+    if "@" in base_url and "@" not in parts.netloc:
+        # An ``@`` after the host, none before it: a password holding ``/`` (not
+        # percent-encoded) whose part before it is digits parses, as the port of a
+        # host named by the user name (review 28: the app secret went to that host,
+        # and the password reached the span's url.full). Violet's paths hold no ``@``.
+        raise RequestValidationError(
+            "base_url",
+            f"has an '@' after its host (a password in it must be percent-encoded), "
+            f"got {shown_url(base_url)!r}",
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RequestValidationError(
             "base_url", f"must be an http(s) URL, got {shown_url(base_url)!r}"
@@ -189,7 +199,22 @@ ENV_VARIABLES = (
     "VIOLET_BASE_URL",
     "VIOLET_STORE",
     "VIOLET_PROXY",
+    "VIOLET_KEEP_CANCELLED_SENDS",
 )
+
+#: The spellings ``VIOLET_KEEP_CANCELLED_SENDS`` accepts (after strip and lower case);
+#: anything else is refused rather than guessed.
+_FLAG_VALUES = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+    "": False,
+}
 
 
 def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]:
@@ -202,8 +227,13 @@ def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]
     """
     for name in ENV_VARIABLES:
         value = env.get(name, "")
-        # Only these three are stripped before use; the others are taken as they are.
-        if name in ("VIOLET_APP_ID", "VIOLET_APP_SECRET", "VIOLET_ENV"):
+        # Only these four are stripped before use; the others are taken as they are.
+        if name in (
+            "VIOLET_APP_ID",
+            "VIOLET_APP_SECRET",
+            "VIOLET_ENV",
+            "VIOLET_KEEP_CANCELLED_SENDS",
+        ):
             value = value.strip()
         if has_control_character(value):
             raise RequestValidationError(
@@ -228,6 +258,12 @@ def settings_from_env(env: Mapping[str, str]) -> tuple[int, str, dict[str, Any]]
         # A proxy only when asked: proxy settings meant for other programs are ignored.
         "proxy": env.get("VIOLET_PROXY") or None,
     }
+    keep = env.get("VIOLET_KEEP_CANCELLED_SENDS", "").strip().lower()
+    if keep not in _FLAG_VALUES:
+        raise RequestValidationError(
+            "VIOLET_KEEP_CANCELLED_SENDS", "must be one of 1, true, yes, on, 0, false, no, off"
+        )
+    kwargs["keep_cancelled_sends"] = _FLAG_VALUES[keep]
     env_name = (env.get("VIOLET_ENV") or "sandbox").strip().lower()
     if env_name not in ("sandbox", "production"):
         raise RequestValidationError("VIOLET_ENV", "must be 'sandbox' or 'production'")

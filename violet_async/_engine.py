@@ -92,8 +92,10 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTH_PATHS",
     "VOCABULARY",
+    "AskRecords",
     "Ended",
     "Engine",
+    "KeyRecords",
     "KeyedAsks",
     "Outcome",
     "SendTracker",
@@ -111,6 +113,33 @@ log = logging.getLogger("violet_async.reconcile")
 
 Kind = Literal["refund", "cancel"]
 Save = Callable[[PendingRefund], Awaitable[None]]
+
+
+class AskRecords(Protocol):
+    """The record store seam: where the record of one ask lives, bound to its key (a
+    batch journal line's, a fleet ledger item's, an idempotency key's entry). Every
+    driver hands its implementation to :meth:`Engine.drive`; the engine alone calls
+    :meth:`save` (before every send), the driver calls :meth:`load` (its skip and hold
+    rules come first) and :meth:`end`.
+
+    Implemented by ``batch.JournalRecords`` (the batch journal),
+    ``fleet._ledger.LedgerRecords`` (the fleet ledger) and :class:`KeyRecords` (the
+    record stores of ``violet_async.stores``: memory, SQLite, Redis)."""
+
+    async def load(self) -> PendingRefund | None:
+        """The ask's record as loaded by its key, to resume (None: a new ask)."""
+        ...
+
+    async def save(self, ask: PendingRefund) -> None:
+        """Save ``ask`` durably before every send (``Phase.SENT``; ``ABSENT`` while a
+        re-send waits to leave) and as the protocol ends it (``PENDING``, ``FAILED``,
+        ``APPLIED``). Raising stops the send: nothing leaves."""
+        ...
+
+    async def end(self, ended: Ended) -> None:
+        """Record how the ask ended, in the one vocabulary (:class:`Outcome`)."""
+        ...
+
 
 _CANCELLED_NOTE = (
     "the call was cancelled after its request may have left; whether it applied is not "
@@ -210,10 +239,11 @@ def cancelled_first_send(
 
 
 class NotSent(Exception):
-    """Carries a ``RecordStoreError`` raised right before a send past the driver, which
-    would otherwise take it for a send that may have applied."""
+    """Carries the error of a save right before a send (``AskRecords.save``: a store's
+    ``RecordStoreError``, a journal's ``JournalWriteError``, a ledger's lost lock) past
+    the driver, which would otherwise take it for a send that may have applied."""
 
-    def __init__(self, error: RecordStoreError) -> None:
+    def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -252,10 +282,11 @@ class SendTracker:
                 if before_send is not None:
                     try:
                         await before_send()
-                    except RecordStoreError as exc:
-                        # The key's record could not be brought up to date before
-                        # this send: it does not leave. Not a send failure (that
-                        # would be read back as "may have applied"): the call ends.
+                    except Exception as exc:  # noqa: BLE001 - any save failure
+                        # The ask's record could not be brought up to date before
+                        # this send (the seam's save failed): it does not leave. Not
+                        # a send failure (that would be read back as "may have
+                        # applied", and sent again): the call ends.
                         raise NotSent(exc) from None
                 self.left = True
 
@@ -532,84 +563,21 @@ class KeyedAsks:
         call began: time spent waiting for another caller of the key counts).
         ``bare``: the caller's idempotency key (None: a record kept by its ``ask_id``),
         carried by every record of the ask so that a pending one handed out is resumed
-        through this same entry."""
-        store = self.store
-        clock = self._clock
+        through this same entry. The key's record goes through :class:`KeyRecords`."""
         key = entry.key
-        owner = self.owner
-        latest = entry.ask
-        released = False
-
-        async def persist(ask: PendingRefund) -> None:
-            """Before every send (SENT) and at the end (PENDING / FAILED; APPLIED is
-            written below, with its refund)."""
-            nonlocal latest, released
-            final = ask.phase in (Phase.PENDING, Phase.FAILED)
-            latest = ask if final or ask.phase is Phase.APPLIED else latest
-            if ask.phase is Phase.APPLIED:
-                return
-            now = clock.time()
-            lease_until = now + store.lease
-            record = KeyEntry(
-                key,
-                ask,
-                owner=None if final else owner,
-                lease_until=None if final else lease_until,
-                finished_at=now if ask.phase is Phase.FAILED else None,
-                scope=self.scope,
-                lineage=entry.lineage,
-            )
-            try:
-                saved = await (
-                    store.save(record, owner)
-                    if final
-                    else self._before_send(record, latest, entry.lineage)
-                )
-            except Exception as exc:  # noqa: BLE001 - any store failure: see below
-                if final:
-                    # The SENT record before it still keeps the key from a blind send.
-                    log.warning("could not record the end of key %r: %s", key, exc)
-                    return
-                raise _store_error(key, "saving", exc) from None
-            if final:
-                released = saved
-                _not_taken_over(key, ask, saved)
-            elif not saved:
-                raise RecordStoreError(
-                    f"idempotency key {shown(key)!r} was taken over by another process while "
-                    "this call held it (its lease ran out); nothing was sent by this step. "
-                    "That process drives the ask now: call again with the same key for its "
-                    "outcome",
-                    key=shown(key),
-                )
-            elif clock.time() >= lease_until:
-                # The write landed, but this process stalled past the lease it wrote (a
-                # GC pause, a frozen container): another process may have taken the key
-                # over, read the bag back and sent. This send must not leave now.
-                raise RecordStoreError(
-                    f"recording the send of idempotency key {shown(key)!r} took past its lease "
-                    f"({store.lease:g} s): another process may have taken it over; nothing "
-                    "was sent by this step",
-                    key=shown(key),
-                )
-            else:
-                # Only a record the store took (before every send): one whose save
-                # failed is not given back as the key's when the call ends without
-                # sending (``_release``). Given back, the stamp of a re-send that never
-                # left said "sent", and the key's next call took a refund another
-                # system made after it for its own (review 19).
-                latest = ask
-
+        records = KeyRecords(self, entry)
         self._drives(key, entry)
         heartbeat = asyncio.create_task(self._renew(key))
-        resume = self._resumed(entry.ask)
+        resume = await records.load()
         settled = None if resume is None else self._settled.get(_identity(resume))
         if resume is not None and settled is not None:
             # This process already resumed the ask outside the key (client.resume of
             # the pending record) and handed its refund out: a resume here could not
             # claim it again and would, after the settle window, send a second one.
             heartbeat.cancel()
-            return await self._finish(key, resume, settled, entry.lineage)
+            records.latest = resume
+            await records.end(Ended(Outcome.APPLIED, refund=settled))
+            return settled
         try:
             refund = await ask_fn(
                 entry.ask.kind,
@@ -617,7 +585,7 @@ class KeyedAsks:
                 entry.ask.bag_id,
                 entry.ask.request,
                 resume=resume,
-                save=persist,
+                records=records,
                 keep_cancelled=True,
                 deadline_at=deadline,
                 key=bare,
@@ -627,15 +595,18 @@ class KeyedAsks:
                 hold_if_present=entry.guard,
             )
         except NotSent as stopped:
-            await self._release(key, latest, entry.lineage)
-            raise stopped.error from None
-        except Exception:
-            if not released:
-                await self._release(key, latest, entry.lineage)
+            error = stopped.error
+            await records.end(
+                Ended(Outcome.NOT_SENT, error=error if isinstance(error, VioletError) else None)
+            )
+            raise error from None
+        except Exception as exc:
+            await records.end(_ended_by(exc))
             raise
         finally:
             heartbeat.cancel()
-        return await self._finish(key, latest, refund, entry.lineage)
+        await records.end(Ended(Outcome.APPLIED, refund=refund))
+        return refund
 
     async def _before_send(
         self, record: KeyEntry, latest: PendingRefund, lineage: tuple[str, ...]
@@ -1084,6 +1055,113 @@ class KeyedAsks:
                 log.warning("could not renew the lease of key %r: %s", key, exc)
 
 
+class KeyRecords:
+    """:class:`AskRecords` over a record store (``violet_async.stores``: memory,
+    SQLite, Redis): the entry of one key this process claimed (``KeyedAsks``).
+
+    ``load``: the record the claim read by the key, as a call taking the key resumes
+    it. ``save``: the entry written before every send under this process's lease (not
+    taken: nothing is sent), and the protocol's end of it (PENDING / FAILED, the key
+    given back). ``end``: the refund written under the key (APPLIED), or the key given
+    back with the last record the store took (any other end, unless the protocol's
+    end of it already gave it back)."""
+
+    __slots__ = ("_keys", "entry", "latest", "released")
+
+    def __init__(self, keys: KeyedAsks, entry: KeyEntry) -> None:
+        self._keys = keys
+        self.entry = entry
+        # The last record the store took (given back as the key's when the call ends
+        # without a refund), and whether the protocol's end already gave the key back.
+        self.latest = entry.ask
+        self.released = False
+
+    async def load(self) -> PendingRefund | None:
+        return self._keys._resumed(self.entry.ask)
+
+    async def save(self, ask: PendingRefund) -> None:
+        """Before every send (SENT) and at the end (PENDING / FAILED; APPLIED is
+        written by :meth:`end`, with its refund)."""
+        keys = self._keys
+        store = keys.store
+        clock = keys._clock
+        entry = self.entry
+        key = entry.key
+        final = ask.phase in (Phase.PENDING, Phase.FAILED)
+        if final or ask.phase is Phase.APPLIED:
+            self.latest = ask
+        if ask.phase is Phase.APPLIED:
+            return
+        now = clock.time()
+        lease_until = now + store.lease
+        record = KeyEntry(
+            key,
+            ask,
+            owner=None if final else keys.owner,
+            lease_until=None if final else lease_until,
+            finished_at=now if ask.phase is Phase.FAILED else None,
+            scope=keys.scope,
+            lineage=entry.lineage,
+        )
+        try:
+            saved = await (
+                store.save(record, keys.owner)
+                if final
+                else keys._before_send(record, self.latest, entry.lineage)
+            )
+        except Exception as exc:  # noqa: BLE001 - any store failure: see below
+            if final:
+                # The SENT record before it still keeps the key from a blind send.
+                log.warning("could not record the end of key %r: %s", key, exc)
+                return
+            raise _store_error(key, "saving", exc) from None
+        if final:
+            self.released = saved
+            _not_taken_over(key, ask, saved)
+        elif not saved:
+            raise RecordStoreError(
+                f"idempotency key {shown(key)!r} was taken over by another process while "
+                "this call held it (its lease ran out); nothing was sent by this step. "
+                "That process drives the ask now: call again with the same key for its "
+                "outcome",
+                key=shown(key),
+            )
+        elif clock.time() >= lease_until:
+            # The write landed, but this process stalled past the lease it wrote (a
+            # GC pause, a frozen container): another process may have taken the key
+            # over, read the bag back and sent. This send must not leave now.
+            raise RecordStoreError(
+                f"recording the send of idempotency key {shown(key)!r} took past its lease "
+                f"({store.lease:g} s): another process may have taken it over; nothing "
+                "was sent by this step",
+                key=shown(key),
+            )
+        else:
+            # Only a record the store took (before every send): one whose save
+            # failed is not given back as the key's when the call ends without
+            # sending (``_release``). Given back, the stamp of a re-send that never
+            # left said "sent", and the key's next call took a refund another
+            # system made after it for its own (review 19).
+            self.latest = ask
+
+    async def end(self, ended: Ended) -> None:
+        keys = self._keys
+        entry = self.entry
+        if ended.refund is not None:
+            await keys._finish(entry.key, self.latest, ended.refund, entry.lineage)
+        elif not self.released:
+            await keys._release(entry.key, self.latest, entry.lineage)
+
+
+def _ended_by(exc: BaseException) -> Ended:
+    """How an error ended an ask; one that is not an ask's outcome (a bug) leaves its
+    send unknown: REVIEW."""
+    outcome = outcome_of(exc)
+    if outcome is None or not isinstance(exc, (VioletError, RateLimitDeferred)):
+        return Ended(Outcome.REVIEW)
+    return Ended(outcome, error=exc)
+
+
 def _not_taken_over(key: str, ask: PendingRefund, saved: bool) -> None:
     """Raise when the end of a keyed ask (``ask``, FAILED or PENDING) was not saved
     because another process took the key over."""
@@ -1425,12 +1503,13 @@ class Engine:
     the request layer below it (``RequestPlumbing``: one request, its retries, its
     login) and never calls back up into the client.
 
-    The record store seam, as one ask sees it: the caller loads its record by its key
-    (a journal line, a ledger hash, a store's ``KeyEntry``) and hands it in as
-    ``resume``; ``save`` is called before every send (``Phase.SENT``: a failing save
-    stops that send) and at the end (``PENDING`` / ``FAILED`` / ``APPLIED``); the caller
-    records the end from what :meth:`drive` returns or raises (:func:`outcome_of` names
-    it in one vocabulary, :class:`Outcome`).
+    The record store seam, as one ask sees it (:class:`AskRecords`): the caller loads
+    its record by its key (``records.load()``: a journal line, a ledger hash, a store's
+    ``KeyEntry``) and hands it in as ``resume`` with ``records``; the engine calls
+    ``records.save`` before every send (``Phase.SENT``: a failing save stops that send)
+    and at the end (``PENDING`` / ``FAILED`` / ``APPLIED``); the caller records the end
+    (``records.end``) from what :meth:`drive` returns or raises (:func:`outcome_of`
+    names it in one vocabulary, :class:`Outcome`).
 
     One per client and per ``with_options`` clone (its policy, timeouts and hook);
     clones share the state above.
@@ -1539,7 +1618,7 @@ class Engine:
         req: RefundBagRequest | CancelBagRequest,
         *,
         resume: PendingRefund | None = None,
-        save: Save | None = None,
+        records: AskRecords | None = None,
         patience: float | None = None,
         hold_if_present: bool = False,
         keep_cancelled: bool | None = None,
@@ -1554,14 +1633,15 @@ class Engine:
         at a time, a first send made inline (the happy path builds no record and enters
         no retry machinery), and the driver for everything after a failure.
 
-        ``resume``: the ask's record, loaded by its key (None: a new ask). ``save``: the
-        record store seam (see the class). ``keep_cancelled``: when the caller cancels
-        the call after its request may have left, keep the ask pending in this client
-        (default: unless ``save`` is given; a batch journal or fleet ledger keeps its
-        own). ``deadline_at``: the call's (monotonic) when it began before this (a keyed
-        call that waited for another caller of its key); default: the policy's deadline
-        from now. ``key``: the caller's idempotency key, carried by every record of
-        the ask (so a pending one handed out is resumed through the key's record).
+        ``resume``: the ask's record, loaded by its key (None: a new ask). ``records``:
+        the record store seam (:class:`AskRecords`): its ``save`` is called before every
+        send. ``keep_cancelled``: when the caller cancels the call after its request may
+        have left, keep the ask pending in this client (default: unless ``records`` is
+        given; a batch journal or fleet ledger keeps its own). ``deadline_at``: the
+        call's (monotonic) when it began before this (a keyed call that waited for
+        another caller of its key); default: the policy's deadline from now. ``key``:
+        the caller's idempotency key, carried by every record of the ask (so a pending
+        one handed out is resumed through the key's record).
         ``item``: the caller's own name of the item this ask is for (a fleet item's
         key): the refunds this client handed to it are its own whichever ask of it got
         them, so an item run again as a new ask (its record lost) gets its refund
@@ -1628,7 +1708,7 @@ class Engine:
             )
             if (
                 resume is None
-                and save is None
+                and records is None
                 and not policy.read_before_send
                 and not read_first
                 and not defer_rate_limited
@@ -1729,7 +1809,7 @@ class Engine:
                     clock.monotonic(),
                 )
                 ask, mine, owner = _as_owner(ask, shared.known_refunds, parse, item, foreign)
-                tracker = SendTracker(resume, persist=save)
+                tracker = SendTracker(resume, persist=None if records is None else records.save)
                 timeouts = io._timeouts
                 refund = await run_ask(
                     ask,
@@ -1802,7 +1882,8 @@ class Engine:
                         owner=item or pending.ask_id,
                     )
                     late.task = None
-            if pending is not None and (save is None if keep_cancelled is None else keep_cancelled):
+            keep = records is None if keep_cancelled is None else keep_cancelled
+            if pending is not None and keep:
                 unsettled.add(pending)
             raise
         finally:
@@ -1812,7 +1893,7 @@ class Engine:
                 drop_late(late.task)  # nothing of the call is pending: not awaited
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
-        if given is not None and save is None and self.keys is not None:
+        if given is not None and records is None and self.keys is not None:
             self.keys.settled(given, refund)
         return refund
 
@@ -1825,7 +1906,7 @@ class Engine:
         *,
         passes: tuple[type[BaseException], ...] = (),
         resume: PendingRefund | None = None,
-        save: Save | None = None,
+        records: AskRecords | None = None,
         patience: float | None = None,
         hold_if_present: bool = False,
         defer_rate_limited: bool = False,
@@ -1837,7 +1918,8 @@ class Engine:
         CANCELED, is an error, as ``refund_bag`` raises it), or the error, named by
         :func:`outcome_of`.
 
-        Errors of the driver's own save (``passes``: a journal that cannot be written),
+        Errors of the driver's own ``records.save`` (``passes``: a journal that cannot be
+        written),
         a cancellation, and anything that is not an ask's outcome go on as raised.
         ``item``: as for :meth:`drive`. ``foreign``: refunds of other calls the
         caller's records do not account for (:meth:`KnownRefunds.besides`)."""
@@ -1849,7 +1931,7 @@ class Engine:
                     bag_id,
                     req,
                     resume=resume,
-                    save=save,
+                    records=records,
                     patience=patience,
                     hold_if_present=hold_if_present,
                     defer_rate_limited=defer_rate_limited,
@@ -1857,9 +1939,10 @@ class Engine:
                     foreign=foreign,
                 )
             except NotSent as stopped:
-                # The save right before a send (the stamp) failed: nothing left.
+                # The save right before a send (the stamp) failed: nothing left. Its
+                # error goes on as the save raised it (a store's: NOT_SENT).
                 raise stopped.error from None
-            refund = unless_failed(refund, kind)
+            refund = unless_failed(refund, kind, self._shared.auth.redactor)
         except (RateLimitDeferred, VioletError) as exc:
             outcome = outcome_of(exc)
             if outcome is None or isinstance(exc, passes):
@@ -1929,8 +2012,8 @@ class Engine:
         (:meth:`KnownRefunds.recall` and :meth:`KnownRefunds.claimed`), never over
         anything newer this client knows of the ask. A 2xx that reads as this
         request's refund: the ask's refund. Violet's 429 (or a 401, before it did
-        anything): not applied (ABSENT, sent again at once by the next resume). Any
-        other 4xx: failed, as the protocol ends a send refused in time (a refusal
+        anything): not applied (ABSENT: the next resume reads the bag, then sends it
+        again). Any other 4xx: failed, as the protocol ends a send refused in time (a refusal
         after a doubted send proves nothing of that one). Anything else (a 5xx, no
         answer, a timeout): nothing, the record stays pending."""
         try:
@@ -2046,13 +2129,19 @@ def _as_owner(
     return with_unnamed(ask, known.unnamed(ask.bag_id, besides=owner)), mine, owner
 
 
-def unless_failed(refund: OrderRefund, kind: Kind = "refund") -> OrderRefund:
+def unless_failed(
+    refund: OrderRefund, kind: Kind = "refund", redact: Redactor | None = None
+) -> OrderRefund:
     """A 2xx refund that moved no money (status FAILED or CANCELED) is an error carrying
     the refund: for a refund, and for a cancel whose answer carries its refund so (the
-    bag was cancelled, the shopper was not refunded)."""
+    bag was cancelled, the shopper was not refunded). ``redact``: the client's secrets
+    are hidden in the reasons the message quotes (Violet's error messages may echo the
+    request: review 28)."""
     status = refund.status
     if status is RefundStatus.FAILED or status is RefundStatus.CANCELED:
         reasons = "; ".join(e.error_message or "" for e in refund.errors)
+        if redact is not None:
+            reasons = redact.text(reasons)
         what = (
             f"refund {refund.id} on bag {refund.bag_id}"
             if kind == "refund"

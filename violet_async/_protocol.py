@@ -31,8 +31,8 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
     ABSENT  --read-->           SENT     (the re-send; its window starts there)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
     ABSENT  --resume-->         ABSENT   (read the bag first, as after a 429's wait;
-                                          a fresh budget) | SENT (a deferred ask sent
-                                          again: DEFER's caller paces it)
+                                          a fresh budget; a deferred ask too, once
+                                          DEFER's caller has paced it)
     SENT    --4xx-->            FAILED   (nothing applied) | SENT (an earlier send may
                                           have: read back, never a definite failure)
     SENT    --may have applied, read back:
@@ -359,17 +359,9 @@ def start(
     if ask.phase is Phase.ABSENT:
         if ask.needs_review:
             # Parked for review before any re-send left (held back by another ask on
-            # the bag): nothing of it can have applied, so nothing on the bag is its
-            # refund, and a person decides whether to send it. It stays as it is (read
-            # back as "sent, may have applied", a refund another system made after its
-            # 429'd send was claimed: simulator seed 1202091).
-            note = ask.note
-            if not note.startswith(_REVIEWED_ABSENT):
-                note = (
-                    f"{_REVIEWED_ABSENT} ({note}); each send of it was proven not applied: "
-                    f"a person has to look at bag {ask.bag_id} and decide whether to send it"
-                )
-            return attrs.evolve(ask, note=note), Action(Do.PARK)
+            # the bag, or a copy parked for review merged into it): nothing is read or
+            # sent (seed 1202091; review 28).
+            return _still_for_review(ask)
         # Left after a 429 (deferred, or a wait cut short): every earlier send is proven
         # not applied, so it is sent again, with a fresh attempt budget (the caller's
         # pacing bounds the rest).
@@ -389,15 +381,13 @@ def start(
                 clock_unsure=False,
                 wall_mono=None,
             )
-        ask = attrs.evolve(ask, budget_from=ask.sends)
-        if not settings.defer_rate_limited:
-            # A record a call left while it waited out a 429 in place (its caller
-            # cancelled, its process died, its key was taken over): the bag is read
-            # before the re-send, as that call would have (review 27: sent at once,
-            # another system's refund made during the wait, no Date to date it by,
-            # was returned by the keyed repeat as its own).
-            return attrs.evolve(ask, settle_until=None, reads=0), Action(Do.READ, read_bag=False)
-        return _send(ask, now, proven=True)
+        # The bag is read before the re-send, as a call that waits a 429 out in place
+        # does: a record a call left in that wait (its caller cancelled, its process
+        # died, its key was taken over: review 27), and a 429 a batch or fleet
+        # deferred to its merchant's turn (review 28). Sent at once, another system's
+        # refund made during the wait, no Date to date it by, was taken for its own.
+        ask = attrs.evolve(ask, budget_from=ask.sends, settle_until=None, reads=0)
+        return ask, Action(Do.READ, read_bag=False)
     raise ProtocolError(f"cannot start an ask in phase {ask.phase.value}")
 
 
@@ -423,6 +413,13 @@ def _send(
         ),
         Action(Do.SEND, delay=delay),
     )
+
+
+def _window_at_last_send(ask: PendingRefund) -> bool:
+    """The window a refund of ``ask`` must sit in opened at its last send: every send
+    before it was proven not applied by Violet's own answer (a 429, a connection never
+    opened), none by read-backs alone (a refund of such a send may still show late)."""
+    return ask.first_sent_at is None or ask.first_sent_at == ask.last_sent_at
 
 
 #: Two ``Date`` readings further apart than this disagree (a Date has whole seconds,
@@ -549,6 +546,8 @@ def step(
         if ask.phase not in (Phase.NEW, Phase.SENT, Phase.ABSENT):
             raise ProtocolError(f"a read failure in phase {ask.phase.value}")
         if ask.phase is Phase.ABSENT:
+            if ask.needs_review:
+                return _still_for_review(ask)
             # The read before a re-send after a 429 failed after its own retries: sent
             # as it was before that read existed (its window opens at the send).
             return _send(ask, now, proven=True)
@@ -566,8 +565,21 @@ def step(
         baseline = frozenset(r.id for r in obs.refunds if r.id is not None)
         return _send(attrs.evolve(ask, baseline=baseline), now)
     if ask.phase is Phase.ABSENT:
+        if ask.needs_review:
+            return _still_for_review(ask)
         # The read before a re-send after a 429 (every send so far proven not
         # applied): nothing it lists is this ask's.
+        if not _window_at_last_send(ask) and (late := _listed_since(ask, obs, known)):
+            # ...unless an earlier send was proven absent by read-backs alone: a refund
+            # like this one listed since may be that send's, shown late, or another
+            # system's made during the wait. Which cannot be told (review 28: taken
+            # into the baseline, the ask was sent again and refunded twice).
+            note = (
+                f"bag {ask.bag_id} lists a refund like this one that the read proving an "
+                "earlier send absent did not: that send's, shown late, or another's; "
+                "not sent again"
+            )
+            return _park(ask, note, late, review=True)
         listed = frozenset(r.id for r in obs.refunds if r.id is not None)
         baseline = (ask.baseline or frozenset()) | listed
         return _send(attrs.evolve(ask, baseline=baseline), now, proven=True)
@@ -639,6 +651,43 @@ def _guard(
         )
         return _park(ask, note, review=True)
     return None
+
+
+def _still_for_review(ask: PendingRefund) -> tuple[PendingRefund, Action]:
+    """An ABSENT record a person was asked to look at (held back from its re-send by
+    another ask under review, or a copy parked for review merged into it:
+    ``KnownRefunds.recall``): review is sticky, nothing is sent while a person may be
+    settling the bag by hand (review 28: a late 429 kept in one client sent the ask
+    again that another client had parked for review).
+
+    It stays ABSENT: every send of it was proven not applied, so nothing on the bag is
+    its refund. Parked as "sent, may have applied", a later resume read the bag back
+    over the window of a send a 429 had answered, and took another system's identical
+    refund made during the wait for its own (simulator seed 1202091)."""
+    note = ask.note
+    if not note.startswith(_REVIEWED_ABSENT):
+        note = (
+            f"{_REVIEWED_ABSENT} ({note}); each send of it was proven not applied: "
+            f"a person has to look at bag {ask.bag_id} and decide whether to send it"
+        )
+    return attrs.evolve(ask, note=note), Action(Do.PARK)
+
+
+def _listed_since(
+    ask: PendingRefund, obs: Observation, known: Container[int]
+) -> tuple[OrderRefund, ...]:
+    """The refunds ``obs`` lists on the ask's bag and order that its baseline (the read
+    that last proved it absent) did not, no other call was handed, and that may carry
+    what it asks."""
+    before = ask.baseline or frozenset()
+    return tuple(
+        r
+        for r in obs.refunds
+        if on_bag(r, ask.bag_id)
+        and on_order(r, ask.order_id)
+        and (r.id is None or (r.id not in before and r.id not in ask.others and r.id not in known))
+        and content(ask, r, obs.refunds, obs.bag) is not Verdict.MISS
+    )
 
 
 def _maybe_unnamed(refund: OrderRefund, unnamed: Sequence[tuple[int | None, float | None]]) -> bool:
@@ -911,7 +960,14 @@ def _after_send_failure(
             # platform, whose limit answered the 429.
             waiting = attrs.evolve(ask, phase=Phase.ABSENT, settle_until=None, reads=0, note=note)
             return waiting, Action(Do.READ, delay=obs.backoff, read_bag=False)
-        return _send(attrs.evolve(ask, note=note), now, obs.backoff, proven=True)
+        # A connection that never opened changes nothing of what the sends before it
+        # left open: an earlier send proven absent by read-backs alone may still show
+        # late, and the window stays at it, as for a re-send answered (``_after_read``;
+        # review 28: moved to this send, that send's refund listed late was "made
+        # before the send" and the ask was refunded twice).
+        return _send(
+            attrs.evolve(ask, note=note), now, obs.backoff, proven=_window_at_last_send(ask)
+        )
     if cause is Cause.REFUSED:
         if not ask.doubted:
             return attrs.evolve(ask, phase=Phase.FAILED, note=note), Action(Do.FAIL)

@@ -30,8 +30,8 @@ from ._audit import AuditRow, AuditStats, audit
 from ._client import VioletClient
 from ._config import scope_of
 from ._converter import converter
+from ._engine import VOCABULARY, Ended, engine_of, resumable
 from ._engine import Outcome as AskOutcome
-from ._engine import engine_of, resumable
 from ._item_key import content_key, numbered, split_key
 from ._journal import (
     Journal,
@@ -555,7 +555,7 @@ class _Runner:
     ) -> None:
         orphan = key in self.orphans
         if orphan and resume is None and self.log is not None:
-            resume = _resumable(item, self.log.entry(key))
+            resume = await JournalRecords(self.log, item, key).load()
         if budget_from is None:
             budget_from = resume.sends if resume is not None else 0
         result: BatchResult | _Parked | _Paced
@@ -563,9 +563,7 @@ class _Runner:
             if orphan and resume is None:  # journaled before its first send: never left
                 note = "an earlier run's item that was never sent; not sent now"
                 why = _NotApplied(note)
-                result = await _ended(
-                    item, key, "not_sent", _Stats(), self.log, why, state="unsent"
-                )
+                result = await _ended(item, key, "not_sent", _Stats(), self.log, why)
             else:
                 result = await _process(
                     self.client,
@@ -674,7 +672,9 @@ class _Runner:
         Returns False when the feed must stop."""
         prior = self.log.entry(key) if self.log is not None else None
         skipped = _skip(item, prior, retry_failed=self.retry_failed, allow_repeat=self.allow_repeat)
-        resume = _resumable(item, prior) if skipped is None else None
+        resume = None
+        if skipped is None and self.log is not None:
+            resume = await JournalRecords(self.log, item, key).load()
         if skipped is None and resume is None:
             skipped = await self._not_now(item, key, seen=prior is not None)
         if skipped is not None:
@@ -730,9 +730,7 @@ class _Runner:
             return await _present(self.client, item, key, stats=_Stats(), log=self.log, exc=exc)
         why = self.blocked.get(item.bag_id) or self._unreadable_on_bag(item.bag_id, key)
         if why is not None:
-            return await _ended(
-                item, key, "not_sent", _Stats(), self.log, _BagUnresolved(why), state="unsent"
-            )
+            return await _ended(item, key, "not_sent", _Stats(), self.log, _BagUnresolved(why))
         return None
 
     def _paid_alike(self, item: BatchItem) -> JournalEntry | None:
@@ -900,7 +898,6 @@ class _Runner:
                 paced.stats,
                 self.log,
                 error,
-                state="unsent",
             )
             if paced.key not in self.orphans:  # an earlier run's: no row here
                 await self.results.put(ended)
@@ -1173,6 +1170,105 @@ def _resumable(item: BatchItem, prior: JournalEntry | None) -> PendingRefund | N
     )
 
 
+#: The journal's line state for each outcome an item's ask ends with
+#: (``VOCABULARY["journal"]`` read backwards; "sent" is an open line, never an end).
+_JOURNAL_STATES = {
+    AskOutcome.APPLIED: "done",
+    AskOutcome.PRESENT: "present",
+    AskOutcome.FAILED: "failed",
+    AskOutcome.NOT_SENT: "unsent",
+    AskOutcome.PENDING: "pending",
+    AskOutcome.REVIEW: "unknown",
+}
+
+
+@attrs.frozen
+class JournalRecords:
+    """The batch journal as the record store seam (``AskRecords``) of one item: its
+    line key ``key``. ``load``: the record to resume from the key's line (the one
+    rule, :func:`_resumable`). ``save``: a "sent" or "pending" line with the record,
+    on disk before the send leaves (an ABSENT record, every send so far proven not
+    applied, is kept on the "sent" edge). ``end``: the item's last line, its state
+    the journal's word for the outcome."""
+
+    journal: Journal
+    item: BatchItem
+    key: str
+
+    async def load(self) -> PendingRefund | None:
+        return _resumable(self.item, self.journal.entry(self.key))
+
+    async def save(self, ask: PendingRefund) -> None:
+        phase = ask.phase
+        if phase is Phase.SENT or phase is Phase.PENDING:
+            await self.journal.record(self.key, self.item.line, phase.value, ask=ask.to_dict())
+        elif phase is Phase.ABSENT:
+            # Deferred after a 429: every send so far proven not applied. Kept on the
+            # "sent" edge (an earlier send left), with the record that says so: a run
+            # after a crash sends it anew, its window from that send, and never takes
+            # a refund someone else made during the wait for its own.
+            await self.journal.record(self.key, self.item.line, "sent", ask=ask.to_dict())
+
+    async def end(self, ended: Ended, **fields: Any) -> None:
+        """``fields``: what the batch adds to the line before the error (an already
+        present item's refunds)."""
+        refund = ended.refund
+        if refund is not None:
+            # The amount it moved: a later row stating that amount, where this one
+            # stated none (the whole bag), is the same money (see
+            # _journal_index.same_money).
+            fields = {"refund_id": refund.id, "reconciled": refund.reconciled, **fields}
+            if type(refund.amount) is int:
+                fields["amount"] = refund.amount
+        elif ended.error is not None:
+            exc = ended.error
+            fields = {**fields, "error": type(exc).__name__, "message": str(exc)}
+            pending = getattr(exc, "pending", None)
+            if isinstance(pending, PendingRefund):
+                fields["ask"] = pending.to_dict()
+        state = _JOURNAL_STATES[ended.outcome]
+        await self.journal.record(self.key, self.item.line, state, **fields)
+
+
+@attrs.frozen
+class _ItemRecords:
+    """The batch runner's record store seam for one item's ask: the run's own rules
+    before a send (an earlier run's item is only read back; an item's attempts are
+    counted across parks), then its journal's (none: a run without a journal)."""
+
+    journal: JournalRecords | None
+    stats: _Stats
+    resend: bool = True
+    sends_left: tuple[int, int] | None = None
+    foreign: _Unaccounted | None = None
+
+    async def load(self) -> PendingRefund | None:
+        return None if self.journal is None else await self.journal.load()
+
+    async def save(self, ask: PendingRefund) -> None:
+        if self.foreign is not None:
+            self.foreign.own(ask.ask_id)  # what this ask gets is this run's
+        if ask.phase is Phase.SENT:
+            if not self.resend:
+                raise _NoResend(
+                    "an earlier run's send, proven not applied by read-back; not sent "
+                    "again, as this run's input does not hold its row (as it was)"
+                )
+            sends_left = self.sends_left
+            if sends_left is not None and ask.sends - sends_left[0] > sends_left[1]:
+                raise _NoResend(
+                    f"not applied (proven by read-back), and this run's {sends_left[1]} "
+                    "attempt(s) for it are spent; not sent again"
+                )
+            self.stats.sent = True
+        if self.journal is not None:
+            await self.journal.save(ask)
+
+    async def end(self, ended: Ended) -> None:
+        if self.journal is not None:
+            await self.journal.end(ended)
+
+
 def item_ask(item: BatchItem) -> PendingRefund:
     """The ask ``item`` stands for, never sent (what a stored record must match)."""
     return PendingRefund(item.kind, item.order_id, item.bag_id, item.request)
@@ -1208,29 +1304,13 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     if limiter is not None:
         await limiter.wait()
 
-    async def save(ask: PendingRefund) -> None:
-        if foreign is not None:
-            foreign.own(ask.ask_id)  # what this ask gets is this run's
-        if ask.phase is Phase.SENT:
-            if not resend:
-                raise _NoResend(
-                    "an earlier run's send, proven not applied by read-back; not sent "
-                    "again, as this run's input does not hold its row (as it was)"
-                )
-            if sends_left is not None and ask.sends - sends_left[0] > sends_left[1]:
-                raise _NoResend(
-                    f"not applied (proven by read-back), and this run's {sends_left[1]} "
-                    "attempt(s) for it are spent; not sent again"
-                )
-            stats.sent = True
-        if log is not None and ask.phase in (Phase.SENT, Phase.PENDING):
-            await log.record(key, item.line, ask.phase.value, ask=ask.to_dict())
-        elif log is not None and ask.phase is Phase.ABSENT:
-            # Deferred after a 429: every send so far proven not applied. Kept on the
-            # "sent" edge (an earlier send left), with the record that says so: a run
-            # after a crash sends it anew, its window from that send, and never takes
-            # a refund someone else made during the wait for its own.
-            await log.record(key, item.line, "sent", ask=ask.to_dict())
+    records = _ItemRecords(
+        JournalRecords(log, item, key) if log is not None else None,
+        stats,
+        resend=resend,
+        sends_left=sends_left,
+        foreign=foreign,
+    )
 
     try:
         # JournalWriteError goes on: the batch stops, since what the journal could not
@@ -1242,7 +1322,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
             item.request,
             passes=(JournalWriteError,),
             resume=resume,
-            save=save,
+            records=records,
             patience=patience,
             hold_if_present=hold,
             defer_rate_limited=True,
@@ -1251,9 +1331,8 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     except _NoResend as exc:
         # Proven not applied: an earlier run's item is free to be sent anew by a later
         # input that holds it; an item out of attempts failed.
-        state = "unsent" if not resend else None
         outcome: Outcome = "not_sent" if not resend else "failed"
-        return await _ended(item, key, outcome, stats, log, _NotApplied(exc.note), state=state)
+        return await _ended(item, key, outcome, stats, log, _NotApplied(exc.note))
     # The engine's one outcome; the batch's words for it follow (VOCABULARY["batch"]).
     refund, error = ended.refund, ended.error
     if refund is None:
@@ -1262,13 +1341,7 @@ async def _process(  # noqa: PLR0917 - internal, one call site
     if foreign is not None and refund.id is not None:
         foreign.discard(refund.id)  # this run's item's: accounted for
     _paced_success(client, item, refund, pace, limiter)
-    if log is not None:
-        # The amount it moved: a later row stating that amount, where this one stated
-        # none (the whole bag), is the same money (see _journal_index.same_money).
-        done: dict[str, Any] = {"refund_id": refund.id, "reconciled": refund.reconciled}
-        if type(refund.amount) is int:
-            done["amount"] = refund.amount
-        await log.record(key, item.line, "done", **done)
+    await records.end(ended)
     return _result(item, "succeeded", stats, refund=refund)
 
 
@@ -1296,7 +1369,7 @@ async def _unapplied(  # noqa: PLR0917 - internal, one call site
     # client holds another ask of the bag pending (BagPendingError): failed, so no
     # later run sends it without --retry-failed (that ask may be this very refund).
     if outcome is AskOutcome.NOT_SENT and not isinstance(exc, BagPendingError):
-        return await _ended(item, key, "not_sent", stats, log, exc, state="unsent")
+        return await _ended(item, key, "not_sent", stats, log, exc)
     return await _ended(item, key, "failed", stats, log, exc)
 
 
@@ -1401,7 +1474,7 @@ async def _deferred(  # noqa: PLR0917 - internal, one call site
     else:
         pace.learning = True
     if stats.deferrals > MAX_DEFERRALS:
-        return await _ended(item, key, "not_sent", stats, log, exc.cause, state="unsent")
+        return await _ended(item, key, "not_sent", stats, log, exc.cause)
     stats.retries += 1  # it is sent again in its turn
     return _Paced(item, key, exc.pending, stats, now + exc.delay, None, exc.cause, merchant)
 
@@ -1435,15 +1508,8 @@ async def _present(
             if foreign is not None:
                 foreign.discard(claimed)
     if log is not None:
-        await log.record(
-            key,
-            item.line,
-            "present",
-            refund_id=claimed,
-            refunds=ids,
-            error=type(exc).__name__,
-            message=str(exc),
-        )
+        ended = Ended(AskOutcome.PRESENT, error=exc)
+        await JournalRecords(log, item, key).end(ended, refund_id=claimed, refunds=ids)
     result = _result(item, "already_present", stats, error=exc)
     return attrs.evolve(result, refund_id=claimed)
 
@@ -1455,15 +1521,12 @@ async def _ended(  # noqa: PLR0917 - internal
     stats: _Stats,
     log: Journal | None,
     exc: VioletError,
-    *,
-    state: str | None = None,
 ) -> BatchResult:
+    """An item that ended without a refund: its journal line in the batch's words for
+    ``outcome`` (``VOCABULARY["batch"]``)."""
     if log is not None:
-        fields: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
-        pending = getattr(exc, "pending", None)
-        if isinstance(pending, PendingRefund):
-            fields["ask"] = pending.to_dict()
-        await log.record(key, item.line, state or outcome, **fields)
+        ended = Ended(VOCABULARY["batch"][outcome], error=exc)
+        await JournalRecords(log, item, key).end(ended)
     return _result(item, outcome, stats, error=exc)
 
 

@@ -57,10 +57,12 @@ import orjson
 from redis.exceptions import NoScriptError
 
 from .._converter import converter, encode_request, request_from_dict
+from .._engine import Ended, Outcome, resumable
 from .._item_key import item_key, numbered
 from .._journal_index import money_of, same_money
-from .._protocol import PendingRefund
-from ..batch import BatchItem
+from .._protocol import PendingRefund, Phase
+from ..batch import BatchItem, item_ask
+from ..exceptions import RequestValidationError
 from ..models import CancelBagRequest, RefundBagRequest
 
 if TYPE_CHECKING:
@@ -1356,3 +1358,154 @@ def _done_or_open(record: LedgerRecord) -> bool:
 def is_blocked(record: LedgerRecord) -> bool:
     """Left not sent by :meth:`RedisLedger.mark_blocked` (new, outcome ``not_sent``)."""
     return record.state == "new" and record.outcome == "not_sent"
+
+
+def resumable_record(record: LedgerRecord, now: float) -> PendingRefund | None:
+    """The record to resume from (None: never sent, send anew); ``now``: the client's
+    time, for a torn record.
+
+    The ledger's edge says whether it may have been sent (its sent and pending states;
+    a record still NEW under them was torn mid-send, so counts as sent) and reads its
+    record; what is resumed is the one rule of :func:`~violet_async._engine.resumable`."""
+    if record.state not in ("sent", "pending"):
+        return None
+    try:
+        stored = record.pending()
+    except RequestValidationError:
+        stored = None
+    if stored is not None and stored.phase is Phase.NEW:
+        stored = None  # its state says it was sent: torn, sent once
+    return resumable(stored, item_ask(record.item), sent_at=record.updated_at or now)
+
+
+#: The ``outcome`` a failed record carries for each end it stands for (the rest are
+#: ``failed``; ``refused`` is an item nobody with the fleet key signed).
+FAILED_OUTCOMES = {
+    Outcome.PRESENT: "already_present",
+    Outcome.REVIEW: "unknown",
+    Outcome.FAILED: "failed",
+}
+
+
+@attrs.define
+class LedgerRecords:
+    """The fleet ledger as the record store seam (``AskRecords``) of one item, under
+    its bag's lock (``lock_key``, ``token``): ``record`` as read under that lock.
+
+    ``load``: the record to resume (:func:`resumable_record`). ``save``: a sent record
+    written durably before the send leaves, in one script with the lock and epoch
+    checks (:meth:`RedisLedger.mark_sent`: a refused write raises, nothing is sent); a
+    pending one; an ABSENT one (every send proven not applied, the next waiting to
+    leave) makes the item new again. ``end``: the item's state for the outcome, in the
+    ledger's words (``VOCABULARY["ledger"]``); an applied one in one round trip with
+    the worker's ``then`` scripts (its merchant's lane) and the record read back
+    (:meth:`RedisLedger.mark_applied_and_read`, letting go of the bag's lock as it
+    writes), its answer kept in :attr:`applied`.
+
+    ``lock_key`` None: the item's refund recorded again with no lock held (a run whose
+    ledger write failed after its refund); only an applied end is recorded so."""
+
+    ledger: RedisLedger
+    record: LedgerRecord
+    lock_key: str | None
+    token: str
+    clock: Callable[[], float]
+    """The client's wall clock (a torn record's send time)."""
+    epoch: Callable[[], str | None]
+    """The ledger epoch the worker runs under (a send is refused in another)."""
+    stamp: Callable[[], Awaitable[float]]
+    """Redis's time now, as the worker carries it (a send's hold check)."""
+    redact: Callable[[BaseException], str]
+    """An error's text as the ledger keeps it (the client's secrets hidden)."""
+    applied: tuple[int, LedgerRecord | None] | None = None
+    """The applied end's answer (:meth:`RedisLedger.mark_applied_and_read`)."""
+
+    async def load(self) -> PendingRefund | None:
+        return resumable_record(self.record, self.clock())
+
+    async def save(self, ask: PendingRefund) -> None:
+        key = self.record.key
+        ledger = self.ledger
+        if self.lock_key is None:
+            raise LockLostError(f"item {key}: nothing is saved or sent without the bag's lock")
+        if ask.phase is Phase.SENT:
+            epoch = self.epoch()
+            await ledger.mark_sent(
+                key,
+                ask,
+                lock_key=self.lock_key,
+                token=self.token,
+                epoch=epoch,
+                now=await self.stamp(),
+            )
+        elif ask.phase is Phase.PENDING:
+            await ledger.mark_pending(key, ask, lock_key=self.lock_key, token=self.token)
+        elif ask.phase is Phase.ABSENT:
+            # Every send so far proven not applied, and the next waits to leave (a
+            # 429's Retry-After, a backoff): the item is new again until it does (the
+            # stamp right before it leaves marks it sent). Left "sent" from the send
+            # before, a run after this one stopped in the wait read the bag back and
+            # took a refund another system made meanwhile for its own.
+            await ledger.mark_new(
+                key, self.record.item.bag_id, lock_key=self.lock_key, token=self.token
+            )
+
+    async def end(
+        self,
+        ended: Ended,
+        *,
+        then: Sequence[ScriptCall] = (),
+        counts: tuple[int, int] | None = None,
+    ) -> None:
+        """``then``, ``counts``: as :meth:`RedisLedger.mark_applied_and_read` takes them,
+        for an applied end."""
+        ledger = self.ledger
+        key = self.record.key
+        bag_id = self.record.item.bag_id
+        lock: dict[str, Any] = {"lock_key": self.lock_key, "token": self.token}
+        outcome = ended.outcome
+        refund = ended.refund
+        if refund is not None:
+            self.applied = await ledger.mark_applied_and_read(
+                key,
+                bag_id,
+                refund.id,
+                reconciled=refund.reconciled,
+                outcome="reconciled" if refund.reconciled else "applied",
+                paid=refund.amount,
+                then=then,
+                counts=counts,
+                release=None if self.lock_key is None else (self.lock_key, self.token),
+            )
+            return
+        if self.lock_key is None:
+            raise LockLostError(f"item {key}: an end without a refund needs the bag's lock")
+        exc = ended.error
+        pending = getattr(exc, "pending", None)
+        if outcome in (Outcome.PENDING, Outcome.REVIEW) and isinstance(pending, PendingRefund):
+            # The ledger, not a worker's client, keeps the fleet's pending asks.
+            await ledger.mark_pending(key, pending, **lock)
+        elif outcome in (Outcome.NOT_SENT, Outcome.DEFERRED):
+            # Nothing applied: the item starts over (only while it holds the bag).
+            await ledger.mark_new(key, bag_id, **lock)
+        elif outcome is Outcome.FAILED and self.record.restored:
+            # Run again from the job's copy after Redis lost the ledger: this run
+            # applied nothing, but the item may have applied before the loss (the
+            # refund or cancel this run was refused for may be its own). Unknown.
+            await ledger.mark_review(
+                key,
+                "the ledger lost this item's record (Redis lost its data) and its run "
+                f"again from the job's copy ended in {type(exc).__name__}: "
+                f"{self.redact(exc) if exc is not None else ''}; whether it applied before "
+                "the loss is not known; nothing more is sent: check the bag",
+                **lock,
+            )
+        else:
+            await ledger.mark_failed(
+                key,
+                type(exc).__name__,
+                self.redact(exc) if exc is not None else "",
+                outcome=FAILED_OUTCOMES.get(outcome, Outcome.FAILED.value),
+                bag_id=bag_id,
+                **lock,
+            )

@@ -13,27 +13,26 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 from redis.exceptions import RedisError
 
 from .._client import VioletClient
-from .._engine import Ended, Outcome, engine_of, resumable
+from .._engine import Ended, Outcome, engine_of
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
 from .._retry import RetryEvent
 from .._telemetry import CAPTURE, RequestCount, count_item, counting_requests
-from ..batch import BatchItem, item_ask
+from ..batch import BatchItem
 from ..exceptions import (
     AmbiguousOutcomeError,
     APIConnectionError,
     APIError,
     BagPendingError,
     RateLimitError,
-    RequestValidationError,
     ResponseFormatError,
     VioletError,
 )
@@ -45,6 +44,7 @@ from ._ledger import (
     LedgerHeldError,
     LedgerLostError,
     LedgerRecord,
+    LedgerRecords,
     LockLostError,
     RedisLedger,
     RefundOwnedError,
@@ -250,7 +250,7 @@ class FleetWorker:
         won = self._won.get(key)
         if won is not None:
             # This worker got the item's refund; only the ledger write failed.
-            return await self._applied(key, record.item, won)
+            return await self._applied(key, record.item, won, self._records(record))
         if record.state == "pending" and record.needs_review:
             return record.to_dict()
         if not self._signed(record):
@@ -306,7 +306,8 @@ class FleetWorker:
                 "(VIOLET_FLEET_KEY) or was altered; nothing more was sent: check the bag",
             )
             return (await self._record(key)).to_dict()
-        resume = _resumable(record, self.clock.time())
+        ledger_records = self._records(record, held)
+        resume = await ledger_records.load()
         item = record.item
         if resume is None and await self._held(key, record, held, view):
             return (await self._record(key)).to_dict()
@@ -330,37 +331,14 @@ class FleetWorker:
         # merchant's turn and passes the send gate as a first send does.
         learning = bool(answers[0]) if answers is not None and self.pace is not None else None
         merchant = await self._merchant_turn(item, learning, _known_merchant(answers))
-        budgeted: set[int] = set()
-
-        async def save(ask: PendingRefund) -> None:
-            if ask.phase is Phase.SENT:
-                # The last moment before a send: take a slot of the fleet's budget (once
-                # a send: the record is saved again when the send leaves later than it
-                # says), then record the send durably, in one script with the lock check.
-                if ask.sends not in budgeted:
-                    budgeted.add(ask.sends)
-                    await self._send_slot(ask, merchant, key, deadline)
-                await self.ledger.mark_sent(
-                    key,
-                    ask,
-                    lock_key=held.key,
-                    token=held.token,
-                    epoch=self._epoch,
-                    now=await self._now(),
-                )
-            elif ask.phase is Phase.PENDING:
-                await self.ledger.mark_pending(key, ask, lock_key=held.key, token=held.token)
-            elif ask.phase is Phase.ABSENT:
-                # Every send so far proven not applied, and the next waits to leave (a
-                # 429's Retry-After, a backoff): the item is new again until it does (the
-                # stamp right before it leaves marks it sent). Left "sent" from the
-                # send before, a run after this one stopped in the wait read the bag
-                # back and took a refund another system made meanwhile for its own.
-                await self.ledger.mark_new(key, item.bag_id, lock_key=held.key, token=held.token)
-
         # The call's deadline as the engine sets it as it starts (this one a moment
         # sooner: never later than the engine's).
         deadline = None if self._deadline is None else self.clock.monotonic() + self._deadline
+
+        async def take_slot(ask: PendingRefund) -> None:
+            await self._send_slot(ask, merchant, key, deadline)
+
+        records = _ItemRecords(ledger_records, take_slot)
         ask_task = asyncio.ensure_future(
             self.engine.settle(
                 item.kind,
@@ -368,7 +346,7 @@ class FleetWorker:
                 item.bag_id,
                 item.request,
                 resume=resume,
-                save=save,
+                records=records,
                 patience=self.patience,
                 hold_if_present=True,
                 defer_rate_limited=self.pace is not None,
@@ -396,7 +374,7 @@ class FleetWorker:
         if ask_task.cancelled():
             raise RetryLaterError(f"lost the lock of bag {item.bag_id}", defer=0.5)
         try:
-            return await self._settle(key, record, ask_task, held, merchant)
+            return await self._settle(key, record, ask_task, held, merchant, records)
         except LockLostError as exc:
             # A record of the send was refused: another worker holds the bag (and the
             # item) now; this one's view of it is stale.
@@ -602,18 +580,16 @@ class FleetWorker:
             await asyncio.sleep(wait)
         return merchant
 
-    async def _settle(
+    async def _settle(  # noqa: PLR0917 - internal, one call site
         self,
         key: str,
         record: LedgerRecord,
         ask_task: asyncio.Future[Ended],
         held: Any,
-        merchant: int | None = None,
+        merchant: int | None,
+        records: _ItemRecords,
     ) -> dict[str, Any]:
         item = record.item
-        # Writes that are not proof of their own (not a 2xx) need the bag's lock: a
-        # worker that lost it must not overwrite the new holder's record.
-        lock = {"lock_key": held.key, "token": held.token}
         try:
             ended = ask_task.result()
         except LockLostError as exc:
@@ -628,100 +604,79 @@ class FleetWorker:
         # The engine's one outcome; the ledger's words for it follow
         # (VOCABULARY["ledger"]).
         if ended.refund is not None:
-            return await self._applied(key, item, ended.refund, merchant, held)
+            return await self._applied(key, item, ended.refund, records.ledger, merchant, held)
         assert ended.error is not None  # noqa: S101 - Ended holds one or the other
-        await self._ended(key, record, ended.error, ended.outcome, merchant, lock)
+        await self._ended(key, record, ended, merchant, records)
         summary = (await self._record(key)).to_dict()
         count_item("fleet", item.kind, str(summary.get("outcome") or summary.get("state")))
         return summary
 
-    async def _ended(  # noqa: PLR0917 - internal, one call site
+    async def _ended(
         self,
         key: str,
         record: LedgerRecord,
-        exc: RateLimitDeferred | VioletError,
-        outcome: Outcome,
+        ended: Ended,
         merchant: int | None,
-        lock: dict[str, Any],
+        records: _ItemRecords,
     ) -> None:
-        """Record an ask that ended without a refund (or raise RetryLaterError when the
-        item runs again later)."""
-        ledger = self.ledger
+        """Record an ask that ended without a refund (``records.end``, in the ledger's
+        words), or raise RetryLaterError when the item runs again later."""
+        exc = ended.error
         item = record.item
         if isinstance(exc, RateLimitDeferred):  # Outcome.DEFERRED
-            await self._deferred(key, item, exc, merchant, lock)
+            await self._deferred(key, item, exc, merchant, records, ended)
         elif isinstance(exc, BagPendingError):  # Outcome.NOT_SENT
             # This worker's client holds another item of the bag pending: later.
             raise RetryLaterError(str(exc), defer=max(self.patience, 1.0)) from exc
-        elif outcome is Outcome.PRESENT:
-            await ledger.mark_failed(
-                key,
-                type(exc).__name__,
-                self._message(exc),
-                outcome=Outcome.PRESENT.value,
-                bag_id=item.bag_id,
-                **lock,
-            )
+        elif ended.outcome is Outcome.PRESENT:
+            await records.end(ended)
         elif isinstance(exc, AmbiguousOutcomeError):  # Outcome.PENDING or REVIEW
             # The ledger, not this worker's client, keeps the fleet's pending asks (the
             # item may be resumed by any worker; its bag is guarded by open_on_bag).
             self.engine.unsettled.forget(item.bag_id)
+            await records.end(ended)
             pending = exc.pending
-            if pending is None:
-                await ledger.mark_failed(
-                    key,
-                    type(exc).__name__,
-                    self._message(exc),
-                    outcome="unknown",
-                    bag_id=item.bag_id,
-                    **lock,
-                )
-            else:
-                await ledger.mark_pending(key, pending, **lock)
-                if not pending.needs_review:
-                    now = self.clock.time()
-                    wait = (pending.settle_until or now) - now
-                    raise RetryLaterError(str(exc), defer=max(wait, 0.2)) from exc
+            if pending is not None and not pending.needs_review:
+                now = self.clock.time()
+                wait = (pending.settle_until or now) - now
+                raise RetryLaterError(str(exc), defer=max(wait, 0.2)) from exc
         else:
+            assert exc is not None  # noqa: S101 - Ended holds one or the other
             # Any other error (Outcome.FAILED or NOT_SENT): the request did not apply.
             # When that was weather (a connection, a 5xx, a 429 out of budget, a failed
-            # baseline read), the item starts over later; a refusal (4xx) is final.
+            # baseline read), the item starts over later (new again); a refusal (4xx)
+            # is final (failed; for review when the ledger lost the item's record).
             if _transient(exc):
-                await ledger.mark_new(key, item.bag_id, **lock)
+                await records.end(Ended(Outcome.NOT_SENT, error=exc))
                 raise RetryLaterError(str(exc), defer=1.0) from exc
-            if record.restored:
-                # Run again from the job's copy after Redis lost the ledger: this run
-                # applied nothing, but the item may have applied before the loss (the
-                # refund or cancel this run was refused for may be its own). Unknown.
-                await ledger.mark_review(
-                    key,
-                    "the ledger lost this item's record (Redis lost its data) and its run "
-                    f"again from the job's copy ended in {type(exc).__name__}: "
-                    f"{self._message(exc)}; whether it applied before the loss is not "
-                    "known; nothing more is sent: check the bag",
-                    **lock,
-                )
-                return
-            await ledger.mark_failed(
-                key,
-                type(exc).__name__,
-                self._message(exc),
-                outcome=Outcome.FAILED.value,
-                bag_id=item.bag_id,
-                **lock,
-            )
+            await records.end(Ended(Outcome.FAILED, error=exc))
 
-    async def _applied(
+    def _records(self, record: LedgerRecord, held: HeldLock | None = None) -> LedgerRecords:
+        """The ledger's records of ``record``'s item, under ``held`` (None: no lock, an
+        applied end only)."""
+        return LedgerRecords(
+            self.ledger,
+            record,
+            None if held is None else held.key,
+            "" if held is None else held.token,
+            clock=self.clock.time,
+            epoch=lambda: self._epoch,
+            stamp=self._now,
+            redact=self._message,
+        )
+
+    async def _applied(  # noqa: PLR0917 - internal
         self,
         key: str,
         item: BatchItem,
         refund: OrderRefund,
+        records: LedgerRecords,
         merchant: int | None = None,
         held: HeldLock | None = None,
     ) -> dict[str, Any]:
-        """Record the item's refund. Kept here until the ledger has it: Redis away now
-        (the job runs again) must not turn the item's own refund into another's.
-        ``held``: the bag's lock, let go of by the applied write itself."""
+        """Record the item's refund (``records.end``). Kept here until the ledger has
+        it: Redis away now (the job runs again) must not turn the item's own refund into
+        another's. ``held``: the bag's lock, let go of by the applied write itself."""
         self._won[key] = refund
         self._won.move_to_end(key)
         while len(self._won) > _WON_CAPACITY:
@@ -732,17 +687,13 @@ class FleetWorker:
         count = CAPTURE.get()
         if not isinstance(count, RequestCount) or not count.requests:
             count = None
-        done, record = await self.ledger.mark_applied_and_read(
-            key,
-            item.bag_id,
-            refund.id,
-            reconciled=refund.reconciled,
-            outcome="reconciled" if refund.reconciled else "applied",
-            paid=refund.amount,
+        await records.end(
+            Ended(Outcome.APPLIED, refund=refund),
             then=self._success_calls(item, refund, merchant),
             counts=None if count is None else (count.requests, count.rate_limited),
-            release=None if held is None else (held.key, held.token),
         )
+        assert records.applied is not None  # noqa: S101 - an applied end sets it
+        done, record = records.applied
         if held is not None and done == 1:
             held.released = True
         if count is not None and record is not None:
@@ -800,13 +751,14 @@ class FleetWorker:
         self._epoch = epoch.id
         return max(until - now, 0.2)
 
-    async def _deferred(
+    async def _deferred(  # noqa: PLR0917 - internal, one call site
         self,
         key: str,
         item: BatchItem,
         exc: RateLimitDeferred,
         merchant: int | None,
-        lock: dict[str, Any],
+        records: _ItemRecords,
+        ended: Ended,
     ) -> None:
         """Nothing applied (a 429, every earlier send proven absent): slow the merchant's
         lane for the whole fleet and start the item over in its turn.
@@ -815,7 +767,7 @@ class FleetWorker:
         the merchant's look-up would otherwise leave it ``sent``, and the next run
         would read the bag back and could take a refund another system made in the
         wait for the item's own (the simulator's ``refund_in_429``, worker seed 161)."""
-        await self.ledger.mark_new(key, item.bag_id, **lock)  # only while it holds the bag
+        await records.end(ended)  # new again, only while it holds the bag
         merchant = merchant or await self._merchant_of(item, look_up=True)
         epoch = self._gate_epochs.pop(key, -1)
         if self.pace is not None and merchant is not None:
@@ -934,22 +886,29 @@ def _is_item(key: str, item: BatchItem) -> bool:
     return key.rpartition(":")[0] == item_key(item).rpartition(":")[0]
 
 
-def _resumable(record: LedgerRecord, now: float) -> PendingRefund | None:
-    """The record to resume from (None: never sent, send anew); ``now``: the client's
-    time, for a torn record.
+@attrs.define
+class _ItemRecords:
+    """The worker's record store seam for one item's ask: a slot of the fleet's send
+    budget before each send (once a send: the record is saved again when the send
+    leaves later than it says), then the ledger's (:class:`LedgerRecords`), which
+    records the send durably, in one script with the lock check."""
 
-    The ledger's edge says whether it may have been sent (its sent and pending states;
-    a record still NEW under them was torn mid-send, so counts as sent) and reads its
-    record; what is resumed is the one rule of :func:`~violet_async._engine.resumable`."""
-    if record.state not in ("sent", "pending"):
-        return None
-    try:
-        stored = record.pending()
-    except RequestValidationError:
-        stored = None
-    if stored is not None and stored.phase is Phase.NEW:
-        stored = None  # its state says it was sent: torn, sent once
-    return resumable(stored, item_ask(record.item), sent_at=record.updated_at or now)
+    ledger: LedgerRecords
+    take_slot: Callable[[PendingRefund], Awaitable[None]]
+    budgeted: set[int] = attrs.Factory(set)
+
+    async def load(self) -> PendingRefund | None:
+        return await self.ledger.load()
+
+    async def save(self, ask: PendingRefund) -> None:
+        if ask.phase is Phase.SENT and ask.sends not in self.budgeted:
+            # The last moment before a send: take a slot of the fleet's budget.
+            self.budgeted.add(ask.sends)
+            await self.take_slot(ask)
+        await self.ledger.save(ask)
+
+    async def end(self, ended: Ended) -> None:
+        await self.ledger.end(ended)
 
 
 def _transient(exc: VioletError) -> bool:

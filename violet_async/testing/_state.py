@@ -563,6 +563,29 @@ class Store:
         bag.refunds.append(record)
         return record
 
+    def foreign_refund(
+        self, bag: FakeBag, amount: int, reason: str | None, *, order_id: int
+    ) -> dict[str, Any]:
+        """A COMPLETED refund of ``amount`` naming order ``order_id`` listed under
+        ``bag`` (a record a backend filed under the wrong bag id): no money moved on
+        this bag (its amounts and the ledger's counts stay as they were)."""
+        self._next_refund += 1
+        refund_id = self._next_refund
+        record = self._record(
+            bag,
+            refund_id,
+            self.server_time(),
+            amount=amount,
+            status="COMPLETED",
+            skus=[],
+            errors=[],
+        )
+        record["order_id"] = order_id
+        if reason is not None:
+            record["reason"] = reason
+        bag.refunds.append(record)
+        return record
+
     def _record(
         self,
         bag: FakeBag,

@@ -34,9 +34,10 @@ from ...exceptions import (
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
 from .._state import RuleViolation
-from . import _fleet, _kinds_answers, _kinds_more, _kinds_review
+from . import _fleet, _kinds_answers, _kinds_more, _kinds_order, _kinds_review
 from ._kinds_answers import ANSWER_KINDS
 from ._kinds_more import MORE_KINDS, MerchantLimit, SecondCaller
+from ._kinds_order import ORDER_KINDS
 from ._kinds_review import REVIEW_KINDS, ReviewWorld
 from ._violet import (
     ASK_LABEL,
@@ -88,7 +89,8 @@ __all__ = ["CI_KINDS", "WORLD_KINDS", "Schedule", "SimResult", "generate", "shri
 #:   ``_kinds_more``;
 #: - ``refund_answers``, ``keyed_resume``: see ``_kinds_answers``;
 #: - ``key_clock``, ``resume_elsewhere``, ``refund_in_429``, ``early_resume``: see
-#:   ``_kinds_review``.
+#:   ``_kinds_review``;
+#: - ``other_order``: see ``_kinds_order``.
 WORLD_KINDS = (
     "status_lag",
     "dates",
@@ -108,6 +110,7 @@ WORLD_KINDS = (
     *MORE_KINDS,
     *ANSWER_KINDS,
     *REVIEW_KINDS,
+    *ORDER_KINDS,
 )
 #: The world kinds CI's seeds switch on: those the code on main holds under (the others
 #: find bugs whose fixes have not landed yet; see ``benchmarks/simulate.py --kinds``).
@@ -274,6 +277,9 @@ class Schedule:
     POST runs on apart and its late answer is kept): on in the worlds where callers
     cancel their calls (``caller_cancel``, a second caller's cut), drawn from nothing,
     so every other schedule runs as before."""
+    other_order: tuple[str, float] | None = None
+    """``_kinds_order``: (ask label, seconds after its first POST) when its bag lists
+    another order's refund of its amount and reason."""
 
     def fault_count(self) -> int:
         return (
@@ -293,6 +299,7 @@ class Schedule:
             + bool(self.worker_dies)
             + (self.ledger_loss is not None)
             + (self.review is not None)
+            + (self.other_order is not None)
         )
 
     def describe(self) -> str:
@@ -346,6 +353,7 @@ class Schedule:
             f"world: listed_without_skus={self.listed_without_skus} "
             f"dead_refunds={list(self.dead_refunds) or '-'}"
             + (f"\n{self.review.describe()}" if self.review is not None else "")
+            + (f"\nworld: other_order={self.other_order}" if self.other_order else "")
         )
 
 
@@ -454,7 +462,9 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     bags = Counter(a.bag for a in s.asks)
     alone = frozenset(a.label for a in s.asks if bags[a.bag] == 1)
     changes.update(_kinds_more.draw(s.seed, s.mode, len(s.bags), labels, kinds, alone))
-    return _keeps_cancelled_sends(_review(_answers(attrs.evolve(s, **changes), kinds), kinds))
+    return _keeps_cancelled_sends(
+        _review(_answers(attrs.evolve(s, **changes, **_kinds_order.draw(s, kinds)), kinds), kinds)
+    )
 
 
 def _keeps_cancelled_sends(s: Schedule) -> Schedule:
@@ -864,6 +874,7 @@ class _World:
                 schedule.merchant_limits,
             )
         _kinds_review.arm(self)
+        _kinds_order.arm(self)
         self.world_counts()
         self.violations: list[str] = []
         self.seen: list[Seen] = []
@@ -1563,6 +1574,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "ledger_loss": None,
             "keyed_resume": False,
             "loss_same_worker": False,
+            "other_order": None,
         }
         for name, plain in quirks.items():
             if getattr(s, name) != plain:
