@@ -915,3 +915,13 @@ def test_the_simulate_script_gives_the_same_results_on_two_processes(
     assert any(line.startswith("outcomes:") for line in one[1])
     with pytest.raises(SystemExit):
         script.main(["--processes", "0"])
+
+
+def test_seed_where_a_repeat_after_a_cut_429_wait_took_anothers_refund_now_holds() -> None:
+    """Seed 1216220 (``--kinds all``, direct): an unkeyed call's POST answered 429
+    (Retry-After 20), another app refunded the same amount 10 s later, the caller cut
+    the call at 11.3 s and repeated it at once; the repeat, a new ask with no
+    baseline, was answered 500 and took the other app's refund from its read-back.
+    New asks on such a bag now read it first (tests/test_cut_in_429_wait.py)."""
+    result = simulate(1216220, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()

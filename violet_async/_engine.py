@@ -294,6 +294,12 @@ class SendTracker:
 
         return attrs.evolve(io, send_once=send_once)
 
+    @property
+    def cut_while_absent(self) -> bool:
+        """Every send of this call (and of the record it resumed) stands proven not
+        applied, and it waits to send again (a 429's wait, a re-send's backoff)."""
+        return self.record is not None and self.record.phase is Phase.ABSENT
+
     def on_cancel(
         self, now: float, settle_running: float, mono: float | None = None
     ) -> PendingRefund | None:
@@ -1678,6 +1684,8 @@ class Engine:
                 await self._await_landing(resume.ask_id, deadline)
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
+                if resume is None and unsettled.read_first(bag_id, encode_request(req)):
+                    read_first = True
             if (
                 item is not None
                 and (claimed := shared.known_refunds.claimed(item))
@@ -1885,6 +1893,8 @@ class Engine:
             keep = records is None if keep_cancelled is None else keep_cancelled
             if pending is not None and keep:
                 unsettled.add(pending)
+            elif pending is None and tracker is not None and tracker.cut_while_absent:
+                unsettled.cut_while_absent(bag_id, encode_request(req))
             raise
         finally:
             if late_token is not None:

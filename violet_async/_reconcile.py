@@ -351,6 +351,10 @@ class _Accounted:
         return refund_id in self._others and refund_id not in self._foreign
 
 
+#: Bags a client remembers to read before new asks' sends (the oldest go first).
+READ_FIRST_BOUND = 10_000
+
+
 class PendingAsks:
     """Asks this client left pending (AmbiguousOutcomeError), by bag. Until one is
     resumed, no new ask is sent on its bag: it could claim the pending one's refund, or
@@ -360,9 +364,35 @@ class PendingAsks:
         self._by_bag: dict[int, list[PendingRefund]] = {}
         # Asks whose resume was held back by others pending on their bag: by which.
         self._held: dict[str, frozenset[str]] = {}
+        # Bags where a call was cut while every send it made stood proven not applied
+        # (a 429's wait, a re-send's backoff), with the requests (bodies) it asked:
+        # every new ask there reads first until one of such a request has.
+        self._read_first: OrderedDict[int, set[bytes]] = OrderedDict()
 
     def __bool__(self) -> bool:
-        return bool(self._by_bag)
+        return bool(self._by_bag or self._read_first)
+
+    def cut_while_absent(self, bag_id: int, request: bytes) -> None:
+        """A call on ``bag_id`` asking ``request`` (its body) was cut by its caller while
+        nothing it sent had applied (nothing is pending), in a wait during which another
+        system may have refunded the same: new asks on the bag read it before their
+        send (a baseline), so that refund is never taken for a repeat's own (simulator
+        seed 1216220), until a new ask of ``request`` has read it."""
+        self._read_first.setdefault(bag_id, set()).add(request)
+        self._read_first.move_to_end(bag_id)
+        while len(self._read_first) > READ_FIRST_BOUND:
+            self._read_first.popitem(last=False)
+
+    def read_first(self, bag_id: int, request: bytes) -> bool:
+        """Whether a new ask of ``request`` on ``bag_id`` reads the bag first (the read
+        of such a request is its repeat's: it is spent)."""
+        cut = self._read_first.get(bag_id)
+        if cut is None:
+            return False
+        cut.discard(request)
+        if not cut:
+            del self._read_first[bag_id]
+        return True
 
     def on_bag(self, bag_id: int) -> bool:
         return bag_id in self._by_bag
