@@ -15,6 +15,7 @@ refunds are counted by the server's own record."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,9 +29,10 @@ from violet_async import (
     Timeouts,
     VioletClient,
 )
+from violet_async._protocol import Phase
 from violet_async._requests import LateAnswer, _kept
 from violet_async._transport import REQUEST_LEFT, RawResponse
-from violet_async.stores import MemoryStore
+from violet_async.stores import Claim, KeyEntry, MemoryStore, SQLiteStore
 from violet_async.testing import FakeClock
 
 from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile, Step, hostile_client
@@ -177,10 +179,19 @@ async def test_an_unkeyed_call_cancelled_before_its_200_came_back_resumes_to_tha
     assert server.posts == 1
 
 
-async def test_a_repeat_started_before_the_late_answer_lands_does_not_send() -> None:
-    """The repeat of the key starts while the cancelled call's 429 is still held: it
-    reads back, as before (nothing of its record says "not applied" yet), and never
-    sends over the send that may still apply."""
+async def _begun(call: asyncio.Future[Any]) -> None:
+    """Give a call begun before the late answer lands time to run as far as it goes
+    without that answer (real time, bounded): one that does not wait for it reads the
+    bag back (on the shared clock, at no real cost) and ends."""
+    await asyncio.wait((call,), timeout=0.5)
+
+
+async def test_a_keyed_repeat_begun_before_the_429_lands_waits_for_it_and_sends_its_own() -> None:
+    """Simulator seed 1197549: the key's repeat begins at once, while the cancelled
+    call's 429 is still on its way back, and another system's identical refund, made
+    after that send, is on the bag. The repeat waits for the answer (up to its
+    deadline): the 429 proves the send not applied, and the repeat sends its own. (It
+    read the bag beside the answer before, and took that refund for its own.)"""
     clock = FakeClock()
     held = Held()
     server = Hostile(
@@ -188,14 +199,166 @@ async def test_a_repeat_started_before_the_late_answer_lands_does_not_send() -> 
         script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
         on_answer=held,
     )
-    short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
-    async with hostile_client(server, **KEEP, retry=short, store=MemoryStore()) as client:
+    async with hostile_client(server, **KEEP, retry=RETRY, store=MemoryStore()) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+        repeat = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+        await _begun(repeat)
+        await _landed(client, held, server)
+        got = await asyncio.wait_for(repeat, 5.0)
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id], "the ask's own refund, made once"
+    assert server.posts == 2
+
+
+async def test_a_resume_begun_before_the_429_lands_waits_for_it_and_sends_its_own() -> None:
+    """Simulator seed 932620, unkeyed: the caller resumes the pending record at once,
+    while the cancelled call's 429 is on its way back. The resume waits for it and
+    sends its own; the record it would have left pending (resumed elsewhere, it took
+    another system's refund) is never left."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    async with hostile_client(server, **KEEP, retry=RETRY) as client:
+        await _cut(client, server)
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]
+        with pytest.raises(BagPendingError) as caught:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        resume = asyncio.ensure_future(client.resume(caught.value.pending[0]))
+        await _begun(resume)
+        await _landed(client, held, server)
+        got = await asyncio.wait_for(resume, 5.0)
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id]
+    assert server.posts == 2
+
+
+async def test_a_repeat_whose_deadline_ends_before_the_late_answer_lands_does_not_send() -> None:
+    """The answer is still held when the repeat's deadline ends: the repeat reads the
+    bag back, as before, and ends pending, never sending over the send that may still
+    apply. The answer, landing later, is kept for the next repeat, which sends its own
+    and never takes another system's identical refund made meanwhile (the repeat that
+    read back and parked the record, with no send of its own, knew nothing newer of
+    that send: it used to keep the answer from being kept)."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    # A real-time deadline short enough for the test (the wait runs on the loop's clock).
+    short = RetryPolicy(max_attempts=3, deadline=0.3, jitter=False)
+    async with hostile_client(server, **KEEP, retry=RETRY, store=MemoryStore()) as client:
         await _cut(client, server, idempotency_key=KEY)
         with pytest.raises(AmbiguousOutcomeError):
-            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+            await client.with_options(retry=short).refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY
+            )
         assert server.posts == 1
         await _landed(client, held, server)
-    assert server.ours == []
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+        got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id]
+    assert server.posts == 2
+
+
+async def test_a_429_landed_late_is_written_through_to_the_keys_store(tmp_path: Path) -> None:
+    """Simulator seed 1130819's class, across processes: the cancelled keyed call's 429
+    lands in its own process, and the key's repeat comes from another process sharing
+    the store (one SQLite file, two stores, two clients). The late answer is written
+    through the key's entry: the other process sends its own refund, never taking
+    another system's identical one made after the send (it read the send back as "may
+    have applied" before, and took it)."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    path = tmp_path / "keys.db"
+    async with (
+        SQLiteStore(path) as one_store,
+        hostile_client(server, **KEEP, retry=RETRY, store=one_store) as one,
+    ):
+        await _cut(one, server, idempotency_key=KEY)
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+        await _landed(one, held, server)
+        clock.advance(2.0)
+        async with (
+            SQLiteStore(path) as two_store,
+            hostile_client(server, retry=RETRY, store=two_store) as two,
+        ):
+            got = await two.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY
+            )
+        again = await one.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id], "the ask's own refund, made once"
+    assert again.id == got.id, "the first process's repeat finds it in the store"
+    assert server.posts == 2
+
+
+class _GatedStore(MemoryStore):
+    """A MemoryStore whose claim of a record proven not applied (the late answer's
+    write-through) waits at a gate the test opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.reached = asyncio.Event()
+
+    async def claim(self, fresh: KeyEntry, now: float) -> tuple[Claim, KeyEntry]:
+        if self.gate is not None and fresh.ask.phase is Phase.ABSENT:
+            self.reached.set()
+            await self.gate.wait()
+        return await super().claim(fresh, now)
+
+
+async def test_a_repeat_begun_while_the_late_answer_is_written_through_joins_it() -> None:
+    """The key's repeat in this process begins while the late 429 is being written
+    through the key's entry (its store round trip under way): it waits for that write
+    as a flight of the key, then takes the key over and sends its own. (This process's
+    calls share one owner in the store: a claim does not keep them apart, and the
+    write's give-back took the key from under the repeat, which then could not save
+    its send: nothing sent, the caller told so.)"""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    store = _GatedStore()
+    async with hostile_client(server, **KEEP, retry=RETRY, store=store) as client:
+        await _cut(client, server, idempotency_key=KEY)
+        store.gate = asyncio.Event()
+        server.on_answer = None
+        held.release.set()
+        await asyncio.wait_for(store.reached.wait(), 5.0)  # the write-through's claim
+        clock.advance(2.0)
+        other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+        repeat = asyncio.ensure_future(
+            client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+        )
+        await _steps(20)
+        store.gate.set()
+        got = await asyncio.wait_for(repeat, 5.0)
+    assert got.id != other, "another system's refund handed over as this call's"
+    assert server.ours == [got.id], "the ask's own refund, made once"
+    assert server.posts == 2
 
 
 async def test_aclose_drops_a_late_answer_still_awaited() -> None:

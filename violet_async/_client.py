@@ -556,7 +556,10 @@ class VioletClient(RequestPlumbing):
             raise RequestValidationError(
                 "pending", f"must be a PendingRefund, got {type(pending).__name__}"
             )
-        if pending.phase not in (Phase.SENT, Phase.PENDING):
+        if pending.phase not in (Phase.SENT, Phase.PENDING) and not (
+            # Parked for review with every send proven not applied: resumed, it stays so.
+            pending.phase is Phase.ABSENT and pending.needs_review
+        ):
             raise RequestValidationError(
                 "pending", f"is {pending.phase.value}: there is nothing to resume"
             )

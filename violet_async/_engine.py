@@ -650,6 +650,60 @@ class KeyedAsks:
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not give back key %r: %s", back.key, exc)
 
+    async def proven_late(self, proven: PendingRefund) -> None:
+        """A cancelled keyed call's late answer proved its send not applied (``proven``,
+        ABSENT: ``Engine._land_late``): written through the key's entry, under the key's
+        lease, so that the key's next call in any process sharing the store sends its
+        own (reading the bag first) rather than read the send back as "may have
+        applied", where another system's identical refund made meanwhile would pass for
+        its own (simulator seed 1130819: the key taken over by another process).
+
+        Only while the entry still holds that very send (the same ask, as many sends,
+        sent or pending, not for review) and nobody else owns the key; a call of the key
+        running in this process resumes from this client's own memory and saves what it
+        does, and one that comes while this is written joins it as a flight of the key
+        (then takes the key over: this process's calls share one owner in the store, so
+        a claim cannot keep them apart). Best effort: a store that fails leaves the
+        entry as it was (read back, as before)."""
+        bare = proven.idempotency_key
+        if bare is None:
+            return
+        key = f"{self.scope} {bare}"
+        if key in self._flights:
+            return
+        flight = self._flights[key] = _Flight(proven)
+        try:
+            await self._write_late(key, bare, proven)
+        finally:
+            self._land(key, flight, None, None)  # a call that joined takes the key over
+
+    async def _write_late(self, key: str, bare: str, proven: PendingRefund) -> None:
+        store = self.store
+        now = self._clock.time()
+        fresh = KeyEntry(
+            key, proven, owner=self.owner, lease_until=now + store.lease, scope=self.scope
+        )
+        try:
+            await self._after_give_back(key)
+            claim, entry = await store.claim(fresh, self._lease_now(now))
+        except Exception as exc:  # noqa: BLE001 - the entry stays as it was
+            log.warning("could not record the late answer of key %r: %s", bare, exc)
+            return
+        if claim is not Claim.OWNED:
+            return  # finished, ended, another request, or another owner's now
+        held = entry.ask
+        if (
+            held.ask_id == proven.ask_id
+            and held.sends == proven.sends
+            and held.phase in (Phase.SENT, Phase.PENDING)
+            and not held.needs_review
+        ):
+            ask = attrs.evolve(
+                proven, seen=held.seen | proven.seen, others=held.others | proven.others
+            )
+            entry = attrs.evolve(entry, ask=ask)
+        await self._give_back(entry)
+
     async def _after_give_back(self, key: str) -> None:
         """Wait for a cancelled call's give-back of ``key`` (:meth:`_before_send`)."""
         task = self._giving_back.get(key)
@@ -797,8 +851,11 @@ class KeyedAsks:
         store = self.store
         clock = self._clock
         # SENT and PENDING start alike (read back first); PENDING here keeps a record
-        # this call was handed from being taken for an owner that stopped mid-send.
-        mine = attrs.evolve(pending, phase=Phase.PENDING)
+        # this call was handed from being taken for an owner that stopped mid-send. One
+        # parked for review with every send proven not applied stays so (``_for_review``).
+        mine = (
+            pending if pending.phase is Phase.ABSENT else attrs.evolve(pending, phase=Phase.PENDING)
+        )
         while True:
             now = clock.time()
             fresh = KeyEntry(
@@ -1272,8 +1329,15 @@ def _for_review(
     error: type[AmbiguousOutcomeError] = AmbiguousOutcomeError,
 ) -> tuple[PendingRefund, AmbiguousOutcomeError]:
     """``record`` parked for review (pending, ``note`` its reason; nothing of it is
-    read or sent), and the error that hands it out."""
-    parked = attrs.evolve(record, phase=Phase.PENDING, needs_review=True, note=note)
+    read or sent), and the error that hands it out.
+
+    A record whose sends were all proven not applied (``ABSENT``: a 429, a re-send
+    waiting to leave) stays so: nothing of it can be on the bag. Made "sent, may have
+    applied", its resume read the bag back over the window of a send a 429 had
+    answered, and took another system's identical refund made during the wait for its
+    own (simulator seed 1202091). Resumed, it stays for review (``protocol.start``)."""
+    phase = Phase.ABSENT if record.phase is Phase.ABSENT else Phase.PENDING
+    parked = attrs.evolve(record, phase=phase, needs_review=True, note=note)
     return parked, error(message, request=record.request, attempts=record.sends, pending=parked)
 
 
@@ -1364,6 +1428,8 @@ def resumable(
       every send so far proven not applied (a 429 deferred, a re-send waiting to
       leave). Sent anew, its window from that send; read back as doubtful, a refund
       another system made during the wait would pass for its own;
+    - absent and parked for review (held back before its re-send left): as it is, for
+      review again, nothing read or sent (``protocol.start``);
     - any other phase (applied without its refund, absent, failed: the edge did not
       take it as ended): pending and doubted, keeping what it knows (sends, settle
       window, the refunds it saw), read back first, never sent again blind;
@@ -1382,7 +1448,7 @@ def resumable(
     if stored.phase is Phase.NEW:
         return None
     if stored.phase in (Phase.SENT, Phase.PENDING) or (
-        absent_unsent and stored.phase is Phase.ABSENT
+        stored.phase is Phase.ABSENT and (absent_unsent or stored.needs_review)
     ):
         return stored
     return attrs.evolve(stored, phase=Phase.PENDING, doubted=True)
@@ -1612,6 +1678,10 @@ class Engine:
             late = LateAnswer()
             late_token = LATE_ANSWER.set(late)
         try:
+            if resume is not None and shared.landing:
+                # A cancelled call's send of this ask may still be answered here: wait
+                # for what it proves (only with keep_cancelled_sends; nothing otherwise).
+                await self._await_landing(resume.ask_id, deadline)
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
                 if resume is None and unsettled.read_first(bag_id, encode_request(req)):
@@ -1912,7 +1982,31 @@ class Engine:
         )
         shared.late_answers.add(landing)
         landing.add_done_callback(shared.late_answers.discard)
+        ask_id = pending.ask_id
+        shared.landing[ask_id] = landing
+
+        def landed(done: asyncio.Task[None]) -> None:
+            if shared.landing.get(ask_id) is done:
+                del shared.landing[ask_id]
+
+        landing.add_done_callback(landed)
         return pending
+
+    async def _await_landing(self, ask_id: str, deadline: float | None) -> None:
+        """Wait, up to ``deadline``, for the late answer of this ask's send that a
+        cancelled call of this client left on its way (``_keep_late``), before a resume
+        or keyed repeat of the ask reads the bag: what it proves (a 429: not applied; a
+        2xx: its refund) is then what the resume starts from. Read beside it instead, a
+        repeat begun before the answer landed took another system's identical refund,
+        made after that send, for its own (simulator seeds 932620 and 1197549). The
+        answer is bounded by its own attempt's timeouts; past the deadline the resume
+        goes on as before (the answer, landing later, is kept for the next one)."""
+        landing = self._shared.landing.get(ask_id)
+        if landing is None:
+            return
+        clock = self._shared.clock
+        left = None if deadline is None else max(0.0, deadline - clock.monotonic())
+        await asyncio.wait((landing,), timeout=left)
 
     async def _land_late(
         self,
@@ -1969,6 +2063,10 @@ class Engine:
                 note=f"{type(error).__name__} (answered after the call was cancelled): {error}",
             )
             proven = known.proven_late(absent)
+            if self.keys is not None and absent.idempotency_key is not None:
+                # The key's entry too: a repeat in another process sharing the store
+                # knows it then (this client's memory is its own).
+                await self.keys.proven_late(absent)
         elif cause is Cause.REFUSED and not doubted:
             note = f"{type(error).__name__}: {error}"
             failed = attrs.evolve(pending, phase=Phase.FAILED, note=note)

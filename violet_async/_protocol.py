@@ -306,6 +306,11 @@ class Action:
 # -- transitions --------------------------------------------------------------------
 
 
+#: How the note of an absent record parked for review begins (said once, however often
+#: it is resumed).
+_REVIEWED_ABSENT = "parked for review before any re-send left"
+
+
 def start(
     ask: PendingRefund, settings: Settings, now: float, *, attempt_timeout: float
 ) -> tuple[PendingRefund, Action]:
@@ -352,6 +357,11 @@ def start(
         )
         return ask, Action(Do.READ, read_bag=_reads_bag(ask))
     if ask.phase is Phase.ABSENT:
+        if ask.needs_review:
+            # Parked for review before any re-send left (held back by another ask on
+            # the bag, or a copy parked for review merged into it): nothing is read or
+            # sent (seed 1202091; review 28).
+            return _still_for_review(ask)
         # Left after a 429 (deferred, or a wait cut short): every earlier send is proven
         # not applied, so it is sent again, with a fresh attempt budget (the caller's
         # pacing bounds the rest).
@@ -644,12 +654,23 @@ def _guard(
 
 
 def _still_for_review(ask: PendingRefund) -> tuple[PendingRefund, Action]:
-    """An ABSENT record a person was asked to look at (a copy parked for review merged
-    into it: ``KnownRefunds.recall``): review is sticky, nothing is sent while a person
-    may be settling the bag by hand (review 28: a late 429 kept in one client sent the
-    ask again that another client had parked for review)."""
-    note = f"parked for review before ({ask.note}); a person has to look at bag {ask.bag_id}"
-    return _park(ask, note, review=True)
+    """An ABSENT record a person was asked to look at (held back from its re-send by
+    another ask under review, or a copy parked for review merged into it:
+    ``KnownRefunds.recall``): review is sticky, nothing is sent while a person may be
+    settling the bag by hand (review 28: a late 429 kept in one client sent the ask
+    again that another client had parked for review).
+
+    It stays ABSENT: every send of it was proven not applied, so nothing on the bag is
+    its refund. Parked as "sent, may have applied", a later resume read the bag back
+    over the window of a send a 429 had answered, and took another system's identical
+    refund made during the wait for its own (simulator seed 1202091)."""
+    note = ask.note
+    if not note.startswith(_REVIEWED_ABSENT):
+        note = (
+            f"{_REVIEWED_ABSENT} ({note}); each send of it was proven not applied: "
+            f"a person has to look at bag {ask.bag_id} and decide whether to send it"
+        )
+    return attrs.evolve(ask, note=note), Action(Do.PARK)
 
 
 def _listed_since(

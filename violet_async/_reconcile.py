@@ -192,14 +192,23 @@ class KnownRefunds:
         ``record`` did not apply: ``record`` (ABSENT) is resumed in its stead, or, with
         ``error`` (a definite refusal), the ask fails again with no request. Kept only
         when this client knows nothing newer of the ask: no refund handed to it, no
-        failure, no record parked with as many sends (a call that resumed it since the
-        send this answer is of). True: kept."""
+        failure, no record parked with more sends (a call that resumed it and sent it
+        since the send this answer is of), or with as many that is not that send read
+        back and left pending (a resume whose deadline ended before the answer landed:
+        it learned nothing of that send, and what its reads saw is kept). True: kept."""
         ask_id = record.ask_id
         if ask_id in self._claimed or ask_id in self._failed:
             return False
         newer = self._parked.get(ask_id)
-        if newer is not None and newer.sends >= record.sends:
-            return False
+        if newer is not None:
+            if newer.sends > record.sends or (
+                newer.sends == record.sends
+                and (newer.phase is not Phase.PENDING or newer.needs_review)
+            ):
+                return False
+            record = attrs.evolve(
+                record, seen=record.seen | newer.seen, others=record.others | newer.others
+            )
         if error is not None:
             self.failed(record, error)
         else:

@@ -103,6 +103,9 @@ class Shared:
     late_answers: set[asyncio.Task[None]] = attrs.Factory(set)
     """The answers of POSTs whose callers cancelled them, still awaited
     (``Engine._keep_late``): ``aclose`` drops them (their records stay pending)."""
+    landing: dict[str, asyncio.Task[None]] = attrs.Factory(dict)
+    """The same, by the ask (``ask_id``) whose send each is (its latest): a resume or
+    keyed repeat of that ask waits for it before it reads the bag (``Engine.drive``)."""
     _token_headers: tuple[str, Mapping[str, str]] | None = None
 
     def headers_for(self, token: str) -> Mapping[str, str]:
