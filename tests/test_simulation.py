@@ -925,3 +925,14 @@ def test_seed_where_a_repeat_after_a_cut_429_wait_took_anothers_refund_now_holds
     New asks on such a bag now read it first (tests/test_cut_in_429_wait.py)."""
     result = simulate(1216220, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
+
+
+def test_a_slow_world_with_resumes_elsewhere_gets_its_three_rounds() -> None:
+    """Seed 2405079 (``--kinds all``, direct): reads of 2 s a page at 2 records a page,
+    a 15 s deadline, the wall clock stepped 2 h forward; ``resume_elsewhere``'s workers
+    took the first of the three resume rounds, and the last round's re-sent cancel
+    (refused: the bag is fulfilled) ran out of its deadline reading back: pending,
+    with no round left (``liveness``). Worlds with resumes elsewhere now give this
+    process its three rounds after them."""
+    result = simulate(2405079, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()

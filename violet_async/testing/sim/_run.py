@@ -1256,7 +1256,12 @@ class _World:
 
     async def resolve_pendings(self) -> None:
         await self.quiesce()
-        for round_ in range(3):
+        review = self.s.review
+        # Three rounds of this process's resumes; resume_elsewhere's workers take a
+        # round of their own first (with them in round 0, a slow world's last resume
+        # could end in its deadline, pending, with no round left: seed 2405079).
+        elsewhere = review is not None and review.elsewhere
+        for round_ in range(4 if elsewhere else 3):
             # A caller may resume an ask parked for review too (once): it must read
             # again and never re-send by itself.
             todo = [
@@ -1276,8 +1281,7 @@ class _World:
                 # A resume job tried again later, as a queue backs off: past the lag of
                 # any replica the last round may have read (shows, hides, shows).
                 await asyncio.sleep(max(self.s.replica_lag, 60.0) + 1.0)
-            review = self.s.review
-            if not round_ and review is not None and review.elsewhere:
+            if not round_ and elsewhere:
                 await _kinds_review.resume_elsewhere(self, todo)
                 continue
             client, _ = self.client(f"resume{round_}")
