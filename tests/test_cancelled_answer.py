@@ -75,14 +75,17 @@ async def _landed(client: VioletClient, held: Held, server: Hostile) -> None:
         await asyncio.wait_for(asyncio.gather(*late), 5.0)
 
 
+def _held_429(clock: FakeClock) -> tuple[Held, Hostile]:
+    """A server whose first POST is answered 429 (Retry-After 1 s), its answer held
+    back (``Held``) until the test lets it land."""
+    held = Held()
+    script = [Step(429, commit_after=None, headers={"Retry-After": "1"})]
+    return held, Hostile(clock, script=script, on_answer=held)
+
+
 async def test_a_keyed_call_cancelled_before_its_429_came_back_sends_its_own_on_repeat() -> None:
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     async with hostile_client(server, **KEEP, retry=RETRY, store=MemoryStore()) as client:
         await _cut(client, server, idempotency_key=KEY)
         clock.advance(2.0)
@@ -142,12 +145,7 @@ async def test_a_keyed_call_cancelled_with_no_answer_stays_pending() -> None:
 
 async def test_an_unkeyed_call_cancelled_before_its_429_came_back_resumes_to_its_own() -> None:
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     async with hostile_client(server, **KEEP, retry=RETRY) as client:
         await _cut(client, server)
         clock.advance(2.0)
@@ -193,12 +191,7 @@ async def test_a_keyed_repeat_begun_before_the_429_lands_waits_for_it_and_sends_
     deadline): the 429 proves the send not applied, and the repeat sends its own. (It
     read the bag beside the answer before, and took that refund for its own.)"""
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     async with hostile_client(server, **KEEP, retry=RETRY, store=MemoryStore()) as client:
         await _cut(client, server, idempotency_key=KEY)
         clock.advance(2.0)
@@ -220,12 +213,7 @@ async def test_a_resume_begun_before_the_429_lands_waits_for_it_and_sends_its_ow
     sends its own; the record it would have left pending (resumed elsewhere, it took
     another system's refund) is never left."""
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     async with hostile_client(server, **KEEP, retry=RETRY) as client:
         await _cut(client, server)
         clock.advance(2.0)
@@ -249,12 +237,7 @@ async def test_a_repeat_whose_deadline_ends_before_the_late_answer_lands_does_no
     read back and parked the record, with no send of its own, knew nothing newer of
     that send: it used to keep the answer from being kept)."""
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     # A real-time deadline short enough for the test (the wait runs on the loop's clock).
     short = RetryPolicy(max_attempts=3, deadline=0.3, jitter=False)
     async with hostile_client(server, **KEEP, retry=RETRY, store=MemoryStore()) as client:
@@ -281,12 +264,7 @@ async def test_a_429_landed_late_is_written_through_to_the_keys_store(tmp_path: 
     another system's identical one made after the send (it read the send back as "may
     have applied" before, and took it)."""
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     path = tmp_path / "keys.db"
     async with (
         SQLiteStore(path) as one_store,
@@ -335,12 +313,7 @@ async def test_a_repeat_begun_while_the_late_answer_is_written_through_joins_it(
     write's give-back took the key from under the repeat, which then could not save
     its send: nothing sent, the caller told so.)"""
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     store = _GatedStore()
     async with hostile_client(server, **KEEP, retry=RETRY, store=store) as client:
         await _cut(client, server, idempotency_key=KEY)
@@ -474,12 +447,7 @@ async def test_off_a_keyed_call_cancelled_before_its_429_came_back_keeps_nothing
     awaited apart, its 429 never reaches the ask, and the repeat (its record "sent, may
     have applied") reads back and ends pending within the window, never sending again."""
     clock = FakeClock()
-    held = Held()
-    server = Hostile(
-        clock,
-        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
-        on_answer=held,
-    )
+    held, server = _held_429(clock)
     short = RetryPolicy(max_attempts=3, deadline=20.0, jitter=False)
     async with hostile_client(server, retry=short, store=MemoryStore()) as client:
         await _cut(client, server, idempotency_key=KEY)
