@@ -5,9 +5,7 @@ shown on a server scripted in its test (tests/hostile.py: one order with one bag
 
 from __future__ import annotations
 
-import contextlib
 import traceback
-from collections.abc import AsyncIterator
 
 import attrs
 import pytest
@@ -29,6 +27,7 @@ from violet_async.models import RefundBagRequest
 from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
+from .conftest import serve
 from .hostile import BAG_ID, GATEWAY_504, ORDER_ID, VIOLET_500, Hostile, Step, hostile_client
 from .test_resend_window import SETTINGS, T0, busy, lost, refund, sent
 from .test_review27_findings import NoDate
@@ -207,7 +206,10 @@ async def test_a_failed_refunds_reason_echoing_a_secret_is_redacted_from_the_err
     app = web.Application()
     action = "refunds" if kind == "refund" else "cancel"
     app.router.add_post(f"/v1/orders/{ORDER_ID}/bags/{BAG_ID}/{action}", answer)
-    async with _served(app) as url, VioletClient(1, APP_SECRET, token=TOKEN, base_url=url) as c:
+    async with (
+        serve(app) as root,
+        VioletClient(1, APP_SECRET, token=TOKEN, base_url=f"{root}/v1") as c,
+    ):
         call = (
             c.cancel_bag(ORDER_ID, BAG_ID)
             if kind == "cancel"
@@ -233,26 +235,13 @@ async def test_a_refund_status_echoing_a_secret_is_redacted_from_the_wait_timeou
     app = web.Application()
     app.router.add_get(f"/v1/orders/{ORDER_ID}/refunds/9100", answer)
     async with (
-        _served(app) as url,
-        VioletClient(1, APP_SECRET, token=TOKEN, base_url=url, clock=clock) as c,
+        serve(app) as root,
+        VioletClient(1, APP_SECRET, token=TOKEN, base_url=f"{root}/v1", clock=clock) as c,
     ):
         with pytest.raises(RefundWaitTimeoutError) as caught:
             await c.wait_for_refund(ORDER_ID, BAG_ID, 9_100, timeout=2.0, poll_interval=1.0)
     shown = "".join(traceback.format_exception(caught.value)) + repr(caught.value)
     assert APP_SECRET not in shown
-
-
-@contextlib.asynccontextmanager
-async def _served(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
 
 
 def test_a_record_under_review_is_never_sent_by_a_late_429_kept_in_another_client() -> None:
