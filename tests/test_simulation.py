@@ -936,3 +936,12 @@ def test_a_slow_world_with_resumes_elsewhere_gets_its_three_rounds() -> None:
     process its three rounds after them."""
     result = simulate(2405079, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
+
+
+def test_seed_where_a_whole_bag_refund_was_reported_failed_beside_another_orders_record() -> None:
+    """Seed 1269007 (``--kinds all``, direct): a whole-bag refund's POST applied and was
+    answered 303; the bag's list carried another order's record (``other_order``) that
+    was counted in what the bag had left, so the ask's own refund was "not the rest",
+    proven absent, and reported failed (``failed-but-applied``)."""
+    result = simulate(1269007, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
