@@ -4,14 +4,17 @@ in a 429 wait (``PendingAsks.cut_while_absent``), against hostile servers."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from violet_async import AmbiguousOutcomeError, OrderRefund
-from violet_async.stores import MemoryStore
+from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
+from violet_async._protocol import Phase
+from violet_async.stores import MemoryStore, SQLiteStore
 from violet_async.testing import FakeClock
 
-from .hostile import BAG_ID, ORDER_ID, VIOLET_500, Step, serve
+from .hostile import BAG_ID, ORDER_ID, VIOLET_500, Hostile, Step, hostile_client, serve
+from .test_cancelled_answer import KEEP, KEY, RETRY, Held, _cut, _landed
 from .test_review27_findings import AMOUNT, NoDate, _client
 
 
@@ -61,3 +64,56 @@ async def test_a_repeat_cut_before_its_read_keeps_the_bag_marked() -> None:
     assert not (isinstance(got, OrderRefund) and got.id == other), (
         "another system's refund handed over as the repeat's own"
     )
+
+
+async def test_a_resume_of_a_record_handed_out_before_the_late_429_was_written_through(
+    tmp_path: Path,
+) -> None:
+    """Two processes share the key's store (one SQLite file). The cancelled keyed call's
+    POST is still being answered when the key's repeat in the other process takes the
+    key over, reads the bag (nothing yet) and ends pending, its deadline first: the
+    caller holds that record ("sent, may have applied"). Another system then makes an
+    identical refund, and the late 429 lands and is written through the key's entry
+    (proven not applied). The caller resumes the record it holds: merged with the
+    key's entry, the copy that never saw the 429 won (its settle window is later), the
+    bag was read back over the send's window, and the other system's refund returned
+    as this ask's own."""
+    clock = FakeClock()
+    held = Held()
+    server = Hostile(
+        clock,
+        script=[Step(429, commit_after=None, headers={"Retry-After": "1"})],
+        on_answer=held,
+    )
+    path = tmp_path / "keys.db"
+    short = RetryPolicy(max_attempts=3, deadline=10.0, jitter=False)
+    async with (
+        SQLiteStore(path, lease=5.0) as one_store,
+        hostile_client(server, **KEEP, retry=RETRY, store=one_store) as one,
+    ):
+        await _cut(one, server, idempotency_key=KEY)
+        clock.advance(6.0)  # the cut call's lease has run out
+        async with (
+            SQLiteStore(path, lease=5.0) as two_store,
+            hostile_client(server, retry=short, store=two_store) as two,
+        ):
+            with pytest.raises(AmbiguousOutcomeError) as caught:
+                await two.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
+            pending = caught.value.pending
+            assert pending is not None
+            assert server.posts == 1
+            other = server.add_refund(AMOUNT)["id"]  # another system's identical refund
+            await _landed(one, held, server)
+            entry = await two_store.load(f"{two._key_path().scope} {KEY}")
+            assert entry is not None
+            assert entry.ask.phase is Phase.ABSENT, "the late 429 written through"
+            clock.advance(1.0)
+            try:
+                got: OrderRefund | AmbiguousOutcomeError = await two.resume(pending)
+            except AmbiguousOutcomeError as exc:
+                got = exc
+    assert not (isinstance(got, OrderRefund) and got.id == other), (
+        "another system's refund handed over as this call's"
+    )
+    if isinstance(got, OrderRefund):
+        assert server.ours == [got.id], "the ask's own refund, made once"
