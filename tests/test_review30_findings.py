@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
+from violet_async import AmbiguousOutcomeError, OrderRefund, RateLimitError, RetryPolicy
 from violet_async._protocol import Phase
 from violet_async.stores import MemoryStore, SQLiteStore
 from violet_async.testing import FakeClock
@@ -117,3 +117,31 @@ async def test_a_resume_of_a_record_handed_out_before_the_late_429_was_written_t
     )
     if isinstance(got, OrderRefund):
         assert server.ours == [got.id], "the ask's own refund, made once"
+
+
+async def test_a_repeat_after_a_call_ended_by_429s_never_takes_anothers_refund() -> None:
+    """Seed 1216220's class with the call not cut but ended: it waited out 429s until
+    its deadline left no room for the next ``Retry-After`` and raised RateLimitError
+    (every send proven not applied; nothing pending). Its caller repeated it, as a
+    RateLimitError asks: sent with no baseline, answered 500, the read-back took
+    another system's identical refund made during the first call's waits (no ``Date``
+    to date it by) for its own. The bag is marked as a cut call's is: the repeat reads
+    it first."""
+    clock = FakeClock()
+    script = [Step(429, commit_after=None, headers={"Retry-After": "100"}) for _ in range(8)]
+    server = NoDate(clock, script=script)
+    async with serve(server) as url, _client(url, clock, MemoryStore()) as client:
+        clock.call_later(60.0, lambda: server.add_refund(AMOUNT))
+        with pytest.raises(RateLimitError):
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        other = server.refunds[0]["id"]
+        server.script[:] = [Step(500, body=VIOLET_500, commit_after=None)]
+        try:
+            got: OrderRefund | AmbiguousOutcomeError = await client.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert not (isinstance(got, OrderRefund) and got.id == other), (
+        "another system's refund handed over as the repeat's own"
+    )

@@ -1874,6 +1874,12 @@ class Engine:
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
                 shared.known_refunds.failed(tracker.record, exc)
+                if isinstance(exc, RateLimitError):
+                    # Ended by 429s it could not wait out, every send proven not applied:
+                    # its caller's repeat is a new ask, and the bag was in play during
+                    # the waits (another system's identical refund made then passed for
+                    # the repeat's own). Marked as a cut call's is (review 30).
+                    unsettled.cut_while_absent(bag_id, encode_request(req))
             raise
         except asyncio.CancelledError:
             # The caller cancelled (or timed out) this call: if its request may have
