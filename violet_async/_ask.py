@@ -432,13 +432,14 @@ def merged(one: PendingRefund, other: PendingRefund) -> PendingRefund:
     delivered again with the record it was first given must not forget what a later
     record of the same ask learned (a re-send, its settle window, a doubt).
 
-    The record with more sends (then the later send, then the later settle window) is
-    the base: its phase, clock, baseline and read counts describe its last send, and its
-    first send (where the window of this ask's refund starts: ``_protocol._send``) when
-    it has more sends. On top of it: the most sends, the earliest first send (of two
-    records with as many sends) and latest last send, the latest settle window, every
-    doubt, review, answer and bag read (OR), and every refund either saw as
-    possibly its own or as another call's (union). Records of two asks: ``one``."""
+    The record with more sends (then one whose sends were all proven not applied, then
+    the later send, then the later settle window) is the base: its phase, clock,
+    baseline and read counts describe its last send, and its first send (where the
+    window of this ask's refund starts: ``_protocol._send``) when it has more sends. On
+    top of it: the most sends, the earliest first send (of two records with as many
+    sends) and latest last send, the latest settle window, every doubt, review, answer
+    and bag read (OR), and every refund either saw as possibly its own or as another
+    call's (union). Records of two asks: ``one``."""
     if one.ask_id != other.ask_id:
         return one
     one, other = _on_one_wall_clock(one, other)
@@ -537,9 +538,14 @@ def _on_one_wall_clock(
     return one, attrs.evolve(clock_stepped(other, -jump), wall_mono=one.wall_mono)
 
 
-def _freshness(record: PendingRefund) -> tuple[int, float, float]:
+def _freshness(record: PendingRefund) -> tuple[int, bool, float, float]:
+    # Of two copies with as many sends, one ABSENT knows that its last send was proven
+    # not applied (a late 429 written through the key's entry); the other, "sent, may
+    # have applied", only never learned it: read back over that send's window, another
+    # system's identical refund made meanwhile passed for its own (review 30).
     return (
         record.sends,
+        record.phase is Phase.ABSENT,
         record.last_sent_at if record.last_sent_at is not None else -math.inf,
         record.settle_until if record.settle_until is not None else -math.inf,
     )

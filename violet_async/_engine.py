@@ -295,6 +295,11 @@ class SendTracker:
         return attrs.evolve(io, send_once=send_once)
 
     @property
+    def sent_any(self) -> bool:
+        """A send of this call (or of the record it resumed) was stamped to leave."""
+        return self.record is not None and self.record.sends > 0
+
+    @property
     def cut_while_absent(self) -> bool:
         """Every send of this call (and of the record it resumed) stands proven not
         applied, and it waits to send again (a 429's wait, a re-send's backoff)."""
@@ -1674,6 +1679,9 @@ class Engine:
         # with the call).
         late: LateAnswer | None = None
         late_token: Token[LateAnswer | None] | None = None
+        # The request whose bag mark this call spent (``PendingAsks.read_first``): it
+        # stays spent only once a send of this call left after its read.
+        spent: bytes | None = None
         if shared.keep_cancelled_sends:
             late = LateAnswer()
             late_token = LATE_ANSWER.set(late)
@@ -1684,8 +1692,9 @@ class Engine:
                 await self._await_landing(resume.ask_id, deadline)
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
-                if resume is None and unsettled.read_first(bag_id, encode_request(req)):
+                if resume is None and unsettled.read_first(bag_id, marked := encode_request(req)):
                     read_first = True
+                    spent = marked
             if (
                 item is not None
                 and (claimed := shared.known_refunds.claimed(item))
@@ -1865,6 +1874,12 @@ class Engine:
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
                 shared.known_refunds.failed(tracker.record, exc)
+                if isinstance(exc, RateLimitError):
+                    # Ended by 429s it could not wait out, every send proven not applied:
+                    # its caller's repeat is a new ask, and the bag was in play during
+                    # the waits (another system's identical refund made then passed for
+                    # the repeat's own). Marked as a cut call's is (review 30).
+                    unsettled.cut_while_absent(bag_id, encode_request(req))
             raise
         except asyncio.CancelledError:
             # The caller cancelled (or timed out) this call: if its request may have
@@ -1901,6 +1916,10 @@ class Engine:
                 LATE_ANSWER.reset(late_token)
             if late is not None and late.task is not None:
                 drop_late(late.task)  # nothing of the call is pending: not awaited
+            if spent is not None and (tracker is None or not tracker.sent_any):
+                # Cut (or ended) before any send of its own left, after its read or
+                # before it: the next ask of the request reads first in its stead.
+                unsettled.cut_while_absent(bag_id, spent)
             locks.release(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and records is None and self.keys is not None:

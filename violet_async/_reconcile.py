@@ -235,7 +235,12 @@ class KnownRefunds:
         newer = self._parked.get(ask.ask_id)
         if newer is None or newer is ask:
             return ask
-        base, other = (newer, ask) if newer.sends >= ask.sends else (ask, newer)
+        # Of copies with as many sends, one whose sends were all proven not applied
+        # (ABSENT: a late 429 written through the key's entry by another process) knows
+        # better than one parked here "sent, may have applied" (review 30).
+        proven = ask.phase is Phase.ABSENT and newer.phase is not Phase.ABSENT
+        older = newer.sends < ask.sends or (newer.sends == ask.sends and proven)
+        base, other = (ask, newer) if older else (newer, ask)
         return attrs.evolve(
             base,
             seen=base.seen | other.seen,
