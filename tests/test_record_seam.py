@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -165,6 +166,11 @@ async def test_the_batch_saves_through_its_journal_records_before_the_post(
     assert list(done)[-4:] == ["refund_id", "reconciled", "amount", "first_sent"]
 
 
+async def _drain(results: AsyncIterator[Any]) -> None:
+    async for _ in results:
+        pass
+
+
 async def test_a_failed_save_of_the_batch_journal_sends_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
@@ -179,8 +185,9 @@ async def test_a_failed_save_of_the_batch_journal_sends_nothing(
         with pytest.raises(JournalWriteError):
             # At once: the stopped send is no send failure to read back and retry
             # until the deadline (60 s of real time).
-            async with asyncio.timeout(10):
-                _ = [r async for r in run_batch(client, [item], journal=tmp_path / "run.jsonl")]
+            await asyncio.wait_for(
+                _drain(run_batch(client, [item], journal=tmp_path / "run.jsonl")), 10
+            )
         assert _posts(fake, b1) == 0
 
 
