@@ -28,9 +28,14 @@ class OtherOrderListed(Hostile):
         return sum(r["amount"] for r in self.refunds if r["order_id"] == ORDER_ID)
 
 
-async def _whole_bag(foreign_amount: int) -> tuple[OtherOrderListed, OrderRefund | VioletError]:
+async def _whole_bag(
+    foreign_amount: int, server_class: type[Hostile] = OtherOrderListed
+) -> tuple[Hostile, OrderRefund | VioletError]:
+    """A whole-bag refund whose POST applies and is answered 504, on a bag that lists
+    another order's refund of ``foreign_amount`` (``server_class``: whether the bag's
+    money counts it)."""
     clock = FakeClock()
-    server = OtherOrderListed(clock, script=[Step(504, body=GATEWAY_504)], status_lag=600.0)
+    server = server_class(clock, script=[Step(504, body=GATEWAY_504)], status_lag=600.0)
     foreign: dict[str, Any] = server.add_refund(foreign_amount, age=30.0)
     foreign["order_id"] = ORDER_ID + 1
     retry = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0, jitter=False)
@@ -57,16 +62,7 @@ async def test_a_whole_bag_refund_that_is_the_rest_only_with_it_counted_is_revie
     "the rest": never a miss (never sent again, never failed): a person looks. (Before,
     counted only, it was claimed; the record's own word is that it is not this order's,
     so neither reading is taken alone.)"""
-    clock = FakeClock()
-    server = Hostile(clock, script=[Step(504, body=GATEWAY_504)], status_lag=600.0)
-    foreign: dict[str, Any] = server.add_refund(400, age=30.0)
-    foreign["order_id"] = ORDER_ID + 1
-    retry = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0, jitter=False)
-    async with hostile_client(server, retry=retry) as client:
-        try:
-            got: OrderRefund | VioletError = await client.refund_bag(ORDER_ID, BAG_ID)
-        except VioletError as exc:
-            got = exc
+    server, got = await _whole_bag(400, Hostile)
     assert isinstance(got, AmbiguousOutcomeError), got
     assert server.posts == 1
     assert len(server.ours) == 1
