@@ -77,6 +77,7 @@ from .exceptions import (
     RefundAlreadyPresentError,
     RefundFailedError,
     RequestValidationError,
+    ResponseFormatError,
     VioletError,
 )
 from .models import CancelBagRequest, OrderRefund, RefundBagRequest, RefundStatus
@@ -2213,8 +2214,9 @@ class Outcome(enum.Enum):
     NOT_SENT = "not_sent"
     """Nothing of this call reached Violet, for a reason of the moment: refused
     credentials, no connection, another open ask on its bag, a key's record that could
-    not be saved before the send (the store keeps what an earlier call of the key did).
-    The same ask may be made again."""
+    not be saved before the send (the store keeps what an earlier call of the key did),
+    the read before its first send failing so (a 429, a 5xx, no answer). The same ask
+    may be made again."""
     DEFERRED = "deferred"
     """Answered 429 and nothing applied: to be sent again in its merchant's turn
     (``RateLimitDeferred``)."""
@@ -2268,7 +2270,20 @@ def outcome_of(exc: BaseException) -> Outcome | None:
         return Outcome.PRESENT
     if isinstance(exc, (BagPendingError, RecordStoreError)) or never_reached(exc):
         return Outcome.NOT_SENT
+    if exc._before_send and _of_the_moment(exc):
+        # The read before the ask's first send (its baseline) failed: nothing was sent
+        # (review 31: a 429 to it ended a batch row failed, never sent again without
+        # --retry-failed; simulator seed 1321726). A refusal (another 4xx) stays FAILED.
+        return Outcome.NOT_SENT
     return Outcome.FAILED
+
+
+def _of_the_moment(exc: VioletError) -> bool:
+    """A failure that says nothing of the request (a 429, a 5xx, no answer, an answer
+    that could not be read), as a fleet worker's ``_transient``."""
+    if isinstance(exc, (APIConnectionError, RateLimitError, ResponseFormatError)):
+        return True
+    return isinstance(exc, APIError) and exc.status >= 500
 
 
 #: The four vocabularies that came before :class:`Outcome`, mapped onto it in one

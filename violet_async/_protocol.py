@@ -310,6 +310,10 @@ class Action:
 #: it is resumed).
 _REVIEWED_ABSENT = "parked for review before any re-send left"
 
+#: The note of an ask whose baseline read failed after its own retries: nothing of it
+#: was sent (the driver tells such a failure by it: ``_reconcile._end``).
+BASELINE_READ_FAILED = "the baseline read failed"
+
 
 def start(
     ask: PendingRefund, settings: Settings, now: float, *, attempt_timeout: float
@@ -553,7 +557,7 @@ def step(
             return _send(ask, now, proven=True)
         if ask.phase is Phase.NEW:
             # The baseline read failed after its own retries: nothing was sent.
-            failed = attrs.evolve(ask, phase=Phase.FAILED, note="the baseline read failed")
+            failed = attrs.evolve(ask, phase=Phase.FAILED, note=BASELINE_READ_FAILED)
             return failed, Action(Do.FAIL)
         if remaining is not None and obs.backoff >= remaining:
             return _park(ask, f"reading the bag back failed ({obs.error}) before the deadline")

@@ -974,6 +974,8 @@ def _end(ask: PendingRefund, action: Action, last_error: VioletError | None) -> 
     if action.do is Do.RETURN and action.refund is not None:
         return action.refund
     if action.do is Do.FAIL:
+        if last_error is not None and ask.note == protocol.BASELINE_READ_FAILED:
+            last_error._before_send = True  # nothing was sent: ``outcome_of``
         raise last_error or VioletError(
             f"the {ask.kind} of bag {ask.bag_id} did not apply ({ask.note}); nothing more was sent"
         )

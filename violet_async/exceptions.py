@@ -117,6 +117,9 @@ class VioletError(Exception):
     #: Set on the unreadable 2xx made of a POST's answer cut off mid-body: the failure
     #: it was (no answer), for a request that is safe to send again (a login).
     _unanswered: VioletError | None = None
+    #: Set on the failure of the read made before an ask's first send (its baseline),
+    #: which ended the ask: nothing of it was sent.
+    _before_send: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

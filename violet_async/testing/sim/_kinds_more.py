@@ -343,8 +343,8 @@ def check(world: Any) -> None:
     """The invariants of these kinds, on top of ``_World.check``:
 
     - a merchant's 429 to its send never ends an ask as a definite failure
-      (merchant_429; a 429 to a read before any send is the base world's, and a batch
-      ends such an item failed like any read error: not checked here);
+      (merchant_429; a 429 to a read before any send is the base world's: since review
+      31 it ends the item not sent, as any failure of that read of the moment does);
     - an ask told "not sent" (a 429: nothing applied) made no refund nobody was handed;
     - with two processes on one key (two_clients_one_store): a caller told the call
       failed while the key's refund had already been made, or whose own send applied
