@@ -945,3 +945,13 @@ def test_seed_where_a_whole_bag_refund_was_reported_failed_beside_another_orders
     proven absent, and reported failed (``failed-but-applied``)."""
     result = simulate(1269007, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
+
+
+def test_seed_where_a_429_to_a_resumed_rows_read_before_its_send_failed_it_now_holds() -> None:
+    """Seed 1321726 (``--kinds all``, batch, ``max_attempts=1``): a row answered 429
+    six times, its run died on a connection refused to the re-send; the next run's read
+    of the bag before the send was answered 429 on its second page, and the row ended
+    ``failed`` (``rate-limit-failed``): nothing was sent, and no later run would send it
+    (tests/test_review31_findings.py)."""
+    result = simulate(1321726, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
