@@ -261,6 +261,9 @@ class SendTracker:
         self.left = left
         self._resumed = record is not None and record.phase in (Phase.SENT, Phase.PENDING)
         self._persist = persist
+        #: The call waited to send again with every send proven not applied (a 429's
+        #: wait): the bag was in play meanwhile.
+        self.waited_absent = False
 
     async def save(self, ask: PendingRefund) -> None:
         """The driver's save (before every send and at the end): to the store, if the
@@ -272,6 +275,7 @@ class SendTracker:
             # Every send so far was proven not applied (a re-send waits to leave):
             # nothing of this call, nor of the record it resumed, is outstanding.
             self.left = self._resumed = False
+            self.waited_absent = True
 
     def watch(self, io: BagIO) -> BagIO:
         """``io`` whose sends mark the moment a request leaves (after any login, after
@@ -1875,11 +1879,13 @@ class Engine:
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
                 shared.known_refunds.failed(tracker.record, exc)
-                if isinstance(exc, RateLimitError):
+                if isinstance(exc, RateLimitError) or tracker.waited_absent:
                     # Ended by 429s it could not wait out, every send proven not applied:
                     # its caller's repeat is a new ask, and the bag was in play during
                     # the waits (another system's identical refund made then passed for
-                    # the repeat's own). Marked as a cut call's is (review 30).
+                    # the repeat's own). Marked as a cut call's is (review 30); so is a
+                    # call ended otherwise after such a wait (review 31: its re-send's
+                    # connection refused, APIConnectionError).
                     unsettled.cut_while_absent(bag_id, encode_request(req))
             raise
         except asyncio.CancelledError:
