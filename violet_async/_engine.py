@@ -2268,6 +2268,12 @@ def outcome_of(exc: BaseException) -> Outcome | None:
         return Outcome.PRESENT
     if isinstance(exc, (BagPendingError, RecordStoreError)) or never_reached(exc):
         return Outcome.NOT_SENT
+    if isinstance(exc, RateLimitError):
+        # An ask ends on a 429 only when every send of it was proven not applied (the
+        # merchant's pace, out of attempts; or the read before a send, answered 429):
+        # nothing is wrong with it, and it may be asked again (simulator seed 1321726:
+        # a batch row ended "failed" on a read's 429, "fix the rows").
+        return Outcome.NOT_SENT
     return Outcome.FAILED
 
 
