@@ -6,6 +6,7 @@ and on the pure protocol."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import attrs
@@ -81,6 +82,69 @@ async def test_a_failed_read_before_a_re_send_keeps_what_its_pages_listed() -> N
     other = others[0]["id"]
     assert isinstance(got, OrderRefund), got
     assert got.id != other, "another system's refund was returned as this ask's own"
+    assert got.id in server.ours
+    assert server.posts == 3
+
+
+@attrs.define
+class ShortSecondPage(Hostile):
+    """While ``broken``, page 1 counts a refund fewer than the list has (an older
+    list: the whole read fails), and answers only once page 2, asked for ahead, has."""
+
+    broken: bool = False
+    second_page: asyncio.Event = attrs.Factory(asyncio.Event)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        number = request.query.get("page", "0")
+        if self.broken and number == "1":
+            # Page 2, asked for at the same time, answers first; page 1's count then
+            # has the walk ask for it again, a round trip after page 2 arrived.
+            await self.second_page.wait()
+        response = await super()._list(request)
+        if number == "2":
+            self.second_page.set()
+        if self.broken and number == "1":
+            assert isinstance(response.body, bytes)
+            data: dict[str, Any] = orjson.loads(response.body)
+            data["total_elements"] -= 1
+            return web.Response(body=orjson.dumps(data), content_type="application/json")
+        return response
+
+
+async def test_a_refund_on_a_page_read_ahead_of_the_page_that_failed_joins_the_baseline() -> None:
+    """Seed 1235637's shape: the other system's refund is on page 2, read ahead, and
+    page 1 fails the read (it counts fewer refunds than page 0: an older list). Page 2
+    answered before the re-send: what it lists joins the baseline too."""
+    clock = FakeClock()
+    server = ShortSecondPage(clock, page_size=2)
+    for amount in (50, 60, 70, 80):  # older refunds: two pages of them
+        server.add_refund(amount, age=3600.0)
+    server.script = [
+        Step(429, commit_after=None, headers={"Retry-After": "20"}),
+        Step(500, body=VIOLET_500, commit_after=None),
+    ]
+    others: list[dict[str, Any]] = []
+
+    def other_refund() -> None:
+        others.append(server.add_refund(AMOUNT))  # listed last: page 2
+        server.broken = True
+
+    async def heal() -> None:
+        server.broken = False
+
+    clock.call_later(17.0, other_refund)
+    server.on_answer = heal
+    retry = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0, jitter=False)
+    async with hostile_client(server, retry=retry) as client:
+        try:
+            got: OrderRefund | AmbiguousOutcomeError = await client.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert others, "the other system's refund was made"
+    assert isinstance(got, OrderRefund), got
+    assert got.id != others[0]["id"], "another system's refund was returned as this ask's own"
     assert got.id in server.ours
     assert server.posts == 3
 
