@@ -945,3 +945,15 @@ def test_seed_where_a_whole_bag_refund_was_reported_failed_beside_another_orders
     proven absent, and reported failed (``failed-but-applied``)."""
     result = simulate(1269007, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
+
+
+def test_seed_where_a_failed_read_before_a_re_send_left_no_baseline_now_holds() -> None:
+    """Seed 1235637 (``--kinds all``, direct): a keyed call cut in its 429 wait; its
+    repeat's read before the re-send failed on a later page (one page counting fewer
+    refunds than the page before it), and the re-send, answered 500, went out with no
+    baseline; another app's identical refund, made during the wait 3.7 s before the
+    re-send and listed on a page of that read that answered, was taken for its own by
+    a resume in a worker. What the pages that answered listed now joins the baseline
+    (tests/test_failed_read_before_resend.py)."""
+    result = simulate(1235637, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
