@@ -957,3 +957,12 @@ def test_seed_where_a_failed_read_before_a_re_send_left_no_baseline_now_holds() 
     (tests/test_failed_read_before_resend.py)."""
     result = simulate(1235637, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
+
+
+def test_seed_where_a_read_429_failed_a_resumed_row_now_holds() -> None:
+    """Seed 1321726 (``--kinds all``, batch, one attempt): a row whose sends were all
+    proven not applied (429s, then a connection refused) ended not_sent; the next
+    run's read before its re-send was answered 429, and the row ended ``failed`` ("fix
+    the rows"). An ask that ends on a 429 is not_sent (tests/test_read_429_row.py)."""
+    result = simulate(1321726, mode="batch", kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
