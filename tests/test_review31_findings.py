@@ -1,5 +1,5 @@
 """Review 31, on servers scripted here: a batch row whose read before its send is
-answered 429; a call whose re-send after a 429's wait found the connection refused."""
+answered 5xx; a call whose re-send after a 429's wait found the connection refused."""
 
 from __future__ import annotations
 
@@ -30,15 +30,16 @@ ORDER_ID, BAG_ID = 31001, 31002
 
 
 class Bag:
-    """One bag of 1000: a POST refunds what it asks; the refund list answers 429
-    while ``limited`` (every read: its own retries see the same)."""
+    """One bag of 1000: a POST refunds what it asks; the refund list answers
+    ``failing`` (a status and a body) while it is set (every read: its own retries see
+    the same)."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.refunds: list[dict[str, Any]] = []
-        self.limited = False
+        self.failing: tuple[int, bytes] | None = None
         self.posts = 0
-        self.limited_reads = 0
+        self.failed_reads = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -66,9 +67,10 @@ class Bag:
         return web.json_response(record)
 
     async def listed(self, request: web.Request) -> web.Response:
-        if self.limited:
-            self.limited_reads += 1
-            return web.json_response({"message": "Too many requests"}, status=429)
+        if self.failing is not None:
+            self.failed_reads += 1
+            status, body = self.failing
+            return web.Response(status=status, body=body, content_type="application/json")
         return web.json_response(self.refunds)
 
 
@@ -87,25 +89,34 @@ async def _run(url: str, clock: FakeClock, journal: Path) -> list[tuple[str, str
         return [(r.outcome, r.error_class) async for r in results]
 
 
-async def test_a_429_to_the_read_before_a_rows_send_leaves_it_not_sent(tmp_path: Path) -> None:
-    """The read of the bag before a row's first send (the baseline) answered 429: nothing
-    was sent. The row ended ``failed`` (a definite failure, which a 429 never is), was
-    journaled so, and the next run skipped it as ``already_failed``: the shopper was
-    never refunded, and no run would send it without ``--retry-failed`` (simulator seed
-    1321726 is this, on a resumed row)."""
+VIOLET_500 = b'{"status": 500, "message": "Internal error", "error_code": 5000}'
+GATEWAY_502 = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+
+
+@pytest.mark.parametrize(
+    ("failing", "error"), [((500, VIOLET_500), "ServerError"), ((502, GATEWAY_502), "ServerError")]
+)
+async def test_a_5xx_to_the_read_before_a_rows_send_leaves_it_not_sent(
+    tmp_path: Path, failing: tuple[int, bytes], error: str
+) -> None:
+    """The read of the bag before a row's first send (the baseline) answered 5xx after
+    its retries: nothing was sent. The row ended ``failed`` (a definite failure: "fix
+    the rows"), was journaled so, and the next run skipped it as ``already_failed``:
+    the shopper was never refunded, and no run would send it without
+    ``--retry-failed``. (A 429 there is ``not_sent`` since seed 1321726's fix.)"""
     clock = FakeClock()
     bag = Bag(clock)
     journal = tmp_path / "rows.journal.jsonl"
     async with serve(bag.app()) as url:
-        bag.limited = True
+        bag.failing = failing
         first = await _run(url, clock, journal)
-        assert bag.limited_reads >= 1
+        assert bag.failed_reads >= 1
         assert bag.posts == 0
-        assert first == [("not_sent", "RateLimitError")]
-        bag.limited = False
+        assert first == [("not_sent", error)]
+        bag.failing = None
         second = await _run(url, clock, journal)
     assert second == [("succeeded", None)]
-    assert len(bag.refunds) == 1, "one refund, sent by the run after the 429"
+    assert len(bag.refunds) == 1, "one refund, sent by the run after the 5xx"
 
 
 class Gone:

@@ -947,11 +947,22 @@ def test_seed_where_a_whole_bag_refund_was_reported_failed_beside_another_orders
     assert not result.kinds, result.report()
 
 
-def test_seed_where_a_429_to_a_resumed_rows_read_before_its_send_failed_it_now_holds() -> None:
-    """Seed 1321726 (``--kinds all``, batch, ``max_attempts=1``): a row answered 429
-    six times, its run died on a connection refused to the re-send; the next run's read
-    of the bag before the send was answered 429 on its second page, and the row ended
-    ``failed`` (``rate-limit-failed``): nothing was sent, and no later run would send it
-    (tests/test_review31_findings.py)."""
-    result = simulate(1321726, kinds=frozenset(WORLD_KINDS))
+def test_seed_where_a_failed_read_before_a_re_send_left_no_baseline_now_holds() -> None:
+    """Seed 1235637 (``--kinds all``, direct): a keyed call cut in its 429 wait; its
+    repeat's read before the re-send failed on a later page (one page counting fewer
+    refunds than the page before it), and the re-send, answered 500, went out with no
+    baseline; another app's identical refund, made during the wait 3.7 s before the
+    re-send and listed on a page of that read that answered, was taken for its own by
+    a resume in a worker. What the pages that answered listed now joins the baseline
+    (tests/test_failed_read_before_resend.py)."""
+    result = simulate(1235637, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
+def test_seed_where_a_read_429_failed_a_resumed_row_now_holds() -> None:
+    """Seed 1321726 (``--kinds all``, batch, one attempt): a row whose sends were all
+    proven not applied (429s, then a connection refused) ended not_sent; the next
+    run's read before its re-send was answered 429, and the row ended ``failed`` ("fix
+    the rows"). An ask that ends on a 429 is not_sent (tests/test_read_429_row.py)."""
+    result = simulate(1321726, mode="batch", kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()

@@ -2276,18 +2276,25 @@ def outcome_of(exc: BaseException) -> Outcome | None:
         return Outcome.PRESENT
     if isinstance(exc, (BagPendingError, RecordStoreError)) or never_reached(exc):
         return Outcome.NOT_SENT
+    if isinstance(exc, RateLimitError):
+        # An ask ends on a 429 only when every send of it was proven not applied (the
+        # merchant's pace, out of attempts; or the read before a send, answered 429):
+        # nothing is wrong with it, and it may be asked again (simulator seed 1321726:
+        # a batch row ended "failed" on a read's 429, "fix the rows").
+        return Outcome.NOT_SENT
     if exc._before_send and _of_the_moment(exc):
-        # The read before the ask's first send (its baseline) failed: nothing was sent
-        # (review 31: a 429 to it ended a batch row failed, never sent again without
-        # --retry-failed; simulator seed 1321726). A refusal (another 4xx) stays FAILED.
+        # The read before the ask's first send (its baseline) failed otherwise for a
+        # reason of the moment (a 5xx, no answer, an answer that could not be read):
+        # nothing was sent (review 31: ended a batch row failed, never sent again
+        # without --retry-failed). A refusal (another 4xx) stays FAILED.
         return Outcome.NOT_SENT
     return Outcome.FAILED
 
 
 def _of_the_moment(exc: VioletError) -> bool:
-    """A failure that says nothing of the request (a 429, a 5xx, no answer, an answer
-    that could not be read), as a fleet worker's ``_transient``."""
-    if isinstance(exc, (APIConnectionError, RateLimitError, ResponseFormatError)):
+    """A failure that says nothing of the request (a 5xx, no answer, an answer that
+    could not be read), as a fleet worker's ``_transient``."""
+    if isinstance(exc, (APIConnectionError, ResponseFormatError)):
         return True
     return isinstance(exc, APIError) and exc.status >= 500
 

@@ -268,8 +268,17 @@ class Observation:
         )
 
     @classmethod
-    def read_failed(cls, at: float, error: VioletError, *, backoff: float = 0.0) -> Observation:
-        return cls(ObsKind.READ_FAILED, at, error=error, backoff=backoff)
+    def read_failed(
+        cls,
+        at: float,
+        error: VioletError,
+        *,
+        backoff: float = 0.0,
+        refunds: Sequence[OrderRefund] = (),
+    ) -> Observation:
+        """``refunds``: what the pages that answered listed (a read that failed on a
+        later page); only the read before a re-send after a 429 uses them."""
+        return cls(ObsKind.READ_FAILED, at, error=error, backoff=backoff, refunds=refunds)
 
 
 class Do(enum.Enum):
@@ -553,7 +562,13 @@ def step(
             if ask.needs_review:
                 return _still_for_review(ask)
             # The read before a re-send after a 429 failed after its own retries: sent
-            # as it was before that read existed (its window opens at the send).
+            # as it was before that read existed (its window opens at the send). What
+            # the pages that answered listed was on the bag before the re-send: it
+            # joins the baseline, as a whole read's does (simulator seed 1235637: a
+            # later page failed, and another system's refund on the first, made 3.7 s
+            # before the re-send, was taken for its own).
+            if obs.refunds:
+                return _before_resend(ask, obs, now, known)
             return _send(ask, now, proven=True)
         if ask.phase is Phase.NEW:
             # The baseline read failed after its own retries: nothing was sent.
@@ -571,25 +586,32 @@ def step(
     if ask.phase is Phase.ABSENT:
         if ask.needs_review:
             return _still_for_review(ask)
-        # The read before a re-send after a 429 (every send so far proven not
-        # applied): nothing it lists is this ask's.
-        if not _window_at_last_send(ask) and (late := _listed_since(ask, obs, known)):
-            # ...unless an earlier send was proven absent by read-backs alone: a refund
-            # like this one listed since may be that send's, shown late, or another
-            # system's made during the wait. Which cannot be told (review 28: taken
-            # into the baseline, the ask was sent again and refunded twice).
-            note = (
-                f"bag {ask.bag_id} lists a refund like this one that the read proving an "
-                "earlier send absent did not: that send's, shown late, or another's; "
-                "not sent again"
-            )
-            return _park(ask, note, late, review=True)
-        listed = frozenset(r.id for r in obs.refunds if r.id is not None)
-        baseline = (ask.baseline or frozenset()) | listed
-        return _send(attrs.evolve(ask, baseline=baseline), now, proven=True)
+        return _before_resend(ask, obs, now, known)
     if ask.phase is not Phase.SENT:
         raise ProtocolError(f"a read-back in phase {ask.phase.value}")
     return _after_read(ask, obs, settings, now, remaining, known, patience)
+
+
+def _before_resend(
+    ask: PendingRefund, obs: Observation, now: float, known: Container[int]
+) -> tuple[PendingRefund, Action]:
+    """The read before a re-send after a 429 (every send so far proven not applied):
+    nothing it lists is this ask's (whole, or the pages that answered of one that
+    failed)."""
+    if not _window_at_last_send(ask) and (late := _listed_since(ask, obs, known)):
+        # ...unless an earlier send was proven absent by read-backs alone: a refund
+        # like this one listed since may be that send's, shown late, or another
+        # system's made during the wait. Which cannot be told (review 28: taken
+        # into the baseline, the ask was sent again and refunded twice).
+        note = (
+            f"bag {ask.bag_id} lists a refund like this one that the read proving an "
+            "earlier send absent did not: that send's, shown late, or another's; "
+            "not sent again"
+        )
+        return _park(ask, note, late, review=True)
+    listed = frozenset(r.id for r in obs.refunds if r.id is not None)
+    baseline = (ask.baseline or frozenset()) | listed
+    return _send(attrs.evolve(ask, baseline=baseline), now, proven=True)
 
 
 def _guard(

@@ -810,7 +810,7 @@ async def drive(
                 )
                 last_error = last_error or failed
                 learn = getattr(known, "learn", None)
-                if obs.refunds and learn is not None:
+                if obs.refunds and obs.kind is ObsKind.READ and learn is not None:
                     # Records of refunds handed out without their id become known.
                     learn(ask.bag_id, obs.refunds)
             ask, jump = watch.settle(ask)
@@ -1003,7 +1003,8 @@ async def _read_back(
         with read_span(ask):
             found = await io.read(action.read_bag, deadline)
     except VioletError as exc:
-        return Observation.read_failed(at, exc, backoff=settings.settle_delay), exc
+        listed = exc._listed
+        return Observation.read_failed(at, exc, backoff=settings.settle_delay, refunds=listed), exc
     return (
         Observation.read(
             at,

@@ -206,6 +206,7 @@ class RequestPlumbing:
         # fits the call's deadline); each is still taken in order, checked as below, and
         # only when the walk reaches it.
         ahead = _PagesAhead(self, path, first, deadline)
+        answered = [first]
         try:
             while True:
                 unreadable += page.unreadable
@@ -237,6 +238,7 @@ class RequestPlumbing:
                     break
                 floor = _count(page, collected)
                 page = await ahead.page(wanted, floor)
+                answered.append(page)
                 pages_read += 1
                 if not page.paged:
                     # A server that ignores paging answers every page with the whole (or the
@@ -255,14 +257,21 @@ class RequestPlumbing:
                         path,
                         f"page {wanted} counts {counted} refunds, the page before it {floor}",
                     )
+            total = first.total_elements
+            if pages_read > 1 and total is not None and collected < total:
+                # Refunds are never deleted: fewer than the first page counted is a gap.
+                raise self._paging_error(
+                    path, f"the pages hold {collected} refunds, the first page counted {total}"
+                )
+        except VioletError as exc:
+            # The read fails, but what the pages that answered list was on the bag when
+            # it ran (a read before a re-send puts it in the baseline: simulator seed
+            # 1235637, the other system's refund on a page that answered was taken for
+            # the re-send's own).
+            exc._listed = _listed(answered, ahead.answered())
+            raise
         finally:
             await ahead.close()
-        total = first.total_elements
-        if pages_read > 1 and total is not None and collected < total:
-            # Refunds are never deleted: fewer than the first page counted is a gap.
-            raise self._paging_error(
-                path, f"the pages hold {collected} refunds, the first page counted {total}"
-            )
         return RefundPage([*refunds.values(), *unnamed], page.server_time, unreadable=unreadable)
 
     @staticmethod
@@ -779,6 +788,21 @@ PAGES_IN_FLIGHT = 4
 """How many pages of one bag's refund list are asked for at once."""
 
 
+def _listed(*pages: list[RefundPage]) -> tuple[OrderRefund, ...]:
+    """Every refund record ``pages`` list, each id once."""
+    seen: set[int] = set()
+    listed: list[OrderRefund] = []
+    for group in pages:
+        for page in group:
+            for refund in page.refunds:
+                if refund.id is not None:
+                    if refund.id in seen:
+                        continue
+                    seen.add(refund.id)
+                listed.append(refund)
+    return tuple(listed)
+
+
 class _PagesAhead:
     """The pages of a refund list after the first, asked for before the walk reaches
     them. Only pages the first one announces (``total_pages``) are fetched ahead, at most
@@ -787,7 +811,7 @@ class _PagesAhead:
     the read ends, however it ends. A page read ahead is taken only when it answered
     from the list as it was when the page before it did, or later (:meth:`page`)."""
 
-    __slots__ = ("_fetch", "_tasks")
+    __slots__ = ("_early", "_fetch", "_tasks")
 
     def __init__(
         self, requests: RequestPlumbing, path: str, first: RefundPage, deadline: float | None
@@ -802,6 +826,7 @@ class _PagesAhead:
 
         self._fetch = fetch
         self._tasks: dict[int, asyncio.Task[RefundPage]] = {}
+        self._early: list[RefundPage] = []  # pages read ahead that the walk reached
         # Without a count of refunds, a page read ahead could not be told from one
         # answered before the page the walk takes before it (``page``): none is.
         counted = _count(first, len(first.refunds)) is not None
@@ -831,10 +856,20 @@ class _PagesAhead:
         task = self._tasks.pop(number, None)
         if task is not None:
             early = await task
+            self._early.append(early)
             counted = early.total_elements
             if floor is not None and counted is not None and counted >= floor:
                 return early
         return await self._fetch(number)
+
+    def answered(self) -> list[RefundPage]:
+        """Every page read ahead that answered so far (taken by the walk or not)."""
+        done = [
+            task.result()
+            for task in self._tasks.values()
+            if task.done() and not task.cancelled() and task.exception() is None
+        ]
+        return [*self._early, *done]
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())

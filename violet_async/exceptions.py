@@ -117,6 +117,9 @@ class VioletError(Exception):
     #: Set on the unreadable 2xx made of a POST's answer cut off mid-body: the failure
     #: it was (no answer), for a request that is safe to send again (a login).
     _unanswered: VioletError | None = None
+    #: Set on a failed read of a bag's refunds: the records its pages that did answer
+    #: listed (a read that failed on a later page). They were on the bag when it ran.
+    _listed: tuple[OrderRefund, ...] = ()
     #: Set on the failure of the read made before an ask's first send (its baseline),
     #: which ended the ask: nothing of it was sent.
     _before_send: bool = False

@@ -343,8 +343,8 @@ def check(world: Any) -> None:
     """The invariants of these kinds, on top of ``_World.check``:
 
     - a merchant's 429 to its send never ends an ask as a definite failure
-      (merchant_429; a 429 to a read before any send is the base world's: since review
-      31 it ends the item not sent, as any failure of that read of the moment does);
+      (merchant_429; a 429 to a read before any send is the base world's: it ends the
+      item not sent (seed 1321726), as a 5xx or no answer to that read does (review 31));
     - an ask told "not sent" (a 429: nothing applied) made no refund nobody was handed;
     - with two processes on one key (two_clients_one_store): a caller told the call
       failed while the key's refund had already been made, or whose own send applied
