@@ -292,7 +292,7 @@ async def test_a_resume_told_failed_in_one_worker_is_not_sent_again_by_the_next(
         clock.advance(2_000.0)
         told = await _ended(two.resume(PendingRefund.from_json(record)))
         assert not isinstance(told, OrderRefund)
-        assert outcome_of(told) is Outcome.FAILED, repr(told)  # worker two: failed
+        assert outcome_of(told) is Outcome.NOT_SENT, repr(told)  # worker two: a 429, not applied
         assert server.made == []
         clock.advance(60.0)
         again = await _ended(three.resume(PendingRefund.from_json(record)))
@@ -335,7 +335,7 @@ async def test_a_keyed_record_whose_ask_the_key_failed_is_not_sent_again_by_its_
         clock.advance(2_000.0)
         told = await _ended(two.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
         assert not isinstance(told, OrderRefund)
-        assert outcome_of(told) is Outcome.FAILED, repr(told)
+        assert outcome_of(told) is Outcome.NOT_SENT, repr(told)  # a 429: not applied
         assert server.made == []
         clock.advance(60.0)
         again = await _ended(three.resume(PendingRefund.from_json(record)))
@@ -596,7 +596,7 @@ async def test_a_step_while_a_keyed_call_waits_for_the_key_does_not_refund_twice
         got = await call_two
     assert two_store.stepped, (repr(told_one)[:300], repr(got)[:300])
     assert not isinstance(told_one, OrderRefund)
-    assert outcome_of(told_one) is Outcome.FAILED, repr(told_one)
+    assert outcome_of(told_one) is Outcome.NOT_SENT, repr(told_one)  # a 429
     assert len(server.made) == 1, f"bag {BAG} refunded {len(server.made)} times"
     if isinstance(got, OrderRefund):
         assert got.id == server.made[0]["id"]
