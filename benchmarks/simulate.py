@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         result = simulate(args.seed, mode=args.mode, kinds=world)
         if result.ok:
             print(f"seed {args.seed}: no violation")
+            for excused in result.excused:
+                print(f"  named {excused}")
             print(result.schedule.describe())
             return 0
         if args.shrink:
