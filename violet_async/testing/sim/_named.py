@@ -23,46 +23,52 @@ __all__ = ["RISK_B_LATE", "risk_b"]
 RISK_B_LATE = 300.0
 
 
-def risk_b(world: Any, label: str, refund_id: int | None) -> str | None:
-    """Why ask ``label`` handed ``refund_id`` is remaining risk (b), or None (it stays a
-    violation)."""
+def risk_b(world: Any, label: str, refund_id: int | None) -> tuple[bool, str]:
+    """Whether ask ``label`` handed ``refund_id`` is remaining risk (b), and why (or
+    which condition it fails: it then stays a violation)."""
     made = [c for c in world.violet.commits if c.refund_id == refund_id]
     if len(made) != 1 or made[0].label is not None:
-        return None  # 1. another system's refund (not voided, not an ask's)
+        return False, "1: not another system's refund"
     refund: SimCommit = made[0]
     ask = world.asks[label]
     _, bag_id = world.ids[ask.bag]
-    if refund.bag_id != bag_id or not _identical(world, ask, refund):
-        return None  # 1. on the ask's bag, identical to its request
+    if refund.bag_id != bag_id:
+        return False, "1: on another bag"
+    if not _identical(world, ask, refund):
+        return False, "1: not identical to the ask's request"
     ours = [*world.violet.commits, *world.violet.voided]
     if any((_base(c.label) or "").rstrip("^") == label for c in ours):
-        return None  # 2. nothing the ask sent applied
+        return False, "2: a send of the ask applied"
     entries: list[PostLeft | PageListed] = [*world.violet.posts, *world.violet.pages]
     if sum(a.bag == ask.bag for a in world.asks.values()) > 1 and any(
         e.label is None and e.bag_id == bag_id for e in entries
     ):
-        return None  # a request without its ask's label, on a bag asks share: whose?
-    posts = [p.at for p in world.violet.posts if _its(p, label, bag_id)]
-    if not posts:
-        return None
+        return False, "3/4: a request without its ask's label on a bag asks share"
+    sent = [p for p in world.violet.posts if _its(p, label, bag_id)]
+    # README's "our send": the first that could have applied, as its caller knew it (a
+    # POST whose connection never opened, or whose 4xx reached the caller, did not).
+    could = [p.at for p in sent if not p.refused and not 400 <= (p.answered or 0) < 500]
+    if not could:
+        return False, "3: no send of the ask could have applied"
     settings = world.policy.protocol_settings()
     lower = settings.date_tolerance if world.s.date_header else settings.clock_skew
-    first, last = min(posts), max(posts)
-    if not first - lower <= refund.at <= last + settings.settle_running + RISK_B_LATE:
-        return None  # 3. near its sends
+    since = min(could) - lower
+    until = max(could) + settings.settle_running + RISK_B_LATE
+    if not since <= refund.at <= until:
+        return False, f"3: made at t={refund.at - 1000.0:.3f}, outside its sends' span"
+    last = max(p.at for p in sent)
     for page in world.violet.pages:
         if _its(page, label, bag_id) and refund.refund_id in page.ids and page.at < last:
-            return None  # 4. a read of the ask listed it before its last send
+            return False, f"4: a page read for the ask listed it at t={page.at - 1000.0:.3f}"
     handed = {s.label for s in world.seen if s.what == "refund" and s.refund_id == refund_id}
     if handed != {label}:
-        return None  # 5. handed to another ask too
-    return (
+        return False, f"5: handed to {sorted(handed - {label})} too"
+    return True, (
         f"{label} was handed refund {refund_id}, made by another actor at "
         f"t={refund.at - 1000.0:.3f}, identical to its request, within "
-        f"[{first - lower - 1000.0:.3f}, "
-        f"{last + settings.settle_running + RISK_B_LATE - 1000.0:.3f}] of its "
-        f"{len(posts)} send(s); none of its sends applied, no read of it listed the "
-        "refund before its last send"
+        f"[{since - 1000.0:.3f}, {until - 1000.0:.3f}] of its {len(could)} send(s) that "
+        "could have applied; "
+        "none of its sends applied, no read of it listed the refund before its last send"
     )
 
 

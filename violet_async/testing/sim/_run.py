@@ -1520,8 +1520,8 @@ class _World:
         for text, seen in dict(self.attributions).items():  # once per ask and refund
             if text not in self.violations:
                 continue  # counted already (_kinds_review._within_tolerance)
-            why = _named.risk_b(self, seen.label, seen.refund_id)
-            if why is not None:
+            excused, why = _named.risk_b(self, seen.label, seen.refund_id)
+            if excused:
                 self.violations[:] = [v for v in self.violations if v != text]
                 self.violet.count("named:risk_b")
                 self.excused.append(f"risk (b): {why}")

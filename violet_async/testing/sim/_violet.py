@@ -131,7 +131,7 @@ class SimCommit:
     """It took all the bag had left."""
 
 
-@attrs.frozen
+@attrs.define
 class PostLeft:
     """A refund or cancel POST that reached the transport (a structured log for the
     named-risk classifier, ``_named``)."""
@@ -142,6 +142,10 @@ class PostLeft:
     bag_label: str | None
     bag_id: int
     at: float
+    refused: bool = False
+    """Its connection never opened: nothing was sent."""
+    answered: int | None = None
+    """The status of its answer, if one reached the caller."""
 
 
 @attrs.frozen
@@ -410,8 +414,10 @@ class SimViolet:
             route = "post"
         else:
             route = "read"
+        post = None
         if route == "post" and len(parts) == 5:
-            self.posts.append(PostLeft(asked, label, int(parts[3]), self.clock.monotonic()))
+            post = PostLeft(asked, label, int(parts[3]), self.clock.monotonic())
+            self.posts.append(post)
         fault = self._take(route)
         began = self.clock.monotonic()
         answer = None
@@ -429,8 +435,15 @@ class SimViolet:
                 route=route,
                 fault=fault,
             )
+        except APIConnectionError as exc:
+            if post is not None:
+                post.refused = not exc.request_sent
+            raise
+        else:
             return answer
         finally:
+            if post is not None and answer is not None:
+                post.answered = answer.status
             if route == "auth" or (answer is not None and answer.status == 401):
                 self.auth_calls.append([began, self.clock.monotonic()])
 
@@ -514,9 +527,19 @@ class SimViolet:
             raise _timeout(method, path)
         await asyncio.sleep(latency - up)
         assert answer is not None
+        self._page_arrived(label, listing, showing)
+        return answer
+
+    def _page_arrived(
+        self,
+        label: str | None,
+        listing: tuple[int, float, tuple[int, ...]] | None,
+        showing: tuple[str, list[int], bool, bool] | None,
+    ) -> None:
+        """A list read's page reached its caller: what it listed, and showed."""
         if listing is not None:
-            bag_id, made_at, ids = listing
-            self.pages.append(PageListed(ASK_LABEL.get(), label, bag_id, made_at, ids))
+            bag_id, made_at, listed = listing
+            self.pages.append(PageListed(ASK_LABEL.get(), label, bag_id, made_at, listed))
         if showing is not None:
             shown_label, ids, first, last = showing
             pages = self._pages[shown_label] = [
@@ -525,7 +548,6 @@ class SimViolet:
             ]
             if last:
                 self.shown_to.setdefault(shown_label, set()).update(pages)
-        return answer
 
     def _answer(
         self,
