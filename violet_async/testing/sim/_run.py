@@ -685,7 +685,8 @@ class SimResult:
         return {v[1 : v.index("]")] for v in self.violations if v.startswith("[")}
 
     def report(self) -> str:
-        lines = [f"SIMULATION VIOLATION, seed {self.schedule.seed}:"]
+        head = "SIMULATION VIOLATION" if self.violations else "SIMULATION, NO VIOLATION"
+        lines = [f"{head}, seed {self.schedule.seed}:"]
         lines += [f"  ! {v}" for v in self.violations]
         lines += [f"  named {v}" for v in self.excused]
         lines.append("schedule:")
