@@ -34,7 +34,7 @@ from ...exceptions import (
 from ...models import CancelBagRequest, RefundBagRequest, SkuRefund
 from .._faults import ServerQuirks
 from .._state import RuleViolation
-from . import _fleet, _kinds_answers, _kinds_more, _kinds_order, _kinds_review
+from . import _fleet, _kinds_answers, _kinds_more, _kinds_order, _kinds_review, _named
 from ._kinds_answers import ANSWER_KINDS
 from ._kinds_more import MORE_KINDS, MerchantLimit, SecondCaller
 from ._kinds_order import ORDER_KINDS
@@ -672,6 +672,8 @@ class SimResult:
     injected: Counter[str]
     outcomes: Counter[str]
     virtual_seconds: float = 0.0
+    excused: list[str] = attrs.Factory(list)
+    """Violations that are a named remaining risk, counted instead (``_named``)."""
 
     @property
     def ok(self) -> bool:
@@ -683,8 +685,10 @@ class SimResult:
         return {v[1 : v.index("]")] for v in self.violations if v.startswith("[")}
 
     def report(self) -> str:
-        lines = [f"SIMULATION VIOLATION, seed {self.schedule.seed}:"]
+        head = "SIMULATION VIOLATION" if self.violations else "SIMULATION, NO VIOLATION"
+        lines = [f"{head}, seed {self.schedule.seed}:"]
         lines += [f"  ! {v}" for v in self.violations]
+        lines += [f"  named {v}" for v in self.excused]
         lines.append("schedule:")
         lines += [f"  {line}" for line in self.schedule.describe().splitlines()]
         lines.append("trace:")
@@ -768,6 +772,7 @@ def simulate(
         Counter(world.violet.injected),
         Counter(s.what for s in world.final.values()),
         loop.time() - 1000.0,
+        world.excused,
     )
 
 
@@ -877,6 +882,10 @@ class _World:
         _kinds_order.arm(self)
         self.world_counts()
         self.violations: list[str] = []
+        #: Every ``[attribution]`` violation with what the ask saw, and the named risks
+        #: counted instead of flagged (``check_named``).
+        self.attributions: list[tuple[str, Seen]] = []
+        self.excused: list[str] = []
         self.seen: list[Seen] = []
         self.final: dict[str, Seen] = {}
         self.errors: list[str] = []
@@ -1467,10 +1476,12 @@ class _World:
                 )
             elif seen.what == "refund" and seen.refund_id not in mine:
                 who = maker.get(seen.refund_id or -1, "nobody")
-                self.violations.append(
+                text = (
                     f"[attribution] {seen.label} was handed refund {seen.refund_id}, "
                     f"made by {who or 'another actor'}"
                 )
+                self.violations.append(text)
+                self.attributions.append((text, seen))
             if seen.what == "failed" and mine and seen.label in self.two_processes:
                 continue  # _kinds_more.check: which caller's call applied, and when
             if seen.what == "failed" and mine:
@@ -1501,6 +1512,20 @@ class _World:
         _kinds_more.check(self)
         _kinds_answers.check(self)
         _kinds_review.check(self)
+        self.check_named()
+
+    def check_named(self) -> None:
+        """An ``[attribution]`` violation that is README's remaining risk (b), by every
+        condition of ``_named.risk_b``, is counted (``named:risk_b``) and listed in the
+        seed's report, not flagged."""
+        for text, seen in dict(self.attributions).items():  # once per ask and refund
+            if text not in self.violations:
+                continue  # counted already (_kinds_review._within_tolerance)
+            excused, why = _named.risk_b(self, seen.label, seen.refund_id)
+            if excused:
+                self.violations[:] = [v for v in self.violations if v != text]
+                self.violet.count("named:risk_b")
+                self.excused.append(f"risk (b): {why}")
 
     def still_settling(self, seen: Seen, made: list[int]) -> bool:
         """``seen`` (a final pending) waits out a settle window that has not ended on

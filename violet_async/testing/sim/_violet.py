@@ -122,6 +122,42 @@ class SimCommit:
     amount: int
     at: float
     visible_at: float
+    reason: str | None = None
+    """As Violet recorded it (trimmed, if the server trims)."""
+    lines: tuple[tuple[int, int], ...] = ()
+    """(order sku id, quantity) of each line, sorted."""
+    shipping: int = 0
+    emptied: bool = False
+    """It took all the bag had left."""
+
+
+@attrs.define
+class PostLeft:
+    """A refund or cancel POST that reached the transport (a structured log for the
+    named-risk classifier, ``_named``)."""
+
+    label: str | None
+    """Its ask's label (``A1``, ``A1~w2``), or None when no ask was set around the call
+    (batch items: ``bag_label`` is the simulator's guess by bag)."""
+    bag_label: str | None
+    bag_id: int
+    at: float
+    refused: bool = False
+    """Its connection never opened: nothing was sent."""
+    answered: int | None = None
+    """The status of its answer, if one reached the caller."""
+
+
+@attrs.frozen
+class PageListed:
+    """A page of a refund list read that arrived at its caller: the refund ids it
+    carried, as Violet made it at ``at`` (readable or not)."""
+
+    label: str | None
+    bag_label: str | None
+    bag_id: int
+    at: float
+    ids: tuple[int, ...]
 
 
 class SimViolet:
@@ -213,6 +249,11 @@ class SimViolet:
         #: request answered 401 (the SDK renews and sends again).
         self.auth_calls: list[list[float]] = []
         self.trace: list[str] = []
+        #: Structured logs for ``_named``: every POST that reached the transport, and
+        #: every page of a refund list that arrived at its caller.
+        self.posts: list[PostLeft] = []
+        self.pages: list[PageListed] = []
+        self._listing: tuple[int, float, tuple[int, ...]] | None = None
         self.injected: dict[str, int] = {}
         self.counts = {"post": 0, "read": 0, "auth": 0}
         #: A refund or cancel POST's bag id -> an answer refusing it before anything is
@@ -278,8 +319,20 @@ class SimViolet:
     def _committed(self, label: str | None, bag: FakeBag, record: dict[str, Any]) -> None:
         commit = self.store.ledger.commits_per_bag[bag.id][-1]
         self.commit_at[record["id"]] = commit.at
+        lines = sorted((line["order_sku_id"], line["quantity_refunded"]) for line in record["skus"])
         self.commits.append(
-            SimCommit(record["id"], label, bag.id, record["amount"], commit.at, commit.visible_at)
+            SimCommit(
+                record["id"],
+                label,
+                bag.id,
+                record["amount"],
+                commit.at,
+                commit.visible_at,
+                reason=record.get("reason"),
+                lines=tuple(lines),
+                shipping=(record.get("shipping") or {}).get("amount", 0),
+                emptied=bag.remaining == 0,
+            )
         )
         who = label or "another actor"
         self.note(
@@ -352,7 +405,7 @@ class SimViolet:
     ) -> RawResponse:
         path = url.path.split("/v1", 1)[-1]
         parts = path.strip("/").split("/")
-        label = ASK_LABEL.get()
+        label = asked = ASK_LABEL.get()
         if label is None and len(parts) == 5:
             label = self.bag_labels.get(int(parts[3]))
         if path in {"/login", "/auth/token"}:
@@ -361,6 +414,10 @@ class SimViolet:
             route = "post"
         else:
             route = "read"
+        post = None
+        if route == "post" and len(parts) == 5:
+            post = PostLeft(asked, label, int(parts[3]), self.clock.monotonic())
+            self.posts.append(post)
         fault = self._take(route)
         began = self.clock.monotonic()
         answer = None
@@ -378,8 +435,15 @@ class SimViolet:
                 route=route,
                 fault=fault,
             )
+        except APIConnectionError as exc:
+            if post is not None:
+                post.refused = not exc.request_sent
+            raise
+        else:
             return answer
         finally:
+            if post is not None and answer is not None:
+                post.answered = answer.status
             if route == "auth" or (answer is not None and answer.status == 401):
                 self.auth_calls.append([began, self.clock.monotonic()])
 
@@ -422,6 +486,7 @@ class SimViolet:
         _arrived()
         late: Callable[[], None] | None = None
         self._showing = None
+        self._listing = None
         self.answering = who
         try:
             answer, late = self._answer(
@@ -438,6 +503,7 @@ class SimViolet:
         # What this answer shows the client counts as shown only once it arrives (an
         # answer dropped, or arriving after the attempt timed out, showed nothing).
         showing, self._showing = self._showing, None
+        listing, self._listing = self._listing, None
         shown = f"{answer.status}" if answer is not None else "no answer"
         kind = f" fault={fault}" if fault is not None else ""
         summary = _summary(answer) if answer is not None and route == "read" else ""
@@ -461,6 +527,19 @@ class SimViolet:
             raise _timeout(method, path)
         await asyncio.sleep(latency - up)
         assert answer is not None
+        self._page_arrived(label, listing, showing)
+        return answer
+
+    def _page_arrived(
+        self,
+        label: str | None,
+        listing: tuple[int, float, tuple[int, ...]] | None,
+        showing: tuple[str, list[int], bool, bool] | None,
+    ) -> None:
+        """A list read's page reached its caller: what it listed, and showed."""
+        if listing is not None:
+            bag_id, made_at, listed = listing
+            self.pages.append(PageListed(ASK_LABEL.get(), label, bag_id, made_at, listed))
         if showing is not None:
             shown_label, ids, first, last = showing
             pages = self._pages[shown_label] = [
@@ -469,7 +548,6 @@ class SimViolet:
             ]
             if last:
                 self.shown_to.setdefault(shown_label, set()).update(pages)
-        return answer
 
     def _answer(
         self,
@@ -606,6 +684,7 @@ class SimViolet:
             shown = [*shown, {"id": f"legacy-{bag.id}", "amount": "12,00", "status": 7}]
         cap = self.store.quirks.page_size
         if cap is None:
+            self._listing = (bag.id, self.clock.monotonic(), _ids(shown))
             if readable:
                 self._showing = (label or "", [r["id"] for r in listed], True, True)
             return self._json(shown)
@@ -613,6 +692,7 @@ class SimViolet:
         size = min(int(query.get("size", str(cap))), cap)
         content = shown[number * size : (number + 1) * size]
         total_pages = max(math.ceil(len(shown) / size), 1)
+        self._listing = (bag.id, self.clock.monotonic(), _ids(content))
         if readable:
             # A page shows the client only what is on it, and a list only once its
             # last page arrived (a read that fails on a later page shows nothing).
@@ -760,6 +840,11 @@ def _parse_iso(value: str) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc)
+
+
+def _ids(records: list[dict[str, Any]]) -> tuple[int, ...]:
+    """The refund ids a page carries (a record nobody can read has none)."""
+    return tuple(r["id"] for r in records if isinstance(r.get("id"), int))
 
 
 def _summary(answer: RawResponse) -> str:

@@ -1,0 +1,103 @@
+"""Named risks: violations README names as remaining risk, counted instead of flagged.
+
+Only remaining risk (b) (docs/remaining-risk.md) is classified here: an ask handed a
+refund another system made, identical to its request, on its bag, near its send, while
+nothing it sent applied and nothing it read could have shown that refund before its
+last send. Such an ``[attribution]`` violation is counted (``named:risk_b``) and listed
+in the seed's report as "risk (b)"; every other one stays a violation. Every condition
+is computed from what the simulator recorded (``SimViolet.commits``, ``posts``,
+``pages``), never from trace text; a shape whose identity is not computed here is
+never excused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._violet import PageListed, PostLeft, SimCommit
+
+__all__ = ["RISK_B_LATE", "risk_b"]
+
+#: Seconds after the last send's ``settle_running`` within which an identical refund is
+#: still taken for the ask's own (README: "settle_running plus 5 minutes after it").
+RISK_B_LATE = 300.0
+
+
+def risk_b(world: Any, label: str, refund_id: int | None) -> tuple[bool, str]:
+    """Whether ask ``label`` handed ``refund_id`` is remaining risk (b), and why (or
+    which condition it fails: it then stays a violation)."""
+    made = [c for c in world.violet.commits if c.refund_id == refund_id]
+    if len(made) != 1 or made[0].label is not None:
+        return False, "1: not another system's refund"
+    refund: SimCommit = made[0]
+    ask = world.asks[label]
+    _, bag_id = world.ids[ask.bag]
+    if refund.bag_id != bag_id:
+        return False, "1: on another bag"
+    if not _identical(world, ask, refund):
+        return False, "1: not identical to the ask's request"
+    ours = [*world.violet.commits, *world.violet.voided]
+    if any((_base(c.label) or "").rstrip("^") == label for c in ours):
+        return False, "2: a send of the ask applied"
+    entries: list[PostLeft | PageListed] = [*world.violet.posts, *world.violet.pages]
+    if sum(a.bag == ask.bag for a in world.asks.values()) > 1 and any(
+        e.label is None and e.bag_id == bag_id for e in entries
+    ):
+        return False, "3/4: a request without its ask's label on a bag asks share"
+    sent = [p for p in world.violet.posts if _its(p, label, bag_id)]
+    # README's "our send": the first that could have applied, as its caller knew it (a
+    # POST whose connection never opened, or whose 4xx reached the caller, did not).
+    could = [p.at for p in sent if not p.refused and not 400 <= (p.answered or 0) < 500]
+    if not could:
+        return False, "3: no send of the ask could have applied"
+    settings = world.policy.protocol_settings()
+    lower = settings.date_tolerance if world.s.date_header else settings.clock_skew
+    since = min(could) - lower
+    until = max(could) + settings.settle_running + RISK_B_LATE
+    if not since <= refund.at <= until:
+        return False, f"3: made at t={refund.at - 1000.0:.3f}, outside its sends' span"
+    last = max(p.at for p in sent)
+    for page in world.violet.pages:
+        if _its(page, label, bag_id) and refund.refund_id in page.ids and page.at < last:
+            return False, f"4: a page read for the ask listed it at t={page.at - 1000.0:.3f}"
+    handed = {s.label for s in world.seen if s.what == "refund" and s.refund_id == refund_id}
+    if handed != {label}:
+        return False, f"5: handed to {sorted(handed - {label})} too"
+    return True, (
+        f"{label} was handed refund {refund_id}, made by another actor at "
+        f"t={refund.at - 1000.0:.3f}, identical to its request, within "
+        f"[{since - 1000.0:.3f}, {until - 1000.0:.3f}] of its {len(could)} send(s) that "
+        "could have applied; "
+        "none of its sends applied, no read of it listed the refund before its last send"
+    )
+
+
+def _identical(world: Any, ask: Any, refund: SimCommit) -> bool:
+    """Identical by the SDK's matching rule: the amount (a whole-bag ask or a cancel:
+    the bag's whole remaining amount), the reason (any, when the ask gave none; else
+    equal after the server's trim), no lines and no shipping (the simulator's asks carry
+    no shipping; an ask with lines is never excused: no other system here makes a line
+    refund, and line amounts are not recorded)."""
+    if ask.skus or refund.lines or refund.shipping:
+        return False
+    if ask.kind == "cancel" or ask.amount is None:
+        if not refund.emptied:
+            return False
+    elif refund.amount != ask.amount:
+        return False
+    if ask.reason is None:
+        return True
+    reason = ask.reason.strip() if world.s.trim_reasons else ask.reason
+    return bool(refund.reason == reason)
+
+
+def _its(entry: PostLeft | PageListed, label: str, bag_id: int) -> bool:
+    """``entry`` was a request of ask ``label`` (any of its processes; one made without
+    an ask set around it, a batch item, is its bag's ask's)."""
+    if entry.bag_id != bag_id:
+        return False
+    return _base(entry.label if entry.label is not None else entry.bag_label) == label
+
+
+def _base(label: str | None) -> str | None:
+    return label.split("~")[0] if label is not None else None
