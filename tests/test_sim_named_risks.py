@@ -7,12 +7,14 @@ Replay a seed with ``python benchmarks/simulate.py --kinds all --seed N``.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
 import pytest
 
 from violet_async.testing.sim import WORLD_KINDS, _named, simulate
+from violet_async.testing.sim._violet import SimCommit
 
 
 @pytest.fixture
@@ -70,15 +72,28 @@ def test_a_refund_a_read_listed_before_the_re_send_stays_an_attribution_violatio
     assert verdicts[0][3].startswith("4: a page read for the ask listed it"), verdicts
 
 
-def test_a_refund_without_the_asks_reason_is_not_counted_as_identical(
-    verdicts: list[tuple[str, int | None, bool, str]],
-) -> None:
+def test_a_refund_without_a_reason_is_identical_as_the_sdks_matching_says() -> None:
     """Seed 1415847 (``--kinds all``, direct): A1 asked 500 with a reason; the refund it
-    was handed (another system's, 500) carries no reason. The SDK's matching takes a
-    record without a reason for any ask's, but README's risk (b) names only "same
-    reason" (or an ask without one): not excused, it stays a violation."""
+    was handed (another system's, 500, 8.6 s after A1's send that had no answer) carries
+    no reason. The SDK's matching takes a record without a reason for any ask's (Violet
+    and its platforms may leave it out), so README's risk (b) names it: counted."""
     result = simulate(1415847, kinds=frozenset(WORLD_KINDS))
-    assert "attribution" in result.kinds, result.report()
-    assert [(v[0], v[2], v[3]) for v in verdicts] == [
-        ("A1", False, "1: not identical to the ask's request")
-    ]
+    assert not result.kinds, result.report()
+    assert result.injected["named:risk_b"] == 1
+
+
+def test_a_refund_with_another_reason_is_not_identical() -> None:
+    """Condition 1 on its own: another reason (after the trim) is another refund; an
+    ask without a reason takes any; a record without one matches any ask's."""
+    world = SimpleNamespace(s=SimpleNamespace(trim_reasons=False))
+    ask = SimpleNamespace(kind="refund", amount=500, reason="Damaged in transit  ", skus=None)
+
+    def commit(reason: str | None, amount: int = 500) -> SimCommit:
+        return SimCommit(9, None, 1, amount, 0.0, 0.0, reason=reason)
+
+    assert not _named._identical(world, ask, commit("Customer requested refund."))
+    assert _named._identical(world, ask, commit("Damaged in transit"))
+    assert _named._identical(world, ask, commit(None))
+    assert not _named._identical(world, ask, commit(None, amount=250))
+    reasonless = SimpleNamespace(kind="refund", amount=500, reason=None, skus=None)
+    assert _named._identical(world, reasonless, commit("Customer requested refund."))

@@ -73,11 +73,12 @@ def risk_b(world: Any, label: str, refund_id: int | None) -> tuple[bool, str]:
 
 
 def _identical(world: Any, ask: Any, refund: SimCommit) -> bool:
-    """Identical by the SDK's matching rule: the amount (a whole-bag ask or a cancel:
-    the bag's whole remaining amount), the reason (any, when the ask gave none; else
-    equal after the server's trim), no lines and no shipping (the simulator's asks carry
-    no shipping; an ask with lines is never excused: no other system here makes a line
-    refund, and line amounts are not recorded)."""
+    """Identical by the SDK's matching rule (``_matching._compare``): the amount (a
+    whole-bag ask or a cancel: the bag's whole remaining amount), the reason compared
+    trimmed (any, when the ask gave none; and a record without a reason matches any
+    ask's: Violet and its platforms may leave it out), no lines and no shipping (the
+    simulator's asks carry no shipping; an ask with lines is never excused: no other
+    system here makes a line refund, and line amounts are not recorded)."""
     if ask.skus or refund.lines or refund.shipping:
         return False
     if ask.kind == "cancel" or ask.amount is None:
@@ -85,10 +86,10 @@ def _identical(world: Any, ask: Any, refund: SimCommit) -> bool:
             return False
     elif refund.amount != ask.amount:
         return False
-    if ask.reason is None:
+    asked = (ask.reason or "").strip()
+    if not asked or refund.reason is None:
         return True
-    reason = ask.reason.strip() if world.s.trim_reasons else ask.reason
-    return bool(refund.reason == reason)
+    return refund.reason.strip() == asked
 
 
 def _its(entry: PostLeft | PageListed, label: str, bag_id: int) -> bool:
