@@ -123,3 +123,125 @@ async def test_a_call_ended_by_a_refund_that_moved_no_money_after_a_429_wait_mar
     assert not (isinstance(got, OrderRefund) and got.id == other[0]["id"]), (
         "another system's refund handed over as the repeat's own"
     )
+
+
+class WrongPage:
+    """One bag of 1000 holding two refunds of other systems, listed one a page. While
+    ``wrong`` is set, a page after the first is answered with page 0 of another bag's
+    list (a cache keyed wrongly: ``number`` 0, one refund of bag 999). POST 1 is
+    answered 429 (``Retry-After: 5``); POST 2 commits and is answered by a gateway's
+    504. ``Date`` on every answer."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.refunds: list[dict[str, Any]] = []
+        self.posts = 0
+        self.wrong = False
+        self.wrong_pages = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.dated])
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self.refund)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self.listed)
+        return app
+
+    @web.middleware
+    async def dated(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["Date"] = formatdate(self.clock.time(), usegmt=True)
+        return response
+
+    def add(self, amount: int, at: float) -> dict[str, Any]:
+        made = datetime.fromtimestamp(at, timezone.utc)
+        record = {
+            "id": 800 + len(self.refunds),
+            "order_id": ORDER_ID,
+            "bag_id": BAG_ID,
+            "amount": amount,
+            "status": "COMPLETED",
+            "date_created": made.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self.refunds.append(record)
+        return record
+
+    async def refund(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.json()
+        if self.posts == 1:
+            self.wrong = True
+            return web.json_response(
+                {"message": "Too many requests"}, status=429, headers={"Retry-After": "5"}
+            )
+        self.wrong = False
+        self.add(body["amount_refunded"], self.clock.time())
+        return web.Response(status=504, body=b"<html><body>504 Gateway Time-out</body></html>")
+
+    async def listed(self, request: web.Request) -> web.Response:
+        page = int(request.query.get("page", "0"))
+        if self.wrong and page > 0:
+            self.wrong_pages += 1
+            other = {
+                "id": 5555,
+                "order_id": 4242,
+                "bag_id": 999,
+                "amount": 10,
+                "status": "COMPLETED",
+                "date_created": "2026-01-01T00:00:00Z",
+            }
+            one = {"content": [other], "number": 0, "size": 1, "total_pages": 1}
+            return web.json_response({**one, "total_elements": 1, "last": True})
+        chunk = self.refunds[page : page + 1]
+        pages = max(1, len(self.refunds))
+        return web.json_response(
+            {
+                "content": chunk,
+                "number": page,
+                "size": 1,
+                "total_pages": pages,
+                "total_elements": len(self.refunds),
+                "last": page + 1 >= pages,
+            }
+        )
+
+
+async def test_another_bags_page_in_the_read_before_a_re_send_never_keeps_its_refund_pending() -> (
+    None
+):
+    """The read before the re-send after a 429 failed: its page 1 answered with another
+    bag's page 0 (a cache keyed wrongly). Since seed 1235637's fix, what the pages that
+    answered listed joins the baseline: that bag's refund (id 5555) too. The re-send
+    (504) applied and its refund was listed on every read after it, yet each read
+    lacked 5555 and looked like "a replica behind an earlier read": the ask ended
+    pending, and so did every resume, for good (before that fix it was claimed). Only
+    records that may be this bag's join the baseline now: the refund is claimed."""
+    clock = FakeClock()
+    bag = WrongPage(clock)
+    bag.add(111, clock.time() - 3600.0)
+    bag.add(222, clock.time() - 3600.0)
+    async with serve(bag.app()) as url:
+        async with VioletClient(
+            32,
+            "review32-secret",
+            token="review32-token-0123456789",
+            base_url=url + "/v1",
+            clock=clock,
+            retry=RetryPolicy(deadline=600.0, jitter=False),
+        ) as client:
+            got: OrderRefund | AmbiguousOutcomeError
+            try:
+                got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=300)
+            except AmbiguousOutcomeError as exc:
+                got = exc
+            for _ in range(2):
+                if isinstance(got, AmbiguousOutcomeError) and got.pending is not None:
+                    await clock.sleep(120.0)
+                    try:
+                        got = await client.resume(got.pending)
+                    except AmbiguousOutcomeError as exc:
+                        got = exc
+    assert bag.wrong_pages >= 1
+    assert bag.posts == 2
+    ours = bag.refunds[-1]
+    assert [r["amount"] for r in bag.refunds] == [111, 222, 300], "one refund of ours"
+    assert isinstance(got, OrderRefund), got
+    assert got.id == ours["id"]

@@ -566,9 +566,16 @@ def step(
             # the pages that answered listed was on the bag before the re-send: it
             # joins the baseline, as a whole read's does (simulator seed 1235637: a
             # later page failed, and another system's refund on the first, made 3.7 s
-            # before the re-send, was taken for its own).
-            if obs.refunds:
-                return _before_resend(ask, obs, now, known)
+            # before the re-send, was taken for its own). Only records that may be
+            # this bag's and order's: a page answered from another bag's list (a cache
+            # keyed wrongly, the read's failure) put refunds in the baseline that no
+            # list of this bag ever shows, and every later read looked like a replica
+            # behind: the ask's own refund was never claimed (review 32).
+            listed = tuple(
+                r for r in obs.refunds if on_bag(r, ask.bag_id) and on_order(r, ask.order_id)
+            )
+            if listed:
+                return _before_resend(ask, attrs.evolve(obs, refunds=listed), now, known)
             return _send(ask, now, proven=True)
         if ask.phase is Phase.NEW:
             # The baseline read failed after its own retries: nothing was sent.
