@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +18,16 @@ from violet_async import (
     RefundFailedError,
     RetryPolicy,
     VioletClient,
+    VioletError,
 )
+from violet_async.batch import BatchItem, run_batch
+from violet_async.models import RefundBagRequest
 from violet_async.testing import FakeClock
 
 from .conftest import serve
+from .hostile import BAG_ID as HOSTILE_BAG
+from .hostile import GATEWAY_504, VIOLET_500, Hostile, Step, hostile_client
+from .hostile import ORDER_ID as HOSTILE_ORDER
 
 ORDER_ID, BAG_ID = 32001, 32002
 
@@ -245,3 +252,66 @@ async def test_another_bags_page_in_the_read_before_a_re_send_never_keeps_its_re
     assert [r["amount"] for r in bag.refunds] == [111, 222, 300], "one refund of ours"
     assert isinstance(got, OrderRefund), got
     assert got.id == ours["id"]
+
+
+TOO_MANY = b'{"status": 429, "message": "Too Many Requests", "error_code": 4290}'
+
+
+def _late_then_two_429s() -> Hostile:
+    """POST 1: a gateway's 504 that commits, its refund listed only 75 s later (beyond
+    the 60 s window); POST 2 and POST 3: 429 (``Retry-After`` 5 s, then 10 s); POST 4:
+    Violet's own 500, nothing applied; any later POST applies."""
+    server = Hostile(FakeClock(), list_lag=75.0)
+    server.script = [
+        Step(504, body=GATEWAY_504, commit_after=0.0),
+        Step(429, body=TOO_MANY, commit_after=None, headers={"Retry-After": "5"}),
+        Step(429, body=TOO_MANY, commit_after=None, headers={"Retry-After": "10"}),
+        Step(500, body=VIOLET_500, commit_after=None),
+    ]
+    return server
+
+
+@pytest.mark.parametrize("attempts", [4, 6])
+async def test_a_late_refund_listed_after_a_second_429_is_never_sent_for_again(
+    attempts: int,
+) -> None:
+    """Review 28's case with one more 429: the reads prove POST 1 absent (its refund
+    not listed yet); POST 2 is answered 429 and the read after the wait still misses
+    the refund, so the re-send's window moved to it; POST 3 is answered 429 and the
+    read after that wait lists the refund: it joined the baseline as "not this ask's".
+    POST 4 (500) was proven absent and the ask sent a fifth POST: two refunds (with
+    four attempts, out of them: "failed", ServerError, while POST 1's refund was on
+    the bag). It ends for review now: one refund, nothing sent after the read."""
+    server = _late_then_two_429s()
+    retry = RetryPolicy(
+        max_attempts=attempts, initial_delay=0.5, max_delay=4.0, deadline=600.0, jitter=False
+    )
+    async with hostile_client(server, retry=retry) as client:
+        try:
+            got: OrderRefund | VioletError = await client.refund_bag(
+                HOSTILE_ORDER, HOSTILE_BAG, amount_refunded=300
+            )
+        except VioletError as exc:
+            got = exc
+    assert server.refunded == 300, f"refunded {server.refunded} for one ask of 300"
+    assert server.posts == 3
+    assert isinstance(got, AmbiguousOutcomeError), got
+    assert got.pending is not None
+    assert got.pending.needs_review
+    assert [r.id for r in got.candidates] == server.ours
+
+
+async def test_a_batch_row_never_sends_again_over_a_late_refund_listed_after_a_second_429(
+    tmp_path: Path,
+) -> None:
+    """The same as a batch row (its 429s deferred to its merchant's turn): the row was
+    sent a fifth time and refunded twice. It ends for review (unknown) now."""
+    server = _late_then_two_429s()
+    retry = RetryPolicy(
+        max_attempts=6, initial_delay=0.5, max_delay=4.0, deadline=600.0, jitter=False
+    )
+    item = BatchItem.refund(1, HOSTILE_ORDER, HOSTILE_BAG, RefundBagRequest(amount_refunded=300))
+    async with hostile_client(server, retry=retry) as client:
+        results = [r async for r in run_batch(client, [item], journal=tmp_path / "j.jsonl")]
+    assert server.refunded == 300, f"refunded {server.refunded} for one row of 300"
+    assert [r.outcome for r in results] == ["unknown"], results

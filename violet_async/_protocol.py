@@ -605,11 +605,17 @@ def _before_resend(
     """The read before a re-send after a 429 (every send so far proven not applied):
     nothing it lists is this ask's (whole, or the pages that answered of one that
     failed)."""
-    if not _window_at_last_send(ask) and (late := _listed_since(ask, obs, known)):
+    if (not _window_at_last_send(ask) or ask.doubted) and (
+        late := _listed_since(ask, obs, known)
+    ):
         # ...unless an earlier send was proven absent by read-backs alone: a refund
         # like this one listed since may be that send's, shown late, or another
         # system's made during the wait. Which cannot be told (review 28: taken
-        # into the baseline, the ask was sent again and refunded twice).
+        # into the baseline, the ask was sent again and refunded twice). Also once a
+        # later 429 moved the window to a re-send (``doubted``: some send may have
+        # applied): review 32, the first read after the 429s missed that send's
+        # refund, the read after a second 429 put it in the baseline, and the ask was
+        # sent again and refunded twice (or, out of attempts, told "failed").
         note = (
             f"bag {ask.bag_id} lists a refund like this one that the read proving an "
             "earlier send absent did not: that send's, shown late, or another's; "
