@@ -605,9 +605,7 @@ def _before_resend(
     """The read before a re-send after a 429 (every send so far proven not applied):
     nothing it lists is this ask's (whole, or the pages that answered of one that
     failed)."""
-    if (not _window_at_last_send(ask) or ask.doubted) and (
-        late := _listed_since(ask, obs, known)
-    ):
+    if (not _window_at_last_send(ask) or ask.doubted) and (late := _listed_since(ask, obs, known)):
         # ...unless an earlier send was proven absent by read-backs alone: a refund
         # like this one listed since may be that send's, shown late, or another
         # system's made during the wait. Which cannot be told (review 28: taken
