@@ -1928,6 +1928,17 @@ class Engine:
                 # before it: the next ask of the request reads first in its stead.
                 unsettled.cut_while_absent(bag_id, spent)
             locks.release(bag_id)
+        if (
+            tracker is not None
+            and tracker.waited_absent
+            and (refund.status is RefundStatus.FAILED or refund.status is RefundStatus.CANCELED)
+        ):
+            # A refund that moved no money after a 429's wait (every send before it
+            # proven not applied): the caller is told it failed and its repeat is a new
+            # ask, while the bag was in play during the wait. Marked as a call ended by
+            # an error after such a wait is (review 32: the repeat, answered 500, took
+            # another system's identical refund made in the wait for its own).
+            unsettled.cut_while_absent(bag_id, encode_request(req))
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and records is None and self.keys is not None:
             self.keys.settled(given, refund)

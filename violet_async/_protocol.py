@@ -566,9 +566,16 @@ def step(
             # the pages that answered listed was on the bag before the re-send: it
             # joins the baseline, as a whole read's does (simulator seed 1235637: a
             # later page failed, and another system's refund on the first, made 3.7 s
-            # before the re-send, was taken for its own).
-            if obs.refunds:
-                return _before_resend(ask, obs, now, known)
+            # before the re-send, was taken for its own). Only records that may be
+            # this bag's and order's: a page answered from another bag's list (a cache
+            # keyed wrongly, the read's failure) put refunds in the baseline that no
+            # list of this bag ever shows, and every later read looked like a replica
+            # behind: the ask's own refund was never claimed (review 32).
+            listed = tuple(
+                r for r in obs.refunds if on_bag(r, ask.bag_id) and on_order(r, ask.order_id)
+            )
+            if listed:
+                return _before_resend(ask, attrs.evolve(obs, refunds=listed), now, known)
             return _send(ask, now, proven=True)
         if ask.phase is Phase.NEW:
             # The baseline read failed after its own retries: nothing was sent.
@@ -598,11 +605,15 @@ def _before_resend(
     """The read before a re-send after a 429 (every send so far proven not applied):
     nothing it lists is this ask's (whole, or the pages that answered of one that
     failed)."""
-    if not _window_at_last_send(ask) and (late := _listed_since(ask, obs, known)):
+    if (not _window_at_last_send(ask) or ask.doubted) and (late := _listed_since(ask, obs, known)):
         # ...unless an earlier send was proven absent by read-backs alone: a refund
         # like this one listed since may be that send's, shown late, or another
         # system's made during the wait. Which cannot be told (review 28: taken
-        # into the baseline, the ask was sent again and refunded twice).
+        # into the baseline, the ask was sent again and refunded twice). Also once a
+        # later 429 moved the window to a re-send (``doubted``: some send may have
+        # applied): review 32, the first read after the 429s missed that send's
+        # refund, the read after a second 429 put it in the baseline, and the ask was
+        # sent again and refunded twice (or, out of attempts, told "failed").
         note = (
             f"bag {ask.bag_id} lists a refund like this one that the read proving an "
             "earlier send absent did not: that send's, shown late, or another's; "
