@@ -504,6 +504,7 @@ class VioletClient(RequestPlumbing):
                 scope=self._key_scope(),
                 origin=self._shared.origin,
                 on_ended=self._ended_elsewhere,
+                on_proven=self._shared.known_refunds.proven_late,
             )
             self._engine.keys = keys
         return keys

@@ -391,8 +391,12 @@ class KeyedAsks:
         scope: str = "",
         origin: ClockOrigin | None = None,
         on_ended: Callable[[PendingRefund], object] | None = None,
+        on_proven: Callable[[PendingRefund], object] | None = None,
     ) -> None:
         self.store = store
+        # Told of a proof (ABSENT: every send answered 429) whose save the store
+        # refused, the key taken over: the client keeps it for the key's next call.
+        self._on_proven = on_proven
         # Told of a resumed record whose ask ended elsewhere (definitely not applied):
         # the client takes it off its bag.
         self._on_ended = on_ended
@@ -1135,6 +1139,14 @@ class KeyRecords:
             self.released = saved
             _not_taken_over(key, ask, saved)
         elif not saved:
+            if ask.phase is Phase.ABSENT and keys._on_proven is not None:
+                # Every send of the ask was proven not applied (a 429), but the key
+                # was taken over meanwhile: the proof is kept in this client's
+                # memory, so that the key's next call here merges it (an absent copy
+                # wins; one parked for review stays for review) and reads the bag
+                # rather than take another system's identical refund made since for
+                # its own (simulator seed 1561189). The store keeps the other owner's.
+                keys._on_proven(ask)
             raise RecordStoreError(
                 f"idempotency key {shown(key)!r} was taken over by another process while "
                 "this call held it (its lease ran out); nothing was sent by this step. "
