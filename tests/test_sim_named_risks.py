@@ -135,6 +135,26 @@ def test_a_refund_made_in_a_429_wait_with_no_read_before_the_re_send_stays_a_vio
     assert verdicts[0][3].startswith("6: made in A3's 429 wait"), verdicts
 
 
+def test_a_repeat_sent_unread_after_a_cut_429_wait_stays_a_violation(
+    monkeypatch: pytest.MonkeyPatch, verdicts: list[tuple[str, int | None, bool, str]]
+) -> None:
+    """Re-introduce the bug e97a880 fixed (seed 1216220): a call cut in its 429 wait
+    leaves its bag unmarked, so the caller's repeat sends with no read first. Another
+    system's identical refund made in the wait is taken by the repeat; conditions 1-5
+    hold (it is within ``date_tolerance`` of the repeat's send), and condition 6 keeps
+    it a violation."""
+    from violet_async import _reconcile
+
+    monkeypatch.setattr(
+        _reconcile.PendingAsks, "cut_while_absent", lambda self, bag_id, request: None
+    )
+    result = simulate(1216220, kinds=frozenset(WORLD_KINDS))
+    assert "attribution" in result.kinds, result.report()
+    assert not result.excused
+    assert [(v[0], v[2]) for v in verdicts] == [("A3", False)]
+    assert verdicts[0][3].startswith("6: made in A3's 429 wait"), verdicts
+
+
 @pytest.mark.parametrize("seed", [1401264, 1437149, 1426376])
 def test_a_429_wait_read_before_the_re_send_or_in_another_process_stays_risk_b(
     seed: int,
