@@ -97,3 +97,73 @@ def test_a_refund_with_another_reason_is_not_identical() -> None:
     assert not _named._identical(world, ask, commit(None, amount=250))
     reasonless = SimpleNamespace(kind="refund", amount=500, reason=None, skus=None)
     assert _named._identical(world, reasonless, commit("Customer requested refund."))
+
+
+def test_a_refund_made_in_a_429_wait_with_no_read_before_the_re_send_stays_a_violation(
+    monkeypatch: pytest.MonkeyPatch, verdicts: list[tuple[str, int | None, bool, str]]
+) -> None:
+    """Re-introduce the bug review 27 fixed: a send after a 429 (and a keyed repeat of a
+    record left in that wait) goes at once, with no read of the bag before it. Seed
+    1401264 (``--kinds all``): A3's POST answered 429; another system refunded A3's
+    100 on its bag 10 s later, in the wait; the caller cut the call and its keyed
+    repeat sent again 2 s after that refund, unread (answered 500); a resume took the
+    refund. It is made within ``date_tolerance`` of the re-send, so conditions 1-5
+    hold, yet on the fixed code the read before the re-send lists it (no violation):
+    condition 6 (made in a 429 wait with no read before the re-send) keeps it one."""
+    from violet_async import _protocol
+
+    real_after = _protocol._after_send_failure
+    real_start = _protocol.start
+
+    def no_read(ask: Any, error: Any, obs: Any, settings: Any, *args: Any) -> Any:
+        if _protocol.classify_send_failure(error) is _protocol.Cause.RATE_LIMITED:
+            return _protocol._send(ask, args[0], obs.backoff, proven=True)
+        return real_after(ask, error, obs, settings, *args)
+
+    def send_at_once(ask: Any, settings: Any, now: float, *, attempt_timeout: float) -> Any:
+        ask, action = real_start(ask, settings, now, attempt_timeout=attempt_timeout)
+        if ask.phase is _protocol.Phase.ABSENT:
+            return _protocol._send(ask, now, proven=True)  # no read first
+        return ask, action
+
+    monkeypatch.setattr(_protocol, "_after_send_failure", no_read)
+    monkeypatch.setattr(_protocol, "start", send_at_once)
+    result = simulate(1401264, kinds=frozenset(WORLD_KINDS))
+    assert "attribution" in result.kinds, result.report()
+    assert not result.excused
+    assert [(v[0], v[1], v[2]) for v in verdicts] == [("A3", 400005, False)]
+    assert verdicts[0][3].startswith("6: made in A3's 429 wait"), verdicts
+
+
+def test_a_repeat_sent_unread_after_a_cut_429_wait_stays_a_violation(
+    monkeypatch: pytest.MonkeyPatch, verdicts: list[tuple[str, int | None, bool, str]]
+) -> None:
+    """Re-introduce the bug e97a880 fixed (seed 1216220): a call cut in its 429 wait
+    leaves its bag unmarked, so the caller's repeat sends with no read first. Another
+    system's identical refund made in the wait is taken by the repeat; conditions 1-5
+    hold (it is within ``date_tolerance`` of the repeat's send), and condition 6 keeps
+    it a violation."""
+    from violet_async import _reconcile
+
+    monkeypatch.setattr(
+        _reconcile.PendingAsks, "cut_while_absent", lambda self, bag_id, request: None
+    )
+    result = simulate(1216220, kinds=frozenset(WORLD_KINDS))
+    assert "attribution" in result.kinds, result.report()
+    assert not result.excused
+    assert [(v[0], v[2]) for v in verdicts] == [("A3", False)]
+    assert verdicts[0][3].startswith("6: made in A3's 429 wait"), verdicts
+
+
+@pytest.mark.parametrize("seed", [1401264, 1437149, 1426376])
+def test_a_429_wait_read_before_the_re_send_or_in_another_process_stays_risk_b(
+    seed: int,
+) -> None:
+    """Condition 6's bounds on the code as it is: 1401264 (the read before the keyed
+    repeat's re-send lists the wait's refund: nothing taken); 1437149 (the read came
+    1.4 s before the lagging list showed the refund: risk (b), counted); 1426376 (a
+    second process of the ask, which never saw the first's 429, sent with no read:
+    risk (b) across processes, counted)."""
+    result = simulate(seed, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+    assert result.injected["named:risk_b"] == (seed != 1401264)

@@ -3,7 +3,8 @@
 Only remaining risk (b) (docs/remaining-risk.md) is classified here: an ask handed a
 refund another system made, identical to its request, on its bag, near its send, while
 nothing it sent applied and nothing it read could have shown that refund before its
-last send. Such an ``[attribution]`` violation is counted (``named:risk_b``) and listed
+last send, nor made in a 429 wait its process sent again after without reading the
+bag. Such an ``[attribution]`` violation is counted (``named:risk_b``) and listed
 in the seed's report as "risk (b)"; every other one stays a violation. Every condition
 is computed from what the simulator recorded (``SimViolet.commits``, ``posts``,
 ``pages``), never from trace text; a shape whose identity is not computed here is
@@ -63,6 +64,11 @@ def risk_b(world: Any, label: str, refund_id: int | None) -> tuple[bool, str]:
     handed = {s.label for s in world.seen if s.what == "refund" and s.refund_id == refund_id}
     if handed != {label}:
         return False, f"5: handed to {sorted(handed - {label})} too"
+    waited = _in_unread_wait(world, sent, bag_id, refund.at)
+    if waited is not None:
+        return False, (
+            f"6: made in {waited}'s 429 wait, and {waited} sent again with no read between"
+        )
     return True, (
         f"{label} was handed refund {refund_id}, made by another actor at "
         f"t={refund.at - 1000.0:.3f}, identical to its request, within "
@@ -90,6 +96,37 @@ def _identical(world: Any, ask: Any, refund: SimCommit) -> bool:
     if not asked or refund.reason is None:
         return True
     return refund.reason.strip() == asked
+
+
+def _in_unread_wait(world: Any, sent: list[PostLeft], bag_id: int, at: float) -> str | None:
+    """The process (``A1``, ``A1~w2``) of the ask whose POSTs are ``sent`` that got a
+    429 (nothing applied: it waits, or its caller repeats after ``Retry-After``) before
+    ``at`` and whose next send left after ``at`` with no page of a list read of its own
+    arriving in between; None if there is none. README's (b): a refund made while a
+    call waited out a 429 is never ours; the call (and a repeat of it in the same
+    client: the bag's mark) reads the bag right before the re-send, and what that read
+    lists is never ours. Only a refund that read could not show (a list lagging) is
+    (b); with no read at all, a refund made in the wait was taken by a defect."""
+    for post in sent:
+        if post.answered != 429 or not post.at <= at:
+            continue
+        who = _who(post)
+        after = [p.at for p in sent if _who(p) == who and p.at > post.at]
+        if not after or min(after) <= at:
+            continue
+        resend = min(after)
+        read = any(
+            page.bag_id == bag_id and _who(page) == who and post.at < page.at < resend
+            for page in world.violet.pages
+        )
+        if not read:
+            return who
+    return None
+
+
+def _who(entry: PostLeft | PageListed) -> str | None:
+    """The process (and ask) that made ``entry``: ``A1``, ``A1~w2``."""
+    return entry.label if entry.label is not None else entry.bag_label
 
 
 def _its(entry: PostLeft | PageListed, label: str, bag_id: int) -> bool:
