@@ -2305,7 +2305,7 @@ def outcome_of(exc: BaseException) -> Outcome | None:
         # nothing is wrong with it, and it may be asked again (simulator seed 1321726:
         # a batch row ended "failed" on a read's 429, "fix the rows").
         return Outcome.NOT_SENT
-    if exc._before_send and _of_the_moment(exc):
+    if exc._before_send and of_the_moment(exc):
         # The read before the ask's first send (its baseline) failed otherwise for a
         # reason of the moment (a 5xx, no answer, an answer that could not be read):
         # nothing was sent (review 31: ended a batch row failed, never sent again
@@ -2314,10 +2314,11 @@ def outcome_of(exc: BaseException) -> Outcome | None:
     return Outcome.FAILED
 
 
-def _of_the_moment(exc: VioletError) -> bool:
-    """A failure that says nothing of the request (a 5xx, no answer, an answer that
-    could not be read), as a fleet worker's ``_transient``."""
-    if isinstance(exc, (APIConnectionError, ResponseFormatError)):
+def of_the_moment(exc: VioletError) -> bool:
+    """A failure that says nothing of the request but the moment (a 429, a 5xx, no
+    answer, an answer that could not be read): what ends a baseline read as not sent
+    here, and what a fleet worker starts an item over after."""
+    if isinstance(exc, (APIConnectionError, RateLimitError, ResponseFormatError)):
         return True
     return isinstance(exc, APIError) and exc.status >= 500
 

@@ -20,7 +20,7 @@ import attrs
 from redis.exceptions import RedisError
 
 from .._client import VioletClient
-from .._engine import Ended, Outcome, engine_of
+from .._engine import Ended, Outcome, engine_of, of_the_moment
 from .._protocol import PendingRefund, Phase
 from .._reconcile import RateLimitDeferred
 from .._redact import printable
@@ -29,11 +29,8 @@ from .._telemetry import CAPTURE, RequestCount, count_item, counting_requests
 from ..batch import BatchItem
 from ..exceptions import (
     AmbiguousOutcomeError,
-    APIConnectionError,
-    APIError,
     BagPendingError,
     RateLimitError,
-    ResponseFormatError,
     VioletError,
 )
 from ..models import OrderRefund
@@ -646,7 +643,7 @@ class FleetWorker:
             # When that was weather (a connection, a 5xx, a 429 out of budget, a failed
             # baseline read), the item starts over later (new again); a refusal (4xx)
             # is final (failed; for review when the ledger lost the item's record).
-            if _transient(exc):
+            if of_the_moment(exc):
                 await records.end(Ended(Outcome.NOT_SENT, error=exc))
                 raise RetryLaterError(str(exc), defer=1.0) from exc
             await records.end(Ended(Outcome.FAILED, error=exc))
@@ -909,12 +906,6 @@ class _ItemRecords:
 
     async def end(self, ended: Ended) -> None:
         await self.ledger.end(ended)
-
-
-def _transient(exc: VioletError) -> bool:
-    if isinstance(exc, (APIConnectionError, RateLimitError, ResponseFormatError)):
-        return True
-    return isinstance(exc, APIError) and exc.status >= 500
 
 
 def _quiet(task: asyncio.Future[Any]) -> None:
