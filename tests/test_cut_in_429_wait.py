@@ -74,10 +74,12 @@ def test_every_new_ask_reads_first_until_one_of_the_cut_request_has() -> None:
     """Another request on the bag reads first too (another ask may take the bag before
     the repeat: seed 1216220's cancel did) and leaves the mark; the repeat spends it."""
     asks = PendingAsks()
+    begun = asks.marks
     asks.cut_while_absent(7, b"asked")
-    assert asks.read_first(7, b"another")
-    assert asks.read_first(7, b"asked")
-    assert not asks.read_first(7, b"asked")
+    assert asks.read_first(7, b"another", asks.marks) == (True, False)
+    assert asks.read_first(7, b"asked", begun) == (True, False), "begun before the cut"
+    assert asks.read_first(7, b"asked", asks.marks) == (True, True)
+    assert asks.read_first(7, b"asked", asks.marks) == (False, False)
     assert not asks
 
 
@@ -88,6 +90,6 @@ def test_the_bags_to_read_first_are_bounded() -> None:
     for bag in range(READ_FIRST_BOUND + 1):
         asks.cut_while_absent(bag, b"asked")
     assert asks
-    assert not asks.read_first(0, b"asked")
-    assert asks.read_first(READ_FIRST_BOUND, b"asked")
-    assert not asks.read_first(READ_FIRST_BOUND, b"asked")
+    assert asks.read_first(0, b"asked", asks.marks) == (False, False)
+    assert asks.read_first(READ_FIRST_BOUND, b"asked", asks.marks) == (True, True)
+    assert asks.read_first(READ_FIRST_BOUND, b"asked", asks.marks) == (False, False)

@@ -1683,10 +1683,11 @@ class Engine:
         policy = io._retry
         deadline = io._deadline() if isinstance(deadline_at, _Unset) else deadline_at
         locks = shared.bag_locks
+        unsettled = shared.unsettled
+        begun = unsettled.marks  # marks made after this are not this call's to spend
         waited = not locks.try_acquire(bag_id)
         if waited:
             await self._wait_for_bag(bag_id, deadline, resume, req)
-        unsettled = shared.unsettled
         given = resume  # the caller's copy of the record (resume may become a newer one)
         sent: tuple[float, float] | None = None
         tracker: SendTracker | None = None
@@ -1709,9 +1710,12 @@ class Engine:
                 await self._await_landing(resume.ask_id, deadline)
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
-                if resume is None and unsettled.read_first(bag_id, marked := encode_request(req)):
-                    read_first = True
-                    spent = marked
+                if resume is None:
+                    marked = encode_request(req)
+                    reads, spends = unsettled.read_first(bag_id, marked, begun)
+                    read_first = read_first or reads
+                    if spends:
+                        spent = marked
             if (
                 item is not None
                 and (claimed := shared.known_refunds.claimed(item))

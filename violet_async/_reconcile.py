@@ -370,9 +370,12 @@ class PendingAsks:
         # Asks whose resume was held back by others pending on their bag: by which.
         self._held: dict[str, frozenset[str]] = {}
         # Bags where a call was cut while every send it made stood proven not applied
-        # (a 429's wait, a re-send's backoff), with the requests (bodies) it asked:
-        # every new ask there reads first until one of such a request has.
-        self._read_first: OrderedDict[int, set[bytes]] = OrderedDict()
+        # (a 429's wait, a re-send's backoff), with the requests (bodies) it asked, each
+        # with the mark's serial: every new ask there reads first until one of such a
+        # request, begun after the mark, has.
+        self._read_first: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        # Marks made so far: a call notes it as it begins (``begun``).
+        self.marks = 0
 
     def __bool__(self) -> bool:
         return bool(self._by_bag or self._read_first)
@@ -382,22 +385,31 @@ class PendingAsks:
         nothing it sent had applied (nothing is pending), in a wait during which another
         system may have refunded the same: new asks on the bag read it before their
         send (a baseline), so that refund is never taken for a repeat's own (simulator
-        seed 1216220), until a new ask of ``request`` has read it."""
-        self._read_first.setdefault(bag_id, set()).add(request)
+        seed 1216220), until a new ask of ``request`` begun after the cut has read it."""
+        self.marks += 1
+        self._read_first.setdefault(bag_id, {})[request] = self.marks
         self._read_first.move_to_end(bag_id)
         while len(self._read_first) > READ_FIRST_BOUND:
             self._read_first.popitem(last=False)
 
-    def read_first(self, bag_id: int, request: bytes) -> bool:
-        """Whether a new ask of ``request`` on ``bag_id`` reads the bag first (the read
-        of such a request is its repeat's: it is spent)."""
+    def read_first(self, bag_id: int, request: bytes, begun: int) -> tuple[bool, bool]:
+        """Whether a new ask of ``request`` on ``bag_id``, begun when ``marks`` was
+        ``begun``, reads the bag first, and whether its read spends the request's mark:
+        only when the mark is older than the ask (the ask may be the cut call's repeat).
+        An identical ask begun before the cut (another caller's, that waited for the
+        bag) reads too, and leaves the mark to the repeat (review 33: the repeat, left
+        unread, took another system's identical refund made in the cut call's wait for
+        its own)."""
         cut = self._read_first.get(bag_id)
         if cut is None:
-            return False
-        cut.discard(request)
+            return False, False
+        serial = cut.get(request)
+        if serial is None or serial > begun:
+            return True, False
+        del cut[request]
         if not cut:
             del self._read_first[bag_id]
-        return True
+        return True, True
 
     def on_bag(self, bag_id: int) -> bool:
         return bag_id in self._by_bag
