@@ -167,3 +167,57 @@ def test_a_429_wait_read_before_the_re_send_or_in_another_process_stays_risk_b(
     result = simulate(seed, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
     assert result.injected["named:risk_b"] == (seed != 1401264)
+
+
+def test_a_record_resumed_in_two_processes_sharing_no_store_is_risk_d() -> None:
+    """Seed 1493911 (``--kinds all``, direct): A2's call was parked pending in the app;
+    early_resume's job (another process, no record store) resumed it, and while that
+    resume read the bag the app resumed the same record too (an identical repeat joined
+    it). Both proved the ask absent after its window and sent, 0 s apart: 2 refunds,
+    README's remaining risk (d). Counted, not flagged, and named in the report."""
+    result = simulate(1493911, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+    assert result.injected["named:risk_d"] == 1
+    assert result.excused == [
+        "risk (d): A2's pending record was resumed in 2 processes with no shared store "
+        "(A2, A2~j); each sent, neither's reads listed the other's refund before its own "
+        "send: refunds [400006, 400007]"
+    ]
+
+
+def _two_process_world(
+    *, stores: dict[str, Any], handed_at: float = 10.0, listed: tuple[int, ...] = ()
+) -> SimpleNamespace:
+    """A2: pending at t=10 (loop time); the app's send made 7, the job's made 6, both
+    at t=90; the job read a page listing ``listed`` at t=80."""
+    from violet_async.testing.sim._violet import PageListed
+
+    commits = [
+        SimCommit(6, "A2~j", 2, 500, 90.0, 95.0),
+        SimCommit(7, "A2", 2, 500, 90.0, 91.0),
+    ]
+    return SimpleNamespace(
+        violet=SimpleNamespace(commits=commits, pages=[PageListed("A2~j", None, 2, 80.0, listed)]),
+        process_stores=stores,
+        seen=[SimpleNamespace(label="A2", what="pending", who="A2", at=handed_at)],
+    )
+
+
+def test_risk_d_holds_only_for_two_blind_processes_sharing_no_store() -> None:
+    """Each condition of ``_named.risk_d`` on its own: two processes with no store in
+    common, both resuming after the record was handed out, neither reading the other's
+    refund before its own send."""
+    ok, why = _named.risk_d(_two_process_world(stores={"": None, "~j": None}), "A2", [6, 7])
+    assert ok, why
+    shared = _two_process_world(stores={"": object(), "~j": object()})
+    assert _named.risk_d(shared, "A2", [6, 7]) == (
+        False,
+        "2: the processes share a record store",
+    )
+    unknown = _two_process_world(stores={"": None})
+    assert _named.risk_d(unknown, "A2", [6, 7])[1].startswith("2: made by a process")
+    early = _two_process_world(stores={"": None, "~j": None}, handed_at=95.0)
+    assert _named.risk_d(early, "A2", [6, 7])[1].startswith("3: a refund made before")
+    seen = _two_process_world(stores={"": None, "~j": None}, listed=(7,))
+    assert _named.risk_d(seen, "A2", [6, 7])[1].startswith("4: A2~j read the other's refund")
+    assert _named.risk_d(seen, "A3", [6, 7])[1].startswith("1: not every refund")

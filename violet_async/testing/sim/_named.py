@@ -1,6 +1,6 @@
 """Named risks: violations README names as remaining risk, counted instead of flagged.
 
-Only remaining risk (b) (docs/remaining-risk.md) is classified here: an ask handed a
+Remaining risks (b) and (d) (docs/remaining-risk.md) are classified here. (b): an ask handed a
 refund another system made, identical to its request, on its bag, near its send, while
 nothing it sent applied and nothing it read could have shown that refund before its
 last send, nor made in a 429 wait its process sent again after without reading the
@@ -8,7 +8,9 @@ bag. Such an ``[attribution]`` violation is counted (``named:risk_b``) and liste
 in the seed's report as "risk (b)"; every other one stays a violation. Every condition
 is computed from what the simulator recorded (``SimViolet.commits``, ``posts``,
 ``pages``), never from trace text; a shape whose identity is not computed here is
-never excused.
+never excused. (d): a ``[double]`` whose refunds were each made by one of two processes
+that share no record store, both resuming the ask's record after it was handed out
+pending, neither having read the other's refund before its own send (``named:risk_d``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from ._violet import PageListed, PostLeft, SimCommit
 
-__all__ = ["RISK_B_LATE", "risk_b"]
+__all__ = ["RISK_B_LATE", "risk_b", "risk_d"]
 
 #: Seconds after the last send's ``settle_running`` within which an identical refund is
 #: still taken for the ask's own (README: "settle_running plus 5 minutes after it").
@@ -75,6 +77,49 @@ def risk_b(world: Any, label: str, refund_id: int | None) -> tuple[bool, str]:
         f"[{since - 1000.0:.3f}, {until - 1000.0:.3f}] of its {len(could)} send(s) that "
         "could have applied; "
         "none of its sends applied, no read of it listed the refund before its last send"
+    )
+
+
+def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
+    """Whether ask ``label``'s refunds ``ids`` (a ``[double]``) are remaining risk (d):
+    one pending record resumed in two processes that share no record store, each
+    proving the ask absent and sending, neither able to see the other's re-send. Every
+    condition is computed from the simulator's records; any other double stays a
+    violation."""
+    made = [c for c in world.violet.commits if c.refund_id in ids]
+    if len(made) != len(ids) or any(_base(c.label) != label for c in made):
+        return False, "1: not every refund made by a send of the ask"
+    by: dict[str, list[SimCommit]] = {}
+    for commit in made:
+        by.setdefault(commit.label or "", []).append(commit)
+    if len(by) < 2 or any(len(c) > 1 for c in by.values()):
+        return False, "1: not one refund from each of two processes"
+    stores: dict[str, Any] = world.process_stores
+    processes = ["~" + p.split("~", 1)[1] if "~" in p else "" for p in by]
+    if any(p not in stores for p in processes):
+        return False, f"2: made by a process whose store is not known ({processes})"
+    if sum(stores[p] is not None for p in processes) > 1:
+        return False, "2: the processes share a record store"
+    handed = [
+        s.at for s in world.seen if s.label == label and s.what == "pending" and s.who == label
+    ]
+    if not handed:
+        return False, "3: the ask's record was never handed out pending"
+    out = min(handed)  # the loop's time is the simulator's clock (Violet's too)
+    if any(c.at < out for c in made):
+        return False, "3: a refund made before the record was handed out"
+    for who, (commit,) in by.items():
+        others = {c.refund_id for c in made if c is not commit}
+        for page in world.violet.pages:
+            if _who(page) == who and page.at < commit.at and others & set(page.ids):
+                return False, (
+                    f"4: {who} read the other's refund at t={page.at - 1000.0:.3f} "
+                    "before its own send"
+                )
+    return True, (
+        f"{label}'s pending record was resumed in {len(by)} processes with no shared "
+        f"store ({', '.join(sorted(by))}); each sent, neither's reads listed the other's "
+        f"refund before its own send: refunds {sorted(ids)}"
     )
 
 

@@ -897,6 +897,9 @@ class _World:
         #: the asks that ended in worker two (when), those resumed early, their tasks.
         self.main_client: VioletClient | None = None
         self.job_client: VioletClient | None = None
+        #: The record store of each process whose client runs asks, by its commits'
+        #: label suffix ("" the app's, "~j" early_resume's job): for ``_named.risk_d``.
+        self.process_stores: dict[str, Any] = {}
         self.review_ended: dict[str, float] = {}
         self.review_early: set[str] = set()
         self.review_tasks: list[asyncio.Future[None]] = []
@@ -1203,8 +1206,10 @@ class _World:
         first = stores[0] if stores[0] is not None else _kinds_review.elsewhere_store(self)
         client, _ = self.client("app", first)
         self.main_client = client
+        self.process_stores[""] = first
         if review is not None and review.early:
             self.job_client = self.client("job", clock=_kinds_review.ProcessClock(self.clock))[0]
+            self.process_stores["~j"] = None  # the job's client keeps no store
         async with client, _kinds_more.SecondClient(self, stores) as other:
             cancels = {c.label: c for c in self.s.cancels}
 
@@ -1517,7 +1522,8 @@ class _World:
     def check_named(self) -> None:
         """An ``[attribution]`` violation that is README's remaining risk (b), by every
         condition of ``_named.risk_b``, is counted (``named:risk_b``) and listed in the
-        seed's report, not flagged."""
+        seed's report, not flagged; so is a ``[double]`` that is remaining risk (d), by
+        every condition of ``_named.risk_d`` (``named:risk_d``)."""
         for text, seen in dict(self.attributions).items():  # once per ask and refund
             if text not in self.violations:
                 continue  # counted already (_kinds_review._within_tolerance)
@@ -1526,6 +1532,16 @@ class _World:
                 self.violations[:] = [v for v in self.violations if v != text]
                 self.violet.count("named:risk_b")
                 self.excused.append(f"risk (b): {why}")
+        for text in list(self.violations):
+            if not text.startswith("[double] "):
+                continue
+            label = text.split()[1].rstrip(":")
+            ids = [int(i) for i in text.split("[")[-1].rstrip("]").split(", ")]
+            excused, why = _named.risk_d(self, label, ids)
+            if excused:
+                self.violations.remove(text)
+                self.violet.count("named:risk_d")
+                self.excused.append(f"risk (d): {why}")
 
     def still_settling(self, seen: Seen, made: list[int]) -> bool:
         """``seen`` (a final pending) waits out a settle window that has not ended on
