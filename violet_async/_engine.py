@@ -1394,6 +1394,15 @@ def _ended_before(pending: PendingRefund, stored: PendingRefund) -> VioletError:
 _ACTIONS = {"refund": "refunds", "cancel": "cancel"}
 
 
+def _mark(kind: Kind, req: RefundBagRequest | CancelBagRequest) -> bytes:
+    """What a bag's read-first mark (``PendingAsks.cut_while_absent``) names of an ask:
+    its kind and its body. A whole-bag refund and a cancel have the same body (``{}``):
+    by body alone, a cancel begun after a whole-bag refund was cut in a 429's wait spent
+    that refund's mark, and the refund's repeat, sent unread, took another system's
+    whole-bag refund made in the wait for its own (review 34)."""
+    return kind.encode() + b" " + encode_request(req)
+
+
 def _not_another(pending: PendingRefund, refund: OrderRefund) -> OrderRefund:
     """``refund`` unless ``pending`` names it as another call's (``others``): it is then
     never this record's refund, whatever a store or a key says."""
@@ -1711,7 +1720,7 @@ class Engine:
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
                 if resume is None:
-                    marked = encode_request(req)
+                    marked = _mark(kind, req)
                     reads, spends = unsettled.read_first(bag_id, marked, begun)
                     read_first = read_first or reads
                     if spends:
@@ -1902,7 +1911,7 @@ class Engine:
                     # the repeat's own). Marked as a cut call's is (review 30); so is a
                     # call ended otherwise after such a wait (review 31: its re-send's
                     # connection refused, APIConnectionError).
-                    unsettled.cut_while_absent(bag_id, encode_request(req))
+                    unsettled.cut_while_absent(bag_id, _mark(kind, req))
             raise
         except asyncio.CancelledError:
             # The caller cancelled (or timed out) this call: if its request may have
@@ -1932,7 +1941,7 @@ class Engine:
             if pending is not None and keep:
                 unsettled.add(pending)
             elif pending is None and tracker is not None and tracker.cut_while_absent:
-                unsettled.cut_while_absent(bag_id, encode_request(req))
+                unsettled.cut_while_absent(bag_id, _mark(kind, req))
             raise
         finally:
             if late_token is not None:
@@ -1954,7 +1963,7 @@ class Engine:
             # ask, while the bag was in play during the wait. Marked as a call ended by
             # an error after such a wait is (review 32: the repeat, answered 500, took
             # another system's identical refund made in the wait for its own).
-            unsettled.cut_while_absent(bag_id, encode_request(req))
+            unsettled.cut_while_absent(bag_id, _mark(kind, req))
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and records is None and self.keys is not None:
             self.keys.settled(given, refund)

@@ -370,9 +370,9 @@ class PendingAsks:
         # Asks whose resume was held back by others pending on their bag: by which.
         self._held: dict[str, frozenset[str]] = {}
         # Bags where a call was cut while every send it made stood proven not applied
-        # (a 429's wait, a re-send's backoff), with the requests (bodies) it asked, each
-        # with the mark's serial: every new ask there reads first until one of such a
-        # request, begun after the mark, has.
+        # (a 429's wait, a re-send's backoff), with the requests it asked (kind and
+        # body: ``_engine._mark``), each with the mark's serial: every new ask there
+        # reads first until one of such a request, begun after the mark, has.
         self._read_first: OrderedDict[int, dict[bytes, int]] = OrderedDict()
         # Marks made so far: a call notes it as it begins (``begun``).
         self.marks = 0

@@ -1,0 +1,129 @@
+"""Review 34: an outsider's attack on the SDK with hostile servers scripted here.
+
+Each test tells its story in its docstring; each failed on main 90e7304.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime, timezone
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+
+from violet_async import OrderRefund, RetryPolicy, VioletClient, VioletError
+from violet_async.testing import FakeClock
+
+from .conftest import serve
+
+ORDER_ID, BAG_ID = 34001, 34002
+TOTAL = 5000
+
+VIOLET_500 = {"status": 500, "message": "Internal error", "error_code": 5000}
+
+
+class WholeBag:
+    """One bag of ``TOTAL`` cents. Refund POST 1: 429 (``Retry-After: 10``); later refund
+    POSTs: Violet's own 500, nothing applied. A cancel POST is refused (400: the bag is
+    refunded). ``Date`` on every answer, from the shared fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.refunds: list[dict[str, Any]] = []
+        self.posts: list[str] = []
+        self.status = "ACCEPTED"
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.dated])
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self.refund)
+        app.router.add_post("/v1/orders/{o}/bags/{b}/cancel", self.cancel)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self.listed)
+        app.router.add_get("/v1/orders/{o}", self.order)
+        return app
+
+    @web.middleware
+    async def dated(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["Date"] = formatdate(self.clock.time(), usegmt=True)
+        return response
+
+    def add(self, amount: int) -> dict[str, Any]:
+        made = datetime.fromtimestamp(self.clock.time(), timezone.utc)
+        record = {
+            "id": 900 + len(self.refunds),
+            "order_id": ORDER_ID,
+            "bag_id": BAG_ID,
+            "amount": amount,
+            "status": "COMPLETED",
+            "date_created": made.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self.refunds.append(record)
+        self.status = "REFUNDED"
+        return record
+
+    async def refund(self, request: web.Request) -> web.Response:
+        self.posts.append("refund")
+        if self.posts.count("refund") == 1:
+            return web.json_response(
+                {"message": "Too many requests"}, status=429, headers={"Retry-After": "10"}
+            )
+        return web.json_response(VIOLET_500, status=500)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        self.posts.append("cancel")
+        refused = {"status": 400, "message": "Bag cannot be cancelled", "error_code": 4010}
+        return web.json_response(refused, status=400)
+
+    async def listed(self, request: web.Request) -> web.Response:
+        return web.json_response(self.refunds)
+
+    async def order(self, request: web.Request) -> web.Response:
+        bag = {"id": BAG_ID, "status": self.status, "total": TOTAL, "currency": "USD"}
+        return web.json_response({"id": ORDER_ID, "currency": "USD", "bags": [bag]})
+
+
+def _client(url: str, clock: FakeClock) -> VioletClient:
+    return VioletClient(
+        34,
+        "review34-secret",
+        token="review34-token-0123456789",
+        base_url=url + "/v1",
+        clock=clock,
+        retry=RetryPolicy(max_attempts=2, deadline=60.0, jitter=False),
+    )
+
+
+async def test_a_cancel_does_not_spend_a_whole_bag_refunds_mark() -> None:
+    """A whole-bag refund and a cancel have the same body (``{}``), and the bag's
+    read-first mark was kept by body alone.
+
+    Call A: a whole-bag refund (no amount) of bag 34002; its POST is answered 429
+    (``Retry-After: 10``). 9.5 s into the wait another system refunds the whole bag
+    (5000, refund 900, the bag now REFUNDED). A's caller cuts A at 9.8 s: every send
+    proven not applied, the bag is marked. At 9.8 s a cancel of the bag begins (begun
+    after the mark): it reads the bag first and, its body ``{}`` being A's, spends A's
+    mark; Violet refuses it (400). A's caller repeats A: no mark, no read before the
+    send; its POST is answered with Violet's own 500 (nothing applied), and the
+    read-back took refund 900, made by the other system 0.3 s before the repeat's send,
+    as the repeat's own: "refunded", for a refund this ask never made."""
+    clock = FakeClock()
+    bag = WholeBag(clock)
+    async with serve(bag.app()) as url, _client(url, clock) as client:
+        clock.call_later(9.5, lambda: bag.add(TOTAL))
+        a = asyncio.ensure_future(client.refund_bag(ORDER_ID, BAG_ID))
+        clock.call_later(9.8, a.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await a
+        with contextlib.suppress(VioletError):
+            await client.cancel_bag(ORDER_ID, BAG_ID)
+        try:
+            got: OrderRefund | VioletError = await client.refund_bag(ORDER_ID, BAG_ID)
+        except VioletError as exc:
+            got = exc
+    assert bag.posts[:3] == ["refund", "cancel", "refund"]
+    assert [r["id"] for r in bag.refunds] == [900], "only the other system's refund"
+    assert not (isinstance(got, OrderRefund) and got.id == 900), (
+        "another system's refund handed over as the repeat's own"
+    )
