@@ -127,3 +127,95 @@ async def test_a_cancel_does_not_spend_a_whole_bag_refunds_mark() -> None:
     assert not (isinstance(got, OrderRefund) and got.id == 900), (
         "another system's refund handed over as the repeat's own"
     )
+
+
+class ConflictBag:
+    """One bag. Refund POST 1: 429 (``Retry-After: 10``); POST 2: 409 (Violet refuses
+    it: the bag is busy); later POSTs: Violet's own 500, nothing applied. ``Date`` on
+    every answer; GET lists the bag's refunds and counts the reads."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.refunds: list[dict[str, Any]] = []
+        self.posts = 0
+        self.reads = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.dated])
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self.refund)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self.listed)
+        return app
+
+    @web.middleware
+    async def dated(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["Date"] = formatdate(self.clock.time(), usegmt=True)
+        return response
+
+    def add(self, amount: int) -> dict[str, Any]:
+        made = datetime.fromtimestamp(self.clock.time(), timezone.utc)
+        record = {
+            "id": 700 + len(self.refunds),
+            "order_id": ORDER_ID,
+            "bag_id": BAG_ID,
+            "amount": amount,
+            "status": "COMPLETED",
+            "date_created": made.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self.refunds.append(record)
+        return record
+
+    async def refund(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        if self.posts == 1:
+            return web.json_response(
+                {"message": "Too many requests"}, status=429, headers={"Retry-After": "10"}
+            )
+        if self.posts == 2:
+            busy = {"status": 409, "message": "Bag is being updated", "error_code": 4090}
+            return web.json_response(busy, status=409)
+        return web.json_response(VIOLET_500, status=500)
+
+    async def listed(self, request: web.Request) -> web.Response:
+        self.reads += 1
+        return web.json_response(self.refunds)
+
+
+async def test_a_repeat_refused_after_spending_the_mark_leaves_the_next_repeat_unread() -> None:
+    """Call A asks 500 of the bag; its POST is answered 429 (``Retry-After: 10``). 9.5 s
+    into the wait another system refunds 500 (refund 700). A's caller cuts A at 9.8 s:
+    the bag is marked. The caller repeats (R1, at 9.8 s): it reads the bag (700 in its
+    baseline), spends the mark, and its POST is refused, 409 (the bag busy with the
+    other system's refund): "failed", nothing applied. The caller repeats again (R2):
+    no mark, no read before the send; its POST is answered with Violet's own 500
+    (nothing applied), and its read-back took refund 700, made 0.3 s before R2's send,
+    as R2's own: "refunded", for a refund no ask of this caller made. (An ask that
+    spent the mark and ended with nothing applied leaves its caller's next repeat a new
+    ask, while the wait's refunds are still within reach of its window.)"""
+    clock = FakeClock()
+    bag = ConflictBag(clock)
+    async with serve(bag.app()) as url, _client(url, clock) as client:
+        clock.call_later(9.5, lambda: bag.add(500))
+        a = asyncio.ensure_future(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=500))
+        clock.call_later(9.8, a.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await a
+        refused: VioletError | None = None
+        try:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=500)
+        except VioletError as exc:
+            refused = exc
+        assert refused is not None
+        assert getattr(refused, "status", None) == 409
+        assert bag.reads == 1, "R1 read the bag before its send"
+        try:
+            got: OrderRefund | VioletError = await client.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=500
+            )
+        except VioletError as exc:
+            got = exc
+    assert bag.posts >= 3, "R2's POST, answered 500: nothing applied"
+    assert [r["id"] for r in bag.refunds] == [700], "only the other system's refund"
+    assert not (isinstance(got, OrderRefund) and got.id == 700), (
+        "another system's refund handed over as the repeat's own"
+    )

@@ -1904,13 +1904,16 @@ class Engine:
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
                 shared.known_refunds.failed(tracker.record, exc)
-                if isinstance(exc, RateLimitError) or tracker.waited_absent:
+                if isinstance(exc, RateLimitError) or tracker.waited_absent or spent:
                     # Ended by 429s it could not wait out, every send proven not applied:
                     # its caller's repeat is a new ask, and the bag was in play during
                     # the waits (another system's identical refund made then passed for
                     # the repeat's own). Marked as a cut call's is (review 30); so is a
                     # call ended otherwise after such a wait (review 31: its re-send's
-                    # connection refused, APIConnectionError).
+                    # connection refused, APIConnectionError), and a call that spent a
+                    # mark and ended with nothing applied (review 34: refused, 409; its
+                    # caller's next repeat sent unread and took another system's
+                    # refund made in the cut call's wait for its own).
                     unsettled.cut_while_absent(bag_id, _mark(kind, req))
             raise
         except asyncio.CancelledError:
@@ -1955,14 +1958,15 @@ class Engine:
             locks.release(bag_id)
         if (
             tracker is not None
-            and tracker.waited_absent
+            and (tracker.waited_absent or spent)
             and (refund.status is RefundStatus.FAILED or refund.status is RefundStatus.CANCELED)
         ):
             # A refund that moved no money after a 429's wait (every send before it
             # proven not applied): the caller is told it failed and its repeat is a new
             # ask, while the bag was in play during the wait. Marked as a call ended by
             # an error after such a wait is (review 32: the repeat, answered 500, took
-            # another system's identical refund made in the wait for its own).
+            # another system's identical refund made in the wait for its own); so
+            # is one that spent a mark (review 34).
             unsettled.cut_while_absent(bag_id, _mark(kind, req))
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and records is None and self.keys is not None:
