@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from violet_async import OrderRefund, RetryPolicy, VioletClient, VioletError
+from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy, VioletClient, VioletError
 from violet_async.testing import FakeClock
 
 from .conftest import serve
@@ -218,4 +218,99 @@ async def test_a_repeat_refused_after_spending_the_mark_leaves_the_next_repeat_u
     assert [r["id"] for r in bag.refunds] == [700], "only the other system's refund"
     assert not (isinstance(got, OrderRefund) and got.id == 700), (
         "another system's refund handed over as the repeat's own"
+    )
+
+
+class Scripted:
+    """One bag whose refund POSTs are answered, in turn, as ``answers`` says (429 with
+    ``Retry-After: 10``, or Violet's own 500, nothing applied; 500 once they run out).
+    ``Date`` on every answer; GET lists the bag's refunds."""
+
+    def __init__(self, clock: FakeClock, answers: list[int]) -> None:
+        self.clock = clock
+        self.answers = answers
+        self.refunds: list[dict[str, Any]] = []
+        self.posts = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.dated])
+        app.router.add_post("/v1/orders/{o}/bags/{b}/refunds", self.refund)
+        app.router.add_get("/v1/orders/{o}/bags/{b}/refunds", self.listed)
+        return app
+
+    @web.middleware
+    async def dated(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["Date"] = formatdate(self.clock.time(), usegmt=True)
+        return response
+
+    def add(self, amount: int) -> None:
+        made = datetime.fromtimestamp(self.clock.time(), timezone.utc)
+        self.refunds.append(
+            {
+                "id": 600 + len(self.refunds),
+                "order_id": ORDER_ID,
+                "bag_id": BAG_ID,
+                "amount": amount,
+                "status": "COMPLETED",
+                "date_created": made.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
+
+    async def refund(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        if (self.answers.pop(0) if self.answers else 500) == 429:
+            return web.json_response(
+                {"message": "Too many requests"}, status=429, headers={"Retry-After": "10"}
+            )
+        return web.json_response(VIOLET_500, status=500)
+
+    async def listed(self, request: web.Request) -> web.Response:
+        return web.json_response(self.refunds)
+
+
+async def test_a_resume_cut_in_a_429_wait_leaves_the_next_resume_of_the_copy_unread() -> None:
+    """A refund of 500: its POST (t=0) is answered with Violet's own 500; read back
+    until the call's 30 s deadline, nothing listed: pending (record P0, one send, "may
+    have applied"). At t=100 the caller resumes P0: the window is over, the bag lists
+    nothing, the ask is proven absent and sent again (POST 2), answered 429
+    (``Retry-After: 10``). 9.5 s into that wait another system refunds 500 (refund 600);
+    the caller's ``wait_for`` cuts the resume at 9.8 s (every send proven not applied;
+    the caller is left with P0, the only record it was handed). The caller resumes P0
+    again: the client forgot that the resume it cut had proven P0's send absent, P0
+    reads back as "may have applied" from t=0, and refund 600, listed since, dated
+    after that send, was returned as the ask's own, with no request: "refunded", for a
+    refund this ask never made."""
+    clock = FakeClock()
+    bag = Scripted(clock, [500, 429])
+    async with (
+        serve(bag.app()) as url,
+        VioletClient(
+            34,
+            "review34-secret",
+            token="review34-token-0123456789",
+            base_url=url + "/v1",
+            clock=clock,
+            retry=RetryPolicy(max_attempts=3, deadline=30.0, jitter=False),
+        ) as client,
+    ):
+        try:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=500)
+        except AmbiguousOutcomeError as exc:
+            p0 = exc.pending
+        assert p0 is not None
+        clock.advance(100.0 - (clock.monotonic() - clock.start))
+        first = asyncio.ensure_future(client.resume(p0))
+        clock.call_later(9.5, lambda: bag.add(500))
+        clock.call_later(9.8, first.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        assert bag.posts == 2, "the re-send, answered 429: nothing applied"
+        try:
+            got: OrderRefund | VioletError = await client.resume(p0)
+        except VioletError as exc:
+            got = exc
+    assert [r["id"] for r in bag.refunds] == [600], "only the other system's refund"
+    assert not (isinstance(got, OrderRefund) and got.id == 600), (
+        "another system's refund handed over as the ask's own"
     )

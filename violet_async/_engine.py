@@ -1945,6 +1945,13 @@ class Engine:
                 unsettled.add(pending)
             elif pending is None and tracker is not None and tracker.cut_while_absent:
                 unsettled.cut_while_absent(bag_id, _mark(kind, req))
+                if given is not None and tracker.record is not None:
+                    # A resume cut in its wait: what it proved (every send not applied)
+                    # is kept for the next resume of the caller's copy, which still
+                    # says "sent, may have applied" (review 34: read back over its
+                    # first send's window, it took another system's refund made in
+                    # the cut wait for its own).
+                    shared.known_refunds.parked(tracker.record)
             raise
         finally:
             if late_token is not None:
