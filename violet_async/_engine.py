@@ -1392,15 +1392,7 @@ def _ended_before(pending: PendingRefund, stored: PendingRefund) -> VioletError:
 
 
 _ACTIONS = {"refund": "refunds", "cancel": "cancel"}
-
-
-def _mark(kind: Kind, req: RefundBagRequest | CancelBagRequest) -> bytes:
-    """What a bag's read-first mark (``PendingAsks.cut_while_absent``) names of an ask:
-    its kind and its body. A whole-bag refund and a cancel have the same body (``{}``):
-    by body alone, a cancel begun after a whole-bag refund was cut in a 429's wait spent
-    that refund's mark, and the refund's repeat, sent unread, took another system's
-    whole-bag refund made in the wait for its own (review 34)."""
-    return kind.encode() + b" " + encode_request(req)
+_DATE_TOLERANCE = Settings().date_tolerance
 
 
 def _not_another(pending: PendingRefund, refund: OrderRefund) -> OrderRefund:
@@ -1693,7 +1685,6 @@ class Engine:
         deadline = io._deadline() if isinstance(deadline_at, _Unset) else deadline_at
         locks = shared.bag_locks
         unsettled = shared.unsettled
-        begun = unsettled.marks  # marks made after this are not this call's to spend
         waited = not locks.try_acquire(bag_id)
         if waited:
             await self._wait_for_bag(bag_id, deadline, resume, req)
@@ -1706,9 +1697,6 @@ class Engine:
         # with the call).
         late: LateAnswer | None = None
         late_token: Token[LateAnswer | None] | None = None
-        # The request whose bag mark this call spent (``PendingAsks.read_first``): it
-        # stays spent only once a send of this call left after its read.
-        spent: bytes | None = None
         if shared.keep_cancelled_sends:
             late = LateAnswer()
             late_token = LATE_ANSWER.set(late)
@@ -1719,12 +1707,8 @@ class Engine:
                 await self._await_landing(resume.ask_id, deadline)
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
-                if resume is None:
-                    marked = _mark(kind, req)
-                    reads, spends = unsettled.read_first(bag_id, marked, begun)
-                    read_first = read_first or reads
-                    if spends:
-                        spent = marked
+                if resume is None and unsettled.read_first(bag_id, clock.monotonic(), clock.time()):
+                    read_first = True
             if (
                 item is not None
                 and (claimed := shared.known_refunds.claimed(item))
@@ -1904,17 +1888,14 @@ class Engine:
         except VioletError as exc:
             if tracker is not None and tracker.record and tracker.record.phase is Phase.FAILED:
                 shared.known_refunds.failed(tracker.record, exc)
-                if isinstance(exc, RateLimitError) or tracker.waited_absent or spent:
+                if isinstance(exc, RateLimitError) or tracker.waited_absent:
                     # Ended by 429s it could not wait out, every send proven not applied:
                     # its caller's repeat is a new ask, and the bag was in play during
                     # the waits (another system's identical refund made then passed for
                     # the repeat's own). Marked as a cut call's is (review 30); so is a
                     # call ended otherwise after such a wait (review 31: its re-send's
-                    # connection refused, APIConnectionError), and a call that spent a
-                    # mark and ended with nothing applied (review 34: refused, 409; its
-                    # caller's next repeat sent unread and took another system's
-                    # refund made in the cut call's wait for its own).
-                    unsettled.cut_while_absent(bag_id, _mark(kind, req))
+                    # connection refused, APIConnectionError).
+                    self._mark_bag(bag_id)
             raise
         except asyncio.CancelledError:
             # The caller cancelled (or timed out) this call: if its request may have
@@ -1944,7 +1925,7 @@ class Engine:
             if pending is not None and keep:
                 unsettled.add(pending)
             elif pending is None and tracker is not None and tracker.cut_while_absent:
-                unsettled.cut_while_absent(bag_id, _mark(kind, req))
+                self._mark_bag(bag_id)
                 if given is not None and tracker.record is not None:
                     # A resume cut in its wait: what it proved (every send not applied)
                     # is kept for the next resume of the caller's copy, which still
@@ -1958,23 +1939,18 @@ class Engine:
                 LATE_ANSWER.reset(late_token)
             if late is not None and late.task is not None:
                 drop_late(late.task)  # nothing of the call is pending: not awaited
-            if spent is not None and (tracker is None or not tracker.sent_any):
-                # Cut (or ended) before any send of its own left, after its read or
-                # before it: the next ask of the request reads first in its stead.
-                unsettled.cut_while_absent(bag_id, spent)
             locks.release(bag_id)
         if (
             tracker is not None
-            and (tracker.waited_absent or spent)
+            and tracker.waited_absent
             and (refund.status is RefundStatus.FAILED or refund.status is RefundStatus.CANCELED)
         ):
             # A refund that moved no money after a 429's wait (every send before it
             # proven not applied): the caller is told it failed and its repeat is a new
             # ask, while the bag was in play during the wait. Marked as a call ended by
             # an error after such a wait is (review 32: the repeat, answered 500, took
-            # another system's identical refund made in the wait for its own); so
-            # is one that spent a mark (review 34).
-            unsettled.cut_while_absent(bag_id, _mark(kind, req))
+            # another system's identical refund made in the wait for its own).
+            self._mark_bag(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and records is None and self.keys is not None:
             self.keys.settled(given, refund)
@@ -2152,6 +2128,17 @@ class Engine:
                 bag_id,
                 resp.status,
             )
+
+    def _mark_bag(self, bag_id: int) -> None:
+        """Every new ask on ``bag_id`` reads it before its send for a while: a call
+        here was cut (or ended) with nothing applied after a wait in which another
+        system may have refunded the same (``PendingAsks.cut_while_absent``). For as
+        long as a refund made before now could fall in a new send's window: twice the
+        clock skew (Violet's clock and ours each off by it) plus the tolerance of a
+        date placed by a ``Date`` header, and its second."""
+        clock = self._shared.clock
+        life = 2 * self._io._retry.clock_skew + _DATE_TOLERANCE + 1.0
+        self._shared.unsettled.cut_while_absent(bag_id, clock.monotonic(), clock.time(), life)
 
     def _cancelled(  # noqa: PLR0917 - internal, one call site
         self,

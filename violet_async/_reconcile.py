@@ -370,46 +370,52 @@ class PendingAsks:
         # Asks whose resume was held back by others pending on their bag: by which.
         self._held: dict[str, frozenset[str]] = {}
         # Bags where a call was cut while every send it made stood proven not applied
-        # (a 429's wait, a re-send's backoff), with the requests it asked (kind and
-        # body: ``_engine._mark``), each with the mark's serial: every new ask there
-        # reads first until one of such a request, begun after the mark, has.
-        self._read_first: OrderedDict[int, dict[bytes, int]] = OrderedDict()
-        # Marks made so far: a call notes it as it begins (``begun``).
-        self.marks = 0
+        # (a 429's wait, a re-send's backoff), or ended so after such a wait: until
+        # when (monotonic, wall) every new ask there reads the bag before its send.
+        self._read_first: OrderedDict[int, tuple[float, float]] = OrderedDict()
 
     def __bool__(self) -> bool:
         return bool(self._by_bag or self._read_first)
 
-    def cut_while_absent(self, bag_id: int, request: bytes) -> None:
-        """A call on ``bag_id`` asking ``request`` (its body) was cut by its caller while
-        nothing it sent had applied (nothing is pending), in a wait during which another
-        system may have refunded the same: new asks on the bag read it before their
-        send (a baseline), so that refund is never taken for a repeat's own (simulator
-        seed 1216220), until a new ask of ``request`` begun after the cut has read it."""
-        self.marks += 1
-        self._read_first.setdefault(bag_id, {})[request] = self.marks
-        self._read_first.move_to_end(bag_id)
+    def cut_while_absent(self, bag_id: int, mono: float, wall: float, life: float) -> None:
+        """A call on ``bag_id`` was cut by its caller (or ended) at ``mono``/``wall``
+        while nothing it sent had applied (nothing is pending), after a wait during
+        which another system may have refunded the same: every new ask on the bag,
+        whoever's, reads it before its send (a baseline), so that refund is never taken
+        for a repeat's own (simulator seed 1216220), until ``life`` seconds have passed
+        on both clocks (a wall clock stepped back keeps it longer). After that, a
+        refund made before the cut is older than any window a new send opens.
+
+        By time, not spent by a read: a mark spent by the first ask of the request to
+        read the bag was spent by another caller's identical ask (begun before the cut
+        or after it: review 33, review 34), or by a cancel of the same body (review
+        34), and the cut call's own repeat then sent unread and took another system's
+        refund made in the wait for its own."""
+        until = (mono + life, wall + life)
+        held = self._read_first.pop(bag_id, None)
+        if held is not None:
+            until = (max(until[0], held[0]), max(until[1], held[1]))
+        self._read_first[bag_id] = until
         while len(self._read_first) > READ_FIRST_BOUND:
             self._read_first.popitem(last=False)
 
-    def read_first(self, bag_id: int, request: bytes, begun: int) -> tuple[bool, bool]:
-        """Whether a new ask of ``request`` on ``bag_id``, begun when ``marks`` was
-        ``begun``, reads the bag first, and whether its read spends the request's mark:
-        only when the mark is older than the ask (the ask may be the cut call's repeat).
-        An identical ask begun before the cut (another caller's, that waited for the
-        bag) reads too, and leaves the mark to the repeat (review 33: the repeat, left
-        unread, took another system's identical refund made in the cut call's wait for
-        its own)."""
-        cut = self._read_first.get(bag_id)
-        if cut is None:
-            return False, False
-        serial = cut.get(request)
-        if serial is None or serial > begun:
-            return True, False
-        del cut[request]
-        if not cut:
-            del self._read_first[bag_id]
-        return True, True
+    def read_first(self, bag_id: int, mono: float, wall: float) -> bool:
+        """Whether a new ask on ``bag_id`` at ``mono``/``wall`` reads the bag first
+        (a mark of ``cut_while_absent`` on it still holds). Marks that lapsed are
+        dropped, so a client with none left is empty again (its calls' fast path)."""
+        marks = self._read_first
+        while marks:
+            first = next(iter(marks))
+            if not _lapsed(marks[first], mono, wall):
+                break
+            del marks[first]
+        until = marks.get(bag_id)
+        if until is None:
+            return False
+        if _lapsed(until, mono, wall):
+            del marks[bag_id]
+            return False
+        return True
 
     def on_bag(self, bag_id: int) -> bool:
         return bag_id in self._by_bag
@@ -473,6 +479,10 @@ class PendingAsks:
         if not records:
             del self._by_bag[bag_id]
         return resume
+
+
+def _lapsed(until: tuple[float, float], mono: float, wall: float) -> bool:
+    return mono >= until[0] and wall >= until[1]
 
 
 def _same_key(one: PendingRefund, other: PendingRefund) -> bool:

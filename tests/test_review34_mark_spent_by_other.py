@@ -1,17 +1,10 @@
-"""Review 34, open (not collected by pytest): a bag's read-first mark spent by another
-caller's identical ask begun after the cut, leaving the cut call's repeat unread.
-
-Run it with: ``pytest -p no:cacheprovider --no-cov tests/open_review34_mark_spent_by_other.py``
-(it fails on main 90e7304 and on branch review34).
-
-The fix is not a line: an unkeyed client cannot tell the cut call's repeat from another
-caller's identical ask begun after the cut, so "spent by the first ask of the request
-begun after the mark" is spent by the wrong one whenever two such asks come. What would
-close it: do not spend the mark on a read; keep it (every ask on the bag reads first)
-until no ask sent later could claim a refund made by the time of the cut, i.e. for
-``clock_skew + date_tolerance`` (plus one attempt's timeouts) after the cut on the
-monotonic clock, then drop it (the LRU bound stays). The cost is one list read per ask
-on such a bag for about a minute after a cut, none elsewhere.
+"""Review 34: a bag's read-first mark spent by another caller's identical ask begun
+after the cut left the cut call's repeat unread (failed on main 90e7304 and on branch
+review34). An unkeyed client cannot tell the cut call's repeat from another caller's
+identical ask begun after the cut, so a mark spent by the first ask of the request
+begun after it was spent by the wrong one whenever two such asks came. Now the mark
+is not spent by a read: every ask on the bag reads first until a refund made by the
+time of the cut is older than any window a new send opens.
 """
 
 from __future__ import annotations
