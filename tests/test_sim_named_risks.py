@@ -347,3 +347,37 @@ def test_risk_d_holds_only_for_two_blind_processes_sharing_no_store() -> None:
     assert _named.risk_d(other_client, "A2", [6, 7])[1].startswith(
         "2: made by a process whose store is not known"
     )
+
+
+def test_the_hook_reads_every_double_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check_named`` hands ``risk_d`` the label and every id of each ``[double]``
+    (two or more refunds, any label), removes only the one excused, and leaves the
+    other kinds of the same shape (``[overlap-after-pending]``, ``[torn-journal]``)
+    alone."""
+    from violet_async.testing.sim import _run
+
+    asked: list[tuple[str, list[int]]] = []
+
+    def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
+        asked.append((label, ids))
+        return label == "A2^", "why"
+
+    monkeypatch.setattr(_named, "risk_d", risk_d)
+    counted: list[str] = []
+    violations = [
+        "[double] A2^: 2 refunds for one ask: [400006, 400007]",
+        "[double] A10: 3 refunds for one ask: [400001, 400012, 400103]",
+        "[overlap-after-pending] A3: 2 refunds for one ask: [400008, 400009]",
+        "[torn-journal] A4: 2 refunds for one ask: [400010, 400011]",
+    ]
+    world = SimpleNamespace(
+        attributions=[],
+        violations=list(violations),
+        excused=[],
+        violet=SimpleNamespace(count=counted.append),
+    )
+    _run._World.check_named(world)  # type: ignore[arg-type]
+    assert asked == [("A2^", [400006, 400007]), ("A10", [400001, 400012, 400103])]
+    assert world.violations == violations[1:]
+    assert counted == ["named:risk_d"]
+    assert world.excused == ["risk (d): why"]
