@@ -280,14 +280,14 @@ def _two_process_world(
     app_sent: float = 90.0,
     pages: tuple[Any, ...] | None = None,
 ) -> SimpleNamespace:
-    """A2: pending at t=10 (loop time); the app's send (left at ``app_sent``) made 7,
-    the job's made 6, both at t=90; the job read a page listing ``listed`` at t=80, and
-    each read the bag (one whole page) at t=85."""
+    """A2: pending at t=10 (loop time); the job's send made 6 at t=90 (listed at 95),
+    the app's (left at ``app_sent``) made 7 at t=90 or then; the job read a page
+    listing ``listed`` at t=80, and each read the bag (one whole page) at t=85."""
     from violet_async.testing.sim._violet import PageListed
 
     commits = [
         SimCommit(6, "A2~j", 2, 500, 90.0, 95.0, client="job", sent_at=90.0),
-        SimCommit(7, "A2", 2, 500, 90.0, 91.0, client="app", sent_at=app_sent),
+        SimCommit(7, "A2", 2, 500, max(app_sent, 90.0), 91.0, client="app", sent_at=app_sent),
     ]
     if pages is None:
         pages = (
@@ -341,6 +341,10 @@ def test_risk_d_holds_only_for_two_blind_processes_sharing_no_store() -> None:
     )
     assert _named.risk_d(part, "A2", [6, 7])[1] == (
         "5: app's last read before its send was not whole"
+    )
+    stale = _two_process_world(stores=none, app_sent=96.0)  # job's refund listed at 95
+    assert _named.risk_d(stale, "A2", [6, 7])[1] == (
+        "6: the other's refund was listed at t=-905.000, before app's send left"
     )
     other_client = _two_process_world(stores=none)
     other_client.violet.commits[1] = attrs.evolve(other_client.violet.commits[1], client="resume0")

@@ -85,9 +85,10 @@ def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
     """Whether ask ``label``'s refunds ``ids`` (a ``[double]``) are remaining risk (d):
     one pending record resumed in two processes that share no record store, each
     proving the ask absent by a whole read of the bag of its own right before it sent,
-    neither able to see the other's re-send. Every condition is computed from the
-    simulator's records (which client sent each POST, which POST made each refund,
-    which client read each page); any other double stays a violation."""
+    neither able to see the other's re-send (not listed yet when its own send left).
+    Every condition is computed from the simulator's records (which client sent each
+    POST, which POST made each refund, which client read each page); any other double
+    stays a violation."""
     made = [c for c in world.violet.commits if c.refund_id in ids]
     if len(made) != len(ids) or any(_base(c.label) != label for c in made):
         return False, "1: not every refund made by a send of the ask"
@@ -132,6 +133,14 @@ def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
             return False, f"5: {who} sent with no read of the bag since the record was handed out"
         if not _whole(read):
             return False, f"5: {who}'s last read before its send was not whole"
+        listed = min(c.visible_at for c in made if c is not commit)
+        if listed <= commit.sent_at:
+            # A read right before the send would have shown it: a send that left on an
+            # older proof (a wait after the read) is not blind.
+            return False, (
+                f"6: the other's refund was listed at t={listed - 1000.0:.3f}, before "
+                f"{who}'s send left"
+            )
     return True, (
         f"{label}'s pending record was resumed in {len(by)} processes with no shared "
         f"store ({', '.join(sorted(by))}); each sent right after a whole read of the bag "
