@@ -180,44 +180,208 @@ def test_a_record_resumed_in_two_processes_sharing_no_store_is_risk_d() -> None:
     assert result.injected["named:risk_d"] == 1
     assert result.excused == [
         "risk (d): A2's pending record was resumed in 2 processes with no shared store "
-        "(A2, A2~j); each sent, neither's reads listed the other's refund before its own "
-        "send: refunds [400006, 400007]"
+        "(app, job); each sent right after a whole read of the bag of its own, neither's "
+        "reads listed the other's refund before its own send: refunds [400006, 400007]"
+    ]
+    assert "named risk (d): A2" in result.report()
+
+
+@pytest.fixture
+def verdicts_d(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[int], bool, str]]:
+    """Every verdict ``_named.risk_d`` gives during the test."""
+    seen: list[tuple[str, list[int], bool, str]] = []
+    real = _named.risk_d
+
+    def spy(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
+        excused, why = real(world, label, ids)
+        seen.append((label, ids, excused, why))
+        return excused, why
+
+    monkeypatch.setattr(_named, "risk_d", spy)
+    return seen
+
+
+def test_a_joined_resume_sent_with_no_read_stays_a_double(
+    monkeypatch: pytest.MonkeyPatch, verdicts_d: list[tuple[str, list[int], bool, str]]
+) -> None:
+    """Re-introduce a bug: the app's resume of a record it parked itself (an identical
+    call's repeat joins it) sends at once, with no read of the bag. Seed 1493911: the
+    job's resume proved A2 absent and sent (listed 5 s later); 11 s after, the app's
+    join sent unread, and any read would have listed the job's refund. The app and the
+    job share no store and no read of the app's listed the job's refund (it read none):
+    conditions 1-4 held and the double was excused. Condition 5 (each process sent
+    right after a whole read of its own, made since the record was handed out) keeps
+    it a violation."""
+    from violet_async import _protocol, _reconcile
+
+    joined: set[str] = set()
+    real_check = _reconcile.PendingAsks.check
+    real_recall = _reconcile.KnownRefunds.recall
+
+    def check(self: Any, bag_id: int, resume: Any) -> Any:
+        if resume is not None and any(r.ask_id == resume.ask_id for r in self.records_on(bag_id)):
+            joined.add(resume.ask_id)  # this client's own parked record
+        return real_check(self, bag_id, resume)
+
+    def recall(self: Any, resume: Any) -> Any:
+        resume = real_recall(self, resume)
+        sent = resume.phase in (_protocol.Phase.SENT, _protocol.Phase.PENDING)
+        if resume.ask_id in joined and sent and not resume.needs_review:
+            joined.discard(resume.ask_id)
+            # Taken for a new ask whose baseline was read: sent at once.
+            baseline = resume.baseline or frozenset()
+            return attrs.evolve(resume, phase=_protocol.Phase.NEW, baseline=baseline)
+        return resume
+
+    monkeypatch.setattr(_reconcile.PendingAsks, "check", check)
+    monkeypatch.setattr(_reconcile.KnownRefunds, "recall", recall)
+    result = simulate(1493911, kinds=frozenset(WORLD_KINDS))
+    assert result.kinds == {"double"}, result.report()
+    assert not result.excused
+    assert [(v[0], v[2], v[3]) for v in verdicts_d] == [
+        ("A2", False, "5: app sent with no read of the bag since the record was handed out")
+    ]
+
+
+def test_a_resume_sent_at_once_in_a_round_client_stays_a_double(
+    monkeypatch: pytest.MonkeyPatch, verdicts_d: list[tuple[str, list[int], bool, str]]
+) -> None:
+    """Re-introduce a bug: a resume ignores its settle window and sends at once, no
+    read. Seed 1494112: key_clock's second process (app2) left its probe P pending; the
+    job resumed it and sent at once, and so did a resume round's client (resume0) an
+    hour later, the job's refund long listed. P's label has no suffix, so the process
+    was taken for the app (whose store is None): excused. The process is the client
+    that sent the POST (condition 2: resume0's store is not known)."""
+    from violet_async import _protocol
+
+    real_start = _protocol.start
+
+    def send_at_once(ask: Any, settings: Any, now: float, *, attempt_timeout: float) -> Any:
+        resumed = ask.phase in (_protocol.Phase.SENT, _protocol.Phase.PENDING)
+        ask, action = real_start(ask, settings, now, attempt_timeout=attempt_timeout)
+        if resumed and action.do is _protocol.Do.READ:
+            return _protocol._send(ask, now)  # no read, no window
+        return ask, action
+
+    monkeypatch.setattr(_protocol, "start", send_at_once)
+    result = simulate(1494112, kinds=frozenset(WORLD_KINDS))
+    assert "double" in result.kinds, result.report()
+    assert not result.excused
+    assert [(v[0], v[2], v[3]) for v in verdicts_d] == [
+        ("P", False, "2: made by a process whose store is not known (['job', 'resume0'])")
     ]
 
 
 def _two_process_world(
-    *, stores: dict[str, Any], handed_at: float = 10.0, listed: tuple[int, ...] = ()
+    *,
+    stores: dict[str, Any],
+    handed_at: float = 10.0,
+    listed: tuple[int, ...] = (),
+    app_sent: float = 90.0,
+    pages: tuple[Any, ...] | None = None,
 ) -> SimpleNamespace:
-    """A2: pending at t=10 (loop time); the app's send made 7, the job's made 6, both
-    at t=90; the job read a page listing ``listed`` at t=80."""
+    """A2: pending at t=10 (loop time); the job's send made 6 at t=90 (listed at 95),
+    the app's (left at ``app_sent``) made 7 at t=90 or then; the job read a page
+    listing ``listed`` at t=80, and each read the bag (one whole page) at t=85."""
     from violet_async.testing.sim._violet import PageListed
 
     commits = [
-        SimCommit(6, "A2~j", 2, 500, 90.0, 95.0),
-        SimCommit(7, "A2", 2, 500, 90.0, 91.0),
+        SimCommit(6, "A2~j", 2, 500, 90.0, 95.0, client="job", sent_at=90.0),
+        SimCommit(7, "A2", 2, 500, max(app_sent, 90.0), 91.0, client="app", sent_at=app_sent),
     ]
+    if pages is None:
+        pages = (
+            PageListed("A2~j", None, 2, 80.0, listed, "job"),
+            PageListed("A2~j", None, 2, 85.0, (), "job"),
+            PageListed("A2", None, 2, 85.0, (), "app"),
+        )
     return SimpleNamespace(
-        violet=SimpleNamespace(commits=commits, pages=[PageListed("A2~j", None, 2, 80.0, listed)]),
+        violet=SimpleNamespace(commits=commits, pages=list(pages)),
         process_stores=stores,
         seen=[SimpleNamespace(label="A2", what="pending", who="A2", at=handed_at)],
     )
 
 
 def test_risk_d_holds_only_for_two_blind_processes_sharing_no_store() -> None:
-    """Each condition of ``_named.risk_d`` on its own: two processes with no store in
-    common, both resuming after the record was handed out, neither reading the other's
-    refund before its own send."""
-    ok, why = _named.risk_d(_two_process_world(stores={"": None, "~j": None}), "A2", [6, 7])
+    """Each condition of ``_named.risk_d`` on its own: two processes (clients) with no
+    store in common, both sending after the record was handed out, each right after a
+    whole read of its own, neither reading the other's refund before its own send."""
+    from violet_async.testing.sim._violet import PageListed
+
+    none = {"app": None, "job": None}
+    ok, why = _named.risk_d(_two_process_world(stores=none), "A2", [6, 7])
     assert ok, why
-    shared = _two_process_world(stores={"": object(), "~j": object()})
+    shared = _two_process_world(stores={"app": object(), "job": object()})
     assert _named.risk_d(shared, "A2", [6, 7]) == (
         False,
         "2: the processes share a record store",
     )
-    unknown = _two_process_world(stores={"": None})
+    unknown = _two_process_world(stores={"app": None})
     assert _named.risk_d(unknown, "A2", [6, 7])[1].startswith("2: made by a process")
-    early = _two_process_world(stores={"": None, "~j": None}, handed_at=95.0)
-    assert _named.risk_d(early, "A2", [6, 7])[1].startswith("3: a refund made before")
-    seen = _two_process_world(stores={"": None, "~j": None}, listed=(7,))
-    assert _named.risk_d(seen, "A2", [6, 7])[1].startswith("4: A2~j read the other's refund")
+    early = _two_process_world(stores=none, handed_at=95.0)
+    assert _named.risk_d(early, "A2", [6, 7])[1].startswith("3: a refund made by a send that")
+    landed_late = _two_process_world(stores=none, app_sent=5.0)  # the call's own send
+    assert _named.risk_d(landed_late, "A2", [6, 7])[1].startswith("3: a refund made by a send")
+    seen = _two_process_world(stores=none, listed=(7,))
+    assert _named.risk_d(seen, "A2", [6, 7])[1].startswith("4: job read the other's refund")
     assert _named.risk_d(seen, "A3", [6, 7])[1].startswith("1: not every refund")
+    unread = _two_process_world(
+        stores=none,
+        pages=(PageListed("A2~j", None, 2, 85.0, (), "job"), PageListed("A2", None, 2, 5.0, ())),
+    )
+    assert _named.risk_d(unread, "A2", [6, 7])[1] == (
+        "5: app sent with no read of the bag since the record was handed out"
+    )
+    part = _two_process_world(
+        stores=none,
+        pages=(
+            PageListed("A2~j", None, 2, 85.0, (), "job"),
+            PageListed("A2", None, 2, 84.0, (), "app", 0, last=False),  # page 1 never came
+        ),
+    )
+    assert _named.risk_d(part, "A2", [6, 7])[1] == (
+        "5: app's last read before its send was not whole"
+    )
+    stale = _two_process_world(stores=none, app_sent=96.0)  # job's refund listed at 95
+    assert _named.risk_d(stale, "A2", [6, 7])[1] == (
+        "6: the other's refund was listed at t=-905.000, before app's send left"
+    )
+    other_client = _two_process_world(stores=none)
+    other_client.violet.commits[1] = attrs.evolve(other_client.violet.commits[1], client="resume0")
+    assert _named.risk_d(other_client, "A2", [6, 7])[1].startswith(
+        "2: made by a process whose store is not known"
+    )
+
+
+def test_the_hook_reads_every_double_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check_named`` hands ``risk_d`` the label and every id of each ``[double]``
+    (two or more refunds, any label), removes only the one excused, and leaves the
+    other kinds of the same shape (``[overlap-after-pending]``, ``[torn-journal]``)
+    alone."""
+    from violet_async.testing.sim import _run
+
+    asked: list[tuple[str, list[int]]] = []
+
+    def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
+        asked.append((label, ids))
+        return label == "A2^", "why"
+
+    monkeypatch.setattr(_named, "risk_d", risk_d)
+    counted: list[str] = []
+    violations = [
+        "[double] A2^: 2 refunds for one ask: [400006, 400007]",
+        "[double] A10: 3 refunds for one ask: [400001, 400012, 400103]",
+        "[overlap-after-pending] A3: 2 refunds for one ask: [400008, 400009]",
+        "[torn-journal] A4: 2 refunds for one ask: [400010, 400011]",
+    ]
+    world = SimpleNamespace(
+        attributions=[],
+        violations=list(violations),
+        excused=[],
+        violet=SimpleNamespace(count=counted.append),
+    )
+    _run._World.check_named(world)  # type: ignore[arg-type]
+    assert asked == [("A2^", [400006, 400007]), ("A10", [400001, 400012, 400103])]
+    assert world.violations == violations[1:]
+    assert counted == ["named:risk_d"]
+    assert world.excused == ["risk (d): why"]

@@ -9,8 +9,9 @@ in the seed's report as "risk (b)"; every other one stays a violation. Every con
 is computed from what the simulator recorded (``SimViolet.commits``, ``posts``,
 ``pages``), never from trace text; a shape whose identity is not computed here is
 never excused. (d): a ``[double]`` whose refunds were each made by one of two processes
-that share no record store, both resuming the ask's record after it was handed out
-pending, neither having read the other's refund before its own send (``named:risk_d``).
+(clients) that share no record store, both sent after the ask's record was handed out
+pending, each right after a whole read of the bag of its own, neither having read the
+other's refund before its own send (``named:risk_d``).
 """
 
 from __future__ import annotations
@@ -83,22 +84,25 @@ def risk_b(world: Any, label: str, refund_id: int | None) -> tuple[bool, str]:
 def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
     """Whether ask ``label``'s refunds ``ids`` (a ``[double]``) are remaining risk (d):
     one pending record resumed in two processes that share no record store, each
-    proving the ask absent and sending, neither able to see the other's re-send. Every
-    condition is computed from the simulator's records; any other double stays a
-    violation."""
+    proving the ask absent by a whole read of the bag of its own right before it sent,
+    neither able to see the other's re-send (not listed yet when its own send left).
+    Every condition is computed from the simulator's records (which client sent each
+    POST, which POST made each refund, which client read each page); any other double
+    stays a violation."""
     made = [c for c in world.violet.commits if c.refund_id in ids]
     if len(made) != len(ids) or any(_base(c.label) != label for c in made):
         return False, "1: not every refund made by a send of the ask"
     by: dict[str, list[SimCommit]] = {}
     for commit in made:
-        by.setdefault(commit.label or "", []).append(commit)
+        by.setdefault(commit.client or "", []).append(commit)
     if len(by) < 2 or any(len(c) > 1 for c in by.values()):
         return False, "1: not one refund from each of two processes"
+    # The process is the client that sent the POST, never a label's suffix: a label
+    # with none is also another process's (key_clock's app2, a resume round's client).
     stores: dict[str, Any] = world.process_stores
-    processes = ["~" + p.split("~", 1)[1] if "~" in p else "" for p in by]
-    if any(p not in stores for p in processes):
-        return False, f"2: made by a process whose store is not known ({processes})"
-    if sum(stores[p] is not None for p in processes) > 1:
+    if any(p not in stores for p in by):
+        return False, f"2: made by a process whose store is not known ({sorted(by)})"
+    if sum(stores[p] is not None for p in by) > 1:
         return False, "2: the processes share a record store"
     handed = [
         s.at for s in world.seen if s.label == label and s.what == "pending" and s.who == label
@@ -106,21 +110,58 @@ def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
     if not handed:
         return False, "3: the ask's record was never handed out pending"
     out = min(handed)  # the loop's time is the simulator's clock (Violet's too)
-    if any(c.at < out for c in made):
-        return False, "3: a refund made before the record was handed out"
+    if any(c.sent_at is None or c.sent_at < out for c in made):
+        # A POST that left before (the call that left the record) and landed late is
+        # the record's own send, which every resume must wait out.
+        return False, "3: a refund made by a send that left before the record was handed out"
     for who, (commit,) in by.items():
         others = {c.refund_id for c in made if c is not commit}
-        for page in world.violet.pages:
-            if _who(page) == who and page.at < commit.at and others & set(page.ids):
+        assert commit.sent_at is not None
+        pages = [
+            page
+            for page in world.violet.pages
+            if page.client == who and page.bag_id == commit.bag_id and _base(_who(page)) == label
+        ]
+        for page in pages:
+            if page.at < commit.at and others & set(page.ids):
                 return False, (
                     f"4: {who} read the other's refund at t={page.at - 1000.0:.3f} "
                     "before its own send"
                 )
+        read = _last_read(pages, commit.sent_at)
+        if read is None or read[0].at < out:
+            return False, f"5: {who} sent with no read of the bag since the record was handed out"
+        if not _whole(read):
+            return False, f"5: {who}'s last read before its send was not whole"
+        listed = min(c.visible_at for c in made if c is not commit)
+        if listed <= commit.sent_at:
+            # A read right before the send would have shown it: a send that left on an
+            # older proof (a wait after the read) is not blind.
+            return False, (
+                f"6: the other's refund was listed at t={listed - 1000.0:.3f}, before "
+                f"{who}'s send left"
+            )
     return True, (
         f"{label}'s pending record was resumed in {len(by)} processes with no shared "
-        f"store ({', '.join(sorted(by))}); each sent, neither's reads listed the other's "
-        f"refund before its own send: refunds {sorted(ids)}"
+        f"store ({', '.join(sorted(by))}); each sent right after a whole read of the bag "
+        f"of its own, neither's reads listed the other's refund before its own send: "
+        f"refunds {sorted(ids)}"
     )
+
+
+def _last_read(pages: list[PageListed], before: float) -> list[PageListed] | None:
+    """The pages of the last list read (from its page 0 on) Violet made before
+    ``before``, in the order made; None if there is none."""
+    made = sorted((p for p in pages if p.at < before), key=lambda p: p.at)
+    starts = [i for i, p in enumerate(made) if p.number == 0]
+    return made[starts[-1] :] if starts else None
+
+
+def _whole(read: list[PageListed]) -> bool:
+    """Every page of ``read`` arrived, up to one Violet made as the list's last."""
+    numbers = {p.number for p in read}
+    ends = [p.number for p in read if p.last]
+    return bool(ends) and numbers >= set(range(min(ends) + 1))
 
 
 def _identical(world: Any, ask: Any, refund: SimCommit) -> bool:

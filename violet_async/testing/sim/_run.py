@@ -897,8 +897,8 @@ class _World:
         #: the asks that ended in worker two (when), those resumed early, their tasks.
         self.main_client: VioletClient | None = None
         self.job_client: VioletClient | None = None
-        #: The record store of each process whose client runs asks, by its commits'
-        #: label suffix ("" the app's, "~j" early_resume's job): for ``_named.risk_d``.
+        #: The record store of each process whose client runs asks, by its client's
+        #: name ("app", early_resume's "job"): for ``_named.risk_d``.
         self.process_stores: dict[str, Any] = {}
         self.review_ended: dict[str, float] = {}
         self.review_early: set[str] = set()
@@ -1206,10 +1206,10 @@ class _World:
         first = stores[0] if stores[0] is not None else _kinds_review.elsewhere_store(self)
         client, _ = self.client("app", first)
         self.main_client = client
-        self.process_stores[""] = first
+        self.process_stores["app"] = first
         if review is not None and review.early:
             self.job_client = self.client("job", clock=_kinds_review.ProcessClock(self.clock))[0]
-            self.process_stores["~j"] = None  # the job's client keeps no store
+            self.process_stores["job"] = None  # the job's client keeps no store
         async with client, _kinds_more.SecondClient(self, stores) as other:
             cancels = {c.label: c for c in self.s.cancels}
 

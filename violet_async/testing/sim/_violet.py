@@ -129,6 +129,12 @@ class SimCommit:
     shipping: int = 0
     emptied: bool = False
     """It took all the bag had left."""
+    client: str | None = None
+    """The client (process) whose POST made it (``app``, ``job``, ``worker2``); None
+    for another actor's."""
+    sent_at: float | None = None
+    """When the POST that made it left (a late commit lands after it); None for another
+    actor's."""
 
 
 @attrs.define
@@ -146,6 +152,8 @@ class PostLeft:
     """Its connection never opened: nothing was sent."""
     answered: int | None = None
     """The status of its answer, if one reached the caller."""
+    client: str = ""
+    """The client (process) that sent it: ``app``, ``job``, ``app2``, ``resume0``."""
 
 
 @attrs.frozen
@@ -158,6 +166,12 @@ class PageListed:
     bag_id: int
     at: float
     ids: tuple[int, ...]
+    client: str = ""
+    """The client (process) that read it."""
+    number: int = 0
+    """Its page number (from 0; an unpaged list is page 0)."""
+    last: bool = True
+    """Violet made it as the list's last page."""
 
 
 class SimViolet:
@@ -253,7 +267,7 @@ class SimViolet:
         #: every page of a refund list that arrived at its caller.
         self.posts: list[PostLeft] = []
         self.pages: list[PageListed] = []
-        self._listing: tuple[int, float, tuple[int, ...]] | None = None
+        self._listing: tuple[int, float, tuple[int, ...], int, bool] | None = None
         self.injected: dict[str, int] = {}
         self.counts = {"post": 0, "read": 0, "auth": 0}
         #: A refund or cancel POST's bag id -> an answer refusing it before anything is
@@ -266,6 +280,8 @@ class SimViolet:
         #: Every client's transport by name, and whose request is being answered now.
         self.transports: dict[str, SimTransport] = {}
         self.answering = ""
+        #: The POST being answered (``_mutate`` links the refund it makes to it).
+        self.posting: PostLeft | None = None
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -316,7 +332,15 @@ class SimViolet:
             return
         self._committed(None, bag, record)
 
-    def _committed(self, label: str | None, bag: FakeBag, record: dict[str, Any]) -> None:
+    def _committed(
+        self,
+        label: str | None,
+        bag: FakeBag,
+        record: dict[str, Any],
+        *,
+        client: str | None = None,
+        post: PostLeft | None = None,
+    ) -> None:
         commit = self.store.ledger.commits_per_bag[bag.id][-1]
         self.commit_at[record["id"]] = commit.at
         lines = sorted((line["order_sku_id"], line["quantity_refunded"]) for line in record["skus"])
@@ -332,6 +356,8 @@ class SimViolet:
                 lines=tuple(lines),
                 shipping=(record.get("shipping") or {}).get("amount", 0),
                 emptied=bag.remaining == 0,
+                client=client,
+                sent_at=post.at if post is not None else None,
             )
         )
         who = label or "another actor"
@@ -416,7 +442,7 @@ class SimViolet:
             route = "read"
         post = None
         if route == "post" and len(parts) == 5:
-            post = PostLeft(asked, label, int(parts[3]), self.clock.monotonic())
+            post = PostLeft(asked, label, int(parts[3]), self.clock.monotonic(), client=who)
             self.posts.append(post)
         fault = self._take(route)
         began = self.clock.monotonic()
@@ -434,6 +460,7 @@ class SimViolet:
                 path=path,
                 route=route,
                 fault=fault,
+                post=post,
             )
         except APIConnectionError as exc:
             if post is not None:
@@ -461,6 +488,7 @@ class SimViolet:
         path: str,
         route: str,
         fault: SimFault | None,
+        post: PostLeft | None = None,
     ) -> RawResponse:
         what = f"{who} {method} {path}{'?' + url.query_string if url.query_string else ''}"
         tag = f" [{label}]" if label else ""
@@ -488,6 +516,7 @@ class SimViolet:
         self._showing = None
         self._listing = None
         self.answering = who
+        self.posting = post
         try:
             answer, late = self._answer(
                 route, parts, dict(url.query), headers, body, fault=fault, label=label
@@ -527,19 +556,23 @@ class SimViolet:
             raise _timeout(method, path)
         await asyncio.sleep(latency - up)
         assert answer is not None
-        self._page_arrived(label, listing, showing)
+        self._page_arrived(label, listing, showing, who)
         return answer
 
     def _page_arrived(
         self,
         label: str | None,
-        listing: tuple[int, float, tuple[int, ...]] | None,
+        listing: tuple[int, float, tuple[int, ...], int, bool] | None,
         showing: tuple[str, list[int], bool, bool] | None,
+        client: str = "",
     ) -> None:
-        """A list read's page reached its caller: what it listed, and showed."""
+        """A list read's page reached its caller (``client``): what it listed, and
+        showed."""
         if listing is not None:
-            bag_id, made_at, listed = listing
-            self.pages.append(PageListed(ASK_LABEL.get(), label, bag_id, made_at, listed))
+            bag_id, made_at, listed, number, last = listing
+            self.pages.append(
+                PageListed(ASK_LABEL.get(), label, bag_id, made_at, listed, client, number, last)
+            )
         if showing is not None:
             shown_label, ids, first, last = showing
             pages = self._pages[shown_label] = [
@@ -684,7 +717,7 @@ class SimViolet:
             shown = [*shown, {"id": f"legacy-{bag.id}", "amount": "12,00", "status": 7}]
         cap = self.store.quirks.page_size
         if cap is None:
-            self._listing = (bag.id, self.clock.monotonic(), _ids(shown))
+            self._listing = (bag.id, self.clock.monotonic(), _ids(shown), 0, True)
             if readable:
                 self._showing = (label or "", [r["id"] for r in listed], True, True)
             return self._json(shown)
@@ -692,12 +725,13 @@ class SimViolet:
         size = min(int(query.get("size", str(cap))), cap)
         content = shown[number * size : (number + 1) * size]
         total_pages = max(math.ceil(len(shown) / size), 1)
-        self._listing = (bag.id, self.clock.monotonic(), _ids(content))
+        last = number >= total_pages - 1
+        self._listing = (bag.id, self.clock.monotonic(), _ids(content), number, last)
         if readable:
             # A page shows the client only what is on it, and a list only once its
             # last page arrived (a read that fails on a later page shows nothing).
             page = [r["id"] for r in listed[number * size : (number + 1) * size]]
-            self._showing = (label or "", page, number == 0, number >= total_pages - 1)
+            self._showing = (label or "", page, number == 0, last)
         return self._json(
             {
                 "content": content,
@@ -719,13 +753,14 @@ class SimViolet:
         order_id, bag_id, action = int(parts[1]), int(parts[3]), parts[4]
         bag = self.store.bag(order_id, bag_id)
         data = orjson.loads(body or b"{}")
+        client, post = self.answering, self.posting
 
         def commit(recheck: bool) -> dict[str, Any]:
             if action == "cancel":
                 record = self.store.commit_cancel(bag, data)
             else:
                 record = self.store.commit_refund(bag, data, None if recheck else checked)
-            self._committed(label, bag, record)
+            self._committed(label, bag, record, client=client, post=post)
             return record
 
         if action == "cancel":
