@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -477,6 +478,16 @@ async def test_a_keyed_resume_cancelled_at_each_await_then_repeated_refunds_once
         assert first.id == server.ours[0]
 
 
+async def _given_back(store: Paused, key: str, within: float = 30.0) -> None:
+    """Wait until the cancelled call's give-back of ``key`` has landed (SQLite's thread:
+    real time). Before it, the entry still names that call as its owner, mid-send."""
+    give_up = time.monotonic() + within
+    while (entry := await store.load(key)) is None or entry.owner is not None:
+        if time.monotonic() > give_up:
+            raise AssertionError(f"never given back: {entry!r}")
+        await asyncio.sleep(0.001)
+
+
 async def _fail_the_ask_in_two(two: Awaitable[OrderRefund], held: Paused, clock: FakeClock) -> None:
     """``two`` (a keyed call whose client's store is ``held``, gated at the save of its
     re-send) takes the key's ask over, proves it absent, and its deadline passes while
@@ -553,6 +564,7 @@ async def test_a_cancelled_resume_then_a_pending_one_while_the_other_client_ends
         with pytest.raises(asyncio.CancelledError):
             await call
         paused.gate.set()
+        await _given_back(held, f"{one._key_scope()} {KEY}")
         clock.advance(paused.lease + ROOMY.settle_running + 1.0)
         held.where = "sent"
         repeat = asyncio.ensure_future(_keyed(two))
