@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,10 @@ async def test_a_resume_and_a_keyed_repeat_in_two_clients_refund_once(
         clock.advance(120.0)
         record = _json(pending)
         got = await _race(
-            (one.resume(record), lambda: one.resume(record)),
+            # A resume told its ask ended not sent (two's deadline ran out before its
+            # re-send left, moved by one's polls on the shared virtual clock) asks again
+            # with the key, as a caller does: resumed again, it is told so again.
+            (one.resume(record), lambda: _keyed(one)),
             (_keyed(two), lambda: _keyed(two)),
         )
         again = await _settled(_keyed(one), lambda: _keyed(one)), await two.resume(record)
@@ -244,7 +248,10 @@ async def test_over_redis_a_resume_and_a_keyed_repeat_refund_once(
         clock.advance(120.0)
         record = _json(pending)
         got = await _race(
-            (one.resume(record), lambda: one.resume(record)),
+            # A resume told its ask ended not sent (two's deadline ran out before its
+            # re-send left, moved by one's polls on the shared virtual clock) asks again
+            # with the key, as a caller does: resumed again, it is told so again.
+            (one.resume(record), lambda: _keyed(one)),
             (_keyed(two), lambda: _keyed(two)),
         )
         entry = await two_store.load(f"{two._key_scope()} {KEY}")
@@ -477,6 +484,108 @@ async def test_a_keyed_resume_cancelled_at_each_await_then_repeated_refunds_once
         assert first.id == server.ours[0]
 
 
+async def _given_back(store: Paused, key: str, within: float = 30.0) -> None:
+    """Wait until the cancelled call's give-back of ``key`` has landed (SQLite's thread:
+    real time). Before it, the entry still names that call as its owner, mid-send."""
+    give_up = time.monotonic() + within
+    while (entry := await store.load(key)) is None or entry.owner is not None:
+        if time.monotonic() > give_up:
+            raise AssertionError(f"never given back: {entry!r}")
+        await asyncio.sleep(0.001)
+
+
+async def _fail_the_ask_in_two(two: Awaitable[OrderRefund], held: Paused, clock: FakeClock) -> None:
+    """``two`` (a keyed call whose client's store is ``held``, gated at the save of its
+    re-send) takes the key's ask over, proves it absent, and its deadline passes while
+    that write is held: it ends before its re-send leaves, the ask definitely not
+    applied (the key's entry: FAILED)."""
+    held.where = "sent"
+    call = asyncio.ensure_future(two)
+    await _until(lambda: held.waiting)
+    clock.advance(SHORT.deadline + 1.0)
+    held.gate.set()
+    with pytest.raises(APITimeoutError) as failed:
+        await call
+    assert not failed.value.request_sent
+
+
+async def test_a_keyed_repeat_after_its_ask_ended_elsewhere_is_a_new_ask_not_refused(
+    tmp_path: Path,
+) -> None:
+    """Client one's keyed call ends pending (record A, which holds its bag in client
+    one). Client two repeats the keyed call: it takes A over, proves it absent, and
+    its deadline passes before the re-send leaves: A ended, definitely not applied, and
+    the key lists it among its earlier asks. Client one repeats the keyed call, as it
+    was told to: the key's new ask, sent once (reading the bag first: it was in play
+    while A's end was not known here), never BagPendingError for A (every repeat was
+    refused so, and a resume of A only answered that it had ended). One refund."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    path = tmp_path / "k.db"
+    held = Paused(SQLiteStore(path))
+    async with (
+        SQLiteStore(path) as one_store,
+        hostile_client(server, store=one_store, retry=SHORT) as one,
+        hostile_client(server, store=held, retry=SHORT) as two,
+    ):
+        await _pending(_keyed(one))
+        clock.advance(120.0)
+        await _fail_the_ask_in_two(_keyed(two), held, clock)
+        assert server.posts == 1
+        reads = server.reads
+        refund = await _keyed(one)
+        assert server.reads > reads
+        again = await _keyed(two), await _keyed(one)
+        assert not one._shared.unsettled.on_bag(BAG_ID)
+    assert server.posts == 2
+    assert server.ours == [refund.id]
+    assert again == (refund, refund)
+
+
+async def test_a_cancelled_resume_then_a_pending_one_while_the_other_client_ends_the_ask(
+    tmp_path: Path,
+) -> None:
+    """The race of the cancelled resume above (at the save of its re-send, after it
+    wrote), in the order a loaded machine once gave it: client one resumes the record
+    again while client two's keyed call holds the key; one's deadline ends first
+    (pending, record A kept on its bag), and its polls move the shared clock past two's
+    deadline before two's re-send leaves (A ended, not applied). Client one's caller
+    asks again with the key: the key's new ask, one refund for every caller."""
+    clock = FakeClock()
+    server = Gated(clock, script=[Step(504, GATEWAY_504, commit_after=None)])
+    path = tmp_path / "k.db"
+    paused = Paused(SQLiteStore(path), after=True)
+    held = Paused(SQLiteStore(path))
+    async with (
+        hostile_client(server, store=paused, retry=SHORT) as one,
+        hostile_client(server, store=held, retry=SHORT) as two,
+    ):
+        pending = await _pending(_keyed(one))
+        clock.advance(120.0)
+        record = _json(pending)
+        paused.where = "sent"
+        call = asyncio.ensure_future(one.resume(record))
+        await _until(lambda: paused.waiting)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        paused.gate.set()
+        await _given_back(held, f"{one._key_scope()} {KEY}")
+        clock.advance(paused.lease + ROOMY.settle_running + 1.0)
+        held.where = "sent"
+        repeat = asyncio.ensure_future(_keyed(two))
+        await _until(lambda: held.waiting)
+        with pytest.raises(AmbiguousOutcomeError, match="another process is still resuming"):
+            await one.resume(record)
+        held.gate.set()
+        with pytest.raises(APITimeoutError):
+            await repeat
+        got = await _keyed(one), await _keyed(two), await one.resume(record)
+    assert server.posts == 2
+    assert len(server.ours) == 1
+    assert {r.id for r in got} == {server.ours[0]}
+
+
 @pytest.mark.parametrize("where", ["claim", "sent"])
 async def test_a_keyed_resume_whose_store_write_fails_sends_nothing(
     tmp_path: Path, where: str
@@ -638,7 +747,15 @@ async def test_in_one_client_a_resume_and_the_keyed_repeat_join(tmp_path: Path) 
     ):
         pending = await _pending(_keyed(client))
         clock.advance(120.0)
-        got = await asyncio.gather(client.resume(_json(pending)), _keyed(client))
+        # The repeat's deadline runs on the virtual clock its own waits move (a poll at
+        # a time) while the flight it joined waits on SQLite's thread: on a loaded
+        # machine it can end first (pending), or move the flight's deadline past
+        # before its re-send leaves (not sent). Either caller then asks again with the
+        # key, as a caller does (one at a time: ``_race``).
+        got = await _race(
+            (client.resume(_json(pending)), lambda: _keyed(client)),
+            (_keyed(client), lambda: _keyed(client)),
+        )
     assert server.posts == 2
     assert {r.id for r in got} == {server.ours[0]}
 

@@ -22,6 +22,7 @@ from violet_async import (
     AmbiguousOutcomeError,
     OrderRefund,
     PendingRefund,
+    RecordStoreError,
     RefundBagRequest,
     RetryPolicy,
     VioletClient,
@@ -34,6 +35,7 @@ from violet_async.testing import FakeClock
 
 from .conftest import serve
 from .samples import refund_body
+from .test_keys_resume import Paused
 
 ORDER, BAG = 16, 26
 HOUR = 3600.0
@@ -459,10 +461,12 @@ async def test_a_keyed_record_told_failed_is_not_sent_again_through_an_unsent_re
     (kept pending on the bag in one, and put on a job queue). The job resumes X in
     worker two: proven absent, sent again, 429, no attempts left: FAILED, and the job's caller
     is told so (``Claim.ENDED`` exists so that a later delivery of X says the same
-    and sends nothing). The web app then repeats K in process one: X is still pending
-    on the bag there, so the repeat is ``BagPendingError`` (nothing sent), and the
-    key's entry is left holding the repeat's unsent ask (NEW, X in its lineage). The
-    job is delivered again (at-least-once) and resumes X in worker three.
+    and sends nothing). The web app then repeats K in process one, and the repeat is
+    held back unsent: its store write fails (``RecordStoreError``; when this was found,
+    X still pending on the bag there made it ``BagPendingError``, which a key's new ask
+    no longer is for its key's earlier asks), and the key's entry is left holding the
+    repeat's unsent ask (NEW, X in its lineage). The job is delivered again
+    (at-least-once) and resumes X in worker three.
 
     Main: ``decide`` answers ENDED only while the key's entry holds X FAILED; with the
     repeat's NEW ask there it is OWNED, and ``_own_resume`` resumes X itself through
@@ -479,7 +483,7 @@ async def test_a_keyed_record_told_failed_is_not_sent_again_through_an_unsent_re
         _serve(server) as url,
         SQLiteStore(path, monotonic=clock.monotonic) as one_store,
         SQLiteStore(path, monotonic=clock.monotonic) as two_store,
-        _client(url, clock, deadline=3.0, store=one_store) as one,
+        _client(url, clock, deadline=3.0, store=(failing := Paused(one_store, fail=True))) as one,
         _client(url, clock, store=two_store, attempts=1) as two,
         SQLiteStore(path, monotonic=clock.monotonic) as three_store,
         _client(url, clock, store=three_store) as three,
@@ -492,8 +496,10 @@ async def test_a_keyed_record_told_failed_is_not_sent_again_through_an_unsent_re
         told = await _ended(two.resume(PendingRefund.from_json(record)))
         assert not isinstance(told, (OrderRefund, AmbiguousOutcomeError)), repr(told)
         posts = server.posts
+        failing.where = "sent"  # the repeat's write before its send fails
         repeat = await _ended(one.refund_bag(ORDER, BAG, REQUEST, idempotency_key=key))
-        assert isinstance(repeat, BagPendingError), repr(repeat)
+        assert isinstance(repeat, RecordStoreError), repr(repeat)
+        assert server.posts == posts
         clock.advance(120.0)
         again = await _ended(three.resume(PendingRefund.from_json(record)))
     assert server.posts == posts, f"X was sent again after its caller was told {told!r}"

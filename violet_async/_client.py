@@ -27,6 +27,7 @@ from ._config import (
     shown_url,
     url_secrets,
 )
+from ._converter import encode_request
 from ._engine import Engine, KeyedAsks, unless_failed
 from ._protocol import PendingRefund, Phase
 from ._reconcile import KnownRefunds
@@ -505,6 +506,7 @@ class VioletClient(RequestPlumbing):
                 origin=self._shared.origin,
                 on_ended=self._ended_elsewhere,
                 on_proven=self._shared.known_refunds.proven_late,
+                on_earlier=self._earlier_ended,
             )
             self._engine.keys = keys
         return keys
@@ -515,6 +517,17 @@ class VioletClient(RequestPlumbing):
         unsettled = self._shared.unsettled
         if unsettled:
             unsettled.check(pending.bag_id, pending)
+
+    def _earlier_ended(self, ask: PendingRefund, lineage: tuple[str, ...]) -> None:
+        """A call of a key takes its new ``ask``; the key's earlier asks (``lineage``)
+        ended definitely not applied, in this process or another. Records of them this
+        client still holds pending no longer hold their bag; when one did, the new ask
+        reads the bag before it is sent (the bag was in play while that ask's end was
+        not known here: another system's identical refund made then must not pass for
+        the new ask's own)."""
+        unsettled = self._shared.unsettled
+        if unsettled and unsettled.ended(ask.bag_id, lineage, ask):
+            unsettled.cut_while_absent(ask.bag_id, encode_request(ask.request))
 
     def _redactor(self) -> Redactor:
         """Hides this client's secrets in a message built from an answer."""

@@ -392,8 +392,13 @@ class KeyedAsks:
         origin: ClockOrigin | None = None,
         on_ended: Callable[[PendingRefund], object] | None = None,
         on_proven: Callable[[PendingRefund], object] | None = None,
+        on_earlier: Callable[[PendingRefund, tuple[str, ...]], object] | None = None,
     ) -> None:
         self.store = store
+        # Told of a key's new ask (its record) and the key's earlier asks (its entry's
+        # lineage: each ended definitely not applied) as a call of the key takes it:
+        # the client takes records of those asks it still holds pending off their bag.
+        self._on_earlier = on_earlier
         # Told of a proof (ABSENT: every send answered 429) whose save the store
         # refused, the key taken over: the client keeps it for the key's next call.
         self._on_proven = on_proven
@@ -563,6 +568,14 @@ class KeyedAsks:
                     )
                 return entry.refund
             if claim is Claim.OWNED:
+                if entry.ask.phase is Phase.NEW and entry.lineage and self._on_earlier is not None:
+                    # A new ask of the key: its earlier asks ended, definitely not
+                    # applied, wherever they were driven. A pending record of one
+                    # that this client still holds (the ask ended in another
+                    # process) no longer holds the bag: kept, it refused the key's
+                    # every call here with BagPendingError, and its resume only
+                    # answered that it had ended.
+                    self._on_earlier(entry.ask, entry.lineage)
                 return await self._drive(ask_fn, entry, deadline, bare)
             # BUSY: another process works on it; its outcome is ours.
             if deadline is not None and clock.monotonic() + self._poll > deadline:

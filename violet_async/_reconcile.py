@@ -450,6 +450,21 @@ class PendingAsks:
         for record in self._by_bag.pop(bag_id, ()):
             self._held.pop(record.ask_id, None)
 
+    def ended(self, bag_id: int, ask_ids: Container[str], like: PendingRefund) -> bool:
+        """Take off ``bag_id`` the records of ``ask_ids`` asking ``like``'s request (a
+        key's earlier asks, each ended definitely not applied elsewhere: its entry's
+        ``lineage``). Whether any was."""
+        records = self._by_bag.get(bag_id)
+        if not records:
+            return False
+        gone = [r for r in records if r.ask_id in ask_ids and _same_request(r, like)]
+        for record in gone:
+            records.remove(record)
+            self._held.pop(record.ask_id, None)
+        if not records:
+            del self._by_bag[bag_id]
+        return bool(gone)
+
     def check(self, bag_id: int, resume: PendingRefund | None) -> PendingRefund | None:
         """A resume takes its own record off the bag, and gets back what both records
         know (:func:`merged`: a resume delivered again with the record it was first
@@ -486,11 +501,12 @@ def _lapsed(until: tuple[float, float], mono: float, wall: float) -> bool:
 
 
 def _same_key(one: PendingRefund, other: PendingRefund) -> bool:
+    return one.idempotency_key == other.idempotency_key and _same_request(one, other)
+
+
+def _same_request(one: PendingRefund, other: PendingRefund) -> bool:
     return (
-        one.idempotency_key == other.idempotency_key
-        and one.kind == other.kind
-        and one.order_id == other.order_id
-        and one.request == other.request
+        one.kind == other.kind and one.order_id == other.order_id and one.request == other.request
     )
 
 
