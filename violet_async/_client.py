@@ -27,7 +27,6 @@ from ._config import (
     shown_url,
     url_secrets,
 )
-from ._converter import encode_request
 from ._engine import Engine, KeyedAsks, unless_failed
 from ._protocol import PendingRefund, Phase
 from ._reconcile import KnownRefunds
@@ -527,7 +526,7 @@ class VioletClient(RequestPlumbing):
         the new ask's own)."""
         unsettled = self._shared.unsettled
         if unsettled and unsettled.ended(ask.bag_id, lineage, ask):
-            unsettled.cut_while_absent(ask.bag_id, encode_request(ask.request))
+            self._engine.mark_bag(ask.bag_id)
 
     def _redactor(self) -> Redactor:
         """Hides this client's secrets in a message built from an answer."""

@@ -1908,7 +1908,7 @@ class Engine:
                     # the repeat's own). Marked as a cut call's is (review 30); so is a
                     # call ended otherwise after such a wait (review 31: its re-send's
                     # connection refused, APIConnectionError).
-                    self._mark_bag(bag_id)
+                    self.mark_bag(bag_id)
             raise
         except asyncio.CancelledError:
             # The caller cancelled (or timed out) this call: if its request may have
@@ -1938,7 +1938,7 @@ class Engine:
             if pending is not None and keep:
                 unsettled.add(pending)
             elif pending is None and tracker is not None and tracker.cut_while_absent:
-                self._mark_bag(bag_id)
+                self.mark_bag(bag_id)
                 if given is not None and tracker.record is not None:
                     # A resume cut in its wait: what it proved (every send not applied)
                     # is kept for the next resume of the caller's copy, which still
@@ -1963,7 +1963,7 @@ class Engine:
             # ask, while the bag was in play during the wait. Marked as a call ended by
             # an error after such a wait is (review 32: the repeat, answered 500, took
             # another system's identical refund made in the wait for its own).
-            self._mark_bag(bag_id)
+            self.mark_bag(bag_id)
         shared.known_refunds.add(refund.id, bag_id, owner, refund)
         if given is not None and records is None and self.keys is not None:
             self.keys.settled(given, refund)
@@ -2142,7 +2142,7 @@ class Engine:
                 resp.status,
             )
 
-    def _mark_bag(self, bag_id: int) -> None:
+    def mark_bag(self, bag_id: int) -> None:
         """Every new ask on ``bag_id`` reads it before its send for a while: a call
         here was cut (or ended) with nothing applied after a wait in which another
         system may have refunded the same (``PendingAsks.cut_while_absent``). For as
