@@ -806,6 +806,17 @@ def test_a_refund_that_appeared_after_the_send_is_no_longer_taken_for_an_old_one
     assert not result.kinds, result.report()
 
 
+def test_a_step_in_a_resends_backoff_is_no_longer_counted_twice_by_the_next_run() -> None:
+    """Seed 2093912 (``--kinds all``, batch mode): a row's re-send after a connection
+    that never opened waited out its backoff while the wall clock stepped +15 h; the
+    "sent" line saved as it left had its times moved by the step under the stamp taken
+    before it, the run died, and the next run moved them by the step again: the row
+    was parked 15 h and the run never ended (the simulator's horizon: ``deadlock``;
+    tests/test_step_in_resend_backoff.py)."""
+    result = simulate(2093912, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
 #: ``--kinds all`` with review 14 and 15's kinds (the seeds of the run from 920,000
 #: replay with exactly these).
 KINDS_25 = KINDS_21 | REVIEW_KINDS
