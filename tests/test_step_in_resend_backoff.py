@@ -28,8 +28,8 @@ AMOUNT = 250
 
 
 class SteppedInBackoff(FakeClock):
-    """A FakeClock whose next sleep, once ``armed``, first runs ``hook`` (the wall
-    clock steps and the server comes back while the client waits)."""
+    """A FakeClock whose next sleep, once ``armed``, first resolves it (the server's
+    waiter then steps the wall clock and listens again, while the client waits)."""
 
     armed: asyncio.Future[None] | None = None
 
