@@ -680,12 +680,15 @@ def test_the_simulator_finds_a_re_send_after_a_429_sent_without_reading_the_bag(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Re-introduce the bug: a 429 is sent again after its wait without reading what
-    the bag holds (the window still moved to the re-send). Seed 1141662 (``--kinds
-    all``) finds it: another app's identical refund made during the wait, the re-send
-    answered 500, readings of Violet's clock that disagree (a Date lagging 60 s, wall
-    clock steps around the re-send): the other refund's date could not rule it out,
-    and a later repeat was handed it. (A record left in that wait, resumed, is sent
-    at once too: review 27 reads the bag before that re-send as well.)"""
+    the bag holds (the window still moved to the re-send). Seed 1100246 (``--kinds
+    all``) finds it: another app's identical refund made 10 s into the wait, 0.7 s
+    before the re-send, which is answered 500: the other refund's date, within
+    ``clock_skew`` of the send, cannot rule it out, and the read-back returned it as
+    the ask's own. (A record left in that wait, resumed, is sent at once too: review 27
+    reads the bag before that re-send as well.) Seed 1141662 found it while the record
+    moved by a step in the wait (-22.5 min) kept its stamp from before the step (seed
+    2093912): the process that resumed it after the step back (+22.5 min) saw no step
+    since that stamp, left the window 22.5 min early, and its claim came from that."""
     from violet_async import _protocol
 
     real_after = _protocol._after_send_failure
@@ -704,7 +707,7 @@ def test_the_simulator_finds_a_re_send_after_a_429_sent_without_reading_the_bag(
 
     monkeypatch.setattr(_protocol, "_after_send_failure", no_read)
     monkeypatch.setattr(_protocol, "start", send_at_once)
-    result = simulate(1141662, kinds=frozenset(WORLD_KINDS))
+    result = simulate(1100246, kinds=frozenset(WORLD_KINDS))
     assert "attribution" in result.kinds, result.report()
 
 
@@ -803,6 +806,17 @@ def test_a_refund_that_appeared_after_the_send_is_no_longer_taken_for_an_old_one
     read on, dated 15 h before the send by every reading, was skipped as old and a
     resume sent it again (tests/test_listed_after_send.py)."""
     result = simulate(1115630, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+
+
+def test_a_step_in_a_resends_backoff_is_no_longer_counted_twice_by_the_next_run() -> None:
+    """Seed 2093912 (``--kinds all``, batch mode): a row's re-send after a connection
+    that never opened waited out its backoff while the wall clock stepped +15 h; the
+    "sent" line saved as it left had its times moved by the step under the stamp taken
+    before it, the run died, and the next run moved them by the step again: the row
+    was parked 15 h and the run never ended (the simulator's horizon: ``deadlock``;
+    tests/test_step_in_resend_backoff.py)."""
+    result = simulate(2093912, kinds=frozenset(WORLD_KINDS))
     assert not result.kinds, result.report()
 
 

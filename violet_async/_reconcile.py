@@ -680,9 +680,20 @@ class WallWatch:
         return jump if abs(jump) > CLOCK_STEP else 0.0
 
     def settle(self, ask: PendingRefund) -> tuple[PendingRefund, float]:
-        """``ask`` with its times moved onto the wall clock if it stepped, and the step."""
+        """``ask`` with its times moved onto the wall clock if it stepped, and the step.
+
+        A stamped record (``wall_mono``) moved is stamped anew with this look: its times
+        and its stamp name one wall clock. Moved under its old stamp, the record saved
+        right after (the send's stamp) was moved by the same step once more when the
+        next run resumed it (simulator seed 2093912: a step of 15 h during a re-send's
+        backoff put its settle window 15 h ahead, and the batch row was parked for 15 h)."""
         jump = self.jump()
-        return (protocol.clock_stepped(ask, jump) if jump else ask), jump
+        if not jump:
+            return ask, 0.0
+        ask = protocol.clock_stepped(ask, jump)
+        if ask.wall_mono is not None:
+            ask = attrs.evolve(ask, wall_mono=(self._wall, self._mono))
+        return ask, jump
 
 
 #: How fast NTP may slew a wall clock (500 ppm, the kernel's limit): over hours, wall
@@ -1074,10 +1085,8 @@ async def after_failed_send(
     is seen)."""
     sent_at = ask.last_sent_at if ask.last_sent_at is not None else clock.time()
     watch = WallWatch(clock, None if sent_mono is None else (sent_at, sent_mono))
-    jump = watch.jump()
-    if jump:
-        ask = protocol.clock_stepped(ask, jump)
-        sent_at += jump
+    ask, jump = watch.settle(ask)
+    sent_at += jump
     obs = Observation.send_failed(
         sent_at,
         error,
@@ -1121,9 +1130,7 @@ async def run_ask(
         # Left by this process, or another on this machine (one monotonic clock): a
         # step of the wall clock since moves the record's times with it (a forward step
         # must not end a settle window early).
-        jump = WallWatch(clock, ask.wall_mono).jump()
-        if jump:
-            ask = protocol.clock_stepped(ask, jump)
+        ask, _ = WallWatch(clock, ask.wall_mono).settle(ask)
     ask, action = protocol.start(ask, settings, clock.time(), attempt_timeout=attempt_timeout)
     return await drive(
         ask,
