@@ -13,9 +13,12 @@ Each test's docstring tells its story; those that hold are kept as guards."""
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from violet_async import (
     AmbiguousOutcomeError,
@@ -25,11 +28,14 @@ from violet_async import (
     RetryPolicy,
     VioletClient,
 )
+from violet_async.batch import run_batch
 from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
 from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, VIOLET_500, Hostile, Step, serve
 from .test_review27_findings import NoDate
+from .test_step_in_resend_backoff import GoneAfterRead, SteppedInBackoff, _item
+from .test_step_in_resend_backoff import _client as _backoff_client
 
 AMOUNT = 300
 KEY = "rma-review35"
@@ -356,3 +362,102 @@ async def test_a_pending_record_stepped_in_its_settle_wait_resumed_in_another_cl
     assert server.posts == 1, f"sent again: {server.ours}"
     assert got.id in server.ours
     assert took < 600.0
+
+
+@pytest.mark.parametrize(
+    "later", [-54_000.0, -100_000.0, 3600.0], ids=["put-back", "back-past", "fwd-again"]
+)
+async def test_a_batch_row_stepped_in_its_backoff_then_stepped_again_before_its_resume(
+    tmp_path: Path, later: float
+) -> None:
+    """Simulator seed 2093912's story with a second step: a batch row's read, its POST
+    refused (the connection never opened), the wall clock steps 15 h forward in the
+    backoff, the re-send leaves (answered 500, never applied) and the process dies as
+    it leaves (the journal copied then). Before the next run the wall clock steps
+    again (put back by the operator: -15 h; further back: -27.8 h; forward another
+    hour). The next run resumes the row from the journal: each step is counted once
+    (the record moved by the first and stamped anew, the second seen from that stamp),
+    so the row settles within minutes (no refund listed: proven absent, sent again)
+    and succeeds with one refund; counted twice or not at all, its settle window sat
+    hours ahead (parked) or behind."""
+    clock = SteppedInBackoff(wall_start=1_750_000_000.0)
+    server = GoneAfterRead(clock)
+    server.script = [Step(500, body=VIOLET_500, commit_after=None)]
+    server.journal = tmp_path / "run.jsonl"
+    server.snapshot = tmp_path / "died.jsonl"
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server.site = web.TCPSite(runner, "127.0.0.1", port)
+    await server.site.start()
+    try:
+        async with _backoff_client(port, clock) as client:
+            [r async for r in run_batch(client, [_item()], journal=server.journal)]
+        assert server.away is not None
+        await server.away
+        clock.advance(60.0)
+        clock.step_wall(later)
+        async with _backoff_client(port, clock) as client:
+            began = clock.monotonic()
+            second = [r async for r in run_batch(client, [_item()], journal=server.snapshot)]
+            took = clock.monotonic() - began
+    finally:
+        server._stopping.set()
+        await runner.cleanup()
+    assert took < 600.0, f"the resumed row waited {took:.0f}s"
+    assert [r.outcome for r in second] == ["succeeded"], second[0].error
+    assert len(server.ours) == 1
+
+
+class BackInBackoff(GoneAfterRead):
+    """:class:`GoneAfterRead` whose step in the backoff is 15 h back."""
+
+    async def _away(self) -> None:
+        assert self.site is not None
+        assert isinstance(self.clock, SteppedInBackoff)
+        await asyncio.sleep(0)
+        await self.site.stop()
+        armed = self.clock.armed = asyncio.get_running_loop().create_future()
+        await armed
+        self.clock.step_wall(-54_000.0)
+        await self.listen()
+
+
+async def test_a_batch_row_stepped_back_in_its_backoff_never_settles_early(
+    tmp_path: Path,
+) -> None:
+    """As seed 2093912, the step 15 h back: the row's re-send leaves (answered 500; it
+    commits 40 s later) and the process dies as it leaves. The next run starts 5 s
+    later and resumes the row from the journal. Counted twice, the step put the
+    record's settle window 15 h in the past: the first read, before the commit,
+    proved the re-send absent and the row was sent again, two refunds. Counted once,
+    the row waits out the window, finds its refund and succeeds with no POST more."""
+    clock = SteppedInBackoff(wall_start=1_750_000_000.0)
+    server = BackInBackoff(clock)
+    server.script = [Step(500, body=VIOLET_500, commit_after=40.0)]
+    server.journal = tmp_path / "run.jsonl"
+    server.snapshot = tmp_path / "died.jsonl"
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server.site = web.TCPSite(runner, "127.0.0.1", port)
+    await server.site.start()
+    try:
+        async with _backoff_client(port, clock) as client:
+            [r async for r in run_batch(client, [_item()], journal=server.journal)]
+        assert server.away is not None
+        await server.away
+        posts = server.posts
+        clock.advance(5.0)
+        async with _backoff_client(port, clock) as client:
+            second = [r async for r in run_batch(client, [_item()], journal=server.snapshot)]
+    finally:
+        server._stopping.set()
+        await runner.cleanup()
+    assert len(server.ours) == 1, f"refunded twice: {server.ours}"
+    assert server.posts == posts
+    assert [r.outcome for r in second] == ["succeeded"], second[0].error
