@@ -26,6 +26,7 @@ from violet_async import (
     RateLimitError,
     RecordStoreError,
     RetryPolicy,
+    Timeouts,
     VioletClient,
 )
 from violet_async.batch import run_batch
@@ -95,8 +96,8 @@ async def _repeat_after_cut(case: str, later: float | None = None) -> None:
     server = cls(clock, script=script, **options)
     async with serve(server) as url, _client(url, clock, clock_skew=skew) as client:
         call = asyncio.ensure_future(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
-        clock.call_later(4.5, lambda: server.add_refund(AMOUNT))
-        clock.call_later(5.0, call.cancel)
+        clock.call_later(19.5, lambda: server.add_refund(AMOUNT))
+        clock.call_later(19.8, call.cancel)
         with pytest.raises(asyncio.CancelledError):
             await call
         other = server.refunds[0]["id"]
@@ -120,7 +121,7 @@ async def test_a_repeat_sent_after_the_mark_lapsed_never_takes_a_refund_made_in_
     case: str,
 ) -> None:
     """A call waits out a 429 (Retry-After 20 s); another system refunds the same
-    amount 0.5 s before the caller cuts the call. The caller's repeat comes just after
+    amount 0.3 s before the caller cuts the call as the wait ends. The repeat comes just after
     the mark's life (2 x clock_skew + 5 s + 1 s, + 0.5 s) and so sends unread; its POST
     is answered 500 and never applies. Its read-back lists the other system's refund:
     whatever the clocks and dates (a Date header behind or ahead of Violet's clock, none
@@ -134,12 +135,12 @@ async def test_a_repeat_sent_after_the_mark_lapsed_never_takes_a_refund_made_in_
 async def test_a_keyed_repeat_through_the_store_after_a_429_wait_never_takes_anothers_refund(
     how: str, later: float
 ) -> None:
-    """A keyed call waits out a 429 (Retry-After 20 s); another system refunds the same
-    amount (no Date header: this machine's clock alone, within ``clock_skew``) 2.5 s
-    into the wait; the call is cut 5 s in (``cut``), or its re-send at 3 s (after its
-    read) is answered 429 again, its last attempt (``max_attempts=2``): RateLimitError
-    (``rate-limited``). The caller repeats with the key
-    in the same client ``later`` seconds after (within the mark's life, after it, an
+    """A keyed call's POST is answered 429; another system refunds the same amount (no
+    Date header: this machine's clock alone, within ``clock_skew``) during the wait:
+    the call is cut 0.3 s after it, as its 20 s wait ends (``cut``), or (a Retry-After
+    of 3 s, the refund 2.5 s in) its re-send after its read is answered 429 again, its
+    last attempt (``max_attempts=2``): RateLimitError (``rate-limited``). The caller repeats
+    with the key in the same client ``later`` seconds after (within the mark's life, after it, an
     hour after; a repeat in another client is a new ask without the mark, known): the
     repeat goes through the key's entry (a resume of the ABSENT record, or a new ask
     of the key), its POST answered 500 and never applied. The other system's refund
@@ -162,9 +163,9 @@ async def test_a_keyed_repeat_through_the_store_after_a_429_wait_never_takes_ano
         call = asyncio.ensure_future(
             client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=KEY)
         )
-        clock.call_later(2.5, lambda: server.add_refund(AMOUNT))
+        clock.call_later(2.5 if how == "rate-limited" else 19.5, lambda: server.add_refund(AMOUNT))
         if how == "cut":
-            clock.call_later(5.0, call.cancel)
+            clock.call_later(19.8, call.cancel)
         with pytest.raises((asyncio.CancelledError, RateLimitError)):
             await call
         other = server.refunds[0]["id"]
@@ -461,3 +462,62 @@ async def test_a_batch_row_stepped_back_in_its_backoff_never_settles_early(
     assert len(server.ours) == 1, f"refunded twice: {server.ours}"
     assert server.posts == posts
     assert [r.outcome for r in second] == ["succeeded"], second[0].error
+
+
+async def test_within_the_marks_life_a_2xx_naming_a_refund_made_in_the_cut_wait_is_read_back() -> (
+    None
+):
+    """A call waits out a 429 (Retry-After 20 s); another system refunds the same
+    amount 0.3 s before the caller cuts the call as the wait ends. The caller repeats
+    100 s after the cut (the mark holds), with a Date header 100 s behind Violet's
+    clock, and Violet answers its POST 200 with that other refund's record (a replayed
+    or cached answer: nothing of the repeat applied). The repeat read the bag first:
+    the refund is in its baseline, and the answer is read back, never returned (see
+    tests/open_review35_2xx_after_mark.py for the same answer after the mark lapsed)."""
+    got, other = await replayed_after_cut(100.0, {"header_skew": -100.0})
+    assert not (isinstance(got, OrderRefund) and got.id == other), (
+        "another system's refund, made in the cut call's wait, returned as the repeat's"
+    )
+
+
+async def replayed_after_cut(
+    later: float, options: dict[str, Any], timeouts: Timeouts | None = None
+) -> tuple[OrderRefund | AmbiguousOutcomeError, int]:
+    """The cut call, another system's refund 0.3 s before the cut, and the repeat
+    ``later`` seconds after the cut whose POST Violet answers 200 with that refund's
+    record (nothing applied): what the repeat got, and the other refund's id."""
+    clock = FakeClock()
+    cls = NoDate if options.pop("no_date", False) else Hostile
+    script = [Step(429, commit_after=None, headers={"Retry-After": "20"})]
+    server = cls(clock, script=script, **options)
+    async with (
+        serve(server) as url,
+        VioletClient(
+            APP_ID,
+            SECRET,
+            username="hostile-user",
+            password="hostile-password-0123",
+            base_url=url,
+            clock=clock,
+            retry=RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0),
+            timeouts=timeouts,
+            store=MemoryStore(),
+        ) as client,
+    ):
+        call = asyncio.ensure_future(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+        clock.call_later(19.5, lambda: server.add_refund(AMOUNT))
+        clock.call_later(19.8, call.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        other = {k: v for k, v in server.refunds[0].items() if not k.startswith("_")}
+        server.script = [Step(200, commit_after=None, answer=other)]
+        clock.advance(later)
+        try:
+            got: OrderRefund | AmbiguousOutcomeError = await client.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    assert server.posts == 2
+    assert len(server.ours) == 0
+    return got, other["id"]
