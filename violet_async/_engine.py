@@ -1749,6 +1749,10 @@ class Engine:
                 # dated later than that Date by more than the skew carries a wrong date.
                 io._timeouts.connect + io._timeouts.read + policy.clock_skew,
                 policy.clock_skew,
+                # Every send of this call leaves after now: a refund dated before now
+                # (less Violet's clock skew and a date's tolerance), by this machine's
+                # clock as it is or as it was before a step forward, was made before it.
+                shared.origin.steady(clock) - policy.clock_skew - _DATE_TOLERANCE,
             )
             if (
                 resume is None
@@ -2148,7 +2152,8 @@ class Engine:
         system may have refunded the same (``PendingAsks.cut_while_absent``). For as
         long as a refund made before now could fall in a new send's window: twice the
         clock skew (Violet's clock and ours each off by it) plus the tolerance of a
-        date placed by a ``Date`` header, and its second."""
+        date placed by a ``Date`` header, and its second. A 2xx answer naming such a
+        refund is refused by the answer's check too (``AnswerCheck.not_before``)."""
         clock = self._shared.clock
         life = 2 * self._io._retry.clock_skew + _DATE_TOLERANCE + 1.0
         self._shared.unsettled.cut_while_absent(bag_id, clock.monotonic(), clock.time(), life)

@@ -572,7 +572,17 @@ class AnswerCheck:
     the bag back rather than return a refund that is not this request's. A few
     compares per successful call."""
 
-    __slots__ = ("ahead", "amount", "bag_id", "known", "oldest", "order_id", "parse", "skus")
+    __slots__ = (
+        "ahead",
+        "amount",
+        "bag_id",
+        "known",
+        "not_before",
+        "oldest",
+        "order_id",
+        "parse",
+        "skus",
+    )
 
     def __init__(  # noqa: PLR0917 - one call site, the call's own facts
         self,
@@ -584,6 +594,7 @@ class AnswerCheck:
         skus: Sequence[SkuRefund] | None = None,
         oldest: float | None = None,
         ahead: float = 60.0,
+        not_before: float | None = None,
     ) -> None:
         self.parse = parse
         self.order_id = order_id
@@ -600,6 +611,30 @@ class AnswerCheck:
         self.ahead = ahead
         """Seconds: a refund dated more than this after the answer's own ``Date`` carries
         a date that cannot be right (a wrongly labelled offset): it places nothing."""
+        self.not_before = not_before
+        """Unix time, by this machine's clock: a refund dated before it was made before
+        the call began (less Violet's clock skew), so not by this request, whatever the
+        answer's ``Date`` says or when it has none. None: not checked."""
+
+    def _misdated(self, refund: OrderRefund, resp: RawResponse) -> str:
+        """Why the refund's date rules out this request's making it ("" when it does
+        not, or it has none with an offset)."""
+        span = date_span(refund)
+        if span is None:
+            return ""
+        if self.not_before is not None and span[1] < self.not_before:
+            # Review 35: a repeat after its bag's read-first mark lapsed, answered with
+            # another system's refund made in the cut call's wait (a replayed answer;
+            # no Date, or one behind Violet's clock), returned it as its own.
+            return f"{self.not_before - span[1]:.0f}s before this call began"
+        if self.oldest is None or (gap := _gap(span, resp)) is None:
+            return ""
+        before, after = gap
+        if before > self.oldest:
+            return f"{before:.0f}s before the answer"
+        if after > self.ahead:
+            return f"{after:.0f}s after the answer"
+        return ""
 
     def __call__(self, resp: RawResponse, path: str) -> OrderRefund:
         # ``parse`` itself refuses an answer naming another order or bag (it is given
@@ -611,14 +646,10 @@ class AnswerCheck:
             wrong = f"refund {refund.id}, already handed to another call"
         elif self.skus is not None and refund.skus and not _skus_fit(self.skus, refund):
             wrong = f"refund {refund.id} of other SKU lines"
-        elif (
-            self.oldest is not None
-            and (gap := _gap(refund, resp)) is not None
-            and (gap[0] > self.oldest or gap[1] > self.ahead)
+        elif (self.oldest is not None or self.not_before is not None) and (
+            dated := self._misdated(refund, resp)
         ):
-            before, after = gap
-            when = f"{before:.0f}s before" if before > self.oldest else f"{after:.0f}s after"
-            wrong = f"refund {refund.id}, dated {when} the answer"
+            wrong = f"refund {refund.id}, dated {dated}"
         else:
             return refund
         asked = f"order {self.order_id}, bag {self.bag_id}"
@@ -751,15 +782,12 @@ def _skus_fit(asked: Counter[int | None], refund: OrderRefund) -> bool:
 _last_date: tuple[str, float | None] = ("", None)
 
 
-def _gap(refund: OrderRefund, resp: RawResponse) -> tuple[float, float] | None:
-    """How long before the answer's own ``Date`` the refund was made at the least, and
-    how long after it at the least (one of them is 0 or less). None when either is
-    missing or the date has no offset; a day-precision date (midnight UTC) spans its
+def _gap(span: tuple[float, float], resp: RawResponse) -> tuple[float, float] | None:
+    """How long before the answer's own ``Date`` a refund dated ``span`` was made at
+    the least, and how long after it at the least (one of them is 0 or less). None when
+    the answer has no readable ``Date``; a day-precision date (midnight UTC) spans its
     day. Violet's clock only: no local clock."""
     global _last_date  # noqa: PLW0603 - a one-entry cache, replaced whole
-    span = date_span(refund)
-    if span is None:
-        return None
     header = resp.headers.get("Date")
     if not header:
         return None
