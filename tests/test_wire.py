@@ -47,6 +47,10 @@ REFUNDS = f"{BASE}/orders/11/bags/22/refunds"
 CANCEL = f"{BASE}/orders/11/bags/22/cancel"
 SECRET = "s3cr3t-app-secret"
 TOKEN = "tok-abc"
+# The documented refund (tests/samples.py) is dated 2023-11-07T05:31:56Z: the client's
+# clock reads that moment, as Violet's answers are dated when the call runs (a 2xx
+# naming a refund dated before its call began is read back, never returned).
+WHEN = 1_699_335_116.0
 
 
 @pytest.fixture
@@ -58,7 +62,12 @@ def wire() -> Any:
 @pytest.fixture
 async def client() -> AsyncIterator[VioletClient]:
     async with VioletClient(
-        11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled(), clock=FakeClock()
+        11,
+        SECRET,
+        token=TOKEN,
+        base_url=BASE,
+        retry=RetryPolicy.disabled(),
+        clock=FakeClock(wall_start=WHEN),
     ) as c:
         yield c
 
@@ -266,7 +275,12 @@ async def test_wire_body_holds_exactly_the_fields_passed(
         answering(mocked, REFUNDS)
         answering(mocked, CANCEL)
         async with VioletClient(
-            11, SECRET, token=TOKEN, base_url=BASE, retry=RetryPolicy.disabled(), clock=FakeClock()
+            11,
+            SECRET,
+            token=TOKEN,
+            base_url=BASE,
+            retry=RetryPolicy.disabled(),
+            clock=FakeClock(wall_start=WHEN),
         ) as c:
             await c.refund_bag(11, 22, **refund)
             await c.refund_bag(11, 22, RefundBagRequest(**refund))
