@@ -15,12 +15,20 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy, VioletClient
-from violet_async.stores import MemoryStore
+from violet_async import (
+    AmbiguousOutcomeError,
+    OrderRefund,
+    RefundBagRequest,
+    RetryPolicy,
+    VioletClient,
+)
+from violet_async.batch import BatchItem, run_batch
+from violet_async.stores import MemoryStore, SQLiteStore
 from violet_async.testing import FakeClock
 
 from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile, Step, hostile_client, serve
@@ -267,3 +275,53 @@ async def test_a_genuine_2xx_after_a_step_back_that_put_the_clock_right_is_retur
         got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
     assert server.posts == 1
     assert server.ours == [got.id]
+
+
+@pytest.mark.parametrize("case", ["violet-50s-behind", "step-back-1h-during-post", "day-dates"])
+async def test_a_batch_rows_genuine_2xx_is_its_refund(case: str, tmp_path: Path) -> None:
+    """A batch row (journal, one row) answered with its own refund under the clocks of
+    :data:`GENUINE`: succeeded, its refund, one POST, no read-back of the answer (the
+    row's first send reads the bag first: one read)."""
+    options, before, during = GENUINE[case]
+    clock = FakeClock()
+    server = _server(clock, options, [Step(200, wall_step=during)])
+    item = BatchItem.refund(1, ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=AMOUNT))
+    async with hostile_client(server, retry=RETRY) as client:
+        clock.step_wall(before)
+        rows = [r async for r in run_batch(client, [item], journal=tmp_path / "run.jsonl")]
+    assert server.posts == 1
+    assert [(str(r.outcome), r.refund_id) for r in rows] == [("succeeded", server.ours[0])]
+
+
+async def test_a_keyed_genuine_2xx_read_back_is_never_sent_again_from_another_process(
+    tmp_path: Path,
+) -> None:
+    """This machine 70 s ahead of Violet: a keyed call's genuine 2xx is read back and
+    ends for review. The key's repeat from another process sharing the SQLite store,
+    at once and an hour later, never sends it again."""
+    clock = FakeClock()
+    server = Hostile(clock, script=[Step(200)], server_skew=-70.0)
+    key = "rma-review36-two-processes"
+    path = tmp_path / "keys.db"
+    outcomes: list[object] = []
+    async with (
+        SQLiteStore(path, monotonic=clock.monotonic) as one_store,
+        hostile_client(server, retry=RETRY, store=one_store) as one,
+        SQLiteStore(path, monotonic=clock.monotonic) as two_store,
+        hostile_client(server, retry=RETRY, store=two_store) as two,
+    ):
+        for client, wait in ((one, 0.0), (two, 1.0), (two, 3600.0), (one, 1.0)):
+            clock.advance(wait)
+            try:
+                outcomes.append(
+                    await client.refund_bag(
+                        ORDER_ID, BAG_ID, amount_refunded=AMOUNT, idempotency_key=key
+                    )
+                )
+            except AmbiguousOutcomeError as exc:
+                outcomes.append(exc)
+    assert server.posts == 1, f"sent twice: {outcomes}"
+    assert len(server.ours) == 1
+    for got in outcomes:
+        if isinstance(got, OrderRefund):
+            assert got.id == server.ours[0]
