@@ -1751,8 +1751,9 @@ class Engine:
                 policy.clock_skew,
                 # Every send of this call leaves after now: a refund dated before now
                 # (less Violet's clock skew and a date's tolerance), by this machine's
-                # clock as it is or as it was before a step forward, was made before it.
-                shared.origin.steady(clock) - policy.clock_skew - _DATE_TOLERANCE,
+                # clock as it read when the client was made (carried on the monotonic
+                # clock past any step since), was made before it.
+                shared.origin.as_made(clock) - policy.clock_skew - _DATE_TOLERANCE,
             )
             if (
                 resume is None

@@ -727,6 +727,16 @@ class ClockOrigin:
         wall, mono = clock.time(), clock.monotonic()
         return min(wall, wall - self.step_at(wall, mono))
 
+    def as_made(self, clock: Clock) -> float:
+        """The wall clock now as it would read had it not stepped since the origin
+        (the origin's reading carried forward on the monotonic clock), or as it is when
+        it did not: what a call's start is judged by when a refund's date must fall
+        after it (``AnswerCheck.not_before``). A step back since then never makes an
+        old refund look made after the start (review 36), nor a step forward a new one
+        before it (seed 921142's step of 15 h)."""
+        wall, mono = clock.time(), clock.monotonic()
+        return wall - self.step_at(wall, mono)
+
     def latest(self, wall: float, mono: float) -> float:
         """``wall`` (read at ``mono``), or later when the wall clock stepped back since
         the origin: what an age counted on the wall clock is judged by on the side of

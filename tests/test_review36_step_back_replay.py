@@ -1,4 +1,4 @@
-"""Review 36, open: review 35's replayed 2xx, after a wall clock step BACK the client saw.
+"""Review 36: review 35's replayed 2xx, after a wall clock step BACK the client saw.
 
 The story. A client is made with its wall clock right. The wall clock then steps back
 10 minutes (an operator, or NTP gone wrong; the client sees it: its monotonic clock
@@ -16,8 +16,9 @@ behind: the other refund, 127 s old, is "after the call began" and is returned a
 repeat's own refund (a refund this ask never made, reported applied). Without the step
 (tests/test_review35_2xx_after_mark.py) the same answer is read back.
 
-Run: pytest -q -p no:cacheprovider --no-cov tests/open_review36_step_back_replay.py
-(it fails on main 3d424f2: the other system's refund is returned).
+Now ``not_before`` is judged by the clock as it read when the client was made, carried
+forward on the monotonic clock past the step (``ClockOrigin.as_made``): the answer is
+read back. (Failed on main 3d424f2.)
 """
 
 from __future__ import annotations
