@@ -30,7 +30,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Container
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 import attrs
 
@@ -1699,9 +1699,17 @@ class Engine:
         locks = shared.bag_locks
         unsettled = shared.unsettled
         waited = not locks.try_acquire(bag_id)
+        came_with: tuple[PendingRefund, ...] = ()
         if waited:
+            if resume is None and records is None and key is None and item is None:
+                # The records of this very request pending here (or being resumed by
+                # the call that holds the bag) as this call comes: it may be the
+                # repeat of the call that left one, and what it finds once it holds
+                # the bag is not what it came to (simulator seed 5079201).
+                came_with = unsettled.alike(PendingRefund(kind, order_id, bag_id, req))
             await self._wait_for_bag(bag_id, deadline, resume, req)
         given = resume  # the caller's copy of the record (resume may become a newer one)
+        taken: PendingRefund | None = None  # the record this resume holds the bag with
         sent: tuple[float, float] | None = None
         tracker: SendTracker | None = None
         owner: str | None = None
@@ -1722,6 +1730,17 @@ class Engine:
                 resume = unsettled.check(bag_id, resume)
                 if resume is None and unsettled.read_first(bag_id, clock.monotonic(), clock.time()):
                     read_first = True
+            if came_with:
+                # A record of this request was pending (or being resumed) when this call
+                # came, and has been resumed since, to whatever end: the call that left
+                # it is told that end by resuming it (its refund, with no request), as
+                # it would have been had it held the bag first. Sent now, its repeat
+                # made a second refund of the amount, or was refused "already refunded"
+                # and told it failed while its own refund was made.
+                _pending_as_it_came(bag_id, kind, came_with)
+            if resume is not None:
+                taken = resume
+                unsettled.resuming(taken)
             if (
                 item is not None
                 and (claimed := shared.known_refunds.claimed(item))
@@ -1957,6 +1976,8 @@ class Engine:
                 LATE_ANSWER.reset(late_token)
             if late is not None and late.task is not None:
                 drop_late(late.task)  # nothing of the call is pending: not awaited
+            if taken is not None:
+                unsettled.resumed(taken)
             locks.release(bag_id)
         if (
             tracker is not None
@@ -2241,6 +2262,17 @@ def unless_failed(
             refund=refund,
         )
     return refund
+
+
+def _pending_as_it_came(bag_id: int, kind: Kind, came_with: tuple[PendingRefund, ...]) -> NoReturn:
+    """:meth:`Engine.drive`: a new ask came while records of its request were pending
+    on the bag (or being resumed), and they have been resumed since."""
+    raise BagPendingError(
+        f"bag {bag_id} had the same {kind} from this client pending when this call came, "
+        "and it has been resumed since; resume it (client.resume(error.pending[0])) for "
+        "its outcome before asking again: this call could be its repeat. Nothing was sent.",
+        pending=came_with,
+    )
 
 
 def engine_of(client: VioletClient) -> Engine:

@@ -373,6 +373,9 @@ class PendingAsks:
         # (a 429's wait, a re-send's backoff), or ended so after such a wait: until
         # when (monotonic, wall) every new ask there reads the bag before its send.
         self._read_first: OrderedDict[int, tuple[float, float]] = OrderedDict()
+        # Records a resume took off their bag and drives now (it holds the bag), by bag:
+        # still in play for a call that comes meanwhile (:meth:`alike`).
+        self._resuming: dict[int, list[PendingRefund]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._by_bag or self._read_first)
@@ -419,6 +422,33 @@ class PendingAsks:
 
     def on_bag(self, bag_id: int) -> bool:
         return bag_id in self._by_bag
+
+    def resuming(self, record: PendingRefund) -> None:
+        """A resume of ``record`` holds its bag now (until :meth:`resumed`)."""
+        self._resuming.setdefault(record.bag_id, []).append(record)
+
+    def resumed(self, record: PendingRefund) -> None:
+        """The resume of ``record`` (:meth:`resuming`) gave its bag back."""
+        records = self._resuming.get(record.bag_id)
+        if records is None:
+            return
+        for index, held in enumerate(records):
+            if held is record:
+                del records[index]
+                break
+        if not records:
+            del self._resuming[record.bag_id]
+
+    def alike(self, like: PendingRefund) -> tuple[PendingRefund, ...]:
+        """The records of ``like``'s request (kind, order, body) on its bag that are
+        pending here or being resumed now: a call of that request that comes while one
+        is may be the repeat of the call that left it (simulator seed 5079201)."""
+        bag_id = like.bag_id
+        return tuple(
+            record
+            for record in (*self._by_bag.get(bag_id, ()), *self._resuming.get(bag_id, ()))
+            if _same_request(record, like)
+        )
 
     def records_on(self, bag_id: int) -> tuple[PendingRefund, ...]:
         """The records pending on ``bag_id``, oldest first."""

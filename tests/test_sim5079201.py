@@ -15,14 +15,14 @@ failed, while the refund of its own record was made (and handed to A0's caller).
 For a partial refund it is worse: the blind repeat makes a second refund of the same
 amount (parametrized ``amount`` case below: two refunds for one caller's one refund).
 
-The pending check is made only once the call holds the bag: the record that was
-pending when the call came (on the bag, or being resumed by the call that holds it)
-is no longer seen. A new ask of the same request as a record pending (or being
-resumed) when it came should be told BagPendingError with that record (nothing sent);
-resuming the record then returns its refund with no request.
+The pending check was made only once the call held the bag: the record that was
+pending when the call came (on the bag, or being resumed by the call that held it) was
+no longer seen. Now a new ask (no key) of the same request as a record pending, or
+being resumed, when it comes is told BagPendingError with that record once it holds
+the bag (nothing sent); resuming the record returns its refund with no request, as
+the caller that joined it was handed.
 
-Run it (not collected by pytest's default pattern):
-    pytest -q -p no:cacheprovider --no-cov tests/open_sim5079201.py
+Run it: pytest -q -p no:cacheprovider --no-cov tests/test_sim5079201.py
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ import asyncio
 
 import pytest
 
-from violet_async import BagPendingError, OrderRefund, VioletError
+from violet_async import (
+    BagPendingError,
+    CancelBagRequest,
+    OrderRefund,
+    PendingRefund,
+    RefundBagRequest,
+    VioletError,
+)
+from violet_async._reconcile import PendingAsks
 from violet_async.testing import FakeClock
 
 from .hostile import BAG_ID, GATEWAY_502, ORDER_ID, Hostile, Step, hostile_client
@@ -82,3 +90,25 @@ async def test_a_repeat_behind_its_records_resume_is_not_sent_blind(amount: int 
         assert [p.ask_id for p in again.pending] == [record.ask_id]
         assert (await client.resume(again.pending[0])).id == got.id
         assert server.posts == 2
+
+
+def test_alike_sees_records_pending_or_being_resumed_of_the_same_request() -> None:
+    """The seed's own ordering: the repeat came while the record was still on the bag
+    (the resume waited for the bag behind a third call); or while a resume held it."""
+    asks = PendingAsks()
+    body = RefundBagRequest(reason=REASON)
+    like = PendingRefund("refund", ORDER_ID, BAG_ID, body)
+    on_bag = PendingRefund("refund", ORDER_ID, BAG_ID, body)
+    other = PendingRefund("refund", ORDER_ID, BAG_ID, RefundBagRequest(amount_refunded=5))
+    cancel = PendingRefund("cancel", ORDER_ID, BAG_ID, CancelBagRequest())
+    asks.add(on_bag)
+    asks.add(other)
+    assert asks.alike(like) == (on_bag,)
+    resumed = PendingRefund("refund", ORDER_ID, BAG_ID, body)
+    asks.resuming(resumed)
+    asks.resuming(cancel)
+    assert asks.alike(like) == (on_bag, resumed)
+    asks.resumed(resumed)
+    asks.resumed(cancel)
+    assert asks.alike(like) == (on_bag,)
+    assert not asks._resuming
