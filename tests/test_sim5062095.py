@@ -27,11 +27,13 @@ Here the same shape on a server scripted in the test (tests/hostile.py: one bag 
 ``Retry-After: 20``; another system's identical refund 19.5 s later, when the refund
 list starts failing (503) until t=30 s, so the read before the re-send fails after
 its own retries; the re-send is answered Violet's 500 (nothing applied); the next
-send commits. Today the read-back after the 500 takes the other system's refund for
-the call's own (1 POST short, the shopper refunded by the other system only).
+send commits. Before the fix the read-back after the 500 took the other system's
+refund for the call's own. Now a failed read before a re-send that listed nothing is
+read again (never sent), and at the call's deadline the ask ends as a failed baseline
+read does (the read's error; not sent, every send proven not applied); the seed
+replays with no violation.
 
-Not collected (``open_``): run it with
-``pytest -q -p no:cacheprovider --no-cov tests/open_sim5062095.py``.
+Run: ``pytest -q -p no:cacheprovider --no-cov tests/test_sim5062095.py``.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import pytest
 from aiohttp import web
 
-from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy
+from violet_async import AmbiguousOutcomeError, OrderRefund, RetryPolicy, VioletError
+from violet_async._engine import Outcome, outcome_of
 from violet_async.testing import FakeClock
+from violet_async.testing.sim import WORLD_KINDS, simulate
 
 from .hostile import BAG_ID, ORDER_ID, VIOLET_500, Hostile, Step, hostile_client
 
@@ -94,10 +99,43 @@ async def test_a_failed_read_before_a_re_send_never_sends_into_a_refund_made_in_
             got = exc
     assert others, "the other system's refund was made"
     other = others[0]["id"]
-    if isinstance(got, OrderRefund):
-        assert got.id != other, "another system's refund was returned as this ask's own"
-        assert got.id in server.ours
-    else:
-        # Pending is honest too, as long as the other refund is never taken.
-        assert got.pending is not None
-        assert got.pending.refund_id != other
+    assert isinstance(got, OrderRefund), got
+    assert got.id != other, "another system's refund was returned as this ask's own"
+    assert got.id in server.ours
+    assert server.posts == 3
+
+
+async def test_a_read_before_a_re_send_that_fails_until_the_deadline_ends_not_sent() -> None:
+    """The same, with the refund list down until long after the call's deadline: the
+    ask is never sent again and never handed the other system's refund. It ends with
+    the read's error, as a failed baseline read does: not sent (every send proven not
+    applied), so it may be asked again; the bag is marked, so the repeat reads first."""
+    clock = FakeClock()
+    server = ListDown(clock)
+    server.script = [Step(429, commit_after=None, headers={"Retry-After": "20"})]
+    others: list[dict[str, Any]] = []
+
+    def other_refund() -> None:
+        others.append(server.add_refund(AMOUNT))
+        server.down = True
+
+    clock.call_later(19.5, other_refund)
+    retry = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=60.0, jitter=False)
+    async with hostile_client(server, retry=retry) as client:
+        with pytest.raises(VioletError) as caught:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        assert not isinstance(caught.value, AmbiguousOutcomeError)
+        assert outcome_of(caught.value) is Outcome.NOT_SENT
+        assert server.posts == 1
+        server.down = False
+        got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+    assert got.id != others[0]["id"], "another system's refund was returned as the repeat's"
+    assert got.id in server.ours
+    assert server.posts == 2
+
+
+def test_seed_5062095_replays_with_no_violation() -> None:
+    """The seed itself (``--kinds all``, batch): A2's resume reads again after the
+    refused read, lists 400008 (then never its own) and is refunded by its own send."""
+    result = simulate(5062095, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
