@@ -20,7 +20,15 @@ from violet_async import (
 from violet_async._ask import merged
 from violet_async._converter import converter
 from violet_async._matching import Verdict, idless_fits, judge
-from violet_async._protocol import Do, Observation, Phase, Settings, start, step
+from violet_async._protocol import (
+    RESEND_READ_FAILED,
+    Do,
+    Observation,
+    Phase,
+    Settings,
+    start,
+    step,
+)
 from violet_async.exceptions import api_error_from_response
 from violet_async.models import OrderRefund
 from violet_async.testing import FakeClock
@@ -123,15 +131,23 @@ def test_a_refund_listed_before_the_re_send_after_a_429_is_never_this_asks() -> 
     assert ask.sends == 3
 
 
-def test_a_failed_read_before_the_re_send_after_a_429_sends_as_before() -> None:
-    """The read after the wait failed (after its own retries): the re-send leaves as
-    it did before that read existed, its window opening at it."""
+def test_a_failed_read_before_the_re_send_after_a_429_reads_again_never_sends() -> None:
+    """The read after the wait failed (after its own retries) and listed nothing: the
+    ask is not sent until a read answers (simulator seed 5062095: sent at once, another
+    system's identical refund made in the wait, within ``date_tolerance`` of the
+    re-send, was taken for its own). It reads again after the backoff; when the
+    deadline leaves no room, it fails as a failed baseline read does: every send was
+    proven not applied, and nothing more was sent."""
     ask, action = step(sent(), busy(), SETTINGS, T0, 100.0)
     failed = Observation.read_failed(T0 + 20.0, APIConnectionError("refused"), backoff=1.0)
-    ask, action = step(ask, failed, SETTINGS, T0 + 21.0, 79.0)
-    assert action.do is Do.SEND
-    assert ask.first_sent_at == ask.last_sent_at == T0 + 21.0
-    assert ask.baseline is None
+    again, action = step(ask, failed, SETTINGS, T0 + 21.0, 79.0)
+    assert (action.do, action.delay) == (Do.READ, 1.0)
+    assert again == ask
+    ended, action = step(ask, failed, SETTINGS, T0 + 21.0, 0.5)
+    assert action.do is Do.FAIL
+    assert ended.phase is Phase.FAILED
+    assert ended.note == RESEND_READ_FAILED
+    assert ended.sends == ask.sends
 
 
 def test_a_refund_made_while_the_429_waited_is_never_claimed() -> None:

@@ -15,8 +15,9 @@ from aiohttp import web
 
 from violet_async import (
     AmbiguousOutcomeError,
-    APIConnectionError,
+    APIError,
     OrderRefund,
+    RateLimitError,
     RetryPolicy,
     VioletClient,
 )
@@ -195,7 +196,9 @@ async def test_a_call_whose_resend_after_a_429_wait_found_no_connection_marks_it
     apply). Its caller repeated it at once: a new ask with no baseline, answered 500,
     whose read-back took the other system's refund for its own. A call ended by
     RateLimitError marks its bag so that its repeat reads the bag first (review 30);
-    one ended otherwise after a 429's wait did not."""
+    one ended otherwise after a 429's wait did not. (Since seed 5062095's fix the read
+    before that re-send, refused too, keeps it from leaving: the call reads until its
+    deadline and ends with its 429, RateLimitError, not sent; the bag is marked.)"""
     clock = FakeClock()
     server = Gone(clock)
     url = await server.start()
@@ -210,7 +213,7 @@ async def test_a_call_whose_resend_after_a_429_wait_found_no_connection_marks_it
             retry=RetryPolicy(max_attempts=2, deadline=60.0),
         ) as client:
             clock.call_later(9.5, lambda: other.append(server.add(500)))
-            with pytest.raises(APIConnectionError):
+            with pytest.raises(RateLimitError):
                 await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=500)
             assert server.posts == 1
             assert len(other) == 1
@@ -224,6 +227,63 @@ async def test_a_call_whose_resend_after_a_429_wait_found_no_connection_marks_it
     finally:
         await server.runner.cleanup()
     assert server.posts == 2, "the repeat's POST, answered 500: nothing applied"
+    assert not (isinstance(got, OrderRefund) and got.id == other[0]["id"]), (
+        "another system's refund handed over as the repeat's own"
+    )
+
+
+class Refused(Gone):
+    """The first POST answered 429 (wait 10 s), the second refused by Violet (a 400:
+    nothing applied), any later one Violet's 500; the server stays up."""
+
+    async def refund(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        await request.read()
+        if self.posts == 1:
+            return web.json_response(
+                {"message": "Too many requests"}, status=429, headers={"Retry-After": "10"}
+            )
+        if self.posts == 2:
+            error = {"status": 400, "message": "Bag cannot be refunded now", "error_code": 4006}
+            return web.json_response(error, status=400)
+        error = {"status": 500, "message": "Internal error", "error_code": 5000}
+        return web.json_response(error, status=500)
+
+
+async def test_a_call_whose_resend_after_a_429_wait_was_refused_marks_its_bag() -> None:
+    """The same mark for a call ended by a 4xx after a 429's wait (review 31's "ended
+    otherwise", kept covered since seed 5062095's fix keeps a re-send from leaving
+    after a refused read): another system's identical refund 9.5 s into the wait, the
+    re-send answered 400 (nothing applied), the caller's repeat at once answered 500.
+    The repeat reads the bag first: the other refund is never its own."""
+    clock = FakeClock()
+    server = Refused(clock)
+    url = await server.start()
+    other: list[dict[str, Any]] = []
+    try:
+        async with VioletClient(
+            31,
+            "review31-secret",
+            token="review31-token-0123456789",
+            base_url=url,
+            clock=clock,
+            retry=RetryPolicy(max_attempts=2, deadline=60.0),
+        ) as client:
+            clock.call_later(9.5, lambda: other.append(server.add(500)))
+            with pytest.raises(APIError) as caught:
+                await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=500)
+            assert caught.value.status == 400
+            assert server.posts == 2
+            try:
+                got: OrderRefund | AmbiguousOutcomeError = await client.refund_bag(
+                    ORDER_ID, BAG_ID, amount_refunded=500
+                )
+            except AmbiguousOutcomeError as exc:
+                got = exc
+    finally:
+        await server.runner.cleanup()
+    assert len(other) == 1
+    assert server.posts == 3, "the repeat's POST, answered 500: nothing applied"
     assert not (isinstance(got, OrderRefund) and got.id == other[0]["id"]), (
         "another system's refund handed over as the repeat's own"
     )

@@ -29,6 +29,8 @@ Phases and their moves (anything else is a bug and raises ``ProtocolError``)::
     SENT    --429-->            ABSENT   (read the bag after the wait; what it lists
                                           is not this ask's) | FAILED (out of budget)
     ABSENT  --read-->           SENT     (the re-send; its window starts there)
+    ABSENT  --read failed-->    ABSENT   (nothing listed: read again, never sent past)
+                                         | FAILED (the deadline: nothing more sent)
     SENT    --429 (deferred)--> ABSENT   (DEFER: the caller paces it and sends it again)
     ABSENT  --resume-->         ABSENT   (read the bag first, as after a 429's wait;
                                           a fresh budget; a deferred ask too, once
@@ -323,6 +325,10 @@ _REVIEWED_ABSENT = "parked for review before any re-send left"
 #: was sent (the driver tells such a failure by it: ``_reconcile._end``).
 BASELINE_READ_FAILED = "the baseline read failed"
 
+#: The note of an ask whose read before a re-send (every send so far proven not
+#: applied) failed until its deadline: nothing more was sent (``_reconcile._end``).
+RESEND_READ_FAILED = "the read before a re-send failed; every send was proven not applied"
+
 
 def start(
     ask: PendingRefund, settings: Settings, now: float, *, attempt_timeout: float
@@ -576,7 +582,17 @@ def step(
             )
             if listed:
                 return _before_resend(ask, attrs.evolve(obs, refunds=listed), now, known)
-            return _send(ask, now, proven=True)
+            # Nothing listed: the read told nothing of the bag. Sent now, another
+            # system's identical refund made during the wait, within
+            # ``date_tolerance`` of the re-send (or after it by a ``Date`` running
+            # behind), was taken for its own (simulator seed 5062095: a resume's read
+            # refused, the re-send answered 500). Not sent until a read answers:
+            # read again, and at the deadline it ends as a failed baseline read does:
+            # every send so far was proven not applied, and nothing more was sent.
+            if remaining is not None and obs.backoff >= remaining:
+                failed = attrs.evolve(ask, phase=Phase.FAILED, note=RESEND_READ_FAILED)
+                return failed, Action(Do.FAIL)
+            return ask, Action(Do.READ, delay=obs.backoff, read_bag=False)
         if ask.phase is Phase.NEW:
             # The baseline read failed after its own retries: nothing was sent.
             failed = attrs.evolve(ask, phase=Phase.FAILED, note=BASELINE_READ_FAILED)

@@ -1063,8 +1063,13 @@ def _end(ask: PendingRefund, action: Action, last_error: VioletError | None) -> 
     if action.do is Do.RETURN and action.refund is not None:
         return action.refund
     if action.do is Do.FAIL:
-        if last_error is not None and ask.note == protocol.BASELINE_READ_FAILED:
-            last_error._before_send = True  # nothing was sent: ``outcome_of``
+        if last_error is not None and ask.note in (
+            protocol.BASELINE_READ_FAILED,
+            protocol.RESEND_READ_FAILED,
+        ):
+            # Nothing was sent, or nothing more after sends proven not applied: the
+            # ask may be asked again (``outcome_of``).
+            last_error._before_send = True
         raise last_error or VioletError(
             f"the {ask.kind} of bag {ask.bag_id} did not apply ({ask.note}); nothing more was sent"
         )
