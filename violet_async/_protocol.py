@@ -330,6 +330,11 @@ BASELINE_READ_FAILED = "the baseline read failed"
 RESEND_READ_FAILED = "the read before a re-send failed; every send was proven not applied"
 
 
+def _refused(error: VioletError | None) -> bool:
+    """A read Violet refused (400, 401, 403, 404): reading again does not mend it."""
+    return isinstance(error, APIError) and error.status in (400, 401, 403, 404)
+
+
 def start(
     ask: PendingRefund, settings: Settings, now: float, *, attempt_timeout: float
 ) -> tuple[PendingRefund, Action]:
@@ -589,7 +594,10 @@ def step(
             # refused, the re-send answered 500). Not sent until a read answers:
             # read again, and at the deadline it ends as a failed baseline read does:
             # every send so far was proven not applied, and nothing more was sent.
-            if remaining is not None and obs.backoff >= remaining:
+            # With no deadline, or refused (a 400, 401, 403 or 404: no wait mends it),
+            # it ends now as a failed baseline read does: read again for ever, the call
+            # held its bag and never ended (review 37).
+            if remaining is None or obs.backoff >= remaining or _refused(obs.error):
                 failed = attrs.evolve(ask, phase=Phase.FAILED, note=RESEND_READ_FAILED)
                 return failed, Action(Do.FAIL)
             return ask, Action(Do.READ, delay=obs.backoff, read_bag=False)

@@ -1,5 +1,5 @@
 """Review 37: the read before a re-send after a 429 (7a7cb32) that is REFUSED, with no
-deadline, is read again forever: the call never ends.
+deadline, was read again forever: the call never ended.
 
 Story: a refund's POST is answered 429 (Retry-After 20 s). Every send so far is proven
 not applied. The read of the bag before the re-send is answered 403 (a token whose
@@ -15,18 +15,9 @@ The scripted server (tests/hostile.py, 127.0.0.1 port 0, FakeClock shared with t
 client) stops refusing after 200 reads so that the test ends; the call must have ended
 long before (not sent) instead.
 
-The fix (checked against a patched copy: these two pass, and test_failed_read_before_
-resend, test_sim5062095, test_resend_window, test_review31_findings and
-test_sim_named_risks stay green): in ``_protocol.step``, phase ABSENT, nothing listed,
-end FAILED with RESEND_READ_FAILED (not sent) when there is no deadline, as a failed
-baseline read does, and at once on a refusal (400/401/403/404), which no wait mends::
-
-    if remaining is None or obs.backoff >= remaining or _refused(obs.error):
-        failed = attrs.evolve(ask, phase=Phase.FAILED, note=RESEND_READ_FAILED)
-        return failed, Action(Do.FAIL)
-
-Run: . /work/venvs/review37/bin/activate && cd /work/wt/review37 &&
-     pytest -q -p no:cacheprovider --no-cov tests/open_review37_refused_read_forever.py
+Now (review 37's fix, in ``_protocol.step``, phase ABSENT, nothing listed): with no
+deadline the call ends not sent at once, as a failed baseline read does, and a refusal
+(400/401/403/404), which no wait mends, ends it at once too.
 """
 
 from __future__ import annotations
