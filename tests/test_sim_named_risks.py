@@ -371,6 +371,13 @@ def test_the_hook_reads_every_double_it_is_given(monkeypatch: pytest.MonkeyPatch
         return label == "A2^", "why"
 
     monkeypatch.setattr(_named, "risk_d", risk_d)
+    asked_g: list[str] = []
+
+    def risk_g(world: Any, text: str) -> tuple[bool, str]:
+        asked_g.append(text)
+        return False, "why not"
+
+    monkeypatch.setattr(_named, "risk_g", risk_g)
     counted: list[str] = []
     violations = [
         "[double] A2^: 2 refunds for one ask: [400006, 400007]",
@@ -386,6 +393,69 @@ def test_the_hook_reads_every_double_it_is_given(monkeypatch: pytest.MonkeyPatch
     )
     _run._World.check_named(world)  # type: ignore[arg-type]
     assert asked == [("A2^", [400006, 400007]), ("A10", [400001, 400012, 400103])]
+    assert asked_g == [violations[1]]  # risk (g) is asked of what risk (d) left
     assert world.violations == violations[1:]
     assert counted == ["named:risk_d"]
     assert world.excused == ["risk (d): why"]
+
+
+def test_a_process_made_hours_ahead_behind_date_headers_as_far_ahead_is_risk_g(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 7148594 (``--kinds all``, direct): the machine's wall clock stepped 15 h
+    ahead; a second process on the same store, made after the step (it saw none), called
+    A1's key again behind ``Date`` headers 15 h ahead too. Its POST applied and was
+    answered 503; with no read of the bag before the send, every reading dated the
+    refund 15 h before the send, "made long before" it, and the call was told it failed:
+    README's remaining risk (g). Counted, not flagged; and each of risk (g)'s conditions,
+    taken away from the same world, makes it a violation again."""
+    worlds: list[tuple[Any, str]] = []
+    real = _named.risk_g
+
+    def spy(world: Any, text: str) -> tuple[bool, str]:
+        worlds.append((world, text))
+        return real(world, text)
+
+    monkeypatch.setattr(_named, "risk_g", spy)
+    result = simulate(7148594, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+    assert result.injected["named:risk_g"] == 1
+    assert result.excused[0].startswith("risk (g): A1's refund(s) [400009] were made by app2")
+    assert "named risk (g): A1" in result.report()
+
+    ((world, text),) = [(w, t) for w, t in worlds if "400009" in t]
+    assert text.startswith("[failed-but-applied] A1~2")
+    assert real(world, text)[0]
+    violet = world.violet
+    answers = list(violet.answered["app2"])
+    born = violet.born["app2"]
+
+    # A Date header on Violet's own clock: one reading placed the refund near the send.
+    wall, mono, _ = answers[0]
+    violet.answered["app2"] = [*answers, (wall, mono, wall - 54_000.0)]
+    assert real(world, text) == (False, "6: a Date header placed the refund near the send")
+    # The process's wall clock stepped after it was made (it could see that).
+    violet.answered["app2"] = [*answers, (wall + 30.0, mono, None)]
+    assert real(world, text) == (False, "5: the process's wall clock stepped after it was made")
+    violet.answered["app2"] = answers
+    # Its clock on Violet's: the refund is dated at the send by it.
+    violet.born["app2"] = (born[0] - 54_480.0, born[1])
+    violet.answered["app2"] = [(w - 54_480.0, m, d) for w, m, d in answers]
+    assert real(world, text) == (
+        False,
+        "6: the process's clock does not date the refund hours before the send",
+    )
+    violet.born["app2"], violet.answered["app2"] = born, answers
+    # A read of the bag before the send (a baseline).
+    pages = list(violet.pages)
+    made = next(c for c in violet.commits if c.refund_id == 400009)
+    mine = next(p for p in pages if p.client == "app2" and p.bag_id == made.bag_id)
+    violet.pages = [*pages, attrs.evolve(mine, at=made.sent_at - 0.5)]
+    assert real(world, text) == (
+        False,
+        "3: the process read the bag for the ask before its send",
+    )
+    violet.pages = pages
+    # Day-precision dates.
+    world.s = attrs.evolve(world.s, date_style="day")
+    assert real(world, text) == (False, "1: refund dates not precise")

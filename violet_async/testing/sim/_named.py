@@ -11,16 +11,24 @@ is computed from what the simulator recorded (``SimViolet.commits``, ``posts``,
 never excused. (d): a ``[double]`` whose refunds were each made by one of two processes
 (clients) that share no record store, both sent after the ask's record was handed out
 pending, each right after a whole read of the bag of its own, neither having read the
-other's refund before its own send (``named:risk_d``).
+other's refund before its own send (``named:risk_d``). (g): a ``[failed-but-applied]``
+or ``[double]`` whose refund was made by a send of a process whose wall clock was
+hours ahead of the clock that dates refunds from before the process was made (it
+saw no step), behind ``Date`` headers every one as far ahead, with no read of the bag
+by that process before the send: every reading of Violet's clock dates the refund
+more than the 14 h a wrong offset can explain before the send (``named:risk_g``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from ..._converter import parse_datetime
+from ..._matching import WRONG_OFFSET_SPAN
 from ._violet import PageListed, PostLeft, SimCommit
 
-__all__ = ["RISK_B_LATE", "risk_b", "risk_d"]
+__all__ = ["RISK_B_LATE", "risk_b", "risk_d", "risk_g"]
 
 #: Seconds after the last send's ``settle_running`` within which an identical refund is
 #: still taken for the ask's own (README: "settle_running plus 5 minutes after it").
@@ -147,6 +155,114 @@ def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
         f"of its own, neither's reads listed the other's refund before its own send: "
         f"refunds {sorted(ids)}"
     )
+
+
+def risk_g(world: Any, text: str) -> tuple[bool, str]:
+    """Whether violation ``text`` (a ``[failed-but-applied]`` or a ``[double]``) is
+    remaining risk (g) (docs/remaining-risk.md): the ask's refund was made by a send of
+    a process that read no page of the bag for the ask before it, whose first whole read
+    after the send listed the refund, and every reading of Violet's clock that process
+    had (its wall clock, which saw no step since the process was made, and every
+    ``Date`` header it was answered with) places the refund's date more than
+    ``WRONG_OFFSET_SPAN`` plus ``clock_skew`` before the send. For a ``[double]``, the
+    second refund is that process's own re-send, after that read. Every condition is
+    computed from the simulator's records; any other shape stays a violation."""
+    found = re.search(r"refund\(s\) \[([\d, ]+)\]|refunds for one ask: \[([\d, ]+)\]$", text)
+    if found is None:
+        return False, "0: no refund ids in the violation"
+    ids = [int(i) for i in (found.group(1) or found.group(2)).split(", ")]
+    if world.s.date_style != "iso":
+        return False, "1: refund dates not precise"
+    made = sorted((c for c in world.violet.commits if c.refund_id in ids), key=lambda c: c.at)
+    if len(made) != len(ids) or len({_base(c.label) for c in made}) != 1:
+        return False, "1: not every refund made by a send of one ask"
+    double = text.startswith("[double] ")
+    if double and len(made) != 2:  # one refund and its re-send
+        return False, "1: not two refunds"
+    if not double and not text.startswith("[failed-but-applied] "):
+        return False, "0: not a failed-but-applied or a double"
+    first = made[0]
+    who, label = first.client, _base(first.label)
+    if who is None or first.sent_at is None or label is None:
+        return False, "1: the refund's send is not known"
+    if double and (made[1].client != who or made[1].sent_at is None):
+        return False, "1: the second refund was not sent by the same process"
+    checked = made[:1] if double else made
+    for commit in checked:
+        if commit.client != who or commit.sent_at is None:
+            return False, "1: refunds sent by more than one process"
+        why = _unseen_clock(world, commit, who, label)
+        if why:
+            return False, why
+    if double:
+        reads = [
+            p
+            for p in world.violet.pages
+            if p.client == who and p.bag_id == first.bag_id and _base(_who(p)) == label
+        ]
+        assert made[1].sent_at is not None
+        read = _last_read(reads, made[1].sent_at)
+        if read is None or first.refund_id not in {i for p in read for i in p.ids}:
+            return False, "5: the re-send did not follow a read that listed the first refund"
+    return True, (
+        f"{label}'s refund(s) {ids} were made by {who}'s send(s): a process made after "
+        "its wall clock stepped hours ahead, behind Date headers as far ahead, with no "
+        "read of the bag before the send: every reading dated its own refund more than "
+        "14 h before it"
+    )
+
+
+def _unseen_clock(world: Any, commit: SimCommit, who: str, label: str) -> str:
+    """Why ``commit`` (made by ``who``'s send for ``label``) is not risk (g)'s shape
+    (empty: it is)."""
+    assert commit.sent_at is not None
+    violet = world.violet
+    born = violet.born.get(who)
+    answers = violet.answered.get(who)
+    if born is None or answers is None:
+        return "2: the process's clock was not recorded"
+    pages = [
+        p
+        for p in violet.pages
+        if p.client == who and p.bag_id == commit.bag_id and _base(_who(p)) == label
+    ]
+    if any(p.at < commit.sent_at for p in pages):
+        return "3: the process read the bag for the ask before its send"
+    after = sorted((p for p in pages if p.at > commit.sent_at), key=lambda p: p.at)
+    starts = [i for i, p in enumerate(after) if p.number == 0]
+    if not starts:
+        return "4: no read of the bag after the send"
+    first_read = after[starts[0] : starts[1] if len(starts) > 1 else None]
+    if not _whole(first_read) or commit.refund_id not in {i for p in first_read for i in p.ids}:
+        return "4: the first read after the send did not list the refund whole"
+    wall0, mono0 = born
+    if any(abs((wall - mono) - (wall0 - mono0)) > 1.0 for wall, mono, _ in answers):
+        return "5: the process's wall clock stepped after it was made"
+    date = _refund_date(world, commit)
+    if date is None:
+        return "6: the refund's date is not known"
+    sent = wall0 + (commit.sent_at - mono0)  # the process's wall clock at the send
+    gone = WRONG_OFFSET_SPAN + world.policy.clock_skew
+    if not date < sent - gone:
+        return "6: the process's clock does not date the refund hours before the send"
+    dates = [when - wall for wall, _, when in answers if when is not None]
+    if not dates:
+        return "6: no Date header reached the process"
+    if any(not date < sent + offset - gone for offset in dates):
+        return "6: a Date header placed the refund near the send"
+    return ""
+
+
+def _refund_date(world: Any, commit: SimCommit) -> float | None:
+    """``commit``'s ``date_created`` as Violet recorded it (Unix seconds)."""
+    for order in world.violet.store.orders.values():
+        bag = order.bags.get(commit.bag_id)
+        if bag is None:
+            continue
+        for record in bag.refunds:
+            if record.get("id") == commit.refund_id and isinstance(record.get("date_created"), str):
+                return parse_datetime(record["date_created"]).timestamp()
+    return None
 
 
 def _last_read(pages: list[PageListed], before: float) -> list[PageListed] | None:

@@ -982,8 +982,8 @@ class _World:
     ) -> tuple[VioletClient, SimTransport]:
         """A client (``clock``: another process's view of this machine's clocks, whose
         records name a clock of their own; default the world's)."""
-        transport = SimTransport(self.violet, name)
         clock = clock if clock is not None else self.clock
+        transport = SimTransport(self.violet, name, clock.time)
         client = VioletClient(
             APP_ID,
             self.secret,
@@ -1523,7 +1523,9 @@ class _World:
         """An ``[attribution]`` violation that is README's remaining risk (b), by every
         condition of ``_named.risk_b``, is counted (``named:risk_b``) and listed in the
         seed's report, not flagged; so is a ``[double]`` that is remaining risk (d), by
-        every condition of ``_named.risk_d`` (``named:risk_d``)."""
+        every condition of ``_named.risk_d`` (``named:risk_d``), and a ``[double]`` or
+        ``[failed-but-applied]`` that is remaining risk (g) by ``_named.risk_g``
+        (``named:risk_g``)."""
         for text, seen in dict(self.attributions).items():  # once per ask and refund
             if text not in self.violations:
                 continue  # counted already (_kinds_review._within_tolerance)
@@ -1542,6 +1544,14 @@ class _World:
                 self.violations.remove(text)
                 self.violet.count("named:risk_d")
                 self.excused.append(f"risk (d): {why}")
+        for text in list(self.violations):
+            if not text.startswith(("[double] ", "[failed-but-applied] ")):
+                continue
+            excused, why = _named.risk_g(self, text)
+            if excused:
+                self.violations.remove(text)
+                self.violet.count("named:risk_g")
+                self.excused.append(f"risk (g): {why}")
 
     def still_settling(self, seen: Seen, made: list[int]) -> bool:
         """``seen`` (a final pending) waits out a settle window that has not ended on

@@ -14,7 +14,7 @@ import contextvars
 import math
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
 import attrs
@@ -179,7 +179,7 @@ class SimViolet:
     from per-route fault lists (the n-th POST takes ``post_faults[n]``, and so on), and
     every request and commit goes to ``trace``."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - the world's whole state, in one place
         self,
         clock: SimClock,
         *,
@@ -252,6 +252,11 @@ class SimViolet:
         self.secrets: set[str] = {app_secret, password}
         self._serial = 0
         self.commits: list[SimCommit] = []
+        #: Per client (process): its wall clock and monotonic time read together when
+        #: it was made, and at each answer that reached it, with that answer's ``Date``
+        #: (Unix seconds; None: none or unreadable): for ``_named.risk_g``.
+        self.born: dict[str, tuple[float, float]] = {}
+        self.answered: dict[str, list[tuple[float, float, float | None]]] = {}
         #: Refunds Violet recorded that moved no money (CANCELED or FAILED: see
         #: ``_kinds_answers``): out of ``commits``, the ledger of money moved.
         self.voided: list[SimCommit] = []
@@ -913,10 +918,17 @@ class SimTransport:
     """What ``VioletClient(_transport=...)`` sends through: one per client (process),
     named in the trace."""
 
-    def __init__(self, violet: SimViolet, name: str) -> None:
+    def __init__(
+        self, violet: SimViolet, name: str, wall: Callable[[], float] | None = None
+    ) -> None:
         self.violet = violet
         self.name = name
         self.closed = False
+        #: The process's wall clock (None: not recorded).
+        self.wall = wall
+        if wall is not None:
+            violet.born[name] = (wall(), violet.clock.monotonic())
+            violet.answered[name] = []
         #: When the process this transport belongs to crashed (its monotonic time).
         self.died_at: float | None = None
         violet.transports[name] = self
@@ -951,7 +963,16 @@ class SimTransport:
         target = URL(url) if isinstance(url, str) else url
         attempt = timeouts.connect + timeouts.read
         timeout = attempt if deadline is None else max(min(deadline, attempt), 0.0)
-        return await self.violet.handle(self.name, method, target, headers, body, timeout)
+        answer = await self.violet.handle(self.name, method, target, headers, body, timeout)
+        if self.wall is not None:
+            date = answer.headers.get("Date")
+            try:
+                when = None if date is None else parsedate_to_datetime(date).timestamp()
+            except (TypeError, ValueError):
+                when = None
+            seen = (self.wall(), self.violet.clock.monotonic(), when)
+            self.violet.answered[self.name].append(seen)
+        return answer
 
 
 def _arrived() -> None:
