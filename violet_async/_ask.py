@@ -697,6 +697,12 @@ class Settings:
     after the delay) instead of waiting in place: a batch or a fleet paces the merchant
     and sends it again in its turn, while other asks go through (its resume reads the
     bag first, as a call waiting in place does)."""
+    cut_on_bag: bool = False
+    """This client cut (or ended) a call on this bag, at any time in its life, after a
+    wait in which another system may have refunded the same (``PendingAsks.was_cut``):
+    a 2xx to a send made without a baseline, naming a refund whose date cannot place it
+    after the send (none, no UTC offset, the day only), may be a replayed answer naming
+    that refund. It is read back, never returned (review 36)."""
 
 
 class ProtocolError(AssertionError):

@@ -1617,13 +1617,15 @@ class Engine:
         does not."""
         clock = self._shared.clock
         base = self._io._retry.protocol_settings()
+        unsettled = self._shared.unsettled
         return attrs.evolve(
             base,
             clock_id=clock_id(clock),
-            others_pending=self._shared.unsettled.on_bag(bag_id),
+            others_pending=unsettled.on_bag(bag_id),
             hold_if_present=hold_if_present,
             defer_rate_limited=defer_rate_limited,
             read_before_send=base.read_before_send or read_first,
+            cut_on_bag=unsettled.was_cut(bag_id),
         )
 
     async def _wait_for_bag(
@@ -1780,6 +1782,9 @@ class Engine:
                 and not policy.read_before_send
                 and not read_first
                 and not defer_rate_limited
+                # A bag where a call of this client was cut in a wait: its 2xx is
+                # judged by the protocol (``Settings.cut_on_bag``: review 36).
+                and not unsettled.was_cut(bag_id)
             ):
                 if shared.auth.current() is None:
                     # Log in (or renew) before the send is timed: a call cancelled

@@ -35,6 +35,7 @@ __all__ = [
     "no_baseline_window",
     "on_bag",
     "on_order",
+    "places_nothing",
     "send_offsets",
 ]
 
@@ -604,6 +605,13 @@ def _created(refund: OrderRefund) -> tuple[float, float] | None:
     places the refund nowhere."""
     span = date_span(refund)
     return None if span is None or placeholder_date(span[0]) else span
+
+
+def places_nothing(refund: OrderRefund) -> bool:
+    """The refund's date cannot place it at a moment: it has none, or one without a
+    UTC offset, a placeholder (:func:`placeholder_date`), or the day only."""
+    span = _created(refund)
+    return span is None or span[1] > span[0]
 
 
 class Reading:

@@ -96,6 +96,7 @@ from ._matching import (
     on_bag,
     on_order,
     placeholder_date,
+    places_nothing,
     unix_time,
 )
 from .exceptions import (
@@ -548,11 +549,23 @@ def step(
         if ask.phase is not Phase.SENT or obs.refund is None:
             raise ProtocolError(f"an answer in phase {ask.phase.value}")
         made = obs.refund.id
+        note = ""
         if made is not None and (made in (ask.baseline or ()) or made in ask.others):
             # The answer names a refund listed before this request left (or handed to
             # another call): not what it made (a replayed or cached answer). A 2xx
             # proves it applied: read back, never sent again.
             note = f"the 2xx answer names refund {made}, which the bag held before this send"
+        elif settings.cut_on_bag and ask.baseline is None and places_nothing(obs.refund):
+            # Review 36: a call on this bag was cut in a wait during which another
+            # system may have refunded the same, and a replayed answer naming that
+            # refund cannot be told from this send's own by a date that places nothing
+            # (none, no UTC offset, the day only), nor by a baseline (none was read).
+            # Read back likewise: never returned as this send's, never sent again.
+            note = (
+                f"the 2xx answer names refund {made}, whose date cannot place it after "
+                "this send, on a bag where a call of this client was cut in a wait"
+            )
+        if note:
             settle = max(ask.settle_until or 0.0, now + settings.settle_lag)
             ask = attrs.evolve(
                 ask, answered=True, doubted=True, settle_until=settle, reads=0, note=note

@@ -359,6 +359,10 @@ class _Accounted:
 #: Bags a client remembers to read before new asks' sends (the oldest go first).
 READ_FIRST_BOUND = 10_000
 
+#: Bags a client remembers a cut call on, for as long as it lives (the least recently
+#: cut go first): ``PendingAsks.was_cut``.
+CUT_BOUND = 10_000
+
 
 class PendingAsks:
     """Asks this client left pending (AmbiguousOutcomeError), by bag. Until one is
@@ -373,6 +377,9 @@ class PendingAsks:
         # (a 429's wait, a re-send's backoff), or ended so after such a wait: until
         # when (monotonic, wall) every new ask there reads the bag before its send.
         self._read_first: OrderedDict[int, tuple[float, float]] = OrderedDict()
+        # The same bags, for as long as this client lives (``CUT_BOUND`` of them, the
+        # least recently cut dropped first): :meth:`was_cut`.
+        self._cut: OrderedDict[int, None] = OrderedDict()
         # Records a resume took off their bag and drives now (it holds the bag), by bag:
         # still in play for a call that comes meanwhile (:meth:`alike`).
         self._resuming: dict[int, list[PendingRefund]] = {}
@@ -401,6 +408,21 @@ class PendingAsks:
         self._read_first[bag_id] = until
         while len(self._read_first) > READ_FIRST_BOUND:
             self._read_first.popitem(last=False)
+        cut = self._cut
+        cut[bag_id] = None
+        cut.move_to_end(bag_id)
+        while len(cut) > CUT_BOUND:
+            cut.popitem(last=False)
+
+    def was_cut(self, bag_id: int) -> bool:
+        """Whether a call on ``bag_id`` was cut (or ended) so (:meth:`cut_while_absent`)
+        at any time in this client's life, however long ago: the refund another system
+        made in its wait can be named by a replayed 2xx answer at any later time, and a
+        date that places nothing (none, no UTC offset, the day only) cannot show it to
+        be older than the call (review 36, ``Settings.cut_on_bag``). Not counted in
+        ``bool(self)``: a client with only these left keeps its calls' fast path except
+        on these bags."""
+        return bag_id in self._cut
 
     def read_first(self, bag_id: int, mono: float, wall: float) -> bool:
         """Whether a new ask on ``bag_id`` at ``mono``/``wall`` reads the bag first
