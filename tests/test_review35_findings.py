@@ -473,7 +473,8 @@ async def test_within_the_marks_life_a_2xx_naming_a_refund_made_in_the_cut_wait_
     clock, and Violet answers its POST 200 with that other refund's record (a replayed
     or cached answer: nothing of the repeat applied). The repeat read the bag first:
     the refund is in its baseline, and the answer is read back, never returned (see
-    tests/open_review35_2xx_after_mark.py for the same answer after the mark lapsed)."""
+    tests/test_review35_2xx_after_mark.py and tests/test_review36_undated_replay.py for
+    the same answer after the mark lapsed)."""
     got, other = await replayed_after_cut(100.0, {"header_skew": -100.0})
     assert not (isinstance(got, OrderRefund) and got.id == other), (
         "another system's refund, made in the cut call's wait, returned as the repeat's"
