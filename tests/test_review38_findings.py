@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -18,7 +19,17 @@ from violet_async import (
 from violet_async.stores import MemoryStore
 from violet_async.testing import FakeClock
 
-from .hostile import APP_ID, BAG_ID, ORDER_ID, SECRET, Hostile, Step, serve
+from .hostile import (
+    APP_ID,
+    BAG_ID,
+    ORDER_ID,
+    SECRET,
+    VIOLET_500,
+    Hostile,
+    Step,
+    hostile_client,
+    serve,
+)
 from .test_review27_findings import NoDate
 
 AMOUNT = 300
@@ -155,3 +166,54 @@ async def test_a_late_genuine_dated_2xx_on_a_cut_bag_is_returned_with_no_request
     assert isinstance(got, OrderRefund), got
     assert server.ours == [got.id]
     assert server.posts == 2
+
+
+class LocalDayDates(Hostile):
+    """A platform that stores the day only, and writes it as midnight in its own zone
+    with that zone's offset (``2026-12-07T00:00:00+09:00``), not in UTC."""
+
+    hours: float = 0.0
+
+    def _date(self, when: float | None) -> str | None:
+        if when is None:
+            return None
+        return (
+            datetime.fromtimestamp(when, timezone(timedelta(hours=self.hours)))
+            .replace(hour=0, minute=0, second=0, microsecond=0)
+            .isoformat()
+        )
+
+
+#: (the zone's offset in hours, the UTC time of the call): local midnight is more than
+#: the 14 h a wrong offset can explain before the send.
+LOCAL_DAY: dict[str, tuple[float, tuple[int, int]]] = {
+    "plus-0530-at-1048utc": (5.5, (10, 48)),
+    "plus-0900-at-1048utc": (9.0, (10, 48)),
+    "minus-0500-at-0300utc": (-5.0, (3, 0)),
+}
+
+
+@pytest.mark.parametrize("status", [500, 504])
+@pytest.mark.parametrize("case", list(LOCAL_DAY))
+async def test_a_day_only_date_in_a_local_zone_is_never_proven_absent(
+    case: str, status: int
+) -> None:
+    """Review 38: a refund dated with the day only, written as midnight in the
+    platform's zone with its offset, was placed at that midnight (only a UTC midnight
+    was taken for a day), hours before the send: the ask's own refund, applied behind a
+    500 and listed at once, was skipped as older than the send, proven absent after the
+    settle window and sent again: two refunds. A day-only date places nothing: the
+    call ends pending for review, its refund among the candidates, never sent again."""
+    hours, (hour, minute) = LOCAL_DAY[case]
+    wall = datetime(2026, 12, 7, hour, minute, tzinfo=timezone.utc).timestamp()
+    clock = FakeClock(wall_start=wall)
+    server = LocalDayDates(clock, script=[Step(status, body=VIOLET_500, commit_after=0.0)])
+    server.hours = hours
+    retry = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0)
+    async with hostile_client(server, retry=retry) as client:
+        with pytest.raises(AmbiguousOutcomeError) as caught:
+            await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+    assert len(server.ours) == 1, f"refunded {len(server.ours)} times"
+    assert server.posts == 1
+    assert caught.value.pending is not None
+    assert caught.value.pending.needs_review
