@@ -217,3 +217,83 @@ async def test_a_day_only_date_in_a_local_zone_is_never_proven_absent(
     assert server.posts == 1
     assert caught.value.pending is not None
     assert caught.value.pending.needs_review
+
+
+def _policy(skew: float) -> RetryPolicy:
+    return RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0, clock_skew=skew)
+
+
+async def _cut_then_clone_repeats(
+    cut_skew: float, repeat_skew: float, later: float, *, replay: bool = True
+) -> tuple[OrderRefund | AmbiguousOutcomeError, Hostile, int, int]:
+    """A client (``clock_skew=cut_skew``) cuts a call in a 429's wait (another system
+    refunding the same amount 0.3 s before the cut, dated with an offset, Violet's
+    ``Date`` right); ``later`` seconds on, a clone of it (``with_options``, sharing its
+    pending asks and marks) with ``clock_skew=repeat_skew`` repeats the call, and
+    Violet answers its POST 200 with that other refund's record, nothing applied
+    (``replay``; else with the refund it makes). What the repeat got, the server, the
+    other refund's id and the repeat's reads."""
+    clock = FakeClock()
+    server = Hostile(clock)
+    async with (
+        serve(server) as url,
+        VioletClient(
+            APP_ID,
+            SECRET,
+            username="hostile-user",
+            password="hostile-password-0123",
+            base_url=url,
+            clock=clock,
+            retry=_policy(cut_skew),
+            store=MemoryStore(),
+        ) as client,
+    ):
+        clone = client.with_options(retry=_policy(repeat_skew))
+        server.script = [Step(429, commit_after=None, headers={"Retry-After": "20"})]
+        call = asyncio.ensure_future(client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT))
+        clock.call_later(19.5, lambda: server.add_refund(AMOUNT))
+        clock.call_later(19.8, call.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        other = {k: v for k, v in server.refunds[0].items() if not k.startswith("_")}
+        clock.advance(later)
+        server.script = [Step(200, commit_after=None, answer=other) if replay else Step(200)]
+        reads = server.reads
+        try:
+            got: OrderRefund | AmbiguousOutcomeError = await clone.refund_bag(
+                ORDER_ID, BAG_ID, amount_refunded=AMOUNT
+            )
+        except AmbiguousOutcomeError as exc:
+            got = exc
+    return got, server, other["id"], server.reads - reads
+
+
+@pytest.mark.parametrize("later", [126.5, 300.0, 600.0])
+async def test_a_clone_allowing_more_clock_skew_reads_first_after_the_cutters_mark(
+    later: float,
+) -> None:
+    """Review 38: the read-first mark of a bag where a call was cut in a 429's wait
+    lasted the cutting client's life (twice its clock skew and 6 s: 126 s), but a
+    clone sharing its marks (``with_options``) with ``clock_skew=300`` judges a 2xx's
+    age by its own skew (``not_before``: 305 s before the call began). Repeated through
+    the clone 126.5 s after the cut, it sent unread, and a replayed 2xx naming another
+    system's refund made 0.3 s before the cut (dated with an offset, 126.8 s before
+    the call began) was returned as the repeat's own: a refund it never made. The
+    clone now reads first for its own mark's life (2 x 300 + 6 s): the other refund is
+    in its baseline, never its own."""
+    got, server, other, reads = await _cut_then_clone_repeats(60.0, 300.0, later)
+    assert server.ours == []
+    assert not (isinstance(got, OrderRefund) and got.id == other), (
+        "another system's refund, made in the cut call's wait, returned as the repeat's"
+    )
+    assert isinstance(got, AmbiguousOutcomeError), got
+    assert reads >= 1, "read first"
+
+
+async def test_a_clone_reads_first_only_for_its_own_marks_life() -> None:
+    """Past the clone's own mark life (606 s) it sends unread again (its not_before then
+    ages a refund made before the cut out), and a genuine 2xx is returned."""
+    got, server, _, reads = await _cut_then_clone_repeats(60.0, 300.0, 606.5, replay=False)
+    assert isinstance(got, OrderRefund), got
+    assert server.ours == [got.id]
+    assert reads == 0

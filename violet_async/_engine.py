@@ -1731,8 +1731,12 @@ class Engine:
                 await self._await_landing(resume.ask_id, deadline)
             if unsettled:
                 resume = unsettled.check(bag_id, resume)
-                if resume is None and unsettled.read_first(bag_id, clock.monotonic(), clock.time()):
-                    read_first = True
+            if (
+                resume is None
+                and (unsettled or unsettled.was_cut(bag_id))
+                and unsettled.read_first(bag_id, clock.monotonic(), clock.time(), self.mark_life())
+            ):
+                read_first = True
             if came_with:
                 # A record of this request was pending (or being resumed) when this call
                 # came, and has been resumed since, to whatever end: the call that left
@@ -2194,8 +2198,14 @@ class Engine:
         date placed by a ``Date`` header, and its second. A 2xx answer naming such a
         refund is refused by the answer's check too (``AnswerCheck.not_before``)."""
         clock = self._shared.clock
-        life = 2 * self._io._retry.clock_skew + _DATE_TOLERANCE + 1.0
-        self._shared.unsettled.cut_while_absent(bag_id, clock.monotonic(), clock.time(), life)
+        self._shared.unsettled.cut_while_absent(
+            bag_id, clock.monotonic(), clock.time(), self.mark_life()
+        )
+
+    def mark_life(self) -> float:
+        """How long a mark of :meth:`mark_bag` holds for this client's asks: twice
+        its clock skew plus a date's tolerance and a second (126 s by default)."""
+        return 2 * self._io._retry.clock_skew + _DATE_TOLERANCE + 1.0
 
     def _cancelled(  # noqa: PLR0917 - internal, one call site
         self,
