@@ -567,8 +567,9 @@ def no_baseline_window(
     return floor, gone, min(ceilings) if ceilings else None
 
 
-#: A date at exactly midnight UTC is taken to carry the day only (some platforms store
-#: dates, not times): the refund was made some time in the 24 hours from it.
+#: A date at exactly midnight UTC, or at midnight in the zone of its own offset
+#: (``2026-12-07T00:00:00+09:00``), is taken to carry the day only (some platforms
+#: store dates, not times): the refund was made some time in the 24 hours from it.
 DAY = 86_400.0
 
 
@@ -595,7 +596,12 @@ def date_span(refund: OrderRefund) -> tuple[float, float] | None:
     stamp = unix_time(when)
     if stamp is None:
         return None
-    if stamp % DAY == 0.0:
+    offset = when.utcoffset()
+    local = stamp + (offset.total_seconds() if offset is not None else 0.0)
+    if stamp % DAY == 0.0 or local % DAY == 0.0:
+        # The day only, in UTC or in the date's own zone (review 38: a local midnight
+        # hours before the send placed the ask's own refund there, older than the send:
+        # proven absent and sent again, two refunds).
         return stamp, stamp + DAY
     return stamp, stamp
 
@@ -721,7 +727,10 @@ def _doubt(
     if early >= sent + floor:
         return None
     if late > early:
-        return f"{UNPLACED} (the date has the day only, T00:00:00Z: before or after cannot be told)"
+        return (
+            f"{UNPLACED} (the date has the day only, midnight in UTC or in its own zone: "
+            "before or after cannot be told)"
+        )
     if sure:
         return (
             f"{UNPLACED} (the date is earlier than the send by this machine's clock or "

@@ -378,8 +378,10 @@ class PendingAsks:
         # when (monotonic, wall) every new ask there reads the bag before its send.
         self._read_first: OrderedDict[int, tuple[float, float]] = OrderedDict()
         # The same bags, for as long as this client lives (``CUT_BOUND`` of them, the
-        # least recently cut dropped first): :meth:`was_cut`.
-        self._cut: OrderedDict[int, None] = OrderedDict()
+        # least recently cut dropped first), with when (monotonic, wall) the latest
+        # call there was cut: :meth:`was_cut`, and :meth:`read_first` for a client
+        # sharing these asks whose own mark would last longer (review 38).
+        self._cut: OrderedDict[int, tuple[float, float]] = OrderedDict()
         # Records a resume took off their bag and drives now (it holds the bag), by bag:
         # still in play for a call that comes meanwhile (:meth:`alike`).
         self._resuming: dict[int, list[PendingRefund]] = {}
@@ -409,7 +411,10 @@ class PendingAsks:
         while len(self._read_first) > READ_FIRST_BOUND:
             self._read_first.popitem(last=False)
         cut = self._cut
-        cut[bag_id] = None
+        before = cut.get(bag_id)
+        cut[bag_id] = (
+            (mono, wall) if before is None else (max(mono, before[0]), max(wall, before[1]))
+        )
         cut.move_to_end(bag_id)
         while len(cut) > CUT_BOUND:
             cut.popitem(last=False)
@@ -424,10 +429,21 @@ class PendingAsks:
         on these bags."""
         return bag_id in self._cut
 
-    def read_first(self, bag_id: int, mono: float, wall: float) -> bool:
+    def read_first(self, bag_id: int, mono: float, wall: float, life: float = 0.0) -> bool:
         """Whether a new ask on ``bag_id`` at ``mono``/``wall`` reads the bag first
         (a mark of ``cut_while_absent`` on it still holds). Marks that lapsed are
-        dropped, so a client with none left is empty again (its calls' fast path)."""
+        dropped, so a client with none left is empty again (its calls' fast path).
+
+        ``life``: the asking client's own mark life (its clock skew's), when it shares
+        these asks with the client that cut (``with_options``): a call cut there within
+        that life before now holds too. Marked with the cutting client's shorter life,
+        a clone allowing a larger clock skew sent unread after that mark lapsed, and a
+        2xx naming another system's refund made in the cut wait passed its own
+        ``not_before`` (review 38)."""
+        if life > 0.0:
+            cut = self._cut.get(bag_id)
+            if cut is not None and not _lapsed((cut[0] + life, cut[1] + life), mono, wall):
+                return True
         marks = self._read_first
         while marks:
             first = next(iter(marks))
