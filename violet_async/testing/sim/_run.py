@@ -231,6 +231,9 @@ class Schedule:
     kinds: frozenset[str] = frozenset()
     bag_status_lag: float = 0.0
     date_style: str = "iso"
+    day_zone: float = 0.0
+    """With ``date_style`` "day": the UTC offset (seconds) of the zone whose midnight
+    each date is written at (``2025-06-15T00:00:00+09:00``; 0: ``...T00:00:00Z``)."""
     date_bias: float = 0.0
     date_jumps: tuple[float, ...] = ()
     date_lag: float = 0.0
@@ -338,6 +341,7 @@ class Schedule:
         return (
             f"world kinds: {sorted(self.kinds)}\n"
             f"world: bag_status_lag={self.bag_status_lag:g} date_style={self.date_style} "
+            f"day_zone={self.day_zone:+g} "
             f"date_bias={self.date_bias:+g} date_jumps={jumps or '-'} "
             f"date_lag={self.date_lag:g} "
             f"clock_steps={list(self.clock_steps) or '-'} fulfilled={fulfilled or '-'} "
@@ -455,7 +459,11 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
         )
     if "late_listed" in kinds:
         changes["old_refunds"] = (*changes.get("old_refunds", ()), *_late_listed(s))
-    changes.update(_record_shapes(s, kinds), **_date_lag(s, kinds, changes.get("old_refunds", ())))
+    changes.update(
+        _record_shapes(s, kinds),
+        **_date_lag(s, kinds, changes.get("old_refunds", ())),
+        **_day_zone(s.seed, changes.get("date_style", s.date_style)),
+    )
     changes["post_faults"] = tuple(post)
     changes["read_faults"] = tuple(reads)
     labels = tuple(a.label for a in s.asks)
@@ -465,6 +473,17 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     return _keeps_cancelled_sends(
         _review(_answers(attrs.evolve(s, **changes, **_kinds_order.draw(s, kinds)), kinds), kinds)
     )
+
+
+def _day_zone(seed: int, style: str) -> dict[str, float]:
+    """With day-precision dates: the zone whose midnight they are written at, drawn
+    from its own stream (every other draw of the seed stays as it was). Review 38: a
+    day written as midnight in the platform's own zone (``...T00:00:00+09:00``) was
+    read as that moment, hours before the send: the ask's own refund proven absent."""
+    if style != "day":
+        return {}
+    zones = (0.0, 0.0, 32_400.0, 19_800.0, -18_000.0)
+    return {"day_zone": random.Random(f"day_zone:{seed}").choice(zones)}
 
 
 def _keeps_cancelled_sends(s: Schedule) -> Schedule:
@@ -842,6 +861,7 @@ class _World:
             date_jumps=schedule.date_jumps,
             date_bias=schedule.date_bias - schedule.date_lag,
             date_style=schedule.date_style,
+            day_zone=schedule.day_zone,
             cancel_shapes=schedule.cancel_shapes,
             replica_lag=schedule.replica_lag,
         )
@@ -924,6 +944,8 @@ class _World:
             count("world:bag_status_lag")
         if s.date_style != "iso":
             count(f"world:dates_{s.date_style}")
+        if s.date_style == "day" and s.day_zone:
+            count("world:dates_day_zone")
         if s.date_bias:
             count("world:date_header_disagrees")
         if s.date_lag:
@@ -1613,6 +1635,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "jitter": False,
             "bag_status_lag": 0.0,
             "date_style": "iso",
+            "day_zone": 0.0,
             "date_bias": 0.0,
             "date_jumps": (),
             "date_lag": 0.0,

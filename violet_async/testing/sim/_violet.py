@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import math
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
@@ -197,6 +197,7 @@ class SimViolet:
         date_jumps: tuple[float, ...] = (),
         date_bias: float = 0.0,
         date_style: str = "iso",
+        day_zone: float = 0.0,
         cancel_shapes: tuple[str | None, ...] = (),
         replica_lag: float = 0.0,
     ) -> None:
@@ -224,6 +225,9 @@ class SimViolet:
         #: How refund dates are written: "iso" (Violet's usual shapes), "day" (day
         #: precision, ``...T00:00:00Z``) or "epoch" (milliseconds, a number).
         self.date_style = date_style
+        #: With "day": the UTC offset (seconds) of the zone whose midnight a date is
+        #: written at (0: UTC, ``...T00:00:00Z``).
+        self.day_zone = day_zone
         #: The shape of the n-th applied cancel's answer (None: the 202 body).
         self.cancel_shapes = cancel_shapes
         self._cancels_answered = 0
@@ -404,7 +408,11 @@ class SimViolet:
             if not isinstance(value, str):
                 continue
             moment = _parse_iso(value)
-            if self.date_style == "day":
+            if self.date_style == "day" and self.day_zone:
+                zone = timezone(timedelta(seconds=self.day_zone))
+                local = moment.astimezone(zone)
+                shown[name] = datetime(local.year, local.month, local.day, tzinfo=zone).isoformat()
+            elif self.date_style == "day":
                 shown[name] = moment.strftime("%Y-%m-%dT00:00:00Z")
             else:
                 shown[name] = int(moment.timestamp() * 1000)
