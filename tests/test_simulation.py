@@ -256,6 +256,15 @@ def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> 
                 (1287, "day-only dates, worker"),
             )
         ),
+        (
+            5001799,
+            "direct",
+            frozenset({"dates"}),
+            "a day-only date written as midnight in the platform's zone (+05:30), read as "
+            "that moment 20 h before the send: the ask's own refund behind a 5xx skipped "
+            "as older than the send, proven absent and sent again: 2 refunds (review 38's "
+            "class, found in 2,000 seeds with the fix put back)",
+        ),
     ],
 )
 def test_seeds_with_world_kinds_that_found_real_bugs_now_hold(
