@@ -461,6 +461,15 @@ def test_a_process_made_hours_ahead_behind_date_headers_as_far_ahead_is_risk_g(
     # Day-precision dates.
     world.s = attrs.evolve(world.s, date_style="day")
     assert real(world, text) == (False, "1: refund dates not precise")
+    world.s = attrs.evolve(world.s, date_style="iso")
+    # The first process's call (A1, which saw the step) told it failed, not app2's.
+    other = text.replace("[failed-but-applied] A1~2 was", "[failed-but-applied] A1 was")
+    assert other != text
+    assert real(world, other) == (
+        False,
+        "1: told it failed in another call than the one whose send made it",
+    )
+    assert real(world, text)[0]
 
 
 def _scaled(schedule: Any, scale: float) -> Any:

@@ -194,6 +194,11 @@ def risk_g(world: Any, text: str) -> tuple[bool, str]:
         return False, "1: the refund's send is not known"
     if double and (made[1].client != who or made[1].sent_at is None):
         return False, "1: the second refund was not sent by the same process"
+    if not double and text.split()[1] != first.label:
+        # The caller told it failed is the one whose send made the refund (its label,
+        # ``A1~2``, is the commits'): another process's call (``A1``) told it failed
+        # judged with its own clocks, which are not the ones checked below.
+        return False, "1: told it failed in another call than the one whose send made it"
     checked = made[:1] if double else made
     for commit in checked:
         if commit.client != who or commit.sent_at is None:
