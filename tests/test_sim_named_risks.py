@@ -7,13 +7,15 @@ Replay a seed with ``python benchmarks/simulate.py --kinds all --seed N``.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 
 import attrs
 import pytest
 
-from violet_async.testing.sim import WORLD_KINDS, _named, simulate
+from violet_async import _matching, _protocol, _reconcile
+from violet_async.testing.sim import WORLD_KINDS, _named, generate, simulate
 from violet_async.testing.sim._violet import SimCommit
 
 
@@ -459,3 +461,87 @@ def test_a_process_made_hours_ahead_behind_date_headers_as_far_ahead_is_risk_g(
     # Day-precision dates.
     world.s = attrs.evolve(world.s, date_style="day")
     assert real(world, text) == (False, "1: refund dates not precise")
+    world.s = attrs.evolve(world.s, date_style="iso")
+    # The first process's call (A1, which saw the step) told it failed, not app2's.
+    other = text.replace("[failed-but-applied] A1~2 was", "[failed-but-applied] A1 was")
+    assert other != text
+    assert real(world, other) == (
+        False,
+        "1: told it failed in another call than the one whose send made it",
+    )
+    assert real(world, text)[0]
+
+
+def _scaled(schedule: Any, scale: float) -> Any:
+    """``schedule`` with its clock steps and ``Date`` offsets of hours scaled."""
+    return attrs.evolve(
+        schedule,
+        clock_steps=tuple(
+            (at, step * scale if abs(step) > 3_600.0 else step) for at, step in schedule.clock_steps
+        ),
+        date_bias=schedule.date_bias * scale,
+        date_jumps=tuple(j * scale if abs(j) > 3_600.0 else j for j in schedule.date_jumps),
+    )
+
+
+def test_risk_g_holds_readmes_14_h_whatever_the_sdks_constant_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Risk (g)'s bar is README's "more than 14 h" (``_named.RISK_G_SPAN``), never the
+    SDK's ``WRONG_OFFSET_SPAN``. Seed 7148594's world with its 15 h step and ``Date``
+    offsets at 3 h: the SDK as it is claims app2's refund (no violation). With the SDK's
+    constant lowered to 1 h (a bug put back: a refund dated over an hour before the send
+    by every reading skipped as made long before), app2's keyed call is told it failed
+    while its refund applied; the classifier, reading that constant, lowered its own bar
+    with it and excused the false outcome as risk (g). It stays a violation."""
+    schedule = _scaled(generate(7148594, kinds=frozenset(WORLD_KINDS)), 0.2)
+    clean = simulate(schedule)
+    assert not clean.kinds, clean.report()
+    assert not clean.excused
+
+    for module in (_matching, _protocol):
+        monkeypatch.setattr(module, "WRONG_OFFSET_SPAN", 3_600.0)
+    # As the classifier read it before (imported from the SDK); none of its own now.
+    monkeypatch.setattr(_named, "WRONG_OFFSET_SPAN", 3_600.0, raising=False)
+    result = simulate(schedule)
+    assert "failed-but-applied" in result.kinds, result.report()
+    assert result.injected["named:risk_g"] == 0
+
+
+def test_a_refund_date_without_an_offset_is_never_risk_g(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A date without an offset (server local time) places no refund hours before a
+    send. Seed 7148594's world with naive dates (Violet 5 h west of UTC): the SDK as it
+    is leaves app2's refund undated (no violation). With naive dates read as UTC (a bug
+    this project had, put back), the refund looks 20 h older than the send, is skipped
+    and the keyed call told it failed; the classifier, reading the date as the SDK's
+    parser gives it (naive: this machine's zone), excused that as risk (g). It stays a
+    violation: condition 1 (precise dates) and the date read only in Violet's UTC
+    shapes (``_state._DATE_FORMATS``)."""
+    schedule = attrs.evolve(generate(7148594, kinds=frozenset(WORLD_KINDS)), naive_dates=True)
+    clean = simulate(schedule)
+    assert not clean.kinds, clean.report()
+    assert not clean.excused
+
+    def as_utc(when: datetime | None) -> float | None:
+        if when is None:
+            return None
+        return (when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)).timestamp()
+
+    for module in (_matching, _protocol, _reconcile):
+        monkeypatch.setattr(module, "unix_time", as_utc)
+    worlds: list[tuple[Any, str]] = []
+    real = _named.risk_g
+
+    def spy(world: Any, text: str) -> tuple[bool, str]:
+        worlds.append((world, text))
+        return real(world, text)
+
+    monkeypatch.setattr(_named, "risk_g", spy)
+    result = simulate(schedule)
+    assert "failed-but-applied" in result.kinds, result.report()
+    assert result.injected["named:risk_g"] == 0
+    ((world, text),) = [(w, t) for w, t in worlds if "400009" in t]
+    assert real(world, text) == (False, "1: refund dates not precise")
+    # Precise by the schedule, the record's date without an offset is still not read.
+    world.s = attrs.evolve(world.s, naive_dates=False)
+    assert real(world, text) == (False, "6: the refund's date is not known")

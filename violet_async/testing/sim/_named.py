@@ -22,13 +22,20 @@ more than the 14 h a wrong offset can explain before the send (``named:risk_g``)
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from typing import Any
 
-from ..._converter import parse_datetime
-from ..._matching import WRONG_OFFSET_SPAN
+from .._state import _DATE_FORMATS
 from ._violet import PageListed, PostLeft, SimCommit
 
-__all__ = ["RISK_B_LATE", "risk_b", "risk_d", "risk_g"]
+__all__ = ["RISK_B_LATE", "RISK_G_SPAN", "risk_b", "risk_d", "risk_g"]
+
+#: README's (g): how far before the send every reading must date the refund (on top of
+#: ``clock_skew``): "more than 14 h", the widest a wrongly labelled offset can shift a
+#: date (UTC-12 to UTC+14). The classifier's own, not the SDK's
+#: ``_matching.WRONG_OFFSET_SPAN``: that constant lowered (a bug) would lower this bar
+#: with it, and refunds the SDK skipped as made an hour before the send were excused.
+RISK_G_SPAN = 14 * 3600.0
 
 #: Seconds after the last send's ``settle_running`` within which an identical refund is
 #: still taken for the ask's own (README: "settle_running plus 5 minutes after it").
@@ -164,14 +171,14 @@ def risk_g(world: Any, text: str) -> tuple[bool, str]:
     after the send listed the refund, and every reading of Violet's clock that process
     had (its wall clock, which saw no step since the process was made, and every
     ``Date`` header it was answered with) places the refund's date more than
-    ``WRONG_OFFSET_SPAN`` plus ``clock_skew`` before the send. For a ``[double]``, the
+    ``RISK_G_SPAN`` plus ``clock_skew`` before the send. For a ``[double]``, the
     second refund is that process's own re-send, after that read. Every condition is
     computed from the simulator's records; any other shape stays a violation."""
     found = re.search(r"refund\(s\) \[([\d, ]+)\]|refunds for one ask: \[([\d, ]+)\]$", text)
     if found is None:
         return False, "0: no refund ids in the violation"
     ids = [int(i) for i in (found.group(1) or found.group(2)).split(", ")]
-    if world.s.date_style != "iso":
+    if world.s.date_style != "iso" or world.s.naive_dates:
         return False, "1: refund dates not precise"
     made = sorted((c for c in world.violet.commits if c.refund_id in ids), key=lambda c: c.at)
     if len(made) != len(ids) or len({_base(c.label) for c in made}) != 1:
@@ -187,6 +194,11 @@ def risk_g(world: Any, text: str) -> tuple[bool, str]:
         return False, "1: the refund's send is not known"
     if double and (made[1].client != who or made[1].sent_at is None):
         return False, "1: the second refund was not sent by the same process"
+    if not double and text.split()[1] != first.label:
+        # The caller told it failed is the one whose send made the refund (its label,
+        # ``A1~2``, is the commits'): another process's call (``A1``) told it failed
+        # judged with its own clocks, which are not the ones checked below.
+        return False, "1: told it failed in another call than the one whose send made it"
     checked = made[:1] if double else made
     for commit in checked:
         if commit.client != who or commit.sent_at is None:
@@ -242,7 +254,7 @@ def _unseen_clock(world: Any, commit: SimCommit, who: str, label: str) -> str:
     if date is None:
         return "6: the refund's date is not known"
     sent = wall0 + (commit.sent_at - mono0)  # the process's wall clock at the send
-    gone = WRONG_OFFSET_SPAN + world.policy.clock_skew
+    gone = RISK_G_SPAN + world.policy.clock_skew
     if not date < sent - gone:
         return "6: the process's clock does not date the refund hours before the send"
     dates = [when - wall for wall, _, when in answers if when is not None]
@@ -254,14 +266,23 @@ def _unseen_clock(world: Any, commit: SimCommit, who: str, label: str) -> str:
 
 
 def _refund_date(world: Any, commit: SimCommit) -> float | None:
-    """``commit``'s ``date_created`` as Violet recorded it (Unix seconds)."""
+    """``commit``'s ``date_created`` as Violet recorded it (Unix seconds), read in one
+    of the fake's own UTC shapes (``_state._DATE_FORMATS``), never by the SDK's parser;
+    None when it is in none of them (a date without an offset: server local time)."""
     for order in world.violet.store.orders.values():
         bag = order.bags.get(commit.bag_id)
         if bag is None:
             continue
         for record in bag.refunds:
-            if record.get("id") == commit.refund_id and isinstance(record.get("date_created"), str):
-                return parse_datetime(record["date_created"]).timestamp()
+            value = record.get("date_created")
+            if record.get("id") != commit.refund_id or not isinstance(value, str):
+                continue
+            for shape in _DATE_FORMATS:
+                try:
+                    moment = datetime.strptime(value, shape)
+                except ValueError:
+                    continue
+                return moment.replace(tzinfo=timezone.utc).timestamp()
     return None
 
 
