@@ -606,6 +606,24 @@ def date_span(refund: OrderRefund) -> tuple[float, float] | None:
     return stamp, stamp
 
 
+#: Every zone's offset is a whole number of quarter-hours (UTC-12 to UTC+14), so a
+#: date at a whole quarter-hour, however it is written, may be a day only stored at
+#: midnight in some zone and written in another (Violet writes its dates in UTC:
+#: ``2026-12-06T15:00:00+0000`` is midnight of the 7th in +09:00).
+QUARTER_HOUR = 900.0
+
+
+def latest_moment(span: tuple[float, float]) -> float:
+    """The latest moment a refund dated ``span`` (:func:`date_span`) may have been made:
+    its day's end for a date at a whole quarter-hour, which may be a zone's midnight
+    written in another zone (review 39: the ask's own refund behind a 500, dated at
+    such a midnight more than 14 h before the send, was proven absent and sent again)."""
+    early, late = span
+    if late == early and early % QUARTER_HOUR == 0.0:
+        return early + DAY
+    return late
+
+
 def _created(refund: OrderRefund) -> tuple[float, float] | None:
     """:func:`date_span`, None for a placeholder too (:func:`placeholder_date`): it
     places the refund nowhere."""
@@ -808,7 +826,7 @@ def judge(
             and refund.id is not None
             and span is not None
             and sent is not None
-            and span[1] < sent + gone
+            and latest_moment(span) < sent + gone
             and (ask.listed_after_send is None or refund.id in ask.listed_after_send)
         ):
             # Made long before this ask was first sent, by every reading; unless the
