@@ -71,3 +71,23 @@ async def test_a_local_day_written_in_utc_is_never_proven_absent(case: str, shap
     assert isinstance(got, AmbiguousOutcomeError), got
     assert got.pending is not None
     assert got.pending.needs_review
+
+
+@pytest.mark.parametrize("status", [200, 504])
+@pytest.mark.parametrize("case", list(LOCAL_DAY_UTC))
+async def test_a_local_day_written_in_utc_other_answers(case: str, status: int) -> None:
+    """The same dates behind a 2xx (its date reads as made before the call began: read
+    back) and a gateway's 504: never sent again."""
+    hours, (hour, minute) = LOCAL_DAY_UTC[case]
+    wall = datetime(2026, 12, 7, hour, minute, tzinfo=timezone.utc).timestamp()
+    clock = FakeClock(wall_start=wall)
+    server = LocalDayInUtc(clock, script=[Step(status, commit_after=0.0)])
+    server.hours = hours
+    retry = RetryPolicy(initial_delay=0.5, max_delay=4.0, deadline=600.0)
+    async with hostile_client(server, retry=retry) as client:
+        try:
+            got = await client.refund_bag(ORDER_ID, BAG_ID, amount_refunded=AMOUNT)
+        except AmbiguousOutcomeError as error:
+            got = error
+    assert len(server.ours) == 1, f"refunded {len(server.ours)} times ({got!r})"
+    assert server.posts == 1
