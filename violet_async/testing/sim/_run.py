@@ -234,6 +234,9 @@ class Schedule:
     day_zone: float = 0.0
     """With ``date_style`` "day": the UTC offset (seconds) of the zone whose midnight
     each date is written at (``2025-06-15T00:00:00+09:00``; 0: ``...T00:00:00Z``)."""
+    day_zone_utc: bool = False
+    """With a ``day_zone``: that midnight written in UTC (``2025-06-14T15:00:00+0000``),
+    as a platform storing the day converts it (review 39)."""
     date_bias: float = 0.0
     date_jumps: tuple[float, ...] = ()
     date_lag: float = 0.0
@@ -341,7 +344,7 @@ class Schedule:
         return (
             f"world kinds: {sorted(self.kinds)}\n"
             f"world: bag_status_lag={self.bag_status_lag:g} date_style={self.date_style} "
-            f"day_zone={self.day_zone:+g} "
+            f"day_zone={self.day_zone:+g}{' (in UTC)' if self.day_zone_utc else ''} "
             f"date_bias={self.date_bias:+g} date_jumps={jumps or '-'} "
             f"date_lag={self.date_lag:g} "
             f"clock_steps={list(self.clock_steps) or '-'} fulfilled={fulfilled or '-'} "
@@ -475,7 +478,7 @@ def _world(s: Schedule, kinds: frozenset[str]) -> Schedule:
     )
 
 
-def _day_zone(seed: int, style: str) -> dict[str, float]:
+def _day_zone(seed: int, style: str) -> dict[str, float | bool]:
     """With day-precision dates: the zone whose midnight they are written at, drawn
     from its own stream (every other draw of the seed stays as it was). Review 38: a
     day written as midnight in the platform's own zone (``...T00:00:00+09:00``) was
@@ -483,7 +486,10 @@ def _day_zone(seed: int, style: str) -> dict[str, float]:
     if style != "day":
         return {}
     zones = (0.0, 0.0, 32_400.0, 19_800.0, -18_000.0)
-    return {"day_zone": random.Random(f"day_zone:{seed}").choice(zones)}
+    rng = random.Random(f"day_zone:{seed}")
+    zone = rng.choice(zones)
+    # Review 39: that midnight written in UTC, an exact-looking moment.
+    return {"day_zone": zone, "day_zone_utc": bool(zone) and rng.random() < 0.5}
 
 
 def _keeps_cancelled_sends(s: Schedule) -> Schedule:
@@ -862,6 +868,7 @@ class _World:
             date_bias=schedule.date_bias - schedule.date_lag,
             date_style=schedule.date_style,
             day_zone=schedule.day_zone,
+            day_zone_utc=schedule.day_zone_utc,
             cancel_shapes=schedule.cancel_shapes,
             replica_lag=schedule.replica_lag,
         )
@@ -945,7 +952,7 @@ class _World:
         if s.date_style != "iso":
             count(f"world:dates_{s.date_style}")
         if s.date_style == "day" and s.day_zone:
-            count("world:dates_day_zone")
+            count("world:dates_day_zone_utc" if s.day_zone_utc else "world:dates_day_zone")
         if s.date_bias:
             count("world:date_header_disagrees")
         if s.date_lag:
@@ -1636,6 +1643,7 @@ def shrink(result: SimResult, *, budget: int = 400) -> SimResult:
             "bag_status_lag": 0.0,
             "date_style": "iso",
             "day_zone": 0.0,
+            "day_zone_utc": False,
             "date_bias": 0.0,
             "date_jumps": (),
             "date_lag": 0.0,

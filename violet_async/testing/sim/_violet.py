@@ -198,6 +198,7 @@ class SimViolet:
         date_bias: float = 0.0,
         date_style: str = "iso",
         day_zone: float = 0.0,
+        day_zone_utc: bool = False,
         cancel_shapes: tuple[str | None, ...] = (),
         replica_lag: float = 0.0,
     ) -> None:
@@ -228,6 +229,8 @@ class SimViolet:
         #: With "day": the UTC offset (seconds) of the zone whose midnight a date is
         #: written at (0: UTC, ``...T00:00:00Z``).
         self.day_zone = day_zone
+        #: That midnight written in UTC (``...T15:00:00+0000``): an exact-looking moment.
+        self.day_zone_utc = day_zone_utc
         #: The shape of the n-th applied cancel's answer (None: the 202 body).
         self.cancel_shapes = cancel_shapes
         self._cancels_answered = 0
@@ -411,7 +414,12 @@ class SimViolet:
             if self.date_style == "day" and self.day_zone:
                 zone = timezone(timedelta(seconds=self.day_zone))
                 local = moment.astimezone(zone)
-                shown[name] = datetime(local.year, local.month, local.day, tzinfo=zone).isoformat()
+                midnight = datetime(local.year, local.month, local.day, tzinfo=zone)
+                shown[name] = (
+                    midnight.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000")
+                    if self.day_zone_utc
+                    else midnight.isoformat()
+                )
             elif self.date_style == "day":
                 shown[name] = moment.strftime("%Y-%m-%dT00:00:00Z")
             else:
