@@ -260,10 +260,19 @@ def test_seeds_that_found_real_bugs_now_hold(seed: int, mode: str, was: str) -> 
             5001799,
             "direct",
             frozenset({"dates"}),
-            "a day-only date written as midnight in the platform's zone (+05:30), read as "
-            "that moment 20 h before the send: the ask's own refund behind a 5xx skipped "
-            "as older than the send, proven absent and sent again: 2 refunds (review 38's "
-            "class, found in 2,000 seeds with the fix put back)",
+            "a day-only date, midnight in the platform's zone (+05:30) written in UTC, read "
+            "as that moment 20 h before the send: the ask's own refund behind a 5xx "
+            "skipped as older than the send, proven absent and sent again: 2 refunds "
+            "(review 39's class, found in 2,000 seeds with its fix put back)",
+        ),
+        (
+            5003236,
+            "direct",
+            frozenset({"dates"}),
+            "the same midnight written with its own offset (T00:00:00+05:30): the ask's "
+            "own refund skipped as older than the send, the call told it failed (review "
+            "38's class; found in 6,000 seeds with both fixes put back: review 39's "
+            "covers it alone)",
         ),
     ],
 )
