@@ -545,3 +545,81 @@ def test_a_refund_date_without_an_offset_is_never_risk_g(monkeypatch: pytest.Mon
     # Precise by the schedule, the record's date without an offset is still not read.
     world.s = attrs.evolve(world.s, naive_dates=False)
     assert real(world, text) == (False, "6: the refund's date is not known")
+
+
+def test_a_resume_in_another_process_whose_every_reading_is_as_far_off_is_risk_g(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 62 of risk (g)'s forced world (the machine's wall clock 15 h ahead of
+    Violet's refund-dating clock from the start, ``Date`` headers 15 h ahead too,
+    precise dates). A0's POST applied (answered 200 without an id); the first read after
+    it listed the refund, dated 15 h before the send by every reading, skipped as made
+    long before it; the call's deadline ended it pending. The wall clock stepped 1 h
+    more; a resume of the record in another process (``job``, which saw that step: its
+    clock as it is, 16 h ahead, and as it was, 15 h) read the bag, every reading of its
+    own dating the refund 15 h or more before the send, and sent it again: two refunds.
+    README's (g) in a resume (condition 7: the resuming process's own readings). Each of
+    its readings taken back to Violet's clock makes it a violation again."""
+    from violet_async.testing.sim import _run
+
+    init = _run.SteppedClock.__init__
+
+    def ahead(self: Any, loop: Any) -> None:
+        init(self, loop)
+        self._step = 54_000.0
+
+    monkeypatch.setattr(_run.SteppedClock, "__init__", ahead)
+    worlds: list[tuple[Any, str]] = []
+    real = _named.risk_g
+
+    def spy(world: Any, text: str) -> tuple[bool, str]:
+        worlds.append((world, text))
+        return real(world, text)
+
+    monkeypatch.setattr(_named, "risk_g", spy)
+    schedule = attrs.evolve(
+        generate(62, kinds=frozenset(WORLD_KINDS)),
+        clock_steps=(),
+        date_bias=54_000.0,
+        date_jumps=(),
+        date_lag=0.0,
+        date_style="iso",
+        naive_dates=False,
+        date_header=True,
+    )
+    result = simulate(schedule)
+    assert not result.kinds, result.report()
+    assert result.injected["named:risk_g"] == 1
+    assert "(sent again by job, a resume of its record)" in result.excused[0]
+
+    ((world, text),) = worlds
+    assert text == "[double] A0: 2 refunds for one ask: [400004, 400006]"
+    assert real(world, text)[0]
+    violet = world.violet
+    answers = list(violet.answered["job"])
+    born = violet.born["job"]
+    # A Date header of the resuming process on Violet's own clock.
+    wall, mono, _ = answers[0]
+    violet.answered["job"] = [*answers, (wall, mono, wall - 57_600.0)]
+    assert real(world, text) == (
+        False,
+        "7: a Date header placed the refund near the send for the resuming process",
+    )
+    # Its wall clock, at one answer, on Violet's clock.
+    violet.answered["job"] = [*answers, (wall - 57_600.0, mono, None)]
+    assert real(world, text) == (
+        False,
+        "7: the resuming process's clock does not date the refund hours before the send",
+    )
+    # Its clock as it was when it was made (before the step it saw), on Violet's.
+    violet.answered["job"] = answers
+    violet.born["job"] = (born[0] - 54_000.0, born[1])
+    assert real(world, text) == (
+        False,
+        "7: the resuming process's clock does not date the refund hours before the send",
+    )
+    violet.born["job"] = born
+    del violet.answered["job"]
+    assert real(world, text) == (False, "7: the resuming process's clock was not recorded")
+    violet.answered["job"] = answers
+    assert real(world, text)[0]

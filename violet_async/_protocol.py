@@ -225,6 +225,10 @@ class Observation:
     unreadable: int = 0
     """Refund records the read-back could not read (skipped): they can only make the
     outcome pending, never a claim and never absence."""
+    listed_late: frozenset[int] = frozenset()
+    """Ids the read listed only on pages answered after the list grew while it ran:
+    each may have been made since the read began (never "listed by the first read
+    after the send")."""
 
     @classmethod
     def answered(cls, at: float, refund: OrderRefund) -> Observation:
@@ -259,6 +263,7 @@ class Observation:
         server_time: float | None = None,
         received_at: float | None = None,
         unreadable: int = 0,
+        listed_late: frozenset[int] = frozenset(),
     ) -> Observation:
         return cls(
             ObsKind.READ,
@@ -268,6 +273,7 @@ class Observation:
             server_time=server_time,
             received_at=received_at,
             unreadable=unreadable,
+            listed_late=listed_late,
         )
 
     @classmethod
@@ -794,10 +800,12 @@ def _known_unnamed(ask: PendingRefund, known: Container[int]) -> PendingRefund:
 def _first_listing(ask: PendingRefund, listed: frozenset[int], obs: Observation) -> PendingRefund:
     """``ask`` with the ids the first complete read after its first send listed: a
     refund listed later that this read did not appeared since, whatever its date
-    (``judge``)."""
+    (``judge``). One listed only on pages answered after the list grew while the read
+    ran (``Observation.listed_late``) was not listed by it: it may have been made
+    since the read began."""
     if ask.listed_after_send is not None or ask.first_sent_at is None or obs.unreadable:
         return ask
-    return attrs.evolve(ask, listed_after_send=listed)
+    return attrs.evolve(ask, listed_after_send=listed - obs.listed_late)
 
 
 def _after_read(

@@ -653,6 +653,8 @@ class ReadBack:
     server_time: float | None
     unreadable: int = 0
     """Refund records that could not be read (skipped)."""
+    listed_late: frozenset[int] = frozenset()
+    """Ids listed only on pages answered after the list grew (``RefundPage``)."""
 
 
 @attrs.frozen
@@ -683,7 +685,9 @@ class BagIO:
         # from before it (where another system's refund could pass for ours).
         bag = _with_currency(await self.read_order(deadline), self.bag_id) if read_bag else None
         page = await self.read_refunds(deadline)
-        return ReadBack(tuple(page.refunds), bag, page.server_time, page.unreadable)
+        return ReadBack(
+            tuple(page.refunds), bag, page.server_time, page.unreadable, page.listed_late
+        )
 
     def send_backoff(self, sends: int, error: VioletError) -> float:
         return self.policy.delay_after(sends, error)
@@ -1145,6 +1149,7 @@ async def _read_back(
             server_time=found.server_time,
             received_at=clock.time(),
             unreadable=found.unreadable,
+            listed_late=found.listed_late,
         ),
         None,
     )

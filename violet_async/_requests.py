@@ -207,13 +207,23 @@ class RequestPlumbing:
         # only when the walk reaches it.
         ahead = _PagesAhead(self, path, first, deadline)
         answered = [first]
+        # Refunds are never deleted: a page counting more refunds than the first one
+        # answered from the list after it grew, and what only such pages list may have
+        # been made while the read ran (simulator seed 72: an ask's own refund, made
+        # between the first page and the last, taken as listed by the first read after
+        # its send, and its date hours off, was skipped as made long before it).
+        begun = _count(first, len(first.refunds))
+        grown: set[int] = set()
+        kept_ids: set[int] = set()
         try:
             while True:
                 unreadable += page.unreadable
+                later = begun is not None and (page.total_elements or 0) > begun
                 for refund in page.refunds:
                     if refund.id is None:
                         unnamed.append(refund)
                         continue
+                    (grown if later else kept_ids).add(refund.id)
                     kept = refunds.setdefault(refund.id, refund)
                     if kept is not refund and _another_refund(kept, refund):
                         # Two records under one id carrying different refunds (a
@@ -272,7 +282,12 @@ class RequestPlumbing:
             raise
         finally:
             await ahead.close()
-        return RefundPage([*refunds.values(), *unnamed], page.server_time, unreadable=unreadable)
+        return RefundPage(
+            [*refunds.values(), *unnamed],
+            page.server_time,
+            unreadable=unreadable,
+            listed_late=frozenset(grown - kept_ids),
+        )
 
     @staticmethod
     def _paging_error(path: str, problem: str) -> ResponseFormatError:

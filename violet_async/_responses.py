@@ -213,6 +213,10 @@ class RefundPage:
     total_elements: int | None = None
     last: bool | None = None
     unreadable: int = 0
+    listed_late: frozenset[int] = frozenset()
+    """For a whole read of every page: ids listed only on pages that counted more
+    refunds than its first page (the list grew while the read ran: each may have been
+    made since the read began)."""
 
 
 class PagingError(ValueError):

@@ -172,7 +172,9 @@ def risk_g(world: Any, text: str) -> tuple[bool, str]:
     had (its wall clock, which saw no step since the process was made, and every
     ``Date`` header it was answered with) places the refund's date more than
     ``RISK_G_SPAN`` plus ``clock_skew`` before the send. For a ``[double]``, the
-    second refund is that process's own re-send, after that read. Every condition is
+    second refund is that process's own re-send, or a resume's in another process
+    whose every reading of Violet's clock was as far off (:func:`_resumer_clock`),
+    after a whole read of its own that listed the first. Every condition is
     computed from the simulator's records; any other shape stays a violation."""
     found = re.search(r"refund\(s\) \[([\d, ]+)\]|refunds for one ask: \[([\d, ]+)\]$", text)
     if found is None:
@@ -192,8 +194,9 @@ def risk_g(world: Any, text: str) -> tuple[bool, str]:
     who, label = first.client, _base(first.label)
     if who is None or first.sent_at is None or label is None:
         return False, "1: the refund's send is not known"
-    if double and (made[1].client != who or made[1].sent_at is None):
-        return False, "1: the second refund was not sent by the same process"
+    again = made[1].client if double else who
+    if double and (again is None or made[1].sent_at is None):
+        return False, "1: the second refund's send is not known"
     if not double and text.split()[1] != first.label:
         # The caller told it failed is the one whose send made the refund (its label,
         # ``A1~2``, is the commits'): another process's call (``A1``) told it failed
@@ -206,22 +209,60 @@ def risk_g(world: Any, text: str) -> tuple[bool, str]:
         why = _unseen_clock(world, commit, who, label)
         if why:
             return False, why
+    if double and again != who:
+        # A resume of the ask's record in another process (``A1~j``, made after the
+        # first process's send): its own clock is checked too (condition 7).
+        assert again is not None
+        why = _resumer_clock(world, first, again)
+        if why:
+            return False, why
     if double:
         reads = [
             p
             for p in world.violet.pages
-            if p.client == who and p.bag_id == first.bag_id and _base(_who(p)) == label
+            if p.client == again and p.bag_id == first.bag_id and _base(_who(p)) == label
         ]
         assert made[1].sent_at is not None
         read = _last_read(reads, made[1].sent_at)
         if read is None or first.refund_id not in {i for p in read for i in p.ids}:
             return False, "5: the re-send did not follow a read that listed the first refund"
+    resumed = f" (sent again by {again}, a resume of its record)" if again != who else ""
     return True, (
-        f"{label}'s refund(s) {ids} were made by {who}'s send(s): a process made after "
-        "its wall clock stepped hours ahead, behind Date headers as far ahead, with no "
-        "read of the bag before the send: every reading dated its own refund more than "
+        f"{label}'s refund(s) {ids} were made by {who}'s send(s){resumed}: a process made "
+        "after its wall clock stepped hours ahead, behind Date headers as far ahead, with "
+        "no read of the bag before the send: every reading dated its own refund more than "
         "14 h before it"
     )
+
+
+def _resumer_clock(world: Any, commit: SimCommit, who: str) -> str:
+    """Why ``who``, a process that resumed the record of ``commit``'s ask and sent it
+    again, is not risk (g)'s shape (empty: it is): its clocks were recorded and every
+    reading of Violet's clock it had places the refund's date more than
+    ``RISK_G_SPAN`` plus ``clock_skew`` before the first send: its wall clock as it was
+    when the process was made and as it was at every answer (a step it saw gives it
+    the clock as it was: both are readings), and every ``Date`` header it was answered
+    with. The clock of the process that sent it first is :func:`_unseen_clock`'s."""
+    assert commit.sent_at is not None
+    violet = world.violet
+    born = violet.born.get(who)
+    answers = violet.answered.get(who)
+    if born is None or answers is None:
+        return "7: the resuming process's clock was not recorded"
+    date = _refund_date(world, commit)
+    assert date is not None  # the first process's check read it
+    gone = RISK_G_SPAN + world.policy.clock_skew
+    walls = {born[0] - born[1], *(wall - mono for wall, mono, _ in answers)}
+    # Each reading as Violet's clock minus the (shared) monotonic clock: the first
+    # send on Violet's clock, by that reading, is ``sent_at`` plus it.
+    if any(not date < commit.sent_at + reading - gone for reading in walls):
+        return "7: the resuming process's clock does not date the refund hours before the send"
+    dates = [when - mono for _, mono, when in answers if when is not None]
+    if not dates:
+        return "7: no Date header reached the resuming process"
+    if any(not date < commit.sent_at + reading - gone for reading in dates):
+        return "7: a Date header placed the refund near the send for the resuming process"
+    return ""
 
 
 def _unseen_clock(world: Any, commit: SimCommit, who: str, label: str) -> str:
