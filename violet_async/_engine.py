@@ -278,6 +278,18 @@ class SendTracker:
             self.left = self._resumed = False
             self.waited_absent = True
 
+    def listed(self, ids: frozenset[int]) -> None:
+        """What the first complete read after the ask's first send listed, learned by
+        the driver between saves (``PendingRefund.listed_after_send``): the record a
+        cancel hands out carries it, with no store write. Without it, the repeat of a
+        call cancelled in its read-backs read the bag anew, took the ask's own refund
+        (listed only since, dated hours before the send by every reading of Violet's
+        clock) for one made long before the send, and sent the ask again (simulator
+        seed 318: two refunds)."""
+        record = self.record
+        if record is not None and record.listed_after_send is None and record.sends > 0:
+            self.record = attrs.evolve(record, listed_after_send=ids)
+
     def watch(self, io: BagIO) -> BagIO:
         """``io`` whose sends mark the moment a request leaves (after any login, after
         the driver's own restamp)."""
@@ -1842,6 +1854,7 @@ class Engine:
                         known=shared.known_refunds.besides(owner := item or ask.ask_id),
                         save=tracker.save,
                         sent_mono=sent_mono,
+                        listed=tracker.listed,
                     )
             else:
                 settings = self.settings(
@@ -1899,6 +1912,7 @@ class Engine:
                     attempt_timeout=timeouts.connect + timeouts.read,
                     save=tracker.save,
                     patience=patience,
+                    listed=tracker.listed,
                 )
         except AmbiguousOutcomeError as exc:
             if exc.pending is not None:

@@ -862,9 +862,10 @@ RESTAMP_AFTER = 0.25
 
 Announce = Callable[[PendingRefund, VioletError, float], Awaitable[None]]
 Save = Callable[[PendingRefund], Awaitable[None]]
+Listed = Callable[[frozenset[int]], None]
 
 
-async def drive(
+async def drive(  # noqa: PLR0915 - the driver's one loop over the protocol's steps, on purpose
     ask: PendingRefund,
     action: Action,
     *,
@@ -878,13 +879,16 @@ async def drive(
     announce: Announce | None = None,
     patience: float | None = None,
     watch: WallWatch | None = None,
+    listed: Listed | None = None,
 ) -> OrderRefund:
     """Perform ``action`` and every one that follows until the ask ends.
 
     Returns the refund; raises the last failure when the ask definitely did not apply,
     and AmbiguousOutcomeError carrying the record when it is pending. ``save`` sees the
     record before every send and at the end (the batch journal); ``announce`` is told
-    of every re-send (the ``on_retry`` hook).
+    of every re-send (the ``on_retry`` hook); ``listed`` of what the first complete
+    read after the ask's first send listed (``PendingRefund.listed_after_send``), after
+    every step that knows it (no save: the record a cancel hands out carries it).
     """
 
     watch = watch or WallWatch(clock)
@@ -952,6 +956,8 @@ async def drive(
             ask, action = protocol.step(
                 ask, obs, settings, clock.time(), remaining, known, patience=patience
             )
+            if listed is not None and ask.listed_after_send is not None:
+                listed(ask.listed_after_send)
             if obs.kind is not ObsKind.ANSWERED:
                 _report(ask, obs, action, baseline=baseline)
     finally:
@@ -1166,9 +1172,10 @@ async def after_failed_send(
     known: Container[int],
     save: Save | None = None,
     sent_mono: float | None = None,
+    listed: Listed | None = None,
 ) -> OrderRefund:
     """Take over an ask whose first send (made inline by the client, so the happy path
-    builds no record) failed with ``error``. ``save`` as for :func:`drive`;
+    builds no record) failed with ``error``. ``save`` and ``listed`` as for :func:`drive`;
     ``sent_mono`` is the monotonic time it left at (so that a wall clock step during it
     is seen)."""
     sent_at = ask.last_sent_at if ask.last_sent_at is not None else clock.time()
@@ -1196,6 +1203,7 @@ async def after_failed_send(
         save=save,
         announce=io.announce,
         watch=watch,
+        listed=listed,
     )
 
 
@@ -1210,9 +1218,11 @@ async def run_ask(
     attempt_timeout: float,
     save: Save | None = None,
     patience: float | None = None,
+    listed: Listed | None = None,
 ) -> OrderRefund:
     """An ask from its start: a new one (after a baseline read when asked), or one an
-    earlier call or process left sent or pending (read back first)."""
+    earlier call or process left sent or pending (read back first). ``save`` and
+    ``listed`` as for :func:`drive`."""
     here = settings.clock_id or PROCESS_CLOCK
     if ask.wall_mono is not None and same_machine(ask.clock, here):
         # Left by this process, or another on this machine (one monotonic clock): a
@@ -1231,6 +1241,7 @@ async def run_ask(
         save=save,
         announce=io.announce,
         patience=patience,
+        listed=listed,
     )
 
 
