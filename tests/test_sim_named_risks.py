@@ -623,3 +623,57 @@ def test_a_resume_in_another_process_whose_every_reading_is_as_far_off_is_risk_g
     assert real(world, text) == (False, "7: the resuming process's clock was not recorded")
     violet.answered["job"] = answers
     assert real(world, text)[0]
+
+
+def test_a_record_resumed_in_two_processes_told_failed_in_one_is_risk_d(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 9102246 (``--kinds all``, direct): A0's whole-bag refund was handed out
+    pending; its caller resumed it in the app, which proved it absent and sent again:
+    the connection was refused (nothing sent), and the caller was told "failed", true
+    then. early_resume's job (another process, no record store) resumed the same
+    pending record, proved it absent by a whole read of its own and sent it: one
+    refund. README's remaining risk (d), told as a failure: counted, not flagged; each
+    condition taken away from the same world makes it a violation again."""
+    worlds: list[tuple[Any, str]] = []
+    real = _named.risk_d_failed
+
+    def spy(world: Any, text: str) -> tuple[bool, str]:
+        worlds.append((world, text))
+        return real(world, text)
+
+    monkeypatch.setattr(_named, "risk_d_failed", spy)
+    result = simulate(9102246, kinds=frozenset(WORLD_KINDS))
+    assert not result.kinds, result.report()
+    assert result.injected["named:risk_d_failed"] == 1
+    assert result.excused == [
+        "risk (d), told failed: A0's pending record was resumed in app and in job (no "
+        "shared store); app's re-send was definitely not applied and its caller told so; "
+        "job, knowing nothing of it, sent after a whole read: refund(s) [400005]"
+    ]
+    ((world, text),) = worlds
+    assert real(world, text)[0]
+    stores = dict(world.process_stores)
+    world.process_stores = {**stores, "job": object(), "app": object()}
+    assert real(world, text) == (False, "2: the processes share a record store")
+    world.process_stores = stores
+    posts = list(world.violet.posts)
+    last = max((p for p in posts if p.label == "A0"), key=lambda p: p.at)
+    world.violet.posts = [p for p in posts if p is not last] + [
+        attrs.evolve(last, refused=False, answered=500)
+    ]
+    assert real(world, text) == (
+        False,
+        "2: the first process's last send was not definitely not applied",
+    )
+    world.violet.posts = posts
+    pages = list(world.violet.pages)
+    world.violet.pages = [p for p in pages if p.client != "job"]
+    assert real(world, text) == (False, "5: the second process sent with no whole read of its own")
+    world.violet.pages = pages
+    seen = list(world.seen)
+    world.seen = [s for s in seen if not (s.what == "pending" and s.label == "A0")]
+    assert real(world, text) == (
+        False,
+        "3: the ask's record was never handed out pending before the failure",
+    )

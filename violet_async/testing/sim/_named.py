@@ -327,6 +327,73 @@ def _refund_date(world: Any, commit: SimCommit) -> float | None:
     return None
 
 
+def risk_d_failed(world: Any, text: str) -> tuple[bool, str]:
+    """Whether ``text`` (a ``[failed-but-applied]`` of ask L in the first process) is
+    remaining risk (d) told as a failure: L's pending record was resumed in two
+    processes that share no record store; the first's re-send never left (its
+    connection refused) or was refused, and it told its caller "failed" (true then:
+    nothing of L had applied); the second, knowing nothing of that, sent after a whole
+    read of its own and applied. Every condition is computed from the simulator's
+    records; any other shape stays a violation."""
+    found = re.match(
+        r"\[failed-but-applied\] (\S+) was told it failed .* but refund\(s\) \[([\d, ]+)\] "
+        r"were made for it$",
+        text,
+    )
+    if found is None:
+        return False, "0: not a failed-but-applied of the shape the base world writes"
+    label, ids = found.group(1), [int(i) for i in found.group(2).split(", ")]
+    told = [s.at for s in world.seen if s.label == label and s.who == label and s.what == "failed"]
+    if not told:
+        return False, "1: no failure told to the ask's own caller"
+    told_at = max(told)
+    made = [c for c in world.violet.commits if c.refund_id in ids]
+    if len(made) != len(ids) or any(_base(c.label) != label for c in made):
+        return False, "1: not every refund made by a send of the ask"
+    senders = {c.client for c in made}
+    first = {p.client for p in world.violet.posts if p.label == label and p.at <= told_at}
+    if len(senders) != 1 or len(first) != 1 or senders == first or None in senders:
+        return False, "2: not one process that told the failure and another that applied"
+    (second,) = senders
+    (mine,) = first
+    last = max(
+        (p for p in world.violet.posts if p.label == label and p.at <= told_at),
+        key=lambda p: p.at,
+    )
+    if not (last.refused or (last.answered is not None and 400 <= last.answered < 500)):
+        return False, "2: the first process's last send was not definitely not applied"
+    stores: dict[str, Any] = world.process_stores
+    if mine not in stores or second not in stores:
+        return False, "2: a process whose store is not known"
+    if stores[mine] is not None and stores[second] is not None:
+        return False, "2: the processes share a record store"
+    handed = [
+        s.at for s in world.seen if s.label == label and s.what == "pending" and s.who == label
+    ]
+    if not handed or min(handed) > told_at:
+        return False, "3: the ask's record was never handed out pending before the failure"
+    out = min(handed)
+    if any(c.sent_at is None or c.sent_at < out for c in made):
+        return False, "3: a refund made by a send that left before the record was handed out"
+    if any(c.at <= told_at for c in made):
+        return False, "4: a refund was made before the failure was told"
+    for commit in made:
+        assert commit.sent_at is not None
+        pages = [
+            p
+            for p in world.violet.pages
+            if p.client == second and p.bag_id == commit.bag_id and _base(_who(p)) == label
+        ]
+        read = _last_read(pages, commit.sent_at)
+        if read is None or read[0].at < out or not _whole(read):
+            return False, "5: the second process sent with no whole read of its own"
+    return True, (
+        f"{label}'s pending record was resumed in {mine} and in {second} (no shared "
+        f"store); {mine}'s re-send was definitely not applied and its caller told so; "
+        f"{second}, knowing nothing of it, sent after a whole read: refund(s) {ids}"
+    )
+
+
 def _last_read(pages: list[PageListed], before: float) -> list[PageListed] | None:
     """The pages of the last list read (from its page 0 on) Violet made before
     ``before``, in the order made; None if there is none."""

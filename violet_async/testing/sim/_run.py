@@ -1581,6 +1581,14 @@ class _World:
                 self.violations.remove(text)
                 self.violet.count("named:risk_g")
                 self.excused.append(f"risk (g): {why}")
+        for text in list(self.violations):
+            if not text.startswith("[failed-but-applied] "):
+                continue
+            excused, why = _named.risk_d_failed(self, text)
+            if excused:
+                self.violations.remove(text)
+                self.violet.count("named:risk_d_failed")
+                self.excused.append(f"risk (d), told failed: {why}")
 
     def still_settling(self, seen: Seen, made: list[int]) -> bool:
         """``seen`` (a final pending) waits out a settle window that has not ended on
