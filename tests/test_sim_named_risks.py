@@ -677,3 +677,59 @@ def test_a_record_resumed_in_two_processes_told_failed_in_one_is_risk_d(
         False,
         "3: the ask's record was never handed out pending before the failure",
     )
+
+
+def test_risk_d_told_failed_needs_a_failure_the_sdk_itself_tells(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Audit of ``risk_d_failed`` (SDK bugs put back, docs/simulation.md): the first
+    process's failure is (d)'s only when the SDK as it is tells it. A resumed record's
+    re-send answered another 4xx than 429 is read and goes to review
+    (``refused_after_doubt``), never "failed"; and a send that may have applied is
+    followed by a whole read before the next send leaves (a 5xx taken as a connection
+    never opened re-sent at once, the retry refused, told "failed": the job's refund
+    was excused). Seed 9102246's world with either is a violation; as it is, counted."""
+    worlds: list[tuple[Any, str]] = []
+    real = _named.risk_d_failed
+
+    def spy(world: Any, text: str) -> tuple[bool, str]:
+        worlds.append((world, text))
+        return real(world, text)
+
+    monkeypatch.setattr(_named, "risk_d_failed", spy)
+    result = simulate(9102246, kinds=frozenset(WORLD_KINDS))
+    assert result.injected["named:risk_d_failed"] == 1
+    ((world, text),) = worlds
+    assert real(world, text)[0]
+    posts = list(world.violet.posts)
+    last = max((p for p in posts if p.label == "A0"), key=lambda p: p.at)
+    assert last.refused
+    others = [p for p in posts if p is not last]
+    for status, excused in ((400, False), (404, False), (422, False), (429, True)):
+        world.violet.posts = [*others, attrs.evolve(last, refused=False, answered=status)]
+        assert real(world, text)[0] is excused, status
+    world.violet.posts = posts
+    # A send answered 502 between the app's last whole read and its refused re-send:
+    # nothing read after it, the re-send left at once.
+    read = max(p.at for p in world.violet.pages if p.client == "app" and p.label == "A0")
+    assert read < last.at
+    gateway = attrs.evolve(last, at=(read + last.at) / 2, refused=False, answered=502)
+    world.violet.posts = [*posts, gateway]
+    assert real(world, text) == (
+        False,
+        "6: the first process sent again after a send that may have applied, "
+        "with no whole read of its own in between",
+    )
+    # The same send followed by a whole read of the app's own before the re-send: (d).
+    page = max(
+        (p for p in world.violet.pages if p.client == "app" and p.label == "A0"),
+        key=lambda p: p.at,
+    )
+    assert page.number == 0
+    assert page.last
+    pages = list(world.violet.pages)
+    world.violet.pages = [*pages, attrs.evolve(page, at=(gateway.at + last.at) / 2)]
+    assert real(world, text)[0]
+    world.violet.pages = pages
+    world.violet.posts = posts
+    assert real(world, text)[0]

@@ -21,6 +21,7 @@ more than the 14 h a wrong offset can explain before the send (``named:risk_g``)
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -331,10 +332,12 @@ def risk_d_failed(world: Any, text: str) -> tuple[bool, str]:
     """Whether ``text`` (a ``[failed-but-applied]`` of ask L in the first process) is
     remaining risk (d) told as a failure: L's pending record was resumed in two
     processes that share no record store; the first's re-send never left (its
-    connection refused) or was refused, and it told its caller "failed" (true then:
-    nothing of L had applied); the second, knowing nothing of that, sent after a whole
-    read of its own and applied. Every condition is computed from the simulator's
-    records; any other shape stays a violation."""
+    connection refused) or was answered 429, every earlier send of it that may have
+    applied was followed by a whole read of its own before the next left (condition
+    6), and it told its caller "failed" (true then: nothing of L had applied); the
+    second, knowing nothing of that, sent after a whole read of its own and applied.
+    Every condition is computed from the simulator's records; any other shape stays a
+    violation."""
     found = re.match(
         r"\[failed-but-applied\] (\S+) was told it failed .* but refund\(s\) \[([\d, ]+)\] "
         r"were made for it$",
@@ -356,11 +359,12 @@ def risk_d_failed(world: Any, text: str) -> tuple[bool, str]:
         return False, "2: not one process that told the failure and another that applied"
     (second,) = senders
     (mine,) = first
-    last = max(
+    sent = sorted(
         (p for p in world.violet.posts if p.label == label and p.at <= told_at),
         key=lambda p: p.at,
     )
-    if not (last.refused or (last.answered is not None and 400 <= last.answered < 500)):
+    last = sent[-1]
+    if not _never_applied(last):
         return False, "2: the first process's last send was not definitely not applied"
     stores: dict[str, Any] = world.process_stores
     if mine not in stores or second not in stores:
@@ -377,6 +381,20 @@ def risk_d_failed(world: Any, text: str) -> tuple[bool, str]:
         return False, "3: a refund made by a send that left before the record was handed out"
     if any(c.at <= told_at for c in made):
         return False, "4: a refund was made before the failure was told"
+    reads = [
+        p
+        for p in world.violet.pages
+        if p.client == mine and p.bag_id == last.bag_id and _base(_who(p)) == label
+    ]
+    for before, after in itertools.pairwise(sent):
+        if _never_applied(before):
+            continue
+        read = _last_read(reads, after.at)
+        if read is None or read[0].at <= before.at or not _whole(read):
+            return False, (
+                "6: the first process sent again after a send that may have applied, "
+                "with no whole read of its own in between"
+            )
     for commit in made:
         assert commit.sent_at is not None
         pages = [
@@ -392,6 +410,15 @@ def risk_d_failed(world: Any, text: str) -> tuple[bool, str]:
         f"store); {mine}'s re-send was definitely not applied and its caller told so; "
         f"{second}, knowing nothing of it, sent after a whole read: refund(s) {ids}"
     )
+
+
+def _never_applied(post: PostLeft) -> bool:
+    """``post`` proved nothing of its ask applied and that nothing of it can still
+    apply, as the SDK itself takes such an answer before it tells a caller "failed":
+    its connection never opened, or Violet answered 429 (refused before anything was
+    done). Another 4xx to a send of an ask whose earlier send may have applied is never
+    a failure told (``refused_after_doubt``: the bag is read, then review)."""
+    return post.refused or post.answered == 429
 
 
 def _last_read(pages: list[PageListed], before: float) -> list[PageListed] | None:
