@@ -1581,12 +1581,12 @@ class _World:
                 self.violations.remove(text)
                 self.violet.count("named:risk_g")
                 self.excused.append(f"risk (g): {why}")
-        for text in list(self.violations):
+        for text in dict.fromkeys(self.violations):  # once each: a caller told twice
             if not text.startswith("[failed-but-applied] "):
                 continue
             excused, why = _named.risk_d_failed(self, text)
             if excused:
-                self.violations.remove(text)
+                self.violations[:] = [v for v in self.violations if v != text]
                 self.violet.count("named:risk_d_failed")
                 self.excused.append(f"risk (d), told failed: {why}")
 
