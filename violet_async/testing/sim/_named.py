@@ -133,11 +133,7 @@ def risk_d(world: Any, label: str, ids: list[int]) -> tuple[bool, str]:
     for who, (commit,) in by.items():
         others = {c.refund_id for c in made if c is not commit}
         assert commit.sent_at is not None
-        pages = [
-            page
-            for page in world.violet.pages
-            if page.client == who and page.bag_id == commit.bag_id and _base(_who(page)) == label
-        ]
+        pages = _read_by(world, who, commit.bag_id, label)
         for page in pages:
             if page.at < commit.at and others & set(page.ids):
                 return False, (
@@ -218,11 +214,7 @@ def risk_g(world: Any, text: str) -> tuple[bool, str]:
         if why:
             return False, why
     if double:
-        reads = [
-            p
-            for p in world.violet.pages
-            if p.client == again and p.bag_id == first.bag_id and _base(_who(p)) == label
-        ]
+        reads = _read_by(world, again, first.bag_id, label)
         assert made[1].sent_at is not None
         read = _last_read(reads, made[1].sent_at)
         if read is None or first.refund_id not in {i for p in read for i in p.ids}:
@@ -275,11 +267,7 @@ def _unseen_clock(world: Any, commit: SimCommit, who: str, label: str) -> str:
     answers = violet.answered.get(who)
     if born is None or answers is None:
         return "2: the process's clock was not recorded"
-    pages = [
-        p
-        for p in violet.pages
-        if p.client == who and p.bag_id == commit.bag_id and _base(_who(p)) == label
-    ]
+    pages = _read_by(world, who, commit.bag_id, label)
     if any(p.at < commit.sent_at for p in pages):
         return "3: the process read the bag for the ask before its send"
     after = sorted((p for p in pages if p.at > commit.sent_at), key=lambda p: p.at)
@@ -381,11 +369,7 @@ def risk_d_failed(world: Any, text: str) -> tuple[bool, str]:
         return False, "3: a refund made by a send that left before the record was handed out"
     if any(c.at <= told_at for c in made):
         return False, "4: a refund was made before the failure was told"
-    reads = [
-        p
-        for p in world.violet.pages
-        if p.client == mine and p.bag_id == last.bag_id and _base(_who(p)) == label
-    ]
+    reads = _read_by(world, mine, last.bag_id, label)
     for before, after in itertools.pairwise(sent):
         if _never_applied(before):
             continue
@@ -397,11 +381,7 @@ def risk_d_failed(world: Any, text: str) -> tuple[bool, str]:
             )
     for commit in made:
         assert commit.sent_at is not None
-        pages = [
-            p
-            for p in world.violet.pages
-            if p.client == second and p.bag_id == commit.bag_id and _base(_who(p)) == label
-        ]
+        pages = _read_by(world, second, commit.bag_id, label)
         read = _last_read(pages, commit.sent_at)
         if read is None or read[0].at < out or not _whole(read):
             return False, "5: the second process sent with no whole read of its own"
@@ -419,6 +399,16 @@ def _never_applied(post: PostLeft) -> bool:
     done). Another 4xx to a send of an ask whose earlier send may have applied is never
     a failure told (``refused_after_doubt``: the bag is read, then review)."""
     return post.refused or post.answered == 429
+
+
+def _read_by(world: Any, client: str, bag_id: int, label: str) -> list[PageListed]:
+    """The pages of ``bag_id``'s refund list that ``client`` (a process) read for ask
+    ``label`` (any of its processes' labels), in the order Violet made them."""
+    return [
+        p
+        for p in world.violet.pages
+        if p.client == client and p.bag_id == bag_id and _base(_who(p)) == label
+    ]
 
 
 def _last_read(pages: list[PageListed], before: float) -> list[PageListed] | None:
